@@ -1,0 +1,319 @@
+/* Policy names and validation, head grouping, budgets and stage sizes: the arithmetic of
+ * UNCOMP.md sections 3-4 and 8, with half-up rounding everywhere. */
+#include "compress/policy.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/mem.h"
+#include "base/util.h"
+
+static const char *policy_names[UC_POLICY_COUNT] = {
+    "full", "streamingllm", "snapkv", "pyramidkv", "h2o", "uncomp", "uncomp-stage",
+};
+
+struct uc_compress_params uc_compress_default_params(void)
+{
+    struct uc_compress_params p = {
+        .policy = UC_POLICY_FULL,
+        .kv_budget = 128,
+        .window = 8,
+        .pool_kernel = 7,
+        .sink_tokens = 4,
+        .head_groups = 2,
+        .spread = 1.0f / 3.0f,
+        .r_min = 0.375f,
+        .entropy_k = 0,
+        .decode_mode = UC_DECODE_APPEND,
+        .grouping = UC_GROUPING_PROFILE,
+        .n_stage_starts = 0,
+        .row_score = UC_ROW_SCORE_SUM,
+    };
+    return p;
+}
+
+const char *uc_policy_name(enum uc_policy p)
+{
+    return (p >= 0 && p < UC_POLICY_COUNT) ? policy_names[p] : "?";
+}
+
+bool uc_policy_parse(const char *name, enum uc_policy *out)
+{
+    for (int i = 0; i < UC_POLICY_COUNT; i++) {
+        if (strcmp(name, policy_names[i]) == 0) {
+            *out = (enum uc_policy)i;
+            return true;
+        }
+    }
+    return false;
+}
+
+const char *uc_decode_mode_name(enum uc_decode_mode m)
+{
+    return m == UC_DECODE_EVICT ? "evict" : "append";
+}
+
+bool uc_decode_mode_parse(const char *name, enum uc_decode_mode *out)
+{
+    if (strcmp(name, "append") == 0) {
+        *out = UC_DECODE_APPEND;
+    } else if (strcmp(name, "evict") == 0) {
+        *out = UC_DECODE_EVICT;
+    } else {
+        return false;
+    }
+    return true;
+}
+
+const char *uc_grouping_name(enum uc_grouping g)
+{
+    return g == UC_GROUPING_PROMPT ? "prompt" : "profile";
+}
+
+bool uc_grouping_parse(const char *name, enum uc_grouping *out)
+{
+    if (strcmp(name, "profile") == 0) {
+        *out = UC_GROUPING_PROFILE;
+    } else if (strcmp(name, "prompt") == 0) {
+        *out = UC_GROUPING_PROMPT;
+    } else {
+        return false;
+    }
+    return true;
+}
+
+bool uc_policy_compresses(enum uc_policy p) { return p != UC_POLICY_FULL; }
+
+bool uc_policy_uses_entropy(enum uc_policy p)
+{
+    return p == UC_POLICY_UNCOMP || p == UC_POLICY_UNCOMP_STAGE;
+}
+
+uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_t n_layers,
+                                      char *msg, size_t msg_size)
+{
+#define BAD(...)                                                                                   \
+    do {                                                                                           \
+        snprintf(msg, msg_size, __VA_ARGS__);                                                      \
+        return UC_ERR_INVALID_ARG;                                                                 \
+    } while (0)
+    if (p->policy < 0 || p->policy >= UC_POLICY_COUNT) {
+        BAD("compression.policy: unknown policy");
+    }
+    if (p->window < 1 || p->window > 64) {
+        BAD("compression.window=%d must be in [1, 64]", p->window);
+    }
+    if (p->pool_kernel < 1 || p->pool_kernel > 63 || p->pool_kernel % 2 == 0) {
+        BAD("compression.pool_kernel=%d must be odd, in [1, 63]", p->pool_kernel);
+    }
+    if (p->head_groups < 1 || p->head_groups > UC_MAX_HEAD_GROUPS) {
+        BAD("compression.head_groups=%d must be in [1, %d]", p->head_groups, UC_MAX_HEAD_GROUPS);
+    }
+    if (!(p->spread >= 0.0f && p->spread < 1.0f)) {
+        BAD("compression.spread=%g must be in [0, 1)", (double)p->spread);
+    }
+    if (!(p->r_min > 0.0f && p->r_min <= 1.0f)) {
+        BAD("compression.r_min=%g must be in (0, 1]", (double)p->r_min);
+    }
+    if (p->entropy_k < 0) {
+        BAD("compression.entropy_k=%d must be >= 0", p->entropy_k);
+    }
+    if (p->decode_mode != UC_DECODE_APPEND && p->decode_mode != UC_DECODE_EVICT) {
+        BAD("compression.decode_mode: must be append or evict");
+    }
+    if (p->grouping != UC_GROUPING_PROFILE && p->grouping != UC_GROUPING_PROMPT) {
+        BAD("compression.grouping: must be profile or prompt");
+    }
+    if (p->row_score != UC_ROW_SCORE_SUM && p->row_score != UC_ROW_SCORE_MAX) {
+        BAD("compression.row_score: must be 0 (sum) or 1 (max)");
+    }
+    if (p->policy != UC_POLICY_FULL) {
+        int32_t min_budget = p->policy == UC_POLICY_STREAMINGLLM ? p->sink_tokens + 1 : p->window + 1;
+        if (p->kv_budget < min_budget) {
+            BAD("compression.kv_budget=%d must be at least %d for policy %s", p->kv_budget,
+                min_budget, uc_policy_name(p->policy));
+        }
+        if (p->kv_budget > (1 << 24)) {
+            BAD("compression.kv_budget=%d is too large", p->kv_budget);
+        }
+    }
+    if (p->sink_tokens < 0 || p->sink_tokens > 1024) {
+        BAD("compression.sink_tokens=%d must be in [0, 1024]", p->sink_tokens);
+    }
+    if (p->n_stage_starts < 0 || p->n_stage_starts > UC_MAX_STAGES - 1) {
+        BAD("compression.stage_starts: at most %d boundaries", UC_MAX_STAGES - 1);
+    }
+    for (int i = 0; i < p->n_stage_starts; i++) {
+        int32_t s = p->stage_starts[i];
+        if (s < 1 || s >= n_layers || (i > 0 && s <= p->stage_starts[i - 1])) {
+            BAD("compression.stage_starts: %d must be increasing layers in [1, %lld)", s,
+                (long long)n_layers);
+        }
+    }
+    return UC_OK;
+#undef BAD
+}
+
+struct ent_idx {
+    double v;
+    int64_t i;
+};
+
+static int cmp_ent(const void *a, const void *b)
+{
+    const struct ent_idx *x = a, *y = b;
+    if (x->v != y->v) {
+        return x->v < y->v ? -1 : 1;
+    }
+    return (x->i > y->i) - (x->i < y->i);
+}
+
+void uc_group_heads(int32_t *groups, const double *entropy, int64_t n_heads, int32_t m)
+{
+    struct ent_idx v[256];
+    struct ent_idx *e = n_heads <= 256 ? v : uc_malloc((size_t)n_heads * sizeof *e);
+    if (!e) {
+        for (int64_t j = 0; j < n_heads; j++) {
+            groups[j] = 0;
+        }
+        return;
+    }
+    for (int64_t j = 0; j < n_heads; j++) {
+        e[j].v = entropy[j];
+        e[j].i = j;
+    }
+    qsort(e, (size_t)n_heads, sizeof *e, cmp_ent);
+    /* group g holds ranks [floor(n g / m), floor(n (g + 1) / m)) */
+    for (int64_t r = 0; r < n_heads; r++) {
+        int32_t g = 0;
+        while (g + 1 < m && r >= n_heads * (g + 1) / m) {
+            g++;
+        }
+        groups[e[r].i] = g;
+    }
+    if (e != v) {
+        uc_free(e);
+    }
+}
+
+int32_t uc_group_budget(int32_t budget, int32_t g, int32_t m, float spread)
+{
+    if (m <= 1) {
+        return budget;
+    }
+    double s = spread;
+    return (int32_t)uc_round_half_up((double)budget * (1.0 - s + 2.0 * s * g / (m - 1)));
+}
+
+int32_t uc_pyramid_budget(int32_t budget, int64_t layer, int64_t n_layers)
+{
+    if (n_layers <= 1) {
+        return budget;
+    }
+    return (int32_t)uc_round_half_up(1.5 * budget - (double)budget * (double)layer /
+                                                        (double)(n_layers - 1));
+}
+
+int32_t uc_stage_starts_from_scores(int32_t *starts, int32_t max_out, const double *scores,
+                                    int64_t n_layers, double eps)
+{
+    int32_t n = 0;
+    for (int64_t l = 1; l < n_layers && n < max_out; l++) {
+        if (scores[l] - scores[l - 1] < -eps) {
+            starts[n++] = (int32_t)l;
+        }
+    }
+    return n;
+}
+
+int64_t uc_stage_rows(int64_t n0, int32_t c, int32_t n_stages, float r_min, int64_t min_rows)
+{
+    if (n_stages <= 1 || c == 0) {
+        return n0;
+    }
+    double keep = ceil((double)n0 * (1.0 - (1.0 - (double)r_min) * c / (n_stages - 1)) - 1e-9);
+    int64_t k = (int64_t)keep;
+    if (k < min_rows) {
+        k = min_rows;
+    }
+    return k < n0 ? k : n0;
+}
+
+uc_status uc_plan_init(struct uc_plan *plan, int64_t n_layers, int64_t n_heads_kv)
+{
+    memset(plan, 0, sizeof *plan);
+    size_t n = (size_t)(n_layers * n_heads_kv);
+    plan->budget = uc_calloc(n, sizeof *plan->budget);
+    plan->group = uc_calloc(n, sizeof *plan->group);
+    plan->entropy = uc_calloc(n, sizeof *plan->entropy);
+    if (!plan->budget || !plan->group || !plan->entropy) {
+        uc_plan_fini(plan);
+        return UC_ERRF(UC_ERR_NOMEM, "plan L=%lld Hkv=%lld", (long long)n_layers,
+                       (long long)n_heads_kv);
+    }
+    plan->n_layers = n_layers;
+    plan->n_heads_kv = n_heads_kv;
+    for (size_t i = 0; i < n; i++) {
+        plan->group[i] = -1;
+        plan->entropy[i] = NAN;
+    }
+    return UC_OK;
+}
+
+void uc_plan_fini(struct uc_plan *plan)
+{
+    uc_free(plan->budget);
+    uc_free(plan->group);
+    uc_free(plan->entropy);
+    memset(plan, 0, sizeof *plan);
+}
+
+uint64_t uc_plan_checksum(const struct uc_plan *plan)
+{
+    size_t n = (size_t)(plan->n_layers * plan->n_heads_kv);
+    uint64_t h = UC_FNV_INIT;
+    h = uc_fnv1a(h, plan->budget, n * sizeof *plan->budget);
+    h = uc_fnv1a(h, plan->group, n * sizeof *plan->group);
+    h = uc_fnv1a(h, &plan->n_stage_starts, sizeof plan->n_stage_starts);
+    h = uc_fnv1a(h, plan->stage_starts, (size_t)plan->n_stage_starts * sizeof(int32_t));
+    h = uc_fnv1a(h, plan->stage_rows, (size_t)(plan->n_stage_starts + 1) * sizeof(int64_t));
+    return h;
+}
+
+void uc_plan_set_layer(struct uc_plan *plan, const struct uc_compress_params *p, int64_t layer,
+                       const double *kv_entropy)
+{
+    int64_t hkv = plan->n_heads_kv;
+    int32_t *b = plan->budget + layer * hkv;
+    int32_t *g = plan->group + layer * hkv;
+    double *e = plan->entropy + layer * hkv;
+    switch (p->policy) {
+    case UC_POLICY_FULL:
+        for (int64_t j = 0; j < hkv; j++) {
+            b[j] = INT32_MAX;
+        }
+        break;
+    case UC_POLICY_PYRAMIDKV: {
+        int32_t bl = uc_pyramid_budget(p->kv_budget, layer, plan->n_layers);
+        for (int64_t j = 0; j < hkv; j++) {
+            b[j] = bl;
+        }
+        break;
+    }
+    case UC_POLICY_UNCOMP:
+    case UC_POLICY_UNCOMP_STAGE:
+        uc_group_heads(g, kv_entropy, hkv, p->head_groups);
+        for (int64_t j = 0; j < hkv; j++) {
+            e[j] = kv_entropy[j];
+            b[j] = uc_group_budget(p->kv_budget, g[j], p->head_groups, p->spread);
+        }
+        break;
+    default:
+        for (int64_t j = 0; j < hkv; j++) {
+            b[j] = p->kv_budget;
+        }
+        break;
+    }
+}

@@ -1,0 +1,265 @@
+/* Profile JSON: written with cJSON, read back with every field and shape checked. */
+#include "compress/profile.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/mem.h"
+#include "base/util.h"
+
+uc_status uc_profile_init(struct uc_profile *p, int64_t n_layers, int64_t n_heads,
+                          int64_t n_heads_kv, int64_t head_dim, int64_t hidden)
+{
+    memset(p, 0, sizeof *p);
+    p->n_layers = n_layers;
+    p->n_heads = n_heads;
+    p->n_heads_kv = n_heads_kv;
+    p->head_dim = head_dim;
+    p->hidden = hidden;
+    p->layer_entropy = uc_calloc((size_t)n_layers, sizeof(double));
+    p->head_entropy = uc_calloc((size_t)(n_layers * n_heads), sizeof(double));
+    p->kv_entropy = uc_calloc((size_t)(n_layers * n_heads_kv), sizeof(double));
+    p->kv_group = uc_calloc((size_t)(n_layers * n_heads_kv), sizeof(int32_t));
+    if (!p->layer_entropy || !p->head_entropy || !p->kv_entropy || !p->kv_group) {
+        uc_profile_fini(p);
+        return UC_ERRF(UC_ERR_NOMEM, "profile L=%lld H=%lld", (long long)n_layers,
+                       (long long)n_heads);
+    }
+    p->head_groups = 2;
+    p->stage_eps = 1.0;
+    return UC_OK;
+}
+
+void uc_profile_fini(struct uc_profile *p)
+{
+    uc_free(p->layer_entropy);
+    uc_free(p->head_entropy);
+    uc_free(p->kv_entropy);
+    uc_free(p->kv_group);
+    memset(p, 0, sizeof *p);
+}
+
+void uc_profile_finish(struct uc_profile *p, int32_t head_groups, double stage_eps)
+{
+    int64_t g = p->n_heads / p->n_heads_kv;
+    p->head_groups = head_groups;
+    p->stage_eps = stage_eps;
+    for (int64_t l = 0; l < p->n_layers; l++) {
+        for (int64_t j = 0; j < p->n_heads_kv; j++) {
+            double s = 0;
+            for (int64_t q = 0; q < g; q++) {
+                s += p->head_entropy[l * p->n_heads + j * g + q];
+            }
+            p->kv_entropy[l * p->n_heads_kv + j] = s / (double)g;
+        }
+        uc_group_heads(p->kv_group + l * p->n_heads_kv, p->kv_entropy + l * p->n_heads_kv,
+                       p->n_heads_kv, head_groups);
+    }
+    double scores[1024];
+    int64_t n = p->n_layers < 1024 ? p->n_layers : 1024;
+    for (int64_t l = 0; l < n; l++) {
+        scores[l] = 100.0 * p->layer_entropy[l];
+    }
+    p->n_stage_starts = uc_stage_starts_from_scores(p->stage_starts, UC_MAX_STAGES - 1, scores, n,
+                                                    stage_eps);
+}
+
+static cJSON *num_array(const double *v, int64_t n)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (int64_t i = 0; a && i < n; i++) {
+        cJSON_AddItemToArray(a, cJSON_CreateNumber(round(v[i] * 1e9) / 1e9));
+    }
+    return a;
+}
+
+static cJSON *int_array(const int32_t *v, int64_t n)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (int64_t i = 0; a && i < n; i++) {
+        cJSON_AddItemToArray(a, cJSON_CreateNumber(v[i]));
+    }
+    return a;
+}
+
+char *uc_profile_to_json(const struct uc_profile *p)
+{
+    cJSON *root = cJSON_CreateObject();
+    if (!root) {
+        return NULL;
+    }
+    char hash[32];
+    snprintf(hash, sizeof hash, "%016llx", (unsigned long long)p->model_hash);
+    cJSON_AddStringToObject(root, "format", "uncomp-profile-v1");
+    cJSON_AddStringToObject(root, "model_hash", hash);
+    cJSON_AddStringToObject(root, "source", p->source);
+    cJSON_AddNumberToObject(root, "created_unix_ms", (double)p->created_unix_ms);
+    cJSON_AddNumberToObject(root, "calib_tokens", (double)p->calib_tokens);
+    cJSON_AddNumberToObject(root, "calib_windows", (double)p->calib_windows);
+    cJSON_AddNumberToObject(root, "num_layers", (double)p->n_layers);
+    cJSON_AddNumberToObject(root, "num_heads", (double)p->n_heads);
+    cJSON_AddNumberToObject(root, "num_kv_heads", (double)p->n_heads_kv);
+    cJSON_AddNumberToObject(root, "head_dim", (double)p->head_dim);
+    cJSON_AddNumberToObject(root, "hidden_size", (double)p->hidden);
+    cJSON_AddNumberToObject(root, "entropy_k_head", p->entropy_k_head);
+    cJSON_AddNumberToObject(root, "entropy_k_hidden", p->entropy_k_hidden);
+    cJSON_AddNumberToObject(root, "head_groups", p->head_groups);
+    cJSON_AddNumberToObject(root, "stage_eps", p->stage_eps);
+    cJSON_AddItemToObject(root, "stage_starts", int_array(p->stage_starts, p->n_stage_starts));
+    cJSON_AddItemToObject(root, "layer_entropy", num_array(p->layer_entropy, p->n_layers));
+    cJSON *layers = cJSON_AddArrayToObject(root, "layers");
+    for (int64_t l = 0; layers && l < p->n_layers; l++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "layer", (double)l);
+        cJSON_AddNumberToObject(o, "score", round(p->layer_entropy[l] * 100.0 * 1e6) / 1e6);
+        cJSON_AddItemToObject(o, "head_entropy",
+                              num_array(p->head_entropy + l * p->n_heads, p->n_heads));
+        cJSON_AddItemToObject(o, "kv_entropy",
+                              num_array(p->kv_entropy + l * p->n_heads_kv, p->n_heads_kv));
+        cJSON_AddItemToObject(o, "kv_group",
+                              int_array(p->kv_group + l * p->n_heads_kv, p->n_heads_kv));
+        cJSON_AddItemToArray(layers, o);
+    }
+    char *s = cJSON_Print(root);
+    cJSON_Delete(root);
+    if (!s) {
+        return NULL;
+    }
+    char *out = uc_strdup(s);
+    cJSON_free(s);
+    return out;
+}
+
+uc_status uc_profile_save(const struct uc_profile *p, const char *path)
+{
+    char *s = uc_profile_to_json(p);
+    if (!s) {
+        return UC_ERRF(UC_ERR_NOMEM, "profile=%s", path);
+    }
+    uc_status rc = uc_file_write_all(path, s, strlen(s));
+    uc_free(s);
+    return rc;
+}
+
+static uc_status read_nums(double *out, const cJSON *a, int64_t n, const char *path,
+                           const char *field)
+{
+    if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != n) {
+        return UC_ERRF(UC_ERR_FORMAT, "profile=%s field=%s must be an array of %lld numbers", path,
+                       field, (long long)n);
+    }
+    int64_t i = 0;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, a)
+    {
+        if (!cJSON_IsNumber(it) || !isfinite(it->valuedouble)) {
+            return UC_ERRF(UC_ERR_FORMAT, "profile=%s field=%s[%lld] is not a number", path, field,
+                           (long long)i);
+        }
+        out[i++] = it->valuedouble;
+    }
+    return UC_OK;
+}
+
+static int64_t get_i(const cJSON *root, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    return cJSON_IsNumber(v) ? (int64_t)v->valuedouble : -1;
+}
+
+uc_status uc_profile_parse(struct uc_profile *p, const char *json, const char *path,
+                           int64_t n_layers, int64_t n_heads, int64_t n_heads_kv)
+{
+    uc_status rc = UC_OK;
+    cJSON *root = cJSON_Parse(json);
+    if (!cJSON_IsObject(root)) {
+        rc = UC_ERRF(UC_ERR_FORMAT, "profile=%s is not a JSON object", path);
+        goto out;
+    }
+    const char *dims[3] = {"num_layers", "num_heads", "num_kv_heads"};
+    int64_t want[3] = {n_layers, n_heads, n_heads_kv};
+    for (int i = 0; i < 3; i++) {
+        if (get_i(root, dims[i]) != want[i]) {
+            rc = UC_ERRF(UC_ERR_FORMAT, "profile=%s field=%s=%lld but the model has %lld", path,
+                         dims[i], (long long)get_i(root, dims[i]), (long long)want[i]);
+            goto out;
+        }
+    }
+    UC_CHECK(uc_profile_init(p, n_layers, n_heads, n_heads_kv, get_i(root, "head_dim"),
+                             get_i(root, "hidden_size")),
+             rc, out);
+    p->entropy_k_head = (int32_t)get_i(root, "entropy_k_head");
+    p->entropy_k_hidden = (int32_t)get_i(root, "entropy_k_hidden");
+    p->calib_tokens = get_i(root, "calib_tokens");
+    p->calib_windows = get_i(root, "calib_windows");
+    p->created_unix_ms = get_i(root, "created_unix_ms");
+    const cJSON *src = cJSON_GetObjectItemCaseSensitive(root, "source");
+    snprintf(p->source, sizeof p->source, "%s", cJSON_IsString(src) ? src->valuestring : "?");
+    const cJSON *mh = cJSON_GetObjectItemCaseSensitive(root, "model_hash");
+    if (cJSON_IsString(mh)) {
+        p->model_hash = strtoull(mh->valuestring, NULL, 16);
+    }
+    UC_CHECK(read_nums(p->layer_entropy, cJSON_GetObjectItemCaseSensitive(root, "layer_entropy"),
+                       n_layers, path, "layer_entropy"),
+             rc, out_fini);
+    const cJSON *layers = cJSON_GetObjectItemCaseSensitive(root, "layers");
+    if (!cJSON_IsArray(layers) || cJSON_GetArraySize(layers) != n_layers) {
+        rc = UC_ERRF(UC_ERR_FORMAT, "profile=%s field=layers must have %lld entries", path,
+                     (long long)n_layers);
+        goto out_fini;
+    }
+    for (int64_t l = 0; l < n_layers; l++) {
+        const cJSON *o = cJSON_GetArrayItem(layers, (int)l);
+        UC_CHECK(read_nums(p->head_entropy + l * n_heads,
+                           cJSON_GetObjectItemCaseSensitive(o, "head_entropy"), n_heads, path,
+                           "layers[].head_entropy"),
+                 rc, out_fini);
+    }
+    int64_t m = get_i(root, "head_groups");
+    const cJSON *eps = cJSON_GetObjectItemCaseSensitive(root, "stage_eps");
+    if (m < 1 || m > UC_MAX_HEAD_GROUPS || !cJSON_IsNumber(eps)) {
+        rc = UC_ERRF(UC_ERR_FORMAT, "profile=%s fields head_groups and stage_eps are required",
+                     path);
+        goto out_fini;
+    }
+    uc_profile_finish(p, (int32_t)m, eps->valuedouble);
+    /* Explicitly pinned stage boundaries in the file win over the derived ones. */
+    const cJSON *ss = cJSON_GetObjectItemCaseSensitive(root, "stage_starts");
+    if (cJSON_IsArray(ss)) {
+        int32_t n = 0;
+        const cJSON *it;
+        cJSON_ArrayForEach(it, ss)
+        {
+            int64_t v = cJSON_IsNumber(it) ? (int64_t)it->valuedouble : -1;
+            if (v < 1 || v >= n_layers || n >= UC_MAX_STAGES - 1 ||
+                (n > 0 && v <= p->stage_starts[n - 1])) {
+                rc = UC_ERRF(UC_ERR_FORMAT, "profile=%s field=stage_starts must be increasing "
+                             "layers in [1, %lld)", path, (long long)n_layers);
+                goto out_fini;
+            }
+            p->stage_starts[n++] = (int32_t)v;
+        }
+        p->n_stage_starts = n;
+    }
+    goto out;
+out_fini:
+    uc_profile_fini(p);
+out:
+    cJSON_Delete(root);
+    return rc;
+}
+
+uc_status uc_profile_load(struct uc_profile *p, const char *path, int64_t n_layers,
+                          int64_t n_heads, int64_t n_heads_kv)
+{
+    char *text = NULL;
+    uc_status rc = uc_file_read_all(&text, NULL, path);
+    if (rc == UC_OK) {
+        rc = uc_profile_parse(p, text, path, n_layers, n_heads, n_heads_kv);
+    }
+    uc_free(text);
+    return rc;
+}

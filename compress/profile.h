@@ -1,0 +1,57 @@
+/* The calibration profile (UNCOMP.md section 3): per-layer hidden-state entropies and the stage
+ * boundaries they imply, per-layer query-head and KV-head entropies and the head groups. A
+ * readable JSON file, built by a calibration run and loaded by grouping=profile. */
+#ifndef UC_COMPRESS_PROFILE_H
+#define UC_COMPRESS_PROFILE_H
+
+#include <stdint.h>
+
+#include "base/status.h"
+#include "compress/policy.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct uc_profile {
+    int64_t n_layers;        /* L */
+    int64_t n_heads;         /* H */
+    int64_t n_heads_kv;      /* Hkv */
+    int64_t head_dim;        /* D */
+    int64_t hidden;          /* C */
+    int32_t entropy_k_head;  /* truncation used for heads */
+    int32_t entropy_k_hidden;
+    double *layer_entropy;   /* (L): normalised truncated entropy of each layer's input */
+    double *head_entropy;    /* (L, H) */
+    double *kv_entropy;      /* (L, Hkv): mean of the KV head's query heads */
+    int32_t *kv_group;       /* (L, Hkv) */
+    int32_t head_groups;     /* m */
+    double stage_eps;
+    int32_t n_stage_starts;
+    int32_t stage_starts[UC_MAX_STAGES];
+    char source[512];        /* calibration text (path or "builtin") */
+    int64_t created_unix_ms;
+    int64_t calib_tokens;
+    int64_t calib_windows;
+    uint64_t model_hash;
+};
+
+uc_status uc_profile_init(struct uc_profile *p, int64_t n_layers, int64_t n_heads,
+                          int64_t n_heads_kv, int64_t head_dim, int64_t hidden);
+void uc_profile_fini(struct uc_profile *p);
+/* From layer_entropy and head_entropy: KV-head means, m groups per layer, stage boundaries. */
+void uc_profile_finish(struct uc_profile *p, int32_t head_groups, double stage_eps);
+/* Serialises to pretty JSON (uc_malloc'd). */
+char *uc_profile_to_json(const struct uc_profile *p);
+uc_status uc_profile_save(const struct uc_profile *p, const char *path);
+/* Loads a profile and checks its shapes against the model (UC_ERR_FORMAT naming the field when
+ * they differ). `p` must be zeroed or finished. */
+uc_status uc_profile_load(struct uc_profile *p, const char *path, int64_t n_layers,
+                          int64_t n_heads, int64_t n_heads_kv);
+uc_status uc_profile_parse(struct uc_profile *p, const char *json, const char *path,
+                           int64_t n_layers, int64_t n_heads, int64_t n_heads_kv);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,8 @@
+/* uncompd entry point (placeholder until the scheduler lands). */
+#include <stdio.h>
+
+int main(void)
+{
+    fprintf(stderr, "uncompd: not built yet\n");
+    return 1;
+}

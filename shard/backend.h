@@ -1,0 +1,178 @@
+/* The backend op table: every computation of the forward pass and of the compression path,
+ * on buffers the backend owns ("device" memory: host memory on the CPU backend, GPU memory on
+ * CUDA). model.c only calls these ops and never touches activation data. Shapes use shapes.h
+ * letters; `ld` arguments are row strides in elements. Activations are in the backend's
+ * activation dtype (float32 on CPU, bf16 on CUDA); weights in its weight format. Host-side index
+ * arrays (positions, kept rows, block tables) are passed as host pointers and copied by the
+ * backend as it needs. */
+#ifndef UC_SHARD_BACKEND_H
+#define UC_SHARD_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum uc_backend_kind {
+    UC_BACKEND_CPU = 0,
+    UC_BACKEND_CUDA = 1,
+};
+
+struct uc_backend;
+
+/* Paged KV pool: n_blocks blocks of block_tokens tokens of one KV head (D values each) for K
+ * and for V. A slot is block * block_tokens + offset. */
+struct uc_kv_pool_view {
+    void *k;              /* (n_blocks, block_tokens, D) */
+    void *v;              /* (n_blocks, block_tokens, D) */
+    int64_t block_tokens; /* tokens per block */
+    int64_t head_dim;     /* D */
+};
+
+/* One decode batch's view of the paged cache for one layer: for row b and local KV head j,
+ * entry e = b * Hkv + j holds n_tokens[e] tokens in blocks blocks[offset[e] ...]. */
+struct uc_kv_batch_view {
+    const int32_t *n_tokens; /* (B * Hkv) */
+    const int32_t *offset;   /* (B * Hkv) into blocks */
+    const int32_t *blocks;   /* concatenated block ids */
+    int64_t n_blocks_total;
+    int64_t max_tokens;      /* max over entries of n_tokens */
+};
+
+struct uc_backend_ops {
+    /* memory */
+    uc_status (*alloc)(struct uc_backend *be, void **out, size_t size_bytes);
+    void (*free)(struct uc_backend *be, void *p);
+    uc_status (*upload)(struct uc_backend *be, void *dst, const void *src, size_t size_bytes);
+    uc_status (*download)(struct uc_backend *be, void *dst, const void *src, size_t size_bytes);
+    uc_status (*copy)(struct uc_backend *be, void *dst, const void *src, size_t size_bytes);
+    /* Activations (n elements) to host float32. */
+    uc_status (*download_f32)(struct uc_backend *be, float *dst, const void *src, int64_t n);
+    /* Host float32 to activations (n elements). */
+    uc_status (*upload_f32)(struct uc_backend *be, void *dst, const float *src, int64_t n);
+    uc_status (*sync)(struct uc_backend *be);
+    /* Bytes of one activation element. */
+    size_t (*act_size)(struct uc_backend *be);
+    /* Weight (rows, cols) from host float32, in the backend's weight format; *out owned by the
+     * caller, freed with weight_free. */
+    uc_status (*weight_create)(struct uc_backend *be, void **out, const float *host, int64_t rows,
+                               int64_t cols);
+    void (*weight_free)(struct uc_backend *be, void *w);
+    /* RoPE tables for positions [0, max_pos): cos/sin of pos * inv_freq[i], i < D/2. */
+    uc_status (*rope_init)(struct uc_backend *be, const float *inv_freq, int64_t half_dim,
+                           int64_t max_pos);
+
+    /* compute */
+    /* y (T, C) = table[ids] (table: weight (V, C)). */
+    uc_status (*embed)(struct uc_backend *be, void *y, const void *table, const int32_t *ids,
+                       int64_t n_tok, int64_t dim);
+    /* y (T, C) = x / rms(x) * w. */
+    uc_status (*rmsnorm)(struct uc_backend *be, void *y, const void *x, const void *w,
+                         int64_t n_tok, int64_t dim, float eps);
+    /* y (T, N) = x (T, K) w^T, w: weight (N, K). */
+    uc_status (*matmul)(struct uc_backend *be, void *y, const void *x, const void *w, int64_t n_tok,
+                        int64_t n_out, int64_t n_in);
+    /* y (T, N) += b (N) (b: weight (1, N)). */
+    uc_status (*add_bias)(struct uc_backend *be, void *y, const void *b, int64_t n_tok,
+                          int64_t n_out);
+    /* y (n) += x (n). */
+    uc_status (*add)(struct uc_backend *be, void *y, const void *x, int64_t n);
+    /* Rotates heads [0, n_heads) of each row of x (T rows, stride ld) in place, rotate-half
+     * convention, row t at position pos[t]. */
+    uc_status (*rope)(struct uc_backend *be, void *x, int64_t ld, int64_t n_heads, int64_t head_dim,
+                      const int32_t *pos, int64_t n_tok);
+    /* y (T, F) = silu(gu[:, :F]) * gu[:, F:]  (gu: (T, 2F)). */
+    uc_status (*swiglu)(struct uc_backend *be, void *y, const void *gu, int64_t n_tok,
+                        int64_t n_ffn);
+    /* dst[t, :width] = src[t, :width] for T rows with strides. */
+    uc_status (*copy_rows)(struct uc_backend *be, void *dst, int64_t dst_ld, const void *src,
+                           int64_t src_ld, int64_t width, int64_t n_rows);
+    /* dst[i, :] = src[idx[i], :] (width elements, contiguous rows), n_idx rows. dst != src. */
+    uc_status (*gather_rows)(struct uc_backend *be, void *dst, const void *src, const int32_t *idx,
+                             int64_t n_idx, int64_t width);
+    /* Causal attention of T queries (rows q0..q0+T-1 of the sequence; q: (T, ld_q), heads first)
+     * over keys/values 0..q0+T-1 (k, v: (n, ld_kv), head j at column j*D). GQA: query head h
+     * uses KV head h / (H / Hkv). out: (T, H*D). */
+    uc_status (*attn_prefill)(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
+                              const void *k, const void *v, int64_t ld_kv, int64_t n_tok,
+                              int64_t q0, int64_t n_heads, int64_t n_heads_kv, int64_t head_dim);
+    /* Window probabilities: for each query head h, out[(h * W + r) * n + j] =
+     * softmax(q k^T / sqrt(D))[n - W + r, j] for the last W query rows (q_win: (W, ld_q), causal)
+     * over the n keys. out: host (H, W, n) floats. */
+    uc_status (*window_probs)(struct uc_backend *be, float *out, const void *q_win, int64_t ld_q,
+                              const void *k, int64_t ld_kv, int64_t n_win, int64_t n,
+                              int64_t n_heads, int64_t n_heads_kv, int64_t head_dim);
+    /* H2O accumulation: out[h, j] = sum over all causal query rows i of P[h, i, j]. Host (H, n). */
+    uc_status (*attn_colsum)(struct uc_backend *be, double *out, const void *q, int64_t ld_q,
+                             const void *k, int64_t ld_kv, int64_t n, int64_t n_heads,
+                             int64_t n_heads_kv, int64_t head_dim);
+    /* Per-head covariance for matrix entropy: for head h of q (n rows, ld), the (D, D) matrix of
+     * UNCOMP.md section 1, into host out (H, D, D) doubles. */
+    uc_status (*qcov)(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
+                      int64_t n_heads, int64_t head_dim);
+    /* Paged KV pool: allocate / free. */
+    uc_status (*kv_pool_create)(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                int64_t n_blocks, int64_t block_tokens, int64_t head_dim);
+    void (*kv_pool_destroy)(struct uc_backend *be, struct uc_kv_pool_view *pool);
+    /* Scatter: for e < n, slot[e] of the pool gets K/V row src_row[e], head src_head[e] of
+     * k_src/v_src ((rows, ld) activations). */
+    uc_status (*kv_scatter)(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                            const void *k_src, const void *v_src, int64_t ld,
+                            const int32_t *src_row, const int32_t *src_head, const int32_t *slot,
+                            int64_t n);
+    /* Decode attention over the paged cache for B rows (one query token each): out (B, H*D);
+     * q (B, ld_q). When psum is non-NULL it receives, for each entry b*Hkv+j, the attention
+     * probabilities summed over the KV head's query heads, (B * Hkv, view->max_tokens) floats
+     * on the host. */
+    uc_status (*attn_decode)(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
+                             const struct uc_kv_pool_view *pool,
+                             const struct uc_kv_batch_view *view, int64_t n_rows, int64_t n_heads,
+                             int64_t n_heads_kv, float *psum);
+    /* Copies one slot of the pool to another (evict mode compaction). */
+    uc_status (*kv_move)(struct uc_backend *be, struct uc_kv_pool_view *pool, int32_t dst_slot,
+                         int32_t src_slot);
+    /* (optional) Greedy/sampling support: index of the max of each row of x (T, N) to host. */
+    uc_status (*argmax)(struct uc_backend *be, int32_t *out, const void *x, int64_t n_tok,
+                        int64_t n);
+    void (*destroy)(struct uc_backend *be);
+};
+
+struct uc_backend {
+    const struct uc_backend_ops *ops;
+    void *ctx;
+    enum uc_backend_kind kind;
+    const char *name;
+    char device_name[128];
+    int device_index;
+    void *stream; /* the backend's stream (CUDA), NULL on CPU */
+};
+
+struct uc_backend_params {
+    enum uc_backend_kind kind;
+    int device_index;  /* CUDA: GPU ordinal (default: local rank) */
+    int n_threads;     /* CPU: 0 = all cores */
+    bool fp32;         /* CUDA: float32 activations and weights (accuracy mode) */
+};
+
+struct uc_backend_params uc_backend_default_params(void);
+/* Creates the backend; CUDA without a GPU or without UC_CUDA is UC_ERR_UNSUPPORTED. */
+uc_status uc_backend_create(struct uc_backend **out, const struct uc_backend_params *p);
+void uc_backend_destroy(struct uc_backend *be);
+bool uc_backend_parse(const char *name, enum uc_backend_kind *out);
+const char *uc_backend_kind_name(enum uc_backend_kind k);
+
+/* Constructors of each backend (backend_cpu.c, backend_cuda.c or backend_cuda_stub.c). */
+uc_status uc_backend_cpu_create(struct uc_backend **out, const struct uc_backend_params *p);
+uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backend_params *p);
+/* Number of CUDA devices usable (0 without a GPU or without UC_CUDA). */
+int uc_backend_cuda_device_count(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

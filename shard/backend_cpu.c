@@ -1,0 +1,633 @@
+/* The CPU reference backend: float32 activations and weights, OpenBLAS sgemm for every matrix
+ * product (projections, and attention's QK^T and PV in row blocks), OpenMP for the element-wise
+ * work. Every CUDA op is tested against these. */
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "base/log.h"
+#include "base/mem.h"
+#include "compress/entropy.h"
+
+#define ATT_BLOCK 64 /* query rows per attention block */
+
+struct cpu_ctx {
+    float *rope_cos; /* (max_pos, D/2) */
+    float *rope_sin;
+    int64_t rope_half;
+    int64_t rope_max_pos;
+    float *scores;     /* per-thread attention score rows, grown on demand */
+    size_t scores_cap; /* floats */
+};
+
+static struct cpu_ctx *ctx_of(struct uc_backend *be) { return be->ctx; }
+
+/* ---- memory ---------------------------------------------------------------------------- */
+
+static uc_status cpu_alloc(struct uc_backend *be, void **out, size_t size_bytes)
+{
+    *out = uc_malloc(size_bytes ? size_bytes : 1);
+    if (!*out) {
+        return UC_ERRF(UC_ERR_NOMEM, "cpu alloc bytes=%zu", size_bytes);
+    }
+    return UC_OK;
+}
+
+static void cpu_free(struct uc_backend *be, void *p) { uc_free(p); }
+
+static uc_status cpu_memcpy(struct uc_backend *be, void *dst, const void *src, size_t size_bytes)
+{
+    if (size_bytes) {
+        memmove(dst, src, size_bytes);
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_download_f32(struct uc_backend *be, float *dst, const void *src, int64_t n)
+{
+    return cpu_memcpy(be, dst, src, (size_t)n * sizeof(float));
+}
+
+static uc_status cpu_upload_f32(struct uc_backend *be, void *dst, const float *src, int64_t n)
+{
+    return cpu_memcpy(be, dst, src, (size_t)n * sizeof(float));
+}
+
+static uc_status cpu_sync(struct uc_backend *be) { return UC_OK; }
+
+static size_t cpu_act_size(struct uc_backend *be) { return sizeof(float); }
+
+static uc_status cpu_weight_create(struct uc_backend *be, void **out, const float *host,
+                                   int64_t rows, int64_t cols)
+{
+    size_t n = (size_t)(rows * cols) * sizeof(float);
+    uc_status rc = cpu_alloc(be, out, n);
+    if (rc == UC_OK) {
+        memcpy(*out, host, n);
+    }
+    return rc;
+}
+
+static uc_status cpu_rope_init(struct uc_backend *be, const float *inv_freq, int64_t half_dim,
+                               int64_t max_pos)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    uc_free(c->rope_cos);
+    uc_free(c->rope_sin);
+    c->rope_cos = uc_malloc((size_t)(max_pos * half_dim) * sizeof(float));
+    c->rope_sin = uc_malloc((size_t)(max_pos * half_dim) * sizeof(float));
+    if (!c->rope_cos || !c->rope_sin) {
+        return UC_ERRF(UC_ERR_NOMEM, "rope table positions=%lld", (long long)max_pos);
+    }
+    for (int64_t p = 0; p < max_pos; p++) {
+        for (int64_t i = 0; i < half_dim; i++) {
+            /* as transformers: the angle is a float32 product, its cos/sin taken exactly */
+            float ang = (float)p * inv_freq[i];
+            c->rope_cos[p * half_dim + i] = (float)cos((double)ang);
+            c->rope_sin[p * half_dim + i] = (float)sin((double)ang);
+        }
+    }
+    c->rope_half = half_dim;
+    c->rope_max_pos = max_pos;
+    return UC_OK;
+}
+
+/* ---- element-wise ops ------------------------------------------------------------------ */
+
+static uc_status cpu_embed(struct uc_backend *be, void *y, const void *table, const int32_t *ids,
+                           int64_t n_tok, int64_t dim)
+{
+    float *out = y;
+    const float *t = table;
+    for (int64_t i = 0; i < n_tok; i++) {
+        memcpy(out + i * dim, t + (int64_t)ids[i] * dim, (size_t)dim * sizeof(float));
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_rmsnorm(struct uc_backend *be, void *y, const void *x, const void *w,
+                             int64_t n_tok, int64_t dim, float eps)
+{
+    float *out = y;
+    const float *in = x, *wt = w;
+#pragma omp parallel for schedule(static) if (n_tok > 16)
+    for (int64_t i = 0; i < n_tok; i++) {
+        const float *r = in + i * dim;
+        float ss = 0.0f;
+        for (int64_t j = 0; j < dim; j++) {
+            ss += r[j] * r[j];
+        }
+        float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        float *o = out + i * dim;
+        for (int64_t j = 0; j < dim; j++) {
+            o[j] = wt[j] * (r[j] * inv);
+        }
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_matmul(struct uc_backend *be, void *y, const void *x, const void *w,
+                            int64_t n_tok, int64_t n_out, int64_t n_in)
+{
+    if (n_tok == 1) {
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)n_out, (int)n_in, 1.0f, w, (int)n_in, x, 1,
+                    0.0f, y, 1);
+    } else {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n_tok, (int)n_out, (int)n_in,
+                    1.0f, x, (int)n_in, w, (int)n_in, 0.0f, y, (int)n_out);
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_add_bias(struct uc_backend *be, void *y, const void *b, int64_t n_tok,
+                              int64_t n_out)
+{
+    float *o = y;
+    const float *bb = b;
+    for (int64_t i = 0; i < n_tok; i++) {
+        for (int64_t j = 0; j < n_out; j++) {
+            o[i * n_out + j] += bb[j];
+        }
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_add(struct uc_backend *be, void *y, const void *x, int64_t n)
+{
+    float *o = y;
+    const float *in = x;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        o[i] += in[i];
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_rope(struct uc_backend *be, void *x, int64_t ld, int64_t n_heads,
+                          int64_t head_dim, const int32_t *pos, int64_t n_tok)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    int64_t half = head_dim / 2;
+    if (half != c->rope_half) {
+        return UC_ERRF(UC_ERR_INTERNAL, "rope table half_dim=%lld, op asks %lld",
+                       (long long)c->rope_half, (long long)half);
+    }
+    for (int64_t t = 0; t < n_tok; t++) {
+        if (pos[t] < 0 || pos[t] >= c->rope_max_pos) {
+            return UC_ERRF(UC_ERR_INVALID_ARG, "position %d outside the rope table (%lld)", pos[t],
+                           (long long)c->rope_max_pos);
+        }
+    }
+    float *xs = x;
+#pragma omp parallel for schedule(static) if (n_tok > 16)
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *cs = c->rope_cos + (int64_t)pos[t] * half;
+        const float *sn = c->rope_sin + (int64_t)pos[t] * half;
+        for (int64_t h = 0; h < n_heads; h++) {
+            float *v = xs + t * ld + h * head_dim;
+            for (int64_t i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * cs[i] - b * sn[i];
+                v[i + half] = b * cs[i] + a * sn[i];
+            }
+        }
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_swiglu(struct uc_backend *be, void *y, const void *gu, int64_t n_tok,
+                            int64_t n_ffn)
+{
+    float *o = y;
+    const float *in = gu;
+#pragma omp parallel for schedule(static) if (n_tok > 4)
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *g = in + t * 2 * n_ffn, *u = g + n_ffn;
+        float *r = o + t * n_ffn;
+        for (int64_t j = 0; j < n_ffn; j++) {
+            r[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        }
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_copy_rows(struct uc_backend *be, void *dst, int64_t dst_ld, const void *src,
+                               int64_t src_ld, int64_t width, int64_t n_rows)
+{
+    float *d = dst;
+    const float *s = src;
+    for (int64_t i = 0; i < n_rows; i++) {
+        memmove(d + i * dst_ld, s + i * src_ld, (size_t)width * sizeof(float));
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_gather_rows(struct uc_backend *be, void *dst, const void *src,
+                                 const int32_t *idx, int64_t n_idx, int64_t width)
+{
+    float *d = dst;
+    const float *s = src;
+    for (int64_t i = 0; i < n_idx; i++) {
+        memcpy(d + i * width, s + (int64_t)idx[i] * width, (size_t)width * sizeof(float));
+    }
+    return UC_OK;
+}
+
+/* ---- attention ------------------------------------------------------------------------- */
+
+static float *score_buf(struct cpu_ctx *c, size_t n)
+{
+    if (n > c->scores_cap) {
+        float *s = uc_realloc(c->scores, n * sizeof(float));
+        if (!s) {
+            return NULL;
+        }
+        c->scores = s;
+        c->scores_cap = n;
+    }
+    return c->scores;
+}
+
+/* Masked softmax of each row r of s (rows, ld): columns > limit0 + r are masked out (causal);
+ * cols = number of columns computed. */
+static void softmax_causal(float *s, int64_t rows, int64_t ld, int64_t limit0, int64_t cols,
+                           float scale)
+{
+#pragma omp parallel for schedule(static) if (rows * cols > 32768)
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = s + r * ld;
+        int64_t n = limit0 + r + 1;
+        if (n > cols) {
+            n = cols;
+        }
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            row[j] *= scale;
+            mx = row[j] > mx ? row[j] : mx;
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            row[j] = expf(row[j] - mx);
+            sum += row[j];
+        }
+        float inv = 1.0f / sum;
+        for (int64_t j = 0; j < n; j++) {
+            row[j] *= inv;
+        }
+        for (int64_t j = n; j < cols; j++) {
+            row[j] = 0.0f;
+        }
+    }
+}
+
+/* Computes P (rows x nk) for query rows [a, a+rows) (absolute index q0+a..) of head h into s:
+ * the shared first half of attention, colsum and window scores. */
+static void attn_probs(float *s, const float *q, int64_t ld_q, const float *k, int64_t ld_kv,
+                       int64_t rows, int64_t first_abs, int64_t nk, int64_t h, int64_t kvh,
+                       int64_t d)
+{
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)nk, (int)d, 1.0f,
+                q + h * d, (int)ld_q, k + kvh * d, (int)ld_kv, 0.0f, s, (int)nk);
+    softmax_causal(s, rows, nk, first_abs, nk, 1.0f / sqrtf((float)d));
+}
+
+static uc_status cpu_attn_prefill(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
+                                  const void *k, const void *v, int64_t ld_kv, int64_t n_tok,
+                                  int64_t q0, int64_t n_heads, int64_t n_heads_kv, int64_t head_dim)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    int64_t group = n_heads / n_heads_kv;
+    int64_t nk_max = q0 + n_tok;
+    float *s = score_buf(c, (size_t)(ATT_BLOCK * nk_max));
+    if (!s) {
+        return UC_ERRF(UC_ERR_NOMEM, "attention scores keys=%lld", (long long)nk_max);
+    }
+    const float *qf = q, *kf = k, *vf = v;
+    float *o = out;
+    for (int64_t a = 0; a < n_tok; a += ATT_BLOCK) {
+        int64_t rows = n_tok - a < ATT_BLOCK ? n_tok - a : ATT_BLOCK;
+        int64_t nk = q0 + a + rows; /* causal: the block's last row sees keys < nk */
+        for (int64_t h = 0; h < n_heads; h++) {
+            int64_t kvh = h / group;
+            attn_probs(s, qf + a * ld_q, ld_q, kf, ld_kv, rows, q0 + a, nk, h, kvh, head_dim);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)head_dim,
+                        (int)nk, 1.0f, s, (int)nk, vf + kvh * head_dim, (int)ld_kv, 0.0f,
+                        o + a * n_heads * head_dim + h * head_dim, (int)(n_heads * head_dim));
+        }
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_window_probs(struct uc_backend *be, float *out, const void *q_win,
+                                  int64_t ld_q, const void *k, int64_t ld_kv, int64_t n_win,
+                                  int64_t n, int64_t n_heads, int64_t n_heads_kv, int64_t head_dim)
+{
+    int64_t group = n_heads / n_heads_kv;
+    for (int64_t h = 0; h < n_heads; h++) {
+        attn_probs(out + h * n_win * n, q_win, ld_q, k, ld_kv, n_win, n - n_win, n, h, h / group,
+                   head_dim);
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_attn_colsum(struct uc_backend *be, double *out, const void *q, int64_t ld_q,
+                                 const void *k, int64_t ld_kv, int64_t n, int64_t n_heads,
+                                 int64_t n_heads_kv, int64_t head_dim)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    int64_t group = n_heads / n_heads_kv;
+    float *s = score_buf(c, (size_t)(ATT_BLOCK * n));
+    if (!s) {
+        return UC_ERRF(UC_ERR_NOMEM, "colsum keys=%lld", (long long)n);
+    }
+    const float *qf = q;
+    for (int64_t h = 0; h < n_heads; h++) {
+        double *o = out + h * n;
+        for (int64_t j = 0; j < n; j++) {
+            o[j] = 0.0;
+        }
+        for (int64_t a = 0; a < n; a += ATT_BLOCK) {
+            int64_t rows = n - a < ATT_BLOCK ? n - a : ATT_BLOCK;
+            int64_t nk = a + rows;
+            attn_probs(s, qf + a * ld_q, ld_q, k, ld_kv, rows, a, nk, h, h / group, head_dim);
+            for (int64_t r = 0; r < rows; r++) {
+                for (int64_t j = 0; j < nk; j++) {
+                    o[j] += s[r * nk + j];
+                }
+            }
+        }
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_qcov(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
+                          int64_t n_heads, int64_t head_dim)
+{
+    const float *qf = q;
+    for (int64_t h = 0; h < n_heads; h++) {
+        uc_status rc = uc_entropy_cov(out + h * head_dim * head_dim, qf + h * head_dim, n,
+                                      head_dim, ld);
+        if (rc != UC_OK) {
+            return rc;
+        }
+    }
+    return UC_OK;
+}
+
+/* ---- paged KV -------------------------------------------------------------------------- */
+
+static uc_status cpu_kv_pool_create(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                    int64_t n_blocks, int64_t block_tokens, int64_t head_dim)
+{
+    size_t n = (size_t)(n_blocks * block_tokens * head_dim) * sizeof(float);
+    pool->k = uc_malloc(n);
+    pool->v = uc_malloc(n);
+    if (!pool->k || !pool->v) {
+        UC_FREE(pool->k);
+        UC_FREE(pool->v);
+        return UC_ERRF(UC_ERR_NOMEM, "kv pool blocks=%lld bytes=%zu", (long long)n_blocks, 2 * n);
+    }
+    pool->block_tokens = block_tokens;
+    pool->head_dim = head_dim;
+    return UC_OK;
+}
+
+static void cpu_kv_pool_destroy(struct uc_backend *be, struct uc_kv_pool_view *pool)
+{
+    UC_FREE(pool->k);
+    UC_FREE(pool->v);
+}
+
+static uc_status cpu_kv_scatter(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                const void *k_src, const void *v_src, int64_t ld,
+                                const int32_t *src_row, const int32_t *src_head,
+                                const int32_t *slot, int64_t n)
+{
+    int64_t d = pool->head_dim;
+    float *pk = pool->k, *pv = pool->v;
+    const float *ks = k_src, *vs = v_src;
+    for (int64_t e = 0; e < n; e++) {
+        int64_t off = (int64_t)src_row[e] * ld + (int64_t)src_head[e] * d;
+        memcpy(pk + (int64_t)slot[e] * d, ks + off, (size_t)d * sizeof(float));
+        memcpy(pv + (int64_t)slot[e] * d, vs + off, (size_t)d * sizeof(float));
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_kv_move(struct uc_backend *be, struct uc_kv_pool_view *pool, int32_t dst_slot,
+                             int32_t src_slot)
+{
+    int64_t d = pool->head_dim;
+    float *pk = pool->k, *pv = pool->v;
+    memcpy(pk + (int64_t)dst_slot * d, pk + (int64_t)src_slot * d, (size_t)d * sizeof(float));
+    memcpy(pv + (int64_t)dst_slot * d, pv + (int64_t)src_slot * d, (size_t)d * sizeof(float));
+    return UC_OK;
+}
+
+static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
+                                 const struct uc_kv_pool_view *pool,
+                                 const struct uc_kv_batch_view *view, int64_t n_rows,
+                                 int64_t n_heads, int64_t n_heads_kv, float *psum)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    int64_t d = pool->head_dim, bt = pool->block_tokens;
+    int64_t group = n_heads / n_heads_kv;
+    int64_t maxn = view->max_tokens > 0 ? view->max_tokens : 1;
+    int n_thr = omp_get_max_threads();
+    float *sbuf = score_buf(c, (size_t)(n_thr * maxn));
+    if (!sbuf) {
+        return UC_ERRF(UC_ERR_NOMEM, "decode scores tokens=%lld", (long long)maxn);
+    }
+    if (psum) {
+        memset(psum, 0, (size_t)(n_rows * n_heads_kv * maxn) * sizeof(float));
+    }
+    const float *qf = q, *pk = pool->k, *pv = pool->v;
+    float *o = out;
+    float scale = 1.0f / sqrtf((float)d);
+    int64_t n_items = n_rows * n_heads;
+#pragma omp parallel for schedule(dynamic, 1) if (n_items > 1)
+    for (int64_t it = 0; it < n_items; it++) {
+        int64_t b = it / n_heads, h = it % n_heads, j = h / group;
+        int64_t e = b * n_heads_kv + j;
+        int64_t nt = view->n_tokens[e];
+        const int32_t *blocks = view->blocks + view->offset[e];
+        float *s = sbuf + (int64_t)omp_get_thread_num() * maxn;
+        const float *qv = qf + b * ld_q + h * d;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < nt; t++) {
+            const float *kv = pk + ((int64_t)blocks[t / bt] * bt + t % bt) * d;
+            float acc = 0.0f;
+            for (int64_t i = 0; i < d; i++) {
+                acc += qv[i] * kv[i];
+            }
+            s[t] = acc * scale;
+            mx = s[t] > mx ? s[t] : mx;
+        }
+        float sum = 0.0f;
+        for (int64_t t = 0; t < nt; t++) {
+            s[t] = expf(s[t] - mx);
+            sum += s[t];
+        }
+        float inv = 1.0f / sum;
+        float *ov = o + b * n_heads * d + h * d;
+        for (int64_t i = 0; i < d; i++) {
+            ov[i] = 0.0f;
+        }
+        for (int64_t t = 0; t < nt; t++) {
+            float p = s[t] * inv;
+            s[t] = p;
+            const float *vv = pv + ((int64_t)blocks[t / bt] * bt + t % bt) * d;
+            for (int64_t i = 0; i < d; i++) {
+                ov[i] += p * vv[i];
+            }
+        }
+        if (psum) {
+            float *ps = psum + e * maxn;
+#pragma omp critical(uc_psum)
+            for (int64_t t = 0; t < nt; t++) {
+                ps[t] += s[t];
+            }
+        }
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_argmax(struct uc_backend *be, int32_t *out, const void *x, int64_t n_tok,
+                            int64_t n)
+{
+    const float *xf = x;
+    for (int64_t t = 0; t < n_tok; t++) {
+        int64_t best = 0;
+        for (int64_t j = 1; j < n; j++) {
+            if (xf[t * n + j] > xf[t * n + best]) {
+                best = j;
+            }
+        }
+        out[t] = (int32_t)best;
+    }
+    return UC_OK;
+}
+
+static void cpu_destroy(struct uc_backend *be)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    if (c) {
+        uc_free(c->rope_cos);
+        uc_free(c->rope_sin);
+        uc_free(c->scores);
+        uc_free(c);
+    }
+    uc_free(be);
+}
+
+static void cpu_weight_free(struct uc_backend *be, void *w) { uc_free(w); }
+
+static const struct uc_backend_ops cpu_ops = {
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_memcpy,
+    .download = cpu_memcpy,
+    .copy = cpu_memcpy,
+    .download_f32 = cpu_download_f32,
+    .upload_f32 = cpu_upload_f32,
+    .sync = cpu_sync,
+    .act_size = cpu_act_size,
+    .weight_create = cpu_weight_create,
+    .weight_free = cpu_weight_free,
+    .rope_init = cpu_rope_init,
+    .embed = cpu_embed,
+    .rmsnorm = cpu_rmsnorm,
+    .matmul = cpu_matmul,
+    .add_bias = cpu_add_bias,
+    .add = cpu_add,
+    .rope = cpu_rope,
+    .swiglu = cpu_swiglu,
+    .copy_rows = cpu_copy_rows,
+    .gather_rows = cpu_gather_rows,
+    .attn_prefill = cpu_attn_prefill,
+    .window_probs = cpu_window_probs,
+    .attn_colsum = cpu_attn_colsum,
+    .qcov = cpu_qcov,
+    .kv_pool_create = cpu_kv_pool_create,
+    .kv_pool_destroy = cpu_kv_pool_destroy,
+    .kv_scatter = cpu_kv_scatter,
+    .attn_decode = cpu_attn_decode,
+    .kv_move = cpu_kv_move,
+    .argmax = cpu_argmax,
+    .destroy = cpu_destroy,
+};
+
+uc_status uc_backend_cpu_create(struct uc_backend **out, const struct uc_backend_params *p)
+{
+    *out = NULL;
+    struct uc_backend *be = uc_calloc(1, sizeof *be);
+    struct cpu_ctx *c = uc_calloc(1, sizeof *c);
+    if (!be || !c) {
+        uc_free(be);
+        uc_free(c);
+        return UC_ERRF(UC_ERR_NOMEM, "cpu backend");
+    }
+    /* Ranks on one host share its cores: give each rank its share, for OpenMP and OpenBLAS
+     * alike, or oversubscribed ranks spin against each other. */
+    int threads = p ? p->n_threads : 0;
+    if (threads <= 0) {
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        const char *ls = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+        long local = ls ? atol(ls) : 1;
+        threads = (int)(cores / (local > 0 ? local : 1));
+        threads = threads > 0 ? threads : 1;
+    }
+    omp_set_num_threads(threads);
+    openblas_set_num_threads(threads);
+    be->ops = &cpu_ops;
+    be->ctx = c;
+    be->kind = UC_BACKEND_CPU;
+    be->name = "cpu";
+    snprintf(be->device_name, sizeof be->device_name, "cpu (%d threads, OpenBLAS)",
+             omp_get_max_threads());
+    *out = be;
+    return UC_OK;
+}
+
+struct uc_backend_params uc_backend_default_params(void)
+{
+    struct uc_backend_params p = {.kind = UC_BACKEND_CPU, .device_index = -1};
+    return p;
+}
+
+uc_status uc_backend_create(struct uc_backend **out, const struct uc_backend_params *p)
+{
+    if (p->kind == UC_BACKEND_CUDA) {
+        return uc_backend_cuda_create(out, p);
+    }
+    return uc_backend_cpu_create(out, p);
+}
+
+void uc_backend_destroy(struct uc_backend *be)
+{
+    if (be) {
+        be->ops->destroy(be);
+    }
+}
+
+bool uc_backend_parse(const char *name, enum uc_backend_kind *out)
+{
+    if (strcmp(name, "cpu") == 0) {
+        *out = UC_BACKEND_CPU;
+    } else if (strcmp(name, "cuda") == 0) {
+        *out = UC_BACKEND_CUDA;
+    } else {
+        return false;
+    }
+    return true;
+}
+
+const char *uc_backend_kind_name(enum uc_backend_kind k)
+{
+    return k == UC_BACKEND_CUDA ? "cuda" : "cpu";
+}

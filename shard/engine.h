@@ -1,0 +1,199 @@
+/* The engine: the model, its backend, the paged KV cache and the live sequences of one rank,
+ * driven in lockstep. Rank 0 builds each step (which sequences start, prefill, decode, end) and
+ * calls uc_engine_step, which broadcasts the step descriptor over the MPI control plane and then
+ * runs it; every other rank runs uc_engine_serve, which receives and runs the same steps. All
+ * ranks therefore hold the same sequences, plans and kept-token sets.
+ *
+ * Prefill is layer-major: a sequence's whole prompt goes through layer l before layer l+1, in
+ * slices of at most `prefill_chunk` rows, so that the compression of layer l (entropy, head
+ * budgets, kept tokens) and the stage boundaries of uncomp-stage see the whole prompt, and a
+ * long prompt still yields to other sequences between slices. */
+#ifndef UC_SHARD_ENGINE_H
+#define UC_SHARD_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "base/status.h"
+#include "comm.h"
+#include "compress/policy.h"
+#include "compress/profile.h"
+#include "model_config.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct uc_engine;
+
+struct uc_engine_params {
+    const char *model_dir;
+    struct uc_backend_params backend;
+    int64_t kv_memory_bytes; /* pool size per rank (K and V); 0 = default */
+    int64_t kv_blocks;       /* if > 0, overrides kv_memory_bytes */
+    int64_t block_tokens;    /* tokens per KV block, default 16 */
+    int64_t prefill_chunk;   /* rows per prefill slice and workspace rows, default 512 */
+    int64_t max_batch;       /* most sequences decoded in one step, default 64 */
+    int64_t max_ctx;         /* 0 = the model's max_position_embeddings */
+    const char *profile_path; /* NULL = MODEL_DIR/uncomp_profile.json */
+};
+
+struct uc_engine_params uc_engine_default_params(void);
+
+/* Collective: every rank calls it with the same params. Loads the model slice, agrees on the
+ * config and model hash with the other ranks (refusing to run if they differ), allocates the KV
+ * pool and loads the calibration profile if there is one. */
+uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params *p,
+                           struct uc_comm *comm);
+void uc_engine_destroy(struct uc_engine *e);
+
+const struct uc_model_config *uc_engine_config(const struct uc_engine *e);
+struct uc_backend *uc_engine_backend(struct uc_engine *e);
+struct uc_comm *uc_engine_comm(struct uc_engine *e);
+int64_t uc_engine_max_ctx(const struct uc_engine *e);
+size_t uc_engine_weight_bytes(const struct uc_engine *e);
+uint64_t uc_engine_model_hash(const struct uc_engine *e);
+/* KV pool on this rank. */
+int64_t uc_engine_kv_blocks_total(const struct uc_engine *e);
+int64_t uc_engine_kv_blocks_used(const struct uc_engine *e);
+int64_t uc_engine_kv_block_tokens(const struct uc_engine *e);
+size_t uc_engine_kv_bytes_per_token(const struct uc_engine *e); /* one token, one KV head, K+V */
+/* The active profile, or NULL when none is loaded. */
+const struct uc_profile *uc_engine_profile(const struct uc_engine *e);
+const char *uc_engine_profile_path(const struct uc_engine *e);
+
+/* ---- steps ---------------------------------------------------------------------------- */
+
+enum uc_seq_flags {
+    UC_SEQ_ALL_LOGITS = 1 << 0,   /* keep logits of every prompt position */
+    UC_SEQ_RECORD_KEPT = 1 << 1,  /* keep the kept original positions per (layer, KV head) */
+    UC_SEQ_SPECTRA = 1 << 2,      /* keep query and hidden-state spectra per layer */
+    UC_SEQ_CALIBRATE = 1 << 3,    /* add this prompt's entropies to the calibration sums */
+};
+
+struct uc_step_new {
+    int64_t seq_id;
+    int32_t flags;
+    int32_t max_new_tokens; /* for KV reservation */
+    struct uc_compress_params cp;
+    int64_t n_prompt;
+    const int32_t *prompt; /* borrowed for the call */
+};
+
+struct uc_step_prefill {
+    int64_t seq_id;
+    int64_t budget_rows; /* row-layers this step may process (0 = the whole remaining prefill) */
+};
+
+struct uc_step_decode {
+    int64_t seq_id;
+    int32_t token; /* the token at the sequence's next position */
+};
+
+enum uc_step_op {
+    UC_STEP_RUN = 1,
+    UC_STEP_HEARTBEAT = 2,
+    UC_STEP_SHUTDOWN = 3,
+    UC_STEP_PROFILE_RESET = 4,  /* start a calibration: zero the sums */
+    UC_STEP_PROFILE_FINISH = 5, /* average the sums into the active profile and save it */
+};
+
+struct uc_step {
+    enum uc_step_op op;
+    int32_t n_new, n_free, n_prefill, n_decode;
+    const struct uc_step_new *news;
+    const int64_t *frees;
+    const struct uc_step_prefill *prefills;
+    const struct uc_step_decode *decodes;
+    /* PROFILE_FINISH: head groups, stage eps and source text name */
+    int32_t profile_groups;
+    double profile_eps;
+    char profile_source[256];
+};
+
+/* Rank 0: broadcasts the step to every rank and runs it. A bad request in the step (an unknown
+ * sequence, a prompt longer than the context) fails the step on every rank with the same
+ * status before any work is done; a failure during the work ends the job. */
+uc_status uc_engine_step(struct uc_engine *e, const struct uc_step *step);
+/* Ranks > 0: receive and run steps until SHUTDOWN. Returns UC_OK on a clean shutdown. */
+uc_status uc_engine_serve(struct uc_engine *e);
+/* Rank 0: tells the other ranks it is alive (call when idle, well within the comm timeout). */
+uc_status uc_engine_heartbeat(struct uc_engine *e);
+/* Rank 0: ends uc_engine_serve on every rank. */
+uc_status uc_engine_shutdown(struct uc_engine *e);
+
+/* Checks a new sequence against the engine before it goes into a step: context length, token
+ * ids, parameters. Writes a message naming the field. */
+uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_new *n, char *msg,
+                              size_t msg_size);
+/* KV blocks this rank must keep free for the sequence at most (its post-compression footprint
+ * plus max_new_tokens of decode). */
+int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_step_new *n);
+
+/* ---- sequence state (valid between steps) ----------------------------------------------- */
+
+enum uc_seq_phase {
+    UC_SEQ_UNKNOWN = 0,
+    UC_SEQ_PREFILLING = 1,
+    UC_SEQ_DECODING = 2, /* prefill done; logits of the last position are ready */
+};
+
+enum uc_seq_phase uc_engine_seq_phase(const struct uc_engine *e, int64_t seq_id);
+/* Logits of the sequence's last step: (n_rows, V) host floats, engine-owned, valid until the
+ * next step. n_rows is 1 except after a prefill with UC_SEQ_ALL_LOGITS. */
+const float *uc_engine_seq_logits(const struct uc_engine *e, int64_t seq_id, int64_t *n_rows);
+/* Tokens in context (prompt plus decoded). */
+int64_t uc_engine_seq_len(const struct uc_engine *e, int64_t seq_id);
+
+/* What compression did to one sequence (API.md CompressionReport). */
+struct uc_compress_report {
+    enum uc_policy policy;
+    int32_t kv_budget;
+    int64_t kv_tokens_full;  /* prompt tokens x layers x KV heads (whole model) */
+    int64_t kv_tokens_kept;  /* after prefill compression (whole model) */
+    int64_t kv_bytes_full;
+    int64_t kv_bytes_kept;
+    double ratio;
+    int32_t n_stages;
+    int64_t stage_rows[UC_MAX_STAGES + 1];
+    int32_t stage_starts[UC_MAX_STAGES];
+    int32_t n_groups;
+    int32_t group_budget[UC_MAX_HEAD_GROUPS];
+    double group_mean_kept[UC_MAX_HEAD_GROUPS];
+    int64_t n_layers;
+    double *entropy_min;  /* (L), NaN where not computed; engine-owned */
+    double *entropy_mean;
+    double *entropy_max;
+    double compress_ms;   /* time in selection, entropy and gathers */
+    double prefill_ms;
+    uint64_t plan_checksum;
+    int64_t kv_tokens_held_local; /* tokens actually in this rank's cache now */
+    int64_t kv_blocks_held_local;
+};
+/* The report of a sequence (pointers valid until the sequence ends). */
+uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
+                               struct uc_compress_report *out);
+/* The plan of a sequence (valid until it ends). */
+const struct uc_plan *uc_engine_seq_plan(const struct uc_engine *e, int64_t seq_id);
+/* With UC_SEQ_RECORD_KEPT: the kept original positions of (layer, global KV head), or NULL when
+ * this rank does not hold that head. */
+const int32_t *uc_engine_seq_kept(const struct uc_engine *e, int64_t seq_id, int64_t layer,
+                                  int64_t kv_head, int64_t *n);
+/* With UC_SEQ_RECORD_KEPT and uncomp-stage: original positions of the rows present at a layer. */
+const int32_t *uc_engine_seq_rows(const struct uc_engine *e, int64_t seq_id, int64_t layer,
+                                  int64_t *n);
+/* With UC_SEQ_SPECTRA: eigenvalues (descending) of query head h (global) at a layer (D values)
+ * and of the layer's input hidden states (C values). */
+const double *uc_engine_seq_query_spectrum(const struct uc_engine *e, int64_t seq_id,
+                                           int64_t layer, int64_t head);
+const double *uc_engine_seq_hidden_spectrum(const struct uc_engine *e, int64_t seq_id,
+                                            int64_t layer);
+/* Number of live sequences. */
+int64_t uc_engine_n_seqs(const struct uc_engine *e);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

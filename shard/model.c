@@ -1,0 +1,549 @@
+/* Weights of one rank and the pieces of the forward pass. Loading validates every tensor of the
+ * checkpoint against the config before converting anything, then converts only this rank's
+ * slices (rows of column-parallel weights, columns of row-parallel ones). */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "base/log.h"
+#include "base/mem.h"
+#include "base/util.h"
+#include "safetensors.h"
+
+struct layer_w {
+    void *attn_norm; /* (1, C) */
+    void *wqkv;      /* (qkv_dim, C) */
+    void *bqkv;      /* (1, qkv_dim) or NULL */
+    void *wo;        /* (C, H_local D) */
+    void *bo;        /* (1, C) or NULL; added on rank 0 only */
+    void *ffn_norm;  /* (1, C) */
+    void *wgu;       /* (2 F_local, C): gate rows then up rows */
+    void *wdown;     /* (C, F_local) */
+};
+
+struct uc_model {
+    struct uc_model_config cfg;
+    struct uc_model_shard sh;
+    struct uc_backend *be;
+    struct uc_comm *comm;
+    struct layer_w *layers;
+    void *embed;      /* (V, C) */
+    void *final_norm; /* (1, C) */
+    void *lm_head;    /* (V_local, C) */
+    size_t weight_bytes;
+    uint64_t hash;
+};
+
+/* ---- sharding -------------------------------------------------------------------------- */
+
+uc_status uc_model_tp_check(const struct uc_model_config *cfg, int n_ranks, char *msg,
+                            size_t msg_size)
+{
+    int64_t r = n_ranks;
+    if (r < 1) {
+        snprintf(msg, msg_size, "tp=%d must be at least 1", n_ranks);
+        return UC_ERR_INVALID_ARG;
+    }
+    if (cfg->n_heads % r != 0) {
+        snprintf(msg, msg_size, "tp=%d does not divide num_attention_heads=%lld", n_ranks,
+                 (long long)cfg->n_heads);
+        return UC_ERR_INVALID_ARG;
+    }
+    if (cfg->n_heads_kv % r != 0 && r % cfg->n_heads_kv != 0) {
+        snprintf(msg, msg_size,
+                 "tp=%d: num_key_value_heads=%lld must be a multiple of tp, or tp a multiple of "
+                 "it (then KV heads are replicated)",
+                 n_ranks, (long long)cfg->n_heads_kv);
+        return UC_ERR_INVALID_ARG;
+    }
+    if (cfg->ffn % r != 0) {
+        snprintf(msg, msg_size, "tp=%d does not divide intermediate_size=%lld", n_ranks,
+                 (long long)cfg->ffn);
+        return UC_ERR_INVALID_ARG;
+    }
+    return UC_OK;
+}
+
+void uc_model_shard_of(struct uc_model_shard *s, const struct uc_model_config *cfg, int rank,
+                       int n_ranks)
+{
+    memset(s, 0, sizeof *s);
+    int64_t r = n_ranks;
+    s->rank = rank;
+    s->n_ranks = n_ranks;
+    s->group = cfg->n_heads / cfg->n_heads_kv;
+    s->n_heads = cfg->n_heads / r;
+    s->h0 = rank * s->n_heads;
+    if (cfg->n_heads_kv >= r) {
+        s->n_heads_kv = cfg->n_heads_kv / r;
+        s->kv0 = rank * s->n_heads_kv;
+    } else {
+        s->n_heads_kv = 1;
+        s->kv0 = s->h0 / s->group;
+        s->kv_replicated = true;
+    }
+    s->n_ffn = cfg->ffn / r;
+    s->f0 = rank * s->n_ffn;
+    s->n_vocab_pad = (cfg->vocab + r - 1) / r;
+    s->v0 = rank * s->n_vocab_pad;
+    int64_t end = s->v0 + s->n_vocab_pad < cfg->vocab ? s->v0 + s->n_vocab_pad : cfg->vocab;
+    s->n_vocab = end > s->v0 ? end - s->v0 : 0;
+    s->qkv_dim = (s->n_heads + 2 * s->n_heads_kv) * cfg->head_dim;
+}
+
+/* ---- loading --------------------------------------------------------------------------- */
+
+static uc_status expect2(const struct uc_st *st, const char *name, int64_t a, int64_t b)
+{
+    int64_t shape[2] = {a, b};
+    return uc_st_expect(st, name, 2, shape);
+}
+
+static uc_status expect1(const struct uc_st *st, const char *name, int64_t a)
+{
+    return uc_st_expect(st, name, 1, &a);
+}
+
+/* Every tensor the config implies must be present with its exact shape. */
+static uc_status validate(const struct uc_model_config *c, const struct uc_st *st)
+{
+    char n[160];
+    uc_status rc;
+    int64_t hd = c->n_heads * c->head_dim, kvd = c->n_heads_kv * c->head_dim;
+    UC_CHECK(expect2(st, "model.embed_tokens.weight", c->vocab, c->hidden), rc, out);
+    UC_CHECK(expect1(st, "model.norm.weight", c->hidden), rc, out);
+    if (!c->tie_embeddings) {
+        UC_CHECK(expect2(st, "lm_head.weight", c->vocab, c->hidden), rc, out);
+    }
+    for (int64_t l = 0; l < c->n_layers; l++) {
+#define LN(suffix) (snprintf(n, sizeof n, "model.layers.%lld.%s", (long long)l, suffix), n)
+        UC_CHECK(expect1(st, LN("input_layernorm.weight"), c->hidden), rc, out);
+        UC_CHECK(expect1(st, LN("post_attention_layernorm.weight"), c->hidden), rc, out);
+        UC_CHECK(expect2(st, LN("self_attn.q_proj.weight"), hd, c->hidden), rc, out);
+        UC_CHECK(expect2(st, LN("self_attn.k_proj.weight"), kvd, c->hidden), rc, out);
+        UC_CHECK(expect2(st, LN("self_attn.v_proj.weight"), kvd, c->hidden), rc, out);
+        UC_CHECK(expect2(st, LN("self_attn.o_proj.weight"), c->hidden, hd), rc, out);
+        UC_CHECK(expect2(st, LN("mlp.gate_proj.weight"), c->ffn, c->hidden), rc, out);
+        UC_CHECK(expect2(st, LN("mlp.up_proj.weight"), c->ffn, c->hidden), rc, out);
+        UC_CHECK(expect2(st, LN("mlp.down_proj.weight"), c->hidden, c->ffn), rc, out);
+        if (c->qkv_bias) {
+            UC_CHECK(expect1(st, LN("self_attn.q_proj.bias"), hd), rc, out);
+            UC_CHECK(expect1(st, LN("self_attn.k_proj.bias"), kvd), rc, out);
+            UC_CHECK(expect1(st, LN("self_attn.v_proj.bias"), kvd), rc, out);
+        }
+        if (c->o_bias) {
+            UC_CHECK(expect1(st, LN("self_attn.o_proj.bias"), c->hidden), rc, out);
+        }
+        if (c->mlp_bias) {
+            rc = UC_ERRF(UC_ERR_UNSUPPORTED, "config field=mlp_bias=true is not supported");
+            goto out;
+        }
+#undef LN
+    }
+out:
+    return rc;
+}
+
+/* A float32 staging buffer reused across tensors. */
+struct stage {
+    float *buf;
+    size_t cap;
+};
+
+static float *stage_get(struct stage *s, int64_t n)
+{
+    if ((size_t)n > s->cap) {
+        float *b = uc_realloc(s->buf, (size_t)n * sizeof(float));
+        if (!b) {
+            return NULL;
+        }
+        s->buf = b;
+        s->cap = (size_t)n;
+    }
+    return s->buf;
+}
+
+/* Part of a weight: `n_rows` rows from `row0` and columns [col0, col0+n_cols) of tensor `name`,
+ * written at row `dst_row0` of the staging buffer (which has n_cols columns). */
+static uc_status read_part(const struct uc_st *st, const char *name, int64_t row0, int64_t n_rows,
+                           int64_t col0, int64_t n_cols, float *dst)
+{
+    const struct uc_st_tensor *t = uc_st_find(st, name);
+    if (!t) {
+        return UC_ERRF(UC_ERR_FORMAT, "tensor=%s is missing", name);
+    }
+    return uc_st_read_f32(t, row0, n_rows, col0, n_cols, dst);
+}
+
+static uc_status upload(struct uc_model *m, void **out, const float *host, int64_t rows,
+                        int64_t cols)
+{
+    uc_status rc = m->be->ops->weight_create(m->be, out, host, rows, cols);
+    if (rc == UC_OK) {
+        m->weight_bytes += (size_t)(rows * cols) * m->be->ops->act_size(m->be);
+    }
+    return rc;
+}
+
+static uc_status load_vector(struct uc_model *m, const struct uc_st *st, struct stage *sg,
+                             const char *name, int64_t n, void **out)
+{
+    float *b = stage_get(sg, n);
+    if (!b) {
+        return UC_ERRF(UC_ERR_NOMEM, "tensor=%s", name);
+    }
+    uc_status rc = read_part(st, name, 0, 1, 0, n, b);
+    return rc == UC_OK ? upload(m, out, b, 1, n) : rc;
+}
+
+static uc_status load_layer(struct uc_model *m, const struct uc_st *st, struct stage *sg,
+                            int64_t l)
+{
+    const struct uc_model_config *c = &m->cfg;
+    const struct uc_model_shard *s = &m->sh;
+    struct layer_w *w = &m->layers[l];
+    int64_t d = c->head_dim, cdim = c->hidden;
+    char n[160];
+    uc_status rc;
+#define LN(suffix) (snprintf(n, sizeof n, "model.layers.%lld.%s", (long long)l, suffix), n)
+    UC_CHECK(load_vector(m, st, sg, LN("input_layernorm.weight"), cdim, &w->attn_norm), rc, out);
+    UC_CHECK(load_vector(m, st, sg, LN("post_attention_layernorm.weight"), cdim, &w->ffn_norm), rc,
+             out);
+    /* fused QKV: this rank's query heads, then its KV heads' K rows, then V rows */
+    float *b = stage_get(sg, s->qkv_dim * cdim);
+    if (!b) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "layer=%lld qkv", (long long)l);
+        goto out;
+    }
+    int64_t qrows = s->n_heads * d, kvrows = s->n_heads_kv * d;
+    UC_CHECK(read_part(st, LN("self_attn.q_proj.weight"), s->h0 * d, qrows, 0, cdim, b), rc, out);
+    UC_CHECK(read_part(st, LN("self_attn.k_proj.weight"), s->kv0 * d, kvrows, 0, cdim,
+                       b + qrows * cdim),
+             rc, out);
+    UC_CHECK(read_part(st, LN("self_attn.v_proj.weight"), s->kv0 * d, kvrows, 0, cdim,
+                       b + (qrows + kvrows) * cdim),
+             rc, out);
+    UC_CHECK(upload(m, &w->wqkv, b, s->qkv_dim, cdim), rc, out);
+    if (c->qkv_bias) {
+        UC_CHECK(read_part(st, LN("self_attn.q_proj.bias"), 0, 1, s->h0 * d, qrows, b), rc, out);
+        UC_CHECK(read_part(st, LN("self_attn.k_proj.bias"), 0, 1, s->kv0 * d, kvrows, b + qrows),
+                 rc, out);
+        UC_CHECK(read_part(st, LN("self_attn.v_proj.bias"), 0, 1, s->kv0 * d, kvrows,
+                           b + qrows + kvrows),
+                 rc, out);
+        UC_CHECK(upload(m, &w->bqkv, b, 1, s->qkv_dim), rc, out);
+    }
+    UC_CHECK(read_part(st, LN("self_attn.o_proj.weight"), 0, cdim, s->h0 * d, qrows, b), rc, out);
+    UC_CHECK(upload(m, &w->wo, b, cdim, qrows), rc, out);
+    if (c->o_bias && s->rank == 0) {
+        UC_CHECK(load_vector(m, st, sg, LN("self_attn.o_proj.bias"), cdim, &w->bo), rc, out);
+    }
+    b = stage_get(sg, 2 * s->n_ffn * cdim);
+    if (!b) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "layer=%lld mlp", (long long)l);
+        goto out;
+    }
+    UC_CHECK(read_part(st, LN("mlp.gate_proj.weight"), s->f0, s->n_ffn, 0, cdim, b), rc, out);
+    UC_CHECK(read_part(st, LN("mlp.up_proj.weight"), s->f0, s->n_ffn, 0, cdim, b + s->n_ffn * cdim),
+             rc, out);
+    UC_CHECK(upload(m, &w->wgu, b, 2 * s->n_ffn, cdim), rc, out);
+    UC_CHECK(read_part(st, LN("mlp.down_proj.weight"), 0, cdim, s->f0, s->n_ffn, b), rc, out);
+    UC_CHECK(upload(m, &w->wdown, b, cdim, s->n_ffn), rc, out);
+#undef LN
+out:
+    return rc;
+}
+
+static uint64_t checkpoint_hash(const struct uc_model_config *c, const struct uc_st *st)
+{
+    uint64_t h = uc_model_config_hash(c);
+    for (int64_t i = 0; i < uc_st_count(st); i++) {
+        const struct uc_st_tensor *t = uc_st_at(st, i);
+        h = uc_fnv1a(h, t->name, strlen(t->name));
+        h = uc_fnv1a(h, &t->dtype, sizeof t->dtype);
+        h = uc_fnv1a(h, t->shape, sizeof t->shape[0] * (size_t)t->n_dims);
+        h = uc_fnv1a(h, t->data, t->size_bytes < 64 ? t->size_bytes : 64);
+    }
+    return h;
+}
+
+/* RoPE inverse frequencies in float32 as transformers computes them, with llama3 or linear
+ * scaling applied. */
+static void rope_inv_freq(const struct uc_model_config *c, float *inv)
+{
+    int64_t d = c->head_dim;
+    for (int64_t i = 0; i < d / 2; i++) {
+        float e = (float)(2 * i) / (float)d;
+        float f = 1.0f / powf((float)c->rope_theta, e);
+        if (c->rope_kind == UC_ROPE_LINEAR) {
+            f = (float)(f / c->rope_factor);
+        } else if (c->rope_kind == UC_ROPE_LLAMA3) {
+            double lo_wl = c->rope_orig_max_ctx / c->rope_low_freq_factor;
+            double hi_wl = c->rope_orig_max_ctx / c->rope_high_freq_factor;
+            double wl = 2.0 * M_PI / f;
+            double g = f;
+            if (wl > lo_wl) {
+                g = f / c->rope_factor;
+            } else if (wl >= hi_wl) {
+                double smooth = (c->rope_orig_max_ctx / wl - c->rope_low_freq_factor) /
+                                (c->rope_high_freq_factor - c->rope_low_freq_factor);
+                g = (1.0 - smooth) * f / c->rope_factor + smooth * f;
+            }
+            f = (float)g;
+        }
+        inv[i] = f;
+    }
+}
+
+uc_status uc_model_create(struct uc_model **out, const struct uc_model_params *p)
+{
+    *out = NULL;
+    uc_status rc;
+    struct uc_st *st = NULL;
+    struct stage sg = {0};
+    float *inv = NULL;
+    struct uc_model *m = uc_calloc(1, sizeof *m);
+    if (!m) {
+        return UC_ERRF(UC_ERR_NOMEM, "model");
+    }
+    m->be = p->be;
+    m->comm = p->comm;
+    UC_CHECK(uc_model_config_load(&m->cfg, p->model_dir), rc, out_destroy);
+    int rank = uc_comm_rank(p->comm), n_ranks = uc_comm_size(p->comm);
+    char msg[256];
+    if (uc_model_tp_check(&m->cfg, n_ranks, msg, sizeof msg) != UC_OK) {
+        rc = UC_ERRF(UC_ERR_INVALID_ARG, "model=%s: %s", p->model_dir, msg);
+        goto out_destroy;
+    }
+    uc_model_shard_of(&m->sh, &m->cfg, rank, n_ranks);
+    UC_CHECK(uc_st_open(&st, p->model_dir), rc, out_destroy);
+    UC_CHECK(validate(&m->cfg, st), rc, out_destroy);
+    m->hash = checkpoint_hash(&m->cfg, st);
+    m->layers = uc_calloc((size_t)m->cfg.n_layers, sizeof *m->layers);
+    if (!m->layers) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "layers=%lld", (long long)m->cfg.n_layers);
+        goto out_destroy;
+    }
+    const struct uc_model_config *c = &m->cfg;
+    float *b = stage_get(&sg, c->vocab * c->hidden);
+    if (!b) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "embedding V=%lld", (long long)c->vocab);
+        goto out_destroy;
+    }
+    UC_CHECK(read_part(st, "model.embed_tokens.weight", 0, c->vocab, 0, c->hidden, b), rc,
+             out_destroy);
+    UC_CHECK(upload(m, &m->embed, b, c->vocab, c->hidden), rc, out_destroy);
+    const char *head = c->tie_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+    if (m->sh.n_vocab > 0) {
+        UC_CHECK(read_part(st, head, m->sh.v0, m->sh.n_vocab, 0, c->hidden, b), rc, out_destroy);
+        UC_CHECK(upload(m, &m->lm_head, b, m->sh.n_vocab, c->hidden), rc, out_destroy);
+    }
+    UC_CHECK(load_vector(m, st, &sg, "model.norm.weight", c->hidden, &m->final_norm), rc,
+             out_destroy);
+    for (int64_t l = 0; l < c->n_layers; l++) {
+        UC_CHECK(load_layer(m, st, &sg, l), rc, out_destroy);
+    }
+    inv = uc_malloc((size_t)(c->head_dim / 2) * sizeof *inv);
+    if (!inv) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "rope");
+        goto out_destroy;
+    }
+    rope_inv_freq(c, inv);
+    UC_CHECK(m->be->ops->rope_init(m->be, inv, c->head_dim / 2, c->max_ctx), rc, out_destroy);
+    *out = m;
+    m = NULL;
+out_destroy:
+    uc_model_destroy(m);
+    uc_free(inv);
+    uc_free(sg.buf);
+    uc_st_destroy(st);
+    return rc;
+}
+
+void uc_model_destroy(struct uc_model *m)
+{
+    if (!m) {
+        return;
+    }
+    struct uc_backend *be = m->be;
+    if (m->layers) {
+        for (int64_t l = 0; l < m->cfg.n_layers; l++) {
+            struct layer_w *w = &m->layers[l];
+            void *ws[] = {w->attn_norm, w->wqkv, w->bqkv, w->wo, w->bo, w->ffn_norm, w->wgu,
+                          w->wdown};
+            for (size_t i = 0; i < sizeof ws / sizeof ws[0]; i++) {
+                if (ws[i]) {
+                    be->ops->weight_free(be, ws[i]);
+                }
+            }
+        }
+    }
+    void *g[] = {m->embed, m->final_norm, m->lm_head};
+    for (size_t i = 0; i < 3; i++) {
+        if (g[i]) {
+            be->ops->weight_free(be, g[i]);
+        }
+    }
+    uc_free(m->layers);
+    uc_free(m);
+}
+
+const struct uc_model_config *uc_model_cfg(const struct uc_model *m) { return &m->cfg; }
+const struct uc_model_shard *uc_model_shard(const struct uc_model *m) { return &m->sh; }
+size_t uc_model_weight_bytes(const struct uc_model *m) { return m->weight_bytes; }
+uint64_t uc_model_hash(const struct uc_model *m) { return m->hash; }
+
+/* ---- workspace ------------------------------------------------------------------------- */
+
+uc_status uc_model_ws_init(struct uc_model *m, struct uc_model_ws *ws, int64_t max_tok)
+{
+    memset(ws, 0, sizeof *ws);
+    struct uc_backend *be = m->be;
+    size_t a = be->ops->act_size(be);
+    const struct uc_model_shard *s = &m->sh;
+    int64_t cdim = m->cfg.hidden;
+    uc_status rc;
+    ws->max_tok = max_tok;
+    UC_CHECK(be->ops->alloc(be, &ws->xn, (size_t)(max_tok * cdim) * a), rc, out);
+    UC_CHECK(be->ops->alloc(be, &ws->tmp, (size_t)(max_tok * cdim) * a), rc, out);
+    UC_CHECK(be->ops->alloc(be, &ws->att, (size_t)(max_tok * s->n_heads * m->cfg.head_dim) * a), rc,
+             out);
+    UC_CHECK(be->ops->alloc(be, &ws->gu, (size_t)(max_tok * 2 * s->n_ffn) * a), rc, out);
+    UC_CHECK(be->ops->alloc(be, &ws->act, (size_t)(max_tok * s->n_ffn) * a), rc, out);
+    UC_CHECK(be->ops->alloc(be, &ws->logits, (size_t)(max_tok * s->n_vocab_pad) * a), rc, out);
+    ws->logits_host = uc_calloc((size_t)(max_tok * s->n_vocab_pad), sizeof(float));
+    ws->gather_host = uc_malloc((size_t)(max_tok * s->n_vocab_pad * s->n_ranks) * sizeof(float));
+    if (!ws->logits_host || !ws->gather_host) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "logits rows=%lld", (long long)max_tok);
+        goto out;
+    }
+    return UC_OK;
+out:
+    uc_model_ws_fini(m, ws);
+    return rc;
+}
+
+void uc_model_ws_fini(struct uc_model *m, struct uc_model_ws *ws)
+{
+    struct uc_backend *be = m->be;
+    void *d[] = {ws->xn, ws->tmp, ws->att, ws->gu, ws->act, ws->logits};
+    for (size_t i = 0; i < sizeof d / sizeof d[0]; i++) {
+        if (d[i]) {
+            be->ops->free(be, d[i]);
+        }
+    }
+    uc_free(ws->logits_host);
+    uc_free(ws->gather_host);
+    memset(ws, 0, sizeof *ws);
+}
+
+/* ---- forward pieces -------------------------------------------------------------------- */
+
+uc_status uc_model_embed(struct uc_model *m, void *x, const int32_t *ids, int64_t n_tok)
+{
+    for (int64_t i = 0; i < n_tok; i++) {
+        if (ids[i] < 0 || ids[i] >= m->cfg.vocab) {
+            return UC_ERRF(UC_ERR_INVALID_ARG, "token id %d outside vocab %lld", ids[i],
+                           (long long)m->cfg.vocab);
+        }
+    }
+    return m->be->ops->embed(m->be, x, m->embed, ids, n_tok, m->cfg.hidden);
+}
+
+uc_status uc_model_qkv(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *qkv,
+                       int64_t ld, const void *x, const int32_t *pos, int64_t n_tok)
+{
+    struct uc_backend *be = m->be;
+    const struct layer_w *w = &m->layers[layer];
+    const struct uc_model_shard *s = &m->sh;
+    int64_t cdim = m->cfg.hidden;
+    uc_status rc;
+    UC_CHECK(be->ops->rmsnorm(be, ws->xn, x, w->attn_norm, n_tok, cdim, (float)m->cfg.norm_eps),
+             rc, out);
+    if (ld == s->qkv_dim) {
+        UC_CHECK(be->ops->matmul(be, qkv, ws->xn, w->wqkv, n_tok, s->qkv_dim, cdim), rc, out);
+    } else {
+        return UC_ERRF(UC_ERR_INTERNAL, "qkv stride %lld != %lld", (long long)ld,
+                       (long long)s->qkv_dim);
+    }
+    if (w->bqkv) {
+        UC_CHECK(be->ops->add_bias(be, qkv, w->bqkv, n_tok, s->qkv_dim), rc, out);
+    }
+    /* q and k heads are adjacent in the fused row: rotate them in one pass */
+    UC_CHECK(be->ops->rope(be, qkv, ld, s->n_heads + s->n_heads_kv, m->cfg.head_dim, pos, n_tok),
+             rc, out);
+out:
+    return rc;
+}
+
+uc_status uc_model_finish_layer(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *x,
+                                int64_t n_tok)
+{
+    struct uc_backend *be = m->be;
+    const struct layer_w *w = &m->layers[layer];
+    const struct uc_model_shard *s = &m->sh;
+    int64_t cdim = m->cfg.hidden, n = n_tok * cdim;
+    enum uc_comm_dtype dt = be->ops->act_size(be) == 4 ? UC_COMM_F32 : UC_COMM_BF16;
+    uc_status rc;
+    UC_CHECK(be->ops->matmul(be, ws->tmp, ws->att, w->wo, n_tok, cdim, s->n_heads * m->cfg.head_dim),
+             rc, out);
+    if (w->bo) {
+        UC_CHECK(be->ops->add_bias(be, ws->tmp, w->bo, n_tok, cdim), rc, out);
+    }
+    UC_CHECK(uc_comm_dp_allreduce_sum(m->comm, ws->tmp, n, dt, be->stream), rc, out);
+    UC_CHECK(be->ops->add(be, x, ws->tmp, n), rc, out);
+    UC_CHECK(be->ops->rmsnorm(be, ws->xn, x, w->ffn_norm, n_tok, cdim, (float)m->cfg.norm_eps), rc,
+             out);
+    UC_CHECK(be->ops->matmul(be, ws->gu, ws->xn, w->wgu, n_tok, 2 * s->n_ffn, cdim), rc, out);
+    UC_CHECK(be->ops->swiglu(be, ws->act, ws->gu, n_tok, s->n_ffn), rc, out);
+    UC_CHECK(be->ops->matmul(be, ws->tmp, ws->act, w->wdown, n_tok, cdim, s->n_ffn), rc, out);
+    UC_CHECK(uc_comm_dp_allreduce_sum(m->comm, ws->tmp, n, dt, be->stream), rc, out);
+    UC_CHECK(be->ops->add(be, x, ws->tmp, n), rc, out);
+out:
+    return rc;
+}
+
+uc_status uc_model_logits(struct uc_model *m, struct uc_model_ws *ws, float *out, const void *x,
+                          int64_t n_tok)
+{
+    struct uc_backend *be = m->be;
+    const struct uc_model_shard *s = &m->sh;
+    int64_t cdim = m->cfg.hidden, vp = s->n_vocab_pad, v = m->cfg.vocab;
+    uc_status rc;
+    UC_CHECK(be->ops->rmsnorm(be, ws->xn, x, m->final_norm, n_tok, cdim, (float)m->cfg.norm_eps),
+             rc, out);
+    if (s->n_vocab > 0) {
+        UC_CHECK(be->ops->matmul(be, ws->logits, ws->xn, m->lm_head, n_tok, s->n_vocab, cdim), rc,
+                 out);
+        /* (T, n_vocab) -> (T, vp) padded rows on the host */
+        float *lh = ws->logits_host;
+        UC_CHECK(be->ops->download_f32(be, lh, ws->logits, n_tok * s->n_vocab), rc, out);
+        if (s->n_vocab != vp) {
+            for (int64_t t = n_tok - 1; t >= 0; t--) {
+                memmove(lh + t * vp, lh + t * s->n_vocab, (size_t)s->n_vocab * sizeof(float));
+                for (int64_t j = s->n_vocab; j < vp; j++) {
+                    lh[t * vp + j] = 0.0f;
+                }
+            }
+        }
+    }
+    if (s->n_ranks == 1) {
+        memcpy(out, ws->logits_host, (size_t)(n_tok * v) * sizeof(float));
+        return UC_OK;
+    }
+    UC_CHECK(uc_comm_allgather(m->comm, ws->logits_host, ws->gather_host,
+                               (size_t)(n_tok * vp) * sizeof(float)),
+             rc, out);
+    for (int r = 0; r < s->n_ranks; r++) {
+        int64_t v0 = r * vp;
+        int64_t nv = v0 + vp <= v ? vp : (v > v0 ? v - v0 : 0);
+        for (int64_t t = 0; t < n_tok; t++) {
+            memcpy(out + t * v + v0, ws->gather_host + ((int64_t)r * n_tok + t) * vp,
+                   (size_t)nv * sizeof(float));
+        }
+    }
+out:
+    return rc;
+}

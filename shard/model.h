@@ -1,0 +1,94 @@
+/* The model on one rank: its slice of the weights (column-parallel Q/K/V and gate/up,
+ * row-parallel O and down, a vocabulary slice of the LM head; norms and the embedding
+ * replicated) and the pieces of the forward pass that engine.c strings together. Rank r owns
+ * query heads [r H/R, (r+1) H/R) and the KV heads they read. */
+#ifndef UC_SHARD_MODEL_H
+#define UC_SHARD_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "base/status.h"
+#include "comm.h"
+#include "model_config.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* This rank's share of the model. */
+struct uc_model_shard {
+    int rank;
+    int n_ranks;     /* R */
+    int64_t h0;      /* first query head */
+    int64_t n_heads; /* H_local */
+    int64_t kv0;     /* first KV head */
+    int64_t n_heads_kv; /* Hkv_local */
+    int64_t group;   /* query heads per KV head (H / Hkv) */
+    int64_t f0, n_ffn; /* MLP intermediate slice */
+    int64_t v0, n_vocab; /* LM-head vocabulary slice; n_vocab_pad = ceil(V / R) */
+    int64_t n_vocab_pad;
+    int64_t qkv_dim; /* (H_local + 2 Hkv_local) D: the fused QKV row */
+    bool kv_replicated; /* R > Hkv: several ranks hold the same KV head */
+};
+
+struct uc_model_params {
+    const char *model_dir;
+    struct uc_backend *be;
+    struct uc_comm *comm; /* NULL: one rank */
+};
+
+struct uc_model;
+
+/* Checks that R ranks can split this model (R divides H and the MLP size, and R divides Hkv or
+ * Hkv divides R). Writes a message naming the numbers on failure. */
+uc_status uc_model_tp_check(const struct uc_model_config *cfg, int n_ranks, char *msg,
+                            size_t msg_size);
+/* Fills the shard description of rank r of R. */
+void uc_model_shard_of(struct uc_model_shard *s, const struct uc_model_config *cfg, int rank,
+                       int n_ranks);
+
+/* Loads config, validates every tensor's name, dtype and shape, and converts this rank's slices
+ * into the backend's weight format. */
+uc_status uc_model_create(struct uc_model **out, const struct uc_model_params *p);
+void uc_model_destroy(struct uc_model *m);
+const struct uc_model_config *uc_model_cfg(const struct uc_model *m);
+const struct uc_model_shard *uc_model_shard(const struct uc_model *m);
+/* Bytes of weights this rank holds (its slices plus the replicated tensors). */
+size_t uc_model_weight_bytes(const struct uc_model *m);
+/* Hash of config plus every tensor's name, dtype, shape and first bytes: equal on every rank
+ * that loaded the same checkpoint. */
+uint64_t uc_model_hash(const struct uc_model *m);
+
+/* Scratch for up to max_tok rows. */
+struct uc_model_ws {
+    int64_t max_tok;
+    void *xn;   /* (T, C) */
+    void *tmp;  /* (T, C) */
+    void *att;  /* (T, H_local D) */
+    void *gu;   /* (T, 2 F_local) */
+    void *act;  /* (T, F_local) */
+    void *logits; /* (T, V_local) */
+    float *logits_host;  /* (T, V_pad) */
+    float *gather_host;  /* (R, T, V_pad) */
+};
+uc_status uc_model_ws_init(struct uc_model *m, struct uc_model_ws *ws, int64_t max_tok);
+void uc_model_ws_fini(struct uc_model *m, struct uc_model_ws *ws);
+
+/* x (T, C) = embedding of ids. */
+uc_status uc_model_embed(struct uc_model *m, void *x, const int32_t *ids, int64_t n_tok);
+/* qkv (T, qkv_dim, row stride ld) = RoPE(norm(x) Wqkv^T + b) for the rows' positions. */
+uc_status uc_model_qkv(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *qkv,
+                       int64_t ld, const void *x, const int32_t *pos, int64_t n_tok);
+/* x += AllReduce(att Wo^T); x += AllReduce(SwiGLU MLP(norm(x))). att in ws->att. */
+uc_status uc_model_finish_layer(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *x,
+                                int64_t n_tok);
+/* Logits of rows x (T, C): the full vocabulary on every rank, host (T, V). */
+uc_status uc_model_logits(struct uc_model *m, struct uc_model_ws *ws, float *out, const void *x,
+                          int64_t n_tok);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

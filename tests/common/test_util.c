@@ -1,0 +1,122 @@
+/* Test helpers: fixtures, JSON, engine driving. */
+#include "test_util.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "base/mem.h"
+#include "base/util.h"
+
+int tu_failures;
+
+const char *tu_shared_dir(int argc, char **argv)
+{
+    const char *d = argc > 1 ? argv[1] : getenv("UC_SHARED_DIR");
+#ifdef UC_SHARED_DIR_DEFAULT
+    if (!d) {
+        d = UC_SHARED_DIR_DEFAULT;
+    }
+#endif
+    struct stat st;
+    if (!d || stat(d, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "FAIL: shared fixtures folder %s not found (pass it as argv[1] or set "
+                "UC_SHARED_DIR)\n", d ? d : "(unset)");
+        exit(1);
+    }
+    return d;
+}
+
+const char *tu_model_dir(const char *shared, const char *name)
+{
+    static char buf[4096];
+    snprintf(buf, sizeof buf, "%s/models/%s", shared, name);
+    return buf;
+}
+
+cJSON *tu_json_load(const char *path)
+{
+    char *text = NULL;
+    if (uc_file_read_all(&text, NULL, path) != UC_OK) {
+        fprintf(stderr, "FAIL: cannot read %s\n", path);
+        exit(1);
+    }
+    cJSON *j = cJSON_Parse(text);
+    uc_free(text);
+    if (!j) {
+        fprintf(stderr, "FAIL: %s is not valid JSON\n", path);
+        exit(1);
+    }
+    return j;
+}
+
+int32_t *tu_json_ints(const cJSON *arr, int64_t *n)
+{
+    *n = cJSON_GetArraySize(arr);
+    int32_t *v = uc_malloc((size_t)(*n > 0 ? *n : 1) * sizeof(int32_t));
+    int64_t i = 0;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, arr)
+    {
+        v[i++] = (int32_t)it->valuedouble;
+    }
+    return v;
+}
+
+uc_status tu_prefill(struct uc_engine *e, int64_t seq_id, const int32_t *ids, int64_t n,
+                     int32_t flags, const struct uc_compress_params *cp, int32_t max_new)
+{
+    struct uc_step_new nw = {.seq_id = seq_id, .flags = flags, .max_new_tokens = max_new,
+                             .cp = cp ? *cp : uc_compress_default_params(), .n_prompt = n,
+                             .prompt = ids};
+    struct uc_step_prefill pf = {.seq_id = seq_id, .budget_rows = 0};
+    struct uc_step s = {.op = UC_STEP_RUN, .n_new = 1, .news = &nw, .n_prefill = 1,
+                        .prefills = &pf};
+    return uc_engine_step(e, &s);
+}
+
+uc_status tu_decode(struct uc_engine *e, int64_t seq_id, int32_t token)
+{
+    struct uc_step_decode d = {.seq_id = seq_id, .token = token};
+    struct uc_step s = {.op = UC_STEP_RUN, .n_decode = 1, .decodes = &d};
+    return uc_engine_step(e, &s);
+}
+
+uc_status tu_free(struct uc_engine *e, int64_t seq_id)
+{
+    struct uc_step s = {.op = UC_STEP_RUN, .n_free = 1, .frees = &seq_id};
+    return uc_engine_step(e, &s);
+}
+
+int32_t tu_argmax(const float *x, int64_t n)
+{
+    int64_t b = 0;
+    for (int64_t i = 1; i < n; i++) {
+        if (x[i] > x[b]) {
+            b = i;
+        }
+    }
+    return (int32_t)b;
+}
+
+int64_t tu_greedy(struct uc_engine *e, int64_t seq_id, int64_t n, int32_t *out)
+{
+    const struct uc_model_config *cfg = uc_engine_config(e);
+    int64_t rows;
+    for (int64_t i = 0; i < n; i++) {
+        const float *lg = uc_engine_seq_logits(e, seq_id, &rows);
+        if (!lg) {
+            return i;
+        }
+        int32_t t = tu_argmax(lg + (rows - 1) * cfg->vocab, cfg->vocab);
+        out[i] = t;
+        if (uc_model_config_is_eos(cfg, t) || i + 1 == n) {
+            return i + 1;
+        }
+        if (tu_decode(e, seq_id, t) != UC_OK) {
+            return i + 1;
+        }
+    }
+    return n;
+}

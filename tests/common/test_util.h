@@ -1,0 +1,47 @@
+/* Helpers shared by the tests: where the fixtures are, JSON access, and driving the engine from
+ * rank 0 (the other ranks serve). */
+#ifndef UC_TESTS_TEST_UTIL_H
+#define UC_TESTS_TEST_UTIL_H
+
+#include <cjson/cJSON.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "base/status.h"
+#include "compress/policy.h"
+#include "engine.h"
+
+/* The shared fixtures folder: argv[1] if given, else $UC_SHARED_DIR, else the build's default.
+ * Exits 1 with a message when it does not exist (a missing fixture fails, never skips). */
+const char *tu_shared_dir(int argc, char **argv);
+/* "<shared>/models/<name>" (static storage, overwritten by the next call). */
+const char *tu_model_dir(const char *shared, const char *name);
+/* Parses a JSON file; exits 1 with a message if it cannot. */
+cJSON *tu_json_load(const char *path);
+/* Reads an int array field into a uc_malloc'd buffer. */
+int32_t *tu_json_ints(const cJSON *arr, int64_t *n);
+
+/* Rank 0: adds a sequence and prefills it completely. */
+uc_status tu_prefill(struct uc_engine *e, int64_t seq_id, const int32_t *ids, int64_t n,
+                     int32_t flags, const struct uc_compress_params *cp, int32_t max_new);
+/* Rank 0: one decode step of one sequence. */
+uc_status tu_decode(struct uc_engine *e, int64_t seq_id, int32_t token);
+/* Rank 0: ends a sequence. */
+uc_status tu_free(struct uc_engine *e, int64_t seq_id);
+/* Greedy continuation of a prefilled sequence: n tokens (stops after an EOS id, which is
+ * included). Returns how many were written to out. */
+int64_t tu_greedy(struct uc_engine *e, int64_t seq_id, int64_t n, int32_t *out);
+int32_t tu_argmax(const float *x, int64_t n);
+
+#define TU_CHECK(cond, ...)                                                                        \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                   \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fprintf(stderr, "\n");                                                                 \
+            tu_failures++;                                                                         \
+        }                                                                                          \
+    } while (0)
+extern int tu_failures;
+
+#endif
