@@ -1,13 +1,18 @@
-/* Matrix entropy with a real symmetric eigensolver (LAPACKE_dsyevd); the covariance is a
- * double-precision SYRK of the centred, row-normalised rows. */
+/* Matrix entropy with a real symmetric eigensolver (LAPACK dsyevd, from OpenBLAS's LAPACK); the
+ * covariance is a double-precision SYRK of the centred, row-normalised rows. */
 #include "compress/entropy.h"
 
 #include <cblas.h>
-#include <lapacke.h>
 #include <math.h>
 #include <string.h>
 
 #include "base/mem.h"
+
+/* LAPACK's divide-and-conquer symmetric eigensolver (Fortran ABI; the hidden lengths of the two
+ * character arguments come last). A symmetric matrix reads the same row- or column-major. */
+void dsyevd_(const char *jobz, const char *uplo, const int *n, double *a, const int *lda,
+             double *w, double *work, const int *lwork, int *iwork, const int *liwork, int *info,
+             size_t jobz_len, size_t uplo_len);
 
 uc_status uc_entropy_cov(double *restrict cov, const float *restrict x, int64_t n_rows, int64_t d,
                          int64_t stride)
@@ -58,10 +63,27 @@ uc_status uc_entropy_cov(double *restrict cov, const float *restrict x, int64_t 
 
 uc_status uc_entropy_eigvals(double *restrict eig, double *restrict cov, int64_t d)
 {
-    lapack_int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'N', 'U', (lapack_int)d, cov, (lapack_int)d,
-                                     eig);
+    int n = (int)d, info = 0, lwork = -1, liwork = -1, iwq = 0;
+    double wq = 0;
+    dsyevd_("N", "U", &n, cov, &n, eig, &wq, &lwork, &iwq, &liwork, &info, 1, 1);
     if (info != 0) {
-        return UC_ERRF(UC_ERR_INTERNAL, "dsyevd info=%d d=%lld", (int)info, (long long)d);
+        return UC_ERRF(UC_ERR_INTERNAL, "dsyevd workspace query info=%d d=%lld", info,
+                       (long long)d);
+    }
+    lwork = (int)wq + 1;
+    liwork = iwq + 1;
+    double *work = uc_malloc((size_t)lwork * sizeof *work);
+    int *iwork = uc_malloc((size_t)liwork * sizeof *iwork);
+    if (!work || !iwork) {
+        uc_free(work);
+        uc_free(iwork);
+        return UC_ERRF(UC_ERR_NOMEM, "dsyevd workspace d=%lld", (long long)d);
+    }
+    dsyevd_("N", "U", &n, cov, &n, eig, work, &lwork, iwork, &liwork, &info, 1, 1);
+    uc_free(work);
+    uc_free(iwork);
+    if (info != 0) {
+        return UC_ERRF(UC_ERR_INTERNAL, "dsyevd info=%d d=%lld", info, (long long)d);
     }
     for (int64_t i = 0; i < d / 2; i++) { /* ascending -> descending */
         double t = eig[i];

@@ -9,7 +9,7 @@ PKGS=(
     libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev
     libgrpc-dev protobuf-compiler-grpc
     libcmocka-dev
-    libopenblas-dev liblapacke-dev
+    libopenblas-openmp-dev
     libpcre2-dev libcjson-dev libmicrohttpd-dev libsystemd-dev
     python3 python3-grpcio python3-protobuf python3-numpy
 )

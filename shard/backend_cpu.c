@@ -253,6 +253,85 @@ static float *score_buf(struct cpu_ctx *c, size_t n)
     return c->scores;
 }
 
+/* exp(x) for x <= 0 to about 2 ulp, in plain arithmetic the compiler vectorises (range
+ * reduction by a power of two, Cephes' degree-6 polynomial). Arguments below -87 give ~0. */
+static inline float exp_neg(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    float t = x * 1.44269504088896341f + 12582912.0f; /* round to nearest via the magic */
+    float n = t - 12582912.0f;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+/* Eight-lane reductions: they vectorise without reassociation flags. */
+static inline float row_max(const float *restrict x, int64_t n)
+{
+    float m[8];
+    for (int k = 0; k < 8; k++) {
+        m[k] = -3.0e38f;
+    }
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int k = 0; k < 8; k++) {
+            m[k] = x[i + k] > m[k] ? x[i + k] : m[k];
+        }
+    }
+    float r = -3.0e38f;
+    for (; i < n; i++) {
+        r = x[i] > r ? x[i] : r;
+    }
+    for (int k = 0; k < 8; k++) {
+        r = m[k] > r ? m[k] : r;
+    }
+    return r;
+}
+
+static inline float row_sum(const float *restrict x, int64_t n)
+{
+    float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int k = 0; k < 8; k++) {
+            a[k] += x[i + k];
+        }
+    }
+    float r = 0.0f;
+    for (; i < n; i++) {
+        r += x[i];
+    }
+    for (int k = 0; k < 8; k++) {
+        r += a[k];
+    }
+    return r;
+}
+
+/* Softmax of row[0..n) in place after scaling by `scale`. */
+static void softmax_row(float *restrict row, int64_t n, float scale)
+{
+    for (int64_t j = 0; j < n; j++) {
+        row[j] *= scale;
+    }
+    float mx = row_max(row, n);
+    for (int64_t j = 0; j < n; j++) {
+        row[j] = exp_neg(row[j] - mx);
+    }
+    float inv = 1.0f / row_sum(row, n);
+    for (int64_t j = 0; j < n; j++) {
+        row[j] *= inv;
+    }
+}
+
 /* Masked softmax of each row r of s (rows, ld): columns > limit0 + r are masked out (causal);
  * cols = number of columns computed. */
 static void softmax_causal(float *s, int64_t rows, int64_t ld, int64_t limit0, int64_t cols,
@@ -265,20 +344,7 @@ static void softmax_causal(float *s, int64_t rows, int64_t ld, int64_t limit0, i
         if (n > cols) {
             n = cols;
         }
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
-            row[j] *= scale;
-            mx = row[j] > mx ? row[j] : mx;
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            row[j] = expf(row[j] - mx);
-            sum += row[j];
-        }
-        float inv = 1.0f / sum;
-        for (int64_t j = 0; j < n; j++) {
-            row[j] *= inv;
-        }
+        softmax_row(row, n, scale);
         for (int64_t j = n; j < cols; j++) {
             row[j] = 0.0f;
         }
@@ -429,6 +495,26 @@ static uc_status cpu_kv_move(struct uc_backend *be, struct uc_kv_pool_view *pool
     return UC_OK;
 }
 
+/* Dot product with eight partial sums, so it vectorises without reassociation flags. */
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n)
+{
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int k = 0; k < 8; k++) {
+            acc[k] += a[i + k] * b[i + k];
+        }
+    }
+    float sum = 0.0f;
+    for (; i < n; i++) {
+        sum += a[i] * b[i];
+    }
+    for (int k = 0; k < 8; k++) {
+        sum += acc[k];
+    }
+    return sum;
+}
+
 static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
                                  const struct uc_kv_pool_view *pool,
                                  const struct uc_kv_batch_view *view, int64_t n_rows,
@@ -458,32 +544,28 @@ static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q
         const int32_t *blocks = view->blocks + view->offset[e];
         float *s = sbuf + (int64_t)omp_get_thread_num() * maxn;
         const float *qv = qf + b * ld_q + h * d;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < nt; t++) {
-            const float *kv = pk + ((int64_t)blocks[t / bt] * bt + t % bt) * d;
-            float acc = 0.0f;
-            for (int64_t i = 0; i < d; i++) {
-                acc += qv[i] * kv[i];
+        /* scores block by block: each block holds bt contiguous rows of D values */
+        for (int64_t t0 = 0; t0 < nt; t0 += bt) {
+            const float *kb = pk + (int64_t)blocks[t0 / bt] * bt * d;
+            int64_t m = nt - t0 < bt ? nt - t0 : bt;
+            for (int64_t t = 0; t < m; t++) {
+                s[t0 + t] = dot(qv, kb + t * d, d);
             }
-            s[t] = acc * scale;
-            mx = s[t] > mx ? s[t] : mx;
         }
-        float sum = 0.0f;
-        for (int64_t t = 0; t < nt; t++) {
-            s[t] = expf(s[t] - mx);
-            sum += s[t];
-        }
-        float inv = 1.0f / sum;
+        softmax_row(s, nt, scale);
         float *ov = o + b * n_heads * d + h * d;
         for (int64_t i = 0; i < d; i++) {
             ov[i] = 0.0f;
         }
-        for (int64_t t = 0; t < nt; t++) {
-            float p = s[t] * inv;
-            s[t] = p;
-            const float *vv = pv + ((int64_t)blocks[t / bt] * bt + t % bt) * d;
-            for (int64_t i = 0; i < d; i++) {
-                ov[i] += p * vv[i];
+        for (int64_t t0 = 0; t0 < nt; t0 += bt) {
+            const float *vb = pv + (int64_t)blocks[t0 / bt] * bt * d;
+            int64_t m = nt - t0 < bt ? nt - t0 : bt;
+            for (int64_t t = 0; t < m; t++) {
+                float p = s[t0 + t];
+                const float *vv = vb + t * d;
+                for (int64_t i = 0; i < d; i++) {
+                    ov[i] += p * vv[i];
+                }
             }
         }
         if (psum) {

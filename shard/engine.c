@@ -595,6 +595,7 @@ const struct uc_profile *uc_engine_profile(const struct uc_engine *e)
     return e->have_prof ? &e->prof : NULL;
 }
 const char *uc_engine_profile_path(const struct uc_engine *e) { return e->profile_path; }
+const char *uc_engine_model_dir(const struct uc_engine *e) { return e->model_dir; }
 int64_t uc_engine_n_seqs(const struct uc_engine *e) { return e->n_seqs; }
 
 /* ---- sequences -------------------------------------------------------------------------- */

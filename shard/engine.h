@@ -63,6 +63,7 @@ size_t uc_engine_kv_bytes_per_token(const struct uc_engine *e); /* one token, on
 /* The active profile, or NULL when none is loaded. */
 const struct uc_profile *uc_engine_profile(const struct uc_engine *e);
 const char *uc_engine_profile_path(const struct uc_engine *e);
+const char *uc_engine_model_dir(const struct uc_engine *e);
 
 /* ---- steps ---------------------------------------------------------------------------- */
 

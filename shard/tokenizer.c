@@ -270,6 +270,9 @@ static size_t utf8_first_invalid(const char *s, size_t n)
 /* Appends s with every ill-formed subpart replaced by U+FFFD (String::from_utf8_lossy). */
 static void buf_append_lossy(struct uc_buf *out, const char *s, size_t n)
 {
+    if (n == 0) {
+        return;
+    }
     const unsigned char *u = (const unsigned char *)s;
     size_t run = 0, i = 0;
     while (i < n) {
@@ -663,7 +666,7 @@ struct uc_tokenizer {
     pcre2_general_context *gctx;
     pcre2_compile_context *cctx;
     pcre2_match_context *mctx;
-    pcre2_code *re_gpt2, *re_digit, *re_word;
+    pcre2_code *re_gpt2, *re_word; /* shared by ByteLevel pre-tokenizers; single_word */
     /* streamed bytes per id (uc_tokenizer_token_bytes): not first, and first */
     char *sb_pool;
     int64_t *sb_off, *sbf_off;
@@ -797,6 +800,9 @@ static uc_status regex_compile(struct uc_tokenizer *tok, const char *src, size_t
     PCRE2_SIZE at = 0;
     pcre2_code *re = pcre2_compile((PCRE2_SPTR)src, len, PCRE2_UTF | PCRE2_UCP, &err, &at,
                                    tok->cctx);
+    if (!re && err == PCRE2_ERROR_HEAP_FAILED) {
+        return UC_ERRF(UC_ERR_NOMEM, "file=%s field=%s regex", path, field);
+    }
     if (!re) {
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(err, msg, sizeof msg);
@@ -2171,6 +2177,9 @@ static uc_status pre_piece(const struct uc_tokenizer *tok, struct enc_ws *ws, co
             ws->tmp.len = 0;
             uc_buf_append(&ws->tmp, " ", 1);
             uc_buf_append(&ws->tmp, p, n);
+            if (ws->tmp.oom) {
+                return UC_ERRF(UC_ERR_NOMEM, "pre-tokenize bytes=%zu", n);
+            }
             w = ws->tmp.data;
             wn = ws->tmp.len;
         }
@@ -2204,6 +2213,9 @@ static uc_status pre_piece(const struct uc_tokenizer *tok, struct enc_ws *ws, co
             }
         }
         uc_buf_append(&ws->tmp, p + run, n - run);
+        if (ws->tmp.oom) {
+            return UC_ERRF(UC_ERR_NOMEM, "pre-tokenize bytes=%zu", n);
+        }
         w = ws->tmp.data;
         wn = ws->tmp.len;
         if (!pr->split) {
@@ -2531,10 +2543,10 @@ static uc_status run_decoder(const struct uc_tokenizer *tok, const struct dec *d
         case DEC_BYTE_LEVEL:
             byte_level_token(tok, s, n, &dw->tmp);
             if (i == in->n - 1) {
-                if (m->raw) {
-                    uc_buf_append(&out->text, dw->tmp.data, dw->tmp.len);
-                } else {
+                if (!m->raw) {
                     buf_append_lossy(&out->text, dw->tmp.data, dw->tmp.len);
+                } else if (dw->tmp.len > 0) {
+                    uc_buf_append(&out->text, dw->tmp.data, dw->tmp.len);
                 }
                 tlist_end(out);
                 dw->tmp.len = 0;
@@ -2613,6 +2625,10 @@ static uc_status build_stream_bytes(struct uc_tokenizer *tok)
             struct dec_mode m = {.raw = true, .stream = true, .first = first == 1};
             tlist_clear(&dw.ta);
             tlist_push(&dw.ta, s, n);
+            if (tlist_failed(&dw.ta)) {
+                rc = UC_ERRF(UC_ERR_NOMEM, "stream tables");
+                goto out;
+            }
             one.len = 0;
             UC_CHECK(run_decoders(tok, &dw, &m, &one), rc, out);
             int64_t *off = first ? tok->sbf_off : tok->sb_off;
@@ -2628,10 +2644,10 @@ static uc_status build_stream_bytes(struct uc_tokenizer *tok)
             if (one.len > 0) {
                 uc_buf_append(&pool, one.data, one.len);
             }
-        }
-        if (pool.oom || tlist_failed(&dw.ta)) {
-            rc = UC_ERRF(UC_ERR_NOMEM, "stream tables bytes=%zu", pool.len);
-            goto out;
+            if (pool.oom) {
+                rc = UC_ERRF(UC_ERR_NOMEM, "stream tables bytes=%zu", pool.len);
+                goto out;
+            }
         }
     }
     tok->sb_pool = uc_buf_take(&pool);

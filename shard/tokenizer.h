@@ -19,7 +19,9 @@ extern "C" {
 
 struct uc_tokenizer;
 
-/* Loads DIR/tokenizer.json. */
+/* Loads DIR/tokenizer.json. For a SentencePiece-style tokenizer whose tokenizer_config.json names
+ * LlamaTokenizer(Fast), its legacy and add_prefix_space settings pick the Metaspace prepend
+ * scheme, as transformers does. */
 uc_status uc_tokenizer_create(struct uc_tokenizer **out, const char *model_dir);
 /* Loads from JSON text; `path` names it in error messages. */
 uc_status uc_tokenizer_create_from_json(struct uc_tokenizer **out, const char *json_text,

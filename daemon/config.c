@@ -1,0 +1,486 @@
+/* The option table and its one parser. */
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/mem.h"
+
+#define OFF(f) offsetof(struct uc_config, f)
+#define BIG 9e15
+
+static const struct uc_cfg_option options[] = {
+    /* model and engine */
+    {"model", UC_CFG_STR, OFF(model), "", 0, 0, UC_CFG_IMMUTABLE,
+     "model directory (Hugging Face layout); empty = the bundled models/uncomp-tiny"},
+    {"config", UC_CFG_STR, OFF(config_file), "", 0, 0, UC_CFG_CLI_ONLY | UC_CFG_RANK_LOCAL,
+     "read options from this file first (lines 'name value'; the command line wins)"},
+    {"tp", UC_CFG_INT, OFF(tp), "0", 0, 4096, UC_CFG_IMMUTABLE,
+     "tensor-parallel ranks; must equal the MPI world size (0 = the world size)"},
+    {"backend", UC_CFG_STR, OFF(backend), "cpu", 0, 0, UC_CFG_IMMUTABLE, "cpu or cuda"},
+    {"device", UC_CFG_INT, OFF(device), "-1", -1, 1024, UC_CFG_RANK_LOCAL,
+     "CUDA device of this rank (-1 = the local rank)"},
+    {"fp32", UC_CFG_BOOL, OFF(fp32), "no", 0, 0, UC_CFG_IMMUTABLE,
+     "CUDA: float32 weights and activations instead of bf16 (accuracy checks)"},
+    {"kv-memory", UC_CFG_BYTES, OFF(kv_memory), "256MiB", 1 << 16, BIG, UC_CFG_IMMUTABLE,
+     "KV pool per rank (K and V), e.g. 512MiB or 40GiB"},
+    {"kv-block-tokens", UC_CFG_INT, OFF(kv_block_tokens), "16", 1, 4096, UC_CFG_IMMUTABLE,
+     "tokens per KV block (per KV head)"},
+    {"prefill-chunk", UC_CFG_INT, OFF(prefill_chunk), "512", 1, 1 << 20, UC_CFG_IMMUTABLE,
+     "rows per prefill slice (workspace rows)"},
+    {"prefill-step-tokens", UC_CFG_INT, OFF(prefill_step_tokens), "2048", 1, 1 << 30, 0,
+     "prefill work (rows x layers) per step while other sequences decode"},
+    {"max-batch", UC_CFG_INT, OFF(max_batch), "64", 1, 4096, UC_CFG_IMMUTABLE,
+     "most sequences decoded in one step"},
+    {"max-context", UC_CFG_INT, OFF(max_context), "0", 0, 1 << 24, UC_CFG_IMMUTABLE,
+     "context length limit (0 = the model's)"},
+    {"comm-timeout", UC_CFG_INT, OFF(comm_timeout_ms), "30000", 100, 3600000, UC_CFG_IMMUTABLE,
+     "watchdog on every collective, ms: a stuck rank aborts the job after this"},
+    {"heartbeat", UC_CFG_INT, OFF(heartbeat_ms), "1000", 10, 600000, UC_CFG_IMMUTABLE,
+     "idle heartbeat from rank 0 to the other ranks, ms (must be well below comm-timeout)"},
+    {"profile", UC_CFG_STR, OFF(profile), "", 0, 0, UC_CFG_IMMUTABLE,
+     "calibration profile path (empty = MODEL/uncomp_profile.json)"},
+    {"calibration-text", UC_CFG_STR, OFF(calibration_text), "", 0, 0, 0,
+     "text used to calibrate when no profile exists (empty = MODEL/calibration.txt)"},
+    {"calib-window", UC_CFG_INT, OFF(calib_window), "1024", 32, 1 << 20, 0,
+     "tokens per calibration window"},
+    {"calib-windows", UC_CFG_INT, OFF(calib_windows), "4", 1, 1024, 0,
+     "most calibration windows"},
+    {"log-level", UC_CFG_STR, OFF(log_level), "notice", 0, 0, UC_CFG_RANK_LOCAL,
+     "error, warn, notice, info or debug"},
+    /* serving */
+    {"listen", UC_CFG_STR, OFF(listen), "127.0.0.1:50051", 0, 0, UC_CFG_IMMUTABLE,
+     "gRPC address HOST:PORT (use TLS beyond loopback)"},
+    {"metrics-port", UC_CFG_INT, OFF(metrics_port), "0", 0, 65535, UC_CFG_IMMUTABLE,
+     "Prometheus /metrics HTTP port (0 = off)"},
+    {"tls-cert", UC_CFG_STR, OFF(tls_cert), "", 0, 0, UC_CFG_IMMUTABLE,
+     "server certificate chain (PEM); with tls-key enables TLS"},
+    {"tls-key", UC_CFG_STR, OFF(tls_key), "", 0, 0, UC_CFG_IMMUTABLE, "server private key (PEM)"},
+    {"max-running", UC_CFG_INT, OFF(max_running), "64", 1, 65536, 0,
+     "sequences in prefill or decode at once"},
+    {"max-queued-requests", UC_CFG_INT, OFF(max_queued_requests), "256", 0, 1 << 24, 0,
+     "waiting requests before RESOURCE_EXHAUSTED"},
+    {"max-queued-tokens", UC_CFG_INT, OFF(max_queued_tokens), "4194304", 1, BIG, 0,
+     "waiting prompt tokens before RESOURCE_EXHAUSTED"},
+    {"default-max-tokens", UC_CFG_INT, OFF(default_max_tokens), "256", 1, 1 << 24, 0,
+     "max_tokens of a request that sets none"},
+    {"max-tokens-limit", UC_CFG_INT, OFF(max_tokens_limit), "1048576", 1, 1 << 30, 0,
+     "largest max_tokens a request may ask for"},
+    {"max-stop-strings", UC_CFG_INT, OFF(max_stop_strings), "64", 0, 65536, 0,
+     "most stop strings per request"},
+    {"max-message-bytes", UC_CFG_BYTES, OFF(max_message_bytes), "64MiB", 1024, 1 << 30, 0,
+     "largest gRPC message received"},
+    {"drain-timeout", UC_CFG_INT, OFF(drain_timeout_ms), "30000", 0, 86400000, 0,
+     "ms in-flight requests may run after SIGTERM or Drain"},
+    /* default compression */
+    {"policy", UC_CFG_STR, OFF(policy), "full", 0, 0, 0,
+     "default compression: full, uncomp, uncomp-stage, snapkv, pyramidkv, streamingllm, h2o"},
+    {"kv-budget", UC_CFG_INT, OFF(kv_budget), "128", 1, 1 << 24, 0,
+     "default mean tokens kept per KV head per layer"},
+    {"window", UC_CFG_INT, OFF(window), "8", 1, 64, 0, "observation window W"},
+    {"pool-kernel", UC_CFG_INT, OFF(pool_kernel), "7", 1, 63, 0, "max-pool kernel (odd)"},
+    {"sink-tokens", UC_CFG_INT, OFF(sink_tokens), "4", 0, 1024, 0, "streamingllm sink tokens"},
+    {"head-groups", UC_CFG_INT, OFF(head_groups), "2", 1, 16, 0, "uncomp head groups m"},
+    {"spread", UC_CFG_DBL, OFF(spread), "0.333333333", 0, 0.999, 0,
+     "uncomp budget spread s: group g keeps B (1 - s + 2 s g / (m - 1))"},
+    {"r-min", UC_CFG_DBL, OFF(r_min), "0.375", 0.01, 1, 0,
+     "uncomp-stage: share of prompt rows the last stage keeps"},
+    {"decode-mode", UC_CFG_STR, OFF(decode_mode), "append", 0, 0, 0, "append or evict"},
+    {"grouping", UC_CFG_STR, OFF(grouping), "profile", 0, 0, 0,
+     "uncomp head groups from the calibration profile or the prompt"},
+    {"stage-starts", UC_CFG_STR, OFF(stage_starts), "", 0, 0, 0,
+     "uncomp-stage boundaries, e.g. 6,7 (empty = the profile's)"},
+    {"row-score", UC_CFG_STR, OFF(row_score), "sum", 0, 0, 0,
+     "uncomp-stage row score: sum (over heads) or max"},
+    /* one-shot */
+    {"prompt", UC_CFG_STR, OFF(prompt), "", 0, 0, UC_CFG_ONESHOT | UC_CFG_CLI_ONLY,
+     "one-shot mode: print the completion of this text and exit"},
+    {"prompt-file", UC_CFG_STR, OFF(prompt_file), "", 0, 0, UC_CFG_ONESHOT | UC_CFG_CLI_ONLY,
+     "one-shot mode: read the prompt from a file ('-' = stdin)"},
+    {"max-tokens", UC_CFG_INT, OFF(max_tokens), "128", 1, 1 << 24, UC_CFG_ONESHOT,
+     "one-shot: tokens to generate"},
+    {"temperature", UC_CFG_DBL, OFF(temperature), "0", 0, 100, UC_CFG_ONESHOT,
+     "one-shot: sampling temperature (0 = greedy)"},
+    {"seed", UC_CFG_INT, OFF(seed), "0", 0, BIG, UC_CFG_ONESHOT, "one-shot: sampling seed"},
+    {"top-k", UC_CFG_INT, OFF(top_k), "0", 0, 1 << 24, UC_CFG_ONESHOT, "one-shot: top-k (0 = off)"},
+    {"top-p", UC_CFG_DBL, OFF(top_p), "1", 1e-9, 1, UC_CFG_ONESHOT, "one-shot: top-p"},
+    {"min-p", UC_CFG_DBL, OFF(min_p), "0", 0, 1, UC_CFG_ONESHOT, "one-shot: min-p"},
+    {"repetition-penalty", UC_CFG_DBL, OFF(repetition_penalty), "1", 1e-6, 100, UC_CFG_ONESHOT,
+     "one-shot: repetition penalty"},
+    {"stop", UC_CFG_STR, OFF(stop), "", 0, 0, UC_CFG_ONESHOT, "one-shot: a stop string"},
+    {"report", UC_CFG_BOOL, OFF(report), "no", 0, 0, UC_CFG_ONESHOT,
+     "one-shot: print the compression report and timings to stderr"},
+    {"ignore-eos", UC_CFG_BOOL, OFF(ignore_eos), "no", 0, 0, UC_CFG_ONESHOT,
+     "one-shot: keep generating past EOS"},
+    {NULL, UC_CFG_STR, 0, NULL, 0, 0, 0, NULL},
+};
+
+const struct uc_cfg_option *uc_config_options(void) { return options; }
+
+static const struct uc_cfg_option *find(const char *name)
+{
+    for (const struct uc_cfg_option *o = options; o->name; o++) {
+        if (strcmp(o->name, name) == 0) {
+            return o;
+        }
+    }
+    return NULL;
+}
+
+static bool parse_bytes(const char *v, double *out)
+{
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (errno || end == v || !isfinite(x)) {
+        return false;
+    }
+    while (*end == ' ') {
+        end++;
+    }
+    double mul = 1;
+    if (*end) {
+        if (!strcasecmp(end, "k") || !strcasecmp(end, "kib") || !strcasecmp(end, "kb")) {
+            mul = 1024.0;
+        } else if (!strcasecmp(end, "m") || !strcasecmp(end, "mib") || !strcasecmp(end, "mb")) {
+            mul = 1048576.0;
+        } else if (!strcasecmp(end, "g") || !strcasecmp(end, "gib") || !strcasecmp(end, "gb")) {
+            mul = 1073741824.0;
+        } else {
+            return false;
+        }
+    }
+    *out = floor(x * mul);
+    return true;
+}
+
+/* Sets one option from text; writes a message naming it on failure. */
+static uc_status set_option(struct uc_config *c, const struct uc_cfg_option *o, const char *v,
+                            char *msg, size_t msg_size)
+{
+    char *base = (char *)c + o->offset;
+    switch (o->type) {
+    case UC_CFG_STR: {
+        char **dst = (char **)(void *)base;
+        char *dup = uc_strdup(v);
+        if (!dup) {
+            return UC_ERRF(UC_ERR_NOMEM, "option %s", o->name);
+        }
+        uc_free(*dst);
+        *dst = dup;
+        return UC_OK;
+    }
+    case UC_CFG_BOOL: {
+        bool *dst = (bool *)(void *)base;
+        if (!strcmp(v, "yes") || !strcmp(v, "true") || !strcmp(v, "1") || !strcmp(v, "on")) {
+            *dst = true;
+        } else if (!strcmp(v, "no") || !strcmp(v, "false") || !strcmp(v, "0") ||
+                   !strcmp(v, "off")) {
+            *dst = false;
+        } else {
+            snprintf(msg, msg_size, "--%s: '%s' is not yes or no", o->name, v);
+            return UC_ERR_INVALID_ARG;
+        }
+        return UC_OK;
+    }
+    case UC_CFG_INT:
+    case UC_CFG_BYTES:
+    case UC_CFG_DBL: {
+        double x;
+        char *end = NULL;
+        bool ok;
+        if (o->type == UC_CFG_BYTES) {
+            ok = parse_bytes(v, &x);
+        } else {
+            errno = 0;
+            x = strtod(v, &end);
+            ok = !errno && end != v && *end == '\0' && isfinite(x);
+            if (ok && o->type == UC_CFG_INT && x != floor(x)) {
+                ok = false;
+            }
+        }
+        if (!ok) {
+            snprintf(msg, msg_size, "--%s: '%s' is not a%s number", o->name, v,
+                     o->type == UC_CFG_DBL ? "" : "n integer");
+            return UC_ERR_INVALID_ARG;
+        }
+        if (x < o->min || x > o->max) {
+            snprintf(msg, msg_size, "--%s=%s must be in [%g, %g]", o->name, v, o->min, o->max);
+            return UC_ERR_INVALID_ARG;
+        }
+        if (o->type == UC_CFG_DBL) {
+            *(double *)(void *)base = x;
+        } else {
+            *(int64_t *)(void *)base = (int64_t)x;
+        }
+        return UC_OK;
+    }
+    }
+    return UC_ERR_INVALID_ARG;
+}
+
+static uc_status load_file(struct uc_config *c, const char *path, char *msg, size_t msg_size)
+{
+    char *text = NULL;
+    if (uc_file_read_all(&text, NULL, path) != UC_OK) {
+        snprintf(msg, msg_size, "--config: cannot read %s", path);
+        return UC_ERR_INVALID_ARG;
+    }
+    uc_status rc = UC_OK;
+    int line_no = 0;
+    char *save = NULL;
+    for (char *line = strtok_r(text, "\n", &save); line && rc == UC_OK;
+         line = strtok_r(NULL, "\n", &save)) {
+        line_no++;
+        while (isspace((unsigned char)*line)) {
+            line++;
+        }
+        if (*line == '#' || *line == '\0') {
+            continue;
+        }
+        char *sp = line;
+        while (*sp && !isspace((unsigned char)*sp)) {
+            sp++;
+        }
+        char *val = sp;
+        if (*sp) {
+            *sp = '\0';
+            val = sp + 1;
+        }
+        while (isspace((unsigned char)*val)) {
+            val++;
+        }
+        size_t n = strlen(val);
+        while (n > 0 && isspace((unsigned char)val[n - 1])) {
+            val[--n] = '\0';
+        }
+        if (n >= 2 && val[0] == '"' && val[n - 1] == '"') {
+            val[n - 1] = '\0';
+            val++;
+        }
+        const struct uc_cfg_option *o = find(line);
+        if (!o || (o->flags & UC_CFG_CLI_ONLY)) {
+            snprintf(msg, msg_size, "%s:%d: unknown option '%s'", path, line_no, line);
+            rc = UC_ERR_INVALID_ARG;
+            break;
+        }
+        rc = set_option(c, o, val, msg, msg_size);
+        if (rc != UC_OK) {
+            char tmp[512];
+            snprintf(tmp, sizeof tmp, "%s:%d: %s", path, line_no, msg);
+            snprintf(msg, msg_size, "%s", tmp);
+        }
+    }
+    uc_free(text);
+    return rc;
+}
+
+/* Walks argv; with `only_config` just picks up --config. */
+static uc_status parse_args(struct uc_config *c, int argc, char **argv, bool only_config,
+                            char *msg, size_t msg_size, bool *help, bool *list)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            *help = true;
+            continue;
+        }
+        if (!strcmp(a, "--list-options")) {
+            *list = true;
+            continue;
+        }
+        if (strncmp(a, "--", 2) != 0) {
+            snprintf(msg, msg_size, "unexpected argument '%s' (options are --name value)", a);
+            return UC_ERR_INVALID_ARG;
+        }
+        char name[128];
+        const char *val = NULL;
+        const char *eq = strchr(a + 2, '=');
+        size_t nl = eq ? (size_t)(eq - a - 2) : strlen(a + 2);
+        if (nl >= sizeof name) {
+            snprintf(msg, msg_size, "option name too long: %s", a);
+            return UC_ERR_INVALID_ARG;
+        }
+        memcpy(name, a + 2, nl);
+        name[nl] = '\0';
+        const struct uc_cfg_option *o = find(name);
+        if (!o) {
+            snprintf(msg, msg_size, "unknown option --%s (see --help)", name);
+            return UC_ERR_INVALID_ARG;
+        }
+        if (eq) {
+            val = eq + 1;
+        } else if (o->type == UC_CFG_BOOL &&
+                   (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0)) {
+            val = "yes";
+        } else if (i + 1 < argc) {
+            val = argv[++i];
+        } else {
+            snprintf(msg, msg_size, "--%s needs a value", name);
+            return UC_ERR_INVALID_ARG;
+        }
+        if (only_config != (o->offset == OFF(config_file))) {
+            continue;
+        }
+        uc_status rc = set_option(c, o, val, msg, msg_size);
+        if (rc != UC_OK) {
+            return rc;
+        }
+    }
+    return UC_OK;
+}
+
+uc_status uc_config_load(struct uc_config *c, int argc, char **argv, char *msg, size_t msg_size,
+                         bool *help, bool *list)
+{
+    memset(c, 0, sizeof *c);
+    *help = false;
+    *list = false;
+    msg[0] = '\0';
+    for (const struct uc_cfg_option *o = options; o->name; o++) {
+        uc_status rc = set_option(c, o, o->dflt, msg, msg_size);
+        if (rc != UC_OK) {
+            return rc;
+        }
+    }
+    uc_status rc = parse_args(c, argc, argv, true, msg, msg_size, help, list);
+    if (rc == UC_OK && c->config_file[0]) {
+        rc = load_file(c, c->config_file, msg, msg_size);
+    }
+    if (rc == UC_OK) {
+        rc = parse_args(c, argc, argv, false, msg, msg_size, help, list);
+    }
+    return rc;
+}
+
+void uc_config_fini(struct uc_config *c)
+{
+    for (const struct uc_cfg_option *o = options; o->name; o++) {
+        if (o->type == UC_CFG_STR) {
+            char **p = (char **)(void *)((char *)c + o->offset);
+            UC_FREE(*p);
+        }
+    }
+}
+
+uc_status uc_config_validate(const struct uc_config *c, int world_size, char *msg,
+                             size_t msg_size)
+{
+    if (c->tp != 0 && c->tp != world_size) {
+        snprintf(msg, msg_size, "--tp=%lld but mpirun started %d rank(s): launch with mpirun -np "
+                 "%lld", (long long)c->tp, world_size, (long long)c->tp);
+        return UC_ERR_INVALID_ARG;
+    }
+    if (strcmp(c->backend, "cpu") != 0 && strcmp(c->backend, "cuda") != 0) {
+        snprintf(msg, msg_size, "--backend=%s must be cpu or cuda", c->backend);
+        return UC_ERR_INVALID_ARG;
+    }
+    if ((c->tls_cert[0] != '\0') != (c->tls_key[0] != '\0')) {
+        snprintf(msg, msg_size, "--tls-cert and --tls-key go together");
+        return UC_ERR_INVALID_ARG;
+    }
+    if (c->heartbeat_ms * 3 > c->comm_timeout_ms) {
+        snprintf(msg, msg_size, "--heartbeat=%lld must be at most a third of --comm-timeout=%lld",
+                 (long long)c->heartbeat_ms, (long long)c->comm_timeout_ms);
+        return UC_ERR_INVALID_ARG;
+    }
+    if (c->pool_kernel % 2 == 0) {
+        snprintf(msg, msg_size, "--pool-kernel=%lld must be odd", (long long)c->pool_kernel);
+        return UC_ERR_INVALID_ARG;
+    }
+    const char *colon = strrchr(c->listen, ':');
+    if (!colon || colon == c->listen || atoi(colon + 1) <= 0 || atoi(colon + 1) > 65535) {
+        snprintf(msg, msg_size, "--listen=%s must be HOST:PORT", c->listen);
+        return UC_ERR_INVALID_ARG;
+    }
+    if (c->prompt[0] && c->prompt_file[0]) {
+        snprintf(msg, msg_size, "--prompt and --prompt-file exclude each other");
+        return UC_ERR_INVALID_ARG;
+    }
+    return UC_OK;
+}
+
+static void write_value(const struct uc_config *c, const struct uc_cfg_option *o,
+                        struct uc_buf *b)
+{
+    const char *base = (const char *)c + o->offset;
+    switch (o->type) {
+    case UC_CFG_STR: uc_buf_puts(b, *(char *const *)(const void *)base); break;
+    case UC_CFG_BOOL: uc_buf_puts(b, *(const bool *)(const void *)base ? "yes" : "no"); break;
+    case UC_CFG_DBL: uc_buf_printf(b, "%g", *(const double *)(const void *)base); break;
+    case UC_CFG_INT:
+    case UC_CFG_BYTES: uc_buf_printf(b, "%lld", (long long)*(const int64_t *)(const void *)base); break;
+    }
+}
+
+char *uc_config_get(const struct uc_config *c, const char *name)
+{
+    const struct uc_cfg_option *o = find(name);
+    if (!o) {
+        return NULL;
+    }
+    struct uc_buf b;
+    uc_buf_init(&b);
+    write_value(c, o, &b);
+    return uc_buf_take(&b);
+}
+
+uint64_t uc_config_hash(const struct uc_config *c)
+{
+    uint64_t h = UC_FNV_INIT;
+    struct uc_buf b;
+    uc_buf_init(&b);
+    for (const struct uc_cfg_option *o = options; o->name; o++) {
+        if (o->flags & UC_CFG_RANK_LOCAL) {
+            continue;
+        }
+        b.len = 0;
+        uc_buf_puts(&b, o->name);
+        uc_buf_puts(&b, "=");
+        write_value(c, o, &b);
+        h = uc_fnv1a(h, b.data, b.len);
+    }
+    uc_buf_fini(&b);
+    return h;
+}
+
+void uc_config_write_help(struct uc_buf *b)
+{
+    uc_buf_puts(b, "usage: uncompd [--config FILE] [--name value ...]\n"
+                   "       mpirun -np R uncompd --tp R [...]      tensor parallel over R ranks\n"
+                   "       uncompd --prompt TEXT [--max-tokens N] one-shot: print a completion\n\n"
+                   "options (a config file line 'name value' is the same as --name value):\n");
+    for (const struct uc_cfg_option *o = options; o->name; o++) {
+        uc_buf_printf(b, "  --%-22s %s (default: %s)\n", o->name, o->help,
+                      o->dflt[0] ? o->dflt : "\"\"");
+    }
+}
+
+void uc_config_write_table(const struct uc_config *c, struct uc_buf *b)
+{
+    for (const struct uc_cfg_option *o = options; o->name; o++) {
+        if (o->flags & UC_CFG_ONESHOT) {
+            continue;
+        }
+        uc_buf_printf(b, "  %-22s ", o->name);
+        write_value(c, o, b);
+        uc_buf_puts(b, "\n");
+    }
+}
+
+void uc_config_write_info(const struct uc_config *c, struct uc_buf *b)
+{
+    uc_buf_puts(b, "# Config\n");
+    for (const struct uc_cfg_option *o = options; o->name; o++) {
+        if (o->flags & (UC_CFG_ONESHOT | UC_CFG_CLI_ONLY)) {
+            continue;
+        }
+        uc_buf_printf(b, "%s:", o->name);
+        write_value(c, o, b);
+        uc_buf_puts(b, "\n");
+    }
+}

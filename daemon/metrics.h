@@ -1,0 +1,64 @@
+/* Counters and latency distributions of the daemon, behind GetStats, the INFO-style text and
+ * the Prometheus endpoint. Updated by the scheduler thread, read by the gRPC and HTTP threads:
+ * every function is thread-safe. */
+#ifndef UC_DAEMON_METRICS_H
+#define UC_DAEMON_METRICS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/status.h"
+#include "base/util.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum metric_lat {
+    METRIC_TTFT = 0,
+    METRIC_ITL = 1,   /* inter-token latency */
+    METRIC_E2E = 2,
+    METRIC_QUEUE = 3,
+    METRIC_PREFILL = 4,
+    METRIC_LAT_COUNT = 5,
+};
+
+struct metrics;
+
+uc_status metrics_create(struct metrics **out);
+void metrics_destroy(struct metrics *m);
+
+/* Events (policy: the compression policy name, for labelled series). */
+void metrics_request_submitted(struct metrics *m);
+void metrics_request_rejected(struct metrics *m);
+void metrics_request_finished(struct metrics *m, const char *policy, bool ok, bool aborted,
+                              int64_t prompt_tokens, int64_t completion_tokens,
+                              int64_t kv_tokens_full, int64_t kv_tokens_kept,
+                              int64_t rows_dropped, double compress_s);
+void metrics_observe(struct metrics *m, enum metric_lat which, double seconds);
+/* Gauges, set by the scheduler every step. */
+void metrics_set_gauges(struct metrics *m, int32_t running, int32_t waiting, double kv_usage);
+
+struct metric_pct {
+    double p50, p90, p99, mean;
+    uint64_t count;
+};
+struct metrics_snapshot {
+    uint64_t requests_total, requests_finished, requests_failed, requests_aborted,
+        requests_rejected;
+    uint64_t prompt_tokens, generation_tokens;
+    uint64_t kv_tokens_full, kv_tokens_kept, rows_dropped;
+    double compress_s;
+    int32_t running, waiting;
+    double kv_usage;
+    struct metric_pct lat[METRIC_LAT_COUNT]; /* in seconds */
+};
+void metrics_snapshot(struct metrics *m, struct metrics_snapshot *out);
+/* The Prometheus text exposition (uncomp:* series), appended to b. */
+void metrics_prometheus(struct metrics *m, struct uc_buf *b);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

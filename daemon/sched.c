@@ -1,0 +1,1222 @@
+/* The scheduler: a FIFO of waiting requests, admission by KV reservation, and a loop that
+ * builds one engine step at a time (decode every running sequence, plus a slice of the oldest
+ * prefill), samples, applies stop rules and streams UTF-8-safe text.
+ *
+ * Threads: submit/abort/drain/calibrate/counts come from any thread and touch only the fields
+ * under `mu`; everything else belongs to the engine thread in uc_sched_run. */
+#include "sched.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "base/log.h"
+#include "base/mem.h"
+#include "base/util.h"
+#include "metrics.h"
+
+enum req_state {
+    REQ_WAITING = 0,
+    REQ_PREFILL = 1,
+    REQ_DECODE = 2,
+    REQ_DONE = 3,
+};
+
+struct req {
+    char id[UC_REQUEST_ID_MAX];
+    int64_t seq_id;
+    uc_event_sink sink;
+    void *user;
+    int32_t *prompt;
+    int64_t n_prompt;
+    struct uc_sampling_params sp;
+    int32_t max_tokens, min_tokens, logprobs;
+    bool ignore_eos;
+    char **stop;
+    int32_t n_stop;
+    size_t max_stop_len;
+    int32_t *stop_ids;
+    int32_t n_stop_ids;
+    struct uc_compress_params cp;
+    int64_t deadline_ms;
+    enum req_state st;
+    int64_t kv_blocks;
+    bool in_engine;     /* the engine holds the sequence: free it in a step */
+    struct uc_sampler *sampler;
+    int32_t n_gen;
+    int32_t pending;    /* sampled, to be fed by the next decode; -1 = none */
+    struct uc_buf bytes; /* generated text bytes */
+    size_t emitted;     /* bytes of `bytes` already sent as text */
+    size_t checked;     /* bytes already searched for stop strings */
+    bool abort_req;
+    uc_status abort_status;
+    double t_submit, t_admit, t_first, t_last, t_prefill_done;
+    struct req *next;
+};
+
+struct ctl {
+    const char *text;
+    int32_t window, max_windows;
+    uc_status rc;
+    char msg[256];
+    bool done;
+};
+
+struct uc_sched {
+    struct uc_sched_params p;
+    struct uc_engine *e;
+    const struct uc_tokenizer *tok;
+    struct metrics *metrics;
+    const struct uc_model_config *cfg;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;      /* wakes the engine thread */
+    pthread_cond_t done_cv; /* wakes drain / calibrate waiters */
+    /* under mu */
+    struct req *wait_head, *wait_tail;
+    int32_t n_waiting;
+    int64_t waiting_tokens;
+    struct req **live;      /* every request not yet DONE (ids for abort lookup) */
+    int64_t n_live, cap_live;
+    bool stop;
+    bool draining;
+    struct ctl *ctl;
+    struct uc_compress_params dflt;
+    char *profile_json;
+    int32_t n_active_pub;
+    int64_t reserved_pub;
+    int64_t drain_finished;
+    int64_t next_id;
+    /* engine thread */
+    struct req **active;    /* PREFILL or DECODE */
+    int64_t n_active, cap_active;
+    int64_t reserved_blocks;
+    int64_t *frees;
+    int64_t n_frees, cap_frees;
+    int64_t next_seq;
+    uint64_t seed_counter;
+};
+
+const char *uc_finish_reason_name(enum uc_finish_reason r)
+{
+    switch (r) {
+    case UC_FINISH_STOP: return "STOP";
+    case UC_FINISH_LENGTH: return "LENGTH";
+    case UC_FINISH_ABORTED: return "ABORTED";
+    case UC_FINISH_ERROR: return "ERROR";
+    case UC_FINISH_NONE: break;
+    }
+    return "NONE";
+}
+
+void uc_request_init(struct uc_request *r)
+{
+    memset(r, 0, sizeof *r);
+    r->sampling = uc_sampling_default_params();
+    r->compress = uc_compress_default_params();
+}
+
+struct uc_sched_params uc_sched_default_params(void)
+{
+    struct uc_sched_params p = {
+        .max_queued_requests = 256,
+        .max_queued_tokens = 1 << 22,
+        .max_running = 64,
+        .prefill_chunk = 2048,
+        .default_max_tokens = 256,
+        .max_tokens_limit = 1 << 20,
+        .max_stop_strings = 64,
+        .max_stop_len = 256,
+        .heartbeat_ms = 1000,
+        .default_compress = uc_compress_default_params(),
+        .calib_text_path = NULL,
+        .calib_window_tokens = 1024,
+        .calib_max_windows = 4,
+    };
+    return p;
+}
+
+/* ---- requests --------------------------------------------------------------------------- */
+
+static void req_free(struct req *r)
+{
+    if (!r) {
+        return;
+    }
+    for (int32_t i = 0; i < r->n_stop; i++) {
+        uc_free(r->stop[i]);
+    }
+    uc_free(r->stop);
+    uc_free(r->stop_ids);
+    uc_free(r->prompt);
+    uc_sampler_destroy(r->sampler);
+    uc_buf_fini(&r->bytes);
+    uc_free(r);
+}
+
+static bool push_ptr(struct req ***v, int64_t *n, int64_t *cap, struct req *r)
+{
+    if (*n == *cap) {
+        int64_t c = *cap ? *cap * 2 : 16;
+        struct req **nv = uc_realloc(*v, (size_t)c * sizeof *nv);
+        if (!nv) {
+            return false;
+        }
+        *v = nv;
+        *cap = c;
+    }
+    (*v)[(*n)++] = r;
+    return true;
+}
+
+static void drop_ptr(struct req **v, int64_t *n, const struct req *r)
+{
+    for (int64_t i = 0; i < *n; i++) {
+        if (v[i] == r) {
+            memmove(v + i, v + i + 1, (size_t)(*n - i - 1) * sizeof *v);
+            (*n)--;
+            return;
+        }
+    }
+}
+
+static struct req *find_live(struct uc_sched *s, const char *id)
+{
+    for (int64_t i = 0; i < s->n_live; i++) {
+        if (strcmp(s->live[i]->id, id) == 0) {
+            return s->live[i];
+        }
+    }
+    return NULL;
+}
+
+/* Compression parameters after defaults: a field left at zero takes the server's value. */
+static struct uc_compress_params merge_compress(const struct uc_compress_params *d,
+                                                const struct uc_request *r)
+{
+    if (!r->has_compress) {
+        return *d;
+    }
+    return r->compress;
+}
+
+uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_event_sink sink,
+                          void *user, char *id_out, char *msg, size_t msg_size)
+{
+    msg[0] = '\0';
+    if (r->n_prompt < 1) {
+        snprintf(msg, msg_size, "prompt: empty (at least one token is needed)");
+        return UC_ERR_INVALID_ARG;
+    }
+    for (int64_t i = 0; i < r->n_prompt; i++) {
+        if (r->prompt[i] < 0 || r->prompt[i] >= s->cfg->vocab) {
+            snprintf(msg, msg_size, "prompt: token id %d at %lld outside the vocabulary (%lld)",
+                     r->prompt[i], (long long)i, (long long)s->cfg->vocab);
+            return UC_ERR_INVALID_ARG;
+        }
+    }
+    uc_status rc = uc_sampling_params_validate(&r->sampling, msg, msg_size);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    int32_t max_tokens = r->max_tokens > 0 ? r->max_tokens : s->p.default_max_tokens;
+    if (r->max_tokens < 0 || max_tokens > s->p.max_tokens_limit) {
+        snprintf(msg, msg_size, "sampling.max_tokens=%d must be in [0, %d]", r->max_tokens,
+                 s->p.max_tokens_limit);
+        return UC_ERR_INVALID_ARG;
+    }
+    int64_t ctx = uc_engine_max_ctx(s->e);
+    if (r->max_tokens == 0 && r->n_prompt + max_tokens > ctx) {
+        max_tokens = (int32_t)(ctx - r->n_prompt); /* a default never makes a request invalid */
+    }
+    if (r->n_prompt + (int64_t)max_tokens > ctx || max_tokens < 1) {
+        snprintf(msg, msg_size,
+                 "prompt of %lld tokens + sampling.max_tokens %d exceeds the context length %lld",
+                 (long long)r->n_prompt, max_tokens, (long long)ctx);
+        return UC_ERR_INVALID_ARG;
+    }
+    if (r->min_tokens < 0 || r->min_tokens > max_tokens) {
+        snprintf(msg, msg_size, "sampling.min_tokens=%d must be in [0, max_tokens=%d]",
+                 r->min_tokens, max_tokens);
+        return UC_ERR_INVALID_ARG;
+    }
+    if (r->logprobs < 0 || r->logprobs > 20) {
+        snprintf(msg, msg_size, "sampling.logprobs=%d must be in [0, 20]", r->logprobs);
+        return UC_ERR_INVALID_ARG;
+    }
+    if (r->n_stop < 0 || r->n_stop > s->p.max_stop_strings) {
+        snprintf(msg, msg_size, "sampling.stop: %d strings, at most %d are allowed", r->n_stop,
+                 s->p.max_stop_strings);
+        return UC_ERR_INVALID_ARG;
+    }
+    for (int32_t i = 0; i < r->n_stop; i++) {
+        size_t n = strlen(r->stop[i]);
+        if (n == 0 || n > (size_t)s->p.max_stop_len) {
+            snprintf(msg, msg_size, "sampling.stop[%d]: length %zu must be in [1, %d]", i, n,
+                     s->p.max_stop_len);
+            return UC_ERR_INVALID_ARG;
+        }
+    }
+    if (r->n_stop_ids < 0 || r->n_stop_ids > 1024) {
+        snprintf(msg, msg_size, "sampling.stop_token_ids: at most 1024");
+        return UC_ERR_INVALID_ARG;
+    }
+    for (int32_t i = 0; i < r->n_stop_ids; i++) {
+        if (r->stop_ids[i] < 0 || r->stop_ids[i] >= s->cfg->vocab) {
+            snprintf(msg, msg_size, "sampling.stop_token_ids[%d]=%d outside the vocabulary", i,
+                     r->stop_ids[i]);
+            return UC_ERR_INVALID_ARG;
+        }
+    }
+    if (strlen(r->request_id) >= UC_REQUEST_ID_MAX) {
+        snprintf(msg, msg_size, "request_id: longer than %d bytes", UC_REQUEST_ID_MAX - 1);
+        return UC_ERR_INVALID_ARG;
+    }
+    struct req *q = uc_calloc(1, sizeof *q);
+    if (!q) {
+        return UC_ERRF(UC_ERR_NOMEM, "request");
+    }
+    uc_buf_init(&q->bytes);
+    q->prompt = uc_malloc((size_t)r->n_prompt * sizeof(int32_t));
+    q->stop = uc_calloc((size_t)r->n_stop + 1, sizeof(char *));
+    q->stop_ids = uc_malloc((size_t)r->n_stop_ids * sizeof(int32_t) + 4);
+    if (!q->prompt || !q->stop || !q->stop_ids) {
+        req_free(q);
+        return UC_ERRF(UC_ERR_NOMEM, "request");
+    }
+    memcpy(q->prompt, r->prompt, (size_t)r->n_prompt * sizeof(int32_t));
+    q->n_prompt = r->n_prompt;
+    for (int32_t i = 0; i < r->n_stop; i++) {
+        q->stop[i] = uc_strdup(r->stop[i]);
+        if (!q->stop[i]) {
+            req_free(q);
+            return UC_ERRF(UC_ERR_NOMEM, "request");
+        }
+        q->n_stop++;
+        size_t n = strlen(r->stop[i]);
+        q->max_stop_len = n > q->max_stop_len ? n : q->max_stop_len;
+    }
+    memcpy(q->stop_ids, r->stop_ids, (size_t)r->n_stop_ids * sizeof(int32_t));
+    q->n_stop_ids = r->n_stop_ids;
+    q->sp = r->sampling;
+    q->max_tokens = max_tokens;
+    q->min_tokens = r->min_tokens;
+    q->logprobs = r->logprobs;
+    q->ignore_eos = r->ignore_eos;
+    q->deadline_ms = r->deadline_ms;
+    q->sink = sink;
+    q->user = user;
+    q->pending = -1;
+    q->t_submit = uc_time_s();
+    pthread_mutex_lock(&s->mu);
+    q->cp = merge_compress(&s->dflt, r);
+    rc = uc_compress_params_validate(&q->cp, s->cfg->n_layers, msg, msg_size);
+    if (rc == UC_OK && (s->draining || s->stop)) {
+        snprintf(msg, msg_size, "the server is draining and admits no new requests");
+        rc = UC_ERR_UNAVAILABLE;
+    }
+    if (rc == UC_OK && (s->n_waiting >= s->p.max_queued_requests ||
+                        s->waiting_tokens + r->n_prompt > s->p.max_queued_tokens)) {
+        snprintf(msg, msg_size, "the request queue is full (%d requests, %lld prompt tokens "
+                 "waiting)", s->n_waiting, (long long)s->waiting_tokens);
+        rc = UC_ERR_KV_FULL;
+    }
+    if (rc == UC_OK) {
+        if (r->request_id[0]) {
+            if (find_live(s, r->request_id)) {
+                snprintf(msg, msg_size, "request_id=%s is already in use", r->request_id);
+                rc = UC_ERR_INVALID_ARG;
+            }
+            snprintf(q->id, sizeof q->id, "%s", r->request_id);
+        } else {
+            snprintf(q->id, sizeof q->id, "req-%lld", (long long)++s->next_id);
+        }
+    }
+    if (rc == UC_OK && !push_ptr(&s->live, &s->n_live, &s->cap_live, q)) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "request table");
+    }
+    if (rc != UC_OK) {
+        pthread_mutex_unlock(&s->mu);
+        if (s->metrics) {
+            metrics_request_rejected(s->metrics);
+        }
+        req_free(q);
+        return rc;
+    }
+    if (s->wait_tail) {
+        s->wait_tail->next = q;
+    } else {
+        s->wait_head = q;
+    }
+    s->wait_tail = q;
+    s->n_waiting++;
+    s->waiting_tokens += q->n_prompt;
+    if (id_out) {
+        snprintf(id_out, UC_REQUEST_ID_MAX, "%s", q->id);
+    }
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    if (s->metrics) {
+        metrics_request_submitted(s->metrics);
+    }
+    return UC_OK;
+}
+
+bool uc_sched_abort(struct uc_sched *s, const char *request_id, uc_status why)
+{
+    pthread_mutex_lock(&s->mu);
+    struct req *q = find_live(s, request_id);
+    if (q && !q->abort_req) {
+        q->abort_req = true;
+        q->abort_status = why;
+        pthread_cond_signal(&s->cv);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return q != NULL;
+}
+
+/* ---- events ----------------------------------------------------------------------------- */
+
+/* Length of the longest prefix of b[0..n) that ends on a UTF-8 character boundary (an
+ * incomplete trailing sequence is held back unless `final`). */
+static size_t utf8_boundary(const unsigned char *b, size_t n, bool final)
+{
+    if (final || n == 0) {
+        return n;
+    }
+    size_t i = n, back = 0;
+    while (i > 0 && back < 4) {
+        unsigned char c = b[i - 1];
+        back++;
+        i--;
+        if ((c & 0xC0) != 0x80) { /* a lead byte or ASCII */
+            size_t need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
+            return back >= need ? n : i;
+        }
+    }
+    return n;
+}
+
+/* Appends b[0..n) as valid UTF-8 (invalid sequences become U+FFFD). */
+static void utf8_sanitize(struct uc_buf *out, const unsigned char *b, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        unsigned char c = b[i];
+        size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+        bool ok = len > 0 && i + len <= n;
+        for (size_t k = 1; ok && k < len; k++) {
+            ok = (b[i + k] & 0xC0) == 0x80;
+        }
+        if (ok && len == 2) {
+            ok = c >= 0xC2;
+        } else if (ok && len == 3) {
+            unsigned cp = ((c & 0x0Fu) << 12) | ((b[i + 1] & 0x3Fu) << 6) | (b[i + 2] & 0x3Fu);
+            ok = cp >= 0x800 && (cp < 0xD800 || cp > 0xDFFF);
+        } else if (ok && len == 4) {
+            unsigned cp = ((c & 0x07u) << 18) | ((b[i + 1] & 0x3Fu) << 12) |
+                          ((b[i + 2] & 0x3Fu) << 6) | (b[i + 3] & 0x3Fu);
+            ok = cp >= 0x10000 && cp <= 0x10FFFF;
+        }
+        if (ok) {
+            uc_buf_append(out, b + i, len);
+            i += len;
+        } else {
+            uc_buf_append(out, "\xEF\xBF\xBD", 3);
+            i++;
+        }
+    }
+}
+
+static double ms_between(double a, double b) { return a > 0 && b > 0 ? (b - a) * 1e3 : 0.0; }
+
+static void emit_done(struct uc_sched *s, struct req *q, uc_status status, const char *message,
+                      enum uc_finish_reason finish, const char *matched)
+{
+    double now = uc_time_s();
+    struct uc_compress_report rep;
+    bool have_rep = q->in_engine && uc_engine_seq_report(s->e, q->seq_id, &rep) == UC_OK;
+    struct uc_gen_event ev = {
+        .kind = UC_EVENT_DONE,
+        .request_id = q->id,
+        .status = status,
+        .message = message ? message : "",
+        .finish = finish,
+        .matched_stop = matched ? matched : "",
+        .prompt_tokens = q->n_prompt,
+        .completion_tokens = q->n_gen,
+        .report = have_rep ? &rep : NULL,
+        .compress = q->cp,
+    };
+    ev.timing.queue_ms = ms_between(q->t_submit, q->t_admit > 0 ? q->t_admit : now);
+    ev.timing.ttft_ms = ms_between(q->t_submit, q->t_first);
+    ev.timing.prefill_ms = ms_between(q->t_admit, q->t_prefill_done);
+    ev.timing.decode_ms = ms_between(q->t_prefill_done, q->t_last);
+    ev.timing.total_ms = ms_between(q->t_submit, now);
+    q->sink(q->user, &ev);
+    if (s->metrics) {
+        bool aborted = finish == UC_FINISH_ABORTED;
+        metrics_request_finished(s->metrics, uc_policy_name(q->cp.policy), status == UC_OK,
+                                 aborted, q->n_prompt, q->n_gen,
+                                 have_rep ? rep.kv_tokens_full : 0,
+                                 have_rep ? rep.kv_tokens_kept : 0,
+                                 have_rep && rep.n_stages > 1
+                                     ? q->n_prompt - rep.stage_rows[rep.n_stages - 1]
+                                     : 0,
+                                 have_rep ? rep.compress_ms / 1e3 : 0.0);
+        metrics_observe(s->metrics, METRIC_E2E, now - q->t_submit);
+        if (q->t_admit > 0) {
+            metrics_observe(s->metrics, METRIC_QUEUE, q->t_admit - q->t_submit);
+        }
+    }
+}
+
+/* Sends the text that is safe to send: complete UTF-8, and (unless final) not the tail that
+ * could still grow into a stop string. */
+static void emit_tokens(struct uc_sched *s, struct req *q, const int32_t *ids, int32_t n_ids,
+                        const struct uc_token_logprob *lp, bool final)
+{
+    size_t end = q->bytes.len;
+    if (!final && q->max_stop_len > 1) {
+        size_t hold = q->max_stop_len - 1;
+        end = end > hold ? end - hold : 0;
+    }
+    if (end < q->emitted) {
+        end = q->emitted;
+    }
+    size_t n = utf8_boundary((const unsigned char *)q->bytes.data + q->emitted, end - q->emitted,
+                             final);
+    struct uc_buf text;
+    uc_buf_init(&text);
+    utf8_sanitize(&text, (const unsigned char *)q->bytes.data + q->emitted, n);
+    q->emitted += n;
+    if (n_ids == 0 && text.len == 0) {
+        uc_buf_fini(&text);
+        return;
+    }
+    struct uc_gen_event ev = {
+        .kind = UC_EVENT_TOKENS,
+        .request_id = q->id,
+        .ids = ids,
+        .n_ids = n_ids,
+        .text = text.data ? text.data : "",
+        .text_len = text.len,
+        .logprobs = lp,
+    };
+    q->sink(q->user, &ev);
+    uc_buf_fini(&text);
+}
+
+/* ---- the engine thread ------------------------------------------------------------------ */
+
+static void publish(struct uc_sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->n_active_pub = (int32_t)s->n_active;
+    s->reserved_pub = s->reserved_blocks;
+    pthread_mutex_unlock(&s->mu);
+    if (s->metrics) {
+        double used = (double)uc_engine_kv_blocks_used(s->e);
+        double total = (double)uc_engine_kv_blocks_total(s->e);
+        metrics_set_gauges(s->metrics, (int32_t)s->n_active, s->n_waiting,
+                           total > 0 ? used / total : 0.0);
+    }
+}
+
+static bool queue_free(struct uc_sched *s, int64_t seq_id)
+{
+    if (s->n_frees == s->cap_frees) {
+        int64_t c = s->cap_frees ? s->cap_frees * 2 : 16;
+        int64_t *f = uc_realloc(s->frees, (size_t)c * sizeof *f);
+        if (!f) {
+            return false;
+        }
+        s->frees = f;
+        s->cap_frees = c;
+    }
+    s->frees[s->n_frees++] = seq_id;
+    return true;
+}
+
+/* Ends a request: DONE event, KV reservation released, engine sequence freed next step. */
+static void finish(struct uc_sched *s, struct req *q, uc_status status, const char *message,
+                   enum uc_finish_reason fr, const char *matched)
+{
+    if (q->st == REQ_DONE) {
+        return;
+    }
+    if (status == UC_OK && fr != UC_FINISH_ABORTED) {
+        emit_tokens(s, q, NULL, 0, NULL, true);
+    }
+    emit_done(s, q, status, message, fr, matched);
+    if (q->st == REQ_PREFILL || q->st == REQ_DECODE) {
+        drop_ptr(s->active, &s->n_active, q);
+        s->reserved_blocks -= q->kv_blocks;
+    }
+    if (q->in_engine && !queue_free(s, q->seq_id)) {
+        UC_FATAL("scheduler: cannot queue the free of sequence %lld", (long long)q->seq_id);
+    }
+    q->st = REQ_DONE;
+    pthread_mutex_lock(&s->mu);
+    drop_ptr(s->live, &s->n_live, q);
+    if (s->draining && status == UC_OK && fr != UC_FINISH_ABORTED) {
+        s->drain_finished++;
+    }
+    pthread_cond_broadcast(&s->done_cv);
+    pthread_mutex_unlock(&s->mu);
+    req_free(q);
+}
+
+static bool is_stop_id(const struct req *q, int32_t t)
+{
+    for (int32_t i = 0; i < q->n_stop_ids; i++) {
+        if (q->stop_ids[i] == t) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Finds the earliest stop string in the newly added bytes; returns its index or -1. */
+static int32_t find_stop(struct req *q, size_t *at)
+{
+    if (q->n_stop == 0) {
+        return -1;
+    }
+    size_t from = q->checked > q->max_stop_len ? q->checked - q->max_stop_len : 0;
+    int32_t best = -1;
+    size_t best_at = SIZE_MAX;
+    for (int32_t i = 0; i < q->n_stop; i++) {
+        const char *hit = memmem(q->bytes.data + from, q->bytes.len - from, q->stop[i],
+                                 strlen(q->stop[i]));
+        if (hit && (size_t)(hit - q->bytes.data) < best_at) {
+            best_at = (size_t)(hit - q->bytes.data);
+            best = i;
+        }
+    }
+    q->checked = q->bytes.len;
+    *at = best_at;
+    return best;
+}
+
+/* Samples the next token from the sequence's logits and applies every stop rule. */
+static void advance(struct uc_sched *s, struct req *q)
+{
+    int64_t rows;
+    const float *lg = uc_engine_seq_logits(s->e, q->seq_id, &rows);
+    double now = uc_time_s();
+    if (!lg) {
+        finish(s, q, UC_ERR_INTERNAL, "no logits after the step", UC_FINISH_ERROR, NULL);
+        return;
+    }
+    lg += (rows - 1) * s->cfg->vocab;
+    if (q->n_gen < q->min_tokens) {
+        for (int i = 0; i < s->cfg->n_eos && !q->ignore_eos; i++) {
+            uc_sampler_ban_once(q->sampler, s->cfg->eos_ids[i]);
+        }
+        for (int32_t i = 0; i < q->n_stop_ids && i < 4; i++) {
+            uc_sampler_ban_once(q->sampler, q->stop_ids[i]);
+        }
+    }
+    float lp = 0;
+    int32_t tok = uc_sampler_sample(q->sampler, lg, &lp);
+    int32_t top_ids[20];
+    float top_lp[20];
+    struct uc_token_logprob tl = {.token_id = tok, .logprob = lp};
+    if (q->logprobs > 0) {
+        uc_sampler_top_logprobs(q->sampler, lg, q->logprobs, top_ids, top_lp);
+        tl.n_top = q->logprobs;
+        tl.top_ids = top_ids;
+        tl.top_logprobs = top_lp;
+    }
+    q->n_gen++;
+    if (q->t_first == 0) {
+        q->t_first = now;
+        if (s->metrics) {
+            metrics_observe(s->metrics, METRIC_TTFT, now - q->t_submit);
+        }
+    } else if (s->metrics) {
+        metrics_observe(s->metrics, METRIC_ITL, now - q->t_last);
+    }
+    q->t_last = now;
+    bool eos = !q->ignore_eos && uc_model_config_is_eos(s->cfg, tok);
+    bool special = uc_tokenizer_is_special(s->tok, tok);
+    if (!special && !eos) {
+        char tb[256];
+        size_t need = uc_tokenizer_token_bytes(s->tok, tok, false, tb, sizeof tb);
+        if (need <= sizeof tb) {
+            uc_buf_append(&q->bytes, tb, need);
+        } else {
+            char *big = uc_malloc(need);
+            if (big) {
+                uc_tokenizer_token_bytes(s->tok, tok, false, big, need);
+                uc_buf_append(&q->bytes, big, need);
+                uc_free(big);
+            }
+        }
+    }
+    size_t at = 0;
+    int32_t si = find_stop(q, &at);
+    if (si >= 0) {
+        q->bytes.len = at;
+        q->bytes.data[at] = '\0';
+        if (q->emitted > at) {
+            q->emitted = at;
+        }
+    }
+    emit_tokens(s, q, &tok, 1, q->logprobs > 0 ? &tl : NULL, false);
+    if (si >= 0) {
+        finish(s, q, UC_OK, NULL, UC_FINISH_STOP, q->stop[si]);
+    } else if (eos || is_stop_id(q, tok)) {
+        finish(s, q, UC_OK, NULL, UC_FINISH_STOP, NULL);
+    } else if (q->n_gen >= q->max_tokens ||
+               uc_engine_seq_len(s->e, q->seq_id) + 1 > uc_engine_max_ctx(s->e)) {
+        finish(s, q, UC_OK, NULL, UC_FINISH_LENGTH, NULL);
+    } else {
+        q->pending = tok;
+    }
+}
+
+/* Handles aborts and deadlines of live requests. */
+static void reap(struct uc_sched *s)
+{
+    int64_t now_ms = uc_time_ms();
+    for (;;) {
+        struct req *victim = NULL;
+        uc_status why = UC_OK;
+        pthread_mutex_lock(&s->mu);
+        for (int64_t i = 0; i < s->n_live && !victim; i++) {
+            struct req *q = s->live[i];
+            if (q->abort_req) {
+                victim = q;
+                why = q->abort_status;
+            } else if (q->deadline_ms > 0 && now_ms >= q->deadline_ms) {
+                victim = q;
+                why = UC_ERR_TIMEOUT;
+            }
+        }
+        if (victim && victim->st == REQ_WAITING) {
+            /* unlink from the waiting queue */
+            struct req **pp = &s->wait_head, *prev = NULL;
+            while (*pp && *pp != victim) {
+                prev = *pp;
+                pp = &(*pp)->next;
+            }
+            if (*pp) {
+                *pp = victim->next;
+                if (s->wait_tail == victim) {
+                    s->wait_tail = prev;
+                }
+                s->n_waiting--;
+                s->waiting_tokens -= victim->n_prompt;
+            }
+        }
+        pthread_mutex_unlock(&s->mu);
+        if (!victim) {
+            return;
+        }
+        const char *msg = why == UC_ERR_TIMEOUT     ? "the request's deadline passed"
+                          : why == UC_ERR_CANCELLED ? "the client cancelled the request"
+                          : why == UC_ERR_UNAVAILABLE ? "the server is shutting down"
+                                                      : "aborted";
+        finish(s, victim, why, msg, UC_FINISH_ABORTED, NULL);
+    }
+}
+
+static uc_status run_calibration(struct uc_sched *s, struct ctl *c);
+
+/* Moves waiting requests into the engine while the KV pool and max_running allow. */
+static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, int32_t max_new)
+{
+    int64_t total = uc_engine_kv_blocks_total(s->e);
+    while (*n_new < max_new && s->n_active < s->p.max_running) {
+        pthread_mutex_lock(&s->mu);
+        struct req *q = s->wait_head;
+        pthread_mutex_unlock(&s->mu);
+        if (!q) {
+            return;
+        }
+        struct uc_step_new n = {.seq_id = s->next_seq + 1, .flags = 0,
+                                .max_new_tokens = q->max_tokens, .cp = q->cp,
+                                .n_prompt = q->n_prompt, .prompt = q->prompt};
+        char msg[256];
+        uc_status rc = uc_engine_check_new(s->e, &n, msg, sizeof msg);
+        if (rc == UC_ERR_UNAVAILABLE && !uc_engine_profile(s->e)) {
+            /* the first request that needs a profile builds it */
+            struct ctl c = {.text = NULL};
+            UC_LOG_NOTICE("sched: no calibration profile; calibrating before req=%s", q->id);
+            if (run_calibration(s, &c) == UC_OK) {
+                rc = uc_engine_check_new(s->e, &n, msg, sizeof msg);
+            }
+        }
+        int64_t need = rc == UC_OK ? uc_engine_kv_blocks_needed(s->e, &n) : 0;
+        if (rc == UC_OK && need > total) {
+            snprintf(msg, sizeof msg, "KV memory cannot admit the request: it needs %lld blocks, "
+                     "the pool has %lld", (long long)need, (long long)total);
+            rc = UC_ERR_KV_FULL;
+        }
+        if (rc == UC_OK && s->reserved_blocks + need > total) {
+            return; /* wait for running requests to free memory */
+        }
+        pthread_mutex_lock(&s->mu);
+        s->wait_head = q->next;
+        if (!s->wait_head) {
+            s->wait_tail = NULL;
+        }
+        s->n_waiting--;
+        s->waiting_tokens -= q->n_prompt;
+        pthread_mutex_unlock(&s->mu);
+        q->next = NULL;
+        if (rc != UC_OK) {
+            finish(s, q, rc, msg, UC_FINISH_ERROR, NULL);
+            continue;
+        }
+        rc = uc_sampler_create(&q->sampler, &q->sp, s->cfg->vocab, q->prompt, q->n_prompt,
+                               0x5eed0000ULL + s->seed_counter++);
+        if (rc != UC_OK || !push_ptr(&s->active, &s->n_active, &s->cap_active, q)) {
+            finish(s, q, UC_ERR_NOMEM, "out of memory", UC_FINISH_ERROR, NULL);
+            continue;
+        }
+        q->seq_id = ++s->next_seq;
+        q->kv_blocks = need;
+        s->reserved_blocks += need;
+        q->st = REQ_PREFILL;
+        q->t_admit = uc_time_s();
+        news[(*n_new)++] = n;
+    }
+}
+
+/* One scheduling round; returns false when there was nothing to do. */
+static bool round_once(struct uc_sched *s)
+{
+    reap(s);
+    struct uc_step_new news[16];
+    int32_t n_new = 0;
+    admit(s, news, &n_new, 16);
+    for (int32_t i = 0; i < n_new; i++) { /* the engine holds them once the step ran */
+        for (int64_t k = 0; k < s->n_active; k++) {
+            if (s->active[k]->seq_id == news[i].seq_id) {
+                s->active[k]->in_engine = true;
+            }
+        }
+    }
+    int64_t max_b = s->n_active;
+    struct uc_step_decode *dec = uc_malloc((size_t)(max_b + 1) * sizeof *dec);
+    struct uc_step_prefill pf[1];
+    struct req **decoded = uc_malloc((size_t)(max_b + 1) * sizeof *decoded);
+    if (!dec || !decoded) {
+        UC_FATAL("scheduler: out of memory building a step");
+    }
+    int32_t n_dec = 0, n_pf = 0;
+    struct req *pf_req = NULL;
+    for (int64_t i = 0; i < s->n_active; i++) {
+        struct req *q = s->active[i];
+        if (q->st == REQ_DECODE && q->pending >= 0) {
+            dec[n_dec] = (struct uc_step_decode){.seq_id = q->seq_id, .token = q->pending};
+            decoded[n_dec++] = q;
+        } else if (q->st == REQ_PREFILL && !pf_req) {
+            pf_req = q;
+        }
+    }
+    if (pf_req) {
+        pf[0] = (struct uc_step_prefill){.seq_id = pf_req->seq_id,
+                                         .budget_rows = n_dec > 0 ? s->p.prefill_chunk : 0};
+        n_pf = 1;
+    }
+    bool work = n_new > 0 || n_dec > 0 || n_pf > 0 || s->n_frees > 0;
+    if (work) {
+        struct uc_step st = {.op = UC_STEP_RUN, .n_new = n_new, .news = news,
+                             .n_free = (int32_t)s->n_frees, .frees = s->frees,
+                             .n_prefill = n_pf, .prefills = pf, .n_decode = n_dec,
+                             .decodes = dec};
+        uc_status rc = uc_engine_step(s->e, &st);
+        s->n_frees = 0;
+        if (rc != UC_OK) {
+            /* a refused step ran nothing: fail what it carried */
+            for (int32_t i = 0; i < n_new; i++) {
+                for (int64_t k = 0; k < s->n_active; k++) {
+                    if (s->active[k]->seq_id == news[i].seq_id) {
+                        s->active[k]->in_engine = false;
+                        finish(s, s->active[k], rc, "the engine refused the request",
+                               UC_FINISH_ERROR, NULL);
+                        break;
+                    }
+                }
+            }
+        } else {
+            for (int32_t i = 0; i < n_dec; i++) {
+                decoded[i]->pending = -1;
+                advance(s, decoded[i]);
+            }
+            if (pf_req && uc_engine_seq_phase(s->e, pf_req->seq_id) == UC_SEQ_DECODING) {
+                pf_req->st = REQ_DECODE;
+                pf_req->t_prefill_done = uc_time_s();
+                if (s->metrics) {
+                    metrics_observe(s->metrics, METRIC_PREFILL,
+                                    pf_req->t_prefill_done - pf_req->t_admit);
+                }
+                advance(s, pf_req);
+            }
+        }
+    }
+    uc_free(dec);
+    uc_free(decoded);
+    publish(s);
+    return work;
+}
+
+uc_status uc_sched_run(struct uc_sched *s)
+{
+    int64_t last_beat = uc_time_ms();
+    bool multi = uc_comm_size(uc_engine_comm(s->e)) > 1;
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        bool stop = s->stop;
+        struct ctl *c = s->ctl;
+        pthread_mutex_unlock(&s->mu);
+        if (stop) {
+            break;
+        }
+        if (c) {
+            c->rc = run_calibration(s, c);
+            pthread_mutex_lock(&s->mu);
+            c->done = true;
+            s->ctl = NULL;
+            pthread_cond_broadcast(&s->done_cv);
+            pthread_mutex_unlock(&s->mu);
+            last_beat = uc_time_ms();
+            continue;
+        }
+        if (round_once(s)) {
+            last_beat = uc_time_ms();
+            continue;
+        }
+        /* idle: sleep until woken or the next heartbeat (or a deadline check) */
+        pthread_mutex_lock(&s->mu);
+        if (!s->stop && !s->ctl && s->n_waiting == 0) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            int64_t wait_ms = s->p.heartbeat_ms < 100 ? s->p.heartbeat_ms : 100;
+            ts.tv_nsec += (long)(wait_ms % 1000) * 1000000L;
+            ts.tv_sec += wait_ms / 1000 + ts.tv_nsec / 1000000000L;
+            ts.tv_nsec %= 1000000000L;
+            pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+        }
+        pthread_mutex_unlock(&s->mu);
+        if (multi && uc_time_ms() - last_beat >= s->p.heartbeat_ms) {
+            if (uc_engine_heartbeat(s->e) != UC_OK) {
+                return UC_ERRF(UC_ERR_MPI, "heartbeat failed");
+            }
+            last_beat = uc_time_ms();
+        }
+    }
+    /* stopping: everything still live ends with UNAVAILABLE */
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        struct req *q = s->n_live > 0 ? s->live[0] : NULL;
+        if (q && q->st == REQ_WAITING) {
+            s->wait_head = q->next;
+            if (!s->wait_head) {
+                s->wait_tail = NULL;
+            }
+            s->n_waiting--;
+            s->waiting_tokens -= q->n_prompt;
+        }
+        pthread_mutex_unlock(&s->mu);
+        if (!q) {
+            break;
+        }
+        finish(s, q, UC_ERR_UNAVAILABLE, "the server is shutting down", UC_FINISH_ABORTED, NULL);
+    }
+    publish(s);
+    return uc_engine_shutdown(s->e);
+}
+
+void uc_sched_stop(struct uc_sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->stop = true;
+    s->draining = true;
+    pthread_cond_broadcast(&s->cv);
+    pthread_cond_broadcast(&s->done_cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+bool uc_sched_draining(struct uc_sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    bool d = s->draining;
+    pthread_mutex_unlock(&s->mu);
+    return d;
+}
+
+void uc_sched_drain(struct uc_sched *s, int64_t timeout_ms, int32_t *finished, int32_t *aborted)
+{
+    pthread_mutex_lock(&s->mu);
+    s->draining = true;
+    s->drain_finished = 0;
+    int64_t deadline = uc_time_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+    while (s->n_live > 0 && !s->stop && uc_time_ms() < deadline) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 20L * 1000000L;
+        ts.tv_sec += ts.tv_nsec / 1000000000L;
+        ts.tv_nsec %= 1000000000L;
+        pthread_cond_timedwait(&s->done_cv, &s->mu, &ts);
+    }
+    int32_t cut = 0;
+    for (int64_t i = 0; i < s->n_live; i++) {
+        if (!s->live[i]->abort_req) {
+            s->live[i]->abort_req = true;
+            s->live[i]->abort_status = UC_ERR_UNAVAILABLE;
+            cut++;
+        }
+    }
+    pthread_cond_signal(&s->cv);
+    while (s->n_live > 0 && !s->stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 20L * 1000000L;
+        ts.tv_sec += ts.tv_nsec / 1000000000L;
+        ts.tv_nsec %= 1000000000L;
+        pthread_cond_timedwait(&s->done_cv, &s->mu, &ts);
+    }
+    if (finished) {
+        *finished = (int32_t)s->drain_finished;
+    }
+    if (aborted) {
+        *aborted = cut;
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* ---- calibration ------------------------------------------------------------------------ */
+
+static char *profile_json_of(struct uc_engine *e)
+{
+    const struct uc_profile *p = uc_engine_profile(e);
+    return p ? uc_profile_to_json(p) : NULL;
+}
+
+static uc_status run_calibration(struct uc_sched *s, struct ctl *c)
+{
+    char *owned = NULL;
+    const char *text = c->text;
+    const char *source = "request text";
+    uc_status rc = UC_OK;
+    char path[4096];
+    if (!text) {
+        if (s->p.calib_text_path && s->p.calib_text_path[0]) {
+            snprintf(path, sizeof path, "%s", s->p.calib_text_path);
+        } else {
+            snprintf(path, sizeof path, "%s/calibration.txt", uc_engine_model_dir(s->e));
+        }
+        rc = uc_file_read_all(&owned, NULL, path);
+        if (rc != UC_OK) {
+            snprintf(c->msg, sizeof c->msg, "calibration text %.200s cannot be read", path);
+            return rc;
+        }
+        text = owned;
+        source = path;
+    }
+    int32_t *ids = NULL;
+    int64_t n_ids = 0;
+    rc = uc_tokenizer_encode(s->tok, text, strlen(text), false, &ids, &n_ids);
+    uc_free(owned);
+    if (rc != UC_OK) {
+        snprintf(c->msg, sizeof c->msg, "calibration text is not valid UTF-8");
+        return rc;
+    }
+    int64_t w = c->window > 0 ? c->window : s->p.calib_window_tokens;
+    int64_t max_w = c->max_windows > 0 ? c->max_windows : s->p.calib_max_windows;
+    int64_t ctx = uc_engine_max_ctx(s->e);
+    w = w < ctx ? w : ctx;
+    int32_t bos = uc_tokenizer_bos(s->tok);
+    int64_t body = w - (bos >= 0 ? 1 : 0);
+    if (n_ids < 16 || body < 16) {
+        uc_free(ids);
+        snprintf(c->msg, sizeof c->msg, "calibration text too short (%lld tokens)",
+                 (long long)n_ids);
+        return UC_ERR_INVALID_ARG;
+    }
+    int32_t *win = uc_malloc((size_t)w * sizeof(int32_t));
+    if (!win) {
+        uc_free(ids);
+        return UC_ERRF(UC_ERR_NOMEM, "calibration window");
+    }
+    struct uc_step reset = {.op = UC_STEP_PROFILE_RESET};
+    rc = uc_engine_step(s->e, &reset);
+    int64_t windows = 0;
+    struct uc_compress_params cp = uc_compress_default_params();
+    cp.policy = UC_POLICY_FULL;
+    for (int64_t off = 0; rc == UC_OK && off < n_ids && windows < max_w; off += body) {
+        int64_t n = 0;
+        if (bos >= 0) {
+            win[n++] = bos;
+        }
+        int64_t take = n_ids - off < body ? n_ids - off : body;
+        if (take < 16 && windows > 0) {
+            break;
+        }
+        memcpy(win + n, ids + off, (size_t)take * sizeof(int32_t));
+        n += take;
+        struct uc_step_new nw = {.seq_id = -1 - windows, .flags = UC_SEQ_CALIBRATE,
+                                 .max_new_tokens = 0, .cp = cp, .n_prompt = n, .prompt = win};
+        if (s->reserved_blocks + uc_engine_kv_blocks_needed(s->e, &nw) >
+            uc_engine_kv_blocks_total(s->e)) {
+            snprintf(c->msg, sizeof c->msg, "calibration: the KV pool is busy; try again");
+            rc = UC_ERR_KV_FULL;
+            break;
+        }
+        struct uc_step_prefill pf = {.seq_id = nw.seq_id, .budget_rows = 0};
+        struct uc_step st = {.op = UC_STEP_RUN, .n_new = 1, .news = &nw, .n_prefill = 1,
+                             .prefills = &pf};
+        rc = uc_engine_step(s->e, &st);
+        struct uc_step fr = {.op = UC_STEP_RUN, .n_free = 1, .frees = &nw.seq_id};
+        if (rc == UC_OK) {
+            rc = uc_engine_step(s->e, &fr);
+        }
+        windows++;
+    }
+    uc_free(win);
+    uc_free(ids);
+    if (rc == UC_OK) {
+        struct uc_step fin = {.op = UC_STEP_PROFILE_FINISH,
+                              .profile_groups = s->dflt.head_groups, .profile_eps = 1.0};
+        snprintf(fin.profile_source, sizeof fin.profile_source, "%.255s", source);
+        rc = uc_engine_step(s->e, &fin);
+    }
+    if (rc == UC_OK) {
+        char *js = profile_json_of(s->e);
+        pthread_mutex_lock(&s->mu);
+        uc_free(s->profile_json);
+        s->profile_json = js;
+        pthread_mutex_unlock(&s->mu);
+    } else if (!c->msg[0]) {
+        snprintf(c->msg, sizeof c->msg, "calibration failed: %s", uc_status_str(rc));
+    }
+    return rc;
+}
+
+uc_status uc_sched_calibrate(struct uc_sched *s, const char *text, int32_t window_tokens,
+                             int32_t max_windows, char *msg, size_t msg_size)
+{
+    struct ctl c = {.text = text, .window = window_tokens, .max_windows = max_windows};
+    pthread_mutex_lock(&s->mu);
+    while (s->ctl && !s->stop) {
+        pthread_cond_wait(&s->done_cv, &s->mu);
+    }
+    if (s->stop) {
+        pthread_mutex_unlock(&s->mu);
+        snprintf(msg, msg_size, "the server is shutting down");
+        return UC_ERR_UNAVAILABLE;
+    }
+    s->ctl = &c;
+    pthread_cond_signal(&s->cv);
+    while (!c.done && !s->stop) {
+        pthread_cond_wait(&s->done_cv, &s->mu);
+    }
+    if (!c.done) {
+        /* stopping before the engine thread took it */
+        if (s->ctl == &c) {
+            s->ctl = NULL;
+        }
+        pthread_mutex_unlock(&s->mu);
+        snprintf(msg, msg_size, "the server is shutting down");
+        return UC_ERR_UNAVAILABLE;
+    }
+    pthread_mutex_unlock(&s->mu);
+    snprintf(msg, msg_size, "%s", c.msg);
+    return c.rc;
+}
+
+/* ---- configuration and snapshots -------------------------------------------------------- */
+
+void uc_sched_get_default_compress(struct uc_sched *s, struct uc_compress_params *out)
+{
+    pthread_mutex_lock(&s->mu);
+    *out = s->dflt;
+    pthread_mutex_unlock(&s->mu);
+}
+
+uc_status uc_sched_set_default_compress(struct uc_sched *s, const struct uc_compress_params *p,
+                                        char *msg, size_t msg_size)
+{
+    uc_status rc = uc_compress_params_validate(p, s->cfg->n_layers, msg, msg_size);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->dflt = *p;
+    pthread_mutex_unlock(&s->mu);
+    UC_LOG_NOTICE("sched: default compression policy=%s kv_budget=%d decode_mode=%s grouping=%s",
+                  uc_policy_name(p->policy), p->kv_budget, uc_decode_mode_name(p->decode_mode),
+                  uc_grouping_name(p->grouping));
+    return UC_OK;
+}
+
+void uc_sched_counts(struct uc_sched *s, struct uc_sched_counts *out)
+{
+    pthread_mutex_lock(&s->mu);
+    out->running = s->n_active_pub;
+    out->queued = s->n_waiting;
+    out->queued_tokens = s->waiting_tokens;
+    out->kv_blocks_reserved = s->reserved_pub;
+    pthread_mutex_unlock(&s->mu);
+    out->kv_blocks_total = uc_engine_kv_blocks_total(s->e);
+    out->kv_blocks_used = uc_engine_kv_blocks_used(s->e);
+}
+
+struct uc_engine *uc_sched_engine(struct uc_sched *s) { return s->e; }
+const struct uc_tokenizer *uc_sched_tokenizer(struct uc_sched *s) { return s->tok; }
+
+char *uc_sched_profile_json(struct uc_sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    char *j = s->profile_json ? uc_strdup(s->profile_json) : NULL;
+    pthread_mutex_unlock(&s->mu);
+    return j;
+}
+
+uc_status uc_sched_create(struct uc_sched **out, const struct uc_sched_params *p,
+                          struct uc_engine *engine, const struct uc_tokenizer *tok,
+                          struct metrics *metrics)
+{
+    *out = NULL;
+    struct uc_sched *s = uc_calloc(1, sizeof *s);
+    if (!s) {
+        return UC_ERRF(UC_ERR_NOMEM, "scheduler");
+    }
+    s->p = *p;
+    s->e = engine;
+    s->tok = tok;
+    s->metrics = metrics;
+    s->cfg = uc_engine_config(engine);
+    s->dflt = p->default_compress;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    pthread_cond_init(&s->done_cv, NULL);
+    s->profile_json = profile_json_of(engine);
+    *out = s;
+    return UC_OK;
+}
+
+void uc_sched_destroy(struct uc_sched *s)
+{
+    if (!s) {
+        return;
+    }
+    for (int64_t i = 0; i < s->n_live; i++) {
+        req_free(s->live[i]);
+    }
+    uc_free(s->live);
+    uc_free(s->active);
+    uc_free(s->frees);
+    uc_free(s->profile_json);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    pthread_cond_destroy(&s->done_cv);
+    uc_free(s);
+}

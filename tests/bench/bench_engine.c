@@ -1,0 +1,171 @@
+/* Engine benchmark (CPU or CUDA backend): prefill and decode tokens/s of a model at several
+ * prompt lengths, as medians over repeated runs, with the fraction of this machine's measured
+ * dense GEMM rate that the prefill reaches (FLOPs counted: 2 x parameters per token plus
+ * attention's QK^T and PV over the causal triangle).
+ * Usage: bench_engine [--model DIR] [--lengths 512,2048,4000] [--reps N] [--decode N]
+ *                     [--backend cpu|cuda] [--policy NAME --kv-budget B] */
+#include <cblas.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/log.h"
+#include "base/mem.h"
+#include "base/util.h"
+#include "comm.h"
+#include "engine.h"
+#include "test_util.h"
+
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_d);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* Measured sgemm rate of this machine (n x n x n, best of 5), GFLOP/s. */
+static double sgemm_peak(void)
+{
+    int n = 2048;
+    float *a = uc_malloc((size_t)n * n * sizeof(float));
+    float *b = uc_malloc((size_t)n * n * sizeof(float));
+    float *c = uc_malloc((size_t)n * n * sizeof(float));
+    uc_test_fill(a, (int64_t)n * n, 1, 0, 0);
+    uc_test_fill(b, (int64_t)n * n, 2, 0, 0);
+    double best = 0;
+    for (int r = 0; r < 5; r++) {
+        double t0 = uc_time_s();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c,
+                    n);
+        double t = uc_time_s() - t0;
+        double g = 2.0 * n * n * (double)n / t / 1e9;
+        best = g > best ? g : best;
+    }
+    uc_free(a);
+    uc_free(b);
+    uc_free(c);
+    return best;
+}
+
+static double model_flops(const struct uc_model_config *c, int64_t n)
+{
+    double per_tok = 2.0 * (double)c->n_layers *
+                     ((double)c->hidden * (double)(c->n_heads + 2 * c->n_heads_kv) * c->head_dim +
+                      (double)c->n_heads * c->head_dim * c->hidden + 3.0 * c->hidden * c->ffn);
+    double attn = 2.0 * 2.0 * (double)c->n_layers * c->n_heads * c->head_dim *
+                  ((double)n * (n + 1) / 2.0);
+    return per_tok * (double)n + attn + 2.0 * (double)c->hidden * c->vocab;
+}
+
+int main(int argc, char **argv)
+{
+    const char *model = "models/uncomp-tiny";
+    const char *lengths = "512,2048,4000";
+    const char *policy = "full";
+    int reps = 5, n_decode = 64, budget = 128;
+    enum uc_backend_kind bk = UC_BACKEND_CPU;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--model")) {
+            model = argv[i + 1];
+        } else if (!strcmp(argv[i], "--lengths")) {
+            lengths = argv[i + 1];
+        } else if (!strcmp(argv[i], "--reps")) {
+            reps = atoi(argv[i + 1]);
+        } else if (!strcmp(argv[i], "--decode")) {
+            n_decode = atoi(argv[i + 1]);
+        } else if (!strcmp(argv[i], "--backend")) {
+            uc_backend_parse(argv[i + 1], &bk);
+        } else if (!strcmp(argv[i], "--policy")) {
+            policy = argv[i + 1];
+        } else if (!strcmp(argv[i], "--kv-budget")) {
+            budget = atoi(argv[i + 1]);
+        }
+    }
+    struct uc_comm *comm;
+    if (uc_comm_create(&comm, &argc, &argv, 600000) != UC_OK) {
+        return 1;
+    }
+    uc_log_set_level(UC_LOG_LEVEL_WARN);
+    struct uc_engine_params ep = uc_engine_default_params();
+    ep.model_dir = model;
+    ep.backend.kind = bk;
+    ep.kv_memory_bytes = 512LL << 20;
+    struct uc_engine *e;
+    if (uc_engine_create(&e, &ep, comm) != UC_OK) {
+        return 1;
+    }
+    if (uc_comm_rank(comm) != 0) {
+        uc_engine_serve(e);
+        uc_engine_destroy(e);
+        uc_comm_destroy(comm);
+        return 0;
+    }
+    const struct uc_model_config *cfg = uc_engine_config(e);
+    double peak = bk == UC_BACKEND_CPU ? sgemm_peak() : 0;
+    struct uc_compress_params cp = uc_compress_default_params();
+    uc_policy_parse(policy, &cp.policy);
+    cp.kv_budget = budget;
+    cp.grouping = UC_GROUPING_PROMPT;
+    if (cp.policy == UC_POLICY_UNCOMP_STAGE && !uc_engine_profile(e)) {
+        cp.n_stage_starts = 1;
+        cp.stage_starts[0] = (int32_t)(cfg->n_layers * 3 / 4);
+    }
+    printf("# bench_engine model=%s backend=%s tp=%d policy=%s reps=%d\n", model,
+           uc_backend_kind_name(bk), uc_comm_size(comm), policy, reps);
+    if (peak > 0) {
+        printf("# measured sgemm peak (2048^3, best of 5): %.1f GFLOP/s\n", peak);
+    }
+    printf("%8s %14s %12s %10s %14s %12s\n", "prompt", "prefill_tok/s", "prefill_ms", "GFLOP/s",
+           "frac_of_sgemm", "decode_tok/s");
+    char *save = NULL;
+    char *lens = uc_strdup(lengths);
+    struct uc_rng rng;
+    uc_rng_seed(&rng, 42);
+    for (char *tokstr = strtok_r(lens, ",", &save); tokstr; tokstr = strtok_r(NULL, ",", &save)) {
+        int64_t n = atoll(tokstr);
+        if (n + n_decode > uc_engine_max_ctx(e)) {
+            n = uc_engine_max_ctx(e) - n_decode;
+        }
+        int32_t *ids = uc_malloc((size_t)n * sizeof(int32_t));
+        for (int64_t i = 0; i < n; i++) {
+            ids[i] = (int32_t)(2 + uc_rng_next(&rng) % (uint64_t)(cfg->vocab - 2));
+        }
+        double *pt = uc_malloc((size_t)reps * sizeof(double));
+        double *dt = uc_malloc((size_t)reps * sizeof(double));
+        for (int r = 0; r < reps + 1; r++) { /* first run warms up */
+            double t0 = uc_time_s();
+            if (tu_prefill(e, 1, ids, n, 0, &cp, n_decode) != UC_OK) {
+                return 1;
+            }
+            double t1 = uc_time_s();
+            for (int k = 0; k < n_decode; k++) {
+                tu_decode(e, 1, ids[k % n]);
+            }
+            double t2 = uc_time_s();
+            tu_free(e, 1);
+            if (r > 0) {
+                pt[r - 1] = t1 - t0;
+                dt[r - 1] = t2 - t1;
+            }
+        }
+        double p = median(pt, reps), d = median(dt, reps);
+        double gf = model_flops(cfg, n) / p / 1e9;
+        printf("%8lld %14.1f %12.1f %10.1f %14.3f %12.1f\n", (long long)n, (double)n / p, p * 1e3,
+               gf, peak > 0 ? gf / peak : 0.0, n_decode / d);
+        fflush(stdout);
+        uc_free(ids);
+        uc_free(pt);
+        uc_free(dt);
+    }
+    uc_free(lens);
+    uc_engine_shutdown(e);
+    uc_engine_destroy(e);
+    uc_comm_destroy(comm);
+    return 0;
+}
