@@ -63,6 +63,10 @@ struct uc_backend_ops {
     uc_status (*weight_create)(struct uc_backend *be, void **out, const float *host, int64_t rows,
                                int64_t cols);
     void (*weight_free)(struct uc_backend *be, void *w);
+    /* A synthetic weight (rows, cols): mean + std * N(0,1)-like values from a counter-based
+     * generator of (seed, element index), generated where the weight lives (no host copy). */
+    uc_status (*weight_random)(struct uc_backend *be, void **out, int64_t rows, int64_t cols,
+                               uint64_t seed, float mean, float std);
     /* RoPE tables for positions [0, max_pos): cos/sin of pos * inv_freq[i], i < D/2. */
     uc_status (*rope_init)(struct uc_backend *be, const float *inv_freq, int64_t half_dim,
                            int64_t max_pos);

@@ -12,6 +12,7 @@
 #include "backend.h"
 #include "base/log.h"
 #include "base/mem.h"
+#include "base/util.h"
 #include "compress/entropy.h"
 
 #define ATT_BLOCK 64 /* query rows per attention block */
@@ -71,6 +72,24 @@ static uc_status cpu_weight_create(struct uc_backend *be, void **out, const floa
         memcpy(*out, host, n);
     }
     return rc;
+}
+
+static uc_status cpu_weight_random(struct uc_backend *be, void **out, int64_t rows, int64_t cols,
+                                   uint64_t seed, float mean, float std)
+{
+    int64_t n = rows * cols;
+    uc_status rc = cpu_alloc(be, out, (size_t)n * sizeof(float));
+    if (rc != UC_OK) {
+        return rc;
+    }
+    float *w = *out;
+    uc_test_fill(w, n, seed, 0, 0);
+    /* uniform [-1, 1) has variance 1/3: scale to the requested std */
+    float k = std * 1.7320508f;
+    for (int64_t i = 0; i < n; i++) {
+        w[i] = mean + k * w[i];
+    }
+    return UC_OK;
 }
 
 static uc_status cpu_rope_init(struct uc_backend *be, const float *inv_freq, int64_t half_dim,
@@ -621,6 +640,7 @@ static const struct uc_backend_ops cpu_ops = {
     .act_size = cpu_act_size,
     .weight_create = cpu_weight_create,
     .weight_free = cpu_weight_free,
+    .weight_random = cpu_weight_random,
     .rope_init = cpu_rope_init,
     .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,

@@ -58,6 +58,9 @@ struct seq {
     /* records */
     int32_t **kept;    /* (L, Hkv_local) kept original positions */
     int64_t *n_kept;
+    int32_t **kept_all; /* (L, Hkv) kept positions of every KV head, gathered from all ranks */
+    int64_t *n_kept_all;
+    bool plan_agreed;   /* every rank computed the same plan checksum and kept sets */
     int32_t **rows_at; /* (L) original positions of the rows present */
     double *qspec;     /* (L, H, D) */
     double *hspec;     /* (L, C) */
@@ -641,13 +644,19 @@ static void seq_destroy(struct uc_engine *e, struct seq *s)
             uc_free(s->rows_at[l]);
         }
     }
+    if (s->kept_all) {
+        for (int64_t i = 0; i < e->cfg->n_layers * e->cfg->n_heads_kv; i++) {
+            uc_free(s->kept_all[i]);
+        }
+    }
     if (s->rings) {
         for (int64_t i = 0; i < nh; i++) {
             uc_free(s->rings[i].rows);
         }
     }
     void *p[] = {s->pos, s->logits, s->layer_rows, s->ent_min, s->ent_mean, s->ent_max, s->kept,
-                 s->n_kept, s->rows_at, s->qspec, s->hspec, s->rings};
+                 s->n_kept, s->rows_at, s->qspec, s->hspec, s->rings, s->kept_all,
+                 s->n_kept_all};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) {
         uc_free(p[i]);
     }
@@ -1214,6 +1223,67 @@ out:
     return rc;
 }
 
+/* With UC_SEQ_RECORD_KEPT: every rank's kept sets go to every rank, and the ranks check that
+ * they computed the same plan and, for replicated KV heads, the same kept sets. */
+static uc_status gather_kept(struct uc_engine *e, struct seq *s)
+{
+    int64_t L = e->cfg->n_layers, hkv = e->cfg->n_heads_kv, hkv_l = e->sh->n_heads_kv;
+    int64_t np = s->n_prompt, per = np + 1, R = uc_comm_size(e->comm);
+    int same = 1;
+    uc_status rc = uc_comm_agree_u64(e->comm, uc_plan_checksum(&s->plan), "plan checksum", &same);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    s->plan_agreed = same != 0;
+    size_t local_n = (size_t)(L * hkv_l * per);
+    int32_t *local = uc_calloc(local_n, sizeof(int32_t));
+    int32_t *all = uc_malloc(local_n * (size_t)R * sizeof(int32_t));
+    int64_t *kv0 = uc_malloc((size_t)R * sizeof(int64_t));
+    s->kept_all = uc_calloc((size_t)(L * hkv), sizeof *s->kept_all);
+    s->n_kept_all = uc_calloc((size_t)(L * hkv), sizeof *s->n_kept_all);
+    if (!local || !all || !kv0 || !s->kept_all || !s->n_kept_all) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "kept-set gather");
+        goto out;
+    }
+    for (int64_t i = 0; i < L * hkv_l; i++) {
+        local[i * per] = (int32_t)s->n_kept[i];
+        memcpy(local + i * per + 1, s->kept[i], (size_t)s->n_kept[i] * sizeof(int32_t));
+    }
+    UC_CHECK(uc_comm_allgather(e->comm, local, all, local_n * sizeof(int32_t)), rc, out);
+    UC_CHECK(uc_comm_allgather(e->comm, &e->sh->kv0, kv0, sizeof(int64_t)), rc, out);
+    for (int64_t r = 0; r < R; r++) {
+        for (int64_t l = 0; l < L; l++) {
+            for (int64_t j = 0; j < hkv_l; j++) {
+                const int32_t *src = all + ((size_t)r * (size_t)(L * hkv_l) +
+                                            (size_t)(l * hkv_l + j)) * (size_t)per;
+                int64_t g = l * hkv + kv0[r] + j;
+                if (s->kept_all[g]) { /* a replica: it must agree */
+                    bool eq = s->n_kept_all[g] == src[0] &&
+                              memcmp(s->kept_all[g], src + 1, (size_t)src[0] * 4) == 0;
+                    if (!eq) {
+                        UC_LOG_ERROR("engine: ranks disagree on the kept set of layer=%lld "
+                                     "kv_head=%lld", (long long)l, (long long)(kv0[r] + j));
+                        s->plan_agreed = false;
+                    }
+                    continue;
+                }
+                s->kept_all[g] = uc_malloc((size_t)(src[0] > 0 ? src[0] : 1) * sizeof(int32_t));
+                if (!s->kept_all[g]) {
+                    rc = UC_ERRF(UC_ERR_NOMEM, "kept-set gather");
+                    goto out;
+                }
+                memcpy(s->kept_all[g], src + 1, (size_t)src[0] * sizeof(int32_t));
+                s->n_kept_all[g] = src[0];
+            }
+        }
+    }
+out:
+    uc_free(local);
+    uc_free(all);
+    uc_free(kv0);
+    return rc;
+}
+
 /* Logits after the last layer: the last row, or every row with UC_SEQ_ALL_LOGITS. */
 static uc_status prefill_finish(struct uc_engine *e, struct seq *s)
 {
@@ -1232,6 +1302,9 @@ static uc_status prefill_finish(struct uc_engine *e, struct seq *s)
     if (rc != UC_OK) {
         return rc;
     }
+    if (s->kept) {
+        UC_CHECK(gather_kept(e, s), rc, out);
+    }
     free_prefill_buffers(e, s);
     s->phase = UC_SEQ_DECODING;
     s->n_ctx = s->n_prompt;
@@ -1240,7 +1313,8 @@ static uc_status prefill_finish(struct uc_engine *e, struct seq *s)
         e->cal_windows++;
         e->cal_tokens += s->n_prompt;
     }
-    return UC_OK;
+out:
+    return rc;
 }
 
 /* Runs up to `budget` row-layers of a sequence's prefill (0 = all that remain). */
@@ -1720,14 +1794,19 @@ const int32_t *uc_engine_seq_kept(const struct uc_engine *e, int64_t seq_id, int
                                   int64_t kv_head, int64_t *n)
 {
     const struct seq *s = find_seq(e, seq_id);
-    int64_t j = kv_head - e->sh->kv0;
-    if (!s || !s->kept || j < 0 || j >= e->sh->n_heads_kv || layer < 0 ||
+    if (!s || !s->kept_all || kv_head < 0 || kv_head >= e->cfg->n_heads_kv || layer < 0 ||
         layer >= e->cfg->n_layers) {
         *n = 0;
         return NULL;
     }
-    *n = s->n_kept[layer * e->sh->n_heads_kv + j];
-    return s->kept[layer * e->sh->n_heads_kv + j];
+    *n = s->n_kept_all[layer * e->cfg->n_heads_kv + kv_head];
+    return s->kept_all[layer * e->cfg->n_heads_kv + kv_head];
+}
+
+bool uc_engine_seq_plan_agreed(const struct uc_engine *e, int64_t seq_id)
+{
+    const struct seq *s = find_seq(e, seq_id);
+    return s && s->plan_agreed;
 }
 
 const int32_t *uc_engine_seq_rows(const struct uc_engine *e, int64_t seq_id, int64_t layer,

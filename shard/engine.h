@@ -178,10 +178,13 @@ uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
                                struct uc_compress_report *out);
 /* The plan of a sequence (valid until it ends). */
 const struct uc_plan *uc_engine_seq_plan(const struct uc_engine *e, int64_t seq_id);
-/* With UC_SEQ_RECORD_KEPT: the kept original positions of (layer, global KV head), or NULL when
- * this rank does not hold that head. */
+/* With UC_SEQ_RECORD_KEPT: the kept original positions of (layer, global KV head), gathered
+ * from every rank at the end of prefill. */
 const int32_t *uc_engine_seq_kept(const struct uc_engine *e, int64_t seq_id, int64_t layer,
                                   int64_t kv_head, int64_t *n);
+/* With UC_SEQ_RECORD_KEPT: whether every rank computed the same plan checksum (and replicated
+ * KV heads the same kept sets). */
+bool uc_engine_seq_plan_agreed(const struct uc_engine *e, int64_t seq_id);
 /* With UC_SEQ_RECORD_KEPT and uncomp-stage: original positions of the rows present at a layer. */
 const int32_t *uc_engine_seq_rows(const struct uc_engine *e, int64_t seq_id, int64_t layer,
                                   int64_t *n);

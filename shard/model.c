@@ -297,6 +297,52 @@ static void rope_inv_freq(const struct uc_model_config *c, float *inv)
     }
 }
 
+/* Synthetic weights: each tensor's slice generated on the backend from a seed derived from the
+ * tensor name and the slice, with the init scale of a trained model (std 0.02, norms 1). */
+static uc_status random_weight(struct uc_model *m, void **out, const char *name, int64_t part,
+                               int64_t rows, int64_t cols, float mean, float std)
+{
+    uint64_t seed = uc_fnv1a(UC_FNV_INIT, name, strlen(name)) ^ (uint64_t)part * 0x9e3779b9ULL;
+    uc_status rc = m->be->ops->weight_random(m->be, out, rows, cols, seed, mean, std);
+    if (rc == UC_OK) {
+        m->weight_bytes += (size_t)(rows * cols) * m->be->ops->act_size(m->be);
+    }
+    return rc;
+}
+
+static uc_status create_synthetic(struct uc_model *m)
+{
+    const struct uc_model_config *c = &m->cfg;
+    const struct uc_model_shard *s = &m->sh;
+    uc_status rc;
+    const float sd = 0.02f;
+    UC_CHECK(random_weight(m, &m->embed, "embed", 0, c->vocab, c->hidden, 0.0f, sd), rc, out);
+    if (s->n_vocab > 0) {
+        UC_CHECK(random_weight(m, &m->lm_head, "lm_head", s->v0, s->n_vocab, c->hidden, 0.0f, sd),
+                 rc, out);
+    }
+    UC_CHECK(random_weight(m, &m->final_norm, "norm", 0, 1, c->hidden, 1.0f, 0.0f), rc, out);
+    for (int64_t l = 0; l < c->n_layers; l++) {
+        struct layer_w *w = &m->layers[l];
+        int64_t base = l * 1000003 + s->rank * 7919;
+        UC_CHECK(random_weight(m, &w->attn_norm, "attn_norm", l, 1, c->hidden, 1.0f, 0.0f), rc,
+                 out);
+        UC_CHECK(random_weight(m, &w->ffn_norm, "ffn_norm", l, 1, c->hidden, 1.0f, 0.0f), rc,
+                 out);
+        UC_CHECK(random_weight(m, &w->wqkv, "wqkv", base, s->qkv_dim, c->hidden, 0.0f, sd), rc,
+                 out);
+        UC_CHECK(random_weight(m, &w->wo, "wo", base, c->hidden, s->n_heads * c->head_dim, 0.0f,
+                               sd),
+                 rc, out);
+        UC_CHECK(random_weight(m, &w->wgu, "wgu", base, 2 * s->n_ffn, c->hidden, 0.0f, sd), rc,
+                 out);
+        UC_CHECK(random_weight(m, &w->wdown, "wdown", base, c->hidden, s->n_ffn, 0.0f, sd), rc,
+                 out);
+    }
+out:
+    return rc;
+}
+
 uc_status uc_model_create(struct uc_model **out, const struct uc_model_params *p)
 {
     *out = NULL;
@@ -310,7 +356,12 @@ uc_status uc_model_create(struct uc_model **out, const struct uc_model_params *p
     }
     m->be = p->be;
     m->comm = p->comm;
-    UC_CHECK(uc_model_config_load(&m->cfg, p->model_dir), rc, out_destroy);
+    bool synthetic = uc_model_is_synthetic(p->model_dir);
+    if (synthetic) {
+        UC_CHECK(uc_model_config_synthetic(&m->cfg, p->model_dir), rc, out_destroy);
+    } else {
+        UC_CHECK(uc_model_config_load(&m->cfg, p->model_dir), rc, out_destroy);
+    }
     int rank = uc_comm_rank(p->comm), n_ranks = uc_comm_size(p->comm);
     char msg[256];
     if (uc_model_tp_check(&m->cfg, n_ranks, msg, sizeof msg) != UC_OK) {
@@ -318,6 +369,17 @@ uc_status uc_model_create(struct uc_model **out, const struct uc_model_params *p
         goto out_destroy;
     }
     uc_model_shard_of(&m->sh, &m->cfg, rank, n_ranks);
+    const struct uc_model_config *c = &m->cfg;
+    if (synthetic) {
+        m->hash = uc_model_config_hash(c);
+        m->layers = uc_calloc((size_t)c->n_layers, sizeof *m->layers);
+        if (!m->layers) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "layers=%lld", (long long)c->n_layers);
+            goto out_destroy;
+        }
+        UC_CHECK(create_synthetic(m), rc, out_destroy);
+        goto rope;
+    }
     UC_CHECK(uc_st_open(&st, p->model_dir), rc, out_destroy);
     UC_CHECK(validate(&m->cfg, st), rc, out_destroy);
     m->hash = checkpoint_hash(&m->cfg, st);
@@ -326,7 +388,6 @@ uc_status uc_model_create(struct uc_model **out, const struct uc_model_params *p
         rc = UC_ERRF(UC_ERR_NOMEM, "layers=%lld", (long long)m->cfg.n_layers);
         goto out_destroy;
     }
-    const struct uc_model_config *c = &m->cfg;
     float *b = stage_get(&sg, c->vocab * c->hidden);
     if (!b) {
         rc = UC_ERRF(UC_ERR_NOMEM, "embedding V=%lld", (long long)c->vocab);
@@ -345,6 +406,7 @@ uc_status uc_model_create(struct uc_model **out, const struct uc_model_params *p
     for (int64_t l = 0; l < c->n_layers; l++) {
         UC_CHECK(load_layer(m, st, &sg, l), rc, out_destroy);
     }
+rope:
     inv = uc_malloc((size_t)(c->head_dim / 2) * sizeof *inv);
     if (!inv) {
         rc = UC_ERRF(UC_ERR_NOMEM, "rope");

@@ -302,3 +302,74 @@ bool uc_model_config_is_eos(const struct uc_model_config *cfg, int32_t id)
     }
     return false;
 }
+
+bool uc_model_is_synthetic(const char *model_dir)
+{
+    return strncmp(model_dir, "synthetic:", 10) == 0;
+}
+
+struct preset {
+    const char *name;
+    int64_t layers, hidden, ffn, heads, heads_kv, head_dim, vocab, ctx;
+    double theta;
+    bool llama3_rope, tied;
+};
+
+static const struct preset presets[] = {
+    {"llama3-8b", 32, 4096, 14336, 32, 8, 128, 128256, 131072, 500000.0, true, false},
+    {"llama3-1b", 16, 2048, 8192, 32, 8, 64, 128256, 131072, 500000.0, true, true},
+    {"llama3-70b", 80, 8192, 28672, 64, 8, 128, 128256, 131072, 500000.0, true, false},
+    {"tiny", 8, 256, 768, 8, 4, 32, 4096, 4096, 10000.0, false, false},
+};
+
+uc_status uc_model_config_synthetic(struct uc_model_config *cfg, const char *spec)
+{
+    memset(cfg, 0, sizeof *cfg);
+    const char *name = uc_model_is_synthetic(spec) ? spec + 10 : spec;
+    const struct preset *p = NULL;
+    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++) {
+        size_t n = strlen(presets[i].name);
+        if (strncmp(name, presets[i].name, n) == 0 && (name[n] == '\0' || name[n] == ':')) {
+            p = &presets[i];
+        }
+    }
+    if (!p) {
+        return UC_ERRF(UC_ERR_UNSUPPORTED, "synthetic model %s: known shapes are llama3-8b, "
+                       "llama3-1b, llama3-70b, tiny", name);
+    }
+    snprintf(cfg->arch, sizeof cfg->arch, "LlamaForCausalLM");
+    snprintf(cfg->model_type, sizeof cfg->model_type, "llama");
+    snprintf(cfg->torch_dtype, sizeof cfg->torch_dtype, "bfloat16");
+    cfg->n_layers = p->layers;
+    const char *opt = strchr(name, ':');
+    if (opt) {
+        long l = 0;
+        if (sscanf(opt, ":layers=%ld", &l) != 1 || l < 1 || l > p->layers) {
+            return UC_ERRF(UC_ERR_INVALID_ARG, "synthetic model %s: option must be :layers=N with "
+                           "1 <= N <= %lld", name, (long long)p->layers);
+        }
+        cfg->n_layers = l;
+    }
+    cfg->hidden = p->hidden;
+    cfg->ffn = p->ffn;
+    cfg->n_heads = p->heads;
+    cfg->n_heads_kv = p->heads_kv;
+    cfg->head_dim = p->head_dim;
+    cfg->vocab = p->vocab;
+    cfg->max_ctx = p->ctx;
+    cfg->norm_eps = 1e-5;
+    cfg->rope_theta = p->theta;
+    cfg->rope_factor = 1.0;
+    if (p->llama3_rope) {
+        cfg->rope_kind = UC_ROPE_LLAMA3;
+        cfg->rope_factor = 8.0;
+        cfg->rope_low_freq_factor = 1.0;
+        cfg->rope_high_freq_factor = 4.0;
+        cfg->rope_orig_max_ctx = 8192.0;
+    }
+    cfg->tie_embeddings = p->tied;
+    cfg->bos_id = 0;
+    cfg->eos_ids[0] = 1;
+    cfg->n_eos = 1;
+    return UC_OK;
+}

@@ -55,6 +55,13 @@ uc_status uc_model_config_parse(struct uc_model_config *cfg, const char *json_te
                                 const char *path);
 /* Reads and parses DIR/config.json. */
 uc_status uc_model_config_load(struct uc_model_config *cfg, const char *model_dir);
+/* Shapes of well-known models for synthetic (seeded random) weights: "llama3-8b",
+ * "llama3-1b", "llama3-70b", "tiny" (uncomp-tiny's shape), optionally followed by ":layers=N"
+ * to keep only N layers (per-rank slices of a large model on one GPU). */
+uc_status uc_model_config_synthetic(struct uc_model_config *cfg, const char *spec);
+/* Whether a --model value names a synthetic model ("synthetic:SPEC"). */
+bool uc_model_is_synthetic(const char *model_dir);
+
 /* A stable hash of every field (for cross-rank agreement). */
 uint64_t uc_model_config_hash(const struct uc_model_config *cfg);
 /* Whether token id `id` is one of the configured end-of-sequence ids. */
