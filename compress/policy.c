@@ -233,7 +233,10 @@ int64_t uc_stage_rows(int64_t n0, int32_t c, int32_t n_stages, float r_min, int6
     if (n_stages <= 1 || c == 0) {
         return n0;
     }
-    double keep = ceil((double)n0 * (1.0 - (1.0 - (double)r_min) * c / (n_stages - 1)) - 1e-9);
+    /* r_min arrives as a float (0.3f is 0.30000001): round it to 6 decimals first, so a product
+     * that is an integer in decimal is not pushed past it by the float error */
+    double r = round((double)r_min * 1e6) / 1e6;
+    double keep = ceil((double)n0 * (1.0 - (1.0 - r) * c / (n_stages - 1)) - 1e-9 * (double)n0);
     int64_t k = (int64_t)keep;
     if (k < min_rows) {
         k = min_rows;

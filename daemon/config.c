@@ -15,8 +15,9 @@
 
 static const struct uc_cfg_option options[] = {
     /* model and engine */
-    {"model", UC_CFG_STR, OFF(model), "", 0, 0, UC_CFG_IMMUTABLE,
-     "model directory (Hugging Face layout); empty = the bundled models/uncomp-tiny"},
+    {"model", UC_CFG_STR, OFF(model), "", 0, 0, UC_CFG_IMMUTABLE | UC_CFG_RANK_LOCAL,
+     "model directory (Hugging Face layout) or synthetic:SHAPE; empty = the bundled "
+     "models/uncomp-tiny (the path may differ between hosts: ranks compare the model's hash)"},
     {"config", UC_CFG_STR, OFF(config_file), "", 0, 0, UC_CFG_CLI_ONLY | UC_CFG_RANK_LOCAL,
      "read options from this file first (lines 'name value'; the command line wins)"},
     {"tp", UC_CFG_INT, OFF(tp), "0", 0, 4096, UC_CFG_IMMUTABLE,
@@ -404,6 +405,19 @@ uc_status uc_config_validate(const struct uc_config *c, int world_size, char *ms
     return UC_OK;
 }
 
+/* The shortest decimal that reads back as the same double. */
+static void write_double(struct uc_buf *b, double v)
+{
+    char tmp[64];
+    for (int prec = 6; prec <= 17; prec++) {
+        snprintf(tmp, sizeof tmp, "%.*g", prec, v);
+        if (strtod(tmp, NULL) == v) {
+            break;
+        }
+    }
+    uc_buf_puts(b, tmp);
+}
+
 static void write_value(const struct uc_config *c, const struct uc_cfg_option *o,
                         struct uc_buf *b)
 {
@@ -411,7 +425,7 @@ static void write_value(const struct uc_config *c, const struct uc_cfg_option *o
     switch (o->type) {
     case UC_CFG_STR: uc_buf_puts(b, *(char *const *)(const void *)base); break;
     case UC_CFG_BOOL: uc_buf_puts(b, *(const bool *)(const void *)base ? "yes" : "no"); break;
-    case UC_CFG_DBL: uc_buf_printf(b, "%g", *(const double *)(const void *)base); break;
+    case UC_CFG_DBL: write_double(b, *(const double *)(const void *)base); break;
     case UC_CFG_INT:
     case UC_CFG_BYTES: uc_buf_printf(b, "%lld", (long long)*(const int64_t *)(const void *)base); break;
     }

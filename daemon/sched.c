@@ -298,7 +298,9 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
         size_t n = strlen(r->stop[i]);
         q->max_stop_len = n > q->max_stop_len ? n : q->max_stop_len;
     }
-    memcpy(q->stop_ids, r->stop_ids, (size_t)r->n_stop_ids * sizeof(int32_t));
+    if (r->n_stop_ids > 0) {
+        memcpy(q->stop_ids, r->stop_ids, (size_t)r->n_stop_ids * sizeof(int32_t));
+    }
     q->n_stop_ids = r->n_stop_ids;
     q->sp = r->sampling;
     q->max_tokens = max_tokens;

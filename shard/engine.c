@@ -440,8 +440,9 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
     e->comm = comm;
     uc_buf_init(&e->wire);
     e->model_dir = uc_strdup(p->model_dir ? p->model_dir : ".");
-    e->profile_path = p->profile_path ? uc_strdup(p->profile_path)
-                                      : uc_path_join(e->model_dir, "uncomp_profile.json");
+    e->profile_path = p->profile_path  ? uc_strdup(p->profile_path)
+                      : e->model_dir ? uc_path_join(e->model_dir, "uncomp_profile.json")
+                                     : NULL;
     e->p.model_dir = e->model_dir;
     e->p.profile_path = e->profile_path;
     if (!e->model_dir || !e->profile_path) {

@@ -116,6 +116,10 @@ void uc_kv_head_trim(struct uc_kv_cache *kv, struct uc_kv_head *h)
 uc_status uc_kv_head_remove(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t i)
 {
     struct uc_backend *be = kv->be;
+    if (i < 0 || i >= h->n_tokens) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "kv remove index %lld outside %d tokens", (long long)i,
+                       h->n_tokens);
+    }
     for (int64_t t = i; t + 1 < h->n_tokens; t++) {
         uc_status rc = be->ops->kv_move(be, &kv->pool, uc_kv_head_slot(kv, h, t),
                                         uc_kv_head_slot(kv, h, t + 1));

@@ -149,7 +149,7 @@ static uc_status parse_eos(struct uc_model_config *cfg, const cJSON *root, const
                            cfg->eos_ids[i], (long long)cfg->vocab);
         }
     }
-    if (cfg->bos_id >= cfg->vocab) {
+    if (cfg->bos_id >= cfg->vocab || cfg->bos_id < -1) {
         return UC_ERRF(UC_ERR_FORMAT, "file=%s field=bos_token_id=%d outside vocab", path,
                        cfg->bos_id);
     }

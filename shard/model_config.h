@@ -42,7 +42,7 @@ struct uc_model_config {
     bool qkv_bias;
     bool o_bias;
     bool mlp_bias;
-    int64_t sliding_window; /* 0 = none; Mistral's is refused if smaller than max_ctx */
+    int64_t sliding_window; /* 0 = none; else contexts are limited to it (max_ctx lowered) */
     int32_t bos_id;         /* -1 when absent */
     int32_t eos_ids[UC_MAX_EOS_IDS];
     int n_eos;

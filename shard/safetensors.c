@@ -210,7 +210,7 @@ static uc_status map_file(struct uc_st *st, const char *path)
         }
         UC_CHECK(parse_entry(st, fi, e, f->map + 8 + hlen, f->size - 8 - hlen), rc, out);
     }
-    /* No two tensors of this file may overlap. */
+    /* No two tensors of this file may overlap (empty tensors occupy no bytes). */
     int64_t n = st->n_tensors - first;
     if (n > 1) {
         const struct uc_st_tensor **v = uc_malloc((size_t)n * sizeof *v);
@@ -218,11 +218,14 @@ static uc_status map_file(struct uc_st *st, const char *path)
             rc = UC_ERRF(UC_ERR_NOMEM, "file=%s", path);
             goto out;
         }
+        int64_t nonempty = 0;
         for (int64_t i = 0; i < n; i++) {
-            v[i] = &st->tensors[first + i];
+            if (st->tensors[first + i].size_bytes > 0) {
+                v[nonempty++] = &st->tensors[first + i];
+            }
         }
-        qsort(v, (size_t)n, sizeof *v, cmp_range);
-        for (int64_t i = 1; i < n && rc == UC_OK; i++) {
+        qsort(v, (size_t)nonempty, sizeof *v, cmp_range);
+        for (int64_t i = 1; i < nonempty && rc == UC_OK; i++) {
             if (v[i - 1]->data + v[i - 1]->size_bytes > v[i]->data) {
                 rc = UC_ERRF(UC_ERR_FORMAT, "file=%s tensors %s and %s overlap", path, v[i - 1]->name,
                              v[i]->name);
@@ -278,7 +281,10 @@ static uc_status open_sharded(struct uc_st *st, const char *dir, const char *ind
     cJSON_ArrayForEach(e, map)
     {
         const struct uc_st_tensor *t = uc_st_find(st, e->string);
-        if (!t) {
+        const char *path = t ? uc_st_file_name(st, t) : NULL;
+        const char *base = path ? strrchr(path, '/') : NULL;
+        base = base ? base + 1 : path;
+        if (!t || strcmp(base, e->valuestring) != 0) {
             rc = UC_ERRF(UC_ERR_FORMAT, "file=%s tensor=%s listed in the index but absent from %s",
                          index_path, e->string, e->valuestring);
             goto out;

@@ -1,0 +1,770 @@
+/* The CUDA backend: bf16 weights and activations with float32 accumulation (or float32
+ * throughout with params.fp32, for accuracy checks), cuBLAS GemmEx for every projection, our
+ * kernels (kernels/) for the rest. Everything runs in order on one stream (be->stream); memory
+ * comes from the device's stream-ordered pool (cudaMallocAsync, release threshold raised so it
+ * is kept), so a free right after a launch is safe. Host index arrays (ids, positions, kept rows,
+ * scatter lists, block tables) travel through a ring of pinned staging slots, each guarded by
+ * an event, into a device index buffer that only grows. Ops that return host results (download,
+ * window_probs, colsum, qcov, decode psum, argmax) synchronise the stream; nothing else does. */
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "base/log.h"
+#include "base/mem.h"
+#include "kernels/kernels.h"
+
+#define STAGE_SLOTS 32
+#define BLAS_WS_BYTES ((size_t)32 << 20)
+#define CONVERT_CHUNK ((int64_t)32 << 20) /* elements per float32 conversion pass */
+#define QCOV_WS_BYTES ((size_t)512 << 20)
+
+/* ---- errors ----------------------------------------------------------------------------- */
+
+static uc_status cu_check(cudaError_t e, const char *expr, const char *file, int line,
+                          const char *func)
+{
+    if (e == cudaSuccess) {
+        return UC_OK;
+    }
+    uc_status st = e == cudaErrorMemoryAllocation ? UC_ERR_DEVICE_NOMEM : UC_ERR_CUDA;
+    return uc_error_at(st, file, line, func, "%s: %s (%s)", expr, cudaGetErrorName(e),
+                       cudaGetErrorString(e));
+}
+#define CU(e) cu_check((e), #e, __FILE__, __LINE__, __func__)
+
+static uc_status blas_check(cublasStatus_t s, const char *expr, const char *file, int line,
+                            const char *func)
+{
+    if (s == CUBLAS_STATUS_SUCCESS) {
+        return UC_OK;
+    }
+    uc_status st = s == CUBLAS_STATUS_ALLOC_FAILED ? UC_ERR_DEVICE_NOMEM : UC_ERR_CUDA;
+    return uc_error_at(st, file, line, func, "%s: %s", expr, cublasGetStatusString(s));
+}
+#define BLAS(e) blas_check((e), #e, __FILE__, __LINE__, __func__)
+
+/* ---- context ---------------------------------------------------------------------------- */
+
+struct stage_slot {
+    void *host; /* pinned */
+    size_t cap;
+    cudaEvent_t done; /* recorded after the last copy out of this slot */
+};
+
+/* A device workspace that grows and is kept. */
+struct dev_buf {
+    void *p;
+    size_t cap;
+};
+
+struct cuda_ctx {
+    int device;
+    bool fp32;
+    enum uc_cuda_dtype dt;
+    size_t act;
+    int n_sms;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    void *blas_ws;
+    float *rope_cos; /* (max_pos, D/2) */
+    float *rope_sin;
+    int64_t rope_half;
+    int64_t rope_max_pos;
+    struct stage_slot slots[STAGE_SLOTS];
+    int next_slot;
+    struct dev_buf idx;  /* int32 index arrays of the current op */
+    struct dev_buf conv; /* float32 staging of conversions */
+    struct dev_buf work; /* float workspaces: window probs, colsum row stats, decode partials */
+    struct dev_buf outp; /* results on their way to the host: psum, colsum, covariances */
+    struct dev_buf dbl;  /* double workspaces: qcov rows and means */
+};
+
+static struct cuda_ctx *ctx_of(struct uc_backend *be) { return be->ctx; }
+
+static uc_status buf_reserve(struct cuda_ctx *c, struct dev_buf *b, size_t bytes)
+{
+    if (bytes <= b->cap) {
+        return UC_OK;
+    }
+    size_t cap = b->cap + b->cap / 2;
+    cap = cap > bytes ? cap : bytes;
+    cap = (cap + 255) & ~(size_t)255;
+    if (b->p) {
+        uc_status rc = CU(cudaFreeAsync(b->p, c->stream));
+        b->p = NULL;
+        b->cap = 0;
+        if (rc != UC_OK) {
+            return rc;
+        }
+    }
+    uc_status rc = CU(cudaMallocAsync(&b->p, cap, c->stream));
+    if (rc == UC_OK) {
+        b->cap = cap;
+    }
+    return rc;
+}
+
+/* Copies `n_parts` host int32 arrays into the device index buffer through a pinned staging
+ * slot; dev[i] receives the device address of part i. Stream-ordered: the kernels of this op
+ * read them before any later op's copy lands. */
+static uc_status upload_idx(struct cuda_ctx *c, int32_t **dev, const int32_t *const *parts,
+                            const int64_t *counts, int n_parts)
+{
+    size_t bytes = 0;
+    for (int i = 0; i < n_parts; i++) {
+        bytes += (size_t)counts[i] * sizeof(int32_t);
+    }
+    bytes = bytes ? bytes : sizeof(int32_t);
+    uc_status rc;
+    UC_CHECK(buf_reserve(c, &c->idx, bytes), rc, out);
+    struct stage_slot *s = &c->slots[c->next_slot];
+    c->next_slot = (c->next_slot + 1) % STAGE_SLOTS;
+    UC_CHECK(CU(cudaEventSynchronize(s->done)), rc, out); /* its previous copy has left */
+    if (bytes > s->cap) {
+        size_t cap = bytes > 2 * s->cap ? bytes : 2 * s->cap;
+        if (s->host) {
+            UC_CHECK(CU(cudaFreeHost(s->host)), rc, out);
+            s->host = NULL;
+            s->cap = 0;
+        }
+        UC_CHECK(CU(cudaHostAlloc(&s->host, cap, cudaHostAllocDefault)), rc, out);
+        s->cap = cap;
+    }
+    size_t off = 0;
+    for (int i = 0; i < n_parts; i++) {
+        size_t nb = (size_t)counts[i] * sizeof(int32_t);
+        if (nb) {
+            memcpy((char *)s->host + off, parts[i], nb);
+        }
+        dev[i] = (int32_t *)((char *)c->idx.p + off);
+        off += nb;
+    }
+    UC_CHECK(CU(cudaMemcpyAsync(c->idx.p, s->host, off ? off : sizeof(int32_t),
+                                cudaMemcpyHostToDevice, c->stream)),
+             rc, out);
+    UC_CHECK(CU(cudaEventRecord(s->done, c->stream)), rc, out);
+out:
+    return rc;
+}
+
+/* Device to host and wait. */
+static uc_status download_sync(struct cuda_ctx *c, void *dst, const void *src, size_t bytes)
+{
+    uc_status rc = UC_OK;
+    if (bytes) {
+        rc = CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream));
+    }
+    return rc == UC_OK ? CU(cudaStreamSynchronize(c->stream)) : rc;
+}
+
+/* ---- memory ----------------------------------------------------------------------------- */
+
+static uc_status cuda_alloc(struct uc_backend *be, void **out, size_t size_bytes)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    *out = NULL;
+    cudaError_t e = cudaMallocAsync(out, size_bytes ? size_bytes : 256, c->stream);
+    if (e != cudaSuccess) {
+        *out = NULL;
+        return uc_error_at(e == cudaErrorMemoryAllocation ? UC_ERR_DEVICE_NOMEM : UC_ERR_CUDA,
+                           __FILE__, __LINE__, __func__, "cuda alloc bytes=%zu: %s", size_bytes,
+                           cudaGetErrorString(e));
+    }
+    return UC_OK;
+}
+
+static void cuda_free(struct uc_backend *be, void *p)
+{
+    if (p) {
+        (void)CU(cudaFreeAsync(p, ctx_of(be)->stream));
+    }
+}
+
+static uc_status cuda_upload(struct uc_backend *be, void *dst, const void *src, size_t size_bytes)
+{
+    /* pageable source: staged by the driver before the call returns, so src is free to reuse */
+    if (!size_bytes) {
+        return UC_OK;
+    }
+    return CU(cudaMemcpyAsync(dst, src, size_bytes, cudaMemcpyHostToDevice, ctx_of(be)->stream));
+}
+
+static uc_status cuda_download(struct uc_backend *be, void *dst, const void *src, size_t size_bytes)
+{
+    return download_sync(ctx_of(be), dst, src, size_bytes);
+}
+
+static uc_status cuda_copy(struct uc_backend *be, void *dst, const void *src, size_t size_bytes)
+{
+    if (!size_bytes || dst == src) {
+        return UC_OK;
+    }
+    return CU(cudaMemcpyAsync(dst, src, size_bytes, cudaMemcpyDeviceToDevice, ctx_of(be)->stream));
+}
+
+static uc_status cuda_download_f32(struct uc_backend *be, float *dst, const void *src, int64_t n)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (c->fp32) {
+        return download_sync(c, dst, src, (size_t)n * sizeof(float));
+    }
+    uc_status rc;
+    for (int64_t i0 = 0; i0 < n; i0 += CONVERT_CHUNK) {
+        int64_t m = n - i0 < CONVERT_CHUNK ? n - i0 : CONVERT_CHUNK;
+        UC_CHECK(buf_reserve(c, &c->conv, (size_t)m * sizeof(float)), rc, out);
+        UC_CHECK(CU(uc_cuda_convert(c->conv.p, UC_CUDA_F32, (const char *)src + i0 * 2,
+                                    UC_CUDA_BF16, m, c->stream)),
+                 rc, out);
+        UC_CHECK(download_sync(c, dst + i0, c->conv.p, (size_t)m * sizeof(float)), rc, out);
+    }
+    return CU(cudaStreamSynchronize(c->stream));
+out:
+    return rc;
+}
+
+static uc_status cuda_upload_f32(struct uc_backend *be, void *dst, const float *src, int64_t n)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (c->fp32) {
+        return cuda_upload(be, dst, src, (size_t)n * sizeof(float));
+    }
+    uc_status rc = UC_OK;
+    for (int64_t i0 = 0; i0 < n; i0 += CONVERT_CHUNK) {
+        int64_t m = n - i0 < CONVERT_CHUNK ? n - i0 : CONVERT_CHUNK;
+        UC_CHECK(buf_reserve(c, &c->conv, (size_t)m * sizeof(float)), rc, out);
+        UC_CHECK(CU(cudaMemcpyAsync(c->conv.p, src + i0, (size_t)m * sizeof(float),
+                                    cudaMemcpyHostToDevice, c->stream)),
+                 rc, out);
+        UC_CHECK(CU(uc_cuda_convert((char *)dst + i0 * 2, UC_CUDA_BF16, c->conv.p, UC_CUDA_F32, m,
+                                    c->stream)),
+                 rc, out);
+    }
+out:
+    return rc;
+}
+
+static uc_status cuda_sync(struct uc_backend *be)
+{
+    return CU(cudaStreamSynchronize(ctx_of(be)->stream));
+}
+
+static size_t cuda_act_size(struct uc_backend *be) { return ctx_of(be)->act; }
+
+static uc_status cuda_weight_create(struct uc_backend *be, void **out, const float *host,
+                                    int64_t rows, int64_t cols)
+{
+    uc_status rc = cuda_alloc(be, out, (size_t)(rows * cols) * ctx_of(be)->act);
+    if (rc == UC_OK) {
+        rc = cuda_upload_f32(be, *out, host, rows * cols);
+        if (rc != UC_OK) {
+            cuda_free(be, *out);
+            *out = NULL;
+        }
+    }
+    return rc;
+}
+
+static void cuda_weight_free(struct uc_backend *be, void *w) { cuda_free(be, w); }
+
+static uc_status cuda_weight_random(struct uc_backend *be, void **out, int64_t rows, int64_t cols,
+                                    uint64_t seed, float mean, float std)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    uc_status rc = cuda_alloc(be, out, (size_t)(rows * cols) * c->act);
+    if (rc == UC_OK) {
+        rc = CU(uc_cuda_weight_random(*out, rows * cols, seed, mean, std, c->dt, c->stream));
+        if (rc != UC_OK) {
+            cuda_free(be, *out);
+            *out = NULL;
+        }
+    }
+    return rc;
+}
+
+static uc_status cuda_rope_init(struct uc_backend *be, const float *inv_freq, int64_t half_dim,
+                                int64_t max_pos)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    uc_status rc;
+    cuda_free(be, c->rope_cos);
+    cuda_free(be, c->rope_sin);
+    c->rope_cos = c->rope_sin = NULL;
+    c->rope_half = c->rope_max_pos = 0;
+    size_t n = (size_t)(half_dim * max_pos) * sizeof(float);
+    UC_CHECK(cuda_alloc(be, (void **)&c->rope_cos, n), rc, out);
+    UC_CHECK(cuda_alloc(be, (void **)&c->rope_sin, n), rc, out);
+    UC_CHECK(buf_reserve(c, &c->conv, (size_t)half_dim * sizeof(float)), rc, out);
+    UC_CHECK(cuda_upload(be, c->conv.p, inv_freq, (size_t)half_dim * sizeof(float)), rc, out);
+    UC_CHECK(CU(uc_cuda_rope_table(c->rope_cos, c->rope_sin, c->conv.p, half_dim, max_pos,
+                                   c->stream)),
+             rc, out);
+    c->rope_half = half_dim;
+    c->rope_max_pos = max_pos;
+out:
+    return rc;
+}
+
+/* ---- element-wise ops and projections --------------------------------------------------- */
+
+static uc_status cuda_embed(struct uc_backend *be, void *y, const void *table, const int32_t *ids,
+                            int64_t n_tok, int64_t dim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    int32_t *d_ids;
+    uc_status rc = upload_idx(c, &d_ids, &ids, &n_tok, 1);
+    if (rc == UC_OK) {
+        rc = CU(uc_cuda_embed(y, table, d_ids, n_tok, dim, c->dt, c->stream));
+    }
+    return rc;
+}
+
+static uc_status cuda_rmsnorm(struct uc_backend *be, void *y, const void *x, const void *w,
+                              int64_t n_tok, int64_t dim, float eps)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    return CU(uc_cuda_rmsnorm(y, x, w, n_tok, dim, eps, c->dt, c->stream));
+}
+
+static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, const void *w,
+                             int64_t n_tok, int64_t n_out, int64_t n_in)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (n_tok <= 0) {
+        return UC_OK;
+    }
+    if (n_tok > INT32_MAX || n_out > INT32_MAX || n_in > INT32_MAX) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "matmul too large T=%lld N=%lld K=%lld",
+                       (long long)n_tok, (long long)n_out, (long long)n_in);
+    }
+    const float alpha = 1.0f, beta = 0.0f;
+    cudaDataType_t t = c->fp32 ? CUDA_R_32F : CUDA_R_16BF;
+    /* row-major y (T, N) = x (T, K) w^T is column-major y^T (N, T) = w (K, N)^T x^T (K, T) */
+    return BLAS(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)n_tok, (int)n_in,
+                             &alpha, w, t, (int)n_in, x, t, (int)n_in, &beta, y, t, (int)n_out,
+                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+static uc_status cuda_add_bias(struct uc_backend *be, void *y, const void *b, int64_t n_tok,
+                               int64_t n_out)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    return CU(uc_cuda_add_bias(y, b, n_tok, n_out, c->dt, c->stream));
+}
+
+static uc_status cuda_add(struct uc_backend *be, void *y, const void *x, int64_t n)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    return CU(uc_cuda_add(y, x, n, c->dt, c->stream));
+}
+
+static uc_status cuda_rope(struct uc_backend *be, void *x, int64_t ld, int64_t n_heads,
+                           int64_t head_dim, const int32_t *pos, int64_t n_tok)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (head_dim / 2 != c->rope_half) {
+        return UC_ERRF(UC_ERR_INTERNAL, "rope table half_dim=%lld, op asks %lld",
+                       (long long)c->rope_half, (long long)(head_dim / 2));
+    }
+    for (int64_t t = 0; t < n_tok; t++) {
+        if (pos[t] < 0 || pos[t] >= c->rope_max_pos) {
+            return UC_ERRF(UC_ERR_INVALID_ARG, "position %d outside the rope table (%lld)", pos[t],
+                           (long long)c->rope_max_pos);
+        }
+    }
+    int32_t *d_pos;
+    uc_status rc = upload_idx(c, &d_pos, &pos, &n_tok, 1);
+    if (rc == UC_OK) {
+        rc = CU(uc_cuda_rope(x, ld, n_heads, head_dim, d_pos, n_tok, c->rope_cos, c->rope_sin,
+                             c->dt, c->stream));
+    }
+    return rc;
+}
+
+static uc_status cuda_swiglu(struct uc_backend *be, void *y, const void *gu, int64_t n_tok,
+                             int64_t n_ffn)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    return CU(uc_cuda_swiglu(y, gu, n_tok, n_ffn, c->dt, c->stream));
+}
+
+static uc_status cuda_copy_rows(struct uc_backend *be, void *dst, int64_t dst_ld, const void *src,
+                                int64_t src_ld, int64_t width, int64_t n_rows)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (n_rows <= 0 || width <= 0) {
+        return UC_OK;
+    }
+    size_t a = c->act;
+    return CU(cudaMemcpy2DAsync(dst, (size_t)dst_ld * a, src, (size_t)src_ld * a, (size_t)width * a,
+                                (size_t)n_rows, cudaMemcpyDeviceToDevice, c->stream));
+}
+
+static uc_status cuda_gather_rows(struct uc_backend *be, void *dst, const void *src,
+                                  const int32_t *idx, int64_t n_idx, int64_t width)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    int32_t *d_idx;
+    uc_status rc = upload_idx(c, &d_idx, &idx, &n_idx, 1);
+    if (rc == UC_OK) {
+        rc = CU(uc_cuda_gather_rows(dst, src, d_idx, n_idx, width, c->dt, c->stream));
+    }
+    return rc;
+}
+
+/* ---- attention and compression scores --------------------------------------------------- */
+
+static uc_status cuda_attn_prefill(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
+                                   const void *k, const void *v, int64_t ld_kv, int64_t n_tok,
+                                   int64_t q0, int64_t n_heads, int64_t n_heads_kv,
+                                   int64_t head_dim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    return CU(uc_cuda_attn_prefill(out, q, ld_q, k, v, ld_kv, n_tok, q0, n_heads, n_heads_kv,
+                                   head_dim, c->dt, c->stream));
+}
+
+static uc_status cuda_window_probs(struct uc_backend *be, float *out, const void *q_win,
+                                   int64_t ld_q, const void *k, int64_t ld_kv, int64_t n_win,
+                                   int64_t n, int64_t n_heads, int64_t n_heads_kv,
+                                   int64_t head_dim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    size_t bytes = (size_t)(n_heads * n_win * n) * sizeof(float);
+    uc_status rc;
+    UC_CHECK(buf_reserve(c, &c->work, bytes), rc, out);
+    UC_CHECK(CU(uc_cuda_window_probs(c->work.p, q_win, ld_q, k, ld_kv, n_win, n, n_heads,
+                                     n_heads_kv, head_dim, c->dt, c->stream)),
+             rc, out);
+    rc = download_sync(c, out, c->work.p, bytes);
+out:
+    return rc;
+}
+
+static uc_status cuda_attn_colsum(struct uc_backend *be, double *out, const void *q, int64_t ld_q,
+                                  const void *k, int64_t ld_kv, int64_t n, int64_t n_heads,
+                                  int64_t n_heads_kv, int64_t head_dim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    uc_status rc;
+    UC_CHECK(buf_reserve(c, &c->work, (size_t)(2 * n_heads * n) * sizeof(float)), rc, out);
+    UC_CHECK(buf_reserve(c, &c->outp, (size_t)(n_heads * n) * sizeof(double)), rc, out);
+    UC_CHECK(CU(uc_cuda_attn_colsum(c->outp.p, c->work.p, q, ld_q, k, ld_kv, n, n_heads,
+                                    n_heads_kv, head_dim, c->dt, c->stream)),
+             rc, out);
+    rc = download_sync(c, out, c->outp.p, (size_t)(n_heads * n) * sizeof(double));
+out:
+    return rc;
+}
+
+static uc_status cuda_qcov(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
+                           int64_t n_heads, int64_t head_dim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    int64_t d = head_dim;
+    if (n <= 0 || d <= 0) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "qcov rows=%lld d=%lld", (long long)n, (long long)d);
+    }
+    if (n > INT32_MAX) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "qcov rows=%lld", (long long)n);
+    }
+    int64_t per_head = n * d * (int64_t)sizeof(double);
+    int64_t hb = (int64_t)QCOV_WS_BYTES / per_head;
+    hb = hb < 1 ? 1 : (hb > n_heads ? n_heads : hb);
+    uc_status rc;
+    UC_CHECK(buf_reserve(c, &c->dbl, (size_t)(hb * n * d + hb * d) * sizeof(double)), rc, out);
+    UC_CHECK(buf_reserve(c, &c->outp, (size_t)(n_heads * d * d) * sizeof(double)), rc, out);
+    double *xn = c->dbl.p, *mean = xn + hb * n * d, *cov = c->outp.p;
+    const double alpha = 1.0 / (double)n, beta = 0.0;
+    for (int64_t h0 = 0; h0 < n_heads; h0 += hb) {
+        int64_t nb = n_heads - h0 < hb ? n_heads - h0 : hb;
+        UC_CHECK(CU(uc_cuda_qcov_normalize(xn, mean, q, ld, n, h0, nb, d, c->dt, c->stream)), rc,
+                 out);
+        /* column-major: xn_h is A (D, n), C = A A^T */
+        UC_CHECK(BLAS(cublasDgemmStridedBatched(c->blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)d, (int)d,
+                                                (int)n, &alpha, xn, (int)d, n * d, xn, (int)d,
+                                                n * d, &beta, cov + h0 * d * d, (int)d, d * d,
+                                                (int)nb)),
+                 rc, out);
+    }
+    rc = download_sync(c, out, cov, (size_t)(n_heads * d * d) * sizeof(double));
+out:
+    return rc;
+}
+
+/* ---- paged KV --------------------------------------------------------------------------- */
+
+static uc_status cuda_kv_pool_create(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                     int64_t n_blocks, int64_t block_tokens, int64_t head_dim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    size_t n = (size_t)(n_blocks * block_tokens * head_dim) * c->act;
+    uc_status rc;
+    pool->k = pool->v = NULL;
+    UC_CHECK(cuda_alloc(be, &pool->k, n), rc, out);
+    UC_CHECK(cuda_alloc(be, &pool->v, n), rc, out);
+    UC_CHECK(CU(cudaMemsetAsync(pool->k, 0, n, c->stream)), rc, out);
+    UC_CHECK(CU(cudaMemsetAsync(pool->v, 0, n, c->stream)), rc, out);
+    pool->block_tokens = block_tokens;
+    pool->head_dim = head_dim;
+    return UC_OK;
+out:
+    cuda_free(be, pool->k);
+    cuda_free(be, pool->v);
+    pool->k = pool->v = NULL;
+    return rc;
+}
+
+static void cuda_kv_pool_destroy(struct uc_backend *be, struct uc_kv_pool_view *pool)
+{
+    cuda_free(be, pool->k);
+    cuda_free(be, pool->v);
+    pool->k = pool->v = NULL;
+}
+
+static uc_status cuda_kv_scatter(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                 const void *k_src, const void *v_src, int64_t ld,
+                                 const int32_t *src_row, const int32_t *src_head,
+                                 const int32_t *slot, int64_t n)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (n <= 0) {
+        return UC_OK;
+    }
+    const int32_t *parts[3] = {src_row, src_head, slot};
+    int64_t counts[3] = {n, n, n};
+    int32_t *dev[3];
+    uc_status rc = upload_idx(c, dev, parts, counts, 3);
+    if (rc == UC_OK) {
+        rc = CU(uc_cuda_kv_scatter(pool->k, pool->v, k_src, v_src, ld, dev[0], dev[1], dev[2], n,
+                                   pool->head_dim, c->dt, c->stream));
+    }
+    return rc;
+}
+
+static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
+                                  const struct uc_kv_pool_view *pool,
+                                  const struct uc_kv_batch_view *view, int64_t n_rows,
+                                  int64_t n_heads, int64_t n_heads_kv, float *psum)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    int64_t d = pool->head_dim, entries = n_rows * n_heads_kv;
+    int64_t maxn = view->max_tokens > 0 ? view->max_tokens : 1;
+    if (n_rows <= 0) {
+        return UC_OK;
+    }
+    if (!uc_cuda_attn_decode_supported(d, c->dt)) {
+        return UC_ERRF(UC_ERR_UNSUPPORTED, "cuda decode attention: head_dim=%lld", (long long)d);
+    }
+    struct uc_cuda_decode_plan plan;
+    uc_cuda_attn_decode_plan(&plan, n_rows, n_heads, n_heads_kv, d, maxn, psum != NULL, c->n_sms);
+    const int32_t *parts[3] = {view->n_tokens, view->offset, view->blocks};
+    int64_t counts[3] = {entries, entries, view->n_blocks_total};
+    int32_t *dev[3];
+    uc_status rc;
+    UC_CHECK(buf_reserve(c, &c->work, plan.ws_floats * sizeof(float)), rc, out);
+    if (psum) {
+        UC_CHECK(buf_reserve(c, &c->outp, (size_t)(entries * maxn) * sizeof(float)), rc, out);
+    }
+    UC_CHECK(upload_idx(c, dev, parts, counts, 3), rc, out);
+    UC_CHECK(CU(uc_cuda_attn_decode(out, q, ld_q, pool->k, pool->v, pool->block_tokens, d, dev[0],
+                                    dev[1], dev[2], n_rows, n_heads, n_heads_kv, maxn, &plan,
+                                    c->work.p, psum ? c->outp.p : NULL, c->dt, c->stream)),
+             rc, out);
+    if (psum) {
+        rc = download_sync(c, psum, c->outp.p, (size_t)(entries * maxn) * sizeof(float));
+    }
+out:
+    return rc;
+}
+
+static uc_status cuda_kv_move(struct uc_backend *be, struct uc_kv_pool_view *pool, int32_t dst_slot,
+                              int32_t src_slot)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    return CU(uc_cuda_kv_move(pool->k, pool->v, pool->head_dim, dst_slot, src_slot, c->dt,
+                              c->stream));
+}
+
+static uc_status cuda_argmax(struct uc_backend *be, int32_t *out, const void *x, int64_t n_tok,
+                             int64_t n)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (n_tok <= 0) {
+        return UC_OK;
+    }
+    uc_status rc;
+    UC_CHECK(buf_reserve(c, &c->outp, (size_t)n_tok * sizeof(int32_t)), rc, out);
+    UC_CHECK(CU(uc_cuda_argmax(c->outp.p, x, n_tok, n, c->dt, c->stream)), rc, out);
+    rc = download_sync(c, out, c->outp.p, (size_t)n_tok * sizeof(int32_t));
+out:
+    return rc;
+}
+
+/* ---- lifecycle -------------------------------------------------------------------------- */
+
+static void cuda_destroy(struct uc_backend *be)
+{
+    if (!be) {
+        return;
+    }
+    struct cuda_ctx *c = be->ctx;
+    if (c) {
+        if (c->stream) {
+            (void)cudaStreamSynchronize(c->stream);
+            struct dev_buf *bufs[] = {&c->idx, &c->conv, &c->work, &c->outp, &c->dbl};
+            for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+                if (bufs[i]->p) {
+                    (void)cudaFreeAsync(bufs[i]->p, c->stream);
+                }
+            }
+            if (c->rope_cos) {
+                (void)cudaFreeAsync(c->rope_cos, c->stream);
+            }
+            if (c->rope_sin) {
+                (void)cudaFreeAsync(c->rope_sin, c->stream);
+            }
+            (void)cudaStreamSynchronize(c->stream);
+        }
+        for (int i = 0; i < STAGE_SLOTS; i++) {
+            if (c->slots[i].host) {
+                (void)cudaFreeHost(c->slots[i].host);
+            }
+            if (c->slots[i].done) {
+                (void)cudaEventDestroy(c->slots[i].done);
+            }
+        }
+        if (c->blas) {
+            (void)cublasDestroy(c->blas);
+        }
+        if (c->blas_ws) {
+            (void)cudaFree(c->blas_ws);
+        }
+        if (c->stream) {
+            (void)cudaStreamDestroy(c->stream);
+        }
+        uc_free(c);
+    }
+    uc_free(be);
+}
+
+static const struct uc_backend_ops cuda_ops = {
+    .alloc = cuda_alloc,
+    .free = cuda_free,
+    .upload = cuda_upload,
+    .download = cuda_download,
+    .copy = cuda_copy,
+    .download_f32 = cuda_download_f32,
+    .upload_f32 = cuda_upload_f32,
+    .sync = cuda_sync,
+    .act_size = cuda_act_size,
+    .weight_create = cuda_weight_create,
+    .weight_free = cuda_weight_free,
+    .weight_random = cuda_weight_random,
+    .rope_init = cuda_rope_init,
+    .embed = cuda_embed,
+    .rmsnorm = cuda_rmsnorm,
+    .matmul = cuda_matmul,
+    .add_bias = cuda_add_bias,
+    .add = cuda_add,
+    .rope = cuda_rope,
+    .swiglu = cuda_swiglu,
+    .copy_rows = cuda_copy_rows,
+    .gather_rows = cuda_gather_rows,
+    .attn_prefill = cuda_attn_prefill,
+    .window_probs = cuda_window_probs,
+    .attn_colsum = cuda_attn_colsum,
+    .qcov = cuda_qcov,
+    .kv_pool_create = cuda_kv_pool_create,
+    .kv_pool_destroy = cuda_kv_pool_destroy,
+    .kv_scatter = cuda_kv_scatter,
+    .attn_decode = cuda_attn_decode,
+    .kv_move = cuda_kv_move,
+    .argmax = cuda_argmax,
+    .destroy = cuda_destroy,
+};
+
+int uc_backend_cuda_device_count(void)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+/* device_index if set, else this rank's local rank under mpirun, else 0 (modulo the count). */
+static int pick_device(const struct uc_backend_params *p, int count)
+{
+    if (p && p->device_index >= 0) {
+        return p->device_index;
+    }
+    const char *lr = getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+    int d = lr ? atoi(lr) : 0;
+    return d >= 0 ? d % count : 0;
+}
+
+uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backend_params *p)
+{
+    *out = NULL;
+    int count = uc_backend_cuda_device_count();
+    if (count <= 0) {
+        return UC_ERRF(UC_ERR_UNSUPPORTED, "backend=cuda: no CUDA device is visible");
+    }
+    int dev = pick_device(p, count);
+    if (dev >= count) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "backend=cuda: device %d of %d", dev, count);
+    }
+    uc_status rc;
+    struct uc_backend *be = uc_calloc(1, sizeof *be);
+    struct cuda_ctx *c = uc_calloc(1, sizeof *c);
+    if (!be || !c) {
+        uc_free(be);
+        uc_free(c);
+        return UC_ERRF(UC_ERR_NOMEM, "cuda backend");
+    }
+    be->ops = &cuda_ops;
+    be->ctx = c;
+    be->kind = UC_BACKEND_CUDA;
+    be->name = "cuda";
+    be->device_index = dev;
+    c->device = dev;
+    c->fp32 = p && p->fp32;
+    c->dt = c->fp32 ? UC_CUDA_F32 : UC_CUDA_BF16;
+    c->act = c->fp32 ? sizeof(float) : 2;
+    UC_CHECK(CU(cudaSetDevice(dev)), rc, out_destroy);
+    struct cudaDeviceProp prop;
+    UC_CHECK(CU(cudaGetDeviceProperties(&prop, dev)), rc, out_destroy);
+    c->n_sms = prop.multiProcessorCount;
+    snprintf(be->device_name, sizeof be->device_name, "%.100s (sm_%d%d)%s", prop.name, prop.major,
+             prop.minor, c->fp32 ? " fp32" : "");
+    /* keep freed pool memory instead of returning it to the driver at every sync */
+    cudaMemPool_t mp;
+    UC_CHECK(CU(cudaDeviceGetDefaultMemPool(&mp, dev)), rc, out_destroy);
+    uint64_t thr = UINT64_MAX;
+    UC_CHECK(CU(cudaMemPoolSetAttribute(mp, cudaMemPoolAttrReleaseThreshold, &thr)), rc,
+             out_destroy);
+    UC_CHECK(CU(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)), rc, out_destroy);
+    be->stream = c->stream;
+    for (int i = 0; i < STAGE_SLOTS; i++) {
+        UC_CHECK(CU(cudaEventCreateWithFlags(&c->slots[i].done, cudaEventDisableTiming)), rc,
+                 out_destroy);
+    }
+    UC_CHECK(BLAS(cublasCreate(&c->blas)), rc, out_destroy);
+    UC_CHECK(BLAS(cublasSetStream(c->blas, c->stream)), rc, out_destroy);
+    UC_CHECK(CU(cudaMalloc(&c->blas_ws, BLAS_WS_BYTES)), rc, out_destroy);
+    UC_CHECK(BLAS(cublasSetWorkspace(c->blas, c->blas_ws, BLAS_WS_BYTES)), rc, out_destroy);
+    UC_CHECK(BLAS(cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH)), rc, out_destroy);
+    UC_LOG_INFO("cuda backend: device=%d name=\"%s\" sms=%d mem=%.1fGiB dtype=%s", dev,
+                be->device_name, c->n_sms, (double)prop.totalGlobalMem / 1073741824.0,
+                c->fp32 ? "f32" : "bf16");
+    *out = be;
+    return UC_OK;
+out_destroy:
+    cuda_destroy(be);
+    return rc;
+}

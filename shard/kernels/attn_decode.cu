@@ -1,0 +1,337 @@
+/* attn_decode: one query token per sequence against the paged KV cache (flash-decoding).
+ *
+ * Work item: (entry e = row b * Hkv + KV head j, token range s, query-head tile z). A block of
+ * 128 threads loads the range's K/V rows once for up to 4 query heads of the KV head (GQA),
+ * walking 256-token sub-chunks: scores with 16-byte row loads (D/VEC lanes per token, shuffle
+ * reduction), an online softmax per head, then P V with threads over (row chunk, token group).
+ * Each range writes an unnormalised partial (O, max, sum); a combine kernel merges the ranges
+ * and writes out. With psum requested, the raw scores go to the workspace and a third kernel
+ * turns them into probabilities summed over the KV head's query heads. */
+#include "common.cuh"
+
+#define DEC_THREADS 128
+#define DEC_SUB 256 /* tokens per sub-chunk (shared score buffer) */
+#define DEC_GT 4    /* query heads per block */
+
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* 16-byte row chunk of VEC elements to float. */
+template <typename T, int VEC>
+static __device__ __forceinline__ void load_vec(float *dst, const T *src)
+{
+    uint4 raw = *reinterpret_cast<const uint4 *>(src);
+    const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; i++) {
+        dst[i] = uck_to_f(e[i]);
+    }
+}
+
+template <typename T>
+static __global__ void __launch_bounds__(DEC_THREADS)
+    decode_split_kernel(const T *q, int64_t ld_q, const T *pk, const T *pv, int bt, int d,
+                        const int32_t *n_tokens, const int32_t *offset, const int32_t *blocks,
+                        int hkv, int group, int chunk, int n_splits, float scale, float *part_o,
+                        float *part_ml, float *scores, int64_t max_tokens)
+{
+    constexpr int VEC = 16 / sizeof(T);
+    __shared__ float q_s[DEC_GT][256];
+    __shared__ float sc[DEC_GT][DEC_SUB];
+    __shared__ float run_m[DEC_GT], run_l[DEC_GT], alpha[DEC_GT];
+    __shared__ float red[DEC_THREADS * VEC * DEC_GT];
+
+    const int e = blockIdx.x, split = blockIdx.y, g0 = blockIdx.z * DEC_GT;
+    const int gc = group - g0 < DEC_GT ? group - g0 : DEC_GT;
+    const int b = e / hkv, j = e % hkv;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int nt = n_tokens[e];
+    const int t_begin = split * chunk;
+    const int t_end = t_begin + chunk < nt ? t_begin + chunk : nt;
+    const int32_t *blk = blocks + offset[e];
+
+    for (int i = tid; i < DEC_GT * d; i += DEC_THREADS) {
+        int gl = i / d, c = i % d;
+        q_s[gl][c] = gl < gc ? uck_to_f(q[(int64_t)b * ld_q + (int64_t)(j * group + g0 + gl) * d + c])
+                             : 0.0f;
+    }
+    if (tid < DEC_GT) {
+        run_m[tid] = -INFINITY;
+        run_l[tid] = 0.0f;
+    }
+    /* score lanes: LPT lanes per token, each one 16-byte chunk */
+    const int n_ch = d / VEC;
+    int lpt = 1;
+    while (lpt < n_ch) {
+        lpt <<= 1;
+    }
+    const int tpw = 32 / lpt; /* tokens per warp pass */
+    const int sub_tok = lane / lpt, ch = lane % lpt;
+    /* PV threads: n_ch chunks x tg token groups */
+    const int tg = DEC_THREADS / n_ch;
+    const int pv_c = tid % n_ch, pv_r = tid / n_ch;
+    const bool pv_on = pv_r < tg;
+    float acc[DEC_GT][VEC];
+#pragma unroll
+    for (int gl = 0; gl < DEC_GT; gl++) {
+#pragma unroll
+        for (int v = 0; v < VEC; v++) {
+            acc[gl][v] = 0.0f;
+        }
+    }
+    __syncthreads();
+    float qr[DEC_GT][VEC];
+#pragma unroll
+    for (int gl = 0; gl < DEC_GT; gl++) {
+#pragma unroll
+        for (int v = 0; v < VEC; v++) {
+            qr[gl][v] = ch < n_ch ? q_s[gl][ch * VEC + v] : 0.0f;
+        }
+    }
+
+    for (int c0 = t_begin; c0 < t_end; c0 += DEC_SUB) {
+        const int n_sub = t_end - c0 < DEC_SUB ? t_end - c0 : DEC_SUB;
+        /* scores */
+        for (int base = warp * tpw; base < n_sub; base += 4 * tpw) {
+            int tt = base + sub_tok;
+            bool ok = tt < n_sub && ch < n_ch;
+            float dot[DEC_GT] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (ok) {
+                int t = c0 + tt;
+                int64_t slot = (int64_t)blk[t / bt] * bt + t % bt;
+                float kv[VEC];
+                load_vec<T, VEC>(kv, pk + slot * d + ch * VEC);
+#pragma unroll
+                for (int gl = 0; gl < DEC_GT; gl++) {
+#pragma unroll
+                    for (int v = 0; v < VEC; v++) {
+                        dot[gl] += qr[gl][v] * kv[v];
+                    }
+                }
+            }
+#pragma unroll
+            for (int gl = 0; gl < DEC_GT; gl++) {
+                for (int o = lpt >> 1; o > 0; o >>= 1) {
+                    dot[gl] += __shfl_xor_sync(0xffffffffu, dot[gl], o);
+                }
+            }
+            if (ok && ch == 0) {
+#pragma unroll
+                for (int gl = 0; gl < DEC_GT; gl++) {
+                    sc[gl][tt] = dot[gl] * scale;
+                }
+            }
+        }
+        __syncthreads();
+        /* online softmax: warp w owns query head w of the tile */
+        if (warp < gc) {
+            float mx = -INFINITY;
+            for (int tt = lane; tt < n_sub; tt += 32) {
+                mx = fmaxf(mx, sc[warp][tt]);
+                if (scores) {
+                    scores[((int64_t)e * group + g0 + warp) * max_tokens + c0 + tt] = sc[warp][tt];
+                }
+            }
+            mx = uck_warp_max(mx);
+            float m_old = run_m[warp];
+            float m_new = fmaxf(m_old, mx);
+            float sum = 0.0f;
+            for (int tt = lane; tt < n_sub; tt += 32) {
+                float p = expf(sc[warp][tt] - m_new);
+                sc[warp][tt] = p;
+                sum += p;
+            }
+            sum = uck_warp_sum(sum);
+            if (lane == 0) {
+                float a = expf(m_old - m_new);
+                alpha[warp] = a;
+                run_l[warp] = run_l[warp] * a + sum;
+                run_m[warp] = m_new;
+            }
+        }
+        __syncthreads();
+        /* O += P V */
+        if (pv_on) {
+#pragma unroll
+            for (int gl = 0; gl < DEC_GT; gl++) {
+                float a = gl < gc ? alpha[gl] : 0.0f;
+#pragma unroll
+                for (int v = 0; v < VEC; v++) {
+                    acc[gl][v] *= a;
+                }
+            }
+            for (int tt = pv_r; tt < n_sub; tt += tg) {
+                int t = c0 + tt;
+                int64_t slot = (int64_t)blk[t / bt] * bt + t % bt;
+                float vv[VEC];
+                load_vec<T, VEC>(vv, pv + slot * d + pv_c * VEC);
+#pragma unroll
+                for (int gl = 0; gl < DEC_GT; gl++) {
+                    float p = sc[gl][tt];
+#pragma unroll
+                    for (int v = 0; v < VEC; v++) {
+                        acc[gl][v] += p * vv[v];
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    /* reduce the token groups and write this range's partial */
+    if (pv_on) {
+#pragma unroll
+        for (int gl = 0; gl < DEC_GT; gl++) {
+#pragma unroll
+            for (int v = 0; v < VEC; v++) {
+                red[(pv_r * DEC_GT + gl) * d + pv_c * VEC + v] = acc[gl][v];
+            }
+        }
+    }
+    __syncthreads();
+    int64_t pbase = ((int64_t)e * n_splits + split) * group;
+    for (int i = tid; i < gc * d; i += DEC_THREADS) {
+        int gl = i / d, c = i % d;
+        float s = 0.0f;
+        for (int r = 0; r < tg; r++) {
+            s += red[(r * DEC_GT + gl) * d + c];
+        }
+        part_o[(pbase + g0 + gl) * d + c] = s;
+    }
+    if (tid < gc) {
+        part_ml[(pbase + g0 + tid) * 2] = run_m[tid];
+        part_ml[(pbase + g0 + tid) * 2 + 1] = run_l[tid];
+    }
+}
+
+/* Merges the ranges of each (entry, query head): out = sum_s w_s O_s / sum_s w_s l_s with
+ * w_s = exp(m_s - M). Also records (M, L) for the psum kernel. */
+template <typename T>
+static __global__ void decode_combine_kernel(T *out, int64_t ld_o, const float *part_o,
+                                             const float *part_ml, float *fin_ml, int hkv,
+                                             int group, int n_splits, int d)
+{
+    const int e = blockIdx.x, gl = blockIdx.y;
+    const int b = e / hkv, j = e % hkv;
+    float mx = -INFINITY;
+    for (int s = 0; s < n_splits; s++) {
+        mx = fmaxf(mx, part_ml[(((int64_t)e * n_splits + s) * group + gl) * 2]);
+    }
+    float l = 0.0f;
+    for (int s = 0; s < n_splits; s++) {
+        const float *ml = part_ml + (((int64_t)e * n_splits + s) * group + gl) * 2;
+        l += ml[0] == -INFINITY ? 0.0f : ml[1] * expf(ml[0] - mx);
+    }
+    float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < n_splits; s++) {
+            int64_t p = ((int64_t)e * n_splits + s) * group + gl;
+            float m = part_ml[p * 2];
+            if (m != -INFINITY) {
+                o += part_o[p * d + c] * expf(m - mx);
+            }
+        }
+        out[(int64_t)b * ld_o + (int64_t)(j * group + gl) * d + c] = uck_from_f<T>(o * inv);
+    }
+    if (threadIdx.x == 0 && fin_ml) {
+        fin_ml[((int64_t)e * group + gl) * 2] = mx;
+        fin_ml[((int64_t)e * group + gl) * 2 + 1] = l;
+    }
+}
+
+static __global__ void decode_psum_kernel(float *psum, const float *scores, const float *fin_ml,
+                                          const int32_t *n_tokens, int group, int64_t max_tokens)
+{
+    const int e = blockIdx.x;
+    const int nt = n_tokens[e];
+    for (int64_t t = blockIdx.y * (int64_t)blockDim.x + threadIdx.x; t < max_tokens;
+         t += (int64_t)gridDim.y * blockDim.x) {
+        float s = 0.0f;
+        if (t < nt) {
+            for (int gl = 0; gl < group; gl++) {
+                const float *ml = fin_ml + ((int64_t)e * group + gl) * 2;
+                s += expf(scores[((int64_t)e * group + gl) * max_tokens + t] - ml[0]) / ml[1];
+            }
+        }
+        psum[(int64_t)e * max_tokens + t] = s;
+    }
+}
+
+extern "C" int uc_cuda_attn_decode_supported(int64_t head_dim, enum uc_cuda_dtype dt)
+{
+    int64_t vec = dt == UC_CUDA_F32 ? 4 : 8;
+    return head_dim > 0 && head_dim <= 256 && head_dim % vec == 0 && head_dim / vec <= 32;
+}
+
+extern "C" void uc_cuda_attn_decode_plan(struct uc_cuda_decode_plan *plan, int64_t n_rows,
+                                         int64_t n_heads, int64_t n_heads_kv, int64_t head_dim,
+                                         int64_t max_tokens, int with_psum, int n_sms)
+{
+    int64_t entries = n_rows * n_heads_kv, group = n_heads / n_heads_kv;
+    int64_t g_tiles = ceil_div(group, DEC_GT);
+    int64_t mt = max_tokens > 0 ? max_tokens : 1;
+    int64_t want = ceil_div(2 * (int64_t)(n_sms > 0 ? n_sms : 132), entries * g_tiles);
+    int64_t splits = want < ceil_div(mt, 64) ? want : ceil_div(mt, 64);
+    splits = splits < 1 ? 1 : splits;
+    int64_t chunk = ceil_div(ceil_div(mt, splits), 64) * 64;
+    splits = ceil_div(mt, chunk);
+    plan->n_splits = (int)splits;
+    plan->chunk = (int)chunk;
+    plan->g_tiles = (int)g_tiles;
+    size_t f = (size_t)(entries * splits * group) * (size_t)(head_dim + 2); /* part_o, part_ml */
+    f += (size_t)(entries * group * 2);                                       /* fin_ml */
+    if (with_psum) {
+        f += (size_t)(entries * group * mt); /* scores */
+    }
+    plan->ws_floats = f;
+}
+
+template <typename T>
+static void launch(void *out, const void *q, int64_t ld_q, const void *pk, const void *pv,
+                   int64_t bt, int64_t d, const int32_t *n_tokens, const int32_t *offset,
+                   const int32_t *blocks, int64_t n_rows, int64_t n_heads, int64_t n_heads_kv,
+                   int64_t max_tokens, const struct uc_cuda_decode_plan *plan, float *ws,
+                   float *psum, cudaStream_t stream)
+{
+    int64_t entries = n_rows * n_heads_kv, group = n_heads / n_heads_kv;
+    int64_t mt = max_tokens > 0 ? max_tokens : 1;
+    float *part_o = ws;
+    float *part_ml = part_o + entries * plan->n_splits * group * d;
+    float *fin_ml = part_ml + entries * plan->n_splits * group * 2;
+    float *scores = psum ? fin_ml + entries * group * 2 : NULL;
+    dim3 grid((unsigned)entries, (unsigned)plan->n_splits, (unsigned)plan->g_tiles);
+    decode_split_kernel<T><<<grid, DEC_THREADS, 0, stream>>>(
+        (const T *)q, ld_q, (const T *)pk, (const T *)pv, (int)bt, (int)d, n_tokens, offset,
+        blocks, (int)n_heads_kv, (int)group, plan->chunk, plan->n_splits,
+        1.0f / sqrtf((float)d), part_o, part_ml, scores, mt);
+    dim3 cgrid((unsigned)entries, (unsigned)group);
+    decode_combine_kernel<T><<<cgrid, 128, 0, stream>>>((T *)out, n_heads * d, part_o, part_ml,
+                                                        fin_ml, (int)n_heads_kv, (int)group,
+                                                        plan->n_splits, (int)d);
+    if (psum) {
+        dim3 pgrid((unsigned)entries, (unsigned)ceil_div(mt, 256) < 64 ? (unsigned)ceil_div(mt, 256)
+                                                                       : 64u);
+        decode_psum_kernel<<<pgrid, 256, 0, stream>>>(psum, scores, fin_ml, n_tokens, (int)group,
+                                                       mt);
+    }
+}
+
+extern "C" cudaError_t uc_cuda_attn_decode(void *out, const void *q, int64_t ld_q,
+                                           const void *pool_k, const void *pool_v,
+                                           int64_t block_tokens, int64_t head_dim,
+                                           const int32_t *n_tokens, const int32_t *offset,
+                                           const int32_t *blocks, int64_t n_rows, int64_t n_heads,
+                                           int64_t n_heads_kv, int64_t max_tokens,
+                                           const struct uc_cuda_decode_plan *plan, float *ws,
+                                           float *psum, enum uc_cuda_dtype dt, cudaStream_t stream)
+{
+    if (n_rows <= 0) {
+        return cudaGetLastError();
+    }
+    if (!uc_cuda_attn_decode_supported(head_dim, dt) || n_heads_kv <= 0 ||
+        n_heads % n_heads_kv != 0 || n_rows * n_heads_kv > 0x7fffffff) {
+        return cudaErrorInvalidValue;
+    }
+    UCK_DISPATCH(dt, launch, out, q, ld_q, pool_k, pool_v, block_tokens, head_dim, n_tokens,
+                 offset, blocks, n_rows, n_heads, n_heads_kv, max_tokens, plan, ws, psum, stream);
+    return cudaGetLastError();
+}

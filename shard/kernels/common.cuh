@@ -1,0 +1,92 @@
+/* Device helpers shared by the kernels of this folder: element conversion between the
+ * activation types (bf16, float32) and float, warp reductions, and the dtype dispatch the C
+ * launchers use. Included only by .cu files. */
+#ifndef UC_SHARD_KERNELS_COMMON_CUH
+#define UC_SHARD_KERNELS_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "kernels.h"
+
+typedef __nv_bfloat16 uc_bf16_t;
+
+static __device__ __forceinline__ float uck_to_f(float x) { return x; }
+static __device__ __forceinline__ float uck_to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> static __device__ __forceinline__ T uck_from_f(float x);
+template <> __device__ __forceinline__ float uck_from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 uck_from_f<__nv_bfloat16>(float x)
+{
+    return __float2bfloat16_rn(x);
+}
+
+static __device__ __forceinline__ float uck_warp_sum(float v)
+{
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    }
+    return v;
+}
+
+static __device__ __forceinline__ double uck_warp_sum_d(double v)
+{
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    }
+    return v;
+}
+
+static __device__ __forceinline__ float uck_warp_max(float v)
+{
+    for (int o = 16; o > 0; o >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    }
+    return v;
+}
+
+/* Block-wide sum for blocks of up to 1024 threads (a multiple of 32); every thread gets it.
+ * `red` holds 32 floats of shared memory. */
+static __device__ __forceinline__ float uck_block_sum(float v, float *red)
+{
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = uck_warp_sum(v);
+    __syncthreads(); /* red may still be read from a previous call */
+    if (lane == 0) {
+        red[warp] = v;
+    }
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0.0f;
+    return uck_warp_sum(v);
+}
+
+static __device__ __forceinline__ float uck_block_max(float v, float *red)
+{
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = uck_warp_max(v);
+    __syncthreads();
+    if (lane == 0) {
+        red[warp] = v;
+    }
+    __syncthreads();
+    v = lane < nw ? red[lane] : -INFINITY;
+    return uck_warp_max(v);
+}
+
+/* Grid size for a grid-stride loop over n items with `threads` per block. */
+static inline unsigned uck_blocks(int64_t n, int threads)
+{
+    int64_t b = (n + threads - 1) / threads;
+    if (b < 1) {
+        b = 1;
+    }
+    return (unsigned)(b > 65535 * 16 ? 65535 * 16 : b);
+}
+
+/* Calls F<uc_bf16_t> or F<float> according to the runtime dtype. */
+#define UCK_DISPATCH(dt, F, ...)                                                                   \
+    ((dt) == UC_CUDA_F32 ? F<float>(__VA_ARGS__) : F<uc_bf16_t>(__VA_ARGS__))
+
+#endif

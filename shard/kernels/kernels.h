@@ -1,0 +1,120 @@
+/* C launchers of the CUDA kernels (one op per kernels/<op>.cu). Every launcher enqueues its work
+ * on `stream` and returns cudaGetLastError(); none synchronises, allocates or logs. Device
+ * pointers throughout, except where a comment says host. Activations and weights are bf16 or
+ * float32 (`dt`); shapes use shapes.h letters and `ld` arguments are row strides in elements.
+ * Included by backend_cuda.c (C) and the .cu files (C++). */
+#ifndef UC_SHARD_KERNELS_KERNELS_H
+#define UC_SHARD_KERNELS_KERNELS_H
+
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum uc_cuda_dtype {
+    UC_CUDA_BF16 = 0,
+    UC_CUDA_F32 = 1,
+};
+
+/* y (T, C) = table[ids] (table (V, C)); ids (T) on the device. */
+cudaError_t uc_cuda_embed(void *y, const void *table, const int32_t *ids, int64_t n_tok,
+                          int64_t dim, enum uc_cuda_dtype dt, cudaStream_t stream);
+/* y (T, C) = x / rms(x) * w, float32 arithmetic. */
+cudaError_t uc_cuda_rmsnorm(void *y, const void *x, const void *w, int64_t n_tok, int64_t dim,
+                            float eps, enum uc_cuda_dtype dt, cudaStream_t stream);
+/* y (T, N) += b (N). */
+cudaError_t uc_cuda_add_bias(void *y, const void *b, int64_t n_tok, int64_t n_out,
+                             enum uc_cuda_dtype dt, cudaStream_t stream);
+/* y (n) += x (n). */
+cudaError_t uc_cuda_add(void *y, const void *x, int64_t n, enum uc_cuda_dtype dt,
+                        cudaStream_t stream);
+/* cos/sin tables (max_pos, D/2) floats of pos * inv_freq[i] (inv_freq (D/2) floats). */
+cudaError_t uc_cuda_rope_table(float *cos_t, float *sin_t, const float *inv_freq, int64_t half_dim,
+                               int64_t max_pos, cudaStream_t stream);
+/* Rotate-half RoPE in place on heads [0, n_heads) of T rows of x (stride ld); pos (T). */
+cudaError_t uc_cuda_rope(void *x, int64_t ld, int64_t n_heads, int64_t head_dim,
+                         const int32_t *pos, int64_t n_tok, const float *cos_t,
+                         const float *sin_t, enum uc_cuda_dtype dt, cudaStream_t stream);
+/* y (T, F) = silu(gu[:, :F]) * gu[:, F:]. */
+cudaError_t uc_cuda_swiglu(void *y, const void *gu, int64_t n_tok, int64_t n_ffn,
+                           enum uc_cuda_dtype dt, cudaStream_t stream);
+/* dst[i, :] = src[idx[i], :] for n_idx rows of `width` elements; idx (n_idx) on the device. */
+cudaError_t uc_cuda_gather_rows(void *dst, const void *src, const int32_t *idx, int64_t n_idx,
+                                int64_t width, enum uc_cuda_dtype dt, cudaStream_t stream);
+/* dst (n, dst_dt) = src (n, src_dt), round to nearest even into bf16. */
+cudaError_t uc_cuda_convert(void *dst, enum uc_cuda_dtype dst_dt, const void *src,
+                            enum uc_cuda_dtype src_dt, int64_t n, cudaStream_t stream);
+/* w (n) = mean + std * sqrt(3) * u, u uniform in [-1, 1) from splitmix64 of (seed, index): the
+ * same values as the CPU backend's weight_random before rounding to dt. */
+cudaError_t uc_cuda_weight_random(void *w, int64_t n, uint64_t seed, float mean, float std,
+                                  enum uc_cuda_dtype dt, cudaStream_t stream);
+/* Causal GQA attention (flash-style, never an N x N matrix): T queries (rows q0..q0+T-1; q
+ * (T, ld_q), head h at column h*D) over keys/values 0..q0+T-1 (k, v (n, ld_kv), KV head j at
+ * column j*D). out (T, H*D). bf16 with D 64 or 128 runs on tensor cores (mma.sync); the rest
+ * (float32, other D <= 256) on a CUDA-core kernel. */
+cudaError_t uc_cuda_attn_prefill(void *out, const void *q, int64_t ld_q, const void *k,
+                                 const void *v, int64_t ld_kv, int64_t n_tok, int64_t q0,
+                                 int64_t n_heads, int64_t n_heads_kv, int64_t head_dim,
+                                 enum uc_cuda_dtype dt, cudaStream_t stream);
+/* Window probabilities: out (H, W, n) floats on the device, row r of head h = the causal
+ * softmax of query row n-W+r (q_win (W, ld_q)) over the n keys, zeros past the diagonal. */
+cudaError_t uc_cuda_window_probs(float *out, const void *q_win, int64_t ld_q, const void *k,
+                                 int64_t ld_kv, int64_t n_win, int64_t n, int64_t n_heads,
+                                 int64_t n_heads_kv, int64_t head_dim, enum uc_cuda_dtype dt,
+                                 cudaStream_t stream);
+/* H2O column sums: out (H, n) doubles on the device = sum over causal query rows i of
+ * P[h, i, j]. row_ml: workspace of 2 * H * n floats (each row's max and 1 / exp-sum, first pass). */
+cudaError_t uc_cuda_attn_colsum(double *out, float *row_ml, const void *q, int64_t ld_q,
+                                const void *k, int64_t ld_kv, int64_t n, int64_t n_heads,
+                                int64_t n_heads_kv, int64_t head_dim, enum uc_cuda_dtype dt,
+                                cudaStream_t stream);
+/* qcov, first half: for heads [h0, h0+hb) of q (n rows, ld), xn (hb, n, D) doubles = each row
+ * centred by the column means (over the n rows) and scaled to unit L2 norm (zero rows stay
+ * zero). mean: workspace of hb * D doubles. The covariance is then xn^T xn / n (DGEMM). */
+cudaError_t uc_cuda_qcov_normalize(double *xn, double *mean, const void *q, int64_t ld, int64_t n,
+                                   int64_t h0, int64_t hb, int64_t head_dim, enum uc_cuda_dtype dt,
+                                   cudaStream_t stream);
+/* Paged KV scatter: for e < n, pool slot slot[e] of K and V gets row src_row[e], head
+ * src_head[e] of k_src/v_src ((rows, ld)). Index arrays on the device. */
+cudaError_t uc_cuda_kv_scatter(void *pool_k, void *pool_v, const void *k_src, const void *v_src,
+                               int64_t ld, const int32_t *src_row, const int32_t *src_head,
+                               const int32_t *slot, int64_t n, int64_t head_dim,
+                               enum uc_cuda_dtype dt, cudaStream_t stream);
+/* Copies pool slot src to slot dst, K and V. */
+cudaError_t uc_cuda_kv_move(void *pool_k, void *pool_v, int64_t head_dim, int32_t dst_slot,
+                            int32_t src_slot, enum uc_cuda_dtype dt, cudaStream_t stream);
+
+/* Paged decode attention (split-K / flash-decoding). A plan from uc_cuda_attn_decode_plan sizes
+ * the split and the float workspace; the launch then takes the device index arrays n_tokens
+ * and offset ((B * Hkv) each) and blocks, the queries q (B, ld_q), and writes out (B, H*D).
+ * With psum non-NULL (device, (B * Hkv, max_tokens) floats) it also writes the probabilities
+ * summed over each KV head's query heads, zeros past each entry's n_tokens. */
+struct uc_cuda_decode_plan {
+    int n_splits;   /* token ranges per (row, KV head) */
+    int chunk;      /* tokens per range */
+    int g_tiles;    /* query-head tiles of up to 4 heads per KV head */
+    size_t ws_floats; /* workspace the launch needs */
+};
+void uc_cuda_attn_decode_plan(struct uc_cuda_decode_plan *plan, int64_t n_rows, int64_t n_heads,
+                              int64_t n_heads_kv, int64_t head_dim, int64_t max_tokens,
+                              int with_psum, int n_sms);
+/* Whether the decode kernel supports this head size and dtype (16-byte rows chunks, D <= 256). */
+int uc_cuda_attn_decode_supported(int64_t head_dim, enum uc_cuda_dtype dt);
+cudaError_t uc_cuda_attn_decode(void *out, const void *q, int64_t ld_q, const void *pool_k,
+                                const void *pool_v, int64_t block_tokens, int64_t head_dim,
+                                const int32_t *n_tokens, const int32_t *offset,
+                                const int32_t *blocks, int64_t n_rows, int64_t n_heads,
+                                int64_t n_heads_kv, int64_t max_tokens,
+                                const struct uc_cuda_decode_plan *plan, float *ws, float *psum,
+                                enum uc_cuda_dtype dt, cudaStream_t stream);
+/* out (T) int32 on the device = index of the first maximum of each row of x (T, N). */
+cudaError_t uc_cuda_argmax(int32_t *out, const void *x, int64_t n_tok, int64_t n,
+                           enum uc_cuda_dtype dt, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

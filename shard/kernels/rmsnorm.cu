@@ -1,0 +1,41 @@
+/* rmsnorm: y = x / sqrt(mean(x^2) + eps) * w per row, in float32 as the CPU reference orders it
+ * (w * (x * inv)). One block per row; the row is read twice (the second time from cache). */
+#include "common.cuh"
+
+template <typename T>
+static __global__ void rmsnorm_kernel(T *y, const T *x, const T *w, int64_t dim, float eps)
+{
+    __shared__ float red[32];
+    int64_t t = blockIdx.x;
+    const T *r = x + t * dim;
+    float ss = 0.0f;
+    for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+        float v = uck_to_f(r[j]);
+        ss += v * v;
+    }
+    ss = uck_block_sum(ss, red);
+    float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+    T *o = y + t * dim;
+    for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+        o[j] = uck_from_f<T>(uck_to_f(w[j]) * (uck_to_f(r[j]) * inv));
+    }
+}
+
+template <typename T>
+static void launch(void *y, const void *x, const void *w, int64_t n_tok, int64_t dim, float eps,
+                   cudaStream_t stream)
+{
+    int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 64);
+    rmsnorm_kernel<T><<<(unsigned)n_tok, threads, 0, stream>>>((T *)y, (const T *)x,
+                                                               (const T *)w, dim, eps);
+}
+
+extern "C" cudaError_t uc_cuda_rmsnorm(void *y, const void *x, const void *w, int64_t n_tok,
+                                       int64_t dim, float eps, enum uc_cuda_dtype dt,
+                                       cudaStream_t stream)
+{
+    if (n_tok > 0) {
+        UCK_DISPATCH(dt, launch, y, x, w, n_tok, dim, eps, stream);
+    }
+    return cudaGetLastError();
+}

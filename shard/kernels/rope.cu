@@ -1,0 +1,62 @@
+/* rope: the cos/sin table (built on the device, in double as the CPU reference does, from the
+ * float32 angle pos * inv_freq[i]) and the rotate-half rotation of q and k heads in place. */
+#include "common.cuh"
+
+static __global__ void rope_table_kernel(float *cos_t, float *sin_t, const float *inv_freq,
+                                         int64_t half, int64_t max_pos)
+{
+    int64_t n = half * max_pos;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t p = i / half, f = i - p * half;
+        float ang = __fmul_rn((float)p, inv_freq[f]);
+        cos_t[i] = (float)cos((double)ang);
+        sin_t[i] = (float)sin((double)ang);
+    }
+}
+
+template <typename T>
+static __global__ void rope_kernel(T *x, int64_t ld, int64_t n_heads, int64_t head_dim,
+                                   const int32_t *pos, int64_t n_tok, const float *cos_t,
+                                   const float *sin_t)
+{
+    int64_t half = head_dim / 2, per_tok = n_heads * half, n = n_tok * per_tok;
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
+         idx += (int64_t)gridDim.x * blockDim.x) {
+        int64_t t = idx / per_tok, r = idx - t * per_tok, h = r / half, i = r - h * half;
+        T *v = x + t * ld + h * head_dim;
+        int64_t tab = (int64_t)pos[t] * half + i;
+        float c = cos_t[tab], s = sin_t[tab];
+        float a = uck_to_f(v[i]), b = uck_to_f(v[i + half]);
+        v[i] = uck_from_f<T>(a * c - b * s);
+        v[i + half] = uck_from_f<T>(b * c + a * s);
+    }
+}
+
+template <typename T>
+static void launch(void *x, int64_t ld, int64_t n_heads, int64_t head_dim, const int32_t *pos,
+                   int64_t n_tok, const float *cos_t, const float *sin_t, cudaStream_t stream)
+{
+    rope_kernel<T><<<uck_blocks(n_tok * n_heads * (head_dim / 2), 256), 256, 0, stream>>>(
+        (T *)x, ld, n_heads, head_dim, pos, n_tok, cos_t, sin_t);
+}
+
+extern "C" cudaError_t uc_cuda_rope_table(float *cos_t, float *sin_t, const float *inv_freq,
+                                          int64_t half_dim, int64_t max_pos, cudaStream_t stream)
+{
+    if (half_dim > 0 && max_pos > 0) {
+        rope_table_kernel<<<uck_blocks(half_dim * max_pos, 256), 256, 0, stream>>>(
+            cos_t, sin_t, inv_freq, half_dim, max_pos);
+    }
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t uc_cuda_rope(void *x, int64_t ld, int64_t n_heads, int64_t head_dim,
+                                    const int32_t *pos, int64_t n_tok, const float *cos_t,
+                                    const float *sin_t, enum uc_cuda_dtype dt, cudaStream_t stream)
+{
+    if (n_tok > 0 && n_heads > 0 && head_dim >= 2) {
+        UCK_DISPATCH(dt, launch, x, ld, n_heads, head_dim, pos, n_tok, cos_t, sin_t, stream);
+    }
+    return cudaGetLastError();
+}

@@ -1,0 +1,79 @@
+/* window_probs: softmax rows of the last W queries over all n keys (causal), as floats
+ * (H, W, n) on the device. Pass 1 writes the scaled scores (-inf past the diagonal) tile by
+ * tile; pass 2, one block per row, takes the row max and exp-sum and normalises in place. */
+#include "attn_tile.cuh"
+
+template <typename T>
+static __global__ void __launch_bounds__(AT_THREADS)
+    window_scores_kernel(float *out, const T *q, int64_t ld_q, const T *k, int64_t ld_kv,
+                         int64_t w, int64_t n, int group, int d, float scale)
+{
+    __shared__ at_smem sm;
+    const int h = blockIdx.z;
+    const int64_t key0 = (int64_t)blockIdx.x * AT_KEYS, r0 = (int64_t)blockIdx.y * AT_ROWS;
+    float acc[8];
+    at_scores<T>(acc, sm, q + (int64_t)h * d, ld_q, r0, w, k + (int64_t)(h / group) * d, ld_kv,
+                 key0, n, d);
+    const int jj = threadIdx.x & (AT_KEYS - 1), rb = threadIdx.x / AT_KEYS;
+    const int64_t key = key0 + jj;
+    if (key >= n) {
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int64_t r = r0 + rb + 4 * i;
+        if (r < w) {
+            out[((int64_t)h * w + r) * n + key] = key <= n - w + r ? acc[i] * scale : -INFINITY;
+        }
+    }
+}
+
+static __global__ void window_softmax_kernel(float *out, int64_t n)
+{
+    __shared__ float red[32];
+    float *row = out + (int64_t)blockIdx.x * n;
+    float mx = -INFINITY;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        mx = fmaxf(mx, row[j]);
+    }
+    mx = uck_block_max(mx, red);
+    float sum = 0.0f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        sum += expf(row[j] - mx);
+    }
+    sum = uck_block_sum(sum, red);
+    float inv = 1.0f / sum;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        row[j] = expf(row[j] - mx) * inv;
+    }
+}
+
+template <typename T>
+static void launch(float *out, const void *q, int64_t ld_q, const void *k, int64_t ld_kv,
+                   int64_t w, int64_t n, int64_t n_heads, int64_t n_heads_kv, int64_t d,
+                   cudaStream_t stream)
+{
+    dim3 grid((unsigned)((n + AT_KEYS - 1) / AT_KEYS), (unsigned)((w + AT_ROWS - 1) / AT_ROWS),
+              (unsigned)n_heads);
+    window_scores_kernel<T><<<grid, AT_THREADS, 0, stream>>>(
+        out, (const T *)q, ld_q, (const T *)k, ld_kv, w, n, (int)(n_heads / n_heads_kv), (int)d,
+        1.0f / sqrtf((float)d));
+    window_softmax_kernel<<<(unsigned)(n_heads * w), 256, 0, stream>>>(out, n);
+}
+
+extern "C" cudaError_t uc_cuda_window_probs(float *out, const void *q_win, int64_t ld_q,
+                                            const void *k, int64_t ld_kv, int64_t n_win,
+                                            int64_t n, int64_t n_heads, int64_t n_heads_kv,
+                                            int64_t head_dim, enum uc_cuda_dtype dt,
+                                            cudaStream_t stream)
+{
+    if (n_win <= 0 || n <= 0) {
+        return cudaGetLastError();
+    }
+    if (n_win > n || n_heads_kv <= 0 || n_heads % n_heads_kv != 0 || head_dim <= 0) {
+        return cudaErrorInvalidValue;
+    }
+    UCK_DISPATCH(dt, launch, out, q_win, ld_q, k, ld_kv, n_win, n, n_heads, n_heads_kv, head_dim,
+                 stream);
+    return cudaGetLastError();
+}

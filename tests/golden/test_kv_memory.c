@@ -1,0 +1,103 @@
+/* KV memory: the bytes a compression report claims are the bytes the cache holds, and a
+ * sequence compressed to 10% of its prompt lets about 10x as many such sequences fit in the
+ * same KV pool as uncompressed ones (sequences are prefilled until the pool is full, so the
+ * count is of real allocations, not of a formula). Usage: test_kv_memory SHARED_DIR */
+#include <stdio.h>
+#include <string.h>
+
+#include "base/mem.h"
+#include "base/util.h"
+#include "comm.h"
+#include "engine.h"
+#include "test_util.h"
+
+#define PROMPT 640
+#define BUDGET 64 /* 10% of the prompt */
+
+/* Prefills sequences with the given policy until the pool cannot take another; returns how
+ * many fit, and checks every report against the blocks actually held. */
+static int64_t fill_pool(struct uc_engine *e, const int32_t *ids, enum uc_policy policy,
+                         int64_t *bytes_kept_each)
+{
+    struct uc_compress_params cp = uc_compress_default_params();
+    cp.policy = policy;
+    cp.kv_budget = BUDGET;
+    cp.grouping = UC_GROUPING_PROMPT;
+    struct uc_step_new probe = {.max_new_tokens = 0, .cp = cp, .n_prompt = PROMPT, .prompt = ids};
+    int64_t fitted = 0, total = uc_engine_kv_blocks_total(e);
+    size_t per_token = uc_engine_kv_bytes_per_token(e);
+    while (uc_engine_kv_blocks_used(e) + uc_engine_kv_blocks_needed(e, &probe) <= total) {
+        int64_t before = uc_engine_kv_blocks_used(e);
+        if (tu_prefill(e, 100 + fitted, ids, PROMPT, 0, &cp, 0) != UC_OK) {
+            TU_CHECK(0, "%s: prefill %lld failed", uc_policy_name(policy), (long long)fitted);
+            break;
+        }
+        struct uc_compress_report r;
+        uc_engine_seq_report(e, 100 + fitted, &r);
+        int64_t used = uc_engine_kv_blocks_used(e) - before;
+        TU_CHECK(used == r.kv_blocks_held_local, "%s: pool grew by %lld blocks, report says %lld",
+                 uc_policy_name(policy), (long long)used, (long long)r.kv_blocks_held_local);
+        TU_CHECK(r.kv_bytes_kept == r.kv_tokens_held_local * (int64_t)per_token,
+                 "%s: reported kv_bytes_kept %lld != bytes of the %lld tokens held",
+                 uc_policy_name(policy), (long long)r.kv_bytes_kept,
+                 (long long)r.kv_tokens_held_local);
+        TU_CHECK(r.kv_tokens_kept == r.kv_tokens_held_local, "%s: kept %lld vs held %lld",
+                 uc_policy_name(policy), (long long)r.kv_tokens_kept,
+                 (long long)r.kv_tokens_held_local);
+        *bytes_kept_each = r.kv_bytes_kept;
+        fitted++;
+    }
+    for (int64_t i = 0; i < fitted; i++) {
+        tu_free(e, 100 + i);
+    }
+    TU_CHECK(uc_engine_kv_blocks_used(e) == 0, "%s: %lld blocks not returned to the pool",
+             uc_policy_name(policy), (long long)uc_engine_kv_blocks_used(e));
+    return fitted;
+}
+
+int main(int argc, char **argv)
+{
+    struct uc_comm *comm = NULL;
+    if (uc_comm_create(&comm, &argc, &argv, 120000) != UC_OK) {
+        return 1;
+    }
+    const char *shared = tu_shared_dir(argc, argv);
+    struct uc_engine_params ep = uc_engine_default_params();
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", tu_model_dir(shared, "uncomp-tiny"));
+    ep.model_dir = dir;
+    ep.block_tokens = 8;
+    /* room for exactly 3 uncompressed sequences: 80 blocks x 8 layers x 4 KV heads each */
+    ep.kv_blocks = 3 * (PROMPT / 8) * 8 * 4;
+    ep.profile_path = "/nonexistent/uncomp_profile.json";
+    struct uc_engine *e = NULL;
+    if (uc_engine_create(&e, &ep, comm) != UC_OK) {
+        return 1;
+    }
+    int32_t ids[PROMPT];
+    struct uc_rng rng;
+    uc_rng_seed(&rng, 5);
+    ids[0] = 0;
+    for (int i = 1; i < PROMPT; i++) {
+        ids[i] = (int32_t)(2 + uc_rng_next(&rng) % 4000);
+    }
+    int64_t full_bytes = 0, snap_bytes = 0, unc_bytes = 0;
+    int64_t n_full = fill_pool(e, ids, UC_POLICY_FULL, &full_bytes);
+    int64_t n_snap = fill_pool(e, ids, UC_POLICY_SNAPKV, &snap_bytes);
+    int64_t n_unc = fill_pool(e, ids, UC_POLICY_UNCOMP, &unc_bytes);
+    double r_snap = (double)n_snap / (double)(n_full ? n_full : 1);
+    double r_unc = (double)n_unc / (double)(n_full ? n_full : 1);
+    printf("pool %lld blocks: full fits %lld (%lld KV bytes each), snapkv@%d fits %lld (%lld), "
+           "uncomp@%d fits %lld (%lld): %.1fx and %.1fx\n",
+           (long long)uc_engine_kv_blocks_total(e), (long long)n_full, (long long)full_bytes,
+           BUDGET, (long long)n_snap, (long long)snap_bytes, BUDGET, (long long)n_unc,
+           (long long)unc_bytes, r_snap, r_unc);
+    TU_CHECK(n_full == 3, "full: %lld sequences fit, expected 3", (long long)n_full);
+    TU_CHECK(r_snap >= 9.0 && r_snap <= 11.0, "snapkv at 10%%: %.1fx as many, expected ~10x",
+             r_snap);
+    TU_CHECK(r_unc >= 8.0 && r_unc <= 11.0, "uncomp at 10%%: %.1fx as many, expected ~10x", r_unc);
+    uc_engine_destroy(e);
+    uc_comm_destroy(comm);
+    printf("%s: %d failure(s)\n", tu_failures ? "FAILED" : "PASSED", tu_failures);
+    return tu_failures ? 1 : 0;
+}

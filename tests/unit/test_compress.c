@@ -1,0 +1,933 @@
+/* Unit tests for compress/: the matrix entropy of matrices with known spectra (UNCOMP.md section
+ * 1), head grouping, budgets and stage sizes (sections 3-4 and 8, half-up rounding), stage
+ * boundaries from layer scores, token and row selection (sections 5, 6 and 8: SnapKV with max
+ * pooling, H2O, StreamingLLM, stage rows; ties to the lower position), the plan and its
+ * checksum, the profile's JSON round trip and refusals, and parameter validation. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "base/log.h"
+#include "base/mem.h"
+#include "base/util.h"
+#include "compress/entropy.h"
+#include "compress/policy.h"
+#include "compress/profile.h"
+#include "compress/select.h"
+
+/* ---- log capture ------------------------------------------------------------------------- */
+
+static char log_text[8192];
+static size_t log_len;
+
+static void capture_log(enum uc_log_level level, const char *line, void *user)
+{
+    (void)level;
+    (void)user;
+    int n = snprintf(log_text + log_len, sizeof log_text - log_len, "%s\n", line);
+    if (n > 0 && (size_t)n < sizeof log_text - log_len) {
+        log_len += (size_t)n;
+    }
+}
+
+static void log_reset(void)
+{
+    log_text[0] = '\0';
+    log_len = 0;
+}
+
+#define assert_has(hay, needle)                                                                    \
+    do {                                                                                           \
+        if (!strstr((hay), (needle))) {                                                            \
+            fail_msg("'%s' not found in: %s", (needle), (hay));                                    \
+        }                                                                                          \
+    } while (0)
+
+#define assert_near(a, b, tol)                                                                     \
+    do {                                                                                           \
+        double a_ = (a), b_ = (b);                                                                 \
+        if (!(fabs(a_ - b_) <= (tol))) {                                                           \
+            fail_msg("%s = %.12g, want %.12g (tol %g)", #a, a_, b_, (double)(tol));                \
+        }                                                                                          \
+    } while (0)
+
+/* ---- entropy ------------------------------------------------------------------------------ */
+
+/* Entropy of x (n, d) with truncation k, through the public one-call path. */
+static double entropy(const float *x, int64_t n, int64_t d, int64_t stride, int64_t k)
+{
+    double h = -1;
+    assert_int_equal(uc_entropy_of_rows(&h, x, n, d, stride, k), UC_OK);
+    return h;
+}
+
+/* Rows +e_i and -e_i for every i: centred already, unit norm, C = I / d. */
+static void test_entropy_orthogonal_rows(void **state)
+{
+    (void)state;
+    int64_t blocks = uc_mem_blocks_in_use();
+    enum { D = 8, N = 2 * D };
+    float x[N * D] = {0};
+    for (int i = 0; i < D; i++) {
+        x[(2 * i) * D + i] = 1.0f;
+        x[(2 * i + 1) * D + i] = -1.0f;
+    }
+    double cov[D * D], eig[D];
+    assert_int_equal(uc_entropy_cov(cov, x, N, D, D), UC_OK);
+    for (int i = 0; i < D; i++) {
+        for (int j = 0; j < D; j++) {
+            assert_near(cov[i * D + j], i == j ? 1.0 / D : 0.0, 1e-15);
+        }
+    }
+    assert_int_equal(uc_entropy_eigvals(eig, cov, D), UC_OK);
+    for (int i = 0; i < D; i++) {
+        assert_near(eig[i], 1.0 / D, 1e-14);
+    }
+    assert_near(entropy(x, N, D, D, D), 1.0, 1e-12);     /* full: log d / log d */
+    assert_near(entropy(x, N, D, D, 2), 0.25, 1e-12);    /* k = d/4 of d equal terms */
+    assert_near(entropy(x, N, D, D, 0), 0.25, 1e-12);    /* 0 = the default k = d/4 */
+    assert_near(entropy(x, N, D, D, 100), 1.0, 1e-12);   /* k > d clamps */
+    /* effective rank exp(H_d ln d) = d */
+    assert_near(exp(entropy(x, N, D, D, D) * log((double)D)), (double)D, 1e-9);
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
+}
+
+/* Every row a multiple of one vector: after centring and normalising, C = v v^T: entropy 0. */
+static void test_entropy_rank_one(void **state)
+{
+    (void)state;
+    enum { D = 16, N = 6 };
+    float v[D], x[N * D];
+    uc_test_fill(v, D, 3, 0, 0);
+    const float a[N] = {2.0f, -1.0f, 3.0f, -4.0f, 0.5f, -0.5f}; /* sums to 0 */
+    for (int i = 0; i < N; i++) {
+        for (int j = 0; j < D; j++) {
+            x[i * D + j] = a[i] * v[j];
+        }
+    }
+    assert_near(entropy(x, N, D, D, D), 0.0, 1e-9);
+    assert_near(entropy(x, N, D, D, 4), 0.0, 1e-9);
+    double cov[D * D], eig[D];
+    assert_int_equal(uc_entropy_cov(cov, x, N, D, D), UC_OK);
+    assert_int_equal(uc_entropy_eigvals(eig, cov, D), UC_OK);
+    assert_near(eig[0], 1.0, 1e-12); /* trace 1, all in one direction */
+    for (int i = 1; i < D; i++) {
+        assert_true(eig[i] >= 0.0); /* tiny negatives clamped */
+        assert_near(eig[i], 0.0, 1e-12);
+    }
+}
+
+/* Rows +-e0 three times each and +-e1 once each: eigenvalues 3/4 and 1/4 exactly. */
+static void test_entropy_known_spectrum(void **state)
+{
+    (void)state;
+    enum { D = 4, N = 8 };
+    float x[N * D] = {0};
+    for (int i = 0; i < 6; i++) {
+        x[i * D + 0] = i % 2 ? -1.0f : 1.0f;
+    }
+    x[6 * D + 1] = 1.0f;
+    x[7 * D + 1] = -1.0f;
+    double h1 = -0.75 * log(0.75) / log(4.0);
+    double h2 = h1 - 0.25 * log(0.25) / log(4.0);
+    assert_near(entropy(x, N, D, D, 1), h1, 1e-12);
+    assert_near(entropy(x, N, D, D, 2), h2, 1e-12);
+    assert_near(entropy(x, N, D, D, 4), h2, 1e-12); /* zero eigenvalues add nothing */
+    assert_near(entropy(x, N, D, D, 0), h1, 1e-12); /* default k = max(1, 4/4) = 1 */
+
+    /* centring: adding the same offset to every row changes nothing */
+    float y[N * D];
+    for (int i = 0; i < N * D; i++) {
+        y[i] = x[i] + (float)(i % D) * 3.0f - 5.0f;
+    }
+    assert_near(entropy(y, N, D, D, 2), h2, 1e-9);
+    /* normalisation: scaling rows by positive factors changes nothing (pairs share a factor so
+     * the rows stay centred) */
+    for (int i = 0; i < N; i += 2) {
+        for (int j = 0; j < D; j++) {
+            y[i * D + j] = x[i * D + j] * (float)(i + 1);
+            y[(i + 1) * D + j] = x[(i + 1) * D + j] * (float)(i + 1);
+        }
+    }
+    assert_near(entropy(y, N, D, D, 2), h2, 1e-12);
+    /* the stride: the same rows inside wider ones */
+    enum { LD = 7 };
+    float w[N * LD];
+    for (int i = 0; i < N; i++) {
+        for (int j = 0; j < LD; j++) {
+            w[i * LD + j] = j < D ? x[i * D + j] : 99.0f;
+        }
+    }
+    assert_near(entropy(w, N, D, LD, 2), h2, 1e-12);
+}
+
+/* A row equal to the mean is zero after centring: it stays zero (no NaN) and still counts in N,
+ * so the covariance has trace (N - zero rows) / N. */
+static void test_entropy_zero_rows(void **state)
+{
+    (void)state;
+    enum { D = 2, N = 6 };
+    const float x[N * D] = {1, 0, -1, 0, 0, 1, 0, -1, 0, 0, 0, 0};
+    double cov[D * D];
+    assert_int_equal(uc_entropy_cov(cov, x, N, D, D), UC_OK);
+    assert_near(cov[0], 2.0 / 6.0, 1e-15);
+    assert_near(cov[3], 2.0 / 6.0, 1e-15);
+    assert_near(cov[1], 0.0, 1e-15);
+    assert_near(cov[2], 0.0, 1e-15);
+    /* all rows identical: everything is zero, the entropy is 0 (not NaN) */
+    float same[3 * D] = {1, 2, 1, 2, 1, 2};
+    double h = entropy(same, 3, D, D, D);
+    assert_near(h, 0.0, 0.0);
+}
+
+static void test_entropy_eigvals_and_helpers(void **state)
+{
+    (void)state;
+    /* [[2,1],[1,2]]: 3 and 1, descending */
+    double c2[4] = {2, 1, 1, 2}, e2[2];
+    assert_int_equal(uc_entropy_eigvals(e2, c2, 2), UC_OK);
+    assert_near(e2[0], 3.0, 1e-12);
+    assert_near(e2[1], 1.0, 1e-12);
+    /* a diagonal with a tiny negative: sorted, clamped */
+    double c4[16] = {0.1, 0, 0, 0, 0, 0.5, 0, 0, 0, 0, -1e-17, 0, 0, 0, 0, 0.4}, e4[4];
+    assert_int_equal(uc_entropy_eigvals(e4, c4, 4), UC_OK);
+    assert_near(e4[0], 0.5, 1e-15);
+    assert_near(e4[1], 0.4, 1e-15);
+    assert_near(e4[2], 0.1, 1e-15);
+    assert_true(e4[3] == 0.0);
+    /* uc_entropy_of_cov */
+    double c3[9] = {0.5, 0, 0, 0, 0.25, 0, 0, 0, 0.25}, h;
+    assert_int_equal(uc_entropy_of_cov(&h, c3, 3, 3), UC_OK);
+    assert_near(h, (0.5 * log(2.0) + 0.5 * log(4.0)) / log(3.0), 1e-12);
+    /* truncated entropy by hand */
+    const double eig[4] = {0.5, 0.25, 0.25, 0.0};
+    assert_near(uc_entropy_truncated(eig, 4, 1), 0.5 * log(2.0) / log(4.0), 1e-15);
+    assert_near(uc_entropy_truncated(eig, 4, 3), 1.5 * log(2.0) / log(4.0), 1e-15);
+    assert_near(uc_entropy_truncated(eig, 4, 9), 0.75, 1e-15);
+    assert_near(uc_entropy_truncated(eig, 4, 0), 0.0, 0.0);
+    assert_near(uc_entropy_truncated(eig, 1, 1), 0.0, 0.0); /* d = 1: no normaliser */
+    assert_int_equal(uc_entropy_default_k(128), 32);
+    assert_int_equal(uc_entropy_default_k(64), 16);
+    assert_int_equal(uc_entropy_default_k(8), 2);
+    assert_int_equal(uc_entropy_default_k(7), 1);
+    assert_int_equal(uc_entropy_default_k(4), 1);
+    assert_int_equal(uc_entropy_default_k(1), 1);
+    /* refusals and allocation failures */
+    int64_t blocks = uc_mem_blocks_in_use();
+    float x[8] = {1, 0, 0, 1, -1, 0, 0, -1};
+    double cov[4];
+    log_reset();
+    assert_int_equal(uc_entropy_cov(cov, x, 0, 2, 2), UC_ERR_INVALID_ARG);
+    assert_has(log_text, "rows=0");
+    assert_int_equal(uc_entropy_cov(cov, x, 4, 0, 2), UC_ERR_INVALID_ARG);
+    for (int64_t n = 1; n <= 6; n++) {
+        uc_mem_fail_after(n);
+        uc_status rc = uc_entropy_of_rows(&h, x, 4, 2, 2, 0);
+        uc_mem_fail_after(0);
+        assert_true(rc == UC_ERR_NOMEM || (n > 5 && rc == UC_OK));
+        assert_int_equal(uc_mem_blocks_in_use(), blocks);
+    }
+}
+
+/* ---- grouping ----------------------------------------------------------------------------- */
+
+static void test_group_heads(void **state)
+{
+    (void)state;
+    int32_t g[300];
+    const double e4[4] = {0.5, 0.1, 0.9, 0.3};
+    uc_group_heads(g, e4, 4, 2);
+    assert_int_equal(g[0], 1);
+    assert_int_equal(g[1], 0);
+    assert_int_equal(g[2], 1);
+    assert_int_equal(g[3], 0);
+    /* ties: by head index */
+    const double tie[4] = {0.5, 0.5, 0.5, 0.5};
+    uc_group_heads(g, tie, 4, 2);
+    assert_int_equal(g[0], 0);
+    assert_int_equal(g[1], 0);
+    assert_int_equal(g[2], 1);
+    assert_int_equal(g[3], 1);
+    const double tie2[6] = {0.2, 0.7, 0.2, 0.7, 0.2, 0.7};
+    uc_group_heads(g, tie2, 6, 3); /* order 0 2 4 1 3 5 */
+    const int32_t want2[6] = {0, 1, 0, 2, 1, 2};
+    assert_memory_equal(g, want2, sizeof want2);
+    /* uneven: group g holds ranks [floor(n g / m), floor(n (g + 1) / m)) */
+    const double e5[5] = {5, 4, 3, 2, 1};
+    uc_group_heads(g, e5, 5, 2); /* ranks: head 4, 3 | 2, 1, 0 */
+    const int32_t want5[5] = {1, 1, 1, 0, 0};
+    assert_memory_equal(g, want5, sizeof want5);
+    const double e7[7] = {0, 1, 2, 3, 4, 5, 6};
+    uc_group_heads(g, e7, 7, 3); /* sizes 2, 2, 3 */
+    const int32_t want7[7] = {0, 0, 1, 1, 2, 2, 2};
+    assert_memory_equal(g, want7, sizeof want7);
+    uc_group_heads(g, e7, 7, 1);
+    for (int i = 0; i < 7; i++) {
+        assert_int_equal(g[i], 0);
+    }
+    /* more heads than the stack buffer: the same rule */
+    double big[300];
+    for (int j = 0; j < 300; j++) {
+        big[j] = (double)((j * 7) % 300);
+    }
+    int64_t blocks = uc_mem_blocks_in_use();
+    uc_group_heads(g, big, 300, 2);
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
+    for (int j = 0; j < 300; j++) {
+        assert_int_equal(g[j], big[j] >= 150.0 ? 1 : 0);
+    }
+}
+
+/* ---- budgets and stages -------------------------------------------------------------------- */
+
+static void test_budgets(void **state)
+{
+    (void)state;
+    const float s = 1.0f / 3.0f;
+    /* UNCOMP.md section 4: B = 384, m = 2 gives 256 / 512 */
+    assert_int_equal(uc_group_budget(384, 0, 2, s), 256);
+    assert_int_equal(uc_group_budget(384, 1, 2, s), 512);
+    assert_int_equal(uc_group_budget(128, 0, 2, s), 85);  /* 85.33 */
+    assert_int_equal(uc_group_budget(128, 1, 2, s), 171); /* 170.67 */
+    assert_int_equal(uc_group_budget(300, 0, 3, s), 200);
+    assert_int_equal(uc_group_budget(300, 1, 3, s), 300);
+    assert_int_equal(uc_group_budget(300, 2, 3, s), 400);
+    assert_int_equal(uc_group_budget(300, 0, 1, s), 300);
+    assert_int_equal(uc_group_budget(300, 1, 2, 0.0f), 300);
+    /* half up: 1.5 -> 2 and 4.5 -> 5 (round-half-even would give 2 and 4) */
+    assert_int_equal(uc_group_budget(3, 0, 2, 0.5f), 2);
+    assert_int_equal(uc_group_budget(3, 1, 2, 0.5f), 5);
+    assert_int_equal(uc_group_budget(5, 0, 2, 0.5f), 3); /* 2.5 -> 3 */
+    assert_int_equal(uc_round_half_up(2.5), 3);
+    assert_int_equal(uc_round_half_up(-2.5), -2);
+    assert_int_equal(uc_round_half_up(2.4999), 2);
+
+    /* pyramidkv: 1.5 B at the first layer, 0.5 B at the last, mean B */
+    int64_t sum = 0;
+    const int32_t want8[8] = {192, 174, 155, 137, 119, 101, 82, 64};
+    for (int l = 0; l < 8; l++) {
+        int32_t b = uc_pyramid_budget(128, l, 8);
+        assert_int_equal(b, want8[l]);
+        sum += b;
+    }
+    assert_int_equal(sum, 8 * 128);
+    for (int64_t L = 2; L <= 40; L++) {
+        double mean = 0;
+        for (int64_t l = 0; l < L; l++) {
+            mean += uc_pyramid_budget(384, l, L);
+        }
+        assert_near(mean / (double)L, 384.0, 0.5);
+        assert_int_equal(uc_pyramid_budget(384, 0, L), 576);
+        assert_int_equal(uc_pyramid_budget(384, L - 1, L), 192);
+    }
+    assert_int_equal(uc_pyramid_budget(3, 0, 3), 5); /* 4.5 */
+    assert_int_equal(uc_pyramid_budget(3, 1, 3), 3);
+    assert_int_equal(uc_pyramid_budget(3, 2, 3), 2); /* 1.5 */
+    assert_int_equal(uc_pyramid_budget(77, 0, 1), 77);
+}
+
+static void test_stage_rows(void **state)
+{
+    (void)state;
+    /* the reference's 1536 of 4096 */
+    assert_int_equal(uc_stage_rows(4096, 0, 2, 0.375f, 0), 4096);
+    assert_int_equal(uc_stage_rows(4096, 1, 2, 0.375f, 0), 1536);
+    assert_int_equal(uc_stage_rows(4096, 1, 3, 0.375f, 0), 2816); /* 1 - 0.625 / 2 */
+    assert_int_equal(uc_stage_rows(4096, 2, 3, 0.375f, 0), 1536);
+    assert_int_equal(uc_stage_rows(1000, 1, 2, 0.375f, 0), 375);  /* exact: no ceil bump */
+    assert_int_equal(uc_stage_rows(100, 1, 2, 0.375f, 0), 38);    /* ceil(37.5) */
+    assert_int_equal(uc_stage_rows(101, 1, 3, 0.5f, 0), 76);      /* ceil(75.75) */
+    assert_int_equal(uc_stage_rows(100, 1, 2, 0.375f, 50), 50);   /* at least min_rows */
+    assert_int_equal(uc_stage_rows(100, 1, 2, 0.375f, 500), 100); /* at most n0 */
+    assert_int_equal(uc_stage_rows(100, 3, 1, 0.375f, 0), 100);   /* one stage */
+    assert_int_equal(uc_stage_rows(100, 1, 2, 1.0f, 0), 100);
+    /* monotone in c */
+    int64_t prev = 1 << 30;
+    for (int32_t c = 0; c < 6; c++) {
+        int64_t r = uc_stage_rows(5000, c, 6, 0.25f, 0);
+        assert_true(r < prev);
+        prev = r;
+    }
+    assert_int_equal(prev, 1250);
+}
+
+/* Regression (compress/policy.c, uc_stage_rows): r_min arrives as a float, so r_min = 0.3 is
+ * 0.30000001192 and n0 x 0.3000000119 = 3.0000001 for n0 = 10; the 1e-9 guard before ceil() is
+ * far below float precision, and the stage keeps 4 rows where UNCOMP.md's ceil(n0 r_min) gives
+ * 3 (the daemon's --r-min 0.3 reaches here as (float)0.3). Likewise 0.6 x 1000 -> 601. */
+static void test_regression_stage_rows_float_r_min(void **state)
+{
+    (void)state;
+    int64_t a = uc_stage_rows(10, 1, 2, 0.3f, 0);
+    int64_t b = uc_stage_rows(1000, 1, 2, 0.6f, 0);
+    if (a != 3 || b != 600) {
+        fail_msg("regression: uc_stage_rows(10, 1, 2, 0.3f) = %lld (want 3), uc_stage_rows(1000, 1, 2, "
+                 "0.6f) = %lld (want 600)", (long long)a, (long long)b);
+    }
+}
+
+static void test_stage_starts(void **state)
+{
+    (void)state;
+    int32_t st[16];
+    /* UNCOMP.md section 9: uncomp-tiny's scores start stages at layers 6 and 7 with eps = 1
+     * (the drops at layers 3 and 5 are exactly 1.0, not more) */
+    const double s[8] = {53.6, 59.7, 59.1, 58.1, 57.6, 56.6, 54.7, 53.5};
+    assert_int_equal(uc_stage_starts_from_scores(st, 15, s, 8, 1.0), 2);
+    assert_int_equal(st[0], 6);
+    assert_int_equal(st[1], 7);
+    assert_int_equal(uc_stage_starts_from_scores(st, 15, s, 8, 0.55), 5);
+    const int32_t want[5] = {2, 3, 5, 6, 7};
+    assert_memory_equal(st, want, sizeof want);
+    assert_int_equal(uc_stage_starts_from_scores(st, 2, s, 8, 0.55), 2); /* max_out */
+    assert_int_equal(st[0], 2);
+    assert_int_equal(st[1], 3);
+    assert_int_equal(uc_stage_starts_from_scores(st, 15, s, 8, 5.0), 0);
+    assert_int_equal(uc_stage_starts_from_scores(st, 15, s, 1, 0.0), 0);
+}
+
+/* ---- selection ------------------------------------------------------------------------------ */
+
+static void *scratch_for(int64_t n)
+{
+    void *p = malloc(uc_select_scratch_bytes(n)); /* exact size: ASan sees any overrun */
+    assert_non_null(p);
+    return p;
+}
+
+static void test_topk_and_maxpool(void **state)
+{
+    (void)state;
+    void *sc = scratch_for(10);
+    int32_t out[10];
+    const double s[10] = {1, 5, 3, 5, 0, 5, 2, NAN, 4, -1};
+    /* ties: lower position first; NaN is never chosen over a number; output ascending */
+    assert_int_equal(uc_topk_lowpos(out, s, 10, 2, sc), 2);
+    assert_int_equal(out[0], 1);
+    assert_int_equal(out[1], 3);
+    assert_int_equal(uc_topk_lowpos(out, s, 10, 4, sc), 4);
+    const int32_t w4[4] = {1, 3, 5, 8};
+    assert_memory_equal(out, w4, sizeof w4);
+    assert_int_equal(uc_topk_lowpos(out, s, 10, 9, sc), 9);
+    for (int i = 0; i < 9; i++) {
+        assert_true(out[i] != 7);
+        if (i) {
+            assert_true(out[i] > out[i - 1]);
+        }
+    }
+    assert_int_equal(uc_topk_lowpos(out, s, 10, 50, sc), 10);
+    assert_int_equal(uc_topk_lowpos(out, s, 10, 0, sc), 0);
+    assert_int_equal(uc_topk_lowpos(out, s, 10, -3, sc), 0);
+    free(sc);
+
+    double p[10];
+    const double sp[10] = {0, 0, 5, 0, 0, 0, 0, 0, 0, 1};
+    uc_maxpool1d(p, sp, 10, 3);
+    const double w3[10] = {0, 5, 5, 5, 0, 0, 0, 0, 1, 1};
+    assert_memory_equal(p, w3, sizeof w3);
+    uc_maxpool1d(p, sp, 10, 7); /* padding 3 */
+    const double w7[10] = {5, 5, 5, 5, 5, 5, 1, 1, 1, 1};
+    assert_memory_equal(p, w7, sizeof w7);
+    uc_maxpool1d(p, sp, 10, 1);
+    assert_memory_equal(p, sp, sizeof sp);
+    uc_maxpool1d(p, sp, 2, 7);
+    assert_true(p[0] == 0 && p[1] == 0);
+}
+
+static void test_select_snapkv(void **state)
+{
+    (void)state;
+    enum { N = 20 };
+    void *sc = scratch_for(N);
+    int32_t keep[N];
+    double s[N] = {0};
+    s[10] = 1.0;
+    s[3] = 0.5;
+    s[18] = 100.0; /* inside the window: never scored */
+    /* kernel 1 (no pooling): top 2 of the first 16 by score, then the 4 window positions */
+    assert_int_equal(uc_select_snapkv(keep, s, N, 6, 4, 1, sc), 6);
+    const int32_t w1[6] = {3, 10, 16, 17, 18, 19};
+    assert_memory_equal(keep, w1, sizeof w1);
+    /* kernel 7: position 10's score spreads over 7..13 (ties: lowest first), 3's over 0..6 */
+    assert_int_equal(uc_select_snapkv(keep, s, N, 8, 4, 7, sc), 8);
+    const int32_t w7[8] = {7, 8, 9, 10, 16, 17, 18, 19};
+    assert_memory_equal(keep, w7, sizeof w7);
+    assert_int_equal(uc_select_snapkv(keep, s, N, 14, 4, 7, sc), 14);
+    /* 7 ones (7..13), then three of the 0.5s (0, 1, 2: ties to the lower position) */
+    const int32_t w14[14] = {0, 1, 2, 7, 8, 9, 10, 11, 12, 13, 16, 17, 18, 19};
+    assert_memory_equal(keep, w14, sizeof w14);
+    /* pooling happens in position order over the first n - W only: the window's 100 does not
+     * leak into position 15 */
+    assert_int_equal(uc_select_snapkv(keep, s, N, 5, 4, 7, sc), 5);
+    assert_int_equal(keep[0], 7);
+    /* budget >= n keeps everything */
+    assert_int_equal(uc_select_snapkv(keep, s, N, N, 4, 7, sc), N);
+    assert_int_equal(uc_select_snapkv(keep, s, N, 1000, 4, 7, sc), N);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(keep[i], i);
+    }
+    /* budget == window: just the window */
+    assert_int_equal(uc_select_snapkv(keep, s, N, 4, 4, 7, sc), 4);
+    assert_int_equal(keep[0], 16);
+    free(sc);
+}
+
+static void test_select_h2o_streaming_rows(void **state)
+{
+    (void)state;
+    enum { N = 10 };
+    void *sc = scratch_for(N);
+    int32_t keep[N];
+    /* h2o: the recent floor(B/2) plus the heaviest before them */
+    const double acc[N] = {9, 1, 7, 7, 2, 8, 0, 50, 50, 50};
+    assert_int_equal(uc_select_h2o(keep, acc, N, 6, sc), 6); /* recent 7,8,9; heavy 0,5 and 2 */
+    const int32_t h6[6] = {0, 2, 5, 7, 8, 9};
+    assert_memory_equal(keep, h6, sizeof h6);
+    assert_int_equal(uc_select_h2o(keep, acc, N, 7, sc), 7); /* recent 3 (7..9); heavy 4 of 0..6 */
+    const int32_t h7[7] = {0, 2, 3, 5, 7, 8, 9};
+    assert_memory_equal(keep, h7, sizeof h7);
+    assert_int_equal(uc_select_h2o(keep, acc, N, 2, sc), 2); /* recent 9; heaviest of 0..8: 7 */
+    assert_int_equal(keep[0], 7);
+    assert_int_equal(keep[1], 9);
+    assert_int_equal(uc_select_h2o(keep, acc, N, 10, sc), 10);
+    /* streamingllm: the first `sink` and the most recent budget - sink */
+    assert_int_equal(uc_select_streaming(keep, N, 6, 4), 6);
+    const int32_t s6[6] = {0, 1, 2, 3, 8, 9};
+    assert_memory_equal(keep, s6, sizeof s6);
+    assert_int_equal(uc_select_streaming(keep, N, 3, 0), 3);
+    assert_int_equal(keep[0], 7);
+    assert_int_equal(uc_select_streaming(keep, N, 12, 4), N);
+    assert_int_equal(keep[9], 9);
+    /* stage rows: top keep_n - W of the first n - W (ties: lower), then the last W */
+    const double rs[N] = {3, 1, 3, 0, 3, 2, 3, 1, 9, 9};
+    assert_int_equal(uc_select_rows(keep, rs, N, 5, 2, sc), 5);
+    const int32_t r5[5] = {0, 2, 4, 8, 9};
+    assert_memory_equal(keep, r5, sizeof r5);
+    assert_int_equal(uc_select_rows(keep, rs, N, 2, 2, sc), 2);
+    assert_int_equal(keep[0], 8);
+    assert_int_equal(uc_select_rows(keep, rs, N, N, 2, sc), N);
+    free(sc);
+}
+
+/* ---- plans --------------------------------------------------------------------------------- */
+
+static void test_plan(void **state)
+{
+    (void)state;
+    int64_t blocks = uc_mem_blocks_in_use();
+    struct uc_plan a, b;
+    assert_int_equal(uc_plan_init(&a, 4, 4), UC_OK);
+    assert_int_equal(uc_plan_init(&b, 4, 4), UC_OK);
+    for (int i = 0; i < 16; i++) {
+        assert_int_equal(a.group[i], -1);
+        assert_true(isnan(a.entropy[i]));
+        assert_int_equal(a.budget[i], 0);
+    }
+    struct uc_compress_params p = uc_compress_default_params();
+    const double ent[4] = {0.8, 0.2, 0.5, 0.1};
+    /* full */
+    p.policy = UC_POLICY_FULL;
+    uc_plan_set_layer(&a, &p, 0, NULL);
+    assert_int_equal(a.budget[0], INT32_MAX);
+    /* snapkv / h2o / streamingllm: B everywhere */
+    p.policy = UC_POLICY_SNAPKV;
+    p.kv_budget = 64;
+    uc_plan_set_layer(&a, &p, 1, NULL);
+    for (int j = 0; j < 4; j++) {
+        assert_int_equal(a.budget[4 + j], 64);
+        assert_int_equal(a.group[4 + j], -1);
+    }
+    /* pyramidkv: by layer */
+    p.policy = UC_POLICY_PYRAMIDKV;
+    p.kv_budget = 128;
+    uc_plan_set_layer(&a, &p, 3, NULL);
+    assert_int_equal(a.budget[12], 64); /* last of 4 layers: 0.5 B */
+    /* uncomp: groups from the entropies, budgets per group */
+    p.policy = UC_POLICY_UNCOMP;
+    p.kv_budget = 384;
+    uc_plan_set_layer(&a, &p, 2, ent);
+    const int32_t wg[4] = {1, 0, 1, 0}, wb[4] = {512, 256, 512, 256};
+    assert_memory_equal(a.group + 8, wg, sizeof wg);
+    assert_memory_equal(a.budget + 8, wb, sizeof wb);
+    assert_true(a.entropy[8] == 0.8 && a.entropy[11] == 0.1);
+    /* the mean budget over KV heads is B */
+    assert_int_equal((a.budget[8] + a.budget[9] + a.budget[10] + a.budget[11]) / 4, 384);
+
+    /* checksums: equal plans agree; a budget, a group or a stage boundary changes it */
+    uc_plan_fini(&a);
+    assert_int_equal(uc_plan_init(&a, 4, 4), UC_OK);
+    p.policy = UC_POLICY_SNAPKV;
+    p.kv_budget = 64;
+    for (int l = 0; l < 4; l++) {
+        uc_plan_set_layer(&a, &p, l, NULL);
+        uc_plan_set_layer(&b, &p, l, NULL);
+    }
+    uint64_t h = uc_plan_checksum(&a);
+    assert_true(h == uc_plan_checksum(&b));
+    b.budget[13]++;
+    assert_true(uc_plan_checksum(&b) != h);
+    b.budget[13]--;
+    assert_true(uc_plan_checksum(&b) == h);
+    p.kv_budget = 65;
+    uc_plan_set_layer(&b, &p, 2, NULL);
+    assert_true(uc_plan_checksum(&b) != h);
+    p.kv_budget = 64;
+    uc_plan_set_layer(&b, &p, 2, NULL);
+    b.group[0] = 1;
+    assert_true(uc_plan_checksum(&b) != h);
+    b.group[0] = -1;
+    b.n_stage_starts = 1;
+    b.stage_starts[0] = 2;
+    b.stage_rows[0] = 100;
+    b.stage_rows[1] = 50;
+    uint64_t hs = uc_plan_checksum(&b);
+    assert_true(hs != h);
+    b.stage_rows[1] = 51;
+    assert_true(uc_plan_checksum(&b) != hs);
+    b.n_stage_starts = 0;
+    b.stage_rows[0] = 0;
+    b.stage_rows[1] = 0;
+    /* entropies are not part of it */
+    b.entropy[5] = 0.123;
+    assert_true(uc_plan_checksum(&b) == h);
+    uc_plan_fini(&a);
+    uc_plan_fini(&b);
+    uc_plan_fini(&b); /* safe twice */
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
+    for (int64_t n = 1; n <= 3; n++) {
+        uc_mem_fail_after(n);
+        assert_int_equal(uc_plan_init(&a, 4, 4), UC_ERR_NOMEM);
+        uc_mem_fail_after(0);
+        assert_null(a.budget);
+        assert_int_equal(uc_mem_blocks_in_use(), blocks);
+    }
+}
+
+/* ---- profile ------------------------------------------------------------------------------- */
+
+static char prof_path[64];
+
+static void fill_profile(struct uc_profile *p)
+{
+    /* L = 4, H = 4, Hkv = 2 (2 query heads each); values with few decimals round-trip exactly */
+    assert_int_equal(uc_profile_init(p, 4, 4, 2, 16, 64), UC_OK);
+    const double le[4] = {0.55, 0.6, 0.58, 0.52}; /* x100: drops of 2 and 6 after layer 1 */
+    for (int l = 0; l < 4; l++) {
+        p->layer_entropy[l] = le[l];
+        for (int h = 0; h < 4; h++) {
+            p->head_entropy[l * 4 + h] = 0.125 * (double)((l + 3 * h) % 5) + 0.25;
+        }
+    }
+    p->entropy_k_head = 4;
+    p->entropy_k_hidden = 16;
+    snprintf(p->source, sizeof p->source, "calib.txt");
+    p->created_unix_ms = 1700000000123;
+    p->calib_tokens = 4096;
+    p->calib_windows = 4;
+    p->model_hash = 0x0123456789abcdefULL;
+    uc_profile_finish(p, 2, 1.0);
+}
+
+static void test_profile_round_trip(void **state)
+{
+    (void)state;
+    int64_t blocks = uc_mem_blocks_in_use();
+    snprintf(prof_path, sizeof prof_path, "/tmp/uc_test_profile_%d.json", (int)getpid());
+    struct uc_profile a;
+    fill_profile(&a);
+    /* finish: KV-head means, groups, stage boundaries from 100 x layer entropy */
+    for (int l = 0; l < 4; l++) {
+        for (int j = 0; j < 2; j++) {
+            double m = (a.head_entropy[l * 4 + 2 * j] + a.head_entropy[l * 4 + 2 * j + 1]) / 2;
+            assert_near(a.kv_entropy[l * 2 + j], m, 1e-15);
+        }
+        int32_t g[2];
+        uc_group_heads(g, a.kv_entropy + l * 2, 2, 2);
+        assert_memory_equal(a.kv_group + l * 2, g, sizeof g);
+    }
+    assert_int_equal(a.n_stage_starts, 2); /* 60 -> 58 (-2) and 58 -> 52 (-6) */
+    assert_int_equal(a.stage_starts[0], 2);
+    assert_int_equal(a.stage_starts[1], 3);
+    assert_int_equal(uc_profile_save(&a, prof_path), UC_OK);
+
+    struct uc_profile b;
+    memset(&b, 0, sizeof b);
+    assert_int_equal(uc_profile_load(&b, prof_path, 4, 4, 2), UC_OK);
+    assert_int_equal(b.n_layers, 4);
+    assert_int_equal(b.n_heads, 4);
+    assert_int_equal(b.n_heads_kv, 2);
+    assert_int_equal(b.head_dim, 16);
+    assert_int_equal(b.hidden, 64);
+    assert_int_equal(b.entropy_k_head, 4);
+    assert_int_equal(b.entropy_k_hidden, 16);
+    assert_string_equal(b.source, "calib.txt");
+    assert_true(b.created_unix_ms == 1700000000123);
+    assert_int_equal(b.calib_tokens, 4096);
+    assert_int_equal(b.calib_windows, 4);
+    assert_true(b.model_hash == 0x0123456789abcdefULL);
+    assert_int_equal(b.head_groups, 2);
+    assert_true(b.stage_eps == 1.0);
+    assert_memory_equal(b.layer_entropy, a.layer_entropy, 4 * sizeof(double));
+    assert_memory_equal(b.head_entropy, a.head_entropy, 16 * sizeof(double));
+    assert_memory_equal(b.kv_entropy, a.kv_entropy, 8 * sizeof(double));
+    assert_memory_equal(b.kv_group, a.kv_group, 8 * sizeof(int32_t));
+    assert_int_equal(b.n_stage_starts, 2);
+    assert_int_equal(b.stage_starts[0], 2);
+    assert_int_equal(b.stage_starts[1], 3);
+    uc_profile_fini(&b);
+
+    /* the JSON names its fields */
+    char *json = uc_profile_to_json(&a);
+    assert_non_null(json);
+    assert_has(json, "\"format\":\t\"uncomp-profile-v1\"");
+    assert_has(json, "\"model_hash\":\t\"0123456789abcdef\"");
+    assert_has(json, "\"num_kv_heads\":\t2");
+    assert_has(json, "\"stage_starts\":\t[2, 3]");
+    uc_free(json);
+    uc_profile_fini(&a);
+    uc_profile_fini(&a);
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
+}
+
+/* Replaces the first occurrence of `from` in the saved profile and parses the result. */
+static uc_status parse_edited(struct uc_profile *p, const char *from, const char *to, int64_t L,
+                              int64_t H, int64_t Hkv)
+{
+    char *text = NULL;
+    assert_int_equal(uc_file_read_all(&text, NULL, prof_path), UC_OK);
+    char *at = strstr(text, from);
+    if (!at) {
+        fail_msg("'%s' not in the profile", from);
+    }
+    size_t n = strlen(text) + strlen(to) + 1;
+    char *ed = malloc(n);
+    assert_non_null(ed);
+    snprintf(ed, n, "%.*s%s%s", (int)(at - text), text, to, at + strlen(from));
+    memset(p, 0, sizeof *p);
+    log_reset();
+    uc_status rc = uc_profile_parse(p, ed, "/x/profile.json", L, H, Hkv);
+    free(ed);
+    uc_free(text);
+    return rc;
+}
+
+static void test_profile_refusals(void **state)
+{
+    (void)state;
+    struct uc_profile a, b;
+    fill_profile(&a);
+    assert_int_equal(uc_profile_save(&a, prof_path), UC_OK);
+    uc_profile_fini(&a);
+    int64_t blocks = uc_mem_blocks_in_use();
+
+    /* shapes that differ from the model */
+    const struct {
+        int64_t L, H, Hkv;
+        const char *field;
+    } shapes[] = {{5, 4, 2, "field=num_layers=4 but the model has 5"},
+                  {4, 8, 2, "field=num_heads=4 but the model has 8"},
+                  {4, 4, 4, "field=num_kv_heads=2 but the model has 4"}};
+    for (int i = 0; i < 3; i++) {
+        memset(&b, 0, sizeof b);
+        log_reset();
+        assert_int_equal(uc_profile_load(&b, prof_path, shapes[i].L, shapes[i].H, shapes[i].Hkv),
+                         UC_ERR_FORMAT);
+        assert_has(log_text, shapes[i].field);
+        assert_has(log_text, prof_path);
+        assert_null(b.layer_entropy);
+        assert_int_equal(uc_mem_blocks_in_use(), blocks);
+    }
+    /* pinned stage boundaries win over the derived ones */
+    assert_int_equal(parse_edited(&b, "[2, 3]", "[1, 3]", 4, 4, 2), UC_OK);
+    assert_int_equal(b.n_stage_starts, 2);
+    assert_int_equal(b.stage_starts[0], 1);
+    assert_int_equal(b.stage_starts[1], 3);
+    uc_profile_fini(&b);
+    assert_int_equal(parse_edited(&b, "[2, 3]", "[3]", 4, 4, 2), UC_OK);
+    assert_int_equal(b.n_stage_starts, 1);
+    assert_int_equal(b.stage_starts[0], 3);
+    uc_profile_fini(&b);
+    /* without the array, the boundaries come from the scores and stage_eps */
+    assert_int_equal(parse_edited(&b, "\"stage_starts\":", "\"unused\":", 4, 4, 2), UC_OK);
+    assert_int_equal(b.n_stage_starts, 2);
+    assert_int_equal(b.stage_starts[0], 2);
+    uc_profile_fini(&b);
+    assert_int_equal(parse_edited(&b, "\"stage_eps\":\t1", "\"stage_eps\":\t3", 4, 4, 2), UC_OK);
+    assert_true(b.stage_eps == 3.0);
+    assert_int_equal(b.n_stage_starts, 2); /* the pinned [2, 3] still win */
+    uc_profile_fini(&b);
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
+    /* bad boundaries, fields and values: UC_ERR_FORMAT naming the field, nothing leaked */
+    const struct {
+        const char *from, *to, *field;
+    } bad[] = {
+        {"[2, 3]", "[3, 2]", "field=stage_starts"},
+        {"[2, 3]", "[0, 2]", "field=stage_starts"},
+        {"[2, 3]", "[2, 4]", "field=stage_starts"},
+        {"[2, 3]", "[2, \"x\"]", "field=stage_starts"},
+        {"\"layer_entropy\":", "\"layer_entropy_x\":", "field=layer_entropy"},
+        {"\"layer_entropy\":\t[", "\"layer_entropy\":\t[0.5, ", "field=layer_entropy"},
+        {"\"head_entropy\":\t[", "\"head_entropy\":\t[\"a\", ", "field=layers[].head_entropy"},
+        {"\"head_entropy\":\t[", "\"head_entropy\":\t[1, ", "field=layers[].head_entropy"},
+        {"\"layers\":", "\"layers_x\":", "field=layers"},
+        {"\"head_groups\":\t2", "\"head_groups\":\t0", "head_groups"},
+        {"\"head_groups\":\t2", "\"head_groups\":\t17", "head_groups"},
+        {"\"stage_eps\":\t1", "\"stage_eps\":\t\"1\"", "stage_eps"},
+        {"\"num_layers\":\t4", "\"num_layers\":\t\"4\"", "field=num_layers"},
+        {"{", "[", "not a JSON object"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        uc_status rc = parse_edited(&b, bad[i].from, bad[i].to, 4, 4, 2);
+        if (rc != UC_ERR_FORMAT) {
+            fail_msg("edit %zu (%s -> %s): got %s", i, bad[i].from, bad[i].to, uc_status_str(rc));
+        }
+        assert_has(log_text, bad[i].field);
+        assert_has(log_text, "/x/profile.json");
+        assert_null(b.layer_entropy); /* finished on failure */
+        assert_int_equal(uc_mem_blocks_in_use(), blocks);
+    }
+    /* a missing file */
+    memset(&b, 0, sizeof b);
+    assert_int_equal(uc_profile_load(&b, "/nonexistent/uncomp_profile.json", 4, 4, 2), UC_ERR_IO);
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
+    unlink(prof_path);
+}
+
+/* ---- parameters ---------------------------------------------------------------------------- */
+
+static void test_params(void **state)
+{
+    (void)state;
+    struct uc_compress_params d = uc_compress_default_params();
+    assert_int_equal(d.policy, UC_POLICY_FULL);
+    assert_int_equal(d.window, 8);
+    assert_int_equal(d.pool_kernel, 7);
+    assert_int_equal(d.sink_tokens, 4);
+    assert_int_equal(d.head_groups, 2);
+    assert_near(d.spread, 1.0 / 3.0, 1e-7);
+    assert_near(d.r_min, 0.375, 0.0);
+    assert_int_equal(d.entropy_k, 0);
+    assert_int_equal(d.decode_mode, UC_DECODE_APPEND);
+    assert_int_equal(d.grouping, UC_GROUPING_PROFILE);
+    char msg[256];
+    assert_int_equal(uc_compress_params_validate(&d, 8, msg, sizeof msg), UC_OK);
+    /* names round-trip */
+    for (int i = 0; i < UC_POLICY_COUNT; i++) {
+        enum uc_policy p;
+        assert_true(uc_policy_parse(uc_policy_name((enum uc_policy)i), &p));
+        assert_int_equal(p, i);
+    }
+    enum uc_policy pp;
+    assert_false(uc_policy_parse("snap-kv", &pp));
+    assert_string_equal(uc_policy_name(UC_POLICY_UNCOMP_STAGE), "uncomp-stage");
+    assert_string_equal(uc_policy_name(UC_POLICY_COUNT), "?");
+    enum uc_decode_mode dm;
+    assert_true(uc_decode_mode_parse("evict", &dm) && dm == UC_DECODE_EVICT);
+    assert_false(uc_decode_mode_parse("Evict", &dm));
+    enum uc_grouping gr;
+    assert_true(uc_grouping_parse("prompt", &gr) && gr == UC_GROUPING_PROMPT);
+    assert_false(uc_grouping_parse("", &gr));
+    assert_true(uc_policy_compresses(UC_POLICY_H2O));
+    assert_false(uc_policy_compresses(UC_POLICY_FULL));
+    assert_true(uc_policy_uses_entropy(UC_POLICY_UNCOMP_STAGE));
+    assert_false(uc_policy_uses_entropy(UC_POLICY_PYRAMIDKV));
+
+    struct {
+        const char *field;
+        struct uc_compress_params p;
+        bool ok;
+    } c[40];
+    int n = 0;
+#define CASE(f, stmt, good)                                                                        \
+    do {                                                                                           \
+        c[n].field = f;                                                                            \
+        c[n].p = uc_compress_default_params();                                                     \
+        struct uc_compress_params *q = &c[n].p;                                                    \
+        stmt;                                                                                      \
+        c[n++].ok = good;                                                                          \
+    } while (0)
+    CASE("compression.policy", q->policy = UC_POLICY_COUNT, false);
+    CASE("compression.window", q->window = 0, false);
+    CASE("compression.window", q->window = 65, false);
+    CASE("compression.pool_kernel", q->pool_kernel = 4, false);
+    CASE("compression.pool_kernel", q->pool_kernel = 65, false);
+    CASE("compression.head_groups", q->head_groups = 0, false);
+    CASE("compression.head_groups", q->head_groups = 17, false);
+    CASE("compression.spread", q->spread = 1.0f, false);
+    CASE("compression.spread", q->spread = -0.1f, false);
+    CASE("compression.spread", q->spread = NAN, false);
+    CASE("compression.r_min", q->r_min = 0.0f, false);
+    CASE("compression.r_min", q->r_min = 1.01f, false);
+    CASE("compression.entropy_k", q->entropy_k = -1, false);
+    CASE("compression.decode_mode", q->decode_mode = (enum uc_decode_mode)2, false);
+    CASE("compression.grouping", q->grouping = (enum uc_grouping)7, false);
+    CASE("compression.row_score", q->row_score = 2, false);
+    CASE("compression.kv_budget=8 must be at least 9",
+         (q->policy = UC_POLICY_SNAPKV, q->kv_budget = 8), false);
+    CASE("", (q->policy = UC_POLICY_SNAPKV, q->kv_budget = 9), true);
+    CASE("compression.kv_budget=4 must be at least 5 for policy streamingllm",
+         (q->policy = UC_POLICY_STREAMINGLLM, q->kv_budget = 4), false);
+    CASE("", (q->policy = UC_POLICY_STREAMINGLLM, q->kv_budget = 5), true);
+    CASE("", (q->policy = UC_POLICY_FULL, q->kv_budget = 0), true); /* full ignores it */
+    CASE("compression.kv_budget", (q->policy = UC_POLICY_H2O, q->kv_budget = (1 << 24) + 1),
+         false);
+    CASE("compression.sink_tokens", q->sink_tokens = -1, false);
+    CASE("compression.sink_tokens", q->sink_tokens = 1025, false);
+    CASE("compression.stage_starts", (q->n_stage_starts = 1, q->stage_starts[0] = 0), false);
+    CASE("compression.stage_starts", (q->n_stage_starts = 1, q->stage_starts[0] = 8), false);
+    CASE("compression.stage_starts",
+         (q->n_stage_starts = 2, q->stage_starts[0] = 3, q->stage_starts[1] = 3), false);
+    CASE("compression.stage_starts", q->n_stage_starts = UC_MAX_STAGES, false);
+    CASE("compression.stage_starts", q->n_stage_starts = -1, false);
+    CASE("", (q->n_stage_starts = 2, q->stage_starts[0] = 1, q->stage_starts[1] = 7), true);
+    CASE("", (q->window = 64, q->pool_kernel = 63, q->head_groups = 16, q->spread = 0.0f,
+              q->r_min = 1.0f), true);
+#undef CASE
+    for (int i = 0; i < n; i++) {
+        msg[0] = '\0';
+        uc_status rc = uc_compress_params_validate(&c[i].p, 8, msg, sizeof msg);
+        if (c[i].ok) {
+            if (rc != UC_OK) {
+                fail_msg("case %d refused: %s", i, msg);
+            }
+        } else {
+            assert_int_equal(rc, UC_ERR_INVALID_ARG);
+            if (!strstr(msg, c[i].field)) {
+                fail_msg("case %d: '%s' does not name %s", i, msg, c[i].field);
+            }
+        }
+    }
+}
+
+int main(void)
+{
+    uc_log_set_sink(capture_log, NULL);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_entropy_orthogonal_rows),
+        cmocka_unit_test(test_entropy_rank_one),
+        cmocka_unit_test(test_entropy_known_spectrum),
+        cmocka_unit_test(test_entropy_zero_rows),
+        cmocka_unit_test(test_entropy_eigvals_and_helpers),
+        cmocka_unit_test(test_group_heads),
+        cmocka_unit_test(test_budgets),
+        cmocka_unit_test(test_stage_rows),
+        cmocka_unit_test(test_stage_starts),
+        cmocka_unit_test(test_topk_and_maxpool),
+        cmocka_unit_test(test_select_snapkv),
+        cmocka_unit_test(test_select_h2o_streaming_rows),
+        cmocka_unit_test(test_plan),
+        cmocka_unit_test(test_profile_round_trip),
+        cmocka_unit_test(test_profile_refusals),
+        cmocka_unit_test(test_params),
+        cmocka_unit_test(test_regression_stage_rows_float_r_min),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,410 @@
+/* Unit tests for shard/kv_cache.c on the CPU backend: block accounting (reserve, trim, free),
+ * UC_ERR_KV_FULL with nothing allocated when the pool runs out, logical slots in position order
+ * across non-contiguous blocks, uc_kv_head_remove shifting the later tokens (K and V data
+ * written with kv_scatter and read back from pool memory), blocks freed by one sequence reused
+ * by another, and allocation failures. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "backend.h"
+#include "base/log.h"
+#include "base/mem.h"
+#include "kv_cache.h"
+
+static int n_errors;
+
+static void capture_log(enum uc_log_level level, const char *line, void *user)
+{
+    (void)line;
+    (void)user;
+    n_errors += level == UC_LOG_LEVEL_ERROR;
+}
+
+enum { BT = 4, HD = 3, NB = 8 };
+
+struct fixture {
+    struct uc_backend *be;
+    struct uc_kv_cache kv;
+    int64_t blocks0;
+};
+
+static int setup(void **state)
+{
+    static struct fixture f;
+    memset(&f, 0, sizeof f);
+    f.blocks0 = uc_mem_blocks_in_use();
+    struct uc_backend_params bp = uc_backend_default_params();
+    bp.n_threads = 1;
+    if (uc_backend_cpu_create(&f.be, &bp) != UC_OK) {
+        return -1;
+    }
+    if (uc_kv_cache_init(&f.kv, f.be, NB, BT, HD) != UC_OK) {
+        return -1;
+    }
+    n_errors = 0;
+    *state = &f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    struct fixture *f = *state;
+    uc_kv_cache_fini(&f->kv);
+    uc_backend_destroy(f->be);
+    /* everything the cache and backend took is back (a test that failed half-way may leave its
+     * sequences behind: then this reports them too) */
+    int64_t leaked = uc_mem_blocks_in_use() - f->blocks0;
+    if (leaked != 0) {
+        fprintf(stderr, "teardown: %lld blocks still allocated\n", (long long)leaked);
+        return -1;
+    }
+    return 0;
+}
+
+/* The float K (or V) row stored at a slot of the pool. */
+static const float *k_at(const struct uc_kv_cache *kv, int32_t slot)
+{
+    return (const float *)kv->pool.k + (int64_t)slot * HD;
+}
+
+static const float *v_at(const struct uc_kv_cache *kv, int32_t slot)
+{
+    return (const float *)kv->pool.v + (int64_t)slot * HD;
+}
+
+/* Token `tag`'s K row is {tag, tag + 0.25, tag + 0.5}; its V row the negation. */
+static void write_tokens(struct uc_kv_cache *kv, struct uc_kv_head *h, const int32_t *tags,
+                         int32_t n)
+{
+    float k[64 * HD], v[64 * HD];
+    int32_t row[64], head[64], slot[64];
+    assert_true(n <= 64);
+    for (int32_t i = 0; i < n; i++) {
+        for (int d = 0; d < HD; d++) {
+            k[i * HD + d] = (float)tags[i] + 0.25f * (float)d;
+            v[i * HD + d] = -k[i * HD + d];
+        }
+        row[i] = i;
+        head[i] = 0;
+        slot[i] = uc_kv_head_slot(kv, h, h->n_tokens + i);
+    }
+    assert_int_equal(kv->be->ops->kv_scatter(kv->be, &kv->pool, k, v, HD, row, head, slot, n),
+                     UC_OK);
+    h->n_tokens += n;
+}
+
+/* Checks that logical token i of h holds tags[i], reading the pool directly. */
+static void assert_tokens(const struct uc_kv_cache *kv, const struct uc_kv_head *h,
+                          const int32_t *tags, int32_t n)
+{
+    assert_int_equal(h->n_tokens, n);
+    for (int32_t i = 0; i < n; i++) {
+        int32_t s = uc_kv_head_slot(kv, h, i);
+        for (int d = 0; d < HD; d++) {
+            float want = (float)tags[i] + 0.25f * (float)d;
+            if (k_at(kv, s)[d] != want || v_at(kv, s)[d] != -want) {
+                fail_msg("token %d (slot %d) dim %d: K %g V %g, want tag %d", i, s, d,
+                         (double)k_at(kv, s)[d], (double)v_at(kv, s)[d], tags[i]);
+            }
+        }
+    }
+}
+
+static void test_init_and_sizes(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache *kv = &f->kv;
+    assert_int_equal(kv->n_blocks, NB);
+    assert_int_equal(kv->n_free, NB);
+    assert_int_equal(uc_kv_used_blocks(kv), 0);
+    assert_int_equal(kv->bytes_per_block, 2 * BT * HD * sizeof(float));
+    assert_int_equal(kv->pool.block_tokens, BT);
+    assert_int_equal(kv->pool.head_dim, HD);
+    assert_int_equal(uc_kv_blocks_for(kv, 0), 0);
+    assert_int_equal(uc_kv_blocks_for(kv, 1), 1);
+    assert_int_equal(uc_kv_blocks_for(kv, 4), 1);
+    assert_int_equal(uc_kv_blocks_for(kv, 5), 2);
+    assert_int_equal(uc_kv_blocks_for(kv, 32), 8);
+    /* invalid shapes */
+    struct uc_kv_cache bad;
+    assert_int_equal(uc_kv_cache_init(&bad, f->be, 0, BT, HD), UC_ERR_INVALID_ARG);
+    assert_int_equal(uc_kv_cache_init(&bad, f->be, NB, 0, HD), UC_ERR_INVALID_ARG);
+    assert_int_equal(uc_kv_cache_init(&bad, f->be, NB, BT, 0), UC_ERR_INVALID_ARG);
+    assert_int_equal(uc_kv_cache_init(&bad, f->be, INT32_MAX, BT, HD), UC_ERR_INVALID_ARG);
+    uc_kv_cache_fini(&bad); /* fini of a failed init is safe */
+    /* allocation failures: the free list, then each half of the pool */
+    int64_t before = uc_mem_blocks_in_use();
+    for (int64_t n = 1; n <= 3; n++) {
+        uc_mem_fail_after(n);
+        uc_status rc = uc_kv_cache_init(&bad, f->be, NB, BT, HD);
+        uc_mem_fail_after(0);
+        assert_int_equal(rc, UC_ERR_NOMEM);
+        uc_kv_cache_fini(&bad);
+        assert_int_equal(uc_mem_blocks_in_use(), before);
+    }
+}
+
+static void test_reserve_trim_free(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache *kv = &f->kv;
+    struct uc_kv_seq s;
+    assert_int_equal(uc_kv_seq_init(&s, 2, 3), UC_OK);
+    assert_int_equal(s.n_layers, 2);
+    assert_int_equal(s.n_heads_kv, 3);
+    struct uc_kv_head *h = uc_kv_seq_head(&s, 1, 2);
+    assert_ptr_equal(h, &s.heads[5]);
+    assert_int_equal(h->n_blocks, 0);
+
+    assert_int_equal(uc_kv_head_reserve(kv, h, 5), UC_OK);
+    assert_int_equal(h->n_blocks, 2);
+    assert_int_equal(h->n_tokens, 0); /* reserve does not add tokens */
+    assert_int_equal(h->blocks[0], 0); /* block 0 pops first */
+    assert_int_equal(h->blocks[1], 1);
+    assert_int_equal(uc_kv_used_blocks(kv), 2);
+    assert_int_equal(uc_kv_head_reserve(kv, h, 8), UC_OK); /* still 2 blocks */
+    assert_int_equal(uc_kv_used_blocks(kv), 2);
+    assert_int_equal(uc_kv_head_reserve(kv, h, 0), UC_OK);
+    assert_int_equal(h->n_blocks, 2);
+    assert_int_equal(uc_kv_head_reserve(kv, h, 9), UC_OK);
+    assert_int_equal(h->n_blocks, 3);
+    assert_int_equal(h->blocks[2], 2);
+
+    struct uc_kv_head *h2 = uc_kv_seq_head(&s, 0, 0);
+    assert_int_equal(uc_kv_head_reserve(kv, h2, 1), UC_OK);
+    assert_int_equal(h2->blocks[0], 3);
+    assert_int_equal(uc_kv_seq_blocks(&s), 4);
+    h->n_tokens = 9;
+    h2->n_tokens = 1;
+    assert_int_equal(uc_kv_seq_tokens(&s), 10);
+
+    /* trim frees what n_tokens does not need, last block first */
+    h->n_tokens = 4;
+    uc_kv_head_trim(kv, h);
+    assert_int_equal(h->n_blocks, 1);
+    assert_int_equal(h->blocks[0], 0);
+    assert_int_equal(uc_kv_used_blocks(kv), 2);
+    uc_kv_head_trim(kv, h); /* idempotent */
+    assert_int_equal(uc_kv_used_blocks(kv), 2);
+    h->n_tokens = 0;
+    uc_kv_head_trim(kv, h);
+    assert_int_equal(h->n_blocks, 0);
+    assert_int_equal(uc_kv_used_blocks(kv), 1);
+
+    /* a long head grows its block table past its first capacity */
+    assert_int_equal(uc_kv_head_reserve(kv, h, 7 * BT), UC_OK);
+    assert_int_equal(h->n_blocks, 7);
+    assert_true(h->cap_blocks >= 7);
+    assert_int_equal(uc_kv_used_blocks(kv), NB);
+    bool seen[NB] = {false};
+    for (int b = 0; b < 7; b++) {
+        assert_false(seen[h->blocks[b]]); /* no block handed out twice */
+        seen[h->blocks[b]] = true;
+    }
+    assert_false(seen[h2->blocks[0]]);
+
+    /* fini returns every block */
+    uc_kv_seq_fini(kv, &s);
+    assert_int_equal(uc_kv_used_blocks(kv), 0);
+    assert_null(s.heads);
+    uc_kv_seq_fini(kv, &s); /* safe twice */
+    assert_int_equal(kv->n_free, NB);
+    assert_int_equal(n_errors, 0);
+}
+
+static void test_kv_full(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache *kv = &f->kv;
+    struct uc_kv_seq s;
+    assert_int_equal(uc_kv_seq_init(&s, 1, 2), UC_OK);
+    struct uc_kv_head *a = uc_kv_seq_head(&s, 0, 0), *b = uc_kv_seq_head(&s, 0, 1);
+    assert_int_equal(uc_kv_head_reserve(kv, a, 3 * BT), UC_OK);
+    /* 5 blocks left: 6 is too many, and nothing is taken */
+    assert_int_equal(uc_kv_head_reserve(kv, b, 5 * BT + 1), UC_ERR_KV_FULL);
+    assert_int_equal(b->n_blocks, 0);
+    assert_int_equal(uc_kv_used_blocks(kv), 3);
+    /* a head that already has some needs only the difference */
+    assert_int_equal(uc_kv_head_reserve(kv, a, 9 * BT), UC_ERR_KV_FULL);
+    assert_int_equal(a->n_blocks, 3);
+    assert_int_equal(uc_kv_head_reserve(kv, a, 8 * BT), UC_OK);
+    assert_int_equal(uc_kv_used_blocks(kv), NB);
+    assert_int_equal(kv->n_free, 0);
+    assert_int_equal(uc_kv_head_reserve(kv, b, 1), UC_ERR_KV_FULL);
+    assert_int_equal(b->n_blocks, 0);
+    assert_int_equal(uc_kv_head_reserve(kv, a, 8 * BT), UC_OK); /* nothing new needed */
+    assert_int_equal(n_errors, 0); /* retryable: the cache itself does not log */
+    /* freeing makes room again */
+    a->n_tokens = 6 * BT;
+    uc_kv_head_trim(kv, a);
+    assert_int_equal(uc_kv_head_reserve(kv, b, 2 * BT), UC_OK);
+    assert_int_equal(uc_kv_used_blocks(kv), NB);
+    uc_kv_seq_fini(kv, &s);
+    assert_int_equal(uc_kv_used_blocks(kv), 0);
+}
+
+/* Slots follow the block table: logical i in block i / BT at offset i % BT, even when the
+ * head's blocks are not contiguous. */
+static void test_slots_across_blocks(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache *kv = &f->kv;
+    struct uc_kv_seq x, y;
+    assert_int_equal(uc_kv_seq_init(&x, 1, 1), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&y, 1, 1), UC_OK);
+    struct uc_kv_head *hx = uc_kv_seq_head(&x, 0, 0), *hy = uc_kv_seq_head(&y, 0, 0);
+    assert_int_equal(uc_kv_head_reserve(kv, hx, BT), UC_OK);     /* block 0 */
+    assert_int_equal(uc_kv_head_reserve(kv, hy, BT), UC_OK);     /* block 1 */
+    assert_int_equal(uc_kv_head_reserve(kv, hx, 3 * BT), UC_OK); /* blocks 2, 3 */
+    const int32_t want[12] = {0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int i = 0; i < 12; i++) {
+        assert_int_equal(uc_kv_head_slot(kv, hx, i), want[i]);
+    }
+    assert_int_equal(uc_kv_head_slot(kv, hy, 3), 7);
+    /* data written through the slots sits in position order, and y's block is untouched */
+    int32_t tags[10], ty[2] = {100, 101};
+    for (int i = 0; i < 10; i++) {
+        tags[i] = i + 1;
+    }
+    write_tokens(kv, hy, ty, 2);
+    write_tokens(kv, hx, tags, 6);
+    write_tokens(kv, hx, tags + 6, 4); /* appended after the first 6 */
+    assert_tokens(kv, hx, tags, 10);
+    assert_tokens(kv, hy, ty, 2);
+    assert_true(k_at(kv, 4)[0] == 100.0f); /* slot 4 = y's token 0 */
+    uc_kv_seq_fini(kv, &x);
+    uc_kv_seq_fini(kv, &y);
+}
+
+/* Removing logical token i shifts every later token down by one, across block boundaries, and
+ * frees the last block once it is empty. */
+static void test_head_remove(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache *kv = &f->kv;
+    struct uc_kv_seq x, other;
+    assert_int_equal(uc_kv_seq_init(&x, 1, 1), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&other, 1, 1), UC_OK);
+    struct uc_kv_head *h = uc_kv_seq_head(&x, 0, 0), *ho = uc_kv_seq_head(&other, 0, 0);
+    /* x holds blocks 0 and 2 (block 1 belongs to another sequence) */
+    assert_int_equal(uc_kv_head_reserve(kv, h, 1), UC_OK);
+    assert_int_equal(uc_kv_head_reserve(kv, ho, 1), UC_OK);
+    assert_int_equal(uc_kv_head_reserve(kv, h, 7), UC_OK);
+    assert_int_equal(h->blocks[1], 2);
+    int32_t tags[7] = {10, 11, 12, 13, 14, 15, 16}, to[3] = {90, 91, 92};
+    write_tokens(kv, h, tags, 7);
+    write_tokens(kv, ho, to, 3);
+
+    assert_int_equal(uc_kv_head_remove(kv, h, 2), UC_OK);
+    const int32_t w1[6] = {10, 11, 13, 14, 15, 16};
+    assert_tokens(kv, h, w1, 6);
+    assert_int_equal(h->n_blocks, 2);
+    /* the first token */
+    assert_int_equal(uc_kv_head_remove(kv, h, 0), UC_OK);
+    const int32_t w2[5] = {11, 13, 14, 15, 16};
+    assert_tokens(kv, h, w2, 5);
+    assert_int_equal(h->n_blocks, 2);
+    assert_int_equal(uc_kv_used_blocks(kv), 3);
+    /* down to 4 tokens: the second block is returned */
+    assert_int_equal(uc_kv_head_remove(kv, h, 3), UC_OK);
+    const int32_t w3[4] = {11, 13, 14, 16};
+    assert_tokens(kv, h, w3, 4);
+    assert_int_equal(h->n_blocks, 1);
+    assert_int_equal(uc_kv_used_blocks(kv), 2);
+    /* the last token: nothing moves */
+    assert_int_equal(uc_kv_head_remove(kv, h, 3), UC_OK);
+    assert_tokens(kv, h, w3, 3);
+    /* the other sequence's block never changed */
+    assert_tokens(kv, ho, to, 3);
+    uc_kv_seq_fini(kv, &x);
+    uc_kv_seq_fini(kv, &other);
+    assert_int_equal(uc_kv_used_blocks(kv), 0);
+}
+
+/* Blocks a finished sequence frees go to the next sequence (most recently freed first). */
+static void test_freed_blocks_reused(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache *kv = &f->kv;
+    struct uc_kv_seq a, b, c;
+    assert_int_equal(uc_kv_seq_init(&a, 1, 1), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&b, 1, 1), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&c, 1, 1), UC_OK);
+    struct uc_kv_head *ha = uc_kv_seq_head(&a, 0, 0), *hb = uc_kv_seq_head(&b, 0, 0),
+                      *hc = uc_kv_seq_head(&c, 0, 0);
+    assert_int_equal(uc_kv_head_reserve(kv, ha, 4 * BT), UC_OK); /* 0..3 */
+    assert_int_equal(uc_kv_head_reserve(kv, hb, 4 * BT), UC_OK); /* 4..7 */
+    assert_int_equal(uc_kv_head_reserve(kv, hc, 1), UC_ERR_KV_FULL);
+    int32_t tags[4] = {1, 2, 3, 4};
+    write_tokens(kv, ha, tags, 4);
+    uc_kv_seq_fini(kv, &a);
+    assert_int_equal(uc_kv_used_blocks(kv), 4);
+    assert_int_equal(uc_kv_head_reserve(kv, hc, 4 * BT), UC_OK);
+    bool mine[NB] = {false};
+    for (int i = 0; i < 4; i++) {
+        assert_true(hc->blocks[i] >= 0 && hc->blocks[i] < 4); /* a's old blocks */
+        assert_false(mine[hc->blocks[i]]);
+        mine[hc->blocks[i]] = true;
+    }
+    assert_int_equal(hc->blocks[0], 3); /* LIFO: a's last block, freed last */
+    /* new data overwrites the old */
+    int32_t t2[5] = {50, 51, 52, 53, 54};
+    write_tokens(kv, hc, t2, 5);
+    assert_tokens(kv, hc, t2, 5);
+    assert_int_equal(uc_kv_head_reserve(kv, hc, 4 * BT + 1), UC_ERR_KV_FULL);
+    uc_kv_seq_fini(kv, &b);
+    uc_kv_seq_fini(kv, &c);
+    assert_int_equal(uc_kv_used_blocks(kv), 0);
+}
+
+static void test_allocation_failures(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache *kv = &f->kv;
+    int64_t before = uc_mem_blocks_in_use();
+    struct uc_kv_seq s;
+    uc_mem_fail_after(1);
+    assert_int_equal(uc_kv_seq_init(&s, 2, 2), UC_ERR_NOMEM);
+    uc_mem_fail_after(0);
+    assert_null(s.heads);
+    assert_int_equal(uc_mem_blocks_in_use(), before);
+    assert_int_equal(uc_kv_seq_init(&s, 2, 2), UC_OK);
+    struct uc_kv_head *h = uc_kv_seq_head(&s, 0, 0);
+    /* the block table cannot grow: NOMEM, and no block leaves the pool */
+    uc_mem_fail_after(1);
+    assert_int_equal(uc_kv_head_reserve(kv, h, 2), UC_ERR_NOMEM);
+    uc_mem_fail_after(0);
+    assert_int_equal(h->n_blocks, 0);
+    assert_int_equal(uc_kv_used_blocks(kv), 0);
+    assert_int_equal(uc_kv_head_reserve(kv, h, 4 * BT), UC_OK); /* table of 4 */
+    uc_mem_fail_after(1);
+    assert_int_equal(uc_kv_head_reserve(kv, h, 5 * BT), UC_ERR_NOMEM); /* grows to 8 */
+    uc_mem_fail_after(0);
+    assert_int_equal(h->n_blocks, 4);
+    assert_int_equal(uc_kv_used_blocks(kv), 4);
+    uc_kv_seq_fini(kv, &s);
+    assert_int_equal(uc_kv_used_blocks(kv), 0);
+    assert_int_equal(uc_mem_blocks_in_use(), before);
+}
+
+int main(void)
+{
+    uc_log_set_sink(capture_log, NULL);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_init_and_sizes, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reserve_trim_free, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_kv_full, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_slots_across_blocks, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_head_remove, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_freed_blocks_reused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_allocation_failures, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
