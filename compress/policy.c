@@ -84,6 +84,24 @@ bool uc_grouping_parse(const char *name, enum uc_grouping *out)
     return true;
 }
 
+static const char *row_score_names[UC_ROW_SCORE_COUNT] = {"sum", "max", "accum", "accum-max"};
+
+const char *uc_row_score_name(enum uc_row_score r)
+{
+    return (r >= 0 && r < UC_ROW_SCORE_COUNT) ? row_score_names[r] : "?";
+}
+
+bool uc_row_score_parse(const char *name, enum uc_row_score *out)
+{
+    for (int i = 0; i < UC_ROW_SCORE_COUNT; i++) {
+        if (strcmp(name, row_score_names[i]) == 0) {
+            *out = (enum uc_row_score)i;
+            return true;
+        }
+    }
+    return false;
+}
+
 bool uc_policy_compresses(enum uc_policy p) { return p != UC_POLICY_FULL; }
 
 bool uc_policy_uses_entropy(enum uc_policy p)
@@ -126,8 +144,8 @@ uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_
     if (p->grouping != UC_GROUPING_PROFILE && p->grouping != UC_GROUPING_PROMPT) {
         BAD("compression.grouping: must be profile or prompt");
     }
-    if (p->row_score != UC_ROW_SCORE_SUM && p->row_score != UC_ROW_SCORE_MAX) {
-        BAD("compression.row_score: must be 0 (sum) or 1 (max)");
+    if (p->row_score < 0 || p->row_score >= UC_ROW_SCORE_COUNT) {
+        BAD("compression.row_score: must be sum, max, accum or accum-max");
     }
     if (p->policy != UC_POLICY_FULL) {
         int32_t min_budget = p->policy == UC_POLICY_STREAMINGLLM ? p->sink_tokens + 1 : p->window + 1;

@@ -61,9 +61,14 @@ struct uc_compress_params {
 };
 
 enum uc_row_score {
-    UC_ROW_SCORE_SUM = 0,  /* sum over heads and window rows of layer l-1 (the paper) */
-    UC_ROW_SCORE_MAX = 1,  /* max over heads of the window-summed probabilities, layer l-1 */
+    UC_ROW_SCORE_SUM = 0,       /* sum over heads and window rows of layer l-1 (the paper) */
+    UC_ROW_SCORE_MAX = 1,       /* max over heads of the window-summed probabilities, layer l-1 */
+    UC_ROW_SCORE_ACCUM = 2,     /* the paper's score summed over every layer before l */
+    UC_ROW_SCORE_ACCUM_MAX = 3, /* max over heads and over every layer before l */
+    UC_ROW_SCORE_COUNT = 4,
 };
+const char *uc_row_score_name(enum uc_row_score r);
+bool uc_row_score_parse(const char *name, enum uc_row_score *out);
 
 struct uc_compress_params uc_compress_default_params(void);
 const char *uc_policy_name(enum uc_policy p);

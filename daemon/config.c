@@ -96,7 +96,8 @@ static const struct uc_cfg_option options[] = {
     {"stage-starts", UC_CFG_STR, OFF(stage_starts), "", 0, 0, 0,
      "uncomp-stage boundaries, e.g. 6,7 (empty = the profile's)"},
     {"row-score", UC_CFG_STR, OFF(row_score), "sum", 0, 0, 0,
-     "uncomp-stage row score: sum (over heads) or max"},
+     "uncomp-stage row score: sum or max over heads at the layer before the boundary, or "
+     "accum / accum-max over every layer before it"},
     /* one-shot */
     {"prompt", UC_CFG_STR, OFF(prompt), "", 0, 0, UC_CFG_ONESHOT | UC_CFG_CLI_ONLY,
      "one-shot mode: print the completion of this text and exit"},

@@ -45,14 +45,13 @@ uc_status uc_config_compress(const struct uc_config *c, int64_t n_layers,
         snprintf(msg, msg_size, "--grouping=%s must be profile or prompt", c->grouping);
         return UC_ERR_INVALID_ARG;
     }
-    if (strcmp(c->row_score, "sum") == 0) {
-        p.row_score = UC_ROW_SCORE_SUM;
-    } else if (strcmp(c->row_score, "max") == 0) {
-        p.row_score = UC_ROW_SCORE_MAX;
-    } else {
-        snprintf(msg, msg_size, "--row-score=%s must be sum or max", c->row_score);
+    enum uc_row_score rs;
+    if (!uc_row_score_parse(c->row_score, &rs)) {
+        snprintf(msg, msg_size, "--row-score=%s must be sum, max, accum or accum-max",
+                 c->row_score);
         return UC_ERR_INVALID_ARG;
     }
+    p.row_score = (int32_t)rs;
     p.kv_budget = (int32_t)c->kv_budget;
     p.window = (int32_t)c->window;
     p.pool_kernel = (int32_t)c->pool_kernel;

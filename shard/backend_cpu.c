@@ -356,7 +356,6 @@ static void softmax_row(float *restrict row, int64_t n, float scale)
 static void softmax_causal(float *s, int64_t rows, int64_t ld, int64_t limit0, int64_t cols,
                            float scale)
 {
-#pragma omp parallel for schedule(static) if (rows * cols > 32768)
     for (int64_t r = 0; r < rows; r++) {
         float *row = s + r * ld;
         int64_t n = limit0 + r + 1;
@@ -381,6 +380,9 @@ static void attn_probs(float *s, const float *q, int64_t ld_q, const float *k, i
     softmax_causal(s, rows, nk, first_abs, nk, 1.0f / sqrtf((float)d));
 }
 
+/* Threads split the (head, query block) pairs; each computes its block's probabilities with a
+ * single-threaded sgemm (OpenBLAS's OpenMP build runs serially inside a parallel region) and
+ * multiplies by V. Work per pair grows with the block's keys, so scheduling is dynamic. */
 static uc_status cpu_attn_prefill(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
                                   const void *k, const void *v, int64_t ld_kv, int64_t n_tok,
                                   int64_t q0, int64_t n_heads, int64_t n_heads_kv, int64_t head_dim)
@@ -388,22 +390,24 @@ static uc_status cpu_attn_prefill(struct uc_backend *be, void *out, const void *
     struct cpu_ctx *c = ctx_of(be);
     int64_t group = n_heads / n_heads_kv;
     int64_t nk_max = q0 + n_tok;
-    float *s = score_buf(c, (size_t)(ATT_BLOCK * nk_max));
-    if (!s) {
+    int n_thr = omp_get_max_threads();
+    float *sbuf = score_buf(c, (size_t)(n_thr * ATT_BLOCK * nk_max));
+    if (!sbuf) {
         return UC_ERRF(UC_ERR_NOMEM, "attention scores keys=%lld", (long long)nk_max);
     }
     const float *qf = q, *kf = k, *vf = v;
     float *o = out;
-    for (int64_t a = 0; a < n_tok; a += ATT_BLOCK) {
+    int64_t n_blocks = (n_tok + ATT_BLOCK - 1) / ATT_BLOCK, n_items = n_blocks * n_heads;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t it = n_items - 1; it >= 0; it--) { /* longest blocks first */
+        int64_t a = (it / n_heads) * ATT_BLOCK, h = it % n_heads, kvh = h / group;
         int64_t rows = n_tok - a < ATT_BLOCK ? n_tok - a : ATT_BLOCK;
         int64_t nk = q0 + a + rows; /* causal: the block's last row sees keys < nk */
-        for (int64_t h = 0; h < n_heads; h++) {
-            int64_t kvh = h / group;
-            attn_probs(s, qf + a * ld_q, ld_q, kf, ld_kv, rows, q0 + a, nk, h, kvh, head_dim);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)head_dim,
-                        (int)nk, 1.0f, s, (int)nk, vf + kvh * head_dim, (int)ld_kv, 0.0f,
-                        o + a * n_heads * head_dim + h * head_dim, (int)(n_heads * head_dim));
-        }
+        float *s = sbuf + (int64_t)omp_get_thread_num() * ATT_BLOCK * nk_max;
+        attn_probs(s, qf + a * ld_q, ld_q, kf, ld_kv, rows, q0 + a, nk, h, kvh, head_dim);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)head_dim,
+                    (int)nk, 1.0f, s, (int)nk, vf + kvh * head_dim, (int)ld_kv, 0.0f,
+                    o + a * n_heads * head_dim + h * head_dim, (int)(n_heads * head_dim));
     }
     return UC_OK;
 }

@@ -45,6 +45,7 @@ struct seq {
     void *qkv;        /* (n_prompt, qkv_dim) this layer's Q, K, V, device */
     int32_t *pos;     /* (n_rows) original positions of the rows present */
     int32_t stage;
+    double *row_acc;  /* (n_rows) accumulated stage row scores (accum row scores) */
     struct uc_plan plan;
     struct uc_kv_seq kv;
     float *logits;
@@ -655,7 +656,7 @@ static void seq_destroy(struct uc_engine *e, struct seq *s)
             uc_free(s->rings[i].rows);
         }
     }
-    void *p[] = {s->pos, s->logits, s->layer_rows, s->ent_min, s->ent_mean, s->ent_max, s->kept,
+    void *p[] = {s->row_acc, s->pos, s->logits, s->layer_rows, s->ent_min, s->ent_mean, s->ent_max, s->kept,
                  s->n_kept, s->rows_at, s->qspec, s->hspec, s->rings, s->kept_all,
                  s->n_kept_all};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) {
@@ -745,31 +746,54 @@ uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_ne
     return UC_OK;
 }
 
+/* A KV head's budget under the plan: known from the profile for grouping=profile, the largest
+ * group budget otherwise (not capped by the prompt). */
+static int64_t head_budget_bound(const struct uc_engine *e, const struct uc_step_new *n,
+                                 int64_t layer, int64_t kv_head)
+{
+    const struct uc_compress_params *cp = &n->cp;
+    int64_t b;
+    switch (cp->policy) {
+    case UC_POLICY_FULL: b = n->n_prompt; break;
+    case UC_POLICY_PYRAMIDKV: b = uc_pyramid_budget(cp->kv_budget, layer, e->cfg->n_layers); break;
+    case UC_POLICY_UNCOMP:
+    case UC_POLICY_UNCOMP_STAGE:
+        if (cp->grouping == UC_GROUPING_PROFILE && e->have_prof &&
+            e->prof.head_groups == cp->head_groups) {
+            b = uc_group_budget(cp->kv_budget,
+                                e->prof.kv_group[layer * e->cfg->n_heads_kv + kv_head],
+                                cp->head_groups, cp->spread);
+        } else {
+            b = max_group_budget(cp);
+        }
+        break;
+    default: b = cp->kv_budget; break;
+    }
+    return b;
+}
+
 int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_step_new *n)
 {
-    int64_t total = 0, gen = n->max_new_tokens;
-    const struct uc_compress_params *cp = &n->cp;
-    for (int64_t l = 0; l < e->cfg->n_layers; l++) {
-        int64_t b;
-        switch (cp->policy) {
-        case UC_POLICY_FULL: b = n->n_prompt; break;
-        case UC_POLICY_PYRAMIDKV: b = uc_pyramid_budget(cp->kv_budget, l, e->cfg->n_layers); break;
-        case UC_POLICY_UNCOMP:
-        case UC_POLICY_UNCOMP_STAGE: b = max_group_budget(cp); break;
-        default: b = cp->kv_budget; break;
+    /* the most any rank needs: ranks hold different heads, and with them different budgets */
+    int64_t worst = 0, gen = n->max_new_tokens;
+    int64_t hkv = e->cfg->n_heads_kv, hkv_l = e->sh->n_heads_kv;
+    bool evict = n->cp.decode_mode == UC_DECODE_EVICT && n->cp.policy != UC_POLICY_FULL;
+    for (int64_t kv0 = 0; kv0 < hkv; kv0 += hkv_l) {
+        int64_t total = 0;
+        for (int64_t l = 0; l < e->cfg->n_layers; l++) {
+            for (int64_t j = kv0; j < kv0 + hkv_l; j++) {
+                int64_t b = head_budget_bound(e, n, l, j);
+                int64_t np = n->n_prompt;
+                /* append: the prefill's share plus every decoded token; evict: the head grows
+                 * to its budget (plus the token being placed) and stays there */
+                int64_t tokens = evict ? (b + 1 < np + gen ? b + 1 : np + gen)
+                                       : (b < np ? b : np) + gen;
+                total += uc_kv_blocks_for(&e->kv, tokens);
+            }
         }
-        if (b > n->n_prompt) {
-            b = n->n_prompt;
-        }
-        int64_t tokens = cp->decode_mode == UC_DECODE_EVICT && cp->policy != UC_POLICY_FULL
-                             ? (b > cp->kv_budget ? b : cp->kv_budget) + 1
-                             : b + gen;
-        if (cp->decode_mode == UC_DECODE_EVICT && tokens > b + gen) {
-            tokens = b + gen;
-        }
-        total += uc_kv_blocks_for(&e->kv, tokens) * e->sh->n_heads_kv;
+        worst = total > worst ? total : worst;
     }
-    return total;
+    return worst;
 }
 
 static uc_status seq_create(struct uc_engine *e, const struct uc_step_new *n)
@@ -1072,7 +1096,8 @@ static uc_status compute_scores(struct uc_engine *e, struct seq *s, bool cols, b
         }
     }
     if (rows) {
-        bool use_max = s->cp.row_score == UC_ROW_SCORE_MAX;
+        bool use_max = s->cp.row_score == UC_ROW_SCORE_MAX ||
+                       s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX;
         for (int64_t i = 0; i < n; i++) {
             e->rowscore[i] = use_max ? -INFINITY : 0.0;
         }
@@ -1139,8 +1164,28 @@ static uc_status layer_end(struct uc_engine *e, struct seq *s)
     }
     bool cols = any_cut && (needs_window(s->cp.policy) || s->cp.policy == UC_POLICY_H2O);
     bool evict = s->rings != NULL;
-    if (cols || prune || (evict && needs_window(s->cp.policy))) {
-        UC_CHECK(compute_scores(e, s, cols || evict, prune), rc, out);
+    bool accum = s->cp.policy == UC_POLICY_UNCOMP_STAGE && s->plan.n_stage_starts > 0 &&
+                 (s->cp.row_score == UC_ROW_SCORE_ACCUM ||
+                  s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX) &&
+                 l + 1 < e->cfg->n_layers && l + 1 <= s->plan.stage_starts[s->plan.n_stage_starts - 1];
+    bool rows = prune || accum;
+    if (cols || rows || (evict && needs_window(s->cp.policy))) {
+        UC_CHECK(compute_scores(e, s, cols || evict, rows), rc, out);
+    }
+    if (accum) {
+        /* every layer before the last boundary adds its row scores */
+        if (!s->row_acc) {
+            s->row_acc = uc_calloc((size_t)s->n_prompt, sizeof(double));
+            if (!s->row_acc) {
+                rc = UC_ERRF(UC_ERR_NOMEM, "row scores");
+                goto out;
+            }
+        }
+        bool mx = s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX;
+        for (int64_t i = 0; i < n; i++) {
+            double v = e->rowscore[i];
+            s->row_acc[i] = mx ? (v > s->row_acc[i] ? v : s->row_acc[i]) : s->row_acc[i] + v;
+        }
     }
     if (cols && e->sh->kv_replicated) {
         /* ranks sharing a KV head each summed only their query heads: add them up */
@@ -1201,8 +1246,8 @@ static uc_status layer_end(struct uc_engine *e, struct seq *s)
     }
     if (prune) {
         int64_t keep_n = s->plan.stage_rows[stage_c];
-        int64_t nr = uc_select_rows(e->keep, e->rowscore, n, keep_n, s->cp.window,
-                                    e->sel_scratch);
+        int64_t nr = uc_select_rows(e->keep, accum ? s->row_acc : e->rowscore, n, keep_n,
+                                    s->cp.window, e->sel_scratch);
         void *nx = NULL;
         UC_CHECK(e->be->ops->alloc(e->be, &nx, (size_t)(nr * e->cfg->hidden) * act_size(e)), rc,
                  out);
@@ -1215,6 +1260,9 @@ static uc_status layer_end(struct uc_engine *e, struct seq *s)
         s->x = nx;
         for (int64_t i = 0; i < nr; i++) {
             s->pos[i] = s->pos[e->keep[i]];
+            if (s->row_acc) {
+                s->row_acc[i] = s->row_acc[e->keep[i]];
+            }
         }
         s->n_rows = nr;
         s->stage = stage_c;
