@@ -1,6 +1,7 @@
 /* Built when UC_CUDA is OFF: the CUDA backend is refused at run time, so model.c needs no
  * #ifdef and a CPU-only build links. */
 #include "backend.h"
+#include "comm_nccl.h"
 
 uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backend_params *p)
 {
@@ -10,3 +11,10 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
 }
 
 int uc_backend_cuda_device_count(void) { return 0; }
+
+uc_status uc_comm_nccl_attach(struct uc_comm *c, int device)
+{
+    (void)c;
+    (void)device;
+    return UC_ERRF(UC_ERR_UNSUPPORTED, "NCCL: this build has no CUDA support");
+}

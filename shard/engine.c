@@ -14,6 +14,7 @@
 #include "base/mem.h"
 #include "base/util.h"
 #include "compress/entropy.h"
+#include "comm_nccl.h"
 #include "compress/select.h"
 #include "kv_cache.h"
 #include "model.h"
@@ -467,6 +468,10 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
     }
     UC_CHECK(uc_backend_create(&e->be, &e->p.backend), rc, out);
     e->owns_backend = true;
+    if (e->be->kind == UC_BACKEND_CUDA && uc_comm_size(comm) > 1) {
+        /* the GPU data plane: NCCL, its unique id carried over MPI */
+        UC_CHECK(uc_comm_nccl_attach(comm, e->be->device_index), rc, out);
+    }
     struct uc_model_params mp = {.model_dir = e->model_dir, .be = e->be, .comm = comm};
     rc = uc_model_create(&e->m, &mp);
     /* agree on success first: a rank that failed to load must not leave the others waiting */

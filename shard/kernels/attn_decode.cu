@@ -51,8 +51,8 @@ static __global__ void __launch_bounds__(DEC_THREADS)
 
     for (int i = tid; i < DEC_GT * d; i += DEC_THREADS) {
         int gl = i / d, c = i % d;
-        q_s[gl][c] = gl < gc ? uck_to_f(q[(int64_t)b * ld_q + (int64_t)(j * group + g0 + gl) * d + c])
-                             : 0.0f;
+        int64_t qi = (int64_t)b * ld_q + (int64_t)(j * group + g0 + gl) * d + c;
+        q_s[gl][c] = gl < gc ? uck_to_f(q[qi]) : 0.0f;
     }
     if (tid < DEC_GT) {
         run_m[tid] = -INFINITY;

@@ -2,17 +2,16 @@
  * N x N matrix is ever stored).
  *
  * Fast path (bf16, D = 64 or 128, 16-byte aligned rows): FlashAttention-2 structure on tensor
- * cores. A block owns 128 query rows of one head (8 warps x 16 rows); Q fragments stay in
- * registers, K and V tiles of 64 keys stream through shared memory with cp.async (the V load
- * overlaps QK^T, the next K load overlaps PV), S = QK^T and O += PV run as
- * mma.sync.m16n8k16 bf16 with float32 accumulators, and shared memory rows are XOR-swizzled in
- * 16-byte chunks so ldmatrix is conflict-free. Blocks of the heaviest (last) query tiles start
- * first. P is rounded to bf16 for PV; the row sums stay float32.
+ * cores. A block owns 128 query rows of one head (8 warps x 16 rows); Q fragments come from
+ * shared memory (D = 128, two blocks per SM) or stay in registers (D = 64); K and V tiles of 64
+ * keys stream through shared memory with cp.async (the V load overlaps QK^T, the next K load
+ * overlaps PV); S = QK^T and O += PV run as mma.sync.m16n8k16 bf16 with float32 accumulators;
+ * shared memory rows are XOR-swizzled in 16-byte chunks so ldmatrix is conflict-free. Blocks of
+ * the heaviest (last) query tiles start first. P is rounded to bf16 for PV; the row sums stay
+ * float32.
  *
  * Generic path (float32, or other head sizes up to 256): one warp per query row, lanes over 32
  * keys at a time for the scores, lanes over dimensions for PV, exact expf. */
-#include <stdlib.h>
-
 #include "common.cuh"
 
 /* ---- fast path: tensor cores ------------------------------------------------------------ */
@@ -166,7 +165,8 @@ static __global__ void __launch_bounds__(FA_WARPS * 32, (QS || D <= 64) ? 2 : 1)
         for (int kk = 0; kk < D / 16; kk++) {
             const int qi = QS ? 0 : kk;
             if constexpr (QS) {
-                ldsm_x4(qf[0], smem_u32(sQ + swz<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4))));
+                int r = warp * 16 + (lane & 15), c = kk * 2 + (lane >> 4);
+                ldsm_x4(qf[0], smem_u32(sQ + swz<D>(r, c)));
             }
 #pragma unroll
             for (int np = 0; np < FA_BC / 16; np++) {
@@ -391,23 +391,16 @@ extern "C" cudaError_t uc_cuda_attn_prefill(void *out, const void *q, int64_t ld
     uintptr_t align = (uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)out |
                       (uintptr_t)(ld_q * 2) | (uintptr_t)(ld_kv * 2);
     bool fast = dt == UC_CUDA_BF16 && align % 16 == 0;
-    /* TODO(cuda): measurement knob, removed once one variant wins (tests/cuda/NOTES.md) */
-    static int qs = -1;
-    if (qs < 0) {
-        const char *env = getenv("UC_CUDA_FA_QSMEM");
-        qs = env && env[0] == '1';
-    }
+    /* D = 128 re-reads Q from shared memory (two blocks per SM: 278-295 TFLOP/s against 257-277
+     * with Q in registers, n = 8K-32K on H100); D = 64 keeps Q in registers (269 against 248).
+     * tests/cuda/NOTES.md has the measurements. */
     if (fast && head_dim == 128) {
-        return qs ? launch_fast<128, true>(out, q, ld_q, k, v, ld_kv, n_tok, q0, n_heads,
-                                           n_heads_kv, stream)
-                  : launch_fast<128, false>(out, q, ld_q, k, v, ld_kv, n_tok, q0, n_heads,
-                                            n_heads_kv, stream);
+        return launch_fast<128, true>(out, q, ld_q, k, v, ld_kv, n_tok, q0, n_heads, n_heads_kv,
+                                      stream);
     }
     if (fast && head_dim == 64) {
-        return qs ? launch_fast<64, true>(out, q, ld_q, k, v, ld_kv, n_tok, q0, n_heads,
-                                          n_heads_kv, stream)
-                  : launch_fast<64, false>(out, q, ld_q, k, v, ld_kv, n_tok, q0, n_heads,
-                                           n_heads_kv, stream);
+        return launch_fast<64, false>(out, q, ld_q, k, v, ld_kv, n_tok, q0, n_heads, n_heads_kv,
+                                      stream);
     }
     UCK_DISPATCH(dt, launch_generic, out, q, ld_q, k, v, ld_kv, n_tok, q0, n_heads, n_heads_kv,
                  head_dim, stream);

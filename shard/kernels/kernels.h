@@ -66,7 +66,8 @@ cudaError_t uc_cuda_window_probs(float *out, const void *q_win, int64_t ld_q, co
                                  int64_t n_heads_kv, int64_t head_dim, enum uc_cuda_dtype dt,
                                  cudaStream_t stream);
 /* H2O column sums: out (H, n) doubles on the device = sum over causal query rows i of
- * P[h, i, j]. row_ml: workspace of 2 * H * n floats (each row's max and 1 / exp-sum, first pass). */
+ * P[h, i, j]. row_ml: workspace of 2 * H * n floats (each row's max and 1 / exp-sum, from the
+ * first pass). */
 cudaError_t uc_cuda_attn_colsum(double *out, float *row_ml, const void *q, int64_t ld_q,
                                 const void *k, int64_t ld_kv, int64_t n, int64_t n_heads,
                                 int64_t n_heads_kv, int64_t head_dim, enum uc_cuda_dtype dt,

@@ -69,6 +69,8 @@ int main(int argc, char **argv)
     const char *lengths = "512,2048,4000";
     const char *policy = "full";
     int reps = 5, n_decode = 64, budget = 128;
+    int64_t kv_mem = 0;
+    double peak_arg = 0;
     enum uc_backend_kind bk = UC_BACKEND_CPU;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--model")) {
@@ -85,6 +87,10 @@ int main(int argc, char **argv)
             policy = argv[i + 1];
         } else if (!strcmp(argv[i], "--kv-budget")) {
             budget = atoi(argv[i + 1]);
+        } else if (!strcmp(argv[i], "--kv-mem-mib")) {
+            kv_mem = atoll(argv[i + 1]) << 20;
+        } else if (!strcmp(argv[i], "--peak-gflops")) {
+            peak_arg = atof(argv[i + 1]);
         }
     }
     struct uc_comm *comm;
@@ -95,7 +101,7 @@ int main(int argc, char **argv)
     struct uc_engine_params ep = uc_engine_default_params();
     ep.model_dir = model;
     ep.backend.kind = bk;
-    ep.kv_memory_bytes = 512LL << 20;
+    ep.kv_memory_bytes = kv_mem > 0 ? kv_mem : (bk == UC_BACKEND_CUDA ? 8LL << 30 : 512LL << 20);
     struct uc_engine *e;
     if (uc_engine_create(&e, &ep, comm) != UC_OK) {
         return 1;
@@ -107,7 +113,7 @@ int main(int argc, char **argv)
         return 0;
     }
     const struct uc_model_config *cfg = uc_engine_config(e);
-    double peak = bk == UC_BACKEND_CPU ? sgemm_peak() : 0;
+    double peak = peak_arg > 0 ? peak_arg : (bk == UC_BACKEND_CPU ? sgemm_peak() : 0);
     struct uc_compress_params cp = uc_compress_default_params();
     uc_policy_parse(policy, &cp.policy);
     cp.kv_budget = budget;

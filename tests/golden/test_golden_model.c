@@ -213,14 +213,6 @@ int main(int argc, char **argv)
             fprintf(stderr, "FAIL: cannot load %s\n", dir);
             uc_comm_abort(comm, 1);
         }
-#ifdef UC_HAVE_CUDA
-        /* TODO(lead): drop once engine.c attaches NCCL itself (a second attach is a no-op) */
-        if (bk == UC_BACKEND_CUDA &&
-            uc_comm_nccl_attach(comm, uc_engine_backend(e)->device_index) != UC_OK) {
-            fprintf(stderr, "FAIL: cannot attach NCCL\n");
-            uc_comm_abort(comm, 1);
-        }
-#endif
         if (rank != 0) {
             uc_engine_serve(e);
             uc_engine_destroy(e);

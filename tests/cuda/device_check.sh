@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The CUDA checks on a GPU host (the device machine), in one call: unpacks the .deb files carried
+# in .deps into .deps/root (never into /), configures with UC_DEPS_PREFIX, builds the CUDA
+# targets, then runs the named steps, each with its rc and wall time. Fixtures come from
+# .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
+# travel. Steps: ops (with --bench), ctest (label cuda), golden, golden-fp32,
+# tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool).
+# A step written VAR=VALUE:STEP (ops, golden, bench4k) runs with that variable set.
+# Usage: tests/cuda/device_check.sh BUILD_DIR STEP...
+set -u -o pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+bd=${1:?usage: device_check.sh BUILD_DIR STEP...}
+shift
+deps=$root/.deps/root
+lib=$deps/usr/lib/x86_64-linux-gnu
+if [ ! -d "$deps/usr" ]; then
+  for f in "$root"/.deps/*.deb; do dpkg -x "$f" "$deps" || exit 1; done
+fi
+export LD_LIBRARY_PATH=$lib:$lib/openblas-openmp${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+if [ ! -f "$bd/build.ninja" ]; then
+  nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+  cmake -S "$root" -B "$bd" -G Ninja -DUC_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DCMAKE_CUDA_COMPILER="$nvcc" -DUC_BUILD_DAEMON=OFF -DUC_DEPS_PREFIX="$deps/usr" \
+    -DCMOCKA_LIB="$lib/libcmocka.so" > "$bd.cmake.log" 2>&1 || { tail -40 "$bd.cmake.log"; exit 1; }
+  grep -E "deps prefix|CUDA backend" "$bd.cmake.log"
+fi
+t0=$(date +%s)
+ninja -C "$bd" test_cuda_ops golden_model bench_engine > "$bd.build.log" 2>&1 ||
+  { grep -E "error|FAILED" -A3 "$bd.build.log" | head -60; exit 1; }
+echo "=== build ok in $(( $(date +%s) - t0 )) s; warnings: $(grep -c 'warning' "$bd.build.log")"
+fx=$root/.fixtures
+mpi="mpirun --allow-run-as-root --oversubscribe -np 2 -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH"
+rc=0
+for step in "$@"; do
+  echo "=== step $step"
+  t0=$(date +%s.%N)
+  # a step named VAR=VALUE:STEP runs STEP with that variable set (kernel variant knobs)
+  envset=()
+  if [[ $step == *=*:* ]]; then
+    envset=("${step%%:*}")
+    step=${step#*:}
+  fi
+  case $step in
+    ops) env "${envset[@]}" timeout 300 "$bd/tests/cuda/test_cuda_ops" --bench ;;
+    ctest) timeout 300 ctest --test-dir "$bd" -L cuda --output-on-failure ;;
+    golden) env "${envset[@]}" UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
+    golden-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
+    tp2) UC_TEST_BACKEND=cuda timeout 200 $mpi -x UC_TEST_BACKEND "$bd/tests/golden/golden_model" "$fx" ;;
+    tp2-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND -x UC_TEST_FP32 \
+                "$bd/tests/golden/golden_model" "$fx" ;;
+    bench) timeout 240 "$bd/tests/bench/bench_engine" --backend cuda --model synthetic:llama3-8b \
+             --lengths 512,8192 --reps 3 --decode 32 ;;
+    bench8k-l15) timeout 240 "$bd/tests/bench/bench_engine" --backend cuda \
+                   --model synthetic:llama3-8b:layers=15 --lengths 512,8192 --reps 3 --decode 32 ;;
+    bench4k) env "${envset[@]}" timeout 240 "$bd/tests/bench/bench_engine" --backend cuda --model synthetic:llama3-8b \
+               --lengths 512,4000 --reps 3 --decode 32 ;;
+    *) echo "unknown step $step"; false ;;
+  esac
+  r=$?
+  echo "=== step $step rc=$r wall=$(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $t0}") s"
+  [ $r -ne 0 ] && rc=$r
+done
+exit $rc

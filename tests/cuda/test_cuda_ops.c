@@ -1,0 +1,871 @@
+/* Every op of the CUDA backend against the CPU backend on deterministic inputs (uc_test_fill),
+ * in bf16 mode and in float32 mode. Inputs are rounded to the CUDA activation type on the host
+ * first, so both backends see identical values and the difference measures only the GPU's
+ * arithmetic: normalised MSE sum((gpu - cpu)^2) / sum(cpu^2) within a bound per op and mode
+ * (bf16 outputs carry their rounding, about 1e-6; float32 is near 1e-13). Copies and the
+ * synthetic-weight generator must match exactly, argmax index for index. A control checks that
+ * the attention bound rejects a result computed with the wrong GQA mapping.
+ * Exits 77 (skipped) without a GPU.
+ * Usage: test_cuda_ops [--bench]  (--bench also times prefill attention, GEMM and decode) */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "base/log.h"
+#include "base/mem.h"
+#include "base/util.h"
+
+static struct uc_backend *cpu, *gpu;
+static bool fp32;     /* the GPU backend's mode in this pass */
+static int failures;
+static int checks;
+
+/* bounds: bf16 outputs, float32 outputs (GPU float math), exact */
+#define B_BF16 1e-4
+#define B_F32 1e-9
+
+/* ---- helpers ---------------------------------------------------------------------------- */
+
+static void die(const char *what)
+{
+    fprintf(stderr, "FATAL: %s\n", what);
+    exit(1);
+}
+
+static void round_act(float *x, int64_t n)
+{
+    if (!fp32) {
+        for (int64_t i = 0; i < n; i++) {
+            x[i] = uc_bf16_to_f32(uc_f32_to_bf16(x[i]));
+        }
+    }
+}
+
+/* Host data in [-scale, scale), rounded to the activation type. */
+static float *hdata(int64_t n, uint64_t seed, float scale)
+{
+    float *x = uc_malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    if (!x) {
+        die("host alloc");
+    }
+    uc_test_fill(x, n, seed, 0, 0);
+    for (int64_t i = 0; i < n; i++) {
+        x[i] *= scale;
+    }
+    round_act(x, n);
+    return x;
+}
+
+static void *put(struct uc_backend *be, const float *h, int64_t n)
+{
+    void *d = NULL;
+    if (be->ops->alloc(be, &d, (size_t)(n > 0 ? n : 1) * be->ops->act_size(be)) != UC_OK) {
+        die("device alloc");
+    }
+    if (n > 0 && be->ops->upload_f32(be, d, h, n) != UC_OK) {
+        die("upload_f32");
+    }
+    return d;
+}
+
+static float *get(struct uc_backend *be, const void *d, int64_t n)
+{
+    float *h = uc_malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    if (!h || be->ops->download_f32(be, h, d, n) != UC_OK) {
+        die("download_f32");
+    }
+    return h;
+}
+
+static void drop(struct uc_backend *be, void *d) { be->ops->free(be, d); }
+
+static double nmse(const float *got, const float *ref, int64_t n)
+{
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)got[i] - (double)ref[i];
+        num += d * d;
+        den += (double)ref[i] * (double)ref[i];
+    }
+    return num / (den > 1e-300 ? den : 1e-300);
+}
+
+static double nmse_d(const double *got, const double *ref, int64_t n)
+{
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = got[i] - ref[i];
+        num += d * d;
+        den += ref[i] * ref[i];
+    }
+    return num / (den > 1e-300 ? den : 1e-300);
+}
+
+static void report(const char *op, const char *what, double err, double bound)
+{
+    bool ok = err <= bound; /* NaN fails */
+    checks++;
+    if (!ok) {
+        failures++;
+    }
+    printf("%-5s %-14s %-40s nmse=%-10.3g bound=%-8.1g %s\n", fp32 ? "f32" : "bf16", op, what, err,
+           bound, ok ? "ok" : "FAIL");
+    fflush(stdout);
+}
+
+static double bound_act(void) { return fp32 ? B_F32 : B_BF16; }
+
+/* Compares n activations of the two backends. */
+static double cmp_dev(const void *g, const void *c, int64_t n)
+{
+    float *a = get(gpu, g, n), *b = get(cpu, c, n);
+    double e = nmse(a, b, n);
+    uc_free(a);
+    uc_free(b);
+    return e;
+}
+
+static void shuffle_i32(int32_t *v, int64_t n, struct uc_rng *r)
+{
+    for (int64_t i = n - 1; i > 0; i--) {
+        int64_t j = (int64_t)(uc_rng_next(r) % (uint64_t)(i + 1));
+        int32_t t = v[i];
+        v[i] = v[j];
+        v[j] = t;
+    }
+}
+
+/* ---- element-wise ops and projections --------------------------------------------------- */
+
+static void test_roundtrip(void)
+{
+    int64_t n = 100003;
+    float *x = hdata(n, 1, 3.0f);
+    void *g = put(gpu, x, n);
+    float *y = get(gpu, g, n);
+    report("upload_f32", "download_f32 round trip (exact)", nmse(y, x, n), 0.0);
+    uc_free(y);
+    /* raw bytes: upload then download */
+    size_t bytes = (size_t)n * gpu->ops->act_size(gpu);
+    char *raw = uc_malloc(bytes), *back = uc_malloc(bytes);
+    for (size_t i = 0; i < bytes; i++) {
+        raw[i] = (char)(i * 131 + 7);
+    }
+    void *g2 = NULL;
+    gpu->ops->alloc(gpu, &g2, bytes);
+    gpu->ops->upload(gpu, g2, raw, bytes);
+    gpu->ops->copy(gpu, g, g2, bytes);
+    gpu->ops->download(gpu, back, g, bytes);
+    report("upload/copy", "bytes through upload, copy, download", memcmp(raw, back, bytes) ? 1 : 0,
+           0.0);
+    drop(gpu, g);
+    drop(gpu, g2);
+    uc_free(raw);
+    uc_free(back);
+    uc_free(x);
+}
+
+static void test_weight_random(void)
+{
+    int64_t rows = 7, cols = 1531;
+    void *wg = NULL, *wc = NULL;
+    if (gpu->ops->weight_random(gpu, &wg, rows, cols, 1234567, 0.25f, 0.02f) != UC_OK ||
+        cpu->ops->weight_random(cpu, &wc, rows, cols, 1234567, 0.25f, 0.02f) != UC_OK) {
+        die("weight_random");
+    }
+    float *a = get(gpu, wg, rows * cols), *b = get(cpu, wc, rows * cols);
+    round_act(b, rows * cols);
+    report("weight_random", "equals the CPU generator (rounded)", nmse(a, b, rows * cols), 0.0);
+    double mean = 0;
+    for (int64_t i = 0; i < rows * cols; i++) {
+        mean += a[i];
+    }
+    mean /= (double)(rows * cols);
+    report("weight_random", "mean 0.25", fabs(mean - 0.25), 2e-3);
+    uc_free(a);
+    uc_free(b);
+    gpu->ops->weight_free(gpu, wg);
+    cpu->ops->weight_free(cpu, wc);
+}
+
+static void test_embed(void)
+{
+    int64_t v = 1000, c = 96, t = 77;
+    float *tab = hdata(v * c, 2, 1.0f);
+    void *tg = NULL, *tc = NULL;
+    gpu->ops->weight_create(gpu, &tg, tab, v, c);
+    cpu->ops->weight_create(cpu, &tc, tab, v, c);
+    int32_t ids[77];
+    struct uc_rng r;
+    uc_rng_seed(&r, 3);
+    for (int64_t i = 0; i < t; i++) {
+        ids[i] = (int32_t)(uc_rng_next(&r) % (uint64_t)v);
+    }
+    void *yg = NULL, *yc = NULL;
+    gpu->ops->alloc(gpu, &yg, (size_t)(t * c) * gpu->ops->act_size(gpu));
+    cpu->ops->alloc(cpu, &yc, (size_t)(t * c) * sizeof(float));
+    gpu->ops->embed(gpu, yg, tg, ids, t, c);
+    cpu->ops->embed(cpu, yc, tc, ids, t, c);
+    report("embed", "V=1000 C=96 T=77 (exact)", cmp_dev(yg, yc, t * c), 0.0);
+    gpu->ops->weight_free(gpu, tg);
+    cpu->ops->weight_free(cpu, tc);
+    drop(gpu, yg);
+    drop(cpu, yc);
+    uc_free(tab);
+}
+
+static void test_rmsnorm(int64_t t, int64_t c)
+{
+    float *x = hdata(t * c, 4, 2.0f), *w = hdata(c, 5, 1.0f);
+    void *xg = put(gpu, x, t * c), *xc = put(cpu, x, t * c);
+    void *wg = NULL, *wc = NULL;
+    gpu->ops->weight_create(gpu, &wg, w, 1, c);
+    cpu->ops->weight_create(cpu, &wc, w, 1, c);
+    void *yg = put(gpu, x, t * c), *yc = put(cpu, x, t * c);
+    gpu->ops->rmsnorm(gpu, yg, xg, wg, t, c, 1e-5f);
+    cpu->ops->rmsnorm(cpu, yc, xc, wc, t, c, 1e-5f);
+    char what[64];
+    snprintf(what, sizeof what, "T=%lld C=%lld", (long long)t, (long long)c);
+    report("rmsnorm", what, cmp_dev(yg, yc, t * c), bound_act());
+    drop(gpu, xg);
+    drop(cpu, xc);
+    drop(gpu, yg);
+    drop(cpu, yc);
+    gpu->ops->weight_free(gpu, wg);
+    cpu->ops->weight_free(cpu, wc);
+    uc_free(x);
+    uc_free(w);
+}
+
+static void test_matmul(int64_t t, int64_t n, int64_t k)
+{
+    float *x = hdata(t * k, 6, 1.0f), *w = hdata(n * k, 7, 0.05f);
+    void *xg = put(gpu, x, t * k), *xc = put(cpu, x, t * k);
+    void *wg = NULL, *wc = NULL;
+    gpu->ops->weight_create(gpu, &wg, w, n, k);
+    cpu->ops->weight_create(cpu, &wc, w, n, k);
+    void *yg = NULL, *yc = NULL;
+    gpu->ops->alloc(gpu, &yg, (size_t)(t * n) * gpu->ops->act_size(gpu));
+    cpu->ops->alloc(cpu, &yc, (size_t)(t * n) * sizeof(float));
+    gpu->ops->matmul(gpu, yg, xg, wg, t, n, k);
+    cpu->ops->matmul(cpu, yc, xc, wc, t, n, k);
+    char what[64];
+    snprintf(what, sizeof what, "T=%lld N=%lld K=%lld", (long long)t, (long long)n, (long long)k);
+    report("matmul", what, cmp_dev(yg, yc, t * n), bound_act());
+    /* bias on top */
+    float *b = hdata(n, 8, 0.5f);
+    void *bg = NULL, *bc = NULL;
+    gpu->ops->weight_create(gpu, &bg, b, 1, n);
+    cpu->ops->weight_create(cpu, &bc, b, 1, n);
+    gpu->ops->add_bias(gpu, yg, bg, t, n);
+    cpu->ops->add_bias(cpu, yc, bc, t, n);
+    report("add_bias", what, cmp_dev(yg, yc, t * n), bound_act());
+    gpu->ops->weight_free(gpu, bg);
+    cpu->ops->weight_free(cpu, bc);
+    uc_free(b);
+    drop(gpu, xg);
+    drop(cpu, xc);
+    drop(gpu, yg);
+    drop(cpu, yc);
+    gpu->ops->weight_free(gpu, wg);
+    cpu->ops->weight_free(cpu, wc);
+    uc_free(x);
+    uc_free(w);
+}
+
+static void test_add_swiglu(void)
+{
+    int64_t n = 65537;
+    float *x = hdata(n, 9, 1.0f), *y = hdata(n, 10, 1.0f);
+    void *xg = put(gpu, x, n), *xc = put(cpu, x, n), *yg = put(gpu, y, n), *yc = put(cpu, y, n);
+    gpu->ops->add(gpu, yg, xg, n);
+    cpu->ops->add(cpu, yc, xc, n);
+    report("add", "n=65537", cmp_dev(yg, yc, n), bound_act());
+    drop(gpu, xg);
+    drop(cpu, xc);
+    drop(gpu, yg);
+    drop(cpu, yc);
+    uc_free(x);
+    uc_free(y);
+    int64_t t = 9, f = 172;
+    float *gu = hdata(t * 2 * f, 11, 4.0f);
+    void *gg = put(gpu, gu, t * 2 * f), *gc = put(cpu, gu, t * 2 * f);
+    void *og = put(gpu, gu, t * f), *oc = put(cpu, gu, t * f);
+    gpu->ops->swiglu(gpu, og, gg, t, f);
+    cpu->ops->swiglu(cpu, oc, gc, t, f);
+    report("swiglu", "T=9 F=172", cmp_dev(og, oc, t * f), bound_act());
+    drop(gpu, gg);
+    drop(cpu, gc);
+    drop(gpu, og);
+    drop(cpu, oc);
+    uc_free(gu);
+}
+
+static void test_rope(int64_t d, int64_t heads, int64_t t, int64_t max_pos)
+{
+    int64_t half = d / 2, ld = heads * d + 24;
+    float *inv = uc_malloc((size_t)half * sizeof(float));
+    for (int64_t i = 0; i < half; i++) {
+        inv[i] = 1.0f / powf(500000.0f, (float)(2 * i) / (float)d);
+    }
+    if (gpu->ops->rope_init(gpu, inv, half, max_pos) != UC_OK ||
+        cpu->ops->rope_init(cpu, inv, half, max_pos) != UC_OK) {
+        die("rope_init");
+    }
+    float *x = hdata(t * ld, 12, 2.0f);
+    int32_t *pos = uc_malloc((size_t)t * sizeof(int32_t));
+    struct uc_rng r;
+    uc_rng_seed(&r, 13);
+    for (int64_t i = 0; i < t; i++) {
+        pos[i] = i == 0 ? (int32_t)(max_pos - 1) : (int32_t)(uc_rng_next(&r) % (uint64_t)max_pos);
+    }
+    void *xg = put(gpu, x, t * ld), *xc = put(cpu, x, t * ld);
+    gpu->ops->rope(gpu, xg, ld, heads, d, pos, t);
+    cpu->ops->rope(cpu, xc, ld, heads, d, pos, t);
+    char what[64];
+    snprintf(what, sizeof what, "D=%lld heads=%lld T=%lld max_pos=%lld", (long long)d,
+             (long long)heads, (long long)t, (long long)max_pos);
+    report("rope", what, cmp_dev(xg, xc, t * ld), bound_act());
+    pos[0] = (int32_t)max_pos; /* logs one expected error */
+    report("rope", "position past the table is refused",
+           gpu->ops->rope(gpu, xg, ld, heads, d, pos, t) == UC_ERR_INVALID_ARG ? 0.0 : 1.0, 0.0);
+    drop(gpu, xg);
+    drop(cpu, xc);
+    uc_free(x);
+    uc_free(pos);
+    uc_free(inv);
+}
+
+static void test_rows(void)
+{
+    int64_t rows = 300, w = 160;
+    float *src = hdata(rows * w, 14, 1.0f);
+    void *sg = put(gpu, src, rows * w), *sc = put(cpu, src, rows * w);
+    int32_t idx[123];
+    struct uc_rng r;
+    uc_rng_seed(&r, 15);
+    for (int i = 0; i < 123; i++) {
+        idx[i] = (int32_t)(uc_rng_next(&r) % (uint64_t)rows);
+    }
+    float *z = hdata(200 * w, 16, 1.0f);
+    void *dg = put(gpu, z, 200 * w), *dc = put(cpu, z, 200 * w);
+    gpu->ops->gather_rows(gpu, dg, sg, idx, 123, w);
+    cpu->ops->gather_rows(cpu, dc, sc, idx, 123, w);
+    report("gather_rows", "123 of 300 rows, W=160 (exact)", cmp_dev(dg, dc, 200 * w), 0.0);
+    gpu->ops->copy_rows(gpu, dg, w, sg, w + 0, 100, 57);
+    cpu->ops->copy_rows(cpu, dc, w, sc, w + 0, 100, 57);
+    gpu->ops->copy_rows(gpu, (char *)dg + 3 * gpu->ops->act_size(gpu), 2 * w, sg, w, 17, 40);
+    cpu->ops->copy_rows(cpu, (float *)dc + 3, 2 * w, sc, w, 17, 40);
+    report("copy_rows", "strided rows (exact)", cmp_dev(dg, dc, 200 * w), 0.0);
+    drop(gpu, sg);
+    drop(cpu, sc);
+    drop(gpu, dg);
+    drop(cpu, dc);
+    uc_free(src);
+    uc_free(z);
+}
+
+static void test_argmax(void)
+{
+    int64_t t = 5, n = 4099;
+    float *x = hdata(t * n, 17, 1.0f);
+    for (int64_t i = 0; i < t; i++) {
+        x[i * n + (i * 997 + 13) % n] = 3.0f; /* a unique maximum per row */
+    }
+    x[2 * n + 5] = 3.0f; /* a tie in row 2: the first index wins */
+    void *xg = put(gpu, x, t * n), *xc = put(cpu, x, t * n);
+    int32_t a[5], b[5];
+    if (gpu->ops->argmax(gpu, a, xg, t, n) != UC_OK ||
+        cpu->ops->argmax(cpu, b, xc, t, n) != UC_OK) {
+        die("argmax");
+    }
+    int bad = 0;
+    for (int64_t i = 0; i < t; i++) {
+        bad += a[i] != b[i];
+    }
+    report("argmax", "T=5 N=4099 with a tie (indices equal)", bad, 0.0);
+    drop(gpu, xg);
+    drop(cpu, xc);
+    uc_free(x);
+}
+
+/* ---- attention ---------------------------------------------------------------------------- */
+
+/* A fused QKV buffer (n, (H + 2 Hkv) D) on both backends. */
+struct qkv {
+    int64_t n, h, hkv, d, ld;
+    float *host;
+    void *g, *c;
+};
+
+static void qkv_make(struct qkv *b, int64_t n, int64_t h, int64_t hkv, int64_t d, uint64_t seed)
+{
+    b->n = n;
+    b->h = h;
+    b->hkv = hkv;
+    b->d = d;
+    b->ld = (h + 2 * hkv) * d;
+    b->host = hdata(n * b->ld, seed, 1.5f);
+    b->g = put(gpu, b->host, n * b->ld);
+    b->c = put(cpu, b->host, n * b->ld);
+}
+
+static void qkv_free(struct qkv *b)
+{
+    drop(gpu, b->g);
+    drop(cpu, b->c);
+    uc_free(b->host);
+}
+
+static const void *at(struct uc_backend *be, const void *base, int64_t elems)
+{
+    return (const char *)base + (size_t)elems * be->ops->act_size(be);
+}
+
+static void test_attn_prefill(int64_t t, int64_t q0, int64_t h, int64_t hkv, int64_t d)
+{
+    struct qkv b;
+    qkv_make(&b, q0 + t, h, hkv, d, 100 + (uint64_t)(t * 7 + d + h * 3 + hkv));
+    void *og = NULL, *oc = NULL;
+    gpu->ops->alloc(gpu, &og, (size_t)(t * h * d) * gpu->ops->act_size(gpu));
+    cpu->ops->alloc(cpu, &oc, (size_t)(t * h * d) * sizeof(float));
+    uc_status r1 = gpu->ops->attn_prefill(gpu, og, at(gpu, b.g, q0 * b.ld), b.ld,
+                                          at(gpu, b.g, h * d), at(gpu, b.g, (h + hkv) * d), b.ld,
+                                          t, q0, h, hkv, d);
+    uc_status r2 = cpu->ops->attn_prefill(cpu, oc, at(cpu, b.c, q0 * b.ld), b.ld,
+                                          at(cpu, b.c, h * d), at(cpu, b.c, (h + hkv) * d), b.ld,
+                                          t, q0, h, hkv, d);
+    char what[96];
+    snprintf(what, sizeof what, "T=%lld q0=%lld H=%lld Hkv=%lld D=%lld", (long long)t,
+             (long long)q0, (long long)h, (long long)hkv, (long long)d);
+    double e = r1 == UC_OK && r2 == UC_OK ? cmp_dev(og, oc, t * h * d) : INFINITY;
+    report("attn_prefill", what, e, bound_act());
+    if (hkv > 1 && t >= 64) {
+        /* control: the same inputs read with another GQA mapping must fail the bound */
+        cpu->ops->attn_prefill(cpu, oc, at(cpu, b.c, q0 * b.ld), b.ld, at(cpu, b.c, h * d),
+                               at(cpu, b.c, (h + hkv) * d), b.ld, t, q0, h, 1, d);
+        double wrong = cmp_dev(og, oc, t * h * d);
+        report("control", "wrong GQA map is caught (inverted)", wrong > bound_act() ? 0.0 : 1.0,
+               0.0);
+    }
+    drop(gpu, og);
+    drop(cpu, oc);
+    qkv_free(&b);
+}
+
+static void test_window_probs(int64_t n, int64_t w, int64_t h, int64_t hkv, int64_t d)
+{
+    struct qkv b;
+    qkv_make(&b, n, h, hkv, d, 200 + (uint64_t)(n + w + d));
+    int64_t cnt = h * w * n;
+    float *pg = uc_malloc((size_t)cnt * sizeof(float));
+    float *pc = uc_malloc((size_t)cnt * sizeof(float));
+    uc_status r1 = gpu->ops->window_probs(gpu, pg, at(gpu, b.g, (n - w) * b.ld), b.ld,
+                                          at(gpu, b.g, h * d), b.ld, w, n, h, hkv, d);
+    uc_status r2 = cpu->ops->window_probs(cpu, pc, at(cpu, b.c, (n - w) * b.ld), b.ld,
+                                          at(cpu, b.c, h * d), b.ld, w, n, h, hkv, d);
+    char what[96];
+    snprintf(what, sizeof what, "n=%lld W=%lld H=%lld Hkv=%lld D=%lld", (long long)n, (long long)w,
+             (long long)h, (long long)hkv, (long long)d);
+    report("window_probs", what, r1 == UC_OK && r2 == UC_OK ? nmse(pg, pc, cnt) : INFINITY, 1e-8);
+    uc_free(pg);
+    uc_free(pc);
+    qkv_free(&b);
+}
+
+static void test_colsum(int64_t n, int64_t h, int64_t hkv, int64_t d)
+{
+    struct qkv b;
+    qkv_make(&b, n, h, hkv, d, 300 + (uint64_t)(n + d));
+    double *cg = uc_malloc((size_t)(h * n) * sizeof(double));
+    double *cc = uc_malloc((size_t)(h * n) * sizeof(double));
+    uc_status r1 = gpu->ops->attn_colsum(gpu, cg, b.g, b.ld, at(gpu, b.g, h * d), b.ld, n, h, hkv,
+                                         d);
+    uc_status r2 = cpu->ops->attn_colsum(cpu, cc, b.c, b.ld, at(cpu, b.c, h * d), b.ld, n, h, hkv,
+                                         d);
+    char what[96];
+    snprintf(what, sizeof what, "n=%lld H=%lld Hkv=%lld D=%lld", (long long)n, (long long)h,
+             (long long)hkv, (long long)d);
+    report("attn_colsum", what, r1 == UC_OK && r2 == UC_OK ? nmse_d(cg, cc, h * n) : INFINITY,
+           1e-8);
+    uc_free(cg);
+    uc_free(cc);
+    qkv_free(&b);
+}
+
+static void test_qcov(int64_t n, int64_t h, int64_t d)
+{
+    struct qkv b;
+    qkv_make(&b, n, h, 1, d, 400 + (uint64_t)(n + d));
+    double *cg = uc_malloc((size_t)(h * d * d) * sizeof(double));
+    double *cc = uc_malloc((size_t)(h * d * d) * sizeof(double));
+    uc_status r1 = gpu->ops->qcov(gpu, cg, b.g, b.ld, n, h, d);
+    uc_status r2 = cpu->ops->qcov(cpu, cc, b.c, b.ld, n, h, d);
+    char what[96];
+    snprintf(what, sizeof what, "n=%lld H=%lld D=%lld", (long long)n, (long long)h, (long long)d);
+    report("qcov", what, r1 == UC_OK && r2 == UC_OK ? nmse_d(cg, cc, h * d * d) : INFINITY, 1e-12);
+    uc_free(cg);
+    uc_free(cc);
+    qkv_free(&b);
+}
+
+/* ---- paged KV ----------------------------------------------------------------------------- */
+
+struct pools {
+    struct uc_kv_pool_view g, c;
+    int64_t n_blocks, bt, d;
+};
+
+static void pools_make(struct pools *p, int64_t n_blocks, int64_t bt, int64_t d, uint64_t seed)
+{
+    p->n_blocks = n_blocks;
+    p->bt = bt;
+    p->d = d;
+    if (gpu->ops->kv_pool_create(gpu, &p->g, n_blocks, bt, d) != UC_OK ||
+        cpu->ops->kv_pool_create(cpu, &p->c, n_blocks, bt, d) != UC_OK) {
+        die("kv_pool_create");
+    }
+    int64_t n = n_blocks * bt * d;
+    float *k = hdata(n, seed, 1.5f), *v = hdata(n, seed + 1, 1.0f);
+    gpu->ops->upload_f32(gpu, p->g.k, k, n);
+    gpu->ops->upload_f32(gpu, p->g.v, v, n);
+    cpu->ops->upload_f32(cpu, p->c.k, k, n);
+    cpu->ops->upload_f32(cpu, p->c.v, v, n);
+    uc_free(k);
+    uc_free(v);
+}
+
+static void pools_free(struct pools *p)
+{
+    gpu->ops->kv_pool_destroy(gpu, &p->g);
+    cpu->ops->kv_pool_destroy(cpu, &p->c);
+}
+
+static double pools_cmp(struct pools *p)
+{
+    int64_t n = p->n_blocks * p->bt * p->d;
+    return cmp_dev(p->g.k, p->c.k, n) + cmp_dev(p->g.v, p->c.v, n);
+}
+
+static void test_kv_scatter_move(int64_t d)
+{
+    struct pools p;
+    pools_make(&p, 64, 16, d, 500 + (uint64_t)d);
+    int64_t rows = 50, h = 4, hkv = 2;
+    struct qkv b;
+    qkv_make(&b, rows, h, hkv, d, 510 + (uint64_t)d);
+    int64_t n = 300;
+    int32_t *slots = uc_malloc((size_t)(64 * 16) * sizeof(int32_t));
+    int32_t *row = uc_malloc((size_t)n * sizeof(int32_t));
+    int32_t *head = uc_malloc((size_t)n * sizeof(int32_t));
+    for (int32_t i = 0; i < 64 * 16; i++) {
+        slots[i] = i;
+    }
+    struct uc_rng r;
+    uc_rng_seed(&r, 520);
+    shuffle_i32(slots, 64 * 16, &r);
+    for (int64_t i = 0; i < n; i++) {
+        row[i] = (int32_t)(uc_rng_next(&r) % (uint64_t)rows);
+        head[i] = (int32_t)(uc_rng_next(&r) % (uint64_t)hkv);
+    }
+    gpu->ops->kv_scatter(gpu, &p.g, at(gpu, b.g, h * d), at(gpu, b.g, (h + hkv) * d), b.ld, row,
+                         head, slots, n);
+    cpu->ops->kv_scatter(cpu, &p.c, at(cpu, b.c, h * d), at(cpu, b.c, (h + hkv) * d), b.ld, row,
+                         head, slots, n);
+    char what[64];
+    snprintf(what, sizeof what, "300 entries D=%lld (exact)", (long long)d);
+    report("kv_scatter", what, pools_cmp(&p), 0.0);
+    /* evict-style compaction: shift a run of slots down by one, in order */
+    for (int32_t t = 100; t < 140; t++) {
+        gpu->ops->kv_move(gpu, &p.g, slots[t], slots[t + 1]);
+        cpu->ops->kv_move(cpu, &p.c, slots[t], slots[t + 1]);
+    }
+    report("kv_move", "a 40-slot shift (exact)", pools_cmp(&p), 0.0);
+    uc_free(slots);
+    uc_free(row);
+    uc_free(head);
+    qkv_free(&b);
+    pools_free(&p);
+}
+
+static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, int64_t max_len,
+                             bool with_psum, uint64_t seed)
+{
+    const int64_t bt = 16;
+    int64_t entries = n_rows * hkv;
+    struct uc_rng r;
+    uc_rng_seed(&r, seed);
+    int32_t *ntok = uc_malloc((size_t)entries * sizeof(int32_t));
+    int32_t *off = uc_malloc((size_t)entries * sizeof(int32_t));
+    int64_t total = 0, maxn = 0;
+    for (int64_t e = 0; e < entries; e++) {
+        ntok[e] = (int32_t)(1 + uc_rng_next(&r) % (uint64_t)max_len);
+        if (e == 0) {
+            ntok[e] = (int32_t)max_len;
+        }
+        off[e] = (int32_t)total;
+        total += (ntok[e] + bt - 1) / bt;
+        maxn = ntok[e] > maxn ? ntok[e] : maxn;
+    }
+    int64_t n_blocks = total + 7;
+    int32_t *perm = uc_malloc((size_t)n_blocks * sizeof(int32_t));
+    for (int32_t i = 0; i < n_blocks; i++) {
+        perm[i] = i;
+    }
+    shuffle_i32(perm, n_blocks, &r);
+    struct pools p;
+    pools_make(&p, n_blocks, bt, d, seed + 1);
+    struct qkv q;
+    qkv_make(&q, n_rows, h, hkv, d, seed + 2);
+    struct uc_kv_batch_view view = {ntok, off, perm, total, maxn};
+    void *og = NULL, *oc = NULL;
+    gpu->ops->alloc(gpu, &og, (size_t)(n_rows * h * d) * gpu->ops->act_size(gpu));
+    cpu->ops->alloc(cpu, &oc, (size_t)(n_rows * h * d) * sizeof(float));
+    float *pg = NULL, *pc = NULL;
+    if (with_psum) {
+        pg = uc_malloc((size_t)(entries * maxn) * sizeof(float));
+        pc = uc_malloc((size_t)(entries * maxn) * sizeof(float));
+        for (int64_t i = 0; i < entries * maxn; i++) {
+            pg[i] = NAN; /* every element must be written */
+        }
+    }
+    uc_status r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &view, n_rows, h, hkv, pg);
+    uc_status r2 = cpu->ops->attn_decode(cpu, oc, q.c, q.ld, &p.c, &view, n_rows, h, hkv, pc);
+    char what[96];
+    snprintf(what, sizeof what, "B=%lld H=%lld Hkv=%lld D=%lld max_len=%lld%s", (long long)n_rows,
+             (long long)h, (long long)hkv, (long long)d, (long long)max_len,
+             with_psum ? " psum" : "");
+    double e = r1 == UC_OK && r2 == UC_OK ? cmp_dev(og, oc, n_rows * h * d) : INFINITY;
+    report("attn_decode", what, e, bound_act());
+    if (with_psum) {
+        report("decode_psum", what,
+               r1 == UC_OK && r2 == UC_OK ? nmse(pg, pc, entries * maxn) : INFINITY, 1e-8);
+    }
+    uc_free(pg);
+    uc_free(pc);
+    drop(gpu, og);
+    drop(cpu, oc);
+    qkv_free(&q);
+    pools_free(&p);
+    uc_free(ntok);
+    uc_free(off);
+    uc_free(perm);
+}
+
+/* ---- the pass ------------------------------------------------------------------------------ */
+
+static void run_pass(void)
+{
+    test_roundtrip();
+    test_weight_random();
+    test_embed();
+    test_rmsnorm(37, 4096);
+    test_rmsnorm(5, 64);
+    test_matmul(1, 4096, 4096);
+    test_matmul(37, 344, 172);
+    test_matmul(513, 1024, 512);
+    test_add_swiglu();
+    test_rope(128, 12, 33, 131072);
+    test_rope(8, 12, 7, 512);
+    test_rows();
+    test_argmax();
+    /* prefill attention: lengths 1, 17, 300, 2048; GQA 1, 4, 8; tensor-core and generic paths;
+     * chunked prompts (q0 > 0) */
+    static const int64_t lens[] = {1, 17, 300, 2048};
+    for (int i = 0; i < 4; i++) {
+        test_attn_prefill(lens[i], 0, 8, 2, 128);
+    }
+    test_attn_prefill(300, 0, 8, 8, 128);
+    test_attn_prefill(300, 0, 8, 1, 128);
+    test_attn_prefill(17, 0, 4, 4, 64);
+    test_attn_prefill(300, 0, 8, 2, 64);
+    test_attn_prefill(2048, 0, 4, 1, 64);
+    test_attn_prefill(300, 0, 8, 4, 32);
+    test_attn_prefill(17, 0, 8, 4, 8);
+    test_attn_prefill(300, 700, 8, 2, 128);
+    test_attn_prefill(129, 1919, 8, 2, 128);
+    test_attn_prefill(100, 412, 8, 4, 32);
+    test_attn_prefill(1, 2047, 8, 2, 128);
+    /* compression scores */
+    test_window_probs(17, 8, 8, 2, 128);
+    test_window_probs(300, 32, 8, 2, 128);
+    test_window_probs(2048, 16, 8, 4, 32);
+    test_window_probs(300, 1, 4, 4, 8);
+    test_colsum(17, 4, 2, 64);
+    test_colsum(300, 8, 2, 128);
+    test_colsum(1100, 4, 4, 8);
+    test_qcov(5, 4, 32);
+    test_qcov(300, 4, 128);
+    test_qcov(2048, 8, 8);
+    /* paged KV */
+    test_kv_scatter_move(128);
+    test_kv_scatter_move(8);
+    test_attn_decode(1, 8, 2, 128, 1, false, 600);
+    test_attn_decode(3, 8, 2, 128, 40, true, 610);
+    test_attn_decode(8, 32, 8, 128, 3000, false, 620);
+    test_attn_decode(2, 8, 8, 64, 700, true, 630);
+    test_attn_decode(4, 16, 2, 32, 3000, true, 640);
+    test_attn_decode(5, 8, 4, 8, 300, true, 650);
+    test_attn_decode(1, 8, 1, 128, 20000, false, 660);
+}
+
+/* ---- timing (--bench) ----------------------------------------------------------------------- */
+
+static double time_op(uc_status (*fn)(void *), void *arg, int reps)
+{
+    fn(arg); /* warm-up */
+    gpu->ops->sync(gpu);
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        double t0 = uc_time_s();
+        fn(arg);
+        gpu->ops->sync(gpu);
+        double t = uc_time_s() - t0;
+        best = t < best ? t : best;
+    }
+    return best;
+}
+
+struct bench_attn {
+    void *out, *qkv;
+    int64_t n, h, hkv, d, ld;
+};
+
+static uc_status run_attn(void *p)
+{
+    struct bench_attn *b = p;
+    return gpu->ops->attn_prefill(gpu, b->out, b->qkv, b->ld, at(gpu, b->qkv, b->h * b->d),
+                                  at(gpu, b->qkv, (b->h + b->hkv) * b->d), b->ld, b->n, 0, b->h,
+                                  b->hkv, b->d);
+}
+
+struct bench_mm {
+    void *y, *x, *w;
+    int64_t t, n, k;
+};
+
+static uc_status run_mm(void *p)
+{
+    struct bench_mm *b = p;
+    return gpu->ops->matmul(gpu, b->y, b->x, b->w, b->t, b->n, b->k);
+}
+
+struct bench_dec {
+    struct uc_kv_pool_view pool;
+    struct uc_kv_batch_view view;
+    void *q, *out;
+    int64_t b, h, hkv, ld;
+};
+
+static uc_status run_dec(void *p)
+{
+    struct bench_dec *b = p;
+    return gpu->ops->attn_decode(gpu, b->out, b->q, b->ld, &b->pool, &b->view, b->b, b->h, b->hkv,
+                                 NULL);
+}
+
+/* Decode attention over `ctx` tokens per (row, KV head), blocks laid out in order. */
+static void bench_decode(int64_t rows, int64_t ctx)
+{
+    const int64_t h = 32, hkv = 8, d = 128, bt = 16;
+    struct bench_dec b = {.b = rows, .h = h, .hkv = hkv, .ld = (h + 2 * hkv) * d};
+    int64_t entries = rows * hkv, per = (ctx + bt - 1) / bt, nb = entries * per;
+    int32_t *ntok = uc_malloc((size_t)entries * sizeof(int32_t));
+    int32_t *off = uc_malloc((size_t)entries * sizeof(int32_t));
+    int32_t *blocks = uc_malloc((size_t)nb * sizeof(int32_t));
+    for (int64_t e = 0; e < entries; e++) {
+        ntok[e] = (int32_t)ctx;
+        off[e] = (int32_t)(e * per);
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        blocks[i] = (int32_t)i;
+    }
+    gpu->ops->kv_pool_create(gpu, &b.pool, nb, bt, d);
+    gpu->ops->weight_random(gpu, &b.q, rows, b.ld, 5, 0.0f, 1.0f);
+    gpu->ops->alloc(gpu, &b.out, (size_t)(rows * h * d) * gpu->ops->act_size(gpu));
+    b.view = (struct uc_kv_batch_view){ntok, off, blocks, nb, ctx};
+    double t = time_op(run_dec, &b, 20);
+    double bytes = 2.0 * (double)entries * (double)ctx * (double)d * 2.0;
+    printf("bench attn_decode B=%lld ctx=%lld H=32 Hkv=8 D=128: %.1f us %.0f GB/s (K+V read)\n",
+           (long long)rows, (long long)ctx, t * 1e6, bytes / t / 1e9);
+    gpu->ops->kv_pool_destroy(gpu, &b.pool);
+    gpu->ops->weight_free(gpu, b.q);
+    drop(gpu, b.out);
+    uc_free(ntok);
+    uc_free(off);
+    uc_free(blocks);
+}
+
+static void bench(void)
+{
+    printf("# bench on %s\n", gpu->device_name);
+    struct bench_mm mm = {.t = 8192, .n = 14336, .k = 4096};
+    gpu->ops->weight_random(gpu, &mm.w, mm.n, mm.k, 1, 0.0f, 0.02f);
+    gpu->ops->weight_random(gpu, &mm.x, mm.t, mm.k, 2, 0.0f, 1.0f);
+    gpu->ops->alloc(gpu, &mm.y, (size_t)(mm.t * mm.n) * gpu->ops->act_size(gpu));
+    double t = time_op(run_mm, &mm, 10);
+    printf("bench matmul T=8192 N=14336 K=4096: %.3f ms %.1f TFLOP/s\n", t * 1e3,
+           2.0 * mm.t * mm.n * mm.k / t / 1e12);
+    drop(gpu, mm.y);
+    drop(gpu, mm.x);
+    gpu->ops->weight_free(gpu, mm.w);
+    static const int64_t ns[] = {2048, 8192, 16384, 32768, 8192};
+    for (int i = 0; i < 5; i++) {
+        struct bench_attn b = {.n = ns[i], .h = 32, .hkv = 8, .d = i < 4 ? 128 : 64};
+        b.ld = (b.h + 2 * b.hkv) * b.d;
+        gpu->ops->weight_random(gpu, &b.qkv, b.n, b.ld, 3, 0.0f, 1.0f);
+        gpu->ops->alloc(gpu, &b.out, (size_t)(b.n * b.h * b.d) * gpu->ops->act_size(gpu));
+        t = time_op(run_attn, &b, 5);
+        double flops = 4.0 * (double)b.h * b.d * ((double)b.n * (b.n + 1) / 2.0);
+        printf("bench attn_prefill n=%lld H=32 Hkv=8 D=%lld causal: %.3f ms %.1f TFLOP/s\n",
+               (long long)b.n, (long long)b.d, t * 1e3, flops / t / 1e12);
+        drop(gpu, b.out);
+        gpu->ops->weight_free(gpu, b.qkv);
+    }
+    bench_decode(1, 8192);
+    bench_decode(32, 4096);
+    bench_decode(64, 1024);
+}
+
+int main(int argc, char **argv)
+{
+    bool do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
+    if (uc_backend_cuda_device_count() <= 0) {
+        printf("SKIP: no CUDA device (or a build without UC_CUDA)\n");
+        return 77;
+    }
+    uc_log_set_level(UC_LOG_LEVEL_WARN);
+    struct uc_backend_params cp = uc_backend_default_params();
+    if (uc_backend_create(&cpu, &cp) != UC_OK) {
+        die("cpu backend");
+    }
+    for (int mode = 0; mode < 2; mode++) {
+        fp32 = mode == 1;
+        struct uc_backend_params gp = uc_backend_default_params();
+        gp.kind = UC_BACKEND_CUDA;
+        gp.fp32 = fp32;
+        if (uc_backend_create(&gpu, &gp) != UC_OK) {
+            die("cuda backend");
+        }
+        printf("# %s mode on %s\n", fp32 ? "float32" : "bf16", gpu->device_name);
+        run_pass();
+        uc_backend_destroy(gpu);
+        gpu = NULL;
+    }
+    uc_backend_destroy(cpu);
+    printf("%s: %d of %d checks failed\n", failures ? "FAILED" : "PASSED", failures, checks);
+    if (do_bench) {
+        fflush(stdout);
+        fp32 = false;
+        struct uc_backend_params gp = uc_backend_default_params();
+        gp.kind = UC_BACKEND_CUDA;
+        if (uc_backend_create(&gpu, &gp) != UC_OK) {
+            die("cuda backend");
+        }
+        bench();
+        uc_backend_destroy(gpu);
+    }
+    return failures ? 1 : 0;
+}
