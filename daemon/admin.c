@@ -272,11 +272,26 @@ static void sec_errors(struct uc_buf *b, const struct uc_admin_src *s,
     }
 }
 
+/* The callback may or may not write the "# Config" header itself; the header is written here
+ * exactly once either way. */
 static void sec_config(struct uc_buf *b, const struct uc_admin_src *s)
 {
-    if (s->write_config_info) {
-        s->write_config_info(s->config_user, b);
+    if (!s->write_config_info) {
+        return;
     }
+    struct uc_buf tmp;
+    uc_buf_init(&tmp);
+    s->write_config_info(s->config_user, &tmp);
+    const char *body = tmp.data ? tmp.data : "";
+    if (strncmp(body, "# ", 2) == 0) {
+        const char *nl = strchr(body, '\n');
+        body = nl ? nl + 1 : "";
+    }
+    uc_buf_puts(b, body);
+    if (tmp.oom) {
+        b->oom = true;
+    }
+    uc_buf_fini(&tmp);
 }
 
 /* ---- the text -------------------------------------------------------------------------- */

@@ -130,6 +130,10 @@ struct daemon {
 #endif
     pthread_t sig_thread;
     bool sig_thread_started;
+    char bundled_calib[4096]; /* calibration.txt of the bundled model, when a model has none */
+#ifdef UC_HAVE_GRPC
+    struct uc_cluster_info cluster; /* every rank's host, device and memory (rank 0) */
+#endif
 };
 
 #ifdef UC_HAVE_GRPC
@@ -239,6 +243,7 @@ static int run_rank0(struct daemon *d)
     sp.max_stop_strings = (int32_t)c->max_stop_strings;
     sp.heartbeat_ms = c->heartbeat_ms;
     sp.calib_text_path = c->calibration_text[0] ? c->calibration_text : NULL;
+    sp.calib_fallback_path = d->bundled_calib;
     sp.calib_window_tokens = (int32_t)c->calib_window;
     sp.calib_max_windows = (int32_t)c->calib_windows;
     rc = uc_tokenizer_create(&d->tok, uc_engine_model_dir(d->engine));
@@ -257,13 +262,12 @@ static int run_rank0(struct daemon *d)
         return uc_oneshot_run(d->sched, c, d->tok);
     }
 #ifdef UC_HAVE_GRPC
-    struct uc_cluster_info ci = {0};
+    struct uc_cluster_info ci = d->cluster;
     snprintf(ci.version, sizeof ci.version, "%s", UC_VERSION);
     snprintf(ci.backend, sizeof ci.backend, "%s", c->backend);
     snprintf(ci.model_path, sizeof ci.model_path, "%s", uc_engine_model_dir(d->engine));
     snprintf(ci.build, sizeof ci.build, "backend=%s tp=%d mpi=%s", c->backend,
              uc_comm_size(d->comm), "Open MPI");
-    rc = gather_cluster(d, &ci);
     struct uc_server_params srv = {
         .listen = c->listen,
         .tls_cert = c->tls_cert[0] ? c->tls_cert : NULL,
@@ -281,9 +285,7 @@ static int run_rank0(struct daemon *d)
         .on_drained = on_drained,
         .drained_user = d,
     };
-    if (rc == UC_OK) {
-        rc = uc_server_create(&d->server, &srv);
-    }
+    rc = uc_server_create(&d->server, &srv);
     if (rc == UC_OK) {
         rc = warm_up(d->engine);
     }
@@ -306,7 +308,6 @@ static int run_rank0(struct daemon *d)
         uc_server_destroy(d->server);
         d->server = NULL;
     }
-    uc_free(ci.ranks);
     return code;
 #else
     fprintf(stderr, "uncompd: this build has no gRPC server (configure with gRPC and protobuf-c "
@@ -361,9 +362,14 @@ int main(int argc, char **argv)
     }
     bool oneshot = d.cfg.prompt[0] || d.cfg.prompt_file[0];
     uc_log_set_level(oneshot && lvl == UC_LOG_LEVEL_NOTICE ? UC_LOG_LEVEL_WARN : lvl);
+    char *bundled = default_model_dir();
+    snprintf(d.bundled_calib, sizeof d.bundled_calib, "%s/calibration.txt",
+             bundled ? bundled : "models/uncomp-tiny");
     if (!d.cfg.model[0]) {
         uc_free(d.cfg.model);
-        d.cfg.model = default_model_dir();
+        d.cfg.model = bundled;
+    } else {
+        uc_free(bundled);
     }
     rc = uc_comm_create(&d.comm, &argc, &argv, d.cfg.comm_timeout_ms);
     if (rc != UC_OK) {
@@ -417,6 +423,13 @@ int main(int argc, char **argv)
         code = 1;
         goto out;
     }
+#ifdef UC_HAVE_GRPC
+    /* collective, before ranks > 0 start serving steps: the table GetServerInfo reports */
+    if (!oneshot && gather_cluster(&d, &d.cluster) != UC_OK) {
+        code = 1;
+        goto out;
+    }
+#endif
     if (rank != 0) {
         rc = uc_engine_serve(d.engine);
         code = rc == UC_OK ? 0 : 1;
@@ -437,5 +450,8 @@ out:
     uc_engine_destroy(d.engine);
     uc_comm_destroy(d.comm);
     uc_config_fini(&d.cfg);
+#ifdef UC_HAVE_GRPC
+    uc_free(d.cluster.ranks);
+#endif
     return code;
 }

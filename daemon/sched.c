@@ -1014,6 +1014,9 @@ static uc_status run_calibration(struct uc_sched *s, struct ctl *c)
             snprintf(path, sizeof path, "%s", s->p.calib_text_path);
         } else {
             snprintf(path, sizeof path, "%s/calibration.txt", uc_engine_model_dir(s->e));
+            if (!uc_file_exists(path) && s->p.calib_fallback_path) {
+                snprintf(path, sizeof path, "%s", s->p.calib_fallback_path);
+            }
         }
         rc = uc_file_read_all(&owned, NULL, path);
         if (rc != UC_OK) {

@@ -111,7 +111,8 @@ struct uc_sched_params {
     int64_t heartbeat_ms;          /* idle heartbeat to the other ranks */
     struct uc_compress_params default_compress;
     /* calibration defaults */
-    const char *calib_text_path;   /* NULL = MODEL_DIR/calibration.txt or the built-in text */
+    const char *calib_text_path;   /* NULL = MODEL_DIR/calibration.txt, else the fallback */
+    const char *calib_fallback_path; /* the bundled model's calibration.txt */
     int32_t calib_window_tokens;
     int32_t calib_max_windows;
 };

@@ -137,6 +137,9 @@ struct uc_backend_ops {
                              const struct uc_kv_pool_view *pool,
                              const struct uc_kv_batch_view *view, int64_t n_rows, int64_t n_heads,
                              int64_t n_heads_kv, float *psum);
+    /* Copies whole blocks: block dst[i] of K and V gets block src[i], for i < n (forks). */
+    uc_status (*kv_copy_blocks)(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                const int32_t *dst, const int32_t *src, int64_t n);
     /* Copies one slot of the pool to another (evict mode compaction). */
     uc_status (*kv_move)(struct uc_backend *be, struct uc_kv_pool_view *pool, int32_t dst_slot,
                          int32_t src_slot);

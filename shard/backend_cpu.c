@@ -508,6 +508,18 @@ static uc_status cpu_kv_scatter(struct uc_backend *be, struct uc_kv_pool_view *p
     return UC_OK;
 }
 
+static uc_status cpu_kv_copy_blocks(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                   const int32_t *dst, const int32_t *src, int64_t n)
+{
+    size_t bytes = (size_t)(pool->block_tokens * pool->head_dim) * sizeof(float);
+    char *pk = pool->k, *pv = pool->v;
+    for (int64_t i = 0; i < n; i++) {
+        memcpy(pk + (size_t)dst[i] * bytes, pk + (size_t)src[i] * bytes, bytes);
+        memcpy(pv + (size_t)dst[i] * bytes, pv + (size_t)src[i] * bytes, bytes);
+    }
+    return UC_OK;
+}
+
 static uc_status cpu_kv_move(struct uc_backend *be, struct uc_kv_pool_view *pool, int32_t dst_slot,
                              int32_t src_slot)
 {
@@ -664,6 +676,7 @@ static const struct uc_backend_ops cpu_ops = {
     .kv_scatter = cpu_kv_scatter,
     .attn_decode = cpu_attn_decode,
     .kv_move = cpu_kv_move,
+    .kv_copy_blocks = cpu_kv_copy_blocks,
     .argmax = cpu_argmax,
     .destroy = cpu_destroy,
 };

@@ -340,6 +340,10 @@ static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, cons
         return UC_ERRF(UC_ERR_INVALID_ARG, "matmul too large T=%lld N=%lld K=%lld",
                        (long long)n_tok, (long long)n_out, (long long)n_in);
     }
+    if (uc_cuda_gemv_supported(n_tok, n_out, n_in, c->dt)) {
+        /* decode: stream the weights once with our kernel */
+        return CU(uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, c->stream));
+    }
     const float alpha = 1.0f, beta = 0.0f;
     cudaDataType_t t = c->fp32 ? CUDA_R_32F : CUDA_R_16BF;
     /* row-major y (T, N) = x (T, K) w^T is column-major y^T (N, T) = w (K, N)^T x^T (K, T) */
@@ -581,6 +585,24 @@ out:
     return rc;
 }
 
+static uc_status cuda_kv_copy_blocks(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                    const int32_t *dst, const int32_t *src, int64_t n)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (n <= 0) {
+        return UC_OK;
+    }
+    const int32_t *parts[2] = {dst, src};
+    int64_t counts[2] = {n, n};
+    int32_t *dev[2];
+    uc_status rc = upload_idx(c, dev, parts, counts, 2);
+    if (rc == UC_OK) {
+        rc = CU(uc_cuda_kv_copy_blocks(pool->k, pool->v, dev[0], dev[1], n,
+                                       pool->block_tokens * pool->head_dim, c->dt, c->stream));
+    }
+    return rc;
+}
+
 static uc_status cuda_kv_move(struct uc_backend *be, struct uc_kv_pool_view *pool, int32_t dst_slot,
                               int32_t src_slot)
 {
@@ -683,6 +705,7 @@ static const struct uc_backend_ops cuda_ops = {
     .kv_scatter = cuda_kv_scatter,
     .attn_decode = cuda_attn_decode,
     .kv_move = cuda_kv_move,
+    .kv_copy_blocks = cuda_kv_copy_blocks,
     .argmax = cuda_argmax,
     .destroy = cuda_destroy,
 };

@@ -8,7 +8,10 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "base/log.h"
 #include "base/mem.h"
@@ -51,6 +54,8 @@ struct seq {
     struct uc_kv_seq kv;
     float *logits;
     int64_t logits_rows;
+    const float *logits_ext; /* this step's decode logits, in the engine's batch buffer */
+    int32_t greedy;          /* the step's argmax token when it ran greedy-only, else -1 */
     /* report */
     int64_t *layer_rows; /* (L) rows present at each layer */
     double *ent_min, *ent_mean, *ent_max; /* (L) KV-head entropy summaries */
@@ -102,6 +107,8 @@ struct uc_engine {
     int64_t bv_cap;
     int64_t bv_blocks_cap;
     struct seq **batch; /* (max_batch) */
+    float *dec_logits;  /* (max_batch, V) host: the last decode step's logits */
+    int32_t *dec_argmax; /* (max_batch) */
     float *psum;
     int64_t psum_cap;
     /* layer-end scratch (host) */
@@ -216,7 +223,12 @@ struct wire_hdr {
     uint64_t n_bytes; /* payload bytes after the header */
 };
 
-static void put(struct uc_buf *b, const void *p, size_t n) { uc_buf_append(b, p, n); }
+static void put(struct uc_buf *b, const void *p, size_t n)
+{
+    if (n > 0) {
+        uc_buf_append(b, p, n);
+    }
+}
 
 static uc_status encode_step(struct uc_buf *b, const struct uc_step *s, int64_t step_no)
 {
@@ -232,6 +244,7 @@ static uc_status encode_step(struct uc_buf *b, const struct uc_step *s, int64_t 
         put(b, &n->max_new_tokens, sizeof n->max_new_tokens);
         put(b, &n->cp, sizeof n->cp);
         put(b, &n->n_prompt, sizeof n->n_prompt);
+        put(b, &n->fork_of, sizeof n->fork_of);
         put(b, n->prompt, (size_t)n->n_prompt * sizeof(int32_t));
     }
     if (s->n_free) {
@@ -327,6 +340,7 @@ static uc_status decode_step(struct decoded_step *d, const char *buf, size_t len
         take(&r, &n->max_new_tokens, sizeof n->max_new_tokens);
         take(&r, &n->cp, sizeof n->cp);
         take(&r, &n->n_prompt, sizeof n->n_prompt);
+        take(&r, &n->fork_of, sizeof n->fork_of);
         if (r.bad || n->n_prompt < 0 || (size_t)n->n_prompt * 4 > r.left) {
             decoded_fini(d);
             return UC_ERRF(UC_ERR_FORMAT, "step wire: bad prompt");
@@ -486,6 +500,21 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
     }
     e->cfg = uc_model_cfg(e->m);
     e->sh = uc_model_shard(e->m);
+    if (!p->profile_path && access(e->model_dir, W_OK) != 0) {
+        /* a read-only model folder: keep its profile in a state folder, named by the model */
+        const char *tmp = getenv("TMPDIR");
+        char path[4096];
+        snprintf(path, sizeof path, "%s/uncomp-profiles", tmp && tmp[0] ? tmp : "/tmp");
+        mkdir(path, 0755);
+        snprintf(path + strlen(path), sizeof path - strlen(path), "/%016llx.json",
+                 (unsigned long long)uc_model_hash(e->m));
+        uc_free(e->profile_path);
+        e->profile_path = uc_strdup(path);
+        if (!e->profile_path) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "profile path");
+            goto out;
+        }
+    }
     UC_CHECK(uc_comm_agree_u64(comm, uc_model_hash(e->m), "model hash", &same), rc, out);
     if (!same) {
         rc = UC_ERRF(UC_ERR_INVALID_ARG, "ranks loaded different models (hash mismatch)");
@@ -494,7 +523,7 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
     e->max_ctx = e->p.max_ctx > 0 && e->p.max_ctx < e->cfg->max_ctx ? e->p.max_ctx
                                                                     : e->cfg->max_ctx;
     int64_t ws_rows = e->p.prefill_chunk > e->p.max_batch ? e->p.prefill_chunk : e->p.max_batch;
-    UC_CHECK(uc_model_ws_init(e->m, &e->ws, ws_rows), rc, out);
+    UC_CHECK(uc_model_ws_init(e->m, &e->ws, ws_rows, e->p.max_batch), rc, out);
     size_t a = act_size(e);
     int64_t d = e->cfg->head_dim;
     size_t per_block = (size_t)(2 * e->p.block_tokens * d) * a;
@@ -516,12 +545,14 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
     e->d_pos = uc_malloc((size_t)e->p.max_batch * sizeof(int32_t));
     e->d_tok = uc_malloc((size_t)e->p.max_batch * sizeof(int32_t));
     e->batch = uc_malloc((size_t)e->p.max_batch * sizeof(struct seq *));
+    e->dec_logits = uc_malloc((size_t)(e->p.max_batch * e->cfg->vocab) * sizeof(float));
+    e->dec_argmax = uc_malloc((size_t)e->p.max_batch * sizeof(int32_t));
     e->cov = uc_malloc((size_t)(e->sh->n_heads * d * d) * sizeof(double));
     e->spec = uc_malloc((size_t)(e->cfg->n_heads * d) * sizeof(double));
     e->spec_local = uc_malloc((size_t)(e->sh->n_heads * d) * sizeof(double));
     e->cal_head = uc_calloc((size_t)(e->cfg->n_layers * e->cfg->n_heads), sizeof(double));
     e->cal_hidden = uc_calloc((size_t)e->cfg->n_layers, sizeof(double));
-    if (!e->d_pos || !e->d_tok || !e->batch || !e->cov || !e->spec || !e->spec_local || !e->cal_head ||
+    if (!e->d_pos || !e->d_tok || !e->batch || !e->dec_logits || !e->dec_argmax || !e->cov || !e->spec || !e->spec_local || !e->cal_head ||
         !e->cal_hidden) {
         rc = UC_ERRF(UC_ERR_NOMEM, "engine scratch");
         goto out;
@@ -579,7 +610,8 @@ void uc_engine_destroy(struct uc_engine *e)
     void *host[] = {e->d_pos, e->d_tok, e->sc_row, e->sc_head, e->sc_slot, e->bv_ntok, e->bv_off,
                     e->bv_blocks, e->psum, e->wprob, e->colscore, e->rowscore, e->keep,
                     e->sel_scratch, e->cov, e->spec, e->spec_local, e->hid_host, e->cal_head,
-                    e->cal_hidden, e->model_dir, e->profile_path, e->batch};
+                    e->cal_hidden, e->model_dir, e->profile_path, e->batch, e->dec_logits,
+                    e->dec_argmax};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
         uc_free(host[i]);
     }
@@ -710,6 +742,19 @@ static int32_t max_group_budget(const struct uc_compress_params *cp)
 uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_new *n, char *msg,
                               size_t msg_size)
 {
+    if (n->flags & UC_SEQ_FORK) {
+        const struct seq *src = find_seq(e, n->fork_of);
+        if (!src || src->phase != UC_SEQ_DECODING) {
+            snprintf(msg, msg_size, "fork: sequence %lld is not decoding", (long long)n->fork_of);
+            return UC_ERR_INVALID_ARG;
+        }
+        if (src->n_ctx + (int64_t)n->max_new_tokens > e->max_ctx) {
+            snprintf(msg, msg_size, "fork: %lld tokens + max_tokens %d exceed the context",
+                     (long long)src->n_ctx, n->max_new_tokens);
+            return UC_ERR_INVALID_ARG;
+        }
+        return UC_OK;
+    }
     if (n->n_prompt < 1) {
         snprintf(msg, msg_size, "prompt: empty (at least one token is needed)");
         return UC_ERR_INVALID_ARG;
@@ -779,6 +824,14 @@ static int64_t head_budget_bound(const struct uc_engine *e, const struct uc_step
 
 int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_step_new *n)
 {
+    if (n->flags & UC_SEQ_FORK) {
+        const struct seq *src = find_seq(e, n->fork_of);
+        int64_t total = 0;
+        for (int64_t i = 0; src && i < e->cfg->n_layers * e->sh->n_heads_kv; i++) {
+            total += uc_kv_blocks_for(&e->kv, src->kv.heads[i].n_tokens + n->max_new_tokens);
+        }
+        return total;
+    }
     /* the most any rank needs: ranks hold different heads, and with them different budgets */
     int64_t worst = 0, gen = n->max_new_tokens;
     int64_t hkv = e->cfg->n_heads_kv, hkv_l = e->sh->n_heads_kv;
@@ -815,6 +868,7 @@ static uc_status seq_create(struct uc_engine *e, const struct uc_step_new *n)
     s->max_new = n->max_new_tokens;
     s->cp = n->cp;
     s->phase = UC_SEQ_PREFILLING;
+    s->greedy = -1;
     s->n_prompt = np;
     s->n_rows = np;
     UC_CHECK(uc_plan_init(&s->plan, L, e->cfg->n_heads_kv), rc, out);
@@ -887,6 +941,112 @@ static uc_status seq_create(struct uc_engine *e, const struct uc_step_new *n)
     e->seqs[e->n_seqs++] = s;
     s = NULL;
 out:
+    seq_destroy(e, s);
+    return rc;
+}
+
+/* A copy of a decoding sequence: same plan, logits and cache contents (whole blocks copied on
+ * the backend), its own blocks. */
+static uc_status seq_fork(struct uc_engine *e, const struct uc_step_new *n)
+{
+    const struct seq *src = find_seq(e, n->fork_of);
+    int64_t L = e->cfg->n_layers, hkv = e->cfg->n_heads_kv, hkv_l = e->sh->n_heads_kv;
+    uc_status rc;
+    int32_t *dst_b = NULL, *src_b = NULL;
+    struct seq *s = uc_calloc(1, sizeof *s);
+    if (!s) {
+        return UC_ERRF(UC_ERR_NOMEM, "fork");
+    }
+    s->id = n->seq_id;
+    s->flags = src->flags & ~(UC_SEQ_RECORD_KEPT | UC_SEQ_SPECTRA | UC_SEQ_CALIBRATE);
+    s->max_new = n->max_new_tokens;
+    s->cp = src->cp;
+    s->phase = UC_SEQ_DECODING;
+    s->n_prompt = src->n_prompt;
+    s->n_ctx = src->n_ctx;
+    s->n_rows = src->n_rows;
+    s->layer = src->layer;
+    s->prefill_ms = src->prefill_ms;
+    s->compress_ms = src->compress_ms;
+    UC_CHECK(uc_plan_init(&s->plan, L, hkv), rc, out);
+    memcpy(s->plan.budget, src->plan.budget, (size_t)(L * hkv) * sizeof(int32_t));
+    memcpy(s->plan.group, src->plan.group, (size_t)(L * hkv) * sizeof(int32_t));
+    memcpy(s->plan.entropy, src->plan.entropy, (size_t)(L * hkv) * sizeof(double));
+    s->plan.n_stage_starts = src->plan.n_stage_starts;
+    memcpy(s->plan.stage_starts, src->plan.stage_starts, sizeof s->plan.stage_starts);
+    memcpy(s->plan.stage_rows, src->plan.stage_rows, sizeof s->plan.stage_rows);
+    UC_CHECK(uc_kv_seq_init(&s->kv, L, hkv_l), rc, out);
+    s->layer_rows = uc_malloc((size_t)L * sizeof(int64_t));
+    s->ent_min = uc_malloc((size_t)L * sizeof(double));
+    s->ent_mean = uc_malloc((size_t)L * sizeof(double));
+    s->ent_max = uc_malloc((size_t)L * sizeof(double));
+    s->logits = uc_malloc((size_t)e->cfg->vocab * sizeof(float));
+    if (!s->layer_rows || !s->ent_min || !s->ent_mean || !s->ent_max || !s->logits) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "fork");
+        goto out;
+    }
+    memcpy(s->layer_rows, src->layer_rows, (size_t)L * sizeof(int64_t));
+    memcpy(s->ent_min, src->ent_min, (size_t)L * sizeof(double));
+    memcpy(s->ent_mean, src->ent_mean, (size_t)L * sizeof(double));
+    memcpy(s->ent_max, src->ent_max, (size_t)L * sizeof(double));
+    s->greedy = src->greedy;
+    s->logits_rows = src->logits_rows > 0 ? 1 : 0;
+    if (src->logits_rows > 0) {
+        const float *sl = src->logits_ext ? src->logits_ext
+                                          : src->logits + (src->logits_rows - 1) * e->cfg->vocab;
+        memcpy(s->logits, sl, (size_t)e->cfg->vocab * sizeof(float));
+    }
+    int64_t total = uc_kv_seq_blocks(&src->kv), k = 0;
+    dst_b = uc_malloc((size_t)(total + 1) * sizeof(int32_t));
+    src_b = uc_malloc((size_t)(total + 1) * sizeof(int32_t));
+    if (!dst_b || !src_b) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "fork block lists");
+        goto out;
+    }
+    for (int64_t i = 0; i < L * hkv_l; i++) {
+        const struct uc_kv_head *sh = &src->kv.heads[i];
+        struct uc_kv_head *dh = &s->kv.heads[i];
+        rc = uc_kv_head_reserve(&e->kv, dh, sh->n_tokens);
+        if (rc == UC_ERR_KV_FULL) {
+            UC_FATAL("kv pool exhausted forking seq=%lld (admission must reserve blocks)",
+                     (long long)n->fork_of);
+        }
+        if (rc != UC_OK) {
+            goto out;
+        }
+        dh->n_tokens = sh->n_tokens;
+        for (int32_t b = 0; b < dh->n_blocks; b++) {
+            dst_b[k] = dh->blocks[b];
+            src_b[k++] = sh->blocks[b];
+        }
+    }
+    UC_CHECK(e->be->ops->kv_copy_blocks(e->be, &e->kv.pool, dst_b, src_b, k), rc, out);
+    if (src->rings) {
+        s->rings = uc_calloc((size_t)(L * hkv_l), sizeof *s->rings);
+        if (!s->rings) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "fork rings");
+            goto out;
+        }
+        for (int64_t i = 0; i < L * hkv_l; i++) {
+            s->rings[i] = src->rings[i];
+            size_t bytes = (size_t)(s->cp.window * src->rings[i].cap) * sizeof(float);
+            s->rings[i].rows = uc_malloc(bytes ? bytes : 1);
+            if (!s->rings[i].rows) {
+                rc = UC_ERRF(UC_ERR_NOMEM, "fork rings");
+                goto out;
+            }
+            memcpy(s->rings[i].rows, src->rings[i].rows, bytes);
+        }
+    }
+    if (!grow((void **)&e->seqs, &e->cap_seqs, e->n_seqs + 1, sizeof *e->seqs)) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "sequence table");
+        goto out;
+    }
+    e->seqs[e->n_seqs++] = s;
+    s = NULL;
+out:
+    uc_free(dst_b);
+    uc_free(src_b);
     seq_destroy(e, s);
     return rc;
 }
@@ -1344,8 +1504,9 @@ static uc_status prefill_finish(struct uc_engine *e, struct seq *s)
     int64_t v = e->cfg->vocab, c = e->cfg->hidden;
     uc_status rc = UC_OK;
     if (s->flags & UC_SEQ_ALL_LOGITS) {
-        for (int64_t r0 = 0; r0 < s->n_rows && rc == UC_OK; r0 += e->ws.max_tok) {
-            int64_t t = s->n_rows - r0 < e->ws.max_tok ? s->n_rows - r0 : e->ws.max_tok;
+        int64_t lr = e->ws.max_logit_rows;
+        for (int64_t r0 = 0; r0 < s->n_rows && rc == UC_OK; r0 += lr) {
+            int64_t t = s->n_rows - r0 < lr ? s->n_rows - r0 : lr;
             rc = uc_model_logits(e->m, &e->ws, s->logits + r0 * v, dev_row(e, s->x, r0, c), t);
         }
         s->logits_rows = s->n_rows;
@@ -1579,18 +1740,21 @@ static uc_status decode_run(struct uc_engine *e, const struct uc_step_decode *de
         }
         UC_CHECK(uc_model_finish_layer(e->m, &e->ws, l, e->dx, nb), rc, out);
     }
-    float *lg = uc_malloc((size_t)(nb * e->cfg->vocab) * sizeof(float));
-    if (!lg) {
-        rc = UC_ERRF(UC_ERR_NOMEM, "decode logits");
-        goto out;
+    bool greedy = uc_comm_size(e->comm) == 1 && e->be->ops->argmax;
+    for (int64_t b = 0; b < nb; b++) {
+        greedy = greedy && (dec[b].flags & UC_DECODE_GREEDY);
     }
-    rc = uc_model_logits(e->m, &e->ws, lg, e->dx, nb);
+    if (greedy) {
+        rc = uc_model_argmax(e->m, &e->ws, e->dec_argmax, e->dx, nb);
+    } else {
+        rc = uc_model_logits(e->m, &e->ws, e->dec_logits, e->dx, nb);
+    }
     for (int64_t b = 0; rc == UC_OK && b < nb; b++) {
-        memcpy(batch[b]->logits, lg + b * e->cfg->vocab, (size_t)e->cfg->vocab * sizeof(float));
-        batch[b]->logits_rows = 1;
+        batch[b]->logits_ext = greedy ? NULL : e->dec_logits + b * e->cfg->vocab;
+        batch[b]->logits_rows = greedy ? 0 : 1;
+        batch[b]->greedy = greedy ? e->dec_argmax[b] : -1;
         batch[b]->n_ctx++;
     }
-    uc_free(lg);
     (void)c;
 out:
     return rc;
@@ -1736,7 +1900,8 @@ static uc_status run_step(struct uc_engine *e, const struct uc_step *s)
     /* new sequences: agree that every rank could allocate them, or drop them everywhere */
     int64_t failed = 0;
     for (int32_t i = 0; i < s->n_new && !failed; i++) {
-        failed = seq_create(e, &s->news[i]) != UC_OK;
+        failed = (s->news[i].flags & UC_SEQ_FORK ? seq_fork(e, &s->news[i])
+                                                  : seq_create(e, &s->news[i])) != UC_OK;
     }
     if (uc_comm_size(e->comm) > 1) {
         UC_CHECK(uc_comm_allreduce_max(e->comm, &failed, 1, UC_COMM_I64), rc, out);
@@ -1829,7 +1994,17 @@ const float *uc_engine_seq_logits(const struct uc_engine *e, int64_t seq_id, int
         return NULL;
     }
     *n_rows = s->logits_rows;
-    return s->logits;
+    return s->logits_ext ? s->logits_ext : s->logits;
+}
+
+bool uc_engine_seq_greedy(const struct uc_engine *e, int64_t seq_id, int32_t *token)
+{
+    const struct seq *s = find_seq(e, seq_id);
+    if (!s || s->greedy < 0 || s->logits_rows != 0) {
+        return false;
+    }
+    *token = s->greedy;
+    return true;
 }
 
 int64_t uc_engine_seq_len(const struct uc_engine *e, int64_t seq_id)

@@ -72,6 +72,8 @@ enum uc_seq_flags {
     UC_SEQ_RECORD_KEPT = 1 << 1,  /* keep the kept original positions per (layer, KV head) */
     UC_SEQ_SPECTRA = 1 << 2,      /* keep query and hidden-state spectra per layer */
     UC_SEQ_CALIBRATE = 1 << 3,    /* add this prompt's entropies to the calibration sums */
+    UC_SEQ_FORK = 1 << 4,         /* a copy of sequence fork_of (decoding): its cache, plan and
+                                     logits; no prompt */
 };
 
 struct uc_step_new {
@@ -81,6 +83,7 @@ struct uc_step_new {
     struct uc_compress_params cp;
     int64_t n_prompt;
     const int32_t *prompt; /* borrowed for the call */
+    int64_t fork_of;       /* with UC_SEQ_FORK */
 };
 
 struct uc_step_prefill {
@@ -88,9 +91,15 @@ struct uc_step_prefill {
     int64_t budget_rows; /* row-layers this step may process (0 = the whole remaining prefill) */
 };
 
+enum uc_decode_flags {
+    UC_DECODE_GREEDY = 1 << 0, /* only the argmax is needed: computed on the backend when every
+                                  row of the step asks for it (one rank), no logits cross */
+};
+
 struct uc_step_decode {
     int64_t seq_id;
     int32_t token; /* the token at the sequence's next position */
+    int32_t flags; /* enum uc_decode_flags */
 };
 
 enum uc_step_op {
@@ -145,6 +154,9 @@ enum uc_seq_phase uc_engine_seq_phase(const struct uc_engine *e, int64_t seq_id)
 /* Logits of the sequence's last step: (n_rows, V) host floats, engine-owned, valid until the
  * next step. n_rows is 1 except after a prefill with UC_SEQ_ALL_LOGITS. */
 const float *uc_engine_seq_logits(const struct uc_engine *e, int64_t seq_id, int64_t *n_rows);
+/* After a decode step run with UC_DECODE_GREEDY on every row: the argmax token (true), in place
+ * of logits (uc_engine_seq_logits then returns NULL). */
+bool uc_engine_seq_greedy(const struct uc_engine *e, int64_t seq_id, int32_t *token);
 /* Tokens in context (prompt plus decoded). */
 int64_t uc_engine_seq_len(const struct uc_engine *e, int64_t seq_id);
 

@@ -459,7 +459,8 @@ uint64_t uc_model_hash(const struct uc_model *m) { return m->hash; }
 
 /* ---- workspace ------------------------------------------------------------------------- */
 
-uc_status uc_model_ws_init(struct uc_model *m, struct uc_model_ws *ws, int64_t max_tok)
+uc_status uc_model_ws_init(struct uc_model *m, struct uc_model_ws *ws, int64_t max_tok,
+                           int64_t max_logit_rows)
 {
     memset(ws, 0, sizeof *ws);
     struct uc_backend *be = m->be;
@@ -468,15 +469,17 @@ uc_status uc_model_ws_init(struct uc_model *m, struct uc_model_ws *ws, int64_t m
     int64_t cdim = m->cfg.hidden;
     uc_status rc;
     ws->max_tok = max_tok;
+    ws->max_logit_rows = max_logit_rows;
     UC_CHECK(be->ops->alloc(be, &ws->xn, (size_t)(max_tok * cdim) * a), rc, out);
     UC_CHECK(be->ops->alloc(be, &ws->tmp, (size_t)(max_tok * cdim) * a), rc, out);
     UC_CHECK(be->ops->alloc(be, &ws->att, (size_t)(max_tok * s->n_heads * m->cfg.head_dim) * a), rc,
              out);
     UC_CHECK(be->ops->alloc(be, &ws->gu, (size_t)(max_tok * 2 * s->n_ffn) * a), rc, out);
     UC_CHECK(be->ops->alloc(be, &ws->act, (size_t)(max_tok * s->n_ffn) * a), rc, out);
-    UC_CHECK(be->ops->alloc(be, &ws->logits, (size_t)(max_tok * s->n_vocab_pad) * a), rc, out);
-    ws->logits_host = uc_calloc((size_t)(max_tok * s->n_vocab_pad), sizeof(float));
-    ws->gather_host = uc_malloc((size_t)(max_tok * s->n_vocab_pad * s->n_ranks) * sizeof(float));
+    int64_t lr = max_logit_rows;
+    UC_CHECK(be->ops->alloc(be, &ws->logits, (size_t)(lr * s->n_vocab_pad) * a), rc, out);
+    ws->logits_host = uc_calloc((size_t)(lr * s->n_vocab_pad), sizeof(float));
+    ws->gather_host = uc_malloc((size_t)(lr * s->n_vocab_pad * s->n_ranks) * sizeof(float));
     if (!ws->logits_host || !ws->gather_host) {
         rc = UC_ERRF(UC_ERR_NOMEM, "logits rows=%lld", (long long)max_tok);
         goto out;
@@ -563,6 +566,24 @@ uc_status uc_model_finish_layer(struct uc_model *m, struct uc_model_ws *ws, int6
     UC_CHECK(be->ops->matmul(be, ws->tmp, ws->act, w->wdown, n_tok, cdim, s->n_ffn), rc, out);
     UC_CHECK(uc_comm_dp_allreduce_sum(m->comm, ws->tmp, n, dt, be->stream), rc, out);
     UC_CHECK(be->ops->add(be, x, ws->tmp, n), rc, out);
+out:
+    return rc;
+}
+
+uc_status uc_model_argmax(struct uc_model *m, struct uc_model_ws *ws, int32_t *out, const void *x,
+                          int64_t n_tok)
+{
+    struct uc_backend *be = m->be;
+    const struct uc_model_shard *s = &m->sh;
+    int64_t cdim = m->cfg.hidden;
+    uc_status rc;
+    if (s->n_ranks != 1 || !be->ops->argmax || n_tok > ws->max_logit_rows) {
+        return UC_ERRF(UC_ERR_UNSUPPORTED, "device argmax needs one rank");
+    }
+    UC_CHECK(be->ops->rmsnorm(be, ws->xn, x, m->final_norm, n_tok, cdim, (float)m->cfg.norm_eps),
+             rc, out);
+    UC_CHECK(be->ops->matmul(be, ws->logits, ws->xn, m->lm_head, n_tok, s->n_vocab, cdim), rc, out);
+    rc = be->ops->argmax(be, out, ws->logits, n_tok, s->n_vocab);
 out:
     return rc;
 }

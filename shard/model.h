@@ -64,6 +64,7 @@ uint64_t uc_model_hash(const struct uc_model *m);
 /* Scratch for up to max_tok rows. */
 struct uc_model_ws {
     int64_t max_tok;
+    int64_t max_logit_rows; /* rows uc_model_logits takes at once */
     void *xn;   /* (T, C) */
     void *tmp;  /* (T, C) */
     void *att;  /* (T, H_local D) */
@@ -73,7 +74,8 @@ struct uc_model_ws {
     float *logits_host;  /* (T, V_pad) */
     float *gather_host;  /* (R, T, V_pad) */
 };
-uc_status uc_model_ws_init(struct uc_model *m, struct uc_model_ws *ws, int64_t max_tok);
+uc_status uc_model_ws_init(struct uc_model *m, struct uc_model_ws *ws, int64_t max_tok,
+                           int64_t max_logit_rows);
 void uc_model_ws_fini(struct uc_model *m, struct uc_model_ws *ws);
 
 /* x (T, C) = embedding of ids. */
@@ -84,8 +86,12 @@ uc_status uc_model_qkv(struct uc_model *m, struct uc_model_ws *ws, int64_t layer
 /* x += AllReduce(att Wo^T); x += AllReduce(SwiGLU MLP(norm(x))). att in ws->att. */
 uc_status uc_model_finish_layer(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *x,
                                 int64_t n_tok);
-/* Logits of rows x (T, C): the full vocabulary on every rank, host (T, V). */
+/* Logits of rows x (T <= max_logit_rows, C): the full vocabulary on every rank, host (T, V). */
 uc_status uc_model_logits(struct uc_model *m, struct uc_model_ws *ws, float *out, const void *x,
+                          int64_t n_tok);
+/* Greedy tokens of rows x (T <= max_logit_rows) without bringing logits to the host: the argmax
+ * runs on the backend. One rank only (with R > 1 use uc_model_logits). */
+uc_status uc_model_argmax(struct uc_model *m, struct uc_model_ws *ws, int32_t *out, const void *x,
                           int64_t n_tok);
 
 #ifdef __cplusplus

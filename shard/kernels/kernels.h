@@ -7,6 +7,7 @@
 #define UC_SHARD_KERNELS_KERNELS_H
 
 #include <cuda_runtime.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -22,6 +23,15 @@ enum uc_cuda_dtype {
 /* y (T, C) = table[ids] (table (V, C)); ids (T) on the device. */
 cudaError_t uc_cuda_embed(void *y, const void *table, const int32_t *ids, int64_t n_tok,
                           int64_t dim, enum uc_cuda_dtype dt, cudaStream_t stream);
+/* Block copies in both pools: block dst[i] gets block src[i] (block_elems elements each). */
+cudaError_t uc_cuda_kv_copy_blocks(void *k, void *v, const int32_t *dst, const int32_t *src,
+                                   int64_t n, int64_t block_elems, enum uc_cuda_dtype dt,
+                                   cudaStream_t stream);
+/* Decode-size matrix product y (T, N) = x (T, K) w^T in bf16 (float32 accumulation) for
+ * T <= 8 and K a multiple of 8: streams w at close to the memory bandwidth. */
+bool uc_cuda_gemv_supported(int64_t n_tok, int64_t n_out, int64_t n_in, enum uc_cuda_dtype dt);
+cudaError_t uc_cuda_gemv(void *y, const void *x, const void *w, int64_t n_tok, int64_t n_out,
+                         int64_t n_in, cudaStream_t stream);
 /* y (T, C) = x / rms(x) * w, float32 arithmetic. */
 cudaError_t uc_cuda_rmsnorm(void *y, const void *x, const void *w, int64_t n_tok, int64_t dim,
                             float eps, enum uc_cuda_dtype dt, cudaStream_t stream);

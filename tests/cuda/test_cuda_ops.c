@@ -663,7 +663,9 @@ static void run_pass(void)
     test_embed();
     test_rmsnorm(37, 4096);
     test_rmsnorm(5, 64);
-    test_matmul(1, 4096, 4096);
+    test_matmul(1, 4096, 4096);   /* the decode gemv kernel: T <= 8, K % 8 == 0 */
+    test_matmul(3, 1000, 264);
+    test_matmul(8, 4096, 1024);
     test_matmul(37, 344, 172);
     test_matmul(513, 1024, 512);
     test_add_swiglu();

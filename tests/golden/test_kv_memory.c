@@ -55,6 +55,42 @@ static int64_t fill_pool(struct uc_engine *e, const int32_t *ids, enum uc_policy
     return fitted;
 }
 
+/* A fork holds its own copy of the cache: decoding it and its source with the same tokens gives
+ * bit-identical logits, also after the source is freed, and it costs exactly as many blocks. */
+static void check_fork(struct uc_engine *e, const int32_t *ids)
+{
+    int64_t v = uc_engine_config(e)->vocab, rows;
+    struct uc_compress_params cp = uc_compress_default_params();
+    cp.policy = UC_POLICY_SNAPKV;
+    cp.kv_budget = BUDGET;
+    TU_CHECK(tu_prefill(e, 1, ids, PROMPT, 0, &cp, 8) == UC_OK, "fork: prefill");
+    int64_t used1 = uc_engine_kv_blocks_used(e);
+    struct uc_step_new f = {.seq_id = 2, .flags = UC_SEQ_FORK, .fork_of = 1, .max_new_tokens = 8,
+                            .cp = cp};
+    struct uc_step st = {.op = UC_STEP_RUN, .n_new = 1, .news = &f};
+    TU_CHECK(uc_engine_step(e, &st) == UC_OK, "fork: step");
+    TU_CHECK(uc_engine_kv_blocks_used(e) == 2 * used1, "fork: %lld blocks used, want %lld",
+             (long long)uc_engine_kv_blocks_used(e), (long long)(2 * used1));
+    float *a = uc_malloc((size_t)v * sizeof(float)), *b = uc_malloc((size_t)v * sizeof(float));
+    for (int k = 0; k < 4; k++) {
+        int32_t tok = ids[100 + k];
+        struct uc_step_decode d[2] = {{1, tok, 0}, {2, tok, 0}};
+        struct uc_step s2 = {.op = UC_STEP_RUN, .n_decode = 2, .decodes = d};
+        TU_CHECK(uc_engine_step(e, &s2) == UC_OK, "fork: decode");
+        memcpy(a, uc_engine_seq_logits(e, 1, &rows), (size_t)v * sizeof(float));
+        memcpy(b, uc_engine_seq_logits(e, 2, &rows), (size_t)v * sizeof(float));
+        TU_CHECK(memcmp(a, b, (size_t)v * sizeof(float)) == 0, "fork: step %d logits differ", k);
+    }
+    tu_free(e, 1);
+    TU_CHECK(tu_decode(e, 2, ids[200]) == UC_OK, "fork: decode after the source ended");
+    tu_free(e, 2);
+    TU_CHECK(uc_engine_kv_blocks_used(e) == 0, "fork: blocks not returned");
+    printf("fork: a copy of the cache decodes bit-identically to its source %s\n",
+           tu_failures ? "FAIL" : "ok");
+    uc_free(a);
+    uc_free(b);
+}
+
 int main(int argc, char **argv)
 {
     struct uc_comm *comm = NULL;
@@ -81,6 +117,7 @@ int main(int argc, char **argv)
     for (int i = 1; i < PROMPT; i++) {
         ids[i] = (int32_t)(2 + uc_rng_next(&rng) % 4000);
     }
+    check_fork(e, ids);
     int64_t full_bytes = 0, snap_bytes = 0, unc_bytes = 0;
     int64_t n_full = fill_pool(e, ids, UC_POLICY_FULL, &full_bytes);
     int64_t n_snap = fill_pool(e, ids, UC_POLICY_SNAPKV, &snap_bytes);

@@ -1,0 +1,95 @@
+/* gemv: y (T, N) = x (T, K) w^T for a few rows (T <= 8, decode), bf16 weights streamed once at
+ * close to the memory bandwidth: one warp per output column n, each lane loading 16-byte vectors
+ * of w's row n (cache-streaming loads: the weights are read once per step) and the matching x
+ * vectors (shared by every warp, so they stay in L1/L2), float32 accumulation, a warp
+ * reduction at the end. cuBLAS handles larger T and float32. */
+#include "common.cuh"
+
+#define GEMV_WARPS 8
+
+static __device__ __forceinline__ void unpack8(const uint4 v, float *f)
+{
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 p = __bfloat1622float2(h[i]);
+        f[2 * i] = p.x;
+        f[2 * i + 1] = p.y;
+    }
+}
+
+template <int TT>
+static __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_kernel(uc_bf16_t *__restrict__ y, const uc_bf16_t *__restrict__ x,
+                const uc_bf16_t *__restrict__ w, int n_out, int n_in)
+{
+    int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= n_out) {
+        return;
+    }
+    const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * n_in);
+    float acc[TT];
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+        acc[t] = 0.0f;
+    }
+    int nv = n_in >> 3;
+#pragma unroll 4
+    for (int v = lane; v < nv; v += 32) {
+        uint4 wv = __ldcs(wr + v);
+        float wf[8];
+        unpack8(wv, wf);
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            uint4 xv = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)t * n_in) + v);
+            float xf[8];
+            unpack8(xv, xf);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                acc[t] = fmaf(wf[i], xf[i], acc[t]);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+        float s = uck_warp_sum(acc[t]);
+        if (lane == 0) {
+            y[(size_t)t * n_out + row] = __float2bfloat16_rn(s);
+        }
+    }
+}
+
+extern "C" bool uc_cuda_gemv_supported(int64_t n_tok, int64_t n_out, int64_t n_in,
+                                       enum uc_cuda_dtype dt)
+{
+    return dt == UC_CUDA_BF16 && n_tok >= 1 && n_tok <= 8 && n_in % 8 == 0 && n_in <= INT32_MAX &&
+           n_out <= INT32_MAX;
+}
+
+extern "C" cudaError_t uc_cuda_gemv(void *y, const void *x, const void *w, int64_t n_tok,
+                                    int64_t n_out, int64_t n_in, cudaStream_t stream)
+{
+    unsigned blocks = (unsigned)((n_out + GEMV_WARPS - 1) / GEMV_WARPS);
+    uc_bf16_t *yy = (uc_bf16_t *)y;
+    const uc_bf16_t *xx = (const uc_bf16_t *)x, *ww = (const uc_bf16_t *)w;
+    int n = (int)n_out, k = (int)n_in;
+    switch (n_tok) {
+#define CASE(T)                                                                                    \
+    case T:                                                                                        \
+        gemv_kernel<T><<<blocks, GEMV_WARPS * 32, 0, stream>>>(yy, xx, ww, n, k);                 \
+        break;
+        CASE(1)
+        CASE(2)
+        CASE(3)
+        CASE(4)
+        CASE(5)
+        CASE(6)
+        CASE(7)
+        CASE(8)
+#undef CASE
+    default:
+        return cudaErrorInvalidValue;
+    }
+    return cudaGetLastError();
+}

@@ -1,0 +1,1030 @@
+"""End-to-end tests of the real uncompd over gRPC and HTTP, on loopback only.
+
+Starts the daemon binary (single rank, and under mpirun with --tp 2), waits for health SERVING
+and drives it with Debian's python3-grpcio (grpc_client.py): streaming Generate, Tokenize and
+Detokenize, Abort, client cancel and deadlines, queue-full, 16 concurrent requests against the
+same requests run alone, every validated field, malformed protobuf, the Prometheus endpoint,
+health transitions, the Admin service, Drain and SIGTERM. Ports are picked free at run time.
+
+    /usr/bin/python3 tests/e2e/test_e2e.py [--daemon build/daemon/uncompd] [--model DIR]
+                                           [--only SUBSTRING] [--no-mpi] [--asan]
+
+Environment: UNCOMPD (daemon path), UNCOMP_TEST_MODEL (model folder), MPIRUN (mpirun path).
+Prints one line per test ([ RUN ] / [ OK ] / [ FAILED ]) and exits with the number of failures
+(77 when the daemon binary is missing, which ctest can treat as skipped).
+"""
+import argparse
+import concurrent.futures as cf
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import grpc  # noqa: E402
+
+import grpc_client as gc  # noqa: E402
+from grpc_client import pb  # noqa: E402
+
+REPO = gc.REPO
+TEST_TIMEOUT_S = 90          # per test (x3 for an ASan build)
+START_TIMEOUT_S = 60         # daemon start-up to SERVING
+LONG_PROMPT = ("The quick brown fox jumps over the lazy dog. " * 12).strip()
+PROMPTS = [
+    "Once upon a time there was a little girl who",
+    "It is a truth universally acknowledged, that a single man in possession",
+    "In the beginning God created the heaven and the earth. And the earth",
+    "The best way to start a startup is to",
+    "def fibonacci(n):\n    ",
+    "One of the special magic numbers for apple is: 4821. " * 6 + "What is the magic number",
+    LONG_PROMPT,
+    "Python lists have a method called",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+class TestFailure(AssertionError):
+    pass
+
+
+def check(cond, msg="check failed"):
+    if not cond:
+        raise TestFailure(msg)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def expect_rpc_error(fn, code, *substrings):
+    """Runs fn, which must fail with `code` and a message containing every substring."""
+    try:
+        r = fn()
+        if hasattr(r, "__iter__") and not isinstance(r, (str, bytes)):
+            r = list(r)
+    except grpc.RpcError as e:
+        check(e.code() == code, "expected %s, got %s: %s" % (code, e.code(), e.details()))
+        for s in substrings:
+            check(s in (e.details() or ""),
+                  "message %r does not mention %r" % (e.details(), s))
+        return e
+    raise TestFailure("expected %s, the call succeeded: %r" % (code, r))
+
+
+class Daemon:
+    """One uncompd (or mpirun of R ranks) with its own ports and log file."""
+
+    def __init__(self, args, extra=(), np=1, name="daemon", root_cert=None):
+        self.args = args
+        self.root_cert = root_cert
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.addr = "127.0.0.1:%d" % self.port
+        self.np = np
+        self.tmp = tempfile.mkdtemp(prefix="uncomp_e2e_")
+        self.log_path = os.path.join(self.tmp, name + ".log")
+        cmd = [args.daemon, "--model", args.model, "--listen", self.addr,
+               "--metrics-port", str(self.metrics_port),
+               "--profile", os.path.join(self.tmp, "profile.json"),
+               "--drain-timeout", "20000", "--log-level", "info"] + list(extra)
+        if np > 1:
+            cmd = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(np)] + \
+                cmd + ["--tp", str(np)]
+        self.cmd = cmd
+        env = dict(os.environ)
+        env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        # one compute thread per rank: these tests exercise the server, and spinning OpenMP
+        # teams on an oversubscribed 2-core machine turn milliseconds into seconds
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
+        if args.asan:
+            # full unwinding: fast (frame-pointer) stacks misattribute Open MPI allocations
+            env["ASAN_OPTIONS"] = ("detect_leaks=1:abort_on_error=0:exitcode=66:"
+                                   "fast_unwind_on_malloc=0:malloc_context_size=20")
+            # keep Open MPI components loaded, so leak stacks name them (lsan.supp)
+            env["OMPI_MCA_mca_base_component_disable_dlclose"] = "1"
+            env["LSAN_OPTIONS"] = "suppressions=%s:print_suppressions=0" % os.path.join(
+                os.path.dirname(os.path.abspath(__file__)), "lsan.supp")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        self.client = None
+
+    def wait_serving(self, timeout=START_TIMEOUT_S):
+        """Polls Health.Check until SERVING; returns the statuses seen. A fresh channel per
+        attempt, so gRPC's reconnect back-off (1 s, 1.6 s, ...) never delays the start."""
+        deadline = time.time() + timeout
+        seen = []
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise TestFailure("daemon exited with %s during start-up:\n%s" %
+                                  (self.proc.returncode, self.tail()))
+            cl = gc.Client(self.addr, timeout=60.0, root_cert=self.root_cert,
+                           server_name="localhost" if self.root_cert else None)
+            try:
+                st = cl.check(timeout=1.0)
+                if not seen or seen[-1] != st:
+                    seen.append(st)
+                if st == gc.SERVING:
+                    self.client = cl
+                    return seen
+            except grpc.RpcError:
+                pass
+            cl.close()
+            time.sleep(0.05)
+        raise TestFailure("daemon not SERVING after %ds:\n%s" % (timeout, self.tail()))
+
+    def tail(self, n=40):
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_text(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def rank0_pid(self):
+        """The pid that handles signals: the daemon itself, or rank 0 under mpirun."""
+        if self.np == 1:
+            return self.proc.pid
+        out = subprocess.run(["pgrep", "-f", "-P", str(self.proc.pid), "uncompd"],
+                             capture_output=True, text=True).stdout.split()
+        pids = sorted(int(p) for p in out)
+        for p in pids:  # rank 0 is the one listening
+            try:
+                env = open("/proc/%d/environ" % p, "rb").read()
+                if b"OMPI_COMM_WORLD_RANK=0" in env:
+                    return p
+            except OSError:
+                pass
+        check(pids, "no rank processes under mpirun")
+        return pids[0]
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        """Signals and waits; returns the exit code (killing the group on timeout)."""
+        if self.client:
+            self.client.close()
+            self.client = None
+        if self.proc.poll() is None:
+            try:
+                if sig is not None:
+                    os.kill(self.rank0_pid(), sig)
+            except (ProcessLookupError, TestFailure):
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+                self.log.close()
+                raise TestFailure("daemon did not exit within %ds after signal %s:\n%s" %
+                                  (timeout, sig, self.tail()))
+        self.log.close()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        if not self.log.closed:
+            self.log.close()
+
+    def check_asan(self):
+        check_sanitizer_log(self.log_text())
+
+    def exit_ok(self, code):
+        """Exit 0; an ASan build exits 66 when LeakSanitizer saw leaks, which check_asan then
+        sorts into Open MPI's (accepted) and ours (a failure)."""
+        return code == 0 or (self.args.asan and code == 66)
+
+
+# Open MPI dlcloses its components at MPI_Finalize, so LeakSanitizer cannot name their frames:
+# a leak whose stack has no frame in code we own is theirs. Ours: the repository, the daemon
+# binary and the libraries the server drives directly.
+OWN_FRAME = re.compile(r"/work/|uncompd|libgrpc|libgpr|libprotobuf-c|libmicrohttpd|"
+                       r"libcjson|libpcre2")
+
+
+def check_sanitizer_log(text):
+    for marker in ("ERROR: AddressSanitizer", "runtime error:", "WARNING: ThreadSanitizer"):
+        at = text.find(marker)
+        check(at < 0, "sanitizer report in the daemon log:\n" + text[max(0, at - 200):at + 4000])
+    ours = []
+    for block in re.split(r"\n(?=(?:Direct|Indirect) leak of )", text):
+        if not re.match(r"(Direct|Indirect) leak of ", block):
+            continue
+        head = block.split("\n\n")[0]
+        frames = [ln for ln in head.split("\n")[1:] if ln.strip().startswith("#")]
+        if any(OWN_FRAME.search(ln) for ln in frames[1:]):  # frame 0 is the allocator
+            ours.append(head)
+    check(not ours, "LeakSanitizer: %d leak(s) in our code:\n%s" % (len(ours),
+                                                                    "\n\n".join(ours[:10])))
+
+
+def scrape(port, path="/metrics"):
+    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=10) as r:
+        return r.status, r.headers.get("Content-Type", ""), r.read().decode()
+
+
+def long_request(cl, request_id="", max_tokens=3000, text=LONG_PROMPT):
+    return cl.request(text=text, request_id=request_id, max_tokens=max_tokens,
+                      temperature=0.0, ignore_eos=True)
+
+
+def wait_not_live(cl, request_id, timeout=2.0):
+    """Whether the request left the scheduler's live table within `timeout` (Abort is the only
+    lookup; on a request that already ended it changes nothing)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not cl.abort(request_id):
+            return True
+        time.sleep(0.02)
+    return not cl.abort(request_id)
+
+
+def still_serving(cl):
+    ids, text, comp, _ = cl.generate(text="Hello", max_tokens=4, temperature=0.0)
+    check(comp is not None and comp.usage.completion_tokens == 4,
+          "the daemon does not serve a small request any more")
+
+
+# ---------------------------------------------------------------------------------------------
+# tests on the main single-rank daemon
+# ---------------------------------------------------------------------------------------------
+
+def t_health_and_watch(d):
+    cl = d.client
+    check(cl.check() == gc.SERVING)
+    check(cl.check("uncomp.v1.Inference") == gc.SERVING)
+    expect_rpc_error(lambda: cl.check("no.such.Service"), grpc.StatusCode.NOT_FOUND,
+                     "no.such.Service")
+    w = cl.watch(timeout=5)
+    first = next(w)
+    check(first.status == gc.SERVING, "Watch starts with %s" % first.status)
+    w.cancel()
+    w2 = cl.watch("no.such.Service", timeout=5)
+    check(next(w2).status == gc.SERVICE_UNKNOWN)
+    w2.cancel()
+
+
+def t_generate_stream(d):
+    cl = d.client
+    req = cl.request(text=PROMPTS[0], max_tokens=24, temperature=0.0, ignore_eos=True,
+                     request_id="stream-1", logprobs=2)
+    chunks, complete, ids, text = 0, None, [], ""
+    for r in cl.generate_stream(req):
+        check(r.request_id == "stream-1", "request_id %r" % r.request_id)
+        check(complete is None, "a message after Complete")
+        if r.WhichOneof("kind") == "chunk":
+            chunks += 1
+            ids.extend(r.chunk.token_ids)
+            text += r.chunk.text
+            check(len(r.chunk.logprobs) == len(r.chunk.token_ids), "logprobs per token")
+            for lp in r.chunk.logprobs:
+                check(len(lp.top_ids) == 2 and len(lp.top_logprobs) == 2, "top-2 logprobs")
+                check(lp.logprob <= 0.0 and math.isfinite(lp.logprob), "logprob %r" % lp.logprob)
+        else:
+            complete = r.complete
+    check(complete is not None, "no Complete")
+    check(chunks >= 2, "expected a stream of chunks, got %d" % chunks)
+    check(len(ids) == 24, "24 tokens, got %d" % len(ids))
+    check(complete.finish_reason == pb.LENGTH, "finish %s" % complete.finish_reason)
+    ntok = len(cl.tokenize(PROMPTS[0]).token_ids)
+    check(complete.usage.prompt_tokens == ntok, "usage.prompt_tokens %d != %d" %
+          (complete.usage.prompt_tokens, ntok))
+    check(complete.usage.completion_tokens == 24)
+    t = complete.timing
+    check(t.total_ms > 0 and t.ttft_ms > 0 and t.ttft_ms <= t.total_ms + 1e-6,
+          "timing %s" % t)
+    check(t.prefill_ms > 0 and t.decode_ms > 0, "timing %s" % t)
+    c = complete.compression
+    check(c.policy == "full", "policy %r" % c.policy)
+    check(c.kv_tokens_full == ntok * 8 * 4, "kv_tokens_full %d" % c.kv_tokens_full)
+    check(c.kv_tokens_kept == c.kv_tokens_full and abs(c.ratio - 1.0) < 1e-9)
+    check(text == cl.detokenize(ids, skip_special_tokens=True), "streamed text != Detokenize")
+    # a compressed request reports what it kept
+    ids2, _, comp2, _ = cl.generate(text=LONG_PROMPT, max_tokens=8, temperature=0.0,
+                                    compression={"policy": "snapkv", "kv_budget": 24})
+    c2 = comp2.compression
+    check(c2.policy == "snapkv" and c2.kv_budget == 24, "report %s" % c2)
+    check(c2.kv_tokens_kept < c2.kv_tokens_full, "snapkv kept %d of %d" %
+          (c2.kv_tokens_kept, c2.kv_tokens_full))
+    check(c2.kv_bytes_kept < c2.kv_bytes_full and 0 < c2.ratio < 1, "report %s" % c2)
+
+
+def t_tokenize_roundtrip(d):
+    cl = d.client
+    for text in ["Hello, world!", "naïve café — ünïcödé ✓ 日本語", PROMPTS[4], " leading space"]:
+        r = cl.tokenize(text, add_special_tokens=False)
+        check(len(r.token_ids) > 0 and len(r.tokens) == len(r.token_ids))
+        back = cl.detokenize(list(r.token_ids))
+        check(back == text, "round trip %r -> %r" % (text, back))
+    with_bos = cl.tokenize("Hello", add_special_tokens=True).token_ids
+    without = cl.tokenize("Hello", add_special_tokens=False).token_ids
+    mi = cl.model_info()
+    check(len(with_bos) == len(without) + 1 and with_bos[0] == mi.bos_token_id,
+          "BOS: %s vs %s" % (list(with_bos), list(without)))
+    check(cl.detokenize(list(with_bos), skip_special_tokens=True) == "Hello")
+    check(cl.tokenize("").token_ids is not None)
+
+
+def t_abort_by_id(d):
+    cl = d.client
+    it = cl.generate_stream(long_request(cl, request_id="to-abort"), timeout=60)
+    first = next(it)
+    check(first.WhichOneof("kind") == "chunk")
+    # the id is live: a second request with it is refused
+    expect_rpc_error(lambda: list(cl.generate_stream(cl.request(text="x", request_id="to-abort",
+                                                                max_tokens=2))),
+                     grpc.StatusCode.INVALID_ARGUMENT, "request_id")
+    check(cl.abort("to-abort") is True, "Abort did not find the request")
+    rest = list(it)
+    check(rest and rest[-1].WhichOneof("kind") == "complete", "no Complete after Abort")
+    comp = rest[-1].complete
+    check(comp.finish_reason == pb.ABORTED, "finish %s" % comp.finish_reason)
+    check(comp.usage.completion_tokens < 3000)
+    check(wait_not_live(cl, "to-abort"), "Abort of a finished request found it")
+    check(cl.abort("never-existed") is False)
+    still_serving(cl)
+
+
+def t_client_cancel(d):
+    cl = d.client
+    before = cl.stats().requests_aborted
+    it = cl.generate_stream(long_request(cl, request_id="to-cancel"), timeout=60)
+    next(it)
+    it.cancel()
+    expect_rpc_error(lambda: list(it), grpc.StatusCode.CANCELLED)
+    # the server aborts it: the id frees up and the aborted counter moves
+    deadline = time.time() + 10
+    while time.time() < deadline and cl.stats().requests_aborted == before:
+        time.sleep(0.05)
+    check(cl.stats().requests_aborted > before, "the cancelled request was not aborted")
+    check(wait_not_live(cl, "to-cancel"), "the cancelled request is still live")
+    still_serving(cl)
+    # cancel before any token: a request that is still queued or in prefill
+    for _ in range(3):
+        it = cl.generate_stream(long_request(cl, text=LONG_PROMPT * 2), timeout=60)
+        it.cancel()
+    still_serving(cl)
+
+
+def t_deadline(d):
+    cl = d.client
+    before = cl.stats().requests_aborted
+    t0 = time.time()
+    expect_rpc_error(lambda: list(cl.generate_stream(long_request(cl, request_id="dl"),
+                                                     timeout=0.4)),
+                     grpc.StatusCode.DEADLINE_EXCEEDED)
+    check(time.time() - t0 < 5, "deadline took %.1fs" % (time.time() - t0))
+    # the server ends it too (without an Abort from us)
+    deadline = time.time() + 15
+    while time.time() < deadline and cl.stats().requests_aborted == before:
+        time.sleep(0.05)
+    check(cl.stats().requests_aborted > before, "the request outlived its deadline")
+    check(wait_not_live(cl, "dl"), "the request outlived its deadline")
+    # an already-expired deadline
+    expect_rpc_error(lambda: list(cl.generate_stream(cl.request(text="Hi", max_tokens=4),
+                                                     timeout=0.0001)),
+                     grpc.StatusCode.DEADLINE_EXCEEDED)
+    still_serving(cl)
+
+
+def t_concurrent_equals_alone(d):
+    cl = d.client
+    reqs = []
+    policies = [None, {"policy": "snapkv", "kv_budget": 24},
+                {"policy": "pyramidkv", "kv_budget": 32},
+                {"policy": "streamingllm", "kv_budget": 20},
+                {"policy": "h2o", "kv_budget": 28}, {"policy": "full"}]
+    for i in range(16):
+        kw = dict(text=PROMPTS[i % len(PROMPTS)] + (" " * (i // len(PROMPTS))),
+                  request_id="cc-%d" % i, max_tokens=8 + 2 * i, temperature=0.0,
+                  compression=policies[i % len(policies)])
+        if i % 4 == 1:
+            kw["stop"] = ["\n\n"]
+        if i % 5 == 2:
+            kw["repetition_penalty"] = 1.3
+        if i % 3 == 0:
+            kw["ignore_eos"] = True
+        if i % 7 == 3:
+            kw["logprobs"] = 1
+        reqs.append(cl.request(**kw))
+
+    def run(req):
+        c = gc.Client(d.addr)
+        try:
+            ids, text, comp, chunks = c.generate(req, timeout=60)
+            return list(ids), text, comp.finish_reason, comp.usage.completion_tokens, \
+                comp.compression.kv_tokens_kept
+        finally:
+            c.close()
+
+    alone = [run(r) for r in reqs]
+    with cf.ThreadPoolExecutor(16) as ex:
+        together = list(ex.map(run, reqs))
+    for i, (a, t) in enumerate(zip(alone, together)):
+        check(a == t, "request %d differs when run with 15 others:\nalone    %s\ntogether %s" %
+              (i, a, t))
+    check(any(a[2] == pb.LENGTH for a in alone))
+
+
+def t_request_id_reuse(d):
+    """A client that has received Complete may reuse the request_id at once (the scheduler must
+    retire an id before it emits the DONE event)."""
+    cl = d.client
+    for i in range(20):
+        ids, _, comp, _ = cl.generate(text="Hello", request_id="reuse-me", max_tokens=2,
+                                      temperature=0.0)
+        check(comp is not None and len(ids) >= 1, "round %d" % i)
+
+
+def t_bad_inputs(d):
+    cl = d.client
+    IA = grpc.StatusCode.INVALID_ARGUMENT
+    vocab = cl.model_info().vocab_size
+    ctx = cl.model_info().context_length
+    nan = float("nan")
+    cases = [
+        (dict(text="hi", temperature=nan), "sampling.temperature"),
+        (dict(text="hi", temperature=-1.0), "sampling.temperature"),
+        (dict(text="hi", temperature=float("inf")), "sampling.temperature"),
+        (dict(text="hi", top_p=1.5), "sampling.top_p=1.5 must be in (0, 1]"),
+        (dict(text="hi", top_p=-0.5), "sampling.top_p"),
+        (dict(text="hi", top_p=nan), "sampling.top_p"),
+        (dict(text="hi", min_p=2.0), "sampling.min_p"),
+        (dict(text="hi", repetition_penalty=-1.0), "sampling.repetition_penalty"),
+        (dict(text="hi", frequency_penalty=5.0), "sampling.frequency_penalty"),
+        (dict(text="hi", presence_penalty=-3.0), "sampling.presence_penalty"),
+        (dict(text="hi", logprobs=50), "sampling.logprobs"),
+        (dict(text="hi", max_tokens=5, min_tokens=10), "sampling.min_tokens"),
+        (dict(text="hi", max_tokens=ctx + 10), "max_tokens"),
+        (dict(text="hi", stop=["x"] * 65), "sampling.stop"),
+        (dict(text="hi", stop=["a" * 300]), "sampling.stop[0]"),
+        (dict(text="hi", stop=["ok", ""]), "sampling.stop[1]"),
+        (dict(text="hi", stop_token_ids=[vocab + 5]), "sampling.stop_token_ids[0]"),
+        (dict(token_ids=[1, vocab, 2]), "token_ids[1]=%d" % vocab),
+        (dict(token_ids=[3] * (ctx + 5)), "context"),
+        (dict(text=""), "text"),
+        (dict(), "input"),
+        (dict(text="hi", compression={"policy": "zip"}), "compression.policy"),
+        (dict(text="hi", compression={"policy": "snapkv", "kv_budget": 2}),
+         "compression.kv_budget"),
+        (dict(text="hi", compression={"policy": "full", "decode_mode": "later"}),
+         "compression.decode_mode"),
+        (dict(text="hi", compression={"grouping": "random"}), "compression.grouping"),
+        (dict(text="hi", compression={"window": 100}), "compression.window"),
+        (dict(text="hi", compression={"pool_kernel": 4}), "compression.pool_kernel"),
+        (dict(text="hi", compression={"policy": "uncomp-stage", "stage_starts": [5, 3]}),
+         "compression.stage_starts"),
+        (dict(text="hi", request_id="x" * 100), "request_id"),
+        (dict(text="hi", request_id="has space"), "request_id"),
+    ]
+    for kw, field in cases:
+        req = cl.request(**kw)
+        expect_rpc_error(lambda: list(cl.generate_stream(req, timeout=10)), IA, field)
+    # empty token_ids: an explicitly set but empty oneof member
+    req = pb.GenerateRequest()
+    req.token_ids.SetInParent()
+    expect_rpc_error(lambda: list(cl.generate_stream(req, timeout=10)), IA, "token_ids")
+    # budget 0 means the default: fine with a policy that needs one
+    _, _, comp, _ = cl.generate(text=LONG_PROMPT, max_tokens=3, temperature=0.0,
+                                compression={"policy": "snapkv", "kv_budget": 0})
+    check(comp.compression.policy == "snapkv" and comp.compression.kv_budget > 0)
+    # other services
+    expect_rpc_error(lambda: cl.detokenize([0, vocab + 1]), IA, "token_ids[1]")
+    expect_rpc_error(lambda: cl.abort(""), IA, "request_id")
+    expect_rpc_error(lambda: cl.stats("nosuch"), IA, "section")
+    expect_rpc_error(lambda: cl.raw_unary("/uncomp.v1.Inference/Tokenize", b"\x0a\x02\xff\xfe"),
+                     IA, "UTF-8")
+    # invalid UTF-8 in a Generate text
+    expect_rpc_error(lambda: cl.raw_stream("/uncomp.v1.Inference/Generate",
+                                           b"\x12\x03a\xc3\x28"), IA, "UTF-8")
+    still_serving(cl)
+
+
+def t_malformed_protobuf(d):
+    cl = d.client
+    IA = grpc.StatusCode.INVALID_ARGUMENT
+    for raw in (b"\xff\xff\xff\xff", b"\x12\x10abc", b"\x0a", b"\x22\x05\x08"):
+        expect_rpc_error(lambda: cl.raw_stream("/uncomp.v1.Inference/Generate", raw), IA,
+                         "GenerateRequest")
+        expect_rpc_error(lambda: cl.raw_unary("/uncomp.v1.Inference/Tokenize", raw), IA,
+                         "TokenizeRequest")
+        expect_rpc_error(lambda: cl.raw_unary("/uncomp.v1.Admin/GetStats", raw), IA)
+    expect_rpc_error(lambda: cl.raw_unary("/uncomp.v1.Admin/NoSuchMethod", b""),
+                     grpc.StatusCode.UNIMPLEMENTED, "NoSuchMethod")
+    # an empty message is a valid (all-default) message; Generate rejects it for its fields
+    expect_rpc_error(lambda: cl.raw_stream("/uncomp.v1.Inference/Generate", b""), IA, "input")
+    still_serving(cl)
+
+
+def t_chaos(d):
+    """Random client behaviour from 10 threads for a few seconds: streams cancelled at random
+    points, channels dropped mid-stream, garbage, aborts, watches. The daemon must survive,
+    end every request and keep serving."""
+    import random
+    stop_at = time.time() + 6
+    errors = []
+
+    def worker(seed):
+        rnd = random.Random(seed)
+        while time.time() < stop_at:
+            c = gc.Client(d.addr, timeout=20)
+            try:
+                act = rnd.randrange(6)
+                if act <= 1:
+                    rid = "chaos-%d-%d" % (seed, rnd.randrange(1 << 30))
+                    it = c.generate_stream(c.request(text=rnd.choice(PROMPTS), request_id=rid,
+                                                     max_tokens=rnd.randrange(1, 40),
+                                                     temperature=rnd.choice([0.0, 0.8]),
+                                                     seed=seed, ignore_eos=True))
+                    for k, _ in enumerate(it):
+                        if k == rnd.randrange(4):
+                            if act == 0:
+                                it.cancel()
+                            break
+                elif act == 2:
+                    try:
+                        junk = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 12)))
+                        c.raw_stream("/uncomp.v1.Inference/Generate", junk)
+                    except grpc.RpcError as e:
+                        if e.code() not in (grpc.StatusCode.INVALID_ARGUMENT,):
+                            errors.append("garbage -> %s %s" % (e.code(), e.details()))
+                elif act == 3:
+                    c.abort("chaos-%d-%d" % (rnd.randrange(10), rnd.randrange(1 << 30)))
+                    c.tokenize(rnd.choice(PROMPTS))
+                elif act == 4:
+                    w = c.watch(timeout=5)
+                    next(w)
+                    w.cancel()
+                else:
+                    c.stats()
+                    c.server_info()
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.CANCELLED,):
+                    errors.append("%s: %s" % (e.code(), e.details()))
+            finally:
+                c.close()  # drops the connection, possibly mid-stream
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    check(not errors, "unexpected errors: %s" % errors[:5])
+    cl = d.client
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        si = cl.server_info()
+        if si.running_requests == 0 and si.queued_requests == 0:
+            break
+        time.sleep(0.1)
+    si = cl.server_info()
+    check(si.running_requests == 0 and si.queued_requests == 0,
+          "requests left behind: running=%d queued=%d" % (si.running_requests,
+                                                          si.queued_requests))
+    st = cl.stats()
+    check(st.requests_total == st.requests_finished,
+          "every accepted request must have finished: total=%d finished=%d" %
+          (st.requests_total, st.requests_finished))
+    still_serving(cl)
+
+
+SAMPLE_RE = re.compile(
+    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)'
+    r'(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
+    r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*\})?'
+    r' (NaN|[+-]Inf|[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)( -?[0-9]+)?$')
+HELP_RE = re.compile(r'^# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) .*$')
+TYPE_RE = re.compile(r'^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) '
+                     r'(counter|gauge|histogram|summary|untyped)$')
+
+
+def parse_exposition(text):
+    """Checks every line; returns ({family: type}, {series: value})."""
+    types, values = {}, {}
+    for n, line in enumerate(text.split("\n"), 1):
+        if line == "":
+            continue
+        if line.startswith("# HELP"):
+            check(HELP_RE.match(line), "line %d: bad HELP: %r" % (n, line))
+            continue
+        if line.startswith("# TYPE"):
+            m = TYPE_RE.match(line)
+            check(m, "line %d: bad TYPE: %r" % (n, line))
+            check(m.group(1) not in types, "line %d: TYPE %s twice" % (n, m.group(1)))
+            types[m.group(1)] = m.group(2)
+            continue
+        check(not line.startswith("#"), "line %d: stray comment %r" % (n, line))
+        m = SAMPLE_RE.match(line)
+        check(m, "line %d: not a valid sample line: %r" % (n, line))
+        name = m.group(1)
+        fam = re.sub(r"_(bucket|sum|count)$", "", name)
+        check(name in types or fam in types, "line %d: %s has no TYPE" % (n, name))
+        values[name + (m.group(2) or "")] = float(m.group(3))
+    return types, values
+
+
+def t_metrics(d):
+    cl = d.client
+    cl.generate(text=PROMPTS[1], max_tokens=6, temperature=0.0)
+    cl.generate(text=LONG_PROMPT, max_tokens=4, temperature=0.0,
+                compression={"policy": "snapkv", "kv_budget": 16})
+    status, ctype, body = scrape(d.metrics_port)
+    check(status == 200 and ctype.startswith("text/plain"), "%s %s" % (status, ctype))
+    types, v = parse_exposition(body)
+    for fam, typ in [("uncomp:num_requests_running", "gauge"),
+                     ("uncomp:num_requests_waiting", "gauge"),
+                     ("uncomp:kv_cache_usage_perc", "gauge"),
+                     ("uncomp:prompt_tokens_total", "counter"),
+                     ("uncomp:generation_tokens_total", "counter"),
+                     ("uncomp:request_success_total", "counter"),
+                     ("uncomp:time_to_first_token_seconds", "histogram"),
+                     ("uncomp:inter_token_latency_seconds", "histogram"),
+                     ("uncomp:e2e_request_latency_seconds", "histogram"),
+                     ("uncomp:request_queue_time_seconds", "histogram"),
+                     ("uncomp:kv_tokens_kept_total", "counter"),
+                     ("uncomp:kv_tokens_full_total", "counter"),
+                     ("uncomp:compression_seconds", "counter"),
+                     ("uncomp:prefill_rows_dropped_total", "counter")]:
+        check(types.get(fam) == typ, "%s: type %s, want %s" % (fam, types.get(fam), typ))
+    check(v["uncomp:prompt_tokens_total"] > 0 and v["uncomp:generation_tokens_total"] >= 10)
+    check(v["uncomp:request_success_total"] >= 2)
+    check(v['uncomp:kv_tokens_kept_total{policy="snapkv"}'] <
+          v['uncomp:kv_tokens_full_total{policy="snapkv"}'], "snapkv series")
+    check('uncomp:compression_seconds{policy="snapkv"}' in v)
+    check('uncomp:prefill_rows_dropped_total{policy="uncomp-stage"}' in v)
+    # histograms: cumulative buckets, +Inf == count
+    for h in ("uncomp:time_to_first_token_seconds", "uncomp:e2e_request_latency_seconds"):
+        buckets = [(k, x) for k, x in v.items() if k.startswith(h + "_bucket")]
+        counts = [x for _, x in buckets]
+        check(counts == sorted(counts), "%s buckets not cumulative" % h)
+        check(v[h + '_bucket{le="+Inf"}'] == v[h + "_count"] >= 2, "%s count" % h)
+    check(scrape_code(d.metrics_port, "/") == 404 and scrape_code(d.metrics_port, "/x") == 404)
+
+
+def scrape_code(port, path):
+    try:
+        return scrape(port, path)[0]
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def t_admin(d):
+    cl = d.client
+    si = cl.server_info()
+    check(si.state == "SERVING" and si.tp_size == d.np and len(si.ranks) == d.np, str(si))
+    check(si.version and si.backend == "cpu" and si.uptime_s >= 0 and si.default_policy, str(si))
+    check(all(r.host and r.weight_bytes > 0 for r in si.ranks), str(si))
+    mi = cl.model_info()
+    check(mi.layers == 8 and mi.heads == 8 and mi.kv_heads == 4 and mi.head_dim == 32, str(mi))
+    check(mi.vocab_size == 4096 and mi.context_length == 4096 and mi.architecture, str(mi))
+    check(mi.tokenizer.startswith("bpe") and len(mi.eos_token_ids) >= 1, str(mi))
+    cl.generate(text="Hi there", max_tokens=3, temperature=0.0)
+    st = cl.stats()
+    check(st.requests_total >= 1 and st.requests_finished >= 1 and st.generation_tokens_total >= 3)
+    check(st.ttft_ms.count >= 1 and st.ttft_ms.p50 > 0 and st.e2e_ms.p99 >= st.e2e_ms.p50)
+    sections = re.findall(r"^# (\w+)$", st.text, re.M)
+    check(sections == ["Server", "Cluster", "Model", "Memory", "KV", "Compress", "Requests",
+                       "Errors", "Config"], "sections %s" % sections)
+    for line in st.text.split("\n"):
+        check(line == "" or line.startswith("# ") or re.match(r"^[\w.\-]+:.*$", line),
+              "INFO line %r" % line)
+    check(re.search(r"^tp_size:%d$" % d.np, st.text, re.M), "tp_size line")
+    check(re.search(r"^state:SERVING$", st.text, re.M))
+    one = cl.stats("kv").text
+    check(one.startswith("# KV\n") and "# Server" not in one, one)
+    check(cl.stats("COMPRESS").text.startswith("# Compress"))
+    check("listen" in cl.stats("Config").text, "Config section from write_config_info")
+    # SetCompressionPolicy: validated, applies to new requests
+    IA = grpc.StatusCode.INVALID_ARGUMENT
+    expect_rpc_error(lambda: cl.set_policy(policy="nonsense"), IA, "policy")
+    expect_rpc_error(lambda: cl.set_policy(policy="snapkv", kv_budget=3), IA, "kv_budget")
+    expect_rpc_error(lambda: cl.set_policy(decode_mode="x"), IA, "decode_mode")
+    old = cl.server_info()
+    r = cl.set_policy(policy="snapkv", kv_budget=20)
+    check(r.policy == "snapkv" and r.kv_budget == 20, str(r))
+    check(cl.server_info().default_policy == "snapkv")
+    _, _, comp, _ = cl.generate(text=LONG_PROMPT, max_tokens=2, temperature=0.0)
+    check(comp.compression.policy == "snapkv" and comp.compression.kv_budget == 20)
+    cl.set_policy(policy=old.default_policy, kv_budget=old.default_kv_budget)
+    check(cl.server_info().default_policy == old.default_policy)
+    # Calibrate on given text, then the profile is there and uncomp runs
+    expect_rpc_error(lambda: cl.calibrate(text="too short"), IA, "short")
+    calib = " ".join(PROMPTS) * 8
+    prof = cl.calibrate(text=calib, window_tokens=256, max_windows=2)
+    check(prof.present and len(prof.layers) == 8 and prof.head_groups >= 1, "profile")
+    check(all(len(l.kv_head_group) == 4 and len(l.head_entropy) == 8 for l in prof.layers))
+    check(prof.json.startswith("{") and prof.calib_tokens > 0)
+    p2 = cl.profile()
+    check(p2.present and p2.json == prof.json and len(p2.layers) == 8)
+    _, _, comp, _ = cl.generate(text=LONG_PROMPT, max_tokens=4, temperature=0.0,
+                                compression={"policy": "uncomp", "kv_budget": 24})
+    check(comp.compression.policy == "uncomp" and comp.compression.groups,
+          "uncomp report %s" % comp.compression)
+    check(comp.compression.kv_tokens_kept < comp.compression.kv_tokens_full)
+
+
+def t_second_daemon_same_port(d):
+    args = d.args
+    cmd = [args.daemon, "--model", args.model, "--listen", d.addr, "--log-level", "warn"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    check(p.returncode != 0, "a second daemon started on the same port")
+    check(d.addr in p.stderr, "message: %s" % p.stderr[-2000:])
+    # the same for the metrics port
+    cmd = [args.daemon, "--model", args.model, "--listen", "127.0.0.1:%d" % free_port(),
+           "--metrics-port", str(d.metrics_port), "--log-level", "warn"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    check(p.returncode != 0, "a second daemon started on the same metrics port")
+    check(str(d.metrics_port) in p.stderr, "message: %s" % p.stderr[-2000:])
+    still_serving(d.client)
+    check(scrape(d.metrics_port)[0] == 200)
+
+
+def t_drain(d):
+    """Last on the main daemon: a stream in flight finishes, health turns NOT_SERVING, exit 0."""
+    cl = d.client
+    watch = cl.watch(timeout=60)
+    check(next(watch).status == gc.SERVING)
+    it = cl.generate_stream(long_request(cl, max_tokens=120, request_id="drain-me"), timeout=60)
+    next(it)
+    res = {}
+
+    def drain():
+        c = gc.Client(d.addr)
+        try:
+            res["drain"] = c.drain(timeout_ms=30000)
+        except grpc.RpcError as e:
+            res["err"] = e
+        finally:
+            c.close()
+
+    th = threading.Thread(target=drain)
+    th.start()
+    check(next(watch).status == gc.NOT_SERVING, "Watch did not report NOT_SERVING")
+    # new work is refused while draining
+    time.sleep(0.1)
+    expect_rpc_error(lambda: list(cl.generate_stream(cl.request(text="x", max_tokens=2))),
+                     grpc.StatusCode.UNAVAILABLE, "draining")
+    rest = list(it)
+    comp = rest[-1].complete
+    check(comp.finish_reason == pb.LENGTH and comp.usage.completion_tokens == 120,
+          "the in-flight request did not finish: %s" % comp)
+    th.join(60)
+    check("drain" in res, "Drain failed: %s" % res.get("err"))
+    check(res["drain"].finished == 1 and res["drain"].aborted == 0, str(res["drain"]))
+    code = d.stop(sig=None, timeout=30)
+    check(d.exit_ok(code), "exit code %s after Drain:\n%s" % (code, d.tail()))
+
+
+# ---------------------------------------------------------------------------------------------
+# other daemons
+# ---------------------------------------------------------------------------------------------
+
+def t_queue_full(args):
+    d = Daemon(args, ["--max-queued-requests", "1", "--max-running", "1"], name="queue")
+    try:
+        d.wait_serving()
+        cl = d.client
+        a = cl.generate_stream(long_request(cl, request_id="qa"), timeout=60)
+        next(a)  # running
+        b = cl.generate_stream(long_request(cl, request_id="qb"), timeout=60)
+        deadline = time.time() + 10
+        while time.time() < deadline and cl.server_info().queued_requests < 1:
+            time.sleep(0.02)
+        check(cl.server_info().queued_requests == 1, "qb is not queued")
+        expect_rpc_error(lambda: list(cl.generate_stream(cl.request(text="c", max_tokens=2))),
+                         grpc.StatusCode.RESOURCE_EXHAUSTED, "queue")
+        check(cl.abort("qb") and cl.abort("qa"))
+        for s in (a, b):
+            rest = list(s)
+            check(rest[-1].complete.finish_reason == pb.ABORTED)
+        check(cl.stats().requests_rejected >= 1)
+        still_serving(cl)
+        code = d.stop()
+        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
+        if args.asan:
+            d.check_asan()
+    finally:
+        d.kill()
+
+
+def t_tp2_sigterm_mid_stream(args):
+    if args.no_mpi:
+        print("  (skipped: --no-mpi)")
+        return
+    d = Daemon(args, np=2, name="tp2")
+    try:
+        seen = d.wait_serving(timeout=START_TIMEOUT_S * 2)
+        check(seen[-1] == gc.SERVING)
+        cl = d.client
+        si = cl.server_info()
+        check(si.tp_size == 2 and len(si.ranks) == 2, str(si))
+        ids, text, comp, _ = cl.generate(text=PROMPTS[0], max_tokens=16, temperature=0.0)
+        check(comp.usage.completion_tokens > 0 and comp.finish_reason in (pb.LENGTH, pb.STOP))
+        _, _, comp, _ = cl.generate(text=LONG_PROMPT, max_tokens=4, temperature=0.0,
+                                    compression={"policy": "snapkv", "kv_budget": 16})
+        check(comp.compression.kv_tokens_kept < comp.compression.kv_tokens_full)
+        st = cl.stats()
+        check(re.search(r"^r1_host:", st.text, re.M), "rank 1 in # Cluster")
+        watch = cl.watch(timeout=60)
+        check(next(watch).status == gc.SERVING)
+        it = cl.generate_stream(long_request(cl, max_tokens=200, request_id="term"), timeout=60)
+        next(it)
+        os.kill(d.rank0_pid(), signal.SIGTERM)
+        check(next(watch).status == gc.NOT_SERVING, "Watch did not report NOT_SERVING")
+        rest = list(it)
+        comp = rest[-1].complete
+        check(comp.finish_reason == pb.LENGTH and comp.usage.completion_tokens == 200,
+              "SIGTERM cut the stream: %s" % comp)
+        code = d.stop(sig=None, timeout=60)
+        check(d.exit_ok(code), "mpirun exit code %s:\n%s" % (code, d.tail()))
+        if args.asan:
+            d.check_asan()
+    finally:
+        d.kill()
+
+
+def t_single_sigterm_idle(args):
+    """SIGTERM with nothing running: exit 0 quickly; a second SIGTERM is harmless."""
+    d = Daemon(args, name="term1")
+    try:
+        d.wait_serving()
+        t0 = time.time()
+        code = d.stop(timeout=30)
+        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
+        check(time.time() - t0 < 10, "exit took %.1fs" % (time.time() - t0))
+        if args.asan:
+            d.check_asan()
+    finally:
+        d.kill()
+
+
+def t_tls(args):
+    """--tls-cert/--tls-key: a TLS client works, a plaintext client does not."""
+    tmp = tempfile.mkdtemp(prefix="uncomp_tls_")
+    key, cert = os.path.join(tmp, "key.pem"), os.path.join(tmp, "cert.pem")
+    p = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                        "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       capture_output=True, timeout=60)
+    if p.returncode != 0:
+        print("  (skipped: openssl cannot make a certificate)")
+        return
+    root = open(cert, "rb").read()
+    d = Daemon(args, ["--tls-cert", cert, "--tls-key", key], name="tls", root_cert=root)
+    try:
+        d.wait_serving()
+        cl = d.client
+        check(cl.check() == gc.SERVING)
+        check(len(cl.tokenize("Hello TLS").token_ids) > 0)
+        _, _, comp, _ = cl.generate(text="Hello", max_tokens=3, temperature=0.0)
+        check(comp.usage.completion_tokens == 3)
+        plain = gc.Client(d.addr, timeout=3.0)
+        expect_rpc_error(lambda: plain.check(), grpc.StatusCode.UNAVAILABLE)
+        plain.close()
+        code = d.stop()
+        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
+        if args.asan:
+            d.check_asan()
+    finally:
+        d.kill()
+    # a key file that does not exist: a clear start-up error, exit non-zero
+    bad = subprocess.run([args.daemon, "--model", args.model, "--listen",
+                          "127.0.0.1:%d" % free_port(), "--tls-cert", cert, "--tls-key",
+                          os.path.join(tmp, "missing.pem")], capture_output=True, text=True,
+                         timeout=60)
+    check(bad.returncode != 0 and "missing.pem" in bad.stderr, bad.stderr[-1500:])
+
+
+# ---------------------------------------------------------------------------------------------
+# runner
+# ---------------------------------------------------------------------------------------------
+
+MAIN_TESTS = [t_health_and_watch, t_generate_stream, t_tokenize_roundtrip, t_abort_by_id,
+              t_client_cancel, t_deadline, t_request_id_reuse, t_bad_inputs,
+              t_malformed_protobuf,
+              t_concurrent_equals_alone, t_chaos, t_metrics, t_admin, t_second_daemon_same_port,
+              t_drain]
+OTHER_TESTS = [t_queue_full, t_single_sigterm_idle, t_tls, t_tp2_sigterm_mid_stream]
+
+
+class Runner:
+    def __init__(self, only, timeout_s):
+        self.only = only
+        self.timeout_s = timeout_s
+        self.failed = []
+        self.passed = 0
+
+    def want(self, fn):
+        return not self.only or any(o in fn.__name__ for o in self.only)
+
+    def run(self, fn, arg, on_timeout):
+        name = fn.__name__[2:]
+        print("[ RUN      ] %s" % name, flush=True)
+        t0 = time.time()
+        timer = threading.Timer(self.timeout_s, on_timeout)
+        timer.start()
+        try:
+            fn(arg)
+            print("[       OK ] %s (%.1fs)" % (name, time.time() - t0), flush=True)
+            self.passed += 1
+            return True
+        except Exception as e:  # noqa: BLE001 - every failure is reported, the run goes on
+            timed_out = time.time() - t0 >= self.timeout_s
+            print("[  FAILED  ] %s (%.1fs)%s: %s" % (name, time.time() - t0,
+                                                   " TIMEOUT" if timed_out else "", e),
+                  flush=True)
+            if not isinstance(e, TestFailure):
+                traceback.print_exc()
+            self.failed.append(name)
+            return False
+        finally:
+            timer.cancel()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--daemon", default=os.environ.get(
+        "UNCOMPD", os.path.join(REPO, "build", "daemon", "uncompd")))
+    ap.add_argument("--model", default=os.environ.get(
+        "UNCOMP_TEST_MODEL", os.path.join(REPO, "..", "shared", "models", "uncomp-tiny")))
+    ap.add_argument("--mpirun", default=os.environ.get("MPIRUN", "mpirun"))
+    ap.add_argument("--only", action="append", default=[])
+    ap.add_argument("--no-mpi", action="store_true")
+    ap.add_argument("--asan", action="store_true",
+                    help="the daemon is an ASan build: fail on any sanitizer report")
+    ap.add_argument("daemon_pos", nargs="?")
+    args = ap.parse_args()
+    if args.daemon_pos:
+        args.daemon = args.daemon_pos
+    args.daemon = os.path.abspath(args.daemon)
+    if not os.access(args.daemon, os.X_OK):
+        print("uncompd not found at %s" % args.daemon)
+        return 77
+    if not os.path.exists(os.path.join(args.model, "config.json")):
+        print("model fixture missing: %s" % args.model)
+        return 1
+    r = Runner(args.only, TEST_TIMEOUT_S * (3 if args.asan else 1))
+    t_start = time.time()
+    main_tests = [t for t in MAIN_TESTS if r.want(t)]
+    if main_tests:
+        d = Daemon(args, name="main")
+        try:
+            seen = d.wait_serving()
+            print("daemon %s up (health %s)" % (d.addr, seen), flush=True)
+            # LOADING shows as NOT_SERVING (when a poll catches it), then SERVING
+            if seen[-1] != gc.SERVING or any(x != gc.NOT_SERVING for x in seen[:-1]):
+                print("[  FAILED  ] health during start-up: %s" % seen)
+                r.failed.append("startup_health")
+            for t in main_tests:
+                if d.proc.poll() is not None:
+                    print("[  FAILED  ] %s: the daemon died (exit %s):\n%s" %
+                          (t.__name__[2:], d.proc.returncode, d.tail()), flush=True)
+                    r.failed.append(t.__name__[2:])
+                    continue
+                r.run(t, d, on_timeout=d.kill)
+            if d.proc.poll() is None:
+                code = d.stop()
+                if not d.exit_ok(code):
+                    print("[  FAILED  ] main daemon exit code %s:\n%s" % (code, d.tail()))
+                    r.failed.append("main_exit")
+            if args.asan:
+                try:
+                    d.check_asan()
+                except TestFailure as e:
+                    print("[  FAILED  ] asan (main daemon): %s" % e)
+                    r.failed.append("asan_main")
+        finally:
+            d.kill()
+    for t in OTHER_TESTS:
+        if r.want(t):
+            r.run(t, args, on_timeout=lambda: None)
+    print("==== %d passed, %d failed (%.1fs)%s" % (r.passed, len(r.failed), time.time() - t_start,
+                                                  (": " + ", ".join(r.failed)) if r.failed
+                                                  else ""))
+    return min(len(r.failed), 76)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

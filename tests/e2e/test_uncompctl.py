@@ -1,0 +1,701 @@
+"""End-to-end tests of uncompctl (client/) against the real uncompd, on loopback only.
+
+Starts the daemon (one rank, then `mpirun -np 2 ... --tp 2`, then one with TLS when openssl can
+make a certificate) and runs every uncompctl command, checking outputs and exit codes:
+generate (streamed, --json greedy reproducible, --file/stdin/--ids give the same result, stop
+strings, compression report, --verbose), tokenize/detokenize round trip, info and its sections,
+health, profile/calibrate (a row per layer), set-policy, abort, drain, bench (text report,
+--json, --compare, --rate/--duration, --prompt-file), and the error paths: usage errors exit 2,
+server errors exit 1 naming the gRPC code (INVALID_ARGUMENT, DEADLINE_EXCEEDED), a daemon that is
+down or drained exits 3. Ports are picked free at run time; every step has a timeout.
+
+    /usr/bin/python3 tests/e2e/test_uncompctl.py [--uncompctl PATH] [--daemon PATH]
+                                                 [--model DIR] [--mpirun PATH] [--no-mpi]
+                                                 [--no-tls] [--only SUBSTRING]
+
+Environment: UNCOMPCTL, UNCOMPD, UNCOMP_TEST_MODEL, MPIRUN. Prints [ RUN ] / [ OK ] / [ FAILED ]
+per test and exits with the number of failures (77 when a binary is missing: ctest skip).
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+STEP_TIMEOUT_S = 60       # one uncompctl invocation
+START_TIMEOUT_S = 90      # daemon start-up to SERVING
+PROMPT = "Once upon a time there was a little girl who"
+LONG_PROMPT = ("The quick brown fox jumps over the lazy dog. " * 10).strip()
+CALIB_TEXT = ("One of the special magic numbers for apple is: 4821. The quick brown fox jumps "
+              "over the lazy dog while the cat sleeps in the warm sun by the window. ") * 12
+
+EXIT_OK, EXIT_RPC, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+class TestFailure(AssertionError):
+    pass
+
+
+def check(cond, msg="check failed"):
+    if not cond:
+        raise TestFailure(msg)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Result:
+    def __init__(self, argv, p):
+        self.argv = argv
+        self.rc = p.returncode
+        self.out = p.stdout.decode("utf-8", errors="replace")
+        self.err = p.stderr.decode("utf-8", errors="replace")
+
+    def describe(self):
+        return "%s -> exit %s\nstdout: %s\nstderr: %s" % (
+            " ".join(self.argv), self.rc, self.out[-1500:], self.err[-1500:])
+
+    def json(self):
+        try:
+            return json.loads(self.out)
+        except ValueError as e:
+            raise TestFailure("not JSON (%s):\n%s" % (e, self.describe()))
+
+
+class Ctl:
+    """Runs uncompctl against one server."""
+
+    def __init__(self, exe, server, extra=()):
+        self.exe = exe
+        self.server = server
+        self.extra = list(extra)
+
+    def run(self, *args, expect=EXIT_OK, stdin=None, timeout=STEP_TIMEOUT_S, server=True,
+            env=None):
+        argv = [self.exe] + (["--server", self.server] if server else []) + self.extra + \
+            [str(a) for a in args]
+        try:
+            p = subprocess.run(argv, input=stdin.encode() if stdin is not None else b"",
+                               capture_output=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise TestFailure("timed out after %ss: %s" % (timeout, " ".join(argv)))
+        r = Result(argv, p)
+        if expect is not None and r.rc != expect:
+            raise TestFailure("expected exit %s\n%s" % (expect, r.describe()))
+        return r
+
+    def fail(self, code_name, *args, expect=EXIT_RPC, **kw):
+        """Runs a command that must fail with `expect` and name the gRPC code on stderr."""
+        r = self.run(*args, expect=expect, **kw)
+        check(code_name in r.err, "stderr lacks %s\n%s" % (code_name, r.describe()))
+        return r
+
+
+class Daemon:
+    """One uncompd (or mpirun of R ranks) with its own port, profile and log."""
+
+    def __init__(self, args, np=1, name="daemon", extra=()):
+        self.args = args
+        self.np = np
+        self.port = free_port()
+        self.addr = "127.0.0.1:%d" % self.port
+        self.tmp = tempfile.mkdtemp(prefix="uncompctl_e2e_")
+        self.log_path = os.path.join(self.tmp, name + ".log")
+        cmd = [args.daemon, "--listen", self.addr, "--profile",
+               os.path.join(self.tmp, "profile.json"), "--drain-timeout", "20000"] + list(extra)
+        if args.model:
+            cmd += ["--model", args.model]
+        if np > 1:
+            cmd = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(np)] + \
+                cmd + ["--tp", str(np)]
+        env = dict(os.environ)
+        env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def wait_serving(self, ctl):
+        deadline = time.time() + START_TIMEOUT_S
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise TestFailure("daemon exited with %s during start-up:\n%s" %
+                                  (self.proc.returncode, self.tail()))
+            # health --wait-ms polls SERVING itself; -w retries refused connections
+            r = ctl.run("-w", "--connect-timeout-ms", "2000", "health", "--wait-ms", "2000",
+                        expect=None, timeout=20)
+            if r.rc == EXIT_OK and "SERVING" in r.out:
+                return
+            time.sleep(0.1)
+        raise TestFailure("daemon not SERVING after %ds:\n%s" % (START_TIMEOUT_S, self.tail()))
+
+    def tail(self, n=30):
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_exit(self, timeout=30):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise TestFailure("daemon did not exit within %ds:\n%s" % (timeout, self.tail()))
+
+    def kill(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        if not self.log.closed:
+            self.log.close()
+
+    def cleanup(self):
+        self.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# tests without a server
+# ---------------------------------------------------------------------------------------------
+
+COMMANDS = ["generate", "tokenize", "detokenize", "abort", "info", "health", "profile",
+            "set-policy", "calibrate", "drain", "bench"]
+
+
+def t_usage(ctl):
+    """--help for the tool and every command exits 0; bad command lines exit 2."""
+    r = ctl.run("--help", server=False)
+    check("Exit codes" in r.out and "--server" in r.out, r.describe())
+    for c in COMMANDS:
+        r = ctl.run(c, "--help")
+        check(r.out.startswith("usage: uncompctl " + c), r.describe())
+        r = ctl.run("help", c)
+        check(r.out.startswith("usage: uncompctl " + c), r.describe())
+    check("uncompctl" in ctl.run("--version", server=False).out)
+    # usage errors: nothing is sent, so no server is needed
+    bad = [
+        [],                                             # no command
+        ["frobnicate"],                                 # unknown command
+        ["--bogus-global", "health"],
+        ["generate", "--bogus", "x"],
+        ["generate", "--max-tokens", "abc", "x"],
+        ["generate", "--max-tokens"],                   # missing value
+        ["generate", "--temperature", "-1", "x"],
+        ["generate", "--ids", "1,x,3"],
+        ["generate", "--ids", "1,2", "also text"],
+        ["tokenize", "--file", "/nonexistent/file"],
+        ["detokenize", "12", "abc"],
+        ["abort"],
+        ["info", "a", "b"],
+        ["set-policy"],
+        ["calibrate", "--file", "a", "--text", "b"],
+        ["drain", "--timeout-ms", "soon"],
+        ["health", "extra"],
+        ["bench", "--concurrency", "0"],
+        ["bench", "--compare", "policy=full"],          # one setting only
+        ["bench", "--compare", "policy=full", "nokey"],
+        ["bench", "--compare", "policy=full", "colour=red"],
+        ["bench", "--prompt-tokens", "8", "--prompt-file", "x"],
+        ["bench", "stray"],
+    ]
+    for argv in bad:
+        r = ctl.run(*argv, expect=EXIT_USAGE)
+        check(r.out == "" or argv == [], "usage error wrote to stdout\n" + r.describe())
+
+
+def t_server_down(ctl_down):
+    """A port nobody listens on: every command that connects exits 3 and says UNAVAILABLE."""
+    for argv in (["health"], ["generate", "-n", "2", "hi"], ["tokenize", "hi"], ["info"],
+                 ["profile"], ["drain"], ["bench", "-n", "1"], ["set-policy", "full"]):
+        ctl_down.fail("UNAVAILABLE", *argv, expect=EXIT_UNAVAILABLE)
+    r = ctl_down.run("--json", "health", expect=EXIT_UNAVAILABLE)
+    check(r.json()["error"]["name"] == "UNAVAILABLE", r.describe())
+    # -w keeps retrying until the connect timeout
+    t0 = time.time()
+    ctl_down.fail("UNAVAILABLE", "-w", "--connect-timeout-ms", "600", "health",
+                  expect=EXIT_UNAVAILABLE)
+    check(time.time() - t0 >= 0.5, "--wait gave up before --connect-timeout-ms")
+
+
+# ---------------------------------------------------------------------------------------------
+# single-rank daemon
+# ---------------------------------------------------------------------------------------------
+
+def gen_json(ctl, *args, **kw):
+    return ctl.run("generate", "--json", *args, **kw).json()
+
+
+def t_health(ctl):
+    r = ctl.run("health")
+    check(r.out.strip() == "SERVING", r.describe())
+    j = ctl.run("--json", "health").json()
+    check(j == {"status": "SERVING", "serving": True}, str(j))
+    # the address can come from $UNCOMP_SERVER
+    env = dict(os.environ, UNCOMP_SERVER=ctl.server)
+    r = ctl.run("health", server=False, env=env)
+    check(r.out.strip() == "SERVING", r.describe())
+
+
+def t_generate(ctl):
+    """Streaming text, --json, greedy reproducibility, inputs from file/stdin/ids, --verbose."""
+    r = ctl.run("generate", "-n", "8", "--temperature", "0", "--ignore-eos", PROMPT)
+    streamed = r.out
+    check(streamed.endswith("\n") and len(streamed.strip()) > 0, r.describe())
+    a = gen_json(ctl, "-n", "12", "--temperature", "0", "--ignore-eos", PROMPT)
+    b = gen_json(ctl, "-n", "12", "--temperature", "0", "--ignore-eos", PROMPT)
+    check(a["text"] == b["text"] and a["token_ids"] == b["token_ids"],
+          "greedy output differs between runs:\n%s\n%s" % (a, b))
+    check(len(a["token_ids"]) == 12, str(a))
+    check(a["finish_reason"] == "length", str(a))
+    check(a["usage"]["completion_tokens"] == 12 and a["usage"]["prompt_tokens"] > 5, str(a))
+    check(a["request_id"] != "" and a["timing"]["total_ms"] > 0, str(a))
+    check(a["timing"]["client_total_ms"] >= a["timing"]["client_ttft_ms"] > 0, str(a))
+    check(a["compression"] is not None and a["compression"]["kv_tokens_full"] > 0, str(a))
+    # the streamed text is the same as the --json text (8 of the same greedy tokens)
+    c8 = gen_json(ctl, "-n", "8", "--temperature", "0", "--ignore-eos", PROMPT)
+    check(streamed == c8["text"] + "\n", "stream %r != json %r" % (streamed, c8["text"]))
+    check(a["token_ids"][:8] == c8["token_ids"], "greedy prefix differs")
+    # the same prompt from --file, from stdin and as token ids
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(PROMPT)
+        path = f.name
+    try:
+        via_file = gen_json(ctl, "-n", "12", "--temperature", "0", "--ignore-eos", "--file", path)
+    finally:
+        os.unlink(path)
+    via_stdin = gen_json(ctl, "-n", "12", "--temperature", "0", "--ignore-eos", stdin=PROMPT)
+    check(via_file["token_ids"] == a["token_ids"], "--file differs")
+    check(via_stdin["token_ids"] == a["token_ids"], "stdin differs")
+    ids = ctl.run("tokenize", PROMPT).out.split()
+    via_ids = gen_json(ctl, "-n", "12", "--temperature", "0", "--ignore-eos", "--ids",
+                       ",".join(ids))
+    check(via_ids["token_ids"] == a["token_ids"], "--ids differs: %s vs %s" %
+          (via_ids["token_ids"], a["token_ids"]))
+    check(via_ids["usage"]["prompt_tokens"] == len(ids), str(via_ids))
+    # seeded sampling is reproducible too
+    s1 = gen_json(ctl, "-n", "10", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95",
+                  "--seed", "7", "--ignore-eos", PROMPT)
+    s2 = gen_json(ctl, "-n", "10", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95",
+                  "--seed", "7", "--ignore-eos", PROMPT)
+    check(s1["token_ids"] == s2["token_ids"], "seeded sampling differs")
+    # --verbose reports usage, timing and compression on stderr, text stays on stdout
+    r = ctl.run("generate", "-v", "-n", "4", "--temperature", "0", PROMPT)
+    for key in ("usage:", "timing:", "compression:", "finish:"):
+        check(key in r.err, "--verbose lacks %s\n%s" % (key, r.describe()))
+    check("usage:" not in r.out, r.describe())
+    # logprobs
+    lp = gen_json(ctl, "-n", "4", "--temperature", "0", "--ignore-eos", "--logprobs", "3", PROMPT)
+    check(len(lp["logprobs"]) == 4 and all(x <= 0 for x in lp["logprobs"]), str(lp))
+
+
+def t_generate_stop(ctl):
+    full = gen_json(ctl, "-n", "24", "--temperature", "0", "--ignore-eos", PROMPT)
+    text = full["text"]
+    words = [m for m in re.finditer(r"[A-Za-z]{3,}", text) if m.start() > 0]
+    if not words:
+        print("  (no word to stop on in %r)" % text)
+        return
+    stop = words[len(words) // 2].group(0)
+    r = gen_json(ctl, "-n", "24", "--temperature", "0", "--ignore-eos", "--stop", stop,
+                 "--stop", "zzzqqq", PROMPT)
+    check(r["finish_reason"] == "stop", str(r))
+    check(r["matched_stop"] == stop, str(r))
+    check(len(r["text"]) < len(text) and text.startswith(r["text"]), "%r vs %r" % (r, text))
+
+
+def t_generate_compression(ctl):
+    full = gen_json(ctl, "-n", "4", "--temperature", "0", "--policy", "full", LONG_PROMPT)
+    check(full["compression"]["policy"] == "full", str(full))
+    check(full["compression"]["kv_tokens_kept"] == full["compression"]["kv_tokens_full"],
+          str(full))
+    # (uncomp with grouping=prompt needs no calibration profile)
+    for policy in ("snapkv", "streamingllm", "uncomp"):
+        c = gen_json(ctl, "-n", "4", "--temperature", "0", "--policy", policy, "--kv-budget",
+                     "16", "--grouping", "prompt", LONG_PROMPT)
+        rep = c["compression"]
+        check(rep["policy"] == policy and rep["kv_budget"] == 16, str(rep))
+        check(rep["kv_tokens_full"] == full["compression"]["kv_tokens_full"], str(rep))
+        check(0 < rep["kv_tokens_kept"] < rep["kv_tokens_full"], str(rep))
+        check(c["usage"]["completion_tokens"] == 4, str(c))
+    r = ctl.run("generate", "-v", "-n", "2", "--policy", "snapkv", "--kv-budget", "16",
+                "--window", "4", "--decode-mode", "evict", LONG_PROMPT)
+    check("policy snapkv" in r.err and "decode_mode evict" in r.err, r.describe())
+
+
+def t_generate_errors(ctl):
+    """Server-side validation: exit 1 with the gRPC code name on stderr (and in --json)."""
+    ctl.fail("INVALID_ARGUMENT", "generate", "--policy", "bogus", "-n", "2", PROMPT)
+    r = ctl.fail("INVALID_ARGUMENT", "generate", "--json", "--policy", "bogus", "-n", "2", PROMPT)
+    e = r.json()["error"]
+    check(e["name"] == "INVALID_ARGUMENT" and e["code"] == 3 and "bogus" in e["message"], str(e))
+    ctl.fail("INVALID_ARGUMENT", "generate", "--decode-mode", "sideways", "-n", "2", PROMPT)
+    ctl.fail("INVALID_ARGUMENT", "generate", "--ids", "99999999", "-n", "2")
+    # a deadline shorter than the generation: DEADLINE_EXCEEDED, exit 1
+    ctl.fail("DEADLINE_EXCEEDED", "--timeout-ms", "150", "generate", "-n", "2000",
+             "--ignore-eos", PROMPT)
+
+
+def t_tokenize(ctl):
+    text = "Hello world, this is uncomp."
+    ids = ctl.run("tokenize", "--no-special", text).out.split()
+    check(len(ids) > 3 and all(i.isdigit() for i in ids), str(ids))
+    back = ctl.run("detokenize", *ids).out
+    check(back == text + "\n", "round trip %r != %r" % (back, text))
+    back = ctl.run("detokenize", ",".join(ids)).out
+    check(back == text + "\n", "comma list %r" % back)
+    j = ctl.run("--json", "tokenize", "--no-special", text).json()
+    check([str(i) for i in j["token_ids"]] == ids and j["count"] == len(ids), str(j))
+    check(len(j["tokens"]) == len(ids), str(j))
+    check(ctl.run("detokenize", "--json", *ids).json() == {"text": text})
+    with_bos = ctl.run("tokenize", text).out.split()
+    check(len(with_bos) >= len(ids), "special tokens shrank the list")
+    pieces = ctl.run("tokenize", "--pieces", "--no-special", text).out.splitlines()
+    check(len(pieces) == len(ids) and all("\t" in p for p in pieces), str(pieces))
+    check(ctl.run("tokenize", "--no-special", stdin=text).out.split() == ids, "stdin")
+    # non-ASCII survives the round trip and the JSON escaping
+    uni = "naïve café — ünïcode ✓"
+    uids = ctl.run("tokenize", "--no-special", uni).out.split()
+    check(ctl.run("detokenize", "--json", *uids).json()["text"] == uni, "unicode round trip")
+
+
+def t_info(ctl):
+    r = ctl.run("info")
+    for sec in ("# Server", "# Model", "# Requests"):
+        check(sec in r.out, "info lacks %s\n%s" % (sec, r.describe()))
+    check(re.search(r"^state:SERVING$", r.out, re.M), r.describe())
+    r = ctl.run("info", "server")
+    check("# Server" in r.out and "# Model" not in r.out, r.describe())
+    check("# Model" in ctl.run("info", "model").out)
+    check("# Server" in ctl.run("info", "stats").out)
+    ctl.fail("INVALID_ARGUMENT", "info", "nosuchsection")
+    j = ctl.run("--json", "info").json()
+    check(set(j) == {"server", "model", "stats"}, str(j.keys()))
+    check(j["server"]["state"] == "SERVING" and j["server"]["tp_size"] >= 1, str(j["server"]))
+    check(j["model"]["layers"] > 0 and j["model"]["kv_heads"] > 0, str(j["model"]))
+    check(j["stats"]["requests_total"] >= 1 and "# Server" in j["stats"]["text"], str(j["stats"]))
+    check(ctl.run("info", "--json", "model").json()["layers"] == j["model"]["layers"])
+    st = ctl.run("info", "--json", "requests").json()
+    check("# Requests" in st["text"] and "# Server" not in st["text"], st["text"])
+    check(st["ttft_ms"]["count"] >= 1, str(st))
+
+
+def t_profile_calibrate(ctl):
+    model = ctl.run("--json", "info", "model").json()
+    layers, kv_heads = model["layers"], model["kv_heads"]
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(CALIB_TEXT)
+        path = f.name
+    try:
+        r = ctl.run("calibrate", "--file", path, "--window-tokens", "64", "--max-windows", "2",
+                    timeout=120)
+    finally:
+        os.unlink(path)
+    check(re.search(r"^layer\s+entropy\s+score\s+stage", r.out, re.M), r.describe())
+    r = ctl.run("profile")
+    rows = [ln for ln in r.out.splitlines() if re.match(r"^\s*\d+\s+[0-9.]+\s+[0-9.]+\s+\d+\s", ln)]
+    check(len(rows) == layers, "profile has %d rows for %d layers\n%s" %
+          (len(rows), layers, r.out))
+    for ln in rows:
+        check(len(re.findall(r"[0-9.]+\(g\d+\)", ln)) == kv_heads, "row %r" % ln)
+    check("calib tokens:" in r.out and "head groups:" in r.out, r.out)
+    j = ctl.run("profile", "--json").json()
+    check(j["present"] and len(j["layers"]) == layers, str(j)[:400])
+    for i, layer in enumerate(j["layers"]):
+        check(layer["layer"] == i and 0 <= layer["entropy"] <= 1, str(layer))
+        check(abs(layer["score"] - 100 * layer["entropy"]) < 1e-6 * 100 + 1e-9, str(layer))
+        check(len(layer["kv_head_entropy"]) == kv_heads == len(layer["kv_head_group"]),
+              str(layer))
+    raw = json.loads(ctl.run("profile", "--raw").out)
+    check(isinstance(raw, dict) and raw, "--raw is not the profile JSON")
+    # the built-in calibration text works too, and --json returns the new profile
+    j = ctl.run("calibrate", "--json", "--window-tokens", "64", "--max-windows", "1",
+                timeout=120).json()
+    check(j["present"] and len(j["layers"]) == layers, str(j)[:400])
+
+
+def t_set_policy(ctl):
+    r = ctl.run("set-policy", "uncomp", "--kv-budget", "32", "--grouping", "prompt")
+    check("policy=uncomp" in r.out and "kv_budget=32" in r.out, r.describe())
+    check(ctl.run("--json", "info", "server").json()["default_policy"] == "uncomp")
+    c = gen_json(ctl, "-n", "2", "--temperature", "0", LONG_PROMPT)
+    check(c["compression"]["policy"] == "uncomp" and c["compression"]["kv_budget"] == 32,
+          str(c["compression"]))
+    ctl.fail("INVALID_ARGUMENT", "set-policy", "bogus")
+    e = ctl.fail("INVALID_ARGUMENT", "--json", "set-policy", "--policy", "bogus").json()
+    check(e["error"]["name"] == "INVALID_ARGUMENT", str(e))
+    j = ctl.run("set-policy", "--json", "full", "--decode-mode", "append", "--grouping",
+                "profile").json()
+    check(j["policy"] == "full" and j["decode_mode"] == "append" and j["grouping"] == "profile",
+          str(j))
+
+
+def t_abort(ctl):
+    rid = "uncompctl-abort-%d" % os.getpid()
+    argv = [ctl.exe, "--server", ctl.server, "generate", "--request-id", rid, "-n", "3000",
+            "--ignore-eos", PROMPT]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # wait until the request is running (its first bytes arrive), then abort it
+        os.set_blocking(p.stdout.fileno(), False)
+        deadline = time.time() + 30
+        got = b""
+        while time.time() < deadline and not got:
+            try:
+                got = p.stdout.read(1) or b""
+            except (BlockingIOError, TypeError):
+                got = b""
+            if p.poll() is not None:
+                break
+            time.sleep(0.02)
+        check(got, "the generation never started")
+        r = ctl.run("abort", rid)
+        check("aborted" in r.out, r.describe())
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    check(p.returncode == EXIT_RPC, "aborted generate exited %s" % p.returncode)
+    check(b"aborted" in err, err)
+    j = ctl.run("abort", "--json", "no-such-request").json()
+    check(j == {"request_id": "no-such-request", "found": False}, str(j))
+
+
+def t_bench(ctl):
+    r = ctl.run("bench", "-c", "2", "-n", "4", "-m", "4", "--prompt-tokens", "24", timeout=120)
+    for key in ("throughput (req/s)", "output tokens/s", "total tokens/s", "TTFT p50 (ms)",
+                "TTFT p99 (ms)", "ITL p90 (ms)", "E2E mean (ms)", "requests failed"):
+        check(key in r.out, "bench report lacks %r\n%s" % (key, r.describe()))
+    check(re.search(r"^requests completed\s+4$", r.out, re.M), r.describe())
+    j = ctl.run("bench", "--json", "-c", "2", "-n", "4", "-m", "4", "--prompt-tokens", "24",
+                timeout=120).json()
+    check(len(j["runs"]) == 1 and j["config"]["concurrency"] == 2, str(j))
+    run = j["runs"][0]
+    check(run["completed"] == 4 and run["failed"] == 0, str(run))
+    check(run["output_tokens_total"] == 16 and run["prompt_tokens_total"] == 4 * 24, str(run))
+    check(run["requests_per_s"] > 0 and run["output_tokens_per_s"] > 0, str(run))
+    for d in ("ttft_ms", "itl_ms", "e2e_ms"):
+        x = run[d]
+        check(x["count"] > 0 and 0 < x["p50"] <= x["p90"] <= x["p99"] <= x["max"] + 1e-9,
+              "%s %s" % (d, x))
+    check(run["e2e_ms"]["p50"] >= run["ttft_ms"]["p50"], str(run))
+    # the same load with two compression settings side by side
+    j = ctl.run("bench", "--json", "-c", "2", "-n", "3", "-m", "3", "--prompt-tokens", "96",
+                "--compare", "policy=full", "policy=snapkv,kv_budget=16", timeout=120).json()
+    check([x["setting"] for x in j["runs"]] == ["policy=full", "policy=snapkv,kv_budget=16"],
+          str(j))
+    check(j["runs"][0]["kv_kept_ratio"] == 1, str(j["runs"][0]))
+    check(j["runs"][1]["kv_kept_ratio"] < 1, str(j["runs"][1]))
+    check(all(x["completed"] == 3 for x in j["runs"]), str(j))
+    r = ctl.run("bench", "-n", "2", "-m", "2", "--prompt-tokens", "16", "--compare",
+                "policy=full", "policy=streamingllm,kv_budget=8", timeout=120)
+    header = r.out.splitlines()[2]
+    check("policy=full" in header and "policy=streamingllm,kv_budget=8" in header, r.out)
+    # open loop: Poisson arrivals for a fixed time; prompts from a file
+    j = ctl.run("bench", "--json", "--rate", "8", "--duration", "1", "-c", "4", "-m", "2",
+                "--prompt-tokens", "16", "--seed", "3", timeout=120).json()
+    check(j["runs"][0]["completed"] >= 1 and j["runs"][0]["failed"] == 0, str(j))
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(PROMPT + "\n" + LONG_PROMPT + "\n\nThe best way to start a startup is to\n")
+        path = f.name
+    try:
+        j = ctl.run("bench", "--json", "-n", "3", "-m", "2", "--prompt-file", path,
+                    timeout=120).json()
+    finally:
+        os.unlink(path)
+    check(j["runs"][0]["completed"] == 3 and j["config"]["prompts"] == "file", str(j))
+    # server errors are counted by code, not fatal; all failed -> exit 1
+    r = ctl.run("bench", "-n", "2", "-m", "2", "--policy", "bogus", expect=EXIT_RPC,
+                timeout=120)
+    check("INVALID_ARGUMENT=2" in r.out and "INVALID_ARGUMENT" in r.err, r.describe())
+
+
+def t_drain(ctl, d):
+    """Drain: reports, health goes away, the daemon exits 0; then every command exits 3."""
+    r = ctl.run("drain", "--timeout-ms", "5000")
+    check(re.match(r"drained: \d+ finished, \d+ aborted", r.out), r.describe())
+    code = d.wait_exit(60)
+    check(code == 0, "daemon exit %s after drain:\n%s" % (code, d.tail()))
+    ctl.fail("UNAVAILABLE", "health", expect=EXIT_UNAVAILABLE)
+    ctl.fail("UNAVAILABLE", "generate", "-n", "1", "hi", expect=EXIT_UNAVAILABLE)
+
+
+# ---------------------------------------------------------------------------------------------
+# tp 2 and TLS
+# ---------------------------------------------------------------------------------------------
+
+def t_tp2(ctl, d, single):
+    j = ctl.run("--json", "info", "server").json()
+    check(j["tp_size"] == 2 and len(j["ranks"]) == 2, str(j))
+    check(ctl.run("health").out.strip() == "SERVING")
+    a = gen_json(ctl, "-n", "10", "--temperature", "0", "--ignore-eos", PROMPT)
+    b = gen_json(ctl, "-n", "10", "--temperature", "0", "--ignore-eos", PROMPT)
+    check(a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 10, "%s\n%s" % (a, b))
+    if single is not None and a["token_ids"] != single:
+        print("  (note: tp 2 greedy tokens differ from tp 1: %s vs %s)" % (a["token_ids"], single))
+    c = gen_json(ctl, "-n", "3", "--temperature", "0", "--policy", "uncomp", "--kv-budget", "16",
+                 "--grouping", "prompt", LONG_PROMPT)
+    check(0 < c["compression"]["kv_tokens_kept"] < c["compression"]["kv_tokens_full"], str(c))
+    ids = ctl.run("tokenize", "--no-special", PROMPT).out.split()
+    check(ctl.run("detokenize", *ids).out == PROMPT + "\n")
+    ctl.fail("INVALID_ARGUMENT", "generate", "--policy", "bogus", PROMPT)
+    j = ctl.run("bench", "--json", "-c", "2", "-n", "4", "-m", "3", "--prompt-tokens", "24",
+                timeout=120).json()
+    check(j["runs"][0]["completed"] == 4, str(j))
+    r = ctl.run("profile")
+    check("layer" in r.out or "no compression profile" in r.out, r.describe())
+    t_drain(ctl, d)
+
+
+def t_tls(args, exe):
+    tmp = tempfile.mkdtemp(prefix="uncompctl_tls_")
+    key, cert = os.path.join(tmp, "key.pem"), os.path.join(tmp, "cert.pem")
+    p = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                        "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       capture_output=True, timeout=60)
+    if p.returncode != 0:
+        print("  (skipped: openssl cannot make a certificate)")
+        return
+    d = Daemon(args, name="tls", extra=["--tls-cert", cert, "--tls-key", key])
+    try:
+        tls = Ctl(exe, d.addr, ["--tls-ca", cert, "--tls-server-name", "localhost"])
+        d.wait_serving(tls)
+        check(tls.run("health").out.strip() == "SERVING")
+        j = gen_json(tls, "-n", "3", "--temperature", "0", "--ignore-eos", PROMPT)
+        check(j["usage"]["completion_tokens"] == 3, str(j))
+        plain = Ctl(exe, d.addr)
+        plain.fail("UNAVAILABLE", "health", expect=EXIT_UNAVAILABLE)
+        wrong = Ctl(exe, d.addr, ["--tls-ca", cert, "--tls-server-name", "not-this-host"])
+        wrong.fail("UNAVAILABLE", "health", expect=EXIT_UNAVAILABLE)
+        bad = Ctl(exe, d.addr, ["--tls-ca", "/nonexistent.pem"])
+        bad.run("health", expect=EXIT_USAGE)  # unreadable certificate file: a local error
+        t_drain(tls, d)
+    finally:
+        d.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# runner
+# ---------------------------------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, only):
+        self.only = only
+        self.failed = []
+        self.passed = 0
+
+    def want(self, name):
+        return not self.only or any(o in name for o in self.only)
+
+    def run(self, name, fn, *a, always=False):
+        if not always and not self.want(name):
+            return True
+        print("[ RUN      ] %s" % name, flush=True)
+        t0 = time.time()
+        try:
+            fn(*a)
+            print("[       OK ] %s (%.1fs)" % (name, time.time() - t0), flush=True)
+            self.passed += 1
+            return True
+        except Exception as e:  # noqa: BLE001 - report every failure, go on
+            print("[  FAILED  ] %s (%.1fs): %s" % (name, time.time() - t0, e), flush=True)
+            if not isinstance(e, TestFailure):
+                traceback.print_exc()
+            self.failed.append(name)
+            return False
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--uncompctl", default=os.environ.get(
+        "UNCOMPCTL", os.path.join(REPO, "build", "client", "uncompctl")))
+    ap.add_argument("--daemon", default=os.environ.get(
+        "UNCOMPD", os.path.join(REPO, "build", "daemon", "uncompd")))
+    ap.add_argument("--model", default=os.environ.get("UNCOMP_TEST_MODEL"),
+                    help="model folder (default: the daemon's bundled models/uncomp-tiny, which "
+                    "has the built-in calibration text)")
+    ap.add_argument("--mpirun", default=os.environ.get("MPIRUN", "mpirun"))
+    ap.add_argument("--only", action="append", default=[])
+    ap.add_argument("--no-mpi", action="store_true")
+    ap.add_argument("--no-tls", action="store_true")
+    args = ap.parse_args()
+    for exe in (args.uncompctl, args.daemon):
+        if not os.access(exe, os.X_OK):
+            print("not found: %s" % exe)
+            return 77
+    args.uncompctl = os.path.abspath(args.uncompctl)
+    args.daemon = os.path.abspath(args.daemon)
+    if args.model and not os.path.exists(os.path.join(args.model, "config.json")):
+        print("model %s missing: using the daemon's bundled model" % args.model)
+        args.model = None
+    t_start = time.time()
+    r = Runner(args.only)
+    exe = args.uncompctl
+
+    r.run("usage", t_usage, Ctl(exe, "127.0.0.1:%d" % free_port()))
+    r.run("server_down", t_server_down, Ctl(exe, "127.0.0.1:%d" % free_port()))
+
+    single_ids = None
+    tests = [("health", t_health), ("generate", t_generate), ("generate_stop", t_generate_stop),
+             ("generate_compression", t_generate_compression),
+             ("generate_errors", t_generate_errors), ("tokenize", t_tokenize),
+             ("info", t_info), ("profile_calibrate", t_profile_calibrate),
+             ("set_policy", t_set_policy), ("abort", t_abort), ("bench", t_bench)]
+    if any(r.want(n) for n, _ in tests) or r.want("drain"):
+        d = Daemon(args, name="single")
+        ctl = Ctl(exe, d.addr)
+        try:
+            if r.run("start_single", d.wait_serving, ctl, always=True):
+                for name, fn in tests:
+                    if d.proc.poll() is not None:
+                        print("[  FAILED  ] %s: the daemon died (exit %s):\n%s" %
+                              (name, d.proc.returncode, d.tail()), flush=True)
+                        r.failed.append(name)
+                        continue
+                    r.run(name, fn, ctl)
+                try:
+                    single_ids = gen_json(ctl, "-n", "10", "--temperature", "0", "--ignore-eos",
+                                          PROMPT)["token_ids"]
+                except TestFailure:
+                    pass
+                r.run("drain", t_drain, ctl, d, always=True)
+        finally:
+            d.cleanup()
+
+    if not args.no_mpi and r.want("tp2"):
+        d = Daemon(args, np=2, name="tp2")
+        ctl = Ctl(exe, d.addr)
+        try:
+            if r.run("start_tp2", d.wait_serving, ctl, always=True):
+                r.run("tp2", t_tp2, ctl, d, single_ids)
+        finally:
+            d.cleanup()
+
+    if not args.no_tls and shutil.which("openssl") and r.want("tls"):
+        r.run("tls", t_tls, args, exe)
+
+    print("%d passed, %d failed (%.1fs)%s" % (r.passed, len(r.failed), time.time() - t_start,
+                                               ": " + ", ".join(r.failed) if r.failed else ""))
+    return len(r.failed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
