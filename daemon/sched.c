@@ -87,6 +87,7 @@ struct uc_sched {
     char *profile_json;
     int32_t n_active_pub;
     int64_t reserved_pub;
+    int64_t kv_used_pub;
     int64_t drain_finished;
     int64_t next_id;
     /* engine thread */
@@ -515,9 +516,11 @@ static void emit_tokens(struct uc_sched *s, struct req *q, const int32_t *ids, i
 
 static void publish(struct uc_sched *s)
 {
+    int64_t used_blocks = uc_engine_kv_blocks_used(s->e);
     pthread_mutex_lock(&s->mu);
     s->n_active_pub = (int32_t)s->n_active;
     s->reserved_pub = s->reserved_blocks;
+    s->kv_used_pub = used_blocks;
     pthread_mutex_unlock(&s->mu);
     if (s->metrics) {
         double used = (double)uc_engine_kv_blocks_used(s->e);
@@ -552,6 +555,13 @@ static void finish(struct uc_sched *s, struct req *q, uc_status status, const ch
     if (status == UC_OK && fr != UC_FINISH_ABORTED) {
         emit_tokens(s, q, NULL, 0, NULL, true);
     }
+    /* not live any more before the client can see DONE: its id may be reused at once */
+    pthread_mutex_lock(&s->mu);
+    drop_ptr(s->live, &s->n_live, q);
+    if (s->draining && status == UC_OK && fr != UC_FINISH_ABORTED) {
+        s->drain_finished++;
+    }
+    pthread_mutex_unlock(&s->mu);
     emit_done(s, q, status, message, fr, matched);
     if (q->st == REQ_PREFILL || q->st == REQ_DECODE) {
         drop_ptr(s->active, &s->n_active, q);
@@ -562,10 +572,6 @@ static void finish(struct uc_sched *s, struct req *q, uc_status status, const ch
     }
     q->st = REQ_DONE;
     pthread_mutex_lock(&s->mu);
-    drop_ptr(s->live, &s->n_live, q);
-    if (s->draining && status == UC_OK && fr != UC_FINISH_ABORTED) {
-        s->drain_finished++;
-    }
     pthread_cond_broadcast(&s->done_cv);
     pthread_mutex_unlock(&s->mu);
     req_free(q);
@@ -603,17 +609,29 @@ static int32_t find_stop(struct req *q, size_t *at)
     return best;
 }
 
+/* Whether the next token is simply the argmax (no penalties, bans or logprobs): the engine can
+ * then pick it on the device and skip bringing the logits over. */
+static bool plain_greedy(const struct req *q)
+{
+    return q->sp.temperature == 0.0f && q->sp.repetition_penalty == 1.0f &&
+           q->sp.frequency_penalty == 0.0f && q->sp.presence_penalty == 0.0f &&
+           q->logprobs == 0 && q->n_gen >= q->min_tokens;
+}
+
 /* Samples the next token from the sequence's logits and applies every stop rule. */
 static void advance(struct uc_sched *s, struct req *q)
 {
     int64_t rows;
     const float *lg = uc_engine_seq_logits(s->e, q->seq_id, &rows);
     double now = uc_time_s();
-    if (!lg) {
+    int32_t greedy_tok = -1;
+    if (!lg && !uc_engine_seq_greedy(s->e, q->seq_id, &greedy_tok)) {
         finish(s, q, UC_ERR_INTERNAL, "no logits after the step", UC_FINISH_ERROR, NULL);
         return;
     }
-    lg += (rows - 1) * s->cfg->vocab;
+    if (lg) {
+        lg += (rows - 1) * s->cfg->vocab;
+    }
     if (q->n_gen < q->min_tokens) {
         for (int i = 0; i < s->cfg->n_eos && !q->ignore_eos; i++) {
             uc_sampler_ban_once(q->sampler, s->cfg->eos_ids[i]);
@@ -623,11 +641,11 @@ static void advance(struct uc_sched *s, struct req *q)
         }
     }
     float lp = 0;
-    int32_t tok = uc_sampler_sample(q->sampler, lg, &lp);
+    int32_t tok = lg ? uc_sampler_sample(q->sampler, lg, &lp) : greedy_tok;
     int32_t top_ids[20];
     float top_lp[20];
     struct uc_token_logprob tl = {.token_id = tok, .logprob = lp};
-    if (q->logprobs > 0) {
+    if (q->logprobs > 0 && lg) {
         uc_sampler_top_logprobs(q->sampler, lg, q->logprobs, top_ids, top_lp);
         tl.n_top = q->logprobs;
         tl.top_ids = top_ids;
@@ -816,15 +834,19 @@ static bool round_once(struct uc_sched *s)
     for (int64_t i = 0; i < s->n_active; i++) {
         struct req *q = s->active[i];
         if (q->st == REQ_DECODE && q->pending >= 0) {
-            dec[n_dec] = (struct uc_step_decode){.seq_id = q->seq_id, .token = q->pending};
+            dec[n_dec] = (struct uc_step_decode){.seq_id = q->seq_id, .token = q->pending,
+                                                 .flags = plain_greedy(q) ? UC_DECODE_GREEDY : 0};
             decoded[n_dec++] = q;
         } else if (q->st == REQ_PREFILL && !pf_req) {
             pf_req = q;
         }
     }
     if (pf_req) {
+        /* always sliced, so aborts and deadlines are seen between slices; bigger slices when
+         * nothing else is decoding */
         pf[0] = (struct uc_step_prefill){.seq_id = pf_req->seq_id,
-                                         .budget_rows = n_dec > 0 ? s->p.prefill_chunk : 0};
+                                         .budget_rows = n_dec > 0 ? s->p.prefill_chunk
+                                                                  : 8 * s->p.prefill_chunk};
         n_pf = 1;
     }
     bool work = n_new > 0 || n_dec > 0 || n_pf > 0 || s->n_frees > 0;
@@ -957,8 +979,10 @@ bool uc_sched_draining(struct uc_sched *s)
 void uc_sched_drain(struct uc_sched *s, int64_t timeout_ms, int32_t *finished, int32_t *aborted)
 {
     pthread_mutex_lock(&s->mu);
+    if (!s->draining) {
+        s->drain_finished = 0; /* a second, concurrent drain reports the same count */
+    }
     s->draining = true;
-    s->drain_finished = 0;
     int64_t deadline = uc_time_ms() + (timeout_ms > 0 ? timeout_ms : 0);
     while (s->n_live > 0 && !s->stop && uc_time_ms() < deadline) {
         struct timespec ts;
@@ -1169,9 +1193,9 @@ void uc_sched_counts(struct uc_sched *s, struct uc_sched_counts *out)
     out->queued = s->n_waiting;
     out->queued_tokens = s->waiting_tokens;
     out->kv_blocks_reserved = s->reserved_pub;
+    out->kv_blocks_used = s->kv_used_pub;
     pthread_mutex_unlock(&s->mu);
-    out->kv_blocks_total = uc_engine_kv_blocks_total(s->e);
-    out->kv_blocks_used = uc_engine_kv_blocks_used(s->e);
+    out->kv_blocks_total = uc_engine_kv_blocks_total(s->e); /* fixed after start-up */
 }
 
 struct uc_engine *uc_sched_engine(struct uc_sched *s) { return s->e; }

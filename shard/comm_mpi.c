@@ -5,6 +5,7 @@
 #include <mpi.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -33,9 +34,24 @@ static void abort_hook(void *user)
     MPI_Abort(MPI_COMM_WORLD, 134);
 }
 
+/* OpenMP threads spin after every parallel region by default; ranks that share cores (and the
+ * OpenBLAS calls that share the OpenMP pool) then burn the cycles the others need. libgomp reads
+ * its wait policy only at start-up, so a process started without one is re-executed once with
+ * OMP_WAIT_POLICY=PASSIVE (a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept). */
+static void set_wait_policy(char **argv)
+{
+    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT") || !argv || !argv[0]) {
+        return;
+    }
+    setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+    execv("/proc/self/exe", argv);
+    /* exec failed: carry on with the default policy */
+}
+
 uc_status uc_comm_create(struct uc_comm **out, int *argc, char ***argv, int64_t timeout_ms)
 {
     *out = NULL;
+    set_wait_policy(argv ? *argv : NULL);
     struct uc_comm *c = uc_calloc(1, sizeof *c);
     if (!c) {
         return UC_ERRF(UC_ERR_NOMEM, "comm");

@@ -64,6 +64,19 @@ int32_t *tu_json_ints(const cJSON *arr, int64_t *n)
     return v;
 }
 
+struct uc_backend_params tu_backend_params(void)
+{
+    struct uc_backend_params p = uc_backend_default_params();
+    const char *b = getenv("UC_TEST_BACKEND");
+    if (b && !uc_backend_parse(b, &p.kind)) {
+        fprintf(stderr, "FAIL: UC_TEST_BACKEND=%s is not cpu or cuda\n", b);
+        exit(1);
+    }
+    const char *f = getenv("UC_TEST_FP32");
+    p.fp32 = f && strcmp(f, "0") != 0;
+    return p;
+}
+
 uc_status tu_prefill(struct uc_engine *e, int64_t seq_id, const int32_t *ids, int64_t n,
                      int32_t flags, const struct uc_compress_params *cp, int32_t max_new)
 {

@@ -21,6 +21,10 @@ cJSON *tu_json_load(const char *path);
 /* Reads an int array field into a uc_malloc'd buffer. */
 int32_t *tu_json_ints(const cJSON *arr, int64_t *n);
 
+/* The backend the golden tests run on: UC_TEST_BACKEND=cuda (default cpu), UC_TEST_FP32=1 for
+ * float32 CUDA. */
+struct uc_backend_params tu_backend_params(void);
+
 /* Rank 0: adds a sequence and prefills it completely. */
 uc_status tu_prefill(struct uc_engine *e, int64_t seq_id, const int32_t *ids, int64_t n,
                      int32_t flags, const struct uc_compress_params *cp, int32_t max_new);

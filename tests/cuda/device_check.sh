@@ -27,7 +27,8 @@ if [ ! -f "$bd/build.ninja" ]; then
   grep -E "deps prefix|CUDA backend" "$bd.cmake.log"
 fi
 t0=$(date +%s)
-ninja -C "$bd" test_cuda_ops golden_model bench_engine > "$bd.build.log" 2>&1 ||
+ninja -C "$bd" test_cuda_ops golden_model golden_compress golden_entropy bench_engine bench_gpu \
+  > "$bd.build.log" 2>&1 ||
   { grep -E "error|FAILED" -A3 "$bd.build.log" | head -60; exit 1; }
 echo "=== build ok in $(( $(date +%s) - t0 )) s; warnings: $(grep -c 'warning' "$bd.build.log")"
 fx=$root/.fixtures
@@ -56,6 +57,12 @@ for step in "$@"; do
                    --model synthetic:llama3-8b:layers=15 --lengths 512,8192 --reps 3 --decode 32 ;;
     bench4k) env "${envset[@]}" timeout 240 "$bd/tests/bench/bench_engine" --backend cuda --model synthetic:llama3-8b \
                --lengths 512,4000 --reps 3 --decode 32 ;;
+    compress-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 \
+                     "$bd/tests/golden/golden_compress" "$fx" ;;
+    compress) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_compress" "$fx" ;;
+    entropy) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_entropy" "$fx" ;;
+    gpu) timeout 420 "$bd/tests/bench/bench_gpu" --reps 3 ;;
+    torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
     *) echo "unknown step $step"; false ;;
   esac
   r=$?

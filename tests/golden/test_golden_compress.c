@@ -181,6 +181,7 @@ int main(int argc, char **argv)
     ep.model_dir = dir;
     ep.kv_memory_bytes = 64 << 20;
     ep.profile_path = "/nonexistent/uncomp_profile.json"; /* grouping=prompt needs none */
+    ep.backend = tu_backend_params();
     struct uc_engine *e = NULL;
     if (uc_engine_create(&e, &ep, comm) != UC_OK) {
         uc_comm_abort(comm, 1);

@@ -84,6 +84,7 @@ int main(int argc, char **argv)
         struct uc_engine_params ep = uc_engine_default_params();
         ep.model_dir = dir;
         ep.kv_memory_bytes = 32 << 20;
+        ep.backend = tu_backend_params();
         struct uc_engine *e = NULL;
         if (uc_engine_create(&e, &ep, comm) != UC_OK) {
             uc_comm_abort(comm, 1);

@@ -187,15 +187,9 @@ int main(int argc, char **argv)
         return 1;
     }
     const char *shared = tu_shared_dir(argc, argv);
-    const char *bname = getenv("UC_TEST_BACKEND");
-    enum uc_backend_kind bk = UC_BACKEND_CPU;
-    if (bname && !uc_backend_parse(bname, &bk)) {
-        fprintf(stderr, "FAIL: UC_TEST_BACKEND=%s is not cpu or cuda\n", bname);
-        uc_comm_abort(comm, 1);
-    }
-    const char *f32 = getenv("UC_TEST_FP32");
-    bool fp32 = f32 && strcmp(f32, "0") != 0;
-    bf16_rules = bk == UC_BACKEND_CUDA && !fp32;
+    struct uc_backend_params bp = tu_backend_params();
+    enum uc_backend_kind bk = bp.kind;
+    bf16_rules = bk == UC_BACKEND_CUDA && !bp.fp32;
     const char *defaults[] = {"stories260K", "uncomp-tiny"};
     int n_models = argc > 2 ? argc - 2 : 2;
     int rank = uc_comm_rank(comm);
@@ -206,8 +200,7 @@ int main(int argc, char **argv)
         struct uc_engine_params ep = uc_engine_default_params();
         ep.model_dir = dir;
         ep.kv_memory_bytes = 64 << 20;
-        ep.backend.kind = bk;
-        ep.backend.fp32 = fp32;
+        ep.backend = bp;
         struct uc_engine *e = NULL;
         if (uc_engine_create(&e, &ep, comm) != UC_OK) {
             fprintf(stderr, "FAIL: cannot load %s\n", dir);
@@ -235,7 +228,7 @@ int main(int argc, char **argv)
     if (rank == 0) {
         printf("%s: %d failure(s) at tp=%d backend=%s%s\n", failures ? "FAILED" : "PASSED",
                failures, uc_comm_size(comm), uc_backend_kind_name(bk),
-               bk == UC_BACKEND_CUDA ? (fp32 ? " (float32)" : " (bf16 rules)") : "");
+               bk == UC_BACKEND_CUDA ? (bp.fp32 ? " (float32)" : " (bf16 rules)") : "");
     }
     uc_comm_destroy(comm);
     return failures ? 1 : 0;
