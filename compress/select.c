@@ -3,6 +3,7 @@
 #include "compress/select.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -10,15 +11,6 @@ struct scored {
     double v;
     int64_t i;
 };
-
-static int cmp_desc(const void *a, const void *b)
-{
-    const struct scored *x = a, *y = b;
-    if (x->v != y->v) {
-        return x->v > y->v ? -1 : 1;
-    }
-    return (x->i > y->i) - (x->i < y->i);
-}
 
 static int cmp_i32(const void *a, const void *b)
 {
@@ -29,6 +21,44 @@ static int cmp_i32(const void *a, const void *b)
 size_t uc_select_scratch_bytes(int64_t n)
 {
     return (size_t)(n > 0 ? n : 1) * (sizeof(struct scored) + sizeof(double));
+}
+
+/* Orders by score descending, then position ascending: a strict total order. */
+static bool before(const struct scored *a, const struct scored *b)
+{
+    return a->v > b->v || (a->v == b->v && a->i < b->i);
+}
+
+/* Moves the k first elements (in `before` order) of v[0..n) to the front, unordered. */
+static void select_first(struct scored *v, int64_t n, int64_t k)
+{
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        struct scored pivot = v[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (before(&v[i], &pivot)) {
+                i++;
+            }
+            while (before(&pivot, &v[j])) {
+                j--;
+            }
+            if (i <= j) {
+                struct scored t = v[i];
+                v[i] = v[j];
+                v[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (k - 1 <= j) {
+            hi = j;
+        } else if (k - 1 >= i) {
+            lo = i;
+        } else {
+            break;
+        }
+    }
 }
 
 int64_t uc_topk_lowpos(int32_t *out, const double *score, int64_t n, int64_t k, void *scratch)
@@ -44,7 +74,8 @@ int64_t uc_topk_lowpos(int32_t *out, const double *score, int64_t n, int64_t k, 
         v[i].v = isnan(score[i]) ? -INFINITY : score[i];
         v[i].i = i;
     }
-    qsort(v, (size_t)n, sizeof *v, cmp_desc);
+    /* expected O(n) selection, then only the k winners are sorted, by position */
+    select_first(v, n, k);
     for (int64_t i = 0; i < k; i++) {
         out[i] = (int32_t)v[i].i;
     }

@@ -111,6 +111,13 @@ struct uc_backend_ops {
     uc_status (*window_probs)(struct uc_backend *be, float *out, const void *q_win, int64_t ld_q,
                               const void *k, int64_t ld_kv, int64_t n_win, int64_t n,
                               int64_t n_heads, int64_t n_heads_kv, int64_t head_dim);
+    /* Window scores, reduced where the probabilities are: col (Hkv, n) = window_probs summed
+     * over each KV head's query heads and the W rows; row (n), when non-NULL, = the W-row sums
+     * summed over all query heads (or their max over heads with row_max). Host doubles. */
+    uc_status (*window_scores)(struct uc_backend *be, double *col, double *row, bool row_max,
+                               const void *q_win, int64_t ld_q, const void *k, int64_t ld_kv,
+                               int64_t n_win, int64_t n, int64_t n_heads, int64_t n_heads_kv,
+                               int64_t head_dim);
     /* H2O accumulation: out[h, j] = sum over all causal query rows i of P[h, i, j]. Host (H, n). */
     uc_status (*attn_colsum)(struct uc_backend *be, double *out, const void *q, int64_t ld_q,
                              const void *k, int64_t ld_kv, int64_t n, int64_t n_heads,

@@ -17,6 +17,13 @@
 
 #define ATT_BLOCK 64 /* query rows per attention block */
 
+/* The hot loops get an AVX2+FMA clone chosen at load time (the build targets baseline x86-64). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define UC_HOT_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define UC_HOT_CLONES
+#endif
+
 struct cpu_ctx {
     float *rope_cos; /* (max_pos, D/2) */
     float *rope_sin;
@@ -354,6 +361,7 @@ static void softmax_row(float *restrict row, int64_t n, float scale)
 
 /* Masked softmax of each row r of s (rows, ld): columns > limit0 + r are masked out (causal);
  * cols = number of columns computed. */
+UC_HOT_CLONES
 static void softmax_causal(float *s, int64_t rows, int64_t ld, int64_t limit0, int64_t cols,
                            float scale)
 {
@@ -422,6 +430,48 @@ static uc_status cpu_window_probs(struct uc_backend *be, float *out, const void 
         attn_probs(out + h * n_win * n, q_win, ld_q, k, ld_kv, n_win, n - n_win, n, h, h / group,
                    head_dim);
     }
+    return UC_OK;
+}
+
+static uc_status cpu_window_scores(struct uc_backend *be, double *col, double *row, bool row_max,
+                                   const void *q_win, int64_t ld_q, const void *k, int64_t ld_kv,
+                                   int64_t n_win, int64_t n, int64_t n_heads, int64_t n_heads_kv,
+                                   int64_t head_dim)
+{
+    int64_t group = n_heads / n_heads_kv;
+    float *p = uc_malloc((size_t)(n_win * n) * sizeof(float));
+    double *hs = uc_malloc((size_t)n * sizeof(double));
+    if (!p || !hs) {
+        uc_free(p);
+        uc_free(hs);
+        return UC_ERRF(UC_ERR_NOMEM, "window scores keys=%lld", (long long)n);
+    }
+    for (int64_t j = 0; j < n_heads_kv * n; j++) {
+        col[j] = 0.0;
+    }
+    for (int64_t i = 0; row && i < n; i++) {
+        row[i] = row_max ? -INFINITY : 0.0;
+    }
+    for (int64_t h = 0; h < n_heads; h++) {
+        attn_probs(p, q_win, ld_q, k, ld_kv, n_win, n - n_win, n, h, h / group, head_dim);
+        for (int64_t i = 0; i < n; i++) {
+            hs[i] = 0.0;
+        }
+        for (int64_t r = 0; r < n_win; r++) {
+            for (int64_t i = 0; i < n; i++) {
+                hs[i] += p[r * n + i];
+            }
+        }
+        double *c = col + (h / group) * n;
+        for (int64_t i = 0; i < n; i++) {
+            c[i] += hs[i];
+            if (row) {
+                row[i] = row_max ? (hs[i] > row[i] ? hs[i] : row[i]) : row[i] + hs[i];
+            }
+        }
+    }
+    uc_free(p);
+    uc_free(hs);
     return UC_OK;
 }
 
@@ -551,6 +601,38 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
     return sum;
 }
 
+/* One query row of one head over its paged cache: scores block by block (each block holds bt
+ * contiguous rows of D values), softmax, then the V rows weighted. s receives the
+ * probabilities (nt floats). */
+UC_HOT_CLONES
+static void decode_one(float *restrict ov, const float *restrict qv, const float *pk,
+                       const float *pv, const int32_t *blocks, int64_t nt, int64_t bt, int64_t d,
+                       float scale, float *restrict s)
+{
+    for (int64_t t0 = 0; t0 < nt; t0 += bt) {
+        const float *kb = pk + (int64_t)blocks[t0 / bt] * bt * d;
+        int64_t m = nt - t0 < bt ? nt - t0 : bt;
+        for (int64_t t = 0; t < m; t++) {
+            s[t0 + t] = dot(qv, kb + t * d, d);
+        }
+    }
+    softmax_row(s, nt, scale);
+    for (int64_t i = 0; i < d; i++) {
+        ov[i] = 0.0f;
+    }
+    for (int64_t t0 = 0; t0 < nt; t0 += bt) {
+        const float *vb = pv + (int64_t)blocks[t0 / bt] * bt * d;
+        int64_t m = nt - t0 < bt ? nt - t0 : bt;
+        for (int64_t t = 0; t < m; t++) {
+            float p = s[t0 + t];
+            const float *vv = vb + t * d;
+            for (int64_t i = 0; i < d; i++) {
+                ov[i] += p * vv[i];
+            }
+        }
+    }
+}
+
 static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
                                  const struct uc_kv_pool_view *pool,
                                  const struct uc_kv_batch_view *view, int64_t n_rows,
@@ -576,36 +658,12 @@ static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q
     for (int64_t it = 0; it < n_items; it++) {
         int64_t b = it / n_heads, h = it % n_heads, j = h / group;
         int64_t e = b * n_heads_kv + j;
-        int64_t nt = view->n_tokens[e];
-        const int32_t *blocks = view->blocks + view->offset[e];
         float *s = sbuf + (int64_t)omp_get_thread_num() * maxn;
-        const float *qv = qf + b * ld_q + h * d;
-        /* scores block by block: each block holds bt contiguous rows of D values */
-        for (int64_t t0 = 0; t0 < nt; t0 += bt) {
-            const float *kb = pk + (int64_t)blocks[t0 / bt] * bt * d;
-            int64_t m = nt - t0 < bt ? nt - t0 : bt;
-            for (int64_t t = 0; t < m; t++) {
-                s[t0 + t] = dot(qv, kb + t * d, d);
-            }
-        }
-        softmax_row(s, nt, scale);
-        float *ov = o + b * n_heads * d + h * d;
-        for (int64_t i = 0; i < d; i++) {
-            ov[i] = 0.0f;
-        }
-        for (int64_t t0 = 0; t0 < nt; t0 += bt) {
-            const float *vb = pv + (int64_t)blocks[t0 / bt] * bt * d;
-            int64_t m = nt - t0 < bt ? nt - t0 : bt;
-            for (int64_t t = 0; t < m; t++) {
-                float p = s[t0 + t];
-                const float *vv = vb + t * d;
-                for (int64_t i = 0; i < d; i++) {
-                    ov[i] += p * vv[i];
-                }
-            }
-        }
+        decode_one(o + b * n_heads * d + h * d, qf + b * ld_q + h * d, pk, pv,
+                   view->blocks + view->offset[e], view->n_tokens[e], bt, d, scale, s);
         if (psum) {
             float *ps = psum + e * maxn;
+            int64_t nt = view->n_tokens[e];
 #pragma omp critical(uc_psum)
             for (int64_t t = 0; t < nt; t++) {
                 ps[t] += s[t];
@@ -670,6 +728,7 @@ static const struct uc_backend_ops cpu_ops = {
     .gather_rows = cpu_gather_rows,
     .attn_prefill = cpu_attn_prefill,
     .window_probs = cpu_window_probs,
+    .window_scores = cpu_window_scores,
     .attn_colsum = cpu_attn_colsum,
     .qcov = cpu_qcov,
     .kv_pool_create = cpu_kv_pool_create,

@@ -448,6 +448,39 @@ out:
     return rc;
 }
 
+static uc_status cuda_window_scores(struct uc_backend *be, double *col, double *row, bool row_max,
+                                    const void *q_win, int64_t ld_q, const void *k, int64_t ld_kv,
+                                    int64_t n_win, int64_t n, int64_t n_heads, int64_t n_heads_kv,
+                                    int64_t head_dim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    size_t probs = (size_t)(n_heads * n_win * n), red = (size_t)((n_heads_kv + 1) * n);
+    uc_status rc;
+    UC_CHECK(buf_reserve(c, &c->work, (probs + red) * sizeof(float)), rc, out);
+    float *p = c->work.p, *cs = p + probs, *rs = cs + n_heads_kv * n;
+    UC_CHECK(CU(uc_cuda_window_probs(p, q_win, ld_q, k, ld_kv, n_win, n, n_heads, n_heads_kv,
+                                     head_dim, c->dt, c->stream)),
+             rc, out);
+    UC_CHECK(CU(uc_cuda_window_reduce(cs, row ? rs : NULL, p, n_win, n, n_heads, n_heads_kv,
+                                      row_max, c->stream)),
+             rc, out);
+    float *host = uc_malloc(red * sizeof(float));
+    if (!host) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "window scores");
+        goto out;
+    }
+    rc = download_sync(c, host, cs, (row ? red : (size_t)(n_heads_kv * n)) * sizeof(float));
+    for (int64_t i = 0; rc == UC_OK && i < n_heads_kv * n; i++) {
+        col[i] = host[i];
+    }
+    for (int64_t i = 0; rc == UC_OK && row && i < n; i++) {
+        row[i] = host[n_heads_kv * n + i];
+    }
+    uc_free(host);
+out:
+    return rc;
+}
+
 static uc_status cuda_attn_colsum(struct uc_backend *be, double *out, const void *q, int64_t ld_q,
                                   const void *k, int64_t ld_kv, int64_t n, int64_t n_heads,
                                   int64_t n_heads_kv, int64_t head_dim)
@@ -698,6 +731,7 @@ static const struct uc_backend_ops cuda_ops = {
     .gather_rows = cuda_gather_rows,
     .attn_prefill = cuda_attn_prefill,
     .window_probs = cuda_window_probs,
+    .window_scores = cuda_window_scores,
     .attn_colsum = cuda_attn_colsum,
     .qcov = cuda_qcov,
     .kv_pool_create = cuda_kv_pool_create,

@@ -1059,8 +1059,15 @@ static uc_status query_spectra(struct uc_engine *e, struct seq *s)
     int64_t d = e->cfg->head_dim, hl = e->sh->n_heads;
     uc_status rc;
     UC_CHECK(e->be->ops->qcov(e->be, e->cov, s->qkv, e->sh->qkv_dim, s->n_rows, hl, d), rc, out);
+    /* one small eigensolve per head: in parallel (LAPACK runs serially inside the region) */
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
     for (int64_t h = 0; h < hl; h++) {
-        UC_CHECK(uc_entropy_eigvals(e->spec_local + h * d, e->cov + h * d * d, d), rc, out);
+        failed |= uc_entropy_eigvals(e->spec_local + h * d, e->cov + h * d * d, d) != UC_OK;
+    }
+    if (failed) {
+        rc = UC_ERRF(UC_ERR_INTERNAL, "eigensolver failed on a query head");
+        goto out;
     }
     UC_CHECK(uc_comm_allgather(e->comm, e->spec_local, e->spec, (size_t)(hl * d) * sizeof(double)),
              rc, out);
@@ -1243,39 +1250,38 @@ static uc_status compute_scores(struct uc_engine *e, struct seq *s, bool cols, b
     }
     int64_t w = s->cp.window < n ? s->cp.window : n;
     const void *qw = dev_row(e, s->qkv, n - w, ld);
-    UC_CHECK(e->be->ops->window_probs(e->be, e->wprob, qw, ld, k, ld, w, n, hl, hkv_l, d), rc, out);
-    if (cols) {
+    bool use_max = s->cp.row_score == UC_ROW_SCORE_MAX ||
+                   s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX;
+    if (!s->rings) {
+        /* reduced on the backend: only (Hkv + 1) x n scores cross to the host */
+        UC_CHECK(e->be->ops->window_scores(e->be, e->colscore, rows ? e->rowscore : NULL, use_max,
+                                           qw, ld, k, ld, w, n, hl, hkv_l, d),
+                 rc, out);
+    } else {
+        /* evict mode keeps every window row: the probabilities come over whole */
+        UC_CHECK(e->be->ops->window_probs(e->be, e->wprob, qw, ld, k, ld, w, n, hl, hkv_l, d), rc,
+                 out);
         for (int64_t j = 0; j < hkv_l; j++) {
             double *cs = e->colscore + j * n;
             for (int64_t i = 0; i < n; i++) {
                 cs[i] = 0.0;
             }
             for (int64_t q = 0; q < gl; q++) {
-                for (int64_t r = 0; r < w; r++) {
-                    const float *pr = e->wprob + ((j * gl + q) * w + r) * n;
-                    for (int64_t i = 0; i < n; i++) {
-                        cs[i] += pr[i];
+                for (int64_t i = 0; i < n; i++) {
+                    double v = 0;
+                    for (int64_t r = 0; r < w; r++) {
+                        v += e->wprob[((j * gl + q) * w + r) * n + i];
+                    }
+                    cs[i] += v;
+                    if (rows) {
+                        double *rs = &e->rowscore[i];
+                        *rs = j == 0 && q == 0 ? v : (use_max ? (v > *rs ? v : *rs) : *rs + v);
                     }
                 }
             }
         }
     }
     if (rows) {
-        bool use_max = s->cp.row_score == UC_ROW_SCORE_MAX ||
-                       s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX;
-        for (int64_t i = 0; i < n; i++) {
-            e->rowscore[i] = use_max ? -INFINITY : 0.0;
-        }
-        for (int64_t h = 0; h < hl; h++) {
-            for (int64_t i = 0; i < n; i++) {
-                double v = 0;
-                for (int64_t r = 0; r < w; r++) {
-                    v += e->wprob[(h * w + r) * n + i];
-                }
-                e->rowscore[i] = use_max ? (v > e->rowscore[i] ? v : e->rowscore[i])
-                                         : e->rowscore[i] + v;
-            }
-        }
         rc = use_max ? uc_comm_allreduce_max(e->comm, e->rowscore, n, UC_COMM_F64)
                      : uc_comm_allreduce_sum(e->comm, e->rowscore, n, UC_COMM_F64);
     }

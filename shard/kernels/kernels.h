@@ -27,6 +27,11 @@ cudaError_t uc_cuda_embed(void *y, const void *table, const int32_t *ids, int64_
 cudaError_t uc_cuda_kv_copy_blocks(void *k, void *v, const int32_t *dst, const int32_t *src,
                                    int64_t n, int64_t block_elems, enum uc_cuda_dtype dt,
                                    cudaStream_t stream);
+/* Sums window probabilities (H, W, n) into col (Hkv, n) (over each KV head's query heads and
+ * the W rows) and row (n) (over all heads, or their max with row_max; row may be NULL). */
+cudaError_t uc_cuda_window_reduce(float *col, float *row, const float *probs, int64_t n_win,
+                                  int64_t n, int64_t n_heads, int64_t n_heads_kv, bool row_max,
+                                  cudaStream_t stream);
 /* Decode-size matrix product y (T, N) = x (T, K) w^T in bf16 (float32 accumulation) for
  * T <= 8 and K a multiple of 8: streams w at close to the memory bandwidth. */
 bool uc_cuda_gemv_supported(int64_t n_tok, int64_t n_out, int64_t n_in, enum uc_cuda_dtype dt);

@@ -61,6 +61,46 @@ static void launch(float *out, const void *q, int64_t ld_q, const void *k, int64
     window_softmax_kernel<<<(unsigned)(n_heads * w), 256, 0, stream>>>(out, n);
 }
 
+/* col (Hkv, n) and row (n) from probs (H, W, n): one thread per key. */
+static __global__ void window_reduce_kernel(float *col, float *row, const float *p, int64_t w,
+                                            int64_t n, int n_heads, int group, int row_max)
+{
+    int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (j >= n) {
+        return;
+    }
+    float rv = row_max ? -INFINITY : 0.0f;
+    for (int kv = 0; kv < n_heads / group; kv++) {
+        float c = 0.0f;
+        for (int g = 0; g < group; g++) {
+            const float *ph = p + (int64_t)(kv * group + g) * w * n + j;
+            float hsum = 0.0f;
+            for (int64_t r = 0; r < w; r++) {
+                hsum += ph[r * n];
+            }
+            c += hsum;
+            rv = row_max ? fmaxf(rv, hsum) : rv + hsum;
+        }
+        col[(int64_t)kv * n + j] = c;
+    }
+    if (row) {
+        row[j] = rv;
+    }
+}
+
+extern "C" cudaError_t uc_cuda_window_reduce(float *col, float *row, const float *probs,
+                                             int64_t n_win, int64_t n, int64_t n_heads,
+                                             int64_t n_heads_kv, bool row_max,
+                                             cudaStream_t stream)
+{
+    if (n <= 0) {
+        return cudaGetLastError();
+    }
+    window_reduce_kernel<<<(unsigned)((n + 255) / 256), 256, 0, stream>>>(
+        col, row, probs, n_win, n, (int)n_heads, (int)(n_heads / n_heads_kv), row_max ? 1 : 0);
+    return cudaGetLastError();
+}
+
 extern "C" cudaError_t uc_cuda_window_probs(float *out, const void *q_win, int64_t ld_q,
                                             const void *k, int64_t ld_kv, int64_t n_win,
                                             int64_t n, int64_t n_heads, int64_t n_heads_kv,

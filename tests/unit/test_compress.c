@@ -869,7 +869,7 @@ static void test_params(void **state)
     CASE("compression.entropy_k", q->entropy_k = -1, false);
     CASE("compression.decode_mode", q->decode_mode = (enum uc_decode_mode)2, false);
     CASE("compression.grouping", q->grouping = (enum uc_grouping)7, false);
-    CASE("compression.row_score", q->row_score = 2, false);
+    CASE("compression.row_score", q->row_score = UC_ROW_SCORE_COUNT, false);
     CASE("compression.kv_budget=8 must be at least 9",
          (q->policy = UC_POLICY_SNAPKV, q->kv_budget = 8), false);
     CASE("", (q->policy = UC_POLICY_SNAPKV, q->kv_budget = 9), true);
