@@ -78,6 +78,13 @@ struct uc_backend_ops {
     /* y (T, C) = x / rms(x) * w. */
     uc_status (*rmsnorm)(struct uc_backend *be, void *y, const void *x, const void *w,
                          int64_t n_tok, int64_t dim, float eps);
+    /* Residual add then norm, fused: x (T, C) += d; y = x / rms(x) * w. */
+    uc_status (*add_rmsnorm)(struct uc_backend *be, void *y, void *x, const void *d, const void *w,
+                             int64_t n_tok, int64_t dim, float eps);
+    /* The MLP's first half, fused where it pays: y (T, F) = silu(x Wg^T) * (x Wu^T) with
+     * wgu (2F, K) holding the gate rows then the up rows; gu (T, 2F) is scratch. */
+    uc_status (*matmul_swiglu)(struct uc_backend *be, void *y, void *gu, const void *x,
+                               const void *wgu, int64_t n_tok, int64_t n_ffn, int64_t n_in);
     /* y (T, N) = x (T, K) w^T, w: weight (N, K). */
     uc_status (*matmul)(struct uc_backend *be, void *y, const void *x, const void *w, int64_t n_tok,
                         int64_t n_out, int64_t n_in);
@@ -150,6 +157,13 @@ struct uc_backend_ops {
     /* Copies one slot of the pool to another (evict mode compaction). */
     uc_status (*kv_move)(struct uc_backend *be, struct uc_kv_pool_view *pool, int32_t dst_slot,
                          int32_t src_slot);
+    /* (optional) Graphs: the ops issued between graph_begin and graph_end are recorded (not
+     * run) into a replayable graph; graph_launch runs it again with the same buffers. Only ops
+     * with no host input or output may be recorded. NULL slots: no graph support. */
+    uc_status (*graph_begin)(struct uc_backend *be);
+    uc_status (*graph_end)(struct uc_backend *be, void **graph);
+    uc_status (*graph_launch)(struct uc_backend *be, void *graph);
+    void (*graph_destroy)(struct uc_backend *be, void *graph);
     /* (optional) Greedy/sampling support: index of the max of each row of x (T, N) to host. */
     uc_status (*argmax)(struct uc_backend *be, int32_t *out, const void *x, int64_t n_tok,
                         int64_t n);

@@ -170,6 +170,20 @@ static uc_status cpu_matmul(struct uc_backend *be, void *y, const void *x, const
     return UC_OK;
 }
 
+static uc_status cpu_add_rmsnorm(struct uc_backend *be, void *y, void *x, const void *d,
+                                 const void *w, int64_t n_tok, int64_t dim, float eps)
+{
+    uc_status rc = be->ops->add(be, x, d, n_tok * dim);
+    return rc == UC_OK ? be->ops->rmsnorm(be, y, x, w, n_tok, dim, eps) : rc;
+}
+
+static uc_status cpu_matmul_swiglu(struct uc_backend *be, void *y, void *gu, const void *x,
+                                   const void *wgu, int64_t n_tok, int64_t n_ffn, int64_t n_in)
+{
+    uc_status rc = be->ops->matmul(be, gu, x, wgu, n_tok, 2 * n_ffn, n_in);
+    return rc == UC_OK ? be->ops->swiglu(be, y, gu, n_tok, n_ffn) : rc;
+}
+
 static uc_status cpu_add_bias(struct uc_backend *be, void *y, const void *b, int64_t n_tok,
                               int64_t n_out)
 {
@@ -720,6 +734,8 @@ static const struct uc_backend_ops cpu_ops = {
     .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,
     .matmul = cpu_matmul,
+    .add_rmsnorm = cpu_add_rmsnorm,
+    .matmul_swiglu = cpu_matmul_swiglu,
     .add_bias = cpu_add_bias,
     .add = cpu_add,
     .rope = cpu_rope,

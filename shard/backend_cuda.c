@@ -352,6 +352,24 @@ static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, cons
                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+static uc_status cuda_add_rmsnorm(struct uc_backend *be, void *y, void *x, const void *d,
+                                  const void *w, int64_t n_tok, int64_t dim, float eps)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    return CU(uc_cuda_add_rmsnorm(y, x, d, w, n_tok, dim, eps, c->dt, c->stream));
+}
+
+static uc_status cuda_matmul_swiglu(struct uc_backend *be, void *y, void *gu, const void *x,
+                                   const void *wgu, int64_t n_tok, int64_t n_ffn, int64_t n_in)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (uc_cuda_gemv_supported(n_tok, 2 * n_ffn, n_in, c->dt)) {
+        return CU(uc_cuda_gemv_swiglu(y, x, wgu, n_tok, n_ffn, n_in, c->stream));
+    }
+    uc_status rc = be->ops->matmul(be, gu, x, wgu, n_tok, 2 * n_ffn, n_in);
+    return rc == UC_OK ? be->ops->swiglu(be, y, gu, n_tok, n_ffn) : rc;
+}
+
 static uc_status cuda_add_bias(struct uc_backend *be, void *y, const void *b, int64_t n_tok,
                                int64_t n_out)
 {
@@ -661,6 +679,44 @@ out:
 
 /* ---- lifecycle -------------------------------------------------------------------------- */
 
+/* ---- graphs ---------------------------------------------------------------------------- */
+
+static uc_status cuda_graph_begin(struct uc_backend *be)
+{
+    return CU(cudaStreamBeginCapture(ctx_of(be)->stream, cudaStreamCaptureModeThreadLocal));
+}
+
+static uc_status cuda_graph_end(struct uc_backend *be, void **out)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    cudaGraph_t g = NULL;
+    cudaGraphExec_t x = NULL;
+    *out = NULL;
+    uc_status rc = CU(cudaStreamEndCapture(c->stream, &g));
+    if (rc == UC_OK) {
+        rc = CU(cudaGraphInstantiate(&x, g, 0));
+    }
+    if (g) {
+        (void)cudaGraphDestroy(g);
+    }
+    if (rc == UC_OK) {
+        *out = x;
+    }
+    return rc;
+}
+
+static uc_status cuda_graph_launch(struct uc_backend *be, void *graph)
+{
+    return CU(cudaGraphLaunch((cudaGraphExec_t)graph, ctx_of(be)->stream));
+}
+
+static void cuda_graph_destroy(struct uc_backend *be, void *graph)
+{
+    if (graph) {
+        (void)cudaGraphExecDestroy((cudaGraphExec_t)graph);
+    }
+}
+
 static void cuda_destroy(struct uc_backend *be)
 {
     if (!be) {
@@ -723,6 +779,8 @@ static const struct uc_backend_ops cuda_ops = {
     .embed = cuda_embed,
     .rmsnorm = cuda_rmsnorm,
     .matmul = cuda_matmul,
+    .add_rmsnorm = cuda_add_rmsnorm,
+    .matmul_swiglu = cuda_matmul_swiglu,
     .add_bias = cuda_add_bias,
     .add = cuda_add,
     .rope = cuda_rope,
@@ -740,6 +798,10 @@ static const struct uc_backend_ops cuda_ops = {
     .attn_decode = cuda_attn_decode,
     .kv_move = cuda_kv_move,
     .kv_copy_blocks = cuda_kv_copy_blocks,
+    .graph_begin = cuda_graph_begin,
+    .graph_end = cuda_graph_end,
+    .graph_launch = cuda_graph_launch,
+    .graph_destroy = cuda_graph_destroy,
     .argmax = cuda_argmax,
     .destroy = cuda_destroy,
 };

@@ -1682,7 +1682,7 @@ static uc_status decode_run(struct uc_engine *e, const struct uc_step_decode *de
     const void *kbase = (char *)e->dqkv + (size_t)(hl * d) * a;
     const void *vbase = (char *)e->dqkv + (size_t)((hl + hkv_l) * d) * a;
     for (int64_t l = 0; l < L; l++) {
-        UC_CHECK(uc_model_qkv(e->m, &e->ws, l, e->dqkv, ld, e->dx, e->d_pos, nb), rc, out);
+        UC_CHECK(uc_model_qkv_decode(e->m, &e->ws, l, e->dqkv, e->dx, e->d_pos, nb), rc, out);
         /* append the new token's K/V to every head, then attend over the whole cache */
         int64_t total_blocks = 0, max_tokens = 0;
         for (int64_t b = 0; b < nb; b++) {
@@ -1744,7 +1744,7 @@ static uc_status decode_run(struct uc_engine *e, const struct uc_step_decode *de
                          out);
             }
         }
-        UC_CHECK(uc_model_finish_layer(e->m, &e->ws, l, e->dx, nb), rc, out);
+        UC_CHECK(uc_model_finish_layer_decode(e->m, &e->ws, l, e->dx, nb), rc, out);
     }
     bool greedy = uc_comm_size(e->comm) == 1 && e->be->ops->argmax;
     for (int64_t b = 0; b < nb; b++) {

@@ -60,6 +60,83 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     }
 }
 
+/* y (T, F) = silu(x wg^T) * (x wu^T): one warp per output column n streams row n of the gate
+ * half and row n of the up half. */
+template <int TT>
+static __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_swiglu_kernel(uc_bf16_t *__restrict__ y, const uc_bf16_t *__restrict__ x,
+                       const uc_bf16_t *__restrict__ w, int n_ffn, int n_in)
+{
+    int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= n_ffn) {
+        return;
+    }
+    const uint4 *wg = reinterpret_cast<const uint4 *>(w + (size_t)row * n_in);
+    const uint4 *wu = reinterpret_cast<const uint4 *>(w + ((size_t)n_ffn + row) * n_in);
+    float ag[TT], au[TT];
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+        ag[t] = 0.0f;
+        au[t] = 0.0f;
+    }
+    int nv = n_in >> 3;
+#pragma unroll 2
+    for (int v = lane; v < nv; v += 32) {
+        uint4 gv = __ldcs(wg + v), uv = __ldcs(wu + v);
+        float gf[8], uf[8];
+        unpack8(gv, gf);
+        unpack8(uv, uf);
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            uint4 xv = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)t * n_in) + v);
+            float xf[8];
+            unpack8(xv, xf);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                ag[t] = fmaf(gf[i], xf[i], ag[t]);
+                au[t] = fmaf(uf[i], xf[i], au[t]);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+        /* the products round to bf16 first, as the unfused matmul then swiglu would */
+        float g = __bfloat162float(__float2bfloat16_rn(uck_warp_sum(ag[t])));
+        float u = __bfloat162float(__float2bfloat16_rn(uck_warp_sum(au[t])));
+        if (lane == 0) {
+            y[(size_t)t * n_ffn + row] = __float2bfloat16_rn(g / (1.0f + expf(-g)) * u);
+        }
+    }
+}
+
+extern "C" cudaError_t uc_cuda_gemv_swiglu(void *y, const void *x, const void *w, int64_t n_tok,
+                                           int64_t n_ffn, int64_t n_in, cudaStream_t stream)
+{
+    unsigned blocks = (unsigned)((n_ffn + GEMV_WARPS - 1) / GEMV_WARPS);
+    uc_bf16_t *yy = (uc_bf16_t *)y;
+    const uc_bf16_t *xx = (const uc_bf16_t *)x, *ww = (const uc_bf16_t *)w;
+    int n = (int)n_ffn, k = (int)n_in;
+    switch (n_tok) {
+#define CASE(T)                                                                                    \
+    case T:                                                                                        \
+        gemv_swiglu_kernel<T><<<blocks, GEMV_WARPS * 32, 0, stream>>>(yy, xx, ww, n, k);          \
+        break;
+        CASE(1)
+        CASE(2)
+        CASE(3)
+        CASE(4)
+        CASE(5)
+        CASE(6)
+        CASE(7)
+        CASE(8)
+#undef CASE
+    default:
+        return cudaErrorInvalidValue;
+    }
+    return cudaGetLastError();
+}
+
 extern "C" bool uc_cuda_gemv_supported(int64_t n_tok, int64_t n_out, int64_t n_in,
                                        enum uc_cuda_dtype dt)
 {

@@ -30,6 +30,49 @@ static void launch(void *y, const void *x, const void *w, int64_t n_tok, int64_t
                                                                (const T *)w, dim, eps);
 }
 
+/* x += d, then y = rmsnorm(x): the residual add and the next norm in one pass. */
+template <typename T>
+static __global__ void add_rmsnorm_kernel(T *y, T *x, const T *d, const T *w, int64_t dim,
+                                          float eps)
+{
+    __shared__ float red[32];
+    int64_t t = blockIdx.x;
+    T *r = x + t * dim;
+    const T *dr = d + t * dim;
+    float ss = 0.0f;
+    for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+        T s = uck_from_f<T>(uck_to_f(r[j]) + uck_to_f(dr[j])); /* the add rounds as add() does */
+        r[j] = s;
+        float v = uck_to_f(s);
+        ss += v * v;
+    }
+    ss = uck_block_sum(ss, red);
+    float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+    T *o = y + t * dim;
+    for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+        o[j] = uck_from_f<T>(uck_to_f(w[j]) * (uck_to_f(r[j]) * inv));
+    }
+}
+
+template <typename T>
+static void launch_add(void *y, void *x, const void *d, const void *w, int64_t n_tok, int64_t dim,
+                       float eps, cudaStream_t stream)
+{
+    int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 64);
+    add_rmsnorm_kernel<T><<<(unsigned)n_tok, threads, 0, stream>>>(
+        (T *)y, (T *)x, (const T *)d, (const T *)w, dim, eps);
+}
+
+extern "C" cudaError_t uc_cuda_add_rmsnorm(void *y, void *x, const void *d, const void *w,
+                                           int64_t n_tok, int64_t dim, float eps,
+                                           enum uc_cuda_dtype dt, cudaStream_t stream)
+{
+    if (n_tok > 0) {
+        UCK_DISPATCH(dt, launch_add, y, x, d, w, n_tok, dim, eps, stream);
+    }
+    return cudaGetLastError();
+}
+
 extern "C" cudaError_t uc_cuda_rmsnorm(void *y, const void *x, const void *w, int64_t n_tok,
                                        int64_t dim, float eps, enum uc_cuda_dtype dt,
                                        cudaStream_t stream)

@@ -239,6 +239,64 @@ static void test_rmsnorm(int64_t t, int64_t c)
     uc_free(w);
 }
 
+/* x += d then y = rmsnorm(x): both outputs checked. */
+static void test_add_rmsnorm(int64_t t, int64_t c)
+{
+    float *x = hdata(t * c, 41, 2.0f), *d = hdata(t * c, 42, 1.0f), *w = hdata(c, 43, 1.0f);
+    void *xg = put(gpu, x, t * c), *xc = put(cpu, x, t * c);
+    void *dg = put(gpu, d, t * c), *dc = put(cpu, d, t * c);
+    void *wg = NULL, *wc = NULL;
+    gpu->ops->weight_create(gpu, &wg, w, 1, c);
+    cpu->ops->weight_create(cpu, &wc, w, 1, c);
+    void *yg = put(gpu, x, t * c), *yc = put(cpu, x, t * c);
+    gpu->ops->add_rmsnorm(gpu, yg, xg, dg, wg, t, c, 1e-5f);
+    cpu->ops->add_rmsnorm(cpu, yc, xc, dc, wc, t, c, 1e-5f);
+    char what[64];
+    snprintf(what, sizeof what, "T=%lld C=%lld (sum)", (long long)t, (long long)c);
+    report("add_rmsnorm", what, cmp_dev(xg, xc, t * c), bound_act());
+    snprintf(what, sizeof what, "T=%lld C=%lld (norm)", (long long)t, (long long)c);
+    report("add_rmsnorm", what, cmp_dev(yg, yc, t * c), bound_act());
+    void *bufs[][2] = {{xg, xc}, {dg, dc}, {yg, yc}};
+    for (int i = 0; i < 3; i++) {
+        drop(gpu, bufs[i][0]);
+        drop(cpu, bufs[i][1]);
+    }
+    gpu->ops->weight_free(gpu, wg);
+    cpu->ops->weight_free(cpu, wc);
+    uc_free(x);
+    uc_free(d);
+    uc_free(w);
+}
+
+/* y = silu(x Wg^T) * (x Wu^T): the fused decode kernel (T <= 8) and the cuBLAS path. */
+static void test_matmul_swiglu(int64_t t, int64_t f, int64_t k)
+{
+    float *x = hdata(t * k, 44, 1.0f), *w = hdata(2 * f * k, 45, 0.05f);
+    void *xg = put(gpu, x, t * k), *xc = put(cpu, x, t * k);
+    void *wg = NULL, *wc = NULL;
+    gpu->ops->weight_create(gpu, &wg, w, 2 * f, k);
+    cpu->ops->weight_create(cpu, &wc, w, 2 * f, k);
+    void *yg = NULL, *yc = NULL, *gg = NULL, *gc = NULL;
+    gpu->ops->alloc(gpu, &yg, (size_t)(t * f) * gpu->ops->act_size(gpu));
+    cpu->ops->alloc(cpu, &yc, (size_t)(t * f) * sizeof(float));
+    gpu->ops->alloc(gpu, &gg, (size_t)(t * 2 * f) * gpu->ops->act_size(gpu));
+    cpu->ops->alloc(cpu, &gc, (size_t)(t * 2 * f) * sizeof(float));
+    gpu->ops->matmul_swiglu(gpu, yg, gg, xg, wg, t, f, k);
+    cpu->ops->matmul_swiglu(cpu, yc, gc, xc, wc, t, f, k);
+    char what[64];
+    snprintf(what, sizeof what, "T=%lld F=%lld K=%lld", (long long)t, (long long)f, (long long)k);
+    report("matmul_swiglu", what, cmp_dev(yg, yc, t * f), bound_act());
+    void *bufs[][2] = {{xg, xc}, {yg, yc}, {gg, gc}};
+    for (int i = 0; i < 3; i++) {
+        drop(gpu, bufs[i][0]);
+        drop(cpu, bufs[i][1]);
+    }
+    gpu->ops->weight_free(gpu, wg);
+    cpu->ops->weight_free(cpu, wc);
+    uc_free(x);
+    uc_free(w);
+}
+
 static void test_matmul(int64_t t, int64_t n, int64_t k)
 {
     float *x = hdata(t * k, 6, 1.0f), *w = hdata(n * k, 7, 0.05f);
@@ -663,6 +721,11 @@ static void run_pass(void)
     test_embed();
     test_rmsnorm(37, 4096);
     test_rmsnorm(5, 64);
+    test_add_rmsnorm(1, 4096);
+    test_add_rmsnorm(37, 256);
+    test_matmul_swiglu(1, 1024, 4096);
+    test_matmul_swiglu(8, 344, 256);
+    test_matmul_swiglu(37, 344, 256);
     test_matmul(1, 4096, 4096);   /* the decode gemv kernel: T <= 8, K % 8 == 0 */
     test_matmul(3, 1000, 264);
     test_matmul(8, 4096, 1024);
