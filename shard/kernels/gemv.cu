@@ -18,6 +18,11 @@ static __device__ __forceinline__ void unpack8(const uint4 v, float *f)
     }
 }
 
+#define GEMV_UNROLL 4
+
+/* One warp per output column; each lane issues GEMV_UNROLL independent 16-byte weight loads
+ * before using any of them, so every SM keeps enough bytes in flight to cover the memory
+ * latency (Little's law), then reads the matching x vectors (L1 hits after the first warp). */
 template <int TT>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_kernel(uc_bf16_t *__restrict__ y, const uc_bf16_t *__restrict__ x,
@@ -35,8 +40,31 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
         acc[t] = 0.0f;
     }
     int nv = n_in >> 3;
-#pragma unroll 4
-    for (int v = lane; v < nv; v += 32) {
+    int v = lane;
+    for (; v + 32 * (GEMV_UNROLL - 1) < nv; v += 32 * GEMV_UNROLL) {
+        uint4 wv[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            wv[u] = __ldcs(wr + v + 32 * u);
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            float wf[8];
+            unpack8(wv[u], wf);
+#pragma unroll
+            for (int t = 0; t < TT; t++) {
+                uint4 xv = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)t * n_in) + v +
+                                 32 * u);
+                float xf[8];
+                unpack8(xv, xf);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    acc[t] = fmaf(wf[i], xf[i], acc[t]);
+                }
+            }
+        }
+    }
+    for (; v < nv; v += 32) {
         uint4 wv = __ldcs(wr + v);
         float wf[8];
         unpack8(wv, wf);
@@ -81,8 +109,34 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
         au[t] = 0.0f;
     }
     int nv = n_in >> 3;
-#pragma unroll 2
-    for (int v = lane; v < nv; v += 32) {
+    int v = lane;
+    for (; v + 32 < nv; v += 64) { /* two vectors of each matrix in flight per lane */
+        uint4 gv[2], uv[2];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            gv[u] = __ldcs(wg + v + 32 * u);
+            uv[u] = __ldcs(wu + v + 32 * u);
+        }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            float gf[8], uf[8];
+            unpack8(gv[u], gf);
+            unpack8(uv[u], uf);
+#pragma unroll
+            for (int t = 0; t < TT; t++) {
+                uint4 xv = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)t * n_in) + v +
+                                 32 * u);
+                float xf[8];
+                unpack8(xv, xf);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    ag[t] = fmaf(gf[i], xf[i], ag[t]);
+                    au[t] = fmaf(uf[i], xf[i], au[t]);
+                }
+            }
+        }
+    }
+    for (; v < nv; v += 32) {
         uint4 gv = __ldcs(wg + v), uv = __ldcs(wu + v);
         float gf[8], uf[8];
         unpack8(gv, gf);

@@ -62,6 +62,7 @@ for step in "$@"; do
     compress) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_compress" "$fx" ;;
     entropy) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_entropy" "$fx" ;;
     gpu) timeout 420 "$bd/tests/bench/bench_gpu" --reps 3 ;;
+    gpu-quick) timeout 200 "$bd/tests/bench/bench_gpu" --reps 3 --skip-compress --prefill 8192 ;;
     torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
     *) echo "unknown step $step"; false ;;
   esac

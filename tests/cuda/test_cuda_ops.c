@@ -863,9 +863,30 @@ static void bench_decode(int64_t rows, int64_t ctx)
     uc_free(blocks);
 }
 
+/* Decode-size products (T = 1) on the shapes of a Llama-3-8B layer: weight bytes per second. */
+static void bench_gemv(void)
+{
+    static const int64_t shapes[][2] = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}};
+    static const char *names[] = {"qkv", "o", "gate+up", "down"};
+    for (int i = 0; i < 4; i++) {
+        struct bench_mm mm = {.t = 1, .n = shapes[i][0], .k = shapes[i][1]};
+        gpu->ops->weight_random(gpu, &mm.w, mm.n, mm.k, 1, 0.0f, 0.02f);
+        gpu->ops->weight_random(gpu, &mm.x, 1, mm.k, 2, 0.0f, 1.0f);
+        gpu->ops->alloc(gpu, &mm.y, (size_t)mm.n * gpu->ops->act_size(gpu));
+        double t = time_op(run_mm, &mm, 50);
+        double bytes = (double)mm.n * (double)mm.k * (double)gpu->ops->act_size(gpu);
+        printf("bench gemv %-7s T=1 N=%-6lld K=%-6lld %7.1f us %6.0f GB/s (weights read)\n",
+               names[i], (long long)mm.n, (long long)mm.k, t * 1e6, bytes / t / 1e9);
+        drop(gpu, mm.y);
+        drop(gpu, mm.x);
+        gpu->ops->weight_free(gpu, mm.w);
+    }
+}
+
 static void bench(void)
 {
     printf("# bench on %s\n", gpu->device_name);
+    bench_gemv();
     struct bench_mm mm = {.t = 8192, .n = 14336, .k = 4096};
     gpu->ops->weight_random(gpu, &mm.w, mm.n, mm.k, 1, 0.0f, 0.02f);
     gpu->ops->weight_random(gpu, &mm.x, mm.t, mm.k, 2, 0.0f, 1.0f);
