@@ -3,7 +3,9 @@
  * dense GEMM rate that the prefill reaches (FLOPs counted: 2 x parameters per token plus
  * attention's QK^T and PV over the causal triangle).
  * Usage: bench_engine [--model DIR] [--lengths 512,2048,4000] [--reps N] [--decode N]
- *                     [--backend cpu|cuda] [--policy NAME --kv-budget B] */
+ *                     [--backend cpu|cuda] [--policy NAME --kv-budget B] [--stage-starts 6,7]
+ *                     [--r-min X] [--row-score sum|max|accum|accum-max] [--kv-mem-mib N]
+ *                     [--peak-gflops G] */
 #include <cblas.h>
 #include <math.h>
 #include <stdio.h>
@@ -70,6 +72,8 @@ int main(int argc, char **argv)
     const char *policy = "full";
     int reps = 5, n_decode = 64, budget = 128;
     int64_t kv_mem = 0;
+    const char *stage_arg = NULL, *row_score = NULL;
+    float r_min = 0;
     double peak_arg = 0;
     enum uc_backend_kind bk = UC_BACKEND_CPU;
     for (int i = 1; i + 1 < argc; i += 2) {
@@ -87,6 +91,12 @@ int main(int argc, char **argv)
             policy = argv[i + 1];
         } else if (!strcmp(argv[i], "--kv-budget")) {
             budget = atoi(argv[i + 1]);
+        } else if (!strcmp(argv[i], "--stage-starts")) {
+            stage_arg = argv[i + 1];
+        } else if (!strcmp(argv[i], "--r-min")) {
+            r_min = (float)atof(argv[i + 1]);
+        } else if (!strcmp(argv[i], "--row-score")) {
+            row_score = argv[i + 1];
         } else if (!strcmp(argv[i], "--kv-mem-mib")) {
             kv_mem = atoll(argv[i + 1]) << 20;
         } else if (!strcmp(argv[i], "--peak-gflops")) {
@@ -118,7 +128,22 @@ int main(int argc, char **argv)
     uc_policy_parse(policy, &cp.policy);
     cp.kv_budget = budget;
     cp.grouping = UC_GROUPING_PROMPT;
-    if (cp.policy == UC_POLICY_UNCOMP_STAGE && !uc_engine_profile(e)) {
+    for (const char *s = stage_arg; s && *s && cp.n_stage_starts < UC_MAX_STAGES - 1;) {
+        char *end;
+        cp.stage_starts[cp.n_stage_starts++] = (int32_t)strtol(s, &end, 10);
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') {
+            break;
+        }
+    }
+    if (r_min > 0) {
+        cp.r_min = r_min;
+    }
+    enum uc_row_score rs;
+    if (row_score && uc_row_score_parse(row_score, &rs)) {
+        cp.row_score = (int32_t)rs;
+    }
+    if (cp.policy == UC_POLICY_UNCOMP_STAGE && cp.n_stage_starts == 0 && !uc_engine_profile(e)) {
         cp.n_stage_starts = 1;
         cp.stage_starts[0] = (int32_t)(cfg->n_layers * 3 / 4);
     }

@@ -6,7 +6,8 @@
  * Usage: eval_compress [--shared DIR] [--model DIR] [--lengths 1024,2048,3072,4000]
  *   [--depths 0,0.25,0.5,0.75,1] [--trials N] [--policies full,snapkv,...] [--budgets 64,128,...]
  *   [--ppl-segments N] [--ppl-prefix N] [--ppl-tokens N] [--stage-starts 6,7] [--r-min X]
- *   [--row-score sum|max] [--grouping profile|prompt] [--seed S] [--csv FILE] [--check]
+ *   [--row-score sum|max|accum|accum-max] [--grouping profile|prompt] [--seed S] [--csv FILE]
+ *   [--backend cpu|cuda] [--fp32 0|1] [--check]
  * --check exits 1 unless uncomp at budget 128 is at least snapkv at 128 and within 5 points
  * of full (the gate of the UNComp issue); the test suite runs a small subset with it. */
 #include <math.h>
@@ -39,6 +40,7 @@ struct opts {
     struct uc_compress_params base;
     uint64_t seed;
     bool check;
+    struct uc_backend_params backend;
 };
 
 struct needle {
@@ -288,6 +290,7 @@ static void usage_defaults(struct opts *o)
     o->ppl_tokens = 256;
     o->base = uc_compress_default_params();
     o->seed = 1234;
+    o->backend = uc_backend_default_params();
 }
 
 static void parse_args(struct opts *o, int argc, char **argv)
@@ -361,6 +364,10 @@ static void parse_args(struct opts *o, int argc, char **argv)
             o->base.row_score = (int32_t)rs;
         } else if (!strcmp(a, "--grouping")) {
             uc_grouping_parse(v, &o->base.grouping);
+        } else if (!strcmp(a, "--backend")) {
+            uc_backend_parse(v, &o->backend.kind);
+        } else if (!strcmp(a, "--fp32")) {
+            o->backend.fp32 = atoi(v) != 0;
         } else if (!strcmp(a, "--seed")) {
             o->seed = strtoull(v, NULL, 10);
         } else {
@@ -385,6 +392,7 @@ int main(int argc, char **argv)
     struct uc_engine_params ep = uc_engine_default_params();
     ep.model_dir = model;
     ep.kv_memory_bytes = 256LL << 20;
+    ep.backend = o.backend;
     struct uc_engine *e;
     if (uc_engine_create(&e, &ep, comm) != UC_OK) {
         return 1;

@@ -28,6 +28,7 @@ if [ ! -f "$bd/build.ninja" ]; then
 fi
 t0=$(date +%s)
 ninja -C "$bd" test_cuda_ops golden_model golden_compress golden_entropy bench_engine bench_gpu \
+  eval_compress \
   > "$bd.build.log" 2>&1 ||
   { grep -E "error|FAILED" -A3 "$bd.build.log" | head -60; exit 1; }
 echo "=== build ok in $(( $(date +%s) - t0 )) s; warnings: $(grep -c 'warning' "$bd.build.log")"
@@ -62,6 +63,8 @@ for step in "$@"; do
     compress) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_compress" "$fx" ;;
     entropy) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_entropy" "$fx" ;;
     gpu) timeout 420 "$bd/tests/bench/bench_gpu" --reps 3 ;;
+    stage-study) timeout 500 bash "$root/tests/bench/stage_study.sh" \
+                   "$bd/tests/bench/eval_compress" "$fx" --backend cuda --fp32 1 ;;
     gpu-quick) timeout 200 "$bd/tests/bench/bench_gpu" --reps 3 --skip-compress --prefill 8192 ;;
     torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
     *) echo "unknown step $step"; false ;;
