@@ -970,7 +970,9 @@ static bool summarise_run(const struct run *r, const char *label, struct summary
                 e2e[k] = x->e2e_ms;
                 k++;
             }
-            memcpy(itl + ki, w->itl, w->n_itl * sizeof(double));
+            if (w->n_itl > 0) { /* a worker whose requests all failed has no samples */
+                memcpy(itl + ki, w->itl, w->n_itl * sizeof(double));
+            }
             ki += w->n_itl;
         }
         s->ttft = summarise(ttft, k);

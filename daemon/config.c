@@ -95,7 +95,7 @@ static const struct uc_cfg_option options[] = {
      "uncomp head groups from the calibration profile or the prompt"},
     {"stage-starts", UC_CFG_STR, OFF(stage_starts), "", 0, 0, 0,
      "uncomp-stage boundaries, e.g. 6,7 (empty = the profile's)"},
-    {"row-score", UC_CFG_STR, OFF(row_score), "sum", 0, 0, 0,
+    {"row-score", UC_CFG_STR, OFF(row_score), "accum-max", 0, 0, 0,
      "uncomp-stage row score: sum or max over heads at the layer before the boundary, or "
      "accum / accum-max over every layer before it"},
     /* one-shot */

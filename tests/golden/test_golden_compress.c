@@ -45,6 +45,7 @@ static void check_policy(struct uc_engine *e, const int32_t *ids, int64_t n, con
     uc_policy_parse(pol, &cp.policy);
     cp.kv_budget = budget;
     cp.grouping = UC_GROUPING_PROMPT;
+    cp.row_score = UC_ROW_SCORE_SUM; /* the oracle scores stage rows as UNCOMP.md section 6 */
     const cJSON *ss = field(root, "stage_starts");
     for (int i = 0; i < cJSON_GetArraySize(ss); i++) {
         cp.stage_starts[cp.n_stage_starts++] = (int32_t)cJSON_GetArrayItem(ss, i)->valuedouble;

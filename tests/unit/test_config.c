@@ -136,7 +136,7 @@ static void test_defaults(void **state)
     assert_true(c.r_min == 0.375);
     assert_string_equal(c.decode_mode, "append");
     assert_string_equal(c.grouping, "profile");
-    assert_string_equal(c.row_score, "sum");
+    assert_string_equal(c.row_score, "accum-max");
     assert_string_equal(c.prompt, "");
     assert_int_equal(c.max_tokens, 128);
     assert_true(c.temperature == 0.0);
