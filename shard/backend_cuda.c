@@ -81,6 +81,12 @@ struct cuda_ctx {
     struct dev_buf work; /* float workspaces: window probs, colsum row stats, decode partials */
     struct dev_buf outp; /* results on their way to the host: psum, colsum, covariances */
     struct dev_buf dbl;  /* double workspaces: qcov rows and means */
+    /* the last RoPE positions: every layer of a decode step rotates at the same positions, so
+     * they are uploaded once per step, not once per layer */
+    int32_t *pos_pin;    /* pinned copy of what pos_dev holds */
+    int32_t *pos_dev;
+    int64_t pos_n, pos_cap;
+    cudaEvent_t pos_done;
 };
 
 static struct cuda_ctx *ctx_of(struct uc_backend *be) { return be->ctx; }
@@ -397,11 +403,43 @@ static uc_status cuda_rope(struct uc_backend *be, void *x, int64_t ld, int64_t n
                            (long long)c->rope_max_pos);
         }
     }
-    int32_t *d_pos;
-    uc_status rc = upload_idx(c, &d_pos, &pos, &n_tok, 1);
-    if (rc == UC_OK) {
-        rc = CU(uc_cuda_rope(x, ld, n_heads, head_dim, d_pos, n_tok, c->rope_cos, c->rope_sin,
-                             c->dt, c->stream));
+    uc_status rc = UC_OK;
+    if (n_tok <= 0) {
+        return UC_OK;
+    }
+    if (n_tok != c->pos_n || memcmp(c->pos_pin, pos, (size_t)n_tok * sizeof(int32_t)) != 0) {
+        if (n_tok > c->pos_cap) {
+            int64_t cap = n_tok > 2 * c->pos_cap ? n_tok : 2 * c->pos_cap;
+            UC_CHECK(CU(cudaStreamSynchronize(c->stream)), rc, out);
+            if (c->pos_pin) {
+                (void)cudaFreeHost(c->pos_pin);
+                (void)cudaFree(c->pos_dev);
+                c->pos_pin = NULL;
+                c->pos_dev = NULL;
+                c->pos_cap = 0;
+            }
+            UC_CHECK(CU(cudaHostAlloc((void **)&c->pos_pin, (size_t)cap * sizeof(int32_t),
+                                      cudaHostAllocDefault)),
+                     rc, out);
+            UC_CHECK(CU(cudaMalloc((void **)&c->pos_dev, (size_t)cap * sizeof(int32_t))), rc, out);
+            c->pos_cap = cap;
+        }
+        if (!c->pos_done) {
+            UC_CHECK(CU(cudaEventCreateWithFlags(&c->pos_done, cudaEventDisableTiming)), rc, out);
+        }
+        UC_CHECK(CU(cudaEventSynchronize(c->pos_done)), rc, out); /* the last copy has left */
+        memcpy(c->pos_pin, pos, (size_t)n_tok * sizeof(int32_t));
+        UC_CHECK(CU(cudaMemcpyAsync(c->pos_dev, c->pos_pin, (size_t)n_tok * sizeof(int32_t),
+                                    cudaMemcpyHostToDevice, c->stream)),
+                 rc, out);
+        UC_CHECK(CU(cudaEventRecord(c->pos_done, c->stream)), rc, out);
+        c->pos_n = n_tok;
+    }
+    rc = CU(uc_cuda_rope(x, ld, n_heads, head_dim, c->pos_dev, n_tok, c->rope_cos, c->rope_sin,
+                         c->dt, c->stream));
+out:
+    if (rc != UC_OK) {
+        c->pos_n = -1; /* nothing cached */
     }
     return rc;
 }
@@ -739,6 +777,13 @@ static void cuda_destroy(struct uc_backend *be)
                 (void)cudaFreeAsync(c->rope_sin, c->stream);
             }
             (void)cudaStreamSynchronize(c->stream);
+        }
+        if (c->pos_pin) {
+            (void)cudaFreeHost(c->pos_pin);
+            (void)cudaFree(c->pos_dev);
+        }
+        if (c->pos_done) {
+            (void)cudaEventDestroy(c->pos_done);
         }
         for (int i = 0; i < STAGE_SLOTS; i++) {
             if (c->slots[i].host) {

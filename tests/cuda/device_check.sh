@@ -65,6 +65,19 @@ for step in "$@"; do
     gpu) timeout 420 "$bd/tests/bench/bench_gpu" --reps 3 ;;
     stage-study) timeout 500 bash "$root/tests/bench/stage_study.sh" \
                    "$bd/tests/bench/eval_compress" "$fx" --backend cuda --fp32 1 ;;
+    entropy-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 \
+                    "$bd/tests/golden/golden_entropy" "$fx" ;;
+    eval-table) timeout 500 "$bd/tests/bench/eval_compress" --shared "$fx" --backend cuda \
+                  --fp32 1 --lengths 2048,4000 --trials 4 --budgets 64,128,256,512 \
+                  --ppl-segments 2 --ppl-prefix 1536 --ppl-tokens 256 \
+                  --csv "${OUT:-/tmp}/eval.csv" ;;
+    stage-final)
+      for cfg in "" "--stage-starts 4,6 --r-min 0.5"; do
+        echo "== uncomp-stage defaults (profile boundaries, accum-max) ${cfg}"
+        timeout 200 "$bd/tests/bench/eval_compress" --shared "$fx" --backend cuda --fp32 1 \
+          --lengths 2048,3072,4000 --trials 8 --budgets 128,256 --ppl-segments 0 \
+          --policies full,uncomp,uncomp-stage $cfg | grep -v '^#'
+      done ;;
     gpu-quick) timeout 200 "$bd/tests/bench/bench_gpu" --reps 3 --skip-compress --prefill 8192 ;;
     torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
     *) echo "unknown step $step"; false ;;
