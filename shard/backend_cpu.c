@@ -3,6 +3,8 @@
  * work. Every CUDA op is tested against these. */
 #include <cblas.h>
 #include <math.h>
+#include <sched.h>
+#include <stdbool.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -771,9 +773,17 @@ uc_status uc_backend_cpu_create(struct uc_backend **out, const struct uc_backend
      * alike, or oversubscribed ranks spin against each other. */
     int threads = p ? p->n_threads : 0;
     if (threads <= 0) {
+        /* the cores this process may run on (mpirun may have bound it), shared with the other
+         * ranks of this host when it did not */
+        cpu_set_t set;
         long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        bool bound = false;
+        if (sched_getaffinity(0, sizeof set, &set) == 0) {
+            bound = CPU_COUNT(&set) < cores;
+            cores = CPU_COUNT(&set);
+        }
         const char *ls = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-        long local = ls ? atol(ls) : 1;
+        long local = ls && !bound ? atol(ls) : 1;
         threads = (int)(cores / (local > 0 ? local : 1));
         threads = threads > 0 ? threads : 1;
     }

@@ -55,6 +55,23 @@ static double sgemm_peak(void)
     return best;
 }
 
+/* Resident anonymous memory of this process (the converted weights and buffers), bytes. */
+static int64_t rss_anon_bytes(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    int64_t kb = -1;
+    while (f && fgets(line, sizeof line, f)) {
+        if (sscanf(line, "RssAnon: %ld kB", &kb) == 1) {
+            break;
+        }
+    }
+    if (f) {
+        fclose(f);
+    }
+    return kb * 1024;
+}
+
 static double model_flops(const struct uc_model_config *c, int64_t n)
 {
     double per_tok = 2.0 * (double)c->n_layers *
@@ -116,7 +133,12 @@ int main(int argc, char **argv)
     if (uc_engine_create(&e, &ep, comm) != UC_OK) {
         return 1;
     }
+    /* every rank reports what it holds: its weight slices, and its resident memory */
+    int64_t mine[2] = {(int64_t)uc_engine_weight_bytes(e), rss_anon_bytes()};
+    int64_t *all = uc_malloc((size_t)(2 * uc_comm_size(comm)) * sizeof(int64_t));
+    uc_comm_allgather(comm, mine, all, sizeof mine);
     if (uc_comm_rank(comm) != 0) {
+        uc_free(all);
         uc_engine_serve(e);
         uc_engine_destroy(e);
         uc_comm_destroy(comm);
@@ -152,6 +174,11 @@ int main(int argc, char **argv)
     if (peak > 0) {
         printf("# measured sgemm peak (2048^3, best of 5): %.1f GFLOP/s\n", peak);
     }
+    for (int r = 0; r < uc_comm_size(comm); r++) {
+        printf("# rank %d: weights %.2f MiB, resident anonymous memory %.1f MiB\n", r,
+               (double)all[2 * r] / 1048576.0, (double)all[2 * r + 1] / 1048576.0);
+    }
+    uc_free(all);
     printf("%8s %14s %12s %10s %14s %12s\n", "prompt", "prefill_tok/s", "prefill_ms", "GFLOP/s",
            "frac_of_sgemm", "decode_tok/s");
     char *save = NULL;
