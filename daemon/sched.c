@@ -1048,7 +1048,12 @@ static uc_status run_calibration(struct uc_sched *s, struct ctl *c)
             return rc;
         }
         text = owned;
-        source = path;
+        /* the model's own calibration text is named as such, so the profile does not carry a
+         * machine-specific path */
+        size_t dl = strlen(uc_engine_model_dir(s->e));
+        source = strncmp(path, uc_engine_model_dir(s->e), dl) == 0 && path[dl] == '/'
+                     ? path + dl + 1
+                     : path;
     }
     int32_t *ids = NULL;
     int64_t n_ids = 0;

@@ -438,6 +438,12 @@ static uc_status load_profile(struct uc_engine *e)
         return rc;
     }
     e->have_prof = true;
+    if (e->prof.model_hash != 0 && e->prof.model_hash != uc_model_hash(e->m)) {
+        UC_LOG0(UC_LOG_LEVEL_WARN, "engine: profile %s was calibrated on another checkpoint "
+                "(hash %016llx, this one %016llx); run Calibrate to rebuild it",
+                e->profile_path, (unsigned long long)e->prof.model_hash,
+                (unsigned long long)uc_model_hash(e->m));
+    }
     UC_LOG0(UC_LOG_LEVEL_INFO, "engine: profile %s (source %s, %d stage boundaries)",
             e->profile_path, e->prof.source, e->prof.n_stage_starts);
     return UC_OK;
