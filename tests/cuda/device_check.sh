@@ -52,6 +52,12 @@ for step in "$@"; do
     tp2) UC_TEST_BACKEND=cuda timeout 200 $mpi -x UC_TEST_BACKEND "$bd/tests/golden/golden_model" "$fx" ;;
     tp2-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND -x UC_TEST_FP32 \
                 "$bd/tests/golden/golden_model" "$fx" ;;
+    tp4) UC_TEST_BACKEND=cuda timeout 200 ${mpi/-np 2/-np 4} -x UC_TEST_BACKEND \
+           "$bd/tests/golden/golden_model" "$fx" ;;
+    tp4-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 ${mpi/-np 2/-np 4} -x UC_TEST_BACKEND \
+                -x UC_TEST_FP32 "$bd/tests/golden/golden_model" "$fx" ;;
+    tp4-compress) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 ${mpi/-np 2/-np 4} \
+                    -x UC_TEST_BACKEND -x UC_TEST_FP32 "$bd/tests/golden/golden_compress" "$fx" ;;
     bench) timeout 240 "$bd/tests/bench/bench_engine" --backend cuda --model synthetic:llama3-8b \
              --lengths 512,8192 --reps 3 --decode 32 ;;
     bench8k-l15) timeout 240 "$bd/tests/bench/bench_engine" --backend cuda \
