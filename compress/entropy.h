@@ -14,11 +14,11 @@ extern "C" {
 
 /* C (d, d) = Xn^T Xn / N of the centred, row-normalised X (N rows of d floats, row stride
  * `stride` floats). Double precision throughout. */
-uc_status uc_entropy_cov(double *restrict cov, const float *restrict x, int64_t n_rows, int64_t d,
+uc_status uc_entropy_cov(double *UC_RESTRICT cov, const float *UC_RESTRICT x, int64_t n_rows, int64_t d,
                          int64_t stride);
 /* Eigenvalues of a symmetric (d, d) matrix, descending, tiny negatives clamped to 0. `cov` is
  * overwritten. */
-uc_status uc_entropy_eigvals(double *restrict eig, double *restrict cov, int64_t d);
+uc_status uc_entropy_eigvals(double *UC_RESTRICT eig, double *UC_RESTRICT cov, int64_t d);
 /* -sum_{j<k} eig_j ln eig_j / ln d, with 0 ln 0 = 0; eig descending, d >= 2. */
 double uc_entropy_truncated(const double *eig, int64_t d, int64_t k);
 /* The default truncation: max(1, d / 4). */

@@ -18,7 +18,7 @@ extern "C" {
 int64_t uc_topk_lowpos(int32_t *out, const double *score, int64_t n, int64_t k, void *scratch);
 
 /* max_pool1d(kernel, stride 1, padding kernel/2 with -inf) of s (n) into out (n). */
-void uc_maxpool1d(double *restrict out, const double *restrict s, int64_t n, int32_t kernel);
+void uc_maxpool1d(double *UC_RESTRICT out, const double *UC_RESTRICT s, int64_t n, int32_t kernel);
 
 /* SnapKV: keep the top (budget - window) positions of the pooled window scores among the first
  * n - window, plus the last window positions. colscore (n) is the window-row attention summed

@@ -56,9 +56,9 @@ uc_status uc_st_expect(const struct uc_st *st, const char *name, int n_dims, con
 /* Converts a 2D block of tensor t (rows [row0, row0+n_rows), cols [col0, col0+n_cols) of a 2D
  * tensor, or of a 1D tensor viewed as one row) to float32 in dst (n_rows, n_cols). */
 uc_status uc_st_read_f32(const struct uc_st_tensor *t, int64_t row0, int64_t n_rows, int64_t col0,
-                         int64_t n_cols, float *restrict dst);
+                         int64_t n_cols, float *UC_RESTRICT dst);
 /* Converts n contiguous elements of any dtype to float32. */
-void uc_convert_to_f32(float *restrict dst, const void *src, enum uc_dtype dt, int64_t n);
+void uc_convert_to_f32(float *UC_RESTRICT dst, const void *src, enum uc_dtype dt, int64_t n);
 
 #ifdef __cplusplus
 }

@@ -3,6 +3,13 @@
 #ifndef UC_BASE_STATUS_H
 #define UC_BASE_STATUS_H
 
+/* `restrict` for headers that C++ (and CUDA) code includes too. */
+#ifdef __cplusplus
+#define UC_RESTRICT __restrict__
+#else
+#define UC_RESTRICT restrict
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
