@@ -9,6 +9,9 @@
  * a top-5 id may differ only where the two logits are within twice that error (the reference
  * does not separate them beyond bf16 precision); the greedy continuation must match until its
  * first divergence, which must be a near tie of our own logits (reported as explained).
+ * Equality across tensor-parallel sizes: UC_TEST_DUMP=FILE writes every prompt's logits (run it
+ * at tp = 1), UC_TEST_COMPARE=FILE checks them at another tp: every row within 1e-4 of the
+ * reference relative to the row's largest magnitude.
  * Usage: test_golden_model SHARED_DIR [MODEL ...] */
 #include <math.h>
 #include <stdio.h>
@@ -34,6 +37,49 @@ static bool bf16_rules; /* the CUDA backend in bf16 */
  * disagreements: a different id whose reference logit differs by more than TIE. */
 #define TIE 2e-5
 
+#define TP_REL 1e-4
+
+/* Writes (UC_TEST_DUMP) or compares with (UC_TEST_COMPARE) the logits of every prompt, in order. */
+static void tp_reference(const float *lg, int64_t rows, int64_t v, const char *what)
+{
+    static FILE *dump, *cmp;
+    static bool opened;
+    static double worst;
+    if (!opened) {
+        opened = true;
+        const char *d = getenv("UC_TEST_DUMP"), *c = getenv("UC_TEST_COMPARE");
+        dump = d ? fopen(d, "wb") : NULL;
+        cmp = c ? fopen(c, "rb") : NULL;
+        TU_CHECK(!d || dump, "cannot write %s", d);
+        TU_CHECK(!c || cmp, "cannot read the tp=1 reference %s", c);
+    }
+    if (dump) {
+        fwrite(lg, sizeof(float), (size_t)(rows * v), dump);
+        fflush(dump);
+    }
+    if (!cmp) {
+        return;
+    }
+    float *ref = uc_malloc((size_t)(rows * v) * sizeof(float));
+    size_t got = fread(ref, sizeof(float), (size_t)(rows * v), cmp);
+    TU_CHECK(got == (size_t)(rows * v), "%s: the reference ends early", what);
+    double rel = 0;
+    for (int64_t t = 0; got == (size_t)(rows * v) && t < rows; t++) {
+        double mag = 1.0, diff = 0.0;
+        for (int64_t j = 0; j < v; j++) {
+            double a = lg[t * v + j], b = ref[t * v + j];
+            mag = fabs(b) > mag ? fabs(b) : mag;
+            diff = fabs(a - b) > diff ? fabs(a - b) : diff;
+        }
+        rel = diff / mag > rel ? diff / mag : rel;
+    }
+    worst = rel > worst ? rel : worst;
+    TU_CHECK(rel <= TP_REL, "%s: logits differ from tp=1 by %.2e relative (> %.0e)", what, rel,
+             TP_REL);
+    printf("  %s: max relative difference to tp=1: %.2e\n", what, rel);
+    uc_free(ref);
+}
+
 static void check_prompt(struct uc_engine *e, const cJSON *p, const char *model, double *max_err)
 {
     const struct uc_model_config *cfg = uc_engine_config(e);
@@ -46,6 +92,11 @@ static void check_prompt(struct uc_engine *e, const cJSON *p, const char *model,
     const float *lg = uc_engine_seq_logits(e, 1, &rows);
     TU_CHECK(rows == n, "%s/%s: %lld logit rows for %lld tokens", model, name, (long long)rows,
              (long long)n);
+    if (lg && rows == n) {
+        char what[128];
+        snprintf(what, sizeof what, "%s/%s", model, name);
+        tp_reference(lg, n, v, what);
+    }
     const cJSON *t5i = cJSON_GetObjectItem(p, "top5_ids"), *t5l = cJSON_GetObjectItem(p, "top5_logits");
     int64_t bad_ids = 0, near_ties = 0;
     double err = 0, rel_err = 0;

@@ -2,6 +2,7 @@
  * sequence compressed to 10% of its prompt lets about 10x as many such sequences fit in the
  * same KV pool as uncompressed ones (sequences are prefilled until the pool is full, so the
  * count is of real allocations, not of a formula). Usage: test_kv_memory SHARED_DIR */
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -91,6 +92,57 @@ static void check_fork(struct uc_engine *e, const int32_t *ids)
     uc_free(b);
 }
 
+/* decode_mode=evict keeps every head at its budget while append grows by a token per step; the
+ * first decoded token (attention over the same B + 1 tokens in both modes) is bit-identical. */
+static void check_evict(struct uc_engine *e, const int32_t *ids)
+{
+    int64_t v = uc_engine_config(e)->vocab, rows;
+    struct uc_compress_params cp = uc_compress_default_params();
+    cp.policy = UC_POLICY_SNAPKV;
+    cp.kv_budget = BUDGET;
+    tu_prefill(e, 1, ids, PROMPT, 0, &cp, 40);
+    cp.decode_mode = UC_DECODE_EVICT;
+    tu_prefill(e, 2, ids, PROMPT, 0, &cp, 40);
+    struct uc_compress_report ra, rb;
+    uc_engine_seq_report(e, 1, &ra);
+    uc_engine_seq_report(e, 2, &rb);
+    int64_t kept = rb.kv_tokens_held_local, heads = 8 * 4, steps = 32;
+    TU_CHECK(ra.kv_tokens_held_local == kept, "evict: prefill kept %lld vs %lld tokens",
+             (long long)ra.kv_tokens_held_local, (long long)kept);
+    float *a = uc_malloc((size_t)v * sizeof(float)), *b = uc_malloc((size_t)v * sizeof(float));
+    bool finite = true;
+    for (int64_t k = 0; k < steps; k++) {
+        int32_t tok = ids[300 + k];
+        struct uc_step_decode d[2] = {{1, tok, 0}, {2, tok, 0}};
+        struct uc_step s = {.op = UC_STEP_RUN, .n_decode = 2, .decodes = d};
+        TU_CHECK(uc_engine_step(e, &s) == UC_OK, "evict: decode step %lld", (long long)k);
+        memcpy(a, uc_engine_seq_logits(e, 1, &rows), (size_t)v * sizeof(float));
+        memcpy(b, uc_engine_seq_logits(e, 2, &rows), (size_t)v * sizeof(float));
+        if (k == 0) {
+            TU_CHECK(memcmp(a, b, (size_t)v * sizeof(float)) == 0,
+                     "evict: the first decode step differs from append");
+        }
+        for (int64_t j = 0; j < v; j++) {
+            finite = finite && isfinite(b[j]);
+        }
+    }
+    uc_engine_seq_report(e, 1, &ra);
+    uc_engine_seq_report(e, 2, &rb);
+    TU_CHECK(finite, "evict: non-finite logits");
+    TU_CHECK(rb.kv_tokens_held_local == kept, "evict: %lld tokens held after %lld steps, want %lld",
+             (long long)rb.kv_tokens_held_local, (long long)steps, (long long)kept);
+    TU_CHECK(ra.kv_tokens_held_local == kept + steps * heads,
+             "append: %lld tokens held after %lld steps, want %lld",
+             (long long)ra.kv_tokens_held_local, (long long)steps, (long long)(kept + steps * heads));
+    printf("evict: %lld tokens held after %lld steps (append: %lld), first step identical %s\n",
+           (long long)rb.kv_tokens_held_local, (long long)steps, (long long)ra.kv_tokens_held_local,
+           tu_failures ? "FAIL" : "ok");
+    tu_free(e, 1);
+    tu_free(e, 2);
+    uc_free(a);
+    uc_free(b);
+}
+
 int main(int argc, char **argv)
 {
     struct uc_comm *comm = NULL;
@@ -118,6 +170,7 @@ int main(int argc, char **argv)
         ids[i] = (int32_t)(2 + uc_rng_next(&rng) % 4000);
     }
     check_fork(e, ids);
+    check_evict(e, ids);
     int64_t full_bytes = 0, snap_bytes = 0, unc_bytes = 0;
     int64_t n_full = fill_pool(e, ids, UC_POLICY_FULL, &full_bytes);
     int64_t n_snap = fill_pool(e, ids, UC_POLICY_SNAPKV, &snap_bytes);
