@@ -76,7 +76,7 @@ uc_status uc_client_code_status(int grpc_code)
     }
 }
 
-const char *uc_finish_reason_name(enum uc_finish_reason r)
+const char *uc_client_finish_reason_name(enum uc_finish_reason r)
 {
     switch (r) {
     case UC_FINISH_STOP:
@@ -739,7 +739,7 @@ static void copy_complete(struct uc_completion *o, const Uncomp__V1__Complete *m
         copy_report(&o->compression, m->compression, oom);
     }
     if (m->timing) {
-        o->timing = (struct uc_timing){.queue_ms = m->timing->queue_ms,
+        o->timing = (struct uc_client_timing){.queue_ms = m->timing->queue_ms,
                                        .ttft_ms = m->timing->ttft_ms,
                                        .prefill_ms = m->timing->prefill_ms,
                                        .decode_ms = m->timing->decode_ms,
@@ -752,7 +752,7 @@ static int deliver_chunk(const Uncomp__V1__GenerateResponse *r, double now, uc_c
                          void *user, bool *oom)
 {
     const Uncomp__V1__Chunk *m = r->chunk;
-    struct uc_token_logprob *lp = NULL;
+    struct uc_client_token_logprob *lp = NULL;
     if (m->n_logprobs) {
         lp = uc_calloc(m->n_logprobs, sizeof(*lp));
         if (!lp) {
@@ -762,7 +762,7 @@ static int deliver_chunk(const Uncomp__V1__GenerateResponse *r, double now, uc_c
         for (size_t i = 0; i < m->n_logprobs; i++) {
             const Uncomp__V1__TokenLogprob *t = m->logprobs[i];
             size_t n_top = t->n_top_ids < t->n_top_logprobs ? t->n_top_ids : t->n_top_logprobs;
-            lp[i] = (struct uc_token_logprob){.token_id = t->token_id,
+            lp[i] = (struct uc_client_token_logprob){.token_id = t->token_id,
                                               .logprob = t->logprob,
                                               .top_ids = t->top_ids,
                                               .top_logprobs = t->top_logprobs,
@@ -1327,7 +1327,7 @@ out:
     return rc;
 }
 
-void uc_profile_fini(struct uc_profile *p)
+void uc_client_profile_fini(struct uc_client_profile *p)
 {
     if (!p) {
         return;
@@ -1345,7 +1345,7 @@ void uc_profile_fini(struct uc_profile *p)
     memset(p, 0, sizeof(*p));
 }
 
-static uc_status copy_profile(struct uc_profile *out, const Uncomp__V1__CompressionProfile *r,
+static uc_status copy_profile(struct uc_client_profile *out, const Uncomp__V1__CompressionProfile *r,
                               struct uc_client_error *err)
 {
     bool oom = false;
@@ -1395,13 +1395,13 @@ static uc_status copy_profile(struct uc_profile *out, const Uncomp__V1__Compress
         }
     }
     if (oom) {
-        uc_profile_fini(out);
+        uc_client_profile_fini(out);
         return err_nomem(err);
     }
     return UC_OK;
 }
 
-uc_status uc_client_profile(struct uc_client *c, struct uc_profile *out,
+uc_status uc_client_profile(struct uc_client *c, struct uc_client_profile *out,
                             struct uc_client_error *err)
 {
     Uncomp__V1__GetCompressionProfileRequest req;
@@ -1420,7 +1420,7 @@ out:
 }
 
 uc_status uc_client_calibrate(struct uc_client *c, const char *text, uint32_t window_tokens,
-                              uint32_t max_windows, struct uc_profile *out,
+                              uint32_t max_windows, struct uc_client_profile *out,
                               struct uc_client_error *err)
 {
     Uncomp__V1__CalibrateRequest req;
@@ -1441,7 +1441,7 @@ out:
     return rc;
 }
 
-void uc_policy_fini(struct uc_policy *p)
+void uc_client_policy_fini(struct uc_client_policy *p)
 {
     if (!p) {
         return;
@@ -1452,8 +1452,8 @@ void uc_policy_fini(struct uc_policy *p)
     memset(p, 0, sizeof(*p));
 }
 
-uc_status uc_client_set_policy(struct uc_client *c, const struct uc_policy *in,
-                               struct uc_policy *out, struct uc_client_error *err)
+uc_status uc_client_set_policy(struct uc_client *c, const struct uc_client_policy *in,
+                               struct uc_client_policy *out, struct uc_client_error *err)
 {
     Uncomp__V1__SetCompressionPolicyRequest req;
     protobuf_c_message_init(&uncomp__v1__set_compression_policy_request__descriptor, &req);
@@ -1483,7 +1483,7 @@ uc_status uc_client_set_policy(struct uc_client *c, const struct uc_policy *in,
     out->grouping = sdup(r->grouping, &oom);
     protobuf_c_message_free_unpacked(m, &pb_allocator);
     if (oom) {
-        uc_policy_fini(out);
+        uc_client_policy_fini(out);
         rc = err_nomem(err);
     }
 out:

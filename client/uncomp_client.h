@@ -176,7 +176,7 @@ struct uc_generate_params {
 struct uc_generate_params uc_generate_default_params(void);
 
 /* One generated token's log-probability and its top alternatives. */
-struct uc_token_logprob {
+struct uc_client_token_logprob {
     uint32_t token_id;
     float logprob;
     const uint32_t *top_ids;    /* n_top entries */
@@ -191,7 +191,7 @@ struct uc_chunk {
     size_t n_token_ids;
     const char *text;           /* UTF-8, NUL-terminated, whole code points */
     size_t text_len;
-    const struct uc_token_logprob *logprobs;
+    const struct uc_client_token_logprob *logprobs;
     size_t n_logprobs;
     double arrival_s;           /* monotonic clock (uc_time_s) when the chunk arrived */
 };
@@ -209,7 +209,7 @@ enum uc_finish_reason {
 };
 
 /* Returns "stop", "length", "aborted", "error" or "unspecified". */
-const char *uc_finish_reason_name(enum uc_finish_reason r);
+const char *uc_client_finish_reason_name(enum uc_finish_reason r);
 
 struct uc_group_report {
     uint32_t group;
@@ -247,7 +247,7 @@ struct uc_compression_report {
     uint64_t plan_checksum;
 };
 
-struct uc_timing {
+struct uc_client_timing {
     double queue_ms;
     double ttft_ms;             /* submission to first token (server side) */
     double prefill_ms;
@@ -265,7 +265,7 @@ struct uc_completion {
     uint32_t completion_tokens;
     bool has_compression;
     struct uc_compression_report compression;
-    struct uc_timing timing;
+    struct uc_client_timing timing;
     double client_ttft_ms;      /* call start to the first chunk with tokens (0 if none) */
     double client_total_ms;     /* call start to the end of the stream */
     uint64_t n_chunks;
@@ -343,7 +343,7 @@ uc_status uc_client_health(struct uc_client *c, const char *service,
 
 /* ---- Admin ------------------------------------------------------------------------------- */
 
-struct uc_rank_info {
+struct uc_client_rank_info {
     uint32_t rank;
     char *host;
     char *device;
@@ -357,7 +357,7 @@ struct uc_server_info {
     double uptime_s;
     char *state;                /* LOADING, SERVING, DRAINING, STOPPED */
     uint32_t tp_size;
-    struct uc_rank_info *ranks;
+    struct uc_client_rank_info *ranks;
     size_t n_ranks;
     uint32_t running_requests;
     uint32_t queued_requests;
@@ -440,7 +440,7 @@ struct uc_layer_profile {
     size_t n_kv_heads;
 };
 
-struct uc_profile {
+struct uc_client_profile {
     bool present;
     char *source;
     char *path;
@@ -454,30 +454,30 @@ struct uc_profile {
     char *json;                 /* the profile file itself */
 };
 
-void uc_profile_fini(struct uc_profile *p);
-uc_status uc_client_profile(struct uc_client *c, struct uc_profile *out,
+void uc_client_profile_fini(struct uc_client_profile *p);
+uc_status uc_client_profile(struct uc_client *c, struct uc_client_profile *out,
                             struct uc_client_error *err);
 
 /* Calibrates on `text` (NULL or "" = the built-in text), installs and persists the new profile
  * and returns it. window_tokens / max_windows: 0 = server defaults. */
 uc_status uc_client_calibrate(struct uc_client *c, const char *text, uint32_t window_tokens,
-                              uint32_t max_windows, struct uc_profile *out,
+                              uint32_t max_windows, struct uc_client_profile *out,
                               struct uc_client_error *err);
 
 /* The server's default compression settings (SetCompressionPolicy request and response). */
-struct uc_policy {
+struct uc_client_policy {
     char *policy;
     uint32_t kv_budget;         /* request: 0 = keep */
     char *decode_mode;          /* request: NULL or "" = keep */
     char *grouping;             /* request: NULL or "" = keep */
 };
 
-void uc_policy_fini(struct uc_policy *p);
+void uc_client_policy_fini(struct uc_client_policy *p);
 
 /* Changes the server's default policy (validated by the server; applies to new requests) and
- * returns the settings now in force in *out (release with uc_policy_fini()). */
-uc_status uc_client_set_policy(struct uc_client *c, const struct uc_policy *req,
-                               struct uc_policy *out, struct uc_client_error *err);
+ * returns the settings now in force in *out (release with uc_client_policy_fini()). */
+uc_status uc_client_set_policy(struct uc_client *c, const struct uc_client_policy *req,
+                               struct uc_client_policy *out, struct uc_client_error *err);
 
 struct uc_drain_result {
     uint32_t finished;          /* in-flight requests that completed */

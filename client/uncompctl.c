@@ -475,7 +475,7 @@ static void json_completion_fields(FILE *f, const struct uc_completion *c)
     fprintf(f, "\"request_id\":");
     uc_ctl_json_str(f, c->request_id);
     fprintf(f, ",\"finish_reason\":");
-    uc_ctl_json_str(f, uc_finish_reason_name(c->finish_reason));
+    uc_ctl_json_str(f, uc_client_finish_reason_name(c->finish_reason));
     fprintf(f, ",\"matched_stop\":");
     uc_ctl_json_str(f, c->matched_stop);
     fprintf(f, ",\"usage\":{\"prompt_tokens\":%" PRIu32 ",\"completion_tokens\":%" PRIu32 "}",
@@ -505,7 +505,7 @@ static void json_completion_fields(FILE *f, const struct uc_completion *c)
 static void verbose_completion(FILE *f, const struct uc_completion *c)
 {
     fprintf(f, "request_id: %s\n", c->request_id ? c->request_id : "");
-    fprintf(f, "finish: %s", uc_finish_reason_name(c->finish_reason));
+    fprintf(f, "finish: %s", uc_client_finish_reason_name(c->finish_reason));
     if (c->matched_stop && c->matched_stop[0]) {
         fprintf(f, " (matched stop \"%s\")", c->matched_stop);
     }
@@ -557,7 +557,7 @@ static void verbose_completion(FILE *f, const struct uc_completion *c)
     }
 }
 
-static void json_profile(FILE *f, const struct uc_profile *p, bool with_file)
+static void json_profile(FILE *f, const struct uc_client_profile *p, bool with_file)
 {
     fprintf(f, "{\"present\":%s,\"source\":", p->present ? "true" : "false");
     uc_ctl_json_str(f, p->source);
@@ -590,7 +590,7 @@ static void json_profile(FILE *f, const struct uc_profile *p, bool with_file)
     fputc('}', f);
 }
 
-static void print_profile_table(FILE *f, const struct uc_profile *p)
+static void print_profile_table(FILE *f, const struct uc_client_profile *p)
 {
     if (!p->present) {
         fprintf(f, "no compression profile is installed\n");
@@ -905,7 +905,7 @@ static int stream_chunk(const struct uc_chunk *ch, void *user)
     }
     if (st->verbose && st->logprobs) {
         for (size_t i = 0; i < ch->n_logprobs; i++) {
-            const struct uc_token_logprob *lp = &ch->logprobs[i];
+            const struct uc_client_token_logprob *lp = &ch->logprobs[i];
             fprintf(stderr, "[logprob] token %" PRIu32 " %.4f top:", lp->token_id, lp->logprob);
             for (size_t k = 0; k < lp->n_top; k++) {
                 fprintf(stderr, " %" PRIu32 "=%.4f", lp->top_ids[k], lp->top_logprobs[k]);
@@ -920,7 +920,7 @@ static int finish_exit(const struct uc_completion *c)
 {
     if (c->finish_reason == UC_FINISH_ABORTED || c->finish_reason == UC_FINISH_ERROR) {
         fprintf(stderr, "uncompctl: generate: the request ended with finish reason %s\n",
-                uc_finish_reason_name(c->finish_reason));
+                uc_client_finish_reason_name(c->finish_reason));
         return UC_CTL_EXIT_RPC;
     }
     return UC_CTL_EXIT_OK;
@@ -1380,7 +1380,7 @@ static void admin_opt(int opt, const char *arg, void *user)
     }
 }
 
-static int show_profile(struct uc_ctl *ctl, const struct uc_profile *p, bool raw)
+static int show_profile(struct uc_ctl *ctl, const struct uc_client_profile *p, bool raw)
 {
     if (ctl->json) {
         json_profile(stdout, p, raw);
@@ -1413,14 +1413,14 @@ static int cmd_profile(struct uc_ctl *ctl, int argc, char **argv)
     int code;
     struct uc_client *c = uc_ctl_connect(ctl, a.cmd, &code);
     if (c) {
-        struct uc_profile p;
+        struct uc_client_profile p;
         struct uc_client_error err;
         if (uc_client_profile(c, &p, &err) != UC_OK) {
             code = uc_ctl_fail(ctl, a.cmd, &err);
         } else {
             code = show_profile(ctl, &p, a.raw);
         }
-        uc_profile_fini(&p);
+        uc_client_profile_fini(&p);
         uc_client_close(c);
     }
     return code;
@@ -1450,7 +1450,7 @@ static int cmd_calibrate(struct uc_ctl *ctl, int argc, char **argv)
     int code;
     struct uc_client *c = uc_ctl_connect(ctl, a.cmd, &code);
     if (c) {
-        struct uc_profile p;
+        struct uc_client_profile p;
         struct uc_client_error err;
         if (uc_client_calibrate(c, text ? text : a.text, a.window_tokens, a.max_windows, &p,
                                 &err) != UC_OK) {
@@ -1458,7 +1458,7 @@ static int cmd_calibrate(struct uc_ctl *ctl, int argc, char **argv)
         } else {
             code = show_profile(ctl, &p, false);
         }
-        uc_profile_fini(&p);
+        uc_client_profile_fini(&p);
         uc_client_close(c);
     }
     uc_free(text);
@@ -1494,11 +1494,11 @@ static int cmd_set_policy(struct uc_ctl *ctl, int argc, char **argv)
     int code;
     struct uc_client *c = uc_ctl_connect(ctl, a.cmd, &code);
     if (c) {
-        struct uc_policy req = {.policy = (char *)(uintptr_t)a.policy,
+        struct uc_client_policy req = {.policy = (char *)(uintptr_t)a.policy,
                                 .kv_budget = a.kv_budget,
                                 .decode_mode = (char *)(uintptr_t)a.decode_mode,
                                 .grouping = (char *)(uintptr_t)a.grouping};
-        struct uc_policy now;
+        struct uc_client_policy now;
         struct uc_client_error err;
         if (uc_client_set_policy(c, &req, &now, &err) != UC_OK) {
             code = uc_ctl_fail(ctl, a.cmd, &err);
@@ -1514,7 +1514,7 @@ static int cmd_set_policy(struct uc_ctl *ctl, int argc, char **argv)
             printf("policy=%s kv_budget=%" PRIu32 " decode_mode=%s grouping=%s\n", now.policy,
                    now.kv_budget, now.decode_mode, now.grouping);
         }
-        uc_policy_fini(&now);
+        uc_client_policy_fini(&now);
         uc_client_close(c);
     }
     return code;
