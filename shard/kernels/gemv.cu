@@ -3,6 +3,8 @@
  * of w's row n (cache-streaming loads: the weights are read once per step) and the matching x
  * vectors (shared by every warp, so they stay in L1/L2), float32 accumulation, a warp
  * reduction at the end. cuBLAS handles larger T and float32. */
+#include <type_traits>
+
 #include "common.cuh"
 
 #define GEMV_WARPS 8
@@ -23,6 +25,24 @@ static __device__ __forceinline__ void unpack8(const uint4 v, float *f)
 /* One warp per output column; each lane issues GEMV_UNROLL independent 16-byte weight loads
  * before using any of them, so every SM keeps enough bytes in flight to cover the memory
  * latency (Little's law), then reads the matching x vectors (L1 hits after the first warp). */
+/* Calls launch(std::integral_constant<int, T>) for the row count T in [1, 8]: the kernels are
+ * templates on it so their accumulators stay in registers. */
+template <typename F> static cudaError_t dispatch_rows(int64_t n_tok, F launch)
+{
+    switch (n_tok) {
+    case 1: launch(std::integral_constant<int, 1>()); break;
+    case 2: launch(std::integral_constant<int, 2>()); break;
+    case 3: launch(std::integral_constant<int, 3>()); break;
+    case 4: launch(std::integral_constant<int, 4>()); break;
+    case 5: launch(std::integral_constant<int, 5>()); break;
+    case 6: launch(std::integral_constant<int, 6>()); break;
+    case 7: launch(std::integral_constant<int, 7>()); break;
+    case 8: launch(std::integral_constant<int, 8>()); break;
+    default: return cudaErrorInvalidValue;
+    }
+    return cudaGetLastError();
+}
+
 template <int TT>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_kernel(uc_bf16_t *__restrict__ y, const uc_bf16_t *__restrict__ x,
@@ -168,27 +188,10 @@ extern "C" cudaError_t uc_cuda_gemv_swiglu(void *y, const void *x, const void *w
                                            int64_t n_ffn, int64_t n_in, cudaStream_t stream)
 {
     unsigned blocks = (unsigned)((n_ffn + GEMV_WARPS - 1) / GEMV_WARPS);
-    uc_bf16_t *yy = (uc_bf16_t *)y;
-    const uc_bf16_t *xx = (const uc_bf16_t *)x, *ww = (const uc_bf16_t *)w;
-    int n = (int)n_ffn, k = (int)n_in;
-    switch (n_tok) {
-#define CASE(T)                                                                                    \
-    case T:                                                                                        \
-        gemv_swiglu_kernel<T><<<blocks, GEMV_WARPS * 32, 0, stream>>>(yy, xx, ww, n, k);          \
-        break;
-        CASE(1)
-        CASE(2)
-        CASE(3)
-        CASE(4)
-        CASE(5)
-        CASE(6)
-        CASE(7)
-        CASE(8)
-#undef CASE
-    default:
-        return cudaErrorInvalidValue;
-    }
-    return cudaGetLastError();
+    return dispatch_rows(n_tok, [&](auto rows) {
+        gemv_swiglu_kernel<decltype(rows)::value><<<blocks, GEMV_WARPS * 32, 0, stream>>>(
+            (uc_bf16_t *)y, (const uc_bf16_t *)x, (const uc_bf16_t *)w, (int)n_ffn, (int)n_in);
+    });
 }
 
 extern "C" bool uc_cuda_gemv_supported(int64_t n_tok, int64_t n_out, int64_t n_in,
@@ -202,25 +205,8 @@ extern "C" cudaError_t uc_cuda_gemv(void *y, const void *x, const void *w, int64
                                     int64_t n_out, int64_t n_in, cudaStream_t stream)
 {
     unsigned blocks = (unsigned)((n_out + GEMV_WARPS - 1) / GEMV_WARPS);
-    uc_bf16_t *yy = (uc_bf16_t *)y;
-    const uc_bf16_t *xx = (const uc_bf16_t *)x, *ww = (const uc_bf16_t *)w;
-    int n = (int)n_out, k = (int)n_in;
-    switch (n_tok) {
-#define CASE(T)                                                                                    \
-    case T:                                                                                        \
-        gemv_kernel<T><<<blocks, GEMV_WARPS * 32, 0, stream>>>(yy, xx, ww, n, k);                 \
-        break;
-        CASE(1)
-        CASE(2)
-        CASE(3)
-        CASE(4)
-        CASE(5)
-        CASE(6)
-        CASE(7)
-        CASE(8)
-#undef CASE
-    default:
-        return cudaErrorInvalidValue;
-    }
-    return cudaGetLastError();
+    return dispatch_rows(n_tok, [&](auto rows) {
+        gemv_kernel<decltype(rows)::value><<<blocks, GEMV_WARPS * 32, 0, stream>>>(
+            (uc_bf16_t *)y, (const uc_bf16_t *)x, (const uc_bf16_t *)w, (int)n_out, (int)n_in);
+    });
 }
