@@ -19,7 +19,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import grpc  # noqa: E402
 
 import grpc_client as gc  # noqa: E402
 from grpc_client import pb  # noqa: E402
+from e2e_util import TestFailure, check, free_port  # noqa: E402
 
 REPO = gc.REPO
 TEST_TIMEOUT_S = 90          # per test (x3 for an ASan build)
@@ -54,21 +54,6 @@ PROMPTS = [
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-class TestFailure(AssertionError):
-    pass
-
-
-def check(cond, msg="check failed"):
-    if not cond:
-        raise TestFailure(msg)
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def expect_rpc_error(fn, code, *substrings):
     """Runs fn, which must fail with `code` and a message containing every substring."""

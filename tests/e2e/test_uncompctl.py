@@ -22,12 +22,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from e2e_util import TestFailure, check, free_port  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -39,21 +39,6 @@ CALIB_TEXT = ("One of the special magic numbers for apple is: 4821. The quick br
               "over the lazy dog while the cat sleeps in the warm sun by the window. ") * 12
 
 EXIT_OK, EXIT_RPC, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
-
-
-class TestFailure(AssertionError):
-    pass
-
-
-def check(cond, msg="check failed"):
-    if not cond:
-        raise TestFailure(msg)
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Result:
