@@ -96,6 +96,9 @@ struct uc_sched {
     int64_t reserved_blocks;
     int64_t *frees;
     int64_t n_frees, cap_frees;
+    struct uc_step_decode *step_dec; /* this step's decodes and their requests */
+    struct req **step_req;
+    int64_t cap_step;
     int64_t next_seq;
     uint64_t seed_counter;
 };
@@ -823,12 +826,24 @@ static bool round_once(struct uc_sched *s)
         }
     }
     int64_t max_b = s->n_active;
-    struct uc_step_decode *dec = uc_malloc((size_t)(max_b + 1) * sizeof *dec);
-    struct uc_step_prefill pf[1];
-    struct req **decoded = uc_malloc((size_t)(max_b + 1) * sizeof *decoded);
-    if (!dec || !decoded) {
-        UC_FATAL("scheduler: out of memory building a step");
+    if (max_b + 1 > s->cap_step) { /* step lists are kept: no allocation per decode step */
+        int64_t cap = (max_b + 1) * 2;
+        struct uc_step_decode *d = uc_realloc(s->step_dec, (size_t)cap * sizeof *d);
+        if (d) {
+            s->step_dec = d;
+        }
+        struct req **r = uc_realloc(s->step_req, (size_t)cap * sizeof *r);
+        if (r) {
+            s->step_req = r;
+        }
+        if (!d || !r) {
+            UC_FATAL("scheduler: out of memory building a step");
+        }
+        s->cap_step = cap;
     }
+    struct uc_step_decode *dec = s->step_dec;
+    struct uc_step_prefill pf[1];
+    struct req **decoded = s->step_req;
     int32_t n_dec = 0, n_pf = 0;
     struct req *pf_req = NULL;
     for (int64_t i = 0; i < s->n_active; i++) {
@@ -885,8 +900,6 @@ static bool round_once(struct uc_sched *s)
             }
         }
     }
-    uc_free(dec);
-    uc_free(decoded);
     publish(s);
     return work;
 }
@@ -1248,6 +1261,8 @@ void uc_sched_destroy(struct uc_sched *s)
     uc_free(s->live);
     uc_free(s->active);
     uc_free(s->frees);
+    uc_free(s->step_dec);
+    uc_free(s->step_req);
     uc_free(s->profile_json);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
