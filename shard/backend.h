@@ -35,13 +35,17 @@ struct uc_kv_pool_view {
 };
 
 /* One decode batch's view of the paged cache for one layer: for row b and local KV head j,
- * entry e = b * Hkv + j holds n_tokens[e] tokens in blocks blocks[offset[e] ...]. */
+ * entry e = b * Hkv + j holds n_tokens[e] tokens in blocks blocks[offset[e] ...]. With
+ * on_device the three arrays are already in backend memory (uploaded once for a whole decode
+ * step) and max_tokens may be 0, "not known on the host": the op then sizes its work by the
+ * batch alone, so the same recorded graph serves every context length. */
 struct uc_kv_batch_view {
     const int32_t *n_tokens; /* (B * Hkv) */
     const int32_t *offset;   /* (B * Hkv) into blocks */
     const int32_t *blocks;   /* concatenated block ids */
     int64_t n_blocks_total;
-    int64_t max_tokens;      /* max over entries of n_tokens */
+    int64_t max_tokens;      /* max over entries of n_tokens (0: unknown, on_device only) */
+    bool on_device;
 };
 
 struct uc_backend_ops {
@@ -143,10 +147,16 @@ struct uc_backend_ops {
                             const void *k_src, const void *v_src, int64_t ld,
                             const int32_t *src_row, const int32_t *src_head, const int32_t *slot,
                             int64_t n);
+    /* Decode step, fused: rotates the q and k heads of the T rows of qkv (ld; q heads, then k
+     * heads, then v heads) at positions pos[t], then appends each row's k and v head j to pool
+     * slot slot[t * Hkv + j]. pos and slot are in backend memory, so the op can be recorded. */
+    uc_status (*rope_append)(struct uc_backend *be, struct uc_kv_pool_view *pool, void *qkv,
+                             int64_t ld, int64_t n_heads, int64_t n_heads_kv, int64_t head_dim,
+                             const int32_t *pos, const int32_t *slot, int64_t n_tok);
     /* Decode attention over the paged cache for B rows (one query token each): out (B, H*D);
      * q (B, ld_q). When psum is non-NULL it receives, for each entry b*Hkv+j, the attention
      * probabilities summed over the KV head's query heads, (B * Hkv, view->max_tokens) floats
-     * on the host. */
+     * on the host (view->max_tokens must then be known). */
     uc_status (*attn_decode)(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
                              const struct uc_kv_pool_view *pool,
                              const struct uc_kv_batch_view *view, int64_t n_rows, int64_t n_heads,
@@ -164,6 +174,9 @@ struct uc_backend_ops {
     uc_status (*graph_end)(struct uc_backend *be, void **graph);
     uc_status (*graph_launch)(struct uc_backend *be, void *graph);
     void (*graph_destroy)(struct uc_backend *be, void *graph);
+    /* (optional with graphs) Changes whenever the backend replaces an internal workspace that a
+     * recorded op may use; graphs recorded under another value must be recorded again. */
+    uint64_t (*graph_epoch)(struct uc_backend *be);
     /* (optional) Greedy/sampling support: index of the max of each row of x (T, N) to host. */
     uc_status (*argmax)(struct uc_backend *be, int32_t *out, const void *x, int64_t n_tok,
                         int64_t n);

@@ -575,6 +575,23 @@ static uc_status cpu_kv_scatter(struct uc_backend *be, struct uc_kv_pool_view *p
     return UC_OK;
 }
 
+static uc_status cpu_rope_append(struct uc_backend *be, struct uc_kv_pool_view *pool, void *qkv,
+                                  int64_t ld, int64_t n_heads, int64_t n_heads_kv,
+                                  int64_t head_dim, const int32_t *pos, const int32_t *slot,
+                                  int64_t n_tok)
+{
+    uc_status rc = cpu_rope(be, qkv, ld, n_heads + n_heads_kv, head_dim, pos, n_tok);
+    const float *x = qkv;
+    for (int64_t e = 0; rc == UC_OK && e < n_tok * n_heads_kv; e++) {
+        const float *k = x + e / n_heads_kv * ld + (n_heads + e % n_heads_kv) * head_dim;
+        memcpy((float *)pool->k + (int64_t)slot[e] * head_dim, k,
+               (size_t)head_dim * sizeof(float));
+        memcpy((float *)pool->v + (int64_t)slot[e] * head_dim, k + n_heads_kv * head_dim,
+               (size_t)head_dim * sizeof(float));
+    }
+    return rc;
+}
+
 static uc_status cpu_kv_copy_blocks(struct uc_backend *be, struct uc_kv_pool_view *pool,
                                    const int32_t *dst, const int32_t *src, int64_t n)
 {
@@ -657,7 +674,16 @@ static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q
     struct cpu_ctx *c = ctx_of(be);
     int64_t d = pool->head_dim, bt = pool->block_tokens;
     int64_t group = n_heads / n_heads_kv;
-    int64_t maxn = view->max_tokens > 0 ? view->max_tokens : 1;
+    int64_t maxn = view->max_tokens;
+    if (maxn <= 0) { /* backend memory is host memory here */
+        for (int64_t e = 0; e < n_rows * n_heads_kv; e++) {
+            maxn = view->n_tokens[e] > maxn ? view->n_tokens[e] : maxn;
+        }
+    }
+    maxn = maxn > 0 ? maxn : 1;
+    if (psum && view->max_tokens <= 0) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "decode probabilities need max_tokens");
+    }
     int n_thr = omp_get_max_threads();
     float *sbuf = score_buf(c, (size_t)(n_thr * maxn));
     if (!sbuf) {
@@ -752,6 +778,7 @@ static const struct uc_backend_ops cpu_ops = {
     .kv_pool_create = cpu_kv_pool_create,
     .kv_pool_destroy = cpu_kv_pool_destroy,
     .kv_scatter = cpu_kv_scatter,
+    .rope_append = cpu_rope_append,
     .attn_decode = cpu_attn_decode,
     .kv_move = cpu_kv_move,
     .kv_copy_blocks = cpu_kv_copy_blocks,

@@ -81,6 +81,7 @@ struct cuda_ctx {
     struct dev_buf work; /* float workspaces: window probs, colsum row stats, decode partials */
     struct dev_buf outp; /* results on their way to the host: psum, colsum, covariances */
     struct dev_buf dbl;  /* double workspaces: qcov rows and means */
+    uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
     /* the last RoPE positions: every layer of a decode step rotates at the same positions, so
      * they are uploaded once per step, not once per layer */
     int32_t *pos_pin;    /* pinned copy of what pos_dev holds */
@@ -99,6 +100,7 @@ static uc_status buf_reserve(struct cuda_ctx *c, struct dev_buf *b, size_t bytes
     size_t cap = b->cap + b->cap / 2;
     cap = cap > bytes ? cap : bytes;
     cap = (cap + 255) & ~(size_t)255;
+    c->epoch++;
     if (b->p) {
         uc_status rc = CU(cudaFreeAsync(b->p, c->stream));
         b->p = NULL;
@@ -652,17 +654,24 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
     if (!uc_cuda_attn_decode_supported(d, c->dt)) {
         return UC_ERRF(UC_ERR_UNSUPPORTED, "cuda decode attention: head_dim=%lld", (long long)d);
     }
+    if (psum && view->max_tokens <= 0) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "decode probabilities need max_tokens");
+    }
     struct uc_cuda_decode_plan plan;
-    uc_cuda_attn_decode_plan(&plan, n_rows, n_heads, n_heads_kv, d, maxn, psum != NULL, c->n_sms);
+    uc_cuda_attn_decode_plan(&plan, n_rows, n_heads, n_heads_kv, d, view->max_tokens,
+                             psum != NULL, c->n_sms);
     const int32_t *parts[3] = {view->n_tokens, view->offset, view->blocks};
     int64_t counts[3] = {entries, entries, view->n_blocks_total};
-    int32_t *dev[3];
+    int32_t *dev[3] = {(int32_t *)view->n_tokens, (int32_t *)view->offset,
+                       (int32_t *)view->blocks};
     uc_status rc;
     UC_CHECK(buf_reserve(c, &c->work, plan.ws_floats * sizeof(float)), rc, out);
     if (psum) {
         UC_CHECK(buf_reserve(c, &c->outp, (size_t)(entries * maxn) * sizeof(float)), rc, out);
     }
-    UC_CHECK(upload_idx(c, dev, parts, counts, 3), rc, out);
+    if (!view->on_device) {
+        UC_CHECK(upload_idx(c, dev, parts, counts, 3), rc, out);
+    }
     UC_CHECK(CU(uc_cuda_attn_decode(out, q, ld_q, pool->k, pool->v, pool->block_tokens, d, dev[0],
                                     dev[1], dev[2], n_rows, n_heads, n_heads_kv, maxn, &plan,
                                     c->work.p, psum ? c->outp.p : NULL, c->dt, c->stream)),
@@ -672,6 +681,21 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
     }
 out:
     return rc;
+}
+
+static uc_status cuda_rope_append(struct uc_backend *be, struct uc_kv_pool_view *pool, void *qkv,
+                                   int64_t ld, int64_t n_heads, int64_t n_heads_kv,
+                                   int64_t head_dim, const int32_t *pos, const int32_t *slot,
+                                   int64_t n_tok)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (head_dim / 2 != c->rope_half || head_dim != pool->head_dim) {
+        return UC_ERRF(UC_ERR_INTERNAL, "rope table half_dim=%lld, pool D=%lld, op asks D=%lld",
+                       (long long)c->rope_half, (long long)pool->head_dim, (long long)head_dim);
+    }
+    /* positions are on the device: the caller checked them against the table */
+    return CU(uc_cuda_rope_append(qkv, ld, n_heads, n_heads_kv, head_dim, pos, slot, n_tok,
+                                  c->rope_cos, c->rope_sin, pool->k, pool->v, c->dt, c->stream));
 }
 
 static uc_status cuda_kv_copy_blocks(struct uc_backend *be, struct uc_kv_pool_view *pool,
@@ -754,6 +778,8 @@ static void cuda_graph_destroy(struct uc_backend *be, void *graph)
         (void)cudaGraphExecDestroy((cudaGraphExec_t)graph);
     }
 }
+
+static uint64_t cuda_graph_epoch(struct uc_backend *be) { return ctx_of(be)->epoch; }
 
 static void cuda_destroy(struct uc_backend *be)
 {
@@ -840,6 +866,7 @@ static const struct uc_backend_ops cuda_ops = {
     .kv_pool_create = cuda_kv_pool_create,
     .kv_pool_destroy = cuda_kv_pool_destroy,
     .kv_scatter = cuda_kv_scatter,
+    .rope_append = cuda_rope_append,
     .attn_decode = cuda_attn_decode,
     .kv_move = cuda_kv_move,
     .kv_copy_blocks = cuda_kv_copy_blocks,
@@ -847,6 +874,7 @@ static const struct uc_backend_ops cuda_ops = {
     .graph_end = cuda_graph_end,
     .graph_launch = cuda_graph_launch,
     .graph_destroy = cuda_graph_destroy,
+    .graph_epoch = cuda_graph_epoch,
     .argmax = cuda_argmax,
     .destroy = cuda_destroy,
 };

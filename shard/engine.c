@@ -74,6 +74,17 @@ struct seq {
     struct ring *rings; /* (L, Hkv_local), evict mode */
 };
 
+/* A whole decode step (every layer, from the embedded rows to the last residual add) recorded
+ * as one backend graph, for one batch size and index buffer. */
+#define DECODE_GRAPH_MAX_ROWS 64
+#define DECODE_GRAPH_SLOTS 4
+struct decode_graph {
+    void *exec;
+    int64_t nb;
+    const void *meta; /* the index buffer its ops read */
+    uint64_t epoch;   /* the backend's workspace epoch when recorded */
+};
+
 struct uc_engine {
     struct uc_engine_params p;
     char *model_dir;
@@ -103,9 +114,15 @@ struct uc_engine {
     int32_t *d_pos, *d_tok;
     int32_t *sc_row, *sc_head, *sc_slot; /* scatter lists */
     int64_t sc_cap;
-    int32_t *bv_ntok, *bv_off, *bv_blocks; /* decode batch view */
-    int64_t bv_cap;
-    int64_t bv_blocks_cap;
+    /* the decode step's index arrays for every layer, built on the host and uploaded in one
+     * copy (layout: decode_meta_build) */
+    int32_t *dm_host;
+    int64_t dm_cap;
+    void *dm_dev;
+    int64_t dm_dev_cap;
+    int64_t *dm_maxn; /* (L) longest head of each layer this step */
+    struct decode_graph graphs[DECODE_GRAPH_SLOTS];
+    int64_t last_nb; /* batch size of the previous decode step */
     struct seq **batch; /* (max_batch) */
     float *dec_logits;  /* (max_batch, V) host: the last decode step's logits */
     int32_t *dec_argmax; /* (max_batch) */
@@ -553,12 +570,14 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
     e->batch = uc_malloc((size_t)e->p.max_batch * sizeof(struct seq *));
     e->dec_logits = uc_malloc((size_t)(e->p.max_batch * e->cfg->vocab) * sizeof(float));
     e->dec_argmax = uc_malloc((size_t)e->p.max_batch * sizeof(int32_t));
+    e->dm_maxn = uc_malloc((size_t)e->cfg->n_layers * sizeof(int64_t));
     e->cov = uc_malloc((size_t)(e->sh->n_heads * d * d) * sizeof(double));
     e->spec = uc_malloc((size_t)(e->cfg->n_heads * d) * sizeof(double));
     e->spec_local = uc_malloc((size_t)(e->sh->n_heads * d) * sizeof(double));
     e->cal_head = uc_calloc((size_t)(e->cfg->n_layers * e->cfg->n_heads), sizeof(double));
     e->cal_hidden = uc_calloc((size_t)e->cfg->n_layers, sizeof(double));
-    if (!e->d_pos || !e->d_tok || !e->batch || !e->dec_logits || !e->dec_argmax || !e->cov || !e->spec || !e->spec_local || !e->cal_head ||
+    if (!e->d_pos || !e->d_tok || !e->batch || !e->dec_logits || !e->dec_argmax || !e->dm_maxn ||
+        !e->cov || !e->spec || !e->spec_local || !e->cal_head ||
         !e->cal_hidden) {
         rc = UC_ERRF(UC_ERR_NOMEM, "engine scratch");
         goto out;
@@ -595,6 +614,14 @@ void uc_engine_destroy(struct uc_engine *e)
     }
     uc_free(e->seqs);
     if (e->be) {
+        for (int i = 0; i < DECODE_GRAPH_SLOTS; i++) {
+            if (e->graphs[i].exec) {
+                e->be->ops->graph_destroy(e->be, e->graphs[i].exec);
+            }
+        }
+        if (e->dm_dev) {
+            e->be->ops->free(e->be, e->dm_dev);
+        }
         if (e->dx) {
             e->be->ops->free(e->be, e->dx);
         }
@@ -613,8 +640,8 @@ void uc_engine_destroy(struct uc_engine *e)
     if (e->have_prof) {
         uc_profile_fini(&e->prof);
     }
-    void *host[] = {e->d_pos, e->d_tok, e->sc_row, e->sc_head, e->sc_slot, e->bv_ntok, e->bv_off,
-                    e->bv_blocks, e->psum, e->wprob, e->colscore, e->rowscore, e->keep,
+    void *host[] = {e->d_pos, e->d_tok, e->sc_row, e->sc_head, e->sc_slot, e->dm_host,
+                    e->dm_maxn, e->psum, e->wprob, e->colscore, e->rowscore, e->keep,
                     e->sel_scratch, e->cov, e->spec, e->spec_local, e->hid_host, e->cal_head,
                     e->cal_hidden, e->model_dir, e->profile_path, e->batch, e->dec_logits,
                     e->dec_argmax};
@@ -1654,14 +1681,165 @@ static uc_status evict_head(struct uc_engine *e, struct seq *s, int64_t l, int64
     return uc_kv_head_remove(&e->kv, h, victim);
 }
 
+/* The decode step's index arrays, for all layers at once: reserves each head's next slot and
+ * lays out, in int32s, pos (B) | for each layer l: slot (E), n_tokens (E), offset (E) | the
+ * block ids of every (layer, entry), offsets counted from the start of that last part; E = B Hkv.
+ * The fixed part's addresses depend only on B, so a recorded step stays valid while the
+ * buffer does. */
+static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int64_t nb,
+                                   int64_t *n_ints)
+{
+    int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
+    int64_t fixed = nb + 3 * L * ent, blocks = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t l = 0; l < L; l++) {
+            for (int64_t j = 0; j < hkv; j++) {
+                struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
+                uc_status rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
+                if (rc == UC_ERR_KV_FULL) {
+                    UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
+                             (long long)batch[b]->id, (long long)l);
+                }
+                if (rc != UC_OK) {
+                    return rc;
+                }
+                blocks += h->n_blocks;
+            }
+        }
+    }
+    if (!grow((void **)&e->dm_host, &e->dm_cap, fixed + blocks, sizeof(int32_t))) {
+        return UC_ERRF(UC_ERR_NOMEM, "decode index arrays");
+    }
+    int32_t *m = e->dm_host, *blk = m + fixed;
+    int64_t used = 0;
+    memcpy(m, e->d_pos, (size_t)nb * sizeof(int32_t));
+    for (int64_t l = 0; l < L; l++) {
+        int32_t *slot = m + nb + 3 * l * ent, *ntok = slot + ent, *off = ntok + ent;
+        int64_t maxn = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            for (int64_t j = 0; j < hkv; j++) {
+                struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
+                int64_t x = b * hkv + j;
+                slot[x] = uc_kv_head_slot(&e->kv, h, h->n_tokens);
+                h->n_tokens++;
+                ntok[x] = h->n_tokens;
+                off[x] = (int32_t)used;
+                memcpy(blk + used, h->blocks, (size_t)h->n_blocks * sizeof(int32_t));
+                used += h->n_blocks;
+                maxn = h->n_tokens > maxn ? h->n_tokens : maxn;
+            }
+        }
+        e->dm_maxn[l] = maxn;
+    }
+    *n_ints = fixed + used;
+    return UC_OK;
+}
+
+/* Every layer of a decode step of nb rows, from the embedded rows in dx to the last residual
+ * add, reading the uploaded index arrays. With `recordable` nothing crosses to the host: the
+ * attention sizes its work by the batch alone, so the ops can be recorded into a graph and
+ * replayed at any context length. */
+static uc_status decode_layers(struct uc_engine *e, struct seq **batch, int64_t nb,
+                               bool recordable, bool any_evict)
+{
+    int64_t L = e->cfg->n_layers, hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
+    int64_t ld = e->sh->qkv_dim, ent = nb * hkv, fixed = nb + 3 * L * ent;
+    const int32_t *dm = e->dm_dev;
+    uc_status rc;
+    UC_CHECK(uc_model_attn_norm(e->m, &e->ws, 0, e->dx, nb), rc, out);
+    for (int64_t l = 0; l < L; l++) {
+        const int32_t *slot = dm + nb + 3 * l * ent, *ntok = slot + ent, *off = ntok + ent;
+        UC_CHECK(uc_model_qkv_proj(e->m, &e->ws, l, e->dqkv, nb), rc, out);
+        /* rotate, then append the new token's K/V to every head; attend over the whole cache */
+        UC_CHECK(e->be->ops->rope_append(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv,
+                                         e->cfg->head_dim, dm, slot, nb),
+                 rc, out);
+        struct uc_kv_batch_view view = {ntok, off, dm + fixed, 0, recordable ? 0 : e->dm_maxn[l],
+                                        true};
+        float *psum = NULL;
+        if (any_evict) {
+            int64_t maxn = e->dm_maxn[l];
+            if (!grow((void **)&e->psum, &e->psum_cap, ent * maxn, sizeof(float))) {
+                rc = UC_ERRF(UC_ERR_NOMEM, "evict probabilities");
+                goto out;
+            }
+            psum = e->psum;
+            UC_CHECK(ensure_layer_scratch(e, maxn, 8), rc, out);
+        }
+        UC_CHECK(e->be->ops->attn_decode(e->be, e->ws.att, e->dqkv, ld, &e->kv.pool, &view, nb, hl,
+                                         hkv, psum),
+                 rc, out);
+        for (int64_t b = 0; any_evict && b < nb; b++) {
+            if (!batch[b]->rings) {
+                continue;
+            }
+            for (int64_t j = 0; j < hkv; j++) {
+                UC_CHECK(evict_head(e, batch[b], l, j, psum + (b * hkv + j) * e->dm_maxn[l]), rc,
+                         out);
+            }
+        }
+        UC_CHECK(uc_model_finish_layer_norm_next(e->m, &e->ws, l, e->dx, nb), rc, out);
+    }
+out:
+    return rc;
+}
+
+/* Runs decode_layers through a recorded graph where the backend has them: the first step of a
+ * batch size runs the ops directly; a second one in a row records them, later ones replay. */
+static uc_status decode_graphed(struct uc_engine *e, struct seq **batch, int64_t nb)
+{
+    struct uc_backend *be = e->be;
+    bool same_nb = e->last_nb == nb;
+    e->last_nb = nb;
+    if (!be->ops->graph_begin || uc_comm_size(e->comm) != 1 || nb > DECODE_GRAPH_MAX_ROWS) {
+        return decode_layers(e, batch, nb, true, false);
+    }
+    uint64_t epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
+    struct decode_graph *g = NULL;
+    for (int i = 0; i < DECODE_GRAPH_SLOTS && !g; i++) {
+        struct decode_graph *c = &e->graphs[i];
+        if (c->exec && c->nb == nb && c->meta == e->dm_dev && c->epoch == epoch) {
+            g = c;
+        }
+    }
+    if (g) {
+        return be->ops->graph_launch(be, g->exec);
+    }
+    uc_status rc = decode_layers(e, batch, nb, true, false);
+    if (rc != UC_OK || !same_nb) {
+        return rc;
+    }
+    /* record for the next steps (recording runs nothing); the oldest slot makes room */
+    struct decode_graph *last = &e->graphs[DECODE_GRAPH_SLOTS - 1];
+    if (last->exec) {
+        be->ops->graph_destroy(be, last->exec);
+    }
+    memmove(e->graphs + 1, e->graphs, (DECODE_GRAPH_SLOTS - 1) * sizeof e->graphs[0]);
+    g = &e->graphs[0];
+    memset(g, 0, sizeof *g);
+    UC_CHECK(be->ops->graph_begin(be), rc, out);
+    uc_status rr = decode_layers(e, batch, nb, true, false);
+    rc = be->ops->graph_end(be, &g->exec);
+    if (rr != UC_OK || rc != UC_OK) {
+        if (g->exec) {
+            be->ops->graph_destroy(be, g->exec);
+        }
+        g->exec = NULL;
+        rc = rr != UC_OK ? rr : rc;
+        goto out;
+    }
+    g->nb = nb;
+    g->meta = e->dm_dev;
+    g->epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
+out:
+    return rc;
+}
+
 static uc_status decode_run(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb)
 {
     if (nb == 0) {
         return UC_OK;
     }
-    int64_t L = e->cfg->n_layers, hl = e->sh->n_heads, hkv_l = e->sh->n_heads_kv;
-    int64_t d = e->cfg->head_dim, ld = e->sh->qkv_dim, c = e->cfg->hidden;
-    size_t a = act_size(e);
     struct seq **batch = e->batch;
     bool any_evict = false;
     uc_status rc;
@@ -1672,85 +1850,28 @@ static uc_status decode_run(struct uc_engine *e, const struct uc_step_decode *de
         any_evict = any_evict || batch[b]->rings != NULL;
     }
     UC_CHECK(uc_model_embed(e->m, e->dx, e->d_tok, nb), rc, out);
-    int64_t entries = nb * hkv_l;
-    int64_t tmp = e->bv_cap;
-    if (!grow((void **)&e->bv_ntok, &tmp, entries, sizeof(int32_t))) {
-        rc = UC_ERRF(UC_ERR_NOMEM, "decode view");
-        goto out;
+    int64_t n_ints = 0;
+    UC_CHECK(decode_meta_build(e, batch, nb, &n_ints), rc, out);
+    if (n_ints > e->dm_dev_cap) {
+        int64_t cap = n_ints + n_ints / 2;
+        if (e->dm_dev) {
+            e->be->ops->free(e->be, e->dm_dev);
+            e->dm_dev = NULL;
+            e->dm_dev_cap = 0;
+        }
+        UC_CHECK(e->be->ops->alloc(e->be, &e->dm_dev, (size_t)cap * sizeof(int32_t)), rc, out);
+        e->dm_dev_cap = cap;
     }
-    tmp = e->bv_cap;
-    if (!grow((void **)&e->bv_off, &tmp, entries, sizeof(int32_t))) {
-        rc = UC_ERRF(UC_ERR_NOMEM, "decode view");
-        goto out;
+    UC_CHECK(e->be->ops->upload(e->be, e->dm_dev, e->dm_host, (size_t)n_ints * sizeof(int32_t)),
+             rc, out);
+    if (any_evict) {
+        e->last_nb = 0;
+        rc = decode_layers(e, batch, nb, false, true);
+    } else {
+        rc = decode_graphed(e, batch, nb);
     }
-    e->bv_cap = tmp;
-    UC_CHECK(ensure_scatter(e, entries), rc, out);
-    const void *kbase = (char *)e->dqkv + (size_t)(hl * d) * a;
-    const void *vbase = (char *)e->dqkv + (size_t)((hl + hkv_l) * d) * a;
-    for (int64_t l = 0; l < L; l++) {
-        UC_CHECK(uc_model_qkv_decode(e->m, &e->ws, l, e->dqkv, e->dx, e->d_pos, nb), rc, out);
-        /* append the new token's K/V to every head, then attend over the whole cache */
-        int64_t total_blocks = 0, max_tokens = 0;
-        for (int64_t b = 0; b < nb; b++) {
-            for (int64_t j = 0; j < hkv_l; j++) {
-                struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
-                rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
-                if (rc == UC_ERR_KV_FULL) {
-                    UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
-                             (long long)batch[b]->id, (long long)l);
-                }
-                if (rc != UC_OK) {
-                    goto out;
-                }
-                int64_t e_i = b * hkv_l + j;
-                e->sc_row[e_i] = (int32_t)b;
-                e->sc_head[e_i] = (int32_t)j;
-                e->sc_slot[e_i] = uc_kv_head_slot(&e->kv, h, h->n_tokens);
-                h->n_tokens++;
-                e->bv_ntok[e_i] = h->n_tokens;
-                e->bv_off[e_i] = (int32_t)total_blocks;
-                total_blocks += h->n_blocks;
-                max_tokens = h->n_tokens > max_tokens ? h->n_tokens : max_tokens;
-            }
-        }
-        UC_CHECK(e->be->ops->kv_scatter(e->be, &e->kv.pool, kbase, vbase, ld, e->sc_row, e->sc_head,
-                                        e->sc_slot, entries),
-                 rc, out);
-        if (!grow((void **)&e->bv_blocks, &e->bv_blocks_cap, total_blocks, sizeof(int32_t))) {
-            rc = UC_ERRF(UC_ERR_NOMEM, "decode block list");
-            goto out;
-        }
-        for (int64_t b = 0; b < nb; b++) {
-            for (int64_t j = 0; j < hkv_l; j++) {
-                struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
-                memcpy(e->bv_blocks + e->bv_off[b * hkv_l + j], h->blocks,
-                       (size_t)h->n_blocks * sizeof(int32_t));
-            }
-        }
-        struct uc_kv_batch_view view = {e->bv_ntok, e->bv_off, e->bv_blocks, total_blocks,
-                                        max_tokens};
-        float *psum = NULL;
-        if (any_evict) {
-            if (!grow((void **)&e->psum, &e->psum_cap, entries * max_tokens, sizeof(float))) {
-                rc = UC_ERRF(UC_ERR_NOMEM, "evict probabilities");
-                goto out;
-            }
-            psum = e->psum;
-            UC_CHECK(ensure_layer_scratch(e, max_tokens, 8), rc, out);
-        }
-        UC_CHECK(e->be->ops->attn_decode(e->be, e->ws.att, e->dqkv, ld, &e->kv.pool, &view, nb, hl,
-                                         hkv_l, psum),
-                 rc, out);
-        for (int64_t b = 0; any_evict && b < nb; b++) {
-            if (!batch[b]->rings) {
-                continue;
-            }
-            for (int64_t j = 0; j < hkv_l; j++) {
-                UC_CHECK(evict_head(e, batch[b], l, j, psum + (b * hkv_l + j) * max_tokens), rc,
-                         out);
-            }
-        }
-        UC_CHECK(uc_model_finish_layer_decode(e->m, &e->ws, l, e->dx, nb), rc, out);
+    if (rc != UC_OK) {
+        goto out;
     }
     bool greedy = uc_comm_size(e->comm) == 1 && e->be->ops->argmax;
     for (int64_t b = 0; b < nb; b++) {
@@ -1767,7 +1888,6 @@ static uc_status decode_run(struct uc_engine *e, const struct uc_step_decode *de
         batch[b]->greedy = greedy ? e->dec_argmax[b] : -1;
         batch[b]->n_ctx++;
     }
-    (void)c;
 out:
     return rc;
 }

@@ -23,18 +23,8 @@ struct layer_w {
     void *wdown;     /* (C, F_local) */
 };
 
-#define GRAPH_MAX_ROWS 64 /* decode batches up to this size get graphs */
-#define GRAPH_SLOTS 4     /* batch sizes kept per layer and part */
-
-struct graph_slot {
-    void *exec;
-    int64_t n_tok;
-    const void *x, *y; /* the buffers it was recorded with */
-};
-
 struct uc_model {
     struct uc_model_config cfg;
-    struct graph_slot (*graphs)[2][GRAPH_SLOTS]; /* (L, pre/post, slot) */
     struct uc_model_shard sh;
     struct uc_backend *be;
     struct uc_comm *comm;
@@ -440,18 +430,6 @@ void uc_model_destroy(struct uc_model *m)
         return;
     }
     struct uc_backend *be = m->be;
-    if (m->graphs) {
-        for (int64_t l = 0; l < m->cfg.n_layers; l++) {
-            for (int p = 0; p < 2; p++) {
-                for (int k = 0; k < GRAPH_SLOTS; k++) {
-                    if (m->graphs[l][p][k].exec) {
-                        be->ops->graph_destroy(be, m->graphs[l][p][k].exec);
-                    }
-                }
-            }
-        }
-        uc_free(m->graphs);
-    }
     if (m->layers) {
         for (int64_t l = 0; l < m->cfg.n_layers; l++) {
             struct layer_w *w = &m->layers[l];
@@ -539,25 +517,37 @@ uc_status uc_model_embed(struct uc_model *m, void *x, const int32_t *ids, int64_
     return m->be->ops->embed(m->be, x, m->embed, ids, n_tok, m->cfg.hidden);
 }
 
+uc_status uc_model_attn_norm(struct uc_model *m, struct uc_model_ws *ws, int64_t layer,
+                             const void *x, int64_t n_tok)
+{
+    return m->be->ops->rmsnorm(m->be, ws->xn, x, m->layers[layer].attn_norm, n_tok,
+                               m->cfg.hidden, (float)m->cfg.norm_eps);
+}
+
+uc_status uc_model_qkv_proj(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *qkv,
+                            int64_t n_tok)
+{
+    struct uc_backend *be = m->be;
+    const struct layer_w *w = &m->layers[layer];
+    uc_status rc = be->ops->matmul(be, qkv, ws->xn, w->wqkv, n_tok, m->sh.qkv_dim, m->cfg.hidden);
+    if (rc == UC_OK && w->bqkv) {
+        rc = be->ops->add_bias(be, qkv, w->bqkv, n_tok, m->sh.qkv_dim);
+    }
+    return rc;
+}
+
 uc_status uc_model_qkv(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *qkv,
                        int64_t ld, const void *x, const int32_t *pos, int64_t n_tok)
 {
     struct uc_backend *be = m->be;
-    const struct layer_w *w = &m->layers[layer];
     const struct uc_model_shard *s = &m->sh;
-    int64_t cdim = m->cfg.hidden;
     uc_status rc;
-    UC_CHECK(be->ops->rmsnorm(be, ws->xn, x, w->attn_norm, n_tok, cdim, (float)m->cfg.norm_eps),
-             rc, out);
-    if (ld == s->qkv_dim) {
-        UC_CHECK(be->ops->matmul(be, qkv, ws->xn, w->wqkv, n_tok, s->qkv_dim, cdim), rc, out);
-    } else {
+    if (ld != s->qkv_dim) {
         return UC_ERRF(UC_ERR_INTERNAL, "qkv stride %lld != %lld", (long long)ld,
                        (long long)s->qkv_dim);
     }
-    if (w->bqkv) {
-        UC_CHECK(be->ops->add_bias(be, qkv, w->bqkv, n_tok, s->qkv_dim), rc, out);
-    }
+    UC_CHECK(uc_model_attn_norm(m, ws, layer, x, n_tok), rc, out);
+    UC_CHECK(uc_model_qkv_proj(m, ws, layer, qkv, n_tok), rc, out);
     /* q and k heads are adjacent in the fused row: rotate them in one pass */
     UC_CHECK(be->ops->rope(be, qkv, ld, s->n_heads + s->n_heads_kv, m->cfg.head_dim, pos, n_tok),
              rc, out);
@@ -565,8 +555,10 @@ out:
     return rc;
 }
 
-uc_status uc_model_finish_layer(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *x,
-                                int64_t n_tok)
+/* The layer after attention; with `next_norm` the last residual add is fused with the next
+ * layer's attention norm (into ws->xn). */
+static uc_status finish_layer(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *x,
+                              int64_t n_tok, bool next_norm)
 {
     struct uc_backend *be = m->be;
     const struct layer_w *w = &m->layers[layer];
@@ -587,9 +579,26 @@ uc_status uc_model_finish_layer(struct uc_model *m, struct uc_model_ws *ws, int6
              out);
     UC_CHECK(be->ops->matmul(be, ws->tmp, ws->act, w->wdown, n_tok, cdim, s->n_ffn), rc, out);
     UC_CHECK(uc_comm_dp_allreduce_sum(m->comm, ws->tmp, n, dt, be->stream), rc, out);
-    UC_CHECK(be->ops->add(be, x, ws->tmp, n), rc, out);
+    if (next_norm) {
+        rc = be->ops->add_rmsnorm(be, ws->xn, x, ws->tmp, m->layers[layer + 1].attn_norm, n_tok,
+                                  cdim, (float)m->cfg.norm_eps);
+    } else {
+        rc = be->ops->add(be, x, ws->tmp, n);
+    }
 out:
     return rc;
+}
+
+uc_status uc_model_finish_layer(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *x,
+                                int64_t n_tok)
+{
+    return finish_layer(m, ws, layer, x, n_tok, false);
+}
+
+uc_status uc_model_finish_layer_norm_next(struct uc_model *m, struct uc_model_ws *ws,
+                                          int64_t layer, void *x, int64_t n_tok)
+{
+    return finish_layer(m, ws, layer, x, n_tok, layer + 1 < m->cfg.n_layers);
 }
 
 uc_status uc_model_argmax(struct uc_model *m, struct uc_model_ws *ws, int32_t *out, const void *x,
@@ -608,89 +617,6 @@ uc_status uc_model_argmax(struct uc_model *m, struct uc_model_ws *ws, int32_t *o
     rc = be->ops->argmax(be, out, ws->logits, n_tok, s->n_vocab);
 out:
     return rc;
-}
-
-/* ---- decode graphs --------------------------------------------------------------------- */
-
-static uc_status qkv_dense(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *qkv,
-                           const void *x, int64_t n_tok)
-{
-    struct uc_backend *be = m->be;
-    const struct layer_w *w = &m->layers[layer];
-    const struct uc_model_shard *s = &m->sh;
-    uc_status rc;
-    UC_CHECK(be->ops->rmsnorm(be, ws->xn, x, w->attn_norm, n_tok, m->cfg.hidden,
-                              (float)m->cfg.norm_eps),
-             rc, out);
-    UC_CHECK(be->ops->matmul(be, qkv, ws->xn, w->wqkv, n_tok, s->qkv_dim, m->cfg.hidden), rc, out);
-    if (w->bqkv) {
-        rc = be->ops->add_bias(be, qkv, w->bqkv, n_tok, s->qkv_dim);
-    }
-out:
-    return rc;
-}
-
-/* Runs part (0: before attention, 1: after) of a layer through a cached graph, recording it on
- * first use. */
-static uc_status run_graphed(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, int part,
-                             void *a, void *b, int64_t n_tok)
-{
-    struct uc_backend *be = m->be;
-    bool ok = be->ops->graph_begin && m->sh.n_ranks == 1 && n_tok <= GRAPH_MAX_ROWS;
-    if (ok && !m->graphs) {
-        m->graphs = uc_calloc((size_t)m->cfg.n_layers, sizeof *m->graphs);
-        ok = m->graphs != NULL;
-    }
-    if (!ok) {
-        return part == 0 ? qkv_dense(m, ws, layer, a, b, n_tok)
-                         : uc_model_finish_layer(m, ws, layer, a, n_tok);
-    }
-    struct graph_slot *slots = m->graphs[layer][part], *g = NULL;
-    for (int k = 0; k < GRAPH_SLOTS && !g; k++) {
-        if (slots[k].exec && slots[k].n_tok == n_tok && slots[k].x == a && slots[k].y == b) {
-            g = &slots[k];
-        }
-    }
-    if (!g) { /* record: reuse the least recently recorded slot (slot 0 after a shift) */
-        if (slots[GRAPH_SLOTS - 1].exec) {
-            be->ops->graph_destroy(be, slots[GRAPH_SLOTS - 1].exec);
-        }
-        memmove(slots + 1, slots, (GRAPH_SLOTS - 1) * sizeof *slots);
-        g = &slots[0];
-        memset(g, 0, sizeof *g);
-        uc_status rc = be->ops->graph_begin(be);
-        if (rc != UC_OK) {
-            return rc;
-        }
-        uc_status rr = part == 0 ? qkv_dense(m, ws, layer, a, b, n_tok)
-                                 : uc_model_finish_layer(m, ws, layer, a, n_tok);
-        rc = be->ops->graph_end(be, &g->exec);
-        if (rr != UC_OK || rc != UC_OK) {
-            g->exec = NULL;
-            return rr != UC_OK ? rr : rc;
-        }
-        g->n_tok = n_tok;
-        g->x = a;
-        g->y = b;
-    }
-    return be->ops->graph_launch(be, g->exec);
-}
-
-uc_status uc_model_qkv_decode(struct uc_model *m, struct uc_model_ws *ws, int64_t layer,
-                              void *qkv, const void *x, const int32_t *pos, int64_t n_tok)
-{
-    uc_status rc = run_graphed(m, ws, layer, 0, qkv, (void *)(uintptr_t)x, n_tok);
-    if (rc == UC_OK) {
-        rc = m->be->ops->rope(m->be, qkv, m->sh.qkv_dim, m->sh.n_heads + m->sh.n_heads_kv,
-                              m->cfg.head_dim, pos, n_tok);
-    }
-    return rc;
-}
-
-uc_status uc_model_finish_layer_decode(struct uc_model *m, struct uc_model_ws *ws, int64_t layer,
-                                       void *x, int64_t n_tok)
-{
-    return run_graphed(m, ws, layer, 1, x, NULL, n_tok);
 }
 
 uc_status uc_model_logits(struct uc_model *m, struct uc_model_ws *ws, float *out, const void *x,

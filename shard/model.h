@@ -78,23 +78,24 @@ uc_status uc_model_ws_init(struct uc_model *m, struct uc_model_ws *ws, int64_t m
                            int64_t max_logit_rows);
 void uc_model_ws_fini(struct uc_model *m, struct uc_model_ws *ws);
 
-/* The decode step's dense parts of one layer (the norm and QKV product before attention; the
- * output projection, residual adds, norm and MLP after it) as replayable backend graphs, one per
- * (layer, batch size) and buffer set, recorded on first use. Falls back to plain ops where the
- * backend has no graphs or R > 1. */
-uc_status uc_model_qkv_decode(struct uc_model *m, struct uc_model_ws *ws, int64_t layer,
-                              void *qkv, const void *x, const int32_t *pos, int64_t n_tok);
-uc_status uc_model_finish_layer_decode(struct uc_model *m, struct uc_model_ws *ws, int64_t layer,
-                                       void *x, int64_t n_tok);
-
 /* x (T, C) = embedding of ids. */
 uc_status uc_model_embed(struct uc_model *m, void *x, const int32_t *ids, int64_t n_tok);
 /* qkv (T, qkv_dim, row stride ld) = RoPE(norm(x) Wqkv^T + b) for the rows' positions. */
 uc_status uc_model_qkv(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *qkv,
                        int64_t ld, const void *x, const int32_t *pos, int64_t n_tok);
+/* The pieces of uc_model_qkv, for the decode step: ws->xn = attention norm of x; qkv (T,
+ * qkv_dim) = ws->xn Wqkv^T + b (no RoPE). */
+uc_status uc_model_attn_norm(struct uc_model *m, struct uc_model_ws *ws, int64_t layer,
+                             const void *x, int64_t n_tok);
+uc_status uc_model_qkv_proj(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *qkv,
+                            int64_t n_tok);
 /* x += AllReduce(att Wo^T); x += AllReduce(SwiGLU MLP(norm(x))). att in ws->att. */
 uc_status uc_model_finish_layer(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *x,
                                 int64_t n_tok);
+/* The same, and below the last layer also ws->xn = the next layer's attention norm of the new
+ * x, fused with the last residual add (the decode step then calls uc_model_qkv_proj). */
+uc_status uc_model_finish_layer_norm_next(struct uc_model *m, struct uc_model_ws *ws,
+                                          int64_t layer, void *x, int64_t n_tok);
 /* Logits of rows x (T <= max_logit_rows, C): the full vocabulary on every rank, host (T, V). */
 uc_status uc_model_logits(struct uc_model *m, struct uc_model_ws *ws, float *out, const void *x,
                           int64_t n_tok);

@@ -45,8 +45,9 @@ static __global__ void __launch_bounds__(DEC_THREADS)
     const int b = e / hkv, j = e % hkv;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int nt = n_tokens[e];
-    const int t_begin = split * chunk;
-    const int t_end = t_begin + chunk < nt ? t_begin + chunk : nt;
+    const int step = chunk > 0 ? chunk : (nt + n_splits * 64 - 1) / (n_splits * 64) * 64;
+    const int t_begin = split * step;
+    const int t_end = t_begin + step < nt ? t_begin + step : nt;
     const int32_t *blk = blocks + offset[e];
 
     for (int i = tid; i < DEC_GT * d; i += DEC_THREADS) {
@@ -270,10 +271,16 @@ extern "C" void uc_cuda_attn_decode_plan(struct uc_cuda_decode_plan *plan, int64
     int64_t g_tiles = ceil_div(group, DEC_GT);
     int64_t mt = max_tokens > 0 ? max_tokens : 1;
     int64_t want = ceil_div(2 * (int64_t)(n_sms > 0 ? n_sms : 132), entries * g_tiles);
-    int64_t splits = want < ceil_div(mt, 64) ? want : ceil_div(mt, 64);
-    splits = splits < 1 ? 1 : splits;
-    int64_t chunk = ceil_div(ceil_div(mt, splits), 64) * 64;
-    splits = ceil_div(mt, chunk);
+    int64_t splits, chunk;
+    if (max_tokens <= 0) { /* dynamic: ranges sized in the kernel from each entry's length */
+        splits = want < 64 ? want : 64;
+        chunk = 0;
+    } else {
+        splits = want < ceil_div(mt, 64) ? want : ceil_div(mt, 64);
+        splits = splits < 1 ? 1 : splits;
+        chunk = ceil_div(ceil_div(mt, splits), 64) * 64;
+        splits = ceil_div(mt, chunk);
+    }
     plan->n_splits = (int)splits;
     plan->chunk = (int)chunk;
     plan->g_tiles = (int)g_tiles;

@@ -60,6 +60,13 @@ cudaError_t uc_cuda_rope_table(float *cos_t, float *sin_t, const float *inv_freq
 cudaError_t uc_cuda_rope(void *x, int64_t ld, int64_t n_heads, int64_t head_dim,
                          const int32_t *pos, int64_t n_tok, const float *cos_t,
                          const float *sin_t, enum uc_cuda_dtype dt, cudaStream_t stream);
+/* Decode: RoPE on the q and k heads of T rows of qkv (q heads, k heads, v heads; stride ld),
+ * then k and v head j of row t to pool slot slot[t * Hkv + j]. pos (T), slot (T * Hkv). */
+cudaError_t uc_cuda_rope_append(void *qkv, int64_t ld, int64_t n_heads, int64_t n_heads_kv,
+                                int64_t head_dim, const int32_t *pos, const int32_t *slot,
+                                int64_t n_tok, const float *cos_t, const float *sin_t,
+                                void *pool_k, void *pool_v, enum uc_cuda_dtype dt,
+                                cudaStream_t stream);
 /* y (T, F) = silu(gu[:, :F]) * gu[:, F:]. */
 cudaError_t uc_cuda_swiglu(void *y, const void *gu, int64_t n_tok, int64_t n_ffn,
                            enum uc_cuda_dtype dt, cudaStream_t stream);
@@ -111,13 +118,14 @@ cudaError_t uc_cuda_kv_move(void *pool_k, void *pool_v, int64_t head_dim, int32_
                             int32_t src_slot, enum uc_cuda_dtype dt, cudaStream_t stream);
 
 /* Paged decode attention (split-K / flash-decoding). A plan from uc_cuda_attn_decode_plan sizes
- * the split and the float workspace; the launch then takes the device index arrays n_tokens
+ * the split and the float workspace (max_tokens 0: not known, the split then depends on the
+ * batch alone and each entry's ranges on its own length, for recorded graphs); the launch then takes the device index arrays n_tokens
  * and offset ((B * Hkv) each) and blocks, the queries q (B, ld_q), and writes out (B, H*D).
  * With psum non-NULL (device, (B * Hkv, max_tokens) floats) it also writes the probabilities
  * summed over each KV head's query heads, zeros past each entry's n_tokens. */
 struct uc_cuda_decode_plan {
     int n_splits;   /* token ranges per (row, KV head) */
-    int chunk;      /* tokens per range */
+    int chunk;      /* tokens per range; 0: each entry splits its own n_tokens in n_splits */
     int g_tiles;    /* query-head tiles of up to 4 heads per KV head */
     size_t ws_floats; /* workspace the launch needs */
 };

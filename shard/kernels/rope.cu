@@ -33,6 +33,50 @@ static __global__ void rope_kernel(T *x, int64_t ld, int64_t n_heads, int64_t he
     }
 }
 
+/* rope_append: items (t, h, i < D/2) over the q heads, the k heads (rotated, and written to
+ * the pool slot as well) and the v heads (copied to the pool slot). */
+template <typename T>
+static __global__ void rope_append_kernel(T *x, int64_t ld, int n_heads, int n_kv, int head_dim,
+                                          const int32_t *pos, const int32_t *slot, int64_t n_tok,
+                                          const float *cos_t, const float *sin_t, T *pk, T *pv)
+{
+    int64_t half = head_dim / 2, per_tok = (int64_t)(n_heads + 2 * n_kv) * half;
+    int64_t n = n_tok * per_tok;
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
+         idx += (int64_t)gridDim.x * blockDim.x) {
+        int64_t t = idx / per_tok, r = idx - t * per_tok, h = r / half, i = r - h * half;
+        T *v = x + t * ld + h * head_dim;
+        if (h >= n_heads + n_kv) { /* a v head: copy */
+            T *dst = pv + (int64_t)slot[t * n_kv + (h - n_heads - n_kv)] * head_dim;
+            dst[i] = v[i];
+            dst[i + half] = v[i + half];
+            continue;
+        }
+        int64_t tab = (int64_t)pos[t] * half + i;
+        float c = cos_t[tab], s = sin_t[tab];
+        float a = uck_to_f(v[i]), b = uck_to_f(v[i + half]);
+        T ra = uck_from_f<T>(a * c - b * s), rb = uck_from_f<T>(b * c + a * s);
+        v[i] = ra;
+        v[i + half] = rb;
+        if (h >= n_heads) {
+            T *dst = pk + (int64_t)slot[t * n_kv + (h - n_heads)] * head_dim;
+            dst[i] = ra;
+            dst[i + half] = rb;
+        }
+    }
+}
+
+template <typename T>
+static void launch_append(void *x, int64_t ld, int64_t n_heads, int64_t n_kv, int64_t head_dim,
+                          const int32_t *pos, const int32_t *slot, int64_t n_tok,
+                          const float *cos_t, const float *sin_t, void *pk, void *pv,
+                          cudaStream_t stream)
+{
+    rope_append_kernel<T><<<uck_blocks(n_tok * (n_heads + 2 * n_kv) * (head_dim / 2), 256), 256,
+                            0, stream>>>((T *)x, ld, (int)n_heads, (int)n_kv, (int)head_dim, pos,
+                                         slot, n_tok, cos_t, sin_t, (T *)pk, (T *)pv);
+}
+
 template <typename T>
 static void launch(void *x, int64_t ld, int64_t n_heads, int64_t head_dim, const int32_t *pos,
                    int64_t n_tok, const float *cos_t, const float *sin_t, cudaStream_t stream)
@@ -57,6 +101,20 @@ extern "C" cudaError_t uc_cuda_rope(void *x, int64_t ld, int64_t n_heads, int64_
 {
     if (n_tok > 0 && n_heads > 0 && head_dim >= 2) {
         UCK_DISPATCH(dt, launch, x, ld, n_heads, head_dim, pos, n_tok, cos_t, sin_t, stream);
+    }
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t uc_cuda_rope_append(void *qkv, int64_t ld, int64_t n_heads,
+                                           int64_t n_heads_kv, int64_t head_dim,
+                                           const int32_t *pos, const int32_t *slot, int64_t n_tok,
+                                           const float *cos_t, const float *sin_t, void *pool_k,
+                                           void *pool_v, enum uc_cuda_dtype dt,
+                                           cudaStream_t stream)
+{
+    if (n_tok > 0 && head_dim >= 2) {
+        UCK_DISPATCH(dt, launch_append, qkv, ld, n_heads, n_heads_kv, head_dim, pos, slot, n_tok,
+                     cos_t, sin_t, pool_k, pool_v, stream);
     }
     return cudaGetLastError();
 }

@@ -677,7 +677,7 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
     pools_make(&p, n_blocks, bt, d, seed + 1);
     struct qkv q;
     qkv_make(&q, n_rows, h, hkv, d, seed + 2);
-    struct uc_kv_batch_view view = {ntok, off, perm, total, maxn};
+    struct uc_kv_batch_view view = {ntok, off, perm, total, maxn, false};
     void *og = NULL, *oc = NULL;
     gpu->ops->alloc(gpu, &og, (size_t)(n_rows * h * d) * gpu->ops->act_size(gpu));
     cpu->ops->alloc(cpu, &oc, (size_t)(n_rows * h * d) * sizeof(float));
@@ -697,6 +697,21 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
              with_psum ? " psum" : "");
     double e = r1 == UC_OK && r2 == UC_OK ? cmp_dev(og, oc, n_rows * h * d) : INFINITY;
     report("attn_decode", what, e, bound_act());
+    if (!with_psum) { /* the recorded-step form: indices on the device, length not known */
+        int32_t *dev = NULL;
+        size_t nb = (size_t)(2 * entries + total) * sizeof(int32_t);
+        gpu->ops->alloc(gpu, (void **)&dev, nb);
+        gpu->ops->upload(gpu, dev, ntok, (size_t)entries * sizeof(int32_t));
+        gpu->ops->upload(gpu, dev + entries, off, (size_t)entries * sizeof(int32_t));
+        gpu->ops->upload(gpu, dev + 2 * entries, perm, (size_t)total * sizeof(int32_t));
+        struct uc_kv_batch_view dv = {dev, dev + entries, dev + 2 * entries, total, 0, true};
+        r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &dv, n_rows, h, hkv, NULL);
+        char w2[112];
+        snprintf(w2, sizeof w2, "%s, device indices", what);
+        report("attn_decode", w2, r1 == UC_OK ? cmp_dev(og, oc, n_rows * h * d) : INFINITY,
+               bound_act());
+        drop(gpu, dev);
+    }
     if (with_psum) {
         report("decode_psum", what,
                r1 == UC_OK && r2 == UC_OK ? nmse(pg, pc, entries * maxn) : INFINITY, 1e-8);
@@ -710,6 +725,53 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
     uc_free(ntok);
     uc_free(off);
     uc_free(perm);
+}
+
+/* RoPE on q and k heads and the append of k and v to pool slots, indices on the device. */
+static void test_rope_append(int64_t d, int64_t n_rows, int64_t h, int64_t hkv)
+{
+    const int64_t max_pos = 4096;
+    float *inv = uc_malloc((size_t)(d / 2) * sizeof(float));
+    for (int64_t i = 0; i < d / 2; i++) {
+        inv[i] = 1.0f / powf(500000.0f, (float)(2 * i) / (float)d);
+    }
+    if (gpu->ops->rope_init(gpu, inv, d / 2, max_pos) != UC_OK ||
+        cpu->ops->rope_init(cpu, inv, d / 2, max_pos) != UC_OK) {
+        die("rope_init");
+    }
+    struct pools p;
+    pools_make(&p, 32, 16, d, 700 + (uint64_t)d);
+    struct qkv b;
+    qkv_make(&b, n_rows, h, hkv, d, 710 + (uint64_t)d);
+    int64_t n = n_rows * hkv;
+    int32_t *host = uc_malloc((size_t)(n_rows + 32 * 16) * sizeof(int32_t));
+    int32_t *slot = host + n_rows;
+    for (int32_t i = 0; i < 32 * 16; i++) {
+        slot[i] = i;
+    }
+    struct uc_rng r;
+    uc_rng_seed(&r, 720);
+    shuffle_i32(slot, 32 * 16, &r);
+    for (int64_t t = 0; t < n_rows; t++) {
+        host[t] = t == 0 ? (int32_t)(max_pos - 1) : (int32_t)(uc_rng_next(&r) % max_pos);
+    }
+    int32_t *dev = NULL;
+    gpu->ops->alloc(gpu, (void **)&dev, (size_t)(n_rows + n) * sizeof(int32_t));
+    gpu->ops->upload(gpu, dev, host, (size_t)(n_rows + n) * sizeof(int32_t));
+    uc_status r1 = gpu->ops->rope_append(gpu, &p.g, b.g, b.ld, h, hkv, d, dev, dev + n_rows,
+                                         n_rows);
+    uc_status r2 = cpu->ops->rope_append(cpu, &p.c, b.c, b.ld, h, hkv, d, host, slot, n_rows);
+    char what[64];
+    snprintf(what, sizeof what, "T=%lld H=%lld Hkv=%lld D=%lld", (long long)n_rows, (long long)h,
+             (long long)hkv, (long long)d);
+    bool ok = r1 == UC_OK && r2 == UC_OK;
+    report("rope_append", what, ok ? cmp_dev(b.g, b.c, n_rows * b.ld) : INFINITY, bound_act());
+    report("rope_append", "pool after the append", ok ? pools_cmp(&p) : INFINITY, bound_act());
+    drop(gpu, dev);
+    uc_free(host);
+    uc_free(inv);
+    qkv_free(&b);
+    pools_free(&p);
 }
 
 /* ---- the pass ------------------------------------------------------------------------------ */
@@ -767,6 +829,8 @@ static void run_pass(void)
     /* paged KV */
     test_kv_scatter_move(128);
     test_kv_scatter_move(8);
+    test_rope_append(128, 1, 32, 8);
+    test_rope_append(64, 9, 8, 2);
     test_attn_decode(1, 8, 2, 128, 1, false, 600);
     test_attn_decode(3, 8, 2, 128, 40, true, 610);
     test_attn_decode(8, 32, 8, 128, 3000, false, 620);
@@ -850,7 +914,7 @@ static void bench_decode(int64_t rows, int64_t ctx)
     gpu->ops->kv_pool_create(gpu, &b.pool, nb, bt, d);
     gpu->ops->weight_random(gpu, &b.q, rows, b.ld, 5, 0.0f, 1.0f);
     gpu->ops->alloc(gpu, &b.out, (size_t)(rows * h * d) * gpu->ops->act_size(gpu));
-    b.view = (struct uc_kv_batch_view){ntok, off, blocks, nb, ctx};
+    b.view = (struct uc_kv_batch_view){ntok, off, blocks, nb, ctx, false};
     double t = time_op(run_dec, &b, 20);
     double bytes = 2.0 * (double)entries * (double)ctx * (double)d * 2.0;
     printf("bench attn_decode B=%lld ctx=%lld H=32 Hkv=8 D=128: %.1f us %.0f GB/s (K+V read)\n",
