@@ -67,6 +67,7 @@ struct cuda_ctx {
     enum uc_cuda_dtype dt;
     size_t act;
     int n_sms;
+    int pdl; /* decode products as programmatic dependent launches (sm_90; UC_CUDA_PDL=0: off) */
     cudaStream_t stream;
     cublasHandle_t blas;
     void *blas_ws;
@@ -350,7 +351,7 @@ static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, cons
     }
     if (uc_cuda_gemv_supported(n_tok, n_out, n_in, c->dt)) {
         /* decode: stream the weights once with our kernel */
-        return CU(uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, c->stream));
+        return CU(uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, c->pdl, c->stream));
     }
     const float alpha = 1.0f, beta = 0.0f;
     cudaDataType_t t = c->fp32 ? CUDA_R_32F : CUDA_R_16BF;
@@ -372,7 +373,7 @@ static uc_status cuda_matmul_swiglu(struct uc_backend *be, void *y, void *gu, co
 {
     struct cuda_ctx *c = ctx_of(be);
     if (uc_cuda_gemv_supported(n_tok, 2 * n_ffn, n_in, c->dt)) {
-        return CU(uc_cuda_gemv_swiglu(y, x, wgu, n_tok, n_ffn, n_in, c->stream));
+        return CU(uc_cuda_gemv_swiglu(y, x, wgu, n_tok, n_ffn, n_in, c->pdl, c->stream));
     }
     uc_status rc = be->ops->matmul(be, gu, x, wgu, n_tok, 2 * n_ffn, n_in);
     return rc == UC_OK ? be->ops->swiglu(be, y, gu, n_tok, n_ffn) : rc;
@@ -662,15 +663,18 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
                              psum != NULL, c->n_sms);
     const int32_t *parts[3] = {view->n_tokens, view->offset, view->blocks};
     int64_t counts[3] = {entries, entries, view->n_blocks_total};
-    int32_t *dev[3] = {(int32_t *)view->n_tokens, (int32_t *)view->offset,
-                       (int32_t *)view->blocks};
+    const int32_t *dev[3] = {view->n_tokens, view->offset, view->blocks};
+    int32_t *up[3];
     uc_status rc;
     UC_CHECK(buf_reserve(c, &c->work, plan.ws_floats * sizeof(float)), rc, out);
     if (psum) {
         UC_CHECK(buf_reserve(c, &c->outp, (size_t)(entries * maxn) * sizeof(float)), rc, out);
     }
     if (!view->on_device) {
-        UC_CHECK(upload_idx(c, dev, parts, counts, 3), rc, out);
+        UC_CHECK(upload_idx(c, up, parts, counts, 3), rc, out);
+        for (int i = 0; i < 3; i++) {
+            dev[i] = up[i];
+        }
     }
     UC_CHECK(CU(uc_cuda_attn_decode(out, q, ld_q, pool->k, pool->v, pool->block_tokens, d, dev[0],
                                     dev[1], dev[2], n_rows, n_heads, n_heads_kv, maxn, &plan,
@@ -932,6 +936,8 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
     struct cudaDeviceProp prop;
     UC_CHECK(CU(cudaGetDeviceProperties(&prop, dev)), rc, out_destroy);
     c->n_sms = prop.multiProcessorCount;
+    const char *pdl = getenv("UC_CUDA_PDL"); /* a measurement switch: 0 turns it off */
+    c->pdl = prop.major >= 9 && !(pdl && !strcmp(pdl, "0"));
     snprintf(be->device_name, sizeof be->device_name, "%.100s (sm_%d%d)%s", prop.name, prop.major,
              prop.minor, c->fp32 ? " fp32" : "");
     /* keep freed pool memory instead of returning it to the driver at every sync */
@@ -951,9 +957,9 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
     UC_CHECK(CU(cudaMalloc(&c->blas_ws, BLAS_WS_BYTES)), rc, out_destroy);
     UC_CHECK(BLAS(cublasSetWorkspace(c->blas, c->blas_ws, BLAS_WS_BYTES)), rc, out_destroy);
     UC_CHECK(BLAS(cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH)), rc, out_destroy);
-    UC_LOG_INFO("cuda backend: device=%d name=\"%s\" sms=%d mem=%.1fGiB dtype=%s", dev,
+    UC_LOG_INFO("cuda backend: device=%d name=\"%s\" sms=%d mem=%.1fGiB dtype=%s pdl=%d", dev,
                 be->device_name, c->n_sms, (double)prop.totalGlobalMem / 1073741824.0,
-                c->fp32 ? "f32" : "bf16");
+                c->fp32 ? "f32" : "bf16", c->pdl);
     *out = be;
     return UC_OK;
 out_destroy:

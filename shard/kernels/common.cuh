@@ -75,6 +75,22 @@ static __device__ __forceinline__ float uck_block_max(float v, float *red)
     return uck_warp_max(v);
 }
 
+/* Programmatic dependent launch (sm_90): a kernel launched with the programmatic-serialization
+ * attribute may start while the previous kernel of its stream drains; it must call this before
+ * touching anything that kernel writes. A no-op for a kernel launched the ordinary way. */
+static __device__ __forceinline__ void uck_grid_wait(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/* Asks for the 128-byte line at p to be brought into L2 (no register, no wait). */
+static __device__ __forceinline__ void uck_prefetch_l2(const void *p)
+{
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 /* Grid size for a grid-stride loop over n items with `threads` per block. */
 static inline unsigned uck_blocks(int64_t n, int threads)
 {

@@ -2,7 +2,11 @@
  * close to the memory bandwidth: one warp per output column n, each lane loading 16-byte vectors
  * of w's row n (cache-streaming loads: the weights are read once per step) and the matching x
  * vectors (shared by every warp, so they stay in L1/L2), float32 accumulation, a warp
- * reduction at the end. cuBLAS handles larger T and float32. */
+ * reduction at the end. cuBLAS handles larger T and float32.
+ *
+ * With programmatic dependent launch (pdl) a kernel starts while the kernel before it (a norm,
+ * the attention merge, the previous product) drains: the weights do not depend on it, so each
+ * warp loads its first vectors and asks L2 for the next ones before it waits for x. */
 #include <type_traits>
 
 #include "common.cuh"
@@ -21,6 +25,46 @@ static __device__ __forceinline__ void unpack8(const uint4 v, float *f)
 }
 
 #define GEMV_UNROLL 4
+#define GEMV_PREFETCH 4 /* vectors per lane asked of L2 before the wait, past the first loads */
+
+/* Launches kernel<<<blocks, GEMV_WARPS * 32>>> on stream, as a programmatic dependent launch
+ * when pdl is set. */
+template <typename... P, typename... A>
+static void launch_gemv(void (*kernel)(P...), unsigned blocks, bool pdl, cudaStream_t stream,
+                        A... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(GEMV_WARPS * 32);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    (void)cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+/* The part of the row a lane reads first: GEMV_UNROLL vectors into registers (*pre when the
+ * row holds them) and GEMV_PREFETCH more into L2. */
+static __device__ __forceinline__ bool gemv_preload(uint4 *wv, const uint4 *wr, int lane, int nv)
+{
+    bool pre = lane + 32 * (GEMV_UNROLL - 1) < nv;
+    if (pre) {
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            wv[u] = __ldcs(wr + lane + 32 * u);
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < GEMV_PREFETCH; u++) {
+        int v = lane + 32 * (GEMV_UNROLL + u);
+        if (v < nv) {
+            uck_prefetch_l2(wr + v);
+        }
+    }
+    return pre;
+}
 
 /* One warp per output column; each lane issues GEMV_UNROLL independent 16-byte weight loads
  * before using any of them, so every SM keeps enough bytes in flight to cover the memory
@@ -61,12 +105,17 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     }
     int nv = n_in >> 3;
     int v = lane;
+    uint4 wv[GEMV_UNROLL];
+    bool pre = gemv_preload(wv, wr, lane, nv);
+    uck_grid_wait(); /* x is the previous kernel's output */
     for (; v + 32 * (GEMV_UNROLL - 1) < nv; v += 32 * GEMV_UNROLL) {
-        uint4 wv[GEMV_UNROLL];
+        if (!pre) {
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) {
-            wv[u] = __ldcs(wr + v + 32 * u);
+            for (int u = 0; u < GEMV_UNROLL; u++) {
+                wv[u] = __ldcs(wr + v + 32 * u);
+            }
         }
+        pre = false;
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) {
             float wf[8];
@@ -130,13 +179,33 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     }
     int nv = n_in >> 3;
     int v = lane;
-    for (; v + 32 < nv; v += 64) { /* two vectors of each matrix in flight per lane */
-        uint4 gv[2], uv[2];
+    /* before the wait: this lane's first two vectors of each matrix, more of both in L2 */
+    uint4 gv[2], uv[2];
+    bool pre = lane + 32 < nv;
+    if (pre) {
 #pragma unroll
         for (int u = 0; u < 2; u++) {
-            gv[u] = __ldcs(wg + v + 32 * u);
-            uv[u] = __ldcs(wu + v + 32 * u);
+            gv[u] = __ldcs(wg + lane + 32 * u);
+            uv[u] = __ldcs(wu + lane + 32 * u);
         }
+    }
+#pragma unroll
+    for (int u = 0; u < GEMV_PREFETCH / 2; u++) {
+        if (lane + 32 * (2 + u) < nv) {
+            uck_prefetch_l2(wg + lane + 32 * (2 + u));
+            uck_prefetch_l2(wu + lane + 32 * (2 + u));
+        }
+    }
+    uck_grid_wait();
+    for (; v + 32 < nv; v += 64) { /* two vectors of each matrix in flight per lane */
+        if (!pre) {
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                gv[u] = __ldcs(wg + v + 32 * u);
+                uv[u] = __ldcs(wu + v + 32 * u);
+            }
+        }
+        pre = false;
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             float gf[8], uf[8];
@@ -185,12 +254,14 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
 }
 
 extern "C" cudaError_t uc_cuda_gemv_swiglu(void *y, const void *x, const void *w, int64_t n_tok,
-                                           int64_t n_ffn, int64_t n_in, cudaStream_t stream)
+                                           int64_t n_ffn, int64_t n_in, int pdl,
+                                           cudaStream_t stream)
 {
     unsigned blocks = (unsigned)((n_ffn + GEMV_WARPS - 1) / GEMV_WARPS);
     return dispatch_rows(n_tok, [&](auto rows) {
-        gemv_swiglu_kernel<decltype(rows)::value><<<blocks, GEMV_WARPS * 32, 0, stream>>>(
-            (uc_bf16_t *)y, (const uc_bf16_t *)x, (const uc_bf16_t *)w, (int)n_ffn, (int)n_in);
+        launch_gemv(gemv_swiglu_kernel<decltype(rows)::value>, blocks, pdl != 0, stream,
+                    (uc_bf16_t *)y, (const uc_bf16_t *)x, (const uc_bf16_t *)w, (int)n_ffn,
+                    (int)n_in);
     });
 }
 
@@ -202,11 +273,11 @@ extern "C" bool uc_cuda_gemv_supported(int64_t n_tok, int64_t n_out, int64_t n_i
 }
 
 extern "C" cudaError_t uc_cuda_gemv(void *y, const void *x, const void *w, int64_t n_tok,
-                                    int64_t n_out, int64_t n_in, cudaStream_t stream)
+                                    int64_t n_out, int64_t n_in, int pdl, cudaStream_t stream)
 {
     unsigned blocks = (unsigned)((n_out + GEMV_WARPS - 1) / GEMV_WARPS);
     return dispatch_rows(n_tok, [&](auto rows) {
-        gemv_kernel<decltype(rows)::value><<<blocks, GEMV_WARPS * 32, 0, stream>>>(
-            (uc_bf16_t *)y, (const uc_bf16_t *)x, (const uc_bf16_t *)w, (int)n_out, (int)n_in);
+        launch_gemv(gemv_kernel<decltype(rows)::value>, blocks, pdl != 0, stream, (uc_bf16_t *)y,
+                    (const uc_bf16_t *)x, (const uc_bf16_t *)w, (int)n_out, (int)n_in);
     });
 }

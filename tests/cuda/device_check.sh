@@ -5,7 +5,7 @@
 # .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
 # travel. Steps: ops (with --bench), ctest (label cuda), golden, golden-fp32,
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool).
-# A step written VAR=VALUE:STEP (ops, golden, bench4k) runs with that variable set.
+# A step written VAR=VALUE:STEP runs with that variable set (e.g. UC_CUDA_PDL=0:gpu-quick).
 # Usage: tests/cuda/device_check.sh BUILD_DIR STEP...
 set -u -o pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -44,10 +44,12 @@ for step in "$@"; do
     envset=("${step%%:*}")
     step=${step#*:}
   fi
+  (
+  [ ${#envset[@]} -gt 0 ] && export "${envset[@]}"
   case $step in
-    ops) env "${envset[@]}" timeout 300 "$bd/tests/cuda/test_cuda_ops" --bench ;;
+    ops) timeout 300 "$bd/tests/cuda/test_cuda_ops" --bench ;;
     ctest) timeout 300 ctest --test-dir "$bd" -L cuda --output-on-failure ;;
-    golden) env "${envset[@]}" UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
+    golden) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
     golden-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
     tp2) UC_TEST_BACKEND=cuda timeout 200 $mpi -x UC_TEST_BACKEND "$bd/tests/golden/golden_model" "$fx" ;;
     tp2-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND -x UC_TEST_FP32 \
@@ -62,7 +64,7 @@ for step in "$@"; do
              --lengths 512,8192 --reps 3 --decode 32 ;;
     bench8k-l15) timeout 240 "$bd/tests/bench/bench_engine" --backend cuda \
                    --model synthetic:llama3-8b:layers=15 --lengths 512,8192 --reps 3 --decode 32 ;;
-    bench4k) env "${envset[@]}" timeout 240 "$bd/tests/bench/bench_engine" --backend cuda --model synthetic:llama3-8b \
+    bench4k) timeout 240 "$bd/tests/bench/bench_engine" --backend cuda --model synthetic:llama3-8b \
                --lengths 512,4000 --reps 3 --decode 32 ;;
     compress-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 \
                      "$bd/tests/golden/golden_compress" "$fx" ;;
@@ -88,6 +90,7 @@ for step in "$@"; do
     torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
     *) echo "unknown step $step"; false ;;
   esac
+  )
   r=$?
   echo "=== step $step rc=$r wall=$(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $t0}") s"
   [ $r -ne 0 ] && rc=$r
