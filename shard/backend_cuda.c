@@ -351,7 +351,7 @@ static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, cons
     }
     if (uc_cuda_gemv_supported(n_tok, n_out, n_in, c->dt)) {
         /* decode: stream the weights once with our kernel */
-        return CU(uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, c->pdl, c->stream));
+        return CU(uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, c->stream));
     }
     const float alpha = 1.0f, beta = 0.0f;
     cudaDataType_t t = c->fp32 ? CUDA_R_32F : CUDA_R_16BF;
@@ -373,7 +373,7 @@ static uc_status cuda_matmul_swiglu(struct uc_backend *be, void *y, void *gu, co
 {
     struct cuda_ctx *c = ctx_of(be);
     if (uc_cuda_gemv_supported(n_tok, 2 * n_ffn, n_in, c->dt)) {
-        return CU(uc_cuda_gemv_swiglu(y, x, wgu, n_tok, n_ffn, n_in, c->pdl, c->stream));
+        return CU(uc_cuda_gemv_swiglu(y, x, wgu, n_tok, n_ffn, n_in, c->stream));
     }
     uc_status rc = be->ops->matmul(be, gu, x, wgu, n_tok, 2 * n_ffn, n_in);
     return rc == UC_OK ? be->ops->swiglu(be, y, gu, n_tok, n_ffn) : rc;
@@ -938,6 +938,7 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
     c->n_sms = prop.multiProcessorCount;
     const char *pdl = getenv("UC_CUDA_PDL"); /* a measurement switch: 0 turns it off */
     c->pdl = prop.major >= 9 && !(pdl && !strcmp(pdl, "0"));
+    uc_cuda_set_pdl(c->pdl);
     snprintf(be->device_name, sizeof be->device_name, "%.100s (sm_%d%d)%s", prop.name, prop.major,
              prop.minor, c->fp32 ? " fp32" : "");
     /* keep freed pool memory instead of returning it to the driver at every sync */

@@ -40,6 +40,7 @@ static __global__ void __launch_bounds__(DEC_THREADS)
     __shared__ float run_m[DEC_GT], run_l[DEC_GT], alpha[DEC_GT];
     __shared__ float red[DEC_THREADS * VEC * DEC_GT];
 
+    uck_grid_wait();
     const int e = blockIdx.x, split = blockIdx.y, g0 = blockIdx.z * DEC_GT;
     const int gc = group - g0 < DEC_GT ? group - g0 : DEC_GT;
     const int b = e / hkv, j = e % hkv;
@@ -210,6 +211,8 @@ static __global__ void decode_combine_kernel(T *out, int64_t ld_o, const float *
                                              const float *part_ml, float *fin_ml, int hkv,
                                              int group, int n_splits, int d)
 {
+    uck_launch_dependents(); /* the output projection may start loading weights */
+    uck_grid_wait();
     const int e = blockIdx.x, gl = blockIdx.y;
     const int b = e / hkv, j = e % hkv;
     float mx = -INFINITY;
@@ -306,14 +309,12 @@ static void launch(void *out, const void *q, int64_t ld_q, const void *pk, const
     float *fin_ml = part_ml + entries * plan->n_splits * group * 2;
     float *scores = psum ? fin_ml + entries * group * 2 : NULL;
     dim3 grid((unsigned)entries, (unsigned)plan->n_splits, (unsigned)plan->g_tiles);
-    decode_split_kernel<T><<<grid, DEC_THREADS, 0, stream>>>(
-        (const T *)q, ld_q, (const T *)pk, (const T *)pv, (int)bt, (int)d, n_tokens, offset,
-        blocks, (int)n_heads_kv, (int)group, plan->chunk, plan->n_splits,
-        1.0f / sqrtf((float)d), part_o, part_ml, scores, mt);
+    uck_launch(decode_split_kernel<T>, grid, dim3(DEC_THREADS), 0, stream, q, ld_q, pk, pv, (int)bt,
+               (int)d, n_tokens, offset, blocks, (int)n_heads_kv, (int)group, plan->chunk,
+               plan->n_splits, 1.0f / sqrtf((float)d), part_o, part_ml, scores, mt);
     dim3 cgrid((unsigned)entries, (unsigned)group);
-    decode_combine_kernel<T><<<cgrid, 128, 0, stream>>>((T *)out, n_heads * d, part_o, part_ml,
-                                                        fin_ml, (int)n_heads_kv, (int)group,
-                                                        plan->n_splits, (int)d);
+    uck_launch(decode_combine_kernel<T>, cgrid, dim3(128), 0, stream, out, (int64_t)(n_heads * d),
+               part_o, part_ml, fin_ml, (int)n_heads_kv, (int)group, plan->n_splits, (int)d);
     if (psum) {
         dim3 pgrid((unsigned)entries, (unsigned)ceil_div(mt, 256) < 64 ? (unsigned)ceil_div(mt, 256)
                                                                        : 64u);

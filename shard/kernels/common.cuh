@@ -85,6 +85,39 @@ static __device__ __forceinline__ void uck_grid_wait(void)
 #endif
 }
 
+/* Lets the next kernel of the stream, when launched as a programmatic dependent launch, start
+ * now: its blocks become resident and wait (uck_grid_wait) for this kernel to finish. Called
+ * first by the one-wave decode kernels so the next product loads weights meanwhile. */
+static __device__ __forceinline__ void uck_launch_dependents(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/* Whether uck_launch uses programmatic dependent launches (uc_cuda_set_pdl; gemv.cu). */
+bool uck_pdl_enabled(void);
+
+/* kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when
+ * enabled. Only for kernels that call uck_grid_wait before reading what earlier kernels
+ * wrote (and before writing what they read). */
+template <typename... P, typename... A>
+static void uck_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t stream, A... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = uck_pdl_enabled() ? 1 : 0;
+    (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<P>(args)...);
+}
+
 /* Asks for the 128-byte line at p to be brought into L2 (no register, no wait). */
 static __device__ __forceinline__ void uck_prefetch_l2(const void *p)
 {

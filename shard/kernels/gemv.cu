@@ -4,9 +4,10 @@
  * vectors (shared by every warp, so they stay in L1/L2), float32 accumulation, a warp
  * reduction at the end. cuBLAS handles larger T and float32.
  *
- * With programmatic dependent launch (pdl) a kernel starts while the kernel before it (a norm,
- * the attention merge, the previous product) drains: the weights do not depend on it, so each
- * warp loads its first vectors and asks L2 for the next ones before it waits for x. */
+ * As programmatic dependent launches (uck_launch) the products start while the kernel before
+ * them (a norm, the attention merge, the previous product) runs or drains: the weights do not
+ * depend on it, so each warp loads its first vectors and asks L2 for the next ones before it
+ * waits for x. */
 #include <type_traits>
 
 #include "common.cuh"
@@ -27,23 +28,10 @@ static __device__ __forceinline__ void unpack8(const uint4 v, float *f)
 #define GEMV_UNROLL 4
 #define GEMV_PREFETCH 4 /* vectors per lane asked of L2 before the wait, past the first loads */
 
-/* Launches kernel<<<blocks, GEMV_WARPS * 32>>> on stream, as a programmatic dependent launch
- * when pdl is set. */
-template <typename... P, typename... A>
-static void launch_gemv(void (*kernel)(P...), unsigned blocks, bool pdl, cudaStream_t stream,
-                        A... args)
-{
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(GEMV_WARPS * 32);
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    (void)cudaLaunchKernelEx(&cfg, kernel, args...);
-}
+static bool pdl_on;
+
+extern "C" void uc_cuda_set_pdl(int on) { pdl_on = on != 0; }
+bool uck_pdl_enabled(void) { return pdl_on; }
 
 /* The part of the row a lane reads first: GEMV_UNROLL vectors into registers (*pre when the
  * row holds them) and GEMV_PREFETCH more into L2. */
@@ -254,14 +242,12 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
 }
 
 extern "C" cudaError_t uc_cuda_gemv_swiglu(void *y, const void *x, const void *w, int64_t n_tok,
-                                           int64_t n_ffn, int64_t n_in, int pdl,
-                                           cudaStream_t stream)
+                                           int64_t n_ffn, int64_t n_in, cudaStream_t stream)
 {
     unsigned blocks = (unsigned)((n_ffn + GEMV_WARPS - 1) / GEMV_WARPS);
     return dispatch_rows(n_tok, [&](auto rows) {
-        launch_gemv(gemv_swiglu_kernel<decltype(rows)::value>, blocks, pdl != 0, stream,
-                    (uc_bf16_t *)y, (const uc_bf16_t *)x, (const uc_bf16_t *)w, (int)n_ffn,
-                    (int)n_in);
+        uck_launch(gemv_swiglu_kernel<decltype(rows)::value>, dim3(blocks), dim3(GEMV_WARPS * 32),
+                   0, stream, y, x, w, (int)n_ffn, (int)n_in);
     });
 }
 
@@ -273,11 +259,11 @@ extern "C" bool uc_cuda_gemv_supported(int64_t n_tok, int64_t n_out, int64_t n_i
 }
 
 extern "C" cudaError_t uc_cuda_gemv(void *y, const void *x, const void *w, int64_t n_tok,
-                                    int64_t n_out, int64_t n_in, int pdl, cudaStream_t stream)
+                                    int64_t n_out, int64_t n_in, cudaStream_t stream)
 {
     unsigned blocks = (unsigned)((n_out + GEMV_WARPS - 1) / GEMV_WARPS);
     return dispatch_rows(n_tok, [&](auto rows) {
-        launch_gemv(gemv_kernel<decltype(rows)::value>, blocks, pdl != 0, stream, (uc_bf16_t *)y,
-                    (const uc_bf16_t *)x, (const uc_bf16_t *)w, (int)n_out, (int)n_in);
+        uck_launch(gemv_kernel<decltype(rows)::value>, dim3(blocks), dim3(GEMV_WARPS * 32), 0,
+                   stream, y, x, w, (int)n_out, (int)n_in);
     });
 }

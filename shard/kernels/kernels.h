@@ -32,15 +32,18 @@ cudaError_t uc_cuda_kv_copy_blocks(void *k, void *v, const int32_t *dst, const i
 cudaError_t uc_cuda_window_reduce(float *col, float *row, const float *probs, int64_t n_win,
                                   int64_t n, int64_t n_heads, int64_t n_heads_kv, bool row_max,
                                   cudaStream_t stream);
+/* Decode-path kernels (norms, RoPE+append, decode attention, the products) as programmatic
+ * dependent launches (sm_90): each may start while the previous kernel runs and waits for it
+ * on the device. Off by default; the backend turns it on for sm_90 devices. */
+void uc_cuda_set_pdl(int on);
 /* Decode-size matrix product y (T, N) = x (T, K) w^T in bf16 (float32 accumulation) for
- * T <= 8 and K a multiple of 8: streams w at close to the memory bandwidth. pdl: launch as a
- * programmatic dependent launch (sm_90), overlapping the previous kernel's tail. */
+ * T <= 8 and K a multiple of 8: streams w at close to the memory bandwidth. */
 bool uc_cuda_gemv_supported(int64_t n_tok, int64_t n_out, int64_t n_in, enum uc_cuda_dtype dt);
 cudaError_t uc_cuda_gemv(void *y, const void *x, const void *w, int64_t n_tok, int64_t n_out,
-                         int64_t n_in, int pdl, cudaStream_t stream);
+                         int64_t n_in, cudaStream_t stream);
 /* y (T, F) = silu(x Wg^T) * (x Wu^T), w (2F, K) = [gate rows; up rows], for T <= 8 in bf16. */
 cudaError_t uc_cuda_gemv_swiglu(void *y, const void *x, const void *w, int64_t n_tok,
-                                int64_t n_ffn, int64_t n_in, int pdl, cudaStream_t stream);
+                                int64_t n_ffn, int64_t n_in, cudaStream_t stream);
 /* x (T, C) += d, then y = x / rms(x) * w. */
 cudaError_t uc_cuda_add_rmsnorm(void *y, void *x, const void *d, const void *w, int64_t n_tok,
                                 int64_t dim, float eps, enum uc_cuda_dtype dt,

@@ -1,11 +1,14 @@
 /* rmsnorm: y = x / sqrt(mean(x^2) + eps) * w per row, in float32 as the CPU reference orders it
- * (w * (x * inv)). One block per row; the row is read twice (the second time from cache). */
+ * (w * (x * inv)). One block per row; the row is read twice (the second time from cache).
+ * Launched with uck_launch: the product after a norm starts loading weights while it runs. */
 #include "common.cuh"
 
 template <typename T>
 static __global__ void rmsnorm_kernel(T *y, const T *x, const T *w, int64_t dim, float eps)
 {
     __shared__ float red[32];
+    uck_launch_dependents();
+    uck_grid_wait();
     int64_t t = blockIdx.x;
     const T *r = x + t * dim;
     float ss = 0.0f;
@@ -26,8 +29,8 @@ static void launch(void *y, const void *x, const void *w, int64_t n_tok, int64_t
                    cudaStream_t stream)
 {
     int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 64);
-    rmsnorm_kernel<T><<<(unsigned)n_tok, threads, 0, stream>>>((T *)y, (const T *)x,
-                                                               (const T *)w, dim, eps);
+    uck_launch(rmsnorm_kernel<T>, dim3((unsigned)n_tok), dim3(threads), 0, stream, y, x, w, dim,
+               eps);
 }
 
 /* x += d, then y = rmsnorm(x): the residual add and the next norm in one pass. */
@@ -36,6 +39,8 @@ static __global__ void add_rmsnorm_kernel(T *y, T *x, const T *d, const T *w, in
                                           float eps)
 {
     __shared__ float red[32];
+    uck_launch_dependents();
+    uck_grid_wait();
     int64_t t = blockIdx.x;
     T *r = x + t * dim;
     const T *dr = d + t * dim;
@@ -59,8 +64,8 @@ static void launch_add(void *y, void *x, const void *d, const void *w, int64_t n
                        float eps, cudaStream_t stream)
 {
     int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 64);
-    add_rmsnorm_kernel<T><<<(unsigned)n_tok, threads, 0, stream>>>(
-        (T *)y, (T *)x, (const T *)d, (const T *)w, dim, eps);
+    uck_launch(add_rmsnorm_kernel<T>, dim3((unsigned)n_tok), dim3(threads), 0, stream, y, x, d, w,
+               dim, eps);
 }
 
 extern "C" cudaError_t uc_cuda_add_rmsnorm(void *y, void *x, const void *d, const void *w,

@@ -40,6 +40,8 @@ static __global__ void rope_append_kernel(T *x, int64_t ld, int n_heads, int n_k
                                           const int32_t *pos, const int32_t *slot, int64_t n_tok,
                                           const float *cos_t, const float *sin_t, T *pk, T *pv)
 {
+    uck_launch_dependents();
+    uck_grid_wait();
     int64_t half = head_dim / 2, per_tok = (int64_t)(n_heads + 2 * n_kv) * half;
     int64_t n = n_tok * per_tok;
     for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
@@ -72,9 +74,10 @@ static void launch_append(void *x, int64_t ld, int64_t n_heads, int64_t n_kv, in
                           const float *cos_t, const float *sin_t, void *pk, void *pv,
                           cudaStream_t stream)
 {
-    rope_append_kernel<T><<<uck_blocks(n_tok * (n_heads + 2 * n_kv) * (head_dim / 2), 256), 256,
-                            0, stream>>>((T *)x, ld, (int)n_heads, (int)n_kv, (int)head_dim, pos,
-                                         slot, n_tok, cos_t, sin_t, (T *)pk, (T *)pv);
+    uck_launch(rope_append_kernel<T>, dim3(uck_blocks(n_tok * (n_heads + 2 * n_kv) * (head_dim / 2),
+                                                      256)),
+               dim3(256), 0, stream, x, ld, (int)n_heads, (int)n_kv, (int)head_dim, pos, slot,
+               n_tok, cos_t, sin_t, pk, pv);
 }
 
 template <typename T>
