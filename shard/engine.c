@@ -75,11 +75,15 @@ struct seq {
 };
 
 /* A whole decode step (every layer, from the embedded rows to the last residual add) recorded
- * as one backend graph, for one batch size and index buffer. */
+ * as backend graphs of a few layers each, for one batch size and index buffer. Several parts,
+ * not one graph: the device starts on the first part while the host submits the next ones
+ * (submitting a graph costs host time in proportion to its nodes). */
 #define DECODE_GRAPH_MAX_ROWS 64
 #define DECODE_GRAPH_SLOTS 4
+#define DECODE_GRAPH_LAYERS 4     /* layers per part (more where a model would need too many) */
+#define DECODE_GRAPH_MAX_PARTS 64
 struct decode_graph {
-    void *exec;
+    void *exec[DECODE_GRAPH_MAX_PARTS];
     int64_t nb;
     const void *meta; /* the index buffer its ops read */
     uint64_t epoch;   /* the backend's workspace epoch when recorded */
@@ -604,6 +608,16 @@ out:
 
 static void seq_destroy(struct uc_engine *e, struct seq *s);
 
+static void graph_drop(struct uc_engine *e, struct decode_graph *g)
+{
+    for (int p = 0; p < DECODE_GRAPH_MAX_PARTS; p++) {
+        if (g->exec[p]) {
+            e->be->ops->graph_destroy(e->be, g->exec[p]);
+        }
+    }
+    memset(g, 0, sizeof *g);
+}
+
 void uc_engine_destroy(struct uc_engine *e)
 {
     if (!e) {
@@ -615,9 +629,7 @@ void uc_engine_destroy(struct uc_engine *e)
     uc_free(e->seqs);
     if (e->be) {
         for (int i = 0; i < DECODE_GRAPH_SLOTS; i++) {
-            if (e->graphs[i].exec) {
-                e->be->ops->graph_destroy(e->be, e->graphs[i].exec);
-            }
+            graph_drop(e, &e->graphs[i]);
         }
         if (e->dm_dev) {
             e->be->ops->free(e->be, e->dm_dev);
@@ -1739,15 +1751,17 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
  * add, reading the uploaded index arrays. With `recordable` nothing crosses to the host: the
  * attention sizes its work by the batch alone, so the ops can be recorded into a graph and
  * replayed at any context length. */
-static uc_status decode_layers(struct uc_engine *e, struct seq **batch, int64_t nb,
-                               bool recordable, bool any_evict)
+static uc_status decode_layers(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t l0,
+                               int64_t l1, bool recordable, bool any_evict)
 {
     int64_t L = e->cfg->n_layers, hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
     int64_t ld = e->sh->qkv_dim, ent = nb * hkv, fixed = nb + 3 * L * ent;
     const int32_t *dm = e->dm_dev;
     uc_status rc;
-    UC_CHECK(uc_model_attn_norm(e->m, &e->ws, 0, e->dx, nb), rc, out);
-    for (int64_t l = 0; l < L; l++) {
+    if (l0 == 0) {
+        UC_CHECK(uc_model_attn_norm(e->m, &e->ws, 0, e->dx, nb), rc, out);
+    }
+    for (int64_t l = l0; l < l1; l++) {
         const int32_t *slot = dm + nb + 3 * l * ent, *ntok = slot + ent, *off = ntok + ent;
         UC_CHECK(uc_model_qkv_proj(e->m, &e->ws, l, e->dqkv, nb), rc, out);
         /* rotate, then append the new token's K/V to every head; attend over the whole cache */
@@ -1784,54 +1798,62 @@ out:
     return rc;
 }
 
-/* Runs decode_layers through a recorded graph where the backend has them: the first step of a
+/* Runs decode_layers through recorded graphs where the backend has them: the first step of a
  * batch size runs the ops directly; a second one in a row records them, later ones replay. */
 static uc_status decode_graphed(struct uc_engine *e, struct seq **batch, int64_t nb)
 {
     struct uc_backend *be = e->be;
+    int64_t L = e->cfg->n_layers;
     bool same_nb = e->last_nb == nb;
     e->last_nb = nb;
     if (!be->ops->graph_begin || uc_comm_size(e->comm) != 1 || nb > DECODE_GRAPH_MAX_ROWS) {
-        return decode_layers(e, batch, nb, true, false);
+        return decode_layers(e, batch, nb, 0, L, true, false);
+    }
+    int64_t per = DECODE_GRAPH_LAYERS;
+    if ((L + per - 1) / per > DECODE_GRAPH_MAX_PARTS) {
+        per = (L + DECODE_GRAPH_MAX_PARTS - 1) / DECODE_GRAPH_MAX_PARTS;
     }
     uint64_t epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
     struct decode_graph *g = NULL;
     for (int i = 0; i < DECODE_GRAPH_SLOTS && !g; i++) {
         struct decode_graph *c = &e->graphs[i];
-        if (c->exec && c->nb == nb && c->meta == e->dm_dev && c->epoch == epoch) {
+        if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->epoch == epoch) {
             g = c;
         }
     }
+    uc_status rc = UC_OK;
     if (g) {
-        return be->ops->graph_launch(be, g->exec);
+        for (int64_t p = 0; rc == UC_OK && p * per < L; p++) {
+            rc = be->ops->graph_launch(be, g->exec[p]);
+        }
+        return rc;
     }
-    uc_status rc = decode_layers(e, batch, nb, true, false);
+    rc = decode_layers(e, batch, nb, 0, L, true, false);
     if (rc != UC_OK || !same_nb) {
         return rc;
     }
     /* record for the next steps (recording runs nothing); the oldest slot makes room */
-    struct decode_graph *last = &e->graphs[DECODE_GRAPH_SLOTS - 1];
-    if (last->exec) {
-        be->ops->graph_destroy(be, last->exec);
-    }
+    graph_drop(e, &e->graphs[DECODE_GRAPH_SLOTS - 1]);
     memmove(e->graphs + 1, e->graphs, (DECODE_GRAPH_SLOTS - 1) * sizeof e->graphs[0]);
     g = &e->graphs[0];
     memset(g, 0, sizeof *g);
-    UC_CHECK(be->ops->graph_begin(be), rc, out);
-    uc_status rr = decode_layers(e, batch, nb, true, false);
-    rc = be->ops->graph_end(be, &g->exec);
-    if (rr != UC_OK || rc != UC_OK) {
-        if (g->exec) {
-            be->ops->graph_destroy(be, g->exec);
+    for (int64_t p = 0; p * per < L; p++) {
+        int64_t l1 = (p + 1) * per < L ? (p + 1) * per : L;
+        UC_CHECK(be->ops->graph_begin(be), rc, out);
+        uc_status rr = decode_layers(e, batch, nb, p * per, l1, true, false);
+        rc = be->ops->graph_end(be, &g->exec[p]);
+        if (rr != UC_OK || rc != UC_OK) {
+            rc = rr != UC_OK ? rr : rc;
+            goto out;
         }
-        g->exec = NULL;
-        rc = rr != UC_OK ? rr : rc;
-        goto out;
     }
     g->nb = nb;
     g->meta = e->dm_dev;
     g->epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
 out:
+    if (rc != UC_OK) {
+        graph_drop(e, g);
+    }
     return rc;
 }
 
@@ -1866,7 +1888,7 @@ static uc_status decode_run(struct uc_engine *e, const struct uc_step_decode *de
              rc, out);
     if (any_evict) {
         e->last_nb = 0;
-        rc = decode_layers(e, batch, nb, false, true);
+        rc = decode_layers(e, batch, nb, 0, e->cfg->n_layers, false, true);
     } else {
         rc = decode_graphed(e, batch, nb);
     }

@@ -12,14 +12,14 @@
 #define DEC_THREADS 128
 #define DEC_SUB 256 /* tokens per sub-chunk (shared score buffer) */
 #define DEC_GT 4    /* query heads per block */
+#define DEC_U 4     /* K or V rows each thread loads before using any (loads in flight) */
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-/* 16-byte row chunk of VEC elements to float. */
+/* A 16-byte row chunk of VEC elements, loaded, to float. */
 template <typename T, int VEC>
-static __device__ __forceinline__ void load_vec(float *dst, const T *src)
+static __device__ __forceinline__ void unpack_vec(float *dst, uint4 raw)
 {
-    uint4 raw = *reinterpret_cast<const uint4 *>(src);
     const T *e = reinterpret_cast<const T *>(&raw);
 #pragma unroll
     for (int i = 0; i < VEC; i++) {
@@ -39,6 +39,7 @@ static __global__ void __launch_bounds__(DEC_THREADS)
     __shared__ float sc[DEC_GT][DEC_SUB];
     __shared__ float run_m[DEC_GT], run_l[DEC_GT], alpha[DEC_GT];
     __shared__ float red[DEC_THREADS * VEC * DEC_GT];
+    __shared__ int32_t blk_s[DEC_SUB + 2]; /* the sub-chunk's block ids */
 
     uck_grid_wait();
     const int e = blockIdx.x, split = blockIdx.y, g0 = blockIdx.z * DEC_GT;
@@ -92,34 +93,51 @@ static __global__ void __launch_bounds__(DEC_THREADS)
 
     for (int c0 = t_begin; c0 < t_end; c0 += DEC_SUB) {
         const int n_sub = t_end - c0 < DEC_SUB ? t_end - c0 : DEC_SUB;
-        /* scores */
-        for (int base = warp * tpw; base < n_sub; base += 4 * tpw) {
-            int tt = base + sub_tok;
-            bool ok = tt < n_sub && ch < n_ch;
-            float dot[DEC_GT] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (ok) {
-                int t = c0 + tt;
-                int64_t slot = (int64_t)blk[t / bt] * bt + t % bt;
-                float kv[VEC];
-                load_vec<T, VEC>(kv, pk + slot * d + ch * VEC);
+        /* the block ids once into shared memory: no dependent index load before each row */
+        const int b_first = c0 / bt, n_b = (c0 + n_sub - 1) / bt - b_first + 1;
+        for (int i = tid; i < n_b; i += DEC_THREADS) {
+            blk_s[i] = blk[b_first + i];
+        }
+        __syncthreads();
+        /* scores: DEC_U rows per lane loaded, then used */
+        for (int base = warp * tpw; base < n_sub; base += 4 * tpw * DEC_U) {
+            uint4 raw[DEC_U];
 #pragma unroll
-                for (int gl = 0; gl < DEC_GT; gl++) {
+            for (int u = 0; u < DEC_U; u++) {
+                int tt = base + u * 4 * tpw + sub_tok;
+                if (tt < n_sub && ch < n_ch) {
+                    int t = c0 + tt;
+                    int64_t slot = (int64_t)blk_s[t / bt - b_first] * bt + t % bt;
+                    raw[u] = *reinterpret_cast<const uint4 *>(pk + slot * d + ch * VEC);
+                }
+            }
 #pragma unroll
-                    for (int v = 0; v < VEC; v++) {
-                        dot[gl] += qr[gl][v] * kv[v];
+            for (int u = 0; u < DEC_U; u++) {
+                int tt = base + u * 4 * tpw + sub_tok;
+                bool ok = tt < n_sub && ch < n_ch;
+                float dot[DEC_GT] = {0.0f, 0.0f, 0.0f, 0.0f};
+                if (ok) {
+                    float kv[VEC];
+                    unpack_vec<T, VEC>(kv, raw[u]);
+#pragma unroll
+                    for (int gl = 0; gl < DEC_GT; gl++) {
+#pragma unroll
+                        for (int v = 0; v < VEC; v++) {
+                            dot[gl] += qr[gl][v] * kv[v];
+                        }
                     }
                 }
-            }
-#pragma unroll
-            for (int gl = 0; gl < DEC_GT; gl++) {
-                for (int o = lpt >> 1; o > 0; o >>= 1) {
-                    dot[gl] += __shfl_xor_sync(0xffffffffu, dot[gl], o);
-                }
-            }
-            if (ok && ch == 0) {
 #pragma unroll
                 for (int gl = 0; gl < DEC_GT; gl++) {
-                    sc[gl][tt] = dot[gl] * scale;
+                    for (int o = lpt >> 1; o > 0; o >>= 1) {
+                        dot[gl] += __shfl_xor_sync(0xffffffffu, dot[gl], o);
+                    }
+                }
+                if (ok && ch == 0) {
+#pragma unroll
+                    for (int gl = 0; gl < DEC_GT; gl++) {
+                        sc[gl][tt] = dot[gl] * scale;
+                    }
                 }
             }
         }
@@ -161,17 +179,31 @@ static __global__ void __launch_bounds__(DEC_THREADS)
                     acc[gl][v] *= a;
                 }
             }
-            for (int tt = pv_r; tt < n_sub; tt += tg) {
-                int t = c0 + tt;
-                int64_t slot = (int64_t)blk[t / bt] * bt + t % bt;
-                float vv[VEC];
-                load_vec<T, VEC>(vv, pv + slot * d + pv_c * VEC);
+            for (int tt0 = pv_r; tt0 < n_sub; tt0 += tg * DEC_U) {
+                uint4 raw[DEC_U];
 #pragma unroll
-                for (int gl = 0; gl < DEC_GT; gl++) {
-                    float p = sc[gl][tt];
+                for (int u = 0; u < DEC_U; u++) {
+                    int tt = tt0 + u * tg;
+                    if (tt < n_sub) {
+                        int t = c0 + tt;
+                        int64_t slot = (int64_t)blk_s[t / bt - b_first] * bt + t % bt;
+                        raw[u] = *reinterpret_cast<const uint4 *>(pv + slot * d + pv_c * VEC);
+                    }
+                }
 #pragma unroll
-                    for (int v = 0; v < VEC; v++) {
-                        acc[gl][v] += p * vv[v];
+                for (int u = 0; u < DEC_U; u++) {
+                    int tt = tt0 + u * tg;
+                    if (tt < n_sub) {
+                        float vv[VEC];
+                        unpack_vec<T, VEC>(vv, raw[u]);
+#pragma unroll
+                        for (int gl = 0; gl < DEC_GT; gl++) {
+                            float p = sc[gl][tt];
+#pragma unroll
+                            for (int v = 0; v < VEC; v++) {
+                                acc[gl][v] += p * vv[v];
+                            }
+                        }
                     }
                 }
             }
@@ -205,33 +237,51 @@ static __global__ void __launch_bounds__(DEC_THREADS)
 }
 
 /* Merges the ranges of each (entry, query head): out = sum_s w_s O_s / sum_s w_s l_s with
- * w_s = exp(m_s - M). Also records (M, L) for the psum kernel. */
+ * w_s = exp(m_s - M); the weights go through shared memory once and empty ranges (short
+ * entries under a batch-sized split) are skipped. Also records (M, L) for the psum kernel. */
+#define COMB_THREADS 128
+#define COMB_MAX_SPLITS 512
 template <typename T>
-static __global__ void decode_combine_kernel(T *out, int64_t ld_o, const float *part_o,
-                                             const float *part_ml, float *fin_ml, int hkv,
-                                             int group, int n_splits, int d)
+static __global__ void __launch_bounds__(COMB_THREADS)
+    decode_combine_kernel(T *out, int64_t ld_o, const float *part_o, const float *part_ml,
+                          float *fin_ml, int hkv, int group, int n_splits, int d)
 {
+    __shared__ float w_s[COMB_MAX_SPLITS];
+    __shared__ float red[32];
     uck_launch_dependents(); /* the output projection may start loading weights */
     uck_grid_wait();
     const int e = blockIdx.x, gl = blockIdx.y;
     const int b = e / hkv, j = e % hkv;
+    const int ns = n_splits < COMB_MAX_SPLITS ? n_splits : COMB_MAX_SPLITS;
+    const float *ml = part_ml + (int64_t)e * n_splits * group * 2;
     float mx = -INFINITY;
-    for (int s = 0; s < n_splits; s++) {
-        mx = fmaxf(mx, part_ml[(((int64_t)e * n_splits + s) * group + gl) * 2]);
+    for (int s = threadIdx.x; s < n_splits; s += COMB_THREADS) {
+        mx = fmaxf(mx, ml[((int64_t)s * group + gl) * 2]);
     }
+    mx = uck_block_max(mx, red);
     float l = 0.0f;
-    for (int s = 0; s < n_splits; s++) {
-        const float *ml = part_ml + (((int64_t)e * n_splits + s) * group + gl) * 2;
-        l += ml[0] == -INFINITY ? 0.0f : ml[1] * expf(ml[0] - mx);
+    for (int s = threadIdx.x; s < n_splits; s += COMB_THREADS) {
+        float m = ml[((int64_t)s * group + gl) * 2];
+        float w = m == -INFINITY ? 0.0f : expf(m - mx);
+        l += ml[((int64_t)s * group + gl) * 2 + 1] * w;
+        if (s < ns) {
+            w_s[s] = w;
+        }
     }
+    l = uck_block_sum(l, red); /* its barriers also publish w_s */
     float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    for (int c = threadIdx.x; c < d; c += COMB_THREADS) {
         float o = 0.0f;
         for (int s = 0; s < n_splits; s++) {
-            int64_t p = ((int64_t)e * n_splits + s) * group + gl;
-            float m = part_ml[p * 2];
-            if (m != -INFINITY) {
-                o += part_o[p * d + c] * expf(m - mx);
+            float w;
+            if (s < ns) {
+                w = w_s[s];
+            } else {
+                float m = ml[((int64_t)s * group + gl) * 2];
+                w = m == -INFINITY ? 0.0f : expf(m - mx);
+            }
+            if (w != 0.0f) {
+                o += part_o[(((int64_t)e * n_splits + s) * group + gl) * d + c] * w;
             }
         }
         out[(int64_t)b * ld_o + (int64_t)(j * group + gl) * d + c] = uck_from_f<T>(o * inv);
@@ -313,7 +363,7 @@ static void launch(void *out, const void *q, int64_t ld_q, const void *pk, const
                (int)d, n_tokens, offset, blocks, (int)n_heads_kv, (int)group, plan->chunk,
                plan->n_splits, 1.0f / sqrtf((float)d), part_o, part_ml, scores, mt);
     dim3 cgrid((unsigned)entries, (unsigned)group);
-    uck_launch(decode_combine_kernel<T>, cgrid, dim3(128), 0, stream, out, (int64_t)(n_heads * d),
+    uck_launch(decode_combine_kernel<T>, cgrid, dim3(COMB_THREADS), 0, stream, out, (int64_t)(n_heads * d),
                part_o, part_ml, fin_ml, (int)n_heads_kv, (int)group, plan->n_splits, (int)d);
     if (psum) {
         dim3 pgrid((unsigned)entries, (unsigned)ceil_div(mt, 256) < 64 ? (unsigned)ceil_div(mt, 256)
