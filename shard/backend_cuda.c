@@ -82,6 +82,7 @@ struct cuda_ctx {
     struct dev_buf work; /* float workspaces: window probs, colsum row stats, decode partials */
     struct dev_buf outp; /* results on their way to the host: psum, colsum, covariances */
     struct dev_buf dbl;  /* double workspaces: qcov rows and means */
+    struct dev_buf cnt;  /* int32 counters of the decode attention, kept at zero between uses */
     uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
     /* the last RoPE positions: every layer of a decode step rotates at the same positions, so
      * they are uploaded once per step, not once per layer */
@@ -667,6 +668,10 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
     int32_t *up[3];
     uc_status rc;
     UC_CHECK(buf_reserve(c, &c->work, plan.ws_floats * sizeof(float)), rc, out);
+    if (plan.n_counters * sizeof(int32_t) > c->cnt.cap) {
+        UC_CHECK(buf_reserve(c, &c->cnt, plan.n_counters * sizeof(int32_t)), rc, out);
+        UC_CHECK(CU(cudaMemsetAsync(c->cnt.p, 0, c->cnt.cap, c->stream)), rc, out);
+    }
     if (psum) {
         UC_CHECK(buf_reserve(c, &c->outp, (size_t)(entries * maxn) * sizeof(float)), rc, out);
     }
@@ -678,7 +683,8 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
     }
     UC_CHECK(CU(uc_cuda_attn_decode(out, q, ld_q, pool->k, pool->v, pool->block_tokens, d, dev[0],
                                     dev[1], dev[2], n_rows, n_heads, n_heads_kv, maxn, &plan,
-                                    c->work.p, psum ? c->outp.p : NULL, c->dt, c->stream)),
+                                    c->work.p, c->cnt.p, psum ? c->outp.p : NULL, c->dt,
+                                    c->stream)),
              rc, out);
     if (psum) {
         rc = download_sync(c, psum, c->outp.p, (size_t)(entries * maxn) * sizeof(float));
@@ -794,7 +800,7 @@ static void cuda_destroy(struct uc_backend *be)
     if (c) {
         if (c->stream) {
             (void)cudaStreamSynchronize(c->stream);
-            struct dev_buf *bufs[] = {&c->idx, &c->conv, &c->work, &c->outp, &c->dbl};
+            struct dev_buf *bufs[] = {&c->idx, &c->conv, &c->work, &c->outp, &c->dbl, &c->cnt};
             for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
                 if (bufs[i]->p) {
                     (void)cudaFreeAsync(bufs[i]->p, c->stream);

@@ -4,15 +4,18 @@
  * 128 threads loads the range's K/V rows once for up to 4 query heads of the KV head (GQA),
  * walking 256-token sub-chunks: scores with 16-byte row loads (D/VEC lanes per token, shuffle
  * reduction), an online softmax per head, then P V with threads over (row chunk, token group).
- * Each range writes an unnormalised partial (O, max, sum); a combine kernel merges the ranges
- * and writes out. With psum requested, the raw scores go to the workspace and a third kernel
- * turns them into probabilities summed over the KV head's query heads. */
+ * Each range writes an unnormalised partial (O, max, sum); the last range of an (entry, tile) to
+ * finish (a counter per tile, reset by that block) merges the ranges and writes out, so a decode
+ * layer's attention is one kernel. With psum requested, the raw scores go to the workspace and
+ * a second kernel turns them into probabilities summed over the KV head's query heads. */
 #include "common.cuh"
 
 #define DEC_THREADS 128
 #define DEC_SUB 256 /* tokens per sub-chunk (shared score buffer) */
 #define DEC_GT 4    /* query heads per block */
 #define DEC_U 4     /* K or V rows each thread loads before using any (loads in flight) */
+/* ranges per (entry, tile): the merge keeps DEC_GT x splits weights in the block's `red` */
+#define DEC_MAX_SPLITS 256
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -28,11 +31,12 @@ static __device__ __forceinline__ void unpack_vec(float *dst, uint4 raw)
 }
 
 template <typename T>
-static __global__ void __launch_bounds__(DEC_THREADS)
+static __global__ void __launch_bounds__(DEC_THREADS, 4)
     decode_split_kernel(const T *q, int64_t ld_q, const T *pk, const T *pv, int bt, int d,
                         const int32_t *n_tokens, const int32_t *offset, const int32_t *blocks,
                         int hkv, int group, int chunk, int n_splits, float scale, float *part_o,
-                        float *part_ml, float *scores, int64_t max_tokens)
+                        float *part_ml, float *scores, int64_t max_tokens, T *out, float *fin_ml,
+                        int32_t *counters)
 {
     constexpr int VEC = 16 / sizeof(T);
     __shared__ float q_s[DEC_GT][256];
@@ -234,61 +238,63 @@ static __global__ void __launch_bounds__(DEC_THREADS)
         part_ml[(pbase + g0 + tid) * 2] = run_m[tid];
         part_ml[(pbase + g0 + tid) * 2 + 1] = run_l[tid];
     }
-}
-
-/* Merges the ranges of each (entry, query head): out = sum_s w_s O_s / sum_s w_s l_s with
- * w_s = exp(m_s - M); the weights go through shared memory once and empty ranges (short
- * entries under a batch-sized split) are skipped. Also records (M, L) for the psum kernel. */
-#define COMB_THREADS 128
-#define COMB_MAX_SPLITS 512
-template <typename T>
-static __global__ void __launch_bounds__(COMB_THREADS)
-    decode_combine_kernel(T *out, int64_t ld_o, const float *part_o, const float *part_ml,
-                          float *fin_ml, int hkv, int group, int n_splits, int d)
-{
-    __shared__ float w_s[COMB_MAX_SPLITS];
-    __shared__ float red[32];
-    uck_launch_dependents(); /* the output projection may start loading weights */
-    uck_grid_wait();
-    const int e = blockIdx.x, gl = blockIdx.y;
-    const int b = e / hkv, j = e % hkv;
-    const int ns = n_splits < COMB_MAX_SPLITS ? n_splits : COMB_MAX_SPLITS;
-    const float *ml = part_ml + (int64_t)e * n_splits * group * 2;
-    float mx = -INFINITY;
-    for (int s = threadIdx.x; s < n_splits; s += COMB_THREADS) {
-        mx = fmaxf(mx, ml[((int64_t)s * group + gl) * 2]);
+    /* The last range of this (entry, head tile) to finish merges them all: out = sum_s w_s O_s
+     * / sum_s w_s l_s with w_s = exp(m_s - M), empty ranges skipped; then it resets the
+     * counter for the next launch. */
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    int32_t *cnt = counters + (int64_t)e * gridDim.z + blockIdx.z;
+    if (tid == 0) {
+        last = atomicAdd(cnt, 1) == n_splits - 1;
     }
-    mx = uck_block_max(mx, red);
-    float l = 0.0f;
-    for (int s = threadIdx.x; s < n_splits; s += COMB_THREADS) {
-        float m = ml[((int64_t)s * group + gl) * 2];
-        float w = m == -INFINITY ? 0.0f : expf(m - mx);
-        l += ml[((int64_t)s * group + gl) * 2 + 1] * w;
-        if (s < ns) {
-            w_s[s] = w;
+    __syncthreads();
+    if (!last) {
+        return;
+    }
+    __threadfence();
+    __shared__ float inv_s[DEC_GT];
+    float *w_s = red; /* (gc, n_splits) weights; red is free again */
+    const int64_t mlb = (int64_t)e * n_splits * group;
+    if (warp < gc) {
+        const int h = g0 + warp;
+        float mx = -INFINITY;
+        for (int sp = lane; sp < n_splits; sp += 32) {
+            mx = fmaxf(mx, __ldcg(part_ml + (mlb + (int64_t)sp * group + h) * 2));
+        }
+        mx = uck_warp_max(mx);
+        float l = 0.0f;
+        for (int sp = lane; sp < n_splits; sp += 32) {
+            const float *ml = part_ml + (mlb + (int64_t)sp * group + h) * 2;
+            float m = __ldcg(ml);
+            float w = m == -INFINITY ? 0.0f : expf(m - mx);
+            l += __ldcg(ml + 1) * w;
+            w_s[warp * n_splits + sp] = w;
+        }
+        l = uck_warp_sum(l);
+        if (lane == 0) {
+            inv_s[warp] = l > 0.0f ? 1.0f / l : 0.0f;
+            if (fin_ml) {
+                fin_ml[((int64_t)e * group + h) * 2] = mx;
+                fin_ml[((int64_t)e * group + h) * 2 + 1] = l;
+            }
         }
     }
-    l = uck_block_sum(l, red); /* its barriers also publish w_s */
-    float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    for (int c = threadIdx.x; c < d; c += COMB_THREADS) {
+    __syncthreads();
+    for (int i = tid; i < gc * d; i += DEC_THREADS) {
+        int gl = i / d, c = i % d;
         float o = 0.0f;
-        for (int s = 0; s < n_splits; s++) {
-            float w;
-            if (s < ns) {
-                w = w_s[s];
-            } else {
-                float m = ml[((int64_t)s * group + gl) * 2];
-                w = m == -INFINITY ? 0.0f : expf(m - mx);
-            }
+        for (int sp = 0; sp < n_splits; sp++) {
+            float w = w_s[gl * n_splits + sp];
             if (w != 0.0f) {
-                o += part_o[(((int64_t)e * n_splits + s) * group + gl) * d + c] * w;
+                o += __ldcg(part_o + ((mlb + (int64_t)sp * group) + g0 + gl) * d + c) * w;
             }
         }
-        out[(int64_t)b * ld_o + (int64_t)(j * group + gl) * d + c] = uck_from_f<T>(o * inv);
+        out[(int64_t)b * (hkv * group * d) + (int64_t)(j * group + g0 + gl) * d + c] =
+            uck_from_f<T>(o * inv_s[gl]);
     }
-    if (threadIdx.x == 0 && fin_ml) {
-        fin_ml[((int64_t)e * group + gl) * 2] = mx;
-        fin_ml[((int64_t)e * group + gl) * 2 + 1] = l;
+    if (tid == 0) {
+        *cnt = 0;
     }
 }
 
@@ -325,8 +331,9 @@ extern "C" void uc_cuda_attn_decode_plan(struct uc_cuda_decode_plan *plan, int64
     int64_t mt = max_tokens > 0 ? max_tokens : 1;
     int64_t want = ceil_div(2 * (int64_t)(n_sms > 0 ? n_sms : 132), entries * g_tiles);
     int64_t splits, chunk;
+    want = want < DEC_MAX_SPLITS ? want : DEC_MAX_SPLITS;
     if (max_tokens <= 0) { /* dynamic: ranges sized in the kernel from each entry's length */
-        splits = want < 64 ? want : 64;
+        splits = want;
         chunk = 0;
     } else {
         splits = want < ceil_div(mt, 64) ? want : ceil_div(mt, 64);
@@ -337,6 +344,7 @@ extern "C" void uc_cuda_attn_decode_plan(struct uc_cuda_decode_plan *plan, int64
     plan->n_splits = (int)splits;
     plan->chunk = (int)chunk;
     plan->g_tiles = (int)g_tiles;
+    plan->n_counters = (size_t)(entries * g_tiles);
     size_t f = (size_t)(entries * splits * group) * (size_t)(head_dim + 2); /* part_o, part_ml */
     f += (size_t)(entries * group * 2);                                       /* fin_ml */
     if (with_psum) {
@@ -350,7 +358,7 @@ static void launch(void *out, const void *q, int64_t ld_q, const void *pk, const
                    int64_t bt, int64_t d, const int32_t *n_tokens, const int32_t *offset,
                    const int32_t *blocks, int64_t n_rows, int64_t n_heads, int64_t n_heads_kv,
                    int64_t max_tokens, const struct uc_cuda_decode_plan *plan, float *ws,
-                   float *psum, cudaStream_t stream)
+                   int32_t *counters, float *psum, cudaStream_t stream)
 {
     int64_t entries = n_rows * n_heads_kv, group = n_heads / n_heads_kv;
     int64_t mt = max_tokens > 0 ? max_tokens : 1;
@@ -361,10 +369,8 @@ static void launch(void *out, const void *q, int64_t ld_q, const void *pk, const
     dim3 grid((unsigned)entries, (unsigned)plan->n_splits, (unsigned)plan->g_tiles);
     uck_launch(decode_split_kernel<T>, grid, dim3(DEC_THREADS), 0, stream, q, ld_q, pk, pv, (int)bt,
                (int)d, n_tokens, offset, blocks, (int)n_heads_kv, (int)group, plan->chunk,
-               plan->n_splits, 1.0f / sqrtf((float)d), part_o, part_ml, scores, mt);
-    dim3 cgrid((unsigned)entries, (unsigned)group);
-    uck_launch(decode_combine_kernel<T>, cgrid, dim3(COMB_THREADS), 0, stream, out, (int64_t)(n_heads * d),
-               part_o, part_ml, fin_ml, (int)n_heads_kv, (int)group, plan->n_splits, (int)d);
+               plan->n_splits, 1.0f / sqrtf((float)d), part_o, part_ml, scores, mt, out,
+               psum ? fin_ml : NULL, counters);
     if (psum) {
         dim3 pgrid((unsigned)entries, (unsigned)ceil_div(mt, 256) < 64 ? (unsigned)ceil_div(mt, 256)
                                                                        : 64u);
@@ -380,7 +386,8 @@ extern "C" cudaError_t uc_cuda_attn_decode(void *out, const void *q, int64_t ld_
                                            const int32_t *blocks, int64_t n_rows, int64_t n_heads,
                                            int64_t n_heads_kv, int64_t max_tokens,
                                            const struct uc_cuda_decode_plan *plan, float *ws,
-                                           float *psum, enum uc_cuda_dtype dt, cudaStream_t stream)
+                                           int32_t *counters, float *psum, enum uc_cuda_dtype dt,
+                                           cudaStream_t stream)
 {
     if (n_rows <= 0) {
         return cudaGetLastError();
@@ -390,6 +397,7 @@ extern "C" cudaError_t uc_cuda_attn_decode(void *out, const void *q, int64_t ld_
         return cudaErrorInvalidValue;
     }
     UCK_DISPATCH(dt, launch, out, q, ld_q, pool_k, pool_v, block_tokens, head_dim, n_tokens,
-                 offset, blocks, n_rows, n_heads, n_heads_kv, max_tokens, plan, ws, psum, stream);
+                 offset, blocks, n_rows, n_heads, n_heads_kv, max_tokens, plan, ws, counters, psum,
+                 stream);
     return cudaGetLastError();
 }

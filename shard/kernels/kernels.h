@@ -131,6 +131,7 @@ struct uc_cuda_decode_plan {
     int n_splits;   /* token ranges per (row, KV head) */
     int chunk;      /* tokens per range; 0: each entry splits its own n_tokens in n_splits */
     int g_tiles;    /* query-head tiles of up to 4 heads per KV head */
+    size_t n_counters; /* int32 counters the launch needs, zero before it (and left zero) */
     size_t ws_floats; /* workspace the launch needs */
 };
 void uc_cuda_attn_decode_plan(struct uc_cuda_decode_plan *plan, int64_t n_rows, int64_t n_heads,
@@ -143,8 +144,9 @@ cudaError_t uc_cuda_attn_decode(void *out, const void *q, int64_t ld_q, const vo
                                 const int32_t *n_tokens, const int32_t *offset,
                                 const int32_t *blocks, int64_t n_rows, int64_t n_heads,
                                 int64_t n_heads_kv, int64_t max_tokens,
-                                const struct uc_cuda_decode_plan *plan, float *ws, float *psum,
-                                enum uc_cuda_dtype dt, cudaStream_t stream);
+                                const struct uc_cuda_decode_plan *plan, float *ws,
+                                int32_t *counters, float *psum, enum uc_cuda_dtype dt,
+                                cudaStream_t stream);
 /* out (T) int32 on the device = index of the first maximum of each row of x (T, N). */
 cudaError_t uc_cuda_argmax(int32_t *out, const void *x, int64_t n_tok, int64_t n,
                            enum uc_cuda_dtype dt, cudaStream_t stream);
