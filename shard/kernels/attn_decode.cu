@@ -281,17 +281,29 @@ static __global__ void __launch_bounds__(DEC_THREADS, 4)
         }
     }
     __syncthreads();
-    for (int i = tid; i < gc * d; i += DEC_THREADS) {
-        int gl = i / d, c = i % d;
-        float o = 0.0f;
-        for (int sp = 0; sp < n_splits; sp++) {
+    /* the non-empty ranges are a prefix: [0, n_act); 4 columns per thread, loads batched */
+    const int n_act = step > 0 ? min(n_splits, (nt + step - 1) / step) : 0;
+    const int d4 = d / 4;
+    for (int i = tid; i < gc * d4; i += DEC_THREADS) {
+        int gl = i / d4, c4 = i % d4;
+        const float4 *po = reinterpret_cast<const float4 *>(part_o + (mlb + g0 + gl) * d) + c4;
+        const int64_t stride = (int64_t)group * d4; /* float4s from one range to the next */
+        float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
+        for (int sp = 0; sp < n_act; sp++) {
             float w = w_s[gl * n_splits + sp];
-            if (w != 0.0f) {
-                o += __ldcg(part_o + ((mlb + (int64_t)sp * group) + g0 + gl) * d + c) * w;
-            }
+            float4 v = __ldcg(po + sp * stride);
+            o.x += v.x * w;
+            o.y += v.y * w;
+            o.z += v.z * w;
+            o.w += v.w * w;
         }
-        out[(int64_t)b * (hkv * group * d) + (int64_t)(j * group + g0 + gl) * d + c] =
-            uck_from_f<T>(o * inv_s[gl]);
+        float inv = inv_s[gl];
+        T *dst = out + (int64_t)b * (hkv * group * d) + (int64_t)(j * group + g0 + gl) * d + 4 * c4;
+        dst[0] = uck_from_f<T>(o.x * inv);
+        dst[1] = uck_from_f<T>(o.y * inv);
+        dst[2] = uck_from_f<T>(o.z * inv);
+        dst[3] = uck_from_f<T>(o.w * inv);
     }
     if (tid == 0) {
         *cnt = 0;
