@@ -4,7 +4,8 @@
 # targets, then runs the named steps, each with its rc and wall time. Fixtures come from
 # .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
 # travel. Steps: ops (with --bench), ctest (label cuda), golden, golden-fp32,
-# tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool).
+# tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
+# gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c).
 # A step written VAR=VALUE:STEP runs with that variable set (e.g. UC_CUDA_PDL=0:gpu-quick).
 # Usage: tests/cuda/device_check.sh BUILD_DIR STEP...
 set -u -o pipefail
@@ -86,6 +87,14 @@ for step in "$@"; do
           --lengths 2048,3072,4000 --trials 8 --budgets 128,256 --ppl-segments 0 \
           --policies full,uncomp,uncomp-stage $cfg | grep -v '^#'
       done ;;
+    trace) # kernel-by-kernel breakdown of decode steps (CUPTI; the device has no nsys)
+      cupti=$(dirname "$(find /usr/local/cuda*/ -name 'libcupti.so*' 2>/dev/null | head -1)")
+      gcc -O2 -shared -fPIC -I/usr/local/cuda/include "$root/tests/cuda/cupti_trace.c" \
+        -L"$cupti" -lcupti -o "$bd/cupti_trace.so" &&
+      LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$cupti UC_TRACE_OUT=$bd/trace.csv \
+        LD_PRELOAD=$bd/cupti_trace.so timeout 200 "$bd/tests/bench/bench_gpu" --skip-compress \
+        --prefill 512 --reps 1 --decode-steps 16 | grep decode &&
+      python3 "$root/tests/cuda/trace_steps.py" "$bd/trace.csv" 8 ;;
     gpu-quick) timeout 200 "$bd/tests/bench/bench_gpu" --reps 3 --skip-compress --prefill 8192 ;;
     torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
     *) echo "unknown step $step"; false ;;
