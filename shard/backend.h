@@ -92,13 +92,6 @@ struct uc_backend_ops {
     /* y (T, N) = x (T, K) w^T, w: weight (N, K). */
     uc_status (*matmul)(struct uc_backend *be, void *y, const void *x, const void *w, int64_t n_tok,
                         int64_t n_out, int64_t n_in);
-    /* (optional) Decode-size fused products: y (T, N) = x' w^T with x' = x / rms(x) * norm_w
-     * (eps) when norm_w is non-NULL, else x; with swiglu, y = silu(x' Wg^T) * (x' Wu^T) for w
-     * (2N, K) as in matmul_swiglu; with residual, y += the product in place (y is the residual
-     * stream). With y NULL it only answers whether it can, UC_OK or UC_ERR_UNSUPPORTED. */
-    uc_status (*matmul_fused)(struct uc_backend *be, void *y, const void *x, const void *w,
-                              int64_t n_tok, int64_t n_out, int64_t n_in, const void *norm_w,
-                              float eps, bool swiglu, bool residual);
     /* y (T, N) += b (N) (b: weight (1, N)). */
     uc_status (*add_bias)(struct uc_backend *be, void *y, const void *b, int64_t n_tok,
                           int64_t n_out);

@@ -352,7 +352,7 @@ static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, cons
     }
     if (uc_cuda_gemv_supported(n_tok, n_out, n_in, c->dt)) {
         /* decode: stream the weights once with our kernel */
-        return CU(uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, NULL, 0.0f, 0, c->stream));
+        return CU(uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, c->stream));
     }
     const float alpha = 1.0f, beta = 0.0f;
     cudaDataType_t t = c->fp32 ? CUDA_R_32F : CUDA_R_16BF;
@@ -374,31 +374,10 @@ static uc_status cuda_matmul_swiglu(struct uc_backend *be, void *y, void *gu, co
 {
     struct cuda_ctx *c = ctx_of(be);
     if (uc_cuda_gemv_supported(n_tok, 2 * n_ffn, n_in, c->dt)) {
-        return CU(uc_cuda_gemv_swiglu(y, x, wgu, n_tok, n_ffn, n_in, NULL, 0.0f, c->stream));
+        return CU(uc_cuda_gemv_swiglu(y, x, wgu, n_tok, n_ffn, n_in, c->stream));
     }
     uc_status rc = be->ops->matmul(be, gu, x, wgu, n_tok, 2 * n_ffn, n_in);
     return rc == UC_OK ? be->ops->swiglu(be, y, gu, n_tok, n_ffn) : rc;
-}
-
-static uc_status cuda_matmul_fused(struct uc_backend *be, void *y, const void *x, const void *w,
-                                   int64_t n_tok, int64_t n_out, int64_t n_in, const void *norm_w,
-                                   float eps, bool swiglu, bool residual)
-{
-    struct cuda_ctx *c = ctx_of(be);
-    bool ok = uc_cuda_gemv_supported(n_tok, swiglu ? 2 * n_out : n_out, n_in, c->dt) &&
-              (!norm_w || uc_cuda_gemv_norm_supported(n_tok, n_in, c->dt)) &&
-              !(swiglu && residual);
-    if (!y) {
-        return ok ? UC_OK : UC_ERR_UNSUPPORTED;
-    }
-    if (!ok) {
-        return UC_ERRF(UC_ERR_UNSUPPORTED, "fused product T=%lld N=%lld K=%lld norm=%d swiglu=%d",
-                       (long long)n_tok, (long long)n_out, (long long)n_in, norm_w != NULL,
-                       swiglu);
-    }
-    return CU(swiglu ? uc_cuda_gemv_swiglu(y, x, w, n_tok, n_out, n_in, norm_w, eps, c->stream)
-                     : uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, norm_w, eps, residual,
-                                    c->stream));
 }
 
 static uc_status cuda_add_bias(struct uc_backend *be, void *y, const void *b, int64_t n_tok,
@@ -883,7 +862,6 @@ static const struct uc_backend_ops cuda_ops = {
     .matmul = cuda_matmul,
     .add_rmsnorm = cuda_add_rmsnorm,
     .matmul_swiglu = cuda_matmul_swiglu,
-    .matmul_fused = cuda_matmul_fused,
     .add_bias = cuda_add_bias,
     .add = cuda_add,
     .rope = cuda_rope,

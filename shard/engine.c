@@ -1758,18 +1758,12 @@ static uc_status decode_layers(struct uc_engine *e, struct seq **batch, int64_t 
     int64_t ld = e->sh->qkv_dim, ent = nb * hkv, fixed = nb + 3 * L * ent;
     const int32_t *dm = e->dm_dev;
     uc_status rc;
-    /* one row on one rank: norms and residual adds inside the products */
-    bool fused = uc_model_decode_fused(e->m, nb);
-    if (l0 == 0 && !fused) {
+    if (l0 == 0) {
         UC_CHECK(uc_model_attn_norm(e->m, &e->ws, 0, e->dx, nb), rc, out);
     }
     for (int64_t l = l0; l < l1; l++) {
         const int32_t *slot = dm + nb + 3 * l * ent, *ntok = slot + ent, *off = ntok + ent;
-        if (fused) {
-            UC_CHECK(uc_model_decode_qkv_fused(e->m, &e->ws, l, e->dqkv, e->dx, nb), rc, out);
-        } else {
-            UC_CHECK(uc_model_qkv_proj(e->m, &e->ws, l, e->dqkv, nb), rc, out);
-        }
+        UC_CHECK(uc_model_qkv_proj(e->m, &e->ws, l, e->dqkv, nb), rc, out);
         /* rotate, then append the new token's K/V to every head; attend over the whole cache */
         UC_CHECK(e->be->ops->rope_append(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv,
                                          e->cfg->head_dim, dm, slot, nb),
@@ -1798,11 +1792,7 @@ static uc_status decode_layers(struct uc_engine *e, struct seq **batch, int64_t 
                          out);
             }
         }
-        if (fused) {
-            UC_CHECK(uc_model_decode_finish_fused(e->m, &e->ws, l, e->dx, nb), rc, out);
-        } else {
-            UC_CHECK(uc_model_finish_layer_norm_next(e->m, &e->ws, l, e->dx, nb), rc, out);
-        }
+        UC_CHECK(uc_model_finish_layer_norm_next(e->m, &e->ws, l, e->dx, nb), rc, out);
     }
 out:
     return rc;

@@ -619,56 +619,6 @@ out:
     return rc;
 }
 
-bool uc_model_decode_fused(struct uc_model *m, int64_t n_tok)
-{
-    struct uc_backend *be = m->be;
-    const struct uc_model_shard *s = &m->sh;
-    const struct layer_w *w = &m->layers[0];
-    int64_t c = m->cfg.hidden, hd = s->n_heads * m->cfg.head_dim;
-    if (!be->ops->matmul_fused || s->n_ranks != 1 || w->bqkv || w->bo) {
-        return false;
-    }
-    float eps = (float)m->cfg.norm_eps;
-    return be->ops->matmul_fused(be, NULL, NULL, NULL, n_tok, s->qkv_dim, c, w->attn_norm, eps,
-                                 false, false) == UC_OK &&
-           be->ops->matmul_fused(be, NULL, NULL, NULL, n_tok, c, hd, NULL, eps, false, true) ==
-               UC_OK &&
-           be->ops->matmul_fused(be, NULL, NULL, NULL, n_tok, s->n_ffn, c, w->ffn_norm, eps, true,
-                                 false) == UC_OK &&
-           be->ops->matmul_fused(be, NULL, NULL, NULL, n_tok, c, s->n_ffn, NULL, eps, false,
-                                 true) == UC_OK;
-}
-
-uc_status uc_model_decode_qkv_fused(struct uc_model *m, struct uc_model_ws *ws, int64_t layer,
-                                    void *qkv, const void *x, int64_t n_tok)
-{
-    const struct layer_w *w = &m->layers[layer];
-    (void)ws;
-    return m->be->ops->matmul_fused(m->be, qkv, x, w->wqkv, n_tok, m->sh.qkv_dim, m->cfg.hidden,
-                                    w->attn_norm, (float)m->cfg.norm_eps, false, false);
-}
-
-uc_status uc_model_decode_finish_fused(struct uc_model *m, struct uc_model_ws *ws, int64_t layer,
-                                       void *x, int64_t n_tok)
-{
-    struct uc_backend *be = m->be;
-    const struct layer_w *w = &m->layers[layer];
-    const struct uc_model_shard *s = &m->sh;
-    int64_t c = m->cfg.hidden;
-    float eps = (float)m->cfg.norm_eps;
-    uc_status rc;
-    UC_CHECK(be->ops->matmul_fused(be, x, ws->att, w->wo, n_tok, c, s->n_heads * m->cfg.head_dim,
-                                   NULL, eps, false, true),
-             rc, out);
-    UC_CHECK(be->ops->matmul_fused(be, ws->act, x, w->wgu, n_tok, s->n_ffn, c, w->ffn_norm, eps,
-                                   true, false),
-             rc, out);
-    rc = be->ops->matmul_fused(be, x, ws->act, w->wdown, n_tok, c, s->n_ffn, NULL, eps, false,
-                               true);
-out:
-    return rc;
-}
-
 uc_status uc_model_logits(struct uc_model *m, struct uc_model_ws *ws, float *out, const void *x,
                           int64_t n_tok)
 {

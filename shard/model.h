@@ -92,16 +92,6 @@ uc_status uc_model_qkv_proj(struct uc_model *m, struct uc_model_ws *ws, int64_t 
 /* x += AllReduce(att Wo^T); x += AllReduce(SwiGLU MLP(norm(x))). att in ws->att. */
 uc_status uc_model_finish_layer(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *x,
                                 int64_t n_tok);
-/* Whether a decode step of n_tok rows can run each layer as four fused products (the norms
- * inside the qkv and gate/up products, the residual adds inside the o and down products): one
- * rank, no biases, and the backend's matmul_fused for every shape of the layer. */
-bool uc_model_decode_fused(struct uc_model *m, int64_t n_tok);
-/* A decode layer in fused form: qkv = norm(x) Wqkv^T (no RoPE); then x += att Wo^T,
- * act = SwiGLU(norm(x) Wgu^T), x += act Wdown^T. att in ws->att. */
-uc_status uc_model_decode_qkv_fused(struct uc_model *m, struct uc_model_ws *ws, int64_t layer,
-                                    void *qkv, const void *x, int64_t n_tok);
-uc_status uc_model_decode_finish_fused(struct uc_model *m, struct uc_model_ws *ws, int64_t layer,
-                                       void *x, int64_t n_tok);
 /* The same, and below the last layer also ws->xn = the next layer's attention norm of the new
  * x, fused with the last residual add (the decode step then calls uc_model_qkv_proj). */
 uc_status uc_model_finish_layer_norm_next(struct uc_model *m, struct uc_model_ws *ws,

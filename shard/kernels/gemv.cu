@@ -57,60 +57,6 @@ static __device__ __forceinline__ bool gemv_preload(uint4 *wv, const uint4 *wr, 
 /* One warp per output column; each lane issues GEMV_UNROLL independent 16-byte weight loads
  * before using any of them, so every SM keeps enough bytes in flight to cover the memory
  * latency (Little's law), then reads the matching x vectors (L1 hits after the first warp). */
-/* Fused modes of the products (template flags): GEMV_NORM normalises the input row in the
- * prologue (x / rms(x) * norm weight, rounded to bf16 as the norm kernel would, into shared
- * memory; one row only), GEMV_RESID adds the product to y in place (y = y + bf16(x w^T): the
- * residual add, rounded as add() rounds it). */
-#define GEMV_NORM 1
-#define GEMV_RESID 2
-
-extern __shared__ uint4 gemv_xs[]; /* the normalised row (GEMV_NORM): n_in bf16 values */
-
-/* Every thread of the block: the normalised row into gemv_xs; returns it. */
-static __device__ const uc_bf16_t *gemv_norm_row(const uc_bf16_t *x, const uc_bf16_t *norm_w,
-                                                 int n_in, float eps)
-{
-    __shared__ float red[32];
-    const uint4 *xv = reinterpret_cast<const uint4 *>(x);
-    const uint4 *gv = reinterpret_cast<const uint4 *>(norm_w);
-    const int nv = n_in >> 3;
-    float ss = 0.0f;
-    for (int v = threadIdx.x; v < nv; v += blockDim.x) {
-        float f[8];
-        unpack8(xv[v], f);
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            ss += f[i] * f[i];
-        }
-    }
-    ss = uck_block_sum(ss, red);
-    const float inv = 1.0f / sqrtf(ss / (float)n_in + eps);
-    for (int v = threadIdx.x; v < nv; v += blockDim.x) {
-        float f[8], g[8];
-        unpack8(xv[v], f);
-        unpack8(gv[v], g);
-        uint4 o;
-        __nv_bfloat162 *op = reinterpret_cast<__nv_bfloat162 *>(&o);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            op[i] = __floats2bfloat162_rn(g[2 * i] * (f[2 * i] * inv),
-                                          g[2 * i + 1] * (f[2 * i + 1] * inv));
-        }
-        gemv_xs[v] = o;
-    }
-    __syncthreads();
-    return reinterpret_cast<const uc_bf16_t *>(gemv_xs);
-}
-
-/* Vector v of row t of the input: from shared memory when normalised there, else through the
- * read-only cache. */
-template <int MODE>
-static __device__ __forceinline__ uint4 gemv_x(const uc_bf16_t *x, int n_in, int t, int v)
-{
-    const uint4 *p = reinterpret_cast<const uint4 *>(x + (size_t)t * n_in) + v;
-    return (MODE & GEMV_NORM) ? *p : __ldg(p);
-}
-
 /* Calls launch(std::integral_constant<int, T>) for the row count T in [1, 8]: the kernels are
  * templates on it so their accumulators stay in registers. */
 template <typename F> static cudaError_t dispatch_rows(int64_t n_tok, F launch)
@@ -129,15 +75,17 @@ template <typename F> static cudaError_t dispatch_rows(int64_t n_tok, F launch)
     return cudaGetLastError();
 }
 
-template <int TT, int MODE>
-static __global__ void __launch_bounds__(GEMV_WARPS * 32, TT == 1 ? 6 : 1) /* 6 blocks/SM: <= 40 regs */
-    gemv_kernel(uc_bf16_t *y, const uc_bf16_t *x, const uc_bf16_t *__restrict__ w, int n_out,
-                int n_in, const uc_bf16_t *norm_w, float eps)
+template <int TT>
+static __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_kernel(uc_bf16_t *__restrict__ y, const uc_bf16_t *__restrict__ x,
+                const uc_bf16_t *__restrict__ w, int n_out, int n_in)
 {
     int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
-    const bool active = row < n_out;
-    const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)(active ? row : 0) * n_in);
+    if (row >= n_out) {
+        return;
+    }
+    const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * n_in);
     float acc[TT];
 #pragma unroll
     for (int t = 0; t < TT; t++) {
@@ -146,14 +94,8 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, TT == 1 ? 6 : 1) /* 6 
     int nv = n_in >> 3;
     int v = lane;
     uint4 wv[GEMV_UNROLL];
-    bool pre = active && gemv_preload(wv, wr, lane, nv);
+    bool pre = gemv_preload(wv, wr, lane, nv);
     uck_grid_wait(); /* x is the previous kernel's output */
-    if (MODE & GEMV_NORM) {
-        x = gemv_norm_row(x, norm_w, n_in, eps);
-    }
-    if (!active) {
-        return;
-    }
     for (; v + 32 * (GEMV_UNROLL - 1) < nv; v += 32 * GEMV_UNROLL) {
         if (!pre) {
 #pragma unroll
@@ -168,7 +110,8 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, TT == 1 ? 6 : 1) /* 6 
             unpack8(wv[u], wf);
 #pragma unroll
             for (int t = 0; t < TT; t++) {
-                uint4 xv = gemv_x<MODE>(x, n_in, t, v + 32 * u);
+                uint4 xv = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)t * n_in) + v +
+                                 32 * u);
                 float xf[8];
                 unpack8(xv, xf);
 #pragma unroll
@@ -184,7 +127,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, TT == 1 ? 6 : 1) /* 6 
         unpack8(wv, wf);
 #pragma unroll
         for (int t = 0; t < TT; t++) {
-            uint4 xv = gemv_x<MODE>(x, n_in, t, v);
+            uint4 xv = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)t * n_in) + v);
             float xf[8];
             unpack8(xv, xf);
 #pragma unroll
@@ -197,29 +140,25 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, TT == 1 ? 6 : 1) /* 6 
     for (int t = 0; t < TT; t++) {
         float s = uck_warp_sum(acc[t]);
         if (lane == 0) {
-            uc_bf16_t *yo = y + (size_t)t * n_out + row;
-            if (MODE & GEMV_RESID) {
-                s = __bfloat162float(*yo) + __bfloat162float(__float2bfloat16_rn(s));
-            }
-            *yo = __float2bfloat16_rn(s);
+            y[(size_t)t * n_out + row] = __float2bfloat16_rn(s);
         }
     }
 }
 
 /* y (T, F) = silu(x wg^T) * (x wu^T): one warp per output column n streams row n of the gate
  * half and row n of the up half. */
-template <int TT, int MODE>
-static __global__ void __launch_bounds__(GEMV_WARPS * 32, TT == 1 ? 6 : 1)
-    gemv_swiglu_kernel(uc_bf16_t *__restrict__ y, const uc_bf16_t *x,
-                       const uc_bf16_t *__restrict__ w, int n_ffn, int n_in,
-                       const uc_bf16_t *norm_w, float eps)
+template <int TT>
+static __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_swiglu_kernel(uc_bf16_t *__restrict__ y, const uc_bf16_t *__restrict__ x,
+                       const uc_bf16_t *__restrict__ w, int n_ffn, int n_in)
 {
     int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
-    const bool active = row < n_ffn;
-    const int r = active ? row : 0;
-    const uint4 *wg = reinterpret_cast<const uint4 *>(w + (size_t)r * n_in);
-    const uint4 *wu = reinterpret_cast<const uint4 *>(w + ((size_t)n_ffn + r) * n_in);
+    if (row >= n_ffn) {
+        return;
+    }
+    const uint4 *wg = reinterpret_cast<const uint4 *>(w + (size_t)row * n_in);
+    const uint4 *wu = reinterpret_cast<const uint4 *>(w + ((size_t)n_ffn + row) * n_in);
     float ag[TT], au[TT];
 #pragma unroll
     for (int t = 0; t < TT; t++) {
@@ -230,7 +169,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, TT == 1 ? 6 : 1)
     int v = lane;
     /* before the wait: this lane's first two vectors of each matrix, more of both in L2 */
     uint4 gv[2], uv[2];
-    bool pre = active && lane + 32 < nv;
+    bool pre = lane + 32 < nv;
     if (pre) {
 #pragma unroll
         for (int u = 0; u < 2; u++) {
@@ -240,18 +179,12 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, TT == 1 ? 6 : 1)
     }
 #pragma unroll
     for (int u = 0; u < GEMV_PREFETCH / 2; u++) {
-        if (active && lane + 32 * (2 + u) < nv) {
+        if (lane + 32 * (2 + u) < nv) {
             uck_prefetch_l2(wg + lane + 32 * (2 + u));
             uck_prefetch_l2(wu + lane + 32 * (2 + u));
         }
     }
     uck_grid_wait();
-    if (MODE & GEMV_NORM) {
-        x = gemv_norm_row(x, norm_w, n_in, eps);
-    }
-    if (!active) {
-        return;
-    }
     for (; v + 32 < nv; v += 64) { /* two vectors of each matrix in flight per lane */
         if (!pre) {
 #pragma unroll
@@ -268,7 +201,8 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, TT == 1 ? 6 : 1)
             unpack8(uv[u], uf);
 #pragma unroll
             for (int t = 0; t < TT; t++) {
-                uint4 xv = gemv_x<MODE>(x, n_in, t, v + 32 * u);
+                uint4 xv = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)t * n_in) + v +
+                                 32 * u);
                 float xf[8];
                 unpack8(xv, xf);
 #pragma unroll
@@ -286,7 +220,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, TT == 1 ? 6 : 1)
         unpack8(uv, uf);
 #pragma unroll
         for (int t = 0; t < TT; t++) {
-            uint4 xv = gemv_x<MODE>(x, n_in, t, v);
+            uint4 xv = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)t * n_in) + v);
             float xf[8];
             unpack8(xv, xf);
 #pragma unroll
@@ -307,55 +241,14 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, TT == 1 ? 6 : 1)
     }
 }
 
-/* Launches the MODE variants for T rows: plain and GEMV_RESID for T <= 8, GEMV_NORM (with or
- * without GEMV_RESID) for one row. */
-template <template <int, int> class K, typename... A>
-static cudaError_t launch_modes(int64_t n_tok, bool norm, bool resid, unsigned blocks,
-                                int64_t n_in, cudaStream_t stream, A... args)
-{
-    const size_t smem = norm ? (size_t)n_in * sizeof(uc_bf16_t) : 0;
-    const dim3 grid(blocks), block(GEMV_WARPS * 32);
-    if (norm) {
-        if (n_tok != 1) {
-            return cudaErrorInvalidValue;
-        }
-        if (resid) {
-            uck_launch(K<1, GEMV_NORM | GEMV_RESID>::fn, grid, block, smem, stream, args...);
-        } else {
-            uck_launch(K<1, GEMV_NORM>::fn, grid, block, smem, stream, args...);
-        }
-        return cudaGetLastError();
-    }
-    return dispatch_rows(n_tok, [&](auto rows) {
-        constexpr int T = decltype(rows)::value;
-        if (resid) {
-            uck_launch(K<T, GEMV_RESID>::fn, grid, block, 0, stream, args...);
-        } else {
-            uck_launch(K<T, 0>::fn, grid, block, 0, stream, args...);
-        }
-    });
-}
-
-template <int TT, int MODE> struct gemv_k {
-    static constexpr auto fn = gemv_kernel<TT, MODE>;
-};
-template <int TT, int MODE> struct swiglu_k {
-    static constexpr auto fn = gemv_swiglu_kernel<TT, MODE & GEMV_NORM>;
-};
-
 extern "C" cudaError_t uc_cuda_gemv_swiglu(void *y, const void *x, const void *w, int64_t n_tok,
-                                           int64_t n_ffn, int64_t n_in, const void *norm_w,
-                                           float eps, cudaStream_t stream)
+                                           int64_t n_ffn, int64_t n_in, cudaStream_t stream)
 {
     unsigned blocks = (unsigned)((n_ffn + GEMV_WARPS - 1) / GEMV_WARPS);
-    return launch_modes<swiglu_k>(n_tok, norm_w != NULL, false, blocks, n_in, stream, y, x, w,
-                                  (int)n_ffn, (int)n_in, norm_w, eps);
-}
-
-extern "C" bool uc_cuda_gemv_norm_supported(int64_t n_tok, int64_t n_in, enum uc_cuda_dtype dt)
-{
-    return dt == UC_CUDA_BF16 && n_tok == 1 && n_in % 8 == 0 &&
-           n_in * (int64_t)sizeof(uc_bf16_t) <= 48 * 1024;
+    return dispatch_rows(n_tok, [&](auto rows) {
+        uck_launch(gemv_swiglu_kernel<decltype(rows)::value>, dim3(blocks), dim3(GEMV_WARPS * 32),
+                   0, stream, y, x, w, (int)n_ffn, (int)n_in);
+    });
 }
 
 extern "C" bool uc_cuda_gemv_supported(int64_t n_tok, int64_t n_out, int64_t n_in,
@@ -366,10 +259,11 @@ extern "C" bool uc_cuda_gemv_supported(int64_t n_tok, int64_t n_out, int64_t n_i
 }
 
 extern "C" cudaError_t uc_cuda_gemv(void *y, const void *x, const void *w, int64_t n_tok,
-                                    int64_t n_out, int64_t n_in, const void *norm_w, float eps,
-                                    int residual, cudaStream_t stream)
+                                    int64_t n_out, int64_t n_in, cudaStream_t stream)
 {
     unsigned blocks = (unsigned)((n_out + GEMV_WARPS - 1) / GEMV_WARPS);
-    return launch_modes<gemv_k>(n_tok, norm_w != NULL, residual != 0, blocks, n_in, stream, y, x,
-                                w, (int)n_out, (int)n_in, norm_w, eps);
+    return dispatch_rows(n_tok, [&](auto rows) {
+        uck_launch(gemv_kernel<decltype(rows)::value>, dim3(blocks), dim3(GEMV_WARPS * 32), 0,
+                   stream, y, x, w, (int)n_out, (int)n_in);
+    });
 }

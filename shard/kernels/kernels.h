@@ -37,19 +37,13 @@ cudaError_t uc_cuda_window_reduce(float *col, float *row, const float *probs, in
  * on the device. Off by default; the backend turns it on for sm_90 devices. */
 void uc_cuda_set_pdl(int on);
 /* Decode-size matrix product y (T, N) = x (T, K) w^T in bf16 (float32 accumulation) for
- * T <= 8 and K a multiple of 8: streams w at close to the memory bandwidth. With norm_w the
- * input row is first normalised (x / rms(x) * norm_w, eps; one row: uc_cuda_gemv_norm_supported);
- * with residual, y += the product (y the residual stream, in place). */
+ * T <= 8 and K a multiple of 8: streams w at close to the memory bandwidth. */
 bool uc_cuda_gemv_supported(int64_t n_tok, int64_t n_out, int64_t n_in, enum uc_cuda_dtype dt);
-bool uc_cuda_gemv_norm_supported(int64_t n_tok, int64_t n_in, enum uc_cuda_dtype dt);
 cudaError_t uc_cuda_gemv(void *y, const void *x, const void *w, int64_t n_tok, int64_t n_out,
-                         int64_t n_in, const void *norm_w, float eps, int residual,
-                         cudaStream_t stream);
-/* y (T, F) = silu(x Wg^T) * (x Wu^T), w (2F, K) = [gate rows; up rows], for T <= 8 in bf16;
- * norm_w as for uc_cuda_gemv. */
+                         int64_t n_in, cudaStream_t stream);
+/* y (T, F) = silu(x Wg^T) * (x Wu^T), w (2F, K) = [gate rows; up rows], for T <= 8 in bf16. */
 cudaError_t uc_cuda_gemv_swiglu(void *y, const void *x, const void *w, int64_t n_tok,
-                                int64_t n_ffn, int64_t n_in, const void *norm_w, float eps,
-                                cudaStream_t stream);
+                                int64_t n_ffn, int64_t n_in, cudaStream_t stream);
 /* x (T, C) += d, then y = x / rms(x) * w. */
 cudaError_t uc_cuda_add_rmsnorm(void *y, void *x, const void *d, const void *w, int64_t n_tok,
                                 int64_t dim, float eps, enum uc_cuda_dtype dt,

@@ -333,71 +333,6 @@ static void test_matmul(int64_t t, int64_t n, int64_t k)
     uc_free(w);
 }
 
-/* The fused decode products against the CPU's separate ops: norm then product (qkv), norm then
- * SwiGLU product (gate/up), product added to the residual (o, down); in fp32 mode the op must
- * refuse (its kernels are bf16), as for two rows with the norm. */
-static void test_matmul_fused(int64_t n, int64_t k, bool norm, bool swiglu, bool residual)
-{
-    int64_t nw = swiglu ? 2 * n : n;
-    float *x = hdata(k, 60, 1.0f), *w = hdata(nw * k, 61, 0.05f), *g = hdata(k, 62, 1.0f);
-    float *r = hdata(n, 63, 1.0f);
-    char what[80];
-    snprintf(what, sizeof what, "N=%lld K=%lld%s%s%s", (long long)n, (long long)k,
-             norm ? " norm" : "", swiglu ? " swiglu" : "", residual ? " residual" : "");
-    void *wg = NULL, *wc = NULL, *gg = NULL, *gc = NULL;
-    gpu->ops->weight_create(gpu, &wg, w, nw, k);
-    cpu->ops->weight_create(cpu, &wc, w, nw, k);
-    gpu->ops->weight_create(gpu, &gg, g, 1, k);
-    cpu->ops->weight_create(cpu, &gc, g, 1, k);
-    uc_status probe = gpu->ops->matmul_fused(gpu, NULL, NULL, NULL, 1, n, k, norm ? gg : NULL,
-                                             1e-5f, swiglu, residual);
-    if (fp32) {
-        report("matmul_fused", "fp32 mode refuses", probe == UC_ERR_UNSUPPORTED ? 0.0 : 1.0, 0.0);
-    } else {
-        void *xg = put(gpu, x, k), *xc = put(cpu, x, k), *yg = put(gpu, r, n), *yc = put(cpu, r, n);
-        void *xn = put(cpu, x, k), *t = put(cpu, w, nw); /* scratch */
-        uc_status rc = gpu->ops->matmul_fused(gpu, yg, xg, wg, 1, n, k, norm ? gg : NULL, 1e-5f,
-                                              swiglu, residual);
-        if (norm) {
-            cpu->ops->rmsnorm(cpu, xn, xc, gc, 1, k, 1e-5f);
-        }
-        const void *in = norm ? xn : xc;
-        if (swiglu) {
-            cpu->ops->matmul_swiglu(cpu, yc, t, in, wc, 1, n, k);
-        } else if (residual) {
-            cpu->ops->matmul(cpu, t, in, wc, 1, n, k);
-            cpu->ops->add(cpu, yc, t, n);
-        } else {
-            cpu->ops->matmul(cpu, yc, in, wc, 1, n, k);
-        }
-        report("matmul_fused", what, probe == UC_OK && rc == UC_OK ? cmp_dev(yg, yc, n) : INFINITY,
-               bound_act());
-        if (norm) {
-            report("matmul_fused", "two rows with the norm are refused",
-                   gpu->ops->matmul_fused(gpu, NULL, NULL, NULL, 2, n, k, gg, 1e-5f, swiglu,
-                                          false) == UC_ERR_UNSUPPORTED
-                       ? 0.0
-                       : 1.0,
-                   0.0);
-        }
-        void *bufs[][2] = {{xg, xc}, {yg, yc}};
-        for (int i = 0; i < 2; i++) {
-            drop(gpu, bufs[i][0]);
-            drop(cpu, bufs[i][1]);
-        }
-        drop(cpu, xn);
-        drop(cpu, t);
-    }
-    gpu->ops->weight_free(gpu, wg);
-    cpu->ops->weight_free(cpu, wc);
-    gpu->ops->weight_free(gpu, gg);
-    cpu->ops->weight_free(cpu, gc);
-    uc_free(x);
-    uc_free(w);
-    uc_free(g);
-    uc_free(r);
-}
-
 static void test_add_swiglu(void)
 {
     int64_t n = 65537;
@@ -854,10 +789,6 @@ static void run_pass(void)
     test_matmul_swiglu(8, 344, 256);
     test_matmul_swiglu(37, 344, 256);
     test_matmul(1, 4096, 4096);   /* the decode gemv kernel: T <= 8, K % 8 == 0 */
-    test_matmul_fused(1000, 4096, true, false, false); /* qkv: norm inside */
-    test_matmul_fused(777, 4096, false, false, true);  /* o: residual (a partial last block) */
-    test_matmul_fused(1024, 4096, true, true, false);  /* gate/up: norm and SwiGLU */
-    test_matmul_fused(512, 14336, false, false, true); /* down: residual */
     test_matmul(3, 1000, 264);
     test_matmul(8, 4096, 1024);
     test_matmul(37, 344, 172);
