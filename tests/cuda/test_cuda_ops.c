@@ -127,8 +127,12 @@ static double cmp_dev(const void *g, const void *c, int64_t n)
     return e;
 }
 
+/* v = a random permutation of 0 .. n-1. */
 static void shuffle_i32(int32_t *v, int64_t n, struct uc_rng *r)
 {
+    for (int64_t i = 0; i < n; i++) {
+        v[i] = (int32_t)i;
+    }
     for (int64_t i = n - 1; i > 0; i--) {
         int64_t j = (int64_t)(uc_rng_next(r) % (uint64_t)(i + 1));
         int32_t t = v[i];
@@ -618,9 +622,6 @@ static void test_kv_scatter_move(int64_t d)
     int32_t *slots = uc_malloc((size_t)(64 * 16) * sizeof(int32_t));
     int32_t *row = uc_malloc((size_t)n * sizeof(int32_t));
     int32_t *head = uc_malloc((size_t)n * sizeof(int32_t));
-    for (int32_t i = 0; i < 64 * 16; i++) {
-        slots[i] = i;
-    }
     struct uc_rng r;
     uc_rng_seed(&r, 520);
     shuffle_i32(slots, 64 * 16, &r);
@@ -669,9 +670,6 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
     }
     int64_t n_blocks = total + 7;
     int32_t *perm = uc_malloc((size_t)n_blocks * sizeof(int32_t));
-    for (int32_t i = 0; i < n_blocks; i++) {
-        perm[i] = i;
-    }
     shuffle_i32(perm, n_blocks, &r);
     struct pools p;
     pools_make(&p, n_blocks, bt, d, seed + 1);
@@ -746,9 +744,6 @@ static void test_rope_append(int64_t d, int64_t n_rows, int64_t h, int64_t hkv)
     int64_t n = n_rows * hkv;
     int32_t *host = uc_malloc((size_t)(n_rows + 32 * 16) * sizeof(int32_t));
     int32_t *slot = host + n_rows;
-    for (int32_t i = 0; i < 32 * 16; i++) {
-        slot[i] = i;
-    }
     struct uc_rng r;
     uc_rng_seed(&r, 720);
     shuffle_i32(slot, 32 * 16, &r);
