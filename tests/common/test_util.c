@@ -1,15 +1,52 @@
 /* Test helpers: fixtures, JSON, engine driving. */
 #include "test_util.h"
 
+#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
+#include "base/log.h"
 #include "base/mem.h"
 #include "base/util.h"
 
 int tu_failures;
+
+char tu_log_text[TU_LOG_BYTES];
+int tu_log_errors, tu_log_warns;
+static size_t tu_log_len;
+
+static void log_sink(enum uc_log_level level, const char *line, void *user)
+{
+    (void)user;
+    tu_log_errors += level == UC_LOG_LEVEL_ERROR;
+    tu_log_warns += level == UC_LOG_LEVEL_WARN;
+    int n = snprintf(tu_log_text + tu_log_len, sizeof tu_log_text - tu_log_len, "%s\n", line);
+    if (n > 0 && (size_t)n < sizeof tu_log_text - tu_log_len) {
+        tu_log_len += (size_t)n;
+    }
+}
+
+void tu_log_capture(void) { uc_log_set_sink(log_sink, NULL); }
+
+void tu_log_reset(void)
+{
+    tu_log_text[0] = '\0';
+    tu_log_len = 0;
+    tu_log_errors = 0;
+    tu_log_warns = 0;
+}
+
+static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(p);
+}
+
+int tu_rmtree(const char *dir) { return nftw(dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS); }
 
 const char *tu_shared_dir(int argc, char **argv)
 {

@@ -37,6 +37,17 @@ uc_status tu_free(struct uc_engine *e, int64_t seq_id);
 int64_t tu_greedy(struct uc_engine *e, int64_t seq_id, int64_t n, int32_t *out);
 int32_t tu_argmax(const float *x, int64_t n);
 
+/* Log capture, for tests that check what was logged: after tu_log_capture() every line goes to
+ * tu_log_text (newline-separated, since the last tu_log_reset, cut at the buffer's end) and
+ * ERROR and WARN lines are counted. */
+#define TU_LOG_BYTES 65536
+extern char tu_log_text[TU_LOG_BYTES];
+extern int tu_log_errors, tu_log_warns;
+void tu_log_capture(void);
+void tu_log_reset(void);
+/* Removes a folder and everything below it: 0, or -1 with errno. */
+int tu_rmtree(const char *dir);
+
 #define TU_CHECK(cond, ...)                                                                        \
     do {                                                                                           \
         if (!(cond)) {                                                                             \

@@ -11,7 +11,6 @@
  * (uncompd is a child process, started without forking an MPI process). */
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <spawn.h>
@@ -46,24 +45,6 @@ static struct uc_comm *comm;
 
 /* ---- log capture ------------------------------------------------------------------------- */
 
-static char log_text[65536];
-static size_t log_len;
-
-static void capture_log(enum uc_log_level level, const char *line, void *user)
-{
-    (void)level;
-    (void)user;
-    int n = snprintf(log_text + log_len, sizeof log_text - log_len, "%s\n", line);
-    if (n > 0 && (size_t)n < sizeof log_text - log_len) {
-        log_len += (size_t)n;
-    }
-}
-
-static void log_reset(void)
-{
-    log_text[0] = '\0';
-    log_len = 0;
-}
 
 #define assert_has(hay, needle)                                                                    \
     do {                                                                                           \
@@ -76,13 +57,6 @@ static void log_reset(void)
 
 static char work_dir[64];
 
-static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(p);
-}
 
 static void copy_file(const char *dir, const char *name)
 {
@@ -372,19 +346,19 @@ static uc_status create_engine(const char *dir, struct uc_engine **e)
 static void expect_engine_refused(const char *dir, uc_status want, const char *a, const char *b)
 {
     int64_t blocks = uc_mem_blocks_in_use();
-    log_reset();
+    tu_log_reset();
     struct uc_engine *e = (struct uc_engine *)(uintptr_t)1;
     uc_status rc = create_engine(dir, &e);
     if (rc != want) {
         uc_engine_destroy(rc == UC_OK ? e : NULL);
         fail_msg("%s: want %s, got %s\n%s", dir, uc_status_str(want), uc_status_str(rc),
-                 log_text);
+                 tu_log_text);
     }
     assert_null(e);
-    assert_has(log_text, uc_status_str(want));
-    assert_has(log_text, a);
+    assert_has(tu_log_text, uc_status_str(want));
+    assert_has(tu_log_text, a);
     if (b) {
-        assert_has(log_text, b);
+        assert_has(tu_log_text, b);
     }
     assert_int_equal(uc_mem_blocks_in_use(), blocks);
 }
@@ -400,7 +374,7 @@ static void test_engine_bad_folders(void **state)
     dir = make_model("past_end");
     edit_header(dir, lie_past_end);
     expect_engine_refused(dir, UC_ERR_FORMAT, "tensor=model.norm.weight", "data_offsets");
-    assert_has(log_text, file_in(dir, "model.safetensors"));
+    assert_has(tu_log_text, file_in(dir, "model.safetensors"));
 
     dir = make_model("overlap");
     edit_header(dir, lie_overlap);
@@ -419,7 +393,7 @@ static void test_engine_bad_folders(void **state)
     dir = make_model("arch");
     edit_json_file(dir, "config.json", arch_neox);
     expect_engine_refused(dir, UC_ERR_UNSUPPORTED, "field=architectures", "GPTNeoXForCausalLM");
-    assert_has(log_text, file_in(dir, "config.json"));
+    assert_has(tu_log_text, file_in(dir, "config.json"));
 
     dir = make_model("no_config");
     assert_int_equal(unlink(file_in(dir, "config.json")), 0);
@@ -437,13 +411,13 @@ static void test_tokenizer_unsupported_component(void **state)
     const char *dir = make_model("tokenizer");
     edit_json_file(dir, "tokenizer.json", tok_wordpiece);
     int64_t blocks = uc_mem_blocks_in_use();
-    log_reset();
+    tu_log_reset();
     struct uc_tokenizer *t = NULL;
     assert_int_equal(uc_tokenizer_create(&t, dir), UC_ERR_UNSUPPORTED);
     assert_null(t);
-    assert_has(log_text, "field=model.type");
-    assert_has(log_text, "WordPiece");
-    assert_has(log_text, file_in(dir, "tokenizer.json"));
+    assert_has(tu_log_text, "field=model.type");
+    assert_has(tu_log_text, "WordPiece");
+    assert_has(tu_log_text, file_in(dir, "tokenizer.json"));
     assert_int_equal(uc_mem_blocks_in_use(), blocks);
     /* the model itself still loads from that folder */
     struct uc_engine *e = NULL;
@@ -489,7 +463,7 @@ static void test_engine_allocation_failures(void **state)
     assert_true(n_calls > 20);
     int n_ok = 0;
     for (int64_t n = 1; n <= n_calls; n++) {
-        log_reset();
+        tu_log_reset();
         e = (struct uc_engine *)(uintptr_t)1;
         failing_n = (sig_atomic_t)n;
         prev_segv = signal(SIGSEGV, on_segv);
@@ -505,10 +479,10 @@ static void test_engine_allocation_failures(void **state)
             if (rc != UC_ERR_NOMEM) {
                 fail_msg("allocation %lld of %lld failed: create returned %s, not "
                          "UC_ERR_NOMEM\n%s", (long long)n, (long long)n_calls,
-                         uc_status_str(rc), log_text);
+                         uc_status_str(rc), tu_log_text);
             }
             assert_null(e);
-            assert_has(log_text, "UC_ERR_NOMEM");
+            assert_has(tu_log_text, "UC_ERR_NOMEM");
         }
         if (uc_mem_blocks_in_use() != blocks) {
             fail_msg("allocation %lld of %lld failed (%s): %lld blocks leaked", (long long)n,
@@ -533,7 +507,7 @@ static int group_setup(void **state)
 static int group_teardown(void **state)
 {
     (void)state;
-    return nftw(work_dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
+    return tu_rmtree(work_dir);
 }
 
 int main(int argc, char **argv)
@@ -559,7 +533,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "FAIL: MPI start-up\n");
         return 1;
     }
-    uc_log_set_sink(capture_log, NULL);
+    tu_log_capture();
     const struct CMUnitTest lib[] = {
         cmocka_unit_test(test_engine_bad_folders),
         cmocka_unit_test(test_tokenizer_unsupported_component),

@@ -22,27 +22,10 @@
 #include "compress/policy.h"
 #include "compress/profile.h"
 #include "compress/select.h"
+#include "test_util.h"
 
 /* ---- log capture ------------------------------------------------------------------------- */
 
-static char log_text[8192];
-static size_t log_len;
-
-static void capture_log(enum uc_log_level level, const char *line, void *user)
-{
-    (void)level;
-    (void)user;
-    int n = snprintf(log_text + log_len, sizeof log_text - log_len, "%s\n", line);
-    if (n > 0 && (size_t)n < sizeof log_text - log_len) {
-        log_len += (size_t)n;
-    }
-}
-
-static void log_reset(void)
-{
-    log_text[0] = '\0';
-    log_len = 0;
-}
 
 #define assert_has(hay, needle)                                                                    \
     do {                                                                                           \
@@ -224,9 +207,9 @@ static void test_entropy_eigvals_and_helpers(void **state)
     int64_t blocks = uc_mem_blocks_in_use();
     float x[8] = {1, 0, 0, 1, -1, 0, 0, -1};
     double cov[4];
-    log_reset();
+    tu_log_reset();
     assert_int_equal(uc_entropy_cov(cov, x, 0, 2, 2), UC_ERR_INVALID_ARG);
-    assert_has(log_text, "rows=0");
+    assert_has(tu_log_text, "rows=0");
     assert_int_equal(uc_entropy_cov(cov, x, 4, 0, 2), UC_ERR_INVALID_ARG);
     for (int64_t n = 1; n <= 6; n++) {
         uc_mem_fail_after(n);
@@ -712,7 +695,7 @@ static uc_status parse_edited(struct uc_profile *p, const char *from, const char
     assert_non_null(ed);
     snprintf(ed, n, "%.*s%s%s", (int)(at - text), text, to, at + strlen(from));
     memset(p, 0, sizeof *p);
-    log_reset();
+    tu_log_reset();
     uc_status rc = uc_profile_parse(p, ed, "/x/profile.json", L, H, Hkv);
     free(ed);
     uc_free(text);
@@ -737,11 +720,11 @@ static void test_profile_refusals(void **state)
                   {4, 4, 4, "field=num_kv_heads=2 but the model has 4"}};
     for (int i = 0; i < 3; i++) {
         memset(&b, 0, sizeof b);
-        log_reset();
+        tu_log_reset();
         assert_int_equal(uc_profile_load(&b, prof_path, shapes[i].L, shapes[i].H, shapes[i].Hkv),
                          UC_ERR_FORMAT);
-        assert_has(log_text, shapes[i].field);
-        assert_has(log_text, prof_path);
+        assert_has(tu_log_text, shapes[i].field);
+        assert_has(tu_log_text, prof_path);
         assert_null(b.layer_entropy);
         assert_int_equal(uc_mem_blocks_in_use(), blocks);
     }
@@ -789,8 +772,8 @@ static void test_profile_refusals(void **state)
         if (rc != UC_ERR_FORMAT) {
             fail_msg("edit %zu (%s -> %s): got %s", i, bad[i].from, bad[i].to, uc_status_str(rc));
         }
-        assert_has(log_text, bad[i].field);
-        assert_has(log_text, "/x/profile.json");
+        assert_has(tu_log_text, bad[i].field);
+        assert_has(tu_log_text, "/x/profile.json");
         assert_null(b.layer_entropy); /* finished on failure */
         assert_int_equal(uc_mem_blocks_in_use(), blocks);
     }
@@ -909,7 +892,7 @@ static void test_params(void **state)
 
 int main(void)
 {
-    uc_log_set_sink(capture_log, NULL);
+    tu_log_capture();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_entropy_orthogonal_rows),
         cmocka_unit_test(test_entropy_rank_one),

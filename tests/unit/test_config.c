@@ -21,16 +21,11 @@
 #include "base/mem.h"
 #include "base/util.h"
 #include "daemon/config.h"
+#include "test_util.h"
 
 static const char *conf_path = "deploy/uncompd.conf";
 static char tmp_conf[64];
 
-static void quiet_log(enum uc_log_level level, const char *line, void *user)
-{
-    (void)level;
-    (void)line;
-    (void)user;
-}
 
 #define assert_has(hay, needle)                                                                    \
     do {                                                                                           \
@@ -602,7 +597,7 @@ int main(int argc, char **argv)
         conf_path = argv[1];
     }
     snprintf(tmp_conf, sizeof tmp_conf, "/tmp/uc_test_config_%d.conf", (int)getpid());
-    uc_log_set_sink(quiet_log, NULL);
+    tu_log_capture(); /* quiet: refusals are expected */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_command_line_forms),

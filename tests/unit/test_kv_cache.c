@@ -17,15 +17,8 @@
 #include "base/log.h"
 #include "base/mem.h"
 #include "kv_cache.h"
+#include "test_util.h"
 
-static int n_errors;
-
-static void capture_log(enum uc_log_level level, const char *line, void *user)
-{
-    (void)line;
-    (void)user;
-    n_errors += level == UC_LOG_LEVEL_ERROR;
-}
 
 enum { BT = 4, HD = 3, NB = 8 };
 
@@ -48,7 +41,7 @@ static int setup(void **state)
     if (uc_kv_cache_init(&f.kv, f.be, NB, BT, HD) != UC_OK) {
         return -1;
     }
-    n_errors = 0;
+    tu_log_errors = 0;
     *state = &f;
     return 0;
 }
@@ -216,7 +209,7 @@ static void test_reserve_trim_free(void **state)
     assert_null(s.heads);
     uc_kv_seq_fini(kv, &s); /* safe twice */
     assert_int_equal(kv->n_free, NB);
-    assert_int_equal(n_errors, 0);
+    assert_int_equal(tu_log_errors, 0);
 }
 
 static void test_kv_full(void **state)
@@ -240,7 +233,7 @@ static void test_kv_full(void **state)
     assert_int_equal(uc_kv_head_reserve(kv, b, 1), UC_ERR_KV_FULL);
     assert_int_equal(b->n_blocks, 0);
     assert_int_equal(uc_kv_head_reserve(kv, a, 8 * BT), UC_OK); /* nothing new needed */
-    assert_int_equal(n_errors, 0); /* retryable: the cache itself does not log */
+    assert_int_equal(tu_log_errors, 0); /* retryable: the cache itself does not log */
     /* freeing makes room again */
     a->n_tokens = 6 * BT;
     uc_kv_head_trim(kv, a);
@@ -396,7 +389,7 @@ static void test_allocation_failures(void **state)
 
 int main(void)
 {
-    uc_log_set_sink(capture_log, NULL);
+    tu_log_capture();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_init_and_sizes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reserve_trim_free, setup, teardown),

@@ -20,37 +20,13 @@
 #include "base/mem.h"
 #include "base/util.h"
 #include "model_config.h"
+#include "test_util.h"
 
 /* ---- log capture: every line since the last reset ---------------------------------------- */
 
-static char log_text[16384];
-static size_t log_len;
-static int n_errors, n_warns;
-
-static void capture_log(enum uc_log_level level, const char *line, void *user)
-{
-    (void)user;
-    if (level == UC_LOG_LEVEL_ERROR) {
-        n_errors++;
-    } else if (level == UC_LOG_LEVEL_WARN) {
-        n_warns++;
-    }
-    int n = snprintf(log_text + log_len, sizeof log_text - log_len, "%s\n", line);
-    if (n > 0) {
-        log_len += (size_t)n < sizeof log_text - log_len ? (size_t)n : 0;
-    }
-}
-
-static void log_reset(void)
-{
-    log_text[0] = '\0';
-    log_len = 0;
-    n_errors = 0;
-    n_warns = 0;
-}
 
 /* Fails unless the captured log contains every given string. */
-#define assert_log_has(s) assert_non_null(strstr(log_text, (s)))
+#define assert_log_has(s) assert_non_null(strstr(tu_log_text, (s)))
 
 /* Copies s with every ' turned into ". */
 static const char *q(const char *s)
@@ -68,7 +44,7 @@ static const char *q(const char *s)
 static uc_status parse(struct uc_model_config *cfg, const char *json)
 {
     int64_t blocks = uc_mem_blocks_in_use();
-    log_reset();
+    tu_log_reset();
     uc_status rc = uc_model_config_parse(cfg, q(json), "/m/config.json");
     assert_int_equal(uc_mem_blocks_in_use(), blocks);
     return rc;
@@ -82,7 +58,7 @@ static void expect_refusal(const char *json, uc_status want, const char *field, 
     if (rc != want) {
         fail_msg("want %s, got %s for %s", uc_status_str(want), uc_status_str(rc), json);
     }
-    assert_int_equal(n_errors, 1);
+    assert_int_equal(tu_log_errors, 1);
     assert_log_has("file=/m/config.json");
     assert_log_has(field);
     assert_log_has(uc_status_str(want));
@@ -123,7 +99,7 @@ static void test_llama31_8b(void **state)
     (void)state;
     struct uc_model_config c;
     assert_int_equal(parse(&c, LLAMA31_8B), UC_OK);
-    assert_int_equal(n_errors, 0);
+    assert_int_equal(tu_log_errors, 0);
     assert_string_equal(c.arch, "LlamaForCausalLM");
     assert_string_equal(c.model_type, "llama");
     assert_int_equal(c.n_layers, 32);
@@ -246,7 +222,7 @@ static void test_sliding_window(void **state)
     assert_int_equal(parse(&c, m01), UC_OK);
     assert_int_equal(c.sliding_window, 4096);
     assert_int_equal(c.max_ctx, 4096);
-    assert_int_equal(n_warns, 1);
+    assert_int_equal(tu_log_warns, 1);
     assert_log_has("sliding_window=4096");
     assert_int_equal(c.head_dim, 128);
     assert_string_equal(c.torch_dtype, "float32"); /* neither torch_dtype nor dtype */
@@ -341,7 +317,7 @@ static void test_rope_linear(void **state)
     /* and the defaults of every optional field */
     assert_int_equal(c.n_heads_kv, 8);
     assert_int_equal(c.max_ctx, 2048);
-    assert_int_equal(n_warns, 1);
+    assert_int_equal(tu_log_warns, 1);
     assert_log_has("max_position_embeddings");
     assert_true(c.norm_eps == 1e-6);
     assert_false(c.tie_embeddings);
@@ -516,7 +492,7 @@ static void test_load_from_dir(void **state)
     snprintf(path, sizeof path, "%s/config.json", dir);
     struct uc_model_config c;
     int64_t blocks = uc_mem_blocks_in_use();
-    log_reset();
+    tu_log_reset();
     assert_int_equal(uc_model_config_load(&c, dir), UC_ERR_IO);
     assert_log_has(path);
     assert_int_equal(uc_mem_blocks_in_use(), blocks);
@@ -531,7 +507,7 @@ static void test_load_from_dir(void **state)
     /* a bad file names its real path */
     const char *bad = q(llama_with("'hidden_act':'gelu_new'"));
     assert_int_equal(uc_file_write_all(path, bad, strlen(bad)), UC_OK);
-    log_reset();
+    tu_log_reset();
     assert_int_equal(uc_model_config_load(&c, dir), UC_ERR_UNSUPPORTED);
     assert_log_has(path);
     assert_log_has("field=hidden_act=gelu_new");
@@ -618,14 +594,14 @@ static void test_synthetic_presets(void **state)
     assert_int_equal(uc_model_config_synthetic(&c, "llama3-8b:layers=32"), UC_OK);
     assert_int_equal(c.n_layers, 32);
 
-    log_reset();
+    tu_log_reset();
     assert_int_equal(uc_model_config_synthetic(&c, "synthetic:llama3-8b:layers=0"),
                      UC_ERR_INVALID_ARG);
     assert_log_has("layers=N");
     assert_int_equal(uc_model_config_synthetic(&c, "synthetic:llama3-8b:layers=33"),
                      UC_ERR_INVALID_ARG);
     assert_int_equal(uc_model_config_synthetic(&c, "synthetic:tiny:heads=3"), UC_ERR_INVALID_ARG);
-    log_reset();
+    tu_log_reset();
     assert_int_equal(uc_model_config_synthetic(&c, "synthetic:gpt2"), UC_ERR_UNSUPPORTED);
     assert_log_has("gpt2");
     assert_int_equal(uc_model_config_synthetic(&c, "synthetic:llama3-8bx"), UC_ERR_UNSUPPORTED);
@@ -667,7 +643,7 @@ static void test_hash(void **state)
 
 int main(void)
 {
-    uc_log_set_sink(capture_log, NULL);
+    tu_log_capture();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_llama31_8b),
         cmocka_unit_test(test_rope_parameters_tf5),

@@ -5,7 +5,6 @@
  * match shape x dtype, overlaps, unsupported dtypes, an index naming a missing shard or a
  * tensor its shard lacks, uc_st_expect refusals). Each refusal is checked for its status, a log
  * line naming the file and tensor, and zero leaked blocks; allocation N fails for every N. */
-#include <ftw.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -22,36 +21,15 @@
 #include "base/mem.h"
 #include "base/util.h"
 #include "safetensors.h"
+#include "test_util.h"
 
 /* ---- log capture ------------------------------------------------------------------------- */
 
-static char log_text[16384];
-static size_t log_len;
-static int n_errors;
-
-static void capture_log(enum uc_log_level level, const char *line, void *user)
-{
-    (void)user;
-    if (level == UC_LOG_LEVEL_ERROR) {
-        n_errors++;
-    }
-    int n = snprintf(log_text + log_len, sizeof log_text - log_len, "%s\n", line);
-    if (n > 0 && (size_t)n < sizeof log_text - log_len) {
-        log_len += (size_t)n;
-    }
-}
-
-static void log_reset(void)
-{
-    log_text[0] = '\0';
-    log_len = 0;
-    n_errors = 0;
-}
 
 #define assert_log_has(s)                                                                          \
     do {                                                                                           \
-        if (!strstr(log_text, (s))) {                                                              \
-            fail_msg("log lacks '%s':\n%s", (s), log_text);                                        \
+        if (!strstr(tu_log_text, (s))) {                                                              \
+            fail_msg("log lacks '%s':\n%s", (s), tu_log_text);                                        \
         }                                                                                          \
     } while (0)
 
@@ -59,13 +37,6 @@ static void log_reset(void)
 
 static char tmp_dir[64];
 
-static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(p);
-}
 
 static int setup_dir(void **state)
 {
@@ -77,7 +48,7 @@ static int setup_dir(void **state)
 static int teardown_dir(void **state)
 {
     (void)state;
-    return nftw(tmp_dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
+    return tu_rmtree(tmp_dir);
 }
 
 static const char *in_tmp(const char *name)
@@ -169,14 +140,14 @@ static void write_text(const char *path, const char *text)
 static void expect_file_refused(const char *path, uc_status want, const char *a, const char *b)
 {
     int64_t blocks = uc_mem_blocks_in_use();
-    log_reset();
+    tu_log_reset();
     struct uc_st *st = (struct uc_st *)(uintptr_t)1;
     uc_status rc = uc_st_open_file(&st, path);
     if (rc != want) {
         fail_msg("%s: want %s, got %s", path, uc_status_str(want), uc_status_str(rc));
     }
     assert_null(st);
-    assert_int_equal(n_errors, 1);
+    assert_int_equal(tu_log_errors, 1);
     assert_log_has(uc_status_str(want));
     assert_log_has(path);
     if (a) {
@@ -192,14 +163,14 @@ static void expect_file_refused(const char *path, uc_status want, const char *a,
 static void expect_dir_refused(const char *dir, uc_status want, const char *a, const char *b)
 {
     int64_t blocks = uc_mem_blocks_in_use();
-    log_reset();
+    tu_log_reset();
     struct uc_st *st = (struct uc_st *)(uintptr_t)1;
     uc_status rc = uc_st_open(&st, dir);
     if (rc != want) {
         fail_msg("%s: want %s, got %s", dir, uc_status_str(want), uc_status_str(rc));
     }
     assert_null(st);
-    assert_true(n_errors >= 1);
+    assert_true(tu_log_errors >= 1);
     assert_log_has(uc_status_str(want));
     if (a) {
         assert_log_has(a);
@@ -286,7 +257,7 @@ static void test_dtypes_exact(void **state)
     uc_convert_to_f32(out, c->data, c->dtype, 12);
     assert_bits_equal(out, BF16_VALS, 12);
     /* a 3D tensor cannot be sliced as 2D */
-    log_reset();
+    tu_log_reset();
     assert_int_equal(uc_st_read_f32(c, 0, 1, 0, 1, out), UC_ERR_INVALID_ARG);
     assert_log_has("tensor=c.bf16");
 
@@ -357,7 +328,7 @@ static void test_slices(void **state)
         }
         /* outside the tensor */
         float out[R * C];
-        log_reset();
+        tu_log_reset();
         assert_int_equal(uc_st_read_f32(w, 3, 3, 0, 1, out), UC_ERR_INVALID_ARG);
         assert_log_has(names[k]);
         assert_log_has("outside 5x7");
@@ -445,16 +416,16 @@ static void test_sharded(void **state)
     int64_t sa[2] = {2, 3}, sbad[2] = {3, 2}, s1[1] = {3};
     assert_int_equal(uc_st_expect(st, "model.a", 2, sa), UC_OK);
     assert_int_equal(uc_st_expect(st, "model.c", 1, s1), UC_OK);
-    log_reset();
+    tu_log_reset();
     assert_int_equal(uc_st_expect(st, "model.a", 2, sbad), UC_ERR_FORMAT);
     assert_log_has("tensor=model.a");
     assert_log_has("model-00001-of-00002.safetensors");
     assert_log_has("shape [2,3], config needs [3,2]");
-    log_reset();
+    tu_log_reset();
     assert_int_equal(uc_st_expect(st, "model.c", 2, sa), UC_ERR_FORMAT); /* rank differs */
     assert_log_has("tensor=model.c");
     assert_log_has("shape [3], config needs [2,3]");
-    log_reset();
+    tu_log_reset();
     assert_int_equal(uc_st_expect(st, "model.zzz", 1, s1), UC_ERR_FORMAT);
     assert_log_has("tensor=model.zzz is missing");
     uc_st_destroy(st);
@@ -467,7 +438,7 @@ static void test_sharded(void **state)
     uc_st_destroy(st);
     assert_true(n_calls >= 8);
     for (int64_t n = 1; n <= n_calls; n++) {
-        log_reset();
+        tu_log_reset();
         uc_mem_fail_after(n);
         uc_status rc = uc_st_open(&st, tmp_dir);
         uc_mem_fail_after(0);
@@ -636,11 +607,11 @@ static void test_regression_empty_tensor_is_not_an_overlap(void **state)
               "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]},"
               "\"empty\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[8,8]}}",
               DATA16, 16, 0);
-    log_reset();
+    tu_log_reset();
     struct uc_st *st = NULL;
     uc_status rc = uc_st_open_file(&st, path);
     if (rc != UC_OK) {
-        fail_msg("regression: a zero-sized tensor at offset 8 was refused: %s", log_text);
+        fail_msg("regression: a zero-sized tensor at offset 8 was refused: %s", tu_log_text);
     }
     assert_int_equal(uc_st_count(st), 3);
     assert_int_equal(uc_st_find(st, "empty")->size_bytes, 0);
@@ -712,7 +683,7 @@ static void test_regression_index_tensor_in_other_shard(void **state)
                "\"model.b\":\"model-00002-of-00002.safetensors\","
                "\"model.c\":\"model-00001-of-00002.safetensors\"}}");
     int64_t blocks = uc_mem_blocks_in_use();
-    log_reset();
+    tu_log_reset();
     struct uc_st *st = NULL;
     uc_status rc = uc_st_open(&st, tmp_dir);
     uc_st_destroy(st);
@@ -726,7 +697,7 @@ static void test_regression_index_tensor_in_other_shard(void **state)
 
 int main(void)
 {
-    uc_log_set_sink(capture_log, NULL);
+    tu_log_capture();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_dtypes_exact, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_slices, setup_dir, teardown_dir),

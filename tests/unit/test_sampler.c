@@ -19,13 +19,8 @@
 #include "base/mem.h"
 #include "base/util.h"
 #include "sampler.h"
+#include "test_util.h"
 
-static void quiet_log(enum uc_log_level level, const char *line, void *user)
-{
-    (void)level;
-    (void)line;
-    (void)user;
-}
 
 static struct uc_sampler *make(const struct uc_sampling_params *p, int64_t vocab,
                                const int32_t *prompt, int64_t n_prompt)
@@ -645,7 +640,7 @@ static void test_allocation_failures(void **state)
 
 int main(void)
 {
-    uc_log_set_sink(quiet_log, NULL);
+    tu_log_capture(); /* quiet: refusals are expected */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy_is_argmax),
         cmocka_unit_test(test_top_k_support),
