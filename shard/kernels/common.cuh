@@ -95,7 +95,7 @@ static __device__ __forceinline__ void uck_launch_dependents(void)
 #endif
 }
 
-/* Whether uck_launch uses programmatic dependent launches (uc_cuda_set_pdl; gemv.cu). */
+/* Whether uck_launch uses programmatic dependent launches (uc_cuda_set_pdl; launch.cu). */
 bool uck_pdl_enabled(void);
 
 /* kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when

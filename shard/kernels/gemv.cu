@@ -28,25 +28,21 @@ static __device__ __forceinline__ void unpack8(const uint4 v, float *f)
 #define GEMV_UNROLL 4
 #define GEMV_PREFETCH 4 /* vectors per lane asked of L2 before the wait, past the first loads */
 
-static bool pdl_on;
-
-extern "C" void uc_cuda_set_pdl(int on) { pdl_on = on != 0; }
-bool uck_pdl_enabled(void) { return pdl_on; }
-
-/* The part of the row a lane reads first: GEMV_UNROLL vectors into registers (*pre when the
- * row holds them) and GEMV_PREFETCH more into L2. */
+/* The part of a row a lane reads first, before the kernel waits for its input: N vectors
+ * into registers (returns whether the row holds them all) and P more asked of L2. */
+template <int N, int P>
 static __device__ __forceinline__ bool gemv_preload(uint4 *wv, const uint4 *wr, int lane, int nv)
 {
-    bool pre = lane + 32 * (GEMV_UNROLL - 1) < nv;
+    bool pre = lane + 32 * (N - 1) < nv;
     if (pre) {
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) {
+        for (int u = 0; u < N; u++) {
             wv[u] = __ldcs(wr + lane + 32 * u);
         }
     }
 #pragma unroll
-    for (int u = 0; u < GEMV_PREFETCH; u++) {
-        int v = lane + 32 * (GEMV_UNROLL + u);
+    for (int u = 0; u < P; u++) {
+        int v = lane + 32 * (N + u);
         if (v < nv) {
             uck_prefetch_l2(wr + v);
         }
@@ -94,7 +90,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     int nv = n_in >> 3;
     int v = lane;
     uint4 wv[GEMV_UNROLL];
-    bool pre = gemv_preload(wv, wr, lane, nv);
+    bool pre = gemv_preload<GEMV_UNROLL, GEMV_PREFETCH>(wv, wr, lane, nv);
     uck_grid_wait(); /* x is the previous kernel's output */
     for (; v + 32 * (GEMV_UNROLL - 1) < nv; v += 32 * GEMV_UNROLL) {
         if (!pre) {
@@ -169,21 +165,8 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     int v = lane;
     /* before the wait: this lane's first two vectors of each matrix, more of both in L2 */
     uint4 gv[2], uv[2];
-    bool pre = lane + 32 < nv;
-    if (pre) {
-#pragma unroll
-        for (int u = 0; u < 2; u++) {
-            gv[u] = __ldcs(wg + lane + 32 * u);
-            uv[u] = __ldcs(wu + lane + 32 * u);
-        }
-    }
-#pragma unroll
-    for (int u = 0; u < GEMV_PREFETCH / 2; u++) {
-        if (lane + 32 * (2 + u) < nv) {
-            uck_prefetch_l2(wg + lane + 32 * (2 + u));
-            uck_prefetch_l2(wu + lane + 32 * (2 + u));
-        }
-    }
+    bool pre = gemv_preload<2, GEMV_PREFETCH / 2>(gv, wg, lane, nv);
+    gemv_preload<2, GEMV_PREFETCH / 2>(uv, wu, lane, nv);
     uck_grid_wait();
     for (; v + 32 < nv; v += 64) { /* two vectors of each matrix in flight per lane */
         if (!pre) {
