@@ -19,18 +19,6 @@
 #include "engine.h"
 #include "test_util.h"
 
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 /* Measured sgemm rate of this machine (n x n x n, best of 5), GFLOP/s. */
 static double sgemm_peak(void)
 {
@@ -70,16 +58,6 @@ static int64_t rss_anon_bytes(void)
         fclose(f);
     }
     return kb * 1024;
-}
-
-static double model_flops(const struct uc_model_config *c, int64_t n)
-{
-    double per_tok = 2.0 * (double)c->n_layers *
-                     ((double)c->hidden * (double)(c->n_heads + 2 * c->n_heads_kv) * c->head_dim +
-                      (double)c->n_heads * c->head_dim * c->hidden + 3.0 * c->hidden * c->ffn);
-    double attn = 2.0 * 2.0 * (double)c->n_layers * c->n_heads * c->head_dim *
-                  ((double)n * (n + 1) / 2.0);
-    return per_tok * (double)n + attn + 2.0 * (double)c->hidden * c->vocab;
 }
 
 int main(int argc, char **argv)
@@ -212,8 +190,8 @@ int main(int argc, char **argv)
                 dt[r - 1] = t2 - t1;
             }
         }
-        double p = median(pt, reps), d = median(dt, reps);
-        double gf = model_flops(cfg, n) / p / 1e9;
+        double p = tu_median(pt, reps), d = tu_median(dt, reps);
+        double gf = tu_prefill_flops(cfg, n) / p / 1e9;
         printf("%8lld %14.1f %12.1f %10.1f %14.3f %12.1f\n", (long long)n, (double)n / p, p * 1e3,
                gf, peak > 0 ? gf / peak : 0.0, n_decode / d);
         fflush(stdout);

@@ -36,18 +36,6 @@ struct opts {
     struct uc_compress_params stage;
 };
 
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 /* ---- ceilings --------------------------------------------------------------------------- */
 
 /* Device-to-device copy bandwidth (bytes read + written per second), median of 10. */
@@ -69,7 +57,7 @@ static double copy_bandwidth(struct uc_backend *be)
     }
     be->ops->free(be, a);
     be->ops->free(be, b);
-    return 2.0 * (double)bytes / median(t, 10);
+    return 2.0 * (double)bytes / tu_median(t, 10);
 }
 
 /* Matrix-product rate on the shape of the 8B model's MLP at 8K tokens, median of 10. */
@@ -94,17 +82,7 @@ static double gemm_rate(struct uc_backend *be, int64_t m, int64_t n, int64_t k)
     be->ops->weight_free(be, x);
     be->ops->weight_free(be, w);
     be->ops->free(be, y);
-    return 2.0 * (double)m * (double)n * (double)k / median(t, 10);
-}
-
-static double model_flops(const struct uc_model_config *c, int64_t n)
-{
-    double per_tok = 2.0 * (double)c->n_layers *
-                     ((double)c->hidden * (double)(c->n_heads + 2 * c->n_heads_kv) * c->head_dim +
-                      (double)c->n_heads * c->head_dim * c->hidden + 3.0 * c->hidden * c->ffn);
-    double attn = 2.0 * 2.0 * (double)c->n_layers * c->n_heads * c->head_dim *
-                  ((double)n * (n + 1) / 2.0);
-    return per_tok * (double)n + attn + 2.0 * (double)c->hidden * c->vocab;
+    return 2.0 * (double)m * (double)n * (double)k / tu_median(t, 10);
 }
 
 /* Bytes a decode step must read at batch 1: every layer's weights, the final norm, the LM head,
@@ -170,7 +148,7 @@ static void bench_decode(struct uc_engine *e, const struct opts *o, double bw)
         t[i] = decode_step(e, 1, 1, ids[i]);
     }
     free_range(e, 1, 1);
-    double step = median(t, n);
+    double step = tu_median(t, n);
     double bytes = decode_weight_bytes(c, uc_engine_backend(e)->ops->act_size(uc_engine_backend(e)));
     double floor_s = bw > 0 ? bytes / bw : 0; /* reading the weights once at the copy's traffic rate */
     printf("decode batch=1 (context 512): step %.3f ms (%.1f tok/s); weights read %.2f GB, "
@@ -199,8 +177,8 @@ static void bench_prefill(struct uc_engine *e, const struct opts *o, double gemm
                 t[r - 1] = dt;
             }
         }
-        double p = median(t, o->reps);
-        double tf = model_flops(c, n) / p / 1e12;
+        double p = tu_median(t, o->reps);
+        double tf = tu_prefill_flops(c, n) / p / 1e12;
         printf("%8lld %14.0f %12.1f %10.1f %12.3f\n", (long long)n, (double)n / p, p * 1e3, tf,
                gemm > 0 ? tf * 1e12 / gemm : 0.0);
         fflush(stdout);
@@ -242,7 +220,7 @@ static void bench_batch(struct uc_engine *e, const struct opts *o, const char *l
     for (int k = 0; k < o->decode_steps; k++) {
         t[k] = decode_step(e, 1000, batch, ids[k]);
     }
-    double step = median(t, o->decode_steps);
+    double step = tu_median(t, o->decode_steps);
     printf("%-14s kv_bytes/seq %8.1f MiB (%.4f of full) | pool fits %4lld seqs (limit %lld) | "
            "batch %4lld: step %7.2f ms, %8.0f tok/s aggregate | prefill %.0f ms\n",
            label, (double)r.kv_bytes_kept / 1048576.0, r.ratio, (long long)fit,
@@ -285,14 +263,14 @@ static void bench_compress(struct uc_engine *e, const struct opts *o)
         t[r] = uc_time_s() - t0;
         free_range(e, 1, 1);
     }
-    pf_stage = median(t, reps) * 1e3;
+    pf_stage = tu_median(t, reps) * 1e3;
     for (int r = 0; r < reps; r++) {
         double t0 = uc_time_s();
         tu_prefill(e, 1, ids, n, 0, &full, 1);
         t[r] = uc_time_s() - t0;
         free_range(e, 1, 1);
     }
-    pf_full = median(t, reps) * 1e3;
+    pf_full = tu_median(t, reps) * 1e3;
     printf("uncomp-stage prefill (stages at");
     for (int32_t i = 0; i < stg.n_stage_starts; i++) {
         printf(" %d", stg.stage_starts[i]);

@@ -252,21 +252,6 @@ static void run_ppl(struct uc_engine *e, const int32_t *ids, int64_t prefix, int
     tu_free(e, 2);
 }
 
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int64_t n)
-{
-    if (n == 0) {
-        return 0;
-    }
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 static void usage_defaults(struct opts *o)
 {
     memset(o, 0, sizeof *o);
@@ -497,7 +482,7 @@ int main(int argc, char **argv)
             double ppl = r->nll_n ? exp(r->nll / (double)r->nll_n) : 0;
             double agree = r->agree_n ? 100.0 * (double)r->agree / (double)r->agree_n : 0;
             double ratio = r->kv_n ? r->kv_ratio_sum / (double)r->kv_n : 0;
-            double pms = median(r->prefill_ms, r->n_prefill);
+            double pms = tu_median(r->prefill_ms, r->n_prefill);
             printf("%-13s %6d %7.1f%%", uc_policy_name(r->policy), r->budget, acc);
             for (int li = 0; li < o.n_lengths; li++) {
                 printf(" %6.0f%%", r->total_len[li] ? 100.0 * (double)r->hits_len[li] /

@@ -170,3 +170,28 @@ int64_t tu_greedy(struct uc_engine *e, int64_t seq_id, int64_t n, int32_t *out)
     }
     return n;
 }
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+double tu_median(double *v, int64_t n)
+{
+    if (n <= 0) {
+        return 0;
+    }
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double tu_prefill_flops(const struct uc_model_config *c, int64_t n)
+{
+    double per_tok = 2.0 * (double)c->n_layers *
+                     ((double)c->hidden * (double)(c->n_heads + 2 * c->n_heads_kv) * c->head_dim +
+                      (double)c->n_heads * c->head_dim * c->hidden + 3.0 * c->hidden * c->ffn);
+    double attn = 2.0 * 2.0 * (double)c->n_layers * c->n_heads * c->head_dim *
+                  ((double)n * (n + 1) / 2.0);
+    return per_tok * (double)n + attn + 2.0 * (double)c->hidden * c->vocab;
+}

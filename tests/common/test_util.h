@@ -10,6 +10,7 @@
 #include "base/status.h"
 #include "compress/policy.h"
 #include "engine.h"
+#include "model_config.h"
 
 /* The shared fixtures folder: argv[1] if given, else $UC_SHARED_DIR, else the build's default.
  * Exits 1 with a message when it does not exist (a missing fixture fails, never skips). */
@@ -36,6 +37,11 @@ uc_status tu_free(struct uc_engine *e, int64_t seq_id);
  * included). Returns how many were written to out. */
 int64_t tu_greedy(struct uc_engine *e, int64_t seq_id, int64_t n, int32_t *out);
 int32_t tu_argmax(const float *x, int64_t n);
+/* FLOPs of prefilling n tokens (the products, causal attention, one LM-head row), the count the
+ * benchmarks divide by to report TFLOP/s. */
+double tu_prefill_flops(const struct uc_model_config *c, int64_t n);
+/* Median of v (n values, sorted in place); 0 for none. */
+double tu_median(double *v, int64_t n);
 
 /* Log capture, for tests that check what was logged: after tu_log_capture() every line goes to
  * tu_log_text (newline-separated, since the last tu_log_reset, cut at the buffer's end) and
