@@ -899,6 +899,16 @@ int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_st
     return worst;
 }
 
+/* Adds s to the engine's sequence table (which then owns it). */
+static uc_status seq_register(struct uc_engine *e, struct seq *s)
+{
+    if (!grow((void **)&e->seqs, &e->cap_seqs, e->n_seqs + 1, sizeof *e->seqs)) {
+        return UC_ERRF(UC_ERR_NOMEM, "sequence table");
+    }
+    e->seqs[e->n_seqs++] = s;
+    return UC_OK;
+}
+
 static uc_status seq_create(struct uc_engine *e, const struct uc_step_new *n)
 {
     struct seq *s = uc_calloc(1, sizeof *s);
@@ -979,11 +989,7 @@ static uc_status seq_create(struct uc_engine *e, const struct uc_step_new *n)
     }
     UC_CHECK(uc_model_embed(e->m, s->x, n->prompt, np), rc, out);
     s->t_prefill_start = uc_time_s();
-    if (!grow((void **)&e->seqs, &e->cap_seqs, e->n_seqs + 1, sizeof *e->seqs)) {
-        rc = UC_ERRF(UC_ERR_NOMEM, "sequence table");
-        goto out;
-    }
-    e->seqs[e->n_seqs++] = s;
+    UC_CHECK(seq_register(e, s), rc, out);
     s = NULL;
 out:
     seq_destroy(e, s);
@@ -1083,11 +1089,7 @@ static uc_status seq_fork(struct uc_engine *e, const struct uc_step_new *n)
             memcpy(s->rings[i].rows, src->rings[i].rows, bytes);
         }
     }
-    if (!grow((void **)&e->seqs, &e->cap_seqs, e->n_seqs + 1, sizeof *e->seqs)) {
-        rc = UC_ERRF(UC_ERR_NOMEM, "sequence table");
-        goto out;
-    }
-    e->seqs[e->n_seqs++] = s;
+    UC_CHECK(seq_register(e, s), rc, out);
     s = NULL;
 out:
     uc_free(dst_b);
