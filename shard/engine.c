@@ -115,7 +115,7 @@ struct uc_engine {
     /* decode scratch */
     void *dx;   /* (max_batch, C) */
     void *dqkv; /* (max_batch, qkv_dim) */
-    int32_t *d_pos, *d_tok;
+    int32_t *d_tok;
     int32_t *sc_row, *sc_head, *sc_slot; /* scatter lists */
     int64_t sc_cap;
     /* the decode step's index arrays for every layer, built on the host and uploaded in one
@@ -569,7 +569,6 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
              out);
     UC_CHECK(e->be->ops->alloc(e->be, &e->dqkv, (size_t)(e->p.max_batch * e->sh->qkv_dim) * a), rc,
              out);
-    e->d_pos = uc_malloc((size_t)e->p.max_batch * sizeof(int32_t));
     e->d_tok = uc_malloc((size_t)e->p.max_batch * sizeof(int32_t));
     e->batch = uc_malloc((size_t)e->p.max_batch * sizeof(struct seq *));
     e->dec_logits = uc_malloc((size_t)(e->p.max_batch * e->cfg->vocab) * sizeof(float));
@@ -580,7 +579,7 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
     e->spec_local = uc_malloc((size_t)(e->sh->n_heads * d) * sizeof(double));
     e->cal_head = uc_calloc((size_t)(e->cfg->n_layers * e->cfg->n_heads), sizeof(double));
     e->cal_hidden = uc_calloc((size_t)e->cfg->n_layers, sizeof(double));
-    if (!e->d_pos || !e->d_tok || !e->batch || !e->dec_logits || !e->dec_argmax || !e->dm_maxn ||
+    if (!e->d_tok || !e->batch || !e->dec_logits || !e->dec_argmax || !e->dm_maxn ||
         !e->cov || !e->spec || !e->spec_local || !e->cal_head ||
         !e->cal_hidden) {
         rc = UC_ERRF(UC_ERR_NOMEM, "engine scratch");
@@ -652,7 +651,7 @@ void uc_engine_destroy(struct uc_engine *e)
     if (e->have_prof) {
         uc_profile_fini(&e->prof);
     }
-    void *host[] = {e->d_pos, e->d_tok, e->sc_row, e->sc_head, e->sc_slot, e->dm_host,
+    void *host[] = {e->d_tok, e->sc_row, e->sc_head, e->sc_slot, e->dm_host,
                     e->dm_maxn, e->psum, e->wprob, e->colscore, e->rowscore, e->keep,
                     e->sel_scratch, e->cov, e->spec, e->spec_local, e->hid_host, e->cal_head,
                     e->cal_hidden, e->model_dir, e->profile_path, e->batch, e->dec_logits,
@@ -1726,7 +1725,9 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
     }
     int32_t *m = e->dm_host, *blk = m + fixed;
     int64_t used = 0;
-    memcpy(m, e->d_pos, (size_t)nb * sizeof(int32_t));
+    for (int64_t b = 0; b < nb; b++) {
+        m[b] = (int32_t)batch[b]->n_ctx; /* RoPE position of the new token */
+    }
     for (int64_t l = 0; l < L; l++) {
         int32_t *slot = m + nb + 3 * l * ent, *ntok = slot + ent, *off = ntok + ent;
         int64_t maxn = 0;
@@ -1749,12 +1750,12 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
     return UC_OK;
 }
 
-/* Every layer of a decode step of nb rows, from the embedded rows in dx to the last residual
- * add, reading the uploaded index arrays. With `recordable` nothing crosses to the host: the
- * attention sizes its work by the batch alone, so the ops can be recorded into a graph and
- * replayed at any context length. */
+/* Layers [l0, l1) of a decode step of nb rows, from the embedded rows in dx to the last residual
+ * add, reading the uploaded index arrays. Without eviction nothing crosses to the host (the
+ * attention sizes its work by the batch alone), so the ops can be recorded into a graph and
+ * replayed at any context length; eviction brings each layer's probabilities back. */
 static uc_status decode_layers(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t l0,
-                               int64_t l1, bool recordable, bool any_evict)
+                               int64_t l1, bool any_evict)
 {
     int64_t L = e->cfg->n_layers, hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
     int64_t ld = e->sh->qkv_dim, ent = nb * hkv, fixed = nb + 3 * L * ent;
@@ -1770,7 +1771,7 @@ static uc_status decode_layers(struct uc_engine *e, struct seq **batch, int64_t 
         UC_CHECK(e->be->ops->rope_append(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv,
                                          e->cfg->head_dim, dm, slot, nb),
                  rc, out);
-        struct uc_kv_batch_view view = {ntok, off, dm + fixed, 0, recordable ? 0 : e->dm_maxn[l],
+        struct uc_kv_batch_view view = {ntok, off, dm + fixed, 0, any_evict ? e->dm_maxn[l] : 0,
                                         true};
         float *psum = NULL;
         if (any_evict) {
@@ -1809,7 +1810,7 @@ static uc_status decode_graphed(struct uc_engine *e, struct seq **batch, int64_t
     bool same_nb = e->last_nb == nb;
     e->last_nb = nb;
     if (!be->ops->graph_begin || uc_comm_size(e->comm) != 1 || nb > DECODE_GRAPH_MAX_ROWS) {
-        return decode_layers(e, batch, nb, 0, L, true, false);
+        return decode_layers(e, batch, nb, 0, L, false);
     }
     int64_t per = DECODE_GRAPH_LAYERS;
     if ((L + per - 1) / per > DECODE_GRAPH_MAX_PARTS) {
@@ -1830,7 +1831,7 @@ static uc_status decode_graphed(struct uc_engine *e, struct seq **batch, int64_t
         }
         return rc;
     }
-    rc = decode_layers(e, batch, nb, 0, L, true, false);
+    rc = decode_layers(e, batch, nb, 0, L, false);
     if (rc != UC_OK || !same_nb) {
         return rc;
     }
@@ -1842,7 +1843,7 @@ static uc_status decode_graphed(struct uc_engine *e, struct seq **batch, int64_t
     for (int64_t p = 0; p * per < L; p++) {
         int64_t l1 = (p + 1) * per < L ? (p + 1) * per : L;
         UC_CHECK(be->ops->graph_begin(be), rc, out);
-        uc_status rr = decode_layers(e, batch, nb, p * per, l1, true, false);
+        uc_status rr = decode_layers(e, batch, nb, p * per, l1, false);
         rc = be->ops->graph_end(be, &g->exec[p]);
         if (rr != UC_OK || rc != UC_OK) {
             rc = rr != UC_OK ? rr : rc;
@@ -1870,7 +1871,6 @@ static uc_status decode_run(struct uc_engine *e, const struct uc_step_decode *de
     for (int64_t b = 0; b < nb; b++) {
         batch[b] = find_seq(e, dec[b].seq_id);
         e->d_tok[b] = dec[b].token;
-        e->d_pos[b] = (int32_t)batch[b]->n_ctx;
         any_evict = any_evict || batch[b]->rings != NULL;
     }
     UC_CHECK(uc_model_embed(e->m, e->dx, e->d_tok, nb), rc, out);
@@ -1890,7 +1890,7 @@ static uc_status decode_run(struct uc_engine *e, const struct uc_step_decode *de
              rc, out);
     if (any_evict) {
         e->last_nb = 0;
-        rc = decode_layers(e, batch, nb, 0, e->cfg->n_layers, false, true);
+        rc = decode_layers(e, batch, nb, 0, e->cfg->n_layers, true);
     } else {
         rc = decode_graphed(e, batch, nb);
     }
