@@ -67,7 +67,6 @@ struct cuda_ctx {
     enum uc_cuda_dtype dt;
     size_t act;
     int n_sms;
-    int pdl; /* decode products as programmatic dependent launches (sm_90; UC_CUDA_PDL=0: off) */
     cudaStream_t stream;
     cublasHandle_t blas;
     void *blas_ws;
@@ -942,9 +941,11 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
     struct cudaDeviceProp prop;
     UC_CHECK(CU(cudaGetDeviceProperties(&prop, dev)), rc, out_destroy);
     c->n_sms = prop.multiProcessorCount;
-    const char *pdl = getenv("UC_CUDA_PDL"); /* a measurement switch: 0 turns it off */
-    c->pdl = prop.major >= 9 && !(pdl && !strcmp(pdl, "0"));
-    uc_cuda_set_pdl(c->pdl);
+    /* decode kernels as programmatic dependent launches on sm_90 (UC_CUDA_PDL=0: off, a
+     * measurement switch) */
+    const char *pdl_env = getenv("UC_CUDA_PDL");
+    int pdl = prop.major >= 9 && !(pdl_env && !strcmp(pdl_env, "0"));
+    uc_cuda_set_pdl(pdl);
     snprintf(be->device_name, sizeof be->device_name, "%.100s (sm_%d%d)%s", prop.name, prop.major,
              prop.minor, c->fp32 ? " fp32" : "");
     /* keep freed pool memory instead of returning it to the driver at every sync */
@@ -966,7 +967,7 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
     UC_CHECK(BLAS(cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH)), rc, out_destroy);
     UC_LOG_INFO("cuda backend: device=%d name=\"%s\" sms=%d mem=%.1fGiB dtype=%s pdl=%d", dev,
                 be->device_name, c->n_sms, (double)prop.totalGlobalMem / 1073741824.0,
-                c->fp32 ? "f32" : "bf16", c->pdl);
+                c->fp32 ? "f32" : "bf16", pdl);
     *out = be;
     return UC_OK;
 out_destroy:
