@@ -83,8 +83,9 @@ struct cuda_ctx {
     struct dev_buf dbl;  /* double workspaces: qcov rows and means */
     struct dev_buf cnt;  /* int32 counters of the decode attention, kept at zero between uses */
     uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
-    /* the last RoPE positions: every layer of a decode step rotates at the same positions, so
-     * they are uploaded once per step, not once per layer */
+    /* the last RoPE positions: every layer of a prefill slice rotates at the same positions,
+     * so they are uploaded once per slice, not once per layer (decode steps bring theirs in
+     * the step's index arrays: rope_append) */
     int32_t *pos_pin;    /* pinned copy of what pos_dev holds */
     int32_t *pos_dev;
     int64_t pos_n, pos_cap;
