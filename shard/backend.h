@@ -76,9 +76,6 @@ struct uc_backend_ops {
                            int64_t max_pos);
 
     /* compute */
-    /* y (T, C) = table[ids] (table: weight (V, C)). */
-    uc_status (*embed)(struct uc_backend *be, void *y, const void *table, const int32_t *ids,
-                       int64_t n_tok, int64_t dim);
     /* y (T, C) = x / rms(x) * w. */
     uc_status (*rmsnorm)(struct uc_backend *be, void *y, const void *x, const void *w,
                          int64_t n_tok, int64_t dim, float eps);
@@ -107,7 +104,9 @@ struct uc_backend_ops {
     /* dst[t, :width] = src[t, :width] for T rows with strides. */
     uc_status (*copy_rows)(struct uc_backend *be, void *dst, int64_t dst_ld, const void *src,
                            int64_t src_ld, int64_t width, int64_t n_rows);
-    /* dst[i, :] = src[idx[i], :] (width elements, contiguous rows), n_idx rows. dst != src. */
+    /* dst[i, :] = src[idx[i], :] (width elements, contiguous rows), n_idx rows. dst != src.
+     * src may be activations or a weight such as the embedding table (both backends keep
+     * weights in the activation format). */
     uc_status (*gather_rows)(struct uc_backend *be, void *dst, const void *src, const int32_t *idx,
                              int64_t n_idx, int64_t width);
     /* Causal attention of T queries (rows q0..q0+T-1 of the sequence; q: (T, ld_q), heads first)

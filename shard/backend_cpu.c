@@ -127,17 +127,6 @@ static uc_status cpu_rope_init(struct uc_backend *be, const float *inv_freq, int
 
 /* ---- element-wise ops ------------------------------------------------------------------ */
 
-static uc_status cpu_embed(struct uc_backend *be, void *y, const void *table, const int32_t *ids,
-                           int64_t n_tok, int64_t dim)
-{
-    float *out = y;
-    const float *t = table;
-    for (int64_t i = 0; i < n_tok; i++) {
-        memcpy(out + i * dim, t + (int64_t)ids[i] * dim, (size_t)dim * sizeof(float));
-    }
-    return UC_OK;
-}
-
 static uc_status cpu_rmsnorm(struct uc_backend *be, void *y, const void *x, const void *w,
                              int64_t n_tok, int64_t dim, float eps)
 {
@@ -759,7 +748,6 @@ static const struct uc_backend_ops cpu_ops = {
     .weight_free = cpu_weight_free,
     .weight_random = cpu_weight_random,
     .rope_init = cpu_rope_init,
-    .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,
     .matmul = cpu_matmul,
     .add_rmsnorm = cpu_add_rmsnorm,

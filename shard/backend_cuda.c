@@ -320,18 +320,6 @@ out:
 
 /* ---- element-wise ops and projections --------------------------------------------------- */
 
-static uc_status cuda_embed(struct uc_backend *be, void *y, const void *table, const int32_t *ids,
-                            int64_t n_tok, int64_t dim)
-{
-    struct cuda_ctx *c = ctx_of(be);
-    int32_t *d_ids;
-    uc_status rc = upload_idx(c, &d_ids, &ids, &n_tok, 1);
-    if (rc == UC_OK) {
-        rc = CU(uc_cuda_embed(y, table, d_ids, n_tok, dim, c->dt, c->stream));
-    }
-    return rc;
-}
-
 static uc_status cuda_rmsnorm(struct uc_backend *be, void *y, const void *x, const void *w,
                               int64_t n_tok, int64_t dim, float eps)
 {
@@ -857,7 +845,6 @@ static const struct uc_backend_ops cuda_ops = {
     .weight_free = cuda_weight_free,
     .weight_random = cuda_weight_random,
     .rope_init = cuda_rope_init,
-    .embed = cuda_embed,
     .rmsnorm = cuda_rmsnorm,
     .matmul = cuda_matmul,
     .add_rmsnorm = cuda_add_rmsnorm,

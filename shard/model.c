@@ -514,7 +514,7 @@ uc_status uc_model_embed(struct uc_model *m, void *x, const int32_t *ids, int64_
                            (long long)m->cfg.vocab);
         }
     }
-    return m->be->ops->embed(m->be, x, m->embed, ids, n_tok, m->cfg.hidden);
+    return m->be->ops->gather_rows(m->be, x, m->embed, ids, n_tok, m->cfg.hidden);
 }
 
 uc_status uc_model_attn_norm(struct uc_model *m, struct uc_model_ws *ws, int64_t layer,

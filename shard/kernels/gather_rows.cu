@@ -1,4 +1,5 @@
-/* gather_rows: dst[i, :] = src[idx[i], :] (the rows a pruning stage keeps). One block per row. */
+/* gather_rows: dst[i, :] = src[idx[i], :] (the embedding rows of the tokens, the rows a pruning
+ * stage keeps). One block per row. */
 #include "common.cuh"
 
 template <typename T>

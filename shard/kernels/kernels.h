@@ -20,9 +20,6 @@ enum uc_cuda_dtype {
     UC_CUDA_F32 = 1,
 };
 
-/* y (T, C) = table[ids] (table (V, C)); ids (T) on the device. */
-cudaError_t uc_cuda_embed(void *y, const void *table, const int32_t *ids, int64_t n_tok,
-                          int64_t dim, enum uc_cuda_dtype dt, cudaStream_t stream);
 /* Block copies in both pools: block dst[i] gets block src[i] (block_elems elements each). */
 cudaError_t uc_cuda_kv_copy_blocks(void *k, void *v, const int32_t *dst, const int32_t *src,
                                    int64_t n, int64_t block_elems, enum uc_cuda_dtype dt,
