@@ -1,5 +1,11 @@
-"""Helpers shared by the end-to-end test scripts: assertions and free loopback ports."""
+"""Helpers shared by the end-to-end test scripts: assertions, free loopback ports and the daemon
+process under test."""
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
 
 
 class TestFailure(AssertionError):
@@ -15,3 +21,56 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class DaemonProcess:
+    """One uncompd (or mpirun of R ranks) on a free loopback port, with its own folder (profile,
+    log) and process group. `extra` are more daemon arguments; `env_defaults` are set where the
+    environment does not already say, `env` always."""
+
+    def __init__(self, daemon, mpirun, extra=(), np=1, name="daemon", prefix="uncomp_e2e_",
+                 env_defaults=None, env=None):
+        self.np = np
+        self.port = free_port()
+        self.addr = "127.0.0.1:%d" % self.port
+        self.tmp = tempfile.mkdtemp(prefix=prefix)
+        self.log_path = os.path.join(self.tmp, name + ".log")
+        cmd = [daemon, "--listen", self.addr, "--profile", os.path.join(self.tmp, "profile.json"),
+               "--drain-timeout", "20000"] + list(extra)
+        if np > 1:
+            cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(np)] + \
+                cmd + ["--tp", str(np)]
+        self.cmd = cmd
+        full_env = dict(os.environ)
+        full_env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        for k, v in (env_defaults or {}).items():
+            full_env.setdefault(k, v)
+        full_env.update(env or {})
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
+                                     start_new_session=True)
+
+    def tail(self, n=40):
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_text(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        if not self.log.closed:
+            self.log.close()
+
+    def cleanup(self):
+        self.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)

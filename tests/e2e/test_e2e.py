@@ -33,7 +33,7 @@ import grpc  # noqa: E402
 
 import grpc_client as gc  # noqa: E402
 from grpc_client import pb  # noqa: E402
-from e2e_util import TestFailure, check, free_port  # noqa: E402
+from e2e_util import DaemonProcess, TestFailure, check, free_port  # noqa: E402
 
 REPO = gc.REPO
 TEST_TIMEOUT_S = 90          # per test (x3 for an ASan build)
@@ -70,32 +70,14 @@ def expect_rpc_error(fn, code, *substrings):
     raise TestFailure("expected %s, the call succeeded: %r" % (code, r))
 
 
-class Daemon:
-    """One uncompd (or mpirun of R ranks) with its own ports and log file."""
+class Daemon(DaemonProcess):
+    """The daemon with a metrics port, a gRPC client once SERVING, and signal-driven stops."""
 
     def __init__(self, args, extra=(), np=1, name="daemon", root_cert=None):
         self.args = args
         self.root_cert = root_cert
-        self.port = free_port()
         self.metrics_port = free_port()
-        self.addr = "127.0.0.1:%d" % self.port
-        self.np = np
-        self.tmp = tempfile.mkdtemp(prefix="uncomp_e2e_")
-        self.log_path = os.path.join(self.tmp, name + ".log")
-        cmd = [args.daemon, "--model", args.model, "--listen", self.addr,
-               "--metrics-port", str(self.metrics_port),
-               "--profile", os.path.join(self.tmp, "profile.json"),
-               "--drain-timeout", "20000", "--log-level", "info"] + list(extra)
-        if np > 1:
-            cmd = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(np)] + \
-                cmd + ["--tp", str(np)]
-        self.cmd = cmd
-        env = dict(os.environ)
-        env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        # one compute thread per rank: these tests exercise the server, and spinning OpenMP
-        # teams on an oversubscribed 2-core machine turn milliseconds into seconds
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env.setdefault("OPENBLAS_NUM_THREADS", "1")
+        env = {}
         if args.asan:
             # full unwinding: fast (frame-pointer) stacks misattribute Open MPI allocations
             env["ASAN_OPTIONS"] = ("detect_leaks=1:abort_on_error=0:exitcode=66:"
@@ -104,9 +86,14 @@ class Daemon:
             env["OMPI_MCA_mca_base_component_disable_dlclose"] = "1"
             env["LSAN_OPTIONS"] = "suppressions=%s:print_suppressions=0" % os.path.join(
                 os.path.dirname(os.path.abspath(__file__)), "lsan.supp")
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        # one compute thread per rank: these tests exercise the server, and spinning OpenMP
+        # teams on an oversubscribed 2-core machine turn milliseconds into seconds
+        DaemonProcess.__init__(
+            self, args.daemon, args.mpirun,
+            ["--model", args.model, "--metrics-port", str(self.metrics_port),
+             "--log-level", "info"] + list(extra),
+            np=np, name=name, prefix="uncomp_e2e_",
+            env_defaults={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}, env=env)
         self.client = None
 
     def wait_serving(self, timeout=START_TIMEOUT_S):
@@ -132,17 +119,6 @@ class Daemon:
             cl.close()
             time.sleep(0.05)
         raise TestFailure("daemon not SERVING after %ds:\n%s" % (timeout, self.tail()))
-
-    def tail(self, n=40):
-        try:
-            with open(self.log_path, "rb") as f:
-                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
-        except OSError:
-            return ""
-
-    def log_text(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
 
     def rank0_pid(self):
         """The pid that handles signals: the daemon itself, or rank 0 under mpirun."""
@@ -182,16 +158,6 @@ class Daemon:
                                   (timeout, sig, self.tail()))
         self.log.close()
         return self.proc.returncode
-
-    def kill(self):
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-        if not self.log.closed:
-            self.log.close()
 
     def check_asan(self):
         check_sanitizer_log(self.log_text())

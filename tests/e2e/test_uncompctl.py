@@ -21,13 +21,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from e2e_util import TestFailure, check, free_port  # noqa: E402
+from e2e_util import DaemonProcess, TestFailure, check, free_port  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -88,29 +87,15 @@ class Ctl:
         return r
 
 
-class Daemon:
-    """One uncompd (or mpirun of R ranks) with its own port, profile and log."""
+class Daemon(DaemonProcess):
+    """The daemon, waited for with uncompctl itself."""
 
     def __init__(self, args, np=1, name="daemon", extra=()):
         self.args = args
-        self.np = np
-        self.port = free_port()
-        self.addr = "127.0.0.1:%d" % self.port
-        self.tmp = tempfile.mkdtemp(prefix="uncompctl_e2e_")
-        self.log_path = os.path.join(self.tmp, name + ".log")
-        cmd = [args.daemon, "--listen", self.addr, "--profile",
-               os.path.join(self.tmp, "profile.json"), "--drain-timeout", "20000"] + list(extra)
-        if args.model:
-            cmd += ["--model", args.model]
-        if np > 1:
-            cmd = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(np)] + \
-                cmd + ["--tp", str(np)]
-        env = dict(os.environ)
-        env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        DaemonProcess.__init__(
+            self, args.daemon, args.mpirun,
+            (["--model", args.model] if args.model else []) + list(extra), np=np, name=name,
+            prefix="uncompctl_e2e_", env_defaults={"OMPI_MCA_rmaps_base_oversubscribe": "1"})
 
     def wait_serving(self, ctl):
         deadline = time.time() + START_TIMEOUT_S
@@ -126,33 +111,12 @@ class Daemon:
             time.sleep(0.1)
         raise TestFailure("daemon not SERVING after %ds:\n%s" % (START_TIMEOUT_S, self.tail()))
 
-    def tail(self, n=30):
-        try:
-            with open(self.log_path, "rb") as f:
-                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
-        except OSError:
-            return ""
-
     def wait_exit(self, timeout=30):
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise TestFailure("daemon did not exit within %ds:\n%s" % (timeout, self.tail()))
-
-    def kill(self):
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-        if not self.log.closed:
-            self.log.close()
-
-    def cleanup(self):
-        self.kill()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
