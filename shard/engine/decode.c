@@ -1,0 +1,340 @@
+/* Decode: the step's index arrays for every layer in one upload, paged attention, eviction, and
+ * decode-only steps recorded as backend graphs. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/log.h"
+#include "base/mem.h"
+#include "base/util.h"
+#include "internal.h"
+#include "compress/select.h"
+
+void eng_graph_drop(struct uc_engine *e, struct decode_graph *g)
+{
+    for (int p = 0; p < DECODE_GRAPH_MAX_PARTS; p++) {
+        if (g->exec[p]) {
+            e->be->ops->graph_destroy(e->be, g->exec[p]);
+        }
+    }
+    memset(g, 0, sizeof *g);
+}
+
+/* ---- decode ----------------------------------------------------------------------------- */
+
+/* Evict mode, after the new token's attention: update the ring and drop the lowest slot. */
+static uc_status evict_head(struct uc_engine *e, struct seq *s, int64_t l, int64_t j,
+                            const float *prow)
+{
+    struct uc_kv_head *h = uc_kv_seq_head(&s->kv, l, j);
+    struct ring *rg = &s->rings[l * e->sh->n_heads_kv + j];
+    int64_t n = h->n_tokens, w = s->cp.window;
+    int64_t budget = s->plan.budget[l * e->cfg->n_heads_kv + e->sh->kv0 + j];
+    if (n > rg->cap) {
+        int64_t cap = n + 8;
+        float *r = uc_calloc((size_t)(w * cap), sizeof(float));
+        if (!r) {
+            return UC_ERRF(UC_ERR_NOMEM, "evict ring");
+        }
+        for (int64_t i = 0; i < w; i++) {
+            memcpy(r + i * cap, rg->rows + i * rg->cap, (size_t)rg->cap * sizeof(float));
+        }
+        uc_free(rg->rows);
+        rg->rows = r;
+        rg->cap = (int32_t)cap;
+    }
+    /* the new query's row replaces the oldest */
+    float *row = rg->rows + (int64_t)rg->next * rg->cap;
+    memcpy(row, prow, (size_t)n * sizeof(float));
+    for (int64_t i = n; i < rg->cap; i++) {
+        row[i] = 0.0f;
+    }
+    rg->next = (int32_t)((rg->next + 1) % w);
+    if (rg->n_rows < w) {
+        rg->n_rows++;
+    }
+    if (n <= budget) {
+        return UC_OK;
+    }
+    int64_t victim;
+    if (s->cp.policy == UC_POLICY_STREAMINGLLM) {
+        victim = s->cp.sink_tokens < n ? s->cp.sink_tokens : n - 1;
+    } else {
+        int64_t m = n - (w < n ? w : n);
+        if (m <= 0) {
+            return UC_OK;
+        }
+        double *sc = e->rowscore, *pooled = e->colscore;
+        for (int64_t i = 0; i < m; i++) {
+            double v = 0;
+            for (int64_t r = 0; r < rg->n_rows; r++) {
+                v += rg->rows[r * rg->cap + i];
+            }
+            sc[i] = v;
+        }
+        uc_maxpool1d(pooled, sc, m, s->cp.pool_kernel);
+        victim = 0;
+        for (int64_t i = 1; i < m; i++) {
+            if (pooled[i] < pooled[victim]) {
+                victim = i;
+            }
+        }
+    }
+    for (int64_t r = 0; r < w; r++) {
+        float *rr = rg->rows + r * rg->cap;
+        memmove(rr + victim, rr + victim + 1, (size_t)(rg->cap - victim - 1) * sizeof(float));
+        rr[rg->cap - 1] = 0.0f;
+    }
+    return uc_kv_head_remove(&e->kv, h, victim);
+}
+
+/* The decode step's index arrays, for all layers at once: reserves each head's next slot and
+ * lays out, in int32s, pos (B) | for each layer l: slot (E), n_tokens (E), offset (E) | the
+ * block ids of every (layer, entry), offsets counted from the start of that last part; E = B Hkv.
+ * The fixed part's addresses depend only on B, so a recorded step stays valid while the
+ * buffer does. */
+static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int64_t nb,
+                                   int64_t *n_ints)
+{
+    int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
+    int64_t fixed = nb + 3 * L * ent, blocks = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t l = 0; l < L; l++) {
+            for (int64_t j = 0; j < hkv; j++) {
+                struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
+                uc_status rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
+                if (rc == UC_ERR_KV_FULL) {
+                    UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
+                             (long long)batch[b]->id, (long long)l);
+                }
+                if (rc != UC_OK) {
+                    return rc;
+                }
+                blocks += h->n_blocks;
+            }
+        }
+    }
+    if (!eng_grow((void **)&e->dm_host, &e->dm_cap, fixed + blocks, sizeof(int32_t))) {
+        return UC_ERRF(UC_ERR_NOMEM, "decode index arrays");
+    }
+    int32_t *m = e->dm_host, *blk = m + fixed;
+    int64_t used = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        m[b] = (int32_t)batch[b]->n_ctx; /* RoPE position of the new token */
+    }
+    for (int64_t l = 0; l < L; l++) {
+        int32_t *slot = m + nb + 3 * l * ent, *ntok = slot + ent, *off = ntok + ent;
+        int64_t maxn = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            for (int64_t j = 0; j < hkv; j++) {
+                struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
+                int64_t x = b * hkv + j;
+                slot[x] = uc_kv_head_slot(&e->kv, h, h->n_tokens);
+                h->n_tokens++;
+                ntok[x] = h->n_tokens;
+                off[x] = (int32_t)used;
+                memcpy(blk + used, h->blocks, (size_t)h->n_blocks * sizeof(int32_t));
+                used += h->n_blocks;
+                maxn = h->n_tokens > maxn ? h->n_tokens : maxn;
+            }
+        }
+        e->dm_maxn[l] = maxn;
+    }
+    *n_ints = fixed + used;
+    return UC_OK;
+}
+
+/* The decode rows' attention at layer l, from their Q/K/V in e->dqkv (rows [0, nb)) to
+ * ws.att: RoPE, the new token's K/V appended to every head, paged attention over the whole
+ * cache, and with eviction each head's lowest slot dropped. Reads the uploaded index arrays. */
+uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any_evict)
+{
+    int64_t L = e->cfg->n_layers, hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
+    int64_t ld = e->sh->qkv_dim, ent = nb * hkv, fixed = nb + 3 * L * ent;
+    const int32_t *dm = e->dm_dev;
+    const int32_t *slot = dm + nb + 3 * l * ent, *ntok = slot + ent, *off = ntok + ent;
+    struct seq **batch = e->batch;
+    uc_status rc;
+    UC_CHECK(e->be->ops->rope_append(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, e->cfg->head_dim,
+                                     dm, slot, nb),
+             rc, out);
+    struct uc_kv_batch_view view = {ntok, off, dm + fixed, 0, any_evict ? e->dm_maxn[l] : 0,
+                                    true};
+    float *psum = NULL;
+    if (any_evict) {
+        int64_t maxn = e->dm_maxn[l];
+        if (!eng_grow((void **)&e->psum, &e->psum_cap, ent * maxn, sizeof(float))) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "evict probabilities");
+            goto out;
+        }
+        psum = e->psum;
+        UC_CHECK(eng_layer_scratch(e, maxn, 8), rc, out);
+    }
+    UC_CHECK(e->be->ops->attn_decode(e->be, e->ws.att, e->dqkv, ld, &e->kv.pool, &view, nb, hl,
+                                     hkv, psum),
+             rc, out);
+    for (int64_t b = 0; any_evict && b < nb; b++) {
+        if (!batch[b]->rings) {
+            continue;
+        }
+        for (int64_t j = 0; j < hkv; j++) {
+            UC_CHECK(evict_head(e, batch[b], l, j, psum + (b * hkv + j) * e->dm_maxn[l]), rc,
+                     out);
+        }
+    }
+out:
+    return rc;
+}
+
+/* Layers [l0, l1) of a decode-only step of nb rows, from the embedded rows in dx to the last
+ * residual add. Without eviction nothing crosses to the host (the attention sizes its work by
+ * the batch alone), so the ops can be recorded into a graph and replayed at any context length;
+ * eviction brings each layer's probabilities back. */
+static uc_status decode_layers(struct uc_engine *e, int64_t nb, int64_t l0, int64_t l1,
+                               bool any_evict)
+{
+    uc_status rc;
+    if (l0 == 0) {
+        UC_CHECK(uc_model_attn_norm(e->m, &e->ws, 0, e->dx, nb), rc, out);
+    }
+    for (int64_t l = l0; l < l1; l++) {
+        UC_CHECK(uc_model_qkv_proj(e->m, &e->ws, l, e->dqkv, nb), rc, out);
+        UC_CHECK(eng_decode_attend(e, nb, l, any_evict), rc, out);
+        UC_CHECK(uc_model_finish_layer_norm_next(e->m, &e->ws, l, e->dx, nb), rc, out);
+    }
+out:
+    return rc;
+}
+
+/* Runs decode_layers through recorded graphs where the backend has them: the first step of a
+ * batch size runs the ops directly; a second one in a row records them, later ones replay. */
+static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
+{
+    struct uc_backend *be = e->be;
+    int64_t L = e->cfg->n_layers;
+    bool same_nb = e->last_nb == nb;
+    e->last_nb = nb;
+    if (!be->ops->graph_begin || uc_comm_size(e->comm) != 1 || nb > DECODE_GRAPH_MAX_ROWS) {
+        return decode_layers(e, nb, 0, L, false);
+    }
+    int64_t per = DECODE_GRAPH_LAYERS;
+    if ((L + per - 1) / per > DECODE_GRAPH_MAX_PARTS) {
+        per = (L + DECODE_GRAPH_MAX_PARTS - 1) / DECODE_GRAPH_MAX_PARTS;
+    }
+    uint64_t epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
+    struct decode_graph *g = NULL;
+    for (int i = 0; i < DECODE_GRAPH_SLOTS && !g; i++) {
+        struct decode_graph *c = &e->graphs[i];
+        if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->epoch == epoch) {
+            g = c;
+        }
+    }
+    uc_status rc = UC_OK;
+    if (g) {
+        for (int64_t p = 0; rc == UC_OK && p * per < L; p++) {
+            rc = be->ops->graph_launch(be, g->exec[p]);
+        }
+        return rc;
+    }
+    rc = decode_layers(e, nb, 0, L, false);
+    if (rc != UC_OK || !same_nb) {
+        return rc;
+    }
+    /* record for the next steps (recording runs nothing); the oldest slot makes room */
+    eng_graph_drop(e, &e->graphs[DECODE_GRAPH_SLOTS - 1]);
+    memmove(e->graphs + 1, e->graphs, (DECODE_GRAPH_SLOTS - 1) * sizeof e->graphs[0]);
+    g = &e->graphs[0];
+    memset(g, 0, sizeof *g);
+    for (int64_t p = 0; p * per < L; p++) {
+        int64_t l1 = (p + 1) * per < L ? (p + 1) * per : L;
+        UC_CHECK(be->ops->graph_begin(be), rc, out);
+        uc_status rr = decode_layers(e, nb, p * per, l1, false);
+        rc = be->ops->graph_end(be, &g->exec[p]);
+        if (rr != UC_OK || rc != UC_OK) {
+            rc = rr != UC_OK ? rr : rc;
+            goto out;
+        }
+    }
+    g->nb = nb;
+    g->meta = e->dm_dev;
+    g->epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
+out:
+    if (rc != UC_OK) {
+        eng_graph_drop(e, g);
+    }
+    return rc;
+}
+
+/* The start of any step with decode rows: the batch's sequences, their tokens embedded into
+ * e->dx rows [0, nb), and every layer's index arrays built and uploaded in one copy. */
+uc_status eng_decode_begin(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb,
+                           bool *any_evict)
+{
+    struct seq **batch = e->batch;
+    uc_status rc;
+    *any_evict = false;
+    for (int64_t b = 0; b < nb; b++) {
+        batch[b] = eng_find_seq(e, dec[b].seq_id);
+        e->d_tok[b] = dec[b].token;
+        *any_evict = *any_evict || batch[b]->rings != NULL;
+    }
+    UC_CHECK(uc_model_embed(e->m, e->dx, e->d_tok, nb), rc, out);
+    int64_t n_ints = 0;
+    UC_CHECK(decode_meta_build(e, batch, nb, &n_ints), rc, out);
+    if (n_ints > e->dm_dev_cap) {
+        int64_t cap = n_ints + n_ints / 2;
+        if (e->dm_dev) {
+            e->be->ops->free(e->be, e->dm_dev);
+            e->dm_dev = NULL;
+            e->dm_dev_cap = 0;
+        }
+        UC_CHECK(e->be->ops->alloc(e->be, &e->dm_dev, (size_t)cap * sizeof(int32_t)), rc, out);
+        e->dm_dev_cap = cap;
+    }
+    rc = e->be->ops->upload(e->be, e->dm_dev, e->dm_host, (size_t)n_ints * sizeof(int32_t));
+out:
+    return rc;
+}
+
+/* The end of any step with decode rows: the next token's logits of rows [0, nb) of e->dx (or
+ * only their argmax, on the device, when every row is plain greedy on one rank). */
+uc_status eng_decode_end(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb)
+{
+    struct seq **batch = e->batch;
+    bool greedy = uc_comm_size(e->comm) == 1 && e->be->ops->argmax;
+    for (int64_t b = 0; b < nb; b++) {
+        greedy = greedy && (dec[b].flags & UC_DECODE_GREEDY);
+    }
+    uc_status rc = greedy ? uc_model_argmax(e->m, &e->ws, e->dec_argmax, e->dx, nb)
+                          : uc_model_logits(e->m, &e->ws, e->dec_logits, e->dx, nb);
+    for (int64_t b = 0; rc == UC_OK && b < nb; b++) {
+        batch[b]->logits_ext = greedy ? NULL : e->dec_logits + b * e->cfg->vocab;
+        batch[b]->logits_rows = greedy ? 0 : 1;
+        batch[b]->greedy = greedy ? e->dec_argmax[b] : -1;
+        batch[b]->n_ctx++;
+    }
+    return rc;
+}
+
+/* A step of decode rows only: the layers through recorded graphs where they can be. */
+uc_status eng_decode_run(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb)
+{
+    if (nb == 0) {
+        return UC_OK;
+    }
+    bool any_evict;
+    uc_status rc;
+    UC_CHECK(eng_decode_begin(e, dec, nb, &any_evict), rc, out);
+    if (any_evict) {
+        e->last_nb = 0;
+        rc = decode_layers(e, nb, 0, e->cfg->n_layers, true);
+    } else {
+        rc = decode_graphed(e, nb);
+    }
+    if (rc == UC_OK) {
+        rc = eng_decode_end(e, dec, nb);
+    }
+out:
+    return rc;
+}

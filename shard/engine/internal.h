@@ -1,0 +1,209 @@
+/* The engine's insides, shared by its files (engine.h is the public face):
+ * the sequence and engine structs, and the functions each file offers the others.
+ *
+ *   engine.c   lifecycle, accessors and the compression report
+ *   wire.c     the step descriptor as bytes, broadcast from rank 0
+ *   seq.c      sequences: admission checks, KV bounds, create, fork, free
+ *   prefill.c  a prompt's layer start and layer end (entropy, plan, kept tokens, stages), logits
+ *   decode.c   the decode rows' index arrays, paged attention, eviction, decode-only graphs
+ *   sweep.c    one step as one sweep over the layers: decode and prefill rows share products
+ *   step.c     validation and the step loop on every rank */
+#ifndef UC_SHARD_ENGINE_INTERNAL_H
+#define UC_SHARD_ENGINE_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "base/util.h"
+#include "compress/policy.h"
+#include "engine.h"
+#include "kv_cache.h"
+#include "model.h"
+
+/* Evict mode: the attention rows of a head's last W queries over its slots (slot order). */
+struct ring {
+    float *rows;  /* (W, cap) */
+    int32_t cap;  /* columns */
+    int32_t n_rows;
+    int32_t next; /* row that the next query overwrites */
+};
+
+struct seq {
+    int64_t id;
+    int32_t flags;
+    int32_t max_new;
+    struct uc_compress_params cp;
+    enum uc_seq_phase phase;
+    int64_t n_prompt;
+    int32_t *prompt;  /* (n_prompt) ids, kept until the prefill buffers exist */
+    int64_t n_ctx; /* tokens whose K/V are in context (prompt + decoded) */
+    /* prefill state */
+    int64_t layer;
+    int64_t t_done;
+    int64_t n_rows;   /* rows present at the current layer */
+    void *x;          /* (n_prompt, C) residual stream, device */
+    void *qkv;        /* (n_prompt, qkv_dim) this layer's Q, K, V, device */
+    int32_t *pos;     /* (n_rows) original positions of the rows present */
+    int32_t stage;
+    double *row_acc;  /* (n_rows) accumulated stage row scores (accum row scores) */
+    struct uc_plan plan;
+    struct uc_kv_seq kv;
+    float *logits;
+    int64_t logits_rows;
+    const float *logits_ext; /* this step's decode logits, in the engine's batch buffer */
+    int32_t greedy;          /* the step's argmax token when it ran greedy-only, else -1 */
+    /* report */
+    int64_t *layer_rows; /* (L) rows present at each layer */
+    double *ent_min, *ent_mean, *ent_max; /* (L) KV-head entropy summaries */
+    double compress_ms;
+    double prefill_ms;
+    double t_prefill_start;
+    /* records */
+    int32_t **kept;    /* (L, Hkv_local) kept original positions */
+    int64_t *n_kept;
+    int32_t **kept_all; /* (L, Hkv) kept positions of every KV head, gathered from all ranks */
+    int64_t *n_kept_all;
+    bool plan_agreed;   /* every rank computed the same plan checksum and kept sets */
+    int32_t **rows_at; /* (L) original positions of the rows present */
+    double *qspec;     /* (L, H, D) */
+    double *hspec;     /* (L, C) */
+    struct ring *rings; /* (L, Hkv_local), evict mode */
+};
+
+/* A whole decode step (every layer, from the embedded rows to the last residual add) recorded
+ * as backend graphs of a few layers each, for one batch size and index buffer. Several parts,
+ * not one graph: the device starts on the first part while the host submits the next ones
+ * (submitting a graph costs host time in proportion to its nodes). */
+#define DECODE_GRAPH_MAX_ROWS 64
+#define DECODE_GRAPH_SLOTS 4
+#define DECODE_GRAPH_LAYERS 4     /* layers per part (more where a model would need too many) */
+#define DECODE_GRAPH_MAX_PARTS 64
+struct decode_graph {
+    void *exec[DECODE_GRAPH_MAX_PARTS];
+    int64_t nb;
+    const void *meta; /* the index buffer its ops read */
+    uint64_t epoch;   /* the backend's workspace epoch when recorded */
+};
+
+struct uc_engine {
+    struct uc_engine_params p;
+    char *model_dir;
+    char *profile_path;
+    struct uc_comm *comm;
+    bool owns_backend;
+    struct uc_backend *be;
+    struct uc_model *m;
+    const struct uc_model_config *cfg;
+    const struct uc_model_shard *sh;
+    int64_t max_ctx;
+    struct uc_model_ws ws;
+    struct uc_kv_cache kv;
+    struct seq **seqs;
+    int64_t n_seqs;
+    int64_t cap_seqs;
+    struct uc_profile prof;
+    bool have_prof;
+    double *cal_head;   /* (L, H) sums */
+    double *cal_hidden; /* (L) sums */
+    int64_t cal_windows;
+    int64_t cal_tokens;
+    int64_t step_no;
+    /* decode scratch */
+    void *dx;   /* (max_batch + prefill_chunk, C): a step's packed rows, decode rows first */
+    void *dqkv; /* (max_batch + prefill_chunk, qkv_dim) */
+    int32_t *d_tok;
+    int32_t *sc_row, *sc_head, *sc_slot; /* scatter lists */
+    int64_t sc_cap;
+    /* the decode step's index arrays for every layer, built on the host and uploaded in one
+     * copy (layout: decode_meta_build) */
+    int32_t *dm_host;
+    int64_t dm_cap;
+    void *dm_dev;
+    int64_t dm_dev_cap;
+    int64_t *dm_maxn; /* (L) longest head of each layer this step */
+    struct decode_graph graphs[DECODE_GRAPH_SLOTS];
+    int64_t last_nb; /* batch size of the previous decode step */
+    struct seq **batch; /* (max_batch) */
+    /* the sweep: each prefill's sequence and row-layers left this step */
+    struct seq **sw_seq;
+    int64_t sw_cap;
+    int64_t *sw_left;
+    int64_t sw_left_cap;
+    float *dec_logits;  /* (max_batch, V) host: the last decode step's logits */
+    int32_t *dec_argmax; /* (max_batch) */
+    float *psum;
+    int64_t psum_cap;
+    /* layer-end scratch (host) */
+    float *wprob;    /* (H_local, W, n) */
+    double *colscore; /* (Hkv, n) */
+    double *rowscore; /* (n) */
+    int32_t *keep;    /* (n) */
+    void *sel_scratch;
+    size_t sel_cap;   /* tokens the layer-end scratch holds */
+    double *cov;      /* (H_local, D, D) or (C, C) */
+    double *spec;     /* (H, D) gathered spectra */
+    double *spec_local;
+    float *hid_host;  /* (n, C) */
+    size_t hid_cap;
+    struct uc_buf wire;
+};
+
+static inline size_t act_size(const struct uc_engine *e) { return e->be->ops->act_size(e->be); }
+
+static inline void *dev_row(const struct uc_engine *e, void *base, int64_t row, int64_t width)
+{
+    return (char *)base + (size_t)(row * width) * act_size(e);
+}
+
+/* engine.c */
+bool eng_grow(void **p, int64_t *cap, int64_t need, size_t elem);
+uc_status eng_layer_scratch(struct uc_engine *e, int64_t n, int64_t n_win);
+
+/* wire.c */
+struct eng_wire_step {
+    struct uc_step s;
+    int64_t step_no;
+    struct uc_step_new *news;
+    int64_t *frees;
+    struct uc_step_prefill *prefills;
+    struct uc_step_decode *decodes;
+    int32_t *prompts;
+};
+uc_status eng_wire_encode(struct uc_buf *b, const struct uc_step *s, int64_t step_no);
+uc_status eng_wire_decode(struct eng_wire_step *d, const char *buf, size_t len);
+void eng_wire_fini(struct eng_wire_step *d);
+uc_status eng_wire_broadcast(struct uc_engine *e);
+
+/* seq.c */
+struct seq *eng_find_seq(const struct uc_engine *e, int64_t id);
+/* The prefill buffers (residual stream and Q/K/V of the whole prompt), allocated at the first
+ * slice with the prompt embedded, and freed when the prefill ends. */
+uc_status eng_prefill_buffers(struct uc_engine *e, struct seq *s);
+void eng_free_prefill_buffers(struct uc_engine *e, struct seq *s);
+void eng_seq_destroy(struct uc_engine *e, struct seq *s);
+void eng_seq_remove(struct uc_engine *e, int64_t id);
+uc_status eng_seq_create(struct uc_engine *e, const struct uc_step_new *n);
+uc_status eng_seq_fork(struct uc_engine *e, const struct uc_step_new *n);
+int32_t eng_max_group_budget(const struct uc_compress_params *cp);
+
+/* prefill.c */
+bool eng_needs_window(enum uc_policy p);
+/* At a layer's first slice: rows record and hidden-state spectrum (when asked). */
+uc_status eng_layer_start(struct uc_engine *e, struct seq *s);
+/* After a layer's last slice: entropy, plan, kept tokens into the cache, stage pruning. */
+uc_status eng_layer_end(struct uc_engine *e, struct seq *s);
+/* After the last layer: logits, kept-set records, prefill buffers freed; now decoding. */
+uc_status eng_prefill_finish(struct uc_engine *e, struct seq *s);
+
+/* sweep.c */
+uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st);
+
+/* decode.c */
+void eng_graph_drop(struct uc_engine *e, struct decode_graph *g);
+uc_status eng_decode_begin(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb,
+                           bool *any_evict);
+uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any_evict);
+uc_status eng_decode_end(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb);
+uc_status eng_decode_run(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb);
+
+#endif

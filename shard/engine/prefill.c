@@ -1,0 +1,530 @@
+/* A prompt's prefill, layer-major: at each layer start the hidden-state spectrum (when asked);
+ * at each layer end the compression of UNCOMP.md (entropy, plan, kept tokens into the paged
+ * cache, stage pruning of the rows); after the last layer the logits. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/log.h"
+#include "base/mem.h"
+#include "base/util.h"
+#include "internal.h"
+#include "compress/entropy.h"
+#include "compress/select.h"
+
+/* Scatter lists (source row, head, destination slot) for n entries. */
+static uc_status ensure_scatter(struct uc_engine *e, int64_t n)
+{
+    if (n <= e->sc_cap) {
+        return UC_OK;
+    }
+    int64_t cap = e->sc_cap ? e->sc_cap : 64;
+    while (cap < n) {
+        cap *= 2;
+    }
+    int32_t *r = uc_realloc(e->sc_row, (size_t)cap * sizeof(int32_t));
+    if (r) {
+        e->sc_row = r;
+    }
+    int32_t *h = uc_realloc(e->sc_head, (size_t)cap * sizeof(int32_t));
+    if (h) {
+        e->sc_head = h;
+    }
+    int32_t *sl = uc_realloc(e->sc_slot, (size_t)cap * sizeof(int32_t));
+    if (sl) {
+        e->sc_slot = sl;
+    }
+    if (!r || !h || !sl) {
+        return UC_ERRF(UC_ERR_NOMEM, "scatter list entries=%lld", (long long)n);
+    }
+    e->sc_cap = cap;
+    return UC_OK;
+}
+
+/* ---- prefill: entropy ------------------------------------------------------------------- */
+
+/* Spectra of this rank's query heads at the layer end, gathered so every rank holds all H. */
+static uc_status query_spectra(struct uc_engine *e, struct seq *s)
+{
+    int64_t d = e->cfg->head_dim, hl = e->sh->n_heads;
+    uc_status rc;
+    UC_CHECK(e->be->ops->qcov(e->be, e->cov, s->qkv, e->sh->qkv_dim, s->n_rows, hl, d), rc, out);
+    /* one small eigensolve per head: in parallel (LAPACK runs serially inside the region) */
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    for (int64_t h = 0; h < hl; h++) {
+        failed |= uc_entropy_eigvals(e->spec_local + h * d, e->cov + h * d * d, d) != UC_OK;
+    }
+    if (failed) {
+        rc = UC_ERRF(UC_ERR_INTERNAL, "eigensolver failed on a query head");
+        goto out;
+    }
+    UC_CHECK(uc_comm_allgather(e->comm, e->spec_local, e->spec, (size_t)(hl * d) * sizeof(double)),
+             rc, out);
+out:
+    return rc;
+}
+
+/* Spectrum of the layer's input hidden states: rank 0 computes, everyone receives. */
+static uc_status hidden_spectrum(struct uc_engine *e, struct seq *s, double *out_eig)
+{
+    int64_t c = e->cfg->hidden, n = s->n_rows;
+    uc_status rc = UC_OK;
+    if (uc_comm_rank(e->comm) == 0) {
+        size_t need = (size_t)(n * c);
+        if (need > e->hid_cap) {
+            float *h = uc_realloc(e->hid_host, need * sizeof(float));
+            if (!h) {
+                return UC_ERRF(UC_ERR_NOMEM, "hidden states rows=%lld", (long long)n);
+            }
+            e->hid_host = h;
+            e->hid_cap = need;
+        }
+        double *cov = uc_malloc((size_t)(c * c) * sizeof(double));
+        if (!cov) {
+            return UC_ERRF(UC_ERR_NOMEM, "hidden covariance C=%lld", (long long)c);
+        }
+        rc = e->be->ops->download_f32(e->be, e->hid_host, s->x, n * c);
+        if (rc == UC_OK) {
+            rc = uc_entropy_cov(cov, e->hid_host, n, c, c);
+        }
+        if (rc == UC_OK) {
+            rc = uc_entropy_eigvals(out_eig, cov, c);
+        }
+        uc_free(cov);
+    }
+    uc_status brc = uc_comm_bcast(e->comm, out_eig, (size_t)c * sizeof(double), 0);
+    return rc != UC_OK ? rc : brc;
+}
+
+uc_status eng_layer_start(struct uc_engine *e, struct seq *s)
+{
+    int64_t l = s->layer;
+    s->layer_rows[l] = s->n_rows;
+    if (s->rows_at) {
+        s->rows_at[l] = uc_malloc((size_t)s->n_rows * sizeof(int32_t));
+        if (!s->rows_at[l]) {
+            return UC_ERRF(UC_ERR_NOMEM, "rows record");
+        }
+        memcpy(s->rows_at[l], s->pos, (size_t)s->n_rows * sizeof(int32_t));
+    }
+    if (!(s->flags & (UC_SEQ_SPECTRA | UC_SEQ_CALIBRATE))) {
+        return UC_OK;
+    }
+    int64_t c = e->cfg->hidden;
+    double *eig = s->hspec ? s->hspec + l * c : NULL;
+    double *tmp = NULL;
+    if (!eig) {
+        tmp = uc_malloc((size_t)c * sizeof(double));
+        if (!tmp) {
+            return UC_ERRF(UC_ERR_NOMEM, "hidden spectrum");
+        }
+        eig = tmp;
+    }
+    uc_status rc = hidden_spectrum(e, s, eig);
+    if (rc == UC_OK && (s->flags & UC_SEQ_CALIBRATE)) {
+        e->cal_hidden[l] += uc_entropy_truncated(eig, c, uc_entropy_default_k(c));
+    }
+    uc_free(tmp);
+    return rc;
+}
+
+/* ---- prefill: layer end ----------------------------------------------------------------- */
+
+bool eng_needs_window(enum uc_policy p)
+{
+    return p == UC_POLICY_SNAPKV || p == UC_POLICY_PYRAMIDKV || p == UC_POLICY_UNCOMP ||
+           p == UC_POLICY_UNCOMP_STAGE;
+}
+
+static bool is_stage_start(const struct seq *s, int64_t layer, int32_t *stage_index)
+{
+    for (int32_t c = 0; c < s->plan.n_stage_starts; c++) {
+        if (s->plan.stage_starts[c] == layer) {
+            *stage_index = c + 1;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Entropies of every query head (gathered), their KV-head means, and the plan of this layer. */
+static uc_status plan_layer(struct uc_engine *e, struct seq *s, double *kv_ent)
+{
+    int64_t l = s->layer, d = e->cfg->head_dim, H = e->cfg->n_heads, hkv = e->cfg->n_heads_kv;
+    int64_t g = H / hkv;
+    bool from_prompt = uc_policy_uses_entropy(s->cp.policy) && s->cp.grouping == UC_GROUPING_PROMPT;
+    uc_status rc = UC_OK;
+    if (from_prompt || (s->flags & (UC_SEQ_SPECTRA | UC_SEQ_CALIBRATE))) {
+        UC_CHECK(query_spectra(e, s), rc, out);
+        double ent[1024];
+        int64_t k = s->cp.entropy_k > 0 ? s->cp.entropy_k : uc_entropy_default_k(d);
+        for (int64_t h = 0; h < H && h < 1024; h++) {
+            ent[h] = uc_entropy_truncated(e->spec + h * d, d, k);
+            if (s->flags & UC_SEQ_CALIBRATE) {
+                e->cal_head[l * H + h] += uc_entropy_truncated(e->spec + h * d, d,
+                                                               uc_entropy_default_k(d));
+            }
+        }
+        if (s->qspec) {
+            memcpy(s->qspec + l * H * d, e->spec, (size_t)(H * d) * sizeof(double));
+        }
+        for (int64_t j = 0; j < hkv; j++) {
+            double sum = 0;
+            for (int64_t q = 0; q < g; q++) {
+                sum += ent[j * g + q];
+            }
+            kv_ent[j] = sum / (double)g;
+        }
+    }
+    if (uc_policy_uses_entropy(s->cp.policy) && !from_prompt) {
+        memcpy(kv_ent, e->prof.kv_entropy + l * hkv, (size_t)hkv * sizeof(double));
+    }
+    uc_plan_set_layer(&s->plan, &s->cp, l, kv_ent);
+    if (uc_policy_uses_entropy(s->cp.policy)) {
+        double mn = INFINITY, mx = -INFINITY, sum = 0;
+        for (int64_t j = 0; j < hkv; j++) {
+            mn = kv_ent[j] < mn ? kv_ent[j] : mn;
+            mx = kv_ent[j] > mx ? kv_ent[j] : mx;
+            sum += kv_ent[j];
+        }
+        s->ent_min[l] = mn;
+        s->ent_max[l] = mx;
+        s->ent_mean[l] = sum / (double)hkv;
+    }
+out:
+    return rc;
+}
+
+/* Kept tokens of one local KV head from the scores (UNCOMP.md sections 5 and 8). */
+static int64_t select_head(struct uc_engine *e, struct seq *s, int64_t j, int64_t budget)
+{
+    int64_t n = s->n_rows;
+    const double *score = e->colscore + j * n;
+    switch (s->cp.policy) {
+    case UC_POLICY_FULL: return uc_select_streaming(e->keep, n, n, 0);
+    case UC_POLICY_STREAMINGLLM:
+        return uc_select_streaming(e->keep, n, budget, s->cp.sink_tokens);
+    case UC_POLICY_H2O: return uc_select_h2o(e->keep, score, n, budget, e->sel_scratch);
+    default:
+        return uc_select_snapkv(e->keep, score, n, budget, s->cp.window, s->cp.pool_kernel,
+                                e->sel_scratch);
+    }
+}
+
+/* Fills e->colscore (Hkv_local, n) with the scores the policy selects by, and e->rowscore (n)
+ * with the stage row scores when `rows` is set. */
+static uc_status compute_scores(struct uc_engine *e, struct seq *s, bool cols, bool rows)
+{
+    int64_t n = s->n_rows, hl = e->sh->n_heads, hkv_l = e->sh->n_heads_kv;
+    int64_t d = e->cfg->head_dim, gl = hl / hkv_l, ld = e->sh->qkv_dim;
+    const void *k = (char *)s->qkv + (size_t)(hl * d) * act_size(e);
+    uc_status rc = UC_OK;
+    if (s->cp.policy == UC_POLICY_H2O && cols) {
+        double *acc = uc_malloc((size_t)(hl * n) * sizeof(double));
+        if (!acc) {
+            return UC_ERRF(UC_ERR_NOMEM, "h2o scores");
+        }
+        rc = e->be->ops->attn_colsum(e->be, acc, s->qkv, ld, k, ld, n, hl, hkv_l, d);
+        for (int64_t j = 0; rc == UC_OK && j < hkv_l; j++) {
+            for (int64_t i = 0; i < n; i++) {
+                double sum = 0;
+                for (int64_t q = 0; q < gl; q++) {
+                    sum += acc[(j * gl + q) * n + i];
+                }
+                e->colscore[j * n + i] = sum;
+            }
+        }
+        uc_free(acc);
+        return rc;
+    }
+    int64_t w = s->cp.window < n ? s->cp.window : n;
+    const void *qw = dev_row(e, s->qkv, n - w, ld);
+    bool use_max = s->cp.row_score == UC_ROW_SCORE_MAX ||
+                   s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX;
+    if (!s->rings) {
+        /* reduced on the backend: only (Hkv + 1) x n scores cross to the host */
+        UC_CHECK(e->be->ops->window_scores(e->be, e->colscore, rows ? e->rowscore : NULL, use_max,
+                                           qw, ld, k, ld, w, n, hl, hkv_l, d),
+                 rc, out);
+    } else {
+        /* evict mode keeps every window row: the probabilities come over whole */
+        UC_CHECK(e->be->ops->window_probs(e->be, e->wprob, qw, ld, k, ld, w, n, hl, hkv_l, d), rc,
+                 out);
+        for (int64_t j = 0; j < hkv_l; j++) {
+            double *cs = e->colscore + j * n;
+            for (int64_t i = 0; i < n; i++) {
+                cs[i] = 0.0;
+            }
+            for (int64_t q = 0; q < gl; q++) {
+                for (int64_t i = 0; i < n; i++) {
+                    double v = 0;
+                    for (int64_t r = 0; r < w; r++) {
+                        v += e->wprob[((j * gl + q) * w + r) * n + i];
+                    }
+                    cs[i] += v;
+                    if (rows) {
+                        double *rs = &e->rowscore[i];
+                        *rs = j == 0 && q == 0 ? v : (use_max ? (v > *rs ? v : *rs) : *rs + v);
+                    }
+                }
+            }
+        }
+    }
+    if (rows) {
+        rc = use_max ? uc_comm_allreduce_max(e->comm, e->rowscore, n, UC_COMM_F64)
+                     : uc_comm_allreduce_sum(e->comm, e->rowscore, n, UC_COMM_F64);
+    }
+out:
+    return rc;
+}
+
+/* Initialises a head's evict ring from the window probabilities restricted to kept slots. */
+static uc_status ring_init(struct uc_engine *e, struct seq *s, int64_t j, int64_t n_keep,
+                           int64_t budget)
+{
+    struct ring *rg = &s->rings[s->layer * e->sh->n_heads_kv + j];
+    int64_t n = s->n_rows, w = s->cp.window < n ? s->cp.window : n;
+    int64_t gl = e->sh->n_heads / e->sh->n_heads_kv;
+    int64_t cap = (budget > n_keep ? budget : n_keep) + 2;
+    rg->rows = uc_calloc((size_t)(s->cp.window * cap), sizeof(float));
+    if (!rg->rows) {
+        return UC_ERRF(UC_ERR_NOMEM, "evict ring");
+    }
+    rg->cap = (int32_t)cap;
+    rg->n_rows = (int32_t)w;
+    rg->next = (int32_t)(w % s->cp.window);
+    bool have_probs = eng_needs_window(s->cp.policy) || s->cp.policy == UC_POLICY_UNCOMP_STAGE;
+    for (int64_t r = 0; r < w && have_probs; r++) {
+        for (int64_t i = 0; i < n_keep; i++) {
+            float v = 0;
+            for (int64_t q = 0; q < gl; q++) {
+                v += e->wprob[((j * gl + q) * w + r) * n + e->keep[i]];
+            }
+            rg->rows[r * cap + i] = v;
+        }
+    }
+    return UC_OK;
+}
+
+uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
+{
+    double t0 = uc_time_s();
+    int64_t l = s->layer, n = s->n_rows, hkv_l = e->sh->n_heads_kv, hkv = e->cfg->n_heads_kv;
+    int64_t d = e->cfg->head_dim;
+    uc_status rc;
+    double kv_ent[1024];
+    UC_CHECK(eng_layer_scratch(e, n, s->cp.window), rc, out);
+    UC_CHECK(plan_layer(e, s, kv_ent), rc, out);
+    int32_t stage_c = 0;
+    bool prune = s->cp.policy == UC_POLICY_UNCOMP_STAGE && l + 1 < e->cfg->n_layers &&
+                 is_stage_start(s, l + 1, &stage_c) && s->plan.stage_rows[stage_c] < n;
+    bool any_cut = false;
+    for (int64_t j = 0; j < hkv_l; j++) {
+        any_cut = any_cut || s->plan.budget[l * hkv + e->sh->kv0 + j] < n;
+    }
+    bool cols = any_cut && (eng_needs_window(s->cp.policy) || s->cp.policy == UC_POLICY_H2O);
+    bool evict = s->rings != NULL;
+    bool accum = s->cp.policy == UC_POLICY_UNCOMP_STAGE && s->plan.n_stage_starts > 0 &&
+                 (s->cp.row_score == UC_ROW_SCORE_ACCUM ||
+                  s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX) &&
+                 l + 1 < e->cfg->n_layers && l + 1 <= s->plan.stage_starts[s->plan.n_stage_starts - 1];
+    bool rows = prune || accum;
+    if (cols || rows || (evict && eng_needs_window(s->cp.policy))) {
+        UC_CHECK(compute_scores(e, s, cols || evict, rows), rc, out);
+    }
+    if (accum) {
+        /* every layer before the last boundary adds its row scores */
+        if (!s->row_acc) {
+            s->row_acc = uc_calloc((size_t)s->n_prompt, sizeof(double));
+            if (!s->row_acc) {
+                rc = UC_ERRF(UC_ERR_NOMEM, "row scores");
+                goto out;
+            }
+        }
+        bool mx = s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX;
+        for (int64_t i = 0; i < n; i++) {
+            double v = e->rowscore[i];
+            s->row_acc[i] = mx ? (v > s->row_acc[i] ? v : s->row_acc[i]) : s->row_acc[i] + v;
+        }
+    }
+    if (cols && e->sh->kv_replicated) {
+        /* ranks sharing a KV head each summed only their query heads: add them up */
+        double *all = uc_calloc((size_t)(hkv * n), sizeof(double));
+        if (!all) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "replicated scores");
+            goto out;
+        }
+        memcpy(all + e->sh->kv0 * n, e->colscore, (size_t)n * sizeof(double));
+        rc = uc_comm_allreduce_sum(e->comm, all, hkv * n, UC_COMM_F64);
+        memcpy(e->colscore, all + e->sh->kv0 * n, (size_t)n * sizeof(double));
+        uc_free(all);
+        if (rc != UC_OK) {
+            goto out;
+        }
+    }
+    /* kept tokens of each local KV head into the paged cache */
+    int64_t hl = e->sh->n_heads;
+    const void *kbase = (char *)s->qkv + (size_t)(hl * d) * act_size(e);
+    const void *vbase = (char *)s->qkv + (size_t)((hl + hkv_l) * d) * act_size(e);
+    for (int64_t j = 0; j < hkv_l; j++) {
+        int64_t budget = s->plan.budget[l * hkv + e->sh->kv0 + j];
+        int64_t nk = select_head(e, s, j, budget);
+        struct uc_kv_head *h = uc_kv_seq_head(&s->kv, l, j);
+        rc = uc_kv_head_reserve(&e->kv, h, nk);
+        if (rc == UC_ERR_KV_FULL) {
+            UC_FATAL("kv pool exhausted during prefill seq=%lld layer=%lld (admission must "
+                     "reserve blocks)", (long long)s->id, (long long)l);
+        }
+        if (rc != UC_OK) {
+            goto out;
+        }
+        UC_CHECK(ensure_scatter(e, nk), rc, out);
+        for (int64_t i = 0; i < nk; i++) {
+            e->sc_row[i] = e->keep[i];
+            e->sc_head[i] = (int32_t)j;
+            e->sc_slot[i] = uc_kv_head_slot(&e->kv, h, i);
+        }
+        UC_CHECK(e->be->ops->kv_scatter(e->be, &e->kv.pool, kbase, vbase, e->sh->qkv_dim,
+                                        e->sc_row, e->sc_head, e->sc_slot, nk),
+                 rc, out);
+        h->n_tokens = (int32_t)nk;
+        if (s->kept) {
+            int32_t *kp = uc_malloc((size_t)(nk > 0 ? nk : 1) * sizeof(int32_t));
+            if (!kp) {
+                rc = UC_ERRF(UC_ERR_NOMEM, "kept record");
+                goto out;
+            }
+            for (int64_t i = 0; i < nk; i++) {
+                kp[i] = s->pos[e->keep[i]];
+            }
+            s->kept[l * hkv_l + j] = kp;
+            s->n_kept[l * hkv_l + j] = nk;
+        }
+        if (evict) {
+            UC_CHECK(ring_init(e, s, j, nk, budget), rc, out);
+        }
+    }
+    if (prune) {
+        int64_t keep_n = s->plan.stage_rows[stage_c];
+        int64_t nr = uc_select_rows(e->keep, accum ? s->row_acc : e->rowscore, n, keep_n,
+                                    s->cp.window, e->sel_scratch);
+        void *nx = NULL;
+        UC_CHECK(e->be->ops->alloc(e->be, &nx, (size_t)(nr * e->cfg->hidden) * act_size(e)), rc,
+                 out);
+        rc = e->be->ops->gather_rows(e->be, nx, s->x, e->keep, nr, e->cfg->hidden);
+        if (rc != UC_OK) {
+            e->be->ops->free(e->be, nx);
+            goto out;
+        }
+        e->be->ops->free(e->be, s->x);
+        s->x = nx;
+        for (int64_t i = 0; i < nr; i++) {
+            s->pos[i] = s->pos[e->keep[i]];
+            if (s->row_acc) {
+                s->row_acc[i] = s->row_acc[e->keep[i]];
+            }
+        }
+        s->n_rows = nr;
+        s->stage = stage_c;
+    }
+out:
+    s->compress_ms += (uc_time_s() - t0) * 1e3;
+    return rc;
+}
+
+/* With UC_SEQ_RECORD_KEPT: every rank's kept sets go to every rank, and the ranks check that
+ * they computed the same plan and, for replicated KV heads, the same kept sets. */
+static uc_status gather_kept(struct uc_engine *e, struct seq *s)
+{
+    int64_t L = e->cfg->n_layers, hkv = e->cfg->n_heads_kv, hkv_l = e->sh->n_heads_kv;
+    int64_t np = s->n_prompt, per = np + 1, R = uc_comm_size(e->comm);
+    int same = 1;
+    uc_status rc = uc_comm_agree_u64(e->comm, uc_plan_checksum(&s->plan), "plan checksum", &same);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    s->plan_agreed = same != 0;
+    size_t local_n = (size_t)(L * hkv_l * per);
+    int32_t *local = uc_calloc(local_n, sizeof(int32_t));
+    int32_t *all = uc_malloc(local_n * (size_t)R * sizeof(int32_t));
+    int64_t *kv0 = uc_malloc((size_t)R * sizeof(int64_t));
+    s->kept_all = uc_calloc((size_t)(L * hkv), sizeof *s->kept_all);
+    s->n_kept_all = uc_calloc((size_t)(L * hkv), sizeof *s->n_kept_all);
+    if (!local || !all || !kv0 || !s->kept_all || !s->n_kept_all) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "kept-set gather");
+        goto out;
+    }
+    for (int64_t i = 0; i < L * hkv_l; i++) {
+        local[i * per] = (int32_t)s->n_kept[i];
+        memcpy(local + i * per + 1, s->kept[i], (size_t)s->n_kept[i] * sizeof(int32_t));
+    }
+    UC_CHECK(uc_comm_allgather(e->comm, local, all, local_n * sizeof(int32_t)), rc, out);
+    UC_CHECK(uc_comm_allgather(e->comm, &e->sh->kv0, kv0, sizeof(int64_t)), rc, out);
+    for (int64_t r = 0; r < R; r++) {
+        for (int64_t l = 0; l < L; l++) {
+            for (int64_t j = 0; j < hkv_l; j++) {
+                const int32_t *src = all + ((size_t)r * (size_t)(L * hkv_l) +
+                                            (size_t)(l * hkv_l + j)) * (size_t)per;
+                int64_t g = l * hkv + kv0[r] + j;
+                if (s->kept_all[g]) { /* a replica: it must agree */
+                    bool eq = s->n_kept_all[g] == src[0] &&
+                              memcmp(s->kept_all[g], src + 1, (size_t)src[0] * 4) == 0;
+                    if (!eq) {
+                        UC_LOG_ERROR("engine: ranks disagree on the kept set of layer=%lld "
+                                     "kv_head=%lld", (long long)l, (long long)(kv0[r] + j));
+                        s->plan_agreed = false;
+                    }
+                    continue;
+                }
+                s->kept_all[g] = uc_malloc((size_t)(src[0] > 0 ? src[0] : 1) * sizeof(int32_t));
+                if (!s->kept_all[g]) {
+                    rc = UC_ERRF(UC_ERR_NOMEM, "kept-set gather");
+                    goto out;
+                }
+                memcpy(s->kept_all[g], src + 1, (size_t)src[0] * sizeof(int32_t));
+                s->n_kept_all[g] = src[0];
+            }
+        }
+    }
+out:
+    uc_free(local);
+    uc_free(all);
+    uc_free(kv0);
+    return rc;
+}
+
+/* Logits after the last layer: the last row, or every row with UC_SEQ_ALL_LOGITS. */
+uc_status eng_prefill_finish(struct uc_engine *e, struct seq *s)
+{
+    int64_t v = e->cfg->vocab, c = e->cfg->hidden;
+    uc_status rc = UC_OK;
+    if (s->flags & UC_SEQ_ALL_LOGITS) {
+        int64_t lr = e->ws.max_logit_rows;
+        for (int64_t r0 = 0; r0 < s->n_rows && rc == UC_OK; r0 += lr) {
+            int64_t t = s->n_rows - r0 < lr ? s->n_rows - r0 : lr;
+            rc = uc_model_logits(e->m, &e->ws, s->logits + r0 * v, dev_row(e, s->x, r0, c), t);
+        }
+        s->logits_rows = s->n_rows;
+    } else {
+        rc = uc_model_logits(e->m, &e->ws, s->logits, dev_row(e, s->x, s->n_rows - 1, c), 1);
+        s->logits_rows = 1;
+    }
+    if (rc != UC_OK) {
+        return rc;
+    }
+    if (s->kept) {
+        UC_CHECK(gather_kept(e, s), rc, out);
+    }
+    eng_free_prefill_buffers(e, s);
+    s->phase = UC_SEQ_DECODING;
+    s->n_ctx = s->n_prompt;
+    s->prefill_ms = (uc_time_s() - s->t_prefill_start) * 1e3;
+    if (s->flags & UC_SEQ_CALIBRATE) {
+        e->cal_windows++;
+        e->cal_tokens += s->n_prompt;
+    }
+out:
+    return rc;
+}

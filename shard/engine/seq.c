@@ -1,0 +1,439 @@
+/* Sequences: checks before admission, their KV bound, creation (the prompt embedded into its
+ * prefill buffer), forks and removal. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/log.h"
+#include "base/mem.h"
+#include "base/util.h"
+#include "internal.h"
+
+/* ---- sequences -------------------------------------------------------------------------- */
+
+struct seq *eng_find_seq(const struct uc_engine *e, int64_t id)
+{
+    for (int64_t i = 0; i < e->n_seqs; i++) {
+        if (e->seqs[i]->id == id) {
+            return e->seqs[i];
+        }
+    }
+    return NULL;
+}
+
+uc_status eng_prefill_buffers(struct uc_engine *e, struct seq *s)
+{
+    size_t a = act_size(e);
+    int64_t np = s->n_prompt;
+    uc_status rc;
+    UC_CHECK(e->be->ops->alloc(e->be, &s->x, (size_t)(np * e->cfg->hidden) * a), rc, out);
+    UC_CHECK(e->be->ops->alloc(e->be, &s->qkv, (size_t)(np * e->sh->qkv_dim) * a), rc, out);
+    UC_CHECK(uc_model_embed(e->m, s->x, s->prompt, np), rc, out);
+    uc_free(s->prompt);
+    s->prompt = NULL;
+out:
+    if (rc != UC_OK) {
+        eng_free_prefill_buffers(e, s);
+    }
+    return rc;
+}
+
+void eng_free_prefill_buffers(struct uc_engine *e, struct seq *s)
+{
+    if (s->x) {
+        e->be->ops->free(e->be, s->x);
+        s->x = NULL;
+    }
+    if (s->qkv) {
+        e->be->ops->free(e->be, s->qkv);
+        s->qkv = NULL;
+    }
+}
+
+void eng_seq_destroy(struct uc_engine *e, struct seq *s)
+{
+    if (!s) {
+        return;
+    }
+    eng_free_prefill_buffers(e, s);
+    uc_kv_seq_fini(&e->kv, &s->kv);
+    uc_plan_fini(&s->plan);
+    int64_t nh = e->cfg->n_layers * e->sh->n_heads_kv;
+    if (s->kept) {
+        for (int64_t i = 0; i < nh; i++) {
+            uc_free(s->kept[i]);
+        }
+    }
+    if (s->rows_at) {
+        for (int64_t l = 0; l < e->cfg->n_layers; l++) {
+            uc_free(s->rows_at[l]);
+        }
+    }
+    if (s->kept_all) {
+        for (int64_t i = 0; i < e->cfg->n_layers * e->cfg->n_heads_kv; i++) {
+            uc_free(s->kept_all[i]);
+        }
+    }
+    if (s->rings) {
+        for (int64_t i = 0; i < nh; i++) {
+            uc_free(s->rings[i].rows);
+        }
+    }
+    void *p[] = {s->prompt, s->row_acc, s->pos, s->logits, s->layer_rows, s->ent_min, s->ent_mean, s->ent_max, s->kept,
+                 s->n_kept, s->rows_at, s->qspec, s->hspec, s->rings, s->kept_all,
+                 s->n_kept_all};
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) {
+        uc_free(p[i]);
+    }
+    uc_free(s);
+}
+
+void eng_seq_remove(struct uc_engine *e, int64_t id)
+{
+    for (int64_t i = 0; i < e->n_seqs; i++) {
+        if (e->seqs[i]->id == id) {
+            eng_seq_destroy(e, e->seqs[i]);
+            e->seqs[i] = e->seqs[--e->n_seqs];
+            return;
+        }
+    }
+}
+
+/* Stage boundaries of a new sequence: its own, else the profile's. */
+static int32_t eng_stage_starts_for(const struct uc_engine *e, const struct uc_compress_params *cp,
+                                const int32_t **starts)
+{
+    if (cp->n_stage_starts > 0) {
+        *starts = cp->stage_starts;
+        return cp->n_stage_starts;
+    }
+    if (e->have_prof) {
+        *starts = e->prof.stage_starts;
+        return e->prof.n_stage_starts;
+    }
+    *starts = NULL;
+    return 0;
+}
+
+int32_t eng_max_group_budget(const struct uc_compress_params *cp)
+{
+    int32_t mx = 0;
+    for (int32_t g = 0; g < cp->head_groups; g++) {
+        int32_t b = uc_group_budget(cp->kv_budget, g, cp->head_groups, cp->spread);
+        mx = b > mx ? b : mx;
+    }
+    return mx;
+}
+
+uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_new *n, char *msg,
+                              size_t msg_size)
+{
+    if (n->flags & UC_SEQ_FORK) {
+        const struct seq *src = eng_find_seq(e, n->fork_of);
+        if (!src || src->phase != UC_SEQ_DECODING) {
+            snprintf(msg, msg_size, "fork: sequence %lld is not decoding", (long long)n->fork_of);
+            return UC_ERR_INVALID_ARG;
+        }
+        if (src->n_ctx + (int64_t)n->max_new_tokens > e->max_ctx) {
+            snprintf(msg, msg_size, "fork: %lld tokens + max_tokens %d exceed the context",
+                     (long long)src->n_ctx, n->max_new_tokens);
+            return UC_ERR_INVALID_ARG;
+        }
+        return UC_OK;
+    }
+    if (n->n_prompt < 1) {
+        snprintf(msg, msg_size, "prompt: empty (at least one token is needed)");
+        return UC_ERR_INVALID_ARG;
+    }
+    if (n->max_new_tokens < 0) {
+        snprintf(msg, msg_size, "sampling.max_tokens=%d must not be negative", n->max_new_tokens);
+        return UC_ERR_INVALID_ARG;
+    }
+    if (n->n_prompt + (int64_t)n->max_new_tokens > e->max_ctx) {
+        snprintf(msg, msg_size,
+                 "prompt of %lld tokens + max_tokens %d exceeds the context length %lld",
+                 (long long)n->n_prompt, n->max_new_tokens, (long long)e->max_ctx);
+        return UC_ERR_INVALID_ARG;
+    }
+    for (int64_t i = 0; i < n->n_prompt; i++) {
+        if (n->prompt[i] < 0 || n->prompt[i] >= e->cfg->vocab) {
+            snprintf(msg, msg_size, "prompt token %lld: id %d outside the vocabulary (%lld)",
+                     (long long)i, n->prompt[i], (long long)e->cfg->vocab);
+            return UC_ERR_INVALID_ARG;
+        }
+    }
+    uc_status rc = uc_compress_params_validate(&n->cp, e->cfg->n_layers, msg, msg_size);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    if (uc_policy_uses_entropy(n->cp.policy) && n->cp.grouping == UC_GROUPING_PROFILE &&
+        !e->have_prof) {
+        snprintf(msg, msg_size, "compression.grouping=profile: no calibration profile is loaded "
+                 "(run Calibrate, or use grouping=prompt)");
+        return UC_ERR_UNAVAILABLE;
+    }
+    const int32_t *starts;
+    if (n->cp.policy == UC_POLICY_UNCOMP_STAGE && eng_stage_starts_for(e, &n->cp, &starts) == 0 &&
+        !e->have_prof) {
+        snprintf(msg, msg_size, "compression.policy=uncomp-stage needs stage boundaries: a "
+                 "calibration profile or explicit stage_starts");
+        return UC_ERR_UNAVAILABLE;
+    }
+    return UC_OK;
+}
+
+/* A KV head's budget under the plan: known from the profile for grouping=profile, the largest
+ * group budget otherwise (not capped by the prompt). */
+static int64_t head_budget_bound(const struct uc_engine *e, const struct uc_step_new *n,
+                                 int64_t layer, int64_t kv_head)
+{
+    const struct uc_compress_params *cp = &n->cp;
+    int64_t b;
+    switch (cp->policy) {
+    case UC_POLICY_FULL: b = n->n_prompt; break;
+    case UC_POLICY_PYRAMIDKV: b = uc_pyramid_budget(cp->kv_budget, layer, e->cfg->n_layers); break;
+    case UC_POLICY_UNCOMP:
+    case UC_POLICY_UNCOMP_STAGE:
+        if (cp->grouping == UC_GROUPING_PROFILE && e->have_prof &&
+            e->prof.head_groups == cp->head_groups) {
+            b = uc_group_budget(cp->kv_budget,
+                                e->prof.kv_group[layer * e->cfg->n_heads_kv + kv_head],
+                                cp->head_groups, cp->spread);
+        } else {
+            b = eng_max_group_budget(cp);
+        }
+        break;
+    default: b = cp->kv_budget; break;
+    }
+    return b;
+}
+
+int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_step_new *n)
+{
+    if (n->flags & UC_SEQ_FORK) {
+        const struct seq *src = eng_find_seq(e, n->fork_of);
+        int64_t total = 0;
+        for (int64_t i = 0; src && i < e->cfg->n_layers * e->sh->n_heads_kv; i++) {
+            total += uc_kv_blocks_for(&e->kv, src->kv.heads[i].n_tokens + n->max_new_tokens);
+        }
+        return total;
+    }
+    /* the most any rank needs: ranks hold different heads, and with them different budgets */
+    int64_t worst = 0, gen = n->max_new_tokens;
+    int64_t hkv = e->cfg->n_heads_kv, hkv_l = e->sh->n_heads_kv;
+    bool evict = n->cp.decode_mode == UC_DECODE_EVICT && n->cp.policy != UC_POLICY_FULL;
+    for (int64_t kv0 = 0; kv0 < hkv; kv0 += hkv_l) {
+        int64_t total = 0;
+        for (int64_t l = 0; l < e->cfg->n_layers; l++) {
+            for (int64_t j = kv0; j < kv0 + hkv_l; j++) {
+                int64_t b = head_budget_bound(e, n, l, j);
+                int64_t np = n->n_prompt;
+                /* append: the prefill's share plus every decoded token; evict: the head grows
+                 * to its budget (plus the token being placed) and stays there */
+                int64_t tokens = evict ? (b + 1 < np + gen ? b + 1 : np + gen)
+                                       : (b < np ? b : np) + gen;
+                total += uc_kv_blocks_for(&e->kv, tokens);
+            }
+        }
+        worst = total > worst ? total : worst;
+    }
+    return worst;
+}
+
+/* Adds s to the engine's sequence table (which then owns it). */
+static uc_status eng_seq_register(struct uc_engine *e, struct seq *s)
+{
+    if (!eng_grow((void **)&e->seqs, &e->cap_seqs, e->n_seqs + 1, sizeof *e->seqs)) {
+        return UC_ERRF(UC_ERR_NOMEM, "sequence table");
+    }
+    e->seqs[e->n_seqs++] = s;
+    return UC_OK;
+}
+
+uc_status eng_seq_create(struct uc_engine *e, const struct uc_step_new *n)
+{
+    struct seq *s = uc_calloc(1, sizeof *s);
+    if (!s) {
+        return UC_ERRF(UC_ERR_NOMEM, "sequence %lld", (long long)n->seq_id);
+    }
+    uc_status rc;
+    int64_t L = e->cfg->n_layers, hkv_l = e->sh->n_heads_kv, np = n->n_prompt;
+    s->id = n->seq_id;
+    s->flags = n->flags;
+    s->max_new = n->max_new_tokens;
+    s->cp = n->cp;
+    s->phase = UC_SEQ_PREFILLING;
+    s->greedy = -1;
+    s->n_prompt = np;
+    s->n_rows = np;
+    UC_CHECK(uc_plan_init(&s->plan, L, e->cfg->n_heads_kv), rc, out);
+    UC_CHECK(uc_kv_seq_init(&s->kv, L, hkv_l), rc, out);
+    s->prompt = uc_malloc((size_t)np * sizeof(int32_t));
+    s->pos = uc_malloc((size_t)np * sizeof(int32_t));
+    s->layer_rows = uc_calloc((size_t)L, sizeof(int64_t));
+    s->ent_min = uc_malloc((size_t)L * sizeof(double));
+    s->ent_mean = uc_malloc((size_t)L * sizeof(double));
+    s->ent_max = uc_malloc((size_t)L * sizeof(double));
+    int64_t lrows = n->flags & UC_SEQ_ALL_LOGITS ? np : 1;
+    s->logits = uc_malloc((size_t)(lrows * e->cfg->vocab) * sizeof(float));
+    if (!s->prompt || !s->pos || !s->layer_rows || !s->ent_min || !s->ent_mean || !s->ent_max || !s->logits) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "sequence %lld tokens=%lld", (long long)n->seq_id,
+                     (long long)np);
+        goto out;
+    }
+    for (int64_t l = 0; l < L; l++) {
+        s->ent_min[l] = s->ent_mean[l] = s->ent_max[l] = NAN;
+    }
+    if (n->flags & UC_SEQ_RECORD_KEPT) {
+        s->kept = uc_calloc((size_t)(L * hkv_l), sizeof *s->kept);
+        s->n_kept = uc_calloc((size_t)(L * hkv_l), sizeof *s->n_kept);
+        s->rows_at = uc_calloc((size_t)L, sizeof *s->rows_at);
+        if (!s->kept || !s->n_kept || !s->rows_at) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "sequence records");
+            goto out;
+        }
+    }
+    if (n->flags & UC_SEQ_SPECTRA) {
+        s->qspec = uc_calloc((size_t)(L * e->cfg->n_heads * e->cfg->head_dim), sizeof(double));
+        s->hspec = uc_calloc((size_t)(L * e->cfg->hidden), sizeof(double));
+        if (!s->qspec || !s->hspec) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "sequence spectra");
+            goto out;
+        }
+    }
+    if (n->cp.decode_mode == UC_DECODE_EVICT && n->cp.policy != UC_POLICY_FULL) {
+        s->rings = uc_calloc((size_t)(L * hkv_l), sizeof *s->rings);
+        if (!s->rings) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "sequence rings");
+            goto out;
+        }
+    }
+    for (int64_t i = 0; i < np; i++) {
+        s->pos[i] = (int32_t)i;
+    }
+    /* plan: stages now (they depend only on n0), budgets per layer as layers finish */
+    if (s->cp.policy == UC_POLICY_UNCOMP_STAGE) {
+        const int32_t *starts;
+        int32_t ns = eng_stage_starts_for(e, &s->cp, &starts);
+        s->plan.n_stage_starts = ns;
+        int64_t min_rows = eng_max_group_budget(&s->cp) + s->cp.window;
+        for (int32_t c = 0; c < ns; c++) {
+            s->plan.stage_starts[c] = starts[c];
+        }
+        for (int32_t c = 0; c <= ns; c++) {
+            s->plan.stage_rows[c] = uc_stage_rows(np, c, ns + 1, s->cp.r_min, min_rows);
+        }
+    } else {
+        s->plan.stage_rows[0] = np;
+    }
+    memcpy(s->prompt, n->prompt, (size_t)np * sizeof(int32_t));
+    s->t_prefill_start = uc_time_s();
+    UC_CHECK(eng_seq_register(e, s), rc, out);
+    s = NULL;
+out:
+    eng_seq_destroy(e, s);
+    return rc;
+}
+
+/* A copy of a decoding sequence: same plan, logits and cache contents (whole blocks copied on
+ * the backend), its own blocks. */
+uc_status eng_seq_fork(struct uc_engine *e, const struct uc_step_new *n)
+{
+    const struct seq *src = eng_find_seq(e, n->fork_of);
+    int64_t L = e->cfg->n_layers, hkv = e->cfg->n_heads_kv, hkv_l = e->sh->n_heads_kv;
+    uc_status rc;
+    int32_t *dst_b = NULL, *src_b = NULL;
+    struct seq *s = uc_calloc(1, sizeof *s);
+    if (!s) {
+        return UC_ERRF(UC_ERR_NOMEM, "fork");
+    }
+    s->id = n->seq_id;
+    s->flags = src->flags & ~(UC_SEQ_RECORD_KEPT | UC_SEQ_SPECTRA | UC_SEQ_CALIBRATE);
+    s->max_new = n->max_new_tokens;
+    s->cp = src->cp;
+    s->phase = UC_SEQ_DECODING;
+    s->n_prompt = src->n_prompt;
+    s->n_ctx = src->n_ctx;
+    s->n_rows = src->n_rows;
+    s->layer = src->layer;
+    s->prefill_ms = src->prefill_ms;
+    s->compress_ms = src->compress_ms;
+    UC_CHECK(uc_plan_init(&s->plan, L, hkv), rc, out);
+    memcpy(s->plan.budget, src->plan.budget, (size_t)(L * hkv) * sizeof(int32_t));
+    memcpy(s->plan.group, src->plan.group, (size_t)(L * hkv) * sizeof(int32_t));
+    memcpy(s->plan.entropy, src->plan.entropy, (size_t)(L * hkv) * sizeof(double));
+    s->plan.n_stage_starts = src->plan.n_stage_starts;
+    memcpy(s->plan.stage_starts, src->plan.stage_starts, sizeof s->plan.stage_starts);
+    memcpy(s->plan.stage_rows, src->plan.stage_rows, sizeof s->plan.stage_rows);
+    UC_CHECK(uc_kv_seq_init(&s->kv, L, hkv_l), rc, out);
+    s->layer_rows = uc_malloc((size_t)L * sizeof(int64_t));
+    s->ent_min = uc_malloc((size_t)L * sizeof(double));
+    s->ent_mean = uc_malloc((size_t)L * sizeof(double));
+    s->ent_max = uc_malloc((size_t)L * sizeof(double));
+    s->logits = uc_malloc((size_t)e->cfg->vocab * sizeof(float));
+    if (!s->layer_rows || !s->ent_min || !s->ent_mean || !s->ent_max || !s->logits) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "fork");
+        goto out;
+    }
+    memcpy(s->layer_rows, src->layer_rows, (size_t)L * sizeof(int64_t));
+    memcpy(s->ent_min, src->ent_min, (size_t)L * sizeof(double));
+    memcpy(s->ent_mean, src->ent_mean, (size_t)L * sizeof(double));
+    memcpy(s->ent_max, src->ent_max, (size_t)L * sizeof(double));
+    s->greedy = src->greedy;
+    s->logits_rows = src->logits_rows > 0 ? 1 : 0;
+    if (src->logits_rows > 0) {
+        const float *sl = src->logits_ext ? src->logits_ext
+                                          : src->logits + (src->logits_rows - 1) * e->cfg->vocab;
+        memcpy(s->logits, sl, (size_t)e->cfg->vocab * sizeof(float));
+    }
+    int64_t total = uc_kv_seq_blocks(&src->kv), k = 0;
+    dst_b = uc_malloc((size_t)(total + 1) * sizeof(int32_t));
+    src_b = uc_malloc((size_t)(total + 1) * sizeof(int32_t));
+    if (!dst_b || !src_b) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "fork block lists");
+        goto out;
+    }
+    for (int64_t i = 0; i < L * hkv_l; i++) {
+        const struct uc_kv_head *sh = &src->kv.heads[i];
+        struct uc_kv_head *dh = &s->kv.heads[i];
+        rc = uc_kv_head_reserve(&e->kv, dh, sh->n_tokens);
+        if (rc == UC_ERR_KV_FULL) {
+            UC_FATAL("kv pool exhausted forking seq=%lld (admission must reserve blocks)",
+                     (long long)n->fork_of);
+        }
+        if (rc != UC_OK) {
+            goto out;
+        }
+        dh->n_tokens = sh->n_tokens;
+        for (int32_t b = 0; b < dh->n_blocks; b++) {
+            dst_b[k] = dh->blocks[b];
+            src_b[k++] = sh->blocks[b];
+        }
+    }
+    UC_CHECK(e->be->ops->kv_copy_blocks(e->be, &e->kv.pool, dst_b, src_b, k), rc, out);
+    if (src->rings) {
+        s->rings = uc_calloc((size_t)(L * hkv_l), sizeof *s->rings);
+        if (!s->rings) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "fork rings");
+            goto out;
+        }
+        for (int64_t i = 0; i < L * hkv_l; i++) {
+            s->rings[i] = src->rings[i];
+            size_t bytes = (size_t)(s->cp.window * src->rings[i].cap) * sizeof(float);
+            s->rings[i].rows = uc_malloc(bytes ? bytes : 1);
+            if (!s->rings[i].rows) {
+                rc = UC_ERRF(UC_ERR_NOMEM, "fork rings");
+                goto out;
+            }
+            memcpy(s->rings[i].rows, src->rings[i].rows, bytes);
+        }
+    }
+    UC_CHECK(eng_seq_register(e, s), rc, out);
+    s = NULL;
+out:
+    uc_free(dst_b);
+    uc_free(src_b);
+    eng_seq_destroy(e, s);
+    return rc;
+}
