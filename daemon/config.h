@@ -29,6 +29,7 @@ struct uc_config {
     int64_t kv_block_tokens;
     int64_t prefill_chunk;
     int64_t prefill_step_tokens;
+    int64_t prefill_memory;
     int64_t max_batch;
     int64_t max_context;
     int64_t comm_timeout_ms;

@@ -237,7 +237,11 @@ static int run_rank0(struct daemon *d)
     sp.max_queued_requests = (int32_t)c->max_queued_requests;
     sp.max_queued_tokens = c->max_queued_tokens;
     sp.max_running = (int32_t)c->max_running;
-    sp.prefill_chunk = c->prefill_step_tokens;
+    bool gpu = uc_engine_backend(d->engine)->kind == UC_BACKEND_CUDA;
+    sp.prefill_step_tokens = c->prefill_step_tokens > 0 ? c->prefill_step_tokens
+                             : gpu                      ? 16384
+                                                        : 2048;
+    sp.prefill_memory = c->prefill_memory;
     sp.default_max_tokens = (int32_t)c->default_max_tokens;
     sp.max_tokens_limit = (int32_t)c->max_tokens_limit;
     sp.max_stop_strings = (int32_t)c->max_stop_strings;
@@ -410,7 +414,9 @@ int main(int argc, char **argv)
     ep.backend.fp32 = d.cfg.fp32;
     ep.kv_memory_bytes = d.cfg.kv_memory;
     ep.block_tokens = d.cfg.kv_block_tokens;
-    ep.prefill_chunk = d.cfg.prefill_chunk;
+    /* a GPU wants long products (an 8K-row layer in one pass); 512 rows suit a CPU's caches */
+    bool gpu = ep.backend.kind == UC_BACKEND_CUDA;
+    ep.prefill_chunk = d.cfg.prefill_chunk > 0 ? d.cfg.prefill_chunk : gpu ? 8192 : 512;
     ep.max_batch = d.cfg.max_batch;
     ep.max_ctx = d.cfg.max_context;
     ep.profile_path = d.cfg.profile[0] ? d.cfg.profile : NULL;

@@ -17,91 +17,7 @@
 #include "base/mem.h"
 #include "base/util.h"
 #include "metrics.h"
-
-enum req_state {
-    REQ_WAITING = 0,
-    REQ_PREFILL = 1,
-    REQ_DECODE = 2,
-    REQ_DONE = 3,
-};
-
-struct req {
-    char id[UC_REQUEST_ID_MAX];
-    int64_t seq_id;
-    uc_event_sink sink;
-    void *user;
-    int32_t *prompt;
-    int64_t n_prompt;
-    struct uc_sampling_params sp;
-    int32_t max_tokens, min_tokens, logprobs;
-    bool ignore_eos;
-    char **stop;
-    int32_t n_stop;
-    size_t max_stop_len;
-    int32_t *stop_ids;
-    int32_t n_stop_ids;
-    struct uc_compress_params cp;
-    int64_t deadline_ms;
-    enum req_state st;
-    int64_t kv_blocks;
-    bool in_engine;     /* the engine holds the sequence: free it in a step */
-    struct uc_sampler *sampler;
-    int32_t n_gen;
-    int32_t pending;    /* sampled, to be fed by the next decode; -1 = none */
-    struct uc_buf bytes; /* generated text bytes */
-    size_t emitted;     /* bytes of `bytes` already sent as text */
-    size_t checked;     /* bytes already searched for stop strings */
-    bool abort_req;
-    uc_status abort_status;
-    double t_submit, t_admit, t_first, t_last, t_prefill_done;
-    struct req *next;
-};
-
-struct ctl {
-    const char *text;
-    int32_t window, max_windows;
-    uc_status rc;
-    char msg[256];
-    bool done;
-};
-
-struct uc_sched {
-    struct uc_sched_params p;
-    struct uc_engine *e;
-    const struct uc_tokenizer *tok;
-    struct metrics *metrics;
-    const struct uc_model_config *cfg;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;      /* wakes the engine thread */
-    pthread_cond_t done_cv; /* wakes drain / calibrate waiters */
-    /* under mu */
-    struct req *wait_head, *wait_tail;
-    int32_t n_waiting;
-    int64_t waiting_tokens;
-    struct req **live;      /* every request not yet DONE (ids for abort lookup) */
-    int64_t n_live, cap_live;
-    bool stop;
-    bool draining;
-    struct ctl *ctl;
-    struct uc_compress_params dflt;
-    char *profile_json;
-    int32_t n_active_pub;
-    int64_t reserved_pub;
-    int64_t kv_used_pub;
-    int64_t drain_finished;
-    int64_t next_id;
-    /* engine thread */
-    struct req **active;    /* PREFILL or DECODE */
-    int64_t n_active, cap_active;
-    int64_t reserved_blocks;
-    int64_t *frees;
-    int64_t n_frees, cap_frees;
-    struct uc_step_decode *step_dec; /* this step's decodes and their requests */
-    struct req **step_req;
-    int64_t cap_step;
-    int64_t next_seq;
-    uint64_t seed_counter;
-};
+#include "sched_internal.h"
 
 const char *uc_finish_reason_name(enum uc_finish_reason r)
 {
@@ -128,7 +44,8 @@ struct uc_sched_params uc_sched_default_params(void)
         .max_queued_requests = 256,
         .max_queued_tokens = 1 << 22,
         .max_running = 64,
-        .prefill_chunk = 2048,
+        .prefill_step_tokens = 16384,
+        .prefill_memory = 0,
         .default_max_tokens = 256,
         .max_tokens_limit = 1 << 20,
         .max_stop_strings = 64,
@@ -144,7 +61,7 @@ struct uc_sched_params uc_sched_default_params(void)
 
 /* ---- requests --------------------------------------------------------------------------- */
 
-static void req_free(struct req *r)
+void sched_req_free(struct req *r)
 {
     if (!r) {
         return;
@@ -160,7 +77,7 @@ static void req_free(struct req *r)
     uc_free(r);
 }
 
-static bool push_ptr(struct req ***v, int64_t *n, int64_t *cap, struct req *r)
+bool sched_push_ptr(struct req ***v, int64_t *n, int64_t *cap, struct req *r)
 {
     if (*n == *cap) {
         int64_t c = *cap ? *cap * 2 : 16;
@@ -175,7 +92,7 @@ static bool push_ptr(struct req ***v, int64_t *n, int64_t *cap, struct req *r)
     return true;
 }
 
-static void drop_ptr(struct req **v, int64_t *n, const struct req *r)
+void sched_drop_ptr(struct req **v, int64_t *n, const struct req *r)
 {
     for (int64_t i = 0; i < *n; i++) {
         if (v[i] == r) {
@@ -287,7 +204,7 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
     q->stop = uc_calloc((size_t)r->n_stop + 1, sizeof(char *));
     q->stop_ids = uc_malloc((size_t)r->n_stop_ids * sizeof(int32_t) + 4);
     if (!q->prompt || !q->stop || !q->stop_ids) {
-        req_free(q);
+        sched_req_free(q);
         return UC_ERRF(UC_ERR_NOMEM, "request");
     }
     memcpy(q->prompt, r->prompt, (size_t)r->n_prompt * sizeof(int32_t));
@@ -295,7 +212,7 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
     for (int32_t i = 0; i < r->n_stop; i++) {
         q->stop[i] = uc_strdup(r->stop[i]);
         if (!q->stop[i]) {
-            req_free(q);
+            sched_req_free(q);
             return UC_ERRF(UC_ERR_NOMEM, "request");
         }
         q->n_stop++;
@@ -340,7 +257,7 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
             snprintf(q->id, sizeof q->id, "req-%lld", (long long)++s->next_id);
         }
     }
-    if (rc == UC_OK && !push_ptr(&s->live, &s->n_live, &s->cap_live, q)) {
+    if (rc == UC_OK && !sched_push_ptr(&s->live, &s->n_live, &s->cap_live, q)) {
         rc = UC_ERRF(UC_ERR_NOMEM, "request table");
     }
     if (rc != UC_OK) {
@@ -348,7 +265,7 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
         if (s->metrics) {
             metrics_request_rejected(s->metrics);
         }
-        req_free(q);
+        sched_req_free(q);
         return rc;
     }
     if (s->wait_tail) {
@@ -517,7 +434,7 @@ static void emit_tokens(struct uc_sched *s, struct req *q, const int32_t *ids, i
 
 /* ---- the engine thread ------------------------------------------------------------------ */
 
-static void publish(struct uc_sched *s)
+void sched_publish(struct uc_sched *s)
 {
     int64_t used_blocks = uc_engine_kv_blocks_used(s->e);
     pthread_mutex_lock(&s->mu);
@@ -533,7 +450,7 @@ static void publish(struct uc_sched *s)
     }
 }
 
-static bool queue_free(struct uc_sched *s, int64_t seq_id)
+bool sched_queue_free(struct uc_sched *s, int64_t seq_id)
 {
     if (s->n_frees == s->cap_frees) {
         int64_t c = s->cap_frees ? s->cap_frees * 2 : 16;
@@ -548,8 +465,13 @@ static bool queue_free(struct uc_sched *s, int64_t seq_id)
     return true;
 }
 
-/* Ends a request: DONE event, KV reservation released, engine sequence freed next step. */
-static void finish(struct uc_sched *s, struct req *q, uc_status status, const char *message,
+void sched_prefill_release(struct uc_sched *s, struct req *q)
+{
+    s->pf_bytes_used -= q->pf_bytes;
+    q->pf_bytes = 0;
+}
+
+void sched_finish(struct uc_sched *s, struct req *q, uc_status status, const char *message,
                    enum uc_finish_reason fr, const char *matched)
 {
     if (q->st == REQ_DONE) {
@@ -560,24 +482,25 @@ static void finish(struct uc_sched *s, struct req *q, uc_status status, const ch
     }
     /* not live any more before the client can see DONE: its id may be reused at once */
     pthread_mutex_lock(&s->mu);
-    drop_ptr(s->live, &s->n_live, q);
+    sched_drop_ptr(s->live, &s->n_live, q);
     if (s->draining && status == UC_OK && fr != UC_FINISH_ABORTED) {
         s->drain_finished++;
     }
     pthread_mutex_unlock(&s->mu);
     emit_done(s, q, status, message, fr, matched);
     if (q->st == REQ_PREFILL || q->st == REQ_DECODE) {
-        drop_ptr(s->active, &s->n_active, q);
+        sched_drop_ptr(s->active, &s->n_active, q);
         s->reserved_blocks -= q->kv_blocks;
+        sched_prefill_release(s, q);
     }
-    if (q->in_engine && !queue_free(s, q->seq_id)) {
+    if (q->in_engine && !sched_queue_free(s, q->seq_id)) {
         UC_FATAL("scheduler: cannot queue the free of sequence %lld", (long long)q->seq_id);
     }
     q->st = REQ_DONE;
     pthread_mutex_lock(&s->mu);
     pthread_cond_broadcast(&s->done_cv);
     pthread_mutex_unlock(&s->mu);
-    req_free(q);
+    sched_req_free(q);
 }
 
 static bool is_stop_id(const struct req *q, int32_t t)
@@ -614,7 +537,7 @@ static int32_t find_stop(struct req *q, size_t *at)
 
 /* Whether the next token is simply the argmax (no penalties, bans or logprobs): the engine can
  * then pick it on the device and skip bringing the logits over. */
-static bool plain_greedy(const struct req *q)
+bool sched_plain_greedy(const struct req *q)
 {
     return q->sp.temperature == 0.0f && q->sp.repetition_penalty == 1.0f &&
            q->sp.frequency_penalty == 0.0f && q->sp.presence_penalty == 0.0f &&
@@ -622,14 +545,14 @@ static bool plain_greedy(const struct req *q)
 }
 
 /* Samples the next token from the sequence's logits and applies every stop rule. */
-static void advance(struct uc_sched *s, struct req *q)
+void sched_advance(struct uc_sched *s, struct req *q)
 {
     int64_t rows;
     const float *lg = uc_engine_seq_logits(s->e, q->seq_id, &rows);
     double now = uc_time_s();
     int32_t greedy_tok = -1;
     if (!lg && !uc_engine_seq_greedy(s->e, q->seq_id, &greedy_tok)) {
-        finish(s, q, UC_ERR_INTERNAL, "no logits after the step", UC_FINISH_ERROR, NULL);
+        sched_finish(s, q, UC_ERR_INTERNAL, "no logits after the step", UC_FINISH_ERROR, NULL);
         return;
     }
     if (lg) {
@@ -691,19 +614,19 @@ static void advance(struct uc_sched *s, struct req *q)
     }
     emit_tokens(s, q, &tok, 1, q->logprobs > 0 ? &tl : NULL, false);
     if (si >= 0) {
-        finish(s, q, UC_OK, NULL, UC_FINISH_STOP, q->stop[si]);
+        sched_finish(s, q, UC_OK, NULL, UC_FINISH_STOP, q->stop[si]);
     } else if (eos || is_stop_id(q, tok)) {
-        finish(s, q, UC_OK, NULL, UC_FINISH_STOP, NULL);
+        sched_finish(s, q, UC_OK, NULL, UC_FINISH_STOP, NULL);
     } else if (q->n_gen >= q->max_tokens ||
                uc_engine_seq_len(s->e, q->seq_id) + 1 > uc_engine_max_ctx(s->e)) {
-        finish(s, q, UC_OK, NULL, UC_FINISH_LENGTH, NULL);
+        sched_finish(s, q, UC_OK, NULL, UC_FINISH_LENGTH, NULL);
     } else {
         q->pending = tok;
     }
 }
 
 /* Handles aborts and deadlines of live requests. */
-static void reap(struct uc_sched *s)
+void sched_reap(struct uc_sched *s)
 {
     int64_t now_ms = uc_time_ms();
     for (;;) {
@@ -744,164 +667,8 @@ static void reap(struct uc_sched *s)
                           : why == UC_ERR_CANCELLED ? "the client cancelled the request"
                           : why == UC_ERR_UNAVAILABLE ? "the server is shutting down"
                                                       : "aborted";
-        finish(s, victim, why, msg, UC_FINISH_ABORTED, NULL);
+        sched_finish(s, victim, why, msg, UC_FINISH_ABORTED, NULL);
     }
-}
-
-static uc_status run_calibration(struct uc_sched *s, struct ctl *c);
-
-/* Moves waiting requests into the engine while the KV pool and max_running allow. */
-static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, int32_t max_new)
-{
-    int64_t total = uc_engine_kv_blocks_total(s->e);
-    while (*n_new < max_new && s->n_active < s->p.max_running) {
-        pthread_mutex_lock(&s->mu);
-        struct req *q = s->wait_head;
-        pthread_mutex_unlock(&s->mu);
-        if (!q) {
-            return;
-        }
-        struct uc_step_new n = {.seq_id = s->next_seq + 1, .flags = 0,
-                                .max_new_tokens = q->max_tokens, .cp = q->cp,
-                                .n_prompt = q->n_prompt, .prompt = q->prompt};
-        char msg[256];
-        uc_status rc = uc_engine_check_new(s->e, &n, msg, sizeof msg);
-        if (rc == UC_ERR_UNAVAILABLE && !uc_engine_profile(s->e)) {
-            /* the first request that needs a profile builds it */
-            struct ctl c = {.text = NULL};
-            UC_LOG_NOTICE("sched: no calibration profile; calibrating before req=%s", q->id);
-            if (run_calibration(s, &c) == UC_OK) {
-                rc = uc_engine_check_new(s->e, &n, msg, sizeof msg);
-            }
-        }
-        int64_t need = rc == UC_OK ? uc_engine_kv_blocks_needed(s->e, &n) : 0;
-        if (rc == UC_OK && need > total) {
-            snprintf(msg, sizeof msg, "KV memory cannot admit the request: it needs %lld blocks, "
-                     "the pool has %lld", (long long)need, (long long)total);
-            rc = UC_ERR_KV_FULL;
-        }
-        if (rc == UC_OK && s->reserved_blocks + need > total) {
-            return; /* wait for running requests to free memory */
-        }
-        pthread_mutex_lock(&s->mu);
-        s->wait_head = q->next;
-        if (!s->wait_head) {
-            s->wait_tail = NULL;
-        }
-        s->n_waiting--;
-        s->waiting_tokens -= q->n_prompt;
-        pthread_mutex_unlock(&s->mu);
-        q->next = NULL;
-        if (rc != UC_OK) {
-            finish(s, q, rc, msg, UC_FINISH_ERROR, NULL);
-            continue;
-        }
-        rc = uc_sampler_create(&q->sampler, &q->sp, s->cfg->vocab, q->prompt, q->n_prompt,
-                               0x5eed0000ULL + s->seed_counter++);
-        if (rc != UC_OK || !push_ptr(&s->active, &s->n_active, &s->cap_active, q)) {
-            finish(s, q, UC_ERR_NOMEM, "out of memory", UC_FINISH_ERROR, NULL);
-            continue;
-        }
-        q->seq_id = ++s->next_seq;
-        q->kv_blocks = need;
-        s->reserved_blocks += need;
-        q->st = REQ_PREFILL;
-        q->t_admit = uc_time_s();
-        news[(*n_new)++] = n;
-    }
-}
-
-/* One scheduling round; returns false when there was nothing to do. */
-static bool round_once(struct uc_sched *s)
-{
-    reap(s);
-    struct uc_step_new news[16];
-    int32_t n_new = 0;
-    admit(s, news, &n_new, 16);
-    for (int32_t i = 0; i < n_new; i++) { /* the engine holds them once the step ran */
-        for (int64_t k = 0; k < s->n_active; k++) {
-            if (s->active[k]->seq_id == news[i].seq_id) {
-                s->active[k]->in_engine = true;
-            }
-        }
-    }
-    int64_t max_b = s->n_active;
-    if (max_b + 1 > s->cap_step) { /* step lists are kept: no allocation per decode step */
-        int64_t cap = (max_b + 1) * 2;
-        struct uc_step_decode *d = uc_realloc(s->step_dec, (size_t)cap * sizeof *d);
-        if (d) {
-            s->step_dec = d;
-        }
-        struct req **r = uc_realloc(s->step_req, (size_t)cap * sizeof *r);
-        if (r) {
-            s->step_req = r;
-        }
-        if (!d || !r) {
-            UC_FATAL("scheduler: out of memory building a step");
-        }
-        s->cap_step = cap;
-    }
-    struct uc_step_decode *dec = s->step_dec;
-    struct uc_step_prefill pf[1];
-    struct req **decoded = s->step_req;
-    int32_t n_dec = 0, n_pf = 0;
-    struct req *pf_req = NULL;
-    for (int64_t i = 0; i < s->n_active; i++) {
-        struct req *q = s->active[i];
-        if (q->st == REQ_DECODE && q->pending >= 0) {
-            dec[n_dec] = (struct uc_step_decode){.seq_id = q->seq_id, .token = q->pending,
-                                                 .flags = plain_greedy(q) ? UC_DECODE_GREEDY : 0};
-            decoded[n_dec++] = q;
-        } else if (q->st == REQ_PREFILL && !pf_req) {
-            pf_req = q;
-        }
-    }
-    if (pf_req) {
-        /* always sliced, so aborts and deadlines are seen between slices; bigger slices when
-         * nothing else is decoding */
-        pf[0] = (struct uc_step_prefill){.seq_id = pf_req->seq_id,
-                                         .budget_rows = n_dec > 0 ? s->p.prefill_chunk
-                                                                  : 8 * s->p.prefill_chunk};
-        n_pf = 1;
-    }
-    bool work = n_new > 0 || n_dec > 0 || n_pf > 0 || s->n_frees > 0;
-    if (work) {
-        struct uc_step st = {.op = UC_STEP_RUN, .n_new = n_new, .news = news,
-                             .n_free = (int32_t)s->n_frees, .frees = s->frees,
-                             .n_prefill = n_pf, .prefills = pf, .n_decode = n_dec,
-                             .decodes = dec};
-        uc_status rc = uc_engine_step(s->e, &st);
-        s->n_frees = 0;
-        if (rc != UC_OK) {
-            /* a refused step ran nothing: fail what it carried */
-            for (int32_t i = 0; i < n_new; i++) {
-                for (int64_t k = 0; k < s->n_active; k++) {
-                    if (s->active[k]->seq_id == news[i].seq_id) {
-                        s->active[k]->in_engine = false;
-                        finish(s, s->active[k], rc, "the engine refused the request",
-                               UC_FINISH_ERROR, NULL);
-                        break;
-                    }
-                }
-            }
-        } else {
-            for (int32_t i = 0; i < n_dec; i++) {
-                decoded[i]->pending = -1;
-                advance(s, decoded[i]);
-            }
-            if (pf_req && uc_engine_seq_phase(s->e, pf_req->seq_id) == UC_SEQ_DECODING) {
-                pf_req->st = REQ_DECODE;
-                pf_req->t_prefill_done = uc_time_s();
-                if (s->metrics) {
-                    metrics_observe(s->metrics, METRIC_PREFILL,
-                                    pf_req->t_prefill_done - pf_req->t_admit);
-                }
-                advance(s, pf_req);
-            }
-        }
-    }
-    publish(s);
-    return work;
 }
 
 uc_status uc_sched_run(struct uc_sched *s)
@@ -911,22 +678,11 @@ uc_status uc_sched_run(struct uc_sched *s)
     for (;;) {
         pthread_mutex_lock(&s->mu);
         bool stop = s->stop;
-        struct ctl *c = s->ctl;
         pthread_mutex_unlock(&s->mu);
         if (stop) {
             break;
         }
-        if (c) {
-            c->rc = run_calibration(s, c);
-            pthread_mutex_lock(&s->mu);
-            c->done = true;
-            s->ctl = NULL;
-            pthread_cond_broadcast(&s->done_cv);
-            pthread_mutex_unlock(&s->mu);
-            last_beat = uc_time_ms();
-            continue;
-        }
-        if (round_once(s)) {
+        if (sched_round(s)) {
             last_beat = uc_time_ms();
             continue;
         }
@@ -949,7 +705,8 @@ uc_status uc_sched_run(struct uc_sched *s)
             last_beat = uc_time_ms();
         }
     }
-    /* stopping: everything still live ends with UNAVAILABLE */
+    /* stopping: a calibration and everything still live end with UNAVAILABLE */
+    sched_calib_abort(s, UC_ERR_UNAVAILABLE, "the server is shutting down");
     for (;;) {
         pthread_mutex_lock(&s->mu);
         struct req *q = s->n_live > 0 ? s->live[0] : NULL;
@@ -965,9 +722,9 @@ uc_status uc_sched_run(struct uc_sched *s)
         if (!q) {
             break;
         }
-        finish(s, q, UC_ERR_UNAVAILABLE, "the server is shutting down", UC_FINISH_ABORTED, NULL);
+        sched_finish(s, q, UC_ERR_UNAVAILABLE, "the server is shutting down", UC_FINISH_ABORTED, NULL);
     }
-    publish(s);
+    sched_publish(s);
     return uc_engine_shutdown(s->e);
 }
 
@@ -1029,154 +786,6 @@ void uc_sched_drain(struct uc_sched *s, int64_t timeout_ms, int32_t *finished, i
         *aborted = cut;
     }
     pthread_mutex_unlock(&s->mu);
-}
-
-/* ---- calibration ------------------------------------------------------------------------ */
-
-static char *profile_json_of(struct uc_engine *e)
-{
-    const struct uc_profile *p = uc_engine_profile(e);
-    return p ? uc_profile_to_json(p) : NULL;
-}
-
-static uc_status run_calibration(struct uc_sched *s, struct ctl *c)
-{
-    char *owned = NULL;
-    const char *text = c->text;
-    const char *source = "request text";
-    uc_status rc = UC_OK;
-    char path[4096];
-    if (!text) {
-        if (s->p.calib_text_path && s->p.calib_text_path[0]) {
-            snprintf(path, sizeof path, "%s", s->p.calib_text_path);
-        } else {
-            snprintf(path, sizeof path, "%s/calibration.txt", uc_engine_model_dir(s->e));
-            if (!uc_file_exists(path) && s->p.calib_fallback_path) {
-                snprintf(path, sizeof path, "%s", s->p.calib_fallback_path);
-            }
-        }
-        rc = uc_file_read_all(&owned, NULL, path);
-        if (rc != UC_OK) {
-            snprintf(c->msg, sizeof c->msg, "calibration text %.200s cannot be read", path);
-            return rc;
-        }
-        text = owned;
-        /* the model's own calibration text is named as such, so the profile does not carry a
-         * machine-specific path */
-        size_t dl = strlen(uc_engine_model_dir(s->e));
-        source = strncmp(path, uc_engine_model_dir(s->e), dl) == 0 && path[dl] == '/'
-                     ? path + dl + 1
-                     : path;
-    }
-    int32_t *ids = NULL;
-    int64_t n_ids = 0;
-    rc = uc_tokenizer_encode(s->tok, text, strlen(text), false, &ids, &n_ids);
-    uc_free(owned);
-    if (rc != UC_OK) {
-        snprintf(c->msg, sizeof c->msg, "calibration text is not valid UTF-8");
-        return rc;
-    }
-    int64_t w = c->window > 0 ? c->window : s->p.calib_window_tokens;
-    int64_t max_w = c->max_windows > 0 ? c->max_windows : s->p.calib_max_windows;
-    int64_t ctx = uc_engine_max_ctx(s->e);
-    w = w < ctx ? w : ctx;
-    int32_t bos = uc_tokenizer_bos(s->tok);
-    int64_t body = w - (bos >= 0 ? 1 : 0);
-    if (n_ids < 16 || body < 16) {
-        uc_free(ids);
-        snprintf(c->msg, sizeof c->msg, "calibration text too short (%lld tokens)",
-                 (long long)n_ids);
-        return UC_ERR_INVALID_ARG;
-    }
-    int32_t *win = uc_malloc((size_t)w * sizeof(int32_t));
-    if (!win) {
-        uc_free(ids);
-        return UC_ERRF(UC_ERR_NOMEM, "calibration window");
-    }
-    struct uc_step reset = {.op = UC_STEP_PROFILE_RESET};
-    rc = uc_engine_step(s->e, &reset);
-    int64_t windows = 0;
-    struct uc_compress_params cp = uc_compress_default_params();
-    cp.policy = UC_POLICY_FULL;
-    for (int64_t off = 0; rc == UC_OK && off < n_ids && windows < max_w; off += body) {
-        int64_t n = 0;
-        if (bos >= 0) {
-            win[n++] = bos;
-        }
-        int64_t take = n_ids - off < body ? n_ids - off : body;
-        if (take < 16 && windows > 0) {
-            break;
-        }
-        memcpy(win + n, ids + off, (size_t)take * sizeof(int32_t));
-        n += take;
-        struct uc_step_new nw = {.seq_id = -1 - windows, .flags = UC_SEQ_CALIBRATE,
-                                 .max_new_tokens = 0, .cp = cp, .n_prompt = n, .prompt = win};
-        if (s->reserved_blocks + uc_engine_kv_blocks_needed(s->e, &nw) >
-            uc_engine_kv_blocks_total(s->e)) {
-            snprintf(c->msg, sizeof c->msg, "calibration: the KV pool is busy; try again");
-            rc = UC_ERR_KV_FULL;
-            break;
-        }
-        struct uc_step_prefill pf = {.seq_id = nw.seq_id, .budget_rows = 0};
-        struct uc_step st = {.op = UC_STEP_RUN, .n_new = 1, .news = &nw, .n_prefill = 1,
-                             .prefills = &pf};
-        rc = uc_engine_step(s->e, &st);
-        struct uc_step fr = {.op = UC_STEP_RUN, .n_free = 1, .frees = &nw.seq_id};
-        if (rc == UC_OK) {
-            rc = uc_engine_step(s->e, &fr);
-        }
-        windows++;
-    }
-    uc_free(win);
-    uc_free(ids);
-    if (rc == UC_OK) {
-        struct uc_step fin = {.op = UC_STEP_PROFILE_FINISH,
-                              .profile_groups = s->dflt.head_groups, .profile_eps = 1.0};
-        snprintf(fin.profile_source, sizeof fin.profile_source, "%.255s", source);
-        rc = uc_engine_step(s->e, &fin);
-    }
-    if (rc == UC_OK) {
-        char *js = profile_json_of(s->e);
-        pthread_mutex_lock(&s->mu);
-        uc_free(s->profile_json);
-        s->profile_json = js;
-        pthread_mutex_unlock(&s->mu);
-    } else if (!c->msg[0]) {
-        snprintf(c->msg, sizeof c->msg, "calibration failed: %s", uc_status_str(rc));
-    }
-    return rc;
-}
-
-uc_status uc_sched_calibrate(struct uc_sched *s, const char *text, int32_t window_tokens,
-                             int32_t max_windows, char *msg, size_t msg_size)
-{
-    struct ctl c = {.text = text, .window = window_tokens, .max_windows = max_windows};
-    pthread_mutex_lock(&s->mu);
-    while (s->ctl && !s->stop) {
-        pthread_cond_wait(&s->done_cv, &s->mu);
-    }
-    if (s->stop) {
-        pthread_mutex_unlock(&s->mu);
-        snprintf(msg, msg_size, "the server is shutting down");
-        return UC_ERR_UNAVAILABLE;
-    }
-    s->ctl = &c;
-    pthread_cond_signal(&s->cv);
-    while (!c.done && !s->stop) {
-        pthread_cond_wait(&s->done_cv, &s->mu);
-    }
-    if (!c.done) {
-        /* stopping before the engine thread took it */
-        if (s->ctl == &c) {
-            s->ctl = NULL;
-        }
-        pthread_mutex_unlock(&s->mu);
-        snprintf(msg, msg_size, "the server is shutting down");
-        return UC_ERR_UNAVAILABLE;
-    }
-    pthread_mutex_unlock(&s->mu);
-    snprintf(msg, msg_size, "%s", c.msg);
-    return c.rc;
 }
 
 /* ---- configuration and snapshots -------------------------------------------------------- */
@@ -1245,7 +854,11 @@ uc_status uc_sched_create(struct uc_sched **out, const struct uc_sched_params *p
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->done_cv, NULL);
-    s->profile_json = profile_json_of(engine);
+    s->profile_json = sched_profile_json_of(engine);
+    /* the default policy needs a profile and none exists: build it now, in the background */
+    s->calib.want_default = !uc_engine_profile(engine) &&
+                            uc_policy_uses_entropy(s->dflt.policy) &&
+                            s->dflt.grouping == UC_GROUPING_PROFILE;
     *out = s;
     return UC_OK;
 }
@@ -1256,13 +869,16 @@ void uc_sched_destroy(struct uc_sched *s)
         return;
     }
     for (int64_t i = 0; i < s->n_live; i++) {
-        req_free(s->live[i]);
+        sched_req_free(s->live[i]);
     }
     uc_free(s->live);
     uc_free(s->active);
     uc_free(s->frees);
     uc_free(s->step_dec);
     uc_free(s->step_req);
+    uc_free(s->step_pf);
+    uc_free(s->step_pf_req);
+    uc_free(s->calib.ids);
     uc_free(s->profile_json);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);

@@ -1,8 +1,9 @@
 /* The scheduler: rank 0's request queue and continuous batching loop. gRPC threads (and the
  * one-shot mode) submit requests and aborts from any thread; one engine thread runs
  * uc_sched_run, which admits requests when the KV pool can hold their post-compression
- * footprint, interleaves prefill slices with the decode batch every step, samples, applies stop
- * rules and streams events to each request's sink. Sinks are called on the engine thread and
+ * footprint, shares each step's prefill budget among the prompts being prefilled (the step is one
+ * sweep over the layers that carries them beside every decode row), samples, applies stop rules
+ * and streams events to each request's sink. Calibration runs as prefill work of the same steps. Sinks are called on the engine thread and
  * must not block. Every request gets exactly one DONE event, after which the scheduler never
  * touches its sink again. */
 #ifndef UC_DAEMON_SCHED_H
@@ -103,7 +104,10 @@ struct uc_sched_params {
     int32_t max_queued_requests;   /* waiting requests; beyond: RESOURCE_EXHAUSTED */
     int64_t max_queued_tokens;     /* prompt tokens waiting; beyond: RESOURCE_EXHAUSTED */
     int32_t max_running;           /* sequences in prefill or decode at once */
-    int64_t prefill_chunk;         /* row-layers of prefill per step while others decode */
+    int64_t prefill_step_tokens;   /* row-layers of prefill per step while others decode (4x
+                                      when nothing decodes) */
+    int64_t prefill_memory;        /* bytes of prefill buffers at once (0 = a quarter of the KV
+                                      pool); one prompt may always start */
     int32_t default_max_tokens;
     int32_t max_tokens_limit;      /* a request asking for more is INVALID_ARGUMENT */
     int32_t max_stop_strings;
@@ -147,8 +151,9 @@ void uc_sched_stop(struct uc_sched *s);
 void uc_sched_drain(struct uc_sched *s, int64_t timeout_ms, int32_t *finished, int32_t *aborted);
 bool uc_sched_draining(struct uc_sched *s);
 
-/* Thread-safe: runs a calibration on the engine thread (text NULL = the default text) and
- * waits for it. The new profile is installed on every rank and saved. */
+/* Thread-safe: queues a calibration (text NULL = the default text) and waits for it. Its windows
+ * are prefilled by the engine thread beside the running requests (nothing stalls); the new
+ * profile is installed on every rank and saved. max_windows is capped at 1024. */
 uc_status uc_sched_calibrate(struct uc_sched *s, const char *text, int32_t window_tokens,
                              int32_t max_windows, char *msg, size_t msg_size);
 /* Thread-safe: the default compression for new requests. */

@@ -4,10 +4,11 @@
  * runs it; every other rank runs uc_engine_serve, which receives and runs the same steps. All
  * ranks therefore hold the same sequences, plans and kept-token sets.
  *
- * Prefill is layer-major: a sequence's whole prompt goes through layer l before layer l+1, in
- * slices of at most `prefill_chunk` rows, so that the compression of layer l (entropy, head
- * budgets, kept tokens) and the stage boundaries of uncomp-stage see the whole prompt, and a
- * long prompt still yields to other sequences between slices. */
+ * Prefill is layer-major: a sequence's whole prompt goes through layer l before layer l+1, so
+ * that the compression of layer l (entropy, head budgets, kept tokens) and the stage boundaries
+ * of uncomp-stage see the whole prompt. A step with prompts is one sweep over the layers: at each
+ * layer the decode rows and the slices of every prompt at that layer share the products
+ * (engine/sweep.c), and a prompt advances as far as its row budget for the step reaches. */
 #ifndef UC_SHARD_ENGINE_H
 #define UC_SHARD_ENGINE_H
 
@@ -34,7 +35,8 @@ struct uc_engine_params {
     int64_t kv_memory_bytes; /* pool size per rank (K and V); 0 = default */
     int64_t kv_blocks;       /* if > 0, overrides kv_memory_bytes */
     int64_t block_tokens;    /* tokens per KV block, default 16 */
-    int64_t prefill_chunk;   /* rows per prefill slice and workspace rows, default 512 */
+    int64_t prefill_chunk;   /* prompt rows per sweep pass at one layer (workspace rows beside
+                                max_batch decode rows), default 512 */
     int64_t max_batch;       /* most sequences decoded in one step, default 64 */
     int64_t max_ctx;         /* 0 = the model's max_position_embeddings */
     const char *profile_path; /* NULL = MODEL_DIR/uncomp_profile.json */
@@ -88,7 +90,8 @@ struct uc_step_new {
 
 struct uc_step_prefill {
     int64_t seq_id;
-    int64_t budget_rows; /* row-layers this step may process (0 = the whole remaining prefill) */
+    int64_t budget_rows; /* row-layers this step may process (0 = the whole remaining prefill):
+                            rows of its current layer, then of the next, as far as it reaches */
 };
 
 enum uc_decode_flags {
@@ -138,6 +141,9 @@ uc_status uc_engine_shutdown(struct uc_engine *e);
  * ids, parameters. Writes a message naming the field. */
 uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_new *n, char *msg,
                               size_t msg_size);
+/* Bytes of the prefill buffers of a prompt of n_prompt tokens on this rank (its residual stream
+ * and Q/K/V, allocated at its first slice and freed when its prefill ends). */
+int64_t uc_engine_prefill_bytes(const struct uc_engine *e, int64_t n_prompt);
 /* KV blocks this rank must keep free for the sequence at most (its post-compression footprint
  * plus max_new_tokens of decode). */
 int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_step_new *n);

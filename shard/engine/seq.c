@@ -183,6 +183,13 @@ uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_ne
     return UC_OK;
 }
 
+int64_t uc_engine_prefill_bytes(const struct uc_engine *e, int64_t n_prompt)
+{
+    /* the residual stream, Q/K/V, and a stage cut's new residual stream beside the old one */
+    int64_t per_row = 2 * e->cfg->hidden + e->sh->qkv_dim;
+    return n_prompt * per_row * (int64_t)act_size(e);
+}
+
 /* A KV head's budget under the plan: known from the profile for grouping=profile, the largest
  * group budget otherwise (not capped by the prompt). */
 static int64_t head_budget_bound(const struct uc_engine *e, const struct uc_step_new *n,

@@ -113,7 +113,7 @@ static void test_defaults(void **state)
     assert_false(c.fp32);
     assert_int_equal(c.kv_memory, 256LL << 20);
     assert_int_equal(c.kv_block_tokens, 16);
-    assert_int_equal(c.prefill_chunk, 512);
+    assert_int_equal(c.prefill_chunk, 0);
     assert_int_equal(c.max_batch, 64);
     assert_int_equal(c.max_context, 0);
     assert_int_equal(c.comm_timeout_ms, 30000);

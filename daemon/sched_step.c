@@ -1,0 +1,280 @@
+/* One scheduling round: admission, the prefill budget of the step, one engine step carrying every
+ * decode row and every prompt slice that got budget (the engine runs it as one sweep over the
+ * layers), then sampling for the sequences the step advanced.
+ *
+ * The rules (README, "Scheduling"):
+ * - Admission is first come, first served. The head of the queue enters when fewer than
+ *   max_running sequences are active and the KV pool can reserve its worst case (its
+ *   post-compression footprint plus max_tokens of decode); otherwise it and everything behind it
+ *   wait. A running sequence therefore never runs out of KV memory and nothing is preempted; a
+ *   request that could not fit even in an empty pool fails at once with RESOURCE_EXHAUSTED.
+ * - A step gives prefill_step_tokens row-layers of prefill (4x when nothing decodes): first to
+ *   the prompts whose whole remaining prefill fits in a quarter of it, shortest first, so a short
+ *   prompt never waits for a long one; then to the rest, oldest first.
+ * - A prompt starts its prefill (its buffers are allocated) only while the prefill buffers of the
+ *   prompts already started fit prefill_memory; one prompt may always start. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/log.h"
+#include "base/mem.h"
+#include "metrics.h"
+#include "sched_internal.h"
+
+static int64_t prefill_memory(const struct uc_sched *s)
+{
+    if (s->p.prefill_memory > 0) {
+        return s->p.prefill_memory;
+    }
+    /* a quarter of the KV pool */
+    return uc_engine_kv_blocks_total(s->e) * uc_engine_kv_block_tokens(s->e) *
+           (int64_t)uc_engine_kv_bytes_per_token(s->e) / 4;
+}
+
+/* Moves waiting requests into the engine while max_running and the KV pool allow. */
+static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, int32_t max_new)
+{
+    int64_t total = uc_engine_kv_blocks_total(s->e);
+    while (*n_new < max_new && s->n_active < s->p.max_running) {
+        pthread_mutex_lock(&s->mu);
+        struct req *q = s->wait_head;
+        pthread_mutex_unlock(&s->mu);
+        if (!q) {
+            return;
+        }
+        struct uc_step_new n = {.seq_id = s->next_seq + 1, .flags = 0,
+                                .max_new_tokens = q->max_tokens, .cp = q->cp,
+                                .n_prompt = q->n_prompt, .prompt = q->prompt};
+        char msg[256];
+        uc_status rc = uc_engine_check_new(s->e, &n, msg, sizeof msg);
+        if (rc == UC_ERR_UNAVAILABLE && !uc_engine_profile(s->e)) {
+            /* it needs a calibration profile: wait for one (built in the background), unless
+             * the last calibration failed */
+            if (s->calib.active || s->calib.want_default || s->calib.last_rc == UC_OK) {
+                if (!s->calib.active) {
+                    s->calib.want_default = true;
+                }
+                return;
+            }
+            snprintf(msg, sizeof msg, "no calibration profile: %.200s", s->calib.last_msg);
+        }
+        int64_t need = rc == UC_OK ? uc_engine_kv_blocks_needed(s->e, &n) : 0;
+        if (rc == UC_OK && need > total) {
+            snprintf(msg, sizeof msg, "KV memory cannot admit the request: it needs %lld blocks, "
+                     "the pool has %lld", (long long)need, (long long)total);
+            rc = UC_ERR_KV_FULL;
+        }
+        if (rc == UC_OK && s->reserved_blocks + need > total) {
+            return; /* wait for running requests to free memory */
+        }
+        pthread_mutex_lock(&s->mu);
+        s->wait_head = q->next;
+        if (!s->wait_head) {
+            s->wait_tail = NULL;
+        }
+        s->n_waiting--;
+        s->waiting_tokens -= q->n_prompt;
+        pthread_mutex_unlock(&s->mu);
+        q->next = NULL;
+        if (rc != UC_OK) {
+            sched_finish(s, q, rc, msg, UC_FINISH_ERROR, NULL);
+            continue;
+        }
+        rc = uc_sampler_create(&q->sampler, &q->sp, s->cfg->vocab, q->prompt, q->n_prompt,
+                               0x5eed0000ULL + s->seed_counter++);
+        if (rc != UC_OK || !sched_push_ptr(&s->active, &s->n_active, &s->cap_active, q)) {
+            sched_finish(s, q, UC_ERR_NOMEM, "out of memory", UC_FINISH_ERROR, NULL);
+            continue;
+        }
+        q->seq_id = ++s->next_seq;
+        q->kv_blocks = need;
+        s->reserved_blocks += need;
+        q->st = REQ_PREFILL;
+        q->t_admit = uc_time_s();
+        news[(*n_new)++] = n;
+    }
+}
+
+/* Prefill work a prompt still needs, in row-layers (an upper bound: stages cut rows). */
+static int64_t prefill_left(const struct uc_sched *s, const struct req *q)
+{
+    int64_t left = q->n_prompt * s->cfg->n_layers - q->pf_given;
+    return left > 0 ? left : q->n_prompt; /* stages made it shorter than counted: a layer more */
+}
+
+struct pf_candidate {
+    struct req *q;
+    int64_t left;
+    int64_t order; /* admission order */
+    bool small;
+};
+
+static int cmp_candidate(const void *a, const void *b)
+{
+    const struct pf_candidate *x = a, *y = b;
+    if (x->small != y->small) {
+        return x->small ? -1 : 1;
+    }
+    if (x->small && x->left != y->left) {
+        return x->left < y->left ? -1 : 1;
+    }
+    return x->order < y->order ? -1 : x->order > y->order;
+}
+
+static bool ensure_step_lists(struct uc_sched *s, int64_t n)
+{
+    if (n <= s->cap_step && n <= s->cap_pf) {
+        return true;
+    }
+    int64_t cap = n * 2;
+    struct uc_step_decode *d = uc_realloc(s->step_dec, (size_t)cap * sizeof *d);
+    if (d) {
+        s->step_dec = d;
+    }
+    struct req **r = uc_realloc(s->step_req, (size_t)cap * sizeof *r);
+    if (r) {
+        s->step_req = r;
+    }
+    struct uc_step_prefill *p = uc_realloc(s->step_pf, (size_t)cap * sizeof *p);
+    if (p) {
+        s->step_pf = p;
+    }
+    struct req **pr = uc_realloc(s->step_pf_req, (size_t)cap * sizeof *pr);
+    if (pr) {
+        s->step_pf_req = pr;
+    }
+    if (!d || !r || !p || !pr) {
+        return false;
+    }
+    s->cap_step = s->cap_pf = cap;
+    return true;
+}
+
+/* The step's prefills: the budget shared by the rules above. Returns how many. */
+static int32_t plan_prefills(struct uc_sched *s, int32_t n_dec)
+{
+    int64_t budget = n_dec > 0 ? s->p.prefill_step_tokens : 4 * s->p.prefill_step_tokens;
+    struct pf_candidate *c = uc_malloc((size_t)(s->n_active + 1) * sizeof *c);
+    if (!c) {
+        UC_FATAL("scheduler: out of memory building a step");
+    }
+    int64_t n = 0;
+    for (int64_t i = 0; i < s->n_active; i++) {
+        struct req *q = s->active[i];
+        if (q->st == REQ_PREFILL) {
+            int64_t left = prefill_left(s, q);
+            c[n++] = (struct pf_candidate){q, left, i, left <= budget / 4};
+        }
+    }
+    qsort(c, (size_t)n, sizeof *c, cmp_candidate);
+    int64_t pf_limit = prefill_memory(s);
+    int32_t n_pf = 0;
+    for (int64_t i = 0; i < n && budget > 0; i++) {
+        struct req *q = c[i].q;
+        if (q->pf_given == 0) {
+            int64_t bytes = uc_engine_prefill_bytes(s->e, q->n_prompt);
+            if (s->pf_bytes_used > 0 && s->pf_bytes_used + bytes > pf_limit) {
+                continue; /* its buffers would not fit beside the prompts already started */
+            }
+            q->pf_bytes = bytes;
+            s->pf_bytes_used += bytes;
+        }
+        int64_t give = c[i].left < budget ? c[i].left : budget;
+        s->step_pf[n_pf] = (struct uc_step_prefill){.seq_id = q->seq_id, .budget_rows = give};
+        s->step_pf_req[n_pf++] = q;
+        q->pf_given += give;
+        budget -= give;
+    }
+    uc_free(c);
+    return n_pf;
+}
+
+/* A prompt's prefill ended in this step: it decodes from now on (or was a calibration window). */
+static void prefill_done(struct uc_sched *s, struct req *q)
+{
+    sched_prefill_release(s, q);
+    if (q->calib) {
+        sched_calib_window_done(s, q);
+        return;
+    }
+    q->st = REQ_DECODE;
+    q->t_prefill_done = uc_time_s();
+    if (s->metrics) {
+        metrics_observe(s->metrics, METRIC_PREFILL, q->t_prefill_done - q->t_admit);
+    }
+    sched_advance(s, q);
+}
+
+bool sched_round(struct uc_sched *s)
+{
+    sched_reap(s);
+    enum { MAX_NEW = 64 };
+    struct uc_step_new news[MAX_NEW];
+    int32_t n_new = 0;
+    sched_calib_tick(s, news, &n_new, MAX_NEW);
+    admit(s, news, &n_new, MAX_NEW);
+    for (int32_t i = 0; i < n_new; i++) { /* the engine holds them once the step ran */
+        for (int64_t k = 0; k < s->n_active; k++) {
+            if (s->active[k]->seq_id == news[i].seq_id) {
+                s->active[k]->in_engine = true;
+            }
+        }
+    }
+    if (!ensure_step_lists(s, s->n_active + 1)) {
+        UC_FATAL("scheduler: out of memory building a step");
+    }
+    struct uc_step_decode *dec = s->step_dec;
+    struct req **decoded = s->step_req;
+    int32_t n_dec = 0;
+    for (int64_t i = 0; i < s->n_active; i++) {
+        struct req *q = s->active[i];
+        if (q->st == REQ_DECODE && q->pending >= 0) {
+            dec[n_dec] = (struct uc_step_decode){.seq_id = q->seq_id, .token = q->pending,
+                                                 .flags = sched_plain_greedy(q) ? UC_DECODE_GREEDY
+                                                                                 : 0};
+            decoded[n_dec++] = q;
+        }
+    }
+    int32_t n_pf = plan_prefills(s, n_dec);
+    bool work = n_new > 0 || n_dec > 0 || n_pf > 0 || s->n_frees > 0;
+    if (work) {
+        struct uc_step st = {.op = UC_STEP_RUN, .n_new = n_new, .news = news,
+                             .n_free = (int32_t)s->n_frees, .frees = s->frees,
+                             .n_prefill = n_pf, .prefills = s->step_pf, .n_decode = n_dec,
+                             .decodes = dec};
+        uc_status rc = uc_engine_step(s->e, &st);
+        s->n_frees = 0;
+        if (rc != UC_OK) {
+            /* a refused step ran nothing: fail what it carried */
+            for (int32_t i = 0; i < n_new; i++) {
+                for (int64_t k = 0; k < s->n_active; k++) {
+                    struct req *q = s->active[k];
+                    if (q->seq_id == news[i].seq_id) {
+                        q->in_engine = false;
+                        if (q->calib) {
+                            sched_calib_abort(s, rc, "the engine refused a calibration window");
+                        } else {
+                            sched_finish(s, q, rc, "the engine refused the request",
+                                         UC_FINISH_ERROR, NULL);
+                        }
+                        break;
+                    }
+                }
+            }
+        } else {
+            for (int32_t i = 0; i < n_dec; i++) {
+                decoded[i]->pending = -1;
+                sched_advance(s, decoded[i]);
+            }
+            for (int32_t i = 0; i < n_pf; i++) {
+                struct req *q = s->step_pf_req[i];
+                if (uc_engine_seq_phase(s->e, q->seq_id) == UC_SEQ_DECODING) {
+                    prefill_done(s, q);
+                }
+            }
+        }
+    }
+    sched_publish(s);
+    return work;
+}
