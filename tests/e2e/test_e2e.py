@@ -360,16 +360,18 @@ def t_deadline(d):
     still_serving(cl)
 
 
-def t_concurrent_equals_alone(d):
-    cl = d.client
+def mixed_requests(cl, n, prefix):
+    """n greedy requests of mixed prompts, policies and sampling options (uncomp with its
+    entropy groups from the prompt itself included)."""
     reqs = []
     policies = [None, {"policy": "snapkv", "kv_budget": 24},
                 {"policy": "pyramidkv", "kv_budget": 32},
                 {"policy": "streamingllm", "kv_budget": 20},
-                {"policy": "h2o", "kv_budget": 28}, {"policy": "full"}]
-    for i in range(16):
+                {"policy": "h2o", "kv_budget": 28}, {"policy": "full"},
+                {"policy": "uncomp", "kv_budget": 24, "grouping": "prompt"}]
+    for i in range(n):
         kw = dict(text=PROMPTS[i % len(PROMPTS)] + (" " * (i // len(PROMPTS))),
-                  request_id="cc-%d" % i, max_tokens=8 + 2 * i, temperature=0.0,
+                  request_id="%s-%d" % (prefix, i), max_tokens=8 + 2 * i, temperature=0.0,
                   compression=policies[i % len(policies)])
         if i % 4 == 1:
             kw["stop"] = ["\n\n"]
@@ -380,23 +382,48 @@ def t_concurrent_equals_alone(d):
         if i % 7 == 3:
             kw["logprobs"] = 1
         reqs.append(cl.request(**kw))
+    return reqs
 
+
+def check_together_equals_alone(addr, reqs):
+    """Runs the requests one at a time, then all at once (prompts prefilled in the same steps
+    as other requests' decode rows): tokens, text, finish, kept KV and the compression plan's
+    checksum must not change."""
     def run(req):
-        c = gc.Client(d.addr)
+        c = gc.Client(addr)
         try:
-            ids, text, comp, chunks = c.generate(req, timeout=60)
+            ids, text, comp, chunks = c.generate(req, timeout=90)
             return list(ids), text, comp.finish_reason, comp.usage.completion_tokens, \
-                comp.compression.kv_tokens_kept
+                comp.compression.kv_tokens_kept, comp.compression.plan_checksum
         finally:
             c.close()
 
     alone = [run(r) for r in reqs]
-    with cf.ThreadPoolExecutor(16) as ex:
+    with cf.ThreadPoolExecutor(len(reqs)) as ex:
         together = list(ex.map(run, reqs))
     for i, (a, t) in enumerate(zip(alone, together)):
-        check(a == t, "request %d differs when run with 15 others:\nalone    %s\ntogether %s" %
-              (i, a, t))
+        check(a == t, "request %d differs when run with %d others:\nalone    %s\ntogether %s" %
+              (i, len(reqs) - 1, a, t))
     check(any(a[2] == pb.LENGTH for a in alone))
+
+
+def t_concurrent_equals_alone(d):
+    check_together_equals_alone(d.addr, mixed_requests(d.client, 16, "cc"))
+
+
+def t_tp2_mixed_equals_alone(args):
+    """At tp 2, with small prefill steps (a prompt takes several steps, in slices of a few rows
+    beside the decode rows): every greedy stream and plan equals the same request run alone."""
+    if args.no_mpi:
+        print("  (skipped: --no-mpi)")
+        return
+    d = Daemon(args, extra=["--tp", "2", "--prefill-step-tokens", "96", "--prefill-chunk", "12"],
+               np=2, name="tp2mix")
+    try:
+        check(d.wait_serving(timeout=START_TIMEOUT_S * 2)[-1] == gc.SERVING)
+        check_together_equals_alone(d.addr, mixed_requests(d.client, 8, "mx"))
+    finally:
+        d.kill()
 
 
 def t_request_id_reuse(d):
@@ -877,7 +904,8 @@ MAIN_TESTS = [t_health_and_watch, t_generate_stream, t_tokenize_roundtrip, t_abo
               t_malformed_protobuf,
               t_concurrent_equals_alone, t_chaos, t_metrics, t_admin, t_second_daemon_same_port,
               t_drain]
-OTHER_TESTS = [t_queue_full, t_single_sigterm_idle, t_tls, t_tp2_sigterm_mid_stream]
+OTHER_TESTS = [t_queue_full, t_single_sigterm_idle, t_tls, t_tp2_sigterm_mid_stream,
+               t_tp2_mixed_equals_alone]
 
 
 class Runner:
