@@ -14,9 +14,12 @@ void dsyevd_(const char *jobz, const char *uplo, const int *n, double *a, const 
              double *w, double *work, const int *lwork, int *iwork, const int *liwork, int *info,
              size_t jobz_len, size_t uplo_len);
 
-uc_status uc_entropy_cov(double *restrict cov, const float *restrict x, int64_t n_rows, int64_t d,
-                         int64_t stride)
+/* xc (n, d) = the rows of x centred over the rows, each scaled to unit L2 norm (zero rows stay
+ * zero), in double precision. */
+static uc_status centred_rows(double **out, const float *restrict x, int64_t n_rows, int64_t d,
+                              int64_t stride)
 {
+    *out = NULL;
     if (n_rows <= 0 || d <= 0) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "rows=%lld d=%lld", (long long)n_rows, (long long)d);
     }
@@ -49,16 +52,72 @@ uc_status uc_entropy_cov(double *restrict cov, const float *restrict x, int64_t 
             }
         }
     }
-    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)n_rows, 1.0 / (double)n_rows,
-                xc, (int)d, 0.0, cov, (int)d);
-    for (int64_t i = 0; i < d; i++) { /* mirror the upper triangle */
+    uc_free(mean);
+    *out = xc;
+    return UC_OK;
+}
+
+/* a (n, n) = upper triangle from SYRK mirrored into the lower one */
+static void mirror_upper(double *a, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
         for (int64_t j = 0; j < i; j++) {
-            cov[i * d + j] = cov[j * d + i];
+            a[i * n + j] = a[j * n + i];
         }
     }
+}
+
+uc_status uc_entropy_cov(double *restrict cov, const float *restrict x, int64_t n_rows, int64_t d,
+                         int64_t stride)
+{
+    double *xc;
+    uc_status rc = centred_rows(&xc, x, n_rows, d, stride);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)n_rows, 1.0 / (double)n_rows,
+                xc, (int)d, 0.0, cov, (int)d);
+    mirror_upper(cov, d);
     uc_free(xc);
-    uc_free(mean);
     return UC_OK;
+}
+
+uc_status uc_entropy_eigvals_of_rows(double *eig, const float *x, int64_t n_rows, int64_t d,
+                                     int64_t stride)
+{
+    if (n_rows >= d) {
+        double *cov = uc_malloc((size_t)(d * d) * sizeof *cov);
+        if (!cov) {
+            return UC_ERRF(UC_ERR_NOMEM, "d=%lld", (long long)d);
+        }
+        uc_status rc = uc_entropy_cov(cov, x, n_rows, d, stride);
+        if (rc == UC_OK) {
+            rc = uc_entropy_eigvals(eig, cov, d);
+        }
+        uc_free(cov);
+        return rc;
+    }
+    /* X^T X / n and the Gram matrix X X^T / n have the same nonzero eigenvalues */
+    double *xc;
+    uc_status rc = centred_rows(&xc, x, n_rows, d, stride);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    double *gram = uc_malloc((size_t)(n_rows * n_rows) * sizeof *gram);
+    if (!gram) {
+        uc_free(xc);
+        return UC_ERRF(UC_ERR_NOMEM, "rows=%lld", (long long)n_rows);
+    }
+    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)n_rows, (int)d,
+                1.0 / (double)n_rows, xc, (int)d, 0.0, gram, (int)n_rows);
+    mirror_upper(gram, n_rows);
+    uc_free(xc);
+    rc = uc_entropy_eigvals(eig, gram, n_rows);
+    uc_free(gram);
+    for (int64_t i = n_rows; rc == UC_OK && i < d; i++) {
+        eig[i] = 0.0;
+    }
+    return rc;
 }
 
 uc_status uc_entropy_eigvals(double *restrict eig, double *restrict cov, int64_t d)

@@ -18,6 +18,11 @@ uc_status uc_entropy_cov(double *UC_RESTRICT cov, const float *UC_RESTRICT x, in
                          int64_t stride);
 /* Eigenvalues of a symmetric (d, d) matrix, descending, tiny negatives clamped to 0. `cov` is
  * overwritten. */
+/* Eigenvalues (d, descending) of the covariance of uc_entropy_cov of the rows of x; with fewer
+ * rows than d through the n x n Gram matrix, which has the same nonzero eigenvalues (the others
+ * are 0): a 1024-row window of a 4096-wide model costs a 1024 eigensolve, not a 4096 one. */
+uc_status uc_entropy_eigvals_of_rows(double *eig, const float *x, int64_t n_rows, int64_t d,
+                                     int64_t stride);
 uc_status uc_entropy_eigvals(double *UC_RESTRICT eig, double *UC_RESTRICT cov, int64_t d);
 /* -sum_{j<k} eig_j ln eig_j / ln d, with 0 ln 0 = 0; eig descending, d >= 2. */
 double uc_entropy_truncated(const double *eig, int64_t d, int64_t k);

@@ -81,18 +81,10 @@ static uc_status hidden_spectrum(struct uc_engine *e, struct seq *s, double *out
             e->hid_host = h;
             e->hid_cap = need;
         }
-        double *cov = uc_malloc((size_t)(c * c) * sizeof(double));
-        if (!cov) {
-            return UC_ERRF(UC_ERR_NOMEM, "hidden covariance C=%lld", (long long)c);
-        }
         rc = e->be->ops->download_f32(e->be, e->hid_host, s->x, n * c);
         if (rc == UC_OK) {
-            rc = uc_entropy_cov(cov, e->hid_host, n, c, c);
+            rc = uc_entropy_eigvals_of_rows(out_eig, e->hid_host, n, c, c);
         }
-        if (rc == UC_OK) {
-            rc = uc_entropy_eigvals(out_eig, cov, c);
-        }
-        uc_free(cov);
     }
     uc_status brc = uc_comm_bcast(e->comm, out_eig, (size_t)c * sizeof(double), 0);
     return rc != UC_OK ? rc : brc;

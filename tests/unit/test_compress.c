@@ -222,6 +222,42 @@ static void test_entropy_eigvals_and_helpers(void **state)
 
 /* ---- grouping ----------------------------------------------------------------------------- */
 
+/* Fewer rows than features: the spectrum through the Gram matrix equals the covariance's (the
+ * hidden-state spectrum of a 1024-token window of a 4096-wide model takes this path). */
+static void test_entropy_gram_path(void **state)
+{
+    (void)state;
+    enum { N = 9, D = 24 };
+    float x[N * D];
+    uint64_t r = 12345;
+    for (int i = 0; i < N * D; i++) {
+        r = r * 6364136223846793005ULL + 1442695040888963407ULL;
+        x[i] = (float)((double)(r >> 11) / 9007199254740992.0 - 0.5) + (i % D == 3 ? 2.0f : 0.0f);
+    }
+    double cov[D * D], ref[D], got[D];
+    assert_int_equal(uc_entropy_cov(cov, x, N, D, D), UC_OK);
+    assert_int_equal(uc_entropy_eigvals(ref, cov, D), UC_OK);
+    assert_int_equal(uc_entropy_eigvals_of_rows(got, x, N, D, D), UC_OK);
+    double sum = 0;
+    for (int i = 0; i < D; i++) {
+        assert_true(fabs(got[i] - ref[i]) < 1e-12);
+        sum += got[i];
+    }
+    assert_true(fabs(sum - 1.0) < 1e-12); /* trace 1: every row had a nonzero norm */
+    assert_true(got[N - 1] < 1e-12);      /* centred rows: rank at most N - 1 */
+    /* as many rows as features: the covariance path, same numbers */
+    float y[D * D];
+    for (int i = 0; i < D * D; i++) {
+        y[i] = x[i % (N * D)] * (float)(1 + i / (N * D));
+    }
+    assert_int_equal(uc_entropy_cov(cov, y, D, D, D), UC_OK);
+    assert_int_equal(uc_entropy_eigvals(ref, cov, D), UC_OK);
+    assert_int_equal(uc_entropy_eigvals_of_rows(got, y, D, D, D), UC_OK);
+    for (int i = 0; i < D; i++) {
+        assert_true(fabs(got[i] - ref[i]) < 1e-15);
+    }
+}
+
 static void test_group_heads(void **state)
 {
     (void)state;
@@ -899,6 +935,7 @@ int main(void)
         cmocka_unit_test(test_entropy_known_spectrum),
         cmocka_unit_test(test_entropy_zero_rows),
         cmocka_unit_test(test_entropy_eigvals_and_helpers),
+        cmocka_unit_test(test_entropy_gram_path),
         cmocka_unit_test(test_group_heads),
         cmocka_unit_test(test_budgets),
         cmocka_unit_test(test_stage_rows),
