@@ -50,6 +50,8 @@ uc_status uc_tokenizer_decode(const struct uc_tokenizer *tok, const int32_t *ids
 size_t uc_tokenizer_token_bytes(const struct uc_tokenizer *tok, int32_t id, bool first, char *out,
                                 size_t cap);
 
+/* Max token id + 1 over the vocabulary and the added tokens (uncompd refuses a model whose
+ * embedding rows are fewer). */
 int64_t uc_tokenizer_vocab_size(const struct uc_tokenizer *tok);
 /* BOS id the post-processor adds, or -1. */
 int32_t uc_tokenizer_bos(const struct uc_tokenizer *tok);
