@@ -28,6 +28,7 @@
 #include "admin.h"
 #include "base/log.h"
 #include "base/mem.h"
+#include "base/pbwire.h"
 #include "base/status.h"
 #include "compress/profile.h"
 #include "grpc/health/v1/health.pb-c.h"
@@ -53,11 +54,15 @@ struct arena {
     struct arena_blk *head;
     bool oom;                  /* an allocation failed */
     ProtobufCAllocator pb;     /* allocates from this arena (free is a no-op) */
+    const uint8_t *raw;        /* the request as received (unpack_msg keeps a copy), for the */
+    size_t raw_len;            /* text fields protobuf-c would cut at a NUL byte */
 };
 
 /* What Generate validation needs from the server. */
 struct gen_ctx {
     const struct uc_tokenizer *tok;
+    const uint8_t *raw;                  /* the request's wire bytes (see raw_text) */
+    size_t raw_len;
     int64_t vocab;                       /* ids must be below this */
     int64_t n_layers;
     struct uc_compress_params defaults;  /* the server's current default compression */
@@ -122,6 +127,8 @@ static void arena_init(struct arena *a)
 {
     a->head = NULL;
     a->oom = false;
+    a->raw = NULL;
+    a->raw_len = 0;
     a->pb.alloc = arena_pb_alloc;
     a->pb.free = arena_pb_free;
     a->pb.allocator_data = a;
@@ -170,8 +177,61 @@ static ProtobufCMessage *unpack_msg(struct arena *a, const ProtobufCMessageDescr
     grpc_byte_buffer_reader_destroy(&r);
     ProtobufCMessage *m =
         protobuf_c_message_unpack(d, &a->pb, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+    if (m) {
+        uint8_t *raw = arena_alloc(a, GRPC_SLICE_LENGTH(s));
+        if (raw) {
+            memcpy(raw, GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s));
+            a->raw = raw;
+            a->raw_len = GRPC_SLICE_LENGTH(s);
+        } else {
+            m = NULL;
+        }
+    }
     grpc_slice_unref(s);
     return m;
+}
+
+/* The bytes of a text field as sent, NUL bytes included (protobuf-c's copy stops at the first
+ * one). `path` is the field numbers from the request down to the field; `index` the occurrence
+ * of a repeated one (SIZE_MAX for a singular field). Falls back to the unpacked string. */
+static const char *raw_text(const uint8_t *raw, size_t raw_len, const uint32_t *path, int depth,
+                            size_t index, const char *unpacked, size_t *len)
+{
+    const uint8_t *d = NULL;
+    size_t n = 0;
+    if (uc_pb_find_bytes(raw, raw_len, path, depth, index, &d, &n)) {
+        *len = n;
+        return (const char *)d;
+    }
+    *len = unpacked ? strlen(unpacked) : 0;
+    return unpacked ? unpacked : "";
+}
+
+/* Packs m, which leaves its text field `field` empty, and appends that field with text[0..len)
+ * so that NUL bytes survive (protobuf-c packs strings with strlen). NULL when out of memory. */
+static uint8_t *pack_with_text(struct arena *a, const ProtobufCMessage *m, uint32_t field,
+                               const char *text, size_t len, size_t *out_len)
+{
+    size_t n = protobuf_c_message_get_packed_size(m);
+    size_t extra = len > 0 ? uc_pb_bytes_field_size(field, len) : 0;
+    uint8_t *buf = arena_alloc(a, n + extra);
+    if (!buf) {
+        return NULL;
+    }
+    protobuf_c_message_pack(m, buf);
+    if (len > 0) {
+        uc_pb_put_bytes_field(buf + n, field, text, len);
+    }
+    *out_len = n + extra;
+    return buf;
+}
+
+static grpc_byte_buffer *bytes_msg(const uint8_t *data, size_t n)
+{
+    grpc_slice s = grpc_slice_from_copied_buffer((const char *)data, n);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
 }
 
 static grpc_byte_buffer *pack_msg(const ProtobufCMessage *m)
@@ -345,6 +405,13 @@ static uc_status sampling_from(struct gen_req *out, const Uncomp__V1__SamplingPa
         }
         for (size_t i = 0; i < s->n_stop; i++) {
             size_t len = strlen(s->stop[i]);
+            size_t raw_len = 0;
+            static const uint32_t stop_path[] = {4, 11}; /* sampling.stop */
+            (void)raw_text(ctx->raw, ctx->raw_len, stop_path, 2, i, s->stop[i], &raw_len);
+            if (raw_len != len) {
+                BAD("sampling.stop[%zu] has a NUL byte at %zu; stop strings cannot hold one", i,
+                    len);
+            }
             if (len == 0) {
                 BAD("sampling.stop[%zu] is empty", i);
             }
@@ -466,17 +533,22 @@ static uc_status gen_request_parse(struct gen_req *out, const Uncomp__V1__Genera
     /* input */
     switch (in->input_case) {
     case UNCOMP__V1__GENERATE_REQUEST__INPUT_TEXT: {
-        size_t len = in->text ? strlen(in->text) : 0;
+        static const uint32_t text_path[] = {2}; /* GenerateRequest.text */
+        size_t len = 0;
+        const char *text = raw_text(ctx->raw, ctx->raw_len, text_path, 1, SIZE_MAX, in->text,
+                                    &len);
         if (len == 0) {
             BAD("text is empty: the prompt needs at least one token");
         }
         bool add_special = in->has_add_special_tokens ? in->add_special_tokens : true;
         int64_t n = 0;
-        uc_status trc = uc_tokenizer_encode(ctx->tok, in->text, len, add_special, &out->prompt, &n);
+        char why[256];
+        uc_status trc = uc_tokenizer_encode_msg(ctx->tok, text, len, add_special, &out->prompt,
+                                                &n, why, sizeof why);
         if (trc == UC_ERR_INVALID_ARG) {
-            BAD("text is not valid UTF-8");
+            BAD("text: %s", why);
         } else if (trc != UC_OK) {
-            snprintf(msg, msg_size, "tokenizer failed: %s", uc_status_str(trc));
+            snprintf(msg, msg_size, "tokenizer failed: %s: %s", uc_status_str(trc), why);
             rc = trc;
             goto out_fail;
         }
@@ -711,15 +783,34 @@ static grpc_byte_buffer *pack_chunk(const char *request_id, const struct ev_item
     uncomp__v1__chunk__init(&chunk);
     chunk.n_token_ids = n_ids;
     chunk.token_ids = ids;
-    chunk.text = text;
     chunk.n_logprobs = lps ? n_ids : 0;
     chunk.logprobs = lps;
+    /* the text goes on the wire by hand, with its length (it may hold NUL bytes) */
+    size_t chunk_len = 0, resp_len = 0;
+    uint8_t *chunk_bytes = pack_with_text(&a, &chunk.base, 2, text, t, &chunk_len);
+    if (!chunk_bytes) {
+        goto out;
+    }
     Uncomp__V1__GenerateResponse resp;
     uncomp__v1__generate_response__init(&resp);
     resp.request_id = (char *)(uintptr_t)request_id;
-    resp.kind_case = UNCOMP__V1__GENERATE_RESPONSE__KIND_CHUNK;
-    resp.chunk = &chunk;
-    bb = pack_msg(&resp.base);
+    uint8_t *resp_bytes = pack_with_text(&a, &resp.base, 2, (const char *)chunk_bytes, chunk_len,
+                                         &resp_len);
+    if (chunk_len == 0 && resp_bytes) {
+        /* an empty chunk is still a chunk: the oneof case needs its (empty) field */
+        uint8_t *b2 = arena_alloc(&a, resp_len + 2);
+        if (!b2) {
+            goto out;
+        }
+        memcpy(b2, resp_bytes, resp_len);
+        b2[resp_len] = (uint8_t)(2 << 3 | 2);
+        b2[resp_len + 1] = 0;
+        resp_bytes = b2;
+        resp_len += 2;
+    }
+    if (resp_bytes) {
+        bb = bytes_msg(resp_bytes, resp_len);
+    }
 out:
     arena_fini(&a);
     return bb;
@@ -870,23 +961,27 @@ out:
 /* ---- Tokenize / Detokenize ------------------------------------------------------------------- */
 
 static void do_tokenize(struct unary_reply *r, const struct uc_admin_src *src,
-                        const Uncomp__V1__TokenizeRequest *req)
+                        const Uncomp__V1__TokenizeRequest *req, const struct arena *in)
 {
     if (!src->tok) {
         reply_set_error(r, GRPC_STATUS_UNAVAILABLE, "the tokenizer is not loaded yet");
         return;
     }
-    const char *text = req->text ? req->text : "";
+    static const uint32_t text_path[] = {1}; /* TokenizeRequest.text */
+    size_t len = 0;
+    const char *text = raw_text(in->raw, in->raw_len, text_path, 1, SIZE_MAX, req->text, &len);
     int32_t *ids = NULL;
     int64_t n = 0;
-    uc_status rc = uc_tokenizer_encode(src->tok, text, strlen(text), req->add_special_tokens,
-                                       &ids, &n);
+    char why[256];
+    uc_status rc = uc_tokenizer_encode_msg(src->tok, text, len, req->add_special_tokens, &ids,
+                                           &n, why, sizeof why);
     if (rc == UC_ERR_INVALID_ARG) {
-        reply_set_error(r, GRPC_STATUS_INVALID_ARGUMENT, "text is not valid UTF-8");
+        reply_set_error(r, GRPC_STATUS_INVALID_ARGUMENT, "text: %s", why);
         return;
     }
     if (rc != UC_OK) {
-        reply_set_error(r, status_code_of(rc), "tokenizer failed: %s", uc_status_str(rc));
+        reply_set_error(r, status_code_of(rc), "tokenizer failed: %s: %s", uc_status_str(rc),
+                        why);
         return;
     }
     struct arena a;
@@ -944,8 +1039,18 @@ static void do_detokenize(struct unary_reply *r, const struct uc_admin_src *src,
     }
     Uncomp__V1__DetokenizeResponse resp;
     uncomp__v1__detokenize_response__init(&resp);
-    resp.text = text;
-    reply_msg(r, &resp.base, false);
+    struct arena a;
+    arena_init(&a);
+    size_t n = 0;
+    uint8_t *bytes = pack_with_text(&a, &resp.base, 1, text, len, &n); /* NUL bytes kept */
+    r->msg = bytes ? bytes_msg(bytes, n) : NULL;
+    if (!r->msg) {
+        reply_set_error(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    } else {
+        r->code = GRPC_STATUS_OK;
+        r->detail[0] = '\0';
+    }
+    arena_fini(&a);
     uc_free(text);
 }
 
@@ -1860,7 +1965,8 @@ static int64_t deadline_ms_of(gpr_timespec d, bool *expired)
 
 static void admin_src(struct uc_server *s, struct uc_admin_src *a, uint64_t *codes);
 
-static void handle_generate(struct call *c, const Uncomp__V1__GenerateRequest *req)
+static void handle_generate(struct call *c, const Uncomp__V1__GenerateRequest *req,
+                            const struct arena *in)
 {
     struct uc_server *s = c->srv;
     enum uc_server_state st = (enum uc_server_state)s->state;
@@ -1878,6 +1984,8 @@ static void handle_generate(struct call *c, const Uncomp__V1__GenerateRequest *r
     const struct uc_model_config *cfg = uc_engine_config(s->p.engine);
     struct gen_ctx ctx = {
         .tok = s->p.tok,
+        .raw = in->raw,
+        .raw_len = in->raw_len,
         .vocab = cfg->vocab,
         .n_layers = cfg->n_layers,
     };
@@ -2131,11 +2239,11 @@ static void dispatch(struct call *c)
     bool replied = false;
     switch (c->m) {
     case M_GENERATE:
-        handle_generate(c, (const Uncomp__V1__GenerateRequest *)req);
+        handle_generate(c, (const Uncomp__V1__GenerateRequest *)req, &a);
         replied = true;
         break;
     case M_TOKENIZE:
-        do_tokenize(&r, &src, (const Uncomp__V1__TokenizeRequest *)req);
+        do_tokenize(&r, &src, (const Uncomp__V1__TokenizeRequest *)req, &a);
         break;
     case M_DETOKENIZE:
         do_detokenize(&r, &src, (const Uncomp__V1__DetokenizeRequest *)req);

@@ -251,6 +251,14 @@ static int run_rank0(struct daemon *d)
     sp.calib_window_tokens = (int32_t)c->calib_window;
     sp.calib_max_windows = (int32_t)c->calib_windows;
     rc = uc_tokenizer_create(&d->tok, uc_engine_model_dir(d->engine));
+    if (rc == UC_OK && uc_tokenizer_vocab_size(d->tok) > uc_engine_config(d->engine)->vocab) {
+        /* an id past the embedding rows would read outside the table at the first prompt */
+        rc = UC_ERRF(UC_ERR_FORMAT, "dir=%s tokenizer.json has token ids up to %lld but the "
+                     "model (config.json vocab_size) has %lld embedding rows",
+                     uc_engine_model_dir(d->engine),
+                     (long long)uc_tokenizer_vocab_size(d->tok) - 1,
+                     (long long)uc_engine_config(d->engine)->vocab);
+    }
     if (rc == UC_OK) {
         rc = metrics_create(&d->metrics);
     }

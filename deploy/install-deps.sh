@@ -10,7 +10,7 @@ PKGS=(
     libgrpc-dev protobuf-compiler-grpc
     libcmocka-dev
     libopenblas-openmp-dev
-    libpcre2-dev libcjson-dev libmicrohttpd-dev libsystemd-dev
+    libpcre2-dev libutf8proc-dev libcjson-dev libmicrohttpd-dev libsystemd-dev
     python3 python3-grpcio python3-protobuf python3-numpy
 )
 

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <utf8proc.h>
 
 #include "base/log.h"
 #include "base/mem.h"
@@ -23,8 +24,14 @@
 /* The pre-tokenization regex of GPT-2, which the ByteLevel pre-tokenizer uses when use_regex. */
 #define GPT2_REGEX                                                                                 \
     "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
-/* A "word" character next to a single_word added token (Rust's char::is_alphanumeric, roughly). */
-#define WORD_REGEX "^[\\p{L}\\p{N}\\p{M}_]"
+/* Rust regex's \\w (Alphabetic, marks, decimal digits, connector punctuation, joiners) as a
+ * PCRE2 class body: PCRE2 10.42's \\w lacks the marks and the alphabetic symbols. Numbers of
+ * every kind (\\p{N}) stand in for digits and letter numbers. */
+#define RUST_WORD                                                                                  \
+    "\\p{L}\\p{N}\\p{M}\\p{Pc}\\x{200C}\\x{200D}\\x{24B6}-\\x{24E9}\\x{1F130}-\\x{1F149}"         \
+    "\\x{1F150}-\\x{1F169}\\x{1F170}-\\x{1F189}"
+/* A "word" character next to a single_word added token (the library's ^\\w / \\w$). */
+#define WORD_REGEX "^[" RUST_WORD "]"
 #define MAX_TOKEN_ID 0x7ffffffe
 #define REPLACEMENT_CHAR "\xEF\xBF\xBD" /* U+FFFD */
 #define METASPACE "\xE2\x96\x81"        /* U+2581 */
@@ -362,198 +369,6 @@ static size_t white_suffix_start(const char *s, size_t n)
 }
 
 /* ---------------------------------------------------------------------------------------------
- * NFC quick check. Full NFC needs the Unicode decomposition and composition tables; instead the
- * NFC normalizer accepts text that NFC provably leaves unchanged (no character whose NFC_QC is
- * No or Maybe, combining classes in canonical order) and refuses the rest as unsupported. That
- * covers precomposed Latin, CJK, emoji and most scripts. Tables generated with Python 3's
- * unicodedata (Unicode 14.0): nfc_unstable = NFC(c) != c, or c is the second character of a
- * primary composite, or a Hangul V/T jamo; ccc_ranges = canonical combining class per range.
- * ------------------------------------------------------------------------------------------- */
-
-struct cp_range {
-    uint32_t lo, hi;
-    uint8_t v;
-};
-
-static const struct cp_range nfc_unstable[] = {
-    {0x300, 0x304, 0}, {0x306, 0x30C, 0}, {0x30F, 0x30F, 0}, {0x311, 0x311, 0}, {0x313, 0x314, 0},
-    {0x31B, 0x31B, 0}, {0x323, 0x328, 0}, {0x32D, 0x32E, 0}, {0x330, 0x331, 0}, {0x338, 0x338, 0},
-    {0x340, 0x345, 0}, {0x374, 0x374, 0}, {0x37E, 0x37E, 0}, {0x387, 0x387, 0}, {0x653, 0x655, 0},
-    {0x93C, 0x93C, 0}, {0x958, 0x95F, 0}, {0x9BE, 0x9BE, 0}, {0x9D7, 0x9D7, 0}, {0x9DC, 0x9DD, 0},
-    {0x9DF, 0x9DF, 0}, {0xA33, 0xA33, 0}, {0xA36, 0xA36, 0}, {0xA59, 0xA5B, 0}, {0xA5E, 0xA5E, 0},
-    {0xB3E, 0xB3E, 0}, {0xB56, 0xB57, 0}, {0xB5C, 0xB5D, 0}, {0xBBE, 0xBBE, 0}, {0xBD7, 0xBD7, 0},
-    {0xC56, 0xC56, 0}, {0xCC2, 0xCC2, 0}, {0xCD5, 0xCD6, 0}, {0xD3E, 0xD3E, 0}, {0xD57, 0xD57, 0},
-    {0xDCA, 0xDCA, 0}, {0xDCF, 0xDCF, 0}, {0xDDF, 0xDDF, 0}, {0xF43, 0xF43, 0}, {0xF4D, 0xF4D, 0},
-    {0xF52, 0xF52, 0}, {0xF57, 0xF57, 0}, {0xF5C, 0xF5C, 0}, {0xF69, 0xF69, 0}, {0xF73, 0xF73, 0},
-    {0xF75, 0xF76, 0}, {0xF78, 0xF78, 0}, {0xF81, 0xF81, 0}, {0xF93, 0xF93, 0}, {0xF9D, 0xF9D, 0},
-    {0xFA2, 0xFA2, 0}, {0xFA7, 0xFA7, 0}, {0xFAC, 0xFAC, 0}, {0xFB9, 0xFB9, 0},
-    {0x102E, 0x102E, 0}, {0x1161, 0x1175, 0}, {0x11A8, 0x11C2, 0}, {0x1B35, 0x1B35, 0},
-    {0x1F71, 0x1F71, 0}, {0x1F73, 0x1F73, 0}, {0x1F75, 0x1F75, 0}, {0x1F77, 0x1F77, 0},
-    {0x1F79, 0x1F79, 0}, {0x1F7B, 0x1F7B, 0}, {0x1F7D, 0x1F7D, 0}, {0x1FBB, 0x1FBB, 0},
-    {0x1FBE, 0x1FBE, 0}, {0x1FC9, 0x1FC9, 0}, {0x1FCB, 0x1FCB, 0}, {0x1FD3, 0x1FD3, 0},
-    {0x1FDB, 0x1FDB, 0}, {0x1FE3, 0x1FE3, 0}, {0x1FEB, 0x1FEB, 0}, {0x1FEE, 0x1FEF, 0},
-    {0x1FF9, 0x1FF9, 0}, {0x1FFB, 0x1FFB, 0}, {0x1FFD, 0x1FFD, 0}, {0x2000, 0x2001, 0},
-    {0x2126, 0x2126, 0}, {0x212A, 0x212B, 0}, {0x2329, 0x232A, 0}, {0x2ADC, 0x2ADC, 0},
-    {0x3099, 0x309A, 0}, {0xF900, 0xFA0D, 0}, {0xFA10, 0xFA10, 0}, {0xFA12, 0xFA12, 0},
-    {0xFA15, 0xFA1E, 0}, {0xFA20, 0xFA20, 0}, {0xFA22, 0xFA22, 0}, {0xFA25, 0xFA26, 0},
-    {0xFA2A, 0xFA6D, 0}, {0xFA70, 0xFAD9, 0}, {0xFB1D, 0xFB1D, 0}, {0xFB1F, 0xFB1F, 0},
-    {0xFB2A, 0xFB36, 0}, {0xFB38, 0xFB3C, 0}, {0xFB3E, 0xFB3E, 0}, {0xFB40, 0xFB41, 0},
-    {0xFB43, 0xFB44, 0}, {0xFB46, 0xFB4E, 0}, {0x110BA, 0x110BA, 0}, {0x11127, 0x11127, 0},
-    {0x1133E, 0x1133E, 0}, {0x11357, 0x11357, 0}, {0x114B0, 0x114B0, 0}, {0x114BA, 0x114BA, 0},
-    {0x114BD, 0x114BD, 0}, {0x115AF, 0x115AF, 0}, {0x11930, 0x11930, 0}, {0x1D15E, 0x1D164, 0},
-    {0x1D1BB, 0x1D1C0, 0}, {0x2F800, 0x2FA1D, 0},
-};
-static const struct cp_range ccc_ranges[] = {
-    {0x300, 0x314, 230}, {0x315, 0x315, 232}, {0x316, 0x319, 220}, {0x31A, 0x31A, 232},
-    {0x31B, 0x31B, 216}, {0x31C, 0x320, 220}, {0x321, 0x322, 202}, {0x323, 0x326, 220},
-    {0x327, 0x328, 202}, {0x329, 0x333, 220}, {0x334, 0x338, 1}, {0x339, 0x33C, 220},
-    {0x33D, 0x344, 230}, {0x345, 0x345, 240}, {0x346, 0x346, 230}, {0x347, 0x349, 220},
-    {0x34A, 0x34C, 230}, {0x34D, 0x34E, 220}, {0x350, 0x352, 230}, {0x353, 0x356, 220},
-    {0x357, 0x357, 230}, {0x358, 0x358, 232}, {0x359, 0x35A, 220}, {0x35B, 0x35B, 230},
-    {0x35C, 0x35C, 233}, {0x35D, 0x35E, 234}, {0x35F, 0x35F, 233}, {0x360, 0x361, 234},
-    {0x362, 0x362, 233}, {0x363, 0x36F, 230}, {0x483, 0x487, 230}, {0x591, 0x591, 220},
-    {0x592, 0x595, 230}, {0x596, 0x596, 220}, {0x597, 0x599, 230}, {0x59A, 0x59A, 222},
-    {0x59B, 0x59B, 220}, {0x59C, 0x5A1, 230}, {0x5A2, 0x5A7, 220}, {0x5A8, 0x5A9, 230},
-    {0x5AA, 0x5AA, 220}, {0x5AB, 0x5AC, 230}, {0x5AD, 0x5AD, 222}, {0x5AE, 0x5AE, 228},
-    {0x5AF, 0x5AF, 230}, {0x5B0, 0x5B0, 10}, {0x5B1, 0x5B1, 11}, {0x5B2, 0x5B2, 12},
-    {0x5B3, 0x5B3, 13}, {0x5B4, 0x5B4, 14}, {0x5B5, 0x5B5, 15}, {0x5B6, 0x5B6, 16},
-    {0x5B7, 0x5B7, 17}, {0x5B8, 0x5B8, 18}, {0x5B9, 0x5BA, 19}, {0x5BB, 0x5BB, 20},
-    {0x5BC, 0x5BC, 21}, {0x5BD, 0x5BD, 22}, {0x5BF, 0x5BF, 23}, {0x5C1, 0x5C1, 24},
-    {0x5C2, 0x5C2, 25}, {0x5C4, 0x5C4, 230}, {0x5C5, 0x5C5, 220}, {0x5C7, 0x5C7, 18},
-    {0x610, 0x617, 230}, {0x618, 0x618, 30}, {0x619, 0x619, 31}, {0x61A, 0x61A, 32},
-    {0x64B, 0x64B, 27}, {0x64C, 0x64C, 28}, {0x64D, 0x64D, 29}, {0x64E, 0x64E, 30},
-    {0x64F, 0x64F, 31}, {0x650, 0x650, 32}, {0x651, 0x651, 33}, {0x652, 0x652, 34},
-    {0x653, 0x654, 230}, {0x655, 0x656, 220}, {0x657, 0x65B, 230}, {0x65C, 0x65C, 220},
-    {0x65D, 0x65E, 230}, {0x65F, 0x65F, 220}, {0x670, 0x670, 35}, {0x6D6, 0x6DC, 230},
-    {0x6DF, 0x6E2, 230}, {0x6E3, 0x6E3, 220}, {0x6E4, 0x6E4, 230}, {0x6E7, 0x6E8, 230},
-    {0x6EA, 0x6EA, 220}, {0x6EB, 0x6EC, 230}, {0x6ED, 0x6ED, 220}, {0x711, 0x711, 36},
-    {0x730, 0x730, 230}, {0x731, 0x731, 220}, {0x732, 0x733, 230}, {0x734, 0x734, 220},
-    {0x735, 0x736, 230}, {0x737, 0x739, 220}, {0x73A, 0x73A, 230}, {0x73B, 0x73C, 220},
-    {0x73D, 0x73D, 230}, {0x73E, 0x73E, 220}, {0x73F, 0x741, 230}, {0x742, 0x742, 220},
-    {0x743, 0x743, 230}, {0x744, 0x744, 220}, {0x745, 0x745, 230}, {0x746, 0x746, 220},
-    {0x747, 0x747, 230}, {0x748, 0x748, 220}, {0x749, 0x74A, 230}, {0x7EB, 0x7F1, 230},
-    {0x7F2, 0x7F2, 220}, {0x7F3, 0x7F3, 230}, {0x7FD, 0x7FD, 220}, {0x816, 0x819, 230},
-    {0x81B, 0x823, 230}, {0x825, 0x827, 230}, {0x829, 0x82D, 230}, {0x859, 0x85B, 220},
-    {0x898, 0x898, 230}, {0x899, 0x89B, 220}, {0x89C, 0x89F, 230}, {0x8CA, 0x8CE, 230},
-    {0x8CF, 0x8D3, 220}, {0x8D4, 0x8E1, 230}, {0x8E3, 0x8E3, 220}, {0x8E4, 0x8E5, 230},
-    {0x8E6, 0x8E6, 220}, {0x8E7, 0x8E8, 230}, {0x8E9, 0x8E9, 220}, {0x8EA, 0x8EC, 230},
-    {0x8ED, 0x8EF, 220}, {0x8F0, 0x8F0, 27}, {0x8F1, 0x8F1, 28}, {0x8F2, 0x8F2, 29},
-    {0x8F3, 0x8F5, 230}, {0x8F6, 0x8F6, 220}, {0x8F7, 0x8F8, 230}, {0x8F9, 0x8FA, 220},
-    {0x8FB, 0x8FF, 230}, {0x93C, 0x93C, 7}, {0x94D, 0x94D, 9}, {0x951, 0x951, 230},
-    {0x952, 0x952, 220}, {0x953, 0x954, 230}, {0x9BC, 0x9BC, 7}, {0x9CD, 0x9CD, 9},
-    {0x9FE, 0x9FE, 230}, {0xA3C, 0xA3C, 7}, {0xA4D, 0xA4D, 9}, {0xABC, 0xABC, 7},
-    {0xACD, 0xACD, 9}, {0xB3C, 0xB3C, 7}, {0xB4D, 0xB4D, 9}, {0xBCD, 0xBCD, 9}, {0xC3C, 0xC3C, 7},
-    {0xC4D, 0xC4D, 9}, {0xC55, 0xC55, 84}, {0xC56, 0xC56, 91}, {0xCBC, 0xCBC, 7},
-    {0xCCD, 0xCCD, 9}, {0xD3B, 0xD3C, 9}, {0xD4D, 0xD4D, 9}, {0xDCA, 0xDCA, 9},
-    {0xE38, 0xE39, 103}, {0xE3A, 0xE3A, 9}, {0xE48, 0xE4B, 107}, {0xEB8, 0xEB9, 118},
-    {0xEBA, 0xEBA, 9}, {0xEC8, 0xECB, 122}, {0xF18, 0xF19, 220}, {0xF35, 0xF35, 220},
-    {0xF37, 0xF37, 220}, {0xF39, 0xF39, 216}, {0xF71, 0xF71, 129}, {0xF72, 0xF72, 130},
-    {0xF74, 0xF74, 132}, {0xF7A, 0xF7D, 130}, {0xF80, 0xF80, 130}, {0xF82, 0xF83, 230},
-    {0xF84, 0xF84, 9}, {0xF86, 0xF87, 230}, {0xFC6, 0xFC6, 220}, {0x1037, 0x1037, 7},
-    {0x1039, 0x103A, 9}, {0x108D, 0x108D, 220}, {0x135D, 0x135F, 230}, {0x1714, 0x1715, 9},
-    {0x1734, 0x1734, 9}, {0x17D2, 0x17D2, 9}, {0x17DD, 0x17DD, 230}, {0x18A9, 0x18A9, 228},
-    {0x1939, 0x1939, 222}, {0x193A, 0x193A, 230}, {0x193B, 0x193B, 220}, {0x1A17, 0x1A17, 230},
-    {0x1A18, 0x1A18, 220}, {0x1A60, 0x1A60, 9}, {0x1A75, 0x1A7C, 230}, {0x1A7F, 0x1A7F, 220},
-    {0x1AB0, 0x1AB4, 230}, {0x1AB5, 0x1ABA, 220}, {0x1ABB, 0x1ABC, 230}, {0x1ABD, 0x1ABD, 220},
-    {0x1ABF, 0x1AC0, 220}, {0x1AC1, 0x1AC2, 230}, {0x1AC3, 0x1AC4, 220}, {0x1AC5, 0x1AC9, 230},
-    {0x1ACA, 0x1ACA, 220}, {0x1ACB, 0x1ACE, 230}, {0x1B34, 0x1B34, 7}, {0x1B44, 0x1B44, 9},
-    {0x1B6B, 0x1B6B, 230}, {0x1B6C, 0x1B6C, 220}, {0x1B6D, 0x1B73, 230}, {0x1BAA, 0x1BAB, 9},
-    {0x1BE6, 0x1BE6, 7}, {0x1BF2, 0x1BF3, 9}, {0x1C37, 0x1C37, 7}, {0x1CD0, 0x1CD2, 230},
-    {0x1CD4, 0x1CD4, 1}, {0x1CD5, 0x1CD9, 220}, {0x1CDA, 0x1CDB, 230}, {0x1CDC, 0x1CDF, 220},
-    {0x1CE0, 0x1CE0, 230}, {0x1CE2, 0x1CE8, 1}, {0x1CED, 0x1CED, 220}, {0x1CF4, 0x1CF4, 230},
-    {0x1CF8, 0x1CF9, 230}, {0x1DC0, 0x1DC1, 230}, {0x1DC2, 0x1DC2, 220}, {0x1DC3, 0x1DC9, 230},
-    {0x1DCA, 0x1DCA, 220}, {0x1DCB, 0x1DCC, 230}, {0x1DCD, 0x1DCD, 234}, {0x1DCE, 0x1DCE, 214},
-    {0x1DCF, 0x1DCF, 220}, {0x1DD0, 0x1DD0, 202}, {0x1DD1, 0x1DF5, 230}, {0x1DF6, 0x1DF6, 232},
-    {0x1DF7, 0x1DF8, 228}, {0x1DF9, 0x1DF9, 220}, {0x1DFA, 0x1DFA, 218}, {0x1DFB, 0x1DFB, 230},
-    {0x1DFC, 0x1DFC, 233}, {0x1DFD, 0x1DFD, 220}, {0x1DFE, 0x1DFE, 230}, {0x1DFF, 0x1DFF, 220},
-    {0x20D0, 0x20D1, 230}, {0x20D2, 0x20D3, 1}, {0x20D4, 0x20D7, 230}, {0x20D8, 0x20DA, 1},
-    {0x20DB, 0x20DC, 230}, {0x20E1, 0x20E1, 230}, {0x20E5, 0x20E6, 1}, {0x20E7, 0x20E7, 230},
-    {0x20E8, 0x20E8, 220}, {0x20E9, 0x20E9, 230}, {0x20EA, 0x20EB, 1}, {0x20EC, 0x20EF, 220},
-    {0x20F0, 0x20F0, 230}, {0x2CEF, 0x2CF1, 230}, {0x2D7F, 0x2D7F, 9}, {0x2DE0, 0x2DFF, 230},
-    {0x302A, 0x302A, 218}, {0x302B, 0x302B, 228}, {0x302C, 0x302C, 232}, {0x302D, 0x302D, 222},
-    {0x302E, 0x302F, 224}, {0x3099, 0x309A, 8}, {0xA66F, 0xA66F, 230}, {0xA674, 0xA67D, 230},
-    {0xA69E, 0xA69F, 230}, {0xA6F0, 0xA6F1, 230}, {0xA806, 0xA806, 9}, {0xA82C, 0xA82C, 9},
-    {0xA8C4, 0xA8C4, 9}, {0xA8E0, 0xA8F1, 230}, {0xA92B, 0xA92D, 220}, {0xA953, 0xA953, 9},
-    {0xA9B3, 0xA9B3, 7}, {0xA9C0, 0xA9C0, 9}, {0xAAB0, 0xAAB0, 230}, {0xAAB2, 0xAAB3, 230},
-    {0xAAB4, 0xAAB4, 220}, {0xAAB7, 0xAAB8, 230}, {0xAABE, 0xAABF, 230}, {0xAAC1, 0xAAC1, 230},
-    {0xAAF6, 0xAAF6, 9}, {0xABED, 0xABED, 9}, {0xFB1E, 0xFB1E, 26}, {0xFE20, 0xFE26, 230},
-    {0xFE27, 0xFE2D, 220}, {0xFE2E, 0xFE2F, 230}, {0x101FD, 0x101FD, 220}, {0x102E0, 0x102E0, 220},
-    {0x10376, 0x1037A, 230}, {0x10A0D, 0x10A0D, 220}, {0x10A0F, 0x10A0F, 230},
-    {0x10A38, 0x10A38, 230}, {0x10A39, 0x10A39, 1}, {0x10A3A, 0x10A3A, 220}, {0x10A3F, 0x10A3F, 9},
-    {0x10AE5, 0x10AE5, 230}, {0x10AE6, 0x10AE6, 220}, {0x10D24, 0x10D27, 230},
-    {0x10EAB, 0x10EAC, 230}, {0x10F46, 0x10F47, 220}, {0x10F48, 0x10F4A, 230},
-    {0x10F4B, 0x10F4B, 220}, {0x10F4C, 0x10F4C, 230}, {0x10F4D, 0x10F50, 220},
-    {0x10F82, 0x10F82, 230}, {0x10F83, 0x10F83, 220}, {0x10F84, 0x10F84, 230},
-    {0x10F85, 0x10F85, 220}, {0x11046, 0x11046, 9}, {0x11070, 0x11070, 9}, {0x1107F, 0x1107F, 9},
-    {0x110B9, 0x110B9, 9}, {0x110BA, 0x110BA, 7}, {0x11100, 0x11102, 230}, {0x11133, 0x11134, 9},
-    {0x11173, 0x11173, 7}, {0x111C0, 0x111C0, 9}, {0x111CA, 0x111CA, 7}, {0x11235, 0x11235, 9},
-    {0x11236, 0x11236, 7}, {0x112E9, 0x112E9, 7}, {0x112EA, 0x112EA, 9}, {0x1133B, 0x1133C, 7},
-    {0x1134D, 0x1134D, 9}, {0x11366, 0x1136C, 230}, {0x11370, 0x11374, 230}, {0x11442, 0x11442, 9},
-    {0x11446, 0x11446, 7}, {0x1145E, 0x1145E, 230}, {0x114C2, 0x114C2, 9}, {0x114C3, 0x114C3, 7},
-    {0x115BF, 0x115BF, 9}, {0x115C0, 0x115C0, 7}, {0x1163F, 0x1163F, 9}, {0x116B6, 0x116B6, 9},
-    {0x116B7, 0x116B7, 7}, {0x1172B, 0x1172B, 9}, {0x11839, 0x11839, 9}, {0x1183A, 0x1183A, 7},
-    {0x1193D, 0x1193E, 9}, {0x11943, 0x11943, 7}, {0x119E0, 0x119E0, 9}, {0x11A34, 0x11A34, 9},
-    {0x11A47, 0x11A47, 9}, {0x11A99, 0x11A99, 9}, {0x11C3F, 0x11C3F, 9}, {0x11D42, 0x11D42, 7},
-    {0x11D44, 0x11D45, 9}, {0x11D97, 0x11D97, 9}, {0x16AF0, 0x16AF4, 1}, {0x16B30, 0x16B36, 230},
-    {0x16FF0, 0x16FF1, 6}, {0x1BC9E, 0x1BC9E, 1}, {0x1D165, 0x1D166, 216}, {0x1D167, 0x1D169, 1},
-    {0x1D16D, 0x1D16D, 226}, {0x1D16E, 0x1D172, 216}, {0x1D17B, 0x1D182, 220},
-    {0x1D185, 0x1D189, 230}, {0x1D18A, 0x1D18B, 220}, {0x1D1AA, 0x1D1AD, 230},
-    {0x1D242, 0x1D244, 230}, {0x1E000, 0x1E006, 230}, {0x1E008, 0x1E018, 230},
-    {0x1E01B, 0x1E021, 230}, {0x1E023, 0x1E024, 230}, {0x1E026, 0x1E02A, 230},
-    {0x1E130, 0x1E136, 230}, {0x1E2AE, 0x1E2AE, 230}, {0x1E2EC, 0x1E2EF, 230},
-    {0x1E8D0, 0x1E8D6, 220}, {0x1E944, 0x1E949, 230}, {0x1E94A, 0x1E94A, 7},
-};
-
-/* Returns the range holding cp, or NULL. */
-static const struct cp_range *range_find(const struct cp_range *r, size_t n, uint32_t cp)
-{
-    size_t lo = 0, hi = n;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (cp < r[mid].lo) {
-            hi = mid;
-        } else if (cp > r[mid].hi) {
-            lo = mid + 1;
-        } else {
-            return &r[mid];
-        }
-    }
-    return NULL;
-}
-
-/* True when NFC leaves s unchanged by the quick check; else *bad is the first suspect. */
-static bool nfc_quick_check(const char *s, size_t n, uint32_t *bad)
-{
-    const unsigned char *u = (const unsigned char *)s;
-    uint8_t last_ccc = 0;
-    size_t i = 0;
-    while (i < n) {
-        if (u[i] < 0x80) {
-            last_ccc = 0;
-            i++;
-            continue;
-        }
-        uint32_t cp;
-        bool ok;
-        i += utf8_scan(u + i, n - i, &cp, &ok);
-        if (cp < 0x300) {
-            last_ccc = 0;
-            continue;
-        }
-        const struct cp_range *c =
-            range_find(ccc_ranges, sizeof ccc_ranges / sizeof *ccc_ranges, cp);
-        uint8_t ccc = c ? c->v : 0;
-        if ((ccc != 0 && last_ccc > ccc) ||
-            range_find(nfc_unstable, sizeof nfc_unstable / sizeof *nfc_unstable, cp)) {
-            *bad = cp;
-            return false;
-        }
-        last_ccc = ccc;
-    }
-    return true;
-}
-
-/* ---------------------------------------------------------------------------------------------
  * Tokenizer state
  * ------------------------------------------------------------------------------------------- */
 
@@ -564,7 +379,16 @@ struct pattern {
     pcre2_code *re;
 };
 
-enum norm_kind { NORM_PREPEND, NORM_REPLACE, NORM_NFC, NORM_STRIP };
+enum norm_kind {
+    NORM_PREPEND,
+    NORM_REPLACE,
+    NORM_STRIP,
+    NORM_NFC,
+    NORM_NFD,
+    NORM_NFKC,
+    NORM_NFKD,
+    NORM_LOWERCASE,
+};
 
 struct norm {
     enum norm_kind kind;
@@ -617,8 +441,17 @@ struct dec {
 struct added {
     char *content;
     size_t len;
+    char *ncontent; /* normalized: the content run through the normalizers (matched in */
+    size_t nlen;    /* normalized text, as the library's second trie does) */
     int32_t id;
-    bool special, lstrip, rstrip, single_word;
+    bool special, lstrip, rstrip, single_word, normalized;
+};
+
+/* Added tokens of one kind (normalized or not), for leftmost-longest matching: indices into
+ * tok->added grouped by first byte, longest first. */
+struct added_set {
+    int32_t *order;
+    int64_t first[257]; /* order[first[b] .. first[b+1]) start with byte b */
 };
 
 /* One model vocabulary string: pool[off .. off+len), NUL-terminated. */
@@ -648,9 +481,11 @@ struct uc_tokenizer {
     struct added *added;
     int64_t n_added;
     int32_t *added_idx;      /* (V) index into added, -1 */
-    int32_t *added_order;    /* added indices grouped by first byte, longest first */
-    int64_t added_first[257]; /* added_order[added_first[b] .. added_first[b+1]) start with b */
+    struct added_set raw_set, norm_set; /* matched in the raw text / in normalized text */
     bool any_single_word;
+    /* BPE affixes (empty when absent) */
+    char *cs_prefix, *eow_suffix;
+    size_t cs_prefix_len, eow_suffix_len;
     /* pipeline */
     struct norm *norms;
     int64_t n_norms, cap_norms;
@@ -1193,8 +1028,17 @@ static uc_status parse_normalizer(struct uc_tokenizer *tok, const cJSON *n, cons
         nm->str_len = strlen(content);
         return parse_pattern(tok, n, path, field, &nm->pat);
     }
-    if (strcmp(type, "NFC") == 0) {
-        return norm_add(tok, NORM_NFC) ? UC_OK : NOMEM_FIELD(path, field);
+    static const struct {
+        const char *name;
+        enum norm_kind kind;
+    } simple[] = {
+        {"NFC", NORM_NFC},   {"NFD", NORM_NFD},   {"NFKC", NORM_NFKC},
+        {"NFKD", NORM_NFKD}, {"Lowercase", NORM_LOWERCASE},
+    };
+    for (size_t i = 0; i < sizeof simple / sizeof *simple; i++) {
+        if (strcmp(type, simple[i].name) == 0) {
+            return norm_add(tok, simple[i].kind) ? UC_OK : NOMEM_FIELD(path, field);
+        }
     }
     if (strcmp(type, "Strip") == 0) {
         struct norm *nm = norm_add(tok, NORM_STRIP);
@@ -1206,7 +1050,7 @@ static uc_status parse_normalizer(struct uc_tokenizer *tok, const cJSON *n, cons
         return UC_OK;
     }
     return UC_ERRF(UC_ERR_UNSUPPORTED, "file=%s field=%s.type value=%s (supported: Sequence, "
-                   "Prepend, Replace, NFC, Strip)", path, field, type);
+                   "Prepend, Replace, Strip, NFC, NFD, NFKC, NFKD, Lowercase)", path, field, type);
 }
 
 static uc_status parse_behavior(const cJSON *p, const char *path, const char *field,
@@ -1294,6 +1138,35 @@ static uc_status parse_pre_tokenizer(struct uc_tokenizer *tok, const cJSON *p, c
         pr->behavior = jbool(p, "individual_digits", false) ? SPLIT_ISOLATED : SPLIT_CONTIGUOUS;
         return regex_compile(tok, "\\p{N}", strlen("\\p{N}"), path, field, &pr->pat.re);
     }
+    if (strcmp(type, "Whitespace") == 0 || strcmp(type, "WhitespaceSplit") == 0 ||
+        strcmp(type, "Punctuation") == 0) {
+        /* Whitespace keeps runs of word characters and runs of other non-spaces (a split on
+         * \w+|[^\w\s]+, inverted and Removed); WhitespaceSplit removes whitespace; Punctuation
+         * splits on each punctuation character (Unicode P or ASCII punctuation) */
+        static const char ws_re[] = "[" RUST_WORD "]+|[^" RUST_WORD "\\s\\x{85}]+";
+        static const char wss_re[] = "[\\s\\x{85}]+";
+        static const char punct_re[] = "[\\p{P}\\x21-\\x2F\\x3A-\\x40\\x5B-\\x60\\x7B-\\x7E]";
+        struct pre *pr = pre_add(tok, PRE_SPLIT);
+        if (!pr) {
+            return NOMEM_FIELD(path, field);
+        }
+        const char *re = wss_re;
+        pr->behavior = SPLIT_REMOVED;
+        if (type[0] == 'P') {
+            re = punct_re;
+            pr->behavior = SPLIT_ISOLATED;
+            if (jstr(p, "behavior")) {
+                uc_status rc = parse_behavior(p, path, field, &pr->behavior);
+                if (rc != UC_OK) {
+                    return rc;
+                }
+            }
+        } else if (strcmp(type, "Whitespace") == 0) {
+            re = ws_re;
+            pr->invert = true;
+        }
+        return regex_compile(tok, re, strlen(re), path, field, &pr->pat.re);
+    }
     if (strcmp(type, "Metaspace") == 0) {
         struct pre *pr = pre_add(tok, PRE_METASPACE);
         if (!pr) {
@@ -1313,7 +1186,8 @@ static uc_status parse_pre_tokenizer(struct uc_tokenizer *tok, const cJSON *p, c
         return parse_scheme(p, path, field, &pr->scheme);
     }
     return UC_ERRF(UC_ERR_UNSUPPORTED, "file=%s field=%s.type value=%s (supported: Sequence, "
-                   "ByteLevel, Split, Metaspace, Digits)", path, field, type);
+                   "ByteLevel, Split, Metaspace, Digits, Whitespace, WhitespaceSplit, Punctuation)", path,
+                   field, type);
 }
 
 static uc_status parse_decoder(struct uc_tokenizer *tok, const cJSON *d, const char *path,
@@ -1523,8 +1397,9 @@ static uc_status check_model(const cJSON *model, const char *path)
     static const char *const affixes[] = {"continuing_subword_prefix", "end_of_word_suffix"};
     for (size_t i = 0; i < 2; i++) {
         const cJSON *v = cJSON_GetObjectItemCaseSensitive(model, affixes[i]);
-        if (v && !cJSON_IsNull(v) && !(cJSON_IsString(v) && v->valuestring[0] == '\0')) {
-            return UC_ERRF(UC_ERR_UNSUPPORTED, "file=%s field=model.%s", path, affixes[i]);
+        if (v && !cJSON_IsNull(v) && !cJSON_IsString(v)) {
+            return UC_ERRF(UC_ERR_FORMAT, "file=%s field=model.%s is not a string", path,
+                           affixes[i]);
         }
     }
     const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
@@ -1657,7 +1532,9 @@ static uc_status load_merges(struct uc_tokenizer *tok, const cJSON *merges, cons
         UC_CHECK(merge_side(tok, b, nb, path, rank, &ib), rc, out);
         both.len = 0;
         uc_buf_append(&both, a, na);
-        uc_buf_append(&both, b, nb);
+        /* the merged token drops b's continuing-subword prefix (the library's BPE builder) */
+        size_t cut = tok->cs_prefix_len < nb ? tok->cs_prefix_len : nb;
+        uc_buf_append(&both, b + cut, nb - cut);
         if (both.oom) {
             rc = UC_ERRF(UC_ERR_NOMEM, "file=%s merges", path);
             goto out;
@@ -1690,21 +1567,50 @@ static int added_cmp(const void *pa, const void *pb)
     return a->idx < b->idx ? -1 : a->idx > b->idx;
 }
 
+/* Builds one matching set from the added tokens whose `normalized` flag is `normalized`. */
+static uc_status build_added_set(struct uc_tokenizer *tok, bool normalized, struct added_set *set)
+{
+    int64_t n = tok->n_added;
+    set->order = uc_malloc(((size_t)n + 1) * sizeof *set->order);
+    struct added_sort *srt = uc_malloc(((size_t)n + 1) * sizeof *srt);
+    if (!set->order || !srt) {
+        uc_free(srt);
+        return UC_ERRF(UC_ERR_NOMEM, "added_tokens=%lld", (long long)n);
+    }
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const struct added *a = &tok->added[i];
+        const char *c = normalized ? a->ncontent : a->content;
+        size_t len = normalized ? a->nlen : a->len;
+        if (a->normalized == normalized && len > 0) {
+            srt[k++] = (struct added_sort){.first = (unsigned char)c[0], .len = len,
+                                           .idx = (int32_t)i};
+        }
+    }
+    qsort(srt, (size_t)k, sizeof *srt, added_cmp);
+    memset(set->first, 0, sizeof set->first);
+    for (int64_t i = 0; i < k; i++) {
+        set->order[i] = srt[i].idx;
+        set->first[srt[i].first + 1]++;
+    }
+    for (int b = 0; b < 256; b++) {
+        set->first[b + 1] += set->first[b];
+    }
+    uc_free(srt);
+    return UC_OK;
+}
+
 static uc_status load_added(struct uc_tokenizer *tok, const cJSON *arr, const char *path)
 {
     int64_t n = cJSON_GetArraySize(arr);
     tok->added = uc_calloc((size_t)n + 1, sizeof *tok->added);
-    tok->added_order = uc_malloc(((size_t)n + 1) * sizeof *tok->added_order);
     tok->added_idx = uc_malloc((size_t)tok->n_vocab * sizeof *tok->added_idx);
-    struct added_sort *srt = uc_malloc(((size_t)n + 1) * sizeof *srt);
-    uc_status rc = UC_OK;
-    if (!tok->added || !tok->added_order || !tok->added_idx || !srt) {
-        rc = UC_ERRF(UC_ERR_NOMEM, "file=%s added_tokens=%lld", path, (long long)n);
-        goto out;
+    if (!tok->added || !tok->added_idx) {
+        return UC_ERRF(UC_ERR_NOMEM, "file=%s added_tokens=%lld", path, (long long)n);
     }
     memset(tok->added_idx, 0xff, (size_t)tok->n_vocab * sizeof *tok->added_idx);
-    int64_t k = 0;
     const cJSON *it;
+    int i = 0;
     cJSON_ArrayForEach(it, arr)
     {
         int64_t id = 0;
@@ -1712,35 +1618,29 @@ static uc_status load_added(struct uc_tokenizer *tok, const cJSON *arr, const ch
         const char *content = jstr(it, "content");
         struct added *a = &tok->added[tok->n_added];
         if (!(a->content = uc_strdup(content))) {
-            rc = UC_ERRF(UC_ERR_NOMEM, "file=%s added_tokens", path);
-            goto out;
+            return UC_ERRF(UC_ERR_NOMEM, "file=%s added_tokens", path);
         }
         a->len = strlen(content);
+        /* the library gives a token the model's vocabulary already holds the model's id */
+        int32_t vid = vocab_find(tok, content, a->len);
+        if (vid >= 0 && vid != id) {
+            UC_LOG_WARN("tokenizer: file=%s added_tokens[%d] \"%.64s\" has id %lld but the "
+                        "vocabulary gives it %d; using %d, as the tokenizers library does", path,
+                        i, content, (long long)id, vid, vid);
+            id = vid;
+        }
         a->id = (int32_t)id;
         a->special = jbool(it, "special", false);
         a->lstrip = jbool(it, "lstrip", false);
         a->rstrip = jbool(it, "rstrip", false);
         a->single_word = jbool(it, "single_word", false);
+        a->normalized = jbool(it, "normalized", !a->special); /* the library's default */
         tok->any_single_word |= a->single_word;
         tok->added_idx[id] = (int32_t)tok->n_added;
-        if (a->len > 0) {
-            srt[k++] = (struct added_sort){.first = (unsigned char)content[0], .len = a->len,
-                                           .idx = (int32_t)tok->n_added};
-        }
         tok->n_added++;
+        i++;
     }
-    qsort(srt, (size_t)k, sizeof *srt, added_cmp);
-    memset(tok->added_first, 0, sizeof tok->added_first);
-    for (int64_t i = 0; i < k; i++) {
-        tok->added_order[i] = srt[i].idx;
-        tok->added_first[srt[i].first + 1]++;
-    }
-    for (int b = 0; b < 256; b++) {
-        tok->added_first[b + 1] += tok->added_first[b];
-    }
-out:
-    uc_free(srt);
-    return rc;
+    return build_added_set(tok, false, &tok->raw_set);
 }
 
 /* Checks ids and sizes the id space: max id + 1 over the vocabulary and the added tokens. */
@@ -1749,12 +1649,23 @@ static uc_status size_vocab(struct uc_tokenizer *tok, const cJSON *vocab, const 
 {
     int64_t max_id = -1;
     const cJSON *it;
+    /* Every id sizes tables (V entries each), so an id may not exceed what the entries could
+     * use: twice their number plus a little (real tokenizers use 0..entries-1, with at most a
+     * few holes). A stray 2147483646 would otherwise ask for gigabytes. */
+    int64_t n_entries = cJSON_GetArraySize(vocab) + (cJSON_IsArray(added) ? cJSON_GetArraySize(added)
+                                                                          : 0);
+    int64_t id_bound = 2 * n_entries + 1024;
     cJSON_ArrayForEach(it, vocab)
     {
         int64_t id;
         if (!jint(it, 0, MAX_TOKEN_ID, &id)) {
             return UC_ERRF(UC_ERR_FORMAT, "file=%s field=model.vocab[\"%.64s\"] id is not a valid "
                            "token id", path, it->string);
+        }
+        if (id >= id_bound) {
+            return UC_ERRF(UC_ERR_FORMAT, "file=%s field=model.vocab[\"%.64s\"] id=%lld is too "
+                           "large for %lld entries (ids must be below %lld)", path, it->string,
+                           (long long)id, (long long)n_entries, (long long)id_bound);
         }
         max_id = id > max_id ? id : max_id;
     }
@@ -1769,6 +1680,11 @@ static uc_status size_vocab(struct uc_tokenizer *tok, const cJSON *vocab, const 
             !jstr(it, "content")) {
             return UC_ERRF(UC_ERR_FORMAT, "file=%s field=added_tokens[%d] needs an id and a "
                            "content", path, i);
+        }
+        if (id >= id_bound) {
+            return UC_ERRF(UC_ERR_FORMAT, "file=%s field=added_tokens[%d].id=%lld is too large "
+                           "for %lld entries (ids must be below %lld)", path, i, (long long)id,
+                           (long long)n_entries, (long long)id_bound);
         }
         max_id = id > max_id ? id : max_id;
         i++;
@@ -1795,34 +1711,6 @@ static void init_byte_tables(struct uc_tokenizer *tok)
     }
 }
 
-/* transformers builds Llama tokenizers itself (LlamaTokenizer(Fast)): no normalizer, a Metaspace
- * pre-tokenizer without split and the decoders Replace/ByteFallback/Fuse/Strip. The legacy
- * tokenizer.json layout, normalizer Prepend("▁") + Replace(" " -> "▁") and no pre-tokenizer, is
- * read the same way, with prepend_scheme "always": "▁" is prepended only when the text does not
- * already start with one (" hi" -> "▁hi", not "▁▁hi"), which is what the golden ids show. */
-static uc_status adopt_legacy_metaspace(struct uc_tokenizer *tok)
-{
-    if (tok->n_pres != 0 || tok->n_norms != 2) {
-        return UC_OK;
-    }
-    const struct norm *a = &tok->norms[0], *b = &tok->norms[1];
-    bool legacy = a->kind == NORM_PREPEND && strcmp(a->str, METASPACE) == 0 &&
-                  b->kind == NORM_REPLACE && b->pat.lit && strcmp(b->pat.lit, " ") == 0 &&
-                  strcmp(b->str, METASPACE) == 0;
-    if (!legacy) {
-        return UC_OK;
-    }
-    norms_clear(tok);
-    struct pre *pr = pre_add(tok, PRE_METASPACE);
-    if (!pr || !(pr->pat.lit = uc_strdup(METASPACE))) {
-        return UC_ERRF(UC_ERR_NOMEM, "metaspace");
-    }
-    pr->pat.lit_len = 3;
-    pr->scheme = PREPEND_ALWAYS;
-    pr->split = false;
-    return UC_OK;
-}
-
 static void pick_special_ids(struct uc_tokenizer *tok)
 {
     tok->bos = tok->tmpl_pre.n > 0 ? tok->tmpl_pre.v[0] : -1;
@@ -1847,6 +1735,7 @@ static void pick_special_ids(struct uc_tokenizer *tok)
 }
 
 static uc_status build_stream_bytes(struct uc_tokenizer *tok);
+static uc_status normalize_added(struct uc_tokenizer *tok, const char *path);
 
 static uc_status load(struct uc_tokenizer *tok, const cJSON *root, const char *path)
 {
@@ -1860,6 +1749,16 @@ static uc_status load(struct uc_tokenizer *tok, const cJSON *root, const char *p
     const cJSON *added = cJSON_GetObjectItemCaseSensitive(root, "added_tokens");
     UC_CHECK(size_vocab(tok, vocab, added, path), rc, out);
     UC_CHECK(load_vocab(tok, vocab, path), rc, out);
+    const char *pfx = jstr(model, "continuing_subword_prefix");
+    const char *sfx = jstr(model, "end_of_word_suffix");
+    tok->cs_prefix = uc_strdup(pfx ? pfx : "");
+    tok->eow_suffix = uc_strdup(sfx ? sfx : "");
+    if (!tok->cs_prefix || !tok->eow_suffix) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "file=%s", path);
+        goto out;
+    }
+    tok->cs_prefix_len = strlen(tok->cs_prefix);
+    tok->eow_suffix_len = strlen(tok->eow_suffix);
     UC_CHECK(load_merges(tok, cJSON_GetObjectItemCaseSensitive(model, "merges"), path), rc, out);
     UC_CHECK(load_added(tok, added, path), rc, out);
     tok->fuse_unk = jbool(model, "fuse_unk", false);
@@ -1879,11 +1778,11 @@ static uc_status load(struct uc_tokenizer *tok, const cJSON *root, const char *p
                                   path, "post_processor", 0), rc, out);
     UC_CHECK(parse_decoder(tok, cJSON_GetObjectItemCaseSensitive(root, "decoder"), path,
                            "decoder", 0), rc, out);
-    UC_CHECK(adopt_legacy_metaspace(tok), rc, out);
     if (tok->any_single_word) {
         UC_CHECK(regex_compile(tok, WORD_REGEX, strlen(WORD_REGEX), path, "added_tokens",
                                &tok->re_word), rc, out);
     }
+    UC_CHECK(normalize_added(tok, path), rc, out);
     pick_special_ids(tok);
     UC_CHECK(build_stream_bytes(tok), rc, out);
 out:
@@ -2015,9 +1914,27 @@ static uc_status bpe_word(const struct uc_tokenizer *tok, struct enc_ws *ws, con
     }
     ws->sym_n = 0;
     bool have_unk = false;
+    bool affixes = tok->cs_prefix_len > 0 || tok->eow_suffix_len > 0;
     for (size_t i = 0; i < n;) {
         size_t cl = utf8_lead_len((unsigned char)w[i]);
-        int32_t id = vocab_find(tok, w + i, cl);
+        int32_t id;
+        if (affixes) {
+            /* a character after the first carries the prefix, the last one the suffix */
+            ws->tmp.len = 0;
+            if (i > 0) {
+                uc_buf_append(&ws->tmp, tok->cs_prefix, tok->cs_prefix_len);
+            }
+            uc_buf_append(&ws->tmp, w + i, cl);
+            if (i + cl == n) {
+                uc_buf_append(&ws->tmp, tok->eow_suffix, tok->eow_suffix_len);
+            }
+            if (ws->tmp.oom) {
+                return UC_ERRF(UC_ERR_NOMEM, "bpe word bytes=%zu", n);
+            }
+            id = vocab_find(tok, ws->tmp.data, ws->tmp.len);
+        } else {
+            id = vocab_find(tok, w + i, cl);
+        }
         if (id >= 0) {
             if (have_unk) {
                 sym_add(ws, tok->unk_id);
@@ -2088,6 +2005,70 @@ static uc_status bpe_word(const struct uc_tokenizer *tok, struct enc_ws *ws, con
     return UC_OK;
 }
 
+/* True when s[0..n) is all ASCII (which every normal form and NFC leaves as it is). */
+static bool all_ascii(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if ((unsigned char)s[i] >= 0x80) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* NFC, NFD, NFKC or NFKD of s[0..n) (valid UTF-8) into dst, by utf8proc. *changed is false
+ * (and dst untouched) when the text is ASCII, which no normal form changes. */
+static uc_status unicode_normalize(enum norm_kind kind, const char *s, size_t n,
+                                   struct uc_buf *dst, bool *changed)
+{
+    *changed = false;
+    if (all_ascii(s, n)) {
+        return UC_OK;
+    }
+    int opts = UTF8PROC_STABLE;
+    opts |= kind == NORM_NFC || kind == NORM_NFKC ? UTF8PROC_COMPOSE : UTF8PROC_DECOMPOSE;
+    if (kind == NORM_NFKC || kind == NORM_NFKD) {
+        opts |= UTF8PROC_COMPAT;
+    }
+    utf8proc_uint8_t *res = NULL;
+    utf8proc_ssize_t k = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &res,
+                                      (utf8proc_option_t)opts);
+    if (k < 0) {
+        /* the input was checked to be valid UTF-8, so only memory can run out */
+        return UC_ERRF(k == UTF8PROC_ERROR_NOMEM ? UC_ERR_NOMEM : UC_ERR_INVALID_ARG,
+                       "normalizer: utf8proc: %s (bytes=%zu)", utf8proc_errmsg(k), n);
+    }
+    dst->len = 0;
+    uc_buf_append(dst, res, (size_t)k);
+    free(res); /* utf8proc allocates with malloc */
+    *changed = true;
+    return UC_OK;
+}
+
+/* Lowercase, as Rust's char::to_lowercase per character (the library's NormalizedString::
+ * lowercase): utf8proc's simple mapping, plus U+0130, the one character whose full lowercase
+ * is two characters (i + U+0307). */
+static void lowercase(const char *s, size_t n, struct uc_buf *dst)
+{
+    dst->len = 0;
+    for (size_t i = 0; i < n;) {
+        uint32_t cp;
+        bool ok;
+        size_t k = utf8_scan((const unsigned char *)s + i, n - i, &cp, &ok);
+        if (cp < 0x80) {
+            char c = (char)(cp >= 'A' && cp <= 'Z' ? cp + 32 : cp);
+            uc_buf_append(dst, &c, 1);
+        } else if (cp == 0x130) {
+            uc_buf_append(dst, "i\xCC\x87", 3);
+        } else {
+            char enc[4];
+            size_t m = utf8_encode((uint32_t)utf8proc_tolower((utf8proc_int32_t)cp), enc);
+            uc_buf_append(dst, enc, m);
+        }
+        i += k;
+    }
+}
+
 /* Runs the normalizers over s[0..n); *out points into the workspace or into s. */
 static uc_status normalize(const struct uc_tokenizer *tok, struct enc_ws *ws, const char *s,
                            size_t n, const char **out, size_t *out_len)
@@ -2133,14 +2114,23 @@ static uc_status normalize(const struct uc_tokenizer *tok, struct enc_ws *ws, co
             len = b > a ? b - a : 0;
             continue;
         }
-        case NORM_NFC: {
-            uint32_t bad = 0;
-            if (!nfc_quick_check(cur, len, &bad)) {
-                return UC_ERRF(UC_ERR_UNSUPPORTED, "normalizer NFC: the text has U+%04X, which "
-                               "NFC may change; only NFC-stable text is supported", (unsigned)bad);
+        case NORM_NFC:
+        case NORM_NFD:
+        case NORM_NFKC:
+        case NORM_NFKD: {
+            bool changed = false;
+            uc_status rc = unicode_normalize(nm->kind, cur, len, dst, &changed);
+            if (rc != UC_OK) {
+                return rc;
             }
-            continue;
+            if (!changed) {
+                continue;
+            }
+            break;
         }
+        case NORM_LOWERCASE:
+            lowercase(cur, len, dst);
+            break;
         }
         if (dst->oom) {
             return UC_ERRF(UC_ERR_NOMEM, "normalize bytes=%zu", len);
@@ -2278,24 +2268,6 @@ static uc_status pre_tokenize(const struct uc_tokenizer *tok, struct enc_ws *ws,
     return UC_OK;
 }
 
-/* Encodes one stretch of text between added tokens. */
-static uc_status encode_segment(const struct uc_tokenizer *tok, struct enc_ws *ws, const char *s,
-                                size_t n, bool first, struct ivec *out)
-{
-    const char *ns = NULL;
-    size_t nn = 0;
-    uc_status rc = normalize(tok, ws, s, n, &ns, &nn);
-    if (rc != UC_OK || nn == 0) {
-        return rc;
-    }
-    struct plist *pl = NULL;
-    rc = pre_tokenize(tok, ws, ns, nn, first, &pl);
-    for (int64_t i = 0; rc == UC_OK && i < pl->n; i++) {
-        rc = bpe_word(tok, ws, pl->text.data + pl->p[i].off, pl->p[i].len, out);
-    }
-    return rc;
-}
-
 static bool is_word_char(const struct uc_tokenizer *tok, struct enc_ws *ws, const char *s,
                          size_t n)
 {
@@ -2329,19 +2301,62 @@ static bool single_word_ok(const struct uc_tokenizer *tok, struct enc_ws *ws, co
     return true;
 }
 
-/* Splits the raw text on added tokens (leftmost, longest first) and encodes the rest. */
-static uc_status encode_text(const struct uc_tokenizer *tok, struct enc_ws *ws, const char *text,
-                             size_t len, struct ivec *out)
+/* Normalized text between added tokens: pre-tokenize and run BPE. */
+static uc_status encode_normalized(const struct uc_tokenizer *tok, struct enc_ws *ws,
+                                   const char *s, size_t n, bool first, struct ivec *out)
 {
+    if (n == 0) {
+        return UC_OK;
+    }
+    struct plist *pl = NULL;
+    uc_status rc = pre_tokenize(tok, ws, s, n, first, &pl);
+    for (int64_t i = 0; rc == UC_OK && i < pl->n; i++) {
+        rc = bpe_word(tok, ws, pl->text.data + pl->p[i].off, pl->p[i].len, out);
+    }
+    return rc;
+}
+
+static uc_status split_added(const struct uc_tokenizer *tok, struct enc_ws *ws, const char *text,
+                             size_t len, bool normalized, bool first, struct ivec *out);
+
+/* Raw text between non-normalized added tokens: normalize, then split on normalized ones. */
+static uc_status encode_segment(const struct uc_tokenizer *tok, struct enc_ws *ws, const char *s,
+                                size_t n, bool first, struct ivec *out)
+{
+    const char *ns = NULL;
+    size_t nn = 0;
+    uc_status rc = normalize(tok, ws, s, n, &ns, &nn);
+    if (rc != UC_OK || nn == 0) {
+        return rc;
+    }
+    if (tok->norm_set.first[256] == 0) {
+        return encode_normalized(tok, ws, ns, nn, first, out);
+    }
+    /* the normalized text lives in the workspace's normalizer buffers, which nothing below
+     * writes (pre-tokenizers and BPE use others) */
+    return split_added(tok, ws, ns, nn, true, first, out);
+}
+
+/* Splits text on one set of added tokens, as the library's AddedVocabulary::find_matches does:
+ * leftmost-longest matches, left to right without overlap; a single_word token touching a word
+ * character is dropped (the scan goes on after it); lstrip/rstrip take the whitespace beside
+ * the token. The stretches between go to encode_segment (raw text) or encode_normalized. */
+static uc_status split_added(const struct uc_tokenizer *tok, struct enc_ws *ws, const char *text,
+                             size_t len, bool normalized, bool first, struct ivec *out)
+{
+    const struct added_set *set = normalized ? &tok->norm_set : &tok->raw_set;
     size_t seg = 0, pos = 0;
-    while (pos < len && tok->added_first[256] > 0) {
+    while (pos < len && set->first[256] > 0) {
         unsigned char b = (unsigned char)text[pos];
         const struct added *hit = NULL;
-        for (int64_t k = tok->added_first[b]; k < tok->added_first[b + 1]; k++) {
-            const struct added *a = &tok->added[tok->added_order[k]];
-            if (a->len <= len - pos && memcmp(text + pos, a->content, a->len) == 0 &&
-                (!a->single_word || single_word_ok(tok, ws, text, len, pos, pos + a->len))) {
+        size_t hit_len = 0;
+        for (int64_t k = set->first[b]; k < set->first[b + 1]; k++) {
+            const struct added *a = &tok->added[set->order[k]];
+            const char *c = normalized ? a->ncontent : a->content;
+            size_t cl = normalized ? a->nlen : a->len;
+            if (cl <= len - pos && memcmp(text + pos, c, cl) == 0) {
                 hit = a;
+                hit_len = cl;
                 break;
             }
         }
@@ -2349,7 +2364,11 @@ static uc_status encode_text(const struct uc_tokenizer *tok, struct enc_ws *ws, 
             pos += utf8_lead_len(b);
             continue;
         }
-        size_t start = pos, stop = pos + hit->len;
+        size_t start = pos, stop = pos + hit_len;
+        if (hit->single_word && !single_word_ok(tok, ws, text, len, start, stop)) {
+            pos = stop; /* discarded; the next match starts after it */
+            continue;
+        }
         if (hit->lstrip) {
             start = seg + white_suffix_start(text + seg, start - seg);
         }
@@ -2357,7 +2376,10 @@ static uc_status encode_text(const struct uc_tokenizer *tok, struct enc_ws *ws, 
             stop += white_prefix(text + stop, len - stop);
         }
         if (seg < start) {
-            uc_status rc = encode_segment(tok, ws, text + seg, start - seg, seg == 0, out);
+            uc_status rc = normalized
+                               ? encode_normalized(tok, ws, text + seg, start - seg,
+                                                   first && seg == 0, out)
+                               : encode_segment(tok, ws, text + seg, start - seg, seg == 0, out);
             if (rc != UC_OK) {
                 return rc;
             }
@@ -2366,9 +2388,55 @@ static uc_status encode_text(const struct uc_tokenizer *tok, struct enc_ws *ws, 
         seg = pos = stop;
     }
     if (seg < len) {
-        return encode_segment(tok, ws, text + seg, len - seg, seg == 0, out);
+        return normalized ? encode_normalized(tok, ws, text + seg, len - seg, first && seg == 0,
+                                              out)
+                          : encode_segment(tok, ws, text + seg, len - seg, seg == 0, out);
     }
     return UC_OK;
+}
+
+/* Splits the raw text on added tokens and encodes the rest. */
+static uc_status encode_text(const struct uc_tokenizer *tok, struct enc_ws *ws, const char *text,
+                             size_t len, struct ivec *out)
+{
+    return split_added(tok, ws, text, len, false, true, out);
+}
+
+/* The normalized added tokens are matched in normalized text, so their content is normalized
+ * once here (the library's refresh_added_tokens); then their matching set is built. */
+static uc_status normalize_added(struct uc_tokenizer *tok, const char *path)
+{
+    struct enc_ws ws = {0};
+    uc_status rc = UC_OK;
+    ws.md = pcre2_match_data_create(1, tok->gctx);
+    if (!ws.md) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "file=%s match data", path);
+        goto out;
+    }
+    for (int64_t i = 0; i < tok->n_added; i++) {
+        struct added *a = &tok->added[i];
+        if (!a->normalized) {
+            continue;
+        }
+        const char *ns = NULL;
+        size_t nn = 0;
+        if (utf8_first_invalid(a->content, a->len) < a->len) {
+            rc = UC_ERRF(UC_ERR_FORMAT, "file=%s field=added_tokens[%lld].content is not UTF-8",
+                         path, (long long)i);
+            goto out;
+        }
+        UC_CHECK(normalize(tok, &ws, a->content, a->len, &ns, &nn), rc, out);
+        a->ncontent = uc_strndup(nn > 0 ? ns : "", nn);
+        if (!a->ncontent) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "file=%s added_tokens", path);
+            goto out;
+        }
+        a->nlen = nn;
+    }
+    rc = build_added_set(tok, true, &tok->norm_set);
+out:
+    enc_ws_fini(&ws);
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -2679,10 +2747,14 @@ void uc_tokenizer_destroy(struct uc_tokenizer *tok)
     uc_free(tok->mnew);
     for (int64_t i = 0; i < tok->n_added; i++) {
         uc_free(tok->added[i].content);
+        uc_free(tok->added[i].ncontent);
     }
     uc_free(tok->added);
     uc_free(tok->added_idx);
-    uc_free(tok->added_order);
+    uc_free(tok->raw_set.order);
+    uc_free(tok->norm_set.order);
+    uc_free(tok->cs_prefix);
+    uc_free(tok->eow_suffix);
     norms_clear(tok);
     pres_clear(tok);
     decs_clear(tok);
@@ -2751,76 +2823,6 @@ out_free_json:
     return rc;
 }
 
-/* transformers v5 ignores the pipeline in tokenizer.json for LlamaTokenizer(Fast) and builds its
- * own (see adopt_legacy_metaspace); its prepend_scheme follows tokenizer_config.json: "always"
- * when legacy is true, "first" otherwise, "never" with add_prefix_space false (which also drops
- * the Strip decoder). Applied to SentencePiece-style tokenizers only. */
-static uc_status apply_llama_config(struct uc_tokenizer *tok, const char *model_dir)
-{
-    uc_status rc = UC_OK;
-    char *cfg_text = NULL;
-    cJSON *cfg = NULL;
-    char *path = uc_path_join(model_dir, "tokenizer_config.json");
-    if (!path) {
-        return UC_ERRF(UC_ERR_NOMEM, "dir=%s", model_dir);
-    }
-    if (tok->byte_level || !uc_file_exists(path)) {
-        goto out;
-    }
-    UC_CHECK(uc_file_read_all(&cfg_text, NULL, path), rc, out);
-    cfg = cJSON_Parse(cfg_text);
-    if (!cJSON_IsObject(cfg)) {
-        rc = UC_ERRF(UC_ERR_FORMAT, "file=%s is not a JSON object", path);
-        goto out;
-    }
-    const char *cls = jstr(cfg, "tokenizer_class");
-    if (!cls || (strcmp(cls, "LlamaTokenizer") != 0 && strcmp(cls, "LlamaTokenizerFast") != 0)) {
-        goto out;
-    }
-    bool legacy = jbool(cfg, "legacy", false);
-    bool prefix = jbool(cfg, "add_prefix_space", true);
-    norms_clear(tok);
-    pres_clear(tok);
-    decs_clear(tok);
-    struct pre *pr = pre_add(tok, PRE_METASPACE);
-    struct dec *d0 = pr ? dec_add(tok, DEC_REPLACE) : NULL;
-    if (!d0 || !(pr->pat.lit = uc_strdup(METASPACE)) || !(d0->pat.lit = uc_strdup(METASPACE)) ||
-        !(d0->content = uc_strdup(" ")) || !dec_add(tok, DEC_BYTE_FALLBACK) ||
-        !dec_add(tok, DEC_FUSE)) {
-        rc = UC_ERRF(UC_ERR_NOMEM, "file=%s", path);
-        goto out;
-    }
-    pr->pat.lit_len = d0->pat.lit_len = 3;
-    d0->content_len = 1;
-    pr->split = false;
-    pr->scheme = !prefix ? PREPEND_NEVER : legacy ? PREPEND_ALWAYS : PREPEND_FIRST;
-    if (prefix) {
-        struct dec *st = dec_add(tok, DEC_STRIP);
-        if (!st) {
-            rc = UC_ERRF(UC_ERR_NOMEM, "file=%s", path);
-            goto out;
-        }
-        memcpy(st->ch, " ", 2);
-        st->ch_len = 1;
-        st->start = 1;
-    }
-    tok->has_decoder = true;
-    uc_free(tok->sb_pool);
-    uc_free(tok->sb_off);
-    uc_free(tok->sbf_off);
-    uc_free(tok->sb_len);
-    uc_free(tok->sbf_len);
-    tok->sb_pool = NULL;
-    tok->sb_off = tok->sbf_off = NULL;
-    tok->sb_len = tok->sbf_len = NULL;
-    UC_CHECK(build_stream_bytes(tok), rc, out);
-out:
-    cJSON_Delete(cfg);
-    uc_free(cfg_text);
-    uc_free(path);
-    return rc;
-}
-
 uc_status uc_tokenizer_create(struct uc_tokenizer **out, const char *model_dir)
 {
     if (!out || !model_dir) {
@@ -2836,11 +2838,7 @@ uc_status uc_tokenizer_create(struct uc_tokenizer **out, const char *model_dir)
     }
     UC_CHECK(uc_file_read_all(&json, NULL, path), rc, out_free_path);
     UC_CHECK(uc_tokenizer_create_from_json(&tok, json, path), rc, out_free_json);
-    UC_CHECK(apply_llama_config(tok, model_dir), rc, out_destroy_tok);
     *out = tok;
-    tok = NULL;
-out_destroy_tok:
-    uc_tokenizer_destroy(tok);
 out_free_json:
     uc_free(json);
 out_free_path:
@@ -2851,6 +2849,16 @@ out_free_path:
 uc_status uc_tokenizer_encode(const struct uc_tokenizer *tok, const char *text, size_t len,
                               bool add_special, int32_t **ids, int64_t *n_ids)
 {
+    return uc_tokenizer_encode_msg(tok, text, len, add_special, ids, n_ids, NULL, 0);
+}
+
+uc_status uc_tokenizer_encode_msg(const struct uc_tokenizer *tok, const char *text, size_t len,
+                                  bool add_special, int32_t **ids, int64_t *n_ids, char *msg,
+                                  size_t msg_size)
+{
+    if (msg && msg_size > 0) {
+        msg[0] = '\0';
+    }
     if (!ids || !n_ids) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "ids or n_ids is NULL");
     }
@@ -2861,6 +2869,10 @@ uc_status uc_tokenizer_encode(const struct uc_tokenizer *tok, const char *text, 
     }
     size_t bad = utf8_first_invalid(text, len);
     if (bad < len) {
+        if (msg && msg_size > 0) {
+            snprintf(msg, msg_size, "not valid UTF-8 at byte %zu of %zu (0x%02X)", bad, len,
+                     (unsigned)(unsigned char)text[bad]);
+        }
         return UC_ERRF(UC_ERR_INVALID_ARG, "text is not valid UTF-8 at byte %zu of %zu", bad, len);
     }
     uc_status rc = UC_OK;
@@ -2890,6 +2902,9 @@ uc_status uc_tokenizer_encode(const struct uc_tokenizer *tok, const char *text, 
     *n_ids = out.n;
     out.v = NULL;
 out_free:
+    if (rc != UC_OK && msg && msg_size > 0) {
+        snprintf(msg, msg_size, "%s (the server log has the details)", uc_status_str(rc));
+    }
     uc_free(out.v);
     enc_ws_fini(&ws);
     return rc;

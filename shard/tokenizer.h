@@ -19,9 +19,9 @@ extern "C" {
 
 struct uc_tokenizer;
 
-/* Loads DIR/tokenizer.json. For a SentencePiece-style tokenizer whose tokenizer_config.json names
- * LlamaTokenizer(Fast), its legacy and add_prefix_space settings pick the Metaspace prepend
- * scheme, as transformers does. */
+/* Loads DIR/tokenizer.json, read exactly as the Hugging Face tokenizers library reads it
+ * (tokenizer_config.json is not consulted: its legacy/add_prefix_space are transformers
+ * settings, which the library ignores). */
 uc_status uc_tokenizer_create(struct uc_tokenizer **out, const char *model_dir);
 /* Loads from JSON text; `path` names it in error messages. */
 uc_status uc_tokenizer_create_from_json(struct uc_tokenizer **out, const char *json_text,
@@ -32,6 +32,12 @@ void uc_tokenizer_destroy(struct uc_tokenizer *tok);
  * post-processor's template is applied (BOS). *ids is uc_malloc'd and owned by the caller. */
 uc_status uc_tokenizer_encode(const struct uc_tokenizer *tok, const char *text, size_t len,
                               bool add_special, int32_t **ids, int64_t *n_ids);
+/* uc_tokenizer_encode that also writes, on failure, the reason a client can act on (e.g. "not
+ * valid UTF-8 at byte 3 of 9 (0xFF)") to msg (msg_size bytes, NUL-terminated; may be NULL).
+ * Text may hold NUL bytes: only len counts. */
+uc_status uc_tokenizer_encode_msg(const struct uc_tokenizer *tok, const char *text, size_t len,
+                                  bool add_special, int32_t **ids, int64_t *n_ids, char *msg,
+                                  size_t msg_size);
 /* Decodes ids to UTF-8 (uc_malloc'd, NUL-terminated). With skip_special, special tokens are
  * left out. Ids outside the vocabulary are UC_ERR_INVALID_ARG. Byte sequences that are not
  * valid UTF-8 come out as U+FFFD, as the reference decoders do. */
@@ -44,6 +50,8 @@ uc_status uc_tokenizer_decode(const struct uc_tokenizer *tok, const int32_t *ids
 size_t uc_tokenizer_token_bytes(const struct uc_tokenizer *tok, int32_t id, bool first, char *out,
                                 size_t cap);
 
+/* Max token id + 1 over the vocabulary and the added tokens (uncompd refuses a model whose
+ * embedding rows are fewer). */
 int64_t uc_tokenizer_vocab_size(const struct uc_tokenizer *tok);
 /* BOS id the post-processor adds, or -1. */
 int32_t uc_tokenizer_bos(const struct uc_tokenizer *tok);

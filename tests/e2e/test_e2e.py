@@ -296,6 +296,18 @@ def t_tokenize_roundtrip(d):
           "BOS: %s vs %s" % (list(with_bos), list(without)))
     check(cl.detokenize(list(with_bos), skip_special_tokens=True) == "Hello")
     check(cl.tokenize("").token_ids is not None)
+    # text is bytes with a length: a NUL byte ends neither the text nor its decode (both used to
+    # stop at the first NUL: "abc\0def" encoded as "abc")
+    for text in ["abc\0def", "\0", "a\0\0b"]:
+        back = cl.detokenize(list(cl.tokenize(text, add_special_tokens=False).token_ids))
+        check(back == text, "round trip %r -> %r" % (text, back))
+    check(len(cl.tokenize("abc\0def", add_special_tokens=False).token_ids) >
+          len(cl.tokenize("abc", add_special_tokens=False).token_ids))
+    _, _, with_nul, _ = cl.generate(text="abc\0def ghi", max_tokens=1, temperature=0.0)
+    _, _, plain, _ = cl.generate(text="abc", max_tokens=1, temperature=0.0)
+    check(with_nul.usage.prompt_tokens > plain.usage.prompt_tokens,
+          "Generate prompt cut at NUL: %d vs %d" % (with_nul.usage.prompt_tokens,
+                                                   plain.usage.prompt_tokens))
 
 
 def t_abort_by_id(d):
@@ -476,6 +488,7 @@ def t_bad_inputs(d):
          "compression.stage_starts"),
         (dict(text="hi", request_id="x" * 100), "request_id"),
         (dict(text="hi", request_id="has space"), "request_id"),
+        (dict(text="hi", stop=["a\0b"]), "sampling.stop[0] has a NUL byte"),
     ]
     for kw, field in cases:
         req = cl.request(**kw)

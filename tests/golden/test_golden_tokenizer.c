@@ -25,6 +25,40 @@ static const struct fixture fixtures[] = {
     {"uncomp-tiny", "prompts_uncomp_tiny.json"},
 };
 
+/* Where the golden ids disagree with the Hugging Face tokenizers library, the library wins (uncomp
+ * promises the library's ids). stories260K's golden.json was made with transformers v5, which
+ * ignores the pipeline in tokenizer.json for LlamaTokenizer(Fast) and builds its own: a Metaspace
+ * pre-tokenizer that prepends "\u2581" only when the text does not start with one. The library
+ * reads the fixture's tokenizer.json as it is: normalizer Prepend("\u2581") + Replace(" " ->
+ * "\u2581"), which prepends always, so a leading space (also after <s>) becomes "\u2581\u2581".
+ * These are the library's ids for those cases (npm tokenizers 0.23.2, Tokenizer.fromFile on
+ * models/stories260K/tokenizer.json, add_special_tokens false; the same as transformers v4 and
+ * SentencePiece with add_dummy_prefix). The golden ids are still decoded and streamed. */
+struct library_ids {
+    const char *model;
+    int idx;
+    int n;
+    int32_t ids[32];
+};
+
+static const struct library_ids library_cases[] = {
+    {"stories260K", 1, 25, {410, 410, 259, 424, 414, 410, 262, 427, 412, 331, 419, 269, 12, 413,
+                            412, 430, 13, 13, 416, 411, 424, 421, 271, 406, 13}},
+    {"stories260K", 7, 16, {1, 410, 278, 275, 285, 412, 421, 262, 427, 411, 429, 417, 412, 421,
+                            410, 2}},
+    {"stories260K", 9, 9, {410, 278, 411, 380, 299, 262, 427, 412, 331}},
+};
+
+static const struct library_ids *library_case(const char *model, int idx)
+{
+    for (size_t i = 0; i < sizeof library_cases / sizeof *library_cases; i++) {
+        if (strcmp(library_cases[i].model, model) == 0 && library_cases[i].idx == idx) {
+            return &library_cases[i];
+        }
+    }
+    return NULL;
+}
+
 static cJSON *load_json(const char *path)
 {
     char *text = NULL;
@@ -81,7 +115,7 @@ static bool ids_match(const cJSON *want, const int32_t *got, int64_t n, const ch
 }
 
 /* One golden.json `tokenizer` case: encode, decode and streamed bytes. */
-static bool check_case(const struct uc_tokenizer *tok, const cJSON *c, int idx)
+static bool check_case(const struct uc_tokenizer *tok, const cJSON *c, int idx, const char *model)
 {
     const char *text = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "text"));
     const char *decoded = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "decoded"));
@@ -99,7 +133,17 @@ static bool check_case(const struct uc_tokenizer *tok, const cJSON *c, int idx)
         fprintf(stderr, "  FAIL case %d: encode error\n", idx);
         return false;
     }
-    ok = ids_match(want, ids, n, what);
+    const struct library_ids *lib = library_case(model, idx);
+    if (lib) {
+        ok = n == lib->n && memcmp(ids, lib->ids, (size_t)n * sizeof *ids) == 0;
+        if (!ok) {
+            fprintf(stderr, "  MISMATCH %s (the library's ids, not golden.json's)\n", what);
+            print_ids("want", lib->ids, lib->n);
+            print_ids("got ", ids, n);
+        }
+    } else {
+        ok = ids_match(want, ids, n, what);
+    }
     uc_free(ids);
     if (!ok) {
         fprintf(stderr, "    text: \"%s\"\n", text);
@@ -226,7 +270,7 @@ static int check_fixture(const char *shared, const struct fixture *fx)
     const cJSON *c;
     cJSON_ArrayForEach(c, cases)
     {
-        ok_cases += check_case(tok, c, idx++);
+        ok_cases += check_case(tok, c, idx++, fx->model);
     }
     int64_t max_tokens = 0;
     cJSON_ArrayForEach(c, gprompts)

@@ -261,8 +261,11 @@ static void test_sentencepiece_encode(void **state)
     struct uc_tokenizer *t = make(sp_json());
     EXPECT_IDS(t, "hi \xC3\xA9", false, 9, 5, 3, 4); /* é has no token: <0xC3><0xA9> */
     EXPECT_IDS(t, "hi", true, 1, 9);                  /* the template adds BOS */
-    /* a leading space is not doubled: " hi" -> "▁hi" (transformers' Llama Metaspace) */
-    EXPECT_IDS(t, " hi", false, 9);
+    /* the Prepend normalizer always prepends, so a leading space gives "▁▁hi" = ▁ + ▁hi, as the
+     * tokenizers library encodes Llama-2's tokenizer.json (it used to drop the space) */
+    EXPECT_IDS(t, " hi", false, 5, 9);
+    EXPECT_IDS(t, " ", false, 5, 5);
+    EXPECT_IDS(t, "<s> hi", false, 1, 5, 9); /* after a special token too */
     EXPECT_IDS(t, "hi ", false, 9, 5);
     /* z has neither a token nor a byte token: unk, and fuse_unk merges the run */
     EXPECT_IDS(t, "hizz", false, 9, 0);
@@ -418,15 +421,30 @@ static void test_normalizers(void **state)
     expect_empty(t, "   "); /* stripped to nothing: Prepend adds nothing to empty text */
     uc_tokenizer_destroy(t);
 
-    /* NFC: text NFC leaves alone passes; a decomposed é is refused, not mis-tokenized */
-    t = make(tok_json(bpe_model("{'\xC3\xA9':0,'e':1,'\xCC\x81':2}", "[]", ""), "[]",
-                      "{'type':'NFC'}", "null", "null", "null"));
+    /* NFC composes a decomposed é (it used to be refused as UC_ERR_UNSUPPORTED); a combining
+     * mark with nothing to compose with stays as it is */
+    const char *vocab = "{'\xC3\xA9':0,'e':1,'\xCC\x81':2,'i':3,'\xEF\xAC\x81':4,'f':5,"
+                        "'E':6,'\xCC\x87':7,'I':8}";
+    t = make(tok_json(bpe_model(vocab, "[]", ""), "[]", "{'type':'NFC'}", "null", "null", "null"));
     EXPECT_IDS(t, "\xC3\xA9" "e", false, 0, 1);
-    int32_t *ids = NULL;
-    int64_t n = 0;
-    assert_int_equal(uc_tokenizer_encode(t, "e\xCC\x81", 3, false, &ids, &n), UC_ERR_UNSUPPORTED);
-    assert_null(ids);
-    assert_non_null(strstr(last_error, "NFC"));
+    EXPECT_IDS(t, "e\xCC\x81", false, 0);
+    EXPECT_IDS(t, "\xCC\x81" "e", false, 2, 1);
+    EXPECT_IDS(t, "\xEF\xAC\x81", false, 4); /* the ﬁ ligature is not canonical: kept */
+    uc_tokenizer_destroy(t);
+    /* NFD decomposes; NFKC also folds compatibility characters (ﬁ -> f i) */
+    t = make(tok_json(bpe_model(vocab, "[]", ""), "[]", "{'type':'NFD'}", "null", "null", "null"));
+    EXPECT_IDS(t, "\xC3\xA9", false, 1, 2);
+    uc_tokenizer_destroy(t);
+    t = make(tok_json(bpe_model(vocab, "[]", ""), "[]", "{'type':'NFKC'}", "null", "null", "null"));
+    EXPECT_IDS(t, "\xEF\xAC\x81" "e\xCC\x81", false, 5, 3, 0);
+    uc_tokenizer_destroy(t);
+    t = make(tok_json(bpe_model(vocab, "[]", ""), "[]", "{'type':'NFKD'}", "null", "null", "null"));
+    EXPECT_IDS(t, "\xEF\xAC\x81\xC3\xA9", false, 5, 3, 1, 2);
+    uc_tokenizer_destroy(t);
+    /* Lowercase: E -> e, and U+0130 (İ) -> i + U+0307, as Rust's to_lowercase */
+    t = make(tok_json(bpe_model(vocab, "[]", ""), "[]", "{'type':'Lowercase'}", "null", "null",
+                      "null"));
+    EXPECT_IDS(t, "EI\xC4\xB0", false, 1, 3, 3, 7);
     uc_tokenizer_destroy(t);
     assert_int_equal(uc_mem_blocks_in_use(), blocks);
 }
@@ -471,22 +489,18 @@ static void test_unsupported(void **state)
     expect_refusal(tok_json("{'type':'BPE','dropout':0.1,'vocab':{'a':0},'merges':[]}", "[]",
                             "null", "null", "null", "null"),
                    UC_ERR_UNSUPPORTED, "model.dropout");
-    expect_refusal(tok_json("{'type':'BPE','continuing_subword_prefix':'##','vocab':{'a':0},"
-                            "'merges':[]}", "[]", "null", "null", "null", "null"),
-                   UC_ERR_UNSUPPORTED, "model.continuing_subword_prefix");
-    expect_refusal(tok_json("{'type':'BPE','end_of_word_suffix':'</w>','vocab':{'a':0},"
-                            "'merges':[]}", "[]", "null", "null", "null", "null"),
-                   UC_ERR_UNSUPPORTED, "model.end_of_word_suffix");
-    expect_refusal(tok_json(m, "[]", "{'type':'Lowercase'}", "null", "null", "null"),
-                   UC_ERR_UNSUPPORTED, "normalizer.type value=Lowercase");
+    expect_refusal(tok_json(m, "[]", "{'type':'BertNormalizer','clean_text':true}", "null",
+                            "null", "null"),
+                   UC_ERR_UNSUPPORTED, "normalizer.type value=BertNormalizer");
     expect_refusal(tok_json(m, "[]", "{'type':'Sequence','normalizers':[{'type':'NFC'},"
-                            "{'type':'NFKC'}]}", "null", "null", "null"),
-                   UC_ERR_UNSUPPORTED, "normalizer.normalizers[1].type value=NFKC");
-    expect_refusal(tok_json(m, "[]", "null", "{'type':'Whitespace'}", "null", "null"),
-                   UC_ERR_UNSUPPORTED, "pre_tokenizer.type value=Whitespace");
+                            "{'type':'Precompiled','precompiled_charsmap':''}]}", "null", "null",
+                            "null"),
+                   UC_ERR_UNSUPPORTED, "normalizer.normalizers[1].type value=Precompiled");
+    expect_refusal(tok_json(m, "[]", "null", "{'type':'BertPreTokenizer'}", "null", "null"),
+                   UC_ERR_UNSUPPORTED, "pre_tokenizer.type value=BertPreTokenizer");
     expect_refusal(tok_json(m, "[]", "null", "{'type':'Sequence','pretokenizers':["
-                            "{'type':'Punctuation','behavior':'Isolated'}]}", "null", "null"),
-                   UC_ERR_UNSUPPORTED, "pre_tokenizer.pretokenizers[0].type value=Punctuation");
+                            "{'type':'UnicodeScripts'}]}", "null", "null"),
+                   UC_ERR_UNSUPPORTED, "pre_tokenizer.pretokenizers[0].type value=UnicodeScripts");
     expect_refusal(tok_json(m, "[]", "null", "null", "null",
                             "{'type':'WordPiece','prefix':'##','cleanup':true}"),
                    UC_ERR_UNSUPPORTED, "decoder.type value=WordPiece");
@@ -601,38 +615,116 @@ static void expect_dir(const char *dir, const int32_t *after_bos, int64_t n_afte
     uc_tokenizer_destroy(t);
 }
 
-/* uc_tokenizer_create follows transformers' LlamaTokenizer: tokenizer_config.json's legacy and
- * add_prefix_space pick the Metaspace prepend scheme (and the Strip decoder). */
-static void test_llama_config(void **state)
+/* uc_tokenizer_create reads tokenizer.json as the tokenizers library does: tokenizer_config.json
+ * (transformers' legacy / add_prefix_space) changes nothing (it used to switch Llama tokenizers
+ * to a Metaspace pipeline that dropped leading spaces). */
+static void test_tokenizer_config_ignored(void **state)
 {
     (void)state;
     int64_t blocks = uc_mem_blocks_in_use();
     char dir[] = "/tmp/uc_test_tokenizer_XXXXXX";
     assert_non_null(mkdtemp(dir));
     write_file(dir, "tokenizer.json", sp_json());
-    static const int32_t bos_always[] = {1, 9}, bos_first[] = {1, 6, 7};
-    static const int32_t plain_prefix[] = {9}, plain_none[] = {6, 7};
-    /* no tokenizer_config.json: the legacy layout prepends "▁" to every stretch of text */
-    expect_dir(dir, bos_always, 2, plain_prefix, 1, "hi");
-    write_file(dir, "tokenizer_config.json",
-               q("{'tokenizer_class':'LlamaTokenizerFast','legacy':false}"));
-    expect_dir(dir, bos_first, 3, plain_prefix, 1, "hi");
-    write_file(dir, "tokenizer_config.json",
-               q("{'tokenizer_class':'LlamaTokenizerFast','legacy':true}"));
-    expect_dir(dir, bos_always, 2, plain_prefix, 1, "hi");
-    write_file(dir, "tokenizer_config.json",
-               q("{'tokenizer_class':'LlamaTokenizer','legacy':true,'add_prefix_space':false}"));
-    expect_dir(dir, bos_first, 3, plain_none, 2, " hi");
-    write_file(dir, "tokenizer_config.json",
-               q("{'tokenizer_class':'PreTrainedTokenizerFast','legacy':false}"));
-    expect_dir(dir, bos_always, 2, plain_prefix, 1, "hi");
-    write_file(dir, "tokenizer_config.json", "{not json");
-    struct uc_tokenizer *t = (struct uc_tokenizer *)0x1;
-    assert_int_equal(uc_tokenizer_create(&t, dir), UC_ERR_FORMAT);
-    assert_null(t);
+    static const int32_t after_bos[] = {1, 9}, plain[] = {9};
+    expect_dir(dir, after_bos, 2, plain, 1, "hi");
+    static const char *const configs[] = {
+        "{'tokenizer_class':'LlamaTokenizerFast','legacy':false}",
+        "{'tokenizer_class':'LlamaTokenizer','legacy':true,'add_prefix_space':false}",
+        "{not json",
+    };
+    for (size_t i = 0; i < sizeof configs / sizeof *configs; i++) {
+        write_file(dir, "tokenizer_config.json", q(configs[i]));
+        expect_dir(dir, after_bos, 2, plain, 1, "hi");
+    }
     remove_file(dir, "tokenizer_config.json");
     remove_file(dir, "tokenizer.json");
     assert_int_equal(rmdir(dir), 0);
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
+}
+
+/* Text is bytes with a length: a NUL byte is a character like any other (it used to end the
+ * text wherever a caller took strlen; here, that it reaches the model as <0x00>). */
+static void test_nul_bytes(void **state)
+{
+    (void)state;
+    int64_t blocks = uc_mem_blocks_in_use();
+    struct uc_tokenizer *t = make(tok_json(
+        bpe_model("{'<unk>':0,'<0x00>':1,'a':2,'b':3,'" SP "a':4,'" SP "':5}", "['" SP " a']",
+                  "'unk_token':'<unk>','byte_fallback':true,"),
+        "[{'id':0,'content':'<unk>','special':true}]",
+        "{'type':'Sequence','normalizers':[{'type':'Prepend','prepend':'" SP "'},"
+        "{'type':'Replace','pattern':{'String':' '},'content':'" SP "'}]}",
+        "null", "null",
+        "{'type':'Sequence','decoders':[{'type':'Replace','pattern':{'String':'" SP "'},"
+        "'content':' '},{'type':'ByteFallback'},{'type':'Fuse'},"
+        "{'type':'Strip','content':' ','start':1,'stop':0}]}"));
+    int32_t *ids = NULL;
+    int64_t n = 0;
+    assert_int_equal(uc_tokenizer_encode(t, "a\0b", 3, false, &ids, &n), UC_OK);
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 4);
+    assert_int_equal(ids[1], 1);
+    assert_int_equal(ids[2], 3);
+    char *text = NULL;
+    size_t len = 0;
+    assert_int_equal(uc_tokenizer_decode(t, ids, n, false, &text, &len), UC_OK);
+    assert_int_equal(len, 3);
+    assert_memory_equal(text, "a\0b", 3);
+    uc_free(text);
+    uc_free(ids);
+    /* the reason for refused input comes back to the caller */
+    char why[128];
+    assert_int_equal(uc_tokenizer_encode_msg(t, "a\xFF", 2, false, &ids, &n, why, sizeof why),
+                     UC_ERR_INVALID_ARG);
+    assert_non_null(strstr(why, "not valid UTF-8 at byte 1"));
+    uc_tokenizer_destroy(t);
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
+}
+
+/* A token id far beyond the number of entries is refused at load, before it sizes any table (an
+ * id of 2147483646 used to ask malloc for 8 GB, 400000000 took 45 s and 12 GB). */
+static void test_huge_id_refused(void **state)
+{
+    (void)state;
+    int64_t blocks = uc_mem_blocks_in_use();
+    expect_refusal(q("{'model':{'type':'BPE','vocab':{'a':2147483646},'merges':[]}}"),
+                   UC_ERR_FORMAT, "model.vocab[\"a\"] id=2147483646 is too large");
+    expect_refusal(q("{'model':{'type':'BPE','vocab':{'a':0,'b':1},'merges':[]},"
+                     "'added_tokens':[{'id':400000000,'content':'<x>','special':true}]}"),
+                   UC_ERR_FORMAT, "added_tokens[0].id=400000000 is too large");
+    /* a few holes are fine */
+    struct uc_tokenizer *t = make(q("{'model':{'type':'BPE','vocab':{'a':0,'b':900},"
+                                    "'merges':[]}}"));
+    assert_int_equal(uc_tokenizer_vocab_size(t), 901);
+    uc_tokenizer_destroy(t);
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
+}
+
+/* The library's added-token rules: a normalized token is matched in normalized text; a
+ * single_word match touching a word character is dropped and the scan continues after it; a
+ * token the vocabulary holds takes the vocabulary's id; BPE continuing-subword prefixes. */
+static void test_added_token_rules(void **state)
+{
+    (void)state;
+    int64_t blocks = uc_mem_blocks_in_use();
+    struct uc_tokenizer *t = make(tok_json(
+        bpe_model("{'a':0,'b':1,'c':2,'x':3,'ab':4}", "[]", ""),
+        "[{'id':5,'content':'AB','special':false,'normalized':true},"
+        "{'id':6,'content':'bc','special':false,'normalized':false,'single_word':true},"
+        "{'id':9,'content':'x','special':false,'normalized':false}]",
+        "{'type':'Lowercase'}", "null", "null", "null"));
+    EXPECT_IDS(t, "AB", false, 5);         /* lowercased text matches the lowercased token */
+    EXPECT_IDS(t, "ab", false, 5);
+    EXPECT_IDS(t, "bc", false, 6);
+    EXPECT_IDS(t, "abc", false, 5, 2);     /* "bc" touches a: dropped */
+    EXPECT_IDS(t, "x", false, 3);          /* "x" is in the vocabulary: its id 3, not 9 */
+    uc_tokenizer_destroy(t);
+    t = make(tok_json("{'type':'BPE','continuing_subword_prefix':'##','vocab':{'a':0,'##b':1,"
+                      "'##c':2,'a##b':3,'ab':4,'##bc':5,'abc':6},'merges':['##b ##c','a ##bc']}",
+                      "[]", "null", "{'type':'WhitespaceSplit'}", "null", "null"));
+    EXPECT_IDS(t, "abc", false, 6);
+    EXPECT_IDS(t, "ab a", false, 0, 1, 0);
+    uc_tokenizer_destroy(t);
     assert_int_equal(uc_mem_blocks_in_use(), blocks);
 }
 
@@ -751,7 +843,10 @@ int main(void)
         cmocka_unit_test(test_unsupported),
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_invalid_input),
-        cmocka_unit_test(test_llama_config),
+        cmocka_unit_test(test_tokenizer_config_ignored),
+        cmocka_unit_test(test_nul_bytes),
+        cmocka_unit_test(test_huge_id_refused),
+        cmocka_unit_test(test_added_token_rules),
         cmocka_unit_test(test_allocation_failures),
         cmocka_unit_test(test_long_round_trip),
     };
