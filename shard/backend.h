@@ -136,6 +136,11 @@ struct uc_backend_ops {
      * UNCOMP.md section 1, into host out (H, D, D) doubles. */
     uc_status (*qcov)(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
                       int64_t n_heads, int64_t head_dim);
+    /* Query spectra: for each head h of q, the eigenvalues of its matrix above, descending and
+     * clamped at 0 (as uc_entropy_eigvals gives them), into host out (H, D) doubles. Only the
+     * eigenvalues cross to the host. */
+    uc_status (*qspec)(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
+                       int64_t n_heads, int64_t head_dim);
     /* Paged KV pool: allocate / free. */
     uc_status (*kv_pool_create)(struct uc_backend *be, struct uc_kv_pool_view *pool,
                                 int64_t n_blocks, int64_t block_tokens, int64_t head_dim);

@@ -524,6 +524,28 @@ static uc_status cpu_qcov(struct uc_backend *be, double *out, const void *q, int
     return UC_OK;
 }
 
+static uc_status cpu_qspec(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
+                           int64_t n_heads, int64_t head_dim)
+{
+    int64_t d = head_dim;
+    double *cov = uc_malloc((size_t)(n_heads * d * d) * sizeof(double));
+    if (!cov) {
+        return UC_ERRF(UC_ERR_NOMEM, "query spectra heads=%lld d=%lld", (long long)n_heads,
+                       (long long)d);
+    }
+    uc_status rc = cpu_qcov(be, cov, q, ld, n, n_heads, head_dim);
+    int failed = rc != UC_OK;
+    /* one small eigensolve per head: in parallel (LAPACK runs serially inside the region) */
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    for (int64_t h = 0; h < n_heads; h++) {
+        if (!failed) {
+            failed |= uc_entropy_eigvals(out + h * d, cov + h * d * d, d) != UC_OK;
+        }
+    }
+    uc_free(cov);
+    return rc != UC_OK ? rc : failed ? UC_ERRF(UC_ERR_INTERNAL, "eigensolver failed") : UC_OK;
+}
+
 /* ---- paged KV -------------------------------------------------------------------------- */
 
 static uc_status cpu_kv_pool_create(struct uc_backend *be, struct uc_kv_pool_view *pool,
@@ -763,6 +785,7 @@ static const struct uc_backend_ops cpu_ops = {
     .window_scores = cpu_window_scores,
     .attn_colsum = cpu_attn_colsum,
     .qcov = cpu_qcov,
+    .qspec = cpu_qspec,
     .kv_pool_create = cpu_kv_pool_create,
     .kv_pool_destroy = cpu_kv_pool_destroy,
     .kv_scatter = cpu_kv_scatter,

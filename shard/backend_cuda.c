@@ -15,6 +15,7 @@
 #include "backend.h"
 #include "base/log.h"
 #include "base/mem.h"
+#include "compress/entropy.h"
 #include "kernels/kernels.h"
 
 #define STAGE_SLOTS 32
@@ -545,11 +546,10 @@ out:
     return rc;
 }
 
-static uc_status cuda_qcov(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
-                           int64_t n_heads, int64_t head_dim)
+/* The (H, D, D) covariances of qcov into c->outp on the device. */
+static uc_status qcov_device(struct cuda_ctx *c, const void *q, int64_t ld, int64_t n,
+                             int64_t n_heads, int64_t d, size_t extra_doubles)
 {
-    struct cuda_ctx *c = ctx_of(be);
-    int64_t d = head_dim;
     if (n <= 0 || d <= 0) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "qcov rows=%lld d=%lld", (long long)n, (long long)d);
     }
@@ -561,7 +561,9 @@ static uc_status cuda_qcov(struct uc_backend *be, double *out, const void *q, in
     hb = hb < 1 ? 1 : (hb > n_heads ? n_heads : hb);
     uc_status rc;
     UC_CHECK(buf_reserve(c, &c->dbl, (size_t)(hb * n * d + hb * d) * sizeof(double)), rc, out);
-    UC_CHECK(buf_reserve(c, &c->outp, (size_t)(n_heads * d * d) * sizeof(double)), rc, out);
+    UC_CHECK(buf_reserve(c, &c->outp, (size_t)(n_heads * d * d) * sizeof(double) +
+                                          extra_doubles * sizeof(double)),
+             rc, out);
     double *xn = c->dbl.p, *mean = xn + hb * n * d, *cov = c->outp.p;
     const double alpha = 1.0 / (double)n, beta = 0.0;
     for (int64_t h0 = 0; h0 < n_heads; h0 += hb) {
@@ -575,7 +577,44 @@ static uc_status cuda_qcov(struct uc_backend *be, double *out, const void *q, in
                                                 (int)nb)),
                  rc, out);
     }
-    rc = download_sync(c, out, cov, (size_t)(n_heads * d * d) * sizeof(double));
+out:
+    return rc;
+}
+
+static uc_status cuda_qcov(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
+                           int64_t n_heads, int64_t head_dim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    int64_t d = head_dim;
+    uc_status rc = qcov_device(c, q, ld, n, n_heads, d, 0);
+    if (rc == UC_OK) {
+        rc = download_sync(c, out, c->outp.p, (size_t)(n_heads * d * d) * sizeof(double));
+    }
+    return rc;
+}
+
+static uc_status cuda_qspec(struct uc_backend *be, double *out, const void *q, int64_t ld,
+                            int64_t n, int64_t n_heads, int64_t head_dim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    int64_t d = head_dim;
+    if (d > UC_CUDA_SYMEIG_MAX_D) { /* the matrix would not fit a block's shared memory */
+        double *cov = uc_malloc((size_t)(n_heads * d * d) * sizeof(double));
+        if (!cov) {
+            return UC_ERRF(UC_ERR_NOMEM, "query spectra");
+        }
+        uc_status rc = cuda_qcov(be, cov, q, ld, n, n_heads, head_dim);
+        for (int64_t h = 0; rc == UC_OK && h < n_heads; h++) {
+            rc = uc_entropy_eigvals(out + h * d, cov + h * d * d, d);
+        }
+        uc_free(cov);
+        return rc;
+    }
+    uc_status rc;
+    UC_CHECK(qcov_device(c, q, ld, n, n_heads, d, (size_t)(n_heads * d)), rc, out);
+    double *cov = c->outp.p, *eig = cov + n_heads * d * d;
+    UC_CHECK(CU(uc_cuda_symeig(eig, cov, n_heads, d, c->stream)), rc, out);
+    rc = download_sync(c, out, eig, (size_t)(n_heads * d) * sizeof(double));
 out:
     return rc;
 }
@@ -860,6 +899,7 @@ static const struct uc_backend_ops cuda_ops = {
     .window_scores = cuda_window_scores,
     .attn_colsum = cuda_attn_colsum,
     .qcov = cuda_qcov,
+    .qspec = cuda_qspec,
     .kv_pool_create = cuda_kv_pool_create,
     .kv_pool_destroy = cuda_kv_pool_destroy,
     .kv_scatter = cuda_kv_scatter,

@@ -208,13 +208,12 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
     e->dec_logits = uc_malloc((size_t)(e->p.max_batch * e->cfg->vocab) * sizeof(float));
     e->dec_argmax = uc_malloc((size_t)e->p.max_batch * sizeof(int32_t));
     e->dm_maxn = uc_malloc((size_t)e->cfg->n_layers * sizeof(int64_t));
-    e->cov = uc_malloc((size_t)(e->sh->n_heads * d * d) * sizeof(double));
     e->spec = uc_malloc((size_t)(e->cfg->n_heads * d) * sizeof(double));
     e->spec_local = uc_malloc((size_t)(e->sh->n_heads * d) * sizeof(double));
     e->cal_head = uc_calloc((size_t)(e->cfg->n_layers * e->cfg->n_heads), sizeof(double));
     e->cal_hidden = uc_calloc((size_t)e->cfg->n_layers, sizeof(double));
     if (!e->d_tok || !e->batch || !e->dec_logits || !e->dec_argmax || !e->dm_maxn ||
-        !e->cov || !e->spec || !e->spec_local || !e->cal_head ||
+        !e->spec || !e->spec_local || !e->cal_head ||
         !e->cal_hidden) {
         rc = UC_ERRF(UC_ERR_NOMEM, "engine scratch");
         goto out;
@@ -275,7 +274,7 @@ void uc_engine_destroy(struct uc_engine *e)
     }
     void *host[] = {e->d_tok, e->sc_row, e->sc_head, e->sc_slot, e->dm_host,
                     e->dm_maxn, e->psum, e->wprob, e->colscore, e->rowscore, e->keep,
-                    e->sel_scratch, e->cov, e->spec, e->spec_local, e->hid_host, e->cal_head,
+                    e->sel_scratch, e->spec, e->spec_local, e->hid_host, e->cal_head,
                     e->cal_hidden, e->model_dir, e->profile_path, e->batch, e->sw_seq, e->sw_left, e->dec_logits,
                     e->dec_argmax};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {

@@ -140,7 +140,6 @@ struct uc_engine {
     int32_t *keep;    /* (n) */
     void *sel_scratch;
     size_t sel_cap;   /* tokens the layer-end scratch holds */
-    double *cov;      /* (H_local, D, D) or (C, C) */
     double *spec;     /* (H, D) gathered spectra */
     double *spec_local;
     float *hid_host;  /* (n, C) */

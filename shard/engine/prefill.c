@@ -44,22 +44,14 @@ static uc_status ensure_scatter(struct uc_engine *e, int64_t n)
 
 /* ---- prefill: entropy ------------------------------------------------------------------- */
 
-/* Spectra of this rank's query heads at the layer end, gathered so every rank holds all H. */
+/* Spectra of this rank's query heads at the layer end (eigenvalues computed where the queries
+ * are), gathered so every rank holds all H. */
 static uc_status query_spectra(struct uc_engine *e, struct seq *s)
 {
     int64_t d = e->cfg->head_dim, hl = e->sh->n_heads;
     uc_status rc;
-    UC_CHECK(e->be->ops->qcov(e->be, e->cov, s->qkv, e->sh->qkv_dim, s->n_rows, hl, d), rc, out);
-    /* one small eigensolve per head: in parallel (LAPACK runs serially inside the region) */
-    int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
-    for (int64_t h = 0; h < hl; h++) {
-        failed |= uc_entropy_eigvals(e->spec_local + h * d, e->cov + h * d * d, d) != UC_OK;
-    }
-    if (failed) {
-        rc = UC_ERRF(UC_ERR_INTERNAL, "eigensolver failed on a query head");
-        goto out;
-    }
+    UC_CHECK(e->be->ops->qspec(e->be, e->spec_local, s->qkv, e->sh->qkv_dim, s->n_rows, hl, d), rc,
+             out);
     UC_CHECK(uc_comm_allgather(e->comm, e->spec_local, e->spec, (size_t)(hl * d) * sizeof(double)),
              rc, out);
 out:

@@ -573,6 +573,32 @@ static void test_qcov(int64_t n, int64_t h, int64_t d)
     qkv_free(&b);
 }
 
+/* Query spectra: the GPU's eigenvalues (Householder + bisection in a block) against LAPACK's
+ * dsyevd on the CPU backend, for the same covariances; the absolute error is what the truncated
+ * entropies feel (the values sum to 1). */
+static void test_qspec(int64_t n, int64_t h, int64_t d)
+{
+    struct qkv b;
+    qkv_make(&b, n, h, 1, d, 700 + (uint64_t)(n + d));
+    double *eg = uc_malloc((size_t)(h * d) * sizeof(double));
+    double *ec = uc_malloc((size_t)(h * d) * sizeof(double));
+    uc_status r1 = gpu->ops->qspec(gpu, eg, b.g, b.ld, n, h, d);
+    uc_status r2 = cpu->ops->qspec(cpu, ec, b.c, b.ld, n, h, d);
+    double worst = r1 == UC_OK && r2 == UC_OK ? 0.0 : INFINITY;
+    bool ordered = true;
+    for (int64_t i = 0; i < h * d && r1 == UC_OK && r2 == UC_OK; i++) {
+        double err = fabs(eg[i] - ec[i]);
+        worst = err > worst ? err : worst;
+        ordered = ordered && eg[i] >= 0.0 && (i % d == 0 || eg[i] <= eg[i - 1]);
+    }
+    char what[96];
+    snprintf(what, sizeof what, "n=%lld H=%lld D=%lld", (long long)n, (long long)h, (long long)d);
+    report("qspec", what, ordered ? worst : INFINITY, 1e-13);
+    uc_free(eg);
+    uc_free(ec);
+    qkv_free(&b);
+}
+
 /* ---- paged KV ----------------------------------------------------------------------------- */
 
 struct pools {
@@ -821,6 +847,11 @@ static void run_pass(void)
     test_qcov(5, 4, 32);
     test_qcov(300, 4, 128);
     test_qcov(2048, 8, 8);
+    test_qspec(5, 4, 32);    /* rank 4 of 32: most eigenvalues 0 */
+    test_qspec(300, 4, 128);
+    test_qspec(2048, 8, 64);
+    test_qspec(1024, 32, 128); /* an 8B layer's heads at tp 1 */
+    test_qspec(100, 2, 256); /* past the kernel's size: the host eigensolver */
     /* paged KV */
     test_kv_scatter_move(128);
     test_kv_scatter_move(8);
