@@ -1,39 +1,69 @@
 #!/usr/bin/env bash
 # The CUDA checks on a GPU host (the device machine), in one call: unpacks the .deb files carried
-# in .deps into .deps/root (never into /), configures with UC_DEPS_PREFIX, builds the CUDA
-# targets, then runs the named steps, each with its rc and wall time. Fixtures come from
+# in .deps (tests/cuda/fetch_deps.sh fills it here) into .deps/root (never into /), configures
+# the whole tree against them (engine, uncompd + uncompctl with gRPC, tests), builds every
+# target, then runs the named steps, each with its rc and wall time. Fixtures come from
 # .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
 # travel. Steps: ops (with --bench), ctest (label cuda), golden, golden-fp32,
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
-# gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c).
+# gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c),
+# e2e (both end-to-end suites against --backend cuda; e2e-grpc, e2e-ctl one each),
+# serve (tests/bench/serve_gpu.sh; serve:a,b picks workloads, SERVE_ARGS adds options).
 # A step written VAR=VALUE:STEP runs with that variable set (e.g. UC_CUDA_PDL=0:gpu-quick).
+# UC_DEPS_ROOT moves the unpacked tree (a dry run on a build machine: keep it out of .deps).
 # Usage: tests/cuda/device_check.sh BUILD_DIR STEP...
 set -u -o pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bd=${1:?usage: device_check.sh BUILD_DIR STEP...}
 shift
-deps=$root/.deps/root
+deps=${UC_DEPS_ROOT:-$root/.deps/root}
 lib=$deps/usr/lib/x86_64-linux-gnu
 if [ ! -d "$deps/usr" ]; then
   for f in "$root"/.deps/*.deb; do dpkg -x "$f" "$deps" || exit 1; done
 fi
+# The .pc files name /usr, which PKG_CONFIG_SYSROOT_DIR maps into the unpacked tree. grpc.pc and
+# gpr.pc require abseil's .pc files (not carried; the C core headers need no abseil headers),
+# and grpc.pc names its libdir as /usr/lib and links re2, upb, c-ares and zlib, whose unversioned
+# .so links only the -dev packages we do not carry have (libgrpc.so finds its own through
+# LD_LIBRARY_PATH): keep -lgrpc alone. libmicrohttpd.pc requires gnutls privately (not needed for
+# shared linking). Idempotent.
+pc=$lib/pkgconfig
+if [ -f "$pc/grpc.pc" ]; then
+  sed -i -e '/^Requires:/d' -e 's|^libdir=.*|libdir=${prefix}/lib/x86_64-linux-gnu|' \
+    -e 's|^Libs:.*|Libs: -L${libdir} -lgrpc|' "$pc/grpc.pc"
+  sed -i -e '/^Requires:/d' -e 's|^libdir=.*|libdir=${prefix}/lib/x86_64-linux-gnu|' "$pc/gpr.pc"
+  sed -i -e '/^Requires.private:/d' "$pc/libmicrohttpd.pc"
+fi
+# protoc-c (build), protoc + grpc_python_plugin (the Python suite's stubs), pkgconf; the
+# host's python3 stays first (the tree has python3.11 only)
+export PATH=$deps/usr/bin:$PATH
+export PKG_CONFIG_LIBDIR=$pc:$deps/usr/share/pkgconfig PKG_CONFIG_SYSROOT_DIR=$deps
 export LD_LIBRARY_PATH=$lib:$lib/openblas-openmp${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+fx=$root/.fixtures
 if [ ! -f "$bd/build.ninja" ]; then
   nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-  cmake -S "$root" -B "$bd" -G Ninja -DUC_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DCMAKE_CUDA_COMPILER="$nvcc" -DUC_BUILD_DAEMON=OFF -DUC_DEPS_PREFIX="$deps/usr" \
-    -DCMOCKA_LIB="$lib/libcmocka.so" > "$bd.cmake.log" 2>&1 || { tail -40 "$bd.cmake.log"; exit 1; }
-  grep -E "deps prefix|CUDA backend" "$bd.cmake.log"
+  # CMAKE_LIBRARY_PATH: find_library (and pkg_check_modules resolving -l names) looks in the
+  # unpacked tree before the system folders, also on a build machine that has the packages
+  cmake -S "$root" -B "$bd" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DUC_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$nvcc" -DUC_BUILD_DAEMON=ON \
+    -DUC_DEPS_PREFIX="$deps/usr" -DCMAKE_LIBRARY_PATH="$lib" -DCMOCKA_LIB="$lib/libcmocka.so" \
+    -DPKG_CONFIG_EXECUTABLE="$deps/usr/bin/pkgconf" -DPROTOC_C="$deps/usr/bin/protoc-c" \
+    -DUC_SHARED_DIR="$fx" > "$bd.cmake.log" 2>&1 || { tail -40 "$bd.cmake.log"; exit 1; }
+  grep -E "deps prefix|CUDA backend|gRPC daemon" "$bd.cmake.log"
 fi
 t0=$(date +%s)
-ninja -C "$bd" test_cuda_ops golden_model golden_compress golden_entropy bench_engine bench_gpu \
-  eval_compress \
-  > "$bd.build.log" 2>&1 ||
-  { grep -E "error|FAILED" -A3 "$bd.build.log" | head -60; exit 1; }
-echo "=== build ok in $(( $(date +%s) - t0 )) s; warnings: $(grep -c 'warning' "$bd.build.log")"
-fx=$root/.fixtures
+# every target; if that fails, the engine targets alone, so the engine steps can still run
+if ninja -C "$bd" ${UC_NINJA_JOBS:+-j$UC_NINJA_JOBS} > "$bd.build.log" 2>&1; then
+  echo "=== build ok in $(( $(date +%s) - t0 )) s; warnings: $(grep -c 'warning' "$bd.build.log")"
+else
+  grep -E "error|FAILED" -A3 "$bd.build.log" | head -60
+  echo "=== full build FAILED; building the engine targets only"
+  ninja -C "$bd" ${UC_NINJA_JOBS:+-j$UC_NINJA_JOBS} test_cuda_ops golden_model golden_compress \
+    golden_entropy bench_engine bench_gpu eval_compress > "$bd.build2.log" 2>&1 ||
+    { grep -E "error|FAILED" -A3 "$bd.build2.log" | head -60; exit 1; }
+fi
 mpi="mpirun --allow-run-as-root --oversubscribe -np 2 -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH"
 rc=0
 for step in "$@"; do
