@@ -65,6 +65,47 @@ else
     { grep -E "error|FAILED" -A3 "$bd.build2.log" | head -60; exit 1; }
 fi
 mpi="mpirun --allow-run-as-root --oversubscribe -np 2 -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH"
+
+# The end-to-end suites (tests/e2e) against --backend $E2E_BACKEND (cuda; cpu for a dry run on a
+# build machine). The Python suite needs grpcio and protobuf: Debian's python3.11 with them,
+# unpacked from .deps (the versions the suite is written against; the host's python3 is 3.12
+# and cannot import Debian's 3.11 extension), else the host's python3 if it imports both; its
+# stubs come from the carried protoc + grpc_python_plugin (PATH). The uncompctl suite needs only
+# the standard library. Two ranks cannot share one GPU under NCCL: with fewer than two GPUs the
+# tp 2 cases are skipped (--no-mpi).
+e2e_common() {
+  export UC_E2E_DAEMON_ARGS="--backend ${E2E_BACKEND:-cuda}" PYTHONUNBUFFERED=1
+  export OMPI_MCA_rmaps_base_oversubscribe=1
+  e2e_flags=()
+  local ngpu
+  ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  if [ "${E2E_BACKEND:-cuda}" = cuda ] && [ "$ngpu" -lt 2 ]; then
+    echo "($ngpu GPU: tp 2 cases skipped, --no-mpi)"
+    e2e_flags=(--no-mpi)
+  fi
+}
+e2e_grpc() {
+  e2e_common
+  local py=()
+  if [ -x "$deps/usr/bin/python3.11" ] && PYTHONHOME=$deps/usr PYTHONNOUSERSITE=1 \
+       "$deps/usr/bin/python3.11" -c 'import grpc, google.protobuf' 2> /dev/null; then
+    py=(env PYTHONHOME="$deps/usr" PYTHONNOUSERSITE=1 "$deps/usr/bin/python3.11")
+  elif python3 -c 'import grpc, google.protobuf' 2> /dev/null; then
+    py=(python3)
+  else
+    echo "no Python with grpcio and protobuf (carried python3.11 or the host's): e2e-grpc not run"
+    return 1
+  fi
+  echo "(e2e-grpc with ${py[*]: -1}: $("${py[@]}" -c 'import sys, grpc, google.protobuf as p
+print(sys.version.split()[0], "grpcio", grpc.__version__, "protobuf", p.__version__)'))"
+  timeout 420 "${py[@]}" "$root/tests/e2e/test_e2e.py" --daemon "$bd/daemon/uncompd" \
+    --model "$fx/models/uncomp-tiny" --mpirun "$(command -v mpirun)" "${e2e_flags[@]}"
+}
+e2e_ctl() {
+  e2e_common
+  timeout 300 python3 "$root/tests/e2e/test_uncompctl.py" --uncompctl "$bd/client/uncompctl" \
+    --daemon "$bd/daemon/uncompd" --mpirun "$(command -v mpirun)" "${e2e_flags[@]}"
+}
 rc=0
 for step in "$@"; do
   echo "=== step $step"
@@ -127,6 +168,14 @@ for step in "$@"; do
       python3 "$root/tests/cuda/trace_steps.py" "$bd/trace.csv" 8 ;;
     gpu-quick) timeout 200 "$bd/tests/bench/bench_gpu" --reps 3 --skip-compress --prefill 8192 ;;
     torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
+    e2e-grpc) e2e_grpc ;;
+    e2e-ctl) e2e_ctl ;;
+    e2e) e2e_grpc; r1=$?; e2e_ctl; r2=$?; [ $r1 -eq 0 ] && [ $r2 -eq 0 ] ;;
+    serve|serve:*) # the serving benchmark; serve:a,c picks workloads, SERVE_ARGS adds options
+      w=all
+      [[ $step == serve:* ]] && w=${step#serve:}
+      timeout 580 python3 "$root/tests/bench/serve_gpu.py" --build "$bd" --workloads "$w" \
+        ${SERVE_ARGS:-} ;;
     *) echo "unknown step $step"; false ;;
   esac
   )
