@@ -75,7 +75,8 @@ mpi="mpirun --allow-run-as-root --oversubscribe -np 2 -x NCCL_NVLS_ENABLE -x LD_
 # tp 2 cases are skipped (--no-mpi).
 e2e_common() {
   export UC_E2E_DAEMON_ARGS="--backend ${E2E_BACKEND:-cuda}" PYTHONUNBUFFERED=1
-  export OMPI_MCA_rmaps_base_oversubscribe=1
+  # the daemon's bundled model (and its calibration text) whatever the build folder is
+  export OMPI_MCA_rmaps_base_oversubscribe=1 UNCOMP_MODEL=$root/models/uncomp-tiny
   e2e_flags=()
   local ngpu
   ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
