@@ -42,7 +42,8 @@ Targets (issue 11), each printed as PASS/FAIL with its numbers:
   d: full >= 6500 output tok/s
   b, c, d: uncomp output tok/s never below full
 Everything printed also goes to $OUT/serve.log when OUT is set (and --log FILE); the numbers to
-$OUT/serve.json.
+$OUT/serve-<workloads>.json. With --budget-s the run ends in time: requests are sent for a share
+of the time left (the table's `done` column then shows fewer than asked; floors count those).
 """
 import argparse
 import json
@@ -409,9 +410,11 @@ class Daemon:
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def bench(d, w, seed, timeout):
+def bench(d, w, seed, timeout, duration_s=None):
     a = ["bench", "--json", "--no-progress", "-c", w["c"], "-n", w["n"], "-m", w["out"],
          "--prompt-tokens", w["prompt"], "--seed", seed, "--warmup", w["warmup"]]
+    if duration_s:  # no new request after this many seconds (those in flight finish)
+        a += ["--duration", "%.0f" % duration_s]
     if len(w["settings"]) > 1:
         a += ["--compare"] + w["settings"]
     else:
@@ -447,6 +450,10 @@ def main():
     ap.add_argument("--bench-timeout", type=int, default=400)
     ap.add_argument("--bench-gpu-timeout", type=int, default=240)
     ap.add_argument("--no-bench-gpu", action="store_true", help="skip the floors")
+    ap.add_argument("--budget-s", type=float, default=0,
+                    help="finish within this many seconds (0: no limit): a workload that cannot "
+                    "start is skipped, and each setting sends requests for its share of what is "
+                    "left (bench --duration), so a slow run reports fewer requests, not nothing")
     ap.add_argument("--shard-gib", type=float, default=4.6, help="safetensors shard size")
     ap.add_argument("--write-only", action="store_true", help="write the model folder and stop")
     ap.add_argument("--log", action="append", default=[])
@@ -484,6 +491,9 @@ def main():
     eng = {"prefill": {}, "step_ms": {}, "b1_ms": None}
     if not args.no_bench_gpu:
         try:
+            if args.budget_s:
+                args.bench_gpu_timeout = min(args.bench_gpu_timeout,
+                                             max(30, args.budget_s - (time.time() - t_all) - 120))
             eng = run_bench_gpu(args, sh, wls, log)
         except subprocess.TimeoutExpired:
             log("bench_gpu timed out after %d s: no floors" % args.bench_gpu_timeout)
@@ -493,6 +503,12 @@ def main():
         for name in names:
             w = wls[name]
             t0 = time.time()
+            left = args.budget_s - (t0 - t_all) if args.budget_s else None
+            if left is not None and left < 45:
+                log("\n## workload %s SKIPPED: %.0f s left of --budget-s %.0f" %
+                    (name, left, args.budget_s))
+                results[name] = None
+                continue
             log("\n## workload %s: %d x %d-token prompts, %d out, %d clients, pool %s, "
                 "batch %d: %s" % (name, w["n"], w["prompt"], w["out"], w["c"], w["pool"],
                                   w["batch"], " vs ".join(w["settings"])))
@@ -508,7 +524,14 @@ def main():
                     r = d.ctl("bench", "--no-progress", "-c", "2", "-n", "2", "-m", "4",
                               "--prompt-tokens", min(512, w["prompt"]), timeout=120)
                     log("warm-up: exit %d" % r.returncode)
-                j = bench(d, w, args.seed, args.bench_timeout)
+                cap, timeout = None, args.bench_timeout
+                if args.budget_s:
+                    left = args.budget_s - (time.time() - t_all)
+                    cap = max(5.0, 0.7 * (left - 15) / len(w["settings"]))
+                    timeout = max(10, min(timeout, left - 5))
+                    log("time budget: %.0f s left; each setting sends requests for at most "
+                        "%.0f s" % (left, cap))
+                j = bench(d, w, args.seed, timeout, cap)
             except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
                 log("workload %s FAILED: %s" % (name, e))
                 if d is not None:
@@ -520,16 +543,19 @@ def main():
                     d_key = None
                 continue
             results[name] = j
-            log("%-44s %7s %9s %9s %8s %8s %7s %7s %7s %7s %6s %6s" % (
-                "setting", "req/s", "out tok/s", "tot tok/s", "TTFT50", "TTFT99", "ITL50",
+            log("%-44s %7s %7s %9s %9s %8s %8s %7s %7s %7s %7s %6s %6s" % (
+                "setting", "done", "req/s", "out tok/s", "tot tok/s", "TTFT50", "TTFT99", "ITL50",
                 "ITL99", "wall s", "floor", "x flr", "kept"))
             for run in j["runs"]:
-                fl, why = floor_s(sh, eng, w, run["setting"])
+                # the floor of the requests that completed (all of them unless cut by time)
+                fl, why = floor_s(sh, eng, dict(w, n=run["completed"] or w["n"]),
+                                  run["setting"])
                 run["floor_s"] = fl
                 run["floor_model"] = why
                 run["x_floor"] = run["duration_s"] / fl if fl else None
-                log("%-44s %7s %9s %9s %8s %8s %7s %7s %7s %7s %6s %6s%s" % (
-                    run["setting"], fmt(run["requests_per_s"], "%.3f"),
+                log("%-44s %7s %7s %9s %9s %8s %8s %7s %7s %7s %7s %6s %6s%s" % (
+                    run["setting"], "%d/%d" % (run["completed"], w["n"]),
+                    fmt(run["requests_per_s"], "%.3f"),
                     fmt(run["output_tokens_per_s"], "%.0f"), fmt(run["total_tokens_per_s"], "%.0f"),
                     fmt(run["ttft_ms"]["p50"], "%.0f"), fmt(run["ttft_ms"]["p99"], "%.0f"),
                     fmt(run["itl_ms"]["p50"], "%.2f"), fmt(run["itl_ms"]["p99"], "%.2f"),
@@ -547,7 +573,7 @@ def main():
     rc = max(rc, targets(results, eng, log, args.shape))
     log("\n# serve_gpu done in %.1f s" % (time.time() - t_all))
     if out:
-        with open(os.path.join(out, "serve.json"), "w") as f:
+        with open(os.path.join(out, "serve-%s.json" % "".join(names)), "w") as f:
             json.dump({"shape": args.shape, "backend": args.backend, "workloads": wls, "engine": {"prefill": eng["prefill"], "b1_ms": eng["b1_ms"],
                                         "step_ms": {"%d:%d" % k: v for k, v in
                                                     eng["step_ms"].items()}},
