@@ -343,8 +343,9 @@ def floor_s(sh, eng, w, setting):
     pre = w["n"] * w["prompt"] / rate
     waves = -(-w["n"] // b)
     dec = waves * w["out"] * step / 1e3
-    return pre + dec, "prefill %.1f s + %d waves x %d steps x %.2f ms at batch %d (pool fits %d)" % (
+    why = "prefill %.1f s + %d waves x %d steps x %.2f ms at batch %d (pool fits %d)" % (
         pre, waves, w["out"], step, b, fit)
+    return pre + dec, why
 
 
 # ---- the daemon -------------------------------------------------------------------------------
@@ -574,9 +575,10 @@ def main():
     log("\n# serve_gpu done in %.1f s" % (time.time() - t_all))
     if out:
         with open(os.path.join(out, "serve-%s.json" % "".join(names)), "w") as f:
-            json.dump({"shape": args.shape, "backend": args.backend, "workloads": wls, "engine": {"prefill": eng["prefill"], "b1_ms": eng["b1_ms"],
-                                        "step_ms": {"%d:%d" % k: v for k, v in
-                                                    eng["step_ms"].items()}},
+            steps = {"%d:%d" % k: v for k, v in eng["step_ms"].items()}
+            json.dump({"shape": args.shape, "backend": args.backend, "workloads": wls,
+                       "engine": {"prefill": eng["prefill"], "b1_ms": eng["b1_ms"],
+                                  "step_ms": steps},
                        "results": results}, f, indent=1)
     shutil.rmtree(args.tmp, ignore_errors=True)
     return rc

@@ -101,5 +101,6 @@ ls -l "$deps"
 echo "== .deps $(du -sb "$deps" | cut -f1) bytes in $(ls "$deps"/*.deb | wc -l) packages;" \
   ".fixtures $(du -sb "$root/.fixtures" | cut -f1) bytes" \
   "($(find "$fx" -type l | wc -l) links into models/)"
-echo "== tracked tree $(cd "$root" && git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes;" \
+tree=$(cd "$root" && git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+echo "== tracked tree $tree bytes;" \
   "device limit 67108864 for all that travels"
