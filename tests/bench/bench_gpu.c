@@ -7,10 +7,14 @@
  *      bytes per sequence, the largest batch the KV pool holds, and aggregate decode tokens/s at
  *      that batch (sequences are forks of one prefilled prompt: same cache size, no re-prefill);
  *      and the prefill time of `uncomp-stage` vs `full`.
+ *   5. --decode-at B:CTX,...: decode step time at batch B with every sequence at context CTX
+ *      (forks of one prefilled prompt, full cache): the decode floor of a serving workload
+ *      (tests/bench/serve_gpu.py reads these lines).
  * Every number is a median over --reps runs. Runs on the CPU backend too (small shapes).
  * Usage: bench_gpu [--model synthetic:llama3-8b] [--backend cuda] [--kv-mem-gib 48]
  *                  [--prefill 8192,32768] [--ctx 32768] [--budget-frac 0.1] [--reps 3]
- *                  [--decode-steps 32] [--max-batch 128] [--stage-starts 16,24] [--r-min 0.375] */
+ *                  [--decode-steps 32] [--max-batch 128] [--stage-starts 16,24] [--r-min 0.375]
+ *                  [--decode-at 1:640,32:8256] [--skip-compress] */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +38,8 @@ struct opts {
     int reps, decode_steps;
     int64_t max_batch;
     struct uc_compress_params stage;
+    int64_t decode_at[16][2]; /* (batch, context) */
+    int n_decode_at;
 };
 
 /* ---- ceilings --------------------------------------------------------------------------- */
@@ -231,6 +237,54 @@ static void bench_batch(struct uc_engine *e, const struct opts *o, const char *l
     uc_free(t);
 }
 
+/* Decode steps at batch `want` with every sequence at context `ctx`: one prompt prefilled, forked
+ * to the batch (fewer when the pool or --max-batch holds fewer; the line says so). */
+static void bench_decode_at(struct uc_engine *e, const struct opts *o, int64_t want, int64_t ctx)
+{
+    const struct uc_model_config *c = uc_engine_config(e);
+    int gen = o->decode_steps + 2;
+    if (ctx > uc_engine_max_ctx(e) - gen) {
+        ctx = uc_engine_max_ctx(e) - gen;
+    }
+    int32_t *ids = random_ids(ctx, c->vocab, 123);
+    struct uc_compress_params full = uc_compress_default_params();
+    if (tu_prefill(e, 3000, ids, ctx, 0, &full, gen) != UC_OK) {
+        printf("decode batch=%lld context=%lld: prefill failed\n", (long long)want,
+               (long long)ctx);
+        uc_free(ids);
+        return;
+    }
+    struct uc_step_new f = {.flags = UC_SEQ_FORK, .fork_of = 3000, .max_new_tokens = gen,
+                            .cp = full};
+    int64_t per_seq = uc_engine_kv_blocks_needed(e, &f);
+    int64_t batch = want < o->max_batch ? want : o->max_batch;
+    for (int64_t i = 1; i < batch; i++) {
+        f.seq_id = 3000 + i;
+        struct uc_step s = {.op = UC_STEP_RUN, .n_new = 1, .news = &f};
+        if (uc_engine_kv_blocks_used(e) + per_seq > uc_engine_kv_blocks_total(e) ||
+            uc_engine_step(e, &s) != UC_OK) {
+            batch = i;
+            break;
+        }
+    }
+    double *t = uc_malloc((size_t)o->decode_steps * sizeof(double));
+    for (int k = 0; k < o->decode_steps; k++) {
+        t[k] = decode_step(e, 3000, batch, ids[k]);
+    }
+    double step = tu_median(t, o->decode_steps);
+    printf("decode batch=%lld context=%lld: step %.3f ms (%.0f tok/s aggregate)", (long long)batch,
+           (long long)ctx, step * 1e3, (double)batch / step);
+    if (batch < want) {
+        printf("; asked for batch %lld, the pool / --max-batch holds %lld", (long long)want,
+               (long long)batch);
+    }
+    printf("\n");
+    fflush(stdout);
+    free_range(e, 3000, batch);
+    uc_free(t);
+    uc_free(ids);
+}
+
 static void bench_compress(struct uc_engine *e, const struct opts *o)
 {
     const struct uc_model_config *c = uc_engine_config(e);
@@ -328,6 +382,25 @@ int main(int argc, char **argv)
             stage_starts = v;
         } else if (!strcmp(a, "--r-min")) {
             o.stage.r_min = (float)atof(v);
+        } else if (!strcmp(a, "--decode-at")) {
+            o.n_decode_at = 0;
+            for (const char *s = v; *s && o.n_decode_at < 16;) {
+                char *end;
+                int64_t b = strtoll(s, &end, 10);
+                if (*end != ':' || b < 1) {
+                    fprintf(stderr, "bench_gpu: --decode-at expects B:CTX[,B:CTX...]\n");
+                    return 2;
+                }
+                int64_t n = strtoll(end + 1, &end, 10);
+                if (n < 1 || (*end && *end != ',')) {
+                    fprintf(stderr, "bench_gpu: --decode-at expects B:CTX[,B:CTX...]\n");
+                    return 2;
+                }
+                o.decode_at[o.n_decode_at][0] = b;
+                o.decode_at[o.n_decode_at][1] = n;
+                o.n_decode_at++;
+                s = *end == ',' ? end + 1 : end;
+            }
         } else {
             fprintf(stderr, "bench_gpu: unknown option %s\n", a);
             return 2;
@@ -383,6 +456,9 @@ int main(int argc, char **argv)
            (long long)c->ffn, (long long)c->hidden, gemm / 1e12);
     bench_decode(e, &o, bw);
     bench_prefill(e, &o, gemm);
+    for (int i = 0; i < o.n_decode_at; i++) {
+        bench_decode_at(e, &o, o.decode_at[i][0], o.decode_at[i][1]);
+    }
     if (!skip_compress) {
         bench_compress(e, &o);
     }

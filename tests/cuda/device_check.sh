@@ -1,40 +1,112 @@
 #!/usr/bin/env bash
 # The CUDA checks on a GPU host (the device machine), in one call: unpacks the .deb files carried
-# in .deps into .deps/root (never into /), configures with UC_DEPS_PREFIX, builds the CUDA
-# targets, then runs the named steps, each with its rc and wall time. Fixtures come from
+# in .deps (tests/cuda/fetch_deps.sh fills it here) into .deps/root (never into /), configures
+# the whole tree against them (engine, uncompd + uncompctl with gRPC, tests), builds every
+# target, then runs the named steps, each with its rc and wall time. Fixtures come from
 # .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
 # travel. Steps: ops (with --bench), ctest (label cuda), golden, golden-fp32,
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
-# gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c).
+# gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c),
+# e2e (both end-to-end suites against --backend cuda; e2e-grpc, e2e-ctl one each),
+# serve (tests/bench/serve_gpu.sh; serve:a,b picks workloads, SERVE_ARGS adds options).
 # A step written VAR=VALUE:STEP runs with that variable set (e.g. UC_CUDA_PDL=0:gpu-quick).
+# UC_DEPS_ROOT moves the unpacked tree (a dry run on a build machine: keep it out of .deps).
 # Usage: tests/cuda/device_check.sh BUILD_DIR STEP...
 set -u -o pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bd=${1:?usage: device_check.sh BUILD_DIR STEP...}
 shift
-deps=$root/.deps/root
+deps=${UC_DEPS_ROOT:-$root/.deps/root}
 lib=$deps/usr/lib/x86_64-linux-gnu
 if [ ! -d "$deps/usr" ]; then
   for f in "$root"/.deps/*.deb; do dpkg -x "$f" "$deps" || exit 1; done
 fi
+# The .pc files name /usr, which PKG_CONFIG_SYSROOT_DIR maps into the unpacked tree. grpc.pc and
+# gpr.pc require abseil's .pc files (not carried; the C core headers need no abseil headers),
+# and grpc.pc names its libdir as /usr/lib and links re2, upb, c-ares and zlib, whose unversioned
+# .so links only the -dev packages we do not carry have (libgrpc.so finds its own through
+# LD_LIBRARY_PATH): keep -lgrpc alone. libmicrohttpd.pc requires gnutls privately (not needed for
+# shared linking). Idempotent.
+pc=$lib/pkgconfig
+if [ -f "$pc/grpc.pc" ]; then
+  sed -i -e '/^Requires:/d' -e 's|^libdir=.*|libdir=${prefix}/lib/x86_64-linux-gnu|' \
+    -e 's|^Libs:.*|Libs: -L${libdir} -lgrpc|' "$pc/grpc.pc"
+  sed -i -e '/^Requires:/d' -e 's|^libdir=.*|libdir=${prefix}/lib/x86_64-linux-gnu|' "$pc/gpr.pc"
+  sed -i -e '/^Requires.private:/d' "$pc/libmicrohttpd.pc"
+fi
+# protoc-c (build), protoc + grpc_python_plugin (the Python suite's stubs), pkgconf; the
+# host's python3 stays first (the tree has python3.11 only)
+export PATH=$deps/usr/bin:$PATH
+export PKG_CONFIG_LIBDIR=$pc:$deps/usr/share/pkgconfig PKG_CONFIG_SYSROOT_DIR=$deps
 export LD_LIBRARY_PATH=$lib:$lib/openblas-openmp${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+fx=$root/.fixtures
 if [ ! -f "$bd/build.ninja" ]; then
   nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-  cmake -S "$root" -B "$bd" -G Ninja -DUC_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DCMAKE_CUDA_COMPILER="$nvcc" -DUC_BUILD_DAEMON=OFF -DUC_DEPS_PREFIX="$deps/usr" \
-    -DCMOCKA_LIB="$lib/libcmocka.so" > "$bd.cmake.log" 2>&1 || { tail -40 "$bd.cmake.log"; exit 1; }
-  grep -E "deps prefix|CUDA backend" "$bd.cmake.log"
+  # CMAKE_LIBRARY_PATH: find_library (and pkg_check_modules resolving -l names) looks in the
+  # unpacked tree before the system folders, also on a build machine that has the packages
+  cmake -S "$root" -B "$bd" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DUC_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$nvcc" -DUC_BUILD_DAEMON=ON \
+    -DUC_DEPS_PREFIX="$deps/usr" -DCMAKE_LIBRARY_PATH="$lib" -DCMOCKA_LIB="$lib/libcmocka.so" \
+    -DPKG_CONFIG_EXECUTABLE="$deps/usr/bin/pkgconf" -DPROTOC_C="$deps/usr/bin/protoc-c" \
+    -DUC_SHARED_DIR="$fx" > "$bd.cmake.log" 2>&1 || { tail -40 "$bd.cmake.log"; exit 1; }
+  grep -E "deps prefix|CUDA backend|gRPC daemon" "$bd.cmake.log"
 fi
 t0=$(date +%s)
-ninja -C "$bd" test_cuda_ops golden_model golden_compress golden_entropy bench_engine bench_gpu \
-  eval_compress \
-  > "$bd.build.log" 2>&1 ||
-  { grep -E "error|FAILED" -A3 "$bd.build.log" | head -60; exit 1; }
-echo "=== build ok in $(( $(date +%s) - t0 )) s; warnings: $(grep -c 'warning' "$bd.build.log")"
-fx=$root/.fixtures
+# every target; if that fails, the engine targets alone, so the engine steps can still run
+if ninja -C "$bd" ${UC_NINJA_JOBS:+-j$UC_NINJA_JOBS} > "$bd.build.log" 2>&1; then
+  echo "=== build ok in $(( $(date +%s) - t0 )) s; warnings: $(grep -c 'warning' "$bd.build.log")"
+else
+  grep -E "error|FAILED" -A3 "$bd.build.log" | head -60
+  echo "=== full build FAILED; building the engine targets only"
+  ninja -C "$bd" ${UC_NINJA_JOBS:+-j$UC_NINJA_JOBS} test_cuda_ops golden_model golden_compress \
+    golden_entropy bench_engine bench_gpu eval_compress > "$bd.build2.log" 2>&1 ||
+    { grep -E "error|FAILED" -A3 "$bd.build2.log" | head -60; exit 1; }
+fi
 mpi="mpirun --allow-run-as-root --oversubscribe -np 2 -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH"
+
+# The end-to-end suites (tests/e2e) against --backend $E2E_BACKEND (cuda; cpu for a dry run on a
+# build machine). The Python suite needs grpcio and protobuf: Debian's python3.11 with them,
+# unpacked from .deps (the versions the suite is written against; the host's python3 is 3.12
+# and cannot import Debian's 3.11 extension), else the host's python3 if it imports both; its
+# stubs come from the carried protoc + grpc_python_plugin (PATH). The uncompctl suite needs only
+# the standard library. Two ranks cannot share one GPU under NCCL: with fewer than two GPUs the
+# tp 2 cases are skipped (--no-mpi).
+e2e_common() {
+  export UC_E2E_DAEMON_ARGS="--backend ${E2E_BACKEND:-cuda}" PYTHONUNBUFFERED=1
+  # the daemon's bundled model (and its calibration text) whatever the build folder is
+  export OMPI_MCA_rmaps_base_oversubscribe=1 UNCOMP_MODEL=$root/models/uncomp-tiny
+  e2e_flags=()
+  local ngpu
+  ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  if [ "${E2E_BACKEND:-cuda}" = cuda ] && [ "$ngpu" -lt 2 ]; then
+    echo "($ngpu GPU: tp 2 cases skipped, --no-mpi)"
+    e2e_flags=(--no-mpi)
+  fi
+}
+e2e_grpc() {
+  e2e_common
+  local py=()
+  if [ -x "$deps/usr/bin/python3.11" ] && PYTHONHOME=$deps/usr PYTHONNOUSERSITE=1 \
+       "$deps/usr/bin/python3.11" -c 'import grpc, google.protobuf' 2> /dev/null; then
+    py=(env PYTHONHOME="$deps/usr" PYTHONNOUSERSITE=1 "$deps/usr/bin/python3.11")
+  elif python3 -c 'import grpc, google.protobuf' 2> /dev/null; then
+    py=(python3)
+  else
+    echo "no Python with grpcio and protobuf (carried python3.11 or the host's): e2e-grpc not run"
+    return 1
+  fi
+  echo "(e2e-grpc with ${py[*]: -1}: $("${py[@]}" -c 'import sys, grpc, google.protobuf as p
+print(sys.version.split()[0], "grpcio", grpc.__version__, "protobuf", p.__version__)'))"
+  timeout 420 "${py[@]}" "$root/tests/e2e/test_e2e.py" --daemon "$bd/daemon/uncompd" \
+    --model "$fx/models/uncomp-tiny" --mpirun "$(command -v mpirun)" "${e2e_flags[@]}"
+}
+e2e_ctl() {
+  e2e_common
+  timeout 300 python3 "$root/tests/e2e/test_uncompctl.py" --uncompctl "$bd/client/uncompctl" \
+    --daemon "$bd/daemon/uncompd" --mpirun "$(command -v mpirun)" "${e2e_flags[@]}"
+}
 rc=0
 for step in "$@"; do
   echo "=== step $step"
@@ -97,6 +169,17 @@ for step in "$@"; do
       python3 "$root/tests/cuda/trace_steps.py" "$bd/trace.csv" 8 ;;
     gpu-quick) timeout 200 "$bd/tests/bench/bench_gpu" --reps 3 --skip-compress --prefill 8192 ;;
     torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
+    e2e-grpc) e2e_grpc ;;
+    e2e-ctl) e2e_ctl ;;
+    e2e) e2e_grpc; r1=$?; e2e_ctl; r2=$?; [ $r1 -eq 0 ] && [ $r2 -eq 0 ] ;;
+    serve|serve:*) # the serving benchmark; serve:a,c picks workloads, SERVE_ARGS adds options.
+      # It gets what is left of SERVE_BUDGET_S (570 s, inside the device's 600 s a call) since
+      # this script started, and ends in time (fewer requests, not nothing).
+      w=all
+      [[ $step == serve:* ]] && w=${step#serve:}
+      left=$(( ${SERVE_BUDGET_S:-570} - SECONDS ))
+      timeout $(( left > 30 ? left + 20 : 50 )) python3 "$root/tests/bench/serve_gpu.py" \
+        --build "$bd" --workloads "$w" --budget-s $(( left > 30 ? left : 30 )) ${SERVE_ARGS:-} ;;
     *) echo "unknown step $step"; false ;;
   esac
   )

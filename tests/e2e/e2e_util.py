@@ -1,11 +1,30 @@
 """Helpers shared by the end-to-end test scripts: assertions, free loopback ports and the daemon
 process under test."""
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+
+
+# More daemon flags for every DaemonProcess, from the environment: tests/cuda/device_check.sh runs
+# both suites with UC_E2E_DAEMON_ARGS="--backend cuda" on a GPU host. Unset (every CPU run, ctest)
+# it adds nothing.
+EXTRA_DAEMON_ARGS = shlex.split(os.environ.get("UC_E2E_DAEMON_ARGS", ""))
+
+
+def daemon_backend():
+    """The backend the daemons under test run on: the last --backend of UC_E2E_DAEMON_ARGS, else
+    the daemon's default, cpu."""
+    backend = "cpu"
+    for i, a in enumerate(EXTRA_DAEMON_ARGS):
+        if a == "--backend" and i + 1 < len(EXTRA_DAEMON_ARGS):
+            backend = EXTRA_DAEMON_ARGS[i + 1]
+        elif a.startswith("--backend="):
+            backend = a.split("=", 1)[1]
+    return backend
 
 
 class TestFailure(AssertionError):
@@ -25,8 +44,8 @@ def free_port():
 
 class DaemonProcess:
     """One uncompd (or mpirun of R ranks) on a free loopback port, with its own folder (profile,
-    log) and process group. `extra` are more daemon arguments; `env_defaults` are set where the
-    environment does not already say, `env` always."""
+    log) and process group. `extra` are more daemon arguments (then EXTRA_DAEMON_ARGS);
+    `env_defaults` are set where the environment does not already say, `env` always."""
 
     def __init__(self, daemon, mpirun, extra=(), np=1, name="daemon", prefix="uncomp_e2e_",
                  env_defaults=None, env=None):
@@ -36,7 +55,7 @@ class DaemonProcess:
         self.tmp = tempfile.mkdtemp(prefix=prefix)
         self.log_path = os.path.join(self.tmp, name + ".log")
         cmd = [daemon, "--listen", self.addr, "--profile", os.path.join(self.tmp, "profile.json"),
-               "--drain-timeout", "20000"] + list(extra)
+               "--drain-timeout", "20000"] + list(extra) + EXTRA_DAEMON_ARGS
         if np > 1:
             cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(np)] + \
                 cmd + ["--tp", str(np)]

@@ -9,7 +9,8 @@ health transitions, the Admin service, Drain and SIGTERM. Ports are picked free 
     /usr/bin/python3 tests/e2e/test_e2e.py [--daemon build/daemon/uncompd] [--model DIR]
                                            [--only SUBSTRING] [--no-mpi] [--asan]
 
-Environment: UNCOMPD (daemon path), UNCOMP_TEST_MODEL (model folder), MPIRUN (mpirun path).
+Environment: UNCOMPD (daemon path), UNCOMP_TEST_MODEL (model folder), MPIRUN (mpirun path),
+UC_E2E_DAEMON_ARGS (more flags for every daemon, e.g. "--backend cuda"; e2e_util.py).
 Prints one line per test ([ RUN ] / [ OK ] / [ FAILED ]) and exits with the number of failures
 (77 when the daemon binary is missing, which ctest can treat as skipped).
 """
@@ -33,7 +34,7 @@ import grpc  # noqa: E402
 
 import grpc_client as gc  # noqa: E402
 from grpc_client import pb  # noqa: E402
-from e2e_util import DaemonProcess, TestFailure, check, free_port  # noqa: E402
+from e2e_util import DaemonProcess, TestFailure, check, daemon_backend, free_port  # noqa: E402
 
 REPO = gc.REPO
 TEST_TIMEOUT_S = 90          # per test (x3 for an ASan build)
@@ -372,9 +373,20 @@ def t_deadline(d):
     still_serving(cl)
 
 
+# On the CPU backend a row's arithmetic does not depend on the batch, so a request's greedy tokens
+# are the same alone and in a batch, exactly. On the GPU the matrix products of a batch of B rows
+# may take another cuBLAS algorithm (another summation order) than B=1, so bf16 logits can differ
+# in the last bit: there a difference is accepted only where the two candidates are a tie at bf16
+# precision in the run alone (top-2 logprob gap at the first differing token within
+# TIE_GAP_NATS, the ulp of bf16 logits of magnitude ~16-32 is 0.125; tests/cuda/NOTES.md saw gaps
+# of 0-0.06 where greedy bf16 runs diverged), and everything after it is not compared.
+TIE_GAP_NATS = 0.25
+
+
 def mixed_requests(cl, n, prefix):
     """n greedy requests of mixed prompts, policies and sampling options (uncomp with its
     entropy groups from the prompt itself included)."""
+    exact = daemon_backend() == "cpu"
     reqs = []
     policies = [None, {"policy": "snapkv", "kv_budget": 24},
                 {"policy": "pyramidkv", "kv_budget": 32},
@@ -393,6 +405,8 @@ def mixed_requests(cl, n, prefix):
             kw["ignore_eos"] = True
         if i % 7 == 3:
             kw["logprobs"] = 1
+        if not exact:
+            kw["logprobs"] = 2  # the top-2 gap at each token (logprobs change no token)
         reqs.append(cl.request(**kw))
     return reqs
 
@@ -400,23 +414,46 @@ def mixed_requests(cl, n, prefix):
 def check_together_equals_alone(addr, reqs):
     """Runs the requests one at a time, then all at once (prompts prefilled in the same steps
     as other requests' decode rows): tokens, text, finish, kept KV and the compression plan's
-    checksum must not change."""
+    checksum must not change (on the GPU: up to a bf16 tie, see TIE_GAP_NATS)."""
+    exact = daemon_backend() == "cpu"
+
     def run(req):
         c = gc.Client(addr)
         try:
-            ids, text, comp, chunks = c.generate(req, timeout=90)
-            return list(ids), text, comp.finish_reason, comp.usage.completion_tokens, \
-                comp.compression.kv_tokens_kept, comp.compression.plan_checksum
+            ids, text, comp, gaps = [], "", None, []
+            for r in c.generate_stream(req, timeout=90):
+                if r.WhichOneof("kind") == "chunk":
+                    ids.extend(r.chunk.token_ids)
+                    text += r.chunk.text
+                    for lp in r.chunk.logprobs:
+                        top = list(lp.top_logprobs)
+                        gaps.append(top[0] - top[1] if len(top) >= 2 else float("inf"))
+                else:
+                    comp = r.complete
+            return (list(ids), text, comp.finish_reason, comp.usage.completion_tokens,
+                    comp.compression.kv_tokens_kept, comp.compression.plan_checksum), gaps
         finally:
             c.close()
 
     alone = [run(r) for r in reqs]
     with cf.ThreadPoolExecutor(len(reqs)) as ex:
         together = list(ex.map(run, reqs))
-    for i, (a, t) in enumerate(zip(alone, together)):
-        check(a == t, "request %d differs when run with %d others:\nalone    %s\ntogether %s" %
-              (i, len(reqs) - 1, a, t))
-    check(any(a[2] == pb.LENGTH for a in alone))
+    ties = []
+    for i, ((a, gaps), (t, _)) in enumerate(zip(alone, together)):
+        if a == t:
+            continue
+        k = next((j for j, (x, y) in enumerate(zip(a[0], t[0])) if x != y), None)
+        tie = (not exact and k is not None and k < len(gaps) and gaps[k] <= TIE_GAP_NATS and
+               a[4:] == t[4:])
+        check(tie, "request %d differs when run with %d others:\nalone    %s\ntogether %s%s" %
+              (i, len(reqs) - 1, a, t, "" if exact or k is None else
+               "\n(first difference at token %d, top-2 gap there %.4f)" %
+               (k, gaps[k] if k < len(gaps) else float("nan"))))
+        ties.append("request %d at token %d (gap %.4f)" % (i, k, gaps[k]))
+    if ties:
+        print("  (%s: differences at bf16 ties accepted: %s)" % (daemon_backend(),
+                                                                "; ".join(ties)))
+    check(any(a[2] == pb.LENGTH for a, _ in alone))
 
 
 def t_concurrent_equals_alone(d):
@@ -685,7 +722,8 @@ def t_admin(d):
     cl = d.client
     si = cl.server_info()
     check(si.state == "SERVING" and si.tp_size == d.np and len(si.ranks) == d.np, str(si))
-    check(si.version and si.backend == "cpu" and si.uptime_s >= 0 and si.default_policy, str(si))
+    check(si.version and si.backend == daemon_backend() and si.uptime_s >= 0 and
+          si.default_policy, str(si))
     check(all(r.host and r.weight_bytes > 0 for r in si.ranks), str(si))
     mi = cl.model_info()
     check(mi.layers == 8 and mi.heads == 8 and mi.kv_heads == 4 and mi.head_dim == 32, str(mi))
