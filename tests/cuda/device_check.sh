@@ -74,7 +74,7 @@ mpi="mpirun --allow-run-as-root --oversubscribe -np 2 -x NCCL_NVLS_ENABLE -x LD_
 # the standard library. Two ranks cannot share one GPU under NCCL: with fewer than two GPUs the
 # tp 2 cases are skipped (--no-mpi).
 e2e_common() {
-  export UC_E2E_DAEMON_ARGS="--backend ${E2E_BACKEND:-cuda}" PYTHONUNBUFFERED=1
+  export UC_E2E_DAEMON_ARGS="--backend ${E2E_BACKEND:-cuda} ${E2E_EXTRA:-}" PYTHONUNBUFFERED=1
   # the daemon's bundled model (and its calibration text) whatever the build folder is
   export OMPI_MCA_rmaps_base_oversubscribe=1 UNCOMP_MODEL=$root/models/uncomp-tiny
   e2e_flags=()
