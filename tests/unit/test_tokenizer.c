@@ -1,4 +1,4 @@
-/* Unit tests for shard/tokenizer.c on small tokenizers written here as JSON: both merge forms
+/* Unit tests for shard/tokenizer/ on small tokenizers written here as JSON: both merge forms
  * and merge priority, byte fallback and unk fusing, SentencePiece-style (legacy Prepend/Replace
  * and Metaspace) and byte-level pipelines, the Llama-3 split regex, added tokens (longest match,
  * lstrip/rstrip, special vs not), templates, decoders, refusals (UC_ERR_UNSUPPORTED naming the
