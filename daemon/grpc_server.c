@@ -1139,12 +1139,16 @@ static void do_model_info(struct unary_reply *r, const struct uc_admin_src *src)
     if (mi.bos_token_id < 0) {
         mi.bos_token_id = cfg->bos_id;
     }
+    /* the EOS the tokenizer really adds: the one its template appends, else the model's */
     int32_t eos[UC_MAX_EOS_IDS];
     for (int i = 0; i < cfg->n_eos && i < UC_MAX_EOS_IDS; i++) {
         eos[i] = cfg->eos_ids[i];
     }
     mi.n_eos_token_ids = (size_t)(cfg->n_eos < UC_MAX_EOS_IDS ? cfg->n_eos : UC_MAX_EOS_IDS);
-    if (mi.n_eos_token_ids == 0 && src->tok && uc_tokenizer_eos(src->tok) >= 0) {
+    if (src->tok && uc_tokenizer_eos_added(src->tok) >= 0) {
+        eos[0] = uc_tokenizer_eos_added(src->tok);
+        mi.n_eos_token_ids = 1;
+    } else if (mi.n_eos_token_ids == 0 && src->tok && uc_tokenizer_eos(src->tok) >= 0) {
         eos[0] = uc_tokenizer_eos(src->tok);
         mi.n_eos_token_ids = 1;
     }

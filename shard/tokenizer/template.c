@@ -113,6 +113,7 @@ uc_status tok_parse_post_processor(struct uc_tokenizer *tok, const cJSON *p, con
 void tok_pick_special_ids(struct uc_tokenizer *tok)
 {
     tok->bos = tok->tmpl_pre.n > 0 ? tok->tmpl_pre.v[0] : -1;
+    tok->eos_added = tok->tmpl_post.n > 0 ? tok->tmpl_post.v[tok->tmpl_post.n - 1] : -1;
     tok->eos = -1;
     static const char *const eos_names[] = {"</s>", "<|end_of_text|>", "<|eot_id|>",
                                             "<|endoftext|>", "<|im_end|>"};

@@ -288,6 +288,11 @@ int32_t uc_tokenizer_bos(const struct uc_tokenizer *tok) { return tok ? tok->bos
 
 int32_t uc_tokenizer_eos(const struct uc_tokenizer *tok) { return tok ? tok->eos : -1; }
 
+int32_t uc_tokenizer_eos_added(const struct uc_tokenizer *tok)
+{
+    return tok ? tok->eos_added : -1;
+}
+
 bool uc_tokenizer_is_special(const struct uc_tokenizer *tok, int32_t id)
 {
     if (!tok || id < 0 || id >= tok->n_vocab || tok->added_idx[id] < 0) {

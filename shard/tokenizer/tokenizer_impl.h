@@ -200,6 +200,7 @@ struct uc_tokenizer {
     struct ivec tmpl_pre, tmpl_post; /* ids the single template puts before and after $A */
     bool byte_level;
     int32_t bos, eos;
+    int32_t eos_added; /* the last id the template appends after $A, or -1 */
     /* PCRE2 */
     pcre2_general_context *gctx;
     pcre2_compile_context *cctx;
