@@ -79,8 +79,8 @@ struct uc_client *uc_ctl_connect(const struct uc_ctl *ctl, const char *what, int
     return c;
 }
 
-/* Length of the valid UTF-8 sequence at s (1-4), or 0 if it is not one. */
-static int utf8_len(const unsigned char *s)
+/* Length of the valid UTF-8 sequence at s[0..avail) (1-4), or 0 if it is not one. */
+static int utf8_len(const unsigned char *s, size_t avail)
 {
     unsigned char c = s[0];
     int n;
@@ -99,6 +99,9 @@ static int utf8_len(const unsigned char *s)
     } else {
         return 0;
     }
+    if ((size_t)n > avail) {
+        return 0;
+    }
     for (int i = 1; i < n; i++) {
         if ((s[i] & 0xC0) != 0x80) {
             return 0;
@@ -114,9 +117,15 @@ static int utf8_len(const unsigned char *s)
 
 void uc_ctl_json_str(FILE *f, const char *s)
 {
+    uc_ctl_json_strn(f, s, s ? strlen(s) : 0);
+}
+
+void uc_ctl_json_strn(FILE *f, const char *s, size_t len)
+{
     const unsigned char *p = (const unsigned char *)(s ? s : "");
+    const unsigned char *end = p + (s ? len : 0);
     fputc('"', f);
-    while (*p) {
+    while (p < end) {
         unsigned char c = *p;
         switch (c) {
         case '"':
@@ -146,7 +155,7 @@ void uc_ctl_json_str(FILE *f, const char *s)
             } else if (c < 0x80) {
                 fputc(c, f);
             } else {
-                int n = utf8_len(p);
+                int n = utf8_len(p, (size_t)(end - p));
                 if (n == 0) {
                     fputs("\\ufffd", f);
                 } else {

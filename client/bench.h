@@ -50,8 +50,11 @@ int uc_ctl_connect_fail(const struct uc_ctl *ctl, const char *what,
  * code and returns NULL. */
 struct uc_client *uc_ctl_connect(const struct uc_ctl *ctl, const char *what, int *exit_code);
 
-/* Writes `s` as a JSON string literal (quoted, escaped; invalid UTF-8 bytes become U+FFFD). */
+/* Writes the C string `s` as a JSON string literal (quoted, escaped; invalid UTF-8 bytes become
+ * U+FFFD). */
 void uc_ctl_json_str(FILE *f, const char *s);
+/* The same for the len bytes at s, NUL bytes included (written as \u0000). */
+void uc_ctl_json_strn(FILE *f, const char *s, size_t len);
 /* Writes a JSON number with %.6g precision, or null when it is not finite. */
 void uc_ctl_json_num(FILE *f, double v);
 

@@ -24,6 +24,7 @@
 #pragma GCC diagnostic pop
 
 #include "base/mem.h"
+#include "base/pbwire.h"
 #include "base/util.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "uncomp/v1/uncomp.pb-c.h"
@@ -460,30 +461,110 @@ struct call {
     grpc_byte_buffer *send_buf;
 };
 
-static grpc_byte_buffer *pack_message(const ProtobufCMessage *m)
+/* A length-delimited field written by hand after what protobuf-c packed: text with its length
+ * (protobuf-c packs strings with strlen, so a NUL byte would end them), or an embedded message
+ * packed the same way. The message packed by protobuf-c leaves these fields empty. */
+struct wire_field {
+    uint32_t field;
+    const void *data;
+    size_t len;
+};
+
+/* Packs m followed by fields[0..n) into one uc_malloc'd buffer (*out_len bytes); NULL when out
+ * of memory. */
+static uint8_t *pack_bytes(const ProtobufCMessage *m, const struct wire_field *fields, size_t n,
+                           size_t *out_len)
 {
-    size_t n = protobuf_c_message_get_packed_size(m);
-    grpc_slice s = grpc_slice_malloc(n);
-    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
+    size_t len = protobuf_c_message_get_packed_size(m);
+    for (size_t i = 0; i < n; i++) {
+        len += uc_pb_bytes_field_size(fields[i].field, fields[i].len);
+    }
+    uint8_t *buf = uc_malloc(len ? len : 1);
+    if (!buf) {
+        return NULL;
+    }
+    size_t at = protobuf_c_message_pack(m, buf);
+    for (size_t i = 0; i < n; i++) {
+        at += uc_pb_put_bytes_field(buf + at, fields[i].field, fields[i].data, fields[i].len);
+    }
+    *out_len = at;
+    return buf;
+}
+
+/* The request message on the wire: m, then fields[0..n). NULL when out of memory. */
+static grpc_byte_buffer *pack_message(const ProtobufCMessage *m, const struct wire_field *fields,
+                                      size_t n)
+{
+    size_t len = 0;
+    uint8_t *buf = pack_bytes(m, fields, n, &len);
+    if (!buf) {
+        return NULL;
+    }
+    grpc_slice s = grpc_slice_from_copied_buffer((const char *)buf, len);
+    uc_free(buf);
     grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1); /* takes its own ref */
     grpc_slice_unref(s);
     return bb;
 }
 
-/* Unpacks and destroys a received buffer; NULL on garbage. */
-static ProtobufCMessage *unpack_message(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d)
+/* Unpacks and destroys a received buffer; NULL on garbage. When raw is not NULL it receives
+ * the message's wire bytes (the caller unrefs it; an empty slice on failure), from which the
+ * lengths of text fields with NUL bytes are read (see text_len). */
+static ProtobufCMessage *unpack_message(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d,
+                                        grpc_slice *raw)
 {
     grpc_byte_buffer_reader r;
     ProtobufCMessage *m = NULL;
+    if (raw) {
+        *raw = grpc_empty_slice();
+    }
     if (grpc_byte_buffer_reader_init(&r, bb)) {
         grpc_slice s = grpc_byte_buffer_reader_readall(&r);
         m = protobuf_c_message_unpack(d, &pb_allocator, GRPC_SLICE_LENGTH(s),
                                       GRPC_SLICE_START_PTR(s));
-        grpc_slice_unref(s);
+        if (raw && m) {
+            *raw = s;
+        } else {
+            grpc_slice_unref(s);
+        }
         grpc_byte_buffer_reader_destroy(&r);
     }
     grpc_byte_buffer_destroy(bb);
     return m;
+}
+
+/* The length of an unpacked text field, NUL bytes included: protobuf-c copies every byte of a
+ * string (and a NUL after them) but its length is lost, so it is read from the wire bytes.
+ * `path` is the field numbers from the message down to the field, `index` the occurrence of a
+ * repeated field (SIZE_MAX for a singular one). */
+static size_t text_len(const char *unpacked, grpc_slice raw, const uint32_t *path, int depth,
+                       size_t index)
+{
+    size_t n = unpacked ? strlen(unpacked) : 0;
+    const uint8_t *d = NULL;
+    size_t len = 0;
+    if (unpacked &&
+        uc_pb_find_bytes(GRPC_SLICE_START_PTR(raw), GRPC_SLICE_LENGTH(raw), path, depth, index,
+                         &d, &len) &&
+        len > n && memcmp(d, unpacked, n + 1) == 0) {
+        return len;
+    }
+    return n;
+}
+
+/* Copies n bytes and a NUL after them, recording a failed allocation in *oom. */
+static char *mdup(const char *s, size_t n, bool *oom)
+{
+    char *d = uc_malloc(n + 1);
+    if (!d) {
+        *oom = true;
+        return NULL;
+    }
+    if (n > 0) {
+        memcpy(d, s, n);
+    }
+    d[n] = '\0';
+    return d;
 }
 
 /* Starts a call to `method` with the handle's deadline and registers it for cancellation. */
@@ -573,10 +654,16 @@ static void call_recv_status(struct call *k)
     }
 }
 
-/* Sends the request, half-closes and receives the initial metadata (one batch). */
-static bool call_send_request(struct call *k, const ProtobufCMessage *req)
+/* Sends the request (req, then the hand-written fields[0..n_fields)), half-closes and receives
+ * the initial metadata (one batch). */
+static bool call_send_request(struct call *k, const ProtobufCMessage *req,
+                              const struct wire_field *fields, size_t n_fields)
 {
-    k->send_buf = pack_message(req);
+    k->send_buf = pack_message(req, fields, n_fields);
+    if (!k->send_buf) {
+        grpc_call_cancel(k->call, NULL); /* out of memory: the status says CANCELLED */
+        return false;
+    }
     grpc_op ops[4];
     memset(ops, 0, sizeof(ops));
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
@@ -588,19 +675,25 @@ static bool call_send_request(struct call *k, const ProtobufCMessage *req)
     return call_batch(k, ops, 4, &k->md_initial);
 }
 
-/* A unary call: request in, one response (unpacked with `d`) out in *resp. */
-static uc_status unary(struct uc_client *c, const char *method, const ProtobufCMessage *req,
-                       const ProtobufCMessageDescriptor *d, ProtobufCMessage **resp,
-                       struct uc_client_error *err)
+/* A unary call: request in (req and the hand-written fields[0..n_fields)), one response
+ * (unpacked with `d`) out in *resp, and its wire bytes in *raw when raw is not NULL (the caller
+ * unrefs them). */
+static uc_status unary_raw(struct uc_client *c, const char *method, const ProtobufCMessage *req,
+                           const struct wire_field *fields, size_t n_fields,
+                           const ProtobufCMessageDescriptor *d, ProtobufCMessage **resp,
+                           grpc_slice *raw, struct uc_client_error *err)
 {
     struct call k;
     grpc_byte_buffer *recv = NULL;
     uc_status rc;
 
     *resp = NULL;
+    if (raw) {
+        *raw = grpc_empty_slice();
+    }
     err_clear(err);
     UC_CHECK(call_start(&k, c, method, err), rc, out);
-    if (call_send_request(&k, req)) {
+    if (call_send_request(&k, req, fields, n_fields)) {
         grpc_op op = {0};
         op.op = GRPC_OP_RECV_MESSAGE;
         op.data.recv_message.recv_message = &recv;
@@ -613,7 +706,7 @@ static uc_status unary(struct uc_client *c, const char *method, const ProtobufCM
                      method);
         goto out_end;
     }
-    *resp = unpack_message(recv, d);
+    *resp = unpack_message(recv, d, raw);
     recv = NULL;
     if (!*resp) {
         rc = set_err(err, UC_GRPC_INTERNAL, UC_ERR_FORMAT, "%s: malformed response", method);
@@ -628,6 +721,14 @@ out_end:
     call_end(&k);
 out:
     return rc;
+}
+
+/* A unary call whose request and response need no hand-written fields. */
+static uc_status unary(struct uc_client *c, const char *method, const ProtobufCMessage *req,
+                       const ProtobufCMessageDescriptor *d, ProtobufCMessage **resp,
+                       struct uc_client_error *err)
+{
+    return unary_raw(c, method, req, NULL, 0, d, resp, NULL, err);
 }
 
 /* ========================================================================================= */
@@ -723,12 +824,17 @@ static void copy_report(struct uc_compression_report *r, const Uncomp__V1__Compr
     r->plan_checksum = m->plan_checksum;
 }
 
-static void copy_complete(struct uc_completion *o, const Uncomp__V1__Complete *m, bool *oom)
+/* Copies the Complete message of a GenerateResponse (raw: its wire bytes). */
+static void copy_complete(struct uc_completion *o, const Uncomp__V1__Complete *m, grpc_slice raw,
+                          bool *oom)
 {
+    static const uint32_t stop_path[] = {3, 2}; /* GenerateResponse.complete.matched_stop */
     o->complete = true;
     o->finish_reason = (enum uc_finish_reason)m->finish_reason;
     uc_free(o->matched_stop);
-    o->matched_stop = sdup(m->matched_stop, oom);
+    size_t stop_len = text_len(m->matched_stop, raw, stop_path, 2, SIZE_MAX);
+    o->matched_stop = mdup(m->matched_stop ? m->matched_stop : "", stop_len, oom);
+    o->matched_stop_len = o->matched_stop ? stop_len : 0;
     if (m->usage) {
         o->prompt_tokens = m->usage->prompt_tokens;
         o->completion_tokens = m->usage->completion_tokens;
@@ -747,10 +853,12 @@ static void copy_complete(struct uc_completion *o, const Uncomp__V1__Complete *m
     }
 }
 
-/* Hands one chunk to the callback; returns its verdict (non-zero: stop). */
-static int deliver_chunk(const Uncomp__V1__GenerateResponse *r, double now, uc_chunk_fn fn,
-                         void *user, bool *oom)
+/* Hands one chunk to the callback (raw: the response's wire bytes); returns its verdict
+ * (non-zero: stop). */
+static int deliver_chunk(const Uncomp__V1__GenerateResponse *r, grpc_slice raw, double now,
+                         uc_chunk_fn fn, void *user, bool *oom)
 {
+    static const uint32_t text_path[] = {2, 2}; /* GenerateResponse.chunk.text */
     const Uncomp__V1__Chunk *m = r->chunk;
     struct uc_client_token_logprob *lp = NULL;
     if (m->n_logprobs) {
@@ -774,7 +882,7 @@ static int deliver_chunk(const Uncomp__V1__GenerateResponse *r, double now, uc_c
                           .token_ids = m->token_ids,
                           .n_token_ids = m->n_token_ids,
                           .text = text,
-                          .text_len = strlen(text),
+                          .text_len = text_len(m->text, raw, text_path, 2, SIZE_MAX),
                           .logprobs = lp,
                           .n_logprobs = m->n_logprobs,
                           .arrival_s = now};
@@ -783,13 +891,24 @@ static int deliver_chunk(const Uncomp__V1__GenerateResponse *r, double now, uc_c
     return verdict;
 }
 
-/* Builds the GenerateRequest in caller-provided storage (borrowing the caller's strings). */
+/* Builds the GenerateRequest in caller-provided storage (borrowing the caller's strings). The
+ * text and the SamplingParams (whose stop strings may hold NUL bytes) go on the wire by hand:
+ * fields[0..n_fields) follow the packed request, and `sampling_bytes` (uc_malloc'd) holds the
+ * packed SamplingParams with its stop strings. */
 struct gen_req {
     Uncomp__V1__GenerateRequest req;
     Uncomp__V1__SamplingParams sampling;
     Uncomp__V1__CompressionParams compression;
     Uncomp__V1__TokenIds ids;
+    uint8_t *sampling_bytes;
+    struct wire_field fields[2];
+    size_t n_fields;
 };
+
+static void gen_req_fini(struct gen_req *g)
+{
+    UC_FREE(g->sampling_bytes);
+}
 
 static uc_status build_generate(struct gen_req *g, const struct uc_generate_params *p,
                                 struct uc_client_error *err)
@@ -798,6 +917,8 @@ static uc_status build_generate(struct gen_req *g, const struct uc_generate_para
     protobuf_c_message_init(&uncomp__v1__sampling_params__descriptor, &g->sampling);
     protobuf_c_message_init(&uncomp__v1__compression_params__descriptor, &g->compression);
     protobuf_c_message_init(&uncomp__v1__token_ids__descriptor, &g->ids);
+    g->sampling_bytes = NULL;
+    g->n_fields = 0;
 
     bool has_text = p->text != NULL;
     bool has_ids = p->n_token_ids > 0;
@@ -809,8 +930,9 @@ static uc_status build_generate(struct gen_req *g, const struct uc_generate_para
         g->req.request_id = (char *)(uintptr_t)p->request_id;
     }
     if (has_text) {
-        g->req.input_case = UNCOMP__V1__GENERATE_REQUEST__INPUT_TEXT;
-        g->req.text = (char *)(uintptr_t)p->text;
+        /* field 2 (text) by hand, with its length: the oneof case comes from the field */
+        g->fields[g->n_fields++] = (struct wire_field){
+            .field = 2, .data = p->text, .len = p->text_len ? p->text_len : strlen(p->text)};
     } else {
         g->ids.n_ids = p->n_token_ids;
         g->ids.ids = (uint32_t *)(uintptr_t)p->token_ids;
@@ -831,15 +953,38 @@ static uc_status build_generate(struct gen_req *g, const struct uc_generate_para
     g->sampling.repetition_penalty = s->repetition_penalty;
     g->sampling.frequency_penalty = s->frequency_penalty;
     g->sampling.presence_penalty = s->presence_penalty;
-    g->sampling.n_stop = s->n_stop;
-    g->sampling.stop = (char **)(uintptr_t)s->stop;
     g->sampling.n_stop_token_ids = s->n_stop_token_ids;
     g->sampling.stop_token_ids = (uint32_t *)(uintptr_t)s->stop_token_ids;
     g->sampling.seed = s->seed;
     g->sampling.has_seed = s->has_seed;
     g->sampling.ignore_eos = s->ignore_eos;
     g->sampling.logprobs = s->logprobs;
-    g->req.sampling = &g->sampling;
+    /* field 4 (sampling) by hand: the packed SamplingParams, then each stop string (field 11)
+     * with its length */
+    if (s->n_stop > 0 && !s->stop) {
+        return set_err(err, UC_GRPC_INVALID_ARGUMENT, UC_ERR_INVALID_ARG,
+                       "generate: sampling.n_stop is %zu but sampling.stop is NULL", s->n_stop);
+    }
+    struct wire_field *stops = NULL;
+    if (s->n_stop > 0) {
+        stops = uc_calloc(s->n_stop, sizeof *stops);
+        if (!stops) {
+            return err_nomem(err);
+        }
+    }
+    for (size_t i = 0; i < s->n_stop; i++) {
+        const char *stop = s->stop[i] ? s->stop[i] : "";
+        stops[i] = (struct wire_field){
+            .field = 11, .data = stop, .len = s->stop_len ? s->stop_len[i] : strlen(stop)};
+    }
+    size_t sampling_len = 0;
+    g->sampling_bytes = pack_bytes(&g->sampling.base, stops, s->n_stop, &sampling_len);
+    uc_free(stops);
+    if (!g->sampling_bytes) {
+        return err_nomem(err);
+    }
+    g->fields[g->n_fields++] =
+        (struct wire_field){.field = 4, .data = g->sampling_bytes, .len = sampling_len};
 
     const struct uc_compression *cp = &p->compression;
     if (cp->policy) {
@@ -877,12 +1022,13 @@ uc_status uc_client_generate_stream(struct uc_client *c, const struct uc_generat
     uc_status rc;
 
     memset(comp, 0, sizeof(*comp));
+    memset(&g, 0, sizeof(g));
     err_clear(err);
     UC_CHECK(build_generate(&g, p, err), rc, out);
     double t0 = uc_time_s();
     UC_CHECK(call_start(&k, c, "/uncomp.v1.Inference/Generate", err), rc, out);
 
-    if (call_send_request(&k, &g.req.base)) {
+    if (call_send_request(&k, &g.req.base, g.fields, g.n_fields)) {
         for (;;) {
             grpc_byte_buffer *recv = NULL;
             grpc_op op = {0};
@@ -892,8 +1038,9 @@ uc_status uc_client_generate_stream(struct uc_client *c, const struct uc_generat
                 break; /* the stream ended (or failed): the status says which */
             }
             double now = uc_time_s();
+            grpc_slice raw;
             Uncomp__V1__GenerateResponse *r = (Uncomp__V1__GenerateResponse *)unpack_message(
-                recv, &uncomp__v1__generate_response__descriptor);
+                recv, &uncomp__v1__generate_response__descriptor, &raw);
             if (!r) {
                 malformed = true;
                 grpc_call_cancel(k.call, NULL);
@@ -908,12 +1055,13 @@ uc_status uc_client_generate_stream(struct uc_client *c, const struct uc_generat
                 if (comp->client_ttft_ms == 0 && r->chunk->n_token_ids > 0) {
                     comp->client_ttft_ms = (now - t0) * 1e3;
                 }
-                verdict = deliver_chunk(r, now, on_chunk, user, &oom);
+                verdict = deliver_chunk(r, raw, now, on_chunk, user, &oom);
             } else if (r->kind_case == UNCOMP__V1__GENERATE_RESPONSE__KIND_COMPLETE &&
                        r->complete) {
-                copy_complete(comp, r->complete, &oom);
+                copy_complete(comp, r->complete, raw, &oom);
             }
             protobuf_c_message_free_unpacked(&r->base, &pb_allocator);
+            grpc_slice_unref(raw);
             if (verdict != 0 || oom) {
                 stopped = true;
                 grpc_call_cancel(k.call, NULL);
@@ -938,6 +1086,7 @@ uc_status uc_client_generate_stream(struct uc_client *c, const struct uc_generat
     }
     call_end(&k);
 out:
+    gen_req_fini(&g);
     if (!out) {
         uc_completion_fini(&local);
     }
@@ -1037,8 +1186,9 @@ void uc_tokens_fini(struct uc_tokens *t)
     memset(t, 0, sizeof(*t));
 }
 
-uc_status uc_client_tokenize(struct uc_client *c, const char *text, bool add_special_tokens,
-                             struct uc_tokens *out, struct uc_client_error *err)
+uc_status uc_client_tokenize(struct uc_client *c, const char *text, size_t text_len,
+                             bool add_special_tokens, struct uc_tokens *out,
+                             struct uc_client_error *err)
 {
     Uncomp__V1__TokenizeRequest req;
     protobuf_c_message_init(&uncomp__v1__tokenize_request__descriptor, &req);
@@ -1047,10 +1197,16 @@ uc_status uc_client_tokenize(struct uc_client *c, const char *text, bool add_spe
     uc_status rc;
 
     memset(out, 0, sizeof(*out));
-    req.text = (char *)(uintptr_t)(text ? text : "");
+    if (!text && text_len > 0) {
+        return set_err(err, UC_GRPC_INVALID_ARGUMENT, UC_ERR_INVALID_ARG,
+                       "tokenize: text is NULL but text_len is %zu", text_len);
+    }
+    /* field 1 (text) by hand, with its length */
+    const struct wire_field text_field = {.field = 1, .data = text, .len = text_len};
     req.add_special_tokens = add_special_tokens;
-    UC_CHECK(unary(c, "/uncomp.v1.Inference/Tokenize", &req.base,
-                   &uncomp__v1__tokenize_response__descriptor, &m, err),
+    UC_CHECK(unary_raw(c, "/uncomp.v1.Inference/Tokenize", &req.base, &text_field,
+                       text_len > 0 ? 1 : 0, &uncomp__v1__tokenize_response__descriptor, &m, NULL,
+                       err),
              rc, out);
     const Uncomp__V1__TokenizeResponse *r = (const Uncomp__V1__TokenizeResponse *)m;
     out->ids = adup(r->token_ids, r->n_token_ids, sizeof(uint32_t), &oom);
@@ -1076,9 +1232,11 @@ out:
 }
 
 uc_status uc_client_detokenize(struct uc_client *c, const uint32_t *ids, size_t n_ids,
-                               bool skip_special_tokens, char **text_out,
+                               bool skip_special_tokens, char **text_out, size_t *text_len_out,
                                struct uc_client_error *err)
 {
+    static const uint32_t text_path[] = {1}; /* DetokenizeResponse.text */
+    grpc_slice raw = grpc_empty_slice();
     Uncomp__V1__DetokenizeRequest req;
     protobuf_c_message_init(&uncomp__v1__detokenize_request__descriptor, &req);
     ProtobufCMessage *m = NULL;
@@ -1086,18 +1244,26 @@ uc_status uc_client_detokenize(struct uc_client *c, const uint32_t *ids, size_t 
     uc_status rc;
 
     *text_out = NULL;
+    if (text_len_out) {
+        *text_len_out = 0;
+    }
     req.n_token_ids = n_ids;
     req.token_ids = (uint32_t *)(uintptr_t)ids;
     req.skip_special_tokens = skip_special_tokens;
-    UC_CHECK(unary(c, "/uncomp.v1.Inference/Detokenize", &req.base,
-                   &uncomp__v1__detokenize_response__descriptor, &m, err),
+    UC_CHECK(unary_raw(c, "/uncomp.v1.Inference/Detokenize", &req.base, NULL, 0,
+                       &uncomp__v1__detokenize_response__descriptor, &m, &raw, err),
              rc, out);
-    *text_out = sdup(((const Uncomp__V1__DetokenizeResponse *)m)->text, &oom);
+    const char *text = ((const Uncomp__V1__DetokenizeResponse *)m)->text;
+    size_t len = text_len(text, raw, text_path, 1, SIZE_MAX);
+    *text_out = mdup(text ? text : "", len, &oom);
     protobuf_c_message_free_unpacked(m, &pb_allocator);
     if (oom) {
         rc = err_nomem(err);
+    } else if (text_len_out) {
+        *text_len_out = len;
     }
 out:
+    grpc_slice_unref(raw);
     return rc;
 }
 

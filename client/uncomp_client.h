@@ -16,6 +16,11 @@
  * their _fini function, which accepts a zeroed or already finished struct. Input pointers are
  * borrowed for the duration of the call.
  *
+ * Text is bytes with a length: prompts, stop strings, tokenized text, decoded and streamed text
+ * may hold NUL bytes. Inputs take a length beside the pointer (a zero length field in a params
+ * struct means strlen, so C strings need nothing more); outputs give their length beside a
+ * pointer that is also NUL-terminated for convenience.
+ *
  *     struct uc_client *c;
  *     struct uc_client_error err;
  *     struct uc_client_opts o = uc_client_default_opts();
@@ -27,7 +32,7 @@
  *     p.sampling.max_tokens = 32;
  *     struct uc_generation g;
  *     if (uc_client_generate(c, &p, &g, &err) == UC_OK) {
- *         puts(g.text);
+ *         fwrite(g.text, 1, g.text_len, stdout); // the text may hold NUL bytes
  *     }
  *     uc_generation_fini(&g);
  *     uc_client_close(c);
@@ -135,6 +140,8 @@ struct uc_sampling {
     float frequency_penalty;
     float presence_penalty;
     const char *const *stop;    /* n_stop stop strings */
+    const size_t *stop_len;     /* their lengths in bytes (they may hold NUL bytes); NULL = each
+                                   is NUL-terminated */
     size_t n_stop;
     const uint32_t *stop_token_ids;
     size_t n_stop_token_ids;
@@ -164,6 +171,7 @@ struct uc_compression {
 struct uc_generate_params {
     const char *request_id;     /* NULL or "" = the server assigns one */
     const char *text;
+    size_t text_len;            /* bytes of text (it may hold NUL bytes); 0 = strlen(text) */
     const uint32_t *token_ids;
     size_t n_token_ids;
     bool add_special_tokens;    /* used only when has_add_special_tokens (server default: true) */
@@ -189,7 +197,8 @@ struct uc_chunk {
     const char *request_id;     /* the server's id for this request (for uc_client_abort) */
     const uint32_t *token_ids;
     size_t n_token_ids;
-    const char *text;           /* UTF-8, NUL-terminated, whole code points */
+    const char *text;           /* UTF-8, whole code points: text_len bytes (NUL bytes included),
+                                   then a NUL */
     size_t text_len;
     const struct uc_client_token_logprob *logprobs;
     size_t n_logprobs;
@@ -260,7 +269,9 @@ struct uc_completion {
     char *request_id;
     bool complete;              /* a Complete message arrived */
     enum uc_finish_reason finish_reason;
-    char *matched_stop;
+    char *matched_stop;         /* matched_stop_len bytes (a stop string may hold NUL bytes),
+                                   then a NUL */
+    size_t matched_stop_len;
     uint32_t prompt_tokens;
     uint32_t completion_tokens;
     bool has_compression;
@@ -285,7 +296,7 @@ uc_status uc_client_generate_stream(struct uc_client *c, const struct uc_generat
 
 /* A whole generation: the concatenated text and tokens, and the completion. */
 struct uc_generation {
-    char *text;                 /* NUL-terminated */
+    char *text;                 /* text_len bytes (NUL bytes included), then a NUL */
     size_t text_len;
     uint32_t *token_ids;
     size_t n_token_ids;
@@ -312,15 +323,17 @@ struct uc_tokens {
 
 void uc_tokens_fini(struct uc_tokens *t);
 
-/* Tokenizes `text` (with the tokenizer's template/BOS when add_special_tokens). *out is always
- * initialised; release it with uc_tokens_fini(). */
-uc_status uc_client_tokenize(struct uc_client *c, const char *text, bool add_special_tokens,
-                             struct uc_tokens *out, struct uc_client_error *err);
+/* Tokenizes the text_len bytes at `text` (NUL bytes included; text may be NULL when text_len
+ * is 0), with the tokenizer's template/BOS when add_special_tokens. *out is always initialised;
+ * release it with uc_tokens_fini(). For a C string pass strlen(text). */
+uc_status uc_client_tokenize(struct uc_client *c, const char *text, size_t text_len,
+                             bool add_special_tokens, struct uc_tokens *out,
+                             struct uc_client_error *err);
 
-/* Decodes token ids into *text_out (NUL-terminated, owned by the caller: uc_free it; NULL on
- * failure). */
+/* Decodes token ids into *text_out: *text_len_out bytes (text_len_out may be NULL; the text may
+ * hold NUL bytes), then a NUL. The caller owns it (uc_free); NULL on failure. */
 uc_status uc_client_detokenize(struct uc_client *c, const uint32_t *ids, size_t n_ids,
-                               bool skip_special_tokens, char **text_out,
+                               bool skip_special_tokens, char **text_out, size_t *text_len_out,
                                struct uc_client_error *err);
 
 /* Stops request `request_id` on every rank; *found (may be NULL) says whether it was running. */

@@ -235,8 +235,8 @@ static float num_float(const char *cmd, const char *opt, const char *v, double l
     return (float)x;
 }
 
-/* Reads all of stdin into a uc_malloc'd NUL-terminated string. */
-static char *read_stdin(void)
+/* Reads all of stdin into a uc_malloc'd buffer of *len bytes (NUL bytes included) and a NUL. */
+static char *read_stdin(size_t *len)
 {
     struct uc_buf b;
     char tmp[65536];
@@ -249,23 +249,29 @@ static char *read_stdin(void)
         uc_buf_fini(&b);
         return NULL;
     }
+    *len = b.len;
     char *s = uc_buf_take(&b);
     uc_buf_fini(&b);
-    return s ? s : uc_strdup("");
+    if (!s) {
+        *len = 0;
+        s = uc_strdup("");
+    }
+    return s;
 }
 
-/* Reads a whole file ('-' = stdin) or exits 2 naming it. */
-static char *read_input_file(const char *cmd, const char *path)
+/* Reads a whole file ('-' = stdin): *len bytes (NUL bytes included), then a NUL; or exits 2
+ * naming it. */
+static char *read_input_file(const char *cmd, const char *path, size_t *len)
 {
     char *s = NULL;
     if (strcmp(path, "-") == 0) {
-        s = read_stdin();
+        s = read_stdin(len);
         if (!s) {
             usage_error(cmd, "cannot read stdin");
         }
         return s;
     }
-    if (uc_file_read_all(&s, NULL, path) != UC_OK) {
+    if (uc_file_read_all(&s, len, path) != UC_OK) {
         usage_error(cmd, "cannot read file '%s'", path);
     }
     return s;
@@ -293,23 +299,26 @@ static char *join_args(int argc, char **argv, int from)
     return s;
 }
 
-/* The command's text input: positional arguments, else --file, else stdin. */
-static char *text_input(const char *cmd, int argc, char **argv, int from, const char *file)
+/* The command's text input: positional arguments, else --file, else stdin; *len bytes (a file
+ * or stdin may hold NUL bytes), then a NUL. */
+static char *text_input(const char *cmd, int argc, char **argv, int from, const char *file,
+                        size_t *len)
 {
     if (file && from < argc) {
         usage_error(cmd, "give the text either as arguments or with --file, not both");
     }
     if (file) {
-        return read_input_file(cmd, file);
+        return read_input_file(cmd, file, len);
     }
     char *s = join_args(argc, argv, from);
     if (s) {
+        *len = strlen(s);
         return s;
     }
     if (isatty(STDIN_FILENO)) {
         fprintf(stderr, "uncompctl: %s: reading the text from stdin (end with Ctrl-D)\n", cmd);
     }
-    s = read_stdin();
+    s = read_stdin(len);
     if (!s) {
         usage_error(cmd, "cannot read stdin");
     }
@@ -477,7 +486,7 @@ static void json_completion_fields(FILE *f, const struct uc_completion *c)
     fprintf(f, ",\"finish_reason\":");
     uc_ctl_json_str(f, uc_client_finish_reason_name(c->finish_reason));
     fprintf(f, ",\"matched_stop\":");
-    uc_ctl_json_str(f, c->matched_stop);
+    uc_ctl_json_strn(f, c->matched_stop, c->matched_stop ? c->matched_stop_len : 0);
     fprintf(f, ",\"usage\":{\"prompt_tokens\":%" PRIu32 ",\"completion_tokens\":%" PRIu32 "}",
             c->prompt_tokens, c->completion_tokens);
     fprintf(f, ",\"timing\":{\"queue_ms\":");
@@ -506,8 +515,10 @@ static void verbose_completion(FILE *f, const struct uc_completion *c)
 {
     fprintf(f, "request_id: %s\n", c->request_id ? c->request_id : "");
     fprintf(f, "finish: %s", uc_client_finish_reason_name(c->finish_reason));
-    if (c->matched_stop && c->matched_stop[0]) {
-        fprintf(f, " (matched stop \"%s\")", c->matched_stop);
+    if (c->matched_stop && c->matched_stop_len > 0) {
+        fprintf(f, " (matched stop \"");
+        fwrite(c->matched_stop, 1, c->matched_stop_len, f);
+        fprintf(f, "\")");
     }
     fprintf(f, "\nusage: prompt %" PRIu32 " tokens, completion %" PRIu32 " tokens\n",
             c->prompt_tokens, c->completion_tokens);
@@ -943,8 +954,10 @@ static int cmd_generate(struct uc_ctl *ctl, int argc, char **argv)
         g.p.token_ids = g.ids;
         g.p.n_token_ids = g.n_ids;
     } else {
-        text = text_input(g.cmd, argc, argv, pos, g.file);
+        size_t text_len = 0;
+        text = text_input(g.cmd, argc, argv, pos, g.file, &text_len);
         g.p.text = text;
+        g.p.text_len = text_len;
     }
     g.p.sampling.stop = g.stop;
     g.p.sampling.n_stop = g.n_stop;
@@ -966,7 +979,7 @@ static int cmd_generate(struct uc_ctl *ctl, int argc, char **argv)
             code = uc_ctl_fail(ctl, g.cmd, &err);
         } else {
             fprintf(stdout, "{\"text\":");
-            uc_ctl_json_str(stdout, gen.text);
+            uc_ctl_json_strn(stdout, gen.text, gen.text_len);
             fprintf(stdout, ",\"token_ids\":");
             print_json_u32_array(stdout, gen.token_ids, gen.n_token_ids);
             if (g.p.sampling.logprobs) {
@@ -1061,13 +1074,14 @@ static int cmd_tokenize(struct uc_ctl *ctl, int argc, char **argv)
     struct tok_cli t = {0};
     int pos = parse_cmd_opts(ctl, "tokenize", usage_tokenize, argc, argv, "hjf:p", longopts,
                              tok_opt, &t);
-    char *text = text_input("tokenize", argc, argv, pos, t.file);
+    size_t text_len = 0;
+    char *text = text_input("tokenize", argc, argv, pos, t.file, &text_len);
     int code;
     struct uc_client *c = uc_ctl_connect(ctl, "tokenize", &code);
     if (c) {
         struct uc_tokens toks;
         struct uc_client_error err;
-        if (uc_client_tokenize(c, text, !t.no_special, &toks, &err) != UC_OK) {
+        if (uc_client_tokenize(c, text, text_len, !t.no_special, &toks, &err) != UC_OK) {
             code = uc_ctl_fail(ctl, "tokenize", &err);
         } else if (ctl->json) {
             printf("{\"token_ids\":");
@@ -1109,7 +1123,8 @@ static int cmd_detokenize(struct uc_ctl *ctl, int argc, char **argv)
     struct tok_cli t = {0};
     int pos = parse_cmd_opts(ctl, "detokenize", usage_detokenize, argc, argv, "hj", longopts,
                              tok_opt, &t);
-    char *list = text_input("detokenize", argc, argv, pos, NULL);
+    size_t list_len = 0;
+    char *list = text_input("detokenize", argc, argv, pos, NULL, &list_len);
     uint32_t *ids = NULL;
     size_t n = 0;
     if (!uc_ctl_parse_u32_list(list, &ids, &n)) {
@@ -1120,15 +1135,17 @@ static int cmd_detokenize(struct uc_ctl *ctl, int argc, char **argv)
     struct uc_client *c = uc_ctl_connect(ctl, "detokenize", &code);
     if (c) {
         char *text = NULL;
+        size_t text_len = 0;
         struct uc_client_error err;
-        if (uc_client_detokenize(c, ids, n, t.skip_special, &text, &err) != UC_OK) {
+        if (uc_client_detokenize(c, ids, n, t.skip_special, &text, &text_len, &err) != UC_OK) {
             code = uc_ctl_fail(ctl, "detokenize", &err);
         } else if (ctl->json) {
             printf("{\"text\":");
-            uc_ctl_json_str(stdout, text);
+            uc_ctl_json_strn(stdout, text, text_len);
             printf("}\n");
         } else {
-            printf("%s\n", text);
+            fwrite(text, 1, text_len, stdout); /* whole: the text may hold NUL bytes */
+            putchar('\n');
         }
         uc_free(text);
         uc_client_close(c);
@@ -1446,7 +1463,8 @@ static int cmd_calibrate(struct uc_ctl *ctl, int argc, char **argv)
     if (a.file && a.text) {
         usage_error(a.cmd, "give either --file or --text, not both");
     }
-    char *text = a.file ? read_input_file(a.cmd, a.file) : NULL;
+    size_t text_len = 0;
+    char *text = a.file ? read_input_file(a.cmd, a.file, &text_len) : NULL;
     int code;
     struct uc_client *c = uc_ctl_connect(ctl, a.cmd, &code);
     if (c) {

@@ -74,7 +74,8 @@ struct gen_req {
     struct uc_request req;
     int32_t *prompt;        /* uc_malloc'd */
     int32_t *stop_ids;      /* uc_malloc'd */
-    const char **stop;      /* uc_malloc'd array of borrowed strings */
+    const char **stop;      /* uc_malloc'd array of strings borrowed from the request bytes */
+    size_t *stop_len;       /* uc_malloc'd: their lengths (they may hold NUL bytes) */
 };
 
 /* One scheduler event, deep-copied out of the engine thread's buffers into a call's queue. */
@@ -99,7 +100,8 @@ struct ev_item {
     uc_status status;
     char *message;
     enum uc_finish_reason finish;
-    char *matched_stop;
+    char *matched_stop;         /* (matched_stop_len + 1), NUL-terminated */
+    size_t matched_stop_len;
     int64_t prompt_tokens, completion_tokens;
     struct uc_timing timing;
     struct uc_compress_params compress;
@@ -398,29 +400,28 @@ static uc_status sampling_from(struct gen_req *out, const Uncomp__V1__SamplingPa
     }
     if (s->n_stop > 0) {
         out->stop = uc_calloc(s->n_stop, sizeof *out->stop);
-        if (!out->stop) {
+        out->stop_len = uc_calloc(s->n_stop, sizeof *out->stop_len);
+        if (!out->stop || !out->stop_len) {
             snprintf(msg, msg_size, "out of memory");
             rc = UC_ERR_NOMEM;
             goto out_fail;
         }
         for (size_t i = 0; i < s->n_stop; i++) {
-            size_t len = strlen(s->stop[i]);
-            size_t raw_len = 0;
+            /* the bytes as sent: a stop string may hold NUL bytes */
             static const uint32_t stop_path[] = {4, 11}; /* sampling.stop */
-            (void)raw_text(ctx->raw, ctx->raw_len, stop_path, 2, i, s->stop[i], &raw_len);
-            if (raw_len != len) {
-                BAD("sampling.stop[%zu] has a NUL byte at %zu; stop strings cannot hold one", i,
-                    len);
-            }
+            size_t len = 0;
+            const char *stop = raw_text(ctx->raw, ctx->raw_len, stop_path, 2, i, s->stop[i], &len);
             if (len == 0) {
                 BAD("sampling.stop[%zu] is empty", i);
             }
             if (len > MAX_STOP_BYTES) {
                 BAD("sampling.stop[%zu] is %zu bytes; at most %d", i, len, MAX_STOP_BYTES);
             }
-            out->stop[i] = s->stop[i];
+            out->stop[i] = stop;
+            out->stop_len[i] = len;
         }
         r->stop = out->stop;
+        r->stop_len = out->stop_len;
         r->n_stop = (int32_t)s->n_stop;
     }
     if (s->n_stop_token_ids > MAX_STOP_STRINGS) {
@@ -606,8 +607,10 @@ static void gen_req_fini(struct gen_req *r)
     UC_FREE(r->prompt);
     UC_FREE(r->stop_ids);
     UC_FREE(r->stop);
+    UC_FREE(r->stop_len);
     r->req.prompt = NULL;
     r->req.stop = NULL;
+    r->req.stop_len = NULL;
     r->req.stop_ids = NULL;
 }
 
@@ -696,8 +699,8 @@ static struct ev_item *ev_item_copy(const struct uc_gen_event *ev)
     }
     it->status = ev->status;
     it->message = dup_str(ev->message ? ev->message : "", ev->message ? strlen(ev->message) : 0);
-    it->matched_stop = dup_str(ev->matched_stop ? ev->matched_stop : "",
-                               ev->matched_stop ? strlen(ev->matched_stop) : 0);
+    it->matched_stop_len = ev->matched_stop ? ev->matched_stop_len : 0;
+    it->matched_stop = dup_str(ev->matched_stop ? ev->matched_stop : "", it->matched_stop_len);
     if (!it->message || !it->matched_stop) {
         goto out_free;
     }
@@ -943,16 +946,25 @@ static grpc_byte_buffer *pack_complete(const char *request_id, const struct ev_i
     Uncomp__V1__Complete comp;
     uncomp__v1__complete__init(&comp);
     comp.finish_reason = finish_pb(d->finish);
-    comp.matched_stop = d->matched_stop ? d->matched_stop : (char *)(uintptr_t)"";
     comp.usage = &usage;
     comp.compression = &rep;
     comp.timing = &timing;
+    /* matched_stop (2) goes on the wire by hand, with its length (it may hold NUL bytes), and
+     * the Complete (3) after the response (never empty: usage is always there) */
+    size_t comp_len = 0, resp_len = 0;
+    uint8_t *comp_bytes = pack_with_text(&a, &comp.base, 2, d->matched_stop,
+                                         d->matched_stop ? d->matched_stop_len : 0, &comp_len);
+    if (!comp_bytes) {
+        goto out;
+    }
     Uncomp__V1__GenerateResponse resp;
     uncomp__v1__generate_response__init(&resp);
     resp.request_id = (char *)(uintptr_t)request_id;
-    resp.kind_case = UNCOMP__V1__GENERATE_RESPONSE__KIND_COMPLETE;
-    resp.complete = &comp;
-    bb = pack_msg(&resp.base);
+    uint8_t *resp_bytes = pack_with_text(&a, &resp.base, 3, (const char *)comp_bytes, comp_len,
+                                         &resp_len);
+    if (resp_bytes) {
+        bb = bytes_msg(resp_bytes, resp_len);
+    }
 out:
     arena_fini(&a);
     return bb;
@@ -1127,12 +1139,16 @@ static void do_model_info(struct unary_reply *r, const struct uc_admin_src *src)
     if (mi.bos_token_id < 0) {
         mi.bos_token_id = cfg->bos_id;
     }
+    /* the EOS the tokenizer really adds: the one its template appends, else the model's */
     int32_t eos[UC_MAX_EOS_IDS];
     for (int i = 0; i < cfg->n_eos && i < UC_MAX_EOS_IDS; i++) {
         eos[i] = cfg->eos_ids[i];
     }
     mi.n_eos_token_ids = (size_t)(cfg->n_eos < UC_MAX_EOS_IDS ? cfg->n_eos : UC_MAX_EOS_IDS);
-    if (mi.n_eos_token_ids == 0 && src->tok && uc_tokenizer_eos(src->tok) >= 0) {
+    if (src->tok && uc_tokenizer_eos_added(src->tok) >= 0) {
+        eos[0] = uc_tokenizer_eos_added(src->tok);
+        mi.n_eos_token_ids = 1;
+    } else if (mi.n_eos_token_ids == 0 && src->tok && uc_tokenizer_eos(src->tok) >= 0) {
         eos[0] = uc_tokenizer_eos(src->tok);
         mi.n_eos_token_ids = 1;
     }

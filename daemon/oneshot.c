@@ -82,9 +82,12 @@ static void sink(void *user, const struct uc_gen_event *ev)
     uc_sched_stop(o->s);
 }
 
-static char *read_prompt(const struct uc_config *c)
+/* The prompt: *len bytes (a file or stdin may hold NUL bytes, which are text like any other),
+ * then a NUL; NULL when it cannot be read. */
+static char *read_prompt(const struct uc_config *c, size_t *len)
 {
     if (c->prompt[0]) {
+        *len = strlen(c->prompt);
         return uc_strdup(c->prompt);
     }
     if (strcmp(c->prompt_file, "-") == 0) {
@@ -95,16 +98,18 @@ static char *read_prompt(const struct uc_config *c)
         while ((n = fread(chunk, 1, sizeof chunk, stdin)) > 0) {
             uc_buf_append(&b, chunk, n);
         }
+        *len = b.len;
         return b.oom ? (uc_buf_fini(&b), NULL) : uc_buf_take(&b);
     }
     char *text = NULL;
-    return uc_file_read_all(&text, NULL, c->prompt_file) == UC_OK ? text : NULL;
+    return uc_file_read_all(&text, len, c->prompt_file) == UC_OK ? text : NULL;
 }
 
 int uc_oneshot_run(struct uc_sched *s, const struct uc_config *c, const struct uc_tokenizer *tok)
 {
     struct oneshot o = {.s = s, .report = c->report};
-    char *text = read_prompt(c);
+    size_t text_len = 0;
+    char *text = read_prompt(c, &text_len);
     if (!text) {
         fprintf(stderr, "uncompd: cannot read the prompt from %s\n", c->prompt_file);
         uc_sched_stop(s);
@@ -113,7 +118,7 @@ int uc_oneshot_run(struct uc_sched *s, const struct uc_config *c, const struct u
     }
     int32_t *ids = NULL;
     int64_t n = 0;
-    uc_status rc = uc_tokenizer_encode(tok, text, strlen(text), true, &ids, &n);
+    uc_status rc = uc_tokenizer_encode(tok, text, text_len, true, &ids, &n);
     uc_free(text);
     char msg[512] = "";
     if (rc == UC_OK) {

@@ -70,6 +70,7 @@ void sched_req_free(struct req *r)
         uc_free(r->stop[i]);
     }
     uc_free(r->stop);
+    uc_free(r->stop_len);
     uc_free(r->stop_ids);
     uc_free(r->prompt);
     uc_sampler_destroy(r->sampler);
@@ -173,7 +174,7 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
         return UC_ERR_INVALID_ARG;
     }
     for (int32_t i = 0; i < r->n_stop; i++) {
-        size_t n = strlen(r->stop[i]);
+        size_t n = r->stop_len ? r->stop_len[i] : strlen(r->stop[i]);
         if (n == 0 || n > (size_t)s->p.max_stop_len) {
             snprintf(msg, msg_size, "sampling.stop[%d]: length %zu must be in [1, %d]", i, n,
                      s->p.max_stop_len);
@@ -202,21 +203,25 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
     uc_buf_init(&q->bytes);
     q->prompt = uc_malloc((size_t)r->n_prompt * sizeof(int32_t));
     q->stop = uc_calloc((size_t)r->n_stop + 1, sizeof(char *));
+    q->stop_len = uc_calloc((size_t)r->n_stop + 1, sizeof(size_t));
     q->stop_ids = uc_malloc((size_t)r->n_stop_ids * sizeof(int32_t) + 4);
-    if (!q->prompt || !q->stop || !q->stop_ids) {
+    if (!q->prompt || !q->stop || !q->stop_len || !q->stop_ids) {
         sched_req_free(q);
         return UC_ERRF(UC_ERR_NOMEM, "request");
     }
     memcpy(q->prompt, r->prompt, (size_t)r->n_prompt * sizeof(int32_t));
     q->n_prompt = r->n_prompt;
     for (int32_t i = 0; i < r->n_stop; i++) {
-        q->stop[i] = uc_strdup(r->stop[i]);
+        size_t n = r->stop_len ? r->stop_len[i] : strlen(r->stop[i]);
+        q->stop[i] = uc_malloc(n + 1);
         if (!q->stop[i]) {
             sched_req_free(q);
             return UC_ERRF(UC_ERR_NOMEM, "request");
         }
+        memcpy(q->stop[i], r->stop[i], n);
+        q->stop[i][n] = '\0';
+        q->stop_len[i] = n;
         q->n_stop++;
-        size_t n = strlen(r->stop[i]);
         q->max_stop_len = n > q->max_stop_len ? n : q->max_stop_len;
     }
     if (r->n_stop_ids > 0) {
@@ -355,6 +360,17 @@ static void utf8_sanitize(struct uc_buf *out, const unsigned char *b, size_t n)
 
 static double ms_between(double a, double b) { return a > 0 && b > 0 ? (b - a) * 1e3 : 0.0; }
 
+/* The length of `matched`, one of q's stop strings (they may hold NUL bytes). */
+static size_t stop_len_of(const struct req *q, const char *matched)
+{
+    for (int32_t i = 0; i < q->n_stop; i++) {
+        if (q->stop[i] == matched) {
+            return q->stop_len[i];
+        }
+    }
+    return strlen(matched);
+}
+
 static void emit_done(struct uc_sched *s, struct req *q, uc_status status, const char *message,
                       enum uc_finish_reason finish, const char *matched)
 {
@@ -368,6 +384,7 @@ static void emit_done(struct uc_sched *s, struct req *q, uc_status status, const
         .message = message ? message : "",
         .finish = finish,
         .matched_stop = matched ? matched : "",
+        .matched_stop_len = matched ? stop_len_of(q, matched) : 0,
         .prompt_tokens = q->n_prompt,
         .completion_tokens = q->n_gen,
         .report = have_rep ? &rep : NULL,
@@ -524,7 +541,7 @@ static int32_t find_stop(struct req *q, size_t *at)
     size_t best_at = SIZE_MAX;
     for (int32_t i = 0; i < q->n_stop; i++) {
         const char *hit = memmem(q->bytes.data + from, q->bytes.len - from, q->stop[i],
-                                 strlen(q->stop[i]));
+                                 q->stop_len[i]);
         if (hit && (size_t)(hit - q->bytes.data) < best_at) {
             best_at = (size_t)(hit - q->bytes.data);
             best = i;

@@ -48,6 +48,8 @@ struct uc_request {
     bool ignore_eos;
     int32_t logprobs;       /* top-n per token, 0 = none */
     const char *const *stop; /* stop strings */
+    const size_t *stop_len;  /* their lengths in bytes (they may hold NUL bytes); NULL = each is
+                                NUL-terminated */
     int32_t n_stop;
     const int32_t *stop_ids;
     int32_t n_stop_ids;
@@ -90,7 +92,8 @@ struct uc_gen_event {
     uc_status status;          /* UC_OK, or the error (message in `message`) */
     const char *message;
     enum uc_finish_reason finish;
-    const char *matched_stop;  /* the stop string or "" */
+    const char *matched_stop;  /* the stop string (matched_stop_len bytes, then a NUL) or "" */
+    size_t matched_stop_len;
     int64_t prompt_tokens;
     int64_t completion_tokens;
     const struct uc_compress_report *report; /* NULL if the request never ran */

@@ -33,7 +33,8 @@ struct req {
     struct uc_sampling_params sp;
     int32_t max_tokens, min_tokens, logprobs;
     bool ignore_eos;
-    char **stop;
+    char **stop;        /* each stop_len[i] bytes (NUL bytes allowed), then a NUL */
+    size_t *stop_len;
     int32_t n_stop;
     size_t max_stop_len;
     int32_t *stop_ids;

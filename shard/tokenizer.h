@@ -53,10 +53,13 @@ size_t uc_tokenizer_token_bytes(const struct uc_tokenizer *tok, int32_t id, bool
 /* Max token id + 1 over the vocabulary and the added tokens (uncompd refuses a model whose
  * embedding rows are fewer). */
 int64_t uc_tokenizer_vocab_size(const struct uc_tokenizer *tok);
-/* BOS id the post-processor adds, or -1. */
+/* BOS id the post-processor adds (the first id its template puts before the text), or -1. */
 int32_t uc_tokenizer_bos(const struct uc_tokenizer *tok);
 /* EOS id ("</s>", "<|end_of_text|>", ... as declared by added tokens), or -1. */
 int32_t uc_tokenizer_eos(const struct uc_tokenizer *tok);
+/* EOS id the post-processor appends (the last id its template puts after the text), or -1 when
+ * it appends none (Llama, Mistral, Qwen and Gemma templates add only a BOS). */
+int32_t uc_tokenizer_eos_added(const struct uc_tokenizer *tok);
 bool uc_tokenizer_is_special(const struct uc_tokenizer *tok, int32_t id);
 /* The token's string in the vocabulary (NULL when out of range). */
 const char *uc_tokenizer_token_str(const struct uc_tokenizer *tok, int32_t id);

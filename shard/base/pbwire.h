@@ -16,10 +16,12 @@ extern "C" {
 #endif
 
 /* Finds a length-delimited field in msg[0..n): path[0..depth) are field numbers, each but the
- * last an embedded message (its last occurrence is followed, as protobuf merges them), and the
- * last the field wanted; `index` picks among repeated occurrences (0 = first; a singular field
- * should ask for its last with index = SIZE_MAX). Sets *data (pointing into msg) and *len and
- * returns true when found; false when absent or when the bytes are not a valid message. */
+ * last an embedded message, and the last the field wanted; `index` picks among repeated
+ * occurrences (0 = first; a singular field should ask for its last with index = SIZE_MAX).
+ * Several occurrences of an embedded message are merged as protobuf merges them: the elements
+ * of a repeated field are counted across all of them in wire order, and the last occurrence of
+ * a singular field wins. Sets *data (pointing into msg) and *len and returns true when found;
+ * false when absent or when the bytes are not a valid message. */
 bool uc_pb_find_bytes(const uint8_t *msg, size_t n, const uint32_t *path, int depth,
                       size_t index, const uint8_t **data, size_t *len);
 

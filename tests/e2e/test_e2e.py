@@ -16,9 +16,11 @@ Prints one line per test ([ RUN ] / [ OK ] / [ FAILED ]) and exits with the numb
 """
 import argparse
 import concurrent.futures as cf
+import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -311,6 +313,64 @@ def t_tokenize_roundtrip(d):
                                                    plain.usage.prompt_tokens))
 
 
+def t_stop_string_with_nul(d):
+    """A stop string holding a NUL byte stops generation where the text holds it (such stop
+    strings used to be refused, as the scheduler took them NUL-terminated). The model never
+    writes a NUL, so a second daemon serves it with a tokenizer.json in which a token it writes
+    greedily and the NUL byte's token trade ids: from the same prompt ids the same ids come out,
+    and that token now decodes to "\\0"."""
+    cl = d.client
+    prompt = list(cl.tokenize(PROMPTS[0]).token_ids)
+    gen, _, _, _ = cl.generate(token_ids=prompt, max_tokens=12, temperature=0.0, ignore_eos=True)
+    nul = list(cl.tokenize("\0", add_special_tokens=False).token_ids)
+    check(len(nul) == 1, "the NUL byte is %s" % nul)
+    special = {d.client.model_info().bos_token_id} | set(d.client.model_info().eos_token_ids)
+    k = next((i for i in range(2, len(gen)) if gen[i] not in gen[:i] and gen[i] not in special
+              and gen[i] != nul[0]), None)
+    check(k is not None, "no token to trade in %s" % gen)
+    tmp = tempfile.mkdtemp(prefix="uncomp_nul_model_")
+    for name in os.listdir(d.args.model):
+        if name != "tokenizer.json":
+            os.symlink(os.path.join(os.path.abspath(d.args.model), name), os.path.join(tmp, name))
+    with open(os.path.join(d.args.model, "tokenizer.json"), encoding="utf-8") as f:
+        tj = json.load(f)
+    vocab = tj["model"]["vocab"]
+    by_id = {v: s for s, v in vocab.items()}
+    a, b = by_id[gen[k]], by_id[nul[0]]
+    vocab[a], vocab[b] = nul[0], gen[k]
+    with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tj, f, ensure_ascii=False)
+    args = argparse.Namespace(**vars(d.args))
+    args.model = tmp
+    d2 = Daemon(args, name="nul_stop")
+    try:
+        d2.wait_serving()
+        c2 = d2.client
+        ids, full, comp, _ = c2.generate(token_ids=prompt, max_tokens=12, temperature=0.0,
+                                         ignore_eos=True)
+        check(ids == gen, "the traded tokenizer changed the ids: %s vs %s" % (ids, gen))
+        check("\0" in full, "no NUL in %r" % full)
+        at = full.index("\0")
+        stop = full[max(0, at - 2):at + 1]        # the bytes before the NUL, and the NUL
+        ids, text, comp, _ = c2.generate(token_ids=prompt, max_tokens=12, temperature=0.0,
+                                         ignore_eos=True, stop=["zz\0", stop])
+        check(comp.finish_reason == pb.STOP, "finish %s, text %r" % (comp.finish_reason, text))
+        check(comp.matched_stop == stop, "matched %r, want %r" % (comp.matched_stop, stop))
+        check(text == full[:full.index(stop)], "text %r of %r" % (text, full))
+        check(ids == gen[:k + 1], "ids %s, want %s" % (ids, gen[:k + 1]))
+        # only the whole string stops: its part before the NUL alone is elsewhere in the text
+        ids, text, comp, _ = c2.generate(token_ids=prompt, max_tokens=12, temperature=0.0,
+                                         ignore_eos=True, stop=[stop[:-1] + "\0zz"])
+        check(comp.finish_reason == pb.LENGTH and text == full, "%s %r" % (comp, text))
+        code = d2.stop()
+        check(d2.exit_ok(code), "exit code %s:\n%s" % (code, d2.tail()))
+        if d.args.asan:
+            d2.check_asan()
+    finally:
+        d2.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def t_abort_by_id(d):
     cl = d.client
     it = cl.generate_stream(long_request(cl, request_id="to-abort"), timeout=60)
@@ -525,7 +585,6 @@ def t_bad_inputs(d):
          "compression.stage_starts"),
         (dict(text="hi", request_id="x" * 100), "request_id"),
         (dict(text="hi", request_id="has space"), "request_id"),
-        (dict(text="hi", stop=["a\0b"]), "sampling.stop[0] has a NUL byte"),
     ]
     for kw, field in cases:
         req = cl.request(**kw)
@@ -912,6 +971,28 @@ def t_single_sigterm_idle(args):
         d.kill()
 
 
+def t_oneshot_prompt_file_nul(args):
+    """One-shot mode reads --prompt-file as bytes with a length: a NUL is prompt text (the
+    prompt used to be cut at it, so "abc\\0def ghi" was the prompt "abc")."""
+    tmp = tempfile.mkdtemp(prefix="uncomp_oneshot_")
+    counts = []
+    try:
+        for text in (b"abc", b"abc\0def ghi"):
+            path = os.path.join(tmp, "prompt.txt")
+            with open(path, "wb") as f:
+                f.write(text)
+            p = subprocess.run([args.daemon, "--model", args.model, "--prompt-file", path,
+                                "--max-tokens", "2", "--temperature", "0", "--report"],
+                               capture_output=True, text=True, timeout=120)
+            check(p.returncode == 0 or (args.asan and p.returncode == 66), p.stderr[-1500:])
+            m = re.search(r"prompt_tokens=(\d+)", p.stderr)
+            check(m, p.stderr[-1500:])
+            counts.append(int(m.group(1)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    check(counts[1] > counts[0] + 1, "the prompt file was cut at its NUL: %s tokens" % counts)
+
+
 def t_tls(args):
     """--tls-cert/--tls-key: a TLS client works, a plaintext client does not."""
     tmp = tempfile.mkdtemp(prefix="uncomp_tls_")
@@ -953,12 +1034,13 @@ def t_tls(args):
 # runner
 # ---------------------------------------------------------------------------------------------
 
-MAIN_TESTS = [t_health_and_watch, t_generate_stream, t_tokenize_roundtrip, t_abort_by_id,
+MAIN_TESTS = [t_health_and_watch, t_generate_stream, t_tokenize_roundtrip, t_stop_string_with_nul,
+              t_abort_by_id,
               t_client_cancel, t_deadline, t_request_id_reuse, t_bad_inputs,
               t_malformed_protobuf,
               t_concurrent_equals_alone, t_chaos, t_metrics, t_admin, t_second_daemon_same_port,
               t_drain]
-OTHER_TESTS = [t_queue_full, t_single_sigterm_idle, t_tls, t_tp2_sigterm_mid_stream,
+OTHER_TESTS = [t_queue_full, t_single_sigterm_idle, t_oneshot_prompt_file_nul, t_tls, t_tp2_sigterm_mid_stream,
                t_tp2_mixed_equals_alone]
 
 

@@ -3,7 +3,8 @@
 Starts the daemon (one rank, then `mpirun -np 2 ... --tp 2`, then one with TLS when openssl can
 make a certificate) and runs every uncompctl command, checking outputs and exit codes:
 generate (streamed, --json greedy reproducible, --file/stdin/--ids give the same result, stop
-strings, compression report, --verbose), tokenize/detokenize round trip, info and its sections,
+strings, compression report, --verbose), tokenize/detokenize round trip, text with NUL bytes
+through --file and stdin, info and its sections,
 health, profile/calibrate (a row per layer), set-policy, abort, drain, bench (text report,
 --json, --compare, --rate/--duration, --prompt-file), and the error paths: usage errors exit 2,
 server errors exit 1 naming the gRPC code (INVALID_ARGUMENT, DEADLINE_EXCEEDED), a daemon that is
@@ -323,6 +324,38 @@ def t_tokenize(ctl):
     check(ctl.run("detokenize", "--json", *uids).json()["text"] == uni, "unicode round trip")
 
 
+def t_nul_bytes(ctl):
+    """Text is bytes with a length: a NUL in --file or stdin is sent, and decoded text with a NUL
+    is printed whole (both used to stop at the first NUL: "abc\\0def" was sent as "abc")."""
+    text = "abc\0def ghi"
+    cut = ctl.run("tokenize", "--no-special", "abc").out.split()
+    with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as f:
+        f.write(text.encode())
+        path = f.name
+    try:
+        ids = ctl.run("tokenize", "--no-special", "--file", path).out.split()
+        check(len(ids) > len(cut) + 1, "NUL cut the --file text: %s vs %s" % (ids, cut))
+        check(ctl.run("tokenize", "--no-special", stdin=text).out.split() == ids,
+              "stdin differs from --file")
+        j = ctl.run("--json", "tokenize", "--no-special", "--file", path).json()
+        check([str(i) for i in j["token_ids"]] == ids, str(j))
+        # the decode holds the NUL: printed whole, and as \u0000 in JSON
+        back = ctl.run("detokenize", *ids)
+        check(back.out == text + "\n", "detokenize printed %r" % back.out)
+        check(ctl.run("detokenize", "--json", *ids).json() == {"text": text}, "json decode")
+        # generate --file sends every byte: the same prompt as its token ids
+        with_bos = ctl.run("tokenize", "--file", path).out.split()
+        via_file = gen_json(ctl, "-n", "4", "--temperature", "0", "--ignore-eos", "--file", path)
+        via_ids = gen_json(ctl, "-n", "4", "--temperature", "0", "--ignore-eos", "--ids",
+                           ",".join(with_bos))
+        check(via_file["usage"]["prompt_tokens"] == len(with_bos), str(via_file))
+        check(via_file["token_ids"] == via_ids["token_ids"], "%s vs %s" % (via_file, via_ids))
+        via_stdin = gen_json(ctl, "-n", "4", "--temperature", "0", "--ignore-eos", stdin=text)
+        check(via_stdin["usage"]["prompt_tokens"] == len(with_bos), str(via_stdin))
+    finally:
+        os.unlink(path)
+
+
 def t_info(ctl):
     r = ctl.run("info")
     for sec in ("# Server", "# Model", "# Requests"):
@@ -606,6 +639,7 @@ def main():
     tests = [("health", t_health), ("generate", t_generate), ("generate_stop", t_generate_stop),
              ("generate_compression", t_generate_compression),
              ("generate_errors", t_generate_errors), ("tokenize", t_tokenize),
+             ("nul_bytes", t_nul_bytes),
              ("info", t_info), ("profile_calibrate", t_profile_calibrate),
              ("set_policy", t_set_policy), ("abort", t_abort), ("bench", t_bench)]
     if any(r.want(n) for n, _ in tests) or r.want("drain"):

@@ -1,4 +1,4 @@
-/* Unit tests for shard/tokenizer.c on small tokenizers written here as JSON: both merge forms
+/* Unit tests for shard/tokenizer/ on small tokenizers written here as JSON: both merge forms
  * and merge priority, byte fallback and unk fusing, SentencePiece-style (legacy Prepend/Replace
  * and Metaspace) and byte-level pipelines, the Llama-3 split regex, added tokens (longest match,
  * lstrip/rstrip, special vs not), templates, decoders, refusals (UC_ERR_UNSUPPORTED naming the
@@ -703,6 +703,52 @@ static void test_huge_id_refused(void **state)
 /* The library's added-token rules: a normalized token is matched in normalized text; a
  * single_word match touching a word character is dropped and the scan continues after it; a
  * token the vocabulary holds takes the vocabulary's id; BPE continuing-subword prefixes. */
+/* GetModelInfo reports the EOS the tokenizer really adds: the id its template appends after
+ * the text (uc_tokenizer_eos_added), which may differ from the EOS found by name. */
+static void test_template_eos(void **state)
+{
+    (void)state;
+    int64_t blocks = uc_mem_blocks_in_use();
+    /* Llama-style: BOS only, nothing appended */
+    struct uc_tokenizer *t = make(sp_json());
+    assert_int_equal(uc_tokenizer_eos_added(t), -1);
+    assert_int_equal(uc_tokenizer_eos(t), 2);
+    uc_tokenizer_destroy(t);
+    /* <s> $A </s> */
+    t = make(tok_json(
+        bpe_model("{'<unk>':0,'<s>':1,'</s>':2,'h':3,'i':4,'hi':5}", "['h i']", ""),
+        "[{'id':1,'content':'<s>','special':true},{'id':2,'content':'</s>','special':true}]",
+        "null", "null",
+        "{'type':'TemplateProcessing','single':[{'SpecialToken':{'id':'<s>','type_id':0}},"
+        "{'Sequence':{'id':'A','type_id':0}},{'SpecialToken':{'id':'</s>','type_id':0}}],"
+        "'pair':[],'special_tokens':{'<s>':{'id':'<s>','ids':[1],'tokens':['<s>']},"
+        "'</s>':{'id':'</s>','ids':[2],'tokens':['</s>']}}}",
+        "null"));
+    EXPECT_IDS(t, "hi", true, 1, 5, 2);
+    assert_int_equal(uc_tokenizer_bos(t), 1);
+    assert_int_equal(uc_tokenizer_eos_added(t), 2);
+    uc_tokenizer_destroy(t);
+    /* a Sequence whose template appends <|eot|> (17), while the EOS by name is <|endoftext|>
+     * (20): the one appended is what the tokenizer adds */
+    t = make(tok_json(
+        bpe_model("{'h':0,'i':1,'hi':2}", "['h i']", ""),
+        "[{'id':17,'content':'<|eot|>','special':true},"
+        "{'id':20,'content':'<|endoftext|>','special':true}]",
+        "null", GPT2_PRE,
+        "{'type':'Sequence','processors':[{'type':'ByteLevel','trim_offsets':false},"
+        "{'type':'TemplateProcessing','single':[{'Sequence':{'id':'A','type_id':0}},"
+        "{'SpecialToken':{'id':'<|eot|>','type_id':0}}],'pair':[],"
+        "'special_tokens':{'<|eot|>':{'id':'<|eot|>','ids':[17],'tokens':['<|eot|>']}}}]}",
+        "{'type':'ByteLevel','add_prefix_space':true,'trim_offsets':true,'use_regex':true}"));
+    EXPECT_IDS(t, "hi", true, 2, 17);
+    assert_int_equal(uc_tokenizer_bos(t), -1);
+    assert_int_equal(uc_tokenizer_eos(t), 20);
+    assert_int_equal(uc_tokenizer_eos_added(t), 17);
+    assert_int_equal(uc_tokenizer_eos_added(NULL), -1);
+    uc_tokenizer_destroy(t);
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
+}
+
 static void test_added_token_rules(void **state)
 {
     (void)state;
@@ -847,6 +893,7 @@ int main(void)
         cmocka_unit_test(test_nul_bytes),
         cmocka_unit_test(test_huge_id_refused),
         cmocka_unit_test(test_added_token_rules),
+        cmocka_unit_test(test_template_eos),
         cmocka_unit_test(test_allocation_failures),
         cmocka_unit_test(test_long_round_trip),
     };
