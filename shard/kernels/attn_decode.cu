@@ -2,16 +2,23 @@
  *
  * Work item: (entry e = row b * Hkv + KV head j, token range s, query-head tile z). A block of
  * 128 threads loads the range's K/V rows once for up to 4 query heads of the KV head (GQA),
- * walking 256-token sub-chunks: scores with 16-byte row loads (D/VEC lanes per token, shuffle
- * reduction), an online softmax per head, then P V with threads over (row chunk, token group).
+ * walking 128-token sub-chunks: the sub-chunk's V rows are copied into shared memory
+ * asynchronously (cp.async) at its start, so they are in flight while the scores are computed
+ * from K rows loaded into registers (16-byte row loads, D/VEC lanes per token, shuffle
+ * reduction) and while the online softmax runs; then P V with threads over (row chunk, token
+ * group) reads the staged rows. Rows wider than 256 bytes (fp32 at D > 64) load V into
+ * registers instead.
  * Each range writes an unnormalised partial (O, max, sum); the last range of an (entry, tile) to
  * finish (a counter per tile, reset by that block) merges the ranges and writes out, so a decode
  * layer's attention is one kernel. With psum requested, the raw scores go to the workspace and
  * a second kernel turns them into probabilities summed over the KV head's query heads. */
+#include <cuda_pipeline.h>
+
 #include "common.cuh"
 
 #define DEC_THREADS 128
-#define DEC_SUB 256 /* tokens per sub-chunk (shared score buffer) */
+#define DEC_SUB 128 /* tokens per sub-chunk (shared score buffer, staged V rows) */
+#define DEC_STAGE_ROW 256 /* widest row (bytes) whose V is staged in shared memory */
 #define DEC_GT 4    /* query heads per block */
 #define DEC_U 4     /* K or V rows each thread loads before using any (loads in flight) */
 /* ranges per (entry, tile): the merge keeps DEC_GT x splits weights in the block's `red` */
@@ -30,7 +37,7 @@ static __device__ __forceinline__ void unpack_vec(float *dst, uint4 raw)
     }
 }
 
-template <typename T>
+template <typename T, bool STAGE_V>
 static __global__ void __launch_bounds__(DEC_THREADS, 4)
     decode_split_kernel(const T *q, int64_t ld_q, const T *pk, const T *pv, int bt, int d,
                         const int32_t *n_tokens, const int32_t *offset, const int32_t *blocks,
@@ -44,6 +51,8 @@ static __global__ void __launch_bounds__(DEC_THREADS, 4)
     __shared__ float run_m[DEC_GT], run_l[DEC_GT], alpha[DEC_GT];
     __shared__ float red[DEC_THREADS * VEC * DEC_GT];
     __shared__ int32_t blk_s[DEC_SUB + 2]; /* the sub-chunk's block ids */
+    extern __shared__ __align__(16) unsigned char dyn[]; /* STAGE_V: (DEC_SUB, d) V rows */
+    T *vs = reinterpret_cast<T *>(dyn);
 
     uck_grid_wait();
     const int e = blockIdx.x, split = blockIdx.y, g0 = blockIdx.z * DEC_GT;
@@ -103,6 +112,15 @@ static __global__ void __launch_bounds__(DEC_THREADS, 4)
             blk_s[i] = blk[b_first + i];
         }
         __syncthreads();
+        if (STAGE_V) { /* the V rows start on their way now; P V reads them from shared memory */
+            const int rs = DEC_THREADS / n_ch, vc = tid % n_ch;
+            for (int tt = tid / n_ch; tt < n_sub; tt += rs) {
+                int t = c0 + tt;
+                int64_t slot = (int64_t)blk_s[t / bt - b_first] * bt + t % bt;
+                __pipeline_memcpy_async(vs + tt * d + vc * VEC, pv + slot * d + vc * VEC, 16);
+            }
+            __pipeline_commit();
+        }
         /* scores: DEC_U rows per lane loaded, then used */
         for (int base = warp * tpw; base < n_sub; base += 4 * tpw * DEC_U) {
             uint4 raw[DEC_U];
@@ -172,6 +190,9 @@ static __global__ void __launch_bounds__(DEC_THREADS, 4)
                 run_m[warp] = m_new;
             }
         }
+        if (STAGE_V) {
+            __pipeline_wait_prior(0);
+        }
         __syncthreads();
         /* O += P V */
         if (pv_on) {
@@ -183,29 +204,45 @@ static __global__ void __launch_bounds__(DEC_THREADS, 4)
                     acc[gl][v] *= a;
                 }
             }
-            for (int tt0 = pv_r; tt0 < n_sub; tt0 += tg * DEC_U) {
-                uint4 raw[DEC_U];
+            if (STAGE_V) {
+                for (int tt = pv_r; tt < n_sub; tt += tg) {
+                    float vv[VEC];
+                    unpack_vec<T, VEC>(vv,
+                                       *reinterpret_cast<const uint4 *>(vs + tt * d + pv_c * VEC));
 #pragma unroll
-                for (int u = 0; u < DEC_U; u++) {
-                    int tt = tt0 + u * tg;
-                    if (tt < n_sub) {
-                        int t = c0 + tt;
-                        int64_t slot = (int64_t)blk_s[t / bt - b_first] * bt + t % bt;
-                        raw[u] = *reinterpret_cast<const uint4 *>(pv + slot * d + pv_c * VEC);
+                    for (int gl = 0; gl < DEC_GT; gl++) {
+                        float p = sc[gl][tt];
+#pragma unroll
+                        for (int v = 0; v < VEC; v++) {
+                            acc[gl][v] += p * vv[v];
+                        }
                     }
                 }
+            } else {
+                for (int tt0 = pv_r; tt0 < n_sub; tt0 += tg * DEC_U) {
+                    uint4 raw[DEC_U];
 #pragma unroll
-                for (int u = 0; u < DEC_U; u++) {
-                    int tt = tt0 + u * tg;
-                    if (tt < n_sub) {
-                        float vv[VEC];
-                        unpack_vec<T, VEC>(vv, raw[u]);
+                    for (int u = 0; u < DEC_U; u++) {
+                        int tt = tt0 + u * tg;
+                        if (tt < n_sub) {
+                            int t = c0 + tt;
+                            int64_t slot = (int64_t)blk_s[t / bt - b_first] * bt + t % bt;
+                            raw[u] = *reinterpret_cast<const uint4 *>(pv + slot * d + pv_c * VEC);
+                        }
+                    }
 #pragma unroll
-                        for (int gl = 0; gl < DEC_GT; gl++) {
-                            float p = sc[gl][tt];
+                    for (int u = 0; u < DEC_U; u++) {
+                        int tt = tt0 + u * tg;
+                        if (tt < n_sub) {
+                            float vv[VEC];
+                            unpack_vec<T, VEC>(vv, raw[u]);
 #pragma unroll
-                            for (int v = 0; v < VEC; v++) {
-                                acc[gl][v] += p * vv[v];
+                            for (int gl = 0; gl < DEC_GT; gl++) {
+                                float p = sc[gl][tt];
+#pragma unroll
+                                for (int v = 0; v < VEC; v++) {
+                                    acc[gl][v] += p * vv[v];
+                                }
                             }
                         }
                     }
@@ -379,10 +416,25 @@ static void launch(void *out, const void *q, int64_t ld_q, const void *pk, const
     float *fin_ml = part_ml + entries * plan->n_splits * group * 2;
     float *scores = psum ? fin_ml + entries * group * 2 : NULL;
     dim3 grid((unsigned)entries, (unsigned)plan->n_splits, (unsigned)plan->g_tiles);
-    uck_launch(decode_split_kernel<T>, grid, dim3(DEC_THREADS), 0, stream, q, ld_q, pk, pv, (int)bt,
-               (int)d, n_tokens, offset, blocks, (int)n_heads_kv, (int)group, plan->chunk,
-               plan->n_splits, 1.0f / sqrtf((float)d), part_o, part_ml, scores, mt, out,
-               psum ? fin_ml : NULL, counters);
+    const float scale = 1.0f / sqrtf((float)d);
+    if (d * (int64_t)sizeof(T) <= DEC_STAGE_ROW) {
+        size_t smem = (size_t)DEC_SUB * (size_t)d * sizeof(T);
+        static size_t smem_set = 0; /* per type: the opt-in above 48 KiB, once per size */
+        if (smem > smem_set) {
+            (void)cudaFuncSetAttribute(decode_split_kernel<T, true>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+            smem_set = smem;
+        }
+        uck_launch(decode_split_kernel<T, true>, grid, dim3(DEC_THREADS), smem, stream, q, ld_q,
+                   pk, pv, (int)bt, (int)d, n_tokens, offset, blocks, (int)n_heads_kv,
+                   (int)group, plan->chunk, plan->n_splits, scale, part_o, part_ml, scores, mt,
+                   out, psum ? fin_ml : NULL, counters);
+    } else {
+        uck_launch(decode_split_kernel<T, false>, grid, dim3(DEC_THREADS), 0, stream, q, ld_q, pk,
+                   pv, (int)bt, (int)d, n_tokens, offset, blocks, (int)n_heads_kv, (int)group,
+                   plan->chunk, plan->n_splits, scale, part_o, part_ml, scores, mt, out,
+                   psum ? fin_ml : NULL, counters);
+    }
     if (psum) {
         dim3 pgrid((unsigned)entries, (unsigned)ceil_div(mt, 256) < 64 ? (unsigned)ceil_div(mt, 256)
                                                                        : 64u);

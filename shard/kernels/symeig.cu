@@ -55,21 +55,24 @@ static __global__ void __launch_bounds__(SYMEIG_THREADS)
     double *dg = p + d;      /* diagonal */
     double *e = dg + d;      /* off-diagonal: e[i] couples i and i + 1 */
     __shared__ double red[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     const double *src = mats + (size_t)blockIdx.x * d * d;
     for (int i = threadIdx.x; i < d * d; i += blockDim.x) {
         a[i] = src[i];
     }
     __syncthreads();
     for (int k = 0; k + 2 < d; k++) {
-        const int m = d - k - 1; /* the column below the diagonal: a[k+1.., k] */
+        /* the column below the diagonal, read as row k right of it (the matrix is kept whole
+         * and symmetric, and a row is consecutive in shared memory) */
+        const int m = d - k - 1;
         const int o = k + 1;
+        const double *xk = a + k * d + o;
         double s = 0.0;
         for (int i = threadIdx.x; i < m; i += blockDim.x) {
-            double x = a[(o + i) * d + k];
-            s += x * x;
+            s += xk[i] * xk[i];
         }
         const double nx2 = block_sum(s, red);
-        const double x0 = a[o * d + k];
+        const double x0 = xk[0];
         const double tail2 = nx2 - x0 * x0;
         if (threadIdx.x == 0) {
             dg[k] = a[k * d + k];
@@ -83,17 +86,22 @@ static __global__ void __launch_bounds__(SYMEIG_THREADS)
         }
         const double alpha = x0 >= 0.0 ? -sqrt(nx2) : sqrt(nx2);
         for (int i = threadIdx.x; i < m; i += blockDim.x) {
-            v[i] = a[(o + i) * d + k] - (i == 0 ? alpha : 0.0);
+            v[i] = xk[i] - (i == 0 ? alpha : 0.0);
         }
         const double beta = 2.0 / (tail2 + (x0 - alpha) * (x0 - alpha)); /* 2 / v'v */
         __syncthreads();
-        /* p = beta A v over the trailing block (symmetric: read by columns, no bank conflicts) */
-        for (int i = threadIdx.x; i < m; i += blockDim.x) {
+        /* p = beta A v over the trailing block: a warp per row, lanes along the row (the
+         * block is symmetric, so rows and columns read alike) */
+        for (int i = warp; i < m; i += nwarps) {
+            const double *row = a + (o + i) * d + o;
             double t = 0.0;
-            for (int j = 0; j < m; j++) {
-                t += a[(o + j) * d + o + i] * v[j];
+            for (int j = lane; j < m; j += 32) {
+                t += row[j] * v[j];
             }
-            p[i] = beta * t;
+            t = uck_warp_sum_d(t);
+            if (lane == 0) {
+                p[i] = beta * t;
+            }
         }
         __syncthreads();
         double pv = 0.0;
@@ -105,10 +113,13 @@ static __global__ void __launch_bounds__(SYMEIG_THREADS)
             p[i] -= kk * v[i]; /* w = p - K v */
         }
         __syncthreads();
-        /* A <- A - v w' - w v' */
-        for (int idx = threadIdx.x; idx < m * m; idx += blockDim.x) {
-            const int i = idx / m, j = idx - i * m;
-            a[(o + i) * d + o + j] -= v[i] * p[j] + p[i] * v[j];
+        /* A <- A - v w' - w v': a warp per row, lanes along it (consecutive addresses) */
+        for (int i = warp; i < m; i += nwarps) {
+            double *row = a + (o + i) * d + o;
+            const double vi = v[i], pi = p[i];
+            for (int j = lane; j < m; j += 32) {
+                row[j] -= vi * p[j] + pi * v[j];
+            }
         }
         if (threadIdx.x == 0) {
             e[k] = alpha;

@@ -953,6 +953,31 @@ static void bench_decode(int64_t rows, int64_t ctx)
     uc_free(blocks);
 }
 
+struct bench_spec {
+    void *q;
+    double *eig;
+    int64_t n, h, d;
+};
+
+static uc_status run_spec(void *p)
+{
+    struct bench_spec *b = p;
+    return gpu->ops->qspec(gpu, b->eig, b->q, b->h * b->d, b->n, b->h, b->d);
+}
+
+/* A layer end's query spectra with prompt grouping: 32 heads of 128 over n rows. */
+static void bench_qspec(int64_t n)
+{
+    struct bench_spec b = {.n = n, .h = 32, .d = 128};
+    b.eig = uc_malloc((size_t)(b.h * b.d) * sizeof(double));
+    gpu->ops->weight_random(gpu, &b.q, n, b.h * b.d, 9, 0.0f, 1.0f);
+    double t = time_op(run_spec, &b, 10);
+    printf("bench qspec n=%lld H=32 D=128 (covariances, eigenvalues, download): %.1f us\n",
+           (long long)n, t * 1e6);
+    gpu->ops->weight_free(gpu, b.q);
+    uc_free(b.eig);
+}
+
 /* Decode-size products (T = 1) on the shapes of a Llama-3-8B layer: weight bytes per second. */
 static void bench_gemv(void)
 {
@@ -1003,6 +1028,8 @@ static void bench(void)
     bench_decode(1, 8192);
     bench_decode(32, 4096);
     bench_decode(64, 1024);
+    bench_qspec(1024);
+    bench_qspec(8192);
 }
 
 int main(int argc, char **argv)
