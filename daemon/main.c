@@ -308,6 +308,7 @@ static int run_rank0(struct daemon *d)
         .engine = d->engine,
         .tok = d->tok,
         .cluster = &ci,
+        .auth = uc_front_auth(d->front),
         .write_config_info = write_config_info,
         .config_user = d,
         .on_drained = on_drained,
