@@ -80,6 +80,24 @@ static const struct uc_cfg_option options[] = {
      "largest gRPC message received"},
     {"drain-timeout", UC_CFG_INT, OFF(drain_timeout_ms), "30000", 0, 86400000, 0,
      "ms in-flight requests may run after SIGTERM or Drain"},
+    /* OpenAI-compatible HTTP front and API keys */
+    {"http-listen", UC_CFG_STR, OFF(http_listen), "127.0.0.1:8000", 0, 0, UC_CFG_IMMUTABLE,
+     "OpenAI-compatible HTTP address HOST:PORT (/v1/completions, /v1/chat/completions, "
+     "/v1/models, /health); 0 = off. Busy at the default address: a warning, not an error"},
+    {"served-model-name", UC_CFG_STR, OFF(served_model_name), "", 0, 0, UC_CFG_IMMUTABLE,
+     "model name of the HTTP API (/v1/models, requests' \"model\"; empty = the model "
+     "folder's name)"},
+    {"chat-template", UC_CFG_STR, OFF(chat_template), "", 0, 0, UC_CFG_IMMUTABLE,
+     "Jinja chat template file (empty = MODEL/chat_template.jinja or tokenizer_config.json's)"},
+    {"api-key", UC_CFG_STR, OFF(api_key), "", 0, 0, UC_CFG_IMMUTABLE | UC_CFG_SECRET,
+     "API key clients must send (HTTP Authorization: Bearer KEY; gRPC metadata "
+     "authorization: Bearer KEY); empty = none"},
+    {"api-key-file", UC_CFG_STR, OFF(api_key_file), "", 0, 0, UC_CFG_IMMUTABLE,
+     "file of API keys, one a line ('#' comments), accepted beside --api-key"},
+    {"admin-api-key", UC_CFG_STR, OFF(admin_api_key), "", 0, 0,
+     UC_CFG_IMMUTABLE | UC_CFG_SECRET,
+     "key the Admin calls (Drain, SetCompressionPolicy, Calibrate, ...) need; empty = the API "
+     "keys"},
     /* default compression */
     {"policy", UC_CFG_STR, OFF(policy), "full", 0, 0, 0,
      "default compression: full, uncomp, uncomp-stage, snapkv, pyramidkv, streamingllm, h2o"},
@@ -435,6 +453,18 @@ static void write_value(const struct uc_config *c, const struct uc_cfg_option *o
     }
 }
 
+/* write_value, with secrets masked */
+static void write_shown(const struct uc_config *c, const struct uc_cfg_option *o,
+                        struct uc_buf *b)
+{
+    if (o->flags & UC_CFG_SECRET) {
+        const char *v = *(char *const *)(const void *)((const char *)c + o->offset);
+        uc_buf_puts(b, v && v[0] ? "(set)" : "");
+        return;
+    }
+    write_value(c, o, b);
+}
+
 char *uc_config_get(const struct uc_config *c, const char *name)
 {
     const struct uc_cfg_option *o = find(name);
@@ -485,7 +515,7 @@ void uc_config_write_table(const struct uc_config *c, struct uc_buf *b)
             continue;
         }
         uc_buf_printf(b, "  %-22s ", o->name);
-        write_value(c, o, b);
+        write_shown(c, o, b);
         uc_buf_puts(b, "\n");
     }
 }
@@ -498,7 +528,7 @@ void uc_config_write_info(const struct uc_config *c, struct uc_buf *b)
             continue;
         }
         uc_buf_printf(b, "%s:", o->name);
-        write_value(c, o, b);
+        write_shown(c, o, b);
         uc_buf_puts(b, "\n");
     }
 }

@@ -53,6 +53,13 @@ struct uc_config {
     int64_t max_stop_strings;
     int64_t max_message_bytes;
     int64_t drain_timeout_ms;
+    /* OpenAI-compatible HTTP front and API keys */
+    char *http_listen;
+    char *served_model_name;
+    char *chat_template;
+    char *api_key;
+    char *api_key_file;
+    char *admin_api_key;
     /* default compression */
     char *policy;
     int64_t kv_budget;
@@ -94,6 +101,7 @@ enum uc_cfg_flags {
     UC_CFG_RANK_LOCAL = 1 << 1, /* may differ between ranks (left out of the config hash) */
     UC_CFG_ONESHOT = 1 << 2,    /* one-shot mode only */
     UC_CFG_CLI_ONLY = 1 << 3,   /* not valid in a config file */
+    UC_CFG_SECRET = 1 << 4,     /* shown as "(set)" in the start-up table and # Config */
 };
 
 struct uc_cfg_option {

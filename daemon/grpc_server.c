@@ -26,6 +26,7 @@
 #pragma GCC diagnostic pop
 
 #include "admin.h"
+#include "auth.h"
 #include "base/log.h"
 #include "base/mem.h"
 #include "base/pbwire.h"
@@ -2224,11 +2225,47 @@ static void dispatch_generic(struct call *c)
     reply_error(c, GRPC_STATUS_UNIMPLEMENTED, "method %s is not implemented by uncompd", path);
 }
 
+/* API keys (auth.h) from the metadata "authorization: Bearer KEY" or "x-api-key: KEY". Health
+ * stays open; Drain, SetCompressionPolicy and Calibrate need the admin key when one is set. */
+static bool call_authorized(const struct call *c)
+{
+    const struct uc_auth *auth = c->srv->p.auth;
+    if (!uc_auth_enabled(auth) || c->m == M_HEALTH_CHECK || c->m == M_HEALTH_WATCH) {
+        return true;
+    }
+    const char *key = NULL;
+    size_t key_len = 0;
+    for (size_t i = 0; i < c->md.count; i++) {
+        const grpc_metadata *m = &c->md.metadata[i];
+        const char *k = (const char *)GRPC_SLICE_START_PTR(m->key);
+        size_t kl = GRPC_SLICE_LENGTH(m->key);
+        const char *v = (const char *)GRPC_SLICE_START_PTR(m->value);
+        size_t vl = GRPC_SLICE_LENGTH(m->value);
+        if (kl == 13 && memcmp(k, "authorization", 13) == 0) {
+            if (!uc_auth_bearer(v, vl, &key, &key_len)) {
+                key = NULL;
+            }
+        } else if (kl == 9 && memcmp(k, "x-api-key", 9) == 0) {
+            key = v;
+            key_len = vl;
+        }
+    }
+    bool admin = c->m == M_SET_POLICY || c->m == M_CALIBRATE || c->m == M_DRAIN;
+    return admin ? uc_auth_check_admin(auth, key, key_len) : uc_auth_check(auth, key, key_len);
+}
+
 static void dispatch(struct call *c)
 {
     struct uc_server *s = c->srv;
     if (c->m == M_GENERIC) {
         dispatch_generic(c);
+        return;
+    }
+    if (!call_authorized(c)) {
+        reply_error(c, GRPC_STATUS_UNAUTHENTICATED, "a valid API key is needed: send the "
+                    "metadata 'authorization: Bearer KEY'%s",
+                    c->m == M_SET_POLICY || c->m == M_CALIBRATE || c->m == M_DRAIN
+                        ? " (the admin key for this call)" : "");
         return;
     }
     struct arena a;

@@ -17,6 +17,7 @@
 #include "comm.h"
 #include "daemon.h"
 #include "engine.h"
+#include "front.h"
 #include "metrics.h"
 #include "sched.h"
 #include "tokenizer.h"
@@ -125,6 +126,7 @@ struct daemon {
     struct uc_tokenizer *tok;
     struct metrics *metrics;
     struct uc_sched *sched;
+    struct uc_front *front; /* API keys, chat template, the OpenAI HTTP front */
 #ifdef UC_HAVE_GRPC
     struct uc_server *server;
 #endif
@@ -137,6 +139,13 @@ struct daemon {
 };
 
 #ifdef UC_HAVE_GRPC
+static int front_state(void *user)
+{
+    const struct daemon *d = user;
+    enum uc_server_state st = d->server ? uc_server_get_state(d->server) : UC_SERVER_LOADING;
+    return st == UC_SERVER_SERVING ? 1 : st == UC_SERVER_LOADING ? 0 : 2;
+}
+
 static void on_drained(void *user)
 {
     struct daemon *d = user;
@@ -273,6 +282,13 @@ static int run_rank0(struct daemon *d)
     if (c->prompt[0] || c->prompt_file[0]) {
         return uc_oneshot_run(d->sched, c, d->tok);
     }
+    rc = uc_front_create(&d->front, c, uc_engine_model_dir(d->engine), msg, sizeof msg);
+    if (rc != UC_OK) {
+        fprintf(stderr, "uncompd: %s\n", msg);
+        uc_sched_stop(d->sched);
+        uc_sched_run(d->sched);
+        return rc == UC_ERR_NOMEM ? 1 : 2;
+    }
 #ifdef UC_HAVE_GRPC
     struct uc_cluster_info ci = d->cluster;
     snprintf(ci.version, sizeof ci.version, "%s", UC_VERSION);
@@ -292,12 +308,18 @@ static int run_rank0(struct daemon *d)
         .engine = d->engine,
         .tok = d->tok,
         .cluster = &ci,
+        .auth = uc_front_auth(d->front),
         .write_config_info = write_config_info,
         .config_user = d,
         .on_drained = on_drained,
         .drained_user = d,
     };
     rc = uc_server_create(&d->server, &srv);
+    if (rc == UC_OK) {
+        const struct uc_model_config *mc = uc_engine_config(d->engine);
+        rc = uc_front_start_http(d->front, c, d->sched, d->tok, d->metrics, mc->vocab,
+                                 mc->n_layers, uc_engine_max_ctx(d->engine), front_state, d);
+    }
     if (rc == UC_OK) {
         rc = warm_up(d->engine);
     }
@@ -315,6 +337,8 @@ static int run_rank0(struct daemon *d)
     if (uc_sched_run(d->sched) != UC_OK) {
         code = 1;
     }
+    uc_front_destroy(d->front); /* every request has ended: no connection waits */
+    d->front = NULL;
     if (d->server) {
         uc_server_set_state(d->server, UC_SERVER_STOPPED);
         uc_server_destroy(d->server);
@@ -458,6 +482,7 @@ out:
         pthread_kill(d.sig_thread, SIGUSR1);
         pthread_join(d.sig_thread, NULL);
     }
+    uc_front_destroy(d.front);
     uc_sched_destroy(d.sched);
     metrics_destroy(d.metrics);
     uc_tokenizer_destroy(d.tok);

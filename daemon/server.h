@@ -55,6 +55,7 @@ struct uc_server_params {
     struct uc_engine *engine;  /* read-only: config; profile through the scheduler */
     const struct uc_tokenizer *tok;
     const struct uc_cluster_info *cluster;
+    const struct uc_auth *auth; /* API keys (auth.h); NULL = open */
     /* writes the "# Config" section of the INFO text */
     void (*write_config_info)(void *user, struct uc_buf *b);
     void *config_user;
@@ -65,6 +66,7 @@ struct uc_server_params {
 };
 
 struct uc_server;
+struct uc_auth;
 
 /* Binds and starts serving (state LOADING until uc_server_set_state). A port that cannot be
  * bound is UC_ERR_IO with the address in the message. */
