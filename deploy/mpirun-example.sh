@@ -10,6 +10,8 @@
 # (config file, default deploy/uncompd.conf), UNCOMP_MODEL (model folder; default the bundled
 # one), UNCOMP_LISTEN (default 127.0.0.1:50051 locally, 0.0.0.0:50051 across hosts), HOSTFILE,
 # NET_IF (the network interface MPI and NCCL use between hosts, e.g. eth0 or ib0).
+# uncompd refuses to listen beyond loopback without TLS and an API key: across hosts pass
+# --tls-cert, --tls-key and --api-key-file (deploy/README.md, "TLS and API keys").
 #
 # Stop it with Ctrl-C or `uncompctl --server ADDR drain`: rank 0 drains (no new requests, the
 # running ones finish up to --drain-timeout), then every rank exits 0.
@@ -23,7 +25,7 @@ CONFIG="${UNCOMP_CONFIG:-$HERE/uncompd.conf}"
 HOSTFILE="${HOSTFILE:-$HERE/hostfile.example}"
 
 usage() {
-    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
