@@ -169,6 +169,111 @@ static void check_bit_identical(struct uc_engine *e, const int32_t *ids, int64_t
     uc_free(ref);
 }
 
+/* A copy of a sequence's kept sets, (L, Hkv) lists, and its plan checksum. */
+struct kept_copy {
+    int32_t **pos;
+    int64_t *n;
+    uint64_t checksum;
+};
+
+static void kept_take(struct uc_engine *e, int64_t seq, struct kept_copy *k)
+{
+    const struct uc_model_config *cfg = uc_engine_config(e);
+    int64_t m = cfg->n_layers * cfg->n_heads_kv;
+    k->pos = uc_calloc((size_t)m, sizeof *k->pos);
+    k->n = uc_calloc((size_t)m, sizeof *k->n);
+    for (int64_t i = 0; i < m; i++) {
+        const int32_t *p = uc_engine_seq_kept(e, seq, i / cfg->n_heads_kv, i % cfg->n_heads_kv,
+                                              &k->n[i]);
+        k->pos[i] = uc_malloc((size_t)(k->n[i] + 1) * sizeof(int32_t));
+        if (p) {
+            memcpy(k->pos[i], p, (size_t)k->n[i] * sizeof(int32_t));
+        }
+    }
+    k->checksum = uc_plan_checksum(uc_engine_seq_plan(e, seq));
+}
+
+static void kept_free(struct uc_engine *e, struct kept_copy *k)
+{
+    const struct uc_model_config *cfg = uc_engine_config(e);
+    for (int64_t i = 0; i < cfg->n_layers * cfg->n_heads_kv; i++) {
+        uc_free(k->pos[i]);
+    }
+    uc_free(k->pos);
+    uc_free(k->n);
+}
+
+/* The same prompt prefilled alone (one step) and in small slices beside the decode rows of
+ * another sequence and a second prompt (every step one sweep over the layers): the plan and
+ * every kept set must be the same, and so must the logits after the prefill. */
+static void check_mixed_equals_alone(struct uc_engine *e, const int32_t *ids, int64_t n,
+                                     const char *policy, int32_t budget, const cJSON *root)
+{
+    const struct uc_model_config *cfg = uc_engine_config(e);
+    struct uc_compress_params cp = uc_compress_default_params();
+    uc_policy_parse(policy, &cp.policy);
+    cp.kv_budget = budget;
+    cp.grouping = UC_GROUPING_PROMPT;
+    const cJSON *ss = field(root, "stage_starts");
+    for (int i = 0; i < cJSON_GetArraySize(ss) && cp.policy == UC_POLICY_UNCOMP_STAGE; i++) {
+        cp.stage_starts[cp.n_stage_starts++] = (int32_t)cJSON_GetArrayItem(ss, i)->valuedouble;
+    }
+    int64_t rows;
+    TU_CHECK(tu_prefill(e, 30, ids, n, UC_SEQ_RECORD_KEPT, &cp, 8) == UC_OK, "alone prefill");
+    struct kept_copy alone;
+    kept_take(e, 30, &alone);
+    float *lg_alone = uc_malloc((size_t)cfg->vocab * sizeof(float));
+    memcpy(lg_alone, uc_engine_seq_logits(e, 30, &rows), (size_t)cfg->vocab * sizeof(float));
+    tu_free(e, 30);
+    /* a decoding neighbour, then the prompt and a short second prompt in slices beside it */
+    TU_CHECK(tu_prefill(e, 31, ids + n / 3, n / 3, 0, NULL, 400) == UC_OK, "neighbour prefill");
+    struct uc_step_new nw[2] = {
+        {.seq_id = 32, .flags = UC_SEQ_RECORD_KEPT, .max_new_tokens = 8, .cp = cp,
+         .n_prompt = n, .prompt = ids},
+        {.seq_id = 33, .flags = 0, .max_new_tokens = 8, .cp = cp, .n_prompt = 50,
+         .prompt = ids + 7},
+    };
+    int32_t tok = 5;
+    int steps = 0;
+    for (int first = 1; uc_engine_seq_phase(e, 32) != UC_SEQ_DECODING && steps < 4000; steps++) {
+        /* odd budgets: slices end inside layers and prompts cross layers within a step */
+        struct uc_step_prefill pf[2] = {{.seq_id = 32, .budget_rows = 37 + steps % 5 * 61},
+                                        {.seq_id = 33, .budget_rows = 29}};
+        int npf = uc_engine_seq_phase(e, 33) == UC_SEQ_DECODING ? 1 : 2;
+        struct uc_step_decode dec = {.seq_id = 31, .token = tok};
+        struct uc_step s = {.op = UC_STEP_RUN, .n_new = first ? 2 : 0, .news = nw,
+                            .n_prefill = npf, .prefills = pf, .n_decode = 1, .decodes = &dec};
+        TU_CHECK(uc_engine_step(e, &s) == UC_OK, "mixed step %d", steps);
+        first = 0;
+        tok = tu_argmax(uc_engine_seq_logits(e, 31, &rows), cfg->vocab);
+    }
+    struct kept_copy mixed;
+    kept_take(e, 32, &mixed);
+    int64_t diff = alone.checksum != mixed.checksum;
+    for (int64_t i = 0; i < cfg->n_layers * cfg->n_heads_kv; i++) {
+        diff += alone.n[i] != mixed.n[i] ||
+                memcmp(alone.pos[i], mixed.pos[i], (size_t)alone.n[i] * sizeof(int32_t)) != 0;
+    }
+    const float *lg = uc_engine_seq_logits(e, 32, &rows);
+    double lerr = 0;
+    for (int64_t v = 0; lg && v < cfg->vocab; v++) {
+        double d = fabs((double)lg[v] - (double)lg_alone[v]);
+        lerr = d > lerr ? d : lerr;
+    }
+    TU_CHECK(diff == 0, "%s@%d: %lld kept sets or the plan differ after a mixed prefill", policy,
+             budget, (long long)diff);
+    TU_CHECK(lg && lerr <= 1e-4, "%s@%d: logits after a mixed prefill differ by %.2e", policy,
+             budget, lerr);
+    printf("mixed %-12s@%-4d steps=%-4d plan and kept sets %s, logit diff %.1e %s\n", policy,
+           budget, steps, diff ? "DIFFER" : "equal", lerr, tu_failures ? "FAIL" : "ok");
+    kept_free(e, &alone);
+    kept_free(e, &mixed);
+    uc_free(lg_alone);
+    int64_t frees[3] = {31, 32, 33};
+    struct uc_step fs = {.op = UC_STEP_RUN, .n_free = 3, .frees = frees};
+    uc_engine_step(e, &fs);
+}
+
 int main(int argc, char **argv)
 {
     struct uc_comm *comm = NULL;
@@ -216,6 +321,8 @@ int main(int argc, char **argv)
         }
         if (ids) {
             check_bit_identical(e, ids, 300);
+            check_mixed_equals_alone(e, ids, n, "uncomp", 64, root);
+            check_mixed_equals_alone(e, ids, n, "uncomp-stage", 64, root);
         }
         uc_free(ids);
         cJSON_Delete(root);
