@@ -247,7 +247,9 @@ void uc_buf_append(struct uc_buf *b, const void *data, size_t n)
     if (!buf_reserve(b, n)) {
         return;
     }
-    memcpy(b->data + b->len, data, n);
+    if (n > 0) { /* data may be NULL when there is nothing to copy */
+        memcpy(b->data + b->len, data, n);
+    }
     b->len += n;
     b->data[b->len] = '\0';
 }

@@ -591,6 +591,23 @@ static void test_example_conf(void **state)
     assert_int_equal(uc_mem_blocks_in_use(), blocks);
 }
 
+/* Regression: appending nothing from a NULL pointer (an empty chunk of streamed text) passed NULL
+ * to memcpy, undefined behaviour that the UBSan build of the daemon stopped on. */
+static void test_buf_append_nothing(void **state)
+{
+    (void)state;
+    struct uc_buf b;
+    uc_buf_init(&b);
+    uc_buf_append(&b, NULL, 0);
+    assert_non_null(b.data);
+    assert_int_equal(b.len, 0);
+    assert_string_equal(b.data, "");
+    uc_buf_append(&b, "ab", 2);
+    uc_buf_append(&b, NULL, 0);
+    assert_string_equal(b.data, "ab");
+    uc_buf_fini(&b);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1) {
@@ -599,6 +616,7 @@ int main(int argc, char **argv)
     snprintf(tmp_conf, sizeof tmp_conf, "/tmp/uc_test_config_%d.conf", (int)getpid());
     tu_log_capture(); /* quiet: refusals are expected */
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_buf_append_nothing),
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_command_line_forms),
         cmocka_unit_test(test_refusals),
