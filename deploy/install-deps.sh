@@ -6,13 +6,13 @@ set -euo pipefail
 PKGS=(
     build-essential cmake ninja-build pkg-config git
     libopenmpi-dev openmpi-bin
+    iproute2                    # ip netns, veth pairs: tests/mpi/test_tp_netns.sh
     libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev
     libgrpc-dev protobuf-compiler-grpc
     libcmocka-dev
     libopenblas-openmp-dev
     libpcre2-dev libutf8proc-dev libcjson-dev libmicrohttpd-dev libsystemd-dev
     python3 python3-grpcio python3-protobuf python3-numpy
-    iproute2                    # ip netns, veth pairs: tests/mpi/test_tp_netns.sh
 )
 
 SUDO=""
