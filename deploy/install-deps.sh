@@ -6,6 +6,7 @@ set -euo pipefail
 PKGS=(
     build-essential cmake ninja-build pkg-config git
     libopenmpi-dev openmpi-bin
+    iproute2                    # ip netns, veth pairs: tests/mpi/test_tp_netns.sh
     libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev
     libgrpc-dev protobuf-compiler-grpc
     libcmocka-dev

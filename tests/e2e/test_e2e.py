@@ -10,7 +10,9 @@ health transitions, the Admin service, Drain and SIGTERM. Ports are picked free 
                                            [--only SUBSTRING] [--no-mpi] [--asan]
 
 Environment: UNCOMPD (daemon path), UNCOMP_TEST_MODEL (model folder), MPIRUN (mpirun path),
-UC_E2E_DAEMON_ARGS (more flags for every daemon, e.g. "--backend cuda"; e2e_util.py).
+UC_E2E_DAEMON_ARGS (more flags for every daemon, e.g. "--backend cuda"; e2e_util.py),
+UC_E2E_MAIN_NP (ranks of the main daemon, default 1: tests/mpi/test_tp_netns.sh runs the main
+tests at tp 2 across two network namespaces, with --mpirun a wrapper that adds the hostfile).
 Prints one line per test ([ RUN ] / [ OK ] / [ FAILED ]) and exits with the number of failures
 (77 when the daemon binary is missing, which ctest can treat as skipped).
 """
@@ -855,8 +857,9 @@ def t_drain(d):
     watch = cl.watch(timeout=60)
     check(next(watch).status == gc.SERVING)
     # long enough to be in flight while the drain starts and a new request is refused (a GPU
-    # decodes the tiny model's 120 tokens in well under 0.1 s)
-    n_tok = 120 if daemon_backend() == "cpu" else 2000
+    # decodes the tiny model's 120 tokens in well under 0.1 s, and so do 2 CPU ranks, each with
+    # half the work: tests/mpi/test_tp_netns.sh runs this at tp 2)
+    n_tok = (120 if d.np == 1 else 600) if daemon_backend() == "cpu" else 2000
     it = cl.generate_stream(long_request(cl, max_tokens=n_tok, request_id="drain-me"), timeout=60)
     next(it)
     res = {}
@@ -1087,6 +1090,8 @@ def main():
     ap.add_argument("--mpirun", default=os.environ.get("MPIRUN", "mpirun"))
     ap.add_argument("--only", action="append", default=[])
     ap.add_argument("--no-mpi", action="store_true")
+    ap.add_argument("--main-np", type=int, default=int(os.environ.get("UC_E2E_MAIN_NP", "1")),
+                    help="ranks (= tp) of the daemon the main tests share")
     ap.add_argument("--asan", action="store_true",
                     help="the daemon is an ASan build: fail on any sanitizer report")
     ap.add_argument("daemon_pos", nargs="?")
@@ -1104,9 +1109,9 @@ def main():
     t_start = time.time()
     main_tests = [t for t in MAIN_TESTS if r.want(t)]
     if main_tests:
-        d = Daemon(args, name="main")
+        d = Daemon(args, name="main", np=args.main_np)
         try:
-            seen = d.wait_serving()
+            seen = d.wait_serving(START_TIMEOUT_S * (2 if args.main_np > 1 else 1))
             print("daemon %s up (health %s)" % (d.addr, seen), flush=True)
             # LOADING shows as NOT_SERVING (when a poll catches it), then SERVING
             if seen[-1] != gc.SERVING or any(x != gc.NOT_SERVING for x in seen[:-1]):
