@@ -91,6 +91,7 @@ struct ev_logprob {
 struct ev_item {
     struct ev_item *next;
     enum uc_event_kind kind;
+    int32_t index;              /* the choice */
     /* TOKENS */
     int32_t *ids;               /* (n_ids) */
     int32_t n_ids;
@@ -587,6 +588,10 @@ static uc_status gen_request_parse(struct gen_req *out, const Uncomp__V1__Genera
         BAD("input is missing: set text or token_ids");
     }
 
+    if (in->n > UC_SCHED_MAX_N) {
+        BAD("n=%u must be in [1, %d] (0 = 1)", in->n, UC_SCHED_MAX_N);
+    }
+    r->n = (int32_t)in->n;
     rc = sampling_from(out, in->sampling, ctx, msg, msg_size);
     if (rc != UC_OK) {
         goto out_fail;
@@ -667,6 +672,7 @@ static struct ev_item *ev_item_copy(const struct uc_gen_event *ev)
         return NULL;
     }
     it->kind = ev->kind;
+    it->index = ev->index;
     if (ev->kind == UC_EVENT_TOKENS) {
         int32_t n = ev->n_ids > 0 ? ev->n_ids : 0;
         it->n_ids = n;
@@ -737,7 +743,7 @@ out_free:
 }
 
 static grpc_byte_buffer *pack_chunk(const char *request_id, const struct ev_item *first,
-                                    const struct ev_item *end)
+                                    const struct ev_item *end, int32_t index)
 {
     size_t n_ids = 0, n_text = 0;
     bool any_lp = false;
@@ -789,6 +795,7 @@ static grpc_byte_buffer *pack_chunk(const char *request_id, const struct ev_item
     chunk.token_ids = ids;
     chunk.n_logprobs = lps ? n_ids : 0;
     chunk.logprobs = lps;
+    chunk.index = (uint32_t)index;
     /* the text goes on the wire by hand, with its length (it may hold NUL bytes) */
     size_t chunk_len = 0, resp_len = 0;
     uint8_t *chunk_bytes = pack_with_text(&a, &chunk.base, 2, text, t, &chunk_len);
@@ -947,6 +954,7 @@ static grpc_byte_buffer *pack_complete(const char *request_id, const struct ev_i
     Uncomp__V1__Complete comp;
     uncomp__v1__complete__init(&comp);
     comp.finish_reason = finish_pb(d->finish);
+    comp.index = (uint32_t)d->index;
     comp.usage = &usage;
     comp.compression = &rep;
     comp.timing = &timing;
@@ -1512,6 +1520,11 @@ struct call {
     char request_id[UC_REQUEST_ID_MAX];
     int64_t deadline_ms;
     bool submitted, sched_done, lost_event;
+    int32_t n_choices;          /* DONE events to wait for (GenerateRequest.n) */
+    int32_t n_sched_done;       /* DONE events delivered by the scheduler */
+    int32_t n_completes;        /* DONE events taken by the pump */
+    uc_status first_err;        /* n > 1: a choice that failed outright before the last ended */
+    char first_err_msg[320];
     bool abort_sent;            /* uc_server_destroy aborted it */
     struct ev_item *q_head, *q_tail;
     /* Health.Watch */
@@ -1845,6 +1858,9 @@ static void gen_sink(void *user, const struct uc_gen_event *ev)
 {
     struct call *c = user;
     bool done = ev->kind == UC_EVENT_DONE;
+    if (ev->kind == UC_EVENT_PROMPT) {
+        return; /* Generate never asks for prompt logprobs */
+    }
     struct ev_item *it = ev_item_copy(ev);
     pthread_mutex_lock(&c->mu);
     if (!c->request_id[0] && ev->request_id) {
@@ -1862,7 +1878,7 @@ static void gen_sink(void *user, const struct uc_gen_event *ev)
         }
         c->q_tail = it;
     }
-    if (done) {
+    if (done && ++c->n_sched_done >= (c->n_choices > 1 ? c->n_choices : 1)) {
         c->sched_done = true;
     }
     kick_locked_call(c);
@@ -1886,12 +1902,12 @@ static void gen_pump(struct call *c)
     /* skip empty token events; find the first DONE */
     struct ev_item *first = c->q_head, *end = first;
     bool any = false;
-    while (end && end->kind == UC_EVENT_TOKENS) {
+    while (end && end->kind == UC_EVENT_TOKENS && end->index == first->index) {
         any = any || end->n_ids > 0 || end->text_len > 0;
         end = end->next;
     }
     if (any) {
-        grpc_byte_buffer *bb = pack_chunk(c->request_id, first, end);
+        grpc_byte_buffer *bb = pack_chunk(c->request_id, first, end, first->index);
         while (c->q_head != end) {
             struct ev_item *n = c->q_head->next;
             ev_item_free(c->q_head);
@@ -1946,6 +1962,27 @@ static void gen_pump(struct call *c)
     } else {
         snprintf(detail, sizeof detail, "%s", d->message && d->message[0]
                                                  ? d->message : uc_status_str(d->status));
+    }
+    /* n > 1: every choice's Complete is a message; the stream's status comes with the last
+     * (the first failure's, when a choice failed) */
+    if (++c->n_completes < (c->n_choices > 1 ? c->n_choices : 1)) {
+        if (d->status != UC_OK && c->first_err == UC_OK) {
+            c->first_err = d->status;
+            snprintf(c->first_err_msg, sizeof c->first_err_msg, "%s", detail);
+        }
+        ev_item_free(d);
+        if (with_complete && !bb) {
+            start_send(c, NULL, true, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        } else if (bb) {
+            start_send(c, bb, false, GRPC_STATUS_OK, NULL);
+        } else {
+            gen_pump(c);
+        }
+        return;
+    }
+    if (d->status == UC_OK && c->first_err != UC_OK) {
+        code = status_code_of(c->first_err);
+        snprintf(detail, sizeof detail, "%s", c->first_err_msg);
     }
     if (code == GRPC_STATUS_INTERNAL) {
         UC_LOG_ERROR("grpc: Generate failed req=%s status=%s: %s", c->request_id,
@@ -2024,16 +2061,21 @@ static void handle_generate(struct call *c, const Uncomp__V1__GenerateRequest *r
                                                       "was queued");
         return;
     }
+    int32_t n_choices = gr.req.n > 1 ? gr.req.n : 1;
     pthread_mutex_lock(&c->mu);
     c->deadline_ms = gr.req.deadline_ms;
+    c->n_choices = n_choices;
     snprintf(c->request_id, sizeof c->request_id, "%s", gr.req.request_id);
     pthread_mutex_unlock(&c->mu);
-    call_ref(c); /* the scheduler's, until DONE */
+    for (int32_t i = 0; i < n_choices; i++) {
+        call_ref(c); /* the scheduler's, until each choice's DONE */
+    }
     char id[UC_REQUEST_ID_MAX] = "";
     rc = uc_sched_submit(s->p.sched, &gr.req, gen_sink, c, id, msg, sizeof msg);
     gen_req_fini(&gr);
     if (rc != UC_OK) {
-        atomic_fetch_sub(&c->refs, 1); /* the sink will never run; dispatch keeps c alive */
+        atomic_fetch_sub(&c->refs, n_choices); /* the sink will never run; dispatch keeps c
+                                                  alive */
         grpc_status_code code = status_code_of(rc);
         if (code == GRPC_STATUS_INTERNAL) {
             UC_LOG_ERROR("grpc: Generate submit failed req=%s: %s", gr.req.request_id, msg);

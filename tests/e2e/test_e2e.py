@@ -285,6 +285,106 @@ def t_generate_stream(d):
     check(c2.kv_bytes_kept < c2.kv_bytes_full and 0 < c2.ratio < 1, "report %s" % c2)
 
 
+def gen_choices(cl, req):
+    """Runs an n > 1 request; returns ({index: ids}, {index: text}, {index: Complete})."""
+    ids, text, comp = {}, {}, {}
+    for r in cl.generate_stream(req):
+        if r.WhichOneof("kind") == "chunk":
+            i = r.chunk.index
+            check(i not in comp, "a chunk of choice %d after its Complete" % i)
+            ids.setdefault(i, []).extend(r.chunk.token_ids)
+            text[i] = text.get(i, "") + r.chunk.text
+        else:
+            i = r.complete.index
+            check(i not in comp, "two Completes for choice %d" % i)
+            comp[i] = r.complete
+    return ids, text, comp
+
+
+def prefill_count(port):
+    _, v = parse_exposition(scrape(port)[2])
+    return sum(x for k, x in v.items()
+               if k.startswith("uncomp:request_prefill_time_seconds_count"))
+
+
+def t_n_choices_fork(d):
+    cl = d.client
+    ntok = len(cl.tokenize(PROMPTS[2]).token_ids)
+    # greedy: n = 3 choices equal each other and the n = 1 result; the prompt counts once
+    one, _, c1, _ = cl.generate(text=PROMPTS[2], max_tokens=20, temperature=0.0, ignore_eos=True)
+    before = prefill_count(d.metrics_port)
+    req = cl.request(text=PROMPTS[2], max_tokens=20, temperature=0.0, ignore_eos=True)
+    req.n = 3
+    ids, text, comp = gen_choices(cl, req)
+    check(sorted(comp) == [0, 1, 2], "Completes %s" % sorted(comp))
+    for i in range(3):
+        check(ids[i] == one, "greedy choice %d %s != n=1 %s" % (i, ids[i], one))
+        check(comp[i].usage.prompt_tokens == ntok and comp[i].usage.completion_tokens == 20,
+              "usage %s" % comp[i].usage)
+        check(comp[i].finish_reason == pb.LENGTH)
+    # the prompt was prefilled (and compressed) once for the three choices
+    check(prefill_count(d.metrics_port) - before == 1, "prefills for n=3: %s" %
+          (prefill_count(d.metrics_port) - before))
+    # sampled with a seed: reproducible, choice i equals an n = 1 request with seed + i
+    cmp = {"policy": "snapkv", "kv_budget": 24}
+    req = cl.request(text=LONG_PROMPT, max_tokens=16, temperature=0.9, seed=1234,
+                     compression=cmp)
+    req.n = 3
+    a = gen_choices(cl, req)
+    b = gen_choices(cl, req)
+    check(a[0] == b[0] and a[1] == b[1], "seeded n=3 not reproducible")
+    check(len({tuple(v) for v in a[0].values()}) > 1, "seeded choices all equal: %s" % a[0])
+    for i in range(3):
+        alone, _, ca, _ = cl.generate(text=LONG_PROMPT, max_tokens=16, temperature=0.9,
+                                      seed=1234 + i, compression=cmp)
+        check(a[0][i] == alone, "choice %d %s != seed+%d alone %s" % (i, a[0][i], i, alone))
+        check(a[2][i].compression.plan_checksum == ca.compression.plan_checksum,
+              "choice %d has another compression plan" % i)
+    # KV memory: the forks copy choice 0's compressed blocks (no copy-on-write), so the pool
+    # holds what three independent requests hold; the prefill runs once. Peak usage, sampled.
+    def peak(fn):
+        stop, best = threading.Event(), [0.0]
+        def poll():
+            while not stop.is_set():
+                best[0] = max(best[0], cl.stats().kv_usage)
+                time.sleep(0.002)
+        t = threading.Thread(target=poll)
+        t.start()
+        try:
+            fn()
+        finally:
+            stop.set()
+            t.join()
+        return best[0]
+    kw = dict(text=LONG_PROMPT, max_tokens=160, temperature=0.0, ignore_eos=True,
+              compression=cmp)
+    req = cl.request(**kw)
+    req.n = 3
+    fork_peak = peak(lambda: gen_choices(cl, req))
+    with cf.ThreadPoolExecutor(3) as ex:
+        indep_peak = peak(lambda: list(ex.map(lambda _: cl.generate(**kw), range(3))))
+    print("    kv_usage peak: n=3 fork %.5f, 3 independent %.5f" % (fork_peak, indep_peak))
+    check(fork_peak <= indep_peak * 1.05 + 1e-9, "fork used more KV: %g > %g" %
+          (fork_peak, indep_peak))
+    # n is validated
+    req = cl.request(text="x", max_tokens=2)
+    req.n = 17
+    expect_rpc_error(lambda: cl.generate(req), grpc.StatusCode.INVALID_ARGUMENT, "n=17")
+    # abort by id ends every choice
+    req = cl.request(text=LONG_PROMPT, max_tokens=3000, ignore_eos=True, request_id="fork-ab")
+    req.n = 3
+    out = {}
+    th = threading.Thread(target=lambda: out.update(r=gen_choices(cl, req)))
+    th.start()
+    time.sleep(0.3)
+    check(cl.abort("fork-ab"), "abort found nothing")
+    th.join(30)
+    check(not th.is_alive() and sorted(out["r"][2]) == [0, 1, 2], "abort: %s" % out)
+    for i in range(3):
+        check(out["r"][2][i].finish_reason == pb.ABORTED, "choice %d not aborted" % i)
+    still_serving(cl)
+
+
 def t_tokenize_roundtrip(d):
     cl = d.client
     for text in ["Hello, world!", "naïve café — ünïcödé ✓ 日本語", PROMPTS[4], " leading space"]:
@@ -1038,7 +1138,7 @@ MAIN_TESTS = [t_health_and_watch, t_generate_stream, t_tokenize_roundtrip, t_sto
               t_abort_by_id,
               t_client_cancel, t_deadline, t_request_id_reuse, t_bad_inputs,
               t_malformed_protobuf,
-              t_concurrent_equals_alone, t_chaos, t_metrics, t_admin, t_second_daemon_same_port,
+              t_concurrent_equals_alone, t_n_choices_fork, t_chaos, t_metrics, t_admin, t_second_daemon_same_port,
               t_drain]
 OTHER_TESTS = [t_queue_full, t_single_sigterm_idle, t_oneshot_prompt_file_nul, t_tls, t_tp2_sigterm_mid_stream,
                t_tp2_mixed_equals_alone]
