@@ -31,6 +31,7 @@
 #include "base/mem.h"
 #include "base/pbwire.h"
 #include "base/status.h"
+#include "chat_template.h"
 #include "compress/profile.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "metrics_http.h"
@@ -1453,6 +1454,7 @@ enum method {
     M_DRAIN,
     M_HEALTH_CHECK,
     M_HEALTH_WATCH,
+    M_CHAT,
     M_COUNT,
     M_GENERIC = M_COUNT, /* a method nobody registered: UNIMPLEMENTED */
 };
@@ -1483,7 +1485,11 @@ static const struct method_desc methods[M_COUNT] = {
                         &grpc__health__v1__health_check_request__descriptor},
     [M_HEALTH_WATCH] = {"/grpc.health.v1.Health/Watch",
                         &grpc__health__v1__health_check_request__descriptor},
+    [M_CHAT] = {"/uncomp.v1.Inference/Chat", &uncomp__v1__chat_request__descriptor},
 };
+
+/* Generate and Chat: the same stream of a scheduler request. */
+static bool is_gen(enum method m) { return m == M_GENERATE || m == M_CHAT; }
 
 enum tag_kind { TAG_NEW, TAG_CLOSE, TAG_SEND, TAG_SHUTDOWN };
 
@@ -1812,7 +1818,7 @@ static struct call **live_calls(struct uc_server *s, enum method m, int64_t *n)
     pthread_mutex_lock(&s->mu);
     struct call **v = uc_malloc((size_t)(s->n_live + 1) * sizeof *v);
     for (struct call *c = s->live; v && c; c = c->live_next) {
-        if (c->m == m && call_tryref(c)) {
+        if ((c->m == m || (is_gen(m) && is_gen(c->m))) && call_tryref(c)) {
             v[(*n)++] = c;
         }
     }
@@ -2096,6 +2102,94 @@ static void handle_generate(struct call *c, const Uncomp__V1__GenerateRequest *r
     }
 }
 
+/* Chat: the messages rendered by the chat template (as HTTP's /v1/chat/completions renders
+ * them), tokenized without added special tokens, then the Generate path with those ids (the
+ * field numbers of sampling, compression and n are Generate's, so its parsing applies). */
+static void handle_chat(struct call *c, const Uncomp__V1__ChatRequest *req,
+                        const struct arena *in)
+{
+    struct uc_server *s = c->srv;
+    if (!s->p.tok) {
+        reply_error(c, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
+        return;
+    }
+    if (!s->p.chat) {
+        metrics_request_rejected(s->p.metrics);
+        reply_error(c, GRPC_STATUS_FAILED_PRECONDITION,
+                    "the model has no chat template: start uncompd with --chat-template FILE");
+        return;
+    }
+    char msg[512] = "";
+    grpc_status_code code = GRPC_STATUS_OK;
+    char *text = NULL;
+    size_t len = 0;
+    int32_t *ids = NULL;
+    uint32_t *uids = NULL;
+    int64_t n = 0;
+    cJSON *msgs = cJSON_CreateArray();
+    for (size_t i = 0; msgs && i < req->n_messages; i++) {
+        cJSON *m = cJSON_CreateObject();
+        if (!m || !cJSON_AddItemToArray(msgs, m) ||
+            !cJSON_AddStringToObject(m, "role", req->messages[i]->role) ||
+            !cJSON_AddStringToObject(m, "content", req->messages[i]->content)) {
+            cJSON_Delete(msgs);
+            msgs = NULL;
+        }
+    }
+    if (!msgs) {
+        code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+        snprintf(msg, sizeof msg, "out of memory");
+        goto out;
+    }
+    if (req->n_messages == 0) {
+        code = GRPC_STATUS_INVALID_ARGUMENT;
+        snprintf(msg, sizeof msg, "messages is empty");
+        goto out;
+    }
+    uc_status rc = uc_chat_messages_validate(msgs, msg, sizeof msg);
+    if (rc == UC_OK) {
+        rc = uc_chat_template_render(s->p.chat, msgs, true, NULL, &text, &len, msg, sizeof msg);
+    }
+    if (rc == UC_OK) {
+        rc = uc_tokenizer_encode_msg(s->p.tok, text, len, false, &ids, &n, msg, sizeof msg);
+    }
+    if (rc != UC_OK) {
+        code = status_code_of(rc);
+        goto out;
+    }
+    uids = uc_malloc((size_t)(n + 1) * sizeof *uids);
+    if (!uids) {
+        code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+        snprintf(msg, sizeof msg, "out of memory");
+        goto out;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        uids[i] = (uint32_t)ids[i];
+    }
+    Uncomp__V1__TokenIds tids;
+    uncomp__v1__token_ids__init(&tids);
+    tids.n_ids = (size_t)n;
+    tids.ids = uids;
+    Uncomp__V1__GenerateRequest g;
+    uncomp__v1__generate_request__init(&g);
+    g.request_id = req->request_id;
+    g.input_case = UNCOMP__V1__GENERATE_REQUEST__INPUT_TOKEN_IDS;
+    g.token_ids = &tids;
+    g.sampling = req->sampling;
+    g.compression = req->compression;
+    g.n = req->n;
+    handle_generate(c, &g, in);
+out:
+    if (code != GRPC_STATUS_OK) {
+        metrics_request_rejected(s->p.metrics);
+        reply_error(c, code, "messages: %s", msg);
+    }
+    cJSON_Delete(msgs);
+    uc_free(text);
+    uc_free(ids);
+    uc_free(uids);
+}
+
 /* ---- Drain and workers ----------------------------------------------------------------------- */
 
 /* Drains the scheduler (blocking); returns whether this caller must run on_drained. */
@@ -2317,7 +2411,7 @@ static void dispatch(struct call *c)
         if (a.oom) {
             reply_error(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
         } else {
-            if (c->m == M_GENERATE) {
+            if (is_gen(c->m)) {
                 metrics_request_rejected(s->p.metrics);
             }
             reply_error(c, GRPC_STATUS_INVALID_ARGUMENT,
@@ -2335,6 +2429,10 @@ static void dispatch(struct call *c)
     switch (c->m) {
     case M_GENERATE:
         handle_generate(c, (const Uncomp__V1__GenerateRequest *)req, &a);
+        replied = true;
+        break;
+    case M_CHAT:
+        handle_chat(c, (const Uncomp__V1__ChatRequest *)req, &a);
         replied = true;
         break;
     case M_TOKENIZE:
@@ -2550,7 +2648,7 @@ static void on_close(struct call *c)
     int64_t dl = c->deadline_ms;
     if (cancelled) {
         c->cancelled = true;
-        abort_it = c->m == M_GENERATE && c->submitted && !c->sched_done;
+        abort_it = is_gen(c->m) && c->submitted && !c->sched_done;
         snprintf(id, sizeof id, "%s", c->request_id);
         gen_drop_queue(c);
     }
@@ -2585,7 +2683,7 @@ static void on_send(struct call *c, bool ok)
 
 static void pump_locked(struct call *c)
 {
-    if (c->m == M_GENERATE) {
+    if (is_gen(c->m)) {
         gen_pump(c);
     } else if (c->m == M_HEALTH_WATCH) {
         watch_pump(c);

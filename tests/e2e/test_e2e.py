@@ -992,6 +992,49 @@ def t_drain(d):
 # other daemons
 # ---------------------------------------------------------------------------------------------
 
+CHATML = os.path.join(REPO, "tests", "conformance", "chat_templates", "chatml.jinja")
+
+
+def t_grpc_chat(args):
+    """Inference.Chat renders with the template (as HTTP chat does) and streams as Generate."""
+    d = Daemon(args, ["--chat-template", CHATML], name="chat")
+    try:
+        d.wait_serving()
+        cl = d.client
+        conv = [("system", "You are brief."), ("user", "Tell me a story"),
+                ("assistant", "Once upon a time"), ("user", "Go on")]
+        rendered = "".join("<|im_start|>%s\n%s<|im_end|>\n" % m for m in conv)
+        rendered += "<|im_start|>assistant\n"
+        ids = list(cl.tokenize(rendered, add_special_tokens=False).token_ids)
+        want, _, wc, _ = cl.generate(token_ids=ids, max_tokens=12, temperature=0.0,
+                                     ignore_eos=True)
+        got, text, comp = [], "", None
+        for r in cl.chat(conv, max_tokens=12, temperature=0.0, ignore_eos=True):
+            if r.WhichOneof("kind") == "chunk":
+                got.extend(r.chunk.token_ids)
+                text += r.chunk.text
+            else:
+                comp = r.complete
+        check(got == want, "Chat %s != Generate of the rendered prompt %s" % (got, want))
+        check(comp.usage.prompt_tokens == len(ids), "usage %s" % comp.usage)
+        # n = 2 and stop strings (Generate's parsing of sampling)
+        done = [r.complete.index for r in cl.chat(conv, n=2, max_tokens=4, temperature=0.0)
+                if r.WhichOneof("kind") == "complete"]
+        check(sorted(done) == [0, 1], "n=2 Completes %s" % done)
+        expect_rpc_error(lambda: cl.chat([("wizard", "hi")], max_tokens=2),
+                         grpc.StatusCode.INVALID_ARGUMENT, "role")
+        expect_rpc_error(lambda: cl.chat([], max_tokens=2),
+                         grpc.StatusCode.INVALID_ARGUMENT, "messages")
+    finally:
+        d.stop()
+        d.kill()
+
+
+def t_chat_without_template(d):
+    expect_rpc_error(lambda: d.client.chat([("user", "hi")], max_tokens=2),
+                     grpc.StatusCode.FAILED_PRECONDITION, "--chat-template")
+
+
 def t_queue_full(args):
     d = Daemon(args, ["--max-queued-requests", "1", "--max-running", "1"], name="queue")
     try:
@@ -1093,6 +1136,14 @@ def t_oneshot_prompt_file_nul(args):
     check(counts[1] > counts[0] + 1, "the prompt file was cut at its NUL: %s tokens" % counts)
 
 
+def t_version(args):
+    p = subprocess.run([args.daemon, "--version"], capture_output=True, text=True, timeout=30)
+    check(p.returncode == 0 and re.match(r"^uncompd \d+\.\d+\.\d+\n$", p.stdout),
+          "--version: %r %r" % (p.returncode, p.stdout))
+    p = subprocess.run([args.daemon, "--help"], capture_output=True, text=True, timeout=30)
+    check(p.returncode == 0 and "--version" in p.stdout, "--help lists --version")
+
+
 def t_tls(args):
     """--tls-cert/--tls-key: a TLS client works, a plaintext client does not."""
     tmp = tempfile.mkdtemp(prefix="uncomp_tls_")
@@ -1138,9 +1189,9 @@ MAIN_TESTS = [t_health_and_watch, t_generate_stream, t_tokenize_roundtrip, t_sto
               t_abort_by_id,
               t_client_cancel, t_deadline, t_request_id_reuse, t_bad_inputs,
               t_malformed_protobuf,
-              t_concurrent_equals_alone, t_n_choices_fork, t_chaos, t_metrics, t_admin, t_second_daemon_same_port,
+              t_concurrent_equals_alone, t_n_choices_fork, t_chat_without_template, t_chaos, t_metrics, t_admin, t_second_daemon_same_port,
               t_drain]
-OTHER_TESTS = [t_queue_full, t_single_sigterm_idle, t_oneshot_prompt_file_nul, t_tls, t_tp2_sigterm_mid_stream,
+OTHER_TESTS = [t_version, t_grpc_chat, t_queue_full, t_single_sigterm_idle, t_oneshot_prompt_file_nul, t_tls, t_tp2_sigterm_mid_stream,
                t_tp2_mixed_equals_alone]
 
 
