@@ -311,8 +311,8 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
     }
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->mu);
-    if (s->metrics) {
-        metrics_request_submitted(s->metrics);
+    for (int32_t i = 0; s->metrics && i < n_choices; i++) {
+        metrics_request_submitted(s->metrics); /* each choice counts as a request (and DONE) */
     }
     return UC_OK;
 }
