@@ -185,6 +185,7 @@ struct uc_client {
     grpc_completion_queue *cq; /* pluck queue: every operation waits on its own tag */
     char *target;
     int64_t call_timeout_ms;
+    char *auth;                /* "Bearer KEY", or NULL */
     pthread_mutex_t mu;        /* guards active and cancel_requested */
     grpc_call *active;         /* the call in progress, for uc_client_cancel */
     bool cancel_requested;
@@ -342,6 +343,13 @@ uc_status uc_client_connect(struct uc_client **out, const char *target,
     }
     pthread_mutex_init(&c->mu, NULL);
     c->call_timeout_ms = o.call_timeout_ms;
+    if (o.api_key && o.api_key[0]) {
+        size_t n = strlen(o.api_key) + 8;
+        c->auth = uc_malloc(n);
+        if (c->auth) {
+            snprintf(c->auth, n, "Bearer %s", o.api_key);
+        }
+    }
     grpc_init();
 
     int max_msg = o.max_message_bytes > 0 && o.max_message_bytes < INT32_MAX
@@ -411,6 +419,7 @@ void uc_client_close(struct uc_client *c)
     if (!c) {
         return;
     }
+    uc_free(c->auth);
     if (c->channel) {
         grpc_channel_destroy(c->channel);
     }
@@ -667,12 +676,24 @@ static bool call_send_request(struct call *k, const ProtobufCMessage *req,
     grpc_op ops[4];
     memset(ops, 0, sizeof(ops));
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    grpc_metadata md;
+    memset(&md, 0, sizeof md);
+    if (k->c->auth) { /* the API key (uc_client_opts.api_key) */
+        md.key = grpc_slice_from_static_string("authorization");
+        md.value = grpc_slice_from_copied_string(k->c->auth);
+        ops[0].data.send_initial_metadata.count = 1;
+        ops[0].data.send_initial_metadata.metadata = &md;
+    }
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = k->send_buf;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
     ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
     ops[3].data.recv_initial_metadata.recv_initial_metadata = &k->md_initial;
-    return call_batch(k, ops, 4, &k->md_initial);
+    bool ok = call_batch(k, ops, 4, &k->md_initial);
+    if (k->c->auth) {
+        grpc_slice_unref(md.value);
+    }
+    return ok;
 }
 
 /* A unary call: request in (req and the hand-written fields[0..n_fields)), one response

@@ -95,6 +95,8 @@ struct uc_client_opts {
                                     still starting); false: fail at the first refusal */
     int64_t call_timeout_ms;     /* deadline of each call from its start; 0 = none */
     int64_t max_message_bytes;   /* largest response accepted (default 64 MiB) */
+    const char *api_key;         /* sent as "authorization: Bearer KEY" on every call; NULL or
+                                    "" = none */
 };
 
 /* Returns the defaults: plaintext, connect timeout 5000 ms, fail fast, no call deadline. */

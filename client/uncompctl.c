@@ -59,6 +59,8 @@ static const char usage_main[] =
     "                              that is still starting) instead of failing at once\n"
     "      --tls-ca FILE           use TLS, trusting the PEM root certificates in FILE\n"
     "      --tls-server-name NAME  the name expected in the server certificate\n"
+    "      --api-key KEY           API key for a server started with keys (default:\n"
+    "                              $UNCOMP_API_KEY); the admin key for admin commands\n"
     "  -j, --json                  print one JSON object on stdout (every command)\n"
     "  -h, --help                  this help\n"
     "  -V, --version               print the version\n"
@@ -397,6 +399,7 @@ enum {
     OPT_CONNECT_TIMEOUT,
     OPT_TLS_CA,
     OPT_TLS_NAME,
+    OPT_API_KEY,
 };
 
 /* Parses a command's options. Handles --help (prints `usage`, exits 0), --json and unknown
@@ -1616,6 +1619,7 @@ int main(int argc, char **argv)
         {"wait", no_argument, NULL, 'w'},
         {"tls-ca", required_argument, NULL, OPT_TLS_CA},
         {"tls-server-name", required_argument, NULL, OPT_TLS_NAME},
+        {"api-key", required_argument, NULL, OPT_API_KEY},
         {"json", no_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
@@ -1624,6 +1628,7 @@ int main(int argc, char **argv)
     struct uc_ctl ctl = {.server = NULL, .opts = uc_client_default_opts(), .json = false};
     const char *env = getenv("UNCOMP_SERVER");
     ctl.server = env && env[0] ? env : DEFAULT_SERVER;
+    ctl.opts.api_key = getenv("UNCOMP_API_KEY");
 
     opterr = 0;
     int opt;
@@ -1648,6 +1653,9 @@ int main(int argc, char **argv)
             break;
         case OPT_TLS_NAME:
             ctl.opts.tls_server_name = optarg;
+            break;
+        case OPT_API_KEY:
+            ctl.opts.api_key = optarg;
             break;
         case 'j':
             ctl.json = true;

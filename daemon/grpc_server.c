@@ -31,6 +31,7 @@
 #include "base/mem.h"
 #include "base/pbwire.h"
 #include "base/status.h"
+#include "chat_template.h"
 #include "compress/profile.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "metrics_http.h"
@@ -91,6 +92,7 @@ struct ev_logprob {
 struct ev_item {
     struct ev_item *next;
     enum uc_event_kind kind;
+    int32_t index;              /* the choice */
     /* TOKENS */
     int32_t *ids;               /* (n_ids) */
     int32_t n_ids;
@@ -587,6 +589,10 @@ static uc_status gen_request_parse(struct gen_req *out, const Uncomp__V1__Genera
         BAD("input is missing: set text or token_ids");
     }
 
+    if (in->n > UC_SCHED_MAX_N) {
+        BAD("n=%u must be in [1, %d] (0 = 1)", in->n, UC_SCHED_MAX_N);
+    }
+    r->n = (int32_t)in->n;
     rc = sampling_from(out, in->sampling, ctx, msg, msg_size);
     if (rc != UC_OK) {
         goto out_fail;
@@ -667,6 +673,7 @@ static struct ev_item *ev_item_copy(const struct uc_gen_event *ev)
         return NULL;
     }
     it->kind = ev->kind;
+    it->index = ev->index;
     if (ev->kind == UC_EVENT_TOKENS) {
         int32_t n = ev->n_ids > 0 ? ev->n_ids : 0;
         it->n_ids = n;
@@ -737,7 +744,7 @@ out_free:
 }
 
 static grpc_byte_buffer *pack_chunk(const char *request_id, const struct ev_item *first,
-                                    const struct ev_item *end)
+                                    const struct ev_item *end, int32_t index)
 {
     size_t n_ids = 0, n_text = 0;
     bool any_lp = false;
@@ -789,6 +796,7 @@ static grpc_byte_buffer *pack_chunk(const char *request_id, const struct ev_item
     chunk.token_ids = ids;
     chunk.n_logprobs = lps ? n_ids : 0;
     chunk.logprobs = lps;
+    chunk.index = (uint32_t)index;
     /* the text goes on the wire by hand, with its length (it may hold NUL bytes) */
     size_t chunk_len = 0, resp_len = 0;
     uint8_t *chunk_bytes = pack_with_text(&a, &chunk.base, 2, text, t, &chunk_len);
@@ -947,6 +955,7 @@ static grpc_byte_buffer *pack_complete(const char *request_id, const struct ev_i
     Uncomp__V1__Complete comp;
     uncomp__v1__complete__init(&comp);
     comp.finish_reason = finish_pb(d->finish);
+    comp.index = (uint32_t)d->index;
     comp.usage = &usage;
     comp.compression = &rep;
     comp.timing = &timing;
@@ -1445,6 +1454,7 @@ enum method {
     M_DRAIN,
     M_HEALTH_CHECK,
     M_HEALTH_WATCH,
+    M_CHAT,
     M_COUNT,
     M_GENERIC = M_COUNT, /* a method nobody registered: UNIMPLEMENTED */
 };
@@ -1475,7 +1485,11 @@ static const struct method_desc methods[M_COUNT] = {
                         &grpc__health__v1__health_check_request__descriptor},
     [M_HEALTH_WATCH] = {"/grpc.health.v1.Health/Watch",
                         &grpc__health__v1__health_check_request__descriptor},
+    [M_CHAT] = {"/uncomp.v1.Inference/Chat", &uncomp__v1__chat_request__descriptor},
 };
+
+/* Generate and Chat: the same stream of a scheduler request. */
+static bool is_gen(enum method m) { return m == M_GENERATE || m == M_CHAT; }
 
 enum tag_kind { TAG_NEW, TAG_CLOSE, TAG_SEND, TAG_SHUTDOWN };
 
@@ -1512,6 +1526,11 @@ struct call {
     char request_id[UC_REQUEST_ID_MAX];
     int64_t deadline_ms;
     bool submitted, sched_done, lost_event;
+    int32_t n_choices;          /* DONE events to wait for (GenerateRequest.n) */
+    int32_t n_sched_done;       /* DONE events delivered by the scheduler */
+    int32_t n_completes;        /* DONE events taken by the pump */
+    uc_status first_err;        /* n > 1: a choice that failed outright before the last ended */
+    char first_err_msg[320];
     bool abort_sent;            /* uc_server_destroy aborted it */
     struct ev_item *q_head, *q_tail;
     /* Health.Watch */
@@ -1799,7 +1818,7 @@ static struct call **live_calls(struct uc_server *s, enum method m, int64_t *n)
     pthread_mutex_lock(&s->mu);
     struct call **v = uc_malloc((size_t)(s->n_live + 1) * sizeof *v);
     for (struct call *c = s->live; v && c; c = c->live_next) {
-        if (c->m == m && call_tryref(c)) {
+        if ((c->m == m || (is_gen(m) && is_gen(c->m))) && call_tryref(c)) {
             v[(*n)++] = c;
         }
     }
@@ -1845,6 +1864,9 @@ static void gen_sink(void *user, const struct uc_gen_event *ev)
 {
     struct call *c = user;
     bool done = ev->kind == UC_EVENT_DONE;
+    if (ev->kind == UC_EVENT_PROMPT) {
+        return; /* Generate never asks for prompt logprobs */
+    }
     struct ev_item *it = ev_item_copy(ev);
     pthread_mutex_lock(&c->mu);
     if (!c->request_id[0] && ev->request_id) {
@@ -1862,7 +1884,7 @@ static void gen_sink(void *user, const struct uc_gen_event *ev)
         }
         c->q_tail = it;
     }
-    if (done) {
+    if (done && ++c->n_sched_done >= (c->n_choices > 1 ? c->n_choices : 1)) {
         c->sched_done = true;
     }
     kick_locked_call(c);
@@ -1886,12 +1908,12 @@ static void gen_pump(struct call *c)
     /* skip empty token events; find the first DONE */
     struct ev_item *first = c->q_head, *end = first;
     bool any = false;
-    while (end && end->kind == UC_EVENT_TOKENS) {
+    while (end && end->kind == UC_EVENT_TOKENS && end->index == first->index) {
         any = any || end->n_ids > 0 || end->text_len > 0;
         end = end->next;
     }
     if (any) {
-        grpc_byte_buffer *bb = pack_chunk(c->request_id, first, end);
+        grpc_byte_buffer *bb = pack_chunk(c->request_id, first, end, first->index);
         while (c->q_head != end) {
             struct ev_item *n = c->q_head->next;
             ev_item_free(c->q_head);
@@ -1946,6 +1968,27 @@ static void gen_pump(struct call *c)
     } else {
         snprintf(detail, sizeof detail, "%s", d->message && d->message[0]
                                                  ? d->message : uc_status_str(d->status));
+    }
+    /* n > 1: every choice's Complete is a message; the stream's status comes with the last
+     * (the first failure's, when a choice failed) */
+    if (++c->n_completes < (c->n_choices > 1 ? c->n_choices : 1)) {
+        if (d->status != UC_OK && c->first_err == UC_OK) {
+            c->first_err = d->status;
+            snprintf(c->first_err_msg, sizeof c->first_err_msg, "%s", detail);
+        }
+        ev_item_free(d);
+        if (with_complete && !bb) {
+            start_send(c, NULL, true, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        } else if (bb) {
+            start_send(c, bb, false, GRPC_STATUS_OK, NULL);
+        } else {
+            gen_pump(c);
+        }
+        return;
+    }
+    if (d->status == UC_OK && c->first_err != UC_OK) {
+        code = status_code_of(c->first_err);
+        snprintf(detail, sizeof detail, "%s", c->first_err_msg);
     }
     if (code == GRPC_STATUS_INTERNAL) {
         UC_LOG_ERROR("grpc: Generate failed req=%s status=%s: %s", c->request_id,
@@ -2024,16 +2067,21 @@ static void handle_generate(struct call *c, const Uncomp__V1__GenerateRequest *r
                                                       "was queued");
         return;
     }
+    int32_t n_choices = gr.req.n > 1 ? gr.req.n : 1;
     pthread_mutex_lock(&c->mu);
     c->deadline_ms = gr.req.deadline_ms;
+    c->n_choices = n_choices;
     snprintf(c->request_id, sizeof c->request_id, "%s", gr.req.request_id);
     pthread_mutex_unlock(&c->mu);
-    call_ref(c); /* the scheduler's, until DONE */
+    for (int32_t i = 0; i < n_choices; i++) {
+        call_ref(c); /* the scheduler's, until each choice's DONE */
+    }
     char id[UC_REQUEST_ID_MAX] = "";
     rc = uc_sched_submit(s->p.sched, &gr.req, gen_sink, c, id, msg, sizeof msg);
     gen_req_fini(&gr);
     if (rc != UC_OK) {
-        atomic_fetch_sub(&c->refs, 1); /* the sink will never run; dispatch keeps c alive */
+        atomic_fetch_sub(&c->refs, n_choices); /* the sink will never run; dispatch keeps c
+                                                  alive */
         grpc_status_code code = status_code_of(rc);
         if (code == GRPC_STATUS_INTERNAL) {
             UC_LOG_ERROR("grpc: Generate submit failed req=%s: %s", gr.req.request_id, msg);
@@ -2052,6 +2100,94 @@ static void handle_generate(struct call *c, const Uncomp__V1__GenerateRequest *r
         uc_sched_abort(s->p.sched, id,
                        dl > 0 && uc_time_ms() >= dl - 50 ? UC_ERR_TIMEOUT : UC_ERR_CANCELLED);
     }
+}
+
+/* Chat: the messages rendered by the chat template (as HTTP's /v1/chat/completions renders
+ * them), tokenized without added special tokens, then the Generate path with those ids (the
+ * field numbers of sampling, compression and n are Generate's, so its parsing applies). */
+static void handle_chat(struct call *c, const Uncomp__V1__ChatRequest *req,
+                        const struct arena *in)
+{
+    struct uc_server *s = c->srv;
+    if (!s->p.tok) {
+        reply_error(c, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
+        return;
+    }
+    if (!s->p.chat) {
+        metrics_request_rejected(s->p.metrics);
+        reply_error(c, GRPC_STATUS_FAILED_PRECONDITION,
+                    "the model has no chat template: start uncompd with --chat-template FILE");
+        return;
+    }
+    char msg[512] = "";
+    grpc_status_code code = GRPC_STATUS_OK;
+    char *text = NULL;
+    size_t len = 0;
+    int32_t *ids = NULL;
+    uint32_t *uids = NULL;
+    int64_t n = 0;
+    cJSON *msgs = cJSON_CreateArray();
+    for (size_t i = 0; msgs && i < req->n_messages; i++) {
+        cJSON *m = cJSON_CreateObject();
+        if (!m || !cJSON_AddItemToArray(msgs, m) ||
+            !cJSON_AddStringToObject(m, "role", req->messages[i]->role) ||
+            !cJSON_AddStringToObject(m, "content", req->messages[i]->content)) {
+            cJSON_Delete(msgs);
+            msgs = NULL;
+        }
+    }
+    if (!msgs) {
+        code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+        snprintf(msg, sizeof msg, "out of memory");
+        goto out;
+    }
+    if (req->n_messages == 0) {
+        code = GRPC_STATUS_INVALID_ARGUMENT;
+        snprintf(msg, sizeof msg, "messages is empty");
+        goto out;
+    }
+    uc_status rc = uc_chat_messages_validate(msgs, msg, sizeof msg);
+    if (rc == UC_OK) {
+        rc = uc_chat_template_render(s->p.chat, msgs, true, NULL, &text, &len, msg, sizeof msg);
+    }
+    if (rc == UC_OK) {
+        rc = uc_tokenizer_encode_msg(s->p.tok, text, len, false, &ids, &n, msg, sizeof msg);
+    }
+    if (rc != UC_OK) {
+        code = status_code_of(rc);
+        goto out;
+    }
+    uids = uc_malloc((size_t)(n + 1) * sizeof *uids);
+    if (!uids) {
+        code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+        snprintf(msg, sizeof msg, "out of memory");
+        goto out;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        uids[i] = (uint32_t)ids[i];
+    }
+    Uncomp__V1__TokenIds tids;
+    uncomp__v1__token_ids__init(&tids);
+    tids.n_ids = (size_t)n;
+    tids.ids = uids;
+    Uncomp__V1__GenerateRequest g;
+    uncomp__v1__generate_request__init(&g);
+    g.request_id = req->request_id;
+    g.input_case = UNCOMP__V1__GENERATE_REQUEST__INPUT_TOKEN_IDS;
+    g.token_ids = &tids;
+    g.sampling = req->sampling;
+    g.compression = req->compression;
+    g.n = req->n;
+    handle_generate(c, &g, in);
+out:
+    if (code != GRPC_STATUS_OK) {
+        metrics_request_rejected(s->p.metrics);
+        reply_error(c, code, "messages: %s", msg);
+    }
+    cJSON_Delete(msgs);
+    uc_free(text);
+    uc_free(ids);
+    uc_free(uids);
 }
 
 /* ---- Drain and workers ----------------------------------------------------------------------- */
@@ -2275,7 +2411,7 @@ static void dispatch(struct call *c)
         if (a.oom) {
             reply_error(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
         } else {
-            if (c->m == M_GENERATE) {
+            if (is_gen(c->m)) {
                 metrics_request_rejected(s->p.metrics);
             }
             reply_error(c, GRPC_STATUS_INVALID_ARGUMENT,
@@ -2293,6 +2429,10 @@ static void dispatch(struct call *c)
     switch (c->m) {
     case M_GENERATE:
         handle_generate(c, (const Uncomp__V1__GenerateRequest *)req, &a);
+        replied = true;
+        break;
+    case M_CHAT:
+        handle_chat(c, (const Uncomp__V1__ChatRequest *)req, &a);
         replied = true;
         break;
     case M_TOKENIZE:
@@ -2508,7 +2648,7 @@ static void on_close(struct call *c)
     int64_t dl = c->deadline_ms;
     if (cancelled) {
         c->cancelled = true;
-        abort_it = c->m == M_GENERATE && c->submitted && !c->sched_done;
+        abort_it = is_gen(c->m) && c->submitted && !c->sched_done;
         snprintf(id, sizeof id, "%s", c->request_id);
         gen_drop_queue(c);
     }
@@ -2543,7 +2683,7 @@ static void on_send(struct call *c, bool ok)
 
 static void pump_locked(struct call *c)
 {
-    if (c->m == M_GENERATE) {
+    if (is_gen(c->m)) {
         gen_pump(c);
     } else if (c->m == M_HEALTH_WATCH) {
         watch_pump(c);

@@ -46,6 +46,7 @@ struct ev {
     struct ev *next;
     int32_t choice;
     bool done;
+    bool prompt;        /* prompt logprobs of the prompt of choices choice .. choice + n - 1 */
     char *text;
     size_t text_len;
     int32_t *ids;
@@ -78,7 +79,9 @@ struct call {
     char id[48];
     int64_t created;
     int32_t n_choices;
-    int32_t n_submitted;
+    int32_t n_submitted;    /* scheduler requests: one per prompt (n choices each) */
+    int32_t n_expected;     /* DONE events they will send: n per prompt */
+    int32_t per;            /* choices per scheduler request (n, or 1 beyond uc_sched_max_n) */
     struct sinkref *sinks;
     struct uc_oai_choice *choices;
     bool *role_sent;
@@ -115,6 +118,7 @@ static struct ev *ev_copy(const struct uc_gen_event *in, int32_t choice)
         return NULL;
     }
     e->choice = choice;
+    e->prompt = in->kind == UC_EVENT_PROMPT;
     if (in->kind == UC_EVENT_DONE) {
         e->done = true;
         e->status = in->status;
@@ -204,7 +208,7 @@ static void sink(void *user, const struct uc_gen_event *ev)
     struct sinkref *s = user;
     struct call *c = s->c;
     bool done = ev->kind == UC_EVENT_DONE;
-    struct ev *e = ev_copy(ev, s->idx);
+    struct ev *e = ev_copy(ev, s->idx + ev->index);
     pthread_mutex_lock(&c->mu);
     if (!e) {
         c->lost = true;
@@ -286,7 +290,7 @@ static struct ev *take_events(struct call *c, bool *lost)
 static bool all_sched_done(struct call *c)
 {
     pthread_mutex_lock(&c->mu);
-    bool done = c->n_sched_done >= c->n_submitted;
+    bool done = c->n_sched_done >= c->n_expected;
     pthread_mutex_unlock(&c->mu);
     return done;
 }
@@ -305,6 +309,28 @@ static void apply_done(struct call *c, const struct ev *e)
     ch->report = e->report;
     ch->timing = e->timing;
     c->n_done++;
+}
+
+/* Prompt logprobs (echo with logprobs): they lead the logprobs of each choice of the prompt;
+ * streaming sends them at once (emit). */
+static void apply_prompt(struct call *c, const struct ev *e,
+                         void (*emit)(struct call *c, int32_t choice, cJSON *lp))
+{
+    for (int32_t j = 0; j < c->per && e->choice + j < c->n_choices; j++) {
+        struct uc_oai_choice *ch = &c->choices[e->choice + j];
+        size_t off = 0;
+        if (emit) {
+            cJSON *lp = NULL;
+            uc_oai_add_logprobs(&lp, c->req.kind, c->h->p.tok, e->ids, e->n_ids, e->lps,
+                                c->req.top_logprobs, &off);
+            emit(c, e->choice + j, lp);
+        } else {
+            uc_oai_add_logprobs(&ch->logprobs, c->req.kind, c->h->p.tok, e->ids, e->n_ids,
+                                e->lps, c->req.top_logprobs, &off);
+        }
+        /* generated tokens' offsets continue after the echoed prompt text */
+        ch->text_offset = off > ch->text_offset ? off : ch->text_offset;
+    }
 }
 
 /* ---- replies ---------------------------------------------------------------------------------- */
@@ -368,10 +394,20 @@ static void pend(struct call *c, char *s)
     }
 }
 
+static void stream_prompt(struct call *c, int32_t choice, cJSON *lp)
+{
+    pend(c, uc_oai_chunk_sse(&c->req, c->id, c->created, c->h->model_name, choice, false, NULL, 0,
+                             lp, UC_FINISH_NONE, NULL, 0, NULL));
+}
+
 static void stream_event(struct call *c, struct ev *e)
 {
     struct uc_http_openai *h = c->h;
     struct uc_oai_choice *ch = &c->choices[e->choice];
+    if (e->prompt) {
+        apply_prompt(c, e, stream_prompt);
+        return;
+    }
     if (!e->done) {
         if (!e->text_len && !(c->req.logprobs && e->n_ids)) {
             return;
@@ -451,7 +487,7 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
             c->error_sent = true;
             abort_all(c, UC_ERR_CANCELLED);
         }
-        if (c->n_done >= c->n_submitted || (lost && all_sched_done(c))) {
+        if (c->n_done >= c->n_expected || (lost && all_sched_done(c))) {
             if (c->req.include_usage && !c->error_sent) {
                 pend(c, uc_oai_chunk_sse(&c->req, c->id, c->created, c->h->model_name, -1,
                                          false, NULL, 0, NULL, UC_FINISH_NONE, c->choices,
@@ -472,7 +508,7 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
 static void stream_free(void *cls)
 {
     struct call *c = cls;
-    if (c->n_done < c->n_submitted) {
+    if (c->n_done < c->n_expected) {
         abort_all(c, UC_ERR_CANCELLED); /* the client closed the connection */
     }
     call_unref(c);
@@ -494,7 +530,9 @@ static enum MHD_Result finish_whole(struct MHD_Connection *conn, struct call *c)
         while (e) {
             struct ev *n = e->next;
             struct uc_oai_choice *ch = &c->choices[e->choice];
-            if (e->done) {
+            if (e->prompt) {
+                apply_prompt(c, e, NULL);
+            } else if (e->done) {
                 apply_done(c, e);
             } else {
                 uc_buf_append(&ch->text, e->text, e->text_len);
@@ -506,7 +544,7 @@ static enum MHD_Result finish_whole(struct MHD_Connection *conn, struct call *c)
             ev_free(e);
             e = n;
         }
-        if (c->n_done >= c->n_submitted || (lost && all_sched_done(c))) {
+        if (c->n_done >= c->n_expected || (lost && all_sched_done(c))) {
             if (lost) {
                 return reply_error(conn, 500, "out of memory while collecting the response",
                                    NULL);
@@ -599,18 +637,24 @@ static enum MHD_Result handle_generate(struct uc_http_openai *h, struct MHD_Conn
     /* submit every choice; a refusal aborts the ones already queued */
     uc_status sub_rc = UC_OK;
     char sub_msg[512] = "";
-    for (int32_t i = 0; i < c->n_choices; i++) {
+    /* one request per prompt: its n choices fork its prefilled, compressed cache; n beyond
+     * what the scheduler runs at once (max_running) falls back to one request per choice */
+    int32_t per = c->req.n <= uc_sched_max_n(h->p.sched) ? c->req.n : 1;
+    c->per = per;
+    for (int32_t i = 0; i < c->n_choices; i += per) {
         struct uc_request r;
         uc_oai_choice_request(&c->req, i, &r);
-        snprintf(r.request_id, sizeof r.request_id, "%s-%d", c->id, (int)i);
-        atomic_fetch_add(&c->refs, 1);
+        r.n = per;
+        snprintf(r.request_id, sizeof r.request_id, "%s-%d", c->id, (int)c->n_submitted);
+        atomic_fetch_add(&c->refs, per);
         sub_rc = uc_sched_submit(h->p.sched, &r, sink, &c->sinks[i], NULL, sub_msg,
                                  sizeof sub_msg);
         if (sub_rc != UC_OK) {
-            atomic_fetch_sub(&c->refs, 1);
+            atomic_fetch_sub(&c->refs, per);
             break;
         }
         c->n_submitted++;
+        c->n_expected += per;
     }
     if (sub_rc != UC_OK) {
         abort_all(c, UC_ERR_CANCELLED);

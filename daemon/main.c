@@ -309,6 +309,7 @@ static int run_rank0(struct daemon *d)
         .tok = d->tok,
         .cluster = &ci,
         .auth = uc_front_auth(d->front),
+        .chat = uc_front_chat(d->front),
         .write_config_info = write_config_info,
         .config_user = d,
         .on_drained = on_drained,
@@ -368,6 +369,12 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--version") == 0) {
+            printf("uncompd %s\n", UC_VERSION);
+            return 0;
+        }
+    }
     uc_status rc = uc_config_load(&d.cfg, argc, argv, msg, sizeof msg, &help, &list);
     if (rc != UC_OK) {
         fprintf(stderr, "uncompd: %s\n", msg);
@@ -379,6 +386,7 @@ int main(int argc, char **argv)
         uc_buf_init(&b);
         if (help) {
             uc_config_write_help(&b);
+            uc_buf_printf(&b, "\n  --version  print the version (uncompd %s) and exit\n", UC_VERSION);
         } else {
             for (const struct uc_cfg_option *o = uc_config_options(); o->name; o++) {
                 uc_buf_printf(&b, "%s\n", o->name);

@@ -654,10 +654,9 @@ uc_status uc_oai_parse(struct uc_oai_request *out, enum uc_oai_kind kind, const 
         out->logprobs = has_lp;
         out->top_logprobs = (int32_t)lp;
         TRY(get_bool(p, root, "echo", &out->echo));
-        if (out->echo && out->logprobs) {
-            rc = bad(p, "echo", "echo with logprobs (prompt logprobs) is not supported yet");
-            goto out_fail;
-        }
+        /* echo with logprobs: the prompt tokens' logprobs lead each choice's (the first
+         * token's is null, as in OpenAI and vLLM) */
+        out->base.prompt_logprobs = out->echo && out->logprobs;
     }
     /* the scheduler's logprobs is "top-n per token"; 1 also gives the chosen token's */
     out->base.logprobs = out->logprobs ? (out->top_logprobs > 0 ? out->top_logprobs : 1) : 0;
@@ -875,9 +874,11 @@ void uc_oai_add_logprobs(cJSON **lp, enum uc_oai_kind kind, const struct uc_toke
             cJSON_AddItemToArray(cJSON_GetObjectItem(*lp, "content"), e);
         } else {
             cJSON_AddItemToArray(cJSON_GetObjectItem(*lp, "tokens"), cJSON_CreateString(ts));
+            /* a prompt's first token has no logprob (NaN): null, and null alternatives */
+            bool none = isnan(lpv);
             cJSON_AddItemToArray(cJSON_GetObjectItem(*lp, "token_logprobs"),
-                                 cJSON_CreateNumber(lpv));
-            cJSON *tops = cJSON_CreateObject();
+                                 none ? cJSON_CreateNull() : cJSON_CreateNumber(lpv));
+            cJSON *tops = none ? cJSON_CreateNull() : cJSON_CreateObject();
             for (int32_t k = 0; k < nt; k++) {
                 char *tt = token_text(tok, lp_in[i].top_ids[k]);
                 if (!cJSON_GetObjectItemCaseSensitive(tops, tt ? tt : "")) {

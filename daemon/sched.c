@@ -73,6 +73,7 @@ void sched_req_free(struct req *r)
     uc_free(r->stop_len);
     uc_free(r->stop_ids);
     uc_free(r->prompt);
+    uc_free(r->kids);
     uc_sampler_destroy(r->sampler);
     uc_buf_fini(&r->bytes);
     uc_free(r);
@@ -192,6 +193,12 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
             return UC_ERR_INVALID_ARG;
         }
     }
+    int32_t n_choices = r->n > 1 ? r->n : 1;
+    if (r->n < 0 || n_choices > UC_SCHED_MAX_N || n_choices > s->p.max_running) {
+        snprintf(msg, msg_size, "n=%d must be in [1, %d]", r->n,
+                 UC_SCHED_MAX_N < s->p.max_running ? UC_SCHED_MAX_N : s->p.max_running);
+        return UC_ERR_INVALID_ARG;
+    }
     if (strlen(r->request_id) >= UC_REQUEST_ID_MAX) {
         snprintf(msg, msg_size, "request_id: longer than %d bytes", UC_REQUEST_ID_MAX - 1);
         return UC_ERR_INVALID_ARG;
@@ -237,7 +244,12 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
     q->sink = sink;
     q->user = user;
     q->pending = -1;
+    q->prompt_logprobs = r->prompt_logprobs;
     q->t_submit = uc_time_s();
+    if (n_choices > 1 && sched_fork_make_kids(s, q, n_choices) != UC_OK) {
+        sched_req_free(q);
+        return UC_ERRF(UC_ERR_NOMEM, "request");
+    }
     pthread_mutex_lock(&s->mu);
     q->cp = merge_compress(&s->dflt, r);
     rc = uc_compress_params_validate(&q->cp, s->cfg->n_layers, msg, msg_size);
@@ -265,10 +277,23 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
     if (rc == UC_OK && !sched_push_ptr(&s->live, &s->n_live, &s->cap_live, q)) {
         rc = UC_ERRF(UC_ERR_NOMEM, "request table");
     }
+    for (int32_t i = 0; rc == UC_OK && i < q->n_kids; i++) { /* the other choices share the id */
+        q->kids[i]->cp = q->cp;
+        snprintf(q->kids[i]->id, sizeof q->kids[i]->id, "%s", q->id);
+        if (!sched_push_ptr(&s->live, &s->n_live, &s->cap_live, q->kids[i])) {
+            for (int32_t k = 0; k <= i; k++) {
+                sched_drop_ptr(s->live, &s->n_live, k < i ? q->kids[k] : q);
+            }
+            rc = UC_ERRF(UC_ERR_NOMEM, "request table");
+        }
+    }
     if (rc != UC_OK) {
         pthread_mutex_unlock(&s->mu);
         if (s->metrics) {
             metrics_request_rejected(s->metrics);
+        }
+        for (int32_t i = 0; i < q->n_kids; i++) {
+            sched_req_free(q->kids[i]);
         }
         sched_req_free(q);
         return rc;
@@ -286,8 +311,8 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
     }
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->mu);
-    if (s->metrics) {
-        metrics_request_submitted(s->metrics);
+    for (int32_t i = 0; s->metrics && i < n_choices; i++) {
+        metrics_request_submitted(s->metrics); /* each choice counts as a request (and DONE) */
     }
     return UC_OK;
 }
@@ -295,14 +320,20 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
 bool uc_sched_abort(struct uc_sched *s, const char *request_id, uc_status why)
 {
     pthread_mutex_lock(&s->mu);
-    struct req *q = find_live(s, request_id);
-    if (q && !q->abort_req) {
-        q->abort_req = true;
-        q->abort_status = why;
-        pthread_cond_signal(&s->cv);
+    bool found = false;
+    for (int64_t i = 0; i < s->n_live; i++) { /* every choice of the request */
+        struct req *q = s->live[i];
+        if (strcmp(q->id, request_id) == 0) {
+            found = true;
+            if (!q->abort_req) {
+                q->abort_req = true;
+                q->abort_status = why;
+                pthread_cond_signal(&s->cv);
+            }
+        }
     }
     pthread_mutex_unlock(&s->mu);
-    return q != NULL;
+    return found;
 }
 
 /* ---- events ----------------------------------------------------------------------------- */
@@ -380,6 +411,7 @@ static void emit_done(struct uc_sched *s, struct req *q, uc_status status, const
     struct uc_gen_event ev = {
         .kind = UC_EVENT_DONE,
         .request_id = q->id,
+        .index = q->choice,
         .status = status,
         .message = message ? message : "",
         .finish = finish,
@@ -439,6 +471,7 @@ static void emit_tokens(struct uc_sched *s, struct req *q, const int32_t *ids, i
     struct uc_gen_event ev = {
         .kind = UC_EVENT_TOKENS,
         .request_id = q->id,
+        .index = q->choice,
         .ids = ids,
         .n_ids = n_ids,
         .text = text.data ? text.data : "",
@@ -494,6 +527,7 @@ void sched_finish(struct uc_sched *s, struct req *q, uc_status status, const cha
     if (q->st == REQ_DONE) {
         return;
     }
+    sched_fork_on_finish(s, q, status, message, fr);
     if (status == UC_OK && fr != UC_FINISH_ABORTED) {
         emit_tokens(s, q, NULL, 0, NULL, true);
     }
@@ -843,6 +877,10 @@ void uc_sched_counts(struct uc_sched *s, struct uc_sched_counts *out)
 }
 
 struct uc_engine *uc_sched_engine(struct uc_sched *s) { return s->e; }
+int32_t uc_sched_max_n(const struct uc_sched *s)
+{
+    return UC_SCHED_MAX_N < s->p.max_running ? UC_SCHED_MAX_N : s->p.max_running;
+}
 const struct uc_tokenizer *uc_sched_tokenizer(struct uc_sched *s) { return s->tok; }
 
 char *uc_sched_profile_json(struct uc_sched *s)

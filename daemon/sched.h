@@ -4,8 +4,8 @@
  * footprint, shares each step's prefill budget among the prompts being prefilled (the step is one
  * sweep over the layers that carries them beside every decode row), samples, applies stop rules
  * and streams events to each request's sink. Calibration runs as prefill work of the same steps. Sinks are called on the engine thread and
- * must not block. Every request gets exactly one DONE event, after which the scheduler never
- * touches its sink again. */
+ * must not block. Every choice of a request (one unless n > 1) gets exactly one DONE event;
+ * after the last, the scheduler never touches the sink again. */
 #ifndef UC_DAEMON_SCHED_H
 #define UC_DAEMON_SCHED_H
 
@@ -57,7 +57,16 @@ struct uc_request {
     bool has_compress;
     struct uc_compress_params compress;
     int64_t deadline_ms;    /* absolute uc_time_ms(); 0 = none */
+    /* n > 1: n choices of the one prompt. The prompt is prefilled and compressed once; choices
+     * 1..n-1 are forks of choice 0's sequence (UC_SEQ_FORK: a copy of its compressed cache,
+     * plan and last logits), each with its own sampler (seed + i when a seed is set) and stop
+     * state. Every event carries its choice's index; the sink gets one DONE per choice. */
+    int32_t n;              /* 0 or 1 = one choice; at most UC_SCHED_MAX_N and max_running */
+    bool prompt_logprobs;   /* one UC_EVENT_PROMPT (choice 0) with every prompt token's logprob
+                               (and `logprobs` alternatives) before the first token */
 };
+
+#define UC_SCHED_MAX_N 16
 
 /* Fills a request with "use the defaults" values. */
 void uc_request_init(struct uc_request *r);
@@ -65,6 +74,8 @@ void uc_request_init(struct uc_request *r);
 enum uc_event_kind {
     UC_EVENT_TOKENS = 1,
     UC_EVENT_DONE = 2,
+    UC_EVENT_PROMPT = 3, /* prompt logprobs: ids = the prompt, logprobs[0].logprob is NaN (the
+                            first token has none); sent for choice 0 only */
 };
 
 struct uc_token_logprob {
@@ -82,7 +93,8 @@ struct uc_timing {
 struct uc_gen_event {
     enum uc_event_kind kind;
     const char *request_id;
-    /* TOKENS */
+    int32_t index;    /* the choice (0 .. n-1) */
+    /* TOKENS (and PROMPT) */
     const int32_t *ids;
     int32_t n_ids;
     const char *text; /* complete UTF-8 only; may be empty while bytes are held back */
@@ -137,7 +149,7 @@ void uc_sched_destroy(struct uc_sched *s);
  * events until DONE. The assigned id is written to id_out (UC_REQUEST_ID_MAX bytes) if given. */
 uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_event_sink sink,
                           void *user, char *id_out, char *msg, size_t msg_size);
-/* Thread-safe. Aborts a request by id (queued or running); its stream ends with ABORTED and the
+/* Thread-safe. Aborts a request by id (queued or running; every choice); its stream ends with ABORTED and the
  * given status (UC_OK for Abort, UC_ERR_CANCELLED for a client cancel, UC_ERR_TIMEOUT for a
  * deadline). Returns false when no such request is live. */
 bool uc_sched_abort(struct uc_sched *s, const char *request_id, uc_status why);
@@ -175,6 +187,8 @@ struct uc_sched_counts {
 /* Thread-safe snapshot. */
 void uc_sched_counts(struct uc_sched *s, struct uc_sched_counts *out);
 struct uc_engine *uc_sched_engine(struct uc_sched *s);
+/* The largest n a request may ask for: UC_SCHED_MAX_N, or max_running when smaller. */
+int32_t uc_sched_max_n(const struct uc_sched *s);
 /* Thread-safe: the active calibration profile as JSON (uc_malloc'd), or NULL when none. */
 char *uc_sched_profile_json(struct uc_sched *s);
 const struct uc_tokenizer *uc_sched_tokenizer(struct uc_sched *s);

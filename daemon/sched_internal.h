@@ -3,6 +3,7 @@
  *   sched.c        the request queue, submit/abort/drain, streamed events, stop rules, the loop
  *   sched_step.c   admission, the prefill budget of a step, building and running one step
  *   sched_calib.c  calibration as a background job of prefill-only windows
+ *   sched_fork.c   n > 1 (choices forked from choice 0 after its prefill) and prompt logprobs
  *
  * Threads: fields under `mu` may be touched from any thread; the rest belong to the engine
  * thread running uc_sched_run. */
@@ -21,6 +22,7 @@ enum req_state {
     REQ_PREFILL = 1,
     REQ_DECODE = 2,
     REQ_DONE = 3,
+    REQ_FORKWAIT = 4, /* a choice > 0 waiting for choice 0's prefill (sched_fork.c) */
 };
 
 struct req {
@@ -57,6 +59,16 @@ struct req {
     uc_status abort_status;
     double t_submit, t_admit, t_first, t_last, t_prefill_done;
     struct req *next;
+    /* n > 1 and prompt logprobs (sched_fork.c) */
+    int32_t choice;      /* this choice's index */
+    struct req **kids;   /* choice 0: the choices not yet forked */
+    int32_t n_kids;
+    struct req *parent;  /* a choice not yet forked: its choice 0 */
+    int64_t kv_one;      /* choice 0 once admitted: the blocks one choice reserves */
+    int32_t fork_state;  /* choice 0: 1 = prefill done, fork in the next step; 2 = forked in
+                            this step (it samples after it, beside its forks) */
+    bool forked_now;     /* a fork created in this step: samples after it */
+    bool prompt_logprobs;
 };
 
 /* An Admin.Calibrate call waiting for its calibration. */
@@ -146,6 +158,26 @@ void sched_prefill_release(struct uc_sched *s, struct req *q);
 /* sched_step.c */
 /* One scheduling round; returns false when there was nothing to do. */
 bool sched_round(struct uc_sched *s);
+
+/* sched_fork.c */
+/* Submit: the n-1 choices of a request beside q (not queued: they wait in q->kids). */
+uc_status sched_fork_make_kids(struct uc_sched *s, struct req *q, int32_t n);
+/* Admission: the blocks q's n choices reserve, given one choice's need. */
+int64_t sched_fork_reserve(struct req *q, int64_t need);
+/* Sequences active or promised to admitted requests' choices (for max_running). */
+int64_t sched_fork_slots(const struct uc_sched *s);
+/* End of q's prefill: prompt logprobs, then (n > 1) hold q for its forks. Returns true when q
+ * must not sample now (held, or finished). */
+bool sched_fork_prefill_done(struct uc_sched *s, struct req *q);
+/* Start of a round: the forks of every held choice 0 join the step's new sequences. */
+void sched_fork_tick(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new,
+                     int32_t max_new);
+/* After the step: held choices 0 and their new forks sample their first tokens. */
+void sched_fork_after_step(struct uc_sched *s);
+/* sched_finish: unlinks a waiting choice from its choice 0, or ends the waiting choices of a
+ * choice 0 that ends before forking them. */
+void sched_fork_on_finish(struct uc_sched *s, struct req *q, uc_status status,
+                          const char *message, enum uc_finish_reason fr);
 
 /* sched_calib.c */
 /* Starts a waiting calibration, advances the running one (its next window joins the step's

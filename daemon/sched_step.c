@@ -43,6 +43,9 @@ static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, 
         if (!q) {
             return;
         }
+        if (sched_fork_slots(s) + 1 + q->n_kids > s->p.max_running) {
+            return; /* room for every choice (n > 1), and for the forks already promised */
+        }
         struct uc_step_new n = {.seq_id = s->next_seq + 1, .flags = 0,
                                 .max_new_tokens = q->max_tokens, .cp = q->cp,
                                 .n_prompt = q->n_prompt, .prompt = q->prompt};
@@ -59,7 +62,11 @@ static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, 
             }
             snprintf(msg, sizeof msg, "no calibration profile: %.200s", s->calib.last_msg);
         }
-        int64_t need = rc == UC_OK ? uc_engine_kv_blocks_needed(s->e, &n) : 0;
+        if (q->prompt_logprobs) {
+            n.flags |= UC_SEQ_ALL_LOGITS;
+        }
+        int64_t need = rc == UC_OK ? sched_fork_reserve(q, uc_engine_kv_blocks_needed(s->e, &n))
+                                   : 0;
         if (rc == UC_OK && need > total) {
             snprintf(msg, sizeof msg, "KV memory cannot admit the request: it needs %lld blocks, "
                      "the pool has %lld", (long long)need, (long long)total);
@@ -203,7 +210,9 @@ static void prefill_done(struct uc_sched *s, struct req *q)
     if (s->metrics) {
         metrics_observe(s->metrics, METRIC_PREFILL, q->t_prefill_done - q->t_admit);
     }
-    sched_advance(s, q);
+    if (!sched_fork_prefill_done(s, q)) {
+        sched_advance(s, q);
+    }
 }
 
 bool sched_round(struct uc_sched *s)
@@ -213,6 +222,7 @@ bool sched_round(struct uc_sched *s)
     struct uc_step_new news[MAX_NEW];
     int32_t n_new = 0;
     sched_calib_tick(s, news, &n_new, MAX_NEW);
+    sched_fork_tick(s, news, &n_new, MAX_NEW);
     admit(s, news, &n_new, MAX_NEW);
     for (int32_t i = 0; i < n_new; i++) { /* the engine holds them once the step ran */
         for (int64_t k = 0; k < s->n_active; k++) {
@@ -274,6 +284,7 @@ bool sched_round(struct uc_sched *s)
                 }
             }
         }
+        sched_fork_after_step(s);
     }
     sched_publish(s);
     return work;

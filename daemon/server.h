@@ -56,6 +56,7 @@ struct uc_server_params {
     const struct uc_tokenizer *tok;
     const struct uc_cluster_info *cluster;
     const struct uc_auth *auth; /* API keys (auth.h); NULL = open */
+    const struct uc_chat_template *chat; /* Inference.Chat; NULL = FAILED_PRECONDITION */
     /* writes the "# Config" section of the INFO text */
     void (*write_config_info)(void *user, struct uc_buf *b);
     void *config_user;
@@ -67,6 +68,7 @@ struct uc_server_params {
 
 struct uc_server;
 struct uc_auth;
+struct uc_chat_template;
 
 /* Binds and starts serving (state LOADING until uc_server_set_state). A port that cannot be
  * bound is UC_ERR_IO with the address in the message. */

@@ -118,6 +118,15 @@ class Client:
                 complete = r.complete
         return ids, text, complete, chunks
 
+    def chat(self, messages, n=0, request_id="", timeout=None, metadata=None, **kw):
+        """Inference.Chat with [(role, content), ...]; extra keywords go to SamplingParams.
+        Returns the response stream."""
+        g = self.request(text="", **kw)
+        req = pb.ChatRequest(request_id=request_id, n=n, sampling=g.sampling)
+        for role, content in messages:
+            req.messages.add(role=role, content=content)
+        return self.inference.Chat(req, timeout=timeout or self.timeout, metadata=metadata)
+
     def tokenize(self, text, add_special_tokens=True):
         return self.inference.Tokenize(pb.TokenizeRequest(text=text,
                                                           add_special_tokens=add_special_tokens),

@@ -287,6 +287,106 @@ def t_generate_stream(d):
     check(c2.kv_bytes_kept < c2.kv_bytes_full and 0 < c2.ratio < 1, "report %s" % c2)
 
 
+def gen_choices(cl, req):
+    """Runs an n > 1 request; returns ({index: ids}, {index: text}, {index: Complete})."""
+    ids, text, comp = {}, {}, {}
+    for r in cl.generate_stream(req):
+        if r.WhichOneof("kind") == "chunk":
+            i = r.chunk.index
+            check(i not in comp, "a chunk of choice %d after its Complete" % i)
+            ids.setdefault(i, []).extend(r.chunk.token_ids)
+            text[i] = text.get(i, "") + r.chunk.text
+        else:
+            i = r.complete.index
+            check(i not in comp, "two Completes for choice %d" % i)
+            comp[i] = r.complete
+    return ids, text, comp
+
+
+def prefill_count(port):
+    _, v = parse_exposition(scrape(port)[2])
+    return sum(x for k, x in v.items()
+               if k.startswith("uncomp:request_prefill_time_seconds_count"))
+
+
+def t_n_choices_fork(d):
+    cl = d.client
+    ntok = len(cl.tokenize(PROMPTS[2]).token_ids)
+    # greedy: n = 3 choices equal each other and the n = 1 result; the prompt counts once
+    one, _, c1, _ = cl.generate(text=PROMPTS[2], max_tokens=20, temperature=0.0, ignore_eos=True)
+    before = prefill_count(d.metrics_port)
+    req = cl.request(text=PROMPTS[2], max_tokens=20, temperature=0.0, ignore_eos=True)
+    req.n = 3
+    ids, text, comp = gen_choices(cl, req)
+    check(sorted(comp) == [0, 1, 2], "Completes %s" % sorted(comp))
+    for i in range(3):
+        check(ids[i] == one, "greedy choice %d %s != n=1 %s" % (i, ids[i], one))
+        check(comp[i].usage.prompt_tokens == ntok and comp[i].usage.completion_tokens == 20,
+              "usage %s" % comp[i].usage)
+        check(comp[i].finish_reason == pb.LENGTH)
+    # the prompt was prefilled (and compressed) once for the three choices
+    check(prefill_count(d.metrics_port) - before == 1, "prefills for n=3: %s" %
+          (prefill_count(d.metrics_port) - before))
+    # sampled with a seed: reproducible, choice i equals an n = 1 request with seed + i
+    cmp = {"policy": "snapkv", "kv_budget": 24}
+    req = cl.request(text=LONG_PROMPT, max_tokens=16, temperature=0.9, seed=1234,
+                     compression=cmp)
+    req.n = 3
+    a = gen_choices(cl, req)
+    b = gen_choices(cl, req)
+    check(a[0] == b[0] and a[1] == b[1], "seeded n=3 not reproducible")
+    check(len({tuple(v) for v in a[0].values()}) > 1, "seeded choices all equal: %s" % a[0])
+    for i in range(3):
+        alone, _, ca, _ = cl.generate(text=LONG_PROMPT, max_tokens=16, temperature=0.9,
+                                      seed=1234 + i, compression=cmp)
+        check(a[0][i] == alone, "choice %d %s != seed+%d alone %s" % (i, a[0][i], i, alone))
+        check(a[2][i].compression.plan_checksum == ca.compression.plan_checksum,
+              "choice %d has another compression plan" % i)
+    # KV memory: the forks copy choice 0's compressed blocks (no copy-on-write), so the pool
+    # holds what three independent requests hold; the prefill runs once. Peak usage, sampled.
+    def peak(fn):
+        stop, best = threading.Event(), [0.0]
+        def poll():
+            while not stop.is_set():
+                best[0] = max(best[0], cl.stats().kv_usage)
+                time.sleep(0.002)
+        t = threading.Thread(target=poll)
+        t.start()
+        try:
+            fn()
+        finally:
+            stop.set()
+            t.join()
+        return best[0]
+    kw = dict(text=LONG_PROMPT, max_tokens=160, temperature=0.0, ignore_eos=True,
+              compression=cmp)
+    req = cl.request(**kw)
+    req.n = 3
+    fork_peak = peak(lambda: gen_choices(cl, req))
+    with cf.ThreadPoolExecutor(3) as ex:
+        indep_peak = peak(lambda: list(ex.map(lambda _: cl.generate(**kw), range(3))))
+    print("    kv_usage peak: n=3 fork %.5f, 3 independent %.5f" % (fork_peak, indep_peak))
+    check(fork_peak <= indep_peak * 1.05 + 1e-9, "fork used more KV: %g > %g" %
+          (fork_peak, indep_peak))
+    # n is validated
+    req = cl.request(text="x", max_tokens=2)
+    req.n = 17
+    expect_rpc_error(lambda: cl.generate(req), grpc.StatusCode.INVALID_ARGUMENT, "n=17")
+    # abort by id ends every choice
+    req = cl.request(text=LONG_PROMPT, max_tokens=3000, ignore_eos=True, request_id="fork-ab")
+    req.n = 3
+    out = {}
+    th = threading.Thread(target=lambda: out.update(r=gen_choices(cl, req)))
+    th.start()
+    time.sleep(0.3)
+    check(cl.abort("fork-ab"), "abort found nothing")
+    th.join(30)
+    check(not th.is_alive() and sorted(out["r"][2]) == [0, 1, 2], "abort: %s" % out)
+    for i in range(3):
+        check(out["r"][2][i].finish_reason == pb.ABORTED, "choice %d not aborted" % i)
+    still_serving(cl)
+
+
 def t_tokenize_roundtrip(d):
     cl = d.client
     for text in ["Hello, world!", "naïve café — ünïcödé ✓ 日本語", PROMPTS[4], " leading space"]:
@@ -895,6 +995,49 @@ def t_drain(d):
 # other daemons
 # ---------------------------------------------------------------------------------------------
 
+CHATML = os.path.join(REPO, "tests", "conformance", "chat_templates", "chatml.jinja")
+
+
+def t_grpc_chat(args):
+    """Inference.Chat renders with the template (as HTTP chat does) and streams as Generate."""
+    d = Daemon(args, ["--chat-template", CHATML], name="chat")
+    try:
+        d.wait_serving()
+        cl = d.client
+        conv = [("system", "You are brief."), ("user", "Tell me a story"),
+                ("assistant", "Once upon a time"), ("user", "Go on")]
+        rendered = "".join("<|im_start|>%s\n%s<|im_end|>\n" % m for m in conv)
+        rendered += "<|im_start|>assistant\n"
+        ids = list(cl.tokenize(rendered, add_special_tokens=False).token_ids)
+        want, _, wc, _ = cl.generate(token_ids=ids, max_tokens=12, temperature=0.0,
+                                     ignore_eos=True)
+        got, text, comp = [], "", None
+        for r in cl.chat(conv, max_tokens=12, temperature=0.0, ignore_eos=True):
+            if r.WhichOneof("kind") == "chunk":
+                got.extend(r.chunk.token_ids)
+                text += r.chunk.text
+            else:
+                comp = r.complete
+        check(got == want, "Chat %s != Generate of the rendered prompt %s" % (got, want))
+        check(comp.usage.prompt_tokens == len(ids), "usage %s" % comp.usage)
+        # n = 2 and stop strings (Generate's parsing of sampling)
+        done = [r.complete.index for r in cl.chat(conv, n=2, max_tokens=4, temperature=0.0)
+                if r.WhichOneof("kind") == "complete"]
+        check(sorted(done) == [0, 1], "n=2 Completes %s" % done)
+        expect_rpc_error(lambda: cl.chat([("wizard", "hi")], max_tokens=2),
+                         grpc.StatusCode.INVALID_ARGUMENT, "role")
+        expect_rpc_error(lambda: cl.chat([], max_tokens=2),
+                         grpc.StatusCode.INVALID_ARGUMENT, "messages")
+    finally:
+        d.stop()
+        d.kill()
+
+
+def t_chat_without_template(d):
+    expect_rpc_error(lambda: d.client.chat([("user", "hi")], max_tokens=2),
+                     grpc.StatusCode.FAILED_PRECONDITION, "--chat-template")
+
+
 def t_queue_full(args):
     d = Daemon(args, ["--max-queued-requests", "1", "--max-running", "1"], name="queue")
     try:
@@ -996,6 +1139,14 @@ def t_oneshot_prompt_file_nul(args):
     check(counts[1] > counts[0] + 1, "the prompt file was cut at its NUL: %s tokens" % counts)
 
 
+def t_version(args):
+    p = subprocess.run([args.daemon, "--version"], capture_output=True, text=True, timeout=30)
+    check(p.returncode == 0 and re.match(r"^uncompd \d+\.\d+\.\d+\n$", p.stdout),
+          "--version: %r %r" % (p.returncode, p.stdout))
+    p = subprocess.run([args.daemon, "--help"], capture_output=True, text=True, timeout=30)
+    check(p.returncode == 0 and "--version" in p.stdout, "--help lists --version")
+
+
 def t_tls(args):
     """--tls-cert/--tls-key: a TLS client works, a plaintext client does not."""
     tmp = tempfile.mkdtemp(prefix="uncomp_tls_")
@@ -1041,9 +1192,9 @@ MAIN_TESTS = [t_health_and_watch, t_generate_stream, t_tokenize_roundtrip, t_sto
               t_abort_by_id,
               t_client_cancel, t_deadline, t_request_id_reuse, t_bad_inputs,
               t_malformed_protobuf,
-              t_concurrent_equals_alone, t_chaos, t_metrics, t_admin, t_second_daemon_same_port,
+              t_concurrent_equals_alone, t_n_choices_fork, t_chat_without_template, t_chaos, t_metrics, t_admin, t_second_daemon_same_port,
               t_drain]
-OTHER_TESTS = [t_queue_full, t_single_sigterm_idle, t_oneshot_prompt_file_nul, t_tls, t_tp2_sigterm_mid_stream,
+OTHER_TESTS = [t_version, t_grpc_chat, t_queue_full, t_single_sigterm_idle, t_oneshot_prompt_file_nul, t_tls, t_tp2_sigterm_mid_stream,
                t_tp2_mixed_equals_alone]
 
 

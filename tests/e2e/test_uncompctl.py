@@ -574,6 +574,25 @@ def t_tls(args, exe):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def t_api_key(args, exe):
+    """--api-key (or $UNCOMP_API_KEY) for a server started with keys."""
+    d = Daemon(args, name="keys", extra=["--api-key", "k-user-123", "--http-listen", "0"])
+    try:
+        ok = Ctl(exe, d.addr, ["--api-key", "k-user-123"])
+        d.wait_serving(ok)
+        j = gen_json(ok, "-n", "2", "--temperature", "0", PROMPT)
+        check(j["usage"]["completion_tokens"] == 2, str(j))
+        none = Ctl(exe, d.addr)
+        none.fail("UNAUTHENTICATED", "generate", "-n", "2", PROMPT)
+        Ctl(exe, d.addr, ["--api-key", "wrong"]).fail("UNAUTHENTICATED", "generate", "-n", "2",
+                                                       PROMPT)
+        env = dict(os.environ, UNCOMP_API_KEY="k-user-123")
+        r = none.run("generate", "-n", "2", PROMPT, env=env)
+        check(r.rc == EXIT_OK, r.describe())
+    finally:
+        d.cleanup()
+
+
 # ---------------------------------------------------------------------------------------------
 # runner
 # ---------------------------------------------------------------------------------------------
@@ -674,6 +693,8 @@ def main():
 
     if not args.no_tls and shutil.which("openssl") and r.want("tls"):
         r.run("tls", t_tls, args, exe)
+    if r.want("api_key"):
+        r.run("api_key", t_api_key, args, exe)
 
     print("%d passed, %d failed (%.1fs)%s" % (r.passed, len(r.failed), time.time() - t_start,
                                                ": " + ", ".join(r.failed) if r.failed else ""))

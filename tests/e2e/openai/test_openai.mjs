@@ -144,6 +144,52 @@ await test("n = 3: three choices, usage summed, streamed too", async () => {
   assert.equal(s.usage.completion_tokens, 18);
 });
 
+await test("n = 2 forks one prefill: greedy choices equal n = 1, the prompt counted once", async () => {
+  const one = await client.completions.create({ model: UC_MODEL, prompt: PROMPT, max_tokens: 8, temperature: 0 });
+  const before = await metric("uncomp:request_prefill_time_seconds_count");
+  const r = await client.completions.create({ model: UC_MODEL, prompt: PROMPT, max_tokens: 8, temperature: 0, n: 2 });
+  assert.equal(await metric("uncomp:request_prefill_time_seconds_count") - before, 1, "one prefill for n = 2");
+  assert.deepEqual(r.choices.map((c) => c.text), [one.choices[0].text, one.choices[0].text]);
+  assert.equal(r.usage.prompt_tokens, one.usage.prompt_tokens);
+  assert.equal(r.usage.completion_tokens, 16);
+  const a = await client.completions.create({ model: UC_MODEL, prompt: PROMPT, max_tokens: 8, temperature: 1, seed: 11, n: 2 });
+  const b = await client.completions.create({ model: UC_MODEL, prompt: PROMPT, max_tokens: 8, temperature: 1, seed: 11, n: 2 });
+  assert.deepEqual(a.choices.map((c) => c.text), b.choices.map((c) => c.text), "seeded n = 2 reproducible");
+  const s1 = await client.completions.create({ model: UC_MODEL, prompt: PROMPT, max_tokens: 8, temperature: 1, seed: 12 });
+  assert.equal(a.choices[1].text, s1.choices[0].text, "choice 1 samples with seed + 1");
+});
+
+await test("echo with logprobs: the prompt's tokens and logprobs lead, the first null", async () => {
+  const plain = await client.completions.create({ model: UC_MODEL, prompt: PROMPT, max_tokens: 4, temperature: 0, logprobs: 2 });
+  const r = await client.completions.create({ model: UC_MODEL, prompt: PROMPT, max_tokens: 4, temperature: 0, echo: true, logprobs: 2 });
+  const c = r.choices[0], lp = c.logprobs, np = r.usage.prompt_tokens;
+  assert.equal(c.text, PROMPT + plain.choices[0].text);
+  assert.equal(lp.tokens.length, np + 4);
+  assert.equal(lp.token_logprobs[0], null);
+  assert.equal(lp.top_logprobs[0], null);
+  for (let i = 1; i < np + 4; i++) {
+    assert.ok(Number.isFinite(lp.token_logprobs[i]) && lp.token_logprobs[i] <= 0, `logprob ${i}`);
+    const tops = Object.values(lp.top_logprobs[i]);
+    assert.equal(tops.length, 2);
+    assert.ok(Math.max(...tops) >= lp.token_logprobs[i] - 1e-4, `top of ${i}`);
+  }
+  // the same generated tokens; the first one's logprob comes from the all-rows logits matmul
+  // (rows batched differently), equal to ~1e-5
+  assert.deepEqual(lp.tokens.slice(np), plain.choices[0].logprobs.tokens);
+  lp.token_logprobs.slice(np).forEach((v, i) => assert.ok(Math.abs(v - plain.choices[0].logprobs.token_logprobs[i]) < 1e-3, `generated logprob ${i}`));
+  for (let i = 1; i < np + 4; i++) assert.ok(lp.text_offset[i] >= lp.text_offset[i - 1]);
+  // streamed: the prompt's logprobs come first, then the generated tokens'
+  const toks = [], lps = [];
+  for await (const ch of await client.completions.create({ model: UC_MODEL, prompt: PROMPT, max_tokens: 4, temperature: 0, echo: true, logprobs: 2, stream: true })) {
+    for (const x of ch.choices) if (x.logprobs) { toks.push(...x.logprobs.tokens); lps.push(...x.logprobs.token_logprobs); }
+  }
+  assert.deepEqual(toks, lp.tokens);
+  assert.deepEqual(lps, lp.token_logprobs);
+  // n = 2 with echo: each choice carries the prompt's logprobs
+  const r2 = await client.completions.create({ model: UC_MODEL, prompt: PROMPT, max_tokens: 4, temperature: 0, echo: true, logprobs: 1, n: 2 });
+  for (const ch of r2.choices) assert.deepEqual(ch.logprobs.token_logprobs.slice(0, np), lp.token_logprobs.slice(0, np));
+});
+
 await test("stop: the text ends before the stop string, finish_reason stop", async () => {
   const full = greedy.choices[0].text;
   const stop = full.slice(Math.floor(full.length / 2), Math.floor(full.length / 2) + 3);
