@@ -289,6 +289,7 @@ static int run_rank0(struct daemon *d)
         uc_sched_run(d->sched);
         return rc == UC_ERR_NOMEM ? 1 : 2;
     }
+    metrics_set_model_name(d->metrics, uc_front_model_name(d->front));
 #ifdef UC_HAVE_GRPC
     struct uc_cluster_info ci = d->cluster;
     snprintf(ci.version, sizeof ci.version, "%s", UC_VERSION);
