@@ -957,10 +957,10 @@ static int stream_chunk(const struct uc_chunk *ch, void *user)
     return 0;
 }
 
-static int finish_exit(const struct uc_completion *c)
+static int finish_exit(const char *cmd, const struct uc_completion *c)
 {
     if (c->finish_reason == UC_FINISH_ABORTED || c->finish_reason == UC_FINISH_ERROR) {
-        fprintf(stderr, "uncompctl: generate: the request ended with finish reason %s\n",
+        fprintf(stderr, "uncompctl: %s: the request ended with finish reason %s\n", cmd,
                 uc_client_finish_reason_name(c->finish_reason));
         return UC_CTL_EXIT_RPC;
     }
@@ -1028,7 +1028,7 @@ static int cmd_generate(struct uc_ctl *ctl, int argc, char **argv)
             if (g.verbose) {
                 verbose_completion(stderr, &gen.completion);
             }
-            code = finish_exit(&gen.completion);
+            code = finish_exit(g.cmd, &gen.completion);
         }
         uc_generation_fini(&gen);
     } else {
@@ -1045,7 +1045,7 @@ static int cmd_generate(struct uc_ctl *ctl, int argc, char **argv)
             if (g.verbose) {
                 verbose_completion(stderr, &comp);
             }
-            code = finish_exit(&comp);
+            code = finish_exit(g.cmd, &comp);
         }
         uc_completion_fini(&comp);
     }
@@ -1195,7 +1195,7 @@ static int chat_turn(struct uc_ctl *ctl, struct uc_client *c, struct chat_cli *c
         if (ch->g.verbose) {
             verbose_completion(stderr, &comp);
         }
-        code = finish_exit(&comp);
+        code = finish_exit(ch->g.cmd, &comp);
     }
     uc_completion_fini(&comp);
     *reply_len = t.reply.len;
