@@ -931,12 +931,83 @@ static void gen_req_fini(struct gen_req *g)
     UC_FREE(g->sampling_bytes);
 }
 
+/* The sampling and compression parts of a request (Generate's and Chat's): g->compression, and
+ * g->sampling packed by hand with its stop strings into g->sampling_bytes, appended to
+ * g->fields as field 4. */
+static uc_status build_options(struct gen_req *g, const struct uc_sampling *s,
+                               const struct uc_compression *cp, const char *what,
+                               struct uc_client_error *err)
+{
+    protobuf_c_message_init(&uncomp__v1__sampling_params__descriptor, &g->sampling);
+    protobuf_c_message_init(&uncomp__v1__compression_params__descriptor, &g->compression);
+    g->sampling.max_tokens = s->max_tokens;
+    g->sampling.min_tokens = s->min_tokens;
+    g->sampling.temperature = s->temperature;
+    g->sampling.has_temperature = s->has_temperature;
+    g->sampling.top_p = s->top_p;
+    g->sampling.top_k = s->top_k;
+    g->sampling.min_p = s->min_p;
+    g->sampling.repetition_penalty = s->repetition_penalty;
+    g->sampling.frequency_penalty = s->frequency_penalty;
+    g->sampling.presence_penalty = s->presence_penalty;
+    g->sampling.n_stop_token_ids = s->n_stop_token_ids;
+    g->sampling.stop_token_ids = (uint32_t *)(uintptr_t)s->stop_token_ids;
+    g->sampling.seed = s->seed;
+    g->sampling.has_seed = s->has_seed;
+    g->sampling.ignore_eos = s->ignore_eos;
+    g->sampling.logprobs = s->logprobs;
+    /* field 4 (sampling) by hand: the packed SamplingParams, then each stop string (field 11)
+     * with its length */
+    if (s->n_stop > 0 && !s->stop) {
+        return set_err(err, UC_GRPC_INVALID_ARGUMENT, UC_ERR_INVALID_ARG,
+                       "%s: sampling.n_stop is %zu but sampling.stop is NULL", what,
+                       s->n_stop);
+    }
+    struct wire_field *stops = NULL;
+    if (s->n_stop > 0) {
+        stops = uc_calloc(s->n_stop, sizeof *stops);
+        if (!stops) {
+            return err_nomem(err);
+        }
+    }
+    for (size_t i = 0; i < s->n_stop; i++) {
+        const char *stop = s->stop[i] ? s->stop[i] : "";
+        stops[i] = (struct wire_field){
+            .field = 11, .data = stop, .len = s->stop_len ? s->stop_len[i] : strlen(stop)};
+    }
+    size_t sampling_len = 0;
+    g->sampling_bytes = pack_bytes(&g->sampling.base, stops, s->n_stop, &sampling_len);
+    uc_free(stops);
+    if (!g->sampling_bytes) {
+        return err_nomem(err);
+    }
+    g->fields[g->n_fields++] =
+        (struct wire_field){.field = 4, .data = g->sampling_bytes, .len = sampling_len};
+
+    if (cp->policy) {
+        g->compression.policy = (char *)(uintptr_t)cp->policy;
+    }
+    g->compression.kv_budget = cp->kv_budget;
+    g->compression.window = cp->window;
+    g->compression.pool_kernel = cp->pool_kernel;
+    g->compression.sink_tokens = cp->sink_tokens;
+    g->compression.head_groups = cp->head_groups;
+    if (cp->decode_mode) {
+        g->compression.decode_mode = (char *)(uintptr_t)cp->decode_mode;
+    }
+    if (cp->grouping) {
+        g->compression.grouping = (char *)(uintptr_t)cp->grouping;
+    }
+    g->compression.n_stage_starts = cp->n_stage_starts;
+    g->compression.stage_starts = (uint32_t *)(uintptr_t)cp->stage_starts;
+    g->compression.r_min = cp->r_min;
+    return UC_OK;
+}
+
 static uc_status build_generate(struct gen_req *g, const struct uc_generate_params *p,
                                 struct uc_client_error *err)
 {
     protobuf_c_message_init(&uncomp__v1__generate_request__descriptor, &g->req);
-    protobuf_c_message_init(&uncomp__v1__sampling_params__descriptor, &g->sampling);
-    protobuf_c_message_init(&uncomp__v1__compression_params__descriptor, &g->compression);
     protobuf_c_message_init(&uncomp__v1__token_ids__descriptor, &g->ids);
     g->sampling_bytes = NULL;
     g->n_fields = 0;
@@ -962,94 +1033,29 @@ static uc_status build_generate(struct gen_req *g, const struct uc_generate_para
     }
     g->req.add_special_tokens = p->add_special_tokens;
     g->req.has_add_special_tokens = p->has_add_special_tokens;
-
-    const struct uc_sampling *s = &p->sampling;
-    g->sampling.max_tokens = s->max_tokens;
-    g->sampling.min_tokens = s->min_tokens;
-    g->sampling.temperature = s->temperature;
-    g->sampling.has_temperature = s->has_temperature;
-    g->sampling.top_p = s->top_p;
-    g->sampling.top_k = s->top_k;
-    g->sampling.min_p = s->min_p;
-    g->sampling.repetition_penalty = s->repetition_penalty;
-    g->sampling.frequency_penalty = s->frequency_penalty;
-    g->sampling.presence_penalty = s->presence_penalty;
-    g->sampling.n_stop_token_ids = s->n_stop_token_ids;
-    g->sampling.stop_token_ids = (uint32_t *)(uintptr_t)s->stop_token_ids;
-    g->sampling.seed = s->seed;
-    g->sampling.has_seed = s->has_seed;
-    g->sampling.ignore_eos = s->ignore_eos;
-    g->sampling.logprobs = s->logprobs;
-    /* field 4 (sampling) by hand: the packed SamplingParams, then each stop string (field 11)
-     * with its length */
-    if (s->n_stop > 0 && !s->stop) {
-        return set_err(err, UC_GRPC_INVALID_ARGUMENT, UC_ERR_INVALID_ARG,
-                       "generate: sampling.n_stop is %zu but sampling.stop is NULL", s->n_stop);
-    }
-    struct wire_field *stops = NULL;
-    if (s->n_stop > 0) {
-        stops = uc_calloc(s->n_stop, sizeof *stops);
-        if (!stops) {
-            return err_nomem(err);
-        }
-    }
-    for (size_t i = 0; i < s->n_stop; i++) {
-        const char *stop = s->stop[i] ? s->stop[i] : "";
-        stops[i] = (struct wire_field){
-            .field = 11, .data = stop, .len = s->stop_len ? s->stop_len[i] : strlen(stop)};
-    }
-    size_t sampling_len = 0;
-    g->sampling_bytes = pack_bytes(&g->sampling.base, stops, s->n_stop, &sampling_len);
-    uc_free(stops);
-    if (!g->sampling_bytes) {
-        return err_nomem(err);
-    }
-    g->fields[g->n_fields++] =
-        (struct wire_field){.field = 4, .data = g->sampling_bytes, .len = sampling_len};
-
-    const struct uc_compression *cp = &p->compression;
-    if (cp->policy) {
-        g->compression.policy = (char *)(uintptr_t)cp->policy;
-    }
-    g->compression.kv_budget = cp->kv_budget;
-    g->compression.window = cp->window;
-    g->compression.pool_kernel = cp->pool_kernel;
-    g->compression.sink_tokens = cp->sink_tokens;
-    g->compression.head_groups = cp->head_groups;
-    if (cp->decode_mode) {
-        g->compression.decode_mode = (char *)(uintptr_t)cp->decode_mode;
-    }
-    if (cp->grouping) {
-        g->compression.grouping = (char *)(uintptr_t)cp->grouping;
-    }
-    g->compression.n_stage_starts = cp->n_stage_starts;
-    g->compression.stage_starts = (uint32_t *)(uintptr_t)cp->stage_starts;
-    g->compression.r_min = cp->r_min;
+    uc_status rc = build_options(g, &p->sampling, &p->compression, "generate", err);
     g->req.compression = &g->compression;
-    return UC_OK;
+    return rc;
 }
 
-uc_status uc_client_generate_stream(struct uc_client *c, const struct uc_generate_params *p,
-                                    uc_chunk_fn on_chunk, void *user, struct uc_completion *out,
-                                    struct uc_client_error *err)
+/* A call answered by a stream of GenerateResponse (Generate, Chat): sends req and
+ * fields[0..n_fields), gives each chunk to on_chunk and fills *comp (zeroed by the caller) from
+ * the Complete message. `what` names the call in error messages. */
+static uc_status response_stream(struct uc_client *c, const char *method, const char *what,
+                                 const ProtobufCMessage *req, const struct wire_field *fields,
+                                 size_t n_fields, uc_chunk_fn on_chunk, void *user,
+                                 struct uc_completion *comp, struct uc_client_error *err)
 {
-    struct uc_completion local;
-    struct uc_completion *comp = out ? out : &local;
-    struct gen_req g;
     struct call k;
     bool oom = false;
     bool stopped = false;
     bool malformed = false;
     uc_status rc;
 
-    memset(comp, 0, sizeof(*comp));
-    memset(&g, 0, sizeof(g));
-    err_clear(err);
-    UC_CHECK(build_generate(&g, p, err), rc, out);
     double t0 = uc_time_s();
-    UC_CHECK(call_start(&k, c, "/uncomp.v1.Inference/Generate", err), rc, out);
+    UC_CHECK(call_start(&k, c, method, err), rc, out);
 
-    if (call_send_request(&k, &g.req.base, g.fields, g.n_fields)) {
+    if (call_send_request(&k, req, fields, n_fields)) {
         for (;;) {
             grpc_byte_buffer *recv = NULL;
             grpc_op op = {0};
@@ -1095,18 +1101,114 @@ uc_status uc_client_generate_stream(struct uc_client *c, const struct uc_generat
     if (oom) {
         rc = err_nomem(err);
     } else if (malformed) {
-        rc = set_err(err, UC_GRPC_INTERNAL, UC_ERR_FORMAT, "Generate: malformed response");
+        rc = set_err(err, UC_GRPC_INTERNAL, UC_ERR_FORMAT, "%s: malformed response", what);
     } else if (stopped) {
         rc = set_err(err, UC_GRPC_CANCELLED, UC_ERR_CANCELLED, "stopped by the chunk callback");
     } else {
         rc = status_to_err(&k, err);
         if (rc == UC_OK && !comp->complete) {
             rc = set_err(err, UC_GRPC_INTERNAL, UC_ERR_FORMAT,
-                         "Generate: the stream ended without a Complete message");
+                         "%s: the stream ended without a Complete message", what);
         }
     }
     call_end(&k);
 out:
+    return rc;
+}
+
+uc_status uc_client_generate_stream(struct uc_client *c, const struct uc_generate_params *p,
+                                    uc_chunk_fn on_chunk, void *user, struct uc_completion *out,
+                                    struct uc_client_error *err)
+{
+    struct uc_completion local;
+    struct uc_completion *comp = out ? out : &local;
+    struct gen_req g;
+
+    memset(comp, 0, sizeof(*comp));
+    memset(&g, 0, sizeof(g));
+    err_clear(err);
+    uc_status rc = build_generate(&g, p, err);
+    if (rc == UC_OK) {
+        rc = response_stream(c, "/uncomp.v1.Inference/Generate", "Generate", &g.req.base,
+                             g.fields, g.n_fields, on_chunk, user, comp, err);
+    }
+    gen_req_fini(&g);
+    if (!out) {
+        uc_completion_fini(&local);
+    }
+    return rc;
+}
+
+/* ========================================================================================= */
+/* Chat                                                                                      */
+/* ========================================================================================= */
+
+struct uc_chat_params uc_chat_default_params(void)
+{
+    struct uc_chat_params p;
+    memset(&p, 0, sizeof(p));
+    return p;
+}
+
+uc_status uc_client_chat_stream(struct uc_client *c, const struct uc_chat_params *p,
+                                uc_chunk_fn on_chunk, void *user, struct uc_completion *out,
+                                struct uc_client_error *err)
+{
+    struct uc_completion local;
+    struct uc_completion *comp = out ? out : &local;
+    struct gen_req g;
+    Uncomp__V1__ChatRequest req;
+    struct wire_field *fields = NULL;
+    uint8_t *msg_bytes = NULL;
+    uc_status rc;
+
+    memset(comp, 0, sizeof(*comp));
+    memset(&g, 0, sizeof(g));
+    err_clear(err);
+    protobuf_c_message_init(&uncomp__v1__chat_request__descriptor, &req);
+    if (p->n_messages == 0 || !p->messages) {
+        rc = set_err(err, UC_GRPC_INVALID_ARGUMENT, UC_ERR_INVALID_ARG,
+                     "chat: give at least one message");
+        goto out;
+    }
+    UC_CHECK(build_options(&g, &p->sampling, &p->compression, "chat", err), rc, out);
+    if (p->request_id) {
+        req.request_id = (char *)(uintptr_t)p->request_id;
+    }
+    req.compression = &g.compression;
+    /* each message (field 9) by hand: role (1) and content (2) with their lengths */
+    size_t total = 0;
+    for (size_t i = 0; i < p->n_messages; i++) {
+        const struct uc_chat_message *m = &p->messages[i];
+        const char *content = m->content ? m->content : "";
+        size_t clen = m->content_len ? m->content_len : strlen(content);
+        total += uc_pb_bytes_field_size(1, m->role ? strlen(m->role) : 0) +
+                 uc_pb_bytes_field_size(2, clen);
+    }
+    fields = uc_calloc(p->n_messages + 1, sizeof *fields);
+    msg_bytes = uc_malloc(total ? total : 1);
+    if (!fields || !msg_bytes) {
+        rc = err_nomem(err);
+        goto out;
+    }
+    fields[0] = g.fields[0]; /* the sampling parameters */
+    size_t at = 0;
+    for (size_t i = 0; i < p->n_messages; i++) {
+        const struct uc_chat_message *m = &p->messages[i];
+        const char *role = m->role ? m->role : "";
+        const char *content = m->content ? m->content : "";
+        size_t clen = m->content_len ? m->content_len : strlen(content);
+        size_t start = at;
+        at += uc_pb_put_bytes_field(msg_bytes + at, 1, role, strlen(role));
+        at += uc_pb_put_bytes_field(msg_bytes + at, 2, content, clen);
+        fields[i + 1] =
+            (struct wire_field){.field = 9, .data = msg_bytes + start, .len = at - start};
+    }
+    rc = response_stream(c, "/uncomp.v1.Inference/Chat", "Chat", &req.base, fields,
+                         p->n_messages + 1, on_chunk, user, comp, err);
+out:
+    uc_free(fields);
+    uc_free(msg_bytes);
     gen_req_fini(&g);
     if (!out) {
         uc_completion_fini(&local);
@@ -1162,14 +1264,17 @@ static int gather_chunk(const struct uc_chunk *ch, void *user)
     return 0;
 }
 
-uc_status uc_client_generate(struct uc_client *c, const struct uc_generate_params *p,
-                             struct uc_generation *out, struct uc_client_error *err)
+/* Runs Generate (p) or else Chat (chat) to the end into *out. */
+static uc_status gather_all(struct uc_client *c, const struct uc_generate_params *p,
+                            const struct uc_chat_params *chat, struct uc_generation *out,
+                            struct uc_client_error *err)
 {
     struct gather g;
     memset(&g, 0, sizeof(g));
     memset(out, 0, sizeof(*out));
     uc_buf_init(&g.text);
-    uc_status rc = uc_client_generate_stream(c, p, gather_chunk, &g, &out->completion, err);
+    uc_status rc = p ? uc_client_generate_stream(c, p, gather_chunk, &g, &out->completion, err)
+                     : uc_client_chat_stream(c, chat, gather_chunk, &g, &out->completion, err);
     if (g.oom) {
         rc = err_nomem(err);
     }
@@ -1188,6 +1293,18 @@ uc_status uc_client_generate(struct uc_client *c, const struct uc_generate_param
         rc = err_nomem(err);
     }
     return rc;
+}
+
+uc_status uc_client_generate(struct uc_client *c, const struct uc_generate_params *p,
+                             struct uc_generation *out, struct uc_client_error *err)
+{
+    return gather_all(c, p, NULL, out, err);
+}
+
+uc_status uc_client_chat(struct uc_client *c, const struct uc_chat_params *p,
+                         struct uc_generation *out, struct uc_client_error *err)
+{
+    return gather_all(c, NULL, p, out, err);
 }
 
 /* ========================================================================================= */

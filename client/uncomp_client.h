@@ -1,6 +1,7 @@
 /* uc_client: a C client library for the uncomp daemon's gRPC API (API.md): the Inference
- * service (streaming and blocking Generate, Tokenize, Detokenize, Abort), every Admin call and
- * grpc.health.v1.Health/Check. Plain C structs only: no gRPC or protobuf-c type appears here.
+ * service (streaming and blocking Generate and Chat, Tokenize, Detokenize, Abort), every Admin
+ * call and grpc.health.v1.Health/Check. Plain C structs only: no gRPC or protobuf-c type
+ * appears here.
  *
  * Threads: a handle is thread-compatible, not thread-safe: one call at a time per handle (use one
  * handle per thread; handles are independent). uc_client_cancel() is the exception: it may be
@@ -313,6 +314,39 @@ void uc_generation_fini(struct uc_generation *g);
  * uc_generation_fini()). Errors as uc_client_generate_stream(). */
 uc_status uc_client_generate(struct uc_client *c, const struct uc_generate_params *p,
                              struct uc_generation *out, struct uc_client_error *err);
+
+/* ---- Chat -------------------------------------------------------------------------------- */
+
+/* One message of a conversation. */
+struct uc_chat_message {
+    const char *role;           /* system, user, assistant, tool, developer */
+    const char *content;
+    size_t content_len;         /* bytes of content (it may hold NUL bytes); 0 = strlen */
+};
+
+/* One Chat request: the whole conversation so far, rendered by the server's chat template
+ * (uncompd --chat-template) with the assistant's turn opened, then generated as Generate is. */
+struct uc_chat_params {
+    const char *request_id;     /* NULL or "" = the server assigns one */
+    const struct uc_chat_message *messages;
+    size_t n_messages;          /* at least 1 */
+    struct uc_sampling sampling;
+    struct uc_compression compression;
+};
+
+/* Returns parameters with every field at the server default (and no messages). */
+struct uc_chat_params uc_chat_default_params(void);
+
+/* Runs Chat, streaming as uc_client_generate_stream() does (same callback, completion and
+ * errors). FAILED_PRECONDITION: the server has no chat template. */
+uc_status uc_client_chat_stream(struct uc_client *c, const struct uc_chat_params *p,
+                                uc_chunk_fn on_chunk, void *user, struct uc_completion *out,
+                                struct uc_client_error *err);
+
+/* Runs Chat to the end: the assistant's reply in *out (always initialised; release it with
+ * uc_generation_fini()). */
+uc_status uc_client_chat(struct uc_client *c, const struct uc_chat_params *p,
+                         struct uc_generation *out, struct uc_client_error *err);
 
 /* ---- Tokenize, Detokenize, Abort, Health ------------------------------------------------- */
 

@@ -2,11 +2,11 @@
  *
  *     uncompctl [--server HOST:PORT] [global options] COMMAND [options] [arguments]
  *
- * Commands: generate, tokenize, detokenize, abort, info, health, profile, set-policy, calibrate,
- * drain, bench (bench.c). Every command takes --help and --json (one JSON object on stdout).
- * Results go to stdout, diagnostics to stderr. Exit codes: 0 ok, 1 the server answered with an
- * error (its gRPC code name and message are printed), 2 usage error, 3 cannot connect or the
- * server is unavailable. Built on the client library (uncomp_client.h) only. */
+ * Commands: generate, chat, tokenize, detokenize, abort, info, health, profile, set-policy,
+ * calibrate, drain, bench (bench.c). Every command takes --help and --json (one JSON object on
+ * stdout; chat: one per turn). Results go to stdout, diagnostics to stderr. Exit codes: 0 ok,
+ * 1 the server answered with an error (its gRPC code name and message are printed), 2 usage
+ * error, 3 cannot connect or the server is unavailable. Built on the client library (uncomp_client.h) only. */
 #include <getopt.h>
 #include <inttypes.h>
 #include <math.h>
@@ -38,6 +38,7 @@ static const char usage_main[] =
     "\n"
     "Commands:\n"
     "  generate     generate text from a prompt (streams it as it arrives)\n"
+    "  chat         interactive chat with history (the server's chat template)\n"
     "  tokenize     turn text into token ids\n"
     "  detokenize   turn token ids into text\n"
     "  abort        stop a running request by id\n"
@@ -108,6 +109,32 @@ static const char usage_generate[] =
     "                              reason, usage, timing and the compression report\n"
     "Exit: 0 ok; 1 server error or a generation that ended aborted/with an error; 2 usage;\n"
     "3 cannot connect / unavailable.\n";
+
+static const char usage_chat[] =
+    "usage: uncompctl chat [options]\n"
+    "\n"
+    "An interactive chat over the Chat call (the server needs --chat-template). Each line read\n"
+    "from stdin is a user message; the whole conversation is sent each turn and the assistant's\n"
+    "reply is streamed to stdout (a newline follows it) and kept in the history. A prompt '> '\n"
+    "is shown when stdin is a terminal. Commands, alone on a line: /reset clears the history\n"
+    "(the --system message stays), /exit ends; the end of stdin ends too. Empty lines are\n"
+    "ignored.\n"
+    "\n"
+    "  -S, --system TEXT           a system message at the start of the conversation\n"
+    "      --request-id ID         the request id of every turn (default: assigned by the\n"
+    "                              server)\n"
+    "Sampling and compression: as 'uncompctl generate' (-n/--max-tokens, --temperature, --top-p,\n"
+    "--top-k, --min-p, --seed, --stop, --stop-token-id, --min-tokens, the penalties,\n"
+    "--ignore-eos, --logprobs, --policy, --kv-budget, --window, --pool-kernel, --sink-tokens,\n"
+    "--head-groups, --r-min, --decode-mode, --grouping, --stage-starts).\n"
+    "Output:\n"
+    "  -v, --verbose               usage, timing and the compression report of each turn on\n"
+    "                              stderr\n"
+    "  -j, --json                  no streaming: one JSON object per turn (text, finish reason,\n"
+    "                              usage, timing, compression report)\n"
+    "Exit: 0 ok; 1 a server error or a reply that ended aborted/with an error (a terminal session\n"
+    "reports it and goes on; the failed turn leaves the history as it was); 2 usage; 3 cannot\n"
+    "connect / unavailable.\n";
 
 static const char usage_tokenize[] =
     "usage: uncompctl tokenize [options] [TEXT...]\n"
@@ -930,10 +957,10 @@ static int stream_chunk(const struct uc_chunk *ch, void *user)
     return 0;
 }
 
-static int finish_exit(const struct uc_completion *c)
+static int finish_exit(const char *cmd, const struct uc_completion *c)
 {
     if (c->finish_reason == UC_FINISH_ABORTED || c->finish_reason == UC_FINISH_ERROR) {
-        fprintf(stderr, "uncompctl: generate: the request ended with finish reason %s\n",
+        fprintf(stderr, "uncompctl: %s: the request ended with finish reason %s\n", cmd,
                 uc_client_finish_reason_name(c->finish_reason));
         return UC_CTL_EXIT_RPC;
     }
@@ -1001,7 +1028,7 @@ static int cmd_generate(struct uc_ctl *ctl, int argc, char **argv)
             if (g.verbose) {
                 verbose_completion(stderr, &gen.completion);
             }
-            code = finish_exit(&gen.completion);
+            code = finish_exit(g.cmd, &gen.completion);
         }
         uc_generation_fini(&gen);
     } else {
@@ -1018,7 +1045,7 @@ static int cmd_generate(struct uc_ctl *ctl, int argc, char **argv)
             if (g.verbose) {
                 verbose_completion(stderr, &comp);
             }
-            code = finish_exit(&comp);
+            code = finish_exit(g.cmd, &comp);
         }
         uc_completion_fini(&comp);
     }
@@ -1029,6 +1056,258 @@ out:
     uc_free(g.stop);
     uc_free(g.stop_ids);
     uc_free(g.stage_starts);
+    return code;
+}
+
+/* ========================================================================================= */
+/* chat                                                                                      */
+/* ========================================================================================= */
+
+struct chat_cli {
+    struct gen_cli g;
+    const char *system;
+};
+
+static void chat_opt(int opt, const char *arg, void *user)
+{
+    struct chat_cli *ch = user;
+    if (opt == 'S') {
+        ch->system = arg;
+    } else {
+        gen_opt(opt, arg, &ch->g);
+    }
+}
+
+static const struct option chat_longopts[] = {
+    {"help", no_argument, NULL, OPT_HELP},
+    {"json", no_argument, NULL, OPT_JSON},
+    {"system", required_argument, NULL, 'S'},
+    {"verbose", no_argument, NULL, 'v'},
+    {"max-tokens", required_argument, NULL, 'n'},
+    {"request-id", required_argument, NULL, OPT_REQUEST_ID},
+    {"min-tokens", required_argument, NULL, OPT_MIN_TOKENS},
+    {"temperature", required_argument, NULL, OPT_TEMPERATURE},
+    {"top-p", required_argument, NULL, OPT_TOP_P},
+    {"top-k", required_argument, NULL, OPT_TOP_K},
+    {"min-p", required_argument, NULL, OPT_MIN_P},
+    {"seed", required_argument, NULL, OPT_SEED},
+    {"stop", required_argument, NULL, OPT_STOP},
+    {"stop-token-id", required_argument, NULL, OPT_STOP_TOKEN_ID},
+    {"repetition-penalty", required_argument, NULL, OPT_REP_PENALTY},
+    {"frequency-penalty", required_argument, NULL, OPT_FREQ_PENALTY},
+    {"presence-penalty", required_argument, NULL, OPT_PRES_PENALTY},
+    {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS},
+    {"logprobs", required_argument, NULL, OPT_LOGPROBS},
+    {"policy", required_argument, NULL, OPT_POLICY},
+    {"kv-budget", required_argument, NULL, OPT_KV_BUDGET},
+    {"window", required_argument, NULL, OPT_WINDOW},
+    {"pool-kernel", required_argument, NULL, OPT_POOL_KERNEL},
+    {"sink-tokens", required_argument, NULL, OPT_SINK_TOKENS},
+    {"head-groups", required_argument, NULL, OPT_HEAD_GROUPS},
+    {"r-min", required_argument, NULL, OPT_R_MIN},
+    {"decode-mode", required_argument, NULL, OPT_DECODE_MODE},
+    {"grouping", required_argument, NULL, OPT_GROUPING},
+    {"stage-starts", required_argument, NULL, OPT_STAGE_STARTS},
+    {NULL, 0, NULL, 0},
+};
+
+/* One turn's reply: streamed to stdout (unless --json) and kept for the history. */
+struct chat_turn {
+    struct stream_state st;
+    bool stream;
+    struct uc_buf reply;
+};
+
+static int chat_chunk(const struct uc_chunk *ch, void *user)
+{
+    struct chat_turn *t = user;
+    uc_buf_append(&t->reply, ch->text, ch->text_len);
+    if (t->reply.oom) {
+        oom_exit();
+    }
+    return t->stream ? stream_chunk(ch, &t->st) : 0;
+}
+
+/* The conversation. Messages from index `keep` on own their content (uc_malloc'd); the ones
+ * before (the --system message) borrow it and survive /reset. */
+struct chat_history {
+    struct uc_chat_message *msgs;
+    size_t n, cap;
+    size_t keep;
+};
+
+static void history_push(struct chat_history *h, const char *role, char *content, size_t len)
+{
+    if (h->n == h->cap) {
+        size_t cap = h->cap ? h->cap * 2 : 8;
+        struct uc_chat_message *m = uc_realloc(h->msgs, cap * sizeof *m);
+        if (!m) {
+            oom_exit();
+        }
+        h->msgs = m;
+        h->cap = cap;
+    }
+    h->msgs[h->n++] =
+        (struct uc_chat_message){.role = role, .content = content, .content_len = len};
+}
+
+/* Drops the messages from index `to` on. */
+static void history_truncate(struct chat_history *h, size_t to)
+{
+    while (h->n > to) {
+        h->n--;
+        if (h->n >= h->keep) {
+            uc_free((char *)(uintptr_t)h->msgs[h->n].content);
+        }
+    }
+}
+
+/* One turn: sends the history, streams (or prints as JSON) the reply and returns the exit code
+ * of the turn; on success *reply holds the reply (*reply_len bytes). */
+static int chat_turn(struct uc_ctl *ctl, struct uc_client *c, struct chat_cli *ch,
+                     struct uc_chat_params *p, const struct chat_history *h, char **reply,
+                     size_t *reply_len)
+{
+    struct chat_turn t = {.st = {.verbose = ch->g.verbose, .logprobs = p->sampling.logprobs},
+                          .stream = !ctl->json};
+    uc_buf_init(&t.reply);
+    struct uc_completion comp;
+    struct uc_client_error err;
+    p->messages = h->msgs;
+    p->n_messages = h->n;
+    uc_status rc = uc_client_chat_stream(c, p, chat_chunk, &t, &comp, &err);
+    if (t.stream && (rc == UC_OK || t.st.wrote_any)) {
+        fputc('\n', stdout); /* the reply ends with a newline, like a line of text */
+        fflush(stdout);
+    }
+    int code;
+    if (rc != UC_OK) {
+        code = uc_ctl_fail(ctl, ch->g.cmd, &err);
+    } else {
+        if (ctl->json) {
+            fprintf(stdout, "{\"text\":");
+            uc_ctl_json_strn(stdout, t.reply.data ? t.reply.data : "", t.reply.len);
+            fputc(',', stdout);
+            json_completion_fields(stdout, &comp);
+            fprintf(stdout, "}\n");
+            fflush(stdout);
+        }
+        if (ch->g.verbose) {
+            verbose_completion(stderr, &comp);
+        }
+        code = finish_exit(ch->g.cmd, &comp);
+    }
+    uc_completion_fini(&comp);
+    *reply_len = t.reply.len;
+    *reply = uc_buf_take(&t.reply);
+    if (!*reply) {
+        *reply = uc_strdup("");
+        *reply_len = 0;
+        if (!*reply) {
+            oom_exit();
+        }
+    }
+    uc_buf_fini(&t.reply);
+    return code;
+}
+
+static int cmd_chat(struct uc_ctl *ctl, int argc, char **argv)
+{
+    struct chat_cli ch;
+    memset(&ch, 0, sizeof(ch));
+    struct gen_cli *g = &ch.g;
+    g->cmd = "chat";
+    g->p = uc_generate_default_params();
+    int pos = parse_cmd_opts(ctl, g->cmd, usage_chat, argc, argv, "hjvn:S:", chat_longopts,
+                             chat_opt, &ch);
+    if (pos < argc) {
+        usage_error(g->cmd, "chat takes no arguments: the messages come from stdin");
+    }
+    struct uc_chat_params p = uc_chat_default_params();
+    p.request_id = g->p.request_id;
+    p.sampling = g->p.sampling;
+    p.sampling.stop = g->stop;
+    p.sampling.n_stop = g->n_stop;
+    p.sampling.stop_token_ids = g->stop_ids;
+    p.sampling.n_stop_token_ids = g->n_stop_ids;
+    p.compression = g->p.compression;
+    p.compression.stage_starts = g->stage_starts;
+    p.compression.n_stage_starts = g->n_stage_starts;
+
+    struct chat_history h;
+    memset(&h, 0, sizeof(h));
+    if (ch.system) {
+        history_push(&h, "system", (char *)(uintptr_t)ch.system, strlen(ch.system));
+        h.keep = 1;
+    }
+    bool tty = isatty(STDIN_FILENO);
+    char *line = NULL;
+    size_t line_cap = 0;
+    int code;
+    struct uc_client *c = uc_ctl_connect(ctl, g->cmd, &code);
+    if (!c) {
+        goto out;
+    }
+    code = UC_CTL_EXIT_OK;
+    for (;;) {
+        if (tty) {
+            fputs("> ", stdout);
+            fflush(stdout);
+        }
+        ssize_t n = getline(&line, &line_cap, stdin);
+        if (n < 0) {
+            if (tty) {
+                fputc('\n', stdout);
+            }
+            break;
+        }
+        size_t len = (size_t)n;
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) {
+            len--;
+        }
+        line[len] = '\0';
+        if (len == 0) {
+            continue;
+        }
+        if (strcmp(line, "/exit") == 0) {
+            break;
+        }
+        if (strcmp(line, "/reset") == 0) {
+            history_truncate(&h, h.keep);
+            if (tty) {
+                fprintf(stderr, "(history cleared)\n");
+            }
+            continue;
+        }
+        char *content = uc_malloc(len + 1);
+        if (!content) {
+            oom_exit();
+        }
+        memcpy(content, line, len + 1);
+        size_t user_at = h.n;
+        history_push(&h, "user", content, len);
+        char *reply = NULL;
+        size_t reply_len = 0;
+        int turn = chat_turn(ctl, c, &ch, &p, &h, &reply, &reply_len);
+        if (turn == UC_CTL_EXIT_OK) {
+            history_push(&h, "assistant", reply, reply_len);
+        } else {
+            uc_free(reply);
+            history_truncate(&h, user_at); /* a failed turn leaves the history as it was */
+            code = turn;
+            if (!tty) {
+                break; /* a script gets the exit code of the first failure */
+            }
+        }
+    }
+    uc_client_close(c);
+out:
+    history_truncate(&h, 0);
+    uc_free(h.msgs);
+    free(line);
+    uc_free(g->stop);
+    uc_free(g->stop_ids);
+    uc_free(g->stage_starts);
     return code;
 }
 
@@ -1588,6 +1867,7 @@ static int cmd_bench(struct uc_ctl *ctl, int argc, char **argv)
 
 static const struct command commands[] = {
     {"generate", cmd_generate, usage_generate},
+    {"chat", cmd_chat, usage_chat},
     {"tokenize", cmd_tokenize, usage_tokenize},
     {"detokenize", cmd_detokenize, usage_detokenize},
     {"abort", cmd_abort, usage_abort},

@@ -13,6 +13,8 @@
 #define OFF(f) offsetof(struct uc_config, f)
 #define BIG 9e15
 
+/* The table, in the order of --help: each section starts at the option named in `sections`
+ * below, so a new option joins the section of the one before it. */
 static const struct uc_cfg_option options[] = {
     /* model and engine */
     {"model", UC_CFG_STR, OFF(model), "", 0, 0, UC_CFG_IMMUTABLE | UC_CFG_RANK_LOCAL,
@@ -46,16 +48,6 @@ static const struct uc_cfg_option options[] = {
      "watchdog on every collective, ms: a stuck rank aborts the job after this"},
     {"heartbeat", UC_CFG_INT, OFF(heartbeat_ms), "1000", 10, 600000, UC_CFG_IMMUTABLE,
      "idle heartbeat from rank 0 to the other ranks, ms (must be well below comm-timeout)"},
-    {"profile", UC_CFG_STR, OFF(profile), "", 0, 0, UC_CFG_IMMUTABLE,
-     "calibration profile path (empty = MODEL/uncomp_profile.json)"},
-    {"calibration-text", UC_CFG_STR, OFF(calibration_text), "", 0, 0, 0,
-     "text used to calibrate when no profile exists (empty = MODEL/calibration.txt)"},
-    {"calib-window", UC_CFG_INT, OFF(calib_window), "1024", 32, 1 << 20, 0,
-     "tokens per calibration window"},
-    {"calib-windows", UC_CFG_INT, OFF(calib_windows), "4", 1, 1024, 0,
-     "most calibration windows"},
-    {"log-level", UC_CFG_STR, OFF(log_level), "notice", 0, 0, UC_CFG_RANK_LOCAL,
-     "error, warn, notice, info or debug"},
     /* serving */
     {"listen", UC_CFG_STR, OFF(listen), "127.0.0.1:50051", 0, 0, UC_CFG_IMMUTABLE,
      "gRPC address HOST:PORT (use TLS beyond loopback)"},
@@ -80,6 +72,8 @@ static const struct uc_cfg_option options[] = {
      "largest gRPC message received"},
     {"drain-timeout", UC_CFG_INT, OFF(drain_timeout_ms), "30000", 0, 86400000, 0,
      "ms in-flight requests may run after SIGTERM or Drain"},
+    {"log-level", UC_CFG_STR, OFF(log_level), "notice", 0, 0, UC_CFG_RANK_LOCAL,
+     "error, warn, notice, info or debug"},
     /* OpenAI-compatible HTTP front and API keys */
     {"http-listen", UC_CFG_STR, OFF(http_listen), "127.0.0.1:8000", 0, 0, UC_CFG_IMMUTABLE,
      "OpenAI-compatible HTTP address HOST:PORT (/v1/completions, /v1/chat/completions, "
@@ -119,6 +113,15 @@ static const struct uc_cfg_option options[] = {
     {"row-score", UC_CFG_STR, OFF(row_score), "accum-max", 0, 0, 0,
      "uncomp-stage row score: sum or max over heads at the layer before the boundary, or "
      "accum / accum-max over every layer before it"},
+    /* calibration */
+    {"profile", UC_CFG_STR, OFF(profile), "", 0, 0, UC_CFG_IMMUTABLE,
+     "calibration profile path (empty = MODEL/uncomp_profile.json)"},
+    {"calibration-text", UC_CFG_STR, OFF(calibration_text), "", 0, 0, 0,
+     "text used to calibrate when no profile exists (empty = MODEL/calibration.txt)"},
+    {"calib-window", UC_CFG_INT, OFF(calib_window), "1024", 32, 1 << 20, 0,
+     "tokens per calibration window"},
+    {"calib-windows", UC_CFG_INT, OFF(calib_windows), "4", 1, 1024, 0,
+     "most calibration windows"},
     /* one-shot */
     {"prompt", UC_CFG_STR, OFF(prompt), "", 0, 0, UC_CFG_ONESHOT | UC_CFG_CLI_ONLY,
      "one-shot mode: print the completion of this text and exit"},
@@ -141,6 +144,73 @@ static const struct uc_cfg_option options[] = {
      "one-shot: keep generating past EOS"},
     {NULL, UC_CFG_STR, 0, NULL, 0, 0, 0, NULL},
 };
+
+/* The sections of --help, each from its first option to the next section's. */
+static const struct {
+    const char *first;
+    const char *title;
+} sections[] = {
+    {"model", "Model and engine"},
+    {"listen", "Server (gRPC, limits, logging)"},
+    {"http-listen", "OpenAI-compatible HTTP front and API keys"},
+    {"policy", "Compression (defaults of requests that set none)"},
+    {"profile", "Calibration (the compression profile)"},
+    {"prompt", "One-shot mode (no server: print a completion and exit)"},
+};
+
+/* The value placeholder of --help: a name's own, else one by type. */
+static const struct {
+    const char *name;
+    const char *value;
+} placeholders[] = {
+    {"model", "DIR"},
+    {"config", "FILE"},
+    {"backend", "cpu|cuda"},
+    {"comm-timeout", "MS"},
+    {"heartbeat", "MS"},
+    {"profile", "FILE"},
+    {"calibration-text", "FILE"},
+    {"log-level", "LEVEL"},
+    {"listen", "HOST:PORT"},
+    {"metrics-port", "PORT"},
+    {"tls-cert", "FILE"},
+    {"tls-key", "FILE"},
+    {"drain-timeout", "MS"},
+    {"http-listen", "HOST:PORT"},
+    {"served-model-name", "NAME"},
+    {"chat-template", "FILE"},
+    {"api-key", "KEY"},
+    {"api-key-file", "FILE"},
+    {"admin-api-key", "KEY"},
+    {"policy", "NAME"},
+    {"decode-mode", "append|evict"},
+    {"grouping", "profile|prompt"},
+    {"stage-starts", "L1,L2"},
+    {"row-score", "SCORE"},
+    {"prompt-file", "FILE"},
+};
+
+static const char *placeholder(const struct uc_cfg_option *o)
+{
+    for (size_t i = 0; i < sizeof placeholders / sizeof placeholders[0]; i++) {
+        if (strcmp(placeholders[i].name, o->name) == 0) {
+            return placeholders[i].value;
+        }
+    }
+    switch (o->type) {
+    case UC_CFG_INT:
+        return "N";
+    case UC_CFG_BYTES:
+        return "BYTES";
+    case UC_CFG_DBL:
+        return "X";
+    case UC_CFG_BOOL:
+        return "[yes|no]";
+    case UC_CFG_STR:
+    default:
+        return "TEXT";
+    }
+}
 
 const struct uc_cfg_option *uc_config_options(void) { return options; }
 
@@ -501,9 +571,17 @@ void uc_config_write_help(struct uc_buf *b)
     uc_buf_puts(b, "usage: uncompd [--config FILE] [--name value ...]\n"
                    "       mpirun -np R uncompd --tp R [...]      tensor parallel over R ranks\n"
                    "       uncompd --prompt TEXT [--max-tokens N] one-shot: print a completion\n\n"
-                   "options (a config file line 'name value' is the same as --name value):\n");
+                   "options (a config file line 'name value' is the same as --name value; sizes\n"
+                   "take K, M or G (KiB, MiB, GiB); times are in ms):\n");
     for (const struct uc_cfg_option *o = options; o->name; o++) {
-        uc_buf_printf(b, "  --%-22s %s (default: %s)\n", o->name, o->help,
+        for (size_t i = 0; i < sizeof sections / sizeof sections[0]; i++) {
+            if (strcmp(sections[i].first, o->name) == 0) {
+                uc_buf_printf(b, "\n%s:\n", sections[i].title);
+            }
+        }
+        char opt[64];
+        snprintf(opt, sizeof opt, "--%s %s", o->name, placeholder(o));
+        uc_buf_printf(b, "  %-30s %s (default: %s)\n", opt, o->help,
                       o->dflt[0] ? o->dflt : "\"\"");
     }
 }

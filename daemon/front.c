@@ -159,3 +159,8 @@ const struct uc_chat_template *uc_front_chat(const struct uc_front *f)
 {
     return f ? f->chat : NULL;
 }
+
+const char *uc_front_model_name(const struct uc_front *f)
+{
+    return f ? f->model_name : "";
+}

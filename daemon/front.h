@@ -35,6 +35,8 @@ void uc_front_destroy(struct uc_front *f);
 
 const struct uc_auth *uc_front_auth(const struct uc_front *f);
 const struct uc_chat_template *uc_front_chat(const struct uc_front *f);
+/* The served model name: --served-model-name, else the model folder's base name. */
+const char *uc_front_model_name(const struct uc_front *f);
 /* True for 127.0.0.0/8, ::1 and localhost. */
 bool uc_front_is_loopback(const char *host_port);
 

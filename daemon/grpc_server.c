@@ -2741,15 +2741,18 @@ static void render_metrics(void *user, struct uc_buf *b)
     metrics_prometheus(s->p.metrics, b);
     uc_buf_puts(b, "# HELP uncomp:health_serving 1 when the health service reports SERVING.\n"
                    "# TYPE uncomp:health_serving gauge\n");
-    uc_buf_printf(b, "uncomp:health_serving %d\n", s->state == UC_SERVER_SERVING ? 1 : 0);
+    metrics_prometheus_sample(s->p.metrics, b, "uncomp:health_serving", NULL, NULL);
+    uc_buf_printf(b, "%d\n", s->state == UC_SERVER_SERVING ? 1 : 0);
     uc_buf_puts(b, "# HELP uncomp:uptime_seconds Seconds since the server started.\n"
                    "# TYPE uncomp:uptime_seconds gauge\n");
-    uc_buf_printf(b, "uncomp:uptime_seconds %.3f\n", (double)(uc_time_ms() - s->start_ms) / 1e3);
+    metrics_prometheus_sample(s->p.metrics, b, "uncomp:uptime_seconds", NULL, NULL);
+    uc_buf_printf(b, "%.3f\n", (double)(uc_time_ms() - s->start_ms) / 1e3);
     uc_buf_puts(b, "# HELP uncomp:grpc_responses_total gRPC calls answered, by status code.\n"
                    "# TYPE uncomp:grpc_responses_total counter\n");
     for (int i = 0; i < UC_ADMIN_N_CODES; i++) {
-        uc_buf_printf(b, "uncomp:grpc_responses_total{code=\"%s\"} %llu\n",
-                      uc_admin_code_name(i),
+        metrics_prometheus_sample(s->p.metrics, b, "uncomp:grpc_responses_total", "code",
+                                  uc_admin_code_name(i));
+        uc_buf_printf(b, "%llu\n",
                       (unsigned long long)__atomic_load_n(&s->codes[i], __ATOMIC_RELAXED));
     }
 }

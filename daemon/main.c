@@ -289,6 +289,7 @@ static int run_rank0(struct daemon *d)
         uc_sched_run(d->sched);
         return rc == UC_ERR_NOMEM ? 1 : 2;
     }
+    metrics_set_model_name(d->metrics, uc_front_model_name(d->front));
 #ifdef UC_HAVE_GRPC
     struct uc_cluster_info ci = d->cluster;
     snprintf(ci.version, sizeof ci.version, "%s", UC_VERSION);
@@ -386,7 +387,12 @@ int main(int argc, char **argv)
         uc_buf_init(&b);
         if (help) {
             uc_config_write_help(&b);
-            uc_buf_printf(&b, "\n  --version  print the version (uncompd %s) and exit\n", UC_VERSION);
+            uc_buf_printf(&b,
+                          "\nOther:\n"
+                          "  %-30s this help\n"
+                          "  %-30s the option names, one a line\n"
+                          "  %-30s print the version (uncompd %s) and exit\n",
+                          "--help, -h", "--list-options", "--version", UC_VERSION);
         } else {
             for (const struct uc_cfg_option *o = uc_config_options(); o->name; o++) {
                 uc_buf_printf(&b, "%s\n", o->name);

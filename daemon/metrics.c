@@ -55,6 +55,7 @@ struct metrics {
     struct lat_series lat[METRIC_LAT_COUNT];
     struct policy_counts pol[MAX_POLICY_LABELS];
     int n_pol;
+    char model_name[256]; /* the model_name label ("" = none) */
 };
 
 struct lat_desc {
@@ -107,6 +108,16 @@ void metrics_destroy(struct metrics *m)
 }
 
 /* ---- events --------------------------------------------------------------------------- */
+
+void metrics_set_model_name(struct metrics *m, const char *name)
+{
+    if (!m) {
+        return;
+    }
+    pthread_mutex_lock(&m->mu);
+    snprintf(m->model_name, sizeof m->model_name, "%s", name ? name : "");
+    pthread_mutex_unlock(&m->mu);
+}
 
 void metrics_request_submitted(struct metrics *m)
 {
@@ -326,18 +337,43 @@ static void prom_label_value(struct uc_buf *b, const char *v)
     }
 }
 
-static void prom_u64(struct uc_buf *b, const char *name, const char *type, const char *help,
-                     uint64_t v)
+/* A sample's name and labels, then a space: name{model_name="M",key="value"} (either label
+ * left out when its value is NULL or ""; no braces without labels). `value` is written as it
+ * is (the caller escapes it when needed), model_name escaped. */
+static void prom_sample(struct uc_buf *b, const struct metrics *m, const char *name,
+                        const char *key, const char *value)
 {
-    prom_head(b, name, type, help);
-    uc_buf_printf(b, "%s %llu\n", name, (unsigned long long)v);
+    bool model = m->model_name[0] != '\0';
+    bool extra = key && value && value[0];
+    uc_buf_puts(b, name);
+    if (model || extra) {
+        uc_buf_puts(b, "{");
+        if (model) {
+            uc_buf_puts(b, "model_name=\"");
+            prom_label_value(b, m->model_name);
+            uc_buf_printf(b, "\"%s", extra ? "," : "");
+        }
+        if (extra) {
+            uc_buf_printf(b, "%s=\"%s\"", key, value);
+        }
+        uc_buf_puts(b, "}");
+    }
+    uc_buf_puts(b, " ");
 }
 
-static void prom_f64(struct uc_buf *b, const char *name, const char *type, const char *help,
-                     double v)
+static void prom_u64(struct uc_buf *b, const struct metrics *m, const char *name,
+                     const char *type, const char *help, uint64_t v)
 {
     prom_head(b, name, type, help);
-    uc_buf_printf(b, "%s ", name);
+    prom_sample(b, m, name, NULL, NULL);
+    uc_buf_printf(b, "%llu\n", (unsigned long long)v);
+}
+
+static void prom_f64(struct uc_buf *b, const struct metrics *m, const char *name,
+                     const char *type, const char *help, double v)
+{
+    prom_head(b, name, type, help);
+    prom_sample(b, m, name, NULL, NULL);
     prom_value(b, v);
     uc_buf_puts(b, "\n");
 }
@@ -350,9 +386,11 @@ static void prom_policy(struct uc_buf *b, const struct metrics *m, const char *n
     prom_head(b, name, "counter", help);
     for (int i = 0; i < m->n_pol; i++) {
         const struct policy_counts *p = &m->pol[i];
-        uc_buf_printf(b, "%s{policy=\"", name);
-        prom_label_value(b, p->name);
-        uc_buf_puts(b, "\"} ");
+        struct uc_buf v;
+        uc_buf_init(&v);
+        prom_label_value(&v, p->name);
+        prom_sample(b, m, name, "policy", v.oom || !v.data ? "" : v.data);
+        uc_buf_fini(&v);
         switch (f) {
         case PF_FULL:
             uc_buf_printf(b, "%llu", (unsigned long long)p->kv_tokens_full);
@@ -374,20 +412,44 @@ static void prom_policy(struct uc_buf *b, const struct metrics *m, const char *n
     }
 }
 
-static void prom_hist(struct uc_buf *b, const struct lat_series *s, const struct lat_desc *d)
+static void prom_hist(struct uc_buf *b, const struct metrics *m, const struct lat_series *s,
+                      const struct lat_desc *d)
 {
+    char bucket[128], sum[128], count[128], le[64];
+    snprintf(bucket, sizeof bucket, "%s_bucket", d->name);
+    snprintf(sum, sizeof sum, "%s_sum", d->name);
+    snprintf(count, sizeof count, "%s_count", d->name);
     prom_head(b, d->name, "histogram", d->help);
     uint64_t cum = 0;
     for (int i = 0; i < N_BUCKETS; i++) {
         cum += s->buckets[i];
-        uc_buf_printf(b, "%s_bucket{le=\"", d->name);
-        prom_value(b, bucket_bounds[i]);
-        uc_buf_printf(b, "\"} %llu\n", (unsigned long long)cum);
+        snprintf(le, sizeof le, "%.17g", bucket_bounds[i]); /* finite: prom_value's spelling */
+        prom_sample(b, m, bucket, "le", le);
+        uc_buf_printf(b, "%llu\n", (unsigned long long)cum);
     }
-    uc_buf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", d->name, (unsigned long long)s->count);
-    uc_buf_printf(b, "%s_sum ", d->name);
+    prom_sample(b, m, bucket, "le", "+Inf");
+    uc_buf_printf(b, "%llu\n", (unsigned long long)s->count);
+    prom_sample(b, m, sum, NULL, NULL);
     prom_value(b, s->sum);
-    uc_buf_printf(b, "\n%s_count %llu\n", d->name, (unsigned long long)s->count);
+    uc_buf_puts(b, "\n");
+    prom_sample(b, m, count, NULL, NULL);
+    uc_buf_printf(b, "%llu\n", (unsigned long long)s->count);
+}
+
+void metrics_prometheus_sample(struct metrics *m, struct uc_buf *b, const char *name,
+                               const char *key, const char *value)
+{
+    if (!m) {
+        uc_buf_printf(b, "%s", name);
+        if (key && value && value[0]) {
+            uc_buf_printf(b, "{%s=\"%s\"}", key, value);
+        }
+        uc_buf_puts(b, " ");
+        return;
+    }
+    pthread_mutex_lock(&m->mu);
+    prom_sample(b, m, name, key, value);
+    pthread_mutex_unlock(&m->mu);
 }
 
 void metrics_prometheus(struct metrics *m, struct uc_buf *b)
@@ -396,29 +458,29 @@ void metrics_prometheus(struct metrics *m, struct uc_buf *b)
         return;
     }
     pthread_mutex_lock(&m->mu);
-    prom_f64(b, "uncomp:num_requests_running", "gauge",
+    prom_f64(b, m, "uncomp:num_requests_running", "gauge",
              "Number of requests in prefill or decode.", m->running);
-    prom_f64(b, "uncomp:num_requests_waiting", "gauge",
+    prom_f64(b, m, "uncomp:num_requests_waiting", "gauge",
              "Number of requests waiting to be admitted.", m->waiting);
-    prom_f64(b, "uncomp:kv_cache_usage_perc", "gauge",
+    prom_f64(b, m, "uncomp:kv_cache_usage_perc", "gauge",
              "Fraction of the KV cache blocks in use on rank 0 (1 = full).", m->kv_usage);
-    prom_u64(b, "uncomp:prompt_tokens_total", "counter", "Prompt tokens processed.",
+    prom_u64(b, m, "uncomp:prompt_tokens_total", "counter", "Prompt tokens processed.",
              m->prompt_tokens);
-    prom_u64(b, "uncomp:generation_tokens_total", "counter", "Tokens generated.",
+    prom_u64(b, m, "uncomp:generation_tokens_total", "counter", "Tokens generated.",
              m->generation_tokens);
-    prom_u64(b, "uncomp:request_received_total", "counter", "Requests accepted into the queue.",
+    prom_u64(b, m, "uncomp:request_received_total", "counter", "Requests accepted into the queue.",
              m->requests_total);
-    prom_u64(b, "uncomp:request_success_total", "counter",
+    prom_u64(b, m, "uncomp:request_success_total", "counter",
              "Requests that finished normally (stop or length).", m->requests_success);
-    prom_u64(b, "uncomp:request_failure_total", "counter", "Requests that ended with an error.",
+    prom_u64(b, m, "uncomp:request_failure_total", "counter", "Requests that ended with an error.",
              m->requests_failed);
-    prom_u64(b, "uncomp:request_aborted_total", "counter",
+    prom_u64(b, m, "uncomp:request_aborted_total", "counter",
              "Requests aborted (Abort, cancellation, deadline, drain).", m->requests_aborted);
-    prom_u64(b, "uncomp:request_rejected_total", "counter",
+    prom_u64(b, m, "uncomp:request_rejected_total", "counter",
              "Requests refused at submission (invalid, queue full, draining).",
              m->requests_rejected);
     for (int k = 0; k < METRIC_LAT_COUNT; k++) {
-        prom_hist(b, &m->lat[k], &lat_descs[k]);
+        prom_hist(b, m, &m->lat[k], &lat_descs[k]);
     }
     prom_policy(b, m, "uncomp:kv_tokens_full_total",
                 "KV tokens a full cache would hold after prefill (prompt x layers x KV heads).",

@@ -28,6 +28,9 @@ struct metrics;
 
 uc_status metrics_create(struct metrics **out);
 void metrics_destroy(struct metrics *m);
+/* The served model name, the model_name label of every Prometheus series (vLLM's
+ * {model_name="..."}); "" or NULL = no label. */
+void metrics_set_model_name(struct metrics *m, const char *name);
 
 /* Events (policy: the compression policy name, for labelled series). */
 void metrics_request_submitted(struct metrics *m);
@@ -55,8 +58,13 @@ struct metrics_snapshot {
     struct metric_pct lat[METRIC_LAT_COUNT]; /* in seconds */
 };
 void metrics_snapshot(struct metrics *m, struct metrics_snapshot *out);
-/* The Prometheus text exposition (uncomp:* series), appended to b. */
+/* The Prometheus text exposition (uncomp:* series, each labelled model_name once set), appended
+ * to b. */
 void metrics_prometheus(struct metrics *m, struct uc_buf *b);
+/* For series written elsewhere: a sample's name and labels, then a space, as metrics_prometheus
+ * writes them (model_name, then key="value" when key is not NULL; value is not escaped). */
+void metrics_prometheus_sample(struct metrics *m, struct uc_buf *b, const char *name,
+                               const char *key, const char *value);
 
 #ifdef __cplusplus
 }

@@ -834,6 +834,26 @@ def parse_exposition(text):
     return types, values
 
 
+def served_model_name(d):
+    """The model_name label the daemon should use: --served-model-name, else the model folder's
+    base name."""
+    if "--served-model-name" in d.cmd:
+        return d.cmd[d.cmd.index("--served-model-name") + 1]
+    return os.path.basename(os.path.normpath(d.args.model))
+
+
+def check_model_label(body, name):
+    """Every sample carries model_name="name" (escaped), first among its labels, as vLLM's."""
+    esc = name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    label = 'model_name="%s"' % esc
+    samples = [line for line in body.split("\n") if line and not line.startswith("#")]
+    check(samples, "no samples")
+    for line in samples:
+        check(re.match(r'^[a-zA-Z_:][a-zA-Z0-9_:]*\{' + re.escape(label) + r'[,}]', line),
+              "sample without %s: %r" % (label, line))
+    return label
+
+
 def t_metrics(d):
     cl = d.client
     cl.generate(text=PROMPTS[1], max_tokens=6, temperature=0.0)
@@ -842,6 +862,10 @@ def t_metrics(d):
     status, ctype, body = scrape(d.metrics_port)
     check(status == 200 and ctype.startswith("text/plain"), "%s %s" % (status, ctype))
     types, v = parse_exposition(body)
+    # every series is labelled with the served model name (vLLM's vllm:...{model_name="..."})
+    mn = check_model_label(body, served_model_name(d))
+    v = {re.sub(r"\{" + re.escape(mn) + r"\}$", "", k).replace("{" + mn + ",", "{"): x
+         for k, x in v.items()}
     for fam, typ in [("uncomp:num_requests_running", "gauge"),
                      ("uncomp:num_requests_waiting", "gauge"),
                      ("uncomp:kv_cache_usage_perc", "gauge"),
@@ -1000,7 +1024,8 @@ CHATML = os.path.join(REPO, "tests", "conformance", "chat_templates", "chatml.ji
 
 def t_grpc_chat(args):
     """Inference.Chat renders with the template (as HTTP chat does) and streams as Generate."""
-    d = Daemon(args, ["--chat-template", CHATML], name="chat")
+    d = Daemon(args, ["--chat-template", CHATML, "--served-model-name", 'chat "model" \\ 1'],
+               name="chat")
     try:
         d.wait_serving()
         cl = d.client
@@ -1008,6 +1033,8 @@ def t_grpc_chat(args):
                 ("assistant", "Once upon a time"), ("user", "Go on")]
         rendered = "".join("<|im_start|>%s\n%s<|im_end|>\n" % m for m in conv)
         rendered += "<|im_start|>assistant\n"
+        # --served-model-name names the model_name label of the metrics (escaped)
+        check_model_label(scrape(d.metrics_port)[2], 'chat "model" \\ 1')
         ids = list(cl.tokenize(rendered, add_special_tokens=False).token_ids)
         want, _, wc, _ = cl.generate(token_ids=ids, max_tokens=12, temperature=0.0,
                                      ignore_eos=True)

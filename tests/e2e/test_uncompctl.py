@@ -124,7 +124,7 @@ class Daemon(DaemonProcess):
 # tests without a server
 # ---------------------------------------------------------------------------------------------
 
-COMMANDS = ["generate", "tokenize", "detokenize", "abort", "info", "health", "profile",
+COMMANDS = ["generate", "chat", "tokenize", "detokenize", "abort", "info", "health", "profile",
             "set-policy", "calibrate", "drain", "bench"]
 
 
@@ -149,6 +149,8 @@ def t_usage(ctl):
         ["generate", "--temperature", "-1", "x"],
         ["generate", "--ids", "1,x,3"],
         ["generate", "--ids", "1,2", "also text"],
+        ["chat", "hello"],                              # messages come from stdin
+        ["chat", "--ids", "1,2"],
         ["tokenize", "--file", "/nonexistent/file"],
         ["detokenize", "12", "abc"],
         ["abort"],
@@ -593,6 +595,63 @@ def t_api_key(args, exe):
         d.cleanup()
 
 
+def t_chat(args, exe):
+    """chat: two turns from a here-doc on stdin; the second reply is what Chat returns for the
+    whole history (greedy); /reset forgets it; --system leads the conversation; /exit ends."""
+    import grpc_client  # python3-grpcio: only this test needs it
+
+    tmpl = os.path.join(REPO, "tests", "conformance", "chat_templates", "chatml.jinja")
+    d = Daemon(args, name="chat", extra=["--chat-template", tmpl, "--http-listen", "0"])
+    cl = None
+    try:
+        ctl = Ctl(exe, d.addr)
+        d.wait_serving(ctl)
+        cl = grpc_client.Client(d.addr)
+        opts = ["-n", "8", "--temperature", "0", "--ignore-eos"]
+
+        def chat_call(conv):
+            text = ""
+            for r in cl.chat(conv, max_tokens=8, temperature=0.0, ignore_eos=True):
+                if r.WhichOneof("kind") == "chunk":
+                    text += r.chunk.text
+            return text
+
+        a, b = "Hello, who are you?", "Tell me a story."
+        stdin = "%s\n\n%s\n/reset\n%s\n/exit\n%s\n" % (a, b, a, b)
+        r = ctl.run("--json", "chat", *opts, stdin=stdin)
+        turns = [json.loads(line) for line in r.out.splitlines() if line.strip()]
+        check(len(turns) == 3, "3 turns (empty line skipped, /exit ends):\n" + r.describe())
+        first = chat_call([("user", a)])
+        check(turns[0]["text"] == first, "turn 1 %r != Chat %r" % (turns[0]["text"], first))
+        second = chat_call([("user", a), ("assistant", first), ("user", b)])
+        check(turns[1]["text"] == second,
+              "turn 2 %r != Chat of the history %r" % (turns[1]["text"], second))
+        check(turns[1]["usage"]["prompt_tokens"] > turns[0]["usage"]["prompt_tokens"],
+              "turn 2 sent the history: %s" % turns)
+        check(turns[2]["text"] == first and
+              turns[2]["usage"]["prompt_tokens"] == turns[0]["usage"]["prompt_tokens"],
+              "after /reset the first turn again: %s" % turns)
+        check(all(t["usage"]["completion_tokens"] == 8 for t in turns), str(turns))
+        # streamed: each reply then a newline; no prompt when stdin is not a terminal
+        r = ctl.run("chat", *opts, stdin="%s\n%s\n" % (a, b))
+        check(r.out == first + "\n" + second + "\n", "streamed %r\n%s" % (r.out, r.describe()))
+        # --system leads the conversation and survives /reset
+        sys_text = "You are terse."
+        want = chat_call([("system", sys_text), ("user", a)])
+        r = ctl.run("--json", "chat", "--system", sys_text, *opts,
+                    stdin="%s\n/reset\n%s\n" % (a, a))
+        turns = [json.loads(line) for line in r.out.splitlines() if line.strip()]
+        check([t["text"] for t in turns] == [want, want], "--system %s != %r" % (turns, want))
+        # a server error exits 1 at the first turn
+        ctl.fail("INVALID_ARGUMENT", "chat", "--policy", "nonsense", "-n", "2", stdin="hi\nhi\n")
+        r = ctl.run("chat", "--help")
+        check("/reset" in r.out and "--system" in r.out, r.describe())
+    finally:
+        if cl:
+            cl.close()
+        d.cleanup()
+
+
 # ---------------------------------------------------------------------------------------------
 # runner
 # ---------------------------------------------------------------------------------------------
@@ -695,6 +754,8 @@ def main():
         r.run("tls", t_tls, args, exe)
     if r.want("api_key"):
         r.run("api_key", t_api_key, args, exe)
+    if r.want("chat"):
+        r.run("chat", t_chat, args, exe)
 
     print("%d passed, %d failed (%.1fs)%s" % (r.passed, len(r.failed), time.time() - t_start,
                                                ": " + ", ".join(r.failed) if r.failed else ""))

@@ -478,6 +478,29 @@ static void test_texts(void **state)
     }
     assert_has(help.data, "(default: 256MiB)");
     assert_has(help.data, "(default: \"\")");
+    /* sections, in this order, and value placeholders */
+    static const char *const sections[] = {
+        "\nModel and engine:\n", "\nServer (gRPC, limits, logging):\n",
+        "\nOpenAI-compatible HTTP front and API keys:\n", "\nCompression (",
+        "\nCalibration (", "\nOne-shot mode (",
+    };
+    const char *prev = help.data;
+    for (size_t i = 0; i < sizeof sections / sizeof sections[0]; i++) {
+        const char *at = strstr(help.data, sections[i]);
+        if (!at || at < prev) {
+            fail_msg("--help lacks section \"%s\" after the one before:\n%s", sections[i] + 1,
+                     help.data);
+        }
+        prev = at;
+    }
+    /* each option under its section */
+    assert_true(strstr(help.data, "--kv-memory BYTES") < strstr(help.data, "\nServer ("));
+    assert_true(strstr(help.data, "--listen HOST:PORT") > strstr(help.data, "\nServer ("));
+    assert_true(strstr(help.data, "--policy NAME") > strstr(help.data, "\nCompression ("));
+    assert_true(strstr(help.data, "--calib-window N") > strstr(help.data, "\nCalibration ("));
+    assert_true(strstr(help.data, "\n  --prompt TEXT ") > strstr(help.data, "\nOne-shot mode ("));
+    assert_has(help.data, "--report [yes|no] ");
+    assert_has(help.data, "--temperature X ");
     uc_buf_fini(&help);
     uc_buf_fini(&table);
     uc_buf_fini(&info);
