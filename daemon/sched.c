@@ -515,6 +515,24 @@ bool sched_queue_free(struct uc_sched *s, int64_t seq_id)
     return true;
 }
 
+void sched_wait_unlink_locked(struct uc_sched *s, struct req *q)
+{
+    struct req **pp = &s->wait_head, *prev = NULL;
+    while (*pp && *pp != q) {
+        prev = *pp;
+        pp = &(*pp)->next;
+    }
+    if (*pp) {
+        *pp = q->next;
+        if (s->wait_tail == q) {
+            s->wait_tail = prev;
+        }
+        s->n_waiting--;
+        s->waiting_tokens -= q->n_prompt;
+        q->next = NULL;
+    }
+}
+
 void sched_prefill_release(struct uc_sched *s, struct req *q)
 {
     s->pf_bytes_used -= q->pf_bytes;
@@ -695,20 +713,7 @@ void sched_reap(struct uc_sched *s)
             }
         }
         if (victim && victim->st == REQ_WAITING) {
-            /* unlink from the waiting queue */
-            struct req **pp = &s->wait_head, *prev = NULL;
-            while (*pp && *pp != victim) {
-                prev = *pp;
-                pp = &(*pp)->next;
-            }
-            if (*pp) {
-                *pp = victim->next;
-                if (s->wait_tail == victim) {
-                    s->wait_tail = prev;
-                }
-                s->n_waiting--;
-                s->waiting_tokens -= victim->n_prompt;
-            }
+            sched_wait_unlink_locked(s, victim);
         }
         pthread_mutex_unlock(&s->mu);
         if (!victim) {
@@ -762,12 +767,7 @@ uc_status uc_sched_run(struct uc_sched *s)
         pthread_mutex_lock(&s->mu);
         struct req *q = s->n_live > 0 ? s->live[0] : NULL;
         if (q && q->st == REQ_WAITING) {
-            s->wait_head = q->next;
-            if (!s->wait_head) {
-                s->wait_tail = NULL;
-            }
-            s->n_waiting--;
-            s->waiting_tokens -= q->n_prompt;
+            sched_wait_unlink_locked(s, q);
         }
         pthread_mutex_unlock(&s->mu);
         if (!q) {

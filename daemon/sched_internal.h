@@ -152,6 +152,8 @@ bool sched_plain_greedy(const struct req *q);
 /* Handles aborts and deadlines of live requests. */
 void sched_reap(struct uc_sched *s);
 void sched_publish(struct uc_sched *s);
+/* Takes q out of the waiting queue (s->mu held); nothing when it is not there. */
+void sched_wait_unlink_locked(struct uc_sched *s, struct req *q);
 /* Releases what a request holds for its prefill (the prefill memory of its buffers). */
 void sched_prefill_release(struct uc_sched *s, struct req *q);
 

@@ -76,14 +76,8 @@ static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, 
             return; /* wait for running requests to free memory */
         }
         pthread_mutex_lock(&s->mu);
-        s->wait_head = q->next;
-        if (!s->wait_head) {
-            s->wait_tail = NULL;
-        }
-        s->n_waiting--;
-        s->waiting_tokens -= q->n_prompt;
+        sched_wait_unlink_locked(s, q); /* the head: only this thread takes from the queue */
         pthread_mutex_unlock(&s->mu);
-        q->next = NULL;
         if (rc != UC_OK) {
             sched_finish(s, q, rc, msg, UC_FINISH_ERROR, NULL);
             continue;
