@@ -113,9 +113,10 @@ int uc_oneshot_run(struct uc_sched *s, const struct uc_config *c, const struct u
     }
     int32_t *ids = NULL;
     int64_t n = 0;
-    uc_status rc = uc_tokenizer_encode(tok, text, strlen(text), true, &ids, &n);
-    uc_free(text);
     char msg[512] = "";
+    uc_status rc = uc_tokenizer_encode_msg(tok, text, strlen(text), true, &ids, &n, msg,
+                                           sizeof msg);
+    uc_free(text);
     if (rc == UC_OK) {
         struct uc_request r;
         uc_request_init(&r);
@@ -137,7 +138,10 @@ int uc_oneshot_run(struct uc_sched *s, const struct uc_config *c, const struct u
         }
         rc = uc_sched_submit(s, &r, sink, &o, NULL, msg, sizeof msg);
     } else {
-        snprintf(msg, sizeof msg, "the prompt is not valid UTF-8");
+        /* the tokenizer's own reason (not valid UTF-8 at byte N, a regex limit, memory) */
+        char why[400];
+        snprintf(why, sizeof why, "%s", msg[0] ? msg : uc_status_str(rc));
+        snprintf(msg, sizeof msg, "the prompt cannot be tokenized: %s", why);
     }
     uc_free(ids);
     if (rc != UC_OK) {
