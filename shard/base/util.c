@@ -13,7 +13,9 @@
 
 #include "mem.h"
 
-int uc_file_open_regular(const char *path)
+/* strict: regular files only; else character devices (/dev/null as an empty config) pass too.
+ * A FIFO, socket or folder is refused either way. */
+static int open_readable(const char *path, bool strict)
 {
     /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever */
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
@@ -22,7 +24,7 @@ int uc_file_open_regular(const char *path)
         return -1;
     }
     struct stat sb;
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+    if (fstat(fd, &sb) != 0 || !(S_ISREG(sb.st_mode) || (!strict && S_ISCHR(sb.st_mode)))) {
         (void)UC_ERRF(UC_ERR_IO, "file=%s is not a regular file", path);
         close(fd);
         return -1;
@@ -34,10 +36,15 @@ int uc_file_open_regular(const char *path)
     return fd;
 }
 
+int uc_file_open_regular(const char *path)
+{
+    return open_readable(path, true);
+}
+
 uc_status uc_file_read_all(char **out, size_t *size_bytes, const char *path)
 {
     *out = NULL;
-    int fd = uc_file_open_regular(path);
+    int fd = open_readable(path, false);
     if (fd < 0) {
         return UC_ERR_IO; /* logged */
     }
