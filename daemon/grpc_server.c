@@ -1349,8 +1349,9 @@ static void do_set_policy(struct unary_reply *r, const struct uc_admin_src *src,
     reply_msg(r, &resp.base, false);
 }
 
+/* `cancel` turns true when the client goes away (on_close): the calibration then ends. */
 static void do_calibrate(struct unary_reply *r, const struct uc_admin_src *src,
-                         const Uncomp__V1__CalibrateRequest *req)
+                         const Uncomp__V1__CalibrateRequest *req, const atomic_bool *cancel)
 {
     if (!src->sched || !src->engine) {
         reply_set_error(r, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
@@ -1369,7 +1370,7 @@ static void do_calibrate(struct unary_reply *r, const struct uc_admin_src *src,
     const char *text = req->text && req->text[0] ? req->text : NULL;
     char msg[256] = "";
     uc_status rc = uc_sched_calibrate(src->sched, text, (int32_t)req->window_tokens,
-                                      (int32_t)req->max_windows, msg, sizeof msg);
+                                      (int32_t)req->max_windows, cancel, msg, sizeof msg);
     if (rc != UC_OK) {
         reply_set_error(r, status_code_of(rc), "calibration failed: %s",
                         msg[0] ? msg : uc_status_str(rc));
@@ -1480,6 +1481,7 @@ struct call {
     int close_cancelled;        /* written by gRPC when the close batch completes */
 
     atomic_int refs;            /* see the reference rules above; no lock needed */
+    atomic_bool calib_cancel;   /* Calibrate: the client went away (read by the scheduler) */
     pthread_mutex_t mu;         /* guards everything below */
     bool cancelled;             /* the client went away (or the deadline passed) */
     bool sending;               /* a send batch is in flight */
@@ -2122,7 +2124,7 @@ static void *worker_main(void *arg)
         struct uc_admin_src src;
         uint64_t codes[UC_ADMIN_N_CODES];
         admin_src(s, &src, codes);
-        do_calibrate(&r, &src, req);
+        do_calibrate(&r, &src, req, &c->calib_cancel);
         reply(c, &r);
     }
     arena_fini(&a);
@@ -2453,9 +2455,11 @@ static void on_close(struct call *c)
     bool abort_it = false;
     char id[UC_REQUEST_ID_MAX];
     int64_t dl = c->deadline_ms;
+    bool calib = false;
     if (cancelled) {
         c->cancelled = true;
         abort_it = c->m == M_GENERATE && c->submitted && !c->sched_done;
+        calib = c->m == M_CALIBRATE;
         snprintf(id, sizeof id, "%s", c->request_id);
         gen_drop_queue(c);
     }
@@ -2464,6 +2468,11 @@ static void on_close(struct call *c)
         uc_status why = dl > 0 && uc_time_ms() >= dl - 50 ? UC_ERR_TIMEOUT : UC_ERR_CANCELLED;
         UC_LOG_INFO("grpc: client %s req=%s", why == UC_ERR_TIMEOUT ? "deadline" : "cancel", id);
         uc_sched_abort(c->srv->p.sched, id, why);
+    }
+    if (calib && c->srv->p.sched) {
+        UC_LOG_INFO("grpc: Calibrate client went away: the calibration ends");
+        atomic_store(&c->calib_cancel, true);
+        uc_sched_calibrate_wake(c->srv->p.sched);
     }
     call_unref(c);
 }

@@ -55,6 +55,7 @@ struct uc_sched_params uc_sched_default_params(void)
         .calib_text_path = NULL,
         .calib_window_tokens = 1024,
         .calib_max_windows = 4,
+        .calib_max_text_bytes = 1 << 20,
     };
     return p;
 }
