@@ -1102,6 +1102,23 @@ static void do_server_info(struct unary_reply *r, const struct uc_admin_src *src
     arena_fini(&a);
 }
 
+
+/* The last component of a path ("uncomp-tiny" of "/srv/models/uncomp-tiny/"), in a thread-local
+ * buffer valid until the next call. */
+static const char *base_name(const char *path)
+{
+    static __thread char buf[256];
+    size_t n = strlen(path);
+    while (n > 1 && path[n - 1] == '/') {
+        n--;
+    }
+    size_t b = n;
+    while (b > 0 && path[b - 1] != '/') {
+        b--;
+    }
+    snprintf(buf, sizeof buf, "%.*s", (int)(n - b), path + b);
+    return buf;
+}
 static void do_model_info(struct unary_reply *r, const struct uc_admin_src *src)
 {
     if (!src->engine) {
@@ -1111,7 +1128,8 @@ static void do_model_info(struct unary_reply *r, const struct uc_admin_src *src)
     const struct uc_model_config *cfg = uc_engine_config(src->engine);
     Uncomp__V1__ModelInfo mi;
     uncomp__v1__model_info__init(&mi);
-    mi.path = (char *)(uintptr_t)(src->cluster ? src->cluster->model_path : "");
+    /* the folder's name only: a client has no business with the server's file system */
+    mi.path = (char *)(uintptr_t)base_name(src->cluster ? src->cluster->model_path : "");
     mi.architecture = (char *)(uintptr_t)cfg->arch;
     mi.layers = (uint32_t)cfg->n_layers;
     mi.heads = (uint32_t)cfg->n_heads;
@@ -1214,7 +1232,7 @@ static void profile_reply(struct unary_reply *r, const struct uc_admin_src *src)
     const char *path = uc_engine_profile_path(src->engine);
     Uncomp__V1__CompressionProfile cp;
     uncomp__v1__compression_profile__init(&cp);
-    cp.path = (char *)(uintptr_t)(path ? path : "");
+    cp.path = (char *)(uintptr_t)base_name(path ? path : ""); /* no server paths */
     char *json = uc_sched_profile_json(src->sched);
     if (!json) {
         cp.present = false;
