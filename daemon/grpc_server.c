@@ -2931,3 +2931,31 @@ void uc_server_destroy(struct uc_server *s)
     uc_free(v);
     teardown(s, true);
 }
+
+/* ---- fuzzing entry ------------------------------------------------------------------------ */
+
+int uc_grpc_fuzz_request(int method, const uint8_t *data, size_t size,
+                         const struct uc_tokenizer *tok, int64_t vocab, int64_t n_layers)
+{
+    if (method < 0 || method >= M_COUNT) {
+        return -1;
+    }
+    struct arena a;
+    arena_init(&a);
+    ProtobufCMessage *m = protobuf_c_message_unpack(methods[method].req, &a.pb, size, data);
+    int code = m ? GRPC_STATUS_OK : GRPC_STATUS_INVALID_ARGUMENT;
+    if (m && method == M_GENERATE) {
+        struct gen_ctx ctx = {.tok = tok, .raw = data, .raw_len = size, .vocab = vocab,
+                              .n_layers = n_layers, .defaults = uc_compress_default_params()};
+        struct gen_req gr;
+        char msg[512];
+        uc_status rc = gen_request_parse(&gr, (const Uncomp__V1__GenerateRequest *)(void *)m,
+                                         &ctx, msg, sizeof msg);
+        if (rc == UC_OK) {
+            gen_req_fini(&gr);
+        }
+        code = (int)status_code_of(rc);
+    }
+    arena_fini(&a);
+    return code;
+}
