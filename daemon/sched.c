@@ -411,8 +411,10 @@ static void emit_tokens(struct uc_sched *s, struct req *q, const int32_t *ids, i
         end = q->emitted;
     }
     /* no text yet (a first token without bytes): no pointer arithmetic on NULL */
-    const unsigned char *from =
-        q->bytes.data ? (const unsigned char *)q->bytes.data + q->emitted : (const unsigned char *)"";
+    const unsigned char *from = (const unsigned char *)"";
+    if (q->bytes.data) {
+        from = (const unsigned char *)q->bytes.data + q->emitted;
+    }
     size_t n = utf8_boundary(from, end - q->emitted, final);
     struct uc_buf text;
     uc_buf_init(&text);

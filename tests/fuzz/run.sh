@@ -49,7 +49,8 @@ for h in $WANT; do
         echo "ok   $h: $(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" |
                           grep -o '[0-9]*$') runs in ${SECS}s, corpus $(ls "$scratch" | wc -l)"
     else
-        echo "FAIL $h: finding in $findings"; grep -A30 -m1 "ERROR\|runtime error" "$log" || tail -40 "$log"
+        echo "FAIL $h: finding in $findings"
+        grep -a -A30 -m1 "ERROR\|runtime error" "$log" || tail -40 "$log"
         fails=$((fails + 1))
     fi
 done
