@@ -139,9 +139,10 @@ int uc_oneshot_run(struct uc_sched *s, const struct uc_config *c, const struct u
         rc = uc_sched_submit(s, &r, sink, &o, NULL, msg, sizeof msg);
     } else {
         /* the tokenizer's own reason (not valid UTF-8 at byte N, a regex limit, memory) */
-        char why[400];
-        snprintf(why, sizeof why, "%s", msg[0] ? msg : uc_status_str(rc));
-        snprintf(msg, sizeof msg, "the prompt cannot be tokenized: %s", why);
+        char why[sizeof msg];
+        memcpy(why, msg, sizeof why);
+        snprintf(msg, sizeof msg, "the prompt cannot be tokenized: %.400s",
+                 why[0] ? why : uc_status_str(rc));
     }
     uc_free(ids);
     if (rc != UC_OK) {
