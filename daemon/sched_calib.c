@@ -167,6 +167,7 @@ static uc_status window_start(struct uc_sched *s, struct uc_step_new *nw, char *
 }
 
 static void job_cancel(struct uc_sched *s, uc_status rc, const char *msg);
+static void fail_queued(struct uc_sched *s, uc_status rc, const char *msg);
 
 void sched_calib_tick(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new,
                       int32_t max_new)
@@ -174,11 +175,15 @@ void sched_calib_tick(struct uc_sched *s, struct uc_step_new *news, int32_t *n_n
     struct calib_job *j = &s->calib;
     char msg[256] = "";
     pthread_mutex_lock(&s->mu);
-    bool draining = s->draining;
+    bool draining = s->draining, queued = s->ctl != NULL;
     pthread_mutex_unlock(&s->mu);
-    if (draining && (j->active || s->ctl)) {
-        /* a drain does not wait for a calibration: it ends (the old profile stays) */
-        sched_calib_abort(s, UC_ERR_UNAVAILABLE, "the server is draining");
+    if (draining && ((j->active && j->ctl) || queued)) {
+        /* a drain does not wait for an Admin.Calibrate: it ends (the old profile stays). The
+         * default job, which queued requests wait for, goes on until the drain timeout. */
+        if (j->active && j->ctl) {
+            job_cancel(s, UC_ERR_UNAVAILABLE, "the server is draining");
+        }
+        fail_queued(s, UC_ERR_UNAVAILABLE, "the server is draining");
         return;
     }
     if (j->active && j->ctl && j->ctl->cancel && atomic_load(j->ctl->cancel)) {
@@ -270,9 +275,9 @@ static void job_cancel(struct uc_sched *s, uc_status rc, const char *msg)
     }
 }
 
-void sched_calib_abort(struct uc_sched *s, uc_status rc, const char *msg)
+/* Answers the Calibrate call waiting for the engine thread, if any, with rc. */
+static void fail_queued(struct uc_sched *s, uc_status rc, const char *msg)
 {
-    job_cancel(s, rc, msg);
     pthread_mutex_lock(&s->mu);
     struct ctl *c = s->ctl;
     s->ctl = NULL;
@@ -283,6 +288,12 @@ void sched_calib_abort(struct uc_sched *s, uc_status rc, const char *msg)
         pthread_cond_broadcast(&s->done_cv);
     }
     pthread_mutex_unlock(&s->mu);
+}
+
+void sched_calib_abort(struct uc_sched *s, uc_status rc, const char *msg)
+{
+    job_cancel(s, rc, msg);
+    fail_queued(s, rc, msg);
 }
 
 static bool ctl_cancelled(const struct ctl *c)
