@@ -329,8 +329,9 @@ uc_status uc_sched_calibrate(struct uc_sched *s, const char *text, int32_t windo
         pthread_cond_wait(&s->done_cv, &s->mu);
     }
     if (s->stop || s->draining) {
+        bool stopping = s->stop;
         pthread_mutex_unlock(&s->mu);
-        snprintf(msg, msg_size, "the server is %s", s->stop ? "shutting down" : "draining");
+        snprintf(msg, msg_size, "the server is %s", stopping ? "shutting down" : "draining");
         return UC_ERR_UNAVAILABLE;
     }
     if (ctl_cancelled(&c)) {
