@@ -41,15 +41,29 @@ static char *fz_text(const uint8_t *data, size_t size)
     return t;
 }
 
-/* A private folder for this process (its files are rewritten per input). */
+static char fz_dir_path[64];
+
+static void fz_dir_remove(void)
+{
+    static const char *names[] = {"model.safetensors", "a.safetensors",
+                                  "model.safetensors.index.json", "uncompd.conf"};
+    char p[160];
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        snprintf(p, sizeof p, "%s/%s", fz_dir_path, names[i]);
+        unlink(p);
+    }
+    rmdir(fz_dir_path);
+}
+
+/* A private folder for this process (its files are rewritten per input; removed at exit). */
 static const char *fz_dir(void)
 {
-    static char dir[64];
-    if (!dir[0]) {
-        snprintf(dir, sizeof dir, "/tmp/uc_fuzz_%d", (int)getpid());
-        mkdir(dir, 0700);
+    if (!fz_dir_path[0]) {
+        snprintf(fz_dir_path, sizeof fz_dir_path, "/tmp/uc_fuzz_%d", (int)getpid());
+        mkdir(fz_dir_path, 0700);
+        atexit(fz_dir_remove);
     }
-    return dir;
+    return fz_dir_path;
 }
 
 #endif
