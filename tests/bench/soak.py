@@ -248,7 +248,7 @@ def main():
     ap.add_argument("--concurrency", type=int, default=8)
     args = ap.parse_args()
     results = [soak(args, int(tp)) for tp in args.tp.split(",")]
-    print("\n| tp | requests | wall | normal p50 | normal p99 | RSS start -> end (max) | "
+    print("\n| tp | requests | wall | normal p50 | normal p99 | RSS 2nd quarter -> last (max) | "
           "RSS growth | sanitizer reports | own leaks | exit |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
