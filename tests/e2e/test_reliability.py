@@ -333,6 +333,7 @@ def main():
     ap.add_argument("--mpirun", default=os.environ.get("MPIRUN", "mpirun"))
     ap.add_argument("--only", action="append", default=[])
     ap.add_argument("--asan", action="store_true")
+    ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)  # ctest's empty $<...> argument
     args = ap.parse_args()
     args.daemon = os.path.abspath(args.daemon)
     if not os.access(args.daemon, os.X_OK):
