@@ -149,6 +149,10 @@ uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_
     if (p->row_score < 0 || p->row_score >= UC_ROW_SCORE_COUNT) {
         BAD("compression.row_score: must be sum, max, accum or accum-max");
     }
+    /* before sink_tokens + 1 below: checked ranges first, then arithmetic */
+    if (p->sink_tokens < 0 || p->sink_tokens > 1024) {
+        BAD("compression.sink_tokens=%d must be in [0, 1024]", p->sink_tokens);
+    }
     if (p->policy != UC_POLICY_FULL) {
         int32_t min_budget = p->policy == UC_POLICY_STREAMINGLLM ? p->sink_tokens + 1 : p->window + 1;
         if (p->kv_budget < min_budget) {
@@ -158,9 +162,6 @@ uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_
         if (p->kv_budget > (1 << 24)) {
             BAD("compression.kv_budget=%d is too large", p->kv_budget);
         }
-    }
-    if (p->sink_tokens < 0 || p->sink_tokens > 1024) {
-        BAD("compression.sink_tokens=%d must be in [0, 1024]", p->sink_tokens);
     }
     if (p->n_stage_starts < 0 || p->n_stage_starts > UC_MAX_STAGES - 1) {
         BAD("compression.stage_starts: at most %d boundaries", UC_MAX_STAGES - 1);

@@ -119,9 +119,11 @@ static const struct uc_cfg_option options[] = {
     {"calibration-text", UC_CFG_STR, OFF(calibration_text), "", 0, 0, 0,
      "text used to calibrate when no profile exists (empty = MODEL/calibration.txt)"},
     {"calib-window", UC_CFG_INT, OFF(calib_window), "1024", 32, 1 << 20, 0,
-     "tokens per calibration window"},
+     "tokens per calibration window (an Admin.Calibrate may ask fewer, not more)"},
     {"calib-windows", UC_CFG_INT, OFF(calib_windows), "4", 1, 1024, 0,
-     "most calibration windows"},
+     "most calibration windows (an Admin.Calibrate may ask fewer, not more)"},
+    {"calib-max-text-bytes", UC_CFG_BYTES, OFF(calib_max_text_bytes), "1MiB", 1024, 1 << 30, 0,
+     "largest text an Admin.Calibrate may send"},
     /* one-shot */
     {"prompt", UC_CFG_STR, OFF(prompt), "", 0, 0, UC_CFG_ONESHOT | UC_CFG_CLI_ONLY,
      "one-shot mode: print the completion of this text and exit"},

@@ -38,6 +38,7 @@ struct uc_config {
     char *calibration_text;
     int64_t calib_window;
     int64_t calib_windows;
+    int64_t calib_max_text_bytes;
     char *log_level;
     bool fp32;
     /* serving */

@@ -1124,6 +1124,23 @@ static void do_server_info(struct unary_reply *r, const struct uc_admin_src *src
     arena_fini(&a);
 }
 
+
+/* The last component of a path ("uncomp-tiny" of "/srv/models/uncomp-tiny/"), in a thread-local
+ * buffer valid until the next call. */
+static const char *base_name(const char *path)
+{
+    static __thread char buf[256];
+    size_t n = strlen(path);
+    while (n > 1 && path[n - 1] == '/') {
+        n--;
+    }
+    size_t b = n;
+    while (b > 0 && path[b - 1] != '/') {
+        b--;
+    }
+    snprintf(buf, sizeof buf, "%.*s", (int)(n - b), path + b);
+    return buf;
+}
 static void do_model_info(struct unary_reply *r, const struct uc_admin_src *src)
 {
     if (!src->engine) {
@@ -1133,7 +1150,8 @@ static void do_model_info(struct unary_reply *r, const struct uc_admin_src *src)
     const struct uc_model_config *cfg = uc_engine_config(src->engine);
     Uncomp__V1__ModelInfo mi;
     uncomp__v1__model_info__init(&mi);
-    mi.path = (char *)(uintptr_t)(src->cluster ? src->cluster->model_path : "");
+    /* the folder's name only: a client has no business with the server's file system */
+    mi.path = (char *)(uintptr_t)base_name(src->cluster ? src->cluster->model_path : "");
     mi.architecture = (char *)(uintptr_t)cfg->arch;
     mi.layers = (uint32_t)cfg->n_layers;
     mi.heads = (uint32_t)cfg->n_heads;
@@ -1240,7 +1258,7 @@ static void profile_reply(struct unary_reply *r, const struct uc_admin_src *src)
     const char *path = uc_engine_profile_path(src->engine);
     Uncomp__V1__CompressionProfile cp;
     uncomp__v1__compression_profile__init(&cp);
-    cp.path = (char *)(uintptr_t)(path ? path : "");
+    cp.path = (char *)(uintptr_t)base_name(path ? path : ""); /* no server paths */
     char *json = uc_sched_profile_json(src->sched);
     if (!json) {
         cp.present = false;
@@ -1375,8 +1393,9 @@ static void do_set_policy(struct unary_reply *r, const struct uc_admin_src *src,
     reply_msg(r, &resp.base, false);
 }
 
+/* `cancel` turns true when the client goes away (on_close): the calibration then ends. */
 static void do_calibrate(struct unary_reply *r, const struct uc_admin_src *src,
-                         const Uncomp__V1__CalibrateRequest *req)
+                         const Uncomp__V1__CalibrateRequest *req, const atomic_bool *cancel)
 {
     if (!src->sched || !src->engine) {
         reply_set_error(r, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
@@ -1395,7 +1414,7 @@ static void do_calibrate(struct unary_reply *r, const struct uc_admin_src *src,
     const char *text = req->text && req->text[0] ? req->text : NULL;
     char msg[256] = "";
     uc_status rc = uc_sched_calibrate(src->sched, text, (int32_t)req->window_tokens,
-                                      (int32_t)req->max_windows, msg, sizeof msg);
+                                      (int32_t)req->max_windows, cancel, msg, sizeof msg);
     if (rc != UC_OK) {
         reply_set_error(r, status_code_of(rc), "calibration failed: %s",
                         msg[0] ? msg : uc_status_str(rc));
@@ -1511,6 +1530,7 @@ struct call {
     int close_cancelled;        /* written by gRPC when the close batch completes */
 
     atomic_int refs;            /* see the reference rules above; no lock needed */
+    atomic_bool calib_cancel;   /* Calibrate: the client went away (read by the scheduler) */
     pthread_mutex_t mu;         /* guards everything below */
     bool cancelled;             /* the client went away (or the deadline passed) */
     bool sending;               /* a send batch is in flight */
@@ -2275,7 +2295,7 @@ static void *worker_main(void *arg)
         struct uc_admin_src src;
         uint64_t codes[UC_ADMIN_N_CODES];
         admin_src(s, &src, codes);
-        do_calibrate(&r, &src, req);
+        do_calibrate(&r, &src, req, &c->calib_cancel);
         reply(c, &r);
     }
     arena_fini(&a);
@@ -2646,9 +2666,11 @@ static void on_close(struct call *c)
     bool abort_it = false;
     char id[UC_REQUEST_ID_MAX];
     int64_t dl = c->deadline_ms;
+    bool calib = false;
     if (cancelled) {
         c->cancelled = true;
         abort_it = is_gen(c->m) && c->submitted && !c->sched_done;
+        calib = c->m == M_CALIBRATE;
         snprintf(id, sizeof id, "%s", c->request_id);
         gen_drop_queue(c);
     }
@@ -2657,6 +2679,11 @@ static void on_close(struct call *c)
         uc_status why = dl > 0 && uc_time_ms() >= dl - 50 ? UC_ERR_TIMEOUT : UC_ERR_CANCELLED;
         UC_LOG_INFO("grpc: client %s req=%s", why == UC_ERR_TIMEOUT ? "deadline" : "cancel", id);
         uc_sched_abort(c->srv->p.sched, id, why);
+    }
+    if (calib && c->srv->p.sched) {
+        UC_LOG_INFO("grpc: Calibrate client went away: the calibration ends");
+        atomic_store(&c->calib_cancel, true);
+        uc_sched_calibrate_wake(c->srv->p.sched);
     }
     call_unref(c);
 }
@@ -3099,4 +3126,32 @@ void uc_server_destroy(struct uc_server *s)
     }
     uc_free(v);
     teardown(s, true);
+}
+
+/* ---- fuzzing entry ------------------------------------------------------------------------ */
+
+int uc_grpc_fuzz_request(int method, const uint8_t *data, size_t size,
+                         const struct uc_tokenizer *tok, int64_t vocab, int64_t n_layers)
+{
+    if (method < 0 || method >= M_COUNT) {
+        return -1;
+    }
+    struct arena a;
+    arena_init(&a);
+    ProtobufCMessage *m = protobuf_c_message_unpack(methods[method].req, &a.pb, size, data);
+    int code = m ? GRPC_STATUS_OK : GRPC_STATUS_INVALID_ARGUMENT;
+    if (m && method == M_GENERATE) {
+        struct gen_ctx ctx = {.tok = tok, .raw = data, .raw_len = size, .vocab = vocab,
+                              .n_layers = n_layers, .defaults = uc_compress_default_params()};
+        struct gen_req gr;
+        char msg[512];
+        uc_status rc = gen_request_parse(&gr, (const Uncomp__V1__GenerateRequest *)(void *)m,
+                                         &ctx, msg, sizeof msg);
+        if (rc == UC_OK) {
+            gen_req_fini(&gr);
+        }
+        code = (int)status_code_of(rc);
+    }
+    arena_fini(&a);
+    return code;
 }

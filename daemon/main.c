@@ -259,6 +259,7 @@ static int run_rank0(struct daemon *d)
     sp.calib_fallback_path = d->bundled_calib;
     sp.calib_window_tokens = (int32_t)c->calib_window;
     sp.calib_max_windows = (int32_t)c->calib_windows;
+    sp.calib_max_text_bytes = (size_t)c->calib_max_text_bytes;
     rc = uc_tokenizer_create(&d->tok, uc_engine_model_dir(d->engine));
     if (rc == UC_OK && uc_tokenizer_vocab_size(d->tok) > uc_engine_config(d->engine)->vocab) {
         /* an id past the embedding rows would read outside the table at the first prompt */

@@ -14,6 +14,12 @@
 #include "base/log.h"
 #include "base/mem.h"
 
+/* A scraper needs one or two connections: idle ones (opened and left, or a request that stopped
+ * arriving) are closed after HTTP_IDLE_TIMEOUT_S, and the limit is far above what scrapers use,
+ * so idle connections cannot hold the port (issue 17: 64 idle connections used to). */
+#define HTTP_IDLE_TIMEOUT_S 5
+#define HTTP_MAX_CONNECTIONS 512
+
 struct metrics_http {
     struct MHD_Daemon *d;
     metrics_http_render_fn render;
@@ -106,8 +112,9 @@ uc_status metrics_http_create(struct metrics_http **out, const char *host, int p
         sa4.sin_addr.s_addr = htonl(INADDR_ANY);
     }
     h->d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR,
-                            sa, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)30,
-                            MHD_OPTION_CONNECTION_LIMIT, (unsigned int)64, MHD_OPTION_END);
+                            sa, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)HTTP_IDLE_TIMEOUT_S,
+                            MHD_OPTION_CONNECTION_LIMIT, (unsigned int)HTTP_MAX_CONNECTIONS,
+                            MHD_OPTION_END);
     if (!h->d) {
         uc_free(h);
         return UC_ERRF(UC_ERR_IO, "metrics http: cannot listen on %s:%d (port in use?)",

@@ -118,9 +118,9 @@ int uc_oneshot_run(struct uc_sched *s, const struct uc_config *c, const struct u
     }
     int32_t *ids = NULL;
     int64_t n = 0;
-    uc_status rc = uc_tokenizer_encode(tok, text, text_len, true, &ids, &n);
-    uc_free(text);
     char msg[512] = "";
+    uc_status rc = uc_tokenizer_encode_msg(tok, text, text_len, true, &ids, &n, msg, sizeof msg);
+    uc_free(text);
     if (rc == UC_OK) {
         struct uc_request r;
         uc_request_init(&r);
@@ -142,7 +142,11 @@ int uc_oneshot_run(struct uc_sched *s, const struct uc_config *c, const struct u
         }
         rc = uc_sched_submit(s, &r, sink, &o, NULL, msg, sizeof msg);
     } else {
-        snprintf(msg, sizeof msg, "the prompt is not valid UTF-8");
+        /* the tokenizer's own reason (not valid UTF-8 at byte N, a regex limit, memory) */
+        char why[sizeof msg];
+        memcpy(why, msg, sizeof why);
+        snprintf(msg, sizeof msg, "the prompt cannot be tokenized: %.400s",
+                 why[0] ? why : uc_status_str(rc));
     }
     uc_free(ids);
     if (rc != UC_OK) {

@@ -55,6 +55,7 @@ struct uc_sched_params uc_sched_default_params(void)
         .calib_text_path = NULL,
         .calib_window_tokens = 1024,
         .calib_max_windows = 4,
+        .calib_max_text_bytes = 1 << 20,
     };
     return p;
 }
@@ -458,11 +459,15 @@ static void emit_tokens(struct uc_sched *s, struct req *q, const int32_t *ids, i
     if (end < q->emitted) {
         end = q->emitted;
     }
-    size_t n = utf8_boundary((const unsigned char *)q->bytes.data + q->emitted, end - q->emitted,
-                             final);
+    /* no text yet (a first token without bytes): no pointer arithmetic on NULL */
+    const unsigned char *from = (const unsigned char *)"";
+    if (q->bytes.data) {
+        from = (const unsigned char *)q->bytes.data + q->emitted;
+    }
+    size_t n = utf8_boundary(from, end - q->emitted, final);
     struct uc_buf text;
     uc_buf_init(&text);
-    utf8_sanitize(&text, (const unsigned char *)q->bytes.data + q->emitted, n);
+    utf8_sanitize(&text, from, n);
     q->emitted += n;
     if (n_ids == 0 && text.len == 0) {
         uc_buf_fini(&text);
@@ -613,6 +618,16 @@ bool sched_plain_greedy(const struct req *q)
            q->logprobs == 0 && q->n_gen >= q->min_tokens;
 }
 
+/* Whether a row of logits is all finite (one pass over V floats, cheap next to the step). */
+static bool logits_finite(const float *lg, int64_t n)
+{
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        acc += lg[i] * 0.0f; /* NaN if any value is NaN or Inf */
+    }
+    return acc == 0.0f;
+}
+
 /* Samples the next token from the sequence's logits and applies every stop rule. */
 void sched_advance(struct uc_sched *s, struct req *q)
 {
@@ -626,6 +641,15 @@ void sched_advance(struct uc_sched *s, struct req *q)
     }
     if (lg) {
         lg += (rows - 1) * s->cfg->vocab;
+    }
+    if (lg ? !logits_finite(lg, s->cfg->vocab) : greedy_tok < 0 || greedy_tok >= s->cfg->vocab) {
+        const char *w = uc_engine_nonfinite_weights(s->e);
+        UC_LOG_ERROR("sched: request %s: non-finite logits; %s%s", q->id,
+                     w ? "the first non-finite weight is in " : "",
+                     w ? w : "every weight of this rank is finite (an activation overflowed)");
+        sched_finish(s, q, UC_ERR_INTERNAL, "the model produced non-finite logits (NaN or Inf)",
+                     UC_FINISH_ERROR, NULL);
+        return;
     }
     if (q->n_gen < q->min_tokens) {
         for (int i = 0; i < s->cfg->n_eos && !q->ignore_eos; i++) {

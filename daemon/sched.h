@@ -9,6 +9,7 @@
 #ifndef UC_DAEMON_SCHED_H
 #define UC_DAEMON_SCHED_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -132,8 +133,9 @@ struct uc_sched_params {
     /* calibration defaults */
     const char *calib_text_path;   /* NULL = MODEL_DIR/calibration.txt, else the fallback */
     const char *calib_fallback_path; /* the bundled model's calibration.txt */
-    int32_t calib_window_tokens;
-    int32_t calib_max_windows;
+    int32_t calib_window_tokens;   /* also the most an Admin.Calibrate may ask */
+    int32_t calib_max_windows;     /* also the most an Admin.Calibrate may ask */
+    size_t calib_max_text_bytes;   /* the largest text an Admin.Calibrate may send */
 };
 
 struct uc_sched_params uc_sched_default_params(void);
@@ -168,9 +170,17 @@ bool uc_sched_draining(struct uc_sched *s);
 
 /* Thread-safe: queues a calibration (text NULL = the default text) and waits for it. Its windows
  * are prefilled by the engine thread beside the running requests (nothing stalls); the new
- * profile is installed on every rank and saved. max_windows is capped at 1024. */
+ * profile is installed on every rank and saved. window_tokens and max_windows (0 = the server's
+ * calib_window_tokens / calib_max_windows) may ask less than those server limits, not more.
+ * One calibration at a time: a second call waits for the first to end (its own cancel still
+ * ends the wait). `cancel` (may be NULL): once it reads true and uc_sched_calibrate_wake is
+ * called, the calibration (or the wait for it) ends with UC_ERR_CANCELLED; a drain or stop ends
+ * it with UC_ERR_UNAVAILABLE. */
 uc_status uc_sched_calibrate(struct uc_sched *s, const char *text, int32_t window_tokens,
-                             int32_t max_windows, char *msg, size_t msg_size);
+                             int32_t max_windows, const atomic_bool *cancel, char *msg,
+                             size_t msg_size);
+/* Thread-safe: makes the engine thread and the waiting callers look at their cancel flags. */
+void uc_sched_calibrate_wake(struct uc_sched *s);
 /* Thread-safe: the default compression for new requests. */
 void uc_sched_get_default_compress(struct uc_sched *s, struct uc_compress_params *out);
 uc_status uc_sched_set_default_compress(struct uc_sched *s, const struct uc_compress_params *p,

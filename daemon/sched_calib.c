@@ -79,8 +79,12 @@ static uc_status job_start(struct uc_sched *s, struct ctl *c, char *msg, size_t 
                      ? path + dl + 1
                      : path);
     }
+    /* the call may ask less than the server's limits, never more (uc_sched_calibrate refuses
+     * more; the default job uses the limits themselves) */
     int64_t w = c && c->window > 0 ? c->window : s->p.calib_window_tokens;
     int64_t max_w = c && c->max_windows > 0 ? c->max_windows : s->p.calib_max_windows;
+    w = w < s->p.calib_window_tokens ? w : s->p.calib_window_tokens;
+    max_w = max_w < s->p.calib_max_windows ? max_w : s->p.calib_max_windows;
     max_w = max_w < CALIB_MAX_WINDOWS ? max_w : CALIB_MAX_WINDOWS;
     int64_t ctx = uc_engine_max_ctx(s->e);
     w = w < ctx ? w : ctx;
@@ -162,17 +166,45 @@ static uc_status window_start(struct uc_sched *s, struct uc_step_new *nw, char *
     return UC_OK;
 }
 
+static void job_cancel(struct uc_sched *s, uc_status rc, const char *msg);
+static void fail_queued(struct uc_sched *s, uc_status rc, const char *msg);
+
 void sched_calib_tick(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new,
                       int32_t max_new)
 {
     struct calib_job *j = &s->calib;
     char msg[256] = "";
+    pthread_mutex_lock(&s->mu);
+    bool draining = s->draining, queued = s->ctl != NULL;
+    pthread_mutex_unlock(&s->mu);
+    if (draining && ((j->active && j->ctl) || queued)) {
+        /* a drain does not wait for an Admin.Calibrate: it ends (the old profile stays). The
+         * default job, which queued requests wait for, goes on until the drain timeout. */
+        if (j->active && j->ctl) {
+            job_cancel(s, UC_ERR_UNAVAILABLE, "the server is draining");
+        }
+        fail_queued(s, UC_ERR_UNAVAILABLE, "the server is draining");
+        return;
+    }
+    if (j->active && j->ctl && j->ctl->cancel && atomic_load(j->ctl->cancel)) {
+        job_cancel(s, UC_ERR_CANCELLED, "the client went away");
+        return;
+    }
     if (!j->active) {
         pthread_mutex_lock(&s->mu);
         struct ctl *c = s->ctl;
         s->ctl = NULL;
         pthread_mutex_unlock(&s->mu);
         if (!c && !j->want_default) {
+            return;
+        }
+        if (c && c->cancel && atomic_load(c->cancel)) {
+            pthread_mutex_lock(&s->mu);
+            c->rc = UC_ERR_CANCELLED;
+            snprintf(c->msg, sizeof c->msg, "the client went away");
+            c->done = true;
+            pthread_cond_broadcast(&s->done_cv);
+            pthread_mutex_unlock(&s->mu);
             return;
         }
         j->want_default = false;
@@ -221,7 +253,8 @@ void sched_calib_window_done(struct uc_sched *s, struct req *q)
     j->windows++;
 }
 
-void sched_calib_abort(struct uc_sched *s, uc_status rc, const char *msg)
+/* Ends the running job early (its window's sequence freed next step). */
+static void job_cancel(struct uc_sched *s, uc_status rc, const char *msg)
 {
     struct calib_job *j = &s->calib;
     if (j->win) {
@@ -236,8 +269,15 @@ void sched_calib_abort(struct uc_sched *s, uc_status rc, const char *msg)
         j->win = NULL;
     }
     if (j->active) {
+        UC_LOG_NOTICE("sched: calibration stopped after %lld windows: %s", (long long)j->windows,
+                      msg);
         job_end(s, rc, msg);
     }
+}
+
+/* Answers the Calibrate call waiting for the engine thread, if any, with rc. */
+static void fail_queued(struct uc_sched *s, uc_status rc, const char *msg)
+{
     pthread_mutex_lock(&s->mu);
     struct ctl *c = s->ctl;
     s->ctl = NULL;
@@ -250,18 +290,54 @@ void sched_calib_abort(struct uc_sched *s, uc_status rc, const char *msg)
     pthread_mutex_unlock(&s->mu);
 }
 
-uc_status uc_sched_calibrate(struct uc_sched *s, const char *text, int32_t window_tokens,
-                             int32_t max_windows, char *msg, size_t msg_size)
+void sched_calib_abort(struct uc_sched *s, uc_status rc, const char *msg)
 {
-    struct ctl c = {.text = text, .window = window_tokens, .max_windows = max_windows};
+    job_cancel(s, rc, msg);
+    fail_queued(s, rc, msg);
+}
+
+static bool ctl_cancelled(const struct ctl *c)
+{
+    return c->cancel && atomic_load(c->cancel);
+}
+
+uc_status uc_sched_calibrate(struct uc_sched *s, const char *text, int32_t window_tokens,
+                             int32_t max_windows, const atomic_bool *cancel, char *msg,
+                             size_t msg_size)
+{
+    /* the server's limits: a call may ask less, not more */
+    if (window_tokens < 0 || window_tokens > s->p.calib_window_tokens) {
+        snprintf(msg, msg_size, "window_tokens=%d exceeds the server's limit %d (calib-window)",
+                 window_tokens, s->p.calib_window_tokens);
+        return UC_ERR_INVALID_ARG;
+    }
+    if (max_windows < 0 || max_windows > s->p.calib_max_windows) {
+        snprintf(msg, msg_size, "max_windows=%d exceeds the server's limit %d (calib-windows)",
+                 max_windows, s->p.calib_max_windows);
+        return UC_ERR_INVALID_ARG;
+    }
+    size_t text_bytes = text ? strlen(text) : 0;
+    if (text_bytes > s->p.calib_max_text_bytes) {
+        snprintf(msg, msg_size, "text of %zu bytes exceeds the server's limit %zu "
+                 "(calib-max-text-bytes)", text_bytes, s->p.calib_max_text_bytes);
+        return UC_ERR_INVALID_ARG;
+    }
+    struct ctl c = {.text = text, .window = window_tokens, .max_windows = max_windows,
+                    .cancel = cancel};
     pthread_mutex_lock(&s->mu);
-    while (s->ctl && !s->stop) { /* one queued call at a time */
+    while (s->ctl && !s->stop && !s->draining && !ctl_cancelled(&c)) { /* one at a time */
         pthread_cond_wait(&s->done_cv, &s->mu);
     }
-    if (s->stop) {
+    if (s->stop || s->draining) {
+        bool stopping = s->stop;
         pthread_mutex_unlock(&s->mu);
-        snprintf(msg, msg_size, "the server is shutting down");
+        snprintf(msg, msg_size, "the server is %s", stopping ? "shutting down" : "draining");
         return UC_ERR_UNAVAILABLE;
+    }
+    if (ctl_cancelled(&c)) {
+        pthread_mutex_unlock(&s->mu);
+        snprintf(msg, msg_size, "the client went away");
+        return UC_ERR_CANCELLED;
     }
     s->ctl = &c;
     pthread_cond_signal(&s->cv);
@@ -271,4 +347,12 @@ uc_status uc_sched_calibrate(struct uc_sched *s, const char *text, int32_t windo
     pthread_mutex_unlock(&s->mu);
     snprintf(msg, msg_size, "%s", c.msg);
     return c.rc;
+}
+
+void uc_sched_calibrate_wake(struct uc_sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    pthread_cond_broadcast(&s->cv);
+    pthread_cond_broadcast(&s->done_cv);
+    pthread_mutex_unlock(&s->mu);
 }

@@ -11,6 +11,7 @@
 #define UC_DAEMON_SCHED_INTERNAL_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -75,6 +76,7 @@ struct req {
 struct ctl {
     const char *text;
     int32_t window, max_windows;
+    const atomic_bool *cancel; /* set by the caller's side when its client went away, or NULL */
     uc_status rc;
     char msg[256];
     bool done;

@@ -152,6 +152,13 @@ static bool ensure_step_lists(struct uc_sched *s, int64_t n)
     return true;
 }
 
+/* Row-layers of calibration prefill per step: a thirty-second of the step budget. */
+static int64_t calib_slice(const struct uc_sched *s)
+{
+    int64_t v = s->p.prefill_step_tokens / 32;
+    return v > 1 ? v : 1;
+}
+
 /* The step's prefills: the budget shared by the rules above. Returns how many. */
 static int32_t plan_prefills(struct uc_sched *s, int32_t n_dec)
 {
@@ -165,14 +172,20 @@ static int32_t plan_prefills(struct uc_sched *s, int32_t n_dec)
         struct req *q = s->active[i];
         if (q->st == REQ_PREFILL) {
             int64_t left = prefill_left(s, q);
-            c[n++] = (struct pf_candidate){q, left, i, left <= budget / 4};
+            /* calibration windows come after every request */
+            c[n++] = (struct pf_candidate){q, left, q->calib ? INT64_MAX : i,
+                                           !q->calib && left <= budget / 4};
         }
     }
     qsort(c, (size_t)n, sizeof *c, cmp_candidate);
+    bool req_prefill = n > 0 && !c[0].q->calib; /* calibration sorts last */
     int64_t pf_limit = prefill_memory(s);
     int32_t n_pf = 0;
     for (int64_t i = 0; i < n && budget > 0; i++) {
         struct req *q = c[i].q;
+        if (q->calib && req_prefill) {
+            continue; /* no calibration beside a request's prefill (below) */
+        }
         if (q->pf_given == 0) {
             int64_t bytes = uc_engine_prefill_bytes(s->e, q->n_prompt);
             if (s->pf_bytes_used > 0 && s->pf_bytes_used + bytes > pf_limit) {
@@ -182,6 +195,13 @@ static int32_t plan_prefills(struct uc_sched *s, int32_t n_dec)
             s->pf_bytes_used += bytes;
         }
         int64_t give = c[i].left < budget ? c[i].left : budget;
+        if (q->calib) {
+            /* a calibration window takes a thin slice of a step, and none beside a request's
+             * prefill: a step (which a new request must wait for) stays short, and the
+             * request's own prefill step carries no calibration */
+            int64_t slice = calib_slice(s);
+            give = give < slice ? give : slice;
+        }
         s->step_pf[n_pf] = (struct uc_step_prefill){.seq_id = q->seq_id, .budget_rows = give};
         s->step_pf_req[n_pf++] = q;
         q->pf_given += give;

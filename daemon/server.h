@@ -82,6 +82,14 @@ void uc_server_drain(struct uc_server *s);
 /* Stops accepting, cancels what is left, joins the threads, frees everything. */
 void uc_server_destroy(struct uc_server *s);
 
+/* For tests/fuzz: decodes request message `method` (the server's method index, 0 = Generate)
+ * from wire bytes and validates it as its handler does, without a scheduler (Generate: every
+ * field, the text tokenized with `tok`); returns the gRPC status code the call would get, or -1
+ * for no such method. */
+struct uc_tokenizer;
+int uc_grpc_fuzz_request(int method, const uint8_t *data, size_t size,
+                         const struct uc_tokenizer *tok, int64_t vocab, int64_t n_layers);
+
 #ifdef __cplusplus
 }
 #endif

@@ -13,6 +13,7 @@ PKGS=(
     libopenblas-openmp-dev
     libpcre2-dev libutf8proc-dev libcjson-dev libmicrohttpd-dev libsystemd-dev
     python3 python3-grpcio python3-protobuf python3-numpy
+    clang libclang-rt-14-dev   # tests/fuzz: libFuzzer, ASan + UBSan
 )
 
 SUDO=""

@@ -288,7 +288,11 @@ static float *score_buf(struct cpu_ctx *c, size_t n)
  * reduction by a power of two, Cephes' degree-6 polynomial). Arguments below -87 give ~0. */
 static inline float exp_neg(float x)
 {
-    x = x < -87.0f ? -87.0f : x;
+    float xin = x;
+    /* NaN and positive arguments are clamped before the integer conversion below (a NaN or a
+     * huge float cast to int is undefined); a NaN is passed through at the end */
+    x = x >= -87.0f ? x : -87.0f;
+    x = x <= 0.0f ? x : 0.0f;
     float t = x * 1.44269504088896341f + 12582912.0f; /* round to nearest via the magic */
     float n = t - 12582912.0f;
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -303,7 +307,7 @@ static inline float exp_neg(float x)
         int32_t i;
         float f;
     } scale = {.i = ((int32_t)n + 127) << 23}; /* 2^n */
-    return p * scale.f;
+    return xin == xin ? p * scale.f : xin;
 }
 
 /* Eight-lane reductions: they vectorise without reassociation flags. */
@@ -732,12 +736,14 @@ static uc_status cpu_argmax(struct uc_backend *be, int32_t *out, const void *x, 
     const float *xf = x;
     for (int64_t t = 0; t < n_tok; t++) {
         int64_t best = 0;
+        bool finite = isfinite(xf[t * n]);
         for (int64_t j = 1; j < n; j++) {
             if (xf[t * n + j] > xf[t * n + best]) {
                 best = j;
             }
+            finite = finite && isfinite(xf[t * n + j]);
         }
-        out[t] = (int32_t)best;
+        out[t] = finite ? (int32_t)best : -1; /* -1: a NaN or Inf logit (the caller fails) */
     }
     return UC_OK;
 }

@@ -21,6 +21,7 @@ struct uc_comm {
     int64_t step;
     char host[256];
     bool owns_mpi;
+    MPI_Comm side;      /* the watchdog's side channel: "are you there?" pings and answers */
     const struct uc_comm_dp_ops *dp;
     void *dp_ctx;
 };
@@ -69,6 +70,10 @@ uc_status uc_comm_create(struct uc_comm **out, int *argc, char ***argv, int64_t 
     MPI_Comm_rank(MPI_COMM_WORLD, &c->rank);
     MPI_Comm_size(MPI_COMM_WORLD, &c->size);
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    c->side = MPI_COMM_NULL;
+    if (c->size > 1 && MPI_Comm_dup(MPI_COMM_WORLD, &c->side) != MPI_SUCCESS) {
+        c->side = MPI_COMM_NULL; /* the watchdog then cannot name the stuck rank */
+    }
     gethostname(c->host, sizeof c->host - 1);
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : 30000;
     if (c->size > 1) {
@@ -87,6 +92,11 @@ void uc_comm_destroy(struct uc_comm *c)
     uc_set_abort_hook(NULL, NULL);
     if (c->dp && c->dp->destroy) {
         c->dp->destroy(c->dp_ctx);
+    }
+    int fin_side = 0;
+    MPI_Finalized(&fin_side);
+    if (c->side != MPI_COMM_NULL && !fin_side) {
+        MPI_Comm_free(&c->side);
     }
     if (c->owns_mpi) {
         int fin = 0;
@@ -124,6 +134,89 @@ void uc_comm_abort(struct uc_comm *c, int code)
     _exit(code); /* MPI_Abort does not return; keep the compiler sure of it */
 }
 
+/* The watchdog's side channel. A rank waiting in a collective answers pings with its step; the
+ * rank whose watchdog fires pings every other rank and names those that do not answer (stopped,
+ * dead, or stuck outside any collective) instead of only itself. */
+enum { TAG_PING = 7101, TAG_PONG = 7102 };
+
+static void answer_pings(struct uc_comm *c)
+{
+    if (c->side == MPI_COMM_NULL) {
+        return;
+    }
+    for (;;) {
+        int flag = 0;
+        MPI_Status st;
+        if (MPI_Iprobe(MPI_ANY_SOURCE, TAG_PING, c->side, &flag, &st) != MPI_SUCCESS || !flag) {
+            return;
+        }
+        int64_t ping = 0, step = c->step;
+        MPI_Recv(&ping, 1, MPI_INT64_T, st.MPI_SOURCE, TAG_PING, c->side, MPI_STATUS_IGNORE);
+        MPI_Request r;
+        if (MPI_Isend(&step, 1, MPI_INT64_T, st.MPI_SOURCE, TAG_PONG, c->side, &r) ==
+            MPI_SUCCESS) {
+            MPI_Request_free(&r); /* eager: a one-word message is buffered at once */
+        }
+    }
+}
+
+/* Writes the ranks that did not answer a ping within wait_ms into out ("1" or "1,3"), and
+ * returns how many. */
+static int find_silent(struct uc_comm *c, int64_t wait_ms, char *out, size_t out_size)
+{
+    out[0] = '\0';
+    if (c->side == MPI_COMM_NULL) {
+        snprintf(out, out_size, "unknown (no side channel)");
+        return -1;
+    }
+    int n = c->size;
+    MPI_Request *rq = uc_calloc((size_t)n * 2, sizeof *rq);
+    int64_t *pong = uc_calloc((size_t)n, sizeof *pong);
+    int *got = uc_calloc((size_t)n, sizeof *got);
+    if (!rq || !pong || !got) {
+        uc_free(rq);
+        uc_free(pong);
+        uc_free(got);
+        snprintf(out, out_size, "unknown (out of memory)");
+        return -1;
+    }
+    static int64_t ping_word;
+    for (int r = 0; r < n; r++) {
+        rq[r] = rq[n + r] = MPI_REQUEST_NULL;
+        if (r == c->rank) {
+            got[r] = 1;
+            continue;
+        }
+        MPI_Irecv(&pong[r], 1, MPI_INT64_T, r, TAG_PONG, c->side, &rq[r]);
+        MPI_Isend(&ping_word, 1, MPI_INT64_T, r, TAG_PING, c->side, &rq[n + r]);
+    }
+    int64_t deadline = uc_time_ms() + wait_ms;
+    int missing = n - 1;
+    while (missing > 0 && uc_time_ms() < deadline) {
+        answer_pings(c); /* another rank may be asking the same of us */
+        for (int r = 0; r < n; r++) {
+            int flag = 0;
+            if (!got[r] && MPI_Test(&rq[r], &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && flag) {
+                got[r] = 1;
+                missing--;
+            }
+        }
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    size_t len = 0;
+    for (int r = 0; r < n; r++) {
+        if (!got[r] && len + 16 < out_size) {
+            len += (size_t)snprintf(out + len, out_size - len, "%s%d", len ? "," : "", r);
+        }
+    }
+    /* the job is aborted next: the requests are left to MPI_Abort */
+    uc_free(pong);
+    uc_free(got);
+    uc_free(rq);
+    return missing;
+}
+
 /* Polls a request until it completes or the watchdog fires (then the job is aborted). */
 static uc_status wait_req(struct uc_comm *c, MPI_Request *req, const char *what)
 {
@@ -143,10 +236,18 @@ static uc_status wait_req(struct uc_comm *c, MPI_Request *req, const char *what)
         if (++spins < 200) {
             continue;
         }
+        answer_pings(c);
         if (uc_time_ms() > deadline) {
+            char silent[256];
+            int64_t wait_ms = c->timeout_ms / 4 < 2000 ? c->timeout_ms / 4 : 2000;
+            int k = find_silent(c, wait_ms, silent, sizeof silent);
             UC_LOG_ERROR("comm: watchdog: collective=%s timed out after %lld ms on rank=%d "
-                         "step=%lld (a peer is stuck or dead); aborting the job",
-                         what, (long long)c->timeout_ms, c->rank, (long long)c->step);
+                         "step=%lld; %s%s%s; aborting the job",
+                         what, (long long)c->timeout_ms, c->rank, (long long)c->step,
+                         k == 0 ? "every rank answers (a collective mismatch?)"
+                                : "stuck or dead: rank=",
+                         k == 0 ? "" : silent,
+                         k > 0 ? " (did not answer the watchdog's ping)" : "");
             uc_comm_abort(c, 124);
         }
         struct timespec ts = {0, sleep_ns};

@@ -57,6 +57,8 @@ struct uc_comm *uc_engine_comm(struct uc_engine *e);
 int64_t uc_engine_max_ctx(const struct uc_engine *e);
 size_t uc_engine_weight_bytes(const struct uc_engine *e);
 uint64_t uc_engine_model_hash(const struct uc_engine *e);
+/* Where this rank's first NaN or Inf weight is ("layer 3"), or NULL when all are finite. */
+const char *uc_engine_nonfinite_weights(const struct uc_engine *e);
 /* KV pool on this rank. */
 int64_t uc_engine_kv_blocks_total(const struct uc_engine *e);
 int64_t uc_engine_kv_blocks_used(const struct uc_engine *e);

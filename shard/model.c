@@ -34,6 +34,8 @@ struct uc_model {
     void *lm_head;    /* (V_local, C) */
     size_t weight_bytes;
     uint64_t hash;
+    int64_t loading;      /* the layer being loaded (-1: embedding, lm head, final norm) */
+    char nonfinite[96];   /* where the first non-finite weight is ("" if none) */
 };
 
 /* ---- sharding -------------------------------------------------------------------------- */
@@ -177,9 +179,33 @@ static uc_status read_part(const struct uc_st *st, const char *name, int64_t row
     return uc_st_read_f32(t, row0, n_rows, col0, n_cols, dst);
 }
 
+/* Remembers the first weight with a NaN or Inf, so a request that then gets non-finite logits
+ * can name the layer (a plain pass over the staging buffer, cheap next to the conversion). */
+static void note_nonfinite(struct uc_model *m, const float *host, int64_t n)
+{
+    if (m->nonfinite[0]) {
+        return;
+    }
+    int64_t bad = -1;
+    for (int64_t i = 0; i < n && bad < 0; i++) {
+        bad = isfinite(host[i]) ? -1 : i;
+    }
+    if (bad < 0) {
+        return;
+    }
+    if (m->loading >= 0) {
+        snprintf(m->nonfinite, sizeof m->nonfinite, "layer %lld", (long long)m->loading);
+    } else {
+        snprintf(m->nonfinite, sizeof m->nonfinite, "the embedding, lm head or final norm");
+    }
+    UC_LOG_WARN("model: non-finite weight (%g) in %s: requests will end with INTERNAL",
+                (double)host[bad], m->nonfinite);
+}
+
 static uc_status upload(struct uc_model *m, void **out, const float *host, int64_t rows,
                         int64_t cols)
 {
+    note_nonfinite(m, host, rows * cols);
     uc_status rc = m->be->ops->weight_create(m->be, out, host, rows, cols);
     if (rc == UC_OK) {
         m->weight_bytes += (size_t)(rows * cols) * m->be->ops->act_size(m->be);
@@ -356,6 +382,7 @@ uc_status uc_model_create(struct uc_model **out, const struct uc_model_params *p
     }
     m->be = p->be;
     m->comm = p->comm;
+    m->loading = -1;
     bool synthetic = uc_model_is_synthetic(p->model_dir);
     if (synthetic) {
         UC_CHECK(uc_model_config_synthetic(&m->cfg, p->model_dir), rc, out_destroy);
@@ -404,8 +431,10 @@ uc_status uc_model_create(struct uc_model **out, const struct uc_model_params *p
     UC_CHECK(load_vector(m, st, &sg, "model.norm.weight", c->hidden, &m->final_norm), rc,
              out_destroy);
     for (int64_t l = 0; l < c->n_layers; l++) {
+        m->loading = l;
         UC_CHECK(load_layer(m, st, &sg, l), rc, out_destroy);
     }
+    m->loading = -1;
 rope:
     inv = uc_malloc((size_t)(c->head_dim / 2) * sizeof *inv);
     if (!inv) {
@@ -456,6 +485,10 @@ const struct uc_model_config *uc_model_cfg(const struct uc_model *m) { return &m
 const struct uc_model_shard *uc_model_shard(const struct uc_model *m) { return &m->sh; }
 size_t uc_model_weight_bytes(const struct uc_model *m) { return m->weight_bytes; }
 uint64_t uc_model_hash(const struct uc_model *m) { return m->hash; }
+const char *uc_model_nonfinite_weights(const struct uc_model *m)
+{
+    return m->nonfinite[0] ? m->nonfinite : NULL;
+}
 
 /* ---- workspace ------------------------------------------------------------------------- */
 

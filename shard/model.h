@@ -60,6 +60,8 @@ size_t uc_model_weight_bytes(const struct uc_model *m);
 /* Hash of config plus every tensor's name, dtype, shape and first bytes: equal on every rank
  * that loaded the same checkpoint. */
 uint64_t uc_model_hash(const struct uc_model *m);
+/* Where the first NaN or Inf weight was seen at load ("layer 3"), or NULL when all are finite. */
+const char *uc_model_nonfinite_weights(const struct uc_model *m);
 
 /* Scratch for up to max_tok rows. */
 struct uc_model_ws {

@@ -119,39 +119,70 @@ static uc_status parse_rope(struct uc_model_config *cfg, const cJSON *root, cons
                    type->valuestring);
 }
 
+/* A token id from JSON: an integer in [lo, vocab), range-checked before any conversion (a float
+ * like 1e20 cast to int32 is undefined behaviour). */
+static uc_status get_id(const cJSON *v, int64_t lo, int64_t vocab, const char *key,
+                        const char *path, int32_t *out)
+{
+    double d = cJSON_IsNumber(v) ? v->valuedouble : 0.5;
+    if (!cJSON_IsNumber(v) || d != floor(d)) {
+        return UC_ERRF(UC_ERR_FORMAT, "file=%s field=%s must be an integer", path, key);
+    }
+    if (!(d >= (double)lo && d < (double)vocab)) {
+        return UC_ERRF(UC_ERR_FORMAT, "file=%s field=%s=%.17g outside vocab %lld", path, key, d,
+                       (long long)vocab);
+    }
+    *out = (int32_t)d;
+    return UC_OK;
+}
+
 static uc_status parse_eos(struct uc_model_config *cfg, const cJSON *root, const char *path)
 {
+    uc_status rc;
     cfg->n_eos = 0;
     const cJSON *e = cJSON_GetObjectItemCaseSensitive(root, "eos_token_id");
     if (cJSON_IsNumber(e)) {
-        cfg->eos_ids[cfg->n_eos++] = (int32_t)e->valuedouble;
+        UC_CHECK(get_id(e, 0, cfg->vocab, "eos_token_id", path, &cfg->eos_ids[0]), rc, out);
+        cfg->n_eos = 1;
     } else if (cJSON_IsArray(e)) {
         const cJSON *it;
         cJSON_ArrayForEach(it, e)
         {
-            if (!cJSON_IsNumber(it) || cfg->n_eos >= UC_MAX_EOS_IDS) {
+            if (cfg->n_eos >= UC_MAX_EOS_IDS) {
                 return UC_ERRF(UC_ERR_FORMAT, "file=%s field=eos_token_id bad list", path);
             }
-            cfg->eos_ids[cfg->n_eos++] = (int32_t)it->valuedouble;
+            UC_CHECK(get_id(it, 0, cfg->vocab, "eos_token_id", path, &cfg->eos_ids[cfg->n_eos]),
+                     rc, out);
+            cfg->n_eos++;
         }
     }
     cfg->bos_id = -1;
     const cJSON *b = cJSON_GetObjectItemCaseSensitive(root, "bos_token_id");
+    if (cJSON_IsArray(b) && cJSON_GetArraySize(b) > 0) {
+        b = cJSON_GetArrayItem(b, 0);
+    }
     if (cJSON_IsNumber(b)) {
-        cfg->bos_id = (int32_t)b->valuedouble;
-    } else if (cJSON_IsArray(b) && cJSON_GetArraySize(b) > 0 &&
-               cJSON_IsNumber(cJSON_GetArrayItem(b, 0))) {
-        cfg->bos_id = (int32_t)cJSON_GetArrayItem(b, 0)->valuedouble;
+        UC_CHECK(get_id(b, -1, cfg->vocab, "bos_token_id", path, &cfg->bos_id), rc, out);
     }
-    for (int i = 0; i < cfg->n_eos; i++) {
-        if (cfg->eos_ids[i] < 0 || cfg->eos_ids[i] >= cfg->vocab) {
-            return UC_ERRF(UC_ERR_FORMAT, "file=%s field=eos_token_id=%d outside vocab %lld", path,
-                           cfg->eos_ids[i], (long long)cfg->vocab);
-        }
-    }
-    if (cfg->bos_id >= cfg->vocab || cfg->bos_id < -1) {
-        return UC_ERRF(UC_ERR_FORMAT, "file=%s field=bos_token_id=%d outside vocab", path,
-                       cfg->bos_id);
+    rc = UC_OK;
+out:
+    return rc;
+}
+
+/* Upper bounds of the dimensions, checked at parse so that every product of them the loader and
+ * the engine form ((H + 2 Hkv) D, V C, L C ...) fits in int64 with room to spare. */
+#define DIM_MAX_LAYERS (1 << 12)
+#define DIM_MAX_HIDDEN (1 << 18)
+#define DIM_MAX_FFN (1 << 20)
+#define DIM_MAX_HEADS (1 << 12)
+#define DIM_MAX_VOCAB (1 << 23)
+#define DIM_MAX_CTX (1 << 24)
+
+static uc_status check_max(int64_t v, int64_t max, const char *key, const char *path)
+{
+    if (v > max) {
+        return UC_ERRF(UC_ERR_FORMAT, "file=%s field=%s=%lld exceeds the supported %lld", path,
+                       key, (long long)v, (long long)max);
     }
     return UC_OK;
 }
@@ -193,6 +224,11 @@ uc_status uc_model_config_parse(struct uc_model_config *cfg, const char *json_te
     UC_CHECK(need_pos_int(root, "intermediate_size", &cfg->ffn, path), rc, out);
     UC_CHECK(need_pos_int(root, "num_attention_heads", &cfg->n_heads, path), rc, out);
     UC_CHECK(need_pos_int(root, "vocab_size", &cfg->vocab, path), rc, out);
+    UC_CHECK(check_max(cfg->n_layers, DIM_MAX_LAYERS, "num_hidden_layers", path), rc, out);
+    UC_CHECK(check_max(cfg->hidden, DIM_MAX_HIDDEN, "hidden_size", path), rc, out);
+    UC_CHECK(check_max(cfg->ffn, DIM_MAX_FFN, "intermediate_size", path), rc, out);
+    UC_CHECK(check_max(cfg->n_heads, DIM_MAX_HEADS, "num_attention_heads", path), rc, out);
+    UC_CHECK(check_max(cfg->vocab, DIM_MAX_VOCAB, "vocab_size", path), rc, out);
     if (!get_int(root, "num_key_value_heads", &cfg->n_heads_kv)) {
         cfg->n_heads_kv = cfg->n_heads;
     }
@@ -214,6 +250,7 @@ uc_status uc_model_config_parse(struct uc_model_config *cfg, const char *json_te
         }
         cfg->head_dim = cfg->hidden / cfg->n_heads;
     }
+    UC_CHECK(check_max(cfg->head_dim, DIM_MAX_HIDDEN, "head_dim", path), rc, out);
     if (cfg->head_dim % 2 != 0) {
         rc = UC_ERRF(UC_ERR_FORMAT, "file=%s field=head_dim=%lld must be even for RoPE", path,
                      (long long)cfg->head_dim);
@@ -223,6 +260,11 @@ uc_status uc_model_config_parse(struct uc_model_config *cfg, const char *json_te
         cfg->max_ctx = 2048;
         UC_LOG_WARN("model_config: file=%s max_position_embeddings missing, using %lld", path,
                     (long long)cfg->max_ctx);
+    }
+    if (cfg->max_ctx > DIM_MAX_CTX) {
+        UC_LOG_WARN("model_config: file=%s max_position_embeddings=%lld, using %lld", path,
+                    (long long)cfg->max_ctx, (long long)DIM_MAX_CTX);
+        cfg->max_ctx = DIM_MAX_CTX;
     }
     cfg->norm_eps = 1e-6;
     if (!get_num(root, "rms_norm_eps", &cfg->norm_eps) || !(cfg->norm_eps > 0)) {

@@ -159,9 +159,9 @@ static uc_status map_file(struct uc_st *st, const char *path)
         return UC_ERRF(UC_ERR_NOMEM, "file=%s", path);
     }
     st->n_files++;
-    int fd = open(path, O_RDONLY);
+    int fd = uc_file_open_regular(path); /* a FIFO would hang the start-up */
     if (fd < 0) {
-        return UC_ERRF(UC_ERR_IO, "file=%s cannot open: %s", path, strerror(errno));
+        return UC_ERR_IO; /* logged */
     }
     struct stat sb;
     if (fstat(fd, &sb) != 0) {

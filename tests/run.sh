@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command of README.md (and .ci/run): installs the dependencies, builds with warnings as
 # errors, runs every test but the benchmarks (tests that need a GPU skip), then builds with
-# AddressSanitizer + UBSan and runs the unit, fault, golden and end-to-end tests again.
+# AddressSanitizer + UBSan and runs the unit, fault, golden and end-to-end tests again, then runs
+# every libFuzzer harness of tests/fuzz for FUZZ_SECONDS (default 60) each.
 # The fixtures folder defaults to ../shared beside the checkout (UC_SHARED_DIR overrides it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,3 +31,6 @@ export ASAN_OPTIONS=detect_leaks=1:fast_unwind_on_malloc=0:abort_on_error=0
 export LSAN_OPTIONS=suppressions=$PWD/tests/lsan.supp:print_suppressions=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 ctest --test-dir build-asan --output-on-failure --label-regex "unit|fault|golden|e2e"
+
+echo "== fuzzers (clang, ASan + UBSan): ${FUZZ_SECONDS:-60} s each"
+UC_SHARED_DIR="$SHARED" tests/fuzz/run.sh "${FUZZ_SECONDS:-60}"

@@ -6,17 +6,51 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "mem.h"
 
+/* strict: regular files only; else character devices (/dev/null as an empty config) pass too.
+ * A FIFO, socket or folder is refused either way. */
+static int open_readable(const char *path, bool strict)
+{
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        (void)UC_ERRF(UC_ERR_IO, "file=%s cannot open: %s", path, strerror(errno));
+        return -1;
+    }
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !(S_ISREG(sb.st_mode) || (!strict && S_ISCHR(sb.st_mode)))) {
+        (void)UC_ERRF(UC_ERR_IO, "file=%s is not a regular file", path);
+        close(fd);
+        return -1;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0) {
+        (void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    }
+    return fd;
+}
+
+int uc_file_open_regular(const char *path)
+{
+    return open_readable(path, true);
+}
+
 uc_status uc_file_read_all(char **out, size_t *size_bytes, const char *path)
 {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
+    int fd = open_readable(path, false);
+    if (fd < 0) {
+        return UC_ERR_IO; /* logged */
+    }
+    FILE *f = fdopen(fd, "rb");
     if (!f) {
+        close(fd);
         return UC_ERRF(UC_ERR_IO, "file=%s cannot open: %s", path, strerror(errno));
     }
     uc_status rc = UC_OK;

@@ -16,7 +16,11 @@ extern "C" {
 typedef uint16_t uc_bf16;
 typedef uint16_t uc_f16;
 
-/* Reads a whole file into a NUL-terminated uc_malloc'd buffer (*out owned by the caller). */
+/* Opens a regular file read-only (a FIFO, device or folder is refused at once, never waited
+ * on); returns the descriptor, or -1 after logging why. */
+int uc_file_open_regular(const char *path);
+/* Reads a whole file (regular, or a character device such as /dev/null; a FIFO is refused at
+ * once) into a NUL-terminated uc_malloc'd buffer (*out owned by the caller). */
 uc_status uc_file_read_all(char **out, size_t *size_bytes, const char *path);
 /* Writes a buffer to path atomically (temp file + rename). */
 uc_status uc_file_write_all(const char *path, const void *data, size_t size_bytes);

@@ -290,6 +290,10 @@ struct uc_comm *uc_engine_comm(struct uc_engine *e) { return e->comm; }
 int64_t uc_engine_max_ctx(const struct uc_engine *e) { return e->max_ctx; }
 size_t uc_engine_weight_bytes(const struct uc_engine *e) { return uc_model_weight_bytes(e->m); }
 uint64_t uc_engine_model_hash(const struct uc_engine *e) { return uc_model_hash(e->m); }
+const char *uc_engine_nonfinite_weights(const struct uc_engine *e)
+{
+    return uc_model_nonfinite_weights(e->m);
+}
 int64_t uc_engine_kv_blocks_total(const struct uc_engine *e) { return e->kv.n_blocks; }
 int64_t uc_engine_kv_blocks_used(const struct uc_engine *e) { return uc_kv_used_blocks(&e->kv); }
 int64_t uc_engine_kv_block_tokens(const struct uc_engine *e) { return e->kv.block_tokens; }

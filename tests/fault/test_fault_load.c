@@ -160,6 +160,29 @@ static double offset_of(cJSON *hdr, const char *tensor, int which)
 }
 
 /* model.norm.weight (64 floats) claims the 256 bytes past the end of the data */
+/* Overwrites the first bytes of tensor `name` in DIR/model.safetensors with 0xFF: a NaN in
+ * float32, float16 and bfloat16 alike. */
+static void poison_tensor(const char *dir, const char *name)
+{
+    const char *path = file_in(dir, "model.safetensors");
+    char *data = NULL;
+    size_t n = 0;
+    assert_int_equal(uc_file_read_all(&data, &n, path), UC_OK);
+    uint64_t hlen = 0;
+    for (int i = 0; i < 8; i++) {
+        hlen |= (uint64_t)(unsigned char)data[i] << (8 * i);
+    }
+    char *htext = strndup(data + 8, hlen);
+    cJSON *hdr = cJSON_Parse(htext);
+    assert_non_null(hdr);
+    double at = offset_of(hdr, name, 0);
+    memset(data + 8 + hlen + (size_t)at, 0xFF, 16);
+    assert_int_equal(uc_file_write_all(path, data, n), UC_OK);
+    cJSON_Delete(hdr);
+    free(htext);
+    uc_free(data);
+}
+
 static void lie_past_end(cJSON *hdr)
 {
     double end = 0;
@@ -207,6 +230,14 @@ static void tok_wordpiece(cJSON *tok)
 {
     cJSON *m = cJSON_GetObjectItemCaseSensitive(tok, "model");
     cJSON_ReplaceItemInObjectCaseSensitive(m, "type", cJSON_CreateString("WordPiece"));
+}
+
+static void tok_catastrophic_split(cJSON *tok)
+{
+    cJSON_ReplaceItemInObject(
+        tok, "pre_tokenizer",
+        cJSON_Parse("{\"type\":\"Split\",\"pattern\":{\"Regex\":\"(a|aa)+(?:x|$)\"},"
+                    "\"behavior\":\"Isolated\",\"invert\":false}"));
 }
 
 static void truncate_shard(const char *dir)
@@ -305,6 +336,15 @@ static void test_uncompd_bad_models(void **state)
     assert_true(r.code > 0);
     assert_has(r.err, "field=model.type");
     assert_has(r.err, "WordPiece");
+    /* issue 17: a tokenizer failure other than bad UTF-8 (here PCRE2's match limit) is reported
+     * as what it is, not as "the prompt is not valid UTF-8" */
+    dir = make_model("cli_tok_limit");
+    edit_json_file(dir, "tokenizer.json", tok_catastrophic_split);
+    RUN(&r, "--model", dir, "--prompt", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa!");
+    assert_true(r.code > 0);
+    assert_has(r.err, "the prompt cannot be tokenized");
+    assert_has(r.err, "match limit");
+    assert_true(strstr(r.err, "not valid UTF-8") == NULL);
 }
 
 static void test_uncompd_prompt_too_long(void **state)
@@ -402,6 +442,41 @@ static void test_engine_bad_folders(void **state)
     dir = make_model("no_weights");
     assert_int_equal(unlink(file_in(dir, "model.safetensors")), 0);
     expect_engine_refused(dir, UC_ERR_IO, "neither model.safetensors", NULL);
+
+    /* issue 17: model parts must be regular files (opening a FIFO used to wait for a writer
+     * forever, hanging the start-up) */
+    dir = make_model("fifo_shard");
+    assert_int_equal(unlink(file_in(dir, "model.safetensors")), 0);
+    assert_int_equal(mkfifo(file_in(dir, "model.safetensors"), 0644), 0);
+    double t0 = uc_time_s();
+    expect_engine_refused(dir, UC_ERR_IO, file_in(dir, "model.safetensors"),
+                          "not a regular file");
+    dir = make_model("fifo_config");
+    assert_int_equal(unlink(file_in(dir, "config.json")), 0);
+    assert_int_equal(mkfifo(file_in(dir, "config.json"), 0644), 0);
+    expect_engine_refused(dir, UC_ERR_IO, file_in(dir, "config.json"), "not a regular file");
+    assert_true(uc_time_s() - t0 < 5.0);
+}
+
+/* issue 17: NaN weights load (with a warning naming the layer) and the daemon's requests then end
+ * with INTERNAL naming that layer (tests/e2e/test_reliability.py) */
+static void test_engine_nan_weights_named(void **state)
+{
+    (void)state;
+    const char *dir = make_model("nan_weights");
+    poison_tensor(dir, "model.layers.2.mlp.down_proj.weight");
+    int64_t blocks = uc_mem_blocks_in_use();
+    tu_log_reset();
+    struct uc_engine *e = NULL;
+    assert_int_equal(create_engine(dir, &e), UC_OK);
+    assert_has(tu_log_text, "non-finite weight");
+    assert_has(tu_log_text, "layer 2");
+    assert_string_equal(uc_engine_nonfinite_weights(e), "layer 2");
+    uc_engine_destroy(e);
+    assert_int_equal(create_engine(src_model, &e), UC_OK);
+    assert_null(uc_engine_nonfinite_weights(e));
+    uc_engine_destroy(e);
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
 }
 
 /* The engine does not read tokenizer.json; the tokenizer refuses it with the field named. */
@@ -536,6 +611,7 @@ int main(int argc, char **argv)
     tu_log_capture();
     const struct CMUnitTest lib[] = {
         cmocka_unit_test(test_engine_bad_folders),
+        cmocka_unit_test(test_engine_nan_weights_named),
         cmocka_unit_test(test_tokenizer_unsupported_component),
         cmocka_unit_test(test_engine_allocation_failures),
     };

@@ -4,7 +4,8 @@
 #  2. a rank that cannot open the model makes the whole job exit non-zero, with the reason;
 #  3. a rank killed mid-generation ends the job within the bound, non-zero;
 #  4. a rank that stops answering (SIGSTOP) trips the watchdog: every process exits non-zero
-#     within the comm timeout, the log naming the rank, the collective and the step.
+#     within the comm timeout, the log naming the stopped rank (issue 17: not only the rank that
+#     noticed), the collective and the step.
 # Usage: test_tp_faults.sh UNCOMPD MODEL_DIR
 set -u
 UNCOMPD=$1
@@ -86,7 +87,8 @@ fi
 # 4. rank 1 stopped: the watchdog (3 s) aborts the job
 mid_generation STOP 3000; rc=$?
 if [ $rc -ne 0 ] && [ $rc -ne 99 ] && [ "$ELAPSED" -lt 20 ] &&
-   grep -q "watchdog: collective=.* timed out after 3000 ms on rank=0 step=[0-9]" "$work/err"; then
+   grep -q "watchdog: collective=.* timed out after 3000 ms on rank=0 step=[0-9]" "$work/err" &&
+   grep -q "stuck or dead: rank=1 (did not answer" "$work/err"; then
     pass "rank 1 stopped: watchdog ended the job rc=$rc after ${ELAPSED}s"
     grep "watchdog" "$work/err" | head -1
 else

@@ -900,6 +900,12 @@ static void test_params(void **state)
          false);
     CASE("compression.sink_tokens", q->sink_tokens = -1, false);
     CASE("compression.sink_tokens", q->sink_tokens = 1025, false);
+    /* issue 17: the range before sink_tokens + 1 (2^31 - 1 overflowed; 1025 blamed kv_budget) */
+    CASE("compression.sink_tokens",
+         (q->policy = UC_POLICY_STREAMINGLLM, q->kv_budget = 100, q->sink_tokens = INT32_MAX),
+         false);
+    CASE("compression.sink_tokens",
+         (q->policy = UC_POLICY_STREAMINGLLM, q->kv_budget = 4, q->sink_tokens = 1025), false);
     CASE("compression.stage_starts", (q->n_stage_starts = 1, q->stage_starts[0] = 0), false);
     CASE("compression.stage_starts", (q->n_stage_starts = 1, q->stage_starts[0] = 8), false);
     CASE("compression.stage_starts",

@@ -406,6 +406,37 @@ static void test_bos_eos(void **state)
                    NULL);
 }
 
+/* issue 17: ids are range-checked as numbers before any conversion (1e20 or 2^32+1 cast to int32
+ * is undefined; 2^32+1 used to become token 1), and every dimension is bounded so that products
+ * such as (H + 2 Hkv) D cannot overflow */
+static void test_ids_and_dims_bounded(void **state)
+{
+    (void)state;
+    expect_refusal(llama_with("'eos_token_id':4294967297"), UC_ERR_FORMAT, "field=eos_token_id",
+                   "outside vocab");
+    expect_refusal(llama_with("'eos_token_id':[2,1e20]"), UC_ERR_FORMAT, "field=eos_token_id",
+                   NULL);
+    expect_refusal(llama_with("'bos_token_id':1e20"), UC_ERR_FORMAT, "field=bos_token_id", NULL);
+    expect_refusal(llama_with("'bos_token_id':-1e20"), UC_ERR_FORMAT, "field=bos_token_id", NULL);
+    expect_refusal(llama_with("'bos_token_id':[1.5]"), UC_ERR_FORMAT, "field=bos_token_id",
+                   "integer");
+    struct uc_model_config c;
+    assert_int_equal(parse(&c, llama_with("'bos_token_id':-1,'eos_token_id':511")), UC_OK);
+    assert_int_equal(c.bos_id, -1);
+    expect_refusal("{'architectures':['LlamaForCausalLM'],'hidden_size':64,"
+                   "'intermediate_size':172,'num_hidden_layers':5,"
+                   "'num_attention_heads':3000000000000000,'num_key_value_heads':3000000000000000,"
+                   "'head_dim':2000000000000000,'vocab_size':512}",
+                   UC_ERR_FORMAT, "field=num_attention_heads", "exceeds");
+    expect_refusal(llama_with("'head_dim':4000000000000000"), UC_ERR_FORMAT, "field=head_dim",
+                   "exceeds");
+    expect_refusal("{'architectures':['LlamaForCausalLM'],'hidden_size':64,"
+                   "'intermediate_size':172,'num_hidden_layers':5,'num_attention_heads':8,"
+                   "'vocab_size':8000000000000000}",
+                   UC_ERR_FORMAT, "field=vocab_size", "exceeds");
+    assert_int_equal(parse(&c, llama_with("'rope_theta':10000.0")), UC_OK);
+}
+
 static void test_unsupported(void **state)
 {
     (void)state;
@@ -653,6 +684,7 @@ int main(void)
         cmocka_unit_test(test_rope_linear),
         cmocka_unit_test(test_rope_refusals),
         cmocka_unit_test(test_bos_eos),
+        cmocka_unit_test(test_ids_and_dims_bounded),
         cmocka_unit_test(test_unsupported),
         cmocka_unit_test(test_missing_and_invalid_fields),
         cmocka_unit_test(test_load_from_dir),
