@@ -895,6 +895,33 @@ static void gen_opt(int opt, const char *arg, void *user)
     }
 }
 
+/* The request options generate and chat share: sampling and compression. */
+#define REQUEST_LONGOPTS \
+    {"request-id", required_argument, NULL, OPT_REQUEST_ID}, \
+    {"min-tokens", required_argument, NULL, OPT_MIN_TOKENS}, \
+    {"temperature", required_argument, NULL, OPT_TEMPERATURE}, \
+    {"top-p", required_argument, NULL, OPT_TOP_P}, \
+    {"top-k", required_argument, NULL, OPT_TOP_K}, \
+    {"min-p", required_argument, NULL, OPT_MIN_P}, \
+    {"seed", required_argument, NULL, OPT_SEED}, \
+    {"stop", required_argument, NULL, OPT_STOP}, \
+    {"stop-token-id", required_argument, NULL, OPT_STOP_TOKEN_ID}, \
+    {"repetition-penalty", required_argument, NULL, OPT_REP_PENALTY}, \
+    {"frequency-penalty", required_argument, NULL, OPT_FREQ_PENALTY}, \
+    {"presence-penalty", required_argument, NULL, OPT_PRES_PENALTY}, \
+    {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS}, \
+    {"logprobs", required_argument, NULL, OPT_LOGPROBS}, \
+    {"policy", required_argument, NULL, OPT_POLICY}, \
+    {"kv-budget", required_argument, NULL, OPT_KV_BUDGET}, \
+    {"window", required_argument, NULL, OPT_WINDOW}, \
+    {"pool-kernel", required_argument, NULL, OPT_POOL_KERNEL}, \
+    {"sink-tokens", required_argument, NULL, OPT_SINK_TOKENS}, \
+    {"head-groups", required_argument, NULL, OPT_HEAD_GROUPS}, \
+    {"r-min", required_argument, NULL, OPT_R_MIN}, \
+    {"decode-mode", required_argument, NULL, OPT_DECODE_MODE}, \
+    {"grouping", required_argument, NULL, OPT_GROUPING}, \
+    {"stage-starts", required_argument, NULL, OPT_STAGE_STARTS},
+
 static const struct option gen_longopts[] = {
     {"help", no_argument, NULL, OPT_HELP},
     {"json", no_argument, NULL, OPT_JSON},
@@ -903,30 +930,7 @@ static const struct option gen_longopts[] = {
     {"max-tokens", required_argument, NULL, 'n'},
     {"ids", required_argument, NULL, OPT_IDS},
     {"no-special", no_argument, NULL, OPT_NO_SPECIAL},
-    {"request-id", required_argument, NULL, OPT_REQUEST_ID},
-    {"min-tokens", required_argument, NULL, OPT_MIN_TOKENS},
-    {"temperature", required_argument, NULL, OPT_TEMPERATURE},
-    {"top-p", required_argument, NULL, OPT_TOP_P},
-    {"top-k", required_argument, NULL, OPT_TOP_K},
-    {"min-p", required_argument, NULL, OPT_MIN_P},
-    {"seed", required_argument, NULL, OPT_SEED},
-    {"stop", required_argument, NULL, OPT_STOP},
-    {"stop-token-id", required_argument, NULL, OPT_STOP_TOKEN_ID},
-    {"repetition-penalty", required_argument, NULL, OPT_REP_PENALTY},
-    {"frequency-penalty", required_argument, NULL, OPT_FREQ_PENALTY},
-    {"presence-penalty", required_argument, NULL, OPT_PRES_PENALTY},
-    {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS},
-    {"logprobs", required_argument, NULL, OPT_LOGPROBS},
-    {"policy", required_argument, NULL, OPT_POLICY},
-    {"kv-budget", required_argument, NULL, OPT_KV_BUDGET},
-    {"window", required_argument, NULL, OPT_WINDOW},
-    {"pool-kernel", required_argument, NULL, OPT_POOL_KERNEL},
-    {"sink-tokens", required_argument, NULL, OPT_SINK_TOKENS},
-    {"head-groups", required_argument, NULL, OPT_HEAD_GROUPS},
-    {"r-min", required_argument, NULL, OPT_R_MIN},
-    {"decode-mode", required_argument, NULL, OPT_DECODE_MODE},
-    {"grouping", required_argument, NULL, OPT_GROUPING},
-    {"stage-starts", required_argument, NULL, OPT_STAGE_STARTS},
+    REQUEST_LONGOPTS
     {NULL, 0, NULL, 0},
 };
 
@@ -1084,30 +1088,7 @@ static const struct option chat_longopts[] = {
     {"system", required_argument, NULL, 'S'},
     {"verbose", no_argument, NULL, 'v'},
     {"max-tokens", required_argument, NULL, 'n'},
-    {"request-id", required_argument, NULL, OPT_REQUEST_ID},
-    {"min-tokens", required_argument, NULL, OPT_MIN_TOKENS},
-    {"temperature", required_argument, NULL, OPT_TEMPERATURE},
-    {"top-p", required_argument, NULL, OPT_TOP_P},
-    {"top-k", required_argument, NULL, OPT_TOP_K},
-    {"min-p", required_argument, NULL, OPT_MIN_P},
-    {"seed", required_argument, NULL, OPT_SEED},
-    {"stop", required_argument, NULL, OPT_STOP},
-    {"stop-token-id", required_argument, NULL, OPT_STOP_TOKEN_ID},
-    {"repetition-penalty", required_argument, NULL, OPT_REP_PENALTY},
-    {"frequency-penalty", required_argument, NULL, OPT_FREQ_PENALTY},
-    {"presence-penalty", required_argument, NULL, OPT_PRES_PENALTY},
-    {"ignore-eos", no_argument, NULL, OPT_IGNORE_EOS},
-    {"logprobs", required_argument, NULL, OPT_LOGPROBS},
-    {"policy", required_argument, NULL, OPT_POLICY},
-    {"kv-budget", required_argument, NULL, OPT_KV_BUDGET},
-    {"window", required_argument, NULL, OPT_WINDOW},
-    {"pool-kernel", required_argument, NULL, OPT_POOL_KERNEL},
-    {"sink-tokens", required_argument, NULL, OPT_SINK_TOKENS},
-    {"head-groups", required_argument, NULL, OPT_HEAD_GROUPS},
-    {"r-min", required_argument, NULL, OPT_R_MIN},
-    {"decode-mode", required_argument, NULL, OPT_DECODE_MODE},
-    {"grouping", required_argument, NULL, OPT_GROUPING},
-    {"stage-starts", required_argument, NULL, OPT_STAGE_STARTS},
+    REQUEST_LONGOPTS
     {NULL, 0, NULL, 0},
 };
 

@@ -27,13 +27,10 @@ void tok_decs_clear(struct uc_tokenizer *tok)
 uc_status tok_parse_decoder(struct uc_tokenizer *tok, const cJSON *d, const char *path,
                             const char *field, int depth)
 {
-    if (!d || cJSON_IsNull(d)) {
-        return UC_OK;
-    }
-    const char *type = tok_jstr(d, "type");
-    if (!type || depth > MAX_DEPTH) {
-        return UC_ERRF(UC_ERR_FORMAT, "file=%s field=%s.type missing or nested too deep", path,
-                       field);
+    const char *type;
+    uc_status trc = tok_component_type(d, path, field, depth, &type);
+    if (trc != UC_OK || !type) {
+        return trc;
     }
     tok->has_decoder = true;
     if (strcmp(type, "Sequence") == 0) {

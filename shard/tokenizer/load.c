@@ -9,6 +9,22 @@ const char *tok_jstr(const cJSON *o, const char *key)
     return cJSON_IsString(v) ? v->valuestring : NULL;
 }
 
+uc_status tok_component_type(const cJSON *c, const char *path, const char *field, int depth,
+                             const char **type)
+{
+    *type = NULL;
+    if (!c || cJSON_IsNull(c)) {
+        return UC_OK;
+    }
+    *type = tok_jstr(c, "type");
+    if (!*type || depth > MAX_DEPTH) {
+        *type = NULL;
+        return UC_ERRF(UC_ERR_FORMAT, "file=%s field=%s.type missing or nested too deep", path,
+                       field);
+    }
+    return UC_OK;
+}
+
 bool tok_jbool(const cJSON *o, const char *key, bool def)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);

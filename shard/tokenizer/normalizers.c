@@ -28,13 +28,10 @@ void tok_norms_clear(struct uc_tokenizer *tok)
 uc_status tok_parse_normalizer(struct uc_tokenizer *tok, const cJSON *n, const char *path,
                                const char *field, int depth)
 {
-    if (!n || cJSON_IsNull(n)) {
-        return UC_OK;
-    }
-    const char *type = tok_jstr(n, "type");
-    if (!type || depth > MAX_DEPTH) {
-        return UC_ERRF(UC_ERR_FORMAT, "file=%s field=%s.type missing or nested too deep", path,
-                       field);
+    const char *type;
+    uc_status trc = tok_component_type(n, path, field, depth, &type);
+    if (trc != UC_OK || !type) {
+        return trc;
     }
     if (strcmp(type, "Sequence") == 0) {
         const cJSON *arr = cJSON_GetObjectItemCaseSensitive(n, "normalizers");

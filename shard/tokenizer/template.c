@@ -74,13 +74,10 @@ out:
 uc_status tok_parse_post_processor(struct uc_tokenizer *tok, const cJSON *p, const char *path,
                                    const char *field, int depth)
 {
-    if (!p || cJSON_IsNull(p)) {
-        return UC_OK;
-    }
-    const char *type = tok_jstr(p, "type");
-    if (!type || depth > MAX_DEPTH) {
-        return UC_ERRF(UC_ERR_FORMAT, "file=%s field=%s.type missing or nested too deep", path,
-                       field);
+    const char *type;
+    uc_status trc = tok_component_type(p, path, field, depth, &type);
+    if (trc != UC_OK || !type) {
+        return trc;
     }
     if (strcmp(type, "Sequence") == 0) {
         const cJSON *arr = cJSON_GetObjectItemCaseSensitive(p, "processors");

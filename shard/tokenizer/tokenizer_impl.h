@@ -297,6 +297,11 @@ uc_status tok_parse_pattern(struct uc_tokenizer *tok, const cJSON *obj, const ch
 
 /* load.c: reading tokenizer.json */
 const char *tok_jstr(const cJSON *o, const char *key);
+/* The "type" of a pipeline component (normalizer, pre-tokenizer, post-processor, decoder):
+ * *type NULL with UC_OK when the component is absent or null; an error naming the field when the
+ * type is missing or the nesting is deeper than MAX_DEPTH. */
+uc_status tok_component_type(const cJSON *c, const char *path, const char *field, int depth,
+                             const char **type);
 bool tok_jbool(const cJSON *o, const char *key, bool def);
 bool tok_jint(const cJSON *v, int64_t lo, int64_t hi, int64_t *out);
 uc_status tok_parse_char(const cJSON *obj, const char *key, const char *def, const char *path,

@@ -193,6 +193,38 @@ static void bench_prefill(struct uc_engine *e, const struct opts *o, double gemm
     }
 }
 
+/* Forks sequence `base` (prefilled, decoding) into base+1 .. base+want-1, as many as the pool
+ * holds; returns the batch (base included). */
+static int64_t fork_batch(struct uc_engine *e, int64_t base, int64_t want, int gen,
+                          const struct uc_compress_params *cp)
+{
+    struct uc_step_new f = {.flags = UC_SEQ_FORK, .fork_of = base, .max_new_tokens = gen,
+                            .cp = *cp};
+    int64_t per_seq = uc_engine_kv_blocks_needed(e, &f);
+    for (int64_t i = 1; i < want; i++) {
+        f.seq_id = base + i;
+        struct uc_step s = {.op = UC_STEP_RUN, .n_new = 1, .news = &f};
+        if (uc_engine_kv_blocks_used(e) + per_seq > uc_engine_kv_blocks_total(e) ||
+            uc_engine_step(e, &s) != UC_OK) {
+            return i;
+        }
+    }
+    return want;
+}
+
+/* The median decode step (seconds) of the batch base .. base+nb-1 over o->decode_steps steps. */
+static double median_step(struct uc_engine *e, const struct opts *o, int64_t base, int64_t nb,
+                          const int32_t *tokens)
+{
+    double *t = uc_malloc((size_t)o->decode_steps * sizeof(double));
+    for (int k = 0; k < o->decode_steps; k++) {
+        t[k] = decode_step(e, base, nb, tokens[k]);
+    }
+    double step = tu_median(t, o->decode_steps);
+    uc_free(t);
+    return step;
+}
+
 /* Prefill one long prompt with cp, fork it to the largest batch the pool holds, decode. */
 static void bench_batch(struct uc_engine *e, const struct opts *o, const char *label,
                         const struct uc_compress_params *cp, const int32_t *ids, double *prefill_ms)
@@ -211,22 +243,9 @@ static void bench_batch(struct uc_engine *e, const struct opts *o, const char *l
                             .cp = *cp};
     int64_t per_seq = uc_engine_kv_blocks_needed(e, &f);
     int64_t fit = uc_engine_kv_blocks_total(e) / (per_seq > 0 ? per_seq : 1);
-    int64_t batch = fit < o->max_batch ? fit : o->max_batch;
     /* the prefilled sequence holds its blocks already: fork batch - 1 copies */
-    for (int64_t i = 1; i < batch; i++) {
-        f.seq_id = 1000 + i;
-        struct uc_step s = {.op = UC_STEP_RUN, .n_new = 1, .news = &f};
-        if (uc_engine_kv_blocks_used(e) + per_seq > uc_engine_kv_blocks_total(e) ||
-            uc_engine_step(e, &s) != UC_OK) {
-            batch = i;
-            break;
-        }
-    }
-    double *t = uc_malloc((size_t)o->decode_steps * sizeof(double));
-    for (int k = 0; k < o->decode_steps; k++) {
-        t[k] = decode_step(e, 1000, batch, ids[k]);
-    }
-    double step = tu_median(t, o->decode_steps);
+    int64_t batch = fork_batch(e, 1000, fit < o->max_batch ? fit : o->max_batch, gen, cp);
+    double step = median_step(e, o, 1000, batch, ids);
     printf("%-14s kv_bytes/seq %8.1f MiB (%.4f of full) | pool fits %4lld seqs (limit %lld) | "
            "batch %4lld: step %7.2f ms, %8.0f tok/s aggregate | prefill %.0f ms\n",
            label, (double)r.kv_bytes_kept / 1048576.0, r.ratio, (long long)fit,
@@ -234,7 +253,6 @@ static void bench_batch(struct uc_engine *e, const struct opts *o, const char *l
            *prefill_ms);
     fflush(stdout);
     free_range(e, 1000, batch);
-    uc_free(t);
 }
 
 /* Decode steps at batch `want` with every sequence at context `ctx`: one prompt prefilled, forked
@@ -254,24 +272,8 @@ static void bench_decode_at(struct uc_engine *e, const struct opts *o, int64_t w
         uc_free(ids);
         return;
     }
-    struct uc_step_new f = {.flags = UC_SEQ_FORK, .fork_of = 3000, .max_new_tokens = gen,
-                            .cp = full};
-    int64_t per_seq = uc_engine_kv_blocks_needed(e, &f);
-    int64_t batch = want < o->max_batch ? want : o->max_batch;
-    for (int64_t i = 1; i < batch; i++) {
-        f.seq_id = 3000 + i;
-        struct uc_step s = {.op = UC_STEP_RUN, .n_new = 1, .news = &f};
-        if (uc_engine_kv_blocks_used(e) + per_seq > uc_engine_kv_blocks_total(e) ||
-            uc_engine_step(e, &s) != UC_OK) {
-            batch = i;
-            break;
-        }
-    }
-    double *t = uc_malloc((size_t)o->decode_steps * sizeof(double));
-    for (int k = 0; k < o->decode_steps; k++) {
-        t[k] = decode_step(e, 3000, batch, ids[k]);
-    }
-    double step = tu_median(t, o->decode_steps);
+    int64_t batch = fork_batch(e, 3000, want < o->max_batch ? want : o->max_batch, gen, &full);
+    double step = median_step(e, o, 3000, batch, ids);
     printf("decode batch=%lld context=%lld: step %.3f ms (%.0f tok/s aggregate)", (long long)batch,
            (long long)ctx, step * 1e3, (double)batch / step);
     if (batch < want) {
@@ -281,7 +283,6 @@ static void bench_decode_at(struct uc_engine *e, const struct opts *o, int64_t w
     printf("\n");
     fflush(stdout);
     free_range(e, 3000, batch);
-    uc_free(t);
     uc_free(ids);
 }
 
