@@ -4,7 +4,8 @@
 # the whole tree against them (engine, uncompd + uncompctl with gRPC, tests), builds every
 # target, then runs the named steps, each with its rc and wall time. Fixtures come from
 # .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
-# travel. Steps: ops (with --bench), ctest (label cuda), golden, golden-fp32,
+# travel. Steps: ops (with --bench), decbench (decode attention
+# timings alone), ctest (label cuda), golden, golden-fp32,
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
 # gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c),
 # e2e (both end-to-end suites against --backend cuda; e2e-grpc, e2e-ctl one each),
@@ -121,6 +122,7 @@ for step in "$@"; do
   [ ${#envset[@]} -gt 0 ] && export "${envset[@]}"
   case $step in
     ops) timeout 300 "$bd/tests/cuda/test_cuda_ops" --bench ;;
+    decbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-decode ;;
     ctest) timeout 300 ctest --test-dir "$bd" -L cuda --output-on-failure ;;
     golden) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
     golden-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;

@@ -6,7 +6,8 @@
  * synthetic-weight generator must match exactly, argmax index for index. A control checks that
  * the attention bound rejects a result computed with the wrong GQA mapping.
  * Exits 77 (skipped) without a GPU.
- * Usage: test_cuda_ops [--bench]  (--bench also times prefill attention, GEMM and decode) */
+ * Usage: test_cuda_ops [--bench | --bench-decode]  (--bench also times prefill attention, GEMM
+ * and decode; --bench-decode times only the decode attention, without the checks) */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -998,6 +999,15 @@ static void bench_gemv(void)
     }
 }
 
+/* The decode shapes of the serving workloads (tests/bench/serve_gpu.py) and two small ones. */
+static void bench_decodes(void)
+{
+    static const int64_t shapes[][2] = {{1, 8192}, {32, 4096}, {32, 8192}, {64, 1024}, {256, 1280}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        bench_decode(shapes[i][0], shapes[i][1]);
+    }
+}
+
 static void bench(void)
 {
     printf("# bench on %s\n", gpu->device_name);
@@ -1025,9 +1035,7 @@ static void bench(void)
         drop(gpu, b.out);
         gpu->ops->weight_free(gpu, b.qkv);
     }
-    bench_decode(1, 8192);
-    bench_decode(32, 4096);
-    bench_decode(64, 1024);
+    bench_decodes();
     bench_qspec(1024);
     bench_qspec(8192);
 }
@@ -1035,11 +1043,22 @@ static void bench(void)
 int main(int argc, char **argv)
 {
     bool do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
+    bool decode_only = argc > 1 && strcmp(argv[1], "--bench-decode") == 0;
     if (uc_backend_cuda_device_count() <= 0) {
         printf("SKIP: no CUDA device (or a build without UC_CUDA)\n");
         return 77;
     }
     uc_log_set_level(UC_LOG_LEVEL_WARN);
+    if (decode_only) { /* bf16 decode attention timings alone, no checks */
+        struct uc_backend_params gp = uc_backend_default_params();
+        gp.kind = UC_BACKEND_CUDA;
+        if (uc_backend_create(&gpu, &gp) != UC_OK) {
+            die("cuda backend");
+        }
+        bench_decodes();
+        uc_backend_destroy(gpu);
+        return 0;
+    }
     struct uc_backend_params cp = uc_backend_default_params();
     if (uc_backend_create(&cpu, &cp) != UC_OK) {
         die("cpu backend");
