@@ -109,10 +109,12 @@ cudaError_t uc_cuda_qcov_normalize(double *xn, double *mean, const void *q, int6
                                    int64_t h0, int64_t hb, int64_t head_dim, enum uc_cuda_dtype dt,
                                    cudaStream_t stream);
 /* Eigenvalues of n_mats symmetric (d, d) double matrices (mats, consecutive), descending and
- * clamped at 0, into eig (n_mats, d): Householder tridiagonalisation in shared memory and
- * bisection, one block per matrix. d <= UC_CUDA_SYMEIG_MAX_D. */
+ * clamped at 0, into eig (n_mats, d): Householder tridiagonalisation in shared memory, one block
+ * per matrix, then multisection on Sturm counts, one warp per eigenvalue. The matrices are
+ * overwritten (each keeps its tridiagonal form in its first 2d - 1 words).
+ * d <= UC_CUDA_SYMEIG_MAX_D. */
 #define UC_CUDA_SYMEIG_MAX_D 128
-cudaError_t uc_cuda_symeig(double *eig, const double *mats, int64_t n_mats, int64_t d,
+cudaError_t uc_cuda_symeig(double *eig, double *mats, int64_t n_mats, int64_t d,
                            cudaStream_t stream);
 /* Paged KV scatter: for e < n, pool slot slot[e] of K and V gets row src_row[e], head
  * src_head[e] of k_src/v_src ((rows, ld)). Index arrays on the device. */

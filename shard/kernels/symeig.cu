@@ -1,185 +1,329 @@
-/* Eigenvalues of a batch of small symmetric matrices in double precision, one block each: the
- * matrix is reduced to tridiagonal form in shared memory by Householder reflections (as LAPACK's
- * dsytrd does, one column at a time), then every eigenvalue is found by bisection on Sturm
- * counts, one thread each. The matrices are the query covariances of UNCOMP.md section 1, so the
- * values come out descending and clamped at 0, as uc_entropy_eigvals gives them on the host. */
+/* Eigenvalues of a batch of small symmetric matrices in double precision, in two kernels:
+ *
+ * 1. Tridiagonalisation, one block per matrix: the matrix is reduced by Householder reflections
+ *    (as LAPACK's dsytd2 does, one column at a time) while it stays in the block's registers,
+ *    64 words a thread (rows interleaved over the warps, columns over the lanes). A step costs
+ *    three barriers: the warp holding the column forms the reflector, every warp forms its rows
+ *    of p = beta A v (row sums over the lanes by a transposing reduction), then every warp forms
+ *    p'v for itself and applies the rank-2 update to what it holds, skipping the rows and the
+ *    column groups left of the trailing block. The diagonal and off-diagonal are written over
+ *    the matrix's own first 2d - 1 words.
+ * 2. Multisection on Sturm counts, eight lanes per eigenvalue: they count the eigenvalues below
+ *    8 points of the eigenvalue's current interval at once, so an iteration narrows it 9-fold
+ *    (about 17 iterations to LAPACK dstebz's tolerance, eps times the matrix's norm, instead of
+ *    some 50 bisection steps), the counts need no division, and the batch spreads over every
+ *    multiprocessor rather than one block per matrix.
+ *
+ * The matrices are the query covariances of UNCOMP.md section 1, so the values come out
+ * descending and clamped at 0, as uc_entropy_eigvals gives them on the host. */
 #include <cfloat>
 
 #include "common.cuh"
 
-#define SYMEIG_THREADS 256
+#define TRI_THREADS 256
+#define SECT_WARPS 8
 
-/* Sum over the block; every thread gets it. red: 32 doubles of shared memory. */
-static __device__ double block_sum(double v, double *red)
+/* Thread (warp w, lane l) of the tridiagonalisation holds A(i, j) for the rows i = w + 8 r and
+ * the columns j = l + 32 c in registers. */
+#define TRI_R (UC_CUDA_SYMEIG_MAX_D / 8)
+#define TRI_C (UC_CUDA_SYMEIG_MAX_D / 32)
+
+/* Sums each of the 16 values over the warp's lanes; lane l gets the sum of value (l >> 1) & 15
+ * (a transposing reduction: 16 exchanges instead of 16 x 5). */
+static __device__ __forceinline__ double warp_sum16(double (&x)[16], int lane)
 {
-    v = uck_warp_sum_d(v);
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    __syncthreads(); /* red may still be read from the last call */
-    if (lane == 0) {
-        red[w] = v;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const bool up = (lane >> 4) & 1;
+        const double send = up ? x[i] : x[i + 8], keep = up ? x[i + 8] : x[i];
+        x[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
     }
-    __syncthreads();
-    double t = 0.0;
-    for (int i = 0; i < (int)(blockDim.x >> 5); i++) {
-        t += red[i];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const bool up = (lane >> 3) & 1;
+        const double send = up ? x[i] : x[i + 4], keep = up ? x[i + 4] : x[i];
+        x[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
     }
-    return t;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const bool up = (lane >> 2) & 1;
+        const double send = up ? x[i] : x[i + 2], keep = up ? x[i + 2] : x[i];
+        x[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+    }
+    {
+        const bool up = (lane >> 1) & 1;
+        const double send = up ? x[0] : x[1], keep = up ? x[1] : x[0];
+        x[0] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+    }
+    return x[0] + __shfl_xor_sync(0xffffffffu, x[0], 1);
 }
 
-/* Eigenvalues of the tridiagonal (dg, e) that are below x (Sturm sequence). */
-static __device__ int sturm_below(const double *dg, const double *e, int d, double x,
-                                  double pivmin)
+static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *mats, int d)
 {
-    int cnt = 0;
-    double q = dg[0] - x;
-    for (int i = 0;; i++) {
-        if (fabs(q) < pivmin) {
-            q = -pivmin;
+    __shared__ double vs[UC_CUDA_SYMEIG_MAX_D], ws[UC_CUDA_SYMEIG_MAX_D];
+    __shared__ double dg[UC_CUDA_SYMEIG_MAX_D], e[UC_CUDA_SYMEIG_MAX_D];
+    __shared__ double sh_beta;
+    __shared__ int sh_skip;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    double *mat = mats + (size_t)blockIdx.x * d * d;
+    double a[TRI_R][TRI_C];
+#pragma unroll
+    for (int r = 0; r < TRI_R; r++) {
+#pragma unroll
+        for (int c = 0; c < TRI_C; c++) {
+            const int i = warp + 8 * r, j = lane + 32 * c;
+            a[r][c] = i < d && j < d ? mat[(size_t)i * d + j] : 0.0;
         }
-        cnt += q < 0.0;
-        if (i + 1 == d) {
-            break;
+    }
+    for (int k = 0; k + 2 < d; k++) {
+        const int o = k + 1;
+        /* the warp holding row k forms the reflector of its part right of the diagonal (the
+         * column below it: the matrix is kept symmetric) */
+        if (warp == (k & 7)) {
+            double x[TRI_C];
+            double s = 0.0, x0 = 0.0;
+#pragma unroll
+            for (int r = 0; r < TRI_R; r++) {
+                if (warp + 8 * r == k) {
+#pragma unroll
+                    for (int c = 0; c < TRI_C; c++) {
+                        const int j = lane + 32 * c;
+                        x[c] = j >= o && j < d ? a[r][c] : 0.0;
+                        s += x[c] * x[c];
+                        if (j == o) {
+                            x0 = x[c];
+                        }
+                        if (j == k) {
+                            dg[k] = a[r][c];
+                        }
+                    }
+                }
+            }
+            const double nx2 = uck_warp_sum_d(s);
+            x0 = __shfl_sync(0xffffffffu, x0, o & 31);
+            const double tail2 = nx2 - x0 * x0;
+            const double alpha = x0 >= 0.0 ? -sqrt(nx2) : sqrt(nx2);
+            const bool skip = !(tail2 > 0.0); /* this column is already tridiagonal */
+#pragma unroll
+            for (int c = 0; c < TRI_C; c++) {
+                const int j = lane + 32 * c;
+                vs[j] = skip ? 0.0 : x[c] - (j == o ? alpha : 0.0);
+            }
+            if (lane == 0) {
+                e[k] = skip ? x0 : alpha;
+                sh_skip = skip;
+                sh_beta = skip ? 0.0 : 2.0 / (tail2 + (x0 - alpha) * (x0 - alpha)); /* 2/v'v */
+            }
         }
-        q = dg[i + 1] - x - e[i] * e[i] / q;
+        __syncthreads();
+        const bool skip = sh_skip;
+        const double beta = sh_beta;
+        if (!skip) {
+            /* p = A v for the rows below k (v is zero left of o): row sums over the lanes */
+            double part[16];
+            double vj[TRI_C];
+#pragma unroll
+            for (int c = 0; c < TRI_C; c++) {
+                vj[c] = vs[lane + 32 * c];
+            }
+#pragma unroll
+            for (int r = 0; r < 16; r++) {
+                part[r] = 0.0;
+                if (r < TRI_R && warp + 8 * r >= o) {
+#pragma unroll
+                    for (int c = 0; c < TRI_C; c++) {
+                        if (32 * c + 31 >= o) {
+                            part[r] += a[r < TRI_R ? r : 0][c] * vj[c];
+                        }
+                    }
+                }
+            }
+            const double pi = warp_sum16(part, lane);
+            const int i = warp + 8 * ((lane >> 1) & 15);
+            if ((lane & 1) == 0 && i < UC_CUDA_SYMEIG_MAX_D) {
+                ws[i] = i >= o && i < d ? beta * pi : 0.0; /* p = beta A v, for now */
+            }
+        }
+        __syncthreads();
+        if (!skip) {
+            /* every warp: K = beta p'v / 2 and w = p - K v; then A <- A - v w' - w v' */
+            double pv = 0.0;
+#pragma unroll
+            for (int c = 0; c < TRI_C; c++) {
+                pv += ws[lane + 32 * c] * vs[lane + 32 * c];
+            }
+            const double kk = 0.5 * beta * uck_warp_sum_d(pv);
+            double vj[TRI_C], wj[TRI_C];
+#pragma unroll
+            for (int c = 0; c < TRI_C; c++) {
+                vj[c] = vs[lane + 32 * c];
+                wj[c] = ws[lane + 32 * c] - kk * vj[c];
+            }
+#pragma unroll
+            for (int r = 0; r < TRI_R; r++) {
+                const int i = warp + 8 * r;
+                if (i >= o) {
+                    const double vi = vs[i], wi = ws[i] - kk * vi;
+#pragma unroll
+                    for (int c = 0; c < TRI_C; c++) {
+                        if (32 * c + 31 >= o) {
+                            a[r][c] -= vi * wj[c] + wi * vj[c];
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads(); /* vs and ws are rewritten by the next step */
+    }
+    /* the last 2 x 2 block */
+#pragma unroll
+    for (int r = 0; r < TRI_R; r++) {
+#pragma unroll
+        for (int c = 0; c < TRI_C; c++) {
+            const int i = warp + 8 * r, j = lane + 32 * c;
+            if (d >= 2 && i == d - 2 && j == d - 2) {
+                dg[d - 2] = a[r][c];
+            }
+            if (d >= 2 && i == d - 1 && j == d - 2) {
+                e[d - 2] = a[r][c];
+            }
+            if (i == d - 1 && j == d - 1) {
+                dg[d - 1] = a[r][c];
+            }
+        }
+    }
+    __syncthreads();
+    /* the matrix's first 2d - 1 words: the diagonal, then the off-diagonal */
+    for (int i = tid; i < 2 * d - 1; i += TRI_THREADS) {
+        mat[i] = i < d ? dg[i] : e[i - d];
+    }
+}
+
+/* Eigenvalues of the tridiagonal (dg, e2 = squared off-diagonal) below x: the sign changes of
+ * the Sturm sequence p_0 = 1, p_1 = dg_0 - x, p_k+1 = (dg_k - x) p_k - e2_k-1 p_k-1, with no
+ * division. A zero term becomes a tiny one of the sign opposite to the term before it (the
+ * pivot -pivmin of the LDL' form), so a split of the matrix (e2 = 0) is counted right; the pair
+ * is rescaled by a power of two every 8 terms, so nothing overflows or underflows. */
+static __device__ __forceinline__ void sturm_term(double dgi, double e2i, double x, double &a,
+                                                  double &b, int &cnt)
+{
+    double c = (dgi - x) * b - e2i * a;
+    if (c == 0.0) {
+        c = -copysign(fabs(b) * 0x1p-60, b);
+    }
+    cnt += (c < 0.0) != (b < 0.0);
+    a = b;
+    b = c;
+}
+
+static __device__ int sturm_below(const double *dg, const double *e2, int d, double x)
+{
+    double a = 1.0, b = dg[0] - x;
+    if (b == 0.0) {
+        b = -0x1p-60;
+    }
+    int cnt = b < 0.0;
+    int i = 1;
+    for (; i + 8 <= d; i += 8) { /* eight terms with their loads issued together, then a rescale */
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            sturm_term(dg[i + u], e2[i + u - 1], x, a, b, cnt);
+        }
+        const double m = fmax(fabs(a), fabs(b));
+        if (m > 0x1p+256 || m < 0x1p-256) {
+            const double sc = scalbn(1.0, -ilogb(m));
+            a *= sc;
+            b *= sc;
+        }
+    }
+    for (; i < d; i++) {
+        sturm_term(dg[i], e2[i - 1], x, a, b, cnt);
     }
     return cnt;
 }
 
-static __global__ void __launch_bounds__(SYMEIG_THREADS)
-    symeig_kernel(double *eig, const double *mats, int d)
+/* Block (chunk of SECT_WARPS * 4 eigenvalues, matrix): each warp finds four eigenvalues, eight
+ * lanes each; eigenvalue t (the t-th largest) is the r-th smallest, r = d - 1 - t. */
+static __global__ void __launch_bounds__(SECT_WARPS * 32)
+    multisect_kernel(double *eig, const double *mats, int d)
 {
-    extern __shared__ double sm[];
-    double *a = sm;          /* (d, d) */
-    double *v = a + d * d;   /* Householder vector */
-    double *p = v + d;       /* A v, then w */
-    double *dg = p + d;      /* diagonal */
-    double *e = dg + d;      /* off-diagonal: e[i] couples i and i + 1 */
-    __shared__ double red[32];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    const double *src = mats + (size_t)blockIdx.x * d * d;
-    for (int i = threadIdx.x; i < d * d; i += blockDim.x) {
-        a[i] = src[i];
+    extern __shared__ double tri[];
+    double *dg = tri, *e2 = tri + d;
+    __shared__ double sh_lo, sh_hi, sh_abstol;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int seg = lane >> 3, k = lane & 7; /* eight lanes per eigenvalue */
+    const double *src = mats + (size_t)blockIdx.y * d * d;
+    for (int i = tid; i < 2 * d - 1; i += blockDim.x) {
+        const double x = src[i];
+        if (i < d) {
+            dg[i] = x;
+        } else {
+            e2[i - d] = x * x;
+        }
     }
     __syncthreads();
-    for (int k = 0; k + 2 < d; k++) {
-        /* the column below the diagonal, read as row k right of it (the matrix is kept whole
-         * and symmetric, and a row is consecutive in shared memory) */
-        const int m = d - k - 1;
-        const int o = k + 1;
-        const double *xk = a + k * d + o;
-        double s = 0.0;
-        for (int i = threadIdx.x; i < m; i += blockDim.x) {
-            s += xk[i] * xk[i];
+    if (warp == 0) { /* Gershgorin bounds hold every eigenvalue */
+        double lo = INFINITY, hi = -INFINITY;
+        for (int i = lane; i < d; i += 32) {
+            const double r = (i > 0 ? sqrt(e2[i - 1]) : 0.0) + (i + 1 < d ? sqrt(e2[i]) : 0.0);
+            lo = fmin(lo, dg[i] - r);
+            hi = fmax(hi, dg[i] + r);
         }
-        const double nx2 = block_sum(s, red);
-        const double x0 = xk[0];
-        const double tail2 = nx2 - x0 * x0;
-        if (threadIdx.x == 0) {
-            dg[k] = a[k * d + k];
+        for (int s = 16; s > 0; s >>= 1) {
+            lo = fmin(lo, __shfl_xor_sync(0xffffffffu, lo, s));
+            hi = fmax(hi, __shfl_xor_sync(0xffffffffu, hi, s));
         }
-        if (!(tail2 > 0.0)) { /* this column is already tridiagonal */
-            if (threadIdx.x == 0) {
-                e[k] = x0;
-            }
-            __syncthreads();
-            continue;
+        if (lane == 0) {
+            const double span = fmax(fabs(lo), fabs(hi));
+            sh_lo = lo - (2.0 * DBL_EPSILON * span + DBL_MIN);
+            sh_hi = hi + (2.0 * DBL_EPSILON * span + DBL_MIN);
+            sh_abstol = DBL_EPSILON * span; /* as LAPACK's dstebz: eps times the norm */
         }
-        const double alpha = x0 >= 0.0 ? -sqrt(nx2) : sqrt(nx2);
-        for (int i = threadIdx.x; i < m; i += blockDim.x) {
-            v[i] = xk[i] - (i == 0 ? alpha : 0.0);
-        }
-        const double beta = 2.0 / (tail2 + (x0 - alpha) * (x0 - alpha)); /* 2 / v'v */
-        __syncthreads();
-        /* p = beta A v over the trailing block: a warp per row, lanes along the row (the
-         * block is symmetric, so rows and columns read alike) */
-        for (int i = warp; i < m; i += nwarps) {
-            const double *row = a + (o + i) * d + o;
-            double t = 0.0;
-            for (int j = lane; j < m; j += 32) {
-                t += row[j] * v[j];
-            }
-            t = uck_warp_sum_d(t);
-            if (lane == 0) {
-                p[i] = beta * t;
-            }
-        }
-        __syncthreads();
-        double pv = 0.0;
-        for (int i = threadIdx.x; i < m; i += blockDim.x) {
-            pv += p[i] * v[i];
-        }
-        const double kk = 0.5 * beta * block_sum(pv, red);
-        for (int i = threadIdx.x; i < m; i += blockDim.x) {
-            p[i] -= kk * v[i]; /* w = p - K v */
-        }
-        __syncthreads();
-        /* A <- A - v w' - w v': a warp per row, lanes along it (consecutive addresses) */
-        for (int i = warp; i < m; i += nwarps) {
-            double *row = a + (o + i) * d + o;
-            const double vi = v[i], pi = p[i];
-            for (int j = lane; j < m; j += 32) {
-                row[j] -= vi * p[j] + pi * v[j];
-            }
-        }
-        if (threadIdx.x == 0) {
-            e[k] = alpha;
-        }
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-        if (d >= 2) {
-            dg[d - 2] = a[(d - 2) * d + d - 2];
-            e[d - 2] = a[(d - 1) * d + d - 2];
-        }
-        dg[d - 1] = a[(d - 1) * d + d - 1];
     }
     __syncthreads();
-    /* Gershgorin bounds hold every eigenvalue */
-    double lo = dg[0], hi = dg[0], emax = 0.0;
-    for (int i = 0; i < d; i++) {
-        double r = (i > 0 ? fabs(e[i - 1]) : 0.0) + (i + 1 < d ? fabs(e[i]) : 0.0);
-        lo = fmin(lo, dg[i] - r);
-        hi = fmax(hi, dg[i] + r);
-        if (i + 1 < d) {
-            emax = fmax(emax, e[i] * e[i]);
+    const int t = (blockIdx.x * SECT_WARPS + warp) * 4 + seg;
+    const int r = d - 1 - t;
+    const double abstol = sh_abstol;
+    double l = sh_lo, h = sh_hi;
+    bool done = t >= d;
+    for (int it = 0; it < 64; it++) {
+        done = done || h - l <= 2.0 * DBL_EPSILON * fmax(fabs(l), fabs(h)) + abstol;
+        if (__all_sync(0xffffffffu, done)) {
+            break;
         }
+        /* lane k probes l + (k + 1) (h - l) / 9; the eigenvalue lies between the last probe
+         * with at most r eigenvalues below it and the first with more */
+        const double x = l + (h - l) * (double)(k + 1) / 9.0;
+        const bool in = !done && x > l && x < h;
+        const bool above = in && sturm_below(dg, e2, d, x) > r;
+        const unsigned hi_m = (__ballot_sync(0xffffffffu, above) >> (seg * 8)) & 0xffu;
+        const unsigned in_m = (__ballot_sync(0xffffffffu, in && !above) >> (seg * 8)) & 0xffu;
+        /* counts rise with x: the probes below the first one above are all at or under it */
+        const int first = hi_m ? __ffs(hi_m) - 1 : 8;
+        const unsigned lo_m = in_m & (first < 8 ? (1u << first) - 1u : 0xffu);
+        const int last = lo_m ? 31 - __clz(lo_m) : 0;
+        const double x_hi = __shfl_sync(0xffffffffu, x, seg * 8 + (first < 8 ? first : 7));
+        const double x_lo = __shfl_sync(0xffffffffu, x, seg * 8 + last);
+        const double nl = lo_m ? x_lo : l, nh = first < 8 ? x_hi : h;
+        done = done || (nl == l && nh == h); /* no representable point left inside */
+        l = nl;
+        h = nh;
     }
-    const double span = fmax(fabs(lo), fabs(hi));
-    lo -= 2.0 * DBL_EPSILON * span + DBL_MIN;
-    hi += 2.0 * DBL_EPSILON * span + DBL_MIN;
-    const double pivmin = DBL_MIN * fmax(1.0, emax);
-    for (int t = threadIdx.x; t < d; t += blockDim.x) {
-        const int r = d - 1 - t; /* the t-th largest is the r-th smallest */
-        double l = lo, h = hi;
-        for (int it = 0; it < 200; it++) {
-            const double mid = 0.5 * (l + h);
-            if (mid <= l || mid >= h || h - l <= 2.0 * DBL_EPSILON * fmax(fabs(l), fabs(h))) {
-                break;
-            }
-            if (sturm_below(dg, e, d, mid, pivmin) > r) {
-                h = mid;
-            } else {
-                l = mid;
-            }
-        }
+    if (k == 0 && t < d) {
         const double x = 0.5 * (l + h);
-        eig[(size_t)blockIdx.x * d + t] = x > 0.0 ? x : 0.0;
+        eig[(size_t)blockIdx.y * d + t] = x > 0.0 ? x : 0.0;
     }
 }
 
-extern "C" cudaError_t uc_cuda_symeig(double *eig, const double *mats, int64_t n_mats, int64_t d,
+extern "C" cudaError_t uc_cuda_symeig(double *eig, double *mats, int64_t n_mats, int64_t d,
                                       cudaStream_t stream)
 {
     if (n_mats <= 0 || d <= 0 || d > UC_CUDA_SYMEIG_MAX_D) {
         return cudaErrorInvalidValue;
     }
-    size_t smem = (size_t)(d * d + 4 * d) * sizeof(double);
-    cudaError_t err = cudaFuncSetAttribute(symeig_kernel,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)smem);
-    if (err != cudaSuccess) {
-        return err;
-    }
-    symeig_kernel<<<(unsigned)n_mats, SYMEIG_THREADS, smem, stream>>>(eig, mats, (int)d);
+    tridiag_kernel<<<(unsigned)n_mats, TRI_THREADS, 0, stream>>>(mats, (int)d);
+    dim3 grid((unsigned)((d + 4 * SECT_WARPS - 1) / (4 * SECT_WARPS)), (unsigned)n_mats);
+    multisect_kernel<<<grid, SECT_WARPS * 32, (size_t)(2 * d) * sizeof(double), stream>>>(
+        eig, mats, (int)d);
     return cudaGetLastError();
 }

@@ -4,7 +4,7 @@
 # the whole tree against them (engine, uncompd + uncompctl with gRPC, tests), builds every
 # target, then runs the named steps, each with its rc and wall time. Fixtures come from
 # .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
-# travel. Steps: ops (with --bench), decbench (decode attention
+# travel. Steps: ops (with --bench), decbench and specbench (decode attention or query spectra
 # timings alone), ctest (label cuda), golden, golden-fp32,
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
 # gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c),
@@ -123,6 +123,7 @@ for step in "$@"; do
   case $step in
     ops) timeout 300 "$bd/tests/cuda/test_cuda_ops" --bench ;;
     decbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-decode ;;
+    specbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-qspec ;;
     ctest) timeout 300 ctest --test-dir "$bd" -L cuda --output-on-failure ;;
     golden) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
     golden-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;

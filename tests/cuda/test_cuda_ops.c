@@ -6,8 +6,9 @@
  * synthetic-weight generator must match exactly, argmax index for index. A control checks that
  * the attention bound rejects a result computed with the wrong GQA mapping.
  * Exits 77 (skipped) without a GPU.
- * Usage: test_cuda_ops [--bench | --bench-decode]  (--bench also times prefill attention, GEMM
- * and decode; --bench-decode times only the decode attention, without the checks) */
+ * Usage: test_cuda_ops [--bench | --bench-decode | --bench-qspec]  (--bench also times prefill
+ * attention, GEMM, decode and the query spectra; the others time one of them, without the
+ * checks) */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -850,6 +851,7 @@ static void run_pass(void)
     test_qcov(2048, 8, 8);
     test_qspec(5, 4, 32);    /* rank 4 of 32: most eigenvalues 0 */
     test_qspec(300, 4, 128);
+    test_qspec(40, 4, 128); /* rank 39 of 128 at the kernel's largest size */
     test_qspec(2048, 8, 64);
     test_qspec(1024, 32, 128); /* an 8B layer's heads at tp 1 */
     test_qspec(100, 2, 256); /* past the kernel's size: the host eigensolver */
@@ -865,6 +867,9 @@ static void run_pass(void)
     test_attn_decode(4, 16, 2, 32, 3000, true, 640);
     test_attn_decode(5, 8, 4, 8, 300, true, 650);
     test_attn_decode(1, 8, 1, 128, 20000, false, 660);
+    if (!fp32) { /* D = 256 in float32 is past the decode kernel's rows (an error, as checked) */
+        test_attn_decode(2, 4, 2, 256, 500, true, 670);
+    }
 }
 
 /* ---- timing (--bench) ----------------------------------------------------------------------- */
@@ -1044,18 +1049,24 @@ int main(int argc, char **argv)
 {
     bool do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
     bool decode_only = argc > 1 && strcmp(argv[1], "--bench-decode") == 0;
+    bool qspec_only = argc > 1 && strcmp(argv[1], "--bench-qspec") == 0;
     if (uc_backend_cuda_device_count() <= 0) {
         printf("SKIP: no CUDA device (or a build without UC_CUDA)\n");
         return 77;
     }
     uc_log_set_level(UC_LOG_LEVEL_WARN);
-    if (decode_only) { /* bf16 decode attention timings alone, no checks */
+    if (decode_only || qspec_only) { /* one bf16 timing alone, no checks */
         struct uc_backend_params gp = uc_backend_default_params();
         gp.kind = UC_BACKEND_CUDA;
         if (uc_backend_create(&gpu, &gp) != UC_OK) {
             die("cuda backend");
         }
-        bench_decodes();
+        if (decode_only) {
+            bench_decodes();
+        } else {
+            bench_qspec(1024);
+            bench_qspec(8192);
+        }
         uc_backend_destroy(gpu);
         return 0;
     }
