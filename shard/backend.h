@@ -141,6 +141,13 @@ struct uc_backend_ops {
      * eigenvalues cross to the host. */
     uc_status (*qspec)(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
                        int64_t n_heads, int64_t head_dim);
+    /* The same for `count` query buffers at once (q[i]: n[i] rows of ld), begun where the
+     * backend can run it beside the ops that follow (the CUDA backend: on a second stream); the
+     * buffers must stay unchanged until qspec_end, which writes (count, H, D) eigenvalues to host
+     * out, waiting for them if need be. One batch at a time. */
+    uc_status (*qspec_begin)(struct uc_backend *be, const void *const *q, const int64_t *n,
+                             int64_t count, int64_t ld, int64_t n_heads, int64_t head_dim);
+    uc_status (*qspec_end)(struct uc_backend *be, double *out);
     /* Paged KV pool: allocate / free. */
     uc_status (*kv_pool_create)(struct uc_backend *be, struct uc_kv_pool_view *pool,
                                 int64_t n_blocks, int64_t block_tokens, int64_t head_dim);

@@ -33,6 +33,8 @@ struct cpu_ctx {
     int64_t rope_max_pos;
     float *scores;     /* per-thread attention score rows, grown on demand */
     size_t scores_cap; /* floats */
+    double *qs;        /* the eigenvalues of a begun qspec batch (computed at its begin) */
+    int64_t qs_n;      /* their count; 0: no batch pending */
 };
 
 static struct cpu_ctx *ctx_of(struct uc_backend *be) { return be->ctx; }
@@ -550,6 +552,41 @@ static uc_status cpu_qspec(struct uc_backend *be, double *out, const void *q, in
     return rc != UC_OK ? rc : failed ? UC_ERRF(UC_ERR_INTERNAL, "eigensolver failed") : UC_OK;
 }
 
+/* A batch is computed at its begin: the host has no second stream to overlap it with. */
+static uc_status cpu_qspec_begin(struct uc_backend *be, const void *const *q, const int64_t *n,
+                                 int64_t count, int64_t ld, int64_t n_heads, int64_t head_dim)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    if (c->qs_n) {
+        return UC_ERRF(UC_ERR_INTERNAL, "qspec_begin: a batch is pending");
+    }
+    int64_t per = n_heads * head_dim;
+    double *buf = uc_realloc(c->qs, (size_t)(count * per) * sizeof(double));
+    if (!buf) {
+        return UC_ERRF(UC_ERR_NOMEM, "query spectra of %lld sequences", (long long)count);
+    }
+    c->qs = buf;
+    for (int64_t i = 0; i < count; i++) {
+        uc_status rc = cpu_qspec(be, buf + i * per, q[i], ld, n[i], n_heads, head_dim);
+        if (rc != UC_OK) {
+            return rc;
+        }
+    }
+    c->qs_n = count * per;
+    return UC_OK;
+}
+
+static uc_status cpu_qspec_end(struct uc_backend *be, double *out)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    if (!c->qs_n) {
+        return UC_ERRF(UC_ERR_INTERNAL, "qspec_end: no batch was begun");
+    }
+    memcpy(out, c->qs, (size_t)c->qs_n * sizeof(double));
+    c->qs_n = 0;
+    return UC_OK;
+}
+
 /* ---- paged KV -------------------------------------------------------------------------- */
 
 static uc_status cpu_kv_pool_create(struct uc_backend *be, struct uc_kv_pool_view *pool,
@@ -755,6 +792,7 @@ static void cpu_destroy(struct uc_backend *be)
         uc_free(c->rope_cos);
         uc_free(c->rope_sin);
         uc_free(c->scores);
+        uc_free(c->qs);
         uc_free(c);
     }
     uc_free(be);
@@ -792,6 +830,8 @@ static const struct uc_backend_ops cpu_ops = {
     .attn_colsum = cpu_attn_colsum,
     .qcov = cpu_qcov,
     .qspec = cpu_qspec,
+    .qspec_begin = cpu_qspec_begin,
+    .qspec_end = cpu_qspec_end,
     .kv_pool_create = cpu_kv_pool_create,
     .kv_pool_destroy = cpu_kv_pool_destroy,
     .kv_scatter = cpu_kv_scatter,

@@ -91,11 +91,27 @@ struct cuda_ctx {
     int32_t *pos_dev;
     int64_t pos_n, pos_cap;
     cudaEvent_t pos_done;
+    /* query spectra begun early (qspec_begin, qspec_end): their own stream, cuBLAS handle and
+     * buffers, so they run beside the main stream's later work; made at the first batch */
+    struct {
+        cudaStream_t stream;
+        cublasHandle_t blas;
+        cudaEvent_t ready; /* the main stream has written the queries */
+        cudaEvent_t done;  /* the eigenvalues are in `pin` */
+        struct dev_buf dbl, outp;
+        double *pin; /* pinned host copy of the eigenvalues */
+        size_t pin_cap;
+        double *host;     /* a batch of heads past the kernel's size, done at its begin */
+        int64_t n;        /* eigenvalues of the pending batch; 0: none */
+        bool on_host;
+    } qs;
 };
 
 static struct cuda_ctx *ctx_of(struct uc_backend *be) { return be->ctx; }
 
-static uc_status buf_reserve(struct cuda_ctx *c, struct dev_buf *b, size_t bytes)
+/* Grows b to at least `bytes`, in the order of stream st (the stream that uses b). */
+static uc_status buf_reserve_on(struct cuda_ctx *c, struct dev_buf *b, size_t bytes,
+                                cudaStream_t st)
 {
     if (bytes <= b->cap) {
         return UC_OK;
@@ -105,18 +121,23 @@ static uc_status buf_reserve(struct cuda_ctx *c, struct dev_buf *b, size_t bytes
     cap = (cap + 255) & ~(size_t)255;
     c->epoch++;
     if (b->p) {
-        uc_status rc = CU(cudaFreeAsync(b->p, c->stream));
+        uc_status rc = CU(cudaFreeAsync(b->p, st));
         b->p = NULL;
         b->cap = 0;
         if (rc != UC_OK) {
             return rc;
         }
     }
-    uc_status rc = CU(cudaMallocAsync(&b->p, cap, c->stream));
+    uc_status rc = CU(cudaMallocAsync(&b->p, cap, st));
     if (rc == UC_OK) {
         b->cap = cap;
     }
     return rc;
+}
+
+static uc_status buf_reserve(struct cuda_ctx *c, struct dev_buf *b, size_t bytes)
+{
+    return buf_reserve_on(c, b, bytes, c->stream);
 }
 
 /* Copies `n_parts` host int32 arrays into the device index buffer through a pinned staging
@@ -546,9 +567,11 @@ out:
     return rc;
 }
 
-/* The (H, D, D) covariances of qcov into c->outp on the device. */
-static uc_status qcov_device(struct cuda_ctx *c, const void *q, int64_t ld, int64_t n,
-                             int64_t n_heads, int64_t d, size_t extra_doubles)
+/* The (H, D, D) covariances of qcov into cov on the device, on stream st with handle blas;
+ * dbl is the double workspace of the normalised rows. */
+static uc_status qcov_into(struct cuda_ctx *c, cudaStream_t st, cublasHandle_t blas,
+                           struct dev_buf *dbl, double *cov, const void *q, int64_t ld, int64_t n,
+                           int64_t n_heads, int64_t d)
 {
     if (n <= 0 || d <= 0) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "qcov rows=%lld d=%lld", (long long)n, (long long)d);
@@ -560,18 +583,14 @@ static uc_status qcov_device(struct cuda_ctx *c, const void *q, int64_t ld, int6
     int64_t hb = (int64_t)QCOV_WS_BYTES / per_head;
     hb = hb < 1 ? 1 : (hb > n_heads ? n_heads : hb);
     uc_status rc;
-    UC_CHECK(buf_reserve(c, &c->dbl, (size_t)(hb * n * d + hb * d) * sizeof(double)), rc, out);
-    UC_CHECK(buf_reserve(c, &c->outp, (size_t)(n_heads * d * d) * sizeof(double) +
-                                          extra_doubles * sizeof(double)),
-             rc, out);
-    double *xn = c->dbl.p, *mean = xn + hb * n * d, *cov = c->outp.p;
+    UC_CHECK(buf_reserve_on(c, dbl, (size_t)(hb * n * d + hb * d) * sizeof(double), st), rc, out);
+    double *xn = dbl->p, *mean = xn + hb * n * d;
     const double alpha = 1.0 / (double)n, beta = 0.0;
     for (int64_t h0 = 0; h0 < n_heads; h0 += hb) {
         int64_t nb = n_heads - h0 < hb ? n_heads - h0 : hb;
-        UC_CHECK(CU(uc_cuda_qcov_normalize(xn, mean, q, ld, n, h0, nb, d, c->dt, c->stream)), rc,
-                 out);
+        UC_CHECK(CU(uc_cuda_qcov_normalize(xn, mean, q, ld, n, h0, nb, d, c->dt, st)), rc, out);
         /* column-major: xn_h is A (D, n), C = A A^T */
-        UC_CHECK(BLAS(cublasDgemmStridedBatched(c->blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)d, (int)d,
+        UC_CHECK(BLAS(cublasDgemmStridedBatched(blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)d, (int)d,
                                                 (int)n, &alpha, xn, (int)d, n * d, xn, (int)d,
                                                 n * d, &beta, cov + h0 * d * d, (int)d, d * d,
                                                 (int)nb)),
@@ -579,6 +598,16 @@ static uc_status qcov_device(struct cuda_ctx *c, const void *q, int64_t ld, int6
     }
 out:
     return rc;
+}
+
+/* The (H, D, D) covariances of qcov into c->outp on the device (extra_doubles more after them). */
+static uc_status qcov_device(struct cuda_ctx *c, const void *q, int64_t ld, int64_t n,
+                             int64_t n_heads, int64_t d, size_t extra_doubles)
+{
+    uc_status rc = buf_reserve(c, &c->outp, (size_t)(n_heads * d * d) * sizeof(double) +
+                                                extra_doubles * sizeof(double));
+    return rc == UC_OK ? qcov_into(c, c->stream, c->blas, &c->dbl, c->outp.p, q, ld, n, n_heads, d)
+                       : rc;
 }
 
 static uc_status cuda_qcov(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
@@ -616,6 +645,96 @@ static uc_status cuda_qspec(struct uc_backend *be, double *out, const void *q, i
     UC_CHECK(CU(uc_cuda_symeig(eig, cov, n_heads, d, c->stream)), rc, out);
     rc = download_sync(c, out, eig, (size_t)(n_heads * d) * sizeof(double));
 out:
+    return rc;
+}
+
+static uc_status qspec_side_init(struct cuda_ctx *c)
+{
+    if (c->qs.stream) {
+        return UC_OK;
+    }
+    uc_status rc;
+    UC_CHECK(CU(cudaStreamCreateWithFlags(&c->qs.stream, cudaStreamNonBlocking)), rc, out);
+    UC_CHECK(CU(cudaEventCreateWithFlags(&c->qs.ready, cudaEventDisableTiming)), rc, out);
+    UC_CHECK(CU(cudaEventCreateWithFlags(&c->qs.done, cudaEventDisableTiming)), rc, out);
+    UC_CHECK(BLAS(cublasCreate(&c->qs.blas)), rc, out);
+    UC_CHECK(BLAS(cublasSetStream(c->qs.blas, c->qs.stream)), rc, out);
+out:
+    return rc;
+}
+
+/* The batch's covariances and eigenvalues on the second stream, after what the main stream has
+ * queued so far (the queries); the eigenvalues come back to pinned memory. */
+static uc_status cuda_qspec_begin(struct uc_backend *be, const void *const *q, const int64_t *n,
+                                  int64_t count, int64_t ld, int64_t n_heads, int64_t head_dim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    int64_t d = head_dim, per = n_heads * d, total = count * per;
+    if (c->qs.n) {
+        return UC_ERRF(UC_ERR_INTERNAL, "qspec_begin: a batch is pending");
+    }
+    uc_status rc = UC_OK;
+    if (d > UC_CUDA_SYMEIG_MAX_D) { /* past the kernel: the host eigensolver, at once */
+        double *h = uc_realloc(c->qs.host, (size_t)total * sizeof(double));
+        if (!h) {
+            return UC_ERRF(UC_ERR_NOMEM, "query spectra of %lld sequences", (long long)count);
+        }
+        c->qs.host = h;
+        for (int64_t i = 0; rc == UC_OK && i < count; i++) {
+            rc = cuda_qspec(be, h + i * per, q[i], ld, n[i], n_heads, head_dim);
+        }
+        c->qs.on_host = true;
+        c->qs.n = rc == UC_OK ? total : 0;
+        return rc;
+    }
+    UC_CHECK(qspec_side_init(c), rc, out);
+    UC_CHECK(CU(cudaEventRecord(c->qs.ready, c->stream)), rc, out);
+    UC_CHECK(CU(cudaStreamWaitEvent(c->qs.stream, c->qs.ready, 0)), rc, out);
+    UC_CHECK(buf_reserve_on(c, &c->qs.outp, (size_t)(total * d + total) * sizeof(double),
+                            c->qs.stream),
+             rc, out);
+    double *cov = c->qs.outp.p, *eig = cov + total * d;
+    for (int64_t i = 0; i < count; i++) {
+        UC_CHECK(qcov_into(c, c->qs.stream, c->qs.blas, &c->qs.dbl, cov + i * per * d, q[i], ld,
+                           n[i], n_heads, d),
+                 rc, out);
+    }
+    UC_CHECK(CU(uc_cuda_symeig(eig, cov, count * n_heads, d, c->qs.stream)), rc, out);
+    if ((size_t)total * sizeof(double) > c->qs.pin_cap) {
+        if (c->qs.pin) {
+            (void)cudaFreeHost(c->qs.pin); /* nothing pending writes it */
+            c->qs.pin = NULL;
+            c->qs.pin_cap = 0;
+        }
+        UC_CHECK(CU(cudaMallocHost((void **)&c->qs.pin, (size_t)total * sizeof(double))), rc, out);
+        c->qs.pin_cap = (size_t)total * sizeof(double);
+    }
+    UC_CHECK(CU(cudaMemcpyAsync(c->qs.pin, eig, (size_t)total * sizeof(double),
+                                cudaMemcpyDeviceToHost, c->qs.stream)),
+             rc, out);
+    UC_CHECK(CU(cudaEventRecord(c->qs.done, c->qs.stream)), rc, out);
+    c->qs.on_host = false;
+    c->qs.n = total;
+out:
+    return rc;
+}
+
+static uc_status cuda_qspec_end(struct uc_backend *be, double *out)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (!c->qs.n) {
+        return UC_ERRF(UC_ERR_INTERNAL, "qspec_end: no batch was begun");
+    }
+    size_t bytes = (size_t)c->qs.n * sizeof(double);
+    c->qs.n = 0;
+    if (c->qs.on_host) {
+        memcpy(out, c->qs.host, bytes);
+        return UC_OK;
+    }
+    uc_status rc = CU(cudaEventSynchronize(c->qs.done));
+    if (rc == UC_OK) {
+        memcpy(out, c->qs.pin, bytes);
+    }
     return rc;
 }
 
@@ -841,6 +960,32 @@ static void cuda_destroy(struct uc_backend *be)
             }
             (void)cudaStreamSynchronize(c->stream);
         }
+        if (c->qs.stream) {
+            (void)cudaStreamSynchronize(c->qs.stream);
+            struct dev_buf *side[] = {&c->qs.dbl, &c->qs.outp};
+            for (size_t i = 0; i < sizeof side / sizeof side[0]; i++) {
+                if (side[i]->p) {
+                    (void)cudaFreeAsync(side[i]->p, c->qs.stream);
+                }
+            }
+            (void)cudaStreamSynchronize(c->qs.stream);
+        }
+        if (c->qs.blas) {
+            (void)cublasDestroy(c->qs.blas);
+        }
+        if (c->qs.ready) {
+            (void)cudaEventDestroy(c->qs.ready);
+        }
+        if (c->qs.done) {
+            (void)cudaEventDestroy(c->qs.done);
+        }
+        if (c->qs.stream) {
+            (void)cudaStreamDestroy(c->qs.stream);
+        }
+        if (c->qs.pin) {
+            (void)cudaFreeHost(c->qs.pin);
+        }
+        uc_free(c->qs.host);
         if (c->pos_pin) {
             (void)cudaFreeHost(c->pos_pin);
             (void)cudaFree(c->pos_dev);
@@ -900,6 +1045,8 @@ static const struct uc_backend_ops cuda_ops = {
     .attn_colsum = cuda_attn_colsum,
     .qcov = cuda_qcov,
     .qspec = cuda_qspec,
+    .qspec_begin = cuda_qspec_begin,
+    .qspec_end = cuda_qspec_end,
     .kv_pool_create = cuda_kv_pool_create,
     .kv_pool_destroy = cuda_kv_pool_destroy,
     .kv_scatter = cuda_kv_scatter,

@@ -276,7 +276,7 @@ void uc_engine_destroy(struct uc_engine *e)
                     e->dm_maxn, e->psum, e->wprob, e->colscore, e->rowscore, e->keep,
                     e->sel_scratch, e->spec, e->spec_local, e->hid_host, e->cal_head,
                     e->cal_hidden, e->model_dir, e->profile_path, e->batch, e->sw_seq, e->sw_left, e->dec_logits,
-                    e->dec_argmax};
+                    e->dec_argmax, e->qs_seq, e->qs_host};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
         uc_free(host[i]);
     }

@@ -142,6 +142,13 @@ struct uc_engine {
     size_t sel_cap;   /* tokens the layer-end scratch holds */
     double *spec;     /* (H, D) gathered spectra */
     double *spec_local;
+    /* query spectra begun in a sweep pass for the prompts that end their layer in it, so the
+     * eigensolves run beside the rest of the pass; each layer end takes its own (prefill.c) */
+    int64_t *qs_seq; /* (qs_count) the sequences of the batch */
+    int64_t qs_count, qs_cap;
+    bool qs_fetched;  /* qspec_end has written qs_host */
+    double *qs_host;  /* (qs_count, H_local, D) */
+    int64_t qs_host_cap;
     float *hid_host;  /* (n, C) */
     size_t hid_cap;
     struct uc_buf wire;
@@ -156,6 +163,12 @@ static inline void *dev_row(const struct uc_engine *e, void *base, int64_t row, 
 
 /* engine.c */
 bool eng_grow(void **p, int64_t *cap, int64_t need, size_t elem);
+/* Whether the layer ends of s need query spectra that can be begun early, in the sweep pass
+ * where s ends its layer (prefill.c). */
+bool eng_spectra_early(const struct seq *s);
+/* Begins the query spectra of the slices' prompts that end their layer in this pass (after
+ * their queries are written); a batch left over from an earlier pass is dropped. */
+uc_status eng_spectra_begin(struct uc_engine *e, struct seq *const *seqs, int64_t n);
 uc_status eng_layer_scratch(struct uc_engine *e, int64_t n, int64_t n_win);
 
 /* wire.c */

@@ -44,14 +44,80 @@ static uc_status ensure_scatter(struct uc_engine *e, int64_t n)
 
 /* ---- prefill: entropy ------------------------------------------------------------------- */
 
+static bool wants_spectra(const struct seq *s)
+{
+    return (uc_policy_uses_entropy(s->cp.policy) && s->cp.grouping == UC_GROUPING_PROMPT) ||
+           (s->flags & (UC_SEQ_SPECTRA | UC_SEQ_CALIBRATE));
+}
+
+bool eng_spectra_early(const struct seq *s)
+{
+    return wants_spectra(s) && !(s->flags & UC_SEQ_CALIBRATE); /* calibration ends in parts */
+}
+
+/* Drops a batch no layer end took (an error on the way), waiting for it. */
+static uc_status spectra_drop(struct uc_engine *e)
+{
+    uc_status rc = UC_OK;
+    if (e->qs_count > 0 && !e->qs_fetched) {
+        rc = e->be->ops->qspec_end(e->be, e->qs_host);
+    }
+    e->qs_count = 0;
+    return rc;
+}
+
+uc_status eng_spectra_begin(struct uc_engine *e, struct seq *const *seqs, int64_t n)
+{
+    int64_t hl = e->sh->n_heads, d = e->cfg->head_dim;
+    uc_status rc;
+    UC_CHECK(spectra_drop(e), rc, out);
+    if (n == 0) {
+        return UC_OK;
+    }
+    const void **q = uc_malloc((size_t)n * sizeof *q);
+    int64_t *rows = uc_malloc((size_t)n * sizeof *rows);
+    if (!q || !rows || !eng_grow((void **)&e->qs_seq, &e->qs_cap, n, sizeof *e->qs_seq) ||
+        !eng_grow((void **)&e->qs_host, &e->qs_host_cap, n * hl * d, sizeof *e->qs_host)) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "query spectra of %lld prompts", (long long)n);
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            q[i] = seqs[i]->qkv;
+            rows[i] = seqs[i]->n_rows;
+            e->qs_seq[i] = seqs[i]->id;
+        }
+        rc = e->be->ops->qspec_begin(e->be, q, rows, n, e->sh->qkv_dim, hl, d);
+        if (rc == UC_OK) {
+            e->qs_count = n;
+            e->qs_fetched = false;
+        }
+    }
+    uc_free(q);
+    uc_free(rows);
+out:
+    return rc;
+}
+
 /* Spectra of this rank's query heads at the layer end (eigenvalues computed where the queries
- * are), gathered so every rank holds all H. */
+ * are: begun early in the sweep pass when they could be), gathered so every rank holds all H. */
 static uc_status query_spectra(struct uc_engine *e, struct seq *s)
 {
     int64_t d = e->cfg->head_dim, hl = e->sh->n_heads;
-    uc_status rc;
-    UC_CHECK(e->be->ops->qspec(e->be, e->spec_local, s->qkv, e->sh->qkv_dim, s->n_rows, hl, d), rc,
-             out);
+    uc_status rc = UC_OK;
+    int64_t i = 0;
+    while (i < e->qs_count && e->qs_seq[i] != s->id) {
+        i++;
+    }
+    if (i < e->qs_count) {
+        if (!e->qs_fetched) {
+            UC_CHECK(e->be->ops->qspec_end(e->be, e->qs_host), rc, out);
+            e->qs_fetched = true;
+        }
+        memcpy(e->spec_local, e->qs_host + i * hl * d, (size_t)(hl * d) * sizeof(double));
+    } else {
+        UC_CHECK(e->be->ops->qspec(e->be, e->spec_local, s->qkv, e->sh->qkv_dim, s->n_rows, hl,
+                                   d),
+                 rc, out);
+    }
     UC_CHECK(uc_comm_allgather(e->comm, e->spec_local, e->spec, (size_t)(hl * d) * sizeof(double)),
              rc, out);
 out:
@@ -140,7 +206,7 @@ static uc_status plan_layer(struct uc_engine *e, struct seq *s, double *kv_ent)
     int64_t g = H / hkv;
     bool from_prompt = uc_policy_uses_entropy(s->cp.policy) && s->cp.grouping == UC_GROUPING_PROMPT;
     uc_status rc = UC_OK;
-    if (from_prompt || (s->flags & (UC_SEQ_SPECTRA | UC_SEQ_CALIBRATE))) {
+    if (wants_spectra(s)) {
         UC_CHECK(query_spectra(e, s), rc, out);
         double ent[1024];
         int64_t k = s->cp.entropy_k > 0 ? s->cp.entropy_k : uc_entropy_default_k(d);

@@ -4,7 +4,9 @@
  * paged decode attention for the decode rows, causal attention over the prompt's own Q/K/V buffer
  * for each slice. A slice that completes its prompt's layer runs that layer's compression at once
  * (eng_layer_end), and the prompt goes on to the next layer in the same sweep while its row budget
- * lasts: a short prompt passes every layer in one step, a long one a few layers per step.
+ * lasts: a short prompt passes every layer in one step, a long one a few layers per step. The
+ * query spectra those layer ends need (uncomp with prompt grouping) are begun as soon as the
+ * pass has written the queries, so the eigensolves run beside its attention and MLP.
  *
  * Rows are packed in e->dx and e->dqkv (max_batch + prefill_chunk rows): the decode rows first,
  * where they stay for the whole step, then the slices of the pass. A layer whose slices exceed
@@ -23,9 +25,10 @@ struct slice {
 };
 
 /* Runs layer l over packed rows [base, end): the decode rows [0, nb) when base is 0, and the
- * slices. */
+ * slices; `ends` is room for one sequence per slice. */
 static uc_status sweep_pass(struct uc_engine *e, int64_t l, int64_t base, int64_t nb,
-                            const struct slice *sl, int64_t n_sl, int64_t end, bool any_evict)
+                            const struct slice *sl, int64_t n_sl, int64_t end, bool any_evict,
+                            struct seq **ends)
 {
     struct uc_backend *be = e->be;
     int64_t c = e->cfg->hidden, ld = e->sh->qkv_dim, d = e->cfg->head_dim;
@@ -43,16 +46,26 @@ static uc_status sweep_pass(struct uc_engine *e, int64_t l, int64_t base, int64_
     if (base == 0 && nb > 0) {
         UC_CHECK(eng_decode_attend(e, nb, l, any_evict), rc, out);
     }
+    int64_t n_end = 0; /* the prompts that end layer l here and want early query spectra */
     for (int64_t i = 0; i < n_sl; i++) {
         struct seq *s = sl[i].s;
         void *q = dev_row(e, s->qkv, sl[i].t0, ld);
-        const void *k = (char *)s->qkv + (size_t)(hl * d) * a;
-        const void *v = (char *)s->qkv + (size_t)((hl + hkv) * d) * a;
         UC_CHECK(be->ops->copy_rows(be, q, ld, dev_row(e, e->dqkv, sl[i].row, ld), ld, ld,
                                     sl[i].n),
                  rc, out);
         /* q and k heads are adjacent in the fused row: rotate them in one pass */
         UC_CHECK(be->ops->rope(be, q, ld, hl + hkv, d, s->pos + sl[i].t0, sl[i].n), rc, out);
+        if (sl[i].t0 + sl[i].n == s->n_rows && eng_spectra_early(s)) {
+            ends[n_end++] = s;
+        }
+    }
+    /* their eigensolves run beside this pass's attention and MLP */
+    UC_CHECK(eng_spectra_begin(e, ends, n_end), rc, out);
+    for (int64_t i = 0; i < n_sl; i++) {
+        struct seq *s = sl[i].s;
+        const void *q = dev_row(e, s->qkv, sl[i].t0, ld);
+        const void *k = (char *)s->qkv + (size_t)(hl * d) * a;
+        const void *v = (char *)s->qkv + (size_t)((hl + hkv) * d) * a;
         UC_CHECK(be->ops->attn_prefill(be, dev_row(e, e->ws.att, sl[i].row - base, hl * d), q, ld,
                                        k, v, ld, sl[i].n, sl[i].t0, hl, hkv, d),
                  rc, out);
@@ -104,9 +117,12 @@ uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st)
     bool any_evict = false;
     uc_status rc = UC_OK;
     struct slice *sl = NULL;
+    struct seq **ends = NULL;
     if (!eng_grow((void **)&e->sw_seq, &e->sw_cap, npf, sizeof *e->sw_seq) ||
         !eng_grow((void **)&e->sw_left, &e->sw_left_cap, npf, sizeof *e->sw_left) ||
-        !(sl = uc_malloc((size_t)(npf + 1) * sizeof *sl))) {
+        !(sl = uc_malloc((size_t)(npf + 1) * sizeof *sl)) ||
+        !(ends = uc_malloc((size_t)(npf + 1) * sizeof *ends))) {
+        uc_free(sl);
         return UC_ERRF(UC_ERR_NOMEM, "sweep of %lld prefills", (long long)npf);
     }
     for (int64_t i = 0; i < npf; i++) {
@@ -125,7 +141,7 @@ uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st)
             if (n_sl == 0 && (pass > 0 || nb == 0)) {
                 break;
             }
-            UC_CHECK(sweep_pass(e, l, base, nb, sl, n_sl, nb + rows, any_evict), rc, out);
+            UC_CHECK(sweep_pass(e, l, base, nb, sl, n_sl, nb + rows, any_evict, ends), rc, out);
             for (int64_t i = 0; i < n_sl; i++) {
                 struct seq *s = sl[i].s;
                 s->t_done += sl[i].n;
@@ -153,5 +169,6 @@ uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st)
     }
 out:
     uc_free(sl);
+    uc_free(ends);
     return rc;
 }
