@@ -218,13 +218,10 @@ static uc_status decode_messages(struct pctx *p, struct uc_req *g, cJSON *root)
 static uc_status decode_stop(struct pctx *p, struct uc_req *g, const cJSON *root)
 {
     const cJSON *s = field(root, "stop");
-    if (!s) {
-        return UC_OK;
-    }
-    if (!cJSON_IsArray(s) && !cJSON_IsString(s)) {
+    if (s && !cJSON_IsArray(s) && !cJSON_IsString(s)) {
         return bad(p, "stop", "stop must be a string or a list of strings");
     }
-    const cJSON *it = cJSON_IsArray(s) ? s->child : s;
+    const cJSON *it = !s ? NULL : cJSON_IsArray(s) ? s->child : s;
     for (int i = 0; it; i++, it = cJSON_IsArray(s) ? it->next : NULL) {
         if (!cJSON_IsString(it)) {
             return bad(p, "stop", "stop[%d] must be a string", i);
