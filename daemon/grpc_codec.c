@@ -234,17 +234,14 @@ int uc_grpc_status_of(uc_status st)
 /* A decoding failure: a message that does not parse, or out of memory. */
 static uc_status decode_fail(struct uc_req_error *err, uc_status st, enum uc_grpc_method m)
 {
-    memset(err, 0, sizeof *err);
-    err->status = st;
     if (st == UC_ERR_NOMEM) {
-        snprintf(err->message, sizeof err->message, "out of memory");
-    } else if (m >= 0 && m < UC_GRPC_METHOD_COUNT) {
-        snprintf(err->message, sizeof err->message, "the request is not a valid %s message",
-                 methods[m].req->name);
-    } else {
-        snprintf(err->message, sizeof err->message, "no such method");
+        return uc_req_fail(err, st, UC_REQ_F_NONE, "", "out of memory");
     }
-    return st;
+    if (m >= 0 && m < UC_GRPC_METHOD_COUNT) {
+        return uc_req_fail(err, st, UC_REQ_F_NONE, "", "the request is not a valid %s message",
+                           methods[m].req->name);
+    }
+    return uc_req_fail(err, st, UC_REQ_F_NONE, "", "no such method");
 }
 
 /* SamplingParams (field 4 of both GenerateRequest and ChatRequest): 0 means the default, so
@@ -391,12 +388,10 @@ static uc_status decode_msg(struct uc_grpc_request *out, const ProtobufCMessage 
         static const uint32_t text_path[] = {1}; /* TokenizeRequest.text */
         size_t n = 0;
         const char *text = raw_text(data, len, text_path, 1, SIZE_MAX, t->text, &n);
-        out->tokenize.text = uc_malloc(n + 1);
+        out->tokenize.text = uc_strndup(text, n); /* NUL bytes kept */
         if (!out->tokenize.text) {
             return UC_ERR_NOMEM;
         }
-        memcpy(out->tokenize.text, text, n);
-        out->tokenize.text[n] = '\0';
         out->tokenize.text_len = n;
         out->tokenize.add_special_tokens = t->add_special_tokens;
         return UC_OK;
@@ -505,21 +500,6 @@ void uc_grpc_request_fini(struct uc_grpc_request *r)
 
 /* ---- request validation ---------------------------------------------------------------------- */
 
-static uc_status invalid(struct uc_req_error *err, uc_status st, const char *param,
-                         const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-static uc_status invalid(struct uc_req_error *err, uc_status st, const char *param,
-                         const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err->message, sizeof err->message, fmt, ap);
-    va_end(ap);
-    err->status = st;
-    err->field = UC_REQ_F_NONE;
-    snprintf(err->param, sizeof err->param, "%s", param);
-    return st;
-}
-
 static bool health_service_known(const char *svc)
 {
     return !svc || !svc[0] || strcmp(svc, "uncomp.v1.Inference") == 0 ||
@@ -530,17 +510,19 @@ static uc_status validate_tokenize(struct uc_grpc_request *r, const struct uc_re
                                    struct uc_req_error *err)
 {
     if (!ctx->tok) {
-        return invalid(err, UC_ERR_UNAVAILABLE, "", "the tokenizer is not loaded yet");
+        return uc_req_fail(err, UC_ERR_UNAVAILABLE, UC_REQ_F_NONE,
+                           "", "the tokenizer is not loaded yet");
     }
     char why[256];
     uc_status rc = uc_tokenizer_encode_msg(ctx->tok, r->tokenize.text, r->tokenize.text_len,
                                            r->tokenize.add_special_tokens, &r->tokenize.ids,
                                            &r->tokenize.n_ids, why, sizeof why);
     if (rc == UC_ERR_INVALID_ARG) {
-        return invalid(err, rc, "text", "text: %s", why);
+        return uc_req_fail(err, rc, UC_REQ_F_NONE, "text", "text: %s", why);
     }
     if (rc != UC_OK) {
-        return invalid(err, rc, "text", "tokenizer failed: %s: %s", uc_status_str(rc), why);
+        return uc_req_fail(err, rc, UC_REQ_F_NONE,
+                           "text", "tokenizer failed: %s: %s", uc_status_str(rc), why);
     }
     return UC_OK;
 }
@@ -549,20 +531,21 @@ static uc_status validate_detokenize(struct uc_grpc_request *r, const struct uc_
                                      struct uc_req_error *err)
 {
     if (!ctx->tok) {
-        return invalid(err, UC_ERR_UNAVAILABLE, "", "the tokenizer is not loaded yet");
+        return uc_req_fail(err, UC_ERR_UNAVAILABLE, UC_REQ_F_NONE,
+                           "", "the tokenizer is not loaded yet");
     }
     int64_t vocab = uc_tokenizer_vocab_size(ctx->tok);
     size_t n = r->detokenize.n;
     r->detokenize.ids = uc_malloc((n ? n : 1) * sizeof *r->detokenize.ids);
     if (!r->detokenize.ids) {
-        return invalid(err, UC_ERR_NOMEM, "", "out of memory");
+        return uc_req_fail(err, UC_ERR_NOMEM, UC_REQ_F_NONE, "", "out of memory");
     }
     for (size_t i = 0; i < n; i++) {
         int64_t t = r->detokenize.token_ids[i];
         if (t < 0 || t >= vocab) {
-            return invalid(err, UC_ERR_INVALID_ARG, "token_ids",
-                           "token_ids[%zu]=%lld is out of range [0, %lld)", i, (long long)t,
-                           (long long)vocab);
+            return uc_req_fail(err, UC_ERR_INVALID_ARG, UC_REQ_F_NONE, "token_ids",
+                               "token_ids[%zu]=%lld is out of range [0, %lld)", i, (long long)t,
+                               (long long)vocab);
         }
         r->detokenize.ids[i] = (int32_t)t;
     }
@@ -584,21 +567,22 @@ uc_status uc_grpc_request_validate(struct uc_grpc_request *r, const struct uc_re
     case UC_GRPC_ABORT: {
         const char *id = r->request_id ? r->request_id : "";
         if (!id[0]) {
-            return invalid(err, UC_ERR_INVALID_ARG, "request_id", "request_id is empty");
+            return uc_req_fail(err, UC_ERR_INVALID_ARG, UC_REQ_F_NONE,
+                               "request_id", "request_id is empty");
         }
         if (strlen(id) >= UC_REQUEST_ID_MAX) {
-            return invalid(err, UC_ERR_INVALID_ARG, "request_id",
-                           "request_id is longer than %d bytes", UC_REQUEST_ID_MAX - 1);
+            return uc_req_fail(err, UC_ERR_INVALID_ARG, UC_REQ_F_NONE, "request_id",
+                               "request_id is longer than %d bytes", UC_REQUEST_ID_MAX - 1);
         }
         return UC_OK;
     }
     case UC_GRPC_STATS: {
         const char *section = r->section ? r->section : "";
         if (!uc_admin_section_known(section)) {
-            return invalid(err, UC_ERR_INVALID_ARG, "section",
-                           "section=\"%.64s\" is unknown; use one of: server, cluster, model, "
-                           "memory, kv, compress, requests, errors, config (or \"\" for all)",
-                           section);
+            return uc_req_fail(err, UC_ERR_INVALID_ARG, UC_REQ_F_NONE, "section",
+                               "section=\"%.64s\" is unknown; use one of: server, cluster, model, "
+                               "memory, kv, compress, requests, errors, config (or \"\" for all)",
+                               section);
         }
         return UC_OK;
     }
@@ -607,13 +591,14 @@ uc_status uc_grpc_request_validate(struct uc_grpc_request *r, const struct uc_re
                                        NULL, &r->set_policy.params, err);
     case UC_GRPC_CALIBRATE:
         if (r->calibrate.window_tokens > INT32_MAX) {
-            return invalid(err, UC_ERR_INVALID_ARG, "window_tokens",
-                           "window_tokens=%lld is too large",
-                           (long long)r->calibrate.window_tokens);
+            return uc_req_fail(err, UC_ERR_INVALID_ARG, UC_REQ_F_NONE, "window_tokens",
+                               "window_tokens=%lld is too large",
+                               (long long)r->calibrate.window_tokens);
         }
         if (r->calibrate.max_windows > INT32_MAX) {
-            return invalid(err, UC_ERR_INVALID_ARG, "max_windows", "max_windows=%lld is too large",
-                           (long long)r->calibrate.max_windows);
+            return uc_req_fail(err, UC_ERR_INVALID_ARG, UC_REQ_F_NONE,
+                               "max_windows", "max_windows=%lld is too large",
+                               (long long)r->calibrate.max_windows);
         }
         return UC_OK;
     case UC_GRPC_HEALTH_CHECK:
@@ -669,18 +654,6 @@ static void *dup_mem(const void *p, size_t n)
     return d;
 }
 
-static char *dup_str(const char *s, size_t n)
-{
-    char *d = uc_malloc(n + 1);
-    if (d) {
-        if (n) {
-            memcpy(d, s, n);
-        }
-        d[n] = '\0';
-    }
-    return d;
-}
-
 void uc_grpc_event_free(struct uc_grpc_event *it)
 {
     if (!it) {
@@ -715,7 +688,7 @@ struct uc_grpc_event *uc_grpc_event_copy(const struct uc_gen_event *ev)
         int32_t n = ev->n_ids > 0 ? ev->n_ids : 0;
         it->n_ids = n;
         it->ids = dup_mem(ev->ids, (size_t)n * sizeof(int32_t));
-        it->text = dup_str(ev->text ? ev->text : "", ev->text ? ev->text_len : 0);
+        it->text = uc_strndup(ev->text ? ev->text : "", ev->text ? ev->text_len : 0);
         it->text_len = ev->text ? ev->text_len : 0;
         if (!it->ids || !it->text) {
             goto out_free;
@@ -743,9 +716,9 @@ struct uc_grpc_event *uc_grpc_event_copy(const struct uc_gen_event *ev)
         return it;
     }
     it->status = ev->status;
-    it->message = dup_str(ev->message ? ev->message : "", ev->message ? strlen(ev->message) : 0);
+    it->message = uc_strndup(ev->message ? ev->message : "", ev->message ? strlen(ev->message) : 0);
     it->matched_stop_len = ev->matched_stop ? ev->matched_stop_len : 0;
-    it->matched_stop = dup_str(ev->matched_stop ? ev->matched_stop : "", it->matched_stop_len);
+    it->matched_stop = uc_strndup(ev->matched_stop ? ev->matched_stop : "", it->matched_stop_len);
     if (!it->message || !it->matched_stop) {
         goto out_free;
     }

@@ -270,9 +270,11 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
     static const struct {
         const char *name, *param;
         size_t off;
-    } strs[] = {{"policy", "uncomp.policy", offsetof(struct uc_req_compress, policy)},
-                {"decode_mode", "uncomp.decode_mode", offsetof(struct uc_req_compress, decode_mode)},
-                {"grouping", "uncomp.grouping", offsetof(struct uc_req_compress, grouping)}};
+    } strs[] = {
+        {"policy", "uncomp.policy", offsetof(struct uc_req_compress, policy)},
+        {"decode_mode", "uncomp.decode_mode", offsetof(struct uc_req_compress, decode_mode)},
+        {"grouping", "uncomp.grouping", offsetof(struct uc_req_compress, grouping)},
+    };
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++) {
         const char *s = NULL;
         if ((rc = get_str(p, u, strs[i].name, strs[i].param, &s)) != UC_OK) {
@@ -285,11 +287,13 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
     static const struct {
         const char *name, *param;
         size_t off;
-    } ints[] = {{"kv_budget", "uncomp.kv_budget", offsetof(struct uc_req_compress, kv_budget)},
-                {"window", "uncomp.window", offsetof(struct uc_req_compress, window)},
-                {"pool_kernel", "uncomp.pool_kernel", offsetof(struct uc_req_compress, pool_kernel)},
-                {"sink_tokens", "uncomp.sink_tokens", offsetof(struct uc_req_compress, sink_tokens)},
-                {"head_groups", "uncomp.head_groups", offsetof(struct uc_req_compress, head_groups)}};
+    } ints[] = {
+        {"kv_budget", "uncomp.kv_budget", offsetof(struct uc_req_compress, kv_budget)},
+        {"window", "uncomp.window", offsetof(struct uc_req_compress, window)},
+        {"pool_kernel", "uncomp.pool_kernel", offsetof(struct uc_req_compress, pool_kernel)},
+        {"sink_tokens", "uncomp.sink_tokens", offsetof(struct uc_req_compress, sink_tokens)},
+        {"head_groups", "uncomp.head_groups", offsetof(struct uc_req_compress, head_groups)},
+    };
     for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
         int64_t v = 0;
         rc = get_int_named(p, u, ints[i].name, ints[i].param, -JSON_INT_MAX, JSON_INT_MAX, &v,

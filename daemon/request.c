@@ -111,19 +111,15 @@ void uc_req_policy_list(char *out, size_t cap)
     }
 }
 
-/* An error on field f named `param` (the message names it, with its element when any). */
-static uc_status fail_named(struct uc_req_error *err, uc_status st, enum uc_req_field f,
-                            const char *param, const char *fmt, ...)
-    __attribute__((format(printf, 5, 6)));
-static uc_status fail_named(struct uc_req_error *err, uc_status st, enum uc_req_field f,
-                            const char *param, const char *fmt, ...)
+uc_status uc_req_fail(struct uc_req_error *err, uc_status st, enum uc_req_field field,
+                      const char *param, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(err->message, sizeof err->message, fmt, ap);
     va_end(ap);
     err->status = st;
-    err->field = f;
+    err->field = field;
     snprintf(err->param, sizeof err->param, "%s", param);
     return st;
 }
@@ -133,11 +129,11 @@ static const char *name_of(const struct uc_req *r, enum uc_req_field f)
     return uc_req_field_name(r->front, r->kind, f);
 }
 
-#define BAD(f, ...) fail_named(err, UC_ERR_INVALID_ARG, (f), name_of(r, (f)), __VA_ARGS__)
+#define BAD(f, ...) uc_req_fail(err, UC_ERR_INVALID_ARG, (f), name_of(r, (f)), __VA_ARGS__)
 
 static uc_status nomem(struct uc_req_error *err)
 {
-    return fail_named(err, UC_ERR_NOMEM, UC_REQ_F_NONE, "", "out of memory");
+    return uc_req_fail(err, UC_ERR_NOMEM, UC_REQ_F_NONE, "", "out of memory");
 }
 
 /* ---- the decoded request --------------------------------------------------------------------- */
@@ -192,18 +188,6 @@ void uc_req_fini(struct uc_req *r)
     uc_req_init(r, r->front, r->kind);
 }
 
-static char *dup_bytes(const char *s, size_t len)
-{
-    char *d = uc_malloc(len + 1);
-    if (d) {
-        if (len) {
-            memcpy(d, s, len);
-        }
-        d[len] = '\0';
-    }
-    return d;
-}
-
 static struct uc_req_prompt *add_prompt(struct uc_req *r)
 {
     struct uc_req_prompt *p =
@@ -218,7 +202,7 @@ static struct uc_req_prompt *add_prompt(struct uc_req *r)
 
 uc_status uc_req_add_text(struct uc_req *r, const char *text, size_t len)
 {
-    char *t = dup_bytes(text, len);
+    char *t = uc_strndup(text, len);
     struct uc_req_prompt *p = t ? add_prompt(r) : NULL;
     if (!p) {
         uc_free(t);
@@ -257,7 +241,7 @@ uc_status uc_req_add_stop(struct uc_req *r, const char *s, size_t len)
         return UC_ERR_NOMEM;
     }
     r->stop_len = l;
-    char *d = dup_bytes(s, len);
+    char *d = uc_strndup(s, len);
     if (!d) {
         return UC_ERR_NOMEM;
     }
@@ -302,7 +286,7 @@ uc_status uc_req_compress_resolve(const struct uc_req_compress *in,
     char name[64];
 #define CBAD(f, key, ...)                                                                          \
     (snprintf(name, sizeof name, "%s%s", prefix, key),                                             \
-     fail_named(err, UC_ERR_INVALID_ARG, (f), name, __VA_ARGS__))
+     uc_req_fail(err, UC_ERR_INVALID_ARG, (f), name, __VA_ARGS__))
     struct uc_compress_params cp = *defaults;
     if (in->policy && in->policy[0] && !uc_policy_parse(in->policy, &cp.policy)) {
         char names[160];
@@ -377,7 +361,7 @@ uc_status uc_req_compress_resolve(const struct uc_req_compress *in,
     if (uc_compress_params_validate(&cp, n_layers, why, sizeof why) != UC_OK) {
         char w[64];
         snprintf(w, sizeof w, "%s", whole ? whole : "compression");
-        return fail_named(err, UC_ERR_INVALID_ARG, UC_REQ_F_COMPRESSION, w, "%s%s%s",
+        return uc_req_fail(err, UC_ERR_INVALID_ARG, UC_REQ_F_COMPRESSION, w, "%s%s%s",
                           whole ? whole : "", whole ? ": " : "", why);
     }
     *out = cp;
@@ -493,7 +477,7 @@ static uc_status check_sampling(struct uc_req *r, struct uc_req_error *err)
     char why[256];
     if (uc_sampling_params_validate(&sp, why, sizeof why) != UC_OK) {
         /* the engine's own bounds, named its way; the checks above should leave nothing */
-        return fail_named(err, UC_ERR_INVALID_ARG, UC_REQ_F_NONE, "sampling", "%s", why);
+        return uc_req_fail(err, UC_ERR_INVALID_ARG, UC_REQ_F_NONE, "sampling", "%s", why);
     }
     r->base.sampling = sp;
     return UC_OK;
@@ -573,15 +557,15 @@ static uc_status tokenize(struct uc_req *r, const struct uc_req_ctx *ctx, int32_
     uc_status rc = uc_tokenizer_encode_msg(ctx->tok, text, len, add_special, &r->tokens[k], &n,
                                            why, sizeof why);
     if (rc == UC_ERR_INVALID_ARG) {
-        return fail_named(err, rc, f, name_of(r, f), "%s: %s", name, why);
+        return uc_req_fail(err, rc, f, name_of(r, f), "%s: %s", name, why);
     }
     if (rc != UC_OK) {
-        return fail_named(err, rc, f, name_of(r, f), "tokenizer failed: %s: %s",
+        return uc_req_fail(err, rc, f, name_of(r, f), "tokenizer failed: %s: %s",
                           uc_status_str(rc), why);
     }
     r->n_tokens[k] = n;
     if (n == 0) {
-        return fail_named(err, UC_ERR_INVALID_ARG, f, name_of(r, f), "%s produced no tokens",
+        return uc_req_fail(err, UC_ERR_INVALID_ARG, f, name_of(r, f), "%s produced no tokens",
                           name);
     }
     return UC_OK;
@@ -652,7 +636,7 @@ static uc_status check_messages(struct uc_req *r, const struct uc_req_ctx *ctx,
 {
     const char *name = name_of(r, UC_REQ_F_MESSAGES);
     if (!ctx->chat) {
-        return fail_named(err, UC_ERR_UNSUPPORTED, UC_REQ_F_MESSAGES, name,
+        return uc_req_fail(err, UC_ERR_UNSUPPORTED, UC_REQ_F_MESSAGES, name,
                           "the model has no chat template (tokenizer_config.json chat_template "
                           "or chat_template.jinja): start uncompd with --chat-template FILE%s",
                           r->front == UC_REQ_FRONT_HTTP ? ", or use /v1/completions" : "");
@@ -663,7 +647,7 @@ static uc_status check_messages(struct uc_req *r, const struct uc_req_ctx *ctx,
     char why[320];
     uc_status rc = uc_chat_messages_validate(r->messages, why, sizeof why);
     if (rc != UC_OK) {
-        return fail_named(err, rc, UC_REQ_F_MESSAGES, name, "%s", why);
+        return uc_req_fail(err, rc, UC_REQ_F_MESSAGES, name, "%s", why);
     }
     rc = uc_chat_template_render(ctx->chat, r->messages, r->add_generation_prompt,
                                  r->template_kwargs, &r->rendered, &r->rendered_len, why,
@@ -672,7 +656,7 @@ static uc_status check_messages(struct uc_req *r, const struct uc_req_ctx *ctx,
         return BAD(UC_REQ_F_MESSAGES, "the chat template refused the %s: %s", name, why);
     }
     if (rc != UC_OK) {
-        return fail_named(err, rc, UC_REQ_F_MESSAGES, name, "chat template: %s", why);
+        return uc_req_fail(err, rc, UC_REQ_F_MESSAGES, name, "chat template: %s", why);
     }
     if (r->rendered_len == 0) {
         return BAD(UC_REQ_F_MESSAGES, "the chat template rendered nothing");
@@ -695,7 +679,7 @@ uc_status uc_req_validate(struct uc_req *r, const struct uc_req_ctx *ctx,
     r->valid = false;
     uc_status rc;
     if (!ctx->tok) {
-        return fail_named(err, UC_ERR_UNAVAILABLE, UC_REQ_F_NONE, "",
+        return uc_req_fail(err, UC_ERR_UNAVAILABLE, UC_REQ_F_NONE, "",
                           "the model is not loaded yet");
     }
     if ((rc = check_request_id(r, err)) != UC_OK || (rc = check_lengths(r, err)) != UC_OK ||

@@ -93,6 +93,12 @@ struct uc_req_error {
     char message[512];         /* names the field, with its element ("stop[1] is empty") */
 };
 
+/* Fills err (message from fmt) and returns st: the one way errors are made, here and in the
+ * gRPC codec. */
+uc_status uc_req_fail(struct uc_req_error *err, uc_status st, enum uc_req_field field,
+                      const char *param, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
 /* What validation needs from the server (borrowed). */
 struct uc_req_ctx {
     const struct uc_tokenizer *tok;

@@ -210,8 +210,9 @@ static void test_http_stream_keep_alive_and_errors(void **state)
     s.responses[0][0] = stream_resp;
     s.responses[0][1] = stream_resp;
     static char err_resp[256];
-    s.responses[0][2] = with_length(err_resp, sizeof err_resp, "400 Bad Request\r\n"
-                                    "Content-Type: application/json", "{\"error\":{\"message\":\"no\"}}");
+    s.responses[0][2] = with_length(err_resp, sizeof err_resp,
+                                    "400 Bad Request\r\nContent-Type: application/json",
+                                    "{\"error\":{\"message\":\"no\"}}");
     pthread_t th;
     script_start(&s, &th);
     struct uc_http_conn *c = NULL;

@@ -45,7 +45,8 @@ static const char *str0(const char *s) { return s ? s : ""; }
 static uint8_t wire[1 << 16];
 
 /* A gRPC message decoded as the server decodes it (must succeed). */
-static void grpc_decode(struct uc_grpc_request *r, enum uc_grpc_method m, const ProtobufCMessage *pm)
+static void grpc_decode(struct uc_grpc_request *r, enum uc_grpc_method m,
+                        const ProtobufCMessage *pm)
 {
     size_t n = protobuf_c_message_get_packed_size(pm);
     assert_true(n <= sizeof wire);
@@ -374,6 +375,11 @@ struct err_case {
 };
 
 static uint32_t big_ids[70];
+
+/* "stop":["s", ... 65 times] */
+#define STOP_S4 "\"s\",\"s\",\"s\",\"s\","
+#define STOP_S16 STOP_S4 STOP_S4 STOP_S4 STOP_S4
+#define STOPS_65 "\"stop\":[" STOP_S16 STOP_S16 STOP_S16 STOP_S16 "\"s\"]"
 static char long_stop[1100];
 
 #define SETTER(name, body)                                                                         \
@@ -444,11 +450,7 @@ static void test_req_same_errors_both_fronts(void **state)
          "sampling.max_tokens=2147483648", "max_tokens"},
         {"\"max_tokens\":2,\"min_tokens\":5", set_min_max, UC_REQ_F_MIN_TOKENS,
          "sampling.min_tokens=5 must be <= sampling.max_tokens=2", "min_tokens"},
-        {"\"stop\":[\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\","
-         "\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\","
-         "\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\","
-         "\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\","
-         "\"s\",\"s\",\"s\",\"s\",\"s\",\"s\",\"s\"]", set_stop_many, UC_REQ_F_STOP,
+        {STOPS_65, set_stop_many, UC_REQ_F_STOP,
          "sampling.stop has 65 strings; at most 64", "stop"},
         {"\"stop\":[\"ok\",\"\"]", set_stop_empty, UC_REQ_F_STOP, "sampling.stop[1] is empty",
          "stop"},
@@ -851,7 +853,8 @@ static void test_http_bodies(void **state)
     static const struct {
         const char *body, *param, *msg;
     } bad[] = {
-        {"{\"prompt\":\"x\",\"temperature\":\"hot\"}", "temperature", "temperature must be a number"},
+        {"{\"prompt\":\"x\",\"temperature\":\"hot\"}", "temperature",
+         "temperature must be a number"},
         {"{\"prompt\":\"x\",\"n\":2.5}", "n", "n must be an integer"},
         {"{\"prompt\":\"x\",\"seed\":1e300}", "seed", "seed=1"},
         {"{\"prompt\":[]}", "prompt", "prompt is an empty list"},
