@@ -158,6 +158,8 @@ void uc_req_compress_fini(struct uc_req_compress *c)
     c->n_stage_starts = 0;
 }
 
+static void clear_validated(struct uc_req *r);
+
 void uc_req_fini(struct uc_req *r)
 {
     if (!r) {
@@ -167,9 +169,7 @@ void uc_req_fini(struct uc_req *r)
         uc_free(r->prompts[i].text);
         uc_free(r->prompts[i].ids);
     }
-    for (int32_t i = 0; r->tokens && i < r->n_inputs; i++) {
-        uc_free(r->tokens[i]);
-    }
+    clear_validated(r);
     for (size_t i = 0; r->stop && i < r->n_stop; i++) {
         uc_free(r->stop[i]);
     }
@@ -181,10 +181,6 @@ void uc_req_fini(struct uc_req *r)
     uc_free(r->stop_len);
     uc_free(r->stop_ids);
     uc_req_compress_fini(&r->compress);
-    uc_free(r->tokens);
-    uc_free(r->n_tokens);
-    uc_free(r->rendered);
-    uc_free(r->stop_ids32);
     uc_req_init(r, r->front, r->kind);
 }
 
@@ -362,7 +358,7 @@ uc_status uc_req_compress_resolve(const struct uc_req_compress *in,
         char w[64];
         snprintf(w, sizeof w, "%s", whole ? whole : "compression");
         return uc_req_fail(err, UC_ERR_INVALID_ARG, UC_REQ_F_COMPRESSION, w, "%s%s%s",
-                          whole ? whole : "", whole ? ": " : "", why);
+                           whole ? whole : "", whole ? ": " : "", why);
     }
     *out = cp;
     return UC_OK;
@@ -561,12 +557,12 @@ static uc_status tokenize(struct uc_req *r, const struct uc_req_ctx *ctx, int32_
     }
     if (rc != UC_OK) {
         return uc_req_fail(err, rc, f, name_of(r, f), "tokenizer failed: %s: %s",
-                          uc_status_str(rc), why);
+                           uc_status_str(rc), why);
     }
     r->n_tokens[k] = n;
     if (n == 0) {
         return uc_req_fail(err, UC_ERR_INVALID_ARG, f, name_of(r, f), "%s produced no tokens",
-                          name);
+                           name);
     }
     return UC_OK;
 }
@@ -637,9 +633,9 @@ static uc_status check_messages(struct uc_req *r, const struct uc_req_ctx *ctx,
     const char *name = name_of(r, UC_REQ_F_MESSAGES);
     if (!ctx->chat) {
         return uc_req_fail(err, UC_ERR_UNSUPPORTED, UC_REQ_F_MESSAGES, name,
-                          "the model has no chat template (tokenizer_config.json chat_template "
-                          "or chat_template.jinja): start uncompd with --chat-template FILE%s",
-                          r->front == UC_REQ_FRONT_HTTP ? ", or use /v1/completions" : "");
+                           "the model has no chat template (tokenizer_config.json chat_template "
+                           "or chat_template.jinja): start uncompd with --chat-template FILE%s",
+                           r->front == UC_REQ_FRONT_HTTP ? ", or use /v1/completions" : "");
     }
     if (!r->messages) {
         return BAD(UC_REQ_F_MESSAGES, "%s is missing", name);
@@ -672,15 +668,31 @@ static uc_status check_messages(struct uc_req *r, const struct uc_req_ctx *ctx,
                     err);
 }
 
+/* Frees what a validation left (validating twice starts over). */
+static void clear_validated(struct uc_req *r)
+{
+    for (int32_t i = 0; r->tokens && i < r->n_inputs; i++) {
+        uc_free(r->tokens[i]);
+    }
+    UC_FREE(r->tokens);
+    UC_FREE(r->n_tokens);
+    UC_FREE(r->rendered);
+    UC_FREE(r->stop_ids32);
+    r->n_inputs = 0;
+    r->rendered_len = 0;
+    uc_request_init(&r->base);
+    r->valid = false;
+}
+
 uc_status uc_req_validate(struct uc_req *r, const struct uc_req_ctx *ctx,
                           struct uc_req_error *err)
 {
     memset(err, 0, sizeof *err);
-    r->valid = false;
+    clear_validated(r);
     uc_status rc;
     if (!ctx->tok) {
         return uc_req_fail(err, UC_ERR_UNAVAILABLE, UC_REQ_F_NONE, "",
-                          "the model is not loaded yet");
+                           "the model is not loaded yet");
     }
     if ((rc = check_request_id(r, err)) != UC_OK || (rc = check_lengths(r, err)) != UC_OK ||
         (rc = check_sampling(r, err)) != UC_OK || (rc = check_stops(r, ctx, err)) != UC_OK ||
