@@ -247,11 +247,7 @@ static void test_auth_keys(void **state)
 
 int main(int argc, char **argv)
 {
-    const char *shared = tu_shared_dir(argc, argv);
-    if (uc_tokenizer_create(&tok, tu_model_dir(shared, "uncomp-tiny")) != UC_OK) {
-        fprintf(stderr, "cannot load the uncomp-tiny tokenizer from %s\n", shared);
-        return 1;
-    }
+    tok = tu_tokenizer(tu_shared_dir(argc, argv), "uncomp-tiny");
     char msg[256];
     if (uc_chat_template_create(&chat, "{% for m in messages %}{% if m.role == 'system' %}"
                                 "{{ raise_exception('system messages are not allowed') }}"

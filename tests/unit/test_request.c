@@ -1061,11 +1061,7 @@ static void test_fuzz_seeds_are_valid(void **state)
 
 int main(int argc, char **argv)
 {
-    const char *shared = tu_shared_dir(argc, argv);
-    if (uc_tokenizer_create(&tok, tu_model_dir(shared, "uncomp-tiny")) != UC_OK) {
-        fprintf(stderr, "cannot load the uncomp-tiny tokenizer from %s\n", shared);
-        return 1;
-    }
+    tok = tu_tokenizer(tu_shared_dir(argc, argv), "uncomp-tiny");
     char msg[256];
     if (uc_chat_template_create(&chat, "{% for m in messages %}<|im_start|>{{ m.role }}\n"
                                 "{{ m.content }}<|im_end|>\n{% endfor %}"
