@@ -8,7 +8,16 @@
  * so two settings compared with --compare see exactly the same requests and arrival times.
  * Per request: TTFT (call start to the first chunk with tokens), inter-token latencies (each
  * chunk's gap spread over its tokens), TPOT and end-to-end latency, all on the monotonic clock;
- * failures are counted by gRPC code. The report gives throughput and mean/p50/p90/p99. */
+ * failures are counted by gRPC code. The report gives throughput and mean/p50/p90/p99.
+ *
+ * With --http URL the same requests go to the OpenAI-compatible front as streamed
+ * /v1/completions (http_client.c, a keep-alive connection per worker; the prompt as token ids
+ * or text, the same sampling and compression, usage from the stream's last chunk). A stream
+ * event carries text, not token ids, so there each content event counts as one token for TTFT
+ * and the inter-token gaps; TPOT and the token totals come from the usage. A setting's
+ * front=grpc or front=http picks the front, so --compare front=grpc front=http measures the
+ * HTTP front's overhead on identical load; --rounds N alternates the settings N times and adds
+ * a table of the medians. */
 #include <errno.h>
 #include <dirent.h>
 #include <getopt.h>
@@ -28,6 +37,7 @@
 #include "base/mem.h"
 #include "base/util.h"
 #include "bench.h"
+#include "http_client.h"
 
 /* ========================================================================================= */
 /* Shared CLI helpers                                                                        */
@@ -122,52 +132,42 @@ void uc_ctl_json_str(FILE *f, const char *s)
 
 void uc_ctl_json_strn(FILE *f, const char *s, size_t len)
 {
+    struct uc_buf b;
+    uc_buf_init(&b);
+    uc_ctl_json_buf(&b, s, len);
+    fwrite(b.data ? b.data : "\"\"", 1, b.data ? b.len : 2, f);
+    uc_buf_fini(&b);
+}
+
+void uc_ctl_json_buf(struct uc_buf *b, const char *s, size_t len)
+{
     const unsigned char *p = (const unsigned char *)(s ? s : "");
     const unsigned char *end = p + (s ? len : 0);
-    fputc('"', f);
+    uc_buf_append(b, "\"", 1);
     while (p < end) {
         unsigned char c = *p;
-        switch (c) {
-        case '"':
-            fputs("\\\"", f);
-            break;
-        case '\\':
-            fputs("\\\\", f);
-            break;
-        case '\n':
-            fputs("\\n", f);
-            break;
-        case '\r':
-            fputs("\\r", f);
-            break;
-        case '\t':
-            fputs("\\t", f);
-            break;
-        case '\b':
-            fputs("\\b", f);
-            break;
-        case '\f':
-            fputs("\\f", f);
-            break;
-        default:
-            if (c < 0x20 || c == 0x7F) {
-                fprintf(f, "\\u%04x", c);
-            } else if (c < 0x80) {
-                fputc(c, f);
+        const char *esc = c == '"' ? "\\\"" : c == '\\' ? "\\\\" : c == '\n' ? "\\n"
+                        : c == '\r' ? "\\r" : c == '\t' ? "\\t" : c == '\b' ? "\\b"
+                        : c == '\f' ? "\\f" : NULL;
+        if (esc) {
+            uc_buf_puts(b, esc);
+        } else if (c < 0x20 || c == 0x7F) {
+            uc_buf_printf(b, "\\u%04x", c);
+        } else if (c < 0x80) {
+            uc_buf_append(b, p, 1);
+        } else {
+            int n = utf8_len(p, (size_t)(end - p));
+            if (n == 0) {
+                uc_buf_puts(b, "\\ufffd");
             } else {
-                int n = utf8_len(p, (size_t)(end - p));
-                if (n == 0) {
-                    fputs("\\ufffd", f);
-                } else {
-                    fwrite(p, 1, (size_t)n, f);
-                    p += n;
-                    continue;
-                }
+                uc_buf_append(b, p, (size_t)n);
+                p += n;
+                continue;
             }
         }
         p++;
     }
-    fputc('"', f);
+    uc_buf_append(b, "\"", 1);
 }
 
 void uc_ctl_json_num(FILE *f, double v)
@@ -258,11 +258,15 @@ fail:
 
 #define MAX_SETTINGS 4
 #define MAX_STAGE_STARTS 64
+#define MAX_ROUNDS 16
 
-/* One compression setting: a label and the parameters (strings point into `buf`). */
+enum front { FRONT_DEFAULT = 0, FRONT_GRPC, FRONT_HTTP };
+
+/* One setting: a label, the front and the compression parameters (strings point into `buf`). */
 struct setting {
     char *label;
     char *buf;
+    enum front front;            /* FRONT_DEFAULT until resolved: HTTP with --http, else gRPC */
     struct uc_compression comp;
     uint32_t stage_starts[MAX_STAGE_STARTS];
 };
@@ -280,7 +284,14 @@ struct bench_cfg {
     double temperature;
     bool ignore_eos;
     int warmup;
+    int rounds;                  /* the settings run in turn this many times */
     bool progress;
+    /* --http: the OpenAI-compatible front */
+    const char *http_url;
+    char http_host[256];
+    int http_port;
+    char http_path[512];         /* URL prefix + /v1/completions */
+    const char *api_key;
     /* prompts */
     char **texts;
     size_t n_texts;
@@ -297,10 +308,11 @@ struct bench_cfg {
 static const char usage_bench[] =
     "usage: uncompctl bench [options]\n"
     "\n"
-    "Sends Generate requests and reports throughput (requests/s, output tokens/s, total\n"
-    "tokens/s) and latency (TTFT, inter-token, TPOT, end-to-end: mean, p50, p90, p99) with\n"
-    "failures counted by gRPC code. One thread and connection per concurrent client; times on\n"
-    "the monotonic clock; a progress bar on stderr when it is a terminal.\n"
+    "Sends Generate requests (or /v1/completions with --http) and reports throughput\n"
+    "(requests/s, output tokens/s, total tokens/s) and latency (TTFT, inter-token, TPOT,\n"
+    "end-to-end: mean, p50, p90, p99) with failures counted by gRPC code. One thread and\n"
+    "connection per concurrent client; times on the monotonic clock; a progress bar on stderr\n"
+    "when it is a terminal.\n"
     "\n"
     "Load:\n"
     "  -c, --concurrency N     concurrent clients / most requests in flight (default 1; with\n"
@@ -309,6 +321,14 @@ static const char usage_bench[] =
     "  -n, --requests N        requests per run (default 32 unless --duration)\n"
     "  -d, --duration S        run for S seconds (with --requests: whichever comes first)\n"
     "      --warmup N          N requests before the measurement, not counted (default 0)\n"
+    "      --rounds N          run the settings in turn N times (A B A B ...) and add a table of\n"
+    "                          each figure's median over the rounds (default 1)\n"
+    "Front (default: gRPC at --server):\n"
+    "      --http URL          send the requests to the OpenAI-compatible HTTP front at URL\n"
+    "                          (http://HOST:PORT) as streamed /v1/completions: the same prompts\n"
+    "                          (token ids or text), sampling and compression; each stream event\n"
+    "                          counts as one token for TTFT and ITL (TPOT and totals use the\n"
+    "                          usage); a setting's front=grpc or front=http overrides it\n"
     "Prompts (default: --prompt-tokens 128):\n"
     "      --prompt-file F     one prompt per line of F, used in turn\n"
     "      --prompt-dir D      each regular file of D is one prompt (sorted by name)\n"
@@ -325,8 +345,10 @@ static const char usage_bench[] =
     "      --compare A B [C D] run the same load once per setting and print them side by side;\n"
     "                          a setting is key=value pairs joined by commas, keys: policy,\n"
     "                          kv_budget, window, pool_kernel, sink_tokens, head_groups,\n"
-    "                          decode_mode, grouping, stage_starts (layers joined by ':'), r_min\n"
+    "                          decode_mode, grouping, stage_starts (layers joined by ':'), r_min,\n"
+    "                          front (grpc or http)\n"
     "                          e.g. --compare policy=full policy=uncomp,kv_budget=128\n"
+    "                          --http http://127.0.0.1:8000 --compare front=grpc front=http\n"
     "Output:\n"
     "      --no-progress       no progress bar\n"
     "  -j, --json              one JSON object: the configuration and one entry per run\n"
@@ -373,6 +395,11 @@ static void parse_setting(struct setting *s, const char *spec)
         double d = 0;
         if (strcmp(key, "policy") == 0) {
             s->comp.policy = val;
+        } else if (strcmp(key, "front") == 0) {
+            if (strcmp(val, "grpc") != 0 && strcmp(val, "http") != 0) {
+                bench_usage_error("setting '%s': front is grpc or http", spec);
+            }
+            s->front = strcmp(val, "http") == 0 ? FRONT_HTTP : FRONT_GRPC;
         } else if (strcmp(key, "decode_mode") == 0) {
             s->comp.decode_mode = val;
         } else if (strcmp(key, "grouping") == 0) {
@@ -519,7 +546,9 @@ struct run;
 
 struct worker {
     struct run *run;
-    struct uc_client *client;
+    struct uc_client *client;    /* gRPC settings */
+    struct uc_http_conn *http;   /* HTTP settings */
+    struct uc_buf body;          /* HTTP: the request body being built */
     pthread_t thread;
     struct rec *recs;
     size_t n_recs, cap_recs;
@@ -635,9 +664,28 @@ static int track_chunk(const struct uc_chunk *ch, void *user)
     return 0;
 }
 
-/* Sends one request and records it (when rec is not NULL). */
-static void one_request(struct worker *w, const struct bench_cfg *cfg, const struct setting *set,
-                        int64_t idx, struct rec *rec)
+/* Records a request: its status code (0 = success), the tracked chunks, the totals from the
+ * final message. */
+static void fill_rec(struct rec *rec, int code, const struct track *t, double t1,
+                     uint32_t prompt_tokens, uint32_t completion_tokens, uint64_t kv_full,
+                     uint64_t kv_kept)
+{
+    memset(rec, 0, sizeof(*rec));
+    rec->code = code;
+    rec->e2e_ms = (t1 - t->t0) * 1e3;
+    rec->ttft_ms = t->tokens ? t->ttft_ms : NAN;
+    rec->prompt_tokens = prompt_tokens;
+    rec->output_tokens = completion_tokens ? completion_tokens : (uint32_t)t->tokens;
+    rec->tpot_ms = rec->output_tokens > 1
+                       ? (rec->e2e_ms - rec->ttft_ms) / (double)(rec->output_tokens - 1)
+                       : NAN;
+    rec->kv_full = kv_full;
+    rec->kv_kept = kv_kept;
+}
+
+/* Sends one request over gRPC and records it (when rec is not NULL). */
+static void one_request_grpc(struct worker *w, const struct bench_cfg *cfg,
+                             const struct setting *set, int64_t idx, struct rec *rec)
 {
     struct uc_generate_params p = uc_generate_default_params();
     make_prompt(cfg, w, idx, &p);
@@ -656,24 +704,223 @@ static void one_request(struct worker *w, const struct bench_cfg *cfg, const str
     uc_status rc = uc_client_generate_stream(w->client, &p, track_chunk, &t, &comp, &err);
     double t1 = uc_time_s();
     if (rec) {
-        memset(rec, 0, sizeof(*rec));
-        rec->code = rc == UC_OK ? UC_GRPC_OK : err.grpc_code;
-        if (rec->code == UC_GRPC_OK && comp.finish_reason == UC_FINISH_ABORTED) {
-            rec->code = UC_GRPC_ABORTED;
+        int code = rc == UC_OK ? UC_GRPC_OK : err.grpc_code;
+        if (code == UC_GRPC_OK && comp.finish_reason == UC_FINISH_ABORTED) {
+            code = UC_GRPC_ABORTED;
         }
-        rec->e2e_ms = (t1 - t.t0) * 1e3;
-        rec->ttft_ms = t.tokens ? t.ttft_ms : NAN;
-        rec->prompt_tokens = comp.prompt_tokens;
-        rec->output_tokens = comp.completion_tokens ? comp.completion_tokens : (uint32_t)t.tokens;
-        rec->tpot_ms = rec->output_tokens > 1
-                           ? (rec->e2e_ms - rec->ttft_ms) / (double)(rec->output_tokens - 1)
-                           : NAN;
-        if (comp.has_compression) {
-            rec->kv_full = comp.compression.kv_tokens_full;
-            rec->kv_kept = comp.compression.kv_tokens_kept;
-        }
+        fill_rec(rec, code, &t, t1, comp.prompt_tokens, comp.completion_tokens,
+                 comp.has_compression ? comp.compression.kv_tokens_full : 0,
+                 comp.has_compression ? comp.compression.kv_tokens_kept : 0);
     }
     uc_completion_fini(&comp);
+}
+
+/* ---- the HTTP front ---------------------------------------------------------------------- */
+
+/* The value of "key" in a JSON object's text (after the colon), or NULL. Enough for the
+ * compact, well-formed chunks of an OpenAI server: a key inside a string value would have
+ * escaped quotes. */
+static const char *json_value(const char *json, const char *key)
+{
+    size_t kl = strlen(key);
+    for (const char *p = strchr(json, '"'); p; p = strchr(p + 1, '"')) {
+        if (strncmp(p + 1, key, kl) != 0 || p[kl + 1] != '"' || (p > json && p[-1] == '\\')) {
+            continue;
+        }
+        const char *v = p + kl + 2;
+        while (*v == ' ' || *v == '\t' || *v == '\n' || *v == '\r') {
+            v++;
+        }
+        if (*v != ':') {
+            continue;
+        }
+        v++;
+        while (*v == ' ' || *v == '\t' || *v == '\n' || *v == '\r') {
+            v++;
+        }
+        return v;
+    }
+    return NULL;
+}
+
+static uint64_t json_u64(const char *json, const char *key)
+{
+    const char *v = json_value(json, key);
+    return v && *v >= '0' && *v <= '9' ? strtoull(v, NULL, 10) : 0;
+}
+
+/* A streamed completion as it arrives. */
+struct http_track {
+    struct track t;
+    uint32_t prompt_tokens, completion_tokens;
+    uint64_t kv_full, kv_kept;
+    bool aborted, failed;
+};
+
+static int http_event(void *user, const char *data, size_t len)
+{
+    struct http_track *h = user;
+    double now = uc_time_s();
+    if (len == 6 && memcmp(data, "[DONE]", 6) == 0) {
+        return 0;
+    }
+    if (json_value(data, "error")) { /* the request failed after the stream began */
+        h->failed = true;
+        return 0;
+    }
+    const char *v = json_value(data, "text");
+    if (v && v[0] == '"' && v[1] != '"') { /* text, so a token (or several held back) */
+        struct uc_chunk ch = {.n_token_ids = 1, .arrival_s = now};
+        if (track_chunk(&ch, &h->t) != 0) {
+            return 1;
+        }
+    }
+    v = json_value(data, "finish_reason");
+    if (v && strncmp(v, "\"abort\"", 7) == 0) {
+        h->aborted = true;
+    }
+    v = json_value(data, "usage");
+    if (v && *v == '{') {
+        h->prompt_tokens = (uint32_t)json_u64(v, "prompt_tokens");
+        h->completion_tokens = (uint32_t)json_u64(v, "completion_tokens");
+    }
+    if (json_value(data, "kv_tokens_full")) { /* the compression report, under "uncomp" */
+        h->kv_full = json_u64(data, "kv_tokens_full");
+        h->kv_kept = json_u64(data, "kv_tokens_kept");
+    }
+    return 0;
+}
+
+/* The request of one_request_grpc as a streamed /v1/completions body. */
+static void http_body(struct uc_buf *b, const struct bench_cfg *cfg, const struct setting *set,
+                      const struct uc_generate_params *p, int64_t idx)
+{
+    b->len = 0;
+    b->oom = false;
+    uc_buf_puts(b, "{\"prompt\":");
+    if (p->text) {
+        uc_ctl_json_buf(b, p->text, strlen(p->text));
+    } else {
+        for (size_t i = 0; i < p->n_token_ids; i++) {
+            uc_buf_printf(b, "%c%" PRIu32, i ? ',' : '[', p->token_ids[i]);
+        }
+        uc_buf_puts(b, "]");
+    }
+    if (cfg->max_tokens) {
+        uc_buf_printf(b, ",\"max_tokens\":%" PRIu32, cfg->max_tokens);
+    }
+    uc_buf_printf(b, ",\"temperature\":%.17g,\"seed\":%" PRIu64 ",\"ignore_eos\":%s,"
+                  "\"stream\":true,\"stream_options\":{\"include_usage\":true}",
+                  cfg->temperature, cfg->seed + (uint64_t)idx,
+                  cfg->ignore_eos ? "true" : "false");
+    const struct uc_compression *c = set ? &set->comp : NULL;
+    if (c && (c->policy || c->kv_budget || c->window || c->pool_kernel || c->sink_tokens ||
+              c->head_groups || c->decode_mode || c->grouping || c->n_stage_starts ||
+              c->r_min != 0.0f)) {
+        char sep = '{';
+        uc_buf_puts(b, ",\"uncomp\":");
+        const char *strs[][2] = {{"policy", c->policy}, {"decode_mode", c->decode_mode},
+                                 {"grouping", c->grouping}};
+        for (size_t i = 0; i < 3; i++) {
+            if (strs[i][1]) {
+                uc_buf_printf(b, "%c\"%s\":", sep, strs[i][0]);
+                uc_ctl_json_buf(b, strs[i][1], strlen(strs[i][1]));
+                sep = ',';
+            }
+        }
+        const struct {
+            const char *key;
+            uint32_t v;
+        } ints[] = {{"kv_budget", c->kv_budget}, {"window", c->window},
+                    {"pool_kernel", c->pool_kernel}, {"sink_tokens", c->sink_tokens},
+                    {"head_groups", c->head_groups}};
+        for (size_t i = 0; i < sizeof(ints) / sizeof(ints[0]); i++) {
+            if (ints[i].v) {
+                uc_buf_printf(b, "%c\"%s\":%" PRIu32, sep, ints[i].key, ints[i].v);
+                sep = ',';
+            }
+        }
+        for (size_t i = 0; i < c->n_stage_starts; i++) {
+            uc_buf_printf(b, "%s%" PRIu32, i ? "," : sep == '{' ? "{\"stage_starts\":["
+                                                                 : ",\"stage_starts\":[",
+                          c->stage_starts[i]);
+            sep = ',';
+        }
+        if (c->n_stage_starts) {
+            uc_buf_puts(b, "]");
+        }
+        if (c->r_min != 0.0f) {
+            uc_buf_printf(b, "%c\"r_min\":%.9g", sep, (double)c->r_min);
+        }
+        uc_buf_puts(b, "}");
+    }
+    uc_buf_puts(b, "}");
+}
+
+/* The gRPC code a bench report counts an HTTP status under. */
+static int http_code(int status)
+{
+    switch (status) {
+    case 200:
+        return UC_GRPC_OK;
+    case 400:
+        return UC_GRPC_INVALID_ARGUMENT;
+    case 401:
+        return UC_GRPC_UNAUTHENTICATED;
+    case 404:
+        return UC_GRPC_NOT_FOUND;
+    case 408:
+        return UC_GRPC_DEADLINE_EXCEEDED;
+    case 429:
+        return UC_GRPC_RESOURCE_EXHAUSTED;
+    case 499:
+        return UC_GRPC_CANCELLED;
+    case 503:
+        return UC_GRPC_UNAVAILABLE;
+    default:
+        return status >= 500 ? UC_GRPC_INTERNAL : UC_GRPC_UNKNOWN;
+    }
+}
+
+/* Sends one request to the HTTP front and records it (when rec is not NULL). */
+static void one_request_http(struct worker *w, const struct bench_cfg *cfg,
+                             const struct setting *set, int64_t idx, struct rec *rec)
+{
+    struct uc_generate_params p = uc_generate_default_params();
+    make_prompt(cfg, w, idx, &p);
+    http_body(&w->body, cfg, set, &p, idx);
+    struct http_track h = {.t = {.w = w, .t0 = uc_time_s()}};
+    int status = 0;
+    char msg[512];
+    uc_status rc = w->body.oom ? UC_ERR_NOMEM
+                               : uc_http_post(w->http, cfg->http_path, w->body.data, w->body.len,
+                                              cfg->api_key, &status, http_event, &h, msg,
+                                              sizeof msg);
+    double t1 = uc_time_s();
+    if (!rec) {
+        return;
+    }
+    int code = rc == UC_OK ? http_code(status)
+               : rc == UC_ERR_CANCELLED ? UC_GRPC_CANCELLED
+               : rc == UC_ERR_NOMEM ? UC_GRPC_RESOURCE_EXHAUSTED
+                                    : UC_GRPC_UNAVAILABLE;
+    if (code == UC_GRPC_OK && h.failed) {
+        code = UC_GRPC_INTERNAL;
+    } else if (code == UC_GRPC_OK && h.aborted) {
+        code = UC_GRPC_ABORTED;
+    }
+    fill_rec(rec, code, &h.t, t1, h.prompt_tokens, h.completion_tokens, h.kv_full, h.kv_kept);
+}
+
+/* Sends one request to the setting's front and records it (when rec is not NULL). */
+static void one_request(struct worker *w, const struct bench_cfg *cfg, const struct setting *set,
+                        int64_t idx, struct rec *rec)
+{
+    if (set && set->front == FRONT_HTTP) {
+        one_request_http(w, cfg, set, idx, rec);
+    } else {
+        one_request_grpc(w, cfg, set, idx, rec);
+    }
 }
 
 static void sleep_until(double t)
@@ -809,6 +1056,17 @@ static int run_load(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
                 return UC_CTL_EXIT_RPC;
             }
         }
+        uc_buf_init(&w->body);
+        if (set->front == FRONT_HTTP) {
+            char msg[256];
+            if (uc_http_connect(&w->http, cfg->http_host, cfg->http_port, msg, sizeof msg) !=
+                UC_OK) {
+                fprintf(stderr, "uncompctl: bench: UNAVAILABLE: %s (--http %s)\n", msg,
+                        cfg->http_url);
+                return UC_CTL_EXIT_UNAVAILABLE;
+            }
+            continue;
+        }
         int code;
         w->client = uc_ctl_connect(ctl, "bench", &code);
         if (!w->client) {
@@ -835,7 +1093,11 @@ static int run_load(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
         if (bench_interrupted && !cancelled) {
             cancelled = true; /* Ctrl-C: stop sending, cancel what is in flight, report */
             for (int i = 0; i < started; i++) {
-                uc_client_cancel(r->workers[i].client);
+                if (r->workers[i].http) {
+                    uc_http_cancel(r->workers[i].http);
+                } else {
+                    uc_client_cancel(r->workers[i].client);
+                }
             }
         }
         if (bar) {
@@ -865,6 +1127,8 @@ static void run_fini(struct run *r)
     for (int i = 0; r->workers && i < r->n_workers; i++) {
         struct worker *w = &r->workers[i];
         uc_client_close(w->client);
+        uc_http_close(w->http);
+        uc_buf_fini(&w->body);
         uc_free(w->recs);
         uc_free(w->itl);
         uc_free(w->ids);
@@ -1015,12 +1279,55 @@ static void json_dist(FILE *f, const char *name, const struct dist *d)
     fprintf(f, ",\"count\":%zu}", d->n);
 }
 
+static void json_run(FILE *f, const struct summary *x, int round)
+{
+    fprintf(f, "{\"setting\":");
+    uc_ctl_json_str(f, x->label);
+    if (round > 0) {
+        fprintf(f, ",\"round\":%d", round);
+    }
+    fprintf(f, ",\"completed\":%" PRId64 ",\"failed\":%" PRId64 ",\"duration_s\":",
+            x->completed, x->failed);
+    uc_ctl_json_num(f, x->duration_s);
+    fprintf(f, ",\"requests_per_s\":");
+    uc_ctl_json_num(f, x->req_s);
+    fprintf(f, ",\"output_tokens_per_s\":");
+    uc_ctl_json_num(f, x->out_tok_s);
+    fprintf(f, ",\"total_tokens_per_s\":");
+    uc_ctl_json_num(f, x->total_tok_s);
+    fprintf(f, ",\"prompt_tokens_total\":%" PRIu64 ",\"output_tokens_total\":%" PRIu64,
+            x->prompt_tokens, x->output_tokens);
+    json_dist(f, "ttft_ms", &x->ttft);
+    json_dist(f, "itl_ms", &x->itl);
+    json_dist(f, "tpot_ms", &x->tpot);
+    json_dist(f, "e2e_ms", &x->e2e);
+    fprintf(f, ",\"kv_tokens_full\":%" PRIu64 ",\"kv_tokens_kept\":%" PRIu64
+               ",\"kv_kept_ratio\":",
+            x->kv_full, x->kv_kept);
+    uc_ctl_json_num(f, x->kv_full ? (double)x->kv_kept / (double)x->kv_full : NAN);
+    fprintf(f, ",\"errors\":{");
+    bool first = true;
+    for (int c = 0; c < UC_GRPC_N_CODES; c++) {
+        if (x->errors[c]) {
+            fprintf(f, "%s\"%s\":%" PRId64, first ? "" : ",", uc_client_code_name(c),
+                    x->errors[c]);
+            first = false;
+        }
+    }
+    fprintf(f, "}}");
+}
+
+/* s: rounds x n summaries (round-major); med: the n medians when rounds > 1. */
 static void print_json(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
-                       const struct summary *s, int n)
+                       const struct summary *s, int n, int rounds, const struct summary *med)
 {
     FILE *f = stdout;
     fprintf(f, "{\"server\":");
     uc_ctl_json_str(f, ctl->server);
+    if (cfg->http_url) {
+        fprintf(f, ",\"http\":");
+        uc_ctl_json_str(f, cfg->http_url);
+    }
     fprintf(f, ",\"config\":{\"concurrency\":%d,\"rate\":", cfg->concurrency);
     uc_ctl_json_num(f, cfg->rate);
     fprintf(f, ",\"requests\":%" PRId64 ",\"duration_s\":", cfg->requests);
@@ -1033,43 +1340,96 @@ static void print_json(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
                ",\"temperature\":",
             cfg->n_texts ? 0 : cfg->prompt_tokens, cfg->max_tokens, cfg->seed);
     uc_ctl_json_num(f, cfg->temperature);
-    fprintf(f, ",\"ignore_eos\":%s,\"warmup\":%d},\"runs\":[", cfg->ignore_eos ? "true" : "false",
-            cfg->warmup);
-    for (int i = 0; i < n; i++) {
-        const struct summary *x = &s[i];
-        fprintf(f, "%s{\"setting\":", i ? "," : "");
-        uc_ctl_json_str(f, x->label);
-        fprintf(f, ",\"completed\":%" PRId64 ",\"failed\":%" PRId64 ",\"duration_s\":",
-                x->completed, x->failed);
-        uc_ctl_json_num(f, x->duration_s);
-        fprintf(f, ",\"requests_per_s\":");
-        uc_ctl_json_num(f, x->req_s);
-        fprintf(f, ",\"output_tokens_per_s\":");
-        uc_ctl_json_num(f, x->out_tok_s);
-        fprintf(f, ",\"total_tokens_per_s\":");
-        uc_ctl_json_num(f, x->total_tok_s);
-        fprintf(f, ",\"prompt_tokens_total\":%" PRIu64 ",\"output_tokens_total\":%" PRIu64,
-                x->prompt_tokens, x->output_tokens);
-        json_dist(f, "ttft_ms", &x->ttft);
-        json_dist(f, "itl_ms", &x->itl);
-        json_dist(f, "tpot_ms", &x->tpot);
-        json_dist(f, "e2e_ms", &x->e2e);
-        fprintf(f, ",\"kv_tokens_full\":%" PRIu64 ",\"kv_tokens_kept\":%" PRIu64
-                   ",\"kv_kept_ratio\":",
-                x->kv_full, x->kv_kept);
-        uc_ctl_json_num(f, x->kv_full ? (double)x->kv_kept / (double)x->kv_full : NAN);
-        fprintf(f, ",\"errors\":{");
-        bool first = true;
-        for (int c = 0; c < UC_GRPC_N_CODES; c++) {
-            if (x->errors[c]) {
-                fprintf(f, "%s\"%s\":%" PRId64, first ? "" : ",", uc_client_code_name(c),
-                        x->errors[c]);
-                first = false;
-            }
+    fprintf(f, ",\"ignore_eos\":%s,\"warmup\":%d,\"rounds\":%d},\"runs\":[",
+            cfg->ignore_eos ? "true" : "false", cfg->warmup, rounds);
+    for (int r = 0; r < rounds; r++) {
+        for (int i = 0; i < n; i++) {
+            fprintf(f, "%s", r || i ? "," : "");
+            json_run(f, &s[r * n + i], rounds > 1 ? r + 1 : 0);
         }
-        fprintf(f, "}}");
     }
-    fprintf(f, "]}\n");
+    fprintf(f, "]");
+    if (rounds > 1) {
+        fprintf(f, ",\"medians\":[");
+        for (int i = 0; i < n; i++) {
+            fprintf(f, "%s", i ? "," : "");
+            json_run(f, &med[i], 0);
+        }
+        fprintf(f, "]");
+    }
+    fprintf(f, "}\n");
+}
+
+/* The median of n values (v is reordered). */
+static double median_of(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof(double), cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* The median over the rounds of the double (or, with u64, the uint64_t) at byte offset off of
+ * setting i's summaries (s: rounds x n, round-major). */
+static double median_at(const struct summary *s, int n, int rounds, int i, size_t off, bool u64)
+{
+    double v[MAX_ROUNDS];
+    for (int r = 0; r < rounds; r++) {
+        const char *p = (const char *)&s[r * n + i] + off;
+        uint64_t u;
+        if (u64) {
+            memcpy(&u, p, sizeof u);
+            v[r] = (double)u;
+        } else {
+            memcpy(&v[r], p, sizeof v[r]);
+        }
+    }
+    return median_of(v, rounds);
+}
+
+/* Each figure's median over the rounds of setting i; failures and errors are summed. */
+static void median_summary(const struct summary *s, int n, int rounds, int i, struct summary *out)
+{
+    *out = s[i];
+    static const size_t doubles[] = {offsetof(struct summary, duration_s),
+                                     offsetof(struct summary, req_s),
+                                     offsetof(struct summary, out_tok_s),
+                                     offsetof(struct summary, total_tok_s)};
+    static const size_t dists[] = {offsetof(struct summary, ttft), offsetof(struct summary, itl),
+                                   offsetof(struct summary, tpot), offsetof(struct summary, e2e)};
+    static const size_t stats[] = {offsetof(struct dist, mean), offsetof(struct dist, p50),
+                                   offsetof(struct dist, p90), offsetof(struct dist, p99),
+                                   offsetof(struct dist, max)};
+    static const size_t u64s[] = {offsetof(struct summary, prompt_tokens),
+                                  offsetof(struct summary, output_tokens),
+                                  offsetof(struct summary, kv_full),
+                                  offsetof(struct summary, kv_kept)};
+    for (size_t k = 0; k < sizeof(doubles) / sizeof(doubles[0]); k++) {
+        double m = median_at(s, n, rounds, i, doubles[k], false);
+        memcpy((char *)out + doubles[k], &m, sizeof m);
+    }
+    for (size_t k = 0; k < sizeof(dists) / sizeof(dists[0]); k++) {
+        for (size_t j = 0; j < sizeof(stats) / sizeof(stats[0]); j++) {
+            double m = median_at(s, n, rounds, i, dists[k] + stats[j], false);
+            memcpy((char *)out + dists[k] + stats[j], &m, sizeof m);
+        }
+    }
+    for (size_t k = 0; k < sizeof(u64s) / sizeof(u64s[0]); k++) {
+        uint64_t m = (uint64_t)median_at(s, n, rounds, i, u64s[k], true);
+        memcpy((char *)out + u64s[k], &m, sizeof m);
+    }
+    out->completed = 0;
+    out->failed = 0;
+    for (int r = 0; r < rounds; r++) {
+        out->completed += s[r * n + i].completed;
+        out->failed += s[r * n + i].failed;
+    }
+    out->completed /= rounds; /* per round, for the table */
+    out->failed /= rounds;
+    for (int c = 0; c < UC_GRPC_N_CODES; c++) {
+        out->errors[c] = 0;
+        for (int r = 0; r < rounds; r++) {
+            out->errors[c] += s[r * n + i].errors[c];
+        }
+    }
 }
 
 /* One table row: a label, then one value per run. */
@@ -1122,10 +1482,18 @@ GETTER(g_e2e_p99, s->e2e.p99)
 GETTER(g_kv_ratio, s->kv_full ? (double)s->kv_kept / (double)s->kv_full : NAN)
 #undef GETTER
 
+/* One table of n runs side by side, under a title line when title is not NULL. */
 static void print_table(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
-                        const struct summary *s, int n)
+                        const struct summary *s, int n, const char *title)
 {
-    printf("uncompctl bench: %s, ", ctl->server);
+    if (title) {
+        printf("== %s\n", title);
+    }
+    if (cfg->http_url) {
+        printf("uncompctl bench: gRPC %s, HTTP %s, ", ctl->server, cfg->http_url);
+    } else {
+        printf("uncompctl bench: %s, ", ctl->server);
+    }
     if (cfg->rate > 0) {
         printf("rate %.3g req/s (Poisson), max concurrency %d", cfg->rate, cfg->concurrency);
     } else {
@@ -1217,6 +1585,8 @@ enum {
     B_GROUPING,
     B_STAGE_STARTS,
     B_NO_PROGRESS,
+    B_HTTP,
+    B_ROUNDS,
 };
 
 static uint64_t bench_u64(const char *opt, const char *v, uint64_t max)
@@ -1263,6 +1633,8 @@ int uc_bench_main(const struct uc_ctl *ctl_in, int argc, char **argv)
         {"grouping", required_argument, NULL, B_GROUPING},
         {"stage-starts", required_argument, NULL, B_STAGE_STARTS},
         {"no-progress", no_argument, NULL, B_NO_PROGRESS},
+        {"http", required_argument, NULL, B_HTTP},
+        {"rounds", required_argument, NULL, B_ROUNDS},
         {NULL, 0, NULL, 0},
     };
     struct uc_ctl ctl = *ctl_in;
@@ -1271,6 +1643,8 @@ int uc_bench_main(const struct uc_ctl *ctl_in, int argc, char **argv)
     cfg.max_tokens = 32;
     cfg.ignore_eos = true;
     cfg.progress = true;
+    cfg.rounds = 1;
+    cfg.api_key = ctl_in->opts.api_key;
     cfg.bos = -1;
     bool prompt_tokens_set = false;
     const char *compare[MAX_SETTINGS + 1];
@@ -1375,6 +1749,22 @@ int uc_bench_main(const struct uc_ctl *ctl_in, int argc, char **argv)
         case B_NO_PROGRESS:
             cfg.progress = false;
             break;
+        case B_HTTP: {
+            char prefix[256];
+            cfg.http_url = optarg;
+            if (uc_http_url_parse(optarg, cfg.http_host, sizeof cfg.http_host, &cfg.http_port,
+                                  prefix, sizeof prefix) != UC_OK) {
+                bench_usage_error("--http expects http://HOST:PORT, got '%s'", optarg);
+            }
+            snprintf(cfg.http_path, sizeof cfg.http_path, "%s/v1/completions", prefix);
+            break;
+        }
+        case B_ROUNDS:
+            cfg.rounds = (int)bench_u64("--rounds", optarg, MAX_ROUNDS);
+            if (cfg.rounds < 1) {
+                bench_usage_error("--rounds must be at least 1");
+            }
+            break;
         case ':':
             bench_usage_error("option '%s' needs a value", argv[optind - 1]);
         default:
@@ -1427,31 +1817,47 @@ int uc_bench_main(const struct uc_ctl *ctl_in, int argc, char **argv)
         cfg.n_settings = 1;
     }
     uc_buf_fini(&base);
+    /* each setting's front: its own front=, else HTTP with --http */
+    bool any_grpc = false;
+    for (int i = 0; i < cfg.n_settings; i++) {
+        struct setting *st = &cfg.settings[i];
+        if (st->front == FRONT_HTTP && !cfg.http_url) {
+            bench_usage_error("setting '%s' needs --http URL", st->label);
+        }
+        if (st->front == FRONT_DEFAULT) {
+            st->front = cfg.http_url ? FRONT_HTTP : FRONT_GRPC;
+        }
+        any_grpc = any_grpc || st->front == FRONT_GRPC;
+    }
     load_prompts(&cfg);
 
-    /* one connection first: it checks the server is there and gives the vocabulary */
+    /* a gRPC connection first: it checks the server is there and gives the vocabulary (HTTP
+     * runs of text prompts need neither) */
     int code = UC_CTL_EXIT_OK;
-    struct uc_client *probe = uc_ctl_connect(&ctl, "bench", &code);
-    if (!probe) {
-        cfg_fini(&cfg);
-        return code;
-    }
-    struct uc_model_info mi;
-    struct uc_client_error err;
-    if (uc_client_model_info(probe, &mi, &err) != UC_OK) {
-        code = uc_ctl_fail(&ctl, "bench", &err);
+    cfg.vocab = 256;
+    if (any_grpc || !cfg.n_texts) {
+        struct uc_client *probe = uc_ctl_connect(&ctl, "bench", &code);
+        if (!probe) {
+            cfg_fini(&cfg);
+            return code;
+        }
+        struct uc_model_info mi;
+        struct uc_client_error err;
+        if (uc_client_model_info(probe, &mi, &err) != UC_OK) {
+            code = uc_ctl_fail(&ctl, "bench", &err);
+            uc_client_close(probe);
+            cfg_fini(&cfg);
+            return code;
+        }
+        cfg.vocab = mi.vocab_size ? mi.vocab_size : 256;
+        cfg.bos = mi.bos_token_id;
+        cfg.eos = mi.eos_token_ids;
+        cfg.n_eos = mi.n_eos_token_ids;
+        mi.eos_token_ids = NULL;
+        mi.n_eos_token_ids = 0;
+        uc_model_info_fini(&mi);
         uc_client_close(probe);
-        cfg_fini(&cfg);
-        return code;
     }
-    cfg.vocab = mi.vocab_size ? mi.vocab_size : 256;
-    cfg.bos = mi.bos_token_id;
-    cfg.eos = mi.eos_token_ids;
-    cfg.n_eos = mi.n_eos_token_ids;
-    mi.eos_token_ids = NULL;
-    mi.n_eos_token_ids = 0;
-    uc_model_info_fini(&mi);
-    uc_client_close(probe);
 
     struct sigaction sa, old_sa;
     memset(&sa, 0, sizeof(sa));
@@ -1460,32 +1866,54 @@ int uc_bench_main(const struct uc_ctl *ctl_in, int argc, char **argv)
     sigaction(SIGINT, &sa, &old_sa);
     bench_interrupted = 0;
 
-    struct summary sums[MAX_SETTINGS];
+    /* rounds x settings, round-major: A B A B ... on the same load */
+    static struct summary sums[MAX_ROUNDS * MAX_SETTINGS];
     int n_sums = 0;
-    for (int i = 0; i < cfg.n_settings && !bench_interrupted; i++) {
-        struct run r;
-        if (cfg.n_settings > 1 && !ctl.json && cfg.progress && isatty(STDERR_FILENO)) {
-            fprintf(stderr, "run %d/%d: %s\n", i + 1, cfg.n_settings, cfg.settings[i].label);
-        }
-        int rc = run_load(&ctl, &cfg, &cfg.settings[i], &r);
-        if (rc != UC_CTL_EXIT_OK) {
+    for (int round = 0; round < cfg.rounds && !bench_interrupted; round++) {
+        for (int i = 0; i < cfg.n_settings && !bench_interrupted; i++) {
+            struct run r;
+            if ((cfg.n_settings > 1 || cfg.rounds > 1) && !ctl.json && cfg.progress &&
+                isatty(STDERR_FILENO)) {
+                fprintf(stderr, "run %d/%d: %s\n", round * cfg.n_settings + i + 1,
+                        cfg.rounds * cfg.n_settings, cfg.settings[i].label);
+            }
+            int rc = run_load(&ctl, &cfg, &cfg.settings[i], &r);
+            if (rc != UC_CTL_EXIT_OK) {
+                run_fini(&r);
+                code = rc;
+                goto out;
+            }
+            if (!summarise_run(&r, cfg.settings[i].label, &sums[n_sums])) {
+                fprintf(stderr, "uncompctl: bench: out of memory\n");
+                run_fini(&r);
+                code = UC_CTL_EXIT_RPC;
+                goto out;
+            }
+            n_sums++;
             run_fini(&r);
-            code = rc;
-            goto out;
         }
-        if (!summarise_run(&r, cfg.settings[i].label, &sums[n_sums])) {
-            fprintf(stderr, "uncompctl: bench: out of memory\n");
-            run_fini(&r);
-            code = UC_CTL_EXIT_RPC;
-            goto out;
-        }
-        n_sums++;
-        run_fini(&r);
+    }
+    /* complete rounds (fewer after an interrupt; then a part of the first one alone) */
+    int rounds = n_sums / cfg.n_settings;
+    int n_cols = rounds > 0 ? cfg.n_settings : n_sums;
+    struct summary med[MAX_SETTINGS];
+    for (int i = 0; rounds > 1 && i < cfg.n_settings; i++) {
+        median_summary(sums, cfg.n_settings, rounds, i, &med[i]);
     }
     if (ctl.json) {
-        print_json(&ctl, &cfg, sums, n_sums);
+        print_json(&ctl, &cfg, sums, n_cols, rounds > 0 ? rounds : 1, med);
+    } else if (rounds <= 1) {
+        print_table(&ctl, &cfg, sums, n_cols, NULL);
     } else {
-        print_table(&ctl, &cfg, sums, n_sums);
+        for (int r = 0; r < rounds; r++) {
+            char title[64];
+            snprintf(title, sizeof title, "round %d of %d", r + 1, rounds);
+            print_table(&ctl, &cfg, &sums[r * cfg.n_settings], cfg.n_settings, title);
+            putchar('\n');
+        }
+        char title[64];
+        snprintf(title, sizeof title, "median of %d rounds (failures: per round)", rounds);
+        print_table(&ctl, &cfg, med, cfg.n_settings, title);
     }
     if (bench_interrupted) {
         fprintf(stderr, "uncompctl: bench: interrupted; the report covers what finished\n");

@@ -1,12 +1,14 @@
 /* The load generator behind `uncompctl bench` (like vLLM's benchmark_serving or ghz), and the
  * small output helpers uncompctl shares with it (JSON strings, exit codes, error lines).
  *
- * A run drives one uc_client connection per concurrent worker thread: closed loop
- * (`--concurrency N`, each worker sends its next request as soon as the last one finishes) or
- * open loop (`--rate R`, seeded Poisson arrivals, at most N in flight). Prompts come from files
- * or are synthetic token ids; the same seed gives the same prompts and arrivals, so two
- * compression settings (`--compare A B`) see exactly the same load. Times come from the
- * monotonic clock. */
+ * A run drives one connection per concurrent worker thread (gRPC through uc_client, or the
+ * OpenAI-compatible HTTP front with --http: the same requests as /v1/completions streams):
+ * closed loop (`--concurrency N`, each worker sends its next request as soon as the last one
+ * finishes) or open loop (`--rate R`, seeded Poisson arrivals, at most N in flight). Prompts come
+ * from files or are synthetic token ids; the same seed gives the same prompts and arrivals, so
+ * two settings (`--compare A B`: compression, or front=grpc/front=http) see exactly the same
+ * load; `--rounds N` alternates them N times and reports medians. Times come from the monotonic
+ * clock. */
 #ifndef UC_CLIENT_BENCH_H
 #define UC_CLIENT_BENCH_H
 
@@ -55,6 +57,9 @@ struct uc_client *uc_ctl_connect(const struct uc_ctl *ctl, const char *what, int
 void uc_ctl_json_str(FILE *f, const char *s);
 /* The same for the len bytes at s, NUL bytes included (written as \u0000). */
 void uc_ctl_json_strn(FILE *f, const char *s, size_t len);
+/* The same, appended to a buffer. */
+struct uc_buf;
+void uc_ctl_json_buf(struct uc_buf *b, const char *s, size_t len);
 /* Writes a JSON number with %.6g precision, or null when it is not finite. */
 void uc_ctl_json_num(FILE *f, double v);
 

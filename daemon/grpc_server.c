@@ -1,12 +1,10 @@
 /* The gRPC server on rank 0 (gRPC C core 1.51, completion queues): the Inference, Admin and
- * grpc.health.v1.Health services of API.md, and the Prometheus endpoint (metrics_http.c).
- * Two parts, top to bottom: the protobuf-c codec (request validation that names the offending
- * field, copies of scheduler events, response builders) and the server (completion-queue
- * threads, per-call state and reference counts, streaming with one send in flight per call,
- * health watch, drain and shutdown). Requests go to the scheduler; protobuf-c structs never leave
- * this file. The gRPC headers declare `f()` prototypes, so -Wstrict-prototypes is silenced
- * around them. */
-#include <math.h>
+ * grpc.health.v1.Health services of API.md, and the Prometheus endpoint (metrics_http.c). The
+ * server moves bytes and runs calls: completion-queue threads, per-call state and reference
+ * counts, streaming with one send in flight per call, health watch, drain and shutdown. Every
+ * message is decoded, validated and encoded by grpc_codec.c (generation requests through the
+ * request model both fronts share, request.h); requests go to the scheduler. The gRPC headers
+ * declare `f()` prototypes, so -Wstrict-prototypes is silenced around them. */
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -29,88 +27,16 @@
 #include "auth.h"
 #include "base/log.h"
 #include "base/mem.h"
-#include "base/pbwire.h"
 #include "base/status.h"
-#include "chat_template.h"
-#include "compress/profile.h"
-#include "grpc/health/v1/health.pb-c.h"
+#include "grpc_codec.h"
 #include "metrics_http.h"
 #include "model_config.h"
+#include "request.h"
 #include "sched.h"
 #include "server.h"
 #include "tokenizer.h"
-#include "uncomp/v1/uncomp.pb-c.h"
 
-/* =========================================================================================== */
-/* Codec                                                                                       */
-/* =========================================================================================== */
-
-/* A per-request arena: unpacked requests (as their ProtobufCAllocator) and response messages
- * under construction; everything is freed at once by arena_fini. */
-struct arena_blk {
-    struct arena_blk *next;
-    size_t pad; /* keeps the payload 16-byte aligned */
-};
-
-struct arena {
-    struct arena_blk *head;
-    bool oom;                  /* an allocation failed */
-    ProtobufCAllocator pb;     /* allocates from this arena (free is a no-op) */
-    const uint8_t *raw;        /* the request as received (unpack_msg keeps a copy), for the */
-    size_t raw_len;            /* text fields protobuf-c would cut at a NUL byte */
-};
-
-/* What Generate validation needs from the server. */
-struct gen_ctx {
-    const struct uc_tokenizer *tok;
-    const uint8_t *raw;                  /* the request's wire bytes (see raw_text) */
-    size_t raw_len;
-    int64_t vocab;                       /* ids must be below this */
-    int64_t n_layers;
-    struct uc_compress_params defaults;  /* the server's current default compression */
-};
-
-/* A validated request, ready for uc_sched_submit; owns the arrays it points into (strings point
- * into the unpacked message, which must outlive it). */
-struct gen_req {
-    struct uc_request req;
-    int32_t *prompt;        /* uc_malloc'd */
-    int32_t *stop_ids;      /* uc_malloc'd */
-    const char **stop;      /* uc_malloc'd array of strings borrowed from the request bytes */
-    size_t *stop_len;       /* uc_malloc'd: their lengths (they may hold NUL bytes) */
-};
-
-/* One scheduler event, deep-copied out of the engine thread's buffers into a call's queue. */
-struct ev_logprob {
-    int32_t token_id;
-    float logprob;
-    int32_t n_top;
-    int32_t *top_ids;   /* (n_top) */
-    float *top_lps;     /* (n_top) */
-};
-
-struct ev_item {
-    struct ev_item *next;
-    enum uc_event_kind kind;
-    int32_t index;              /* the choice */
-    /* TOKENS */
-    int32_t *ids;               /* (n_ids) */
-    int32_t n_ids;
-    char *text;                 /* (text_len + 1), NUL-terminated */
-    size_t text_len;
-    struct ev_logprob *lps;     /* (n_ids) or NULL */
-    /* DONE */
-    uc_status status;
-    char *message;
-    enum uc_finish_reason finish;
-    char *matched_stop;         /* (matched_stop_len + 1), NUL-terminated */
-    size_t matched_stop_len;
-    int64_t prompt_tokens, completion_tokens;
-    struct uc_timing timing;
-    struct uc_compress_params compress;
-    bool has_report;
-    struct uc_compress_report report;   /* entropy arrays owned by the item */
-};
+/* ---- byte buffers ---------------------------------------------------------------------------- */
 
 /* A unary reply: a message (NULL for an error) with a status code and, for errors, a message
  * a person can act on. */
@@ -120,155 +46,62 @@ struct unary_reply {
     char detail[512];
 };
 
-/* ---- arena ----------------------------------------------------------------------------------- */
-
-static void *arena_alloc(struct arena *a, size_t size_bytes);
-static void gen_req_fini(struct gen_req *r);
-
-static void *arena_pb_alloc(void *data, size_t size) { return arena_alloc(data, size); }
-static void arena_pb_free(void *data, void *p) {}
-
-static void arena_init(struct arena *a)
+/* Takes the encoded bytes over (no copy): gRPC frees them with uc_free when sent. NULL when out
+ * of memory (m is then freed). */
+static grpc_byte_buffer *byte_buffer_of(struct uc_grpc_msg *m)
 {
-    a->head = NULL;
-    a->oom = false;
-    a->raw = NULL;
-    a->raw_len = 0;
-    a->pb.alloc = arena_pb_alloc;
-    a->pb.free = arena_pb_free;
-    a->pb.allocator_data = a;
-}
-
-static void *arena_alloc(struct arena *a, size_t size_bytes)
-{
-    if (size_bytes > SIZE_MAX - sizeof(struct arena_blk) - 16) {
-        a->oom = true;
+    if (!m->data) {
         return NULL;
     }
-    struct arena_blk *b = uc_calloc(1, sizeof *b + size_bytes + 1);
-    if (!b) {
-        a->oom = true;
-        return NULL;
-    }
-    b->next = a->head;
-    a->head = b;
-    return b + 1;
+    grpc_slice sl = grpc_slice_new(m->data, m->len, uc_free);
+    m->data = NULL;
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
+    grpc_slice_unref(sl);
+    return bb;
 }
 
-static void arena_fini(struct arena *a)
+/* The request's wire bytes (a slice to unref), or false when none was sent. */
+static bool payload_bytes(grpc_byte_buffer *bb, grpc_slice *out)
 {
-    struct arena_blk *b = a->head;
-    while (b) {
-        struct arena_blk *n = b->next;
-        uc_free(b);
-        b = n;
-    }
-    a->head = NULL;
-}
-
-/* ---- byte buffers ---------------------------------------------------------------------------- */
-
-static ProtobufCMessage *unpack_msg(struct arena *a, const ProtobufCMessageDescriptor *d,
-                                    grpc_byte_buffer *bb)
-{
-    if (!bb) {
-        return NULL;
-    }
     grpc_byte_buffer_reader r;
-    if (!grpc_byte_buffer_reader_init(&r, bb)) {
-        return NULL;
+    if (!bb || !grpc_byte_buffer_reader_init(&r, bb)) {
+        return false;
     }
-    grpc_slice s = grpc_byte_buffer_reader_readall(&r);
+    *out = grpc_byte_buffer_reader_readall(&r);
     grpc_byte_buffer_reader_destroy(&r);
-    ProtobufCMessage *m =
-        protobuf_c_message_unpack(d, &a->pb, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
-    if (m) {
-        uint8_t *raw = arena_alloc(a, GRPC_SLICE_LENGTH(s));
-        if (raw) {
-            memcpy(raw, GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s));
-            a->raw = raw;
-            a->raw_len = GRPC_SLICE_LENGTH(s);
-        } else {
-            m = NULL;
+    return true;
+}
+
+/* Decodes a call's request message; on failure fills r with the error to send. */
+static bool payload_decode(grpc_byte_buffer *bb, enum uc_grpc_method m,
+                           struct uc_grpc_request *req, struct unary_reply *r)
+{
+    grpc_slice sl;
+    struct uc_req_error err;
+    uc_status rc;
+    if (payload_bytes(bb, &sl)) {
+        rc = uc_grpc_request_decode(req, m, GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl),
+                                    &err);
+        grpc_slice_unref(sl);
+    } else {
+        rc = uc_grpc_request_decode(req, m, NULL, 0, &err);
+        if (rc == UC_OK) {
+            rc = err.status = UC_ERR_INVALID_ARG;
         }
+        snprintf(err.message, sizeof err.message, "the request is not a valid %s message (no "
+                 "message was sent)", uc_grpc_method_message(m));
     }
-    grpc_slice_unref(s);
-    return m;
-}
-
-/* The bytes of a text field as sent, NUL bytes included (protobuf-c's copy stops at the first
- * one). `path` is the field numbers from the request down to the field; `index` the occurrence
- * of a repeated one (SIZE_MAX for a singular field). Falls back to the unpacked string. */
-static const char *raw_text(const uint8_t *raw, size_t raw_len, const uint32_t *path, int depth,
-                            size_t index, const char *unpacked, size_t *len)
-{
-    const uint8_t *d = NULL;
-    size_t n = 0;
-    if (uc_pb_find_bytes(raw, raw_len, path, depth, index, &d, &n)) {
-        *len = n;
-        return (const char *)d;
+    if (rc != UC_OK) {
+        r->msg = NULL;
+        r->code = (grpc_status_code)uc_grpc_status_of(rc);
+        snprintf(r->detail, sizeof r->detail, "%s", err.message);
+        return false;
     }
-    *len = unpacked ? strlen(unpacked) : 0;
-    return unpacked ? unpacked : "";
+    return true;
 }
 
-/* Packs m, which leaves its text field `field` empty, and appends that field with text[0..len)
- * so that NUL bytes survive (protobuf-c packs strings with strlen). NULL when out of memory. */
-static uint8_t *pack_with_text(struct arena *a, const ProtobufCMessage *m, uint32_t field,
-                               const char *text, size_t len, size_t *out_len)
-{
-    size_t n = protobuf_c_message_get_packed_size(m);
-    size_t extra = len > 0 ? uc_pb_bytes_field_size(field, len) : 0;
-    uint8_t *buf = arena_alloc(a, n + extra);
-    if (!buf) {
-        return NULL;
-    }
-    protobuf_c_message_pack(m, buf);
-    if (len > 0) {
-        uc_pb_put_bytes_field(buf + n, field, text, len);
-    }
-    *out_len = n + extra;
-    return buf;
-}
-
-static grpc_byte_buffer *bytes_msg(const uint8_t *data, size_t n)
-{
-    grpc_slice s = grpc_slice_from_copied_buffer((const char *)data, n);
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
-    grpc_slice_unref(s);
-    return bb;
-}
-
-static grpc_byte_buffer *pack_msg(const ProtobufCMessage *m)
-{
-    size_t n = protobuf_c_message_get_packed_size(m);
-    grpc_slice s = grpc_slice_malloc(n);
-    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
-    grpc_slice_unref(s);
-    return bb;
-}
-
-static grpc_status_code status_code_of(uc_status st)
-{
-    switch (st) {
-    case UC_OK:
-        return GRPC_STATUS_OK;
-    case UC_ERR_INVALID_ARG:
-        return GRPC_STATUS_INVALID_ARGUMENT;
-    case UC_ERR_KV_FULL:
-        return GRPC_STATUS_RESOURCE_EXHAUSTED;
-    case UC_ERR_UNAVAILABLE:
-        return GRPC_STATUS_UNAVAILABLE;
-    case UC_ERR_TIMEOUT:
-        return GRPC_STATUS_DEADLINE_EXCEEDED;
-    case UC_ERR_CANCELLED:
-        return GRPC_STATUS_CANCELLED;
-    default:
-        return GRPC_STATUS_INTERNAL;
-    }
-}
-
+static void reply_set_error(struct unary_reply *r, grpc_status_code code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 static void reply_set_error(struct unary_reply *r, grpc_status_code code, const char *fmt, ...)
 {
     va_list ap;
@@ -279,10 +112,13 @@ static void reply_set_error(struct unary_reply *r, grpc_status_code code, const 
     r->msg = NULL;
 }
 
-/* A packed reply, or INTERNAL when packing ran out of memory. */
-static void reply_msg(struct unary_reply *r, const ProtobufCMessage *m, bool oom)
+/* A reply of encoded bytes (rc: the encoder's result), or RESOURCE_EXHAUSTED when encoding ran
+ * out of memory. */
+static void reply_set_msg(struct unary_reply *r, uc_status rc, struct uc_grpc_msg *m)
 {
-    r->msg = oom ? NULL : pack_msg(m);
+    r->msg = rc == UC_OK ? byte_buffer_of(m) : NULL;
+    uc_free(m->data);
+    m->data = NULL;
     if (!r->msg) {
         reply_set_error(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
         return;
@@ -291,1158 +127,7 @@ static void reply_msg(struct unary_reply *r, const ProtobufCMessage *m, bool oom
     r->detail[0] = '\0';
 }
 
-/* ---- GenerateRequest validation -------------------------------------------------------------- */
-
-#define BAD(...)                                                                                   \
-    do {                                                                                           \
-        snprintf(msg, msg_size, __VA_ARGS__);                                                      \
-        rc = UC_ERR_INVALID_ARG;                                                                   \
-        goto out_fail;                                                                             \
-    } while (0)
-
-static void policy_list(char *out, size_t cap)
-{
-    size_t n = 0;
-    out[0] = '\0';
-    for (int i = 0; i < UC_POLICY_COUNT && n < cap; i++) {
-        n += (size_t)snprintf(out + n, cap - n, "%s%s", i ? ", " : "",
-                              uc_policy_name((enum uc_policy)i));
-    }
-}
-
-static bool printable_id(const char *s)
-{
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p <= 0x20 || *p >= 0x7f) {
-            return false;
-        }
-    }
-    return true;
-}
-
-/* Largest values a request may carry (the scheduler applies the configured, smaller limits). */
-#define MAX_LOGPROBS 20
-#define MAX_STOP_STRINGS 64
-#define MAX_STOP_BYTES 1024
-
-static uc_status sampling_from(struct gen_req *out, const Uncomp__V1__SamplingParams *s,
-                               const struct gen_ctx *ctx, char *msg, size_t msg_size)
-{
-    uc_status rc = UC_OK;
-    struct uc_request *r = &out->req;
-    struct uc_sampling_params sp = uc_sampling_default_params();
-    if (!s) {
-        r->sampling = sp;
-        return UC_OK;
-    }
-    /* temperature: an explicit value (has_temperature, or any non-zero value) is used as is */
-    if (s->has_temperature || s->temperature != 0.0f) {
-        if (!isfinite(s->temperature) || s->temperature < 0.0f) {
-            BAD("sampling.temperature=%g must be a finite number >= 0 (0 = greedy)",
-                (double)s->temperature);
-        }
-        sp.temperature = s->temperature;
-    }
-    if (s->top_p != 0.0f) {
-        if (!(s->top_p > 0.0f && s->top_p <= 1.0f)) {
-            BAD("sampling.top_p=%g must be in (0, 1]", (double)s->top_p);
-        }
-        sp.top_p = s->top_p;
-    }
-    if (s->top_k > INT32_MAX) {
-        BAD("sampling.top_k=%u is too large", s->top_k);
-    }
-    sp.top_k = (int32_t)s->top_k;
-    if (!(s->min_p >= 0.0f && s->min_p <= 1.0f)) {
-        BAD("sampling.min_p=%g must be in [0, 1]", (double)s->min_p);
-    }
-    sp.min_p = s->min_p;
-    if (s->repetition_penalty != 0.0f) {
-        if (!(isfinite(s->repetition_penalty) && s->repetition_penalty > 0.0f)) {
-            BAD("sampling.repetition_penalty=%g must be a finite number > 0 (1 = off)",
-                (double)s->repetition_penalty);
-        }
-        sp.repetition_penalty = s->repetition_penalty;
-    }
-    if (!(s->frequency_penalty >= -2.0f && s->frequency_penalty <= 2.0f)) {
-        BAD("sampling.frequency_penalty=%g must be in [-2, 2]", (double)s->frequency_penalty);
-    }
-    sp.frequency_penalty = s->frequency_penalty;
-    if (!(s->presence_penalty >= -2.0f && s->presence_penalty <= 2.0f)) {
-        BAD("sampling.presence_penalty=%g must be in [-2, 2]", (double)s->presence_penalty);
-    }
-    sp.presence_penalty = s->presence_penalty;
-    sp.has_seed = s->has_seed;
-    sp.seed = s->seed;
-    rc = uc_sampling_params_validate(&sp, msg, msg_size);
-    if (rc != UC_OK) {
-        goto out_fail;
-    }
-    r->sampling = sp;
-
-    if (s->max_tokens > INT32_MAX) {
-        BAD("sampling.max_tokens=%u is too large", s->max_tokens);
-    }
-    if (s->min_tokens > INT32_MAX) {
-        BAD("sampling.min_tokens=%u is too large", s->min_tokens);
-    }
-    if (s->max_tokens != 0 && s->min_tokens > s->max_tokens) {
-        BAD("sampling.min_tokens=%u must be <= sampling.max_tokens=%u", s->min_tokens,
-            s->max_tokens);
-    }
-    r->max_tokens = (int32_t)s->max_tokens;
-    r->min_tokens = (int32_t)s->min_tokens;
-    r->ignore_eos = s->ignore_eos;
-    if (s->logprobs > MAX_LOGPROBS) {
-        BAD("sampling.logprobs=%u must be <= %d", s->logprobs, MAX_LOGPROBS);
-    }
-    r->logprobs = (int32_t)s->logprobs;
-
-    if (s->n_stop > MAX_STOP_STRINGS) {
-        BAD("sampling.stop has %zu strings; at most %d", s->n_stop, MAX_STOP_STRINGS);
-    }
-    if (s->n_stop > 0) {
-        out->stop = uc_calloc(s->n_stop, sizeof *out->stop);
-        out->stop_len = uc_calloc(s->n_stop, sizeof *out->stop_len);
-        if (!out->stop || !out->stop_len) {
-            snprintf(msg, msg_size, "out of memory");
-            rc = UC_ERR_NOMEM;
-            goto out_fail;
-        }
-        for (size_t i = 0; i < s->n_stop; i++) {
-            /* the bytes as sent: a stop string may hold NUL bytes */
-            static const uint32_t stop_path[] = {4, 11}; /* sampling.stop */
-            size_t len = 0;
-            const char *stop = raw_text(ctx->raw, ctx->raw_len, stop_path, 2, i, s->stop[i], &len);
-            if (len == 0) {
-                BAD("sampling.stop[%zu] is empty", i);
-            }
-            if (len > MAX_STOP_BYTES) {
-                BAD("sampling.stop[%zu] is %zu bytes; at most %d", i, len, MAX_STOP_BYTES);
-            }
-            out->stop[i] = stop;
-            out->stop_len[i] = len;
-        }
-        r->stop = out->stop;
-        r->stop_len = out->stop_len;
-        r->n_stop = (int32_t)s->n_stop;
-    }
-    if (s->n_stop_token_ids > MAX_STOP_STRINGS) {
-        BAD("sampling.stop_token_ids has %zu ids; at most %d", s->n_stop_token_ids,
-            MAX_STOP_STRINGS);
-    }
-    if (s->n_stop_token_ids > 0) {
-        out->stop_ids = uc_calloc(s->n_stop_token_ids, sizeof *out->stop_ids);
-        if (!out->stop_ids) {
-            snprintf(msg, msg_size, "out of memory");
-            rc = UC_ERR_NOMEM;
-            goto out_fail;
-        }
-        for (size_t i = 0; i < s->n_stop_token_ids; i++) {
-            if ((int64_t)s->stop_token_ids[i] >= ctx->vocab) {
-                BAD("sampling.stop_token_ids[%zu]=%u is out of range [0, %lld)", i,
-                    s->stop_token_ids[i], (long long)ctx->vocab);
-            }
-            out->stop_ids[i] = (int32_t)s->stop_token_ids[i];
-        }
-        r->stop_ids = out->stop_ids;
-        r->n_stop_ids = (int32_t)s->n_stop_token_ids;
-    }
-    return UC_OK;
-out_fail:
-    return rc;
-}
-
-static int32_t clamp_u32(uint32_t v) { return v > INT32_MAX ? INT32_MAX : (int32_t)v; }
-
-static uc_status compress_from(struct uc_request *r, const Uncomp__V1__CompressionParams *c,
-                               const struct gen_ctx *ctx, char *msg, size_t msg_size)
-{
-    uc_status rc = UC_OK;
-    if (!c) {
-        r->has_compress = false;
-        return UC_OK;
-    }
-    struct uc_compress_params cp = ctx->defaults;
-    if (c->policy && c->policy[0] && !uc_policy_parse(c->policy, &cp.policy)) {
-        char names[160];
-        policy_list(names, sizeof names);
-        BAD("compression.policy=\"%.64s\" is unknown; use one of: %s", c->policy, names);
-    }
-    if (c->kv_budget) {
-        cp.kv_budget = clamp_u32(c->kv_budget);
-    }
-    if (c->window) {
-        cp.window = clamp_u32(c->window);
-    }
-    if (c->pool_kernel) {
-        cp.pool_kernel = clamp_u32(c->pool_kernel);
-    }
-    if (c->sink_tokens) {
-        cp.sink_tokens = clamp_u32(c->sink_tokens);
-    }
-    if (c->head_groups) {
-        cp.head_groups = clamp_u32(c->head_groups);
-    }
-    if (c->decode_mode && c->decode_mode[0] && !uc_decode_mode_parse(c->decode_mode,
-                                                                     &cp.decode_mode)) {
-        BAD("compression.decode_mode=\"%.64s\" must be append or evict", c->decode_mode);
-    }
-    if (c->grouping && c->grouping[0] && !uc_grouping_parse(c->grouping, &cp.grouping)) {
-        BAD("compression.grouping=\"%.64s\" must be profile or prompt", c->grouping);
-    }
-    if (c->n_stage_starts > 0) {
-        if (c->n_stage_starts > UC_MAX_STAGES - 1) {
-            BAD("compression.stage_starts has %zu boundaries; at most %d", c->n_stage_starts,
-                UC_MAX_STAGES - 1);
-        }
-        cp.n_stage_starts = (int32_t)c->n_stage_starts;
-        for (size_t i = 0; i < c->n_stage_starts; i++) {
-            cp.stage_starts[i] = clamp_u32(c->stage_starts[i]);
-        }
-    }
-    if (c->r_min != 0.0f) {
-        cp.r_min = c->r_min;
-    }
-    rc = uc_compress_params_validate(&cp, ctx->n_layers, msg, msg_size);
-    if (rc != UC_OK) {
-        goto out_fail;
-    }
-    r->has_compress = true;
-    r->compress = cp;
-    return UC_OK;
-out_fail:
-    return rc;
-}
-
-static uc_status gen_request_parse(struct gen_req *out, const Uncomp__V1__GenerateRequest *in,
-                                   const struct gen_ctx *ctx, char *msg, size_t msg_size)
-{
-    uc_status rc = UC_OK;
-    memset(out, 0, sizeof *out);
-    uc_request_init(&out->req);
-    struct uc_request *r = &out->req;
-    msg[0] = '\0';
-
-    /* request id */
-    const char *id = in->request_id ? in->request_id : "";
-    if (strlen(id) >= UC_REQUEST_ID_MAX) {
-        BAD("request_id is %zu bytes; at most %d", strlen(id), UC_REQUEST_ID_MAX - 1);
-    }
-    if (!printable_id(id)) {
-        BAD("request_id must be printable ASCII without spaces");
-    }
-    snprintf(r->request_id, sizeof r->request_id, "%s", id);
-
-    /* input */
-    switch (in->input_case) {
-    case UNCOMP__V1__GENERATE_REQUEST__INPUT_TEXT: {
-        static const uint32_t text_path[] = {2}; /* GenerateRequest.text */
-        size_t len = 0;
-        const char *text = raw_text(ctx->raw, ctx->raw_len, text_path, 1, SIZE_MAX, in->text,
-                                    &len);
-        if (len == 0) {
-            BAD("text is empty: the prompt needs at least one token");
-        }
-        bool add_special = in->has_add_special_tokens ? in->add_special_tokens : true;
-        int64_t n = 0;
-        char why[256];
-        uc_status trc = uc_tokenizer_encode_msg(ctx->tok, text, len, add_special, &out->prompt,
-                                                &n, why, sizeof why);
-        if (trc == UC_ERR_INVALID_ARG) {
-            BAD("text: %s", why);
-        } else if (trc != UC_OK) {
-            snprintf(msg, msg_size, "tokenizer failed: %s: %s", uc_status_str(trc), why);
-            rc = trc;
-            goto out_fail;
-        }
-        if (n == 0) {
-            BAD("text produced no tokens");
-        }
-        r->prompt = out->prompt;
-        r->n_prompt = n;
-        break;
-    }
-    case UNCOMP__V1__GENERATE_REQUEST__INPUT_TOKEN_IDS: {
-        size_t n = in->token_ids ? in->token_ids->n_ids : 0;
-        if (n == 0) {
-            BAD("token_ids is empty: the prompt needs at least one token");
-        }
-        out->prompt = uc_malloc(n * sizeof *out->prompt);
-        if (!out->prompt) {
-            snprintf(msg, msg_size, "out of memory");
-            rc = UC_ERR_NOMEM;
-            goto out_fail;
-        }
-        for (size_t i = 0; i < n; i++) {
-            uint32_t t = in->token_ids->ids[i];
-            if ((int64_t)t >= ctx->vocab) {
-                BAD("token_ids[%zu]=%u is out of range [0, %lld)", i, t, (long long)ctx->vocab);
-            }
-            out->prompt[i] = (int32_t)t;
-        }
-        r->prompt = out->prompt;
-        r->n_prompt = (int64_t)n;
-        break;
-    }
-    default:
-        BAD("input is missing: set text or token_ids");
-    }
-
-    if (in->n > UC_SCHED_MAX_N) {
-        BAD("n=%u must be in [1, %d] (0 = 1)", in->n, UC_SCHED_MAX_N);
-    }
-    r->n = (int32_t)in->n;
-    rc = sampling_from(out, in->sampling, ctx, msg, msg_size);
-    if (rc != UC_OK) {
-        goto out_fail;
-    }
-    rc = compress_from(r, in->compression, ctx, msg, msg_size);
-    if (rc != UC_OK) {
-        goto out_fail;
-    }
-    return UC_OK;
-out_fail:
-    gen_req_fini(out);
-    return rc;
-}
-
-#undef BAD
-
-static void gen_req_fini(struct gen_req *r)
-{
-    UC_FREE(r->prompt);
-    UC_FREE(r->stop_ids);
-    UC_FREE(r->stop);
-    UC_FREE(r->stop_len);
-    r->req.prompt = NULL;
-    r->req.stop = NULL;
-    r->req.stop_len = NULL;
-    r->req.stop_ids = NULL;
-}
-
-/* ---- stream events --------------------------------------------------------------------------- */
-
-static void *dup_mem(const void *p, size_t n)
-{
-    void *d = uc_malloc(n ? n : 1);
-    if (d && n) {
-        memcpy(d, p, n);
-    }
-    return d;
-}
-
-static char *dup_str(const char *s, size_t n)
-{
-    char *d = uc_malloc(n + 1);
-    if (d) {
-        if (n) {
-            memcpy(d, s, n);
-        }
-        d[n] = '\0';
-    }
-    return d;
-}
-
-static void ev_item_free(struct ev_item *it)
-{
-    if (!it) {
-        return;
-    }
-    uc_free(it->ids);
-    uc_free(it->text);
-    if (it->lps) {
-        for (int32_t i = 0; i < it->n_ids; i++) {
-            uc_free(it->lps[i].top_ids);
-            uc_free(it->lps[i].top_lps);
-        }
-        uc_free(it->lps);
-    }
-    uc_free(it->message);
-    uc_free(it->matched_stop);
-    uc_free(it->report.entropy_min);
-    uc_free(it->report.entropy_mean);
-    uc_free(it->report.entropy_max);
-    uc_free(it);
-}
-
-static struct ev_item *ev_item_copy(const struct uc_gen_event *ev)
-{
-    struct ev_item *it = uc_calloc(1, sizeof *it);
-    if (!it) {
-        return NULL;
-    }
-    it->kind = ev->kind;
-    it->index = ev->index;
-    if (ev->kind == UC_EVENT_TOKENS) {
-        int32_t n = ev->n_ids > 0 ? ev->n_ids : 0;
-        it->n_ids = n;
-        it->ids = dup_mem(ev->ids, (size_t)n * sizeof(int32_t));
-        it->text = dup_str(ev->text ? ev->text : "", ev->text ? ev->text_len : 0);
-        it->text_len = ev->text ? ev->text_len : 0;
-        if (!it->ids || !it->text) {
-            goto out_free;
-        }
-        if (ev->logprobs && n > 0) {
-            it->lps = uc_calloc((size_t)n, sizeof *it->lps);
-            if (!it->lps) {
-                goto out_free;
-            }
-            for (int32_t i = 0; i < n; i++) {
-                const struct uc_token_logprob *s = &ev->logprobs[i];
-                struct ev_logprob *d = &it->lps[i];
-                d->token_id = s->token_id;
-                d->logprob = s->logprob;
-                d->n_top = s->n_top > 0 && s->top_ids && s->top_logprobs ? s->n_top : 0;
-                if (d->n_top > 0) {
-                    d->top_ids = dup_mem(s->top_ids, (size_t)d->n_top * sizeof(int32_t));
-                    d->top_lps = dup_mem(s->top_logprobs, (size_t)d->n_top * sizeof(float));
-                    if (!d->top_ids || !d->top_lps) {
-                        goto out_free;
-                    }
-                }
-            }
-        }
-        return it;
-    }
-    it->status = ev->status;
-    it->message = dup_str(ev->message ? ev->message : "", ev->message ? strlen(ev->message) : 0);
-    it->matched_stop_len = ev->matched_stop ? ev->matched_stop_len : 0;
-    it->matched_stop = dup_str(ev->matched_stop ? ev->matched_stop : "", it->matched_stop_len);
-    if (!it->message || !it->matched_stop) {
-        goto out_free;
-    }
-    it->finish = ev->finish;
-    it->prompt_tokens = ev->prompt_tokens;
-    it->completion_tokens = ev->completion_tokens;
-    it->timing = ev->timing;
-    it->compress = ev->compress;
-    if (ev->report) {
-        it->has_report = true;
-        it->report = *ev->report;
-        it->report.entropy_min = NULL;
-        it->report.entropy_mean = NULL;
-        it->report.entropy_max = NULL;
-        int64_t L = ev->report->n_layers > 0 ? ev->report->n_layers : 0;
-        if (L > 0 && ev->report->entropy_min && ev->report->entropy_mean &&
-            ev->report->entropy_max) {
-            size_t bytes = (size_t)L * sizeof(double);
-            it->report.entropy_min = dup_mem(ev->report->entropy_min, bytes);
-            it->report.entropy_mean = dup_mem(ev->report->entropy_mean, bytes);
-            it->report.entropy_max = dup_mem(ev->report->entropy_max, bytes);
-            if (!it->report.entropy_min || !it->report.entropy_mean || !it->report.entropy_max) {
-                goto out_free;
-            }
-        } else {
-            it->report.n_layers = 0;
-        }
-    }
-    return it;
-out_free:
-    ev_item_free(it);
-    return NULL;
-}
-
-static grpc_byte_buffer *pack_chunk(const char *request_id, const struct ev_item *first,
-                                    const struct ev_item *end, int32_t index)
-{
-    size_t n_ids = 0, n_text = 0;
-    bool any_lp = false;
-    for (const struct ev_item *it = first; it != end; it = it->next) {
-        n_ids += (size_t)it->n_ids;
-        n_text += it->text_len;
-        any_lp = any_lp || it->lps;
-    }
-    struct arena a;
-    arena_init(&a);
-    uint32_t *ids = arena_alloc(&a, n_ids * sizeof *ids);
-    char *text = arena_alloc(&a, n_text + 1);
-    Uncomp__V1__TokenLogprob **lps = NULL;
-    if (any_lp) {
-        lps = arena_alloc(&a, n_ids * sizeof *lps);
-    }
-    grpc_byte_buffer *bb = NULL;
-    if (a.oom) {
-        goto out;
-    }
-    size_t k = 0, t = 0;
-    for (const struct ev_item *it = first; it != end; it = it->next) {
-        for (int32_t i = 0; i < it->n_ids; i++) {
-            if (lps) {
-                Uncomp__V1__TokenLogprob *lp = arena_alloc(&a, sizeof *lp);
-                if (!lp) {
-                    goto out;
-                }
-                uncomp__v1__token_logprob__init(lp);
-                lp->token_id = (uint32_t)it->ids[i];
-                if (it->lps) {
-                    const struct ev_logprob *s = &it->lps[i];
-                    lp->logprob = s->logprob;
-                    lp->n_top_ids = lp->n_top_logprobs = (size_t)s->n_top;
-                    lp->top_ids = (uint32_t *)s->top_ids;
-                    lp->top_logprobs = s->top_lps;
-                }
-                lps[k] = lp;
-            }
-            ids[k++] = (uint32_t)it->ids[i];
-        }
-        memcpy(text + t, it->text, it->text_len);
-        t += it->text_len;
-    }
-    text[t] = '\0';
-    Uncomp__V1__Chunk chunk;
-    uncomp__v1__chunk__init(&chunk);
-    chunk.n_token_ids = n_ids;
-    chunk.token_ids = ids;
-    chunk.n_logprobs = lps ? n_ids : 0;
-    chunk.logprobs = lps;
-    chunk.index = (uint32_t)index;
-    /* the text goes on the wire by hand, with its length (it may hold NUL bytes) */
-    size_t chunk_len = 0, resp_len = 0;
-    uint8_t *chunk_bytes = pack_with_text(&a, &chunk.base, 2, text, t, &chunk_len);
-    if (!chunk_bytes) {
-        goto out;
-    }
-    Uncomp__V1__GenerateResponse resp;
-    uncomp__v1__generate_response__init(&resp);
-    resp.request_id = (char *)(uintptr_t)request_id;
-    uint8_t *resp_bytes = pack_with_text(&a, &resp.base, 2, (const char *)chunk_bytes, chunk_len,
-                                         &resp_len);
-    if (chunk_len == 0 && resp_bytes) {
-        /* an empty chunk is still a chunk: the oneof case needs its (empty) field */
-        uint8_t *b2 = arena_alloc(&a, resp_len + 2);
-        if (!b2) {
-            goto out;
-        }
-        memcpy(b2, resp_bytes, resp_len);
-        b2[resp_len] = (uint8_t)(2 << 3 | 2);
-        b2[resp_len + 1] = 0;
-        resp_bytes = b2;
-        resp_len += 2;
-    }
-    if (resp_bytes) {
-        bb = bytes_msg(resp_bytes, resp_len);
-    }
-out:
-    arena_fini(&a);
-    return bb;
-}
-
-static Uncomp__V1__FinishReason finish_pb(enum uc_finish_reason f)
-{
-    switch (f) {
-    case UC_FINISH_STOP:
-        return UNCOMP__V1__FINISH_REASON__STOP;
-    case UC_FINISH_LENGTH:
-        return UNCOMP__V1__FINISH_REASON__LENGTH;
-    case UC_FINISH_ABORTED:
-        return UNCOMP__V1__FINISH_REASON__ABORTED;
-    case UC_FINISH_ERROR:
-        return UNCOMP__V1__FINISH_REASON__ERROR;
-    default:
-        return UNCOMP__V1__FINISH_REASON__FINISH_REASON_UNSPECIFIED;
-    }
-}
-
-static uint64_t u64_of(int64_t v) { return v > 0 ? (uint64_t)v : 0; }
-
-static grpc_byte_buffer *pack_complete(const char *request_id, const struct ev_item *d)
-{
-    struct arena a;
-    arena_init(&a);
-    grpc_byte_buffer *bb = NULL;
-    Uncomp__V1__Usage usage;
-    uncomp__v1__usage__init(&usage);
-    usage.prompt_tokens = (uint32_t)u64_of(d->prompt_tokens);
-    usage.completion_tokens = (uint32_t)u64_of(d->completion_tokens);
-    Uncomp__V1__Timing timing;
-    uncomp__v1__timing__init(&timing);
-    timing.queue_ms = d->timing.queue_ms;
-    timing.ttft_ms = d->timing.ttft_ms;
-    timing.prefill_ms = d->timing.prefill_ms;
-    timing.decode_ms = d->timing.decode_ms;
-    timing.total_ms = d->timing.total_ms;
-
-    Uncomp__V1__CompressionReport rep;
-
-    uncomp__v1__compression_report__init(&rep);
-    rep.policy = (char *)(uintptr_t)uc_policy_name(d->has_report ? d->report.policy
-                                                                 : d->compress.policy);
-    rep.kv_budget = (uint32_t)(d->compress.kv_budget > 0 ? d->compress.kv_budget : 0);
-    rep.decode_mode = (char *)(uintptr_t)uc_decode_mode_name(d->compress.decode_mode);
-    rep.grouping = (char *)(uintptr_t)uc_grouping_name(d->compress.grouping);
-    if (d->has_report) {
-        const struct uc_compress_report *r = &d->report;
-        rep.kv_budget = (uint32_t)(r->kv_budget > 0 ? r->kv_budget : 0);
-        rep.kv_tokens_full = u64_of(r->kv_tokens_full);
-        rep.kv_tokens_kept = u64_of(r->kv_tokens_kept);
-        rep.kv_bytes_full = u64_of(r->kv_bytes_full);
-        rep.kv_bytes_kept = u64_of(r->kv_bytes_kept);
-        rep.ratio = r->ratio;
-        rep.compress_ms = r->compress_ms;
-        rep.plan_checksum = r->plan_checksum;
-        int32_t ns = r->n_stages;
-        if (ns > UC_MAX_STAGES + 1) {
-            ns = UC_MAX_STAGES + 1;
-        }
-        if (ns > 0) {
-            rep.stage_rows = arena_alloc(&a, (size_t)ns * sizeof *rep.stage_rows);
-            if (!rep.stage_rows) {
-                goto out;
-            }
-            for (int32_t i = 0; i < ns; i++) {
-                rep.stage_rows[i] = u64_of(r->stage_rows[i]);
-            }
-            rep.n_stage_rows = (size_t)ns;
-        }
-        int32_t nb = ns > 1 ? ns - 1 : 0;
-        if (nb > UC_MAX_STAGES) {
-            nb = UC_MAX_STAGES;
-        }
-        if (nb > 0) {
-            rep.stage_starts = arena_alloc(&a, (size_t)nb * sizeof *rep.stage_starts);
-            if (!rep.stage_starts) {
-                goto out;
-            }
-            for (int32_t i = 0; i < nb; i++) {
-                rep.stage_starts[i] = (uint32_t)(r->stage_starts[i] > 0 ? r->stage_starts[i] : 0);
-            }
-            rep.n_stage_starts = (size_t)nb;
-        }
-        int32_t ng = r->n_groups > UC_MAX_HEAD_GROUPS ? UC_MAX_HEAD_GROUPS : r->n_groups;
-        if (ng > 0) {
-            rep.groups = arena_alloc(&a, (size_t)ng * sizeof *rep.groups);
-            if (!rep.groups) {
-                goto out;
-            }
-            for (int32_t g = 0; g < ng; g++) {
-                Uncomp__V1__GroupReport *gr = arena_alloc(&a, sizeof *gr);
-                if (!gr) {
-                    goto out;
-                }
-                uncomp__v1__group_report__init(gr);
-                gr->group = (uint32_t)g;
-                gr->budget = (uint32_t)(r->group_budget[g] > 0 ? r->group_budget[g] : 0);
-                gr->mean_kept = r->group_mean_kept[g];
-                rep.groups[g] = gr;
-            }
-            rep.n_groups = (size_t)ng;
-        }
-        if (r->n_layers > 0 && r->entropy_mean) {
-            rep.entropy = arena_alloc(&a, (size_t)r->n_layers * sizeof *rep.entropy);
-            if (!rep.entropy) {
-                goto out;
-            }
-            size_t k = 0;
-            for (int64_t l = 0; l < r->n_layers; l++) {
-                if (isnan(r->entropy_mean[l])) {
-                    continue;
-                }
-                Uncomp__V1__LayerEntropy *le = arena_alloc(&a, sizeof *le);
-                if (!le) {
-                    goto out;
-                }
-                uncomp__v1__layer_entropy__init(le);
-                le->layer = (uint32_t)l;
-                le->min = r->entropy_min[l];
-                le->mean = r->entropy_mean[l];
-                le->max = r->entropy_max[l];
-                rep.entropy[k++] = le;
-            }
-            rep.n_entropy = k;
-        }
-    }
-    Uncomp__V1__Complete comp;
-    uncomp__v1__complete__init(&comp);
-    comp.finish_reason = finish_pb(d->finish);
-    comp.index = (uint32_t)d->index;
-    comp.usage = &usage;
-    comp.compression = &rep;
-    comp.timing = &timing;
-    /* matched_stop (2) goes on the wire by hand, with its length (it may hold NUL bytes), and
-     * the Complete (3) after the response (never empty: usage is always there) */
-    size_t comp_len = 0, resp_len = 0;
-    uint8_t *comp_bytes = pack_with_text(&a, &comp.base, 2, d->matched_stop,
-                                         d->matched_stop ? d->matched_stop_len : 0, &comp_len);
-    if (!comp_bytes) {
-        goto out;
-    }
-    Uncomp__V1__GenerateResponse resp;
-    uncomp__v1__generate_response__init(&resp);
-    resp.request_id = (char *)(uintptr_t)request_id;
-    uint8_t *resp_bytes = pack_with_text(&a, &resp.base, 3, (const char *)comp_bytes, comp_len,
-                                         &resp_len);
-    if (resp_bytes) {
-        bb = bytes_msg(resp_bytes, resp_len);
-    }
-out:
-    arena_fini(&a);
-    return bb;
-}
-
-/* ---- Tokenize / Detokenize ------------------------------------------------------------------- */
-
-static void do_tokenize(struct unary_reply *r, const struct uc_admin_src *src,
-                        const Uncomp__V1__TokenizeRequest *req, const struct arena *in)
-{
-    if (!src->tok) {
-        reply_set_error(r, GRPC_STATUS_UNAVAILABLE, "the tokenizer is not loaded yet");
-        return;
-    }
-    static const uint32_t text_path[] = {1}; /* TokenizeRequest.text */
-    size_t len = 0;
-    const char *text = raw_text(in->raw, in->raw_len, text_path, 1, SIZE_MAX, req->text, &len);
-    int32_t *ids = NULL;
-    int64_t n = 0;
-    char why[256];
-    uc_status rc = uc_tokenizer_encode_msg(src->tok, text, len, req->add_special_tokens, &ids,
-                                           &n, why, sizeof why);
-    if (rc == UC_ERR_INVALID_ARG) {
-        reply_set_error(r, GRPC_STATUS_INVALID_ARGUMENT, "text: %s", why);
-        return;
-    }
-    if (rc != UC_OK) {
-        reply_set_error(r, status_code_of(rc), "tokenizer failed: %s: %s", uc_status_str(rc),
-                        why);
-        return;
-    }
-    struct arena a;
-    arena_init(&a);
-    Uncomp__V1__TokenizeResponse resp;
-    uncomp__v1__tokenize_response__init(&resp);
-    resp.token_ids = arena_alloc(&a, (size_t)n * sizeof *resp.token_ids);
-    resp.tokens = arena_alloc(&a, (size_t)n * sizeof *resp.tokens);
-    if (!a.oom) {
-        for (int64_t i = 0; i < n; i++) {
-            const char *s = uc_tokenizer_token_str(src->tok, ids[i]);
-            resp.token_ids[i] = (uint32_t)ids[i];
-            resp.tokens[i] = (char *)(uintptr_t)(s ? s : "");
-        }
-        resp.n_token_ids = resp.n_tokens = (size_t)n;
-    }
-    reply_msg(r, &resp.base, a.oom);
-    arena_fini(&a);
-    uc_free(ids);
-}
-
-static void do_detokenize(struct unary_reply *r, const struct uc_admin_src *src,
-                          const Uncomp__V1__DetokenizeRequest *req)
-{
-    if (!src->tok) {
-        reply_set_error(r, GRPC_STATUS_UNAVAILABLE, "the tokenizer is not loaded yet");
-        return;
-    }
-    int64_t vocab = uc_tokenizer_vocab_size(src->tok);
-    int32_t *ids = uc_malloc((req->n_token_ids ? req->n_token_ids : 1) * sizeof *ids);
-    if (!ids) {
-        reply_set_error(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-        return;
-    }
-    for (size_t i = 0; i < req->n_token_ids; i++) {
-        if ((int64_t)req->token_ids[i] >= vocab) {
-            reply_set_error(r, GRPC_STATUS_INVALID_ARGUMENT,
-                            "token_ids[%zu]=%u is out of range [0, %lld)", i,
-                            req->token_ids[i], (long long)vocab);
-            uc_free(ids);
-            return;
-        }
-        ids[i] = (int32_t)req->token_ids[i];
-    }
-    char *text = NULL;
-    size_t len = 0;
-    uc_status rc = uc_tokenizer_decode(src->tok, ids, (int64_t)req->n_token_ids,
-                                       req->skip_special_tokens, &text, &len);
-    uc_free(ids);
-    if (rc != UC_OK) {
-        reply_set_error(r, rc == UC_ERR_INVALID_ARG ? GRPC_STATUS_INVALID_ARGUMENT
-                                                    : status_code_of(rc),
-                        "token_ids: decode failed: %s", uc_status_str(rc));
-        return;
-    }
-    Uncomp__V1__DetokenizeResponse resp;
-    uncomp__v1__detokenize_response__init(&resp);
-    struct arena a;
-    arena_init(&a);
-    size_t n = 0;
-    uint8_t *bytes = pack_with_text(&a, &resp.base, 1, text, len, &n); /* NUL bytes kept */
-    r->msg = bytes ? bytes_msg(bytes, n) : NULL;
-    if (!r->msg) {
-        reply_set_error(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-    } else {
-        r->code = GRPC_STATUS_OK;
-        r->detail[0] = '\0';
-    }
-    arena_fini(&a);
-    uc_free(text);
-}
-
-/* ---- Admin ----------------------------------------------------------------------------------- */
-
-static void do_server_info(struct unary_reply *r, const struct uc_admin_src *src)
-{
-    struct arena a;
-    arena_init(&a);
-    Uncomp__V1__ServerInfo si;
-    uncomp__v1__server_info__init(&si);
-    const struct uc_cluster_info *c = src->cluster;
-    if (c) {
-        si.version = (char *)(uintptr_t)c->version;
-        si.build = (char *)(uintptr_t)c->build;
-        si.backend = (char *)(uintptr_t)c->backend;
-        si.tp_size = (uint32_t)(c->tp_size > 0 ? c->tp_size : 0);
-        if (c->ranks && c->tp_size > 0) {
-            si.ranks = arena_alloc(&a, (size_t)c->tp_size * sizeof *si.ranks);
-            for (int i = 0; si.ranks && i < c->tp_size; i++) {
-                Uncomp__V1__RankInfo *ri = arena_alloc(&a, sizeof *ri);
-                if (!ri) {
-                    break;
-                }
-                uncomp__v1__rank_info__init(ri);
-                ri->rank = (uint32_t)c->ranks[i].rank;
-                ri->host = (char *)(uintptr_t)c->ranks[i].host;
-                ri->device = (char *)(uintptr_t)c->ranks[i].device;
-                ri->weight_bytes = c->ranks[i].weight_bytes;
-                ri->kv_bytes = c->ranks[i].kv_bytes;
-                si.ranks[i] = ri;
-                si.n_ranks++;
-            }
-        }
-    }
-    si.uptime_s = src->uptime_s;
-    si.state = (char *)(uintptr_t)(src->state ? src->state : "UNKNOWN");
-    if (src->sched) {
-        struct uc_sched_counts sc;
-        uc_sched_counts(src->sched, &sc);
-        si.running_requests = (uint32_t)(sc.running > 0 ? sc.running : 0);
-        si.queued_requests = (uint32_t)(sc.queued > 0 ? sc.queued : 0);
-        struct uc_compress_params cp;
-        uc_sched_get_default_compress(src->sched, &cp);
-        si.default_policy = (char *)(uintptr_t)uc_policy_name(cp.policy);
-        si.default_kv_budget = (uint32_t)(cp.kv_budget > 0 ? cp.kv_budget : 0);
-    }
-    reply_msg(r, &si.base, a.oom);
-    arena_fini(&a);
-}
-
-
-/* The last component of a path ("uncomp-tiny" of "/srv/models/uncomp-tiny/"), in a thread-local
- * buffer valid until the next call. */
-static const char *base_name(const char *path)
-{
-    static __thread char buf[256];
-    size_t n = strlen(path);
-    while (n > 1 && path[n - 1] == '/') {
-        n--;
-    }
-    size_t b = n;
-    while (b > 0 && path[b - 1] != '/') {
-        b--;
-    }
-    snprintf(buf, sizeof buf, "%.*s", (int)(n - b), path + b);
-    return buf;
-}
-static void do_model_info(struct unary_reply *r, const struct uc_admin_src *src)
-{
-    if (!src->engine) {
-        reply_set_error(r, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
-        return;
-    }
-    const struct uc_model_config *cfg = uc_engine_config(src->engine);
-    Uncomp__V1__ModelInfo mi;
-    uncomp__v1__model_info__init(&mi);
-    /* the folder's name only: a client has no business with the server's file system */
-    mi.path = (char *)(uintptr_t)base_name(src->cluster ? src->cluster->model_path : "");
-    mi.architecture = (char *)(uintptr_t)cfg->arch;
-    mi.layers = (uint32_t)cfg->n_layers;
-    mi.heads = (uint32_t)cfg->n_heads;
-    mi.kv_heads = (uint32_t)cfg->n_heads_kv;
-    mi.head_dim = (uint32_t)cfg->head_dim;
-    mi.hidden_size = (uint32_t)cfg->hidden;
-    mi.intermediate_size = (uint32_t)cfg->ffn;
-    mi.vocab_size = (uint32_t)cfg->vocab;
-    mi.context_length = (uint32_t)uc_engine_max_ctx(src->engine);
-    mi.dtype = (char *)(uintptr_t)cfg->torch_dtype;
-    mi.tokenizer = (char *)(uintptr_t)(src->tok ? uc_tokenizer_kind(src->tok) : "");
-    mi.bos_token_id = src->tok ? uc_tokenizer_bos(src->tok) : cfg->bos_id;
-    if (mi.bos_token_id < 0) {
-        mi.bos_token_id = cfg->bos_id;
-    }
-    /* the EOS the tokenizer really adds: the one its template appends, else the model's */
-    int32_t eos[UC_MAX_EOS_IDS];
-    for (int i = 0; i < cfg->n_eos && i < UC_MAX_EOS_IDS; i++) {
-        eos[i] = cfg->eos_ids[i];
-    }
-    mi.n_eos_token_ids = (size_t)(cfg->n_eos < UC_MAX_EOS_IDS ? cfg->n_eos : UC_MAX_EOS_IDS);
-    if (src->tok && uc_tokenizer_eos_added(src->tok) >= 0) {
-        eos[0] = uc_tokenizer_eos_added(src->tok);
-        mi.n_eos_token_ids = 1;
-    } else if (mi.n_eos_token_ids == 0 && src->tok && uc_tokenizer_eos(src->tok) >= 0) {
-        eos[0] = uc_tokenizer_eos(src->tok);
-        mi.n_eos_token_ids = 1;
-    }
-    mi.eos_token_ids = eos;
-    reply_msg(r, &mi.base, false);
-}
-
-static void pct_ms(Uncomp__V1__Percentiles *o, const struct metric_pct *p)
-{
-    uncomp__v1__percentiles__init(o);
-    o->p50 = p->p50 * 1e3;
-    o->p90 = p->p90 * 1e3;
-    o->p99 = p->p99 * 1e3;
-    o->mean = p->mean * 1e3;
-    o->count = p->count;
-}
-
-static void do_stats(struct unary_reply *r, const struct uc_admin_src *src,
-                     const Uncomp__V1__GetStatsRequest *req)
-{
-    const char *section = req->section ? req->section : "";
-    if (!uc_admin_section_known(section)) {
-        reply_set_error(r, GRPC_STATUS_INVALID_ARGUMENT,
-                        "section=\"%.64s\" is unknown; use one of: server, cluster, model, "
-                        "memory, kv, compress, requests, errors, config (or \"\" for all)",
-                        section);
-        return;
-    }
-    struct metrics_snapshot ms;
-    metrics_snapshot(src->metrics, &ms);
-    Uncomp__V1__Stats st;
-    uncomp__v1__stats__init(&st);
-    st.requests_total = ms.requests_total;
-    st.requests_finished = ms.requests_finished;
-    st.requests_failed = ms.requests_failed;
-    st.requests_aborted = ms.requests_aborted;
-    st.requests_rejected = ms.requests_rejected;
-    st.prompt_tokens_total = ms.prompt_tokens;
-    st.generation_tokens_total = ms.generation_tokens;
-    st.running = (uint32_t)(ms.running > 0 ? ms.running : 0);
-    st.queued = (uint32_t)(ms.waiting > 0 ? ms.waiting : 0);
-    if (src->sched) {
-        struct uc_sched_counts sc;
-        uc_sched_counts(src->sched, &sc);
-        st.running = (uint32_t)(sc.running > 0 ? sc.running : 0);
-        st.queued = (uint32_t)(sc.queued > 0 ? sc.queued : 0);
-    }
-    st.kv_usage = ms.kv_usage;
-    st.kv_tokens_full_total = ms.kv_tokens_full;
-    st.kv_tokens_kept_total = ms.kv_tokens_kept;
-    st.prefill_rows_dropped_total = ms.rows_dropped;
-    st.compression_seconds_total = ms.compress_s;
-    Uncomp__V1__Percentiles ttft, itl, e2e, queue;
-    pct_ms(&ttft, &ms.lat[METRIC_TTFT]);
-    pct_ms(&itl, &ms.lat[METRIC_ITL]);
-    pct_ms(&e2e, &ms.lat[METRIC_E2E]);
-    pct_ms(&queue, &ms.lat[METRIC_QUEUE]);
-    st.ttft_ms = &ttft;
-    st.inter_token_ms = &itl;
-    st.e2e_ms = &e2e;
-    st.queue_ms = &queue;
-    struct uc_buf b;
-    uc_buf_init(&b);
-    uc_admin_info(&b, src, section);
-    st.text = b.data ? b.data : (char *)(uintptr_t)"";
-    reply_msg(r, &st.base, b.oom);
-    uc_buf_fini(&b);
-}
-
-/* Builds a CompressionProfile from the scheduler's JSON (parsed here, so no engine state is
- * read from this thread). */
-static void profile_reply(struct unary_reply *r, const struct uc_admin_src *src)
-{
-    if (!src->sched || !src->engine) {
-        reply_set_error(r, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
-        return;
-    }
-    const struct uc_model_config *cfg = uc_engine_config(src->engine);
-    const char *path = uc_engine_profile_path(src->engine);
-    Uncomp__V1__CompressionProfile cp;
-    uncomp__v1__compression_profile__init(&cp);
-    cp.path = (char *)(uintptr_t)base_name(path ? path : ""); /* no server paths */
-    char *json = uc_sched_profile_json(src->sched);
-    if (!json) {
-        cp.present = false;
-        reply_msg(r, &cp.base, false);
-        return;
-    }
-    struct uc_profile p;
-    memset(&p, 0, sizeof p);
-    uc_status rc = uc_profile_parse(&p, json, path ? path : "profile", cfg->n_layers,
-                                    cfg->n_heads, cfg->n_heads_kv);
-    if (rc != UC_OK) {
-        UC_LOG_ERROR("grpc: the active profile does not parse: %s", uc_status_str(rc));
-        reply_set_error(r, GRPC_STATUS_INTERNAL, "the active profile does not parse: %s",
-                        uc_status_str(rc));
-        uc_free(json);
-        return;
-    }
-    struct arena a;
-    arena_init(&a);
-    cp.present = true;
-    cp.json = json;
-    cp.source = p.source;
-    cp.created_unix_ms = p.created_unix_ms;
-    cp.calib_tokens = u64_of(p.calib_tokens);
-    cp.head_groups = (uint32_t)(p.head_groups > 0 ? p.head_groups : 0);
-    int32_t ns = p.n_stage_starts > UC_MAX_STAGES ? UC_MAX_STAGES : p.n_stage_starts;
-    if (ns > 0) {
-        cp.stage_starts = arena_alloc(&a, (size_t)ns * sizeof *cp.stage_starts);
-        for (int32_t i = 0; cp.stage_starts && i < ns; i++) {
-            cp.stage_starts[i] = (uint32_t)p.stage_starts[i];
-        }
-        cp.n_stage_starts = cp.stage_starts ? (size_t)ns : 0;
-    }
-    int64_t L = p.n_layers, H = p.n_heads, Hkv = p.n_heads_kv;
-    cp.layers = arena_alloc(&a, (size_t)L * sizeof *cp.layers);
-    for (int64_t l = 0; cp.layers && l < L; l++) {
-        Uncomp__V1__LayerProfile *lp = arena_alloc(&a, sizeof *lp);
-        if (!lp) {
-            break;
-        }
-        uncomp__v1__layer_profile__init(lp);
-        lp->layer = (uint32_t)l;
-        lp->entropy = p.layer_entropy ? p.layer_entropy[l] : 0.0;
-        lp->score = 100.0 * lp->entropy;
-        uint32_t stage = 0;
-        for (int32_t i = 0; i < ns; i++) {
-            if (l >= p.stage_starts[i]) {
-                stage = (uint32_t)i + 1;
-            }
-        }
-        lp->stage = stage;
-        if (p.head_entropy) {
-            lp->head_entropy = p.head_entropy + l * H;
-            lp->n_head_entropy = (size_t)H;
-        }
-        if (p.kv_entropy) {
-            lp->kv_head_entropy = p.kv_entropy + l * Hkv;
-            lp->n_kv_head_entropy = (size_t)Hkv;
-        }
-        if (p.kv_group) {
-            lp->kv_head_group = arena_alloc(&a, (size_t)Hkv * sizeof(uint32_t));
-            for (int64_t j = 0; lp->kv_head_group && j < Hkv; j++) {
-                int32_t g = p.kv_group[l * Hkv + j];
-                lp->kv_head_group[j] = (uint32_t)(g > 0 ? g : 0);
-            }
-            lp->n_kv_head_group = lp->kv_head_group ? (size_t)Hkv : 0;
-        }
-        cp.layers[l] = lp;
-        cp.n_layers++;
-    }
-    reply_msg(r, &cp.base, a.oom);
-    arena_fini(&a);
-    uc_profile_fini(&p);
-    uc_free(json);
-}
-
-static void do_profile(struct unary_reply *r, const struct uc_admin_src *src)
-{
-    profile_reply(r, src);
-}
-
-static void do_set_policy(struct unary_reply *r, const struct uc_admin_src *src,
-                          const Uncomp__V1__SetCompressionPolicyRequest *req)
-{
-    if (!src->sched || !src->engine) {
-        reply_set_error(r, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
-        return;
-    }
-    struct uc_compress_params cp;
-    uc_sched_get_default_compress(src->sched, &cp);
-    if (req->policy && req->policy[0] && !uc_policy_parse(req->policy, &cp.policy)) {
-        char names[160];
-        policy_list(names, sizeof names);
-        reply_set_error(r, GRPC_STATUS_INVALID_ARGUMENT,
-                        "policy=\"%.64s\" is unknown; use one of: %s", req->policy, names);
-        return;
-    }
-    if (req->kv_budget) {
-        cp.kv_budget = clamp_u32(req->kv_budget);
-    }
-    if (req->decode_mode && req->decode_mode[0] &&
-        !uc_decode_mode_parse(req->decode_mode, &cp.decode_mode)) {
-        reply_set_error(r, GRPC_STATUS_INVALID_ARGUMENT,
-                        "decode_mode=\"%.64s\" must be append or evict", req->decode_mode);
-        return;
-    }
-    if (req->grouping && req->grouping[0] && !uc_grouping_parse(req->grouping, &cp.grouping)) {
-        reply_set_error(r, GRPC_STATUS_INVALID_ARGUMENT,
-                        "grouping=\"%.64s\" must be profile or prompt", req->grouping);
-        return;
-    }
-    char msg[256] = "";
-    const struct uc_model_config *cfg = uc_engine_config(src->engine);
-    uc_status rc = uc_compress_params_validate(&cp, cfg->n_layers, msg, sizeof msg);
-    if (rc == UC_OK) {
-        rc = uc_sched_set_default_compress(src->sched, &cp, msg, sizeof msg);
-    }
-    if (rc != UC_OK) {
-        reply_set_error(r, status_code_of(rc), "%s", msg[0] ? msg : uc_status_str(rc));
-        return;
-    }
-    uc_sched_get_default_compress(src->sched, &cp);
-    UC_LOG_NOTICE("grpc: default compression set policy=%s kv_budget=%d decode_mode=%s "
-                  "grouping=%s", uc_policy_name(cp.policy), cp.kv_budget,
-                  uc_decode_mode_name(cp.decode_mode), uc_grouping_name(cp.grouping));
-    Uncomp__V1__SetCompressionPolicyResponse resp;
-    uncomp__v1__set_compression_policy_response__init(&resp);
-    resp.policy = (char *)(uintptr_t)uc_policy_name(cp.policy);
-    resp.kv_budget = (uint32_t)(cp.kv_budget > 0 ? cp.kv_budget : 0);
-    resp.decode_mode = (char *)(uintptr_t)uc_decode_mode_name(cp.decode_mode);
-    resp.grouping = (char *)(uintptr_t)uc_grouping_name(cp.grouping);
-    reply_msg(r, &resp.base, false);
-}
-
-/* `cancel` turns true when the client goes away (on_close): the calibration then ends. */
-static void do_calibrate(struct unary_reply *r, const struct uc_admin_src *src,
-                         const Uncomp__V1__CalibrateRequest *req, const atomic_bool *cancel)
-{
-    if (!src->sched || !src->engine) {
-        reply_set_error(r, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
-        return;
-    }
-    if (req->window_tokens > INT32_MAX) {
-        reply_set_error(r, GRPC_STATUS_INVALID_ARGUMENT, "window_tokens=%u is too large",
-                        req->window_tokens);
-        return;
-    }
-    if (req->max_windows > INT32_MAX) {
-        reply_set_error(r, GRPC_STATUS_INVALID_ARGUMENT, "max_windows=%u is too large",
-                        req->max_windows);
-        return;
-    }
-    const char *text = req->text && req->text[0] ? req->text : NULL;
-    char msg[256] = "";
-    uc_status rc = uc_sched_calibrate(src->sched, text, (int32_t)req->window_tokens,
-                                      (int32_t)req->max_windows, cancel, msg, sizeof msg);
-    if (rc != UC_OK) {
-        reply_set_error(r, status_code_of(rc), "calibration failed: %s",
-                        msg[0] ? msg : uc_status_str(rc));
-        return;
-    }
-    profile_reply(r, src);
-}
-
-static grpc_byte_buffer *pack_drain(int32_t finished, int32_t aborted)
-{
-    Uncomp__V1__DrainResponse d;
-    uncomp__v1__drain_response__init(&d);
-    d.finished = (uint32_t)(finished > 0 ? finished : 0);
-    d.aborted = (uint32_t)(aborted > 0 ? aborted : 0);
-    return pack_msg(&d.base);
-}
-
-static grpc_byte_buffer *pack_health(int status)
-{
-    Grpc__Health__V1__HealthCheckResponse h;
-    grpc__health__v1__health_check_response__init(&h);
-    h.status = (Grpc__Health__V1__HealthCheckResponse__ServingStatus)status;
-    return pack_msg(&h.base);
-}
-
-/* =========================================================================================== */
-/* Server: completion queue, calls, streaming, lifecycle                                       */
-/* =========================================================================================== */
+/* ---- server state ---------------------------------------------------------------------------- */
 
 /* Threads:
  * - CQ threads (N_CQ_THREADS) run grpc_completion_queue_next: new calls are dispatched there
@@ -1459,56 +144,11 @@ static grpc_byte_buffer *pack_health(int status)
 #define SHUTDOWN_GRACE_MS 3000  /* in-flight calls finish before they are cancelled */
 #define SHUTDOWN_WAIT_MS 15000  /* then everything must be gone, or we leak rather than hang */
 
-enum method {
-    M_GENERATE,
-    M_TOKENIZE,
-    M_DETOKENIZE,
-    M_ABORT,
-    M_SERVER_INFO,
-    M_MODEL_INFO,
-    M_STATS,
-    M_PROFILE,
-    M_SET_POLICY,
-    M_CALIBRATE,
-    M_DRAIN,
-    M_HEALTH_CHECK,
-    M_HEALTH_WATCH,
-    M_CHAT,
-    M_COUNT,
-    M_GENERIC = M_COUNT, /* a method nobody registered: UNIMPLEMENTED */
-};
-
-struct method_desc {
-    const char *path;
-    const ProtobufCMessageDescriptor *req;
-};
-
-static const struct method_desc methods[M_COUNT] = {
-    [M_GENERATE] = {"/uncomp.v1.Inference/Generate", &uncomp__v1__generate_request__descriptor},
-    [M_TOKENIZE] = {"/uncomp.v1.Inference/Tokenize", &uncomp__v1__tokenize_request__descriptor},
-    [M_DETOKENIZE] = {"/uncomp.v1.Inference/Detokenize",
-                      &uncomp__v1__detokenize_request__descriptor},
-    [M_ABORT] = {"/uncomp.v1.Inference/Abort", &uncomp__v1__abort_request__descriptor},
-    [M_SERVER_INFO] = {"/uncomp.v1.Admin/GetServerInfo",
-                       &uncomp__v1__get_server_info_request__descriptor},
-    [M_MODEL_INFO] = {"/uncomp.v1.Admin/GetModelInfo",
-                      &uncomp__v1__get_model_info_request__descriptor},
-    [M_STATS] = {"/uncomp.v1.Admin/GetStats", &uncomp__v1__get_stats_request__descriptor},
-    [M_PROFILE] = {"/uncomp.v1.Admin/GetCompressionProfile",
-                   &uncomp__v1__get_compression_profile_request__descriptor},
-    [M_SET_POLICY] = {"/uncomp.v1.Admin/SetCompressionPolicy",
-                      &uncomp__v1__set_compression_policy_request__descriptor},
-    [M_CALIBRATE] = {"/uncomp.v1.Admin/Calibrate", &uncomp__v1__calibrate_request__descriptor},
-    [M_DRAIN] = {"/uncomp.v1.Admin/Drain", &uncomp__v1__drain_request__descriptor},
-    [M_HEALTH_CHECK] = {"/grpc.health.v1.Health/Check",
-                        &grpc__health__v1__health_check_request__descriptor},
-    [M_HEALTH_WATCH] = {"/grpc.health.v1.Health/Watch",
-                        &grpc__health__v1__health_check_request__descriptor},
-    [M_CHAT] = {"/uncomp.v1.Inference/Chat", &uncomp__v1__chat_request__descriptor},
-};
+/* Calls of a method nobody registered get UNIMPLEMENTED. */
+#define M_GENERIC UC_GRPC_METHOD_COUNT
 
 /* Generate and Chat: the same stream of a scheduler request. */
-static bool is_gen(enum method m) { return m == M_GENERATE || m == M_CHAT; }
+static bool is_gen(enum uc_grpc_method m) { return uc_grpc_method_streams_generation(m); }
 
 enum tag_kind { TAG_NEW, TAG_CLOSE, TAG_SEND, TAG_SHUTDOWN };
 
@@ -1520,7 +160,7 @@ struct tag {
 
 struct call {
     struct uc_server *srv;
-    enum method m;
+    enum uc_grpc_method m;
     grpc_call *call;
     gpr_timespec deadline;
     grpc_metadata_array md;
@@ -1552,7 +192,7 @@ struct call {
     uc_status first_err;        /* n > 1: a choice that failed outright before the last ended */
     char first_err_msg[320];
     bool abort_sent;            /* uc_server_destroy aborted it */
-    struct ev_item *q_head, *q_tail;
+    struct uc_grpc_event *q_head, *q_tail;
     /* Health.Watch */
     bool watch_ready;           /* dispatched: the service name is known */
     int watch_last;             /* last status sent, -1 = none */
@@ -1565,7 +205,7 @@ struct uc_server {
     char *tls_cert, *tls_key;
     grpc_server *server;
     grpc_completion_queue *cq;
-    void *reg[M_COUNT];
+    void *reg[UC_GRPC_METHOD_COUNT];
     pthread_t cq_threads[N_CQ_THREADS];
     int n_cq_threads;
     pthread_t pump_thread;
@@ -1599,11 +239,8 @@ const char *uc_server_state_name(enum uc_server_state s)
 static void call_free(struct call *c);
 static void pump_locked(struct call *c);
 
-static const char *method_path(const struct call *c)
-{
-    return c->m < M_COUNT ? methods[c->m].path : "(unregistered method)";
-}
-static void arm(struct uc_server *s, enum method m);
+static const char *method_path(const struct call *c) { return uc_grpc_method_path(c->m); }
+static void arm(struct uc_server *s, enum uc_grpc_method m);
 
 /* ---- references and the kick list ------------------------------------------------------------ */
 
@@ -1790,17 +427,9 @@ static void reply_error(struct call *c, grpc_status_code code, const char *fmt, 
 
 /* ---- health ---------------------------------------------------------------------------------- */
 
-static int health_status(struct uc_server *s)
+static enum uc_grpc_health health_status(struct uc_server *s)
 {
-    return s->state == UC_SERVER_SERVING
-               ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
-               : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
-}
-
-static bool health_service_known(const char *svc)
-{
-    return !svc || !svc[0] || strcmp(svc, "uncomp.v1.Inference") == 0 ||
-           strcmp(svc, "uncomp.v1.Admin") == 0 || strcmp(svc, "grpc.health.v1.Health") == 0;
+    return s->state == UC_SERVER_SERVING ? UC_GRPC_HEALTH_SERVING : UC_GRPC_HEALTH_NOT_SERVING;
 }
 
 static void watch_pump(struct call *c)
@@ -1812,16 +441,15 @@ static void watch_pump(struct call *c)
     pthread_mutex_lock(&s->mu);
     bool stopping = s->stopping;
     pthread_mutex_unlock(&s->mu);
-    int st = c->watch_unknown
-                 ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN
-                 : health_status(s);
-    if (st != c->watch_last) {
-        grpc_byte_buffer *bb = pack_health(st);
+    enum uc_grpc_health st = c->watch_unknown ? UC_GRPC_HEALTH_SERVICE_UNKNOWN : health_status(s);
+    if ((int)st != c->watch_last) {
+        struct uc_grpc_msg m;
+        grpc_byte_buffer *bb = uc_grpc_encode_health(&m, st) == UC_OK ? byte_buffer_of(&m) : NULL;
         if (!bb) {
             start_send(c, NULL, true, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
             return;
         }
-        c->watch_last = st;
+        c->watch_last = (int)st;
         start_send(c, bb, false, GRPC_STATUS_OK, NULL);
         return;
     }
@@ -1832,7 +460,7 @@ static void watch_pump(struct call *c)
 
 /* References to the live calls of one method (uc_malloc'd array, *n entries). Lock order is
  * call before server, so the calls are collected under srv->mu and locked afterwards. */
-static struct call **live_calls(struct uc_server *s, enum method m, int64_t *n)
+static struct call **live_calls(struct uc_server *s, enum uc_grpc_method m, int64_t *n)
 {
     *n = 0;
     pthread_mutex_lock(&s->mu);
@@ -1853,7 +481,7 @@ static struct call **live_calls(struct uc_server *s, enum method m, int64_t *n)
 static void kick_watchers(struct uc_server *s)
 {
     int64_t n;
-    struct call **v = live_calls(s, M_HEALTH_WATCH, &n);
+    struct call **v = live_calls(s, UC_GRPC_HEALTH_WATCH, &n);
     for (int64_t i = 0; i < n; i++) {
         struct call *c = v[i];
         pthread_mutex_lock(&c->mu);
@@ -1870,10 +498,10 @@ static void kick_watchers(struct uc_server *s)
 
 static void gen_drop_queue(struct call *c)
 {
-    struct ev_item *it = c->q_head;
+    struct uc_grpc_event *it = c->q_head;
     while (it) {
-        struct ev_item *n = it->next;
-        ev_item_free(it);
+        struct uc_grpc_event *n = it->next;
+        uc_grpc_event_free(it);
         it = n;
     }
     c->q_head = c->q_tail = NULL;
@@ -1887,7 +515,7 @@ static void gen_sink(void *user, const struct uc_gen_event *ev)
     if (ev->kind == UC_EVENT_PROMPT) {
         return; /* Generate never asks for prompt logprobs */
     }
-    struct ev_item *it = ev_item_copy(ev);
+    struct uc_grpc_event *it = uc_grpc_event_copy(ev);
     pthread_mutex_lock(&c->mu);
     if (!c->request_id[0] && ev->request_id) {
         snprintf(c->request_id, sizeof c->request_id, "%s", ev->request_id);
@@ -1895,7 +523,7 @@ static void gen_sink(void *user, const struct uc_gen_event *ev)
     if (!it) {
         c->lost_event = true;
     } else if (c->cancelled || c->final_sent) {
-        ev_item_free(it); /* nobody will read it */
+        uc_grpc_event_free(it); /* nobody will read it */
     } else {
         if (c->q_tail) {
             c->q_tail->next = it;
@@ -1926,17 +554,21 @@ static void gen_pump(struct call *c)
         return;
     }
     /* skip empty token events; find the first DONE */
-    struct ev_item *first = c->q_head, *end = first;
+    struct uc_grpc_event *first = c->q_head, *end = first;
     bool any = false;
     while (end && end->kind == UC_EVENT_TOKENS && end->index == first->index) {
         any = any || end->n_ids > 0 || end->text_len > 0;
         end = end->next;
     }
     if (any) {
-        grpc_byte_buffer *bb = pack_chunk(c->request_id, first, end, first->index);
+        struct uc_grpc_msg m;
+        grpc_byte_buffer *bb =
+            uc_grpc_encode_chunk(&m, c->request_id, first, end, first->index) == UC_OK
+                ? byte_buffer_of(&m)
+                : NULL;
         while (c->q_head != end) {
-            struct ev_item *n = c->q_head->next;
-            ev_item_free(c->q_head);
+            struct uc_grpc_event *n = c->q_head->next;
+            uc_grpc_event_free(c->q_head);
             c->q_head = n;
         }
         if (!c->q_head) {
@@ -1952,8 +584,8 @@ static void gen_pump(struct call *c)
     }
     /* drop empty token events */
     while (c->q_head && c->q_head->kind == UC_EVENT_TOKENS) {
-        struct ev_item *n = c->q_head->next;
-        ev_item_free(c->q_head);
+        struct uc_grpc_event *n = c->q_head->next;
+        uc_grpc_event_free(c->q_head);
         c->q_head = n;
     }
     if (!c->q_head) {
@@ -1965,23 +597,26 @@ static void gen_pump(struct call *c)
         }
         return;
     }
-    struct ev_item *d = c->q_head;
+    struct uc_grpc_event *d = c->q_head;
     c->q_head = d->next;
     if (!c->q_head) {
         c->q_tail = NULL;
     }
     if (c->lost_event) {
         UC_LOG_ERROR("grpc: out of memory queueing an event req=%s", c->request_id);
-        ev_item_free(d);
+        uc_grpc_event_free(d);
         start_send(c, NULL, true, GRPC_STATUS_RESOURCE_EXHAUSTED,
                    "out of memory while streaming the response");
         return;
     }
-    grpc_status_code code = status_code_of(d->status);
+    grpc_status_code code = (grpc_status_code)uc_grpc_status_of(d->status);
     /* the Complete goes out when the request ran to an end or was aborted; a request that
      * failed outright gets only the error status */
     bool with_complete = d->status == UC_OK || d->finish == UC_FINISH_ABORTED;
-    grpc_byte_buffer *bb = with_complete ? pack_complete(c->request_id, d) : NULL;
+    struct uc_grpc_msg m;
+    grpc_byte_buffer *bb = with_complete && uc_grpc_encode_complete(&m, c->request_id, d) == UC_OK
+                               ? byte_buffer_of(&m)
+                               : NULL;
     char detail[320];
     if (d->status == UC_OK) {
         detail[0] = '\0';
@@ -1996,7 +631,7 @@ static void gen_pump(struct call *c)
             c->first_err = d->status;
             snprintf(c->first_err_msg, sizeof c->first_err_msg, "%s", detail);
         }
-        ev_item_free(d);
+        uc_grpc_event_free(d);
         if (with_complete && !bb) {
             start_send(c, NULL, true, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
         } else if (bb) {
@@ -2007,14 +642,14 @@ static void gen_pump(struct call *c)
         return;
     }
     if (d->status == UC_OK && c->first_err != UC_OK) {
-        code = status_code_of(c->first_err);
+        code = (grpc_status_code)uc_grpc_status_of(c->first_err);
         snprintf(detail, sizeof detail, "%s", c->first_err_msg);
     }
     if (code == GRPC_STATUS_INTERNAL) {
         UC_LOG_ERROR("grpc: Generate failed req=%s status=%s: %s", c->request_id,
                      uc_status_str(d->status), detail);
     }
-    ev_item_free(d);
+    uc_grpc_event_free(d);
     if (with_complete && !bb) {
         start_send(c, NULL, true, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
         return;
@@ -2045,13 +680,39 @@ static int64_t deadline_ms_of(gpr_timespec d, bool *expired)
 
 static void admin_src(struct uc_server *s, struct uc_admin_src *a, uint64_t *codes);
 
-static void handle_generate(struct call *c, const Uncomp__V1__GenerateRequest *req,
-                            const struct arena *in)
+/* What validating a request needs from the server now: its tokenizer, chat template, model
+ * shape and current default compression. */
+static void req_ctx(struct uc_server *s, struct uc_req_ctx *ctx)
+{
+    memset(ctx, 0, sizeof *ctx);
+    ctx->tok = s->p.tok;
+    ctx->chat = s->p.chat;
+    ctx->defaults = uc_compress_default_params();
+    if (s->p.engine) {
+        const struct uc_model_config *cfg = uc_engine_config(s->p.engine);
+        ctx->vocab = cfg->vocab;
+        ctx->n_layers = cfg->n_layers;
+    }
+    if (s->p.sched) {
+        uc_sched_get_default_compress(s->p.sched, &ctx->defaults);
+    }
+}
+
+/* Generate and Chat: the request validated by the model both fronts share (request.h; Chat's
+ * messages rendered by the chat template as HTTP chat renders them), then one scheduler request
+ * with its n choices, whose events the sink streams. */
+static void handle_generation(struct call *c, struct uc_grpc_request *req)
 {
     struct uc_server *s = c->srv;
     enum uc_server_state st = (enum uc_server_state)s->state;
     if (!s->p.sched || !s->p.tok || !s->p.engine) {
         reply_error(c, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
+        return;
+    }
+    if (c->m == UC_GRPC_CHAT && !s->p.chat) {
+        metrics_request_rejected(s->p.metrics);
+        reply_error(c, GRPC_STATUS_FAILED_PRECONDITION,
+                    "the model has no chat template: start uncompd with --chat-template FILE");
         return;
     }
     if (st != UC_SERVER_SERVING) {
@@ -2061,50 +722,43 @@ static void handle_generate(struct call *c, const Uncomp__V1__GenerateRequest *r
                                             : "the server is draining and admits no new requests");
         return;
     }
-    const struct uc_model_config *cfg = uc_engine_config(s->p.engine);
-    struct gen_ctx ctx = {
-        .tok = s->p.tok,
-        .raw = in->raw,
-        .raw_len = in->raw_len,
-        .vocab = cfg->vocab,
-        .n_layers = cfg->n_layers,
-    };
-    uc_sched_get_default_compress(s->p.sched, &ctx.defaults);
-    struct gen_req gr;
-    char msg[512];
-    uc_status rc = gen_request_parse(&gr, req, &ctx, msg, sizeof msg);
+    struct uc_req_ctx ctx;
+    req_ctx(s, &ctx);
+    struct uc_req_error err;
+    uc_status rc = uc_grpc_request_validate(req, &ctx, &err);
     if (rc != UC_OK) {
         metrics_request_rejected(s->p.metrics);
-        reply_error(c, status_code_of(rc), "%s", msg);
+        reply_error(c, (grpc_status_code)uc_grpc_status_of(rc), "%s", err.message);
         return;
     }
+    struct uc_request q;
+    uc_req_choice(&req->gen, 0, (int32_t)req->gen.n, &q);
     bool expired = false;
-    gr.req.deadline_ms = deadline_ms_of(c->deadline, &expired);
+    q.deadline_ms = deadline_ms_of(c->deadline, &expired);
     if (expired) {
-        gen_req_fini(&gr);
         metrics_request_rejected(s->p.metrics);
         reply_error(c, GRPC_STATUS_DEADLINE_EXCEEDED, "the deadline passed before the request "
                                                       "was queued");
         return;
     }
-    int32_t n_choices = gr.req.n > 1 ? gr.req.n : 1;
+    int32_t n_choices = q.n > 1 ? q.n : 1;
     pthread_mutex_lock(&c->mu);
-    c->deadline_ms = gr.req.deadline_ms;
+    c->deadline_ms = q.deadline_ms;
     c->n_choices = n_choices;
-    snprintf(c->request_id, sizeof c->request_id, "%s", gr.req.request_id);
+    snprintf(c->request_id, sizeof c->request_id, "%s", q.request_id);
     pthread_mutex_unlock(&c->mu);
     for (int32_t i = 0; i < n_choices; i++) {
         call_ref(c); /* the scheduler's, until each choice's DONE */
     }
     char id[UC_REQUEST_ID_MAX] = "";
-    rc = uc_sched_submit(s->p.sched, &gr.req, gen_sink, c, id, msg, sizeof msg);
-    gen_req_fini(&gr);
+    char msg[512] = "";
+    rc = uc_sched_submit(s->p.sched, &q, gen_sink, c, id, msg, sizeof msg);
     if (rc != UC_OK) {
         atomic_fetch_sub(&c->refs, n_choices); /* the sink will never run; dispatch keeps c
                                                   alive */
-        grpc_status_code code = status_code_of(rc);
+        grpc_status_code code = (grpc_status_code)uc_grpc_status_of(rc);
         if (code == GRPC_STATUS_INTERNAL) {
-            UC_LOG_ERROR("grpc: Generate submit failed req=%s: %s", gr.req.request_id, msg);
+            UC_LOG_ERROR("grpc: Generate submit failed req=%s: %s", q.request_id, msg);
         }
         reply_error(c, code, "%s", msg[0] ? msg : uc_status_str(rc));
         return;
@@ -2115,99 +769,11 @@ static void handle_generate(struct call *c, const Uncomp__V1__GenerateRequest *r
     bool cancel_now = c->cancelled && !c->sched_done;
     int64_t dl = c->deadline_ms;
     pthread_mutex_unlock(&c->mu);
-    UC_LOG_DEBUG("grpc: Generate queued req=%s", id);
+    UC_LOG_DEBUG("grpc: %s queued req=%s", c->m == UC_GRPC_CHAT ? "Chat" : "Generate", id);
     if (cancel_now) {
         uc_sched_abort(s->p.sched, id,
                        dl > 0 && uc_time_ms() >= dl - 50 ? UC_ERR_TIMEOUT : UC_ERR_CANCELLED);
     }
-}
-
-/* Chat: the messages rendered by the chat template (as HTTP's /v1/chat/completions renders
- * them), tokenized without added special tokens, then the Generate path with those ids (the
- * field numbers of sampling, compression and n are Generate's, so its parsing applies). */
-static void handle_chat(struct call *c, const Uncomp__V1__ChatRequest *req,
-                        const struct arena *in)
-{
-    struct uc_server *s = c->srv;
-    if (!s->p.tok) {
-        reply_error(c, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
-        return;
-    }
-    if (!s->p.chat) {
-        metrics_request_rejected(s->p.metrics);
-        reply_error(c, GRPC_STATUS_FAILED_PRECONDITION,
-                    "the model has no chat template: start uncompd with --chat-template FILE");
-        return;
-    }
-    char msg[512] = "";
-    grpc_status_code code = GRPC_STATUS_OK;
-    char *text = NULL;
-    size_t len = 0;
-    int32_t *ids = NULL;
-    uint32_t *uids = NULL;
-    int64_t n = 0;
-    cJSON *msgs = cJSON_CreateArray();
-    for (size_t i = 0; msgs && i < req->n_messages; i++) {
-        cJSON *m = cJSON_CreateObject();
-        if (!m || !cJSON_AddItemToArray(msgs, m) ||
-            !cJSON_AddStringToObject(m, "role", req->messages[i]->role) ||
-            !cJSON_AddStringToObject(m, "content", req->messages[i]->content)) {
-            cJSON_Delete(msgs);
-            msgs = NULL;
-        }
-    }
-    if (!msgs) {
-        code = GRPC_STATUS_RESOURCE_EXHAUSTED;
-        snprintf(msg, sizeof msg, "out of memory");
-        goto out;
-    }
-    if (req->n_messages == 0) {
-        code = GRPC_STATUS_INVALID_ARGUMENT;
-        snprintf(msg, sizeof msg, "messages is empty");
-        goto out;
-    }
-    uc_status rc = uc_chat_messages_validate(msgs, msg, sizeof msg);
-    if (rc == UC_OK) {
-        rc = uc_chat_template_render(s->p.chat, msgs, true, NULL, &text, &len, msg, sizeof msg);
-    }
-    if (rc == UC_OK) {
-        rc = uc_tokenizer_encode_msg(s->p.tok, text, len, false, &ids, &n, msg, sizeof msg);
-    }
-    if (rc != UC_OK) {
-        code = status_code_of(rc);
-        goto out;
-    }
-    uids = uc_malloc((size_t)(n + 1) * sizeof *uids);
-    if (!uids) {
-        code = GRPC_STATUS_RESOURCE_EXHAUSTED;
-        snprintf(msg, sizeof msg, "out of memory");
-        goto out;
-    }
-    for (int64_t i = 0; i < n; i++) {
-        uids[i] = (uint32_t)ids[i];
-    }
-    Uncomp__V1__TokenIds tids;
-    uncomp__v1__token_ids__init(&tids);
-    tids.n_ids = (size_t)n;
-    tids.ids = uids;
-    Uncomp__V1__GenerateRequest g;
-    uncomp__v1__generate_request__init(&g);
-    g.request_id = req->request_id;
-    g.input_case = UNCOMP__V1__GENERATE_REQUEST__INPUT_TOKEN_IDS;
-    g.token_ids = &tids;
-    g.sampling = req->sampling;
-    g.compression = req->compression;
-    g.n = req->n;
-    handle_generate(c, &g, in);
-out:
-    if (code != GRPC_STATUS_OK) {
-        metrics_request_rejected(s->p.metrics);
-        reply_error(c, code, "messages: %s", msg);
-    }
-    cJSON_Delete(msgs);
-    uc_free(text);
-    uc_free(ids);
-    uc_free(uids);
 }
 
 /* ---- Drain and workers ----------------------------------------------------------------------- */
@@ -2238,9 +804,25 @@ static bool run_drain(struct uc_server *s, int64_t timeout_ms, int32_t *finished
 
 struct worker {
     struct uc_server *s;
-    struct call *c;         /* NULL for uc_server_drain */
-    grpc_byte_buffer *payload;
+    struct call *c;                 /* NULL for uc_server_drain */
+    struct uc_grpc_request *req;    /* the call's validated request (owned) */
 };
+
+/* The active CompressionProfile (GetCompressionProfile, and Calibrate's answer). */
+static void reply_set_profile(struct unary_reply *r, const struct uc_admin_src *src)
+{
+    struct uc_grpc_msg m;
+    char msg[256];
+    uc_status rc = uc_grpc_encode_profile(&m, src, msg, sizeof msg);
+    if (rc == UC_ERR_UNAVAILABLE) {
+        reply_set_error(r, GRPC_STATUS_UNAVAILABLE, "%s", msg);
+    } else if (rc == UC_ERR_FORMAT) {
+        UC_LOG_ERROR("grpc: %s", msg);
+        reply_set_error(r, GRPC_STATUS_INTERNAL, "%s", msg);
+    } else {
+        reply_set_msg(r, rc, &m);
+    }
+}
 
 /* Ends a worker: drop the call, then (last) leave the server's worker count, so that
  * uc_server_destroy may proceed; nothing of the server is touched afterwards. */
@@ -2265,47 +847,50 @@ static void *worker_main(void *arg)
     struct worker *w = arg;
     struct uc_server *s = w->s;
     struct call *c = w->c;
+    struct uc_grpc_request *req = w->req;
     uc_free(w);
     bool notify = false;
-    struct arena a;
-    arena_init(&a);
     if (!c) {
         int32_t f, ab;
         notify = run_drain(s, s->p.drain_timeout_ms, &f, &ab);
-    } else if (c->m == M_DRAIN) {
-        const Uncomp__V1__DrainRequest *req =
-            (const Uncomp__V1__DrainRequest *)unpack_msg(&a, methods[M_DRAIN].req,
-                                                        c->payload);
-        int64_t t = req && req->timeout_ms ? (int64_t)req->timeout_ms : s->p.drain_timeout_ms;
+    } else if (c->m == UC_GRPC_DRAIN) {
+        int64_t t = req->drain_timeout_ms ? req->drain_timeout_ms : s->p.drain_timeout_ms;
         int32_t f, ab;
         notify = run_drain(s, t, &f, &ab);
-        grpc_byte_buffer *bb = pack_drain(f, ab);
-        pthread_mutex_lock(&c->mu);
-        if (bb) {
-            finish_call(c, bb, GRPC_STATUS_OK, "");
-        } else {
-            finish_call(c, NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-        }
-        pthread_mutex_unlock(&c->mu);
-    } else if (c->m == M_CALIBRATE) {
-        const Uncomp__V1__CalibrateRequest *req =
-            (const Uncomp__V1__CalibrateRequest *)unpack_msg(&a, methods[M_CALIBRATE].req,
-                                                            c->payload);
         struct unary_reply r = {0};
-        struct uc_admin_src src;
-        uint64_t codes[UC_ADMIN_N_CODES];
-        admin_src(s, &src, codes);
-        do_calibrate(&r, &src, req, &c->calib_cancel);
+        struct uc_grpc_msg m;
+        reply_set_msg(&r, uc_grpc_encode_drain(&m, f, ab), &m);
+        reply(c, &r);
+    } else if (c->m == UC_GRPC_CALIBRATE) {
+        /* `calib_cancel` turns true when the client goes away (on_close): the calibration
+         * then ends */
+        struct unary_reply r = {0};
+        const char *text = req->calibrate.text && req->calibrate.text[0] ? req->calibrate.text
+                                                                         : NULL;
+        char msg[256] = "";
+        uc_status rc = uc_sched_calibrate(s->p.sched, text, (int32_t)req->calibrate.window_tokens,
+                                          (int32_t)req->calibrate.max_windows, &c->calib_cancel,
+                                          msg, sizeof msg);
+        if (rc != UC_OK) {
+            reply_set_error(&r, (grpc_status_code)uc_grpc_status_of(rc), "calibration failed: %s",
+                            msg[0] ? msg : uc_status_str(rc));
+        } else {
+            struct uc_admin_src src;
+            uint64_t codes[UC_ADMIN_N_CODES];
+            admin_src(s, &src, codes);
+            reply_set_profile(&r, &src);
+        }
         reply(c, &r);
     }
-    arena_fini(&a);
+    uc_grpc_request_fini(req);
+    uc_free(req);
     worker_exit(s, c, notify);
     return NULL;
 }
 
-/* Runs a blocking operation on its own detached thread; false (and nothing started) when the
- * thread cannot be created. */
-static bool spawn_worker(struct uc_server *s, struct call *c)
+/* Runs a blocking operation on its own detached thread, which takes req over; false (and
+ * nothing started, req still the caller's) when the thread cannot be created. */
+static bool spawn_worker(struct uc_server *s, struct call *c, struct uc_grpc_request *req)
 {
     struct worker *w = uc_calloc(1, sizeof *w);
     if (!w) {
@@ -2313,6 +898,7 @@ static bool spawn_worker(struct uc_server *s, struct call *c)
     }
     w->s = s;
     w->c = c;
+    w->req = req;
     if (c) {
         pthread_mutex_lock(&c->mu);
         call_ref(c);
@@ -2386,7 +972,7 @@ static void dispatch_generic(struct call *c)
 static bool call_authorized(const struct call *c)
 {
     const struct uc_auth *auth = c->srv->p.auth;
-    if (!uc_auth_enabled(auth) || c->m == M_HEALTH_CHECK || c->m == M_HEALTH_WATCH) {
+    if (!uc_auth_enabled(auth) || c->m == UC_GRPC_HEALTH_CHECK || c->m == UC_GRPC_HEALTH_WATCH) {
         return true;
     }
     const char *key = NULL;
@@ -2406,10 +992,56 @@ static bool call_authorized(const struct call *c)
             key_len = vl;
         }
     }
-    bool admin = c->m == M_SET_POLICY || c->m == M_CALIBRATE || c->m == M_DRAIN;
+    bool admin = c->m == UC_GRPC_SET_POLICY || c->m == UC_GRPC_CALIBRATE || c->m == UC_GRPC_DRAIN;
     return admin ? uc_auth_check_admin(auth, key, key_len) : uc_auth_check(auth, key, key_len);
 }
 
+/* Tokenize and Detokenize, validated (r->tokenize.ids, r->detokenize.ids). */
+static void do_tokenize(struct unary_reply *r, struct uc_server *s, struct uc_grpc_request *req)
+{
+    struct uc_grpc_msg m;
+    if (req->method == UC_GRPC_TOKENIZE) {
+        reply_set_msg(r, uc_grpc_encode_tokenize(&m, s->p.tok, req->tokenize.ids,
+                                                 req->tokenize.n_ids), &m);
+        return;
+    }
+    char *text = NULL;
+    size_t len = 0;
+    uc_status rc = uc_tokenizer_decode(s->p.tok, req->detokenize.ids, (int64_t)req->detokenize.n,
+                                       req->detokenize.skip_special_tokens, &text, &len);
+    if (rc != UC_OK) {
+        reply_set_error(r, rc == UC_ERR_INVALID_ARG ? GRPC_STATUS_INVALID_ARGUMENT
+                                                    : (grpc_status_code)uc_grpc_status_of(rc),
+                        "token_ids: decode failed: %s", uc_status_str(rc));
+        return;
+    }
+    reply_set_msg(r, uc_grpc_encode_detokenize(&m, text, len), &m);
+    uc_free(text);
+}
+
+/* SetCompressionPolicy, validated onto the current default (req->set_policy.params). */
+static void do_set_policy(struct unary_reply *r, struct uc_server *s,
+                          const struct uc_grpc_request *req)
+{
+    char msg[256] = "";
+    uc_status rc = uc_sched_set_default_compress(s->p.sched, &req->set_policy.params, msg,
+                                                 sizeof msg);
+    if (rc != UC_OK) {
+        reply_set_error(r, (grpc_status_code)uc_grpc_status_of(rc), "%s",
+                        msg[0] ? msg : uc_status_str(rc));
+        return;
+    }
+    struct uc_compress_params cp;
+    uc_sched_get_default_compress(s->p.sched, &cp);
+    UC_LOG_NOTICE("grpc: default compression set policy=%s kv_budget=%d decode_mode=%s "
+                  "grouping=%s", uc_policy_name(cp.policy), cp.kv_budget,
+                  uc_decode_mode_name(cp.decode_mode), uc_grouping_name(cp.grouping));
+    struct uc_grpc_msg m;
+    reply_set_msg(r, uc_grpc_encode_set_policy(&m, &cp), &m);
+}
+
+/* Decodes and validates the request (grpc_codec.h), then answers it: unary calls here,
+ * Generate and Chat through the scheduler, Calibrate and Drain on a worker thread. */
 static void dispatch(struct call *c)
 {
     struct uc_server *s = c->srv;
@@ -2420,125 +1052,117 @@ static void dispatch(struct call *c)
     if (!call_authorized(c)) {
         reply_error(c, GRPC_STATUS_UNAUTHENTICATED, "a valid API key is needed: send the "
                     "metadata 'authorization: Bearer KEY'%s",
-                    c->m == M_SET_POLICY || c->m == M_CALIBRATE || c->m == M_DRAIN
+                    c->m == UC_GRPC_SET_POLICY || c->m == UC_GRPC_CALIBRATE || c->m == UC_GRPC_DRAIN
                         ? " (the admin key for this call)" : "");
         return;
     }
-    struct arena a;
-    arena_init(&a);
-    const ProtobufCMessage *req = unpack_msg(&a, methods[c->m].req, c->payload);
+    struct unary_reply r = {0};
+    struct uc_grpc_request *req = uc_calloc(1, sizeof *req);
     if (!req) {
-        if (a.oom) {
-            reply_error(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-        } else {
-            if (is_gen(c->m)) {
-                metrics_request_rejected(s->p.metrics);
-            }
-            reply_error(c, GRPC_STATUS_INVALID_ARGUMENT,
-                        "the request is not a valid %s message%s", methods[c->m].req->name,
-                        c->payload ? "" : " (no message was sent)");
-        }
-        arena_fini(&a);
+        reply_error(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
         return;
+    }
+    if (!payload_decode(c->payload, c->m, req, &r)) {
+        if (is_gen(c->m) && r.code == GRPC_STATUS_INVALID_ARGUMENT) {
+            metrics_request_rejected(s->p.metrics);
+        }
+        reply(c, &r);
+        goto out;
+    }
+    if (is_gen(c->m)) {
+        handle_generation(c, req);
+        goto out;
+    }
+    bool loaded = s->p.sched && s->p.engine;
+    bool needs_model = c->m == UC_GRPC_SET_POLICY || c->m == UC_GRPC_CALIBRATE;
+    if (needs_model && !loaded) {
+        reply_error(c, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
+        goto out;
+    }
+    struct uc_req_ctx ctx;
+    req_ctx(s, &ctx);
+    struct uc_req_error err;
+    uc_status rc = uc_grpc_request_validate(req, &ctx, &err);
+    if (rc != UC_OK) {
+        reply_error(c, (grpc_status_code)uc_grpc_status_of(rc), "%s", err.message);
+        goto out;
     }
     struct uc_admin_src src;
     uint64_t codes[UC_ADMIN_N_CODES];
     admin_src(s, &src, codes);
-    struct unary_reply r = {0};
+    struct uc_grpc_msg m;
     bool replied = false;
     switch (c->m) {
-    case M_GENERATE:
-        handle_generate(c, (const Uncomp__V1__GenerateRequest *)req, &a);
-        replied = true;
+    case UC_GRPC_TOKENIZE:
+    case UC_GRPC_DETOKENIZE:
+        do_tokenize(&r, s, req);
         break;
-    case M_CHAT:
-        handle_chat(c, (const Uncomp__V1__ChatRequest *)req, &a);
-        replied = true;
-        break;
-    case M_TOKENIZE:
-        do_tokenize(&r, &src, (const Uncomp__V1__TokenizeRequest *)req, &a);
-        break;
-    case M_DETOKENIZE:
-        do_detokenize(&r, &src, (const Uncomp__V1__DetokenizeRequest *)req);
-        break;
-    case M_ABORT: {
-        const Uncomp__V1__AbortRequest *ar = (const Uncomp__V1__AbortRequest *)req;
-        if (!ar->request_id || !ar->request_id[0]) {
-            reply_set_error(&r, GRPC_STATUS_INVALID_ARGUMENT, "request_id is empty");
-        } else if (strlen(ar->request_id) >= UC_REQUEST_ID_MAX) {
-            reply_set_error(&r, GRPC_STATUS_INVALID_ARGUMENT,
-                            "request_id is longer than %d bytes", UC_REQUEST_ID_MAX - 1);
-        } else if (!s->p.sched) {
+    case UC_GRPC_ABORT:
+        if (!s->p.sched) {
             reply_set_error(&r, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
         } else {
-            Uncomp__V1__AbortResponse resp;
-            uncomp__v1__abort_response__init(&resp);
-            resp.found = uc_sched_abort(s->p.sched, ar->request_id, UC_OK);
-            UC_LOG_INFO("grpc: Abort req=%s found=%d", ar->request_id, (int)resp.found);
-            r.msg = pack_msg(&resp.base);
-            r.code = r.msg ? GRPC_STATUS_OK : GRPC_STATUS_RESOURCE_EXHAUSTED;
-            snprintf(r.detail, sizeof r.detail, "%s", r.msg ? "" : "out of memory");
+            bool found = uc_sched_abort(s->p.sched, req->request_id, UC_OK);
+            UC_LOG_INFO("grpc: Abort req=%s found=%d", req->request_id, (int)found);
+            reply_set_msg(&r, uc_grpc_encode_abort(&m, found), &m);
         }
         break;
-    }
-    case M_SERVER_INFO:
-        do_server_info(&r, &src);
+    case UC_GRPC_SERVER_INFO:
+        reply_set_msg(&r, uc_grpc_encode_server_info(&m, &src), &m);
         break;
-    case M_MODEL_INFO:
-        do_model_info(&r, &src);
-        break;
-    case M_STATS:
-        do_stats(&r, &src, (const Uncomp__V1__GetStatsRequest *)req);
-        break;
-    case M_PROFILE:
-        do_profile(&r, &src);
-        break;
-    case M_SET_POLICY:
-        do_set_policy(&r, &src, (const Uncomp__V1__SetCompressionPolicyRequest *)req);
-        break;
-    case M_CALIBRATE:
-    case M_DRAIN:
-        if (c->m == M_CALIBRATE && (!s->p.sched || !s->p.engine)) {
+    case UC_GRPC_MODEL_INFO:
+        rc = uc_grpc_encode_model_info(&m, &src);
+        if (rc == UC_ERR_UNAVAILABLE) {
             reply_set_error(&r, GRPC_STATUS_UNAVAILABLE, "the model is not loaded yet");
-        } else if (!spawn_worker(s, c)) {
-            reply_set_error(&r, GRPC_STATUS_RESOURCE_EXHAUSTED,
-                            "cannot start a worker thread");
         } else {
+            reply_set_msg(&r, rc, &m);
+        }
+        break;
+    case UC_GRPC_STATS:
+        reply_set_msg(&r, uc_grpc_encode_stats(&m, &src, req->section), &m);
+        break;
+    case UC_GRPC_PROFILE:
+        reply_set_profile(&r, &src);
+        break;
+    case UC_GRPC_SET_POLICY:
+        do_set_policy(&r, s, req);
+        break;
+    case UC_GRPC_CALIBRATE:
+    case UC_GRPC_DRAIN:
+        if (!spawn_worker(s, c, req)) {
+            reply_set_error(&r, GRPC_STATUS_RESOURCE_EXHAUSTED, "cannot start a worker thread");
+        } else {
+            req = NULL; /* the worker's now */
             replied = true;
         }
         break;
-    case M_HEALTH_CHECK: {
-        const Grpc__Health__V1__HealthCheckRequest *hr =
-            (const Grpc__Health__V1__HealthCheckRequest *)req;
-        if (!health_service_known(hr->service)) {
+    case UC_GRPC_HEALTH_CHECK:
+        if (!req->health.known) {
             reply_set_error(&r, GRPC_STATUS_NOT_FOUND, "unknown service %.128s",
-                            hr->service);
+                            req->health.service ? req->health.service : "");
         } else {
-            r.msg = pack_health(health_status(s));
-            r.code = r.msg ? GRPC_STATUS_OK : GRPC_STATUS_RESOURCE_EXHAUSTED;
-            snprintf(r.detail, sizeof r.detail, "%s", r.msg ? "" : "out of memory");
+            reply_set_msg(&r, uc_grpc_encode_health(&m, health_status(s)), &m);
         }
         break;
-    }
-    case M_HEALTH_WATCH: {
-        const Grpc__Health__V1__HealthCheckRequest *hr =
-            (const Grpc__Health__V1__HealthCheckRequest *)req;
+    case UC_GRPC_HEALTH_WATCH:
         pthread_mutex_lock(&c->mu);
-        c->watch_unknown = !health_service_known(hr->service);
+        c->watch_unknown = !req->health.known;
         c->watch_last = -1;
         c->watch_ready = true;
         watch_pump(c);
         pthread_mutex_unlock(&c->mu);
         replied = true;
         break;
-    }
-    case M_COUNT:
+    case UC_GRPC_GENERATE:
+    case UC_GRPC_CHAT:
+    case UC_GRPC_METHOD_COUNT:
         break;
     }
     if (!replied) {
         reply(c, &r);
     }
-    arena_fini(&a);
+out:
+    uc_grpc_request_fini(req);
+    uc_free(req);
 }
 
 /* ---- completion queue ------------------------------------------------------------------------ */
@@ -2582,12 +1206,12 @@ static void call_free(struct call *c)
 }
 
 /* Asks gRPC for the next call of method m. */
-static void arm(struct uc_server *s, enum method m)
+static void arm(struct uc_server *s, enum uc_grpc_method m)
 {
     struct call *c = uc_calloc(1, sizeof *c);
     if (!c) {
         UC_LOG_ERROR("grpc: out of memory: %s stops accepting calls",
-                     m < M_COUNT ? methods[m].path : "unregistered methods");
+                     m < UC_GRPC_METHOD_COUNT ? uc_grpc_method_path(m) : "unregistered methods");
         return;
     }
     c->srv = s;
@@ -2670,7 +1294,7 @@ static void on_close(struct call *c)
     if (cancelled) {
         c->cancelled = true;
         abort_it = is_gen(c->m) && c->submitted && !c->sched_done;
-        calib = c->m == M_CALIBRATE;
+        calib = c->m == UC_GRPC_CALIBRATE;
         snprintf(id, sizeof id, "%s", c->request_id);
         gen_drop_queue(c);
     }
@@ -2712,7 +1336,7 @@ static void pump_locked(struct call *c)
 {
     if (is_gen(c->m)) {
         gen_pump(c);
-    } else if (c->m == M_HEALTH_WATCH) {
+    } else if (c->m == UC_GRPC_HEALTH_WATCH) {
         watch_pump(c);
     }
 }
@@ -2995,11 +1619,11 @@ uc_status uc_server_create(struct uc_server **out, const struct uc_server_params
         goto out_teardown;
     }
     grpc_server_register_completion_queue(s->server, s->cq, NULL);
-    for (int m = 0; m < M_COUNT; m++) {
-        s->reg[m] = grpc_server_register_method(s->server, methods[m].path, NULL,
+    for (int m = 0; m < UC_GRPC_METHOD_COUNT; m++) {
+        s->reg[m] = grpc_server_register_method(s->server, uc_grpc_method_path(m), NULL,
                                                 GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
         if (!s->reg[m]) {
-            rc = UC_ERRF(UC_ERR_INTERNAL, "grpc: cannot register %s", methods[m].path);
+            rc = UC_ERRF(UC_ERR_INTERNAL, "grpc: cannot register %s", uc_grpc_method_path(m));
             goto out_teardown;
         }
     }
@@ -3029,8 +1653,8 @@ uc_status uc_server_create(struct uc_server **out, const struct uc_server_params
         teardown(s, true);
         return rc;
     }
-    for (int m = 0; m < M_COUNT; m++) {
-        arm(s, (enum method)m);
+    for (int m = 0; m < UC_GRPC_METHOD_COUNT; m++) {
+        arm(s, (enum uc_grpc_method)m);
     }
     arm(s, M_GENERIC);
     UC_LOG_NOTICE("grpc: listening on %s (port %d, %s)", s->listen, port,
@@ -3087,7 +1711,7 @@ void uc_server_drain(struct uc_server *s)
     if (skip) {
         return;
     }
-    if (!spawn_worker(s, NULL)) {
+    if (!spawn_worker(s, NULL, NULL)) {
         /* no thread: drain on the caller's thread rather than not at all */
         int32_t f, a;
         bool notify = run_drain(s, s->p.drain_timeout_ms, &f, &a);
@@ -3109,7 +1733,7 @@ void uc_server_destroy(struct uc_server *s)
     kick_watchers(s);
     /* requests still in the scheduler end now (a stopped scheduler has already ended them) */
     int64_t n;
-    struct call **v = live_calls(s, M_GENERATE, &n);
+    struct call **v = live_calls(s, UC_GRPC_GENERATE, &n);
     for (int64_t i = 0; i < n; i++) {
         struct call *c = v[i];
         char id[UC_REQUEST_ID_MAX] = "";
@@ -3126,32 +1750,4 @@ void uc_server_destroy(struct uc_server *s)
     }
     uc_free(v);
     teardown(s, true);
-}
-
-/* ---- fuzzing entry ------------------------------------------------------------------------ */
-
-int uc_grpc_fuzz_request(int method, const uint8_t *data, size_t size,
-                         const struct uc_tokenizer *tok, int64_t vocab, int64_t n_layers)
-{
-    if (method < 0 || method >= M_COUNT) {
-        return -1;
-    }
-    struct arena a;
-    arena_init(&a);
-    ProtobufCMessage *m = protobuf_c_message_unpack(methods[method].req, &a.pb, size, data);
-    int code = m ? GRPC_STATUS_OK : GRPC_STATUS_INVALID_ARGUMENT;
-    if (m && method == M_GENERATE) {
-        struct gen_ctx ctx = {.tok = tok, .raw = data, .raw_len = size, .vocab = vocab,
-                              .n_layers = n_layers, .defaults = uc_compress_default_params()};
-        struct gen_req gr;
-        char msg[512];
-        uc_status rc = gen_request_parse(&gr, (const Uncomp__V1__GenerateRequest *)(void *)m,
-                                         &ctx, msg, sizeof msg);
-        if (rc == UC_OK) {
-            gen_req_fini(&gr);
-        }
-        code = (int)status_code_of(rc);
-    }
-    arena_fini(&a);
-    return code;
 }

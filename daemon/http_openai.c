@@ -322,11 +322,11 @@ static void apply_prompt(struct call *c, const struct ev *e,
         if (emit) {
             cJSON *lp = NULL;
             uc_oai_add_logprobs(&lp, c->req.kind, c->h->p.tok, e->ids, e->n_ids, e->lps,
-                                c->req.top_logprobs, &off);
+                                (int32_t)c->req.gen.top_logprobs, &off);
             emit(c, e->choice + j, lp);
         } else {
             uc_oai_add_logprobs(&ch->logprobs, c->req.kind, c->h->p.tok, e->ids, e->n_ids,
-                                e->lps, c->req.top_logprobs, &off);
+                                e->lps, (int32_t)c->req.gen.top_logprobs, &off);
         }
         /* generated tokens' offsets continue after the echoed prompt text */
         ch->text_offset = off > ch->text_offset ? off : ch->text_offset;
@@ -409,13 +409,13 @@ static void stream_event(struct call *c, struct ev *e)
         return;
     }
     if (!e->done) {
-        if (!e->text_len && !(c->req.logprobs && e->n_ids)) {
+        if (!e->text_len && !(c->req.gen.logprobs && e->n_ids)) {
             return;
         }
         cJSON *lp = NULL;
-        if (c->req.logprobs && e->n_ids) {
+        if (c->req.gen.logprobs && e->n_ids) {
             uc_oai_add_logprobs(&lp, c->req.kind, h->p.tok, e->ids, e->n_ids, e->lps,
-                                c->req.top_logprobs, &ch->text_offset);
+                                (int32_t)c->req.gen.top_logprobs, &ch->text_offset);
         }
         bool role = c->req.kind == UC_OAI_CHAT && !c->role_sent[e->choice];
         c->role_sent[e->choice] = true;
@@ -536,9 +536,9 @@ static enum MHD_Result finish_whole(struct MHD_Connection *conn, struct call *c)
                 apply_done(c, e);
             } else {
                 uc_buf_append(&ch->text, e->text, e->text_len);
-                if (c->req.logprobs && e->n_ids) {
+                if (c->req.gen.logprobs && e->n_ids) {
                     uc_oai_add_logprobs(&ch->logprobs, c->req.kind, h->p.tok, e->ids, e->n_ids,
-                                        e->lps, c->req.top_logprobs, &ch->text_offset);
+                                        e->lps, (int32_t)c->req.gen.top_logprobs, &ch->text_offset);
                 }
             }
             ev_free(e);
@@ -601,13 +601,11 @@ static enum MHD_Result handle_generate(struct uc_http_openai *h, struct MHD_Conn
              (unsigned long long)h->started_s,
              (unsigned long long)atomic_fetch_add(&h->next_id, 1));
     struct uc_oai_ctx ctx = {
-        .tok = h->p.tok,
-        .chat = h->p.chat,
+        .req = {.tok = h->p.tok, .chat = h->p.chat, .vocab = h->p.vocab,
+                .n_layers = h->p.n_layers},
         .model_name = h->model_name,
-        .vocab = h->p.vocab,
-        .n_layers = h->p.n_layers,
     };
-    uc_sched_get_default_compress(h->p.sched, &ctx.defaults);
+    uc_sched_get_default_compress(h->p.sched, &ctx.req.defaults);
     char msg[512], param[64];
     int status = 400;
     uc_status rc = uc_oai_parse(&c->req, kind, cc->body.data ? cc->body.data : "", cc->body.len,
@@ -618,7 +616,8 @@ static enum MHD_Result handle_generate(struct uc_http_openai *h, struct MHD_Conn
         return reply_error(conn, rc == UC_ERR_INVALID_ARG ? status : uc_oai_http_status(rc), msg,
                            param);
     }
-    c->n_choices = c->req.n_prompts * c->req.n;
+    int32_t n_per = (int32_t)c->req.gen.n; /* choices per prompt */
+    c->n_choices = c->req.gen.n_inputs * n_per;
     c->choices = uc_calloc((size_t)c->n_choices, sizeof *c->choices);
     c->sinks = uc_calloc((size_t)c->n_choices, sizeof *c->sinks);
     c->role_sent = uc_calloc((size_t)c->n_choices, sizeof *c->role_sent);
@@ -628,9 +627,11 @@ static enum MHD_Result handle_generate(struct uc_http_openai *h, struct MHD_Conn
     }
     for (int32_t i = 0; i < c->n_choices; i++) {
         uc_oai_choice_init(&c->choices[i], i);
-        if (c->req.echo) {
-            int32_t p = i / c->req.n;
-            uc_buf_append(&c->choices[i].text, c->req.prompt_text[p], c->req.prompt_text_len[p]);
+        const struct uc_req_prompt *pr =
+            c->req.gen.prompts && i / n_per < c->req.gen.n_prompts ? &c->req.gen.prompts[i / n_per]
+                                                                   : NULL;
+        if (c->req.gen.echo && pr) {
+            uc_buf_append(&c->choices[i].text, pr->text, pr->text ? pr->text_len : 0);
         }
         c->sinks[i] = (struct sinkref){.c = c, .idx = i};
     }
@@ -639,12 +640,11 @@ static enum MHD_Result handle_generate(struct uc_http_openai *h, struct MHD_Conn
     char sub_msg[512] = "";
     /* one request per prompt: its n choices fork its prefilled, compressed cache; n beyond
      * what the scheduler runs at once (max_running) falls back to one request per choice */
-    int32_t per = c->req.n <= uc_sched_max_n(h->p.sched) ? c->req.n : 1;
+    int32_t per = n_per <= uc_sched_max_n(h->p.sched) ? n_per : 1;
     c->per = per;
     for (int32_t i = 0; i < c->n_choices; i += per) {
         struct uc_request r;
-        uc_oai_choice_request(&c->req, i, &r);
-        r.n = per;
+        uc_req_choice(&c->req.gen, i, per, &r);
         snprintf(r.request_id, sizeof r.request_id, "%s-%d", c->id, (int)c->n_submitted);
         atomic_fetch_add(&c->refs, per);
         sub_rc = uc_sched_submit(h->p.sched, &r, sink, &c->sinks[i], NULL, sub_msg,
@@ -678,7 +678,7 @@ static enum MHD_Result handle_generate(struct uc_http_openai *h, struct MHD_Conn
         call_unref(c);
         return ret;
     }
-    if (c->req.echo) { /* the prompt leads each choice's stream */
+    if (c->req.gen.echo) { /* the prompt leads each choice's stream */
         for (int32_t i = 0; i < c->n_choices; i++) {
             pend(c, uc_oai_chunk_sse(&c->req, c->id, c->created, h->model_name, i, false,
                                      c->choices[i].text.data, c->choices[i].text.len, NULL,

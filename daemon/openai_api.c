@@ -1,5 +1,7 @@
-/* The OpenAI request model (openai_api.h): request parsing and validation, then the response,
- * chunk and error JSON. */
+/* The OpenAI request model (openai_api.h): decoding the JSON bodies into the request model both
+ * fronts share (request.h), then the response, chunk and error JSON. Decoding checks the JSON
+ * shapes only (a number, a list, a string, OpenAI's fields this server does not take); every
+ * value is checked by uc_req_validate, as gRPC's are. */
 #include "openai_api.h"
 
 #include <math.h>
@@ -11,7 +13,11 @@
 #include "chat_template.h"
 #include "tokenizer.h"
 
-/* ---- parsing helpers ------------------------------------------------------------------------ */
+/* ---- decoding helpers ----------------------------------------------------------------------- */
+
+/* Integers JSON carries exactly (a double's 53 bits): wider values are refused while decoding,
+ * the meaningful ranges by validation. */
+#define JSON_INT_MAX (1LL << 53)
 
 struct pctx {
     char *msg;
@@ -32,15 +38,23 @@ static uc_status bad(struct pctx *p, const char *param, const char *fmt, ...)
     return UC_ERR_INVALID_ARG;
 }
 
+static uc_status nomem(struct pctx *p)
+{
+    snprintf(p->msg, p->msg_size, "out of memory");
+    p->param[0] = '\0';
+    return UC_ERR_NOMEM;
+}
+
 static const cJSON *field(const cJSON *o, const char *name)
 {
     const cJSON *f = cJSON_GetObjectItemCaseSensitive(o, name);
     return f && !cJSON_IsNull(f) ? f : NULL; /* null means "not set" */
 }
 
-/* An integer field in [lo, hi]; absent leaves *out. */
-static uc_status get_int(struct pctx *p, const cJSON *o, const char *name, int64_t lo, int64_t hi,
-                         int64_t *out, bool *present)
+/* An integer field in [lo, hi]; absent leaves *out. `param` names it (NULL: name). */
+static uc_status get_int_named(struct pctx *p, const cJSON *o, const char *name,
+                               const char *param, int64_t lo, int64_t hi, int64_t *out,
+                               bool *present)
 {
     const cJSON *f = field(o, name);
     if (present) {
@@ -49,20 +63,27 @@ static uc_status get_int(struct pctx *p, const cJSON *o, const char *name, int64
     if (!f) {
         return UC_OK;
     }
+    param = param ? param : name;
     if (!cJSON_IsNumber(f) || f->valuedouble != floor(f->valuedouble) ||
         !isfinite(f->valuedouble)) {
-        return bad(p, name, "%s must be an integer", name);
+        return bad(p, param, "%s must be an integer", param);
     }
     if (f->valuedouble < (double)lo || f->valuedouble > (double)hi) {
-        return bad(p, name, "%s=%.0f must be in [%lld, %lld]", name, f->valuedouble,
+        return bad(p, param, "%s=%.0f must be in [%lld, %lld]", param, f->valuedouble,
                    (long long)lo, (long long)hi);
     }
     *out = (int64_t)f->valuedouble;
     return UC_OK;
 }
 
-static uc_status get_num(struct pctx *p, const cJSON *o, const char *name, double lo, double hi,
-                         bool lo_open, float *out, bool *present)
+static uc_status get_int(struct pctx *p, const cJSON *o, const char *name, int64_t *out,
+                         bool *present)
+{
+    return get_int_named(p, o, name, NULL, -JSON_INT_MAX, JSON_INT_MAX, out, present);
+}
+
+static uc_status get_num(struct pctx *p, const cJSON *o, const char *name, const char *param,
+                         double *out, bool *present)
 {
     const cJSON *f = field(o, name);
     if (present) {
@@ -72,13 +93,9 @@ static uc_status get_num(struct pctx *p, const cJSON *o, const char *name, doubl
         return UC_OK;
     }
     if (!cJSON_IsNumber(f) || !isfinite(f->valuedouble)) {
-        return bad(p, name, "%s must be a number", name);
+        return bad(p, param ? param : name, "%s must be a number", param ? param : name);
     }
-    double v = f->valuedouble;
-    if (v > hi || (lo_open ? v <= lo : v < lo)) {
-        return bad(p, name, "%s=%g must be in %s%g, %g]", name, v, lo_open ? "(" : "[", lo, hi);
-    }
-    *out = (float)v;
+    *out = f->valuedouble;
     return UC_OK;
 }
 
@@ -95,14 +112,15 @@ static uc_status get_bool(struct pctx *p, const cJSON *o, const char *name, bool
     return UC_OK;
 }
 
-static uc_status get_str(struct pctx *p, const cJSON *o, const char *name, const char **out)
+static uc_status get_str(struct pctx *p, const cJSON *o, const char *name, const char *param,
+                         const char **out)
 {
     const cJSON *f = field(o, name);
     if (!f) {
         return UC_OK;
     }
     if (!cJSON_IsString(f)) {
-        return bad(p, name, "%s must be a string", name);
+        return bad(p, param ? param : name, "%s must be a string", param ? param : name);
     }
     *out = f->valuestring;
     return UC_OK;
@@ -116,166 +134,73 @@ static uc_status get_str(struct pctx *p, const cJSON *o, const char *name, const
         }                                                                                          \
     } while (0)
 
-static uc_status add_prompt(struct uc_oai_request *r, int32_t *ids, int64_t n, const char *text,
-                            size_t text_len)
+/* A list of integers (token ids, layers) into out[0..n) (allocated here). `name` names the list
+ * in messages, `param` the field. */
+static uc_status ints_of(struct pctx *p, const cJSON *a, const char *name, const char *param,
+                         int64_t **out, size_t *n_out)
 {
-    int32_t k = r->n_prompts;
-    r->prompts[k] = ids;
-    r->n_prompt[k] = n;
-    r->prompt_text[k] = NULL;
-    r->prompt_text_len[k] = 0;
-    r->n_prompts++;
-    if (text) {
-        r->prompt_text[k] = uc_malloc(text_len + 1);
-        if (!r->prompt_text[k]) {
-            return UC_ERR_NOMEM;
-        }
-        memcpy(r->prompt_text[k], text, text_len);
-        r->prompt_text[k][text_len] = '\0';
-        r->prompt_text_len[k] = text_len;
+    if (uc_req_alloc_i64(out, n_out, (size_t)cJSON_GetArraySize(a)) != UC_OK) {
+        return nomem(p);
     }
-    return UC_OK;
-}
-
-static uc_status encode(struct pctx *p, const struct uc_oai_ctx *ctx, const char *text, size_t len,
-                        bool add_special, const char *param, int32_t **ids, int64_t *n)
-{
-    char why[256];
-    uc_status rc = uc_tokenizer_encode_msg(ctx->tok, text, len, add_special, ids, n, why,
-                                           sizeof why);
-    if (rc == UC_ERR_INVALID_ARG) {
-        return bad(p, param, "%s: %s", param, why);
-    }
-    if (rc != UC_OK) {
-        snprintf(p->msg, p->msg_size, "tokenizer failed: %s", why);
-        return rc;
-    }
-    if (*n == 0) {
-        uc_free(*ids);
-        *ids = NULL;
-        return bad(p, param, "%s produced no tokens", param);
-    }
-    return UC_OK;
-}
-
-/* an array of token ids */
-static uc_status ids_of(struct pctx *p, const struct uc_oai_ctx *ctx, const cJSON *a,
-                        const char *param, int32_t **out, int64_t *n_out)
-{
-    int n = cJSON_GetArraySize(a);
-    if (n == 0) {
-        return bad(p, param, "%s is empty: the prompt needs at least one token", param);
-    }
-    int32_t *ids = uc_malloc((size_t)n * sizeof *ids);
-    if (!ids) {
-        return UC_ERR_NOMEM;
-    }
-    int i = 0;
+    size_t i = 0;
     const cJSON *t;
     cJSON_ArrayForEach(t, a) {
         if (!cJSON_IsNumber(t) || t->valuedouble != floor(t->valuedouble) ||
-            t->valuedouble < 0 || t->valuedouble >= (double)ctx->vocab) {
-            uc_free(ids);
-            return bad(p, param, "%s[%d] must be a token id in [0, %lld)", param, i,
-                       (long long)ctx->vocab);
+            fabs(t->valuedouble) > (double)JSON_INT_MAX) {
+            return bad(p, param, "%s[%zu] must be an integer", name, i);
         }
-        ids[i++] = (int32_t)t->valuedouble;
+        (*out)[i++] = (int64_t)t->valuedouble;
     }
-    *out = ids;
-    *n_out = n;
     return UC_OK;
 }
 
-static uc_status parse_prompt(struct pctx *p, struct uc_oai_request *r,
-                              const struct uc_oai_ctx *ctx, const cJSON *pr)
+/* ---- decoding -------------------------------------------------------------------------------- */
+
+static uc_status decode_prompt(struct pctx *p, struct uc_req *g, const cJSON *pr)
 {
-    uc_status rc;
     if (!pr) {
-        return bad(p, "prompt", "prompt is missing");
+        return UC_OK; /* validation: the prompt is missing */
     }
-    int count = cJSON_IsArray(pr) ? cJSON_GetArraySize(pr) : 1;
-    bool ids_only = cJSON_IsArray(pr) && count > 0 && cJSON_IsNumber(pr->child);
-    if (ids_only) {
-        count = 1;
-    }
-    if (cJSON_IsArray(pr) && count == 0) {
+    bool list = cJSON_IsArray(pr);
+    bool ids_only = list && pr->child && cJSON_IsNumber(pr->child);
+    if (list && !pr->child) {
         return bad(p, "prompt", "prompt is an empty list");
     }
-    if (count > UC_OAI_MAX_PROMPTS) {
-        return bad(p, "prompt", "prompt has %d entries; at most %d", count, UC_OAI_MAX_PROMPTS);
-    }
-    r->prompts = uc_calloc((size_t)count, sizeof *r->prompts);
-    r->n_prompt = uc_calloc((size_t)count, sizeof *r->n_prompt);
-    r->prompt_text = uc_calloc((size_t)count, sizeof *r->prompt_text);
-    r->prompt_text_len = uc_calloc((size_t)count, sizeof *r->prompt_text_len);
-    if (!r->prompts || !r->n_prompt || !r->prompt_text || !r->prompt_text_len) {
-        return UC_ERR_NOMEM;
-    }
-    const cJSON *items[UC_OAI_MAX_PROMPTS];
-    if (cJSON_IsArray(pr) && !ids_only) {
-        int i = 0;
-        const cJSON *it;
-        cJSON_ArrayForEach(it, pr) {
-            items[i++] = it;
-        }
-    } else {
-        items[0] = pr;
-    }
-    for (int i = 0; i < count; i++) {
-        const cJSON *it = items[i];
-        char param[32];
-        snprintf(param, sizeof param, count > 1 || (cJSON_IsArray(pr) && !ids_only)
-                                          ? "prompt[%d]" : "prompt", i);
-        int32_t *ids = NULL;
-        int64_t n = 0;
+    g->prompt_list = list && !ids_only;
+    const cJSON *it = g->prompt_list ? pr->child : pr;
+    for (int i = 0; it; i++, it = g->prompt_list ? it->next : NULL) {
+        char name[32];
+        snprintf(name, sizeof name, g->prompt_list ? "prompt[%d]" : "prompt", i);
         if (cJSON_IsString(it)) {
-            size_t len = strlen(it->valuestring);
-            if (len == 0) {
-                return bad(p, "prompt", "%s is empty: the prompt needs at least one token",
-                           param);
+            if (uc_req_add_text(g, it->valuestring, strlen(it->valuestring)) != UC_OK) {
+                return nomem(p);
             }
-            rc = encode(p, ctx, it->valuestring, len, true, param, &ids, &n);
-            if (rc != UC_OK) {
-                return rc;
-            }
-            rc = add_prompt(r, ids, n, it->valuestring, len);
         } else if (cJSON_IsArray(it)) {
-            rc = ids_of(p, ctx, it, param, &ids, &n);
+            int64_t *ids = NULL;
+            size_t n = 0;
+            uc_status rc = ints_of(p, it, name, "prompt", &ids, &n);
+            int64_t *dst = rc == UC_OK ? uc_req_add_ids(g, (int64_t)n) : NULL;
+            if (dst && n) {
+                memcpy(dst, ids, n * sizeof *ids);
+            }
+            uc_free(ids);
             if (rc != UC_OK) {
                 return rc;
             }
-            rc = add_prompt(r, ids, n, NULL, 0);
+            if (!dst) {
+                return nomem(p);
+            }
         } else {
-            return bad(p, "prompt", "%s must be a string, a list of strings or token ids",
-                       param);
-        }
-        if (rc != UC_OK) {
-            uc_free(ids);
-            return rc;
+            return bad(p, "prompt", "%s must be a string, a list of strings or token ids", name);
         }
     }
     return UC_OK;
 }
 
-static uc_status parse_messages(struct pctx *p, struct uc_oai_request *r,
-                                const struct uc_oai_ctx *ctx, const cJSON *root)
+/* Chat: the messages and template variables move into the request (validation checks them). */
+static uc_status decode_messages(struct pctx *p, struct uc_req *g, cJSON *root)
 {
-    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
-    if (!msgs) {
-        return bad(p, "messages", "messages is missing");
-    }
-    uc_status rc = uc_chat_messages_validate(msgs, p->msg, p->msg_size);
-    if (rc != UC_OK) {
-        snprintf(p->param, p->param_size, "messages");
-        return rc;
-    }
-    if (!ctx->chat) {
-        return bad(p, "messages", "the model has no chat template (tokenizer_config.json "
-                   "chat_template or chat_template.jinja); start uncompd with "
-                   "--chat-template FILE, or use /v1/completions");
-    }
-    bool add_gen = true;
-    rc = get_bool(p, root, "add_generation_prompt", &add_gen);
+    uc_status rc = get_bool(p, root, "add_generation_prompt", &g->add_generation_prompt);
     if (rc != UC_OK) {
         return rc;
     }
@@ -283,85 +208,28 @@ static uc_status parse_messages(struct pctx *p, struct uc_oai_request *r,
     if (kw && !cJSON_IsObject(kw)) {
         return bad(p, "chat_template_kwargs", "chat_template_kwargs must be an object");
     }
-    char *text = NULL;
-    size_t len = 0;
-    char why[320];
-    rc = uc_chat_template_render(ctx->chat, msgs, add_gen, kw, &text, &len, why, sizeof why);
-    if (rc == UC_ERR_INVALID_ARG) {
-        return bad(p, "messages", "the chat template refused the messages: %s", why);
+    if (kw) {
+        g->template_kwargs = cJSON_DetachItemFromObjectCaseSensitive(root, "chat_template_kwargs");
     }
-    if (rc != UC_OK) {
-        snprintf(p->msg, p->msg_size, "chat template: %s", why);
-        return rc;
-    }
-    r->prompts = uc_calloc(1, sizeof *r->prompts);
-    r->n_prompt = uc_calloc(1, sizeof *r->n_prompt);
-    r->prompt_text = uc_calloc(1, sizeof *r->prompt_text);
-    r->prompt_text_len = uc_calloc(1, sizeof *r->prompt_text_len);
-    if (!r->prompts || !r->n_prompt || !r->prompt_text || !r->prompt_text_len) {
-        uc_free(text);
-        return UC_ERR_NOMEM;
-    }
-    int32_t *ids = NULL;
-    int64_t n = 0;
-    /* the template writes the special tokens itself (bos_token), as apply_chat_template does */
-    rc = len ? encode(p, ctx, text, len, false, "messages", &ids, &n)
-             : bad(p, "messages", "the chat template rendered nothing");
-    if (rc == UC_OK) {
-        rc = add_prompt(r, ids, n, text, len);
-        if (rc != UC_OK) {
-            uc_free(ids);
-        }
-    }
-    uc_free(text);
-    return rc;
-}
-
-static uc_status parse_stop(struct pctx *p, struct uc_oai_request *r, const cJSON *root)
-{
-    const cJSON *s = field(root, "stop");
-    if (!s) {
-        return UC_OK;
-    }
-    int n = cJSON_IsArray(s) ? cJSON_GetArraySize(s) : 1;
-    if (!cJSON_IsArray(s) && !cJSON_IsString(s)) {
-        return bad(p, "stop", "stop must be a string or a list of strings");
-    }
-    if (n > 64) {
-        return bad(p, "stop", "stop has %d strings; at most 64", n);
-    }
-    if (n == 0) {
-        return UC_OK;
-    }
-    r->stop = uc_calloc((size_t)n, sizeof *r->stop);
-    if (!r->stop) {
-        return UC_ERR_NOMEM;
-    }
-    const cJSON *it = cJSON_IsArray(s) ? s->child : s;
-    for (int i = 0; i < n; i++, it = it->next) {
-        if (!cJSON_IsString(it)) {
-            return bad(p, "stop", "stop[%d] must be a string", i);
-        }
-        size_t len = strlen(it->valuestring);
-        if (len == 0) {
-            return bad(p, "stop", "stop[%d] is empty", i);
-        }
-        if (len > 1024) {
-            return bad(p, "stop", "stop[%d] is %zu bytes; at most 1024", i, len);
-        }
-        r->stop[i] = uc_strdup(it->valuestring);
-        if (!r->stop[i]) {
-            return UC_ERR_NOMEM;
-        }
-        r->base.n_stop = i + 1;
-    }
-    r->base.stop = (const char *const *)r->stop;
+    g->messages = cJSON_DetachItemFromObjectCaseSensitive(root, "messages");
     return UC_OK;
 }
 
-static uc_status parse_stop_ids(struct pctx *p, struct uc_oai_request *r,
-                                const struct uc_oai_ctx *ctx, const cJSON *root)
+static uc_status decode_stop(struct pctx *p, struct uc_req *g, const cJSON *root)
 {
+    const cJSON *s = field(root, "stop");
+    if (s && !cJSON_IsArray(s) && !cJSON_IsString(s)) {
+        return bad(p, "stop", "stop must be a string or a list of strings");
+    }
+    const cJSON *it = !s ? NULL : cJSON_IsArray(s) ? s->child : s;
+    for (int i = 0; it; i++, it = cJSON_IsArray(s) ? it->next : NULL) {
+        if (!cJSON_IsString(it)) {
+            return bad(p, "stop", "stop[%d] must be a string", i);
+        }
+        if (uc_req_add_stop(g, it->valuestring, strlen(it->valuestring)) != UC_OK) {
+            return nomem(p);
+        }
+    }
     const cJSON *a = field(root, "stop_token_ids");
     if (!a) {
         return UC_OK;
@@ -369,24 +237,10 @@ static uc_status parse_stop_ids(struct pctx *p, struct uc_oai_request *r,
     if (!cJSON_IsArray(a)) {
         return bad(p, "stop_token_ids", "stop_token_ids must be a list of token ids");
     }
-    int n = cJSON_GetArraySize(a);
-    if (n > 64) {
-        return bad(p, "stop_token_ids", "stop_token_ids has %d ids; at most 64", n);
-    }
-    if (n == 0) {
-        return UC_OK;
-    }
-    int64_t k = 0;
-    uc_status rc = ids_of(p, ctx, a, "stop_token_ids", &r->stop_ids, &k);
-    if (rc == UC_OK) {
-        r->base.stop_ids = r->stop_ids;
-        r->base.n_stop_ids = (int32_t)k;
-    }
-    return rc;
+    return ints_of(p, a, "stop_token_ids", "stop_token_ids", &g->stop_ids, &g->n_stop_ids);
 }
 
-static uc_status parse_uncomp(struct pctx *p, struct uc_oai_request *r,
-                              const struct uc_oai_ctx *ctx, const cJSON *root)
+static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *root)
 {
     const cJSON *u = field(root, "uncomp");
     if (!u) {
@@ -410,144 +264,169 @@ static uc_status parse_uncomp(struct pctx *p, struct uc_oai_request *r,
                        "grouping, stage_starts, r_min)", f->string);
         }
     }
-    struct uc_compress_params cp = ctx->defaults;
+    g->has_compress = true;
+    struct uc_req_compress *c = &g->compress;
     uc_status rc;
-    const char *s = NULL;
-    if ((rc = get_str(p, u, "policy", &s)) != UC_OK) {
-        return rc;
-    }
-    if (s && s[0] && !uc_policy_parse(s, &cp.policy)) {
-        return bad(p, "uncomp.policy", "uncomp.policy=\"%.40s\" is unknown; use one of full, "
-                   "uncomp, uncomp-stage, snapkv, pyramidkv, streamingllm, h2o", s);
-    }
-    struct {
-        const char *name;
-        int32_t *dst;
-        int64_t hi;
-    } ints[] = {{"kv_budget", &cp.kv_budget, 1 << 24}, {"window", &cp.window, 1 << 16},
-                {"pool_kernel", &cp.pool_kernel, 1 << 16}, {"sink_tokens", &cp.sink_tokens, 1 << 24},
-                {"head_groups", &cp.head_groups, 1 << 10}};
-    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
-        int64_t v = 0;
-        bool present = false;
-        if ((rc = get_int(p, u, ints[i].name, 0, ints[i].hi, &v, &present)) != UC_OK) {
-            snprintf(p->param, p->param_size, "uncomp.%s", ints[i].name);
+    static const struct {
+        const char *name, *param;
+        size_t off;
+    } strs[] = {
+        {"policy", "uncomp.policy", offsetof(struct uc_req_compress, policy)},
+        {"decode_mode", "uncomp.decode_mode", offsetof(struct uc_req_compress, decode_mode)},
+        {"grouping", "uncomp.grouping", offsetof(struct uc_req_compress, grouping)},
+    };
+    for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++) {
+        const char *s = NULL;
+        if ((rc = get_str(p, u, strs[i].name, strs[i].param, &s)) != UC_OK) {
             return rc;
         }
-        if (present && v > 0) {
-            *ints[i].dst = (int32_t)v;
+        if (s && uc_req_set_str((char **)((char *)c + strs[i].off), s) != UC_OK) {
+            return nomem(p);
         }
     }
-    s = NULL;
-    if ((rc = get_str(p, u, "decode_mode", &s)) != UC_OK) {
-        return rc;
-    }
-    if (s && s[0] && !uc_decode_mode_parse(s, &cp.decode_mode)) {
-        return bad(p, "uncomp.decode_mode", "uncomp.decode_mode must be append or evict");
-    }
-    s = NULL;
-    if ((rc = get_str(p, u, "grouping", &s)) != UC_OK) {
-        return rc;
-    }
-    if (s && s[0] && !uc_grouping_parse(s, &cp.grouping)) {
-        return bad(p, "uncomp.grouping", "uncomp.grouping must be profile or prompt");
+    static const struct {
+        const char *name, *param;
+        size_t off;
+    } ints[] = {
+        {"kv_budget", "uncomp.kv_budget", offsetof(struct uc_req_compress, kv_budget)},
+        {"window", "uncomp.window", offsetof(struct uc_req_compress, window)},
+        {"pool_kernel", "uncomp.pool_kernel", offsetof(struct uc_req_compress, pool_kernel)},
+        {"sink_tokens", "uncomp.sink_tokens", offsetof(struct uc_req_compress, sink_tokens)},
+        {"head_groups", "uncomp.head_groups", offsetof(struct uc_req_compress, head_groups)},
+    };
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        int64_t v = 0;
+        rc = get_int_named(p, u, ints[i].name, ints[i].param, -JSON_INT_MAX, JSON_INT_MAX, &v,
+                           NULL);
+        if (rc != UC_OK) {
+            return rc;
+        }
+        memcpy((char *)c + ints[i].off, &v, sizeof v);
     }
     const cJSON *st = field(u, "stage_starts");
     if (st) {
-        if (!cJSON_IsArray(st) || cJSON_GetArraySize(st) > UC_MAX_STAGES - 1) {
-            return bad(p, "uncomp.stage_starts", "uncomp.stage_starts must be a list of at most "
-                       "%d layers", UC_MAX_STAGES - 1);
+        if (!cJSON_IsArray(st)) {
+            return bad(p, "uncomp.stage_starts", "uncomp.stage_starts must be a list of layers");
         }
-        cp.n_stage_starts = 0;
-        const cJSON *it;
-        cJSON_ArrayForEach(it, st) {
-            if (!cJSON_IsNumber(it) || it->valuedouble < 0 || it->valuedouble > 1e6) {
-                return bad(p, "uncomp.stage_starts", "uncomp.stage_starts holds a non-layer");
-            }
-            cp.stage_starts[cp.n_stage_starts++] = (int32_t)it->valuedouble;
+        rc = ints_of(p, st, "uncomp.stage_starts", "uncomp.stage_starts", &c->stage_starts,
+                     &c->n_stage_starts);
+        if (rc != UC_OK) {
+            return rc;
         }
     }
-    bool has_rmin = false;
-    float rmin = 0;
-    if ((rc = get_num(p, u, "r_min", 0, 1, true, &rmin, &has_rmin)) != UC_OK) {
-        return rc;
-    }
-    if (has_rmin) {
-        cp.r_min = rmin;
-    }
-    char why[256];
-    if (uc_compress_params_validate(&cp, ctx->n_layers, why, sizeof why) != UC_OK) {
-        return bad(p, "uncomp", "uncomp: %s", why);
-    }
-    r->base.has_compress = true;
-    r->base.compress = cp;
-    return UC_OK;
+    return get_num(p, u, "r_min", "uncomp.r_min", &c->r_min, &c->has_r_min);
 }
 
-static uc_status parse_sampling(struct pctx *p, struct uc_oai_request *r, const cJSON *root)
+static uc_status decode_sampling(struct pctx *p, struct uc_req *g, const cJSON *root)
 {
     uc_status rc = UC_OK;
-    struct uc_sampling_params sp = uc_sampling_default_params();
-    float v = 0;
     bool present = false;
-    TRY(get_num(p, root, "temperature", 0, 100, false, &v, &present));
-    if (present) {
-        sp.temperature = v;
-    }
-    TRY(get_num(p, root, "top_p", 0, 1, true, &v, &present));
-    if (present) {
-        sp.top_p = v;
-    }
-    TRY(get_num(p, root, "min_p", 0, 1, false, &v, &present));
-    if (present) {
-        sp.min_p = v;
-    }
-    TRY(get_num(p, root, "repetition_penalty", 0, 100, true, &v, &present));
-    if (present) {
-        sp.repetition_penalty = v;
-    }
-    TRY(get_num(p, root, "frequency_penalty", -2, 2, false, &v, &present));
-    if (present) {
-        sp.frequency_penalty = v;
-    }
-    TRY(get_num(p, root, "presence_penalty", -2, 2, false, &v, &present));
-    if (present) {
-        sp.presence_penalty = v;
-    }
-    int64_t k = 0;
-    TRY(get_int(p, root, "top_k", -1, 1 << 24, &k, &present));
-    if (present) {
-        sp.top_k = k < 0 ? 0 : (int32_t)k; /* -1 = off, as vLLM */
-    }
+    TRY(get_num(p, root, "temperature", NULL, &g->temperature, &g->has_temperature));
+    TRY(get_num(p, root, "top_p", NULL, &g->top_p, &g->has_top_p));
+    TRY(get_num(p, root, "min_p", NULL, &g->min_p, &g->has_min_p));
+    TRY(get_num(p, root, "repetition_penalty", NULL, &g->repetition_penalty,
+                &g->has_repetition_penalty));
+    TRY(get_num(p, root, "frequency_penalty", NULL, &g->frequency_penalty, NULL));
+    TRY(get_num(p, root, "presence_penalty", NULL, &g->presence_penalty, NULL));
+    TRY(get_int(p, root, "top_k", &g->top_k, NULL)); /* -1 = off, as vLLM */
     int64_t seed = 0;
-    TRY(get_int(p, root, "seed", -(1LL << 53), 1LL << 53, &seed, &present));
-    if (present) {
-        sp.has_seed = true;
-        sp.seed = (uint64_t)seed;
+    TRY(get_int(p, root, "seed", &seed, &present));
+    g->has_seed = present;
+    g->seed = (uint64_t)seed;
+    /* lengths: max_completion_tokens (the newer name) wins */
+    int64_t mct = 0;
+    bool has_mct = false;
+    TRY(get_int(p, root, "max_tokens", &g->max_tokens, &g->has_max_tokens));
+    TRY(get_int(p, root, "max_completion_tokens", &mct, &has_mct));
+    if (has_mct) {
+        g->max_tokens = mct;
+        g->has_max_tokens = true;
     }
-    char why[256];
-    if (uc_sampling_params_validate(&sp, why, sizeof why) != UC_OK) {
-        return bad(p, "sampling", "%s", why);
-    }
-    r->base.sampling = sp;
+    TRY(get_int(p, root, "min_tokens", &g->min_tokens, NULL));
+    TRY(get_bool(p, root, "ignore_eos", &g->ignore_eos));
     return UC_OK;
 out_fail:
     return rc;
 }
 
-uc_status uc_oai_parse(struct uc_oai_request *out, enum uc_oai_kind kind, const char *body,
-                       size_t len, const struct uc_oai_ctx *ctx, int *status_out, char *msg,
-                       size_t msg_size, char *param, size_t param_size)
+static uc_status decode_logprobs(struct pctx *p, struct uc_req *g, enum uc_oai_kind kind,
+                                 const cJSON *root)
+{
+    uc_status rc = UC_OK;
+    if (kind == UC_OAI_CHAT) {
+        bool has_top = false;
+        TRY(get_bool(p, root, "logprobs", &g->logprobs));
+        TRY(get_int(p, root, "top_logprobs", &g->top_logprobs, &has_top));
+        if (has_top && !g->logprobs) {
+            return bad(p, "top_logprobs", "top_logprobs needs logprobs: true");
+        }
+        return UC_OK;
+    }
+    const cJSON *f = field(root, "logprobs");
+    if (f && cJSON_IsBool(f)) {
+        return bad(p, "logprobs", "logprobs of /v1/completions is an integer (0 to 20)");
+    }
+    TRY(get_int(p, root, "logprobs", &g->top_logprobs, &g->logprobs));
+    /* echo with logprobs: the prompt tokens' logprobs lead each choice's (the first token's is
+     * null, as in OpenAI and vLLM) */
+    TRY(get_bool(p, root, "echo", &g->echo));
+    return UC_OK;
+out_fail:
+    return rc;
+}
+
+/* The fields of OpenAI's API this server refuses, and the HTTP-only ones. */
+static uc_status decode_unsupported(struct pctx *p, const cJSON *root, int64_t n)
+{
+    uc_status rc = UC_OK;
+    int64_t best_of = n;
+    bool has_best_of = false;
+    TRY(get_int_named(p, root, "best_of", NULL, 1, UC_REQ_MAX_N, &best_of, &has_best_of));
+    if (has_best_of && best_of != n) {
+        return bad(p, "best_of", "best_of must equal n (best-of ranking is not supported)");
+    }
+    static const char *const unsupported[] = {"suffix", "tools", "functions", "tool_choice",
+                                              NULL};
+    for (int i = 0; unsupported[i]; i++) {
+        const cJSON *f = field(root, unsupported[i]);
+        if (f && !(cJSON_IsArray(f) && cJSON_GetArraySize(f) == 0) &&
+            !(cJSON_IsString(f) && (!strcmp(f->valuestring, "none") || !f->valuestring[0]))) {
+            return bad(p, unsupported[i], "%s is not supported by this server", unsupported[i]);
+        }
+    }
+    const cJSON *lb = field(root, "logit_bias");
+    if (lb && !(cJSON_IsObject(lb) && !lb->child)) {
+        return bad(p, "logit_bias", "logit_bias is not supported by this server");
+    }
+    const cJSON *rf = field(root, "response_format");
+    if (rf) {
+        const cJSON *t = cJSON_IsObject(rf) ? field(rf, "type") : NULL;
+        if (!cJSON_IsString(t) || strcmp(t->valuestring, "text") != 0) {
+            return bad(p, "response_format", "response_format other than {\"type\": \"text\"} "
+                       "is not supported");
+        }
+    }
+    const char *user = NULL;
+    TRY(get_str(p, root, "user", NULL, &user));
+    return UC_OK;
+out_fail:
+    return rc;
+}
+
+uc_status uc_oai_decode(struct uc_oai_request *out, enum uc_oai_kind kind, const char *body,
+                        size_t len, const struct uc_oai_ctx *ctx, int *status_out, char *msg,
+                        size_t msg_size, char *param, size_t param_size)
 {
     memset(out, 0, sizeof *out);
-    uc_request_init(&out->base);
     out->kind = kind;
-    out->n = 1;
+    uc_req_init(&out->gen, UC_REQ_FRONT_HTTP,
+                kind == UC_OAI_CHAT ? UC_REQ_CHAT : UC_REQ_COMPLETION);
     *status_out = 400;
     msg[0] = '\0';
     param[0] = '\0';
     struct pctx pc = {.msg = msg, .msg_size = msg_size, .param = param, .param_size = param_size};
     struct pctx *p = &pc;
+    struct uc_req *g = &out->gen;
     uc_status rc = UC_OK;
     cJSON *root = cJSON_ParseWithLength(body, len);
     if (!root) {
@@ -559,7 +438,7 @@ uc_status uc_oai_parse(struct uc_oai_request *out, enum uc_oai_kind kind, const 
         goto out_fail;
     }
     const char *model = NULL;
-    TRY(get_str(p, root, "model", &model));
+    TRY(get_str(p, root, "model", NULL, &model));
     if (model && model[0] && strcmp(model, ctx->model_name) != 0) {
         *status_out = 404;
         rc = bad(p, "model", "The model `%.64s` does not exist; this server serves `%.64s`",
@@ -576,103 +455,16 @@ uc_status uc_oai_parse(struct uc_oai_request *out, enum uc_oai_kind kind, const 
         }
         TRY(get_bool(p, so, "include_usage", &out->include_usage));
     }
-    int64_t n = 1;
-    TRY(get_int(p, root, "n", 1, UC_OAI_MAX_N, &n, NULL));
-    out->n = (int32_t)n;
-    int64_t best_of = n;
-    bool has_best_of = false;
-    TRY(get_int(p, root, "best_of", 1, UC_OAI_MAX_N, &best_of, &has_best_of));
-    if (has_best_of && best_of != n) {
-        rc = bad(p, "best_of", "best_of must equal n (best-of ranking is not supported)");
-        goto out_fail;
-    }
-    const char *unsupported[] = {"suffix", "tools", "functions", "tool_choice", NULL};
-    for (int i = 0; unsupported[i]; i++) {
-        const cJSON *f = field(root, unsupported[i]);
-        if (f && !(cJSON_IsArray(f) && cJSON_GetArraySize(f) == 0) &&
-            !(cJSON_IsString(f) && (!strcmp(f->valuestring, "none") || !f->valuestring[0]))) {
-            rc = bad(p, unsupported[i], "%s is not supported by this server", unsupported[i]);
-            goto out_fail;
-        }
-    }
-    const cJSON *lb = field(root, "logit_bias");
-    if (lb && !(cJSON_IsObject(lb) && !lb->child)) {
-        rc = bad(p, "logit_bias", "logit_bias is not supported by this server");
-        goto out_fail;
-    }
-    const cJSON *rf = field(root, "response_format");
-    if (rf) {
-        const cJSON *t = cJSON_IsObject(rf) ? field(rf, "type") : NULL;
-        if (!cJSON_IsString(t) || strcmp(t->valuestring, "text") != 0) {
-            rc = bad(p, "response_format", "response_format other than {\"type\": \"text\"} "
-                     "is not supported");
-            goto out_fail;
-        }
-    }
-    const char *user = NULL;
-    TRY(get_str(p, root, "user", &user));
-
-    /* lengths */
-    int64_t max_tokens = 0, mct = 0, min_tokens = 0;
-    bool has_mt = false, has_mct = false;
-    TRY(get_int(p, root, "max_tokens", 1, 1 << 30, &max_tokens, &has_mt));
-    TRY(get_int(p, root, "max_completion_tokens", 1, 1 << 30, &mct, &has_mct));
-    if (has_mct) {
-        max_tokens = mct;
-    }
-    TRY(get_int(p, root, "min_tokens", 0, 1 << 30, &min_tokens, NULL));
-    if (max_tokens && min_tokens > max_tokens) {
-        rc = bad(p, "min_tokens", "min_tokens=%lld must be <= max_tokens=%lld",
-                 (long long)min_tokens, (long long)max_tokens);
-        goto out_fail;
-    }
-    out->base.max_tokens = (int32_t)max_tokens;
-    out->base.min_tokens = (int32_t)min_tokens;
-    TRY(get_bool(p, root, "ignore_eos", &out->base.ignore_eos));
-    TRY(parse_sampling(p, out, root));
-
-    /* logprobs */
+    TRY(get_int(p, root, "n", &g->n, NULL));
+    TRY(decode_unsupported(p, root, g->n));
+    TRY(decode_sampling(p, g, root));
+    TRY(decode_logprobs(p, g, kind, root));
+    TRY(decode_stop(p, g, root));
+    TRY(decode_uncomp(p, g, root));
     if (kind == UC_OAI_CHAT) {
-        TRY(get_bool(p, root, "logprobs", &out->logprobs));
-        int64_t top = 0;
-        bool has_top = false;
-        TRY(get_int(p, root, "top_logprobs", 0, 20, &top, &has_top));
-        if (has_top && !out->logprobs) {
-            rc = bad(p, "top_logprobs", "top_logprobs needs logprobs: true");
-            goto out_fail;
-        }
-        out->top_logprobs = (int32_t)top;
+        TRY(decode_messages(p, g, root));
     } else {
-        int64_t lp = 0;
-        bool has_lp = false;
-        const cJSON *f = field(root, "logprobs");
-        if (f && cJSON_IsBool(f)) {
-            rc = bad(p, "logprobs", "logprobs of /v1/completions is an integer (0 to 20)");
-            goto out_fail;
-        }
-        TRY(get_int(p, root, "logprobs", 0, 20, &lp, &has_lp));
-        out->logprobs = has_lp;
-        out->top_logprobs = (int32_t)lp;
-        TRY(get_bool(p, root, "echo", &out->echo));
-        /* echo with logprobs: the prompt tokens' logprobs lead each choice's (the first
-         * token's is null, as in OpenAI and vLLM) */
-        out->base.prompt_logprobs = out->echo && out->logprobs;
-    }
-    /* the scheduler's logprobs is "top-n per token"; 1 also gives the chosen token's */
-    out->base.logprobs = out->logprobs ? (out->top_logprobs > 0 ? out->top_logprobs : 1) : 0;
-
-    TRY(parse_stop(p, out, root));
-    TRY(parse_stop_ids(p, out, ctx, root));
-    TRY(parse_uncomp(p, out, ctx, root));
-    if (kind == UC_OAI_CHAT) {
-        TRY(parse_messages(p, out, ctx, root));
-    } else {
-        TRY(parse_prompt(p, out, ctx, field(root, "prompt")));
-    }
-    if ((int64_t)out->n_prompts * out->n > UC_OAI_MAX_CHOICES) {
-        rc = bad(p, "n", "%d prompts x n=%d choices; at most %d in one request", out->n_prompts,
-                 out->n, UC_OAI_MAX_CHOICES);
-        goto out_fail;
+        TRY(decode_prompt(p, g, field(root, "prompt")));
     }
     cJSON_Delete(root);
     return UC_OK;
@@ -685,37 +477,28 @@ out_fail:
     return rc;
 }
 
-void uc_oai_request_fini(struct uc_oai_request *r)
+uc_status uc_oai_parse(struct uc_oai_request *out, enum uc_oai_kind kind, const char *body,
+                       size_t len, const struct uc_oai_ctx *ctx, int *status_out, char *msg,
+                       size_t msg_size, char *param, size_t param_size)
 {
-    for (int32_t i = 0; i < r->n_prompts; i++) {
-        uc_free(r->prompts[i]);
-        uc_free(r->prompt_text[i]);
+    uc_status rc = uc_oai_decode(out, kind, body, len, ctx, status_out, msg, msg_size, param,
+                                 param_size);
+    if (rc != UC_OK) {
+        return rc;
     }
-    UC_FREE(r->prompts);
-    UC_FREE(r->n_prompt);
-    UC_FREE(r->prompt_text);
-    UC_FREE(r->prompt_text_len);
-    for (int32_t i = 0; r->stop && i < r->base.n_stop; i++) {
-        uc_free(r->stop[i]);
+    struct uc_req_error err;
+    rc = uc_req_validate(&out->gen, &ctx->req, &err);
+    if (rc != UC_OK) {
+        snprintf(msg, msg_size, "%s", err.message);
+        snprintf(param, param_size, "%s", err.param);
+        uc_oai_request_fini(out);
     }
-    UC_FREE(r->stop);
-    UC_FREE(r->stop_ids);
-    r->n_prompts = 0;
-    r->base.stop = NULL;
-    r->base.n_stop = 0;
-    r->base.stop_ids = NULL;
-    r->base.n_stop_ids = 0;
+    return rc;
 }
 
-void uc_oai_choice_request(const struct uc_oai_request *r, int32_t i, struct uc_request *out)
+void uc_oai_request_fini(struct uc_oai_request *r)
 {
-    *out = r->base;
-    int32_t p = i / r->n;
-    out->prompt = r->prompts[p];
-    out->n_prompt = r->n_prompt[p];
-    if (out->sampling.has_seed) {
-        out->sampling.seed += (uint64_t)(i % r->n);
-    }
+    uc_req_fini(&r->gen);
 }
 
 /* ---- responses ------------------------------------------------------------------------------ */
@@ -901,7 +684,7 @@ static void add_usage(cJSON *o, const struct uc_oai_request *r,
     int64_t prompt = 0, completion = 0;
     for (int32_t i = 0; i < n; i++) {
         completion += choices[i].completion_tokens;
-        if (i % r->n == 0) { /* each prompt counts once, whatever n */
+        if (i % r->gen.n == 0) { /* each prompt counts once, whatever n */
             prompt += choices[i].prompt_tokens;
         }
     }

@@ -1,11 +1,12 @@
-/* The OpenAI-compatible request model: parsing and validating the JSON of /v1/completions and
- * /v1/chat/completions into scheduler requests (struct uc_request, one per prompt and choice),
- * and writing the responses, stream chunks and error objects. No network here: the HTTP server
- * (http_openai.c) is a thin layer over these functions, and the unit tests call them directly.
- * Field names follow the OpenAI API reference; vLLM's extensions (top_k, min_p,
- * repetition_penalty, ignore_eos, min_tokens, stop_token_ids) sit at the top level, and an
- * "uncomp" object carries CompressionParams (policy, kv_budget, window, pool_kernel,
- * sink_tokens, head_groups, decode_mode, grouping, stage_starts, r_min). */
+/* The OpenAI-compatible front's wire format: the JSON of /v1/completions and
+ * /v1/chat/completions decoded into the request model both fronts share (request.h: one
+ * validation, one conversion to scheduler requests, the same as gRPC's), and the responses,
+ * stream chunks and error objects. No network here: the HTTP server (http_openai.c) is a thin
+ * layer over these functions, and the unit tests call them directly. Field names follow the
+ * OpenAI API reference; vLLM's extensions (top_k, min_p, repetition_penalty, ignore_eos,
+ * min_tokens, stop_token_ids) sit at the top level, and an "uncomp" object carries
+ * CompressionParams (policy, kv_budget, window, pool_kernel, sink_tokens, head_groups,
+ * decode_mode, grouping, stage_starts, r_min). */
 #ifndef UC_DAEMON_OPENAI_API_H
 #define UC_DAEMON_OPENAI_API_H
 
@@ -17,6 +18,7 @@
 
 #include "base/status.h"
 #include "base/util.h"
+#include "request.h"
 #include "sched.h"
 
 #ifdef __cplusplus
@@ -30,51 +32,36 @@ enum uc_oai_kind {
     UC_OAI_CHAT = 1,
 };
 
-#define UC_OAI_MAX_N 16       /* choices per prompt */
-#define UC_OAI_MAX_PROMPTS 64 /* prompts per completions request */
-#define UC_OAI_MAX_CHOICES 128
-
 /* What parsing needs from the server (borrowed). */
 struct uc_oai_ctx {
-    const struct uc_tokenizer *tok;
-    const struct uc_chat_template *chat; /* NULL: chat requests are refused */
-    const char *model_name;             /* the served name (/v1/models) */
-    int64_t vocab;
-    int64_t n_layers;
-    struct uc_compress_params defaults;
+    struct uc_req_ctx req;   /* tokenizer, chat template (NULL: chat is refused), shape, defaults */
+    const char *model_name;  /* the served name (/v1/models) */
 };
 
-/* A parsed request: prompts (token ids) and the shared sampling of its choices. */
+/* A parsed request: the HTTP-only fields around the shared request model. */
 struct uc_oai_request {
     enum uc_oai_kind kind;
     bool stream;
-    bool include_usage;     /* stream_options.include_usage */
-    bool echo;              /* completions: the prompt text leads each choice */
-    bool logprobs;          /* chat: logprobs; completions: logprobs present */
-    int32_t top_logprobs;   /* alternatives per token (0..20) */
-    int32_t n;              /* choices per prompt */
-    int32_t n_prompts;
-    int32_t **prompts;      /* (n_prompts) uc_malloc'd token ids */
-    int64_t *n_prompt;      /* (n_prompts) */
-    char **prompt_text;     /* (n_prompts) for echo; uc_malloc'd */
-    size_t *prompt_text_len;
-    struct uc_request base; /* sampling, limits, stops, compression (prompt unset) */
-    char **stop;            /* owned copies behind base.stop */
-    int32_t *stop_ids;
+    bool include_usage;      /* stream_options.include_usage */
     char model[128];
+    struct uc_req gen;       /* prompts or messages, sampling, stops, n, logprobs, echo,
+                                compression; validated by uc_oai_parse (gen.tokens, gen.base) */
 };
 
-/* Parses a request body (len bytes, JSON). On failure returns UC_ERR_INVALID_ARG (HTTP 400;
- * *status_out 404 when the model is unknown), the message in msg and the offending field in
- * param (both NUL-terminated); out is then empty (nothing to fini, though fini is safe). */
+/* Decodes a request body (len bytes, JSON) into out without validating its values: for tests
+ * that compare it with gRPC's decoding. Errors as uc_oai_parse. */
+uc_status uc_oai_decode(struct uc_oai_request *out, enum uc_oai_kind kind, const char *body,
+                        size_t len, const struct uc_oai_ctx *ctx, int *status_out, char *msg,
+                        size_t msg_size, char *param, size_t param_size);
+/* Decodes and validates a request body (uc_req_validate: the prompts tokenized or the messages
+ * rendered). On failure returns UC_ERR_INVALID_ARG (HTTP 400; *status_out 404 when the model is
+ * unknown) or another status (uc_oai_http_status), the message in msg and the offending field in
+ * param (both NUL-terminated); out is then empty (nothing to fini, though fini is safe). The
+ * scheduler request of choices i .. i + k - 1 (prompt i / n) is uc_req_choice(&out->gen, i, k). */
 uc_status uc_oai_parse(struct uc_oai_request *out, enum uc_oai_kind kind, const char *body,
                        size_t len, const struct uc_oai_ctx *ctx, int *status_out, char *msg,
                        size_t msg_size, char *param, size_t param_size);
 void uc_oai_request_fini(struct uc_oai_request *r);
-
-/* The scheduler request of choice i (0 <= i < n_prompts * n): prompt i / n, seed + i % n when a
- * seed is set. Points into r (valid while r lives). */
-void uc_oai_choice_request(const struct uc_oai_request *r, int32_t i, struct uc_request *out);
 
 /* ---- responses -------------------------------------------------------------------------------- */
 

@@ -1,6 +1,7 @@
 /* The gRPC server on rank 0 (gRPC C core, completion queues): the Inference, Admin and
  * grpc.health.v1.Health services of API.md, plus the Prometheus endpoint over HTTP. Requests go
- * to the scheduler; protobuf-c structs never leave daemon/grpc_*.c. */
+ * to the scheduler; messages are decoded, validated and encoded by grpc_codec.h, and
+ * protobuf-c structs never leave daemon/grpc_codec.c. */
 #ifndef UC_DAEMON_SERVER_H
 #define UC_DAEMON_SERVER_H
 
@@ -81,14 +82,6 @@ enum uc_server_state uc_server_get_state(struct uc_server *s);
 void uc_server_drain(struct uc_server *s);
 /* Stops accepting, cancels what is left, joins the threads, frees everything. */
 void uc_server_destroy(struct uc_server *s);
-
-/* For tests/fuzz: decodes request message `method` (the server's method index, 0 = Generate)
- * from wire bytes and validates it as its handler does, without a scheduler (Generate: every
- * field, the text tokenized with `tok`); returns the gRPC status code the call would get, or -1
- * for no such method. */
-struct uc_tokenizer;
-int uc_grpc_fuzz_request(int method, const uint8_t *data, size_t size,
-                         const struct uc_tokenizer *tok, int64_t vocab, int64_t n_layers);
 
 #ifdef __cplusplus
 }

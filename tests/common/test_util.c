@@ -10,6 +10,7 @@
 #include "base/log.h"
 #include "base/mem.h"
 #include "base/util.h"
+#include "tokenizer.h"
 
 int tu_failures;
 
@@ -70,6 +71,16 @@ const char *tu_model_dir(const char *shared, const char *name)
     static char buf[4096];
     snprintf(buf, sizeof buf, "%s/models/%s", shared, name);
     return buf;
+}
+
+struct uc_tokenizer *tu_tokenizer(const char *shared, const char *name)
+{
+    struct uc_tokenizer *tok = NULL;
+    if (uc_tokenizer_create(&tok, tu_model_dir(shared, name)) != UC_OK) {
+        fprintf(stderr, "FAIL: cannot load the %s tokenizer from %s\n", name, shared);
+        exit(1);
+    }
+    return tok;
 }
 
 cJSON *tu_json_load(const char *path)

@@ -17,6 +17,8 @@
 const char *tu_shared_dir(int argc, char **argv);
 /* "<shared>/models/<name>" (static storage, overwritten by the next call). */
 const char *tu_model_dir(const char *shared, const char *name);
+/* The tokenizer of fixture model `name`; exits 1 with a message if it cannot be loaded. */
+struct uc_tokenizer *tu_tokenizer(const char *shared, const char *name);
 /* Parses a JSON file; exits 1 with a message if it cannot. */
 cJSON *tu_json_load(const char *path);
 /* Reads an int array field into a uc_malloc'd buffer. */

@@ -165,6 +165,12 @@ def t_usage(ctl):
         ["bench", "--compare", "policy=full", "colour=red"],
         ["bench", "--prompt-tokens", "8", "--prompt-file", "x"],
         ["bench", "stray"],
+        ["bench", "--compare", "front=grpc", "front=http"],  # front=http needs --http URL
+        ["bench", "--compare", "front=grpc", "front=carrier-pigeon"],
+        ["bench", "--http", "https://127.0.0.1:1"],     # no TLS in the bench's HTTP client
+        ["bench", "--http", "127.0.0.1:1"],
+        ["bench", "--rounds", "0"],
+        ["bench", "--rounds", "17"],
     ]
     for argv in bad:
         r = ctl.run(*argv, expect=EXIT_USAGE)
@@ -174,7 +180,10 @@ def t_usage(ctl):
 def t_server_down(ctl_down):
     """A port nobody listens on: every command that connects exits 3 and says UNAVAILABLE."""
     for argv in (["health"], ["generate", "-n", "2", "hi"], ["tokenize", "hi"], ["info"],
-                 ["profile"], ["drain"], ["bench", "-n", "1"], ["set-policy", "full"]):
+                 ["profile"], ["drain"], ["bench", "-n", "1"], ["set-policy", "full"],
+                 # text prompts over HTTP alone need no gRPC: the HTTP front is down too
+                 ["bench", "-n", "1", "--prompt-file", os.path.abspath(__file__), "--http",
+                  "http://127.0.0.1:%d" % free_port()]):
         ctl_down.fail("UNAVAILABLE", *argv, expect=EXIT_UNAVAILABLE)
     r = ctl_down.run("--json", "health", expect=EXIT_UNAVAILABLE)
     check(r.json()["error"]["name"] == "UNAVAILABLE", r.describe())
@@ -508,6 +517,31 @@ def t_bench(ctl):
     r = ctl.run("bench", "-n", "2", "-m", "2", "--policy", "bogus", expect=EXIT_RPC,
                 timeout=120)
     check("INVALID_ARGUMENT=2" in r.out and "INVALID_ARGUMENT" in r.err, r.describe())
+    # the same load through gRPC and the HTTP front, alternating, with medians
+    j = ctl.run("bench", "--json", "--http", ctl.http, "-c", "2", "-n", "4", "-m", "4",
+                "--prompt-tokens", "96", "--rounds", "2", "--compare", "front=grpc",
+                "front=http,policy=snapkv,kv_budget=16", timeout=120).json()
+    check(j["config"]["rounds"] == 2 and len(j["runs"]) == 4 and len(j["medians"]) == 2, str(j))
+    check([(x["setting"], x["round"]) for x in j["runs"]] ==
+          [("front=grpc", 1), ("front=http,policy=snapkv,kv_budget=16", 1), ("front=grpc", 2),
+           ("front=http,policy=snapkv,kv_budget=16", 2)], str(j["runs"]))
+    for run in j["runs"]:
+        check(run["completed"] == 4 and run["failed"] == 0, str(run))
+        check(run["output_tokens_total"] == 16 and run["prompt_tokens_total"] == 4 * 96, str(run))
+        check(run["ttft_ms"]["count"] == 4 and run["itl_ms"]["count"] > 0, str(run))
+    check(j["runs"][0]["kv_kept_ratio"] == 1 and j["runs"][1]["kv_kept_ratio"] < 1,
+          "the HTTP runs carry the compression setting: %s" % j["runs"][1])
+    med = j["medians"][1]
+    check(min(x["e2e_ms"]["p50"] for x in j["runs"][1::2]) <= med["e2e_ms"]["p50"] <=
+          max(x["e2e_ms"]["p50"] for x in j["runs"][1::2]), str(med))
+    # --http alone: every run over HTTP; HTTP errors are counted under the gRPC code names
+    r = ctl.run("bench", "--http", ctl.http, "-n", "2", "-m", "2", "--prompt-tokens", "8",
+                "--policy", "bogus", expect=EXIT_RPC, timeout=120)
+    check("INVALID_ARGUMENT=2" in r.out, r.describe())
+    r = ctl.run("bench", "--http", ctl.http, "-n", "2", "-m", "3", "--prompt-tokens", "8",
+                timeout=120)
+    check(re.search(r"^requests completed\s+2$", r.out, re.M) and ctl.http in r.out,
+          r.describe())
 
 
 def t_drain(ctl, d):
@@ -721,8 +755,10 @@ def main():
              ("info", t_info), ("profile_calibrate", t_profile_calibrate),
              ("set_policy", t_set_policy), ("abort", t_abort), ("bench", t_bench)]
     if any(r.want(n) for n, _ in tests) or r.want("drain"):
-        d = Daemon(args, name="single")
+        http_port = free_port()
+        d = Daemon(args, name="single", extra=["--http-listen", "127.0.0.1:%d" % http_port])
         ctl = Ctl(exe, d.addr)
+        ctl.http = "http://127.0.0.1:%d" % http_port
         try:
             if r.run("start_single", d.wait_serving, ctl, always=True):
                 for name, fn in tests:

@@ -24,8 +24,9 @@ static struct uc_chat_template *chat;
 
 static struct uc_oai_ctx ctx(void)
 {
-    struct uc_oai_ctx c = {.tok = tok, .chat = chat, .model_name = "tiny", .vocab = 1000000,
-                           .n_layers = 8, .defaults = uc_compress_default_params()};
+    struct uc_oai_ctx c = {.req = {.tok = tok, .chat = chat, .vocab = 1000000, .n_layers = 8,
+                                   .defaults = uc_compress_default_params()},
+                           .model_name = "tiny"};
     return c;
 }
 
@@ -51,27 +52,27 @@ static void test_oai_parse_fields(void **state)
                            "\"stream\":true,\"stream_options\":{\"include_usage\":true},"
                            "\"uncomp\":{\"policy\":\"snapkv\",\"kv_budget\":64}}",
                            &st, msg, param), UC_OK);
-    assert_int_equal(r.base.max_tokens, 7);
-    assert_true(r.base.sampling.temperature == 0.5f);
-    assert_true(r.base.sampling.top_p == 0.9f);
-    assert_int_equal(r.base.sampling.top_k, 40);
-    assert_true(r.base.sampling.has_seed);
-    assert_int_equal(r.base.n_stop, 2);
-    assert_string_equal(r.base.stop[1], "bc");
-    assert_int_equal(r.n, 3);
-    assert_int_equal(r.base.logprobs, 2);
-    assert_true(r.base.ignore_eos);
-    assert_int_equal(r.base.min_tokens, 2);
+    assert_int_equal(r.gen.base.max_tokens, 7);
+    assert_true(r.gen.base.sampling.temperature == 0.5f);
+    assert_true(r.gen.base.sampling.top_p == 0.9f);
+    assert_int_equal(r.gen.base.sampling.top_k, 40);
+    assert_true(r.gen.base.sampling.has_seed);
+    assert_int_equal(r.gen.base.n_stop, 2);
+    assert_string_equal(r.gen.base.stop[1], "bc");
+    assert_int_equal(r.gen.n, 3);
+    assert_int_equal(r.gen.base.logprobs, 2);
+    assert_true(r.gen.base.ignore_eos);
+    assert_int_equal(r.gen.base.min_tokens, 2);
     assert_true(r.stream && r.include_usage);
-    assert_true(r.base.has_compress);
-    assert_int_equal(r.base.compress.policy, UC_POLICY_SNAPKV);
-    assert_int_equal(r.base.compress.kv_budget, 64);
-    assert_int_equal(r.n_prompts, 1);
-    assert_true(r.n_prompt[0] > 1);
+    assert_true(r.gen.base.has_compress);
+    assert_int_equal(r.gen.base.compress.policy, UC_POLICY_SNAPKV);
+    assert_int_equal(r.gen.base.compress.kv_budget, 64);
+    assert_int_equal(r.gen.n_inputs, 1);
+    assert_true(r.gen.n_tokens[0] > 1);
     /* choice i: the same prompt, seed + i */
     struct uc_request c2;
-    uc_oai_choice_request(&r, 2, &c2);
-    assert_ptr_equal(c2.prompt, r.prompts[0]);
+    uc_req_choice(&r.gen, 2, 1, &c2);
+    assert_ptr_equal(c2.prompt, r.gen.tokens[0]);
     assert_int_equal(c2.sampling.seed, 13);
     uc_oai_request_fini(&r);
     uc_oai_request_fini(&r); /* twice is fine */
@@ -80,15 +81,15 @@ static void test_oai_parse_fields(void **state)
     assert_int_equal(parse(&r, UC_OAI_COMPLETION, "{\"prompt\":[\"a b\",[5,6,7]],\"n\":2,"
                            "\"max_tokens\":3,\"max_completion_tokens\":9}", &st, msg, param),
                      UC_OK);
-    assert_int_equal(r.n_prompts, 2);
-    assert_int_equal(r.n_prompt[1], 3);
-    assert_int_equal(r.base.max_tokens, 9);
-    uc_oai_choice_request(&r, 3, &c2);
-    assert_ptr_equal(c2.prompt, r.prompts[1]);
+    assert_int_equal(r.gen.n_inputs, 2);
+    assert_int_equal(r.gen.n_tokens[1], 3);
+    assert_int_equal(r.gen.base.max_tokens, 9);
+    uc_req_choice(&r.gen, 3, 1, &c2);
+    assert_ptr_equal(c2.prompt, r.gen.tokens[1]);
     uc_oai_request_fini(&r);
     assert_int_equal(parse(&r, UC_OAI_COMPLETION, "{\"prompt\":[1,2]}", &st, msg, param), UC_OK);
-    assert_int_equal(r.n_prompts, 1);
-    assert_int_equal(r.n_prompt[0], 2);
+    assert_int_equal(r.gen.n_inputs, 1);
+    assert_int_equal(r.gen.n_tokens[0], 2);
     uc_oai_request_fini(&r);
 }
 
@@ -109,7 +110,8 @@ static void test_oai_parse_errors_name_the_field(void **state)
         {"{\"prompt\":\"x\",\"stop\":5}", "stop", "string or a list", 400},
         {"{\"prompt\":\"\"}", "prompt", "empty", 400},
         {"{}", "prompt", "missing", 400},
-        {"{\"prompt\":[1,-2]}", "prompt", "token id", 400},
+        {"{\"prompt\":[1,-2]}", "prompt", "prompt[1]=-2 is out of range", 400},
+        {"{\"prompt\":[1,2.5]}", "prompt", "prompt[1] must be an integer", 400},
         {"{\"prompt\":\"x\",\"logprobs\":true}", "logprobs", "integer", 400},
         {"{\"prompt\":\"x\",\"logprobs\":21}", "logprobs", "logprobs=21", 400},
         {"{\"prompt\":\"x\",\"best_of\":3}", "best_of", "best_of", 400},
@@ -130,7 +132,7 @@ static void test_oai_parse_errors_name_the_field(void **state)
             strcmp(param, cases[i].param) != 0 || !strstr(msg, cases[i].needle)) {
             fail_msg("%s: rc=%d status=%d param=%s msg=%s", cases[i].body, rc, st, param, msg);
         }
-        assert_int_equal(r.n_prompts, 0);
+        assert_int_equal(r.gen.n_inputs, 0);
     }
 }
 
@@ -143,8 +145,8 @@ static void test_oai_chat_renders_template(void **state)
     assert_int_equal(parse(&r, UC_OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":"
                            "\"Hi\"}],\"logprobs\":true,\"top_logprobs\":3}", &st, msg, param),
                      UC_OK);
-    assert_string_equal(r.prompt_text[0], "<|user|>Hi\n<|assistant|>");
-    assert_int_equal(r.base.logprobs, 3);
+    assert_string_equal(r.gen.rendered, "<|user|>Hi\n<|assistant|>");
+    assert_int_equal(r.gen.base.logprobs, 3);
     uc_oai_request_fini(&r);
     assert_int_equal(parse(&r, UC_OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":"
                            "\"Hi\"}],\"top_logprobs\":3}", &st, msg, param), UC_ERR_INVALID_ARG);
@@ -159,9 +161,11 @@ static void test_oai_chat_renders_template(void **state)
     /* no template: chat is refused with advice */
     struct uc_chat_template *saved = chat;
     chat = NULL;
-    assert_int_equal(parse(&r, UC_OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":"
-                           "\"Hi\"}]}", &st, msg, param), UC_ERR_INVALID_ARG);
+    uc_status rc = parse(&r, UC_OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":"
+                         "\"Hi\"}]}", &st, msg, param);
+    assert_int_equal(uc_oai_http_status(rc), 400);
     assert_non_null(strstr(msg, "--chat-template"));
+    assert_string_equal(param, "messages");
     chat = saved;
 }
 
@@ -243,11 +247,7 @@ static void test_auth_keys(void **state)
 
 int main(int argc, char **argv)
 {
-    const char *shared = tu_shared_dir(argc, argv);
-    if (uc_tokenizer_create(&tok, tu_model_dir(shared, "uncomp-tiny")) != UC_OK) {
-        fprintf(stderr, "cannot load the uncomp-tiny tokenizer from %s\n", shared);
-        return 1;
-    }
+    tok = tu_tokenizer(tu_shared_dir(argc, argv), "uncomp-tiny");
     char msg[256];
     if (uc_chat_template_create(&chat, "{% for m in messages %}{% if m.role == 'system' %}"
                                 "{{ raise_exception('system messages are not allowed') }}"
