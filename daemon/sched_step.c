@@ -65,8 +65,11 @@ static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, 
         if (q->prompt_logprobs) {
             n.flags |= UC_SEQ_ALL_LOGITS;
         }
-        int64_t need = rc == UC_OK ? sched_fork_reserve(q, uc_engine_kv_blocks_needed(s->e, &n))
-                                   : 0;
+        int64_t need = 0;
+        if (rc == UC_OK) {
+            int64_t fork_need = q->n_kids > 0 ? uc_engine_kv_fork_blocks_needed(s->e, &n) : 0;
+            need = sched_fork_reserve(q, uc_engine_kv_blocks_needed(s->e, &n), fork_need);
+        }
         if (rc == UC_OK && need > total) {
             snprintf(msg, sizeof msg, "KV memory cannot admit the request: it needs %lld blocks, "
                      "the pool has %lld", (long long)need, (long long)total);

@@ -62,6 +62,8 @@ const char *uc_engine_nonfinite_weights(const struct uc_engine *e);
 /* KV pool on this rank. */
 int64_t uc_engine_kv_blocks_total(const struct uc_engine *e);
 int64_t uc_engine_kv_blocks_used(const struct uc_engine *e);
+/* Blocks in use held by more than one sequence (forks share their source's blocks). */
+int64_t uc_engine_kv_blocks_shared(const struct uc_engine *e);
 int64_t uc_engine_kv_block_tokens(const struct uc_engine *e);
 size_t uc_engine_kv_bytes_per_token(const struct uc_engine *e); /* one token, one KV head, K+V */
 /* The active profile, or NULL when none is loaded. */
@@ -147,8 +149,16 @@ uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_ne
  * and Q/K/V, allocated at its first slice and freed when its prefill ends). */
 int64_t uc_engine_prefill_bytes(const struct uc_engine *e, int64_t n_prompt);
 /* KV blocks this rank must keep free for the sequence at most (its post-compression footprint
- * plus max_new_tokens of decode). */
+ * plus max_new_tokens of decode; with UC_SEQ_FORK, what the fork holds beside the blocks it
+ * shares with its source). */
 int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_step_new *n);
+/* KV blocks this rank must keep free for one fork (UC_SEQ_FORK, max_new_tokens of n) of the
+ * sequence n will be, at most, beside the blocks the fork shares with it: forks share their
+ * source's full blocks and copy each head's partly filled last block, so appending this is a
+ * block per head plus the decode; with decode_mode=evict a fork may come to copy every shared
+ * block (eviction rewrites them), so it is n's own bound. With UC_SEQ_FORK set in n,
+ * uc_engine_kv_blocks_needed gives the same for the existing source, exactly. */
+int64_t uc_engine_kv_fork_blocks_needed(const struct uc_engine *e, const struct uc_step_new *n);
 
 /* ---- sequence state (valid between steps) ----------------------------------------------- */
 

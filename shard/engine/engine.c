@@ -296,6 +296,10 @@ const char *uc_engine_nonfinite_weights(const struct uc_engine *e)
 }
 int64_t uc_engine_kv_blocks_total(const struct uc_engine *e) { return e->kv.n_blocks; }
 int64_t uc_engine_kv_blocks_used(const struct uc_engine *e) { return uc_kv_used_blocks(&e->kv); }
+int64_t uc_engine_kv_blocks_shared(const struct uc_engine *e)
+{
+    return uc_kv_shared_blocks(&e->kv);
+}
 int64_t uc_engine_kv_block_tokens(const struct uc_engine *e) { return e->kv.block_tokens; }
 size_t uc_engine_kv_bytes_per_token(const struct uc_engine *e)
 {
