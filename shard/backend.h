@@ -182,7 +182,7 @@ struct uc_backend_ops {
      * recorded op may use; graphs recorded under another value must be recorded again. */
     uint64_t (*graph_epoch)(struct uc_backend *be);
     /* (optional) Greedy/sampling support: index of the max of each row of x (T, N) to host;
-     * -1 for a row holding a NaN or Inf (CPU; the CUDA kernel does not check yet). */
+     * -1 for a row holding a NaN or Inf. */
     uc_status (*argmax)(struct uc_backend *be, int32_t *out, const void *x, int64_t n_tok,
                         int64_t n);
     void (*destroy)(struct uc_backend *be);

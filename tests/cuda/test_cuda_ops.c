@@ -431,14 +431,20 @@ static void test_rows(void)
 
 static void test_argmax(void)
 {
-    int64_t t = 5, n = 4099;
+    int64_t t = 8, n = 4099;
     float *x = hdata(t * n, 17, 1.0f);
     for (int64_t i = 0; i < t; i++) {
         x[i * n + (i * 997 + 13) % n] = 3.0f; /* a unique maximum per row */
     }
     x[2 * n + 5] = 3.0f; /* a tie in row 2: the first index wins */
+    /* issue 17: a NaN or Inf anywhere in a row gives -1 on both backends (rows 5-7: a NaN
+     * first in its thread's stride, which used to stick as the maximum; a NaN late in the row;
+     * a +Inf; row 4 stays finite beside them) */
+    x[5 * n + 0] = NAN;
+    x[6 * n + n - 2] = NAN;
+    x[7 * n + 100] = INFINITY;
     void *xg = put(gpu, x, t * n), *xc = put(cpu, x, t * n);
-    int32_t a[5], b[5];
+    int32_t a[8], b[8];
     if (gpu->ops->argmax(gpu, a, xg, t, n) != UC_OK ||
         cpu->ops->argmax(cpu, b, xc, t, n) != UC_OK) {
         die("argmax");
@@ -447,7 +453,9 @@ static void test_argmax(void)
     for (int64_t i = 0; i < t; i++) {
         bad += a[i] != b[i];
     }
-    report("argmax", "T=5 N=4099 with a tie (indices equal)", bad, 0.0);
+    bad += b[5] != -1 || b[6] != -1 || b[7] != -1 || b[4] < 0; /* the reference itself */
+    report("argmax", "T=8 N=4099 with a tie, NaN and Inf rows (indices equal, -1 non-finite)",
+           bad, 0.0);
     drop(gpu, xg);
     drop(cpu, xc);
     uc_free(x);
