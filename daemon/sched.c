@@ -649,12 +649,19 @@ void sched_advance(struct uc_sched *s, struct req *q)
         lg += (rows - 1) * s->cfg->vocab;
     }
     if (lg ? !logits_finite(lg, s->cfg->vocab) : greedy_tok < 0 || greedy_tok >= s->cfg->vocab) {
+        /* where: the first layer with non-finite cached K/V (a step of its own, every rank) */
+        int64_t layer = -1;
+        char where[160] = "an unknown layer (the diagnosis failed)", msg[256];
+        if (uc_engine_diagnose_nonfinite(s->e, q->seq_id, &layer) == UC_OK) {
+            uc_engine_nonfinite_origin(s->e, layer, where, sizeof where);
+        }
         const char *w = uc_engine_nonfinite_weights(s->e);
-        UC_LOG_ERROR("sched: request %s: non-finite logits; %s%s", q->id,
-                     w ? "the first non-finite weight is in " : "",
+        UC_LOG_ERROR("sched: request %s: non-finite logits; non-finite activations arose in %s; "
+                     "%s%s", q->id, where, w ? "the first non-finite weight is in " : "",
                      w ? w : "every weight of this rank is finite (an activation overflowed)");
-        sched_finish(s, q, UC_ERR_INTERNAL, "the model produced non-finite logits (NaN or Inf)",
-                     UC_FINISH_ERROR, NULL);
+        snprintf(msg, sizeof msg, "the model produced non-finite logits (NaN or Inf): "
+                 "non-finite activations arose in %s", where);
+        sched_finish(s, q, UC_ERR_INTERNAL, msg, UC_FINISH_ERROR, NULL);
         return;
     }
     if (q->n_gen < q->min_tokens) {

@@ -115,6 +115,7 @@ enum uc_step_op {
     UC_STEP_SHUTDOWN = 3,
     UC_STEP_PROFILE_RESET = 4,  /* start a calibration: zero the sums */
     UC_STEP_PROFILE_FINISH = 5, /* average the sums into the active profile and save it */
+    UC_STEP_DIAGNOSE = 6,       /* find where sequence diag_seq's activations went non-finite */
 };
 
 struct uc_step {
@@ -128,6 +129,7 @@ struct uc_step {
     int32_t profile_groups;
     double profile_eps;
     char profile_source[256];
+    int64_t diag_seq; /* DIAGNOSE: the sequence */
 };
 
 /* Rank 0: broadcasts the step to every rank and runs it. A bad request in the step (an unknown
@@ -224,6 +226,20 @@ const double *uc_engine_seq_query_spectrum(const struct uc_engine *e, int64_t se
                                            int64_t layer, int64_t head);
 const double *uc_engine_seq_hidden_spectrum(const struct uc_engine *e, int64_t seq_id,
                                             int64_t layer);
+/* Rank 0, after a sequence's logits came out NaN or Inf: the first layer whose cached K or V of
+ * the sequence holds a NaN or Inf, over every rank's heads (one step of its own that every rank
+ * runs, agreeing by an all-reduce; normal steps pay nothing). *layer = n_layers when every
+ * cached value is finite, -1 on failure. Layer l's cache is computed from layer l's input, so
+ * the activations went non-finite inside layer *layer - 1 (uc_engine_nonfinite_origin says so
+ * in words). With compression the cache holds the kept tokens only, so this bounds the layer
+ * from above. Engine thread only, between steps. */
+uc_status uc_engine_diagnose_nonfinite(struct uc_engine *e, int64_t seq_id, int64_t *layer);
+/* Writes where non-finite activations arose, from uc_engine_diagnose_nonfinite's layer:
+ * "layer 3: its K/V cache is finite, layer 4's is not (so layer 3's attention or MLP, or layer
+ * 4's K/V projection)", "the embedding: ...", or "layer 7 or the LM head: ...". Returns what
+ * snprintf returns. */
+int uc_engine_nonfinite_origin(const struct uc_engine *e, int64_t first_bad_kv_layer, char *buf,
+                               size_t buf_size);
 /* Number of live sequences. */
 int64_t uc_engine_n_seqs(const struct uc_engine *e);
 

@@ -7,7 +7,8 @@
  *   prefill.c  a prompt's layer start and layer end (entropy, plan, kept tokens, stages), logits
  *   decode.c   the decode rows' index arrays, paged attention, eviction, decode-only graphs
  *   sweep.c    one step as one sweep over the layers: decode and prefill rows share products
- *   step.c     validation and the step loop on every rank */
+ *   step.c     validation and the step loop on every rank
+ *   diag.c     after non-finite logits: the first layer with non-finite cached K/V */
 #ifndef UC_SHARD_ENGINE_INTERNAL_H
 #define UC_SHARD_ENGINE_INTERNAL_H
 
@@ -145,6 +146,7 @@ struct uc_engine {
     float *hid_host;  /* (n, C) */
     size_t hid_cap;
     struct uc_buf wire;
+    int64_t diag_layer; /* the last DIAGNOSE step's answer */
 };
 
 static inline size_t act_size(const struct uc_engine *e) { return e->be->ops->act_size(e->be); }
@@ -196,6 +198,11 @@ uc_status eng_prefill_finish(struct uc_engine *e, struct seq *s);
 
 /* sweep.c */
 uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st);
+
+/* diag.c */
+/* The DIAGNOSE step on every rank: e->diag_layer = the first layer with non-finite K/V of the
+ * sequence over every rank's heads. */
+uc_status eng_diagnose(struct uc_engine *e, const struct uc_step *st);
 
 /* decode.c */
 void eng_graph_drop(struct uc_engine *e, struct decode_graph *g);

@@ -16,6 +16,9 @@ a running uncompd, each case a test that failed before its fix.
                        greedy requests whose first token has no text
   nan_weights          a model with a NaN weight: every request ends with INTERNAL, the log names
                        the layer
+  overflow_named       finite weights whose activations overflow at one layer (in every head, or
+                       in one rank's heads only): at tp 1 and 2 every request ends with INTERNAL
+                       naming that layer, and so does the log
   metrics_idle_conns   200 idle connections (and one trickling a header) do not starve a scrape
   info_no_paths        GetModelInfo and GetCompressionProfile carry no absolute server paths
 
@@ -253,6 +256,83 @@ def poison(model_dir, out_dir, tensor):
     raise TestFailure("tensor %s not found" % tensor)
 
 
+def scale_tensors(model_dir, out_dir, tensors, k, rows=None):
+    """A copy of the model with every value of `tensors` (BF16, F16 or F32; only rows
+    [rows[0], rows[1]) when given) times 2^k, exactly (the exponent field moves; zeros stay
+    zero): finite weights whose products overflow."""
+    shutil.copytree(model_dir, out_dir)
+    left = set(tensors)
+    for name in os.listdir(out_dir):
+        os.chmod(os.path.join(out_dir, name), 0o644)
+        if not name.endswith(".safetensors"):
+            continue
+        with open(os.path.join(out_dir, name), "r+b") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            hdr = json.loads(f.read(n))
+            for t in tensors:
+                if t not in hdr:
+                    continue
+                fmt, bits, shift = {"BF16": ("<H", 2, 7), "F16": ("<H", 2, 10),
+                                    "F32": ("<I", 4, 23)}[hdr[t]["dtype"]]
+                b, e = hdr[t]["data_offsets"]
+                if rows:
+                    row_bytes = (e - b) // hdr[t]["shape"][0]
+                    b, e = b + rows[0] * row_bytes, b + rows[1] * row_bytes
+                f.seek(8 + n + b)
+                raw = bytearray(f.read(e - b))
+                mask = (0xff if bits == 4 or shift == 7 else 0x1f) << shift
+                for i in range(0, len(raw), bits):
+                    u = struct.unpack_from(fmt, raw, i)[0]
+                    if u & mask:
+                        u2 = u + (k << shift)
+                        check((u2 & mask) != mask and (u2 & mask) > (u & mask),
+                              "%s: 2^%d overflows a weight" % (t, k))
+                        struct.pack_into(fmt, raw, i, u2)
+                f.seek(8 + n + b)
+                f.write(raw)
+                left.discard(t)
+    check(not left, "tensors not found: %s" % left)
+
+
+def t_overflow_named(args):
+    """issue 17: finite weights whose activations overflow. (1) Layer 3's gate and up
+    projections times 2^83: their product passes the float range at every token, layer 4's K/V
+    cache is the first non-finite one. (2) Layer 3's V projection times 2^129 for KV heads 2
+    and 3 only: layer 3's V of those heads overflows; at tp 2 only rank 1 holds them, rank 0's
+    first non-finite layer is 4, and the ranks must agree on 3. Every request ends with
+    INTERNAL naming the layer, and so does the log, at tp 1 and tp 2."""
+    tmp = tempfile.mkdtemp(prefix="uncomp_overflow_")
+    mlp, vproj = os.path.join(tmp, "mlp"), os.path.join(tmp, "vproj")
+    scale_tensors(args.model, mlp, ["model.layers.3.mlp.gate_proj.weight",
+                                    "model.layers.3.mlp.up_proj.weight"], 83)
+    d_head = 32
+    scale_tensors(args.model, vproj, ["model.layers.3.self_attn.v_proj.weight"], 129,
+                  rows=(2 * d_head, 4 * d_head))
+    want = {mlp: "activations arose in layer 3: its K/V cache is finite, layer 4's is not",
+            vproj: "activations arose in layer 2: its K/V cache is finite, layer 3's is not"}
+    try:
+        for model, np_ in ((mlp, 1), (mlp, 2), (vproj, 1), (vproj, 2)):
+            d = start(args, ["--policy", "full"], np=np_, model=model,
+                      name="overflow_%s_%d" % (os.path.basename(model), np_))
+            try:
+                cl = d.client
+                for kw in ({"temperature": 0.0}, {"temperature": 0.8, "seed": 1}):
+                    e = expect_rpc_error(
+                        lambda: cl.generate(cl.request(text="Hello there", max_tokens=4, **kw)),
+                        grpc.StatusCode.INTERNAL, "non-finite")
+                    print("  %s tp %d %s: %s" % (os.path.basename(model), np_, kw, e.details()))
+                    check(want[model] in e.details(), e.details())
+                log = d.log_text()
+                check("non-finite " + want[model] in log, d.tail())
+                check("every weight of this rank is finite" in log, d.tail())
+                check("non-finite weight" not in log, d.tail())
+                finish(args, d)
+            finally:
+                d.kill()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def t_nan_weights(args):
     tmp = tempfile.mkdtemp(prefix="uncomp_nan_")
     model = os.path.join(tmp, "m")
@@ -265,6 +345,7 @@ def t_nan_weights(args):
                                                                 **kw)),
                                  grpc.StatusCode.INTERNAL, "non-finite")
             print("  %s: %s" % (kw, e.details()))
+            check("activations arose in layer 3:" in e.details(), e.details())
         log = d.log_text()
         check("non-finite weight" in log and "layer 3" in log, d.tail())
         check("the first non-finite weight is in layer 3" in log, d.tail())
@@ -321,7 +402,7 @@ def t_info_no_paths(args):
 
 
 TESTS = [t_calibrate_limits, t_calibrate_ttft, t_calibrate_cancel, t_calibrate_drain,
-         t_client_ub, t_nan_weights, t_metrics_idle_conns, t_info_no_paths]
+         t_client_ub, t_nan_weights, t_overflow_named, t_metrics_idle_conns, t_info_no_paths]
 
 
 def main():
