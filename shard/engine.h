@@ -177,6 +177,16 @@ const float *uc_engine_seq_logits(const struct uc_engine *e, int64_t seq_id, int
 /* After a decode step run with UC_DECODE_GREEDY on every row: the argmax token (true), in place
  * of logits (uc_engine_seq_logits then returns NULL). */
 bool uc_engine_seq_greedy(const struct uc_engine *e, int64_t seq_id, int32_t *token);
+/* Where a prefilling sequence is: its current layer and the rows of that layer done (the next
+ * slice's rows attend to that many keys before them). False, with both 0, when it is not
+ * prefilling. Engine thread only, between steps. */
+bool uc_engine_seq_prefill_pos(const struct uc_engine *e, int64_t seq_id, int64_t *layer,
+                               int64_t *row);
+/* Rows of background prefill (calibration windows) to give the sequence in its next step:
+ * `rows`, or fewer deep into a long prompt's layer, so that the slice's attention work (its rows
+ * x the keys before them) stays within that of `rows` rows at 1024 tokens of context; at least
+ * 1. A sequence not created yet counts as at its start. Engine thread only, between steps. */
+int64_t uc_engine_background_rows(const struct uc_engine *e, int64_t seq_id, int64_t rows);
 /* Tokens in context (prompt plus decoded). */
 int64_t uc_engine_seq_len(const struct uc_engine *e, int64_t seq_id);
 

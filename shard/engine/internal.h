@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "base/util.h"
+#include "compress/entropy.h"
 #include "compress/policy.h"
 #include "engine.h"
 #include "kv_cache.h"
@@ -68,6 +69,15 @@ struct seq {
     int32_t **rows_at; /* (L) original positions of the rows present */
     double *qspec;     /* (L, H, D) */
     double *hspec;     /* (L, C) */
+    /* rank 0, with spectra or calibration: the current layer's input rows, copied at its first
+     * slice, and their spectrum accumulated slice by slice (prefill.c) */
+    float *hid_rows;   /* (n_rows, C) host */
+    int64_t hid_cap;   /* floats */
+    struct uc_entropy_acc hacc;
+    /* a long calibration window ends each layer in parts, one per step (prefill.c) */
+    int32_t end_part;     /* parts done of the current layer's end */
+    bool hid_done;        /* this layer's hidden spectrum is in */
+    double *qspec_local;  /* (H_local, D) this layer's query spectra, computed in parts */
     struct ring *rings; /* (L, Hkv_local), evict mode */
 };
 
@@ -143,8 +153,6 @@ struct uc_engine {
     size_t sel_cap;   /* tokens the layer-end scratch holds */
     double *spec;     /* (H, D) gathered spectra */
     double *spec_local;
-    float *hid_host;  /* (n, C) */
-    size_t hid_cap;
     struct uc_buf wire;
     int64_t diag_layer; /* the last DIAGNOSE step's answer */
 };
@@ -189,10 +197,22 @@ int32_t eng_max_group_budget(const struct uc_compress_params *cp);
 
 /* prefill.c */
 bool eng_needs_window(enum uc_policy p);
-/* At a layer's first slice: rows record and hidden-state spectrum (when asked). */
+/* At a layer's first slice: rows record, and the layer's input rows for the hidden-state
+ * spectrum (when asked). */
 uc_status eng_layer_start(struct uc_engine *e, struct seq *s);
+/* A slice of rows [t0, t0 + n) of the layer, before it runs: its share of the hidden-state
+ * spectrum (when asked), so no step computes a whole window's covariance. */
+uc_status eng_layer_rows(struct uc_engine *e, struct seq *s, int64_t t0, int64_t n);
 /* After a layer's last slice: entropy, plan, kept tokens into the cache, stage pruning. */
 uc_status eng_layer_end(struct uc_engine *e, struct seq *s);
+/* Whether s ends its layers in parts, one per step (eng_layer_end_part), rather than in the
+ * step of the layer's last slice: long calibration windows, background work whose steps must
+ * stay short. */
+bool eng_layer_end_in_parts(const struct uc_engine *e, const struct seq *s);
+/* One part of the layer end of s (all its rows of the layer done): the query spectra of a group
+ * of heads, then the hidden-state spectrum, then the rest (eng_layer_end). *finished once the
+ * layer end is complete. */
+uc_status eng_layer_end_part(struct uc_engine *e, struct seq *s, bool *finished);
 /* After the last layer: logits, kept-set records, prefill buffers freed; now decoding. */
 uc_status eng_prefill_finish(struct uc_engine *e, struct seq *s);
 

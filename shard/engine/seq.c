@@ -49,6 +49,10 @@ void eng_free_prefill_buffers(struct uc_engine *e, struct seq *s)
         e->be->ops->free(e->be, s->qkv);
         s->qkv = NULL;
     }
+    UC_FREE(s->hid_rows);
+    s->hid_cap = 0;
+    uc_entropy_acc_fini(&s->hacc);
+    UC_FREE(s->qspec_local);
 }
 
 void eng_seq_destroy(struct uc_engine *e, struct seq *s)
