@@ -95,25 +95,46 @@ static char *file_in(const char *dir, const char *name)
     return buf;
 }
 
+/* DIR/model.safetensors read whole, its JSON header parsed. */
+struct shard_file {
+    const char *path;
+    char *data;
+    size_t n;
+    uint64_t hlen;  /* header bytes after the 8-byte length */
+    char *htext;
+    cJSON *hdr;
+};
+
+static void shard_read(struct shard_file *f, const char *dir)
+{
+    memset(f, 0, sizeof *f);
+    f->path = file_in(dir, "model.safetensors");
+    assert_int_equal(uc_file_read_all(&f->data, &f->n, f->path), UC_OK);
+    for (int i = 0; i < 8; i++) {
+        f->hlen |= (uint64_t)(unsigned char)f->data[i] << (8 * i);
+    }
+    f->htext = strndup(f->data + 8, f->hlen);
+    f->hdr = cJSON_Parse(f->htext);
+    assert_non_null(f->hdr);
+}
+
+static void shard_free(struct shard_file *f)
+{
+    cJSON_Delete(f->hdr);
+    free(f->htext);
+    uc_free(f->data);
+}
+
 /* Edits the JSON header of DIR/model.safetensors with fn and writes the file back with the
  * same data section. */
 static void edit_header(const char *dir, void (*fn)(cJSON *hdr))
 {
-    const char *path = file_in(dir, "model.safetensors");
-    char *data = NULL;
-    size_t n = 0;
-    assert_int_equal(uc_file_read_all(&data, &n, path), UC_OK);
-    uint64_t hlen = 0;
-    for (int i = 0; i < 8; i++) {
-        hlen |= (uint64_t)(unsigned char)data[i] << (8 * i);
-    }
-    char *htext = strndup(data + 8, hlen);
-    cJSON *hdr = cJSON_Parse(htext);
-    assert_non_null(hdr);
-    fn(hdr);
-    char *nh = cJSON_PrintUnformatted(hdr);
+    struct shard_file f;
+    shard_read(&f, dir);
+    fn(f.hdr);
+    char *nh = cJSON_PrintUnformatted(f.hdr);
     size_t nl = strlen(nh), padded = (nl + 7) / 8 * 8;
-    size_t data_bytes = n - 8 - hlen;
+    size_t data_bytes = f.n - 8 - f.hlen;
     unsigned char *out = malloc(8 + padded + data_bytes);
     assert_non_null(out);
     for (int i = 0; i < 8; i++) {
@@ -121,13 +142,11 @@ static void edit_header(const char *dir, void (*fn)(cJSON *hdr))
     }
     memcpy(out + 8, nh, nl);
     memset(out + 8 + nl, ' ', padded - nl);
-    memcpy(out + 8 + padded, data + 8 + hlen, data_bytes);
-    assert_int_equal(uc_file_write_all(path, out, 8 + padded + data_bytes), UC_OK);
+    memcpy(out + 8 + padded, f.data + 8 + f.hlen, data_bytes);
+    assert_int_equal(uc_file_write_all(f.path, out, 8 + padded + data_bytes), UC_OK);
     free(out);
     cJSON_free(nh);
-    cJSON_Delete(hdr);
-    free(htext);
-    uc_free(data);
+    shard_free(&f);
 }
 
 static void edit_json_file(const char *dir, const char *name, void (*fn)(cJSON *root))
@@ -162,28 +181,16 @@ static double offset_of(cJSON *hdr, const char *tensor, int which)
         ->valuedouble;
 }
 
-/* model.norm.weight (64 floats) claims the 256 bytes past the end of the data */
 /* Overwrites the first bytes of tensor `name` in DIR/model.safetensors with 0xFF: a NaN in
  * float32, float16 and bfloat16 alike. */
 static void poison_tensor(const char *dir, const char *name)
 {
-    const char *path = file_in(dir, "model.safetensors");
-    char *data = NULL;
-    size_t n = 0;
-    assert_int_equal(uc_file_read_all(&data, &n, path), UC_OK);
-    uint64_t hlen = 0;
-    for (int i = 0; i < 8; i++) {
-        hlen |= (uint64_t)(unsigned char)data[i] << (8 * i);
-    }
-    char *htext = strndup(data + 8, hlen);
-    cJSON *hdr = cJSON_Parse(htext);
-    assert_non_null(hdr);
-    double at = offset_of(hdr, name, 0);
-    memset(data + 8 + hlen + (size_t)at, 0xFF, 16);
-    assert_int_equal(uc_file_write_all(path, data, n), UC_OK);
-    cJSON_Delete(hdr);
-    free(htext);
-    uc_free(data);
+    struct shard_file f;
+    shard_read(&f, dir);
+    double at = offset_of(f.hdr, name, 0);
+    memset(f.data + 8 + f.hlen + (size_t)at, 0xFF, 16);
+    assert_int_equal(uc_file_write_all(f.path, f.data, f.n), UC_OK);
+    shard_free(&f);
 }
 
 /* Multiplies every value of the F32 tensor `name` in DIR/model.safetensors by 2^k, exactly (the
@@ -191,37 +198,27 @@ static void poison_tensor(const char *dir, const char *name)
  * overflow float32 (and bfloat16, whose range is the same). */
 static void scale_tensor(const char *dir, const char *name, int k)
 {
-    const char *path = file_in(dir, "model.safetensors");
-    char *data = NULL;
-    size_t n = 0;
-    assert_int_equal(uc_file_read_all(&data, &n, path), UC_OK);
-    uint64_t hlen = 0;
-    for (int i = 0; i < 8; i++) {
-        hlen |= (uint64_t)(unsigned char)data[i] << (8 * i);
-    }
-    char *htext = strndup(data + 8, hlen);
-    cJSON *hdr = cJSON_Parse(htext);
-    assert_non_null(hdr);
-    cJSON *t = cJSON_GetObjectItemCaseSensitive(hdr, name);
+    struct shard_file f;
+    shard_read(&f, dir);
+    cJSON *t = cJSON_GetObjectItemCaseSensitive(f.hdr, name);
     assert_non_null(t);
     assert_string_equal(cJSON_GetObjectItemCaseSensitive(t, "dtype")->valuestring, "F32");
-    size_t b = (size_t)offset_of(hdr, name, 0), e = (size_t)offset_of(hdr, name, 1);
-    for (size_t at = 8 + hlen + b; at < 8 + hlen + e; at += 4) {
+    size_t b = (size_t)offset_of(f.hdr, name, 0), e = (size_t)offset_of(f.hdr, name, 1);
+    for (size_t at = 8 + f.hlen + b; at < 8 + f.hlen + e; at += 4) {
         uint32_t u;
-        memcpy(&u, data + at, 4);
+        memcpy(&u, f.data + at, 4);
         uint32_t ex = (u >> 23) & 0xffu;
         if (ex != 0) {
             assert_true(ex + (uint32_t)k < 0xffu); /* stays finite */
             u += (uint32_t)k << 23;
         }
-        memcpy(data + at, &u, 4);
+        memcpy(f.data + at, &u, 4);
     }
-    assert_int_equal(uc_file_write_all(path, data, n), UC_OK);
-    cJSON_Delete(hdr);
-    free(htext);
-    uc_free(data);
+    assert_int_equal(uc_file_write_all(f.path, f.data, f.n), UC_OK);
+    shard_free(&f);
 }
 
+/* model.norm.weight (64 floats) claims the 256 bytes past the end of the data */
 static void lie_past_end(cJSON *hdr)
 {
     double end = 0;

@@ -83,6 +83,13 @@ static void test_entropy_orthogonal_rows(void **state)
     assert_int_equal(uc_mem_blocks_in_use(), blocks);
 }
 
+static void assert_spectra_equal(const double *got, const double *want, int64_t d)
+{
+    for (int64_t i = 0; i < d; i++) {
+        assert_near(got[i], want[i], 1e-13);
+    }
+}
+
 /* issue 17: the spectrum accumulated a slice of rows at a time (as a calibration window's
  * prefill slices arrive) equals the one-piece spectrum, on the covariance path (n >= d, slices
  * in any order) and on the Gram path (n < d, slices in order); the accumulator is reused across
@@ -111,9 +118,7 @@ static void test_entropy_sliced(void **state)
     assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 1, 70), UC_OK);
     assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 140, 11), UC_ERR_INVALID_ARG);
     assert_int_equal(uc_entropy_acc_eigvals(&a, got), UC_OK);
-    for (int i = 0; i < D; i++) {
-        assert_near(got[i], want[i], 1e-13);
-    }
+    assert_spectra_equal(got, want, D);
     assert_true(want[0] > 0.05 && want[0] < 1.0);
     /* Gram path (10 rows of 24): slices of 3, 3, 4 in order */
     int64_t n = 10;
@@ -125,9 +130,7 @@ static void test_entropy_sliced(void **state)
     assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 3, 3), UC_OK);
     assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 6, 4), UC_OK);
     assert_int_equal(uc_entropy_acc_eigvals(&a, got), UC_OK);
-    for (int i = 0; i < D; i++) {
-        assert_near(got[i], want[i], 1e-13);
-    }
+    assert_spectra_equal(got, want, D);
     assert_true(got[n] == 0.0 && got[D - 1] == 0.0 && got[0] > 0.1);
     /* the mean a slice at a time too (as the rows of a layer are produced); no _add before
      * every row is in the mean */
@@ -139,16 +142,12 @@ static void test_entropy_sliced(void **state)
     assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 0, 4), UC_OK);
     assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 4, 6), UC_OK);
     assert_int_equal(uc_entropy_acc_eigvals(&a, got), UC_OK);
-    for (int i = 0; i < D; i++) {
-        assert_near(got[i], want[i], 1e-13);
-    }
+    assert_spectra_equal(got, want, D);
     /* the same rows again into the reused buffers, in one slice */
     assert_int_equal(uc_entropy_acc_begin(&a, x, n, D, STRIDE), UC_OK);
     assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 0, n), UC_OK);
     assert_int_equal(uc_entropy_acc_eigvals(&a, got), UC_OK);
-    for (int i = 0; i < D; i++) {
-        assert_near(got[i], want[i], 1e-13);
-    }
+    assert_spectra_equal(got, want, D);
     uc_entropy_acc_fini(&a);
     uc_entropy_acc_fini(&a); /* safe twice */
     uc_free(x);
