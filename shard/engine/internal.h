@@ -74,7 +74,7 @@ struct seq {
     float *hid_rows;   /* (n_rows, C) host */
     int64_t hid_cap;   /* floats */
     struct uc_entropy_acc hacc;
-    /* a long calibration window ends each layer in parts, one per step (prefill.c) */
+    /* a calibration window ends each layer in parts, one per step (prefill.c) */
     int32_t end_part;     /* parts done of the current layer's end */
     bool hid_done;        /* this layer's hidden spectrum is in */
     double *qspec_local;  /* (H_local, D) this layer's query spectra, computed in parts */
@@ -206,9 +206,9 @@ uc_status eng_layer_rows(struct uc_engine *e, struct seq *s, int64_t t0, int64_t
 /* After a layer's last slice: entropy, plan, kept tokens into the cache, stage pruning. */
 uc_status eng_layer_end(struct uc_engine *e, struct seq *s);
 /* Whether s ends its layers in parts, one per step (eng_layer_end_part), rather than in the
- * step of the layer's last slice: long calibration windows, background work whose steps must
- * stay short. */
-bool eng_layer_end_in_parts(const struct uc_engine *e, const struct seq *s);
+ * step of the layer's last slice: calibration windows, background work whose steps must stay
+ * short. */
+bool eng_layer_end_in_parts(const struct seq *s);
 /* One part of the layer end of s (all its rows of the layer done): the query spectra of a group
  * of heads, then the hidden-state spectrum, then the rest (eng_layer_end). *finished once the
  * layer end is complete. */

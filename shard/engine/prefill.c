@@ -1,7 +1,8 @@
 /* A prompt's prefill, layer-major: the hidden-state spectrum (when asked) copied at each layer
  * start, accumulated slice by slice and solved at the layer end; at each layer end the
- * compression of UNCOMP.md (entropy, plan, kept tokens into the paged
- * cache, stage pruning of the rows); after the last layer the logits. */
+ * compression of UNCOMP.md (entropy, plan, kept tokens into the paged cache, stage pruning of
+ * the rows), in parts over several steps for calibration windows; after the last layer the
+ * logits. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -133,19 +134,18 @@ static uc_status hidden_spectrum(struct uc_engine *e, struct seq *s)
     return rc;
 }
 
-/* ---- prefill: a long calibration window's layer end, in parts ---------------------------- */
+/* ---- prefill: a calibration window's layer end, in parts -------------------------------- */
 
 /* A calibration window is background work that shares steps with requests, so no step of it
- * may hold a request up for long: its rows come in thin slices (the scheduler's calib_slice)
- * and the O(rows) work at the end of each of its layers is spread over steps too, one part per
- * step: the query spectra of CALIB_END_ROWS x H_local / n_rows heads at a time (at least one),
+ * may hold a request up for long: its rows come in thin slices (uc_engine_background_rows)
+ * and the work at the end of each of its layers is spread over steps too, one part per step:
+ * the query spectra of CALIB_END_ROWS x H_local / n_rows heads at a time (at least one head),
  * then the hidden-state eigensolve, then the rest of eng_layer_end. The layer's Q/K/V stay in
  * the prefill buffer until then. */
 #define CALIB_END_ROWS 1024
 
-bool eng_layer_end_in_parts(const struct uc_engine *e, const struct seq *s)
+bool eng_layer_end_in_parts(const struct seq *s)
 {
-    (void)e;
     return (s->flags & UC_SEQ_CALIBRATE) != 0;
 }
 

@@ -4,7 +4,7 @@
  * paged decode attention for the decode rows, causal attention over the prompt's own Q/K/V buffer
  * for each slice. A slice that completes its prompt's layer runs that layer's compression at once
  * (eng_layer_end), and the prompt goes on to the next layer in the same sweep while its row budget
- * lasts: a short prompt passes every layer in one step, a long one a few layers per step. A long
+ * lasts: a short prompt passes every layer in one step, a long one a few layers per step. A
  * calibration window ends its layers in parts instead, one per step (eng_layer_end_part).
  *
  * Rows are packed in e->dx and e->dqkv (max_batch + prefill_chunk rows): the decode rows first,
@@ -142,7 +142,7 @@ uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st)
                 struct seq *s = sl[i].s;
                 s->t_done += sl[i].n;
                 e->sw_left[sl[i].pf] -= sl[i].n;
-                if (s->t_done == s->n_rows && !eng_layer_end_in_parts(e, s)) {
+                if (s->t_done == s->n_rows && !eng_layer_end_in_parts(s)) {
                     UC_CHECK(eng_layer_end(e, s), rc, out);
                     s->layer++;
                     s->t_done = 0;

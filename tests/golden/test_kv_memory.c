@@ -247,6 +247,7 @@ int main(int argc, char **argv)
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", tu_model_dir(shared, "uncomp-tiny"));
     ep.model_dir = dir;
+    ep.backend = tu_backend_params(); /* UC_TEST_BACKEND=cuda: device_check.sh kvmem */
     ep.block_tokens = 8;
     /* room for exactly 3 uncompressed sequences: 80 blocks x 8 layers x 4 KV heads each */
     ep.kv_blocks = 3 * (PROMPT / 8) * 8 * 4;
