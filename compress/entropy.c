@@ -4,6 +4,7 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
 #include "base/mem.h"
@@ -155,6 +156,145 @@ uc_status uc_entropy_eigvals(double *restrict eig, double *restrict cov, int64_t
         }
     }
     return UC_OK;
+}
+
+/* ---- the same spectrum a slice of rows at a time ---------------------------------------- */
+
+void uc_entropy_acc_fini(struct uc_entropy_acc *a)
+{
+    uc_free(a->mean);
+    uc_free(a->acc);
+    uc_free(a->xc);
+    memset(a, 0, sizeof *a);
+}
+
+uc_status uc_entropy_acc_reset(struct uc_entropy_acc *a, int64_t n_rows, int64_t d)
+{
+    if (n_rows <= 0 || d <= 0) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "rows=%lld d=%lld", (long long)n_rows, (long long)d);
+    }
+    bool gram = n_rows < d;
+    int64_t m = gram ? n_rows : d; /* the matrix's side */
+    if (a->d != d || a->cap < n_rows || a->gram != gram) {
+        uc_entropy_acc_fini(a);
+        a->mean = uc_malloc((size_t)d * sizeof *a->mean);
+        a->acc = uc_malloc((size_t)(m * m) * sizeof *a->acc);
+        a->xc = uc_malloc((size_t)((gram ? n_rows : UC_ENTROPY_CHUNK) * d) * sizeof *a->xc);
+        if (!a->mean || !a->acc || !a->xc) {
+            return UC_ERRF(UC_ERR_NOMEM, "rows=%lld d=%lld", (long long)n_rows, (long long)d);
+        }
+        a->d = d;
+        a->cap = n_rows;
+        a->gram = gram;
+    }
+    a->n = n_rows;
+    a->mean_rows = 0;
+    a->done = 0;
+    memset(a->mean, 0, (size_t)d * sizeof *a->mean);
+    memset(a->acc, 0, (size_t)(m * m) * sizeof *a->acc);
+    return UC_OK;
+}
+
+uc_status uc_entropy_acc_mean(struct uc_entropy_acc *a, const float *x, int64_t stride,
+                              int64_t k)
+{
+    if (k < 0 || a->mean_rows + k > a->n) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "%lld more rows for the mean of %lld (%lld in)",
+                       (long long)k, (long long)a->n, (long long)a->mean_rows);
+    }
+    for (int64_t i = 0; i < k; i++) {
+        for (int64_t j = 0; j < a->d; j++) {
+            a->mean[j] += x[i * stride + j];
+        }
+    }
+    a->mean_rows += k;
+    if (a->mean_rows == a->n) {
+        for (int64_t j = 0; j < a->d; j++) {
+            a->mean[j] /= (double)a->n;
+        }
+    }
+    return UC_OK;
+}
+
+uc_status uc_entropy_acc_begin(struct uc_entropy_acc *a, const float *x, int64_t n_rows,
+                               int64_t d, int64_t stride)
+{
+    uc_status rc = uc_entropy_acc_reset(a, n_rows, d);
+    return rc == UC_OK ? uc_entropy_acc_mean(a, x, stride, n_rows) : rc;
+}
+
+/* Row i of x, centred with the mean and scaled to unit norm (a zero row stays zero), into r. */
+static void centre_row(double *restrict r, const float *restrict x, const double *mean,
+                       int64_t d)
+{
+    double nrm = 0;
+    for (int64_t j = 0; j < d; j++) {
+        r[j] = x[j] - mean[j];
+        nrm += r[j] * r[j];
+    }
+    nrm = sqrt(nrm);
+    if (nrm > 0) {
+        for (int64_t j = 0; j < d; j++) {
+            r[j] /= nrm;
+        }
+    }
+}
+
+uc_status uc_entropy_acc_add(struct uc_entropy_acc *a, const float *x, int64_t stride, int64_t i0,
+                             int64_t k)
+{
+    int64_t d = a->d, n = a->n;
+    if (i0 < 0 || k < 0 || i0 + k > n || (a->gram && i0 != a->done) || a->mean_rows != n) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "rows [%lld, %lld) of %lld (%lld added)",
+                       (long long)i0, (long long)(i0 + k), (long long)n, (long long)a->done);
+    }
+    if (a->gram) {
+        /* rows [i0, i0 + k) of G = Xc Xc^T / n against every row so far (the lower part of the
+         * block row; _eigvals mirrors it) */
+        for (int64_t i = i0; i < i0 + k; i++) {
+            centre_row(a->xc + i * d, x + i * stride, a->mean, d);
+        }
+        if (k > 0) {
+            cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)k, (int)(i0 + k), (int)d,
+                        1.0 / (double)n, a->xc + i0 * d, (int)d, a->xc, (int)d, 0.0,
+                        a->acc + i0 * n, (int)n);
+        }
+    } else {
+        for (int64_t c0 = i0; c0 < i0 + k; c0 += UC_ENTROPY_CHUNK) {
+            int64_t m = i0 + k - c0 < UC_ENTROPY_CHUNK ? i0 + k - c0 : UC_ENTROPY_CHUNK;
+            for (int64_t i = 0; i < m; i++) {
+                centre_row(a->xc + i * d, x + (c0 + i) * stride, a->mean, d);
+            }
+            cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)m,
+                        1.0 / (double)n, a->xc, (int)d, 1.0, a->acc, (int)d);
+        }
+    }
+    a->done += k;
+    return UC_OK;
+}
+
+uc_status uc_entropy_acc_eigvals(struct uc_entropy_acc *a, double *eig)
+{
+    if (a->n <= 0 || a->done != a->n) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "%lld of %lld rows added", (long long)a->done,
+                       (long long)a->n);
+    }
+    int64_t m = a->gram ? a->n : a->d;
+    if (a->gram) { /* the Gram blocks filled the lower triangle */
+        for (int64_t i = 0; i < m; i++) {
+            for (int64_t j = i + 1; j < m; j++) {
+                a->acc[i * m + j] = a->acc[j * m + i];
+            }
+        }
+    } else {
+        mirror_upper(a->acc, m);
+    }
+    uc_status rc = uc_entropy_eigvals(eig, a->acc, m);
+    for (int64_t i = m; rc == UC_OK && i < a->d; i++) {
+        eig[i] = 0.0;
+    }
+    a->done = 0; /* the matrix is spent: a new _begin is needed */
+    return rc;
 }
 
 double uc_entropy_truncated(const double *eig, int64_t d, int64_t k)

@@ -4,6 +4,7 @@
 #ifndef UC_COMPRESS_ENTROPY_H
 #define UC_COMPRESS_ENTROPY_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "base/status.h"
@@ -24,6 +25,41 @@ uc_status uc_entropy_cov(double *UC_RESTRICT cov, const float *UC_RESTRICT x, in
 uc_status uc_entropy_eigvals_of_rows(double *eig, const float *x, int64_t n_rows, int64_t d,
                                      int64_t stride);
 uc_status uc_entropy_eigvals(double *UC_RESTRICT eig, double *UC_RESTRICT cov, int64_t d);
+
+/* The eigenvalues of uc_entropy_eigvals_of_rows, computed a slice of rows at a time, so that a
+ * long window's spectrum never costs one step its whole covariance. The mean comes first: from
+ * every row at once (_begin), or a slice at a time (_reset, then _mean until all n rows are
+ * in); then each _add folds in rows [i0, i0 + k) (O(k d^2); on the Gram path of n < d,
+ * O(k (i0 + k) d), rows added in order from 0), and _eigvals, once every row is in, solves.
+ * A row must be the same in the mean and in its _add. */
+struct uc_entropy_acc {
+    int64_t n, d, cap; /* cap: the largest n the buffers hold */
+    int64_t mean_rows; /* rows in the mean so far */
+    int64_t done;      /* rows added */
+    bool gram;         /* n < d: the n x n Gram matrix */
+    double *mean;      /* (d) */
+    double *acc;       /* (d, d) covariance or (n, n) Gram matrix, upper triangle */
+    double *xc;        /* Gram: (n, d) centred, normalised rows; else (UC_ENTROPY_CHUNK, d) */
+};
+#define UC_ENTROPY_CHUNK 64
+/* Caller-owned storage, empty (fini is safe on it). */
+void uc_entropy_acc_fini(struct uc_entropy_acc *a);
+/* Starts a spectrum of n_rows rows of d floats: sizes the buffers (reused when big enough) and
+ * zeroes the sums. UC_ERR_NOMEM leaves a state that uc_entropy_acc_fini frees. */
+uc_status uc_entropy_acc_reset(struct uc_entropy_acc *a, int64_t n_rows, int64_t d);
+/* Adds the next k rows of x (row stride `stride` floats) to the mean. */
+uc_status uc_entropy_acc_mean(struct uc_entropy_acc *a, const float *x, int64_t stride,
+                              int64_t k);
+/* _reset, then the mean of all n_rows rows of x. */
+uc_status uc_entropy_acc_begin(struct uc_entropy_acc *a, const float *x, int64_t n_rows,
+                               int64_t d, int64_t stride);
+/* Folds rows [i0, i0 + k) into the matrix; x points at row 0 (row i at x + i * stride). The
+ * mean must be complete. */
+uc_status uc_entropy_acc_add(struct uc_entropy_acc *a, const float *x, int64_t stride, int64_t i0,
+                             int64_t k);
+/* After every row was added: eig (d values, descending) as uc_entropy_eigvals_of_rows gives
+ * them. UC_ERR_INVALID_ARG when rows are missing. */
+uc_status uc_entropy_acc_eigvals(struct uc_entropy_acc *a, double *eig);
 /* -sum_{j<k} eig_j ln eig_j / ln d, with 0 ln 0 = 0; eig descending, d >= 2. */
 double uc_entropy_truncated(const double *eig, int64_t d, int64_t k);
 /* The default truncation: max(1, d / 4). */

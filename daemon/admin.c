@@ -180,6 +180,7 @@ static void sec_kv(struct uc_buf *b, const struct uc_admin_src *s,
         uc_buf_printf(b, "r0_blocks_free:%lld\n",
                       (long long)(sc.kv_blocks_total - sc.kv_blocks_used));
         uc_buf_printf(b, "r0_blocks_reserved:%lld\n", (long long)sc.kv_blocks_reserved);
+        uc_buf_printf(b, "r0_blocks_shared:%lld\n", (long long)sc.kv_blocks_shared);
     }
     if (s->engine) {
         uc_buf_printf(b, "block_tokens:%lld\n", (long long)uc_engine_kv_block_tokens(s->engine));

@@ -75,6 +75,9 @@ void sched_req_free(struct req *r)
     uc_free(r->stop_ids);
     uc_free(r->prompt);
     uc_free(r->kids);
+    if (r->share && --r->share->refs == 0) {
+        uc_free(r->share);
+    }
     uc_sampler_destroy(r->sampler);
     uc_buf_fini(&r->bytes);
     uc_free(r);
@@ -492,10 +495,12 @@ static void emit_tokens(struct uc_sched *s, struct req *q, const int32_t *ids, i
 void sched_publish(struct uc_sched *s)
 {
     int64_t used_blocks = uc_engine_kv_blocks_used(s->e);
+    int64_t shared_blocks = uc_engine_kv_blocks_shared(s->e);
     pthread_mutex_lock(&s->mu);
     s->n_active_pub = (int32_t)s->n_active;
     s->reserved_pub = s->reserved_blocks;
     s->kv_used_pub = used_blocks;
+    s->kv_shared_pub = shared_blocks;
     pthread_mutex_unlock(&s->mu);
     if (s->metrics) {
         double used = (double)uc_engine_kv_blocks_used(s->e);
@@ -567,6 +572,7 @@ void sched_finish(struct uc_sched *s, struct req *q, uc_status status, const cha
         s->reserved_blocks -= q->kv_blocks;
         sched_prefill_release(s, q);
     }
+    sched_fork_release_share(s, q);
     if (q->in_engine && !sched_queue_free(s, q->seq_id)) {
         UC_FATAL("scheduler: cannot queue the free of sequence %lld", (long long)q->seq_id);
     }
@@ -643,12 +649,19 @@ void sched_advance(struct uc_sched *s, struct req *q)
         lg += (rows - 1) * s->cfg->vocab;
     }
     if (lg ? !logits_finite(lg, s->cfg->vocab) : greedy_tok < 0 || greedy_tok >= s->cfg->vocab) {
+        /* where: the first layer with non-finite cached K/V (a step of its own, every rank) */
+        int64_t layer = -1;
+        char where[160] = "an unknown layer (the diagnosis failed)", msg[256];
+        if (uc_engine_diagnose_nonfinite(s->e, q->seq_id, &layer) == UC_OK) {
+            uc_engine_nonfinite_origin(s->e, layer, where, sizeof where);
+        }
         const char *w = uc_engine_nonfinite_weights(s->e);
-        UC_LOG_ERROR("sched: request %s: non-finite logits; %s%s", q->id,
-                     w ? "the first non-finite weight is in " : "",
+        UC_LOG_ERROR("sched: request %s: non-finite logits; non-finite activations arose in %s; "
+                     "%s%s", q->id, where, w ? "the first non-finite weight is in " : "",
                      w ? w : "every weight of this rank is finite (an activation overflowed)");
-        sched_finish(s, q, UC_ERR_INTERNAL, "the model produced non-finite logits (NaN or Inf)",
-                     UC_FINISH_ERROR, NULL);
+        snprintf(msg, sizeof msg, "the model produced non-finite logits (NaN or Inf): "
+                 "non-finite activations arose in %s", where);
+        sched_finish(s, q, UC_ERR_INTERNAL, msg, UC_FINISH_ERROR, NULL);
         return;
     }
     if (q->n_gen < q->min_tokens) {
@@ -896,6 +909,7 @@ void uc_sched_counts(struct uc_sched *s, struct uc_sched_counts *out)
     out->queued_tokens = s->waiting_tokens;
     out->kv_blocks_reserved = s->reserved_pub;
     out->kv_blocks_used = s->kv_used_pub;
+    out->kv_blocks_shared = s->kv_shared_pub;
     pthread_mutex_unlock(&s->mu);
     out->kv_blocks_total = uc_engine_kv_blocks_total(s->e); /* fixed after start-up */
 }

@@ -193,6 +193,7 @@ struct uc_sched_counts {
     int64_t kv_blocks_reserved;
     int64_t kv_blocks_total;
     int64_t kv_blocks_used;
+    int64_t kv_blocks_shared; /* used blocks held by more than one sequence (n > 1 forks) */
 };
 /* Thread-safe snapshot. */
 void uc_sched_counts(struct uc_sched *s, struct uc_sched_counts *out);

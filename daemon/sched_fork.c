@@ -3,14 +3,20 @@
  *
  * n > 1: uc_sched_submit makes choice 0 (the request that is queued, admitted and prefilled like
  * any other) and n-1 choices waiting beside it (REQ_FORKWAIT, in q->kids, live for abort by
- * the shared id). Admission reserves KV blocks for all n (n times one choice's worst case).
- * When choice 0's prefill ends it does not sample yet: the next step carries n-1 UC_SEQ_FORK
- * sequences (the engine copies its compressed cache, plan and last logits into blocks of their
- * own), and after that step choice 0 and its forks sample their first tokens, each with its own
- * sampler (seed + i with a seed) and stop state. From then on each choice is an ordinary
- * decoding request. The prompt is prefilled and compressed once; the KV blocks are copied, not
- * shared (the engine has no copy-on-write), so the pool holds n copies of the compressed
- * prompt.
+ * the shared id). When choice 0's prefill ends it does not sample yet: the next step carries
+ * n-1 UC_SEQ_FORK sequences (the engine gives each choice 0's plan and last logits, and a cache
+ * that shares choice 0's full KV blocks, copy-on-write, with a copy of each head's partly
+ * filled last block), and after that step choice 0 and its forks sample their first tokens,
+ * each with its own sampler (seed + i with a seed) and stop state. From then on each choice is
+ * an ordinary decoding request. The prompt is prefilled and compressed once, and the pool holds
+ * one copy of it.
+ *
+ * KV reservation: admission reserves choice 0's worst case plus, for each other choice, what a
+ * fork holds beside the shared blocks (uc_engine_kv_fork_blocks_needed: a block per head and
+ * its decode; all of a choice's worst case with decode_mode=evict, which may copy the shared
+ * blocks). At the fork each fork takes its part, and choice 0's part moves to a share
+ * (struct kv_share) that the last of the choices to end releases: the shared blocks stay in
+ * the pool while any fork holds them, even after choice 0 ended.
  *
  * Prompt logprobs: the request's sequence keeps every prompt row's logits (UC_SEQ_ALL_LOGITS);
  * at the end of its prefill one UC_EVENT_PROMPT event carries each prompt token's logprob under
@@ -74,9 +80,11 @@ uc_status sched_fork_make_kids(struct uc_sched *s, struct req *q, int32_t n)
 {
     (void)s;
     q->kids = uc_calloc((size_t)n, sizeof *q->kids);
-    if (!q->kids) {
-        return UC_ERR_NOMEM;
+    q->share = uc_calloc(1, sizeof *q->share);
+    if (!q->kids || !q->share) {
+        return UC_ERR_NOMEM; /* sched_req_free(q) frees both */
     }
+    q->share->refs = 1;
     for (int32_t i = 1; i < n; i++) {
         struct req *k = kid_of(q, i);
         if (!k) {
@@ -92,12 +100,20 @@ uc_status sched_fork_make_kids(struct uc_sched *s, struct req *q, int32_t n)
     return UC_OK;
 }
 
-int64_t sched_fork_reserve(struct req *q, int64_t need)
+int64_t sched_fork_reserve(struct req *q, int64_t need, int64_t fork_need)
 {
-    /* a fork's cache is a copy of the compressed prompt plus its own decode: at most what one
-     * choice's worst case is (the engine's fork estimate sees this rank's heads only) */
-    q->kv_one = need;
-    return need * (1 + q->n_kids);
+    q->kv_one = fork_need;
+    return need + fork_need * q->n_kids;
+}
+
+void sched_fork_release_share(struct uc_sched *s, struct req *q)
+{
+    /* sched_req_free drops the pointer right after: refs == 1 is the last holder */
+    if (q->share && q->share->active && q->share->refs == 1) {
+        s->reserved_blocks -= q->share->blocks;
+        q->share->blocks = 0;
+        q->share->active = false;
+    }
 }
 
 int64_t sched_fork_slots(const struct uc_sched *s)
@@ -206,7 +222,7 @@ void sched_fork_tick(struct uc_sched *s, struct uc_step_new *news, int32_t *n_ne
         for (int32_t j = 0; j < n; j++) {
             struct req *k = kids[j];
             k->parent = NULL;
-            /* its reservation moves from choice 0 to the fork */
+            /* its part of the reservation moves from choice 0 to the fork */
             q->kv_blocks -= q->kv_one;
             k->kv_blocks = q->kv_one;
             k->t_admit = q->t_admit;
@@ -222,6 +238,15 @@ void sched_fork_tick(struct uc_sched *s, struct uc_step_new *news, int32_t *n_ne
             k->seq_id = ++s->next_seq;
             k->st = REQ_DECODE;
             k->forked_now = true;
+            if (q->share) { /* it holds choice 0's blocks from now on */
+                if (!q->share->active) {
+                    q->share->active = true;
+                    q->share->blocks = q->kv_blocks;
+                    q->kv_blocks = 0;
+                }
+                k->share = q->share;
+                k->share->refs++;
+            }
             news[(*n_new)++] = (struct uc_step_new){.seq_id = k->seq_id, .flags = UC_SEQ_FORK,
                                                     .max_new_tokens = k->max_tokens,
                                                     .cp = q->cp, .fork_of = q->seq_id};

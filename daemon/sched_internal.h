@@ -26,6 +26,14 @@ enum req_state {
     REQ_FORKWAIT = 4, /* a choice > 0 waiting for choice 0's prefill (sched_fork.c) */
 };
 
+/* The KV reservation of the blocks n > 1 choices share (sched_fork.c): choice 0's own worst
+ * case, held until the last of the choices that hold the share ends. */
+struct kv_share {
+    int64_t blocks;
+    int32_t refs;   /* requests pointing here; the last one frees it */
+    bool active;    /* forks exist: `blocks` moved here from choice 0's reservation */
+};
+
 struct req {
     char id[UC_REQUEST_ID_MAX];
     int64_t seq_id;
@@ -65,7 +73,8 @@ struct req {
     struct req **kids;   /* choice 0: the choices not yet forked */
     int32_t n_kids;
     struct req *parent;  /* a choice not yet forked: its choice 0 */
-    int64_t kv_one;      /* choice 0 once admitted: the blocks one choice reserves */
+    int64_t kv_one;      /* choice 0 once admitted: the blocks one fork reserves */
+    struct kv_share *share; /* choice 0 (from submit) and its forks */
     int32_t fork_state;  /* choice 0: 1 = prefill done, fork in the next step; 2 = forked in
                             this step (it samples after it, beside its forks) */
     bool forked_now;     /* a fork created in this step: samples after it */
@@ -119,6 +128,7 @@ struct uc_sched {
     int32_t n_active_pub;
     int64_t reserved_pub;
     int64_t kv_used_pub;
+    int64_t kv_shared_pub;
     int64_t drain_finished;
     int64_t next_id;
     /* engine thread */
@@ -166,8 +176,11 @@ bool sched_round(struct uc_sched *s);
 /* sched_fork.c */
 /* Submit: the n-1 choices of a request beside q (not queued: they wait in q->kids). */
 uc_status sched_fork_make_kids(struct uc_sched *s, struct req *q, int32_t n);
-/* Admission: the blocks q's n choices reserve, given one choice's need. */
-int64_t sched_fork_reserve(struct req *q, int64_t need);
+/* Admission: the blocks q's n choices reserve, given choice 0's need and one fork's (what a
+ * fork holds beside the blocks it shares with choice 0). */
+int64_t sched_fork_reserve(struct req *q, int64_t need, int64_t fork_need);
+/* sched_finish: the last finishing holder of q's share releases its reservation. */
+void sched_fork_release_share(struct uc_sched *s, struct req *q);
 /* Sequences active or promised to admitted requests' choices (for max_running). */
 int64_t sched_fork_slots(const struct uc_sched *s);
 /* End of q's prefill: prompt logprobs, then (n > 1) hold q for its forks. Returns true when q

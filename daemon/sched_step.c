@@ -65,8 +65,11 @@ static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, 
         if (q->prompt_logprobs) {
             n.flags |= UC_SEQ_ALL_LOGITS;
         }
-        int64_t need = rc == UC_OK ? sched_fork_reserve(q, uc_engine_kv_blocks_needed(s->e, &n))
-                                   : 0;
+        int64_t need = 0;
+        if (rc == UC_OK) {
+            int64_t fork_need = q->n_kids > 0 ? uc_engine_kv_fork_blocks_needed(s->e, &n) : 0;
+            need = sched_fork_reserve(q, uc_engine_kv_blocks_needed(s->e, &n), fork_need);
+        }
         if (rc == UC_OK && need > total) {
             snprintf(msg, sizeof msg, "KV memory cannot admit the request: it needs %lld blocks, "
                      "the pool has %lld", (long long)need, (long long)total);
@@ -152,11 +155,13 @@ static bool ensure_step_lists(struct uc_sched *s, int64_t n)
     return true;
 }
 
-/* Row-layers of calibration prefill per step: a thirty-second of the step budget. */
-static int64_t calib_slice(const struct uc_sched *s)
+/* Row-layers of calibration prefill per step: a thirty-second of the step budget, fewer deep
+ * into a long window's layer (uc_engine_background_rows: a 4096-token window's steps cost what
+ * a 1024-token window's do; the engine also ends its layers in parts, one per step). */
+static int64_t calib_slice(const struct uc_sched *s, const struct req *q)
 {
     int64_t v = s->p.prefill_step_tokens / 32;
-    return v > 1 ? v : 1;
+    return uc_engine_background_rows(s->e, q->seq_id, v > 1 ? v : 1);
 }
 
 /* The step's prefills: the budget shared by the rules above. Returns how many. */
@@ -199,7 +204,7 @@ static int32_t plan_prefills(struct uc_sched *s, int32_t n_dec)
             /* a calibration window takes a thin slice of a step, and none beside a request's
              * prefill: a step (which a new request must wait for) stays short, and the
              * request's own prefill step carries no calibration */
-            int64_t slice = calib_slice(s);
+            int64_t slice = calib_slice(s, q);
             give = give < slice ? give : slice;
         }
         s->step_pf[n_pf] = (struct uc_step_prefill){.seq_id = q->seq_id, .budget_rows = give};

@@ -175,6 +175,12 @@ struct uc_backend_ops {
     /* Copies whole blocks: block dst[i] of K and V gets block src[i], for i < n (forks). */
     uc_status (*kv_copy_blocks)(struct uc_backend *be, struct uc_kv_pool_view *pool,
                                 const int32_t *dst, const int32_t *src, int64_t n);
+    /* Diagnosis after non-finite logits (never on a serving step): bad[e] = 1 when one of the
+     * first n_valid[e] slots of pool block blocks[e] holds a NaN or Inf in K or V, else 0, for
+     * e < n. blocks, n_valid and bad are host arrays; the call synchronises. */
+    uc_status (*kv_nonfinite)(struct uc_backend *be, const struct uc_kv_pool_view *pool,
+                              const int32_t *blocks, const int32_t *n_valid, int64_t n,
+                              int32_t *bad);
     /* Copies one slot of the pool to another (evict mode compaction). */
     uc_status (*kv_move)(struct uc_backend *be, struct uc_kv_pool_view *pool, int32_t dst_slot,
                          int32_t src_slot);
@@ -189,7 +195,7 @@ struct uc_backend_ops {
      * recorded op may use; graphs recorded under another value must be recorded again. */
     uint64_t (*graph_epoch)(struct uc_backend *be);
     /* (optional) Greedy/sampling support: index of the max of each row of x (T, N) to host;
-     * -1 for a row holding a NaN or Inf (CPU; the CUDA kernel does not check yet). */
+     * -1 for a row holding a NaN or Inf. */
     uc_status (*argmax)(struct uc_backend *be, int32_t *out, const void *x, int64_t n_tok,
                         int64_t n);
     void (*destroy)(struct uc_backend *be);

@@ -656,6 +656,23 @@ static uc_status cpu_kv_copy_blocks(struct uc_backend *be, struct uc_kv_pool_vie
     return UC_OK;
 }
 
+static uc_status cpu_kv_nonfinite(struct uc_backend *be, const struct uc_kv_pool_view *pool,
+                                  const int32_t *blocks, const int32_t *n_valid, int64_t n,
+                                  int32_t *bad)
+{
+    int64_t per_block = pool->block_tokens * pool->head_dim;
+    for (int64_t e = 0; e < n; e++) {
+        const float *k = (const float *)pool->k + (int64_t)blocks[e] * per_block;
+        const float *v = (const float *)pool->v + (int64_t)blocks[e] * per_block;
+        int32_t hit = 0;
+        for (int64_t i = 0; i < (int64_t)n_valid[e] * pool->head_dim; i++) {
+            hit |= !isfinite(k[i]) || !isfinite(v[i]);
+        }
+        bad[e] = hit;
+    }
+    return UC_OK;
+}
+
 static uc_status cpu_kv_move(struct uc_backend *be, struct uc_kv_pool_view *pool, int32_t dst_slot,
                              int32_t src_slot)
 {
@@ -839,6 +856,7 @@ static const struct uc_backend_ops cpu_ops = {
     .attn_decode = cpu_attn_decode,
     .kv_move = cpu_kv_move,
     .kv_copy_blocks = cpu_kv_copy_blocks,
+    .kv_nonfinite = cpu_kv_nonfinite,
     .argmax = cpu_argmax,
     .destroy = cpu_destroy,
 };

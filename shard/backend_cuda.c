@@ -872,6 +872,28 @@ static uc_status cuda_kv_copy_blocks(struct uc_backend *be, struct uc_kv_pool_vi
     return rc;
 }
 
+static uc_status cuda_kv_nonfinite(struct uc_backend *be, const struct uc_kv_pool_view *pool,
+                                   const int32_t *blocks, const int32_t *n_valid, int64_t n,
+                                   int32_t *bad)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (n <= 0) {
+        return UC_OK;
+    }
+    const int32_t *parts[2] = {blocks, n_valid};
+    int64_t counts[2] = {n, n};
+    int32_t *dev[2];
+    uc_status rc;
+    UC_CHECK(upload_idx(c, dev, parts, counts, 2), rc, out);
+    UC_CHECK(buf_reserve(c, &c->outp, (size_t)n * sizeof(int32_t)), rc, out);
+    UC_CHECK(CU(uc_cuda_kv_nonfinite(c->outp.p, pool->k, pool->v, dev[0], dev[1], n,
+                                     pool->block_tokens, pool->head_dim, c->dt, c->stream)),
+             rc, out);
+    rc = download_sync(c, bad, c->outp.p, (size_t)n * sizeof(int32_t));
+out:
+    return rc;
+}
+
 static uc_status cuda_kv_move(struct uc_backend *be, struct uc_kv_pool_view *pool, int32_t dst_slot,
                               int32_t src_slot)
 {
@@ -1054,6 +1076,7 @@ static const struct uc_backend_ops cuda_ops = {
     .attn_decode = cuda_attn_decode,
     .kv_move = cuda_kv_move,
     .kv_copy_blocks = cuda_kv_copy_blocks,
+    .kv_nonfinite = cuda_kv_nonfinite,
     .graph_begin = cuda_graph_begin,
     .graph_end = cuda_graph_end,
     .graph_launch = cuda_graph_launch,

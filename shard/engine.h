@@ -62,6 +62,8 @@ const char *uc_engine_nonfinite_weights(const struct uc_engine *e);
 /* KV pool on this rank. */
 int64_t uc_engine_kv_blocks_total(const struct uc_engine *e);
 int64_t uc_engine_kv_blocks_used(const struct uc_engine *e);
+/* Blocks in use held by more than one sequence (forks share their source's blocks). */
+int64_t uc_engine_kv_blocks_shared(const struct uc_engine *e);
 int64_t uc_engine_kv_block_tokens(const struct uc_engine *e);
 size_t uc_engine_kv_bytes_per_token(const struct uc_engine *e); /* one token, one KV head, K+V */
 /* The active profile, or NULL when none is loaded. */
@@ -113,6 +115,7 @@ enum uc_step_op {
     UC_STEP_SHUTDOWN = 3,
     UC_STEP_PROFILE_RESET = 4,  /* start a calibration: zero the sums */
     UC_STEP_PROFILE_FINISH = 5, /* average the sums into the active profile and save it */
+    UC_STEP_DIAGNOSE = 6,       /* find where sequence diag_seq's activations went non-finite */
 };
 
 struct uc_step {
@@ -126,6 +129,7 @@ struct uc_step {
     int32_t profile_groups;
     double profile_eps;
     char profile_source[256];
+    int64_t diag_seq; /* DIAGNOSE: the sequence */
 };
 
 /* Rank 0: broadcasts the step to every rank and runs it. A bad request in the step (an unknown
@@ -147,8 +151,16 @@ uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_ne
  * and Q/K/V, allocated at its first slice and freed when its prefill ends). */
 int64_t uc_engine_prefill_bytes(const struct uc_engine *e, int64_t n_prompt);
 /* KV blocks this rank must keep free for the sequence at most (its post-compression footprint
- * plus max_new_tokens of decode). */
+ * plus max_new_tokens of decode; with UC_SEQ_FORK, what the fork holds beside the blocks it
+ * shares with its source). */
 int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_step_new *n);
+/* KV blocks this rank must keep free for one fork (UC_SEQ_FORK, max_new_tokens of n) of the
+ * sequence n will be, at most, beside the blocks the fork shares with it: forks share their
+ * source's full blocks and copy each head's partly filled last block, so appending this is a
+ * block per head plus the decode; with decode_mode=evict a fork may come to copy every shared
+ * block (eviction rewrites them), so it is n's own bound. With UC_SEQ_FORK set in n,
+ * uc_engine_kv_blocks_needed gives the same for the existing source, exactly. */
+int64_t uc_engine_kv_fork_blocks_needed(const struct uc_engine *e, const struct uc_step_new *n);
 
 /* ---- sequence state (valid between steps) ----------------------------------------------- */
 
@@ -165,6 +177,16 @@ const float *uc_engine_seq_logits(const struct uc_engine *e, int64_t seq_id, int
 /* After a decode step run with UC_DECODE_GREEDY on every row: the argmax token (true), in place
  * of logits (uc_engine_seq_logits then returns NULL). */
 bool uc_engine_seq_greedy(const struct uc_engine *e, int64_t seq_id, int32_t *token);
+/* Where a prefilling sequence is: its current layer and the rows of that layer done (the next
+ * slice's rows attend to that many keys before them). False, with both 0, when it is not
+ * prefilling. Engine thread only, between steps. */
+bool uc_engine_seq_prefill_pos(const struct uc_engine *e, int64_t seq_id, int64_t *layer,
+                               int64_t *row);
+/* Rows of background prefill (calibration windows) to give the sequence in its next step:
+ * `rows`, or fewer deep into a long prompt's layer, so that the slice's attention work (its rows
+ * x the keys before them) stays within that of `rows` rows at 1024 tokens of context; at least
+ * 1. A sequence not created yet counts as at its start. Engine thread only, between steps. */
+int64_t uc_engine_background_rows(const struct uc_engine *e, int64_t seq_id, int64_t rows);
 /* Tokens in context (prompt plus decoded). */
 int64_t uc_engine_seq_len(const struct uc_engine *e, int64_t seq_id);
 
@@ -214,6 +236,20 @@ const double *uc_engine_seq_query_spectrum(const struct uc_engine *e, int64_t se
                                            int64_t layer, int64_t head);
 const double *uc_engine_seq_hidden_spectrum(const struct uc_engine *e, int64_t seq_id,
                                             int64_t layer);
+/* Rank 0, after a sequence's logits came out NaN or Inf: the first layer whose cached K or V of
+ * the sequence holds a NaN or Inf, over every rank's heads (one step of its own that every rank
+ * runs, agreeing by an all-reduce; normal steps pay nothing). *layer = n_layers when every
+ * cached value is finite, -1 on failure. Layer l's cache is computed from layer l's input, so
+ * the activations went non-finite inside layer *layer - 1 (uc_engine_nonfinite_origin says so
+ * in words). With compression the cache holds the kept tokens only, so this bounds the layer
+ * from above. Engine thread only, between steps. */
+uc_status uc_engine_diagnose_nonfinite(struct uc_engine *e, int64_t seq_id, int64_t *layer);
+/* Writes where non-finite activations arose, from uc_engine_diagnose_nonfinite's layer:
+ * "layer 3: its K/V cache is finite, layer 4's is not (so layer 3's attention or MLP, or layer
+ * 4's K/V projection)", "the embedding: ...", or "layer 7 or the LM head: ...". Returns what
+ * snprintf returns. */
+int uc_engine_nonfinite_origin(const struct uc_engine *e, int64_t first_bad_kv_layer, char *buf,
+                               size_t buf_size);
 /* Number of live sequences. */
 int64_t uc_engine_n_seqs(const struct uc_engine *e);
 

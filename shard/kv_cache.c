@@ -1,5 +1,6 @@
-/* Block pool and per-head block tables. Allocation is a free-list pop; nothing here touches
- * K/V data except uc_kv_head_remove, which moves slots through the backend. */
+/* Block pool and per-head block tables. Allocation is a free-list pop and blocks are reference
+ * counted (forks share them); nothing here touches K/V data except uc_kv_head_remove and
+ * uc_kv_head_unshare, which move and copy slots through the backend. */
 #include "kv_cache.h"
 
 #include <string.h>
@@ -21,12 +22,16 @@ uc_status uc_kv_cache_init(struct uc_kv_cache *kv, struct uc_backend *be, int64_
     kv->head_dim = head_dim;
     kv->bytes_per_block = (size_t)(2 * block_tokens * head_dim) * be->ops->act_size(be);
     kv->free_list = uc_malloc((size_t)n_blocks * sizeof *kv->free_list);
-    if (!kv->free_list) {
+    kv->refs = uc_calloc((size_t)n_blocks, sizeof *kv->refs);
+    if (!kv->free_list || !kv->refs) {
+        UC_FREE(kv->free_list);
+        UC_FREE(kv->refs);
         return UC_ERRF(UC_ERR_NOMEM, "kv free list blocks=%lld", (long long)n_blocks);
     }
     uc_status rc = be->ops->kv_pool_create(be, &kv->pool, n_blocks, block_tokens, head_dim);
     if (rc != UC_OK) {
         UC_FREE(kv->free_list);
+        UC_FREE(kv->refs);
         return rc;
     }
     for (int64_t i = 0; i < n_blocks; i++) { /* pop order: block 0 first */
@@ -42,7 +47,54 @@ void uc_kv_cache_fini(struct uc_kv_cache *kv)
         kv->be->ops->kv_pool_destroy(kv->be, &kv->pool);
     }
     uc_free(kv->free_list);
+    uc_free(kv->refs);
     memset(kv, 0, sizeof *kv);
+}
+
+/* A free block, now held once (the caller checked n_free). */
+static int32_t block_take(struct uc_kv_cache *kv)
+{
+    int32_t b = kv->free_list[--kv->n_free];
+    kv->refs[b] = 1;
+    return b;
+}
+
+/* One more holder of block b. */
+static void block_hold(struct uc_kv_cache *kv, int32_t b)
+{
+    if (kv->refs[b]++ == 1) {
+        kv->n_shared++;
+    }
+}
+
+/* One holder less; the last returns it to the pool. */
+static void block_release(struct uc_kv_cache *kv, int32_t b)
+{
+    UC_ASSERT(kv->refs[b] > 0);
+    if (--kv->refs[b] == 0) {
+        kv->free_list[kv->n_free++] = b;
+    } else if (kv->refs[b] == 1) {
+        kv->n_shared--;
+    }
+}
+
+/* Room in h's table for n blocks. */
+static uc_status table_reserve(struct uc_kv_head *h, int64_t n)
+{
+    if (n <= h->cap_blocks) {
+        return UC_OK;
+    }
+    int64_t cap = h->cap_blocks ? h->cap_blocks : 4;
+    while (cap < n) {
+        cap *= 2;
+    }
+    int32_t *b = uc_realloc(h->blocks, (size_t)cap * sizeof *b);
+    if (!b) {
+        return UC_ERRF(UC_ERR_NOMEM, "kv block table blocks=%lld", (long long)cap);
+    }
+    h->blocks = b;
+    h->cap_blocks = (int32_t)cap;
+    return UC_OK;
 }
 
 int64_t uc_kv_blocks_for(const struct uc_kv_cache *kv, int64_t n_tokens)
@@ -70,7 +122,7 @@ void uc_kv_seq_fini(struct uc_kv_cache *kv, struct uc_kv_seq *s)
     for (int64_t i = 0; i < s->n_layers * s->n_heads_kv; i++) {
         struct uc_kv_head *h = &s->heads[i];
         for (int32_t b = 0; b < h->n_blocks; b++) {
-            kv->free_list[kv->n_free++] = h->blocks[b];
+            block_release(kv, h->blocks[b]);
         }
         uc_free(h->blocks);
     }
@@ -87,20 +139,12 @@ uc_status uc_kv_head_reserve(struct uc_kv_cache *kv, struct uc_kv_head *h, int64
     if (need - h->n_blocks > kv->n_free) {
         return UC_ERR_KV_FULL; /* retryable; the caller decides what to log */
     }
-    if (need > h->cap_blocks) {
-        int64_t cap = h->cap_blocks ? h->cap_blocks : 4;
-        while (cap < need) {
-            cap *= 2;
-        }
-        int32_t *b = uc_realloc(h->blocks, (size_t)cap * sizeof *b);
-        if (!b) {
-            return UC_ERRF(UC_ERR_NOMEM, "kv block table blocks=%lld", (long long)cap);
-        }
-        h->blocks = b;
-        h->cap_blocks = (int32_t)cap;
+    uc_status rc = table_reserve(h, need);
+    if (rc != UC_OK) {
+        return rc;
     }
     while (h->n_blocks < need) {
-        h->blocks[h->n_blocks++] = kv->free_list[--kv->n_free];
+        h->blocks[h->n_blocks++] = block_take(kv);
     }
     return UC_OK;
 }
@@ -109,8 +153,78 @@ void uc_kv_head_trim(struct uc_kv_cache *kv, struct uc_kv_head *h)
 {
     int64_t need = uc_kv_blocks_for(kv, h->n_tokens);
     while (h->n_blocks > need) {
-        kv->free_list[kv->n_free++] = h->blocks[--h->n_blocks];
+        block_release(kv, h->blocks[--h->n_blocks]);
     }
+}
+
+uc_status uc_kv_head_fork(struct uc_kv_cache *kv, struct uc_kv_head *dst,
+                          const struct uc_kv_head *src, int32_t *copy_dst, int32_t *copy_src,
+                          int64_t *n_copy)
+{
+    int64_t full = src->n_tokens / kv->block_tokens;
+    bool part = src->n_tokens % kv->block_tokens != 0;
+    if (dst->n_blocks != 0) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "kv fork into a head holding %d blocks",
+                       dst->n_blocks);
+    }
+    if (part && kv->n_free < 1) {
+        return UC_ERR_KV_FULL; /* retryable; the caller decides what to log */
+    }
+    uc_status rc = table_reserve(dst, full + part);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    for (int64_t b = 0; b < full; b++) {
+        block_hold(kv, src->blocks[b]);
+        dst->blocks[b] = src->blocks[b];
+    }
+    if (part) {
+        dst->blocks[full] = block_take(kv);
+        copy_dst[*n_copy] = dst->blocks[full];
+        copy_src[*n_copy] = src->blocks[full];
+        (*n_copy)++;
+    }
+    dst->n_blocks = (int32_t)(full + part);
+    dst->n_tokens = src->n_tokens;
+    return UC_OK;
+}
+
+uc_status uc_kv_head_unshare(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t first_block)
+{
+    enum { BATCH = 64 }; /* copies per backend call: a few per step at most in practice */
+    int32_t cd[BATCH], cs[BATCH];
+    int64_t need = 0;
+    for (int64_t b = first_block < 0 ? 0 : first_block; b < h->n_blocks; b++) {
+        need += uc_kv_block_shared(kv, h->blocks[b]);
+    }
+    if (need == 0) {
+        return UC_OK;
+    }
+    if (need > kv->n_free) {
+        return UC_ERR_KV_FULL;
+    }
+    int64_t k = 0;
+    for (int64_t b = first_block < 0 ? 0 : first_block; b < h->n_blocks; b++) {
+        int32_t old = h->blocks[b];
+        if (!uc_kv_block_shared(kv, old)) {
+            continue;
+        }
+        h->blocks[b] = block_take(kv);
+        block_release(kv, old); /* still held by the others: never freed here */
+        cd[k] = h->blocks[b];
+        cs[k++] = old;
+        if (k == BATCH) {
+            uc_status rc = kv->be->ops->kv_copy_blocks(kv->be, &kv->pool, cd, cs, k);
+            if (rc != UC_OK) {
+                return rc;
+            }
+            k = 0;
+        }
+    }
+    if (k > 0) {
+        return kv->be->ops->kv_copy_blocks(kv->be, &kv->pool, cd, cs, k);
+    }
+    return UC_OK;
 }
 
 uc_status uc_kv_head_remove(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t i)
@@ -119,6 +233,10 @@ uc_status uc_kv_head_remove(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_
     if (i < 0 || i >= h->n_tokens) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "kv remove index %lld outside %d tokens", (long long)i,
                        h->n_tokens);
+    }
+    uc_status urc = uc_kv_head_unshare(kv, h, i / kv->block_tokens);
+    if (urc != UC_OK) {
+        return urc;
     }
     for (int64_t t = i; t + 1 < h->n_tokens; t++) {
         uc_status rc = be->ops->kv_move(be, &kv->pool, uc_kv_head_slot(kv, h, t),
@@ -151,3 +269,5 @@ int64_t uc_kv_seq_blocks(const struct uc_kv_seq *s)
 }
 
 int64_t uc_kv_used_blocks(const struct uc_kv_cache *kv) { return kv->n_blocks - kv->n_free; }
+
+int64_t uc_kv_shared_blocks(const struct uc_kv_cache *kv) { return kv->n_shared; }

@@ -2,10 +2,17 @@
  * KV head, and a block table per (sequence, layer, local KV head), so each head holds its own
  * number of tokens and the blocks compression never fills stay free for other sequences.
  * Tokens of a head are kept in position order: logical index i lives in slot
- * blocks[i / block_tokens] * block_tokens + i % block_tokens. */
+ * blocks[i / block_tokens] * block_tokens + i % block_tokens.
+ *
+ * Blocks are reference counted, so a forked sequence shares its source's full blocks (n > 1
+ * completions of one prompt hold one copy of it). A shared block is never written: writes go
+ * to a head's last, partly filled block, which a fork copies (uc_kv_head_fork), and anything
+ * that rewrites older slots (uc_kv_head_remove) first gives the head its own copies
+ * (uc_kv_head_unshare). A block returns to the pool when its last holder releases it. */
 #ifndef UC_SHARD_KV_CACHE_H
 #define UC_SHARD_KV_CACHE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "backend.h"
@@ -23,6 +30,8 @@ struct uc_kv_cache {
     int64_t head_dim;
     int32_t *free_list; /* stack of free block ids */
     int64_t n_free;
+    int32_t *refs;      /* (n_blocks) holders of each block; 0 = free */
+    int64_t n_shared;   /* blocks with more than one holder */
     size_t bytes_per_block; /* K and V */
 };
 
@@ -47,7 +56,8 @@ void uc_kv_cache_fini(struct uc_kv_cache *kv);
 int64_t uc_kv_blocks_for(const struct uc_kv_cache *kv, int64_t n_tokens);
 
 uc_status uc_kv_seq_init(struct uc_kv_seq *s, int64_t n_layers, int64_t n_heads_kv);
-/* Returns every block of the sequence to the pool and frees its tables. */
+/* Releases every block of the sequence (each returns to the pool when no other sequence holds
+ * it) and frees its tables. */
 void uc_kv_seq_fini(struct uc_kv_cache *kv, struct uc_kv_seq *s);
 static inline struct uc_kv_head *uc_kv_seq_head(struct uc_kv_seq *s, int64_t layer, int64_t head)
 {
@@ -62,14 +72,37 @@ static inline int32_t uc_kv_head_slot(const struct uc_kv_cache *kv, const struct
 {
     return (int32_t)(h->blocks[i / kv->block_tokens] * kv->block_tokens + i % kv->block_tokens);
 }
-/* Removes logical token i, shifting the later tokens down (evict mode). */
+/* Removes logical token i, shifting the later tokens down (evict mode). Shared blocks from the
+ * one holding i on are copied first (uc_kv_head_unshare), so other holders keep their tokens;
+ * UC_ERR_KV_FULL when the pool cannot hold those copies (nothing is removed then). */
 uc_status uc_kv_head_remove(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t i);
-/* Frees blocks beyond what n_tokens needs. */
+/* Releases blocks beyond what n_tokens needs. */
 void uc_kv_head_trim(struct uc_kv_cache *kv, struct uc_kv_head *h);
-/* Tokens and blocks held by a sequence on this rank. */
+/* dst (an empty head of another sequence) becomes a copy of src: it shares src's full blocks
+ * and gets a new block for src's partly filled last one, if any. The block contents are not
+ * copied here: the pairs to copy (new block, src block) are appended to copy_dst/copy_src at
+ * *n_copy (room for one more pair is needed), for one kv_copy_blocks call over all heads.
+ * UC_ERR_KV_FULL when the pool has no block for the copy, UC_ERR_NOMEM for the table; dst is
+ * unchanged on failure. */
+uc_status uc_kv_head_fork(struct uc_kv_cache *kv, struct uc_kv_head *dst,
+                          const struct uc_kv_head *src, int32_t *copy_dst, int32_t *copy_src,
+                          int64_t *n_copy);
+/* Gives h its own copy (through the backend) of every shared block from block index
+ * first_block on, so its slots there can be rewritten. UC_ERR_KV_FULL when the pool cannot
+ * hold the copies (nothing changes then). Never allocates host memory. */
+uc_status uc_kv_head_unshare(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t first_block);
+/* Whether block b of the pool is held by more than one head. */
+static inline bool uc_kv_block_shared(const struct uc_kv_cache *kv, int32_t b)
+{
+    return kv->refs[b] > 1;
+}
+/* Tokens and blocks held by a sequence on this rank (a shared block counts for each holder). */
 int64_t uc_kv_seq_tokens(const struct uc_kv_seq *s);
 int64_t uc_kv_seq_blocks(const struct uc_kv_seq *s);
+/* Blocks of the pool in use (a shared block counts once). */
 int64_t uc_kv_used_blocks(const struct uc_kv_cache *kv);
+/* Blocks of the pool held by more than one head. */
+int64_t uc_kv_shared_blocks(const struct uc_kv_cache *kv);
 
 #ifdef __cplusplus
 }

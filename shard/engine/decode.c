@@ -130,6 +130,8 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
             for (int64_t j = 0; j < hkv; j++) {
                 struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
                 int64_t x = b * hkv + j;
+                /* appends go to a block of the head's own (a fork copies the last one) */
+                UC_ASSERT(!uc_kv_block_shared(&e->kv, h->blocks[h->n_tokens / e->kv.block_tokens]));
                 slot[x] = uc_kv_head_slot(&e->kv, h, h->n_tokens);
                 h->n_tokens++;
                 ntok[x] = h->n_tokens;

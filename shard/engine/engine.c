@@ -274,7 +274,7 @@ void uc_engine_destroy(struct uc_engine *e)
     }
     void *host[] = {e->d_tok, e->sc_row, e->sc_head, e->sc_slot, e->dm_host,
                     e->dm_maxn, e->psum, e->wprob, e->colscore, e->rowscore, e->keep,
-                    e->sel_scratch, e->spec, e->spec_local, e->hid_host, e->cal_head,
+                    e->sel_scratch, e->spec, e->spec_local, e->cal_head,
                     e->cal_hidden, e->model_dir, e->profile_path, e->batch, e->sw_seq, e->sw_left, e->dec_logits,
                     e->dec_argmax, e->qs_seq, e->qs_host};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
@@ -296,6 +296,10 @@ const char *uc_engine_nonfinite_weights(const struct uc_engine *e)
 }
 int64_t uc_engine_kv_blocks_total(const struct uc_engine *e) { return e->kv.n_blocks; }
 int64_t uc_engine_kv_blocks_used(const struct uc_engine *e) { return uc_kv_used_blocks(&e->kv); }
+int64_t uc_engine_kv_blocks_shared(const struct uc_engine *e)
+{
+    return uc_kv_shared_blocks(&e->kv);
+}
 int64_t uc_engine_kv_block_tokens(const struct uc_engine *e) { return e->kv.block_tokens; }
 size_t uc_engine_kv_bytes_per_token(const struct uc_engine *e)
 {
@@ -315,6 +319,29 @@ enum uc_seq_phase uc_engine_seq_phase(const struct uc_engine *e, int64_t seq_id)
 {
     const struct seq *s = eng_find_seq(e, seq_id);
     return s ? s->phase : UC_SEQ_UNKNOWN;
+}
+
+bool uc_engine_seq_prefill_pos(const struct uc_engine *e, int64_t seq_id, int64_t *layer,
+                               int64_t *row)
+{
+    const struct seq *s = eng_find_seq(e, seq_id);
+    bool on = s && s->phase == UC_SEQ_PREFILLING;
+    *layer = on ? s->layer : 0;
+    *row = on ? s->t_done : 0;
+    return on;
+}
+
+#define BACKGROUND_SPAN_REF 1024
+
+int64_t uc_engine_background_rows(const struct uc_engine *e, int64_t seq_id, int64_t rows)
+{
+    int64_t layer, t0;
+    uc_engine_seq_prefill_pos(e, seq_id, &layer, &t0);
+    double work = (double)rows * BACKGROUND_SPAN_REF;
+    /* the largest r with r (t0 + r) <= work */
+    int64_t r = (int64_t)((sqrt((double)t0 * (double)t0 + 4.0 * work) - (double)t0) / 2.0);
+    r = r < rows ? r : rows;
+    return r > 1 ? r : 1;
 }
 
 const float *uc_engine_seq_logits(const struct uc_engine *e, int64_t seq_id, int64_t *n_rows)

@@ -7,7 +7,8 @@
  *   prefill.c  a prompt's layer start and layer end (entropy, plan, kept tokens, stages), logits
  *   decode.c   the decode rows' index arrays, paged attention, eviction, decode-only graphs
  *   sweep.c    one step as one sweep over the layers: decode and prefill rows share products
- *   step.c     validation and the step loop on every rank */
+ *   step.c     validation and the step loop on every rank
+ *   diag.c     after non-finite logits: the first layer with non-finite cached K/V */
 #ifndef UC_SHARD_ENGINE_INTERNAL_H
 #define UC_SHARD_ENGINE_INTERNAL_H
 
@@ -15,6 +16,7 @@
 #include <stdint.h>
 
 #include "base/util.h"
+#include "compress/entropy.h"
 #include "compress/policy.h"
 #include "engine.h"
 #include "kv_cache.h"
@@ -67,6 +69,15 @@ struct seq {
     int32_t **rows_at; /* (L) original positions of the rows present */
     double *qspec;     /* (L, H, D) */
     double *hspec;     /* (L, C) */
+    /* rank 0, with spectra or calibration: the current layer's input rows, copied at its first
+     * slice, and their spectrum accumulated slice by slice (prefill.c) */
+    float *hid_rows;   /* (n_rows, C) host */
+    int64_t hid_cap;   /* floats */
+    struct uc_entropy_acc hacc;
+    /* a calibration window ends each layer in parts, one per step (prefill.c) */
+    int32_t end_part;     /* parts done of the current layer's end */
+    bool hid_done;        /* this layer's hidden spectrum is in */
+    double *qspec_local;  /* (H_local, D) this layer's query spectra, computed in parts */
     struct ring *rings; /* (L, Hkv_local), evict mode */
 };
 
@@ -149,9 +160,8 @@ struct uc_engine {
     bool qs_fetched;  /* qspec_end has written qs_host */
     double *qs_host;  /* (qs_count, H_local, D) */
     int64_t qs_host_cap;
-    float *hid_host;  /* (n, C) */
-    size_t hid_cap;
     struct uc_buf wire;
+    int64_t diag_layer; /* the last DIAGNOSE step's answer */
 };
 
 static inline size_t act_size(const struct uc_engine *e) { return e->be->ops->act_size(e->be); }
@@ -200,15 +210,32 @@ int32_t eng_max_group_budget(const struct uc_compress_params *cp);
 
 /* prefill.c */
 bool eng_needs_window(enum uc_policy p);
-/* At a layer's first slice: rows record and hidden-state spectrum (when asked). */
+/* At a layer's first slice: rows record, and the layer's input rows for the hidden-state
+ * spectrum (when asked). */
 uc_status eng_layer_start(struct uc_engine *e, struct seq *s);
+/* A slice of rows [t0, t0 + n) of the layer, before it runs: its share of the hidden-state
+ * spectrum (when asked), so no step computes a whole window's covariance. */
+uc_status eng_layer_rows(struct uc_engine *e, struct seq *s, int64_t t0, int64_t n);
 /* After a layer's last slice: entropy, plan, kept tokens into the cache, stage pruning. */
 uc_status eng_layer_end(struct uc_engine *e, struct seq *s);
+/* Whether s ends its layers in parts, one per step (eng_layer_end_part), rather than in the
+ * step of the layer's last slice: calibration windows, background work whose steps must stay
+ * short. */
+bool eng_layer_end_in_parts(const struct seq *s);
+/* One part of the layer end of s (all its rows of the layer done): the query spectra of a group
+ * of heads, then the hidden-state spectrum, then the rest (eng_layer_end). *finished once the
+ * layer end is complete. */
+uc_status eng_layer_end_part(struct uc_engine *e, struct seq *s, bool *finished);
 /* After the last layer: logits, kept-set records, prefill buffers freed; now decoding. */
 uc_status eng_prefill_finish(struct uc_engine *e, struct seq *s);
 
 /* sweep.c */
 uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st);
+
+/* diag.c */
+/* The DIAGNOSE step on every rank: e->diag_layer = the first layer with non-finite K/V of the
+ * sequence over every rank's heads. */
+uc_status eng_diagnose(struct uc_engine *e, const struct uc_step *st);
 
 /* decode.c */
 void eng_graph_drop(struct uc_engine *e, struct decode_graph *g);

@@ -1,6 +1,8 @@
-/* A prompt's prefill, layer-major: at each layer start the hidden-state spectrum (when asked);
- * at each layer end the compression of UNCOMP.md (entropy, plan, kept tokens into the paged
- * cache, stage pruning of the rows); after the last layer the logits. */
+/* A prompt's prefill, layer-major: the hidden-state spectrum (when asked) copied at each layer
+ * start, accumulated slice by slice and solved at the layer end; at each layer end the
+ * compression of UNCOMP.md (entropy, plan, kept tokens into the paged cache, stage pruning of
+ * the rows), in parts over several steps for calibration windows; after the last layer the
+ * logits. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,7 +54,7 @@ static bool wants_spectra(const struct seq *s)
 
 bool eng_spectra_early(const struct seq *s)
 {
-    return wants_spectra(s) && !(s->flags & UC_SEQ_CALIBRATE); /* calibration ends in parts */
+    return wants_spectra(s) && !eng_layer_end_in_parts(s); /* those have theirs in parts */
 }
 
 /* Drops a batch no layer end took (an error on the way), waiting for it. */
@@ -98,16 +100,20 @@ out:
 }
 
 /* Spectra of this rank's query heads at the layer end (eigenvalues computed where the queries
- * are: begun early in the sweep pass when they could be), gathered so every rank holds all H. */
+ * are: begun early in the sweep pass when they could be; already there when the layer end came
+ * in parts), gathered so every rank holds all H. */
 static uc_status query_spectra(struct uc_engine *e, struct seq *s)
 {
     int64_t d = e->cfg->head_dim, hl = e->sh->n_heads;
+    const double *local = s->end_part > 0 ? s->qspec_local : e->spec_local;
     uc_status rc = UC_OK;
     int64_t i = 0;
     while (i < e->qs_count && e->qs_seq[i] != s->id) {
         i++;
     }
-    if (i < e->qs_count) {
+    if (s->end_part > 0) {
+        /* computed a few heads at a time by the earlier parts */
+    } else if (i < e->qs_count) {
         if (!e->qs_fetched) {
             UC_CHECK(e->be->ops->qspec_end(e->be, e->qs_host), rc, out);
             e->qs_fetched = true;
@@ -118,39 +124,24 @@ static uc_status query_spectra(struct uc_engine *e, struct seq *s)
                                    d),
                  rc, out);
     }
-    UC_CHECK(uc_comm_allgather(e->comm, e->spec_local, e->spec, (size_t)(hl * d) * sizeof(double)),
-             rc, out);
+    UC_CHECK(uc_comm_allgather(e->comm, local, e->spec, (size_t)(hl * d) * sizeof(double)), rc,
+             out);
 out:
     return rc;
 }
 
-/* Spectrum of the layer's input hidden states: rank 0 computes, everyone receives. */
-static uc_status hidden_spectrum(struct uc_engine *e, struct seq *s, double *out_eig)
+/* The spectrum of the layer's input hidden states is rank 0's work, spread over the layer's
+ * slices: the rows are copied and their mean taken at the first slice, each slice adds its rows'
+ * share of the covariance before it runs (at most a slice's rows x C^2 per step, beside the
+ * slice's own prefill), and the layer end solves and broadcasts it. */
+static bool wants_hidden_spectrum(const struct seq *s)
 {
-    int64_t c = e->cfg->hidden, n = s->n_rows;
-    uc_status rc = UC_OK;
-    if (uc_comm_rank(e->comm) == 0) {
-        size_t need = (size_t)(n * c);
-        if (need > e->hid_cap) {
-            float *h = uc_realloc(e->hid_host, need * sizeof(float));
-            if (!h) {
-                return UC_ERRF(UC_ERR_NOMEM, "hidden states rows=%lld", (long long)n);
-            }
-            e->hid_host = h;
-            e->hid_cap = need;
-        }
-        rc = e->be->ops->download_f32(e->be, e->hid_host, s->x, n * c);
-        if (rc == UC_OK) {
-            rc = uc_entropy_eigvals_of_rows(out_eig, e->hid_host, n, c, c);
-        }
-    }
-    uc_status brc = uc_comm_bcast(e->comm, out_eig, (size_t)c * sizeof(double), 0);
-    return rc != UC_OK ? rc : brc;
+    return (s->flags & (UC_SEQ_SPECTRA | UC_SEQ_CALIBRATE)) != 0;
 }
 
 uc_status eng_layer_start(struct uc_engine *e, struct seq *s)
 {
-    int64_t l = s->layer;
+    int64_t l = s->layer, c = e->cfg->hidden, n = s->n_rows;
     s->layer_rows[l] = s->n_rows;
     if (s->rows_at) {
         s->rows_at[l] = uc_malloc((size_t)s->n_rows * sizeof(int32_t));
@@ -159,10 +150,37 @@ uc_status eng_layer_start(struct uc_engine *e, struct seq *s)
         }
         memcpy(s->rows_at[l], s->pos, (size_t)s->n_rows * sizeof(int32_t));
     }
-    if (!(s->flags & (UC_SEQ_SPECTRA | UC_SEQ_CALIBRATE))) {
+    if (!wants_hidden_spectrum(s) || uc_comm_rank(e->comm) != 0) {
         return UC_OK;
     }
-    int64_t c = e->cfg->hidden;
+    if (n * c > s->hid_cap) {
+        float *h = uc_realloc(s->hid_rows, (size_t)(n * c) * sizeof(float));
+        if (!h) {
+            return UC_ERRF(UC_ERR_NOMEM, "hidden states rows=%lld", (long long)n);
+        }
+        s->hid_rows = h;
+        s->hid_cap = n * c;
+    }
+    uc_status rc = e->be->ops->download_f32(e->be, s->hid_rows, s->x, n * c);
+    if (rc == UC_OK) {
+        rc = uc_entropy_acc_begin(&s->hacc, s->hid_rows, n, c, c);
+    }
+    return rc;
+}
+
+uc_status eng_layer_rows(struct uc_engine *e, struct seq *s, int64_t t0, int64_t n)
+{
+    if (!wants_hidden_spectrum(s) || uc_comm_rank(e->comm) != 0) {
+        return UC_OK;
+    }
+    return uc_entropy_acc_add(&s->hacc, s->hid_rows, e->cfg->hidden, t0, n);
+}
+
+/* At the layer end: rank 0 solves the accumulated spectrum and broadcasts it; every rank adds
+ * it to the calibration sums and the sequence's record. */
+static uc_status hidden_spectrum(struct uc_engine *e, struct seq *s)
+{
+    int64_t l = s->layer, c = e->cfg->hidden;
     double *eig = s->hspec ? s->hspec + l * c : NULL;
     double *tmp = NULL;
     if (!eig) {
@@ -172,11 +190,61 @@ uc_status eng_layer_start(struct uc_engine *e, struct seq *s)
         }
         eig = tmp;
     }
-    uc_status rc = hidden_spectrum(e, s, eig);
+    uc_status rc = uc_comm_rank(e->comm) == 0 ? uc_entropy_acc_eigvals(&s->hacc, eig) : UC_OK;
+    uc_status brc = uc_comm_bcast(e->comm, eig, (size_t)c * sizeof(double), 0);
+    rc = rc != UC_OK ? rc : brc;
     if (rc == UC_OK && (s->flags & UC_SEQ_CALIBRATE)) {
         e->cal_hidden[l] += uc_entropy_truncated(eig, c, uc_entropy_default_k(c));
     }
     uc_free(tmp);
+    return rc;
+}
+
+/* ---- prefill: a calibration window's layer end, in parts -------------------------------- */
+
+/* A calibration window is background work that shares steps with requests, so no step of it
+ * may hold a request up for long: its rows come in thin slices (uc_engine_background_rows)
+ * and the work at the end of each of its layers is spread over steps too, one part per step:
+ * the query spectra of CALIB_END_ROWS x H_local / n_rows heads at a time (at least one head),
+ * then the hidden-state eigensolve, then the rest of eng_layer_end. The layer's Q/K/V stay in
+ * the prefill buffer until then. */
+#define CALIB_END_ROWS 1024
+
+bool eng_layer_end_in_parts(const struct seq *s)
+{
+    return (s->flags & UC_SEQ_CALIBRATE) != 0;
+}
+
+uc_status eng_layer_end_part(struct uc_engine *e, struct seq *s, bool *finished)
+{
+    int64_t hl = e->sh->n_heads, d = e->cfg->head_dim;
+    int64_t per = CALIB_END_ROWS * hl / s->n_rows;
+    per = per > 1 ? per : 1;
+    int64_t groups = (hl + per - 1) / per;
+    uc_status rc = UC_OK;
+    *finished = false;
+    if (s->end_part < groups) {
+        if (!s->qspec_local) {
+            s->qspec_local = uc_malloc((size_t)(hl * d) * sizeof(double));
+            if (!s->qspec_local) {
+                return UC_ERRF(UC_ERR_NOMEM, "query spectra");
+            }
+        }
+        int64_t h0 = s->end_part * per, nh = hl - h0 < per ? hl - h0 : per;
+        const void *q = (const char *)s->qkv + (size_t)(h0 * d) * act_size(e);
+        rc = e->be->ops->qspec(e->be, s->qspec_local + h0 * d, q, e->sh->qkv_dim, s->n_rows, nh,
+                               d);
+    } else if (s->end_part == groups && wants_hidden_spectrum(s)) {
+        rc = hidden_spectrum(e, s);
+        s->hid_done = true;
+    } else {
+        rc = eng_layer_end(e, s);
+        s->end_part = 0;
+        s->hid_done = false;
+        *finished = true;
+        return rc;
+    }
+    s->end_part++;
     return rc;
 }
 
@@ -365,6 +433,9 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
     int64_t d = e->cfg->head_dim;
     uc_status rc;
     double kv_ent[1024];
+    if (wants_hidden_spectrum(s) && !s->hid_done) {
+        UC_CHECK(hidden_spectrum(e, s), rc, out);
+    }
     UC_CHECK(eng_layer_scratch(e, n, s->cp.window), rc, out);
     UC_CHECK(plan_layer(e, s, kv_ent), rc, out);
     int32_t stage_c = 0;

@@ -49,6 +49,10 @@ void eng_free_prefill_buffers(struct uc_engine *e, struct seq *s)
         e->be->ops->free(e->be, s->qkv);
         s->qkv = NULL;
     }
+    UC_FREE(s->hid_rows);
+    s->hid_cap = 0;
+    uc_entropy_acc_fini(&s->hacc);
+    UC_FREE(s->qspec_local);
 }
 
 void eng_seq_destroy(struct uc_engine *e, struct seq *s)
@@ -190,6 +194,16 @@ int64_t uc_engine_prefill_bytes(const struct uc_engine *e, int64_t n_prompt)
     return n_prompt * per_row * (int64_t)act_size(e);
 }
 
+/* Blocks a fork of a head of at most n tokens holds beside the ones it shares (appending): its
+ * copy of the partly filled last block plus gen decoded tokens, at the worst fill of that block
+ * (n mod block_tokens is not known before the prefill). */
+static int64_t fork_private_blocks(const struct uc_engine *e, int64_t n, int64_t gen)
+{
+    int64_t r = e->kv.block_tokens - 1;
+    r = n < r ? n : r;
+    return uc_kv_blocks_for(&e->kv, r + gen);
+}
+
 /* A KV head's budget under the plan: known from the profile for grouping=profile, the largest
  * group budget otherwise (not capped by the prompt). */
 static int64_t head_budget_bound(const struct uc_engine *e, const struct uc_step_new *n,
@@ -216,16 +230,10 @@ static int64_t head_budget_bound(const struct uc_engine *e, const struct uc_step
     return b;
 }
 
-int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_step_new *n)
+/* The blocks a new sequence n holds at most, over every rank; with `fork`, the blocks a fork of
+ * it holds beside the ones it shares with n. */
+static int64_t blocks_needed(const struct uc_engine *e, const struct uc_step_new *n, bool fork)
 {
-    if (n->flags & UC_SEQ_FORK) {
-        const struct seq *src = eng_find_seq(e, n->fork_of);
-        int64_t total = 0;
-        for (int64_t i = 0; src && i < e->cfg->n_layers * e->sh->n_heads_kv; i++) {
-            total += uc_kv_blocks_for(&e->kv, src->kv.heads[i].n_tokens + n->max_new_tokens);
-        }
-        return total;
-    }
     /* the most any rank needs: ranks hold different heads, and with them different budgets */
     int64_t worst = 0, gen = n->max_new_tokens;
     int64_t hkv = e->cfg->n_heads_kv, hkv_l = e->sh->n_heads_kv;
@@ -240,12 +248,37 @@ int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_st
                  * to its budget (plus the token being placed) and stays there */
                 int64_t tokens = evict ? (b + 1 < np + gen ? b + 1 : np + gen)
                                        : (b < np ? b : np) + gen;
-                total += uc_kv_blocks_for(&e->kv, tokens);
+                /* a fork copies the whole head at worst with eviction (uc_kv_head_remove
+                 * unshares what it rewrites); appending, it copies the last block only */
+                total += fork && !evict ? fork_private_blocks(e, tokens - gen, gen)
+                                        : uc_kv_blocks_for(&e->kv, tokens);
             }
         }
         worst = total > worst ? total : worst;
     }
     return worst;
+}
+
+int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_step_new *n)
+{
+    if (n->flags & UC_SEQ_FORK) {
+        /* what the fork holds beside the blocks it shares with its source */
+        const struct seq *src = eng_find_seq(e, n->fork_of);
+        bool evict = src && src->rings;
+        int64_t total = 0;
+        for (int64_t i = 0; src && i < e->cfg->n_layers * e->sh->n_heads_kv; i++) {
+            int64_t nt = src->kv.heads[i].n_tokens;
+            total += uc_kv_blocks_for(&e->kv, (evict ? nt : nt % e->kv.block_tokens) +
+                                                  n->max_new_tokens);
+        }
+        return total;
+    }
+    return blocks_needed(e, n, false);
+}
+
+int64_t uc_engine_kv_fork_blocks_needed(const struct uc_engine *e, const struct uc_step_new *n)
+{
+    return blocks_needed(e, n, true);
 }
 
 /* Adds s to the engine's sequence table (which then owns it). */
@@ -343,8 +376,9 @@ out:
     return rc;
 }
 
-/* A copy of a decoding sequence: same plan, logits and cache contents (whole blocks copied on
- * the backend), its own blocks. */
+/* A copy of a decoding sequence: same plan, logits and cache contents. The cache shares the
+ * source's full blocks (copy-on-write, kv_cache.h); each head's partly filled last block is
+ * copied on the backend, so both go on appending into blocks of their own. */
 uc_status eng_seq_fork(struct uc_engine *e, const struct uc_step_new *n)
 {
     const struct seq *src = eng_find_seq(e, n->fork_of);
@@ -394,28 +428,22 @@ uc_status eng_seq_fork(struct uc_engine *e, const struct uc_step_new *n)
                                           : src->logits + (src->logits_rows - 1) * e->cfg->vocab;
         memcpy(s->logits, sl, (size_t)e->cfg->vocab * sizeof(float));
     }
-    int64_t total = uc_kv_seq_blocks(&src->kv), k = 0;
-    dst_b = uc_malloc((size_t)(total + 1) * sizeof(int32_t));
-    src_b = uc_malloc((size_t)(total + 1) * sizeof(int32_t));
+    /* full blocks are shared; each head's partly filled last block is copied */
+    int64_t k = 0;
+    dst_b = uc_malloc((size_t)(L * hkv_l + 1) * sizeof(int32_t));
+    src_b = uc_malloc((size_t)(L * hkv_l + 1) * sizeof(int32_t));
     if (!dst_b || !src_b) {
         rc = UC_ERRF(UC_ERR_NOMEM, "fork block lists");
         goto out;
     }
     for (int64_t i = 0; i < L * hkv_l; i++) {
-        const struct uc_kv_head *sh = &src->kv.heads[i];
-        struct uc_kv_head *dh = &s->kv.heads[i];
-        rc = uc_kv_head_reserve(&e->kv, dh, sh->n_tokens);
+        rc = uc_kv_head_fork(&e->kv, &s->kv.heads[i], &src->kv.heads[i], dst_b, src_b, &k);
         if (rc == UC_ERR_KV_FULL) {
             UC_FATAL("kv pool exhausted forking seq=%lld (admission must reserve blocks)",
                      (long long)n->fork_of);
         }
         if (rc != UC_OK) {
             goto out;
-        }
-        dh->n_tokens = sh->n_tokens;
-        for (int32_t b = 0; b < dh->n_blocks; b++) {
-            dst_b[k] = dh->blocks[b];
-            src_b[k++] = sh->blocks[b];
         }
     }
     UC_CHECK(e->be->ops->kv_copy_blocks(e->be, &e->kv.pool, dst_b, src_b, k), rc, out);

@@ -144,6 +144,7 @@ static uc_status run_step(struct uc_engine *e, const struct uc_step *s)
         e->cal_tokens = 0;
         return UC_OK;
     case UC_STEP_PROFILE_FINISH: return profile_finish(e, s);
+    case UC_STEP_DIAGNOSE: return eng_diagnose(e, s);
     case UC_STEP_RUN: break;
     default: return UC_ERRF(UC_ERR_FORMAT, "step: unknown op %d", (int)s->op);
     }

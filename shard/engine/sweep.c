@@ -6,7 +6,8 @@
  * (eng_layer_end), and the prompt goes on to the next layer in the same sweep while its row budget
  * lasts: a short prompt passes every layer in one step, a long one a few layers per step. The
  * query spectra those layer ends need (uncomp with prompt grouping) are begun as soon as the
- * pass has written the queries, so the eigensolves run beside its attention and MLP.
+ * pass has written the queries, so the eigensolves run beside its attention and MLP. A
+ * calibration window ends its layers in parts instead, one per step (eng_layer_end_part).
  *
  * Rows are packed in e->dx and e->dqkv (max_batch + prefill_chunk rows): the decode rows first,
  * where they stay for the whole step, then the slices of the pass. A layer whose slices exceed
@@ -94,6 +95,16 @@ static uc_status gather_slices(struct uc_engine *e, const struct uc_step *st, in
         if (s->phase != UC_SEQ_PREFILLING || s->layer != l || e->sw_left[i] <= 0) {
             continue;
         }
+        if (s->t_done == s->n_rows) { /* a layer end in parts: one part, and no more this step */
+            bool finished;
+            UC_CHECK(eng_layer_end_part(e, s, &finished), rc, out);
+            e->sw_left[i] = 0;
+            if (finished) {
+                s->layer++;
+                s->t_done = 0;
+            }
+            continue;
+        }
         int64_t t = s->n_rows - s->t_done;
         t = t < e->sw_left[i] ? t : e->sw_left[i];
         t = t < e->p.prefill_chunk - *rows ? t : e->p.prefill_chunk - *rows;
@@ -103,6 +114,7 @@ static uc_status gather_slices(struct uc_engine *e, const struct uc_step *st, in
         if (s->t_done == 0) {
             UC_CHECK(eng_layer_start(e, s), rc, out);
         }
+        UC_CHECK(eng_layer_rows(e, s, s->t_done, t), rc, out);
         sl[(*n_sl)++] = (struct slice){.s = s, .pf = i, .t0 = s->t_done, .n = t,
                                        .row = nb + *rows};
         *rows += t;
@@ -146,7 +158,7 @@ uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st)
                 struct seq *s = sl[i].s;
                 s->t_done += sl[i].n;
                 e->sw_left[sl[i].pf] -= sl[i].n;
-                if (s->t_done == s->n_rows) {
+                if (s->t_done == s->n_rows && !eng_layer_end_in_parts(s)) {
                     UC_CHECK(eng_layer_end(e, s), rc, out);
                     s->layer++;
                     s->t_done = 0;

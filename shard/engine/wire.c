@@ -56,6 +56,7 @@ uc_status eng_wire_encode(struct uc_buf *b, const struct uc_step *s, int64_t ste
     put(b, &s->profile_groups, sizeof s->profile_groups);
     put(b, &s->profile_eps, sizeof s->profile_eps);
     put(b, s->profile_source, sizeof s->profile_source);
+    put(b, &s->diag_seq, sizeof s->diag_seq);
     if (b->oom) {
         return UC_ERRF(UC_ERR_NOMEM, "step wire bytes=%zu", b->len);
     }
@@ -143,6 +144,7 @@ uc_status eng_wire_decode(struct eng_wire_step *d, const char *buf, size_t len)
     take(&r, &d->s.profile_groups, sizeof d->s.profile_groups);
     take(&r, &d->s.profile_eps, sizeof d->s.profile_eps);
     take(&r, d->s.profile_source, sizeof d->s.profile_source);
+    take(&r, &d->s.diag_seq, sizeof d->s.diag_seq);
     if (r.bad) {
         eng_wire_fini(d);
         return UC_ERRF(UC_ERR_FORMAT, "step wire: truncated");

@@ -1,5 +1,6 @@
 /* argmax: index of the first maximum of each row (greedy sampling on the device). One block per
- * row; ties go to the lower index, as in the CPU reference. */
+ * row; ties go to the lower index, as in the CPU reference, and a row holding a NaN or Inf gives
+ * -1 (the scheduler ends the request with the non-finite error, as on the CPU). */
 #include "common.cuh"
 
 template <typename T>
@@ -10,8 +11,10 @@ static __global__ void argmax_kernel(int32_t *out, const T *x, int64_t n)
     const T *row = x + (int64_t)blockIdx.x * n;
     float best = -INFINITY;
     int64_t bi = -1;
+    int bad = 0; /* this thread saw a NaN or Inf */
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
         float v = uck_to_f(row[j]);
+        bad |= !isfinite(v);
         if (bi < 0 || v > best) {
             best = v;
             bi = j;
@@ -30,7 +33,7 @@ static __global__ void argmax_kernel(int32_t *out, const T *x, int64_t n)
         sv[warp] = best;
         si[warp] = bi;
     }
-    __syncthreads();
+    bad = __syncthreads_or(bad); /* also the barrier before sv/si are read */
     if (warp == 0) {
         int nw = blockDim.x >> 5;
         best = lane < nw ? sv[lane] : -INFINITY;
@@ -44,7 +47,7 @@ static __global__ void argmax_kernel(int32_t *out, const T *x, int64_t n)
             }
         }
         if (lane == 0) {
-            out[blockIdx.x] = (int32_t)(bi < 0 ? 0 : bi);
+            out[blockIdx.x] = bad ? -1 : (int32_t)(bi < 0 ? 0 : bi);
         }
     }
 }

@@ -24,6 +24,12 @@ enum uc_cuda_dtype {
 cudaError_t uc_cuda_kv_copy_blocks(void *k, void *v, const int32_t *dst, const int32_t *src,
                                    int64_t n, int64_t block_elems, enum uc_cuda_dtype dt,
                                    cudaStream_t stream);
+/* bad (n) int32 on the device = 1 where the first n_valid[e] slots of pool block blocks[e] hold
+ * a NaN or Inf in K or V, else 0 (blocks, n_valid: device arrays). */
+cudaError_t uc_cuda_kv_nonfinite(int32_t *bad, const void *k, const void *v,
+                                 const int32_t *blocks, const int32_t *n_valid, int64_t n,
+                                 int64_t block_tokens, int64_t head_dim, enum uc_cuda_dtype dt,
+                                 cudaStream_t stream);
 /* Sums window probabilities (H, W, n) into col (Hkv, n) (over each KV head's query heads and
  * the W rows) and row (n) (over all heads, or their max with row_max; row may be NULL). */
 cudaError_t uc_cuda_window_reduce(float *col, float *row, const float *probs, int64_t n_win,

@@ -5,7 +5,8 @@
 # target, then runs the named steps, each with its rc and wall time. Fixtures come from
 # .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
 # travel. Steps: ops (with --bench), decbench and specbench (decode attention or query spectra
-# timings alone), ctest (label cuda), golden, golden-fp32,
+# timings alone), ctest (label cuda), golden, golden-fp32, kvmem (KV memory accounting and
+# copy-on-write forks on the device, tests/golden/test_kv_memory.c),
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
 # gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c),
 # e2e (both end-to-end suites against --backend cuda; e2e-grpc, e2e-ctl one each),
@@ -62,7 +63,7 @@ else
   grep -E "error|FAILED" -A3 "$bd.build.log" | head -60
   echo "=== full build FAILED; building the engine targets only"
   ninja -C "$bd" ${UC_NINJA_JOBS:+-j$UC_NINJA_JOBS} test_cuda_ops golden_model golden_compress \
-    golden_entropy bench_engine bench_gpu eval_compress > "$bd.build2.log" 2>&1 ||
+    golden_entropy golden_kv_memory bench_engine bench_gpu eval_compress > "$bd.build2.log" 2>&1 ||
     { grep -E "error|FAILED" -A3 "$bd.build2.log" | head -60; exit 1; }
 fi
 mpi="mpirun --allow-run-as-root --oversubscribe -np 2 -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH"
@@ -127,6 +128,7 @@ for step in "$@"; do
     ctest) timeout 300 ctest --test-dir "$bd" -L cuda --output-on-failure ;;
     golden) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
     golden-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
+    kvmem) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_kv_memory" "$fx" ;;
     tp2) UC_TEST_BACKEND=cuda timeout 200 $mpi -x UC_TEST_BACKEND "$bd/tests/golden/golden_model" "$fx" ;;
     tp2-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND -x UC_TEST_FP32 \
                 "$bd/tests/golden/golden_model" "$fx" ;;

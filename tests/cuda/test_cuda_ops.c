@@ -433,14 +433,20 @@ static void test_rows(void)
 
 static void test_argmax(void)
 {
-    int64_t t = 5, n = 4099;
+    int64_t t = 8, n = 4099;
     float *x = hdata(t * n, 17, 1.0f);
     for (int64_t i = 0; i < t; i++) {
         x[i * n + (i * 997 + 13) % n] = 3.0f; /* a unique maximum per row */
     }
     x[2 * n + 5] = 3.0f; /* a tie in row 2: the first index wins */
+    /* issue 17: a NaN or Inf anywhere in a row gives -1 on both backends (rows 5-7: a NaN
+     * first in its thread's stride, which used to stick as the maximum; a NaN late in the row;
+     * a +Inf; row 4 stays finite beside them) */
+    x[5 * n + 0] = NAN;
+    x[6 * n + n - 2] = NAN;
+    x[7 * n + 100] = INFINITY;
     void *xg = put(gpu, x, t * n), *xc = put(cpu, x, t * n);
-    int32_t a[5], b[5];
+    int32_t a[8], b[8];
     if (gpu->ops->argmax(gpu, a, xg, t, n) != UC_OK ||
         cpu->ops->argmax(cpu, b, xc, t, n) != UC_OK) {
         die("argmax");
@@ -449,7 +455,9 @@ static void test_argmax(void)
     for (int64_t i = 0; i < t; i++) {
         bad += a[i] != b[i];
     }
-    report("argmax", "T=5 N=4099 with a tie (indices equal)", bad, 0.0);
+    bad += b[5] != -1 || b[6] != -1 || b[7] != -1 || b[4] < 0; /* the reference itself */
+    report("argmax", "T=8 N=4099 with a tie, NaN and Inf rows (indices equal, -1 non-finite)",
+           bad, 0.0);
     drop(gpu, xg);
     drop(cpu, xc);
     uc_free(x);
@@ -805,6 +813,53 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
 }
 
 /* RoPE on q and k heads and the append of k and v to pool slots, indices on the device. */
+/* Forks copy whole blocks (kv_copy_blocks); the diagnosis after non-finite logits asks which
+ * blocks hold a NaN or Inf in their first n_valid slots (kv_nonfinite, issue 17). */
+static void test_kv_copy_nonfinite(int64_t d)
+{
+    struct pools p;
+    int64_t bt = 16;
+    pools_make(&p, 32, bt, d, 700 + (uint64_t)d);
+    const int32_t dst[5] = {20, 21, 22, 30, 2}, src[5] = {0, 5, 7, 31, 9};
+    if (gpu->ops->kv_copy_blocks(gpu, &p.g, dst, src, 5) != UC_OK ||
+        cpu->ops->kv_copy_blocks(cpu, &p.c, dst, src, 5) != UC_OK) {
+        die("kv_copy_blocks");
+    }
+    char what[64];
+    snprintf(what, sizeof what, "5 blocks D=%lld (exact)", (long long)d);
+    report("kv_copy_blocks", what, pools_cmp(&p), 0.0);
+    /* a NaN in K (block 3, slot 5), an Inf in V (block 9, slot 0), a NaN in K at block 12's
+     * last slot (outside n_valid = 15, inside 16) and a -Inf in V of block 25, slot 3 */
+    const float nan_f = NAN, inf_f = INFINITY, ninf_f = -INFINITY;
+    struct { int32_t slot; int64_t c; bool v; const float *x; } poison[4] = {
+        {3 * 16 + 5, d - 1, false, &nan_f}, {9 * 16 + 0, 0, true, &inf_f},
+        {12 * 16 + 15, d / 2, false, &nan_f}, {25 * 16 + 3, 1, true, &ninf_f}};
+    for (int i = 0; i < 4; i++) {
+        int64_t el = (int64_t)poison[i].slot * d + poison[i].c;
+        void *g = (char *)(poison[i].v ? p.g.v : p.g.k) + (size_t)el * gpu->ops->act_size(gpu);
+        void *c = (char *)(poison[i].v ? p.c.v : p.c.k) + (size_t)el * cpu->ops->act_size(cpu);
+        if (gpu->ops->upload_f32(gpu, g, poison[i].x, 1) != UC_OK ||
+            cpu->ops->upload_f32(cpu, c, poison[i].x, 1) != UC_OK) {
+            die("upload_f32");
+        }
+    }
+    const int32_t blocks[8] = {1, 3, 9, 12, 12, 25, 25, 3};
+    const int32_t valid[8] = {16, 16, 1, 15, 16, 3, 4, 5};
+    const int32_t want[8] = {0, 1, 1, 0, 1, 0, 1, 0};
+    int32_t a[8], b[8];
+    if (gpu->ops->kv_nonfinite(gpu, &p.g, blocks, valid, 8, a) != UC_OK ||
+        cpu->ops->kv_nonfinite(cpu, &p.c, blocks, valid, 8, b) != UC_OK) {
+        die("kv_nonfinite");
+    }
+    int bad = 0;
+    for (int i = 0; i < 8; i++) {
+        bad += a[i] != want[i] || b[i] != want[i];
+    }
+    snprintf(what, sizeof what, "8 blocks, NaN/Inf in and past n_valid D=%lld", (long long)d);
+    report("kv_nonfinite", what, bad, 0.0);
+    pools_free(&p);
+}
+
 static void test_rope_append(int64_t d, int64_t n_rows, int64_t h, int64_t hkv)
 {
     const int64_t max_pos = 4096;
@@ -911,6 +966,8 @@ static void run_pass(void)
     /* paged KV */
     test_kv_scatter_move(128);
     test_kv_scatter_move(8);
+    test_kv_copy_nonfinite(128);
+    test_kv_copy_nonfinite(8);
     test_rope_append(128, 1, 32, 8);
     test_rope_append(64, 9, 8, 2);
     test_attn_decode(1, 8, 2, 128, 1, false, 600);

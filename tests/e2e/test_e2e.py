@@ -342,8 +342,9 @@ def t_n_choices_fork(d):
         check(a[0][i] == alone, "choice %d %s != seed+%d alone %s" % (i, a[0][i], i, alone))
         check(a[2][i].compression.plan_checksum == ca.compression.plan_checksum,
               "choice %d has another compression plan" % i)
-    # KV memory: the forks copy choice 0's compressed blocks (no copy-on-write), so the pool
-    # holds what three independent requests hold; the prefill runs once. Peak usage, sampled.
+    # KV memory: the forks share choice 0's compressed prompt blocks (copy-on-write), so the
+    # pool holds at most what three independent requests hold (here the decode dominates; see
+    # t_n_choices_shared_kv for a long prompt); the prefill runs once. Peak usage, sampled.
     def peak(fn):
         stop, best = threading.Event(), [0.0]
         def poll():
@@ -385,6 +386,82 @@ def t_n_choices_fork(d):
     for i in range(3):
         check(out["r"][2][i].finish_reason == pb.ABORTED, "choice %d not aborted" % i)
     still_serving(cl)
+
+
+def stats_kv(cl):
+    """The KV section of GetStats as {key: int} (r0_blocks_used, r0_blocks_reserved, ...)."""
+    out = {}
+    for line in cl.stats("kv").text.split("\n"):
+        k, _, v = line.partition(":")
+        if k.startswith("r0_blocks_"):
+            out[k] = int(v)
+    return out
+
+
+def t_n_choices_shared_kv(args):
+    """issue 12: n > 1 choices of a long prompt share its KV cache copy-on-write, at tp 2 (each
+    rank its own heads). The pool is sized so that one choice fits with room to spare but three
+    copies do not: n = 3 is admitted (it used to be refused: admission reserved n copies), its
+    greedy choices equal the n = 1 result, the blocks in use peak at about one prompt's worth
+    with the shared ones counted in GetStats, and everything returns to the pool."""
+    np_ = 1 if args.no_mpi else 2
+    prompt = (LONG_PROMPT + " ") * 5
+    # per rank: 8 layers x (4 / np) KV heads x ceil((~1020 + 16) / 16) blocks of 16 tokens, and
+    # 2 x 16 x 32 x 4 bytes per block (K and V, float32): about 1.6 choices' worst case
+    blocks = 1.6 * 8 * (4 // np_) * 65
+    d = Daemon(args, ["--policy", "full", "--kv-memory", str(int(blocks * 4096))], np=np_,
+               name="shared_kv")
+    try:
+        check(d.wait_serving(timeout=START_TIMEOUT_S * np_)[-1] == gc.SERVING)
+        cl = d.client
+        ntok = len(cl.tokenize(prompt).token_ids)
+        check(960 <= ntok <= 1080, "the prompt has %d tokens; the pool size assumes ~1020" % ntok)
+        one_blocks = 8 * (4 // np_) * ((ntok + 16 + 15) // 16)
+        total = stats_kv(cl)["r0_blocks_total"]
+        check(one_blocks < total < 3 * one_blocks, "pool %d blocks, one choice %d" %
+              (total, one_blocks))
+        kw = dict(text=prompt, max_tokens=16, temperature=0.0, ignore_eos=True)
+        alone, _, _, _ = cl.generate(**kw)
+        stop, peak = threading.Event(), {"r0_blocks_used": 0, "r0_blocks_shared": 0}
+
+        def poll():
+            while not stop.is_set():
+                st = stats_kv(cl)
+                for k in peak:
+                    peak[k] = max(peak[k], st[k])
+                time.sleep(0.002)
+        th = threading.Thread(target=poll)
+        th.start()
+        try:
+            req = cl.request(**kw)
+            req.n = 3
+            ids, _, comp = gen_choices(cl, req)
+        finally:
+            stop.set()
+            th.join()
+        check(sorted(comp) == [0, 1, 2], "Completes %s" % sorted(comp))
+        for i in range(3):
+            check(ids[i] == alone, "greedy choice %d %s != n=1 %s" % (i, ids[i], alone))
+        prompt_blocks = 8 * (4 // np_) * (ntok // 16)
+        print("    tp %d, pool %d blocks, prompt %d tokens: n=3 peaked at %d blocks used (%d "
+              "shared); one choice needs %d" % (np_, total, ntok, peak["r0_blocks_used"],
+                                                 peak["r0_blocks_shared"], one_blocks))
+        check(peak["r0_blocks_used"] <= one_blocks + 2 * 8 * (4 // np_) * 2,
+              "n=3 used %d blocks, one choice's worth is %d" % (peak["r0_blocks_used"],
+                                                                 one_blocks))
+        check(peak["r0_blocks_shared"] >= prompt_blocks * 0.9,
+              "shared blocks peaked at %d, the prompt fills %d" % (peak["r0_blocks_shared"],
+                                                                  prompt_blocks))
+        deadline = time.time() + 10
+        while time.time() < deadline and stats_kv(cl)["r0_blocks_used"] != 0:
+            time.sleep(0.05)
+        st = stats_kv(cl)
+        check(st["r0_blocks_used"] == 0 and st["r0_blocks_reserved"] == 0 and
+              st["r0_blocks_shared"] == 0, "after the request: %s" % st)
+        code = d.stop()
+        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
+    finally:
+        d.kill()
 
 
 def t_tokenize_roundtrip(d):
@@ -1221,7 +1298,8 @@ MAIN_TESTS = [t_health_and_watch, t_generate_stream, t_tokenize_roundtrip, t_sto
               t_malformed_protobuf,
               t_concurrent_equals_alone, t_n_choices_fork, t_chat_without_template, t_chaos, t_metrics, t_admin, t_second_daemon_same_port,
               t_drain]
-OTHER_TESTS = [t_version, t_grpc_chat, t_queue_full, t_single_sigterm_idle, t_oneshot_prompt_file_nul, t_tls, t_tp2_sigterm_mid_stream,
+OTHER_TESTS = [t_version, t_grpc_chat, t_queue_full, t_n_choices_shared_kv,
+               t_single_sigterm_idle, t_oneshot_prompt_file_nul, t_tls, t_tp2_sigterm_mid_stream,
                t_tp2_mixed_equals_alone]
 
 

@@ -6,8 +6,8 @@ a running uncompd, each case a test that failed before its fix.
 
   calibrate_limits     Admin.Calibrate may ask less than the server's limits, not more (windows,
                        window tokens, text bytes): INVALID_ARGUMENT naming the limit
-  calibrate_ttft       during a maximal Calibrate a Generate's time to first token stays within
-                       2x of an idle daemon's
+  calibrate_ttft       during a maximal Calibrate a Generate's median time to first token stays
+                       within 2x of an idle twin daemon's (1024- and 4096-token windows)
   calibrate_cancel     a Calibrate whose client goes away (cancel or deadline) ends at once, and a
                        second one then starts (one at a time: the second waits)
   calibrate_drain      SIGTERM during a Calibrate: the calibration ends (UNAVAILABLE), the daemon
@@ -16,6 +16,9 @@ a running uncompd, each case a test that failed before its fix.
                        greedy requests whose first token has no text
   nan_weights          a model with a NaN weight: every request ends with INTERNAL, the log names
                        the layer
+  overflow_named       finite weights whose activations overflow at one layer (in every head, or
+                       in one rank's heads only): at tp 1 and 2 every request ends with INTERNAL
+                       naming that layer, and so does the log
   metrics_idle_conns   200 idle connections (and one trickling a header) do not starve a scrape
   info_no_paths        GetModelInfo and GetCompressionProfile carry no absolute server paths
 
@@ -101,54 +104,68 @@ def t_calibrate_limits(args):
         d.kill()
 
 
-def t_calibrate_ttft(args):
-    """A maximal Calibrate (the default 1024-token windows, the most windows the server allows,
-    the largest text) does not hold up a Generate: median TTFT within 2x of the idle daemon's.
-    (With --calib-window 4096 the per-layer hidden-state spectrum of a 4096-row window, one
-    ~35 ms covariance on this CPU, makes the median about 2.5x: README, "Calibration".)"""
-    d = start(args, ["--calib-window", "1024", "--calib-windows", "1024",
-                     "--calib-max-text-bytes", "1MiB"], name="calib_ttft")
+def calibrate_ttft(args, window):
+    """A maximal Calibrate (`window`-token windows, the most windows the server allows, the
+    largest text) does not hold up a Generate: the median of its time to first token stays
+    within 2x of an idle daemon's. The idle daemon is a twin started alike, asked in turn with
+    the busy one, so both see the same load on this shared machine. The 95th percentile and the
+    maximum are printed: on a loaded machine they are noise; that no calibration step is long
+    (a Generate waits for the step in flight) is checked in CPU time by golden_calib_steps."""
+    opts = ["--calib-window", str(window), "--calib-windows", "1024",
+            "--calib-max-text-bytes", "1MiB"]
+    d = start(args, opts, name="calib_ttft_%d" % window)
+    twin = start(args, opts, name="calib_ttft_%d_idle" % window)
     try:
-        cl = d.client
+        cl, ci = d.client, twin.client
         for _ in range(3):
             ttft(cl)  # warm up (and the default profile, if one is built)
-        idle = statistics.median(ttft(cl) for _ in range(9))
-        text = calib_text(1 << 20)
-        done = {}
-
-        def calibrate():
-            c2 = gc.Client(d.addr, timeout=900.0)
-            try:
-                c2.calibrate(text=text, window_tokens=1024, max_windows=1024, timeout=900.0)
-                done["ok"] = True
-            except grpc.RpcError as e:
-                done["err"] = e
-            finally:
-                c2.close()
-
-        th = threading.Thread(target=calibrate, daemon=True)
-        th.start()
+            ttft(ci)
+        fut = cl.admin.Calibrate.future(gc.pb.CalibrateRequest(
+            text=calib_text(1 << 20), window_tokens=window, max_windows=1024), timeout=900)
         time.sleep(1.0)
-        busy = []
-        while len(busy) < 15 and th.is_alive():
+        busy, idle, t_end = [], [], time.time() + 4.0  # several layers of a window
+        while time.time() < t_end and not fut.done():
             busy.append(ttft(cl))
-        still = th.is_alive()
-        print("  TTFT idle %.1f ms, during Calibrate median %.1f ms max %.1f ms (%d samples%s)" %
-              (idle * 1e3, statistics.median(busy) * 1e3 if busy else 0,
-               max(busy) * 1e3 if busy else 0, len(busy),
+            idle.append(ttft(ci))
+        still = not fut.done()
+        fut.cancel()
+        busy.sort()
+        idle = statistics.median(idle) if idle else 1.0
+        med = statistics.median(busy) if busy else 0
+        p95 = busy[int(len(busy) * 0.95) - 1] if busy else 0
+        print("  window %d: TTFT idle %.1f ms; during Calibrate median %.1f ms (%.2fx), p95 %.1f "
+              "ms (%.2fx), max %.1f ms (%d samples%s)" %
+              (window, idle * 1e3, med * 1e3, med / idle, p95 * 1e3, p95 / idle,
+               busy[-1] * 1e3 if busy else 0, len(busy),
                "" if still else "; the calibration ended first"), flush=True)
-        check(len(busy) >= 5 and still, "the calibration ended before 5 samples: %s" % done)
-        med = statistics.median(busy)
-        check(med <= 2.0 * idle, "TTFT during Calibrate %.1f ms > 2x idle %.1f ms" %
-              (med * 1e3, idle * 1e3))
-        code = d.stop()  # also checks that a drain ends the running calibration
-        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
-        th.join(30)
-        check(not th.is_alive(), "Calibrate did not end on SIGTERM")
-        if args.asan:
-            d.check_asan()
+        check(len(busy) >= 40 and still, "the calibration ended before 40 samples")
+        check(med <= 2.0 * idle, "window %d: TTFT during Calibrate %.1f ms > 2x idle %.1f ms" %
+              (window, med * 1e3, idle * 1e3))
+        deadline = time.time() + 30
+        while time.time() < deadline and "calibration stopped after" not in d.log_text():
+            time.sleep(0.05)
+        check("calibration stopped after" in d.log_text(), "the cancelled calibration did not "
+              "stop:\n" + d.tail())
+        finish(args, d)
+        finish(args, twin)
     finally:
         d.kill()
+        twin.kill()
+
+
+def t_calibrate_ttft(args):
+    """The default 1024-token windows."""
+    calibrate_ttft(args, 1024)
+
+
+def t_calibrate_ttft_4096(args):
+    """4096-token windows (issue 17 must-show): a window's hidden-state covariance is
+    accumulated a slice of rows per step, its slices get thinner deep into a layer (their
+    attention bounded by a 1024-token context's), and each layer ends in parts (query spectra a
+    few heads at a time, then the hidden-state eigensolve, then the rest), so no step carries a
+    whole window's O(rows) work. (Before, on this machine: median 1.0-1.9x, p95 1.7-2.6x, max
+    up to 4x; the lead measured a 2.5x median.)"""
+    calibrate_ttft(args, 4096)
 
 
 def t_calibrate_cancel(args):
@@ -253,6 +270,83 @@ def poison(model_dir, out_dir, tensor):
     raise TestFailure("tensor %s not found" % tensor)
 
 
+def scale_tensors(model_dir, out_dir, tensors, k, rows=None):
+    """A copy of the model with every value of `tensors` (BF16, F16 or F32; only rows
+    [rows[0], rows[1]) when given) times 2^k, exactly (the exponent field moves; zeros stay
+    zero): finite weights whose products overflow."""
+    shutil.copytree(model_dir, out_dir)
+    left = set(tensors)
+    for name in os.listdir(out_dir):
+        os.chmod(os.path.join(out_dir, name), 0o644)
+        if not name.endswith(".safetensors"):
+            continue
+        with open(os.path.join(out_dir, name), "r+b") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            hdr = json.loads(f.read(n))
+            for t in tensors:
+                if t not in hdr:
+                    continue
+                fmt, bits, shift = {"BF16": ("<H", 2, 7), "F16": ("<H", 2, 10),
+                                    "F32": ("<I", 4, 23)}[hdr[t]["dtype"]]
+                b, e = hdr[t]["data_offsets"]
+                if rows:
+                    row_bytes = (e - b) // hdr[t]["shape"][0]
+                    b, e = b + rows[0] * row_bytes, b + rows[1] * row_bytes
+                f.seek(8 + n + b)
+                raw = bytearray(f.read(e - b))
+                mask = (0xff if bits == 4 or shift == 7 else 0x1f) << shift
+                for i in range(0, len(raw), bits):
+                    u = struct.unpack_from(fmt, raw, i)[0]
+                    if u & mask:
+                        u2 = u + (k << shift)
+                        check((u2 & mask) != mask and (u2 & mask) > (u & mask),
+                              "%s: 2^%d overflows a weight" % (t, k))
+                        struct.pack_into(fmt, raw, i, u2)
+                f.seek(8 + n + b)
+                f.write(raw)
+                left.discard(t)
+    check(not left, "tensors not found: %s" % left)
+
+
+def t_overflow_named(args):
+    """issue 17: finite weights whose activations overflow. (1) Layer 3's gate and up
+    projections times 2^83: their product passes the float range at every token, layer 4's K/V
+    cache is the first non-finite one. (2) Layer 3's V projection times 2^129 for KV heads 2
+    and 3 only: layer 3's V of those heads overflows; at tp 2 only rank 1 holds them, rank 0's
+    first non-finite layer is 4, and the ranks must agree on 3. Every request ends with
+    INTERNAL naming the layer, and so does the log, at tp 1 and tp 2."""
+    tmp = tempfile.mkdtemp(prefix="uncomp_overflow_")
+    mlp, vproj = os.path.join(tmp, "mlp"), os.path.join(tmp, "vproj")
+    scale_tensors(args.model, mlp, ["model.layers.3.mlp.gate_proj.weight",
+                                    "model.layers.3.mlp.up_proj.weight"], 83)
+    d_head = 32
+    scale_tensors(args.model, vproj, ["model.layers.3.self_attn.v_proj.weight"], 129,
+                  rows=(2 * d_head, 4 * d_head))
+    want = {mlp: "activations arose in layer 3: its K/V cache is finite, layer 4's is not",
+            vproj: "activations arose in layer 2: its K/V cache is finite, layer 3's is not"}
+    try:
+        for model, np_ in ((mlp, 1), (mlp, 2), (vproj, 1), (vproj, 2)):
+            d = start(args, ["--policy", "full"], np=np_, model=model,
+                      name="overflow_%s_%d" % (os.path.basename(model), np_))
+            try:
+                cl = d.client
+                for kw in ({"temperature": 0.0}, {"temperature": 0.8, "seed": 1}):
+                    e = expect_rpc_error(
+                        lambda: cl.generate(cl.request(text="Hello there", max_tokens=4, **kw)),
+                        grpc.StatusCode.INTERNAL, "non-finite")
+                    print("  %s tp %d %s: %s" % (os.path.basename(model), np_, kw, e.details()))
+                    check(want[model] in e.details(), e.details())
+                log = d.log_text()
+                check("non-finite " + want[model] in log, d.tail())
+                check("every weight of this rank is finite" in log, d.tail())
+                check("non-finite weight" not in log, d.tail())
+                finish(args, d)
+            finally:
+                d.kill()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def t_nan_weights(args):
     tmp = tempfile.mkdtemp(prefix="uncomp_nan_")
     model = os.path.join(tmp, "m")
@@ -265,6 +359,7 @@ def t_nan_weights(args):
                                                                 **kw)),
                                  grpc.StatusCode.INTERNAL, "non-finite")
             print("  %s: %s" % (kw, e.details()))
+            check("activations arose in layer 3:" in e.details(), e.details())
         log = d.log_text()
         check("non-finite weight" in log and "layer 3" in log, d.tail())
         check("the first non-finite weight is in layer 3" in log, d.tail())
@@ -320,8 +415,9 @@ def t_info_no_paths(args):
         d.kill()
 
 
-TESTS = [t_calibrate_limits, t_calibrate_ttft, t_calibrate_cancel, t_calibrate_drain,
-         t_client_ub, t_nan_weights, t_metrics_idle_conns, t_info_no_paths]
+TESTS = [t_calibrate_limits, t_calibrate_ttft, t_calibrate_ttft_4096, t_calibrate_cancel,
+         t_calibrate_drain,
+         t_client_ub, t_nan_weights, t_overflow_named, t_metrics_idle_conns, t_info_no_paths]
 
 
 def main():

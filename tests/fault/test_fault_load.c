@@ -2,7 +2,9 @@
  *  1. bad model folders made here from stories260K (a truncated shard, a header lying about
  *     offsets, a missing and a mis-shaped tensor, an unsupported architecture, an unsupported
  *     tokenizer component, no config.json): uc_engine_create (or uc_tokenizer_create) returns
- *     the right status, the log names the file, tensor or field, and nothing leaks;
+ *     the right status, the log names the file, tensor or field, and nothing leaks; NaN
+ *     weights are named by layer, and finite weights whose activations overflow are named by
+ *     the diagnosis of the cached K/V;
  *  2. allocation N fails for every N up to the number a successful uc_engine_create makes:
  *     each create fails cleanly (or succeeds and destroys cleanly) with zero leaked blocks;
  *  3. the uncompd binary's one-shot mode exits non-zero with the reason on stderr for a bad
@@ -10,6 +12,7 @@
  * Usage: test_fault_load SHARED_DIR UNCOMPD_PATH. Part 3 runs before MPI starts in this process
  * (uncompd is a child process, started without forking an MPI process). */
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -92,25 +95,46 @@ static char *file_in(const char *dir, const char *name)
     return buf;
 }
 
+/* DIR/model.safetensors read whole, its JSON header parsed. */
+struct shard_file {
+    const char *path;
+    char *data;
+    size_t n;
+    uint64_t hlen;  /* header bytes after the 8-byte length */
+    char *htext;
+    cJSON *hdr;
+};
+
+static void shard_read(struct shard_file *f, const char *dir)
+{
+    memset(f, 0, sizeof *f);
+    f->path = file_in(dir, "model.safetensors");
+    assert_int_equal(uc_file_read_all(&f->data, &f->n, f->path), UC_OK);
+    for (int i = 0; i < 8; i++) {
+        f->hlen |= (uint64_t)(unsigned char)f->data[i] << (8 * i);
+    }
+    f->htext = strndup(f->data + 8, f->hlen);
+    f->hdr = cJSON_Parse(f->htext);
+    assert_non_null(f->hdr);
+}
+
+static void shard_free(struct shard_file *f)
+{
+    cJSON_Delete(f->hdr);
+    free(f->htext);
+    uc_free(f->data);
+}
+
 /* Edits the JSON header of DIR/model.safetensors with fn and writes the file back with the
  * same data section. */
 static void edit_header(const char *dir, void (*fn)(cJSON *hdr))
 {
-    const char *path = file_in(dir, "model.safetensors");
-    char *data = NULL;
-    size_t n = 0;
-    assert_int_equal(uc_file_read_all(&data, &n, path), UC_OK);
-    uint64_t hlen = 0;
-    for (int i = 0; i < 8; i++) {
-        hlen |= (uint64_t)(unsigned char)data[i] << (8 * i);
-    }
-    char *htext = strndup(data + 8, hlen);
-    cJSON *hdr = cJSON_Parse(htext);
-    assert_non_null(hdr);
-    fn(hdr);
-    char *nh = cJSON_PrintUnformatted(hdr);
+    struct shard_file f;
+    shard_read(&f, dir);
+    fn(f.hdr);
+    char *nh = cJSON_PrintUnformatted(f.hdr);
     size_t nl = strlen(nh), padded = (nl + 7) / 8 * 8;
-    size_t data_bytes = n - 8 - hlen;
+    size_t data_bytes = f.n - 8 - f.hlen;
     unsigned char *out = malloc(8 + padded + data_bytes);
     assert_non_null(out);
     for (int i = 0; i < 8; i++) {
@@ -118,13 +142,11 @@ static void edit_header(const char *dir, void (*fn)(cJSON *hdr))
     }
     memcpy(out + 8, nh, nl);
     memset(out + 8 + nl, ' ', padded - nl);
-    memcpy(out + 8 + padded, data + 8 + hlen, data_bytes);
-    assert_int_equal(uc_file_write_all(path, out, 8 + padded + data_bytes), UC_OK);
+    memcpy(out + 8 + padded, f.data + 8 + f.hlen, data_bytes);
+    assert_int_equal(uc_file_write_all(f.path, out, 8 + padded + data_bytes), UC_OK);
     free(out);
     cJSON_free(nh);
-    cJSON_Delete(hdr);
-    free(htext);
-    uc_free(data);
+    shard_free(&f);
 }
 
 static void edit_json_file(const char *dir, const char *name, void (*fn)(cJSON *root))
@@ -159,30 +181,44 @@ static double offset_of(cJSON *hdr, const char *tensor, int which)
         ->valuedouble;
 }
 
-/* model.norm.weight (64 floats) claims the 256 bytes past the end of the data */
 /* Overwrites the first bytes of tensor `name` in DIR/model.safetensors with 0xFF: a NaN in
  * float32, float16 and bfloat16 alike. */
 static void poison_tensor(const char *dir, const char *name)
 {
-    const char *path = file_in(dir, "model.safetensors");
-    char *data = NULL;
-    size_t n = 0;
-    assert_int_equal(uc_file_read_all(&data, &n, path), UC_OK);
-    uint64_t hlen = 0;
-    for (int i = 0; i < 8; i++) {
-        hlen |= (uint64_t)(unsigned char)data[i] << (8 * i);
-    }
-    char *htext = strndup(data + 8, hlen);
-    cJSON *hdr = cJSON_Parse(htext);
-    assert_non_null(hdr);
-    double at = offset_of(hdr, name, 0);
-    memset(data + 8 + hlen + (size_t)at, 0xFF, 16);
-    assert_int_equal(uc_file_write_all(path, data, n), UC_OK);
-    cJSON_Delete(hdr);
-    free(htext);
-    uc_free(data);
+    struct shard_file f;
+    shard_read(&f, dir);
+    double at = offset_of(f.hdr, name, 0);
+    memset(f.data + 8 + f.hlen + (size_t)at, 0xFF, 16);
+    assert_int_equal(uc_file_write_all(f.path, f.data, f.n), UC_OK);
+    shard_free(&f);
 }
 
+/* Multiplies every value of the F32 tensor `name` in DIR/model.safetensors by 2^k, exactly (the
+ * exponent field moves; zeros stay zero): weights that stay finite while their products
+ * overflow float32 (and bfloat16, whose range is the same). */
+static void scale_tensor(const char *dir, const char *name, int k)
+{
+    struct shard_file f;
+    shard_read(&f, dir);
+    cJSON *t = cJSON_GetObjectItemCaseSensitive(f.hdr, name);
+    assert_non_null(t);
+    assert_string_equal(cJSON_GetObjectItemCaseSensitive(t, "dtype")->valuestring, "F32");
+    size_t b = (size_t)offset_of(f.hdr, name, 0), e = (size_t)offset_of(f.hdr, name, 1);
+    for (size_t at = 8 + f.hlen + b; at < 8 + f.hlen + e; at += 4) {
+        uint32_t u;
+        memcpy(&u, f.data + at, 4);
+        uint32_t ex = (u >> 23) & 0xffu;
+        if (ex != 0) {
+            assert_true(ex + (uint32_t)k < 0xffu); /* stays finite */
+            u += (uint32_t)k << 23;
+        }
+        memcpy(f.data + at, &u, 4);
+    }
+    assert_int_equal(uc_file_write_all(f.path, f.data, f.n), UC_OK);
+    shard_free(&f);
+}
+
+/* model.norm.weight (64 floats) claims the 256 bytes past the end of the data */
 static void lie_past_end(cJSON *hdr)
 {
     double end = 0;
@@ -479,6 +515,67 @@ static void test_engine_nan_weights_named(void **state)
     assert_int_equal(uc_mem_blocks_in_use(), blocks);
 }
 
+/* Prefills 40 tokens into sequence 1 (policy full); returns whether every logit is finite. */
+static bool prefill_finite(struct uc_engine *e)
+{
+    int32_t ids[40];
+    for (int i = 0; i < 40; i++) {
+        ids[i] = 1 + (i * 37) % 500;
+    }
+    struct uc_compress_params cp = uc_compress_default_params();
+    cp.policy = UC_POLICY_FULL;
+    assert_int_equal(tu_prefill(e, 1, ids, 40, 0, &cp, 4), UC_OK);
+    int64_t rows = 0, v = uc_engine_config(e)->vocab;
+    const float *lg = uc_engine_seq_logits(e, 1, &rows);
+    assert_non_null(lg);
+    bool finite = true;
+    for (int64_t i = 0; i < v; i++) {
+        finite = finite && isfinite(lg[(rows - 1) * v + i]);
+    }
+    return finite;
+}
+
+/* issue 17: finite weights whose activations overflow (layer 2's gate and up projections
+ * scaled by 2^83: their product passes float32's range) give non-finite logits, and the
+ * diagnosis names the layer: layer 3's cached K/V are the first non-finite ones, so the
+ * activations went non-finite in layer 2. A healthy model's cache is finite throughout. */
+static void test_engine_overflow_layer_named(void **state)
+{
+    (void)state;
+    const char *dir = make_model("overflow");
+    scale_tensor(dir, "model.layers.2.mlp.gate_proj.weight", 83);
+    scale_tensor(dir, "model.layers.2.mlp.up_proj.weight", 83);
+    int64_t blocks = uc_mem_blocks_in_use();
+    struct uc_engine *e = NULL;
+    assert_int_equal(create_engine(dir, &e), UC_OK);
+    assert_null(uc_engine_nonfinite_weights(e)); /* every weight is finite */
+    assert_false(prefill_finite(e));
+    int64_t layer = -1;
+    char where[160];
+    assert_int_equal(uc_engine_diagnose_nonfinite(e, 1, &layer), UC_OK);
+    assert_int_equal(layer, 3);
+    uc_engine_nonfinite_origin(e, layer, where, sizeof where);
+    assert_string_equal(where, "layer 2: its K/V cache is finite, layer 3's is not (so layer 2's "
+                        "attention or MLP, or layer 3's K/V projection)");
+    /* an unknown sequence is refused */
+    tu_log_reset();
+    assert_int_equal(uc_engine_diagnose_nonfinite(e, 99, &layer), UC_ERR_INVALID_ARG);
+    assert_int_equal(layer, -1);
+    assert_has(tu_log_text, "no sequence 99");
+    uc_engine_destroy(e);
+    /* the same prompt through the healthy model: finite logits, every layer's cache finite */
+    assert_int_equal(create_engine(src_model, &e), UC_OK);
+    assert_true(prefill_finite(e));
+    assert_int_equal(uc_engine_diagnose_nonfinite(e, 1, &layer), UC_OK);
+    assert_int_equal(layer, 5);
+    uc_engine_nonfinite_origin(e, layer, where, sizeof where);
+    assert_string_equal(where, "layer 4 or the LM head: every cached K/V is finite");
+    uc_engine_nonfinite_origin(e, 0, where, sizeof where);
+    assert_has(where, "the embedding");
+    uc_engine_destroy(e);
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
+}
+
 /* The engine does not read tokenizer.json; the tokenizer refuses it with the field named. */
 static void test_tokenizer_unsupported_component(void **state)
 {
@@ -612,6 +709,7 @@ int main(int argc, char **argv)
     const struct CMUnitTest lib[] = {
         cmocka_unit_test(test_engine_bad_folders),
         cmocka_unit_test(test_engine_nan_weights_named),
+        cmocka_unit_test(test_engine_overflow_layer_named),
         cmocka_unit_test(test_tokenizer_unsupported_component),
         cmocka_unit_test(test_engine_allocation_failures),
     };

@@ -1,7 +1,9 @@
 /* KV memory: the bytes a compression report claims are the bytes the cache holds, and a
  * sequence compressed to 10% of its prompt lets about 10x as many such sequences fit in the
  * same KV pool as uncompressed ones (sequences are prefilled until the pool is full, so the
- * count is of real allocations, not of a formula). Usage: test_kv_memory SHARED_DIR */
+ * count is of real allocations, not of a formula); forks share their source's blocks
+ * copy-on-write (n = 3 choices of a long prompt hold about one prompt's blocks). Usage:
+ * test_kv_memory SHARED_DIR */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -56,40 +58,131 @@ static int64_t fill_pool(struct uc_engine *e, const int32_t *ids, enum uc_policy
     return fitted;
 }
 
-/* A fork holds its own copy of the cache: decoding it and its source with the same tokens gives
- * bit-identical logits, also after the source is freed, and it costs exactly as many blocks. */
+/* A prompt of n tokens prefilled into sequence id: how many of its (layer, KV head) caches end
+ * in a partly filled block (what each fork copies; the rest it shares), and the blocks a fork
+ * decoding gen tokens needs beside the shared ones. Each head holds min(budget, n) tokens. */
+static int64_t fork_copies(struct uc_engine *e, int64_t id, int64_t n, int64_t gen,
+                           int64_t *fork_need)
+{
+    const struct uc_model_config *c = uc_engine_config(e);
+    const struct uc_plan *plan = uc_engine_seq_plan(e, id);
+    int64_t bt = uc_engine_kv_block_tokens(e), copies = 0;
+    *fork_need = 0;
+    for (int64_t i = 0; i < c->n_layers * c->n_heads_kv; i++) {
+        int64_t kept = plan->budget[i] < n ? plan->budget[i] : n;
+        copies += kept % bt != 0;
+        *fork_need += (kept % bt + gen + bt - 1) / bt;
+    }
+    return copies;
+}
+
+/* issue 12: forks share their source's cache copy-on-write. n = 3 forks of a long prompt hold
+ * about one prompt's blocks, not three (each copies only its heads' partly filled last blocks),
+ * and a fork decodes bit-identically to its source (also after the source is freed), with
+ * per-head budgets that differ (uncomp) and with eviction rewriting shared blocks. */
 static void check_fork(struct uc_engine *e, const int32_t *ids)
 {
     int64_t v = uc_engine_config(e)->vocab, rows;
+    /* a long prompt, not a multiple of the block size: every head has a partial block */
     struct uc_compress_params cp = uc_compress_default_params();
-    cp.policy = UC_POLICY_SNAPKV;
-    cp.kv_budget = BUDGET;
-    TU_CHECK(tu_prefill(e, 1, ids, PROMPT, 0, &cp, 8) == UC_OK, "fork: prefill");
-    int64_t used1 = uc_engine_kv_blocks_used(e);
-    struct uc_step_new f = {.seq_id = 2, .flags = UC_SEQ_FORK, .fork_of = 1, .max_new_tokens = 8,
-                            .cp = cp};
-    struct uc_step st = {.op = UC_STEP_RUN, .n_new = 1, .news = &f};
-    TU_CHECK(uc_engine_step(e, &st) == UC_OK, "fork: step");
-    TU_CHECK(uc_engine_kv_blocks_used(e) == 2 * used1, "fork: %lld blocks used, want %lld",
-             (long long)uc_engine_kv_blocks_used(e), (long long)(2 * used1));
-    float *a = uc_malloc((size_t)v * sizeof(float)), *b = uc_malloc((size_t)v * sizeof(float));
-    for (int k = 0; k < 4; k++) {
-        int32_t tok = ids[100 + k];
-        struct uc_step_decode d[2] = {{1, tok, 0}, {2, tok, 0}};
-        struct uc_step s2 = {.op = UC_STEP_RUN, .n_decode = 2, .decodes = d};
-        TU_CHECK(uc_engine_step(e, &s2) == UC_OK, "fork: decode");
-        memcpy(a, uc_engine_seq_logits(e, 1, &rows), (size_t)v * sizeof(float));
-        memcpy(b, uc_engine_seq_logits(e, 2, &rows), (size_t)v * sizeof(float));
-        TU_CHECK(memcmp(a, b, (size_t)v * sizeof(float)) == 0, "fork: step %d logits differ", k);
+    cp.policy = UC_POLICY_FULL;
+    TU_CHECK(tu_prefill(e, 1, ids, PROMPT - 3, 0, &cp, 8) == UC_OK, "fork: prefill");
+    int64_t need, used1 = uc_engine_kv_blocks_used(e);
+    int64_t copies = fork_copies(e, 1, PROMPT - 3, 8, &need);
+    struct uc_step_new f[2];
+    for (int i = 0; i < 2; i++) {
+        f[i] = (struct uc_step_new){.seq_id = 2 + i, .flags = UC_SEQ_FORK, .fork_of = 1,
+                                    .max_new_tokens = 8, .cp = cp};
+        TU_CHECK(uc_engine_kv_blocks_needed(e, &f[i]) == need, "fork: needs %lld blocks, want "
+                 "%lld", (long long)uc_engine_kv_blocks_needed(e, &f[i]), (long long)need);
     }
-    tu_free(e, 1);
-    TU_CHECK(tu_decode(e, 2, ids[200]) == UC_OK, "fork: decode after the source ended");
+    struct uc_step st = {.op = UC_STEP_RUN, .n_new = 2, .news = f};
+    TU_CHECK(uc_engine_step(e, &st) == UC_OK, "fork: step");
+    int64_t used3 = uc_engine_kv_blocks_used(e);
+    printf("fork: a %d-token prompt holds %lld blocks; with 2 forks (n = 3) %lld (%.3fx; 3 "
+           "copies would be %lld)\n", PROMPT - 3, (long long)used1, (long long)used3,
+           (double)used3 / (double)used1, (long long)(3 * used1));
+    TU_CHECK(used3 == used1 + 2 * copies, "fork: %lld blocks used after 2 forks, want %lld + "
+             "2 x %lld copied last blocks", (long long)used3, (long long)used1,
+             (long long)copies);
+    TU_CHECK(used3 <= used1 * 11 / 10, "fork: %lld blocks for n = 3, one prompt is %lld",
+             (long long)used3, (long long)used1);
+    /* greedy: the three choices continue alike, and like the prompt prefilled on its own */
+    int32_t alone[8], out[3][8];
+    TU_CHECK(tu_prefill(e, 9, ids, PROMPT - 3, 0, &cp, 8) == UC_OK, "fork: second prefill");
+    TU_CHECK(tu_greedy(e, 9, 8, alone) == 8, "fork: greedy alone");
+    tu_free(e, 9);
+    for (int k = 0; k < 8; k++) {
+        struct uc_step_decode d[3];
+        for (int i = 0; i < 3; i++) {
+            out[i][k] = tu_argmax(uc_engine_seq_logits(e, 1 + i, &rows), v);
+            d[i] = (struct uc_step_decode){1 + i, out[i][k], 0};
+        }
+        struct uc_step s2 = {.op = UC_STEP_RUN, .n_decode = 3, .decodes = d};
+        if (k + 1 < 8) {
+            TU_CHECK(uc_engine_step(e, &s2) == UC_OK, "fork: decode");
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        TU_CHECK(memcmp(out[i], alone, sizeof alone) == 0, "fork: choice %d's greedy tokens "
+                 "differ from the prompt decoded alone", i);
+    }
+    tu_free(e, 1); /* the source first: the forks keep the blocks they share */
+    TU_CHECK(uc_engine_kv_blocks_used(e) >= used1, "fork: shared blocks freed with the source");
+    TU_CHECK(tu_decode(e, 2, ids[200]) == UC_OK && tu_decode(e, 3, ids[200]) == UC_OK,
+             "fork: decode after the source ended");
     tu_free(e, 2);
+    tu_free(e, 3);
     TU_CHECK(uc_engine_kv_blocks_used(e) == 0, "fork: blocks not returned");
-    printf("fork: a copy of the cache decodes bit-identically to its source %s\n",
-           tu_failures ? "FAIL" : "ok");
-    uc_free(a);
-    uc_free(b);
+
+    /* per-head budgets (uncomp: two groups) and eviction (rewrites shared blocks): the fork
+     * decodes bit-identically to its source with the same tokens */
+    for (int evict = 0; evict < 2; evict++) {
+        cp = uc_compress_default_params();
+        cp.policy = UC_POLICY_UNCOMP;
+        cp.grouping = UC_GROUPING_PROMPT;
+        cp.kv_budget = BUDGET;
+        cp.decode_mode = evict ? UC_DECODE_EVICT : UC_DECODE_APPEND;
+        TU_CHECK(tu_prefill(e, 1, ids, PROMPT, 0, &cp, 40) == UC_OK, "fork: prefill");
+        used1 = uc_engine_kv_blocks_used(e);
+        copies = fork_copies(e, 1, PROMPT, 40, &need);
+        struct uc_step_new g = {.seq_id = 2, .flags = UC_SEQ_FORK, .fork_of = 1,
+                                .max_new_tokens = 40, .cp = cp};
+        struct uc_step s1 = {.op = UC_STEP_RUN, .n_new = 1, .news = &g};
+        TU_CHECK(uc_engine_step(e, &s1) == UC_OK, "fork: step");
+        TU_CHECK(uc_engine_kv_blocks_used(e) == used1 + copies,
+                 "fork (%s): %lld blocks used, want %lld + %lld", evict ? "evict" : "append",
+                 (long long)uc_engine_kv_blocks_used(e), (long long)used1, (long long)copies);
+        float *a = uc_malloc((size_t)v * sizeof(float)), *b = uc_malloc((size_t)v * sizeof(float));
+        for (int k = 0; k < 32; k++) {
+            int32_t tok = ids[100 + k];
+            struct uc_step_decode d[2] = {{1, tok, 0}, {2, tok, 0}};
+            struct uc_step s2 = {.op = UC_STEP_RUN, .n_decode = 2, .decodes = d};
+            TU_CHECK(uc_engine_step(e, &s2) == UC_OK, "fork: decode");
+            memcpy(a, uc_engine_seq_logits(e, 1, &rows), (size_t)v * sizeof(float));
+            memcpy(b, uc_engine_seq_logits(e, 2, &rows), (size_t)v * sizeof(float));
+            TU_CHECK(memcmp(a, b, (size_t)v * sizeof(float)) == 0,
+                     "fork (%s): step %d logits differ", evict ? "evict" : "append", k);
+        }
+        if (evict) {
+            /* evicting from shared blocks copied them first (each cache stays at its budget,
+             * so the pool grew by those copies alone) */
+            int64_t used = uc_engine_kv_blocks_used(e);
+            printf("fork (evict): %lld blocks after 32 steps (%lld at the fork, %lld if "
+                   "nothing were shared)\n", (long long)used, (long long)(used1 + copies),
+                   (long long)(2 * used1));
+            TU_CHECK(used > used1 + copies && used <= 2 * used1,
+                     "fork (evict): %lld blocks used", (long long)used);
+        }
+        tu_free(e, 1);
+        TU_CHECK(tu_decode(e, 2, ids[200]) == UC_OK, "fork: decode after the source ended");
+        tu_free(e, 2);
+        TU_CHECK(uc_engine_kv_blocks_used(e) == 0, "fork: blocks not returned");
+        uc_free(a);
+        uc_free(b);
+    }
+    printf("fork: shared copy-on-write, decodes bit-identically to its source (append and "
+           "evict, per-head budgets) %s\n", tu_failures ? "FAIL" : "ok");
 }
 
 /* decode_mode=evict keeps every head at its budget while append grows by a token per step; the
@@ -154,6 +247,7 @@ int main(int argc, char **argv)
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", tu_model_dir(shared, "uncomp-tiny"));
     ep.model_dir = dir;
+    ep.backend = tu_backend_params(); /* UC_TEST_BACKEND=cuda: device_check.sh kvmem */
     ep.block_tokens = 8;
     /* room for exactly 3 uncompressed sequences: 80 blocks x 8 layers x 4 KV heads each */
     ep.kv_blocks = 3 * (PROMPT / 8) * 8 * 4;

@@ -83,6 +83,77 @@ static void test_entropy_orthogonal_rows(void **state)
     assert_int_equal(uc_mem_blocks_in_use(), blocks);
 }
 
+static void assert_spectra_equal(const double *got, const double *want, int64_t d)
+{
+    for (int64_t i = 0; i < d; i++) {
+        assert_near(got[i], want[i], 1e-13);
+    }
+}
+
+/* issue 17: the spectrum accumulated a slice of rows at a time (as a calibration window's
+ * prefill slices arrive) equals the one-piece spectrum, on the covariance path (n >= d, slices
+ * in any order) and on the Gram path (n < d, slices in order); the accumulator is reused across
+ * sizes; missing rows and an out-of-order Gram slice are refused. */
+static void test_entropy_sliced(void **state)
+{
+    (void)state;
+    int64_t blocks = uc_mem_blocks_in_use();
+    enum { N = 150, D = 24, STRIDE = 30 };
+    float *x = uc_malloc((size_t)(N * STRIDE) * sizeof(float));
+    double want[D], got[D];
+    uc_test_fill(x, N * STRIDE, 41, 0, 0);
+    for (int64_t i = 0; i < N; i++) { /* a non-zero mean, so the centring matters */
+        x[i * STRIDE + 3] += 2.0f;
+    }
+    struct uc_entropy_acc a;
+    memset(&a, 0, sizeof a);
+    /* covariance path: slices of 1, 70 (past a chunk), 64, 15, added out of order */
+    assert_int_equal(uc_entropy_eigvals_of_rows(want, x, N, D, STRIDE), UC_OK);
+    assert_int_equal(uc_entropy_acc_begin(&a, x, N, D, STRIDE), UC_OK);
+    assert_false(a.gram);
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 71, 64), UC_OK);
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 0, 1), UC_OK);
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 135, 15), UC_OK);
+    assert_int_equal(uc_entropy_acc_eigvals(&a, got), UC_ERR_INVALID_ARG); /* 70 rows missing */
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 1, 70), UC_OK);
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 140, 11), UC_ERR_INVALID_ARG);
+    assert_int_equal(uc_entropy_acc_eigvals(&a, got), UC_OK);
+    assert_spectra_equal(got, want, D);
+    assert_true(want[0] > 0.05 && want[0] < 1.0);
+    /* Gram path (10 rows of 24): slices of 3, 3, 4 in order */
+    int64_t n = 10;
+    assert_int_equal(uc_entropy_eigvals_of_rows(want, x, n, D, STRIDE), UC_OK);
+    assert_int_equal(uc_entropy_acc_begin(&a, x, n, D, STRIDE), UC_OK);
+    assert_true(a.gram);
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 0, 3), UC_OK);
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 6, 4), UC_ERR_INVALID_ARG);
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 3, 3), UC_OK);
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 6, 4), UC_OK);
+    assert_int_equal(uc_entropy_acc_eigvals(&a, got), UC_OK);
+    assert_spectra_equal(got, want, D);
+    assert_true(got[n] == 0.0 && got[D - 1] == 0.0 && got[0] > 0.1);
+    /* the mean a slice at a time too (as the rows of a layer are produced); no _add before
+     * every row is in the mean */
+    assert_int_equal(uc_entropy_acc_reset(&a, n, D), UC_OK);
+    assert_int_equal(uc_entropy_acc_mean(&a, x, STRIDE, 4), UC_OK);
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 0, 4), UC_ERR_INVALID_ARG);
+    assert_int_equal(uc_entropy_acc_mean(&a, x + 4 * STRIDE, STRIDE, 6), UC_OK);
+    assert_int_equal(uc_entropy_acc_mean(&a, x, STRIDE, 1), UC_ERR_INVALID_ARG); /* 11 of 10 */
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 0, 4), UC_OK);
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 4, 6), UC_OK);
+    assert_int_equal(uc_entropy_acc_eigvals(&a, got), UC_OK);
+    assert_spectra_equal(got, want, D);
+    /* the same rows again into the reused buffers, in one slice */
+    assert_int_equal(uc_entropy_acc_begin(&a, x, n, D, STRIDE), UC_OK);
+    assert_int_equal(uc_entropy_acc_add(&a, x, STRIDE, 0, n), UC_OK);
+    assert_int_equal(uc_entropy_acc_eigvals(&a, got), UC_OK);
+    assert_spectra_equal(got, want, D);
+    uc_entropy_acc_fini(&a);
+    uc_entropy_acc_fini(&a); /* safe twice */
+    uc_free(x);
+    assert_int_equal(uc_mem_blocks_in_use(), blocks);
+}
+
 /* Every row a multiple of one vector: after centring and normalising, C = v v^T: entropy 0. */
 static void test_entropy_rank_one(void **state)
 {
@@ -937,6 +1008,7 @@ int main(void)
     tu_log_capture();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_entropy_orthogonal_rows),
+        cmocka_unit_test(test_entropy_sliced),
         cmocka_unit_test(test_entropy_rank_one),
         cmocka_unit_test(test_entropy_known_spectrum),
         cmocka_unit_test(test_entropy_zero_rows),

@@ -2,7 +2,9 @@
  * UC_ERR_KV_FULL with nothing allocated when the pool runs out, logical slots in position order
  * across non-contiguous blocks, uc_kv_head_remove shifting the later tokens (K and V data
  * written with kv_scatter and read back from pool memory), blocks freed by one sequence reused
- * by another, and allocation failures. */
+ * by another, allocation failures, and forks: full blocks shared by reference count, the partly
+ * filled last block copied, shared blocks returned to the pool only by their last holder, and
+ * copy-on-write when a holder rewrites a shared block (eviction). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -387,6 +389,189 @@ static void test_allocation_failures(void **state)
     assert_int_equal(uc_mem_blocks_in_use(), before);
 }
 
+/* Copies the blocks uc_kv_head_fork listed, as the engine does after forking every head. */
+static void fork_head(struct uc_kv_cache *kv, struct uc_kv_head *dst, const struct uc_kv_head *src)
+{
+    int32_t cd[2], cs[2];
+    int64_t n = 0;
+    assert_int_equal(uc_kv_head_fork(kv, dst, src, cd, cs, &n), UC_OK);
+    assert_true(n <= 1);
+    assert_int_equal(kv->be->ops->kv_copy_blocks(kv->be, &kv->pool, cd, cs, n), UC_OK);
+}
+
+/* issue 12: a fork shares the full blocks (one copy of the prompt in the pool) and copies only
+ * the partly filled last block; both append into blocks of their own; the shared blocks stay
+ * until their last holder is gone, whichever ends first. */
+static void test_fork_shares_full_blocks(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache *kv = &f->kv;
+    struct uc_kv_seq a, b, c;
+    assert_int_equal(uc_kv_seq_init(&a, 1, 1), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&b, 1, 1), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&c, 1, 1), UC_OK);
+    struct uc_kv_head *ha = uc_kv_seq_head(&a, 0, 0), *hb = uc_kv_seq_head(&b, 0, 0),
+                      *hc = uc_kv_seq_head(&c, 0, 0);
+    int32_t tags[10] = {10, 11, 12, 13, 14, 15, 16, 17, 18, 19};
+    assert_int_equal(uc_kv_head_reserve(kv, ha, 10), UC_OK); /* 2 full blocks + 2 tokens */
+    write_tokens(kv, ha, tags, 10);
+    assert_int_equal(uc_kv_used_blocks(kv), 3);
+    fork_head(kv, hb, ha);
+    fork_head(kv, hc, ha);
+    /* 3 + one copied last block per fork, not 3 x 3 */
+    assert_int_equal(uc_kv_used_blocks(kv), 5);
+    assert_int_equal(uc_kv_shared_blocks(kv), 2);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(hb->blocks[i], ha->blocks[i]);
+        assert_int_equal(hc->blocks[i], ha->blocks[i]);
+        assert_true(uc_kv_block_shared(kv, ha->blocks[i]));
+    }
+    assert_true(hb->blocks[2] != ha->blocks[2] && hc->blocks[2] != ha->blocks[2] &&
+                hb->blocks[2] != hc->blocks[2]);
+    assert_false(uc_kv_block_shared(kv, ha->blocks[2]));
+    assert_int_equal(uc_kv_seq_blocks(&b), 3); /* what each holds, shared blocks included */
+    assert_tokens(kv, hb, tags, 10);
+    assert_tokens(kv, hc, tags, 10);
+    /* each appends its own tokens: into its own last block, then a new one */
+    int32_t ta[13], tb[13];
+    memcpy(ta, tags, sizeof tags);
+    memcpy(tb, tags, sizeof tags);
+    int32_t add_a[3] = {20, 21, 22}, add_b[3] = {70, 71, 72};
+    memcpy(ta + 10, add_a, sizeof add_a);
+    memcpy(tb + 10, add_b, sizeof add_b);
+    assert_int_equal(uc_kv_head_reserve(kv, ha, 13), UC_OK);
+    write_tokens(kv, ha, add_a, 3);
+    assert_int_equal(uc_kv_head_reserve(kv, hb, 13), UC_OK);
+    write_tokens(kv, hb, add_b, 3);
+    assert_tokens(kv, ha, ta, 13);
+    assert_tokens(kv, hb, tb, 13);
+    assert_tokens(kv, hc, tags, 10);
+    assert_int_equal(uc_kv_used_blocks(kv), 7);
+    /* the source ends first: its own blocks return, the shared ones stay with the forks */
+    int32_t shared0 = ha->blocks[0];
+    uc_kv_seq_fini(kv, &a);
+    assert_int_equal(uc_kv_used_blocks(kv), 5);
+    assert_int_equal(uc_kv_shared_blocks(kv), 2);
+    assert_tokens(kv, hb, tb, 13);
+    assert_tokens(kv, hc, tags, 10);
+    uc_kv_seq_fini(kv, &c);
+    assert_int_equal(uc_kv_used_blocks(kv), 4); /* b alone: 2 formerly shared + 2 own */
+    assert_int_equal(uc_kv_shared_blocks(kv), 0);
+    assert_false(uc_kv_block_shared(kv, shared0));
+    assert_tokens(kv, hb, tb, 13);
+    uc_kv_seq_fini(kv, &b);
+    assert_int_equal(uc_kv_used_blocks(kv), 0);
+    assert_int_equal(kv->n_free, NB);
+    /* every block is back exactly once */
+    bool seen[NB] = {false};
+    for (int64_t i = 0; i < kv->n_free; i++) {
+        assert_false(seen[kv->free_list[i]]);
+        seen[kv->free_list[i]] = true;
+    }
+}
+
+/* A head whose tokens fill whole blocks is shared entirely; forking needs a free block only for
+ * a partly filled last block, and fails with nothing changed when there is none. */
+static void test_fork_full_head_and_kv_full(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache *kv = &f->kv;
+    struct uc_kv_seq a, b, c;
+    assert_int_equal(uc_kv_seq_init(&a, 1, 2), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&b, 1, 2), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&c, 1, 2), UC_OK);
+    struct uc_kv_head *a0 = uc_kv_seq_head(&a, 0, 0), *a1 = uc_kv_seq_head(&a, 0, 1);
+    int32_t tags[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    assert_int_equal(uc_kv_head_reserve(kv, a0, 2 * BT), UC_OK);
+    write_tokens(kv, a0, tags, 2 * BT);
+    assert_int_equal(uc_kv_head_reserve(kv, a1, 5 * BT + 1), UC_OK); /* the pool is full */
+    write_tokens(kv, a1, tags, 1);
+    a1->n_tokens = 5 * BT + 1; /* the rest stays unwritten: only counts matter here */
+    assert_int_equal(uc_kv_used_blocks(kv), NB);
+    fork_head(kv, uc_kv_seq_head(&b, 0, 0), a0); /* whole blocks: no block needed */
+    assert_int_equal(uc_kv_used_blocks(kv), NB);
+    assert_tokens(kv, uc_kv_seq_head(&b, 0, 0), tags, 2 * BT);
+    int32_t cd[1], cs[1];
+    int64_t n = 0;
+    assert_int_equal(uc_kv_head_fork(kv, uc_kv_seq_head(&b, 0, 1), a1, cd, cs, &n),
+                     UC_ERR_KV_FULL);
+    assert_int_equal(n, 0);
+    assert_int_equal(uc_kv_seq_head(&b, 0, 1)->n_blocks, 0);
+    assert_int_equal(uc_kv_seq_head(&b, 0, 1)->n_tokens, 0);
+    assert_int_equal(uc_kv_shared_blocks(kv), 2);
+    /* forking into a head that already holds blocks is refused */
+    assert_int_equal(uc_kv_head_fork(kv, uc_kv_seq_head(&b, 0, 0), a0, cd, cs, &n),
+                     UC_ERR_INVALID_ARG);
+    /* a failed table allocation changes nothing either */
+    uc_mem_fail_after(1);
+    assert_int_equal(uc_kv_head_fork(kv, uc_kv_seq_head(&c, 0, 0), a0, cd, cs, &n),
+                     UC_ERR_NOMEM);
+    uc_mem_fail_after(0);
+    assert_int_equal(uc_kv_shared_blocks(kv), 2);
+    assert_int_equal(kv->refs[a0->blocks[0]], 2);
+    uc_kv_seq_fini(kv, &a);
+    assert_int_equal(uc_kv_used_blocks(kv), 2);
+    uc_kv_seq_fini(kv, &b);
+    uc_kv_seq_fini(kv, &c);
+    assert_int_equal(uc_kv_used_blocks(kv), 0);
+}
+
+/* Eviction rewrites the slots after the removed token: a holder of shared blocks first gets its
+ * own copies of them (from the removed token's block on), and the other holders keep theirs. */
+static void test_remove_unshares(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache *kv = &f->kv;
+    struct uc_kv_seq a, b;
+    assert_int_equal(uc_kv_seq_init(&a, 1, 1), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&b, 1, 1), UC_OK);
+    struct uc_kv_head *ha = uc_kv_seq_head(&a, 0, 0), *hb = uc_kv_seq_head(&b, 0, 0);
+    int32_t tags[12] = {10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21};
+    assert_int_equal(uc_kv_head_reserve(kv, ha, 12), UC_OK);
+    write_tokens(kv, ha, tags, 12);
+    fork_head(kv, hb, ha); /* all 3 blocks shared */
+    assert_int_equal(uc_kv_used_blocks(kv), 3);
+    assert_int_equal(uc_kv_shared_blocks(kv), 3);
+    /* b drops token 6 (block 1): blocks 1 and 2 become b's own, block 0 stays shared */
+    assert_int_equal(uc_kv_head_remove(kv, hb, 6), UC_OK);
+    const int32_t wb[11] = {10, 11, 12, 13, 14, 15, 17, 18, 19, 20, 21};
+    assert_tokens(kv, hb, wb, 11);
+    assert_tokens(kv, ha, tags, 12);
+    assert_int_equal(hb->blocks[0], ha->blocks[0]);
+    assert_true(hb->blocks[1] != ha->blocks[1] && hb->blocks[2] != ha->blocks[2]);
+    assert_int_equal(uc_kv_shared_blocks(kv), 1);
+    assert_int_equal(uc_kv_used_blocks(kv), 5);
+    /* a drops token 0: its block 0 is copied too; nothing is shared any more */
+    assert_int_equal(uc_kv_head_remove(kv, ha, 0), UC_OK);
+    assert_tokens(kv, ha, tags + 1, 11);
+    assert_tokens(kv, hb, wb, 11);
+    assert_int_equal(uc_kv_shared_blocks(kv), 0);
+    assert_int_equal(uc_kv_used_blocks(kv), 6);
+    /* with the pool full, a remove that would need a copy is refused and changes nothing */
+    struct uc_kv_seq c, d;
+    assert_int_equal(uc_kv_seq_init(&c, 1, 1), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&d, 1, 1), UC_OK);
+    struct uc_kv_head *hc = uc_kv_seq_head(&c, 0, 0), *hd = uc_kv_seq_head(&d, 0, 0);
+    assert_int_equal(uc_kv_head_reserve(kv, hc, 2 * BT), UC_OK);
+    write_tokens(kv, hc, tags, 2 * BT);
+    fork_head(kv, hd, hc);
+    assert_int_equal(uc_kv_used_blocks(kv), NB);
+    assert_int_equal(uc_kv_head_remove(kv, hd, 1), UC_ERR_KV_FULL);
+    assert_tokens(kv, hd, tags, 2 * BT);
+    assert_tokens(kv, hc, tags, 2 * BT);
+    /* its last token: only the block holding it is copied, the first stays shared */
+    uc_kv_seq_fini(kv, &a);
+    assert_int_equal(uc_kv_head_remove(kv, hd, 2 * BT - 1), UC_OK);
+    assert_tokens(kv, hd, tags, 2 * BT - 1);
+    assert_tokens(kv, hc, tags, 2 * BT);
+    assert_int_equal(uc_kv_shared_blocks(kv), 1);
+    uc_kv_seq_fini(kv, &b);
+    uc_kv_seq_fini(kv, &c);
+    uc_kv_seq_fini(kv, &d);
+    assert_int_equal(uc_kv_used_blocks(kv), 0);
+    assert_int_equal(uc_kv_shared_blocks(kv), 0);
+}
+
 int main(void)
 {
     tu_log_capture();
@@ -398,6 +583,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_head_remove, setup, teardown),
         cmocka_unit_test_setup_teardown(test_freed_blocks_reused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_allocation_failures, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fork_shares_full_blocks, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fork_full_head_and_kv_full, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_remove_unshares, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
