@@ -27,6 +27,12 @@ def daemon_backend():
     return backend
 
 
+def kv_element_bytes():
+    """Bytes of one cached K or V element in the daemons under test: float32 on the CPU and with
+    --fp32, bf16 on a GPU otherwise."""
+    return 2 if daemon_backend() == "cuda" and "--fp32" not in EXTRA_DAEMON_ARGS else 4
+
+
 class TestFailure(AssertionError):
     pass
 

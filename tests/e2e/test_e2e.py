@@ -38,7 +38,8 @@ import grpc  # noqa: E402
 
 import grpc_client as gc  # noqa: E402
 from grpc_client import pb  # noqa: E402
-from e2e_util import DaemonProcess, TestFailure, check, daemon_backend, free_port  # noqa: E402
+from e2e_util import (DaemonProcess, TestFailure, check, daemon_backend,  # noqa: E402
+                      free_port, kv_element_bytes)
 
 REPO = gc.REPO
 TEST_TIMEOUT_S = 90          # per test (x3 for an ASan build)
@@ -407,10 +408,12 @@ def t_n_choices_shared_kv(args):
     np_ = 1 if args.no_mpi else 2
     prompt = (LONG_PROMPT + " ") * 5
     # per rank: 8 layers x (4 / np) KV heads x ceil((~1020 + 16) / 16) blocks of 16 tokens, and
-    # 2 x 16 x 32 x 4 bytes per block (K and V, float32): about 1.6 choices' worst case
+    # 2 x 16 x 32 x element bytes per block (K and V; float32 on the CPU, bf16 on a GPU): about
+    # 1.6 choices' worst case
     blocks = 1.6 * 8 * (4 // np_) * 65
-    d = Daemon(args, ["--policy", "full", "--kv-memory", str(int(blocks * 4096))], np=np_,
-               name="shared_kv")
+    d = Daemon(args, ["--policy", "full",
+                      "--kv-memory", str(int(blocks * 2 * 16 * 32 * kv_element_bytes()))],
+               np=np_, name="shared_kv")
     try:
         check(d.wait_serving(timeout=START_TIMEOUT_S * np_)[-1] == gc.SERVING)
         cl = d.client
