@@ -179,6 +179,18 @@ void uc_ctl_json_num(FILE *f, double v)
     }
 }
 
+void uc_ctl_json_field_num(FILE *f, const char *key, double v)
+{
+    fprintf(f, ",\"%s\":", key);
+    uc_ctl_json_num(f, v);
+}
+
+void uc_ctl_json_field_str(FILE *f, const char *key, const char *s)
+{
+    fprintf(f, ",\"%s\":", key);
+    uc_ctl_json_str(f, s);
+}
+
 bool uc_ctl_parse_u64(const char *s, uint64_t max, uint64_t *out)
 {
     if (!s || !*s || *s == '-' || *s == '+') {
@@ -1268,14 +1280,10 @@ static void json_dist(FILE *f, const char *name, const struct dist *d)
 {
     fprintf(f, ",\"%s\":{\"mean\":", name);
     uc_ctl_json_num(f, d->mean);
-    fprintf(f, ",\"p50\":");
-    uc_ctl_json_num(f, d->p50);
-    fprintf(f, ",\"p90\":");
-    uc_ctl_json_num(f, d->p90);
-    fprintf(f, ",\"p99\":");
-    uc_ctl_json_num(f, d->p99);
-    fprintf(f, ",\"max\":");
-    uc_ctl_json_num(f, d->max);
+    uc_ctl_json_field_num(f, "p50", d->p50);
+    uc_ctl_json_field_num(f, "p90", d->p90);
+    uc_ctl_json_field_num(f, "p99", d->p99);
+    uc_ctl_json_field_num(f, "max", d->max);
     fprintf(f, ",\"count\":%zu}", d->n);
 }
 
@@ -1289,12 +1297,9 @@ static void json_run(FILE *f, const struct summary *x, int round)
     fprintf(f, ",\"completed\":%" PRId64 ",\"failed\":%" PRId64 ",\"duration_s\":",
             x->completed, x->failed);
     uc_ctl_json_num(f, x->duration_s);
-    fprintf(f, ",\"requests_per_s\":");
-    uc_ctl_json_num(f, x->req_s);
-    fprintf(f, ",\"output_tokens_per_s\":");
-    uc_ctl_json_num(f, x->out_tok_s);
-    fprintf(f, ",\"total_tokens_per_s\":");
-    uc_ctl_json_num(f, x->total_tok_s);
+    uc_ctl_json_field_num(f, "requests_per_s", x->req_s);
+    uc_ctl_json_field_num(f, "output_tokens_per_s", x->out_tok_s);
+    uc_ctl_json_field_num(f, "total_tokens_per_s", x->total_tok_s);
     fprintf(f, ",\"prompt_tokens_total\":%" PRIu64 ",\"output_tokens_total\":%" PRIu64,
             x->prompt_tokens, x->output_tokens);
     json_dist(f, "ttft_ms", &x->ttft);
@@ -1325,15 +1330,13 @@ static void print_json(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
     fprintf(f, "{\"server\":");
     uc_ctl_json_str(f, ctl->server);
     if (cfg->http_url) {
-        fprintf(f, ",\"http\":");
-        uc_ctl_json_str(f, cfg->http_url);
+        uc_ctl_json_field_str(f, "http", cfg->http_url);
     }
     fprintf(f, ",\"config\":{\"concurrency\":%d,\"rate\":", cfg->concurrency);
     uc_ctl_json_num(f, cfg->rate);
     fprintf(f, ",\"requests\":%" PRId64 ",\"duration_s\":", cfg->requests);
     uc_ctl_json_num(f, cfg->duration_s);
-    fprintf(f, ",\"prompts\":");
-    uc_ctl_json_str(f, cfg->prompt_file  ? "file"
+    uc_ctl_json_field_str(f, "prompts", cfg->prompt_file  ? "file"
                        : cfg->prompt_dir ? "dir"
                                          : "synthetic");
     fprintf(f, ",\"prompt_tokens\":%" PRIu32 ",\"max_tokens\":%" PRIu32 ",\"seed\":%" PRIu64

@@ -62,6 +62,9 @@ struct uc_buf;
 void uc_ctl_json_buf(struct uc_buf *b, const char *s, size_t len);
 /* Writes a JSON number with %.6g precision, or null when it is not finite. */
 void uc_ctl_json_num(FILE *f, double v);
+/* Writes `,"key":` and then the number or the string, as above (a field after the first). */
+void uc_ctl_json_field_num(FILE *f, const char *key, double v);
+void uc_ctl_json_field_str(FILE *f, const char *key, const char *s);
 
 /* Parses a whole unsigned/signed/double command-line value; false on garbage or overflow. */
 bool uc_ctl_parse_u64(const char *s, uint64_t max, uint64_t *out);

@@ -494,18 +494,14 @@ static void json_report(FILE *f, const struct uc_compression_report *r)
     for (size_t i = 0; i < r->n_entropy; i++) {
         fprintf(f, "%s{\"layer\":%" PRIu32 ",\"min\":", i ? "," : "", r->entropy[i].layer);
         uc_ctl_json_num(f, r->entropy[i].min);
-        fprintf(f, ",\"mean\":");
-        uc_ctl_json_num(f, r->entropy[i].mean);
-        fprintf(f, ",\"max\":");
-        uc_ctl_json_num(f, r->entropy[i].max);
+        uc_ctl_json_field_num(f, "mean", r->entropy[i].mean);
+        uc_ctl_json_field_num(f, "max", r->entropy[i].max);
         fputc('}', f);
     }
     fprintf(f, "],\"compress_ms\":");
     uc_ctl_json_num(f, r->compress_ms);
-    fprintf(f, ",\"decode_mode\":");
-    uc_ctl_json_str(f, r->decode_mode);
-    fprintf(f, ",\"grouping\":");
-    uc_ctl_json_str(f, r->grouping);
+    uc_ctl_json_field_str(f, "decode_mode", r->decode_mode);
+    uc_ctl_json_field_str(f, "grouping", r->grouping);
     fprintf(f, ",\"plan_checksum\":\"%016" PRIx64 "\"}", r->plan_checksum);
 }
 
@@ -513,26 +509,19 @@ static void json_completion_fields(FILE *f, const struct uc_completion *c)
 {
     fprintf(f, "\"request_id\":");
     uc_ctl_json_str(f, c->request_id);
-    fprintf(f, ",\"finish_reason\":");
-    uc_ctl_json_str(f, uc_client_finish_reason_name(c->finish_reason));
+    uc_ctl_json_field_str(f, "finish_reason", uc_client_finish_reason_name(c->finish_reason));
     fprintf(f, ",\"matched_stop\":");
     uc_ctl_json_strn(f, c->matched_stop, c->matched_stop ? c->matched_stop_len : 0);
     fprintf(f, ",\"usage\":{\"prompt_tokens\":%" PRIu32 ",\"completion_tokens\":%" PRIu32 "}",
             c->prompt_tokens, c->completion_tokens);
     fprintf(f, ",\"timing\":{\"queue_ms\":");
     uc_ctl_json_num(f, c->timing.queue_ms);
-    fprintf(f, ",\"ttft_ms\":");
-    uc_ctl_json_num(f, c->timing.ttft_ms);
-    fprintf(f, ",\"prefill_ms\":");
-    uc_ctl_json_num(f, c->timing.prefill_ms);
-    fprintf(f, ",\"decode_ms\":");
-    uc_ctl_json_num(f, c->timing.decode_ms);
-    fprintf(f, ",\"total_ms\":");
-    uc_ctl_json_num(f, c->timing.total_ms);
-    fprintf(f, ",\"client_ttft_ms\":");
-    uc_ctl_json_num(f, c->client_ttft_ms);
-    fprintf(f, ",\"client_total_ms\":");
-    uc_ctl_json_num(f, c->client_total_ms);
+    uc_ctl_json_field_num(f, "ttft_ms", c->timing.ttft_ms);
+    uc_ctl_json_field_num(f, "prefill_ms", c->timing.prefill_ms);
+    uc_ctl_json_field_num(f, "decode_ms", c->timing.decode_ms);
+    uc_ctl_json_field_num(f, "total_ms", c->timing.total_ms);
+    uc_ctl_json_field_num(f, "client_ttft_ms", c->client_ttft_ms);
+    uc_ctl_json_field_num(f, "client_total_ms", c->client_total_ms);
     fprintf(f, "},\"compression\":");
     if (c->has_compression) {
         json_report(f, &c->compression);
@@ -602,8 +591,7 @@ static void json_profile(FILE *f, const struct uc_client_profile *p, bool with_f
 {
     fprintf(f, "{\"present\":%s,\"source\":", p->present ? "true" : "false");
     uc_ctl_json_str(f, p->source);
-    fprintf(f, ",\"path\":");
-    uc_ctl_json_str(f, p->path);
+    uc_ctl_json_field_str(f, "path", p->path);
     fprintf(f, ",\"created_unix_ms\":%" PRId64 ",\"calib_tokens\":%" PRIu64
                ",\"head_groups\":%" PRIu32 ",\"stage_starts\":",
             p->created_unix_ms, p->calib_tokens, p->head_groups);
@@ -613,8 +601,7 @@ static void json_profile(FILE *f, const struct uc_client_profile *p, bool with_f
         const struct uc_layer_profile *l = &p->layers[i];
         fprintf(f, "%s{\"layer\":%" PRIu32 ",\"entropy\":", i ? "," : "", l->layer);
         uc_ctl_json_num(f, l->entropy);
-        fprintf(f, ",\"score\":");
-        uc_ctl_json_num(f, l->score);
+        uc_ctl_json_field_num(f, "score", l->score);
         fprintf(f, ",\"stage\":%" PRIu32 ",\"head_entropy\":", l->stage);
         print_json_double_array(f, l->head_entropy, l->n_head_entropy);
         fprintf(f, ",\"kv_head_entropy\":");
@@ -625,8 +612,7 @@ static void json_profile(FILE *f, const struct uc_client_profile *p, bool with_f
     }
     fputc(']', f);
     if (with_file) {
-        fprintf(f, ",\"json\":");
-        uc_ctl_json_str(f, p->json);
+        uc_ctl_json_field_str(f, "json", p->json);
     }
     fputc('}', f);
 }
@@ -671,12 +657,9 @@ static void json_server_info(FILE *f, const struct uc_server_info *s)
 {
     fprintf(f, "{\"version\":");
     uc_ctl_json_str(f, s->version);
-    fprintf(f, ",\"build\":");
-    uc_ctl_json_str(f, s->build);
-    fprintf(f, ",\"uptime_s\":");
-    uc_ctl_json_num(f, s->uptime_s);
-    fprintf(f, ",\"state\":");
-    uc_ctl_json_str(f, s->state);
+    uc_ctl_json_field_str(f, "build", s->build);
+    uc_ctl_json_field_num(f, "uptime_s", s->uptime_s);
+    uc_ctl_json_field_str(f, "state", s->state);
     fprintf(f, ",\"tp_size\":%" PRIu32 ",\"backend\":", s->tp_size);
     uc_ctl_json_str(f, s->backend);
     fprintf(f, ",\"running_requests\":%" PRIu32 ",\"queued_requests\":%" PRIu32
@@ -687,8 +670,7 @@ static void json_server_info(FILE *f, const struct uc_server_info *s)
     for (size_t i = 0; i < s->n_ranks; i++) {
         fprintf(f, "%s{\"rank\":%" PRIu32 ",\"host\":", i ? "," : "", s->ranks[i].rank);
         uc_ctl_json_str(f, s->ranks[i].host);
-        fprintf(f, ",\"device\":");
-        uc_ctl_json_str(f, s->ranks[i].device);
+        uc_ctl_json_field_str(f, "device", s->ranks[i].device);
         fprintf(f, ",\"weight_bytes\":%" PRIu64 ",\"kv_bytes\":%" PRIu64 "}",
                 s->ranks[i].weight_bytes, s->ranks[i].kv_bytes);
     }
@@ -699,8 +681,7 @@ static void json_model_info(FILE *f, const struct uc_model_info *m)
 {
     fprintf(f, "{\"path\":");
     uc_ctl_json_str(f, m->path);
-    fprintf(f, ",\"architecture\":");
-    uc_ctl_json_str(f, m->architecture);
+    uc_ctl_json_field_str(f, "architecture", m->architecture);
     fprintf(f,
             ",\"layers\":%" PRIu32 ",\"heads\":%" PRIu32 ",\"kv_heads\":%" PRIu32
             ",\"head_dim\":%" PRIu32 ",\"hidden_size\":%" PRIu32 ",\"intermediate_size\":%" PRIu32
@@ -708,8 +689,7 @@ static void json_model_info(FILE *f, const struct uc_model_info *m)
             m->layers, m->heads, m->kv_heads, m->head_dim, m->hidden_size, m->intermediate_size,
             m->vocab_size, m->context_length);
     uc_ctl_json_str(f, m->dtype);
-    fprintf(f, ",\"tokenizer\":");
-    uc_ctl_json_str(f, m->tokenizer);
+    uc_ctl_json_field_str(f, "tokenizer", m->tokenizer);
     fprintf(f, ",\"bos_token_id\":%" PRId32 ",\"eos_token_ids\":[", m->bos_token_id);
     for (size_t i = 0; i < m->n_eos_token_ids; i++) {
         fprintf(f, "%s%" PRId32, i ? "," : "", m->eos_token_ids[i]);
@@ -721,12 +701,9 @@ static void json_pct(FILE *f, const char *name, const struct uc_percentiles *p)
 {
     fprintf(f, ",\"%s\":{\"p50\":", name);
     uc_ctl_json_num(f, p->p50);
-    fprintf(f, ",\"p90\":");
-    uc_ctl_json_num(f, p->p90);
-    fprintf(f, ",\"p99\":");
-    uc_ctl_json_num(f, p->p99);
-    fprintf(f, ",\"mean\":");
-    uc_ctl_json_num(f, p->mean);
+    uc_ctl_json_field_num(f, "p90", p->p90);
+    uc_ctl_json_field_num(f, "p99", p->p99);
+    uc_ctl_json_field_num(f, "mean", p->mean);
     fprintf(f, ",\"count\":%" PRIu64 "}", p->count);
 }
 
@@ -751,8 +728,7 @@ static void json_stats(FILE *f, const struct uc_stats *s)
     json_pct(f, "inter_token_ms", &s->inter_token_ms);
     json_pct(f, "e2e_ms", &s->e2e_ms);
     json_pct(f, "queue_ms", &s->queue_ms);
-    fprintf(f, ",\"text\":");
-    uc_ctl_json_str(f, s->text);
+    uc_ctl_json_field_str(f, "text", s->text);
     fputc('}', f);
 }
 

@@ -25,8 +25,10 @@
 
 /* Thread (warp w, lane l) of the tridiagonalisation holds A(i, j) for the rows i = w + 8 r and
  * the columns j = l + 32 c in registers. */
-#define TRI_R (UC_CUDA_SYMEIG_MAX_D / 8)
+#define TRI_WARPS (TRI_THREADS / 32)
+#define TRI_R (UC_CUDA_SYMEIG_MAX_D / TRI_WARPS)
 #define TRI_C (UC_CUDA_SYMEIG_MAX_D / 32)
+static_assert(TRI_R == 16, "the row sums reduce 16 rows per warp (warp_sum16)");
 
 /* Sums each of the 16 values over the warp's lanes; lane l gets the sum of value (l >> 1) & 15
  * (a transposing reduction: 16 exchanges instead of 16 x 5). */
@@ -71,7 +73,7 @@ static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *
     for (int r = 0; r < TRI_R; r++) {
 #pragma unroll
         for (int c = 0; c < TRI_C; c++) {
-            const int i = warp + 8 * r, j = lane + 32 * c;
+            const int i = warp + TRI_WARPS * r, j = lane + 32 * c;
             a[r][c] = i < d && j < d ? mat[(size_t)i * d + j] : 0.0;
         }
     }
@@ -79,12 +81,12 @@ static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *
         const int o = k + 1;
         /* the warp holding row k forms the reflector of its part right of the diagonal (the
          * column below it: the matrix is kept symmetric) */
-        if (warp == (k & 7)) {
+        if (warp == k % TRI_WARPS) {
             double x[TRI_C];
             double s = 0.0, x0 = 0.0;
 #pragma unroll
             for (int r = 0; r < TRI_R; r++) {
-                if (warp + 8 * r == k) {
+                if (warp + TRI_WARPS * r == k) {
 #pragma unroll
                     for (int c = 0; c < TRI_C; c++) {
                         const int j = lane + 32 * c;
@@ -120,26 +122,26 @@ static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *
         const double beta = sh_beta;
         if (!skip) {
             /* p = A v for the rows below k (v is zero left of o): row sums over the lanes */
-            double part[16];
+            double part[TRI_R];
             double vj[TRI_C];
 #pragma unroll
             for (int c = 0; c < TRI_C; c++) {
                 vj[c] = vs[lane + 32 * c];
             }
 #pragma unroll
-            for (int r = 0; r < 16; r++) {
+            for (int r = 0; r < TRI_R; r++) {
                 part[r] = 0.0;
-                if (r < TRI_R && warp + 8 * r >= o) {
+                if (warp + TRI_WARPS * r >= o) {
 #pragma unroll
                     for (int c = 0; c < TRI_C; c++) {
                         if (32 * c + 31 >= o) {
-                            part[r] += a[r < TRI_R ? r : 0][c] * vj[c];
+                            part[r] += a[r][c] * vj[c];
                         }
                     }
                 }
             }
             const double pi = warp_sum16(part, lane);
-            const int i = warp + 8 * ((lane >> 1) & 15);
+            const int i = warp + TRI_WARPS * ((lane >> 1) & 15);
             if ((lane & 1) == 0 && i < UC_CUDA_SYMEIG_MAX_D) {
                 ws[i] = i >= o && i < d ? beta * pi : 0.0; /* p = beta A v, for now */
             }
@@ -161,7 +163,7 @@ static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *
             }
 #pragma unroll
             for (int r = 0; r < TRI_R; r++) {
-                const int i = warp + 8 * r;
+                const int i = warp + TRI_WARPS * r;
                 if (i >= o) {
                     const double vi = vs[i], wi = ws[i] - kk * vi;
 #pragma unroll
@@ -180,7 +182,7 @@ static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *
     for (int r = 0; r < TRI_R; r++) {
 #pragma unroll
         for (int c = 0; c < TRI_C; c++) {
-            const int i = warp + 8 * r, j = lane + 32 * c;
+            const int i = warp + TRI_WARPS * r, j = lane + 32 * c;
             if (d >= 2 && i == d - 2 && j == d - 2) {
                 dg[d - 2] = a[r][c];
             }
