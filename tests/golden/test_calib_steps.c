@@ -5,9 +5,9 @@
  * the scheduler does (rows from uc_engine_background_rows, 64 rows a step: the CPU default of
  * prefill_step_tokens / 32), each step's CPU time measured on this thread (one compute thread,
  * so time the machine gives other processes does not count). The 4096-token window's 90th
- * percentile step costs at most 1.5x the 1024-token one's, and no step of it but the first
- * (which embeds the whole window) more than 3x its median: its hidden-state covariance comes a
- * slice at a time, its slices thin out deep into a layer, and each layer ends in parts.
+ * percentile step costs at most 1.5x the 1024-token one's, and its 99th percentile at most 3x
+ * its median: its hidden-state covariance comes a slice at a time, its slices thin out deep
+ * into a layer, and each layer ends in parts.
  * (Before: p90 about 3x, layer starts and ends 4-5x the median.)
  * Usage: test_calib_steps SHARED_DIR */
 #include <stdio.h>
@@ -132,9 +132,13 @@ int main(int argc, char **argv)
     TU_CHECK(p90_4 <= 1.5 * p90_1,
              "a 4096-token window's p90 step %.2f ms > 1.5x a 1024-token window's %.2f ms", p90_4,
              p90_1);
-    TU_CHECK(w4.max_ms <= 3.0 * med4,
-             "a 4096-token window's longest step %.2f ms (step %lld) > 3x its median %.2f ms",
-             w4.max_ms, (long long)w4.max_at, med4);
+    /* the 99th percentile, not the longest: a stray preemption or an ASan quarantine sweep can
+     * lengthen any one step (seen once in CI: 36 ms against a 12 ms median), while the long
+     * steps this guards against came at every layer start and end (3% of the steps) */
+    double p99_4 = quantile(&w4, 0.99);
+    TU_CHECK(p99_4 <= 3.0 * med4,
+             "a 4096-token window's p99 step %.2f ms > 3x its median %.2f ms (longest %.2f ms, "
+             "step %lld)", p99_4, med4, w4.max_ms, (long long)w4.max_at);
     uc_free(w4.ids);
     uc_free(w4.ms);
     uc_free(w1.ids);
