@@ -123,8 +123,11 @@ def calibrate_ttft(args, window):
         fut = cl.admin.Calibrate.future(gc.pb.CalibrateRequest(
             text=calib_text(1 << 20), window_tokens=window, max_windows=1024), timeout=900)
         time.sleep(1.0)
-        busy, idle, t_end = [], [], time.time() + 4.0  # several layers of a window
-        while time.time() < t_end and not fut.done():
+        # several layers of a window, and at least 40 samples (under ASan a busy TTFT is long
+        # enough that 4 s held 38 once): 4 s, or up to 12 s until 40 pairs are in
+        busy, idle, t0 = [], [], time.time()
+        while not fut.done() and time.time() < t0 + 12.0 and (time.time() < t0 + 4.0 or
+                                                               len(busy) < 40):
             busy.append(ttft(cl))
             idle.append(ttft(ci))
         still = not fut.done()
