@@ -8,7 +8,7 @@
 # timings alone), ctest (label cuda), golden, golden-fp32, kvmem (KV memory accounting and
 # copy-on-write forks on the device, tests/golden/test_kv_memory.c),
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
-# gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c),
+# gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c; TRACE_ARGS replaces its bench_gpu arguments),
 # e2e (both end-to-end suites against --backend cuda; e2e-grpc, e2e-ctl one each),
 # serve (tests/bench/serve_gpu.sh; serve:a,b picks workloads, SERVE_ARGS adds options).
 # A step written VAR=VALUE:STEP runs with that variable set (e.g. UC_CUDA_PDL=0:gpu-quick).
@@ -170,7 +170,7 @@ for step in "$@"; do
         -L"$cupti" -lcupti -o "$bd/cupti_trace.so" &&
       LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$cupti UC_TRACE_OUT=$bd/trace.csv \
         LD_PRELOAD=$bd/cupti_trace.so timeout 200 "$bd/tests/bench/bench_gpu" --skip-compress \
-        --prefill 512 --reps 1 --decode-steps 16 | grep decode &&
+        ${TRACE_ARGS:---prefill 512 --reps 1 --decode-steps 16} | grep decode &&
       python3 "$root/tests/cuda/trace_steps.py" "$bd/trace.csv" 8 ;;
     gpu-quick) timeout 200 "$bd/tests/bench/bench_gpu" --reps 3 --skip-compress --prefill 8192 ;;
     torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
