@@ -11,7 +11,13 @@
  * float32.
  *
  * Generic path (float32, or other head sizes up to 256): one warp per query row, lanes over 32
- * keys at a time for the scores, lanes over dimensions for PV, exact expf. */
+ * keys at a time for the scores, lanes over dimensions for PV, exact expf.
+ *
+ * On Hopper, bf16 with D = 128 and an even GQA group goes to attn_prefill_sm90.cu first (wgmma
+ * and TMA); the fast path here is then its checked reference. */
+#include <stdlib.h>
+#include <string.h>
+
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -319,6 +325,27 @@ static void launch_generic(void *out, const void *q, int64_t ld_q, const void *k
         (int)n_heads, (int)(n_heads / n_heads_kv), (int)d, 1.0f / sqrtf((float)d));
 }
 
+#ifdef UC_KERNELS_SM90
+/* Whether the current device is compute capability 9.0 and UC_CUDA_PREFILL_SM90 is not 0. */
+static bool sm90_enabled(void)
+{
+    static int cc[64]; /* per device ordinal: 0 unknown, 1 sm_90, 2 other */
+    const char *v = getenv("UC_CUDA_PREFILL_SM90"); /* read each time: benchmarks switch it */
+    int dev = 0;
+    if ((v && strcmp(v, "0") == 0) || cudaGetDevice(&dev) != cudaSuccess || dev < 0 ||
+        dev >= 64) {
+        return false;
+    }
+    if (cc[dev] == 0) {
+        int major = 0, minor = 0;
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+        cc[dev] = major == 9 && minor == 0 ? 1 : 2;
+    }
+    return cc[dev] == 1;
+}
+#endif
+
 extern "C" cudaError_t uc_cuda_attn_prefill(void *out, const void *q, int64_t ld_q, const void *k,
                                             const void *v, int64_t ld_kv, int64_t n_tok,
                                             int64_t q0, int64_t n_heads, int64_t n_heads_kv,
@@ -338,6 +365,15 @@ extern "C" cudaError_t uc_cuda_attn_prefill(void *out, const void *q, int64_t ld
     /* D = 128 re-reads Q from shared memory (two blocks per SM: 278-295 TFLOP/s against 257-277
      * with Q in registers, n = 8K-32K on H100); D = 64 keeps Q in registers (269 against 248).
      * tests/cuda/NOTES.md has the measurements. */
+#ifdef UC_KERNELS_SM90
+    if (fast && head_dim == 128 && sm90_enabled()) {
+        cudaError_t e = uc_cuda_attn_prefill_sm90(out, q, ld_q, k, v, ld_kv, n_tok, q0, n_heads,
+                                                  n_heads_kv, stream);
+        if (e != cudaErrorNotSupported) {
+            return e;
+        }
+    }
+#endif
     if (fast && head_dim == 128) {
         return launch_fast<128, true>(out, q, ld_q, k, v, ld_kv, n_tok, q0, n_heads, n_heads_kv,
                                       stream);

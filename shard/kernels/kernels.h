@@ -95,6 +95,14 @@ cudaError_t uc_cuda_attn_prefill(void *out, const void *q, int64_t ld_q, const v
                                  const void *v, int64_t ld_kv, int64_t n_tok, int64_t q0,
                                  int64_t n_heads, int64_t n_heads_kv, int64_t head_dim,
                                  enum uc_cuda_dtype dt, cudaStream_t stream);
+/* The same on Hopper (attn_prefill_sm90.cu, built for sm_90a when 90 is among the CUDA
+ * architectures): bf16, D = 128, an even number of query heads per KV head, 16-byte aligned
+ * rows. cudaErrorNotSupported when a case is not its own (the caller then takes the kernels
+ * above); uc_cuda_attn_prefill tries it first on compute capability 9.0 unless
+ * UC_CUDA_PREFILL_SM90=0. */
+cudaError_t uc_cuda_attn_prefill_sm90(void *out, const void *q, int64_t ld_q, const void *k,
+                                      const void *v, int64_t ld_kv, int64_t n_tok, int64_t q0,
+                                      int64_t n_heads, int64_t n_heads_kv, cudaStream_t stream);
 /* Window probabilities: out (H, W, n) floats on the device, row r of head h = the causal
  * softmax of query row n-W+r (q_win (W, ld_q)) over the n keys, zeros past the diagonal. */
 cudaError_t uc_cuda_window_probs(float *out, const void *q_win, int64_t ld_q, const void *k,

@@ -8,6 +8,7 @@
 # timings alone), ctest (label cuda), golden, golden-fp32, kvmem (KV memory accounting and
 # copy-on-write forks on the device, tests/golden/test_kv_memory.c),
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
+# prefbench (prefill attention, both D = 128 kernels, beside the GEMM ceiling),
 # gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c; TRACE_ARGS replaces its bench_gpu arguments),
 # e2e (both end-to-end suites against --backend cuda; e2e-grpc, e2e-ctl one each),
 # serve (tests/bench/serve_gpu.sh; serve:a,b picks workloads, SERVE_ARGS adds options).
@@ -125,6 +126,7 @@ for step in "$@"; do
     ops) timeout 300 "$bd/tests/cuda/test_cuda_ops" --bench ;;
     decbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-decode ;;
     specbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-qspec ;;
+    prefbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-prefill ;;
     ctest) timeout 300 ctest --test-dir "$bd" -L cuda --output-on-failure ;;
     golden) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
     golden-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;

@@ -6,9 +6,9 @@
  * synthetic-weight generator must match exactly, argmax index for index. A control checks that
  * the attention bound rejects a result computed with the wrong GQA mapping.
  * Exits 77 (skipped) without a GPU.
- * Usage: test_cuda_ops [--bench | --bench-decode | --bench-qspec]  (--bench also times prefill
- * attention, GEMM, decode and the query spectra; the others time one of them, without the
- * checks) */
+ * Usage: test_cuda_ops [--bench | --bench-decode | --bench-qspec | --bench-prefill]  (--bench
+ * also times prefill attention, GEMM, decode and the query spectra; the others time one of
+ * them, without the checks) */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -527,6 +527,40 @@ static void test_attn_prefill(int64_t t, int64_t q0, int64_t h, int64_t hkv, int
     qkv_free(&b);
 }
 
+/* The Hopper prefill kernel (attn_prefill_sm90.cu) against the FA2-style kernel on the same
+ * device, at lengths the CPU comparison cannot afford; UC_CUDA_PREFILL_SM90=0 selects the
+ * latter. Both round P to bf16, so they differ only in summation order. */
+static void test_attn_prefill_paths(int64_t t, int64_t q0, int64_t h, int64_t hkv)
+{
+    const int64_t d = 128;
+    struct qkv b;
+    qkv_make(&b, q0 + t, h, hkv, d, 500 + (uint64_t)(t + q0));
+    void *o[2] = {NULL, NULL};
+    uc_status r[2];
+    for (int path = 0; path < 2; path++) {
+        setenv("UC_CUDA_PREFILL_SM90", path == 0 ? "1" : "0", 1);
+        gpu->ops->alloc(gpu, &o[path], (size_t)(t * h * d) * gpu->ops->act_size(gpu));
+        r[path] = gpu->ops->attn_prefill(gpu, o[path], at(gpu, b.g, q0 * b.ld), b.ld,
+                                         at(gpu, b.g, h * d), at(gpu, b.g, (h + hkv) * d), b.ld,
+                                         t, q0, h, hkv, d);
+    }
+    unsetenv("UC_CUDA_PREFILL_SM90");
+    char what[96];
+    snprintf(what, sizeof what, "sm90 vs fa2 T=%lld q0=%lld H=%lld Hkv=%lld", (long long)t,
+             (long long)q0, (long long)h, (long long)hkv);
+    double e = INFINITY;
+    if (r[0] == UC_OK && r[1] == UC_OK) {
+        float *a = get(gpu, o[0], t * h * d), *c = get(gpu, o[1], t * h * d);
+        e = nmse(a, c, t * h * d);
+        uc_free(a);
+        uc_free(c);
+    }
+    report("attn_prefill", what, e, 1e-5);
+    drop(gpu, o[0]);
+    drop(gpu, o[1]);
+    qkv_free(&b);
+}
+
 static void test_window_probs(int64_t n, int64_t w, int64_t h, int64_t hkv, int64_t d)
 {
     struct qkv b;
@@ -944,6 +978,13 @@ static void run_pass(void)
     test_attn_prefill(129, 1919, 8, 2, 128);
     test_attn_prefill(100, 412, 8, 4, 32);
     test_attn_prefill(1, 2047, 8, 2, 128);
+    test_attn_prefill(300, 0, 32, 8, 128);
+    test_attn_prefill(65, 4000, 8, 1, 128);
+    if (!fp32) {
+        test_attn_prefill_paths(8192, 0, 32, 8);
+        test_attn_prefill_paths(1100, 3000, 32, 8);
+        test_attn_prefill_paths(77, 9000, 8, 2);
+    }
     /* compression scores */
     test_window_probs(17, 8, 8, 2, 128);
     test_window_probs(300, 32, 8, 2, 128);
@@ -1174,33 +1215,62 @@ static void bench_decodes(void)
     }
 }
 
-static void bench(void)
+/* The GEMM ceiling of the prefill: a 8192 x 14336 x 4096 product (TFLOP/s). */
+static double bench_gemm(void)
 {
-    printf("# bench on %s\n", gpu->device_name);
-    bench_gemv();
     struct bench_mm mm = {.t = 8192, .n = 14336, .k = 4096};
     gpu->ops->weight_random(gpu, &mm.w, mm.n, mm.k, 1, 0.0f, 0.02f);
     gpu->ops->weight_random(gpu, &mm.x, mm.t, mm.k, 2, 0.0f, 1.0f);
     gpu->ops->alloc(gpu, &mm.y, (size_t)(mm.t * mm.n) * gpu->ops->act_size(gpu));
     double t = time_op(run_mm, &mm, 10);
-    printf("bench matmul T=8192 N=14336 K=4096: %.3f ms %.1f TFLOP/s\n", t * 1e3,
-           2.0 * mm.t * mm.n * mm.k / t / 1e12);
+    double tf = 2.0 * mm.t * mm.n * mm.k / t / 1e12;
+    printf("bench matmul T=8192 N=14336 K=4096: %.3f ms %.1f TFLOP/s\n", t * 1e3, tf);
     drop(gpu, mm.y);
     drop(gpu, mm.x);
     gpu->ops->weight_free(gpu, mm.w);
-    static const int64_t ns[] = {2048, 8192, 16384, 32768, 8192};
-    for (int i = 0; i < 5; i++) {
-        struct bench_attn b = {.n = ns[i], .h = 32, .hkv = 8, .d = i < 4 ? 128 : 64};
-        b.ld = (b.h + 2 * b.hkv) * b.d;
-        gpu->ops->weight_random(gpu, &b.qkv, b.n, b.ld, 3, 0.0f, 1.0f);
-        gpu->ops->alloc(gpu, &b.out, (size_t)(b.n * b.h * b.d) * gpu->ops->act_size(gpu));
-        t = time_op(run_attn, &b, 5);
-        double flops = 4.0 * (double)b.h * b.d * ((double)b.n * (b.n + 1) / 2.0);
-        printf("bench attn_prefill n=%lld H=32 Hkv=8 D=%lld causal: %.3f ms %.1f TFLOP/s\n",
-               (long long)b.n, (long long)b.d, t * 1e3, flops / t / 1e12);
-        drop(gpu, b.out);
-        gpu->ops->weight_free(gpu, b.qkv);
+    return tf;
+}
+
+/* Causal prefill attention of n tokens, 32 query heads over 8 KV heads (the best of 5); label
+ * names the kernel chosen (UC_CUDA_PREFILL_SM90 as the caller set it). */
+static void bench_attn(int64_t n, int64_t d, const char *label, double gemm_tflops)
+{
+    struct bench_attn b = {.n = n, .h = 32, .hkv = 8, .d = d};
+    b.ld = (b.h + 2 * b.hkv) * b.d;
+    gpu->ops->weight_random(gpu, &b.qkv, b.n, b.ld, 3, 0.0f, 1.0f);
+    gpu->ops->alloc(gpu, &b.out, (size_t)(b.n * b.h * b.d) * gpu->ops->act_size(gpu));
+    double t = time_op(run_attn, &b, 5);
+    double tf = 4.0 * (double)b.h * b.d * ((double)b.n * (b.n + 1) / 2.0) / t / 1e12;
+    printf("bench attn_prefill %-4s n=%lld H=32 Hkv=8 D=%lld causal: %.3f ms %.1f TFLOP/s",
+           label, (long long)b.n, (long long)b.d, t * 1e3, tf);
+    if (gemm_tflops > 0) {
+        printf(" (%.2f of the GEMM)", tf / gemm_tflops);
     }
+    printf("\n");
+    drop(gpu, b.out);
+    gpu->ops->weight_free(gpu, b.qkv);
+}
+
+/* Prefill attention at D = 128 on both kernels (Hopper's and the FA2-style one) and D = 64. */
+static void bench_attns(void)
+{
+    double gemm = bench_gemm();
+    static const int64_t ns[] = {2048, 8192, 16384, 32768};
+    for (int i = 0; i < 4; i++) {
+        unsetenv("UC_CUDA_PREFILL_SM90");
+        bench_attn(ns[i], 128, "best", gemm);
+        setenv("UC_CUDA_PREFILL_SM90", "0", 1);
+        bench_attn(ns[i], 128, "fa2", gemm);
+    }
+    unsetenv("UC_CUDA_PREFILL_SM90");
+    bench_attn(8192, 64, "best", gemm);
+}
+
+static void bench(void)
+{
+    printf("# bench on %s\n", gpu->device_name);
+    bench_gemv();
+    bench_attns();
     bench_decodes();
     bench_qspec(1024);
     bench_qspec(8192);
@@ -1211,12 +1281,13 @@ int main(int argc, char **argv)
     bool do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
     bool decode_only = argc > 1 && strcmp(argv[1], "--bench-decode") == 0;
     bool qspec_only = argc > 1 && strcmp(argv[1], "--bench-qspec") == 0;
+    bool prefill_only = argc > 1 && strcmp(argv[1], "--bench-prefill") == 0;
     if (uc_backend_cuda_device_count() <= 0) {
         printf("SKIP: no CUDA device (or a build without UC_CUDA)\n");
         return 77;
     }
     uc_log_set_level(UC_LOG_LEVEL_WARN);
-    if (decode_only || qspec_only) { /* one bf16 timing alone, no checks */
+    if (decode_only || qspec_only || prefill_only) { /* one bf16 timing alone, no checks */
         struct uc_backend_params gp = uc_backend_default_params();
         gp.kind = UC_BACKEND_CUDA;
         if (uc_backend_create(&gpu, &gp) != UC_OK) {
@@ -1224,6 +1295,9 @@ int main(int argc, char **argv)
         }
         if (decode_only) {
             bench_decodes();
+        } else if (prefill_only) {
+            printf("# bench on %s\n", gpu->device_name);
+            bench_attns();
         } else {
             bench_qspec(1024);
             bench_qspec(8192);

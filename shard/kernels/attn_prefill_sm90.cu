@@ -1,0 +1,430 @@
+/* attn_prefill_sm90: causal GQA prefill attention for Hopper (sm_90a), head size 128, bf16, in
+ * the FlashAttention-3 manner: TMA loads, wgmma from shared memory, a producer warp group and
+ * consumer warp groups that hand tiles over through mbarriers.
+ *
+ * A block holds 64 query rows of two query heads of one KV group (group size even), one consumer
+ * warp group per head, so every K/V tile it loads serves both (GQA sharing). The producer warp
+ * group's first thread streams Q once and then K and V tiles of 128 keys through a two-stage
+ * ring with TMA (128-byte swizzle, rows past the end zero-filled). Each consumer computes
+ * S = Q K^T with wgmma (both operands K-major in shared memory), masks the causal diagonal, runs
+ * the online softmax on its accumulators (exp2, float32 row sums, P rounded to bf16 as in the
+ * FA2-style kernel) and accumulates O += P V with P from registers and V read transposed from
+ * shared memory. Tiles wholly above the diagonal are never loaded; blocks of the heaviest query
+ * tiles start first. Anything else (other head sizes, odd groups, float32, other devices) takes
+ * attn_prefill.cu's kernels, which stay the checked reference (UC_CUDA_PREFILL_SM90=0 forces
+ * them). */
+#include <cuda.h>
+
+#include "common.cuh"
+#include "kernels.h"
+#include "mma.cuh"
+
+#define F3_D 128      /* head size */
+#define F3_M 64       /* query rows per consumer warp group (and per block) */
+#define F3_N 128      /* keys per tile */
+#define F3_STAGES 2
+#define F3_CONSUMERS 2
+#define F3_THREADS (128 * (1 + F3_CONSUMERS))
+#define F3_HALF_Q (F3_M * 64)  /* elements of a 64-column half of a Q tile */
+#define F3_HALF_KV (F3_N * 64) /* elements of a 64-column half of a K or V tile */
+
+struct f3_smem {
+    uc_bf16_t q[F3_CONSUMERS][2][F3_HALF_Q];
+    uc_bf16_t k[F3_STAGES][2][F3_HALF_KV];
+    uc_bf16_t v[F3_STAGES][2][F3_HALF_KV];
+    uint64_t bar_q;
+    uint64_t full_k[F3_STAGES], full_v[F3_STAGES], empty_k[F3_STAGES], empty_v[F3_STAGES];
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define F3_DEVICE 1
+#endif
+
+#ifdef F3_DEVICE
+static __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+
+static __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+
+static __device__ __forceinline__ void mbar_arrive(uint32_t bar)
+{
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+static __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity)
+{
+    asm volatile("{\n\t.reg .pred p;\n"
+                 "F3_WAIT:\n\t"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n\t"
+                 "@p bra.uni F3_DONE;\n\t"
+                 "bra.uni F3_WAIT;\n"
+                 "F3_DONE:\n}" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+
+/* One box of the tensor map (columns c0.., rows c1..) into shared memory at dst. */
+static __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap *map,
+                                                uint32_t bar, int c0, int c1)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%3, %4}], [%2];" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+                 : "memory");
+}
+
+/* Shared memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte
+ * offsets (each in 16-byte units). */
+static __device__ __forceinline__ uint64_t f3_desc(uint32_t addr, uint32_t lbo, uint32_t sbo)
+{
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
+           ((uint64_t)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+static __device__ __forceinline__ void wg_fence()
+{
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+
+static __device__ __forceinline__ void wg_commit()
+{
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+
+template <int N> static __device__ __forceinline__ void wg_wait()
+{
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+/* wgmma runs asynchronously with the registers it names: these tell the compiler that the
+ * accumulators change here (after a wait: reads must not move above it) and that operand
+ * registers are still read here (before a wait: they must not be reused earlier). */
+static __device__ __forceinline__ void wg_fence_acc(float d[64])
+{
+#pragma unroll
+    for (int i = 0; i < 64; i++) {
+        asm volatile("" : "+f"(d[i])::"memory");
+    }
+}
+
+template <int N> static __device__ __forceinline__ void wg_keep(const uint32_t (*a)[4])
+{
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        asm volatile("" ::"r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]) : "memory");
+    }
+}
+
+/* d (64 x 128 per warp group, float32) (+)= A (64 x 16, K-major, shared) B (16 x 128; K-major
+ * in shared memory); scale_d = 0 overwrites d. */
+static __device__ __forceinline__ void wg_ss(float d[64], uint64_t da, uint64_t db, int scale_d)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                 "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                 "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                 "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(scale_d));
+}
+
+/* d (64 x 128) += A (64 x 16 bf16 in registers) B (16 x 128, MN-major in shared memory, read
+ * transposed). */
+static __device__ __forceinline__ void wg_rs(float d[64], const uint32_t a[4], uint64_t db)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                 "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                 "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                 "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(1));
+}
+#endif
+
+static __global__ void __launch_bounds__(F3_THREADS, 1)
+    f3_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+              const __grid_constant__ CUtensorMap map_v, uc_bf16_t *out, int64_t ld_o,
+              int64_t n_tok, int64_t q0, int group, float scale_log2)
+{
+#ifdef F3_DEVICE
+    extern __shared__ uint8_t f3_raw[];
+    /* the 128-byte swizzle repeats every 1024 bytes: tiles start on such a boundary */
+    f3_smem &sm = *reinterpret_cast<f3_smem *>(
+        (reinterpret_cast<uintptr_t>(f3_raw) + 1023) & ~(uintptr_t)1023);
+
+    const int pair = blockIdx.x;                       /* heads 2 pair, 2 pair + 1 */
+    const int h0 = pair * F3_CONSUMERS;
+    const int kvh = h0 / group;
+    const int64_t mb = (int64_t)gridDim.y - 1 - blockIdx.y; /* heavy (late) tiles first */
+    const int64_t row0 = mb * F3_M;
+    const int64_t last_row = (row0 + F3_M < n_tok ? row0 + F3_M : n_tok) - 1;
+    const int n_tiles = (int)((q0 + last_row + 1 + F3_N - 1) / F3_N);
+    const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid & 31;
+
+    if (tid == 0) {
+        mbar_init(smem_u32(&sm.bar_q), 1);
+        for (int s = 0; s < F3_STAGES; s++) {
+            mbar_init(smem_u32(&sm.full_k[s]), 1);
+            mbar_init(smem_u32(&sm.full_v[s]), 1);
+            mbar_init(smem_u32(&sm.empty_k[s]), 4 * F3_CONSUMERS);
+            mbar_init(smem_u32(&sm.empty_v[s]), 4 * F3_CONSUMERS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) { /* producer */
+        if (tid == 0) {
+            uint32_t bq = smem_u32(&sm.bar_q);
+            mbar_expect_tx(bq, (uint32_t)sizeof(sm.q));
+            for (int c = 0; c < F3_CONSUMERS; c++) {
+                for (int half = 0; half < 2; half++) {
+                    tma_load(smem_u32(sm.q[c][half]), &map_q, bq, (h0 + c) * F3_D + 64 * half,
+                             (int)row0);
+                }
+            }
+            for (int j = 0; j < n_tiles; j++) {
+                const int s = j % F3_STAGES;
+                const uint32_t ph = (uint32_t)(j / F3_STAGES) & 1u;
+                const uint32_t fk = smem_u32(&sm.full_k[s]), fv = smem_u32(&sm.full_v[s]);
+                if (j >= F3_STAGES) {
+                    mbar_wait(smem_u32(&sm.empty_k[s]), ph ^ 1u);
+                }
+                mbar_expect_tx(fk, (uint32_t)sizeof(sm.k[0]));
+                for (int half = 0; half < 2; half++) {
+                    tma_load(smem_u32(sm.k[s][half]), &map_k, fk, kvh * F3_D + 64 * half,
+                             j * F3_N);
+                }
+                if (j >= F3_STAGES) {
+                    mbar_wait(smem_u32(&sm.empty_v[s]), ph ^ 1u);
+                }
+                mbar_expect_tx(fv, (uint32_t)sizeof(sm.v[0]));
+                for (int half = 0; half < 2; half++) {
+                    tma_load(smem_u32(sm.v[s][half]), &map_v, fv, kvh * F3_D + 64 * half,
+                             j * F3_N);
+                }
+            }
+        }
+        return;
+    }
+
+    /* consumer warp group c: head h0 + c */
+    const int c = wg - 1;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int64_t pos0 = q0 + row0 + warp * 16 + g; /* position of this thread's first row */
+    const int64_t block_min_pos = q0 + row0;
+    float o[64], s[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) {
+        o[i] = 0.0f;
+    }
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.0f, 0.0f};
+    const uint32_t q_base = smem_u32(sm.q[c][0]);
+    mbar_wait(smem_u32(&sm.bar_q), 0);
+
+    for (int j = 0; j < n_tiles; j++) {
+        const int st = j % F3_STAGES;
+        const uint32_t ph = (uint32_t)(j / F3_STAGES) & 1u;
+        const int64_t key0 = (int64_t)j * F3_N;
+        mbar_wait(smem_u32(&sm.full_k[st]), ph);
+        const uint32_t k_base = smem_u32(sm.k[st][0]);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < F3_D / 16; kk++) {
+            const uint32_t off = (uint32_t)(kk % 4) * 32; /* 16 columns = 32 bytes */
+            uint64_t da = f3_desc(q_base + (kk / 4) * (F3_HALF_Q * 2) + off, 16, 1024);
+            uint64_t db = f3_desc(k_base + (kk / 4) * (F3_HALF_KV * 2) + off, 16, 1024);
+            wg_ss(s, da, db, kk > 0);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_acc(s);
+        __syncwarp();
+        if (lane == 0) {
+            mbar_arrive(smem_u32(&sm.empty_k[st]));
+        }
+        /* causal mask where the tile crosses the block's diagonal */
+        if (key0 + F3_N - 1 > block_min_pos) {
+#pragma unroll
+            for (int i = 0; i < 64; i++) {
+                int64_t key = key0 + (i / 4) * 8 + t4 * 2 + (i & 1);
+                int64_t pos = pos0 + ((i >> 1) & 1) * 8;
+                if (key > pos) {
+                    s[i] = -INFINITY;
+                }
+            }
+        }
+        /* online softmax: rows g (elements 4n, 4n+1) and g + 8 (4n+2, 4n+3) */
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < 16; n++) {
+                mx = fmaxf(mx, fmaxf(s[4 * n + 2 * rr], s[4 * n + 2 * rr + 1]));
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m_new = fmaxf(m_r[rr], mx); /* finite: key 0 is in tile 0 of every row */
+            float corr = exp2f((m_r[rr] - m_new) * scale_log2);
+            m_r[rr] = m_new;
+            float ms = m_new * scale_log2;
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < 16; n++) {
+                float p0 = exp2f(fmaf(s[4 * n + 2 * rr], scale_log2, -ms));
+                float p1 = exp2f(fmaf(s[4 * n + 2 * rr + 1], scale_log2, -ms));
+                s[4 * n + 2 * rr] = p0;
+                s[4 * n + 2 * rr + 1] = p1;
+                sum += p0 + p1;
+            }
+            l_r[rr] = l_r[rr] * corr + sum;
+#pragma unroll
+            for (int n = 0; n < 16; n++) {
+                o[4 * n + 2 * rr] *= corr;
+                o[4 * n + 2 * rr + 1] *= corr;
+            }
+        }
+        uint32_t p[F3_N / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < F3_N / 16; kk++) {
+            p[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+            p[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+            p[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+            p[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+        mbar_wait(smem_u32(&sm.full_v[st]), ph);
+        const uint32_t v_base = smem_u32(sm.v[st][0]);
+        wg_fence_acc(o);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < F3_N / 16; kk++) {
+            /* 16 keys of 128 bytes per 64-column half; the two halves F3_HALF_KV apart */
+            wg_rs(o, p[kk], f3_desc(v_base + kk * 16 * 128, F3_HALF_KV * 2, 1024));
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_keep<F3_N / 16>(p);
+        wg_fence_acc(o);
+        __syncwarp();
+        if (lane == 0) {
+            mbar_arrive(smem_u32(&sm.empty_v[st]));
+        }
+    }
+
+    const int h = h0 + c;
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        float l = l_r[rr];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        float inv = 1.0f / l;
+        int64_t row = row0 + warp * 16 + g + rr * 8;
+        if (row < n_tok) {
+            uc_bf16_t *orow = out + row * ld_o + (int64_t)h * F3_D;
+#pragma unroll
+            for (int n = 0; n < 16; n++) {
+                *reinterpret_cast<__nv_bfloat162 *>(orow + n * 8 + t4 * 2) =
+                    __floats2bfloat162_rn(o[4 * n + 2 * rr] * inv, o[4 * n + 2 * rr + 1] * inv);
+            }
+        }
+    }
+#endif
+}
+
+/* cuTensorMapEncodeTiled through the runtime's driver entry point (no libcuda link). */
+typedef CUresult (*f3_encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                 const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                 const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+static f3_encode_fn f3_encoder(void)
+{
+    static f3_encode_fn fn;
+    static bool tried;
+    if (!tried) {
+        tried = true;
+        void *p = NULL;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
+                                             cudaEnableDefault, &q) == cudaSuccess &&
+            q == cudaDriverEntryPointSuccess) {
+            fn = (f3_encode_fn)p;
+        }
+        (void)cudaGetLastError();
+    }
+    return fn;
+}
+
+/* A (rows, ld) bf16 matrix seen in boxes of 64 columns x box_rows rows, 128-byte swizzle. */
+static bool f3_map(CUtensorMap *map, const void *base, int64_t ld, int64_t rows, int box_rows)
+{
+    f3_encode_fn enc = f3_encoder();
+    if (!enc) {
+        return false;
+    }
+    cuuint64_t dims[2] = {(cuuint64_t)ld, (cuuint64_t)rows};
+    cuuint64_t strides[1] = {(cuuint64_t)ld * sizeof(uc_bf16_t)};
+    cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
+    cuuint32_t estr[2] = {1, 1};
+    return enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void *>(base), dims, strides,
+               box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+               CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+extern "C" cudaError_t uc_cuda_attn_prefill_sm90(void *out, const void *q, int64_t ld_q,
+                                                 const void *k, const void *v, int64_t ld_kv,
+                                                 int64_t n_tok, int64_t q0, int64_t n_heads,
+                                                 int64_t n_heads_kv, cudaStream_t stream)
+{
+    const int64_t group = n_heads / n_heads_kv;
+    const int64_t n_keys = q0 + n_tok;
+    if (group % F3_CONSUMERS != 0 || (n_tok + F3_M - 1) / F3_M > 65535 || n_keys > INT32_MAX) {
+        return cudaErrorNotSupported;
+    }
+    CUtensorMap mq, mk, mv;
+    if (!f3_map(&mq, q, ld_q, n_tok, F3_M) || !f3_map(&mk, k, ld_kv, n_keys, F3_N) ||
+        !f3_map(&mv, v, ld_kv, n_keys, F3_N)) {
+        return cudaErrorNotSupported;
+    }
+    const size_t smem = sizeof(f3_smem) + 1024;
+    static bool attr_set;
+    if (!attr_set) {
+        cudaError_t e = cudaFuncSetAttribute(f3_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)smem);
+        if (e != cudaSuccess) {
+            return e;
+        }
+        attr_set = true;
+    }
+    dim3 grid((unsigned)(n_heads / F3_CONSUMERS), (unsigned)((n_tok + F3_M - 1) / F3_M));
+    const float scale_log2 = 1.4426950408889634f / sqrtf((float)F3_D);
+    f3_kernel<<<grid, F3_THREADS, smem, stream>>>(mq, mk, mv, (uc_bf16_t *)out, n_heads * F3_D,
+                                                  n_tok, q0, (int)group, scale_log2);
+    return cudaGetLastError();
+}
