@@ -197,12 +197,32 @@ double tu_median(double *v, int64_t n)
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+/* FLOPs of one layer over r rows: projections, MLP, causal attention. */
+static double layer_flops(const struct uc_model_config *c, int64_t r)
+{
+    double per_tok = 2.0 * ((double)c->hidden * (double)(c->n_heads + 2 * c->n_heads_kv) *
+                                c->head_dim +
+                            (double)c->n_heads * c->head_dim * c->hidden +
+                            3.0 * c->hidden * c->ffn);
+    double attn = 2.0 * 2.0 * (double)c->n_heads * c->head_dim * ((double)r * (r + 1) / 2.0);
+    return per_tok * (double)r + attn;
+}
+
 double tu_prefill_flops(const struct uc_model_config *c, int64_t n)
 {
-    double per_tok = 2.0 * (double)c->n_layers *
-                     ((double)c->hidden * (double)(c->n_heads + 2 * c->n_heads_kv) * c->head_dim +
-                      (double)c->n_heads * c->head_dim * c->hidden + 3.0 * c->hidden * c->ffn);
-    double attn = 2.0 * 2.0 * (double)c->n_layers * c->n_heads * c->head_dim *
-                  ((double)n * (n + 1) / 2.0);
-    return per_tok * (double)n + attn + 2.0 * (double)c->hidden * c->vocab;
+    return tu_prefill_flops_staged(c, n, NULL, 0, &n);
+}
+
+double tu_prefill_flops_staged(const struct uc_model_config *c, int64_t n, const int32_t *starts,
+                               int32_t n_starts, const int64_t *rows)
+{
+    double f = 2.0 * (double)c->hidden * c->vocab; /* the last row's logits */
+    int32_t stage = 0;
+    for (int64_t l = 0; l < c->n_layers; l++) {
+        while (stage < n_starts && l >= starts[stage]) {
+            stage++;
+        }
+        f += layer_flops(c, stage == 0 ? n : rows[stage]);
+    }
+    return f;
 }

@@ -42,6 +42,10 @@ int32_t tu_argmax(const float *x, int64_t n);
 /* FLOPs of prefilling n tokens (the products, causal attention, one LM-head row), the count the
  * benchmarks divide by to report TFLOP/s. */
 double tu_prefill_flops(const struct uc_model_config *c, int64_t n);
+/* The same when layers from starts[i] on keep rows[i + 1] of the rows (rows[0] = n before the
+ * first start): projections and MLP over the rows a layer keeps, causal attention among them. */
+double tu_prefill_flops_staged(const struct uc_model_config *c, int64_t n, const int32_t *starts,
+                               int32_t n_starts, const int64_t *rows);
 /* Median of v (n values, sorted in place); 0 for none. */
 double tu_median(double *v, int64_t n);
 
