@@ -9,7 +9,9 @@
 # copy-on-write forks on the device, tests/golden/test_kv_memory.c),
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
 # prefbench (prefill attention, both D = 128 kernels, beside the GEMM ceiling),
-# gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c; TRACE_ARGS replaces its bench_gpu arguments),
+# gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c; TRACE_ARGS
+# replaces its bench_gpu arguments; TRACE_WINDOW_MS=N summarises the last N ms instead, with
+# tests/cuda/trace_window.py),
 # e2e (both end-to-end suites against --backend cuda; e2e-grpc, e2e-ctl one each),
 # serve (tests/bench/serve_gpu.sh; serve:a,b picks workloads, SERVE_ARGS adds options).
 # A step written VAR=VALUE:STEP runs with that variable set (e.g. UC_CUDA_PDL=0:gpu-quick).
@@ -173,7 +175,11 @@ for step in "$@"; do
       LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$cupti UC_TRACE_OUT=$bd/trace.csv \
         LD_PRELOAD=$bd/cupti_trace.so timeout 200 "$bd/tests/bench/bench_gpu" --skip-compress \
         ${TRACE_ARGS:---prefill 512 --reps 1 --decode-steps 16} | grep decode &&
-      python3 "$root/tests/cuda/trace_steps.py" "$bd/trace.csv" 8 ;;
+      if [ -n "${TRACE_WINDOW_MS:-}" ]; then
+        python3 "$root/tests/cuda/trace_window.py" "$bd/trace.csv" "$TRACE_WINDOW_MS"
+      else
+        python3 "$root/tests/cuda/trace_steps.py" "$bd/trace.csv" 8
+      fi ;;
     gpu-quick) timeout 200 "$bd/tests/bench/bench_gpu" --reps 3 --skip-compress --prefill 8192 ;;
     torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
     e2e-grpc) e2e_grpc ;;
