@@ -35,15 +35,19 @@ static uc_status sweep_pass(struct uc_engine *e, int64_t l, int64_t base, int64_
     int64_t c = e->cfg->hidden, ld = e->sh->qkv_dim, d = e->cfg->head_dim;
     int64_t hl = e->sh->n_heads, hkv = e->sh->n_heads_kv, n = end - base;
     size_t a = act_size(e);
-    void *x = dev_row(e, e->dx, base, c);
+    /* One prompt's slice alone (no decode rows in the pass) runs on the prompt's own rows: its
+     * hidden states and Q/K/V buffer, with nothing packed or copied back. */
+    const bool direct = n_sl == 1 && !(base == 0 && nb > 0);
+    void *x = direct ? dev_row(e, sl[0].s->x, sl[0].t0, c) : dev_row(e, e->dx, base, c);
+    void *qkv = direct ? dev_row(e, sl[0].s->qkv, sl[0].t0, ld) : dev_row(e, e->dqkv, base, ld);
     uc_status rc;
-    for (int64_t i = 0; i < n_sl; i++) {
+    for (int64_t i = 0; i < n_sl && !direct; i++) {
         UC_CHECK(be->ops->copy_rows(be, dev_row(e, e->dx, sl[i].row, c), c,
                                     dev_row(e, sl[i].s->x, sl[i].t0, c), c, c, sl[i].n),
                  rc, out);
     }
     UC_CHECK(uc_model_attn_norm(e->m, &e->ws, l, x, n), rc, out);
-    UC_CHECK(uc_model_qkv_proj(e->m, &e->ws, l, dev_row(e, e->dqkv, base, ld), n), rc, out);
+    UC_CHECK(uc_model_qkv_proj(e->m, &e->ws, l, qkv, n), rc, out);
     if (base == 0 && nb > 0) {
         UC_CHECK(eng_decode_attend(e, nb, l, any_evict), rc, out);
     }
@@ -51,9 +55,11 @@ static uc_status sweep_pass(struct uc_engine *e, int64_t l, int64_t base, int64_
     for (int64_t i = 0; i < n_sl; i++) {
         struct seq *s = sl[i].s;
         void *q = dev_row(e, s->qkv, sl[i].t0, ld);
-        UC_CHECK(be->ops->copy_rows(be, q, ld, dev_row(e, e->dqkv, sl[i].row, ld), ld, ld,
-                                    sl[i].n),
-                 rc, out);
+        if (!direct) {
+            UC_CHECK(be->ops->copy_rows(be, q, ld, dev_row(e, e->dqkv, sl[i].row, ld), ld, ld,
+                                        sl[i].n),
+                     rc, out);
+        }
         /* q and k heads are adjacent in the fused row: rotate them in one pass */
         UC_CHECK(be->ops->rope(be, q, ld, hl + hkv, d, s->pos + sl[i].t0, sl[i].n), rc, out);
         if (sl[i].t0 + sl[i].n == s->n_rows && eng_spectra_early(s)) {
@@ -72,7 +78,7 @@ static uc_status sweep_pass(struct uc_engine *e, int64_t l, int64_t base, int64_
                  rc, out);
     }
     UC_CHECK(uc_model_finish_layer(e->m, &e->ws, l, x, n), rc, out);
-    for (int64_t i = 0; i < n_sl; i++) {
+    for (int64_t i = 0; i < n_sl && !direct; i++) {
         UC_CHECK(be->ops->copy_rows(be, dev_row(e, sl[i].s->x, sl[i].t0, c), c,
                                     dev_row(e, e->dx, sl[i].row, c), c, c, sl[i].n),
                  rc, out);

@@ -15,21 +15,27 @@ static __global__ void rope_table_kernel(float *cos_t, float *sin_t, const float
     }
 }
 
-template <typename T>
-static __global__ void rope_kernel(T *x, int64_t ld, int64_t n_heads, int64_t head_dim,
-                                   const int32_t *pos, int64_t n_tok, const float *cos_t,
-                                   const float *sin_t)
+/* Rows on grid y (strided past 65535); on x, two adjacent rotation pairs (i, i + 1) of a head
+ * per thread when D/2 is even, else one. */
+template <typename T, int P>
+static __global__ void rope_kernel(T *x, int64_t ld, int n_heads, int half, const int32_t *pos,
+                                   int64_t n_tok, const float *cos_t, const float *sin_t)
 {
-    int64_t half = head_dim / 2, per_tok = n_heads * half, n = n_tok * per_tok;
-    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
-         idx += (int64_t)gridDim.x * blockDim.x) {
-        int64_t t = idx / per_tok, r = idx - t * per_tok, h = r / half, i = r - h * half;
-        T *v = x + t * ld + h * head_dim;
-        int64_t tab = (int64_t)pos[t] * half + i;
-        float c = cos_t[tab], s = sin_t[tab];
-        float a = uck_to_f(v[i]), b = uck_to_f(v[i + half]);
-        v[i] = uck_from_f<T>(a * c - b * s);
-        v[i + half] = uck_from_f<T>(b * c + a * s);
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x, per_head = half / P;
+    if (idx >= n_heads * per_head) {
+        return;
+    }
+    const int h = idx / per_head, i = (idx - h * per_head) * P;
+    for (int64_t t = blockIdx.y; t < n_tok; t += gridDim.y) {
+        T *v = x + t * ld + (int64_t)h * 2 * half;
+        const int64_t tab = (int64_t)pos[t] * half + i;
+#pragma unroll
+        for (int k = 0; k < P; k++) {
+            float c = cos_t[tab + k], s = sin_t[tab + k];
+            float a = uck_to_f(v[i + k]), b = uck_to_f(v[i + k + half]);
+            v[i + k] = uck_from_f<T>(a * c - b * s);
+            v[i + k + half] = uck_from_f<T>(b * c + a * s);
+        }
     }
 }
 
@@ -84,8 +90,16 @@ template <typename T>
 static void launch(void *x, int64_t ld, int64_t n_heads, int64_t head_dim, const int32_t *pos,
                    int64_t n_tok, const float *cos_t, const float *sin_t, cudaStream_t stream)
 {
-    rope_kernel<T><<<uck_blocks(n_tok * n_heads * (head_dim / 2), 256), 256, 0, stream>>>(
-        (T *)x, ld, n_heads, head_dim, pos, n_tok, cos_t, sin_t);
+    const int half = (int)(head_dim / 2), pairs = half % 2 == 0 ? 2 : 1;
+    const int64_t items = n_heads * (half / pairs);
+    dim3 grid((unsigned)((items + 255) / 256), (unsigned)(n_tok < 65535 ? n_tok : 65535));
+    if (pairs == 2) {
+        rope_kernel<T, 2><<<grid, 256, 0, stream>>>((T *)x, ld, (int)n_heads, half, pos, n_tok,
+                                                     cos_t, sin_t);
+    } else {
+        rope_kernel<T, 1><<<grid, 256, 0, stream>>>((T *)x, ld, (int)n_heads, half, pos, n_tok,
+                                                     cos_t, sin_t);
+    }
 }
 
 extern "C" cudaError_t uc_cuda_rope_table(float *cos_t, float *sin_t, const float *inv_freq,
@@ -102,7 +116,7 @@ extern "C" cudaError_t uc_cuda_rope(void *x, int64_t ld, int64_t n_heads, int64_
                                     const int32_t *pos, int64_t n_tok, const float *cos_t,
                                     const float *sin_t, enum uc_cuda_dtype dt, cudaStream_t stream)
 {
-    if (n_tok > 0 && n_heads > 0 && head_dim >= 2) {
+    if (n_tok > 0 && n_heads > 0 && head_dim >= 2 && n_heads * head_dim <= INT32_MAX) {
         UCK_DISPATCH(dt, launch, x, ld, n_heads, head_dim, pos, n_tok, cos_t, sin_t, stream);
     }
     return cudaGetLastError();

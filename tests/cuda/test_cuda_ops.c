@@ -959,6 +959,7 @@ static void run_pass(void)
     test_add_swiglu();
     test_rope(128, 12, 33, 131072);
     test_rope(8, 12, 7, 512);
+    test_rope(6, 5, 9, 64); /* odd D/2: one rotation pair per thread */
     test_rows();
     test_argmax();
     /* prefill attention: lengths 1, 17, 300, 2048; GQA 1, 4, 8; tensor-core and generic paths;
