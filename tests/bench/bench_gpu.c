@@ -14,7 +14,8 @@
  * Usage: bench_gpu [--model synthetic:llama3-8b] [--backend cuda] [--kv-mem-gib 48]
  *                  [--prefill 8192,32768] [--ctx 32768] [--budget-frac 0.1] [--reps 3]
  *                  [--decode-steps 32] [--max-batch 128] [--stage-starts 16,24] [--r-min 0.375]
- *                  [--decode-at 1:640,32:8256] [--skip-compress] */
+ *                  [--decode-at 1:640,32:8256] [--skip-compress] [--prefill-policy full]
+ * (--prefill-policy: the prefill table's policy, at --budget-frac, prompt grouping) */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +36,7 @@ struct opts {
     int n_prefill;
     int64_t ctx;
     double budget_frac;
+    enum uc_policy prefill_policy; /* the prefill table's policy (full) */
     int reps, decode_steps;
     int64_t max_batch;
     struct uc_compress_params stage;
@@ -168,11 +170,15 @@ static void bench_prefill(struct uc_engine *e, const struct opts *o, double gemm
 {
     const struct uc_model_config *c = uc_engine_config(e);
     struct uc_compress_params full = uc_compress_default_params();
-    printf("%8s %14s %12s %10s %12s\n", "prompt", "prefill_tok/s", "prefill_ms", "TFLOP/s",
-           "frac_gemm");
+    full.policy = o->prefill_policy;
+    full.grouping = UC_GROUPING_PROMPT;
+    printf("%8s %14s %12s %10s %12s%s%s\n", "prompt", "prefill_tok/s", "prefill_ms", "TFLOP/s",
+           "frac_gemm", o->prefill_policy == UC_POLICY_FULL ? "" : "  policy ",
+           o->prefill_policy == UC_POLICY_FULL ? "" : uc_policy_name(o->prefill_policy));
     for (int i = 0; i < o->n_prefill; i++) {
         int64_t n = o->prefill[i] < uc_engine_max_ctx(e) ? o->prefill[i] : uc_engine_max_ctx(e);
         int32_t *ids = random_ids(n, c->vocab, 11 + (uint64_t)i);
+        full.kv_budget = (int32_t)((double)n * o->budget_frac + 0.5);
         double *t = uc_malloc((size_t)(o->reps + 1) * sizeof(double));
         for (int r = 0; r <= o->reps; r++) {
             double t0 = uc_time_s();
@@ -386,6 +392,11 @@ int main(int argc, char **argv)
             o.ctx = atoll(v);
         } else if (!strcmp(a, "--budget-frac")) {
             o.budget_frac = atof(v);
+        } else if (!strcmp(a, "--prefill-policy")) {
+            if (!uc_policy_parse(v, &o.prefill_policy)) {
+                fprintf(stderr, "bench_gpu: unknown policy %s\n", v);
+                return 2;
+            }
         } else if (!strcmp(a, "--reps")) {
             o.reps = atoi(v);
         } else if (!strcmp(a, "--decode-steps")) {
