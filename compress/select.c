@@ -7,58 +7,45 @@
 #include <stdlib.h>
 #include <string.h>
 
-struct scored {
-    double v;
-    int64_t i;
-};
-
-static int cmp_i32(const void *a, const void *b)
-{
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return (x > y) - (x < y);
-}
-
 size_t uc_select_scratch_bytes(int64_t n)
 {
-    return (size_t)(n > 0 ? n : 1) * (sizeof(struct scored) + sizeof(double));
+    return (size_t)(n > 0 ? n : 1) * 3 * sizeof(double);
 }
 
-/* Orders by score descending, then position ascending: a strict total order. */
-static bool before(const struct scored *a, const struct scored *b)
-{
-    return a->v > b->v || (a->v == b->v && a->i < b->i);
-}
+/* max that ignores NaN in b (a never holds one: every chain starts at -inf) */
+static inline double mx(double a, double b) { return b > a ? b : a; }
 
-/* Moves the k first elements (in `before` order) of v[0..n) to the front, unordered. */
-static void select_first(struct scored *v, int64_t n, int64_t k)
+/* The k-th largest of v[0..n) (1 <= k <= n); v is reordered. Expected O(n). */
+static double kth_largest(double *v, int64_t n, int64_t k)
 {
-    int64_t lo = 0, hi = n - 1;
+    int64_t lo = 0, hi = n - 1, want = k - 1;
     while (lo < hi) {
-        struct scored pivot = v[lo + (hi - lo) / 2];
+        double pivot = v[lo + (hi - lo) / 2];
         int64_t i = lo, j = hi;
         while (i <= j) {
-            while (before(&v[i], &pivot)) {
+            while (v[i] > pivot) {
                 i++;
             }
-            while (before(&pivot, &v[j])) {
+            while (v[j] < pivot) {
                 j--;
             }
             if (i <= j) {
-                struct scored t = v[i];
+                double t = v[i];
                 v[i] = v[j];
                 v[j] = t;
                 i++;
                 j--;
             }
         }
-        if (k - 1 <= j) {
+        if (want <= j) {
             hi = j;
-        } else if (k - 1 >= i) {
+        } else if (want >= i) {
             lo = i;
         } else {
-            break;
+            break; /* v[j+1 .. i-1] all equal the pivot */
         }
     }
+    return v[want];
 }
 
 int64_t uc_topk_lowpos(int32_t *out, const double *score, int64_t n, int64_t k, void *scratch)
@@ -69,31 +56,73 @@ int64_t uc_topk_lowpos(int32_t *out, const double *score, int64_t n, int64_t k, 
     if (k <= 0) {
         return 0;
     }
-    struct scored *v = scratch;
+    double *v = scratch;
     for (int64_t i = 0; i < n; i++) {
-        v[i].v = isnan(score[i]) ? -INFINITY : score[i];
-        v[i].i = i;
+        v[i] = isnan(score[i]) ? -INFINITY : score[i];
     }
-    /* expected O(n) selection, then only the k winners are sorted, by position */
-    select_first(v, n, k);
-    for (int64_t i = 0; i < k; i++) {
-        out[i] = (int32_t)v[i].i;
+    /* the k-th largest value: everything above it is kept, and of the values equal to it the
+     * lowest positions, as many as are left; one pass in position order writes them sorted */
+    double thr = kth_largest(v, n, k);
+    int64_t above = 0;
+    for (int64_t i = 0; i < n; i++) {
+        above += !isnan(score[i]) && score[i] > thr;
     }
-    qsort(out, (size_t)k, sizeof *out, cmp_i32);
-    return k;
+    int64_t ties = k - above, m = 0;
+    for (int64_t i = 0; i < n && m < k; i++) {
+        double x = isnan(score[i]) ? -INFINITY : score[i];
+        if (x > thr || (x == thr && ties-- > 0)) {
+            out[m++] = (int32_t)i;
+        }
+    }
+    return m;
 }
 
-void uc_maxpool1d(double *restrict out, const double *restrict s, int64_t n, int32_t kernel)
+void uc_maxpool1d(double *restrict out, const double *restrict s, int64_t n, int32_t kernel,
+                  double *restrict scratch)
 {
-    int64_t half = kernel / 2;
+    const int64_t half = kernel / 2, w = 2 * half + 1;
+    /* the direct loop: windows of positions near the ends (cut short by the padding), and
+     * everything when there is no scratch or little to gain */
+    int64_t direct_end = scratch && kernel >= 3 && n >= 2 * w ? half : n;
     for (int64_t i = 0; i < n; i++) {
+        if (i == direct_end) {
+            i = n - half; /* the middle is done below */
+        }
         int64_t a = i - half < 0 ? 0 : i - half;
         int64_t b = i + half >= n ? n - 1 : i + half;
         double m = -INFINITY;
         for (int64_t j = a; j <= b; j++) {
-            m = s[j] > m ? s[j] : m;
+            m = mx(m, s[j]);
         }
         out[i] = m;
+    }
+    if (direct_end == n) {
+        return;
+    }
+    /* van Herk / Gil-Werman over blocks of w positions: prefix maxima forward into scratch,
+     * suffix maxima as a running value backward; the full window [a, a + w) is then
+     * max(suffix from a to its block's end, prefix from the next block's start to a + w - 1).
+     * mx is associative on NaN-free chains, so this equals the direct loop exactly. */
+    double *pre = scratch;
+    for (int64_t b0 = 0; b0 < n; b0 += w) {
+        double m = -INFINITY;
+        for (int64_t i = b0; i < b0 + w && i < n; i++) {
+            m = mx(m, s[i]);
+            pre[i] = m;
+        }
+    }
+    /* the first start walked, n - w, may sit inside a block: its suffix runs to the block end */
+    int64_t a = n - w, e = (a / w + 1) * w - 1;
+    double suf = -INFINITY;
+    for (int64_t j = e; j > a; j--) {
+        suf = mx(suf, s[j]);
+    }
+    for (int64_t b0 = a - a % w; b0 >= 0; b0 -= w) { /* blocks downwards */
+        for (; a >= b0; a--) {
+            suf = mx(suf, s[a]);
+            out[a + half] = mx(suf, pre[a + w - 1]);
+        }
+        suf = -INFINITY;
     }
 }
 
@@ -115,10 +144,9 @@ int64_t uc_select_snapkv(int32_t *keep, const double *colscore, int64_t n, int64
     }
     int64_t w = window < n ? window : n;
     int64_t m = n - w;
-    struct scored *sv = scratch;
-    double *pooled = (double *)(void *)(sv + (n > 0 ? n : 1));
-    uc_maxpool1d(pooled, colscore, m, kernel);
-    int64_t k = uc_topk_lowpos(keep, pooled, m, budget - w, sv);
+    double *v = scratch, *pooled = v + (n > 0 ? n : 1), *pre = pooled + (n > 0 ? n : 1);
+    uc_maxpool1d(pooled, colscore, m, kernel, pre);
+    int64_t k = uc_topk_lowpos(keep, pooled, m, budget - w, v);
     return append_tail(keep, k, m, n);
 }
 

@@ -17,13 +17,15 @@ extern "C" {
  * scratch: uc_select_scratch_bytes(n). Returns k (clamped to n). */
 int64_t uc_topk_lowpos(int32_t *out, const double *score, int64_t n, int64_t k, void *scratch);
 
-/* max_pool1d(kernel, stride 1, padding kernel/2 with -inf) of s (n) into out (n). */
-void uc_maxpool1d(double *UC_RESTRICT out, const double *UC_RESTRICT s, int64_t n, int32_t kernel);
+/* max_pool1d(kernel, stride 1, padding kernel/2 with -inf) of s (n) into out (n); NaN scores
+ * are passed over. With scratch (n doubles) in O(n) whatever the kernel, else directly. */
+void uc_maxpool1d(double *UC_RESTRICT out, const double *UC_RESTRICT s, int64_t n, int32_t kernel,
+                  double *UC_RESTRICT scratch);
 
 /* SnapKV: keep the top (budget - window) positions of the pooled window scores among the first
  * n - window, plus the last window positions. colscore (n) is the window-row attention summed
  * over the KV head's query heads. Keeps everything when budget >= n. Returns the count.
- * scratch: 2n doubles + n int64_t worth of bytes (use uc_select_scratch_bytes). */
+ * scratch: uc_select_scratch_bytes(n). */
 int64_t uc_select_snapkv(int32_t *keep, const double *colscore, int64_t n, int64_t budget,
                          int32_t window, int32_t kernel, void *scratch);
 /* H2O: the most recent floor(budget/2) plus the heaviest accumulated-attention positions

@@ -73,7 +73,7 @@ static uc_status evict_head(struct uc_engine *e, struct seq *s, int64_t l, int64
             }
             sc[i] = v;
         }
-        uc_maxpool1d(pooled, sc, m, s->cp.pool_kernel);
+        uc_maxpool1d(pooled, sc, m, s->cp.pool_kernel, NULL);
         victim = 0;
         for (int64_t i = 1; i < m; i++) {
             if (pooled[i] < pooled[victim]) {

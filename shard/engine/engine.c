@@ -38,7 +38,7 @@ bool eng_grow(void **p, int64_t *cap, int64_t need, size_t elem)
 uc_status eng_layer_scratch(struct uc_engine *e, int64_t n, int64_t n_win)
 {
     size_t need = (size_t)n;
-    int64_t hl = e->sh->n_heads, hkv = e->cfg->n_heads_kv;
+    int64_t hl = e->sh->n_heads, hkv = e->cfg->n_heads_kv, hkv_l = e->sh->n_heads_kv;
     if (n_win > 64) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "window=%lld exceeds 64", (long long)n_win);
     }
@@ -56,8 +56,8 @@ uc_status eng_layer_scratch(struct uc_engine *e, int64_t n, int64_t n_win)
     e->wprob = uc_malloc(need * (size_t)(hl * 64) * sizeof(float));
     e->colscore = uc_malloc(need * (size_t)hkv * sizeof(double));
     e->rowscore = uc_malloc(need * sizeof(double));
-    e->keep = uc_malloc(need * sizeof(int32_t));
-    e->sel_scratch = uc_malloc(uc_select_scratch_bytes((int64_t)need));
+    e->keep = uc_malloc(need * (size_t)hkv_l * sizeof(int32_t));
+    e->sel_scratch = uc_malloc(uc_select_scratch_bytes((int64_t)need) * (size_t)hkv_l);
     if (!e->wprob || !e->colscore || !e->rowscore || !e->keep || !e->sel_scratch) {
         e->sel_cap = 0;
         return UC_ERRF(UC_ERR_NOMEM, "layer scratch tokens=%zu", need);

@@ -148,8 +148,8 @@ struct uc_engine {
     float *wprob;    /* (H_local, W, n) */
     double *colscore; /* (Hkv, n) */
     double *rowscore; /* (n) */
-    int32_t *keep;    /* (n) */
-    void *sel_scratch;
+    int32_t *keep;    /* (Hkv_local, n): the kept rows of each local KV head (row i: keep + i n) */
+    void *sel_scratch; /* (Hkv_local) selection scratches of uc_select_scratch_bytes(n) each */
     size_t sel_cap;   /* tokens the layer-end scratch holds */
     double *spec;     /* (H, D) gathered spectra */
     double *spec_local;

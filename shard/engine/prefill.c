@@ -315,19 +315,26 @@ out:
     return rc;
 }
 
-/* Kept tokens of one local KV head from the scores (UNCOMP.md sections 5 and 8). */
+/* The kept rows of local KV head j: its row of e->keep. */
+static int32_t *head_keep(struct uc_engine *e, struct seq *s, int64_t j)
+{
+    return e->keep + j * s->n_rows;
+}
+
+/* Kept tokens of local KV head j from the scores (UNCOMP.md sections 5 and 8), into its row of
+ * e->keep with its own scratch, so the heads can be selected in parallel. */
 static int64_t select_head(struct uc_engine *e, struct seq *s, int64_t j, int64_t budget)
 {
     int64_t n = s->n_rows;
     const double *score = e->colscore + j * n;
+    int32_t *keep = head_keep(e, s, j);
+    void *scratch = (char *)e->sel_scratch + (size_t)j * uc_select_scratch_bytes(n);
     switch (s->cp.policy) {
-    case UC_POLICY_FULL: return uc_select_streaming(e->keep, n, n, 0);
-    case UC_POLICY_STREAMINGLLM:
-        return uc_select_streaming(e->keep, n, budget, s->cp.sink_tokens);
-    case UC_POLICY_H2O: return uc_select_h2o(e->keep, score, n, budget, e->sel_scratch);
+    case UC_POLICY_FULL: return uc_select_streaming(keep, n, n, 0);
+    case UC_POLICY_STREAMINGLLM: return uc_select_streaming(keep, n, budget, s->cp.sink_tokens);
+    case UC_POLICY_H2O: return uc_select_h2o(keep, score, n, budget, scratch);
     default:
-        return uc_select_snapkv(e->keep, score, n, budget, s->cp.window, s->cp.pool_kernel,
-                                e->sel_scratch);
+        return uc_select_snapkv(keep, score, n, budget, s->cp.window, s->cp.pool_kernel, scratch);
     }
 }
 
@@ -418,7 +425,7 @@ static uc_status ring_init(struct uc_engine *e, struct seq *s, int64_t j, int64_
         for (int64_t i = 0; i < n_keep; i++) {
             float v = 0;
             for (int64_t q = 0; q < gl; q++) {
-                v += e->wprob[((j * gl + q) * w + r) * n + e->keep[i]];
+                v += e->wprob[((j * gl + q) * w + r) * n + head_keep(e, s, j)[i]];
             }
             rg->rows[r * cap + i] = v;
         }
@@ -485,13 +492,25 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
             goto out;
         }
     }
-    /* kept tokens of each local KV head into the paged cache */
+    /* kept tokens of each local KV head (selected in parallel: at 32K tokens one head takes
+     * about a millisecond), then into the paged cache with one scatter */
     int64_t hl = e->sh->n_heads;
     const void *kbase = (char *)s->qkv + (size_t)(hl * d) * act_size(e);
     const void *vbase = (char *)s->qkv + (size_t)((hl + hkv_l) * d) * act_size(e);
+    int64_t nks[1024], n_sc = 0;
+#pragma omp parallel for schedule(dynamic, 1) if (n >= 4096 && hkv_l > 1)
+    for (int64_t j = 0; j < hkv_l; j++) {
+        nks[j] = select_head(e, s, j, s->plan.budget[l * hkv + e->sh->kv0 + j]);
+    }
+    for (int64_t j = 0; j < hkv_l; j++) {
+        n_sc += nks[j];
+    }
+    UC_CHECK(ensure_scatter(e, n_sc), rc, out);
+    n_sc = 0;
     for (int64_t j = 0; j < hkv_l; j++) {
         int64_t budget = s->plan.budget[l * hkv + e->sh->kv0 + j];
-        int64_t nk = select_head(e, s, j, budget);
+        int64_t nk = nks[j];
+        const int32_t *keep = head_keep(e, s, j);
         struct uc_kv_head *h = uc_kv_seq_head(&s->kv, l, j);
         rc = uc_kv_head_reserve(&e->kv, h, nk);
         if (rc == UC_ERR_KV_FULL) {
@@ -501,16 +520,12 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
         if (rc != UC_OK) {
             goto out;
         }
-        UC_CHECK(ensure_scatter(e, nk), rc, out);
         for (int64_t i = 0; i < nk; i++) {
-            e->sc_row[i] = e->keep[i];
-            e->sc_head[i] = (int32_t)j;
-            e->sc_slot[i] = uc_kv_head_slot(&e->kv, h, i);
+            e->sc_row[n_sc + i] = keep[i];
+            e->sc_head[n_sc + i] = (int32_t)j;
+            e->sc_slot[n_sc + i] = uc_kv_head_slot(&e->kv, h, i);
         }
-        UC_CHECK(e->be->ops->kv_scatter(e->be, &e->kv.pool, kbase, vbase, e->sh->qkv_dim,
-                                        e->sc_row, e->sc_head, e->sc_slot, nk),
-                 rc, out);
-        h->n_tokens = (int32_t)nk;
+        n_sc += nk;
         if (s->kept) {
             int32_t *kp = uc_malloc((size_t)(nk > 0 ? nk : 1) * sizeof(int32_t));
             if (!kp) {
@@ -518,7 +533,7 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
                 goto out;
             }
             for (int64_t i = 0; i < nk; i++) {
-                kp[i] = s->pos[e->keep[i]];
+                kp[i] = s->pos[keep[i]];
             }
             s->kept[l * hkv_l + j] = kp;
             s->n_kept[l * hkv_l + j] = nk;
@@ -526,6 +541,12 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
         if (evict) {
             UC_CHECK(ring_init(e, s, j, nk, budget), rc, out);
         }
+    }
+    UC_CHECK(e->be->ops->kv_scatter(e->be, &e->kv.pool, kbase, vbase, e->sh->qkv_dim, e->sc_row,
+                                    e->sc_head, e->sc_slot, n_sc),
+             rc, out);
+    for (int64_t j = 0; j < hkv_l; j++) {
+        uc_kv_seq_head(&s->kv, l, j)->n_tokens = (int32_t)nks[j];
     }
     if (prune) {
         int64_t keep_n = s->plan.stage_rows[stage_c];

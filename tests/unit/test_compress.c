@@ -520,16 +520,96 @@ static void test_topk_and_maxpool(void **state)
 
     double p[10];
     const double sp[10] = {0, 0, 5, 0, 0, 0, 0, 0, 0, 1};
-    uc_maxpool1d(p, sp, 10, 3);
+    uc_maxpool1d(p, sp, 10, 3, NULL);
     const double w3[10] = {0, 5, 5, 5, 0, 0, 0, 0, 1, 1};
     assert_memory_equal(p, w3, sizeof w3);
-    uc_maxpool1d(p, sp, 10, 7); /* padding 3 */
+    uc_maxpool1d(p, sp, 10, 7, NULL); /* padding 3 */
     const double w7[10] = {5, 5, 5, 5, 5, 5, 1, 1, 1, 1};
     assert_memory_equal(p, w7, sizeof w7);
-    uc_maxpool1d(p, sp, 10, 1);
+    uc_maxpool1d(p, sp, 10, 1, NULL);
     assert_memory_equal(p, sp, sizeof sp);
-    uc_maxpool1d(p, sp, 2, 7);
+    uc_maxpool1d(p, sp, 2, 7, NULL);
     assert_true(p[0] == 0 && p[1] == 0);
+}
+
+/* Reference selections, written the obvious way: a window max per position, and k rounds of
+ * "the largest score not yet taken, lowest position on ties". */
+static void ref_maxpool(double *out, const double *s, int64_t n, int32_t kernel)
+{
+    for (int64_t i = 0; i < n; i++) {
+        double m = -INFINITY;
+        for (int64_t j = i - kernel / 2; j <= i + kernel / 2; j++) {
+            if (j >= 0 && j < n && s[j] > m) {
+                m = s[j];
+            }
+        }
+        out[i] = m;
+    }
+}
+
+static int64_t ref_topk(int32_t *out, const double *s, int64_t n, int64_t k, bool *taken)
+{
+    memset(taken, 0, (size_t)n);
+    for (int64_t r = 0; r < k && r < n; r++) {
+        int64_t best = -1;
+        for (int64_t i = 0; i < n; i++) {
+            double v = isnan(s[i]) ? -INFINITY : s[i];
+            double b = best < 0 ? 0 : (isnan(s[best]) ? -INFINITY : s[best]);
+            if (!taken[i] && (best < 0 || v > b)) {
+                best = i;
+            }
+        }
+        taken[best] = true;
+    }
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (taken[i]) {
+            out[m++] = (int32_t)i;
+        }
+    }
+    return m;
+}
+
+/* The O(n) pooling (with scratch) and the threshold top-k against the references on random
+ * scores with many ties, NaNs and -inf, every kernel size the policies use and odd lengths. */
+static void test_select_fast_equals_reference(void **state)
+{
+    (void)state;
+    struct uc_rng r;
+    uc_rng_seed(&r, 77);
+    enum { NMAX = 700 };
+    double *s = malloc(NMAX * sizeof(double)), *a = malloc(NMAX * sizeof(double));
+    double *b = malloc(NMAX * sizeof(double)), *pre = malloc(NMAX * sizeof(double));
+    int32_t *o1 = malloc(NMAX * sizeof(int32_t)), *o2 = malloc(NMAX * sizeof(int32_t));
+    bool *taken = malloc(NMAX);
+    void *sc = scratch_for(NMAX);
+    assert_true(s && a && b && pre && o1 && o2 && taken);
+    for (int trial = 0; trial < 300; trial++) {
+        int64_t n = 1 + (int64_t)(uc_rng_next(&r) % NMAX);
+        int levels = 1 + (int)(uc_rng_next(&r) % 12); /* few levels: many ties */
+        for (int64_t i = 0; i < n; i++) {
+            uint64_t u = uc_rng_next(&r);
+            s[i] = u % 31 == 0 ? NAN : u % 37 == 0 ? -INFINITY : (double)(u % (uint64_t)levels);
+        }
+        int32_t kernel = 1 + 2 * (int32_t)(uc_rng_next(&r) % 8);
+        ref_maxpool(a, s, n, kernel);
+        uc_maxpool1d(b, s, n, kernel, pre);
+        assert_memory_equal(a, b, (size_t)n * sizeof(double));
+        uc_maxpool1d(b, s, n, kernel, NULL);
+        assert_memory_equal(a, b, (size_t)n * sizeof(double));
+        int64_t k = (int64_t)(uc_rng_next(&r) % (uint64_t)(n + 2));
+        int64_t m1 = ref_topk(o1, a, n, k, taken), m2 = uc_topk_lowpos(o2, a, n, k, sc);
+        assert_int_equal(m1, m2);
+        assert_memory_equal(o1, o2, (size_t)m1 * sizeof(int32_t));
+    }
+    free(s);
+    free(a);
+    free(b);
+    free(pre);
+    free(o1);
+    free(o2);
+    free(taken);
+    free(sc);
 }
 
 static void test_select_snapkv(void **state)
@@ -1019,6 +1099,7 @@ int main(void)
         cmocka_unit_test(test_stage_rows),
         cmocka_unit_test(test_stage_starts),
         cmocka_unit_test(test_topk_and_maxpool),
+        cmocka_unit_test(test_select_fast_equals_reference),
         cmocka_unit_test(test_select_snapkv),
         cmocka_unit_test(test_select_h2o_streaming_rows),
         cmocka_unit_test(test_plan),
