@@ -22,6 +22,7 @@
 #define BLAS_WS_BYTES ((size_t)32 << 20)
 #define CONVERT_CHUNK ((int64_t)32 << 20) /* elements per float32 conversion pass */
 #define QCOV_WS_BYTES ((size_t)512 << 20)
+#define QCOV_CHUNK_ROWS 2048 /* rows per split-K chunk of the covariance products */
 
 /* ---- errors ----------------------------------------------------------------------------- */
 
@@ -579,22 +580,38 @@ static uc_status qcov_into(struct cuda_ctx *c, cudaStream_t st, cublasHandle_t b
     if (n > INT32_MAX) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "qcov rows=%lld", (long long)n);
     }
-    int64_t per_head = n * d * (int64_t)sizeof(double);
+    /* Split K: a long prompt's rows go in `split` chunks of `chunk` (the last padded with zero
+     * rows), one strided-batched DGEMM over (head, chunk) pairs gives enough output tiles to
+     * fill the GPU (one 128 x 128 product per head over 32K rows did not), and qcov_sum adds
+     * each head's partial products in chunk order. */
+    int64_t split = n / QCOV_CHUNK_ROWS;
+    split = split < 1 ? 1 : (split > 16 ? 16 : split);
+    int64_t chunk = (n + split - 1) / split, n_pad = chunk * split;
+    int64_t per_head = (n_pad * d + split * d * d) * (int64_t)sizeof(double);
     int64_t hb = (int64_t)QCOV_WS_BYTES / per_head;
     hb = hb < 1 ? 1 : (hb > n_heads ? n_heads : hb);
     uc_status rc;
-    UC_CHECK(buf_reserve_on(c, dbl, (size_t)(hb * n * d + hb * d) * sizeof(double), st), rc, out);
-    double *xn = dbl->p, *mean = xn + hb * n * d;
+    UC_CHECK(buf_reserve_on(c, dbl,
+                            (size_t)(hb * n_pad * d + hb * d + hb * split * d * d) *
+                                sizeof(double),
+                            st),
+             rc, out);
+    double *xn = dbl->p, *mean = xn + hb * n_pad * d, *part = mean + hb * d;
     const double alpha = 1.0 / (double)n, beta = 0.0;
     for (int64_t h0 = 0; h0 < n_heads; h0 += hb) {
         int64_t nb = n_heads - h0 < hb ? n_heads - h0 : hb;
-        UC_CHECK(CU(uc_cuda_qcov_normalize(xn, mean, q, ld, n, h0, nb, d, c->dt, st)), rc, out);
-        /* column-major: xn_h is A (D, n), C = A A^T */
+        UC_CHECK(CU(uc_cuda_qcov_normalize(xn, mean, q, ld, n, n_pad, h0, nb, d, c->dt, st)), rc,
+                 out);
+        /* column-major: chunk b of xn is A (D, chunk), C_b = A A^T */
+        double *dst = split == 1 ? cov + h0 * d * d : part;
         UC_CHECK(BLAS(cublasDgemmStridedBatched(blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)d, (int)d,
-                                                (int)n, &alpha, xn, (int)d, n * d, xn, (int)d,
-                                                n * d, &beta, cov + h0 * d * d, (int)d, d * d,
-                                                (int)nb)),
+                                                (int)chunk, &alpha, xn, (int)d, chunk * d, xn,
+                                                (int)d, chunk * d, &beta, dst, (int)d, d * d,
+                                                (int)(nb * split))),
                  rc, out);
+        if (split > 1) {
+            UC_CHECK(CU(uc_cuda_qcov_sum(cov + h0 * d * d, part, nb, split, d, st)), rc, out);
+        }
     }
 out:
     return rc;

@@ -17,13 +17,14 @@ struct at_smem {
     float k[AT_DC][AT_KEYS + 1];
 };
 
-/* acc[k] = dot(q row qrow0 + (tid >> 6) + 4k, k row key0 + (tid & 63)); rows at or past
- * n_qrows and keys at or past n_keys read as zero. q and k point at the head's column. */
-template <typename T>
-static __device__ __forceinline__ void at_scores(float acc[8], at_smem &sm, const T *q,
-                                                 int64_t ld_q, int64_t qrow0, int64_t n_qrows,
-                                                 const T *k, int64_t ld_kv, int64_t key0,
-                                                 int64_t n_keys, int d)
+/* acc[k] = dot(tile row (tid >> 6) + 4k, k row key0 + (tid & 63)), where qrow(r) is the start of
+ * tile row r's query (its head's column) or nullptr for a row that reads as zero; keys at or
+ * past n_keys read as zero. The sums run over 32-dimension slices, dimensions in order, the
+ * same for every tile layout, so a score does not depend on which rows share its tile. */
+template <typename T, typename QRow>
+static __device__ __forceinline__ void at_scores_rows(float acc[8], at_smem &sm, QRow qrow,
+                                                      const T *k, int64_t ld_kv, int64_t key0,
+                                                      int64_t n_keys, int d)
 {
     const int tid = threadIdx.x, jj = tid & (AT_KEYS - 1), rb = tid / AT_KEYS;
 #pragma unroll
@@ -34,8 +35,8 @@ static __device__ __forceinline__ void at_scores(float acc[8], at_smem &sm, cons
         __syncthreads(); /* the previous slice (or tile) is no longer read */
         for (int i = tid; i < AT_ROWS * AT_DC; i += AT_THREADS) {
             int r = i / AT_DC, c = i % AT_DC;
-            int64_t row = qrow0 + r;
-            sm.q[r][c] = (row < n_qrows && dc + c < d) ? uck_to_f(q[row * ld_q + dc + c]) : 0.0f;
+            const T *qr = qrow(r);
+            sm.q[r][c] = (qr && dc + c < d) ? uck_to_f(qr[dc + c]) : 0.0f;
         }
         for (int i = tid; i < AT_KEYS * AT_DC; i += AT_THREADS) {
             int kk = i / AT_DC, c = i % AT_DC;
@@ -52,6 +53,20 @@ static __device__ __forceinline__ void at_scores(float acc[8], at_smem &sm, cons
             }
         }
     }
+}
+
+/* The tile's rows are query rows qrow0 .. qrow0 + 31 of one head (q points at its column);
+ * rows at or past n_qrows read as zero. */
+template <typename T>
+static __device__ __forceinline__ void at_scores(float acc[8], at_smem &sm, const T *q,
+                                                 int64_t ld_q, int64_t qrow0, int64_t n_qrows,
+                                                 const T *k, int64_t ld_kv, int64_t key0,
+                                                 int64_t n_keys, int d)
+{
+    at_scores_rows<T>(
+        acc, sm,
+        [=](int r) -> const T * { return qrow0 + r < n_qrows ? q + (qrow0 + r) * ld_q : nullptr; },
+        k, ld_kv, key0, n_keys, d);
 }
 
 #endif

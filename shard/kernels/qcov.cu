@@ -1,19 +1,27 @@
-/* qcov, normalisation half: per head, the column means over the n rows (double), then each row
- * centred and scaled to unit L2 norm into a dense (hb, n, D) double buffer, from which the
- * backend forms C = Xn^T Xn / n with one strided-batched DGEMM (UNCOMP.md section 1). */
+/* qcov, normalisation half: per head, the column means over the n rows (double; parts of 512
+ * rows summed over many blocks, then the parts in order), then each row centred and scaled to
+ * unit L2 norm into a dense (hb, n_pad, D) double buffer (rows past n zero), from which the
+ * backend forms C = Xn^T Xn / n with strided-batched DGEMMs over row chunks (split K) whose
+ * partial products qcov_sum adds in order (UNCOMP.md section 1). */
 #include "common.cuh"
 
+#define QCOV_MEAN_ROWS 512 /* rows a block of the mean's first pass sums */
+
+/* Mean, first pass: block (head, 32 columns, row part r) sums its part's rows (8 row lanes,
+ * then the lanes in order) into part[(r * hb + hh) * d + c]. */
 template <typename T>
-static __global__ void qcov_mean_kernel(double *mean, const T *q, int64_t ld, int64_t n,
-                                        int64_t h0, int d)
+static __global__ void qcov_mean_kernel(double *part, const T *q, int64_t ld, int64_t n,
+                                        int64_t h0, int hb, int d)
 {
     __shared__ double red[8][32];
-    const int hh = blockIdx.x;
+    const int hh = blockIdx.x, r = blockIdx.z;
     const int c = blockIdx.y * 32 + threadIdx.x;
+    const int64_t i0 = (int64_t)r * QCOV_MEAN_ROWS;
+    const int64_t i1 = i0 + QCOV_MEAN_ROWS < n ? i0 + QCOV_MEAN_ROWS : n;
     double s = 0.0;
     if (c < d) {
         const T *base = q + (h0 + hh) * d + c;
-        for (int64_t i = threadIdx.y; i < n; i += 8) {
+        for (int64_t i = i0 + threadIdx.y; i < i1; i += 8) {
             s += (double)uck_to_f(base[i * ld]);
         }
     }
@@ -24,18 +32,40 @@ static __global__ void qcov_mean_kernel(double *mean, const T *q, int64_t ld, in
         for (int y = 0; y < 8; y++) {
             t += red[y][threadIdx.x];
         }
+        part[((int64_t)r * hb + hh) * d + c] = t;
+    }
+}
+
+/* Mean, second pass: the parts in order, over n. */
+static __global__ void qcov_mean_finish_kernel(double *mean, const double *part, int parts, int hb,
+                                               int d, int64_t n)
+{
+    const int hh = blockIdx.x;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        double t = 0.0;
+        for (int r = 0; r < parts; r++) {
+            t += part[((int64_t)r * hb + hh) * d + c];
+        }
         mean[(int64_t)hh * d + c] = t / (double)n;
     }
 }
 
+/* Rows at or past n (up to n_pad, the padded rows per head) are written as zeros. */
 template <typename T>
 static __global__ void qcov_norm_kernel(double *xn, const double *mean, const T *q, int64_t ld,
-                                        int64_t n, int64_t h0, int d)
+                                        int64_t n, int64_t n_pad, int64_t h0, int d)
 {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t i = (int64_t)blockIdx.x * (blockDim.x >> 5) + warp;
     const int hh = blockIdx.y;
+    if (i >= n_pad) {
+        return;
+    }
+    double *out = xn + ((int64_t)hh * n_pad + i) * d;
     if (i >= n) {
+        for (int c = lane; c < d; c += 32) {
+            out[c] = 0.0;
+        }
         return;
     }
     const T *row = q + i * ld + (h0 + hh) * d;
@@ -47,7 +77,6 @@ static __global__ void qcov_norm_kernel(double *xn, const double *mean, const T 
     }
     ss = uck_warp_sum_d(ss);
     double nrm = sqrt(ss);
-    double *out = xn + ((int64_t)hh * n + i) * d;
     for (int c = lane; c < d; c += 32) {
         double x = (double)uck_to_f(row[c]) - mu[c];
         out[c] = nrm > 0.0 ? x / nrm : x;
@@ -55,23 +84,54 @@ static __global__ void qcov_norm_kernel(double *xn, const double *mean, const T 
 }
 
 template <typename T>
-static void launch(double *xn, double *mean, const void *q, int64_t ld, int64_t n, int64_t h0,
-                   int64_t hb, int64_t d, cudaStream_t stream)
+static void launch(double *xn, double *mean, const void *q, int64_t ld, int64_t n, int64_t n_pad,
+                   int64_t h0, int64_t hb, int64_t d, cudaStream_t stream)
 {
-    dim3 g1((unsigned)hb, (unsigned)((d + 31) / 32));
-    qcov_mean_kernel<T><<<g1, dim3(32, 8), 0, stream>>>(mean, (const T *)q, ld, n, h0, (int)d);
-    dim3 g2((unsigned)((n + 7) / 8), (unsigned)hb);
-    qcov_norm_kernel<T><<<g2, 256, 0, stream>>>(xn, mean, (const T *)q, ld, n, h0, (int)d);
+    /* the parts live at the start of xn, which the normalisation overwrites afterwards */
+    const int parts = (int)((n + QCOV_MEAN_ROWS - 1) / QCOV_MEAN_ROWS);
+    dim3 g1((unsigned)hb, (unsigned)((d + 31) / 32), (unsigned)parts);
+    qcov_mean_kernel<T><<<g1, dim3(32, 8), 0, stream>>>(xn, (const T *)q, ld, n, h0, (int)hb,
+                                                        (int)d);
+    qcov_mean_finish_kernel<<<(unsigned)hb, 128, 0, stream>>>(mean, xn, parts, (int)hb, (int)d,
+                                                              n);
+    dim3 g2((unsigned)((n_pad + 7) / 8), (unsigned)hb);
+    qcov_norm_kernel<T><<<g2, 256, 0, stream>>>(xn, mean, (const T *)q, ld, n, n_pad, h0, (int)d);
+}
+
+/* cov[h] = sum over s < split of part[h * split + s], in that order. */
+static __global__ void qcov_sum_kernel(double *cov, const double *part, int split, int64_t dd)
+{
+    const int64_t h = blockIdx.y;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < dd;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        double t = 0.0;
+        for (int s = 0; s < split; s++) {
+            t += part[(h * split + s) * dd + e];
+        }
+        cov[h * dd + e] = t;
+    }
+}
+
+extern "C" cudaError_t uc_cuda_qcov_sum(double *cov, const double *part, int64_t hb, int64_t split,
+                                        int64_t head_dim, cudaStream_t stream)
+{
+    if (hb <= 0 || split <= 0 || head_dim <= 0) {
+        return cudaErrorInvalidValue;
+    }
+    int64_t dd = head_dim * head_dim;
+    dim3 grid((unsigned)((dd + 255) / 256), (unsigned)hb);
+    qcov_sum_kernel<<<grid, 256, 0, stream>>>(cov, part, (int)split, dd);
+    return cudaGetLastError();
 }
 
 extern "C" cudaError_t uc_cuda_qcov_normalize(double *xn, double *mean, const void *q, int64_t ld,
-                                              int64_t n, int64_t h0, int64_t hb,
+                                              int64_t n, int64_t n_pad, int64_t h0, int64_t hb,
                                               int64_t head_dim, enum uc_cuda_dtype dt,
                                               cudaStream_t stream)
 {
-    if (n <= 0 || hb <= 0 || head_dim <= 0) {
+    if (n <= 0 || n_pad < n || hb <= 0 || head_dim <= 0) {
         return cudaErrorInvalidValue;
     }
-    UCK_DISPATCH(dt, launch, xn, mean, q, ld, n, h0, hb, head_dim, stream);
+    UCK_DISPATCH(dt, launch, xn, mean, q, ld, n, n_pad, h0, hb, head_dim, stream);
     return cudaGetLastError();
 }

@@ -28,6 +28,41 @@ static __global__ void __launch_bounds__(AT_THREADS)
     }
 }
 
+/* The same scores when a KV group's window rows fit one tile (group x W <= 32): the tile's rows
+ * are (query head of the group, window row) pairs, so each K tile is loaded once for the whole
+ * group and no tile row is idle. blockIdx.y is the KV head. */
+template <typename T>
+static __global__ void __launch_bounds__(AT_THREADS)
+    window_scores_gqa_kernel(float *out, const T *q, int64_t ld_q, const T *k, int64_t ld_kv,
+                             int w, int64_t n, int group, int d, float scale)
+{
+    __shared__ at_smem sm;
+    const int kvh = blockIdx.y;
+    const int64_t key0 = (int64_t)blockIdx.x * AT_KEYS;
+    const int rows = group * w;
+    float acc[8];
+    at_scores_rows<T>(
+        acc, sm,
+        [=](int r) -> const T * {
+            return r < rows ? q + (int64_t)(r % w) * ld_q + (int64_t)(kvh * group + r / w) * d
+                            : nullptr;
+        },
+        k + (int64_t)kvh * d, ld_kv, key0, n, d);
+    const int jj = threadIdx.x & (AT_KEYS - 1), rb = threadIdx.x / AT_KEYS;
+    const int64_t key = key0 + jj;
+    if (key >= n) {
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int t = rb + 4 * i;
+        if (t < rows) {
+            int h = kvh * group + t / w, r = t % w;
+            out[((int64_t)h * w + r) * n + key] = key <= n - w + r ? acc[i] * scale : -INFINITY;
+        }
+    }
+}
+
 static __global__ void window_softmax_kernel(float *out, int64_t n)
 {
     __shared__ float red[32];
@@ -53,11 +88,19 @@ static void launch(float *out, const void *q, int64_t ld_q, const void *k, int64
                    int64_t w, int64_t n, int64_t n_heads, int64_t n_heads_kv, int64_t d,
                    cudaStream_t stream)
 {
-    dim3 grid((unsigned)((n + AT_KEYS - 1) / AT_KEYS), (unsigned)((w + AT_ROWS - 1) / AT_ROWS),
-              (unsigned)n_heads);
-    window_scores_kernel<T><<<grid, AT_THREADS, 0, stream>>>(
-        out, (const T *)q, ld_q, (const T *)k, ld_kv, w, n, (int)(n_heads / n_heads_kv), (int)d,
-        1.0f / sqrtf((float)d));
+    const int64_t group = n_heads / n_heads_kv;
+    if (group * w <= AT_ROWS) {
+        dim3 grid((unsigned)((n + AT_KEYS - 1) / AT_KEYS), (unsigned)n_heads_kv);
+        window_scores_gqa_kernel<T><<<grid, AT_THREADS, 0, stream>>>(
+            out, (const T *)q, ld_q, (const T *)k, ld_kv, (int)w, n, (int)group, (int)d,
+            1.0f / sqrtf((float)d));
+    } else {
+        dim3 grid((unsigned)((n + AT_KEYS - 1) / AT_KEYS),
+                  (unsigned)((w + AT_ROWS - 1) / AT_ROWS), (unsigned)n_heads);
+        window_scores_kernel<T><<<grid, AT_THREADS, 0, stream>>>(
+            out, (const T *)q, ld_q, (const T *)k, ld_kv, w, n, (int)group, (int)d,
+            1.0f / sqrtf((float)d));
+    }
     window_softmax_kernel<<<(unsigned)(n_heads * w), 256, 0, stream>>>(out, n);
 }
 

@@ -997,11 +997,14 @@ static void run_pass(void)
     test_qcov(5, 4, 32);
     test_qcov(300, 4, 128);
     test_qcov(2048, 8, 8);
+    test_qcov(5000, 4, 64);  /* split K: 2 chunks of 2500 rows */
+    test_qcov(9001, 2, 128); /* 4 chunks of 2251, the last padded with 3 zero rows */
     test_qspec(5, 4, 32);    /* rank 4 of 32: most eigenvalues 0 */
     test_qspec(300, 4, 128);
     test_qspec(40, 4, 128); /* rank 39 of 128 at the kernel's largest size */
     test_qspec(2048, 8, 64);
     test_qspec(1024, 32, 128); /* an 8B layer's heads at tp 1 */
+    test_qspec(8200, 4, 128);  /* split K over 4 chunks, 2 padding rows */
     test_qspec(100, 2, 256); /* past the kernel's size: the host eigensolver */
     test_qspec_batch(8, 128);
     test_qspec_batch(2, 256);
