@@ -14,6 +14,19 @@ static const char *policy_names[UC_POLICY_COUNT] = {
     "full", "streamingllm", "snapkv", "pyramidkv", "h2o", "uncomp", "uncomp-stage",
 };
 
+/* The stages a policy spec may add after '+', and the token policies each cannot run beside. */
+static const struct stage_desc {
+    const char *name;
+    uint32_t flag;
+    uint32_t bad_policies; /* bits 1 << enum uc_policy */
+    const char *why;       /* said when combined with one of them */
+} stage_table[] = {
+    {"kvsharer", UC_STAGE_KVSHARER, 1u << UC_POLICY_UNCOMP_STAGE,
+     "a shared layer reads its source layer's keys for every prompt row, and uncomp-stage drops "
+     "rows between layers"},
+};
+#define N_STAGES ((int)(sizeof stage_table / sizeof stage_table[0]))
+
 struct uc_compress_params uc_compress_default_params(void)
 {
     struct uc_compress_params p = {
@@ -50,6 +63,133 @@ bool uc_policy_parse(const char *name, enum uc_policy *out)
         }
     }
     return false;
+}
+
+uc_status uc_policy_spec_parse(const char *spec, struct uc_compress_params *p, char *msg,
+                               size_t msg_size)
+{
+    char names[256];
+    int o = 0;
+    for (int i = 0; i < UC_POLICY_COUNT; i++) {
+        o += snprintf(names + o, sizeof names - (size_t)o, "%s%s", i ? ", " : "", policy_names[i]);
+    }
+    for (int i = 0; i < N_STAGES && o < (int)sizeof names; i++) {
+        o += snprintf(names + o, sizeof names - (size_t)o, "%s+%s", i ? ", " : "; stages: ",
+                      stage_table[i].name);
+    }
+    size_t len = spec ? strlen(spec) : 0;
+    if (len == 0 || len > 200) {
+        snprintf(msg, msg_size, "policy: '%.200s' is not a policy (policies: %s)", spec ? spec : "",
+                 names);
+        return UC_ERR_INVALID_ARG;
+    }
+    bool have_base = false;
+    enum uc_policy base = UC_POLICY_FULL;
+    uint32_t stages = 0;
+    const char *t = spec;
+    while (t) {
+        const char *plus = strchr(t, '+');
+        size_t n = plus ? (size_t)(plus - t) : strlen(t);
+        char tok[64];
+        if (n == 0 || n >= sizeof tok) {
+            snprintf(msg, msg_size, "policy: '%s' has an empty or overlong part", spec);
+            return UC_ERR_INVALID_ARG;
+        }
+        memcpy(tok, t, n);
+        tok[n] = '\0';
+        enum uc_policy pol;
+        int st = -1;
+        for (int i = 0; i < N_STAGES; i++) {
+            if (strcmp(tok, stage_table[i].name) == 0) {
+                st = i;
+            }
+        }
+        if (st >= 0) {
+            if (stages & stage_table[st].flag) {
+                snprintf(msg, msg_size, "policy: '%s' names %s twice", spec, tok);
+                return UC_ERR_INVALID_ARG;
+            }
+            stages |= stage_table[st].flag;
+        } else if (uc_policy_parse(tok, &pol)) {
+            if (have_base || stages) {
+                snprintf(msg, msg_size, "policy: '%s': the token policy (%s) must come first and "
+                         "only once, stages after it", spec, tok);
+                return UC_ERR_INVALID_ARG;
+            }
+            have_base = true;
+            base = pol;
+        } else {
+            snprintf(msg, msg_size, "policy: unknown policy or stage '%s' in '%s' (policies: %s)",
+                     tok, spec, names);
+            return UC_ERR_INVALID_ARG;
+        }
+        t = plus ? plus + 1 : NULL;
+    }
+    for (int i = 0; i < N_STAGES; i++) {
+        if ((stages & stage_table[i].flag) && (stage_table[i].bad_policies & (1u << base))) {
+            snprintf(msg, msg_size, "policy: '%s': %s does not combine with %s (%s)", spec,
+                     stage_table[i].name, policy_names[base], stage_table[i].why);
+            return UC_ERR_INVALID_ARG;
+        }
+    }
+    p->policy = base;
+    p->stages = stages;
+    return UC_OK;
+}
+
+int uc_policy_spec_name(const struct uc_compress_params *p, char *buf, size_t size)
+{
+    bool bare = p->policy == UC_POLICY_FULL && p->stages != 0;
+    int o = bare ? snprintf(buf, size, "%s", "") : snprintf(buf, size, "%s", uc_policy_name(p->policy));
+    for (int i = 0; i < N_STAGES; i++) {
+        if ((p->stages & stage_table[i].flag) && o >= 0 && (size_t)o < size) {
+            o += snprintf(buf + o, size - (size_t)o, "%s%s", o ? "+" : "", stage_table[i].name);
+        }
+    }
+    return o;
+}
+
+uc_status uc_share_pairs_validate(const struct uc_share_pair *pairs, int32_t n, int64_t n_layers,
+                                  char *msg, size_t msg_size)
+{
+    if (n < 0 || n > UC_MAX_SHARE_PAIRS) {
+        snprintf(msg, msg_size, "kvsharer: %d layer pairs (at most %d)", n, UC_MAX_SHARE_PAIRS);
+        return UC_ERR_INVALID_ARG;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        int64_t a = pairs[i].src, b = pairs[i].dst;
+        if (a < 0 || a >= b || b >= n_layers) {
+            snprintf(msg, msg_size, "kvsharer: pair %d (%lld -> %lld) must have 0 <= source < "
+                     "target < %lld", i, (long long)a, (long long)b, (long long)n_layers);
+            return UC_ERR_INVALID_ARG;
+        }
+        for (int32_t k = 0; k < n; k++) {
+            if (k != i && pairs[k].dst == b) {
+                snprintf(msg, msg_size, "kvsharer: layer %lld is the target of two pairs",
+                         (long long)b);
+                return UC_ERR_INVALID_ARG;
+            }
+            if (pairs[k].dst == a) {
+                snprintf(msg, msg_size, "kvsharer: layer %lld is both a source and a target",
+                         (long long)a);
+                return UC_ERR_INVALID_ARG;
+            }
+        }
+    }
+    return UC_OK;
+}
+
+void uc_share_map(int16_t *src_of, int64_t n_layers, const struct uc_share_pair *pairs,
+                  int32_t n)
+{
+    for (int64_t l = 0; l < n_layers; l++) {
+        src_of[l] = (int16_t)l;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        if (pairs[i].dst >= 0 && pairs[i].dst < n_layers) {
+            src_of[pairs[i].dst] = pairs[i].src;
+        }
+    }
 }
 
 const char *uc_decode_mode_name(enum uc_decode_mode m)
@@ -163,6 +303,29 @@ uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_
             BAD("compression.kv_budget=%d is too large", p->kv_budget);
         }
     }
+    uint32_t known = 0;
+    for (int i = 0; i < N_STAGES; i++) {
+        known |= stage_table[i].flag;
+        if ((p->stages & stage_table[i].flag) && (stage_table[i].bad_policies & (1u << p->policy))) {
+            BAD("compression.policy: %s does not combine with %s (%s)", stage_table[i].name,
+                uc_policy_name(p->policy), stage_table[i].why);
+        }
+    }
+    if (p->stages & ~known) {
+        BAD("compression.stages: unknown stage bits 0x%x", (unsigned)(p->stages & ~known));
+    }
+    if (uc_policy_kvsharer(p)) {
+        if (p->decode_mode == UC_DECODE_EVICT && p->policy != UC_POLICY_FULL) {
+            BAD("compression.decode_mode=evict does not combine with kvsharer (a shared layer "
+                "reads its source's cache, which eviction rewrites mid-step)");
+        }
+        uc_status src = uc_share_pairs_validate(p->share, p->n_share, n_layers, msg, msg_size);
+        if (src != UC_OK) {
+            return src;
+        }
+    } else if (p->n_share != 0) {
+        BAD("compression: %d kvsharer layer pairs given without the kvsharer stage", p->n_share);
+    }
     if (p->n_stage_starts < 0 || p->n_stage_starts > UC_MAX_STAGES - 1) {
         BAD("compression.stage_starts: at most %d boundaries", UC_MAX_STAGES - 1);
     }
@@ -272,7 +435,8 @@ uc_status uc_plan_init(struct uc_plan *plan, int64_t n_layers, int64_t n_heads_k
     plan->budget = uc_calloc(n, sizeof *plan->budget);
     plan->group = uc_calloc(n, sizeof *plan->group);
     plan->entropy = uc_calloc(n, sizeof *plan->entropy);
-    if (!plan->budget || !plan->group || !plan->entropy) {
+    plan->share_src = uc_calloc((size_t)n_layers, sizeof *plan->share_src);
+    if (!plan->budget || !plan->group || !plan->entropy || !plan->share_src) {
         uc_plan_fini(plan);
         return UC_ERRF(UC_ERR_NOMEM, "plan L=%lld Hkv=%lld", (long long)n_layers,
                        (long long)n_heads_kv);
@@ -283,6 +447,7 @@ uc_status uc_plan_init(struct uc_plan *plan, int64_t n_layers, int64_t n_heads_k
         plan->group[i] = -1;
         plan->entropy[i] = NAN;
     }
+    uc_share_map(plan->share_src, n_layers, NULL, 0);
     return UC_OK;
 }
 
@@ -291,6 +456,7 @@ void uc_plan_fini(struct uc_plan *plan)
     uc_free(plan->budget);
     uc_free(plan->group);
     uc_free(plan->entropy);
+    uc_free(plan->share_src);
     memset(plan, 0, sizeof *plan);
 }
 
@@ -303,6 +469,7 @@ uint64_t uc_plan_checksum(const struct uc_plan *plan)
     h = uc_fnv1a(h, &plan->n_stage_starts, sizeof plan->n_stage_starts);
     h = uc_fnv1a(h, plan->stage_starts, (size_t)plan->n_stage_starts * sizeof(int32_t));
     h = uc_fnv1a(h, plan->stage_rows, (size_t)(plan->n_stage_starts + 1) * sizeof(int64_t));
+    h = uc_fnv1a(h, plan->share_src, (size_t)plan->n_layers * sizeof *plan->share_src);
     return h;
 }
 
@@ -339,5 +506,11 @@ void uc_plan_set_layer(struct uc_plan *plan, const struct uc_compress_params *p,
             b[j] = p->kv_budget;
         }
         break;
+    }
+    if (plan->share_src[layer] != layer) {
+        /* KVSharer: the layer reads its source's cache and holds no tokens of its own */
+        for (int64_t j = 0; j < hkv; j++) {
+            b[j] = 0;
+        }
     }
 }

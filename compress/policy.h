@@ -37,6 +37,20 @@ enum uc_grouping {
 
 #define UC_MAX_STAGES 16
 #define UC_MAX_HEAD_GROUPS 16
+#define UC_MAX_SHARE_PAIRS 64
+
+/* Stages that compose with a token policy ("snapkv+kvsharer"): bits of
+ * uc_compress_params.stages. The names and what each may not be combined with are one table in
+ * policy.c. */
+enum uc_stage_flag {
+    UC_STAGE_KVSHARER = 1u << 0, /* KVSharer: a later layer reads an earlier layer's KV cache */
+};
+
+/* KVSharer: layer dst holds no KV of its own and attends over layer src's cache (src < dst). */
+struct uc_share_pair {
+    int16_t src;
+    int16_t dst;
+};
 
 /* (plain values; copied into step descriptors, so no pointers) */
 struct uc_compress_params {
@@ -58,6 +72,11 @@ struct uc_compress_params {
     /* Row score for stage pruning: 0 = attention of the last W rows summed over heads at the
      * layer before the boundary (UNCOMP.md section 6). */
     int32_t row_score;
+    uint32_t stages;     /* enum uc_stage_flag bits */
+    /* With UC_STAGE_KVSHARER: explicit layer pairs (calibration tries them); 0 = the
+     * calibrated profile's pairs. */
+    int32_t n_share;
+    struct uc_share_pair share[UC_MAX_SHARE_PAIRS];
 };
 
 enum uc_row_score {
@@ -77,6 +96,26 @@ const char *uc_decode_mode_name(enum uc_decode_mode m);
 bool uc_decode_mode_parse(const char *name, enum uc_decode_mode *out);
 const char *uc_grouping_name(enum uc_grouping g);
 bool uc_grouping_parse(const char *name, enum uc_grouping *out);
+/* Parses a policy spec: a token policy, stages, or both joined by '+' ("snapkv+kvsharer",
+ * "uncomp+kvsharer"; "kvsharer" alone is full + kvsharer). Sets p->policy and p->stages (and
+ * nothing else). On failure writes a message naming the bad part into msg. */
+uc_status uc_policy_spec_parse(const char *spec, struct uc_compress_params *p, char *msg,
+                               size_t msg_size);
+/* Writes the spec of p's policy and stages ("snapkv+kvsharer", "kvsharer" for full + kvsharer)
+ * into buf; returns what snprintf returns. */
+int uc_policy_spec_name(const struct uc_compress_params *p, char *buf, size_t size);
+/* Whether p shares layers' KV caches (KVSharer). */
+static inline bool uc_policy_kvsharer(const struct uc_compress_params *p)
+{
+    return (p->stages & UC_STAGE_KVSHARER) != 0;
+}
+/* Checks a KVSharer pair list against L layers: 0 <= src < dst < L, each layer the target of
+ * one pair at most, and no target also a source (no chains). Writes the reason into msg. */
+uc_status uc_share_pairs_validate(const struct uc_share_pair *pairs, int32_t n, int64_t n_layers,
+                                  char *msg, size_t msg_size);
+/* src_of[l] (L) = the layer whose KV cache layer l reads: l itself, or its pair's source. */
+void uc_share_map(int16_t *src_of, int64_t n_layers, const struct uc_share_pair *pairs,
+                  int32_t n);
 /* Checks every field; on failure writes a message naming the field into msg. */
 uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_t n_layers,
                                       char *msg, size_t msg_size);
@@ -110,11 +149,12 @@ struct uc_plan {
     int32_t n_stage_starts;  /* uncomp-stage only */
     int32_t stage_starts[UC_MAX_STAGES];
     int64_t stage_rows[UC_MAX_STAGES + 1]; /* rows present in stage c */
+    int16_t *share_src;      /* (L): the layer whose KV cache layer l reads (l: its own) */
 };
 
 uc_status uc_plan_init(struct uc_plan *plan, int64_t n_layers, int64_t n_heads_kv);
 void uc_plan_fini(struct uc_plan *plan);
-/* FNV-1a over budgets, groups and stages (not entropies, which differ in the last bits). */
+/* FNV-1a over budgets, groups, stages and shared layers (not entropies, which differ in the last bits). */
 uint64_t uc_plan_checksum(const struct uc_plan *plan);
 /* Fills the budgets of one layer for a policy. `kv_entropy` (Hkv) is needed for uncomp*. */
 void uc_plan_set_layer(struct uc_plan *plan, const struct uc_compress_params *p, int64_t layer,

@@ -123,6 +123,18 @@ char *uc_profile_to_json(const struct uc_profile *p)
                               int_array(p->kv_group + l * p->n_heads_kv, p->n_heads_kv));
         cJSON_AddItemToArray(layers, o);
     }
+    if (p->has_share) {
+        cJSON *ks = cJSON_AddObjectToObject(root, "kvsharer");
+        cJSON_AddNumberToObject(ks, "threshold", p->share_threshold);
+        cJSON_AddNumberToObject(ks, "target_layers", p->share_target);
+        cJSON_AddNumberToObject(ks, "cosine", round(p->share_cosine * 1e9) / 1e9);
+        cJSON_AddNumberToObject(ks, "calib_tokens", (double)p->share_tokens);
+        cJSON *pairs = cJSON_AddArrayToObject(ks, "pairs");
+        for (int32_t i = 0; pairs && i < p->n_share; i++) {
+            int32_t ab[2] = {p->share[i].src, p->share[i].dst};
+            cJSON_AddItemToArray(pairs, int_array(ab, 2));
+        }
+    }
     char *s = cJSON_Print(root);
     cJSON_Delete(root);
     if (!s) {
@@ -168,6 +180,46 @@ static int64_t get_i(const cJSON *root, const char *key)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
     return cJSON_IsNumber(v) ? (int64_t)v->valuedouble : -1;
+}
+
+/* The "kvsharer" object: threshold, target_layers, cosine, calib_tokens and pairs [[src, dst]]
+ * checked as uc_share_pairs_validate checks them. */
+static uc_status parse_kvsharer(struct uc_profile *p, const cJSON *ks, const char *path,
+                                int64_t n_layers)
+{
+    const cJSON *th = cJSON_GetObjectItemCaseSensitive(ks, "threshold");
+    const cJSON *cs = cJSON_GetObjectItemCaseSensitive(ks, "cosine");
+    const cJSON *pairs = cJSON_GetObjectItemCaseSensitive(ks, "pairs");
+    if (!cJSON_IsObject(ks) || !cJSON_IsNumber(th) || !cJSON_IsArray(pairs) ||
+        cJSON_GetArraySize(pairs) > UC_MAX_SHARE_PAIRS) {
+        return UC_ERRF(UC_ERR_FORMAT, "profile=%s field=kvsharer needs a threshold and at most "
+                       "%d pairs", path, UC_MAX_SHARE_PAIRS);
+    }
+    int32_t n = 0;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, pairs)
+    {
+        const cJSON *a = cJSON_GetArrayItem(it, 0), *b = cJSON_GetArrayItem(it, 1);
+        if (!cJSON_IsArray(it) || cJSON_GetArraySize(it) != 2 || !cJSON_IsNumber(a) ||
+            !cJSON_IsNumber(b) || a->valuedouble < 0 || b->valuedouble >= (double)n_layers) {
+            return UC_ERRF(UC_ERR_FORMAT, "profile=%s field=kvsharer.pairs[%d] must be [source, "
+                           "target] layers below %lld", path, n, (long long)n_layers);
+        }
+        p->share[n].src = (int16_t)a->valuedouble;
+        p->share[n].dst = (int16_t)b->valuedouble;
+        n++;
+    }
+    char msg[256];
+    if (uc_share_pairs_validate(p->share, n, n_layers, msg, sizeof msg) != UC_OK) {
+        return UC_ERRF(UC_ERR_FORMAT, "profile=%s field=%s", path, msg);
+    }
+    p->n_share = n;
+    p->share_threshold = th->valuedouble;
+    p->share_cosine = cJSON_IsNumber(cs) ? cs->valuedouble : NAN;
+    p->share_target = (int32_t)get_i(ks, "target_layers");
+    p->share_tokens = get_i(ks, "calib_tokens");
+    p->has_share = true;
+    return UC_OK;
 }
 
 uc_status uc_profile_parse(struct uc_profile *p, const char *json, const char *path,
@@ -243,6 +295,10 @@ uc_status uc_profile_parse(struct uc_profile *p, const char *json, const char *p
             p->stage_starts[n++] = (int32_t)v;
         }
         p->n_stage_starts = n;
+    }
+    const cJSON *ks = cJSON_GetObjectItemCaseSensitive(root, "kvsharer");
+    if (ks) {
+        UC_CHECK(parse_kvsharer(p, ks, path, n_layers), rc, out_fini);
     }
     goto out;
 out_fini:

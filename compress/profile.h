@@ -4,6 +4,7 @@
 #ifndef UC_COMPRESS_PROFILE_H
 #define UC_COMPRESS_PROFILE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "base/status.h"
@@ -34,6 +35,15 @@ struct uc_profile {
     int64_t calib_tokens;
     int64_t calib_windows;
     uint64_t model_hash;
+    /* KVSharer (kvsharer.h): the layer pairs calibration kept. has_share is false in a profile
+     * calibrated without it (or written before it existed); such profiles still load. */
+    bool has_share;
+    int32_t n_share;
+    struct uc_share_pair share[UC_MAX_SHARE_PAIRS];
+    double share_threshold; /* T the pairs were checked against */
+    double share_cosine;    /* last hidden states' cosine similarity with them */
+    int32_t share_target;   /* shared layers searched for */
+    int64_t share_tokens;   /* calibration tokens of the search */
 };
 
 uc_status uc_profile_init(struct uc_profile *p, int64_t n_layers, int64_t n_heads,

@@ -160,7 +160,8 @@ struct uc_backend_ops {
                             int64_t n);
     /* Decode step, fused: rotates the q and k heads of the T rows of qkv (ld; q heads, then k
      * heads, then v heads) at positions pos[t], then appends each row's k and v head j to pool
-     * slot slot[t * Hkv + j]. pos and slot are in backend memory, so the op can be recorded. */
+     * slot slot[t * Hkv + j] (nothing where the slot is negative: a KVSharer layer). pos and slot
+     * are in backend memory, so the op can be recorded. */
     uc_status (*rope_append)(struct uc_backend *be, struct uc_kv_pool_view *pool, void *qkv,
                              int64_t ld, int64_t n_heads, int64_t n_heads_kv, int64_t head_dim,
                              const int32_t *pos, const int32_t *slot, int64_t n_tok);

@@ -635,6 +635,9 @@ static uc_status cpu_rope_append(struct uc_backend *be, struct uc_kv_pool_view *
     uc_status rc = cpu_rope(be, qkv, ld, n_heads + n_heads_kv, head_dim, pos, n_tok);
     const float *x = qkv;
     for (int64_t e = 0; rc == UC_OK && e < n_tok * n_heads_kv; e++) {
+        if (slot[e] < 0) {
+            continue; /* a layer that shares another's cache appends nothing */
+        }
         const float *k = x + e / n_heads_kv * ld + (n_heads + e % n_heads_kv) * head_dim;
         memcpy((float *)pool->k + (int64_t)slot[e] * head_dim, k,
                (size_t)head_dim * sizeof(float));

@@ -19,6 +19,7 @@
 #include "backend.h"
 #include "base/status.h"
 #include "comm.h"
+#include "compress/kvsharer.h"
 #include "compress/policy.h"
 #include "compress/profile.h"
 #include "model_config.h"
@@ -80,6 +81,10 @@ enum uc_seq_flags {
     UC_SEQ_CALIBRATE = 1 << 3,    /* add this prompt's entropies to the calibration sums */
     UC_SEQ_FORK = 1 << 4,         /* a copy of sequence fork_of (decoding): its cache, plan and
                                      logits; no prompt */
+    UC_SEQ_HIDDEN = 1 << 5,       /* rank 0 keeps the last layer's output rows (before the final
+                                     norm) for uc_engine_seq_hidden */
+    UC_SEQ_KVSHARE_STATS = 1 << 6, /* add this prompt's K/V of every layer to the KVSharer sums
+                                      (its length must be the one KVSHARE_RESET set) */
 };
 
 struct uc_step_new {
@@ -116,6 +121,10 @@ enum uc_step_op {
     UC_STEP_PROFILE_RESET = 4,  /* start a calibration: zero the sums */
     UC_STEP_PROFILE_FINISH = 5, /* average the sums into the active profile and save it */
     UC_STEP_DIAGNOSE = 6,       /* find where sequence diag_seq's activations went non-finite */
+    UC_STEP_KVSHARE_RESET = 7,  /* KVSharer calibration: zero the per-layer K/V sums for
+                                   prompts of ks_tokens tokens */
+    UC_STEP_KVSHARE_DIST = 8,   /* the layers' squared cache distances, summed over ranks */
+    UC_STEP_KVSHARE_SET = 9,    /* install ks_pairs in the active profile and save it */
 };
 
 struct uc_step {
@@ -130,6 +139,13 @@ struct uc_step {
     double profile_eps;
     char profile_source[256];
     int64_t diag_seq; /* DIAGNOSE: the sequence */
+    /* KVSHARE_*: window length (RESET), and the pairs found (SET) */
+    int64_t ks_tokens;
+    int32_t ks_n_pairs;
+    int32_t ks_target;
+    double ks_threshold;
+    double ks_cosine;
+    struct uc_share_pair ks_pairs[UC_MAX_SHARE_PAIRS];
 };
 
 /* Rank 0: broadcasts the step to every rank and runs it. A bad request in the step (an unknown
@@ -187,12 +203,27 @@ bool uc_engine_seq_prefill_pos(const struct uc_engine *e, int64_t seq_id, int64_
  * x the keys before them) stays within that of `rows` rows at 1024 tokens of context; at least
  * 1. A sequence not created yet counts as at its start. Engine thread only, between steps. */
 int64_t uc_engine_background_rows(const struct uc_engine *e, int64_t seq_id, int64_t rows);
+/* With UC_SEQ_HIDDEN, on rank 0 after the prefill: the last layer's output rows (n_rows, C),
+ * before the final norm; engine-owned, valid until the sequence ends. NULL elsewhere. */
+const float *uc_engine_seq_hidden(const struct uc_engine *e, int64_t seq_id, int64_t *n_rows);
+/* KVSharer calibration (rank 0; the other ranks serve its steps): runs `windows` windows of
+ * `window` tokens of `tokens` unshared, ranks the layer pairs by the distance of their averaged
+ * caches (summed over ranks), searches the pairs greedily (compress/kvsharer.h), and installs
+ * and saves them in the active profile on every rank (which must exist: calibrate the entropy
+ * profile first). Uses sequence ids below -1000. UC_ERR_KV_FULL when the pool cannot hold a
+ * window now. */
+uc_status uc_engine_kvsharer_calibrate(struct uc_engine *e, const int32_t *tokens,
+                                       int64_t n_tokens, int64_t window,
+                                       const struct uc_kvsharer_params *kp,
+                                       struct uc_kvsharer_result *out);
 /* Tokens in context (prompt plus decoded). */
 int64_t uc_engine_seq_len(const struct uc_engine *e, int64_t seq_id);
 
 /* What compression did to one sequence (API.md CompressionReport). */
 struct uc_compress_report {
     enum uc_policy policy;
+    uint32_t stages;         /* enum uc_stage_flag bits of the request */
+    int32_t n_shared_layers; /* KVSharer: layers reading another layer's cache (no KV held) */
     int32_t kv_budget;
     int64_t kv_tokens_full;  /* prompt tokens x layers x KV heads (whole model) */
     int64_t kv_tokens_kept;  /* after prefill compression (whole model) */

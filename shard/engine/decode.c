@@ -101,6 +101,9 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
     int64_t fixed = nb + 3 * L * ent, blocks = 0;
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t l = 0; l < L; l++) {
+            if (eng_layer_shared(batch[b], l)) {
+                continue; /* reads its source's blocks (listed there) */
+            }
             for (int64_t j = 0; j < hkv; j++) {
                 struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
                 uc_status rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
@@ -127,7 +130,18 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
         int32_t *slot = m + nb + 3 * l * ent, *ntok = slot + ent, *off = ntok + ent;
         int64_t maxn = 0;
         for (int64_t b = 0; b < nb; b++) {
-            for (int64_t j = 0; j < hkv; j++) {
+            int64_t src = batch[b]->plan.share_src[l];
+            for (int64_t j = 0; j < hkv && src != l; j++) {
+                /* KVSharer: no append (slot -1); attend over the source layer's head, whose
+                 * new token was appended at that earlier layer of this step */
+                const int32_t *sslot = m + nb + 3 * src * ent;
+                int64_t x = b * hkv + j;
+                slot[x] = -1;
+                ntok[x] = sslot[ent + x];
+                off[x] = sslot[2 * ent + x];
+                maxn = ntok[x] > maxn ? ntok[x] : maxn;
+            }
+            for (int64_t j = 0; j < hkv && src == l; j++) {
                 struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
                 int64_t x = b * hkv + j;
                 /* appends go to a block of the head's own (a fork copies the last one) */

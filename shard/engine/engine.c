@@ -276,7 +276,7 @@ void uc_engine_destroy(struct uc_engine *e)
                     e->dm_maxn, e->psum, e->wprob, e->colscore, e->rowscore, e->keep,
                     e->sel_scratch, e->spec, e->spec_local, e->cal_head,
                     e->cal_hidden, e->model_dir, e->profile_path, e->batch, e->sw_seq, e->sw_left, e->dec_logits,
-                    e->dec_argmax, e->qs_seq, e->qs_host};
+                    e->dec_argmax, e->qs_seq, e->qs_host, e->ks_sum, e->ks_dist};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
         uc_free(host[i]);
     }
@@ -439,6 +439,10 @@ uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
     int64_t L = e->cfg->n_layers, hkv = e->cfg->n_heads_kv;
     const struct uc_plan *p = &s->plan;
     out->policy = s->cp.policy;
+    out->stages = s->cp.stages;
+    for (int64_t l = 0; l < L; l++) {
+        out->n_shared_layers += p->share_src[l] != l;
+    }
     out->kv_budget = s->cp.policy == UC_POLICY_FULL ? 0 : s->cp.kv_budget;
     out->kv_tokens_full = s->n_prompt * L * hkv;
     int64_t kept = 0;

@@ -79,6 +79,11 @@ struct seq {
     bool hid_done;        /* this layer's hidden spectrum is in */
     double *qspec_local;  /* (H_local, D) this layer's query spectra, computed in parts */
     struct ring *rings; /* (L, Hkv_local), evict mode */
+    /* KVSharer: K|V rows of each layer some later layer reads, (n_prompt, 2 Hkv_local D) device,
+     * kept until the prefill ends (the later layer's prompt attention reads them) */
+    void **src_kv;      /* (L) */
+    float *hidden;      /* (n_rows, C) with UC_SEQ_HIDDEN, rank 0 */
+    int64_t hidden_rows;
 };
 
 /* A whole decode step (every layer, from the embedded rows to the last residual add) recorded
@@ -161,6 +166,12 @@ struct uc_engine {
     double *qs_host;  /* (qs_count, H_local, D) */
     int64_t qs_host_cap;
     struct uc_buf wire;
+    /* KVSharer calibration: each layer's K|V sums over the windows, (L, ks_tokens, 2 Hkv_local D),
+     * and the squared distances of their means, (L, L) summed over ranks */
+    double *ks_sum;
+    int64_t ks_tokens;
+    int64_t ks_windows;
+    double *ks_dist;
     int64_t diag_layer; /* the last DIAGNOSE step's answer */
 };
 
@@ -228,6 +239,23 @@ bool eng_layer_end_in_parts(const struct seq *s);
 uc_status eng_layer_end_part(struct uc_engine *e, struct seq *s, bool *finished);
 /* After the last layer: logits, kept-set records, prefill buffers freed; now decoding. */
 uc_status eng_prefill_finish(struct uc_engine *e, struct seq *s);
+
+/* kvsharer.c */
+/* Whether layer l of s reads another layer's cache. */
+static inline bool eng_layer_shared(const struct seq *s, int64_t l)
+{
+    return s->plan.share_src[l] != l;
+}
+/* Whether some later layer of s reads layer l's cache. */
+bool eng_layer_is_source(const struct seq *s, int64_t l, int64_t n_layers);
+/* At the end of layer l: with UC_SEQ_KVSHARE_STATS its K/V rows into the sums; when it is a
+ * source, its K|V rows kept for the layers that read them. */
+uc_status eng_kvshare_layer_end(struct uc_engine *e, struct seq *s);
+/* The KVSHARE_* steps. */
+uc_status eng_kvshare_step(struct uc_engine *e, const struct uc_step *st);
+/* The pairs a new sequence shares with: its own, else the profile's. */
+void eng_share_pairs_for(const struct uc_engine *e, const struct uc_compress_params *cp,
+                         const struct uc_share_pair **pairs, int32_t *n);
 
 /* sweep.c */
 uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st);

@@ -445,6 +445,19 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
     }
     UC_CHECK(eng_layer_scratch(e, n, s->cp.window), rc, out);
     UC_CHECK(plan_layer(e, s, kv_ent), rc, out);
+    UC_CHECK(eng_kvshare_layer_end(e, s), rc, out);
+    if (eng_layer_shared(s, l)) {
+        /* KVSharer: the layer keeps nothing; its attention reads its source layer's cache */
+        for (int64_t j = 0; s->kept && j < hkv_l; j++) {
+            s->kept[l * hkv_l + j] = uc_malloc(sizeof(int32_t));
+            if (!s->kept[l * hkv_l + j]) {
+                rc = UC_ERRF(UC_ERR_NOMEM, "kept record");
+                goto out;
+            }
+            s->n_kept[l * hkv_l + j] = 0;
+        }
+        goto out;
+    }
     int32_t stage_c = 0;
     bool prune = s->cp.policy == UC_POLICY_UNCOMP_STAGE && l + 1 < e->cfg->n_layers &&
                  is_stage_start(s, l + 1, &stage_c) && s->plan.stage_rows[stage_c] < n;
@@ -658,6 +671,18 @@ uc_status eng_prefill_finish(struct uc_engine *e, struct seq *s)
     }
     if (s->kept) {
         UC_CHECK(gather_kept(e, s), rc, out);
+    }
+    if ((s->flags & UC_SEQ_HIDDEN) && uc_comm_rank(e->comm) == 0) {
+        s->hidden = uc_malloc((size_t)(s->n_rows * c) * sizeof(float));
+        if (!s->hidden) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "hidden states rows=%lld", (long long)s->n_rows);
+            goto out;
+        }
+        UC_CHECK(e->be->ops->download_f32(e->be, s->hidden, s->x, s->n_rows * c), rc, out);
+        s->hidden_rows = s->n_rows;
+    }
+    if (s->flags & UC_SEQ_KVSHARE_STATS) {
+        e->ks_windows++;
     }
     eng_free_prefill_buffers(e, s);
     s->phase = UC_SEQ_DECODING;

@@ -53,6 +53,12 @@ void eng_free_prefill_buffers(struct uc_engine *e, struct seq *s)
     s->hid_cap = 0;
     uc_entropy_acc_fini(&s->hacc);
     UC_FREE(s->qspec_local);
+    for (int64_t l = 0; s->src_kv && l < e->cfg->n_layers; l++) {
+        if (s->src_kv[l]) {
+            e->be->ops->free(e->be, s->src_kv[l]);
+            s->src_kv[l] = NULL;
+        }
+    }
 }
 
 void eng_seq_destroy(struct uc_engine *e, struct seq *s)
@@ -86,7 +92,7 @@ void eng_seq_destroy(struct uc_engine *e, struct seq *s)
     }
     void *p[] = {s->prompt, s->row_acc, s->pos, s->logits, s->layer_rows, s->ent_min, s->ent_mean, s->ent_max, s->kept,
                  s->n_kept, s->rows_at, s->qspec, s->hspec, s->rings, s->kept_all,
-                 s->n_kept_all};
+                 s->n_kept_all, s->src_kv, s->hidden};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) {
         uc_free(p[i]);
     }
@@ -177,6 +183,16 @@ uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_ne
                  "(run Calibrate, or use grouping=prompt)");
         return UC_ERR_UNAVAILABLE;
     }
+    if (uc_policy_kvsharer(&n->cp) && n->cp.n_share == 0 && !(e->have_prof && e->prof.has_share)) {
+        snprintf(msg, msg_size, "compression.policy=kvsharer needs the layer pairs of a KVSharer "
+                 "calibration in the profile (run Calibrate)");
+        return UC_ERR_UNAVAILABLE;
+    }
+    if ((n->flags & UC_SEQ_KVSHARE_STATS) && n->n_prompt != e->ks_tokens) {
+        snprintf(msg, msg_size, "kvsharer calibration: window of %lld tokens, the sums are for "
+                 "%lld", (long long)n->n_prompt, (long long)e->ks_tokens);
+        return UC_ERR_INVALID_ARG;
+    }
     const int32_t *starts;
     if (n->cp.policy == UC_POLICY_UNCOMP_STAGE && eng_stage_starts_for(e, &n->cp, &starts) == 0 &&
         !e->have_prof) {
@@ -238,9 +254,19 @@ static int64_t blocks_needed(const struct uc_engine *e, const struct uc_step_new
     int64_t worst = 0, gen = n->max_new_tokens;
     int64_t hkv = e->cfg->n_heads_kv, hkv_l = e->sh->n_heads_kv;
     bool evict = n->cp.decode_mode == UC_DECODE_EVICT && n->cp.policy != UC_POLICY_FULL;
+    int16_t src_of[1024];
+    const struct uc_share_pair *pairs = NULL;
+    int32_t n_pairs = 0;
+    if (uc_policy_kvsharer(&n->cp)) {
+        eng_share_pairs_for(e, &n->cp, &pairs, &n_pairs);
+    }
+    uc_share_map(src_of, e->cfg->n_layers < 1024 ? e->cfg->n_layers : 1024, pairs, n_pairs);
     for (int64_t kv0 = 0; kv0 < hkv; kv0 += hkv_l) {
         int64_t total = 0;
         for (int64_t l = 0; l < e->cfg->n_layers; l++) {
+            if (l < 1024 && src_of[l] != l) {
+                continue; /* a shared layer holds no blocks */
+            }
             for (int64_t j = kv0; j < kv0 + hkv_l; j++) {
                 int64_t b = head_budget_bound(e, n, l, j);
                 int64_t np = n->n_prompt;
@@ -352,6 +378,17 @@ uc_status eng_seq_create(struct uc_engine *e, const struct uc_step_new *n)
     for (int64_t i = 0; i < np; i++) {
         s->pos[i] = (int32_t)i;
     }
+    if (uc_policy_kvsharer(&s->cp)) {
+        const struct uc_share_pair *pairs;
+        int32_t n_pairs;
+        eng_share_pairs_for(e, &s->cp, &pairs, &n_pairs);
+        uc_share_map(s->plan.share_src, L, pairs, n_pairs);
+        s->src_kv = uc_calloc((size_t)L, sizeof *s->src_kv);
+        if (!s->src_kv) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "sequence kvsharer buffers");
+            goto out;
+        }
+    }
     /* plan: stages now (they depend only on n0), budgets per layer as layers finish */
     if (s->cp.policy == UC_POLICY_UNCOMP_STAGE) {
         const int32_t *starts;
@@ -407,6 +444,7 @@ uc_status eng_seq_fork(struct uc_engine *e, const struct uc_step_new *n)
     s->plan.n_stage_starts = src->plan.n_stage_starts;
     memcpy(s->plan.stage_starts, src->plan.stage_starts, sizeof s->plan.stage_starts);
     memcpy(s->plan.stage_rows, src->plan.stage_rows, sizeof s->plan.stage_rows);
+    memcpy(s->plan.share_src, src->plan.share_src, (size_t)L * sizeof *s->plan.share_src);
     UC_CHECK(uc_kv_seq_init(&s->kv, L, hkv_l), rc, out);
     s->layer_rows = uc_malloc((size_t)L * sizeof(int64_t));
     s->ent_min = uc_malloc((size_t)L * sizeof(double));

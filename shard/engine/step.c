@@ -145,6 +145,9 @@ static uc_status run_step(struct uc_engine *e, const struct uc_step *s)
         return UC_OK;
     case UC_STEP_PROFILE_FINISH: return profile_finish(e, s);
     case UC_STEP_DIAGNOSE: return eng_diagnose(e, s);
+    case UC_STEP_KVSHARE_RESET:
+    case UC_STEP_KVSHARE_DIST:
+    case UC_STEP_KVSHARE_SET: return eng_kvshare_step(e, s);
     case UC_STEP_RUN: break;
     default: return UC_ERRF(UC_ERR_FORMAT, "step: unknown op %d", (int)s->op);
     }

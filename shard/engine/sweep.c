@@ -73,8 +73,15 @@ static uc_status sweep_pass(struct uc_engine *e, int64_t l, int64_t base, int64_
         const void *q = dev_row(e, s->qkv, sl[i].t0, ld);
         const void *k = (char *)s->qkv + (size_t)(hl * d) * a;
         const void *v = (char *)s->qkv + (size_t)((hl + hkv) * d) * a;
+        int64_t ld_kv = ld;
+        if (eng_layer_shared(s, l)) {
+            /* KVSharer: the source layer's K|V rows, kept since its layer end */
+            k = s->src_kv[s->plan.share_src[l]];
+            v = (const char *)k + (size_t)(hkv * d) * a;
+            ld_kv = 2 * hkv * d;
+        }
         UC_CHECK(be->ops->attn_prefill(be, dev_row(e, e->ws.att, sl[i].row - base, hl * d), q, ld,
-                                       k, v, ld, sl[i].n, sl[i].t0, hl, hkv, d),
+                                       k, v, ld_kv, sl[i].n, sl[i].t0, hl, hkv, d),
                  rc, out);
     }
     UC_CHECK(uc_model_finish_layer(e->m, &e->ws, l, x, n), rc, out);

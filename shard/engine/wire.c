@@ -57,6 +57,12 @@ uc_status eng_wire_encode(struct uc_buf *b, const struct uc_step *s, int64_t ste
     put(b, &s->profile_eps, sizeof s->profile_eps);
     put(b, s->profile_source, sizeof s->profile_source);
     put(b, &s->diag_seq, sizeof s->diag_seq);
+    put(b, &s->ks_tokens, sizeof s->ks_tokens);
+    put(b, &s->ks_n_pairs, sizeof s->ks_n_pairs);
+    put(b, &s->ks_target, sizeof s->ks_target);
+    put(b, &s->ks_threshold, sizeof s->ks_threshold);
+    put(b, &s->ks_cosine, sizeof s->ks_cosine);
+    put(b, s->ks_pairs, sizeof s->ks_pairs);
     if (b->oom) {
         return UC_ERRF(UC_ERR_NOMEM, "step wire bytes=%zu", b->len);
     }
@@ -145,6 +151,12 @@ uc_status eng_wire_decode(struct eng_wire_step *d, const char *buf, size_t len)
     take(&r, &d->s.profile_eps, sizeof d->s.profile_eps);
     take(&r, d->s.profile_source, sizeof d->s.profile_source);
     take(&r, &d->s.diag_seq, sizeof d->s.diag_seq);
+    take(&r, &d->s.ks_tokens, sizeof d->s.ks_tokens);
+    take(&r, &d->s.ks_n_pairs, sizeof d->s.ks_n_pairs);
+    take(&r, &d->s.ks_target, sizeof d->s.ks_target);
+    take(&r, &d->s.ks_threshold, sizeof d->s.ks_threshold);
+    take(&r, &d->s.ks_cosine, sizeof d->s.ks_cosine);
+    take(&r, d->s.ks_pairs, sizeof d->s.ks_pairs);
     if (r.bad) {
         eng_wire_fini(d);
         return UC_ERRF(UC_ERR_FORMAT, "step wire: truncated");

@@ -40,7 +40,8 @@ static __global__ void rope_kernel(T *x, int64_t ld, int n_heads, int half, cons
 }
 
 /* rope_append: items (t, h, i < D/2) over the q heads, the k heads (rotated, and written to
- * the pool slot as well) and the v heads (copied to the pool slot). */
+ * the pool slot as well) and the v heads (copied to the pool slot); a negative slot (a KVSharer
+ * layer reading another layer's cache) is not written. */
 template <typename T>
 static __global__ void rope_append_kernel(T *x, int64_t ld, int n_heads, int n_kv, int head_dim,
                                           const int32_t *pos, const int32_t *slot, int64_t n_tok,
@@ -54,8 +55,12 @@ static __global__ void rope_append_kernel(T *x, int64_t ld, int n_heads, int n_k
          idx += (int64_t)gridDim.x * blockDim.x) {
         int64_t t = idx / per_tok, r = idx - t * per_tok, h = r / half, i = r - h * half;
         T *v = x + t * ld + h * head_dim;
-        if (h >= n_heads + n_kv) { /* a v head: copy */
-            T *dst = pv + (int64_t)slot[t * n_kv + (h - n_heads - n_kv)] * head_dim;
+        if (h >= n_heads + n_kv) { /* a v head: copy (slot -1: a shared layer, no append) */
+            int32_t sl = slot[t * n_kv + (h - n_heads - n_kv)];
+            if (sl < 0) {
+                continue;
+            }
+            T *dst = pv + (int64_t)sl * head_dim;
             dst[i] = v[i];
             dst[i + half] = v[i + half];
             continue;
@@ -66,7 +71,7 @@ static __global__ void rope_append_kernel(T *x, int64_t ld, int n_heads, int n_k
         T ra = uck_from_f<T>(a * c - b * s), rb = uck_from_f<T>(b * c + a * s);
         v[i] = ra;
         v[i + half] = rb;
-        if (h >= n_heads) {
+        if (h >= n_heads && slot[t * n_kv + (h - n_heads)] >= 0) {
             T *dst = pk + (int64_t)slot[t * n_kv + (h - n_heads)] * head_dim;
             dst[i] = ra;
             dst[i + half] = rb;
