@@ -20,6 +20,7 @@
 #include "base/util.h"
 #include "compress/entropy.h"
 #include "compress/policy.h"
+#include "compress/kvsharer.h"
 #include "compress/profile.h"
 #include "compress/select.h"
 #include "test_util.h"
@@ -973,6 +974,254 @@ static void test_profile_refusals(void **state)
 
 /* ---- parameters ---------------------------------------------------------------------------- */
 
+
+/* ---- kvsharer (issue 15) -------------------------------------------------------------------- */
+
+/* Policy specs: a token policy, stages joined by '+', and clear refusals. */
+static void test_policy_spec(void **state)
+{
+    (void)state;
+    char msg[512], name[64];
+    struct uc_compress_params p = uc_compress_default_params();
+    const struct {
+        const char *spec;
+        enum uc_policy policy;
+        uint32_t stages;
+        const char *name;
+    } ok[] = {
+        {"snapkv", UC_POLICY_SNAPKV, 0, "snapkv"},
+        {"kvsharer", UC_POLICY_FULL, UC_STAGE_KVSHARER, "kvsharer"},
+        {"full+kvsharer", UC_POLICY_FULL, UC_STAGE_KVSHARER, "kvsharer"},
+        {"uncomp+kvsharer", UC_POLICY_UNCOMP, UC_STAGE_KVSHARER, "uncomp+kvsharer"},
+        {"snapkv+kvsharer", UC_POLICY_SNAPKV, UC_STAGE_KVSHARER, "snapkv+kvsharer"},
+        {"h2o+kvsharer", UC_POLICY_H2O, UC_STAGE_KVSHARER, "h2o+kvsharer"},
+    };
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        p = uc_compress_default_params();
+        assert_int_equal(uc_policy_spec_parse(ok[i].spec, &p, msg, sizeof msg), UC_OK);
+        assert_int_equal(p.policy, ok[i].policy);
+        assert_int_equal(p.stages, ok[i].stages);
+        assert_int_equal(uc_policy_kvsharer(&p), ok[i].stages != 0);
+        uc_policy_spec_name(&p, name, sizeof name);
+        assert_string_equal(name, ok[i].name);
+        assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_OK);
+    }
+    const struct {
+        const char *spec, *says;
+    } bad[] = {
+        {"snapkv+kvshare", "unknown policy or stage 'kvshare'"},
+        {"kvsharer+kvsharer", "names kvsharer twice"},
+        {"kvsharer+snapkv", "must come first"},
+        {"snapkv+uncomp", "must come first"},
+        {"uncomp-stage+kvsharer", "does not combine with uncomp-stage"},
+        {"snapkv+", "empty"},
+        {"+kvsharer", "empty"},
+        {"", "not a policy"},
+        {"think", "unknown policy or stage 'think'"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        p = uc_compress_default_params();
+        msg[0] = '\0';
+        assert_int_equal(uc_policy_spec_parse(bad[i].spec, &p, msg, sizeof msg),
+                         UC_ERR_INVALID_ARG);
+        assert_has(msg, bad[i].says);
+        assert_int_equal(p.policy, UC_POLICY_FULL); /* unchanged on failure */
+        assert_int_equal(p.stages, 0);
+    }
+    /* the error lists what exists */
+    uc_policy_spec_parse("nope", &p, msg, sizeof msg);
+    assert_has(msg, "uncomp-stage");
+    assert_has(msg, "+kvsharer");
+    /* validation: eviction, pair lists, stage bits */
+    p = uc_compress_default_params();
+    uc_policy_spec_parse("snapkv+kvsharer", &p, msg, sizeof msg);
+    p.decode_mode = UC_DECODE_EVICT;
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_ERR_INVALID_ARG);
+    assert_has(msg, "evict");
+    p.decode_mode = UC_DECODE_APPEND;
+    p.n_share = 2;
+    p.share[0] = (struct uc_share_pair){1, 5};
+    p.share[1] = (struct uc_share_pair){2, 6};
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_OK);
+    p.share[1] = (struct uc_share_pair){5, 6}; /* a chain */
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_ERR_INVALID_ARG);
+    assert_has(msg, "both a source and a target");
+    p.share[1] = (struct uc_share_pair){2, 5}; /* a target twice */
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_ERR_INVALID_ARG);
+    assert_has(msg, "target of two pairs");
+    p.share[1] = (struct uc_share_pair){6, 2}; /* backwards */
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_ERR_INVALID_ARG);
+    p.share[1] = (struct uc_share_pair){2, 8}; /* past the last layer */
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_ERR_INVALID_ARG);
+    p.stages = 0; /* pairs without the stage */
+    p.n_share = 1;
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_ERR_INVALID_ARG);
+    p.n_share = 0;
+    p.stages = 1u << 7;
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_ERR_INVALID_ARG);
+    assert_has(msg, "unknown stage");
+}
+
+/* The plan of a shared layer: budget 0 (nothing kept), its source in share_src, and the
+ * checksum tells shared plans apart. */
+static void test_plan_shared(void **state)
+{
+    (void)state;
+    struct uc_plan a, b;
+    struct uc_compress_params p = uc_compress_default_params();
+    p.policy = UC_POLICY_SNAPKV;
+    p.stages = UC_STAGE_KVSHARER;
+    assert_int_equal(uc_plan_init(&a, 4, 2), UC_OK);
+    assert_int_equal(uc_plan_init(&b, 4, 2), UC_OK);
+    struct uc_share_pair pr = {0, 3};
+    uc_share_map(a.share_src, 4, &pr, 1);
+    for (int l = 0; l < 4; l++) {
+        uc_plan_set_layer(&a, &p, l, NULL);
+        uc_plan_set_layer(&b, &p, l, NULL);
+    }
+    const int16_t want[4] = {0, 1, 2, 0};
+    assert_memory_equal(a.share_src, want, sizeof want);
+    assert_int_equal(a.budget[3 * 2], 0);
+    assert_int_equal(a.budget[3 * 2 + 1], 0);
+    assert_int_equal(a.budget[0], 128);
+    assert_int_equal(b.budget[3 * 2], 128);
+    assert_true(uc_plan_checksum(&a) != uc_plan_checksum(&b));
+    uc_plan_fini(&a);
+    uc_plan_fini(&b);
+}
+
+/* The pair ranking and the greedy search, with a model stand-in whose cosine is a known
+ * function of the pairs: most dissimilar first, conflicts skipped, the threshold applied, and
+ * the search stopping at the target. */
+struct fake_model {
+    double bad_dst; /* pairs into this layer drop the cosine below any threshold */
+    int calls;
+    int32_t last_n;
+};
+
+static uc_status fake_eval(void *user, const struct uc_share_pair *pairs, int32_t n,
+                           double *cosine)
+{
+    struct fake_model *m = user;
+    m->calls++;
+    m->last_n = n;
+    *cosine = 1.0 - 0.05 * n;
+    for (int32_t i = 0; i < n; i++) {
+        if (pairs[i].dst == m->bad_dst) {
+            *cosine = 0.2;
+        }
+    }
+    return UC_OK;
+}
+
+static void test_kvsharer_search(void **state)
+{
+    (void)state;
+    enum { L = 6 };
+    double d[L * L] = {0};
+    /* distances: |a - b| scaled, with (0, 5) largest, then (0, 4) and (1, 5), ... ties by a */
+    for (int a = 0; a < L; a++) {
+        for (int b = 0; b < L; b++) {
+            d[a * L + b] = (double)((a - b) * (a - b));
+        }
+    }
+    d[2 * L + 3] = d[3 * L + 2] = 100.0; /* (2, 3) is the most dissimilar */
+    struct uc_share_pair r[L * (L - 1) / 2];
+    assert_int_equal(uc_kvsharer_rank(r, d, L), 15);
+    assert_int_equal(r[0].src, 2);
+    assert_int_equal(r[0].dst, 3);
+    assert_int_equal(r[1].src, 0);
+    assert_int_equal(r[1].dst, 5);
+    assert_int_equal(r[2].src, 0); /* 16 for (0, 4) and (1, 5): lower source first */
+    assert_int_equal(r[2].dst, 4);
+    assert_int_equal(r[3].src, 1);
+    assert_int_equal(r[3].dst, 5);
+
+    struct uc_kvsharer_params kp = uc_kvsharer_default_params();
+    assert_true(kp.threshold == 0.5 && kp.ratio == 0.3);
+    assert_int_equal(uc_kvsharer_target(&kp, 6), 2);  /* 1.8 -> 2 */
+    assert_int_equal(uc_kvsharer_target(&kp, 16), 5); /* 4.8 -> 5 */
+    assert_int_equal(uc_kvsharer_target(&kp, 8), 2);  /* 2.4 -> 2 */
+    kp.target = 9;
+    assert_int_equal(uc_kvsharer_target(&kp, 6), 3); /* at most L / 2 */
+    kp.target = 3;
+    struct fake_model m = {.bad_dst = 4};
+    struct uc_kvsharer_result res;
+    assert_int_equal(uc_kvsharer_search(&res, d, L, &kp, fake_eval, &m), UC_OK);
+    /* (2,3) kept; (0,5) kept; (0,4) rejected (bad target); (1,5) skipped (5 taken);
+     * (1,4) rejected; (0,3)/(1,3)/(2,5)... 3 and 5 taken, 2 a source; (2,4) rejected;
+     * (3, x) skipped (3 is a target); (0,2): 2 is a source; (0,1) kept: target reached */
+    assert_int_equal(res.n_pairs, 3);
+    assert_int_equal(res.pairs[0].src, 2);
+    assert_int_equal(res.pairs[0].dst, 3);
+    assert_int_equal(res.pairs[1].src, 0);
+    assert_int_equal(res.pairs[1].dst, 5);
+    assert_int_equal(res.pairs[2].dst, 1);
+    assert_near(res.cosine, 1.0 - 0.05 * 3, 1e-12);
+    assert_int_equal(res.n_tried, m.calls);
+    assert_true(res.n_tried > 3); /* the rejected ones were tried */
+    char msg[256];
+    assert_int_equal(uc_share_pairs_validate(res.pairs, res.n_pairs, L, msg, sizeof msg), UC_OK);
+    /* a threshold nothing passes keeps nothing */
+    kp.threshold = 0.99;
+    m.calls = 0;
+    assert_int_equal(uc_kvsharer_search(&res, d, L, &kp, fake_eval, &m), UC_OK);
+    assert_int_equal(res.n_pairs, 0);
+    assert_true(res.cosine == 1.0);
+    /* cosine of rows */
+    const float x[4] = {1, 0, 0, 2}, y[4] = {2, 0, 0, -1};
+    assert_near(uc_cosine_rows_mean(x, x, 2, 2), 1.0, 1e-12);
+    assert_near(uc_cosine_rows_mean(x, y, 2, 2), 0.0, 1e-12); /* (1 + -1) / 2 */
+}
+
+/* The profile records KVSharer's pairs and loads them back; a profile without them (every
+ * profile written before) still loads, and bad pairs are refused by name. */
+static void test_profile_kvsharer(void **state)
+{
+    (void)state;
+    struct uc_profile a, b;
+    fill_profile(&a);
+    assert_int_equal(uc_profile_save(&a, prof_path), UC_OK);
+    memset(&b, 0, sizeof b);
+    assert_int_equal(uc_profile_load(&b, prof_path, 4, 4, 2), UC_OK); /* an old profile */
+    assert_false(b.has_share);
+    assert_int_equal(b.n_share, 0);
+    uc_profile_fini(&b);
+    a.has_share = true;
+    a.n_share = 2;
+    a.share[0] = (struct uc_share_pair){0, 3};
+    a.share[1] = (struct uc_share_pair){0, 2};
+    a.share_threshold = 0.5;
+    a.share_cosine = 0.875;
+    a.share_target = 2;
+    a.share_tokens = 256;
+    assert_int_equal(uc_profile_save(&a, prof_path), UC_OK);
+    char *json = uc_profile_to_json(&a);
+    assert_has(json, "\"kvsharer\":");
+    assert_has(json, "\"threshold\":\t0.5");
+    uc_free(json);
+    memset(&b, 0, sizeof b);
+    assert_int_equal(uc_profile_load(&b, prof_path, 4, 4, 2), UC_OK);
+    assert_true(b.has_share);
+    assert_int_equal(b.n_share, 2);
+    assert_memory_equal(b.share, a.share, 2 * sizeof a.share[0]);
+    assert_true(b.share_threshold == 0.5 && b.share_cosine == 0.875);
+    assert_int_equal(b.share_target, 2);
+    assert_int_equal(b.share_tokens, 256);
+    uc_profile_fini(&b);
+    uc_profile_fini(&a);
+    /* a target past the model's layers, a chain, a malformed pair */
+    const struct {
+        const char *from, *to, *says;
+    } bad[] = {{"[0, 3]", "[0, 4]", "kvsharer.pairs[0]"},
+               {"[0, 3]", "[2, 3]", "both a source and a target"},
+               {"[0, 3]", "[0]", "kvsharer.pairs[0]"}};
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(parse_edited(&b, bad[i].from, bad[i].to, 4, 4, 2), UC_ERR_FORMAT);
+        assert_has(tu_log_text, bad[i].says);
+    }
+}
+
 static void test_params(void **state)
 {
     (void)state;
@@ -1106,6 +1355,10 @@ int main(void)
         cmocka_unit_test(test_profile_round_trip),
         cmocka_unit_test(test_profile_refusals),
         cmocka_unit_test(test_params),
+        cmocka_unit_test(test_policy_spec),
+        cmocka_unit_test(test_plan_shared),
+        cmocka_unit_test(test_kvsharer_search),
+        cmocka_unit_test(test_profile_kvsharer),
         cmocka_unit_test(test_regression_stage_rows_float_r_min),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
