@@ -201,7 +201,9 @@ static void sec_compress(struct uc_buf *b, const struct uc_admin_src *s,
     if (s->sched) {
         struct uc_compress_params cp;
         uc_sched_get_default_compress(s->sched, &cp);
-        uc_buf_printf(b, "default_policy:%s\n", uc_policy_name(cp.policy));
+        char pname[64];
+        uc_policy_spec_name(&cp, pname, sizeof pname);
+        uc_buf_printf(b, "default_policy:%s\n", pname);
         uc_buf_printf(b, "default_kv_budget:%d\n", cp.kv_budget);
         uc_buf_printf(b, "window:%d\n", cp.window);
         uc_buf_printf(b, "pool_kernel:%d\n", cp.pool_kernel);

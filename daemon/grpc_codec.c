@@ -865,8 +865,17 @@ static bool report_pb(struct arena *a, Uncomp__V1__CompressionReport *rep,
                       const struct uc_grpc_event *d)
 {
     uncomp__v1__compression_report__init(rep);
-    rep->policy = (char *)(uintptr_t)uc_policy_name(d->has_report ? d->report.policy
-                                                                  : d->compress.policy);
+    struct uc_compress_params named = d->compress;
+    if (d->has_report) {
+        named.policy = d->report.policy;
+        named.stages = d->report.stages;
+    }
+    char *pname = arena_alloc(a, 64);
+    if (!pname) {
+        return false;
+    }
+    uc_policy_spec_name(&named, pname, 64);
+    rep->policy = pname;
     rep->kv_budget = (uint32_t)(d->compress.kv_budget > 0 ? d->compress.kv_budget : 0);
     rep->decode_mode = (char *)(uintptr_t)uc_decode_mode_name(d->compress.decode_mode);
     rep->grouping = (char *)(uintptr_t)uc_grouping_name(d->compress.grouping);
@@ -876,6 +885,7 @@ static bool report_pb(struct arena *a, Uncomp__V1__CompressionReport *rep,
     const struct uc_compress_report *r = &d->report;
     rep->kv_budget = (uint32_t)(r->kv_budget > 0 ? r->kv_budget : 0);
     rep->kv_tokens_full = u64_of(r->kv_tokens_full);
+    rep->shared_layers = (uint32_t)(r->n_shared_layers > 0 ? r->n_shared_layers : 0);
     rep->kv_tokens_kept = u64_of(r->kv_tokens_kept);
     rep->kv_bytes_full = u64_of(r->kv_bytes_full);
     rep->kv_bytes_kept = u64_of(r->kv_bytes_kept);
@@ -1092,7 +1102,11 @@ uc_status uc_grpc_encode_server_info(struct uc_grpc_msg *out, const struct uc_ad
         si.queued_requests = (uint32_t)(sc.queued > 0 ? sc.queued : 0);
         struct uc_compress_params cp;
         uc_sched_get_default_compress(src->sched, &cp);
-        si.default_policy = (char *)(uintptr_t)uc_policy_name(cp.policy);
+        char *pname = arena_alloc(&a, 64);
+        if (pname) {
+            uc_policy_spec_name(&cp, pname, 64);
+        }
+        si.default_policy = pname ? pname : (char *)(uintptr_t)uc_policy_name(cp.policy);
         si.default_kv_budget = (uint32_t)(cp.kv_budget > 0 ? cp.kv_budget : 0);
     }
     uc_status rc = msg_of(out, &si.base, a.oom);
@@ -1311,7 +1325,9 @@ uc_status uc_grpc_encode_set_policy(struct uc_grpc_msg *out, const struct uc_com
 {
     Uncomp__V1__SetCompressionPolicyResponse resp;
     uncomp__v1__set_compression_policy_response__init(&resp);
-    resp.policy = (char *)(uintptr_t)uc_policy_name(cp->policy);
+    char pname[64];
+    uc_policy_spec_name(cp, pname, sizeof pname);
+    resp.policy = pname;
     resp.kv_budget = (uint32_t)(cp->kv_budget > 0 ? cp->kv_budget : 0);
     resp.decode_mode = (char *)(uintptr_t)uc_decode_mode_name(cp->decode_mode);
     resp.grouping = (char *)(uintptr_t)uc_grouping_name(cp->grouping);

@@ -33,9 +33,9 @@ uc_status uc_config_compress(const struct uc_config *c, int64_t n_layers,
                              struct uc_compress_params *out, char *msg, size_t msg_size)
 {
     struct uc_compress_params p = uc_compress_default_params();
-    if (!uc_policy_parse(c->policy, &p.policy)) {
-        snprintf(msg, msg_size, "--policy=%s is not one of full, uncomp, uncomp-stage, snapkv, "
-                 "pyramidkv, streamingllm, h2o", c->policy);
+    char pmsg[400];
+    if (uc_policy_spec_parse(c->policy, &p, pmsg, sizeof pmsg) != UC_OK) {
+        snprintf(msg, msg_size, "--%s", pmsg);
         return UC_ERR_INVALID_ARG;
     }
     if (!uc_decode_mode_parse(c->decode_mode, &p.decode_mode)) {

@@ -701,7 +701,13 @@ static void add_report(cJSON *o, const struct uc_oai_choice *c)
     }
     const struct uc_compress_report *rp = &c->report;
     cJSON *u = cJSON_AddObjectToObject(o, "uncomp");
-    cJSON_AddStringToObject(u, "policy", uc_policy_name(rp->policy));
+    struct uc_compress_params named = uc_compress_default_params();
+    named.policy = rp->policy;
+    named.stages = rp->stages;
+    char pname[64];
+    uc_policy_spec_name(&named, pname, sizeof pname);
+    cJSON_AddStringToObject(u, "policy", pname);
+    cJSON_AddNumberToObject(u, "shared_layers", rp->n_shared_layers);
     cJSON_AddNumberToObject(u, "kv_budget", rp->kv_budget);
     cJSON_AddNumberToObject(u, "kv_tokens_full", (double)rp->kv_tokens_full);
     cJSON_AddNumberToObject(u, "kv_tokens_kept", (double)rp->kv_tokens_kept);

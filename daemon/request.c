@@ -109,6 +109,10 @@ void uc_req_policy_list(char *out, size_t cap)
         n += (size_t)snprintf(out + n, cap - n, "%s%s", i ? ", " : "",
                               uc_policy_name((enum uc_policy)i));
     }
+    if (n < cap) {
+        snprintf(out + n, cap - n, "; or one of them with +kvsharer (snapkv+kvsharer; kvsharer "
+                 "alone is full+kvsharer)");
+    }
 }
 
 uc_status uc_req_fail(struct uc_req_error *err, uc_status st, enum uc_req_field field,
@@ -284,11 +288,21 @@ uc_status uc_req_compress_resolve(const struct uc_req_compress *in,
     (snprintf(name, sizeof name, "%s%s", prefix, key),                                             \
      uc_req_fail(err, UC_ERR_INVALID_ARG, (f), name, __VA_ARGS__))
     struct uc_compress_params cp = *defaults;
-    if (in->policy && in->policy[0] && !uc_policy_parse(in->policy, &cp.policy)) {
-        char names[160];
+    char pmsg[512];
+    if (in->policy && in->policy[0] &&
+        uc_policy_spec_parse(in->policy, &cp, pmsg, sizeof pmsg) != UC_OK) {
+        char names[200];
         uc_req_policy_list(names, sizeof names);
-        return CBAD(UC_REQ_F_POLICY, "policy", "%spolicy=\"%.64s\" is unknown; use one of: %s",
-                    prefix, in->policy, names);
+        if (strstr(pmsg, "unknown policy or stage") || strstr(pmsg, "not a policy")) {
+            return CBAD(UC_REQ_F_POLICY, "policy", "%spolicy=\"%.64s\" is unknown; use one of: %s",
+                        prefix, in->policy, names);
+        }
+        /* a known name in a combination that does not work: say why */
+        return CBAD(UC_REQ_F_POLICY, "policy", "%spolicy=\"%.64s\": %s", prefix, in->policy,
+                    strncmp(pmsg, "policy: ", 8) == 0 ? pmsg + 8 : pmsg);
+    }
+    if (in->policy && in->policy[0]) {
+        cp.n_share = 0; /* a request's kvsharer uses the profile's pairs */
     }
     static const struct {
         enum uc_req_field f;

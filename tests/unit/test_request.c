@@ -412,6 +412,8 @@ SETTER(set_stop_id, (big_ids[0] = 5, big_ids[1] = 5000, s->stop_token_ids = big_
                      s->n_stop_token_ids = 2))
 SETTER(set_n, g->n = 17)
 SETTER(set_policy, c->policy = (char *)(uintptr_t)"zip")
+SETTER(set_policy_stage, c->policy = (char *)(uintptr_t)"snapkv+kvshare")
+SETTER(set_policy_combo, c->policy = (char *)(uintptr_t)"uncomp-stage+kvsharer")
 SETTER(set_budget, (c->policy = (char *)(uintptr_t)"snapkv", c->kv_budget = 2))
 SETTER(set_window, c->window = 100)
 SETTER(set_mode, c->decode_mode = (char *)(uintptr_t)"later")
@@ -463,6 +465,10 @@ static void test_req_same_errors_both_fronts(void **state)
         {"\"n\":17", set_n, UC_REQ_F_N, "n=17 must be in [1, 16]", "n"},
         {"\"uncomp\":{\"policy\":\"zip\"}", set_policy, UC_REQ_F_POLICY,
          "compression.policy=\"zip\" is unknown", "uncomp.policy"},
+        {"\"uncomp\":{\"policy\":\"snapkv+kvshare\"}", set_policy_stage, UC_REQ_F_POLICY,
+         "compression.policy=\"snapkv+kvshare\" is unknown; use one of: full", "uncomp.policy"},
+        {"\"uncomp\":{\"policy\":\"uncomp-stage+kvsharer\"}", set_policy_combo, UC_REQ_F_POLICY,
+         "kvsharer does not combine with uncomp-stage", "uncomp.policy"},
         {"\"uncomp\":{\"policy\":\"snapkv\",\"kv_budget\":2}", set_budget, UC_REQ_F_COMPRESSION,
          "compression.kv_budget=2 must be at least", "uncomp"},
         {"\"uncomp\":{\"window\":100}", set_window, UC_REQ_F_COMPRESSION, "compression.window=100",
@@ -520,6 +526,46 @@ static void test_req_same_errors_both_fronts(void **state)
             fail_msg("case %zu: '%s' (%s) != '%s' (%s)", i, ge.message, ge.param, he.message,
                      he.param);
         }
+        uc_grpc_request_fini(&gr);
+        uc_oai_request_fini(&hr);
+    }
+}
+
+/* issue 15: a policy with a stage ("snapkv+kvsharer") reaches the request the same way
+ * through gRPC's policy string and HTTP's uncomp object. */
+static void test_req_policy_stage_both_fronts(void **state)
+{
+    (void)state;
+    struct uc_req_ctx c = ctx();
+    const char *specs[] = {"snapkv+kvsharer", "kvsharer", "uncomp+kvsharer"};
+    const enum uc_policy want[] = {UC_POLICY_SNAPKV, UC_POLICY_FULL, UC_POLICY_UNCOMP};
+    for (int i = 0; i < 3; i++) {
+        Uncomp__V1__GenerateRequest g;
+        Uncomp__V1__CompressionParams cp;
+        uncomp__v1__generate_request__init(&g);
+        uncomp__v1__compression_params__init(&cp);
+        g.input_case = UNCOMP__V1__GENERATE_REQUEST__INPUT_TEXT;
+        g.text = (char *)(uintptr_t)"Hello";
+        g.compression = &cp;
+        cp.policy = (char *)(uintptr_t)specs[i];
+        struct uc_grpc_request gr;
+        grpc_decode(&gr, UC_GRPC_GENERATE, &g.base);
+        char body[256];
+        snprintf(body, sizeof body, "{\"prompt\":\"Hello\",\"uncomp\":{\"policy\":\"%s\"}}",
+                 specs[i]);
+        struct uc_oai_request hr;
+        http_decode(&hr, UC_OAI_COMPLETION, body);
+        struct uc_req_error e1, e2;
+        assert_int_equal(uc_grpc_request_validate(&gr, &c, &e1), UC_OK);
+        assert_int_equal(uc_req_validate(&hr.gen, &c, &e2), UC_OK);
+        struct uc_request q1, q2;
+        uc_req_choice(&gr.gen, 0, 1, &q1);
+        uc_req_choice(&hr.gen, 0, 1, &q2);
+        assert_int_equal(q1.compress.policy, want[i]);
+        assert_int_equal(q1.compress.stages, UC_STAGE_KVSHARER);
+        assert_int_equal(q2.compress.policy, want[i]);
+        assert_int_equal(q2.compress.stages, UC_STAGE_KVSHARER);
+        assert_int_equal(q2.compress.n_share, 0);
         uc_grpc_request_fini(&gr);
         uc_oai_request_fini(&hr);
     }
@@ -1073,6 +1119,7 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_req_same_request_both_fronts),
         cmocka_unit_test(test_req_same_errors_both_fronts),
+        cmocka_unit_test(test_req_policy_stage_both_fronts),
         cmocka_unit_test(test_req_prompt_errors_both_fronts),
         cmocka_unit_test(test_grpc_every_message),
         cmocka_unit_test(test_http_bodies),
