@@ -843,6 +843,7 @@ static void copy_report(struct uc_compression_report *r, const Uncomp__V1__Compr
     r->decode_mode = sdup(m->decode_mode, oom);
     r->grouping = sdup(m->grouping, oom);
     r->plan_checksum = m->plan_checksum;
+    r->shared_layers = m->shared_layers;
 }
 
 /* Copies the Complete message of a GenerateResponse (raw: its wire bytes). */

@@ -257,6 +257,7 @@ struct uc_compression_report {
     char *decode_mode;
     char *grouping;
     uint64_t plan_checksum;
+    uint32_t shared_layers; /* KVSharer: layers reading another layer's cache (no KV held) */
 };
 
 struct uc_client_timing {

@@ -97,7 +97,7 @@ static const char usage_generate[] =
     "      --logprobs N            return top-N log-probabilities per token\n"
     "Compression (unset = the server's default policy):\n"
     "      --policy NAME           full, uncomp, uncomp-stage, snapkv, pyramidkv,\n"
-    "                              streamingllm, h2o\n"
+    "                              streamingllm, h2o; +kvsharer composes (snapkv+kvsharer)\n"
     "      --kv-budget N           mean KV tokens kept per head and layer\n"
     "      --window N  --pool-kernel N  --sink-tokens N  --head-groups N  --r-min X\n"
     "      --decode-mode MODE      append or evict\n"
@@ -192,6 +192,7 @@ static const char usage_set_policy[] =
     "Changes the server's default compression settings for new requests (validated by the\n"
     "server: an unknown policy is INVALID_ARGUMENT, exit 1). Unset options keep their value.\n"
     "      --policy NAME        full, uncomp, uncomp-stage, snapkv, pyramidkv, streamingllm, h2o\n"
+    "                           (+kvsharer composes: snapkv+kvsharer)\n"
     "      --kv-budget N        mean KV tokens kept per head and layer\n"
     "      --decode-mode MODE   append or evict\n"
     "      --grouping G         profile or prompt\n"
@@ -502,7 +503,9 @@ static void json_report(FILE *f, const struct uc_compression_report *r)
     uc_ctl_json_num(f, r->compress_ms);
     uc_ctl_json_field_str(f, "decode_mode", r->decode_mode);
     uc_ctl_json_field_str(f, "grouping", r->grouping);
-    fprintf(f, ",\"plan_checksum\":\"%016" PRIx64 "\"}", r->plan_checksum);
+    fprintf(f, ",\"plan_checksum\":\"%016" PRIx64 "\"", r->plan_checksum);
+    uc_ctl_json_field_num(f, "shared_layers", r->shared_layers);
+    fputc('}', f);
 }
 
 static void json_completion_fields(FILE *f, const struct uc_completion *c)
@@ -557,10 +560,10 @@ static void verbose_completion(FILE *f, const struct uc_completion *c)
     fprintf(f,
             "compression: policy %s, kv_budget %" PRIu32 ", decode_mode %s, grouping %s\n"
             "  kv tokens %" PRIu64 " -> %" PRIu64 ", bytes %" PRIu64 " -> %" PRIu64
-            " (ratio %.4f), compress %.2f ms, plan %016" PRIx64 "\n",
+            " (ratio %.4f), compress %.2f ms, plan %016" PRIx64 ", shared layers %" PRIu32 "\n",
             r->policy, r->kv_budget, r->decode_mode, r->grouping, r->kv_tokens_full,
             r->kv_tokens_kept, r->kv_bytes_full, r->kv_bytes_kept, r->ratio, r->compress_ms,
-            r->plan_checksum);
+            r->plan_checksum, r->shared_layers);
     if (r->n_stage_rows || r->n_stage_starts) {
         fprintf(f, "  stages: starts");
         for (size_t i = 0; i < r->n_stage_starts; i++) {

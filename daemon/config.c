@@ -94,7 +94,8 @@ static const struct uc_cfg_option options[] = {
      "keys"},
     /* default compression */
     {"policy", UC_CFG_STR, OFF(policy), "full", 0, 0, 0,
-     "default compression: full, uncomp, uncomp-stage, snapkv, pyramidkv, streamingllm, h2o"},
+     "default compression: full, uncomp, uncomp-stage, snapkv, pyramidkv, streamingllm, h2o; "
+     "+kvsharer composes (snapkv+kvsharer)"},
     {"kv-budget", UC_CFG_INT, OFF(kv_budget), "128", 1, 1 << 24, 0,
      "default mean tokens kept per KV head per layer"},
     {"window", UC_CFG_INT, OFF(window), "8", 1, 64, 0, "observation window W"},
@@ -122,6 +123,13 @@ static const struct uc_cfg_option options[] = {
      "tokens per calibration window (an Admin.Calibrate may ask fewer, not more)"},
     {"calib-windows", UC_CFG_INT, OFF(calib_windows), "4", 1, 1024, 0,
      "most calibration windows (an Admin.Calibrate may ask fewer, not more)"},
+    {"kvsharer-layers", UC_CFG_DBL, OFF(kvsharer_layers), "0.3", 0, 0.5, 0,
+     "KVSharer: share of layers calibration makes read another layer's KV cache (0 = no "
+     "KVSharer search)"},
+    {"kvsharer-threshold", UC_CFG_DBL, OFF(kvsharer_threshold), "0.5", -1, 1, 0,
+     "KVSharer: cosine similarity the last hidden states must keep for a layer pair"},
+    {"kvsharer-window", UC_CFG_INT, OFF(kvsharer_window), "256", 16, 1 << 16, 0,
+     "KVSharer: tokens per window of its search (at most 4 windows of the calibration text)"},
     {"calib-max-text-bytes", UC_CFG_BYTES, OFF(calib_max_text_bytes), "1MiB", 1024, 1 << 30, 0,
      "largest text an Admin.Calibrate may send"},
     /* one-shot */

@@ -38,6 +38,9 @@ struct uc_config {
     char *calibration_text;
     int64_t calib_window;
     int64_t calib_windows;
+    double kvsharer_threshold;
+    double kvsharer_layers;
+    int64_t kvsharer_window;
     int64_t calib_max_text_bytes;
     char *log_level;
     bool fp32;

@@ -260,6 +260,10 @@ static int run_rank0(struct daemon *d)
     sp.calib_window_tokens = (int32_t)c->calib_window;
     sp.calib_max_windows = (int32_t)c->calib_windows;
     sp.calib_max_text_bytes = (size_t)c->calib_max_text_bytes;
+    sp.kvsharer = uc_kvsharer_default_params();
+    sp.kvsharer.ratio = c->kvsharer_layers;
+    sp.kvsharer.threshold = c->kvsharer_threshold;
+    sp.kvsharer_window = (int32_t)c->kvsharer_window;
     rc = uc_tokenizer_create(&d->tok, uc_engine_model_dir(d->engine));
     if (rc == UC_OK && uc_tokenizer_vocab_size(d->tok) > uc_engine_config(d->engine)->vocab) {
         /* an id past the embedding rows would read outside the table at the first prompt */

@@ -136,6 +136,9 @@ struct uc_sched_params {
     int32_t calib_window_tokens;   /* also the most an Admin.Calibrate may ask */
     int32_t calib_max_windows;     /* also the most an Admin.Calibrate may ask */
     size_t calib_max_text_bytes;   /* the largest text an Admin.Calibrate may send */
+    /* KVSharer's search after each calibration (kvsharer.ratio 0: none) */
+    struct uc_kvsharer_params kvsharer;
+    int32_t kvsharer_window;
 };
 
 struct uc_sched_params uc_sched_default_params(void);

@@ -166,6 +166,47 @@ static uc_status window_start(struct uc_sched *s, struct uc_step_new *nw, char *
     return UC_OK;
 }
 
+/* KVSharer's layer pairs, searched on the calibration text once the entropy profile is in (its
+ * windows run as steps of their own: the requests wait the few seconds it takes). Without room
+ * in the KV pool, or on failure, the profile keeps no pairs and kvsharer requests are refused
+ * until the next calibration; the entropy profile stands either way. */
+static void kvsharer_search(struct uc_sched *s)
+{
+    struct calib_job *j = &s->calib;
+    if (uc_kvsharer_target(&s->p.kvsharer, uc_engine_config(s->e)->n_layers) == 0) {
+        return;
+    }
+    int32_t bos = uc_tokenizer_bos(s->tok);
+    int64_t w = s->p.kvsharer_window, ctx = uc_engine_max_ctx(s->e);
+    w = w < ctx ? w : ctx;
+    int64_t body = w - (bos >= 0 ? 1 : 0), nw = body > 0 ? j->n_ids / body : 0;
+    nw = nw < 4 ? nw : 4;
+    if (nw < 1) {
+        UC_LOG_WARN("sched: kvsharer: the calibration text has %lld tokens, a window needs %lld",
+                    (long long)j->n_ids, (long long)body);
+        return;
+    }
+    int32_t *ids = uc_malloc((size_t)(nw * w) * sizeof(int32_t));
+    if (!ids) {
+        UC_LOG_WARN("sched: kvsharer: out of memory");
+        return;
+    }
+    for (int64_t i = 0; i < nw; i++) {
+        int32_t *win = ids + i * w;
+        if (bos >= 0) {
+            *win++ = bos;
+        }
+        memcpy(win, j->ids + i * body, (size_t)body * sizeof(int32_t));
+    }
+    struct uc_kvsharer_result res;
+    uc_status rc = uc_engine_kvsharer_calibrate(s->e, ids, nw * w, w, &s->p.kvsharer, &res);
+    uc_free(ids);
+    if (rc != UC_OK) {
+        UC_LOG_WARN("sched: kvsharer search failed (%s); the profile has no layer pairs",
+                    rc == UC_ERR_KV_FULL ? "the KV pool is busy" : uc_status_str(rc));
+    }
+}
+
 static void job_cancel(struct uc_sched *s, uc_status rc, const char *msg);
 static void fail_queued(struct uc_sched *s, uc_status rc, const char *msg);
 
@@ -228,6 +269,9 @@ void sched_calib_tick(struct uc_sched *s, struct uc_step_new *news, int32_t *n_n
         snprintf(fin.profile_source, sizeof fin.profile_source, "%.255s", j->source);
         uc_status rc = uc_engine_step(s->e, &fin);
         snprintf(msg, sizeof msg, "%s", rc == UC_OK ? "" : uc_status_str(rc));
+        if (rc == UC_OK) {
+            kvsharer_search(s);
+        }
         job_end(s, rc, msg);
         return;
     }
