@@ -7,13 +7,20 @@
  *   [--depths 0,0.25,0.5,0.75,1] [--trials N] [--policies full,snapkv,...] [--budgets 64,128,...]
  *   [--ppl-segments N] [--ppl-prefix N] [--ppl-tokens N] [--stage-starts 6,7] [--r-min X]
  *   [--row-score sum|max|accum|accum-max] [--grouping profile|prompt] [--seed S] [--csv FILE]
- *   [--backend cpu|cuda] [--fp32 0|1] [--check]
+ *   [--backend cpu|cuda] [--fp32 0|1] [--check] [--calibrate TEXT_FILE]
+ *   [--kvsharer-threshold T] [--kvsharer-layers RATIO]
+ * Policies are specs: a token policy with stages ("snapkv+kvsharer", "kvsharer" = full +
+ * sharing). --calibrate runs, before the evaluation, the entropy calibration when the model has
+ * no profile and KVSharer's layer-pair search on TEXT_FILE, into a temporary copy of the
+ * profile (the model's file is left alone). The table gives KV bytes per prompt token (whole
+ * model, K and V) so policies compare at equal bytes.
  * --check exits 1 unless uncomp at budget 128 is at least snapkv at 128 and within 5 points
  * of full (the gate of the UNComp issue); the test suite runs a small subset with it. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "base/log.h"
 #include "base/mem.h"
@@ -32,8 +39,10 @@ struct opts {
     double depths[MAX_LIST];
     int n_depths;
     int trials;
-    enum uc_policy policies[UC_POLICY_COUNT];
+    struct uc_compress_params policies[MAX_LIST]; /* policy and stages of each spec */
     int n_policies;
+    const char *calib_text;
+    struct uc_kvsharer_params kvsharer;
     int32_t budgets[MAX_LIST];
     int n_budgets;
     int ppl_segments, ppl_prefix, ppl_tokens;
@@ -53,6 +62,7 @@ struct needle {
 
 struct result {
     enum uc_policy policy;
+    char name[48];
     int32_t budget;
     int64_t hits, total;
     int64_t hits_len[MAX_LIST], total_len[MAX_LIST];
@@ -60,6 +70,7 @@ struct result {
     int64_t nll_n;
     int64_t agree, agree_n;
     double kv_ratio_sum;
+    double kv_bytes_tok_sum; /* KV bytes kept per prompt token (all layers and heads) */
     int64_t kv_n;
     double *prefill_ms;
     int64_t n_prefill;
@@ -187,11 +198,12 @@ static int64_t make_needles(const struct opts *o, const struct uc_tokenizer *tok
 
 /* ---- runs ------------------------------------------------------------------------------- */
 
-static struct uc_compress_params params_for(const struct opts *o, enum uc_policy p,
-                                            int32_t budget)
+static struct uc_compress_params params_for(const struct opts *o,
+                                            const struct uc_compress_params *spec, int32_t budget)
 {
     struct uc_compress_params cp = o->base;
-    cp.policy = p;
+    cp.policy = spec->policy;
+    cp.stages = spec->stages;
     cp.kv_budget = budget;
     return cp;
 }
@@ -210,6 +222,7 @@ static bool run_needle(struct uc_engine *e, const struct uc_tokenizer *tok,
     struct uc_compress_report rep;
     if (uc_engine_seq_report(e, 1, &rep) == UC_OK) {
         r->kv_ratio_sum += rep.ratio;
+        r->kv_bytes_tok_sum += (double)rep.kv_bytes_kept / (double)nd->n;
         r->kv_n++;
     }
     int32_t out[8];
@@ -263,7 +276,8 @@ static void usage_defaults(struct opts *o)
     o->n_depths = 5;
     o->trials = 2;
     for (int p = 0; p < UC_POLICY_COUNT; p++) {
-        o->policies[o->n_policies++] = (enum uc_policy)p;
+        o->policies[o->n_policies] = uc_compress_default_params();
+        o->policies[o->n_policies++].policy = (enum uc_policy)p;
     }
     o->budgets[0] = 64;
     o->budgets[1] = 128;
@@ -275,6 +289,7 @@ static void usage_defaults(struct opts *o)
     o->ppl_tokens = 256;
     o->base = uc_compress_default_params();
     o->seed = 1234;
+    o->kvsharer = uc_kvsharer_default_params();
     o->backend = uc_backend_default_params();
 }
 
@@ -310,10 +325,12 @@ static void parse_args(struct opts *o, int argc, char **argv)
         } else if (!strcmp(a, "--policies")) {
             o->n_policies = 0;
             char *dup = uc_strdup(v), *save = NULL;
-            for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-                enum uc_policy p;
-                if (!uc_policy_parse(t, &p)) {
-                    fprintf(stderr, "eval: unknown policy %s\n", t);
+            for (char *t = strtok_r(dup, ",", &save); t && o->n_policies < MAX_LIST;
+                 t = strtok_r(NULL, ",", &save)) {
+                char msg[512];
+                struct uc_compress_params p = uc_compress_default_params();
+                if (uc_policy_spec_parse(t, &p, msg, sizeof msg) != UC_OK) {
+                    fprintf(stderr, "eval: %s\n", msg);
                     exit(2);
                 }
                 o->policies[o->n_policies++] = p;
@@ -353,6 +370,12 @@ static void parse_args(struct opts *o, int argc, char **argv)
             uc_backend_parse(v, &o->backend.kind);
         } else if (!strcmp(a, "--fp32")) {
             o->backend.fp32 = atoi(v) != 0;
+        } else if (!strcmp(a, "--calibrate")) {
+            o->calib_text = v;
+        } else if (!strcmp(a, "--kvsharer-threshold")) {
+            o->kvsharer.threshold = atof(v);
+        } else if (!strcmp(a, "--kvsharer-layers")) {
+            o->kvsharer.ratio = atof(v);
         } else if (!strcmp(a, "--seed")) {
             o->seed = strtoull(v, NULL, 10);
         } else {
@@ -360,6 +383,69 @@ static void parse_args(struct opts *o, int argc, char **argv)
             exit(2);
         }
     }
+}
+
+/* --calibrate: the entropy profile from the text when there is none (four 1024-token windows),
+ * then KVSharer's layer pairs (four 256-token windows), into the engine's (temporary) profile. */
+static uc_status calibrate(struct uc_engine *e, const struct uc_tokenizer *tok, const char *path,
+                           const struct uc_kvsharer_params *kp)
+{
+    char *text = NULL;
+    int32_t *ids = NULL, *win = NULL;
+    int64_t n = 0;
+    uc_status rc = uc_file_read_all(&text, NULL, path);
+    if (rc != UC_OK) {
+        fprintf(stderr, "eval: cannot read %s\n", path);
+        return rc;
+    }
+    UC_CHECK(uc_tokenizer_encode(tok, text, strlen(text), false, &ids, &n), rc, out);
+    int32_t bos = uc_tokenizer_bos(tok);
+    enum { EW = 1024, KW = 256 };
+    win = uc_malloc((size_t)(4 * EW) * sizeof(int32_t));
+    if (!win || n < 4 * EW) {
+        fprintf(stderr, "eval: %s has %lld tokens, calibration wants %d\n", path, (long long)n,
+                4 * EW);
+        rc = UC_ERR_INVALID_ARG;
+        goto out;
+    }
+    if (!uc_engine_profile(e)) {
+        struct uc_step reset = {.op = UC_STEP_PROFILE_RESET};
+        UC_CHECK(uc_engine_step(e, &reset), rc, out);
+        for (int i = 0; i < 4; i++) {
+            win[0] = bos >= 0 ? bos : ids[i * EW];
+            memcpy(win + 1, ids + i * EW + 1, (size_t)(EW - 1) * sizeof(int32_t));
+            UC_CHECK(tu_prefill(e, 50 + i, win, EW, UC_SEQ_CALIBRATE, NULL, 0), rc, out);
+            /* a calibration window ends its layers in parts, one per step */
+            while (uc_engine_seq_phase(e, 50 + i) == UC_SEQ_PREFILLING) {
+                struct uc_step_prefill pf = {.seq_id = 50 + i, .budget_rows = 0};
+                struct uc_step st = {.op = UC_STEP_RUN, .n_prefill = 1, .prefills = &pf};
+                UC_CHECK(uc_engine_step(e, &st), rc, out);
+            }
+            UC_CHECK(tu_free(e, 50 + i), rc, out);
+        }
+        struct uc_step fin = {.op = UC_STEP_PROFILE_FINISH, .profile_groups = 2,
+                              .profile_eps = 1.0};
+        snprintf(fin.profile_source, sizeof fin.profile_source, "%.200s", path);
+        UC_CHECK(uc_engine_step(e, &fin), rc, out);
+    }
+    for (int i = 0; i < 4; i++) {
+        int32_t *w = win + i * KW;
+        w[0] = bos >= 0 ? bos : ids[i * KW];
+        memcpy(w + 1, ids + i * KW + 1, (size_t)(KW - 1) * sizeof(int32_t));
+    }
+    struct uc_kvsharer_result res;
+    UC_CHECK(uc_engine_kvsharer_calibrate(e, win, 4 * KW, KW, kp, &res), rc, out);
+    printf("# kvsharer: %d layer pairs (cosine %.4f, %d tried):", res.n_pairs, res.cosine,
+           res.n_tried);
+    for (int32_t i = 0; i < res.n_pairs; i++) {
+        printf(" %d->%d", res.pairs[i].src, res.pairs[i].dst);
+    }
+    printf("\n");
+out:
+    uc_free(text);
+    uc_free(ids);
+    uc_free(win);
+    return rc;
 }
 
 int main(int argc, char **argv)
@@ -378,6 +464,21 @@ int main(int argc, char **argv)
     ep.model_dir = model;
     ep.kv_memory_bytes = 256LL << 20;
     ep.backend = o.backend;
+    char prof_tmp[256] = "";
+    if (o.calib_text) {
+        /* every rank: a copy of the model's profile (if any) that calibration may overwrite */
+        snprintf(prof_tmp, sizeof prof_tmp, "/tmp/uc_eval_profile_%d_r%d.json", (int)getpid(),
+                 uc_comm_rank(comm));
+        char src[4200], *text = NULL;
+        size_t len = 0;
+        snprintf(src, sizeof src, "%s/uncomp_profile.json", model);
+        unlink(prof_tmp);
+        if (uc_file_read_all(&text, &len, src) == UC_OK) {
+            uc_file_write_all(prof_tmp, text, len);
+            uc_free(text);
+        }
+        ep.profile_path = prof_tmp;
+    }
     struct uc_engine *e;
     if (uc_engine_create(&e, &ep, comm) != UC_OK) {
         return 1;
@@ -385,6 +486,9 @@ int main(int argc, char **argv)
     if (uc_comm_rank(comm) != 0) {
         uc_engine_serve(e);
         uc_engine_destroy(e);
+        if (prof_tmp[0]) {
+            unlink(prof_tmp);
+        }
         uc_comm_destroy(comm);
         return 0;
     }
@@ -406,6 +510,9 @@ int main(int argc, char **argv)
     int n_seg = o.ppl_segments;
     while (n_seg > 0 && (int64_t)n_seg * seg > n_hay) {
         n_seg--;
+    }
+    if (o.calib_text && calibrate(e, tok, o.calib_text, &o.kvsharer) != UC_OK) {
+        return 1;
     }
     const struct uc_profile *prof = uc_engine_profile(e);
     if (!prof) {
@@ -431,7 +538,8 @@ int main(int argc, char **argv)
     double *nll = uc_malloc((size_t)(n_eval + 1) * sizeof(double));
     int32_t *ref_arg = uc_malloc((size_t)(n_eval + 1) * sizeof(int32_t));
     int32_t *arg = uc_malloc((size_t)(n_eval + 1) * sizeof(int32_t));
-    struct uc_compress_params full = params_for(&o, UC_POLICY_FULL, 0);
+    struct uc_compress_params full_spec = uc_compress_default_params();
+    struct uc_compress_params full = params_for(&o, &full_spec, 0);
     for (int s = 0; s < n_seg; s++) {
         const int32_t *ids = hay_ids + n_hay - (int64_t)(s + 1) * seg;
         run_ppl(e, ids, o.ppl_prefix, o.ppl_tokens, &full, nll + s * o.ppl_tokens,
@@ -441,25 +549,28 @@ int main(int argc, char **argv)
     struct result *res = uc_calloc((size_t)(o.n_policies * o.n_budgets + 1), sizeof *res);
     FILE *csv = o.csv ? fopen(o.csv, "w") : NULL;
     if (csv) {
-        fprintf(csv, "policy,budget,needle_acc,ppl,agreement,kv_ratio,prefill_ms");
+        fprintf(csv, "policy,budget,needle_acc,ppl,agreement,kv_ratio,kv_bytes_per_token,"
+                "prefill_ms");
         for (int li = 0; li < o.n_lengths; li++) {
             fprintf(csv, ",acc_%lld", (long long)o.lengths[li]);
         }
         fprintf(csv, "\n");
     }
-    printf("%-13s %6s %8s", "policy", "budget", "needle");
+    printf("%-20s %6s %8s", "policy", "budget", "needle");
     for (int li = 0; li < o.n_lengths; li++) {
         printf(" %7lld", (long long)o.lengths[li]);
     }
-    printf(" %8s %8s %9s %11s\n", "ppl", "agree", "kv_ratio", "prefill_ms");
+    printf(" %8s %8s %9s %9s %11s\n", "ppl", "agree", "kv_ratio", "kvB/tok", "prefill_ms");
     for (int pi = 0; pi < o.n_policies; pi++) {
-        int nb = o.policies[pi] == UC_POLICY_FULL ? 1 : o.n_budgets;
+        bool budgeted = o.policies[pi].policy != UC_POLICY_FULL;
+        int nb = budgeted ? o.n_budgets : 1;
         for (int bi = 0; bi < nb; bi++) {
             struct result *r = &res[n_res++];
-            r->policy = o.policies[pi];
-            r->budget = o.policies[pi] == UC_POLICY_FULL ? 0 : o.budgets[bi];
+            r->policy = o.policies[pi].policy;
+            uc_policy_spec_name(&o.policies[pi], r->name, sizeof r->name);
+            r->budget = budgeted ? o.budgets[bi] : 0;
             r->prefill_ms = uc_malloc((size_t)(n_needles + 1) * sizeof(double));
-            struct uc_compress_params cp = params_for(&o, r->policy, r->budget);
+            struct uc_compress_params cp = params_for(&o, &o.policies[pi], r->budget);
             for (int64_t k = 0; k < n_needles; k++) {
                 bool ok = run_needle(e, tok, &needles[k], &cp, r);
                 r->hits += ok;
@@ -482,18 +593,19 @@ int main(int argc, char **argv)
             double ppl = r->nll_n ? exp(r->nll / (double)r->nll_n) : 0;
             double agree = r->agree_n ? 100.0 * (double)r->agree / (double)r->agree_n : 0;
             double ratio = r->kv_n ? r->kv_ratio_sum / (double)r->kv_n : 0;
+            double bpt = r->kv_n ? r->kv_bytes_tok_sum / (double)r->kv_n : 0;
             double pms = tu_median(r->prefill_ms, r->n_prefill);
-            printf("%-13s %6d %7.1f%%", uc_policy_name(r->policy), r->budget, acc);
+            printf("%-20s %6d %7.1f%%", r->name, r->budget, acc);
             for (int li = 0; li < o.n_lengths; li++) {
                 printf(" %6.0f%%", r->total_len[li] ? 100.0 * (double)r->hits_len[li] /
                                                           (double)r->total_len[li]
                                                     : 0.0);
             }
-            printf(" %8.2f %7.1f%% %9.4f %11.1f\n", ppl, agree, ratio, pms);
+            printf(" %8.2f %7.1f%% %9.4f %9.0f %11.1f\n", ppl, agree, ratio, bpt, pms);
             fflush(stdout);
             if (csv) {
-                fprintf(csv, "%s,%d,%.2f,%.4f,%.2f,%.5f,%.1f", uc_policy_name(r->policy),
-                        r->budget, acc, ppl, agree, ratio, pms);
+                fprintf(csv, "%s,%d,%.2f,%.4f,%.2f,%.5f,%.1f,%.1f", r->name, r->budget, acc, ppl,
+                        agree, ratio, bpt, pms);
                 for (int li = 0; li < o.n_lengths; li++) {
                     fprintf(csv, ",%.2f", r->total_len[li] ? 100.0 * (double)r->hits_len[li] /
                                                                  (double)r->total_len[li]
@@ -508,6 +620,9 @@ int main(int argc, char **argv)
         double a_full = -1, a_snap = -1, a_unc = -1;
         for (int i = 0; i < n_res; i++) {
             double a = 100.0 * (double)res[i].hits / (double)(res[i].total ? res[i].total : 1);
+            if (strchr(res[i].name, '+') || strstr(res[i].name, "kvsharer")) {
+                continue; /* the gate compares the token policies alone */
+            }
             if (res[i].policy == UC_POLICY_FULL) {
                 a_full = a;
             } else if (res[i].policy == UC_POLICY_SNAPKV && res[i].budget == 128) {
@@ -542,6 +657,9 @@ int main(int argc, char **argv)
     uc_tokenizer_destroy(tok);
     uc_engine_shutdown(e);
     uc_engine_destroy(e);
+    if (prof_tmp[0]) {
+        unlink(prof_tmp);
+    }
     uc_comm_destroy(comm);
     return code;
 }

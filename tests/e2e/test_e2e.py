@@ -1037,6 +1037,23 @@ def t_admin(d):
     check(comp.compression.policy == "uncomp" and comp.compression.groups,
           "uncomp report %s" % comp.compression)
     check(comp.compression.kv_tokens_kept < comp.compression.kv_tokens_full)
+    # issue 15: the calibration found KVSharer's layer pairs (every rank the same: the profile
+    # is rank 0's, the engine checks the plan checksum); snapkv+kvsharer per request names them
+    pj = json.loads(prof.json)
+    check("kvsharer" in pj and len(pj["kvsharer"]["pairs"]) >= 1, "kvsharer pairs in %s" % pj)
+    nsh = len(pj["kvsharer"]["pairs"])
+    _, _, comp, _ = cl.generate(text=LONG_PROMPT, max_tokens=4, temperature=0.0,
+                                compression={"policy": "snapkv+kvsharer", "kv_budget": 24})
+    c = comp.compression
+    check(c.policy == "snapkv+kvsharer" and c.shared_layers == nsh, "kvsharer report %s" % c)
+    _, _, comp2, _ = cl.generate(text=LONG_PROMPT, max_tokens=4, temperature=0.0,
+                                 compression={"policy": "snapkv", "kv_budget": 24})
+    check(c.kv_tokens_kept * 8 == comp2.compression.kv_tokens_kept * (8 - nsh),
+          "kvsharer keeps %d tokens, snapkv %d" % (c.kv_tokens_kept,
+                                                    comp2.compression.kv_tokens_kept))
+    expect_rpc_error(lambda: cl.generate(text="Hi", max_tokens=1,
+                                         compression={"policy": "uncomp-stage+kvsharer"}),
+                     IA, "does not combine")
 
 
 def t_second_daemon_same_port(d):
