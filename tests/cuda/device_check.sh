@@ -7,6 +7,8 @@
 # travel. Steps: ops (with --bench), decbench and specbench (decode attention or query spectra
 # timings alone), ctest (label cuda), golden, golden-fp32, kvmem (KV memory accounting and
 # copy-on-write forks on the device, tests/golden/test_kv_memory.c),
+# kvsharer, kvsharer-tp2 (KVSharer on the device in fp32 against the numpy reference: shared
+# layers' decode through rope_append's skipped slots; needs python3 with numpy, else exit 77),
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
 # prefbench (prefill attention, both D = 128 kernels, beside the GEMM ceiling),
 # gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c; TRACE_ARGS
@@ -133,6 +135,9 @@ for step in "$@"; do
     golden) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
     golden-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
     kvmem) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_kv_memory" "$fx" ;;
+    kvsharer) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 "$bd/tests/golden/golden_kvsharer" "$fx" ;;
+    kvsharer-tp2) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND \
+                    -x UC_TEST_FP32 "$bd/tests/golden/golden_kvsharer" "$fx" ;;
     tp2) UC_TEST_BACKEND=cuda timeout 200 $mpi -x UC_TEST_BACKEND "$bd/tests/golden/golden_model" "$fx" ;;
     tp2-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND -x UC_TEST_FP32 \
                 "$bd/tests/golden/golden_model" "$fx" ;;
