@@ -216,6 +216,9 @@ uc_status uc_engine_kvsharer_calibrate(struct uc_engine *e, const int32_t *token
                                        int64_t n_tokens, int64_t window,
                                        const struct uc_kvsharer_params *kp,
                                        struct uc_kvsharer_result *out);
+/* After a KVSharer calibration: the (L, L) squared distances of the layers' averaged caches,
+ * summed over the ranks, that ranked its pairs; NULL before one. Engine thread only. */
+const double *uc_engine_kvsharer_distances(const struct uc_engine *e);
 /* Tokens in context (prompt plus decoded). */
 int64_t uc_engine_seq_len(const struct uc_engine *e, int64_t seq_id);
 

@@ -159,6 +159,8 @@ uc_status eng_kvshare_step(struct uc_engine *e, const struct uc_step *st)
     }
 }
 
+const double *uc_engine_kvsharer_distances(const struct uc_engine *e) { return e->ks_dist; }
+
 const float *uc_engine_seq_hidden(const struct uc_engine *e, int64_t seq_id, int64_t *n_rows)
 {
     const struct seq *s = eng_find_seq(e, seq_id);

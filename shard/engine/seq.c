@@ -293,6 +293,9 @@ int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_st
         bool evict = src && src->rings;
         int64_t total = 0;
         for (int64_t i = 0; src && i < e->cfg->n_layers * e->sh->n_heads_kv; i++) {
+            if (eng_layer_shared(src, i / e->sh->n_heads_kv)) {
+                continue; /* a shared layer appends nothing */
+            }
             int64_t nt = src->kv.heads[i].n_tokens;
             total += uc_kv_blocks_for(&e->kv, (evict ? nt : nt % e->kv.block_tokens) +
                                                   n->max_new_tokens);
