@@ -9,6 +9,7 @@
 
 #include "base/mem.h"
 #include "base/util.h"
+#include "compress/think.h"
 
 static const char *policy_names[UC_POLICY_COUNT] = {
     "full", "streamingllm", "snapkv", "pyramidkv", "h2o", "uncomp", "uncomp-stage",
@@ -24,6 +25,7 @@ static const struct stage_desc {
     {"kvsharer", UC_STAGE_KVSHARER, 1u << UC_POLICY_UNCOMP_STAGE,
      "a shared layer reads its source layer's keys for every prompt row, and uncomp-stage drops "
      "rows between layers"},
+    {"think", UC_STAGE_THINK, 0, ""},
 };
 #define N_STAGES ((int)(sizeof stage_table / sizeof stage_table[0]))
 
@@ -45,6 +47,7 @@ struct uc_compress_params uc_compress_default_params(void)
         /* the max over heads and over every layer before the boundary: the study of
          * docs/UNCOMP.md section 5 shows it keeps the needle rows the paper's sum loses */
         .row_score = UC_ROW_SCORE_ACCUM_MAX,
+        .think_ratio = 0.0f,
     };
     return p;
 }
@@ -147,6 +150,14 @@ int uc_policy_spec_name(const struct uc_compress_params *p, char *buf, size_t si
         }
     }
     return o;
+}
+
+float uc_policy_think_ratio(const struct uc_compress_params *p)
+{
+    if (!(p->stages & UC_STAGE_THINK)) {
+        return 0.0f;
+    }
+    return p->think_ratio > 0.0f ? p->think_ratio : UC_THINK_DEFAULT_RATIO;
 }
 
 uc_status uc_share_pairs_validate(const struct uc_share_pair *pairs, int32_t n, int64_t n_layers,
@@ -325,6 +336,12 @@ uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_
         }
     } else if (p->n_share != 0) {
         BAD("compression: %d kvsharer layer pairs given without the kvsharer stage", p->n_share);
+    if (!(p->think_ratio >= 0.0f && p->think_ratio < 1.0f)) {
+        BAD("compression.think_ratio=%g must be in [0, 1)", (double)p->think_ratio);
+    }
+    if ((p->stages & UC_STAGE_THINK) && uc_policy_kvsharer(p)) {
+        BAD("compression.policy: think does not combine with kvsharer yet (a shared layer would "
+            "read its source layer's pruned keys with its own queries)");
     }
     if (p->n_stage_starts < 0 || p->n_stage_starts > UC_MAX_STAGES - 1) {
         BAD("compression.stage_starts: at most %d boundaries", UC_MAX_STAGES - 1);

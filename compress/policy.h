@@ -44,6 +44,7 @@ enum uc_grouping {
  * policy.c. */
 enum uc_stage_flag {
     UC_STAGE_KVSHARER = 1u << 0, /* KVSharer: a later layer reads an earlier layer's KV cache */
+    UC_STAGE_THINK = 1u << 1,    /* ThinK: each KV head keeps only its best key channels */
 };
 
 /* KVSharer: layer dst holds no KV of its own and attends over layer src's cache (src < dst). */
@@ -77,6 +78,9 @@ struct uc_compress_params {
      * calibrated profile's pairs. */
     int32_t n_share;
     struct uc_share_pair share[UC_MAX_SHARE_PAIRS];
+    /* With UC_STAGE_THINK: share of each KV head's key channels pruned (lambda); 0 = the
+     * paper's default, UC_THINK_DEFAULT_RATIO (uc_policy_think_ratio). */
+    float think_ratio;
 };
 
 enum uc_row_score {
@@ -104,6 +108,8 @@ uc_status uc_policy_spec_parse(const char *spec, struct uc_compress_params *p, c
 /* Writes the spec of p's policy and stages ("snapkv+kvsharer", "kvsharer" for full + kvsharer)
  * into buf; returns what snprintf returns. */
 int uc_policy_spec_name(const struct uc_compress_params *p, char *buf, size_t size);
+/* ThinK's share of key channels pruned for p: 0 without the think stage. */
+float uc_policy_think_ratio(const struct uc_compress_params *p);
 /* Whether p shares layers' KV caches (KVSharer). */
 static inline bool uc_policy_kvsharer(const struct uc_compress_params *p)
 {

@@ -95,7 +95,7 @@ static const struct uc_cfg_option options[] = {
     /* default compression */
     {"policy", UC_CFG_STR, OFF(policy), "full", 0, 0, 0,
      "default compression: full, uncomp, uncomp-stage, snapkv, pyramidkv, streamingllm, h2o; "
-     "+kvsharer composes (snapkv+kvsharer)"},
+     "+kvsharer and +think compose (snapkv+kvsharer, snapkv+think)"},
     {"kv-budget", UC_CFG_INT, OFF(kv_budget), "128", 1, 1 << 24, 0,
      "default mean tokens kept per KV head per layer"},
     {"window", UC_CFG_INT, OFF(window), "8", 1, 64, 0, "observation window W"},
@@ -106,6 +106,8 @@ static const struct uc_cfg_option options[] = {
      "uncomp budget spread s: group g keeps B (1 - s + 2 s g / (m - 1))"},
     {"r-min", UC_CFG_DBL, OFF(r_min), "0.375", 0.01, 1, 0,
      "uncomp-stage: share of prompt rows the last stage keeps"},
+    {"think-ratio", UC_CFG_DBL, OFF(think_ratio), "0.4", 0.01, 0.99, 0,
+     "with a +think policy (ThinK): share of each KV head's key channels pruned"},
     {"decode-mode", UC_CFG_STR, OFF(decode_mode), "append", 0, 0, 0, "append or evict"},
     {"grouping", UC_CFG_STR, OFF(grouping), "profile", 0, 0, 0,
      "uncomp head groups from the calibration profile or the prompt"},

@@ -73,6 +73,7 @@ struct uc_config {
     int64_t head_groups;
     double spread;
     double r_min;
+    double think_ratio;
     char *decode_mode;
     char *grouping;
     char *stage_starts;

@@ -311,6 +311,8 @@ static uc_status decode_compress(struct uc_req *r, const Uncomp__V1__Compression
     }
     o->has_r_min = c->r_min != 0.0f;
     o->r_min = c->r_min;
+    o->has_think_ratio = c->think_ratio != 0.0f;
+    o->think_ratio = c->think_ratio;
     return UC_OK;
 }
 
@@ -892,6 +894,7 @@ static bool report_pb(struct arena *a, Uncomp__V1__CompressionReport *rep,
     rep->ratio = r->ratio;
     rep->compress_ms = r->compress_ms;
     rep->plan_checksum = r->plan_checksum;
+    rep->key_channels = (uint32_t)(r->key_channels > 0 ? r->key_channels : 0);
     int32_t ns = r->n_stages;
     if (ns > UC_MAX_STAGES + 1) {
         ns = UC_MAX_STAGES + 1;

@@ -60,6 +60,7 @@ uc_status uc_config_compress(const struct uc_config *c, int64_t n_layers,
     p.head_groups = (int32_t)c->head_groups;
     p.spread = (float)c->spread;
     p.r_min = (float)c->r_min;
+    p.think_ratio = (float)c->think_ratio; /* used with a +think policy */
     const char *sp = c->stage_starts;
     while (*sp) {
         char *end;

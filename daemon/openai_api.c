@@ -251,7 +251,8 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
     }
     static const char *const known[] = {"policy", "kv_budget", "window", "pool_kernel",
                                         "sink_tokens", "head_groups", "decode_mode",
-                                        "grouping", "stage_starts", "r_min", NULL};
+                                        "grouping", "stage_starts", "r_min",
+                                        "think_ratio", NULL};
     const cJSON *f;
     cJSON_ArrayForEach(f, u) {
         bool ok = false;
@@ -261,7 +262,7 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
         if (!ok) {
             return bad(p, "uncomp", "uncomp.%.40s is not a compression parameter (policy, "
                        "kv_budget, window, pool_kernel, sink_tokens, head_groups, decode_mode, "
-                       "grouping, stage_starts, r_min)", f->string);
+                       "grouping, stage_starts, r_min, think_ratio)", f->string);
         }
     }
     g->has_compress = true;
@@ -314,7 +315,12 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
             return rc;
         }
     }
-    return get_num(p, u, "r_min", "uncomp.r_min", &c->r_min, &c->has_r_min);
+    rc = get_num(p, u, "r_min", "uncomp.r_min", &c->r_min, &c->has_r_min);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    return get_num(p, u, "think_ratio", "uncomp.think_ratio", &c->think_ratio,
+                   &c->has_think_ratio);
 }
 
 static uc_status decode_sampling(struct pctx *p, struct uc_req *g, const cJSON *root)
@@ -713,6 +719,7 @@ static void add_report(cJSON *o, const struct uc_oai_choice *c)
     cJSON_AddNumberToObject(u, "kv_tokens_kept", (double)rp->kv_tokens_kept);
     cJSON_AddNumberToObject(u, "kv_bytes_full", (double)rp->kv_bytes_full);
     cJSON_AddNumberToObject(u, "kv_bytes_kept", (double)rp->kv_bytes_kept);
+    cJSON_AddNumberToObject(u, "key_channels", (double)rp->key_channels);
     cJSON_AddNumberToObject(u, "ratio", isfinite(rp->ratio) ? rp->ratio : 0.0);
     cJSON_AddNumberToObject(u, "compress_ms", rp->compress_ms);
     cJSON *t = cJSON_AddObjectToObject(u, "timing_ms");

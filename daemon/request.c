@@ -48,6 +48,7 @@ static const char *const grpc_names[UC_REQ_F_COUNT] = {
     [UC_REQ_F_GROUPING] = "compression.grouping",
     [UC_REQ_F_STAGE_STARTS] = "compression.stage_starts",
     [UC_REQ_F_R_MIN] = "compression.r_min",
+    [UC_REQ_F_THINK_RATIO] = "compression.think_ratio",
 };
 
 static const char *const http_names[UC_REQ_F_COUNT] = {
@@ -81,6 +82,7 @@ static const char *const http_names[UC_REQ_F_COUNT] = {
     [UC_REQ_F_GROUPING] = "uncomp.grouping",
     [UC_REQ_F_STAGE_STARTS] = "uncomp.stage_starts",
     [UC_REQ_F_R_MIN] = "uncomp.r_min",
+    [UC_REQ_F_THINK_RATIO] = "uncomp.think_ratio",
 };
 
 const char *uc_req_field_name(enum uc_req_front front, enum uc_req_kind kind,
@@ -110,8 +112,8 @@ void uc_req_policy_list(char *out, size_t cap)
                               uc_policy_name((enum uc_policy)i));
     }
     if (n < cap) {
-        snprintf(out + n, cap - n, "; or one of them with +kvsharer (snapkv+kvsharer; kvsharer "
-                 "alone is full+kvsharer)");
+        snprintf(out + n, cap - n, "; or one of them with +kvsharer or +think (snapkv+kvsharer, "
+                 "snapkv+think; a stage alone is full with it)");
     }
 }
 
@@ -291,7 +293,7 @@ uc_status uc_req_compress_resolve(const struct uc_req_compress *in,
     char pmsg[512];
     if (in->policy && in->policy[0] &&
         uc_policy_spec_parse(in->policy, &cp, pmsg, sizeof pmsg) != UC_OK) {
-        char names[200];
+        char names[256];
         uc_req_policy_list(names, sizeof names);
         if (strstr(pmsg, "unknown policy or stage") || strstr(pmsg, "not a policy")) {
             return CBAD(UC_REQ_F_POLICY, "policy", "%spolicy=\"%.64s\" is unknown; use one of: %s",
@@ -365,6 +367,18 @@ uc_status uc_req_compress_resolve(const struct uc_req_compress *in,
                         in->r_min);
         }
         cp.r_min = (float)in->r_min;
+    }
+    if (in->has_think_ratio) {
+        if (!(in->think_ratio > 0.0 && in->think_ratio < 1.0)) {
+            return CBAD(UC_REQ_F_THINK_RATIO, "think_ratio",
+                        "%sthink_ratio=%g must be in (0, 1)", prefix, in->think_ratio);
+        }
+        if (!(cp.stages & UC_STAGE_THINK)) {
+            return CBAD(UC_REQ_F_THINK_RATIO, "think_ratio",
+                        "%sthink_ratio needs a policy with +think (policy=\"%s\")", prefix,
+                        uc_policy_name(cp.policy));
+        }
+        cp.think_ratio = (float)in->think_ratio;
     }
 #undef CBAD
     char why[256];

@@ -71,6 +71,7 @@ enum uc_req_field {
     UC_REQ_F_GROUPING,
     UC_REQ_F_STAGE_STARTS,
     UC_REQ_F_R_MIN,
+    UC_REQ_F_THINK_RATIO,
     UC_REQ_F_COUNT,
 };
 
@@ -119,6 +120,8 @@ struct uc_req_compress {
     size_t n_stage_starts;
     bool has_r_min;
     double r_min;
+    bool has_think_ratio;      /* ThinK's pruned share, with a "+think" policy */
+    double think_ratio;
 };
 
 /* One prompt: text (text != NULL) or token ids. */

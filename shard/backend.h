@@ -34,6 +34,19 @@ struct uc_kv_pool_view {
     int64_t head_dim;     /* D */
 };
 
+/* Packed heads (ThinK key channel pruning): a head whose keys keep only kdim < D channels
+ * stores each token as one row of kdim + D values, its kept key channels then its D values,
+ * so its keys take fewer bytes. Block b's K and V areas (bt * D values each) form one stream
+ * of 2 * bt * D values, element i of which is k[b * bt * D + i] for i < bt * D and
+ * v[b * bt * D + i - bt * D] after; token r of the block takes elements
+ * [r * (kdim + D), (r + 1) * (kdim + D)) (a row may run from the K area into the V area). Such
+ * a head's blocks hold uc_kv_packed_tokens tokens, and its packed slot s is token s % tpb of
+ * block s / tpb (tpb tokens per block). An unpacked head (kdim 0) is the layout above. */
+static inline int64_t uc_kv_packed_tokens(int64_t block_tokens, int64_t head_dim, int64_t kdim)
+{
+    return kdim <= 0 ? block_tokens : 2 * block_tokens * head_dim / (kdim + head_dim);
+}
+
 /* One decode batch's view of the paged cache for one layer: for row b and local KV head j,
  * entry e = b * Hkv + j holds n_tokens[e] tokens in blocks blocks[offset[e] ...]. With
  * on_device the three arrays are already in backend memory (uploaded once for a whole decode
@@ -46,6 +59,13 @@ struct uc_kv_batch_view {
     int64_t n_blocks_total;
     int64_t max_tokens;      /* max over entries of n_tokens (0: unknown, on_device only) */
     bool on_device;
+    /* Packed entries (NULL when the batch has none): kdim[e] key channels kept by entry e (0:
+     * unpacked), whose kept channel numbers are chan[coff[e] ...], ascending; the query's
+     * channels with those numbers are the ones that multiply the keys. Same memory as the
+     * arrays above. */
+    const int32_t *kdim;     /* (B * Hkv) */
+    const int32_t *coff;     /* (B * Hkv) */
+    const int32_t *chan;
 };
 
 struct uc_backend_ops {
@@ -160,7 +180,8 @@ struct uc_backend_ops {
                             int64_t n);
     /* Decode step, fused: rotates the q and k heads of the T rows of qkv (ld; q heads, then k
      * heads, then v heads) at positions pos[t], then appends each row's k and v head j to pool
-     * slot slot[t * Hkv + j] (nothing where the slot is negative: a KVSharer layer). pos and slot
+     * slot slot[t * Hkv + j] (nothing where the slot is negative: a KVSharer layer, or a packed
+     * head, which kv_append_packed writes). The q and k heads stay rotated in qkv. pos and slot
      * are in backend memory, so the op can be recorded. */
     uc_status (*rope_append)(struct uc_backend *be, struct uc_kv_pool_view *pool, void *qkv,
                              int64_t ld, int64_t n_heads, int64_t n_heads_kv, int64_t head_dim,
@@ -173,15 +194,41 @@ struct uc_backend_ops {
                              const struct uc_kv_pool_view *pool,
                              const struct uc_kv_batch_view *view, int64_t n_rows, int64_t n_heads,
                              int64_t n_heads_kv, float *psum);
+    /* Packed heads, at the end of prefill: for e < n, packed slot slot[e] of a head keeping the
+     * kdim key channels chan (host, ascending) gets the kept channels of K row src_row[e], head
+     * src_head[e] of k_src, then that row's V head of v_src ((rows, ld) activations). */
+    uc_status (*kv_scatter_packed)(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                   const void *k_src, const void *v_src, int64_t ld,
+                                   const int32_t *src_row, const int32_t *src_head,
+                                   const int32_t *slot, int64_t n, int64_t kdim,
+                                   const int32_t *chan);
+    /* Packed heads, in a decode step after rope_append (whose k heads are rotated in qkv): for
+     * each entry e = t * Hkv + j with kdim[e] > 0, the kept channels of row t's k head j and
+     * its v head go to packed slot -slot[e] - 1. slot, kdim, coff, chan as in the batch view,
+     * in backend memory (recordable). */
+    uc_status (*kv_append_packed)(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                  const void *qkv, int64_t ld, int64_t n_heads,
+                                  int64_t n_heads_kv, const int32_t *slot, const int32_t *kdim,
+                                  const int32_t *coff, const int32_t *chan, int64_t n_tok);
+    /* Packed heads, evict mode: copies packed slot src_slot to dst_slot of a head keeping kdim
+     * key channels. */
+    uc_status (*kv_move_packed)(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                int32_t dst_slot, int32_t src_slot, int64_t kdim);
+    /* Channel energies: out[c] = sum over the n_rows rows rows[i] of x (ld) of x[rows[i], c]^2,
+     * c < width, to host doubles (ThinK's key and query channel norms). rows is a host array. */
+    uc_status (*chan_sumsq)(struct uc_backend *be, double *out, const void *x, int64_t ld,
+                            const int32_t *rows, int64_t n_rows, int64_t width);
     /* Copies whole blocks: block dst[i] of K and V gets block src[i], for i < n (forks). */
     uc_status (*kv_copy_blocks)(struct uc_backend *be, struct uc_kv_pool_view *pool,
                                 const int32_t *dst, const int32_t *src, int64_t n);
     /* Diagnosis after non-finite logits (never on a serving step): bad[e] = 1 when one of the
      * first n_valid[e] slots of pool block blocks[e] holds a NaN or Inf in K or V, else 0, for
-     * e < n. blocks, n_valid and bad are host arrays; the call synchronises. */
+     * e < n; with kdim non-NULL, a block with kdim[e] > 0 is a packed head's (its first
+     * n_valid[e] packed rows are checked). blocks, n_valid, kdim and bad are host arrays; the
+     * call synchronises. */
     uc_status (*kv_nonfinite)(struct uc_backend *be, const struct uc_kv_pool_view *pool,
-                              const int32_t *blocks, const int32_t *n_valid, int64_t n,
-                              int32_t *bad);
+                              const int32_t *blocks, const int32_t *n_valid, const int32_t *kdim,
+                              int64_t n, int32_t *bad);
     /* Copies one slot of the pool to another (evict mode compaction). */
     uc_status (*kv_move)(struct uc_backend *be, struct uc_kv_pool_view *pool, int32_t dst_slot,
                          int32_t src_slot);

@@ -636,7 +636,7 @@ static uc_status cpu_rope_append(struct uc_backend *be, struct uc_kv_pool_view *
     const float *x = qkv;
     for (int64_t e = 0; rc == UC_OK && e < n_tok * n_heads_kv; e++) {
         if (slot[e] < 0) {
-            continue; /* a layer that shares another's cache appends nothing */
+            continue; /* a shared layer appends nothing; a packed head: kv_append_packed */
         }
         const float *k = x + e / n_heads_kv * ld + (n_heads + e % n_heads_kv) * head_dim;
         memcpy((float *)pool->k + (int64_t)slot[e] * head_dim, k,
@@ -660,18 +660,108 @@ static uc_status cpu_kv_copy_blocks(struct uc_backend *be, struct uc_kv_pool_vie
 }
 
 static uc_status cpu_kv_nonfinite(struct uc_backend *be, const struct uc_kv_pool_view *pool,
-                                  const int32_t *blocks, const int32_t *n_valid, int64_t n,
-                                  int32_t *bad)
+                                  const int32_t *blocks, const int32_t *n_valid,
+                                  const int32_t *kdim, int64_t n, int32_t *bad)
 {
     int64_t per_block = pool->block_tokens * pool->head_dim;
     for (int64_t e = 0; e < n; e++) {
         const float *k = (const float *)pool->k + (int64_t)blocks[e] * per_block;
         const float *v = (const float *)pool->v + (int64_t)blocks[e] * per_block;
         int32_t hit = 0;
-        for (int64_t i = 0; i < (int64_t)n_valid[e] * pool->head_dim; i++) {
-            hit |= !isfinite(k[i]) || !isfinite(v[i]);
+        if (kdim && kdim[e] > 0) { /* packed rows: a stream over the K area, then the V area */
+            int64_t used = (int64_t)n_valid[e] * (kdim[e] + pool->head_dim);
+            for (int64_t i = 0; i < used; i++) {
+                hit |= !isfinite(i < per_block ? k[i] : v[i - per_block]);
+            }
+        } else {
+            for (int64_t i = 0; i < (int64_t)n_valid[e] * pool->head_dim; i++) {
+                hit |= !isfinite(k[i]) || !isfinite(v[i]);
+            }
         }
         bad[e] = hit;
+    }
+    return UC_OK;
+}
+
+/* ---- packed heads (ThinK) --------------------------------------------------------------- */
+
+/* Element i of packed row `slot` (kdim kept key channels, then D values): its address. */
+static inline float *packed_elem(const struct uc_kv_pool_view *pool, int64_t kdim, int64_t slot,
+                                 int64_t i)
+{
+    int64_t d = pool->head_dim, bt = pool->block_tokens, per = bt * d;
+    int64_t tpb = uc_kv_packed_tokens(bt, d, kdim);
+    int64_t b = slot / tpb, at = (slot % tpb) * (kdim + d) + i;
+    return at < per ? (float *)pool->k + b * per + at : (float *)pool->v + b * per + at - per;
+}
+
+/* Writes one packed row from a key head (D values, kept channels chan) and a value head. */
+static void packed_put(struct uc_kv_pool_view *pool, int64_t kdim, const int32_t *chan,
+                       int64_t slot, const float *k, const float *v)
+{
+    int64_t d = pool->head_dim;
+    for (int64_t c = 0; c < kdim; c++) {
+        *packed_elem(pool, kdim, slot, c) = k[chan[c]];
+    }
+    for (int64_t i = 0; i < d; i++) {
+        *packed_elem(pool, kdim, slot, kdim + i) = v[i];
+    }
+}
+
+static uc_status cpu_kv_scatter_packed(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                       const void *k_src, const void *v_src, int64_t ld,
+                                       const int32_t *src_row, const int32_t *src_head,
+                                       const int32_t *slot, int64_t n, int64_t kdim,
+                                       const int32_t *chan)
+{
+    int64_t d = pool->head_dim;
+    const float *ks = k_src, *vs = v_src;
+    for (int64_t e = 0; e < n; e++) {
+        int64_t off = (int64_t)src_row[e] * ld + (int64_t)src_head[e] * d;
+        packed_put(pool, kdim, chan, slot[e], ks + off, vs + off);
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_kv_append_packed(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                      const void *qkv, int64_t ld, int64_t n_heads,
+                                      int64_t n_heads_kv, const int32_t *slot,
+                                      const int32_t *kdim, const int32_t *coff,
+                                      const int32_t *chan, int64_t n_tok)
+{
+    int64_t d = pool->head_dim;
+    const float *x = qkv;
+    for (int64_t e = 0; e < n_tok * n_heads_kv; e++) {
+        if (kdim[e] <= 0) {
+            continue;
+        }
+        const float *k = x + e / n_heads_kv * ld + (n_heads + e % n_heads_kv) * d;
+        packed_put(pool, kdim[e], chan + coff[e], -(int64_t)slot[e] - 1, k, k + n_heads_kv * d);
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_kv_move_packed(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                    int32_t dst_slot, int32_t src_slot, int64_t kdim)
+{
+    for (int64_t i = 0; i < kdim + pool->head_dim; i++) {
+        *packed_elem(pool, kdim, dst_slot, i) = *packed_elem(pool, kdim, src_slot, i);
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_chan_sumsq(struct uc_backend *be, double *out, const void *x, int64_t ld,
+                                const int32_t *rows, int64_t n_rows, int64_t width)
+{
+    const float *xf = x;
+    for (int64_t c = 0; c < width; c++) {
+        out[c] = 0.0;
+    }
+    for (int64_t i = 0; i < n_rows; i++) {
+        const float *r = xf + (int64_t)rows[i] * ld;
+        for (int64_t c = 0; c < width; c++) {
+            out[c] += (double)r[c] * (double)r[c];
+        }
     }
     return UC_OK;
 }
@@ -738,6 +828,32 @@ static void decode_one(float *restrict ov, const float *restrict qv, const float
     }
 }
 
+/* decode_one for a packed head: the query's kept channels against the packed rows' keys. */
+static void decode_packed(float *restrict ov, const float *restrict qv,
+                          const struct uc_kv_pool_view *pool, const int32_t *blocks, int64_t nt,
+                          int64_t kdim, const int32_t *chan, float scale, float *restrict s)
+{
+    int64_t d = pool->head_dim, tpb = uc_kv_packed_tokens(pool->block_tokens, d, kdim);
+    for (int64_t t = 0; t < nt; t++) {
+        int64_t slot = (int64_t)blocks[t / tpb] * tpb + t % tpb;
+        float acc = 0.0f;
+        for (int64_t c = 0; c < kdim; c++) {
+            acc += qv[chan[c]] * *packed_elem(pool, kdim, slot, c);
+        }
+        s[t] = acc;
+    }
+    softmax_row(s, nt, scale);
+    for (int64_t i = 0; i < d; i++) {
+        ov[i] = 0.0f;
+    }
+    for (int64_t t = 0; t < nt; t++) {
+        int64_t slot = (int64_t)blocks[t / tpb] * tpb + t % tpb;
+        for (int64_t i = 0; i < d; i++) {
+            ov[i] += s[t] * *packed_elem(pool, kdim, slot, kdim + i);
+        }
+    }
+}
+
 static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
                                  const struct uc_kv_pool_view *pool,
                                  const struct uc_kv_batch_view *view, int64_t n_rows,
@@ -773,8 +889,14 @@ static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q
         int64_t b = it / n_heads, h = it % n_heads, j = h / group;
         int64_t e = b * n_heads_kv + j;
         float *s = sbuf + (int64_t)omp_get_thread_num() * maxn;
-        decode_one(o + b * n_heads * d + h * d, qf + b * ld_q + h * d, pk, pv,
-                   view->blocks + view->offset[e], view->n_tokens[e], bt, d, scale, s);
+        if (view->kdim && view->kdim[e] > 0) {
+            decode_packed(o + b * n_heads * d + h * d, qf + b * ld_q + h * d, pool,
+                          view->blocks + view->offset[e], view->n_tokens[e], view->kdim[e],
+                          view->chan + view->coff[e], scale, s);
+        } else {
+            decode_one(o + b * n_heads * d + h * d, qf + b * ld_q + h * d, pk, pv,
+                       view->blocks + view->offset[e], view->n_tokens[e], bt, d, scale, s);
+        }
         if (psum) {
             float *ps = psum + e * maxn;
             int64_t nt = view->n_tokens[e];
@@ -860,6 +982,10 @@ static const struct uc_backend_ops cpu_ops = {
     .kv_move = cpu_kv_move,
     .kv_copy_blocks = cpu_kv_copy_blocks,
     .kv_nonfinite = cpu_kv_nonfinite,
+    .kv_scatter_packed = cpu_kv_scatter_packed,
+    .kv_append_packed = cpu_kv_append_packed,
+    .kv_move_packed = cpu_kv_move_packed,
+    .chan_sumsq = cpu_chan_sumsq,
     .argmax = cpu_argmax,
     .destroy = cpu_destroy,
 };

@@ -84,6 +84,7 @@ struct cuda_ctx {
     struct dev_buf outp; /* results on their way to the host: psum, colsum, covariances */
     struct dev_buf dbl;  /* double workspaces: qcov rows and means */
     struct dev_buf cnt;  /* int32 counters of the decode attention, kept at zero between uses */
+    struct dev_buf pmask; /* int32 n_tokens with packed entries at 0 (decode with packed heads) */
     uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
     /* the last RoPE positions: every layer of a prefill slice rotates at the same positions,
      * so they are uploaded once per slice, not once per layer (decode steps bring theirs in
@@ -825,10 +826,19 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
     struct uc_cuda_decode_plan plan;
     uc_cuda_attn_decode_plan(&plan, n_rows, n_heads, n_heads_kv, d, view->max_tokens,
                              psum != NULL, c->n_sms);
-    const int32_t *parts[3] = {view->n_tokens, view->offset, view->blocks};
-    int64_t counts[3] = {entries, entries, view->n_blocks_total};
-    const int32_t *dev[3] = {view->n_tokens, view->offset, view->blocks};
-    int32_t *up[3];
+    /* packed entries (ThinK): the tensor-core kernel sees them empty, their own kernel follows */
+    int64_t n_chan = 0;
+    for (int64_t e = 0; view->kdim && !view->on_device && e < entries; e++) {
+        int64_t end = view->kdim[e] > 0 ? (int64_t)view->coff[e] + view->kdim[e] : 0;
+        n_chan = end > n_chan ? end : n_chan;
+    }
+    const int32_t *parts[6] = {view->n_tokens, view->offset, view->blocks,
+                               view->kdim,     view->coff,   view->chan};
+    int64_t counts[6] = {entries, entries, view->n_blocks_total, entries, entries, n_chan};
+    const int32_t *dev[6] = {view->n_tokens, view->offset, view->blocks,
+                             view->kdim,     view->coff,   view->chan};
+    int32_t *up[6];
+    int n_parts = view->kdim ? 6 : 3;
     uc_status rc;
     UC_CHECK(buf_reserve(c, &c->work, plan.ws_floats * sizeof(float)), rc, out);
     if (plan.n_counters * sizeof(int32_t) > c->cnt.cap) {
@@ -839,16 +849,30 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
         UC_CHECK(buf_reserve(c, &c->outp, (size_t)(entries * maxn) * sizeof(float)), rc, out);
     }
     if (!view->on_device) {
-        UC_CHECK(upload_idx(c, up, parts, counts, 3), rc, out);
-        for (int i = 0; i < 3; i++) {
+        UC_CHECK(upload_idx(c, up, parts, counts, n_parts), rc, out);
+        for (int i = 0; i < n_parts; i++) {
             dev[i] = up[i];
         }
     }
-    UC_CHECK(CU(uc_cuda_attn_decode(out, q, ld_q, pool->k, pool->v, pool->block_tokens, d, dev[0],
+    const int32_t *ntok = dev[0];
+    if (view->kdim) {
+        UC_CHECK(buf_reserve(c, &c->pmask, (size_t)entries * sizeof(int32_t)), rc, out);
+        UC_CHECK(CU(uc_cuda_decode_mask_packed(c->pmask.p, dev[0], dev[3], entries, c->stream)),
+                 rc, out);
+        ntok = c->pmask.p;
+    }
+    UC_CHECK(CU(uc_cuda_attn_decode(out, q, ld_q, pool->k, pool->v, pool->block_tokens, d, ntok,
                                     dev[1], dev[2], n_rows, n_heads, n_heads_kv, maxn, &plan,
                                     c->work.p, c->cnt.p, psum ? c->outp.p : NULL, c->dt,
                                     c->stream)),
              rc, out);
+    if (view->kdim) {
+        UC_CHECK(CU(uc_cuda_attn_decode_packed(out, q, ld_q, pool->k, pool->v, pool->block_tokens,
+                                               d, dev[0], dev[1], dev[2], dev[3], dev[4], dev[5],
+                                               n_rows, n_heads, n_heads_kv,
+                                               psum ? c->outp.p : NULL, maxn, c->dt, c->stream)),
+                 rc, out);
+    }
     if (psum) {
         rc = download_sync(c, psum, c->outp.p, (size_t)(entries * maxn) * sizeof(float));
     }
@@ -890,23 +914,88 @@ static uc_status cuda_kv_copy_blocks(struct uc_backend *be, struct uc_kv_pool_vi
 }
 
 static uc_status cuda_kv_nonfinite(struct uc_backend *be, const struct uc_kv_pool_view *pool,
-                                   const int32_t *blocks, const int32_t *n_valid, int64_t n,
-                                   int32_t *bad)
+                                   const int32_t *blocks, const int32_t *n_valid,
+                                   const int32_t *kdim, int64_t n, int32_t *bad)
 {
     struct cuda_ctx *c = ctx_of(be);
     if (n <= 0) {
         return UC_OK;
     }
-    const int32_t *parts[2] = {blocks, n_valid};
-    int64_t counts[2] = {n, n};
-    int32_t *dev[2];
+    const int32_t *parts[3] = {blocks, n_valid, kdim};
+    int64_t counts[3] = {n, n, n};
+    int32_t *dev[3];
     uc_status rc;
-    UC_CHECK(upload_idx(c, dev, parts, counts, 2), rc, out);
+    UC_CHECK(upload_idx(c, dev, parts, counts, kdim ? 3 : 2), rc, out);
     UC_CHECK(buf_reserve(c, &c->outp, (size_t)n * sizeof(int32_t)), rc, out);
-    UC_CHECK(CU(uc_cuda_kv_nonfinite(c->outp.p, pool->k, pool->v, dev[0], dev[1], n,
-                                     pool->block_tokens, pool->head_dim, c->dt, c->stream)),
+    UC_CHECK(CU(uc_cuda_kv_nonfinite(c->outp.p, pool->k, pool->v, dev[0], dev[1],
+                                     kdim ? dev[2] : NULL, n, pool->block_tokens, pool->head_dim,
+                                     c->dt, c->stream)),
              rc, out);
     rc = download_sync(c, bad, c->outp.p, (size_t)n * sizeof(int32_t));
+out:
+    return rc;
+}
+
+/* ---- packed heads (ThinK) --------------------------------------------------------------- */
+
+static uc_status cuda_kv_scatter_packed(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                        const void *k_src, const void *v_src, int64_t ld,
+                                        const int32_t *src_row, const int32_t *src_head,
+                                        const int32_t *slot, int64_t n, int64_t kdim,
+                                        const int32_t *chan)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (n <= 0) {
+        return UC_OK;
+    }
+    const int32_t *parts[4] = {src_row, src_head, slot, chan};
+    int64_t counts[4] = {n, n, n, kdim};
+    int32_t *dev[4];
+    uc_status rc = upload_idx(c, dev, parts, counts, 4);
+    if (rc == UC_OK) {
+        rc = CU(uc_cuda_kv_scatter_packed(pool->k, pool->v, k_src, v_src, ld, dev[0], dev[1],
+                                          dev[2], n, kdim, dev[3], pool->block_tokens,
+                                          pool->head_dim, c->dt, c->stream));
+    }
+    return rc;
+}
+
+static uc_status cuda_kv_append_packed(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                       const void *qkv, int64_t ld, int64_t n_heads,
+                                       int64_t n_heads_kv, const int32_t *slot,
+                                       const int32_t *kdim, const int32_t *coff,
+                                       const int32_t *chan, int64_t n_tok)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    return CU(uc_cuda_kv_append_packed(pool->k, pool->v, qkv, ld, n_heads, n_heads_kv, slot,
+                                       kdim, coff, chan, n_tok, pool->block_tokens,
+                                       pool->head_dim, c->dt, c->stream));
+}
+
+static uc_status cuda_kv_move_packed(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                     int32_t dst_slot, int32_t src_slot, int64_t kdim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    return CU(uc_cuda_kv_move_packed(pool->k, pool->v, pool->block_tokens, pool->head_dim, kdim,
+                                     dst_slot, src_slot, c->dt, c->stream));
+}
+
+static uc_status cuda_chan_sumsq(struct uc_backend *be, double *out, const void *x, int64_t ld,
+                                 const int32_t *rows, int64_t n_rows, int64_t width)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (width <= 0) {
+        return UC_OK;
+    }
+    const int32_t *parts[1] = {rows};
+    int64_t counts[1] = {n_rows};
+    int32_t *dev[1];
+    uc_status rc;
+    UC_CHECK(upload_idx(c, dev, parts, counts, 1), rc, out);
+    UC_CHECK(buf_reserve(c, &c->outp, (size_t)width * sizeof(double)), rc, out);
+    UC_CHECK(CU(uc_cuda_chan_sumsq(c->outp.p, x, ld, dev[0], n_rows, width, c->dt, c->stream)),
+             rc, out);
+    rc = download_sync(c, out, c->outp.p, (size_t)width * sizeof(double));
 out:
     return rc;
 }
@@ -1094,6 +1183,10 @@ static const struct uc_backend_ops cuda_ops = {
     .kv_move = cuda_kv_move,
     .kv_copy_blocks = cuda_kv_copy_blocks,
     .kv_nonfinite = cuda_kv_nonfinite,
+    .kv_scatter_packed = cuda_kv_scatter_packed,
+    .kv_append_packed = cuda_kv_append_packed,
+    .kv_move_packed = cuda_kv_move_packed,
+    .chan_sumsq = cuda_chan_sumsq,
     .graph_begin = cuda_graph_begin,
     .graph_end = cuda_graph_end,
     .graph_launch = cuda_graph_launch,

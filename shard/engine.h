@@ -248,6 +248,9 @@ struct uc_compress_report {
     uint64_t plan_checksum;
     int64_t kv_tokens_held_local; /* tokens actually in this rank's cache now */
     int64_t kv_blocks_held_local;
+    float think_ratio;            /* ThinK's pruned share (0: no think stage) */
+    int64_t key_channels;         /* key channels each KV head keeps (ThinK), D without */
+    int64_t kv_row_bytes_local;   /* bytes of this rank's cached K/V rows (packed rows smaller) */
 };
 /* The report of a sequence (pointers valid until the sequence ends). */
 uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
@@ -261,6 +264,10 @@ const int32_t *uc_engine_seq_kept(const struct uc_engine *e, int64_t seq_id, int
 /* With UC_SEQ_RECORD_KEPT: whether every rank computed the same plan checksum (and replicated
  * KV heads the same kept sets). */
 bool uc_engine_seq_plan_agreed(const struct uc_engine *e, int64_t seq_id);
+/* ThinK: the kept key channels (ascending) of (layer, KV head) when that head is on this rank
+ * and packed, with *n of them; NULL with *n = 0 otherwise. Valid until the sequence ends. */
+const int32_t *uc_engine_seq_key_channels(const struct uc_engine *e, int64_t seq_id,
+                                          int64_t layer, int64_t kv_head, int64_t *n);
 /* With UC_SEQ_RECORD_KEPT and uncomp-stage: original positions of the rows present at a layer. */
 const int32_t *uc_engine_seq_rows(const struct uc_engine *e, int64_t seq_id, int64_t layer,
                                   int64_t *n);

@@ -125,14 +125,43 @@ void uc_kv_seq_fini(struct uc_kv_cache *kv, struct uc_kv_seq *s)
             block_release(kv, h->blocks[b]);
         }
         uc_free(h->blocks);
+        uc_free(h->chan);
     }
     UC_FREE(s->heads);
     memset(s, 0, sizeof *s);
 }
 
+uc_status uc_kv_head_set_packed(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t kdim,
+                                const int32_t *chan)
+{
+    if (h->n_blocks != 0 || h->kdim != 0) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "kv packed head: set on a head holding %d blocks",
+                       h->n_blocks);
+    }
+    if (kdim <= 0 || kdim >= kv->head_dim) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "kv packed head: kdim=%lld outside (0, %lld)",
+                       (long long)kdim, (long long)kv->head_dim);
+    }
+    for (int64_t c = 0; c < kdim; c++) {
+        if (chan[c] < 0 || chan[c] >= kv->head_dim || (c > 0 && chan[c] <= chan[c - 1])) {
+            return UC_ERRF(UC_ERR_INVALID_ARG, "kv packed head: channel %d at %lld not "
+                           "ascending in [0, %lld)", chan[c], (long long)c,
+                           (long long)kv->head_dim);
+        }
+    }
+    int32_t *cp = uc_malloc((size_t)kdim * sizeof *cp);
+    if (!cp) {
+        return UC_ERRF(UC_ERR_NOMEM, "kv packed head channels=%lld", (long long)kdim);
+    }
+    memcpy(cp, chan, (size_t)kdim * sizeof *cp);
+    h->chan = cp;
+    h->kdim = (int32_t)kdim;
+    return UC_OK;
+}
+
 uc_status uc_kv_head_reserve(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t n_tokens)
 {
-    int64_t need = uc_kv_blocks_for(kv, n_tokens);
+    int64_t need = uc_kv_head_blocks_for(kv, h, n_tokens);
     if (need <= h->n_blocks) {
         return UC_OK;
     }
@@ -151,7 +180,7 @@ uc_status uc_kv_head_reserve(struct uc_kv_cache *kv, struct uc_kv_head *h, int64
 
 void uc_kv_head_trim(struct uc_kv_cache *kv, struct uc_kv_head *h)
 {
-    int64_t need = uc_kv_blocks_for(kv, h->n_tokens);
+    int64_t need = uc_kv_head_blocks_for(kv, h, h->n_tokens);
     while (h->n_blocks > need) {
         block_release(kv, h->blocks[--h->n_blocks]);
     }
@@ -161,9 +190,10 @@ uc_status uc_kv_head_fork(struct uc_kv_cache *kv, struct uc_kv_head *dst,
                           const struct uc_kv_head *src, int32_t *copy_dst, int32_t *copy_src,
                           int64_t *n_copy)
 {
-    int64_t full = src->n_tokens / kv->block_tokens;
-    bool part = src->n_tokens % kv->block_tokens != 0;
-    if (dst->n_blocks != 0) {
+    int64_t tpb = uc_kv_head_block_tokens(kv, src);
+    int64_t full = src->n_tokens / tpb;
+    bool part = src->n_tokens % tpb != 0;
+    if (dst->n_blocks != 0 || dst->kdim != 0) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "kv fork into a head holding %d blocks",
                        dst->n_blocks);
     }
@@ -173,6 +203,12 @@ uc_status uc_kv_head_fork(struct uc_kv_cache *kv, struct uc_kv_head *dst,
     uc_status rc = table_reserve(dst, full + part);
     if (rc != UC_OK) {
         return rc;
+    }
+    if (src->kdim > 0) {
+        rc = uc_kv_head_set_packed(kv, dst, src->kdim, src->chan);
+        if (rc != UC_OK) {
+            return rc;
+        }
     }
     for (int64_t b = 0; b < full; b++) {
         block_hold(kv, src->blocks[b]);
@@ -234,13 +270,14 @@ uc_status uc_kv_head_remove(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_
         return UC_ERRF(UC_ERR_INVALID_ARG, "kv remove index %lld outside %d tokens", (long long)i,
                        h->n_tokens);
     }
-    uc_status urc = uc_kv_head_unshare(kv, h, i / kv->block_tokens);
+    uc_status urc = uc_kv_head_unshare(kv, h, i / uc_kv_head_block_tokens(kv, h));
     if (urc != UC_OK) {
         return urc;
     }
     for (int64_t t = i; t + 1 < h->n_tokens; t++) {
-        uc_status rc = be->ops->kv_move(be, &kv->pool, uc_kv_head_slot(kv, h, t),
-                                        uc_kv_head_slot(kv, h, t + 1));
+        int32_t dst = uc_kv_head_slot(kv, h, t), src = uc_kv_head_slot(kv, h, t + 1);
+        uc_status rc = h->kdim > 0 ? be->ops->kv_move_packed(be, &kv->pool, dst, src, h->kdim)
+                                   : be->ops->kv_move(be, &kv->pool, dst, src);
         if (rc != UC_OK) {
             return rc;
         }
@@ -264,6 +301,18 @@ int64_t uc_kv_seq_blocks(const struct uc_kv_seq *s)
     int64_t n = 0;
     for (int64_t i = 0; i < s->n_layers * s->n_heads_kv; i++) {
         n += s->heads[i].n_blocks;
+    }
+    return n;
+}
+
+int64_t uc_kv_seq_row_bytes(const struct uc_kv_cache *kv, const struct uc_kv_seq *s)
+{
+    size_t a = kv->be->ops->act_size(kv->be);
+    int64_t n = 0;
+    for (int64_t i = 0; i < s->n_layers * s->n_heads_kv; i++) {
+        const struct uc_kv_head *h = &s->heads[i];
+        int64_t kd = h->kdim > 0 ? h->kdim : kv->head_dim;
+        n += (int64_t)h->n_tokens * (kd + kv->head_dim) * (int64_t)a;
     }
     return n;
 }

@@ -39,7 +39,9 @@ struct uc_kv_head {
     int32_t n_tokens;
     int32_t n_blocks;
     int32_t cap_blocks;
+    int32_t kdim;    /* key channels kept (packed head); 0: all D, unpacked */
     int32_t *blocks;
+    int32_t *chan;   /* (kdim) kept key channels, ascending; NULL when unpacked */
 };
 
 /* The cache of one sequence on this rank: L x Hkv_local heads. */
@@ -63,14 +65,34 @@ static inline struct uc_kv_head *uc_kv_seq_head(struct uc_kv_seq *s, int64_t lay
 {
     return &s->heads[layer * s->n_heads_kv + head];
 }
+/* Makes an empty head (no blocks) a packed head keeping the kdim key channels chan (copied;
+ * ascending, each in [0, D)), 0 < kdim < D. UC_ERR_INVALID_ARG for a head holding blocks or a
+ * bad list, UC_ERR_NOMEM. */
+uc_status uc_kv_head_set_packed(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t kdim,
+                                const int32_t *chan);
+/* Tokens per block of a head: block_tokens when unpacked. */
+static inline int64_t uc_kv_head_block_tokens(const struct uc_kv_cache *kv,
+                                              const struct uc_kv_head *h)
+{
+    return h->kdim > 0 ? uc_kv_packed_tokens(kv->block_tokens, kv->head_dim, h->kdim)
+                       : kv->block_tokens;
+}
+/* Blocks a head needs to hold n tokens. */
+static inline int64_t uc_kv_head_blocks_for(const struct uc_kv_cache *kv,
+                                            const struct uc_kv_head *h, int64_t n_tokens)
+{
+    int64_t tpb = uc_kv_head_block_tokens(kv, h);
+    return (n_tokens + tpb - 1) / tpb;
+}
 /* Grows a head so it can hold n_tokens (allocating blocks); UC_ERR_KV_FULL when the pool is
  * out of blocks (nothing is allocated then). Does not change n_tokens. */
 uc_status uc_kv_head_reserve(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t n_tokens);
-/* Physical slot of logical token i. */
+/* Physical slot of logical token i (a packed slot for a packed head). */
 static inline int32_t uc_kv_head_slot(const struct uc_kv_cache *kv, const struct uc_kv_head *h,
                                       int64_t i)
 {
-    return (int32_t)(h->blocks[i / kv->block_tokens] * kv->block_tokens + i % kv->block_tokens);
+    int64_t tpb = uc_kv_head_block_tokens(kv, h);
+    return (int32_t)(h->blocks[i / tpb] * tpb + i % tpb);
 }
 /* Removes logical token i, shifting the later tokens down (evict mode). Shared blocks from the
  * one holding i on are copied first (uc_kv_head_unshare), so other holders keep their tokens;
@@ -78,7 +100,8 @@ static inline int32_t uc_kv_head_slot(const struct uc_kv_cache *kv, const struct
 uc_status uc_kv_head_remove(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t i);
 /* Releases blocks beyond what n_tokens needs. */
 void uc_kv_head_trim(struct uc_kv_cache *kv, struct uc_kv_head *h);
-/* dst (an empty head of another sequence) becomes a copy of src: it shares src's full blocks
+/* dst (an empty head of another sequence) becomes a copy of src (its kept channels too, when
+ * packed): it shares src's full blocks
  * and gets a new block for src's partly filled last one, if any. The block contents are not
  * copied here: the pairs to copy (new block, src block) are appended to copy_dst/copy_src at
  * *n_copy (room for one more pair is needed), for one kv_copy_blocks call over all heads.
@@ -99,6 +122,10 @@ static inline bool uc_kv_block_shared(const struct uc_kv_cache *kv, int32_t b)
 /* Tokens and blocks held by a sequence on this rank (a shared block counts for each holder). */
 int64_t uc_kv_seq_tokens(const struct uc_kv_seq *s);
 int64_t uc_kv_seq_blocks(const struct uc_kv_seq *s);
+/* Bytes of K and V a sequence's tokens take in their rows on this rank: (kdim + D) elements
+ * per token of a packed head, 2 D of an unpacked one (what its blocks hold, less their unused
+ * tail). */
+int64_t uc_kv_seq_row_bytes(const struct uc_kv_cache *kv, const struct uc_kv_seq *s);
 /* Blocks of the pool in use (a shared block counts once). */
 int64_t uc_kv_used_blocks(const struct uc_kv_cache *kv);
 /* Blocks of the pool held by more than one head. */

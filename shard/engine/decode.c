@@ -90,15 +90,18 @@ static uc_status evict_head(struct uc_engine *e, struct seq *s, int64_t l, int64
 }
 
 /* The decode step's index arrays, for all layers at once: reserves each head's next slot and
- * lays out, in int32s, pos (B) | for each layer l: slot (E), n_tokens (E), offset (E) | the
- * block ids of every (layer, entry), offsets counted from the start of that last part; E = B Hkv.
- * The fixed part's addresses depend only on B, so a recorded step stays valid while the
- * buffer does. */
+ * lays out, in int32s, pos (B) | for each layer l: slot (E), n_tokens (E), offset (E) and, when
+ * a sequence of the batch has packed heads (ThinK), kdim (E) and coff (E) | the block ids of
+ * every (layer, entry) and the packed entries' kept channel lists, offsets counted from the
+ * start of that last part; E = B Hkv. A packed entry's slot is -(packed slot) - 1. The fixed
+ * part's addresses depend only on B and whether any head is packed, so a recorded step stays
+ * valid while the buffer does. */
 static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int64_t nb,
                                    int64_t *n_ints)
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
-    int64_t fixed = nb + 3 * L * ent, blocks = 0;
+    int64_t blocks = 0;
+    bool packed = false;
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t l = 0; l < L; l++) {
             if (eng_layer_shared(batch[b], l)) {
@@ -114,20 +117,24 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                 if (rc != UC_OK) {
                     return rc;
                 }
-                blocks += h->n_blocks;
+                blocks += h->n_blocks + h->kdim;
+                packed = packed || h->kdim > 0;
             }
         }
     }
+    int64_t per = packed ? 5 : 3, fixed = nb + per * L * ent;
     if (!eng_grow((void **)&e->dm_host, &e->dm_cap, fixed + blocks, sizeof(int32_t))) {
         return UC_ERRF(UC_ERR_NOMEM, "decode index arrays");
     }
+    e->dm_packed = packed;
     int32_t *m = e->dm_host, *blk = m + fixed;
     int64_t used = 0;
     for (int64_t b = 0; b < nb; b++) {
         m[b] = (int32_t)batch[b]->n_ctx; /* RoPE position of the new token */
     }
     for (int64_t l = 0; l < L; l++) {
-        int32_t *slot = m + nb + 3 * l * ent, *ntok = slot + ent, *off = ntok + ent;
+        int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
+        int32_t *kdim = off + ent, *coff = kdim + ent;
         int64_t maxn = 0;
         for (int64_t b = 0; b < nb; b++) {
             int64_t src = batch[b]->plan.share_src[l];
@@ -145,13 +152,21 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                 struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
                 int64_t x = b * hkv + j;
                 /* appends go to a block of the head's own (a fork copies the last one) */
-                UC_ASSERT(!uc_kv_block_shared(&e->kv, h->blocks[h->n_tokens / e->kv.block_tokens]));
-                slot[x] = uc_kv_head_slot(&e->kv, h, h->n_tokens);
+                UC_ASSERT(!uc_kv_block_shared(
+                    &e->kv, h->blocks[h->n_tokens / uc_kv_head_block_tokens(&e->kv, h)]));
+                int32_t sl = uc_kv_head_slot(&e->kv, h, h->n_tokens);
+                slot[x] = h->kdim > 0 ? -sl - 1 : sl;
                 h->n_tokens++;
                 ntok[x] = h->n_tokens;
                 off[x] = (int32_t)used;
                 memcpy(blk + used, h->blocks, (size_t)h->n_blocks * sizeof(int32_t));
                 used += h->n_blocks;
+                if (packed) {
+                    kdim[x] = h->kdim;
+                    coff[x] = (int32_t)used;
+                    memcpy(blk + used, h->chan, (size_t)h->kdim * sizeof(int32_t));
+                    used += h->kdim;
+                }
                 maxn = h->n_tokens > maxn ? h->n_tokens : maxn;
             }
         }
@@ -167,16 +182,28 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
 uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any_evict)
 {
     int64_t L = e->cfg->n_layers, hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
-    int64_t ld = e->sh->qkv_dim, ent = nb * hkv, fixed = nb + 3 * L * ent;
+    int64_t per = e->dm_packed ? 5 : 3;
+    int64_t ld = e->sh->qkv_dim, ent = nb * hkv, fixed = nb + per * L * ent;
     const int32_t *dm = e->dm_dev;
-    const int32_t *slot = dm + nb + 3 * l * ent, *ntok = slot + ent, *off = ntok + ent;
+    const int32_t *slot = dm + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
     struct seq **batch = e->batch;
     uc_status rc;
     UC_CHECK(e->be->ops->rope_append(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, e->cfg->head_dim,
                                      dm, slot, nb),
              rc, out);
-    struct uc_kv_batch_view view = {ntok, off, dm + fixed, 0, any_evict ? e->dm_maxn[l] : 0,
-                                    true};
+    struct uc_kv_batch_view view = {.n_tokens = ntok,
+                                    .offset = off,
+                                    .blocks = dm + fixed,
+                                    .max_tokens = any_evict ? e->dm_maxn[l] : 0,
+                                    .on_device = true};
+    if (e->dm_packed) {
+        view.kdim = off + ent;
+        view.coff = off + 2 * ent;
+        view.chan = dm + fixed;
+        UC_CHECK(e->be->ops->kv_append_packed(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, slot,
+                                              view.kdim, view.coff, view.chan, nb),
+                 rc, out);
+    }
     float *psum = NULL;
     if (any_evict) {
         int64_t maxn = e->dm_maxn[l];
@@ -242,7 +269,8 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     struct decode_graph *g = NULL;
     for (int i = 0; i < DECODE_GRAPH_SLOTS && !g; i++) {
         struct decode_graph *c = &e->graphs[i];
-        if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->epoch == epoch) {
+        if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->epoch == epoch &&
+            c->packed == e->dm_packed) {
             g = c;
         }
     }
@@ -274,6 +302,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     }
     g->nb = nb;
     g->meta = e->dm_dev;
+    g->packed = e->dm_packed;
     g->epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
 out:
     if (rc != UC_OK) {

@@ -15,7 +15,7 @@
 /* The first layer of s whose cached K/V on this rank hold a NaN or Inf (L if none). */
 static uc_status first_bad_layer(struct uc_engine *e, struct seq *s, int64_t *out)
 {
-    int64_t L = e->cfg->n_layers, hkv_l = e->sh->n_heads_kv, bt = e->kv.block_tokens;
+    int64_t L = e->cfg->n_layers, hkv_l = e->sh->n_heads_kv;
     int64_t cap = 0;
     *out = L;
     for (int64_t i = 0; i < L * hkv_l; i++) {
@@ -25,8 +25,9 @@ static uc_status first_bad_layer(struct uc_engine *e, struct seq *s, int64_t *ou
     int32_t *blocks = uc_malloc((size_t)(cap + 1) * sizeof(int32_t));
     int32_t *valid = uc_malloc((size_t)(cap + 1) * sizeof(int32_t));
     int32_t *bad = uc_malloc((size_t)(cap + 1) * sizeof(int32_t));
+    int32_t *kdim = uc_malloc((size_t)(cap + 1) * sizeof(int32_t));
     uc_status rc = UC_OK;
-    if (!blocks || !valid || !bad) {
+    if (!blocks || !valid || !bad || !kdim) {
         rc = UC_ERRF(UC_ERR_NOMEM, "non-finite diagnosis blocks=%lld", (long long)cap);
         goto out;
     }
@@ -34,12 +35,15 @@ static uc_status first_bad_layer(struct uc_engine *e, struct seq *s, int64_t *ou
         int64_t n = 0;
         for (int64_t j = 0; j < hkv_l; j++) {
             const struct uc_kv_head *h = uc_kv_seq_head(&s->kv, l, j);
+            int64_t bt = uc_kv_head_block_tokens(&e->kv, h);
             for (int64_t b = 0; b < h->n_blocks && b * bt < h->n_tokens; b++) {
                 blocks[n] = h->blocks[b];
+                kdim[n] = h->kdim;
                 valid[n++] = (int32_t)(h->n_tokens - b * bt < bt ? h->n_tokens - b * bt : bt);
             }
         }
-        UC_CHECK(e->be->ops->kv_nonfinite(e->be, &e->kv.pool, blocks, valid, n, bad), rc, out);
+        UC_CHECK(e->be->ops->kv_nonfinite(e->be, &e->kv.pool, blocks, valid, kdim, n, bad), rc,
+                 out);
         for (int64_t i = 0; i < n; i++) {
             if (bad[i]) {
                 *out = l;
@@ -51,6 +55,7 @@ out:
     uc_free(blocks);
     uc_free(valid);
     uc_free(bad);
+    uc_free(kdim);
     return rc;
 }
 

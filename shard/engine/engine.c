@@ -15,6 +15,7 @@
 #include "comm_nccl.h"
 #include "compress/select.h"
 #include "internal.h"
+#include "compress/think.h"
 
 bool eng_grow(void **p, int64_t *cap, int64_t need, size_t elem)
 {
@@ -464,7 +465,11 @@ uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
     out->kv_tokens_kept = kept;
     size_t per = uc_engine_kv_bytes_per_token(e);
     out->kv_bytes_full = out->kv_tokens_full * (int64_t)per;
-    out->kv_bytes_kept = kept * (int64_t)per;
+    /* ThinK: the kept tokens' keys hold key_channels of the D channels */
+    int64_t d = e->cfg->head_dim;
+    out->think_ratio = uc_policy_think_ratio(&s->cp);
+    out->key_channels = out->think_ratio > 0.0f ? uc_think_kdim(out->think_ratio, d) : d;
+    out->kv_bytes_kept = kept * (int64_t)per * (out->key_channels + d) / (2 * d);
     out->ratio = out->kv_tokens_full ? (double)kept / (double)out->kv_tokens_full : 1.0;
     out->n_stages = p->n_stage_starts + 1;
     for (int32_t c = 0; c <= p->n_stage_starts; c++) {
@@ -490,5 +495,21 @@ uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
     out->plan_checksum = uc_plan_checksum(p);
     out->kv_tokens_held_local = uc_kv_seq_tokens(&s->kv);
     out->kv_blocks_held_local = uc_kv_seq_blocks(&s->kv);
+    out->kv_row_bytes_local = uc_kv_seq_row_bytes(&e->kv, &s->kv);
     return UC_OK;
+}
+
+const int32_t *uc_engine_seq_key_channels(const struct uc_engine *e, int64_t seq_id,
+                                          int64_t layer, int64_t kv_head, int64_t *n)
+{
+    const struct seq *s = eng_find_seq(e, seq_id);
+    int64_t local = kv_head - e->sh->kv0;
+    *n = 0;
+    if (!s || s->phase != UC_SEQ_DECODING || layer < 0 || layer >= e->cfg->n_layers ||
+        local < 0 || local >= e->sh->n_heads_kv) {
+        return NULL;
+    }
+    const struct uc_kv_head *h = &s->kv.heads[layer * e->sh->n_heads_kv + local];
+    *n = h->kdim;
+    return h->chan;
 }

@@ -98,6 +98,7 @@ struct decode_graph {
     void *exec[DECODE_GRAPH_MAX_PARTS];
     int64_t nb;
     const void *meta; /* the index buffer its ops read */
+    bool packed;      /* recorded with packed heads in the batch (their layout and ops) */
     uint64_t epoch;   /* the backend's workspace epoch when recorded */
 };
 
@@ -137,6 +138,7 @@ struct uc_engine {
     void *dm_dev;
     int64_t dm_dev_cap;
     int64_t *dm_maxn; /* (L) longest head of each layer this step */
+    bool dm_packed;   /* the index arrays have the packed heads' part (decode_meta_build) */
     struct decode_graph graphs[DECODE_GRAPH_SLOTS];
     int64_t last_nb; /* batch size of the previous decode step */
     struct seq **batch; /* (max_batch) */

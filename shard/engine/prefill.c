@@ -14,6 +14,7 @@
 #include "internal.h"
 #include "compress/entropy.h"
 #include "compress/select.h"
+#include "compress/think.h"
 
 /* Scatter lists (source row, head, destination slot) for n entries. */
 static uc_status ensure_scatter(struct uc_engine *e, int64_t n)
@@ -433,6 +434,57 @@ static uc_status ring_init(struct uc_engine *e, struct seq *s, int64_t j, int64_
     return UC_OK;
 }
 
+/* ThinK, before the kept tokens go into the cache: the query part of every local KV head's
+ * channel scores (hkv_l, D) from the window's last rows; ranks that share a replicated KV head
+ * hold some of its query heads each, so their parts are summed. */
+static uc_status think_query_parts(struct uc_engine *e, struct seq *s, double *qpart)
+{
+    int64_t n = s->n_rows, hl = e->sh->n_heads, hkv_l = e->sh->n_heads_kv;
+    int64_t hkv = e->cfg->n_heads_kv, d = e->cfg->head_dim, gl = hl / hkv_l;
+    int64_t w = s->cp.window < n ? s->cp.window : n;
+    uc_status rc = UC_OK;
+    double *qsq = uc_malloc((size_t)(hl * d) * sizeof(double));
+    int32_t *rows = uc_malloc((size_t)w * sizeof(int32_t));
+    double *all = e->sh->kv_replicated ? uc_calloc((size_t)(hkv * d), sizeof(double)) : NULL;
+    if (!qsq || !rows || (e->sh->kv_replicated && !all)) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "think query norms heads=%lld", (long long)hl);
+        goto out;
+    }
+    for (int64_t r = 0; r < w; r++) {
+        rows[r] = (int32_t)(n - w + r);
+    }
+    UC_CHECK(e->be->ops->chan_sumsq(e->be, qsq, s->qkv, e->sh->qkv_dim, rows, w, hl * d), rc,
+             out);
+    for (int64_t j = 0; j < hkv_l; j++) {
+        uc_think_query_part(qpart + j * d, qsq + j * gl * d, gl, d);
+    }
+    if (all) {
+        memcpy(all + e->sh->kv0 * d, qpart, (size_t)d * sizeof(double));
+        UC_CHECK(uc_comm_allreduce_sum(e->comm, all, hkv * d, UC_COMM_F64), rc, out);
+        memcpy(qpart, all + e->sh->kv0 * d, (size_t)d * sizeof(double));
+    }
+out:
+    uc_free(qsq);
+    uc_free(rows);
+    uc_free(all);
+    return rc;
+}
+
+/* ThinK for local KV head j keeping the first nk rows of its keep row: its kept channels. */
+static uc_status think_head(struct uc_engine *e, struct seq *s, int64_t j, int64_t nk,
+                            const double *qpart, int32_t *chan, int64_t kdim)
+{
+    int64_t d = e->cfg->head_dim, hl = e->sh->n_heads;
+    double ksq[1024];
+    const void *k = (char *)s->qkv + (size_t)((hl + j) * d) * act_size(e);
+    uc_status rc = e->be->ops->chan_sumsq(e->be, ksq, k, e->sh->qkv_dim, head_keep(e, s, j), nk,
+                                          d);
+    if (rc == UC_OK) {
+        uc_think_select(chan, qpart + j * d, ksq, d, kdim);
+    }
+    return rc;
+}
+
 uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
 {
     double t0 = uc_time_s();
@@ -440,6 +492,7 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
     int64_t d = e->cfg->head_dim;
     uc_status rc;
     double kv_ent[1024];
+    double *qpart = NULL; /* ThinK's query parts (hkv_l, D) */
     if (wants_hidden_spectrum(s) && !s->hid_done) {
         UC_CHECK(hidden_spectrum(e, s), rc, out);
     }
@@ -506,8 +559,24 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
         }
     }
     /* kept tokens of each local KV head (selected in parallel: at 32K tokens one head takes
-     * about a millisecond), then into the paged cache with one scatter */
+     * about a millisecond), then into the paged cache with one scatter; with ThinK their kept
+     * key channels only (packed heads, a scatter each) */
     int64_t hl = e->sh->n_heads;
+    float think = uc_policy_think_ratio(&s->cp);
+    int64_t kdim = think > 0.0f ? uc_think_kdim(think, d) : d;
+    int32_t chan[1024];
+    if (kdim < d && d > 1024) {
+        rc = UC_ERRF(UC_ERR_UNSUPPORTED, "think: head_dim=%lld above 1024", (long long)d);
+        goto out;
+    }
+    if (kdim < d) {
+        qpart = uc_malloc((size_t)(hkv_l * d) * sizeof(double));
+        if (!qpart) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "think scores");
+            goto out;
+        }
+        UC_CHECK(think_query_parts(e, s, qpart), rc, out);
+    }
     const void *kbase = (char *)s->qkv + (size_t)(hl * d) * act_size(e);
     const void *vbase = (char *)s->qkv + (size_t)((hl + hkv_l) * d) * act_size(e);
     int64_t nks[1024], n_sc = 0;
@@ -525,6 +594,10 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
         int64_t nk = nks[j];
         const int32_t *keep = head_keep(e, s, j);
         struct uc_kv_head *h = uc_kv_seq_head(&s->kv, l, j);
+        if (qpart) {
+            UC_CHECK(think_head(e, s, j, nk, qpart, chan, kdim), rc, out);
+            UC_CHECK(uc_kv_head_set_packed(&e->kv, h, kdim, chan), rc, out);
+        }
         rc = uc_kv_head_reserve(&e->kv, h, nk);
         if (rc == UC_ERR_KV_FULL) {
             UC_FATAL("kv pool exhausted during prefill seq=%lld layer=%lld (admission must "
@@ -537,6 +610,13 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
             e->sc_row[n_sc + i] = keep[i];
             e->sc_head[n_sc + i] = (int32_t)j;
             e->sc_slot[n_sc + i] = uc_kv_head_slot(&e->kv, h, i);
+        }
+        if (qpart) {
+            UC_CHECK(e->be->ops->kv_scatter_packed(e->be, &e->kv.pool, kbase, vbase,
+                                                   e->sh->qkv_dim, e->sc_row + n_sc,
+                                                   e->sc_head + n_sc, e->sc_slot + n_sc, nk, kdim,
+                                                   h->chan),
+                     rc, out);
         }
         n_sc += nk;
         if (s->kept) {
@@ -555,9 +635,11 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
             UC_CHECK(ring_init(e, s, j, nk, budget), rc, out);
         }
     }
-    UC_CHECK(e->be->ops->kv_scatter(e->be, &e->kv.pool, kbase, vbase, e->sh->qkv_dim, e->sc_row,
-                                    e->sc_head, e->sc_slot, n_sc),
-             rc, out);
+    if (!qpart) {
+        UC_CHECK(e->be->ops->kv_scatter(e->be, &e->kv.pool, kbase, vbase, e->sh->qkv_dim,
+                                        e->sc_row, e->sc_head, e->sc_slot, n_sc),
+                 rc, out);
+    }
     for (int64_t j = 0; j < hkv_l; j++) {
         uc_kv_seq_head(&s->kv, l, j)->n_tokens = (int32_t)nks[j];
     }
@@ -585,6 +667,7 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
         s->stage = stage_c;
     }
 out:
+    uc_free(qpart);
     s->compress_ms += (uc_time_s() - t0) * 1e3;
     return rc;
 }

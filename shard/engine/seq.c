@@ -9,6 +9,7 @@
 #include "base/mem.h"
 #include "base/util.h"
 #include "internal.h"
+#include "compress/think.h"
 
 /* ---- sequences -------------------------------------------------------------------------- */
 
@@ -210,14 +211,24 @@ int64_t uc_engine_prefill_bytes(const struct uc_engine *e, int64_t n_prompt)
     return n_prompt * per_row * (int64_t)act_size(e);
 }
 
+/* Tokens per block of the heads of a sequence with these parameters (ThinK's packed heads
+ * hold more). */
+static int64_t seq_block_tokens(const struct uc_engine *e, const struct uc_compress_params *cp)
+{
+    int64_t d = e->cfg->head_dim;
+    float ratio = uc_policy_think_ratio(cp);
+    int64_t kdim = ratio > 0.0f ? uc_think_kdim(ratio, d) : d;
+    return uc_kv_packed_tokens(e->kv.block_tokens, d, kdim < d ? kdim : 0);
+}
+
 /* Blocks a fork of a head of at most n tokens holds beside the ones it shares (appending): its
  * copy of the partly filled last block plus gen decoded tokens, at the worst fill of that block
- * (n mod block_tokens is not known before the prefill). */
-static int64_t fork_private_blocks(const struct uc_engine *e, int64_t n, int64_t gen)
+ * (n mod tpb is not known before the prefill). */
+static int64_t fork_private_blocks(int64_t tpb, int64_t n, int64_t gen)
 {
-    int64_t r = e->kv.block_tokens - 1;
+    int64_t r = tpb - 1;
     r = n < r ? n : r;
-    return uc_kv_blocks_for(&e->kv, r + gen);
+    return (r + gen + tpb - 1) / tpb;
 }
 
 /* A KV head's budget under the plan: known from the profile for grouping=profile, the largest
@@ -261,6 +272,7 @@ static int64_t blocks_needed(const struct uc_engine *e, const struct uc_step_new
         eng_share_pairs_for(e, &n->cp, &pairs, &n_pairs);
     }
     uc_share_map(src_of, e->cfg->n_layers < 1024 ? e->cfg->n_layers : 1024, pairs, n_pairs);
+    int64_t tpb = seq_block_tokens(e, &n->cp);
     for (int64_t kv0 = 0; kv0 < hkv; kv0 += hkv_l) {
         int64_t total = 0;
         for (int64_t l = 0; l < e->cfg->n_layers; l++) {
@@ -276,8 +288,8 @@ static int64_t blocks_needed(const struct uc_engine *e, const struct uc_step_new
                                        : (b < np ? b : np) + gen;
                 /* a fork copies the whole head at worst with eviction (uc_kv_head_remove
                  * unshares what it rewrites); appending, it copies the last block only */
-                total += fork && !evict ? fork_private_blocks(e, tokens - gen, gen)
-                                        : uc_kv_blocks_for(&e->kv, tokens);
+                total += fork && !evict ? fork_private_blocks(tpb, tokens - gen, gen)
+                                        : (tokens + tpb - 1) / tpb;
             }
         }
         worst = total > worst ? total : worst;
@@ -296,9 +308,10 @@ int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_st
             if (eng_layer_shared(src, i / e->sh->n_heads_kv)) {
                 continue; /* a shared layer appends nothing */
             }
-            int64_t nt = src->kv.heads[i].n_tokens;
-            total += uc_kv_blocks_for(&e->kv, (evict ? nt : nt % e->kv.block_tokens) +
-                                                  n->max_new_tokens);
+            const struct uc_kv_head *h = &src->kv.heads[i];
+            int64_t nt = h->n_tokens, tpb = uc_kv_head_block_tokens(&e->kv, h);
+            total += uc_kv_head_blocks_for(&e->kv, h, (evict ? nt : nt % tpb) +
+                                                          n->max_new_tokens);
         }
         return total;
     }

@@ -25,11 +25,49 @@ cudaError_t uc_cuda_kv_copy_blocks(void *k, void *v, const int32_t *dst, const i
                                    int64_t n, int64_t block_elems, enum uc_cuda_dtype dt,
                                    cudaStream_t stream);
 /* bad (n) int32 on the device = 1 where the first n_valid[e] slots of pool block blocks[e] hold
- * a NaN or Inf in K or V, else 0 (blocks, n_valid: device arrays). */
+ * a NaN or Inf in K or V, else 0; with kdim non-NULL, kdim[e] > 0 marks a packed head's block
+ * (its first n_valid[e] packed rows are checked). blocks, n_valid, kdim: device arrays. */
 cudaError_t uc_cuda_kv_nonfinite(int32_t *bad, const void *k, const void *v,
-                                 const int32_t *blocks, const int32_t *n_valid, int64_t n,
-                                 int64_t block_tokens, int64_t head_dim, enum uc_cuda_dtype dt,
-                                 cudaStream_t stream);
+                                 const int32_t *blocks, const int32_t *n_valid,
+                                 const int32_t *kdim, int64_t n, int64_t block_tokens,
+                                 int64_t head_dim, enum uc_cuda_dtype dt, cudaStream_t stream);
+/* Packed heads (ThinK; layout in backend.h, kernels in kv_packed.cu). Scatter: packed slot
+ * slot[e] of a head keeping the kdim channels chan gets K row src_row[e] head src_head[e]'s kept
+ * channels and its V head. */
+cudaError_t uc_cuda_kv_scatter_packed(void *pool_k, void *pool_v, const void *k_src,
+                                      const void *v_src, int64_t ld, const int32_t *src_row,
+                                      const int32_t *src_head, const int32_t *slot, int64_t n,
+                                      int64_t kdim, const int32_t *chan, int64_t block_tokens,
+                                      int64_t head_dim, enum uc_cuda_dtype dt,
+                                      cudaStream_t stream);
+/* Decode append of the packed entries e (kdim[e] > 0) of the rotated qkv rows to packed slot
+ * -slot[e] - 1 (the batch view's arrays; recordable). */
+cudaError_t uc_cuda_kv_append_packed(void *pool_k, void *pool_v, const void *qkv, int64_t ld,
+                                     int64_t n_heads, int64_t n_heads_kv, const int32_t *slot,
+                                     const int32_t *kdim, const int32_t *coff,
+                                     const int32_t *chan, int64_t n_tok, int64_t block_tokens,
+                                     int64_t head_dim, enum uc_cuda_dtype dt, cudaStream_t stream);
+/* Evict move of one packed row. */
+cudaError_t uc_cuda_kv_move_packed(void *pool_k, void *pool_v, int64_t block_tokens,
+                                   int64_t head_dim, int64_t kdim, int32_t dst_slot,
+                                   int32_t src_slot, enum uc_cuda_dtype dt, cudaStream_t stream);
+/* out (width) doubles on the device = per-column sums of squares over rows rows[i] of x. */
+cudaError_t uc_cuda_chan_sumsq(double *out, const void *x, int64_t ld, const int32_t *rows,
+                               int64_t n_rows, int64_t width, enum uc_cuda_dtype dt,
+                               cudaStream_t stream);
+/* out (n) = n_tokens with the packed entries (kdim > 0) set to 0: the decode kernel's view. */
+cudaError_t uc_cuda_decode_mask_packed(int32_t *out, const int32_t *n_tokens,
+                                       const int32_t *kdim, int64_t n, cudaStream_t stream);
+/* Decode attention of the packed entries (kdim[e] > 0) only, written over out's rows of their
+ * query heads (and, with psum, their (B * Hkv, max_tokens) probability rows). D <= 256. */
+cudaError_t uc_cuda_attn_decode_packed(void *out, const void *q, int64_t ld_q, const void *pool_k,
+                                       const void *pool_v, int64_t block_tokens, int64_t head_dim,
+                                       const int32_t *n_tokens, const int32_t *offset,
+                                       const int32_t *blocks, const int32_t *kdim,
+                                       const int32_t *coff, const int32_t *chan, int64_t n_rows,
+                                       int64_t n_heads, int64_t n_heads_kv, float *psum,
+                                       int64_t max_tokens, enum uc_cuda_dtype dt,
+                                       cudaStream_t stream);
 /* Sums window probabilities (H, W, n) into col (Hkv, n) (over each KV head's query heads and
  * the W rows) and row (n) (over all heads, or their max with row_max; row may be NULL). */
 cudaError_t uc_cuda_window_reduce(float *col, float *row, const float *probs, int64_t n_win,

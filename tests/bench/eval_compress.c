@@ -8,12 +8,14 @@
  *   [--ppl-segments N] [--ppl-prefix N] [--ppl-tokens N] [--stage-starts 6,7] [--r-min X]
  *   [--row-score sum|max|accum|accum-max] [--grouping profile|prompt] [--seed S] [--csv FILE]
  *   [--backend cpu|cuda] [--fp32 0|1] [--check] [--calibrate TEXT_FILE]
- *   [--kvsharer-threshold T] [--kvsharer-layers RATIO]
+ *   [--kvsharer-threshold T] [--kvsharer-layers RATIO] [--think-ratio X]
  * Policies are specs: a token policy with stages ("snapkv+kvsharer", "kvsharer" = full +
- * sharing). --calibrate runs, before the evaluation, the entropy calibration when the model has
- * no profile and KVSharer's layer-pair search on TEXT_FILE, into a temporary copy of the
- * profile (the model's file is left alone). The table gives KV bytes per prompt token (whole
- * model, K and V) so policies compare at equal bytes.
+ * sharing, "snapkv+think": ThinK's key channel pruning at --think-ratio, default 0.4).
+ * --calibrate runs, before the evaluation, the entropy calibration when the model has no
+ * profile and KVSharer's layer-pair search on TEXT_FILE, into a temporary copy of the profile
+ * (the model's file is left alone). The table gives KV bytes per prompt token (whole model, K
+ * and V, as the cache holds them: fewer with ThinK's packed rows) so policies compare at equal
+ * bytes.
  * --check exits 1 unless uncomp at budget 128 is at least snapkv at 128 and within 5 points
  * of full (the gate of the UNComp issue); the test suite runs a small subset with it. */
 #include <math.h>
@@ -357,6 +359,12 @@ static void parse_args(struct opts *o, int argc, char **argv)
             }
         } else if (!strcmp(a, "--r-min")) {
             o->base.r_min = (float)atof(v);
+        } else if (!strcmp(a, "--think-ratio")) {
+            o->base.think_ratio = (float)atof(v);
+            if (!(o->base.think_ratio > 0.0f && o->base.think_ratio < 1.0f)) {
+                fprintf(stderr, "eval: --think-ratio %s must be in (0, 1)\n", v);
+                exit(2);
+            }
         } else if (!strcmp(a, "--row-score")) {
             enum uc_row_score rs;
             if (!uc_row_score_parse(v, &rs)) {

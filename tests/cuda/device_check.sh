@@ -9,6 +9,9 @@
 # copy-on-write forks on the device, tests/golden/test_kv_memory.c),
 # kvsharer, kvsharer-tp2 (KVSharer on the device in fp32 against the numpy reference: shared
 # layers' decode through rope_append's skipped slots; needs python3 with numpy, else exit 77),
+# think (ThinK's packed heads on the device: pool blocks, forks, eviction,
+# tests/golden/test_think.c), think-ref (its kept channels and logits in float32 against
+# tests/golden/think_reference.py; exit 77 without numpy),
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
 # prefbench (prefill attention, both D = 128 kernels, beside the GEMM ceiling),
 # gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c; TRACE_ARGS
@@ -138,6 +141,9 @@ for step in "$@"; do
     kvsharer) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 "$bd/tests/golden/golden_kvsharer" "$fx" ;;
     kvsharer-tp2) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND \
                     -x UC_TEST_FP32 "$bd/tests/golden/golden_kvsharer" "$fx" ;;
+    think) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_think" "$fx" ;;
+    think-ref) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 python3 \
+                 "$root/tests/golden/think_reference.py" "$bd/tests/golden/golden_think" "$fx" ;;
     tp2) UC_TEST_BACKEND=cuda timeout 200 $mpi -x UC_TEST_BACKEND "$bd/tests/golden/golden_model" "$fx" ;;
     tp2-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND -x UC_TEST_FP32 \
                 "$bd/tests/golden/golden_model" "$fx" ;;

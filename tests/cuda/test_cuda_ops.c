@@ -796,7 +796,7 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
     pools_make(&p, n_blocks, bt, d, seed + 1);
     struct qkv q;
     qkv_make(&q, n_rows, h, hkv, d, seed + 2);
-    struct uc_kv_batch_view view = {ntok, off, perm, total, maxn, false};
+    struct uc_kv_batch_view view = {ntok, off, perm, total, maxn, false, NULL, NULL, NULL};
     void *og = NULL, *oc = NULL;
     gpu->ops->alloc(gpu, &og, (size_t)(n_rows * h * d) * gpu->ops->act_size(gpu));
     cpu->ops->alloc(cpu, &oc, (size_t)(n_rows * h * d) * sizeof(float));
@@ -823,7 +823,8 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
         gpu->ops->upload(gpu, dev, ntok, (size_t)entries * sizeof(int32_t));
         gpu->ops->upload(gpu, dev + entries, off, (size_t)entries * sizeof(int32_t));
         gpu->ops->upload(gpu, dev + 2 * entries, perm, (size_t)total * sizeof(int32_t));
-        struct uc_kv_batch_view dv = {dev, dev + entries, dev + 2 * entries, total, 0, true};
+        struct uc_kv_batch_view dv = {dev,  dev + entries, dev + 2 * entries, total, 0,
+                                      true, NULL,          NULL,              NULL};
         r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &dv, n_rows, h, hkv, NULL);
         char w2[112];
         snprintf(w2, sizeof w2, "%s, device indices", what);
@@ -881,8 +882,8 @@ static void test_kv_copy_nonfinite(int64_t d)
     const int32_t valid[8] = {16, 16, 1, 15, 16, 3, 4, 5};
     const int32_t want[8] = {0, 1, 1, 0, 1, 0, 1, 0};
     int32_t a[8], b[8];
-    if (gpu->ops->kv_nonfinite(gpu, &p.g, blocks, valid, 8, a) != UC_OK ||
-        cpu->ops->kv_nonfinite(cpu, &p.c, blocks, valid, 8, b) != UC_OK) {
+    if (gpu->ops->kv_nonfinite(gpu, &p.g, blocks, valid, NULL, 8, a) != UC_OK ||
+        cpu->ops->kv_nonfinite(cpu, &p.c, blocks, valid, NULL, 8, b) != UC_OK) {
         die("kv_nonfinite");
     }
     int bad = 0;
@@ -934,6 +935,223 @@ static void test_rope_append(int64_t d, int64_t n_rows, int64_t h, int64_t hkv)
     uc_free(host);
     uc_free(inv);
     qkv_free(&b);
+    pools_free(&p);
+}
+
+/* ---- packed heads (ThinK) ------------------------------------------------------------------ */
+
+/* A random ascending list of kdim of d channels. */
+static void make_chan(int32_t *chan, int64_t kdim, int64_t d, struct uc_rng *r)
+{
+    int32_t *perm = uc_malloc((size_t)d * sizeof(int32_t));
+    shuffle_i32(perm, d, r);
+    int64_t n = 0;
+    for (int64_t c = 0; c < d; c++) { /* the channels among the first kdim of the permutation */
+        for (int64_t i = 0; i < kdim; i++) {
+            if (perm[i] == c) {
+                chan[n++] = (int32_t)c;
+                break;
+            }
+        }
+    }
+    uc_free(perm);
+}
+
+/* Packed heads against the CPU: the scatter at the end of prefill, the evict move, the decode
+ * append beside rope_append's (negative slots skipped), the channel energies, the diagnosis of
+ * packed blocks, and a decode batch mixing packed and unpacked entries (host and device indices,
+ * with the probabilities). */
+static void test_packed(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, int64_t kdim,
+                        int64_t max_len, uint64_t seed)
+{
+    const int64_t bt = 16, max_pos = 4096;
+    int64_t tpb = uc_kv_packed_tokens(bt, d, kdim), entries = n_rows * hkv;
+    struct uc_rng r;
+    uc_rng_seed(&r, seed);
+    char what[112];
+    /* entry e is packed when e is odd; its channels chan[e * d ...] */
+    int32_t *ntok = uc_malloc((size_t)entries * sizeof(int32_t));
+    int32_t *off = uc_malloc((size_t)entries * sizeof(int32_t));
+    int32_t *kd = uc_malloc((size_t)entries * sizeof(int32_t));
+    int32_t *coff = uc_malloc((size_t)entries * sizeof(int32_t));
+    int64_t total = 0, maxn = 0;
+    for (int64_t e = 0; e < entries; e++) {
+        ntok[e] = (int32_t)(e == 1 ? max_len : 1 + (int64_t)(uc_rng_next(&r) % (uint64_t)max_len));
+        kd[e] = e % 2 ? (int32_t)kdim : 0;
+        off[e] = (int32_t)total;
+        total += (ntok[e] + (kd[e] ? tpb : bt) - 1) / (kd[e] ? tpb : bt);
+        maxn = ntok[e] > maxn ? ntok[e] : maxn;
+    }
+    /* index arrays laid out as the engine does: blocks of each entry, then its channels */
+    int64_t n_idx = total + entries * kdim;
+    int32_t *idx = uc_malloc((size_t)n_idx * sizeof(int32_t));
+    int64_t n_blocks = total + 5;
+    int32_t *perm = uc_malloc((size_t)n_blocks * sizeof(int32_t));
+    shuffle_i32(perm, n_blocks, &r);
+    int64_t used = 0, pb = 0;
+    for (int64_t e = 0; e < entries; e++) {
+        int64_t nb = (ntok[e] + (kd[e] ? tpb : bt) - 1) / (kd[e] ? tpb : bt);
+        off[e] = (int32_t)used;
+        memcpy(idx + used, perm + pb, (size_t)nb * sizeof(int32_t));
+        used += nb;
+        pb += nb;
+        coff[e] = (int32_t)used;
+        if (kd[e]) {
+            make_chan(idx + used, kdim, d, &r);
+            used += kdim;
+        }
+    }
+    struct pools p;
+    pools_make(&p, n_blocks, bt, d, seed + 1);
+    /* scatter: entry 1's (a packed head) tokens from random rows of a QKV buffer */
+    struct qkv src;
+    qkv_make(&src, 64, h, hkv, d, seed + 2);
+    int64_t n1 = ntok[1];
+    int32_t *row = uc_malloc((size_t)n1 * sizeof(int32_t));
+    int32_t *head = uc_malloc((size_t)n1 * sizeof(int32_t));
+    int32_t *slot = uc_malloc((size_t)n1 * sizeof(int32_t));
+    for (int64_t t = 0; t < n1; t++) {
+        row[t] = (int32_t)(uc_rng_next(&r) % 64);
+        head[t] = (int32_t)(uc_rng_next(&r) % (uint64_t)hkv);
+        slot[t] = (int32_t)(idx[off[1] + t / tpb] * tpb + t % tpb);
+    }
+    const int32_t *ch1 = idx + coff[1];
+    uc_status r1 = gpu->ops->kv_scatter_packed(gpu, &p.g, at(gpu, src.g, h * d),
+                                               at(gpu, src.g, (h + hkv) * d), src.ld, row, head,
+                                               slot, n1, kdim, ch1);
+    uc_status r2 = cpu->ops->kv_scatter_packed(cpu, &p.c, at(cpu, src.c, h * d),
+                                               at(cpu, src.c, (h + hkv) * d), src.ld, row, head,
+                                               slot, n1, kdim, ch1);
+    snprintf(what, sizeof what, "%lld rows D=%lld kdim=%lld (exact)", (long long)n1,
+             (long long)d, (long long)kdim);
+    report("kv_scatter_pk", what, r1 == UC_OK && r2 == UC_OK ? pools_cmp(&p) : INFINITY, 0.0);
+    for (int64_t t = 3; t + 1 < n1 && t < 30; t++) { /* evict-style shift */
+        r1 = gpu->ops->kv_move_packed(gpu, &p.g, slot[t], slot[t + 1], kdim);
+        r2 = cpu->ops->kv_move_packed(cpu, &p.c, slot[t], slot[t + 1], kdim);
+    }
+    report("kv_move_pk", "a shift of up to 27 packed rows (exact)",
+           r1 == UC_OK && r2 == UC_OK ? pools_cmp(&p) : INFINITY, 0.0);
+    /* channel energies of 20 listed rows of the QKV buffer */
+    double *eg = uc_malloc((size_t)src.ld * sizeof(double));
+    double *ec = uc_malloc((size_t)src.ld * sizeof(double));
+    r1 = gpu->ops->chan_sumsq(gpu, eg, src.g, src.ld, row, n1 < 20 ? n1 : 20, src.ld);
+    r2 = cpu->ops->chan_sumsq(cpu, ec, src.c, src.ld, row, n1 < 20 ? n1 : 20, src.ld);
+    snprintf(what, sizeof what, "20 rows width=%lld", (long long)src.ld);
+    report("chan_sumsq", what, r1 == UC_OK && r2 == UC_OK ? nmse_d(eg, ec, src.ld) : INFINITY,
+           1e-12);
+    uc_free(eg);
+    uc_free(ec);
+    /* decode rows: RoPE with the unpacked entries appended by rope_append, the packed ones by
+     * kv_append_packed (each to its entry's last token, as the engine does) */
+    float *inv = uc_malloc((size_t)(d / 2) * sizeof(float));
+    for (int64_t i = 0; i < d / 2; i++) {
+        inv[i] = 1.0f / powf(10000.0f, (float)(2 * i) / (float)d);
+    }
+    if (gpu->ops->rope_init(gpu, inv, d / 2, max_pos) != UC_OK ||
+        cpu->ops->rope_init(cpu, inv, d / 2, max_pos) != UC_OK) {
+        die("rope_init");
+    }
+    uc_free(inv);
+    struct qkv q;
+    qkv_make(&q, n_rows, h, hkv, d, seed + 3);
+    int32_t *meta = uc_malloc((size_t)(n_rows + 5 * entries + n_idx) * sizeof(int32_t));
+    int32_t *m_pos = meta, *m_slot = meta + n_rows, *m_ntok = m_slot + entries;
+    int32_t *m_off = m_ntok + entries, *m_kd = m_off + entries, *m_coff = m_kd + entries;
+    int32_t *m_idx = m_coff + entries;
+    for (int64_t b = 0; b < n_rows; b++) {
+        m_pos[b] = (int32_t)(uc_rng_next(&r) % max_pos);
+    }
+    for (int64_t e = 0; e < entries; e++) {
+        int64_t t = ntok[e] - 1, per = kd[e] ? tpb : bt;
+        int32_t sl = (int32_t)(idx[off[e] + t / per] * per + t % per);
+        m_slot[e] = kd[e] ? -sl - 1 : sl;
+    }
+    memcpy(m_ntok, ntok, (size_t)entries * sizeof(int32_t));
+    memcpy(m_off, off, (size_t)entries * sizeof(int32_t));
+    memcpy(m_kd, kd, (size_t)entries * sizeof(int32_t));
+    memcpy(m_coff, coff, (size_t)entries * sizeof(int32_t));
+    memcpy(m_idx, idx, (size_t)n_idx * sizeof(int32_t));
+    int64_t n_meta = n_rows + 5 * entries + n_idx;
+    int32_t *dev = NULL;
+    gpu->ops->alloc(gpu, (void **)&dev, (size_t)n_meta * sizeof(int32_t));
+    gpu->ops->upload(gpu, dev, meta, (size_t)n_meta * sizeof(int32_t));
+    int32_t *d_slot = dev + n_rows, *d_ntok = d_slot + entries, *d_off = d_ntok + entries;
+    int32_t *d_kd = d_off + entries, *d_coff = d_kd + entries, *d_idx = d_coff + entries;
+    r1 = gpu->ops->rope_append(gpu, &p.g, q.g, q.ld, h, hkv, d, dev, d_slot, n_rows);
+    r2 = cpu->ops->rope_append(cpu, &p.c, q.c, q.ld, h, hkv, d, m_pos, m_slot, n_rows);
+    if (r1 == UC_OK && r2 == UC_OK) {
+        r1 = gpu->ops->kv_append_packed(gpu, &p.g, q.g, q.ld, h, hkv, d_slot, d_kd, d_coff, d_idx,
+                                        n_rows);
+        r2 = cpu->ops->kv_append_packed(cpu, &p.c, q.c, q.ld, h, hkv, m_slot, m_kd, m_coff, m_idx,
+                                        n_rows);
+    }
+    snprintf(what, sizeof what, "B=%lld H=%lld Hkv=%lld D=%lld kdim=%lld", (long long)n_rows,
+             (long long)h, (long long)hkv, (long long)d, (long long)kdim);
+    report("append_pk", what, r1 == UC_OK && r2 == UC_OK ? pools_cmp(&p) : INFINITY,
+           bound_act());
+    /* decode over the mixed batch: host indices with probabilities, then device indices */
+    void *og = NULL, *oc = NULL;
+    gpu->ops->alloc(gpu, &og, (size_t)(n_rows * h * d) * gpu->ops->act_size(gpu));
+    cpu->ops->alloc(cpu, &oc, (size_t)(n_rows * h * d) * sizeof(float));
+    float *pg = uc_malloc((size_t)(entries * maxn) * sizeof(float));
+    float *pc = uc_malloc((size_t)(entries * maxn) * sizeof(float));
+    for (int64_t i = 0; i < entries * maxn; i++) {
+        pg[i] = NAN; /* every element must be written */
+    }
+    struct uc_kv_batch_view hv = {.n_tokens = ntok, .offset = off, .blocks = idx,
+                                  .n_blocks_total = n_idx, .max_tokens = maxn,
+                                  .kdim = kd, .coff = coff, .chan = idx};
+    r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &hv, n_rows, h, hkv, pg);
+    r2 = cpu->ops->attn_decode(cpu, oc, q.c, q.ld, &p.c, &hv, n_rows, h, hkv, pc);
+    bool ok = r1 == UC_OK && r2 == UC_OK;
+    snprintf(what, sizeof what, "B=%lld H=%lld Hkv=%lld D=%lld kdim=%lld len=%lld",
+             (long long)n_rows, (long long)h, (long long)hkv, (long long)d, (long long)kdim,
+             (long long)max_len);
+    report("decode_pk", what, ok ? cmp_dev(og, oc, n_rows * h * d) : INFINITY, bound_act());
+    report("decode_pk_psum", what, ok ? nmse(pg, pc, entries * maxn) : INFINITY, 1e-8);
+    struct uc_kv_batch_view dv = {.n_tokens = d_ntok, .offset = d_off, .blocks = d_idx,
+                                  .n_blocks_total = n_idx, .on_device = true,
+                                  .kdim = d_kd, .coff = d_coff, .chan = d_idx};
+    r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &dv, n_rows, h, hkv, NULL);
+    report("decode_pk", "the same, device indices",
+           r1 == UC_OK && ok ? cmp_dev(og, oc, n_rows * h * d) : INFINITY, bound_act());
+    /* diagnosis: a NaN in the V part of entry 1's packed row 0 (in its block's K area) */
+    const float nan_f = NAN;
+    int64_t el = (int64_t)idx[off[1]] * bt * d + kdim + d / 2;
+    void *gk = (char *)p.g.k + (size_t)el * gpu->ops->act_size(gpu);
+    if (gpu->ops->upload_f32(gpu, gk, &nan_f, 1) != UC_OK ||
+        cpu->ops->upload_f32(cpu, (float *)p.c.k + el, &nan_f, 1) != UC_OK) {
+        die("upload_f32");
+    }
+    const int32_t nb_list[2] = {idx[off[1]], idx[off[1]]}, valid[2] = {1, 1};
+    const int32_t kd_list[2] = {(int32_t)kdim, 0}; /* packed: row 0 holds it; unpacked: not */
+    int32_t a[2], b2[2];
+    r1 = gpu->ops->kv_nonfinite(gpu, &p.g, nb_list, valid, kd_list, 2, a);
+    r2 = cpu->ops->kv_nonfinite(cpu, &p.c, nb_list, valid, kd_list, 2, b2);
+    bool want = kdim + d / 2 >= d; /* the unpacked view of slot 0 covers elements [0, D) */
+    report("nonfinite_pk", "a NaN in a packed row's V values",
+           r1 == UC_OK && r2 == UC_OK && a[0] == 1 && b2[0] == 1 && a[1] == !want &&
+                   b2[1] == !want
+               ? 0.0
+               : 1.0,
+           0.0);
+    drop(gpu, og);
+    drop(cpu, oc);
+    drop(gpu, dev);
+    uc_free(pg);
+    uc_free(pc);
+    uc_free(meta);
+    uc_free(row);
+    uc_free(head);
+    uc_free(slot);
+    uc_free(ntok);
+    uc_free(off);
+    uc_free(kd);
+    uc_free(coff);
+    uc_free(idx);
+    uc_free(perm);
+    qkv_free(&q);
+    qkv_free(&src);
     pools_free(&p);
 }
 
@@ -1025,6 +1243,10 @@ static void run_pass(void)
     if (!fp32) { /* D = 256 in float32 is past the decode kernel's rows (an error, as checked) */
         test_attn_decode(2, 4, 2, 256, 500, true, 670);
     }
+    /* packed heads (ThinK): uncomp-tiny's shape, an 8B layer's, a long context */
+    test_packed(3, 8, 4, 32, 20, 200, 680);
+    test_packed(4, 32, 8, 128, 77, 700, 690);
+    test_packed(2, 8, 2, 64, 39, 3000, 695);
 }
 
 /* ---- timing (--bench) ----------------------------------------------------------------------- */
@@ -1101,7 +1323,7 @@ static void bench_decode(int64_t rows, int64_t ctx)
     gpu->ops->kv_pool_create(gpu, &b.pool, nb, bt, d);
     gpu->ops->weight_random(gpu, &b.q, rows, b.ld, 5, 0.0f, 1.0f);
     gpu->ops->alloc(gpu, &b.out, (size_t)(rows * h * d) * gpu->ops->act_size(gpu));
-    b.view = (struct uc_kv_batch_view){ntok, off, blocks, nb, ctx, false};
+    b.view = (struct uc_kv_batch_view){ntok, off, blocks, nb, ctx, false, NULL, NULL, NULL};
     double t = time_op(run_dec, &b, 20);
     double bytes = 2.0 * (double)entries * (double)ctx * (double)d * 2.0;
     printf("bench attn_decode B=%lld ctx=%lld H=32 Hkv=8 D=128: %.1f us %.0f GB/s (K+V read)\n",

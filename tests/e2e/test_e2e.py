@@ -286,6 +286,14 @@ def t_generate_stream(d):
     check(c2.kv_tokens_kept < c2.kv_tokens_full, "snapkv kept %d of %d" %
           (c2.kv_tokens_kept, c2.kv_tokens_full))
     check(c2.kv_bytes_kept < c2.kv_bytes_full and 0 < c2.ratio < 1, "report %s" % c2)
+    # ThinK composed with it: the same tokens kept, their keys in 24 of the 32 channels
+    _, _, comp3, _ = cl.generate(text=LONG_PROMPT, max_tokens=8, temperature=0.0,
+                                 compression={"policy": "snapkv+think", "kv_budget": 24,
+                                              "think_ratio": 0.25})
+    c3 = comp3.compression
+    check(c3.policy == "snapkv+think" and c3.key_channels == 24, "report %s" % c3)
+    check(c3.kv_tokens_kept == c2.kv_tokens_kept and
+          c3.kv_bytes_kept * 64 == c2.kv_bytes_kept * (24 + 32), "think report %s" % c3)
 
 
 def gen_choices(cl, req):
@@ -756,6 +764,9 @@ def t_bad_inputs(d):
         (dict(text=""), "text"),
         (dict(), "input"),
         (dict(text="hi", compression={"policy": "zip"}), "compression.policy"),
+        (dict(text="hi", compression={"policy": "snapkv+h2o"}), "compression.policy"),
+        (dict(text="hi", compression={"policy": "snapkv", "think_ratio": 0.5}),
+         "compression.think_ratio"),
         (dict(text="hi", compression={"policy": "snapkv", "kv_budget": 2}),
          "compression.kv_budget"),
         (dict(text="hi", compression={"policy": "full", "decode_mode": "later"}),

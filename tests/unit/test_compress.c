@@ -23,6 +23,7 @@
 #include "compress/kvsharer.h"
 #include "compress/profile.h"
 #include "compress/select.h"
+#include "compress/think.h"
 #include "test_util.h"
 
 /* ---- log capture ------------------------------------------------------------------------- */
@@ -1017,7 +1018,9 @@ static void test_policy_spec(void **state)
         {"snapkv+", "empty"},
         {"+kvsharer", "empty"},
         {"", "not a policy"},
-        {"think", "unknown policy or stage 'think'"},
+        {"think+think", "names think twice"},
+        {"think+snapkv", "must come first"},
+        {"snapkv+thinkk", "unknown policy or stage 'thinkk'"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         p = uc_compress_default_params();
@@ -1332,6 +1335,68 @@ static void test_params(void **state)
     }
 }
 
+/* ThinK as a stage: specs with +think, its ratio (the paper's default unless set), names
+ * round-trip, the combination with kvsharer refused, and ThinK's channel count and selection. */
+static void test_policy_spec_think(void **state)
+{
+    (void)state;
+    struct uc_compress_params p = uc_compress_default_params();
+    char name[64], msg[256];
+    assert_int_equal(uc_policy_spec_parse("snapkv+think", &p, msg, sizeof msg), UC_OK);
+    assert_int_equal(p.policy, UC_POLICY_SNAPKV);
+    assert_true((p.stages & UC_STAGE_THINK) && !uc_policy_kvsharer(&p));
+    assert_near(uc_policy_think_ratio(&p), 0.4, 1e-7);
+    uc_policy_spec_name(&p, name, sizeof name);
+    assert_string_equal(name, "snapkv+think");
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_OK);
+    p.think_ratio = 0.25f; /* a ratio of its own */
+    assert_near(uc_policy_think_ratio(&p), 0.25, 1e-7);
+    assert_int_equal(uc_policy_spec_parse("uncomp", &p, msg, sizeof msg), UC_OK);
+    assert_true(uc_policy_think_ratio(&p) == 0.0f); /* the stage is off */
+    assert_int_equal(uc_policy_spec_parse("think", &p, msg, sizeof msg), UC_OK);
+    assert_int_equal(p.policy, UC_POLICY_FULL);
+    uc_policy_spec_name(&p, name, sizeof name);
+    assert_string_equal(name, "think");
+    assert_int_equal(uc_policy_spec_parse("uncomp+kvsharer+think", &p, msg, sizeof msg), UC_OK);
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_ERR_INVALID_ARG);
+    assert_non_null(strstr(msg, "think does not combine with kvsharer"));
+    p = uc_compress_default_params();
+    p.think_ratio = 1.0f;
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_ERR_INVALID_ARG);
+    assert_non_null(strstr(msg, "think_ratio"));
+    p.think_ratio = -0.1f;
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_ERR_INVALID_ARG);
+    /* kept channels: D - floor(ratio D), at least one */
+    assert_int_equal(uc_think_kdim(0.4f, 32), 20);
+    assert_int_equal(uc_think_kdim(0.4f, 128), 77);
+    assert_int_equal(uc_think_kdim(0.5f, 64), 32);
+    assert_int_equal(uc_think_kdim(0.0f, 64), 64);
+    assert_int_equal(uc_think_kdim(0.999f, 8), 1);
+    /* scores: sum over query heads of sqrt(q sumsq) times sqrt(k sumsq) */
+    double qsq[2 * 4] = {1, 4, 9, 0, /* head 0: norms 1 2 3 0 */
+                         1, 0, 0, 16}; /* head 1: norms 1 0 0 4 */
+    double qpart[4], ksq[4] = {4, 1, 1, 1}; /* key norms 2 1 1 1 */
+    uc_think_query_part(qpart, qsq, 2, 4);
+    assert_near(qpart[0], 2.0, 1e-12);
+    assert_near(qpart[3], 4.0, 1e-12);
+    int32_t chan[4];
+    uc_think_select(chan, qpart, ksq, 4, 2); /* scores 4 2 3 4: channels 0 and 3 */
+    assert_int_equal(chan[0], 0);
+    assert_int_equal(chan[1], 3);
+    uc_think_select(chan, qpart, ksq, 4, 3); /* then channel 2 (3 > 2) */
+    assert_int_equal(chan[0], 0);
+    assert_int_equal(chan[1], 2);
+    assert_int_equal(chan[2], 3);
+    double tie[4] = {1, 1, 1, 1}, one[4] = {1, 1, 1, 1};
+    uc_think_select(chan, tie, one, 4, 2); /* ties: lower channels */
+    assert_int_equal(chan[0], 0);
+    assert_int_equal(chan[1], 1);
+    double nan_q[4] = {NAN, 1, 2, 3};
+    uc_think_select(chan, nan_q, one, 4, 2); /* a NaN score ranks last */
+    assert_int_equal(chan[0], 2);
+    assert_int_equal(chan[1], 3);
+}
+
 int main(void)
 {
     tu_log_capture();
@@ -1359,6 +1424,7 @@ int main(void)
         cmocka_unit_test(test_plan_shared),
         cmocka_unit_test(test_kvsharer_search),
         cmocka_unit_test(test_profile_kvsharer),
+        cmocka_unit_test(test_policy_spec_think),
         cmocka_unit_test(test_regression_stage_rows_float_r_min),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -4,7 +4,7 @@
  * written with kv_scatter and read back from pool memory), blocks freed by one sequence reused
  * by another, allocation failures, and forks: full blocks shared by reference count, the partly
  * filled last block copied, shared blocks returned to the pool only by their last holder, and
- * copy-on-write when a holder rewrites a shared block (eviction). */
+ * copy-on-write when a holder rewrites a shared block (eviction); packed heads (ThinK). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -572,6 +572,126 @@ static void test_remove_unshares(void **state)
     assert_int_equal(uc_kv_shared_blocks(kv), 0);
 }
 
+/* Element i of packed row `slot` of a head keeping kdim key channels, read from the pool by
+ * the layout backend.h describes (a block's K area then its V area as one stream of rows of
+ * kdim + HD values). */
+static float packed_read(const struct uc_kv_cache *kv, int64_t kdim, int32_t slot, int64_t i)
+{
+    int64_t tpb = 2 * BT * HD / (kdim + HD), per = BT * HD;
+    int64_t b = slot / tpb, at = (slot % tpb) * (kdim + HD) + i;
+    return at < per ? ((const float *)kv->pool.k)[b * per + at]
+                    : ((const float *)kv->pool.v)[b * per + at - per];
+}
+
+/* Token `tag` as write_tokens makes it, into a packed head through kv_scatter_packed. */
+static void write_packed(struct uc_kv_cache *kv, struct uc_kv_head *h, const int32_t *tags,
+                         int32_t n)
+{
+    float k[64 * HD], v[64 * HD];
+    int32_t row[64], head[64], slot[64];
+    assert_true(n <= 64);
+    for (int32_t i = 0; i < n; i++) {
+        for (int d = 0; d < HD; d++) {
+            k[i * HD + d] = (float)tags[i] + 0.25f * (float)d;
+            v[i * HD + d] = -k[i * HD + d];
+        }
+        row[i] = i;
+        head[i] = 0;
+        slot[i] = uc_kv_head_slot(kv, h, h->n_tokens + i);
+    }
+    assert_int_equal(kv->be->ops->kv_scatter_packed(kv->be, &kv->pool, k, v, HD, row, head, slot,
+                                                    n, h->kdim, h->chan),
+                     UC_OK);
+    h->n_tokens += n;
+}
+
+/* Logical token i of packed head h holds tags[i]: its kept key channels, then its V row. */
+static void assert_packed(const struct uc_kv_cache *kv, const struct uc_kv_head *h,
+                          const int32_t *tags, int32_t n)
+{
+    assert_int_equal(h->n_tokens, n);
+    for (int32_t i = 0; i < n; i++) {
+        int32_t s = uc_kv_head_slot(kv, h, i);
+        for (int32_t c = 0; c < h->kdim; c++) {
+            float want = (float)tags[i] + 0.25f * (float)h->chan[c];
+            if (packed_read(kv, h->kdim, s, c) != want) {
+                fail_msg("token %d (slot %d) key channel %d: %g, want tag %d", i, s, h->chan[c],
+                         (double)packed_read(kv, h->kdim, s, c), tags[i]);
+            }
+        }
+        for (int d = 0; d < HD; d++) {
+            float want = -((float)tags[i] + 0.25f * (float)d);
+            if (packed_read(kv, h->kdim, s, h->kdim + d) != want) {
+                fail_msg("token %d (slot %d) value %d: %g, want tag %d", i, s, d,
+                         (double)packed_read(kv, h->kdim, s, h->kdim + d), tags[i]);
+            }
+        }
+    }
+}
+
+/* issue 15 (ThinK): a packed head keeps kdim of the D key channels in rows of kdim + D values,
+ * so its blocks hold more tokens (kdim 1 of 3: 6 per block instead of 4); its slots, reserve,
+ * trim, forks (the channel list copied, full blocks shared) and removal (copy-on-write, rows
+ * moved whole, also rows that run from a block's K area into its V area: kdim 2) work as for
+ * unpacked heads, and the bytes of its rows are counted at kdim + D. */
+static void test_packed_heads(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache *kv = &f->kv;
+    struct uc_kv_seq a, b;
+    assert_int_equal(uc_kv_seq_init(&a, 1, 2), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&b, 1, 2), UC_OK);
+    struct uc_kv_head *ha = uc_kv_seq_head(&a, 0, 0), *hb = uc_kv_seq_head(&b, 0, 0);
+    const int32_t two[2] = {1, 0}, same[2] = {1, 1}, out_of[1] = {3}, ch1[1] = {2};
+    assert_int_equal(uc_kv_head_set_packed(kv, ha, 0, ch1), UC_ERR_INVALID_ARG);
+    assert_int_equal(uc_kv_head_set_packed(kv, ha, HD, ch1), UC_ERR_INVALID_ARG);
+    assert_int_equal(uc_kv_head_set_packed(kv, ha, 2, two), UC_ERR_INVALID_ARG);
+    assert_int_equal(uc_kv_head_set_packed(kv, ha, 2, same), UC_ERR_INVALID_ARG);
+    assert_int_equal(uc_kv_head_set_packed(kv, ha, 1, out_of), UC_ERR_INVALID_ARG);
+    assert_int_equal(ha->kdim, 0);
+    assert_int_equal(uc_kv_head_set_packed(kv, ha, 1, ch1), UC_OK);
+    assert_int_equal(uc_kv_head_set_packed(kv, ha, 1, ch1), UC_ERR_INVALID_ARG); /* once */
+    assert_int_equal(uc_kv_head_block_tokens(kv, ha), 6);
+    int32_t tags[16] = {10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25};
+    assert_int_equal(uc_kv_head_reserve(kv, ha, 13), UC_OK);
+    assert_int_equal(ha->n_blocks, 3); /* 13 tokens: 3 blocks, where an unpacked head needs 4 */
+    write_packed(kv, ha, tags, 13);
+    assert_packed(kv, ha, tags, 13);
+    assert_int_equal(uc_kv_seq_row_bytes(kv, &a), 13 * (1 + HD) * (int64_t)sizeof(float));
+    /* a fork shares the two full blocks, copies the third, and keeps the channels */
+    fork_head(kv, hb, ha);
+    assert_int_equal(hb->kdim, 1);
+    assert_true(hb->chan != ha->chan && hb->chan[0] == 2);
+    assert_int_equal(uc_kv_used_blocks(kv), 4);
+    assert_int_equal(uc_kv_shared_blocks(kv), 2);
+    assert_packed(kv, hb, tags, 13);
+    /* b drops token 2: its first two blocks become its own, a keeps its tokens */
+    assert_int_equal(uc_kv_head_remove(kv, hb, 2), UC_OK);
+    const int32_t wb[12] = {10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22};
+    assert_packed(kv, hb, wb, 12);
+    assert_packed(kv, ha, tags, 13);
+    /* its two shared blocks copied, and its third released: 12 tokens fill 2 packed blocks */
+    assert_int_equal(uc_kv_shared_blocks(kv), 0);
+    assert_int_equal(hb->n_blocks, 2);
+    assert_int_equal(uc_kv_used_blocks(kv), 5);
+    /* a head holding blocks is no fork target */
+    assert_int_equal(uc_kv_head_fork(kv, hb, ha, NULL, NULL, NULL), UC_ERR_INVALID_ARG);
+    /* kdim 2 of 3: rows of 5 values, 4 per block (12 + 12 values: row 2 straddles the areas) */
+    struct uc_kv_head *h2 = uc_kv_seq_head(&a, 0, 1);
+    const int32_t ch2[2] = {0, 2};
+    assert_int_equal(uc_kv_head_set_packed(kv, h2, 2, ch2), UC_OK);
+    assert_int_equal(uc_kv_head_block_tokens(kv, h2), 4);
+    assert_int_equal(uc_kv_head_reserve(kv, h2, 6), UC_OK);
+    write_packed(kv, h2, tags, 6);
+    assert_packed(kv, h2, tags, 6);
+    assert_int_equal(uc_kv_head_remove(kv, h2, 1), UC_OK);
+    const int32_t w2[5] = {10, 12, 13, 14, 15};
+    assert_packed(kv, h2, w2, 5);
+    uc_kv_seq_fini(kv, &a);
+    uc_kv_seq_fini(kv, &b);
+    assert_int_equal(uc_kv_used_blocks(kv), 0);
+}
+
 int main(void)
 {
     tu_log_capture();
@@ -586,6 +706,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_fork_shares_full_blocks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fork_full_head_and_kv_full, setup, teardown),
         cmocka_unit_test_setup_teardown(test_remove_unshares, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_packed_heads, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -138,6 +138,8 @@ static void assert_decoded_equal(const struct uc_req *a, const struct uc_req *b)
     }
     assert_int_equal(x->has_r_min, y->has_r_min);
     assert_true(x->r_min == y->r_min);
+    assert_int_equal(x->has_think_ratio, y->has_think_ratio);
+    assert_true(x->think_ratio == y->think_ratio);
 }
 
 static void assert_compress_equal(const struct uc_compress_params *a,
@@ -150,6 +152,7 @@ static void assert_compress_equal(const struct uc_compress_params *a,
     assert_int_equal(a->sink_tokens, b->sink_tokens);
     assert_int_equal(a->head_groups, b->head_groups);
     assert_true(a->r_min == b->r_min && a->spread == b->spread);
+    assert_true(a->think_ratio == b->think_ratio);
     assert_int_equal(a->decode_mode, b->decode_mode);
     assert_int_equal(a->grouping, b->grouping);
     assert_int_equal(a->n_stage_starts, b->n_stage_starts);
@@ -232,7 +235,7 @@ static void full_sampling(Uncomp__V1__SamplingParams *s, Uncomp__V1__Compression
     s->ignore_eos = true;
     s->logprobs = 2;
     uncomp__v1__compression_params__init(c);
-    c->policy = (char *)(uintptr_t)"uncomp-stage";
+    c->policy = (char *)(uintptr_t)"uncomp-stage+think";
     c->kv_budget = 64;
     c->window = 4;
     c->pool_kernel = 5;
@@ -245,15 +248,17 @@ static void full_sampling(Uncomp__V1__SamplingParams *s, Uncomp__V1__Compression
     c->stage_starts = stage_starts;
     c->n_stage_starts = 2;
     c->r_min = 0.5f;
+    c->think_ratio = 0.25f;
 }
 
 #define FULL_JSON                                                                                  \
     "\"max_tokens\":7,\"min_tokens\":2,\"temperature\":0.5,\"top_p\":0.75,\"top_k\":40,"         \
     "\"min_p\":0.125,\"repetition_penalty\":1.25,\"frequency_penalty\":-0.5,"                     \
     "\"presence_penalty\":0.25,\"stop\":[\"a\",\"bc\"],\"stop_token_ids\":[5,9],\"seed\":11,"     \
-    "\"ignore_eos\":true,\"n\":3,\"uncomp\":{\"policy\":\"uncomp-stage\",\"kv_budget\":64,"      \
-    "\"window\":4,\"pool_kernel\":5,\"sink_tokens\":2,\"head_groups\":3,\"decode_mode\":"         \
-    "\"evict\",\"grouping\":\"prompt\",\"stage_starts\":[2,5],\"r_min\":0.5}"
+    "\"ignore_eos\":true,\"n\":3,\"uncomp\":{\"policy\":\"uncomp-stage+think\","                \
+    "\"kv_budget\":64,\"window\":4,\"pool_kernel\":5,\"sink_tokens\":2,\"head_groups\":3,"        \
+    "\"decode_mode\":\"evict\",\"grouping\":\"prompt\",\"stage_starts\":[2,5],\"r_min\":0.5,"      \
+    "\"think_ratio\":0.25}"
 
 /* ---- the same request through both fronts --------------------------------------------------- */
 
@@ -423,6 +428,8 @@ SETTER(set_stage, (big_ids[0] = 3, big_ids[1] = 9, c->stage_starts = big_ids,
 SETTER(set_stage_order, (big_ids[0] = 5, big_ids[1] = 3, c->policy = (char *)(uintptr_t)
                          "uncomp-stage", c->stage_starts = big_ids, c->n_stage_starts = 2))
 SETTER(set_r_min, c->r_min = 2.0f)
+SETTER(set_think_alone, c->think_ratio = 0.5f)
+SETTER(set_think_range, (c->policy = (char *)(uintptr_t)"snapkv+think", c->think_ratio = 1.5f))
 SETTER(set_none, (void)0)
 SETTER(set_empty_text, (g->input_case = UNCOMP__V1__GENERATE_REQUEST__INPUT_TEXT,
                         g->text = (char *)(uintptr_t)""))
@@ -483,6 +490,11 @@ static void test_req_same_errors_both_fronts(void **state)
          UC_REQ_F_COMPRESSION, "compression.stage_starts", "uncomp"},
         {"\"uncomp\":{\"r_min\":2}", set_r_min, UC_REQ_F_R_MIN, "compression.r_min=2",
          "uncomp.r_min"},
+        {"\"uncomp\":{\"think_ratio\":0.5}", set_think_alone, UC_REQ_F_THINK_RATIO,
+         "compression.think_ratio needs a policy with +think", "uncomp.think_ratio"},
+        {"\"uncomp\":{\"policy\":\"snapkv+think\",\"think_ratio\":1.5}", set_think_range,
+         UC_REQ_F_THINK_RATIO, "compression.think_ratio=1.5 must be in (0, 1)",
+         "uncomp.think_ratio"},
     };
     struct uc_req_ctx c = ctx();
     char body[4096];
@@ -994,7 +1006,9 @@ static void test_grpc_encode_responses(void **state)
 
     /* the Complete: finish, usage, matched stop with a NUL byte, the report */
     struct uc_compress_report rep = {.policy = UC_POLICY_SNAPKV, .kv_budget = 32,
-                                     .kv_tokens_full = 100, .kv_tokens_kept = 40};
+                                     .kv_tokens_full = 100, .kv_tokens_kept = 40,
+                                     .stages = UC_STAGE_THINK, .think_ratio = 0.4f,
+                                     .key_channels = 20};
     struct uc_gen_event done = {.kind = UC_EVENT_DONE, .index = 0, .finish = UC_FINISH_STOP,
                                 .matched_stop = "x\0y", .matched_stop_len = 3,
                                 .prompt_tokens = 9, .completion_tokens = 4, .report = &rep,
@@ -1007,7 +1021,8 @@ static void test_grpc_encode_responses(void **state)
     assert_int_equal(resp->kind_case, UNCOMP__V1__GENERATE_RESPONSE__KIND_COMPLETE);
     assert_int_equal(resp->complete->finish_reason, UNCOMP__V1__FINISH_REASON__STOP);
     assert_int_equal(resp->complete->usage->prompt_tokens, 9);
-    assert_string_equal(resp->complete->compression->policy, "snapkv");
+    assert_string_equal(resp->complete->compression->policy, "snapkv+think");
+    assert_int_equal(resp->complete->compression->key_channels, 20);
     assert_int_equal(resp->complete->compression->kv_tokens_kept, 40);
     const uint32_t stop_path[] = {3, 2};
     assert_true(uc_pb_find_bytes(m.data, m.len, stop_path, 2, SIZE_MAX, &d, &dn));
