@@ -336,6 +336,7 @@ uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_
         }
     } else if (p->n_share != 0) {
         BAD("compression: %d kvsharer layer pairs given without the kvsharer stage", p->n_share);
+    }
     if (!(p->think_ratio >= 0.0f && p->think_ratio < 1.0f)) {
         BAD("compression.think_ratio=%g must be in [0, 1)", (double)p->think_ratio);
     }

@@ -141,11 +141,15 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
             for (int64_t j = 0; j < hkv && src != l; j++) {
                 /* KVSharer: no append (slot -1); attend over the source layer's head, whose
                  * new token was appended at that earlier layer of this step */
-                const int32_t *sslot = m + nb + 3 * src * ent;
+                const int32_t *sslot = m + nb + per * src * ent;
                 int64_t x = b * hkv + j;
                 slot[x] = -1;
                 ntok[x] = sslot[ent + x];
                 off[x] = sslot[2 * ent + x];
+                if (packed) { /* the source's layout (think and kvsharer do not combine: 0) */
+                    kdim[x] = sslot[3 * ent + x];
+                    coff[x] = sslot[4 * ent + x];
+                }
                 maxn = ntok[x] > maxn ? ntok[x] : maxn;
             }
             for (int64_t j = 0; j < hkv && src == l; j++) {

@@ -199,6 +199,46 @@ static void check_fork_evict(struct uc_engine *e, const int32_t *ids)
     }
 }
 
+/* A decode batch mixing a pruned sequence with a KVSharer one (whose shared layers take their
+ * source layer's entries of the step's index arrays, laid out for packed heads then) decodes
+ * each as it decodes alone. */
+static void check_mixed_batch(struct uc_engine *e, const int32_t *ids)
+{
+    int64_t v = cfg->vocab, rows;
+    struct uc_compress_params a = spec("snapkv+think", 64), b = spec("snapkv+kvsharer", 64);
+    b.n_share = 1;
+    b.share[0] = (struct uc_share_pair){.src = 2, .dst = 5};
+    TU_CHECK(tu_prefill(e, 11, ids, PROMPT, 0, &a, 8) == UC_OK &&
+                 tu_prefill(e, 12, ids, PROMPT, 0, &b, 8) == UC_OK &&
+                 tu_prefill(e, 13, ids, PROMPT, 0, &a, 8) == UC_OK &&
+                 tu_prefill(e, 14, ids, PROMPT, 0, &b, 8) == UC_OK,
+             "mixed: prefill");
+    double worst = 0.0;
+    for (int k = 0; k < 4; k++) {
+        int32_t tok = ids[60 + k];
+        struct uc_step_decode both[2] = {{11, tok, 0}, {12, tok, 0}};
+        struct uc_step s2 = {.op = UC_STEP_RUN, .n_decode = 2, .decodes = both};
+        TU_CHECK(uc_engine_step(e, &s2) == UC_OK && tu_decode(e, 13, tok) == UC_OK &&
+                     tu_decode(e, 14, tok) == UC_OK,
+                 "mixed: decode");
+        for (int i = 0; i < 2; i++) {
+            const float *x = uc_engine_seq_logits(e, 11 + i, &rows);
+            const float *y = uc_engine_seq_logits(e, 13 + i, &rows);
+            double mag = 1.0, diff = 0.0;
+            for (int64_t j = 0; x && y && j < v; j++) {
+                mag = fabs(y[j]) > mag ? fabs(y[j]) : mag;
+                diff = fabs(x[j] - y[j]) > diff ? fabs(x[j] - y[j]) : diff;
+            }
+            worst = diff / mag > worst ? diff / mag : worst;
+        }
+    }
+    printf("mixed batch (think beside kvsharer): max relative difference to alone %.2e\n", worst);
+    TU_CHECK(worst <= 1e-5, "mixed: logits differ from each decoded alone by %.2e", worst);
+    for (int64_t id = 11; id <= 14; id++) {
+        tu_free(e, id);
+    }
+}
+
 /* Decode logits of STEPS teacher-forced tokens after a prompt; with `ref`, the dump for the
  * numpy reference (prompt, kept channels, logits). */
 static void decode_logits(struct uc_engine *e, const int32_t *ids, const char *policy,
@@ -307,6 +347,7 @@ int main(int argc, char **argv)
         check_memory(e, ids, "snapkv", 128);
         check_memory(e, ids, "uncomp", 128);
         check_fork_evict(e, ids);
+        check_mixed_batch(e, ids);
     }
     float *lg = uc_malloc((size_t)(STEPS * cfg->vocab) * sizeof(float));
     float *full = uc_malloc((size_t)(STEPS * cfg->vocab) * sizeof(float));
