@@ -168,8 +168,10 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                 if (packed) {
                     kdim[x] = h->kdim;
                     coff[x] = (int32_t)used;
-                    memcpy(blk + used, h->chan, (size_t)h->kdim * sizeof(int32_t));
-                    used += h->kdim;
+                    if (h->kdim > 0) {
+                        memcpy(blk + used, h->chan, (size_t)h->kdim * sizeof(int32_t));
+                        used += h->kdim;
+                    }
                 }
                 maxn = h->n_tokens > maxn ? h->n_tokens : maxn;
             }
