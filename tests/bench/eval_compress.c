@@ -481,7 +481,7 @@ int main(int argc, char **argv)
         size_t len = 0;
         snprintf(src, sizeof src, "%s/uncomp_profile.json", model);
         unlink(prof_tmp);
-        if (uc_file_read_all(&text, &len, src) == UC_OK) {
+        if (uc_file_exists(src) && uc_file_read_all(&text, &len, src) == UC_OK) {
             uc_file_write_all(prof_tmp, text, len);
             uc_free(text);
         }
