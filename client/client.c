@@ -844,6 +844,7 @@ static void copy_report(struct uc_compression_report *r, const Uncomp__V1__Compr
     r->grouping = sdup(m->grouping, oom);
     r->plan_checksum = m->plan_checksum;
     r->shared_layers = m->shared_layers;
+    r->key_channels = m->key_channels;
 }
 
 /* Copies the Complete message of a GenerateResponse (raw: its wire bytes). */
@@ -1002,6 +1003,7 @@ static uc_status build_options(struct gen_req *g, const struct uc_sampling *s,
     g->compression.n_stage_starts = cp->n_stage_starts;
     g->compression.stage_starts = (uint32_t *)(uintptr_t)cp->stage_starts;
     g->compression.r_min = cp->r_min;
+    g->compression.think_ratio = cp->think_ratio;
     return UC_OK;
 }
 

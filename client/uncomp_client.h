@@ -168,6 +168,7 @@ struct uc_compression {
     const uint32_t *stage_starts; /* explicit uncomp-stage boundaries (layers) */
     size_t n_stage_starts;
     float r_min;
+    float think_ratio;          /* with a +think policy: share of key channels pruned; 0 = 0.4 */
 };
 
 /* One Generate request: exactly one of `text` or `token_ids` (n_token_ids > 0). */
@@ -258,6 +259,7 @@ struct uc_compression_report {
     char *grouping;
     uint64_t plan_checksum;
     uint32_t shared_layers; /* KVSharer: layers reading another layer's cache (no KV held) */
+    uint32_t key_channels;  /* ThinK: key channels each KV head keeps (head_dim without) */
 };
 
 struct uc_client_timing {

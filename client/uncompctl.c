@@ -97,9 +97,11 @@ static const char usage_generate[] =
     "      --logprobs N            return top-N log-probabilities per token\n"
     "Compression (unset = the server's default policy):\n"
     "      --policy NAME           full, uncomp, uncomp-stage, snapkv, pyramidkv,\n"
-    "                              streamingllm, h2o; +kvsharer composes (snapkv+kvsharer)\n"
+    "                              streamingllm, h2o; +kvsharer and +think compose\n"
+    "                              (snapkv+kvsharer, snapkv+think)\n"
     "      --kv-budget N           mean KV tokens kept per head and layer\n"
     "      --window N  --pool-kernel N  --sink-tokens N  --head-groups N  --r-min X\n"
+    "      --think-ratio X         with +think: share of key channels pruned (default 0.4)\n"
     "      --decode-mode MODE      append or evict\n"
     "      --grouping G            profile or prompt\n"
     "      --stage-starts L1,L2    explicit uncomp-stage boundaries (layers)\n"
@@ -126,7 +128,7 @@ static const char usage_chat[] =
     "Sampling and compression: as 'uncompctl generate' (-n/--max-tokens, --temperature, --top-p,\n"
     "--top-k, --min-p, --seed, --stop, --stop-token-id, --min-tokens, the penalties,\n"
     "--ignore-eos, --logprobs, --policy, --kv-budget, --window, --pool-kernel, --sink-tokens,\n"
-    "--head-groups, --r-min, --decode-mode, --grouping, --stage-starts).\n"
+    "--head-groups, --r-min, --think-ratio, --decode-mode, --grouping, --stage-starts).\n"
     "Output:\n"
     "  -v, --verbose               usage, timing and the compression report of each turn on\n"
     "                              stderr\n"
@@ -413,6 +415,7 @@ enum {
     OPT_SINK_TOKENS,
     OPT_HEAD_GROUPS,
     OPT_R_MIN,
+    OPT_THINK_RATIO,
     OPT_DECODE_MODE,
     OPT_GROUPING,
     OPT_STAGE_STARTS,
@@ -505,6 +508,7 @@ static void json_report(FILE *f, const struct uc_compression_report *r)
     uc_ctl_json_field_str(f, "grouping", r->grouping);
     fprintf(f, ",\"plan_checksum\":\"%016" PRIx64 "\"", r->plan_checksum);
     uc_ctl_json_field_num(f, "shared_layers", r->shared_layers);
+    uc_ctl_json_field_num(f, "key_channels", r->key_channels);
     fputc('}', f);
 }
 
@@ -560,10 +564,11 @@ static void verbose_completion(FILE *f, const struct uc_completion *c)
     fprintf(f,
             "compression: policy %s, kv_budget %" PRIu32 ", decode_mode %s, grouping %s\n"
             "  kv tokens %" PRIu64 " -> %" PRIu64 ", bytes %" PRIu64 " -> %" PRIu64
-            " (ratio %.4f), compress %.2f ms, plan %016" PRIx64 ", shared layers %" PRIu32 "\n",
+            " (ratio %.4f), compress %.2f ms, plan %016" PRIx64 ", shared layers %" PRIu32
+            ", key channels %" PRIu32 "\n",
             r->policy, r->kv_budget, r->decode_mode, r->grouping, r->kv_tokens_full,
             r->kv_tokens_kept, r->kv_bytes_full, r->kv_bytes_kept, r->ratio, r->compress_ms,
-            r->plan_checksum, r->shared_layers);
+            r->plan_checksum, r->shared_layers, r->key_channels);
     if (r->n_stage_rows || r->n_stage_starts) {
         fprintf(f, "  stages: starts");
         for (size_t i = 0; i < r->n_stage_starts; i++) {
@@ -857,6 +862,9 @@ static void gen_opt(int opt, const char *arg, void *user)
     case OPT_R_MIN:
         c->r_min = num_float(cmd, "--r-min", arg, 0, 1);
         break;
+    case OPT_THINK_RATIO:
+        c->think_ratio = num_float(cmd, "--think-ratio", arg, 0, 1);
+        break;
     case OPT_DECODE_MODE:
         c->decode_mode = arg;
         break;
@@ -897,6 +905,7 @@ static void gen_opt(int opt, const char *arg, void *user)
     {"sink-tokens", required_argument, NULL, OPT_SINK_TOKENS}, \
     {"head-groups", required_argument, NULL, OPT_HEAD_GROUPS}, \
     {"r-min", required_argument, NULL, OPT_R_MIN}, \
+    {"think-ratio", required_argument, NULL, OPT_THINK_RATIO}, \
     {"decode-mode", required_argument, NULL, OPT_DECODE_MODE}, \
     {"grouping", required_argument, NULL, OPT_GROUPING}, \
     {"stage-starts", required_argument, NULL, OPT_STAGE_STARTS},

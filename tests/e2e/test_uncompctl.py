@@ -294,6 +294,11 @@ def t_generate_compression(ctl):
         check(rep["kv_tokens_full"] == full["compression"]["kv_tokens_full"], str(rep))
         check(0 < rep["kv_tokens_kept"] < rep["kv_tokens_full"], str(rep))
         check(c["usage"]["completion_tokens"] == 4, str(c))
+    # ThinK beside snapkv: the same tokens, their keys in 24 of the 32 channels
+    c = gen_json(ctl, "-n", "4", "--temperature", "0", "--policy", "snapkv+think",
+                 "--think-ratio", "0.25", "--kv-budget", "16", LONG_PROMPT)
+    rep = c["compression"]
+    check(rep["policy"] == "snapkv+think" and rep["key_channels"] == 24, str(rep))
     r = ctl.run("generate", "-v", "-n", "2", "--policy", "snapkv", "--kv-budget", "16",
                 "--window", "4", "--decode-mode", "evict", LONG_PROMPT)
     check("policy snapkv" in r.err and "decode_mode evict" in r.err, r.describe())
