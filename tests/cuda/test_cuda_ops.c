@@ -1108,7 +1108,10 @@ static void test_packed(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, int64
              (long long)n_rows, (long long)h, (long long)hkv, (long long)d, (long long)kdim,
              (long long)max_len);
     report("decode_pk", what, ok ? cmp_dev(og, oc, n_rows * h * d) : INFINITY, bound_act());
-    report("decode_pk_psum", what, ok ? nmse(pg, pc, entries * maxn) : INFINITY, 1e-8);
+    /* in bf16 the appended token's key was rotated and rounded on the device (the CPU pool keeps
+     * it in float), so its probability differs at bf16 level; float32 pools agree to 1e-8 */
+    report("decode_pk_psum", what, ok ? nmse(pg, pc, entries * maxn) : INFINITY,
+           fp32 ? 1e-8 : bound_act());
     struct uc_kv_batch_view dv = {.n_tokens = d_ntok, .offset = d_off, .blocks = d_idx,
                                   .n_blocks_total = n_idx, .on_device = true,
                                   .kdim = d_kd, .coff = d_coff, .chan = d_idx};
