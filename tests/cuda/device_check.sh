@@ -138,9 +138,12 @@ for step in "$@"; do
     golden) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
     golden-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
     kvmem) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_kv_memory" "$fx" ;;
-    kvsharer) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 "$bd/tests/golden/golden_kvsharer" "$fx" ;;
-    kvsharer-tp2) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND \
-                    -x UC_TEST_FP32 "$bd/tests/golden/golden_kvsharer" "$fx" ;;
+    # the device's /usr/bin/python3 has no numpy; the python3 on its PATH has
+    kvsharer) UC_PYTHON=$(command -v python3) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 \
+                "$bd/tests/golden/golden_kvsharer" "$fx" ;;
+    kvsharer-tp2) UC_PYTHON=$(command -v python3) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 \
+                    $mpi -x UC_PYTHON -x UC_TEST_BACKEND -x UC_TEST_FP32 \
+                    "$bd/tests/golden/golden_kvsharer" "$fx" ;;
     think) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_think" "$fx" ;;
     think-ref) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 python3 \
                  "$root/tests/golden/think_reference.py" "$bd/tests/golden/golden_think" "$fx" ;;
