@@ -260,6 +260,16 @@ static __device__ float block_reduce(float v, float *red, bool is_max)
     return r;
 }
 
+/* q . k over the kept channels (qk: the query's kept channels) of a packed row, in channel
+ * order. */
+template <typename T>
+static __device__ __forceinline__ float packed_score(const float *qk, const packed_row<T> &row,
+                                                     int64_t kd)
+{
+    float s = packed_score(qk, row, kd);
+    return s;
+}
+
 /* One CUDA block per entry e (row b, KV head j); nothing for unpacked entries. For each query
  * head of the group in turn: its kept channels into shared memory, the max score, then the
  * probabilities of PK_THREADS tokens at a time into shared memory and the V rows weighted by
@@ -297,10 +307,7 @@ static __global__ void __launch_bounds__(PK_THREADS)
         for (int64_t t = tid; t < nt; t += PK_THREADS) {
             packed_row<T> row = packed_locate(pk, pv, bt, d, kd, tpb,
                                               (int64_t)blk[t / tpb] * tpb + t % tpb);
-            float s = 0.0f;
-            for (int64_t c = 0; c < kd; c++) {
-                s += qk[c] * packed_get(row, c);
-            }
+            float s = packed_score(qk, row, kd);
             mx = fmaxf(mx, s * scale);
         }
         mx = block_reduce(mx, red, true);
@@ -311,10 +318,7 @@ static __global__ void __launch_bounds__(PK_THREADS)
             if (t < nt) {
                 packed_row<T> row = packed_locate(pk, pv, bt, d, kd, tpb,
                                                   (int64_t)blk[t / tpb] * tpb + t % tpb);
-                float s = 0.0f;
-                for (int64_t c = 0; c < kd; c++) {
-                    s += qk[c] * packed_get(row, c);
-                }
+                float s = packed_score(qk, row, kd);
                 p = expf(s * scale - mx);
             }
             sum += p;
@@ -350,10 +354,7 @@ static __global__ void __launch_bounds__(PK_THREADS)
                 if (t < nt) {
                     packed_row<T> row = packed_locate(pk, pv, bt, d, kd, tpb,
                                                       (int64_t)blk[t / tpb] * tpb + t % tpb);
-                    float s = 0.0f;
-                    for (int64_t c = 0; c < kd; c++) {
-                        s += qk[c] * packed_get(row, c);
-                    }
+                    float s = packed_score(qk, row, kd);
                     p = expf(s * scale - mx) * inv;
                 }
                 ps[t] = gh == 0 ? p : ps[t] + p;

@@ -74,23 +74,35 @@ static const float *v_at(const struct uc_kv_cache *kv, int32_t slot)
     return (const float *)kv->pool.v + (int64_t)slot * HD;
 }
 
-/* Token `tag`'s K row is {tag, tag + 0.25, tag + 0.5}; its V row the negation. */
-static void write_tokens(struct uc_kv_cache *kv, struct uc_kv_head *h, const int32_t *tags,
-                         int32_t n)
-{
+/* The rows a write of tokens `tags` scatters: token `tag`'s K row is {tag, tag + 0.25,
+ * tag + 0.5}, its V row the negation, into the head's next slots. */
+struct token_rows {
     float k[64 * HD], v[64 * HD];
     int32_t row[64], head[64], slot[64];
+};
+
+static void token_rows(struct token_rows *t, const struct uc_kv_cache *kv,
+                       const struct uc_kv_head *h, const int32_t *tags, int32_t n)
+{
     assert_true(n <= 64);
     for (int32_t i = 0; i < n; i++) {
         for (int d = 0; d < HD; d++) {
-            k[i * HD + d] = (float)tags[i] + 0.25f * (float)d;
-            v[i * HD + d] = -k[i * HD + d];
+            t->k[i * HD + d] = (float)tags[i] + 0.25f * (float)d;
+            t->v[i * HD + d] = -t->k[i * HD + d];
         }
-        row[i] = i;
-        head[i] = 0;
-        slot[i] = uc_kv_head_slot(kv, h, h->n_tokens + i);
+        t->row[i] = i;
+        t->head[i] = 0;
+        t->slot[i] = uc_kv_head_slot(kv, h, h->n_tokens + i);
     }
-    assert_int_equal(kv->be->ops->kv_scatter(kv->be, &kv->pool, k, v, HD, row, head, slot, n),
+}
+
+static void write_tokens(struct uc_kv_cache *kv, struct uc_kv_head *h, const int32_t *tags,
+                         int32_t n)
+{
+    struct token_rows t;
+    token_rows(&t, kv, h, tags, n);
+    assert_int_equal(kv->be->ops->kv_scatter(kv->be, &kv->pool, t.k, t.v, HD, t.row, t.head,
+                                             t.slot, n),
                      UC_OK);
     h->n_tokens += n;
 }
@@ -587,20 +599,10 @@ static float packed_read(const struct uc_kv_cache *kv, int64_t kdim, int32_t slo
 static void write_packed(struct uc_kv_cache *kv, struct uc_kv_head *h, const int32_t *tags,
                          int32_t n)
 {
-    float k[64 * HD], v[64 * HD];
-    int32_t row[64], head[64], slot[64];
-    assert_true(n <= 64);
-    for (int32_t i = 0; i < n; i++) {
-        for (int d = 0; d < HD; d++) {
-            k[i * HD + d] = (float)tags[i] + 0.25f * (float)d;
-            v[i * HD + d] = -k[i * HD + d];
-        }
-        row[i] = i;
-        head[i] = 0;
-        slot[i] = uc_kv_head_slot(kv, h, h->n_tokens + i);
-    }
-    assert_int_equal(kv->be->ops->kv_scatter_packed(kv->be, &kv->pool, k, v, HD, row, head, slot,
-                                                    n, h->kdim, h->chan),
+    struct token_rows t;
+    token_rows(&t, kv, h, tags, n);
+    assert_int_equal(kv->be->ops->kv_scatter_packed(kv->be, &kv->pool, t.k, t.v, HD, t.row,
+                                                    t.head, t.slot, n, h->kdim, h->chan),
                      UC_OK);
     h->n_tokens += n;
 }
