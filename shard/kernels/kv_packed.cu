@@ -266,7 +266,10 @@ template <typename T>
 static __device__ __forceinline__ float packed_score(const float *qk, const packed_row<T> &row,
                                                      int64_t kd)
 {
-    float s = packed_score(qk, row, kd);
+    float s = 0.0f;
+    for (int64_t c = 0; c < kd; c++) {
+        s += qk[c] * packed_get(row, c);
+    }
     return s;
 }
 
