@@ -89,19 +89,23 @@ static uc_status evict_head(struct uc_engine *e, struct seq *s, int64_t l, int64
     return uc_kv_head_remove(&e->kv, h, victim);
 }
 
-/* The decode step's index arrays, for all layers at once: reserves each head's next slot and
- * lays out, in int32s, pos (B) | for each layer l: slot (E), n_tokens (E), offset (E) and, when
- * a sequence of the batch has packed heads (ThinK), kdim (E) and coff (E) | the block ids of
- * every (layer, entry) and the packed entries' kept channel lists, offsets counted from the
- * start of that last part; E = B Hkv. A packed entry's slot is -(packed slot) - 1. The fixed
- * part's addresses depend only on B and whether any head is packed, so a recorded step stays
- * valid while the buffer does. */
+/* The decode step's index arrays, for all layers at once: reserves each head's next slot,
+ * brings the block tables in backend memory up to date (e->bt, shard/kv_table.h: only what
+ * changed since the last step is written) and lays out, in int32s, pos (B) | for each layer l:
+ * slot (E), n_tokens (E), offset (E) and, when a sequence of the batch has packed heads (ThinK),
+ * kdim (E) and coff (E); E = B Hkv. Offsets are into the arena of block tables (a head's block
+ * ids; a packed head's kept channels at coff). A packed entry's slot is -(packed slot) - 1. The
+ * layout depends only on B and whether any head is packed, so a recorded step stays valid while
+ * this buffer and the arena do. */
 static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int64_t nb,
                                    int64_t *n_ints)
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
-    int64_t blocks = 0;
     bool packed = false;
+    uc_status rc;
+    if (!eng_grow((void **)&e->bt_seqs, &e->bt_seqs_cap, nb, sizeof *e->bt_seqs)) {
+        return UC_ERRF(UC_ERR_NOMEM, "decode block table list");
+    }
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t l = 0; l < L; l++) {
             if (eng_layer_shared(batch[b], l)) {
@@ -109,7 +113,7 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
             }
             for (int64_t j = 0; j < hkv; j++) {
                 struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
-                uc_status rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
+                rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
                 if (rc == UC_ERR_KV_FULL) {
                     UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
                              (long long)batch[b]->id, (long long)l);
@@ -117,18 +121,19 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                 if (rc != UC_OK) {
                     return rc;
                 }
-                blocks += h->n_blocks + h->kdim;
                 packed = packed || h->kdim > 0;
             }
         }
+        e->bt_seqs[b] = (struct uc_kv_table_seq){&batch[b]->kv, batch[b]->plan.share_src,
+                                                 &batch[b]->bt};
     }
+    UC_CHECK(uc_kv_table_sync(&e->bt, e->bt_seqs, nb), rc, out);
     int64_t per = packed ? 5 : 3, fixed = nb + per * L * ent;
-    if (!eng_grow((void **)&e->dm_host, &e->dm_cap, fixed + blocks, sizeof(int32_t))) {
+    if (!eng_grow((void **)&e->dm_host, &e->dm_cap, fixed, sizeof(int32_t))) {
         return UC_ERRF(UC_ERR_NOMEM, "decode index arrays");
     }
     e->dm_packed = packed;
-    int32_t *m = e->dm_host, *blk = m + fixed;
-    int64_t used = 0;
+    int32_t *m = e->dm_host;
     for (int64_t b = 0; b < nb; b++) {
         m[b] = (int32_t)batch[b]->n_ctx; /* RoPE position of the new token */
     }
@@ -154,6 +159,7 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
             }
             for (int64_t j = 0; j < hkv && src == l; j++) {
                 struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
+                const struct uc_kv_table_head *a = &batch[b]->bt.heads[l * hkv + j];
                 int64_t x = b * hkv + j;
                 /* appends go to a block of the head's own (a fork copies the last one) */
                 UC_ASSERT(!uc_kv_block_shared(
@@ -162,24 +168,19 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                 slot[x] = h->kdim > 0 ? -sl - 1 : sl;
                 h->n_tokens++;
                 ntok[x] = h->n_tokens;
-                off[x] = (int32_t)used;
-                memcpy(blk + used, h->blocks, (size_t)h->n_blocks * sizeof(int32_t));
-                used += h->n_blocks;
+                off[x] = a->off;
                 if (packed) {
                     kdim[x] = h->kdim;
-                    coff[x] = (int32_t)used;
-                    if (h->kdim > 0) {
-                        memcpy(blk + used, h->chan, (size_t)h->kdim * sizeof(int32_t));
-                        used += h->kdim;
-                    }
+                    coff[x] = a->off + a->cap;
                 }
                 maxn = h->n_tokens > maxn ? h->n_tokens : maxn;
             }
         }
         e->dm_maxn[l] = maxn;
     }
-    *n_ints = fixed + used;
-    return UC_OK;
+    *n_ints = fixed;
+out:
+    return rc;
 }
 
 /* The decode rows' attention at layer l, from their Q/K/V in e->dqkv (rows [0, nb)) to
@@ -187,11 +188,12 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
  * cache, and with eviction each head's lowest slot dropped. Reads the uploaded index arrays. */
 uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any_evict)
 {
-    int64_t L = e->cfg->n_layers, hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
+    int64_t hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
     int64_t per = e->dm_packed ? 5 : 3;
-    int64_t ld = e->sh->qkv_dim, ent = nb * hkv, fixed = nb + per * L * ent;
+    int64_t ld = e->sh->qkv_dim, ent = nb * hkv;
     const int32_t *dm = e->dm_dev;
     const int32_t *slot = dm + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
+    const int32_t *tables = e->bt.dev;
     struct seq **batch = e->batch;
     uc_status rc;
     UC_CHECK(e->be->ops->rope_append(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, e->cfg->head_dim,
@@ -199,13 +201,13 @@ uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any
              rc, out);
     struct uc_kv_batch_view view = {.n_tokens = ntok,
                                     .offset = off,
-                                    .blocks = dm + fixed,
+                                    .blocks = tables,
                                     .max_tokens = any_evict ? e->dm_maxn[l] : 0,
                                     .on_device = true};
     if (e->dm_packed) {
         view.kdim = off + ent;
         view.coff = off + 2 * ent;
-        view.chan = dm + fixed;
+        view.chan = tables;
         UC_CHECK(e->be->ops->kv_append_packed(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, slot,
                                               view.kdim, view.coff, view.chan, nb),
                  rc, out);
@@ -275,7 +277,8 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     struct decode_graph *g = NULL;
     for (int i = 0; i < DECODE_GRAPH_SLOTS && !g; i++) {
         struct decode_graph *c = &e->graphs[i];
-        if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->epoch == epoch &&
+        if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->tables == e->bt.dev &&
+            c->epoch == epoch &&
             c->packed == e->dm_packed) {
             g = c;
         }
@@ -308,6 +311,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     }
     g->nb = nb;
     g->meta = e->dm_dev;
+    g->tables = e->bt.dev;
     g->packed = e->dm_packed;
     g->epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
 out:
@@ -318,7 +322,8 @@ out:
 }
 
 /* The start of any step with decode rows: the batch's sequences, their tokens embedded into
- * e->dx rows [0, nb), and every layer's index arrays built and uploaded in one copy. */
+ * e->dx rows [0, nb), the block tables brought up to date, and every layer's index arrays
+ * built and uploaded in one copy. */
 uc_status eng_decode_begin(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb,
                            bool *any_evict)
 {
