@@ -49,25 +49,6 @@ static int64_t region_size(const struct uc_kv_table_seq *s)
     return n;
 }
 
-/* Whether s's region holds its heads up to appended ids. */
-static bool region_current(const struct uc_kv_table *t, const struct uc_kv_table_seq *s)
-{
-    const struct uc_kv_table_region *r = s->r;
-    int64_t nh = s->kv->n_layers * s->kv->n_heads_kv;
-    if (r->epoch != t->epoch || r->n_heads != nh) {
-        return false;
-    }
-    for (int64_t i = 0; i < nh; i++) {
-        const struct uc_kv_head *h = &s->kv->heads[i];
-        const struct uc_kv_table_head *a = &r->heads[i];
-        if (!head_skipped(s, i) &&
-            (h->rewrites != a->rewrites || h->n_blocks > a->cap || h->n_blocks < a->n_up)) {
-            return false;
-        }
-    }
-    return true;
-}
-
 /* Writes s's whole region at t->used into the mirror; its span is [lo, hi). */
 static uc_status region_write(struct uc_kv_table *t, const struct uc_kv_table_seq *s,
                               int64_t *lo, int64_t *hi)
@@ -127,25 +108,39 @@ static bool span_add(struct uc_kv_table *t, int64_t *n, int64_t lo, int64_t hi)
     return true;
 }
 
-/* Writes the ids s's heads appended since the last sync, and their spans. */
-static uc_status region_append(struct uc_kv_table *t, const struct uc_kv_table_seq *s,
-                               int64_t *n_span)
+/* When s's region holds its heads up to appended ids: writes those ids into the mirror, adds
+ * their spans and returns true. Otherwise (the region must be written whole) returns false with
+ * the spans it added taken back. *rc is set on failure (spans out of memory). */
+static bool region_append(struct uc_kv_table *t, const struct uc_kv_table_seq *s, int64_t *n_span,
+                          uc_status *rc)
 {
     struct uc_kv_table_region *r = s->r;
-    for (int64_t i = 0; i < r->n_heads; i++) {
+    int64_t nh = s->kv->n_layers * s->kv->n_heads_kv, n0 = *n_span;
+    if (r->epoch != t->epoch || r->n_heads != nh) {
+        return false;
+    }
+    for (int64_t i = 0; i < nh; i++) {
         const struct uc_kv_head *h = &s->kv->heads[i];
         struct uc_kv_table_head *a = &r->heads[i];
-        if (head_skipped(s, i) || h->n_blocks == a->n_up) {
+        if (h->n_blocks == a->n_up && h->rewrites == a->rewrites) {
+            continue; /* unchanged, or a head that reads another layer's cache (0 == 0) */
+        }
+        if (head_skipped(s, i)) {
             continue;
+        }
+        if (h->rewrites != a->rewrites || h->n_blocks > a->cap || h->n_blocks < a->n_up) {
+            *n_span = n0; /* the ids written stay in the old region, which is left behind */
+            return false;
         }
         memcpy(t->host + a->off + a->n_up, h->blocks + a->n_up,
                (size_t)(h->n_blocks - a->n_up) * sizeof(int32_t));
         if (!span_add(t, n_span, a->off + a->n_up, a->off + h->n_blocks)) {
-            return UC_ERRF(UC_ERR_NOMEM, "kv table spans");
+            *rc = UC_ERRF(UC_ERR_NOMEM, "kv table spans");
+            return false;
         }
         a->n_up = h->n_blocks;
     }
-    return UC_OK;
+    return true;
 }
 
 /* Room for cap ints in both copies (their contents are dropped: a compaction rewrites them). */
@@ -198,27 +193,31 @@ static uc_status upload_spans(struct uc_kv_table *t, int64_t n)
 uc_status uc_kv_table_sync(struct uc_kv_table *t, const struct uc_kv_table_seq *seqs, int64_t n)
 {
     t->n_syncs++;
-    /* what must be written whole, and whether it fits after what is there */
-    int64_t fresh = 0, all = 0;
     bool *whole = uc_malloc((size_t)(n > 0 ? n : 1) * sizeof *whole);
     if (!whole) {
         return UC_ERRF(UC_ERR_NOMEM, "kv table sync of %lld", (long long)n);
     }
-    for (int64_t i = 0; i < n; i++) {
-        int64_t sz = region_size(&seqs[i]);
-        whole[i] = !region_current(t, &seqs[i]);
-        fresh += whole[i] ? sz : 0;
-        all += sz;
-    }
+    /* appended ids where a region is current; the size of what must be written whole */
     uc_status rc = UC_OK;
+    int64_t n_span = 0, fresh = 0;
+    for (int64_t i = 0; i < n && rc == UC_OK; i++) {
+        whole[i] = !region_append(t, &seqs[i], &n_span, &rc);
+        fresh += whole[i] ? region_size(&seqs[i]) : 0;
+    }
+    if (rc != UC_OK) {
+        goto out;
+    }
     if (t->used + fresh > t->cap) {
         /* compaction: everything of this sync is written again from the start */
+        int64_t all = 0;
+        for (int64_t i = 0; i < n; i++) {
+            all += region_size(&seqs[i]);
+            whole[i] = true;
+        }
         t->epoch++;
         t->used = 0;
         t->n_compactions++;
-        for (int64_t i = 0; i < n; i++) {
-            whole[i] = true;
-        }
+        n_span = 0;
         if (all > t->cap) {
             rc = arena_grow(t, 2 * all);
             if (rc != UC_OK) {
@@ -226,7 +225,6 @@ uc_status uc_kv_table_sync(struct uc_kv_table *t, const struct uc_kv_table_seq *
             }
         }
     }
-    int64_t n_span = 0;
     for (int64_t i = 0; i < n && rc == UC_OK; i++) {
         if (whole[i]) {
             int64_t lo = 0, hi = 0;
@@ -234,8 +232,6 @@ uc_status uc_kv_table_sync(struct uc_kv_table *t, const struct uc_kv_table_seq *
             if (rc == UC_OK && hi > lo && !span_add(t, &n_span, lo, hi)) {
                 rc = UC_ERRF(UC_ERR_NOMEM, "kv table spans");
             }
-        } else {
-            rc = region_append(t, &seqs[i], &n_span);
         }
     }
     if (rc == UC_OK) {
