@@ -97,32 +97,114 @@ static uc_status evict_head(struct uc_engine *e, struct seq *s, int64_t l, int64
  * ids; a packed head's kept channels at coff). A packed entry's slot is -(packed slot) - 1. The
  * layout depends only on B and whether any head is packed, so a recorded step stays valid while
  * this buffer and the arena do. */
+/* Whether a head of s needs another block for its next token (at most steps none does), and
+ * whether s has packed heads. */
+static bool seq_needs_block(const struct uc_engine *e, const struct seq *s, bool *packed)
+{
+    int64_t nh = e->cfg->n_layers * e->sh->n_heads_kv;
+    bool need = false;
+    for (int64_t i = 0; i < nh; i++) {
+        const struct uc_kv_head *h = &s->kv.heads[i];
+        if (eng_layer_shared(s, i / e->sh->n_heads_kv)) {
+            continue; /* reads its source's blocks (listed there) */
+        }
+        need = need || uc_kv_head_blocks_for(&e->kv, h, h->n_tokens + 1) > h->n_blocks;
+        *packed = *packed || h->kdim > 0;
+    }
+    return need;
+}
+
+/* Layer l's entries of the index arrays for the heads that own their cache: each head's next
+ * slot taken. Returns the longest head. */
+static int64_t meta_layer(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t l,
+                          int32_t *m, int64_t per)
+{
+    int64_t hkv = e->sh->n_heads_kv, ent = nb * hkv, maxn = 0;
+    int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
+    int32_t *kdim = off + ent, *coff = kdim + ent;
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t j = 0; j < hkv && !eng_layer_shared(batch[b], l); j++) {
+            struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
+            const struct uc_kv_table_head *a = &batch[b]->bt.heads[l * hkv + j];
+            int64_t x = b * hkv + j;
+            /* appends go to a block of the head's own (a fork copies the last one) */
+            UC_ASSERT(!uc_kv_block_shared(
+                &e->kv, h->blocks[h->n_tokens / uc_kv_head_block_tokens(&e->kv, h)]));
+            int32_t sl = uc_kv_head_slot(&e->kv, h, h->n_tokens);
+            slot[x] = h->kdim > 0 ? -sl - 1 : sl;
+            h->n_tokens++;
+            ntok[x] = h->n_tokens;
+            off[x] = a->off;
+            if (per == 5) {
+                kdim[x] = h->kdim;
+                coff[x] = a->off + a->cap;
+            }
+            maxn = h->n_tokens > maxn ? h->n_tokens : maxn;
+        }
+    }
+    return maxn;
+}
+
+/* Layer l's entries for the sequences whose layer l reads an earlier layer's cache (KVSharer):
+ * no append (slot -1); attention over the source layer's head, whose new token was appended at
+ * that layer of this step. */
+static void meta_layer_shared(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t l,
+                              int32_t *m, int64_t per)
+{
+    int64_t hkv = e->sh->n_heads_kv, ent = nb * hkv;
+    int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
+    int32_t *kdim = off + ent, *coff = kdim + ent;
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t src = batch[b]->plan.share_src[l];
+        const int32_t *sslot = m + nb + per * src * ent;
+        for (int64_t j = 0; j < hkv && src != l; j++) {
+            int64_t x = b * hkv + j;
+            slot[x] = -1;
+            ntok[x] = sslot[ent + x];
+            off[x] = sslot[2 * ent + x];
+            if (per == 5) { /* the source's layout (think and kvsharer do not combine: 0) */
+                kdim[x] = sslot[3 * ent + x];
+                coff[x] = sslot[4 * ent + x];
+            }
+            e->dm_maxn[l] = ntok[x] > e->dm_maxn[l] ? ntok[x] : e->dm_maxn[l];
+        }
+    }
+}
+
 static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int64_t nb,
                                    int64_t *n_ints)
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
-    bool packed = false;
-    uc_status rc;
-    if (!eng_grow((void **)&e->bt_seqs, &e->bt_seqs_cap, nb, sizeof *e->bt_seqs)) {
+    bool packed = false, any_shared = false;
+    uc_status rc = UC_OK;
+    if (!eng_grow((void **)&e->bt_seqs, &e->bt_seqs_cap, nb, sizeof *e->bt_seqs) ||
+        !eng_grow((void **)&e->dm_need, &e->dm_need_cap, nb, sizeof *e->dm_need)) {
         return UC_ERRF(UC_ERR_NOMEM, "decode block table list");
     }
+    /* at batch 256 the batch has 65K heads: they are looked at in parallel, and only the few
+     * that need a block take one (from the pool, in order) */
+    bool big = ent * L >= 8192;
+#pragma omp parallel for schedule(static) reduction(|| : packed) if (big)
     for (int64_t b = 0; b < nb; b++) {
+        e->dm_need[b] = seq_needs_block(e, batch[b], &packed);
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t i = 0; e->dm_need[b] && i < L * hkv; i++) {
+            struct uc_kv_head *h = &batch[b]->kv.heads[i];
+            if (eng_layer_shared(batch[b], i / hkv)) {
+                continue;
+            }
+            rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
+            if (rc == UC_ERR_KV_FULL) {
+                UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
+                         (long long)batch[b]->id, (long long)(i / hkv));
+            }
+            if (rc != UC_OK) {
+                return rc;
+            }
+        }
         for (int64_t l = 0; l < L; l++) {
-            if (eng_layer_shared(batch[b], l)) {
-                continue; /* reads its source's blocks (listed there) */
-            }
-            for (int64_t j = 0; j < hkv; j++) {
-                struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
-                rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
-                if (rc == UC_ERR_KV_FULL) {
-                    UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
-                             (long long)batch[b]->id, (long long)l);
-                }
-                if (rc != UC_OK) {
-                    return rc;
-                }
-                packed = packed || h->kdim > 0;
-            }
+            any_shared = any_shared || eng_layer_shared(batch[b], l);
         }
         e->bt_seqs[b] = (struct uc_kv_table_seq){&batch[b]->kv, batch[b]->plan.share_src,
                                                  &batch[b]->bt};
@@ -137,46 +219,12 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
     for (int64_t b = 0; b < nb; b++) {
         m[b] = (int32_t)batch[b]->n_ctx; /* RoPE position of the new token */
     }
+#pragma omp parallel for schedule(static) if (big)
     for (int64_t l = 0; l < L; l++) {
-        int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
-        int32_t *kdim = off + ent, *coff = kdim + ent;
-        int64_t maxn = 0;
-        for (int64_t b = 0; b < nb; b++) {
-            int64_t src = batch[b]->plan.share_src[l];
-            for (int64_t j = 0; j < hkv && src != l; j++) {
-                /* KVSharer: no append (slot -1); attend over the source layer's head, whose
-                 * new token was appended at that earlier layer of this step */
-                const int32_t *sslot = m + nb + per * src * ent;
-                int64_t x = b * hkv + j;
-                slot[x] = -1;
-                ntok[x] = sslot[ent + x];
-                off[x] = sslot[2 * ent + x];
-                if (packed) { /* the source's layout (think and kvsharer do not combine: 0) */
-                    kdim[x] = sslot[3 * ent + x];
-                    coff[x] = sslot[4 * ent + x];
-                }
-                maxn = ntok[x] > maxn ? ntok[x] : maxn;
-            }
-            for (int64_t j = 0; j < hkv && src == l; j++) {
-                struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
-                const struct uc_kv_table_head *a = &batch[b]->bt.heads[l * hkv + j];
-                int64_t x = b * hkv + j;
-                /* appends go to a block of the head's own (a fork copies the last one) */
-                UC_ASSERT(!uc_kv_block_shared(
-                    &e->kv, h->blocks[h->n_tokens / uc_kv_head_block_tokens(&e->kv, h)]));
-                int32_t sl = uc_kv_head_slot(&e->kv, h, h->n_tokens);
-                slot[x] = h->kdim > 0 ? -sl - 1 : sl;
-                h->n_tokens++;
-                ntok[x] = h->n_tokens;
-                off[x] = a->off;
-                if (packed) {
-                    kdim[x] = h->kdim;
-                    coff[x] = a->off + a->cap;
-                }
-                maxn = h->n_tokens > maxn ? h->n_tokens : maxn;
-            }
-        }
-        e->dm_maxn[l] = maxn;
+        e->dm_maxn[l] = meta_layer(e, batch, nb, l, m, per);
+    }
+    for (int64_t l = 0; any_shared && l < L; l++) {
+        meta_layer_shared(e, batch, nb, l, m, per);
     }
     *n_ints = fixed;
 out:

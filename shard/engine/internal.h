@@ -138,6 +138,8 @@ struct uc_engine {
     struct uc_kv_table bt;
     struct uc_kv_table_seq *bt_seqs; /* (bt_seqs_cap) a step's list */
     int64_t bt_seqs_cap;
+    bool *dm_need; /* (dm_need_cap) a sequence of the step has a head that needs a block */
+    int64_t dm_need_cap;
     /* the decode step's index arrays for every layer, built on the host and uploaded in one
      * copy (layout: decode_meta_build) */
     int32_t *dm_host;
