@@ -32,7 +32,8 @@ void uc_kv_table_region_fini(struct uc_kv_table_region *r)
 
 static bool head_skipped(const struct uc_kv_table_seq *s, int64_t i)
 {
-    return s->share_src && s->share_src[i / s->kv->n_heads_kv] != i / s->kv->n_heads_kv;
+    int64_t l = i / s->kv->n_heads_kv;
+    return s->share_src && l < s->n_share && s->share_src[l] != l;
 }
 
 /* Room for a head of n blocks: a quarter more, and at least 8 (128 tokens at 16 a block). */

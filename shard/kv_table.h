@@ -42,11 +42,13 @@ struct uc_kv_table_region {
     int64_t n_heads;
 };
 
-/* A sequence of a sync: its cache, which layers read another layer's cache (share_src[l] != l:
- * such heads hold no blocks and get no room; NULL = none) and its region. */
+/* A sequence of a sync: its cache, which of its first n_share layers read another layer's
+ * cache (share_src[l] != l: such heads hold no blocks and get no room; NULL = none) and its
+ * region. Layers past n_share (extra heads a sequence keeps in its cache) are its own. */
 struct uc_kv_table_seq {
     const struct uc_kv_seq *kv;
-    const int16_t *share_src; /* (L) */
+    const int16_t *share_src; /* (n_share) */
+    int64_t n_share;
     struct uc_kv_table_region *r;
 };
 

@@ -206,7 +206,7 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
         for (int64_t l = 0; l < L; l++) {
             any_shared = any_shared || eng_layer_shared(batch[b], l);
         }
-        e->bt_seqs[b] = (struct uc_kv_table_seq){&batch[b]->kv, batch[b]->plan.share_src,
+        e->bt_seqs[b] = (struct uc_kv_table_seq){&batch[b]->kv, batch[b]->plan.share_src, L,
                                                  &batch[b]->bt};
     }
     UC_CHECK(uc_kv_table_sync(&e->bt, e->bt_seqs, nb), rc, out);

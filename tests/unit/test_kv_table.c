@@ -131,7 +131,7 @@ static void sync_and_check(struct fixture *f, const int *batch, int nb)
     struct uc_kv_table_seq ts[MAX_SEQS];
     for (int b = 0; b < nb; b++) {
         struct tseq *s = &f->s[batch[b]];
-        ts[b] = (struct uc_kv_table_seq){&s->kv, s->share, &s->r};
+        ts[b] = (struct uc_kv_table_seq){&s->kv, s->share, L, &s->r};
     }
     assert_int_equal(uc_kv_table_sync(&f->t, ts, nb), UC_OK);
     int32_t *dev = malloc((size_t)(f->t.cap > 0 ? f->t.cap : 1) * sizeof *dev);
