@@ -37,7 +37,7 @@ static const struct uc_cfg_option options[] = {
      "prompt rows per product at one layer (workspace rows; 0 = 512 on cpu, 8192 on cuda)"},
     {"prefill-step-tokens", UC_CFG_INT, OFF(prefill_step_tokens), "0", 0, 1 << 30, 0,
      "prefill work (rows x layers) per step while other sequences decode (0 = 2048 on cpu, "
-     "16384 on cuda)"},
+     "65536 on cuda)"},
     {"prefill-memory", UC_CFG_BYTES, OFF(prefill_memory), "0", 0, BIG, UC_CFG_IMMUTABLE,
      "prefill buffers of the prompts being prefilled at once (0 = a quarter of --kv-memory)"},
     {"max-batch", UC_CFG_INT, OFF(max_batch), "64", 1, 4096, UC_CFG_IMMUTABLE,

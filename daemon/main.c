@@ -249,7 +249,7 @@ static int run_rank0(struct daemon *d)
     sp.max_running = (int32_t)c->max_running;
     bool gpu = uc_engine_backend(d->engine)->kind == UC_BACKEND_CUDA;
     sp.prefill_step_tokens = c->prefill_step_tokens > 0 ? c->prefill_step_tokens
-                             : gpu                      ? 16384
+                             : gpu                      ? 65536
                                                         : 2048;
     sp.prefill_memory = c->prefill_memory;
     sp.default_max_tokens = (int32_t)c->default_max_tokens;

@@ -444,7 +444,9 @@ def main():
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--daemon-args", default="",
                     help="more uncompd flags (the daemon's own defaults suit the GPU: 8192-row "
-                    "products, 16384 row-layers of prefill per step)")
+                    "products, 65536 row-layers of prefill per step)")
+    ap.add_argument("--only", default="",
+                    help="run only these settings, joined by ';' (e.g. policy=full)")
     ap.add_argument("--reps", type=int, default=2, help="bench_gpu repetitions")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--start-timeout", type=int, default=240)
@@ -482,6 +484,11 @@ def main():
             return 2
     sh = dict(SHAPES[args.shape], kv_elem_bytes=4 if args.backend == "cpu" else 2)
     wls = {n: table[n] for n in names}
+    if args.only:
+        keep = args.only.split(";")
+        wls = {n: dict(w, settings=[x for x in w["settings"] if x in keep]) for n, w in wls.items()}
+        wls = {n: w for n, w in wls.items() if w["settings"]}
+        names = [n for n in names if n in wls]
     args.tmp = tempfile.mkdtemp(prefix="uncomp_serve_")
     t_all = time.time()
     log("# serve_gpu: shape %s, backend %s, workloads %s, daemon args %r" %
