@@ -101,7 +101,7 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
     int64_t blocks = 0;
-    bool packed = false;
+    bool packed = false, merged = false;
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t l = 0; l < L; l++) {
             if (eng_layer_shared(batch[b], l)) {
@@ -119,14 +119,21 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                 }
                 blocks += h->n_blocks + h->kdim;
                 packed = packed || h->kdim > 0;
+                int32_t side;
+                const struct uc_kv_head *hm = eng_mc_head(batch[b], l, j, &side);
+                if (hm) {
+                    blocks += hm->n_blocks;
+                    merged = true;
+                }
             }
         }
     }
-    int64_t per = packed ? 5 : 3, fixed = nb + per * L * ent;
+    int64_t per = eng_decode_meta_per(packed, merged), fixed = nb + per * L * ent;
     if (!eng_grow((void **)&e->dm_host, &e->dm_cap, fixed + blocks, sizeof(int32_t))) {
         return UC_ERRF(UC_ERR_NOMEM, "decode index arrays");
     }
     e->dm_packed = packed;
+    e->dm_merged = merged;
     int32_t *m = e->dm_host, *blk = m + fixed;
     int64_t used = 0;
     for (int64_t b = 0; b < nb; b++) {
@@ -135,6 +142,7 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
     for (int64_t l = 0; l < L; l++) {
         int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
         int32_t *kdim = off + ent, *coff = kdim + ent;
+        int32_t *mcn = off + (packed ? 3 : 1) * ent, *mcoff = mcn + ent, *mcside = mcoff + ent;
         int64_t maxn = 0;
         for (int64_t b = 0; b < nb; b++) {
             int64_t src = batch[b]->plan.share_src[l];
@@ -149,6 +157,9 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                 if (packed) { /* the source's layout (think and kvsharer do not combine: 0) */
                     kdim[x] = sslot[3 * ent + x];
                     coff[x] = sslot[4 * ent + x];
+                }
+                if (merged) { /* kvsharer and minicache do not combine: none */
+                    mcn[x] = mcoff[x] = mcside[x] = 0;
                 }
                 maxn = ntok[x] > maxn ? ntok[x] : maxn;
             }
@@ -173,7 +184,21 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                         used += h->kdim;
                     }
                 }
-                maxn = h->n_tokens > maxn ? h->n_tokens : maxn;
+                int64_t nall = h->n_tokens;
+                if (merged) {
+                    /* MiniCache: the pair's merged rows too, with this layer's magnitudes */
+                    int32_t side = 0;
+                    const struct uc_kv_head *hm = eng_mc_head(batch[b], l, j, &side);
+                    mcn[x] = hm ? hm->n_tokens : 0;
+                    mcoff[x] = (int32_t)used;
+                    mcside[x] = side;
+                    if (hm) {
+                        memcpy(blk + used, hm->blocks, (size_t)hm->n_blocks * sizeof(int32_t));
+                        used += hm->n_blocks;
+                        nall += hm->n_tokens;
+                    }
+                }
+                maxn = nall > maxn ? nall : maxn;
             }
         }
         e->dm_maxn[l] = maxn;
@@ -188,7 +213,7 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
 uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any_evict)
 {
     int64_t L = e->cfg->n_layers, hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
-    int64_t per = e->dm_packed ? 5 : 3;
+    int64_t per = eng_decode_meta_per(e->dm_packed, e->dm_merged);
     int64_t ld = e->sh->qkv_dim, ent = nb * hkv, fixed = nb + per * L * ent;
     const int32_t *dm = e->dm_dev;
     const int32_t *slot = dm + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
@@ -202,6 +227,11 @@ uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any
                                     .blocks = dm + fixed,
                                     .max_tokens = any_evict ? e->dm_maxn[l] : 0,
                                     .on_device = true};
+    if (e->dm_merged) {
+        view.mc_n = off + (e->dm_packed ? 3 : 1) * ent;
+        view.mc_off = view.mc_n + ent;
+        view.mc_side = view.mc_off + ent;
+    }
     if (e->dm_packed) {
         view.kdim = off + ent;
         view.coff = off + 2 * ent;
@@ -276,7 +306,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     for (int i = 0; i < DECODE_GRAPH_SLOTS && !g; i++) {
         struct decode_graph *c = &e->graphs[i];
         if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->epoch == epoch &&
-            c->packed == e->dm_packed) {
+            c->packed == e->dm_packed && c->merged == e->dm_merged) {
             g = c;
         }
     }
@@ -309,6 +339,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     g->nb = nb;
     g->meta = e->dm_dev;
     g->packed = e->dm_packed;
+    g->merged = e->dm_merged;
     g->epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
 out:
     if (rc != UC_OK) {
