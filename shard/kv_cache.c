@@ -156,6 +156,7 @@ uc_status uc_kv_head_set_packed(struct uc_kv_cache *kv, struct uc_kv_head *h, in
     memcpy(cp, chan, (size_t)kdim * sizeof *cp);
     h->chan = cp;
     h->kdim = (int32_t)kdim;
+    h->rewrites++;
     return UC_OK;
 }
 
@@ -195,6 +196,9 @@ uc_status uc_kv_head_reserve(struct uc_kv_cache *kv, struct uc_kv_head *h, int64
 void uc_kv_head_trim(struct uc_kv_cache *kv, struct uc_kv_head *h)
 {
     int64_t need = uc_kv_head_blocks_for(kv, h, h->n_tokens);
+    if (h->n_blocks > need) {
+        h->rewrites++;
+    }
     while (h->n_blocks > need) {
         block_release(kv, h->blocks[--h->n_blocks]);
     }
@@ -237,6 +241,7 @@ uc_status uc_kv_head_fork(struct uc_kv_cache *kv, struct uc_kv_head *dst,
     }
     dst->n_blocks = (int32_t)(full + part);
     dst->n_tokens = src->n_tokens;
+    dst->rewrites++;
     return UC_OK;
 }
 
@@ -261,6 +266,7 @@ uc_status uc_kv_head_unshare(struct uc_kv_cache *kv, struct uc_kv_head *h, int64
             continue;
         }
         h->blocks[b] = block_take(kv);
+        h->rewrites++;
         block_release(kv, old); /* still held by the others: never freed here */
         cd[k] = h->blocks[b];
         cs[k++] = old;

@@ -40,6 +40,7 @@ struct uc_kv_head {
     int32_t n_blocks;
     int32_t cap_blocks;
     int32_t kdim;    /* key channels kept (packed head); 0: all D, unpacked */
+    uint32_t rewrites; /* changes to blocks[] other than appending ids (kv_table.h) */
     int32_t *blocks;
     int32_t *chan;   /* (kdim) kept key channels, ascending; NULL when unpacked */
     int32_t merged;  /* 1: a MiniCache pair's merged rows (backend.h), 0: tokens of one layer */

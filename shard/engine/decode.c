@@ -89,122 +89,167 @@ static uc_status evict_head(struct uc_engine *e, struct seq *s, int64_t l, int64
     return uc_kv_head_remove(&e->kv, h, victim);
 }
 
-/* The decode step's index arrays, for all layers at once: reserves each head's next slot and
- * lays out, in int32s, pos (B) | for each layer l: slot (E), n_tokens (E), offset (E) and, when
- * a sequence of the batch has packed heads (ThinK), kdim (E) and coff (E) | the block ids of
- * every (layer, entry) and the packed entries' kept channel lists, offsets counted from the
- * start of that last part; E = B Hkv. A packed entry's slot is -(packed slot) - 1. The fixed
- * part's addresses depend only on B and whether any head is packed, so a recorded step stays
- * valid while the buffer does. */
+/* The decode step's index arrays, for all layers at once: reserves each head's next slot,
+ * brings the block tables in backend memory up to date (e->bt, shard/kv_table.h: only what
+ * changed since the last step is written) and lays out, in int32s, pos (B) | for each layer l:
+ * slot (E), n_tokens (E), offset (E) and, when a sequence of the batch has packed heads (ThinK),
+ * kdim (E) and coff (E), and when one has merged heads (MiniCache: decode_meta_per), mc_n (E),
+ * mc_off (E, the merged head's ids in the arena) and mc_side (E); E = B Hkv. Offsets are into the arena of block tables (a head's block
+ * ids; a packed head's kept channels at coff). A packed entry's slot is -(packed slot) - 1. The
+ * layout depends only on B and whether any head is packed, so a recorded step stays valid while
+ * this buffer and the arena do. */
+/* Whether a head of s needs another block for its next token (at most steps none does), and
+ * whether s has packed heads. */
+static bool seq_needs_block(const struct uc_engine *e, const struct seq *s, bool *packed)
+{
+    int64_t nh = e->cfg->n_layers * e->sh->n_heads_kv;
+    bool need = false;
+    for (int64_t i = 0; i < nh; i++) {
+        const struct uc_kv_head *h = &s->kv.heads[i];
+        if (eng_layer_shared(s, i / e->sh->n_heads_kv)) {
+            continue; /* reads its source's blocks (listed there) */
+        }
+        need = need || uc_kv_head_blocks_for(&e->kv, h, h->n_tokens + 1) > h->n_blocks;
+        *packed = *packed || h->kdim > 0;
+    }
+    return need;
+}
+
+/* Layer l's entries of the index arrays for the heads that own their cache: each head's next
+ * slot taken. Returns the longest head. */
+static int64_t meta_layer(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t l,
+                          int32_t *m, bool packed, bool merged)
+{
+    int64_t hkv = e->sh->n_heads_kv, ent = nb * hkv, maxn = 0;
+    int64_t per = eng_decode_meta_per(packed, merged);
+    int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
+    int32_t *kdim = off + ent, *coff = kdim + ent;
+    int32_t *mcn = off + (packed ? 3 : 1) * ent, *mcoff = mcn + ent, *mcside = mcoff + ent;
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t j = 0; j < hkv && !eng_layer_shared(batch[b], l); j++) {
+            struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
+            const struct uc_kv_table_head *a = &batch[b]->bt.heads[l * hkv + j];
+            int64_t x = b * hkv + j;
+            /* appends go to a block of the head's own (a fork copies the last one) */
+            UC_ASSERT(!uc_kv_block_shared(
+                &e->kv, h->blocks[h->n_tokens / uc_kv_head_block_tokens(&e->kv, h)]));
+            int32_t sl = uc_kv_head_slot(&e->kv, h, h->n_tokens);
+            slot[x] = h->kdim > 0 ? -sl - 1 : sl;
+            h->n_tokens++;
+            ntok[x] = h->n_tokens;
+            off[x] = a->off;
+            if (packed) {
+                kdim[x] = h->kdim;
+                coff[x] = a->off + a->cap;
+            }
+            int64_t nall = h->n_tokens;
+            if (merged) {
+                /* MiniCache: the pair's merged rows too (their head's ids in the arena), with
+                 * this layer's magnitudes */
+                int32_t side = 0;
+                const struct uc_kv_head *hm = eng_mc_head(batch[b], l, j, &side);
+                mcn[x] = hm ? hm->n_tokens : 0;
+                mcoff[x] = hm ? batch[b]->bt.heads[hm - batch[b]->kv.heads].off : 0;
+                mcside[x] = side;
+                nall += mcn[x];
+            }
+            maxn = nall > maxn ? nall : maxn;
+        }
+    }
+    return maxn;
+}
+
+/* Layer l's entries for the sequences whose layer l reads an earlier layer's cache (KVSharer):
+ * no append (slot -1); attention over the source layer's head, whose new token was appended at
+ * that layer of this step. */
+static void meta_layer_shared(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t l,
+                              int32_t *m, bool packed, bool merged)
+{
+    int64_t hkv = e->sh->n_heads_kv, ent = nb * hkv;
+    int64_t per = eng_decode_meta_per(packed, merged);
+    int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
+    int32_t *kdim = off + ent, *coff = kdim + ent;
+    int32_t *mcn = off + (packed ? 3 : 1) * ent, *mcoff = mcn + ent, *mcside = mcoff + ent;
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t src = batch[b]->plan.share_src[l];
+        const int32_t *sslot = m + nb + per * src * ent;
+        for (int64_t j = 0; j < hkv && src != l; j++) {
+            int64_t x = b * hkv + j;
+            slot[x] = -1;
+            ntok[x] = sslot[ent + x];
+            off[x] = sslot[2 * ent + x];
+            if (packed) { /* the source's layout (think and kvsharer do not combine: 0) */
+                kdim[x] = sslot[3 * ent + x];
+                coff[x] = sslot[4 * ent + x];
+            }
+            if (merged) { /* kvsharer and minicache do not combine: none */
+                mcn[x] = mcoff[x] = mcside[x] = 0;
+            }
+            e->dm_maxn[l] = ntok[x] > e->dm_maxn[l] ? ntok[x] : e->dm_maxn[l];
+        }
+    }
+}
+
 static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int64_t nb,
                                    int64_t *n_ints)
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
-    int64_t blocks = 0;
-    bool packed = false, merged = false;
+    bool packed = false, any_shared = false, merged = false;
+    uc_status rc = UC_OK;
+    if (!eng_grow((void **)&e->bt_seqs, &e->bt_seqs_cap, nb, sizeof *e->bt_seqs) ||
+        !eng_grow((void **)&e->dm_need, &e->dm_need_cap, nb, sizeof *e->dm_need)) {
+        return UC_ERRF(UC_ERR_NOMEM, "decode block table list");
+    }
+    /* at batch 256 the batch has 65K heads: they are looked at in parallel, and only the few
+     * that need a block take one (from the pool, in order) */
+    bool big = ent * L >= 8192;
+#pragma omp parallel for schedule(static) reduction(|| : packed) if (big)
     for (int64_t b = 0; b < nb; b++) {
-        for (int64_t l = 0; l < L; l++) {
-            if (eng_layer_shared(batch[b], l)) {
-                continue; /* reads its source's blocks (listed there) */
+        e->dm_need[b] = seq_needs_block(e, batch[b], &packed);
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t i = 0; e->dm_need[b] && i < L * hkv; i++) {
+            struct uc_kv_head *h = &batch[b]->kv.heads[i];
+            if (eng_layer_shared(batch[b], i / hkv)) {
+                continue;
             }
-            for (int64_t j = 0; j < hkv; j++) {
-                struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
-                uc_status rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
-                if (rc == UC_ERR_KV_FULL) {
-                    UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
-                             (long long)batch[b]->id, (long long)l);
-                }
-                if (rc != UC_OK) {
-                    return rc;
-                }
-                blocks += h->n_blocks + h->kdim;
-                packed = packed || h->kdim > 0;
-                int32_t side;
-                const struct uc_kv_head *hm = eng_mc_head(batch[b], l, j, &side);
-                if (hm) {
-                    blocks += hm->n_blocks;
-                    merged = true;
-                }
+            rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
+            if (rc == UC_ERR_KV_FULL) {
+                UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
+                         (long long)batch[b]->id, (long long)(i / hkv));
+            }
+            if (rc != UC_OK) {
+                return rc;
             }
         }
+        for (int64_t l = 0; l < L; l++) {
+            any_shared = any_shared || eng_layer_shared(batch[b], l);
+        }
+        merged = merged || batch[b]->mc_n_pairs > 0;
+        e->bt_seqs[b] = (struct uc_kv_table_seq){&batch[b]->kv, batch[b]->plan.share_src, L,
+                                                 &batch[b]->bt};
     }
+    UC_CHECK(uc_kv_table_sync(&e->bt, e->bt_seqs, nb), rc, out);
     int64_t per = eng_decode_meta_per(packed, merged), fixed = nb + per * L * ent;
-    if (!eng_grow((void **)&e->dm_host, &e->dm_cap, fixed + blocks, sizeof(int32_t))) {
+    if (!eng_grow((void **)&e->dm_host, &e->dm_cap, fixed, sizeof(int32_t))) {
         return UC_ERRF(UC_ERR_NOMEM, "decode index arrays");
     }
     e->dm_packed = packed;
     e->dm_merged = merged;
-    int32_t *m = e->dm_host, *blk = m + fixed;
-    int64_t used = 0;
+    int32_t *m = e->dm_host;
     for (int64_t b = 0; b < nb; b++) {
         m[b] = (int32_t)batch[b]->n_ctx; /* RoPE position of the new token */
     }
+#pragma omp parallel for schedule(static) if (big)
     for (int64_t l = 0; l < L; l++) {
-        int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
-        int32_t *kdim = off + ent, *coff = kdim + ent;
-        int32_t *mcn = off + (packed ? 3 : 1) * ent, *mcoff = mcn + ent, *mcside = mcoff + ent;
-        int64_t maxn = 0;
-        for (int64_t b = 0; b < nb; b++) {
-            int64_t src = batch[b]->plan.share_src[l];
-            for (int64_t j = 0; j < hkv && src != l; j++) {
-                /* KVSharer: no append (slot -1); attend over the source layer's head, whose
-                 * new token was appended at that earlier layer of this step */
-                const int32_t *sslot = m + nb + per * src * ent;
-                int64_t x = b * hkv + j;
-                slot[x] = -1;
-                ntok[x] = sslot[ent + x];
-                off[x] = sslot[2 * ent + x];
-                if (packed) { /* the source's layout (think and kvsharer do not combine: 0) */
-                    kdim[x] = sslot[3 * ent + x];
-                    coff[x] = sslot[4 * ent + x];
-                }
-                if (merged) { /* kvsharer and minicache do not combine: none */
-                    mcn[x] = mcoff[x] = mcside[x] = 0;
-                }
-                maxn = ntok[x] > maxn ? ntok[x] : maxn;
-            }
-            for (int64_t j = 0; j < hkv && src == l; j++) {
-                struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
-                int64_t x = b * hkv + j;
-                /* appends go to a block of the head's own (a fork copies the last one) */
-                UC_ASSERT(!uc_kv_block_shared(
-                    &e->kv, h->blocks[h->n_tokens / uc_kv_head_block_tokens(&e->kv, h)]));
-                int32_t sl = uc_kv_head_slot(&e->kv, h, h->n_tokens);
-                slot[x] = h->kdim > 0 ? -sl - 1 : sl;
-                h->n_tokens++;
-                ntok[x] = h->n_tokens;
-                off[x] = (int32_t)used;
-                memcpy(blk + used, h->blocks, (size_t)h->n_blocks * sizeof(int32_t));
-                used += h->n_blocks;
-                if (packed) {
-                    kdim[x] = h->kdim;
-                    coff[x] = (int32_t)used;
-                    if (h->kdim > 0) {
-                        memcpy(blk + used, h->chan, (size_t)h->kdim * sizeof(int32_t));
-                        used += h->kdim;
-                    }
-                }
-                int64_t nall = h->n_tokens;
-                if (merged) {
-                    /* MiniCache: the pair's merged rows too, with this layer's magnitudes */
-                    int32_t side = 0;
-                    const struct uc_kv_head *hm = eng_mc_head(batch[b], l, j, &side);
-                    mcn[x] = hm ? hm->n_tokens : 0;
-                    mcoff[x] = (int32_t)used;
-                    mcside[x] = side;
-                    if (hm) {
-                        memcpy(blk + used, hm->blocks, (size_t)hm->n_blocks * sizeof(int32_t));
-                        used += hm->n_blocks;
-                        nall += hm->n_tokens;
-                    }
-                }
-                maxn = nall > maxn ? nall : maxn;
-            }
-        }
-        e->dm_maxn[l] = maxn;
+        e->dm_maxn[l] = meta_layer(e, batch, nb, l, m, packed, merged);
     }
-    *n_ints = fixed + used;
-    return UC_OK;
+    for (int64_t l = 0; any_shared && l < L; l++) {
+        meta_layer_shared(e, batch, nb, l, m, packed, merged);
+    }
+    *n_ints = fixed;
+out:
+    return rc;
 }
 
 /* The decode rows' attention at layer l, from their Q/K/V in e->dqkv (rows [0, nb)) to
@@ -212,11 +257,12 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
  * cache, and with eviction each head's lowest slot dropped. Reads the uploaded index arrays. */
 uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any_evict)
 {
-    int64_t L = e->cfg->n_layers, hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
+    int64_t hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
     int64_t per = eng_decode_meta_per(e->dm_packed, e->dm_merged);
-    int64_t ld = e->sh->qkv_dim, ent = nb * hkv, fixed = nb + per * L * ent;
+    int64_t ld = e->sh->qkv_dim, ent = nb * hkv;
     const int32_t *dm = e->dm_dev;
     const int32_t *slot = dm + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
+    const int32_t *tables = e->bt.dev;
     struct seq **batch = e->batch;
     uc_status rc;
     UC_CHECK(e->be->ops->rope_append(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, e->cfg->head_dim,
@@ -224,7 +270,7 @@ uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any
              rc, out);
     struct uc_kv_batch_view view = {.n_tokens = ntok,
                                     .offset = off,
-                                    .blocks = dm + fixed,
+                                    .blocks = tables,
                                     .max_tokens = any_evict ? e->dm_maxn[l] : 0,
                                     .on_device = true};
     if (e->dm_merged) {
@@ -235,7 +281,7 @@ uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any
     if (e->dm_packed) {
         view.kdim = off + ent;
         view.coff = off + 2 * ent;
-        view.chan = dm + fixed;
+        view.chan = tables;
         UC_CHECK(e->be->ops->kv_append_packed(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, slot,
                                               view.kdim, view.coff, view.chan, nb),
                  rc, out);
@@ -305,7 +351,8 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     struct decode_graph *g = NULL;
     for (int i = 0; i < DECODE_GRAPH_SLOTS && !g; i++) {
         struct decode_graph *c = &e->graphs[i];
-        if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->epoch == epoch &&
+        if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->tables == e->bt.dev &&
+            c->epoch == epoch &&
             c->packed == e->dm_packed && c->merged == e->dm_merged) {
             g = c;
         }
@@ -338,6 +385,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     }
     g->nb = nb;
     g->meta = e->dm_dev;
+    g->tables = e->bt.dev;
     g->packed = e->dm_packed;
     g->merged = e->dm_merged;
     g->epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
@@ -349,7 +397,8 @@ out:
 }
 
 /* The start of any step with decode rows: the batch's sequences, their tokens embedded into
- * e->dx rows [0, nb), and every layer's index arrays built and uploaded in one copy. */
+ * e->dx rows [0, nb), the block tables brought up to date, and every layer's index arrays
+ * built and uploaded in one copy. */
 uc_status eng_decode_begin(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb,
                            bool *any_evict)
 {

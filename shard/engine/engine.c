@@ -203,6 +203,7 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
         goto out;
     }
     UC_CHECK(uc_kv_cache_init(&e->kv, e->be, blocks, e->p.block_tokens, d), rc, out);
+    uc_kv_table_init(&e->bt, e->be);
     UC_CHECK(e->be->ops->alloc(e->be, &e->dx, (size_t)(rows * e->cfg->hidden) * a), rc, out);
     UC_CHECK(e->be->ops->alloc(e->be, &e->dqkv, (size_t)(rows * e->sh->qkv_dim) * a), rc, out);
     e->d_tok = uc_malloc((size_t)e->p.max_batch * sizeof(int32_t));
@@ -262,6 +263,7 @@ void uc_engine_destroy(struct uc_engine *e)
         if (e->dqkv) {
             e->be->ops->free(e->be, e->dqkv);
         }
+        uc_kv_table_fini(&e->bt);
         uc_kv_cache_fini(&e->kv);
         if (e->m) {
             uc_model_ws_fini(e->m, &e->ws);
@@ -277,7 +279,7 @@ void uc_engine_destroy(struct uc_engine *e)
     void *host[] = {e->d_tok, e->sc_row, e->sc_head, e->sc_slot, e->dm_host,
                     e->dm_maxn, e->psum, e->wprob, e->colscore, e->rowscore, e->keep,
                     e->sel_scratch, e->spec, e->spec_local, e->cal_head,
-                    e->cal_hidden, e->model_dir, e->profile_path, e->batch, e->sw_seq, e->sw_left, e->dec_logits,
+                    e->cal_hidden, e->model_dir, e->profile_path, e->batch, e->sw_seq, e->sw_left, e->bt_seqs, e->dm_need, e->dec_logits,
                     e->dec_argmax, e->qs_seq, e->qs_host, e->ks_sum, e->ks_dist};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
         uc_free(host[i]);

@@ -20,6 +20,7 @@
 #include "compress/policy.h"
 #include "engine.h"
 #include "kv_cache.h"
+#include "kv_table.h"
 #include "model.h"
 
 /* Evict mode: the attention rows of a head's last W queries over its slots (slot order). */
@@ -50,6 +51,7 @@ struct seq {
     double *row_acc;  /* (n_rows) accumulated stage row scores (accum row scores) */
     struct uc_plan plan;
     struct uc_kv_seq kv;
+    struct uc_kv_table_region bt; /* its block tables in backend memory, while it decodes */
     float *logits;
     int64_t logits_rows;
     const float *logits_ext; /* this step's decode logits, in the engine's batch buffer */
@@ -110,6 +112,7 @@ struct decode_graph {
     void *exec[DECODE_GRAPH_MAX_PARTS];
     int64_t nb;
     const void *meta; /* the index buffer its ops read */
+    const void *tables; /* the block table arena they read */
     bool packed;      /* recorded with packed heads in the batch (their layout and ops) */
     bool merged;      /* recorded with MiniCache merged heads in the batch */
     uint64_t epoch;   /* the backend's workspace epoch when recorded */
@@ -144,6 +147,12 @@ struct uc_engine {
     int32_t *d_tok;
     int32_t *sc_row, *sc_head, *sc_slot; /* scatter lists */
     int64_t sc_cap;
+    /* the decoding sequences' block tables in backend memory, kept between steps */
+    struct uc_kv_table bt;
+    struct uc_kv_table_seq *bt_seqs; /* (bt_seqs_cap) a step's list */
+    int64_t bt_seqs_cap;
+    bool *dm_need; /* (dm_need_cap) a sequence of the step has a head that needs a block */
+    int64_t dm_need_cap;
     /* the decode step's index arrays for every layer, built on the host and uploaded in one
      * copy (layout: decode_meta_build) */
     int32_t *dm_host;

@@ -71,6 +71,7 @@ void eng_seq_destroy(struct uc_engine *e, struct seq *s)
     eng_free_prefill_buffers(e, s);
     eng_mc_seq_fini(e, s);
     uc_kv_seq_fini(&e->kv, &s->kv);
+    uc_kv_table_region_fini(&s->bt);
     uc_plan_fini(&s->plan);
     int64_t nh = e->cfg->n_layers * e->sh->n_heads_kv;
     if (s->kept) {

@@ -15,6 +15,7 @@
  *                  [--prefill 8192,32768] [--ctx 32768] [--budget-frac 0.1] [--reps 3]
  *                  [--decode-steps 32] [--max-batch 128] [--stage-starts 16,24] [--r-min 0.375]
  *                  [--decode-at 1:640,32:8256] [--skip-compress] [--prefill-policy full]
+ *                  [--prefill-chunk 8192]
  * (--prefill-policy: the prefill table's policy, at --budget-frac, prompt grouping) */
 #include <math.h>
 #include <stdio.h>
@@ -41,6 +42,7 @@ struct opts {
     int64_t max_batch;
     struct uc_compress_params stage;
     int64_t decode_at[16][2]; /* (batch, context) */
+    int64_t prefill_chunk;    /* rows per sweep pass; 0: the daemon's default */
     int n_decode_at;
 };
 
@@ -403,6 +405,8 @@ int main(int argc, char **argv)
             o.decode_steps = atoi(v);
         } else if (!strcmp(a, "--max-batch")) {
             o.max_batch = atoll(v);
+        } else if (!strcmp(a, "--prefill-chunk")) {
+            o.prefill_chunk = atoll(v);
         } else if (!strcmp(a, "--stage-starts")) {
             stage_starts = v;
         } else if (!strcmp(a, "--r-min")) {
@@ -440,7 +444,9 @@ int main(int argc, char **argv)
     ep.model_dir = o.model;
     ep.backend.kind = o.backend;
     ep.kv_memory_bytes = (int64_t)(o.kv_gib * 1073741824.0);
-    ep.prefill_chunk = o.backend == UC_BACKEND_CUDA ? 8192 : 512;
+    ep.prefill_chunk = o.prefill_chunk > 0                ? o.prefill_chunk
+                       : o.backend == UC_BACKEND_CUDA ? 8192
+                                                      : 512;
     ep.max_batch = o.max_batch;
     ep.profile_path = "/nonexistent/uncomp_profile.json";
     struct uc_engine *e;

@@ -1,0 +1,244 @@
+/* The decoding sequences' block tables in backend memory (kv_table.h). */
+#include "kv_table.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/mem.h"
+
+void uc_kv_table_init(struct uc_kv_table *t, struct uc_backend *be)
+{
+    memset(t, 0, sizeof *t);
+    t->be = be;
+    t->epoch = 1;
+    t->merge_gap = UC_KV_TABLE_MERGE_GAP;
+}
+
+void uc_kv_table_fini(struct uc_kv_table *t)
+{
+    if (t->dev) {
+        t->be->ops->free(t->be, t->dev);
+    }
+    uc_free(t->host);
+    uc_free(t->span);
+    memset(t, 0, sizeof *t);
+}
+
+void uc_kv_table_region_fini(struct uc_kv_table_region *r)
+{
+    UC_FREE(r->heads);
+    memset(r, 0, sizeof *r);
+}
+
+static bool head_skipped(const struct uc_kv_table_seq *s, int64_t i)
+{
+    int64_t l = i / s->kv->n_heads_kv;
+    return s->share_src && l < s->n_share && s->share_src[l] != l;
+}
+
+/* Room for a head of n blocks: a quarter more, and at least 8 (128 tokens at 16 a block). */
+static int64_t room_for(int64_t n_blocks) { return n_blocks + n_blocks / 4 + 8; }
+
+/* Ints a fresh region of s takes. */
+static int64_t region_size(const struct uc_kv_table_seq *s)
+{
+    int64_t n = 0;
+    for (int64_t i = 0; i < s->kv->n_layers * s->kv->n_heads_kv; i++) {
+        const struct uc_kv_head *h = &s->kv->heads[i];
+        n += head_skipped(s, i) ? 0 : room_for(h->n_blocks) + h->kdim;
+    }
+    return n;
+}
+
+/* Writes s's whole region at t->used into the mirror; its span is [lo, hi). */
+static uc_status region_write(struct uc_kv_table *t, const struct uc_kv_table_seq *s,
+                              int64_t *lo, int64_t *hi)
+{
+    struct uc_kv_table_region *r = s->r;
+    int64_t nh = s->kv->n_layers * s->kv->n_heads_kv;
+    if (r->n_heads != nh) {
+        struct uc_kv_table_head *h = uc_realloc(r->heads, (size_t)nh * sizeof *h);
+        if (!h) {
+            return UC_ERRF(UC_ERR_NOMEM, "kv table region heads=%lld", (long long)nh);
+        }
+        r->heads = h;
+        r->n_heads = nh;
+    }
+    *lo = t->used;
+    for (int64_t i = 0; i < nh; i++) {
+        const struct uc_kv_head *h = &s->kv->heads[i];
+        struct uc_kv_table_head *a = &r->heads[i];
+        if (head_skipped(s, i)) {
+            memset(a, 0, sizeof *a);
+            continue;
+        }
+        a->off = (int32_t)t->used;
+        a->cap = (int32_t)room_for(h->n_blocks);
+        a->n_up = h->n_blocks;
+        a->rewrites = h->rewrites;
+        memcpy(t->host + a->off, h->blocks, (size_t)h->n_blocks * sizeof(int32_t));
+        if (h->kdim > 0) {
+            memcpy(t->host + a->off + a->cap, h->chan, (size_t)h->kdim * sizeof(int32_t));
+        }
+        t->used += a->cap + h->kdim;
+    }
+    *hi = t->used;
+    r->epoch = t->epoch;
+    return UC_OK;
+}
+
+/* Adds [lo, hi) to the sync's spans, joined to the last one when the gap is at most merge_gap. */
+static bool span_add(struct uc_kv_table *t, int64_t *n, int64_t lo, int64_t hi)
+{
+    if (*n > 0 && lo >= t->span[2 * *n - 1] && lo - t->span[2 * *n - 1] <= t->merge_gap) {
+        t->span[2 * *n - 1] = hi;
+        return true;
+    }
+    if (*n == t->span_cap) {
+        int64_t cap = t->span_cap ? 2 * t->span_cap : 256;
+        int64_t *sp = uc_realloc(t->span, (size_t)(2 * cap) * sizeof *sp);
+        if (!sp) {
+            return false;
+        }
+        t->span = sp;
+        t->span_cap = cap;
+    }
+    t->span[2 * *n] = lo;
+    t->span[2 * *n + 1] = hi;
+    (*n)++;
+    return true;
+}
+
+/* When s's region holds its heads up to appended ids: writes those ids into the mirror, adds
+ * their spans and returns true. Otherwise (the region must be written whole) returns false with
+ * the spans it added taken back. *rc is set on failure (spans out of memory). */
+static bool region_append(struct uc_kv_table *t, const struct uc_kv_table_seq *s, int64_t *n_span,
+                          uc_status *rc)
+{
+    struct uc_kv_table_region *r = s->r;
+    int64_t nh = s->kv->n_layers * s->kv->n_heads_kv, n0 = *n_span;
+    if (r->epoch != t->epoch || r->n_heads != nh) {
+        return false;
+    }
+    for (int64_t i = 0; i < nh; i++) {
+        const struct uc_kv_head *h = &s->kv->heads[i];
+        struct uc_kv_table_head *a = &r->heads[i];
+        if (h->n_blocks == a->n_up && h->rewrites == a->rewrites) {
+            continue; /* unchanged, or a head that reads another layer's cache (0 == 0) */
+        }
+        if (head_skipped(s, i)) {
+            continue;
+        }
+        if (h->rewrites != a->rewrites || h->n_blocks > a->cap || h->n_blocks < a->n_up) {
+            *n_span = n0; /* the ids written stay in the old region, which is left behind */
+            return false;
+        }
+        memcpy(t->host + a->off + a->n_up, h->blocks + a->n_up,
+               (size_t)(h->n_blocks - a->n_up) * sizeof(int32_t));
+        if (!span_add(t, n_span, a->off + a->n_up, a->off + h->n_blocks)) {
+            *rc = UC_ERRF(UC_ERR_NOMEM, "kv table spans");
+            return false;
+        }
+        a->n_up = h->n_blocks;
+    }
+    return true;
+}
+
+/* Room for cap ints in both copies (their contents are dropped: a compaction rewrites them). */
+static uc_status arena_grow(struct uc_kv_table *t, int64_t cap)
+{
+    if (t->dev) {
+        t->be->ops->free(t->be, t->dev);
+        t->dev = NULL;
+    }
+    t->cap = 0;
+    int32_t *h = uc_realloc(t->host, (size_t)cap * sizeof *h);
+    if (!h) {
+        return UC_ERRF(UC_ERR_NOMEM, "kv table arena ints=%lld", (long long)cap);
+    }
+    t->host = h;
+    uc_status rc = t->be->ops->alloc(t->be, &t->dev, (size_t)cap * sizeof(int32_t));
+    if (rc != UC_OK) {
+        return rc;
+    }
+    t->cap = cap;
+    return UC_OK;
+}
+
+static int cmp_span(const void *a, const void *b)
+{
+    int64_t x = ((const int64_t *)a)[0], y = ((const int64_t *)b)[0];
+    return x < y ? -1 : x > y;
+}
+
+/* Uploads the n spans in t->span, nearby ones merged. */
+static uc_status upload_spans(struct uc_kv_table *t, int64_t n)
+{
+    qsort(t->span, (size_t)n, 2 * sizeof(int64_t), cmp_span);
+    for (int64_t i = 0; i < n;) {
+        int64_t lo = t->span[2 * i], hi = t->span[2 * i + 1];
+        for (i++; i < n && t->span[2 * i] <= hi + t->merge_gap; i++) {
+            hi = t->span[2 * i + 1] > hi ? t->span[2 * i + 1] : hi;
+        }
+        uc_status rc = t->be->ops->upload(t->be, (int32_t *)t->dev + lo, t->host + lo,
+                                          (size_t)(hi - lo) * sizeof(int32_t));
+        if (rc != UC_OK) {
+            return rc;
+        }
+        t->ints_uploaded += hi - lo;
+        t->n_uploads++;
+    }
+    return UC_OK;
+}
+
+uc_status uc_kv_table_sync(struct uc_kv_table *t, const struct uc_kv_table_seq *seqs, int64_t n)
+{
+    t->n_syncs++;
+    bool *whole = uc_malloc((size_t)(n > 0 ? n : 1) * sizeof *whole);
+    if (!whole) {
+        return UC_ERRF(UC_ERR_NOMEM, "kv table sync of %lld", (long long)n);
+    }
+    /* appended ids where a region is current; the size of what must be written whole */
+    uc_status rc = UC_OK;
+    int64_t n_span = 0, fresh = 0;
+    for (int64_t i = 0; i < n && rc == UC_OK; i++) {
+        whole[i] = !region_append(t, &seqs[i], &n_span, &rc);
+        fresh += whole[i] ? region_size(&seqs[i]) : 0;
+    }
+    if (rc != UC_OK) {
+        goto out;
+    }
+    if (t->used + fresh > t->cap) {
+        /* compaction: everything of this sync is written again from the start */
+        int64_t all = 0;
+        for (int64_t i = 0; i < n; i++) {
+            all += region_size(&seqs[i]);
+            whole[i] = true;
+        }
+        t->epoch++;
+        t->used = 0;
+        t->n_compactions++;
+        n_span = 0;
+        if (all > t->cap) {
+            rc = arena_grow(t, 2 * all);
+            if (rc != UC_OK) {
+                goto out;
+            }
+        }
+    }
+    for (int64_t i = 0; i < n && rc == UC_OK; i++) {
+        if (whole[i]) {
+            int64_t lo = 0, hi = 0;
+            rc = region_write(t, &seqs[i], &lo, &hi);
+            if (rc == UC_OK && hi > lo && !span_add(t, &n_span, lo, hi)) {
+                rc = UC_ERRF(UC_ERR_NOMEM, "kv table spans");
+            }
+        }
+    }
+    if (rc == UC_OK) {
+        rc = upload_spans(t, n_span);
+    }
+out:
+    uc_free(whole);
+    return rc;
+}
