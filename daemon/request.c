@@ -119,7 +119,8 @@ void uc_req_policy_list(char *out, size_t cap)
     }
     if (n < cap) {
         snprintf(out + n, cap - n, "; or one of them with +kvsharer, +think or +minicache "
-                 "(snapkv+kvsharer, snapkv+think, snapkv+minicache; a stage alone is full with it)");
+                 "(snapkv+kvsharer, snapkv+think, snapkv+minicache; a stage alone is full "
+                 "with it)");
     }
 }
 

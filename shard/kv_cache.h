@@ -132,8 +132,8 @@ static inline bool uc_kv_block_shared(const struct uc_kv_cache *kv, int32_t b)
 int64_t uc_kv_seq_tokens(const struct uc_kv_seq *s);
 int64_t uc_kv_seq_blocks(const struct uc_kv_seq *s);
 /* Bytes of K and V a sequence's tokens take in their rows on this rank: (kdim + D) elements
- * per token of a packed head, 2 D + 4 per merged row, 2 D of an unpacked one (what its blocks hold, less their unused
- * tail). */
+ * per token of a packed head, 2 D + 4 per merged row, 2 D of an unpacked one (what its blocks
+ * hold, less their unused tail). */
 int64_t uc_kv_seq_row_bytes(const struct uc_kv_cache *kv, const struct uc_kv_seq *s);
 /* Blocks of the pool in use (a shared block counts once). */
 int64_t uc_kv_used_blocks(const struct uc_kv_cache *kv);

@@ -93,11 +93,11 @@ static uc_status evict_head(struct uc_engine *e, struct seq *s, int64_t l, int64
  * brings the block tables in backend memory up to date (e->bt, shard/kv_table.h: only what
  * changed since the last step is written) and lays out, in int32s, pos (B) | for each layer l:
  * slot (E), n_tokens (E), offset (E) and, when a sequence of the batch has packed heads (ThinK),
- * kdim (E) and coff (E), and when one has merged heads (MiniCache: decode_meta_per), mc_n (E),
- * mc_off (E, the merged head's ids in the arena) and mc_side (E); E = B Hkv. Offsets are into the arena of block tables (a head's block
- * ids; a packed head's kept channels at coff). A packed entry's slot is -(packed slot) - 1. The
- * layout depends only on B and whether any head is packed, so a recorded step stays valid while
- * this buffer and the arena do. */
+ * kdim (E) and coff (E), and when one has merged heads (MiniCache: eng_decode_meta_per), mc_n
+ * (E), mc_off (E: the merged head's ids) and mc_side (E); E = B Hkv. Offsets are into the arena
+ * of block tables (a head's block ids; a packed head's kept channels at coff). A packed entry's
+ * slot is -(packed slot) - 1. The layout depends only on B and whether any head is packed or
+ * merged, so a recorded step stays valid while this buffer and the arena do. */
 /* Whether a head of s needs another block for its next token (at most steps none does), and
  * whether s has packed heads. */
 static bool seq_needs_block(const struct uc_engine *e, const struct seq *s, bool *packed)

@@ -796,7 +796,8 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
     pools_make(&p, n_blocks, bt, d, seed + 1);
     struct qkv q;
     qkv_make(&q, n_rows, h, hkv, d, seed + 2);
-    struct uc_kv_batch_view view = {ntok, off, perm, total, maxn, false, NULL, NULL, NULL, NULL, NULL, NULL};
+    struct uc_kv_batch_view view = {ntok, off,  perm, total, maxn, false,
+                                    NULL, NULL, NULL, NULL,  NULL, NULL};
     void *og = NULL, *oc = NULL;
     gpu->ops->alloc(gpu, &og, (size_t)(n_rows * h * d) * gpu->ops->act_size(gpu));
     cpu->ops->alloc(cpu, &oc, (size_t)(n_rows * h * d) * sizeof(float));
@@ -1461,7 +1462,8 @@ static void bench_decode(int64_t rows, int64_t ctx)
     gpu->ops->kv_pool_create(gpu, &b.pool, nb, bt, d);
     gpu->ops->weight_random(gpu, &b.q, rows, b.ld, 5, 0.0f, 1.0f);
     gpu->ops->alloc(gpu, &b.out, (size_t)(rows * h * d) * gpu->ops->act_size(gpu));
-    b.view = (struct uc_kv_batch_view){ntok, off, blocks, nb, ctx, false, NULL, NULL, NULL, NULL, NULL, NULL};
+    b.view = (struct uc_kv_batch_view){ntok, off,  blocks, nb,   ctx,  false,
+                                       NULL, NULL, NULL,   NULL, NULL, NULL};
     double t = time_op(run_dec, &b, 20);
     double bytes = 2.0 * (double)entries * (double)ctx * (double)d * 2.0;
     printf("bench attn_decode B=%lld ctx=%lld H=32 Hkv=8 D=128: %.1f us %.0f GB/s (K+V read)\n",

@@ -1424,7 +1424,8 @@ static void test_minicache_rules(void **state)
     float dir[4], na, nb;
     uc_minicache_merge(dir, &na, &nb, a2, b, 4, 0.6f);
     assert_true(fabsf(na - 5.0f) < 1e-6f && fabsf(nb - 2.0f) < 1e-6f);
-    assert_true(fabs(dir[0] - cos(0.6 * M_PI / 2)) < 1e-6 && fabs(dir[1] - sin(0.6 * M_PI / 2)) < 1e-6);
+    assert_true(fabs(dir[0] - cos(0.6 * M_PI / 2)) < 1e-6 &&
+                fabs(dir[1] - sin(0.6 * M_PI / 2)) < 1e-6);
     uc_minicache_merge(dir, &na, &nb, a2, b, 4, 0.0f); /* t = 0: layer a's direction */
     assert_true(fabsf(dir[0] - 1.0f) < 1e-6f && fabsf(dir[1]) < 1e-6f);
     uc_minicache_merge(dir, &na, &nb, a, a2, 4, 0.6f); /* parallel: that direction */
