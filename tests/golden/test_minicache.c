@@ -92,6 +92,9 @@ static void check_memory_full(struct uc_engine *e, const int32_t *ids)
              rb.minicache_start, (long long)rb.minicache_merged, (long long)rb.minicache_retained);
     TU_CHECK(rb.kv_blocks_held_local == u2 - u1, "report holds %lld blocks, the pool %lld",
              (long long)rb.kv_blocks_held_local, (long long)(u2 - u1));
+    int64_t first = -1;
+    TU_CHECK(uc_engine_diagnose_nonfinite(e, 2, &first) == UC_OK && first == L,
+             "the non-finite diagnosis of merged rows says layer %lld", (long long)first);
     int64_t asz = (int64_t)uc_engine_kv_bytes_per_token(e) / (2 * d);
     int64_t rows = (L * hkv * PROMPT - 2 * pairs * hkv * merged) * 2 * d +
                    pairs * hkv * merged * (2 * d + UC_KV_MERGED_EXTRA);
