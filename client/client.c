@@ -845,6 +845,10 @@ static void copy_report(struct uc_compression_report *r, const Uncomp__V1__Compr
     r->plan_checksum = m->plan_checksum;
     r->shared_layers = m->shared_layers;
     r->key_channels = m->key_channels;
+    r->minicache_pairs = m->minicache_pairs;
+    r->minicache_start = m->minicache_start;
+    r->minicache_merged = m->minicache_merged;
+    r->minicache_retained = m->minicache_retained;
 }
 
 /* Copies the Complete message of a GenerateResponse (raw: its wire bytes). */
@@ -1004,6 +1008,10 @@ static uc_status build_options(struct gen_req *g, const struct uc_sampling *s,
     g->compression.stage_starts = (uint32_t *)(uintptr_t)cp->stage_starts;
     g->compression.r_min = cp->r_min;
     g->compression.think_ratio = cp->think_ratio;
+    g->compression.minicache_t = cp->minicache_t;
+    g->compression.minicache_gamma = cp->minicache_gamma;
+    g->compression.minicache_retain_none = cp->minicache_retain_none;
+    g->compression.minicache_start = cp->minicache_start;
     return UC_OK;
 }
 

@@ -169,6 +169,10 @@ struct uc_compression {
     size_t n_stage_starts;
     float r_min;
     float think_ratio;          /* with a +think policy: share of key channels pruned; 0 = 0.4 */
+    float minicache_t;          /* with +minicache: SLERP t; 0 = 0.6 */
+    float minicache_gamma;      /* with +minicache: share kept unmerged; 0 = 0.05 */
+    bool minicache_retain_none; /* with +minicache: keep no common token unmerged */
+    uint32_t minicache_start;   /* with +minicache: first merged layer; 0 = half the layers */
 };
 
 /* One Generate request: exactly one of `text` or `token_ids` (n_token_ids > 0). */
@@ -260,6 +264,10 @@ struct uc_compression_report {
     uint64_t plan_checksum;
     uint32_t shared_layers; /* KVSharer: layers reading another layer's cache (no KV held) */
     uint32_t key_channels;  /* ThinK: key channels each KV head keeps (head_dim without) */
+    uint32_t minicache_pairs;    /* MiniCache: layer pairs merged (0 without +minicache) */
+    uint32_t minicache_start;    /* its first merged layer */
+    uint64_t minicache_merged;   /* (token, KV head)s stored once for two layers */
+    uint64_t minicache_retained; /* common tokens kept unmerged */
 };
 
 struct uc_client_timing {

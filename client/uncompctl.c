@@ -97,11 +97,14 @@ static const char usage_generate[] =
     "      --logprobs N            return top-N log-probabilities per token\n"
     "Compression (unset = the server's default policy):\n"
     "      --policy NAME           full, uncomp, uncomp-stage, snapkv, pyramidkv,\n"
-    "                              streamingllm, h2o; +kvsharer and +think compose\n"
-    "                              (snapkv+kvsharer, snapkv+think)\n"
+    "                              streamingllm, h2o; +kvsharer, +think and +minicache\n"
+    "                              compose (snapkv+kvsharer, snapkv+think, snapkv+minicache)\n"
     "      --kv-budget N           mean KV tokens kept per head and layer\n"
     "      --window N  --pool-kernel N  --sink-tokens N  --head-groups N  --r-min X\n"
     "      --think-ratio X         with +think: share of key channels pruned (default 0.4)\n"
+    "      --minicache-t X  --minicache-gamma X  --minicache-start L\n"
+    "                              with +minicache: SLERP t (0.6), share of common tokens\n"
+    "                              kept unmerged (0.05), first merged layer (L/2)\n"
     "      --decode-mode MODE      append or evict\n"
     "      --grouping G            profile or prompt\n"
     "      --stage-starts L1,L2    explicit uncomp-stage boundaries (layers)\n"
@@ -416,6 +419,9 @@ enum {
     OPT_HEAD_GROUPS,
     OPT_R_MIN,
     OPT_THINK_RATIO,
+    OPT_MINICACHE_T,
+    OPT_MINICACHE_GAMMA,
+    OPT_MINICACHE_START,
     OPT_DECODE_MODE,
     OPT_GROUPING,
     OPT_STAGE_STARTS,
@@ -509,6 +515,12 @@ static void json_report(FILE *f, const struct uc_compression_report *r)
     fprintf(f, ",\"plan_checksum\":\"%016" PRIx64 "\"", r->plan_checksum);
     uc_ctl_json_field_num(f, "shared_layers", r->shared_layers);
     uc_ctl_json_field_num(f, "key_channels", r->key_channels);
+    if (r->minicache_pairs) {
+        uc_ctl_json_field_num(f, "minicache_pairs", r->minicache_pairs);
+        uc_ctl_json_field_num(f, "minicache_start", r->minicache_start);
+        uc_ctl_json_field_num(f, "minicache_merged", (double)r->minicache_merged);
+        uc_ctl_json_field_num(f, "minicache_retained", (double)r->minicache_retained);
+    }
     fputc('}', f);
 }
 
@@ -569,6 +581,11 @@ static void verbose_completion(FILE *f, const struct uc_completion *c)
             r->policy, r->kv_budget, r->decode_mode, r->grouping, r->kv_tokens_full,
             r->kv_tokens_kept, r->kv_bytes_full, r->kv_bytes_kept, r->ratio, r->compress_ms,
             r->plan_checksum, r->shared_layers, r->key_channels);
+    if (r->minicache_pairs) {
+        fprintf(f, "  minicache: %" PRIu32 " pairs from layer %" PRIu32 ", %" PRIu64
+                " merged, %" PRIu64 " retained\n", r->minicache_pairs, r->minicache_start,
+                r->minicache_merged, r->minicache_retained);
+    }
     if (r->n_stage_rows || r->n_stage_starts) {
         fprintf(f, "  stages: starts");
         for (size_t i = 0; i < r->n_stage_starts; i++) {
@@ -865,6 +882,16 @@ static void gen_opt(int opt, const char *arg, void *user)
     case OPT_THINK_RATIO:
         c->think_ratio = num_float(cmd, "--think-ratio", arg, 0, 1);
         break;
+    case OPT_MINICACHE_T:
+        c->minicache_t = num_float(cmd, "--minicache-t", arg, 0, 1);
+        break;
+    case OPT_MINICACHE_GAMMA:
+        c->minicache_gamma = num_float(cmd, "--minicache-gamma", arg, 0, 1);
+        c->minicache_retain_none = c->minicache_gamma == 0.0f;
+        break;
+    case OPT_MINICACHE_START:
+        c->minicache_start = num_u32(cmd, "--minicache-start", arg);
+        break;
     case OPT_DECODE_MODE:
         c->decode_mode = arg;
         break;
@@ -906,6 +933,9 @@ static void gen_opt(int opt, const char *arg, void *user)
     {"head-groups", required_argument, NULL, OPT_HEAD_GROUPS}, \
     {"r-min", required_argument, NULL, OPT_R_MIN}, \
     {"think-ratio", required_argument, NULL, OPT_THINK_RATIO}, \
+    {"minicache-t", required_argument, NULL, OPT_MINICACHE_T}, \
+    {"minicache-gamma", required_argument, NULL, OPT_MINICACHE_GAMMA}, \
+    {"minicache-start", required_argument, NULL, OPT_MINICACHE_START}, \
     {"decode-mode", required_argument, NULL, OPT_DECODE_MODE}, \
     {"grouping", required_argument, NULL, OPT_GROUPING}, \
     {"stage-starts", required_argument, NULL, OPT_STAGE_STARTS},

@@ -9,6 +9,7 @@
 
 #include "base/mem.h"
 #include "base/util.h"
+#include "compress/minicache.h"
 #include "compress/think.h"
 
 static const char *policy_names[UC_POLICY_COUNT] = {
@@ -26,6 +27,9 @@ static const struct stage_desc {
      "a shared layer reads its source layer's keys for every prompt row, and uncomp-stage drops "
      "rows between layers"},
     {"think", UC_STAGE_THINK, 0, ""},
+    {"minicache", UC_STAGE_MINICACHE, 1u << UC_POLICY_UNCOMP_STAGE,
+     "a merged pair needs both layers' rows of every token, and uncomp-stage drops rows between "
+     "layers"},
 };
 #define N_STAGES ((int)(sizeof stage_table / sizeof stage_table[0]))
 
@@ -158,6 +162,19 @@ float uc_policy_think_ratio(const struct uc_compress_params *p)
         return 0.0f;
     }
     return p->think_ratio > 0.0f ? p->think_ratio : UC_THINK_DEFAULT_RATIO;
+}
+
+float uc_policy_minicache_t(const struct uc_compress_params *p)
+{
+    return p->minicache_t > 0.0f ? p->minicache_t : UC_MINICACHE_DEFAULT_T;
+}
+
+float uc_policy_minicache_gamma(const struct uc_compress_params *p)
+{
+    if (p->minicache_gamma < 0.0f) {
+        return 0.0f;
+    }
+    return p->minicache_gamma > 0.0f ? p->minicache_gamma : UC_MINICACHE_DEFAULT_GAMMA;
 }
 
 uc_status uc_share_pairs_validate(const struct uc_share_pair *pairs, int32_t n, int64_t n_layers,
@@ -343,6 +360,31 @@ uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_
     if ((p->stages & UC_STAGE_THINK) && uc_policy_kvsharer(p)) {
         BAD("compression.policy: think does not combine with kvsharer yet (a shared layer would "
             "read its source layer's pruned keys with its own queries)");
+    }
+    if (!(p->minicache_t >= 0.0f && p->minicache_t <= 1.0f)) {
+        BAD("compression.minicache_t=%g must be in [0, 1]", (double)p->minicache_t);
+    }
+    if (!(p->minicache_gamma >= -1.0f && p->minicache_gamma <= 1.0f)) {
+        BAD("compression.minicache_gamma=%g must be in [0, 1] (negative: none retained)",
+            (double)p->minicache_gamma);
+    }
+    if (p->minicache_start < 0 || p->minicache_start >= n_layers) {
+        BAD("compression.minicache_start=%d must be in [0, %lld) (0: half the layers)",
+            p->minicache_start, (long long)n_layers);
+    }
+    if (uc_policy_minicache(p)) {
+        if (uc_minicache_start(p->minicache_start, n_layers) + 1 >= n_layers) {
+            BAD("compression.minicache_start=%d leaves no pair of layers to merge (L=%lld)",
+                p->minicache_start, (long long)n_layers);
+        }
+        if (p->stages & (UC_STAGE_KVSHARER | UC_STAGE_THINK)) {
+            BAD("compression.policy: minicache does not combine with kvsharer or think yet (a "
+                "merged row holds both layers' whole key and value directions)");
+        }
+        if (p->decode_mode == UC_DECODE_EVICT && p->policy != UC_POLICY_FULL) {
+            BAD("compression.decode_mode=evict does not combine with minicache (merged rows "
+                "are shared by two layers, which would evict different tokens)");
+        }
     }
     if (p->n_stage_starts < 0 || p->n_stage_starts > UC_MAX_STAGES - 1) {
         BAD("compression.stage_starts: at most %d boundaries", UC_MAX_STAGES - 1);

@@ -45,6 +45,7 @@ enum uc_grouping {
 enum uc_stage_flag {
     UC_STAGE_KVSHARER = 1u << 0, /* KVSharer: a later layer reads an earlier layer's KV cache */
     UC_STAGE_THINK = 1u << 1,    /* ThinK: each KV head keeps only its best key channels */
+    UC_STAGE_MINICACHE = 1u << 2, /* MiniCache: adjacent layer pairs share merged K/V directions */
 };
 
 /* KVSharer: layer dst holds no KV of its own and attends over layer src's cache (src < dst). */
@@ -81,6 +82,12 @@ struct uc_compress_params {
     /* With UC_STAGE_THINK: share of each KV head's key channels pruned (lambda); 0 = the
      * paper's default, UC_THINK_DEFAULT_RATIO (uc_policy_think_ratio). */
     float think_ratio;
+    /* With UC_STAGE_MINICACHE (compress/minicache.h): the first merged layer (0: L / 2), the
+     * SLERP parameter t (0: 0.6) and the share of common tokens kept unmerged (0: 0.05; a
+     * negative value: none). */
+    int32_t minicache_start;
+    float minicache_t;
+    float minicache_gamma;
 };
 
 enum uc_row_score {
@@ -110,6 +117,13 @@ uc_status uc_policy_spec_parse(const char *spec, struct uc_compress_params *p, c
 int uc_policy_spec_name(const struct uc_compress_params *p, char *buf, size_t size);
 /* ThinK's share of key channels pruned for p: 0 without the think stage. */
 float uc_policy_think_ratio(const struct uc_compress_params *p);
+/* MiniCache's parameters for p with the defaults filled in (uc_policy_minicache: the stage). */
+static inline bool uc_policy_minicache(const struct uc_compress_params *p)
+{
+    return (p->stages & UC_STAGE_MINICACHE) != 0;
+}
+float uc_policy_minicache_t(const struct uc_compress_params *p);
+float uc_policy_minicache_gamma(const struct uc_compress_params *p);
 /* Whether p shares layers' KV caches (KVSharer). */
 static inline bool uc_policy_kvsharer(const struct uc_compress_params *p)
 {

@@ -95,7 +95,8 @@ static const struct uc_cfg_option options[] = {
     /* default compression */
     {"policy", UC_CFG_STR, OFF(policy), "full", 0, 0, 0,
      "default compression: full, uncomp, uncomp-stage, snapkv, pyramidkv, streamingllm, h2o; "
-     "+kvsharer and +think compose (snapkv+kvsharer, snapkv+think)"},
+     "+kvsharer, +think and +minicache compose (snapkv+kvsharer, snapkv+think, "
+     "snapkv+minicache)"},
     {"kv-budget", UC_CFG_INT, OFF(kv_budget), "128", 1, 1 << 24, 0,
      "default mean tokens kept per KV head per layer"},
     {"window", UC_CFG_INT, OFF(window), "8", 1, 64, 0, "observation window W"},
@@ -108,6 +109,12 @@ static const struct uc_cfg_option options[] = {
      "uncomp-stage: share of prompt rows the last stage keeps"},
     {"think-ratio", UC_CFG_DBL, OFF(think_ratio), "0.4", 0.01, 0.99, 0,
      "with a +think policy (ThinK): share of each KV head's key channels pruned"},
+    {"minicache-t", UC_CFG_DBL, OFF(minicache_t), "0.6", 0.01, 1, 0,
+     "with a +minicache policy (MiniCache): SLERP parameter t between a pair's layers"},
+    {"minicache-gamma", UC_CFG_DBL, OFF(minicache_gamma), "0.05", 0, 1, 0,
+     "with a +minicache policy: share of a pair's common tokens kept unmerged"},
+    {"minicache-start", UC_CFG_INT, OFF(minicache_start), "0", 0, 4096, 0,
+     "with a +minicache policy: first merged layer (0: half the layers)"},
     {"decode-mode", UC_CFG_STR, OFF(decode_mode), "append", 0, 0, 0, "append or evict"},
     {"grouping", UC_CFG_STR, OFF(grouping), "profile", 0, 0, 0,
      "uncomp head groups from the calibration profile or the prompt"},

@@ -74,6 +74,9 @@ struct uc_config {
     double spread;
     double r_min;
     double think_ratio;
+    double minicache_t;
+    double minicache_gamma;
+    int64_t minicache_start;
     char *decode_mode;
     char *grouping;
     char *stage_starts;

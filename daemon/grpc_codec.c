@@ -313,6 +313,12 @@ static uc_status decode_compress(struct uc_req *r, const Uncomp__V1__Compression
     o->r_min = c->r_min;
     o->has_think_ratio = c->think_ratio != 0.0f;
     o->think_ratio = c->think_ratio;
+    o->has_minicache_t = c->minicache_t != 0.0f;
+    o->minicache_t = c->minicache_t;
+    o->has_minicache_gamma = c->minicache_gamma != 0.0f || c->minicache_retain_none;
+    o->minicache_gamma = c->minicache_retain_none ? 0.0 : c->minicache_gamma;
+    o->has_minicache_start = c->minicache_start != 0;
+    o->minicache_start = c->minicache_start;
     return UC_OK;
 }
 
@@ -895,6 +901,10 @@ static bool report_pb(struct arena *a, Uncomp__V1__CompressionReport *rep,
     rep->compress_ms = r->compress_ms;
     rep->plan_checksum = r->plan_checksum;
     rep->key_channels = (uint32_t)(r->key_channels > 0 ? r->key_channels : 0);
+    rep->minicache_pairs = (uint32_t)(r->minicache_pairs > 0 ? r->minicache_pairs : 0);
+    rep->minicache_start = (uint32_t)(r->minicache_start > 0 ? r->minicache_start : 0);
+    rep->minicache_merged = (uint64_t)(r->minicache_merged > 0 ? r->minicache_merged : 0);
+    rep->minicache_retained = (uint64_t)(r->minicache_retained > 0 ? r->minicache_retained : 0);
     int32_t ns = r->n_stages;
     if (ns > UC_MAX_STAGES + 1) {
         ns = UC_MAX_STAGES + 1;

@@ -61,6 +61,10 @@ uc_status uc_config_compress(const struct uc_config *c, int64_t n_layers,
     p.spread = (float)c->spread;
     p.r_min = (float)c->r_min;
     p.think_ratio = (float)c->think_ratio; /* used with a +think policy */
+    /* used with a +minicache policy; gamma 0 asks for none retained */
+    p.minicache_t = (float)c->minicache_t;
+    p.minicache_gamma = c->minicache_gamma > 0.0 ? (float)c->minicache_gamma : -1.0f;
+    p.minicache_start = (int32_t)c->minicache_start;
     const char *sp = c->stage_starts;
     while (*sp) {
         char *end;

@@ -252,7 +252,8 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
     static const char *const known[] = {"policy", "kv_budget", "window", "pool_kernel",
                                         "sink_tokens", "head_groups", "decode_mode",
                                         "grouping", "stage_starts", "r_min",
-                                        "think_ratio", NULL};
+                                        "think_ratio", "minicache_t", "minicache_gamma",
+                                        "minicache_start", NULL};
     const cJSON *f;
     cJSON_ArrayForEach(f, u) {
         bool ok = false;
@@ -262,7 +263,8 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
         if (!ok) {
             return bad(p, "uncomp", "uncomp.%.40s is not a compression parameter (policy, "
                        "kv_budget, window, pool_kernel, sink_tokens, head_groups, decode_mode, "
-                       "grouping, stage_starts, r_min, think_ratio)", f->string);
+                       "grouping, stage_starts, r_min, think_ratio, minicache_t, minicache_gamma, "
+                       "minicache_start)", f->string);
         }
     }
     g->has_compress = true;
@@ -319,8 +321,33 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
     if (rc != UC_OK) {
         return rc;
     }
-    return get_num(p, u, "think_ratio", "uncomp.think_ratio", &c->think_ratio,
-                   &c->has_think_ratio);
+    rc = get_num(p, u, "think_ratio", "uncomp.think_ratio", &c->think_ratio,
+                 &c->has_think_ratio);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    rc = get_num(p, u, "minicache_t", "uncomp.minicache_t", &c->minicache_t,
+                 &c->has_minicache_t);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    rc = get_num(p, u, "minicache_gamma", "uncomp.minicache_gamma", &c->minicache_gamma,
+                 &c->has_minicache_gamma);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    double start = 0.0;
+    bool has_start = false;
+    rc = get_num(p, u, "minicache_start", "uncomp.minicache_start", &start, &has_start);
+    if (rc != UC_OK || !has_start) {
+        return rc;
+    }
+    if (!(start >= 0.0 && start <= 65536.0) || start != floor(start)) {
+        return bad(p, "uncomp", "uncomp.minicache_start=%g must be a layer number", start);
+    }
+    c->has_minicache_start = true;
+    c->minicache_start = (int64_t)start;
+    return UC_OK;
 }
 
 static uc_status decode_sampling(struct pctx *p, struct uc_req *g, const cJSON *root)
@@ -720,6 +747,15 @@ static void add_report(cJSON *o, const struct uc_oai_choice *c)
     cJSON_AddNumberToObject(u, "kv_bytes_full", (double)rp->kv_bytes_full);
     cJSON_AddNumberToObject(u, "kv_bytes_kept", (double)rp->kv_bytes_kept);
     cJSON_AddNumberToObject(u, "key_channels", (double)rp->key_channels);
+    if (rp->minicache_pairs > 0) {
+        cJSON *mc = cJSON_AddObjectToObject(u, "minicache");
+        if (mc) {
+            cJSON_AddNumberToObject(mc, "pairs", rp->minicache_pairs);
+            cJSON_AddNumberToObject(mc, "start", rp->minicache_start);
+            cJSON_AddNumberToObject(mc, "merged", (double)rp->minicache_merged);
+            cJSON_AddNumberToObject(mc, "retained", (double)rp->minicache_retained);
+        }
+    }
     cJSON_AddNumberToObject(u, "ratio", isfinite(rp->ratio) ? rp->ratio : 0.0);
     cJSON_AddNumberToObject(u, "compress_ms", rp->compress_ms);
     cJSON *t = cJSON_AddObjectToObject(u, "timing_ms");

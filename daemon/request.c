@@ -49,6 +49,9 @@ static const char *const grpc_names[UC_REQ_F_COUNT] = {
     [UC_REQ_F_STAGE_STARTS] = "compression.stage_starts",
     [UC_REQ_F_R_MIN] = "compression.r_min",
     [UC_REQ_F_THINK_RATIO] = "compression.think_ratio",
+    [UC_REQ_F_MINICACHE_T] = "compression.minicache_t",
+    [UC_REQ_F_MINICACHE_GAMMA] = "compression.minicache_gamma",
+    [UC_REQ_F_MINICACHE_START] = "compression.minicache_start",
 };
 
 static const char *const http_names[UC_REQ_F_COUNT] = {
@@ -83,6 +86,9 @@ static const char *const http_names[UC_REQ_F_COUNT] = {
     [UC_REQ_F_STAGE_STARTS] = "uncomp.stage_starts",
     [UC_REQ_F_R_MIN] = "uncomp.r_min",
     [UC_REQ_F_THINK_RATIO] = "uncomp.think_ratio",
+    [UC_REQ_F_MINICACHE_T] = "uncomp.minicache_t",
+    [UC_REQ_F_MINICACHE_GAMMA] = "uncomp.minicache_gamma",
+    [UC_REQ_F_MINICACHE_START] = "uncomp.minicache_start",
 };
 
 const char *uc_req_field_name(enum uc_req_front front, enum uc_req_kind kind,
@@ -112,8 +118,9 @@ void uc_req_policy_list(char *out, size_t cap)
                               uc_policy_name((enum uc_policy)i));
     }
     if (n < cap) {
-        snprintf(out + n, cap - n, "; or one of them with +kvsharer or +think (snapkv+kvsharer, "
-                 "snapkv+think; a stage alone is full with it)");
+        snprintf(out + n, cap - n, "; or one of them with +kvsharer, +think or +minicache "
+                 "(snapkv+kvsharer, snapkv+think, snapkv+minicache; a stage alone is full "
+                 "with it)");
     }
 }
 
@@ -293,7 +300,7 @@ uc_status uc_req_compress_resolve(const struct uc_req_compress *in,
     char pmsg[512];
     if (in->policy && in->policy[0] &&
         uc_policy_spec_parse(in->policy, &cp, pmsg, sizeof pmsg) != UC_OK) {
-        char names[256];
+        char names[320];
         uc_req_policy_list(names, sizeof names);
         if (strstr(pmsg, "unknown policy or stage") || strstr(pmsg, "not a policy")) {
             return CBAD(UC_REQ_F_POLICY, "policy", "%spolicy=\"%.64s\" is unknown; use one of: %s",
@@ -379,6 +386,42 @@ uc_status uc_req_compress_resolve(const struct uc_req_compress *in,
                         uc_policy_name(cp.policy));
         }
         cp.think_ratio = (float)in->think_ratio;
+    }
+    bool mc = (cp.stages & UC_STAGE_MINICACHE) != 0;
+    if (in->has_minicache_t) {
+        if (!(in->minicache_t > 0.0 && in->minicache_t <= 1.0)) {
+            return CBAD(UC_REQ_F_MINICACHE_T, "minicache_t", "%sminicache_t=%g must be in (0, 1]",
+                        prefix, in->minicache_t);
+        }
+        if (!mc) {
+            return CBAD(UC_REQ_F_MINICACHE_T, "minicache_t",
+                        "%sminicache_t needs a policy with +minicache", prefix);
+        }
+        cp.minicache_t = (float)in->minicache_t;
+    }
+    if (in->has_minicache_gamma) {
+        if (!(in->minicache_gamma >= 0.0 && in->minicache_gamma <= 1.0)) {
+            return CBAD(UC_REQ_F_MINICACHE_GAMMA, "minicache_gamma",
+                        "%sminicache_gamma=%g must be in [0, 1]", prefix, in->minicache_gamma);
+        }
+        if (!mc) {
+            return CBAD(UC_REQ_F_MINICACHE_GAMMA, "minicache_gamma",
+                        "%sminicache_gamma needs a policy with +minicache", prefix);
+        }
+        /* 0 here means none retained; in the engine's parameters 0 is the default */
+        cp.minicache_gamma = in->minicache_gamma > 0.0 ? (float)in->minicache_gamma : -1.0f;
+    }
+    if (in->has_minicache_start) {
+        if (in->minicache_start < 1 || in->minicache_start >= n_layers - 1) {
+            return CBAD(UC_REQ_F_MINICACHE_START, "minicache_start",
+                        "%sminicache_start=%lld must be in [1, %lld)", prefix,
+                        (long long)in->minicache_start, (long long)(n_layers - 1));
+        }
+        if (!mc) {
+            return CBAD(UC_REQ_F_MINICACHE_START, "minicache_start",
+                        "%sminicache_start needs a policy with +minicache", prefix);
+        }
+        cp.minicache_start = (int32_t)in->minicache_start;
     }
 #undef CBAD
     char why[256];

@@ -72,6 +72,9 @@ enum uc_req_field {
     UC_REQ_F_STAGE_STARTS,
     UC_REQ_F_R_MIN,
     UC_REQ_F_THINK_RATIO,
+    UC_REQ_F_MINICACHE_T,
+    UC_REQ_F_MINICACHE_GAMMA,
+    UC_REQ_F_MINICACHE_START,
     UC_REQ_F_COUNT,
 };
 
@@ -122,6 +125,12 @@ struct uc_req_compress {
     double r_min;
     bool has_think_ratio;      /* ThinK's pruned share, with a "+think" policy */
     double think_ratio;
+    bool has_minicache_t;      /* MiniCache's SLERP t, with a "+minicache" policy */
+    double minicache_t;
+    bool has_minicache_gamma;  /* MiniCache's retained share (0: none retained) */
+    double minicache_gamma;
+    bool has_minicache_start;  /* MiniCache's first merged layer */
+    int64_t minicache_start;
 };
 
 /* One prompt: text (text != NULL) or token ids. */

@@ -47,6 +47,19 @@ static inline int64_t uc_kv_packed_tokens(int64_t block_tokens, int64_t head_dim
     return kdim <= 0 ? block_tokens : 2 * block_tokens * head_dim / (kdim + head_dim);
 }
 
+/* Merged rows (MiniCache, compress/minicache.h): the tokens a layer pair (a, b) merged are held
+ * once for the pair, each as one row of 2 D + 4 values: the shared key direction (D), the
+ * shared value direction (D), then the key magnitudes of layers a and b and the value
+ * magnitudes of a and b. Rows are packed across a block's K and V areas as packed heads' rows
+ * are (element i of block b is k[b bt D + i] for i < bt D, v[...] after), so a block holds
+ * uc_kv_merged_tokens rows instead of bt tokens of one layer. Layer a restores a key as
+ * k_mag_a * key_dir, layer b as k_mag_b * key_dir (values alike). */
+#define UC_KV_MERGED_EXTRA 4
+static inline int64_t uc_kv_merged_tokens(int64_t block_tokens, int64_t head_dim)
+{
+    return 2 * block_tokens * head_dim / (2 * head_dim + UC_KV_MERGED_EXTRA);
+}
+
 /* One decode batch's view of the paged cache for one layer: for row b and local KV head j,
  * entry e = b * Hkv + j holds n_tokens[e] tokens in blocks blocks[offset[e] ...]. With
  * on_device the three arrays are already in backend memory (uploaded once for a whole decode
@@ -66,6 +79,12 @@ struct uc_kv_batch_view {
     const int32_t *kdim;     /* (B * Hkv) */
     const int32_t *coff;     /* (B * Hkv) */
     const int32_t *chan;
+    /* Merged entries (NULL when the batch has none): entry e also attends over mc_n[e] merged
+     * rows (MiniCache) in blocks blocks[mc_off[e] ...], restored with the magnitudes of side
+     * mc_side[e] (0: the pair's layer a, 1: layer b). Same memory as the arrays above. */
+    const int32_t *mc_n;     /* (B * Hkv) */
+    const int32_t *mc_off;   /* (B * Hkv) */
+    const int32_t *mc_side;  /* (B * Hkv) */
 };
 
 struct uc_backend_ops {
@@ -229,6 +248,22 @@ struct uc_backend_ops {
     uc_status (*kv_nonfinite)(struct uc_backend *be, const struct uc_kv_pool_view *pool,
                               const int32_t *blocks, const int32_t *n_valid, const int32_t *kdim,
                               int64_t n, int32_t *bad);
+    /* MiniCache, at the end of a merged pair's second layer b in prefill: for e < n, the
+     * angular distances (compress/minicache.h) between layer a's cached token at (unpacked)
+     * slot a_slot[e] and layer b's row src_row[e], KV head `head`, of k_src/v_src ((rows, ld)
+     * activations): dist[2 e] of the keys, dist[2 e + 1] of the values. a_slot, src_row and
+     * dist are host arrays; the call synchronises. */
+    uc_status (*kv_merge_dist)(struct uc_backend *be, double *dist,
+                               const struct uc_kv_pool_view *pool, const int32_t *a_slot,
+                               const void *k_src, const void *v_src, int64_t ld,
+                               const int32_t *src_row, int64_t head, int64_t n);
+    /* MiniCache: for e < n, merged row m_slot[e] (layout above) gets the SLERP at t of layer
+     * a's token at slot a_slot[e] and layer b's row src_row[e] (as in kv_merge_dist), and the
+     * four magnitudes. Host index arrays. */
+    uc_status (*kv_merge_write)(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                const int32_t *a_slot, const void *k_src, const void *v_src,
+                                int64_t ld, const int32_t *src_row, int64_t head,
+                                const int32_t *m_slot, int64_t n, float t);
     /* Copies one slot of the pool to another (evict mode compaction). */
     uc_status (*kv_move)(struct uc_backend *be, struct uc_kv_pool_view *pool, int32_t dst_slot,
                          int32_t src_slot);

@@ -16,6 +16,7 @@
 #include "base/mem.h"
 #include "base/util.h"
 #include "compress/entropy.h"
+#include "compress/minicache.h"
 
 #define ATT_BLOCK 64 /* query rows per attention block */
 
@@ -750,6 +751,58 @@ static uc_status cpu_kv_move_packed(struct uc_backend *be, struct uc_kv_pool_vie
     return UC_OK;
 }
 
+/* ---- merged rows (MiniCache) ------------------------------------------------------------ */
+
+/* Element i of merged row `slot` (2 D + 4 values, backend.h): its address. */
+static inline float *merged_elem(const struct uc_kv_pool_view *pool, int64_t slot, int64_t i)
+{
+    int64_t d = pool->head_dim, bt = pool->block_tokens, per = bt * d;
+    int64_t tpb = uc_kv_merged_tokens(bt, d);
+    int64_t b = slot / tpb, at = (slot % tpb) * (2 * d + UC_KV_MERGED_EXTRA) + i;
+    return at < per ? (float *)pool->k + b * per + at : (float *)pool->v + b * per + at - per;
+}
+
+static uc_status cpu_kv_merge_dist(struct uc_backend *be, double *dist,
+                                   const struct uc_kv_pool_view *pool, const int32_t *a_slot,
+                                   const void *k_src, const void *v_src, int64_t ld,
+                                   const int32_t *src_row, int64_t head, int64_t n)
+{
+    int64_t d = pool->head_dim;
+    const float *ks = k_src, *vs = v_src, *pk = pool->k, *pv = pool->v;
+    for (int64_t e = 0; e < n; e++) {
+        int64_t off = (int64_t)src_row[e] * ld + head * d;
+        dist[2 * e] = uc_minicache_distance(pk + (int64_t)a_slot[e] * d, ks + off, d);
+        dist[2 * e + 1] = uc_minicache_distance(pv + (int64_t)a_slot[e] * d, vs + off, d);
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_kv_merge_write(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                    const int32_t *a_slot, const void *k_src, const void *v_src,
+                                    int64_t ld, const int32_t *src_row, int64_t head,
+                                    const int32_t *m_slot, int64_t n, float t)
+{
+    int64_t d = pool->head_dim;
+    const float *ks = k_src, *vs = v_src, *pk = pool->k, *pv = pool->v;
+    float kdir[1024], vdir[1024], m[4];
+    if (d > 1024) {
+        return UC_ERRF(UC_ERR_UNSUPPORTED, "minicache: head_dim=%lld above 1024", (long long)d);
+    }
+    for (int64_t e = 0; e < n; e++) {
+        int64_t off = (int64_t)src_row[e] * ld + head * d;
+        uc_minicache_merge(kdir, &m[0], &m[1], pk + (int64_t)a_slot[e] * d, ks + off, d, t);
+        uc_minicache_merge(vdir, &m[2], &m[3], pv + (int64_t)a_slot[e] * d, vs + off, d, t);
+        for (int64_t i = 0; i < d; i++) {
+            *merged_elem(pool, m_slot[e], i) = kdir[i];
+            *merged_elem(pool, m_slot[e], d + i) = vdir[i];
+        }
+        for (int64_t i = 0; i < UC_KV_MERGED_EXTRA; i++) {
+            *merged_elem(pool, m_slot[e], 2 * d + i) = m[i];
+        }
+    }
+    return UC_OK;
+}
+
 static uc_status cpu_chan_sumsq(struct uc_backend *be, double *out, const void *x, int64_t ld,
                                 const int32_t *rows, int64_t n_rows, int64_t width)
 {
@@ -854,6 +907,45 @@ static void decode_packed(float *restrict ov, const float *restrict qv,
     }
 }
 
+/* decode_one over a head's own tokens (unpacked) and its pair's merged rows, restored with
+ * the magnitudes of `side`: one softmax over both sets (nt + mn probabilities in s). */
+static void decode_merged(float *restrict ov, const float *restrict qv,
+                          const struct uc_kv_pool_view *pool, const int32_t *blocks, int64_t nt,
+                          const int32_t *mblocks, int64_t mn, int64_t side, float scale,
+                          float *restrict s)
+{
+    int64_t d = pool->head_dim, bt = pool->block_tokens, tpb = uc_kv_merged_tokens(bt, d);
+    const float *pk = pool->k, *pv = pool->v;
+    for (int64_t t = 0; t < nt; t++) {
+        s[t] = dot(qv, pk + ((int64_t)blocks[t / bt] * bt + t % bt) * d, d);
+    }
+    for (int64_t t = 0; t < mn; t++) {
+        int64_t slot = (int64_t)mblocks[t / tpb] * tpb + t % tpb;
+        float acc = 0.0f;
+        for (int64_t i = 0; i < d; i++) {
+            acc += qv[i] * *merged_elem(pool, slot, i);
+        }
+        s[nt + t] = acc * *merged_elem(pool, slot, 2 * d + side);
+    }
+    softmax_row(s, nt + mn, scale);
+    for (int64_t i = 0; i < d; i++) {
+        ov[i] = 0.0f;
+    }
+    for (int64_t t = 0; t < nt; t++) {
+        const float *vv = pv + ((int64_t)blocks[t / bt] * bt + t % bt) * d;
+        for (int64_t i = 0; i < d; i++) {
+            ov[i] += s[t] * vv[i];
+        }
+    }
+    for (int64_t t = 0; t < mn; t++) {
+        int64_t slot = (int64_t)mblocks[t / tpb] * tpb + t % tpb;
+        float p = s[nt + t] * *merged_elem(pool, slot, 2 * d + 2 + side);
+        for (int64_t i = 0; i < d; i++) {
+            ov[i] += p * *merged_elem(pool, slot, d + i);
+        }
+    }
+}
+
 static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
                                  const struct uc_kv_pool_view *pool,
                                  const struct uc_kv_batch_view *view, int64_t n_rows,
@@ -865,7 +957,8 @@ static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q
     int64_t maxn = view->max_tokens;
     if (maxn <= 0) { /* backend memory is host memory here */
         for (int64_t e = 0; e < n_rows * n_heads_kv; e++) {
-            maxn = view->n_tokens[e] > maxn ? view->n_tokens[e] : maxn;
+            int64_t nt = view->n_tokens[e] + (view->mc_n ? view->mc_n[e] : 0);
+            maxn = nt > maxn ? nt : maxn;
         }
     }
     maxn = maxn > 0 ? maxn : 1;
@@ -889,7 +982,12 @@ static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q
         int64_t b = it / n_heads, h = it % n_heads, j = h / group;
         int64_t e = b * n_heads_kv + j;
         float *s = sbuf + (int64_t)omp_get_thread_num() * maxn;
-        if (view->kdim && view->kdim[e] > 0) {
+        if (view->mc_n && view->mc_n[e] > 0) {
+            decode_merged(o + b * n_heads * d + h * d, qf + b * ld_q + h * d, pool,
+                          view->blocks + view->offset[e], view->n_tokens[e],
+                          view->blocks + view->mc_off[e], view->mc_n[e], view->mc_side[e], scale,
+                          s);
+        } else if (view->kdim && view->kdim[e] > 0) {
             decode_packed(o + b * n_heads * d + h * d, qf + b * ld_q + h * d, pool,
                           view->blocks + view->offset[e], view->n_tokens[e], view->kdim[e],
                           view->chan + view->coff[e], scale, s);
@@ -980,6 +1078,8 @@ static const struct uc_backend_ops cpu_ops = {
     .rope_append = cpu_rope_append,
     .attn_decode = cpu_attn_decode,
     .kv_move = cpu_kv_move,
+    .kv_merge_dist = cpu_kv_merge_dist,
+    .kv_merge_write = cpu_kv_merge_write,
     .kv_copy_blocks = cpu_kv_copy_blocks,
     .kv_nonfinite = cpu_kv_nonfinite,
     .kv_scatter_packed = cpu_kv_scatter_packed,

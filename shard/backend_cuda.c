@@ -832,13 +832,17 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
         int64_t end = view->kdim[e] > 0 ? (int64_t)view->coff[e] + view->kdim[e] : 0;
         n_chan = end > n_chan ? end : n_chan;
     }
-    const int32_t *parts[6] = {view->n_tokens, view->offset, view->blocks,
-                               view->kdim,     view->coff,   view->chan};
-    int64_t counts[6] = {entries, entries, view->n_blocks_total, entries, entries, n_chan};
-    const int32_t *dev[6] = {view->n_tokens, view->offset, view->blocks,
-                             view->kdim,     view->coff,   view->chan};
-    int32_t *up[6];
-    int n_parts = view->kdim ? 6 : 3;
+    /* merged entries (MiniCache): likewise, their own kernel reads own tokens and merged rows */
+    const int32_t *parts[9] = {view->n_tokens, view->offset, view->blocks,
+                               view->kdim,     view->coff,   view->chan,
+                               view->mc_n,     view->mc_off, view->mc_side};
+    int64_t pe = view->kdim ? entries : 0, me = view->mc_n ? entries : 0;
+    int64_t counts[9] = {entries, entries, view->n_blocks_total, pe, pe, n_chan, me, me, me};
+    const int32_t *dev[9] = {view->n_tokens, view->offset, view->blocks,
+                             view->kdim,     view->coff,   view->chan,
+                             view->mc_n,     view->mc_off, view->mc_side};
+    int32_t *up[9];
+    int n_parts = view->mc_n ? 9 : view->kdim ? 6 : 3;
     uc_status rc;
     UC_CHECK(buf_reserve(c, &c->work, plan.ws_floats * sizeof(float)), rc, out);
     if (plan.n_counters * sizeof(int32_t) > c->cnt.cap) {
@@ -855,10 +859,17 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
         }
     }
     const int32_t *ntok = dev[0];
-    if (view->kdim) {
+    if (view->kdim || view->mc_n) {
         UC_CHECK(buf_reserve(c, &c->pmask, (size_t)entries * sizeof(int32_t)), rc, out);
+    }
+    if (view->kdim) {
         UC_CHECK(CU(uc_cuda_decode_mask_packed(c->pmask.p, dev[0], dev[3], entries, c->stream)),
                  rc, out);
+        ntok = c->pmask.p;
+    }
+    if (view->mc_n) {
+        UC_CHECK(CU(uc_cuda_decode_mask_merged(c->pmask.p, ntok, dev[6], entries, c->stream)), rc,
+                 out);
         ntok = c->pmask.p;
     }
     UC_CHECK(CU(uc_cuda_attn_decode(out, q, ld_q, pool->k, pool->v, pool->block_tokens, d, ntok,
@@ -869,6 +880,13 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
     if (view->kdim) {
         UC_CHECK(CU(uc_cuda_attn_decode_packed(out, q, ld_q, pool->k, pool->v, pool->block_tokens,
                                                d, dev[0], dev[1], dev[2], dev[3], dev[4], dev[5],
+                                               n_rows, n_heads, n_heads_kv,
+                                               psum ? c->outp.p : NULL, maxn, c->dt, c->stream)),
+                 rc, out);
+    }
+    if (view->mc_n) {
+        UC_CHECK(CU(uc_cuda_attn_decode_merged(out, q, ld_q, pool->k, pool->v, pool->block_tokens,
+                                               d, dev[0], dev[1], dev[2], dev[6], dev[7], dev[8],
                                                n_rows, n_heads, n_heads_kv,
                                                psum ? c->outp.p : NULL, maxn, c->dt, c->stream)),
                  rc, out);
@@ -978,6 +996,52 @@ static uc_status cuda_kv_move_packed(struct uc_backend *be, struct uc_kv_pool_vi
     struct cuda_ctx *c = ctx_of(be);
     return CU(uc_cuda_kv_move_packed(pool->k, pool->v, pool->block_tokens, pool->head_dim, kdim,
                                      dst_slot, src_slot, c->dt, c->stream));
+}
+
+/* ---- merged rows (MiniCache) ------------------------------------------------------------ */
+
+static uc_status cuda_kv_merge_dist(struct uc_backend *be, double *dist,
+                                    const struct uc_kv_pool_view *pool, const int32_t *a_slot,
+                                    const void *k_src, const void *v_src, int64_t ld,
+                                    const int32_t *src_row, int64_t head, int64_t n)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (n <= 0) {
+        return UC_OK;
+    }
+    const int32_t *parts[2] = {a_slot, src_row};
+    int64_t counts[2] = {n, n};
+    int32_t *dev[2];
+    uc_status rc;
+    UC_CHECK(upload_idx(c, dev, parts, counts, 2), rc, out);
+    UC_CHECK(buf_reserve(c, &c->outp, (size_t)(2 * n) * sizeof(double)), rc, out);
+    UC_CHECK(CU(uc_cuda_kv_merge_dist(c->outp.p, pool->k, pool->v, k_src, v_src, ld, dev[0],
+                                      dev[1], head, n, pool->head_dim, c->dt, c->stream)),
+             rc, out);
+    rc = download_sync(c, dist, c->outp.p, (size_t)(2 * n) * sizeof(double));
+out:
+    return rc;
+}
+
+static uc_status cuda_kv_merge_write(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                     const int32_t *a_slot, const void *k_src, const void *v_src,
+                                     int64_t ld, const int32_t *src_row, int64_t head,
+                                     const int32_t *m_slot, int64_t n, float t)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (n <= 0) {
+        return UC_OK;
+    }
+    const int32_t *parts[3] = {a_slot, src_row, m_slot};
+    int64_t counts[3] = {n, n, n};
+    int32_t *dev[3];
+    uc_status rc = upload_idx(c, dev, parts, counts, 3);
+    if (rc == UC_OK) {
+        rc = CU(uc_cuda_kv_merge_write(pool->k, pool->v, k_src, v_src, ld, dev[0], dev[1], head,
+                                       dev[2], n, t, pool->block_tokens, pool->head_dim, c->dt,
+                                       c->stream));
+    }
+    return rc;
 }
 
 static uc_status cuda_chan_sumsq(struct uc_backend *be, double *out, const void *x, int64_t ld,
@@ -1186,6 +1250,8 @@ static const struct uc_backend_ops cuda_ops = {
     .kv_scatter_packed = cuda_kv_scatter_packed,
     .kv_append_packed = cuda_kv_append_packed,
     .kv_move_packed = cuda_kv_move_packed,
+    .kv_merge_dist = cuda_kv_merge_dist,
+    .kv_merge_write = cuda_kv_merge_write,
     .chan_sumsq = cuda_chan_sumsq,
     .graph_begin = cuda_graph_begin,
     .graph_end = cuda_graph_end,

@@ -251,6 +251,10 @@ struct uc_compress_report {
     float think_ratio;            /* ThinK's pruned share (0: no think stage) */
     int64_t key_channels;         /* key channels each KV head keeps (ThinK), D without */
     int64_t kv_row_bytes_local;   /* bytes of this rank's cached K/V rows (packed rows smaller) */
+    int32_t minicache_pairs;      /* MiniCache: layer pairs merged (0: no minicache stage) */
+    int32_t minicache_start;      /* its first merged layer */
+    int64_t minicache_merged;     /* (token, KV head) pairs of layers stored merged, whole model */
+    int64_t minicache_retained;   /* common tokens kept unmerged (the retention rule) */
 };
 /* The report of a sequence (pointers valid until the sequence ends). */
 uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
@@ -268,6 +272,12 @@ bool uc_engine_seq_plan_agreed(const struct uc_engine *e, int64_t seq_id);
  * and packed, with *n of them; NULL with *n = 0 otherwise. Valid until the sequence ends. */
 const int32_t *uc_engine_seq_key_channels(const struct uc_engine *e, int64_t seq_id,
                                           int64_t layer, int64_t kv_head, int64_t *n);
+/* MiniCache, with UC_SEQ_RECORD_KEPT: the original positions (ascending) that layer `layer`'s
+ * pair stores merged for KV head kv_head, when that head is on this rank; NULL with *n = 0 for
+ * an unmerged layer. uc_engine_seq_kept then lists the pair's first layer's whole kept set and
+ * the second layer's unmerged tokens only. Valid until the sequence ends. */
+const int32_t *uc_engine_seq_merged(const struct uc_engine *e, int64_t seq_id, int64_t layer,
+                                    int64_t kv_head, int64_t *n);
 /* With UC_SEQ_RECORD_KEPT and uncomp-stage: original positions of the rows present at a layer. */
 const int32_t *uc_engine_seq_rows(const struct uc_engine *e, int64_t seq_id, int64_t layer,
                                   int64_t *n);

@@ -134,7 +134,7 @@ void uc_kv_seq_fini(struct uc_kv_cache *kv, struct uc_kv_seq *s)
 uc_status uc_kv_head_set_packed(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t kdim,
                                 const int32_t *chan)
 {
-    if (h->n_blocks != 0 || h->kdim != 0) {
+    if (h->n_blocks != 0 || h->kdim != 0 || h->merged) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "kv packed head: set on a head holding %d blocks",
                        h->n_blocks);
     }
@@ -157,6 +157,20 @@ uc_status uc_kv_head_set_packed(struct uc_kv_cache *kv, struct uc_kv_head *h, in
     h->chan = cp;
     h->kdim = (int32_t)kdim;
     h->rewrites++;
+    return UC_OK;
+}
+
+uc_status uc_kv_head_set_merged(struct uc_kv_cache *kv, struct uc_kv_head *h)
+{
+    if (h->n_blocks != 0 || h->kdim != 0) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "kv merged head: set on a head holding %d blocks "
+                       "or packed (kdim=%d)", h->n_blocks, h->kdim);
+    }
+    if (uc_kv_merged_tokens(kv->block_tokens, kv->head_dim) < 1) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "kv merged head: blocks of %lld tokens hold no "
+                       "merged row", (long long)kv->block_tokens);
+    }
+    h->merged = 1;
     return UC_OK;
 }
 
@@ -214,6 +228,7 @@ uc_status uc_kv_head_fork(struct uc_kv_cache *kv, struct uc_kv_head *dst,
             return rc;
         }
     }
+    dst->merged = src->merged;
     for (int64_t b = 0; b < full; b++) {
         block_hold(kv, src->blocks[b]);
         dst->blocks[b] = src->blocks[b];
@@ -272,6 +287,10 @@ uc_status uc_kv_head_unshare(struct uc_kv_cache *kv, struct uc_kv_head *h, int64
 uc_status uc_kv_head_remove(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t i)
 {
     struct uc_backend *be = kv->be;
+    if (h->merged) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "kv remove from a merged head (MiniCache rows are "
+                       "never evicted)");
+    }
     if (i < 0 || i >= h->n_tokens) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "kv remove index %lld outside %d tokens", (long long)i,
                        h->n_tokens);
@@ -318,6 +337,9 @@ int64_t uc_kv_seq_row_bytes(const struct uc_kv_cache *kv, const struct uc_kv_seq
     for (int64_t i = 0; i < s->n_layers * s->n_heads_kv; i++) {
         const struct uc_kv_head *h = &s->heads[i];
         int64_t kd = h->kdim > 0 ? h->kdim : kv->head_dim;
+        if (h->merged) {
+            kd = kv->head_dim + UC_KV_MERGED_EXTRA;
+        }
         n += (int64_t)h->n_tokens * (kd + kv->head_dim) * (int64_t)a;
     }
     return n;

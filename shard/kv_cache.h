@@ -43,6 +43,7 @@ struct uc_kv_head {
     uint32_t rewrites; /* changes to blocks[] other than appending ids (kv_table.h) */
     int32_t *blocks;
     int32_t *chan;   /* (kdim) kept key channels, ascending; NULL when unpacked */
+    int32_t merged;  /* 1: a MiniCache pair's merged rows (backend.h), 0: tokens of one layer */
 };
 
 /* The cache of one sequence on this rank: L x Hkv_local heads. */
@@ -71,10 +72,17 @@ static inline struct uc_kv_head *uc_kv_seq_head(struct uc_kv_seq *s, int64_t lay
  * bad list, UC_ERR_NOMEM. */
 uc_status uc_kv_head_set_packed(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t kdim,
                                 const int32_t *chan);
+/* Makes an empty head (no blocks, unpacked) the merged rows of a MiniCache layer pair
+ * (uc_kv_merged_tokens rows per block). UC_ERR_INVALID_ARG for a head holding blocks, a packed
+ * head, or blocks too small for one merged row. */
+uc_status uc_kv_head_set_merged(struct uc_kv_cache *kv, struct uc_kv_head *h);
 /* Tokens per block of a head: block_tokens when unpacked. */
 static inline int64_t uc_kv_head_block_tokens(const struct uc_kv_cache *kv,
                                               const struct uc_kv_head *h)
 {
+    if (h->merged) {
+        return uc_kv_merged_tokens(kv->block_tokens, kv->head_dim);
+    }
     return h->kdim > 0 ? uc_kv_packed_tokens(kv->block_tokens, kv->head_dim, h->kdim)
                        : kv->block_tokens;
 }
@@ -124,8 +132,8 @@ static inline bool uc_kv_block_shared(const struct uc_kv_cache *kv, int32_t b)
 int64_t uc_kv_seq_tokens(const struct uc_kv_seq *s);
 int64_t uc_kv_seq_blocks(const struct uc_kv_seq *s);
 /* Bytes of K and V a sequence's tokens take in their rows on this rank: (kdim + D) elements
- * per token of a packed head, 2 D of an unpacked one (what its blocks hold, less their unused
- * tail). */
+ * per token of a packed head, 2 D + 4 per merged row, 2 D of an unpacked one (what its blocks
+ * hold, less their unused tail). */
 int64_t uc_kv_seq_row_bytes(const struct uc_kv_cache *kv, const struct uc_kv_seq *s);
 /* Blocks of the pool in use (a shared block counts once). */
 int64_t uc_kv_used_blocks(const struct uc_kv_cache *kv);

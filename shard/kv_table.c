@@ -76,7 +76,9 @@ static uc_status region_write(struct uc_kv_table *t, const struct uc_kv_table_se
         a->cap = (int32_t)room_for(h->n_blocks);
         a->n_up = h->n_blocks;
         a->rewrites = h->rewrites;
-        memcpy(t->host + a->off, h->blocks, (size_t)h->n_blocks * sizeof(int32_t));
+        if (h->n_blocks > 0) { /* a head may hold none (an empty MiniCache merged head) */
+            memcpy(t->host + a->off, h->blocks, (size_t)h->n_blocks * sizeof(int32_t));
+        }
         if (h->kdim > 0) {
             memcpy(t->host + a->off + a->cap, h->chan, (size_t)h->kdim * sizeof(int32_t));
         }
@@ -133,8 +135,10 @@ static bool region_append(struct uc_kv_table *t, const struct uc_kv_table_seq *s
             *n_span = n0; /* the ids written stay in the old region, which is left behind */
             return false;
         }
-        memcpy(t->host + a->off + a->n_up, h->blocks + a->n_up,
-               (size_t)(h->n_blocks - a->n_up) * sizeof(int32_t));
+        if (h->n_blocks > a->n_up) {
+            memcpy(t->host + a->off + a->n_up, h->blocks + a->n_up,
+                   (size_t)(h->n_blocks - a->n_up) * sizeof(int32_t));
+        }
         if (!span_add(t, n_span, a->off + a->n_up, a->off + h->n_blocks)) {
             *rc = UC_ERRF(UC_ERR_NOMEM, "kv table spans");
             return false;

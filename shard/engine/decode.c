@@ -93,10 +93,11 @@ static uc_status evict_head(struct uc_engine *e, struct seq *s, int64_t l, int64
  * brings the block tables in backend memory up to date (e->bt, shard/kv_table.h: only what
  * changed since the last step is written) and lays out, in int32s, pos (B) | for each layer l:
  * slot (E), n_tokens (E), offset (E) and, when a sequence of the batch has packed heads (ThinK),
- * kdim (E) and coff (E); E = B Hkv. Offsets are into the arena of block tables (a head's block
- * ids; a packed head's kept channels at coff). A packed entry's slot is -(packed slot) - 1. The
- * layout depends only on B and whether any head is packed, so a recorded step stays valid while
- * this buffer and the arena do. */
+ * kdim (E) and coff (E), and when one has merged heads (MiniCache: eng_decode_meta_per), mc_n
+ * (E), mc_off (E: the merged head's ids) and mc_side (E); E = B Hkv. Offsets are into the arena
+ * of block tables (a head's block ids; a packed head's kept channels at coff). A packed entry's
+ * slot is -(packed slot) - 1. The layout depends only on B and whether any head is packed or
+ * merged, so a recorded step stays valid while this buffer and the arena do. */
 /* Whether a head of s needs another block for its next token (at most steps none does), and
  * whether s has packed heads. */
 static bool seq_needs_block(const struct uc_engine *e, const struct seq *s, bool *packed)
@@ -117,11 +118,13 @@ static bool seq_needs_block(const struct uc_engine *e, const struct seq *s, bool
 /* Layer l's entries of the index arrays for the heads that own their cache: each head's next
  * slot taken. Returns the longest head. */
 static int64_t meta_layer(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t l,
-                          int32_t *m, int64_t per)
+                          int32_t *m, bool packed, bool merged)
 {
     int64_t hkv = e->sh->n_heads_kv, ent = nb * hkv, maxn = 0;
+    int64_t per = eng_decode_meta_per(packed, merged);
     int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
     int32_t *kdim = off + ent, *coff = kdim + ent;
+    int32_t *mcn = off + (packed ? 3 : 1) * ent, *mcoff = mcn + ent, *mcside = mcoff + ent;
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t j = 0; j < hkv && !eng_layer_shared(batch[b], l); j++) {
             struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
@@ -135,11 +138,22 @@ static int64_t meta_layer(struct uc_engine *e, struct seq **batch, int64_t nb, i
             h->n_tokens++;
             ntok[x] = h->n_tokens;
             off[x] = a->off;
-            if (per == 5) {
+            if (packed) {
                 kdim[x] = h->kdim;
                 coff[x] = a->off + a->cap;
             }
-            maxn = h->n_tokens > maxn ? h->n_tokens : maxn;
+            int64_t nall = h->n_tokens;
+            if (merged) {
+                /* MiniCache: the pair's merged rows too (their head's ids in the arena), with
+                 * this layer's magnitudes */
+                int32_t side = 0;
+                const struct uc_kv_head *hm = eng_mc_head(batch[b], l, j, &side);
+                mcn[x] = hm ? hm->n_tokens : 0;
+                mcoff[x] = hm ? batch[b]->bt.heads[hm - batch[b]->kv.heads].off : 0;
+                mcside[x] = side;
+                nall += mcn[x];
+            }
+            maxn = nall > maxn ? nall : maxn;
         }
     }
     return maxn;
@@ -149,11 +163,13 @@ static int64_t meta_layer(struct uc_engine *e, struct seq **batch, int64_t nb, i
  * no append (slot -1); attention over the source layer's head, whose new token was appended at
  * that layer of this step. */
 static void meta_layer_shared(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t l,
-                              int32_t *m, int64_t per)
+                              int32_t *m, bool packed, bool merged)
 {
     int64_t hkv = e->sh->n_heads_kv, ent = nb * hkv;
+    int64_t per = eng_decode_meta_per(packed, merged);
     int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
     int32_t *kdim = off + ent, *coff = kdim + ent;
+    int32_t *mcn = off + (packed ? 3 : 1) * ent, *mcoff = mcn + ent, *mcside = mcoff + ent;
     for (int64_t b = 0; b < nb; b++) {
         int64_t src = batch[b]->plan.share_src[l];
         const int32_t *sslot = m + nb + per * src * ent;
@@ -162,9 +178,12 @@ static void meta_layer_shared(struct uc_engine *e, struct seq **batch, int64_t n
             slot[x] = -1;
             ntok[x] = sslot[ent + x];
             off[x] = sslot[2 * ent + x];
-            if (per == 5) { /* the source's layout (think and kvsharer do not combine: 0) */
+            if (packed) { /* the source's layout (think and kvsharer do not combine: 0) */
                 kdim[x] = sslot[3 * ent + x];
                 coff[x] = sslot[4 * ent + x];
+            }
+            if (merged) { /* kvsharer and minicache do not combine: none */
+                mcn[x] = mcoff[x] = mcside[x] = 0;
             }
             e->dm_maxn[l] = ntok[x] > e->dm_maxn[l] ? ntok[x] : e->dm_maxn[l];
         }
@@ -175,7 +194,7 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                                    int64_t *n_ints)
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
-    bool packed = false, any_shared = false;
+    bool packed = false, any_shared = false, merged = false;
     uc_status rc = UC_OK;
     if (!eng_grow((void **)&e->bt_seqs, &e->bt_seqs_cap, nb, sizeof *e->bt_seqs) ||
         !eng_grow((void **)&e->dm_need, &e->dm_need_cap, nb, sizeof *e->dm_need)) {
@@ -206,25 +225,27 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
         for (int64_t l = 0; l < L; l++) {
             any_shared = any_shared || eng_layer_shared(batch[b], l);
         }
+        merged = merged || batch[b]->mc_n_pairs > 0;
         e->bt_seqs[b] = (struct uc_kv_table_seq){&batch[b]->kv, batch[b]->plan.share_src, L,
                                                  &batch[b]->bt};
     }
     UC_CHECK(uc_kv_table_sync(&e->bt, e->bt_seqs, nb), rc, out);
-    int64_t per = packed ? 5 : 3, fixed = nb + per * L * ent;
+    int64_t per = eng_decode_meta_per(packed, merged), fixed = nb + per * L * ent;
     if (!eng_grow((void **)&e->dm_host, &e->dm_cap, fixed, sizeof(int32_t))) {
         return UC_ERRF(UC_ERR_NOMEM, "decode index arrays");
     }
     e->dm_packed = packed;
+    e->dm_merged = merged;
     int32_t *m = e->dm_host;
     for (int64_t b = 0; b < nb; b++) {
         m[b] = (int32_t)batch[b]->n_ctx; /* RoPE position of the new token */
     }
 #pragma omp parallel for schedule(static) if (big)
     for (int64_t l = 0; l < L; l++) {
-        e->dm_maxn[l] = meta_layer(e, batch, nb, l, m, per);
+        e->dm_maxn[l] = meta_layer(e, batch, nb, l, m, packed, merged);
     }
     for (int64_t l = 0; any_shared && l < L; l++) {
-        meta_layer_shared(e, batch, nb, l, m, per);
+        meta_layer_shared(e, batch, nb, l, m, packed, merged);
     }
     *n_ints = fixed;
 out:
@@ -237,7 +258,7 @@ out:
 uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any_evict)
 {
     int64_t hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
-    int64_t per = e->dm_packed ? 5 : 3;
+    int64_t per = eng_decode_meta_per(e->dm_packed, e->dm_merged);
     int64_t ld = e->sh->qkv_dim, ent = nb * hkv;
     const int32_t *dm = e->dm_dev;
     const int32_t *slot = dm + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
@@ -252,6 +273,11 @@ uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any
                                     .blocks = tables,
                                     .max_tokens = any_evict ? e->dm_maxn[l] : 0,
                                     .on_device = true};
+    if (e->dm_merged) {
+        view.mc_n = off + (e->dm_packed ? 3 : 1) * ent;
+        view.mc_off = view.mc_n + ent;
+        view.mc_side = view.mc_off + ent;
+    }
     if (e->dm_packed) {
         view.kdim = off + ent;
         view.coff = off + 2 * ent;
@@ -327,7 +353,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
         struct decode_graph *c = &e->graphs[i];
         if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->tables == e->bt.dev &&
             c->epoch == epoch &&
-            c->packed == e->dm_packed) {
+            c->packed == e->dm_packed && c->merged == e->dm_merged) {
             g = c;
         }
     }
@@ -361,6 +387,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     g->meta = e->dm_dev;
     g->tables = e->bt.dev;
     g->packed = e->dm_packed;
+    g->merged = e->dm_merged;
     g->epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
 out:
     if (rc != UC_OK) {

@@ -18,10 +18,10 @@ static uc_status first_bad_layer(struct uc_engine *e, struct seq *s, int64_t *ou
     int64_t L = e->cfg->n_layers, hkv_l = e->sh->n_heads_kv;
     int64_t cap = 0;
     *out = L;
-    for (int64_t i = 0; i < L * hkv_l; i++) {
+    for (int64_t i = 0; i < s->kv.n_layers * hkv_l; i++) { /* MiniCache's merged heads too */
         cap = s->kv.heads[i].n_blocks > cap ? s->kv.heads[i].n_blocks : cap;
     }
-    cap *= hkv_l;
+    cap *= 2 * hkv_l;
     int32_t *blocks = uc_malloc((size_t)(cap + 1) * sizeof(int32_t));
     int32_t *valid = uc_malloc((size_t)(cap + 1) * sizeof(int32_t));
     int32_t *bad = uc_malloc((size_t)(cap + 1) * sizeof(int32_t));
@@ -40,6 +40,17 @@ static uc_status first_bad_layer(struct uc_engine *e, struct seq *s, int64_t *ou
                 blocks[n] = h->blocks[b];
                 kdim[n] = h->kdim;
                 valid[n++] = (int32_t)(h->n_tokens - b * bt < bt ? h->n_tokens - b * bt : bt);
+            }
+            /* MiniCache: a pair's merged rows are written at the end of its second layer, from
+             * both layers' K/V, so they count there; a merged row (2 D + 4 values) is checked
+             * as a packed row of D + 4 "key channels" and D values, the same stream */
+            int32_t side;
+            const struct uc_kv_head *m = eng_mc_head(s, l, j, &side);
+            int64_t mt = m && side == 1 ? uc_kv_head_block_tokens(&e->kv, m) : 0;
+            for (int64_t b = 0; mt > 0 && b < m->n_blocks && b * mt < m->n_tokens; b++) {
+                blocks[n] = m->blocks[b];
+                kdim[n] = (int32_t)(e->cfg->head_dim + UC_KV_MERGED_EXTRA);
+                valid[n++] = (int32_t)(m->n_tokens - b * mt < mt ? m->n_tokens - b * mt : mt);
             }
         }
         UC_CHECK(e->be->ops->kv_nonfinite(e->be, &e->kv.pool, blocks, valid, kdim, n, bad), rc,

@@ -15,6 +15,7 @@
 #include "comm_nccl.h"
 #include "compress/select.h"
 #include "internal.h"
+#include "compress/minicache.h"
 #include "compress/think.h"
 
 bool eng_grow(void **p, int64_t *cap, int64_t need, size_t elem)
@@ -472,6 +473,14 @@ uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
     out->think_ratio = uc_policy_think_ratio(&s->cp);
     out->key_channels = out->think_ratio > 0.0f ? uc_think_kdim(out->think_ratio, d) : d;
     out->kv_bytes_kept = kept * (int64_t)per * (out->key_channels + d) / (2 * d);
+    /* MiniCache: a merged token's two rows of 2 D values (one per layer) are one row of
+     * 2 D + 4 (backend.h) */
+    out->minicache_pairs = s->mc_n_pairs;
+    out->minicache_start = s->mc_n_pairs > 0
+                               ? (int32_t)uc_minicache_start(s->cp.minicache_start, L) : 0;
+    out->minicache_merged = s->mc_merged_all;
+    out->minicache_retained = s->mc_retained_all;
+    out->kv_bytes_kept -= s->mc_merged_all * (2 * d - UC_KV_MERGED_EXTRA) * (int64_t)act_size(e);
     out->ratio = out->kv_tokens_full ? (double)kept / (double)out->kv_tokens_full : 1.0;
     out->n_stages = p->n_stage_starts + 1;
     for (int32_t c = 0; c <= p->n_stage_starts; c++) {
@@ -514,4 +523,17 @@ const int32_t *uc_engine_seq_key_channels(const struct uc_engine *e, int64_t seq
     const struct uc_kv_head *h = &s->kv.heads[layer * e->sh->n_heads_kv + local];
     *n = h->kdim;
     return h->chan;
+}
+
+const int32_t *uc_engine_seq_merged(const struct uc_engine *e, int64_t seq_id, int64_t layer,
+                                    int64_t kv_head, int64_t *n)
+{
+    const struct seq *s = eng_find_seq(e, seq_id);
+    int64_t local = kv_head - e->sh->kv0;
+    *n = 0;
+    if (!s || layer < 0 || layer >= e->cfg->n_layers || local < 0 ||
+        local >= e->sh->n_heads_kv) {
+        return NULL;
+    }
+    return eng_mc_merged_positions(s, layer, local, n);
 }

@@ -84,6 +84,18 @@ struct seq {
     /* KVSharer: K|V rows of each layer some later layer reads, (n_prompt, 2 Hkv_local D) device,
      * kept until the prefill ends (the later layer's prompt attention reads them) */
     void **src_kv;      /* (L) */
+    /* MiniCache (minicache.c): each layer's pair (-1: unmerged) and the other layer of it;
+     * the pairs' merged heads are layers L .. L + mc_n_pairs - 1 of kv */
+    int16_t *mc_pair;    /* (L) */
+    int16_t *mc_partner; /* (L) */
+    int32_t mc_n_pairs;
+    int32_t **mc_keep_a; /* (P, Hkv_local) layer a's kept rows, until layer b merges them */
+    int64_t *mc_n_keep_a;
+    int64_t mc_merged;   /* tokens merged (per local KV head, summed), this rank */
+    int64_t mc_retained; /* common tokens kept unmerged by the retention rule, this rank */
+    int64_t mc_merged_all, mc_retained_all; /* the same over the whole model (every rank) */
+    int32_t **mc_rec;    /* (P, Hkv_local) with UC_SEQ_RECORD_KEPT: merged original positions */
+    int64_t *mc_n_rec;
     float *hidden;      /* (n_rows, C) with UC_SEQ_HIDDEN, rank 0 */
     int64_t hidden_rows;
 };
@@ -102,6 +114,7 @@ struct decode_graph {
     const void *meta; /* the index buffer its ops read */
     const void *tables; /* the block table arena they read */
     bool packed;      /* recorded with packed heads in the batch (their layout and ops) */
+    bool merged;      /* recorded with MiniCache merged heads in the batch */
     uint64_t epoch;   /* the backend's workspace epoch when recorded */
 };
 
@@ -148,6 +161,7 @@ struct uc_engine {
     int64_t dm_dev_cap;
     int64_t *dm_maxn; /* (L) longest head of each layer this step */
     bool dm_packed;   /* the index arrays have the packed heads' part (decode_meta_build) */
+    bool dm_merged;   /* the index arrays have the merged heads' part (MiniCache) */
     struct decode_graph graphs[DECODE_GRAPH_SLOTS];
     int64_t last_nb; /* batch size of the previous decode step */
     struct seq **batch; /* (max_batch) */
@@ -267,6 +281,36 @@ uc_status eng_kvshare_step(struct uc_engine *e, const struct uc_step *st);
 /* The pairs a new sequence shares with: its own, else the profile's. */
 void eng_share_pairs_for(const struct uc_engine *e, const struct uc_compress_params *cp,
                          const struct uc_share_pair **pairs, int32_t *n);
+
+/* Int32s per (layer, entry) in the decode step's index arrays: slot, n_tokens, offset, then
+ * kdim and coff with packed heads, then mc_n, mc_off and mc_side with merged ones. */
+static inline int64_t eng_decode_meta_per(bool packed, bool merged)
+{
+    return 3 + (packed ? 2 : 0) + (merged ? 3 : 0);
+}
+
+/* minicache.c */
+/* MiniCache's pairs for parameters cp (0 pairs without the stage): partner and pair_of (L,
+ * pair_of may be NULL) as uc_minicache_pairs. */
+int32_t eng_mc_pairs_for(const struct uc_engine *e, const struct uc_compress_params *cp,
+                         int16_t *partner, int16_t *pair_of);
+/* A new sequence's pairs (s->cp, s->phase set): its mc_ fields. */
+uc_status eng_mc_seq_init(struct uc_engine *e, struct seq *s);
+/* Frees layer a's kept lists (the prefill's end) / everything (the sequence's). */
+void eng_mc_free_prefill(struct uc_engine *e, struct seq *s);
+void eng_mc_seq_fini(struct uc_engine *e, struct seq *s);
+/* The merged head that layer l's local KV head j also reads, and *side (0: the pair's first
+ * layer, 1: its second); NULL for an unmerged layer. */
+struct uc_kv_head *eng_mc_head(struct seq *s, int64_t l, int64_t j, int32_t *side);
+/* With UC_SEQ_RECORD_KEPT: the merged original positions of layer l's pair, local KV head j
+ * (NULL with *n = 0 for an unmerged layer). */
+const int32_t *eng_mc_merged_positions(const struct seq *s, int64_t l, int64_t j, int64_t *n);
+/* At the end of layer s->layer, after each local KV head j selected its kept rows
+ * (keep + j keep_ld, nks[j] of them) and before they are scattered: the pair's first layer
+ * records them; the second merges (rows k and v of kbase/vbase, ld qkv_dim) and leaves in keep
+ * and nks the rows it still scatters itself. */
+uc_status eng_mc_layer_end(struct uc_engine *e, struct seq *s, int32_t *keep, int64_t keep_ld,
+                           int64_t *nks, const void *kbase, const void *vbase);
 
 /* sweep.c */
 uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st);

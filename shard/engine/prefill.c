@@ -584,6 +584,8 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
     for (int64_t j = 0; j < hkv_l; j++) {
         nks[j] = select_head(e, s, j, s->plan.budget[l * hkv + e->sh->kv0 + j]);
     }
+    /* MiniCache: the second layer of a pair merges the tokens both keep and scatters the rest */
+    UC_CHECK(eng_mc_layer_end(e, s, e->keep, n, nks, kbase, vbase), rc, out);
     for (int64_t j = 0; j < hkv_l; j++) {
         n_sc += nks[j];
     }

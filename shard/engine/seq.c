@@ -54,6 +54,7 @@ void eng_free_prefill_buffers(struct uc_engine *e, struct seq *s)
     s->hid_cap = 0;
     uc_entropy_acc_fini(&s->hacc);
     UC_FREE(s->qspec_local);
+    eng_mc_free_prefill(e, s);
     for (int64_t l = 0; s->src_kv && l < e->cfg->n_layers; l++) {
         if (s->src_kv[l]) {
             e->be->ops->free(e->be, s->src_kv[l]);
@@ -68,6 +69,7 @@ void eng_seq_destroy(struct uc_engine *e, struct seq *s)
         return;
     }
     eng_free_prefill_buffers(e, s);
+    eng_mc_seq_fini(e, s);
     uc_kv_seq_fini(&e->kv, &s->kv);
     uc_kv_table_region_fini(&s->bt);
     uc_plan_fini(&s->plan);
@@ -274,8 +276,25 @@ static int64_t blocks_needed(const struct uc_engine *e, const struct uc_step_new
     }
     uc_share_map(src_of, e->cfg->n_layers < 1024 ? e->cfg->n_layers : 1024, pairs, n_pairs);
     int64_t tpb = seq_block_tokens(e, &n->cp);
+    int16_t mc_partner[1024];
+    int32_t mc_pairs = e->cfg->n_layers <= 1024 ? eng_mc_pairs_for(e, &n->cp, mc_partner, NULL) : 0;
+    int64_t mc_tpb = uc_kv_merged_tokens(e->kv.block_tokens, e->cfg->head_dim);
     for (int64_t kv0 = 0; kv0 < hkv; kv0 += hkv_l) {
         int64_t total = 0;
+        /* MiniCache: each pair's merged head holds at most the tokens both layers keep, while
+         * the layers' own heads are counted whole below (a bound: merging moves tokens out of
+         * them, and layer a is full until layer b merges) */
+        for (int64_t l = 0; mc_pairs > 0 && l < e->cfg->n_layers; l++) {
+            if (mc_partner[l] <= l) {
+                continue;
+            }
+            for (int64_t j = kv0; j < kv0 + hkv_l; j++) {
+                int64_t ba = head_budget_bound(e, n, l, j), bb = head_budget_bound(e, n, l + 1, j);
+                int64_t m = ba < bb ? ba : bb;
+                m = m < n->n_prompt ? m : n->n_prompt;
+                total += fork ? (m > 0) : (m + mc_tpb - 1) / mc_tpb;
+            }
+        }
         for (int64_t l = 0; l < e->cfg->n_layers; l++) {
             if (l < 1024 && src_of[l] != l) {
                 continue; /* a shared layer holds no blocks */
@@ -314,6 +333,13 @@ int64_t uc_engine_kv_blocks_needed(const struct uc_engine *e, const struct uc_st
             total += uc_kv_head_blocks_for(&e->kv, h, (evict ? nt : nt % tpb) +
                                                           n->max_new_tokens);
         }
+        /* MiniCache's merged heads take no decoded tokens: a copy of a partly filled last
+         * block each */
+        for (int64_t i = e->cfg->n_layers * e->sh->n_heads_kv;
+             src && i < src->kv.n_layers * e->sh->n_heads_kv; i++) {
+            const struct uc_kv_head *h = &src->kv.heads[i];
+            total += h->n_tokens % uc_kv_head_block_tokens(&e->kv, h) != 0;
+        }
         return total;
     }
     return blocks_needed(e, n, false);
@@ -351,7 +377,9 @@ uc_status eng_seq_create(struct uc_engine *e, const struct uc_step_new *n)
     s->n_prompt = np;
     s->n_rows = np;
     UC_CHECK(uc_plan_init(&s->plan, L, e->cfg->n_heads_kv), rc, out);
-    UC_CHECK(uc_kv_seq_init(&s->kv, L, hkv_l), rc, out);
+    UC_CHECK(eng_mc_seq_init(e, s), rc, out);
+    /* MiniCache: a layer of merged heads per pair after the model's layers */
+    UC_CHECK(uc_kv_seq_init(&s->kv, L + s->mc_n_pairs, hkv_l), rc, out);
     s->prompt = uc_malloc((size_t)np * sizeof(int32_t));
     s->pos = uc_malloc((size_t)np * sizeof(int32_t));
     s->layer_rows = uc_calloc((size_t)L, sizeof(int64_t));
@@ -454,6 +482,10 @@ uc_status eng_seq_fork(struct uc_engine *e, const struct uc_step_new *n)
     s->layer = src->layer;
     s->prefill_ms = src->prefill_ms;
     s->compress_ms = src->compress_ms;
+    s->mc_merged = src->mc_merged;
+    s->mc_retained = src->mc_retained;
+    s->mc_merged_all = src->mc_merged_all;
+    s->mc_retained_all = src->mc_retained_all;
     UC_CHECK(uc_plan_init(&s->plan, L, hkv), rc, out);
     memcpy(s->plan.budget, src->plan.budget, (size_t)(L * hkv) * sizeof(int32_t));
     memcpy(s->plan.group, src->plan.group, (size_t)(L * hkv) * sizeof(int32_t));
@@ -462,7 +494,8 @@ uc_status eng_seq_fork(struct uc_engine *e, const struct uc_step_new *n)
     memcpy(s->plan.stage_starts, src->plan.stage_starts, sizeof s->plan.stage_starts);
     memcpy(s->plan.stage_rows, src->plan.stage_rows, sizeof s->plan.stage_rows);
     memcpy(s->plan.share_src, src->plan.share_src, (size_t)L * sizeof *s->plan.share_src);
-    UC_CHECK(uc_kv_seq_init(&s->kv, L, hkv_l), rc, out);
+    UC_CHECK(eng_mc_seq_init(e, s), rc, out);
+    UC_CHECK(uc_kv_seq_init(&s->kv, src->kv.n_layers, hkv_l), rc, out);
     s->layer_rows = uc_malloc((size_t)L * sizeof(int64_t));
     s->ent_min = uc_malloc((size_t)L * sizeof(double));
     s->ent_mean = uc_malloc((size_t)L * sizeof(double));
@@ -485,13 +518,14 @@ uc_status eng_seq_fork(struct uc_engine *e, const struct uc_step_new *n)
     }
     /* full blocks are shared; each head's partly filled last block is copied */
     int64_t k = 0;
-    dst_b = uc_malloc((size_t)(L * hkv_l + 1) * sizeof(int32_t));
-    src_b = uc_malloc((size_t)(L * hkv_l + 1) * sizeof(int32_t));
+    int64_t n_heads_all = src->kv.n_layers * hkv_l; /* with MiniCache's merged heads */
+    dst_b = uc_malloc((size_t)(n_heads_all + 1) * sizeof(int32_t));
+    src_b = uc_malloc((size_t)(n_heads_all + 1) * sizeof(int32_t));
     if (!dst_b || !src_b) {
         rc = UC_ERRF(UC_ERR_NOMEM, "fork block lists");
         goto out;
     }
-    for (int64_t i = 0; i < L * hkv_l; i++) {
+    for (int64_t i = 0; i < n_heads_all; i++) {
         rc = uc_kv_head_fork(&e->kv, &s->kv.heads[i], &src->kv.heads[i], dst_b, src_b, &k);
         if (rc == UC_ERR_KV_FULL) {
             UC_FATAL("kv pool exhausted forking seq=%lld (admission must reserve blocks)",

@@ -68,6 +68,34 @@ cudaError_t uc_cuda_attn_decode_packed(void *out, const void *q, int64_t ld_q, c
                                        int64_t n_heads, int64_t n_heads_kv, float *psum,
                                        int64_t max_tokens, enum uc_cuda_dtype dt,
                                        cudaStream_t stream);
+/* MiniCache merged rows (layout in backend.h, kernels in kv_merged.cu). dist (2 n doubles, device)
+ * = angular distances of layer a's cached K and V at slots a_slot[e] and layer b's rows
+ * src_row[e], head `head`, of k_src/v_src. */
+cudaError_t uc_cuda_kv_merge_dist(double *dist, const void *pool_k, const void *pool_v,
+                                  const void *k_src, const void *v_src, int64_t ld,
+                                  const int32_t *a_slot, const int32_t *src_row, int64_t head,
+                                  int64_t n, int64_t head_dim, enum uc_cuda_dtype dt,
+                                  cudaStream_t stream);
+/* Merged row m_slot[e] = the SLERP at t of those two rows' directions and their magnitudes. */
+cudaError_t uc_cuda_kv_merge_write(void *pool_k, void *pool_v, const void *k_src,
+                                   const void *v_src, int64_t ld, const int32_t *a_slot,
+                                   const int32_t *src_row, int64_t head, const int32_t *m_slot,
+                                   int64_t n, float t, int64_t block_tokens, int64_t head_dim,
+                                   enum uc_cuda_dtype dt, cudaStream_t stream);
+/* out (n) = n_tokens with the merged entries (mc_n > 0) set to 0 (out may be n_tokens). */
+cudaError_t uc_cuda_decode_mask_merged(int32_t *out, const int32_t *n_tokens,
+                                       const int32_t *mc_n, int64_t n, cudaStream_t stream);
+/* Decode attention of the merged entries (mc_n[e] > 0) only, over their own n_tokens[e] tokens
+ * and mc_n[e] merged rows (the batch view's arrays), written over out's rows of their query
+ * heads (and, with psum, their probability rows). D <= 256. */
+cudaError_t uc_cuda_attn_decode_merged(void *out, const void *q, int64_t ld_q, const void *pool_k,
+                                       const void *pool_v, int64_t block_tokens, int64_t head_dim,
+                                       const int32_t *n_tokens, const int32_t *offset,
+                                       const int32_t *blocks, const int32_t *mc_n,
+                                       const int32_t *mc_off, const int32_t *mc_side,
+                                       int64_t n_rows, int64_t n_heads, int64_t n_heads_kv,
+                                       float *psum, int64_t max_tokens, enum uc_cuda_dtype dt,
+                                       cudaStream_t stream);
 /* Sums window probabilities (H, W, n) into col (Hkv, n) (over each KV head's query heads and
  * the W rows) and row (n) (over all heads, or their max with row_max; row may be NULL). */
 cudaError_t uc_cuda_window_reduce(float *col, float *row, const float *probs, int64_t n_win,

@@ -9,8 +9,10 @@
  *   [--row-score sum|max|accum|accum-max] [--grouping profile|prompt] [--seed S] [--csv FILE]
  *   [--backend cpu|cuda] [--fp32 0|1] [--check] [--calibrate TEXT_FILE]
  *   [--kvsharer-threshold T] [--kvsharer-layers RATIO] [--think-ratio X]
+ *   [--minicache-t X] [--minicache-gamma X] [--minicache-start L]
  * Policies are specs: a token policy with stages ("snapkv+kvsharer", "kvsharer" = full +
- * sharing, "snapkv+think": ThinK's key channel pruning at --think-ratio, default 0.4).
+ * sharing, "snapkv+think": ThinK's key channel pruning at --think-ratio, default 0.4,
+ * "snapkv+minicache": MiniCache's cross-layer merging, defaults t 0.6, gamma 0.05, start L/2).
  * --calibrate runs, before the evaluation, the entropy calibration when the model has no
  * profile and KVSharer's layer-pair search on TEXT_FILE, into a temporary copy of the profile
  * (the model's file is left alone). The table gives KV bytes per prompt token (whole model, K
@@ -365,6 +367,13 @@ static void parse_args(struct opts *o, int argc, char **argv)
                 fprintf(stderr, "eval: --think-ratio %s must be in (0, 1)\n", v);
                 exit(2);
             }
+        } else if (!strcmp(a, "--minicache-t")) {
+            o->base.minicache_t = (float)atof(v);
+        } else if (!strcmp(a, "--minicache-gamma")) {
+            double g = atof(v);
+            o->base.minicache_gamma = g > 0.0 ? (float)g : -1.0f; /* 0: none retained */
+        } else if (!strcmp(a, "--minicache-start")) {
+            o->base.minicache_start = atoi(v);
         } else if (!strcmp(a, "--row-score")) {
             enum uc_row_score rs;
             if (!uc_row_score_parse(v, &rs)) {

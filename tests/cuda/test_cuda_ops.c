@@ -796,7 +796,8 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
     pools_make(&p, n_blocks, bt, d, seed + 1);
     struct qkv q;
     qkv_make(&q, n_rows, h, hkv, d, seed + 2);
-    struct uc_kv_batch_view view = {ntok, off, perm, total, maxn, false, NULL, NULL, NULL};
+    struct uc_kv_batch_view view = {ntok, off,  perm, total, maxn, false,
+                                    NULL, NULL, NULL, NULL,  NULL, NULL};
     void *og = NULL, *oc = NULL;
     gpu->ops->alloc(gpu, &og, (size_t)(n_rows * h * d) * gpu->ops->act_size(gpu));
     cpu->ops->alloc(cpu, &oc, (size_t)(n_rows * h * d) * sizeof(float));
@@ -824,7 +825,8 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
         gpu->ops->upload(gpu, dev + entries, off, (size_t)entries * sizeof(int32_t));
         gpu->ops->upload(gpu, dev + 2 * entries, perm, (size_t)total * sizeof(int32_t));
         struct uc_kv_batch_view dv = {dev,  dev + entries, dev + 2 * entries, total, 0,
-                                      true, NULL,          NULL,              NULL};
+                                      true, NULL,          NULL,              NULL,
+                                      NULL, NULL,          NULL};
         r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &dv, n_rows, h, hkv, NULL);
         char w2[112];
         snprintf(w2, sizeof w2, "%s, device indices", what);
@@ -1160,6 +1162,136 @@ static void test_packed(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, int64
 
 /* ---- the pass ------------------------------------------------------------------------------ */
 
+/* ---- merged rows (MiniCache) ------------------------------------------------------------- */
+
+/* MiniCache's merged rows against the CPU: the angular distances and the SLERP rows written at
+ * the end of a pair's second layer, and a decode batch mixing entries that read merged rows
+ * beside their own tokens (odd entries) with plain ones, host and device indices. */
+static void test_merged(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, int64_t max_len,
+                        uint64_t seed)
+{
+    const int64_t bt = 16;
+    int64_t mtpb = uc_kv_merged_tokens(bt, d), entries = n_rows * hkv;
+    struct uc_rng r;
+    uc_rng_seed(&r, seed);
+    char what[112];
+    int32_t *ntok = uc_malloc((size_t)entries * sizeof(int32_t));
+    int32_t *off = uc_malloc((size_t)entries * sizeof(int32_t));
+    int32_t *mn = uc_malloc((size_t)entries * sizeof(int32_t));
+    int32_t *moff = uc_malloc((size_t)entries * sizeof(int32_t));
+    int32_t *side = uc_malloc((size_t)entries * sizeof(int32_t));
+    int64_t total = 0, maxn = 0;
+    for (int64_t e = 0; e < entries; e++) {
+        ntok[e] = (int32_t)(1 + (int64_t)(uc_rng_next(&r) % (uint64_t)max_len));
+        mn[e] = e % 2 ? (int32_t)(e == 1 ? max_len : 1 + (int64_t)(uc_rng_next(&r) %
+                                                                 (uint64_t)max_len))
+                      : 0;
+        side[e] = (int32_t)(e / 2 % 2);
+        total += (ntok[e] + bt - 1) / bt + (mn[e] + mtpb - 1) / mtpb;
+        maxn = ntok[e] + mn[e] > maxn ? ntok[e] + mn[e] : maxn;
+    }
+    int64_t n_blocks = total + 5;
+    int32_t *idx = uc_malloc((size_t)total * sizeof(int32_t));
+    int32_t *perm = uc_malloc((size_t)n_blocks * sizeof(int32_t));
+    shuffle_i32(perm, n_blocks, &r);
+    int64_t used = 0;
+    for (int64_t e = 0; e < entries; e++) {
+        int64_t nb = (ntok[e] + bt - 1) / bt, nm = (mn[e] + mtpb - 1) / mtpb;
+        off[e] = (int32_t)used;
+        memcpy(idx + used, perm + used, (size_t)nb * sizeof(int32_t));
+        used += nb;
+        moff[e] = (int32_t)used;
+        memcpy(idx + used, perm + used, (size_t)nm * sizeof(int32_t));
+        used += nm;
+    }
+    struct pools p;
+    pools_make(&p, n_blocks, bt, d, seed + 1);
+    /* the merge: entry 1's merged rows from entry 0's own tokens (layer a, unpacked slots) and
+     * random rows of a QKV buffer (layer b), KV head hkv - 1 */
+    struct qkv src;
+    qkv_make(&src, 64, h, hkv, d, seed + 2);
+    int64_t n1 = mn[1] < ntok[0] ? mn[1] : ntok[0];
+    int32_t *a_slot = uc_malloc((size_t)n1 * sizeof(int32_t));
+    int32_t *row = uc_malloc((size_t)n1 * sizeof(int32_t));
+    int32_t *m_slot = uc_malloc((size_t)n1 * sizeof(int32_t));
+    for (int64_t t = 0; t < n1; t++) {
+        a_slot[t] = (int32_t)(idx[off[0] + t / bt] * bt + t % bt);
+        row[t] = (int32_t)(uc_rng_next(&r) % 64);
+        m_slot[t] = (int32_t)(idx[moff[1] + t / mtpb] * mtpb + t % mtpb);
+    }
+    double *dg = uc_malloc((size_t)(2 * n1) * sizeof(double));
+    double *dc = uc_malloc((size_t)(2 * n1) * sizeof(double));
+    uc_status r1 = gpu->ops->kv_merge_dist(gpu, dg, &p.g, a_slot, at(gpu, src.g, h * d),
+                                           at(gpu, src.g, (h + hkv) * d), src.ld, row, hkv - 1,
+                                           n1);
+    uc_status r2 = cpu->ops->kv_merge_dist(cpu, dc, &p.c, a_slot, at(cpu, src.c, h * d),
+                                           at(cpu, src.c, (h + hkv) * d), src.ld, row, hkv - 1,
+                                           n1);
+    snprintf(what, sizeof what, "%lld tokens D=%lld", (long long)n1, (long long)d);
+    report("kv_merge_dist", what, r1 == UC_OK && r2 == UC_OK ? nmse_d(dg, dc, 2 * n1) : INFINITY,
+           fp32 ? 1e-12 : bound_act());
+    r1 = gpu->ops->kv_merge_write(gpu, &p.g, a_slot, at(gpu, src.g, h * d),
+                                  at(gpu, src.g, (h + hkv) * d), src.ld, row, hkv - 1, m_slot, n1,
+                                  0.6f);
+    r2 = cpu->ops->kv_merge_write(cpu, &p.c, a_slot, at(cpu, src.c, h * d),
+                                  at(cpu, src.c, (h + hkv) * d), src.ld, row, hkv - 1, m_slot, n1,
+                                  0.6f);
+    report("kv_merge_write", what, r1 == UC_OK && r2 == UC_OK ? pools_cmp(&p) : INFINITY,
+           bound_act());
+    /* decode over the mixed batch (the merged rows of entry 1 as written, the others random) */
+    struct qkv q;
+    qkv_make(&q, n_rows, h, hkv, d, seed + 3);
+    void *og = NULL, *oc = NULL;
+    gpu->ops->alloc(gpu, &og, (size_t)(n_rows * h * d) * gpu->ops->act_size(gpu));
+    cpu->ops->alloc(cpu, &oc, (size_t)(n_rows * h * d) * sizeof(float));
+    struct uc_kv_batch_view hv = {.n_tokens = ntok, .offset = off, .blocks = idx,
+                                  .n_blocks_total = total, .max_tokens = maxn,
+                                  .mc_n = mn, .mc_off = moff, .mc_side = side};
+    r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &hv, n_rows, h, hkv, NULL);
+    r2 = cpu->ops->attn_decode(cpu, oc, q.c, q.ld, &p.c, &hv, n_rows, h, hkv, NULL);
+    bool ok = r1 == UC_OK && r2 == UC_OK;
+    snprintf(what, sizeof what, "B=%lld H=%lld Hkv=%lld D=%lld len=%lld", (long long)n_rows,
+             (long long)h, (long long)hkv, (long long)d, (long long)max_len);
+    report("decode_mc", what, ok ? cmp_dev(og, oc, n_rows * h * d) : INFINITY, bound_act());
+    int64_t n_meta = 5 * entries + total;
+    int32_t *meta = uc_malloc((size_t)n_meta * sizeof(int32_t));
+    memcpy(meta, ntok, (size_t)entries * sizeof(int32_t));
+    memcpy(meta + entries, off, (size_t)entries * sizeof(int32_t));
+    memcpy(meta + 2 * entries, mn, (size_t)entries * sizeof(int32_t));
+    memcpy(meta + 3 * entries, moff, (size_t)entries * sizeof(int32_t));
+    memcpy(meta + 4 * entries, side, (size_t)entries * sizeof(int32_t));
+    memcpy(meta + 5 * entries, idx, (size_t)total * sizeof(int32_t));
+    int32_t *dev = NULL;
+    gpu->ops->alloc(gpu, (void **)&dev, (size_t)n_meta * sizeof(int32_t));
+    gpu->ops->upload(gpu, dev, meta, (size_t)n_meta * sizeof(int32_t));
+    struct uc_kv_batch_view dv = {.n_tokens = dev, .offset = dev + entries,
+                                  .blocks = dev + 5 * entries, .n_blocks_total = total,
+                                  .on_device = true, .mc_n = dev + 2 * entries,
+                                  .mc_off = dev + 3 * entries, .mc_side = dev + 4 * entries};
+    r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &dv, n_rows, h, hkv, NULL);
+    report("decode_mc", "the same, device indices",
+           r1 == UC_OK && ok ? cmp_dev(og, oc, n_rows * h * d) : INFINITY, bound_act());
+    drop(gpu, og);
+    drop(cpu, oc);
+    drop(gpu, dev);
+    uc_free(meta);
+    uc_free(dg);
+    uc_free(dc);
+    uc_free(a_slot);
+    uc_free(row);
+    uc_free(m_slot);
+    uc_free(ntok);
+    uc_free(off);
+    uc_free(mn);
+    uc_free(moff);
+    uc_free(side);
+    uc_free(idx);
+    uc_free(perm);
+    qkv_free(&q);
+    qkv_free(&src);
+    pools_free(&p);
+}
+
 static void run_pass(void)
 {
     test_roundtrip();
@@ -1250,6 +1382,10 @@ static void run_pass(void)
     test_packed(3, 8, 4, 32, 20, 200, 680);
     test_packed(4, 32, 8, 128, 77, 700, 690);
     test_packed(2, 8, 2, 64, 39, 3000, 695);
+    /* merged rows (MiniCache): uncomp-tiny's shape, an 8B layer's, a long context */
+    test_merged(3, 8, 4, 32, 200, 700);
+    test_merged(4, 32, 8, 128, 700, 710);
+    test_merged(2, 8, 2, 64, 3000, 720);
 }
 
 /* ---- timing (--bench) ----------------------------------------------------------------------- */
@@ -1326,7 +1462,8 @@ static void bench_decode(int64_t rows, int64_t ctx)
     gpu->ops->kv_pool_create(gpu, &b.pool, nb, bt, d);
     gpu->ops->weight_random(gpu, &b.q, rows, b.ld, 5, 0.0f, 1.0f);
     gpu->ops->alloc(gpu, &b.out, (size_t)(rows * h * d) * gpu->ops->act_size(gpu));
-    b.view = (struct uc_kv_batch_view){ntok, off, blocks, nb, ctx, false, NULL, NULL, NULL};
+    b.view = (struct uc_kv_batch_view){ntok, off,  blocks, nb,   ctx,  false,
+                                       NULL, NULL, NULL,   NULL, NULL, NULL};
     double t = time_op(run_dec, &b, 20);
     double bytes = 2.0 * (double)entries * (double)ctx * (double)d * 2.0;
     printf("bench attn_decode B=%lld ctx=%lld H=32 Hkv=8 D=128: %.1f us %.0f GB/s (K+V read)\n",

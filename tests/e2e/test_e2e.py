@@ -294,6 +294,18 @@ def t_generate_stream(d):
     check(c3.policy == "snapkv+think" and c3.key_channels == 24, "report %s" % c3)
     check(c3.kv_tokens_kept == c2.kv_tokens_kept and
           c3.kv_bytes_kept * 64 == c2.kv_bytes_kept * (24 + 32), "think report %s" % c3)
+    # MiniCache composed with it: the same tokens kept, pairs from layer 4 (of 8) merged, each
+    # merged (token, KV head) saving 2 D - 4 of its two layers' 4 D values
+    _, _, comp4, _ = cl.generate(text=LONG_PROMPT, max_tokens=8, temperature=0.0,
+                                 compression={"policy": "snapkv+minicache", "kv_budget": 24,
+                                              "minicache_t": 0.5})
+    c4 = comp4.compression
+    check(c4.policy == "snapkv+minicache" and c4.minicache_pairs == 2 and
+          c4.minicache_start == 4 and c4.minicache_merged > 0, "minicache report %s" % c4)
+    elem = c2.kv_bytes_full // (c2.kv_tokens_full * 2 * 32)  # 4 on the CPU, 2 in bf16
+    check(c4.kv_tokens_kept == c2.kv_tokens_kept and
+          c2.kv_bytes_kept - c4.kv_bytes_kept == c4.minicache_merged * (2 * 32 - 4) * elem,
+          "minicache report %s" % c4)
 
 
 def gen_choices(cl, req):

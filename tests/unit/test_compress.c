@@ -23,6 +23,7 @@
 #include "compress/kvsharer.h"
 #include "compress/profile.h"
 #include "compress/select.h"
+#include "compress/minicache.h"
 #include "compress/think.h"
 #include "test_util.h"
 
@@ -1397,6 +1398,72 @@ static void test_policy_spec_think(void **state)
     assert_int_equal(chan[1], 3);
 }
 
+/* MiniCache's arithmetic: pairs from L/2, distances, SLERP, retention; its spec and checks. */
+static void test_minicache_rules(void **state)
+{
+    (void)state;
+    int16_t partner[16], pair_of[16];
+    assert_int_equal(uc_minicache_start(0, 8), 4);
+    assert_int_equal(uc_minicache_start(3, 8), 3);
+    assert_int_equal(uc_minicache_pairs(partner, pair_of, 8, 4), 2);
+    const int16_t want_partner[8] = {-1, -1, -1, -1, 5, 4, 7, 6};
+    const int16_t want_pair[8] = {-1, -1, -1, -1, 0, 0, 1, 1};
+    assert_memory_equal(partner, want_partner, sizeof want_partner);
+    assert_memory_equal(pair_of, want_pair, sizeof want_pair);
+    assert_int_equal(uc_minicache_pairs(partner, NULL, 9, 4), 2); /* 8 has no partner */
+    assert_int_equal(partner[8], -1);
+    assert_int_equal(uc_minicache_pairs(partner, NULL, 16, 8), 4);
+    /* distances: same direction 0, orthogonal 1/2, opposite 1, a zero vector 0 */
+    const float a[4] = {1, 0, 0, 0}, b[4] = {0, 2, 0, 0}, c[4] = {-3, 0, 0, 0}, z[4] = {0};
+    const float a2[4] = {5, 0, 0, 0};
+    assert_true(fabs(uc_minicache_distance(a, a2, 4)) < 1e-12);
+    assert_true(fabs(uc_minicache_distance(a, b, 4) - 0.5) < 1e-12);
+    assert_true(fabs(uc_minicache_distance(a, c, 4) - 1.0) < 1e-12);
+    assert_true(uc_minicache_distance(a, z, 4) == 0.0);
+    /* SLERP of orthogonal unit directions at t: (cos(t pi/2), sin(t pi/2)); magnitudes kept */
+    float dir[4], na, nb;
+    uc_minicache_merge(dir, &na, &nb, a2, b, 4, 0.6f);
+    assert_true(fabsf(na - 5.0f) < 1e-6f && fabsf(nb - 2.0f) < 1e-6f);
+    assert_true(fabs(dir[0] - cos(0.6 * M_PI / 2)) < 1e-6 &&
+                fabs(dir[1] - sin(0.6 * M_PI / 2)) < 1e-6);
+    uc_minicache_merge(dir, &na, &nb, a2, b, 4, 0.0f); /* t = 0: layer a's direction */
+    assert_true(fabsf(dir[0] - 1.0f) < 1e-6f && fabsf(dir[1]) < 1e-6f);
+    uc_minicache_merge(dir, &na, &nb, a, a2, 4, 0.6f); /* parallel: that direction */
+    assert_true(fabsf(dir[0] - 1.0f) < 1e-6f);
+    /* retention: round_half_up(gamma n) largest distances, ties to the lower index */
+    const double d[6] = {0.1, 0.9, 0.3, 0.9, 0.2, 0.95};
+    bool keep[6];
+    struct uc_minicache_rank scratch[6];
+    assert_int_equal(uc_minicache_retain(keep, d, 6, 0.5f, scratch), 3);
+    const bool want_keep[6] = {false, true, false, true, false, true};
+    assert_memory_equal(keep, want_keep, sizeof keep);
+    assert_int_equal(uc_minicache_retain(keep, d, 6, 0.25f, scratch), 2); /* 1.5 -> 2 */
+    assert_true(keep[5] && keep[1] && !keep[3]);
+    assert_int_equal(uc_minicache_retain(keep, d, 6, 0.0f, scratch), 0);
+    /* spec and checks */
+    struct uc_compress_params p = uc_compress_default_params();
+    char msg[256], name[64];
+    assert_int_equal(uc_policy_spec_parse("snapkv+minicache", &p, msg, sizeof msg), UC_OK);
+    assert_int_equal(p.policy, UC_POLICY_SNAPKV);
+    assert_int_equal(p.stages, UC_STAGE_MINICACHE);
+    uc_policy_spec_name(&p, name, sizeof name);
+    assert_string_equal(name, "snapkv+minicache");
+    assert_true(uc_policy_minicache_t(&p) == 0.6f && uc_policy_minicache_gamma(&p) == 0.05f);
+    p.minicache_gamma = -1.0f;
+    assert_true(uc_policy_minicache_gamma(&p) == 0.0f);
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_OK);
+    p.minicache_start = 7; /* no layer after it */
+    assert_int_equal(uc_compress_params_validate(&p, 8, msg, sizeof msg), UC_ERR_INVALID_ARG);
+    assert_has(msg, "no pair");
+    p = uc_compress_default_params();
+    assert_int_equal(uc_policy_spec_parse("minicache", &p, msg, sizeof msg), UC_OK);
+    uc_policy_spec_name(&p, name, sizeof name);
+    assert_string_equal(name, "minicache");
+    assert_int_equal(uc_policy_spec_parse("uncomp-stage+minicache", &p, msg, sizeof msg),
+                     UC_ERR_INVALID_ARG);
+    assert_has(msg, "does not combine with uncomp-stage");
+}
+
 int main(void)
 {
     tu_log_capture();
@@ -1425,6 +1492,7 @@ int main(void)
         cmocka_unit_test(test_kvsharer_search),
         cmocka_unit_test(test_profile_kvsharer),
         cmocka_unit_test(test_policy_spec_think),
+        cmocka_unit_test(test_minicache_rules),
         cmocka_unit_test(test_regression_stage_rows_float_r_min),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

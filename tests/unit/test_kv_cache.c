@@ -694,6 +694,41 @@ static void test_packed_heads(void **state)
     assert_int_equal(uc_kv_used_blocks(kv), 0);
 }
 
+/* MiniCache's merged heads: rows of 2 D + 4 values, uc_kv_merged_tokens per block; forks
+ * share their full blocks and keep the layout; nothing is ever removed from them. */
+static void test_merged_heads(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache *kv = &f->kv;
+    struct uc_kv_seq a, b;
+    assert_int_equal(uc_kv_seq_init(&a, 2, 1), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&b, 2, 1), UC_OK);
+    struct uc_kv_head *ha = uc_kv_seq_head(&a, 1, 0), *hb = uc_kv_seq_head(&b, 1, 0);
+    const int32_t ch1[1] = {2};
+    assert_int_equal(uc_kv_head_set_packed(kv, uc_kv_seq_head(&a, 0, 0), 1, ch1), UC_OK);
+    assert_int_equal(uc_kv_head_set_merged(kv, uc_kv_seq_head(&a, 0, 0)), UC_ERR_INVALID_ARG);
+    assert_int_equal(uc_kv_head_set_merged(kv, ha), UC_OK);
+    assert_int_equal(uc_kv_head_set_packed(kv, ha, 1, ch1), UC_ERR_INVALID_ARG);
+    /* BT 4, D 3: 24 values per block, rows of 10: 2 rows per block */
+    assert_int_equal(uc_kv_head_block_tokens(kv, ha), uc_kv_merged_tokens(BT, HD));
+    assert_int_equal(uc_kv_head_block_tokens(kv, ha), 2);
+    assert_int_equal(uc_kv_head_reserve(kv, ha, 5), UC_OK);
+    assert_int_equal(ha->n_blocks, 3);
+    ha->n_tokens = 5;
+    assert_int_equal(uc_kv_head_slot(kv, ha, 3), ha->blocks[1] * 2 + 1);
+    assert_int_equal(uc_kv_seq_row_bytes(kv, &a),
+                     5 * (2 * HD + UC_KV_MERGED_EXTRA) * (int64_t)sizeof(float));
+    assert_int_equal(uc_kv_head_remove(kv, ha, 0), UC_ERR_INVALID_ARG);
+    fork_head(kv, hb, ha);
+    assert_int_equal(hb->merged, 1);
+    assert_int_equal(hb->n_tokens, 5);
+    assert_int_equal(uc_kv_shared_blocks(kv), 2);
+    assert_int_equal(uc_kv_used_blocks(kv), 4);
+    uc_kv_seq_fini(kv, &a);
+    uc_kv_seq_fini(kv, &b);
+    assert_int_equal(uc_kv_used_blocks(kv), 0);
+}
+
 int main(void)
 {
     tu_log_capture();
@@ -709,6 +744,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_fork_full_head_and_kv_full, setup, teardown),
         cmocka_unit_test_setup_teardown(test_remove_unshares, setup, teardown),
         cmocka_unit_test_setup_teardown(test_packed_heads, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_merged_heads, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -140,6 +140,12 @@ static void assert_decoded_equal(const struct uc_req *a, const struct uc_req *b)
     assert_true(x->r_min == y->r_min);
     assert_int_equal(x->has_think_ratio, y->has_think_ratio);
     assert_true(x->think_ratio == y->think_ratio);
+    assert_int_equal(x->has_minicache_t, y->has_minicache_t);
+    assert_true(x->minicache_t == y->minicache_t);
+    assert_int_equal(x->has_minicache_gamma, y->has_minicache_gamma);
+    assert_true(x->minicache_gamma == y->minicache_gamma);
+    assert_int_equal(x->has_minicache_start, y->has_minicache_start);
+    assert_int_equal(x->minicache_start, y->minicache_start);
 }
 
 static void assert_compress_equal(const struct uc_compress_params *a,
@@ -153,6 +159,9 @@ static void assert_compress_equal(const struct uc_compress_params *a,
     assert_int_equal(a->head_groups, b->head_groups);
     assert_true(a->r_min == b->r_min && a->spread == b->spread);
     assert_true(a->think_ratio == b->think_ratio);
+    assert_true(a->minicache_t == b->minicache_t && a->minicache_gamma == b->minicache_gamma);
+    assert_int_equal(a->minicache_start, b->minicache_start);
+    assert_int_equal(a->stages, b->stages);
     assert_int_equal(a->decode_mode, b->decode_mode);
     assert_int_equal(a->grouping, b->grouping);
     assert_int_equal(a->n_stage_starts, b->n_stage_starts);
@@ -261,6 +270,44 @@ static void full_sampling(Uncomp__V1__SamplingParams *s, Uncomp__V1__Compression
     "\"think_ratio\":0.25}"
 
 /* ---- the same request through both fronts --------------------------------------------------- */
+
+/* MiniCache's parameters through both fronts: the same resolved parameters. */
+static void test_req_minicache_both_fronts(void **state)
+{
+    (void)state;
+    struct uc_req_ctx c = ctx();
+    Uncomp__V1__CompressionParams cp;
+    uncomp__v1__compression_params__init(&cp);
+    cp.policy = (char *)(uintptr_t)"snapkv+minicache";
+    cp.minicache_t = 0.5f;
+    cp.minicache_retain_none = true;
+    cp.minicache_start = 2;
+    Uncomp__V1__GenerateRequest g;
+    uncomp__v1__generate_request__init(&g);
+    g.input_case = UNCOMP__V1__GENERATE_REQUEST__INPUT_TEXT;
+    g.text = (char *)(uintptr_t)"Hello";
+    g.compression = &cp;
+    struct uc_grpc_request gr;
+    grpc_decode(&gr, UC_GRPC_GENERATE, &g.base);
+    struct uc_oai_request hr;
+    http_decode(&hr, UC_OAI_COMPLETION,
+                "{\"prompt\":\"Hello\",\"uncomp\":{\"policy\":\"snapkv+minicache\","
+                "\"minicache_t\":0.5,\"minicache_gamma\":0,\"minicache_start\":2}}");
+    assert_decoded_equal(&gr.gen, &hr.gen);
+    struct uc_req_error e1, e2;
+    assert_int_equal(uc_grpc_request_validate(&gr, &c, &e1), UC_OK);
+    assert_int_equal(uc_req_validate(&hr.gen, &c, &e2), UC_OK);
+    assert_sched_equal(&gr.gen, &hr.gen);
+    struct uc_request q;
+    uc_req_choice(&hr.gen, 0, 1, &q);
+    assert_int_equal(q.compress.policy, UC_POLICY_SNAPKV);
+    assert_int_equal(q.compress.stages, UC_STAGE_MINICACHE);
+    assert_true(q.compress.minicache_t == 0.5f);
+    assert_true(q.compress.minicache_gamma < 0.0f); /* none retained */
+    assert_int_equal(q.compress.minicache_start, 2);
+    uc_grpc_request_fini(&gr);
+    uc_oai_request_fini(&hr);
+}
 
 static void test_req_same_request_both_fronts(void **state)
 {
@@ -430,6 +477,10 @@ SETTER(set_stage_order, (big_ids[0] = 5, big_ids[1] = 3, c->policy = (char *)(ui
 SETTER(set_r_min, c->r_min = 2.0f)
 SETTER(set_think_alone, c->think_ratio = 0.5f)
 SETTER(set_think_range, (c->policy = (char *)(uintptr_t)"snapkv+think", c->think_ratio = 1.5f))
+SETTER(set_mc_alone, c->minicache_gamma = 0.5f)
+SETTER(set_mc_range, (c->policy = (char *)(uintptr_t)"snapkv+minicache", c->minicache_t = 1.5f))
+SETTER(set_mc_start, (c->policy = (char *)(uintptr_t)"minicache", c->minicache_start = 7))
+SETTER(set_mc_think, c->policy = (char *)(uintptr_t)"snapkv+think+minicache")
 SETTER(set_none, (void)0)
 SETTER(set_empty_text, (g->input_case = UNCOMP__V1__GENERATE_REQUEST__INPUT_TEXT,
                         g->text = (char *)(uintptr_t)""))
@@ -495,6 +546,16 @@ static void test_req_same_errors_both_fronts(void **state)
         {"\"uncomp\":{\"policy\":\"snapkv+think\",\"think_ratio\":1.5}", set_think_range,
          UC_REQ_F_THINK_RATIO, "compression.think_ratio=1.5 must be in (0, 1)",
          "uncomp.think_ratio"},
+        {"\"uncomp\":{\"minicache_gamma\":0.5}", set_mc_alone, UC_REQ_F_MINICACHE_GAMMA,
+         "compression.minicache_gamma needs a policy with +minicache", "uncomp.minicache_gamma"},
+        {"\"uncomp\":{\"policy\":\"snapkv+minicache\",\"minicache_t\":1.5}", set_mc_range,
+         UC_REQ_F_MINICACHE_T, "compression.minicache_t=1.5 must be in (0, 1]",
+         "uncomp.minicache_t"},
+        {"\"uncomp\":{\"policy\":\"minicache\",\"minicache_start\":7}", set_mc_start,
+         UC_REQ_F_MINICACHE_START, "compression.minicache_start=7 must be in [1, 7)",
+         "uncomp.minicache_start"},
+        {"\"uncomp\":{\"policy\":\"snapkv+think+minicache\"}", set_mc_think,
+         UC_REQ_F_COMPRESSION, "minicache does not combine with kvsharer or think", "uncomp"},
     };
     struct uc_req_ctx c = ctx();
     char body[4096];
@@ -1133,6 +1194,7 @@ int main(int argc, char **argv)
     }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_req_same_request_both_fronts),
+        cmocka_unit_test(test_req_minicache_both_fronts),
         cmocka_unit_test(test_req_same_errors_both_fronts),
         cmocka_unit_test(test_req_policy_stage_both_fronts),
         cmocka_unit_test(test_req_prompt_errors_both_fronts),

@@ -232,6 +232,13 @@ await test("per-request compression through the uncomp object, report returned",
   assert.equal(r.uncomp.kv_budget, 32);
   assert.ok(r.uncomp.kv_tokens_kept < r.uncomp.kv_tokens_full, `kept ${r.uncomp.kv_tokens_kept} of ${r.uncomp.kv_tokens_full}`);
   await expectStatus(400, () => client.completions.create({ model: UC_MODEL, prompt: "x", uncomp: { policy: "magic" } }), "unknown policy");
+  // MiniCache composed with it: the same tokens kept, two layer pairs (of 8 layers) merged
+  const m = await client.completions.create({ model: UC_MODEL, prompt: long, max_tokens: 4, temperature: 0, uncomp: { policy: "snapkv+minicache", kv_budget: 32, minicache_t: 0.5 } });
+  assert.equal(m.uncomp.policy, "snapkv+minicache");
+  assert.equal(m.uncomp.kv_tokens_kept, r.uncomp.kv_tokens_kept);
+  assert.ok(m.uncomp.minicache && m.uncomp.minicache.pairs === 2 && m.uncomp.minicache.start === 4 && m.uncomp.minicache.merged > 0, JSON.stringify(m.uncomp.minicache));
+  assert.ok(m.uncomp.kv_bytes_kept < r.uncomp.kv_bytes_kept, `minicache kept ${m.uncomp.kv_bytes_kept} bytes, snapkv ${r.uncomp.kv_bytes_kept}`);
+  await expectStatus(400, () => client.completions.create({ model: UC_MODEL, prompt: "x", uncomp: { policy: "snapkv", minicache_t: 0.5 } }), "minicache_t without +minicache");
 });
 
 await test("400: bad fields are OpenAI error objects naming the field", async () => {
