@@ -9,6 +9,7 @@
 
 #include "base/mem.h"
 #include "base/util.h"
+#include "compress/lorc.h"
 #include "compress/think.h"
 
 static const char *policy_names[UC_POLICY_COUNT] = {
@@ -26,6 +27,7 @@ static const struct stage_desc {
      "a shared layer reads its source layer's keys for every prompt row, and uncomp-stage drops "
      "rows between layers"},
     {"think", UC_STAGE_THINK, 0, ""},
+    {"lorc", UC_STAGE_LORC, 0, ""},
 };
 #define N_STAGES ((int)(sizeof stage_table / sizeof stage_table[0]))
 
@@ -158,6 +160,14 @@ float uc_policy_think_ratio(const struct uc_compress_params *p)
         return 0.0f;
     }
     return p->think_ratio > 0.0f ? p->think_ratio : UC_THINK_DEFAULT_RATIO;
+}
+
+float uc_policy_lorc_ratio(const struct uc_compress_params *p)
+{
+    if (!(p->stages & UC_STAGE_LORC)) {
+        return 0.0f;
+    }
+    return p->lorc_ratio > 0.0f ? p->lorc_ratio : UC_LORC_DEFAULT_RATIO;
 }
 
 uc_status uc_share_pairs_validate(const struct uc_share_pair *pairs, int32_t n, int64_t n_layers,
@@ -343,6 +353,20 @@ uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_
     if ((p->stages & UC_STAGE_THINK) && uc_policy_kvsharer(p)) {
         BAD("compression.policy: think does not combine with kvsharer yet (a shared layer would "
             "read its source layer's pruned keys with its own queries)");
+    }
+    if (!(p->lorc_ratio >= 0.0f && p->lorc_ratio <= 1.0f)) {
+        BAD("compression.lorc_ratio=%g must be in (0, 1] (0: the default %g)",
+            (double)p->lorc_ratio, (double)UC_LORC_DEFAULT_RATIO);
+    }
+    if (p->stages & UC_STAGE_LORC) {
+        if (p->stages & (UC_STAGE_THINK | UC_STAGE_KVSHARER)) {
+            BAD("compression.policy: lorc does not combine with think or kvsharer (a latent head "
+                "stores neither pruned key channels nor another layer's cache)");
+        }
+        if (p->decode_mode == UC_DECODE_EVICT && p->policy != UC_POLICY_FULL) {
+            BAD("compression.decode_mode=evict does not combine with lorc (latent rows are not "
+                "moved by eviction yet)");
+        }
     }
     if (p->n_stage_starts < 0 || p->n_stage_starts > UC_MAX_STAGES - 1) {
         BAD("compression.stage_starts: at most %d boundaries", UC_MAX_STAGES - 1);

@@ -45,6 +45,7 @@ enum uc_grouping {
 enum uc_stage_flag {
     UC_STAGE_KVSHARER = 1u << 0, /* KVSharer: a later layer reads an earlier layer's KV cache */
     UC_STAGE_THINK = 1u << 1,    /* ThinK: each KV head keeps only its best key channels */
+    UC_STAGE_LORC = 1u << 2,     /* LoRC: K and V cached as low-rank latents (lorc.h) */
 };
 
 /* KVSharer: layer dst holds no KV of its own and attends over layer src's cache (src < dst). */
@@ -81,6 +82,9 @@ struct uc_compress_params {
     /* With UC_STAGE_THINK: share of each KV head's key channels pruned (lambda); 0 = the
      * paper's default, UC_THINK_DEFAULT_RATIO (uc_policy_think_ratio). */
     float think_ratio;
+    /* With UC_STAGE_LORC: mean share of the key and value dimensions kept (rho, in (0, 1]); 0 =
+     * UC_LORC_DEFAULT_RATIO (uc_policy_lorc_ratio). */
+    float lorc_ratio;
 };
 
 enum uc_row_score {
@@ -110,6 +114,8 @@ uc_status uc_policy_spec_parse(const char *spec, struct uc_compress_params *p, c
 int uc_policy_spec_name(const struct uc_compress_params *p, char *buf, size_t size);
 /* ThinK's share of key channels pruned for p: 0 without the think stage. */
 float uc_policy_think_ratio(const struct uc_compress_params *p);
+/* LoRC's kept share for p: 0 without the lorc stage. */
+float uc_policy_lorc_ratio(const struct uc_compress_params *p);
 /* Whether p shares layers' KV caches (KVSharer). */
 static inline bool uc_policy_kvsharer(const struct uc_compress_params *p)
 {

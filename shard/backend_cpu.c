@@ -776,6 +776,89 @@ static uc_status cpu_kv_move(struct uc_backend *be, struct uc_kv_pool_view *pool
     return UC_OK;
 }
 
+/* ---- latent heads (LoRC) --------------------------------------------------------------- */
+
+/* Element i of latent row `slot` of width w (the position's element, then 2 r latents). */
+static inline float *latent_elem(const struct uc_kv_pool_view *pool, int64_t w, int64_t slot,
+                                 int64_t i)
+{
+    int64_t d = pool->head_dim, bt = pool->block_tokens, per = bt * d;
+    int64_t tpb = uc_kv_latent_tokens(bt, d, w);
+    int64_t b = slot / tpb, at = (slot % tpb) * w + i;
+    return at < per ? (float *)pool->k + b * per + at : (float *)pool->v + b * per + at - per;
+}
+
+/* Writes one latent row: pos, then U_k^T k and U_v^T v (k before RoPE), the first `rank` rows of
+ * the bases bk, bv (D, D). */
+static void latent_put(struct uc_kv_pool_view *pool, int64_t rank, int64_t slot, int32_t pos,
+                       const float *k, const float *v, const float *bk, const float *bv)
+{
+    int64_t d = pool->head_dim, w = uc_kv_latent_width(rank, sizeof(float));
+    memcpy(latent_elem(pool, w, slot, 0), &pos, sizeof pos);
+    for (int64_t i = 0; i < rank; i++) {
+        float zk = 0.0f, zv = 0.0f;
+        for (int64_t c = 0; c < d; c++) {
+            zk += bk[i * d + c] * k[c];
+            zv += bv[i * d + c] * v[c];
+        }
+        *latent_elem(pool, w, slot, 1 + i) = zk;
+        *latent_elem(pool, w, slot, 1 + rank + i) = zv;
+    }
+}
+
+static uc_status cpu_kv_scatter_latent(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                       const void *k_src, const void *v_src, int64_t ld,
+                                       const int32_t *src_row, const int32_t *src_head,
+                                       const int32_t *pos, const int32_t *slot, int64_t n,
+                                       int64_t rank, const void *basis)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    int64_t d = pool->head_dim, half = d / 2;
+    if (half != c->rope_half || d > UC_LATENT_MAX_D || rank < 1 || rank > d) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "latent scatter: D=%lld rank=%lld (rope half %lld)",
+                       (long long)d, (long long)rank, (long long)c->rope_half);
+    }
+    const float *ks = k_src, *vs = v_src, *bs = basis;
+    for (int64_t e = 0; e < n; e++) {
+        if (pos[e] < 0 || pos[e] >= c->rope_max_pos) {
+            return UC_ERRF(UC_ERR_INVALID_ARG, "latent scatter: position %d outside the rope "
+                           "table", pos[e]);
+        }
+        int64_t off = (int64_t)src_row[e] * ld + (int64_t)src_head[e] * d;
+        const float *kr = ks + off, *cs = c->rope_cos + (int64_t)pos[e] * half;
+        const float *sn = c->rope_sin + (int64_t)pos[e] * half;
+        float k[UC_LATENT_MAX_D];
+        for (int64_t i = 0; i < half; i++) { /* RoPE undone: the latent is of the raw key */
+            float a = kr[i], b = kr[i + half];
+            k[i] = a * cs[i] + b * sn[i];
+            k[i + half] = b * cs[i] - a * sn[i];
+        }
+        const float *bk = bs + (int64_t)src_head[e] * 2 * d * d;
+        latent_put(pool, rank, slot[e], pos[e], k, vs + off, bk, bk + d * d);
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_kv_append_latent(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                      const void *qkv, int64_t ld, int64_t n_heads,
+                                      int64_t n_heads_kv, const int32_t *pos, const int32_t *slot,
+                                      const int32_t *rank, const void *basis, int64_t n_tok)
+{
+    int64_t d = pool->head_dim;
+    const float *x = qkv, *bs = basis;
+    for (int64_t e = 0; e < n_tok * n_heads_kv; e++) {
+        if (rank[e] <= 0) {
+            continue;
+        }
+        int64_t j = e % n_heads_kv;
+        const float *k = x + e / n_heads_kv * ld + (n_heads + j) * d;
+        const float *bk = bs + j * 2 * d * d;
+        latent_put(pool, rank[e], -(int64_t)slot[e] - 1, pos[e / n_heads_kv], k,
+                   k + n_heads_kv * d, bk, bk + d * d);
+    }
+    return UC_OK;
+}
+
 /* Dot product with eight partial sums, so it vectorises without reassociation flags. */
 static inline float dot(const float *restrict a, const float *restrict b, int64_t n)
 {
@@ -854,6 +937,57 @@ static void decode_packed(float *restrict ov, const float *restrict qv,
     }
 }
 
+/* decode_one for a latent head: each row's key rebuilt from its latents (k = U_r z) and rotated
+ * at the row's position, the value latents summed by probability, then one product by U_v. */
+static void decode_latent(float *restrict ov, const float *restrict qv,
+                          const struct uc_kv_pool_view *pool, const int32_t *blocks, int64_t nt,
+                          int64_t rank, const float *bk, const float *bv, const float *rcos,
+                          const float *rsin, float scale, float *restrict s)
+{
+    int64_t d = pool->head_dim, half = d / 2, w = uc_kv_latent_width(rank, sizeof(float));
+    int64_t tpb = uc_kv_latent_tokens(pool->block_tokens, d, w);
+    float k[UC_LATENT_MAX_D], zacc[UC_LATENT_MAX_D];
+    for (int64_t t = 0; t < nt; t++) {
+        int64_t slot = (int64_t)blocks[t / tpb] * tpb + t % tpb;
+        int32_t pos;
+        memcpy(&pos, latent_elem(pool, w, slot, 0), sizeof pos);
+        for (int64_t c = 0; c < d; c++) {
+            k[c] = 0.0f;
+        }
+        for (int64_t i = 0; i < rank; i++) {
+            float z = *latent_elem(pool, w, slot, 1 + i);
+            for (int64_t c = 0; c < d; c++) {
+                k[c] += z * bk[i * d + c];
+            }
+        }
+        const float *cs = rcos + (int64_t)pos * half, *sn = rsin + (int64_t)pos * half;
+        float acc = 0.0f;
+        for (int64_t i = 0; i < half; i++) {
+            float a = k[i], b = k[i + half];
+            acc += qv[i] * (a * cs[i] - b * sn[i]) + qv[i + half] * (b * cs[i] + a * sn[i]);
+        }
+        s[t] = acc;
+    }
+    softmax_row(s, nt, scale);
+    for (int64_t i = 0; i < rank; i++) {
+        zacc[i] = 0.0f;
+    }
+    for (int64_t t = 0; t < nt; t++) {
+        int64_t slot = (int64_t)blocks[t / tpb] * tpb + t % tpb;
+        for (int64_t i = 0; i < rank; i++) {
+            zacc[i] += s[t] * *latent_elem(pool, w, slot, 1 + rank + i);
+        }
+    }
+    for (int64_t c = 0; c < d; c++) {
+        ov[c] = 0.0f;
+    }
+    for (int64_t i = 0; i < rank; i++) {
+        for (int64_t c = 0; c < d; c++) {
+            ov[c] += zacc[i] * bv[i * d + c];
+        }
+    }
+}
+
 static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
                                  const struct uc_kv_pool_view *pool,
                                  const struct uc_kv_batch_view *view, int64_t n_rows,
@@ -889,7 +1023,12 @@ static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q
         int64_t b = it / n_heads, h = it % n_heads, j = h / group;
         int64_t e = b * n_heads_kv + j;
         float *s = sbuf + (int64_t)omp_get_thread_num() * maxn;
-        if (view->kdim && view->kdim[e] > 0) {
+        if (view->lat_rank && view->lat_rank[e] > 0) {
+            const float *bk = (const float *)view->lat_basis + (e % n_heads_kv) * 2 * d * d;
+            decode_latent(o + b * n_heads * d + h * d, qf + b * ld_q + h * d, pool,
+                          view->blocks + view->offset[e], view->n_tokens[e], view->lat_rank[e],
+                          bk, bk + d * d, c->rope_cos, c->rope_sin, scale, s);
+        } else if (view->kdim && view->kdim[e] > 0) {
             decode_packed(o + b * n_heads * d + h * d, qf + b * ld_q + h * d, pool,
                           view->blocks + view->offset[e], view->n_tokens[e], view->kdim[e],
                           view->chan + view->coff[e], scale, s);
@@ -983,6 +1122,8 @@ static const struct uc_backend_ops cpu_ops = {
     .kv_copy_blocks = cpu_kv_copy_blocks,
     .kv_nonfinite = cpu_kv_nonfinite,
     .kv_scatter_packed = cpu_kv_scatter_packed,
+    .kv_scatter_latent = cpu_kv_scatter_latent,
+    .kv_append_latent = cpu_kv_append_latent,
     .kv_append_packed = cpu_kv_append_packed,
     .kv_move_packed = cpu_kv_move_packed,
     .chan_sumsq = cpu_chan_sumsq,

@@ -101,7 +101,7 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
     int64_t blocks = 0;
-    bool packed = false;
+    bool packed = false, latent = false;
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t l = 0; l < L; l++) {
             if (eng_layer_shared(batch[b], l)) {
@@ -119,14 +119,16 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                 }
                 blocks += h->n_blocks + h->kdim;
                 packed = packed || h->kdim > 0;
+                latent = latent || h->lrank > 0;
             }
         }
     }
-    int64_t per = packed ? 5 : 3, fixed = nb + per * L * ent;
+    int64_t per = 3 + (packed ? 2 : 0) + (latent ? 1 : 0), fixed = nb + per * L * ent;
     if (!eng_grow((void **)&e->dm_host, &e->dm_cap, fixed + blocks, sizeof(int32_t))) {
         return UC_ERRF(UC_ERR_NOMEM, "decode index arrays");
     }
     e->dm_packed = packed;
+    e->dm_latent = latent;
     int32_t *m = e->dm_host, *blk = m + fixed;
     int64_t used = 0;
     for (int64_t b = 0; b < nb; b++) {
@@ -135,6 +137,7 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
     for (int64_t l = 0; l < L; l++) {
         int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
         int32_t *kdim = off + ent, *coff = kdim + ent;
+        int32_t *lat = slot + (packed ? 5 : 3) * ent; /* LoRC ranks, when latent */
         int64_t maxn = 0;
         for (int64_t b = 0; b < nb; b++) {
             int64_t src = batch[b]->plan.share_src[l];
@@ -150,6 +153,9 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                     kdim[x] = sslot[3 * ent + x];
                     coff[x] = sslot[4 * ent + x];
                 }
+                if (latent) { /* lorc and kvsharer do not combine: 0 */
+                    lat[x] = sslot[(packed ? 5 : 3) * ent + x];
+                }
                 maxn = ntok[x] > maxn ? ntok[x] : maxn;
             }
             for (int64_t j = 0; j < hkv && src == l; j++) {
@@ -159,7 +165,10 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                 UC_ASSERT(!uc_kv_block_shared(
                     &e->kv, h->blocks[h->n_tokens / uc_kv_head_block_tokens(&e->kv, h)]));
                 int32_t sl = uc_kv_head_slot(&e->kv, h, h->n_tokens);
-                slot[x] = h->kdim > 0 ? -sl - 1 : sl;
+                slot[x] = h->kdim > 0 || h->lrank > 0 ? -sl - 1 : sl;
+                if (latent) {
+                    lat[x] = h->lrank;
+                }
                 h->n_tokens++;
                 ntok[x] = h->n_tokens;
                 off[x] = (int32_t)used;
@@ -188,12 +197,19 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
 uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any_evict)
 {
     int64_t L = e->cfg->n_layers, hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
-    int64_t per = e->dm_packed ? 5 : 3;
+    int64_t per = 3 + (e->dm_packed ? 2 : 0) + (e->dm_latent ? 1 : 0);
     int64_t ld = e->sh->qkv_dim, ent = nb * hkv, fixed = nb + per * L * ent;
     const int32_t *dm = e->dm_dev;
     const int32_t *slot = dm + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
     struct seq **batch = e->batch;
     uc_status rc;
+    const int32_t *lat = slot + (e->dm_packed ? 5 : 3) * ent;
+    if (e->dm_latent) {
+        /* LoRC: the latents of the new token's key before RoPE, so before rope_append */
+        UC_CHECK(e->be->ops->kv_append_latent(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, dm, slot,
+                                              lat, eng_lorc_basis(e, l), nb),
+                 rc, out);
+    }
     UC_CHECK(e->be->ops->rope_append(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, e->cfg->head_dim,
                                      dm, slot, nb),
              rc, out);
@@ -209,6 +225,10 @@ uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any
         UC_CHECK(e->be->ops->kv_append_packed(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, slot,
                                               view.kdim, view.coff, view.chan, nb),
                  rc, out);
+    }
+    if (e->dm_latent) {
+        view.lat_rank = lat;
+        view.lat_basis = eng_lorc_basis(e, l);
     }
     float *psum = NULL;
     if (any_evict) {
@@ -276,7 +296,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     for (int i = 0; i < DECODE_GRAPH_SLOTS && !g; i++) {
         struct decode_graph *c = &e->graphs[i];
         if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->epoch == epoch &&
-            c->packed == e->dm_packed) {
+            c->packed == e->dm_packed && c->latent == e->dm_latent) {
             g = c;
         }
     }
@@ -309,6 +329,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     g->nb = nb;
     g->meta = e->dm_dev;
     g->packed = e->dm_packed;
+    g->latent = e->dm_latent;
     g->epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
 out:
     if (rc != UC_OK) {

@@ -225,6 +225,9 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
                     e->profile_path);
         rc = UC_OK;
     }
+    UC_CHECK(eng_lorc_init(e), rc, out);
+    /* in memory: the file gets it with the next calibration that writes it */
+    UC_CHECK(eng_lorc_profile(e, false), rc, out);
     UC_LOG0(UC_LOG_LEVEL_NOTICE,
             "engine: model=%s arch=%s layers=%lld heads=%lld/%lld tp=%d backend=%s "
             "weights_per_rank=%.1fMiB kv_blocks=%lld (%.1fMiB, %lld tokens/block)",
@@ -262,6 +265,7 @@ void uc_engine_destroy(struct uc_engine *e)
             e->be->ops->free(e->be, e->dqkv);
         }
         uc_kv_cache_fini(&e->kv);
+        eng_lorc_fini(e);
         if (e->m) {
             uc_model_ws_fini(e->m, &e->ws);
         }

@@ -84,6 +84,7 @@ struct seq {
     void **src_kv;      /* (L) */
     float *hidden;      /* (n_rows, C) with UC_SEQ_HIDDEN, rank 0 */
     int64_t hidden_rows;
+    int32_t *lorc_rank; /* (L) LoRC: latent rank of each layer's heads; NULL without lorc */
 };
 
 /* A whole decode step (every layer, from the embedded rows to the last residual add) recorded
@@ -99,6 +100,7 @@ struct decode_graph {
     int64_t nb;
     const void *meta; /* the index buffer its ops read */
     bool packed;      /* recorded with packed heads in the batch (their layout and ops) */
+    bool latent;      /* recorded with latent heads (LoRC) in the batch */
     uint64_t epoch;   /* the backend's workspace epoch when recorded */
 };
 
@@ -175,6 +177,12 @@ struct uc_engine {
     int64_t ks_windows;
     double *ks_dist;
     int64_t diag_layer; /* the last DIAGNOSE step's answer */
+    /* LoRC (lorc.c): each layer's sensitivity, agreed over the ranks, and this rank's latent
+     * bases (L, Hkv_local, 2, D, D) on the backend; lorc_ready false where lorc cannot run */
+    bool lorc_ready;
+    double *lorc_log_cond; /* (L) */
+    void *lorc_basis;
+    bool dm_latent; /* the decode index arrays have the latent heads' ranks (decode_meta_build) */
 };
 
 static inline size_t act_size(const struct uc_engine *e) { return e->be->ops->act_size(e->be); }
@@ -258,6 +266,25 @@ uc_status eng_kvshare_step(struct uc_engine *e, const struct uc_step *st);
 /* The pairs a new sequence shares with: its own, else the profile's. */
 void eng_share_pairs_for(const struct uc_engine *e, const struct uc_compress_params *cp,
                          const struct uc_share_pair **pairs, int32_t *n);
+
+/* lorc.c */
+/* At engine creation, on every rank: the bases and the agreed sensitivities (nothing, with an
+ * INFO line, where the model cannot use lorc). Collective. */
+uc_status eng_lorc_init(struct uc_engine *e);
+/* Records the sensitivities in the loaded profile when it lacks them or they differ (and, with
+ * save, rank 0 writes the file). */
+uc_status eng_lorc_profile(struct uc_engine *e, bool save);
+/* Whether a request with these parameters can run lorc here; the reason into msg if not. */
+bool eng_lorc_check(const struct uc_engine *e, const struct uc_compress_params *cp, char *msg,
+                    size_t msg_size);
+/* A new sequence's per-layer ranks (nothing without the lorc stage). */
+uc_status eng_lorc_seq_init(struct uc_engine *e, struct seq *s);
+/* rank (L) = the ranks a sequence with these parameters gets (0 without lorc). */
+void eng_lorc_ranks_for(const struct uc_engine *e, const struct uc_compress_params *cp,
+                        int32_t *rank);
+/* Layer l's bases on the backend ((Hkv_local, 2, D, D)). */
+const void *eng_lorc_basis(const struct uc_engine *e, int64_t layer);
+void eng_lorc_fini(struct uc_engine *e);
 
 /* sweep.c */
 uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st);
