@@ -290,6 +290,10 @@ void uc_engine_destroy(struct uc_engine *e)
 }
 
 const struct uc_model_config *uc_engine_config(const struct uc_engine *e) { return e->cfg; }
+const double *uc_engine_lorc_log_cond(const struct uc_engine *e)
+{
+    return e->lorc_ready ? e->lorc_log_cond : NULL;
+}
 struct uc_backend *uc_engine_backend(struct uc_engine *e) { return e->be; }
 struct uc_comm *uc_engine_comm(struct uc_engine *e) { return e->comm; }
 int64_t uc_engine_max_ctx(const struct uc_engine *e) { return e->max_ctx; }
@@ -453,12 +457,17 @@ uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
     int64_t kept = 0;
     int64_t g_n[UC_MAX_HEAD_GROUPS] = {0};
     double g_sum[UC_MAX_HEAD_GROUPS] = {0};
+    int64_t lorc_elems = 0; /* LoRC: the kept tokens' latent row elements */
+    size_t asz = act_size(e);
     for (int64_t l = 0; l < L && s->phase == UC_SEQ_DECODING; l++) {
         int64_t rows = s->layer_rows[l];
         for (int64_t j = 0; j < hkv; j++) {
             int64_t b = p->budget[l * hkv + j];
             int64_t k = b < rows ? b : rows;
             kept += k;
+            if (s->lorc_rank) {
+                lorc_elems += k * uc_kv_latent_width(s->lorc_rank[l], asz);
+            }
             int32_t g = p->group[l * hkv + j];
             if (g >= 0 && g < UC_MAX_HEAD_GROUPS) {
                 g_n[g]++;
@@ -474,6 +483,11 @@ uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
     out->think_ratio = uc_policy_think_ratio(&s->cp);
     out->key_channels = out->think_ratio > 0.0f ? uc_think_kdim(out->think_ratio, d) : d;
     out->kv_bytes_kept = kept * (int64_t)per * (out->key_channels + d) / (2 * d);
+    out->lorc_ratio = uc_policy_lorc_ratio(&s->cp);
+    out->lorc_rank = s->lorc_rank;
+    if (s->lorc_rank) {
+        out->kv_bytes_kept = lorc_elems * (int64_t)asz;
+    }
     out->ratio = out->kv_tokens_full ? (double)kept / (double)out->kv_tokens_full : 1.0;
     out->n_stages = p->n_stage_starts + 1;
     for (int32_t c = 0; c <= p->n_stage_starts; c++) {
