@@ -845,6 +845,9 @@ static void copy_report(struct uc_compression_report *r, const Uncomp__V1__Compr
     r->plan_checksum = m->plan_checksum;
     r->shared_layers = m->shared_layers;
     r->key_channels = m->key_channels;
+    r->lorc_ratio = m->lorc_ratio;
+    r->lorc_rank_first = m->lorc_rank_first;
+    r->lorc_rank_last = m->lorc_rank_last;
 }
 
 /* Copies the Complete message of a GenerateResponse (raw: its wire bytes). */
@@ -1004,6 +1007,7 @@ static uc_status build_options(struct gen_req *g, const struct uc_sampling *s,
     g->compression.stage_starts = (uint32_t *)(uintptr_t)cp->stage_starts;
     g->compression.r_min = cp->r_min;
     g->compression.think_ratio = cp->think_ratio;
+    g->compression.lorc_ratio = cp->lorc_ratio;
     return UC_OK;
 }
 

@@ -169,6 +169,7 @@ struct uc_compression {
     size_t n_stage_starts;
     float r_min;
     float think_ratio;          /* with a +think policy: share of key channels pruned; 0 = 0.4 */
+    float lorc_ratio;           /* with a +lorc policy: mean share of K/V dimensions kept; 0 = 0.5 */
 };
 
 /* One Generate request: exactly one of `text` or `token_ids` (n_token_ids > 0). */
@@ -260,6 +261,9 @@ struct uc_compression_report {
     uint64_t plan_checksum;
     uint32_t shared_layers; /* KVSharer: layers reading another layer's cache (no KV held) */
     uint32_t key_channels;  /* ThinK: key channels each KV head keeps (head_dim without) */
+    float lorc_ratio;       /* LoRC: mean kept share of the K/V dimensions (0 without +lorc) */
+    uint32_t lorc_rank_first; /* LoRC: the first and the last layer's latent ranks */
+    uint32_t lorc_rank_last;
 };
 
 struct uc_client_timing {

@@ -97,11 +97,12 @@ static const char usage_generate[] =
     "      --logprobs N            return top-N log-probabilities per token\n"
     "Compression (unset = the server's default policy):\n"
     "      --policy NAME           full, uncomp, uncomp-stage, snapkv, pyramidkv,\n"
-    "                              streamingllm, h2o; +kvsharer and +think compose\n"
-    "                              (snapkv+kvsharer, snapkv+think)\n"
+    "                              streamingllm, h2o; +kvsharer, +think and +lorc\n"
+    "                              compose (snapkv+kvsharer, snapkv+think, snapkv+lorc)\n"
     "      --kv-budget N           mean KV tokens kept per head and layer\n"
     "      --window N  --pool-kernel N  --sink-tokens N  --head-groups N  --r-min X\n"
     "      --think-ratio X         with +think: share of key channels pruned (default 0.4)\n"
+    "      --lorc-ratio X          with +lorc: mean share of K/V dimensions kept (default 0.5)\n"
     "      --decode-mode MODE      append or evict\n"
     "      --grouping G            profile or prompt\n"
     "      --stage-starts L1,L2    explicit uncomp-stage boundaries (layers)\n"
@@ -128,7 +129,8 @@ static const char usage_chat[] =
     "Sampling and compression: as 'uncompctl generate' (-n/--max-tokens, --temperature, --top-p,\n"
     "--top-k, --min-p, --seed, --stop, --stop-token-id, --min-tokens, the penalties,\n"
     "--ignore-eos, --logprobs, --policy, --kv-budget, --window, --pool-kernel, --sink-tokens,\n"
-    "--head-groups, --r-min, --think-ratio, --decode-mode, --grouping, --stage-starts).\n"
+    "--head-groups, --r-min, --think-ratio, --lorc-ratio, --decode-mode, --grouping,\n"
+    "--stage-starts).\n"
     "Output:\n"
     "  -v, --verbose               usage, timing and the compression report of each turn on\n"
     "                              stderr\n"
@@ -416,6 +418,7 @@ enum {
     OPT_HEAD_GROUPS,
     OPT_R_MIN,
     OPT_THINK_RATIO,
+    OPT_LORC_RATIO,
     OPT_DECODE_MODE,
     OPT_GROUPING,
     OPT_STAGE_STARTS,
@@ -509,6 +512,11 @@ static void json_report(FILE *f, const struct uc_compression_report *r)
     fprintf(f, ",\"plan_checksum\":\"%016" PRIx64 "\"", r->plan_checksum);
     uc_ctl_json_field_num(f, "shared_layers", r->shared_layers);
     uc_ctl_json_field_num(f, "key_channels", r->key_channels);
+    if (r->lorc_ratio > 0.0f) {
+        uc_ctl_json_field_num(f, "lorc_ratio", r->lorc_ratio);
+        uc_ctl_json_field_num(f, "lorc_rank_first", r->lorc_rank_first);
+        uc_ctl_json_field_num(f, "lorc_rank_last", r->lorc_rank_last);
+    }
     fputc('}', f);
 }
 
@@ -569,6 +577,10 @@ static void verbose_completion(FILE *f, const struct uc_completion *c)
             r->policy, r->kv_budget, r->decode_mode, r->grouping, r->kv_tokens_full,
             r->kv_tokens_kept, r->kv_bytes_full, r->kv_bytes_kept, r->ratio, r->compress_ms,
             r->plan_checksum, r->shared_layers, r->key_channels);
+    if (r->lorc_ratio > 0.0f) {
+        fprintf(f, "  lorc: ratio %.4g, latent ranks %" PRIu32 " (first layer) .. %" PRIu32
+                " (last)\n", (double)r->lorc_ratio, r->lorc_rank_first, r->lorc_rank_last);
+    }
     if (r->n_stage_rows || r->n_stage_starts) {
         fprintf(f, "  stages: starts");
         for (size_t i = 0; i < r->n_stage_starts; i++) {
@@ -865,6 +877,9 @@ static void gen_opt(int opt, const char *arg, void *user)
     case OPT_THINK_RATIO:
         c->think_ratio = num_float(cmd, "--think-ratio", arg, 0, 1);
         break;
+    case OPT_LORC_RATIO:
+        c->lorc_ratio = num_float(cmd, "--lorc-ratio", arg, 0.001, 1);
+        break;
     case OPT_DECODE_MODE:
         c->decode_mode = arg;
         break;
@@ -906,6 +921,7 @@ static void gen_opt(int opt, const char *arg, void *user)
     {"head-groups", required_argument, NULL, OPT_HEAD_GROUPS}, \
     {"r-min", required_argument, NULL, OPT_R_MIN}, \
     {"think-ratio", required_argument, NULL, OPT_THINK_RATIO}, \
+    {"lorc-ratio", required_argument, NULL, OPT_LORC_RATIO}, \
     {"decode-mode", required_argument, NULL, OPT_DECODE_MODE}, \
     {"grouping", required_argument, NULL, OPT_GROUPING}, \
     {"stage-starts", required_argument, NULL, OPT_STAGE_STARTS},

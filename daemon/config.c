@@ -95,7 +95,7 @@ static const struct uc_cfg_option options[] = {
     /* default compression */
     {"policy", UC_CFG_STR, OFF(policy), "full", 0, 0, 0,
      "default compression: full, uncomp, uncomp-stage, snapkv, pyramidkv, streamingllm, h2o; "
-     "+kvsharer and +think compose (snapkv+kvsharer, snapkv+think)"},
+     "+kvsharer, +think and +lorc compose (snapkv+kvsharer, snapkv+think, snapkv+lorc)"},
     {"kv-budget", UC_CFG_INT, OFF(kv_budget), "128", 1, 1 << 24, 0,
      "default mean tokens kept per KV head per layer"},
     {"window", UC_CFG_INT, OFF(window), "8", 1, 64, 0, "observation window W"},
@@ -108,6 +108,8 @@ static const struct uc_cfg_option options[] = {
      "uncomp-stage: share of prompt rows the last stage keeps"},
     {"think-ratio", UC_CFG_DBL, OFF(think_ratio), "0.4", 0.01, 0.99, 0,
      "with a +think policy (ThinK): share of each KV head's key channels pruned"},
+    {"lorc-ratio", UC_CFG_DBL, OFF(lorc_ratio), "0.5", 0.01, 1.0, 0,
+     "with a +lorc policy (LoRC): mean share of the key and value dimensions kept"},
     {"decode-mode", UC_CFG_STR, OFF(decode_mode), "append", 0, 0, 0, "append or evict"},
     {"grouping", UC_CFG_STR, OFF(grouping), "profile", 0, 0, 0,
      "uncomp head groups from the calibration profile or the prompt"},

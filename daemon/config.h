@@ -74,6 +74,7 @@ struct uc_config {
     double spread;
     double r_min;
     double think_ratio;
+    double lorc_ratio;
     char *decode_mode;
     char *grouping;
     char *stage_starts;

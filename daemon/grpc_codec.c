@@ -313,6 +313,8 @@ static uc_status decode_compress(struct uc_req *r, const Uncomp__V1__Compression
     o->r_min = c->r_min;
     o->has_think_ratio = c->think_ratio != 0.0f;
     o->think_ratio = c->think_ratio;
+    o->has_lorc_ratio = c->lorc_ratio != 0.0f;
+    o->lorc_ratio = c->lorc_ratio;
     return UC_OK;
 }
 
@@ -895,6 +897,9 @@ static bool report_pb(struct arena *a, Uncomp__V1__CompressionReport *rep,
     rep->compress_ms = r->compress_ms;
     rep->plan_checksum = r->plan_checksum;
     rep->key_channels = (uint32_t)(r->key_channels > 0 ? r->key_channels : 0);
+    rep->lorc_ratio = r->lorc_ratio;
+    rep->lorc_rank_first = (uint32_t)(r->lorc_rank_first > 0 ? r->lorc_rank_first : 0);
+    rep->lorc_rank_last = (uint32_t)(r->lorc_rank_last > 0 ? r->lorc_rank_last : 0);
     int32_t ns = r->n_stages;
     if (ns > UC_MAX_STAGES + 1) {
         ns = UC_MAX_STAGES + 1;

@@ -61,6 +61,7 @@ uc_status uc_config_compress(const struct uc_config *c, int64_t n_layers,
     p.spread = (float)c->spread;
     p.r_min = (float)c->r_min;
     p.think_ratio = (float)c->think_ratio; /* used with a +think policy */
+    p.lorc_ratio = (float)c->lorc_ratio;   /* used with a +lorc policy */
     const char *sp = c->stage_starts;
     while (*sp) {
         char *end;

@@ -252,7 +252,7 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
     static const char *const known[] = {"policy", "kv_budget", "window", "pool_kernel",
                                         "sink_tokens", "head_groups", "decode_mode",
                                         "grouping", "stage_starts", "r_min",
-                                        "think_ratio", NULL};
+                                        "think_ratio", "lorc_ratio", NULL};
     const cJSON *f;
     cJSON_ArrayForEach(f, u) {
         bool ok = false;
@@ -262,7 +262,7 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
         if (!ok) {
             return bad(p, "uncomp", "uncomp.%.40s is not a compression parameter (policy, "
                        "kv_budget, window, pool_kernel, sink_tokens, head_groups, decode_mode, "
-                       "grouping, stage_starts, r_min, think_ratio)", f->string);
+                       "grouping, stage_starts, r_min, think_ratio, lorc_ratio)", f->string);
         }
     }
     g->has_compress = true;
@@ -319,8 +319,12 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
     if (rc != UC_OK) {
         return rc;
     }
-    return get_num(p, u, "think_ratio", "uncomp.think_ratio", &c->think_ratio,
-                   &c->has_think_ratio);
+    rc = get_num(p, u, "think_ratio", "uncomp.think_ratio", &c->think_ratio,
+                 &c->has_think_ratio);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    return get_num(p, u, "lorc_ratio", "uncomp.lorc_ratio", &c->lorc_ratio, &c->has_lorc_ratio);
 }
 
 static uc_status decode_sampling(struct pctx *p, struct uc_req *g, const cJSON *root)
@@ -720,6 +724,11 @@ static void add_report(cJSON *o, const struct uc_oai_choice *c)
     cJSON_AddNumberToObject(u, "kv_bytes_full", (double)rp->kv_bytes_full);
     cJSON_AddNumberToObject(u, "kv_bytes_kept", (double)rp->kv_bytes_kept);
     cJSON_AddNumberToObject(u, "key_channels", (double)rp->key_channels);
+    if (rp->lorc_ratio > 0.0f) {
+        cJSON_AddNumberToObject(u, "lorc_ratio", (double)rp->lorc_ratio);
+        cJSON_AddNumberToObject(u, "lorc_rank_first", rp->lorc_rank_first);
+        cJSON_AddNumberToObject(u, "lorc_rank_last", rp->lorc_rank_last);
+    }
     cJSON_AddNumberToObject(u, "ratio", isfinite(rp->ratio) ? rp->ratio : 0.0);
     cJSON_AddNumberToObject(u, "compress_ms", rp->compress_ms);
     cJSON *t = cJSON_AddObjectToObject(u, "timing_ms");

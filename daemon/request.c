@@ -49,6 +49,7 @@ static const char *const grpc_names[UC_REQ_F_COUNT] = {
     [UC_REQ_F_STAGE_STARTS] = "compression.stage_starts",
     [UC_REQ_F_R_MIN] = "compression.r_min",
     [UC_REQ_F_THINK_RATIO] = "compression.think_ratio",
+    [UC_REQ_F_LORC_RATIO] = "compression.lorc_ratio",
 };
 
 static const char *const http_names[UC_REQ_F_COUNT] = {
@@ -83,6 +84,7 @@ static const char *const http_names[UC_REQ_F_COUNT] = {
     [UC_REQ_F_STAGE_STARTS] = "uncomp.stage_starts",
     [UC_REQ_F_R_MIN] = "uncomp.r_min",
     [UC_REQ_F_THINK_RATIO] = "uncomp.think_ratio",
+    [UC_REQ_F_LORC_RATIO] = "uncomp.lorc_ratio",
 };
 
 const char *uc_req_field_name(enum uc_req_front front, enum uc_req_kind kind,
@@ -112,8 +114,8 @@ void uc_req_policy_list(char *out, size_t cap)
                               uc_policy_name((enum uc_policy)i));
     }
     if (n < cap) {
-        snprintf(out + n, cap - n, "; or one of them with +kvsharer or +think (snapkv+kvsharer, "
-                 "snapkv+think; a stage alone is full with it)");
+        snprintf(out + n, cap - n, "; or one of them with +kvsharer, +think or +lorc "
+                 "(snapkv+kvsharer, snapkv+think, snapkv+lorc; a stage alone is full with it)");
     }
 }
 
@@ -379,6 +381,18 @@ uc_status uc_req_compress_resolve(const struct uc_req_compress *in,
                         uc_policy_name(cp.policy));
         }
         cp.think_ratio = (float)in->think_ratio;
+    }
+    if (in->has_lorc_ratio) {
+        if (!(in->lorc_ratio > 0.0 && in->lorc_ratio <= 1.0)) {
+            return CBAD(UC_REQ_F_LORC_RATIO, "lorc_ratio",
+                        "%slorc_ratio=%g must be in (0, 1]", prefix, in->lorc_ratio);
+        }
+        if (!(cp.stages & UC_STAGE_LORC)) {
+            return CBAD(UC_REQ_F_LORC_RATIO, "lorc_ratio",
+                        "%slorc_ratio needs a policy with +lorc (policy=\"%s\")", prefix,
+                        uc_policy_name(cp.policy));
+        }
+        cp.lorc_ratio = (float)in->lorc_ratio;
     }
 #undef CBAD
     char why[256];

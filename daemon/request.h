@@ -72,6 +72,7 @@ enum uc_req_field {
     UC_REQ_F_STAGE_STARTS,
     UC_REQ_F_R_MIN,
     UC_REQ_F_THINK_RATIO,
+    UC_REQ_F_LORC_RATIO,
     UC_REQ_F_COUNT,
 };
 
@@ -122,6 +123,8 @@ struct uc_req_compress {
     double r_min;
     bool has_think_ratio;      /* ThinK's pruned share, with a "+think" policy */
     double think_ratio;
+    bool has_lorc_ratio;       /* LoRC's kept share, with a "+lorc" policy */
+    double lorc_ratio;
 };
 
 /* One prompt: text (text != NULL) or token ids. */

@@ -253,6 +253,8 @@ struct uc_compress_report {
     int64_t kv_row_bytes_local;   /* bytes of this rank's cached K/V rows (packed rows smaller) */
     float lorc_ratio;             /* LoRC's kept share (0: no lorc stage) */
     const int32_t *lorc_rank;     /* (L) LoRC's latent rank per layer; engine-owned, NULL without */
+    int32_t lorc_rank_first;      /* LoRC: layer 0's and the last layer's ranks (0 without) */
+    int32_t lorc_rank_last;
 };
 /* The report of a sequence (pointers valid until the sequence ends). */
 uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,

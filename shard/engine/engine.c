@@ -487,6 +487,8 @@ uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
     out->lorc_rank = s->lorc_rank;
     if (s->lorc_rank) {
         out->kv_bytes_kept = lorc_elems * (int64_t)asz;
+        out->lorc_rank_first = s->lorc_rank[0];
+        out->lorc_rank_last = s->lorc_rank[L - 1];
     }
     out->ratio = out->kv_tokens_full ? (double)kept / (double)out->kv_tokens_full : 1.0;
     out->n_stages = p->n_stage_starts + 1;

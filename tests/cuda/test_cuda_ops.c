@@ -796,7 +796,7 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
     pools_make(&p, n_blocks, bt, d, seed + 1);
     struct qkv q;
     qkv_make(&q, n_rows, h, hkv, d, seed + 2);
-    struct uc_kv_batch_view view = {ntok, off, perm, total, maxn, false, NULL, NULL, NULL};
+    struct uc_kv_batch_view view = {ntok, off, perm, total, maxn, false, NULL, NULL, NULL, NULL, NULL};
     void *og = NULL, *oc = NULL;
     gpu->ops->alloc(gpu, &og, (size_t)(n_rows * h * d) * gpu->ops->act_size(gpu));
     cpu->ops->alloc(cpu, &oc, (size_t)(n_rows * h * d) * sizeof(float));
@@ -824,7 +824,7 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
         gpu->ops->upload(gpu, dev + entries, off, (size_t)entries * sizeof(int32_t));
         gpu->ops->upload(gpu, dev + 2 * entries, perm, (size_t)total * sizeof(int32_t));
         struct uc_kv_batch_view dv = {dev,  dev + entries, dev + 2 * entries, total, 0,
-                                      true, NULL,          NULL,              NULL};
+                                      true, NULL,          NULL,              NULL, NULL, NULL};
         r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &dv, n_rows, h, hkv, NULL);
         char w2[112];
         snprintf(w2, sizeof w2, "%s, device indices", what);
@@ -1326,7 +1326,7 @@ static void bench_decode(int64_t rows, int64_t ctx)
     gpu->ops->kv_pool_create(gpu, &b.pool, nb, bt, d);
     gpu->ops->weight_random(gpu, &b.q, rows, b.ld, 5, 0.0f, 1.0f);
     gpu->ops->alloc(gpu, &b.out, (size_t)(rows * h * d) * gpu->ops->act_size(gpu));
-    b.view = (struct uc_kv_batch_view){ntok, off, blocks, nb, ctx, false, NULL, NULL, NULL};
+    b.view = (struct uc_kv_batch_view){ntok, off, blocks, nb, ctx, false, NULL, NULL, NULL, NULL, NULL};
     double t = time_op(run_dec, &b, 20);
     double bytes = 2.0 * (double)entries * (double)ctx * (double)d * 2.0;
     printf("bench attn_decode B=%lld ctx=%lld H=32 Hkv=8 D=128: %.1f us %.0f GB/s (K+V read)\n",

@@ -294,6 +294,15 @@ def t_generate_stream(d):
     check(c3.policy == "snapkv+think" and c3.key_channels == 24, "report %s" % c3)
     check(c3.kv_tokens_kept == c2.kv_tokens_kept and
           c3.kv_bytes_kept * 64 == c2.kv_bytes_kept * (24 + 32), "think report %s" % c3)
+    # LoRC composed with it: the same tokens kept as low-rank latents, ranks falling with depth
+    _, _, comp4, _ = cl.generate(text=LONG_PROMPT, max_tokens=8, temperature=0.0,
+                                 compression={"policy": "snapkv+lorc", "kv_budget": 24,
+                                              "lorc_ratio": 0.25})
+    c4 = comp4.compression
+    check(c4.policy == "snapkv+lorc" and abs(c4.lorc_ratio - 0.25) < 1e-6 and
+          c4.lorc_rank_first > c4.lorc_rank_last > 0, "lorc report %s" % c4)
+    check(c4.kv_tokens_kept == c2.kv_tokens_kept and
+          0 < c4.kv_bytes_kept < c2.kv_bytes_kept * 0.35, "lorc report %s" % c4)
 
 
 def gen_choices(cl, req):
@@ -767,6 +776,10 @@ def t_bad_inputs(d):
         (dict(text="hi", compression={"policy": "snapkv+h2o"}), "compression.policy"),
         (dict(text="hi", compression={"policy": "snapkv", "think_ratio": 0.5}),
          "compression.think_ratio"),
+        (dict(text="hi", compression={"policy": "snapkv", "lorc_ratio": 0.5}),
+         "compression.lorc_ratio"),
+        (dict(text="hi", compression={"policy": "snapkv+lorc", "decode_mode": "evict"}),
+         "compression"),
         (dict(text="hi", compression={"policy": "snapkv", "kv_budget": 2}),
          "compression.kv_budget"),
         (dict(text="hi", compression={"policy": "full", "decode_mode": "later"}),
