@@ -90,6 +90,17 @@ double uc_lorc_log_cond(const double *sv, int64_t n)
     return log(hi / lo);
 }
 
+/* sum over layers of min(D, max(1, c w_l)): the ranks' total before rounding. */
+static double clipped_total(const double *w, int64_t n, double c, double d)
+{
+    double t = 0.0;
+    for (int64_t l = 0; l < n; l++) {
+        double x = c * w[l];
+        t += x < 1.0 ? 1.0 : (x > d ? d : x);
+    }
+    return t;
+}
+
 void uc_lorc_ranks(int32_t *rank, const double *log_cond, int64_t n_layers, int64_t head_dim,
                    float rho)
 {
@@ -104,15 +115,32 @@ void uc_lorc_ranks(int32_t *rank, const double *log_cond, int64_t n_layers, int6
         lo = cum < lo ? cum : lo;
         hi = cum > hi ? cum : hi;
     }
-    double mean = 0.0;
+    double mean = 0.0, wmin = INFINITY;
     for (int64_t l = 0; l < L; l++) {
         u[l] = 0.5 + (hi > lo ? (u[l] - lo) / (hi - lo) : 0.5);
         mean += u[l];
     }
     mean /= (double)L;
     for (int64_t l = 0; l < L; l++) {
-        int64_t k = (int64_t)uc_round_half_up(r * (double)head_dim * u[l] / mean);
-        k = k < 1 ? 1 : k;
-        rank[l] = (int32_t)(k > head_dim ? head_dim : k);
+        u[l] /= mean; /* w_l: mean 1 */
+        wmin = u[l] < wmin ? u[l] : wmin;
+    }
+    /* the scale c with sum_l min(D, max(1, c w_l)) = rho D L: what a clipped layer cannot take
+     * goes to the others (bisection; f is nondecreasing in c) */
+    double d = (double)head_dim, target = r * d * (double)L;
+    double c_lo = 0.0, c_hi = d / wmin;
+    for (int it = 0; it < 200; it++) {
+        double c = 0.5 * (c_lo + c_hi);
+        if (clipped_total(u, L, c, d) < target) {
+            c_lo = c;
+        } else {
+            c_hi = c;
+        }
+    }
+    for (int64_t l = 0; l < L; l++) {
+        double x = c_hi * u[l];
+        x = x < 1.0 ? 1.0 : (x > d ? d : x);
+        int64_t k = (int64_t)floor(x + 0.5);
+        rank[l] = (int32_t)(k < 1 ? 1 : (k > head_dim ? head_dim : k));
     }
 }

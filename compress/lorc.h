@@ -9,9 +9,11 @@
  * slices averaged over the model's KV heads; errors of layer l propagate through every later
  * layer, so layer l is ranked by the cumulative sum over layers i >= l (the log of the product of
  * the condition numbers), normalised to [0, 1] (u_l; 1 for the most sensitive, shallowest
- * layer). Layer l keeps r_l = round_half_up(rho D w_l) dimensions for keys and for values, where
- * w_l = (0.5 + u_l) / mean over layers of (0.5 + u), clipped to [1, D]: the layers' mean share is
- * rho (before clipping), the most sensitive layer keeps about three times what the least does.
+ * layer). Layer l keeps r_l = round_half_up(min(D, max(1, c w_l))) dimensions for keys and for
+ * values, where w_l = (0.5 + u_l) / mean over layers of (0.5 + u) (the most sensitive layer
+ * weighs three times what the least does) and c is the scale at which the clipped values sum to
+ * rho D L: the layers keep rho of the dimensions on average (before rounding), what a layer
+ * clipped at D cannot take goes to the others, and rho = 1 keeps every dimension.
  * No engine, MPI or GPU here. */
 #ifndef UC_COMPRESS_LORC_H
 #define UC_COMPRESS_LORC_H

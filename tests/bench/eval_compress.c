@@ -8,9 +8,10 @@
  *   [--ppl-segments N] [--ppl-prefix N] [--ppl-tokens N] [--stage-starts 6,7] [--r-min X]
  *   [--row-score sum|max|accum|accum-max] [--grouping profile|prompt] [--seed S] [--csv FILE]
  *   [--backend cpu|cuda] [--fp32 0|1] [--check] [--calibrate TEXT_FILE]
- *   [--kvsharer-threshold T] [--kvsharer-layers RATIO] [--think-ratio X]
+ *   [--kvsharer-threshold T] [--kvsharer-layers RATIO] [--think-ratio X] [--lorc-ratio X]
  * Policies are specs: a token policy with stages ("snapkv+kvsharer", "kvsharer" = full +
- * sharing, "snapkv+think": ThinK's key channel pruning at --think-ratio, default 0.4).
+ * sharing, "snapkv+think": ThinK's key channel pruning at --think-ratio, default 0.4,
+ * "snapkv+lorc": LoRC's low-rank latents keeping --lorc-ratio of the K/V dimensions, 0.5).
  * --calibrate runs, before the evaluation, the entropy calibration when the model has no
  * profile and KVSharer's layer-pair search on TEXT_FILE, into a temporary copy of the profile
  * (the model's file is left alone). The table gives KV bytes per prompt token (whole model, K
@@ -363,6 +364,12 @@ static void parse_args(struct opts *o, int argc, char **argv)
             o->base.think_ratio = (float)atof(v);
             if (!(o->base.think_ratio > 0.0f && o->base.think_ratio < 1.0f)) {
                 fprintf(stderr, "eval: --think-ratio %s must be in (0, 1)\n", v);
+                exit(2);
+            }
+        } else if (!strcmp(a, "--lorc-ratio")) {
+            o->base.lorc_ratio = (float)atof(v);
+            if (!(o->base.lorc_ratio > 0.0f && o->base.lorc_ratio <= 1.0f)) {
+                fprintf(stderr, "eval: --lorc-ratio %s must be in (0, 1]\n", v);
                 exit(2);
             }
         } else if (!strcmp(a, "--row-score")) {

@@ -7,7 +7,8 @@ For each layer l and KV head j, the D x C slices W_k, W_v of the key and value p
 decomposed (numpy SVD in float64, independently of the engine's eigensolver): the layer's
 sensitivity is the mean over KV heads of log(s_max / s_min) of W_k plus that of W_v; the
 cumulative sums over layers i >= l, normalised to u_l in [0, 1], give rank
-r_l = clip(round_half_up(rho D (0.5 + u_l) / mean(0.5 + u)), 1, D). The prefill attends over the
+r_l = round_half_up(min(D, max(1, c w_l))), w_l = (0.5 + u_l) / mean(0.5 + u) and c such that the
+clipped values sum to rho D L (bisection, as compress/lorc.c does). The prefill attends over the
 exact K/V; the cache keeps, per token, z_k = U_r^T k (k before RoPE) and z_v = U_r^T v (U_r the
 first r left singular vectors, in float32). Decoding rebuilds each key as U_r z_k, rotates it at
 the token's position, and takes U_r (sum_t p_t z_v,t) as the head's output; a new token is cached
@@ -58,12 +59,43 @@ def bases(m):
 
 
 def ranks(sens, D, rho):
+    """The same arithmetic as compress/lorc.c, operation for operation (IEEE doubles)."""
     L = len(sens)
-    cum = np.cumsum(np.array(sens[::-1], dtype=np.float64))[::-1]
-    lo, hi = cum.min(), cum.max()
-    u = 0.5 + ((cum - lo) / (hi - lo) if hi > lo else np.full(L, 0.5))
+    cum, us = 0.0, [0.0] * L
+    for l in range(L - 1, -1, -1):
+        cum += sens[l]
+        us[l] = cum
+    lo, hi = min(us), max(us)
+    us = [0.5 + ((x - lo) / (hi - lo) if hi > lo else 0.5) for x in us]
+    mean = 0.0
+    for x in us:
+        mean += x
+    mean /= L
+    w = [x / mean for x in us]
+    d = float(D)
     r = round(rho * 1e6) / 1e6
-    return [int(min(D, max(1, math.floor(r * D * u[l] / u.mean() + 0.5)))) for l in range(L)]
+    target = r * d * L
+
+    def total(c):
+        t = 0.0
+        for x in w:
+            y = c * x
+            t += 1.0 if y < 1.0 else (d if y > d else y)
+        return t
+
+    c_lo, c_hi = 0.0, d / min(w)
+    for _ in range(200):
+        c = 0.5 * (c_lo + c_hi)
+        if total(c) < target:
+            c_lo = c
+        else:
+            c_hi = c
+    out = []
+    for x in w:
+        y = c_hi * x
+        y = 1.0 if y < 1.0 else (d if y > d else y)
+        out.append(int(min(D, max(1, math.floor(y + 0.5)))))
+    return out
 
 
 def run_reference(m, ids, rk, us, steps):

@@ -60,11 +60,17 @@ static void test_ranks(void **state)
     assert_int_equal(r[1], 5);
     assert_int_equal(r[2], 3);
     assert_int_equal(r[3], 2);
-    uc_lorc_ranks(r, lc, 4, 8, 1.0f); /* 12 -> 8, 9.33 -> 8, 6.67 -> 7, 4 */
+    uc_lorc_ranks(r, lc, 4, 8, 1.0f); /* everything: every layer clipped at D */
+    for (int l = 0; l < 4; l++) {
+        assert_int_equal(r[l], 8);
+    }
+    /* 0.75: c w = 9, 7, 5, 3 before clipping; layer 0 clipped at 8, its excess spread:
+     * c (7/6 + 5/6 + 1/2) = 24 - 8, c = 6.4: 8, 7.47, 5.33, 3.2 */
+    uc_lorc_ranks(r, lc, 4, 8, 0.75f);
     assert_int_equal(r[0], 8);
-    assert_int_equal(r[1], 8);
-    assert_int_equal(r[2], 7);
-    assert_int_equal(r[3], 4);
+    assert_int_equal(r[1], 7);
+    assert_int_equal(r[2], 5);
+    assert_int_equal(r[3], 3);
     uc_lorc_ranks(r, lc, 4, 8, 0.01f); /* at least 1 */
     for (int l = 0; l < 4; l++) {
         assert_int_equal(r[l], 1);
