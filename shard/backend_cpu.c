@@ -788,6 +788,24 @@ static inline float *latent_elem(const struct uc_kv_pool_view *pool, int64_t w, 
     return at < per ? (float *)pool->k + b * per + at : (float *)pool->v + b * per + at - per;
 }
 
+/* Copies latent row `slot` (w elements; it may run from a block's K area into its V area) to
+ * out. */
+static inline void latent_row(float *restrict out, const struct uc_kv_pool_view *pool, int64_t w,
+                              int64_t slot)
+{
+    int64_t d = pool->head_dim, bt = pool->block_tokens, per = bt * d;
+    int64_t tpb = uc_kv_latent_tokens(bt, d, w);
+    int64_t b = slot / tpb, at = (slot % tpb) * w;
+    const float *pk = (const float *)pool->k + b * per, *pv = (const float *)pool->v + b * per;
+    int64_t in_k = at < per ? (per - at < w ? per - at : w) : 0;
+    if (in_k > 0) {
+        memcpy(out, pk + at, (size_t)in_k * sizeof(float));
+    }
+    if (in_k < w) {
+        memcpy(out + in_k, pv + (at + in_k - per), (size_t)(w - in_k) * sizeof(float));
+    }
+}
+
 /* Writes one latent row: pos, then U_k^T k and U_v^T v (k before RoPE), the first `rank` rows of
  * the bases bk, bv (D, D). */
 static void latent_put(struct uc_kv_pool_view *pool, int64_t rank, int64_t slot, int32_t pos,
@@ -937,53 +955,69 @@ static void decode_packed(float *restrict ov, const float *restrict qv,
     }
 }
 
-/* decode_one for a latent head: each row's key rebuilt from its latents (k = U_r z) and rotated
- * at the row's position, the value latents summed by probability, then one product by U_v. */
-static void decode_latent(float *restrict ov, const float *restrict qv,
+/* One latent entry (a KV head of one row, LoRC) for its `group` query heads q (D each, rotated)
+ * into ov (group x D): each cached key rebuilt once from its latents (k = U_r z), rotated at the
+ * row's position into kb (nt x D), then per query head the scores, softmax, the value latents
+ * summed by probability and one product by U_v. s receives the last head's probabilities; with
+ * ps non-NULL, their sum over the group's heads is added there (nt floats). */
+UC_HOT_CLONES
+static void decode_latent(float *restrict ov, const float *restrict qv, int64_t group,
                           const struct uc_kv_pool_view *pool, const int32_t *blocks, int64_t nt,
                           int64_t rank, const float *bk, const float *bv, const float *rcos,
-                          const float *rsin, float scale, float *restrict s)
+                          const float *rsin, float scale, float *restrict s, float *restrict kb,
+                          float *restrict ps)
 {
     int64_t d = pool->head_dim, half = d / 2, w = uc_kv_latent_width(rank, sizeof(float));
     int64_t tpb = uc_kv_latent_tokens(pool->block_tokens, d, w);
-    float k[UC_LATENT_MAX_D], zacc[UC_LATENT_MAX_D];
+    float k[UC_LATENT_MAX_D], zacc[UC_LATENT_MAX_D], row[2 * UC_LATENT_MAX_D + 1];
     for (int64_t t = 0; t < nt; t++) {
-        int64_t slot = (int64_t)blocks[t / tpb] * tpb + t % tpb;
+        latent_row(row, pool, w, (int64_t)blocks[t / tpb] * tpb + t % tpb);
         int32_t pos;
-        memcpy(&pos, latent_elem(pool, w, slot, 0), sizeof pos);
+        memcpy(&pos, row, sizeof pos);
         for (int64_t c = 0; c < d; c++) {
             k[c] = 0.0f;
         }
         for (int64_t i = 0; i < rank; i++) {
-            float z = *latent_elem(pool, w, slot, 1 + i);
+            float z = row[1 + i];
+            const float *bi = bk + i * d;
             for (int64_t c = 0; c < d; c++) {
-                k[c] += z * bk[i * d + c];
+                k[c] += z * bi[c];
             }
         }
         const float *cs = rcos + (int64_t)pos * half, *sn = rsin + (int64_t)pos * half;
-        float acc = 0.0f;
+        float *kr = kb + t * d;
         for (int64_t i = 0; i < half; i++) {
             float a = k[i], b = k[i + half];
-            acc += qv[i] * (a * cs[i] - b * sn[i]) + qv[i + half] * (b * cs[i] + a * sn[i]);
+            kr[i] = a * cs[i] - b * sn[i];
+            kr[i + half] = b * cs[i] + a * sn[i];
         }
-        s[t] = acc;
     }
-    softmax_row(s, nt, scale);
-    for (int64_t i = 0; i < rank; i++) {
-        zacc[i] = 0.0f;
-    }
-    for (int64_t t = 0; t < nt; t++) {
-        int64_t slot = (int64_t)blocks[t / tpb] * tpb + t % tpb;
+    for (int64_t g = 0; g < group; g++) {
+        const float *q = qv + g * d;
+        for (int64_t t = 0; t < nt; t++) {
+            s[t] = dot(q, kb + t * d, d);
+        }
+        softmax_row(s, nt, scale);
         for (int64_t i = 0; i < rank; i++) {
-            zacc[i] += s[t] * *latent_elem(pool, w, slot, 1 + rank + i);
+            zacc[i] = 0.0f;
         }
-    }
-    for (int64_t c = 0; c < d; c++) {
-        ov[c] = 0.0f;
-    }
-    for (int64_t i = 0; i < rank; i++) {
+        for (int64_t t = 0; t < nt; t++) {
+            latent_row(row, pool, w, (int64_t)blocks[t / tpb] * tpb + t % tpb);
+            for (int64_t i = 0; i < rank; i++) {
+                zacc[i] += s[t] * row[1 + rank + i];
+            }
+        }
+        float *o = ov + g * d;
         for (int64_t c = 0; c < d; c++) {
-            ov[c] += zacc[i] * bv[i * d + c];
+            o[c] = 0.0f;
+        }
+        for (int64_t i = 0; i < rank; i++) {
+            for (int64_t c = 0; c < d; c++) {
+                o[c] += zacc[i] * bv[i * d + c];
+            }
+        }
+        for (int64_t t = 0; ps && t < nt; t++) {
+            ps[t] += s[t];
         }
     }
 }
@@ -1024,10 +1058,7 @@ static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q
         int64_t e = b * n_heads_kv + j;
         float *s = sbuf + (int64_t)omp_get_thread_num() * maxn;
         if (view->lat_rank && view->lat_rank[e] > 0) {
-            const float *bk = (const float *)view->lat_basis + (e % n_heads_kv) * 2 * d * d;
-            decode_latent(o + b * n_heads * d + h * d, qf + b * ld_q + h * d, pool,
-                          view->blocks + view->offset[e], view->n_tokens[e], view->lat_rank[e],
-                          bk, bk + d * d, c->rope_cos, c->rope_sin, scale, s);
+            continue; /* latent entries: the loop below, a KV head at a time */
         } else if (view->kdim && view->kdim[e] > 0) {
             decode_packed(o + b * n_heads * d + h * d, qf + b * ld_q + h * d, pool,
                           view->blocks + view->offset[e], view->n_tokens[e], view->kdim[e],
@@ -1043,6 +1074,27 @@ static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q
             for (int64_t t = 0; t < nt; t++) {
                 ps[t] += s[t];
             }
+        }
+    }
+    if (view->lat_rank) {
+        /* each thread: its score row, then room for the entry's rebuilt keys (maxn x D) */
+        float *kbuf = score_buf(c, (size_t)(n_thr * maxn * (1 + d)));
+        if (!kbuf) {
+            return UC_ERRF(UC_ERR_NOMEM, "latent decode keys tokens=%lld", (long long)maxn);
+        }
+        int64_t n_ent = n_rows * n_heads_kv;
+#pragma omp parallel for schedule(dynamic, 1) if (n_ent > 1)
+        for (int64_t e = 0; e < n_ent; e++) {
+            if (view->lat_rank[e] <= 0) {
+                continue;
+            }
+            int64_t b = e / n_heads_kv, j = e % n_heads_kv;
+            float *s = kbuf + (int64_t)omp_get_thread_num() * maxn * (1 + d);
+            const float *bk = (const float *)view->lat_basis + j * 2 * d * d;
+            decode_latent(o + b * n_heads * d + j * group * d, qf + b * ld_q + j * group * d,
+                          group, pool, view->blocks + view->offset[e], view->n_tokens[e],
+                          view->lat_rank[e], bk, bk + d * d, c->rope_cos, c->rope_sin, scale, s,
+                          s + maxn, psum ? psum + e * maxn : NULL);
         }
     }
     return UC_OK;
