@@ -4,7 +4,9 @@
  * decode bit-identically to their source, a latent sequence decoded beside a plain one decodes
  * as it does alone, and the ranks fall with depth.
  *
- * Usage: test_lorc SHARED_DIR [MODEL]. Environment:
+ * Usage: test_lorc SHARED_DIR [MODEL] (default uncomp-tiny, whose fixture profile is loaded from a
+ * copy and must exist; another model without one skips the profile check, saying so).
+ * Environment:
  *   UC_LORC_REF=FILE   writes the prompt, the sensitivities, the ranks and the logits of 4
  *                      decode steps of plain lorc, for tests/golden/lorc_ref.py
  *   UC_TEST_DUMP=FILE / UC_TEST_COMPARE=FILE  writes / compares (at another tp, within 1e-4
@@ -14,11 +16,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "base/mem.h"
 #include "base/util.h"
 #include "comm.h"
 #include "compress/lorc.h"
+#include "compress/profile.h"
 #include "engine.h"
 #include "test_util.h"
 
@@ -204,6 +208,47 @@ static void check_fork_mixed(struct uc_engine *e, const int32_t *ids)
     uc_free(b);
 }
 
+/* The loaded calibration profile holds LoRC's sensitivities (equal to the engine's, agreed over
+ * the ranks) and the ranks at the default ratio, and a profile file written from it reads them
+ * back. */
+static void check_profile(struct uc_engine *e, const int32_t *ids)
+{
+    const struct uc_profile *p = uc_engine_profile(e);
+    const double *lc = uc_engine_lorc_log_cond(e);
+    TU_CHECK(p && p->has_lorc && lc, "profile: no lorc record (profile %s)", p ? "loaded" : "none");
+    if (!p || !p->has_lorc || !lc) {
+        return;
+    }
+    TU_CHECK(p->lorc_ratio == (double)UC_LORC_DEFAULT_RATIO, "profile: ratio %g", p->lorc_ratio);
+    struct uc_compress_params cp = spec("lorc", 64);
+    TU_CHECK(tu_prefill(e, 9, ids, 32, 0, &cp, 0) == UC_OK, "profile: prefill");
+    struct uc_compress_report r;
+    uc_engine_seq_report(e, 9, &r);
+    for (int64_t l = 0; l < cfg->n_layers && r.lorc_rank; l++) {
+        TU_CHECK(p->lorc_log_cond[l] == lc[l] && p->lorc_rank[l] == r.lorc_rank[l],
+                 "profile: layer %lld sensitivity %.17g / %.17g, rank %d / %d", (long long)l,
+                 p->lorc_log_cond[l], lc[l], p->lorc_rank[l], r.lorc_rank[l]);
+    }
+    tu_free(e, 9);
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/uc_test_lorc_saved_%d.json", (int)getpid());
+    struct uc_profile b;
+    memset(&b, 0, sizeof b);
+    TU_CHECK(uc_profile_save(p, path) == UC_OK &&
+                 uc_profile_load(&b, path, cfg->n_layers, cfg->n_heads, cfg->n_heads_kv) == UC_OK,
+             "profile: save and load %s", path);
+    TU_CHECK(b.has_lorc && memcmp(b.lorc_rank, p->lorc_rank, (size_t)cfg->n_layers * 4) == 0,
+             "profile: the file's lorc ranks differ");
+    for (int64_t l = 0; b.has_lorc && l < cfg->n_layers; l++) {
+        TU_CHECK(fabs(b.lorc_log_cond[l] - lc[l]) <= 1e-9 * (1.0 + fabs(lc[l])),
+                 "profile: the file's sensitivity of layer %lld", (long long)l);
+    }
+    printf("profile: lorc sensitivities and ranks at %.2g recorded, read back from the file\n",
+           p->lorc_ratio);
+    uc_profile_fini(&b);
+    unlink(path);
+}
+
 /* Decode logits of STEPS teacher-forced tokens after a prompt; with `ref`, the dump for the
  * numpy reference (prompt, sensitivities, ranks, logits). */
 static void decode_logits(struct uc_engine *e, const int32_t *ids, const char *policy,
@@ -286,12 +331,27 @@ int main(int argc, char **argv)
     ep.model_dir = dir;
     ep.backend = tu_backend_params();
     ep.kv_memory_bytes = 64 << 20;
-    ep.profile_path = "/nonexistent/uncomp_profile.json";
+    /* a copy of the fixture's calibration profile (the engine records LoRC's sensitivities in
+     * the profile it loads) */
+    char prof[64], *text = NULL;
+    size_t text_len = 0;
+    snprintf(prof, sizeof prof, "/tmp/uc_test_lorc_profile_%d.json", (int)getpid());
+    char src[4200];
+    snprintf(src, sizeof src, "%s/uncomp_profile.json", dir);
+    bool have_prof = uc_file_read_all(&text, &text_len, src) == UC_OK &&
+                     uc_file_write_all(prof, text, text_len) == UC_OK;
+    uc_free(text);
+    if (!have_prof && argc <= 2) { /* uncomp-tiny's fixture has one: a missing one fails */
+        fprintf(stderr, "FAIL: cannot copy the fixture profile %s to %s\n", src, prof);
+        return 1;
+    }
+    ep.profile_path = have_prof ? prof : "/nonexistent/uncomp_profile.json";
     struct uc_engine *e = NULL;
     if (uc_engine_create(&e, &ep, comm) != UC_OK) {
         return 1;
     }
     int rank = uc_comm_rank(comm), tp = uc_comm_size(comm);
+    unlink(prof); /* loaded: the copy is not needed any more */
     if (rank != 0) {
         uc_engine_serve(e);
         uc_engine_destroy(e);
@@ -309,6 +369,11 @@ int main(int argc, char **argv)
         check_memory(e, ids, "snapkv", 128, 0.0f);
         check_memory(e, ids, "uncomp", 128, 0.125f);
         check_fork_mixed(e, ids);
+        if (have_prof) {
+            check_profile(e, ids);
+        } else {
+            printf("profile: %s has no calibration profile, its check not run\n", dir);
+        }
         /* bad input is refused with a reason */
         struct uc_compress_params bad = spec("snapkv+lorc", 64);
         bad.decode_mode = UC_DECODE_EVICT;
