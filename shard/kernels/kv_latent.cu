@@ -28,6 +28,39 @@ static __device__ __forceinline__ T *latent_at(T *pk, T *pv, int64_t bt, int64_t
     return at < per ? pk + b * per + at : pv + b * per + (at - per);
 }
 
+/* A latent row, located once: element i is lo[i] for i < cut, else hi[off + i] (the V area's
+ * part of a row that starts in the K area). */
+template <typename T>
+struct latent_row {
+    const T *lo, *hi;
+    int64_t cut, off;
+};
+
+template <typename T>
+static __device__ __forceinline__ latent_row<T> latent_locate(const T *pk, const T *pv,
+                                                              int64_t bt, int64_t d, int64_t w,
+                                                              int64_t tpb, int64_t slot)
+{
+    int64_t per = bt * d, b = slot / tpb, at = (slot - b * tpb) * w;
+    latent_row<T> r;
+    r.hi = pv + b * per;
+    r.off = at - per;
+    if (at < per) {
+        r.lo = pk + b * per + at;
+        r.cut = per - at;
+    } else {
+        r.lo = pv + b * per + (at - per);
+        r.cut = w;
+    }
+    return r;
+}
+
+template <typename T>
+static __device__ __forceinline__ float latent_get(const latent_row<T> &r, int64_t i)
+{
+    return uck_to_f(i < r.cut ? r.lo[i] : r.hi[r.off + i]);
+}
+
 /* Elements the position takes (4 bytes). */
 template <typename T>
 static __device__ __forceinline__ int64_t pos_elems()
@@ -200,20 +233,22 @@ static __device__ float block_reduce(float v, float *red, bool is_max)
 }
 
 /* Score of a latent row: q (shared, D floats, rotated) against the row's key rebuilt from its
- * latents and rotated at its position: sum over c < D/2 of the rotated pair's products. */
+ * latents and rotated at its position: sum over c < D/2 of the rotated pair's products. The
+ * position is the row's first 4 bytes (never split: rows and areas have even element counts in
+ * bf16). */
 template <typename T>
-static __device__ float latent_score(const float *qs, const T *pk, const T *pv, int64_t bt,
-                                     int64_t d, int64_t w, int64_t rank, int64_t slot,
-                                     const T *bk, const float *cos_t, const float *sin_t)
+static __device__ float latent_score(const float *qs, const latent_row<T> &row, int64_t d,
+                                     int64_t rank, const T *bk, const float *cos_t,
+                                     const float *sin_t)
 {
     const int64_t half = d / 2, pe = pos_elems<T>();
-    int32_t pos = *(const int32_t *)latent_at((T *)pk, (T *)pv, bt, d, w, slot, 0);
+    int32_t pos = *(const int32_t *)row.lo;
     const float *cs = cos_t + (int64_t)pos * half, *sn = sin_t + (int64_t)pos * half;
     float acc = 0.0f;
     for (int64_t c = 0; c < half; c++) {
         float a = 0.0f, b = 0.0f;
         for (int64_t i = 0; i < rank; i++) {
-            float z = uck_to_f(*latent_at((T *)pk, (T *)pv, bt, d, w, slot, pe + i));
+            float z = latent_get(row, pe + i);
             a += z * uck_to_f(bk[i * d + c]);
             b += z * uck_to_f(bk[i * d + c + half]);
         }
@@ -258,9 +293,9 @@ static __global__ void __launch_bounds__(LT_THREADS)
         __syncthreads();
         float mx = -INFINITY;
         for (int64_t t = tid; t < nt; t += LT_THREADS) {
-            int64_t slot = (int64_t)blk[t / tpb] * tpb + t % tpb;
-            mx = fmaxf(mx, latent_score(qs, pk, pv, bt, d, w, rank, slot, bk, cos_t, sin_t) *
-                               scale);
+            latent_row<T> row = latent_locate(pk, pv, bt, d, w, tpb,
+                                              (int64_t)blk[t / tpb] * tpb + t % tpb);
+            mx = fmaxf(mx, latent_score(qs, row, d, rank, bk, cos_t, sin_t) * scale);
         }
         mx = block_reduce(mx, red, true);
         float sum = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
@@ -268,9 +303,9 @@ static __global__ void __launch_bounds__(LT_THREADS)
             int64_t t = t0 + tid;
             float p = 0.0f;
             if (t < nt) {
-                int64_t slot = (int64_t)blk[t / tpb] * tpb + t % tpb;
-                p = expf(latent_score(qs, pk, pv, bt, d, w, rank, slot, bk, cos_t, sin_t) *
-                             scale - mx);
+                latent_row<T> row = latent_locate(pk, pv, bt, d, w, tpb,
+                                                  (int64_t)blk[t / tpb] * tpb + t % tpb);
+                p = expf(latent_score(qs, row, d, rank, bk, cos_t, sin_t) * scale - mx);
             }
             sum += p;
             __syncthreads();
@@ -278,14 +313,14 @@ static __global__ void __launch_bounds__(LT_THREADS)
             __syncthreads();
             int64_t m = nt - t0 < LT_THREADS ? nt - t0 : LT_THREADS;
             for (int64_t r = 0; r < m; r++) {
-                int64_t tt = t0 + r, slot = (int64_t)blk[tt / tpb] * tpb + tt % tpb;
+                int64_t tt = t0 + r;
+                latent_row<T> row = latent_locate(pk, pv, bt, d, w, tpb,
+                                                  (int64_t)blk[tt / tpb] * tpb + tt % tpb);
                 if (tid < rank) {
-                    acc0 += pr[r] * uck_to_f(*latent_at((T *)pk, (T *)pv, bt, d, w, slot,
-                                                        pe + rank + tid));
+                    acc0 += pr[r] * latent_get(row, pe + rank + tid);
                 }
                 if (tid + LT_THREADS < rank) {
-                    acc1 += pr[r] * uck_to_f(*latent_at((T *)pk, (T *)pv, bt, d, w, slot,
-                                                        pe + rank + tid + LT_THREADS));
+                    acc1 += pr[r] * latent_get(row, pe + rank + tid + LT_THREADS);
                 }
             }
         }
