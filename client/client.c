@@ -849,6 +849,9 @@ static void copy_report(struct uc_compression_report *r, const Uncomp__V1__Compr
     r->minicache_start = m->minicache_start;
     r->minicache_merged = m->minicache_merged;
     r->minicache_retained = m->minicache_retained;
+    r->lorc_ratio = m->lorc_ratio;
+    r->lorc_rank_first = m->lorc_rank_first;
+    r->lorc_rank_last = m->lorc_rank_last;
 }
 
 /* Copies the Complete message of a GenerateResponse (raw: its wire bytes). */
@@ -1012,6 +1015,7 @@ static uc_status build_options(struct gen_req *g, const struct uc_sampling *s,
     g->compression.minicache_gamma = cp->minicache_gamma;
     g->compression.minicache_retain_none = cp->minicache_retain_none;
     g->compression.minicache_start = cp->minicache_start;
+    g->compression.lorc_ratio = cp->lorc_ratio;
     return UC_OK;
 }
 

@@ -173,6 +173,7 @@ struct uc_compression {
     float minicache_gamma;      /* with +minicache: share kept unmerged; 0 = 0.05 */
     bool minicache_retain_none; /* with +minicache: keep no common token unmerged */
     uint32_t minicache_start;   /* with +minicache: first merged layer; 0 = half the layers */
+    float lorc_ratio;           /* with a +lorc policy: mean share of K/V dimensions kept; 0 = 0.5 */
 };
 
 /* One Generate request: exactly one of `text` or `token_ids` (n_token_ids > 0). */
@@ -268,6 +269,9 @@ struct uc_compression_report {
     uint32_t minicache_start;    /* its first merged layer */
     uint64_t minicache_merged;   /* (token, KV head)s stored once for two layers */
     uint64_t minicache_retained; /* common tokens kept unmerged */
+    float lorc_ratio;       /* LoRC: mean kept share of the K/V dimensions (0 without +lorc) */
+    uint32_t lorc_rank_first; /* LoRC: the first and the last layer's latent ranks */
+    uint32_t lorc_rank_last;
 };
 
 struct uc_client_timing {

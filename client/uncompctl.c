@@ -105,6 +105,12 @@ static const char usage_generate[] =
     "      --minicache-t X  --minicache-gamma X  --minicache-start L\n"
     "                              with +minicache: SLERP t (0.6), share of common tokens\n"
     "                              kept unmerged (0.05), first merged layer (L/2)\n"
+    "                              streamingllm, h2o; +kvsharer, +think and +lorc\n"
+    "                              compose (snapkv+kvsharer, snapkv+think, snapkv+lorc)\n"
+    "      --kv-budget N           mean KV tokens kept per head and layer\n"
+    "      --window N  --pool-kernel N  --sink-tokens N  --head-groups N  --r-min X\n"
+    "      --think-ratio X         with +think: share of key channels pruned (default 0.4)\n"
+    "      --lorc-ratio X          with +lorc: mean share of K/V dimensions kept (default 0.5)\n"
     "      --decode-mode MODE      append or evict\n"
     "      --grouping G            profile or prompt\n"
     "      --stage-starts L1,L2    explicit uncomp-stage boundaries (layers)\n"
@@ -131,7 +137,8 @@ static const char usage_chat[] =
     "Sampling and compression: as 'uncompctl generate' (-n/--max-tokens, --temperature, --top-p,\n"
     "--top-k, --min-p, --seed, --stop, --stop-token-id, --min-tokens, the penalties,\n"
     "--ignore-eos, --logprobs, --policy, --kv-budget, --window, --pool-kernel, --sink-tokens,\n"
-    "--head-groups, --r-min, --think-ratio, --decode-mode, --grouping, --stage-starts).\n"
+    "--head-groups, --r-min, --think-ratio, --lorc-ratio, --decode-mode, --grouping,\n"
+    "--stage-starts).\n"
     "Output:\n"
     "  -v, --verbose               usage, timing and the compression report of each turn on\n"
     "                              stderr\n"
@@ -422,6 +429,7 @@ enum {
     OPT_MINICACHE_T,
     OPT_MINICACHE_GAMMA,
     OPT_MINICACHE_START,
+    OPT_LORC_RATIO,
     OPT_DECODE_MODE,
     OPT_GROUPING,
     OPT_STAGE_STARTS,
@@ -521,6 +529,11 @@ static void json_report(FILE *f, const struct uc_compression_report *r)
         uc_ctl_json_field_num(f, "minicache_merged", (double)r->minicache_merged);
         uc_ctl_json_field_num(f, "minicache_retained", (double)r->minicache_retained);
     }
+    if (r->lorc_ratio > 0.0f) {
+        uc_ctl_json_field_num(f, "lorc_ratio", r->lorc_ratio);
+        uc_ctl_json_field_num(f, "lorc_rank_first", r->lorc_rank_first);
+        uc_ctl_json_field_num(f, "lorc_rank_last", r->lorc_rank_last);
+    }
     fputc('}', f);
 }
 
@@ -585,6 +598,10 @@ static void verbose_completion(FILE *f, const struct uc_completion *c)
         fprintf(f, "  minicache: %" PRIu32 " pairs from layer %" PRIu32 ", %" PRIu64
                 " merged, %" PRIu64 " retained\n", r->minicache_pairs, r->minicache_start,
                 r->minicache_merged, r->minicache_retained);
+    }
+    if (r->lorc_ratio > 0.0f) {
+        fprintf(f, "  lorc: ratio %.4g, latent ranks %" PRIu32 " (first layer) .. %" PRIu32
+                " (last)\n", (double)r->lorc_ratio, r->lorc_rank_first, r->lorc_rank_last);
     }
     if (r->n_stage_rows || r->n_stage_starts) {
         fprintf(f, "  stages: starts");
@@ -892,6 +909,9 @@ static void gen_opt(int opt, const char *arg, void *user)
     case OPT_MINICACHE_START:
         c->minicache_start = num_u32(cmd, "--minicache-start", arg);
         break;
+    case OPT_LORC_RATIO:
+        c->lorc_ratio = num_float(cmd, "--lorc-ratio", arg, 0.001, 1);
+        break;
     case OPT_DECODE_MODE:
         c->decode_mode = arg;
         break;
@@ -936,6 +956,7 @@ static void gen_opt(int opt, const char *arg, void *user)
     {"minicache-t", required_argument, NULL, OPT_MINICACHE_T}, \
     {"minicache-gamma", required_argument, NULL, OPT_MINICACHE_GAMMA}, \
     {"minicache-start", required_argument, NULL, OPT_MINICACHE_START}, \
+    {"lorc-ratio", required_argument, NULL, OPT_LORC_RATIO}, \
     {"decode-mode", required_argument, NULL, OPT_DECODE_MODE}, \
     {"grouping", required_argument, NULL, OPT_GROUPING}, \
     {"stage-starts", required_argument, NULL, OPT_STAGE_STARTS},

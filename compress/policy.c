@@ -10,6 +10,7 @@
 #include "base/mem.h"
 #include "base/util.h"
 #include "compress/minicache.h"
+#include "compress/lorc.h"
 #include "compress/think.h"
 
 static const char *policy_names[UC_POLICY_COUNT] = {
@@ -30,6 +31,7 @@ static const struct stage_desc {
     {"minicache", UC_STAGE_MINICACHE, 1u << UC_POLICY_UNCOMP_STAGE,
      "a merged pair needs both layers' rows of every token, and uncomp-stage drops rows between "
      "layers"},
+    {"lorc", UC_STAGE_LORC, 0, ""},
 };
 #define N_STAGES ((int)(sizeof stage_table / sizeof stage_table[0]))
 
@@ -175,6 +177,14 @@ float uc_policy_minicache_gamma(const struct uc_compress_params *p)
         return 0.0f;
     }
     return p->minicache_gamma > 0.0f ? p->minicache_gamma : UC_MINICACHE_DEFAULT_GAMMA;
+}
+
+float uc_policy_lorc_ratio(const struct uc_compress_params *p)
+{
+    if (!(p->stages & UC_STAGE_LORC)) {
+        return 0.0f;
+    }
+    return p->lorc_ratio > 0.0f ? p->lorc_ratio : UC_LORC_DEFAULT_RATIO;
 }
 
 uc_status uc_share_pairs_validate(const struct uc_share_pair *pairs, int32_t n, int64_t n_layers,
@@ -384,6 +394,21 @@ uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_
         if (p->decode_mode == UC_DECODE_EVICT && p->policy != UC_POLICY_FULL) {
             BAD("compression.decode_mode=evict does not combine with minicache (merged rows "
                 "are shared by two layers, which would evict different tokens)");
+        }
+    }
+    if (!(p->lorc_ratio >= 0.0f && p->lorc_ratio <= 1.0f)) {
+        BAD("compression.lorc_ratio=%g must be in (0, 1] (0: the default %g)",
+            (double)p->lorc_ratio, (double)UC_LORC_DEFAULT_RATIO);
+    }
+    if (p->stages & UC_STAGE_LORC) {
+        if (p->stages & (UC_STAGE_THINK | UC_STAGE_KVSHARER | UC_STAGE_MINICACHE)) {
+            BAD("compression.policy: lorc does not combine with think, kvsharer or minicache (a "
+                "latent head stores neither pruned key channels, nor another layer's cache, nor "
+                "merged rows)");
+        }
+        if (p->decode_mode == UC_DECODE_EVICT && p->policy != UC_POLICY_FULL) {
+            BAD("compression.decode_mode=evict does not combine with lorc (latent rows are not "
+                "moved by eviction yet)");
         }
     }
     if (p->n_stage_starts < 0 || p->n_stage_starts > UC_MAX_STAGES - 1) {

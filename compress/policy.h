@@ -46,6 +46,7 @@ enum uc_stage_flag {
     UC_STAGE_KVSHARER = 1u << 0, /* KVSharer: a later layer reads an earlier layer's KV cache */
     UC_STAGE_THINK = 1u << 1,    /* ThinK: each KV head keeps only its best key channels */
     UC_STAGE_MINICACHE = 1u << 2, /* MiniCache: adjacent layer pairs share merged K/V directions */
+    UC_STAGE_LORC = 1u << 3,     /* LoRC: K and V cached as low-rank latents (lorc.h) */
 };
 
 /* KVSharer: layer dst holds no KV of its own and attends over layer src's cache (src < dst). */
@@ -88,6 +89,9 @@ struct uc_compress_params {
     int32_t minicache_start;
     float minicache_t;
     float minicache_gamma;
+    /* With UC_STAGE_LORC: mean share of the key and value dimensions kept (rho, in (0, 1]); 0 =
+     * UC_LORC_DEFAULT_RATIO (uc_policy_lorc_ratio). */
+    float lorc_ratio;
 };
 
 enum uc_row_score {
@@ -124,6 +128,8 @@ static inline bool uc_policy_minicache(const struct uc_compress_params *p)
 }
 float uc_policy_minicache_t(const struct uc_compress_params *p);
 float uc_policy_minicache_gamma(const struct uc_compress_params *p);
+/* LoRC's kept share for p: 0 without the lorc stage. */
+float uc_policy_lorc_ratio(const struct uc_compress_params *p);
 /* Whether p shares layers' KV caches (KVSharer). */
 static inline bool uc_policy_kvsharer(const struct uc_compress_params *p)
 {

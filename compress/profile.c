@@ -9,6 +9,7 @@
 
 #include "base/mem.h"
 #include "base/util.h"
+#include "compress/lorc.h"
 
 uc_status uc_profile_init(struct uc_profile *p, int64_t n_layers, int64_t n_heads,
                           int64_t n_heads_kv, int64_t head_dim, int64_t hidden)
@@ -39,6 +40,8 @@ void uc_profile_fini(struct uc_profile *p)
     uc_free(p->head_entropy);
     uc_free(p->kv_entropy);
     uc_free(p->kv_group);
+    uc_free(p->lorc_log_cond);
+    uc_free(p->lorc_rank);
     memset(p, 0, sizeof *p);
 }
 
@@ -65,6 +68,28 @@ void uc_profile_finish(struct uc_profile *p, int32_t head_groups, double stage_e
     }
     p->n_stage_starts = uc_stage_starts_from_scores(p->stage_starts, UC_MAX_STAGES - 1, scores, n,
                                                     stage_eps);
+}
+
+uc_status uc_profile_set_lorc(struct uc_profile *p, const double *log_cond, double rho)
+{
+    if (p->n_layers < 1 || p->n_layers > UC_LORC_MAX_LAYERS || !(rho > 0.0 && rho <= 1.0)) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "profile lorc: L=%lld ratio=%g", (long long)p->n_layers,
+                       rho);
+    }
+    if (!p->lorc_log_cond) {
+        p->lorc_log_cond = uc_malloc((size_t)p->n_layers * sizeof(double));
+        p->lorc_rank = uc_malloc((size_t)p->n_layers * sizeof(int32_t));
+        if (!p->lorc_log_cond || !p->lorc_rank) {
+            UC_FREE(p->lorc_log_cond);
+            UC_FREE(p->lorc_rank);
+            return UC_ERRF(UC_ERR_NOMEM, "profile lorc L=%lld", (long long)p->n_layers);
+        }
+    }
+    memcpy(p->lorc_log_cond, log_cond, (size_t)p->n_layers * sizeof(double));
+    p->lorc_ratio = rho;
+    uc_lorc_ranks(p->lorc_rank, log_cond, p->n_layers, p->head_dim, (float)rho);
+    p->has_lorc = true;
+    return UC_OK;
 }
 
 static cJSON *num_array(const double *v, int64_t n)
@@ -134,6 +159,12 @@ char *uc_profile_to_json(const struct uc_profile *p)
             int32_t ab[2] = {p->share[i].src, p->share[i].dst};
             cJSON_AddItemToArray(pairs, int_array(ab, 2));
         }
+    }
+    if (p->has_lorc) {
+        cJSON *lo = cJSON_AddObjectToObject(root, "lorc");
+        cJSON_AddNumberToObject(lo, "ratio", p->lorc_ratio);
+        cJSON_AddItemToObject(lo, "log_cond", num_array(p->lorc_log_cond, p->n_layers));
+        cJSON_AddItemToObject(lo, "ranks", int_array(p->lorc_rank, p->n_layers));
     }
     char *s = cJSON_Print(root);
     cJSON_Delete(root);
@@ -222,6 +253,39 @@ static uc_status parse_kvsharer(struct uc_profile *p, const cJSON *ks, const cha
     return UC_OK;
 }
 
+/* The "lorc" object: ratio, log_cond (L numbers); the ranks are derived again from them and
+ * must equal the file's "ranks" when it has them (a file edited by hand fails loudly). */
+static uc_status parse_lorc(struct uc_profile *p, const cJSON *lo, const char *path,
+                            int64_t n_layers)
+{
+    const cJSON *ratio = cJSON_GetObjectItemCaseSensitive(lo, "ratio");
+    if (!cJSON_IsObject(lo) || !cJSON_IsNumber(ratio) || !(ratio->valuedouble > 0.0) ||
+        ratio->valuedouble > 1.0 || n_layers > UC_LORC_MAX_LAYERS || p->head_dim < 1) {
+        return UC_ERRF(UC_ERR_FORMAT, "profile=%s field=lorc needs a ratio in (0, 1] and "
+                       "log_cond", path);
+    }
+    double lc[UC_LORC_MAX_LAYERS];
+    uc_status rc = read_nums(lc, cJSON_GetObjectItemCaseSensitive(lo, "log_cond"), n_layers, path,
+                             "lorc.log_cond");
+    if (rc != UC_OK) {
+        return rc;
+    }
+    UC_CHECK(uc_profile_set_lorc(p, lc, ratio->valuedouble), rc, out);
+    const cJSON *rk = cJSON_GetObjectItemCaseSensitive(lo, "ranks");
+    if (rk) {
+        double r[UC_LORC_MAX_LAYERS];
+        UC_CHECK(read_nums(r, rk, n_layers, path, "lorc.ranks"), rc, out);
+        for (int64_t l = 0; l < n_layers; l++) {
+            if (r[l] != (double)p->lorc_rank[l]) {
+                return UC_ERRF(UC_ERR_FORMAT, "profile=%s field=lorc.ranks[%lld]=%g but log_cond "
+                               "and ratio give %d", path, (long long)l, r[l], p->lorc_rank[l]);
+            }
+        }
+    }
+out:
+    return rc;
+}
+
 uc_status uc_profile_parse(struct uc_profile *p, const char *json, const char *path,
                            int64_t n_layers, int64_t n_heads, int64_t n_heads_kv)
 {
@@ -299,6 +363,10 @@ uc_status uc_profile_parse(struct uc_profile *p, const char *json, const char *p
     const cJSON *ks = cJSON_GetObjectItemCaseSensitive(root, "kvsharer");
     if (ks) {
         UC_CHECK(parse_kvsharer(p, ks, path, n_layers), rc, out_fini);
+    }
+    const cJSON *lo = cJSON_GetObjectItemCaseSensitive(root, "lorc");
+    if (lo) {
+        UC_CHECK(parse_lorc(p, lo, path, n_layers), rc, out_fini);
     }
     goto out;
 out_fini:

@@ -44,6 +44,13 @@ struct uc_profile {
     double share_cosine;    /* last hidden states' cosine similarity with them */
     int32_t share_target;   /* shared layers searched for */
     int64_t share_tokens;   /* calibration tokens of the search */
+    /* LoRC (lorc.h): each layer's sensitivity (mean over KV heads of the key and value slices'
+     * log condition numbers, from the weights, agreed over ranks) and the ranks they give at
+     * lorc_ratio. has_lorc is false in a profile written without it; such profiles still load. */
+    bool has_lorc;
+    double *lorc_log_cond;  /* (L) */
+    int32_t *lorc_rank;     /* (L) at lorc_ratio */
+    double lorc_ratio;
 };
 
 uc_status uc_profile_init(struct uc_profile *p, int64_t n_layers, int64_t n_heads,
@@ -51,6 +58,8 @@ uc_status uc_profile_init(struct uc_profile *p, int64_t n_layers, int64_t n_head
 void uc_profile_fini(struct uc_profile *p);
 /* From layer_entropy and head_entropy: KV-head means, m groups per layer, stage boundaries. */
 void uc_profile_finish(struct uc_profile *p, int32_t head_groups, double stage_eps);
+/* Records LoRC's per-layer sensitivities (L values, copied) and the ranks for ratio rho. */
+uc_status uc_profile_set_lorc(struct uc_profile *p, const double *log_cond, double rho);
 /* Serialises to pretty JSON (uc_malloc'd). */
 char *uc_profile_to_json(const struct uc_profile *p);
 uc_status uc_profile_save(const struct uc_profile *p, const char *path);

@@ -95,8 +95,8 @@ static const struct uc_cfg_option options[] = {
     /* default compression */
     {"policy", UC_CFG_STR, OFF(policy), "full", 0, 0, 0,
      "default compression: full, uncomp, uncomp-stage, snapkv, pyramidkv, streamingllm, h2o; "
-     "+kvsharer, +think and +minicache compose (snapkv+kvsharer, snapkv+think, "
-     "snapkv+minicache)"},
+     "+kvsharer, +think, +minicache and +lorc compose (snapkv+kvsharer, snapkv+think, "
+     "snapkv+minicache, snapkv+lorc)"},
     {"kv-budget", UC_CFG_INT, OFF(kv_budget), "128", 1, 1 << 24, 0,
      "default mean tokens kept per KV head per layer"},
     {"window", UC_CFG_INT, OFF(window), "8", 1, 64, 0, "observation window W"},
@@ -115,6 +115,8 @@ static const struct uc_cfg_option options[] = {
      "with a +minicache policy: share of a pair's common tokens kept unmerged"},
     {"minicache-start", UC_CFG_INT, OFF(minicache_start), "0", 0, 4096, 0,
      "with a +minicache policy: first merged layer (0: half the layers)"},
+    {"lorc-ratio", UC_CFG_DBL, OFF(lorc_ratio), "0.5", 0.01, 1.0, 0,
+     "with a +lorc policy (LoRC): mean share of the key and value dimensions kept"},
     {"decode-mode", UC_CFG_STR, OFF(decode_mode), "append", 0, 0, 0, "append or evict"},
     {"grouping", UC_CFG_STR, OFF(grouping), "profile", 0, 0, 0,
      "uncomp head groups from the calibration profile or the prompt"},

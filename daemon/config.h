@@ -77,6 +77,7 @@ struct uc_config {
     double minicache_t;
     double minicache_gamma;
     int64_t minicache_start;
+    double lorc_ratio;
     char *decode_mode;
     char *grouping;
     char *stage_starts;

@@ -319,6 +319,8 @@ static uc_status decode_compress(struct uc_req *r, const Uncomp__V1__Compression
     o->minicache_gamma = c->minicache_retain_none ? 0.0 : c->minicache_gamma;
     o->has_minicache_start = c->minicache_start != 0;
     o->minicache_start = c->minicache_start;
+    o->has_lorc_ratio = c->lorc_ratio != 0.0f;
+    o->lorc_ratio = c->lorc_ratio;
     return UC_OK;
 }
 
@@ -905,6 +907,9 @@ static bool report_pb(struct arena *a, Uncomp__V1__CompressionReport *rep,
     rep->minicache_start = (uint32_t)(r->minicache_start > 0 ? r->minicache_start : 0);
     rep->minicache_merged = (uint64_t)(r->minicache_merged > 0 ? r->minicache_merged : 0);
     rep->minicache_retained = (uint64_t)(r->minicache_retained > 0 ? r->minicache_retained : 0);
+    rep->lorc_ratio = r->lorc_ratio;
+    rep->lorc_rank_first = (uint32_t)(r->lorc_rank_first > 0 ? r->lorc_rank_first : 0);
+    rep->lorc_rank_last = (uint32_t)(r->lorc_rank_last > 0 ? r->lorc_rank_last : 0);
     int32_t ns = r->n_stages;
     if (ns > UC_MAX_STAGES + 1) {
         ns = UC_MAX_STAGES + 1;

@@ -65,6 +65,7 @@ uc_status uc_config_compress(const struct uc_config *c, int64_t n_layers,
     p.minicache_t = (float)c->minicache_t;
     p.minicache_gamma = c->minicache_gamma > 0.0 ? (float)c->minicache_gamma : -1.0f;
     p.minicache_start = (int32_t)c->minicache_start;
+    p.lorc_ratio = (float)c->lorc_ratio;   /* used with a +lorc policy */
     const char *sp = c->stage_starts;
     while (*sp) {
         char *end;

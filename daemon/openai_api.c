@@ -253,7 +253,7 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
                                         "sink_tokens", "head_groups", "decode_mode",
                                         "grouping", "stage_starts", "r_min",
                                         "think_ratio", "minicache_t", "minicache_gamma",
-                                        "minicache_start", NULL};
+                                        "minicache_start", "lorc_ratio", NULL};
     const cJSON *f;
     cJSON_ArrayForEach(f, u) {
         bool ok = false;
@@ -264,7 +264,7 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
             return bad(p, "uncomp", "uncomp.%.40s is not a compression parameter (policy, "
                        "kv_budget, window, pool_kernel, sink_tokens, head_groups, decode_mode, "
                        "grouping, stage_starts, r_min, think_ratio, minicache_t, minicache_gamma, "
-                       "minicache_start)", f->string);
+                       "minicache_start, lorc_ratio)", f->string);
         }
     }
     g->has_compress = true;
@@ -339,15 +339,17 @@ static uc_status decode_uncomp(struct pctx *p, struct uc_req *g, const cJSON *ro
     double start = 0.0;
     bool has_start = false;
     rc = get_num(p, u, "minicache_start", "uncomp.minicache_start", &start, &has_start);
-    if (rc != UC_OK || !has_start) {
+    if (rc != UC_OK) {
         return rc;
     }
-    if (!(start >= 0.0 && start <= 65536.0) || start != floor(start)) {
-        return bad(p, "uncomp", "uncomp.minicache_start=%g must be a layer number", start);
+    if (has_start) {
+        if (!(start >= 0.0 && start <= 65536.0) || start != floor(start)) {
+            return bad(p, "uncomp", "uncomp.minicache_start=%g must be a layer number", start);
+        }
+        c->has_minicache_start = true;
+        c->minicache_start = (int64_t)start;
     }
-    c->has_minicache_start = true;
-    c->minicache_start = (int64_t)start;
-    return UC_OK;
+    return get_num(p, u, "lorc_ratio", "uncomp.lorc_ratio", &c->lorc_ratio, &c->has_lorc_ratio);
 }
 
 static uc_status decode_sampling(struct pctx *p, struct uc_req *g, const cJSON *root)
@@ -755,6 +757,11 @@ static void add_report(cJSON *o, const struct uc_oai_choice *c)
             cJSON_AddNumberToObject(mc, "merged", (double)rp->minicache_merged);
             cJSON_AddNumberToObject(mc, "retained", (double)rp->minicache_retained);
         }
+    }
+    if (rp->lorc_ratio > 0.0f) {
+        cJSON_AddNumberToObject(u, "lorc_ratio", (double)rp->lorc_ratio);
+        cJSON_AddNumberToObject(u, "lorc_rank_first", rp->lorc_rank_first);
+        cJSON_AddNumberToObject(u, "lorc_rank_last", rp->lorc_rank_last);
     }
     cJSON_AddNumberToObject(u, "ratio", isfinite(rp->ratio) ? rp->ratio : 0.0);
     cJSON_AddNumberToObject(u, "compress_ms", rp->compress_ms);

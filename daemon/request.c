@@ -52,6 +52,7 @@ static const char *const grpc_names[UC_REQ_F_COUNT] = {
     [UC_REQ_F_MINICACHE_T] = "compression.minicache_t",
     [UC_REQ_F_MINICACHE_GAMMA] = "compression.minicache_gamma",
     [UC_REQ_F_MINICACHE_START] = "compression.minicache_start",
+    [UC_REQ_F_LORC_RATIO] = "compression.lorc_ratio",
 };
 
 static const char *const http_names[UC_REQ_F_COUNT] = {
@@ -89,6 +90,7 @@ static const char *const http_names[UC_REQ_F_COUNT] = {
     [UC_REQ_F_MINICACHE_T] = "uncomp.minicache_t",
     [UC_REQ_F_MINICACHE_GAMMA] = "uncomp.minicache_gamma",
     [UC_REQ_F_MINICACHE_START] = "uncomp.minicache_start",
+    [UC_REQ_F_LORC_RATIO] = "uncomp.lorc_ratio",
 };
 
 const char *uc_req_field_name(enum uc_req_front front, enum uc_req_kind kind,
@@ -118,9 +120,9 @@ void uc_req_policy_list(char *out, size_t cap)
                               uc_policy_name((enum uc_policy)i));
     }
     if (n < cap) {
-        snprintf(out + n, cap - n, "; or one of them with +kvsharer, +think or +minicache "
-                 "(snapkv+kvsharer, snapkv+think, snapkv+minicache; a stage alone is full "
-                 "with it)");
+        snprintf(out + n, cap - n, "; or one of them with +kvsharer, +think, +minicache or "
+                 "+lorc (snapkv+kvsharer, snapkv+think, snapkv+minicache, snapkv+lorc; a stage "
+                 "alone is full with it)");
     }
 }
 
@@ -422,6 +424,18 @@ uc_status uc_req_compress_resolve(const struct uc_req_compress *in,
                         "%sminicache_start needs a policy with +minicache", prefix);
         }
         cp.minicache_start = (int32_t)in->minicache_start;
+    }
+    if (in->has_lorc_ratio) {
+        if (!(in->lorc_ratio > 0.0 && in->lorc_ratio <= 1.0)) {
+            return CBAD(UC_REQ_F_LORC_RATIO, "lorc_ratio",
+                        "%slorc_ratio=%g must be in (0, 1]", prefix, in->lorc_ratio);
+        }
+        if (!(cp.stages & UC_STAGE_LORC)) {
+            return CBAD(UC_REQ_F_LORC_RATIO, "lorc_ratio",
+                        "%slorc_ratio needs a policy with +lorc (policy=\"%s\")", prefix,
+                        uc_policy_name(cp.policy));
+        }
+        cp.lorc_ratio = (float)in->lorc_ratio;
     }
 #undef CBAD
     char why[256];

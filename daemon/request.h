@@ -75,6 +75,7 @@ enum uc_req_field {
     UC_REQ_F_MINICACHE_T,
     UC_REQ_F_MINICACHE_GAMMA,
     UC_REQ_F_MINICACHE_START,
+    UC_REQ_F_LORC_RATIO,
     UC_REQ_F_COUNT,
 };
 
@@ -131,6 +132,8 @@ struct uc_req_compress {
     double minicache_gamma;
     bool has_minicache_start;  /* MiniCache's first merged layer */
     int64_t minicache_start;
+    bool has_lorc_ratio;       /* LoRC's kept share, with a "+lorc" policy */
+    double lorc_ratio;
 };
 
 /* One prompt: text (text != NULL) or token ids. */

@@ -59,6 +59,25 @@ static inline int64_t uc_kv_merged_tokens(int64_t block_tokens, int64_t head_dim
 {
     return 2 * block_tokens * head_dim / (2 * head_dim + UC_KV_MERGED_EXTRA);
 }
+/* Latent heads (LoRC, compress/lorc.h): a head whose keys and values are cached as rank-r
+ * latents stores each token as one row of uc_kv_latent_width elements: the token's RoPE
+ * position as a little-endian int32 in its first 4 bytes (one float32 element, or two bf16
+ * elements), then the r key latents (of the key before RoPE), then the r value latents. Rows are
+ * packed across a block's K and V areas as packed heads' are (one stream of 2 bt D values), so
+ * such a head's blocks hold floor(2 bt D / width) tokens; its slot s is row s % tpb of block
+ * s / tpb. The bases are (Hkv_local, 2, D, D) per layer: for local KV head j, rows
+ * [j 2 D, j 2 D + D) are the key basis U_k^T (left singular vectors of the head's key
+ * projection, largest first), the next D rows the value basis; a rank-r latent uses the first r
+ * rows: z = U_r^T k, k ~ U_r z. */
+#define UC_LATENT_MAX_D 512 /* largest head_dim latent heads take */
+static inline int64_t uc_kv_latent_width(int64_t rank, size_t act_bytes)
+{
+    return (int64_t)(4 / act_bytes) + 2 * rank;
+}
+static inline int64_t uc_kv_latent_tokens(int64_t block_tokens, int64_t head_dim, int64_t width)
+{
+    return 2 * block_tokens * head_dim / width;
+}
 
 /* One decode batch's view of the paged cache for one layer: for row b and local KV head j,
  * entry e = b * Hkv + j holds n_tokens[e] tokens in blocks blocks[offset[e] ...]. With
@@ -85,6 +104,13 @@ struct uc_kv_batch_view {
     const int32_t *mc_n;     /* (B * Hkv) */
     const int32_t *mc_off;   /* (B * Hkv) */
     const int32_t *mc_side;  /* (B * Hkv) */
+    /* Latent entries (LoRC; NULL when the batch has none): lat_rank[e] > 0 is entry e's latent
+     * rank (0: not latent), its tokens rows of uc_kv_latent_width(lat_rank[e]); lat_basis is the
+     * layer's bases (see uc_kv_latent_width), in backend memory. attn_decode computes latent
+     * entries itself: their keys rebuilt from the latents and rotated at each row's position,
+     * the value latents summed by probability, then one product by the value basis. */
+    const int32_t *lat_rank; /* (B * Hkv), same memory as the arrays above */
+    const void *lat_basis;
 };
 
 struct uc_backend_ops {
@@ -237,6 +263,24 @@ struct uc_backend_ops {
      * c < width, to host doubles (ThinK's key and query channel norms). rows is a host array. */
     uc_status (*chan_sumsq)(struct uc_backend *be, double *out, const void *x, int64_t ld,
                             const int32_t *rows, int64_t n_rows, int64_t width);
+    /* Latent heads, at the end of prefill: for e < n, latent slot slot[e] of a head of rank
+     * `rank` gets the position pos[e], the key latents of K row src_row[e], head src_head[e] of
+     * k_src (rotated at pos[e]: the op rotates it back first) and the value latents of that
+     * row's V head in v_src ((rows, ld) activations), with local head src_head[e]'s bases of
+     * `basis` (the layer's, see uc_kv_latent_width). Host arrays. */
+    uc_status (*kv_scatter_latent)(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                   const void *k_src, const void *v_src, int64_t ld,
+                                   const int32_t *src_row, const int32_t *src_head,
+                                   const int32_t *pos, const int32_t *slot, int64_t n,
+                                   int64_t rank, const void *basis);
+    /* Latent heads, in a decode step BEFORE rope_append (the k heads of qkv not yet rotated):
+     * for each entry e = t * Hkv + j with rank[e] > 0, latent slot -slot[e] - 1 gets pos[t]
+     * and the latents of row t's k head j and v head j under the layer's bases. pos, slot and
+     * rank in backend memory (recordable). */
+    uc_status (*kv_append_latent)(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                  const void *qkv, int64_t ld, int64_t n_heads,
+                                  int64_t n_heads_kv, const int32_t *pos, const int32_t *slot,
+                                  const int32_t *rank, const void *basis, int64_t n_tok);
     /* Copies whole blocks: block dst[i] of K and V gets block src[i], for i < n (forks). */
     uc_status (*kv_copy_blocks)(struct uc_backend *be, struct uc_kv_pool_view *pool,
                                 const int32_t *dst, const int32_t *src, int64_t n);

@@ -829,6 +829,107 @@ static uc_status cpu_kv_move(struct uc_backend *be, struct uc_kv_pool_view *pool
     return UC_OK;
 }
 
+/* ---- latent heads (LoRC) --------------------------------------------------------------- */
+
+/* Element i of latent row `slot` of width w (the position's element, then 2 r latents). */
+static inline float *latent_elem(const struct uc_kv_pool_view *pool, int64_t w, int64_t slot,
+                                 int64_t i)
+{
+    int64_t d = pool->head_dim, bt = pool->block_tokens, per = bt * d;
+    int64_t tpb = uc_kv_latent_tokens(bt, d, w);
+    int64_t b = slot / tpb, at = (slot % tpb) * w + i;
+    return at < per ? (float *)pool->k + b * per + at : (float *)pool->v + b * per + at - per;
+}
+
+/* Copies latent row `slot` (w elements; it may run from a block's K area into its V area) to
+ * out. */
+static inline void latent_row(float *restrict out, const struct uc_kv_pool_view *pool, int64_t w,
+                              int64_t slot)
+{
+    int64_t d = pool->head_dim, bt = pool->block_tokens, per = bt * d;
+    int64_t tpb = uc_kv_latent_tokens(bt, d, w);
+    int64_t b = slot / tpb, at = (slot % tpb) * w;
+    const float *pk = (const float *)pool->k + b * per, *pv = (const float *)pool->v + b * per;
+    int64_t in_k = at < per ? (per - at < w ? per - at : w) : 0;
+    if (in_k > 0) {
+        memcpy(out, pk + at, (size_t)in_k * sizeof(float));
+    }
+    if (in_k < w) {
+        memcpy(out + in_k, pv + (at + in_k - per), (size_t)(w - in_k) * sizeof(float));
+    }
+}
+
+/* Writes one latent row: pos, then U_k^T k and U_v^T v (k before RoPE), the first `rank` rows of
+ * the bases bk, bv (D, D). */
+static void latent_put(struct uc_kv_pool_view *pool, int64_t rank, int64_t slot, int32_t pos,
+                       const float *k, const float *v, const float *bk, const float *bv)
+{
+    int64_t d = pool->head_dim, w = uc_kv_latent_width(rank, sizeof(float));
+    memcpy(latent_elem(pool, w, slot, 0), &pos, sizeof pos);
+    for (int64_t i = 0; i < rank; i++) {
+        float zk = 0.0f, zv = 0.0f;
+        for (int64_t c = 0; c < d; c++) {
+            zk += bk[i * d + c] * k[c];
+            zv += bv[i * d + c] * v[c];
+        }
+        *latent_elem(pool, w, slot, 1 + i) = zk;
+        *latent_elem(pool, w, slot, 1 + rank + i) = zv;
+    }
+}
+
+static uc_status cpu_kv_scatter_latent(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                       const void *k_src, const void *v_src, int64_t ld,
+                                       const int32_t *src_row, const int32_t *src_head,
+                                       const int32_t *pos, const int32_t *slot, int64_t n,
+                                       int64_t rank, const void *basis)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    int64_t d = pool->head_dim, half = d / 2;
+    if (half != c->rope_half || d > UC_LATENT_MAX_D || rank < 1 || rank > d) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "latent scatter: D=%lld rank=%lld (rope half %lld)",
+                       (long long)d, (long long)rank, (long long)c->rope_half);
+    }
+    const float *ks = k_src, *vs = v_src, *bs = basis;
+    for (int64_t e = 0; e < n; e++) {
+        if (pos[e] < 0 || pos[e] >= c->rope_max_pos) {
+            return UC_ERRF(UC_ERR_INVALID_ARG, "latent scatter: position %d outside the rope "
+                           "table", pos[e]);
+        }
+        int64_t off = (int64_t)src_row[e] * ld + (int64_t)src_head[e] * d;
+        const float *kr = ks + off, *cs = c->rope_cos + (int64_t)pos[e] * half;
+        const float *sn = c->rope_sin + (int64_t)pos[e] * half;
+        float k[UC_LATENT_MAX_D];
+        for (int64_t i = 0; i < half; i++) { /* RoPE undone: the latent is of the raw key */
+            float a = kr[i], b = kr[i + half];
+            k[i] = a * cs[i] + b * sn[i];
+            k[i + half] = b * cs[i] - a * sn[i];
+        }
+        const float *bk = bs + (int64_t)src_head[e] * 2 * d * d;
+        latent_put(pool, rank, slot[e], pos[e], k, vs + off, bk, bk + d * d);
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_kv_append_latent(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                      const void *qkv, int64_t ld, int64_t n_heads,
+                                      int64_t n_heads_kv, const int32_t *pos, const int32_t *slot,
+                                      const int32_t *rank, const void *basis, int64_t n_tok)
+{
+    int64_t d = pool->head_dim;
+    const float *x = qkv, *bs = basis;
+    for (int64_t e = 0; e < n_tok * n_heads_kv; e++) {
+        if (rank[e] <= 0) {
+            continue;
+        }
+        int64_t j = e % n_heads_kv;
+        const float *k = x + e / n_heads_kv * ld + (n_heads + j) * d;
+        const float *bk = bs + j * 2 * d * d;
+        latent_put(pool, rank[e], -(int64_t)slot[e] - 1, pos[e / n_heads_kv], k,
+                   k + n_heads_kv * d, bk, bk + d * d);
+    }
+    return UC_OK;
+}
+
 /* Dot product with eight partial sums, so it vectorises without reassociation flags. */
 static inline float dot(const float *restrict a, const float *restrict b, int64_t n)
 {
@@ -946,6 +1047,73 @@ static void decode_merged(float *restrict ov, const float *restrict qv,
     }
 }
 
+/* One latent entry (a KV head of one row, LoRC) for its `group` query heads q (D each, rotated)
+ * into ov (group x D): each cached key rebuilt once from its latents (k = U_r z), rotated at the
+ * row's position into kb (nt x D), then per query head the scores, softmax, the value latents
+ * summed by probability and one product by U_v. s receives the last head's probabilities; with
+ * ps non-NULL, their sum over the group's heads is added there (nt floats). */
+UC_HOT_CLONES
+static void decode_latent(float *restrict ov, const float *restrict qv, int64_t group,
+                          const struct uc_kv_pool_view *pool, const int32_t *blocks, int64_t nt,
+                          int64_t rank, const float *bk, const float *bv, const float *rcos,
+                          const float *rsin, float scale, float *restrict s, float *restrict kb,
+                          float *restrict ps)
+{
+    int64_t d = pool->head_dim, half = d / 2, w = uc_kv_latent_width(rank, sizeof(float));
+    int64_t tpb = uc_kv_latent_tokens(pool->block_tokens, d, w);
+    float k[UC_LATENT_MAX_D], zacc[UC_LATENT_MAX_D], row[2 * UC_LATENT_MAX_D + 1];
+    for (int64_t t = 0; t < nt; t++) {
+        latent_row(row, pool, w, (int64_t)blocks[t / tpb] * tpb + t % tpb);
+        int32_t pos;
+        memcpy(&pos, row, sizeof pos);
+        for (int64_t c = 0; c < d; c++) {
+            k[c] = 0.0f;
+        }
+        for (int64_t i = 0; i < rank; i++) {
+            float z = row[1 + i];
+            const float *bi = bk + i * d;
+            for (int64_t c = 0; c < d; c++) {
+                k[c] += z * bi[c];
+            }
+        }
+        const float *cs = rcos + (int64_t)pos * half, *sn = rsin + (int64_t)pos * half;
+        float *kr = kb + t * d;
+        for (int64_t i = 0; i < half; i++) {
+            float a = k[i], b = k[i + half];
+            kr[i] = a * cs[i] - b * sn[i];
+            kr[i + half] = b * cs[i] + a * sn[i];
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        const float *q = qv + g * d;
+        for (int64_t t = 0; t < nt; t++) {
+            s[t] = dot(q, kb + t * d, d);
+        }
+        softmax_row(s, nt, scale);
+        for (int64_t i = 0; i < rank; i++) {
+            zacc[i] = 0.0f;
+        }
+        for (int64_t t = 0; t < nt; t++) {
+            latent_row(row, pool, w, (int64_t)blocks[t / tpb] * tpb + t % tpb);
+            for (int64_t i = 0; i < rank; i++) {
+                zacc[i] += s[t] * row[1 + rank + i];
+            }
+        }
+        float *o = ov + g * d;
+        for (int64_t c = 0; c < d; c++) {
+            o[c] = 0.0f;
+        }
+        for (int64_t i = 0; i < rank; i++) {
+            for (int64_t c = 0; c < d; c++) {
+                o[c] += zacc[i] * bv[i * d + c];
+            }
+        }
+        for (int64_t t = 0; ps && t < nt; t++) {
+            ps[t] += s[t];
+        }
+    }
+}
+
 static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q, int64_t ld_q,
                                  const struct uc_kv_pool_view *pool,
                                  const struct uc_kv_batch_view *view, int64_t n_rows,
@@ -987,6 +1155,8 @@ static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q
                           view->blocks + view->offset[e], view->n_tokens[e],
                           view->blocks + view->mc_off[e], view->mc_n[e], view->mc_side[e], scale,
                           s);
+        } else if (view->lat_rank && view->lat_rank[e] > 0) {
+            continue; /* latent entries: the loop below, a KV head at a time */
         } else if (view->kdim && view->kdim[e] > 0) {
             decode_packed(o + b * n_heads * d + h * d, qf + b * ld_q + h * d, pool,
                           view->blocks + view->offset[e], view->n_tokens[e], view->kdim[e],
@@ -1002,6 +1172,27 @@ static uc_status cpu_attn_decode(struct uc_backend *be, void *out, const void *q
             for (int64_t t = 0; t < nt; t++) {
                 ps[t] += s[t];
             }
+        }
+    }
+    if (view->lat_rank) {
+        /* each thread: its score row, then room for the entry's rebuilt keys (maxn x D) */
+        float *kbuf = score_buf(c, (size_t)(n_thr * maxn * (1 + d)));
+        if (!kbuf) {
+            return UC_ERRF(UC_ERR_NOMEM, "latent decode keys tokens=%lld", (long long)maxn);
+        }
+        int64_t n_ent = n_rows * n_heads_kv;
+#pragma omp parallel for schedule(dynamic, 1) if (n_ent > 1)
+        for (int64_t e = 0; e < n_ent; e++) {
+            if (view->lat_rank[e] <= 0) {
+                continue;
+            }
+            int64_t b = e / n_heads_kv, j = e % n_heads_kv;
+            float *s = kbuf + (int64_t)omp_get_thread_num() * maxn * (1 + d);
+            const float *bk = (const float *)view->lat_basis + j * 2 * d * d;
+            decode_latent(o + b * n_heads * d + j * group * d, qf + b * ld_q + j * group * d,
+                          group, pool, view->blocks + view->offset[e], view->n_tokens[e],
+                          view->lat_rank[e], bk, bk + d * d, c->rope_cos, c->rope_sin, scale, s,
+                          s + maxn, psum ? psum + e * maxn : NULL);
         }
     }
     return UC_OK;
@@ -1083,6 +1274,8 @@ static const struct uc_backend_ops cpu_ops = {
     .kv_copy_blocks = cpu_kv_copy_blocks,
     .kv_nonfinite = cpu_kv_nonfinite,
     .kv_scatter_packed = cpu_kv_scatter_packed,
+    .kv_scatter_latent = cpu_kv_scatter_latent,
+    .kv_append_latent = cpu_kv_append_latent,
     .kv_append_packed = cpu_kv_append_packed,
     .kv_move_packed = cpu_kv_move_packed,
     .chan_sumsq = cpu_chan_sumsq,

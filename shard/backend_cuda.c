@@ -85,6 +85,7 @@ struct cuda_ctx {
     struct dev_buf dbl;  /* double workspaces: qcov rows and means */
     struct dev_buf cnt;  /* int32 counters of the decode attention, kept at zero between uses */
     struct dev_buf pmask; /* int32 n_tokens with packed entries at 0 (decode with packed heads) */
+    struct dev_buf lmask; /* int32 n_tokens with latent entries at 0 too (decode with LoRC heads) */
     uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
     /* the last RoPE positions: every layer of a prefill slice rotates at the same positions,
      * so they are uploaded once per slice, not once per layer (decode steps bring theirs in
@@ -832,17 +833,24 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
         int64_t end = view->kdim[e] > 0 ? (int64_t)view->coff[e] + view->kdim[e] : 0;
         n_chan = end > n_chan ? end : n_chan;
     }
-    /* merged entries (MiniCache): likewise, their own kernel reads own tokens and merged rows */
-    const int32_t *parts[9] = {view->n_tokens, view->offset, view->blocks,
-                               view->kdim,     view->coff,   view->chan,
-                               view->mc_n,     view->mc_off, view->mc_side};
+    /* merged entries (MiniCache) and latent entries (LoRC): likewise, each read by a kernel
+     * of its own. The parts of the index arrays: the first three, then ThinK's three, then
+     * MiniCache's three, then LoRC's ranks; a part the batch lacks has no elements. */
+    const int32_t *parts[10] = {view->n_tokens, view->offset, view->blocks,
+                                view->kdim,     view->coff,   view->chan,
+                                view->mc_n,     view->mc_off, view->mc_side, view->lat_rank};
     int64_t pe = view->kdim ? entries : 0, me = view->mc_n ? entries : 0;
-    int64_t counts[9] = {entries, entries, view->n_blocks_total, pe, pe, n_chan, me, me, me};
-    const int32_t *dev[9] = {view->n_tokens, view->offset, view->blocks,
-                             view->kdim,     view->coff,   view->chan,
-                             view->mc_n,     view->mc_off, view->mc_side};
-    int32_t *up[9];
-    int n_parts = view->mc_n ? 9 : view->kdim ? 6 : 3;
+    int64_t le = view->lat_rank ? entries : 0;
+    int64_t counts[10] = {entries, entries, view->n_blocks_total, pe, pe, n_chan, me, me, me, le};
+    const int32_t *dev[10] = {view->n_tokens, view->offset, view->blocks,
+                              view->kdim,     view->coff,   view->chan,
+                              view->mc_n,     view->mc_off, view->mc_side, view->lat_rank};
+    int32_t *up[10];
+    int n_parts = view->lat_rank ? 10 : view->mc_n ? 9 : view->kdim ? 6 : 3;
+    if (psum && view->lat_rank) {
+        return UC_ERRF(UC_ERR_UNSUPPORTED, "decode probabilities of latent heads (lorc evicts "
+                       "nothing)");
+    }
     uc_status rc;
     UC_CHECK(buf_reserve(c, &c->work, plan.ws_floats * sizeof(float)), rc, out);
     if (plan.n_counters * sizeof(int32_t) > c->cnt.cap) {
@@ -855,7 +863,7 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
     if (!view->on_device) {
         UC_CHECK(upload_idx(c, up, parts, counts, n_parts), rc, out);
         for (int i = 0; i < n_parts; i++) {
-            dev[i] = up[i];
+            dev[i] = counts[i] > 0 ? up[i] : NULL;
         }
     }
     const int32_t *ntok = dev[0];
@@ -871,6 +879,13 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
         UC_CHECK(CU(uc_cuda_decode_mask_merged(c->pmask.p, ntok, dev[6], entries, c->stream)), rc,
                  out);
         ntok = c->pmask.p;
+    }
+    if (view->lat_rank) {
+        /* latent entries (LoRC): empty for the tensor-core kernel too, their own kernel after */
+        UC_CHECK(buf_reserve(c, &c->lmask, (size_t)entries * sizeof(int32_t)), rc, out);
+        UC_CHECK(CU(uc_cuda_decode_mask_packed(c->lmask.p, ntok, dev[9], entries, c->stream)),
+                 rc, out);
+        ntok = c->lmask.p;
     }
     UC_CHECK(CU(uc_cuda_attn_decode(out, q, ld_q, pool->k, pool->v, pool->block_tokens, d, ntok,
                                     dev[1], dev[2], n_rows, n_heads, n_heads_kv, maxn, &plan,
@@ -889,6 +904,14 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
                                                d, dev[0], dev[1], dev[2], dev[6], dev[7], dev[8],
                                                n_rows, n_heads, n_heads_kv,
                                                psum ? c->outp.p : NULL, maxn, c->dt, c->stream)),
+                 rc, out);
+    }
+    if (view->lat_rank) {
+        UC_CHECK(CU(uc_cuda_attn_decode_latent(out, q, ld_q, pool->k, pool->v,
+                                               pool->block_tokens, d, dev[0], dev[1], dev[2],
+                                               dev[9], view->lat_basis, n_rows, n_heads,
+                                               n_heads_kv, c->rope_cos, c->rope_sin, c->dt,
+                                               c->stream)),
                  rc, out);
     }
     if (psum) {
@@ -976,6 +999,51 @@ static uc_status cuda_kv_scatter_packed(struct uc_backend *be, struct uc_kv_pool
                                           pool->head_dim, c->dt, c->stream));
     }
     return rc;
+}
+
+static uc_status cuda_kv_scatter_latent(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                        const void *k_src, const void *v_src, int64_t ld,
+                                        const int32_t *src_row, const int32_t *src_head,
+                                        const int32_t *pos, const int32_t *slot, int64_t n,
+                                        int64_t rank, const void *basis)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (n <= 0) {
+        return UC_OK;
+    }
+    if (pool->head_dim / 2 != c->rope_half) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "latent scatter: D=%lld, rope half %lld",
+                       (long long)pool->head_dim, (long long)c->rope_half);
+    }
+    for (int64_t e = 0; e < n; e++) {
+        if (pos[e] < 0 || pos[e] >= c->rope_max_pos) {
+            return UC_ERRF(UC_ERR_INVALID_ARG, "latent scatter: position %d outside the rope "
+                           "table", pos[e]);
+        }
+    }
+    const int32_t *parts[4] = {src_row, src_head, pos, slot};
+    int64_t counts[4] = {n, n, n, n};
+    int32_t *dev[4];
+    uc_status rc = upload_idx(c, dev, parts, counts, 4);
+    if (rc == UC_OK) {
+        rc = CU(uc_cuda_kv_scatter_latent(pool->k, pool->v, k_src, v_src, ld, dev[0], dev[1],
+                                          dev[2], dev[3], n, rank, basis, c->rope_cos,
+                                          c->rope_sin, pool->block_tokens, pool->head_dim, c->dt,
+                                          c->stream));
+    }
+    return rc;
+}
+
+static uc_status cuda_kv_append_latent(struct uc_backend *be, struct uc_kv_pool_view *pool,
+                                       const void *qkv, int64_t ld, int64_t n_heads,
+                                       int64_t n_heads_kv, const int32_t *pos,
+                                       const int32_t *slot, const int32_t *rank,
+                                       const void *basis, int64_t n_tok)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    return CU(uc_cuda_kv_append_latent(pool->k, pool->v, qkv, ld, n_heads, n_heads_kv, pos, slot,
+                                       rank, basis, n_tok, pool->block_tokens, pool->head_dim,
+                                       c->dt, c->stream));
 }
 
 static uc_status cuda_kv_append_packed(struct uc_backend *be, struct uc_kv_pool_view *pool,
@@ -1138,7 +1206,8 @@ static void cuda_destroy(struct uc_backend *be)
     if (c) {
         if (c->stream) {
             (void)cudaStreamSynchronize(c->stream);
-            struct dev_buf *bufs[] = {&c->idx, &c->conv, &c->work, &c->outp, &c->dbl, &c->cnt};
+            struct dev_buf *bufs[] = {&c->idx,  &c->conv,  &c->work, &c->outp,
+                                      &c->dbl,  &c->cnt,   &c->pmask, &c->lmask};
             for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
                 if (bufs[i]->p) {
                     (void)cudaFreeAsync(bufs[i]->p, c->stream);
@@ -1248,6 +1317,8 @@ static const struct uc_backend_ops cuda_ops = {
     .kv_copy_blocks = cuda_kv_copy_blocks,
     .kv_nonfinite = cuda_kv_nonfinite,
     .kv_scatter_packed = cuda_kv_scatter_packed,
+    .kv_scatter_latent = cuda_kv_scatter_latent,
+    .kv_append_latent = cuda_kv_append_latent,
     .kv_append_packed = cuda_kv_append_packed,
     .kv_move_packed = cuda_kv_move_packed,
     .kv_merge_dist = cuda_kv_merge_dist,

@@ -255,10 +255,17 @@ struct uc_compress_report {
     int32_t minicache_start;      /* its first merged layer */
     int64_t minicache_merged;     /* (token, KV head) pairs of layers stored merged, whole model */
     int64_t minicache_retained;   /* common tokens kept unmerged (the retention rule) */
+    float lorc_ratio;             /* LoRC's kept share (0: no lorc stage) */
+    const int32_t *lorc_rank;     /* (L) LoRC's latent rank per layer; engine-owned, NULL without */
+    int32_t lorc_rank_first;      /* LoRC: layer 0's and the last layer's ranks (0 without) */
+    int32_t lorc_rank_last;
 };
 /* The report of a sequence (pointers valid until the sequence ends). */
 uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
                                struct uc_compress_report *out);
+/* LoRC: each layer's sensitivity (log condition number, agreed over the ranks), L values, or
+ * NULL where lorc cannot run on this model. Any thread (constant after create). */
+const double *uc_engine_lorc_log_cond(const struct uc_engine *e);
 /* The plan of a sequence (valid until it ends). */
 const struct uc_plan *uc_engine_seq_plan(const struct uc_engine *e, int64_t seq_id);
 /* With UC_SEQ_RECORD_KEPT: the kept original positions of (layer, global KV head), gathered

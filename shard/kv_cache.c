@@ -174,6 +174,21 @@ uc_status uc_kv_head_set_merged(struct uc_kv_cache *kv, struct uc_kv_head *h)
     return UC_OK;
 }
 
+uc_status uc_kv_head_set_latent(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t rank)
+{
+    if (h->n_blocks != 0 || h->kdim != 0 || h->lrank != 0 || h->merged) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "kv latent head: set on a head holding %d blocks "
+                       "(kdim=%d rank=%d)", h->n_blocks, h->kdim, h->lrank);
+    }
+    if (rank <= 0 || rank > kv->head_dim) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "kv latent head: rank=%lld outside (0, %lld]",
+                       (long long)rank, (long long)kv->head_dim);
+    }
+    h->lrank = (int32_t)rank;
+    h->lwidth = (int32_t)uc_kv_latent_width(rank, kv->be->ops->act_size(kv->be));
+    return UC_OK;
+}
+
 uc_status uc_kv_head_reserve(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t n_tokens)
 {
     int64_t need = uc_kv_head_blocks_for(kv, h, n_tokens);
@@ -211,7 +226,7 @@ uc_status uc_kv_head_fork(struct uc_kv_cache *kv, struct uc_kv_head *dst,
     int64_t tpb = uc_kv_head_block_tokens(kv, src);
     int64_t full = src->n_tokens / tpb;
     bool part = src->n_tokens % tpb != 0;
-    if (dst->n_blocks != 0 || dst->kdim != 0) {
+    if (dst->n_blocks != 0 || dst->kdim != 0 || dst->lrank != 0) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "kv fork into a head holding %d blocks",
                        dst->n_blocks);
     }
@@ -229,6 +244,12 @@ uc_status uc_kv_head_fork(struct uc_kv_cache *kv, struct uc_kv_head *dst,
         }
     }
     dst->merged = src->merged;
+    if (src->lrank > 0) {
+        rc = uc_kv_head_set_latent(kv, dst, src->lrank);
+        if (rc != UC_OK) {
+            return rc;
+        }
+    }
     for (int64_t b = 0; b < full; b++) {
         block_hold(kv, src->blocks[b]);
         dst->blocks[b] = src->blocks[b];
@@ -295,6 +316,9 @@ uc_status uc_kv_head_remove(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_
         return UC_ERRF(UC_ERR_INVALID_ARG, "kv remove index %lld outside %d tokens", (long long)i,
                        h->n_tokens);
     }
+    if (h->lrank > 0) {
+        return UC_ERRF(UC_ERR_UNSUPPORTED, "kv remove: latent heads (lorc) do not evict");
+    }
     uc_status urc = uc_kv_head_unshare(kv, h, i / uc_kv_head_block_tokens(kv, h));
     if (urc != UC_OK) {
         return urc;
@@ -340,7 +364,8 @@ int64_t uc_kv_seq_row_bytes(const struct uc_kv_cache *kv, const struct uc_kv_seq
         if (h->merged) {
             kd = kv->head_dim + UC_KV_MERGED_EXTRA;
         }
-        n += (int64_t)h->n_tokens * (kd + kv->head_dim) * (int64_t)a;
+        int64_t row = h->lwidth > 0 ? h->lwidth : kd + kv->head_dim;
+        n += (int64_t)h->n_tokens * row * (int64_t)a;
     }
     return n;
 }

@@ -44,6 +44,8 @@ struct uc_kv_head {
     int32_t *blocks;
     int32_t *chan;   /* (kdim) kept key channels, ascending; NULL when unpacked */
     int32_t merged;  /* 1: a MiniCache pair's merged rows (backend.h), 0: tokens of one layer */
+    int32_t lrank;   /* latent rank (LoRC latent head); 0: not latent */
+    int32_t lwidth;  /* elements per latent row (uc_kv_latent_width), 0 when not latent */
 };
 
 /* The cache of one sequence on this rank: L x Hkv_local heads. */
@@ -76,12 +78,19 @@ uc_status uc_kv_head_set_packed(struct uc_kv_cache *kv, struct uc_kv_head *h, in
  * (uc_kv_merged_tokens rows per block). UC_ERR_INVALID_ARG for a head holding blocks, a packed
  * head, or blocks too small for one merged row. */
 uc_status uc_kv_head_set_merged(struct uc_kv_cache *kv, struct uc_kv_head *h);
-/* Tokens per block of a head: block_tokens when unpacked. */
+/* Makes an empty, unpacked head (no blocks) a latent head of rank 0 < rank <= D (LoRC): rows
+ * of uc_kv_latent_width(rank) elements. UC_ERR_INVALID_ARG for a head holding blocks, a packed
+ * head or a bad rank. */
+uc_status uc_kv_head_set_latent(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t rank);
+/* Tokens per block of a head: block_tokens when neither packed, merged nor latent. */
 static inline int64_t uc_kv_head_block_tokens(const struct uc_kv_cache *kv,
                                               const struct uc_kv_head *h)
 {
     if (h->merged) {
         return uc_kv_merged_tokens(kv->block_tokens, kv->head_dim);
+    }
+    if (h->lwidth > 0) {
+        return uc_kv_latent_tokens(kv->block_tokens, kv->head_dim, h->lwidth);
     }
     return h->kdim > 0 ? uc_kv_packed_tokens(kv->block_tokens, kv->head_dim, h->kdim)
                        : kv->block_tokens;
@@ -103,7 +112,8 @@ static inline int32_t uc_kv_head_slot(const struct uc_kv_cache *kv, const struct
     int64_t tpb = uc_kv_head_block_tokens(kv, h);
     return (int32_t)(h->blocks[i / tpb] * tpb + i % tpb);
 }
-/* Removes logical token i, shifting the later tokens down (evict mode). Shared blocks from the
+/* Removes logical token i, shifting the later tokens down (evict mode; not for latent heads:
+ * UC_ERR_UNSUPPORTED). Shared blocks from the
  * one holding i on are copied first (uc_kv_head_unshare), so other holders keep their tokens;
  * UC_ERR_KV_FULL when the pool cannot hold those copies (nothing is removed then). */
 uc_status uc_kv_head_remove(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t i);
@@ -132,8 +142,8 @@ static inline bool uc_kv_block_shared(const struct uc_kv_cache *kv, int32_t b)
 int64_t uc_kv_seq_tokens(const struct uc_kv_seq *s);
 int64_t uc_kv_seq_blocks(const struct uc_kv_seq *s);
 /* Bytes of K and V a sequence's tokens take in their rows on this rank: (kdim + D) elements
- * per token of a packed head, 2 D + 4 per merged row, 2 D of an unpacked one (what its blocks
- * hold, less their unused tail). */
+ * per token of a packed head, 2 D + 4 per merged row, uc_kv_latent_width of a latent one, 2 D
+ * of a plain one (what its blocks hold, less their unused tail). */
 int64_t uc_kv_seq_row_bytes(const struct uc_kv_cache *kv, const struct uc_kv_seq *s);
 /* Blocks of the pool in use (a shared block counts once). */
 int64_t uc_kv_used_blocks(const struct uc_kv_cache *kv);

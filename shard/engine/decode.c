@@ -89,18 +89,10 @@ static uc_status evict_head(struct uc_engine *e, struct seq *s, int64_t l, int64
     return uc_kv_head_remove(&e->kv, h, victim);
 }
 
-/* The decode step's index arrays, for all layers at once: reserves each head's next slot,
- * brings the block tables in backend memory up to date (e->bt, shard/kv_table.h: only what
- * changed since the last step is written) and lays out, in int32s, pos (B) | for each layer l:
- * slot (E), n_tokens (E), offset (E) and, when a sequence of the batch has packed heads (ThinK),
- * kdim (E) and coff (E), and when one has merged heads (MiniCache: eng_decode_meta_per), mc_n
- * (E), mc_off (E: the merged head's ids) and mc_side (E); E = B Hkv. Offsets are into the arena
- * of block tables (a head's block ids; a packed head's kept channels at coff). A packed entry's
- * slot is -(packed slot) - 1. The layout depends only on B and whether any head is packed or
- * merged, so a recorded step stays valid while this buffer and the arena do. */
 /* Whether a head of s needs another block for its next token (at most steps none does), and
- * whether s has packed heads. */
-static bool seq_needs_block(const struct uc_engine *e, const struct seq *s, bool *packed)
+ * whether s has packed or latent heads. */
+static bool seq_needs_block(const struct uc_engine *e, const struct seq *s, bool *packed,
+                            bool *latent)
 {
     int64_t nh = e->cfg->n_layers * e->sh->n_heads_kv;
     bool need = false;
@@ -111,20 +103,18 @@ static bool seq_needs_block(const struct uc_engine *e, const struct seq *s, bool
         }
         need = need || uc_kv_head_blocks_for(&e->kv, h, h->n_tokens + 1) > h->n_blocks;
         *packed = *packed || h->kdim > 0;
+        *latent = *latent || h->lrank > 0;
     }
     return need;
 }
 
 /* Layer l's entries of the index arrays for the heads that own their cache: each head's next
- * slot taken. Returns the longest head. */
+ * slot taken. Returns the longest head (with its pair's merged rows). */
 static int64_t meta_layer(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t l,
-                          int32_t *m, bool packed, bool merged)
+                          int32_t *m, struct eng_meta_layout y)
 {
     int64_t hkv = e->sh->n_heads_kv, ent = nb * hkv, maxn = 0;
-    int64_t per = eng_decode_meta_per(packed, merged);
-    int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
-    int32_t *kdim = off + ent, *coff = kdim + ent;
-    int32_t *mcn = off + (packed ? 3 : 1) * ent, *mcoff = mcn + ent, *mcside = mcoff + ent;
+    int32_t *slot = m + nb + y.per * l * ent, *ntok = slot + ent, *off = ntok + ent;
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t j = 0; j < hkv && !eng_layer_shared(batch[b], l); j++) {
             struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
@@ -134,24 +124,28 @@ static int64_t meta_layer(struct uc_engine *e, struct seq **batch, int64_t nb, i
             UC_ASSERT(!uc_kv_block_shared(
                 &e->kv, h->blocks[h->n_tokens / uc_kv_head_block_tokens(&e->kv, h)]));
             int32_t sl = uc_kv_head_slot(&e->kv, h, h->n_tokens);
-            slot[x] = h->kdim > 0 ? -sl - 1 : sl;
+            slot[x] = h->kdim > 0 || h->lrank > 0 ? -sl - 1 : sl;
             h->n_tokens++;
             ntok[x] = h->n_tokens;
             off[x] = a->off;
-            if (packed) {
-                kdim[x] = h->kdim;
-                coff[x] = a->off + a->cap;
+            if (y.kdim >= 0) {
+                slot[y.kdim * ent + x] = h->kdim;
+                slot[(y.kdim + 1) * ent + x] = a->off + a->cap; /* the kept channels */
+            }
+            if (y.lat >= 0) {
+                slot[y.lat * ent + x] = h->lrank;
             }
             int64_t nall = h->n_tokens;
-            if (merged) {
+            if (y.mc >= 0) {
                 /* MiniCache: the pair's merged rows too (their head's ids in the arena), with
                  * this layer's magnitudes */
                 int32_t side = 0;
                 const struct uc_kv_head *hm = eng_mc_head(batch[b], l, j, &side);
-                mcn[x] = hm ? hm->n_tokens : 0;
-                mcoff[x] = hm ? batch[b]->bt.heads[hm - batch[b]->kv.heads].off : 0;
-                mcside[x] = side;
-                nall += mcn[x];
+                int32_t *mc = slot + y.mc * ent;
+                mc[x] = hm ? hm->n_tokens : 0;
+                mc[ent + x] = hm ? batch[b]->bt.heads[hm - batch[b]->kv.heads].off : 0;
+                mc[2 * ent + x] = side;
+                nall += mc[x];
             }
             maxn = nall > maxn ? nall : maxn;
         }
@@ -161,40 +155,41 @@ static int64_t meta_layer(struct uc_engine *e, struct seq **batch, int64_t nb, i
 
 /* Layer l's entries for the sequences whose layer l reads an earlier layer's cache (KVSharer):
  * no append (slot -1); attention over the source layer's head, whose new token was appended at
- * that layer of this step. */
+ * that layer of this step (kvsharer combines with neither think, lorc nor minicache: their
+ * parts are 0 here). */
 static void meta_layer_shared(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t l,
-                              int32_t *m, bool packed, bool merged)
+                              int32_t *m, struct eng_meta_layout y)
 {
     int64_t hkv = e->sh->n_heads_kv, ent = nb * hkv;
-    int64_t per = eng_decode_meta_per(packed, merged);
-    int32_t *slot = m + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
-    int32_t *kdim = off + ent, *coff = kdim + ent;
-    int32_t *mcn = off + (packed ? 3 : 1) * ent, *mcoff = mcn + ent, *mcside = mcoff + ent;
+    int32_t *slot = m + nb + y.per * l * ent, *ntok = slot + ent, *off = ntok + ent;
     for (int64_t b = 0; b < nb; b++) {
         int64_t src = batch[b]->plan.share_src[l];
-        const int32_t *sslot = m + nb + per * src * ent;
+        const int32_t *sslot = m + nb + y.per * src * ent;
         for (int64_t j = 0; j < hkv && src != l; j++) {
             int64_t x = b * hkv + j;
             slot[x] = -1;
             ntok[x] = sslot[ent + x];
             off[x] = sslot[2 * ent + x];
-            if (packed) { /* the source's layout (think and kvsharer do not combine: 0) */
-                kdim[x] = sslot[3 * ent + x];
-                coff[x] = sslot[4 * ent + x];
-            }
-            if (merged) { /* kvsharer and minicache do not combine: none */
-                mcn[x] = mcoff[x] = mcside[x] = 0;
+            for (int64_t p = 3; p < y.per; p++) {
+                slot[p * ent + x] = 0;
             }
             e->dm_maxn[l] = ntok[x] > e->dm_maxn[l] ? ntok[x] : e->dm_maxn[l];
         }
     }
 }
 
+/* The decode step's index arrays, for all layers at once: reserves each head's next slot,
+ * brings the block tables in backend memory up to date (e->bt, shard/kv_table.h: only what
+ * changed since the last step is written) and lays out, in int32s, pos (B) | for each layer,
+ * the parts of eng_meta_layout. Offsets are into the arena of block tables (a head's block
+ * ids; a packed head's kept channels at coff; a merged head's ids at mc_off). A packed or
+ * latent entry's slot is -(its slot) - 1. The layout depends only on B and which kinds of heads
+ * the batch has, so a recorded step stays valid while this buffer and the arena do. */
 static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int64_t nb,
                                    int64_t *n_ints)
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
-    bool packed = false, any_shared = false, merged = false;
+    bool packed = false, latent = false, any_shared = false, merged = false;
     uc_status rc = UC_OK;
     if (!eng_grow((void **)&e->bt_seqs, &e->bt_seqs_cap, nb, sizeof *e->bt_seqs) ||
         !eng_grow((void **)&e->dm_need, &e->dm_need_cap, nb, sizeof *e->dm_need)) {
@@ -203,9 +198,9 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
     /* at batch 256 the batch has 65K heads: they are looked at in parallel, and only the few
      * that need a block take one (from the pool, in order) */
     bool big = ent * L >= 8192;
-#pragma omp parallel for schedule(static) reduction(|| : packed) if (big)
+#pragma omp parallel for schedule(static) reduction(|| : packed, latent) if (big)
     for (int64_t b = 0; b < nb; b++) {
-        e->dm_need[b] = seq_needs_block(e, batch[b], &packed);
+        e->dm_need[b] = seq_needs_block(e, batch[b], &packed, &latent);
     }
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t i = 0; e->dm_need[b] && i < L * hkv; i++) {
@@ -230,11 +225,13 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
                                                  &batch[b]->bt};
     }
     UC_CHECK(uc_kv_table_sync(&e->bt, e->bt_seqs, nb), rc, out);
-    int64_t per = eng_decode_meta_per(packed, merged), fixed = nb + per * L * ent;
+    struct eng_meta_layout y = eng_meta_layout(packed, latent, merged);
+    int64_t fixed = nb + y.per * L * ent;
     if (!eng_grow((void **)&e->dm_host, &e->dm_cap, fixed, sizeof(int32_t))) {
         return UC_ERRF(UC_ERR_NOMEM, "decode index arrays");
     }
     e->dm_packed = packed;
+    e->dm_latent = latent;
     e->dm_merged = merged;
     int32_t *m = e->dm_host;
     for (int64_t b = 0; b < nb; b++) {
@@ -242,10 +239,10 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
     }
 #pragma omp parallel for schedule(static) if (big)
     for (int64_t l = 0; l < L; l++) {
-        e->dm_maxn[l] = meta_layer(e, batch, nb, l, m, packed, merged);
+        e->dm_maxn[l] = meta_layer(e, batch, nb, l, m, y);
     }
     for (int64_t l = 0; any_shared && l < L; l++) {
-        meta_layer_shared(e, batch, nb, l, m, packed, merged);
+        meta_layer_shared(e, batch, nb, l, m, y);
     }
     *n_ints = fixed;
 out:
@@ -258,13 +255,19 @@ out:
 uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any_evict)
 {
     int64_t hl = e->sh->n_heads, hkv = e->sh->n_heads_kv;
-    int64_t per = eng_decode_meta_per(e->dm_packed, e->dm_merged);
+    struct eng_meta_layout y = eng_meta_layout(e->dm_packed, e->dm_latent, e->dm_merged);
     int64_t ld = e->sh->qkv_dim, ent = nb * hkv;
     const int32_t *dm = e->dm_dev;
-    const int32_t *slot = dm + nb + per * l * ent, *ntok = slot + ent, *off = ntok + ent;
+    const int32_t *slot = dm + nb + y.per * l * ent, *ntok = slot + ent, *off = ntok + ent;
     const int32_t *tables = e->bt.dev;
     struct seq **batch = e->batch;
     uc_status rc;
+    if (y.lat >= 0) {
+        /* LoRC: the latents of the new token's key before RoPE, so before rope_append */
+        UC_CHECK(e->be->ops->kv_append_latent(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, dm, slot,
+                                              slot + y.lat * ent, eng_lorc_basis(e, l), nb),
+                 rc, out);
+    }
     UC_CHECK(e->be->ops->rope_append(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, e->cfg->head_dim,
                                      dm, slot, nb),
              rc, out);
@@ -273,18 +276,22 @@ uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any
                                     .blocks = tables,
                                     .max_tokens = any_evict ? e->dm_maxn[l] : 0,
                                     .on_device = true};
-    if (e->dm_merged) {
-        view.mc_n = off + (e->dm_packed ? 3 : 1) * ent;
+    if (y.mc >= 0) {
+        view.mc_n = slot + y.mc * ent;
         view.mc_off = view.mc_n + ent;
         view.mc_side = view.mc_off + ent;
     }
-    if (e->dm_packed) {
-        view.kdim = off + ent;
-        view.coff = off + 2 * ent;
+    if (y.kdim >= 0) {
+        view.kdim = slot + y.kdim * ent;
+        view.coff = view.kdim + ent;
         view.chan = tables;
         UC_CHECK(e->be->ops->kv_append_packed(e->be, &e->kv.pool, e->dqkv, ld, hl, hkv, slot,
                                               view.kdim, view.coff, view.chan, nb),
                  rc, out);
+    }
+    if (y.lat >= 0) {
+        view.lat_rank = slot + y.lat * ent;
+        view.lat_basis = eng_lorc_basis(e, l);
     }
     float *psum = NULL;
     if (any_evict) {
@@ -352,8 +359,8 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     for (int i = 0; i < DECODE_GRAPH_SLOTS && !g; i++) {
         struct decode_graph *c = &e->graphs[i];
         if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->tables == e->bt.dev &&
-            c->epoch == epoch &&
-            c->packed == e->dm_packed && c->merged == e->dm_merged) {
+            c->epoch == epoch && c->packed == e->dm_packed && c->merged == e->dm_merged &&
+            c->latent == e->dm_latent) {
             g = c;
         }
     }
@@ -388,6 +395,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     g->tables = e->bt.dev;
     g->packed = e->dm_packed;
     g->merged = e->dm_merged;
+    g->latent = e->dm_latent;
     g->epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
 out:
     if (rc != UC_OK) {

@@ -36,6 +36,9 @@ static uc_status first_bad_layer(struct uc_engine *e, struct seq *s, int64_t *ou
         for (int64_t j = 0; j < hkv_l; j++) {
             const struct uc_kv_head *h = uc_kv_seq_head(&s->kv, l, j);
             int64_t bt = uc_kv_head_block_tokens(&e->kv, h);
+            if (h->lrank > 0) {
+                continue; /* LoRC's latent rows (their positions are integers) are not checked */
+            }
             for (int64_t b = 0; b < h->n_blocks && b * bt < h->n_tokens; b++) {
                 blocks[n] = h->blocks[b];
                 kdim[n] = h->kdim;

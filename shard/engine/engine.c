@@ -227,6 +227,9 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
                     e->profile_path);
         rc = UC_OK;
     }
+    UC_CHECK(eng_lorc_init(e), rc, out);
+    /* in memory: the file gets it with the next calibration that writes it */
+    UC_CHECK(eng_lorc_profile(e, false), rc, out);
     UC_LOG0(UC_LOG_LEVEL_NOTICE,
             "engine: model=%s arch=%s layers=%lld heads=%lld/%lld tp=%d backend=%s "
             "weights_per_rank=%.1fMiB kv_blocks=%lld (%.1fMiB, %lld tokens/block)",
@@ -265,6 +268,7 @@ void uc_engine_destroy(struct uc_engine *e)
         }
         uc_kv_table_fini(&e->bt);
         uc_kv_cache_fini(&e->kv);
+        eng_lorc_fini(e);
         if (e->m) {
             uc_model_ws_fini(e->m, &e->ws);
         }
@@ -289,6 +293,10 @@ void uc_engine_destroy(struct uc_engine *e)
 }
 
 const struct uc_model_config *uc_engine_config(const struct uc_engine *e) { return e->cfg; }
+const double *uc_engine_lorc_log_cond(const struct uc_engine *e)
+{
+    return e->lorc_ready ? e->lorc_log_cond : NULL;
+}
 struct uc_backend *uc_engine_backend(struct uc_engine *e) { return e->be; }
 struct uc_comm *uc_engine_comm(struct uc_engine *e) { return e->comm; }
 int64_t uc_engine_max_ctx(const struct uc_engine *e) { return e->max_ctx; }
@@ -452,12 +460,17 @@ uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
     int64_t kept = 0;
     int64_t g_n[UC_MAX_HEAD_GROUPS] = {0};
     double g_sum[UC_MAX_HEAD_GROUPS] = {0};
+    int64_t lorc_elems = 0; /* LoRC: the kept tokens' latent row elements */
+    size_t asz = act_size(e);
     for (int64_t l = 0; l < L && s->phase == UC_SEQ_DECODING; l++) {
         int64_t rows = s->layer_rows[l];
         for (int64_t j = 0; j < hkv; j++) {
             int64_t b = p->budget[l * hkv + j];
             int64_t k = b < rows ? b : rows;
             kept += k;
+            if (s->lorc_rank) {
+                lorc_elems += k * uc_kv_latent_width(s->lorc_rank[l], asz);
+            }
             int32_t g = p->group[l * hkv + j];
             if (g >= 0 && g < UC_MAX_HEAD_GROUPS) {
                 g_n[g]++;
@@ -481,6 +494,13 @@ uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
     out->minicache_merged = s->mc_merged_all;
     out->minicache_retained = s->mc_retained_all;
     out->kv_bytes_kept -= s->mc_merged_all * (2 * d - UC_KV_MERGED_EXTRA) * (int64_t)act_size(e);
+    out->lorc_ratio = uc_policy_lorc_ratio(&s->cp);
+    out->lorc_rank = s->lorc_rank;
+    if (s->lorc_rank) {
+        out->kv_bytes_kept = lorc_elems * (int64_t)asz;
+        out->lorc_rank_first = s->lorc_rank[0];
+        out->lorc_rank_last = s->lorc_rank[L - 1];
+    }
     out->ratio = out->kv_tokens_full ? (double)kept / (double)out->kv_tokens_full : 1.0;
     out->n_stages = p->n_stage_starts + 1;
     for (int32_t c = 0; c <= p->n_stage_starts; c++) {

@@ -98,6 +98,7 @@ struct seq {
     int64_t *mc_n_rec;
     float *hidden;      /* (n_rows, C) with UC_SEQ_HIDDEN, rank 0 */
     int64_t hidden_rows;
+    int32_t *lorc_rank; /* (L) LoRC: latent rank of each layer's heads; NULL without lorc */
 };
 
 /* A whole decode step (every layer, from the embedded rows to the last residual add) recorded
@@ -115,6 +116,7 @@ struct decode_graph {
     const void *tables; /* the block table arena they read */
     bool packed;      /* recorded with packed heads in the batch (their layout and ops) */
     bool merged;      /* recorded with MiniCache merged heads in the batch */
+    bool latent;      /* recorded with latent heads (LoRC) in the batch */
     uint64_t epoch;   /* the backend's workspace epoch when recorded */
 };
 
@@ -198,6 +200,12 @@ struct uc_engine {
     int64_t ks_windows;
     double *ks_dist;
     int64_t diag_layer; /* the last DIAGNOSE step's answer */
+    /* LoRC (lorc.c): each layer's sensitivity, agreed over the ranks, and this rank's latent
+     * bases (L, Hkv_local, 2, D, D) on the backend; lorc_ready false where lorc cannot run */
+    bool lorc_ready;
+    double *lorc_log_cond; /* (L) */
+    void *lorc_basis;
+    bool dm_latent; /* the decode index arrays have the latent heads' ranks (decode_meta_build) */
 };
 
 static inline size_t act_size(const struct uc_engine *e) { return e->be->ops->act_size(e->be); }
@@ -282,11 +290,30 @@ uc_status eng_kvshare_step(struct uc_engine *e, const struct uc_step *st);
 void eng_share_pairs_for(const struct uc_engine *e, const struct uc_compress_params *cp,
                          const struct uc_share_pair **pairs, int32_t *n);
 
-/* Int32s per (layer, entry) in the decode step's index arrays: slot, n_tokens, offset, then
- * kdim and coff with packed heads, then mc_n, mc_off and mc_side with merged ones. */
-static inline int64_t eng_decode_meta_per(bool packed, bool merged)
+/* The parts of the decode step's index arrays for one layer, each E = B Hkv int32s: slot,
+ * n_tokens, offset, then kdim and coff when a sequence of the batch has packed heads (ThinK),
+ * the latent rank when one has latent heads (LoRC), mc_n, mc_off and mc_side when one has merged
+ * heads (MiniCache). per: parts in all; the others: where each starts (in parts), -1 when
+ * absent. */
+struct eng_meta_layout {
+    int64_t per, kdim, lat, mc;
+};
+static inline struct eng_meta_layout eng_meta_layout(bool packed, bool latent, bool merged)
 {
-    return 3 + (packed ? 2 : 0) + (merged ? 3 : 0);
+    struct eng_meta_layout y = {3, -1, -1, -1};
+    if (packed) {
+        y.kdim = y.per;
+        y.per += 2;
+    }
+    if (latent) {
+        y.lat = y.per;
+        y.per += 1;
+    }
+    if (merged) {
+        y.mc = y.per;
+        y.per += 3;
+    }
+    return y;
 }
 
 /* minicache.c */
@@ -311,6 +338,24 @@ const int32_t *eng_mc_merged_positions(const struct seq *s, int64_t l, int64_t j
  * and nks the rows it still scatters itself. */
 uc_status eng_mc_layer_end(struct uc_engine *e, struct seq *s, int32_t *keep, int64_t keep_ld,
                            int64_t *nks, const void *kbase, const void *vbase);
+/* lorc.c */
+/* At engine creation, on every rank: the bases and the agreed sensitivities (nothing, with an
+ * INFO line, where the model cannot use lorc). Collective. */
+uc_status eng_lorc_init(struct uc_engine *e);
+/* Records the sensitivities in the loaded profile when it lacks them or they differ (and, with
+ * save, rank 0 writes the file). */
+uc_status eng_lorc_profile(struct uc_engine *e, bool save);
+/* Whether a request with these parameters can run lorc here; the reason into msg if not. */
+bool eng_lorc_check(const struct uc_engine *e, const struct uc_compress_params *cp, char *msg,
+                    size_t msg_size);
+/* A new sequence's per-layer ranks (nothing without the lorc stage). */
+uc_status eng_lorc_seq_init(struct uc_engine *e, struct seq *s);
+/* rank (L) = the ranks a sequence with these parameters gets (0 without lorc). */
+void eng_lorc_ranks_for(const struct uc_engine *e, const struct uc_compress_params *cp,
+                        int32_t *rank);
+/* Layer l's bases on the backend ((Hkv_local, 2, D, D)). */
+const void *eng_lorc_basis(const struct uc_engine *e, int64_t layer);
+void eng_lorc_fini(struct uc_engine *e);
 
 /* sweep.c */
 uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st);

@@ -493,6 +493,7 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
     uc_status rc;
     double kv_ent[1024];
     double *qpart = NULL; /* ThinK's query parts (hkv_l, D) */
+    int32_t *lpos = NULL; /* LoRC: the scattered rows' positions */
     if (wants_hidden_spectrum(s) && !s->hid_done) {
         UC_CHECK(hidden_spectrum(e, s), rc, out);
     }
@@ -580,6 +581,7 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
     const void *kbase = (char *)s->qkv + (size_t)(hl * d) * act_size(e);
     const void *vbase = (char *)s->qkv + (size_t)((hl + hkv_l) * d) * act_size(e);
     int64_t nks[1024], n_sc = 0;
+    int64_t lrank = s->lorc_rank ? s->lorc_rank[l] : 0;
 #pragma omp parallel for schedule(dynamic, 1) if (n >= 4096 && hkv_l > 1)
     for (int64_t j = 0; j < hkv_l; j++) {
         nks[j] = select_head(e, s, j, s->plan.budget[l * hkv + e->sh->kv0 + j]);
@@ -599,6 +601,9 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
         if (qpart) {
             UC_CHECK(think_head(e, s, j, nk, qpart, chan, kdim), rc, out);
             UC_CHECK(uc_kv_head_set_packed(&e->kv, h, kdim, chan), rc, out);
+        }
+        if (lrank > 0) {
+            UC_CHECK(uc_kv_head_set_latent(&e->kv, h, lrank), rc, out);
         }
         rc = uc_kv_head_reserve(&e->kv, h, nk);
         if (rc == UC_ERR_KV_FULL) {
@@ -637,7 +642,21 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
             UC_CHECK(ring_init(e, s, j, nk, budget), rc, out);
         }
     }
-    if (!qpart) {
+    if (lrank > 0) {
+        /* LoRC: the kept rows' latents, each row's key rotated back from its position first */
+        lpos = uc_malloc((size_t)(n_sc > 0 ? n_sc : 1) * sizeof(int32_t));
+        if (!lpos) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "lorc positions");
+            goto out;
+        }
+        for (int64_t i = 0; i < n_sc; i++) {
+            lpos[i] = s->pos[e->sc_row[i]];
+        }
+        UC_CHECK(e->be->ops->kv_scatter_latent(e->be, &e->kv.pool, kbase, vbase, e->sh->qkv_dim,
+                                               e->sc_row, e->sc_head, lpos, e->sc_slot, n_sc,
+                                               lrank, eng_lorc_basis(e, l)),
+                 rc, out);
+    } else if (!qpart) {
         UC_CHECK(e->be->ops->kv_scatter(e->be, &e->kv.pool, kbase, vbase, e->sh->qkv_dim,
                                         e->sc_row, e->sc_head, e->sc_slot, n_sc),
                  rc, out);
@@ -670,6 +689,7 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
     }
 out:
     uc_free(qpart);
+    uc_free(lpos);
     s->compress_ms += (uc_time_s() - t0) * 1e3;
     return rc;
 }

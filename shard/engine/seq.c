@@ -9,6 +9,7 @@
 #include "base/mem.h"
 #include "base/util.h"
 #include "internal.h"
+#include "compress/lorc.h"
 #include "compress/think.h"
 
 /* ---- sequences -------------------------------------------------------------------------- */
@@ -96,7 +97,7 @@ void eng_seq_destroy(struct uc_engine *e, struct seq *s)
     }
     void *p[] = {s->prompt, s->row_acc, s->pos, s->logits, s->layer_rows, s->ent_min, s->ent_mean, s->ent_max, s->kept,
                  s->n_kept, s->rows_at, s->qspec, s->hspec, s->rings, s->kept_all,
-                 s->n_kept_all, s->src_kv, s->hidden};
+                 s->n_kept_all, s->src_kv, s->hidden, s->lorc_rank};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) {
         uc_free(p[i]);
     }
@@ -187,6 +188,9 @@ uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_ne
                  "(run Calibrate, or use grouping=prompt)");
         return UC_ERR_UNAVAILABLE;
     }
+    if (!eng_lorc_check(e, &n->cp, msg, msg_size)) {
+        return UC_ERR_UNSUPPORTED;
+    }
     if (uc_policy_kvsharer(&n->cp) && n->cp.n_share == 0 && !(e->have_prof && e->prof.has_share)) {
         snprintf(msg, msg_size, "compression.policy=kvsharer needs the layer pairs of a KVSharer "
                  "calibration in the profile (run Calibrate)");
@@ -275,10 +279,15 @@ static int64_t blocks_needed(const struct uc_engine *e, const struct uc_step_new
         eng_share_pairs_for(e, &n->cp, &pairs, &n_pairs);
     }
     uc_share_map(src_of, e->cfg->n_layers < 1024 ? e->cfg->n_layers : 1024, pairs, n_pairs);
-    int64_t tpb = seq_block_tokens(e, &n->cp);
     int16_t mc_partner[1024];
     int32_t mc_pairs = e->cfg->n_layers <= 1024 ? eng_mc_pairs_for(e, &n->cp, mc_partner, NULL) : 0;
     int64_t mc_tpb = uc_kv_merged_tokens(e->kv.block_tokens, e->cfg->head_dim);
+    int64_t tpb0 = seq_block_tokens(e, &n->cp);
+    int32_t lrank[UC_LORC_MAX_LAYERS];
+    bool lorc = (n->cp.stages & UC_STAGE_LORC) && e->cfg->n_layers <= UC_LORC_MAX_LAYERS;
+    if (lorc) {
+        eng_lorc_ranks_for(e, &n->cp, lrank);
+    }
     for (int64_t kv0 = 0; kv0 < hkv; kv0 += hkv_l) {
         int64_t total = 0;
         /* MiniCache: each pair's merged head holds at most the tokens both layers keep, while
@@ -299,6 +308,11 @@ static int64_t blocks_needed(const struct uc_engine *e, const struct uc_step_new
             if (l < 1024 && src_of[l] != l) {
                 continue; /* a shared layer holds no blocks */
             }
+            /* LoRC: the layer's latent rows hold more tokens per block */
+            int64_t tpb = lorc && lrank[l] > 0
+                              ? uc_kv_latent_tokens(e->kv.block_tokens, e->cfg->head_dim,
+                                                    uc_kv_latent_width(lrank[l], act_size(e)))
+                              : tpb0;
             for (int64_t j = kv0; j < kv0 + hkv_l; j++) {
                 int64_t b = head_budget_bound(e, n, l, j);
                 int64_t np = n->n_prompt;
@@ -449,6 +463,7 @@ uc_status eng_seq_create(struct uc_engine *e, const struct uc_step_new *n)
     } else {
         s->plan.stage_rows[0] = np;
     }
+    UC_CHECK(eng_lorc_seq_init(e, s), rc, out);
     memcpy(s->prompt, n->prompt, (size_t)np * sizeof(int32_t));
     s->t_prefill_start = uc_time_s();
     UC_CHECK(eng_seq_register(e, s), rc, out);

@@ -119,6 +119,10 @@ static uc_status profile_finish(struct uc_engine *e, const struct uc_step *s)
     }
     e->prof = p;
     e->have_prof = true;
+    rc = eng_lorc_profile(e, false); /* the new file keeps LoRC's record */
+    if (rc != UC_OK) {
+        return rc;
+    }
     if (uc_comm_rank(e->comm) == 0) {
         rc = uc_profile_save(&e->prof, e->profile_path);
         if (rc == UC_OK) {

@@ -58,6 +58,32 @@ cudaError_t uc_cuda_chan_sumsq(double *out, const void *x, int64_t ld, const int
 /* out (n) = n_tokens with the packed entries (kdim > 0) set to 0: the decode kernel's view. */
 cudaError_t uc_cuda_decode_mask_packed(int32_t *out, const int32_t *n_tokens,
                                        const int32_t *kdim, int64_t n, cudaStream_t stream);
+/* Latent heads (LoRC; layout in backend.h): prefill scatter of n kept rows (keys rotated at
+ * pos[e], rotated back before the projection; basis: the layer's (Hkv_local, 2, D, D)), and
+ * the decode append of entries with rank[e] > 0 from keys not yet rotated. Device arrays.
+ * D <= 512 and even. */
+cudaError_t uc_cuda_kv_scatter_latent(void *pool_k, void *pool_v, const void *k_src,
+                                      const void *v_src, int64_t ld, const int32_t *src_row,
+                                      const int32_t *src_head, const int32_t *pos,
+                                      const int32_t *slot, int64_t n, int64_t rank,
+                                      const void *basis, const float *cos_t, const float *sin_t,
+                                      int64_t block_tokens, int64_t head_dim,
+                                      enum uc_cuda_dtype dt, cudaStream_t stream);
+cudaError_t uc_cuda_kv_append_latent(void *pool_k, void *pool_v, const void *qkv, int64_t ld,
+                                     int64_t n_heads, int64_t n_heads_kv, const int32_t *pos,
+                                     const int32_t *slot, const int32_t *rank, const void *basis,
+                                     int64_t n_tok, int64_t block_tokens, int64_t head_dim,
+                                     enum uc_cuda_dtype dt, cudaStream_t stream);
+/* Decode attention of the latent entries (lat_rank[e] > 0) only, written over out's rows of
+ * their query heads (q rotated; each key rebuilt and rotated at its stored position). */
+cudaError_t uc_cuda_attn_decode_latent(void *out, const void *q, int64_t ld_q, const void *pool_k,
+                                       const void *pool_v, int64_t block_tokens, int64_t head_dim,
+                                       const int32_t *n_tokens, const int32_t *offset,
+                                       const int32_t *blocks, const int32_t *lat_rank,
+                                       const void *basis, int64_t n_rows, int64_t n_heads,
+                                       int64_t n_heads_kv, const float *cos_t,
+                                       const float *sin_t, enum uc_cuda_dtype dt,
+                                       cudaStream_t stream);
 /* Decode attention of the packed entries (kdim[e] > 0) only, written over out's rows of their
  * query heads (and, with psum, their (B * Hkv, max_tokens) probability rows). D <= 256. */
 cudaError_t uc_cuda_attn_decode_packed(void *out, const void *q, int64_t ld_q, const void *pool_k,

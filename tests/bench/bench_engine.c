@@ -5,7 +5,8 @@
  * Usage: bench_engine [--model DIR] [--lengths 512,2048,4000] [--reps N] [--decode N]
  *                     [--backend cpu|cuda] [--policy NAME --kv-budget B] [--stage-starts 6,7]
  *                     [--r-min X] [--row-score sum|max|accum|accum-max] [--kv-mem-mib N]
- *                     [--peak-gflops G] */
+ *                     [--peak-gflops G] [--lorc-ratio X]
+ * --policy takes a spec with stages ("snapkv+lorc"). */
 #include <cblas.h>
 #include <math.h>
 #include <stdio.h>
@@ -65,6 +66,7 @@ int main(int argc, char **argv)
     const char *model = "models/uncomp-tiny";
     const char *lengths = "512,2048,4000";
     const char *policy = "full";
+    float lorc_ratio = 0.0f;
     int reps = 5, n_decode = 64, budget = 128;
     int64_t kv_mem = 0;
     const char *stage_arg = NULL, *row_score = NULL;
@@ -84,6 +86,8 @@ int main(int argc, char **argv)
             uc_backend_parse(argv[i + 1], &bk);
         } else if (!strcmp(argv[i], "--policy")) {
             policy = argv[i + 1];
+        } else if (!strcmp(argv[i], "--lorc-ratio")) {
+            lorc_ratio = (float)atof(argv[i + 1]);
         } else if (!strcmp(argv[i], "--kv-budget")) {
             budget = atoi(argv[i + 1]);
         } else if (!strcmp(argv[i], "--stage-starts")) {
@@ -97,6 +101,12 @@ int main(int argc, char **argv)
         } else if (!strcmp(argv[i], "--peak-gflops")) {
             peak_arg = atof(argv[i + 1]);
         }
+    }
+    struct uc_compress_params spec = uc_compress_default_params();
+    char msg[512];
+    if (uc_policy_spec_parse(policy, &spec, msg, sizeof msg) != UC_OK) {
+        fprintf(stderr, "bench_engine: %s\n", msg);
+        return 2;
     }
     struct uc_comm *comm;
     if (uc_comm_create(&comm, &argc, &argv, 600000) != UC_OK) {
@@ -125,7 +135,9 @@ int main(int argc, char **argv)
     const struct uc_model_config *cfg = uc_engine_config(e);
     double peak = peak_arg > 0 ? peak_arg : (bk == UC_BACKEND_CPU ? sgemm_peak() : 0);
     struct uc_compress_params cp = uc_compress_default_params();
-    uc_policy_parse(policy, &cp.policy);
+    cp.policy = spec.policy;
+    cp.stages = spec.stages;
+    cp.lorc_ratio = lorc_ratio;
     cp.kv_budget = budget;
     cp.grouping = UC_GROUPING_PROMPT;
     for (const char *s = stage_arg; s && *s && cp.n_stage_starts < UC_MAX_STAGES - 1;) {

@@ -13,6 +13,10 @@
  * Policies are specs: a token policy with stages ("snapkv+kvsharer", "kvsharer" = full +
  * sharing, "snapkv+think": ThinK's key channel pruning at --think-ratio, default 0.4,
  * "snapkv+minicache": MiniCache's cross-layer merging, defaults t 0.6, gamma 0.05, start L/2).
+ *   [--kvsharer-threshold T] [--kvsharer-layers RATIO] [--think-ratio X] [--lorc-ratio X]
+ * Policies are specs: a token policy with stages ("snapkv+kvsharer", "kvsharer" = full +
+ * sharing, "snapkv+think": ThinK's key channel pruning at --think-ratio, default 0.4,
+ * "snapkv+lorc": LoRC's low-rank latents keeping --lorc-ratio of the K/V dimensions, 0.5).
  * --calibrate runs, before the evaluation, the entropy calibration when the model has no
  * profile and KVSharer's layer-pair search on TEXT_FILE, into a temporary copy of the profile
  * (the model's file is left alone). The table gives KV bytes per prompt token (whole model, K
@@ -374,6 +378,12 @@ static void parse_args(struct opts *o, int argc, char **argv)
             o->base.minicache_gamma = g > 0.0 ? (float)g : -1.0f; /* 0: none retained */
         } else if (!strcmp(a, "--minicache-start")) {
             o->base.minicache_start = atoi(v);
+        } else if (!strcmp(a, "--lorc-ratio")) {
+            o->base.lorc_ratio = (float)atof(v);
+            if (!(o->base.lorc_ratio > 0.0f && o->base.lorc_ratio <= 1.0f)) {
+                fprintf(stderr, "eval: --lorc-ratio %s must be in (0, 1]\n", v);
+                exit(2);
+            }
         } else if (!strcmp(a, "--row-score")) {
             enum uc_row_score rs;
             if (!uc_row_score_parse(v, &rs)) {

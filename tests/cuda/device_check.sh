@@ -15,6 +15,9 @@
 # minicache (MiniCache's merged rows on the device: pool blocks, forks, mixed batches,
 # tests/golden/test_minicache.c), minicache-ref (merged sets and logits in float32 against
 # tests/golden/minicache_ref.py; exit 77 without numpy), minicache-tp2,
+# lorc (LoRC's latent heads on the device: pool blocks, admission, forks, mixed batches,
+# tests/golden/test_lorc.c), lorc-ref (its ranks and logits in float32 against
+# tests/golden/lorc_ref.py; exit 77 without numpy),
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
 # prefbench (prefill attention, both D = 128 kernels, beside the GEMM ceiling),
 # gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c; TRACE_ARGS
@@ -155,6 +158,9 @@ for step in "$@"; do
                      "$root/tests/golden/minicache_ref.py" "$bd/tests/golden/golden_minicache" "$fx" ;;
     minicache-tp2) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND \
                      -x UC_TEST_FP32 "$bd/tests/golden/golden_minicache" "$fx" ;;
+    lorc) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_lorc" "$fx" ;;
+    lorc-ref) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 python3 \
+                "$root/tests/golden/lorc_ref.py" "$bd/tests/golden/golden_lorc" "$fx" ;;
     tp2) UC_TEST_BACKEND=cuda timeout 200 $mpi -x UC_TEST_BACKEND "$bd/tests/golden/golden_model" "$fx" ;;
     tp2-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND -x UC_TEST_FP32 \
                 "$bd/tests/golden/golden_model" "$fx" ;;

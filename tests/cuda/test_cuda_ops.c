@@ -796,8 +796,8 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
     pools_make(&p, n_blocks, bt, d, seed + 1);
     struct qkv q;
     qkv_make(&q, n_rows, h, hkv, d, seed + 2);
-    struct uc_kv_batch_view view = {ntok, off,  perm, total, maxn, false,
-                                    NULL, NULL, NULL, NULL,  NULL, NULL};
+    struct uc_kv_batch_view view = {ntok, off,  perm, total, maxn, false, NULL,
+                                    NULL, NULL, NULL, NULL,  NULL, NULL, NULL};
     void *og = NULL, *oc = NULL;
     gpu->ops->alloc(gpu, &og, (size_t)(n_rows * h * d) * gpu->ops->act_size(gpu));
     cpu->ops->alloc(cpu, &oc, (size_t)(n_rows * h * d) * sizeof(float));
@@ -826,7 +826,7 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
         gpu->ops->upload(gpu, dev + 2 * entries, perm, (size_t)total * sizeof(int32_t));
         struct uc_kv_batch_view dv = {dev,  dev + entries, dev + 2 * entries, total, 0,
                                       true, NULL,          NULL,              NULL,
-                                      NULL, NULL,          NULL};
+                                      NULL, NULL,          NULL,              NULL, NULL};
         r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &dv, n_rows, h, hkv, NULL);
         char w2[112];
         snprintf(w2, sizeof w2, "%s, device indices", what);
@@ -1160,6 +1160,235 @@ static void test_packed(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, int64
     pools_free(&p);
 }
 
+/* ---- latent heads (LoRC) ------------------------------------------------------------------- */
+
+/* (hkv, 2, d, d) bases: for each head and K/V, the rows of a random orthonormal matrix
+ * (Gram-Schmidt in double), so rebuilt keys keep the scale of plain ones. */
+static float *latent_bases(int64_t hkv, int64_t d, uint64_t seed)
+{
+    int64_t n = hkv * 2 * d * d;
+    float *b = hdata(n, seed, 1.0f);
+    double *row = uc_malloc((size_t)d * sizeof(double));
+    for (int64_t m = 0; m < hkv * 2; m++) {
+        float *a = b + m * d * d;
+        for (int64_t i = 0; i < d; i++) {
+            for (int64_t c = 0; c < d; c++) {
+                row[c] = a[i * d + c];
+            }
+            for (int64_t k = 0; k < i; k++) {
+                double dotp = 0.0;
+                for (int64_t c = 0; c < d; c++) {
+                    dotp += row[c] * a[k * d + c];
+                }
+                for (int64_t c = 0; c < d; c++) {
+                    row[c] -= dotp * a[k * d + c];
+                }
+            }
+            double nrm = 0.0;
+            for (int64_t c = 0; c < d; c++) {
+                nrm += row[c] * row[c];
+            }
+            nrm = sqrt(nrm);
+            for (int64_t c = 0; c < d; c++) {
+                a[i * d + c] = (float)(row[c] / nrm);
+            }
+        }
+    }
+    uc_free(row);
+    return b;
+}
+
+/* One backend's index arrays of a batch whose odd entries are latent heads of `rank`: entry e's
+ * blocks at off[e] in idx (a permutation's prefix), slot of token t of entry e. */
+struct lat_layout {
+    int32_t *off, *idx;
+    int64_t tpb, n_idx;
+};
+
+static void lat_layout_make(struct lat_layout *y, struct uc_backend *be, const int32_t *ntok,
+                            int64_t entries, int64_t bt, int64_t d, int64_t rank)
+{
+    y->tpb = uc_kv_latent_tokens(bt, d, uc_kv_latent_width(rank, be->ops->act_size(be)));
+    y->off = uc_malloc((size_t)entries * sizeof(int32_t));
+    y->n_idx = 0;
+    for (int64_t e = 0; e < entries; e++) {
+        int64_t per = e % 2 ? y->tpb : bt;
+        y->off[e] = (int32_t)y->n_idx;
+        y->n_idx += (ntok[e] + per - 1) / per;
+    }
+    y->idx = uc_malloc((size_t)y->n_idx * sizeof(int32_t));
+}
+
+static int32_t lat_slot(const struct lat_layout *y, int64_t e, int64_t t, int64_t bt)
+{
+    int64_t per = e % 2 ? y->tpb : bt;
+    return (int32_t)(y->idx[y->off[e] + t / per] * per + t % per);
+}
+
+/* Latent heads against the CPU: the prefill scatter (keys rotated back at their positions), the
+ * decode append before rope_append (its slots negative for latent entries), and a decode batch
+ * mixing latent and plain entries (host and device indices). The pools' latent layouts differ
+ * with the element size (a 4-byte position is one float or two bf16), so each backend has its
+ * own block lists; the decode outputs are compared, and in float32 also the pools. */
+static void test_latent(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, int64_t rank,
+                        int64_t max_len, uint64_t seed)
+{
+    const int64_t bt = 16, max_pos = 4096;
+    int64_t entries = n_rows * hkv;
+    struct uc_rng r;
+    uc_rng_seed(&r, seed);
+    char what[112];
+    float *inv = uc_malloc((size_t)(d / 2) * sizeof(float));
+    for (int64_t i = 0; i < d / 2; i++) {
+        inv[i] = 1.0f / powf(10000.0f, (float)(2 * i) / (float)d);
+    }
+    if (gpu->ops->rope_init(gpu, inv, d / 2, max_pos) != UC_OK ||
+        cpu->ops->rope_init(cpu, inv, d / 2, max_pos) != UC_OK) {
+        die("rope_init");
+    }
+    uc_free(inv);
+    int32_t *ntok = uc_malloc((size_t)entries * sizeof(int32_t));
+    int32_t *rk = uc_malloc((size_t)entries * sizeof(int32_t));
+    for (int64_t e = 0; e < entries; e++) {
+        ntok[e] = (int32_t)(e == 1 ? max_len : 2 + (int64_t)(uc_rng_next(&r) % (uint64_t)max_len));
+        rk[e] = e % 2 ? (int32_t)rank : 0;
+    }
+    struct lat_layout yg, yc;
+    lat_layout_make(&yg, gpu, ntok, entries, bt, d, rank);
+    lat_layout_make(&yc, cpu, ntok, entries, bt, d, rank);
+    /* both layouts take their blocks from the front of one permutation of the pool */
+    int64_t n_blocks = (yg.n_idx > yc.n_idx ? yg.n_idx : yc.n_idx) + 5;
+    int32_t *perm = uc_malloc((size_t)n_blocks * sizeof(int32_t));
+    shuffle_i32(perm, n_blocks, &r);
+    memcpy(yg.idx, perm, (size_t)yg.n_idx * sizeof(int32_t));
+    memcpy(yc.idx, perm, (size_t)yc.n_idx * sizeof(int32_t));
+    struct pools p;
+    pools_make(&p, n_blocks, bt, d, seed + 1);
+    float *bh = latent_bases(hkv, d, seed + 2);
+    void *bg = put(gpu, bh, hkv * 2 * d * d), *bc = put(cpu, bh, hkv * 2 * d * d);
+    /* scatter: every token but the last of each latent entry, from random rows and positions */
+    struct qkv src;
+    qkv_make(&src, 64, h, hkv, d, seed + 3);
+    int64_t n_sc = 0;
+    for (int64_t e = 1; e < entries; e += 2) {
+        n_sc += ntok[e] - 1;
+    }
+    int32_t *sc = uc_malloc((size_t)(5 * n_sc + 1) * sizeof(int32_t));
+    int32_t *row = sc, *head = sc + n_sc, *pos = head + n_sc, *slg = pos + n_sc, *slc = slg + n_sc;
+    int64_t k = 0;
+    for (int64_t e = 1; e < entries; e += 2) {
+        for (int64_t t = 0; t + 1 < ntok[e]; t++, k++) {
+            row[k] = (int32_t)(uc_rng_next(&r) % 64);
+            head[k] = (int32_t)(e % hkv);
+            pos[k] = k == 0 ? (int32_t)(max_pos - 1) : (int32_t)(uc_rng_next(&r) % max_pos);
+            slg[k] = lat_slot(&yg, e, t, bt);
+            slc[k] = lat_slot(&yc, e, t, bt);
+        }
+    }
+    uc_status r1 = gpu->ops->kv_scatter_latent(gpu, &p.g, at(gpu, src.g, h * d),
+                                               at(gpu, src.g, (h + hkv) * d), src.ld, row, head,
+                                               pos, slg, n_sc, rank, bg);
+    uc_status r2 = cpu->ops->kv_scatter_latent(cpu, &p.c, at(cpu, src.c, h * d),
+                                               at(cpu, src.c, (h + hkv) * d), src.ld, row, head,
+                                               pos, slc, n_sc, rank, bc);
+    bool ok = r1 == UC_OK && r2 == UC_OK;
+    snprintf(what, sizeof what, "%lld rows D=%lld rank=%lld", (long long)n_sc, (long long)d,
+             (long long)rank);
+    if (fp32) { /* the same layout: the pools compare (float sums in another order) */
+        report("kv_scatter_lat", what, ok ? pools_cmp(&p) : INFINITY, bound_act());
+    } else {
+        report("kv_scatter_lat", what, ok ? 0.0 : INFINITY, 0.0);
+    }
+    /* decode rows: latents of the new tokens before RoPE, then rope_append for the plain ones */
+    struct qkv q;
+    qkv_make(&q, n_rows, h, hkv, d, seed + 4);
+    int64_t n_meta = n_rows + 4 * entries + yg.n_idx;
+    int32_t *mg = uc_malloc((size_t)n_meta * sizeof(int32_t));
+    int32_t *mc = uc_malloc((size_t)(n_rows + 4 * entries + yc.n_idx) * sizeof(int32_t));
+    for (int m = 0; m < 2; m++) {
+        int32_t *meta = m ? mc : mg;
+        const struct lat_layout *y = m ? &yc : &yg;
+        int32_t *m_slot = meta + n_rows, *m_ntok = m_slot + entries, *m_off = m_ntok + entries;
+        int32_t *m_rk = m_off + entries;
+        for (int64_t b = 0; b < n_rows; b++) {
+            meta[b] = m ? mg[b] : (int32_t)(uc_rng_next(&r) % max_pos);
+        }
+        for (int64_t e = 0; e < entries; e++) {
+            int32_t sl = lat_slot(y, e, ntok[e] - 1, bt);
+            m_slot[e] = e % 2 ? -sl - 1 : sl;
+        }
+        memcpy(m_ntok, ntok, (size_t)entries * sizeof(int32_t));
+        memcpy(m_off, y->off, (size_t)entries * sizeof(int32_t));
+        memcpy(m_rk, rk, (size_t)entries * sizeof(int32_t));
+        memcpy(m_rk + entries, y->idx, (size_t)y->n_idx * sizeof(int32_t));
+    }
+    int32_t *dev = NULL;
+    gpu->ops->alloc(gpu, (void **)&dev, (size_t)n_meta * sizeof(int32_t));
+    gpu->ops->upload(gpu, dev, mg, (size_t)n_meta * sizeof(int32_t));
+    int32_t *d_slot = dev + n_rows, *d_ntok = d_slot + entries, *d_off = d_ntok + entries;
+    int32_t *d_rk = d_off + entries, *d_idx = d_rk + entries;
+    int32_t *c_slot = mc + n_rows, *c_rk = mc + n_rows + 3 * entries;
+    if (ok) {
+        r1 = gpu->ops->kv_append_latent(gpu, &p.g, q.g, q.ld, h, hkv, dev, d_slot, d_rk, bg,
+                                        n_rows);
+        r2 = cpu->ops->kv_append_latent(cpu, &p.c, q.c, q.ld, h, hkv, mc, c_slot, c_rk, bc,
+                                        n_rows);
+        ok = r1 == UC_OK && r2 == UC_OK;
+    }
+    if (ok) {
+        r1 = gpu->ops->rope_append(gpu, &p.g, q.g, q.ld, h, hkv, d, dev, d_slot, n_rows);
+        r2 = cpu->ops->rope_append(cpu, &p.c, q.c, q.ld, h, hkv, d, mc, c_slot, n_rows);
+        ok = r1 == UC_OK && r2 == UC_OK;
+    }
+    snprintf(what, sizeof what, "B=%lld H=%lld Hkv=%lld D=%lld rank=%lld", (long long)n_rows,
+             (long long)h, (long long)hkv, (long long)d, (long long)rank);
+    if (fp32) {
+        report("append_lat", what, ok ? pools_cmp(&p) : INFINITY, bound_act());
+    }
+    void *og = NULL, *oc = NULL;
+    gpu->ops->alloc(gpu, &og, (size_t)(n_rows * h * d) * gpu->ops->act_size(gpu));
+    cpu->ops->alloc(cpu, &oc, (size_t)(n_rows * h * d) * sizeof(float));
+    struct uc_kv_batch_view hg = {.n_tokens = ntok, .offset = yg.off, .blocks = yg.idx,
+                                  .n_blocks_total = yg.n_idx, .lat_rank = rk, .lat_basis = bg};
+    struct uc_kv_batch_view hc = {.n_tokens = ntok, .offset = yc.off, .blocks = yc.idx,
+                                  .n_blocks_total = yc.n_idx, .lat_rank = rk, .lat_basis = bc};
+    if (ok) {
+        r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &hg, n_rows, h, hkv, NULL);
+        r2 = cpu->ops->attn_decode(cpu, oc, q.c, q.ld, &p.c, &hc, n_rows, h, hkv, NULL);
+        ok = r1 == UC_OK && r2 == UC_OK;
+    }
+    snprintf(what, sizeof what, "B=%lld H=%lld Hkv=%lld D=%lld rank=%lld len=%lld",
+             (long long)n_rows, (long long)h, (long long)hkv, (long long)d, (long long)rank,
+             (long long)max_len);
+    report("decode_lat", what, ok ? cmp_dev(og, oc, n_rows * h * d) : INFINITY, bound_act());
+    struct uc_kv_batch_view dv = {.n_tokens = d_ntok, .offset = d_off, .blocks = d_idx,
+                                  .n_blocks_total = yg.n_idx, .on_device = true,
+                                  .lat_rank = d_rk, .lat_basis = bg};
+    r1 = ok ? gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &dv, n_rows, h, hkv, NULL)
+            : UC_ERR_INVALID_ARG;
+    report("decode_lat", "the same, device indices",
+           r1 == UC_OK ? cmp_dev(og, oc, n_rows * h * d) : INFINITY, bound_act());
+    drop(gpu, og);
+    drop(cpu, oc);
+    drop(gpu, dev);
+    drop(gpu, bg);
+    drop(cpu, bc);
+    uc_free(bh);
+    uc_free(mg);
+    uc_free(mc);
+    uc_free(sc);
+    uc_free(ntok);
+    uc_free(rk);
+    uc_free(perm);
+    uc_free(yg.off);
+    uc_free(yg.idx);
+    uc_free(yc.off);
+    uc_free(yc.idx);
+    qkv_free(&q);
+    qkv_free(&src);
+    pools_free(&p);
+}
+
 /* ---- the pass ------------------------------------------------------------------------------ */
 
 /* ---- merged rows (MiniCache) ------------------------------------------------------------- */
@@ -1386,6 +1615,11 @@ static void run_pass(void)
     test_merged(3, 8, 4, 32, 200, 700);
     test_merged(4, 32, 8, 128, 700, 710);
     test_merged(2, 8, 2, 64, 3000, 720);
+    /* latent heads (LoRC): uncomp-tiny's shape, an 8B layer's, full rank, a long context */
+    test_latent(3, 8, 4, 32, 8, 200, 710);
+    test_latent(4, 32, 8, 128, 40, 700, 720);
+    test_latent(2, 8, 2, 64, 64, 300, 730);
+    test_latent(2, 8, 2, 64, 12, 3000, 740);
 }
 
 /* ---- timing (--bench) ----------------------------------------------------------------------- */
@@ -1463,7 +1697,7 @@ static void bench_decode(int64_t rows, int64_t ctx)
     gpu->ops->weight_random(gpu, &b.q, rows, b.ld, 5, 0.0f, 1.0f);
     gpu->ops->alloc(gpu, &b.out, (size_t)(rows * h * d) * gpu->ops->act_size(gpu));
     b.view = (struct uc_kv_batch_view){ntok, off,  blocks, nb,   ctx,  false,
-                                       NULL, NULL, NULL,   NULL, NULL, NULL};
+                                       NULL, NULL, NULL,   NULL, NULL, NULL, NULL, NULL};
     double t = time_op(run_dec, &b, 20);
     double bytes = 2.0 * (double)entries * (double)ctx * (double)d * 2.0;
     printf("bench attn_decode B=%lld ctx=%lld H=32 Hkv=8 D=128: %.1f us %.0f GB/s (K+V read)\n",

@@ -306,6 +306,15 @@ def t_generate_stream(d):
     check(c4.kv_tokens_kept == c2.kv_tokens_kept and
           c2.kv_bytes_kept - c4.kv_bytes_kept == c4.minicache_merged * (2 * 32 - 4) * elem,
           "minicache report %s" % c4)
+    # LoRC composed with it: the same tokens kept as low-rank latents, ranks falling with depth
+    _, _, comp5, _ = cl.generate(text=LONG_PROMPT, max_tokens=8, temperature=0.0,
+                                 compression={"policy": "snapkv+lorc", "kv_budget": 24,
+                                              "lorc_ratio": 0.25})
+    c5 = comp5.compression
+    check(c5.policy == "snapkv+lorc" and abs(c5.lorc_ratio - 0.25) < 1e-6 and
+          c5.lorc_rank_first > c5.lorc_rank_last > 0, "lorc report %s" % c5)
+    check(c5.kv_tokens_kept == c2.kv_tokens_kept and
+          0 < c5.kv_bytes_kept < c2.kv_bytes_kept * 0.35, "lorc report %s" % c5)
 
 
 def gen_choices(cl, req):
@@ -779,6 +788,10 @@ def t_bad_inputs(d):
         (dict(text="hi", compression={"policy": "snapkv+h2o"}), "compression.policy"),
         (dict(text="hi", compression={"policy": "snapkv", "think_ratio": 0.5}),
          "compression.think_ratio"),
+        (dict(text="hi", compression={"policy": "snapkv", "lorc_ratio": 0.5}),
+         "compression.lorc_ratio"),
+        (dict(text="hi", compression={"policy": "snapkv+lorc", "decode_mode": "evict"}),
+         "compression"),
         (dict(text="hi", compression={"policy": "snapkv", "kv_budget": 2}),
          "compression.kv_budget"),
         (dict(text="hi", compression={"policy": "full", "decode_mode": "later"}),

@@ -299,6 +299,12 @@ def t_generate_compression(ctl):
                  "--think-ratio", "0.25", "--kv-budget", "16", LONG_PROMPT)
     rep = c["compression"]
     check(rep["policy"] == "snapkv+think" and rep["key_channels"] == 24, str(rep))
+    # LoRC beside snapkv: latent ranks falling with depth
+    c = gen_json(ctl, "-n", "4", "--temperature", "0", "--policy", "snapkv+lorc",
+                 "--lorc-ratio", "0.25", "--kv-budget", "16", LONG_PROMPT)
+    rep = c["compression"]
+    check(rep["policy"] == "snapkv+lorc" and abs(rep["lorc_ratio"] - 0.25) < 1e-6 and
+          rep["lorc_rank_first"] > rep["lorc_rank_last"] > 0, str(rep))
     r = ctl.run("generate", "-v", "-n", "2", "--policy", "snapkv", "--kv-budget", "16",
                 "--window", "4", "--decode-mode", "evict", LONG_PROMPT)
     check("policy snapkv" in r.err and "decode_mode evict" in r.err, r.describe())

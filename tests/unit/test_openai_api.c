@@ -68,6 +68,24 @@ static void test_oai_parse_fields(void **state)
     assert_int_equal(r.gen.base.compress.policy, UC_POLICY_SNAPKV);
     assert_int_equal(r.gen.base.compress.kv_budget, 64);
     assert_int_equal(r.gen.n_inputs, 1);
+    uc_oai_request_fini(&r);
+    /* LoRC's ratio through the uncomp object */
+    assert_int_equal(parse(&r, UC_OAI_COMPLETION,
+                           "{\"prompt\":\"Hello\",\"uncomp\":{\"policy\":\"uncomp+lorc\","
+                           "\"lorc_ratio\":0.25}}",
+                           &st, msg, param), UC_OK);
+    assert_true(r.gen.base.compress.stages == UC_STAGE_LORC);
+    assert_true(r.gen.base.compress.lorc_ratio == 0.25f);
+    uc_oai_request_fini(&r);
+    assert_int_equal(parse(&r, UC_OAI_COMPLETION,
+                           "{\"model\":\"tiny\",\"prompt\":\"Hello there\",\"max_tokens\":7,"
+                           "\"temperature\":0.5,\"top_p\":0.9,\"top_k\":40,\"min_p\":0.1,"
+                           "\"seed\":11,\"stop\":[\"a\",\"bc\"],\"presence_penalty\":0.5,"
+                           "\"frequency_penalty\":-0.5,\"repetition_penalty\":1.1,\"n\":3,"
+                           "\"logprobs\":2,\"ignore_eos\":true,\"min_tokens\":2,\"user\":\"u\","
+                           "\"stream\":true,\"stream_options\":{\"include_usage\":true},"
+                           "\"uncomp\":{\"policy\":\"snapkv\",\"kv_budget\":64}}",
+                           &st, msg, param), UC_OK);
     assert_true(r.gen.n_tokens[0] > 1);
     /* choice i: the same prompt, seed + i */
     struct uc_request c2;
@@ -119,6 +137,10 @@ static void test_oai_parse_errors_name_the_field(void **state)
         {"{\"prompt\":\"x\",\"logit_bias\":{\"5\":1}}", "logit_bias", "not supported", 400},
         {"{\"prompt\":\"x\",\"uncomp\":{\"policy\":\"zip\"}}", "uncomp.policy", "zip", 400},
         {"{\"prompt\":\"x\",\"uncomp\":{\"budget\":3}}", "uncomp", "uncomp.budget", 400},
+        {"{\"prompt\":\"x\",\"uncomp\":{\"policy\":\"snapkv\",\"lorc_ratio\":0.5}}",
+         "uncomp.lorc_ratio", "needs a policy with +lorc", 400},
+        {"{\"prompt\":\"x\",\"uncomp\":{\"policy\":\"snapkv+lorc\",\"lorc_ratio\":1.5}}",
+         "uncomp.lorc_ratio", "lorc_ratio=1.5", 400},
         {"{\"prompt\":\"x\",\"min_tokens\":5,\"max_tokens\":2}", "min_tokens", "<=", 400},
         {"[1]", "", "JSON object", 400},
         {"{\"prompt\":", "", "not valid JSON", 400},

@@ -239,6 +239,10 @@ await test("per-request compression through the uncomp object, report returned",
   assert.ok(m.uncomp.minicache && m.uncomp.minicache.pairs === 2 && m.uncomp.minicache.start === 4 && m.uncomp.minicache.merged > 0, JSON.stringify(m.uncomp.minicache));
   assert.ok(m.uncomp.kv_bytes_kept < r.uncomp.kv_bytes_kept, `minicache kept ${m.uncomp.kv_bytes_kept} bytes, snapkv ${r.uncomp.kv_bytes_kept}`);
   await expectStatus(400, () => client.completions.create({ model: UC_MODEL, prompt: "x", uncomp: { policy: "snapkv", minicache_t: 0.5 } }), "minicache_t without +minicache");
+  const l = await client.completions.create({ model: UC_MODEL, prompt: long, max_tokens: 4, temperature: 0, uncomp: { policy: "snapkv+lorc", kv_budget: 32, lorc_ratio: 0.25 } });
+  assert.equal(l.uncomp.policy, "snapkv+lorc");
+  assert.ok(Math.abs(l.uncomp.lorc_ratio - 0.25) < 1e-6 && l.uncomp.lorc_rank_first > l.uncomp.lorc_rank_last, JSON.stringify(l.uncomp));
+  assert.ok(l.uncomp.kv_bytes_kept < r.uncomp.kv_bytes_kept * 0.35, `lorc bytes ${l.uncomp.kv_bytes_kept} vs ${r.uncomp.kv_bytes_kept}`);
 });
 
 await test("400: bad fields are OpenAI error objects naming the field", async () => {
