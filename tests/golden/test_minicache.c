@@ -212,12 +212,14 @@ static void check_fork(struct uc_engine *e, const int32_t *ids)
     uc_free(b);
 }
 
-/* A batch mixing merged, packed (think) and plain sequences decodes each as alone. */
+/* A batch mixing merged, packed (think), latent (lorc) and plain sequences decodes each as
+ * alone (every part of the decode index arrays at once). */
 static void check_mixed_batch(struct uc_engine *e, const int32_t *ids)
 {
     int64_t v = cfg->vocab, rows;
-    const char *specs[3] = {"snapkv+minicache", "snapkv+think", "minicache"};
-    for (int i = 0; i < 3; i++) {
+    enum { N = 4 };
+    const char *specs[N] = {"snapkv+minicache", "snapkv+think", "minicache", "snapkv+lorc"};
+    for (int i = 0; i < N; i++) {
         struct uc_compress_params cp = spec(specs[i], 64);
         TU_CHECK(tu_prefill(e, 21 + i, ids, PROMPT, 0, &cp, 8) == UC_OK &&
                      tu_prefill(e, 31 + i, ids, PROMPT, 0, &cp, 8) == UC_OK,
@@ -226,10 +228,10 @@ static void check_mixed_batch(struct uc_engine *e, const int32_t *ids)
     double worst = 0.0;
     for (int k = 0; k < 4; k++) {
         int32_t tok = ids[60 + k];
-        struct uc_step_decode all[3] = {{21, tok, 0}, {22, tok, 0}, {23, tok, 0}};
-        struct uc_step s2 = {.op = UC_STEP_RUN, .n_decode = 3, .decodes = all};
+        struct uc_step_decode all[N] = {{21, tok, 0}, {22, tok, 0}, {23, tok, 0}, {24, tok, 0}};
+        struct uc_step s2 = {.op = UC_STEP_RUN, .n_decode = N, .decodes = all};
         TU_CHECK(uc_engine_step(e, &s2) == UC_OK, "mixed: decode");
-        for (int i = 0; i < 3; i++) {
+        for (int i = 0; i < N; i++) {
             TU_CHECK(tu_decode(e, 31 + i, tok) == UC_OK, "mixed: decode alone");
             const float *x = uc_engine_seq_logits(e, 21 + i, &rows);
             const float *y = uc_engine_seq_logits(e, 31 + i, &rows);
@@ -241,10 +243,10 @@ static void check_mixed_batch(struct uc_engine *e, const int32_t *ids)
             worst = diff / mag > worst ? diff / mag : worst;
         }
     }
-    printf("mixed batch (minicache beside think and full+minicache): max relative difference to "
-           "alone %.2e\n", worst);
+    printf("mixed batch (minicache beside think, full+minicache and lorc): max relative "
+           "difference to alone %.2e\n", worst);
     TU_CHECK(worst <= 1e-5, "mixed: logits differ from each decoded alone by %.2e", worst);
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < N; i++) {
         tu_free(e, 21 + i);
         tu_free(e, 31 + i);
     }
