@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""LoRC reference: a float32 numpy Llama forward of the uncomp-tiny fixture (think_reference.py's
-model, safetensors read directly) whose KV cache holds low-rank latents the way arXiv 2410.03111
+"""LoRC reference: a float32 numpy Llama forward of the uncomp-tiny fixture (np_llama.py's model,
+safetensors read directly) whose KV cache holds low-rank latents the way arXiv 2410.03111
 describes, compared with the engine.
 
 For each layer l and KV head j, the D x C slices W_k, W_v of the key and value projections are
@@ -28,7 +28,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
     import numpy as np
-    from think_reference import Model, softmax
+    from np_llama import Model, softmax
 except ImportError:
     print("numpy missing: skipped")
     sys.exit(77)
