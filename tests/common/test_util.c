@@ -2,6 +2,7 @@
 #include "test_util.h"
 
 #include <ftw.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -225,4 +226,37 @@ double tu_prefill_flops_staged(const struct uc_model_config *c, int64_t n, const
         f += layer_flops(c, stage == 0 ? n : rows[stage]);
     }
     return f;
+}
+
+void tu_check_tp(const float *v, int64_t n, const char *what, double rel)
+{
+    const char *d = getenv("UC_TEST_DUMP"), *c = getenv("UC_TEST_COMPARE");
+    static FILE *dump, *cmp;
+    if (d && !dump) {
+        dump = fopen(d, "wb");
+        TU_CHECK(dump, "cannot write %s", d);
+    }
+    if (c && !cmp) {
+        cmp = fopen(c, "rb");
+        TU_CHECK(cmp, "cannot read the tp=1 reference %s", c);
+    }
+    if (dump) {
+        fwrite(v, sizeof(float), (size_t)n, dump);
+        fflush(dump);
+    }
+    if (!cmp) {
+        return;
+    }
+    float *ref = uc_malloc((size_t)n * sizeof(float));
+    TU_CHECK(ref, "%s: out of memory", what);
+    size_t got = ref ? fread(ref, sizeof(float), (size_t)n, cmp) : 0;
+    TU_CHECK(got == (size_t)n, "%s: the tp=1 reference ends early", what);
+    double mag = 1.0, diff = 0.0;
+    for (int64_t j = 0; got == (size_t)n && j < n; j++) {
+        mag = fabs(ref[j]) > mag ? fabs(ref[j]) : mag;
+        diff = fabs(v[j] - ref[j]) > diff ? fabs(v[j] - ref[j]) : diff;
+    }
+    TU_CHECK(diff / mag <= rel, "%s: differs from tp=1 by %.2e relative", what, diff / mag);
+    printf("%s: max relative difference to tp=1: %.2e\n", what, diff / mag);
+    uc_free(ref);
 }

@@ -60,6 +60,11 @@ void tu_log_reset(void);
 /* Removes a folder and everything below it: 0, or -1 with errno. */
 int tu_rmtree(const char *dir);
 
+/* A tp = 2 run against tp = 1: with UC_TEST_DUMP the n values are appended to that file (the
+ * tp = 1 run), with UC_TEST_COMPARE they are read back from it in the same order and checked
+ * within rel of the largest (at least 1) (a TU_CHECK failure otherwise; what names them). */
+void tu_check_tp(const float *v, int64_t n, const char *what, double rel);
+
 #define TU_CHECK(cond, ...)                                                                        \
     do {                                                                                           \
         if (!(cond)) {                                                                             \

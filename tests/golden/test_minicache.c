@@ -339,40 +339,6 @@ static void decode_logits(struct uc_engine *e, const int32_t *ids, const char *p
     tu_free(e, 7);
 }
 
-/* UC_TEST_DUMP / UC_TEST_COMPARE: decode logits equal across tp. */
-static void check_tp(const float *lg, int64_t n, const char *what)
-{
-    const char *d = getenv("UC_TEST_DUMP"), *c = getenv("UC_TEST_COMPARE");
-    static FILE *dump, *cmp;
-    if (d && !dump) {
-        dump = fopen(d, "wb");
-        TU_CHECK(dump, "cannot write %s", d);
-    }
-    if (c && !cmp) {
-        cmp = fopen(c, "rb");
-        TU_CHECK(cmp, "cannot read the tp=1 reference %s", c);
-    }
-    if (dump) {
-        fwrite(lg, sizeof(float), (size_t)n, dump);
-        fflush(dump);
-    }
-    if (!cmp) {
-        return;
-    }
-    float *ref = uc_malloc((size_t)n * sizeof(float));
-    size_t got = fread(ref, sizeof(float), (size_t)n, cmp);
-    TU_CHECK(got == (size_t)n, "%s: the tp=1 reference ends early", what);
-    double mag = 1.0, diff = 0.0;
-    for (int64_t j = 0; got == (size_t)n && j < n; j++) {
-        mag = fabs(ref[j]) > mag ? fabs(ref[j]) : mag;
-        diff = fabs(lg[j] - ref[j]) > diff ? fabs(lg[j] - ref[j]) : diff;
-    }
-    TU_CHECK(diff / mag <= TP_REL, "%s: logits differ from tp=1 by %.2e relative", what,
-             diff / mag);
-    printf("%s: max relative difference to tp=1: %.2e\n", what, diff / mag);
-    uc_free(ref);
-}
-
 int main(int argc, char **argv)
 {
     struct uc_comm *comm = NULL;
@@ -419,11 +385,11 @@ int main(int argc, char **argv)
     const char *pols[2] = {"minicache", "snapkv+minicache"};
     for (int i = 0; i < 2; i++) {
         decode_logits(e, ids, pols[i], 0.0f, lg, ref, &rep);
-        check_tp(lg, nl, pols[i]);
+        tu_check_tp(lg, nl, pols[i], TP_REL);
         float counts[2] = {(float)rep.minicache_merged, (float)rep.minicache_retained};
         printf("%s: %lld merged, %lld retained over the model\n", pols[i],
                (long long)rep.minicache_merged, (long long)rep.minicache_retained);
-        check_tp(counts, 2, "merge counts");
+        tu_check_tp(counts, 2, "merge counts", TP_REL);
     }
     if (ref) {
         fclose(ref);
