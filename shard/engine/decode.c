@@ -196,8 +196,9 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
         return UC_ERRF(UC_ERR_NOMEM, "decode block table list");
     }
     /* at batch 256 the batch has 65K heads: they are looked at in parallel, and only the few
-     * that need a block take one (from the pool, in order) */
-    bool big = ent * L >= 8192;
+     * that need a block take one (from the pool, in order). From 64 heads on, so the tests'
+     * small batches run the parallel loops too (a parallel region costs microseconds). */
+    bool big = ent * L >= 64;
 #pragma omp parallel for schedule(static) reduction(|| : packed, latent) if (big)
     for (int64_t b = 0; b < nb; b++) {
         e->dm_need[b] = seq_needs_block(e, batch[b], &packed, &latent);
