@@ -260,3 +260,21 @@ void tu_check_tp(const float *v, int64_t n, const char *what, double rel)
     printf("%s: max relative difference to tp=1: %.2e\n", what, diff / mag);
     uc_free(ref);
 }
+
+void tu_hash_ids(int32_t *ids, int64_t n)
+{
+    ids[0] = 0;
+    for (int64_t i = 1; i < n; i++) {
+        ids[i] = (int32_t)(2 + ((uint64_t)i * 2654435761u >> 7) % 4000);
+    }
+}
+
+struct uc_compress_params tu_spec(const char *spec, int32_t budget)
+{
+    struct uc_compress_params cp = uc_compress_default_params();
+    char msg[256];
+    TU_CHECK(uc_policy_spec_parse(spec, &cp, msg, sizeof msg) == UC_OK, "spec %s: %s", spec, msg);
+    cp.kv_budget = budget;
+    cp.grouping = UC_GROUPING_PROMPT;
+    return cp;
+}

@@ -29,6 +29,12 @@ int32_t *tu_json_ints(const cJSON *arr, int64_t *n);
 struct uc_backend_params tu_backend_params(void);
 
 /* Rank 0: adds a sequence and prefills it completely. */
+/* The compression stages' golden tests' prompt: id 0 (BOS) then a fixed hash sequence below
+ * 4002 (their numpy references read the ids from the dumps). */
+void tu_hash_ids(int32_t *ids, int64_t n);
+/* A policy spec ("snapkv+think") at a budget with prompt grouping; a TU_CHECK failure for a
+ * spec the parser refuses. */
+struct uc_compress_params tu_spec(const char *spec, int32_t budget);
 uc_status tu_prefill(struct uc_engine *e, int64_t seq_id, const int32_t *ids, int64_t n,
                      int32_t flags, const struct uc_compress_params *cp, int32_t max_new);
 /* Rank 0: one decode step of one sequence. */

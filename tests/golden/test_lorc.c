@@ -32,26 +32,6 @@
 
 static const struct uc_model_config *cfg;
 
-/* The prompt ids: id 0 (BOS) then a fixed hash sequence (lorc_ref.py reads them from the
- * dump). */
-static void make_ids(int32_t *ids, int64_t n)
-{
-    ids[0] = 0;
-    for (int64_t i = 1; i < n; i++) {
-        ids[i] = (int32_t)(2 + ((uint64_t)i * 2654435761u >> 7) % 4000);
-    }
-}
-
-static struct uc_compress_params spec(const char *s, int32_t budget)
-{
-    struct uc_compress_params cp = uc_compress_default_params();
-    char msg[256];
-    TU_CHECK(uc_policy_spec_parse(s, &cp, msg, sizeof msg) == UC_OK, "spec %s: %s", s, msg);
-    cp.kv_budget = budget;
-    cp.grouping = UC_GROUPING_PROMPT;
-    return cp;
-}
-
 /* Blocks and row bytes the caches of sequence id hold by the latent layout (rank 0: plain). */
 static void expected(struct uc_engine *e, int64_t id, const int32_t *rank, int64_t *blocks,
                      int64_t *row_bytes)
@@ -80,7 +60,7 @@ static void check_memory(struct uc_engine *e, const int32_t *ids, const char *ba
 {
     char with[64];
     snprintf(with, sizeof with, "%s+lorc", base);
-    struct uc_compress_params a = spec(base, budget), b = spec(with, budget);
+    struct uc_compress_params a = tu_spec(base, budget), b = tu_spec(with, budget);
     b.lorc_ratio = ratio;
     struct uc_step_new pa = {.cp = a, .n_prompt = PROMPT, .prompt = ids};
     struct uc_step_new pb = {.cp = b, .n_prompt = PROMPT, .prompt = ids};
@@ -149,7 +129,7 @@ static void check_memory(struct uc_engine *e, const int32_t *ids, const char *ba
 static void check_fork_mixed(struct uc_engine *e, const int32_t *ids)
 {
     int64_t v = cfg->vocab, rows;
-    struct uc_compress_params cp = spec("snapkv+lorc", 48);
+    struct uc_compress_params cp = tu_spec("snapkv+lorc", 48);
     TU_CHECK(tu_prefill(e, 1, ids, PROMPT, 0, &cp, 40) == UC_OK, "fork: prefill");
     struct uc_step_new g = {.seq_id = 2, .flags = UC_SEQ_FORK, .fork_of = 1, .max_new_tokens = 40,
                             .cp = cp};
@@ -173,7 +153,7 @@ static void check_fork_mixed(struct uc_engine *e, const int32_t *ids)
     printf("fork of snapkv+lorc: 20 decode steps bit-identical to the source\n");
     tu_free(e, 1);
     tu_free(e, 2);
-    struct uc_compress_params pl = spec("snapkv", 64), lo = spec("uncomp+lorc", 64);
+    struct uc_compress_params pl = tu_spec("snapkv", 64), lo = tu_spec("uncomp+lorc", 64);
     TU_CHECK(tu_prefill(e, 11, ids, PROMPT, 0, &lo, 8) == UC_OK &&
                  tu_prefill(e, 12, ids, PROMPT, 0, &pl, 8) == UC_OK &&
                  tu_prefill(e, 13, ids, PROMPT, 0, &lo, 8) == UC_OK &&
@@ -220,7 +200,7 @@ static void check_profile(struct uc_engine *e, const int32_t *ids)
         return;
     }
     TU_CHECK(p->lorc_ratio == (double)UC_LORC_DEFAULT_RATIO, "profile: ratio %g", p->lorc_ratio);
-    struct uc_compress_params cp = spec("lorc", 64);
+    struct uc_compress_params cp = tu_spec("lorc", 64);
     TU_CHECK(tu_prefill(e, 9, ids, 32, 0, &cp, 0) == UC_OK, "profile: prefill");
     struct uc_compress_report r;
     uc_engine_seq_report(e, 9, &r);
@@ -255,7 +235,7 @@ static void decode_logits(struct uc_engine *e, const int32_t *ids, const char *p
                           float *out, FILE *ref)
 {
     int64_t v = cfg->vocab, rows;
-    struct uc_compress_params cp = spec(policy, 64);
+    struct uc_compress_params cp = tu_spec(policy, 64);
     TU_CHECK(tu_prefill(e, 7, ids, PROMPT, 0, &cp, STEPS) == UC_OK, "%s: prefill", policy);
     if (ref) {
         struct uc_compress_report r;
@@ -329,7 +309,7 @@ int main(int argc, char **argv)
     const double *lc = uc_engine_lorc_log_cond(e);
     TU_CHECK(lc != NULL, "lorc is unavailable on %s", dir);
     int32_t ids[PROMPT];
-    make_ids(ids, PROMPT);
+    tu_hash_ids(ids, PROMPT);
     if (tp == 1 && lc) {
         check_memory(e, ids, "full", 64, 0.0f);
         check_memory(e, ids, "full", 64, 0.25f);
@@ -342,13 +322,13 @@ int main(int argc, char **argv)
             printf("profile: %s has no calibration profile, its check not run\n", dir);
         }
         /* bad input is refused with a reason */
-        struct uc_compress_params bad = spec("snapkv+lorc", 64);
+        struct uc_compress_params bad = tu_spec("snapkv+lorc", 64);
         bad.decode_mode = UC_DECODE_EVICT;
         char msg[256] = "";
         TU_CHECK(uc_compress_params_validate(&bad, cfg->n_layers, msg, sizeof msg) != UC_OK &&
                      strstr(msg, "lorc"),
                  "evict with lorc accepted (%s)", msg);
-        bad = spec("lorc", 64);
+        bad = tu_spec("lorc", 64);
         bad.lorc_ratio = 1.5f;
         TU_CHECK(uc_compress_params_validate(&bad, cfg->n_layers, msg, sizeof msg) != UC_OK &&
                      strstr(msg, "lorc_ratio"),

@@ -29,26 +29,6 @@
 
 static const struct uc_model_config *cfg;
 
-/* The prompt ids: id 0 (BOS) then a fixed hash sequence (the reference reads them from the
- * dump). */
-static void make_ids(int32_t *ids, int64_t n)
-{
-    ids[0] = 0;
-    for (int64_t i = 1; i < n; i++) {
-        ids[i] = (int32_t)(2 + ((uint64_t)i * 2654435761u >> 7) % 4000);
-    }
-}
-
-static struct uc_compress_params spec(const char *s, int32_t budget)
-{
-    struct uc_compress_params cp = uc_compress_default_params();
-    char msg[256];
-    TU_CHECK(uc_policy_spec_parse(s, &cp, msg, sizeof msg) == UC_OK, "spec %s: %s", s, msg);
-    cp.kv_budget = budget;
-    cp.grouping = UC_GROUPING_PROMPT;
-    return cp;
-}
-
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /* full against full+minicache: every token is common to both layers of a pair, so each pair's
@@ -56,7 +36,7 @@ static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
  * pool grows by exactly that layout's blocks. */
 static void check_memory_full(struct uc_engine *e, const int32_t *ids)
 {
-    struct uc_compress_params a = spec("full", 64), b = spec("minicache", 64);
+    struct uc_compress_params a = tu_spec("full", 64), b = tu_spec("minicache", 64);
     int64_t L = cfg->n_layers, hkv = cfg->n_heads_kv, d = cfg->head_dim;
     int64_t bt = uc_engine_kv_block_tokens(e), mtpb = uc_kv_merged_tokens(bt, d);
     int64_t start = uc_minicache_start(0, L), pairs = (L - start) / 2;
@@ -115,7 +95,7 @@ static void check_memory_policy(struct uc_engine *e, const int32_t *ids, const c
 {
     char with[64];
     snprintf(with, sizeof with, "%s+minicache", base);
-    struct uc_compress_params a = spec(base, budget), b = spec(with, budget);
+    struct uc_compress_params a = tu_spec(base, budget), b = tu_spec(with, budget);
     struct uc_step_new pb = {.cp = b, .n_prompt = PROMPT, .prompt = ids};
     int64_t need_b = uc_engine_kv_blocks_needed(e, &pb);
     int64_t u0 = uc_engine_kv_blocks_used(e);
@@ -181,7 +161,7 @@ static void check_memory_policy(struct uc_engine *e, const int32_t *ids, const c
 static void check_fork(struct uc_engine *e, const int32_t *ids)
 {
     int64_t v = cfg->vocab, rows;
-    struct uc_compress_params cp = spec("snapkv+minicache", 96);
+    struct uc_compress_params cp = tu_spec("snapkv+minicache", 96);
     TU_CHECK(tu_prefill(e, 1, ids, PROMPT, 0, &cp, 40) == UC_OK, "fork: prefill");
     int64_t used1 = uc_engine_kv_blocks_used(e);
     struct uc_step_new g = {.seq_id = 2, .flags = UC_SEQ_FORK, .fork_of = 1,
@@ -220,7 +200,7 @@ static void check_mixed_batch(struct uc_engine *e, const int32_t *ids)
     enum { N = 4 };
     const char *specs[N] = {"snapkv+minicache", "snapkv+think", "minicache", "snapkv+lorc"};
     for (int i = 0; i < N; i++) {
-        struct uc_compress_params cp = spec(specs[i], 64);
+        struct uc_compress_params cp = tu_spec(specs[i], 64);
         TU_CHECK(tu_prefill(e, 21 + i, ids, PROMPT, 0, &cp, 8) == UC_OK &&
                      tu_prefill(e, 31 + i, ids, PROMPT, 0, &cp, 8) == UC_OK,
                  "mixed: prefill %s", specs[i]);
@@ -294,7 +274,7 @@ static void decode_logits(struct uc_engine *e, const int32_t *ids, const char *p
                           float gamma, float *out, FILE *ref, struct uc_compress_report *rep)
 {
     int64_t v = cfg->vocab, rows;
-    struct uc_compress_params cp = spec(policy, 64);
+    struct uc_compress_params cp = tu_spec(policy, 64);
     cp.minicache_gamma = gamma;
     TU_CHECK(tu_prefill(e, 7, ids, PROMPT, UC_SEQ_RECORD_KEPT, &cp, STEPS) == UC_OK,
              "%s: prefill", policy);
@@ -366,7 +346,7 @@ int main(int argc, char **argv)
     }
     cfg = uc_engine_config(e);
     int32_t ids[PROMPT];
-    make_ids(ids, PROMPT);
+    tu_hash_ids(ids, PROMPT);
     if (tp == 1) {
         check_refused();
         check_memory_full(e, ids);

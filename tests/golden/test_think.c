@@ -27,26 +27,6 @@
 
 static const struct uc_model_config *cfg;
 
-/* The prompt ids: id 0 (BOS) then a fixed hash sequence (think_reference.py reads them from
- * the dump, so only this file defines them). */
-static void make_ids(int32_t *ids, int64_t n)
-{
-    ids[0] = 0;
-    for (int64_t i = 1; i < n; i++) {
-        ids[i] = (int32_t)(2 + ((uint64_t)i * 2654435761u >> 7) % 4000);
-    }
-}
-
-static struct uc_compress_params spec(const char *s, int32_t budget)
-{
-    struct uc_compress_params cp = uc_compress_default_params();
-    char msg[256];
-    TU_CHECK(uc_policy_spec_parse(s, &cp, msg, sizeof msg) == UC_OK, "spec %s: %s", s, msg);
-    cp.kv_budget = budget;
-    cp.grouping = UC_GROUPING_PROMPT;
-    return cp;
-}
-
 /* Blocks the caches of sequence id hold by the packed layout's count: every head keeps
  * kdim channels (full: D), so ceil(tokens / tokens per block) blocks each. */
 static int64_t expected_blocks(struct uc_engine *e, int64_t id, int64_t kdim)
@@ -69,7 +49,7 @@ static void check_memory(struct uc_engine *e, const int32_t *ids, const char *ba
 {
     char with[64];
     snprintf(with, sizeof with, "%s+think", base);
-    struct uc_compress_params a = spec(base, budget), b = spec(with, budget);
+    struct uc_compress_params a = tu_spec(base, budget), b = tu_spec(with, budget);
     int64_t d = cfg->head_dim, kdim = uc_think_kdim(UC_THINK_DEFAULT_RATIO, d);
     /* admission reserves what the packed layout needs: less with +think */
     struct uc_step_new pa = {.cp = a, .n_prompt = PROMPT, .prompt = ids};
@@ -140,7 +120,7 @@ static void check_fork_evict(struct uc_engine *e, const int32_t *ids)
 {
     int64_t v = cfg->vocab, rows;
     for (int evict = 0; evict < 2; evict++) {
-        struct uc_compress_params cp = spec("snapkv+think", 48);
+        struct uc_compress_params cp = tu_spec("snapkv+think", 48);
         cp.decode_mode = evict ? UC_DECODE_EVICT : UC_DECODE_APPEND;
         const char *mode = evict ? "evict" : "append";
         TU_CHECK(tu_prefill(e, 1, ids, PROMPT, 0, &cp, 40) == UC_OK, "fork: prefill");
@@ -205,7 +185,7 @@ static void check_fork_evict(struct uc_engine *e, const int32_t *ids)
 static void check_mixed_batch(struct uc_engine *e, const int32_t *ids)
 {
     int64_t v = cfg->vocab, rows;
-    struct uc_compress_params a = spec("snapkv+think", 64), b = spec("snapkv+kvsharer", 64);
+    struct uc_compress_params a = tu_spec("snapkv+think", 64), b = tu_spec("snapkv+kvsharer", 64);
     b.n_share = 1;
     b.share[0] = (struct uc_share_pair){.src = 2, .dst = 5};
     TU_CHECK(tu_prefill(e, 11, ids, PROMPT, 0, &a, 8) == UC_OK &&
@@ -245,7 +225,7 @@ static void decode_logits(struct uc_engine *e, const int32_t *ids, const char *p
                           float *out, FILE *ref)
 {
     int64_t v = cfg->vocab, rows;
-    struct uc_compress_params cp = spec(policy, 64);
+    struct uc_compress_params cp = tu_spec(policy, 64);
     TU_CHECK(tu_prefill(e, 7, ids, PROMPT, 0, &cp, STEPS) == UC_OK, "%s: prefill", policy);
     if (ref) {
         fprintf(ref, "prompt %d", PROMPT);
@@ -307,7 +287,7 @@ int main(int argc, char **argv)
     }
     cfg = uc_engine_config(e);
     int32_t ids[PROMPT];
-    make_ids(ids, PROMPT);
+    tu_hash_ids(ids, PROMPT);
     if (tp == 1) {
         check_memory(e, ids, "full", 64);
         check_memory(e, ids, "snapkv", 128);
