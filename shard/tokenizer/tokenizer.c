@@ -84,6 +84,14 @@ uc_status uc_tokenizer_create_from_json(struct uc_tokenizer **out, const char *j
     if (!json_text) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "file=%s json_text is NULL", path);
     }
+    /* the library reads the file into a Rust String: bytes that are not UTF-8 are refused
+     * there, and every string below (a Replace content, a vocabulary entry) may then assume
+     * whole characters */
+    size_t len = strlen(json_text);
+    size_t bad = tok_utf8_first_invalid(json_text, len);
+    if (bad < len) {
+        return UC_ERRF(UC_ERR_FORMAT, "file=%s is not UTF-8 (byte %zu)", path, bad);
+    }
     uc_status rc = UC_OK;
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithOpts(json_text, &end, false);

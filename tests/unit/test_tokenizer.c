@@ -537,6 +537,12 @@ static void test_malformed(void **state)
                             "{'id':'<s>','type_id':0}},{'Sequence':{'id':'A','type_id':0}}],"
                             "'special_tokens':{}}", "null"),
                    UC_ERR_FORMAT, "special_tokens");
+    /* a file that is not UTF-8 (serde_json refuses it): a Replace normalizer whose content is
+     * the byte 0xFC once loaded and then made BPE read past the end of a word */
+    expect_refusal(tok_json(bpe_model("{'a':0}", "[]", ""), "[]",
+                            "{'type':'Replace','pattern':{'String':'a'},'content':'\xFC'}",
+                            "null", "null", "null"),
+                   UC_ERR_FORMAT, "not UTF-8 (byte ");
     struct uc_tokenizer *t = (struct uc_tokenizer *)0x1;
     assert_int_equal(uc_tokenizer_create(&t, "/nonexistent/dir"), UC_ERR_IO);
     assert_null(t);
