@@ -10,12 +10,16 @@
  *   5. --decode-at B:CTX,...: decode step time at batch B with every sequence at context CTX
  *      (forks of one prefilled prompt, full cache): the decode floor of a serving workload
  *      (tests/bench/serve_gpu.py reads these lines).
+ *   6. --methods SPEC,...: like 4 for each policy spec ("think", "snapkv+lorc", ...; token
+ *      policies at --budget-frac): KV bytes per sequence, the batch the pool holds, aggregate
+ *      decode tokens/s there (the KV methods' decode kernels at the batch their savings buy).
  * Every number is a median over --reps runs. Runs on the CPU backend too (small shapes).
  * Usage: bench_gpu [--model synthetic:llama3-8b] [--backend cuda] [--kv-mem-gib 48]
  *                  [--prefill 8192,32768] [--ctx 32768] [--budget-frac 0.1] [--reps 3]
  *                  [--decode-steps 32] [--max-batch 128] [--stage-starts 16,24] [--r-min 0.375]
  *                  [--decode-at 1:640,32:8256] [--skip-compress] [--prefill-policy full]
  *                  [--prefill-chunk 8192]
+ *                  [--methods full,think,minicache,lorc,snapkv,snapkv+lorc]
  * (--prefill-policy: the prefill table's policy, at --budget-frac, prompt grouping) */
 #include <math.h>
 #include <stdio.h>
@@ -44,6 +48,7 @@ struct opts {
     int64_t decode_at[16][2]; /* (batch, context) */
     int64_t prefill_chunk;    /* rows per sweep pass; 0: the daemon's default */
     int n_decode_at;
+    const char *methods; /* policy specs, comma-separated (section 6) */
 };
 
 /* ---- ceilings --------------------------------------------------------------------------- */
@@ -249,14 +254,18 @@ static void bench_batch(struct uc_engine *e, const struct opts *o, const char *l
     uc_engine_seq_report(e, 1000, &r);
     struct uc_step_new f = {.flags = UC_SEQ_FORK, .fork_of = 1000, .max_new_tokens = gen,
                             .cp = *cp};
-    int64_t per_seq = uc_engine_kv_blocks_needed(e, &f);
+    /* what one such sequence holds on its own (its prompt's blocks, the only ones in use now,
+     * and its decode growth): the forks share the prompt's, which a served batch would not */
+    int64_t per_seq = uc_engine_kv_blocks_used(e) + uc_engine_kv_blocks_needed(e, &f);
     int64_t fit = uc_engine_kv_blocks_total(e) / (per_seq > 0 ? per_seq : 1);
     /* the prefilled sequence holds its blocks already: fork batch - 1 copies */
     int64_t batch = fork_batch(e, 1000, fit < o->max_batch ? fit : o->max_batch, gen, cp);
     double step = median_step(e, o, 1000, batch, ids);
-    printf("%-14s kv_bytes/seq %8.1f MiB (%.4f of full) | pool fits %4lld seqs (limit %lld) | "
+    printf("%-16s kv_bytes/seq %8.1f MiB (%.4f of full) | pool fits %4lld seqs (limit %lld) | "
            "batch %4lld: step %7.2f ms, %8.0f tok/s aggregate | prefill %.0f ms\n",
-           label, (double)r.kv_bytes_kept / 1048576.0, r.ratio, (long long)fit,
+           label, (double)r.kv_bytes_kept / 1048576.0,
+           r.kv_bytes_full > 0 ? (double)r.kv_bytes_kept / (double)r.kv_bytes_full : 0.0,
+           (long long)fit,
            (long long)o->max_batch, (long long)batch, step * 1e3, (double)batch / step,
            *prefill_ms);
     fflush(stdout);
@@ -291,6 +300,31 @@ static void bench_decode_at(struct uc_engine *e, const struct opts *o, int64_t w
     printf("\n");
     fflush(stdout);
     free_range(e, 3000, batch);
+    uc_free(ids);
+}
+
+/* Section 6: each policy spec of o->methods in turn, as bench_batch measures it. */
+static void bench_methods(struct uc_engine *e, const struct opts *o)
+{
+    const struct uc_model_config *c = uc_engine_config(e);
+    struct opts o2 = *o;
+    o2.ctx = o->ctx < uc_engine_max_ctx(e) - o->decode_steps - 4
+                 ? o->ctx
+                 : uc_engine_max_ctx(e) - o->decode_steps - 4;
+    int32_t *ids = random_ids(o2.ctx, c->vocab, 77);
+    int32_t budget = (int32_t)((double)o2.ctx * o->budget_frac + 0.5);
+    printf("\n# methods: %lld-token prompts, KV pool %.1f GiB per rank, token policies at %d "
+           "(%.0f%%), batch limit %lld\n",
+           (long long)o2.ctx, o->kv_gib, budget, o->budget_frac * 100, (long long)o->max_batch);
+    char spec[64];
+    for (const char *s = o->methods; *s;) {
+        size_t n = strcspn(s, ",");
+        snprintf(spec, sizeof spec, "%.*s", (int)n, s);
+        struct uc_compress_params cp = tu_spec(spec, budget);
+        double pf = 0;
+        bench_batch(e, &o2, spec, &cp, ids, &pf);
+        s += n + (s[n] == ',');
+    }
     uc_free(ids);
 }
 
@@ -409,6 +443,8 @@ int main(int argc, char **argv)
             o.prefill_chunk = atoll(v);
         } else if (!strcmp(a, "--stage-starts")) {
             stage_starts = v;
+        } else if (!strcmp(a, "--methods")) {
+            o.methods = v;
         } else if (!strcmp(a, "--r-min")) {
             o.stage.r_min = (float)atof(v);
         } else if (!strcmp(a, "--decode-at")) {
@@ -492,6 +528,9 @@ int main(int argc, char **argv)
     }
     if (!skip_compress) {
         bench_compress(e, &o);
+    }
+    if (o.methods) {
+        bench_methods(e, &o);
     }
     uc_engine_shutdown(e);
     uc_engine_destroy(e);

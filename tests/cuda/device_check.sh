@@ -24,6 +24,8 @@
 # replaces its bench_gpu arguments; TRACE_WINDOW_MS=N summarises the last N ms instead, with
 # tests/cuda/trace_window.py),
 # e2e (both end-to-end suites against --backend cuda; e2e-grpc, e2e-ctl one each),
+# methods (bench_gpu --methods: each KV method's bytes per sequence, the batch a 16 GiB pool
+# holds, aggregate decode tokens/s there; METHODS_ARGS replaces the --methods list),
 # serve (tests/bench/serve_gpu.sh; serve:a,b picks workloads, SERVE_ARGS adds options).
 # A step written VAR=VALUE:STEP runs with that variable set (e.g. UC_CUDA_PDL=0:gpu-quick).
 # UC_DEPS_ROOT moves the unpacked tree (a dry run on a build machine: keep it out of .deps).
@@ -208,6 +210,10 @@ for step in "$@"; do
       else
         python3 "$root/tests/cuda/trace_steps.py" "$bd/trace.csv" 8
       fi ;;
+    methods) # the KV methods' decode at the batch their savings buy (bench_gpu section 6)
+      timeout 300 "$bd/tests/bench/bench_gpu" --reps 3 --prefill 512 --ctx 8192 \
+        --budget-frac 0.1 --kv-mem-gib 16 --max-batch 256 --skip-compress \
+        ${METHODS_ARGS:---methods full,think,minicache,lorc,snapkv,snapkv+think,snapkv+minicache,snapkv+lorc,uncomp,uncomp+think,uncomp+lorc} ;;
     gpu-quick) timeout 200 "$bd/tests/bench/bench_gpu" --reps 3 --skip-compress --prefill 8192 ;;
     torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
     e2e-grpc) e2e_grpc ;;

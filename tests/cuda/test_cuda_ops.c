@@ -1199,7 +1199,9 @@ static float *latent_bases(int64_t hkv, int64_t d, uint64_t seed)
 }
 
 /* One backend's index arrays of a batch whose odd entries are latent heads of `rank`: entry e's
- * blocks at off[e] in idx (a permutation's prefix), slot of token t of entry e. */
+ * blocks at off[e] in idx (a permutation's prefix), slot of token t of entry e. The plain
+ * entries' blocks come first, so they are the same blocks in both backends' layouts (a latent
+ * entry's count of blocks depends on the element size). */
 struct lat_layout {
     int32_t *off, *idx;
     int64_t tpb, n_idx;
@@ -1211,10 +1213,12 @@ static void lat_layout_make(struct lat_layout *y, struct uc_backend *be, const i
     y->tpb = uc_kv_latent_tokens(bt, d, uc_kv_latent_width(rank, be->ops->act_size(be)));
     y->off = uc_malloc((size_t)entries * sizeof(int32_t));
     y->n_idx = 0;
-    for (int64_t e = 0; e < entries; e++) {
-        int64_t per = e % 2 ? y->tpb : bt;
-        y->off[e] = (int32_t)y->n_idx;
-        y->n_idx += (ntok[e] + per - 1) / per;
+    for (int64_t latent = 0; latent < 2; latent++) {
+        for (int64_t e = latent; e < entries; e += 2) {
+            int64_t per = latent ? y->tpb : bt;
+            y->off[e] = (int32_t)y->n_idx;
+            y->n_idx += (ntok[e] + per - 1) / per;
+        }
     }
     y->idx = uc_malloc((size_t)y->n_idx * sizeof(int32_t));
 }
@@ -1361,6 +1365,34 @@ static void test_latent(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, int64
              (long long)n_rows, (long long)h, (long long)hkv, (long long)d, (long long)rank,
              (long long)max_len);
     report("decode_lat", what, ok ? cmp_dev(og, oc, n_rows * h * d) : INFINITY, bound_act());
+    if (ok) { /* the plain heads (the tensor-core kernel) and the latent ones, apart */
+        float *a = get(gpu, og, n_rows * h * d), *c = get(cpu, oc, n_rows * h * d);
+        int64_t group = h / hkv;
+        float *sub[2][2];
+        int64_t n_sub[2] = {0, 0};
+        for (int kind = 0; kind < 2; kind++) {
+            sub[kind][0] = uc_malloc((size_t)(n_rows * h * d) * sizeof(float));
+            sub[kind][1] = uc_malloc((size_t)(n_rows * h * d) * sizeof(float));
+        }
+        for (int64_t b = 0; b < n_rows; b++) {
+            for (int64_t hh = 0; hh < h; hh++) {
+                int kind = (int)((b * hkv + hh / group) % 2);
+                memcpy(sub[kind][0] + n_sub[kind], a + (b * h + hh) * d, (size_t)d * sizeof(float));
+                memcpy(sub[kind][1] + n_sub[kind], c + (b * h + hh) * d, (size_t)d * sizeof(float));
+                n_sub[kind] += d;
+            }
+        }
+        report("decode_lat", "  its plain heads", nmse(sub[0][0], sub[0][1], n_sub[0]),
+               bound_act());
+        report("decode_lat", "  its latent heads", nmse(sub[1][0], sub[1][1], n_sub[1]),
+               bound_act());
+        for (int kind = 0; kind < 2; kind++) {
+            uc_free(sub[kind][0]);
+            uc_free(sub[kind][1]);
+        }
+        uc_free(a);
+        uc_free(c);
+    }
     struct uc_kv_batch_view dv = {.n_tokens = d_ntok, .offset = d_off, .blocks = d_idx,
                                   .n_blocks_total = yg.n_idx, .on_device = true,
                                   .lat_rank = d_rk, .lat_basis = bg};
