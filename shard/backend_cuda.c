@@ -86,6 +86,7 @@ struct cuda_ctx {
     struct dev_buf cnt;  /* int32 counters of the decode attention, kept at zero between uses */
     struct dev_buf pmask; /* int32 n_tokens with packed entries at 0 (decode with packed heads) */
     struct dev_buf lmask; /* int32 n_tokens with latent entries at 0 too (decode with LoRC heads) */
+    struct dev_buf rows;  /* float partials of the packed and merged entries' split decode */
     uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
     /* the last RoPE positions: every layer of a prefill slice rotates at the same positions,
      * so they are uploaded once per slice, not once per layer (decode steps bring theirs in
@@ -892,17 +893,25 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
                                     c->work.p, c->cnt.p, psum ? c->outp.p : NULL, c->dt,
                                     c->stream)),
              rc, out);
+    int splits = uc_cuda_decode_rows_splits(n_rows, n_heads, n_heads_kv, c->n_sms);
+    if (view->kdim || view->mc_n) {
+        UC_CHECK(buf_reserve(c, &c->rows,
+                             uc_cuda_decode_rows_ws(n_rows, n_heads, n_heads_kv, d, splits, maxn,
+                                                    psum != NULL) *
+                                 sizeof(float)),
+                 rc, out);
+    }
     if (view->kdim) {
         UC_CHECK(CU(uc_cuda_attn_decode_packed(out, q, ld_q, pool->k, pool->v, pool->block_tokens,
                                                d, dev[0], dev[1], dev[2], dev[3], dev[4], dev[5],
-                                               n_rows, n_heads, n_heads_kv,
+                                               n_rows, n_heads, n_heads_kv, splits, c->rows.p,
                                                psum ? c->outp.p : NULL, maxn, c->dt, c->stream)),
                  rc, out);
     }
     if (view->mc_n) {
         UC_CHECK(CU(uc_cuda_attn_decode_merged(out, q, ld_q, pool->k, pool->v, pool->block_tokens,
                                                d, dev[0], dev[1], dev[2], dev[6], dev[7], dev[8],
-                                               n_rows, n_heads, n_heads_kv,
+                                               n_rows, n_heads, n_heads_kv, splits, c->rows.p,
                                                psum ? c->outp.p : NULL, maxn, c->dt, c->stream)),
                  rc, out);
     }
@@ -1207,7 +1216,7 @@ static void cuda_destroy(struct uc_backend *be)
         if (c->stream) {
             (void)cudaStreamSynchronize(c->stream);
             struct dev_buf *bufs[] = {&c->idx,  &c->conv,  &c->work, &c->outp,
-                                      &c->dbl,  &c->cnt,   &c->pmask, &c->lmask};
+                                      &c->dbl,  &c->cnt,   &c->pmask, &c->lmask, &c->rows};
             for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
                 if (bufs[i]->p) {
                     (void)cudaFreeAsync(bufs[i]->p, c->stream);

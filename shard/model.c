@@ -369,6 +369,22 @@ out:
     return rc;
 }
 
+uc_status uc_model_kv_proj_f32(struct uc_model *m, int64_t layer, int which, int64_t j,
+                               float *out)
+{
+    const struct uc_model_shard *s = &m->sh;
+    int64_t d = m->cfg.head_dim, c = m->cfg.hidden;
+    if (layer < 0 || layer >= m->cfg.n_layers || which < 0 || which > 1 || j < 0 ||
+        j >= s->n_heads_kv) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "kv projection layer=%lld which=%d head=%lld",
+                       (long long)layer, which, (long long)j);
+    }
+    int64_t row = (s->n_heads + which * s->n_heads_kv + j) * d;
+    const char *w = (const char *)m->layers[layer].wqkv +
+                    (size_t)(row * c) * m->be->ops->act_size(m->be);
+    return m->be->ops->download_f32(m->be, out, w, d * c);
+}
+
 uc_status uc_model_create(struct uc_model **out, const struct uc_model_params *p)
 {
     *out = NULL;

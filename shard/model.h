@@ -81,6 +81,10 @@ uc_status uc_model_ws_init(struct uc_model *m, struct uc_model_ws *ws, int64_t m
 void uc_model_ws_fini(struct uc_model *m, struct uc_model_ws *ws);
 
 /* x (T, C) = embedding of ids. */
+/* out (D, C) float32 = the rows of local KV head j's key (which 0) or value (1) projection in
+ * layer l's fused QKV weight, as the backend holds them. */
+uc_status uc_model_kv_proj_f32(struct uc_model *m, int64_t layer, int which, int64_t j,
+                               float *out);
 uc_status uc_model_embed(struct uc_model *m, void *x, const int32_t *ids, int64_t n_tok);
 /* qkv (T, qkv_dim, row stride ld) = RoPE(norm(x) Wqkv^T + b) for the rows' positions. */
 uc_status uc_model_qkv(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *qkv,

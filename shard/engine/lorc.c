@@ -1,6 +1,7 @@
 /* LoRC in the engine (compress/lorc.h): at engine creation each rank decomposes the key and value
  * projection slices of its own KV heads (read again from the checkpoint as float32), keeps their
- * left singular bases on the backend for the latent ops, and adds each layer's log condition
+ * left singular bases on the backend for the latent ops (a synthetic model's: its random weights
+ * as the backend holds them), and adds each layer's log condition
  * numbers into sums that are all-reduced over the ranks (a replicated KV head counted once), so
  * every rank holds the same sensitivities and derives the same ranks for any ratio. They are
  * recorded in the calibration profile's "lorc" object. A sequence with the lorc stage gets its
@@ -20,9 +21,6 @@
 static const char *lorc_unsupported(const struct uc_engine *e)
 {
     const struct uc_model_config *c = e->cfg;
-    if (uc_model_is_synthetic(e->model_dir)) {
-        return "a synthetic model has no checkpoint weights to decompose";
-    }
     if (c->qkv_bias) {
         return "the model has K/V biases (the latent of a biased projection is not exact)";
     }
@@ -32,7 +30,8 @@ static const char *lorc_unsupported(const struct uc_engine *e)
     return NULL;
 }
 
-/* The bases and the log condition sums of layer l's local heads: bases (Hkv_local, 2, D, D). */
+/* The bases and the log condition sums of layer l's local heads: bases (Hkv_local, 2, D, D);
+ * the weights from the checkpoint (st), or from the backend for a synthetic model (st NULL). */
 static uc_status layer_bases(struct uc_engine *e, const struct uc_st *st, int64_t l, float *w,
                              float *bases, double *sv, double *cond_sum)
 {
@@ -45,12 +44,16 @@ static uc_status layer_bases(struct uc_engine *e, const struct uc_st *st, int64_
     uc_status rc = UC_OK;
     for (int p = 0; p < 2; p++) {
         snprintf(name, sizeof name, "model.layers.%lld.self_attn.%s.weight", (long long)l, proj[p]);
-        const struct uc_st_tensor *t = uc_st_find(st, name);
-        if (!t) {
+        const struct uc_st_tensor *t = st ? uc_st_find(st, name) : NULL;
+        if (st && !t) {
             return UC_ERRF(UC_ERR_FORMAT, "lorc: tensor %s missing", name);
         }
         for (int64_t j = 0; j < sh->n_heads_kv; j++) {
-            UC_CHECK(uc_st_read_f32(t, (sh->kv0 + j) * d, d, 0, cdim, w), rc, out);
+            if (t) {
+                UC_CHECK(uc_st_read_f32(t, (sh->kv0 + j) * d, d, 0, cdim, w), rc, out);
+            } else {
+                UC_CHECK(uc_model_kv_proj_f32(e->m, l, p, j, w), rc, out);
+            }
             UC_CHECK(uc_lorc_basis(bases + (j * 2 + p) * d * d, sv, w, d, cdim), rc, out);
             if (owner) {
                 *cond_sum += uc_lorc_log_cond(sv, d);
@@ -81,7 +84,9 @@ uc_status eng_lorc_init(struct uc_engine *e)
         rc = UC_ERRF(UC_ERR_NOMEM, "lorc bases L=%lld D=%lld", (long long)L, (long long)d);
         goto out;
     }
-    UC_CHECK(uc_st_open(&st, e->model_dir), rc, out);
+    if (!uc_model_is_synthetic(e->model_dir)) {
+        UC_CHECK(uc_st_open(&st, e->model_dir), rc, out);
+    }
     for (int64_t l = 0; l < L; l++) {
         UC_CHECK(layer_bases(e, st, l, w, bases + l * per_layer, sv, cond + l), rc, out);
     }

@@ -84,15 +84,21 @@ cudaError_t uc_cuda_attn_decode_latent(void *out, const void *q, int64_t ld_q, c
                                        int64_t n_heads_kv, const float *cos_t,
                                        const float *sin_t, enum uc_cuda_dtype dt,
                                        cudaStream_t stream);
+/* The split decode of the packed and merged entries (decode_rows.cuh): token ranges per
+ * (entry, head tile), and the float workspace it takes (max_tokens: with probabilities). */
+int uc_cuda_decode_rows_splits(int64_t n_rows, int64_t n_heads, int64_t n_heads_kv, int n_sms);
+size_t uc_cuda_decode_rows_ws(int64_t n_rows, int64_t n_heads, int64_t n_heads_kv,
+                              int64_t head_dim, int splits, int64_t max_tokens, bool with_psum);
 /* Decode attention of the packed entries (kdim[e] > 0) only, written over out's rows of their
- * query heads (and, with psum, their (B * Hkv, max_tokens) probability rows). D <= 256. */
+ * query heads (and, with psum, their (B * Hkv, max_tokens) probability rows). D <= 256; ws:
+ * uc_cuda_decode_rows_ws floats. */
 cudaError_t uc_cuda_attn_decode_packed(void *out, const void *q, int64_t ld_q, const void *pool_k,
                                        const void *pool_v, int64_t block_tokens, int64_t head_dim,
                                        const int32_t *n_tokens, const int32_t *offset,
                                        const int32_t *blocks, const int32_t *kdim,
                                        const int32_t *coff, const int32_t *chan, int64_t n_rows,
-                                       int64_t n_heads, int64_t n_heads_kv, float *psum,
-                                       int64_t max_tokens, enum uc_cuda_dtype dt,
+                                       int64_t n_heads, int64_t n_heads_kv, int splits, float *ws,
+                                       float *psum, int64_t max_tokens, enum uc_cuda_dtype dt,
                                        cudaStream_t stream);
 /* MiniCache merged rows (layout in backend.h, kernels in kv_merged.cu). dist (2 n doubles, device)
  * = angular distances of layer a's cached K and V at slots a_slot[e] and layer b's rows
@@ -113,15 +119,15 @@ cudaError_t uc_cuda_decode_mask_merged(int32_t *out, const int32_t *n_tokens,
                                        const int32_t *mc_n, int64_t n, cudaStream_t stream);
 /* Decode attention of the merged entries (mc_n[e] > 0) only, over their own n_tokens[e] tokens
  * and mc_n[e] merged rows (the batch view's arrays), written over out's rows of their query
- * heads (and, with psum, their probability rows). D <= 256. */
+ * heads (and, with psum, their probability rows). D <= 256; ws as for the packed entries. */
 cudaError_t uc_cuda_attn_decode_merged(void *out, const void *q, int64_t ld_q, const void *pool_k,
                                        const void *pool_v, int64_t block_tokens, int64_t head_dim,
                                        const int32_t *n_tokens, const int32_t *offset,
                                        const int32_t *blocks, const int32_t *mc_n,
                                        const int32_t *mc_off, const int32_t *mc_side,
                                        int64_t n_rows, int64_t n_heads, int64_t n_heads_kv,
-                                       float *psum, int64_t max_tokens, enum uc_cuda_dtype dt,
-                                       cudaStream_t stream);
+                                       int splits, float *ws, float *psum, int64_t max_tokens,
+                                       enum uc_cuda_dtype dt, cudaStream_t stream);
 /* Sums window probabilities (H, W, n) into col (Hkv, n) (over each KV head's query heads and
  * the W rows) and row (n) (over all heads, or their max with row_max; row may be NULL). */
 cudaError_t uc_cuda_window_reduce(float *col, float *row, const float *probs, int64_t n_win,

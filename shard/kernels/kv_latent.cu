@@ -7,7 +7,7 @@
  * head), its query heads in turn; a token's score is q . RoPE_pos(U_k z_k), computed as
  * (R_pos^T q) . (U_k z_k), then the probabilities weight the value latents and one product by
  * U_v gives the head's output. The tensor-core decode kernel sees these entries empty. */
-#include "common.cuh"
+#include "decode_rows.cuh"
 
 #define LT_THREADS 128
 #define LT_MAX_D 512 /* = UC_LATENT_MAX_D (backend.h): the largest head_dim latent heads take */
@@ -26,39 +26,6 @@ static __device__ __forceinline__ T *latent_at(T *pk, T *pv, int64_t bt, int64_t
     int64_t per = bt * d, tpb = latent_tpb(bt, d, w);
     int64_t b = slot / tpb, at = (slot - b * tpb) * w + i;
     return at < per ? pk + b * per + at : pv + b * per + (at - per);
-}
-
-/* A latent row, located once: element i is lo[i] for i < cut, else hi[off + i] (the V area's
- * part of a row that starts in the K area). */
-template <typename T>
-struct latent_row {
-    const T *lo, *hi;
-    int64_t cut, off;
-};
-
-template <typename T>
-static __device__ __forceinline__ latent_row<T> latent_locate(const T *pk, const T *pv,
-                                                              int64_t bt, int64_t d, int64_t w,
-                                                              int64_t tpb, int64_t slot)
-{
-    int64_t per = bt * d, b = slot / tpb, at = (slot - b * tpb) * w;
-    latent_row<T> r;
-    r.hi = pv + b * per;
-    r.off = at - per;
-    if (at < per) {
-        r.lo = pk + b * per + at;
-        r.cut = per - at;
-    } else {
-        r.lo = pv + b * per + (at - per);
-        r.cut = w;
-    }
-    return r;
-}
-
-template <typename T>
-static __device__ __forceinline__ float latent_get(const latent_row<T> &r, int64_t i)
-{
-    return uck_to_f(i < r.cut ? r.lo[i] : r.hi[r.off + i]);
 }
 
 /* Elements the position takes (4 bytes). */
@@ -237,7 +204,7 @@ static __device__ float block_reduce(float v, float *red, bool is_max)
  * position is the row's first 4 bytes (never split: rows and areas have even element counts in
  * bf16). */
 template <typename T>
-static __device__ float latent_score(const float *qs, const latent_row<T> &row, int64_t d,
+static __device__ float latent_score(const float *qs, const dr_row<T> &row, int64_t d,
                                      int64_t rank, const T *bk, const float *cos_t,
                                      const float *sin_t)
 {
@@ -248,7 +215,7 @@ static __device__ float latent_score(const float *qs, const latent_row<T> &row, 
     for (int64_t c = 0; c < half; c++) {
         float a = 0.0f, b = 0.0f;
         for (int64_t i = 0; i < rank; i++) {
-            float z = latent_get(row, pe + i);
+            float z = dr_get(row, pe + i);
             a += z * uck_to_f(bk[i * d + c]);
             b += z * uck_to_f(bk[i * d + c + half]);
         }
@@ -293,7 +260,7 @@ static __global__ void __launch_bounds__(LT_THREADS)
         __syncthreads();
         float mx = -INFINITY;
         for (int64_t t = tid; t < nt; t += LT_THREADS) {
-            latent_row<T> row = latent_locate(pk, pv, bt, d, w, tpb,
+            dr_row<T> row = dr_locate(pk, pv, bt, d, w, tpb,
                                               (int64_t)blk[t / tpb] * tpb + t % tpb);
             mx = fmaxf(mx, latent_score(qs, row, d, rank, bk, cos_t, sin_t) * scale);
         }
@@ -303,7 +270,7 @@ static __global__ void __launch_bounds__(LT_THREADS)
             int64_t t = t0 + tid;
             float p = 0.0f;
             if (t < nt) {
-                latent_row<T> row = latent_locate(pk, pv, bt, d, w, tpb,
+                dr_row<T> row = dr_locate(pk, pv, bt, d, w, tpb,
                                                   (int64_t)blk[t / tpb] * tpb + t % tpb);
                 p = expf(latent_score(qs, row, d, rank, bk, cos_t, sin_t) * scale - mx);
             }
@@ -314,13 +281,13 @@ static __global__ void __launch_bounds__(LT_THREADS)
             int64_t m = nt - t0 < LT_THREADS ? nt - t0 : LT_THREADS;
             for (int64_t r = 0; r < m; r++) {
                 int64_t tt = t0 + r;
-                latent_row<T> row = latent_locate(pk, pv, bt, d, w, tpb,
+                dr_row<T> row = dr_locate(pk, pv, bt, d, w, tpb,
                                                   (int64_t)blk[tt / tpb] * tpb + tt % tpb);
                 if (tid < rank) {
-                    acc0 += pr[r] * latent_get(row, pe + rank + tid);
+                    acc0 += pr[r] * dr_get(row, pe + rank + tid);
                 }
                 if (tid + LT_THREADS < rank) {
-                    acc1 += pr[r] * latent_get(row, pe + rank + tid + LT_THREADS);
+                    acc1 += pr[r] * dr_get(row, pe + rank + tid + LT_THREADS);
                 }
             }
         }

@@ -2,12 +2,10 @@
  * common tokens held once, each as one row of 2 D + 4 values (key direction, value direction,
  * key magnitudes of layers a and b, value magnitudes of a and b) in the stream that a block's
  * K area followed by its V area forms. The prefill merge (angular distances, then the SLERP
- * rows) and the decode attention of the entries that read merged rows beside their own tokens
- * (a plain kernel: one CUDA block per (row, KV head), its query heads in turn, two passes; the
- * tensor-core decode kernel sees these entries empty). */
-#include "common.cuh"
+ * rows) and the reader of the entries that read merged rows beside their own tokens, for their
+ * decode attention (decode_rows.cuh; the tensor-core decode kernel sees them empty). */
+#include "decode_rows.cuh"
 
-#define MC_THREADS 128
 #define MC_EXTRA 4
 
 /* Merged rows per block. */
@@ -208,159 +206,76 @@ extern "C" cudaError_t uc_cuda_decode_mask_merged(int32_t *out, const int32_t *n
     return cudaGetLastError();
 }
 
-/* Block-wide max or sum of v over MC_THREADS threads (red: MC_THREADS / 32 floats). */
-static __device__ float block_reduce(float v, float *red, bool is_max)
-{
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = is_max ? fmaxf(v, w) : v + w;
-    }
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) {
-        red[threadIdx.x >> 5] = v;
-    }
-    __syncthreads();
-    float r = red[0];
-    for (int i = 1; i < MC_THREADS / 32; i++) {
-        r = is_max ? fmaxf(r, red[i]) : r + red[i];
-    }
-    return r;
-}
+/* The merged entries' tokens for dr_decode (decode_rows.cuh): token t < nt is the entry's own
+ * row (plain K and V rows), token nt + r merged row r, whose key and value directions take the
+ * magnitudes of the entry's layer (side 0: a, 1: b). */
+template <typename T>
+struct merged_rows {
+    const T *pk, *pv;
+    int64_t bt, d;
+    const int32_t *n_tokens, *offset, *blocks, *mc_n, *mc_off, *mc_side;
 
-/* Token t of entry e: its own (unpacked) token t < nt, else merged row t - nt. */
-struct mc_entry {
-    const int32_t *blk, *mblk;
-    int64_t nt, mn, side;
+    struct entry {
+        const int32_t *blk, *mblk;
+        int64_t nt, mn, side, mtpb;
+    };
+
+    __device__ bool entry_of(int64_t e, entry &en) const
+    {
+        en.mn = mc_n[e];
+        if (en.mn <= 0) {
+            return false;
+        }
+        en.blk = blocks + offset[e];
+        en.mblk = blocks + mc_off[e];
+        en.nt = n_tokens[e];
+        en.side = mc_side[e];
+        en.mtpb = merged_tpb(bt, d);
+        return true;
+    }
+    __device__ int64_t count(const entry &en) const { return en.nt + en.mn; }
+    __device__ int64_t kwidth(const entry &) const { return d; }
+    __device__ int64_t qchan(const entry &, int64_t c) const { return c; }
+    __device__ void load(const entry &en, int64_t t, int lane, float *kf, float *vf, float &ks,
+                         float &vs) const
+    {
+        if (t < en.nt) {
+            const int64_t at = ((int64_t)en.blk[t / bt] * bt + t % bt) * d;
+#pragma unroll
+            for (int i = 0; i < DR_PER_LANE; i++) {
+                const int64_t c = lane + 32 * i;
+                kf[i] = c < d ? uck_to_f(pk[at + c]) : 0.0f;
+                vf[i] = c < d ? uck_to_f(pv[at + c]) : 0.0f;
+            }
+            ks = 1.0f;
+            vs = 1.0f;
+            return;
+        }
+        const int64_t r = t - en.nt;
+        dr_row<T> row = dr_locate(pk, pv, bt, d, 2 * d + MC_EXTRA, en.mtpb,
+                                  (int64_t)en.mblk[r / en.mtpb] * en.mtpb + r % en.mtpb);
+#pragma unroll
+        for (int i = 0; i < DR_PER_LANE; i++) {
+            const int64_t c = lane + 32 * i;
+            kf[i] = c < d ? dr_get(row, c) : 0.0f;
+            vf[i] = c < d ? dr_get(row, d + c) : 0.0f;
+        }
+        ks = dr_get(row, 2 * d + en.side);
+        vs = dr_get(row, 2 * d + 2 + en.side);
+    }
 };
-
-template <typename T>
-static __device__ __forceinline__ float mc_score(const float *qs, const T *pk, const T *pv,
-                                                 int64_t bt, int64_t d, int64_t mtpb,
-                                                 const mc_entry &en, int64_t t)
-{
-    float s = 0.0f;
-    if (t < en.nt) {
-        const T *k = pk + ((int64_t)en.blk[t / bt] * bt + t % bt) * d;
-        for (int64_t i = 0; i < d; i++) {
-            s += qs[i] * uck_to_f(k[i]);
-        }
-        return s;
-    }
-    int64_t r = t - en.nt, slot = (int64_t)en.mblk[r / mtpb] * mtpb + r % mtpb;
-    for (int64_t i = 0; i < d; i++) {
-        s += qs[i] * uck_to_f(*merged_at(pk, pv, bt, d, slot, i));
-    }
-    return s * uck_to_f(*merged_at(pk, pv, bt, d, slot, 2 * d + en.side));
-}
-
-/* Value channel c of token t, times its magnitude for a merged row. */
-template <typename T>
-static __device__ __forceinline__ float mc_value(const T *pk, const T *pv, int64_t bt, int64_t d,
-                                                 int64_t mtpb, const mc_entry &en, int64_t t,
-                                                 int64_t c)
-{
-    if (t < en.nt) {
-        return uck_to_f(pv[((int64_t)en.blk[t / bt] * bt + t % bt) * d + c]);
-    }
-    int64_t r = t - en.nt, slot = (int64_t)en.mblk[r / mtpb] * mtpb + r % mtpb;
-    return uck_to_f(*merged_at(pk, pv, bt, d, slot, d + c)) *
-           uck_to_f(*merged_at(pk, pv, bt, d, slot, 2 * d + 2 + en.side));
-}
-
-/* One CUDA block per entry e (row b, KV head j); nothing for entries without merged rows. For
- * each query head of the group in turn: the query into shared memory, the max score over the
- * entry's own tokens then its merged rows, then the probabilities of MC_THREADS tokens at a
- * time into shared memory and the values weighted by them (each thread owns channels tid,
- * tid + MC_THREADS), then the sum; with psum the probabilities summed over the group's heads,
- * own tokens first, zeros past them. */
-template <typename T>
-static __global__ void __launch_bounds__(MC_THREADS)
-    decode_kernel(T *out, const T *q, int64_t ld_q, const T *pk, const T *pv, int64_t bt,
-                  int64_t d, const int32_t *n_tokens, const int32_t *offset,
-                  const int32_t *blocks, const int32_t *mc_n, const int32_t *mc_off,
-                  const int32_t *mc_side, int n_kv, int group, float scale, float *psum,
-                  int64_t maxn)
-{
-    __shared__ float qs[2 * MC_THREADS];
-    __shared__ float pr[MC_THREADS];
-    __shared__ float red[MC_THREADS / 32];
-    uck_launch_dependents();
-    uck_grid_wait();
-    const int64_t e = blockIdx.x;
-    if (mc_n[e] <= 0) {
-        return;
-    }
-    const int tid = threadIdx.x;
-    const int64_t b = e / n_kv, j = e - b * n_kv;
-    mc_entry en;
-    en.blk = blocks + offset[e];
-    en.mblk = blocks + mc_off[e];
-    en.nt = n_tokens[e];
-    en.mn = mc_n[e];
-    en.side = mc_side[e];
-    const int64_t all = en.nt + en.mn, mtpb = merged_tpb(bt, d);
-    for (int gh = 0; gh < group; gh++) {
-        const int64_t h = j * group + gh;
-        for (int64_t c = tid; c < d; c += MC_THREADS) {
-            qs[c] = uck_to_f(q[b * ld_q + h * d + c]);
-        }
-        __syncthreads();
-        float mx = -INFINITY;
-        for (int64_t t = tid; t < all; t += MC_THREADS) {
-            mx = fmaxf(mx, mc_score(qs, pk, pv, bt, d, mtpb, en, t) * scale);
-        }
-        mx = block_reduce(mx, red, true);
-        float sum = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
-        for (int64_t t0 = 0; t0 < all; t0 += MC_THREADS) {
-            int64_t t = t0 + tid;
-            float p = t < all ? expf(mc_score(qs, pk, pv, bt, d, mtpb, en, t) * scale - mx) : 0.0f;
-            sum += p;
-            __syncthreads();
-            pr[tid] = p;
-            __syncthreads();
-            int64_t m = all - t0 < MC_THREADS ? all - t0 : MC_THREADS;
-            for (int64_t r = 0; r < m; r++) {
-                if (tid < d) {
-                    acc0 += pr[r] * mc_value(pk, pv, bt, d, mtpb, en, t0 + r, tid);
-                }
-                if (tid + MC_THREADS < d) {
-                    acc1 += pr[r] * mc_value(pk, pv, bt, d, mtpb, en, t0 + r, tid + MC_THREADS);
-                }
-            }
-        }
-        sum = block_reduce(sum, red, false);
-        float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        T *o = out + b * (int64_t)n_kv * group * d + h * d;
-        if (tid < d) {
-            o[tid] = uck_from_f<T>(acc0 * inv);
-        }
-        if (tid + MC_THREADS < d) {
-            o[tid + MC_THREADS] = uck_from_f<T>(acc1 * inv);
-        }
-        if (psum) {
-            float *ps = psum + e * maxn;
-            for (int64_t t = tid; t < maxn; t += MC_THREADS) {
-                float p = t < all ? expf(mc_score(qs, pk, pv, bt, d, mtpb, en, t) * scale - mx) *
-                                        inv
-                                  : 0.0f;
-                ps[t] = gh == 0 ? p : ps[t] + p;
-            }
-        }
-        __syncthreads(); /* qs is rewritten for the next head */
-    }
-}
 
 template <typename T>
 static void launch_decode(void *out, const void *q, int64_t ld_q, const void *pk, const void *pv,
                           int64_t bt, int64_t d, const int32_t *n_tokens, const int32_t *offset,
                           const int32_t *blocks, const int32_t *mc_n, const int32_t *mc_off,
                           const int32_t *mc_side, int64_t n_rows, int64_t n_heads, int64_t n_kv,
-                          float *psum, int64_t maxn, cudaStream_t stream)
+                          int splits, float *ws, float *psum, int64_t maxn, cudaStream_t stream)
 {
-    uck_launch(decode_kernel<T>, dim3((unsigned)(n_rows * n_kv)), dim3(MC_THREADS), 0, stream,
-               (T *)out, (const T *)q, ld_q, (const T *)pk, (const T *)pv, bt, d, n_tokens,
-               offset, blocks, mc_n, mc_off, mc_side, (int)n_kv, (int)(n_heads / n_kv),
-               1.0f / sqrtf((float)d), psum, maxn);
+    merged_rows<T> rows = {(const T *)pk, (const T *)pv, bt,   d,      n_tokens,
+                           offset,        blocks,        mc_n, mc_off, mc_side};
+    dr_decode<T>(rows, (T *)out, (const T *)q, ld_q, d, n_rows, n_heads, n_kv, splits, ws, psum,
+                 maxn, stream);
 }
 
 extern "C" cudaError_t uc_cuda_attn_decode_merged(void *out, const void *q, int64_t ld_q,
@@ -370,17 +285,17 @@ extern "C" cudaError_t uc_cuda_attn_decode_merged(void *out, const void *q, int6
                                                   const int32_t *blocks, const int32_t *mc_n,
                                                   const int32_t *mc_off, const int32_t *mc_side,
                                                   int64_t n_rows, int64_t n_heads,
-                                                  int64_t n_heads_kv, float *psum,
-                                                  int64_t max_tokens, enum uc_cuda_dtype dt,
-                                                  cudaStream_t stream)
+                                                  int64_t n_heads_kv, int splits, float *ws,
+                                                  float *psum, int64_t max_tokens,
+                                                  enum uc_cuda_dtype dt, cudaStream_t stream)
 {
-    if (head_dim > 2 * MC_THREADS || n_rows * n_heads_kv > 0x7fffffffLL) {
+    if (head_dim > 32 * DR_PER_LANE || n_rows * n_heads_kv > 0x7fffffffLL || splits < 1) {
         return cudaErrorInvalidValue;
     }
     if (n_rows > 0) {
         UCK_DISPATCH(dt, launch_decode, out, q, ld_q, pool_k, pool_v, block_tokens, head_dim,
                      n_tokens, offset, blocks, mc_n, mc_off, mc_side, n_rows, n_heads,
-                     n_heads_kv, psum, max_tokens, stream);
+                     n_heads_kv, splits, ws, psum, max_tokens, stream);
     }
     return cudaGetLastError();
 }

@@ -1,12 +1,9 @@
 /* Packed heads (ThinK key channel pruning; the layout is in backend.h): each token of such a
  * head is one row of kdim kept key channels then D values, in the stream that a block's K area
  * followed by its V area forms. Scatter at the end of prefill, the decode append, the evict
- * move, the channel energies ThinK scores by, and the decode attention of the packed entries
- * (a plain kernel: one CUDA block per (row, KV head), its query heads in turn, two passes over
- * the tokens; the tensor-core decode kernel leaves these entries alone). */
-#include "common.cuh"
-
-#define PK_THREADS 128
+ * move, the channel energies ThinK scores by, and the reader of the packed entries' rows for
+ * their decode attention (decode_rows.cuh; the tensor-core decode kernel sees them empty). */
+#include "decode_rows.cuh"
 
 /* Tokens per block of a head keeping kd key channels. */
 static __device__ __forceinline__ int64_t packed_tpb(int64_t bt, int64_t d, int64_t kd)
@@ -22,39 +19,6 @@ static __device__ __forceinline__ T *packed_at(T *pk, T *pv, int64_t bt, int64_t
     int64_t per = bt * d, tpb = packed_tpb(bt, d, kd);
     int64_t b = slot / tpb, at = (slot - b * tpb) * (kd + d) + i;
     return at < per ? pk + b * per + at : pv + b * per + (at - per);
-}
-
-/* A packed row, located once: element i is lo[i] for i < cut, else hi[off + i] (the V area's
- * part of a row that starts in the K area). */
-template <typename T>
-struct packed_row {
-    const T *lo, *hi;
-    int64_t cut, off;
-};
-
-template <typename T>
-static __device__ __forceinline__ packed_row<T> packed_locate(const T *pk, const T *pv,
-                                                              int64_t bt, int64_t d, int64_t kd,
-                                                              int64_t tpb, int64_t slot)
-{
-    int64_t per = bt * d, b = slot / tpb, at = (slot - b * tpb) * (kd + d);
-    packed_row<T> r;
-    r.hi = pv + b * per;
-    r.off = at - per;
-    if (at < per) {
-        r.lo = pk + b * per + at;
-        r.cut = per - at;
-    } else {
-        r.lo = pv + b * per + (at - per);
-        r.cut = kd + d;
-    }
-    return r;
-}
-
-template <typename T>
-static __device__ __forceinline__ float packed_get(const packed_row<T> &r, int64_t i)
-{
-    return uck_to_f(i < r.cut ? r.lo[i] : r.hi[r.off + i]);
 }
 
 /* ---- scatter, append, move ------------------------------------------------------------- */
@@ -241,143 +205,61 @@ extern "C" cudaError_t uc_cuda_decode_mask_packed(int32_t *out, const int32_t *n
     return cudaGetLastError();
 }
 
-/* Block-wide max or sum of v over PK_THREADS threads (red: PK_THREADS / 32 floats). */
-static __device__ float block_reduce(float v, float *red, bool is_max)
-{
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = is_max ? fmaxf(v, w) : v + w;
-    }
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) {
-        red[threadIdx.x >> 5] = v;
-    }
-    __syncthreads();
-    float r = red[0];
-    for (int i = 1; i < PK_THREADS / 32; i++) {
-        r = is_max ? fmaxf(r, red[i]) : r + red[i];
-    }
-    return r;
-}
-
-/* q . k over the kept channels (qk: the query's kept channels) of a packed row, in channel
- * order. */
+/* The packed entries' rows for dr_decode (decode_rows.cuh): kd kept key channels (the query's
+ * channels chan[coff[e] + c]) then D values. */
 template <typename T>
-static __device__ __forceinline__ float packed_score(const float *qk, const packed_row<T> &row,
-                                                     int64_t kd)
-{
-    float s = 0.0f;
-    for (int64_t c = 0; c < kd; c++) {
-        s += qk[c] * packed_get(row, c);
-    }
-    return s;
-}
+struct packed_rows {
+    const T *pk, *pv;
+    int64_t bt, d;
+    const int32_t *n_tokens, *offset, *blocks, *kdim, *coff, *chan;
 
-/* One CUDA block per entry e (row b, KV head j); nothing for unpacked entries. For each query
- * head of the group in turn: its kept channels into shared memory, the max score, then the
- * probabilities of PK_THREADS tokens at a time into shared memory and the V rows weighted by
- * them (each thread owns channels tid, tid + PK_THREADS), then the sum; with psum the
- * probabilities summed over the group's heads (in head order), zeros past n_tokens. */
-template <typename T>
-static __global__ void __launch_bounds__(PK_THREADS)
-    decode_kernel(T *out, const T *q, int64_t ld_q, const T *pk, const T *pv, int64_t bt,
-                  int64_t d, const int32_t *n_tokens, const int32_t *offset,
-                  const int32_t *blocks, const int32_t *kdim, const int32_t *coff,
-                  const int32_t *chan, int n_kv, int group, float scale, float *psum,
-                  int64_t maxn)
-{
-    __shared__ float qk[256];
-    __shared__ float pr[PK_THREADS];
-    __shared__ float red[PK_THREADS / 32];
-    uck_launch_dependents();
-    uck_grid_wait();
-    const int64_t e = blockIdx.x;
-    const int64_t kd = kdim[e];
-    if (kd <= 0) {
-        return;
+    struct entry {
+        const int32_t *blk, *ch;
+        int64_t nt, kd, tpb;
+    };
+
+    __device__ bool entry_of(int64_t e, entry &en) const
+    {
+        en.kd = kdim[e];
+        if (en.kd <= 0) {
+            return false;
+        }
+        en.blk = blocks + offset[e];
+        en.ch = chan + coff[e];
+        en.nt = n_tokens[e];
+        en.tpb = packed_tpb(bt, d, en.kd);
+        return true;
     }
-    const int tid = threadIdx.x;
-    const int64_t b = e / n_kv, j = e - b * n_kv, nt = n_tokens[e];
-    const int32_t *ch = chan + coff[e], *blk = blocks + offset[e];
-    const int64_t tpb = packed_tpb(bt, d, kd);
-    for (int gh = 0; gh < group; gh++) {
-        const int64_t h = j * group + gh;
-        for (int64_t c = tid; c < kd; c += PK_THREADS) {
-            qk[c] = uck_to_f(q[b * ld_q + h * d + ch[c]]);
+    __device__ int64_t count(const entry &en) const { return en.nt; }
+    __device__ int64_t kwidth(const entry &en) const { return en.kd; }
+    __device__ int64_t qchan(const entry &en, int64_t c) const { return en.ch[c]; }
+    __device__ void load(const entry &en, int64_t t, int lane, float *kf, float *vf, float &ks,
+                         float &vs) const
+    {
+        dr_row<T> row = dr_locate(pk, pv, bt, d, en.kd + d, en.tpb,
+                                          (int64_t)en.blk[t / en.tpb] * en.tpb + t % en.tpb);
+#pragma unroll
+        for (int i = 0; i < DR_PER_LANE; i++) {
+            const int64_t c = lane + 32 * i;
+            kf[i] = c < en.kd ? dr_get(row, c) : 0.0f;
+            vf[i] = c < d ? dr_get(row, en.kd + c) : 0.0f;
         }
-        __syncthreads();
-        float mx = -INFINITY;
-        for (int64_t t = tid; t < nt; t += PK_THREADS) {
-            packed_row<T> row = packed_locate(pk, pv, bt, d, kd, tpb,
-                                              (int64_t)blk[t / tpb] * tpb + t % tpb);
-            float s = packed_score(qk, row, kd);
-            mx = fmaxf(mx, s * scale);
-        }
-        mx = block_reduce(mx, red, true);
-        float sum = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
-        for (int64_t t0 = 0; t0 < nt; t0 += PK_THREADS) {
-            int64_t t = t0 + tid;
-            float p = 0.0f;
-            if (t < nt) {
-                packed_row<T> row = packed_locate(pk, pv, bt, d, kd, tpb,
-                                                  (int64_t)blk[t / tpb] * tpb + t % tpb);
-                float s = packed_score(qk, row, kd);
-                p = expf(s * scale - mx);
-            }
-            sum += p;
-            __syncthreads();
-            pr[tid] = p;
-            __syncthreads();
-            int64_t m = nt - t0 < PK_THREADS ? nt - t0 : PK_THREADS;
-            for (int64_t r = 0; r < m; r++) {
-                int64_t tt = t0 + r;
-                packed_row<T> row = packed_locate(pk, pv, bt, d, kd, tpb,
-                                                  (int64_t)blk[tt / tpb] * tpb + tt % tpb);
-                if (tid < d) {
-                    acc0 += pr[r] * packed_get(row, kd + tid);
-                }
-                if (tid + PK_THREADS < d) {
-                    acc1 += pr[r] * packed_get(row, kd + tid + PK_THREADS);
-                }
-            }
-        }
-        sum = block_reduce(sum, red, false);
-        float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        T *o = out + b * (int64_t)n_kv * group * d + h * d;
-        if (tid < d) {
-            o[tid] = uck_from_f<T>(acc0 * inv);
-        }
-        if (tid + PK_THREADS < d) {
-            o[tid + PK_THREADS] = uck_from_f<T>(acc1 * inv);
-        }
-        if (psum) {
-            float *ps = psum + e * maxn;
-            for (int64_t t = tid; t < maxn; t += PK_THREADS) {
-                float p = 0.0f;
-                if (t < nt) {
-                    packed_row<T> row = packed_locate(pk, pv, bt, d, kd, tpb,
-                                                      (int64_t)blk[t / tpb] * tpb + t % tpb);
-                    float s = packed_score(qk, row, kd);
-                    p = expf(s * scale - mx) * inv;
-                }
-                ps[t] = gh == 0 ? p : ps[t] + p;
-            }
-        }
-        __syncthreads(); /* qk is rewritten for the next head */
+        ks = 1.0f;
+        vs = 1.0f;
     }
-}
+};
 
 template <typename T>
 static void launch_decode(void *out, const void *q, int64_t ld_q, const void *pk, const void *pv,
                           int64_t bt, int64_t d, const int32_t *n_tokens, const int32_t *offset,
                           const int32_t *blocks, const int32_t *kdim, const int32_t *coff,
                           const int32_t *chan, int64_t n_rows, int64_t n_heads, int64_t n_kv,
-                          float *psum, int64_t maxn, cudaStream_t stream)
+                          int splits, float *ws, float *psum, int64_t maxn, cudaStream_t stream)
 {
-    uck_launch(decode_kernel<T>, dim3((unsigned)(n_rows * n_kv)), dim3(PK_THREADS), 0, stream,
-               (T *)out, (const T *)q, ld_q, (const T *)pk, (const T *)pv, bt, d, n_tokens,
-               offset, blocks, kdim, coff, chan, (int)n_kv, (int)(n_heads / n_kv),
-               1.0f / sqrtf((float)d), psum, maxn);
+    packed_rows<T> rows = {(const T *)pk, (const T *)pv, bt,   d,    n_tokens,
+                           offset,        blocks,        kdim, coff, chan};
+    dr_decode<T>(rows, (T *)out, (const T *)q, ld_q, d, n_rows, n_heads, n_kv, splits, ws, psum,
+                 maxn, stream);
 }
 
 extern "C" cudaError_t uc_cuda_attn_decode_packed(void *out, const void *q, int64_t ld_q,
@@ -387,17 +269,17 @@ extern "C" cudaError_t uc_cuda_attn_decode_packed(void *out, const void *q, int6
                                                   const int32_t *blocks, const int32_t *kdim,
                                                   const int32_t *coff, const int32_t *chan,
                                                   int64_t n_rows, int64_t n_heads,
-                                                  int64_t n_heads_kv, float *psum,
-                                                  int64_t max_tokens, enum uc_cuda_dtype dt,
-                                                  cudaStream_t stream)
+                                                  int64_t n_heads_kv, int splits, float *ws,
+                                                  float *psum, int64_t max_tokens,
+                                                  enum uc_cuda_dtype dt, cudaStream_t stream)
 {
-    if (head_dim > 2 * PK_THREADS || n_rows * n_heads_kv > 0x7fffffffLL) {
+    if (head_dim > 32 * DR_PER_LANE || n_rows * n_heads_kv > 0x7fffffffLL || splits < 1) {
         return cudaErrorInvalidValue;
     }
     if (n_rows > 0) {
         UCK_DISPATCH(dt, launch_decode, out, q, ld_q, pool_k, pool_v, block_tokens, head_dim,
                      n_tokens, offset, blocks, kdim, coff, chan, n_rows, n_heads, n_heads_kv,
-                     psum, max_tokens, stream);
+                     splits, ws, psum, max_tokens, stream);
     }
     return cudaGetLastError();
 }
