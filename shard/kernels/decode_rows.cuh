@@ -16,9 +16,11 @@
  *   int64_t count(const entry &) const;                   tokens (rows) of the entry
  *   int64_t kwidth(const entry &) const;                  key elements of a row (<= 256)
  *   int64_t qchan(const entry &, int64_t c) const;        query channel of key element c
- *   void load(const entry &, int64_t t, int lane, float *kf, float *vf, float &ks, float &vs)
- *       key elements lane + 32 i (kf) and value channels lane + 32 i (vf), zero past the row,
- *       and the factors the score and the values take (1 for a plain row). */
+ *   template <int NL> void load(const entry &, int t, int lane, float *kf, float *vf,
+ *                               float &ks, float &vs) const;
+ *       key elements lane + 32 i (kf) and value channels lane + 32 i (vf), i < NL, zero past
+ *       the row, and the factors the score and the values take (1 for a plain row).
+ * NL = D / 32 (at least 1): a lane's share of a row, so the registers fit the head size. */
 #ifndef UC_SHARD_KERNELS_DECODE_ROWS_CUH
 #define UC_SHARD_KERNELS_DECODE_ROWS_CUH
 
@@ -27,7 +29,8 @@
 #define DR_THREADS 128
 #define DR_WARPS (DR_THREADS / 32)
 #define DR_GT 4         /* query heads per block */
-#define DR_PER_LANE 8   /* row elements per lane: key widths and head sizes up to 256 */
+#define DR_PER_LANE 8   /* row elements per lane at most: key widths and head sizes up to 256 */
+#define DR_U 4          /* tokens a warp loads before using any */
 #define DR_MAX_SPLITS 32
 
 /* Rows of w elements in the stream that a pool block's K area (bt * d elements) followed by its
@@ -40,12 +43,12 @@ struct dr_row {
     int64_t cut, off;
 };
 
+/* Row `in` (< tpb) of pool block `b`. */
 template <typename T>
-static __device__ __forceinline__ dr_row<T> dr_locate(const T *pk, const T *pv, int64_t bt,
-                                                      int64_t d, int64_t w, int64_t tpb,
-                                                      int64_t slot)
+static __device__ __forceinline__ dr_row<T> dr_locate_in(const T *pk, const T *pv, int64_t bt,
+                                                         int64_t d, int w, int64_t b, int in)
 {
-    int64_t per = bt * d, b = slot / tpb, at = (slot - b * tpb) * w;
+    int64_t per = bt * d, at = (int64_t)in * w;
     dr_row<T> r;
     r.hi = pv + b * per;
     r.off = at - per;
@@ -57,6 +60,16 @@ static __device__ __forceinline__ dr_row<T> dr_locate(const T *pk, const T *pv, 
         r.cut = w;
     }
     return r;
+}
+
+/* Row `slot` = block * tpb + row. */
+template <typename T>
+static __device__ __forceinline__ dr_row<T> dr_locate(const T *pk, const T *pv, int64_t bt,
+                                                      int64_t d, int64_t w, int64_t tpb,
+                                                      int64_t slot)
+{
+    int64_t b = slot / tpb;
+    return dr_locate_in(pk, pv, bt, d, (int)w, b, (int)(slot - b * tpb));
 }
 
 template <typename T>
@@ -82,12 +95,12 @@ static inline size_t dr_ws_floats(int64_t n_rows, int64_t n_heads, int64_t n_kv,
            (with_psum ? heads * (size_t)max_tokens : 0);
 }
 
-template <typename T, typename R>
+template <typename T, typename R, int NL>
 static __global__ void __launch_bounds__(DR_THREADS)
     dr_split_kernel(R rows, const T *q, int64_t ld_q, int d, int n_kv, int group, float scale,
                     int n_splits, float *part_o, float *part_ml, float *scores, int64_t maxn)
 {
-    __shared__ float red_o[DR_WARPS][DR_GT][DR_PER_LANE * 32];
+    __shared__ float red_o[DR_WARPS][DR_GT][NL * 32];
     __shared__ float red_ml[DR_WARPS][DR_GT][2];
     uck_grid_wait();
     typename R::entry en;
@@ -103,36 +116,36 @@ static __global__ void __launch_bounds__(DR_THREADS)
     const int64_t step = (n + n_splits - 1) / n_splits;
     const int64_t t_begin = split * step, t_end = t_begin + step < n ? t_begin + step : n;
 
-    float qr[DR_GT][DR_PER_LANE];
+    float qr[DR_GT][NL];
 #pragma unroll
     for (int g = 0; g < DR_GT; g++) {
         const T *qh = q + b * ld_q + (j * group + g0 + g) * (int64_t)d;
 #pragma unroll
-        for (int i = 0; i < DR_PER_LANE; i++) {
+        for (int i = 0; i < NL; i++) {
             const int64_t c = lane + 32 * i;
             qr[g][i] = g < gc && c < kw ? uck_to_f(qh[rows.qchan(en, c)]) : 0.0f;
         }
     }
-    float m[DR_GT], l[DR_GT], acc[DR_GT][DR_PER_LANE];
+    float m[DR_GT], l[DR_GT], acc[DR_GT][NL];
 #pragma unroll
     for (int g = 0; g < DR_GT; g++) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
 #pragma unroll
-        for (int i = 0; i < DR_PER_LANE; i++) {
+        for (int i = 0; i < NL; i++) {
             acc[g][i] = 0.0f;
         }
     }
-    for (int64_t t0 = t_begin + 2 * warp; t0 < t_end; t0 += 2 * DR_WARPS) {
-        float kf[2][DR_PER_LANE], vf[2][DR_PER_LANE], ks[2], vs[2];
+    for (int t0 = (int)t_begin + DR_U * warp; t0 < (int)t_end; t0 += DR_U * DR_WARPS) {
+        float kf[DR_U][NL], vf[DR_U][NL], ks[DR_U], vs[DR_U];
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
+        for (int u = 0; u < DR_U; u++) {
             if (t0 + u < t_end) {
-                rows.load(en, t0 + u, lane, kf[u], vf[u], ks[u], vs[u]);
+                rows.template load<NL>(en, t0 + u, lane, kf[u], vf[u], ks[u], vs[u]);
             }
         }
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
+        for (int u = 0; u < DR_U; u++) {
             if (t0 + u >= t_end) {
                 break;
             }
@@ -141,7 +154,7 @@ static __global__ void __launch_bounds__(DR_THREADS)
             for (int g = 0; g < DR_GT; g++) {
                 float dot = 0.0f;
 #pragma unroll
-                for (int i = 0; i < DR_PER_LANE; i++) {
+                for (int i = 0; i < NL; i++) {
                     dot += qr[g][i] * kf[u][i];
                 }
                 s[g] = dot;
@@ -168,7 +181,7 @@ static __global__ void __launch_bounds__(DR_THREADS)
                 l[g] = l[g] * alpha + p;
                 const float pv = p * vs[u];
 #pragma unroll
-                for (int i = 0; i < DR_PER_LANE; i++) {
+                for (int i = 0; i < NL; i++) {
                     acc[g][i] = acc[g][i] * alpha + pv * vf[u][i];
                 }
                 m[g] = mn;
@@ -179,7 +192,7 @@ static __global__ void __launch_bounds__(DR_THREADS)
 #pragma unroll
     for (int g = 0; g < DR_GT; g++) {
 #pragma unroll
-        for (int i = 0; i < DR_PER_LANE; i++) {
+        for (int i = 0; i < NL; i++) {
             red_o[warp][g][lane + 32 * i] = acc[g][i];
         }
         if (lane == 0) {
@@ -281,9 +294,13 @@ static void dr_decode(const R &rows, T *out, const T *q, int64_t ld_q, int64_t d
     float *fin_ml = part_ml + heads * splits * 2;
     float *scores = psum ? fin_ml + heads * 2 : NULL;
     dim3 grid((unsigned)entries, (unsigned)splits, (unsigned)((group + DR_GT - 1) / DR_GT));
-    uck_launch(dr_split_kernel<T, R>, grid, dim3(DR_THREADS), 0, stream, rows, q, ld_q, (int)d,
-               (int)n_kv, (int)group, 1.0f / sqrtf((float)d), splits, part_o, part_ml, scores,
-               maxn);
+    void (*kernel)(R, const T *, int64_t, int, int, int, float, int, float *, float *, float *,
+                   int64_t) = d <= 32    ? dr_split_kernel<T, R, 1>
+                              : d <= 64  ? dr_split_kernel<T, R, 2>
+                              : d <= 128 ? dr_split_kernel<T, R, 4>
+                                         : dr_split_kernel<T, R, 8>;
+    uck_launch(kernel, grid, dim3(DR_THREADS), 0, stream, rows, q, ld_q, (int)d, (int)n_kv,
+               (int)group, 1.0f / sqrtf((float)d), splits, part_o, part_ml, scores, maxn);
     uck_launch(dr_combine_kernel<T, R>, dim3((unsigned)entries), dim3(DR_THREADS), 0, stream,
                rows, out, (int)d, (int)n_kv, (int)group, splits, (const float *)part_o,
                (const float *)part_ml, fin_ml);

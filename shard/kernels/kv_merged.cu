@@ -217,7 +217,7 @@ struct merged_rows {
 
     struct entry {
         const int32_t *blk, *mblk;
-        int64_t nt, mn, side, mtpb;
+        int nt, mn, side, mtpb, bt;
     };
 
     __device__ bool entry_of(int64_t e, entry &en) const
@@ -230,20 +230,23 @@ struct merged_rows {
         en.mblk = blocks + mc_off[e];
         en.nt = n_tokens[e];
         en.side = mc_side[e];
-        en.mtpb = merged_tpb(bt, d);
+        en.mtpb = (int)merged_tpb(bt, d);
+        en.bt = (int)bt;
         return true;
     }
     __device__ int64_t count(const entry &en) const { return en.nt + en.mn; }
     __device__ int64_t kwidth(const entry &) const { return d; }
     __device__ int64_t qchan(const entry &, int64_t c) const { return c; }
-    __device__ void load(const entry &en, int64_t t, int lane, float *kf, float *vf, float &ks,
+    template <int NL>
+    __device__ void load(const entry &en, int t, int lane, float *kf, float *vf, float &ks,
                          float &vs) const
     {
         if (t < en.nt) {
-            const int64_t at = ((int64_t)en.blk[t / bt] * bt + t % bt) * d;
+            const int bi = t / en.bt;
+            const int64_t at = ((int64_t)en.blk[bi] * bt + (t - bi * en.bt)) * d;
 #pragma unroll
-            for (int i = 0; i < DR_PER_LANE; i++) {
-                const int64_t c = lane + 32 * i;
+            for (int i = 0; i < NL; i++) {
+                const int c = lane + 32 * i;
                 kf[i] = c < d ? uck_to_f(pk[at + c]) : 0.0f;
                 vf[i] = c < d ? uck_to_f(pv[at + c]) : 0.0f;
             }
@@ -251,12 +254,12 @@ struct merged_rows {
             vs = 1.0f;
             return;
         }
-        const int64_t r = t - en.nt;
-        dr_row<T> row = dr_locate(pk, pv, bt, d, 2 * d + MC_EXTRA, en.mtpb,
-                                  (int64_t)en.mblk[r / en.mtpb] * en.mtpb + r % en.mtpb);
+        const int r = t - en.nt, bi = r / en.mtpb;
+        dr_row<T> row = dr_locate_in(pk, pv, bt, d, 2 * (int)d + MC_EXTRA, en.mblk[bi],
+                                     r - bi * en.mtpb);
 #pragma unroll
-        for (int i = 0; i < DR_PER_LANE; i++) {
-            const int64_t c = lane + 32 * i;
+        for (int i = 0; i < NL; i++) {
+            const int c = lane + 32 * i;
             kf[i] = c < d ? dr_get(row, c) : 0.0f;
             vf[i] = c < d ? dr_get(row, d + c) : 0.0f;
         }

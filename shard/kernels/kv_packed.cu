@@ -215,7 +215,8 @@ struct packed_rows {
 
     struct entry {
         const int32_t *blk, *ch;
-        int64_t nt, kd, tpb;
+        int64_t nt;
+        int kd, tpb;
     };
 
     __device__ bool entry_of(int64_t e, entry &en) const
@@ -227,20 +228,21 @@ struct packed_rows {
         en.blk = blocks + offset[e];
         en.ch = chan + coff[e];
         en.nt = n_tokens[e];
-        en.tpb = packed_tpb(bt, d, en.kd);
+        en.tpb = (int)packed_tpb(bt, d, en.kd);
         return true;
     }
     __device__ int64_t count(const entry &en) const { return en.nt; }
     __device__ int64_t kwidth(const entry &en) const { return en.kd; }
     __device__ int64_t qchan(const entry &en, int64_t c) const { return en.ch[c]; }
-    __device__ void load(const entry &en, int64_t t, int lane, float *kf, float *vf, float &ks,
+    template <int NL>
+    __device__ void load(const entry &en, int t, int lane, float *kf, float *vf, float &ks,
                          float &vs) const
     {
-        dr_row<T> row = dr_locate(pk, pv, bt, d, en.kd + d, en.tpb,
-                                          (int64_t)en.blk[t / en.tpb] * en.tpb + t % en.tpb);
+        const int bi = t / en.tpb;
+        dr_row<T> row = dr_locate_in(pk, pv, bt, d, en.kd + (int)d, en.blk[bi], t - bi * en.tpb);
 #pragma unroll
-        for (int i = 0; i < DR_PER_LANE; i++) {
-            const int64_t c = lane + 32 * i;
+        for (int i = 0; i < NL; i++) {
+            const int c = lane + 32 * i;
             kf[i] = c < en.kd ? dr_get(row, c) : 0.0f;
             vf[i] = c < d ? dr_get(row, en.kd + c) : 0.0f;
         }
