@@ -2,25 +2,32 @@
  * MiniCache's merged rows beside an entry's own tokens, kv_merged.cu): the decode attention of
  * the entries the tensor-core kernel sees empty.
  *
- * Work item: (entry e = row b * Hkv + KV head j, token range s, query-head tile z), a block of
- * DR_WARPS warps. A warp takes one token at a time (two loaded before either is used): lane l
- * holds row elements l, l + 32, ... of the token's key and value, the query heads' matching
- * channels sit in registers, the scores are reduced across the warp, and each warp keeps an
- * online softmax per query head. The block merges its warps into one unnormalised partial (O,
- * max, sum) per head; a second kernel merges the ranges and writes out (and the
- * probabilities, when asked: the scores are kept, then weighed by the final max and sum).
+ * Work item: (entry e = row b * Hkv + KV head j, range s of the entry's pool blocks, query-head
+ * tile z), a block of DR_WARPS warps. The range streams through shared memory a stage of whole
+ * pool blocks at a time (each block's K area then its V area, copied with 16-byte cp.async, two
+ * stages in flight), so a row never straddles the two areas there and the rows' own alignment
+ * does not matter. A warp takes 32 rows of a stage, a row a lane: the lane's scores against the
+ * query heads (held in shared memory), an online softmax per head with the chunk's max, then
+ * the values weighted by the chunk's probabilities with lane l holding value channels l, l + 32,
+ * ... . The block merges its warps into one unnormalised partial (O, max, sum) per head; a second
+ * kernel merges the ranges and writes out (and the probabilities, when asked: the scores are
+ * kept, then weighed by the final max and sum).
  *
- * A layout supplies a reader R with
+ * A layout supplies a reader R: an entry's rows are one or two segments (MiniCache: the entry's
+ * own plain rows, then its merged rows), each a block list with rows per block:
  *   struct entry;                                         what one entry's rows need
  *   bool entry_of(int64_t e, entry &en) const;            false: not this layout's entry
- *   int64_t count(const entry &) const;                   tokens (rows) of the entry
+ *   int segs(const entry &) const;                        1 or 2
+ *   int seg_rows(const entry &, int s) const;             rows (tokens) of segment s
+ *   int seg_tpb(const entry &, int s) const;              rows a pool block of segment s holds
+ *   const int32_t *seg_ids(const entry &, int s) const;   its pool block ids
  *   int64_t kwidth(const entry &) const;                  key elements of a row (<= 256)
  *   int64_t qchan(const entry &, int64_t c) const;        query channel of key element c
- *   template <int NL> void load(const entry &, int t, int lane, float *kf, float *vf,
- *                               float &ks, float &vs) const;
- *       key elements lane + 32 i (kf) and value channels lane + 32 i (vf), i < NL, zero past
- *       the row, and the factors the score and the values take (1 for a plain row).
- * NL = D / 32 (at least 1): a lane's share of a row, so the registers fit the head size. */
+ *   float key(const entry &, int s, const T *img, int in, int c) const;   from a staged block
+ *   float val(const entry &, int s, const T *img, int in, int c) const;   (K area then V area)
+ *   float kscale(...), vscale(...) (same arguments but c): the factors the score and the
+ *       values take (1 for a plain row).
+ * NL = D / 32 (at least 1): a lane's share of the value channels. */
 #ifndef UC_SHARD_KERNELS_DECODE_ROWS_CUH
 #define UC_SHARD_KERNELS_DECODE_ROWS_CUH
 
@@ -30,7 +37,7 @@
 #define DR_WARPS (DR_THREADS / 32)
 #define DR_GT 4         /* query heads per block */
 #define DR_PER_LANE 8   /* row elements per lane at most: key widths and head sizes up to 256 */
-#define DR_U 4          /* tokens a warp loads before using any */
+#define DR_SB_MAX 4     /* pool blocks a stage */
 #define DR_MAX_SPLITS 32
 
 /* Rows of w elements in the stream that a pool block's K area (bt * d elements) followed by its
@@ -95,13 +102,38 @@ static inline size_t dr_ws_floats(int64_t n_rows, int64_t n_heads, int64_t n_kv,
            (with_psum ? heads * (size_t)max_tokens : 0);
 }
 
+/* Where staged pool block `o` (an ordinal over the entry's segments) comes from. */
+struct dr_blk {
+    int seg, id, rows, tbase; /* segment, pool block id, rows it holds, token of its row 0 */
+};
+
+template <typename R>
+static __device__ __forceinline__ dr_blk dr_blk_of(const R &rows, const typename R::entry &en,
+                                                   int o)
+{
+    dr_blk k;
+    int n0 = rows.seg_rows(en, 0), t0 = rows.seg_tpb(en, 0), nb0 = (n0 + t0 - 1) / t0;
+    k.seg = o < nb0 ? 0 : 1;
+    int oi = o - k.seg * nb0;
+    int tpb = rows.seg_tpb(en, k.seg), n = rows.seg_rows(en, k.seg);
+    k.id = rows.seg_ids(en, k.seg)[oi];
+    k.rows = n - oi * tpb < tpb ? n - oi * tpb : tpb;
+    k.tbase = k.seg * n0 + oi * tpb;
+    return k;
+}
+
 template <typename T, typename R, int NL>
 static __global__ void __launch_bounds__(DR_THREADS)
-    dr_split_kernel(R rows, const T *q, int64_t ld_q, int d, int n_kv, int group, float scale,
-                    int n_splits, float *part_o, float *part_ml, float *scores, int64_t maxn)
+    dr_split_kernel(R rows, const T *q, int64_t ld_q, const T *pk, const T *pv, int bt, int d,
+                    int n_kv, int group, float scale, int n_splits, int sb, float *part_o,
+                    float *part_ml, float *scores, int64_t maxn)
 {
-    __shared__ float red_o[DR_WARPS][DR_GT][NL * 32];
+    extern __shared__ __align__(16) uint8_t dr_smem[];
+    __shared__ float qs[DR_GT][DR_PER_LANE * 32];
     __shared__ float red_ml[DR_WARPS][DR_GT][2];
+    __shared__ dr_blk st_blk[2][DR_SB_MAX];
+    T *img0 = reinterpret_cast<T *>(dr_smem);
+    const int img = 2 * bt * d; /* elements of a staged pool block */
     uck_grid_wait();
     typename R::entry en;
     const int64_t e = blockIdx.x;
@@ -110,22 +142,44 @@ static __global__ void __launch_bounds__(DR_THREADS)
     }
     const int split = blockIdx.y, g0 = blockIdx.z * DR_GT;
     const int gc = group - g0 < DR_GT ? group - g0 : DR_GT;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int64_t b = e / n_kv, j = e - b * n_kv;
-    const int64_t n = rows.count(en), kw = rows.kwidth(en);
-    const int64_t step = (n + n_splits - 1) / n_splits;
-    const int64_t t_begin = split * step, t_end = t_begin + step < n ? t_begin + step : n;
-
-    float qr[DR_GT][NL];
-#pragma unroll
-    for (int g = 0; g < DR_GT; g++) {
-        const T *qh = q + b * ld_q + (j * group + g0 + g) * (int64_t)d;
-#pragma unroll
-        for (int i = 0; i < NL; i++) {
-            const int64_t c = lane + 32 * i;
-            qr[g][i] = g < gc && c < kw ? uck_to_f(qh[rows.qchan(en, c)]) : 0.0f;
-        }
+    const int kw = (int)rows.kwidth(en);
+    int nb = 0;
+    for (int sg = 0; sg < rows.segs(en); sg++) {
+        nb += (rows.seg_rows(en, sg) + rows.seg_tpb(en, sg) - 1) / rows.seg_tpb(en, sg);
     }
+    const int step = (nb + n_splits - 1) / n_splits;
+    const int o_begin = split * step, o_end = o_begin + step < nb ? o_begin + step : nb;
+    const int n_st = o_end > o_begin ? (o_end - o_begin + sb - 1) / sb : 0;
+
+    for (int i = tid; i < DR_GT * kw; i += DR_THREADS) {
+        const int g = i / kw, c = i - g * kw;
+        qs[g][c] = g < gc ? uck_to_f(q[b * ld_q + (j * group + g0 + g) * (int64_t)d +
+                                       rows.qchan(en, c)])
+                          : 0.0f;
+    }
+    /* stage st: its blocks' origins, then their K and V areas by 16-byte copies */
+    auto load_stage = [&](int st) {
+        const int buf = st & 1, o0 = o_begin + st * sb;
+        const int cnt = o_end - o0 < sb ? o_end - o0 : sb;
+        const int chunks = bt * d * (int)sizeof(T) / 16; /* of one area */
+        for (int i = tid; i < cnt * 2 * chunks; i += DR_THREADS) {
+            const int k = i / (2 * chunks), r = i - k * 2 * chunks;
+            const int area = r / chunks, ch = r - area * chunks;
+            const dr_blk bk = dr_blk_of(rows, en, o0 + k);
+            const T *src = (area ? pv : pk) + (int64_t)bk.id * bt * d + ch * (16 / sizeof(T));
+            T *dst = img0 + (int64_t)(buf * sb + k) * img + area * bt * d + ch * (16 / sizeof(T));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                             (uint32_t)__cvta_generic_to_shared(dst)),
+                         "l"(src));
+        }
+        if (tid < cnt) {
+            st_blk[buf][tid] = dr_blk_of(rows, en, o0 + tid);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+
     float m[DR_GT], l[DR_GT], acc[DR_GT][NL];
 #pragma unroll
     for (int g = 0; g < DR_GT; g++) {
@@ -136,73 +190,114 @@ static __global__ void __launch_bounds__(DR_THREADS)
             acc[g][i] = 0.0f;
         }
     }
-    for (int t0 = (int)t_begin + DR_U * warp; t0 < (int)t_end; t0 += DR_U * DR_WARPS) {
-        float kf[DR_U][NL], vf[DR_U][NL], ks[DR_U], vs[DR_U];
-#pragma unroll
-        for (int u = 0; u < DR_U; u++) {
-            if (t0 + u < t_end) {
-                rows.template load<NL>(en, t0 + u, lane, kf[u], vf[u], ks[u], vs[u]);
-            }
+    if (n_st > 0) {
+        load_stage(0);
+    }
+    for (int st = 0; st < n_st; st++) {
+        if (st + 1 < n_st) {
+            load_stage(st + 1);
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
         }
-#pragma unroll
-        for (int u = 0; u < DR_U; u++) {
-            if (t0 + u >= t_end) {
-                break;
+        __syncthreads();
+        const int buf = st & 1;
+        const int cnt = o_end - (o_begin + st * sb) < sb ? o_end - (o_begin + st * sb) : sb;
+        int total = 0;
+        for (int k = 0; k < cnt; k++) {
+            total += st_blk[buf][k].rows;
+        }
+        for (int r0 = warp * 32; r0 < total; r0 += DR_WARPS * 32) {
+            /* this lane's row: staged block kk, row in */
+            int rr = r0 + lane, kk = 0;
+            const bool valid = rr < total;
+            while (kk + 1 < cnt && rr >= st_blk[buf][kk].rows) {
+                rr -= st_blk[buf][kk].rows;
+                kk++;
             }
-            float s[DR_GT];
+            const int sg = st_blk[buf][kk].seg, in = valid ? rr : 0;
+            const T *im = img0 + (int64_t)(buf * sb + kk) * img;
+            float s[DR_GT], vsc = 0.0f;
 #pragma unroll
             for (int g = 0; g < DR_GT; g++) {
-                float dot = 0.0f;
-#pragma unroll
-                for (int i = 0; i < NL; i++) {
-                    dot += qr[g][i] * kf[u][i];
-                }
-                s[g] = dot;
+                s[g] = 0.0f;
             }
+            if (valid) {
+                for (int c = 0; c < kw; c++) {
+                    const float kv = rows.key(en, sg, im, in, c);
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
+                    for (int g = 0; g < DR_GT; g++) {
+                        s[g] += qs[g][c] * kv;
+                    }
+                }
+                const float ksc = rows.kscale(en, sg, im, in) * scale;
+                vsc = rows.vscale(en, sg, im, in);
 #pragma unroll
                 for (int g = 0; g < DR_GT; g++) {
-                    s[g] += __shfl_xor_sync(0xffffffffu, s[g], o);
+                    s[g] *= ksc;
+                    if (scores && g < gc) {
+                        scores[(e * group + g0 + g) * maxn + st_blk[buf][kk].tbase + in] = s[g];
+                    }
                 }
             }
+            float p[DR_GT];
 #pragma unroll
             for (int g = 0; g < DR_GT; g++) {
-                if (g >= gc) {
-                    continue;
-                }
-                const float sg = s[g] * ks[u] * scale;
-                if (scores && lane == 0) {
-                    scores[(e * group + g0 + g) * maxn + t0 + u] = sg;
-                }
-                const float mn = fmaxf(m[g], sg);
+                const float cm = uck_warp_max(valid ? s[g] : -INFINITY);
+                const float mn = fmaxf(m[g], cm);
                 const float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - mn);
-                const float p = expf(sg - mn);
-                l[g] = l[g] * alpha + p;
-                const float pv = p * vs[u];
+                p[g] = valid ? expf(s[g] - mn) : 0.0f;
+                l[g] = l[g] * alpha + p[g];
 #pragma unroll
                 for (int i = 0; i < NL; i++) {
-                    acc[g][i] = acc[g][i] * alpha + pv * vf[u][i];
+                    acc[g][i] *= alpha;
                 }
                 m[g] = mn;
             }
+            const int nv = total - r0 < 32 ? total - r0 : 32;
+            for (int jj = 0; jj < nv; jj++) {
+                const int kj = __shfl_sync(0xffffffffu, kk, jj);
+                const int ij = __shfl_sync(0xffffffffu, in, jj);
+                const float vj = __shfl_sync(0xffffffffu, vsc, jj);
+                const T *imj = img0 + (int64_t)(buf * sb + kj) * img;
+                const int sj = st_blk[buf][kj].seg;
+                float v[NL];
+#pragma unroll
+                for (int i = 0; i < NL; i++) {
+                    const int c = lane + 32 * i;
+                    v[i] = c < d ? rows.val(en, sj, imj, ij, c) * vj : 0.0f;
+                }
+#pragma unroll
+                for (int g = 0; g < DR_GT; g++) {
+                    const float pj = __shfl_sync(0xffffffffu, p[g], jj);
+#pragma unroll
+                    for (int i = 0; i < NL; i++) {
+                        acc[g][i] += pj * v[i];
+                    }
+                }
+            }
         }
+        __syncthreads(); /* the buffer is refilled by the stage after next */
     }
-    /* the warps' partials into one per head */
+    /* the warps' partials into one per head (the value slices reuse the staging memory) */
+    float *red_o = reinterpret_cast<float *>(dr_smem); /* (warp, head, D) */
 #pragma unroll
     for (int g = 0; g < DR_GT; g++) {
+        const float lw = uck_warp_sum(l[g]);
 #pragma unroll
         for (int i = 0; i < NL; i++) {
-            red_o[warp][g][lane + 32 * i] = acc[g][i];
+            if (lane + 32 * i < d) {
+                red_o[(warp * DR_GT + g) * d + lane + 32 * i] = acc[g][i];
+            }
         }
         if (lane == 0) {
             red_ml[warp][g][0] = m[g];
-            red_ml[warp][g][1] = l[g];
+            red_ml[warp][g][1] = lw;
         }
     }
     __syncthreads();
     const int64_t base = (e * n_splits + split) * group + g0;
-    for (int idx = threadIdx.x; idx < gc * d; idx += DR_THREADS) {
+    for (int idx = tid; idx < gc * d; idx += DR_THREADS) {
         const int g = idx / d, c = idx - g * d;
         float mx = -INFINITY;
         for (int w = 0; w < DR_WARPS; w++) {
@@ -212,7 +307,7 @@ static __global__ void __launch_bounds__(DR_THREADS)
         for (int w = 0; w < DR_WARPS; w++) {
             const float mw = red_ml[w][g][0];
             const float f = mw == -INFINITY ? 0.0f : expf(mw - mx);
-            o += f * red_o[w][g][c];
+            o += f * red_o[(w * DR_GT + g) * d + c];
             sum += f * red_ml[w][g][1];
         }
         part_o[(base + g) * d + c] = o;
@@ -284,9 +379,9 @@ static __global__ void dr_psum_kernel(R rows, float *psum, const float *scores,
 
 /* The three kernels for the entries R reads; ws holds dr_ws_floats(...) floats. */
 template <typename T, typename R>
-static void dr_decode(const R &rows, T *out, const T *q, int64_t ld_q, int64_t d, int64_t n_rows,
-                      int64_t n_heads, int64_t n_kv, int splits, float *ws, float *psum,
-                      int64_t maxn, cudaStream_t stream)
+static void dr_decode(const R &rows, T *out, const T *q, int64_t ld_q, const T *pk, const T *pv,
+                      int64_t bt, int64_t d, int64_t n_rows, int64_t n_heads, int64_t n_kv,
+                      int splits, float *ws, float *psum, int64_t maxn, cudaStream_t stream)
 {
     const int64_t entries = n_rows * n_kv, group = n_heads / n_kv;
     const size_t heads = (size_t)(n_rows * n_heads);
@@ -294,13 +389,27 @@ static void dr_decode(const R &rows, T *out, const T *q, int64_t ld_q, int64_t d
     float *fin_ml = part_ml + heads * splits * 2;
     float *scores = psum ? fin_ml + heads * 2 : NULL;
     dim3 grid((unsigned)entries, (unsigned)splits, (unsigned)((group + DR_GT - 1) / DR_GT));
-    void (*kernel)(R, const T *, int64_t, int, int, int, float, int, float *, float *, float *,
-                   int64_t) = d <= 32    ? dr_split_kernel<T, R, 1>
-                              : d <= 64  ? dr_split_kernel<T, R, 2>
-                              : d <= 128 ? dr_split_kernel<T, R, 4>
-                                         : dr_split_kernel<T, R, 8>;
-    uck_launch(kernel, grid, dim3(DR_THREADS), 0, stream, rows, q, ld_q, (int)d, (int)n_kv,
-               (int)group, 1.0f / sqrtf((float)d), splits, part_o, part_ml, scores, maxn);
+    /* two stages of up to DR_SB_MAX pool blocks in 40 KiB (with the kernel's 4.3 KiB of static
+     * shared memory, inside the 48 KiB a launch gets without opting in); the warps' value
+     * slices reuse that memory at the end */
+    size_t img = (size_t)(2 * bt * d) * sizeof(T);
+    int sb = (int)((20 * 1024) / img);
+    sb = sb < 1 ? 1 : sb > DR_SB_MAX ? DR_SB_MAX : sb;
+    size_t smem = 2 * (size_t)sb * img;
+    size_t red = (size_t)DR_WARPS * DR_GT * (size_t)d * sizeof(float);
+    smem = smem > red ? smem : red;
+    void (*kernel)(R, const T *, int64_t, const T *, const T *, int, int, int, int, float, int,
+                   int, float *, float *, float *, int64_t) = d <= 32    ? dr_split_kernel<T, R, 1>
+                                                              : d <= 64  ? dr_split_kernel<T, R, 2>
+                                                              : d <= 128 ? dr_split_kernel<T, R, 4>
+                                                                         : dr_split_kernel<T, R, 8>;
+    if (smem > 40 * 1024) {
+        (void)cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)smem);
+    }
+    uck_launch(kernel, grid, dim3(DR_THREADS), smem, stream, rows, q, ld_q, pk, pv, (int)bt,
+               (int)d, (int)n_kv, (int)group, 1.0f / sqrtf((float)d), splits, sb, part_o, part_ml,
+               scores, maxn);
     uck_launch(dr_combine_kernel<T, R>, dim3((unsigned)entries), dim3(DR_THREADS), 0, stream,
                rows, out, (int)d, (int)n_kv, (int)group, splits, (const float *)part_o,
                (const float *)part_ml, fin_ml);

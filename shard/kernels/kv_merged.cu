@@ -235,36 +235,30 @@ struct merged_rows {
         return true;
     }
     __device__ int64_t count(const entry &en) const { return en.nt + en.mn; }
+    __device__ int segs(const entry &) const { return 2; }
+    __device__ int seg_rows(const entry &en, int s) const { return s ? en.mn : en.nt; }
+    __device__ int seg_tpb(const entry &en, int s) const { return s ? en.mtpb : en.bt; }
+    __device__ const int32_t *seg_ids(const entry &en, int s) const { return s ? en.mblk : en.blk; }
     __device__ int64_t kwidth(const entry &) const { return d; }
     __device__ int64_t qchan(const entry &, int64_t c) const { return c; }
-    template <int NL>
-    __device__ void load(const entry &en, int t, int lane, float *kf, float *vf, float &ks,
-                         float &vs) const
+    /* a staged block: own rows are plain (K area row in, V area row in), merged rows are
+     * 2 D + MC_EXTRA elements from the block's start */
+    __device__ float key(const entry &, int s, const T *img, int in, int c) const
     {
-        if (t < en.nt) {
-            const int bi = t / en.bt;
-            const int64_t at = ((int64_t)en.blk[bi] * bt + (t - bi * en.bt)) * d;
-#pragma unroll
-            for (int i = 0; i < NL; i++) {
-                const int c = lane + 32 * i;
-                kf[i] = c < d ? uck_to_f(pk[at + c]) : 0.0f;
-                vf[i] = c < d ? uck_to_f(pv[at + c]) : 0.0f;
-            }
-            ks = 1.0f;
-            vs = 1.0f;
-            return;
-        }
-        const int r = t - en.nt, bi = r / en.mtpb;
-        dr_row<T> row = dr_locate_in(pk, pv, bt, d, 2 * (int)d + MC_EXTRA, en.mblk[bi],
-                                     r - bi * en.mtpb);
-#pragma unroll
-        for (int i = 0; i < NL; i++) {
-            const int c = lane + 32 * i;
-            kf[i] = c < d ? dr_get(row, c) : 0.0f;
-            vf[i] = c < d ? dr_get(row, d + c) : 0.0f;
-        }
-        ks = dr_get(row, 2 * d + en.side);
-        vs = dr_get(row, 2 * d + 2 + en.side);
+        return uck_to_f(img[in * (s ? 2 * (int)d + MC_EXTRA : (int)d) + c]);
+    }
+    __device__ float val(const entry &en, int s, const T *img, int in, int c) const
+    {
+        return uck_to_f(s ? img[in * (2 * (int)d + MC_EXTRA) + (int)d + c]
+                          : img[(en.bt + in) * (int)d + c]);
+    }
+    __device__ float kscale(const entry &en, int s, const T *img, int in) const
+    {
+        return s ? uck_to_f(img[in * (2 * (int)d + MC_EXTRA) + 2 * (int)d + en.side]) : 1.0f;
+    }
+    __device__ float vscale(const entry &en, int s, const T *img, int in) const
+    {
+        return s ? uck_to_f(img[in * (2 * (int)d + MC_EXTRA) + 2 * (int)d + 2 + en.side]) : 1.0f;
     }
 };
 
@@ -277,8 +271,8 @@ static void launch_decode(void *out, const void *q, int64_t ld_q, const void *pk
 {
     merged_rows<T> rows = {(const T *)pk, (const T *)pv, bt,   d,      n_tokens,
                            offset,        blocks,        mc_n, mc_off, mc_side};
-    dr_decode<T>(rows, (T *)out, (const T *)q, ld_q, d, n_rows, n_heads, n_kv, splits, ws, psum,
-                 maxn, stream);
+    dr_decode<T>(rows, (T *)out, (const T *)q, ld_q, (const T *)pk, (const T *)pv, bt, d, n_rows,
+                 n_heads, n_kv, splits, ws, psum, maxn, stream);
 }
 
 extern "C" cudaError_t uc_cuda_attn_decode_merged(void *out, const void *q, int64_t ld_q,
@@ -292,7 +286,8 @@ extern "C" cudaError_t uc_cuda_attn_decode_merged(void *out, const void *q, int6
                                                   float *psum, int64_t max_tokens,
                                                   enum uc_cuda_dtype dt, cudaStream_t stream)
 {
-    if (head_dim > 32 * DR_PER_LANE || n_rows * n_heads_kv > 0x7fffffffLL || splits < 1) {
+    if (head_dim > 32 * DR_PER_LANE || n_rows * n_heads_kv > 0x7fffffffLL || splits < 1 ||
+        block_tokens * head_dim % 8 != 0) {
         return cudaErrorInvalidValue;
     }
     if (n_rows > 0) {

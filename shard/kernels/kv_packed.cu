@@ -232,23 +232,22 @@ struct packed_rows {
         return true;
     }
     __device__ int64_t count(const entry &en) const { return en.nt; }
+    __device__ int segs(const entry &) const { return 1; }
+    __device__ int seg_rows(const entry &en, int) const { return (int)en.nt; }
+    __device__ int seg_tpb(const entry &en, int) const { return en.tpb; }
+    __device__ const int32_t *seg_ids(const entry &en, int) const { return en.blk; }
     __device__ int64_t kwidth(const entry &en) const { return en.kd; }
     __device__ int64_t qchan(const entry &en, int64_t c) const { return en.ch[c]; }
-    template <int NL>
-    __device__ void load(const entry &en, int t, int lane, float *kf, float *vf, float &ks,
-                         float &vs) const
+    __device__ float key(const entry &en, int, const T *img, int in, int c) const
     {
-        const int bi = t / en.tpb;
-        dr_row<T> row = dr_locate_in(pk, pv, bt, d, en.kd + (int)d, en.blk[bi], t - bi * en.tpb);
-#pragma unroll
-        for (int i = 0; i < NL; i++) {
-            const int c = lane + 32 * i;
-            kf[i] = c < en.kd ? dr_get(row, c) : 0.0f;
-            vf[i] = c < d ? dr_get(row, en.kd + c) : 0.0f;
-        }
-        ks = 1.0f;
-        vs = 1.0f;
+        return uck_to_f(img[in * (en.kd + (int)d) + c]);
     }
+    __device__ float val(const entry &en, int, const T *img, int in, int c) const
+    {
+        return uck_to_f(img[in * (en.kd + (int)d) + en.kd + c]);
+    }
+    __device__ float kscale(const entry &, int, const T *, int) const { return 1.0f; }
+    __device__ float vscale(const entry &, int, const T *, int) const { return 1.0f; }
 };
 
 template <typename T>
@@ -260,8 +259,8 @@ static void launch_decode(void *out, const void *q, int64_t ld_q, const void *pk
 {
     packed_rows<T> rows = {(const T *)pk, (const T *)pv, bt,   d,    n_tokens,
                            offset,        blocks,        kdim, coff, chan};
-    dr_decode<T>(rows, (T *)out, (const T *)q, ld_q, d, n_rows, n_heads, n_kv, splits, ws, psum,
-                 maxn, stream);
+    dr_decode<T>(rows, (T *)out, (const T *)q, ld_q, (const T *)pk, (const T *)pv, bt, d, n_rows,
+                 n_heads, n_kv, splits, ws, psum, maxn, stream);
 }
 
 extern "C" cudaError_t uc_cuda_attn_decode_packed(void *out, const void *q, int64_t ld_q,
@@ -275,7 +274,8 @@ extern "C" cudaError_t uc_cuda_attn_decode_packed(void *out, const void *q, int6
                                                   float *psum, int64_t max_tokens,
                                                   enum uc_cuda_dtype dt, cudaStream_t stream)
 {
-    if (head_dim > 32 * DR_PER_LANE || n_rows * n_heads_kv > 0x7fffffffLL || splits < 1) {
+    if (head_dim > 32 * DR_PER_LANE || n_rows * n_heads_kv > 0x7fffffffLL || splits < 1 ||
+        block_tokens * head_dim % 8 != 0) {
         return cudaErrorInvalidValue;
     }
     if (n_rows > 0) {
