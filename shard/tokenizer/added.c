@@ -248,11 +248,7 @@ uc_status tok_normalize_added(struct uc_tokenizer *tok, const char *path)
         }
         const char *ns = NULL;
         size_t nn = 0;
-        if (tok_utf8_first_invalid(a->content, a->len) < a->len) {
-            rc = UC_ERRF(UC_ERR_FORMAT, "file=%s field=added_tokens[%lld].content is not UTF-8",
-                         path, (long long)i);
-            goto out;
-        }
+        /* (UTF-8: the file is checked whole, and cJSON refuses lone surrogate escapes) */
         UC_CHECK(tok_normalize(tok, &ws, a->content, a->len, &ns, &nn), rc, out);
         a->ncontent = uc_strndup(nn > 0 ? ns : "", nn);
         if (!a->ncontent) {

@@ -303,14 +303,19 @@ static void bench_decode_at(struct uc_engine *e, const struct opts *o, int64_t w
     uc_free(ids);
 }
 
+/* The long prompts' length of sections 4 and 6: --ctx, within the model's context. */
+static int64_t long_ctx(const struct uc_engine *e, const struct opts *o)
+{
+    int64_t most = uc_engine_max_ctx(e) - o->decode_steps - 4;
+    return o->ctx < most ? o->ctx : most;
+}
+
 /* Section 6: each policy spec of o->methods in turn, as bench_batch measures it. */
 static void bench_methods(struct uc_engine *e, const struct opts *o)
 {
     const struct uc_model_config *c = uc_engine_config(e);
     struct opts o2 = *o;
-    o2.ctx = o->ctx < uc_engine_max_ctx(e) - o->decode_steps - 4
-                 ? o->ctx
-                 : uc_engine_max_ctx(e) - o->decode_steps - 4;
+    o2.ctx = long_ctx(e, o);
     int32_t *ids = random_ids(o2.ctx, c->vocab, 77);
     int32_t budget = (int32_t)((double)o2.ctx * o->budget_frac + 0.5);
     printf("\n# methods: %lld-token prompts, KV pool %.1f GiB per rank, token policies at %d "
@@ -331,9 +336,7 @@ static void bench_methods(struct uc_engine *e, const struct opts *o)
 static void bench_compress(struct uc_engine *e, const struct opts *o)
 {
     const struct uc_model_config *c = uc_engine_config(e);
-    int64_t n = o->ctx < uc_engine_max_ctx(e) - o->decode_steps - 4
-                    ? o->ctx
-                    : uc_engine_max_ctx(e) - o->decode_steps - 4;
+    int64_t n = long_ctx(e, o);
     struct opts o2 = *o;
     o2.ctx = n;
     int32_t *ids = random_ids(n, c->vocab, 99);
