@@ -1,9 +1,11 @@
-/* MiniCache's arithmetic: layer pairs, angular distance, SLERP merge, retention (minicache.h). */
+/* MiniCache's arithmetic: layer pairs (the paper's and the calibrated), angular distance, SLERP
+ * merge, retention (minicache.h). */
 #include "compress/minicache.h"
 
 #include <math.h>
 #include <stdlib.h>
 
+#include "base/mem.h"
 #include "base/util.h"
 
 int64_t uc_minicache_start(int32_t start, int64_t n_layers)
@@ -11,24 +13,100 @@ int64_t uc_minicache_start(int32_t start, int64_t n_layers)
     return start > 0 ? start : n_layers / 2;
 }
 
-int32_t uc_minicache_pairs(int16_t *partner, int16_t *pair_of, int64_t n_layers, int64_t start)
+static void pairs_clear(int16_t *partner, int16_t *pair_of, int64_t n_layers)
 {
-    int32_t n = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         partner[l] = -1;
         if (pair_of) {
             pair_of[l] = -1;
         }
     }
+}
+
+static void pair_set(int16_t *partner, int16_t *pair_of, int64_t a, int32_t p)
+{
+    partner[a] = (int16_t)(a + 1);
+    partner[a + 1] = (int16_t)a;
+    if (pair_of) {
+        pair_of[a] = pair_of[a + 1] = (int16_t)p;
+    }
+}
+
+int32_t uc_minicache_pairs(int16_t *partner, int16_t *pair_of, int64_t n_layers, int64_t start)
+{
+    int32_t n = 0;
+    pairs_clear(partner, pair_of, n_layers);
     for (int64_t a = start; a >= 0 && a + 1 < n_layers && n < UC_MINICACHE_MAX_PAIRS; a += 2) {
-        partner[a] = (int16_t)(a + 1);
-        partner[a + 1] = (int16_t)a;
-        if (pair_of) {
-            pair_of[a] = pair_of[a + 1] = (int16_t)n;
-        }
+        pair_set(partner, pair_of, a, n);
         n++;
     }
     return n;
+}
+
+int32_t uc_minicache_pairs_of(int16_t *partner, int16_t *pair_of, int64_t n_layers,
+                              const int16_t *first, int32_t n_pairs)
+{
+    pairs_clear(partner, pair_of, n_layers);
+    for (int32_t p = 0; p < n_pairs; p++) {
+        pair_set(partner, pair_of, first[p], p);
+    }
+    return n_pairs;
+}
+
+int32_t uc_minicache_default_pairs(int64_t n_layers)
+{
+    int64_t n = (n_layers - n_layers / 2) / 2;
+    n = n < UC_MINICACHE_MAX_PAIRS ? n : UC_MINICACHE_MAX_PAIRS;
+    return (int32_t)(n > 0 ? n : 0);
+}
+
+uc_status uc_minicache_select(int16_t *first, const double *dist, int64_t n_layers,
+                              int32_t n_pairs)
+{
+    int64_t L = n_layers, P = n_pairs;
+    if (P < 1 || 2 * P > L || P > UC_MINICACHE_MAX_PAIRS || L > UC_MINICACHE_MAX_LAYERS) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "minicache: %lld pairs of %lld layers (1 to L / 2 = "
+                       "%lld pairs, at most %d, of at most %d layers)", (long long)P,
+                       (long long)L, (long long)(L / 2), UC_MINICACHE_MAX_PAIRS,
+                       UC_MINICACHE_MAX_LAYERS);
+    }
+    for (int64_t l = 0; l + 1 < L; l++) {
+        if (!isfinite(dist[l])) {
+            return UC_ERRF(UC_ERR_INVALID_ARG, "minicache: distance of layers %lld and %lld is "
+                           "not finite", (long long)l, (long long)(l + 1));
+        }
+    }
+    /* f[i][k]: least sum of k disjoint pairs inside layers 0 .. i - 1 (INFINITY: no room).
+     * The pair (i - 2, i - 1) is either in the best set of [0, i) or not. */
+    double *f = uc_malloc((size_t)((L + 1) * (P + 1)) * sizeof(double));
+    if (!f) {
+        return UC_ERRF(UC_ERR_NOMEM, "minicache selection L=%lld", (long long)L);
+    }
+#define F(i, k) f[(i) * (P + 1) + (k)]
+    for (int64_t i = 0; i <= L; i++) {
+        for (int64_t k = 0; k <= P; k++) {
+            double best = k == 0 ? 0.0 : INFINITY;
+            if (k > 0 && i >= 2) {
+                double skip = F(i - 1, k), take = F(i - 2, k - 1) + dist[i - 2];
+                best = take < skip ? take : skip;
+            }
+            F(i, k) = best;
+        }
+    }
+    /* from the deepest layer down: a pair is taken whenever that is as good as skipping it, so
+     * of equal sums the set with the deepest pairs wins */
+    for (int64_t i = L, k = P; k > 0;) {
+        if (F(i - 2, k - 1) + dist[i - 2] <= F(i - 1, k)) {
+            first[k - 1] = (int16_t)(i - 2);
+            i -= 2;
+            k--;
+        } else {
+            i--;
+        }
+    }
+#undef F
+    uc_free(f);
+    return UC_OK;
 }
 
 static double norm2(const float *x, int64_t d)

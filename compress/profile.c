@@ -42,6 +42,7 @@ void uc_profile_fini(struct uc_profile *p)
     uc_free(p->kv_group);
     uc_free(p->lorc_log_cond);
     uc_free(p->lorc_rank);
+    uc_free(p->mc_dist);
     memset(p, 0, sizeof *p);
 }
 
@@ -92,11 +93,46 @@ uc_status uc_profile_set_lorc(struct uc_profile *p, const double *log_cond, doub
     return UC_OK;
 }
 
+/* The 1e-9 grid the file's numbers are written on (num_array). */
+static double round9(double v)
+{
+    return round(v * 1e9) / 1e9;
+}
+
+uc_status uc_profile_set_minicache(struct uc_profile *p, const double *dist, int32_t n_pairs,
+                                   int64_t tokens)
+{
+    int64_t L = p->n_layers;
+    if (L < 2 || L > UC_MINICACHE_MAX_LAYERS) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "profile minicache: L=%lld", (long long)L);
+    }
+    double *d = uc_malloc((size_t)(L - 1) * sizeof(double));
+    if (!d) {
+        return UC_ERRF(UC_ERR_NOMEM, "profile minicache L=%lld", (long long)L);
+    }
+    for (int64_t l = 0; l + 1 < L; l++) {
+        d[l] = round9(dist[l]);
+    }
+    int16_t first[UC_MINICACHE_MAX_PAIRS];
+    uc_status rc = uc_minicache_select(first, d, L, n_pairs);
+    if (rc != UC_OK) {
+        uc_free(d);
+        return rc;
+    }
+    uc_free(p->mc_dist);
+    p->mc_dist = d;
+    p->mc_n_pairs = n_pairs;
+    memcpy(p->mc_first, first, (size_t)n_pairs * sizeof *first);
+    p->mc_tokens = tokens;
+    p->has_minicache = true;
+    return UC_OK;
+}
+
 static cJSON *num_array(const double *v, int64_t n)
 {
     cJSON *a = cJSON_CreateArray();
     for (int64_t i = 0; a && i < n; i++) {
-        cJSON_AddItemToArray(a, cJSON_CreateNumber(round(v[i] * 1e9) / 1e9));
+        cJSON_AddItemToArray(a, cJSON_CreateNumber(round9(v[i])));
     }
     return a;
 }
@@ -165,6 +201,17 @@ char *uc_profile_to_json(const struct uc_profile *p)
         cJSON_AddNumberToObject(lo, "ratio", p->lorc_ratio);
         cJSON_AddItemToObject(lo, "log_cond", num_array(p->lorc_log_cond, p->n_layers));
         cJSON_AddItemToObject(lo, "ranks", int_array(p->lorc_rank, p->n_layers));
+    }
+    if (p->has_minicache) {
+        cJSON *mc = cJSON_AddObjectToObject(root, "minicache");
+        cJSON_AddNumberToObject(mc, "calib_tokens", (double)p->mc_tokens);
+        cJSON_AddItemToObject(mc, "distances", num_array(p->mc_dist, p->n_layers - 1));
+        cJSON_AddNumberToObject(mc, "n_pairs", p->mc_n_pairs);
+        cJSON *pairs = cJSON_AddArrayToObject(mc, "pairs");
+        for (int32_t i = 0; pairs && i < p->mc_n_pairs; i++) {
+            int32_t ab[2] = {p->mc_first[i], p->mc_first[i] + 1};
+            cJSON_AddItemToArray(pairs, int_array(ab, 2));
+        }
     }
     char *s = cJSON_Print(root);
     cJSON_Delete(root);
@@ -286,6 +333,80 @@ out:
     return rc;
 }
 
+/* "[[a, a + 1], ...]" of n pairs, for messages. */
+static void pairs_text(char *buf, size_t size, const int16_t *first, int32_t n)
+{
+    size_t len = (size_t)snprintf(buf, size, "[");
+    for (int32_t i = 0; i < n && len < size; i++) {
+        len += (size_t)snprintf(buf + len, size - len, "%s[%d, %d]", i ? ", " : "", first[i],
+                                first[i] + 1);
+    }
+    if (len < size) {
+        snprintf(buf + len, size - len, "]");
+    }
+}
+
+/* The "minicache" object: distances (L - 1 numbers in [0, 1]), n_pairs and pairs
+ * [[a, a + 1], ...]; the pairs are derived again from the distances (uc_minicache_select) and
+ * must equal the file's (a file edited by hand fails loudly). */
+static uc_status parse_minicache(struct uc_profile *p, const cJSON *mc, const char *path,
+                                 int64_t n_layers)
+{
+    const cJSON *np = cJSON_GetObjectItemCaseSensitive(mc, "n_pairs");
+    const cJSON *pairs = cJSON_GetObjectItemCaseSensitive(mc, "pairs");
+    if (!cJSON_IsObject(mc) || !cJSON_IsNumber(np) || !cJSON_IsArray(pairs) || n_layers < 2 ||
+        n_layers > UC_MINICACHE_MAX_LAYERS || np->valuedouble < 1 ||
+        np->valuedouble > UC_MINICACHE_MAX_PAIRS || np->valuedouble != floor(np->valuedouble)) {
+        return UC_ERRF(UC_ERR_FORMAT, "profile=%s field=minicache needs distances, n_pairs (1 "
+                       "to %d) and pairs", path, UC_MINICACHE_MAX_PAIRS);
+    }
+    double d[UC_MINICACHE_MAX_LAYERS];
+    uc_status rc = read_nums(d, cJSON_GetObjectItemCaseSensitive(mc, "distances"), n_layers - 1,
+                             path, "minicache.distances");
+    if (rc != UC_OK) {
+        return rc;
+    }
+    for (int64_t l = 0; l + 1 < n_layers; l++) {
+        if (d[l] < 0.0 || d[l] > 1.0) {
+            return UC_ERRF(UC_ERR_FORMAT, "profile=%s field=minicache.distances[%lld]=%g is not "
+                           "an angular distance in [0, 1]", path, (long long)l, d[l]);
+        }
+    }
+    int32_t n = (int32_t)np->valuedouble;
+    if (2 * (int64_t)n > n_layers) {
+        return UC_ERRF(UC_ERR_FORMAT, "profile=%s field=minicache.n_pairs=%d but the model has "
+                       "%lld layers", path, n, (long long)n_layers);
+    }
+    int16_t file[UC_MINICACHE_MAX_PAIRS];
+    int32_t nf = 0;
+    bool shape = cJSON_GetArraySize(pairs) == n;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, pairs)
+    {
+        const cJSON *a = cJSON_GetArrayItem(it, 0), *b = cJSON_GetArrayItem(it, 1);
+        if (!shape || !cJSON_IsArray(it) || cJSON_GetArraySize(it) != 2 || !cJSON_IsNumber(a) ||
+            !cJSON_IsNumber(b) || a->valuedouble < 0 || a->valuedouble + 1 >= (double)n_layers ||
+            b->valuedouble != a->valuedouble + 1 || a->valuedouble != floor(a->valuedouble)) {
+            return UC_ERRF(UC_ERR_FORMAT, "profile=%s field=minicache.pairs must be n_pairs=%d "
+                           "adjacent layer pairs [a, a + 1] below %lld", path, n,
+                           (long long)n_layers);
+        }
+        file[nf++] = (int16_t)a->valuedouble;
+    }
+    UC_CHECK(uc_profile_set_minicache(p, d, n, get_i(mc, "calib_tokens")), rc, out);
+    if (memcmp(file, p->mc_first, (size_t)n * sizeof *file) != 0) {
+        char got[512], want[512];
+        pairs_text(got, sizeof got, file, n);
+        pairs_text(want, sizeof want, p->mc_first, n);
+        p->has_minicache = false;
+        return UC_ERRF(UC_ERR_FORMAT, "profile=%s field=minicache.pairs=%s but its distances "
+                       "give %s (the least total distance, uc_minicache_select)", path, got,
+                       want);
+    }
+out:
+    return rc;
+}
+
 uc_status uc_profile_parse(struct uc_profile *p, const char *json, const char *path,
                            int64_t n_layers, int64_t n_heads, int64_t n_heads_kv)
 {
@@ -367,6 +488,10 @@ uc_status uc_profile_parse(struct uc_profile *p, const char *json, const char *p
     const cJSON *lo = cJSON_GetObjectItemCaseSensitive(root, "lorc");
     if (lo) {
         UC_CHECK(parse_lorc(p, lo, path, n_layers), rc, out_fini);
+    }
+    const cJSON *mc = cJSON_GetObjectItemCaseSensitive(root, "minicache");
+    if (mc) {
+        UC_CHECK(parse_minicache(p, mc, path, n_layers), rc, out_fini);
     }
     goto out;
 out_fini:

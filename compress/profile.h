@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "base/status.h"
+#include "compress/minicache.h"
 #include "compress/policy.h"
 
 #ifdef __cplusplus
@@ -51,6 +52,15 @@ struct uc_profile {
     double *lorc_log_cond;  /* (L) */
     int32_t *lorc_rank;     /* (L) at lorc_ratio */
     double lorc_ratio;
+    /* MiniCache (minicache.h): the mean angular distance between adjacent layers' keys and
+     * values on the calibration text (agreed over ranks), rounded to 1e-9 as the file holds it,
+     * and the pairs uc_minicache_select gives for mc_n_pairs. has_minicache is false in a
+     * profile written without it; such profiles still load. */
+    bool has_minicache;
+    double *mc_dist;        /* (L - 1): layers l and l + 1 */
+    int32_t mc_n_pairs;
+    int16_t mc_first[UC_MINICACHE_MAX_PAIRS]; /* each pair's first layer, ascending */
+    int64_t mc_tokens;      /* calibration tokens measured */
 };
 
 uc_status uc_profile_init(struct uc_profile *p, int64_t n_layers, int64_t n_heads,
@@ -60,6 +70,12 @@ void uc_profile_fini(struct uc_profile *p);
 void uc_profile_finish(struct uc_profile *p, int32_t head_groups, double stage_eps);
 /* Records LoRC's per-layer sensitivities (L values, copied) and the ranks for ratio rho. */
 uc_status uc_profile_set_lorc(struct uc_profile *p, const double *log_cond, double rho);
+/* Records MiniCache's distances (L - 1 values, copied after rounding to 1e-9, so the file
+ * reproduces them exactly) and the n_pairs pairs uc_minicache_select gives for them; tokens is
+ * what they were measured on. UC_ERR_INVALID_ARG (the selection's), UC_ERR_NOMEM; on failure
+ * the profile's previous record stays. */
+uc_status uc_profile_set_minicache(struct uc_profile *p, const double *dist, int32_t n_pairs,
+                                   int64_t tokens);
 /* Serialises to pretty JSON (uc_malloc'd). */
 char *uc_profile_to_json(const struct uc_profile *p);
 uc_status uc_profile_save(const struct uc_profile *p, const char *path);

@@ -1464,6 +1464,117 @@ static void test_minicache_rules(void **state)
     assert_has(msg, "does not combine with uncomp-stage");
 }
 
+/* MiniCache's calibrated merge set: the pairs of least total distance, by hand. */
+static void test_minicache_select(void **state)
+{
+    (void)state;
+    int16_t first[8], partner[16], pair_of[16];
+    /* the paper's count: floor((L - L / 2) / 2) */
+    assert_int_equal(uc_minicache_default_pairs(8), 2);
+    assert_int_equal(uc_minicache_default_pairs(9), 2);
+    assert_int_equal(uc_minicache_default_pairs(16), 4);
+    assert_int_equal(uc_minicache_default_pairs(2), 0);
+    /* two low pairs apart */
+    const double d1[7] = {0.5, 0.5, 0.1, 0.5, 0.5, 0.2, 0.5};
+    assert_int_equal(uc_minicache_select(first, d1, 8, 2), UC_OK);
+    assert_int_equal(first[0], 2);
+    assert_int_equal(first[1], 5);
+    assert_int_equal(uc_minicache_pairs_of(partner, pair_of, 8, first, 2), 2);
+    const int16_t want_partner[8] = {-1, -1, 3, 2, -1, 6, 5, -1};
+    const int16_t want_pair[8] = {-1, -1, 0, 0, -1, 1, 1, -1};
+    assert_memory_equal(partner, want_partner, sizeof want_partner);
+    assert_memory_equal(pair_of, want_pair, sizeof want_pair);
+    /* pairs are disjoint: (1, 2) and (2, 3) share layer 2; {0, 2} and {1, 3} tie at 1.0 and
+     * the deeper set wins */
+    const double d2[4] = {0.9, 0.1, 0.1, 0.9};
+    assert_int_equal(uc_minicache_select(first, d2, 5, 2), UC_OK);
+    assert_int_equal(first[0], 1);
+    assert_int_equal(first[1], 3);
+    /* the greedy choice (the least pair first, 1, then 3) sums 1.1; the best is {0, 2}, 0.6 */
+    const double d3[4] = {0.3, 0.2, 0.3, 0.9};
+    assert_int_equal(uc_minicache_select(first, d3, 5, 2), UC_OK);
+    assert_int_equal(first[0], 0);
+    assert_int_equal(first[1], 2);
+    /* equal distances: the deepest pairs, the paper's set from L / 2 when L is even */
+    double flat[15];
+    for (int i = 0; i < 15; i++) {
+        flat[i] = 0.5;
+    }
+    assert_int_equal(uc_minicache_select(first, flat, 8, 2), UC_OK);
+    assert_int_equal(first[0], 4);
+    assert_int_equal(first[1], 6);
+    assert_int_equal(uc_minicache_select(first, flat, 16, 4), UC_OK);
+    const int16_t want16[4] = {8, 10, 12, 14};
+    assert_memory_equal(first, want16, sizeof want16);
+    assert_int_equal(uc_minicache_select(first, flat, 9, 2), UC_OK); /* odd L: 5-6, 7-8 */
+    assert_int_equal(first[0], 5);
+    assert_int_equal(first[1], 7);
+    /* a tie below a strictly better pair: 0.25 at 1 is taken, the rest tie deep */
+    flat[1] = 0.25;
+    assert_int_equal(uc_minicache_select(first, flat, 8, 2), UC_OK);
+    assert_int_equal(first[0], 1);
+    assert_int_equal(first[1], 6);
+    /* every layer paired */
+    assert_int_equal(uc_minicache_select(first, d1, 8, 4), UC_OK);
+    const int16_t all[4] = {0, 2, 4, 6};
+    assert_memory_equal(first, all, sizeof all);
+    /* refused: no pair, more than L / 2, a distance that is not finite */
+    tu_log_reset();
+    assert_int_equal(uc_minicache_select(first, d1, 8, 0), UC_ERR_INVALID_ARG);
+    assert_has(tu_log_text, "0 pairs of 8 layers");
+    assert_int_equal(uc_minicache_select(first, d1, 8, 5), UC_ERR_INVALID_ARG);
+    assert_int_equal(uc_minicache_select(first, d1, 5, 3), UC_ERR_INVALID_ARG);
+    const double dn[3] = {0.5, NAN, 0.5};
+    assert_int_equal(uc_minicache_select(first, dn, 4, 1), UC_ERR_INVALID_ARG);
+    assert_has(tu_log_text, "layers 1 and 2 is not finite");
+}
+
+/* The profile's minicache object: round trip, old profiles, hand edits refused. */
+static void test_profile_minicache(void **state)
+{
+    (void)state;
+    struct uc_profile a, b;
+    fill_profile(&a);
+    assert_int_equal(uc_profile_save(&a, prof_path), UC_OK);
+    memset(&b, 0, sizeof b);
+    assert_int_equal(uc_profile_load(&b, prof_path, 4, 4, 2), UC_OK); /* an old profile */
+    assert_false(b.has_minicache);
+    uc_profile_fini(&b);
+    /* stored on the file's 1e-9 grid; one pair of L = 4 (the paper's count) */
+    const double d[3] = {0.4, 0.1000000000004, 0.3};
+    assert_int_equal(uc_profile_set_minicache(&a, d, 0, 1024), UC_ERR_INVALID_ARG);
+    assert_false(a.has_minicache);
+    assert_int_equal(uc_profile_set_minicache(&a, d, 1, 1024), UC_OK);
+    assert_true(a.has_minicache && a.mc_n_pairs == 1 && a.mc_first[0] == 1);
+    assert_true(a.mc_dist[1] == 0.1 && a.mc_dist[0] == 0.4 && a.mc_tokens == 1024);
+    assert_int_equal(uc_profile_save(&a, prof_path), UC_OK);
+    char *json = uc_profile_to_json(&a);
+    assert_has(json, "\"minicache\":");
+    assert_has(json, "\"distances\":\t[0.4, 0.1, 0.3]");
+    uc_free(json);
+    memset(&b, 0, sizeof b);
+    assert_int_equal(uc_profile_load(&b, prof_path, 4, 4, 2), UC_OK);
+    assert_true(b.has_minicache && b.mc_n_pairs == 1 && b.mc_first[0] == 1);
+    assert_memory_equal(b.mc_dist, a.mc_dist, 3 * sizeof(double));
+    assert_int_equal(b.mc_tokens, 1024);
+    uc_profile_fini(&b);
+    uc_profile_fini(&a);
+    /* pairs the distances do not give, distances that give other pairs, too many pairs, a pair
+     * of layers that are not adjacent, a distance out of [0, 1] */
+    const struct {
+        const char *from, *to, *says;
+    } bad[] = {{"[[1, 2]]", "[[2, 3]]", "minicache.pairs=[[2, 3]] but its distances give [[1, 2]]"},
+               {"[0.4, 0.1, 0.3]", "[0.4, 0.5, 0.3]", "but its distances give [[2, 3]]"},
+               {"\"n_pairs\":\t1", "\"n_pairs\":\t3", "minicache.n_pairs=3"},
+               {"[[1, 2]]", "[[1, 3]]", "minicache.pairs must be"},
+               {"[0.4, 0.1, 0.3]", "[1.4, 0.1, 0.3]", "minicache.distances[0]=1.4"},
+               {"[0.4, 0.1, 0.3]", "[0.4, 0.1]", "minicache.distances must be an array of 3"}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_int_equal(parse_edited(&b, bad[i].from, bad[i].to, 4, 4, 2), UC_ERR_FORMAT);
+        assert_has(tu_log_text, bad[i].says);
+    }
+}
+
 int main(void)
 {
     tu_log_capture();
@@ -1493,6 +1604,8 @@ int main(void)
         cmocka_unit_test(test_profile_kvsharer),
         cmocka_unit_test(test_policy_spec_think),
         cmocka_unit_test(test_minicache_rules),
+        cmocka_unit_test(test_minicache_select),
+        cmocka_unit_test(test_profile_minicache),
         cmocka_unit_test(test_regression_stage_rows_float_r_min),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
