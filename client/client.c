@@ -768,6 +768,7 @@ static void report_fini(struct uc_compression_report *r)
     uc_free(r->policy);
     uc_free(r->stage_rows);
     uc_free(r->stage_starts);
+    uc_free(r->minicache_layers);
     uc_free(r->groups);
     uc_free(r->entropy);
     uc_free(r->decode_mode);
@@ -847,6 +848,8 @@ static void copy_report(struct uc_compression_report *r, const Uncomp__V1__Compr
     r->key_channels = m->key_channels;
     r->minicache_pairs = m->minicache_pairs;
     r->minicache_start = m->minicache_start;
+    r->minicache_layers = adup(m->minicache_layers, m->n_minicache_layers, sizeof(uint32_t), oom);
+    r->n_minicache_layers = r->minicache_layers ? m->n_minicache_layers : 0;
     r->minicache_merged = m->minicache_merged;
     r->minicache_retained = m->minicache_retained;
     r->lorc_ratio = m->lorc_ratio;

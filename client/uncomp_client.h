@@ -172,7 +172,8 @@ struct uc_compression {
     float minicache_t;          /* with +minicache: SLERP t; 0 = 0.6 */
     float minicache_gamma;      /* with +minicache: share kept unmerged; 0 = 0.05 */
     bool minicache_retain_none; /* with +minicache: keep no common token unmerged */
-    uint32_t minicache_start;   /* with +minicache: first merged layer; 0 = half the layers */
+    uint32_t minicache_start;   /* with +minicache: first merged layer; 0 = the profile's
+                                   calibrated pairs, else half the layers */
     float lorc_ratio;           /* with a +lorc policy: mean share of K/V dimensions kept; 0 = 0.5 */
 };
 
@@ -267,6 +268,8 @@ struct uc_compression_report {
     uint32_t key_channels;  /* ThinK: key channels each KV head keeps (head_dim without) */
     uint32_t minicache_pairs;    /* MiniCache: layer pairs merged (0 without +minicache) */
     uint32_t minicache_start;    /* its first merged layer */
+    uint32_t *minicache_layers;  /* each pair's first layer a (pair a, a + 1), ascending */
+    size_t n_minicache_layers;
     uint64_t minicache_merged;   /* (token, KV head)s stored once for two layers */
     uint64_t minicache_retained; /* common tokens kept unmerged */
     float lorc_ratio;       /* LoRC: mean kept share of the K/V dimensions (0 without +lorc) */

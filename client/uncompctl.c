@@ -104,7 +104,8 @@ static const char usage_generate[] =
     "      --think-ratio X         with +think: share of key channels pruned (default 0.4)\n"
     "      --minicache-t X  --minicache-gamma X  --minicache-start L\n"
     "                              with +minicache: SLERP t (0.6), share of common tokens\n"
-    "                              kept unmerged (0.05), first merged layer (L/2)\n"
+    "                              kept unmerged (0.05), first merged layer (the\n"
+    "                              profile's calibrated pairs, else L/2)\n"
     "                              streamingllm, h2o; +kvsharer, +think and +lorc\n"
     "                              compose (snapkv+kvsharer, snapkv+think, snapkv+lorc)\n"
     "      --kv-budget N           mean KV tokens kept per head and layer\n"
@@ -526,6 +527,8 @@ static void json_report(FILE *f, const struct uc_compression_report *r)
     if (r->minicache_pairs) {
         uc_ctl_json_field_num(f, "minicache_pairs", r->minicache_pairs);
         uc_ctl_json_field_num(f, "minicache_start", r->minicache_start);
+        fprintf(f, ",\"minicache_layers\":");
+        print_json_u32_array(f, r->minicache_layers, r->n_minicache_layers);
         uc_ctl_json_field_num(f, "minicache_merged", (double)r->minicache_merged);
         uc_ctl_json_field_num(f, "minicache_retained", (double)r->minicache_retained);
     }
@@ -595,9 +598,13 @@ static void verbose_completion(FILE *f, const struct uc_completion *c)
             r->kv_tokens_kept, r->kv_bytes_full, r->kv_bytes_kept, r->ratio, r->compress_ms,
             r->plan_checksum, r->shared_layers, r->key_channels);
     if (r->minicache_pairs) {
-        fprintf(f, "  minicache: %" PRIu32 " pairs from layer %" PRIu32 ", %" PRIu64
-                " merged, %" PRIu64 " retained\n", r->minicache_pairs, r->minicache_start,
-                r->minicache_merged, r->minicache_retained);
+        fprintf(f, "  minicache: %" PRIu32 " pairs (layers", r->minicache_pairs);
+        for (size_t i = 0; i < r->n_minicache_layers; i++) {
+            fprintf(f, " %" PRIu32 "-%" PRIu32, r->minicache_layers[i],
+                    r->minicache_layers[i] + 1);
+        }
+        fprintf(f, "), %" PRIu64 " merged, %" PRIu64 " retained\n", r->minicache_merged,
+                r->minicache_retained);
     }
     if (r->lorc_ratio > 0.0f) {
         fprintf(f, "  lorc: ratio %.4g, latent ranks %" PRIu32 " (first layer) .. %" PRIu32

@@ -141,6 +141,13 @@ static const struct uc_cfg_option options[] = {
      "KVSharer: cosine similarity the last hidden states must keep for a layer pair"},
     {"kvsharer-window", UC_CFG_INT, OFF(kvsharer_window), "256", 16, 1 << 16, 0,
      "KVSharer: tokens per window of its search (at most 4 windows of the calibration text)"},
+    {"minicache-pairs", UC_CFG_INT, OFF(minicache_pairs), "0", -1, 64, 0,
+     "MiniCache: adjacent layer pairs calibration picks, those of least mean angular distance, "
+     "for requests without minicache-start (0 = the paper's count, half the layers from L/2; "
+     "-1 = no calibration: the paper's pairs from L/2)"},
+    {"minicache-window", UC_CFG_INT, OFF(minicache_window), "256", 16, 1 << 16, 0,
+     "MiniCache: tokens per window of its calibration (at most 4 windows of the calibration "
+     "text)"},
     {"calib-max-text-bytes", UC_CFG_BYTES, OFF(calib_max_text_bytes), "1MiB", 1024, 1 << 30, 0,
      "largest text an Admin.Calibrate may send"},
     /* one-shot */

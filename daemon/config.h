@@ -41,6 +41,8 @@ struct uc_config {
     double kvsharer_threshold;
     double kvsharer_layers;
     int64_t kvsharer_window;
+    int64_t minicache_pairs;
+    int64_t minicache_window;
     int64_t calib_max_text_bytes;
     char *log_level;
     bool fp32;

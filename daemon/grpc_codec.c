@@ -910,6 +910,18 @@ static bool report_pb(struct arena *a, Uncomp__V1__CompressionReport *rep,
     rep->lorc_ratio = r->lorc_ratio;
     rep->lorc_rank_first = (uint32_t)(r->lorc_rank_first > 0 ? r->lorc_rank_first : 0);
     rep->lorc_rank_last = (uint32_t)(r->lorc_rank_last > 0 ? r->lorc_rank_last : 0);
+    int32_t mp = r->minicache_pairs < UC_MINICACHE_MAX_PAIRS ? r->minicache_pairs
+                                                              : UC_MINICACHE_MAX_PAIRS;
+    if (mp > 0) {
+        rep->minicache_layers = arena_alloc(a, (size_t)mp * sizeof *rep->minicache_layers);
+        if (!rep->minicache_layers) {
+            return false;
+        }
+        for (int32_t i = 0; i < mp; i++) {
+            rep->minicache_layers[i] = (uint32_t)r->minicache_first[i];
+        }
+        rep->n_minicache_layers = (size_t)mp;
+    }
     int32_t ns = r->n_stages;
     if (ns > UC_MAX_STAGES + 1) {
         ns = UC_MAX_STAGES + 1;

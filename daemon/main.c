@@ -242,8 +242,14 @@ static int run_rank0(struct daemon *d)
     char msg[512];
     uc_status rc;
     struct uc_sched_params sp = uc_sched_default_params();
-    rc = uc_config_compress(c, uc_engine_config(d->engine)->n_layers, &sp.default_compress, msg,
-                            sizeof msg);
+    int64_t n_layers = uc_engine_config(d->engine)->n_layers;
+    rc = uc_config_compress(c, n_layers, &sp.default_compress, msg, sizeof msg);
+    if (rc == UC_OK && 2 * c->minicache_pairs > n_layers) {
+        snprintf(msg, sizeof msg, "--minicache-pairs=%lld: the model's %lld layers hold at most "
+                 "%lld disjoint pairs", (long long)c->minicache_pairs, (long long)n_layers,
+                 (long long)(n_layers / 2));
+        rc = UC_ERR_INVALID_ARG;
+    }
     if (rc != UC_OK) {
         fprintf(stderr, "uncompd: %s\n", msg);
         uc_engine_shutdown(d->engine);
@@ -270,6 +276,8 @@ static int run_rank0(struct daemon *d)
     sp.kvsharer.ratio = c->kvsharer_layers;
     sp.kvsharer.threshold = c->kvsharer_threshold;
     sp.kvsharer_window = (int32_t)c->kvsharer_window;
+    sp.minicache_pairs = (int32_t)c->minicache_pairs;
+    sp.minicache_window = (int32_t)c->minicache_window;
     rc = uc_tokenizer_create(&d->tok, uc_engine_model_dir(d->engine));
     if (rc == UC_OK && uc_tokenizer_vocab_size(d->tok) > uc_engine_config(d->engine)->vocab) {
         /* an id past the embedding rows would read outside the table at the first prompt */

@@ -754,6 +754,10 @@ static void add_report(cJSON *o, const struct uc_oai_choice *c)
         if (mc) {
             cJSON_AddNumberToObject(mc, "pairs", rp->minicache_pairs);
             cJSON_AddNumberToObject(mc, "start", rp->minicache_start);
+            cJSON *ly = cJSON_AddArrayToObject(mc, "layers");
+            for (int32_t i = 0; ly && i < rp->minicache_pairs && i < UC_MINICACHE_MAX_PAIRS; i++) {
+                cJSON_AddItemToArray(ly, cJSON_CreateNumber(rp->minicache_first[i]));
+            }
             cJSON_AddNumberToObject(mc, "merged", (double)rp->minicache_merged);
             cJSON_AddNumberToObject(mc, "retained", (double)rp->minicache_retained);
         }

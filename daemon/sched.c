@@ -56,6 +56,8 @@ struct uc_sched_params uc_sched_default_params(void)
         .calib_window_tokens = 1024,
         .kvsharer = {.threshold = 0.5, .ratio = 0.3, .target = 0},
         .kvsharer_window = 256,
+        .minicache_pairs = 0,
+        .minicache_window = 256,
         .calib_max_windows = 4,
         .calib_max_text_bytes = 1 << 20,
     };

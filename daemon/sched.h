@@ -139,6 +139,10 @@ struct uc_sched_params {
     /* KVSharer's search after each calibration (kvsharer.ratio 0: none) */
     struct uc_kvsharer_params kvsharer;
     int32_t kvsharer_window;
+    /* MiniCache's merge set after each calibration: pairs to pick (0: the paper's count,
+     * -1: no calibration), tokens per window */
+    int32_t minicache_pairs;
+    int32_t minicache_window;
 };
 
 struct uc_sched_params uc_sched_default_params(void);

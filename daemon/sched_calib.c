@@ -166,43 +166,80 @@ static uc_status window_start(struct uc_sched *s, struct uc_step_new *nw, char *
     return UC_OK;
 }
 
-/* KVSharer's layer pairs, searched on the calibration text once the entropy profile is in (its
- * windows run as steps of their own: the requests wait the few seconds it takes). Without room
- * in the KV pool, or on failure, the profile keeps no pairs and kvsharer requests are refused
- * until the next calibration; the entropy profile stands either way. */
-static void kvsharer_search(struct uc_sched *s)
+/* The first (at most 4) windows of w tokens (at most the context) of the job's text for the searches after the
+ * entropy profile: each starts with BOS (when the model has one) and holds the text's next
+ * tokens. Returns them (uc_malloc'd, *nw windows) or NULL, with a WARN naming `what`. */
+static int32_t *search_windows(struct uc_sched *s, int64_t w, int64_t *nw, const char *what)
 {
     struct calib_job *j = &s->calib;
-    if (uc_kvsharer_target(&s->p.kvsharer, uc_engine_config(s->e)->n_layers) == 0) {
-        return;
-    }
     int32_t bos = uc_tokenizer_bos(s->tok);
-    int64_t w = s->p.kvsharer_window, ctx = uc_engine_max_ctx(s->e);
-    w = w < ctx ? w : ctx;
-    int64_t body = w - (bos >= 0 ? 1 : 0), nw = body > 0 ? j->n_ids / body : 0;
-    nw = nw < 4 ? nw : 4;
-    if (nw < 1) {
-        UC_LOG_WARN("sched: kvsharer: the calibration text has %lld tokens, a window needs %lld",
+    int64_t body = w - (bos >= 0 ? 1 : 0), n = body > 0 ? j->n_ids / body : 0;
+    n = n < 4 ? n : 4;
+    *nw = n;
+    if (n < 1) {
+        UC_LOG_WARN("sched: %s: the calibration text has %lld tokens, a window needs %lld", what,
                     (long long)j->n_ids, (long long)body);
-        return;
+        return NULL;
     }
-    int32_t *ids = uc_malloc((size_t)(nw * w) * sizeof(int32_t));
+    int32_t *ids = uc_malloc((size_t)(n * w) * sizeof(int32_t));
     if (!ids) {
-        UC_LOG_WARN("sched: kvsharer: out of memory");
-        return;
+        UC_LOG_WARN("sched: %s: out of memory", what);
+        return NULL;
     }
-    for (int64_t i = 0; i < nw; i++) {
+    for (int64_t i = 0; i < n; i++) {
         int32_t *win = ids + i * w;
         if (bos >= 0) {
             *win++ = bos;
         }
         memcpy(win, j->ids + i * body, (size_t)body * sizeof(int32_t));
     }
+    return ids;
+}
+
+/* KVSharer's layer pairs, searched on the calibration text once the entropy profile is in (its
+ * windows run as steps of their own: the requests wait the few seconds it takes). Without room
+ * in the KV pool, or on failure, the profile keeps no pairs and kvsharer requests are refused
+ * until the next calibration; the entropy profile stands either way. */
+static void kvsharer_search(struct uc_sched *s)
+{
+    if (uc_kvsharer_target(&s->p.kvsharer, uc_engine_config(s->e)->n_layers) == 0) {
+        return;
+    }
+    int64_t w = s->p.kvsharer_window, ctx = uc_engine_max_ctx(s->e), nw = 0;
+    w = w < ctx ? w : ctx;
+    int32_t *ids = search_windows(s, w, &nw, "kvsharer");
+    if (!ids) {
+        return;
+    }
     struct uc_kvsharer_result res;
     uc_status rc = uc_engine_kvsharer_calibrate(s->e, ids, nw * w, w, &s->p.kvsharer, &res);
     uc_free(ids);
     if (rc != UC_OK) {
         UC_LOG_WARN("sched: kvsharer search failed (%s); the profile has no layer pairs",
+                    rc == UC_ERR_KV_FULL ? "the KV pool is busy" : uc_status_str(rc));
+    }
+}
+
+/* MiniCache's merge set, measured on the calibration text once the entropy profile is in (as
+ * KVSharer's search: windows as steps of their own). Without room in the KV pool, or on
+ * failure, the profile keeps no pairs and minicache requests merge the paper's pairs from
+ * L / 2 until the next calibration. */
+static void minicache_search(struct uc_sched *s)
+{
+    if (s->p.minicache_pairs < 0) {
+        return;
+    }
+    int64_t w = s->p.minicache_window, ctx = uc_engine_max_ctx(s->e), nw = 0;
+    w = w < ctx ? w : ctx;
+    int32_t *ids = search_windows(s, w, &nw, "minicache");
+    if (!ids) {
+        return;
+    }
+    uc_status rc = uc_engine_minicache_calibrate(s->e, ids, nw * w, w, s->p.minicache_pairs);
+    uc_free(ids);
+    if (rc != UC_OK) {
+        UC_LOG_WARN("sched: minicache calibration failed (%s); minicache requests merge the "
+                    "paper's pairs from L / 2",
                     rc == UC_ERR_KV_FULL ? "the KV pool is busy" : uc_status_str(rc));
     }
 }
@@ -271,6 +308,7 @@ void sched_calib_tick(struct uc_sched *s, struct uc_step_new *news, int32_t *n_n
         snprintf(msg, sizeof msg, "%s", rc == UC_OK ? "" : uc_status_str(rc));
         if (rc == UC_OK) {
             kvsharer_search(s);
+            minicache_search(s);
         }
         job_end(s, rc, msg);
         return;

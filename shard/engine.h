@@ -85,6 +85,8 @@ enum uc_seq_flags {
                                      norm) for uc_engine_seq_hidden */
     UC_SEQ_KVSHARE_STATS = 1 << 6, /* add this prompt's K/V of every layer to the KVSharer sums
                                       (its length must be the one KVSHARE_RESET set) */
+    UC_SEQ_MC_STATS = 1 << 7,      /* add this prompt's adjacent-layer K/V distances to the
+                                      MiniCache sums (policy full; after an MC_RESET) */
 };
 
 struct uc_step_new {
@@ -125,6 +127,9 @@ enum uc_step_op {
                                    prompts of ks_tokens tokens */
     UC_STEP_KVSHARE_DIST = 8,   /* the layers' squared cache distances, summed over ranks */
     UC_STEP_KVSHARE_SET = 9,    /* install ks_pairs in the active profile and save it */
+    UC_STEP_MC_RESET = 10,      /* MiniCache calibration: zero the adjacent-layer distance sums */
+    UC_STEP_MC_SET = 11,        /* all-reduce them into mean distances, select mc_n_pairs pairs,
+                                   record both in the active profile and save it */
 };
 
 struct uc_step {
@@ -146,6 +151,7 @@ struct uc_step {
     double ks_threshold;
     double ks_cosine;
     struct uc_share_pair ks_pairs[UC_MAX_SHARE_PAIRS];
+    int32_t mc_n_pairs; /* MC_SET: pairs to select (0: drop the sums, record nothing) */
 };
 
 /* Rank 0: broadcasts the step to every rank and runs it. A bad request in the step (an unknown
@@ -219,6 +225,18 @@ uc_status uc_engine_kvsharer_calibrate(struct uc_engine *e, const int32_t *token
 /* After a KVSharer calibration: the (L, L) squared distances of the layers' averaged caches,
  * summed over the ranks, that ranked its pairs; NULL before one. Engine thread only. */
 const double *uc_engine_kvsharer_distances(const struct uc_engine *e);
+/* MiniCache calibration (rank 0; the other ranks serve its steps): prefills the windows of
+ * `window` tokens of `tokens` (at most 16, one step, policy full); each rank sums, for every
+ * adjacent layer pair (l, l + 1), the angular distance of each token's cached K/V (the larger
+ * of the key's and the value's, kv_merge_dist) over its own KV heads; the sums are all-reduced
+ * (a replicated KV head counted once) into the mean distance per pair, and the n_pairs pairs of
+ * least total distance (0: uc_minicache_default_pairs) are recorded with the distances in the
+ * active profile on every rank, identical everywhere, and saved (rank 0). The profile must
+ * exist (UC_ERR_UNAVAILABLE: calibrate the entropy profile first); UC_ERR_KV_FULL when the pool
+ * cannot hold the windows now; UC_ERR_INVALID_ARG for a pair count the layers cannot hold. Uses
+ * sequence ids -2000 and below. */
+uc_status uc_engine_minicache_calibrate(struct uc_engine *e, const int32_t *tokens,
+                                        int64_t n_tokens, int64_t window, int32_t n_pairs);
 /* Tokens in context (prompt plus decoded). */
 int64_t uc_engine_seq_len(const struct uc_engine *e, int64_t seq_id);
 
@@ -253,6 +271,9 @@ struct uc_compress_report {
     int64_t kv_row_bytes_local;   /* bytes of this rank's cached K/V rows (packed rows smaller) */
     int32_t minicache_pairs;      /* MiniCache: layer pairs merged (0: no minicache stage) */
     int32_t minicache_start;      /* its first merged layer */
+    int16_t minicache_first[UC_MINICACHE_MAX_PAIRS]; /* each pair's first layer, ascending: the
+                                                        request's minicache_start on, else the
+                                                        profile's calibrated pairs, else L / 2 on */
     int64_t minicache_merged;     /* (token, KV head) pairs of layers stored merged, whole model */
     int64_t minicache_retained;   /* common tokens kept unmerged (the retention rule) */
     float lorc_ratio;             /* LoRC's kept share (0: no lorc stage) */

@@ -284,7 +284,8 @@ void uc_engine_destroy(struct uc_engine *e)
                     e->dm_maxn, e->psum, e->wprob, e->colscore, e->rowscore, e->keep,
                     e->sel_scratch, e->spec, e->spec_local, e->cal_head,
                     e->cal_hidden, e->model_dir, e->profile_path, e->batch, e->sw_seq, e->sw_left, e->bt_seqs, e->dm_need, e->dec_logits,
-                    e->dec_argmax, e->qs_seq, e->qs_host, e->ks_sum, e->ks_dist};
+                    e->dec_argmax, e->qs_seq, e->qs_host, e->ks_sum, e->ks_dist, e->mc_sum,
+                    e->mc_cnt};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
         uc_free(host[i]);
     }
@@ -489,8 +490,14 @@ uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
     /* MiniCache: a merged token's two rows of 2 D values (one per layer) are one row of
      * 2 D + 4 (backend.h) */
     out->minicache_pairs = s->mc_n_pairs;
-    out->minicache_start = s->mc_n_pairs > 0
-                               ? (int32_t)uc_minicache_start(s->cp.minicache_start, L) : 0;
+    /* the pairs' first layers, ascending (pair p is layers L + p's merged heads) */
+    memset(out->minicache_first, 0, sizeof out->minicache_first);
+    for (int64_t l = 0; l < L; l++) {
+        if (s->mc_pair && s->mc_pair[l] >= 0 && s->mc_partner[l] > l) {
+            out->minicache_first[s->mc_pair[l]] = (int16_t)l;
+        }
+    }
+    out->minicache_start = s->mc_n_pairs > 0 ? out->minicache_first[0] : 0;
     out->minicache_merged = s->mc_merged_all;
     out->minicache_retained = s->mc_retained_all;
     out->kv_bytes_kept -= s->mc_merged_all * (2 * d - UC_KV_MERGED_EXTRA) * (int64_t)act_size(e);

@@ -199,6 +199,11 @@ struct uc_engine {
     int64_t ks_tokens;
     int64_t ks_windows;
     double *ks_dist;
+    /* MiniCache calibration (minicache.c): per adjacent layer pair (l, l + 1), this rank's sum of
+     * the tokens' angular distances over its own KV heads and the count, (L - 1) each; NULL
+     * outside a calibration */
+    double *mc_sum;
+    double *mc_cnt;
     int64_t diag_layer; /* the last DIAGNOSE step's answer */
     /* LoRC (lorc.c): each layer's sensitivity, agreed over the ranks, and this rank's latent
      * bases (L, Hkv_local, 2, D, D) on the backend; lorc_ready false where lorc cannot run */
@@ -321,8 +326,9 @@ static inline struct eng_meta_layout eng_meta_layout(bool packed, bool latent, b
  * pair_of may be NULL) as uc_minicache_pairs. */
 int32_t eng_mc_pairs_for(const struct uc_engine *e, const struct uc_compress_params *cp,
                          int16_t *partner, int16_t *pair_of);
-/* A new sequence's pairs (s->cp, s->phase set): its mc_ fields. */
-uc_status eng_mc_seq_init(struct uc_engine *e, struct seq *s);
+/* A new sequence's pairs (s->cp, s->phase set): its mc_ fields; a fork (src not NULL) takes its
+ * source's pairs (the profile's may have changed since). */
+uc_status eng_mc_seq_init(struct uc_engine *e, struct seq *s, const struct seq *src);
 /* Frees layer a's kept lists (the prefill's end) / everything (the sequence's). */
 void eng_mc_free_prefill(struct uc_engine *e, struct seq *s);
 void eng_mc_seq_fini(struct uc_engine *e, struct seq *s);
@@ -338,6 +344,13 @@ const int32_t *eng_mc_merged_positions(const struct seq *s, int64_t l, int64_t j
  * and nks the rows it still scatters itself. */
 uc_status eng_mc_layer_end(struct uc_engine *e, struct seq *s, int32_t *keep, int64_t keep_ld,
                            int64_t *nks, const void *kbase, const void *vbase);
+/* With UC_SEQ_MC_STATS, at the end of layer s->layer > 0 (before its rows are scattered): each
+ * token's distance between layer l - 1's cached K/V (the whole prompt, policy full) and layer
+ * l's rows (kbase/vbase) into the calibration sums, for this rank's own KV heads. */
+uc_status eng_mc_stats_layer_end(struct uc_engine *e, struct seq *s, const void *kbase,
+                                 const void *vbase);
+/* The MC_* calibration steps. */
+uc_status eng_mc_step(struct uc_engine *e, const struct uc_step *st);
 /* lorc.c */
 /* At engine creation, on every rank: the bases and the agreed sensitivities (nothing, with an
  * INFO line, where the model cannot use lorc). Collective. */

@@ -11,14 +11,25 @@
  * policy's budgets); only tokens that both keep are candidates for merging, and the rest stay
  * each layer's own. Keys are merged as the cache holds them, rotated (RoPE at the token's
  * position, the same in both layers), so a restored key needs no rotation. Each rank merges its
- * own KV heads; the pairs come from the parameters and the layer count alone, the same on every
- * rank, and are part of the plan checksum the ranks compare (prefill.c). */
+ * own KV heads; the pairs come from the request's minicache_start (the paper's contiguous
+ * pairs), else from the profile's calibrated set, else from L / 2, the same on every rank (the
+ * profile's set is agreed when it is calibrated), and are part of the plan checksum the ranks
+ * compare (prefill.c).
+ *
+ * Calibration: windows of the calibration text are prefilled as ordinary steps (policy full);
+ * at each layer end from layer 1 on, each rank adds every token's angular distance between the
+ * previous layer's cached K/V and this layer's (kv_merge_dist, as the merge measures it) over
+ * its own KV heads; an MC_SET step all-reduces the sums into each adjacent pair's mean
+ * distance, rank 0's values are broadcast, and every rank records them and the pairs they give
+ * (uc_minicache_select) in its profile. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "base/log.h"
 #include "base/mem.h"
+#include "base/util.h"
 #include "comm.h"
 #include "compress/minicache.h"
 #include "internal.h"
@@ -28,18 +39,15 @@ int32_t eng_mc_pairs_for(const struct uc_engine *e, const struct uc_compress_par
 {
     int64_t L = e->cfg->n_layers;
     if (!uc_policy_minicache(cp)) {
-        for (int64_t l = 0; l < L; l++) {
-            partner[l] = -1;
-            if (pair_of) {
-                pair_of[l] = -1;
-            }
-        }
-        return 0;
+        return uc_minicache_pairs_of(partner, pair_of, L, NULL, 0);
+    }
+    if (cp->minicache_start <= 0 && e->have_prof && e->prof.has_minicache) {
+        return uc_minicache_pairs_of(partner, pair_of, L, e->prof.mc_first, e->prof.mc_n_pairs);
     }
     return uc_minicache_pairs(partner, pair_of, L, uc_minicache_start(cp->minicache_start, L));
 }
 
-uc_status eng_mc_seq_init(struct uc_engine *e, struct seq *s)
+uc_status eng_mc_seq_init(struct uc_engine *e, struct seq *s, const struct seq *src)
 {
     int64_t L = e->cfg->n_layers, hkv_l = e->sh->n_heads_kv;
     s->mc_pair = uc_malloc((size_t)L * sizeof *s->mc_pair);
@@ -47,7 +55,13 @@ uc_status eng_mc_seq_init(struct uc_engine *e, struct seq *s)
     if (!s->mc_pair || !s->mc_partner) {
         return UC_ERRF(UC_ERR_NOMEM, "minicache pairs");
     }
-    s->mc_n_pairs = eng_mc_pairs_for(e, &s->cp, s->mc_partner, s->mc_pair);
+    if (src) {
+        memcpy(s->mc_pair, src->mc_pair, (size_t)L * sizeof *s->mc_pair);
+        memcpy(s->mc_partner, src->mc_partner, (size_t)L * sizeof *s->mc_partner);
+        s->mc_n_pairs = src->mc_n_pairs;
+    } else {
+        s->mc_n_pairs = eng_mc_pairs_for(e, &s->cp, s->mc_partner, s->mc_pair);
+    }
     if (s->mc_n_pairs > 0 && s->phase == UC_SEQ_PREFILLING) {
         s->mc_keep_a = uc_calloc((size_t)(s->mc_n_pairs * hkv_l), sizeof *s->mc_keep_a);
         s->mc_n_keep_a = uc_calloc((size_t)(s->mc_n_pairs * hkv_l), sizeof *s->mc_n_keep_a);
@@ -298,5 +312,203 @@ uc_status eng_mc_layer_end(struct uc_engine *e, struct seq *s, int32_t *keep, in
         s->mc_merged_all += (int64_t)llround(c[0] / rep);
         s->mc_retained_all += (int64_t)llround(c[1] / rep);
     }
+    return rc;
+}
+
+/* ---- calibration ------------------------------------------------------------------------- */
+
+uc_status eng_mc_stats_layer_end(struct uc_engine *e, struct seq *s, const void *kbase,
+                                 const void *vbase)
+{
+    int64_t l = s->layer, n = s->n_rows, hkv_l = e->sh->n_heads_kv;
+    if (!(s->flags & UC_SEQ_MC_STATS) || l == 0) {
+        return UC_OK;
+    }
+    if (!e->mc_sum) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "minicache calibration: seq=%lld without an MC_RESET",
+                       (long long)s->id);
+    }
+    /* a replicated KV head counts on the first rank that holds it (as LoRC's sums) */
+    const struct uc_model_shard *sh = e->sh;
+    if (sh->kv_replicated && sh->h0 != sh->kv0 * sh->group) {
+        return UC_OK;
+    }
+    size_t c1 = (size_t)(n > 0 ? n : 1);
+    int32_t *slot = uc_malloc(c1 * sizeof(int32_t)), *row = uc_malloc(c1 * sizeof(int32_t));
+    double *dist = uc_malloc(2 * c1 * sizeof(double));
+    uc_status rc = UC_OK;
+    if (!slot || !row || !dist) {
+        rc = UC_ERRF(UC_ERR_NOMEM, "minicache calibration tokens=%lld", (long long)n);
+        goto out;
+    }
+    double sum = 0.0;
+    for (int64_t j = 0; j < hkv_l; j++) {
+        const struct uc_kv_head *ha = uc_kv_seq_head(&s->kv, l - 1, j);
+        if (ha->n_tokens != n || ha->kdim != 0) {
+            rc = UC_ERRF(UC_ERR_INVALID_ARG, "minicache calibration: layer %lld head %lld holds "
+                         "%d of %lld tokens (the windows run with policy full)",
+                         (long long)(l - 1), (long long)j, ha->n_tokens, (long long)n);
+            goto out;
+        }
+        for (int64_t x = 0; x < n; x++) {
+            slot[x] = uc_kv_head_slot(&e->kv, ha, x);
+            row[x] = (int32_t)x;
+        }
+        UC_CHECK(e->be->ops->kv_merge_dist(e->be, dist, &e->kv.pool, slot, kbase, vbase,
+                                           sh->qkv_dim, row, j, n),
+                 rc, out);
+        for (int64_t x = 0; x < n; x++) {
+            sum += dist[2 * x] > dist[2 * x + 1] ? dist[2 * x] : dist[2 * x + 1];
+        }
+    }
+    e->mc_sum[l - 1] += sum;
+    e->mc_cnt[l - 1] += (double)(n * hkv_l);
+out:
+    uc_free(slot);
+    uc_free(row);
+    uc_free(dist);
+    return rc;
+}
+
+/* The mean distances over every rank's heads (rank 0's broadcast, so every rank holds the same
+ * doubles), recorded with the pairs they give in the profile, saved by rank 0. */
+static uc_status mc_set(struct uc_engine *e, int32_t n_pairs)
+{
+    int64_t L = e->cfg->n_layers;
+    if (!e->have_prof) {
+        return UC_ERRF(UC_ERR_UNAVAILABLE, "minicache calibration: no profile to record the "
+                       "pairs in (calibrate the entropy profile first)");
+    }
+    double *buf = uc_malloc((size_t)(2 * (L - 1)) * sizeof(double));
+    if (!buf) {
+        return UC_ERRF(UC_ERR_NOMEM, "minicache distances L=%lld", (long long)L);
+    }
+    memcpy(buf, e->mc_sum, (size_t)(L - 1) * sizeof(double));
+    memcpy(buf + L - 1, e->mc_cnt, (size_t)(L - 1) * sizeof(double));
+    uc_status rc;
+    UC_CHECK(uc_comm_allreduce_sum(e->comm, buf, 2 * (L - 1), UC_COMM_F64), rc, out);
+    for (int64_t l = 0; l + 1 < L; l++) {
+        if (!(buf[L - 1 + l] > 0.0)) {
+            rc = UC_ERRF(UC_ERR_INVALID_ARG, "minicache calibration: no token measured between "
+                         "layers %lld and %lld", (long long)l, (long long)(l + 1));
+            goto out;
+        }
+        buf[l] /= buf[L - 1 + l];
+    }
+    if (uc_comm_size(e->comm) > 1) {
+        UC_CHECK(uc_comm_bcast(e->comm, buf, (size_t)(L - 1) * sizeof(double), 0), rc, out);
+    }
+    int64_t tokens = llround(buf[L - 1] / (double)e->cfg->n_heads_kv);
+    UC_CHECK(uc_profile_set_minicache(&e->prof, buf, n_pairs, tokens), rc, out);
+    if (uc_comm_rank(e->comm) == 0) {
+        rc = uc_profile_save(&e->prof, e->profile_path);
+        if (rc == UC_OK) {
+            UC_LOG_NOTICE("engine: minicache pairs=%d first=%d saved to %s", e->prof.mc_n_pairs,
+                          e->prof.mc_first[0], e->profile_path);
+        }
+    }
+out:
+    uc_free(buf);
+    return rc;
+}
+
+uc_status eng_mc_step(struct uc_engine *e, const struct uc_step *st)
+{
+    int64_t L = e->cfg->n_layers;
+    switch (st->op) {
+    case UC_STEP_MC_RESET:
+        UC_FREE(e->mc_sum);
+        UC_FREE(e->mc_cnt);
+        if (L < 2) {
+            return UC_ERRF(UC_ERR_INVALID_ARG, "minicache calibration: %lld layer(s)",
+                           (long long)L);
+        }
+        e->mc_sum = uc_calloc((size_t)(L - 1), sizeof(double));
+        e->mc_cnt = uc_calloc((size_t)(L - 1), sizeof(double));
+        if (!e->mc_sum || !e->mc_cnt) {
+            UC_FREE(e->mc_sum);
+            UC_FREE(e->mc_cnt);
+            return UC_ERRF(UC_ERR_NOMEM, "minicache sums L=%lld", (long long)L);
+        }
+        return UC_OK;
+    case UC_STEP_MC_SET: {
+        /* 0 pairs: the calibration failed on the way, the sums are dropped */
+        uc_status rc = UC_OK;
+        if (st->mc_n_pairs != 0) {
+            rc = e->mc_sum ? mc_set(e, st->mc_n_pairs)
+                           : UC_ERRF(UC_ERR_INVALID_ARG, "minicache calibration: MC_SET without "
+                                     "an MC_RESET");
+        }
+        UC_FREE(e->mc_sum); /* the sums are done with */
+        UC_FREE(e->mc_cnt);
+        return rc;
+    }
+    default: return UC_ERRF(UC_ERR_FORMAT, "step: op %d is not a minicache step", (int)st->op);
+    }
+}
+
+#define MC_SEQ0 (-2000)
+#define MC_MAX_WINDOWS 16
+
+uc_status uc_engine_minicache_calibrate(struct uc_engine *e, const int32_t *tokens,
+                                        int64_t n_tokens, int64_t window, int32_t n_pairs)
+{
+    int64_t L = e->cfg->n_layers;
+    if (!e->have_prof) {
+        return UC_ERRF(UC_ERR_UNAVAILABLE, "minicache calibration: no profile to record the "
+                       "pairs in (calibrate the entropy profile first)");
+    }
+    if (window < 2 || n_tokens < window || window > e->max_ctx) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "minicache calibration: %lld tokens for windows of "
+                       "%lld", (long long)n_tokens, (long long)window);
+    }
+    int32_t np = n_pairs > 0 ? n_pairs : uc_minicache_default_pairs(L);
+    if (np < 1 || 2 * (int64_t)np > L || np > UC_MINICACHE_MAX_PAIRS ||
+        L > UC_MINICACHE_MAX_LAYERS) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "minicache calibration: %d pairs of %lld layers (1 "
+                       "to %lld)", np, (long long)L, (long long)(L / 2));
+    }
+    int64_t nw = n_tokens / window < MC_MAX_WINDOWS ? n_tokens / window : MC_MAX_WINDOWS;
+    struct uc_compress_params full = uc_compress_default_params();
+    struct uc_step_new probe = {.n_prompt = window, .cp = full};
+    if (uc_engine_kv_blocks_needed(e, &probe) * nw >
+        uc_engine_kv_blocks_total(e) - uc_engine_kv_blocks_used(e)) {
+        return UC_ERR_KV_FULL;
+    }
+    double t0 = uc_time_s();
+    struct uc_step_new news[MC_MAX_WINDOWS];
+    struct uc_step_prefill pf[MC_MAX_WINDOWS];
+    int64_t ids[MC_MAX_WINDOWS];
+    for (int64_t i = 0; i < nw; i++) {
+        ids[i] = MC_SEQ0 - i;
+        news[i] = (struct uc_step_new){.seq_id = ids[i], .flags = UC_SEQ_MC_STATS,
+                                       .max_new_tokens = 0, .cp = full, .n_prompt = window,
+                                       .prompt = tokens + i * window};
+        pf[i] = (struct uc_step_prefill){.seq_id = ids[i], .budget_rows = 0};
+    }
+    uc_status rc;
+    struct uc_step reset = {.op = UC_STEP_MC_RESET};
+    UC_CHECK(uc_engine_step(e, &reset), rc, out);
+    struct uc_step run = {.op = UC_STEP_RUN, .n_new = (int32_t)nw, .n_prefill = (int32_t)nw,
+                          .news = news, .prefills = pf};
+    rc = uc_engine_step(e, &run);
+    struct uc_step fr = {.op = UC_STEP_RUN, .n_free = (int32_t)nw, .frees = ids};
+    uc_status frc = uc_engine_step(e, &fr);
+    rc = rc != UC_OK ? rc : frc;
+    /* MC_SET frees the sums on every rank, also after a failed window */
+    struct uc_step set = {.op = UC_STEP_MC_SET, .mc_n_pairs = rc == UC_OK ? np : 0};
+    uc_status src = uc_engine_step(e, &set);
+    rc = rc != UC_OK ? rc : src;
+    if (rc == UC_OK) {
+        const struct uc_profile *p = &e->prof;
+        char pairs[256] = "";
+        for (int32_t i = 0; i < p->mc_n_pairs && strlen(pairs) + 16 < sizeof pairs; i++) {
+            snprintf(pairs + strlen(pairs), sizeof pairs - strlen(pairs), " %d-%d",
+                     p->mc_first[i], p->mc_first[i] + 1);
+        }
+        UC_LOG_NOTICE("engine: minicache calibration pairs:%s windows=%lld x %lld tokens in "
+                      "%.1f s", pairs, (long long)nw, (long long)window, uc_time_s() - t0);
+    }
+out:
     return rc;
 }

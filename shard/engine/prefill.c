@@ -586,7 +586,9 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
     for (int64_t j = 0; j < hkv_l; j++) {
         nks[j] = select_head(e, s, j, s->plan.budget[l * hkv + e->sh->kv0 + j]);
     }
-    /* MiniCache: the second layer of a pair merges the tokens both keep and scatters the rest */
+    /* MiniCache: the calibration's distances to the previous layer; the second layer of a pair
+     * merges the tokens both keep and scatters the rest */
+    UC_CHECK(eng_mc_stats_layer_end(e, s, kbase, vbase), rc, out);
     UC_CHECK(eng_mc_layer_end(e, s, e->keep, n, nks, kbase, vbase), rc, out);
     for (int64_t j = 0; j < hkv_l; j++) {
         n_sc += nks[j];
@@ -701,7 +703,12 @@ static uc_status gather_kept(struct uc_engine *e, struct seq *s)
     int64_t L = e->cfg->n_layers, hkv = e->cfg->n_heads_kv, hkv_l = e->sh->n_heads_kv;
     int64_t np = s->n_prompt, per = np + 1, R = uc_comm_size(e->comm);
     int same = 1;
-    uc_status rc = uc_comm_agree_u64(e->comm, uc_plan_checksum(&s->plan), "plan checksum", &same);
+    /* with MiniCache's pairs, which the plan does not hold */
+    uint64_t sum = uc_plan_checksum(&s->plan);
+    if (s->mc_n_pairs > 0) {
+        sum = uc_fnv1a(sum, s->mc_partner, (size_t)L * sizeof *s->mc_partner);
+    }
+    uc_status rc = uc_comm_agree_u64(e->comm, sum, "plan checksum", &same);
     if (rc != UC_OK) {
         return rc;
     }

@@ -201,6 +201,12 @@ uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_ne
                  "%lld", (long long)n->n_prompt, (long long)e->ks_tokens);
         return UC_ERR_INVALID_ARG;
     }
+    if ((n->flags & UC_SEQ_MC_STATS) &&
+        (!e->mc_sum || n->cp.policy != UC_POLICY_FULL || n->cp.stages != 0)) {
+        snprintf(msg, msg_size, "minicache calibration: a window needs an MC_RESET and policy "
+                 "full without stages");
+        return UC_ERR_INVALID_ARG;
+    }
     const int32_t *starts;
     if (n->cp.policy == UC_POLICY_UNCOMP_STAGE && eng_stage_starts_for(e, &n->cp, &starts) == 0 &&
         !e->have_prof) {
@@ -391,7 +397,7 @@ uc_status eng_seq_create(struct uc_engine *e, const struct uc_step_new *n)
     s->n_prompt = np;
     s->n_rows = np;
     UC_CHECK(uc_plan_init(&s->plan, L, e->cfg->n_heads_kv), rc, out);
-    UC_CHECK(eng_mc_seq_init(e, s), rc, out);
+    UC_CHECK(eng_mc_seq_init(e, s, NULL), rc, out);
     /* MiniCache: a layer of merged heads per pair after the model's layers */
     UC_CHECK(uc_kv_seq_init(&s->kv, L + s->mc_n_pairs, hkv_l), rc, out);
     s->prompt = uc_malloc((size_t)np * sizeof(int32_t));
@@ -509,7 +515,7 @@ uc_status eng_seq_fork(struct uc_engine *e, const struct uc_step_new *n)
     memcpy(s->plan.stage_starts, src->plan.stage_starts, sizeof s->plan.stage_starts);
     memcpy(s->plan.stage_rows, src->plan.stage_rows, sizeof s->plan.stage_rows);
     memcpy(s->plan.share_src, src->plan.share_src, (size_t)L * sizeof *s->plan.share_src);
-    UC_CHECK(eng_mc_seq_init(e, s), rc, out);
+    UC_CHECK(eng_mc_seq_init(e, s, src), rc, out);
     UC_CHECK(uc_kv_seq_init(&s->kv, src->kv.n_layers, hkv_l), rc, out);
     s->layer_rows = uc_malloc((size_t)L * sizeof(int64_t));
     s->ent_min = uc_malloc((size_t)L * sizeof(double));

@@ -152,6 +152,8 @@ static uc_status run_step(struct uc_engine *e, const struct uc_step *s)
     case UC_STEP_KVSHARE_RESET:
     case UC_STEP_KVSHARE_DIST:
     case UC_STEP_KVSHARE_SET: return eng_kvshare_step(e, s);
+    case UC_STEP_MC_RESET:
+    case UC_STEP_MC_SET: return eng_mc_step(e, s);
     case UC_STEP_RUN: break;
     default: return UC_ERRF(UC_ERR_FORMAT, "step: unknown op %d", (int)s->op);
     }

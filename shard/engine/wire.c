@@ -63,6 +63,7 @@ uc_status eng_wire_encode(struct uc_buf *b, const struct uc_step *s, int64_t ste
     put(b, &s->ks_threshold, sizeof s->ks_threshold);
     put(b, &s->ks_cosine, sizeof s->ks_cosine);
     put(b, s->ks_pairs, sizeof s->ks_pairs);
+    put(b, &s->mc_n_pairs, sizeof s->mc_n_pairs);
     if (b->oom) {
         return UC_ERRF(UC_ERR_NOMEM, "step wire bytes=%zu", b->len);
     }
@@ -157,6 +158,7 @@ uc_status eng_wire_decode(struct eng_wire_step *d, const char *buf, size_t len)
     take(&r, &d->s.ks_threshold, sizeof d->s.ks_threshold);
     take(&r, &d->s.ks_cosine, sizeof d->s.ks_cosine);
     take(&r, d->s.ks_pairs, sizeof d->s.ks_pairs);
+    take(&r, &d->s.mc_n_pairs, sizeof d->s.mc_n_pairs);
     if (r.bad) {
         eng_wire_fini(d);
         return UC_ERRF(UC_ERR_FORMAT, "step wire: truncated");

@@ -18,8 +18,9 @@
  * sharing, "snapkv+think": ThinK's key channel pruning at --think-ratio, default 0.4,
  * "snapkv+lorc": LoRC's low-rank latents keeping --lorc-ratio of the K/V dimensions, 0.5).
  * --calibrate runs, before the evaluation, the entropy calibration when the model has no
- * profile and KVSharer's layer-pair search on TEXT_FILE, into a temporary copy of the profile
- * (the model's file is left alone). The table gives KV bytes per prompt token (whole model, K
+ * profile, KVSharer's layer-pair search and MiniCache's merge-set calibration on TEXT_FILE,
+ * into a temporary copy of the profile (the model's file is left alone; without --calibrate
+ * minicache merges the model profile's calibrated pairs if it has them, else the paper's). The table gives KV bytes per prompt token (whole model, K
  * and V, as the cache holds them: fewer with ThinK's packed rows) so policies compare at equal
  * bytes.
  * --check exits 1 unless uncomp at budget 128 is at least snapkv at 128 and within 5 points
@@ -413,7 +414,8 @@ static void parse_args(struct opts *o, int argc, char **argv)
 }
 
 /* --calibrate: the entropy profile from the text when there is none (four 1024-token windows),
- * then KVSharer's layer pairs (four 256-token windows), into the engine's (temporary) profile. */
+ * then KVSharer's layer pairs and MiniCache's merge set (four 256-token windows), into the
+ * engine's (temporary) profile. */
 static uc_status calibrate(struct uc_engine *e, const struct uc_tokenizer *tok, const char *path,
                            const struct uc_kvsharer_params *kp)
 {
@@ -468,6 +470,18 @@ static uc_status calibrate(struct uc_engine *e, const struct uc_tokenizer *tok, 
         printf(" %d->%d", res.pairs[i].src, res.pairs[i].dst);
     }
     printf("\n");
+    /* MiniCache's merge set on the same windows (the paper's count of pairs) */
+    UC_CHECK(uc_engine_minicache_calibrate(e, win, 4 * KW, KW, 0), rc, out);
+    const struct uc_profile *p = uc_engine_profile(e);
+    printf("# minicache: %d layer pairs:", p->mc_n_pairs);
+    for (int32_t i = 0; i < p->mc_n_pairs; i++) {
+        printf(" %d-%d", p->mc_first[i], p->mc_first[i] + 1);
+    }
+    printf(" (mean angular distances of adjacent layers:");
+    for (int64_t l = 0; l + 1 < p->n_layers; l++) {
+        printf(" %.4f", p->mc_dist[l]);
+    }
+    printf(")\n");
 out:
     uc_free(text);
     uc_free(ids);

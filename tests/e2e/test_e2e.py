@@ -294,14 +294,19 @@ def t_generate_stream(d):
     check(c3.policy == "snapkv+think" and c3.key_channels == 24, "report %s" % c3)
     check(c3.kv_tokens_kept == c2.kv_tokens_kept and
           c3.kv_bytes_kept * 64 == c2.kv_bytes_kept * (24 + 32), "think report %s" % c3)
-    # MiniCache composed with it: the same tokens kept, pairs from layer 4 (of 8) merged, each
-    # merged (token, KV head) saving 2 D - 4 of its two layers' 4 D values
+    # MiniCache composed with it: the same tokens kept, 2 layer pairs merged (the profile's
+    # calibrated pairs when it has them, else the paper's from layer 4 of 8), each merged
+    # (token, KV head) saving 2 D - 4 of its two layers' 4 D values
     _, _, comp4, _ = cl.generate(text=LONG_PROMPT, max_tokens=8, temperature=0.0,
                                  compression={"policy": "snapkv+minicache", "kv_budget": 24,
                                               "minicache_t": 0.5})
     c4 = comp4.compression
+    prof = cl.profile()
+    pj = json.loads(prof.json) if prof.present else {}
+    want = [p[0] for p in pj["minicache"]["pairs"]] if "minicache" in pj else [4, 6]
     check(c4.policy == "snapkv+minicache" and c4.minicache_pairs == 2 and
-          c4.minicache_start == 4 and c4.minicache_merged > 0, "minicache report %s" % c4)
+          list(c4.minicache_layers) == want and c4.minicache_start == want[0] and
+          c4.minicache_merged > 0, "minicache report %s (pairs from %s)" % (c4, want))
     elem = c2.kv_bytes_full // (c2.kv_tokens_full * 2 * 32)  # 4 on the CPU, 2 in bf16
     check(c4.kv_tokens_kept == c2.kv_tokens_kept and
           c2.kv_bytes_kept - c4.kv_bytes_kept == c4.minicache_merged * (2 * 32 - 4) * elem,
@@ -1093,6 +1098,23 @@ def t_admin(d):
     expect_rpc_error(lambda: cl.generate(text="Hi", max_tokens=1,
                                          compression={"policy": "uncomp-stage+kvsharer"}),
                      IA, "does not combine")
+    # ... and MiniCache's merge set: 7 adjacent-layer distances, the paper's count of 2 pairs,
+    # which a minicache request merges unless it names a start
+    mc = pj.get("minicache", {})
+    check(len(mc.get("distances", [])) == 7 and mc.get("n_pairs") == 2 and
+          len(mc.get("pairs", [])) == 2, "minicache pairs in %s" % pj)
+    want = [p[0] for p in mc.get("pairs", [])]
+    _, _, comp, _ = cl.generate(text=LONG_PROMPT, max_tokens=4, temperature=0.0,
+                                compression={"policy": "snapkv+minicache", "kv_budget": 24})
+    c = comp.compression
+    check(list(c.minicache_layers) == want and c.minicache_start == want[0],
+          "minicache report %s, profile pairs %s" % (c, want))
+    _, _, comp, _ = cl.generate(text=LONG_PROMPT, max_tokens=4, temperature=0.0,
+                                compression={"policy": "snapkv+minicache", "kv_budget": 24,
+                                             "minicache_start": 2})
+    c = comp.compression
+    check(list(c.minicache_layers) == [2, 4, 6] and c.minicache_start == 2,
+          "minicache_start=2 report %s" % c)
 
 
 def t_second_daemon_same_port(d):
