@@ -15,12 +15,16 @@ merge applies to the cache the decode steps read).
 The kept sets of the token policy come from the engine's dump (the selection itself is checked
 against the PyTorch oracle elsewhere); everything from there on is recomputed here.
 
+The pairs are the paper's from the dump's start layer, or the dump's "pairs" line when it has
+one (a calibrated merge set: any disjoint adjacent pairs, tests/golden/test_minicache_calib.c).
+
 Usage: minicache_ref.py GOLDEN_MINICACHE_BINARY SHARED_DIR. Runs the binary with
 UC_MINICACHE_REF, then checks for "minicache" and "snapkv+minicache": the engine's merged sets
 equal the reference's wherever the reference ranks the distances apart by more than 1e-5
 relative, and the logits of every decode step are within 1e-4 of the reference relative to the
 largest logit, while the unmerged cache's logits are farther than that (so the comparison sees
-the merge). Exit 77 (skipped) without numpy."""
+the merge). Or: minicache_ref.py --dump DUMP_FILE MODEL_DIR checks every record of a dump
+written by another test the same way. Exit 77 (skipped) without numpy."""
 import math
 import os
 import subprocess
@@ -93,9 +97,10 @@ def prefill(m, ids):
     return ks, vs
 
 
-def build_caches(m, ks, vs, kept, t, gamma, start, merge=True):
-    """Per (layer, KV head) the cached keys and values after the merge, and the merged sets
-    with the distances of the common tokens (for the tie check)."""
+def build_caches(m, ks, vs, kept, t, gamma, firsts, merge=True):
+    """Per (layer, KV head) the cached keys and values after the merge of the pairs
+    (a, a + 1), a in firsts, and the merged sets with the distances of the common tokens (for
+    the tie check)."""
     caches = [[None] * m.Hkv for _ in range(m.L)]
     merged, dists = {}, {}
     for l in range(m.L):
@@ -104,7 +109,7 @@ def build_caches(m, ks, vs, kept, t, gamma, start, merge=True):
             caches[l][j] = (ks[l][p, j], vs[l][p, j])
     if not merge:
         return caches, merged, dists
-    for a in range(start, m.L - 1, 2):
+    for a in firsts:
         b = a + 1
         for j in range(m.Hkv):
             pa, pb = kept[(a, j)], kept[(b, j)]
@@ -166,6 +171,8 @@ def parse_dump(path):
                 r["ids"] = [int(x) for x in p[2:]]
             elif p[0] == "params":
                 r["t"], r["gamma"], r["start"] = float(p[2]), float(p[4]), int(p[6])
+            elif p[0] == "pairs":
+                r["pairs"] = [int(x) for x in p[1:]]
             elif p[0] in ("kept", "merged"):
                 r[p[0]][(int(p[1]), int(p[2]))] = [int(x) for x in p[3:]]
             elif p[0] == "step":
@@ -183,12 +190,14 @@ def check(m, r):
     ids = r["ids"]
     n = len(ids)
     ks, vs = prefill(m, ids)
+    firsts = r.get("pairs", list(range(r["start"], m.L - 1, 2)))
+    seconds = {a + 1 for a in firsts}
     # the engine lists a pair's second layer's own tokens; its whole kept set adds the merged
     kept = dict(r["kept"])
     for (l, j), mg in r["merged"].items():
-        if mg and (l - r["start"]) % 2 == 1:
+        if mg and l in seconds:
             kept[(l, j)] = sorted(set(kept[(l, j)]) | set(mg))
-    caches, merged, dists = build_caches(m, ks, vs, kept, r["t"], r["gamma"], r["start"])
+    caches, merged, dists = build_caches(m, ks, vs, kept, r["t"], r["gamma"], firsts)
     ties = total = 0
     for (l, j), mg in merged.items():
         e = set(r["merged"].get((l, j), []))
@@ -203,8 +212,8 @@ def check(m, r):
                   f"{'merged' if x in e else 'kept unmerged'} by the engine (distance {dx}, "
                   f"boundary {bound})")
             fails += 1
-    print(f"{r['policy']}: merged sets of {len(merged)} (pair, KV head)s, {total} tokens, "
-          f"{ties} near-tie difference(s)")
+    print(f"{r['policy']}: pairs {[(a, a + 1) for a in firsts]}: merged sets of {len(merged)} "
+          f"(pair, KV head)s, {total} tokens, {ties} near-tie difference(s)")
     steps = [(n + i, t) for i, t in enumerate(r["steps"])]
     ref = decode(m, caches, steps)
     for i, (a, b) in enumerate(zip(r["logits"], ref)):
@@ -214,7 +223,7 @@ def check(m, r):
         if d > LOGIT_REL:
             print(f"FAIL: step {i} logits differ by {d:.2e} relative (> {LOGIT_REL:g})")
             fails += 1
-    plain, _, _ = build_caches(m, ks, vs, kept, r["t"], r["gamma"], r["start"], merge=False)
+    plain, _, _ = build_caches(m, ks, vs, kept, r["t"], r["gamma"], firsts, merge=False)
     far = max(rel(a, b) for a, b in zip(r["logits"], decode(m, plain, steps)))
     print(f"{r['policy']}: unmerged cache: max relative difference to the engine {far:.2e}")
     if far <= LOGIT_REL:
@@ -223,7 +232,20 @@ def check(m, r):
     return fails
 
 
+def check_dump(dump, model_dir):
+    """Every record of a dump another test wrote."""
+    recs = parse_dump(dump)
+    m = Model(model_dir)
+    fails = 0 if recs else 1
+    for x in recs:
+        fails += check(m, x)
+    print("PASSED" if fails == 0 else f"FAILED: {fails} failure(s)")
+    return 1 if fails else 0
+
+
 def main():
+    if sys.argv[1] == "--dump":
+        return check_dump(sys.argv[2], sys.argv[3])
     binary, shared = sys.argv[1], sys.argv[2]
     model_dir = os.path.join(shared, "models", "uncomp-tiny")
     with tempfile.TemporaryDirectory() as tmp:

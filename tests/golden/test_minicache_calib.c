@@ -4,8 +4,9 @@
  * must equal a float32 numpy reference's (minicache_calib_ref.py) and the pairs the reference's
  * exhaustive choice; the profile file holds them and loads back, and the same file with other
  * pairs is refused; a minicache sequence merges exactly the calibrated pairs (its report says
- * so), an explicit minicache_start still gives the paper's contiguous pairs, and a sequence
- * merged before the calibration forks after it with its own pairs.
+ * so) and decodes as minicache_ref.py does with those pairs (and as at tp = 1), an explicit
+ * minicache_start still gives the paper's contiguous pairs, and a sequence merged before the
+ * calibration forks after it with its own pairs.
  *
  * Usage: test_minicache_calib SHARED_DIR. At tp = 1 without UC_TEST_DUMP the reference runs (exit
  * 77 when numpy is missing); UC_TEST_DUMP=FILE / UC_TEST_COMPARE=FILE write / compare (at
@@ -32,6 +33,8 @@
 #define DIST_TOL_CPU 1e-7 /* float32 K/V on both sides; the profile's 1e-9 grid */
 #define DIST_TOL_GPU 2e-3 /* bf16 K/V in the cache */
 #define TP_DIST 1e-6
+#define TP_LOGITS 1e-4
+#define STEPS 4 /* teacher-forced decode steps after the prompt */
 
 static const char *python(void)
 {
@@ -242,13 +245,50 @@ static void check_profile_file(struct uc_engine *e, const char *path)
     uc_free(text);
 }
 
-/* A minicache sequence merges the calibrated pairs; minicache_start gives the paper's. */
-static void check_sequences(struct uc_engine *e, const int32_t *ids)
+/* The kept and merged sets and the decode logits of sequence 7 in tests/golden/minicache_ref.py's
+ * dump format, with the calibrated pairs. */
+static void dump_sets(FILE *f, struct uc_engine *e, const int32_t *ids,
+                      const struct uc_compress_params *cp, const struct uc_compress_report *r)
+{
+    const struct uc_model_config *c = uc_engine_config(e);
+    fprintf(f, "policy minicache\nprompt %d", PROMPT);
+    for (int i = 0; i < PROMPT; i++) {
+        fprintf(f, " %d", ids[i]);
+    }
+    fprintf(f, "\nparams t %.9g gamma %.9g start %d\npairs", (double)uc_policy_minicache_t(cp),
+            (double)uc_policy_minicache_gamma(cp), r->minicache_start);
+    for (int32_t i = 0; i < r->minicache_pairs; i++) {
+        fprintf(f, " %d", r->minicache_first[i]);
+    }
+    fprintf(f, "\n");
+    for (int64_t l = 0; l < c->n_layers; l++) {
+        for (int64_t j = 0; j < c->n_heads_kv; j++) {
+            int64_t n, nm;
+            const int32_t *k = uc_engine_seq_kept(e, 7, l, j, &n);
+            const int32_t *mg = uc_engine_seq_merged(e, 7, l, j, &nm);
+            fprintf(f, "kept %lld %lld", (long long)l, (long long)j);
+            for (int64_t i = 0; i < n; i++) {
+                fprintf(f, " %d", k[i]);
+            }
+            fprintf(f, "\nmerged %lld %lld", (long long)l, (long long)j);
+            for (int64_t i = 0; i < nm; i++) {
+                fprintf(f, " %d", mg[i]);
+            }
+            fprintf(f, "\n");
+        }
+    }
+}
+
+/* A minicache sequence merges the calibrated pairs and decodes as the numpy reference does with
+ * them (dump: its file for minicache_ref.py --dump, at tp = 1) and as at tp = 1;
+ * minicache_start gives the paper's pairs. */
+static void check_sequences(struct uc_engine *e, const int32_t *ids, const char *dump,
+                            const char *model_dir)
 {
     const struct uc_profile *p = uc_engine_profile(e);
-    int64_t L = uc_engine_config(e)->n_layers;
+    int64_t L = uc_engine_config(e)->n_layers, v = uc_engine_config(e)->vocab, rows;
     struct uc_compress_params cp = tu_spec("minicache", 64);
-    TU_CHECK(tu_prefill(e, 7, ids, PROMPT, UC_SEQ_RECORD_KEPT, &cp, 0) == UC_OK, "prefill");
+    TU_CHECK(tu_prefill(e, 7, ids, PROMPT, UC_SEQ_RECORD_KEPT, &cp, STEPS) == UC_OK, "prefill");
     struct uc_compress_report r;
     uc_engine_seq_report(e, 7, &r);
     TU_CHECK(p && r.minicache_pairs == p->mc_n_pairs && r.minicache_start == p->mc_first[0] &&
@@ -270,7 +310,38 @@ static void check_sequences(struct uc_engine *e, const int32_t *ids)
     TU_CHECK(bad == 0 && r.minicache_merged > 0, "%lld layers merged outside the calibrated "
              "pairs (or pairs unmerged); %lld merged", (long long)bad,
              (long long)r.minicache_merged);
+    FILE *f = dump ? fopen(dump, "w") : NULL;
+    TU_CHECK(!dump || f, "cannot write %s", dump ? dump : "");
+    if (f) {
+        dump_sets(f, e, ids, &cp, &r);
+    }
+    float *lg = uc_malloc((size_t)(STEPS * v) * sizeof(float));
+    for (int k = 0; lg && k < STEPS; k++) {
+        TU_CHECK(tu_decode(e, 7, ids[20 + k]) == UC_OK, "decode");
+        memcpy(lg + k * v, uc_engine_seq_logits(e, 7, &rows), (size_t)v * sizeof(float));
+        if (f) {
+            fprintf(f, "step %d %d", k, ids[20 + k]);
+            for (int64_t j = 0; j < v; j++) {
+                fprintf(f, " %.9g", (double)lg[k * v + j]);
+            }
+            fprintf(f, "\n");
+        }
+    }
+    if (lg) {
+        tu_check_tp(lg, STEPS * v, "decode logits with the calibrated pairs", TP_LOGITS);
+    }
+    uc_free(lg);
     tu_free(e, 7);
+    if (f) {
+        fclose(f);
+        char cmd[8192];
+        snprintf(cmd, sizeof cmd, "%s %s/minicache_ref.py --dump %s %s", python(),
+                 UC_TEST_SRC_DIR, dump, model_dir);
+        fflush(stdout);
+        TU_CHECK(system(cmd) == 0, "the merged sets or decode logits differ from "
+                 "minicache_ref.py's with the calibrated pairs (%s)", cmd);
+        unlink(dump);
+    }
     cp.minicache_start = 2;
     TU_CHECK(tu_prefill(e, 8, ids, PROMPT, 0, &cp, 0) == UC_OK, "prefill with a start");
     uc_engine_seq_report(e, 8, &r);
@@ -362,7 +433,9 @@ static void run_model(const char *shared, const char *name, struct uc_comm *comm
     check_calibration(e, name, win, ref);
     check_profile_file(e, prof);
     check_fork_across_calibration(e, 20, ids);
-    check_sequences(e, ids);
+    char dump[300];
+    snprintf(dump, sizeof dump, "%s.dump", prof);
+    check_sequences(e, ids, reference ? dump : NULL, dir);
     cJSON_Delete(ref);
     uc_free(ew);
     uc_free(win);
