@@ -70,6 +70,8 @@ static inline int64_t uc_kv_merged_tokens(int64_t block_tokens, int64_t head_dim
  * projection, largest first), the next D rows the value basis; a rank-r latent uses the first r
  * rows: z = U_r^T k, k ~ U_r z. */
 #define UC_LATENT_MAX_D 512 /* largest head_dim latent heads take */
+#define UC_LATENT_CUDA_MAX_D 128 /* on CUDA (a multiple of 32): the decode keeps the key basis
+                                    in shared memory as floats */
 static inline int64_t uc_kv_latent_width(int64_t rank, size_t act_bytes)
 {
     return (int64_t)(4 / act_bytes) + 2 * rank;

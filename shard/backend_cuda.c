@@ -894,7 +894,7 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
                                     c->stream)),
              rc, out);
     int splits = uc_cuda_decode_rows_splits(n_rows, n_heads, n_heads_kv, c->n_sms);
-    if (view->kdim || view->mc_n) {
+    if (view->kdim || view->mc_n || view->lat_rank) {
         UC_CHECK(buf_reserve(c, &c->rows,
                              uc_cuda_decode_rows_ws(n_rows, n_heads, n_heads_kv, d, splits, maxn,
                                                     psum != NULL) *
@@ -919,8 +919,8 @@ static uc_status cuda_attn_decode(struct uc_backend *be, void *out, const void *
         UC_CHECK(CU(uc_cuda_attn_decode_latent(out, q, ld_q, pool->k, pool->v,
                                                pool->block_tokens, d, dev[0], dev[1], dev[2],
                                                dev[9], view->lat_basis, n_rows, n_heads,
-                                               n_heads_kv, c->rope_cos, c->rope_sin, c->dt,
-                                               c->stream)),
+                                               n_heads_kv, c->rope_cos, c->rope_sin, splits,
+                                               c->rows.p, c->dt, c->stream)),
                  rc, out);
     }
     if (psum) {

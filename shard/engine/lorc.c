@@ -27,6 +27,10 @@ static const char *lorc_unsupported(const struct uc_engine *e)
     if (c->n_layers > UC_LORC_MAX_LAYERS || c->head_dim > UC_LATENT_MAX_D || c->head_dim % 2) {
         return "the model has more than 1024 layers, or an odd head_dim or one above 512";
     }
+    if (e->be->kind == UC_BACKEND_CUDA &&
+        (c->head_dim > UC_LATENT_CUDA_MAX_D || c->head_dim % 32)) {
+        return "the CUDA latent decode takes head_dim a multiple of 32 up to 128";
+    }
     return NULL;
 }
 

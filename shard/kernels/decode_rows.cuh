@@ -27,6 +27,14 @@
  *   float val(const entry &, int s, const T *img, int in, int c) const;   (K area then V area)
  *   float kscale(...), vscale(...) (same arguments but c): the factors the score and the
  *       values take (1 for a plain row).
+ * and what dr_reader_defaults gives the plain layouts, which a layout may replace:
+ *   rebuilds: the reader scores the warp's rows itself, scores<NL>(entry, s, img, in, valid,
+ *       qs, s[DR_GT]), called by every lane of the warp with its own row (a stand-in row where
+ *       not valid) (LoRC's latent rows: keys rebuilt from latents and rotated, kv_latent.cu);
+ *   stage_budget: bytes of pool blocks a stage takes (two stages);
+ *   smem_extra(d) (host): shared memory bytes the reader's prepare() fills once per CUDA block;
+ *   out(entry, j, om, g, c, d): output channel c of query head g from the merged, normalised
+ *       value accumulators om (group x D; the latent rows finish with the value basis).
  * NL = D / 32 (at least 1): a lane's share of the value channels. */
 #ifndef UC_SHARD_KERNELS_DECODE_ROWS_CUH
 #define UC_SHARD_KERNELS_DECODE_ROWS_CUH
@@ -40,50 +48,21 @@
 #define DR_SB_MAX 4     /* pool blocks a stage */
 #define DR_MAX_SPLITS 32
 
-/* Rows of w elements in the stream that a pool block's K area (bt * d elements) followed by its
- * V area forms, tpb = floor(2 bt d / w) rows a block (the packed, merged and latent layouts of
- * backend.h). A row, located once: element i is lo[i] for i < cut, else hi[off + i] (the V
- * area's part of a row that starts in the K area). */
-template <typename T>
-struct dr_row {
-    const T *lo, *hi;
-    int64_t cut, off;
-};
-
-/* Row `in` (< tpb) of pool block `b`. */
-template <typename T>
-static __device__ __forceinline__ dr_row<T> dr_locate_in(const T *pk, const T *pv, int64_t bt,
-                                                         int64_t d, int w, int64_t b, int in)
-{
-    int64_t per = bt * d, at = (int64_t)in * w;
-    dr_row<T> r;
-    r.hi = pv + b * per;
-    r.off = at - per;
-    if (at < per) {
-        r.lo = pk + b * per + at;
-        r.cut = per - at;
-    } else {
-        r.lo = pv + b * per + (at - per);
-        r.cut = w;
+/* The hooks a plain layout leaves as they are (see the reader interface above). */
+struct dr_reader_defaults {
+    static constexpr bool rebuilds = false;
+    static constexpr size_t stage_budget = 20 * 1024;
+    static size_t smem_extra(int64_t) { return 0; }
+    template <typename E>
+    __device__ void prepare(E &, float *, int) const
+    {
     }
-    return r;
-}
-
-/* Row `slot` = block * tpb + row. */
-template <typename T>
-static __device__ __forceinline__ dr_row<T> dr_locate(const T *pk, const T *pv, int64_t bt,
-                                                      int64_t d, int64_t w, int64_t tpb,
-                                                      int64_t slot)
-{
-    int64_t b = slot / tpb;
-    return dr_locate_in(pk, pv, bt, d, (int)w, b, (int)(slot - b * tpb));
-}
-
-template <typename T>
-static __device__ __forceinline__ float dr_get(const dr_row<T> &r, int64_t i)
-{
-    return uck_to_f(i < r.cut ? r.lo[i] : r.hi[r.off + i]);
-}
+    template <typename E>
+    __device__ float out(const E &, int64_t, const float *om, int g, int c, int d) const
+    {
+        return om[g * d + c];
+    }
+};
 
 /* Ranges per (entry, head tile) and the workspace floats: partial O, then (max, sum) per range
  * and head, then the final (max, sum) per head, then with probabilities the scores. */
@@ -100,6 +79,16 @@ static inline size_t dr_ws_floats(int64_t n_rows, int64_t n_heads, int64_t n_kv,
     size_t heads = (size_t)(n_rows * n_heads);
     return heads * (size_t)splits * (size_t)(d + 2) + heads * 2 +
            (with_psum ? heads * (size_t)max_tokens : 0);
+}
+
+/* Bytes of the split kernel's staged blocks (two stages of sb) or, at the end, of its warps'
+ * value slices, whichever is larger: a reader's own shared memory follows. */
+static __host__ __device__ __forceinline__ size_t dr_stage_bytes(int sb, size_t img_bytes,
+                                                                 int64_t d)
+{
+    size_t st = 2 * (size_t)sb * img_bytes;
+    size_t red = (size_t)DR_WARPS * DR_GT * (size_t)d * sizeof(float);
+    return st > red ? st : red;
 }
 
 /* Where staged pool block `o` (an ordinal over the entry's segments) comes from. */
@@ -153,29 +142,34 @@ static __global__ void __launch_bounds__(DR_THREADS)
     const int o_begin = split * step, o_end = o_begin + step < nb ? o_begin + step : nb;
     const int n_st = o_end > o_begin ? (o_end - o_begin + sb - 1) / sb : 0;
 
+    /* the reader's own shared memory (read after the first stage's barrier) */
+    rows.prepare(en, reinterpret_cast<float *>(dr_smem + dr_stage_bytes(sb, img * sizeof(T), d)),
+                 tid);
     for (int i = tid; i < DR_GT * kw; i += DR_THREADS) {
         const int g = i / kw, c = i - g * kw;
         qs[g][c] = g < gc ? uck_to_f(q[b * ld_q + (j * group + g0 + g) * (int64_t)d +
                                        rows.qchan(en, c)])
                           : 0.0f;
     }
-    /* stage st: its blocks' origins, then their K and V areas by 16-byte copies */
+    /* stage st: its blocks' origins (the buffer's previous readers passed the barrier that
+     * ends each stage), then their K and V areas by 16-byte copies */
     auto load_stage = [&](int st) {
         const int buf = st & 1, o0 = o_begin + st * sb;
         const int cnt = o_end - o0 < sb ? o_end - o0 : sb;
         const int chunks = bt * d * (int)sizeof(T) / 16; /* of one area */
+        if (tid < cnt) {
+            st_blk[buf][tid] = dr_blk_of(rows, en, o0 + tid);
+        }
+        __syncthreads();
         for (int i = tid; i < cnt * 2 * chunks; i += DR_THREADS) {
             const int k = i / (2 * chunks), r = i - k * 2 * chunks;
             const int area = r / chunks, ch = r - area * chunks;
-            const dr_blk bk = dr_blk_of(rows, en, o0 + k);
-            const T *src = (area ? pv : pk) + (int64_t)bk.id * bt * d + ch * (16 / sizeof(T));
+            const T *src = (area ? pv : pk) + (int64_t)st_blk[buf][k].id * bt * d +
+                           ch * (16 / sizeof(T));
             T *dst = img0 + (int64_t)(buf * sb + k) * img + area * bt * d + ch * (16 / sizeof(T));
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
                              (uint32_t)__cvta_generic_to_shared(dst)),
                          "l"(src));
-        }
-        if (tid < cnt) {
-            st_blk[buf][tid] = dr_blk_of(rows, en, o0 + tid);
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
@@ -222,12 +216,17 @@ static __global__ void __launch_bounds__(DR_THREADS)
             for (int g = 0; g < DR_GT; g++) {
                 s[g] = 0.0f;
             }
+            if constexpr (R::rebuilds) { /* every lane takes part (tensor cores) */
+                rows.template scores<NL>(en, sg, im, in, valid, qs, s);
+            }
             if (valid) {
-                for (int c = 0; c < kw; c++) {
-                    const float kv = rows.key(en, sg, im, in, c);
+                if constexpr (!R::rebuilds) {
+                    for (int c = 0; c < kw; c++) {
+                        const float kv = rows.key(en, sg, im, in, c);
 #pragma unroll
-                    for (int g = 0; g < DR_GT; g++) {
-                        s[g] += qs[g][c] * kv;
+                        for (int g = 0; g < DR_GT; g++) {
+                            s[g] += qs[g][c] * kv;
+                        }
                     }
                 }
                 const float ksc = rows.kscale(en, sg, im, in) * scale;
@@ -318,8 +317,9 @@ static __global__ void __launch_bounds__(DR_THREADS)
     }
 }
 
-/* One block per entry: out = sum_s f_s O_s / sum_s f_s l_s, f_s = exp(m_s - M), and (M, L) per
- * head into fin_ml. */
+/* One block per entry: O = sum_s f_s O_s / sum_s f_s l_s, f_s = exp(m_s - M), in shared memory
+ * (group x D floats), then out through the reader (O itself for a plain layout); (M, L) per head
+ * into fin_ml. */
 template <typename T, typename R>
 static __global__ void __launch_bounds__(DR_THREADS)
     dr_combine_kernel(R rows, T *out, int d, int n_kv, int group, int n_splits,
@@ -331,6 +331,7 @@ static __global__ void __launch_bounds__(DR_THREADS)
     if (!rows.entry_of(e, en)) {
         return;
     }
+    extern __shared__ float om[];
     const int64_t b = e / n_kv, j = e - b * n_kv;
     for (int idx = threadIdx.x; idx < group * d; idx += DR_THREADS) {
         const int g = idx / d, c = idx - g * d;
@@ -346,11 +347,17 @@ static __global__ void __launch_bounds__(DR_THREADS)
             o += f * part_o[((e * n_splits + s) * group + g) * d + c];
             sum += f * ml[(int64_t)s * group * 2 + 1];
         }
-        out[(b * n_kv * group + j * group + g) * d + c] = uck_from_f<T>(sum > 0.0f ? o / sum : 0.0f);
+        om[idx] = sum > 0.0f ? o / sum : 0.0f;
         if (c == 0) {
             fin_ml[(e * group + g) * 2] = mx;
             fin_ml[(e * group + g) * 2 + 1] = sum;
         }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < group * d; idx += DR_THREADS) {
+        const int g = idx / d, c = idx - g * d;
+        out[(b * n_kv * group + j * group + g) * d + c] =
+            uck_from_f<T>(rows.out(en, j, om, g, c, d));
     }
 }
 
@@ -389,15 +396,14 @@ static void dr_decode(const R &rows, T *out, const T *q, int64_t ld_q, const T *
     float *fin_ml = part_ml + heads * splits * 2;
     float *scores = psum ? fin_ml + heads * 2 : NULL;
     dim3 grid((unsigned)entries, (unsigned)splits, (unsigned)((group + DR_GT - 1) / DR_GT));
-    /* two stages of up to DR_SB_MAX pool blocks in 40 KiB (with the kernel's 4.3 KiB of static
-     * shared memory, inside the 48 KiB a launch gets without opting in); the warps' value
-     * slices reuse that memory at the end */
+    /* two stages of up to DR_SB_MAX pool blocks in 2 x the reader's stage budget (the plain
+     * layouts' 40 KiB, with the kernel's 4.3 KiB of static shared memory, are inside the 48 KiB
+     * a launch gets without opting in); the warps' value slices reuse that memory at the end,
+     * the reader's own follows */
     size_t img = (size_t)(2 * bt * d) * sizeof(T);
-    int sb = (int)((20 * 1024) / img);
+    int sb = (int)(R::stage_budget / img);
     sb = sb < 1 ? 1 : sb > DR_SB_MAX ? DR_SB_MAX : sb;
-    size_t smem = 2 * (size_t)sb * img;
-    size_t red = (size_t)DR_WARPS * DR_GT * (size_t)d * sizeof(float);
-    smem = smem > red ? smem : red;
+    size_t smem = dr_stage_bytes(sb, img, d) + R::smem_extra(d);
     void (*kernel)(R, const T *, int64_t, const T *, const T *, int, int, int, int, float, int,
                    int, float *, float *, float *, int64_t) = d <= 32    ? dr_split_kernel<T, R, 1>
                                                               : d <= 64  ? dr_split_kernel<T, R, 2>
@@ -410,7 +416,8 @@ static void dr_decode(const R &rows, T *out, const T *q, int64_t ld_q, const T *
     uck_launch(kernel, grid, dim3(DR_THREADS), smem, stream, rows, q, ld_q, pk, pv, (int)bt,
                (int)d, (int)n_kv, (int)group, 1.0f / sqrtf((float)d), splits, sb, part_o, part_ml,
                scores, maxn);
-    uck_launch(dr_combine_kernel<T, R>, dim3((unsigned)entries), dim3(DR_THREADS), 0, stream,
+    uck_launch(dr_combine_kernel<T, R>, dim3((unsigned)entries), dim3(DR_THREADS),
+               (size_t)(group * d) * sizeof(float), stream,
                rows, out, (int)d, (int)n_kv, (int)group, splits, (const float *)part_o,
                (const float *)part_ml, fin_ml);
     if (psum) {

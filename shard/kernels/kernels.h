@@ -75,15 +75,17 @@ cudaError_t uc_cuda_kv_append_latent(void *pool_k, void *pool_v, const void *qkv
                                      int64_t n_tok, int64_t block_tokens, int64_t head_dim,
                                      enum uc_cuda_dtype dt, cudaStream_t stream);
 /* Decode attention of the latent entries (lat_rank[e] > 0) only, written over out's rows of
- * their query heads (q rotated; each key rebuilt and rotated at its stored position). */
+ * their query heads (q rotated; each key rebuilt and rotated at its stored position): the split
+ * decode of decode_rows.cuh, D a multiple of 32 up to 128; ws: uc_cuda_decode_rows_ws floats
+ * (without probabilities). */
 cudaError_t uc_cuda_attn_decode_latent(void *out, const void *q, int64_t ld_q, const void *pool_k,
                                        const void *pool_v, int64_t block_tokens, int64_t head_dim,
                                        const int32_t *n_tokens, const int32_t *offset,
                                        const int32_t *blocks, const int32_t *lat_rank,
                                        const void *basis, int64_t n_rows, int64_t n_heads,
                                        int64_t n_heads_kv, const float *cos_t,
-                                       const float *sin_t, enum uc_cuda_dtype dt,
-                                       cudaStream_t stream);
+                                       const float *sin_t, int splits, float *ws,
+                                       enum uc_cuda_dtype dt, cudaStream_t stream);
 /* The split decode of the packed and merged entries (decode_rows.cuh): token ranges per
  * (entry, head tile), and the float workspace it takes (max_tokens: with probabilities). */
 int uc_cuda_decode_rows_splits(int64_t n_rows, int64_t n_heads, int64_t n_heads_kv, int n_sms);

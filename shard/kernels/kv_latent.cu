@@ -3,11 +3,13 @@
  * r key latents of the key before RoPE, then r value latents, in the stream that a block's K
  * area followed by its V area forms. Scatter at the end of prefill (the prompt's keys are
  * rotated: each is rotated back at its position first), the decode append (from the step's keys
- * before RoPE), and the decode attention of the latent entries: one CUDA block per (row, KV
- * head), its query heads in turn; a token's score is q . RoPE_pos(U_k z_k), computed as
- * (R_pos^T q) . (U_k z_k), then the probabilities weight the value latents and one product by
- * U_v gives the head's output. The tensor-core decode kernel sees these entries empty. */
+ * before RoPE), and the decode attention of the latent entries: the split decode of
+ * decode_rows.cuh over a reader that rebuilds each row's key from its latents, rotates it at the
+ * row's position and scores it (q . RoPE_pos(U_k z_k)); the probabilities weigh the value
+ * latents, and one product by U_v per head finishes. The tensor-core decode kernel sees these
+ * entries empty. */
 #include "decode_rows.cuh"
+#include "mma.cuh"
 
 #define LT_THREADS 128
 #define LT_MAX_D 512 /* = UC_LATENT_MAX_D (backend.h): the largest head_dim latent heads take */
@@ -180,149 +182,269 @@ extern "C" cudaError_t uc_cuda_kv_append_latent(void *pool_k, void *pool_v, cons
 
 /* ---- decode attention of latent entries ---------------------------------------------------- */
 
-/* Block-wide max or sum of v over LT_THREADS threads (red: LT_THREADS / 32 floats). */
-static __device__ float block_reduce(float v, float *red, bool is_max)
-{
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = is_max ? fmaxf(v, w) : v + w;
-    }
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) {
-        red[threadIdx.x >> 5] = v;
-    }
-    __syncthreads();
-    float r = red[0];
-    for (int i = 1; i < LT_THREADS / 32; i++) {
-        r = is_max ? fmaxf(r, red[i]) : r + red[i];
-    }
-    return r;
-}
+#define LT_DECODE_MAX_D 128 /* = UC_LATENT_CUDA_MAX_D (backend.h) */
+#define LT_CH 16            /* float32: rotation pairs a lane rebuilds at a time */
+#define LT_KC (LT_DECODE_MAX_D / 16) /* bf16: k-steps of 16 latents at most */
 
-/* Score of a latent row: q (shared, D floats, rotated) against the row's key rebuilt from its
- * latents and rotated at its position: sum over c < D/2 of the rotated pair's products. The
- * position is the row's first 4 bytes (never split: rows and areas have even element counts in
- * bf16). */
+/* The latent entries' rows for dr_decode (decode_rows.cuh): the position, r key latents, r value
+ * latents. The layer's key basis of the entry's KV head goes to shared memory once per CUDA
+ * block. Scores: in bf16 the warp rebuilds its 32 rows' keys on tensor cores (two 16-row tiles:
+ * Z (16 x r) times U^T (r x 8) per 8 channels, mma m16n8k16, the channels c and c + D/2 of a
+ * RoPE pair landing in the same thread), rotates each at its row's position and scores it
+ * against the block's query heads (the four threads of a row's quad summed); in float32 a lane
+ * rebuilds its own row, LT_CH rotation pairs at a time, on CUDA cores. The values stay latent:
+ * the chunk's probabilities weigh the value latents, and the combine kernel finishes each head
+ * with the value basis (out = U_v^T zacc / L). */
 template <typename T>
-static __device__ float latent_score(const float *qs, const dr_row<T> &row, int64_t d,
-                                     int64_t rank, const T *bk, const float *cos_t,
-                                     const float *sin_t)
-{
-    const int64_t half = d / 2, pe = pos_elems<T>();
-    int32_t pos = *(const int32_t *)row.lo;
-    const float *cs = cos_t + (int64_t)pos * half, *sn = sin_t + (int64_t)pos * half;
-    float acc = 0.0f;
-    for (int64_t c = 0; c < half; c++) {
-        float a = 0.0f, b = 0.0f;
-        for (int64_t i = 0; i < rank; i++) {
-            float z = dr_get(row, pe + i);
-            a += z * uck_to_f(bk[i * d + c]);
-            b += z * uck_to_f(bk[i * d + c + half]);
-        }
-        acc += qs[c] * (a * cs[c] - b * sn[c]) + qs[c + half] * (b * cs[c] + a * sn[c]);
-    }
-    return acc;
-}
+struct latent_rows : dr_reader_defaults {
+    const T *basis; /* (Hkv_local, 2, D, D): key basis rows, then value basis rows */
+    int64_t bt, d;
+    const int32_t *n_tokens, *offset, *blocks, *lat_rank;
+    const float *cos_t, *sin_t;
+    int n_kv;
 
-/* One CUDA block per entry e (row b, KV head j); nothing where lat_rank[e] <= 0. For each query
- * head of the group in turn: the query into shared memory, the max score, then the
- * probabilities of LT_THREADS tokens at a time into shared memory and the value latents weighted
- * by them (thread i owns latents i, i + LT_THREADS), then the sum, and out = U_v zacc / sum. */
-template <typename T>
-static __global__ void __launch_bounds__(LT_THREADS)
-    decode_kernel(T *out, const T *q, int64_t ld_q, const T *pk, const T *pv, int64_t bt,
-                  int64_t d, const int32_t *n_tokens, const int32_t *offset,
-                  const int32_t *blocks, const int32_t *lat_rank, const T *basis, int n_kv,
-                  int group, float scale, const float *cos_t, const float *sin_t)
-{
-    __shared__ float qs[LT_MAX_D];
-    __shared__ float zacc[LT_MAX_D];
-    __shared__ float pr[LT_THREADS];
-    __shared__ float red[LT_THREADS / 32];
-    uck_launch_dependents();
-    uck_grid_wait();
-    const int64_t e = blockIdx.x;
-    const int64_t rank = lat_rank[e];
-    if (rank <= 0) {
-        return;
+    static constexpr bool rebuilds = true;
+    static constexpr bool mma = sizeof(T) == 2;
+    static constexpr size_t stage_budget = 32 * 1024; /* latent rows are few per pool block */
+    /* bf16: U^T (D x (D + 8)), channel-major, latents contiguous (padded against bank
+     * conflicts); float32: U (D x D) */
+    static size_t smem_extra(int64_t dd)
+    {
+        return mma ? (size_t)(dd * (dd + 8)) * sizeof(T) : (size_t)(dd * dd) * sizeof(float);
     }
-    const int tid = threadIdx.x;
-    const int64_t b = e / n_kv, j = e - b * n_kv, nt = n_tokens[e];
-    const int64_t w = pos_elems<T>() + 2 * rank, pe = pos_elems<T>();
-    const int32_t *blk = blocks + offset[e];
-    const int64_t tpb = latent_tpb(bt, d, w);
-    const T *bk = basis + j * 2 * d * d, *bv = bk + d * d;
-    for (int gh = 0; gh < group; gh++) {
-        const int64_t h = j * group + gh;
-        for (int64_t c = tid; c < d; c += LT_THREADS) {
-            qs[c] = uck_to_f(q[b * ld_q + h * d + c]);
+
+    struct entry {
+        const int32_t *blk;
+        const void *u; /* the key basis in shared memory (smem_extra) */
+        int64_t nt;
+        int j, rank, w, tpb;
+    };
+
+    __device__ bool entry_of(int64_t e, entry &en) const
+    {
+        en.rank = lat_rank[e];
+        if (en.rank <= 0) {
+            return false;
         }
-        __syncthreads();
-        float mx = -INFINITY;
-        for (int64_t t = tid; t < nt; t += LT_THREADS) {
-            dr_row<T> row = dr_locate(pk, pv, bt, d, w, tpb,
-                                              (int64_t)blk[t / tpb] * tpb + t % tpb);
-            mx = fmaxf(mx, latent_score(qs, row, d, rank, bk, cos_t, sin_t) * scale);
-        }
-        mx = block_reduce(mx, red, true);
-        float sum = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
-        for (int64_t t0 = 0; t0 < nt; t0 += LT_THREADS) {
-            int64_t t = t0 + tid;
-            float p = 0.0f;
-            if (t < nt) {
-                dr_row<T> row = dr_locate(pk, pv, bt, d, w, tpb,
-                                                  (int64_t)blk[t / tpb] * tpb + t % tpb);
-                p = expf(latent_score(qs, row, d, rank, bk, cos_t, sin_t) * scale - mx);
-            }
-            sum += p;
-            __syncthreads();
-            pr[tid] = p;
-            __syncthreads();
-            int64_t m = nt - t0 < LT_THREADS ? nt - t0 : LT_THREADS;
-            for (int64_t r = 0; r < m; r++) {
-                int64_t tt = t0 + r;
-                dr_row<T> row = dr_locate(pk, pv, bt, d, w, tpb,
-                                                  (int64_t)blk[tt / tpb] * tpb + tt % tpb);
-                if (tid < rank) {
-                    acc0 += pr[r] * dr_get(row, pe + rank + tid);
-                }
-                if (tid + LT_THREADS < rank) {
-                    acc1 += pr[r] * dr_get(row, pe + rank + tid + LT_THREADS);
-                }
-            }
-        }
-        sum = block_reduce(sum, red, false);
-        float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        if (tid < rank) {
-            zacc[tid] = acc0;
-        }
-        if (tid + LT_THREADS < rank) {
-            zacc[tid + LT_THREADS] = acc1;
-        }
-        __syncthreads();
-        T *o = out + b * (int64_t)n_kv * group * d + h * d;
-        for (int64_t c = tid; c < d; c += LT_THREADS) {
-            float v = 0.0f;
-            for (int64_t i = 0; i < rank; i++) {
-                v += zacc[i] * uck_to_f(bv[i * d + c]);
-            }
-            o[c] = uck_from_f<T>(v * inv);
-        }
-        __syncthreads(); /* qs and zacc are rewritten for the next head */
+        en.blk = blocks + offset[e];
+        en.nt = n_tokens[e];
+        en.w = (int)(pos_elems<T>() + 2 * en.rank);
+        en.tpb = (int)latent_tpb(bt, d, en.w);
+        en.j = (int)(e % n_kv);
+        en.u = NULL;
+        return true;
     }
-}
+    __device__ void prepare(entry &en, float *sm, int tid) const
+    {
+        const T *bk = basis + (int64_t)en.j * 2 * d * d;
+        const int dd = (int)d;
+        if constexpr (mma) { /* latents past the rank (to the 16 a k-step takes) are zero */
+            T *ut = reinterpret_cast<T *>(sm);
+            const int kp = (en.rank + 15) / 16 * 16;
+            for (int x = tid; x < kp * dd; x += DR_THREADS) {
+                const int i = x / dd, c = x - i * dd;
+                ut[c * (dd + 8) + i] = i < en.rank ? bk[x] : uck_from_f<T>(0.0f);
+            }
+        } else {
+            for (int x = tid; x < en.rank * dd; x += DR_THREADS) {
+                sm[x] = uck_to_f(bk[x]);
+            }
+        }
+        en.u = sm;
+    }
+    __device__ int64_t count(const entry &en) const { return en.nt; }
+    __device__ int segs(const entry &) const { return 1; }
+    __device__ int seg_rows(const entry &en, int) const { return (int)en.nt; }
+    __device__ int seg_tpb(const entry &en, int) const { return en.tpb; }
+    __device__ const int32_t *seg_ids(const entry &en, int) const { return en.blk; }
+    __device__ int64_t kwidth(const entry &) const { return d; }
+    __device__ int64_t qchan(const entry &, int64_t c) const { return c; }
+    __device__ float key(const entry &, int, const T *, int, int) const { return 0.0f; }
+    __device__ float val(const entry &en, int, const T *img, int in, int c) const
+    {
+        return c < en.rank ? uck_to_f(img[in * en.w + (int)pos_elems<T>() + en.rank + c]) : 0.0f;
+    }
+    __device__ float kscale(const entry &, int, const T *, int) const { return 1.0f; }
+    __device__ float vscale(const entry &, int, const T *, int) const { return 1.0f; }
+
+    template <int NL>
+    __device__ void scores(const entry &en, int, const T *img, int in, bool valid,
+                           const float (*qs)[DR_PER_LANE * 32], float *s) const
+    {
+        const T *row = img + in * en.w;
+        if constexpr (mma) {
+            scores_mma<NL>(en, row, qs, s);
+        } else if (valid) {
+            scores_lane(en, row, qs, s);
+        }
+    }
+
+    /* bf16: the warp's 32 rows (row = this lane's, a stand-in where not valid); D <= 32 NL,
+     * the channel tiles unrolled so that their loads and products overlap */
+    template <int NL>
+    __device__ void scores_mma(const entry &en, const T *row,
+                               const float (*qs)[DR_PER_LANE * 32], float *s) const
+    {
+        const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+        const int half = (int)d / 2, ldu = (int)d + 8, kn = (en.rank + 15) / 16;
+        const T *ut = reinterpret_cast<const T *>(en.u);
+        const int pos = *reinterpret_cast<const int32_t *>(row); /* 4-byte aligned: even
+                                                                    widths in bf16 */
+        const unsigned long long rp = reinterpret_cast<unsigned long long>(row);
+#pragma unroll
+        for (int t = 0; t < 2; t++) {
+            /* A fragments: latents of rows gid and gid + 8 of tile t, zero past the rank */
+            const T *r0 = reinterpret_cast<const T *>(__shfl_sync(0xffffffffu, rp, 16 * t + gid)) +
+                          pos_elems<T>();
+            const T *r1 = reinterpret_cast<const T *>(
+                              __shfl_sync(0xffffffffu, rp, 16 * t + gid + 8)) +
+                          pos_elems<T>();
+            const int p0 = __shfl_sync(0xffffffffu, pos, 16 * t + gid);
+            const int p1 = __shfl_sync(0xffffffffu, pos, 16 * t + gid + 8);
+            uint32_t a[LT_KC][4];
+#pragma unroll
+            for (int kc = 0; kc < LT_KC; kc++) {
+                const int i0 = kc * 16 + tig * 2;
+                a[kc][0] = latent_pair(r0, i0, en.rank);
+                a[kc][1] = latent_pair(r1, i0, en.rank);
+                a[kc][2] = latent_pair(r0, i0 + 8, en.rank);
+                a[kc][3] = latent_pair(r1, i0 + 8, en.rank);
+            }
+            float part[2][DR_GT];
+#pragma unroll
+            for (int g = 0; g < DR_GT; g++) {
+                part[0][g] = 0.0f;
+                part[1][g] = 0.0f;
+            }
+#pragma unroll
+            for (int nt = 0; nt < 2 * NL; nt++) {
+                if (nt >= half / 8) {
+                    break;
+                }
+                float ca[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                const T *ua = ut + (nt * 8 + gid) * ldu + tig * 2, *ub = ua + half * ldu;
+#pragma unroll
+                for (int kc = 0; kc < LT_KC; kc++) {
+                    if (kc < kn) {
+                        mma_bf16(ca, a[kc], *reinterpret_cast<const uint32_t *>(ua + kc * 16),
+                                 *reinterpret_cast<const uint32_t *>(ua + kc * 16 + 8));
+                        mma_bf16(cb, a[kc], *reinterpret_cast<const uint32_t *>(ub + kc * 16),
+                                 *reinterpret_cast<const uint32_t *>(ub + kc * 16 + 8));
+                    }
+                }
+                /* this thread: channels c, c + 1 (and their pairs + D/2) of rows gid, gid + 8 */
+                const int c = nt * 8 + tig * 2;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int64_t at = (int64_t)(h ? p1 : p0) * half + c;
+                    const float2 co = *reinterpret_cast<const float2 *>(cos_t + at);
+                    const float2 si = *reinterpret_cast<const float2 *>(sin_t + at);
+                    const float a0 = ca[2 * h], a1 = ca[2 * h + 1];
+                    const float b0 = cb[2 * h], b1 = cb[2 * h + 1];
+                    const float ra0 = a0 * co.x - b0 * si.x, rb0 = b0 * co.x + a0 * si.x;
+                    const float ra1 = a1 * co.y - b1 * si.y, rb1 = b1 * co.y + a1 * si.y;
+#pragma unroll
+                    for (int g = 0; g < DR_GT; g++) {
+                        part[h][g] += qs[g][c] * ra0 + qs[g][c + 1] * ra1 +
+                                      qs[g][c + half] * rb0 + qs[g][c + half + 1] * rb1;
+                    }
+                }
+            }
+            /* the quad's sums, then lane L (row L of the warp) takes its row's from tile t */
+            const int rr = lane & 15, src = 4 * (rr & 7);
+#pragma unroll
+            for (int g = 0; g < DR_GT; g++) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    part[h][g] += __shfl_xor_sync(0xffffffffu, part[h][g], 1);
+                    part[h][g] += __shfl_xor_sync(0xffffffffu, part[h][g], 2);
+                }
+                const float v0 = __shfl_sync(0xffffffffu, part[0][g], src);
+                const float v1 = __shfl_sync(0xffffffffu, part[1][g], src);
+                if ((lane >> 4) == t) {
+                    s[g] = rr < 8 ? v0 : v1;
+                }
+            }
+        }
+    }
+
+    /* Latents i and i + 1 of a row as a bf16 pair (4-byte aligned: even offsets), zero past r. */
+    static __device__ __forceinline__ uint32_t latent_pair(const T *z, int i, int r)
+    {
+        if (i >= r) {
+            return 0u;
+        }
+        const uint32_t v = *reinterpret_cast<const uint32_t *>(z + i);
+        return i + 1 < r ? v : (v & 0xffffu);
+    }
+
+    /* float32: this lane's row on CUDA cores */
+    __device__ void scores_lane(const entry &en, const T *row,
+                                const float (*qs)[DR_PER_LANE * 32], float *s) const
+    {
+        const int pos = *reinterpret_cast<const int32_t *>(row);
+        const T *z = row + pos_elems<T>();
+        const int half = (int)d / 2;
+        const float *uk = reinterpret_cast<const float *>(en.u);
+        const float *cs = cos_t + (int64_t)pos * half, *sn = sin_t + (int64_t)pos * half;
+        for (int c0 = 0; c0 < half; c0 += LT_CH) {
+            float a[LT_CH], b[LT_CH];
+#pragma unroll
+            for (int k = 0; k < LT_CH; k++) {
+                a[k] = 0.0f;
+                b[k] = 0.0f;
+            }
+            for (int i = 0; i < en.rank; i++) {
+                const float zi = uck_to_f(z[i]);
+                const float4 *ua = reinterpret_cast<const float4 *>(uk + i * (int)d + c0);
+                const float4 *ub = reinterpret_cast<const float4 *>(uk + i * (int)d + half + c0);
+#pragma unroll
+                for (int k = 0; k < LT_CH / 4; k++) {
+                    const float4 x = ua[k], y = ub[k];
+                    a[4 * k] += zi * x.x;
+                    a[4 * k + 1] += zi * x.y;
+                    a[4 * k + 2] += zi * x.z;
+                    a[4 * k + 3] += zi * x.w;
+                    b[4 * k] += zi * y.x;
+                    b[4 * k + 1] += zi * y.y;
+                    b[4 * k + 2] += zi * y.z;
+                    b[4 * k + 3] += zi * y.w;
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < LT_CH; k++) {
+                const int c = c0 + k;
+                const float co = cs[c], si = sn[c];
+                const float ra = a[k] * co - b[k] * si, rb = b[k] * co + a[k] * si;
+#pragma unroll
+                for (int g = 0; g < DR_GT; g++) {
+                    s[g] += qs[g][c] * ra + qs[g][c + half] * rb;
+                }
+            }
+        }
+    }
+    __device__ float out(const entry &en, int64_t j, const float *om, int g, int c, int dd) const
+    {
+        const T *bv = basis + j * 2 * d * d + d * d;
+        float v = 0.0f;
+        for (int i = 0; i < en.rank; i++) {
+            v += om[g * dd + i] * uck_to_f(bv[(int64_t)i * d + c]);
+        }
+        return v;
+    }
+};
 
 template <typename T>
 static void launch_decode(void *out, const void *q, int64_t ld_q, const void *pk, const void *pv,
                           int64_t bt, int64_t d, const int32_t *n_tokens, const int32_t *offset,
                           const int32_t *blocks, const int32_t *lat_rank, const void *basis,
                           int64_t n_rows, int64_t n_heads, int64_t n_kv, const float *cos_t,
-                          const float *sin_t, cudaStream_t stream)
+                          const float *sin_t, int splits, float *ws, cudaStream_t stream)
 {
-    uck_launch(decode_kernel<T>, dim3((unsigned)(n_rows * n_kv)), dim3(LT_THREADS), 0, stream,
-               (T *)out, (const T *)q, ld_q, (const T *)pk, (const T *)pv, bt, d, n_tokens,
-               offset, blocks, lat_rank, (const T *)basis, (int)n_kv, (int)(n_heads / n_kv),
-               1.0f / sqrtf((float)d), cos_t, sin_t);
+    latent_rows<T> rows = {{},     (const T *)basis, bt,    d,     n_tokens, offset,
+                           blocks, lat_rank,         cos_t, sin_t, (int)n_kv};
+    dr_decode<T>(rows, (T *)out, (const T *)q, ld_q, (const T *)pk, (const T *)pv, bt, d, n_rows,
+                 n_heads, n_kv, splits, ws, (float *)NULL, 0, stream);
 }
 
 extern "C" cudaError_t uc_cuda_attn_decode_latent(void *out, const void *q, int64_t ld_q,
@@ -333,15 +455,17 @@ extern "C" cudaError_t uc_cuda_attn_decode_latent(void *out, const void *q, int6
                                                   const void *basis, int64_t n_rows,
                                                   int64_t n_heads, int64_t n_heads_kv,
                                                   const float *cos_t, const float *sin_t,
-                                                  enum uc_cuda_dtype dt, cudaStream_t stream)
+                                                  int splits, float *ws, enum uc_cuda_dtype dt,
+                                                  cudaStream_t stream)
 {
-    if (head_dim > LT_MAX_D || head_dim % 2 || n_rows * n_heads_kv > 0x7fffffffLL) {
+    if (head_dim > LT_DECODE_MAX_D || head_dim % (2 * LT_CH) || splits < 1 ||
+        n_rows * n_heads_kv > 0x7fffffffLL || block_tokens * head_dim % 8 != 0) {
         return cudaErrorInvalidValue;
     }
     if (n_rows > 0) {
         UCK_DISPATCH(dt, launch_decode, out, q, ld_q, pool_k, pool_v, block_tokens, head_dim,
                      n_tokens, offset, blocks, lat_rank, basis, n_rows, n_heads, n_heads_kv,
-                     cos_t, sin_t, stream);
+                     cos_t, sin_t, splits, ws, stream);
     }
     return cudaGetLastError();
 }

@@ -210,7 +210,7 @@ extern "C" cudaError_t uc_cuda_decode_mask_merged(int32_t *out, const int32_t *n
  * row (plain K and V rows), token nt + r merged row r, whose key and value directions take the
  * magnitudes of the entry's layer (side 0: a, 1: b). */
 template <typename T>
-struct merged_rows {
+struct merged_rows : dr_reader_defaults {
     const T *pk, *pv;
     int64_t bt, d;
     const int32_t *n_tokens, *offset, *blocks, *mc_n, *mc_off, *mc_side;
@@ -269,7 +269,7 @@ static void launch_decode(void *out, const void *q, int64_t ld_q, const void *pk
                           const int32_t *mc_side, int64_t n_rows, int64_t n_heads, int64_t n_kv,
                           int splits, float *ws, float *psum, int64_t maxn, cudaStream_t stream)
 {
-    merged_rows<T> rows = {(const T *)pk, (const T *)pv, bt,   d,      n_tokens,
+    merged_rows<T> rows = {{}, (const T *)pk, (const T *)pv, bt,   d,      n_tokens,
                            offset,        blocks,        mc_n, mc_off, mc_side};
     dr_decode<T>(rows, (T *)out, (const T *)q, ld_q, (const T *)pk, (const T *)pv, bt, d, n_rows,
                  n_heads, n_kv, splits, ws, psum, maxn, stream);

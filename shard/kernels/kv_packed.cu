@@ -208,7 +208,7 @@ extern "C" cudaError_t uc_cuda_decode_mask_packed(int32_t *out, const int32_t *n
 /* The packed entries' rows for dr_decode (decode_rows.cuh): kd kept key channels (the query's
  * channels chan[coff[e] + c]) then D values. */
 template <typename T>
-struct packed_rows {
+struct packed_rows : dr_reader_defaults {
     const T *pk, *pv;
     int64_t bt, d;
     const int32_t *n_tokens, *offset, *blocks, *kdim, *coff, *chan;
@@ -257,7 +257,7 @@ static void launch_decode(void *out, const void *q, int64_t ld_q, const void *pk
                           const int32_t *chan, int64_t n_rows, int64_t n_heads, int64_t n_kv,
                           int splits, float *ws, float *psum, int64_t maxn, cudaStream_t stream)
 {
-    packed_rows<T> rows = {(const T *)pk, (const T *)pv, bt,   d,    n_tokens,
+    packed_rows<T> rows = {{}, (const T *)pk, (const T *)pv, bt,   d,    n_tokens,
                            offset,        blocks,        kdim, coff, chan};
     dr_decode<T>(rows, (T *)out, (const T *)q, ld_q, (const T *)pk, (const T *)pv, bt, d, n_rows,
                  n_heads, n_kv, splits, ws, psum, maxn, stream);

@@ -447,6 +447,9 @@ def main():
                     "products, 65536 row-layers of prefill per step)")
     ap.add_argument("--only", default="",
                     help="run only these settings, joined by ';' (e.g. policy=full)")
+    ap.add_argument("--settings", default="",
+                    help="replace the workloads' settings by these, joined by ';' (e.g. "
+                    "'policy=snapkv,kv_budget=410;policy=snapkv+think,kv_budget=410')")
     ap.add_argument("--reps", type=int, default=2, help="bench_gpu repetitions")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--start-timeout", type=int, default=240)
@@ -484,6 +487,8 @@ def main():
             return 2
     sh = dict(SHAPES[args.shape], kv_elem_bytes=4 if args.backend == "cpu" else 2)
     wls = {n: table[n] for n in names}
+    if args.settings:
+        wls = {n: dict(w, settings=args.settings.split(";")) for n, w in wls.items()}
     if args.only:
         keep = args.only.split(";")
         wls = {n: dict(w, settings=[x for x in w["settings"] if x in keep]) for n, w in wls.items()}
