@@ -14,7 +14,9 @@
 # tests/golden/think_reference.py; exit 77 without numpy),
 # minicache (MiniCache's merged rows on the device: pool blocks, forks, mixed batches,
 # tests/golden/test_minicache.c), minicache-ref (merged sets and logits in float32 against
-# tests/golden/minicache_ref.py; exit 77 without numpy), minicache-tp2,
+# tests/golden/minicache_ref.py; exit 77 without numpy), minicache-calib (the calibrated merge
+# set's distances, pairs and decode in float32 against tests/golden/minicache_calib_ref.py on
+# uncomp-tiny), minicache-tp2,
 # lorc (LoRC's latent heads on the device: pool blocks, admission, forks, mixed batches,
 # tests/golden/test_lorc.c), lorc-ref (its ranks and logits in float32 against
 # tests/golden/lorc_ref.py; exit 77 without numpy),
@@ -158,6 +160,8 @@ for step in "$@"; do
     minicache) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_minicache" "$fx" ;;
     minicache-ref) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 python3 \
                      "$root/tests/golden/minicache_ref.py" "$bd/tests/golden/golden_minicache" "$fx" ;;
+    minicache-calib) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 UC_TEST_ONLY_MODEL=uncomp-tiny timeout 200 \
+                       "$bd/tests/golden/golden_minicache_calib" "$fx" ;;
     minicache-tp2) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND \
                      -x UC_TEST_FP32 "$bd/tests/golden/golden_minicache" "$fx" ;;
     lorc) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_lorc" "$fx" ;;
