@@ -1,6 +1,6 @@
 /* Flash-decoding over rows of a layout of their own (ThinK's packed rows, kv_packed.cu;
- * MiniCache's merged rows beside an entry's own tokens, kv_merged.cu): the decode attention of
- * the entries the tensor-core kernel sees empty.
+ * MiniCache's merged rows beside an entry's own tokens, kv_merged.cu; LoRC's latent rows,
+ * kv_latent.cu): the decode attention of the entries the tensor-core kernel sees empty.
  *
  * Work item: (entry e = row b * Hkv + KV head j, range s of the entry's pool blocks, query-head
  * tile z), a block of DR_WARPS warps. The range streams through shared memory a stage of whole
@@ -8,8 +8,10 @@
  * stages in flight), so a row never straddles the two areas there and the rows' own alignment
  * does not matter. A warp takes 32 rows of a stage, a row a lane: the lane's scores against the
  * query heads (held in shared memory), an online softmax per head with the chunk's max, then
- * the values weighted by the chunk's probabilities with lane l holding value channels l, l + 32,
- * ... . The block merges its warps into one unnormalised partial (O, max, sum) per head; a second
+ * the values weighted by the chunk's probabilities: in bf16 on tensor cores (P, heads x 16 rows,
+ * times the rows' values, 16 x 8 channels, dr_values_mma), in float32 a row at a time with lane l
+ * holding value channels l, l + 32, ... (UC_DR_VALUES=lane takes that path in bf16 too). The
+ * block merges its warps into one unnormalised partial (O, max, sum) per head; a second
  * kernel merges the ranges and writes out (and the probabilities, when asked: the scores are
  * kept, then weighed by the final max and sum).
  *
@@ -33,13 +35,17 @@
  *       not valid) (LoRC's latent rows: keys rebuilt from latents and rotated, kv_latent.cu);
  *   stage_budget: bytes of pool blocks a stage takes (two stages);
  *   smem_extra(d) (host): shared memory bytes the reader's prepare() fills once per CUDA block;
+ *   vwidth(entry, d): value channels a row has (past them val() is 0);
  *   out(entry, j, om, g, c, d): output channel c of query head g from the merged, normalised
  *       value accumulators om (group x D; the latent rows finish with the value basis).
  * NL = D / 32 (at least 1): a lane's share of the value channels. */
 #ifndef UC_SHARD_KERNELS_DECODE_ROWS_CUH
 #define UC_SHARD_KERNELS_DECODE_ROWS_CUH
 
+#include <string.h>
+
 #include "common.cuh"
+#include "mma.cuh"
 
 #define DR_THREADS 128
 #define DR_WARPS (DR_THREADS / 32)
@@ -56,6 +62,11 @@ struct dr_reader_defaults {
     template <typename E>
     __device__ void prepare(E &, float *, int) const
     {
+    }
+    template <typename E>
+    __device__ int vwidth(const E &, int d) const
+    {
+        return d;
     }
     template <typename E>
     __device__ float out(const E &, int64_t, const float *om, int g, int c, int d) const
@@ -111,8 +122,67 @@ static __device__ __forceinline__ dr_blk dr_blk_of(const R &rows, const typename
     return k;
 }
 
-template <typename T, typename R, int NL>
-static __global__ void __launch_bounds__(DR_THREADS)
+/* bf16 values on tensor cores: the warp's rows (lane = row, nv of them; p its probabilities,
+ * vsc its value scale, (kk, in) where it is staged: block kk of the stage at `stage`) weigh the
+ * rows' values into vacc, two k-steps of 16 rows; the A operand is the query heads' p x vsc
+ * (heads in its rows 0..DR_GT-1, the rest zero), B the rows' values at 8 channels a tile. */
+template <typename T, typename R, int NT>
+static __device__ __forceinline__ void dr_values_mma(const R &rows, const typename R::entry &en,
+                                                     const float *p, float vsc, int kk, int in,
+                                                     int nv, const T *stage, int img,
+                                                     const dr_blk *blk, int d, float (*vacc)[2])
+{
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    float pv[DR_GT];
+#pragma unroll
+    for (int g = 0; g < DR_GT; g++) {
+        pv[g] = p[g] * vsc;
+    }
+    const int vw = rows.vwidth(en, d);
+#pragma unroll
+    for (int ks = 0; ks < 2; ks++) {
+        if (16 * ks >= nv) {
+            break;
+        }
+        /* this thread's k (row) slots: 2 tig, + 1, + 8, + 9 of the k-step */
+        float pr[4];
+        const T *im[4];
+        int ir[4], sr[4];
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            const int src = 16 * ks + 2 * tig + (x & 1) + 8 * (x >> 1);
+            pr[x] = 0.0f;
+#pragma unroll
+            for (int g = 0; g < DR_GT; g++) {
+                const float v = __shfl_sync(0xffffffffu, pv[g], src);
+                pr[x] = g == gid ? v : pr[x];
+            }
+            const int kr = __shfl_sync(0xffffffffu, kk, src);
+            ir[x] = __shfl_sync(0xffffffffu, in, src);
+            im[x] = stage + (int64_t)kr * img;
+            sr[x] = blk[kr].seg;
+        }
+        const uint32_t a[4] = {pack_bf16(pr[0], pr[1]), 0u, pack_bf16(pr[2], pr[3]), 0u};
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (8 * t >= vw) {
+                break;
+            }
+            const int c = 8 * t + gid;
+            const uint32_t b0 = pack_bf16(rows.val(en, sr[0], im[0], ir[0], c),
+                                          rows.val(en, sr[1], im[1], ir[1], c));
+            const uint32_t b1 = pack_bf16(rows.val(en, sr[2], im[2], ir[2], c),
+                                          rows.val(en, sr[3], im[3], ir[3], c));
+            float cc[4] = {vacc[t][0], vacc[t][1], 0.0f, 0.0f};
+            mma_bf16(cc, a, b0, b1);
+            vacc[t][0] = cc[0];
+            vacc[t][1] = cc[1];
+        }
+    }
+}
+
+template <typename T, typename R, int NL, bool MV>
+static __global__ void __launch_bounds__(DR_THREADS, MV ? 3 : 1)
     dr_split_kernel(R rows, const T *q, int64_t ld_q, const T *pk, const T *pv, int bt, int d,
                     int n_kv, int group, float scale, int n_splits, int sb, float *part_o,
                     float *part_ml, float *scores, int64_t maxn)
@@ -174,7 +244,13 @@ static __global__ void __launch_bounds__(DR_THREADS)
         asm volatile("cp.async.commit_group;\n" ::);
     };
 
-    float m[DR_GT], l[DR_GT], acc[DR_GT][NL];
+    /* the values: bf16 on tensor cores (P, the query heads x 16 rows, times V, 16 rows x 8
+     * channels: vacc[t] holds head gid's channels 8 t + 2 tig, + 1), float32 a row at a time
+     * (acc[g][i]: head g's channel lane + 32 i) */
+    constexpr bool VT = MV && sizeof(T) == 2;
+    constexpr int NT = VT ? 4 * NL : 1;
+    const int gid = lane >> 2, tig = lane & 3;
+    float m[DR_GT], l[DR_GT], acc[DR_GT][NL], vacc[NT][2];
 #pragma unroll
     for (int g = 0; g < DR_GT; g++) {
         m[g] = -INFINITY;
@@ -183,6 +259,11 @@ static __global__ void __launch_bounds__(DR_THREADS)
         for (int i = 0; i < NL; i++) {
             acc[g][i] = 0.0f;
         }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        vacc[t][0] = 0.0f;
+        vacc[t][1] = 0.0f;
     }
     if (n_st > 0) {
         load_stage(0);
@@ -239,7 +320,7 @@ static __global__ void __launch_bounds__(DR_THREADS)
                     }
                 }
             }
-            float p[DR_GT];
+            float p[DR_GT], ag = 0.0f;
 #pragma unroll
             for (int g = 0; g < DR_GT; g++) {
                 const float cm = uck_warp_max(valid ? s[g] : -INFINITY);
@@ -251,27 +332,39 @@ static __global__ void __launch_bounds__(DR_THREADS)
                 for (int i = 0; i < NL; i++) {
                     acc[g][i] *= alpha;
                 }
+                ag = g == gid ? alpha : ag;
                 m[g] = mn;
             }
             const int nv = total - r0 < 32 ? total - r0 : 32;
-            for (int jj = 0; jj < nv; jj++) {
-                const int kj = __shfl_sync(0xffffffffu, kk, jj);
-                const int ij = __shfl_sync(0xffffffffu, in, jj);
-                const float vj = __shfl_sync(0xffffffffu, vsc, jj);
-                const T *imj = img0 + (int64_t)(buf * sb + kj) * img;
-                const int sj = st_blk[buf][kj].seg;
-                float v[NL];
+            if constexpr (VT) {
 #pragma unroll
-                for (int i = 0; i < NL; i++) {
-                    const int c = lane + 32 * i;
-                    v[i] = c < d ? rows.val(en, sj, imj, ij, c) * vj : 0.0f;
+                for (int t = 0; t < NT; t++) {
+                    vacc[t][0] *= ag;
+                    vacc[t][1] *= ag;
                 }
-#pragma unroll
-                for (int g = 0; g < DR_GT; g++) {
-                    const float pj = __shfl_sync(0xffffffffu, p[g], jj);
+                dr_values_mma<T, R, NT>(rows, en, p, vsc, kk, in, nv,
+                                        img0 + (int64_t)buf * sb * img, img, st_blk[buf], d,
+                                        vacc);
+            } else {
+                for (int jj = 0; jj < nv; jj++) {
+                    const int kj = __shfl_sync(0xffffffffu, kk, jj);
+                    const int ij = __shfl_sync(0xffffffffu, in, jj);
+                    const float vj = __shfl_sync(0xffffffffu, vsc, jj);
+                    const T *imj = img0 + (int64_t)(buf * sb + kj) * img;
+                    const int sj = st_blk[buf][kj].seg;
+                    float v[NL];
 #pragma unroll
                     for (int i = 0; i < NL; i++) {
-                        acc[g][i] += pj * v[i];
+                        const int c = lane + 32 * i;
+                        v[i] = c < d ? rows.val(en, sj, imj, ij, c) * vj : 0.0f;
+                    }
+#pragma unroll
+                    for (int g = 0; g < DR_GT; g++) {
+                        const float pj = __shfl_sync(0xffffffffu, p[g], jj);
+#pragma unroll
+                        for (int i = 0; i < NL; i++) {
+                            acc[g][i] += pj * v[i];
+                        }
                     }
                 }
             }
@@ -285,8 +378,18 @@ static __global__ void __launch_bounds__(DR_THREADS)
         const float lw = uck_warp_sum(l[g]);
 #pragma unroll
         for (int i = 0; i < NL; i++) {
-            if (lane + 32 * i < d) {
+            if (!VT && lane + 32 * i < d) {
                 red_o[(warp * DR_GT + g) * d + lane + 32 * i] = acc[g][i];
+            }
+        }
+        if (VT && g == gid) {
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                const int c = 8 * t + 2 * tig;
+                if (c < d) {
+                    red_o[(warp * DR_GT + g) * d + c] = vacc[t][0];
+                    red_o[(warp * DR_GT + g) * d + c + 1] = vacc[t][1];
+                }
             }
         }
         if (lane == 0) {
@@ -404,11 +507,20 @@ static void dr_decode(const R &rows, T *out, const T *q, int64_t ld_q, const T *
     int sb = (int)(R::stage_budget / img);
     sb = sb < 1 ? 1 : sb > DR_SB_MAX ? DR_SB_MAX : sb;
     size_t smem = dr_stage_bytes(sb, img, d) + R::smem_extra(d);
+    /* the values on tensor cores in bf16 unless UC_DR_VALUES=lane (a row at a time per warp,
+     * as in float32: the variant knob the device check compares) */
+    static const char *vk = getenv("UC_DR_VALUES");
+    const bool mv = !(vk && strcmp(vk, "lane") == 0);
     void (*kernel)(R, const T *, int64_t, const T *, const T *, int, int, int, int, float, int,
-                   int, float *, float *, float *, int64_t) = d <= 32    ? dr_split_kernel<T, R, 1>
-                                                              : d <= 64  ? dr_split_kernel<T, R, 2>
-                                                              : d <= 128 ? dr_split_kernel<T, R, 4>
-                                                                         : dr_split_kernel<T, R, 8>;
+                   int, float *, float *, float *, int64_t) =
+        mv ? (d <= 32    ? dr_split_kernel<T, R, 1, true>
+              : d <= 64  ? dr_split_kernel<T, R, 2, true>
+              : d <= 128 ? dr_split_kernel<T, R, 4, true>
+                         : dr_split_kernel<T, R, 8, true>)
+           : (d <= 32    ? dr_split_kernel<T, R, 1, false>
+              : d <= 64  ? dr_split_kernel<T, R, 2, false>
+              : d <= 128 ? dr_split_kernel<T, R, 4, false>
+                         : dr_split_kernel<T, R, 8, false>);
     if (smem > 40 * 1024) {
         (void)cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    (int)smem);

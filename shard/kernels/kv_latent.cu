@@ -9,7 +9,6 @@
  * latents, and one product by U_v per head finishes. The tensor-core decode kernel sees these
  * entries empty. */
 #include "decode_rows.cuh"
-#include "mma.cuh"
 
 #define LT_THREADS 128
 #define LT_MAX_D 512 /* = UC_LATENT_MAX_D (backend.h): the largest head_dim latent heads take */
@@ -266,6 +265,7 @@ struct latent_rows : dr_reader_defaults {
     }
     __device__ float kscale(const entry &, int, const T *, int) const { return 1.0f; }
     __device__ float vscale(const entry &, int, const T *, int) const { return 1.0f; }
+    __device__ int vwidth(const entry &en, int) const { return en.rank; }
 
     template <int NL>
     __device__ void scores(const entry &en, int, const T *img, int in, bool valid,

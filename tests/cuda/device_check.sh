@@ -160,7 +160,8 @@ for step in "$@"; do
     minicache) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_minicache" "$fx" ;;
     minicache-ref) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 python3 \
                      "$root/tests/golden/minicache_ref.py" "$bd/tests/golden/golden_minicache" "$fx" ;;
-    minicache-calib) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 UC_TEST_ONLY_MODEL=uncomp-tiny timeout 200 \
+    minicache-calib) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 UC_TEST_ONLY_MODEL=uncomp-tiny \
+                       UC_PYTHON=$(command -v python3) timeout 200 \
                        "$bd/tests/golden/golden_minicache_calib" "$fx" ;;
     minicache-tp2) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND \
                      -x UC_TEST_FP32 "$bd/tests/golden/golden_minicache" "$fx" ;;
