@@ -86,8 +86,10 @@ class Daemon(DaemonProcess):
         env = {}
         if args.asan:
             # full unwinding: fast (frame-pointer) stacks misattribute Open MPI allocations
+            # intercept_tls_get_addr=0: see tests/run.sh (LeakSanitizer's tracer and dynamic TLS)
             env["ASAN_OPTIONS"] = ("detect_leaks=1:abort_on_error=0:exitcode=66:"
-                                   "fast_unwind_on_malloc=0:malloc_context_size=20")
+                                   "fast_unwind_on_malloc=0:malloc_context_size=20:"
+                                   "intercept_tls_get_addr=0")
             # keep Open MPI components loaded, so leak stacks name them (lsan.supp)
             env["OMPI_MCA_mca_base_component_disable_dlclose"] = "1"
             env["LSAN_OPTIONS"] = "suppressions=%s:print_suppressions=0" % os.path.join(

@@ -24,7 +24,7 @@ CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWit
     -DUC_SHARED_DIR="$SHARED" >/dev/null
 cmake --build build-fuzz -j "$JOBS" --target fuzz_all
 
-export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:symbolize=1:allocator_may_return_null=1
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:symbolize=1:allocator_may_return_null=1:intercept_tls_get_addr=0  # see tests/run.sh
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export LSAN_OPTIONS=suppressions=$PWD/tests/lsan.supp:print_suppressions=0
 export UC_FUZZ_MODEL="$SHARED/models/uncomp-tiny"
