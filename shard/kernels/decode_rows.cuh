@@ -26,6 +26,7 @@
  *   int64_t kwidth(const entry &) const;                  key elements of a row (<= 256)
  *   int64_t qchan(const entry &, int64_t c) const;        query channel of key element c
  *   float key(const entry &, int s, const T *img, int in, int c) const;   from a staged block
+ *       (not for a reader that rebuilds: see below)
  *   float val(const entry &, int s, const T *img, int in, int c) const;   (K area then V area)
  *   float kscale(...), vscale(...) (same arguments but c): the factors the score and the
  *       values take (1 for a plain row).

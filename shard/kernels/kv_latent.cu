@@ -258,7 +258,6 @@ struct latent_rows : dr_reader_defaults {
     __device__ const int32_t *seg_ids(const entry &en, int) const { return en.blk; }
     __device__ int64_t kwidth(const entry &) const { return d; }
     __device__ int64_t qchan(const entry &, int64_t c) const { return c; }
-    __device__ float key(const entry &, int, const T *, int, int) const { return 0.0f; }
     __device__ float val(const entry &en, int, const T *img, int in, int c) const
     {
         return c < en.rank ? uck_to_f(img[in * en.w + (int)pos_elems<T>() + en.rank + c]) : 0.0f;
