@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "base/log.h"
 #include "base/mem.h"
@@ -277,4 +278,49 @@ struct uc_compress_params tu_spec(const char *spec, int32_t budget)
     cp.kv_budget = budget;
     cp.grouping = UC_GROUPING_PROMPT;
     return cp;
+}
+
+const char *tu_python(void)
+{
+    const char *p = getenv("UC_PYTHON");
+    return p && p[0] ? p : "/usr/bin/python3";
+}
+
+bool tu_have_numpy(void)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "%s -c 'import numpy' 2>/dev/null", tu_python());
+    return system(cmd) == 0;
+}
+
+cJSON *tu_run_reference(const char *script, const char *model_dir, cJSON *query,
+                        const char *tmp)
+{
+    char *text = cJSON_Print(query);
+    cJSON_Delete(query);
+    char qpath[512], cmd[8192];
+    snprintf(qpath, sizeof qpath, "%s.query.json", tmp);
+    uc_status rc = text ? uc_file_write_all(qpath, text, strlen(text)) : UC_ERR_NOMEM;
+    cJSON_free(text);
+    if (rc != UC_OK) {
+        fprintf(stderr, "FAIL: could not write %s\n", qpath);
+        return NULL;
+    }
+    snprintf(cmd, sizeof cmd, "%s %s %s %s", tu_python(), script, model_dir, qpath);
+    FILE *f = popen(cmd, "r");
+    struct uc_buf b = {0};
+    char chunk[65536];
+    size_t n;
+    while (f && (n = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        uc_buf_append(&b, chunk, n);
+    }
+    int st = f ? pclose(f) : -1;
+    unlink(qpath);
+    uc_buf_append(&b, "", 1);
+    cJSON *out = st == 0 && b.data ? cJSON_Parse(b.data) : NULL;
+    if (!out) {
+        fprintf(stderr, "FAIL: the reference failed (%s, status %d)\n", cmd, st);
+    }
+    uc_buf_fini(&b);
+    return out;
 }

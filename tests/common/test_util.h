@@ -63,6 +63,15 @@ extern char tu_log_text[TU_LOG_BYTES];
 extern int tu_log_errors, tu_log_warns;
 void tu_log_capture(void);
 void tu_log_reset(void);
+/* The python the numpy references run under: $UC_PYTHON, else /usr/bin/python3. */
+const char *tu_python(void);
+/* Whether that python imports numpy (the reference tests exit 77 when it does not). */
+bool tu_have_numpy(void);
+/* Runs `python script model_dir QUERY` with the query written to "<tmp>.query.json" (removed
+ * after) and parses the JSON the script prints; NULL (with a FAIL line) on any failure. The query
+ * is deleted. */
+cJSON *tu_run_reference(const char *script, const char *model_dir, cJSON *query,
+                        const char *tmp);
 /* Removes a folder and everything below it: 0, or -1 with errno. */
 int tu_rmtree(const char *dir);
 

@@ -26,12 +26,6 @@
 #define TOL_CPU 1e-4 /* float32 on both sides: summation order only */
 #define TOL_GPU 2e-3
 
-static const char *python(void)
-{
-    const char *p = getenv("UC_PYTHON");
-    return p && p[0] ? p : "/usr/bin/python3";
-}
-
 /* Runs the reference on the calibration text and the prompt; NULL on failure. */
 static cJSON *run_reference(const char *model_dir, const int32_t *calib, const int32_t *prompt,
                             const char *tmp, const struct uc_kvsharer_params *kp)
@@ -43,33 +37,7 @@ static cJSON *run_reference(const char *model_dir, const int32_t *calib, const i
     cJSON_AddNumberToObject(q, "target", uc_kvsharer_target(kp, 8));
     cJSON_AddItemToObject(q, "prompt", cJSON_CreateIntArray(prompt, PROMPT + STEPS));
     cJSON_AddNumberToObject(q, "n_logits", STEPS + 1);
-    char *text = cJSON_Print(q);
-    cJSON_Delete(q);
-    char qpath[512], cmd[8192];
-    snprintf(qpath, sizeof qpath, "%s.query.json", tmp);
-    uc_status rc = uc_file_write_all(qpath, text, strlen(text));
-    cJSON_free(text);
-    if (rc != UC_OK) {
-        return NULL;
-    }
-    snprintf(cmd, sizeof cmd, "%s %s/kvsharer_ref.py %s %s", python(), UC_TEST_SRC_DIR, model_dir,
-             qpath);
-    FILE *f = popen(cmd, "r");
-    struct uc_buf b = {0};
-    char chunk[65536];
-    size_t n;
-    while (f && (n = fread(chunk, 1, sizeof chunk, f)) > 0) {
-        uc_buf_append(&b, chunk, n);
-    }
-    int st = f ? pclose(f) : -1;
-    unlink(qpath);
-    uc_buf_append(&b, "", 1);
-    cJSON *out = st == 0 ? cJSON_Parse(b.data) : NULL;
-    if (!out) {
-        fprintf(stderr, "FAIL: the reference failed (%s, status %d)\n", cmd, st);
-    }
-    uc_buf_fini(&b);
-    return out;
+    return tu_run_reference(UC_TEST_SRC_DIR "/kvsharer_ref.py", model_dir, q, tmp);
 }
 
 static double max_rel_err(const float *x, const cJSON *ref, int64_t n)
@@ -254,10 +222,8 @@ int main(int argc, char **argv)
         return 1;
     }
     const char *shared = tu_shared_dir(argc, argv);
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "%s -c 'import numpy' 2>/dev/null", python());
-    if (system(cmd) != 0) {
-        printf("SKIPPED: numpy is missing (%s)\n", python());
+    if (!tu_have_numpy()) {
+        printf("SKIPPED: numpy is missing (%s)\n", tu_python());
         uc_comm_destroy(comm);
         return 77;
     }

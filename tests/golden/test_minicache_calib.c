@@ -36,12 +36,6 @@
 #define TP_LOGITS 1e-4
 #define STEPS 4 /* teacher-forced decode steps after the prompt */
 
-static const char *python(void)
-{
-    const char *p = getenv("UC_PYTHON");
-    return p && p[0] ? p : "/usr/bin/python3";
-}
-
 /* The reference's distances and pairs for these windows; NULL on failure. */
 static cJSON *run_reference(const char *model_dir, const int32_t *win, int32_t n_pairs,
                             const char *tmp)
@@ -51,33 +45,7 @@ static cJSON *run_reference(const char *model_dir, const int32_t *win, int32_t n
         cJSON_AddItemToArray(ws, cJSON_CreateIntArray(win + i * WINDOW, WINDOW));
     }
     cJSON_AddNumberToObject(q, "n_pairs", n_pairs);
-    char *text = cJSON_Print(q);
-    cJSON_Delete(q);
-    char qpath[512], cmd[8192];
-    snprintf(qpath, sizeof qpath, "%s.query.json", tmp);
-    uc_status rc = uc_file_write_all(qpath, text, strlen(text));
-    cJSON_free(text);
-    if (rc != UC_OK) {
-        return NULL;
-    }
-    snprintf(cmd, sizeof cmd, "%s %s/minicache_calib_ref.py %s %s", python(), UC_TEST_SRC_DIR,
-             model_dir, qpath);
-    FILE *f = popen(cmd, "r");
-    struct uc_buf b = {0};
-    char chunk[65536];
-    size_t n;
-    while (f && (n = fread(chunk, 1, sizeof chunk, f)) > 0) {
-        uc_buf_append(&b, chunk, n);
-    }
-    int st = f ? pclose(f) : -1;
-    unlink(qpath);
-    uc_buf_append(&b, "", 1);
-    cJSON *out = st == 0 ? cJSON_Parse(b.data) : NULL;
-    if (!out) {
-        fprintf(stderr, "FAIL: the reference failed (%s, status %d)\n", cmd, st);
-    }
-    uc_buf_fini(&b);
-    return out;
+    return tu_run_reference(UC_TEST_SRC_DIR "/minicache_calib_ref.py", model_dir, q, tmp);
 }
 
 /* The windows as the daemon builds them (sched_calib.c): BOS, then the text's next tokens. */
@@ -335,7 +303,7 @@ static void check_sequences(struct uc_engine *e, const int32_t *ids, const char 
     if (f) {
         fclose(f);
         char cmd[8192];
-        snprintf(cmd, sizeof cmd, "%s %s/minicache_ref.py --dump %s %s", python(),
+        snprintf(cmd, sizeof cmd, "%s %s/minicache_ref.py --dump %s %s", tu_python(),
                  UC_TEST_SRC_DIR, dump, model_dir);
         fflush(stdout);
         TU_CHECK(system(cmd) == 0, "the merged sets or decode logits differ from "
@@ -453,14 +421,10 @@ int main(int argc, char **argv)
     const char *shared = tu_shared_dir(argc, argv);
     int tp = uc_comm_size(comm);
     bool reference = tp == 1 && !getenv("UC_TEST_DUMP") && !getenv("UC_TEST_COMPARE");
-    if (reference) {
-        char cmd[512];
-        snprintf(cmd, sizeof cmd, "%s -c 'import numpy' 2>/dev/null", python());
-        if (system(cmd) != 0) {
-            printf("SKIPPED: numpy is missing (%s)\n", python());
-            uc_comm_destroy(comm);
-            return 77;
-        }
+    if (reference && !tu_have_numpy()) {
+        printf("SKIPPED: numpy is missing (%s)\n", tu_python());
+        uc_comm_destroy(comm);
+        return 77;
     }
     tu_log_capture();
     /* UC_TEST_ONLY_MODEL names one of the two (the device carries uncomp-tiny only) */
