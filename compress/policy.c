@@ -289,6 +289,12 @@ bool uc_policy_uses_entropy(enum uc_policy p)
     return p == UC_POLICY_UNCOMP || p == UC_POLICY_UNCOMP_STAGE;
 }
 
+bool uc_policy_uses_window(enum uc_policy p)
+{
+    return p == UC_POLICY_SNAPKV || p == UC_POLICY_PYRAMIDKV || p == UC_POLICY_UNCOMP ||
+           p == UC_POLICY_UNCOMP_STAGE;
+}
+
 uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_t n_layers,
                                       char *msg, size_t msg_size)
 {

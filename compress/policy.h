@@ -148,6 +148,8 @@ uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_
 /* Whether the policy keeps fewer tokens than the prompt at all (false for full). */
 bool uc_policy_compresses(enum uc_policy p);
 bool uc_policy_uses_entropy(enum uc_policy p);
+/* Whether the policy scores tokens by the attention of the prompt's last `window` queries. */
+bool uc_policy_uses_window(enum uc_policy p);
 
 /* Head groups: m groups of (nearly) equal size, lowest entropy first; stable sort by value with
  * ties broken by head index. groups[j] in [0, m). */

@@ -195,6 +195,16 @@ struct uc_backend_ops {
                                const void *q_win, int64_t ld_q, const void *k, int64_t ld_kv,
                                int64_t n_win, int64_t n, int64_t n_heads, int64_t n_heads_kv,
                                int64_t head_dim);
+    /* The same in two halves, so the host can queue more work before it needs the scores:
+     * window_scores_begin queues them (row scores too when `row` is set) into staging slot
+     * `slot` (any slot >= 0; a slot holds one result until its end), after the ops queued so
+     * far; window_scores_end waits for the slot's result only and writes col (and row, when
+     * begun with row) as window_scores does. */
+    uc_status (*window_scores_begin)(struct uc_backend *be, int32_t slot, bool row, bool row_max,
+                                     const void *q_win, int64_t ld_q, const void *k,
+                                     int64_t ld_kv, int64_t n_win, int64_t n, int64_t n_heads,
+                                     int64_t n_heads_kv, int64_t head_dim);
+    uc_status (*window_scores_end)(struct uc_backend *be, int32_t slot, double *col, double *row);
     /* H2O accumulation: out[h, j] = sum over all causal query rows i of P[h, i, j]. Host (H, n). */
     uc_status (*attn_colsum)(struct uc_backend *be, double *out, const void *q, int64_t ld_q,
                              const void *k, int64_t ld_kv, int64_t n, int64_t n_heads,
@@ -211,10 +221,13 @@ struct uc_backend_ops {
     /* The same for `count` query buffers at once (q[i]: n[i] rows of ld), begun where the
      * backend can run it beside the ops that follow (the CUDA backend: on a second stream); the
      * buffers must stay unchanged until qspec_end, which writes (count, H, D) eigenvalues to host
-     * out, waiting for them if need be. One batch at a time. */
+     * out, waiting for them if need be, or until qspec_fence. One batch at a time. */
     uc_status (*qspec_begin)(struct uc_backend *be, const void *const *q, const int64_t *n,
                              int64_t count, int64_t ld, int64_t n_heads, int64_t head_dim);
     uc_status (*qspec_end)(struct uc_backend *be, double *out);
+    /* The ops queued after this one wait until the begun batch has read its queries, so they
+     * may overwrite them before qspec_end; nothing when no batch is pending. */
+    uc_status (*qspec_fence)(struct uc_backend *be);
     /* Paged KV pool: allocate / free. */
     uc_status (*kv_pool_create)(struct uc_backend *be, struct uc_kv_pool_view *pool,
                                 int64_t n_blocks, int64_t block_tokens, int64_t head_dim);

@@ -36,6 +36,17 @@ struct cpu_ctx {
     size_t scores_cap; /* floats */
     double *qs;        /* the eigenvalues of a begun qspec batch (computed at its begin) */
     int64_t qs_n;      /* their count; 0: no batch pending */
+    struct cpu_ws_slot *ws; /* window scores begun (computed at their begin), by slot */
+    int32_t n_ws;
+};
+
+/* A begun window score result: col (Hkv, n) then row (n) when asked. */
+struct cpu_ws_slot {
+    double *buf;
+    size_t cap;    /* doubles */
+    int64_t n_col; /* Hkv n; 0: nothing begun */
+    int64_t n;
+    bool row;
 };
 
 static struct cpu_ctx *ctx_of(struct uc_backend *be) { return be->ctx; }
@@ -487,6 +498,58 @@ static uc_status cpu_window_scores(struct uc_backend *be, double *col, double *r
     return UC_OK;
 }
 
+/* The scores are computed at their begin: the host has no stream to queue them on. */
+static uc_status cpu_window_scores_begin(struct uc_backend *be, int32_t slot, bool row,
+                                         bool row_max, const void *q_win, int64_t ld_q,
+                                         const void *k, int64_t ld_kv, int64_t n_win, int64_t n,
+                                         int64_t n_heads, int64_t n_heads_kv, int64_t head_dim)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    if (slot < 0) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "window scores slot=%d", (int)slot);
+    }
+    if (slot >= c->n_ws) {
+        struct cpu_ws_slot *w = uc_realloc(c->ws, (size_t)(slot + 1) * sizeof *w);
+        if (!w) {
+            return UC_ERRF(UC_ERR_NOMEM, "window score slots=%d", (int)slot + 1);
+        }
+        memset(w + c->n_ws, 0, (size_t)(slot + 1 - c->n_ws) * sizeof *w);
+        c->ws = w;
+        c->n_ws = slot + 1;
+    }
+    struct cpu_ws_slot *w = &c->ws[slot];
+    size_t need = (size_t)((n_heads_kv + 1) * n);
+    if (need > w->cap) {
+        double *b = uc_realloc(w->buf, need * sizeof(double));
+        if (!b) {
+            return UC_ERRF(UC_ERR_NOMEM, "window scores keys=%lld", (long long)n);
+        }
+        w->buf = b;
+        w->cap = need;
+    }
+    w->n_col = n_heads_kv * n;
+    w->n = n;
+    w->row = row;
+    return cpu_window_scores(be, w->buf, row ? w->buf + w->n_col : NULL, row_max, q_win, ld_q, k,
+                             ld_kv, n_win, n, n_heads, n_heads_kv, head_dim);
+}
+
+static uc_status cpu_window_scores_end(struct uc_backend *be, int32_t slot, double *col,
+                                       double *row)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    if (slot < 0 || slot >= c->n_ws || !c->ws[slot].n_col) {
+        return UC_ERRF(UC_ERR_INTERNAL, "window_scores_end: slot %d was not begun", (int)slot);
+    }
+    struct cpu_ws_slot *w = &c->ws[slot];
+    memcpy(col, w->buf, (size_t)w->n_col * sizeof(double));
+    if (row && w->row) {
+        memcpy(row, w->buf + w->n_col, (size_t)w->n * sizeof(double));
+    }
+    w->n_col = 0;
+    return UC_OK;
+}
+
 static uc_status cpu_attn_colsum(struct uc_backend *be, double *out, const void *q, int64_t ld_q,
                                  const void *k, int64_t ld_kv, int64_t n, int64_t n_heads,
                                  int64_t n_heads_kv, int64_t head_dim)
@@ -576,6 +639,8 @@ static uc_status cpu_qspec_begin(struct uc_backend *be, const void *const *q, co
     c->qs_n = count * per;
     return UC_OK;
 }
+
+static uc_status cpu_qspec_fence(struct uc_backend *be) { return UC_OK; } /* read at its begin */
 
 static uc_status cpu_qspec_end(struct uc_backend *be, double *out)
 {
@@ -1224,6 +1289,10 @@ static void cpu_destroy(struct uc_backend *be)
         uc_free(c->rope_sin);
         uc_free(c->scores);
         uc_free(c->qs);
+        for (int32_t i = 0; i < c->n_ws; i++) {
+            uc_free(c->ws[i].buf);
+        }
+        uc_free(c->ws);
         uc_free(c);
     }
     uc_free(be);
@@ -1258,10 +1327,13 @@ static const struct uc_backend_ops cpu_ops = {
     .attn_prefill = cpu_attn_prefill,
     .window_probs = cpu_window_probs,
     .window_scores = cpu_window_scores,
+    .window_scores_begin = cpu_window_scores_begin,
+    .window_scores_end = cpu_window_scores_end,
     .attn_colsum = cpu_attn_colsum,
     .qcov = cpu_qcov,
     .qspec = cpu_qspec,
     .qspec_begin = cpu_qspec_begin,
+    .qspec_fence = cpu_qspec_fence,
     .qspec_end = cpu_qspec_end,
     .kv_pool_create = cpu_kv_pool_create,
     .kv_pool_destroy = cpu_kv_pool_destroy,

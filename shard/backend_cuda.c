@@ -101,6 +101,7 @@ struct cuda_ctx {
         cudaStream_t stream;
         cublasHandle_t blas;
         cudaEvent_t ready; /* the main stream has written the queries */
+        cudaEvent_t read;  /* the batch has read them (qspec_fence) */
         cudaEvent_t done;  /* the eigenvalues are in `pin` */
         struct dev_buf dbl, outp;
         double *pin; /* pinned host copy of the eigenvalues */
@@ -109,6 +110,20 @@ struct cuda_ctx {
         int64_t n;        /* eigenvalues of the pending batch; 0: none */
         bool on_host;
     } qs;
+    /* window scores begun (window_scores_begin), by slot */
+    struct ws_slot *ws;
+    int32_t n_ws;
+};
+
+/* A begun window score result: Hkv n column floats, then n row floats when asked, copied to
+ * pinned memory; `done` follows the copy. */
+struct ws_slot {
+    float *pin;
+    size_t cap; /* floats */
+    cudaEvent_t done;
+    int64_t n_col; /* 0: nothing begun */
+    int64_t n;
+    bool row;
 };
 
 static struct cuda_ctx *ctx_of(struct uc_backend *be) { return be->ctx; }
@@ -522,12 +537,13 @@ out:
     return rc;
 }
 
-static uc_status cuda_window_scores(struct uc_backend *be, double *col, double *row, bool row_max,
-                                    const void *q_win, int64_t ld_q, const void *k, int64_t ld_kv,
-                                    int64_t n_win, int64_t n, int64_t n_heads, int64_t n_heads_kv,
-                                    int64_t head_dim)
+/* Queues the window scores into c->work: *scores = the Hkv n column sums, then the n row
+ * scores when `row` is set. */
+static uc_status window_scores_queue(struct cuda_ctx *c, float **scores, bool row, bool row_max,
+                                     const void *q_win, int64_t ld_q, const void *k,
+                                     int64_t ld_kv, int64_t n_win, int64_t n, int64_t n_heads,
+                                     int64_t n_heads_kv, int64_t head_dim)
 {
-    struct cuda_ctx *c = ctx_of(be);
     size_t probs = (size_t)(n_heads * n_win * n), red = (size_t)((n_heads_kv + 1) * n);
     uc_status rc;
     UC_CHECK(buf_reserve(c, &c->work, (probs + red) * sizeof(float)), rc, out);
@@ -538,20 +554,111 @@ static uc_status cuda_window_scores(struct uc_backend *be, double *col, double *
     UC_CHECK(CU(uc_cuda_window_reduce(cs, row ? rs : NULL, p, n_win, n, n_heads, n_heads_kv,
                                       row_max, c->stream)),
              rc, out);
+    *scores = cs;
+out:
+    return rc;
+}
+
+/* The host doubles of window_scores from the floats `host` holds (columns, then the row). */
+static void window_scores_widen(double *col, double *row, const float *host, int64_t n_col,
+                                int64_t n)
+{
+    for (int64_t i = 0; i < n_col; i++) {
+        col[i] = host[i];
+    }
+    for (int64_t i = 0; row && i < n; i++) {
+        row[i] = host[n_col + i];
+    }
+}
+
+static uc_status cuda_window_scores(struct uc_backend *be, double *col, double *row, bool row_max,
+                                    const void *q_win, int64_t ld_q, const void *k, int64_t ld_kv,
+                                    int64_t n_win, int64_t n, int64_t n_heads, int64_t n_heads_kv,
+                                    int64_t head_dim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    size_t n_col = (size_t)(n_heads_kv * n), red = n_col + (row ? (size_t)n : 0);
+    float *cs = NULL;
+    uc_status rc;
+    UC_CHECK(window_scores_queue(c, &cs, row != NULL, row_max, q_win, ld_q, k, ld_kv, n_win, n,
+                                 n_heads, n_heads_kv, head_dim),
+             rc, out);
     float *host = uc_malloc(red * sizeof(float));
     if (!host) {
         rc = UC_ERRF(UC_ERR_NOMEM, "window scores");
         goto out;
     }
-    rc = download_sync(c, host, cs, (row ? red : (size_t)(n_heads_kv * n)) * sizeof(float));
-    for (int64_t i = 0; rc == UC_OK && i < n_heads_kv * n; i++) {
-        col[i] = host[i];
-    }
-    for (int64_t i = 0; rc == UC_OK && row && i < n; i++) {
-        row[i] = host[n_heads_kv * n + i];
+    rc = download_sync(c, host, cs, red * sizeof(float));
+    if (rc == UC_OK) {
+        window_scores_widen(col, row, host, (int64_t)n_col, n);
     }
     uc_free(host);
 out:
+    return rc;
+}
+
+static uc_status cuda_window_scores_begin(struct uc_backend *be, int32_t slot, bool row,
+                                          bool row_max, const void *q_win, int64_t ld_q,
+                                          const void *k, int64_t ld_kv, int64_t n_win, int64_t n,
+                                          int64_t n_heads, int64_t n_heads_kv, int64_t head_dim)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (slot < 0) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "window scores slot=%d", (int)slot);
+    }
+    if (slot >= c->n_ws) {
+        struct ws_slot *w = uc_realloc(c->ws, (size_t)(slot + 1) * sizeof *w);
+        if (!w) {
+            return UC_ERRF(UC_ERR_NOMEM, "window score slots=%d", (int)slot + 1);
+        }
+        memset(w + c->n_ws, 0, (size_t)(slot + 1 - c->n_ws) * sizeof *w);
+        c->ws = w;
+        c->n_ws = slot + 1;
+    }
+    struct ws_slot *w = &c->ws[slot];
+    size_t red = (size_t)(n_heads_kv * n) + (row ? (size_t)n : 0);
+    float *cs = NULL;
+    uc_status rc;
+    if (!w->done) {
+        UC_CHECK(CU(cudaEventCreateWithFlags(&w->done, cudaEventDisableTiming)), rc, out);
+    }
+    if (red > w->cap) {
+        if (w->pin) {
+            UC_CHECK(CU(cudaEventSynchronize(w->done)), rc, out); /* its last copy has landed */
+            (void)cudaFreeHost(w->pin);
+            w->pin = NULL;
+            w->cap = 0;
+        }
+        UC_CHECK(CU(cudaMallocHost((void **)&w->pin, red * sizeof(float))), rc, out);
+        w->cap = red;
+    }
+    UC_CHECK(window_scores_queue(c, &cs, row, row_max, q_win, ld_q, k, ld_kv, n_win, n, n_heads,
+                                 n_heads_kv, head_dim),
+             rc, out);
+    UC_CHECK(CU(cudaMemcpyAsync(w->pin, cs, red * sizeof(float), cudaMemcpyDeviceToHost,
+                                c->stream)),
+             rc, out);
+    UC_CHECK(CU(cudaEventRecord(w->done, c->stream)), rc, out);
+    w->n_col = n_heads_kv * n;
+    w->n = n;
+    w->row = row;
+out:
+    return rc;
+}
+
+static uc_status cuda_window_scores_end(struct uc_backend *be, int32_t slot, double *col,
+                                        double *row)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (slot < 0 || slot >= c->n_ws || !c->ws[slot].n_col) {
+        return UC_ERRF(UC_ERR_INTERNAL, "window_scores_end: slot %d was not begun", (int)slot);
+    }
+    struct ws_slot *w = &c->ws[slot];
+    uc_status rc = CU(cudaEventSynchronize(w->done));
+    if (rc == UC_OK) {
+        window_scores_widen(col, w->row ? row : NULL, w->pin, w->n_col, w->n);
+    }
+    w->n_col = 0;
     return rc;
 }
 
@@ -674,8 +781,17 @@ static uc_status qspec_side_init(struct cuda_ctx *c)
         return UC_OK;
     }
     uc_status rc;
-    UC_CHECK(CU(cudaStreamCreateWithFlags(&c->qs.stream, cudaStreamNonBlocking)), rc, out);
+    /* The eigensolves are latency-bound (a block per matrix, one dependent Householder step
+     * after another): at the highest priority their blocks take SMs as the main stream's
+     * blocks finish, rather than after its whole queue (UC_QSPEC_PRIORITY=0: the default). */
+    int lo = 0, hi = 0;
+    const char *pr = getenv("UC_QSPEC_PRIORITY");
+    if (!(pr && strcmp(pr, "0") == 0)) {
+        UC_CHECK(CU(cudaDeviceGetStreamPriorityRange(&lo, &hi)), rc, out);
+    }
+    UC_CHECK(CU(cudaStreamCreateWithPriority(&c->qs.stream, cudaStreamNonBlocking, hi)), rc, out);
     UC_CHECK(CU(cudaEventCreateWithFlags(&c->qs.ready, cudaEventDisableTiming)), rc, out);
+    UC_CHECK(CU(cudaEventCreateWithFlags(&c->qs.read, cudaEventDisableTiming)), rc, out);
     UC_CHECK(CU(cudaEventCreateWithFlags(&c->qs.done, cudaEventDisableTiming)), rc, out);
     UC_CHECK(BLAS(cublasCreate(&c->qs.blas)), rc, out);
     UC_CHECK(BLAS(cublasSetStream(c->qs.blas, c->qs.stream)), rc, out);
@@ -719,6 +835,7 @@ static uc_status cuda_qspec_begin(struct uc_backend *be, const void *const *q, c
                            n[i], n_heads, d),
                  rc, out);
     }
+    UC_CHECK(CU(cudaEventRecord(c->qs.read, c->qs.stream)), rc, out); /* q is read by now */
     UC_CHECK(CU(uc_cuda_symeig(eig, cov, count * n_heads, d, c->qs.stream)), rc, out);
     if ((size_t)total * sizeof(double) > c->qs.pin_cap) {
         if (c->qs.pin) {
@@ -737,6 +854,15 @@ static uc_status cuda_qspec_begin(struct uc_backend *be, const void *const *q, c
     c->qs.n = total;
 out:
     return rc;
+}
+
+static uc_status cuda_qspec_fence(struct uc_backend *be)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (!c->qs.n || c->qs.on_host) {
+        return UC_OK;
+    }
+    return CU(cudaStreamWaitEvent(c->stream, c->qs.read, 0));
 }
 
 static uc_status cuda_qspec_end(struct uc_backend *be, double *out)
@@ -1246,6 +1372,18 @@ static void cuda_destroy(struct uc_backend *be)
         if (c->qs.ready) {
             (void)cudaEventDestroy(c->qs.ready);
         }
+        if (c->qs.read) {
+            (void)cudaEventDestroy(c->qs.read);
+        }
+        for (int32_t i = 0; i < c->n_ws; i++) {
+            if (c->ws[i].pin) {
+                (void)cudaFreeHost(c->ws[i].pin);
+            }
+            if (c->ws[i].done) {
+                (void)cudaEventDestroy(c->ws[i].done);
+            }
+        }
+        uc_free(c->ws);
         if (c->qs.done) {
             (void)cudaEventDestroy(c->qs.done);
         }
@@ -1312,10 +1450,13 @@ static const struct uc_backend_ops cuda_ops = {
     .attn_prefill = cuda_attn_prefill,
     .window_probs = cuda_window_probs,
     .window_scores = cuda_window_scores,
+    .window_scores_begin = cuda_window_scores_begin,
+    .window_scores_end = cuda_window_scores_end,
     .attn_colsum = cuda_attn_colsum,
     .qcov = cuda_qcov,
     .qspec = cuda_qspec,
     .qspec_begin = cuda_qspec_begin,
+    .qspec_fence = cuda_qspec_fence,
     .qspec_end = cuda_qspec_end,
     .kv_pool_create = cuda_kv_pool_create,
     .kv_pool_destroy = cuda_kv_pool_destroy,

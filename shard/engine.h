@@ -209,6 +209,9 @@ bool uc_engine_seq_prefill_pos(const struct uc_engine *e, int64_t seq_id, int64_
  * x the keys before them) stays within that of `rows` rows at 1024 tokens of context; at least
  * 1. A sequence not created yet counts as at its start. Engine thread only, between steps. */
 int64_t uc_engine_background_rows(const struct uc_engine *e, int64_t seq_id, int64_t rows);
+/* Layer ends this rank has finished after the next pass (pipelined: the host chose kept
+ * tokens while the device ran on), since the engine was created. */
+int64_t uc_engine_pipelined_ends(const struct uc_engine *e);
 /* With UC_SEQ_HIDDEN, on rank 0 after the prefill: the last layer's output rows (n_rows, C),
  * before the final norm; engine-owned, valid until the sequence ends. NULL elsewhere. */
 const float *uc_engine_seq_hidden(const struct uc_engine *e, int64_t seq_id, int64_t *n_rows);

@@ -187,6 +187,8 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
     }
     e->max_ctx = e->p.max_ctx > 0 && e->p.max_ctx < e->cfg->max_ctx ? e->p.max_ctx
                                                                     : e->cfg->max_ctx;
+    const char *pipe = getenv("UC_PIPELINE_ENDS"); /* 0: every layer end whole, for comparison */
+    e->pipe_ends = !(pipe && strcmp(pipe, "0") == 0);
     int64_t rows = e->p.max_batch + e->p.prefill_chunk; /* a sweep pass: decode rows + slices */
     UC_CHECK(uc_model_ws_init(e->m, &e->ws, rows, e->p.max_batch), rc, out);
     size_t a = act_size(e);
@@ -285,7 +287,7 @@ void uc_engine_destroy(struct uc_engine *e)
                     e->sel_scratch, e->spec, e->spec_local, e->cal_head,
                     e->cal_hidden, e->model_dir, e->profile_path, e->batch, e->sw_seq, e->sw_left, e->bt_seqs, e->dm_need, e->dec_logits,
                     e->dec_argmax, e->qs_seq, e->qs_host, e->ks_sum, e->ks_dist, e->mc_sum,
-                    e->mc_cnt};
+                    e->mc_cnt, e->pend};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
         uc_free(host[i]);
     }

@@ -5,6 +5,7 @@
  *   wire.c     the step descriptor as bytes, broadcast from rank 0
  *   seq.c      sequences: admission checks, KV bounds, create, fork, free
  *   prefill.c  a prompt's layer start and layer end (entropy, plan, kept tokens, stages), logits
+ *   pipeline.c layer ends finished after the next pass, while the device runs it
  *   decode.c   the decode rows' index arrays, paged attention, eviction, decode-only graphs
  *   sweep.c    one step as one sweep over the layers: decode and prefill rows share products
  *   step.c     validation and the step loop on every rank
@@ -79,7 +80,14 @@ struct seq {
     /* a calibration window ends each layer in parts, one per step (prefill.c) */
     int32_t end_part;     /* parts done of the current layer's end */
     bool hid_done;        /* this layer's hidden spectrum is in */
-    double *qspec_local;  /* (H_local, D) this layer's query spectra, computed in parts */
+    double *qspec_local;  /* (H_local, D) this layer's query spectra, computed in parts or
+                           * parked (spec_parked) */
+    bool spec_parked;     /* qspec_local holds a pending end's spectra (prefill.c) */
+    /* a layer end begun and finished after the next pass (pipeline.c) */
+    bool end_pending;
+    int32_t end_slot;     /* its window scores' staging slot */
+    int64_t end_layer;
+    void *end_kv;         /* (n_prompt, 2 Hkv_local D) device: the layer's K|V rows */
     struct ring *rings; /* (L, Hkv_local), evict mode */
     /* KVSharer: K|V rows of each layer some later layer reads, (n_prompt, 2 Hkv_local D) device,
      * kept until the prefill ends (the later layer's prompt attention reads them) */
@@ -192,6 +200,12 @@ struct uc_engine {
     bool qs_fetched;  /* qspec_end has written qs_host */
     double *qs_host;  /* (qs_count, H_local, D) */
     int64_t qs_host_cap;
+    /* layer ends begun and not finished (pipeline.c), in the order begun; an end's staging
+     * slot is its index here */
+    struct seq **pend;
+    int64_t n_pend, pend_cap;
+    bool pipe_ends; /* pipelining on (UC_PIPELINE_ENDS=0: off) */
+    int64_t n_pipelined; /* ends finished that way, since creation */
     struct uc_buf wire;
     /* KVSharer calibration: each layer's K|V sums over the windows, (L, ks_tokens, 2 Hkv_local D),
      * and the squared distances of their means, (L, L) summed over ranks */
@@ -258,15 +272,33 @@ uc_status eng_seq_fork(struct uc_engine *e, const struct uc_step_new *n);
 int32_t eng_max_group_budget(const struct uc_compress_params *cp);
 
 /* prefill.c */
-bool eng_needs_window(enum uc_policy p);
 /* At a layer's first slice: rows record, and the layer's input rows for the hidden-state
  * spectrum (when asked). */
 uc_status eng_layer_start(struct uc_engine *e, struct seq *s);
 /* A slice of rows [t0, t0 + n) of the layer, before it runs: its share of the hidden-state
  * spectrum (when asked), so no step computes a whole window's covariance. */
 uc_status eng_layer_rows(struct uc_engine *e, struct seq *s, int64_t t0, int64_t n);
-/* After a layer's last slice: entropy, plan, kept tokens into the cache, stage pruning. */
+/* After a layer's last slice: entropy, plan, kept tokens into the cache, stage pruning (after
+ * the pending end of an earlier layer of s, if any). */
 uc_status eng_layer_end(struct uc_engine *e, struct seq *s);
+/* Where a layer end finds the layer's K and V rows (ld apart) and its window scores: the
+ * prompt's Q/K/V buffer and scores computed on the spot (eng_end_src_qkv), or, for an end
+ * finished after the next pass (pipeline.c), the K|V rows copied aside and the scores begun
+ * in a staging slot. */
+struct eng_end_src {
+    const void *k, *v;
+    int64_t ld;
+    int32_t slot; /* window_scores_begin's slot; -1: compute them now */
+};
+struct eng_end_src eng_end_src_qkv(const struct uc_engine *e, const struct seq *s);
+/* The layer end of layer l of s (s->layer, or the layer a pending end began at). */
+uc_status eng_layer_end_from(struct uc_engine *e, struct seq *s, int64_t l,
+                             const struct eng_end_src *src);
+/* Whether the end of layer l cuts the rows of s (uncomp-stage, before a stage start; the
+ * stage's index into *stage_index when not NULL). */
+bool eng_layer_prunes(const struct seq *s, int64_t l, int64_t n_layers, int32_t *stage_index);
+/* Whether the end of layer l adds its row scores to the stage's accumulated ones. */
+bool eng_layer_accumulates(const struct seq *s, int64_t l, int64_t n_layers);
 /* Whether s ends its layers in parts, one per step (eng_layer_end_part), rather than in the
  * step of the layer's last slice: calibration windows, background work whose steps must stay
  * short. */
@@ -372,6 +404,19 @@ void eng_lorc_fini(struct uc_engine *e);
 
 /* sweep.c */
 uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st);
+
+/* pipeline.c */
+/* Whether the end of layer l of s can be finished after the next pass (its end needs nothing
+ * of the layer but the K/V rows, the window scores and the query spectra). */
+bool eng_end_pipelined(const struct uc_engine *e, const struct seq *s, int64_t l);
+/* Begins the end of layer s->layer: window scores queued into a staging slot, the K|V rows
+ * copied aside; s joins the pending ends. */
+uc_status eng_end_begin(struct uc_engine *e, struct seq *s);
+/* Finishes the pending end of s (nothing when none) / every pending end, in the order begun. */
+uc_status eng_end_finish(struct uc_engine *e, struct seq *s);
+uc_status eng_end_finish_all(struct uc_engine *e);
+/* After an error: the pending ends are forgotten (their rows never reach the cache). */
+void eng_end_drop_all(struct uc_engine *e);
 
 /* diag.c */
 /* The DIAGNOSE step on every rank: e->diag_layer = the first layer with non-finite K/V of the

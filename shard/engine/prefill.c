@@ -58,12 +58,28 @@ bool eng_spectra_early(const struct seq *s)
     return wants_spectra(s) && !eng_layer_end_in_parts(s); /* those have theirs in parts */
 }
 
-/* Drops a batch no layer end took (an error on the way), waiting for it. */
+/* Before a new batch: the spectra of the old one that pending layer ends still need are
+ * parked in their sequences (waiting for them); the rest are dropped (their layer ends took
+ * them, or an error came on the way). */
 static uc_status spectra_drop(struct uc_engine *e)
 {
+    int64_t per = e->sh->n_heads * e->cfg->head_dim;
     uc_status rc = UC_OK;
     if (e->qs_count > 0 && !e->qs_fetched) {
         rc = e->be->ops->qspec_end(e->be, e->qs_host);
+        e->qs_fetched = rc == UC_OK;
+    }
+    for (int64_t i = 0; rc == UC_OK && i < e->qs_count; i++) {
+        struct seq *s = eng_find_seq(e, e->qs_seq[i]);
+        if (!s || !s->end_pending) {
+            continue;
+        }
+        if (!s->qspec_local && !(s->qspec_local = uc_malloc((size_t)per * sizeof(double)))) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "query spectra");
+            break;
+        }
+        memcpy(s->qspec_local, e->qs_host + i * per, (size_t)per * sizeof(double));
+        s->spec_parked = true;
     }
     e->qs_count = 0;
     return rc;
@@ -73,10 +89,10 @@ uc_status eng_spectra_begin(struct uc_engine *e, struct seq *const *seqs, int64_
 {
     int64_t hl = e->sh->n_heads, d = e->cfg->head_dim;
     uc_status rc;
-    UC_CHECK(spectra_drop(e), rc, out);
     if (n == 0) {
         return UC_OK;
     }
+    UC_CHECK(spectra_drop(e), rc, out);
     const void **q = uc_malloc((size_t)n * sizeof *q);
     int64_t *rows = uc_malloc((size_t)n * sizeof *rows);
     if (!q || !rows || !eng_grow((void **)&e->qs_seq, &e->qs_cap, n, sizeof *e->qs_seq) ||
@@ -106,14 +122,16 @@ out:
 static uc_status query_spectra(struct uc_engine *e, struct seq *s)
 {
     int64_t d = e->cfg->head_dim, hl = e->sh->n_heads;
-    const double *local = s->end_part > 0 ? s->qspec_local : e->spec_local;
+    const double *local = s->end_part > 0 || s->spec_parked ? s->qspec_local : e->spec_local;
     uc_status rc = UC_OK;
     int64_t i = 0;
     while (i < e->qs_count && e->qs_seq[i] != s->id) {
         i++;
     }
-    if (s->end_part > 0) {
-        /* computed a few heads at a time by the earlier parts */
+    if (s->end_part > 0 || s->spec_parked) {
+        /* computed a few heads at a time by the earlier parts, or parked by a later batch's
+         * begin while this layer end was pending */
+        s->spec_parked = false;
     } else if (i < e->qs_count) {
         if (!e->qs_fetched) {
             UC_CHECK(e->be->ops->qspec_end(e->be, e->qs_host), rc, out);
@@ -251,12 +269,6 @@ uc_status eng_layer_end_part(struct uc_engine *e, struct seq *s, bool *finished)
 
 /* ---- prefill: layer end ----------------------------------------------------------------- */
 
-bool eng_needs_window(enum uc_policy p)
-{
-    return p == UC_POLICY_SNAPKV || p == UC_POLICY_PYRAMIDKV || p == UC_POLICY_UNCOMP ||
-           p == UC_POLICY_UNCOMP_STAGE;
-}
-
 static bool is_stage_start(const struct seq *s, int64_t layer, int32_t *stage_index)
 {
     for (int32_t c = 0; c < s->plan.n_stage_starts; c++) {
@@ -268,10 +280,28 @@ static bool is_stage_start(const struct seq *s, int64_t layer, int32_t *stage_in
     return false;
 }
 
-/* Entropies of every query head (gathered), their KV-head means, and the plan of this layer. */
-static uc_status plan_layer(struct uc_engine *e, struct seq *s, double *kv_ent)
+bool eng_layer_prunes(const struct seq *s, int64_t l, int64_t n_layers, int32_t *stage_index)
 {
-    int64_t l = s->layer, d = e->cfg->head_dim, H = e->cfg->n_heads, hkv = e->cfg->n_heads_kv;
+    int32_t c = 0;
+    bool prune = s->cp.policy == UC_POLICY_UNCOMP_STAGE && l + 1 < n_layers &&
+                 is_stage_start(s, l + 1, &c) && s->plan.stage_rows[c] < s->n_rows;
+    if (stage_index) {
+        *stage_index = c;
+    }
+    return prune;
+}
+
+bool eng_layer_accumulates(const struct seq *s, int64_t l, int64_t n_layers)
+{
+    return s->cp.policy == UC_POLICY_UNCOMP_STAGE && s->plan.n_stage_starts > 0 &&
+           (s->cp.row_score == UC_ROW_SCORE_ACCUM || s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX) &&
+           l + 1 < n_layers && l + 1 <= s->plan.stage_starts[s->plan.n_stage_starts - 1];
+}
+
+/* Entropies of every query head (gathered), their KV-head means, and the plan of this layer. */
+static uc_status plan_layer(struct uc_engine *e, struct seq *s, int64_t l, double *kv_ent)
+{
+    int64_t d = e->cfg->head_dim, H = e->cfg->n_heads, hkv = e->cfg->n_heads_kv;
     int64_t g = H / hkv;
     bool from_prompt = uc_policy_uses_entropy(s->cp.policy) && s->cp.grouping == UC_GROUPING_PROMPT;
     uc_status rc = UC_OK;
@@ -340,8 +370,10 @@ static int64_t select_head(struct uc_engine *e, struct seq *s, int64_t j, int64_
 }
 
 /* Fills e->colscore (Hkv_local, n) with the scores the policy selects by, and e->rowscore (n)
- * with the stage row scores when `rows` is set. */
-static uc_status compute_scores(struct uc_engine *e, struct seq *s, bool cols, bool rows)
+ * with the stage row scores when `rows` is set; from the staging slot where src has them
+ * begun. */
+static uc_status compute_scores(struct uc_engine *e, struct seq *s, bool cols, bool rows,
+                                const struct eng_end_src *src)
 {
     int64_t n = s->n_rows, hl = e->sh->n_heads, hkv_l = e->sh->n_heads_kv;
     int64_t d = e->cfg->head_dim, gl = hl / hkv_l, ld = e->sh->qkv_dim;
@@ -369,7 +401,11 @@ static uc_status compute_scores(struct uc_engine *e, struct seq *s, bool cols, b
     const void *qw = dev_row(e, s->qkv, n - w, ld);
     bool use_max = s->cp.row_score == UC_ROW_SCORE_MAX ||
                    s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX;
-    if (!s->rings) {
+    if (src->slot >= 0) {
+        UC_CHECK(e->be->ops->window_scores_end(e->be, src->slot, e->colscore,
+                                               rows ? e->rowscore : NULL),
+                 rc, out);
+    } else if (!s->rings) {
         /* reduced on the backend: only (Hkv + 1) x n scores cross to the host */
         UC_CHECK(e->be->ops->window_scores(e->be, e->colscore, rows ? e->rowscore : NULL, use_max,
                                            qw, ld, k, ld, w, n, hl, hkv_l, d),
@@ -421,7 +457,7 @@ static uc_status ring_init(struct uc_engine *e, struct seq *s, int64_t j, int64_
     rg->cap = (int32_t)cap;
     rg->n_rows = (int32_t)w;
     rg->next = (int32_t)(w % s->cp.window);
-    bool have_probs = eng_needs_window(s->cp.policy) || s->cp.policy == UC_POLICY_UNCOMP_STAGE;
+    bool have_probs = uc_policy_uses_window(s->cp.policy) || s->cp.policy == UC_POLICY_UNCOMP_STAGE;
     for (int64_t r = 0; r < w && have_probs; r++) {
         for (int64_t i = 0; i < n_keep; i++) {
             float v = 0;
@@ -487,8 +523,29 @@ static uc_status think_head(struct uc_engine *e, struct seq *s, int64_t j, int64
 
 uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
 {
+    uc_status rc = eng_end_finish(e, s); /* its earlier layer's pending end, first */
+    if (rc == UC_OK) {
+        struct eng_end_src src = eng_end_src_qkv(e, s);
+        rc = eng_layer_end_from(e, s, s->layer, &src);
+    }
+    return rc;
+}
+
+struct eng_end_src eng_end_src_qkv(const struct uc_engine *e, const struct seq *s)
+{
+    int64_t hl = e->sh->n_heads, hkv_l = e->sh->n_heads_kv, d = e->cfg->head_dim;
+    return (struct eng_end_src){
+        .k = (const char *)s->qkv + (size_t)(hl * d) * act_size(e),
+        .v = (const char *)s->qkv + (size_t)((hl + hkv_l) * d) * act_size(e),
+        .ld = e->sh->qkv_dim,
+        .slot = -1};
+}
+
+uc_status eng_layer_end_from(struct uc_engine *e, struct seq *s, int64_t l,
+                             const struct eng_end_src *src)
+{
     double t0 = uc_time_s();
-    int64_t l = s->layer, n = s->n_rows, hkv_l = e->sh->n_heads_kv, hkv = e->cfg->n_heads_kv;
+    int64_t n = s->n_rows, hkv_l = e->sh->n_heads_kv, hkv = e->cfg->n_heads_kv;
     int64_t d = e->cfg->head_dim;
     uc_status rc;
     double kv_ent[1024];
@@ -498,7 +555,7 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
         UC_CHECK(hidden_spectrum(e, s), rc, out);
     }
     UC_CHECK(eng_layer_scratch(e, n, s->cp.window), rc, out);
-    UC_CHECK(plan_layer(e, s, kv_ent), rc, out);
+    UC_CHECK(plan_layer(e, s, l, kv_ent), rc, out);
     UC_CHECK(eng_kvshare_layer_end(e, s), rc, out);
     if (eng_layer_shared(s, l)) {
         /* KVSharer: the layer keeps nothing; its attention reads its source layer's cache */
@@ -513,21 +570,19 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
         goto out;
     }
     int32_t stage_c = 0;
-    bool prune = s->cp.policy == UC_POLICY_UNCOMP_STAGE && l + 1 < e->cfg->n_layers &&
-                 is_stage_start(s, l + 1, &stage_c) && s->plan.stage_rows[stage_c] < n;
+    bool prune = eng_layer_prunes(s, l, e->cfg->n_layers, &stage_c);
     bool any_cut = false;
     for (int64_t j = 0; j < hkv_l; j++) {
         any_cut = any_cut || s->plan.budget[l * hkv + e->sh->kv0 + j] < n;
     }
-    bool cols = any_cut && (eng_needs_window(s->cp.policy) || s->cp.policy == UC_POLICY_H2O);
+    bool cols = any_cut && (uc_policy_uses_window(s->cp.policy) || s->cp.policy == UC_POLICY_H2O);
     bool evict = s->rings != NULL;
-    bool accum = s->cp.policy == UC_POLICY_UNCOMP_STAGE && s->plan.n_stage_starts > 0 &&
-                 (s->cp.row_score == UC_ROW_SCORE_ACCUM ||
-                  s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX) &&
-                 l + 1 < e->cfg->n_layers && l + 1 <= s->plan.stage_starts[s->plan.n_stage_starts - 1];
+    bool accum = eng_layer_accumulates(s, l, e->cfg->n_layers);
     bool rows = prune || accum;
-    if (cols || rows || (evict && eng_needs_window(s->cp.policy))) {
-        UC_CHECK(compute_scores(e, s, cols || evict, rows), rc, out);
+    if (cols || rows || (evict && uc_policy_uses_window(s->cp.policy))) {
+        UC_CHECK(compute_scores(e, s, cols || evict, rows, src), rc, out);
+    } else if (src->slot >= 0) { /* begun, and no head is cut after all */
+        UC_CHECK(e->be->ops->window_scores_end(e->be, src->slot, e->colscore, NULL), rc, out);
     }
     if (accum) {
         /* every layer before the last boundary adds its row scores */
@@ -562,7 +617,6 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
     /* kept tokens of each local KV head (selected in parallel: at 32K tokens one head takes
      * about a millisecond), then into the paged cache with one scatter; with ThinK their kept
      * key channels only (packed heads, a scatter each) */
-    int64_t hl = e->sh->n_heads;
     float think = uc_policy_think_ratio(&s->cp);
     int64_t kdim = think > 0.0f ? uc_think_kdim(think, d) : d;
     int32_t chan[1024];
@@ -578,8 +632,7 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
         }
         UC_CHECK(think_query_parts(e, s, qpart), rc, out);
     }
-    const void *kbase = (char *)s->qkv + (size_t)(hl * d) * act_size(e);
-    const void *vbase = (char *)s->qkv + (size_t)((hl + hkv_l) * d) * act_size(e);
+    const void *kbase = src->k, *vbase = src->v;
     int64_t nks[1024], n_sc = 0;
     int64_t lrank = s->lorc_rank ? s->lorc_rank[l] : 0;
 #pragma omp parallel for schedule(dynamic, 1) if (n >= 4096 && hkv_l > 1)
@@ -622,7 +675,7 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
         }
         if (qpart) {
             UC_CHECK(e->be->ops->kv_scatter_packed(e->be, &e->kv.pool, kbase, vbase,
-                                                   e->sh->qkv_dim, e->sc_row + n_sc,
+                                                   src->ld, e->sc_row + n_sc,
                                                    e->sc_head + n_sc, e->sc_slot + n_sc, nk, kdim,
                                                    h->chan),
                      rc, out);
@@ -654,13 +707,13 @@ uc_status eng_layer_end(struct uc_engine *e, struct seq *s)
         for (int64_t i = 0; i < n_sc; i++) {
             lpos[i] = s->pos[e->sc_row[i]];
         }
-        UC_CHECK(e->be->ops->kv_scatter_latent(e->be, &e->kv.pool, kbase, vbase, e->sh->qkv_dim,
+        UC_CHECK(e->be->ops->kv_scatter_latent(e->be, &e->kv.pool, kbase, vbase, src->ld,
                                                e->sc_row, e->sc_head, lpos, e->sc_slot, n_sc,
                                                lrank, eng_lorc_basis(e, l)),
                  rc, out);
     } else if (!qpart) {
-        UC_CHECK(e->be->ops->kv_scatter(e->be, &e->kv.pool, kbase, vbase, e->sh->qkv_dim,
-                                        e->sc_row, e->sc_head, e->sc_slot, n_sc),
+        UC_CHECK(e->be->ops->kv_scatter(e->be, &e->kv.pool, kbase, vbase, src->ld, e->sc_row,
+                                        e->sc_head, e->sc_slot, n_sc),
                  rc, out);
     }
     for (int64_t j = 0; j < hkv_l; j++) {

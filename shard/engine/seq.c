@@ -51,6 +51,10 @@ void eng_free_prefill_buffers(struct uc_engine *e, struct seq *s)
         e->be->ops->free(e->be, s->qkv);
         s->qkv = NULL;
     }
+    if (s->end_kv) {
+        e->be->ops->free(e->be, s->end_kv);
+        s->end_kv = NULL;
+    }
     UC_FREE(s->hid_rows);
     s->hid_cap = 0;
     uc_entropy_acc_fini(&s->hacc);
@@ -219,8 +223,9 @@ uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_ne
 
 int64_t uc_engine_prefill_bytes(const struct uc_engine *e, int64_t n_prompt)
 {
-    /* the residual stream, Q/K/V, and a stage cut's new residual stream beside the old one */
-    int64_t per_row = 2 * e->cfg->hidden + e->sh->qkv_dim;
+    /* the residual stream, Q/K/V, a stage cut's new residual stream beside the old one, and a
+     * pipelined layer end's K|V rows (pipeline.c) */
+    int64_t per_row = 2 * e->cfg->hidden + e->sh->qkv_dim + 2 * e->sh->n_heads_kv * e->cfg->head_dim;
     return n_prompt * per_row * (int64_t)act_size(e);
 }
 

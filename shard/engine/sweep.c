@@ -7,7 +7,10 @@
  * lasts: a short prompt passes every layer in one step, a long one a few layers per step. The
  * query spectra those layer ends need (uncomp with prompt grouping) are begun as soon as the
  * pass has written the queries, so the eigensolves run beside its attention and MLP. A
- * calibration window ends its layers in parts instead, one per step (eng_layer_end_part).
+ * calibration window ends its layers in parts instead, one per step (eng_layer_end_part). Where
+ * a layer end needs only the layer's K/V rows, window scores and spectra, it is begun when the
+ * layer completes and finished after the next pass has been queued (pipeline.c), so the host
+ * picks kept tokens while the device runs that pass.
  *
  * Rows are packed in e->dx and e->dqkv (max_batch + prefill_chunk rows): the decode rows first,
  * where they stay for the whole step, then the slices of the pass. A layer whose slices exceed
@@ -35,12 +38,16 @@ static uc_status sweep_pass(struct uc_engine *e, int64_t l, int64_t base, int64_
     int64_t c = e->cfg->hidden, ld = e->sh->qkv_dim, d = e->cfg->head_dim;
     int64_t hl = e->sh->n_heads, hkv = e->sh->n_heads_kv, n = end - base;
     size_t a = act_size(e);
+    uc_status rc;
+    if (e->qs_count > 0 && !e->qs_fetched) {
+        /* the pass may overwrite queries the spectra begun earlier have still to read */
+        UC_CHECK(be->ops->qspec_fence(be), rc, out);
+    }
     /* One prompt's slice alone (no decode rows in the pass) runs on the prompt's own rows: its
      * hidden states and Q/K/V buffer, with nothing packed or copied back. */
     const bool direct = n_sl == 1 && !(base == 0 && nb > 0);
     void *x = direct ? dev_row(e, sl[0].s->x, sl[0].t0, c) : dev_row(e, e->dx, base, c);
     void *qkv = direct ? dev_row(e, sl[0].s->qkv, sl[0].t0, ld) : dev_row(e, e->dqkv, base, ld);
-    uc_status rc;
     for (int64_t i = 0; i < n_sl && !direct; i++) {
         UC_CHECK(be->ops->copy_rows(be, dev_row(e, e->dx, sl[i].row, c), c,
                                     dev_row(e, sl[i].s->x, sl[i].t0, c), c, c, sl[i].n),
@@ -167,12 +174,18 @@ uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st)
                 break;
             }
             UC_CHECK(sweep_pass(e, l, base, nb, sl, n_sl, nb + rows, any_evict, ends), rc, out);
+            /* the ends begun after earlier passes, while the device runs this one */
+            UC_CHECK(eng_end_finish_all(e), rc, out);
             for (int64_t i = 0; i < n_sl; i++) {
                 struct seq *s = sl[i].s;
                 s->t_done += sl[i].n;
                 e->sw_left[sl[i].pf] -= sl[i].n;
                 if (s->t_done == s->n_rows && !eng_layer_end_in_parts(s)) {
-                    UC_CHECK(eng_layer_end(e, s), rc, out);
+                    if (eng_end_pipelined(e, s, s->layer)) {
+                        UC_CHECK(eng_end_begin(e, s), rc, out);
+                    } else {
+                        UC_CHECK(eng_layer_end(e, s), rc, out);
+                    }
                     s->layer++;
                     s->t_done = 0;
                 }
@@ -182,6 +195,7 @@ uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st)
             }
         }
     }
+    UC_CHECK(eng_end_finish_all(e), rc, out);
     if (nb > 0) {
         e->last_nb = 0; /* a mixed step breaks the run of equal decode-only batches */
         UC_CHECK(eng_decode_end(e, st->decodes, nb), rc, out);
@@ -193,6 +207,9 @@ uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st)
         }
     }
 out:
+    if (rc != UC_OK) {
+        eng_end_drop_all(e);
+    }
     uc_free(sl);
     uc_free(ends);
     return rc;

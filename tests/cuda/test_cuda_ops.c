@@ -581,6 +581,77 @@ static void test_window_probs(int64_t n, int64_t w, int64_t h, int64_t hkv, int6
     qkv_free(&b);
 }
 
+/* Window scores begun into two staging slots (with and without row scores), a product queued
+ * behind them and the slots ended in the other order: each as the synchronous op gives it on
+ * the GPU (the same kernels: exactly) and close to the CPU's. */
+static void test_window_scores_staged(int64_t h, int64_t hkv, int64_t d)
+{
+    static const int64_t ns[2] = {300, 1200}, ws[2] = {32, 16};
+    struct qkv b[2];
+    double *got[2], *want[2], *cpu_want[2];
+    uc_status rc = UC_OK;
+    for (int i = 0; i < 2; i++) {
+        qkv_make(&b[i], ns[i], h, hkv, d, 1300 + (uint64_t)i);
+        size_t cnt = (size_t)((hkv + 1) * ns[i]);
+        got[i] = uc_calloc(cnt, sizeof(double));
+        want[i] = uc_calloc(cnt, sizeof(double));
+        cpu_want[i] = uc_calloc(cnt, sizeof(double));
+        bool row = i == 0;
+        const void *qw = at(gpu, b[i].g, (ns[i] - ws[i]) * b[i].ld), *k = at(gpu, b[i].g, h * d);
+        if (rc == UC_OK) {
+            rc = gpu->ops->window_scores(gpu, want[i], row ? want[i] + hkv * ns[i] : NULL, false,
+                                         qw, b[i].ld, k, b[i].ld, ws[i], ns[i], h, hkv, d);
+        }
+        if (rc == UC_OK) {
+            rc = cpu->ops->window_scores(cpu, cpu_want[i], row ? cpu_want[i] + hkv * ns[i] : NULL,
+                                         false, at(cpu, b[i].c, (ns[i] - ws[i]) * b[i].ld),
+                                         b[i].ld, at(cpu, b[i].c, h * d), b[i].ld, ws[i], ns[i],
+                                         h, hkv, d);
+        }
+    }
+    for (int i = 0; i < 2 && rc == UC_OK; i++) {
+        rc = gpu->ops->window_scores_begin(gpu, i, i == 0, false,
+                                           at(gpu, b[i].g, (ns[i] - ws[i]) * b[i].ld), b[i].ld,
+                                           at(gpu, b[i].g, h * d), b[i].ld, ws[i], ns[i], h, hkv,
+                                           d);
+    }
+    const int64_t t = 2048, nn = 4096, k = 4096;
+    void *w, *x, *y;
+    gpu->ops->weight_random(gpu, &w, nn, k, 1, 0.0f, 0.02f);
+    gpu->ops->weight_random(gpu, &x, t, k, 2, 0.0f, 1.0f);
+    gpu->ops->alloc(gpu, &y, (size_t)(t * nn) * gpu->ops->act_size(gpu));
+    if (rc == UC_OK) {
+        rc = gpu->ops->matmul(gpu, y, x, w, t, nn, k);
+    }
+    for (int i = 1; i >= 0 && rc == UC_OK; i--) {
+        rc = gpu->ops->window_scores_end(gpu, i, got[i], i == 0 ? got[i] + hkv * ns[i] : NULL);
+    }
+    double exact = rc == UC_OK ? 0.0 : INFINITY, vs_cpu = exact;
+    for (int i = 0; i < 2 && rc == UC_OK; i++) {
+        int64_t cnt = (hkv + (i == 0)) * ns[i];
+        for (int64_t j = 0; j < cnt; j++) {
+            double e = fabs(got[i][j] - want[i][j]);
+            exact = e > exact ? e : exact;
+        }
+        double e = nmse_d(got[i], cpu_want[i], cnt);
+        vs_cpu = e > vs_cpu ? e : vs_cpu;
+    }
+    char what[96];
+    snprintf(what, sizeof what, "2 slots n=300,1200 H=%lld Hkv=%lld D=%lld", (long long)h,
+             (long long)hkv, (long long)d);
+    report("window_scores_staged", what, exact, 0.0);
+    report("window_scores_staged", "against the CPU", vs_cpu, 1e-8);
+    drop(gpu, y);
+    drop(gpu, x);
+    gpu->ops->weight_free(gpu, w);
+    for (int i = 0; i < 2; i++) {
+        qkv_free(&b[i]);
+        uc_free(got[i]);
+        uc_free(want[i]);
+        uc_free(cpu_want[i]);
+    }
+}
+
 static void test_colsum(int64_t n, int64_t h, int64_t hkv, int64_t d)
 {
     struct qkv b;
@@ -644,7 +715,8 @@ static void test_qspec(int64_t n, int64_t h, int64_t d)
 }
 
 /* A batch of query spectra begun on the second stream (three prompts of other lengths) against
- * the CPU's one at a time; the main stream is busy with a product while the batch runs. */
+ * the CPU's one at a time; the main stream overwrites the queries after qspec_fence and is busy
+ * with a product while the batch runs. */
 static void test_qspec_batch(int64_t h, int64_t d)
 {
     static const int64_t ns[3] = {300, 40, 1000};
@@ -668,6 +740,12 @@ static void test_qspec_batch(int64_t h, int64_t d)
     gpu->ops->alloc(gpu, &y, (size_t)(t * nn) * gpu->ops->act_size(gpu));
     if (rc == UC_OK) {
         rc = gpu->ops->qspec_begin(gpu, qg, ns, 3, b[0].ld, h, d);
+    }
+    if (rc == UC_OK) { /* after the fence the queries may be overwritten before qspec_end */
+        rc = gpu->ops->qspec_fence(gpu);
+    }
+    for (int i = 0; i < 3 && rc == UC_OK; i++) {
+        rc = gpu->ops->copy_rows(gpu, b[i].g, b[i].ld, x, k, h * d < k ? h * d : k, ns[i]);
     }
     if (rc == UC_OK) {
         rc = gpu->ops->matmul(gpu, y, x, w, t, nn, k);
@@ -1605,6 +1683,8 @@ static void run_pass(void)
     test_window_probs(300, 32, 8, 2, 128);
     test_window_probs(2048, 16, 8, 4, 32);
     test_window_probs(300, 1, 4, 4, 8);
+    test_window_scores_staged(8, 2, 128);
+    test_window_scores_staged(32, 8, 128);
     test_colsum(17, 4, 2, 64);
     test_colsum(300, 8, 2, 128);
     test_colsum(1100, 4, 4, 8);

@@ -50,8 +50,19 @@ static void check_policy(struct uc_engine *e, const int32_t *ids, int64_t n, con
     for (int i = 0; i < cJSON_GetArraySize(ss); i++) {
         cp.stage_starts[cp.n_stage_starts++] = (int32_t)cJSON_GetArrayItem(ss, i)->valuedouble;
     }
+    int64_t piped = uc_engine_pipelined_ends(e);
     uc_status rc = tu_prefill(e, 7, ids, n, UC_SEQ_RECORD_KEPT, &cp, 16);
     TU_CHECK(rc == UC_OK, "%s: prefill failed", key);
+    /* the window policies' layer ends run pipelined (begun at the layer's completion, finished
+     * after the next pass: pipeline.c), all but uncomp-stage's cuts and the last */
+    piped = uc_engine_pipelined_ends(e) - piped;
+    int64_t want_piped = uc_policy_uses_window(cp.policy) && n > cp.window
+                             ? L - (cp.policy == UC_POLICY_UNCOMP_STAGE ? cp.n_stage_starts : 0)
+                             : 0;
+    if (getenv("UC_PIPELINE_ENDS") == NULL) {
+        TU_CHECK(piped == want_piped, "%s: %lld layer ends pipelined, want %lld", key,
+                 (long long)piped, (long long)want_piped);
+    }
     TU_CHECK(uc_engine_seq_plan_agreed(e, 7), "%s: ranks disagree on the plan", key);
     const struct uc_plan *plan = uc_engine_seq_plan(e, 7);
     int64_t kept_total = 0, kept_diff = 0, heads_diff = 0, budget_diff = 0, group_diff = 0;
