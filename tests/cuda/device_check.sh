@@ -220,6 +220,7 @@ for step in "$@"; do
         --budget-frac 0.1 --kv-mem-gib 16 --max-batch 256 --skip-compress \
         ${METHODS_ARGS:---methods full,think,minicache,lorc,snapkv,snapkv+think,snapkv+minicache,snapkv+lorc,uncomp,uncomp+think,uncomp+lorc} ;;
     gpu-quick) timeout 200 "$bd/tests/bench/bench_gpu" --reps 3 --skip-compress --prefill 8192 ;;
+    gpu-args) timeout 300 "$bd/tests/bench/bench_gpu" ${GPU_ARGS:---reps 3} ;; # bench_gpu, any options
     torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
     e2e-grpc) e2e_grpc ;;
     e2e-ctl) e2e_ctl ;;
