@@ -482,6 +482,16 @@ int32_t uc_group_budget(int32_t budget, int32_t g, int32_t m, float spread)
     return (int32_t)uc_round_half_up((double)budget * (1.0 - s + 2.0 * s * g / (m - 1)));
 }
 
+int32_t uc_group_budget_nth(int32_t budget, int64_t n_heads, int32_t m, float spread, int64_t r)
+{
+    int64_t k = n_heads - 1 - r; /* its rank in entropy order, lowest first (uc_group_heads) */
+    int32_t g = 0;
+    while (g + 1 < m && k >= n_heads * (g + 1) / m) {
+        g++;
+    }
+    return uc_group_budget(budget, g, m, spread);
+}
+
 int32_t uc_pyramid_budget(int32_t budget, int64_t layer, int64_t n_layers)
 {
     if (n_layers <= 1) {

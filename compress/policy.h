@@ -156,6 +156,10 @@ bool uc_policy_uses_window(enum uc_policy p);
 void uc_group_heads(int32_t *groups, const double *entropy, int64_t n_heads, int32_t m);
 /* B_g = round_half_up(B * (1 - s + 2 s g / (m - 1))) (B when m == 1). */
 int32_t uc_group_budget(int32_t budget, int32_t g, int32_t m, float spread);
+/* The r-th largest (r = 0: the largest) of the n_heads budgets that uc_group_heads and
+ * uc_group_budget give a layer, whatever the entropies: the group sizes are fixed, only which
+ * head falls in which group depends on them. */
+int32_t uc_group_budget_nth(int32_t budget, int64_t n_heads, int32_t m, float spread, int64_t r);
 /* pyramidkv: B_l = round_half_up(1.5 B - B l / (L - 1)). */
 int32_t uc_pyramid_budget(int32_t budget, int64_t layer, int64_t n_layers);
 

@@ -249,10 +249,12 @@ static int64_t fork_private_blocks(int64_t tpb, int64_t n, int64_t gen)
     return (r + gen + tpb - 1) / tpb;
 }
 
-/* A KV head's budget under the plan: known from the profile for grouping=profile, the largest
- * group budget otherwise (not capped by the prompt). */
+/* A KV head's budget under the plan (not capped by the prompt): known from the profile for
+ * grouping=profile; with prompt grouping the entropies decide which head gets which of the
+ * layer's group budgets, so the rank's r-th head (r = kv_head - kv0) is counted at the r-th
+ * largest of them: the worst a rank can get, and at tp 1 the layer's exact total. */
 static int64_t head_budget_bound(const struct uc_engine *e, const struct uc_step_new *n,
-                                 int64_t layer, int64_t kv_head)
+                                 int64_t layer, int64_t kv_head, int64_t kv0)
 {
     const struct uc_compress_params *cp = &n->cp;
     int64_t b;
@@ -267,7 +269,8 @@ static int64_t head_budget_bound(const struct uc_engine *e, const struct uc_step
                                 e->prof.kv_group[layer * e->cfg->n_heads_kv + kv_head],
                                 cp->head_groups, cp->spread);
         } else {
-            b = eng_max_group_budget(cp);
+            b = uc_group_budget_nth(cp->kv_budget, e->cfg->n_heads_kv, cp->head_groups,
+                                    cp->spread, kv_head - kv0);
         }
         break;
     default: b = cp->kv_budget; break;
@@ -309,7 +312,8 @@ static int64_t blocks_needed(const struct uc_engine *e, const struct uc_step_new
                 continue;
             }
             for (int64_t j = kv0; j < kv0 + hkv_l; j++) {
-                int64_t ba = head_budget_bound(e, n, l, j), bb = head_budget_bound(e, n, l + 1, j);
+                int64_t ba = head_budget_bound(e, n, l, j, kv0);
+                int64_t bb = head_budget_bound(e, n, l + 1, j, kv0);
                 int64_t m = ba < bb ? ba : bb;
                 m = m < n->n_prompt ? m : n->n_prompt;
                 total += fork ? (m > 0) : (m + mc_tpb - 1) / mc_tpb;
@@ -325,7 +329,7 @@ static int64_t blocks_needed(const struct uc_engine *e, const struct uc_step_new
                                                     uc_kv_latent_width(lrank[l], act_size(e)))
                               : tpb0;
             for (int64_t j = kv0; j < kv0 + hkv_l; j++) {
-                int64_t b = head_budget_bound(e, n, l, j);
+                int64_t b = head_budget_bound(e, n, l, j, kv0);
                 int64_t np = n->n_prompt;
                 /* append: the prefill's share plus every decoded token; evict: the head grows
                  * to its budget (plus the token being placed) and stays there */

@@ -40,6 +40,12 @@ static int64_t fill_pool(struct uc_engine *e, const int32_t *ids, enum uc_policy
         int64_t used = uc_engine_kv_blocks_used(e) - before;
         TU_CHECK(used == r.kv_blocks_held_local, "%s: pool grew by %lld blocks, report says %lld",
                  uc_policy_name(policy), (long long)used, (long long)r.kv_blocks_held_local);
+        /* admission reserves exactly what the prefill takes (at tp 1: one rank, every head);
+         * uncomp's prompt grouping once reserved its largest group budget for every head */
+        TU_CHECK(uc_engine_kv_blocks_needed(e, &probe) == used,
+                 "%s: admission reserves %lld blocks, the prefill took %lld",
+                 uc_policy_name(policy), (long long)uc_engine_kv_blocks_needed(e, &probe),
+                 (long long)used);
         TU_CHECK(r.kv_bytes_kept == r.kv_tokens_held_local * (int64_t)per_token,
                  "%s: reported kv_bytes_kept %lld != bytes of the %lld tokens held",
                  uc_policy_name(policy), (long long)r.kv_bytes_kept,

@@ -381,6 +381,40 @@ static void test_group_heads(void **state)
 
 /* ---- budgets and stages -------------------------------------------------------------------- */
 
+static int cmp_desc_i32(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x < y) - (x > y);
+}
+
+/* The r-th largest group budget of a layer (what admission reserves with prompt grouping)
+ * is the r-th largest of the budgets any entropies give its heads. */
+static void test_group_budget_nth(void **state)
+{
+    (void)state;
+    uint64_t seed = 12345;
+    for (int64_t n = 1; n <= 13; n++) {
+        for (int32_t m = 1; m <= 4 && m <= n; m++) {
+            for (int trial = 0; trial < 5; trial++) {
+                double ent[13];
+                int32_t g[13], b[13];
+                for (int64_t j = 0; j < n; j++) {
+                    seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+                    ent[j] = (double)(seed >> 40) / (double)(1 << 24);
+                }
+                uc_group_heads(g, ent, n, m);
+                for (int64_t j = 0; j < n; j++) {
+                    b[j] = uc_group_budget(410, g[j], m, 1.0f / 3.0f);
+                }
+                qsort(b, (size_t)n, sizeof b[0], cmp_desc_i32);
+                for (int64_t r = 0; r < n; r++) {
+                    assert_int_equal(uc_group_budget_nth(410, n, m, 1.0f / 3.0f, r), b[r]);
+                }
+            }
+        }
+    }
+}
+
 static void test_budgets(void **state)
 {
     (void)state;
@@ -1588,6 +1622,7 @@ int main(void)
         cmocka_unit_test(test_entropy_gram_path),
         cmocka_unit_test(test_group_heads),
         cmocka_unit_test(test_budgets),
+        cmocka_unit_test(test_group_budget_nth),
         cmocka_unit_test(test_stage_rows),
         cmocka_unit_test(test_stage_starts),
         cmocka_unit_test(test_topk_and_maxpool),
