@@ -252,6 +252,9 @@ static void sec_requests(struct uc_buf *b, const struct uc_admin_src *s,
     uc_buf_printf(b, "prompt_tokens_total:%llu\n", (unsigned long long)ms->prompt_tokens);
     uc_buf_printf(b, "generation_tokens_total:%llu\n",
                   (unsigned long long)ms->generation_tokens);
+    uc_buf_printf(b, "steps_decode:%llu\n", (unsigned long long)ms->steps[METRIC_STEP_DECODE]);
+    uc_buf_printf(b, "steps_prefill:%llu\n", (unsigned long long)ms->steps[METRIC_STEP_PREFILL]);
+    uc_buf_printf(b, "steps_mixed:%llu\n", (unsigned long long)ms->steps[METRIC_STEP_MIXED]);
     lat_lines(b, "ttft", &ms->lat[METRIC_TTFT]);
     lat_lines(b, "inter_token", &ms->lat[METRIC_ITL]);
     lat_lines(b, "e2e", &ms->lat[METRIC_E2E]);

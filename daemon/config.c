@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "base/mem.h"
+#include "sched.h"
 
 #define OFF(f) offsetof(struct uc_config, f)
 #define BIG 9e15
@@ -40,6 +41,14 @@ static const struct uc_cfg_option options[] = {
      "65536 on cuda)"},
     {"prefill-memory", UC_CFG_BYTES, OFF(prefill_memory), "0", 0, BIG, UC_CFG_IMMUTABLE,
      "prefill buffers of the prompts being prefilled at once (0 = a quarter of --kv-memory)"},
+    {"schedule", UC_CFG_STR, OFF(schedule), "mixed", 0, 0, 0,
+     "mixed: every step carries the decode rows of all running sequences beside the prefill "
+     "slices; prefill-first: while a request's prompt prefills, steps carry prompts only (at 4x "
+     "the prefill budget) and decoding waits: better TTFT, one long inter-token gap per stream "
+     "per wave"},
+    {"max-decode-wait-ms", UC_CFG_INT, OFF(max_decode_wait_ms), "0", 0, 3600000, 0,
+     "prefill-first: once a decoding sequence has waited this long for its next token, steps "
+     "mix decode rows in again (0 = no bound)"},
     {"max-batch", UC_CFG_INT, OFF(max_batch), "64", 1, 4096, UC_CFG_IMMUTABLE,
      "most sequences decoded in one step"},
     {"max-context", UC_CFG_INT, OFF(max_context), "0", 0, 1 << 24, UC_CFG_IMMUTABLE,
@@ -194,6 +203,8 @@ static const struct {
     {"model", "DIR"},
     {"config", "FILE"},
     {"backend", "cpu|cuda"},
+    {"schedule", "mixed|prefill-first"},
+    {"max-decode-wait-ms", "MS"},
     {"comm-timeout", "MS"},
     {"heartbeat", "MS"},
     {"profile", "FILE"},
@@ -498,6 +509,11 @@ uc_status uc_config_validate(const struct uc_config *c, int world_size, char *ms
     }
     if (strcmp(c->backend, "cpu") != 0 && strcmp(c->backend, "cuda") != 0) {
         snprintf(msg, msg_size, "--backend=%s must be cpu or cuda", c->backend);
+        return UC_ERR_INVALID_ARG;
+    }
+    enum uc_schedule sm;
+    if (!uc_schedule_parse(c->schedule, &sm)) {
+        snprintf(msg, msg_size, "--schedule=%.200s must be mixed or prefill-first", c->schedule);
         return UC_ERR_INVALID_ARG;
     }
     if ((c->tls_cert[0] != '\0') != (c->tls_key[0] != '\0')) {

@@ -30,6 +30,8 @@ struct uc_config {
     int64_t prefill_chunk;
     int64_t prefill_step_tokens;
     int64_t prefill_memory;
+    char *schedule;
+    int64_t max_decode_wait_ms;
     int64_t max_batch;
     int64_t max_context;
     int64_t comm_timeout_ms;

@@ -53,6 +53,7 @@ struct metrics {
     int32_t running, waiting;
     double kv_usage;
     struct lat_series lat[METRIC_LAT_COUNT];
+    uint64_t steps[METRIC_STEP_KINDS];
     struct policy_counts pol[MAX_POLICY_LABELS];
     int n_pol;
     char model_name[256]; /* the model_name label ("" = none) */
@@ -74,6 +75,13 @@ static const struct lat_desc lat_descs[METRIC_LAT_COUNT] = {
                       "Time a request waited in the queue before it was admitted."},
     [METRIC_PREFILL] = {"uncomp:request_prefill_time_seconds",
                         "Time a request spent in prefill (prompt processing and compression)."},
+};
+
+/* The kind label of uncomp:engine_steps_total. */
+static const char *const step_kinds[METRIC_STEP_KINDS] = {
+    [METRIC_STEP_DECODE] = "decode",
+    [METRIC_STEP_PREFILL] = "prefill",
+    [METRIC_STEP_MIXED] = "mixed",
 };
 
 /* ---- lifecycle ------------------------------------------------------------------------ */
@@ -220,6 +228,16 @@ void metrics_observe(struct metrics *m, enum metric_lat which, double seconds)
     pthread_mutex_unlock(&m->mu);
 }
 
+void metrics_step(struct metrics *m, enum metric_step kind)
+{
+    if (!m || kind < 0 || kind >= METRIC_STEP_KINDS) {
+        return;
+    }
+    pthread_mutex_lock(&m->mu);
+    m->steps[kind]++;
+    pthread_mutex_unlock(&m->mu);
+}
+
 void metrics_set_gauges(struct metrics *m, int32_t running, int32_t waiting, double kv_usage)
 {
     if (!m) {
@@ -278,6 +296,7 @@ void metrics_snapshot(struct metrics *m, struct metrics_snapshot *out)
             out->running = m->running;
             out->waiting = m->waiting;
             out->kv_usage = m->kv_usage;
+            memcpy(out->steps, m->steps, sizeof out->steps);
         }
         const struct lat_series *s = &m->lat[k];
         int64_t n = s->ring_next < RING_SAMPLES ? s->ring_next : RING_SAMPLES;
@@ -479,6 +498,13 @@ void metrics_prometheus(struct metrics *m, struct uc_buf *b)
     prom_u64(b, m, "uncomp:request_rejected_total", "counter",
              "Requests refused at submission (invalid, queue full, draining).",
              m->requests_rejected);
+    prom_head(b, "uncomp:engine_steps_total", "counter",
+              "Engine steps by what they carried: decode rows only (decode), prompt slices only "
+              "(prefill) or both (mixed).");
+    for (int k = 0; k < METRIC_STEP_KINDS; k++) {
+        prom_sample(b, m, "uncomp:engine_steps_total", "kind", step_kinds[k]);
+        uc_buf_printf(b, "%llu\n", (unsigned long long)m->steps[k]);
+    }
     for (int k = 0; k < METRIC_LAT_COUNT; k++) {
         prom_hist(b, m, &m->lat[k], &lat_descs[k]);
     }

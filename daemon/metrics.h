@@ -24,6 +24,14 @@ enum metric_lat {
     METRIC_LAT_COUNT = 5,
 };
 
+/* What an engine step carried (steps with neither, e.g. only frees, are not counted). */
+enum metric_step {
+    METRIC_STEP_DECODE = 0,  /* decode rows only */
+    METRIC_STEP_PREFILL = 1, /* prompt slices only (requests' or calibration windows') */
+    METRIC_STEP_MIXED = 2,   /* both */
+    METRIC_STEP_KINDS = 3,
+};
+
 struct metrics;
 
 uc_status metrics_create(struct metrics **out);
@@ -40,6 +48,8 @@ void metrics_request_finished(struct metrics *m, const char *policy, bool ok, bo
                               int64_t kv_tokens_full, int64_t kv_tokens_kept,
                               int64_t rows_dropped, double compress_s);
 void metrics_observe(struct metrics *m, enum metric_lat which, double seconds);
+/* One engine step that ran, by what it carried. */
+void metrics_step(struct metrics *m, enum metric_step kind);
 /* Gauges, set by the scheduler every step. */
 void metrics_set_gauges(struct metrics *m, int32_t running, int32_t waiting, double kv_usage);
 
@@ -56,6 +66,7 @@ struct metrics_snapshot {
     int32_t running, waiting;
     double kv_usage;
     struct metric_pct lat[METRIC_LAT_COUNT]; /* in seconds */
+    uint64_t steps[METRIC_STEP_KINDS];
 };
 void metrics_snapshot(struct metrics *m, struct metrics_snapshot *out);
 /* The Prometheus text exposition (uncomp:* series, each labelled model_name once set), appended

@@ -31,6 +31,22 @@ const char *uc_finish_reason_name(enum uc_finish_reason r)
     return "NONE";
 }
 
+static const char *const schedule_names[] = {
+    [UC_SCHEDULE_MIXED] = "mixed",
+    [UC_SCHEDULE_PREFILL_FIRST] = "prefill-first",
+};
+
+bool uc_schedule_parse(const char *name, enum uc_schedule *out)
+{
+    for (size_t i = 0; i < sizeof schedule_names / sizeof schedule_names[0]; i++) {
+        if (name && strcmp(name, schedule_names[i]) == 0) {
+            *out = (enum uc_schedule)i;
+            return true;
+        }
+    }
+    return false;
+}
+
 void uc_request_init(struct uc_request *r)
 {
     memset(r, 0, sizeof *r);
@@ -46,6 +62,8 @@ struct uc_sched_params uc_sched_default_params(void)
         .max_running = 64,
         .prefill_step_tokens = 16384,
         .prefill_memory = 0,
+        .schedule = UC_SCHEDULE_MIXED,
+        .max_decode_wait_ms = 0,
         .default_max_tokens = 256,
         .max_tokens_limit = 1 << 20,
         .max_stop_strings = 64,

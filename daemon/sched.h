@@ -116,6 +116,14 @@ struct uc_gen_event {
 
 typedef void (*uc_event_sink)(void *user, const struct uc_gen_event *ev);
 
+/* What a step carries while prompts prefill (README, "Scheduling"). */
+enum uc_schedule {
+    UC_SCHEDULE_MIXED = 0,         /* every decode row beside the prefill slices */
+    UC_SCHEDULE_PREFILL_FIRST = 1, /* prompts only while a request's prompt prefills */
+};
+/* "mixed" / "prefill-first" (--schedule); false for any other text. */
+bool uc_schedule_parse(const char *name, enum uc_schedule *out);
+
 struct uc_sched_params {
     int32_t max_queued_requests;   /* waiting requests; beyond: RESOURCE_EXHAUSTED */
     int64_t max_queued_tokens;     /* prompt tokens waiting; beyond: RESOURCE_EXHAUSTED */
@@ -124,6 +132,9 @@ struct uc_sched_params {
                                       when nothing decodes) */
     int64_t prefill_memory;        /* bytes of prefill buffers at once (0 = a quarter of the KV
                                       pool); one prompt may always start */
+    enum uc_schedule schedule;
+    int64_t max_decode_wait_ms;    /* prefill-first: a decode waiting longer makes the step
+                                      mixed (0 = no bound) */
     int32_t default_max_tokens;
     int32_t max_tokens_limit;      /* a request asking for more is INVALID_ARGUMENT */
     int32_t max_stop_strings;

@@ -12,7 +12,20 @@
  *   the prompts whose whole remaining prefill fits in a quarter of it, shortest first, so a short
  *   prompt never waits for a long one; then to the rest, oldest first.
  * - A prompt starts its prefill (its buffers are allocated) only while the prefill buffers of the
- *   prompts already started fit prefill_memory; one prompt may always start. */
+ *   prompts already started fit prefill_memory; one prompt may always start.
+ * - A calibration window gets a thin slice of a step, and none in a step where a request's prompt
+ *   gets budget; a prompt whose buffers do not fit beside a window already started waits for
+ *   that window to end.
+ * - What a step carries (schedule): `mixed` puts the decode rows of every running sequence in
+ *   every step, beside whatever prefill got budget. `prefill-first` (vLLM V0's and SGLang's
+ *   default) gives a step no decode rows while a request's prompt (not a calibration window)
+ *   gets prefill budget in it: such a step has the no-decode budget and may carry several
+ *   prompts; when no request's prompt can prefill, the step decodes every running sequence. So
+ *   decodes stall while prompts prefill (under a closed-loop load: waves, one long inter-token
+ *   gap per stream per wave) and prompts prefill at the engine's full rate (better TTFT).
+ *   Calibration windows never stop the decodes (background work, as under mixed). With
+ *   max_decode_wait_ms, a step is mixed once a decoding sequence has waited longer than that
+ *   since its last token. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,6 +113,51 @@ static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, 
     }
 }
 
+/* Whether q's prefill may go on in this step: it has started, or its buffers fit beside those of
+ * the prompts already started (or none has started). Its buffer bytes go to *bytes when it has
+ * not started. */
+static bool prefill_fits(const struct uc_sched *s, const struct req *q, int64_t *bytes)
+{
+    *bytes = 0;
+    if (q->pf_given > 0) {
+        return true;
+    }
+    *bytes = uc_engine_prefill_bytes(s->e, q->n_prompt);
+    return s->pf_bytes_used == 0 || s->pf_bytes_used + *bytes <= prefill_memory(s);
+}
+
+/* Whether a request's prompt (not a calibration window) gets prefill budget in this step.
+ * plan_prefills gives budget to the first such prompt that fits (the budget is whole until a
+ * prompt gets some, and calibration windows sort last), so this is exactly its rule. */
+static bool request_prefill_due(const struct uc_sched *s)
+{
+    for (int64_t i = 0; i < s->n_active; i++) {
+        const struct req *q = s->active[i];
+        int64_t bytes;
+        if (q->st == REQ_PREFILL && !q->calib && prefill_fits(s, q, &bytes)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Whether a decoding sequence has waited more than max_decode_wait_ms since its last token. */
+static bool decode_overdue(const struct uc_sched *s)
+{
+    if (s->p.max_decode_wait_ms <= 0) {
+        return false;
+    }
+    double now = uc_time_s();
+    for (int64_t i = 0; i < s->n_active; i++) {
+        const struct req *q = s->active[i];
+        if (q->st == REQ_DECODE && q->pending >= 0 && q->t_last > 0 &&
+            (now - q->t_last) * 1e3 > (double)s->p.max_decode_wait_ms) {
+            return true;
+        }
+    }
+    return false;
+}
+
 /* Prefill work a prompt still needs, in row-layers (an upper bound: stages cut rows). */
 static int64_t prefill_left(const struct uc_sched *s, const struct req *q)
 {
@@ -183,19 +241,21 @@ static int32_t plan_prefills(struct uc_sched *s, int32_t n_dec)
         }
     }
     qsort(c, (size_t)n, sizeof *c, cmp_candidate);
-    bool req_prefill = n > 0 && !c[0].q->calib; /* calibration sorts last */
-    int64_t pf_limit = prefill_memory(s);
+    /* whether a request's prompt gets budget in this step: not merely whether one is
+     * prefilling, since a prompt whose buffers do not fit beside a started calibration window
+     * waits for that window to end (skipping the window too stopped both for good) */
+    bool req_prefill = request_prefill_due(s);
     int32_t n_pf = 0;
     for (int64_t i = 0; i < n && budget > 0; i++) {
         struct req *q = c[i].q;
         if (q->calib && req_prefill) {
             continue; /* no calibration beside a request's prefill (below) */
         }
+        int64_t bytes;
+        if (!prefill_fits(s, q, &bytes)) {
+            continue; /* its buffers would not fit beside the prompts already started */
+        }
         if (q->pf_given == 0) {
-            int64_t bytes = uc_engine_prefill_bytes(s->e, q->n_prompt);
-            if (s->pf_bytes_used > 0 && s->pf_bytes_used + bytes > pf_limit) {
-                continue; /* its buffers would not fit beside the prompts already started */
-            }
             q->pf_bytes = bytes;
             s->pf_bytes_used += bytes;
         }
@@ -253,10 +313,14 @@ bool sched_round(struct uc_sched *s)
     if (!ensure_step_lists(s, s->n_active + 1)) {
         UC_FATAL("scheduler: out of memory building a step");
     }
+    /* prefill-first: no decode rows while a request's prompt prefills (unless one waited too
+     * long) */
+    bool prefill_only = s->p.schedule == UC_SCHEDULE_PREFILL_FIRST && request_prefill_due(s) &&
+                        !decode_overdue(s);
     struct uc_step_decode *dec = s->step_dec;
     struct req **decoded = s->step_req;
     int32_t n_dec = 0;
-    for (int64_t i = 0; i < s->n_active; i++) {
+    for (int64_t i = 0; i < s->n_active && !prefill_only; i++) {
         struct req *q = s->active[i];
         if (q->st == REQ_DECODE && q->pending >= 0) {
             dec[n_dec] = (struct uc_step_decode){.seq_id = q->seq_id, .token = q->pending,
@@ -292,6 +356,11 @@ bool sched_round(struct uc_sched *s)
                 }
             }
         } else {
+            if (s->metrics && (n_dec > 0 || n_pf > 0)) {
+                metrics_step(s->metrics, n_pf == 0   ? METRIC_STEP_DECODE
+                                         : n_dec == 0 ? METRIC_STEP_PREFILL
+                                                      : METRIC_STEP_MIXED);
+            }
             for (int32_t i = 0; i < n_dec; i++) {
                 decoded[i]->pending = -1;
                 sched_advance(s, decoded[i]);

@@ -41,6 +41,10 @@ Targets (issue 11), each printed as PASS/FAIL with its numbers:
   c: uncomp req/s >= 2.0 x full; uncomp >= snapkv; uncomp within 1.3 x of its floor
   d: full >= 6500 output tok/s
   b, c, d: uncomp output tok/s never below full
+Daemon flags go through --daemon-args in its '=' form when they start with '--', e.g.
+--daemon-args=--schedule=prefill-first (prefill-only steps while prompts prefill; README,
+"Scheduling") or --daemon-args="--schedule prefill-first --max-decode-wait-ms 200"; they are
+recorded in the JSON (daemon_args).
 Everything printed also goes to $OUT/serve.log when OUT is set (and --log FILE); the numbers to
 $OUT/serve-<workloads>.json. With --budget-s the run ends in time: requests are sent for a share
 of the time left (the table's `done` column then shows fewer than asked; floors count those).
@@ -444,7 +448,8 @@ def main():
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--daemon-args", default="",
                     help="more uncompd flags (the daemon's own defaults suit the GPU: 8192-row "
-                    "products, 65536 row-layers of prefill per step)")
+                    "products, 65536 row-layers of prefill per step); write "
+                    "--daemon-args=--schedule=prefill-first, with '=', for flags")
     ap.add_argument("--only", default="",
                     help="run only these settings, joined by ';' (e.g. policy=full)")
     ap.add_argument("--settings", default="",
@@ -586,7 +591,8 @@ def main():
     if out:
         with open(os.path.join(out, "serve-%s.json" % "".join(names)), "w") as f:
             steps = {"%d:%d" % k: v for k, v in eng["step_ms"].items()}
-            json.dump({"shape": args.shape, "backend": args.backend, "workloads": wls,
+            json.dump({"shape": args.shape, "backend": args.backend,
+                       "daemon_args": shlex.split(args.daemon_args), "workloads": wls,
                        "engine": {"prefill": eng["prefill"], "b1_ms": eng["b1_ms"],
                                   "step_ms": steps},
                        "results": results}, f, indent=1)

@@ -3,8 +3,10 @@
 Starts the daemon binary (single rank, and under mpirun with --tp 2), waits for health SERVING
 and drives it with Debian's python3-grpcio (grpc_client.py): streaming Generate, Tokenize and
 Detokenize, Abort, client cancel and deadlines, queue-full, 16 concurrent requests against the
-same requests run alone, every validated field, malformed protobuf, the Prometheus endpoint,
-health transitions, the Admin service, Drain and SIGTERM. Ports are picked free at run time.
+same requests run alone (also under --schedule prefill-first, and at tp 2), the steps by kind
+while a prompt prefills beside a decoding stream (mixed, prefill-first, --max-decode-wait-ms),
+every validated field, malformed protobuf, the Prometheus endpoint, health transitions, the
+Admin service, Drain and SIGTERM. Ports are picked free at run time.
 
     /usr/bin/python3 tests/e2e/test_e2e.py [--daemon build/daemon/uncompd] [--model DIR]
                                            [--only SUBSTRING] [--no-mpi] [--asan]
@@ -743,15 +745,140 @@ def t_concurrent_equals_alone(d):
 
 def t_tp2_mixed_equals_alone(args):
     """At tp 2, with small prefill steps (a prompt takes several steps, in slices of a few rows
-    beside the decode rows): every greedy stream and plan equals the same request run alone."""
+    beside the decode rows; under --schedule prefill-first, several prompts per prefill-only
+    step): every greedy stream and plan equals the same request run alone."""
     if args.no_mpi:
         print("  (skipped: --no-mpi)")
         return
-    d = Daemon(args, extra=["--tp", "2", "--prefill-step-tokens", "96", "--prefill-chunk", "12"],
-               np=2, name="tp2mix")
+    for schedule in ("mixed", "prefill-first"):
+        d = Daemon(args, extra=["--tp", "2", "--prefill-step-tokens", "96", "--prefill-chunk",
+                                "12", "--schedule", schedule], np=2, name="tp2mix-" + schedule)
+        try:
+            check(d.wait_serving(timeout=START_TIMEOUT_S * 2)[-1] == gc.SERVING)
+            before = step_counts(d.metrics_port)
+            check_together_equals_alone(d.addr, mixed_requests(d.client, 8, "mx"))
+            n = step_delta(before, step_counts(d.metrics_port))
+            if schedule == "mixed":
+                check(n["mixed"] > 0, "%s: no mixed step: %s" % (schedule, n))
+            else:
+                check(n["mixed"] == 0 and n["prefill"] > 0, "%s: %s" % (schedule, n))
+        finally:
+            d.kill()
+
+
+# ---- --schedule prefill-first --------------------------------------------------------------
+
+PF_FLAGS = ["--schedule", "prefill-first", "--prefill-step-tokens", "96", "--prefill-chunk", "12"]
+STALL_PROMPT = " ".join([LONG_PROMPT] * 3)  # ~360 tokens: 8 steps of 4 x 96 row-layers
+
+
+def step_counts(port):
+    """uncomp:engine_steps_total by kind: {"decode": n, "prefill": n, "mixed": n}."""
+    _, v = parse_exposition(scrape(port)[2])
+    out = {}
+    for k, x in v.items():
+        m = re.match(r'uncomp:engine_steps_total\{(?:.*,)?kind="(\w+)"\}$', k)
+        if m:
+            out[m.group(1)] = x
+    check(sorted(out) == ["decode", "mixed", "prefill"], "step kinds: %s" % out)
+    return out
+
+
+def step_delta(before, after):
+    return {k: after[k] - before[k] for k in after}
+
+
+def steps_while_prefilling(d, prefix):
+    """A stream decodes (greedy, thousands of tokens); a ~360-token prompt then arrives and
+    prefills over several steps. Returns the steps by kind from just before that prompt's
+    submission to its Complete, during which the stream is still decoding (checked)."""
+    tokens = []
+    decoding = threading.Event()
+    ended = threading.Event()
+    req = d.client.request(text=PROMPTS[0], request_id=prefix + "-dec", max_tokens=3500,
+                           temperature=0.0, ignore_eos=True)
+
+    def stream():
+        c = gc.Client(d.addr)
+        try:
+            for r in c.generate_stream(req, timeout=600):
+                if r.WhichOneof("kind") == "chunk":
+                    tokens.extend(r.chunk.token_ids)
+                    if len(tokens) >= 3:
+                        decoding.set()
+        except grpc.RpcError:
+            pass
+        finally:
+            ended.set()
+            c.close()
+
+    th = threading.Thread(target=stream)
+    th.start()
     try:
-        check(d.wait_serving(timeout=START_TIMEOUT_S * 2)[-1] == gc.SERVING)
-        check_together_equals_alone(d.addr, mixed_requests(d.client, 8, "mx"))
+        check(decoding.wait(120), "the stream never started decoding")
+        before = step_counts(d.metrics_port)
+        _, _, comp, _ = d.client.generate(text=STALL_PROMPT, request_id=prefix + "-long",
+                                          max_tokens=1, temperature=0.0)
+        after = step_counts(d.metrics_port)
+        live = not ended.is_set()
+    finally:
+        d.client.abort(prefix + "-dec")
+        th.join(120)
+    check(comp is not None and comp.usage.completion_tokens == 1, "the long prompt: %s" % comp)
+    check(live, "the stream ended (%d tokens) before the long prompt was done: the check says "
+          "nothing" % len(tokens))
+    n = step_delta(before, after)
+    print("  steps while the prompt prefilled: %s" % n)
+    return n
+
+
+def t_mixed_steps_while_prefilling(d):
+    """--schedule mixed (the default): a stream that decodes gets its row in every step, also
+    in the steps that prefill a prompt beside it (so no step is prefill-only)."""
+    n = steps_while_prefilling(d, "mixsteps")
+    check(n["mixed"] > 0 and n["prefill"] == 0, "steps while a prompt prefilled: %s" % n)
+
+
+def t_prefill_first(args):
+    """--schedule prefill-first: greedy streams of a mixed load equal the same requests run alone
+    and no step ever mixes decode rows with prefill; a stream that is decoding gets no token
+    while a long prompt prefills (every step of that prefill is prefill-only); a bad --schedule
+    is refused at start-up."""
+    bad = subprocess.run([args.daemon, "--model", args.model, "--listen",
+                          "127.0.0.1:%d" % free_port(), "--http-listen", "0", "--schedule",
+                          "prefill_first"], capture_output=True, text=True, timeout=60)
+    check(bad.returncode == 2 and "--schedule=prefill_first must be mixed or prefill-first" in
+          bad.stderr, "exit %s: %s" % (bad.returncode, bad.stderr[-1500:]))
+    d = Daemon(args, extra=PF_FLAGS, name="prefill-first")
+    try:
+        check(d.wait_serving()[-1] == gc.SERVING)
+        check("\nschedule:prefill-first\n" in d.client.stats().text, "# Config lacks the schedule")
+        before = step_counts(d.metrics_port)
+        check_together_equals_alone(d.addr, mixed_requests(d.client, 16, "pf"))
+        n = step_delta(before, step_counts(d.metrics_port))
+        check(n["mixed"] == 0 and n["prefill"] > 0 and n["decode"] > 0,
+              "steps of the mixed load: %s" % n)
+        n = steps_while_prefilling(d, "pfsteps")
+        # ~360 tokens x 8 layers at 4 x 96 row-layers a step: about 8 prefill-only steps
+        check(n["mixed"] == 0 and n["prefill"] >= 2, "steps while a prompt prefilled: %s" % n)
+        code = d.stop()
+        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
+        if args.asan:
+            d.check_asan()
+    finally:
+        d.kill()
+
+
+def t_prefill_first_decode_wait(args):
+    """--max-decode-wait-ms bounds the stall: with 1 ms, a decoding stream that waited through a
+    prefill-only step (each takes several ms: 384 row-layers of an 8-layer, 256-wide model) is
+    in the next step, so no two prefill-only steps follow each other while it decodes."""
+    d = Daemon(args, extra=PF_FLAGS + ["--max-decode-wait-ms", "1"], name="decode-wait")
+    try:
+        check(d.wait_serving()[-1] == gc.SERVING)
+        n = steps_while_prefilling(d, "waitsteps")
+        check(n["mixed"] > 0 and n["prefill"] <= n["mixed"] + 1,
+              "steps while a prompt prefilled: %s" % n)
     finally:
         d.kill()
 
@@ -1005,7 +1132,8 @@ def t_metrics(d):
                      ("uncomp:kv_tokens_kept_total", "counter"),
                      ("uncomp:kv_tokens_full_total", "counter"),
                      ("uncomp:compression_seconds", "counter"),
-                     ("uncomp:prefill_rows_dropped_total", "counter")]:
+                     ("uncomp:prefill_rows_dropped_total", "counter"),
+                     ("uncomp:engine_steps_total", "counter")]:
         check(types.get(fam) == typ, "%s: type %s, want %s" % (fam, types.get(fam), typ))
     check(v["uncomp:prompt_tokens_total"] > 0 and v["uncomp:generation_tokens_total"] >= 10)
     check(v["uncomp:request_success_total"] >= 2)
@@ -1386,10 +1514,10 @@ MAIN_TESTS = [t_health_and_watch, t_generate_stream, t_tokenize_roundtrip, t_sto
               t_client_cancel, t_deadline, t_request_id_reuse, t_bad_inputs,
               t_malformed_protobuf,
               t_concurrent_equals_alone, t_n_choices_fork, t_chat_without_template, t_chaos, t_metrics, t_admin, t_second_daemon_same_port,
-              t_drain]
+              t_mixed_steps_while_prefilling, t_drain]
 OTHER_TESTS = [t_version, t_grpc_chat, t_queue_full, t_n_choices_shared_kv,
                t_single_sigterm_idle, t_oneshot_prompt_file_nul, t_tls, t_tp2_sigterm_mid_stream,
-               t_tp2_mixed_equals_alone]
+               t_tp2_mixed_equals_alone, t_prefill_first, t_prefill_first_decode_wait]
 
 
 class Runner:

@@ -12,6 +12,10 @@ a running uncompd, each case a test that failed before its fix.
                        second one then starts (one at a time: the second waits)
   calibrate_drain      SIGTERM during a Calibrate: the calibration ends (UNAVAILABLE), the daemon
                        exits within --drain-timeout
+  calibrate_prefill_memory  a prompt whose prefill buffers do not fit beside the calibration
+                       window being prefilled (--prefill-memory) waits for that window, then runs
+                       (it used to stop both for good: the window gave way to the prompt, the
+                       prompt to the window's buffers)
   client_ub            sink_tokens 2^31-1 is refused by its range (no overflow); sampled and
                        greedy requests whose first token has no text
   nan_weights          a model with a NaN weight: every request ends with INTERNAL, the log names
@@ -417,9 +421,40 @@ def t_info_no_paths(args):
     finally:
         d.kill()
 
+def t_calibrate_prefill_memory(args):
+    """--prefill-memory 1MiB holds one prompt's buffers at a time (a 1024-token window or a
+    600-token prompt each take several MiB; one prompt may always start). A Generate that arrives
+    while a calibration window is being prefilled must wait for the window to end, not forever:
+    the scheduler used to skip the window because a request's prompt was prefilling, and the
+    prompt because its buffers did not fit beside the window's."""
+    d = start(args, ["--calib-window", "1024", "--calib-windows", "1024", "--prefill-memory",
+                     "1MiB"], name="calib_pfmem")
+    try:
+        cl = d.client
+        fut = cl.admin.Calibrate.future(gc.pb.CalibrateRequest(
+            text=calib_text(1 << 20), window_tokens=1024, max_windows=1024), timeout=900)
+        time.sleep(1.5)  # a window is being prefilled (each takes a hundred steps and more)
+        check(not fut.done(), "the calibration ended too soon")
+        prompt = calib_text(3000)
+        check(len(cl.tokenize(prompt).token_ids) >= 500, "the prompt is too short")
+        t0 = time.time()
+        try:
+            _, _, comp, _ = cl.generate(text=prompt, max_tokens=2, temperature=0.0,
+                                        timeout=60.0 * (3 if args.asan else 1))
+        except grpc.RpcError as e:
+            raise TestFailure("a Generate during the calibration ended with %s after %.1fs "
+                              "(%s)" % (e.code(), time.time() - t0, e.details()))
+        check(comp.usage.completion_tokens == 2, "completion: %s" % comp)
+        check(not fut.done(), "the calibration ended before the Generate: the check says nothing")
+        print("  the Generate took %.1fs beside the calibration" % (time.time() - t0))
+        fut.cancel()
+        finish(args, d)
+    finally:
+        d.kill()
+
 
 TESTS = [t_calibrate_limits, t_calibrate_ttft, t_calibrate_ttft_4096, t_calibrate_cancel,
-         t_calibrate_drain,
+         t_calibrate_drain, t_calibrate_prefill_memory,
          t_client_ub, t_nan_weights, t_overflow_named, t_metrics_idle_conns, t_info_no_paths]
 
 

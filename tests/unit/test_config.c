@@ -114,6 +114,8 @@ static void test_defaults(void **state)
     assert_int_equal(c.kv_memory, 256LL << 20);
     assert_int_equal(c.kv_block_tokens, 16);
     assert_int_equal(c.prefill_chunk, 0);
+    assert_string_equal(c.schedule, "mixed"); /* today's steps unless asked */
+    assert_int_equal(c.max_decode_wait_ms, 0);
     assert_int_equal(c.max_batch, 64);
     assert_int_equal(c.max_context, 0);
     assert_int_equal(c.comm_timeout_ms, 30000);
@@ -229,6 +231,8 @@ static void test_refusals(void **state)
     expect_refused(&c, LOAD(&c, "--max-message-bytes", "2GiB"), "--max-message-bytes=2GiB", NULL);
     expect_refused(&c, LOAD(&c, "--top-p", "0"), "--top-p=0", NULL);
     expect_refused(&c, LOAD(&c, "--temperature=-0.5"), "--temperature=-0.5", NULL);
+    expect_refused(&c, LOAD(&c, "--max-decode-wait-ms", "-1"),
+                   "--max-decode-wait-ms=-1 must be in [0, ", NULL);
     /* types */
     expect_refused(&c, LOAD(&c, "--tp", "two"), "--tp: 'two' is not an integer number", NULL);
     expect_refused(&c, LOAD(&c, "--tp", "1.5"), "--tp: '1.5' is not an integer", NULL);
@@ -343,6 +347,13 @@ static void test_validate(void **state)
             "--comm-timeout", "2999");
     VALID(1, "--comm-timeout", "3000");
     INVALID(1, "--pool-kernel=6 must be odd", "--pool-kernel", "6");
+    /* the step schedule: a name of its two, nothing else (case and spelling matter) */
+    VALID(1, "--schedule", "mixed");
+    VALID(1, "--schedule=prefill-first", "--max-decode-wait-ms", "50");
+    INVALID(1, "--schedule=fifo must be mixed or prefill-first", "--schedule", "fifo");
+    INVALID(1, "--schedule=Prefill-First must be mixed or prefill-first", "--schedule",
+            "Prefill-First");
+    INVALID(1, "--schedule= must be mixed or prefill-first", "--schedule", "");
     INVALID(1, "--listen=localhost must be HOST:PORT", "--listen", "localhost");
     INVALID(1, "--listen=:50051 must be HOST:PORT", "--listen", ":50051");
     INVALID(1, "must be HOST:PORT", "--listen", "host:0");
