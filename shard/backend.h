@@ -25,6 +25,9 @@ enum uc_backend_kind {
 
 struct uc_backend;
 
+/* Query spectra batches a backend holds in flight at once (qspec_begin). */
+#define UC_QSPEC_BATCHES 2
+
 /* Paged KV pool: n_blocks blocks of block_tokens tokens of one KV head (D values each) for K
  * and for V. A slot is block * block_tokens + offset. */
 struct uc_kv_pool_view {
@@ -221,11 +224,12 @@ struct uc_backend_ops {
     /* The same for `count` query buffers at once (q[i]: n[i] rows of ld), begun where the
      * backend can run it beside the ops that follow (the CUDA backend: on a second stream); the
      * buffers must stay unchanged until qspec_end, which writes (count, H, D) eigenvalues to host
-     * out, waiting for them if need be, or until qspec_fence. One batch at a time. */
+     * out, waiting for them if need be, or until qspec_fence. Up to UC_QSPEC_BATCHES batches
+     * at a time; qspec_end takes the oldest. */
     uc_status (*qspec_begin)(struct uc_backend *be, const void *const *q, const int64_t *n,
                              int64_t count, int64_t ld, int64_t n_heads, int64_t head_dim);
     uc_status (*qspec_end)(struct uc_backend *be, double *out);
-    /* The ops queued after this one wait until the begun batch has read its queries, so they
+    /* The ops queued after this one wait until every begun batch has read its queries, so they
      * may overwrite them before qspec_end; nothing when no batch is pending. */
     uc_status (*qspec_fence)(struct uc_backend *be);
     /* Paged KV pool: allocate / free. */

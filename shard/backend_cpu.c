@@ -34,8 +34,10 @@ struct cpu_ctx {
     int64_t rope_max_pos;
     float *scores;     /* per-thread attention score rows, grown on demand */
     size_t scores_cap; /* floats */
-    double *qs;        /* the eigenvalues of a begun qspec batch (computed at its begin) */
-    int64_t qs_n;      /* their count; 0: no batch pending */
+    /* the eigenvalues of the begun qspec batches (computed at their begin), a ring of slots */
+    double *qs[UC_QSPEC_BATCHES];
+    int64_t qs_n[UC_QSPEC_BATCHES];
+    int qs_first, qs_count;
     struct cpu_ws_slot *ws; /* window scores begun (computed at their begin), by slot */
     int32_t n_ws;
 };
@@ -621,22 +623,24 @@ static uc_status cpu_qspec_begin(struct uc_backend *be, const void *const *q, co
                                  int64_t count, int64_t ld, int64_t n_heads, int64_t head_dim)
 {
     struct cpu_ctx *c = ctx_of(be);
-    if (c->qs_n) {
-        return UC_ERRF(UC_ERR_INTERNAL, "qspec_begin: a batch is pending");
+    if (c->qs_count == UC_QSPEC_BATCHES) {
+        return UC_ERRF(UC_ERR_INTERNAL, "qspec_begin: %d batches are pending", UC_QSPEC_BATCHES);
     }
+    int k = (c->qs_first + c->qs_count) % UC_QSPEC_BATCHES;
     int64_t per = n_heads * head_dim;
-    double *buf = uc_realloc(c->qs, (size_t)(count * per) * sizeof(double));
+    double *buf = uc_realloc(c->qs[k], (size_t)(count * per) * sizeof(double));
     if (!buf) {
         return UC_ERRF(UC_ERR_NOMEM, "query spectra of %lld sequences", (long long)count);
     }
-    c->qs = buf;
+    c->qs[k] = buf;
     for (int64_t i = 0; i < count; i++) {
         uc_status rc = cpu_qspec(be, buf + i * per, q[i], ld, n[i], n_heads, head_dim);
         if (rc != UC_OK) {
             return rc;
         }
     }
-    c->qs_n = count * per;
+    c->qs_n[k] = count * per;
+    c->qs_count++;
     return UC_OK;
 }
 
@@ -645,11 +649,13 @@ static uc_status cpu_qspec_fence(struct uc_backend *be) { return UC_OK; } /* rea
 static uc_status cpu_qspec_end(struct uc_backend *be, double *out)
 {
     struct cpu_ctx *c = ctx_of(be);
-    if (!c->qs_n) {
+    if (!c->qs_count) {
         return UC_ERRF(UC_ERR_INTERNAL, "qspec_end: no batch was begun");
     }
-    memcpy(out, c->qs, (size_t)c->qs_n * sizeof(double));
-    c->qs_n = 0;
+    int k = c->qs_first;
+    memcpy(out, c->qs[k], (size_t)c->qs_n[k] * sizeof(double));
+    c->qs_first = (k + 1) % UC_QSPEC_BATCHES;
+    c->qs_count--;
     return UC_OK;
 }
 
@@ -1288,7 +1294,9 @@ static void cpu_destroy(struct uc_backend *be)
         uc_free(c->rope_cos);
         uc_free(c->rope_sin);
         uc_free(c->scores);
-        uc_free(c->qs);
+        for (int i = 0; i < UC_QSPEC_BATCHES; i++) {
+            uc_free(c->qs[i]);
+        }
         for (int32_t i = 0; i < c->n_ws; i++) {
             uc_free(c->ws[i].buf);
         }

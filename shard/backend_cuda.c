@@ -63,6 +63,17 @@ struct dev_buf {
     size_t cap;
 };
 
+/* A query spectra batch in flight (qspec_begin): its eigenvalues come to `pin`. */
+struct qs_slot {
+    cudaEvent_t read; /* the batch has read its queries (qspec_fence) */
+    cudaEvent_t done; /* the eigenvalues are in `pin` */
+    double *pin;      /* pinned host copy of the eigenvalues */
+    size_t pin_cap;
+    double *host;     /* a batch of heads past the kernel's size, done at its begin */
+    int64_t n;        /* eigenvalues */
+    bool on_host;
+};
+
 struct cuda_ctx {
     int device;
     bool fp32;
@@ -96,19 +107,15 @@ struct cuda_ctx {
     int64_t pos_n, pos_cap;
     cudaEvent_t pos_done;
     /* query spectra begun early (qspec_begin, qspec_end): their own stream, cuBLAS handle and
-     * buffers, so they run beside the main stream's later work; made at the first batch */
+     * buffers, so they run beside the main stream's later work; made at the first batch. Up
+     * to UC_QSPEC_BATCHES batches in flight, a ring of slots, oldest first. */
     struct {
         cudaStream_t stream;
         cublasHandle_t blas;
         cudaEvent_t ready; /* the main stream has written the queries */
-        cudaEvent_t read;  /* the batch has read them (qspec_fence) */
-        cudaEvent_t done;  /* the eigenvalues are in `pin` */
         struct dev_buf dbl, outp;
-        double *pin; /* pinned host copy of the eigenvalues */
-        size_t pin_cap;
-        double *host;     /* a batch of heads past the kernel's size, done at its begin */
-        int64_t n;        /* eigenvalues of the pending batch; 0: none */
-        bool on_host;
+        struct qs_slot slot[UC_QSPEC_BATCHES];
+        int first, count;
     } qs;
     /* window scores begun (window_scores_begin), by slot */
     struct ws_slot *ws;
@@ -793,8 +800,12 @@ static uc_status qspec_side_init(struct cuda_ctx *c)
     }
     UC_CHECK(CU(cudaStreamCreateWithPriority(&c->qs.stream, cudaStreamNonBlocking, hi)), rc, out);
     UC_CHECK(CU(cudaEventCreateWithFlags(&c->qs.ready, cudaEventDisableTiming)), rc, out);
-    UC_CHECK(CU(cudaEventCreateWithFlags(&c->qs.read, cudaEventDisableTiming)), rc, out);
-    UC_CHECK(CU(cudaEventCreateWithFlags(&c->qs.done, cudaEventDisableTiming)), rc, out);
+    for (int i = 0; i < UC_QSPEC_BATCHES; i++) {
+        UC_CHECK(CU(cudaEventCreateWithFlags(&c->qs.slot[i].read, cudaEventDisableTiming)), rc,
+                 out);
+        UC_CHECK(CU(cudaEventCreateWithFlags(&c->qs.slot[i].done, cudaEventDisableTiming)), rc,
+                 out);
+    }
     UC_CHECK(BLAS(cublasCreate(&c->qs.blas)), rc, out);
     UC_CHECK(BLAS(cublasSetStream(c->qs.blas, c->qs.stream)), rc, out);
 out:
@@ -808,21 +819,25 @@ static uc_status cuda_qspec_begin(struct uc_backend *be, const void *const *q, c
 {
     struct cuda_ctx *c = ctx_of(be);
     int64_t d = head_dim, per = n_heads * d, total = count * per;
-    if (c->qs.n) {
-        return UC_ERRF(UC_ERR_INTERNAL, "qspec_begin: a batch is pending");
+    if (c->qs.count == UC_QSPEC_BATCHES) {
+        return UC_ERRF(UC_ERR_INTERNAL, "qspec_begin: %d batches are pending", UC_QSPEC_BATCHES);
     }
+    struct qs_slot *sl = &c->qs.slot[(c->qs.first + c->qs.count) % UC_QSPEC_BATCHES];
     uc_status rc = UC_OK;
     if (d > UC_CUDA_SYMEIG_MAX_D) { /* past the kernel: the host eigensolver, at once */
-        double *h = uc_realloc(c->qs.host, (size_t)total * sizeof(double));
+        double *h = uc_realloc(sl->host, (size_t)total * sizeof(double));
         if (!h) {
             return UC_ERRF(UC_ERR_NOMEM, "query spectra of %lld sequences", (long long)count);
         }
-        c->qs.host = h;
+        sl->host = h;
         for (int64_t i = 0; rc == UC_OK && i < count; i++) {
             rc = cuda_qspec(be, h + i * per, q[i], ld, n[i], n_heads, head_dim);
         }
-        c->qs.on_host = true;
-        c->qs.n = rc == UC_OK ? total : 0;
+        if (rc == UC_OK) {
+            sl->on_host = true;
+            sl->n = total;
+            c->qs.count++;
+        }
         return rc;
     }
     UC_CHECK(qspec_side_init(c), rc, out);
@@ -837,51 +852,57 @@ static uc_status cuda_qspec_begin(struct uc_backend *be, const void *const *q, c
                            n[i], n_heads, d),
                  rc, out);
     }
-    UC_CHECK(CU(cudaEventRecord(c->qs.read, c->qs.stream)), rc, out); /* q is read by now */
+    UC_CHECK(CU(cudaEventRecord(sl->read, c->qs.stream)), rc, out); /* q is read by now */
     UC_CHECK(CU(uc_cuda_symeig(eig, cov, count * n_heads, d, c->qs.stream)), rc, out);
-    if ((size_t)total * sizeof(double) > c->qs.pin_cap) {
-        if (c->qs.pin) {
-            (void)cudaFreeHost(c->qs.pin); /* nothing pending writes it */
-            c->qs.pin = NULL;
-            c->qs.pin_cap = 0;
+    if ((size_t)total * sizeof(double) > sl->pin_cap) {
+        if (sl->pin) {
+            (void)cudaFreeHost(sl->pin); /* nothing pending writes it: the slot is free */
+            sl->pin = NULL;
+            sl->pin_cap = 0;
         }
-        UC_CHECK(CU(cudaMallocHost((void **)&c->qs.pin, (size_t)total * sizeof(double))), rc, out);
-        c->qs.pin_cap = (size_t)total * sizeof(double);
+        UC_CHECK(CU(cudaMallocHost((void **)&sl->pin, (size_t)total * sizeof(double))), rc, out);
+        sl->pin_cap = (size_t)total * sizeof(double);
     }
-    UC_CHECK(CU(cudaMemcpyAsync(c->qs.pin, eig, (size_t)total * sizeof(double),
+    UC_CHECK(CU(cudaMemcpyAsync(sl->pin, eig, (size_t)total * sizeof(double),
                                 cudaMemcpyDeviceToHost, c->qs.stream)),
              rc, out);
-    UC_CHECK(CU(cudaEventRecord(c->qs.done, c->qs.stream)), rc, out);
-    c->qs.on_host = false;
-    c->qs.n = total;
+    UC_CHECK(CU(cudaEventRecord(sl->done, c->qs.stream)), rc, out);
+    sl->on_host = false;
+    sl->n = total;
+    c->qs.count++;
 out:
     return rc;
 }
 
+/* The newest batch's reads come after every older one's (one stream, in order). */
 static uc_status cuda_qspec_fence(struct uc_backend *be)
 {
     struct cuda_ctx *c = ctx_of(be);
-    if (!c->qs.n || c->qs.on_host) {
+    if (!c->qs.count) {
         return UC_OK;
     }
-    return CU(cudaStreamWaitEvent(c->stream, c->qs.read, 0));
+    struct qs_slot *sl = &c->qs.slot[(c->qs.first + c->qs.count - 1) % UC_QSPEC_BATCHES];
+    return sl->on_host ? UC_OK : CU(cudaStreamWaitEvent(c->stream, sl->read, 0));
 }
 
 static uc_status cuda_qspec_end(struct uc_backend *be, double *out)
 {
     struct cuda_ctx *c = ctx_of(be);
-    if (!c->qs.n) {
+    if (!c->qs.count) {
         return UC_ERRF(UC_ERR_INTERNAL, "qspec_end: no batch was begun");
     }
-    size_t bytes = (size_t)c->qs.n * sizeof(double);
-    c->qs.n = 0;
-    if (c->qs.on_host) {
-        memcpy(out, c->qs.host, bytes);
+    struct qs_slot *sl = &c->qs.slot[c->qs.first];
+    c->qs.first = (c->qs.first + 1) % UC_QSPEC_BATCHES;
+    c->qs.count--;
+    size_t bytes = (size_t)sl->n * sizeof(double);
+    sl->n = 0;
+    if (sl->on_host) {
+        memcpy(out, sl->host, bytes);
         return UC_OK;
     }
-    uc_status rc = CU(cudaEventSynchronize(c->qs.done));
+    uc_status rc = CU(cudaEventSynchronize(sl->done));
     if (rc == UC_OK) {
-        memcpy(out, c->qs.pin, bytes);
+        memcpy(out, sl->pin, bytes);
     }
     return rc;
 }
@@ -1374,8 +1395,18 @@ static void cuda_destroy(struct uc_backend *be)
         if (c->qs.ready) {
             (void)cudaEventDestroy(c->qs.ready);
         }
-        if (c->qs.read) {
-            (void)cudaEventDestroy(c->qs.read);
+        for (int i = 0; i < UC_QSPEC_BATCHES; i++) {
+            struct qs_slot *sl = &c->qs.slot[i];
+            if (sl->read) {
+                (void)cudaEventDestroy(sl->read);
+            }
+            if (sl->done) {
+                (void)cudaEventDestroy(sl->done);
+            }
+            if (sl->pin) {
+                (void)cudaFreeHost(sl->pin);
+            }
+            uc_free(sl->host);
         }
         for (int32_t i = 0; i < c->n_ws; i++) {
             if (c->ws[i].pin) {
@@ -1386,16 +1417,11 @@ static void cuda_destroy(struct uc_backend *be)
             }
         }
         uc_free(c->ws);
-        if (c->qs.done) {
-            (void)cudaEventDestroy(c->qs.done);
-        }
+
         if (c->qs.stream) {
             (void)cudaStreamDestroy(c->qs.stream);
         }
-        if (c->qs.pin) {
-            (void)cudaFreeHost(c->qs.pin);
-        }
-        uc_free(c->qs.host);
+
         if (c->pos_pin) {
             (void)cudaFreeHost(c->pos_pin);
             (void)cudaFree(c->pos_dev);

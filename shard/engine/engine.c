@@ -286,10 +286,15 @@ void uc_engine_destroy(struct uc_engine *e)
                     e->dm_maxn, e->psum, e->wprob, e->colscore, e->rowscore, e->keep,
                     e->sel_scratch, e->spec, e->spec_local, e->cal_head,
                     e->cal_hidden, e->model_dir, e->profile_path, e->batch, e->sw_seq, e->sw_left, e->bt_seqs, e->dm_need, e->dec_logits,
-                    e->dec_argmax, e->qs_seq, e->qs_host, e->ks_sum, e->ks_dist, e->mc_sum,
+                    e->dec_argmax, e->ks_sum, e->ks_dist, e->mc_sum,
                     e->mc_cnt, e->pend};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
         uc_free(host[i]);
+    }
+    for (int i = 0; i < UC_QSPEC_BATCHES; i++) {
+        uc_free(e->qsb[i].seq);
+        uc_free(e->qsb[i].layer);
+        uc_free(e->qsb[i].host);
     }
     uc_buf_fini(&e->wire);
     uc_free(e);

@@ -16,6 +16,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "backend.h"
 #include "base/util.h"
 #include "compress/entropy.h"
 #include "compress/policy.h"
@@ -30,6 +31,17 @@ struct ring {
     int32_t cap;  /* columns */
     int32_t n_rows;
     int32_t next; /* row that the next query overwrites */
+};
+
+/* A batch of query spectra begun in a sweep pass (prefill.c): the prompts that end a layer in
+ * it, that layer, and once fetched their eigenvalues. */
+struct qs_batch {
+    int64_t *seq;   /* (count) */
+    int64_t *layer; /* (count) */
+    int64_t count, seq_cap, layer_cap;
+    bool fetched;   /* qspec_end has written host */
+    double *host;   /* (count, H_local, D) */
+    int64_t host_cap;
 };
 
 struct seq {
@@ -193,13 +205,11 @@ struct uc_engine {
     size_t sel_cap;   /* tokens the layer-end scratch holds */
     double *spec;     /* (H, D) gathered spectra */
     double *spec_local;
-    /* query spectra begun in a sweep pass for the prompts that end their layer in it, so the
-     * eigensolves run beside the rest of the pass; each layer end takes its own (prefill.c) */
-    int64_t *qs_seq; /* (qs_count) the sequences of the batch */
-    int64_t qs_count, qs_cap;
-    bool qs_fetched;  /* qspec_end has written qs_host */
-    double *qs_host;  /* (qs_count, H_local, D) */
-    int64_t qs_host_cap;
+    /* query spectra begun in sweep passes for the prompts that end their layer in them, so the
+     * eigensolves run beside the rest of the pass (and, for pipelined ends, the next one); each
+     * layer end takes its own (prefill.c). A ring, oldest first. */
+    struct qs_batch qsb[UC_QSPEC_BATCHES];
+    int qs_first, qs_n;
     /* layer ends begun and not finished (pipeline.c), in the order begun; an end's staging
      * slot is its index here */
     struct seq **pend;
@@ -240,8 +250,10 @@ bool eng_grow(void **p, int64_t *cap, int64_t need, size_t elem);
  * where s ends its layer (prefill.c). */
 bool eng_spectra_early(const struct seq *s);
 /* Begins the query spectra of the slices' prompts that end their layer in this pass (after
- * their queries are written); a batch left over from an earlier pass is dropped. */
+ * their queries are written); with UC_QSPEC_BATCHES in flight the oldest is retired first. */
 uc_status eng_spectra_begin(struct uc_engine *e, struct seq *const *seqs, int64_t n);
+/* Whether a begun batch may still read its queries (the next pass fences before writing). */
+bool eng_spectra_unread(const struct uc_engine *e);
 uc_status eng_layer_scratch(struct uc_engine *e, int64_t n, int64_t n_win);
 
 /* wire.c */

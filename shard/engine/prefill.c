@@ -58,56 +58,94 @@ bool eng_spectra_early(const struct seq *s)
     return wants_spectra(s) && !eng_layer_end_in_parts(s); /* those have theirs in parts */
 }
 
-/* Before a new batch: the spectra of the old one that pending layer ends still need are
- * parked in their sequences (waiting for them); the rest are dropped (their layer ends took
- * them, or an error came on the way). */
-static uc_status spectra_drop(struct uc_engine *e)
+/* The query spectra batches in flight, a ring of UC_QSPEC_BATCHES, oldest first: batch k (0:
+ * the oldest). The backend hands batches back oldest first, so fetching one fetches those
+ * before it. */
+static struct qs_batch *qs_at(struct uc_engine *e, int k)
+{
+    return &e->qsb[(e->qs_first + k) % UC_QSPEC_BATCHES];
+}
+
+static uc_status qs_fetch(struct uc_engine *e, int k)
+{
+    for (int i = 0; i <= k; i++) {
+        struct qs_batch *b = qs_at(e, i);
+        if (!b->fetched) {
+            uc_status rc = e->be->ops->qspec_end(e->be, b->host);
+            if (rc != UC_OK) {
+                return rc;
+            }
+            b->fetched = true;
+        }
+    }
+    return UC_OK;
+}
+
+/* Retires the oldest batch to make room: the spectra that pending layer ends still need are
+ * parked in their sequences (waiting for them if need be); the rest were taken by their layer
+ * ends, or an error came on the way. */
+static uc_status qs_retire(struct uc_engine *e)
 {
     int64_t per = e->sh->n_heads * e->cfg->head_dim;
-    uc_status rc = UC_OK;
-    if (e->qs_count > 0 && !e->qs_fetched) {
-        rc = e->be->ops->qspec_end(e->be, e->qs_host);
-        e->qs_fetched = rc == UC_OK;
-    }
-    for (int64_t i = 0; rc == UC_OK && i < e->qs_count; i++) {
-        struct seq *s = eng_find_seq(e, e->qs_seq[i]);
-        if (!s || !s->end_pending) {
+    struct qs_batch *b = qs_at(e, 0);
+    uc_status rc = qs_fetch(e, 0);
+    for (int64_t i = 0; rc == UC_OK && i < b->count; i++) {
+        struct seq *s = eng_find_seq(e, b->seq[i]);
+        if (!s || !s->end_pending || s->end_layer != b->layer[i]) {
             continue;
         }
         if (!s->qspec_local && !(s->qspec_local = uc_malloc((size_t)per * sizeof(double)))) {
             rc = UC_ERRF(UC_ERR_NOMEM, "query spectra");
             break;
         }
-        memcpy(s->qspec_local, e->qs_host + i * per, (size_t)per * sizeof(double));
+        memcpy(s->qspec_local, b->host + i * per, (size_t)per * sizeof(double));
         s->spec_parked = true;
     }
-    e->qs_count = 0;
+    b->count = 0;
+    e->qs_first = (e->qs_first + 1) % UC_QSPEC_BATCHES;
+    e->qs_n--;
     return rc;
+}
+
+bool eng_spectra_unread(const struct uc_engine *e)
+{
+    for (int k = 0; k < e->qs_n; k++) {
+        if (!e->qsb[(e->qs_first + k) % UC_QSPEC_BATCHES].fetched) {
+            return true;
+        }
+    }
+    return false;
 }
 
 uc_status eng_spectra_begin(struct uc_engine *e, struct seq *const *seqs, int64_t n)
 {
     int64_t hl = e->sh->n_heads, d = e->cfg->head_dim;
-    uc_status rc;
+    uc_status rc = UC_OK;
     if (n == 0) {
         return UC_OK;
     }
-    UC_CHECK(spectra_drop(e), rc, out);
+    if (e->qs_n == UC_QSPEC_BATCHES) {
+        UC_CHECK(qs_retire(e), rc, out);
+    }
+    struct qs_batch *b = &e->qsb[(e->qs_first + e->qs_n) % UC_QSPEC_BATCHES];
     const void **q = uc_malloc((size_t)n * sizeof *q);
     int64_t *rows = uc_malloc((size_t)n * sizeof *rows);
-    if (!q || !rows || !eng_grow((void **)&e->qs_seq, &e->qs_cap, n, sizeof *e->qs_seq) ||
-        !eng_grow((void **)&e->qs_host, &e->qs_host_cap, n * hl * d, sizeof *e->qs_host)) {
+    if (!q || !rows || !eng_grow((void **)&b->seq, &b->seq_cap, n, sizeof *b->seq) ||
+        !eng_grow((void **)&b->layer, &b->layer_cap, n, sizeof *b->layer) ||
+        !eng_grow((void **)&b->host, &b->host_cap, n * hl * d, sizeof *b->host)) {
         rc = UC_ERRF(UC_ERR_NOMEM, "query spectra of %lld prompts", (long long)n);
     } else {
         for (int64_t i = 0; i < n; i++) {
             q[i] = seqs[i]->qkv;
             rows[i] = seqs[i]->n_rows;
-            e->qs_seq[i] = seqs[i]->id;
+            b->seq[i] = seqs[i]->id;
+            b->layer[i] = seqs[i]->layer;
         }
         rc = e->be->ops->qspec_begin(e->be, q, rows, n, e->sh->qkv_dim, hl, d);
         if (rc == UC_OK) {
-            e->qs_count = n;
-            e->qs_fetched = false;
+            b->count = n;
+            b->fetched = false;
+            e->qs_n++;
         }
     }
     uc_free(q);
@@ -116,28 +154,33 @@ out:
     return rc;
 }
 
-/* Spectra of this rank's query heads at the layer end (eigenvalues computed where the queries
- * are: begun early in the sweep pass when they could be; already there when the layer end came
- * in parts), gathered so every rank holds all H. */
-static uc_status query_spectra(struct uc_engine *e, struct seq *s)
+/* Spectra of this rank's query heads at the end of layer l (eigenvalues computed where the
+ * queries are: begun early in the sweep pass when they could be; already there when the layer
+ * end came in parts or its batch was retired while the end was pending), gathered so every
+ * rank holds all H. */
+static uc_status query_spectra(struct uc_engine *e, struct seq *s, int64_t l)
 {
     int64_t d = e->cfg->head_dim, hl = e->sh->n_heads;
     const double *local = s->end_part > 0 || s->spec_parked ? s->qspec_local : e->spec_local;
     uc_status rc = UC_OK;
-    int64_t i = 0;
-    while (i < e->qs_count && e->qs_seq[i] != s->id) {
-        i++;
+    int k = -1; /* the batch holding (s, l), and its row i there */
+    int64_t i = -1;
+    for (int kb = 0; kb < e->qs_n && k < 0; kb++) {
+        const struct qs_batch *b = qs_at(e, kb);
+        for (int64_t j = 0; j < b->count; j++) {
+            if (b->seq[j] == s->id && b->layer[j] == l) {
+                k = kb;
+                i = j;
+                break;
+            }
+        }
     }
     if (s->end_part > 0 || s->spec_parked) {
-        /* computed a few heads at a time by the earlier parts, or parked by a later batch's
-         * begin while this layer end was pending */
+        /* computed a few heads at a time by the earlier parts, or parked */
         s->spec_parked = false;
-    } else if (i < e->qs_count) {
-        if (!e->qs_fetched) {
-            UC_CHECK(e->be->ops->qspec_end(e->be, e->qs_host), rc, out);
-            e->qs_fetched = true;
-        }
-        memcpy(e->spec_local, e->qs_host + i * hl * d, (size_t)(hl * d) * sizeof(double));
+    } else if (k >= 0) {
+        UC_CHECK(qs_fetch(e, k), rc, out);
+        memcpy(e->spec_local, qs_at(e, k)->host + i * hl * d, (size_t)(hl * d) * sizeof(double));
     } else {
         UC_CHECK(e->be->ops->qspec(e->be, e->spec_local, s->qkv, e->sh->qkv_dim, s->n_rows, hl,
                                    d),
@@ -306,7 +349,7 @@ static uc_status plan_layer(struct uc_engine *e, struct seq *s, int64_t l, doubl
     bool from_prompt = uc_policy_uses_entropy(s->cp.policy) && s->cp.grouping == UC_GROUPING_PROMPT;
     uc_status rc = UC_OK;
     if (wants_spectra(s)) {
-        UC_CHECK(query_spectra(e, s), rc, out);
+        UC_CHECK(query_spectra(e, s, l), rc, out);
         double ent[1024];
         int64_t k = s->cp.entropy_k > 0 ? s->cp.entropy_k : uc_entropy_default_k(d);
         for (int64_t h = 0; h < H && h < 1024; h++) {

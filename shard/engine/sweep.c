@@ -39,7 +39,7 @@ static uc_status sweep_pass(struct uc_engine *e, int64_t l, int64_t base, int64_
     int64_t hl = e->sh->n_heads, hkv = e->sh->n_heads_kv, n = end - base;
     size_t a = act_size(e);
     uc_status rc;
-    if (e->qs_count > 0 && !e->qs_fetched) {
+    if (eng_spectra_unread(e)) {
         /* the pass may overwrite queries the spectra begun earlier have still to read */
         UC_CHECK(be->ops->qspec_fence(be), rc, out);
     }
