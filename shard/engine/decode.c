@@ -341,7 +341,10 @@ out:
 }
 
 /* Runs decode_layers through recorded graphs where the backend has them: the first step of a
- * batch size runs the ops directly; a second one in a row records them, later ones replay. */
+ * batch size runs the ops directly; a second one in a row records them, a part (a few layers)
+ * at a time, launching each part once it is recorded, so the device runs part p while the host
+ * records part p + 1 (recording and instantiating every part first, behind a direct run, made
+ * that step the slowest inter-token gap of a wave); later ones replay. */
 static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
 {
     struct uc_backend *be = e->be;
@@ -372,11 +375,11 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
         }
         return rc;
     }
-    rc = decode_layers(e, nb, 0, L, false);
-    if (rc != UC_OK || !same_nb) {
-        return rc;
+    if (!same_nb) {
+        return decode_layers(e, nb, 0, L, false);
     }
-    /* record for the next steps (recording runs nothing); the oldest slot makes room */
+    /* record for this step and the next ones (recording runs nothing); the oldest slot makes
+     * room */
     eng_graph_drop(e, &e->graphs[DECODE_GRAPH_SLOTS - 1]);
     memmove(e->graphs + 1, e->graphs, (DECODE_GRAPH_SLOTS - 1) * sizeof e->graphs[0]);
     g = &e->graphs[0];
@@ -390,6 +393,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
             rc = rr != UC_OK ? rr : rc;
             goto out;
         }
+        UC_CHECK(be->ops->graph_launch(be, g->exec[p]), rc, out);
     }
     g->nb = nb;
     g->meta = e->dm_dev;
