@@ -22,7 +22,8 @@
  *   gets prefill budget in it: such a step has the no-decode budget and may carry several
  *   prompts; when no request's prompt can prefill, the step decodes every running sequence. So
  *   decodes stall while prompts prefill (under a closed-loop load: waves, one long inter-token
- *   gap per stream per wave) and prompts prefill at the engine's full rate (better TTFT).
+ *   gap per stream per wave) and prompts prefill at the engine's full rate (one after another,
+ *   so a wave's TTFT grows: 3.7 s against 0.35 s at 64 x 8K on an H200).
  *   Calibration windows never stop the decodes (background work, as under mixed). With
  *   max_decode_wait_ms, a step is mixed once a decoding sequence has waited longer than that
  *   since its last token. */
