@@ -510,14 +510,8 @@ static uc_status cpu_window_scores_begin(struct uc_backend *be, int32_t slot, bo
     if (slot < 0) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "window scores slot=%d", (int)slot);
     }
-    if (slot >= c->n_ws) {
-        struct cpu_ws_slot *w = uc_realloc(c->ws, (size_t)(slot + 1) * sizeof *w);
-        if (!w) {
-            return UC_ERRF(UC_ERR_NOMEM, "window score slots=%d", (int)slot + 1);
-        }
-        memset(w + c->n_ws, 0, (size_t)(slot + 1 - c->n_ws) * sizeof *w);
-        c->ws = w;
-        c->n_ws = slot + 1;
+    if (!uc_grow_zeroed((void **)&c->ws, &c->n_ws, slot + 1, sizeof *c->ws)) {
+        return UC_ERRF(UC_ERR_NOMEM, "window score slots=%d", (int)slot + 1);
     }
     struct cpu_ws_slot *w = &c->ws[slot];
     size_t need = (size_t)((n_heads_kv + 1) * n);

@@ -613,14 +613,8 @@ static uc_status cuda_window_scores_begin(struct uc_backend *be, int32_t slot, b
     if (slot < 0) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "window scores slot=%d", (int)slot);
     }
-    if (slot >= c->n_ws) {
-        struct ws_slot *w = uc_realloc(c->ws, (size_t)(slot + 1) * sizeof *w);
-        if (!w) {
-            return UC_ERRF(UC_ERR_NOMEM, "window score slots=%d", (int)slot + 1);
-        }
-        memset(w + c->n_ws, 0, (size_t)(slot + 1 - c->n_ws) * sizeof *w);
-        c->ws = w;
-        c->n_ws = slot + 1;
+    if (!uc_grow_zeroed((void **)&c->ws, &c->n_ws, slot + 1, sizeof *c->ws)) {
+        return UC_ERRF(UC_ERR_NOMEM, "window score slots=%d", (int)slot + 1);
     }
     struct ws_slot *w = &c->ws[slot];
     size_t red = (size_t)(n_heads_kv * n) + (row ? (size_t)n : 0);
@@ -1355,6 +1349,17 @@ static void cuda_graph_destroy(struct uc_backend *be, void *graph)
 
 static uint64_t cuda_graph_epoch(struct uc_backend *be) { return ctx_of(be)->epoch; }
 
+/* A staging buffer in pinned memory and the event that follows its last copy. */
+static void pinned_free(void *pin, cudaEvent_t done)
+{
+    if (pin) {
+        (void)cudaFreeHost(pin);
+    }
+    if (done) {
+        (void)cudaEventDestroy(done);
+    }
+}
+
 static void cuda_destroy(struct uc_backend *be)
 {
     if (!be) {
@@ -1397,27 +1402,16 @@ static void cuda_destroy(struct uc_backend *be)
         }
         for (int i = 0; i < UC_QSPEC_BATCHES; i++) {
             struct qs_slot *sl = &c->qs.slot[i];
+            pinned_free(sl->pin, sl->done);
             if (sl->read) {
                 (void)cudaEventDestroy(sl->read);
-            }
-            if (sl->done) {
-                (void)cudaEventDestroy(sl->done);
-            }
-            if (sl->pin) {
-                (void)cudaFreeHost(sl->pin);
             }
             uc_free(sl->host);
         }
         for (int32_t i = 0; i < c->n_ws; i++) {
-            if (c->ws[i].pin) {
-                (void)cudaFreeHost(c->ws[i].pin);
-            }
-            if (c->ws[i].done) {
-                (void)cudaEventDestroy(c->ws[i].done);
-            }
+            pinned_free(c->ws[i].pin, c->ws[i].done);
         }
         uc_free(c->ws);
-
         if (c->qs.stream) {
             (void)cudaStreamDestroy(c->qs.stream);
         }
@@ -1430,12 +1424,7 @@ static void cuda_destroy(struct uc_backend *be)
             (void)cudaEventDestroy(c->pos_done);
         }
         for (int i = 0; i < STAGE_SLOTS; i++) {
-            if (c->slots[i].host) {
-                (void)cudaFreeHost(c->slots[i].host);
-            }
-            if (c->slots[i].done) {
-                (void)cudaEventDestroy(c->slots[i].done);
-            }
+            pinned_free(c->slots[i].host, c->slots[i].done);
         }
         if (c->blas) {
             (void)cublasDestroy(c->blas);

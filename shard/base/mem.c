@@ -52,6 +52,21 @@ void *uc_calloc(size_t n, size_t size_bytes)
     return p;
 }
 
+bool uc_grow_zeroed(void **p, int32_t *n, int32_t want, size_t elem)
+{
+    if (want <= *n) {
+        return true;
+    }
+    unsigned char *q = uc_realloc(*p, (size_t)want * elem);
+    if (!q) {
+        return false;
+    }
+    memset(q + (size_t)*n * elem, 0, (size_t)(want - *n) * elem);
+    *p = q;
+    *n = want;
+    return true;
+}
+
 void *uc_realloc(void *p, size_t size_bytes)
 {
     if (!p) {

@@ -3,6 +3,7 @@
 #ifndef UC_BASE_MEM_H
 #define UC_BASE_MEM_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -17,6 +18,9 @@ void *uc_realloc(void *p, size_t size_bytes);
 void uc_free(void *p);
 char *uc_strdup(const char *s);
 char *uc_strndup(const char *s, size_t n);
+/* Grows the array *p of *n elements of elem bytes to `want` (nothing when it holds that many),
+ * the new elements zeroed; false when out of memory, with the array unchanged. */
+bool uc_grow_zeroed(void **p, int32_t *n, int32_t want, size_t elem);
 
 /* Frees and NULLs a pointer. */
 #define UC_FREE(p)                                                                                 \
