@@ -225,7 +225,8 @@ int64_t uc_engine_prefill_bytes(const struct uc_engine *e, int64_t n_prompt)
 {
     /* the residual stream, Q/K/V, a stage cut's new residual stream beside the old one, and a
      * pipelined layer end's K|V rows (pipeline.c) */
-    int64_t per_row = 2 * e->cfg->hidden + e->sh->qkv_dim + 2 * e->sh->n_heads_kv * e->cfg->head_dim;
+    int64_t per_row = 2 * e->cfg->hidden + e->sh->qkv_dim +
+                      2 * e->sh->n_heads_kv * e->cfg->head_dim;
     return n_prompt * per_row * (int64_t)act_size(e);
 }
 
