@@ -13,8 +13,20 @@
 #include "compress/lorc.h"
 #include "compress/think.h"
 
-static const char *policy_names[UC_POLICY_COUNT] = {
-    "full", "streamingllm", "snapkv", "pyramidkv", "h2o", "uncomp", "uncomp-stage",
+/* What each token policy is made of; the engine asks these rather than naming policies. */
+static const struct policy_desc {
+    const char *name;
+    enum uc_policy_scores scores; /* what its kept tokens are chosen by */
+    bool entropy;                 /* head groups by matrix entropy (UNCOMP.md section 3) */
+    bool stages;                  /* hidden-state rows cut at stage boundaries */
+} policy_table[UC_POLICY_COUNT] = {
+    [UC_POLICY_FULL] = {"full", UC_SCORES_NONE, false, false},
+    [UC_POLICY_STREAMINGLLM] = {"streamingllm", UC_SCORES_NONE, false, false},
+    [UC_POLICY_SNAPKV] = {"snapkv", UC_SCORES_WINDOW, false, false},
+    [UC_POLICY_PYRAMIDKV] = {"pyramidkv", UC_SCORES_WINDOW, false, false},
+    [UC_POLICY_H2O] = {"h2o", UC_SCORES_COLSUM, false, false},
+    [UC_POLICY_UNCOMP] = {"uncomp", UC_SCORES_WINDOW, true, false},
+    [UC_POLICY_UNCOMP_STAGE] = {"uncomp-stage", UC_SCORES_WINDOW, true, true},
 };
 
 /* The stages a policy spec may add after '+', and the token policies each cannot run beside. */
@@ -60,13 +72,13 @@ struct uc_compress_params uc_compress_default_params(void)
 
 const char *uc_policy_name(enum uc_policy p)
 {
-    return (p >= 0 && p < UC_POLICY_COUNT) ? policy_names[p] : "?";
+    return (p >= 0 && p < UC_POLICY_COUNT) ? policy_table[p].name : "?";
 }
 
 bool uc_policy_parse(const char *name, enum uc_policy *out)
 {
     for (int i = 0; i < UC_POLICY_COUNT; i++) {
-        if (strcmp(name, policy_names[i]) == 0) {
+        if (strcmp(name, policy_table[i].name) == 0) {
             *out = (enum uc_policy)i;
             return true;
         }
@@ -80,7 +92,7 @@ uc_status uc_policy_spec_parse(const char *spec, struct uc_compress_params *p, c
     char names[256];
     int o = 0;
     for (int i = 0; i < UC_POLICY_COUNT; i++) {
-        o += snprintf(names + o, sizeof names - (size_t)o, "%s%s", i ? ", " : "", policy_names[i]);
+        o += snprintf(names + o, sizeof names - (size_t)o, "%s%s", i ? ", " : "", policy_table[i].name);
     }
     for (int i = 0; i < N_STAGES && o < (int)sizeof names; i++) {
         o += snprintf(names + o, sizeof names - (size_t)o, "%s+%s", i ? ", " : "; stages: ",
@@ -137,7 +149,7 @@ uc_status uc_policy_spec_parse(const char *spec, struct uc_compress_params *p, c
     for (int i = 0; i < N_STAGES; i++) {
         if ((stages & stage_table[i].flag) && (stage_table[i].bad_policies & (1u << base))) {
             snprintf(msg, msg_size, "policy: '%s': %s does not combine with %s (%s)", spec,
-                     stage_table[i].name, policy_names[base], stage_table[i].why);
+                     stage_table[i].name, policy_table[base].name, stage_table[i].why);
             return UC_ERR_INVALID_ARG;
         }
     }
@@ -286,13 +298,19 @@ bool uc_policy_compresses(enum uc_policy p) { return p != UC_POLICY_FULL; }
 
 bool uc_policy_uses_entropy(enum uc_policy p)
 {
-    return p == UC_POLICY_UNCOMP || p == UC_POLICY_UNCOMP_STAGE;
+    return p >= 0 && p < UC_POLICY_COUNT && policy_table[p].entropy;
 }
 
-bool uc_policy_uses_window(enum uc_policy p)
+enum uc_policy_scores uc_policy_scores(enum uc_policy p)
 {
-    return p == UC_POLICY_SNAPKV || p == UC_POLICY_PYRAMIDKV || p == UC_POLICY_UNCOMP ||
-           p == UC_POLICY_UNCOMP_STAGE;
+    return p >= 0 && p < UC_POLICY_COUNT ? policy_table[p].scores : UC_SCORES_NONE;
+}
+
+bool uc_policy_uses_window(enum uc_policy p) { return uc_policy_scores(p) == UC_SCORES_WINDOW; }
+
+bool uc_policy_cuts_rows(enum uc_policy p)
+{
+    return p >= 0 && p < UC_POLICY_COUNT && policy_table[p].stages;
 }
 
 uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_t n_layers,

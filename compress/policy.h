@@ -148,8 +148,18 @@ uc_status uc_compress_params_validate(const struct uc_compress_params *p, int64_
 /* Whether the policy keeps fewer tokens than the prompt at all (false for full). */
 bool uc_policy_compresses(enum uc_policy p);
 bool uc_policy_uses_entropy(enum uc_policy p);
-/* Whether the policy scores tokens by the attention of the prompt's last `window` queries. */
-bool uc_policy_uses_window(enum uc_policy p);
+/* What a policy's kept tokens are chosen by: nothing (position: full, streamingllm), the
+ * attention of the prompt's last `window` queries (snapkv, pyramidkv, uncomp, uncomp-stage), or
+ * every query's attention summed over the prompt (h2o). */
+enum uc_policy_scores {
+    UC_SCORES_NONE = 0,
+    UC_SCORES_WINDOW = 1,
+    UC_SCORES_COLSUM = 2,
+};
+enum uc_policy_scores uc_policy_scores(enum uc_policy p);
+bool uc_policy_uses_window(enum uc_policy p); /* scores == UC_SCORES_WINDOW */
+/* Whether the policy cuts hidden-state rows at stage boundaries (uncomp-stage). */
+bool uc_policy_cuts_rows(enum uc_policy p);
 
 /* Head groups: m groups of (nearly) equal size, lowest entropy first; stable sort by value with
  * ties broken by head index. groups[j] in [0, m). */

@@ -326,7 +326,7 @@ static bool is_stage_start(const struct seq *s, int64_t layer, int32_t *stage_in
 bool eng_layer_prunes(const struct seq *s, int64_t l, int64_t n_layers, int32_t *stage_index)
 {
     int32_t c = 0;
-    bool prune = s->cp.policy == UC_POLICY_UNCOMP_STAGE && l + 1 < n_layers &&
+    bool prune = uc_policy_cuts_rows(s->cp.policy) && l + 1 < n_layers &&
                  is_stage_start(s, l + 1, &c) && s->plan.stage_rows[c] < s->n_rows;
     if (stage_index) {
         *stage_index = c;
@@ -336,7 +336,7 @@ bool eng_layer_prunes(const struct seq *s, int64_t l, int64_t n_layers, int32_t 
 
 bool eng_layer_accumulates(const struct seq *s, int64_t l, int64_t n_layers)
 {
-    return s->cp.policy == UC_POLICY_UNCOMP_STAGE && s->plan.n_stage_starts > 0 &&
+    return uc_policy_cuts_rows(s->cp.policy) && s->plan.n_stage_starts > 0 &&
            (s->cp.row_score == UC_ROW_SCORE_ACCUM || s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX) &&
            l + 1 < n_layers && l + 1 <= s->plan.stage_starts[s->plan.n_stage_starts - 1];
 }
@@ -422,7 +422,7 @@ static uc_status compute_scores(struct uc_engine *e, struct seq *s, bool cols, b
     int64_t d = e->cfg->head_dim, gl = hl / hkv_l, ld = e->sh->qkv_dim;
     const void *k = (char *)s->qkv + (size_t)(hl * d) * act_size(e);
     uc_status rc = UC_OK;
-    if (s->cp.policy == UC_POLICY_H2O && cols) {
+    if (uc_policy_scores(s->cp.policy) == UC_SCORES_COLSUM && cols) {
         double *acc = uc_malloc((size_t)(hl * n) * sizeof(double));
         if (!acc) {
             return UC_ERRF(UC_ERR_NOMEM, "h2o scores");
@@ -500,7 +500,7 @@ static uc_status ring_init(struct uc_engine *e, struct seq *s, int64_t j, int64_
     rg->cap = (int32_t)cap;
     rg->n_rows = (int32_t)w;
     rg->next = (int32_t)(w % s->cp.window);
-    bool have_probs = uc_policy_uses_window(s->cp.policy) || s->cp.policy == UC_POLICY_UNCOMP_STAGE;
+    bool have_probs = uc_policy_uses_window(s->cp.policy);
     for (int64_t r = 0; r < w && have_probs; r++) {
         for (int64_t i = 0; i < n_keep; i++) {
             float v = 0;
@@ -618,7 +618,7 @@ uc_status eng_layer_end_from(struct uc_engine *e, struct seq *s, int64_t l,
     for (int64_t j = 0; j < hkv_l; j++) {
         any_cut = any_cut || s->plan.budget[l * hkv + e->sh->kv0 + j] < n;
     }
-    bool cols = any_cut && (uc_policy_uses_window(s->cp.policy) || s->cp.policy == UC_POLICY_H2O);
+    bool cols = any_cut && uc_policy_scores(s->cp.policy) != UC_SCORES_NONE;
     bool evict = s->rings != NULL;
     bool accum = eng_layer_accumulates(s, l, e->cfg->n_layers);
     bool rows = prune || accum;

@@ -212,7 +212,7 @@ uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_ne
         return UC_ERR_INVALID_ARG;
     }
     const int32_t *starts;
-    if (n->cp.policy == UC_POLICY_UNCOMP_STAGE && eng_stage_starts_for(e, &n->cp, &starts) == 0 &&
+    if (uc_policy_cuts_rows(n->cp.policy) && eng_stage_starts_for(e, &n->cp, &starts) == 0 &&
         !e->have_prof) {
         snprintf(msg, msg_size, "compression.policy=uncomp-stage needs stage boundaries: a "
                  "calibration profile or explicit stage_starts");
@@ -465,7 +465,7 @@ uc_status eng_seq_create(struct uc_engine *e, const struct uc_step_new *n)
         }
     }
     /* plan: stages now (they depend only on n0), budgets per layer as layers finish */
-    if (s->cp.policy == UC_POLICY_UNCOMP_STAGE) {
+    if (uc_policy_cuts_rows(s->cp.policy)) {
         const int32_t *starts;
         int32_t ns = eng_stage_starts_for(e, &s->cp, &starts);
         s->plan.n_stage_starts = ns;
