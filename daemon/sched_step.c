@@ -223,8 +223,9 @@ static int64_t calib_slice(const struct uc_sched *s, const struct req *q)
     return uc_engine_background_rows(s->e, q->seq_id, v > 1 ? v : 1);
 }
 
-/* The step's prefills: the budget shared by the rules above. Returns how many. */
-static int32_t plan_prefills(struct uc_sched *s, int32_t n_dec)
+/* The step's prefills: the budget shared by the rules above; req_prefill: whether a request's
+ * prompt gets budget in it (request_prefill_due). Returns how many. */
+static int32_t plan_prefills(struct uc_sched *s, int32_t n_dec, bool req_prefill)
 {
     int64_t budget = n_dec > 0 ? s->p.prefill_step_tokens : 4 * s->p.prefill_step_tokens;
     struct pf_candidate *c = uc_malloc((size_t)(s->n_active + 1) * sizeof *c);
@@ -242,10 +243,6 @@ static int32_t plan_prefills(struct uc_sched *s, int32_t n_dec)
         }
     }
     qsort(c, (size_t)n, sizeof *c, cmp_candidate);
-    /* whether a request's prompt gets budget in this step: not merely whether one is
-     * prefilling, since a prompt whose buffers do not fit beside a started calibration window
-     * waits for that window to end (skipping the window too stopped both for good) */
-    bool req_prefill = request_prefill_due(s);
     int32_t n_pf = 0;
     for (int64_t i = 0; i < n && budget > 0; i++) {
         struct req *q = c[i].q;
@@ -314,9 +311,12 @@ bool sched_round(struct uc_sched *s)
     if (!ensure_step_lists(s, s->n_active + 1)) {
         UC_FATAL("scheduler: out of memory building a step");
     }
-    /* prefill-first: no decode rows while a request's prompt prefills (unless one waited too
-     * long) */
-    bool prefill_only = s->p.schedule == UC_SCHEDULE_PREFILL_FIRST && request_prefill_due(s) &&
+    /* whether a request's prompt gets budget in this step: not merely whether one is
+     * prefilling, since a prompt whose buffers do not fit beside a started calibration window
+     * waits for that window to end (skipping the window too stopped both for good);
+     * prefill-first then carries no decode rows (unless one waited too long) */
+    bool req_prefill = request_prefill_due(s);
+    bool prefill_only = s->p.schedule == UC_SCHEDULE_PREFILL_FIRST && req_prefill &&
                         !decode_overdue(s);
     struct uc_step_decode *dec = s->step_dec;
     struct req **decoded = s->step_req;
@@ -330,7 +330,7 @@ bool sched_round(struct uc_sched *s)
             decoded[n_dec++] = q;
         }
     }
-    int32_t n_pf = plan_prefills(s, n_dec);
+    int32_t n_pf = plan_prefills(s, n_dec, req_prefill);
     bool work = n_new > 0 || n_dec > 0 || n_pf > 0 || s->n_frees > 0;
     if (work) {
         struct uc_step st = {.op = UC_STEP_RUN, .n_new = n_new, .news = news,

@@ -309,6 +309,8 @@ uc_status eng_layer_end_from(struct uc_engine *e, struct seq *s, int64_t l,
 /* Whether the end of layer l cuts the rows of s (uncomp-stage, before a stage start; the
  * stage's index into *stage_index when not NULL). */
 bool eng_layer_prunes(const struct seq *s, int64_t l, int64_t n_layers, int32_t *stage_index);
+/* Whether the stage row scores of s take the max over heads (rather than the sum). */
+bool eng_row_score_max(const struct seq *s);
 /* Whether the end of layer l adds its row scores to the stage's accumulated ones. */
 bool eng_layer_accumulates(const struct seq *s, int64_t l, int64_t n_layers);
 /* Whether s ends its layers in parts, one per step (eng_layer_end_part), rather than in the

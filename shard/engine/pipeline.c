@@ -34,6 +34,7 @@ uc_status eng_end_begin(struct uc_engine *e, struct seq *s)
     double t0 = uc_time_s();
     int64_t l = s->layer, n = s->n_rows, hl = e->sh->n_heads, hkv_l = e->sh->n_heads_kv;
     int64_t d = e->cfg->head_dim, ld = e->sh->qkv_dim, w = s->cp.window, kvw = 2 * hkv_l * d;
+    const void *k = eng_end_src_qkv(e, s).k;
     uc_status rc;
     if (s->end_pending) {
         return UC_ERRF(UC_ERR_INTERNAL, "seq=%lld: layer %lld's end is still pending",
@@ -46,14 +47,11 @@ uc_status eng_end_begin(struct uc_engine *e, struct seq *s)
         UC_CHECK(e->be->ops->alloc(e->be, &s->end_kv, (size_t)(s->n_prompt * kvw) * act_size(e)),
                  rc, out);
     }
-    const void *k = (const char *)s->qkv + (size_t)(hl * d) * act_size(e);
-    bool use_max = s->cp.row_score == UC_ROW_SCORE_MAX ||
-                   s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX;
     int32_t slot = (int32_t)e->n_pend;
     UC_CHECK(e->be->ops->window_scores_begin(e->be, slot,
                                              eng_layer_accumulates(s, l, e->cfg->n_layers),
-                                             use_max, dev_row(e, s->qkv, n - w, ld), ld, k, ld, w,
-                                             n, hl, hkv_l, d),
+                                             eng_row_score_max(s), dev_row(e, s->qkv, n - w, ld),
+                                             ld, k, ld, w, n, hl, hkv_l, d),
              rc, out);
     UC_CHECK(e->be->ops->copy_rows(e->be, s->end_kv, kvw, k, ld, kvw, n), rc, out);
     s->end_pending = true;
@@ -88,10 +86,9 @@ uc_status eng_end_finish_all(struct uc_engine *e)
     for (int64_t i = 0; i < e->n_pend && rc == UC_OK; i++) {
         rc = eng_end_finish(e, e->pend[i]);
     }
-    if (rc != UC_OK) {
-        eng_end_drop_all(e);
-    }
-    e->n_pend = 0;
+    if (rc == UC_OK) {
+        e->n_pend = 0;
+    } /* else the sweep's error path drops the rest */
     return rc;
 }
 

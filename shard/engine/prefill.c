@@ -334,6 +334,11 @@ bool eng_layer_prunes(const struct seq *s, int64_t l, int64_t n_layers, int32_t 
     return prune;
 }
 
+bool eng_row_score_max(const struct seq *s)
+{
+    return s->cp.row_score == UC_ROW_SCORE_MAX || s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX;
+}
+
 bool eng_layer_accumulates(const struct seq *s, int64_t l, int64_t n_layers)
 {
     return uc_policy_cuts_rows(s->cp.policy) && s->plan.n_stage_starts > 0 &&
@@ -442,8 +447,7 @@ static uc_status compute_scores(struct uc_engine *e, struct seq *s, bool cols, b
     }
     int64_t w = s->cp.window < n ? s->cp.window : n;
     const void *qw = dev_row(e, s->qkv, n - w, ld);
-    bool use_max = s->cp.row_score == UC_ROW_SCORE_MAX ||
-                   s->cp.row_score == UC_ROW_SCORE_ACCUM_MAX;
+    bool use_max = eng_row_score_max(s);
     if (src->slot >= 0) {
         UC_CHECK(e->be->ops->window_scores_end(e->be, src->slot, e->colscore,
                                                rows ? e->rowscore : NULL),
