@@ -49,6 +49,9 @@ static const struct uc_cfg_option options[] = {
     {"max-decode-wait-ms", UC_CFG_INT, OFF(max_decode_wait_ms), "0", 0, 3600000, 0,
      "prefill-first: once a decoding sequence has waited this long for its next token, steps "
      "mix decode rows in again (0 = no bound)"},
+    {"step-trace", UC_CFG_STR, OFF(step_trace), "", 0, 0, UC_CFG_IMMUTABLE,
+     "write a JSON line per engine step to FILE: what it carried and where its time went "
+     "(tests/bench/step_trace.py sums it up)"},
     {"max-batch", UC_CFG_INT, OFF(max_batch), "64", 1, 4096, UC_CFG_IMMUTABLE,
      "most sequences decoded in one step"},
     {"max-context", UC_CFG_INT, OFF(max_context), "0", 0, 1 << 24, UC_CFG_IMMUTABLE,
@@ -205,6 +208,7 @@ static const struct {
     {"backend", "cpu|cuda"},
     {"schedule", "mixed|prefill-first"},
     {"max-decode-wait-ms", "MS"},
+    {"step-trace", "FILE"},
     {"comm-timeout", "MS"},
     {"heartbeat", "MS"},
     {"profile", "FILE"},

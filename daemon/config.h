@@ -32,6 +32,7 @@ struct uc_config {
     int64_t prefill_memory;
     char *schedule;
     int64_t max_decode_wait_ms;
+    char *step_trace;
     int64_t max_batch;
     int64_t max_context;
     int64_t comm_timeout_ms;

@@ -265,6 +265,7 @@ static int run_rank0(struct daemon *d)
     sp.prefill_memory = c->prefill_memory;
     (void)uc_schedule_parse(c->schedule, &sp.schedule); /* uc_config_validate checked it */
     sp.max_decode_wait_ms = c->max_decode_wait_ms;
+    sp.step_trace_path = c->step_trace[0] ? c->step_trace : NULL;
     sp.default_max_tokens = (int32_t)c->default_max_tokens;
     sp.max_tokens_limit = (int32_t)c->max_tokens_limit;
     sp.max_stop_strings = (int32_t)c->max_stop_strings;

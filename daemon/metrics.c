@@ -84,6 +84,11 @@ static const char *const step_kinds[METRIC_STEP_KINDS] = {
     [METRIC_STEP_MIXED] = "mixed",
 };
 
+const char *metrics_step_name(enum metric_step k)
+{
+    return (unsigned)k < METRIC_STEP_KINDS ? step_kinds[k] : "other";
+}
+
 /* ---- lifecycle ------------------------------------------------------------------------ */
 
 uc_status metrics_create(struct metrics **out)

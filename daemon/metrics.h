@@ -32,6 +32,9 @@ enum metric_step {
     METRIC_STEP_KINDS = 3,
 };
 
+/* The kind's name ("decode", "prefill", "mixed"). */
+const char *metrics_step_name(enum metric_step k);
+
 struct metrics;
 
 uc_status metrics_create(struct metrics **out);

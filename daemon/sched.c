@@ -970,6 +970,16 @@ uc_status uc_sched_create(struct uc_sched **out, const struct uc_sched_params *p
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->done_cv, NULL);
     s->profile_json = sched_profile_json_of(engine);
+    if (p->step_trace_path) {
+        s->trace = fopen(p->step_trace_path, "w");
+        if (!s->trace) {
+            uc_status rc = UC_ERRF(UC_ERR_IO, "--step-trace %s: %s", p->step_trace_path,
+                                   strerror(errno));
+            uc_sched_destroy(s);
+            return rc;
+        }
+        s->trace_t0 = uc_time_s();
+    }
     /* the default policy needs a profile and none exists: build it now, in the background */
     s->calib.want_default = !uc_engine_profile(engine) &&
                             uc_policy_uses_entropy(s->dflt.policy) &&
@@ -995,6 +1005,9 @@ void uc_sched_destroy(struct uc_sched *s)
     uc_free(s->step_pf_req);
     uc_free(s->calib.ids);
     uc_free(s->profile_json);
+    if (s->trace) {
+        fclose(s->trace);
+    }
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     pthread_cond_destroy(&s->done_cv);

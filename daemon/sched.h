@@ -135,6 +135,7 @@ struct uc_sched_params {
     enum uc_schedule schedule;
     int64_t max_decode_wait_ms;    /* prefill-first: a decode waiting longer makes the step
                                       mixed (0 = no bound) */
+    const char *step_trace_path;   /* a JSON line per step goes here (NULL: none) */
     int32_t default_max_tokens;
     int32_t max_tokens_limit;      /* a request asking for more is INVALID_ARGUMENT */
     int32_t max_stop_strings;

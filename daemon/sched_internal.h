@@ -11,6 +11,7 @@
 #define UC_DAEMON_SCHED_INTERNAL_H
 
 #include <pthread.h>
+#include <stdio.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -147,6 +148,9 @@ struct uc_sched {
     int64_t next_seq;
     uint64_t seed_counter;
     struct calib_job calib;
+    FILE *trace;            /* --step-trace: a JSON line per step */
+    double trace_t0;        /* when the trace began */
+    double trace_last_end;  /* when the previous step's round ended */
 };
 
 /* sched.c */

@@ -292,8 +292,34 @@ static void prefill_done(struct uc_sched *s, struct req *q)
     }
 }
 
+static enum metric_step step_kind(int32_t n_dec, int32_t n_pf)
+{
+    return n_pf == 0 ? METRIC_STEP_DECODE : n_dec == 0 ? METRIC_STEP_PREFILL : METRIC_STEP_MIXED;
+}
+
+/* --step-trace: one JSON line for a step that ran (times in ms; t from the trace's start). */
+static void trace_step(struct uc_sched *s, const double t[4], const char *kind, int32_t n_dec,
+                       int32_t n_pf, int32_t n_new, int64_t n_free, uc_status rc)
+{
+    int64_t rows = 0;
+    for (int32_t i = 0; i < n_pf; i++) {
+        rows += s->step_pf[i].budget_rows;
+    }
+    double last = s->trace_last_end > 0 ? s->trace_last_end : t[0];
+    fprintf(s->trace,
+            "{\"t\":%.3f,\"kind\":\"%s\",\"decode\":%d,\"prefill\":%d,\"prefill_row_layers\":%lld,"
+            "\"new\":%d,\"free\":%lld,\"idle_ms\":%.3f,\"plan_ms\":%.3f,\"engine_ms\":%.3f,"
+            "\"after_ms\":%.3f,\"ok\":%s}\n",
+            (t[0] - s->trace_t0) * 1e3, kind, n_dec, n_pf, (long long)rows, n_new,
+            (long long)n_free, (t[0] - last) * 1e3, (t[1] - t[0]) * 1e3, (t[2] - t[1]) * 1e3,
+            (t[3] - t[2]) * 1e3, rc == UC_OK ? "true" : "false");
+    fflush(s->trace);
+    s->trace_last_end = t[3];
+}
+
 bool sched_round(struct uc_sched *s)
 {
+    double tt[4] = {s->trace ? uc_time_s() : 0.0, 0, 0, 0};
     sched_reap(s);
     enum { MAX_NEW = 64 };
     struct uc_step_new news[MAX_NEW];
@@ -337,7 +363,10 @@ bool sched_round(struct uc_sched *s)
                              .n_free = (int32_t)s->n_frees, .frees = s->frees,
                              .n_prefill = n_pf, .prefills = s->step_pf, .n_decode = n_dec,
                              .decodes = dec};
+        int64_t n_free = s->n_frees;
+        tt[1] = s->trace ? uc_time_s() : 0.0;
         uc_status rc = uc_engine_step(s->e, &st);
+        tt[2] = s->trace ? uc_time_s() : 0.0;
         s->n_frees = 0;
         if (rc != UC_OK) {
             /* a refused step ran nothing: fail what it carried */
@@ -358,9 +387,7 @@ bool sched_round(struct uc_sched *s)
             }
         } else {
             if (s->metrics && (n_dec > 0 || n_pf > 0)) {
-                metrics_step(s->metrics, n_pf == 0   ? METRIC_STEP_DECODE
-                                         : n_dec == 0 ? METRIC_STEP_PREFILL
-                                                      : METRIC_STEP_MIXED);
+                metrics_step(s->metrics, step_kind(n_dec, n_pf));
             }
             for (int32_t i = 0; i < n_dec; i++) {
                 decoded[i]->pending = -1;
@@ -374,6 +401,14 @@ bool sched_round(struct uc_sched *s)
             }
         }
         sched_fork_after_step(s);
+        if (s->trace) {
+            sched_publish(s);
+            tt[3] = uc_time_s();
+            trace_step(s, tt, n_dec + n_pf > 0 ? metrics_step_name(step_kind(n_dec, n_pf))
+                                               : "other",
+                       n_dec, n_pf, n_new, n_free, rc);
+            return work;
+        }
     }
     sched_publish(s);
     return work;

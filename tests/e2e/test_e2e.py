@@ -839,17 +839,47 @@ def t_mixed_steps_while_prefilling(d):
     check(n["mixed"] > 0 and n["prefill"] == 0, "steps while a prompt prefilled: %s" % n)
 
 
+def check_step_trace(path, counts):
+    """--step-trace: a JSON line per step that ran, as many of each kind as the metrics counted
+    (the last line may land just after the client's Complete), with the summary of
+    tests/bench/step_trace.py over it."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    import step_trace
+    for _ in range(50):
+        steps = step_trace.load(path)
+        got = {k: sum(1 for s in steps if s["kind"] == k and s["ok"]) for k in counts}
+        if got == counts:
+            break
+        time.sleep(0.1)
+    check(got == counts, "step trace %s against the metrics %s" % (got, counts))
+    for s in steps:
+        check(s["engine_ms"] >= 0 and s["idle_ms"] >= 0 and
+              (s["kind"] != "decode" or (s["decode"] > 0 and s["prefill"] == 0)) and
+              (s["kind"] != "prefill" or (s["prefill"] > 0 and s["prefill_row_layers"] > 0)),
+              "step trace line %s" % s)
+    text = "\n".join(step_trace.summary(steps, 8))
+    check("decode batch" in text and "prefill-only steps" in text, text)
+
+
 def t_prefill_first(args):
     """--schedule prefill-first: greedy streams of a mixed load equal the same requests run alone
     and no step ever mixes decode rows with prefill; a stream that is decoding gets no token
     while a long prompt prefills (every step of that prefill is prefill-only); a bad --schedule
-    is refused at start-up."""
+    is refused at start-up; --step-trace writes a line per step (and a path it cannot write
+    fails the start-up with the reason)."""
+    bad = subprocess.run([args.daemon, "--model", args.model, "--listen",
+                          "127.0.0.1:%d" % free_port(), "--http-listen", "0", "--step-trace",
+                          "/nonexistent-dir/steps.jsonl"], capture_output=True, text=True,
+                         timeout=60)
+    check(bad.returncode == 1 and "--step-trace /nonexistent-dir/steps.jsonl: No such file" in
+          bad.stderr, "exit %s: %s" % (bad.returncode, bad.stderr[-1500:]))
     bad = subprocess.run([args.daemon, "--model", args.model, "--listen",
                           "127.0.0.1:%d" % free_port(), "--http-listen", "0", "--schedule",
                           "prefill_first"], capture_output=True, text=True, timeout=60)
     check(bad.returncode == 2 and "--schedule=prefill_first must be mixed or prefill-first" in
           bad.stderr, "exit %s: %s" % (bad.returncode, bad.stderr[-1500:]))
-    d = Daemon(args, extra=PF_FLAGS, name="prefill-first")
+    trace = os.path.join(tempfile.mkdtemp(prefix="uncomp_trace_"), "steps.jsonl")
+    d = Daemon(args, extra=PF_FLAGS + ["--step-trace", trace], name="prefill-first")
     try:
         check(d.wait_serving()[-1] == gc.SERVING)
         check("\nschedule:prefill-first\n" in d.client.stats().text, "# Config lacks the schedule")
@@ -858,6 +888,7 @@ def t_prefill_first(args):
         n = step_delta(before, step_counts(d.metrics_port))
         check(n["mixed"] == 0 and n["prefill"] > 0 and n["decode"] > 0,
               "steps of the mixed load: %s" % n)
+        check_step_trace(trace, step_counts(d.metrics_port))
         n = steps_while_prefilling(d, "pfsteps")
         # ~360 tokens x 8 layers at 4 x 96 row-layers a step: about 8 prefill-only steps
         check(n["mixed"] == 0 and n["prefill"] >= 2, "steps while a prompt prefilled: %s" % n)
