@@ -5,7 +5,8 @@
 # target, then runs the named steps, each with its rc and wall time. Fixtures come from
 # .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
 # travel. Steps: ops (with --bench), decbench and specbench (decode attention or query spectra
-# timings alone), ctest (label cuda), golden, golden-fp32, kvmem (KV memory accounting and
+# timings alone; DECBENCH_SHAPES=B:CTX,... picks decbench's shapes), ncu-decode (Nsight Compute
+# on one decode attention launch; NCU_ARGS replaces its sections), ctest (label cuda), golden, golden-fp32, kvmem (KV memory accounting and
 # copy-on-write forks on the device, tests/golden/test_kv_memory.c),
 # kvsharer, kvsharer-tp2 (KVSharer on the device in fp32 against the numpy reference: shared
 # layers' decode through rope_append's skipped slots; needs python3 with numpy, else exit 77),
@@ -141,7 +142,13 @@ for step in "$@"; do
   [ ${#envset[@]} -gt 0 ] && export "${envset[@]}"
   case $step in
     ops) timeout 300 "$bd/tests/cuda/test_cuda_ops" --bench ;;
-    decbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-decode ;;
+    decbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-decode ${DECBENCH_SHAPES:-} ;;
+    ncu-decode) # Nsight Compute on one decode attention launch (DECBENCH_SHAPES, default 32:8192)
+      ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      timeout 300 "$ncu" ${NCU_ARGS:---section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section Occupancy --section SchedulerStats \
+        --section LaunchStats -k regex:decode_tc --launch-skip 1 --launch-count 1} \
+        "$bd/tests/cuda/test_cuda_ops" --bench-decode "${DECBENCH_SHAPES:-32:8192}" ;;
     specbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-qspec ;;
     prefbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-prefill ;;
     ctest) timeout 300 ctest --test-dir "$bd" -L cuda --output-on-failure ;;

@@ -6,9 +6,9 @@
  * synthetic-weight generator must match exactly, argmax index for index. A control checks that
  * the attention bound rejects a result computed with the wrong GQA mapping.
  * Exits 77 (skipped) without a GPU.
- * Usage: test_cuda_ops [--bench | --bench-decode | --bench-qspec | --bench-prefill]  (--bench
- * also times prefill attention, GEMM, decode and the query spectra; the others time one of
- * them, without the checks) */
+ * Usage: test_cuda_ops [--bench | --bench-decode [B:CTX,...] | --bench-qspec | --bench-prefill]
+ * (--bench also times prefill attention, GEMM, decode and the query spectra; the others time one
+ * of them, without the checks) */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1931,11 +1931,27 @@ static void bench_gemv(void)
 }
 
 /* The decode shapes of the serving workloads (tests/bench/serve_gpu.py) and two small ones. */
-static void bench_decodes(void)
+/* The decode attention at each B:CTX of `list` (comma-separated; NULL: the standard shapes). */
+static void bench_decodes(const char *list)
 {
     static const int64_t shapes[][2] = {{1, 8192}, {32, 4096}, {32, 8192}, {64, 1024}, {256, 1280}};
-    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
-        bench_decode(shapes[i][0], shapes[i][1]);
+    if (!list) {
+        for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+            bench_decode(shapes[i][0], shapes[i][1]);
+        }
+        return;
+    }
+    for (const char *p = list; *p;) {
+        char *end;
+        long long b = strtoll(p, &end, 10), ctx = 0;
+        if (*end == ':') {
+            ctx = strtoll(end + 1, &end, 10);
+        }
+        if (b <= 0 || ctx <= 0 || (*end && *end != ',')) {
+            die("--bench-decode expects B:CTX[,B:CTX...]");
+        }
+        bench_decode(b, ctx);
+        p = *end ? end + 1 : end;
     }
 }
 
@@ -1995,7 +2011,7 @@ static void bench(void)
     printf("# bench on %s\n", gpu->device_name);
     bench_gemv();
     bench_attns();
-    bench_decodes();
+    bench_decodes(NULL);
     bench_qspec(1024);
     bench_qspec(8192);
 }
@@ -2018,7 +2034,7 @@ int main(int argc, char **argv)
             die("cuda backend");
         }
         if (decode_only) {
-            bench_decodes();
+            bench_decodes(argc > 2 ? argv[2] : NULL);
         } else if (prefill_only) {
             printf("# bench on %s\n", gpu->device_name);
             bench_attns();
