@@ -680,7 +680,9 @@ out:
 }
 
 /* The (H, D, D) covariances of qcov into cov on the device, on stream st with handle blas;
- * dbl is the double workspace of the normalised rows. */
+ * dbl is the workspace of the normalised rows. With bf16 activations the rows are halves and
+ * the products run on the tensor cores with float32 sums (qcov.cu says why that is enough);
+ * with float32 ones (the checks against the CPU) doubles and DGEMMs. */
 static uc_status qcov_into(struct cuda_ctx *c, cudaStream_t st, cublasHandle_t blas,
                            struct dev_buf *dbl, double *cov, const void *q, int64_t ld, int64_t n,
                            int64_t n_heads, int64_t d)
@@ -692,37 +694,56 @@ static uc_status qcov_into(struct cuda_ctx *c, cudaStream_t st, cublasHandle_t b
         return UC_ERRF(UC_ERR_INVALID_ARG, "qcov rows=%lld", (long long)n);
     }
     /* Split K: a long prompt's rows go in `split` chunks of `chunk` (the last padded with zero
-     * rows), one strided-batched DGEMM over (head, chunk) pairs gives enough output tiles to
+     * rows), one strided-batched product over (head, chunk) pairs gives enough output tiles to
      * fill the GPU (one 128 x 128 product per head over 32K rows did not), and qcov_sum adds
      * each head's partial products in chunk order. */
+    const bool half = c->dt == UC_CUDA_BF16;
+    const int64_t xs = half ? 2 : (int64_t)sizeof(double), ps = half ? 4 : (int64_t)sizeof(double);
     int64_t split = n / QCOV_CHUNK_ROWS;
     split = split < 1 ? 1 : (split > 16 ? 16 : split);
     int64_t chunk = (n + split - 1) / split, n_pad = chunk * split;
-    int64_t per_head = (n_pad * d + split * d * d) * (int64_t)sizeof(double);
+    int64_t per_head = n_pad * d * xs + split * d * d * ps + d * (int64_t)sizeof(double);
     int64_t hb = (int64_t)QCOV_WS_BYTES / per_head;
     hb = hb < 1 ? 1 : (hb > n_heads ? n_heads : hb);
+    /* the rows (and the mean's parts before them), the partial products, the means */
+    size_t x_bytes = (size_t)(hb * n_pad * d * xs), p_bytes = (size_t)(hb * split * d * d * ps);
+    size_t mean_parts = (size_t)((n + 511) / 512 * hb * d) * sizeof(double); /* qcov.cu */
+    x_bytes = ((x_bytes > mean_parts ? x_bytes : mean_parts) + 255) / 256 * 256;
     uc_status rc;
-    UC_CHECK(buf_reserve_on(c, dbl,
-                            (size_t)(hb * n_pad * d + hb * d + hb * split * d * d) *
-                                sizeof(double),
-                            st),
-             rc, out);
-    double *xn = dbl->p, *mean = xn + hb * n_pad * d, *part = mean + hb * d;
-    const double alpha = 1.0 / (double)n, beta = 0.0;
+    UC_CHECK(buf_reserve_on(c, dbl, x_bytes + p_bytes + (size_t)(hb * d) * sizeof(double), st), rc,
+             out);
+    void *xn = dbl->p, *part = (char *)dbl->p + x_bytes;
+    double *mean = (double *)((char *)part + p_bytes);
     for (int64_t h0 = 0; h0 < n_heads; h0 += hb) {
         int64_t nb = n_heads - h0 < hb ? n_heads - h0 : hb;
-        UC_CHECK(CU(uc_cuda_qcov_normalize(xn, mean, q, ld, n, n_pad, h0, nb, d, c->dt, st)), rc,
-                 out);
-        /* column-major: chunk b of xn is A (D, chunk), C_b = A A^T */
-        double *dst = split == 1 ? cov + h0 * d * d : part;
-        UC_CHECK(BLAS(cublasDgemmStridedBatched(blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)d, (int)d,
-                                                (int)chunk, &alpha, xn, (int)d, chunk * d, xn,
-                                                (int)d, chunk * d, &beta, dst, (int)d, d * d,
-                                                (int)(nb * split))),
+        UC_CHECK(CU(uc_cuda_qcov_normalize(xn, mean, q, ld, n, n_pad, h0, nb, d, half, c->dt, st)),
                  rc, out);
-        if (split > 1) {
-            UC_CHECK(CU(uc_cuda_qcov_sum(cov + h0 * d * d, part, nb, split, d, st)), rc, out);
+        /* column-major: chunk b of xn is A (D, chunk), C_b = A A^T */
+        if (half) {
+            const float one = 1.0f, zero = 0.0f;
+            UC_CHECK(BLAS(cublasGemmStridedBatchedEx(
+                         blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)d, (int)d, (int)chunk, &one, xn,
+                         CUDA_R_16F, (int)d, chunk * d, xn, CUDA_R_16F, (int)d, chunk * d, &zero,
+                         part, CUDA_R_32F, (int)d, d * d, (int)(nb * split), CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT)),
+                     rc, out);
+        } else {
+            /* each partial scaled by 1 / n in the product, then summed (nothing to sum when
+             * split is 1) */
+            const double alpha = 1.0 / (double)n, zero = 0.0;
+            double *dst = split == 1 ? cov + h0 * d * d : part;
+            UC_CHECK(BLAS(cublasDgemmStridedBatched(blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)d, (int)d,
+                                                    (int)chunk, &alpha, xn, (int)d, chunk * d, xn,
+                                                    (int)d, chunk * d, &zero, dst, (int)d, d * d,
+                                                    (int)(nb * split))),
+                     rc, out);
+            if (split == 1) {
+                continue;
+            }
         }
+        UC_CHECK(CU(uc_cuda_qcov_sum(cov + h0 * d * d, part, nb, split, d, half,
+                                     half ? 1.0 / (double)n : 1.0, st)),
+                 rc, out);
     }
 out:
     return rc;

@@ -216,17 +216,17 @@ cudaError_t uc_cuda_attn_colsum(double *out, float *row_ml, const void *q, int64
                                 const void *k, int64_t ld_kv, int64_t n, int64_t n_heads,
                                 int64_t n_heads_kv, int64_t head_dim, enum uc_cuda_dtype dt,
                                 cudaStream_t stream);
-/* qcov, first half: for heads [h0, h0+hb) of q (n rows, ld), xn (hb, n_pad, D) doubles = each
- * row centred by the column means (over the n rows) and scaled to unit L2 norm (zero rows stay
- * zero; rows n .. n_pad - 1 are zeros). mean: workspace of hb * D doubles. The covariance is
- * then xn^T xn / n (DGEMM). */
-cudaError_t uc_cuda_qcov_normalize(double *xn, double *mean, const void *q, int64_t ld, int64_t n,
+/* qcov, first half: for heads [h0, h0+hb) of q (n rows, ld), xn (hb, n_pad, D) doubles (half:
+ * IEEE halves) = each row centred by the column means (over the n rows) and scaled to unit L2
+ * norm (zero rows stay zero; rows n .. n_pad - 1 are zeros). mean: workspace of hb * D doubles.
+ * The covariance is then xn^T xn / n (DGEMM, or a half product with float32 sums). */
+cudaError_t uc_cuda_qcov_normalize(void *xn, double *mean, const void *q, int64_t ld, int64_t n,
                                    int64_t n_pad, int64_t h0, int64_t hb, int64_t head_dim,
-                                   enum uc_cuda_dtype dt, cudaStream_t stream);
-/* cov (hb, D, D) = the sum over s < split of part (hb * split, D, D), in order of s: the split-K
- * partial covariances of qcov. */
-cudaError_t uc_cuda_qcov_sum(double *cov, const double *part, int64_t hb, int64_t split,
-                             int64_t head_dim, cudaStream_t stream);
+                                   int half, enum uc_cuda_dtype dt, cudaStream_t stream);
+/* cov (hb, D, D) = scale x the sum over s < split of part (hb * split, D, D; doubles, or floats
+ * with part_f32), in order of s: the split-K partial covariances of qcov. */
+cudaError_t uc_cuda_qcov_sum(double *cov, const void *part, int64_t hb, int64_t split,
+                             int64_t head_dim, int part_f32, double scale, cudaStream_t stream);
 /* Eigenvalues of n_mats symmetric (d, d) double matrices (mats, consecutive), descending and
  * clamped at 0, into eig (n_mats, d): Householder tridiagonalisation in shared memory, one block
  * per matrix, then multisection on Sturm counts, one warp per eigenvalue. The matrices are

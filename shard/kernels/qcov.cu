@@ -1,8 +1,13 @@
 /* qcov, normalisation half: per head, the column means over the n rows (double; parts of 512
  * rows summed over many blocks, then the parts in order), then each row centred and scaled to
- * unit L2 norm into a dense (hb, n_pad, D) double buffer (rows past n zero), from which the
- * backend forms C = Xn^T Xn / n with strided-batched DGEMMs over row chunks (split K) whose
- * partial products qcov_sum adds in order (UNCOMP.md section 1). */
+ * unit L2 norm into a dense (hb, n_pad, D) buffer (rows past n zero), from which the backend
+ * forms C = Xn^T Xn / n with strided-batched products over row chunks (split K) whose partial
+ * products qcov_sum adds in order (UNCOMP.md section 1). The buffer holds doubles for DGEMMs
+ * (float32 activations: the checks against the CPU), or IEEE halves for tensor-core products
+ * with float32 sums (bf16 activations: the rows have unit norm, so a half's 11 significant bits
+ * put the entropies within ~1e-6 of the double path's, far inside what bf16 queries move them). */
+#include <cuda_fp16.h>
+
 #include "common.cuh"
 
 #define QCOV_MEAN_ROWS 512 /* rows a block of the mean's first pass sums */
@@ -50,9 +55,15 @@ static __global__ void qcov_mean_finish_kernel(double *mean, const double *part,
     }
 }
 
+static __device__ __forceinline__ void qcov_store(double *p, double x) { *p = x; }
+static __device__ __forceinline__ void qcov_store(__half *p, double x)
+{
+    *p = __double2half(x);
+}
+
 /* Rows at or past n (up to n_pad, the padded rows per head) are written as zeros. */
-template <typename T>
-static __global__ void qcov_norm_kernel(double *xn, const double *mean, const T *q, int64_t ld,
+template <typename T, typename X>
+static __global__ void qcov_norm_kernel(X *xn, const double *mean, const T *q, int64_t ld,
                                         int64_t n, int64_t n_pad, int64_t h0, int d)
 {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -61,10 +72,10 @@ static __global__ void qcov_norm_kernel(double *xn, const double *mean, const T 
     if (i >= n_pad) {
         return;
     }
-    double *out = xn + ((int64_t)hh * n_pad + i) * d;
+    X *out = xn + ((int64_t)hh * n_pad + i) * d;
     if (i >= n) {
         for (int c = lane; c < d; c += 32) {
-            out[c] = 0.0;
+            qcov_store(out + c, 0.0);
         }
         return;
     }
@@ -79,59 +90,78 @@ static __global__ void qcov_norm_kernel(double *xn, const double *mean, const T 
     double nrm = sqrt(ss);
     for (int c = lane; c < d; c += 32) {
         double x = (double)uck_to_f(row[c]) - mu[c];
-        out[c] = nrm > 0.0 ? x / nrm : x;
+        qcov_store(out + c, nrm > 0.0 ? x / nrm : x);
     }
 }
 
 template <typename T>
-static void launch(double *xn, double *mean, const void *q, int64_t ld, int64_t n, int64_t n_pad,
-                   int64_t h0, int64_t hb, int64_t d, cudaStream_t stream)
+static void launch(void *xn, double *mean, const void *q, int64_t ld, int64_t n, int64_t n_pad,
+                   int64_t h0, int64_t hb, int64_t d, bool half, cudaStream_t stream)
 {
-    /* the parts live at the start of xn, which the normalisation overwrites afterwards */
+    /* the parts live at the start of xn, which the normalisation overwrites afterwards (a
+     * part's hb * D doubles per 512 rows fit in the rows' halves too) */
     const int parts = (int)((n + QCOV_MEAN_ROWS - 1) / QCOV_MEAN_ROWS);
+    double *part = static_cast<double *>(xn);
     dim3 g1((unsigned)hb, (unsigned)((d + 31) / 32), (unsigned)parts);
-    qcov_mean_kernel<T><<<g1, dim3(32, 8), 0, stream>>>(xn, (const T *)q, ld, n, h0, (int)hb,
+    qcov_mean_kernel<T><<<g1, dim3(32, 8), 0, stream>>>(part, (const T *)q, ld, n, h0, (int)hb,
                                                         (int)d);
-    qcov_mean_finish_kernel<<<(unsigned)hb, 128, 0, stream>>>(mean, xn, parts, (int)hb, (int)d,
+    qcov_mean_finish_kernel<<<(unsigned)hb, 128, 0, stream>>>(mean, part, parts, (int)hb, (int)d,
                                                               n);
     dim3 g2((unsigned)((n_pad + 7) / 8), (unsigned)hb);
-    qcov_norm_kernel<T><<<g2, 256, 0, stream>>>(xn, mean, (const T *)q, ld, n, n_pad, h0, (int)d);
+    if (half) {
+        qcov_norm_kernel<T, __half><<<g2, 256, 0, stream>>>(static_cast<__half *>(xn), mean,
+                                                             (const T *)q, ld, n, n_pad, h0,
+                                                             (int)d);
+    } else {
+        qcov_norm_kernel<T, double><<<g2, 256, 0, stream>>>(static_cast<double *>(xn), mean,
+                                                             (const T *)q, ld, n, n_pad, h0,
+                                                             (int)d);
+    }
 }
 
-/* cov[h] = sum over s < split of part[h * split + s], in that order. */
-static __global__ void qcov_sum_kernel(double *cov, const double *part, int split, int64_t dd)
+/* cov[h] = scale x the sum over s < split of part[h * split + s], in that order. */
+template <typename P>
+static __global__ void qcov_sum_kernel(double *cov, const P *part, int split, int64_t dd,
+                                       double scale)
 {
     const int64_t h = blockIdx.y;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < dd;
          e += (int64_t)gridDim.x * blockDim.x) {
         double t = 0.0;
         for (int s = 0; s < split; s++) {
-            t += part[(h * split + s) * dd + e];
+            t += (double)part[(h * split + s) * dd + e];
         }
-        cov[h * dd + e] = t;
+        cov[h * dd + e] = t * scale;
     }
 }
 
-extern "C" cudaError_t uc_cuda_qcov_sum(double *cov, const double *part, int64_t hb, int64_t split,
-                                        int64_t head_dim, cudaStream_t stream)
+extern "C" cudaError_t uc_cuda_qcov_sum(double *cov, const void *part, int64_t hb, int64_t split,
+                                        int64_t head_dim, int part_f32, double scale,
+                                        cudaStream_t stream)
 {
     if (hb <= 0 || split <= 0 || head_dim <= 0) {
         return cudaErrorInvalidValue;
     }
     int64_t dd = head_dim * head_dim;
     dim3 grid((unsigned)((dd + 255) / 256), (unsigned)hb);
-    qcov_sum_kernel<<<grid, 256, 0, stream>>>(cov, part, (int)split, dd);
+    if (part_f32) {
+        qcov_sum_kernel<float><<<grid, 256, 0, stream>>>(cov, static_cast<const float *>(part),
+                                                         (int)split, dd, scale);
+    } else {
+        qcov_sum_kernel<double><<<grid, 256, 0, stream>>>(cov, static_cast<const double *>(part),
+                                                          (int)split, dd, scale);
+    }
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t uc_cuda_qcov_normalize(double *xn, double *mean, const void *q, int64_t ld,
+extern "C" cudaError_t uc_cuda_qcov_normalize(void *xn, double *mean, const void *q, int64_t ld,
                                               int64_t n, int64_t n_pad, int64_t h0, int64_t hb,
-                                              int64_t head_dim, enum uc_cuda_dtype dt,
+                                              int64_t head_dim, int half, enum uc_cuda_dtype dt,
                                               cudaStream_t stream)
 {
     if (n <= 0 || n_pad < n || hb <= 0 || head_dim <= 0) {
         return cudaErrorInvalidValue;
     }
-    UCK_DISPATCH(dt, launch, xn, mean, q, ld, n, n_pad, h0, hb, head_dim, stream);
+    UCK_DISPATCH(dt, launch, xn, mean, q, ld, n, n_pad, h0, hb, head_dim, half != 0, stream);
     return cudaGetLastError();
 }
