@@ -219,6 +219,46 @@ static void check_mixed_batch(struct uc_engine *e, const int32_t *ids)
     }
 }
 
+/* A sequence with packed heads decoding alone right after a plain one: a decode step of the same
+ * batch size as the step before records its graph at once, and packed heads need workspaces
+ * (their mask, the packed rows' partials) the plain steps never grew. The recording must not
+ * allocate: it did on the GPU (the graph's alloc node made its next launch fail with
+ * cudaErrorInvalidValue, and the daemon died in the e2e suite). Two rounds: the second
+ * replays what the first recorded, and decodes the same logits bit for bit. */
+static void check_graph_switch(struct uc_engine *e, const int32_t *ids)
+{
+    int64_t v = cfg->vocab, rows;
+    struct uc_compress_params plain = tu_spec("snapkv", 64), think = tu_spec("snapkv+think", 64);
+    float *first = uc_malloc((size_t)(STEPS * v) * sizeof(float));
+    double worst = 0.0;
+    for (int round = 0; round < 2; round++) {
+        TU_CHECK(tu_prefill(e, 21, ids, PROMPT, 0, &plain, STEPS) == UC_OK &&
+                     tu_prefill(e, 22, ids, PROMPT, 0, &think, STEPS) == UC_OK,
+                 "graph switch: prefill");
+        for (int k = 0; k < STEPS; k++) {
+            TU_CHECK(tu_decode(e, 21, ids[30 + k]) == UC_OK, "graph switch: plain step %d", k);
+        }
+        for (int k = 0; k < STEPS; k++) {
+            TU_CHECK(tu_decode(e, 22, ids[30 + k]) == UC_OK, "graph switch: packed step %d", k);
+            const float *x = uc_engine_seq_logits(e, 22, &rows);
+            for (int64_t j = 0; x && j < v; j++) {
+                if (round == 0) {
+                    first[k * v + j] = x[j];
+                } else {
+                    double d = fabs((double)x[j] - first[k * v + j]);
+                    worst = d > worst ? d : worst;
+                }
+            }
+        }
+        tu_free(e, 21);
+        tu_free(e, 22);
+    }
+    printf("graph switch (packed heads after plain ones at batch 1): max difference between "
+           "the rounds %.3g\n", worst);
+    TU_CHECK(worst == 0.0, "graph switch: the replayed round differs by %.3g", worst);
+    uc_free(first);
+}
+
 /* Decode logits of STEPS teacher-forced tokens after a prompt; with `ref`, the dump for the
  * numpy reference (prompt, kept channels, logits). */
 static void decode_logits(struct uc_engine *e, const int32_t *ids, const char *policy,
@@ -289,6 +329,7 @@ int main(int argc, char **argv)
     int32_t ids[PROMPT];
     tu_hash_ids(ids, PROMPT);
     if (tp == 1) {
+        check_graph_switch(e, ids); /* first: no packed head has grown a workspace yet */
         check_memory(e, ids, "full", 64);
         check_memory(e, ids, "snapkv", 128);
         check_memory(e, ids, "uncomp", 128);
