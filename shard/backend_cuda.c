@@ -99,6 +99,7 @@ struct cuda_ctx {
     struct dev_buf lmask; /* int32 n_tokens with latent entries at 0 too (decode with LoRC heads) */
     struct dev_buf rows;  /* float partials of the packed and merged entries' split decode */
     uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
+    bool capturing;      /* between graph_begin and graph_end */
     /* the last RoPE positions: every layer of a prefill slice rotates at the same positions,
      * so they are uploaded once per slice, not once per layer (decode steps bring theirs in
      * the step's index arrays: rope_append) */
@@ -141,6 +142,12 @@ static uc_status buf_reserve_on(struct cuda_ctx *c, struct dev_buf *b, size_t by
 {
     if (bytes <= b->cap) {
         return UC_OK;
+    }
+    if (c->capturing) {
+        /* a graph must not allocate: its free and alloc nodes would make a second launch fail
+         * (cudaErrorInvalidValue). Refused quietly: the engine runs those ops directly, and
+         * that run grows the workspace for the next recording (decode.c) */
+        return UC_ERR_UNSUPPORTED;
     }
     size_t cap = b->cap + b->cap / 2;
     cap = cap > bytes ? cap : bytes;
@@ -1334,7 +1341,10 @@ out:
 
 static uc_status cuda_graph_begin(struct uc_backend *be)
 {
-    return CU(cudaStreamBeginCapture(ctx_of(be)->stream, cudaStreamCaptureModeThreadLocal));
+    struct cuda_ctx *c = ctx_of(be);
+    uc_status rc = CU(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
+    c->capturing = rc == UC_OK;
+    return rc;
 }
 
 static uc_status cuda_graph_end(struct uc_backend *be, void **out)
@@ -1343,6 +1353,7 @@ static uc_status cuda_graph_end(struct uc_backend *be, void **out)
     cudaGraph_t g = NULL;
     cudaGraphExec_t x = NULL;
     *out = NULL;
+    c->capturing = false;
     uc_status rc = CU(cudaStreamEndCapture(c->stream, &g));
     if (rc == UC_OK) {
         rc = CU(cudaGraphInstantiate(&x, g, 0));

@@ -386,12 +386,17 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     memset(g, 0, sizeof *g);
     for (int64_t p = 0; p * per < L; p++) {
         int64_t l1 = (p + 1) * per < L ? (p + 1) * per : L;
-        UC_CHECK(be->ops->graph_begin(be), rc, out);
-        uc_status rr = decode_layers(e, nb, p * per, l1, false);
-        rc = be->ops->graph_end(be, &g->exec[p]);
+        rc = be->ops->graph_begin(be);
+        uc_status rr = rc == UC_OK ? decode_layers(e, nb, p * per, l1, false) : rc;
+        if (rc == UC_OK) {
+            rc = be->ops->graph_end(be, &g->exec[p]);
+        }
         if (rr != UC_OK || rc != UC_OK) {
-            rc = rr != UC_OK ? rr : rc;
-            goto out;
+            /* this step cannot be recorded (a workspace must grow first: the backend allocates
+             * nothing while recording): parts before p ran from their graphs, the rest runs
+             * directly, which grows what it needs, and a later step records */
+            eng_graph_drop(e, g);
+            return decode_layers(e, nb, p * per, L, false);
         }
         UC_CHECK(be->ops->graph_launch(be, g->exec[p]), rc, out);
     }
