@@ -130,6 +130,10 @@ struct uc_backend_ops {
     /* Host float32 to activations (n elements). */
     uc_status (*upload_f32)(struct uc_backend *be, void *dst, const float *src, int64_t n);
     uc_status (*sync)(struct uc_backend *be);
+    /* (optional) dst[pos[i]] = val[i] for i < n: int32 words of backend memory at dst, from host
+     * arrays (a few words far apart, without uploading what lies between them). */
+    uc_status (*scatter_ints)(struct uc_backend *be, void *dst, const int32_t *pos,
+                              const int32_t *val, int64_t n);
     /* Bytes of one activation element. */
     size_t (*act_size)(struct uc_backend *be);
     /* Weight (rows, cols) from host float32, in the backend's weight format; *out owned by the

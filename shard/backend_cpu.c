@@ -74,6 +74,16 @@ static uc_status cpu_memcpy(struct uc_backend *be, void *dst, const void *src, s
     return UC_OK;
 }
 
+static uc_status cpu_scatter_ints(struct uc_backend *be, void *dst, const int32_t *pos,
+                                  const int32_t *val, int64_t n)
+{
+    int32_t *d = dst;
+    for (int64_t i = 0; i < n; i++) {
+        d[pos[i]] = val[i];
+    }
+    return UC_OK;
+}
+
 static uc_status cpu_download_f32(struct uc_backend *be, float *dst, const void *src, int64_t n)
 {
     return cpu_memcpy(be, dst, src, (size_t)n * sizeof(float));
@@ -1308,6 +1318,7 @@ static const struct uc_backend_ops cpu_ops = {
     .upload = cpu_memcpy,
     .download = cpu_memcpy,
     .copy = cpu_memcpy,
+    .scatter_ints = cpu_scatter_ints,
     .download_f32 = cpu_download_f32,
     .upload_f32 = cpu_upload_f32,
     .sync = cpu_sync,

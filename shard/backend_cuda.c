@@ -216,6 +216,20 @@ out:
     return rc;
 }
 
+static uc_status cuda_scatter_ints(struct uc_backend *be, void *dst, const int32_t *pos,
+                                   const int32_t *val, int64_t n)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (n <= 0) {
+        return UC_OK;
+    }
+    int32_t *dev[2];
+    const int32_t *parts[2] = {pos, val};
+    const int64_t counts[2] = {n, n};
+    uc_status rc = upload_idx(c, dev, parts, counts, 2);
+    return rc == UC_OK ? CU(uc_cuda_scatter_ints(dst, dev[0], dev[1], n, c->stream)) : rc;
+}
+
 /* Device to host and wait. */
 static uc_status download_sync(struct cuda_ctx *c, void *dst, const void *src, size_t bytes)
 {
@@ -1478,6 +1492,7 @@ static const struct uc_backend_ops cuda_ops = {
     .upload = cuda_upload,
     .download = cuda_download,
     .copy = cuda_copy,
+    .scatter_ints = cuda_scatter_ints,
     .download_f32 = cuda_download_f32,
     .upload_f32 = cuda_upload_f32,
     .sync = cuda_sync,

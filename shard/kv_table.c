@@ -1,6 +1,7 @@
 /* The decoding sequences' block tables in backend memory (kv_table.h). */
 #include "kv_table.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -21,6 +22,7 @@ void uc_kv_table_fini(struct uc_kv_table *t)
     }
     uc_free(t->host);
     uc_free(t->span);
+    uc_free(t->sc);
     memset(t, 0, sizeof *t);
 }
 
@@ -175,10 +177,49 @@ static int cmp_span(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-/* Uploads the n spans in t->span, nearby ones merged. */
+/* The n spans of t->span (sorted) as (position, value) pairs for the backend to scatter. */
+static uc_status scatter_spans(struct uc_kv_table *t, int64_t n, int64_t written)
+{
+    if (written > t->sc_cap) {
+        int32_t *sc = uc_realloc(t->sc, (size_t)(2 * written) * sizeof *sc);
+        if (!sc) {
+            return UC_ERRF(UC_ERR_NOMEM, "kv table scatter of %lld ints", (long long)written);
+        }
+        t->sc = sc;
+        t->sc_cap = written;
+    }
+    int32_t *pos = t->sc, *val = t->sc + written;
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t p = t->span[2 * i]; p < t->span[2 * i + 1]; p++, k++) {
+            pos[k] = (int32_t)p;
+            val[k] = t->host[p];
+        }
+    }
+    t->ints_uploaded += 2 * written;
+    t->n_uploads++;
+    return t->be->ops->scatter_ints(t->be, t->dev, pos, val, written);
+}
+
+/* Uploads the n spans in t->span: nearby ones merged into one copy, or scattered where the
+ * merged copies would carry more than twice the pairs (a copy costing merge_gap ints more). */
 static uc_status upload_spans(struct uc_kv_table *t, int64_t n)
 {
     qsort(t->span, (size_t)n, 2 * sizeof(int64_t), cmp_span);
+    int64_t written = 0, merged = 0, copies = 0;
+    for (int64_t i = 0; i < n;) {
+        int64_t lo = t->span[2 * i], hi = t->span[2 * i + 1];
+        for (written += hi - lo, i++; i < n && t->span[2 * i] <= hi + t->merge_gap; i++) {
+            written += t->span[2 * i + 1] - t->span[2 * i];
+            hi = t->span[2 * i + 1] > hi ? t->span[2 * i + 1] : hi;
+        }
+        merged += hi - lo;
+        copies++;
+    }
+    if (t->be->ops->scatter_ints && written > 0 && written <= INT32_MAX &&
+        2 * written + 2 * t->merge_gap < merged + copies * t->merge_gap) {
+        return scatter_spans(t, n, written);
+    }
     for (int64_t i = 0; i < n;) {
         int64_t lo = t->span[2 * i], hi = t->span[2 * i + 1];
         for (i++; i < n && t->span[2 * i] <= hi + t->merge_gap; i++) {

@@ -12,7 +12,10 @@
  * When the arena has no room left for the regions to write, it is compacted: every sequence of
  * the sync is laid out again from the start (in an arena grown to twice what they need, if it
  * must grow), and the regions of sequences not in the sync are forgotten (they are laid out
- * again when they next decode). Uploads go in few copies (nearby spans merged). */
+ * again when they next decode). Uploads go in few copies (nearby spans merged), or, when what
+ * changed is a few words far apart (every head appending a block at once, as a batch of
+ * sequences crossing a block boundary together does), as (position, value) pairs the backend
+ * scatters, where merged copies would carry the whole arena between them. */
 #ifndef UC_SHARD_KV_TABLE_H
 #define UC_SHARD_KV_TABLE_H
 
@@ -65,6 +68,8 @@ struct uc_kv_table {
     int64_t *span;    /* (2 x span_cap) scratch: [lo, hi) of what a sync wrote */
     int64_t span_cap;
     int64_t merge_gap; /* spans this close (ints) go up in one copy (UC_KV_TABLE_MERGE_GAP) */
+    int32_t *sc;      /* (2 x sc_cap) scratch: positions, then values, of a scattered sync */
+    int64_t sc_cap;
     /* totals, for tests and logs */
     int64_t n_syncs, n_compactions, ints_uploaded, n_uploads;
 };

@@ -216,6 +216,9 @@ cudaError_t uc_cuda_attn_colsum(double *out, float *row_ml, const void *q, int64
                                 const void *k, int64_t ld_kv, int64_t n, int64_t n_heads,
                                 int64_t n_heads_kv, int64_t head_dim, enum uc_cuda_dtype dt,
                                 cudaStream_t stream);
+/* dst[pos[i]] = val[i] for i < n (int32; pos and val in device memory). */
+cudaError_t uc_cuda_scatter_ints(int32_t *dst, const int32_t *pos, const int32_t *val, int64_t n,
+                                 cudaStream_t stream);
 /* qcov, first half: for heads [h0, h0+hb) of q (n rows, ld), xn (hb, n_pad, D) doubles (half:
  * IEEE halves) = each row centred by the column means (over the n rows) and scaled to unit L2
  * norm (zero rows stay zero; rows n .. n_pad - 1 are zeros). mean: workspace of hb * D doubles.

@@ -275,11 +275,45 @@ static void test_appends_upload_new_ids(void **state)
     assert_int_equal(f->t.n_compactions, 1); /* the first sync only */
 }
 
+/* A batch crossing block boundaries together: each head appends one id, far from the others
+ * (a region holds a head's room; here merge_gap is smaller than that distance, as the default
+ * is against an 8B model's regions). Merged copies would carry the arena between the ids, or
+ * one copy per id: the sync scatters (position, value) pairs in one upload instead. */
+static void test_appends_scatter(void **state)
+{
+    struct fixture *f = *state;
+    f->t.merge_gap = 8;
+    int batch[16];
+    for (int i = 0; i < 16; i++) {
+        seq_new(f, i, 4 * (10 + i), false, false);
+        batch[i] = i;
+    }
+    sync_and_check(f, batch, 16);
+    for (int step = 0; step < 8; step++) {
+        int64_t held = 0, now = 0;
+        for (int i = 0; i < 16; i++) {
+            held += uc_kv_seq_blocks(&f->s[i].kv);
+        }
+        append_all(f, batch, 16);
+        for (int i = 0; i < 16; i++) {
+            now += uc_kv_seq_blocks(&f->s[i].kv);
+        }
+        int64_t ints = f->t.ints_uploaded, copies = f->t.n_uploads;
+        sync_and_check(f, batch, 16);
+        if (now > held) { /* heads at a block boundary appended an id each */
+            assert_true(now - held >= 16);
+            assert_int_equal(f->t.n_uploads - copies, 1);
+            assert_int_equal(f->t.ints_uploaded - ints, 2 * (now - held));
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_random_steps, setup, teardown),
         cmocka_unit_test_setup_teardown(test_appends_upload_new_ids, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_appends_scatter, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
