@@ -37,26 +37,8 @@
 #define DEC_U 4         /* generic path: tokens each lane loads (K and V) before using any */
 #define DEC_PAGES 256   /* generic path: block ids staged per window */
 #define DEC_TILE 64     /* tensor-core path: tokens per shared-memory tile */
-/* tensor-core path: tiles in flight (stages) and the blocks per SM the plan counts on (also
- * the generic path's); UC_CUDA_DECODE_STAGES=2|3|4 picks one for A/B timings, 3 by default */
-struct dec_shape {
-    int stages, resident;
-};
-static const struct dec_shape dec_shapes[] = {{3, 2}, {2, 3}, {4, 1}};
-
-static int dec_shape_index(void)
-{
-    static int idx = -1;
-    if (idx < 0) {
-        const char *v = getenv("UC_CUDA_DECODE_STAGES");
-        int want = v ? atoi(v) : 3, found = 0;
-        for (int i = 0; i < (int)(sizeof dec_shapes / sizeof dec_shapes[0]); i++) {
-            found = dec_shapes[i].stages == want ? i : found;
-        }
-        idx = found;
-    }
-    return idx;
-}
+#define DEC_STAGES 3    /* tensor-core path: tiles in flight */
+#define DEC_RESIDENT 2  /* blocks per SM the plan counts on */
 /* ranges per (entry, tile): the merge keeps DEC_GT x splits weights in shared memory */
 #define DEC_MAX_SPLITS 256
 
@@ -230,7 +212,7 @@ static __device__ __forceinline__ void dec_load_tile(uc_bf16_t *sk, uc_bf16_t *s
     }
 }
 
-template <int D, int DEC_STAGES, int DEC_RESIDENT>
+template <int D>
 static __global__ void __launch_bounds__(DEC_THREADS, DEC_RESIDENT)
     decode_tc_kernel(const uc_bf16_t *q, int64_t ld_q, const uc_bf16_t *pk, const uc_bf16_t *pv,
                      int bt, const int32_t *n_tokens, const int32_t *offset,
@@ -570,8 +552,7 @@ extern "C" void uc_cuda_attn_decode_plan(struct uc_cuda_decode_plan *plan, int64
     int64_t g_tiles = ceil_div(group, DEC_GT);
     int64_t mt = max_tokens > 0 ? max_tokens : 1;
     /* one wave of resident blocks when the rows alone do not fill the GPU */
-    int64_t want = ceil_div(dec_shapes[dec_shape_index()].resident * (int64_t)(n_sms > 0 ? n_sms : 132),
-                            entries * g_tiles);
+    int64_t want = ceil_div(DEC_RESIDENT * (int64_t)(n_sms > 0 ? n_sms : 132), entries * g_tiles);
     int64_t splits, chunk;
     want = want < DEC_MAX_SPLITS ? want : DEC_MAX_SPLITS;
     if (max_tokens <= 0) { /* dynamic: ranges sized in the kernel from each entry's length */
@@ -597,7 +578,7 @@ extern "C" void uc_cuda_attn_decode_plan(struct uc_cuda_decode_plan *plan, int64
 
 /* The tensor-core path for bf16 rows of D = 64, 128 or 256; false where it does not apply (or
  * UC_CUDA_DECODE_TC=0 turns it off, for A/B timings against the generic path). */
-template <int D, int STAGES, int RESIDENT>
+template <int D>
 static void dec_tc_go(dim3 grid, cudaStream_t stream, const void *q, int64_t ld_q, const void *pk,
                       const void *pv, int64_t bt, const int32_t *n_tokens, const int32_t *offset,
                       const int32_t *blocks, int64_t hkv, int64_t group,
@@ -605,14 +586,14 @@ static void dec_tc_go(dim3 grid, cudaStream_t stream, const void *q, int64_t ld_
                       float *part_ml, float *scores, int64_t mt, void *out, float *fin_ml,
                       int32_t *counters)
 {
-    const size_t smem = (size_t)2 * STAGES * DEC_TILE * D * sizeof(uc_bf16_t);
-    static bool smem_set = false; /* the opt-in above 48 KiB, once per kernel */
+    const size_t smem = (size_t)2 * DEC_STAGES * DEC_TILE * D * sizeof(uc_bf16_t);
+    static bool smem_set = false; /* the opt-in above 48 KiB, once per head size */
     if (!smem_set) {
-        (void)cudaFuncSetAttribute(decode_tc_kernel<D, STAGES, RESIDENT>,
+        (void)cudaFuncSetAttribute(decode_tc_kernel<D>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         smem_set = true;
     }
-    uck_launch(decode_tc_kernel<D, STAGES, RESIDENT>, grid, dim3(DEC_THREADS), smem, stream,
+    uck_launch(decode_tc_kernel<D>, grid, dim3(DEC_THREADS), smem, stream,
                static_cast<const uc_bf16_t *>(q), ld_q, static_cast<const uc_bf16_t *>(pk),
                static_cast<const uc_bf16_t *>(pv), (int)bt, n_tokens, offset, blocks, (int)hkv,
                (int)group, plan->chunk, plan->n_splits, scale, part_o, part_ml, scores, mt,
@@ -637,29 +618,15 @@ static bool dec_tc_launch(int64_t d, dim3 grid, cudaStream_t stream, const void 
     }
     switch (d) {
     case 64:
-        dec_tc_go<64, 3, 2>(grid, stream, q, ld_q, pk, pv, bt, n_tokens, offset, blocks, hkv, group,
+        dec_tc_go<64>(grid, stream, q, ld_q, pk, pv, bt, n_tokens, offset, blocks, hkv, group,
                       plan, scale, part_o, part_ml, scores, mt, out, fm, counters);
         return true;
     case 128:
-        switch (dec_shape_index()) {
-        case 1:
-            dec_tc_go<128, 2, 3>(grid, stream, q, ld_q, pk, pv, bt, n_tokens, offset, blocks, hkv,
-                                 group, plan, scale, part_o, part_ml, scores, mt, out, fm,
-                                 counters);
-            break;
-        case 2:
-            dec_tc_go<128, 4, 1>(grid, stream, q, ld_q, pk, pv, bt, n_tokens, offset, blocks, hkv,
-                                 group, plan, scale, part_o, part_ml, scores, mt, out, fm,
-                                 counters);
-            break;
-        default:
-            dec_tc_go<128, 3, 2>(grid, stream, q, ld_q, pk, pv, bt, n_tokens, offset, blocks, hkv,
-                                 group, plan, scale, part_o, part_ml, scores, mt, out, fm,
-                                 counters);
-        }
+        dec_tc_go<128>(grid, stream, q, ld_q, pk, pv, bt, n_tokens, offset, blocks, hkv, group,
+                       plan, scale, part_o, part_ml, scores, mt, out, fm, counters);
         return true;
     case 256:
-        dec_tc_go<256, 3, 2>(grid, stream, q, ld_q, pk, pv, bt, n_tokens, offset, blocks, hkv, group,
+        dec_tc_go<256>(grid, stream, q, ld_q, pk, pv, bt, n_tokens, offset, blocks, hkv, group,
                        plan, scale, part_o, part_ml, scores, mt, out, fm, counters);
         return true;
     default:
