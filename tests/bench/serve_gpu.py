@@ -393,7 +393,7 @@ class Daemon:
         if args.step_trace:
             self.trace = os.path.join(args.tmp, "steps-%s-%d.jsonl" % (pool, batch))
             self.cmd += ["--step-trace", self.trace]
-        self.cmd += shlex.split(args.daemon_args)
+        self.cmd += shlex.split(args.daemon_args) + args.daemon_arg
         log("$ " + " ".join(shlex.quote(c) for c in self.cmd))
         self.logf = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=self.logf, stderr=subprocess.STDOUT,
@@ -481,6 +481,10 @@ def main():
                     help="more uncompd flags (the daemon's own defaults suit the GPU: 8192-row "
                     "products, 65536 row-layers of prefill per step); write "
                     "--daemon-args=--schedule=prefill-first, with '=', for flags")
+    ap.add_argument("--daemon-arg", action="append", default=[],
+                    help="one more uncompd argument (repeatable; for flags written with '=', "
+                    "e.g. --daemon-arg=--prefill-chunk=16384, where --daemon-args would need "
+                    "quoting)")
     ap.add_argument("--only", default="",
                     help="run only these settings, joined by ';' (e.g. policy=full)")
     ap.add_argument("--settings", default="",
@@ -535,7 +539,8 @@ def main():
     args.tmp = tempfile.mkdtemp(prefix="uncomp_serve_")
     t_all = time.time()
     log("# serve_gpu: shape %s, backend %s, workloads %s, daemon args %r" %
-        (args.shape, args.backend, ",".join(names), args.daemon_args))
+        (args.shape, args.backend, ",".join(names),
+         " ".join([args.daemon_args] + args.daemon_arg).strip()))
     write_model(args.model_dir, args.shape, log, args.shard_gib)
     eng = {"prefill": {}, "step_ms": {}, "b1_ms": None}
     if not args.no_bench_gpu:
@@ -640,7 +645,8 @@ def main():
         with open(os.path.join(out, "serve-%s.json" % "".join(names)), "w") as f:
             steps = {"%d:%d" % k: v for k, v in eng["step_ms"].items()}
             json.dump({"shape": args.shape, "backend": args.backend,
-                       "daemon_args": shlex.split(args.daemon_args), "workloads": wls,
+                       "daemon_args": shlex.split(args.daemon_args) + args.daemon_arg,
+                       "workloads": wls,
                        "engine": {"prefill": eng["prefill"], "b1_ms": eng["b1_ms"],
                                   "step_ms": steps},
                        "results": results}, f, indent=1)
