@@ -358,14 +358,15 @@ bool sched_round(struct uc_sched *s)
     }
     int32_t n_pf = plan_prefills(s, n_dec, req_prefill);
     bool work = n_new > 0 || n_dec > 0 || n_pf > 0 || s->n_frees > 0;
+    uc_status rc = UC_OK;
+    int64_t n_free = s->n_frees;
     if (work) {
         struct uc_step st = {.op = UC_STEP_RUN, .n_new = n_new, .news = news,
                              .n_free = (int32_t)s->n_frees, .frees = s->frees,
                              .n_prefill = n_pf, .prefills = s->step_pf, .n_decode = n_dec,
                              .decodes = dec};
-        int64_t n_free = s->n_frees;
         tt[1] = s->trace ? uc_time_s() : 0.0;
-        uc_status rc = uc_engine_step(s->e, &st);
+        rc = uc_engine_step(s->e, &st);
         tt[2] = s->trace ? uc_time_s() : 0.0;
         s->n_frees = 0;
         if (rc != UC_OK) {
@@ -401,15 +402,12 @@ bool sched_round(struct uc_sched *s)
             }
         }
         sched_fork_after_step(s);
-        if (s->trace) {
-            sched_publish(s);
-            tt[3] = uc_time_s();
-            trace_step(s, tt, n_dec + n_pf > 0 ? metrics_step_name(step_kind(n_dec, n_pf))
-                                               : "other",
-                       n_dec, n_pf, n_new, n_free, rc);
-            return work;
-        }
     }
     sched_publish(s);
+    if (s->trace && work) {
+        tt[3] = uc_time_s();
+        trace_step(s, tt, n_dec + n_pf > 0 ? metrics_step_name(step_kind(n_dec, n_pf)) : "other",
+                   n_dec, n_pf, n_new, n_free, rc);
+    }
     return work;
 }

@@ -201,8 +201,9 @@ static uc_status scatter_spans(struct uc_kv_table *t, int64_t n, int64_t written
     return t->be->ops->scatter_ints(t->be, t->dev, pos, val, written);
 }
 
-/* Uploads the n spans in t->span: nearby ones merged into one copy, or scattered where the
- * merged copies would carry more than twice the pairs (a copy costing merge_gap ints more). */
+/* Uploads the n spans in t->span: nearby ones merged into one copy each, or all as one scatter
+ * of (position, value) pairs where that moves fewer ints (counting a copy, or the scatter's
+ * upload and kernel, as merge_gap ints each). */
 static uc_status upload_spans(struct uc_kv_table *t, int64_t n)
 {
     qsort(t->span, (size_t)n, 2 * sizeof(int64_t), cmp_span);
