@@ -351,6 +351,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     int64_t L = e->cfg->n_layers;
     bool same_nb = e->last_nb == nb;
     e->last_nb = nb;
+    e->info.graph = 3;
     if (!be->ops->graph_begin || uc_comm_size(e->comm) != 1 || nb > DECODE_GRAPH_MAX_ROWS) {
         return decode_layers(e, nb, 0, L, false);
     }
@@ -370,6 +371,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     }
     uc_status rc = UC_OK;
     if (g) {
+        e->info.graph = 1;
         for (int64_t p = 0; rc == UC_OK && p * per < L; p++) {
             rc = be->ops->graph_launch(be, g->exec[p]);
         }
@@ -407,6 +409,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     g->merged = e->dm_merged;
     g->latent = e->dm_latent;
     g->epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
+    e->info.graph = 2;
 out:
     if (rc != UC_OK) {
         eng_graph_drop(e, g);
@@ -422,6 +425,8 @@ uc_status eng_decode_begin(struct uc_engine *e, const struct uc_step_decode *dec
 {
     struct seq **batch = e->batch;
     uc_status rc;
+    double t0 = uc_time_s();
+    int64_t ints0 = e->bt.ints_uploaded, free0 = e->kv.n_free;
     *any_evict = false;
     for (int64_t b = 0; b < nb; b++) {
         batch[b] = eng_find_seq(e, dec[b].seq_id);
@@ -442,8 +447,16 @@ uc_status eng_decode_begin(struct uc_engine *e, const struct uc_step_decode *dec
         e->dm_dev_cap = cap;
     }
     rc = e->be->ops->upload(e->be, e->dm_dev, e->dm_host, (size_t)n_ints * sizeof(int32_t));
+    e->info.decode_prep_ms = (uc_time_s() - t0) * 1e3;
+    e->info.blocks_taken = free0 - e->kv.n_free;
+    e->info.table_ints = e->bt.ints_uploaded - ints0;
 out:
     return rc;
+}
+
+void uc_engine_last_step_info(const struct uc_engine *e, struct uc_engine_step_info *out)
+{
+    *out = e->info;
 }
 
 /* The end of any step with decode rows: the next token's logits of rows [0, nb) of e->dx (or

@@ -216,6 +216,7 @@ struct uc_engine {
     int64_t n_pend, pend_cap;
     bool pipe_ends; /* pipelining on (UC_PIPELINE_ENDS=0: off) */
     int64_t n_pipelined; /* ends finished that way, since creation */
+    struct uc_engine_step_info info; /* the last step's (uc_engine_last_step_info) */
     struct uc_buf wire;
     /* KVSharer calibration: each layer's K|V sums over the windows, (L, ks_tokens, 2 Hkv_local D),
      * and the squared distances of their means, (L, L) summed over ranks */

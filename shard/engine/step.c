@@ -180,6 +180,7 @@ static uc_status run_step(struct uc_engine *e, const struct uc_step *s)
         return UC_ERRF(UC_ERR_NOMEM, "step: could not allocate new sequences on every rank");
     }
     /* decode rows alone keep their recorded graphs; prompts to prefill make it a sweep */
+    memset(&e->info, 0, sizeof e->info);
     rc = s->n_prefill > 0 ? eng_sweep_run(e, s) : eng_decode_run(e, s->decodes, s->n_decode);
 out:
     if (rc != UC_OK && rc != UC_ERR_INVALID_ARG) {
