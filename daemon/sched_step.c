@@ -308,7 +308,9 @@ static void trace_step(struct uc_sched *s, const double t[4], const char *kind, 
     double last = s->trace_last_end > 0 ? s->trace_last_end : t[0];
     struct uc_engine_step_info in;
     uc_engine_last_step_info(s->e, &in);
-    static const char *const graph[] = {"none", "replayed", "recorded", "direct"};
+    static const char *const graph[UC_STEP_GRAPH_MODES] = {
+        [UC_STEP_GRAPH_NONE] = "none", [UC_STEP_GRAPH_REPLAYED] = "replayed",
+        [UC_STEP_GRAPH_RECORDED] = "recorded", [UC_STEP_GRAPH_DIRECT] = "direct"};
     fprintf(s->trace,
             "{\"t\":%.3f,\"kind\":\"%s\",\"decode\":%d,\"prefill\":%d,\"prefill_row_layers\":%lld,"
             "\"new\":%d,\"free\":%lld,\"idle_ms\":%.3f,\"plan_ms\":%.3f,\"engine_ms\":%.3f,"
@@ -317,7 +319,7 @@ static void trace_step(struct uc_sched *s, const double t[4], const char *kind, 
             (t[0] - s->trace_t0) * 1e3, kind, n_dec, n_pf, (long long)rows, n_new,
             (long long)n_free, (t[0] - last) * 1e3, (t[1] - t[0]) * 1e3, (t[2] - t[1]) * 1e3,
             (t[3] - t[2]) * 1e3, in.decode_prep_ms, (long long)in.blocks_taken,
-            (long long)in.table_ints, graph[in.graph >= 0 && in.graph < 4 ? in.graph : 0],
+            (long long)in.table_ints, graph[(unsigned)in.graph < UC_STEP_GRAPH_MODES ? in.graph : 0],
             rc == UC_OK ? "true" : "false");
     fflush(s->trace);
     s->trace_last_end = t[3];

@@ -728,7 +728,9 @@ static uc_status qcov_into(struct cuda_ctx *c, cudaStream_t st, cublasHandle_t b
     hb = hb < 1 ? 1 : (hb > n_heads ? n_heads : hb);
     /* the rows (and the mean's parts before them), the partial products, the means */
     size_t x_bytes = (size_t)(hb * n_pad * d * xs), p_bytes = (size_t)(hb * split * d * d * ps);
-    size_t mean_parts = (size_t)((n + 511) / 512 * hb * d) * sizeof(double); /* qcov.cu */
+    size_t mean_parts = (size_t)((n + UC_CUDA_QCOV_MEAN_ROWS - 1) / UC_CUDA_QCOV_MEAN_ROWS * hb *
+                                 d) *
+                        sizeof(double);
     x_bytes = ((x_bytes > mean_parts ? x_bytes : mean_parts) + 255) / 256 * 256;
     uc_status rc;
     UC_CHECK(buf_reserve_on(c, dbl, x_bytes + p_bytes + (size_t)(hb * d) * sizeof(double), st), rc,

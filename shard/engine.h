@@ -212,14 +212,22 @@ int64_t uc_engine_background_rows(const struct uc_engine *e, int64_t seq_id, int
 /* Layer ends this rank has finished after the next pass (pipelined: the host chose kept
  * tokens while the device ran on), since the engine was created. */
 int64_t uc_engine_pipelined_ends(const struct uc_engine *e);
+/* How a decode-only step ran its layers. */
+enum uc_step_graph {
+    UC_STEP_GRAPH_NONE = 0,     /* not a decode-only step, or one that evicts */
+    UC_STEP_GRAPH_REPLAYED = 1, /* from recorded graphs */
+    UC_STEP_GRAPH_RECORDED = 2, /* recorded, then launched */
+    UC_STEP_GRAPH_DIRECT = 3,   /* directly (no graphs here, or the recording could not be made) */
+    UC_STEP_GRAPH_MODES = 4,
+};
+
 /* Where the last step's decode rows went, for step traces (rank 0, engine thread). */
 struct uc_engine_step_info {
     double decode_prep_ms;   /* host time before the decode rows' first layer: blocks taken,
                                 block tables synced, index arrays built and uploaded */
     int64_t blocks_taken;    /* KV blocks the decode rows' heads took */
     int64_t table_ints;      /* ints of block tables uploaded (a scatter counts 2 per id) */
-    int32_t graph;           /* decode-only steps: 0 none (not graphable or mixed), 1 replayed,
-                                2 recorded, 3 run directly */
+    enum uc_step_graph graph;
 };
 void uc_engine_last_step_info(const struct uc_engine *e, struct uc_engine_step_info *out);
 /* With UC_SEQ_HIDDEN, on rank 0 after the prefill: the last layer's output rows (n_rows, C),

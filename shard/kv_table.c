@@ -201,31 +201,37 @@ static uc_status scatter_spans(struct uc_kv_table *t, int64_t n, int64_t written
     return t->be->ops->scatter_ints(t->be, t->dev, pos, val, written);
 }
 
+/* The merged span starting at span *i: [*lo, *hi) covers every span that begins within
+ * merge_gap of the one before; *i moves past them and *written adds their lengths. */
+static void merged_span(const struct uc_kv_table *t, int64_t n, int64_t *i, int64_t *lo,
+                        int64_t *hi, int64_t *written)
+{
+    *lo = t->span[2 * *i];
+    *hi = t->span[2 * *i + 1];
+    *written += *hi - *lo;
+    for ((*i)++; *i < n && t->span[2 * *i] <= *hi + t->merge_gap; (*i)++) {
+        *written += t->span[2 * *i + 1] - t->span[2 * *i];
+        *hi = t->span[2 * *i + 1] > *hi ? t->span[2 * *i + 1] : *hi;
+    }
+}
+
 /* Uploads the n spans in t->span: nearby ones merged into one copy each, or all as one scatter
  * of (position, value) pairs where that moves fewer ints (counting a copy, or the scatter's
  * upload and kernel, as merge_gap ints each). */
 static uc_status upload_spans(struct uc_kv_table *t, int64_t n)
 {
     qsort(t->span, (size_t)n, 2 * sizeof(int64_t), cmp_span);
-    int64_t written = 0, merged = 0, copies = 0;
-    for (int64_t i = 0; i < n;) {
-        int64_t lo = t->span[2 * i], hi = t->span[2 * i + 1];
-        for (written += hi - lo, i++; i < n && t->span[2 * i] <= hi + t->merge_gap; i++) {
-            written += t->span[2 * i + 1] - t->span[2 * i];
-            hi = t->span[2 * i + 1] > hi ? t->span[2 * i + 1] : hi;
-        }
+    int64_t written = 0, merged = 0, copies = 0, lo, hi;
+    for (int64_t i = 0; i < n; copies++) {
+        merged_span(t, n, &i, &lo, &hi, &written);
         merged += hi - lo;
-        copies++;
     }
     if (t->be->ops->scatter_ints && written > 0 && written <= INT32_MAX &&
         2 * written + 2 * t->merge_gap < merged + copies * t->merge_gap) {
         return scatter_spans(t, n, written);
     }
-    for (int64_t i = 0; i < n;) {
-        int64_t lo = t->span[2 * i], hi = t->span[2 * i + 1];
-        for (i++; i < n && t->span[2 * i] <= hi + t->merge_gap; i++) {
-            hi = t->span[2 * i + 1] > hi ? t->span[2 * i + 1] : hi;
-        }
+    for (int64_t i = 0, ignored = 0; i < n;) {
+        merged_span(t, n, &i, &lo, &hi, &ignored);
         uc_status rc = t->be->ops->upload(t->be, (int32_t *)t->dev + lo, t->host + lo,
                                           (size_t)(hi - lo) * sizeof(int32_t));
         if (rc != UC_OK) {

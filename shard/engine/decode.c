@@ -351,7 +351,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     int64_t L = e->cfg->n_layers;
     bool same_nb = e->last_nb == nb;
     e->last_nb = nb;
-    e->info.graph = 3;
+    e->info.graph = UC_STEP_GRAPH_DIRECT;
     if (!be->ops->graph_begin || uc_comm_size(e->comm) != 1 || nb > DECODE_GRAPH_MAX_ROWS) {
         return decode_layers(e, nb, 0, L, false);
     }
@@ -371,7 +371,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     }
     uc_status rc = UC_OK;
     if (g) {
-        e->info.graph = 1;
+        e->info.graph = UC_STEP_GRAPH_REPLAYED;
         for (int64_t p = 0; rc == UC_OK && p * per < L; p++) {
             rc = be->ops->graph_launch(be, g->exec[p]);
         }
@@ -409,7 +409,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     g->merged = e->dm_merged;
     g->latent = e->dm_latent;
     g->epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
-    e->info.graph = 2;
+    e->info.graph = UC_STEP_GRAPH_RECORDED;
 out:
     if (rc != UC_OK) {
         eng_graph_drop(e, g);

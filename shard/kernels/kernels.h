@@ -219,6 +219,9 @@ cudaError_t uc_cuda_attn_colsum(double *out, float *row_ml, const void *q, int64
 /* dst[pos[i]] = val[i] for i < n (int32; pos and val in device memory). */
 cudaError_t uc_cuda_scatter_ints(int32_t *dst, const int32_t *pos, const int32_t *val, int64_t n,
                                  cudaStream_t stream);
+/* Rows a block of qcov's mean pass sums: its parts (hb * D doubles per this many rows) sit at
+ * the start of the xn buffer before the normalised rows overwrite them. */
+#define UC_CUDA_QCOV_MEAN_ROWS 512
 /* qcov, first half: for heads [h0, h0+hb) of q (n rows, ld), xn (hb, n_pad, D) doubles (half:
  * IEEE halves) = each row centred by the column means (over the n rows) and scaled to unit L2
  * norm (zero rows stay zero; rows n .. n_pad - 1 are zeros). mean: workspace of hb * D doubles.

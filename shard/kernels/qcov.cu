@@ -10,7 +10,6 @@
 
 #include "common.cuh"
 
-#define QCOV_MEAN_ROWS 512 /* rows a block of the mean's first pass sums */
 
 /* Mean, first pass: block (head, 32 columns, row part r) sums its part's rows (8 row lanes,
  * then the lanes in order) into part[(r * hb + hh) * d + c]. */
@@ -21,8 +20,8 @@ static __global__ void qcov_mean_kernel(double *part, const T *q, int64_t ld, in
     __shared__ double red[8][32];
     const int hh = blockIdx.x, r = blockIdx.z;
     const int c = blockIdx.y * 32 + threadIdx.x;
-    const int64_t i0 = (int64_t)r * QCOV_MEAN_ROWS;
-    const int64_t i1 = i0 + QCOV_MEAN_ROWS < n ? i0 + QCOV_MEAN_ROWS : n;
+    const int64_t i0 = (int64_t)r * UC_CUDA_QCOV_MEAN_ROWS;
+    const int64_t i1 = i0 + UC_CUDA_QCOV_MEAN_ROWS < n ? i0 + UC_CUDA_QCOV_MEAN_ROWS : n;
     double s = 0.0;
     if (c < d) {
         const T *base = q + (h0 + hh) * d + c;
@@ -100,7 +99,7 @@ static void launch(void *xn, double *mean, const void *q, int64_t ld, int64_t n,
 {
     /* the parts live at the start of xn, which the normalisation overwrites afterwards (a
      * part's hb * D doubles per 512 rows fit in the rows' halves too) */
-    const int parts = (int)((n + QCOV_MEAN_ROWS - 1) / QCOV_MEAN_ROWS);
+    const int parts = (int)((n + UC_CUDA_QCOV_MEAN_ROWS - 1) / UC_CUDA_QCOV_MEAN_ROWS);
     double *part = static_cast<double *>(xn);
     dim3 g1((unsigned)hb, (unsigned)((d + 31) / 32), (unsigned)parts);
     qcov_mean_kernel<T><<<g1, dim3(32, 8), 0, stream>>>(part, (const T *)q, ld, n, h0, (int)hb,
