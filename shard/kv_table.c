@@ -91,10 +91,13 @@ static uc_status region_write(struct uc_kv_table *t, const struct uc_kv_table_se
     return UC_OK;
 }
 
-/* Adds [lo, hi) to the sync's spans, joined to the last one when the gap is at most merge_gap. */
+/* Adds [lo, hi) to the sync's spans, joined to the last one when it starts where that one
+ * ends. Spans a gap apart stay apart: upload_spans merges them for copies, but counts only
+ * what was written when it weighs a scatter (joining them here made a batch crossing a block
+ * boundary look like a whole-arena write, and upload 21 MB where 64 KB had changed). */
 static bool span_add(struct uc_kv_table *t, int64_t *n, int64_t lo, int64_t hi)
 {
-    if (*n > 0 && lo >= t->span[2 * *n - 1] && lo - t->span[2 * *n - 1] <= t->merge_gap) {
+    if (*n > 0 && lo == t->span[2 * *n - 1]) {
         t->span[2 * *n - 1] = hi;
         return true;
     }
@@ -220,7 +223,13 @@ static void merged_span(const struct uc_kv_table *t, int64_t n, int64_t *i, int6
  * upload and kernel, as merge_gap ints each). */
 static uc_status upload_spans(struct uc_kv_table *t, int64_t n)
 {
-    qsort(t->span, (size_t)n, 2 * sizeof(int64_t), cmp_span);
+    bool sorted = true; /* the usual case: regions and their heads are laid out in order */
+    for (int64_t i = 1; i < n && sorted; i++) {
+        sorted = t->span[2 * i] >= t->span[2 * i - 1];
+    }
+    if (!sorted) {
+        qsort(t->span, (size_t)n, 2 * sizeof(int64_t), cmp_span);
+    }
     int64_t written = 0, merged = 0, copies = 0, lo, hi;
     for (int64_t i = 0; i < n; copies++) {
         merged_span(t, n, &i, &lo, &hi, &written);

@@ -279,13 +279,13 @@ static void test_appends_upload_new_ids(void **state)
  * (a region holds a head's room; here merge_gap is smaller than that distance, as the default
  * is against an 8B model's regions). Merged copies would carry the arena between the ids, or
  * one copy per id: the sync scatters (position, value) pairs in one upload instead. */
-static void test_appends_scatter(void **state)
+/* Steps of appends by 16 sequences of about n0 tokens: each step whose heads took blocks
+ * uploads their new ids as one scatter of (position, value) pairs. */
+static void check_appends_scatter(struct fixture *f, int64_t n0)
 {
-    struct fixture *f = *state;
-    f->t.merge_gap = 8;
     int batch[16];
     for (int i = 0; i < 16; i++) {
-        seq_new(f, i, 4 * (10 + i), false, false);
+        seq_new(f, i, n0 + 4 * i, false, false);
         batch[i] = i;
     }
     sync_and_check(f, batch, 16);
@@ -308,12 +308,31 @@ static void test_appends_scatter(void **state)
     }
 }
 
+static void test_appends_scatter(void **state)
+{
+    struct fixture *f = *state;
+    f->t.merge_gap = 8;
+    check_appends_scatter(f, 40);
+}
+
+/* The same with the default merge gap, which is wider than the room between two heads' new
+ * ids: their spans must stay apart until the upload weighs copies against a scatter (they were
+ * joined as they were added, so a batch crossing a block boundary uploaded the whole arena
+ * between its first and last new id). */
+static void test_boundary_scatter_default_gap(void **state)
+{
+    struct fixture *f = *state;
+    assert_int_equal(f->t.merge_gap, UC_KV_TABLE_MERGE_GAP);
+    check_appends_scatter(f, 4 * 300);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_random_steps, setup, teardown),
         cmocka_unit_test_setup_teardown(test_appends_upload_new_ids, setup, teardown),
         cmocka_unit_test_setup_teardown(test_appends_scatter, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_boundary_scatter_default_gap, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
