@@ -48,6 +48,10 @@ Daemon flags go through --daemon-args in its '=' form when they start with '--',
 --daemon-args=--schedule=prefill-first (prefill-only steps while prompts prefill; README,
 "Scheduling") or --daemon-args="--schedule prefill-first --max-decode-wait-ms 200"; they are
 recorded in the JSON (daemon_args).
+On a GPU, nvidia-smi samples the clocks, power and temperature all along (tests/bench/gpu_monitor.py,
+raw samples in $OUT/gpu-monitor.txt), and bench_gpu's run and each workload are followed by a
+`gpu` line: the SM clock's median and spread, power, and the limits (power cap, heat) the
+driver reported, so a sustained load can be compared with the short benchmark behind its floor.
 With --step-trace the daemon writes a JSON line per engine step (uncompd --step-trace) and each
 workload's table is followed by tests/bench/step_trace.py's summary of its steps (where the wall
 time went, decode step times by batch, the prefill rate of prefill-only steps); the traces are
@@ -73,6 +77,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_trace  # noqa: E402
+from gpu_monitor import GpuMonitor  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -543,7 +548,10 @@ def main():
          " ".join([args.daemon_args] + args.daemon_arg).strip()))
     write_model(args.model_dir, args.shape, log, args.shard_gib)
     eng = {"prefill": {}, "step_ms": {}, "b1_ms": None}
+    mon = GpuMonitor(os.path.join(out or args.tmp, "gpu-monitor.txt")) \
+        if args.backend == "cuda" else None
     if not args.no_bench_gpu:
+        t_eng = time.time()
         try:
             if args.budget_s:
                 args.bench_gpu_timeout = min(args.bench_gpu_timeout,
@@ -551,6 +559,8 @@ def main():
             eng = run_bench_gpu(args, sh, wls, log)
         except subprocess.TimeoutExpired:
             log("bench_gpu timed out after %d s: no floors" % args.bench_gpu_timeout)
+        if mon:
+            log("bench_gpu's " + mon.summary(t_eng, time.time()))
     results, rc = {}, 0
     d, d_key = None, None
     try:
@@ -596,7 +606,10 @@ def main():
                     log("time budget: %.0f s left; each setting sends requests for at most "
                         "%.0f s" % (left, cap))
                 trace_from = d.trace_lines()
+                t_bench = time.time()
                 j = bench(d, w, args.seed, timeout, cap)
+                if mon:
+                    log("workload %s's %s" % (name, mon.summary(t_bench, time.time())))
             except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
                 log("workload %s FAILED: %s" % (name, e))
                 if d is not None:
@@ -639,6 +652,8 @@ def main():
     finally:
         if d is not None:
             log("uncompd stopped: exit %s" % d.stop(log))
+        if mon:
+            mon.stop()
     rc = max(rc, targets(results, eng, log, args.shape))
     log("\n# serve_gpu done in %.1f s" % (time.time() - t_all))
     if out:

@@ -31,6 +31,9 @@
 # holds, aggregate decode tokens/s there; METHODS_ARGS replaces the --methods list),
 # serve (tests/bench/serve_gpu.sh; serve:a,b picks workloads, SERVE_ARGS adds options).
 # A step written VAR=VALUE:STEP runs with that variable set (e.g. UC_CUDA_PDL=0:gpu-quick).
+# GPU_MONITOR=1 (in the environment) samples the SM clock, power, temperature and the driver's
+# limits (power cap, heat) with nvidia-smi during each step and prints their summary after it
+# (tests/bench/gpu_monitor.py): whether a long step ran at the clocks a short one did.
 # UC_DEPS_ROOT moves the unpacked tree (a dry run on a build machine: keep it out of .deps).
 # Usage: tests/cuda/device_check.sh BUILD_DIR STEP...
 set -u -o pipefail
@@ -132,6 +135,13 @@ rc=0
 for step in "$@"; do
   echo "=== step $step"
   t0=$(date +%s.%N)
+  mon=
+  if [ -n "${GPU_MONITOR:-}" ]; then
+    nvidia-smi -i 0 --format=csv,noheader,nounits -lms 200 \
+      --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+      > "$bd.gpumon" 2> /dev/null &
+    mon=$!
+  fi
   # a step named VAR=VALUE:STEP runs STEP with that variable set (kernel variant knobs)
   envset=()
   if [[ $step == *=*:* ]]; then
@@ -244,6 +254,10 @@ for step in "$@"; do
   esac
   )
   r=$?
+  if [ -n "$mon" ]; then
+    kill "$mon" 2> /dev/null; wait "$mon" 2> /dev/null
+    python3 "$root/tests/bench/gpu_monitor.py" "$bd.gpumon"
+  fi
   echo "=== step $step rc=$r wall=$(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $t0}") s"
   [ $r -ne 0 ] && rc=$r
 done
