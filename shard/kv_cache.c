@@ -84,10 +84,11 @@ static uc_status table_reserve(struct uc_kv_head *h, int64_t n)
     if (n <= h->cap_blocks) {
         return UC_OK;
     }
-    int64_t cap = h->cap_blocks ? h->cap_blocks : 4;
-    while (cap < n) {
-        cap *= 2;
-    }
+    /* room beyond n: a prompt's table is reserved whole, and doubling from a power of two
+     * left a power-of-two prompt (8192 tokens = 512 blocks) with no room, so every head of a
+     * batch reallocated its table at the first decode step */
+    int64_t cap = 2 * (int64_t)h->cap_blocks;
+    cap = cap > n + n / 4 + 4 ? cap : n + n / 4 + 4;
     int32_t *b = uc_realloc(h->blocks, (size_t)cap * sizeof *b);
     if (!b) {
         return UC_ERRF(UC_ERR_NOMEM, "kv block table blocks=%lld", (long long)cap);

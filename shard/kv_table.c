@@ -52,9 +52,9 @@ static int64_t region_size(const struct uc_kv_table_seq *s)
     return n;
 }
 
-/* Writes s's whole region at t->used into the mirror; its span is [lo, hi). */
-static uc_status region_write(struct uc_kv_table *t, const struct uc_kv_table_seq *s,
-                              int64_t *lo, int64_t *hi)
+/* Writes s's whole region into the mirror from `at` on (region_size(s) ints). Sequences write
+ * their regions in parallel, each its own part of the mirror. */
+static uc_status region_write(struct uc_kv_table *t, const struct uc_kv_table_seq *s, int64_t at)
 {
     struct uc_kv_table_region *r = s->r;
     int64_t nh = s->kv->n_layers * s->kv->n_heads_kv;
@@ -66,7 +66,6 @@ static uc_status region_write(struct uc_kv_table *t, const struct uc_kv_table_se
         r->heads = h;
         r->n_heads = nh;
     }
-    *lo = t->used;
     for (int64_t i = 0; i < nh; i++) {
         const struct uc_kv_head *h = &s->kv->heads[i];
         struct uc_kv_table_head *a = &r->heads[i];
@@ -74,7 +73,7 @@ static uc_status region_write(struct uc_kv_table *t, const struct uc_kv_table_se
             memset(a, 0, sizeof *a);
             continue;
         }
-        a->off = (int32_t)t->used;
+        a->off = (int32_t)at;
         a->cap = (int32_t)room_for(h->n_blocks);
         a->n_up = h->n_blocks;
         a->rewrites = h->rewrites;
@@ -84,9 +83,8 @@ static uc_status region_write(struct uc_kv_table *t, const struct uc_kv_table_se
         if (h->kdim > 0) {
             memcpy(t->host + a->off + a->cap, h->chan, (size_t)h->kdim * sizeof(int32_t));
         }
-        t->used += a->cap + h->kdim;
+        at += a->cap + h->kdim;
     }
-    *hi = t->used;
     r->epoch = t->epoch;
     return UC_OK;
 }
@@ -252,54 +250,70 @@ static uc_status upload_spans(struct uc_kv_table *t, int64_t n)
     return UC_OK;
 }
 
+/* What a sync does with one of its sequences. */
+struct sync_seq {
+    bool whole;   /* its region is written whole (else its appended ids were) */
+    int64_t at;   /* where, when whole */
+    int64_t size; /* region_size, when whole */
+    uc_status rc;
+};
+
 uc_status uc_kv_table_sync(struct uc_kv_table *t, const struct uc_kv_table_seq *seqs, int64_t n)
 {
     t->n_syncs++;
-    bool *whole = uc_malloc((size_t)(n > 0 ? n : 1) * sizeof *whole);
-    if (!whole) {
+    struct sync_seq *q = uc_calloc((size_t)(n > 0 ? n : 1), sizeof *q);
+    if (!q) {
         return UC_ERRF(UC_ERR_NOMEM, "kv table sync of %lld", (long long)n);
     }
     /* appended ids where a region is current; the size of what must be written whole */
     uc_status rc = UC_OK;
     int64_t n_span = 0, fresh = 0;
     for (int64_t i = 0; i < n && rc == UC_OK; i++) {
-        whole[i] = !region_append(t, &seqs[i], &n_span, &rc);
-        fresh += whole[i] ? region_size(&seqs[i]) : 0;
+        q[i].whole = !region_append(t, &seqs[i], &n_span, &rc);
+        q[i].size = q[i].whole ? region_size(&seqs[i]) : 0;
+        fresh += q[i].size;
     }
     if (rc != UC_OK) {
         goto out;
     }
     if (t->used + fresh > t->cap) {
         /* compaction: everything of this sync is written again from the start */
-        int64_t all = 0;
+        fresh = 0;
         for (int64_t i = 0; i < n; i++) {
-            all += region_size(&seqs[i]);
-            whole[i] = true;
+            q[i].whole = true;
+            q[i].size = region_size(&seqs[i]);
+            fresh += q[i].size;
         }
         t->epoch++;
         t->used = 0;
         t->n_compactions++;
         n_span = 0;
-        if (all > t->cap) {
-            rc = arena_grow(t, 2 * all);
+        if (fresh > t->cap) {
+            rc = arena_grow(t, 2 * fresh);
             if (rc != UC_OK) {
                 goto out;
             }
         }
     }
+    /* regions in sequence order, written in parallel (a batch of new 8K sequences writes 21 MB) */
+    for (int64_t i = 0; i < n; i++) {
+        q[i].at = t->used;
+        t->used += q[i].size;
+    }
+#pragma omp parallel for schedule(dynamic) if (fresh >= (1 << 18))
+    for (int64_t i = 0; i < n; i++) {
+        q[i].rc = q[i].whole ? region_write(t, &seqs[i], q[i].at) : UC_OK;
+    }
     for (int64_t i = 0; i < n && rc == UC_OK; i++) {
-        if (whole[i]) {
-            int64_t lo = 0, hi = 0;
-            rc = region_write(t, &seqs[i], &lo, &hi);
-            if (rc == UC_OK && hi > lo && !span_add(t, &n_span, lo, hi)) {
-                rc = UC_ERRF(UC_ERR_NOMEM, "kv table spans");
-            }
+        rc = q[i].rc;
+        if (rc == UC_OK && q[i].size > 0 && !span_add(t, &n_span, q[i].at, q[i].at + q[i].size)) {
+            rc = UC_ERRF(UC_ERR_NOMEM, "kv table spans");
         }
     }
     if (rc == UC_OK) {
         rc = upload_spans(t, n_span);
     }
 out:
-    uc_free(whole);
+    uc_free(q);
     return rc;
 }

@@ -196,9 +196,10 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
         return UC_ERRF(UC_ERR_NOMEM, "decode block table list");
     }
     /* at batch 256 the batch has 65K heads: they are looked at in parallel, and only the few
-     * that need a block take one (from the pool, in order). From 64 heads on, so the tests'
-     * small batches run the parallel loops too (a parallel region costs microseconds). */
-    bool big = ent * L >= 64;
+     * that need a block take one (from the pool, in order). Small batches stay on this thread:
+     * the daemon's OpenMP threads sleep between steps (OMP_WAIT_POLICY=PASSIVE), and waking
+     * them twice cost more than the loops (e->par_min_heads). */
+    bool big = ent * L >= e->par_min_heads;
 #pragma omp parallel for schedule(static) reduction(|| : packed, latent) if (big)
     for (int64_t b = 0; b < nb; b++) {
         e->dm_need[b] = seq_needs_block(e, batch[b], &packed, &latent);

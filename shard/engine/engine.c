@@ -189,6 +189,8 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
                                                                     : e->cfg->max_ctx;
     const char *pipe = getenv("UC_PIPELINE_ENDS"); /* 0: every layer end whole, for comparison */
     e->pipe_ends = !(pipe && strcmp(pipe, "0") == 0);
+    const char *pmin = getenv("UC_PARALLEL_MIN_HEADS");
+    e->par_min_heads = pmin && atoll(pmin) > 0 ? atoll(pmin) : ENG_PARALLEL_MIN_HEADS;
     int64_t rows = e->p.max_batch + e->p.prefill_chunk; /* a sweep pass: decode rows + slices */
     UC_CHECK(uc_model_ws_init(e->m, &e->ws, rows, e->p.max_batch), rc, out);
     size_t a = act_size(e);

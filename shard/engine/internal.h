@@ -129,6 +129,7 @@ struct seq {
 #define DECODE_GRAPH_SLOTS 4
 #define DECODE_GRAPH_LAYERS 4     /* layers per part (more where a model would need too many) */
 #define DECODE_GRAPH_MAX_PARTS 64
+#define ENG_PARALLEL_MIN_HEADS 4096 /* e->par_min_heads: batch 16 of an 8B model (32 x 8 heads) */
 struct decode_graph {
     void *exec[DECODE_GRAPH_MAX_PARTS];
     int64_t nb;
@@ -215,6 +216,10 @@ struct uc_engine {
     struct seq **pend;
     int64_t n_pend, pend_cap;
     bool pipe_ends; /* pipelining on (UC_PIPELINE_ENDS=0: off) */
+    /* a decode step's host loops over the batch's heads run on the OpenMP threads from this
+     * many (sequences x layers x local KV heads) on; below it waking them costs more than the
+     * loops (UC_PARALLEL_MIN_HEADS; the tests set 64 so their small batches take both paths) */
+    int64_t par_min_heads;
     int64_t n_pipelined; /* ends finished that way, since creation */
     struct uc_engine_step_info info; /* the last step's (uc_engine_last_step_info) */
     struct uc_buf wire;

@@ -390,15 +390,40 @@ static void test_allocation_failures(void **state)
     uc_mem_fail_after(0);
     assert_int_equal(h->n_blocks, 0);
     assert_int_equal(uc_kv_used_blocks(kv), 0);
-    assert_int_equal(uc_kv_head_reserve(kv, h, 4 * BT), UC_OK); /* table of 4 */
+    assert_int_equal(uc_kv_head_reserve(kv, h, BT), UC_OK);
+    int64_t cap = h->cap_blocks; /* a table with room for a few more */
+    assert_true(cap > 1 && cap < NB);
+    assert_int_equal(uc_kv_head_reserve(kv, h, cap * BT), UC_OK);
     uc_mem_fail_after(1);
-    assert_int_equal(uc_kv_head_reserve(kv, h, 5 * BT), UC_ERR_NOMEM); /* grows to 8 */
+    assert_int_equal(uc_kv_head_reserve(kv, h, (cap + 1) * BT), UC_ERR_NOMEM); /* grows */
     uc_mem_fail_after(0);
-    assert_int_equal(h->n_blocks, 4);
-    assert_int_equal(uc_kv_used_blocks(kv), 4);
+    assert_int_equal(h->n_blocks, cap);
+    assert_int_equal(uc_kv_used_blocks(kv), cap);
     uc_kv_seq_fini(kv, &s);
     assert_int_equal(uc_kv_used_blocks(kv), 0);
     assert_int_equal(uc_mem_blocks_in_use(), before);
+}
+
+/* A head reserved for a whole prompt has room in its table for the decode that follows: a
+ * prompt of a power-of-two number of blocks (8192 tokens at 16 a block) left none, and the
+ * first decode step of a batch reallocated every head's table (8,192 tables at batch 32). */
+static void test_table_room_after_prompt(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache kv;
+    assert_int_equal(uc_kv_cache_init(&kv, f->kv.be, 128, BT, HD), UC_OK);
+    struct uc_kv_seq s;
+    assert_int_equal(uc_kv_seq_init(&s, 1, 1), UC_OK);
+    struct uc_kv_head *h = uc_kv_seq_head(&s, 0, 0);
+    assert_int_equal(uc_kv_head_reserve(&kv, h, 64 * BT), UC_OK);
+    const int32_t *table = h->blocks;
+    assert_true(h->cap_blocks >= 64 + 64 / 4);
+    for (int64_t n = 64 * BT + 1; n <= 80 * BT; n++) {
+        assert_int_equal(uc_kv_head_reserve(&kv, h, n), UC_OK);
+    }
+    assert_ptr_equal(h->blocks, table); /* no reallocation on the way */
+    uc_kv_seq_fini(&kv, &s);
+    uc_kv_cache_fini(&kv);
 }
 
 /* Copies the blocks uc_kv_head_fork listed, as the engine does after forking every head. */
@@ -740,6 +765,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_head_remove, setup, teardown),
         cmocka_unit_test_setup_teardown(test_freed_blocks_reused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_allocation_failures, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_table_room_after_prompt, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fork_shares_full_blocks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fork_full_head_and_kv_full, setup, teardown),
         cmocka_unit_test_setup_teardown(test_remove_unshares, setup, teardown),
