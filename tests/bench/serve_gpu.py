@@ -610,6 +610,15 @@ def main():
                 j = bench(d, w, args.seed, timeout, cap)
                 if mon:
                     log("workload %s's %s" % (name, mon.summary(t_bench, time.time())))
+                # the daemon's own view: inter-token gaps as the scheduler emitted the tokens
+                # (its last 10,000, every setting so far), beside what the client received
+                r = d.ctl("info", "requests", timeout=30)
+                lat = dict(x.split(":", 1) for x in r.stdout.split() if x.startswith(
+                    ("inter_token_ms_p", "inter_token_count")) and ":" in x)
+                if lat:
+                    log("daemon-side inter-token gaps (last 10,000 of %s): p50 %s, p90 %s, "
+                        "p99 %s ms" % (lat.get("inter_token_count"), lat.get("inter_token_ms_p50"),
+                                       lat.get("inter_token_ms_p90"), lat.get("inter_token_ms_p99")))
             except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
                 log("workload %s FAILED: %s" % (name, e))
                 if d is not None:
