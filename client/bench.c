@@ -298,6 +298,7 @@ struct bench_cfg {
     int warmup;
     int rounds;                  /* the settings run in turn this many times */
     bool progress;
+    FILE *token_times;           /* --token-times: every chunk's arrival, for latency studies */
     /* --http: the OpenAI-compatible front */
     const char *http_url;
     char http_host[256];
@@ -363,6 +364,9 @@ static const char usage_bench[] =
     "                          --http http://127.0.0.1:8000 --compare front=grpc front=http\n"
     "Output:\n"
     "      --no-progress       no progress bar\n"
+    "      --token-times FILE  write every streamed chunk's arrival as a line 'SETTING REQUEST\n"
+    "                          TOKENS SECONDS' (seconds from the run's start), to study what\n"
+    "                          the latency percentiles summarise\n"
     "  -j, --json              one JSON object: the configuration and one entry per run\n"
     "\n"
     "Exit: 0 the runs completed (failed requests are reported, not fatal); 1 every request of\n"
@@ -532,6 +536,9 @@ static void cfg_fini(struct bench_cfg *cfg)
     }
     uc_free(cfg->texts);
     uc_free(cfg->file_data);
+    if (cfg->token_times) {
+        fclose(cfg->token_times);
+    }
     uc_free(cfg->eos);
     for (int i = 0; i < cfg->n_settings; i++) {
         setting_fini(&cfg->settings[i]);
@@ -556,6 +563,13 @@ struct rec {
 
 struct run;
 
+/* One chunk's arrival (--token-times). */
+struct arrival {
+    int64_t request;
+    uint32_t tokens;
+    double t;
+};
+
 struct worker {
     struct run *run;
     struct uc_client *client;    /* gRPC settings */
@@ -566,6 +580,8 @@ struct worker {
     size_t n_recs, cap_recs;
     double *itl;                 /* inter-token latencies, ms */
     size_t n_itl, cap_itl;
+    struct arrival *arr;         /* --token-times: each chunk (kept in memory while it runs) */
+    size_t n_arr, cap_arr;
     uint32_t *ids;               /* synthetic prompt buffer */
     bool oom;
 };
@@ -624,6 +640,7 @@ static void make_prompt(const struct bench_cfg *cfg, struct worker *w, int64_t i
 
 struct track {
     struct worker *w;
+    int64_t idx; /* the request's index (-1: a warm-up) */
     double t0;
     double t_prev;
     double ttft_ms;
@@ -650,6 +667,20 @@ static int track_chunk(const struct uc_chunk *ch, void *user)
     struct track *t = user;
     if (ch->n_token_ids == 0) {
         return 0;
+    }
+    struct worker *w = t->w;
+    if (w->run->cfg->token_times && t->idx >= 0) {
+        if (w->n_arr == w->cap_arr) {
+            size_t cap = w->cap_arr ? w->cap_arr * 2 : 1024;
+            struct arrival *q = uc_realloc(w->arr, cap * sizeof *q);
+            if (!q) {
+                w->oom = true;
+                return 1;
+            }
+            w->arr = q;
+            w->cap_arr = cap;
+        }
+        w->arr[w->n_arr++] = (struct arrival){t->idx, (uint32_t)ch->n_token_ids, ch->arrival_s};
     }
     if (t->tokens == 0) {
         t->ttft_ms = (ch->arrival_s - t->t0) * 1e3;
@@ -710,7 +741,7 @@ static void one_request_grpc(struct worker *w, const struct bench_cfg *cfg,
     if (set) {
         p.compression = set->comp;
     }
-    struct track t = {.w = w, .t0 = uc_time_s()};
+    struct track t = {.w = w, .idx = rec ? idx : -1, .t0 = uc_time_s()};
     struct uc_completion comp;
     struct uc_client_error err;
     uc_status rc = uc_client_generate_stream(w->client, &p, track_chunk, &t, &comp, &err);
@@ -901,7 +932,7 @@ static void one_request_http(struct worker *w, const struct bench_cfg *cfg,
     struct uc_generate_params p = uc_generate_default_params();
     make_prompt(cfg, w, idx, &p);
     http_body(&w->body, cfg, set, &p, idx);
-    struct http_track h = {.t = {.w = w, .t0 = uc_time_s()}};
+    struct http_track h = {.t = {.w = w, .idx = rec ? idx : -1, .t0 = uc_time_s()}};
     int status = 0;
     char msg[512];
     uc_status rc = w->body.oom ? UC_ERR_NOMEM
@@ -1125,6 +1156,14 @@ static int run_load(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
     if (bar) {
         draw_progress(r, true);
     }
+    /* --token-times: one line per chunk, "setting request tokens seconds-since-start" */
+    for (int i = 0; cfg->token_times && i < r->n_workers; i++) {
+        const struct worker *w = &r->workers[i];
+        for (size_t k = 0; k < w->n_arr; k++) {
+            fprintf(cfg->token_times, "%s %" PRId64 " %u %.6f\n", set && set->label ? set->label : "-",
+                    w->arr[k].request, w->arr[k].tokens, w->arr[k].t - r->t0);
+        }
+    }
     for (int i = 0; i < r->n_workers; i++) {
         if (r->workers[i].oom) {
             fprintf(stderr, "uncompctl: bench: out of memory\n");
@@ -1143,6 +1182,7 @@ static void run_fini(struct run *r)
         uc_buf_fini(&w->body);
         uc_free(w->recs);
         uc_free(w->itl);
+        uc_free(w->arr);
         uc_free(w->ids);
     }
     uc_free(r->workers);
@@ -1590,6 +1630,7 @@ enum {
     B_NO_PROGRESS,
     B_HTTP,
     B_ROUNDS,
+    B_TOKEN_TIMES,
 };
 
 static uint64_t bench_u64(const char *opt, const char *v, uint64_t max)
@@ -1638,6 +1679,7 @@ int uc_bench_main(const struct uc_ctl *ctl_in, int argc, char **argv)
         {"no-progress", no_argument, NULL, B_NO_PROGRESS},
         {"http", required_argument, NULL, B_HTTP},
         {"rounds", required_argument, NULL, B_ROUNDS},
+        {"token-times", required_argument, NULL, B_TOKEN_TIMES},
         {NULL, 0, NULL, 0},
     };
     struct uc_ctl ctl = *ctl_in;
@@ -1751,6 +1793,15 @@ int uc_bench_main(const struct uc_ctl *ctl_in, int argc, char **argv)
         }
         case B_NO_PROGRESS:
             cfg.progress = false;
+            break;
+        case B_TOKEN_TIMES:
+            if (cfg.token_times) {
+                fclose(cfg.token_times);
+            }
+            cfg.token_times = fopen(optarg, "w");
+            if (!cfg.token_times) {
+                bench_usage_error("--token-times: cannot write '%s': %s", optarg, strerror(errno));
+            }
             break;
         case B_HTTP: {
             char prefix[256];

@@ -171,6 +171,7 @@ def t_usage(ctl):
         ["bench", "--http", "127.0.0.1:1"],
         ["bench", "--rounds", "0"],
         ["bench", "--rounds", "17"],
+        ["bench", "--token-times", "/nonexistent/dir/times.txt"],
     ]
     for argv in bad:
         r = ctl.run(*argv, expect=EXIT_USAGE)
@@ -507,6 +508,23 @@ def t_bench(ctl):
     check(j["runs"][0]["kv_kept_ratio"] == 1, str(j["runs"][0]))
     check(j["runs"][1]["kv_kept_ratio"] < 1, str(j["runs"][1]))
     check(all(x["completed"] == 3 for x in j["runs"]), str(j))
+    # every streamed chunk's arrival, per setting and request (warm-ups left out)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "times.txt")
+        j = ctl.run("bench", "--json", "-c", "2", "-n", "3", "-m", "4", "--prompt-tokens", "24",
+                    "--warmup", "1", "--token-times", path, "--compare", "policy=full",
+                    "policy=snapkv,kv_budget=16", timeout=120).json()
+        with open(path) as f:
+            rows = [line.split() for line in f]
+        for setting in ("policy=full", "policy=snapkv,kv_budget=16"):
+            mine = [x for x in rows if x[0] == setting]
+            check(sorted({int(x[1]) for x in mine}) == [0, 1, 2], str(mine))
+            check(sum(int(x[2]) for x in mine) == 3 * 4, str(mine))
+            for req in range(3):  # in order of arrival, within the run
+                t = [float(x[3]) for x in mine if int(x[1]) == req]
+                check(t == sorted(t) and t[0] > 0, str(mine))
+        check(len(rows) == sum(len([x for x in rows if x[0] == r["setting"]]) for r in j["runs"]),
+              str(rows))
     r = ctl.run("bench", "-n", "2", "-m", "2", "--prompt-tokens", "16", "--compare",
                 "policy=full", "policy=streamingllm,kv_budget=8", timeout=120)
     header = r.out.splitlines()[2]
