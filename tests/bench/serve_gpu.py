@@ -54,8 +54,10 @@ raw samples in $OUT/gpu-monitor.txt), and bench_gpu's run and each workload are 
 driver reported, so a sustained load can be compared with the short benchmark behind its floor.
 With --step-trace the daemon writes a JSON line per engine step (uncompd --step-trace) and each
 workload's table is followed by tests/bench/step_trace.py's summary of its steps (where the wall
-time went, decode step times by batch, the prefill rate of prefill-only steps); the traces are
-copied to $OUT.
+time went, decode step times by batch, the prefill rate of prefill-only steps), and by
+tests/bench/token_times.py's of the client's inter-token gaps (`uncompctl bench --token-times`:
+which gaps are streams' first ones, and whether the late tokens came in moments of most streams
+at once or one stream at a time); the traces and token times are copied to $OUT.
 Everything printed also goes to $OUT/serve.log when OUT is set (and --log FILE); the numbers to
 $OUT/serve-<workloads>.json. With --budget-s the run ends in time: requests are sent for a share
 of the time left (the table's `done` column then shows fewer than asked; floors count those).
@@ -77,6 +79,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_trace  # noqa: E402
+import token_times  # noqa: E402
 from gpu_monitor import GpuMonitor  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -451,9 +454,11 @@ class Daemon:
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def bench(d, w, seed, timeout, duration_s=None):
+def bench(d, w, seed, timeout, duration_s=None, times=None):
     a = ["bench", "--json", "--no-progress", "-c", w["c"], "-n", w["n"], "-m", w["out"],
          "--prompt-tokens", w["prompt"], "--seed", seed, "--warmup", w["warmup"]]
+    if times:  # every chunk's arrival (token_times.py)
+        a += ["--token-times", times]
     if duration_s:  # no new request after this many seconds (those in flight finish)
         a += ["--duration", "%.0f" % duration_s]
     if len(w["settings"]) > 1:
@@ -607,7 +612,8 @@ def main():
                         "%.0f s" % (left, cap))
                 trace_from = d.trace_lines()
                 t_bench = time.time()
-                j = bench(d, w, args.seed, timeout, cap)
+                times = os.path.join(args.tmp, "tokens-%s.txt" % name) if d.trace else None
+                j = bench(d, w, args.seed, timeout, cap, times)
                 if mon:
                     log("workload %s's %s" % (name, mon.summary(t_bench, time.time())))
                 # the daemon's own view: inter-token gaps as the scheduler emitted the tokens
@@ -657,6 +663,10 @@ def main():
                 log("step trace of workload %s (every setting, in order):" % name)
                 log("\n".join(step_trace.summary(step_trace.load(d.trace, trace_from),
                                                  sh["layers"])))
+                # the client's gaps beside it: over b's target bound when workload a ran
+                single = (results.get("a") or {}).get("runs", [{}])[0].get("itl_ms", {}).get("p50")
+                log("client-side gaps of workload %s (uncompctl bench --token-times):" % name)
+                log("\n".join(token_times.summary(times, 4 * single if single else None)))
             log("workload %s: wall %.1f s" % (name, time.time() - t0))
     finally:
         if d is not None:
@@ -676,7 +686,7 @@ def main():
                        "results": results}, f, indent=1)
     if out:
         for f in os.listdir(args.tmp):
-            if f.startswith("steps-"):
+            if f.startswith(("steps-", "tokens-")):
                 shutil.copy(os.path.join(args.tmp, f), out)
     shutil.rmtree(args.tmp, ignore_errors=True)
     return rc
