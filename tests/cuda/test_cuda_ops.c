@@ -431,6 +431,54 @@ static void test_rows(void)
     uc_free(z);
 }
 
+/* scatter_ints (the block tables' sparse updates, shard/kv_table.c): an arena of int32s, n
+ * (position, value) pairs written into it; both backends' arenas must be equal int for int,
+ * and untouched ints keep their values. */
+static void test_scatter_ints(int64_t cap, int64_t n)
+{
+    int32_t *arena = uc_malloc((size_t)cap * sizeof(int32_t));
+    int32_t *pos = uc_malloc((size_t)n * sizeof(int32_t)), *val = uc_malloc((size_t)n * 4);
+    int32_t *a = uc_malloc((size_t)cap * 4), *b = uc_malloc((size_t)cap * 4);
+    if (!arena || !pos || !val || !a || !b) {
+        die("host alloc");
+    }
+    for (int64_t i = 0; i < cap; i++) {
+        arena[i] = (int32_t)(i * 7 + 3);
+    }
+    for (int64_t i = 0; i < n; i++) { /* every 648th int from 5 on, as heads appending one id */
+        pos[i] = (int32_t)((5 + i * 648) % cap);
+        val[i] = (int32_t)(1000000 + i);
+    }
+    void *dg = NULL, *dc = NULL;
+    if (gpu->ops->alloc(gpu, &dg, (size_t)cap * 4) != UC_OK ||
+        cpu->ops->alloc(cpu, &dc, (size_t)cap * 4) != UC_OK ||
+        gpu->ops->upload(gpu, dg, arena, (size_t)cap * 4) != UC_OK ||
+        cpu->ops->upload(cpu, dc, arena, (size_t)cap * 4) != UC_OK ||
+        gpu->ops->scatter_ints(gpu, dg, pos, val, n) != UC_OK ||
+        cpu->ops->scatter_ints(cpu, dc, pos, val, n) != UC_OK ||
+        gpu->ops->download(gpu, a, dg, (size_t)cap * 4) != UC_OK ||
+        cpu->ops->download(cpu, b, dc, (size_t)cap * 4) != UC_OK) {
+        die("scatter_ints");
+    }
+    int64_t bad = 0, moved = 0;
+    for (int64_t i = 0; i < cap; i++) {
+        bad += a[i] != b[i];
+        moved += b[i] != arena[i];
+    }
+    bad += moved != n; /* the reference wrote exactly the n positions */
+    char what[96];
+    snprintf(what, sizeof what, "arena %lld ints, %lld pairs (ints equal)", (long long)cap,
+             (long long)n);
+    report("scatter_ints", what, (double)bad, 0.0);
+    drop(gpu, dg);
+    drop(cpu, dc);
+    uc_free(arena);
+    uc_free(pos);
+    uc_free(val);
+    uc_free(a);
+    uc_free(b);
+}
+
 static void test_argmax(void)
 {
     int64_t t = 8, n = 4099;
@@ -1674,6 +1722,8 @@ static void run_pass(void)
     test_rope(6, 5, 9, 64); /* odd D/2: one rotation pair per thread */
     test_rows();
     test_argmax();
+    test_scatter_ints(5316608, 8192); /* 32 sequences of 8K crossing a block boundary */
+    test_scatter_ints(1000, 1);
     /* prefill attention: lengths 1, 17, 300, 2048; GQA 1, 4, 8; tensor-core and generic paths;
      * chunked prompts (q0 > 0) */
     static const int64_t lens[] = {1, 17, 300, 2048};
