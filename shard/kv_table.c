@@ -13,6 +13,7 @@ void uc_kv_table_init(struct uc_kv_table *t, struct uc_backend *be)
     t->be = be;
     t->epoch = 1;
     t->merge_gap = UC_KV_TABLE_MERGE_GAP;
+    t->par_min = UC_KV_TABLE_PAR_MIN;
 }
 
 void uc_kv_table_fini(struct uc_kv_table *t)
@@ -300,7 +301,7 @@ uc_status uc_kv_table_sync(struct uc_kv_table *t, const struct uc_kv_table_seq *
         q[i].at = t->used;
         t->used += q[i].size;
     }
-#pragma omp parallel for schedule(dynamic) if (fresh >= (1 << 18))
+#pragma omp parallel for schedule(dynamic) if (fresh >= t->par_min)
     for (int64_t i = 0; i < n; i++) {
         q[i].rc = q[i].whole ? region_write(t, &seqs[i], q[i].at) : UC_OK;
     }

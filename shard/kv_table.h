@@ -57,6 +57,8 @@ struct uc_kv_table_seq {
 
 /* Default merge gap: a copy's fixed cost is about that of 64 KB more. */
 #define UC_KV_TABLE_MERGE_GAP 16384
+/* Default par_min: 1 MB of ids (a batch of 8K sequences joining writes 21 MB). */
+#define UC_KV_TABLE_PAR_MIN (1 << 18)
 
 struct uc_kv_table {
     struct uc_backend *be;
@@ -68,6 +70,8 @@ struct uc_kv_table {
     int64_t *span;    /* (2 x span_cap) scratch: [lo, hi) of what a sync wrote */
     int64_t span_cap;
     int64_t merge_gap; /* spans this close (ints) go up in one copy (UC_KV_TABLE_MERGE_GAP) */
+    int64_t par_min;   /* whole regions of at least this many ints in all are written by the
+                        * OpenMP threads (UC_KV_TABLE_PAR_MIN) */
     int32_t *sc;      /* (2 x sc_cap) scratch: positions, then values, of a scattered sync */
     int64_t sc_cap;
     /* totals, for tests and logs */

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include <cmocka.h>
+#include <omp.h>
 
 #include "backend.h"
 #include "base/log.h"
@@ -171,9 +172,8 @@ static void append_all(struct fixture *f, const int *batch, int nb)
     }
 }
 
-static void test_random_steps(void **state)
+static void random_steps(struct fixture *f)
 {
-    struct fixture *f = *state;
     for (int i = 0; i < 8; i++) {
         seq_new(f, i, 5 + 7 * i, i % 3 == 1, i % 4 == 2);
     }
@@ -240,6 +240,19 @@ static void test_random_steps(void **state)
                   (long long)f->t.n_compactions, (long long)f->t.n_uploads,
                   (long long)f->t.ints_uploaded);
     assert_true(f->t.n_compactions >= 2); /* the churn above made the arena compact */
+}
+
+static void test_random_steps(void **state) { random_steps(*state); }
+
+/* The same with every whole region written by the OpenMP threads (at scale only a batch of
+ * long sequences joining is; here every sync that writes one is). */
+static void test_random_steps_parallel(void **state)
+{
+    struct fixture *f = *state;
+    f->t.par_min = 1;
+    omp_set_num_threads(4); /* the fixture's backend set one */
+    random_steps(f);
+    omp_set_num_threads(1);
 }
 
 static void test_appends_upload_new_ids(void **state)
@@ -330,6 +343,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_random_steps, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_random_steps_parallel, setup, teardown),
         cmocka_unit_test_setup_teardown(test_appends_upload_new_ids, setup, teardown),
         cmocka_unit_test_setup_teardown(test_appends_scatter, setup, teardown),
         cmocka_unit_test_setup_teardown(test_boundary_scatter_default_gap, setup, teardown),
