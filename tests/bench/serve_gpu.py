@@ -60,7 +60,8 @@ which gaps are streams' first ones, and whether the late tokens came in moments 
 at once or one stream at a time); the traces and token times are copied to $OUT.
 Everything printed also goes to $OUT/serve.log when OUT is set (and --log FILE); the numbers to
 $OUT/serve-<workloads>.json. With --budget-s the run ends in time: requests are sent for a share
-of the time left (the table's `done` column then shows fewer than asked; floors count those).
+of the time left (the table's `done` column then shows fewer than asked; floors count those),
+and a SIGTERM (device_check.sh's `timeout`) still prints the targets of the workloads done.
 """
 import argparse
 import json
@@ -475,6 +476,10 @@ def bench(d, w, seed, timeout, duration_s=None, times=None):
                                                                  r.stderr[-2000:]))
 
 
+class OutOfTime(Exception):
+    pass
+
+
 def fmt(x, f="%.1f"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f % x
 
@@ -568,6 +573,11 @@ def main():
             log("bench_gpu's " + mon.summary(t_eng, time.time()))
     results, rc = {}, 0
     d, d_key = None, None
+
+    def out_of_time(signum, frame):  # `timeout` ran out: report what finished, not nothing
+        raise OutOfTime()
+    signal.signal(signal.SIGTERM, out_of_time)
+    name = None
     try:
         for name in names:
             w = wls[name]
@@ -668,7 +678,14 @@ def main():
                 log("client-side gaps of workload %s (uncompctl bench --token-times):" % name)
                 log("\n".join(token_times.summary(times, 4 * single if single else None)))
             log("workload %s: wall %.1f s" % (name, time.time() - t0))
+    except OutOfTime:
+        log("\nSIGTERM (out of time) during workload %s: the targets below cover the workloads "
+            "that finished" % name)
+        if name:
+            results.setdefault(name, None)
+        rc = 1
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if d is not None:
             log("uncompd stopped: exit %s" % d.stop(log))
         if mon:
