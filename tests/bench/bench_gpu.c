@@ -225,16 +225,29 @@ static int64_t fork_batch(struct uc_engine *e, int64_t base, int64_t want, int g
     return want;
 }
 
-/* The median decode step (seconds) of the batch base .. base+nb-1 over o->decode_steps steps. */
+/* The median decode step (seconds) of the batch base .. base+nb-1 over o->decode_steps steps;
+ * *host_ms (when not NULL): the median and the largest of the engine's host time before the
+ * layers (uc_engine_step_info.decode_prep_ms; the largest is a block-boundary step). */
 static double median_step(struct uc_engine *e, const struct opts *o, int64_t base, int64_t nb,
-                          const int32_t *tokens)
+                          const int32_t *tokens, double host_ms[2])
 {
     double *t = uc_malloc((size_t)o->decode_steps * sizeof(double));
+    double *h = uc_malloc((size_t)o->decode_steps * sizeof(double));
+    double hmax = 0;
     for (int k = 0; k < o->decode_steps; k++) {
         t[k] = decode_step(e, base, nb, tokens[k]);
+        struct uc_engine_step_info info;
+        uc_engine_last_step_info(e, &info);
+        h[k] = info.decode_prep_ms;
+        hmax = h[k] > hmax ? h[k] : hmax;
     }
     double step = tu_median(t, o->decode_steps);
+    if (host_ms) {
+        host_ms[0] = tu_median(h, o->decode_steps);
+        host_ms[1] = hmax;
+    }
     uc_free(t);
+    uc_free(h);
     return step;
 }
 
@@ -260,7 +273,7 @@ static void bench_batch(struct uc_engine *e, const struct opts *o, const char *l
     int64_t fit = uc_engine_kv_blocks_total(e) / (per_seq > 0 ? per_seq : 1);
     /* the prefilled sequence holds its blocks already: fork batch - 1 copies */
     int64_t batch = fork_batch(e, 1000, fit < o->max_batch ? fit : o->max_batch, gen, cp);
-    double step = median_step(e, o, 1000, batch, ids);
+    double step = median_step(e, o, 1000, batch, ids, NULL);
     printf("%-16s kv_bytes/seq %8.1f MiB (%.4f of full) | pool fits %4lld seqs (limit %lld) | "
            "batch %4lld: step %7.2f ms, %8.0f tok/s aggregate | prefill %.0f ms\n",
            label, (double)r.kv_bytes_kept / 1048576.0,
@@ -290,9 +303,11 @@ static void bench_decode_at(struct uc_engine *e, const struct opts *o, int64_t w
         return;
     }
     int64_t batch = fork_batch(e, 3000, want < o->max_batch ? want : o->max_batch, gen, &full);
-    double step = median_step(e, o, 3000, batch, ids);
-    printf("decode batch=%lld context=%lld: step %.3f ms (%.0f tok/s aggregate)", (long long)batch,
-           (long long)ctx, step * 1e3, (double)batch / step);
+    double host[2];
+    double step = median_step(e, o, 3000, batch, ids, host);
+    printf("decode batch=%lld context=%lld: step %.3f ms (%.0f tok/s aggregate; host before the "
+           "layers median %.3f ms, most %.3f)", (long long)batch, (long long)ctx, step * 1e3,
+           (double)batch / step, host[0], host[1]);
     if (batch < want) {
         printf("; asked for batch %lld, the pool / --max-batch holds %lld", (long long)want,
                (long long)batch);

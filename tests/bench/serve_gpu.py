@@ -95,6 +95,11 @@ SHAPES = {
     # the folder (runs the tiny workloads)
     "llama8b-l2": dict(hidden=4096, layers=2, heads=32, kv_heads=8, head_dim=128, ffn=14336,
                        vocab=4096, rope_theta=500000.0, max_pos=131072, orig_max_pos=8192),
+    # the 8B's 32 layers and 32/8 heads at head size 8: the host's work per decode step (index
+    # arrays, block tables over 8 KV heads x 32 layers a sequence) measured on a CPU
+    # (bench_gpu --backend cpu --decode-at 256:1024 prints its median)
+    "llama8b-heads": dict(hidden=256, layers=32, heads=32, kv_heads=8, head_dim=8, ffn=512,
+                          vocab=4096, rope_theta=500000.0, max_pos=16384, orig_max_pos=8192),
     # a CPU dry run of the plumbing
     "tiny": dict(hidden=256, layers=2, heads=8, kv_heads=4, head_dim=32, ffn=768, vocab=4096,
                  rope_theta=500000.0, max_pos=16384, orig_max_pos=8192),
