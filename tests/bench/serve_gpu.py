@@ -679,9 +679,11 @@ def main():
                 log("\n".join(step_trace.summary(step_trace.load(d.trace, trace_from),
                                                  sh["layers"])))
                 # the client's gaps beside it: over b's target bound when workload a ran
-                single = (results.get("a") or {}).get("runs", [{}])[0].get("itl_ms", {}).get("p50")
-                log("client-side gaps of workload %s (uncompctl bench --token-times):" % name)
-                log("\n".join(token_times.summary(times, 4 * single if single else None)))
+                single = ((results.get("a") or {}).get("runs") or [{}])[0].get(
+                    "itl_ms", {}).get("p50")
+                if times and os.path.exists(times):
+                    log("client-side gaps of workload %s (uncompctl bench --token-times):" % name)
+                    log("\n".join(token_times.summary(times, 4 * single if single else None)))
             log("workload %s: wall %.1f s" % (name, time.time() - t0))
     except OutOfTime:
         log("\nSIGTERM (out of time) during workload %s: the targets below cover the workloads "
