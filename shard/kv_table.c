@@ -281,8 +281,8 @@ uc_status uc_kv_table_sync(struct uc_kv_table *t, const struct uc_kv_table_seq *
         /* compaction: everything of this sync is written again from the start */
         fresh = 0;
         for (int64_t i = 0; i < n; i++) {
+            q[i].size = q[i].whole ? q[i].size : region_size(&seqs[i]);
             q[i].whole = true;
-            q[i].size = region_size(&seqs[i]);
             fresh += q[i].size;
         }
         t->epoch++;

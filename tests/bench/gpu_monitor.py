@@ -2,21 +2,29 @@
 loop, summed up over a time window: whether a sustained load ran at the clocks a short
 benchmark saw, or was held back by the power cap or heat.
 
-    m = GpuMonitor(path)           # starts `nvidia-smi ... -lms 200` writing to path
+    m = GpuMonitor(path)           # starts `nvidia-smi ... -lms 200`; samples also go to path
     t0 = time.time(); ...; line = m.summary(t0, time.time())
     m.stop()
 
 Without nvidia-smi (or on a CPU host) every summary says so and nothing else changes.
 
-    python3 gpu_monitor.py FILE    # the summary of a file of nvidia-smi's csv lines of FIELDS
-                                   # and the limits field (device_check.sh's GPU_MONITOR=1)
+    python3 gpu_monitor.py --record FILE   # the same sampling until SIGTERM (device_check.sh's
+                                           # GPU_MONITOR=1, around each step)
+    python3 gpu_monitor.py FILE            # the summary of everything FILE holds
+
+FILE: a line per sample, "host seconds, " then nvidia-smi's csv line (FIELDS, the limits).
 """
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_trace import pct  # noqa: E402
 
 FIELDS = ["clocks.sm", "clocks.mem", "power.draw", "temperature.gpu"]
 # the name of the active-limits field changed between drivers
@@ -38,6 +46,18 @@ def parse(line):
         return None
 
 
+def load(path):
+    """The samples of a file GpuMonitor wrote: (seconds, values, reasons)."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            t, _, rest = line.partition(",")
+            x = parse(rest)
+            if x:
+                out.append((float(t),) + x)
+    return out
+
+
 def summarize(s):
     """One line about samples (values, reasons)."""
     if not s:
@@ -52,7 +72,7 @@ def summarize(s):
     return ("gpu (%d samples): SM clock median %.0f MHz (p10 %.0f, max %.0f), memory %.0f "
             "MHz, power median %.0f W (max %.0f), temperature max %.0f C; limits seen: %s; "
             "power-capped in %.0f%% of samples" % (
-                len(s), statistics.median(sm), sorted(sm)[len(sm) // 10], max(sm),
+                len(s), statistics.median(sm), pct(sm, 0.1), max(sm),
                 statistics.median(mem), statistics.median(pw), max(pw), max(temp),
                 ", ".join(names) or "none", 100 * capped))
 
@@ -93,7 +113,7 @@ class GpuMonitor:
             x = parse(line)
             if x:
                 self.samples.append((t,) + x)
-                self.f.write("%.3f %s\n" % (t, line.strip()))
+                self.f.write("%.3f, %s\n" % (t, line.strip()))
 
     def summary(self, t0, t1):
         """One line: medians (and the SM clock's spread) of the samples in [t0, t1]."""
@@ -112,6 +132,24 @@ class GpuMonitor:
             self.f.close()
 
 
+def record(path):
+    """Samples into path until SIGTERM or SIGINT."""
+    m = GpuMonitor(path)
+    if m.proc is None:
+        print(m.summary(0, 0), file=sys.stderr)
+        return
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    m.stop()
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        print(summarize([x for x in map(parse, f) if x]))
+    if len(sys.argv) == 3 and sys.argv[1] == "--record":
+        record(sys.argv[2])
+    elif len(sys.argv) == 2:
+        s = load(sys.argv[1]) if os.path.exists(sys.argv[1]) else []
+        print(summarize([x[1:] for x in s]))
+    else:
+        sys.exit("usage: gpu_monitor.py [--record] FILE")

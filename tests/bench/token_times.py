@@ -13,6 +13,11 @@ client's threads or the transport).
 """
 import argparse
 import collections
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_trace import pct  # noqa: E402
 
 
 def load(path):
@@ -42,24 +47,20 @@ def gaps(reqs):
     return out
 
 
-def pct(v, q):
-    v = sorted(v)
-    return v[min(len(v) - 1, int(q * len(v)))] if v else float("nan")
-
-
 def summary(path, over=None, window_ms=3.0):
     lines = []
     for setting, reqs in load(path).items():
         g = gaps(reqs)
         if not g:
             continue
-        ms = [x[0] for x in g]
-        thr = over if over is not None else pct(ms, 0.99)
+        ms = sorted(x[0] for x in g)
+        p50, p90, p99 = pct(ms, 0.5), pct(ms, 0.9), pct(ms, 0.99)
+        thr = over if over is not None else p99
         first = [x for x in g if x[3]]
         late = sorted([x for x in g if not x[3] and x[0] > thr], key=lambda x: x[1])
         lines.append("%s: %d gaps, p50 %.2f / p90 %.2f / p99 %.2f ms; %d are streams' first "
                      "gaps (%d of them over %.2f ms); %d other gaps over %.2f ms" % (
-                         setting, len(g), pct(ms, 0.5), pct(ms, 0.9), pct(ms, 0.99), len(first),
+                         setting, len(g), p50, p90, p99, len(first),
                          sum(1 for x in first if x[0] > thr), thr, len(late), thr))
         # moments: late gaps whose ends lie within window_ms of each other
         moments = []
@@ -70,7 +71,7 @@ def summary(path, over=None, window_ms=3.0):
                 moments.append([x])
         n_streams = len(reqs)
         wide = [m for m in moments if len({x[2] for x in m}) * 2 >= n_streams]
-        caught = sum(1 for x in late if x[4] is not None and x[4] < 0.7 * pct(ms, 0.5))
+        caught = sum(1 for x in late if x[4] is not None and x[4] < 0.7 * p50)
         lines.append("  in %d moments: %d with half the streams or more at once (a slow step or "
                      "a stall of the sends), %d of one to a few streams; %d late tokens were "
                      "followed by a short gap (they caught up: delivery jitter)" % (

@@ -137,9 +137,8 @@ for step in "$@"; do
   t0=$(date +%s.%N)
   mon=
   if [ -n "${GPU_MONITOR:-}" ]; then
-    nvidia-smi -i 0 --format=csv,noheader,nounits -lms 200 \
-      --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
-      > "$bd.gpumon" 2> /dev/null &
+    rm -f "$bd.gpumon"
+    python3 "$root/tests/bench/gpu_monitor.py" --record "$bd.gpumon" &
     mon=$!
   fi
   # a step named VAR=VALUE:STEP runs STEP with that variable set (kernel variant knobs)
