@@ -19,6 +19,7 @@
 #include "kernels/kernels.h"
 
 #define STAGE_SLOTS 32
+#define STAGE_UPLOAD_MAX ((size_t)1 << 20) /* uploads up to this size go through a slot */
 #define BLAS_WS_BYTES ((size_t)32 << 20)
 #define CONVERT_CHUNK ((int64_t)32 << 20) /* elements per float32 conversion pass */
 #define QCOV_WS_BYTES ((size_t)512 << 20)
@@ -173,6 +174,35 @@ static uc_status buf_reserve(struct cuda_ctx *c, struct dev_buf *b, size_t bytes
     return buf_reserve_on(c, b, bytes, c->stream);
 }
 
+/* The next pinned staging slot, at least `bytes` large, once its previous copy has left. */
+static uc_status stage_take(struct cuda_ctx *c, size_t bytes, struct stage_slot **out)
+{
+    uc_status rc;
+    struct stage_slot *s = &c->slots[c->next_slot];
+    c->next_slot = (c->next_slot + 1) % STAGE_SLOTS;
+    UC_CHECK(CU(cudaEventSynchronize(s->done)), rc, out);
+    if (bytes > s->cap) {
+        size_t cap = bytes > 2 * s->cap ? bytes : 2 * s->cap;
+        if (s->host) {
+            UC_CHECK(CU(cudaFreeHost(s->host)), rc, out);
+            s->host = NULL;
+            s->cap = 0;
+        }
+        UC_CHECK(CU(cudaHostAlloc(&s->host, cap, cudaHostAllocDefault)), rc, out);
+        s->cap = cap;
+    }
+    *out = s;
+out:
+    return rc;
+}
+
+/* Copies s's first `bytes` to dst in stream order; the slot is reusable once `done` passes. */
+static uc_status stage_send(struct cuda_ctx *c, struct stage_slot *s, void *dst, size_t bytes)
+{
+    uc_status rc = CU(cudaMemcpyAsync(dst, s->host, bytes, cudaMemcpyHostToDevice, c->stream));
+    return rc == UC_OK ? CU(cudaEventRecord(s->done, c->stream)) : rc;
+}
+
 /* Copies `n_parts` host int32 arrays into the device index buffer through a pinned staging
  * slot; dev[i] receives the device address of part i. Stream-ordered: the kernels of this op
  * read them before any later op's copy lands. */
@@ -185,20 +215,9 @@ static uc_status upload_idx(struct cuda_ctx *c, int32_t **dev, const int32_t *co
     }
     bytes = bytes ? bytes : sizeof(int32_t);
     uc_status rc;
+    struct stage_slot *s;
     UC_CHECK(buf_reserve(c, &c->idx, bytes), rc, out);
-    struct stage_slot *s = &c->slots[c->next_slot];
-    c->next_slot = (c->next_slot + 1) % STAGE_SLOTS;
-    UC_CHECK(CU(cudaEventSynchronize(s->done)), rc, out); /* its previous copy has left */
-    if (bytes > s->cap) {
-        size_t cap = bytes > 2 * s->cap ? bytes : 2 * s->cap;
-        if (s->host) {
-            UC_CHECK(CU(cudaFreeHost(s->host)), rc, out);
-            s->host = NULL;
-            s->cap = 0;
-        }
-        UC_CHECK(CU(cudaHostAlloc(&s->host, cap, cudaHostAllocDefault)), rc, out);
-        s->cap = cap;
-    }
+    UC_CHECK(stage_take(c, bytes, &s), rc, out);
     size_t off = 0;
     for (int i = 0; i < n_parts; i++) {
         size_t nb = (size_t)counts[i] * sizeof(int32_t);
@@ -208,10 +227,7 @@ static uc_status upload_idx(struct cuda_ctx *c, int32_t **dev, const int32_t *co
         dev[i] = (int32_t *)((char *)c->idx.p + off);
         off += nb;
     }
-    UC_CHECK(CU(cudaMemcpyAsync(c->idx.p, s->host, off ? off : sizeof(int32_t),
-                                cudaMemcpyHostToDevice, c->stream)),
-             rc, out);
-    UC_CHECK(CU(cudaEventRecord(s->done, c->stream)), rc, out);
+    rc = stage_send(c, s, c->idx.p, off ? off : sizeof(int32_t));
 out:
     return rc;
 }
@@ -265,11 +281,23 @@ static void cuda_free(struct uc_backend *be, void *p)
 
 static uc_status cuda_upload(struct uc_backend *be, void *dst, const void *src, size_t size_bytes)
 {
-    /* pageable source: staged by the driver before the call returns, so src is free to reuse */
+    struct cuda_ctx *c = ctx_of(be);
     if (!size_bytes) {
         return UC_OK;
     }
-    return CU(cudaMemcpyAsync(dst, src, size_bytes, cudaMemcpyHostToDevice, ctx_of(be)->stream));
+    /* src is free to reuse when this returns. A small copy goes through a pinned staging slot,
+     * so it never waits for the work queued before it (a decode step uploads each part's index
+     * arrays while earlier parts run); a large one (weights) is staged by the driver. */
+    if (size_bytes <= STAGE_UPLOAD_MAX && !c->capturing) {
+        struct stage_slot *s;
+        uc_status rc = stage_take(c, size_bytes, &s);
+        if (rc == UC_OK) {
+            memcpy(s->host, src, size_bytes);
+            rc = stage_send(c, s, dst, size_bytes);
+        }
+        return rc;
+    }
+    return CU(cudaMemcpyAsync(dst, src, size_bytes, cudaMemcpyHostToDevice, c->stream));
 }
 
 static uc_status cuda_download(struct uc_backend *be, void *dst, const void *src, size_t size_bytes)

@@ -187,15 +187,16 @@ static void meta_layer_shared(struct uc_engine *e, struct seq **batch, int64_t n
     }
 }
 
-/* The decode step's index arrays, for all layers at once: reserves each head's next slot,
- * brings the block tables in backend memory up to date (e->bt, shard/kv_table.h: only what
- * changed since the last step is written) and lays out, in int32s, pos (B) | for each layer,
- * the parts of eng_meta_layout. Offsets are into the arena of block tables (a head's block
- * ids; a packed head's kept channels at coff; a merged head's ids at mc_off). A packed or
- * latent entry's slot is -(its slot) - 1. The layout depends only on B and which kinds of heads
- * the batch has, so a recorded step stays valid while this buffer and the arena do. */
-static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int64_t nb,
-                                   int64_t *n_ints)
+/* The decode step's index arrays, before any layer's part: reserves each head's next slot
+ * where a block is needed, brings the block tables in backend memory up to date (e->bt,
+ * shard/kv_table.h: only what changed since the last step is written), and fixes the layout:
+ * in int32s, pos (B) | for each layer, the parts of eng_meta_layout (decode_meta_layers fills
+ * them). Offsets are into the arena of block tables (a head's block ids; a packed head's kept
+ * channels at coff; a merged head's ids at mc_off). A packed or latent entry's slot is -(its
+ * slot) - 1. The layout depends only on B and which kinds of heads the batch has, so a
+ * recorded step stays valid while this buffer and the arena do. */
+static uc_status decode_meta_prep(struct uc_engine *e, struct seq **batch, int64_t nb,
+                                  int64_t *n_ints)
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
     bool packed = false, latent = false, any_shared = false, merged = false;
@@ -241,22 +242,63 @@ static uc_status decode_meta_build(struct uc_engine *e, struct seq **batch, int6
     if (!eng_grow((void **)&e->dm_host, &e->dm_cap, fixed, sizeof(int32_t))) {
         return UC_ERRF(UC_ERR_NOMEM, "decode index arrays");
     }
+    if (fixed > e->dm_dev_cap) {
+        int64_t cap = fixed + fixed / 2;
+        if (e->dm_dev) {
+            e->be->ops->free(e->be, e->dm_dev);
+            e->dm_dev = NULL;
+            e->dm_dev_cap = 0;
+        }
+        UC_CHECK(e->be->ops->alloc(e->be, &e->dm_dev, (size_t)cap * sizeof(int32_t)), rc, out);
+        e->dm_dev_cap = cap;
+    }
     e->dm_packed = packed;
     e->dm_latent = latent;
     e->dm_merged = merged;
-    int32_t *m = e->dm_host;
+    e->dm_shared = any_shared;
     for (int64_t b = 0; b < nb; b++) {
-        m[b] = (int32_t)batch[b]->n_ctx; /* RoPE position of the new token */
-    }
-#pragma omp parallel for schedule(static) if (big)
-    for (int64_t l = 0; l < L; l++) {
-        e->dm_maxn[l] = meta_layer(e, batch, nb, l, m, y);
-    }
-    for (int64_t l = 0; any_shared && l < L; l++) {
-        meta_layer_shared(e, batch, nb, l, m, y);
+        e->dm_host[b] = (int32_t)batch[b]->n_ctx; /* RoPE position of the new token */
     }
     *n_ints = fixed;
 out:
+    return rc;
+}
+
+/* Layers [l0, l1) of the index arrays (each head's next slot taken), then uploaded (with the
+ * positions when l0 is 0), so a step can start its first layers while the host lays out the
+ * later ones. Layers read only their own entries and, for KVSharer, an earlier layer's. */
+static uc_status decode_meta_layers(struct uc_engine *e, int64_t nb, int64_t l0, int64_t l1)
+{
+    struct seq **batch = e->batch;
+    int64_t hkv = e->sh->n_heads_kv, ent = nb * hkv;
+    struct eng_meta_layout y = eng_meta_layout(e->dm_packed, e->dm_latent, e->dm_merged);
+    int32_t *m = e->dm_host;
+    bool big = ent * (l1 - l0) >= e->par_min_heads;
+#pragma omp parallel for schedule(static) if (big)
+    for (int64_t l = l0; l < l1; l++) {
+        e->dm_maxn[l] = meta_layer(e, batch, nb, l, m, y);
+    }
+    for (int64_t l = l0; e->dm_shared && l < l1; l++) {
+        meta_layer_shared(e, batch, nb, l, m, y);
+    }
+    int64_t i0 = l0 == 0 ? 0 : nb + y.per * l0 * ent, i1 = nb + y.per * l1 * ent;
+    return e->be->ops->upload(e->be, (int32_t *)e->dm_dev + i0, m + i0,
+                              (size_t)(i1 - i0) * sizeof(int32_t));
+}
+
+/* The index arrays of every layer below l1 built and uploaded (e->dm_next: the first layer
+ * not yet built this step). The host time of the step's start ends when the first layers'
+ * arrays are on their way. */
+static uc_status decode_meta_upto(struct uc_engine *e, int64_t nb, int64_t l1)
+{
+    if (e->dm_next >= l1) {
+        return UC_OK;
+    }
+    uc_status rc = decode_meta_layers(e, nb, e->dm_next, l1);
+    if (e->dm_next == 0) {
+        e->info.decode_prep_ms = (uc_time_s() - e->dm_t0) * 1e3;
+    }
+    e->dm_next = l1;
     return rc;
 }
 
@@ -350,11 +392,29 @@ out:
     return rc;
 }
 
+/* Layers [l0, L) run directly, `per` at a time, each part's index arrays built just before
+ * it (the device runs a part while the host lays out the next). */
+static uc_status decode_direct(struct uc_engine *e, int64_t nb, int64_t l0, int64_t per)
+{
+    int64_t L = e->cfg->n_layers;
+    uc_status rc = UC_OK;
+    for (int64_t l = l0; rc == UC_OK && l < L; l += per) {
+        int64_t l1 = l + per < L ? l + per : L;
+        rc = decode_meta_upto(e, nb, l1);
+        if (rc == UC_OK) {
+            rc = decode_layers(e, nb, l, l1, false);
+        }
+    }
+    return rc;
+}
+
 /* Runs decode_layers through recorded graphs where the backend has them: the first step of a
  * batch size runs the ops directly; a second one in a row records them, a part (a few layers)
  * at a time, launching each part once it is recorded, so the device runs part p while the host
  * records part p + 1 (recording and instantiating every part first, behind a direct run, made
- * that step the slowest inter-token gap of a wave); later ones replay. */
+ * that step the slowest inter-token gap of a wave); later ones replay. Each part's index arrays
+ * are built and uploaded just before the part is launched (or recorded: an upload must not be
+ * recorded), so the host's layout of later layers overlaps the device's earlier ones. */
 static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
 {
     struct uc_backend *be = e->be;
@@ -362,12 +422,12 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     bool same_nb = e->last_nb == nb;
     e->last_nb = nb;
     e->info.graph = UC_STEP_GRAPH_DIRECT;
-    if (!be->ops->graph_begin || uc_comm_size(e->comm) != 1 || nb > DECODE_GRAPH_MAX_ROWS) {
-        return decode_layers(e, nb, 0, L, false);
-    }
     int64_t per = DECODE_GRAPH_LAYERS;
     if ((L + per - 1) / per > DECODE_GRAPH_MAX_PARTS) {
         per = (L + DECODE_GRAPH_MAX_PARTS - 1) / DECODE_GRAPH_MAX_PARTS;
+    }
+    if (!be->ops->graph_begin || uc_comm_size(e->comm) != 1 || nb > DECODE_GRAPH_MAX_ROWS) {
+        return decode_direct(e, nb, 0, per);
     }
     uint64_t epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
     struct decode_graph *g = NULL;
@@ -383,12 +443,16 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     if (g) {
         e->info.graph = UC_STEP_GRAPH_REPLAYED;
         for (int64_t p = 0; rc == UC_OK && p * per < L; p++) {
-            rc = be->ops->graph_launch(be, g->exec[p]);
+            int64_t l1 = (p + 1) * per < L ? (p + 1) * per : L;
+            rc = decode_meta_upto(e, nb, l1);
+            if (rc == UC_OK) {
+                rc = be->ops->graph_launch(be, g->exec[p]);
+            }
         }
         return rc;
     }
     if (!same_nb) {
-        return decode_layers(e, nb, 0, L, false);
+        return decode_direct(e, nb, 0, per);
     }
     /* record for this step and the next ones (recording runs nothing); the oldest slot makes
      * room */
@@ -398,6 +462,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
     memset(g, 0, sizeof *g);
     for (int64_t p = 0; p * per < L; p++) {
         int64_t l1 = (p + 1) * per < L ? (p + 1) * per : L;
+        UC_CHECK(decode_meta_upto(e, nb, l1), rc, out);
         rc = be->ops->graph_begin(be);
         uc_status rr = rc == UC_OK ? decode_layers(e, nb, p * per, l1, false) : rc;
         if (rc == UC_OK) {
@@ -408,7 +473,7 @@ static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
              * nothing while recording): parts before p ran from their graphs, the rest runs
              * directly, which grows what it needs, and a later step records */
             eng_graph_drop(e, g);
-            return decode_layers(e, nb, p * per, L, false);
+            return decode_direct(e, nb, p * per, per);
         }
         UC_CHECK(be->ops->graph_launch(be, g->exec[p]), rc, out);
     }
@@ -427,15 +492,17 @@ out:
     return rc;
 }
 
-/* The start of any step with decode rows: the batch's sequences, their tokens embedded into
- * e->dx rows [0, nb), the block tables brought up to date, and every layer's index arrays
- * built and uploaded in one copy. */
-uc_status eng_decode_begin(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb,
-                           bool *any_evict)
+/* The start of a step with decode rows: the batch's sequences, their tokens embedded into
+ * e->dx rows [0, nb), the block tables brought up to date and the index arrays laid out; with
+ * all_layers every layer's arrays are built and uploaded too, else decode_meta_upto builds
+ * them a part at a time as the layers are launched. */
+static uc_status decode_begin(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb,
+                              bool *any_evict, bool all_layers)
 {
     struct seq **batch = e->batch;
     uc_status rc;
-    double t0 = uc_time_s();
+    e->dm_t0 = uc_time_s();
+    e->dm_next = 0;
     int64_t ints0 = e->bt.ints_uploaded, free0 = e->kv.n_free;
     *any_evict = false;
     for (int64_t b = 0; b < nb; b++) {
@@ -445,23 +512,21 @@ uc_status eng_decode_begin(struct uc_engine *e, const struct uc_step_decode *dec
     }
     UC_CHECK(uc_model_embed(e->m, e->dx, e->d_tok, nb), rc, out);
     int64_t n_ints = 0;
-    UC_CHECK(decode_meta_build(e, batch, nb, &n_ints), rc, out);
-    if (n_ints > e->dm_dev_cap) {
-        int64_t cap = n_ints + n_ints / 2;
-        if (e->dm_dev) {
-            e->be->ops->free(e->be, e->dm_dev);
-            e->dm_dev = NULL;
-            e->dm_dev_cap = 0;
-        }
-        UC_CHECK(e->be->ops->alloc(e->be, &e->dm_dev, (size_t)cap * sizeof(int32_t)), rc, out);
-        e->dm_dev_cap = cap;
-    }
-    rc = e->be->ops->upload(e->be, e->dm_dev, e->dm_host, (size_t)n_ints * sizeof(int32_t));
-    e->info.decode_prep_ms = (uc_time_s() - t0) * 1e3;
+    UC_CHECK(decode_meta_prep(e, batch, nb, &n_ints), rc, out);
     e->info.blocks_taken = free0 - e->kv.n_free;
     e->info.table_ints = e->bt.ints_uploaded - ints0;
+    if (all_layers) {
+        rc = decode_meta_upto(e, nb, e->cfg->n_layers);
+    }
 out:
     return rc;
+}
+
+/* The start of a step that mixes decode rows with prefill rows (sweep.c): everything at once. */
+uc_status eng_decode_begin(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb,
+                           bool *any_evict)
+{
+    return decode_begin(e, dec, nb, any_evict, true);
 }
 
 void uc_engine_last_step_info(const struct uc_engine *e, struct uc_engine_step_info *out)
@@ -497,9 +562,10 @@ uc_status eng_decode_run(struct uc_engine *e, const struct uc_step_decode *dec, 
     }
     bool any_evict;
     uc_status rc;
-    UC_CHECK(eng_decode_begin(e, dec, nb, &any_evict), rc, out);
+    UC_CHECK(decode_begin(e, dec, nb, &any_evict, false), rc, out);
     if (any_evict) {
         e->last_nb = 0;
+        UC_CHECK(decode_meta_upto(e, nb, e->cfg->n_layers), rc, out);
         rc = decode_layers(e, nb, 0, e->cfg->n_layers, true);
     } else {
         rc = decode_graphed(e, nb);

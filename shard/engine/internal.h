@@ -177,13 +177,13 @@ struct uc_engine {
     bool *dm_need; /* (dm_need_cap) a sequence of the step has a head that needs a block */
     int64_t dm_need_cap;
     /* the decode step's index arrays for every layer, built on the host and uploaded in one
-     * copy (layout: decode_meta_build) */
+     * copy (layout: decode_meta_prep) */
     int32_t *dm_host;
     int64_t dm_cap;
     void *dm_dev;
     int64_t dm_dev_cap;
     int64_t *dm_maxn; /* (L) longest head of each layer this step */
-    bool dm_packed;   /* the index arrays have the packed heads' part (decode_meta_build) */
+    bool dm_packed;   /* the index arrays have the packed heads' part (decode_meta_prep) */
     bool dm_merged;   /* the index arrays have the merged heads' part (MiniCache) */
     struct decode_graph graphs[DECODE_GRAPH_SLOTS];
     int64_t last_nb; /* batch size of the previous decode step */
@@ -240,7 +240,10 @@ struct uc_engine {
     bool lorc_ready;
     double *lorc_log_cond; /* (L) */
     void *lorc_basis;
-    bool dm_latent; /* the decode index arrays have the latent heads' ranks (decode_meta_build) */
+    bool dm_latent; /* the decode index arrays have the latent heads' ranks (decode_meta_prep) */
+    bool dm_shared; /* a sequence of the step reads an earlier layer's cache (KVSharer) */
+    int64_t dm_next; /* the first layer whose index arrays this step has not built yet */
+    double dm_t0;    /* when the step's decode rows began (decode_prep_ms) */
 };
 
 static inline size_t act_size(const struct uc_engine *e) { return e->be->ops->act_size(e->be); }
