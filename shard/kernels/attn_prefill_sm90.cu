@@ -79,6 +79,17 @@ static __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap 
                  : "memory");
 }
 
+/* 2^x with denormal results flushed to zero: the bare MUFU.EX2. exp2f keeps denormal results,
+ * which takes extra instructions around it for every one of a tile's 8,192 elements (and P
+ * below 2^-126 adds nothing beside a row sum of at least 1). Under the power cap a long prefill
+ * runs at, fewer instructions are what make it faster (tests/cuda/NOTES.md, call C1). */
+static __device__ __forceinline__ float f3_exp2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 /* Shared memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte
  * offsets (each in 16-byte units). */
 static __device__ __forceinline__ uint64_t f3_desc(uint32_t addr, uint32_t lbo, uint32_t sbo)
@@ -280,6 +291,7 @@ static __global__ void __launch_bounds__(F3_THREADS, 1)
             }
         }
         /* online softmax: rows g (elements 4n, 4n+1) and g + 8 (4n+2, 4n+3) */
+        float corr[2];
 #pragma unroll
         for (int rr = 0; rr < 2; rr++) {
             float mx = -INFINITY;
@@ -290,23 +302,29 @@ static __global__ void __launch_bounds__(F3_THREADS, 1)
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             float m_new = fmaxf(m_r[rr], mx); /* finite: key 0 is in tile 0 of every row */
-            float corr = exp2f((m_r[rr] - m_new) * scale_log2);
+            corr[rr] = f3_exp2((m_r[rr] - m_new) * scale_log2);
             m_r[rr] = m_new;
             float ms = m_new * scale_log2;
             float sum = 0.0f;
 #pragma unroll
             for (int n = 0; n < 16; n++) {
-                float p0 = exp2f(fmaf(s[4 * n + 2 * rr], scale_log2, -ms));
-                float p1 = exp2f(fmaf(s[4 * n + 2 * rr + 1], scale_log2, -ms));
+                float p0 = f3_exp2(fmaf(s[4 * n + 2 * rr], scale_log2, -ms));
+                float p1 = f3_exp2(fmaf(s[4 * n + 2 * rr + 1], scale_log2, -ms));
                 s[4 * n + 2 * rr] = p0;
                 s[4 * n + 2 * rr + 1] = p1;
                 sum += p0 + p1;
             }
-            l_r[rr] = l_r[rr] * corr + sum;
+            l_r[rr] = l_r[rr] * corr[rr] + sum;
+        }
+        /* O moves to the new maxima only where one moved: after the first tiles a row's maximum
+         * rarely does, and multiplying by exactly 1 changes nothing (the warp decides as one) */
+        if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
             for (int n = 0; n < 16; n++) {
-                o[4 * n + 2 * rr] *= corr;
-                o[4 * n + 2 * rr + 1] *= corr;
+                o[4 * n] *= corr[0];
+                o[4 * n + 1] *= corr[0];
+                o[4 * n + 2] *= corr[1];
+                o[4 * n + 3] *= corr[1];
             }
         }
         uint32_t p[F3_N / 16][4];
