@@ -209,6 +209,36 @@ uc_status uc_kv_head_reserve(struct uc_kv_cache *kv, struct uc_kv_head *h, int64
     return UC_OK;
 }
 
+bool uc_kv_take_blocks(struct uc_kv_cache *kv, int64_t n, int32_t *ids)
+{
+    if (n > kv->n_free) {
+        return false;
+    }
+    for (int64_t k = 0; k < n; k++) {
+        ids[k] = kv->free_list[kv->n_free - 1 - k];
+    }
+    kv->n_free -= n;
+    return true;
+}
+
+uc_status uc_kv_head_make_room(struct uc_kv_head *h, int64_t n_blocks)
+{
+    return table_reserve(h, n_blocks);
+}
+
+int64_t uc_kv_head_add_taken(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t n_tokens,
+                             const int32_t *ids)
+{
+    int64_t need = uc_kv_head_blocks_for(kv, h, n_tokens), used = 0;
+    UC_ASSERT(need <= h->cap_blocks);
+    while (h->n_blocks < need) {
+        int32_t b = ids[used++];
+        kv->refs[b] = 1; /* a block of its own, as block_take leaves it */
+        h->blocks[h->n_blocks++] = b;
+    }
+    return used;
+}
+
 void uc_kv_head_trim(struct uc_kv_cache *kv, struct uc_kv_head *h)
 {
     int64_t need = uc_kv_head_blocks_for(kv, h, h->n_tokens);

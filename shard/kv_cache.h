@@ -105,6 +105,17 @@ static inline int64_t uc_kv_head_blocks_for(const struct uc_kv_cache *kv,
 /* Grows a head so it can hold n_tokens (allocating blocks); UC_ERR_KV_FULL when the pool is
  * out of blocks (nothing is allocated then). Does not change n_tokens. */
 uc_status uc_kv_head_reserve(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t n_tokens);
+/* Reserving for many heads at once, from several threads: uc_kv_head_make_room gives a head's
+ * block table room for n_blocks ids (taking no block; the only step that can fail);
+ * uc_kv_take_blocks moves the next n free blocks to ids, in the order uc_kv_head_reserve calls
+ * would take them (false, taking nothing, when fewer are free); uc_kv_head_add_taken then grows
+ * a head with room to n_tokens from ids, in order, and returns how many it took. The first and
+ * the last may run for different heads at once. Every taken block must be handed out before
+ * anything else touches the pool. */
+uc_status uc_kv_head_make_room(struct uc_kv_head *h, int64_t n_blocks);
+bool uc_kv_take_blocks(struct uc_kv_cache *kv, int64_t n, int32_t *ids);
+int64_t uc_kv_head_add_taken(struct uc_kv_cache *kv, struct uc_kv_head *h, int64_t n_tokens,
+                             const int32_t *ids);
 /* Physical slot of logical token i (a packed slot for a packed head). */
 static inline int32_t uc_kv_head_slot(const struct uc_kv_cache *kv, const struct uc_kv_head *h,
                                       int64_t i)

@@ -89,23 +89,99 @@ static uc_status evict_head(struct uc_engine *e, struct seq *s, int64_t l, int64
     return uc_kv_head_remove(&e->kv, h, victim);
 }
 
-/* Whether a head of s needs another block for its next token (at most steps none does), and
- * whether s has packed or latent heads. */
-static bool seq_needs_block(const struct uc_engine *e, const struct seq *s, bool *packed,
-                            bool *latent)
+/* Blocks the heads of s take for their next token (at most steps none), and whether s has
+ * packed or latent heads. */
+static int64_t seq_blocks_needed(const struct uc_engine *e, const struct seq *s, bool *packed,
+                                 bool *latent)
 {
-    int64_t nh = e->cfg->n_layers * e->sh->n_heads_kv;
-    bool need = false;
+    int64_t nh = e->cfg->n_layers * e->sh->n_heads_kv, need = 0;
     for (int64_t i = 0; i < nh; i++) {
         const struct uc_kv_head *h = &s->kv.heads[i];
         if (eng_layer_shared(s, i / e->sh->n_heads_kv)) {
             continue; /* reads its source's blocks (listed there) */
         }
-        need = need || uc_kv_head_blocks_for(&e->kv, h, h->n_tokens + 1) > h->n_blocks;
+        int64_t more = uc_kv_head_blocks_for(&e->kv, h, h->n_tokens + 1) - h->n_blocks;
+        need += more > 0 ? more : 0;
         *packed = *packed || h->kdim > 0;
         *latent = *latent || h->lrank > 0;
     }
     return need;
+}
+
+/* Every head of the batch whose next token starts a block takes one (e->dm_need: how many each
+ * sequence's heads take). When the whole batch crosses a block boundary at once (256 sequences
+ * of an 8B model: 65,536 heads) that is a cache miss or two per head, so with `big` the heads
+ * are served in parallel: their tables get room first (the only step that can fail), the
+ * blocks leave the pool in one piece, and each sequence hands out its share, in the order
+ * uc_kv_head_reserve would have (the same ids for the same heads). */
+static uc_status decode_reserve(struct uc_engine *e, struct seq **batch, int64_t nb, bool big)
+{
+    int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, total = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        total += e->dm_need[b];
+    }
+    if (total == 0) {
+        return UC_OK;
+    }
+    if (!big || total > e->kv.n_free) {
+        /* one at a time (and where the pool runs out, the sequence and layer it ran out at) */
+        for (int64_t b = 0; b < nb; b++) {
+            for (int64_t i = 0; e->dm_need[b] > 0 && i < L * hkv; i++) {
+                struct uc_kv_head *h = &batch[b]->kv.heads[i];
+                if (eng_layer_shared(batch[b], i / hkv)) {
+                    continue;
+                }
+                uc_status rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
+                if (rc == UC_ERR_KV_FULL) {
+                    UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
+                             (long long)batch[b]->id, (long long)(i / hkv));
+                }
+                if (rc != UC_OK) {
+                    return rc;
+                }
+            }
+        }
+        return UC_OK;
+    }
+    if (!eng_grow((void **)&e->dm_ids, &e->dm_ids_cap, total, sizeof *e->dm_ids) ||
+        !eng_grow((void **)&e->dm_first, &e->dm_first_cap, nb, sizeof *e->dm_first)) {
+        return UC_ERRF(UC_ERR_NOMEM, "decode block reservation of %lld blocks", (long long)total);
+    }
+    uc_status room = UC_OK;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t i = 0; e->dm_need[b] > 0 && i < L * hkv; i++) {
+            struct uc_kv_head *h = &batch[b]->kv.heads[i];
+            if (eng_layer_shared(batch[b], i / hkv)) {
+                continue;
+            }
+            uc_status r = uc_kv_head_make_room(h, uc_kv_head_blocks_for(&e->kv, h, h->n_tokens + 1));
+            if (r != UC_OK) {
+#pragma omp critical(decode_reserve_room)
+                room = room == UC_OK ? r : room;
+            }
+        }
+    }
+    if (room != UC_OK) {
+        return room; /* nothing taken */
+    }
+    for (int64_t b = 0, k = 0; b < nb; b++) {
+        e->dm_first[b] = k;
+        k += e->dm_need[b];
+    }
+    bool ok = uc_kv_take_blocks(&e->kv, total, e->dm_ids);
+    UC_ASSERT(ok); /* total <= n_free above */
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+        const int32_t *ids = e->dm_ids + e->dm_first[b];
+        for (int64_t i = 0; e->dm_need[b] > 0 && i < L * hkv; i++) {
+            struct uc_kv_head *h = &batch[b]->kv.heads[i];
+            if (!eng_layer_shared(batch[b], i / hkv)) {
+                ids += uc_kv_head_add_taken(&e->kv, h, h->n_tokens + 1, ids);
+            }
+        }
+    }
+    return UC_OK;
 }
 
 /* Layer l's entries of the index arrays for the heads that own their cache: each head's next
@@ -212,23 +288,10 @@ static uc_status decode_meta_prep(struct uc_engine *e, struct seq **batch, int64
     bool big = ent * L >= e->par_min_heads;
 #pragma omp parallel for schedule(static) reduction(|| : packed, latent) if (big)
     for (int64_t b = 0; b < nb; b++) {
-        e->dm_need[b] = seq_needs_block(e, batch[b], &packed, &latent);
+        e->dm_need[b] = seq_blocks_needed(e, batch[b], &packed, &latent);
     }
+    UC_CHECK(decode_reserve(e, batch, nb, big), rc, out);
     for (int64_t b = 0; b < nb; b++) {
-        for (int64_t i = 0; e->dm_need[b] && i < L * hkv; i++) {
-            struct uc_kv_head *h = &batch[b]->kv.heads[i];
-            if (eng_layer_shared(batch[b], i / hkv)) {
-                continue;
-            }
-            rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
-            if (rc == UC_ERR_KV_FULL) {
-                UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
-                         (long long)batch[b]->id, (long long)(i / hkv));
-            }
-            if (rc != UC_OK) {
-                return rc;
-            }
-        }
         for (int64_t l = 0; l < L; l++) {
             any_shared = any_shared || eng_layer_shared(batch[b], l);
         }

@@ -174,8 +174,12 @@ struct uc_engine {
     struct uc_kv_table bt;
     struct uc_kv_table_seq *bt_seqs; /* (bt_seqs_cap) a step's list */
     int64_t bt_seqs_cap;
-    bool *dm_need; /* (dm_need_cap) a sequence of the step has a head that needs a block */
+    int64_t *dm_need; /* (dm_need_cap) blocks a sequence's heads take for the step's token */
     int64_t dm_need_cap;
+    int32_t *dm_ids;   /* (dm_ids_cap) the blocks a parallel reservation hands out */
+    int64_t dm_ids_cap;
+    int64_t *dm_first; /* (dm_first_cap) a sequence's first block in dm_ids */
+    int64_t dm_first_cap;
     /* the decode step's index arrays for every layer, built on the host and uploaded in one
      * copy (layout: decode_meta_prep) */
     int32_t *dm_host;

@@ -426,6 +426,62 @@ static void test_table_room_after_prompt(void **state)
     uc_kv_cache_fini(&kv);
 }
 
+/* Reserving many heads at once (room, then the blocks taken in one piece, then handed out, as
+ * a decode step whose batch crosses a block boundary does on several threads) gives every head
+ * the ids that uc_kv_head_reserve one head after another gives it, and the same accounting. */
+static void test_taken_blocks_match_reserve(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache kv[2];
+    struct uc_kv_seq s[2];
+    enum { HEADS = 6 };
+    /* the tokens each head holds before the step: some start a block with the next token */
+    static const int64_t held[HEADS] = {BT, 2 * BT, BT - 1, 0, 3 * BT, BT + 2};
+    for (int w = 0; w < 2; w++) {
+        assert_int_equal(uc_kv_cache_init(&kv[w], f->kv.be, 64, BT, HD), UC_OK);
+        assert_int_equal(uc_kv_seq_init(&s[w], 2, 3), UC_OK);
+        for (int i = 0; i < HEADS; i++) {
+            s[w].heads[i].n_tokens = 0;
+            assert_int_equal(uc_kv_head_reserve(&kv[w], &s[w].heads[i], held[i]), UC_OK);
+            s[w].heads[i].n_tokens = (int32_t)held[i];
+        }
+    }
+    /* way 0: one head after another */
+    for (int i = 0; i < HEADS; i++) {
+        assert_int_equal(uc_kv_head_reserve(&kv[0], &s[0].heads[i], held[i] + 1), UC_OK);
+    }
+    /* way 1: room, take, hand out */
+    int64_t need = 0;
+    for (int i = 0; i < HEADS; i++) {
+        struct uc_kv_head *h = &s[1].heads[i];
+        int64_t blocks = uc_kv_head_blocks_for(&kv[1], h, held[i] + 1);
+        need += blocks > h->n_blocks ? blocks - h->n_blocks : 0;
+        assert_int_equal(uc_kv_head_make_room(h, blocks), UC_OK);
+    }
+    assert_int_equal(need, 4); /* the heads at 0, BT, 2 BT and 3 BT tokens */
+    int32_t ids[HEADS] = {0};
+    assert_false(uc_kv_take_blocks(&kv[1], kv[1].n_free + 1, ids)); /* too many: none taken */
+    assert_int_equal(uc_kv_used_blocks(&kv[1]), uc_kv_used_blocks(&kv[0]) - need);
+    assert_true(uc_kv_take_blocks(&kv[1], need, ids));
+    const int32_t *next = ids;
+    for (int i = 0; i < HEADS; i++) {
+        next += uc_kv_head_add_taken(&kv[1], &s[1].heads[i], held[i] + 1, next);
+    }
+    assert_int_equal(next - ids, need);
+    assert_int_equal(uc_kv_used_blocks(&kv[1]), uc_kv_used_blocks(&kv[0]));
+    for (int i = 0; i < HEADS; i++) {
+        assert_int_equal(s[1].heads[i].n_blocks, s[0].heads[i].n_blocks);
+        for (int j = 0; j < s[0].heads[i].n_blocks; j++) {
+            assert_int_equal(s[1].heads[i].blocks[j], s[0].heads[i].blocks[j]);
+        }
+    }
+    for (int w = 0; w < 2; w++) {
+        uc_kv_seq_fini(&kv[w], &s[w]);
+        assert_int_equal(uc_kv_used_blocks(&kv[w]), 0); /* every taken block came back */
+        uc_kv_cache_fini(&kv[w]);
+    }
+}
+
 /* Copies the blocks uc_kv_head_fork listed, as the engine does after forking every head. */
 static void fork_head(struct uc_kv_cache *kv, struct uc_kv_head *dst, const struct uc_kv_head *src)
 {
@@ -766,6 +822,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_freed_blocks_reused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_allocation_failures, setup, teardown),
         cmocka_unit_test_setup_teardown(test_table_room_after_prompt, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_taken_blocks_match_reserve, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fork_shares_full_blocks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fork_full_head_and_kv_full, setup, teardown),
         cmocka_unit_test_setup_teardown(test_remove_unshares, setup, teardown),
