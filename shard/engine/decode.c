@@ -111,8 +111,8 @@ static int64_t seq_blocks_needed(const struct uc_engine *e, const struct seq *s,
 /* Every head of the batch whose next token starts a block takes one (e->dm_need: how many each
  * sequence's heads take). When the whole batch crosses a block boundary at once (256 sequences
  * of an 8B model: 65,536 heads) that is a cache miss or two per head, so with `big` the heads
- * are served in parallel: their tables get room first (the only step that can fail), the
- * blocks leave the pool in one piece, and each sequence hands out its share, in the order
+ * get their blocks in parallel: their tables get room first (the only step that can fail),
+ * the blocks leave the pool in one piece, and each sequence hands out its share, in the order
  * uc_kv_head_reserve would have (the same ids for the same heads). */
 static uc_status decode_reserve(struct uc_engine *e, struct seq **batch, int64_t nb, bool big)
 {
@@ -147,23 +147,20 @@ static uc_status decode_reserve(struct uc_engine *e, struct seq **batch, int64_t
         !eng_grow((void **)&e->dm_first, &e->dm_first_cap, nb, sizeof *e->dm_first)) {
         return UC_ERRF(UC_ERR_NOMEM, "decode block reservation of %lld blocks", (long long)total);
     }
-    uc_status room = UC_OK;
-#pragma omp parallel for schedule(static)
+    /* room on this thread: a table rarely grows, but when a batch's heads fill their tables
+     * at the same step, 65,536 reallocs from 16 threads contend for the allocator's lock
+     * (a 123 ms step on the H200 host, call C3, against 24 ms of host time on one thread) */
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t i = 0; e->dm_need[b] > 0 && i < L * hkv; i++) {
             struct uc_kv_head *h = &batch[b]->kv.heads[i];
-            if (eng_layer_shared(batch[b], i / hkv)) {
-                continue;
-            }
-            uc_status r = uc_kv_head_make_room(h, uc_kv_head_blocks_for(&e->kv, h, h->n_tokens + 1));
-            if (r != UC_OK) {
-#pragma omp critical(decode_reserve_room)
-                room = room == UC_OK ? r : room;
+            if (!eng_layer_shared(batch[b], i / hkv)) {
+                uc_status rc = uc_kv_head_make_room(
+                    h, uc_kv_head_blocks_for(&e->kv, h, h->n_tokens + 1));
+                if (rc != UC_OK) {
+                    return rc; /* nothing taken */
+                }
             }
         }
-    }
-    if (room != UC_OK) {
-        return room; /* nothing taken */
     }
     for (int64_t b = 0, k = 0; b < nb; b++) {
         e->dm_first[b] = k;
