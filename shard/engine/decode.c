@@ -268,8 +268,7 @@ static void meta_layer_shared(struct uc_engine *e, struct seq **batch, int64_t n
  * channels at coff; a merged head's ids at mc_off). A packed or latent entry's slot is -(its
  * slot) - 1. The layout depends only on B and which kinds of heads the batch has, so a
  * recorded step stays valid while this buffer and the arena do. */
-static uc_status decode_meta_prep(struct uc_engine *e, struct seq **batch, int64_t nb,
-                                  int64_t *n_ints)
+static uc_status decode_meta_prep(struct uc_engine *e, struct seq **batch, int64_t nb)
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
     bool packed = false, latent = false, any_shared = false, merged = false;
@@ -319,7 +318,6 @@ static uc_status decode_meta_prep(struct uc_engine *e, struct seq **batch, int64
     for (int64_t b = 0; b < nb; b++) {
         e->dm_host[b] = (int32_t)batch[b]->n_ctx; /* RoPE position of the new token */
     }
-    *n_ints = fixed;
 out:
     return rc;
 }
@@ -571,8 +569,7 @@ static uc_status decode_begin(struct uc_engine *e, const struct uc_step_decode *
         *any_evict = *any_evict || batch[b]->rings != NULL;
     }
     UC_CHECK(uc_model_embed(e->m, e->dx, e->d_tok, nb), rc, out);
-    int64_t n_ints = 0;
-    UC_CHECK(decode_meta_prep(e, batch, nb, &n_ints), rc, out);
+    UC_CHECK(decode_meta_prep(e, batch, nb), rc, out);
     e->info.blocks_taken = free0 - e->kv.n_free;
     e->info.table_ints = e->bt.ints_uploaded - ints0;
     if (all_layers) {
