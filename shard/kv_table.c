@@ -14,6 +14,7 @@ void uc_kv_table_init(struct uc_kv_table *t, struct uc_backend *be)
     t->epoch = 1;
     t->merge_gap = UC_KV_TABLE_MERGE_GAP;
     t->par_min = UC_KV_TABLE_PAR_MIN;
+    t->par_min_heads = UC_KV_TABLE_PAR_MIN_HEADS;
 }
 
 void uc_kv_table_fini(struct uc_kv_table *t)
@@ -118,6 +119,25 @@ static bool span_add(struct uc_kv_table *t, int64_t *n, int64_t lo, int64_t hi)
 /* When s's region holds its heads up to appended ids: writes those ids into the mirror, adds
  * their spans and returns true. Otherwise (the region must be written whole) returns false with
  * the spans it added taken back. *rc is set on failure (spans out of memory). */
+/* Whether s's region is current and none of its heads changed since the last sync: then a
+ * sync has nothing of it to write (region_append would find nothing), which is most
+ * sequences at most steps. Reads only; sequences are looked over in parallel. */
+static bool region_unchanged(const struct uc_kv_table *t, const struct uc_kv_table_seq *s)
+{
+    const struct uc_kv_table_region *r = s->r;
+    int64_t nh = s->kv->n_layers * s->kv->n_heads_kv;
+    if (r->epoch != t->epoch || r->n_heads != nh) {
+        return false;
+    }
+    for (int64_t i = 0; i < nh; i++) {
+        const struct uc_kv_head *h = &s->kv->heads[i];
+        if (h->n_blocks != r->heads[i].n_up || h->rewrites != r->heads[i].rewrites) {
+            return false;
+        }
+    }
+    return true;
+}
+
 static bool region_append(struct uc_kv_table *t, const struct uc_kv_table_seq *s, int64_t *n_span,
                           uc_status *rc)
 {
@@ -253,6 +273,7 @@ static uc_status upload_spans(struct uc_kv_table *t, int64_t n)
 
 /* What a sync does with one of its sequences. */
 struct sync_seq {
+    bool same;    /* nothing of it changed since the last sync (region_unchanged) */
     bool whole;   /* its region is written whole (else its appended ids were) */
     int64_t at;   /* where, when whole */
     int64_t size; /* region_size, when whole */
@@ -266,10 +287,23 @@ uc_status uc_kv_table_sync(struct uc_kv_table *t, const struct uc_kv_table_seq *
     if (!q) {
         return UC_ERRF(UC_ERR_NOMEM, "kv table sync of %lld", (long long)n);
     }
-    /* appended ids where a region is current; the size of what must be written whole */
+    /* appended ids where a region is current; the size of what must be written whole. At
+     * batch 256 the batch has 65,536 heads and at most steps none changed: they are looked
+     * over in parallel first, and only the sequences that changed are gone through in order */
+    int64_t heads = 0;
+    for (int64_t i = 0; i < n; i++) {
+        heads += seqs[i].kv->n_layers * seqs[i].kv->n_heads_kv;
+    }
+#pragma omp parallel for schedule(static) if (heads >= t->par_min_heads)
+    for (int64_t i = 0; i < n; i++) {
+        q[i].same = region_unchanged(t, &seqs[i]);
+    }
     uc_status rc = UC_OK;
     int64_t n_span = 0, fresh = 0;
     for (int64_t i = 0; i < n && rc == UC_OK; i++) {
+        if (q[i].same) {
+            continue; /* whole false, size 0: nothing to write */
+        }
         q[i].whole = !region_append(t, &seqs[i], &n_span, &rc);
         q[i].size = q[i].whole ? region_size(&seqs[i]) : 0;
         fresh += q[i].size;

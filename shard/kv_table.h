@@ -59,6 +59,9 @@ struct uc_kv_table_seq {
 #define UC_KV_TABLE_MERGE_GAP 16384
 /* Default par_min: 1 MB of ids (a batch of 8K sequences joining writes 21 MB). */
 #define UC_KV_TABLE_PAR_MIN (1 << 18)
+/* Default par_min_heads: batch 128 of an 8B model (32 layers x 8 KV heads); below it waking
+ * the threads costs more than the look (at batch 32 the look takes ~0.04 ms on one thread). */
+#define UC_KV_TABLE_PAR_MIN_HEADS 32768
 
 struct uc_kv_table {
     struct uc_backend *be;
@@ -72,6 +75,8 @@ struct uc_kv_table {
     int64_t merge_gap; /* spans this close (ints) go up in one copy (UC_KV_TABLE_MERGE_GAP) */
     int64_t par_min;   /* whole regions of at least this many ints in all are written by the
                         * OpenMP threads (UC_KV_TABLE_PAR_MIN) */
+    int64_t par_min_heads; /* sequences of at least this many heads in all are looked over by
+                            * the OpenMP threads for what changed (UC_KV_TABLE_PAR_MIN_HEADS) */
     int32_t *sc;      /* (2 x sc_cap) scratch: positions, then values, of a scattered sync */
     int64_t sc_cap;
     /* totals, for tests and logs */

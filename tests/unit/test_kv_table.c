@@ -245,11 +245,13 @@ static void random_steps(struct fixture *f)
 static void test_random_steps(void **state) { random_steps(*state); }
 
 /* The same with every whole region written by the OpenMP threads (at scale only a batch of
- * long sequences joining is; here every sync that writes one is). */
+ * long sequences joining is; here every sync that writes one is), and every sync's sequences
+ * looked over for what changed by them too (at scale a batch of 16 8B sequences or more). */
 static void test_random_steps_parallel(void **state)
 {
     struct fixture *f = *state;
     f->t.par_min = 1;
+    f->t.par_min_heads = 1;
     omp_set_num_threads(4); /* the fixture's backend set one */
     random_steps(f);
     omp_set_num_threads(1);
