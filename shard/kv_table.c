@@ -116,9 +116,6 @@ static bool span_add(struct uc_kv_table *t, int64_t *n, int64_t lo, int64_t hi)
     return true;
 }
 
-/* When s's region holds its heads up to appended ids: writes those ids into the mirror, adds
- * their spans and returns true. Otherwise (the region must be written whole) returns false with
- * the spans it added taken back. *rc is set on failure (spans out of memory). */
 /* Whether s's region is current and none of its heads changed since the last sync: then a
  * sync has nothing of it to write (region_append would find nothing), which is most
  * sequences at most steps. Reads only; sequences are looked over in parallel. */
@@ -138,6 +135,9 @@ static bool region_unchanged(const struct uc_kv_table *t, const struct uc_kv_tab
     return true;
 }
 
+/* When s's region holds its heads up to appended ids: writes those ids into the mirror, adds
+ * their spans and returns true. Otherwise (the region must be written whole) returns false with
+ * the spans it added taken back. *rc is set on failure (spans out of memory). */
 static bool region_append(struct uc_kv_table *t, const struct uc_kv_table_seq *s, int64_t *n_span,
                           uc_status *rc)
 {
