@@ -116,19 +116,28 @@ static bool span_add(struct uc_kv_table *t, int64_t *n, int64_t lo, int64_t hi)
     return true;
 }
 
+/* Whether s's region was laid out in this arena for its heads as they are now counted. */
+static bool region_current(const struct uc_kv_table *t, const struct uc_kv_table_seq *s)
+{
+    return s->r->epoch == t->epoch && s->r->n_heads == s->kv->n_layers * s->kv->n_heads_kv;
+}
+
+/* Whether the arena holds head h as it is (or h reads another layer's cache: 0 == 0). */
+static bool head_unchanged(const struct uc_kv_head *h, const struct uc_kv_table_head *a)
+{
+    return h->n_blocks == a->n_up && h->rewrites == a->rewrites;
+}
+
 /* Whether s's region is current and none of its heads changed since the last sync: then a
  * sync has nothing of it to write (region_append would find nothing), which is most
  * sequences at most steps. Reads only; sequences are looked over in parallel. */
 static bool region_unchanged(const struct uc_kv_table *t, const struct uc_kv_table_seq *s)
 {
-    const struct uc_kv_table_region *r = s->r;
-    int64_t nh = s->kv->n_layers * s->kv->n_heads_kv;
-    if (r->epoch != t->epoch || r->n_heads != nh) {
+    if (!region_current(t, s)) {
         return false;
     }
-    for (int64_t i = 0; i < nh; i++) {
-        const struct uc_kv_head *h = &s->kv->heads[i];
-        if (h->n_blocks != r->heads[i].n_up || h->rewrites != r->heads[i].rewrites) {
+    for (int64_t i = 0; i < s->r->n_heads; i++) {
+        if (!head_unchanged(&s->kv->heads[i], &s->r->heads[i])) {
             return false;
         }
     }
@@ -142,15 +151,15 @@ static bool region_append(struct uc_kv_table *t, const struct uc_kv_table_seq *s
                           uc_status *rc)
 {
     struct uc_kv_table_region *r = s->r;
-    int64_t nh = s->kv->n_layers * s->kv->n_heads_kv, n0 = *n_span;
-    if (r->epoch != t->epoch || r->n_heads != nh) {
+    int64_t n0 = *n_span;
+    if (!region_current(t, s)) {
         return false;
     }
-    for (int64_t i = 0; i < nh; i++) {
+    for (int64_t i = 0; i < r->n_heads; i++) {
         const struct uc_kv_head *h = &s->kv->heads[i];
         struct uc_kv_table_head *a = &r->heads[i];
-        if (h->n_blocks == a->n_up && h->rewrites == a->rewrites) {
-            continue; /* unchanged, or a head that reads another layer's cache (0 == 0) */
+        if (head_unchanged(h, a)) {
+            continue;
         }
         if (head_skipped(s, i)) {
             continue;

@@ -114,71 +114,52 @@ static int64_t seq_blocks_needed(const struct uc_engine *e, const struct seq *s,
 }
 
 /* Every head of the batch whose next token starts a block takes one (e->dm_need: how many each
- * sequence's heads take). When the whole batch crosses a block boundary at once (256 sequences
- * of an 8B model: 65,536 heads) that is a cache miss or two per head, so with `big` the heads
- * get their blocks in parallel: their tables get room first (the only step that can fail),
- * the blocks leave the pool in one piece, and each sequence hands out its share, in the order
- * uc_kv_head_reserve would have (the same ids for the same heads). */
+ * sequence's heads take), with the ids uc_kv_head_reserve one head after another would give:
+ * the tables get room on this thread (the only step that can fail; a table rarely grows, but
+ * when a batch's heads fill theirs at the same step, 65,536 reallocs from 16 threads contended
+ * for the allocator's lock: a 123 ms step on the H200 host, call C3, against 24 ms on one
+ * thread), the blocks leave the pool in one piece, and each sequence hands out its share. When
+ * the whole batch crosses a block boundary at once (256 sequences of an 8B model: 65,536 heads)
+ * that is a cache miss or two per head, so with `big` the sequences hand out in parallel. */
 static uc_status decode_reserve(struct uc_engine *e, struct seq **batch, int64_t nb, bool big)
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, total = 0;
     for (int64_t b = 0; b < nb; b++) {
+        e->dm_first[b] = total;
         total += e->dm_need[b];
     }
     if (total == 0) {
         return UC_OK;
     }
-    if (!big || total > e->kv.n_free) {
-        /* one at a time (and where the pool runs out, the sequence and layer it ran out at) */
-        for (int64_t b = 0; b < nb; b++) {
-            for (int64_t i = 0; e->dm_need[b] > 0 && i < L * hkv; i++) {
-                struct uc_kv_head *h = &batch[b]->kv.heads[i];
-                if (eng_layer_shared(batch[b], i / hkv)) {
-                    continue;
-                }
-                uc_status rc = uc_kv_head_reserve(&e->kv, h, h->n_tokens + 1);
-                if (rc == UC_ERR_KV_FULL) {
-                    UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
-                             (long long)batch[b]->id, (long long)(i / hkv));
-                }
-                if (rc != UC_OK) {
-                    return rc;
-                }
-            }
-        }
-        return UC_OK;
-    }
-    if (!eng_grow((void **)&e->dm_ids, &e->dm_ids_cap, total, sizeof *e->dm_ids) ||
-        !eng_grow((void **)&e->dm_first, &e->dm_first_cap, nb, sizeof *e->dm_first)) {
+    if (!eng_grow((void **)&e->dm_ids, &e->dm_ids_cap, total, sizeof *e->dm_ids)) {
         return UC_ERRF(UC_ERR_NOMEM, "decode block reservation of %lld blocks", (long long)total);
     }
-    /* room on this thread: a table rarely grows, but when a batch's heads fill their tables
-     * at the same step, 65,536 reallocs from 16 threads contend for the allocator's lock
-     * (a 123 ms step on the H200 host, call C3, against 24 ms of host time on one thread) */
+    int64_t left = e->kv.n_free;
     for (int64_t b = 0; b < nb; b++) {
-        for (int64_t i = 0; e->dm_need[b] > 0 && i < L * hkv; i++) {
-            struct uc_kv_head *h = &batch[b]->kv.heads[i];
-            if (!eng_layer_shared(batch[b], i / hkv)) {
-                uc_status rc = uc_kv_head_make_room(
-                    h, uc_kv_head_blocks_for(&e->kv, h, h->n_tokens + 1));
+        for (int64_t l = 0; e->dm_need[b] > 0 && l < L; l++) {
+            for (int64_t j = 0; j < hkv && !eng_layer_shared(batch[b], l); j++) {
+                struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
+                int64_t blocks = uc_kv_head_blocks_for(&e->kv, h, h->n_tokens + 1);
+                left -= blocks > h->n_blocks ? blocks - h->n_blocks : 0;
+                if (left < 0) {
+                    UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
+                             (long long)batch[b]->id, (long long)l);
+                }
+                uc_status rc = uc_kv_head_make_room(h, blocks);
                 if (rc != UC_OK) {
                     return rc; /* nothing taken */
                 }
             }
         }
     }
-    for (int64_t b = 0, k = 0; b < nb; b++) {
-        e->dm_first[b] = k;
-        k += e->dm_need[b];
-    }
     bool ok = uc_kv_take_blocks(&e->kv, total, e->dm_ids);
     UC_ASSERT(ok); /* total <= n_free above */
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (big)
     for (int64_t b = 0; b < nb; b++) {
         const int32_t *ids = e->dm_ids + e->dm_first[b];
-        for (int64_t i = 0; e->dm_need[b] > 0 && i < L * hkv; i++) {
-            struct uc_kv_head *h = &batch[b]->kv.heads[i];
-            if (!eng_layer_shared(batch[b], i / hkv)) {
+        for (int64_t l = 0; e->dm_need[b] > 0 && l < L; l++) {
+            for (int64_t j = 0; j < hkv && !eng_layer_shared(batch[b], l); j++) {
+                struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
                 ids += uc_kv_head_add_taken(&e->kv, h, h->n_tokens + 1, ids);
             }
         }
@@ -279,7 +260,8 @@ static uc_status decode_meta_prep(struct uc_engine *e, struct seq **batch, int64
     bool packed = false, latent = false, any_shared = false, merged = false;
     uc_status rc = UC_OK;
     if (!eng_grow((void **)&e->bt_seqs, &e->bt_seqs_cap, nb, sizeof *e->bt_seqs) ||
-        !eng_grow((void **)&e->dm_need, &e->dm_need_cap, nb, sizeof *e->dm_need)) {
+        !eng_grow((void **)&e->dm_need, &e->dm_need_cap, nb, sizeof *e->dm_need) ||
+        !eng_grow((void **)&e->dm_first, &e->dm_first_cap, nb, sizeof *e->dm_first)) {
         return UC_ERRF(UC_ERR_NOMEM, "decode block table list");
     }
     /* at batch 256 the batch has 65K heads: they are looked at in parallel, and only the few

@@ -176,7 +176,7 @@ struct uc_engine {
     int64_t bt_seqs_cap;
     int64_t *dm_need; /* (dm_need_cap) blocks a sequence's heads take for the step's token */
     int64_t dm_need_cap;
-    int32_t *dm_ids;   /* (dm_ids_cap) the blocks a parallel reservation hands out */
+    int32_t *dm_ids;   /* (dm_ids_cap) the blocks a step's reservation hands out */
     int64_t dm_ids_cap;
     int64_t *dm_first; /* (dm_first_cap) a sequence's first block in dm_ids */
     int64_t dm_first_cap;
