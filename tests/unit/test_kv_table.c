@@ -246,7 +246,7 @@ static void test_random_steps(void **state) { random_steps(*state); }
 
 /* The same with every whole region written by the OpenMP threads (at scale only a batch of
  * long sequences joining is; here every sync that writes one is), and every sync's sequences
- * looked over for what changed by them too (at scale a batch of 16 8B sequences or more). */
+ * looked over for what changed by them too (at scale a batch of 128 8B sequences or more). */
 static void test_random_steps_parallel(void **state)
 {
     struct fixture *f = *state;
