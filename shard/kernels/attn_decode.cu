@@ -39,6 +39,12 @@
 #define DEC_TILE 64     /* tensor-core path: tokens per shared-memory tile */
 #define DEC_STAGES 3    /* tensor-core path: tiles in flight */
 #define DEC_RESIDENT 2  /* blocks per SM the plan counts on */
+/* Waves of resident blocks the ranges aim at when the rows alone do not fill the GPU: with one,
+ * a block's start (Q, the first tiles' latency) and end (the merges) leave its SM's share of
+ * the memory idle, and a batch of 33-125 rows ran 1.0-1.4 waves of one range each. Two (call
+ * D2, distinct contexts, a step's decode attention): batch 12 x 4608 3.03 -> 2.45 ms, 45 x 922
+ * 2.21 -> 2.01 ms; 32 x 8256 and 256 x 1280 unchanged; four is slower at both small shapes. */
+#define DEC_WAVES 2
 /* ranges per (entry, tile): the merge keeps DEC_GT x splits weights in shared memory */
 #define DEC_MAX_SPLITS 256
 
@@ -551,8 +557,9 @@ extern "C" void uc_cuda_attn_decode_plan(struct uc_cuda_decode_plan *plan, int64
     int64_t entries = n_rows * n_heads_kv, group = n_heads / n_heads_kv;
     int64_t g_tiles = ceil_div(group, DEC_GT);
     int64_t mt = max_tokens > 0 ? max_tokens : 1;
-    /* one wave of resident blocks when the rows alone do not fill the GPU */
-    int64_t want = ceil_div(DEC_RESIDENT * (int64_t)(n_sms > 0 ? n_sms : 132), entries * g_tiles);
+    /* DEC_WAVES waves of resident blocks when the rows alone do not fill the GPU */
+    int64_t want = ceil_div(DEC_WAVES * DEC_RESIDENT * (int64_t)(n_sms > 0 ? n_sms : 132),
+                            entries * g_tiles);
     int64_t splits, chunk;
     want = want < DEC_MAX_SPLITS ? want : DEC_MAX_SPLITS;
     if (max_tokens <= 0) { /* dynamic: ranges sized in the kernel from each entry's length */

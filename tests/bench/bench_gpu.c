@@ -9,7 +9,9 @@
  *      and the prefill time of `uncomp-stage` vs `full`.
  *   5. --decode-at B:CTX,...: decode step time at batch B with every sequence at context CTX
  *      (forks of one prefilled prompt, full cache): the decode floor of a serving workload
- *      (tests/bench/serve_gpu.py reads these lines).
+ *      (tests/bench/serve_gpu.py reads these lines). With --decode-distinct each sequence is a
+ *      prompt of its own (B prefills): the K/V reads of served sequences, which forks' shared
+ *      blocks turn into L2 hits.
  *   6. --methods SPEC,...: like 4 for each policy spec ("think", "snapkv+lorc", ...; token
  *      policies at --budget-frac): KV bytes per sequence, the batch the pool holds, aggregate
  *      decode tokens/s there (the KV methods' decode kernels at the batch their savings buy).
@@ -18,7 +20,7 @@
  *                  [--prefill 8192,32768] [--ctx 32768] [--budget-frac 0.1] [--reps 3]
  *                  [--decode-steps 32] [--max-batch 128] [--stage-starts 16,24] [--r-min 0.375]
  *                  [--decode-at 1:640,32:8256] [--skip-compress] [--prefill-policy full]
- *                  [--prefill-chunk 8192]
+ *                  [--prefill-chunk 8192] [--decode-distinct]
  *                  [--methods full,think,minicache,lorc,snapkv,snapkv+lorc]
  * (--prefill-policy: the prefill table's policy, at --budget-frac, prompt grouping) */
 #include <math.h>
@@ -48,6 +50,7 @@ struct opts {
     int64_t decode_at[16][2]; /* (batch, context) */
     int64_t prefill_chunk;    /* rows per sweep pass; 0: the daemon's default */
     int n_decode_at;
+    bool decode_distinct; /* --decode-at batches of distinct prompts instead of forks */
     const char *methods; /* policy specs, comma-separated (section 6) */
 };
 
@@ -225,6 +228,28 @@ static int64_t fork_batch(struct uc_engine *e, int64_t base, int64_t want, int g
     return want;
 }
 
+/* Sequences base + 1 .. base + want - 1 as prompts of their own (ctx random ids each), as long
+ * as the pool holds them; returns the batch (with base). */
+static int64_t distinct_batch(struct uc_engine *e, int64_t base, int64_t want, int64_t ctx,
+                              int gen, const struct uc_compress_params *cp)
+{
+    const struct uc_model_config *c = uc_engine_config(e);
+    struct uc_step_new nw = {.max_new_tokens = gen, .cp = *cp, .n_prompt = ctx};
+    int64_t per_seq = uc_engine_kv_blocks_needed(e, &nw);
+    for (int64_t i = 1; i < want; i++) {
+        if (uc_engine_kv_blocks_used(e) + per_seq > uc_engine_kv_blocks_total(e)) {
+            return i;
+        }
+        int32_t *ids = random_ids(ctx, c->vocab, 1000 + (uint64_t)i);
+        uc_status rc = tu_prefill(e, base + i, ids, ctx, 0, cp, gen);
+        uc_free(ids);
+        if (rc != UC_OK) {
+            return i;
+        }
+    }
+    return want;
+}
+
 /* The median decode step (seconds) of the batch base .. base+nb-1 over o->decode_steps steps;
  * *host_ms (when not NULL): the median and the largest of the engine's host time before the
  * layers (uc_engine_step_info.decode_prep_ms; the largest is a block-boundary step). */
@@ -302,12 +327,15 @@ static void bench_decode_at(struct uc_engine *e, const struct opts *o, int64_t w
         uc_free(ids);
         return;
     }
-    int64_t batch = fork_batch(e, 3000, want < o->max_batch ? want : o->max_batch, gen, &full);
+    int64_t cap = want < o->max_batch ? want : o->max_batch;
+    int64_t batch = o->decode_distinct ? distinct_batch(e, 3000, cap, ctx, gen, &full)
+                                       : fork_batch(e, 3000, cap, gen, &full);
     double host[2];
     double step = median_step(e, o, 3000, batch, ids, host);
-    printf("decode batch=%lld context=%lld: step %.3f ms (%.0f tok/s aggregate; host before the "
-           "layers median %.3f ms, most %.3f)", (long long)batch, (long long)ctx, step * 1e3,
-           (double)batch / step, host[0], host[1]);
+    printf("decode batch=%lld context=%lld%s: step %.3f ms (%.0f tok/s aggregate; host before the "
+           "layers median %.3f ms, most %.3f)", (long long)batch, (long long)ctx,
+           o->decode_distinct ? " distinct" : "", step * 1e3, (double)batch / step, host[0],
+           host[1]);
     if (batch < want) {
         printf("; asked for batch %lld, the pool / --max-batch holds %lld", (long long)want,
                (long long)batch);
@@ -423,6 +451,10 @@ int main(int argc, char **argv)
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
         if (!strcmp(a, "--skip-compress")) {
             skip_compress = true;
+            continue;
+        }
+        if (!strcmp(a, "--decode-distinct")) {
+            o.decode_distinct = true;
             continue;
         }
         i++;

@@ -354,7 +354,7 @@ def run_bench_gpu(args, sh, wls, log):
         m = re.match(r"^\s*(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", line)
         if m:
             eng["prefill"][int(m.group(1))] = float(m.group(2))
-        m = re.match(r"^decode batch=(\d+) context=(\d+): step ([\d.]+) ms", line)
+        m = re.match(r"^decode batch=(\d+) context=(\d+)(?: distinct)?: step ([\d.]+) ms", line)
         if m:
             eng["step_ms"][(int(m.group(1)), int(m.group(2)))] = float(m.group(3))
         m = re.match(r"^decode batch=1 \(context \d+\): step ([\d.]+) ms", line)
