@@ -41,6 +41,8 @@ struct uc_engine_params {
     int64_t max_batch;       /* most sequences decoded in one step, default 64 */
     int64_t max_ctx;         /* 0 = the model's max_position_embeddings */
     const char *profile_path; /* NULL = MODEL_DIR/uncomp_profile.json */
+    bool no_lookahead;        /* decode steps take their blocks in the step, not ahead while
+                                 the step before runs (for A/B timings and tests) */
 };
 
 struct uc_engine_params uc_engine_default_params(void);
@@ -228,6 +230,7 @@ struct uc_engine_step_info {
     int64_t blocks_taken;    /* KV blocks the decode rows' heads took */
     int64_t table_ints;      /* ints of block tables uploaded (a scatter counts 2 per id) */
     enum uc_step_graph graph;
+    bool lookahead; /* the blocks were taken and the tables synced while the step before ran */
 };
 void uc_engine_last_step_info(const struct uc_engine *e, struct uc_engine_step_info *out);
 /* With UC_SEQ_HIDDEN, on rank 0 after the prefill: the last layer's output rows (n_rows, C),

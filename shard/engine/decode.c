@@ -120,8 +120,10 @@ static int64_t seq_blocks_needed(const struct uc_engine *e, const struct seq *s,
  * for the allocator's lock: a 123 ms step on the H200 host, call C3, against 24 ms on one
  * thread), the blocks leave the pool in one piece, and each sequence hands out its share. When
  * the whole batch crosses a block boundary at once (256 sequences of an 8B model: 65,536 heads)
- * that is a cache miss or two per head, so with `big` the sequences hand out in parallel. */
-static uc_status decode_reserve(struct uc_engine *e, struct seq **batch, int64_t nb, bool big)
+ * that is a cache miss or two per head, so with `big` the sequences hand out in parallel. With
+ * `soft` (the lookahead) a pool too short is UC_ERR_KV_FULL with nothing taken, not fatal. */
+static uc_status decode_reserve(struct uc_engine *e, struct seq **batch, int64_t nb, bool big,
+                                bool soft)
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, total = 0;
     for (int64_t b = 0; b < nb; b++) {
@@ -141,6 +143,9 @@ static uc_status decode_reserve(struct uc_engine *e, struct seq **batch, int64_t
                 struct uc_kv_head *h = uc_kv_seq_head(&batch[b]->kv, l, j);
                 int64_t blocks = uc_kv_head_blocks_for(&e->kv, h, h->n_tokens + 1);
                 left -= blocks > h->n_blocks ? blocks - h->n_blocks : 0;
+                if (left < 0 && soft) {
+                    return UC_ERR_KV_FULL; /* nothing taken */
+                }
                 if (left < 0) {
                     UC_FATAL("kv pool exhausted in decode seq=%lld layer=%lld",
                              (long long)batch[b]->id, (long long)l);
@@ -246,19 +251,15 @@ static void meta_layer_shared(struct uc_engine *e, struct seq **batch, int64_t n
     }
 }
 
-/* The decode step's index arrays, before any layer's part: reserves each head's next slot
- * where a block is needed, brings the block tables in backend memory up to date (e->bt,
- * shard/kv_table.h: only what changed since the last step is written), and fixes the layout:
- * in int32s, pos (B) | for each layer, the parts of eng_meta_layout (decode_meta_layers fills
- * them). Offsets are into the arena of block tables (a head's block ids; a packed head's kept
- * channels at coff; a merged head's ids at mc_off). A packed or latent entry's slot is -(its
- * slot) - 1. The layout depends only on B and which kinds of heads the batch has, so a
- * recorded step stays valid while this buffer and the arena do. */
-static uc_status decode_meta_prep(struct uc_engine *e, struct seq **batch, int64_t nb)
+/* Every head of the batch ready for its next token: the blocks it takes (decode_reserve) and
+ * the block tables in backend memory brought up to date (e->bt, shard/kv_table.h: only what
+ * changed since the last sync is written); *packed, *latent: whether the batch has such heads.
+ * `soft` as in decode_reserve. */
+static uc_status decode_blocks(struct uc_engine *e, struct seq **batch, int64_t nb, bool soft,
+                               bool *packed, bool *latent)
 {
-    int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
-    bool packed = false, latent = false, any_shared = false, merged = false;
-    uc_status rc = UC_OK;
+    int64_t L = e->cfg->n_layers, ent = nb * e->sh->n_heads_kv;
+    bool pk = false, lt = false;
     if (!eng_grow((void **)&e->bt_seqs, &e->bt_seqs_cap, nb, sizeof *e->bt_seqs) ||
         !eng_grow((void **)&e->dm_need, &e->dm_need_cap, nb, sizeof *e->dm_need) ||
         !eng_grow((void **)&e->dm_first, &e->dm_first_cap, nb, sizeof *e->dm_first)) {
@@ -269,20 +270,96 @@ static uc_status decode_meta_prep(struct uc_engine *e, struct seq **batch, int64
      * the daemon's OpenMP threads sleep between steps (OMP_WAIT_POLICY=PASSIVE), and waking
      * them twice cost more than the loops (e->par_min_heads). */
     bool big = ent * L >= e->par_min_heads;
-#pragma omp parallel for schedule(static) reduction(|| : packed, latent) if (big)
+#pragma omp parallel for schedule(static) reduction(|| : pk, lt) if (big)
     for (int64_t b = 0; b < nb; b++) {
-        e->dm_need[b] = seq_blocks_needed(e, batch[b], &packed, &latent);
+        e->dm_need[b] = seq_blocks_needed(e, batch[b], &pk, &lt);
     }
-    UC_CHECK(decode_reserve(e, batch, nb, big), rc, out);
+    uc_status rc = decode_reserve(e, batch, nb, big, soft);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        e->bt_seqs[b] = (struct uc_kv_table_seq){&batch[b]->kv, batch[b]->plan.share_src, L,
+                                                 &batch[b]->bt};
+    }
+    *packed = pk;
+    *latent = lt;
+    return uc_kv_table_sync(&e->bt, e->bt_seqs, nb);
+}
+
+/* Whether decode_blocks was done for this batch by the lookahead of the step just before
+ * (no step ran between, so no head changed since). */
+static bool ahead_done(const struct uc_engine *e, struct seq **batch, int64_t nb)
+{
+    if (e->ah_nb != nb || e->ah_step + 1 != e->step_no) {
+        return false;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        if (e->ah_ids[b] != batch[b]->id) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* The lookahead, after a decode-only step's layers are launched: decode_blocks for the next
+ * step of the same batch while the device runs this one (the table uploads queue behind this
+ * step's layers, which read no id they write). If the next step has other sequences, its own
+ * decode_blocks finds these heads' blocks taken and their tables current; a sequence that ends
+ * instead returns the block with the rest. A head reserves at most its next token's block,
+ * which admission counted (a sequence decodes at most max_new - 1 tokens). */
+static uc_status decode_ahead(struct uc_engine *e, int64_t nb)
+{
+    e->ah_nb = 0;
+    if (e->p.no_lookahead || !eng_grow((void **)&e->ah_ids, &e->ah_ids_cap, nb, sizeof *e->ah_ids)) {
+        return UC_OK; /* the next step does it */
+    }
+    int64_t free0 = e->kv.n_free, ints0 = e->bt.ints_uploaded;
+    uc_status rc = decode_blocks(e, e->batch, nb, true, &e->ah_packed, &e->ah_latent);
+    if (rc == UC_ERR_KV_FULL) {
+        return UC_OK; /* the next step tries again, as without the lookahead */
+    }
+    for (int64_t b = 0; rc == UC_OK && b < nb; b++) {
+        e->ah_ids[b] = e->batch[b]->id;
+    }
+    e->ah_nb = rc == UC_OK ? nb : 0;
+    e->ah_step = e->step_no;
+    e->ah_blocks = free0 - e->kv.n_free;
+    e->ah_table_ints = e->bt.ints_uploaded - ints0;
+    return rc;
+}
+
+/* The decode step's index arrays, before any layer's part: every head ready for its next token
+ * (decode_blocks, unless the lookahead did it), and the layout fixed:
+ * in int32s, pos (B) | for each layer, the parts of eng_meta_layout (decode_meta_layers fills
+ * them). Offsets are into the arena of block tables (a head's block ids; a packed head's kept
+ * channels at coff; a merged head's ids at mc_off). A packed or latent entry's slot is -(its
+ * slot) - 1. The layout depends only on B and which kinds of heads the batch has, so a
+ * recorded step stays valid while this buffer and the arena do. */
+static uc_status decode_meta_prep(struct uc_engine *e, struct seq **batch, int64_t nb)
+{
+    int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
+    bool packed = false, latent = false, any_shared = false, merged = false;
+    uc_status rc = UC_OK;
+    if (ahead_done(e, batch, nb)) {
+        packed = e->ah_packed;
+        latent = e->ah_latent;
+        e->info.lookahead = true;
+        e->info.blocks_taken = e->ah_blocks;
+        e->info.table_ints = e->ah_table_ints;
+    } else {
+        int64_t free0 = e->kv.n_free, ints0 = e->bt.ints_uploaded;
+        UC_CHECK(decode_blocks(e, batch, nb, false, &packed, &latent), rc, out);
+        e->info.blocks_taken = free0 - e->kv.n_free;
+        e->info.table_ints = e->bt.ints_uploaded - ints0;
+    }
+    e->ah_nb = 0;
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t l = 0; l < L; l++) {
             any_shared = any_shared || eng_layer_shared(batch[b], l);
         }
         merged = merged || batch[b]->mc_n_pairs > 0;
-        e->bt_seqs[b] = (struct uc_kv_table_seq){&batch[b]->kv, batch[b]->plan.share_src, L,
-                                                 &batch[b]->bt};
     }
-    UC_CHECK(uc_kv_table_sync(&e->bt, e->bt_seqs, nb), rc, out);
     struct eng_meta_layout y = eng_meta_layout(packed, latent, merged);
     int64_t fixed = nb + y.per * L * ent;
     if (!eng_grow((void **)&e->dm_host, &e->dm_cap, fixed, sizeof(int32_t))) {
@@ -548,7 +625,6 @@ static uc_status decode_begin(struct uc_engine *e, const struct uc_step_decode *
     uc_status rc;
     e->dm_t0 = uc_time_s();
     e->dm_next = 0;
-    int64_t ints0 = e->bt.ints_uploaded, free0 = e->kv.n_free;
     *any_evict = false;
     for (int64_t b = 0; b < nb; b++) {
         batch[b] = eng_find_seq(e, dec[b].seq_id);
@@ -557,8 +633,6 @@ static uc_status decode_begin(struct uc_engine *e, const struct uc_step_decode *
     }
     UC_CHECK(uc_model_embed(e->m, e->dx, e->d_tok, nb), rc, out);
     UC_CHECK(decode_meta_prep(e, batch, nb), rc, out);
-    e->info.blocks_taken = free0 - e->kv.n_free;
-    e->info.table_ints = e->bt.ints_uploaded - ints0;
     if (all_layers) {
         rc = decode_meta_upto(e, nb, e->cfg->n_layers);
     }
@@ -613,6 +687,9 @@ uc_status eng_decode_run(struct uc_engine *e, const struct uc_step_decode *dec, 
         rc = decode_layers(e, nb, 0, e->cfg->n_layers, true);
     } else {
         rc = decode_graphed(e, nb);
+        if (rc == UC_OK) {
+            rc = decode_ahead(e, nb);
+        }
     }
     if (rc == UC_OK) {
         rc = eng_decode_end(e, dec, nb);

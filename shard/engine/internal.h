@@ -248,6 +248,15 @@ struct uc_engine {
     bool dm_shared; /* a sequence of the step reads an earlier layer's cache (KVSharer) */
     int64_t dm_next; /* the first layer whose index arrays this step has not built yet */
     double dm_t0;    /* when the step's decode rows began (decode_prep_ms) */
+    /* the lookahead (decode.c): after a decode-only step's layers are launched, the next
+     * step's blocks are taken and the tables synced for the same batch while the device runs
+     * this one; the next step skips that work when it is exactly that batch, next */
+    int64_t ah_nb;   /* the batch it was done for; 0: none */
+    int64_t ah_step; /* e->step_no of the step that did it */
+    int64_t *ah_ids; /* (ah_ids_cap) its sequences, in order */
+    int64_t ah_ids_cap;
+    bool ah_packed, ah_latent;         /* what seq_blocks_needed found */
+    int64_t ah_blocks, ah_table_ints; /* what it took and uploaded (the next step's info) */
 };
 
 static inline size_t act_size(const struct uc_engine *e) { return e->be->ops->act_size(e->be); }

@@ -20,7 +20,7 @@
  *                  [--prefill 8192,32768] [--ctx 32768] [--budget-frac 0.1] [--reps 3]
  *                  [--decode-steps 32] [--max-batch 128] [--stage-starts 16,24] [--r-min 0.375]
  *                  [--decode-at 1:640,32:8256] [--skip-compress] [--prefill-policy full]
- *                  [--prefill-chunk 8192] [--decode-distinct]
+ *                  [--prefill-chunk 8192] [--decode-distinct] [--no-lookahead]
  *                  [--methods full,think,minicache,lorc,snapkv,snapkv+lorc]
  * (--prefill-policy: the prefill table's policy, at --budget-frac, prompt grouping) */
 #include <math.h>
@@ -51,6 +51,7 @@ struct opts {
     int64_t prefill_chunk;    /* rows per sweep pass; 0: the daemon's default */
     int n_decode_at;
     bool decode_distinct; /* --decode-at batches of distinct prompts instead of forks */
+    bool no_lookahead;    /* --no-lookahead: decode steps take their blocks in the step */
     const char *methods; /* policy specs, comma-separated (section 6) */
 };
 
@@ -457,6 +458,10 @@ int main(int argc, char **argv)
             o.decode_distinct = true;
             continue;
         }
+        if (!strcmp(a, "--no-lookahead")) {
+            o.no_lookahead = true;
+            continue;
+        }
         i++;
         if (!strcmp(a, "--model")) {
             o.model = v;
@@ -534,6 +539,7 @@ int main(int argc, char **argv)
                        : o.backend == UC_BACKEND_CUDA ? 8192
                                                       : 512;
     ep.max_batch = o.max_batch;
+    ep.no_lookahead = o.no_lookahead;
     ep.profile_path = "/nonexistent/uncomp_profile.json";
     struct uc_engine *e;
     if (uc_engine_create(&e, &ep, comm) != UC_OK) {

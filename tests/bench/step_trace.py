@@ -72,10 +72,11 @@ def summary(steps, layers=0):
         e = [s["engine_ms"] for s in v]
         rnd = [s["plan_ms"] + s["engine_ms"] + s["after_ms"] + s["idle_ms"] for s in v]
         prep = [s.get("decode_prep_ms", 0) for s in v]
+        ahead = sum(1 for s in v if s.get("lookahead"))
         out.append("  decode batch %4d: %5d steps, engine median %.2f / p90 %.2f / max %.2f ms"
-                   " (host before the layers median %.2f ms); step to step median %.2f ms" % (
-                       b, len(v), pct(e, 0.5), pct(e, 0.9), max(e), pct(prep, 0.5),
-                       pct(rnd, 0.5)))
+                   " (host before the layers median %.2f ms; %d with the lookahead); step to "
+                   "step median %.2f ms" % (b, len(v), pct(e, 0.5), pct(e, 0.9), max(e),
+                                            pct(prep, 0.5), ahead, pct(rnd, 0.5)))
     pf = kinds.get("prefill", [])
     if pf and layers > 0:
         rows = sum(s["prefill_row_layers"] for s in pf)
@@ -88,10 +89,12 @@ def summary(steps, layers=0):
         s = steps[i]
         prev = steps[i - 1] if i > 0 else None
         out.append("  slow decode step at %.1f s: batch %d, engine %.2f ms (host before the "
-                   "layers %.2f ms, %d blocks taken, %d table ints, graph %s), new %d, free %d; "
+                   "layers %.2f ms, %d blocks taken, %d table ints%s, graph %s), new %d, free %d; "
                    "before it: %s" % (s["t"] / 1e3, s["decode"], s["engine_ms"],
                                       s.get("decode_prep_ms", 0), s.get("blocks_taken", 0),
-                                      s.get("table_ints", 0), s.get("graph", "-"), s["new"],
+                                      s.get("table_ints", 0),
+                                      " ahead" if s.get("lookahead") else "",
+                                      s.get("graph", "-"), s["new"],
                                       s["free"], "%s (batch %d, %.2f ms)" % (
                                           prev["kind"], prev["decode"], prev["engine_ms"])
                                       if prev else "nothing"))

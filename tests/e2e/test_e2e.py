@@ -859,6 +859,13 @@ def check_step_trace(path, counts):
               "step trace line %s" % s)
     text = "\n".join(step_trace.summary(steps, 8))
     check("decode batch" in text and "prefill-only steps" in text, text)
+    # a decode step right after a decode step of the same rows, nothing added or freed, finds
+    # its blocks taken by the lookahead
+    repeat = [b for a, b in zip(steps, steps[1:])
+              if a["kind"] == b["kind"] == "decode" and a["decode"] == b["decode"] and
+              b["new"] == 0 and b["free"] == 0]
+    check(not repeat or any(s.get("lookahead") for s in repeat),
+          "no decode step of %d repeating the step before used the lookahead" % len(repeat))
 
 
 def t_prefill_first(args):
