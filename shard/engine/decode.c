@@ -311,7 +311,8 @@ static bool ahead_done(const struct uc_engine *e, struct seq **batch, int64_t nb
 static uc_status decode_ahead(struct uc_engine *e, int64_t nb)
 {
     e->ah_nb = 0;
-    if (e->p.no_lookahead || !eng_grow((void **)&e->ah_ids, &e->ah_ids_cap, nb, sizeof *e->ah_ids)) {
+    if (e->p.no_lookahead ||
+        !eng_grow((void **)&e->ah_ids, &e->ah_ids_cap, nb, sizeof *e->ah_ids)) {
         return UC_OK; /* the next step does it */
     }
     int64_t free0 = e->kv.n_free, ints0 = e->bt.ints_uploaded;
