@@ -516,13 +516,14 @@ out:
 }
 
 /* Layers [l0, L) run directly, `per` at a time, each part's index arrays built just before
- * it (the device runs a part while the host lays out the next). */
+ * it (the device runs a part while the host lays out the next). The step's first layer goes
+ * alone, so the device starts after one layer's arrays instead of a part's. */
 static uc_status decode_direct(struct uc_engine *e, int64_t nb, int64_t l0, int64_t per)
 {
     int64_t L = e->cfg->n_layers;
     uc_status rc = UC_OK;
-    for (int64_t l = l0; rc == UC_OK && l < L; l += per) {
-        int64_t l1 = l + per < L ? l + per : L;
+    for (int64_t l = l0, l1; rc == UC_OK && l < L; l = l1) {
+        l1 = l == 0 ? 1 : l + per < L ? l + per : L;
         rc = decode_meta_upto(e, nb, l1);
         if (rc == UC_OK) {
             rc = decode_layers(e, nb, l, l1, false);
