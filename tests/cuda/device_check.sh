@@ -5,7 +5,8 @@
 # target, then runs the named steps, each with its rc and wall time. Fixtures come from
 # .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
 # travel. Steps: ops (with --bench), decbench and specbench (decode attention or query spectra
-# timings alone; DECBENCH_SHAPES=B:CTX,... picks decbench's shapes), ncu-decode (Nsight Compute
+# timings alone; DECBENCH_SHAPES=B:CTX,... picks decbench's shapes), prodbench (a layer's four
+# products at decode batches of 9-64 rows; UC_CUDA_SKINNY=0:prodbench for cuBLAS), ncu-decode (Nsight Compute
 # on one decode attention launch; NCU_ARGS replaces its sections), ctest (label cuda), golden, golden-fp32, kvmem (KV memory accounting and
 # copy-on-write forks on the device, tests/golden/test_kv_memory.c),
 # lookahead (the decode lookahead's logits with and without it, tests/golden/test_decode_lookahead.c),
@@ -160,6 +161,7 @@ for step in "$@"; do
         --section LaunchStats -k regex:decode_tc --launch-skip 1 --launch-count 1} \
         "$bd/tests/cuda/test_cuda_ops" --bench-decode "${DECBENCH_SHAPES:-32:8192}" ;;
     specbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-qspec ;;
+    prodbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-products ;;
     prefbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-prefill ;;
     ctest) timeout 300 ctest --test-dir "$bd" -L cuda --output-on-failure ;;
     golden) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;

@@ -6,7 +6,8 @@
  * synthetic-weight generator must match exactly, argmax index for index. A control checks that
  * the attention bound rejects a result computed with the wrong GQA mapping.
  * Exits 77 (skipped) without a GPU.
- * Usage: test_cuda_ops [--bench | --bench-decode [B:CTX,...] | --bench-qspec | --bench-prefill]
+ * Usage: test_cuda_ops [--bench | --bench-decode [B:CTX,...] | --bench-qspec | --bench-prefill |
+ *                      --bench-products]
  * (--bench also times prefill attention, GEMM, decode and the query spectra; the others time one
  * of them, without the checks) */
 #include <math.h>
@@ -292,6 +293,14 @@ static void test_matmul_swiglu(int64_t t, int64_t f, int64_t k)
     char what[64];
     snprintf(what, sizeof what, "T=%lld F=%lld K=%lld", (long long)t, (long long)f, (long long)k);
     report("matmul_swiglu", what, cmp_dev(yg, yc, t * f), bound_act());
+    /* again over a cleared output: the split products' tile counters were left at zero */
+    float *zero = uc_calloc((size_t)(t * f), sizeof(float));
+    gpu->ops->upload_f32(gpu, yg, zero, t * f);
+    gpu->ops->matmul_swiglu(gpu, yg, gg, xg, wg, t, f, k);
+    snprintf(what, sizeof what, "T=%lld F=%lld K=%lld again", (long long)t, (long long)f,
+             (long long)k);
+    report("matmul_swiglu", what, cmp_dev(yg, yc, t * f), bound_act());
+    uc_free(zero);
     void *bufs[][2] = {{xg, xc}, {yg, yc}, {gg, gc}};
     for (int i = 0; i < 3; i++) {
         drop(gpu, bufs[i][0]);
@@ -318,6 +327,13 @@ static void test_matmul(int64_t t, int64_t n, int64_t k)
     char what[64];
     snprintf(what, sizeof what, "T=%lld N=%lld K=%lld", (long long)t, (long long)n, (long long)k);
     report("matmul", what, cmp_dev(yg, yc, t * n), bound_act());
+    float *zero = uc_calloc((size_t)(t * n), sizeof(float));
+    gpu->ops->upload_f32(gpu, yg, zero, t * n);
+    gpu->ops->matmul(gpu, yg, xg, wg, t, n, k);
+    snprintf(what, sizeof what, "T=%lld N=%lld K=%lld again", (long long)t, (long long)n,
+             (long long)k);
+    report("matmul", what, cmp_dev(yg, yc, t * n), bound_act());
+    uc_free(zero);
     /* bias on top */
     float *b = hdata(n, 8, 0.5f);
     void *bg = NULL, *bc = NULL;
@@ -1716,6 +1732,16 @@ static void run_pass(void)
     test_matmul(8, 4096, 1024);
     test_matmul(37, 344, 172);
     test_matmul(513, 1024, 512);
+    /* decode batches of 9-64 rows (gemm_skinny.cu on sm_90): padded token tiles of 16-64, a
+     * ragged last tile, K split over clusters of 1 to 8 CTAs */
+    test_matmul(9, 1000, 4096);
+    test_matmul(16, 6144, 4096);
+    test_matmul(32, 4096, 14336);
+    test_matmul(45, 4100, 512);
+    test_matmul(64, 256, 64);
+    test_matmul_swiglu(9, 1000, 4096);
+    test_matmul_swiglu(45, 1100, 1024);
+    test_matmul_swiglu(64, 14336, 256);
     test_add_swiglu();
     test_rope(128, 12, 33, 131072);
     test_rope(8, 12, 7, 512);
@@ -1988,6 +2014,59 @@ static void bench_gemv(void)
     }
 }
 
+/* A decode batch's four products of a Llama-3-8B layer at T rows (qkv, o, gate+up with swiglu,
+ * down), each over 8 copies of its weights in turn so they come from memory, not L2: weight
+ * bytes per second and the layer's sum (UC_CUDA_SKINNY=0 in the environment: cuBLAS). */
+#define PROD_COPIES 8
+struct bench_prod {
+    void *y, *gu, *x, *w[PROD_COPIES];
+    int64_t t, n, k;
+    bool swiglu;
+};
+
+static uc_status run_prod(void *p)
+{
+    struct bench_prod *b = p;
+    uc_status rc = UC_OK;
+    for (int i = 0; i < PROD_COPIES && rc == UC_OK; i++) {
+        rc = b->swiglu ? gpu->ops->matmul_swiglu(gpu, b->y, b->gu, b->x, b->w[i], b->t, b->n / 2,
+                                                 b->k)
+                       : gpu->ops->matmul(gpu, b->y, b->x, b->w[i], b->t, b->n, b->k);
+    }
+    return rc;
+}
+
+static void bench_products(int64_t t)
+{
+    static const int64_t shapes[][2] = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}};
+    static const char *names[] = {"qkv", "o", "gate+up", "down"};
+    const char *env = getenv("UC_CUDA_SKINNY");
+    double sum = 0.0;
+    for (int i = 0; i < 4; i++) {
+        struct bench_prod b = {.t = t, .n = shapes[i][0], .k = shapes[i][1], .swiglu = i == 2};
+        for (int c = 0; c < PROD_COPIES; c++) {
+            gpu->ops->weight_random(gpu, &b.w[c], b.n, b.k, 1 + (uint64_t)c, 0.0f, 0.02f);
+        }
+        gpu->ops->weight_random(gpu, &b.x, t, b.k, 2, 0.0f, 1.0f);
+        gpu->ops->alloc(gpu, &b.y, (size_t)(t * b.n) * gpu->ops->act_size(gpu));
+        gpu->ops->alloc(gpu, &b.gu, (size_t)(t * b.n) * gpu->ops->act_size(gpu));
+        double s = time_op(run_prod, &b, 20) / PROD_COPIES;
+        double bytes = (double)b.n * (double)b.k * (double)gpu->ops->act_size(gpu);
+        printf("bench product %-7s T=%-3lld N=%-6lld K=%-6lld %7.1f us %6.0f GB/s (weights; %s)\n",
+               names[i], (long long)t, (long long)b.n, (long long)b.k, s * 1e6, bytes / s / 1e9,
+               env && !strcmp(env, "0") ? "cuBLAS" : "skinny");
+        sum += s;
+        drop(gpu, b.y);
+        drop(gpu, b.gu);
+        drop(gpu, b.x);
+        for (int c = 0; c < PROD_COPIES; c++) {
+            gpu->ops->weight_free(gpu, b.w[c]);
+        }
+    }
+    printf("bench products T=%lld: a layer's four %.1f us, 32 layers %.2f ms\n", (long long)t,
+           sum * 1e6, sum * 32e3);
+}
+
 /* The decode shapes of the serving workloads (tests/bench/serve_gpu.py) and two small ones. */
 /* The decode attention at each B:CTX of `list` (comma-separated; NULL: the standard shapes). */
 static void bench_decodes(const char *list)
@@ -2080,12 +2159,13 @@ int main(int argc, char **argv)
     bool decode_only = argc > 1 && strcmp(argv[1], "--bench-decode") == 0;
     bool qspec_only = argc > 1 && strcmp(argv[1], "--bench-qspec") == 0;
     bool prefill_only = argc > 1 && strcmp(argv[1], "--bench-prefill") == 0;
+    bool products_only = argc > 1 && strcmp(argv[1], "--bench-products") == 0;
     if (uc_backend_cuda_device_count() <= 0) {
         printf("SKIP: no CUDA device (or a build without UC_CUDA)\n");
         return 77;
     }
     uc_log_set_level(UC_LOG_LEVEL_WARN);
-    if (decode_only || qspec_only || prefill_only) { /* one bf16 timing alone, no checks */
+    if (decode_only || qspec_only || prefill_only || products_only) { /* bf16 timings alone */
         struct uc_backend_params gp = uc_backend_default_params();
         gp.kind = UC_BACKEND_CUDA;
         if (uc_backend_create(&gpu, &gp) != UC_OK) {
@@ -2093,6 +2173,11 @@ int main(int argc, char **argv)
         }
         if (decode_only) {
             bench_decodes(argc > 2 ? argv[2] : NULL);
+        } else if (products_only) {
+            static const int64_t rows[] = {9, 16, 32, 45, 64};
+            for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+                bench_products(rows[i]);
+            }
         } else if (prefill_only) {
             printf("# bench on %s\n", gpu->device_name);
             bench_attns();
