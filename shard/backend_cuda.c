@@ -99,7 +99,6 @@ struct cuda_ctx {
     struct dev_buf pmask; /* int32 n_tokens with packed entries at 0 (decode with packed heads) */
     struct dev_buf lmask; /* int32 n_tokens with latent entries at 0 too (decode with LoRC heads) */
     struct dev_buf rows;  /* float partials of the packed and merged entries' split decode */
-    bool skinny;          /* decode-batch products on gemm_skinny (UC_CUDA_SKINNY=0: cuBLAS) */
     uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
     bool capturing;      /* between graph_begin and graph_end */
     /* the last RoPE positions: every layer of a prefill slice rotates at the same positions,
@@ -425,20 +424,6 @@ static uc_status cuda_rmsnorm(struct uc_backend *be, void *y, const void *x, con
     return CU(uc_cuda_rmsnorm(y, x, w, n_tok, dim, eps, c->dt, c->stream));
 }
 
-/* A decode batch's product on gemm_skinny.cu. */
-static uc_status skinny_run(struct cuda_ctx *c, void *y, const void *x, const void *w,
-                            int64_t n_tok, int64_t n_w, int64_t n_in, bool swiglu)
-{
-    struct uc_cuda_skinny_plan p;
-    uc_cuda_skinny_plan(&p, n_tok, n_w, n_in, swiglu, c->n_sms);
-    return CU(uc_cuda_skinny(y, x, w, n_tok, n_w, n_in, swiglu, &p, c->stream));
-}
-
-static bool skinny_applies(const struct cuda_ctx *c, int64_t n_tok, int64_t n_w, int64_t n_in)
-{
-    return c->skinny && uc_cuda_skinny_supported(n_tok, n_w, n_in, c->dt);
-}
-
 static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, const void *w,
                              int64_t n_tok, int64_t n_out, int64_t n_in)
 {
@@ -453,9 +438,6 @@ static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, cons
     if (uc_cuda_gemv_supported(n_tok, n_out, n_in, c->dt)) {
         /* decode: stream the weights once with our kernel */
         return CU(uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, c->stream));
-    }
-    if (skinny_applies(c, n_tok, n_out, n_in)) {
-        return skinny_run(c, y, x, w, n_tok, n_out, n_in, false);
     }
     const float alpha = 1.0f, beta = 0.0f;
     cudaDataType_t t = c->fp32 ? CUDA_R_32F : CUDA_R_16BF;
@@ -478,9 +460,6 @@ static uc_status cuda_matmul_swiglu(struct uc_backend *be, void *y, void *gu, co
     struct cuda_ctx *c = ctx_of(be);
     if (uc_cuda_gemv_supported(n_tok, 2 * n_ffn, n_in, c->dt)) {
         return CU(uc_cuda_gemv_swiglu(y, x, wgu, n_tok, n_ffn, n_in, c->stream));
-    }
-    if (skinny_applies(c, n_tok, 2 * n_ffn, n_in)) {
-        return skinny_run(c, y, x, wgu, n_tok, 2 * n_ffn, n_in, true);
     }
     uc_status rc = be->ops->matmul(be, gu, x, wgu, n_tok, 2 * n_ffn, n_in);
     return rc == UC_OK ? be->ops->swiglu(be, y, gu, n_tok, n_ffn) : rc;
@@ -1656,8 +1635,6 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
     const char *pdl_env = getenv("UC_CUDA_PDL");
     int pdl = prop.major >= 9 && !(pdl_env && !strcmp(pdl_env, "0"));
     uc_cuda_set_pdl(pdl);
-    const char *skinny_env = getenv("UC_CUDA_SKINNY");
-    c->skinny = prop.major >= 9 && !(skinny_env && !strcmp(skinny_env, "0")); /* clusters */
     snprintf(be->device_name, sizeof be->device_name, "%.100s (sm_%d%d)%s", prop.name, prop.major,
              prop.minor, c->fp32 ? " fp32" : "");
     /* keep freed pool memory instead of returning it to the driver at every sync */

@@ -147,20 +147,6 @@ cudaError_t uc_cuda_gemv(void *y, const void *x, const void *w, int64_t n_tok, i
 /* y (T, F) = silu(x Wg^T) * (x Wu^T), w (2F, K) = [gate rows; up rows], for T <= 8 in bf16. */
 cudaError_t uc_cuda_gemv_swiglu(void *y, const void *x, const void *w, int64_t n_tok,
                                 int64_t n_ffn, int64_t n_in, cudaStream_t stream);
-/* Decode-batch products, 9 to 64 rows in bf16 with K a multiple of 64 (gemm_skinny.cu, sm_90):
- * the weights stream once on the tensor cores, K split over `splits` CTAs of a thread-block
- * cluster per tile of weight rows, their sums added in a fixed order through the cluster's
- * shared memory. With swiglu, w is (2F, K) = [gate rows; up rows], n_w = 2F, and
- * y (T, F) = silu(x Wg^T) * (x Wu^T). */
-struct uc_cuda_skinny_plan {
-    int64_t tiles, steps, splits;
-};
-bool uc_cuda_skinny_supported(int64_t n_tok, int64_t n_w, int64_t n_in, enum uc_cuda_dtype dt);
-void uc_cuda_skinny_plan(struct uc_cuda_skinny_plan *p, int64_t n_tok, int64_t n_w, int64_t n_in,
-                         bool swiglu, int n_sms);
-cudaError_t uc_cuda_skinny(void *y, const void *x, const void *w, int64_t n_tok, int64_t n_w,
-                           int64_t n_in, bool swiglu, const struct uc_cuda_skinny_plan *p,
-                           cudaStream_t stream);
 /* x (T, C) += d, then y = x / rms(x) * w. */
 cudaError_t uc_cuda_add_rmsnorm(void *y, void *x, const void *d, const void *w, int64_t n_tok,
                                 int64_t dim, float eps, enum uc_cuda_dtype dt,
