@@ -99,6 +99,7 @@ struct cuda_ctx {
     struct dev_buf pmask; /* int32 n_tokens with packed entries at 0 (decode with packed heads) */
     struct dev_buf lmask; /* int32 n_tokens with latent entries at 0 too (decode with LoRC heads) */
     struct dev_buf rows;  /* float partials of the packed and merged entries' split decode */
+    int64_t gemv_rows;    /* products of at most this many rows run on gemv.cu, not cuBLAS */
     uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
     bool capturing;      /* between graph_begin and graph_end */
     /* the last RoPE positions: every layer of a prefill slice rotates at the same positions,
@@ -435,7 +436,7 @@ static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, cons
         return UC_ERRF(UC_ERR_INVALID_ARG, "matmul too large T=%lld N=%lld K=%lld",
                        (long long)n_tok, (long long)n_out, (long long)n_in);
     }
-    if (uc_cuda_gemv_supported(n_tok, n_out, n_in, c->dt)) {
+    if (n_tok <= c->gemv_rows && uc_cuda_gemv_supported(n_tok, n_out, n_in, c->dt)) {
         /* decode: stream the weights once with our kernel */
         return CU(uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, c->stream));
     }
@@ -458,7 +459,7 @@ static uc_status cuda_matmul_swiglu(struct uc_backend *be, void *y, void *gu, co
                                    const void *wgu, int64_t n_tok, int64_t n_ffn, int64_t n_in)
 {
     struct cuda_ctx *c = ctx_of(be);
-    if (uc_cuda_gemv_supported(n_tok, 2 * n_ffn, n_in, c->dt)) {
+    if (n_tok <= c->gemv_rows && uc_cuda_gemv_supported(n_tok, 2 * n_ffn, n_in, c->dt)) {
         return CU(uc_cuda_gemv_swiglu(y, x, wgu, n_tok, n_ffn, n_in, c->stream));
     }
     uc_status rc = be->ops->matmul(be, gu, x, wgu, n_tok, 2 * n_ffn, n_in);
@@ -1635,6 +1636,15 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
     const char *pdl_env = getenv("UC_CUDA_PDL");
     int pdl = prop.major >= 9 && !(pdl_env && !strcmp(pdl_env, "0"));
     uc_cuda_set_pdl(pdl);
+    /* Products of up to 8 rows run on gemv.cu, each row summed the same way at any row count,
+     * so the n choices of a greedy request equal the request alone (tests/e2e: n_choices_*).
+     * cuBLAS is faster from two rows, its tensor cores doing what gemv's CUDA cores cannot keep
+     * up with (H200, Llama-3-8B shapes, call E5: decode steps at batch 2 / 4 / 8 of 5.02 /
+     * 6.55 / 10.5 ms on gemv, 4.86 / 5.11 / 5.25 on cuBLAS; batch 1 4.42 against 4.75), but its
+     * sums depend on the row count (E6: those two e2e checks fail with the limit at 1).
+     * UC_CUDA_GEMV_ROWS=1 takes that speed for batches of 2-8 instead. */
+    const char *gemv_env = getenv("UC_CUDA_GEMV_ROWS");
+    c->gemv_rows = gemv_env ? strtol(gemv_env, NULL, 10) : 8;
     snprintf(be->device_name, sizeof be->device_name, "%.100s (sm_%d%d)%s", prop.name, prop.major,
              prop.minor, c->fp32 ? " fp32" : "");
     /* keep freed pool memory instead of returning it to the driver at every sync */

@@ -6,7 +6,7 @@
 # .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
 # travel. Steps: ops (with --bench), decbench and specbench (decode attention or query spectra
 # timings alone; DECBENCH_SHAPES=B:CTX,... picks decbench's shapes), prodbench (a layer's four
-# products at decode batches of 9-64 rows; UC_CUDA_SKINNY=0:prodbench for cuBLAS), ncu-decode (Nsight Compute
+# products at decode batches of 1-64 rows, weights from memory), ncu-decode (Nsight Compute
 # on one decode attention launch; NCU_ARGS replaces its sections), ctest (label cuda), golden, golden-fp32, kvmem (KV memory accounting and
 # copy-on-write forks on the device, tests/golden/test_kv_memory.c),
 # lookahead (the decode lookahead's logits with and without it, tests/golden/test_decode_lookahead.c),

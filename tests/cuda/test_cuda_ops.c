@@ -293,7 +293,7 @@ static void test_matmul_swiglu(int64_t t, int64_t f, int64_t k)
     char what[64];
     snprintf(what, sizeof what, "T=%lld F=%lld K=%lld", (long long)t, (long long)f, (long long)k);
     report("matmul_swiglu", what, cmp_dev(yg, yc, t * f), bound_act());
-    /* again over a cleared output: the split products' tile counters were left at zero */
+    /* again over a cleared output: nothing of the first call is left behind */
     float *zero = uc_calloc((size_t)(t * f), sizeof(float));
     gpu->ops->upload_f32(gpu, yg, zero, t * f);
     gpu->ops->matmul_swiglu(gpu, yg, gg, xg, wg, t, f, k);
@@ -1732,8 +1732,7 @@ static void run_pass(void)
     test_matmul(8, 4096, 1024);
     test_matmul(37, 344, 172);
     test_matmul(513, 1024, 512);
-    /* decode batches of 9-64 rows (gemm_skinny.cu on sm_90): padded token tiles of 16-64, a
-     * ragged last tile, K split over clusters of 1 to 8 CTAs */
+    /* decode batches of 9-64 rows (cuBLAS): the shapes of a layer's products and ragged ones */
     test_matmul(9, 1000, 4096);
     test_matmul(16, 6144, 4096);
     test_matmul(32, 4096, 14336);
@@ -2016,7 +2015,7 @@ static void bench_gemv(void)
 
 /* A decode batch's four products of a Llama-3-8B layer at T rows (qkv, o, gate+up with swiglu,
  * down), each over 8 copies of its weights in turn so they come from memory, not L2: weight
- * bytes per second and the layer's sum (UC_CUDA_SKINNY=0 in the environment: cuBLAS). */
+ * bytes per second and the layer's sum (gemv up to 8 rows, cuBLAS above). */
 #define PROD_COPIES 8
 struct bench_prod {
     void *y, *gu, *x, *w[PROD_COPIES];
@@ -2040,7 +2039,6 @@ static void bench_products(int64_t t)
 {
     static const int64_t shapes[][2] = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {4096, 14336}};
     static const char *names[] = {"qkv", "o", "gate+up", "down"};
-    const char *env = getenv("UC_CUDA_SKINNY");
     double sum = 0.0;
     for (int i = 0; i < 4; i++) {
         struct bench_prod b = {.t = t, .n = shapes[i][0], .k = shapes[i][1], .swiglu = i == 2};
@@ -2052,9 +2050,8 @@ static void bench_products(int64_t t)
         gpu->ops->alloc(gpu, &b.gu, (size_t)(t * b.n) * gpu->ops->act_size(gpu));
         double s = time_op(run_prod, &b, 20) / PROD_COPIES;
         double bytes = (double)b.n * (double)b.k * (double)gpu->ops->act_size(gpu);
-        printf("bench product %-7s T=%-3lld N=%-6lld K=%-6lld %7.1f us %6.0f GB/s (weights; %s)\n",
-               names[i], (long long)t, (long long)b.n, (long long)b.k, s * 1e6, bytes / s / 1e9,
-               env && !strcmp(env, "0") ? "cuBLAS" : "skinny");
+        printf("bench product %-7s T=%-3lld N=%-6lld K=%-6lld %7.1f us %6.0f GB/s (weights)\n",
+               names[i], (long long)t, (long long)b.n, (long long)b.k, s * 1e6, bytes / s / 1e9);
         sum += s;
         drop(gpu, b.y);
         drop(gpu, b.gu);
@@ -2174,7 +2171,7 @@ int main(int argc, char **argv)
         if (decode_only) {
             bench_decodes(argc > 2 ? argv[2] : NULL);
         } else if (products_only) {
-            static const int64_t rows[] = {9, 16, 32, 45, 64};
+            static const int64_t rows[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 32, 45, 64};
             for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
                 bench_products(rows[i]);
             }
@@ -2190,6 +2187,8 @@ int main(int argc, char **argv)
         uc_backend_destroy(gpu);
         return 0;
     }
+    /* the checks take the gemv kernel up to 8 rows (the default), whatever the environment */
+    setenv("UC_CUDA_GEMV_ROWS", "8", 1);
     struct uc_backend_params cp = uc_backend_default_params();
     if (uc_backend_create(&cpu, &cp) != UC_OK) {
         die("cpu backend");
