@@ -1724,23 +1724,20 @@ static void run_pass(void)
     test_rmsnorm(5, 64);
     test_add_rmsnorm(1, 4096);
     test_add_rmsnorm(37, 256);
-    test_matmul_swiglu(1, 1024, 4096);
-    test_matmul_swiglu(8, 344, 256);
-    test_matmul_swiglu(37, 344, 256);
-    test_matmul(1, 4096, 4096);   /* the decode gemv kernel: T <= 8, K % 8 == 0 */
-    test_matmul(3, 1000, 264);
-    test_matmul(8, 4096, 1024);
-    test_matmul(37, 344, 172);
-    test_matmul(513, 1024, 512);
-    /* decode batches of 9-64 rows (cuBLAS): the shapes of a layer's products and ragged ones */
-    test_matmul(9, 1000, 4096);
-    test_matmul(16, 6144, 4096);
-    test_matmul(32, 4096, 14336);
-    test_matmul(45, 4100, 512);
-    test_matmul(64, 256, 64);
-    test_matmul_swiglu(9, 1000, 4096);
-    test_matmul_swiglu(45, 1100, 1024);
-    test_matmul_swiglu(64, 14336, 256);
+    /* T, N (F for swiglu), K: the decode gemv kernel (T <= 8, K % 8 == 0), then cuBLAS, among
+     * them decode batches of 9-64 rows on a layer's shapes and ragged ones */
+    static const int64_t mm[][3] = {{1, 4096, 4096}, {3, 1000, 264},   {8, 4096, 1024},
+                                    {37, 344, 172},  {513, 1024, 512}, {9, 1000, 4096},
+                                    {16, 6144, 4096}, {32, 4096, 14336}, {45, 4100, 512},
+                                    {64, 256, 64}};
+    static const int64_t sw[][3] = {{1, 1024, 4096}, {8, 344, 256},    {37, 344, 256},
+                                    {9, 1000, 4096}, {45, 1100, 1024}, {64, 14336, 256}};
+    for (size_t i = 0; i < sizeof sw / sizeof sw[0]; i++) {
+        test_matmul_swiglu(sw[i][0], sw[i][1], sw[i][2]);
+    }
+    for (size_t i = 0; i < sizeof mm / sizeof mm[0]; i++) {
+        test_matmul(mm[i][0], mm[i][1], mm[i][2]);
+    }
     test_add_swiglu();
     test_rope(128, 12, 33, 131072);
     test_rope(8, 12, 7, 512);
