@@ -425,6 +425,13 @@ static uc_status cuda_rmsnorm(struct uc_backend *be, void *y, const void *x, con
     return CU(uc_cuda_rmsnorm(y, x, w, n_tok, dim, eps, c->dt, c->stream));
 }
 
+/* Whether a product of n_tok rows (n_w weight rows) runs on gemv.cu: within the backend's row
+ * limit (UC_CUDA_GEMV_ROWS) and the kernel's shapes. */
+static bool gemv_applies(const struct cuda_ctx *c, int64_t n_tok, int64_t n_w, int64_t n_in)
+{
+    return n_tok <= c->gemv_rows && uc_cuda_gemv_supported(n_tok, n_w, n_in, c->dt);
+}
+
 static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, const void *w,
                              int64_t n_tok, int64_t n_out, int64_t n_in)
 {
@@ -436,7 +443,7 @@ static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, cons
         return UC_ERRF(UC_ERR_INVALID_ARG, "matmul too large T=%lld N=%lld K=%lld",
                        (long long)n_tok, (long long)n_out, (long long)n_in);
     }
-    if (n_tok <= c->gemv_rows && uc_cuda_gemv_supported(n_tok, n_out, n_in, c->dt)) {
+    if (gemv_applies(c, n_tok, n_out, n_in)) {
         /* decode: stream the weights once with our kernel */
         return CU(uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, c->stream));
     }
@@ -459,7 +466,7 @@ static uc_status cuda_matmul_swiglu(struct uc_backend *be, void *y, void *gu, co
                                    const void *wgu, int64_t n_tok, int64_t n_ffn, int64_t n_in)
 {
     struct cuda_ctx *c = ctx_of(be);
-    if (n_tok <= c->gemv_rows && uc_cuda_gemv_supported(n_tok, 2 * n_ffn, n_in, c->dt)) {
+    if (gemv_applies(c, n_tok, 2 * n_ffn, n_in)) {
         return CU(uc_cuda_gemv_swiglu(y, x, wgu, n_tok, n_ffn, n_in, c->stream));
     }
     uc_status rc = be->ops->matmul(be, gu, x, wgu, n_tok, 2 * n_ffn, n_in);

@@ -293,14 +293,6 @@ static void test_matmul_swiglu(int64_t t, int64_t f, int64_t k)
     char what[64];
     snprintf(what, sizeof what, "T=%lld F=%lld K=%lld", (long long)t, (long long)f, (long long)k);
     report("matmul_swiglu", what, cmp_dev(yg, yc, t * f), bound_act());
-    /* again over a cleared output: nothing of the first call is left behind */
-    float *zero = uc_calloc((size_t)(t * f), sizeof(float));
-    gpu->ops->upload_f32(gpu, yg, zero, t * f);
-    gpu->ops->matmul_swiglu(gpu, yg, gg, xg, wg, t, f, k);
-    snprintf(what, sizeof what, "T=%lld F=%lld K=%lld again", (long long)t, (long long)f,
-             (long long)k);
-    report("matmul_swiglu", what, cmp_dev(yg, yc, t * f), bound_act());
-    uc_free(zero);
     void *bufs[][2] = {{xg, xc}, {yg, yc}, {gg, gc}};
     for (int i = 0; i < 3; i++) {
         drop(gpu, bufs[i][0]);
@@ -327,13 +319,6 @@ static void test_matmul(int64_t t, int64_t n, int64_t k)
     char what[64];
     snprintf(what, sizeof what, "T=%lld N=%lld K=%lld", (long long)t, (long long)n, (long long)k);
     report("matmul", what, cmp_dev(yg, yc, t * n), bound_act());
-    float *zero = uc_calloc((size_t)(t * n), sizeof(float));
-    gpu->ops->upload_f32(gpu, yg, zero, t * n);
-    gpu->ops->matmul(gpu, yg, xg, wg, t, n, k);
-    snprintf(what, sizeof what, "T=%lld N=%lld K=%lld again", (long long)t, (long long)n,
-             (long long)k);
-    report("matmul", what, cmp_dev(yg, yc, t * n), bound_act());
-    uc_free(zero);
     /* bias on top */
     float *b = hdata(n, 8, 0.5f);
     void *bg = NULL, *bc = NULL;
