@@ -99,7 +99,8 @@ struct cuda_ctx {
     struct dev_buf pmask; /* int32 n_tokens with packed entries at 0 (decode with packed heads) */
     struct dev_buf lmask; /* int32 n_tokens with latent entries at 0 too (decode with LoRC heads) */
     struct dev_buf rows;  /* float partials of the packed and merged entries' split decode */
-    int64_t gemv_rows;    /* products of at most this many rows run on gemv.cu, not cuBLAS */
+    int64_t gemv_rows;    /* products of at most this many rows run on gemv_tc.cu or gemv.cu */
+    bool gemv_tc;         /* those on the tensor cores (gemv_tc.cu; UC_CUDA_GEMV_TC=0: gemv.cu) */
     uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
     bool capturing;      /* between graph_begin and graph_end */
     /* the last RoPE positions: every layer of a prefill slice rotates at the same positions,
@@ -443,6 +444,10 @@ static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, cons
         return UC_ERRF(UC_ERR_INVALID_ARG, "matmul too large T=%lld N=%lld K=%lld",
                        (long long)n_tok, (long long)n_out, (long long)n_in);
     }
+    if (n_tok <= c->gemv_rows && c->gemv_tc &&
+        uc_cuda_gemv_tc_supported(n_tok, n_out, n_in, c->dt)) {
+        return CU(uc_cuda_gemv_tc(y, x, w, n_tok, n_out, n_in, false, c->stream));
+    }
     if (gemv_applies(c, n_tok, n_out, n_in)) {
         /* decode: stream the weights once with our kernel */
         return CU(uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, c->stream));
@@ -466,6 +471,10 @@ static uc_status cuda_matmul_swiglu(struct uc_backend *be, void *y, void *gu, co
                                    const void *wgu, int64_t n_tok, int64_t n_ffn, int64_t n_in)
 {
     struct cuda_ctx *c = ctx_of(be);
+    if (n_tok <= c->gemv_rows && c->gemv_tc &&
+        uc_cuda_gemv_tc_supported(n_tok, n_ffn, n_in, c->dt)) {
+        return CU(uc_cuda_gemv_tc(y, x, wgu, n_tok, n_ffn, n_in, true, c->stream));
+    }
     if (gemv_applies(c, n_tok, 2 * n_ffn, n_in)) {
         return CU(uc_cuda_gemv_swiglu(y, x, wgu, n_tok, n_ffn, n_in, c->stream));
     }
@@ -1652,6 +1661,8 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
      * UC_CUDA_GEMV_ROWS=1 takes that speed for batches of 2-8 instead. */
     const char *gemv_env = getenv("UC_CUDA_GEMV_ROWS");
     c->gemv_rows = gemv_env ? strtol(gemv_env, NULL, 10) : 8;
+    const char *tc_env = getenv("UC_CUDA_GEMV_TC");
+    c->gemv_tc = prop.major >= 8 && !(tc_env && !strcmp(tc_env, "0"));
     snprintf(be->device_name, sizeof be->device_name, "%.100s (sm_%d%d)%s", prop.name, prop.major,
              prop.minor, c->fp32 ? " fp32" : "");
     /* keep freed pool memory instead of returning it to the driver at every sync */

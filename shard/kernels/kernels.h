@@ -147,6 +147,13 @@ cudaError_t uc_cuda_gemv(void *y, const void *x, const void *w, int64_t n_tok, i
 /* y (T, F) = silu(x Wg^T) * (x Wu^T), w (2F, K) = [gate rows; up rows], for T <= 8 in bf16. */
 cudaError_t uc_cuda_gemv_swiglu(void *y, const void *x, const void *w, int64_t n_tok,
                                 int64_t n_ffn, int64_t n_in, cudaStream_t stream);
+/* The same for T <= 8 and K a multiple of 32 on the tensor cores (gemv_tc.cu, sm_80+): every
+ * output summed the same way at any T. With swiglu, w is (2F, K) = [gate rows; up rows], n_out
+ * = F, and y (T, F) = silu(x Wg^T) * (x Wu^T). */
+bool uc_cuda_gemv_tc_supported(int64_t n_tok, int64_t n_out, int64_t n_in,
+                               enum uc_cuda_dtype dt);
+cudaError_t uc_cuda_gemv_tc(void *y, const void *x, const void *w, int64_t n_tok, int64_t n_out,
+                            int64_t n_in, bool swiglu, cudaStream_t stream);
 /* x (T, C) += d, then y = x / rms(x) * w. */
 cudaError_t uc_cuda_add_rmsnorm(void *y, void *x, const void *d, const void *w, int64_t n_tok,
                                 int64_t dim, float eps, enum uc_cuda_dtype dt,

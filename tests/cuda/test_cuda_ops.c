@@ -340,6 +340,50 @@ static void test_matmul(int64_t t, int64_t n, int64_t k)
     uc_free(w);
 }
 
+static const void *at(struct uc_backend *be, const void *base, int64_t elems);
+
+/* Decode products of up to 8 rows (gemv_tc.cu) sum each row the same way whatever the batch:
+ * a batch of t rows equals each row run alone, bit for bit (what lets a request's n greedy
+ * choices equal the request alone). bf16 only: float32 products run on cuBLAS. */
+static void test_matmul_rows_alone(int64_t t, int64_t n, int64_t k, bool swiglu)
+{
+    int64_t nw = swiglu ? 2 * n : n;
+    float *x = hdata(t * k, 46, 1.0f), *w = hdata(nw * k, 47, 0.05f);
+    void *xg = put(gpu, x, t * k), *wg = NULL, *yb = NULL, *y1 = NULL, *gu = NULL;
+    gpu->ops->weight_create(gpu, &wg, w, nw, k);
+    size_t as = gpu->ops->act_size(gpu);
+    gpu->ops->alloc(gpu, &yb, (size_t)(t * n) * as);
+    gpu->ops->alloc(gpu, &y1, (size_t)n * as);
+    gpu->ops->alloc(gpu, &gu, (size_t)(t * nw) * as);
+    uc_status rc = swiglu ? gpu->ops->matmul_swiglu(gpu, yb, gu, xg, wg, t, n, k)
+                          : gpu->ops->matmul(gpu, yb, xg, wg, t, n, k);
+    float *batch = get(gpu, yb, t * n);
+    double worst = rc == UC_OK ? 0.0 : INFINITY;
+    for (int64_t r = 0; r < t && rc == UC_OK; r++) {
+        const void *xr = at(gpu, xg, r * k);
+        rc = swiglu ? gpu->ops->matmul_swiglu(gpu, y1, gu, xr, wg, 1, n, k)
+                    : gpu->ops->matmul(gpu, y1, xr, wg, 1, n, k);
+        float *alone = get(gpu, y1, n);
+        for (int64_t i = 0; i < n; i++) {
+            double d = fabs((double)alone[i] - (double)batch[r * n + i]);
+            worst = d > worst || d != d ? d : worst;
+        }
+        uc_free(alone);
+    }
+    char what[64];
+    snprintf(what, sizeof what, "T=%lld N=%lld K=%lld rows alone (max diff)", (long long)t,
+             (long long)n, (long long)k);
+    report(swiglu ? "matmul_swiglu" : "matmul", what, rc == UC_OK ? worst : INFINITY, 0.0);
+    drop(gpu, xg);
+    drop(gpu, yb);
+    drop(gpu, y1);
+    drop(gpu, gu);
+    gpu->ops->weight_free(gpu, wg);
+    uc_free(batch);
+    uc_free(x);
+    uc_free(w);
+}
+
 static void test_add_swiglu(void)
 {
     int64_t n = 65537;
@@ -1709,12 +1753,13 @@ static void run_pass(void)
     test_rmsnorm(5, 64);
     test_add_rmsnorm(1, 4096);
     test_add_rmsnorm(37, 256);
-    /* T, N (F for swiglu), K: the decode gemv kernel (T <= 8, K % 8 == 0), then cuBLAS, among
-     * them decode batches of 9-64 rows on a layer's shapes and ragged ones */
-    static const int64_t mm[][3] = {{1, 4096, 4096}, {3, 1000, 264},   {8, 4096, 1024},
-                                    {37, 344, 172},  {513, 1024, 512}, {9, 1000, 4096},
-                                    {16, 6144, 4096}, {32, 4096, 14336}, {45, 4100, 512},
-                                    {64, 256, 64}};
+    /* T, N (F for swiglu), K: the decode kernels (T <= 8; gemv_tc for K % 32 == 0, else gemv
+     * for K % 8 == 0), then cuBLAS, among them decode batches of 9-64 rows on a layer's shapes
+     * and ragged ones */
+    static const int64_t mm[][3] = {{1, 4096, 4096}, {5, 1000, 4096},  {3, 1000, 264},
+                                    {8, 4096, 1024}, {37, 344, 172},   {513, 1024, 512},
+                                    {9, 1000, 4096}, {16, 6144, 4096}, {32, 4096, 14336},
+                                    {45, 4100, 512}, {64, 256, 64}};
     static const int64_t sw[][3] = {{1, 1024, 4096}, {8, 344, 256},    {37, 344, 256},
                                     {9, 1000, 4096}, {45, 1100, 1024}, {64, 14336, 256}};
     for (size_t i = 0; i < sizeof sw / sizeof sw[0]; i++) {
@@ -1722,6 +1767,12 @@ static void run_pass(void)
     }
     for (size_t i = 0; i < sizeof mm / sizeof mm[0]; i++) {
         test_matmul(mm[i][0], mm[i][1], mm[i][2]);
+    }
+    if (!fp32) {
+        test_matmul_rows_alone(8, 1000, 4096, false);
+        test_matmul_rows_alone(3, 4096, 1024, false);
+        test_matmul_rows_alone(8, 344, 256, true);
+        test_matmul_rows_alone(5, 1000, 4096, true);
     }
     test_add_swiglu();
     test_rope(128, 12, 33, 131072);
