@@ -18,6 +18,8 @@
  *
  * As a programmatic dependent launch the kernel loads its first weights before it waits for
  * the kernel that writes x. */
+#include <stdlib.h>
+
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -27,12 +29,15 @@
 #define GT_CHUNK 32 /* K columns a warp takes at a time: 16 bytes per lane and row */
 #define GT_UNROLL 4 /* chunks whose loads a warp issues before it uses any */
 
-template <bool SWIGLU>
+template <bool SWIGLU, bool PIPE>
 static __global__ void __launch_bounds__(GT_THREADS)
     gemv_tc_kernel(uc_bf16_t *__restrict__ y, const uc_bf16_t *__restrict__ x,
                    const uc_bf16_t *__restrict__ w, int t, int n_out, int n_in)
 {
     constexpr int NA = SWIGLU ? 2 : 1; /* weight operands: the product's, or gate and up */
+    /* chunks a warp loads at once: with PIPE the next group's loads are in flight while the
+     * current group's mmas run, so the swiglu form (two weight operands) takes half as many */
+    constexpr int U = PIPE && SWIGLU ? GT_UNROLL / 2 : GT_UNROLL;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int row0 = blockIdx.x * GT_ROWS;
     const int n_chunks = n_in / GT_CHUNK;
@@ -53,16 +58,16 @@ static __global__ void __launch_bounds__(GT_THREADS)
     const bool xin = g < t;
     const uint4 *xr = reinterpret_cast<const uint4 *>(x + (size_t)(xin ? g : 0) * n_in) + c;
 
-    uint4 wv[GT_UNROLL][NA][2];
-    auto load_w = [&](int j0) {
+    uint4 wv[U][NA][2], wn[U][NA][2];
+    auto load_w = [&](uint4 (&dst)[U][NA][2], int j0) {
 #pragma unroll
-        for (int u = 0; u < GT_UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             const int j = j0 + GT_WARPS * u;
 #pragma unroll
             for (int a = 0; a < NA; a++) {
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
-                    wv[u][a][h] = ok[h] && j < n_chunks ? __ldcs(wr[a][h] + j * 4) : zero;
+                    dst[u][a][h] = ok[h] && j < n_chunks ? __ldcs(wr[a][h] + j * 4) : zero;
                 }
             }
         }
@@ -72,20 +77,24 @@ static __global__ void __launch_bounds__(GT_THREADS)
     for (int a = 0; a < NA; a++) {
         acc[a][0] = acc[a][1] = acc[a][2] = acc[a][3] = 0.0f;
     }
-    load_w(warp); /* the weights do not depend on the kernel before */
+    load_w(wv, warp); /* the weights do not depend on the kernel before */
     uck_grid_wait();
-    for (int j0 = warp; j0 < n_chunks; j0 += GT_WARPS * GT_UNROLL) {
-        if (j0 != warp) {
-            load_w(j0);
+    for (int j0 = warp; j0 < n_chunks; j0 += GT_WARPS * U) {
+        if (PIPE) {
+            if (j0 + GT_WARPS * U < n_chunks) {
+                load_w(wn, j0 + GT_WARPS * U);
+            }
+        } else if (j0 != warp) {
+            load_w(wv, j0);
         }
-        uint4 xv[GT_UNROLL];
+        uint4 xv[U];
 #pragma unroll
-        for (int u = 0; u < GT_UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             const int j = j0 + GT_WARPS * u;
             xv[u] = xin && j < n_chunks ? __ldg(xr + j * 4) : zero;
         }
 #pragma unroll
-        for (int u = 0; u < GT_UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
 #pragma unroll
             for (int a = 0; a < NA; a++) {
                 const uint4 &lo = wv[u][a][0], &hi = wv[u][a][1];
@@ -93,6 +102,16 @@ static __global__ void __launch_bounds__(GT_THREADS)
                 const uint32_t f1[4] = {lo.z, hi.z, lo.w, hi.w}; /* columns 8c+4..8c+7 */
                 mma_bf16(acc[a], f0, xv[u].x, xv[u].y);
                 mma_bf16(acc[a], f1, xv[u].z, xv[u].w);
+            }
+        }
+        if (PIPE) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+#pragma unroll
+                for (int a = 0; a < NA; a++) {
+                    wv[u][a][0] = wn[u][a][0];
+                    wv[u][a][1] = wn[u][a][1];
+                }
             }
         }
     }
@@ -144,7 +163,13 @@ extern "C" cudaError_t uc_cuda_gemv_tc(void *y, const void *x, const void *w, in
                                        cudaStream_t stream)
 {
     const unsigned blocks = (unsigned)((n_out + GT_ROWS - 1) / GT_ROWS);
-    auto kernel = swiglu ? gemv_tc_kernel<true> : gemv_tc_kernel<false>;
+    static int pipe = -1; /* experiment switch: UC_CUDA_GEMV_TC_PIPE=1 */
+    if (pipe < 0) {
+        const char *v = getenv("UC_CUDA_GEMV_TC_PIPE");
+        pipe = v && v[0] == '1';
+    }
+    auto kernel = pipe ? (swiglu ? gemv_tc_kernel<true, true> : gemv_tc_kernel<false, true>)
+                       : (swiglu ? gemv_tc_kernel<true, false> : gemv_tc_kernel<false, false>);
     uck_launch(kernel, dim3(blocks), dim3(GT_THREADS), 0, stream, (uc_bf16_t *)y,
                (const uc_bf16_t *)x, (const uc_bf16_t *)w, (int)n_tok, (int)n_out, (int)n_in);
     return cudaGetLastError();

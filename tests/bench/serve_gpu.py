@@ -2,7 +2,7 @@
 random weights, loaded by `uncompctl bench`, against the engine-only floor that bench_gpu
 measures on the same model in the same run.
 
-    python3 tests/bench/serve_gpu.py --build BUILD_DIR [--workloads all|a,b,c,d]
+    python3 tests/bench/serve_gpu.py --build BUILD_DIR [--workloads all|a,b,c,d,e]
         [--shape llama8b|tiny] [--model-dir DIR] [--backend cuda|cpu] [--daemon-args "..."]
 
 Steps:
@@ -23,6 +23,7 @@ Workloads (llama8b shape; `--shape tiny` scales all of them down for a CPU dry r
      full vs uncomp@410 (both groupings) vs snapkv@410             pool 8 GiB, batch 128
   d  256 x 1024-token prompts, 512 out, 256 clients:
      full vs uncomp@128 (both groupings) vs snapkv@128             pool 100 GiB, batch 256
+  e  32 x 512-token prompts, 256 out, 8 clients (a few chats: decode batches of 1-8)
 The 100 GiB of (d): an H200 has 140 GiB; the model takes 13 GiB of weights, bf16 workspaces
 for 8192-row prefill slices and cuBLAS a few more; 100 GiB leaves ~20 GiB spare. uncomp runs
 with its default grouping (the calibration profile: the folder carries the bundled model's
@@ -120,6 +121,10 @@ WORKLOADS = {
         "d": dict(pool="100GiB", batch=256, n=256, c=256, prompt=1024, out=512, warmup=0,
                   settings=["policy=full", "policy=uncomp,kv_budget=128,grouping=prompt",
                             "policy=uncomp,kv_budget=128", "policy=snapkv,kv_budget=128"]),
+        # a few chats at once: decode batches of 8 and less, where the products' kernel for
+        # 1-8 rows decides the step
+        "e": dict(pool="80GiB", batch=128, n=32, c=8, prompt=512, out=256, warmup=1,
+                  settings=["policy=full"]),
     },
     "tiny": {  # also llama8b-l2
         "a": dict(pool="64MiB", batch=32, n=2, c=1, prompt=64, out=16, warmup=1,
@@ -132,6 +137,8 @@ WORKLOADS = {
         "d": dict(pool="64MiB", batch=64, n=16, c=16, prompt=64, out=16, warmup=0,
                   settings=["policy=full", "policy=uncomp,kv_budget=16,grouping=prompt",
                             "policy=uncomp,kv_budget=16", "policy=snapkv,kv_budget=16"]),
+        "e": dict(pool="64MiB", batch=32, n=8, c=4, prompt=64, out=16, warmup=1,
+                  settings=["policy=full"]),
     },
 }
 BLOCK_TOKENS = 16  # the daemon's default --kv-block-tokens
@@ -504,7 +511,7 @@ def fmt(x, f="%.1f"):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--build", default=os.path.join(REPO, "build"))
-    ap.add_argument("--workloads", default="all", help="all, or names joined by commas: a,b,c,d")
+    ap.add_argument("--workloads", default="all", help="all, or names joined by commas: a,b,c,d,e")
     ap.add_argument("--shape", default="llama8b", choices=sorted(SHAPES))
     ap.add_argument("--model-dir", default=None,
                     help="default /dev/shm/uncomp-<shape>-shape when it has room, else /tmp/...")
