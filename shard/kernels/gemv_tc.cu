@@ -28,51 +28,65 @@
 #define GT_CHUNK 32 /* K columns a warp takes at a time: 16 bytes per lane and weight row */
 #define GT_LOADS 8  /* 16-byte loads of a weight operand a lane issues before it uses any */
 
-/* Weight rows (features) of a block: R = 16 puts them in the mma's A operand (lane (g, c) loads
- * rows g and g + 8; the batch is B's n8), R = 8 in its B operand (lane (g, c) loads row g; the
- * batch is A's rows 0-7, rows 8-15 zero), which gives twice the blocks and warps for the same
- * weights. PIPE: two register buffers of loads, each refilled right after its mmas, so a group
- * of loads is in flight while the other's mmas run (one buffer waits for each group in turn). */
-template <bool SWIGLU, bool PIPE, int R>
+/* A weight vector: 16 bytes, read once (streaming); HINT 1 / 2 asks L2 to fetch the 128 / 256
+ * bytes around it from memory (the warps of a block read neighbouring 64-byte pieces of a row). */
+template <int HINT> static __device__ __forceinline__ uint4 gt_load(const uint4 *p)
+{
+    uint4 v;
+    if constexpr (HINT == 2) {
+        asm volatile("ld.global.cs.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "l"(p));
+    } else if constexpr (HINT == 1) {
+        asm volatile("ld.global.cs.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "l"(p));
+    } else {
+        v = __ldcs(p);
+    }
+    return v;
+}
+
+/* A block owns 8 weight rows, the B operand of the mma (lane (g, c) loads row g); the batch is
+ * A's rows 0-7 (rows 8-15 zero). The warp's chunks are chunk warp + 8 i (SLICE false) or
+ * a contiguous slice of K (SLICE true), taken in groups of U; two register buffers of loads,
+ * each refilled right after its mmas, keep a group in flight while the other's mmas run. */
+template <bool SWIGLU, int HINT, bool SLICE>
 static __global__ void __launch_bounds__(GT_THREADS)
     gemv_tc_kernel(uc_bf16_t *__restrict__ y, const uc_bf16_t *__restrict__ x,
                    const uc_bf16_t *__restrict__ w, int t, int n_out, int n_in)
 {
     constexpr int NA = SWIGLU ? 2 : 1; /* weight operands: the product's, or gate and up */
-    constexpr int RL = R / 8;          /* weight rows a lane loads */
-    /* chunks per group: GT_LOADS loads a lane per weight operand, halved for two buffers */
-    constexpr int U = GT_LOADS / (RL * (PIPE ? 2 : 1));
+    constexpr int R = 8;
+    constexpr int U = GT_LOADS / 2; /* chunks per group: two buffers of GT_LOADS / 2 loads */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int row0 = blockIdx.x * R;
     const int n_chunks = n_in / GT_CHUNK;
+    const int per = (n_chunks + GT_WARPS - 1) / GT_WARPS;
+    const int first = SLICE ? warp * per : warp;
+    const int count = SLICE ? max(0, min(per, n_chunks - first))
+                            : (n_chunks - warp + GT_WARPS - 1) / GT_WARPS;
+    const int stride = SLICE ? 1 : GT_WARPS; /* from one chunk of the warp to its next */
+    const int n_groups = (count + U - 1) / U;
     const uint4 zero = make_uint4(0, 0, 0, 0);
 
-    const uint4 *wr[NA][RL];
-    bool ok[RL];
+    const int r = row0 + g;
+    const bool ok = r < n_out;
+    const uint4 *wr[NA];
 #pragma unroll
-    for (int h = 0; h < RL; h++) {
-        const int r = row0 + g + 8 * h;
-        ok[h] = r < n_out;
-#pragma unroll
-        for (int a = 0; a < NA; a++) {
-            wr[a][h] = reinterpret_cast<const uint4 *>(w + (size_t)(ok[h] ? r + a * n_out : 0) *
-                                                               n_in) + c;
-        }
+    for (int a = 0; a < NA; a++) {
+        wr[a] = reinterpret_cast<const uint4 *>(w + (size_t)(ok ? r + a * n_out : 0) * n_in) + c;
     }
     const bool xin = g < t;
     const uint4 *xr = reinterpret_cast<const uint4 *>(x + (size_t)(xin ? g : 0) * n_in) + c;
 
-    /* group j0: chunks j0 + GT_WARPS * u, u < U */
-    auto load_w = [&](uint4 (&dst)[U][NA][RL], int j0) {
+    auto load_w = [&](uint4 (&dst)[U][NA], int grp) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int j = j0 + GT_WARPS * u;
+            const int i = grp * U + u, j = first + i * stride;
 #pragma unroll
             for (int a = 0; a < NA; a++) {
-#pragma unroll
-                for (int h = 0; h < RL; h++) {
-                    dst[u][a][h] = ok[h] && j < n_chunks ? __ldcs(wr[a][h] + j * 4) : zero;
-                }
+                dst[u][a] = ok && i < count ? gt_load<HINT>(wr[a] + j * 4) : zero;
             }
         }
     };
@@ -81,79 +95,55 @@ static __global__ void __launch_bounds__(GT_THREADS)
     for (int a = 0; a < NA; a++) {
         acc[a][0] = acc[a][1] = acc[a][2] = acc[a][3] = 0.0f;
     }
-    auto mma_group = [&](const uint4 (&wv)[U][NA][RL], int j0) {
+    auto mma_group = [&](const uint4 (&wv)[U][NA], int grp) {
         uint4 xv[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int j = j0 + GT_WARPS * u;
-            xv[u] = xin && j < n_chunks ? __ldg(xr + j * 4) : zero;
+            const int i = grp * U + u, j = first + i * stride;
+            xv[u] = xin && i < count ? __ldg(xr + j * 4) : zero;
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
 #pragma unroll
             for (int a = 0; a < NA; a++) {
-                const uint4 &lo = wv[u][a][0], &hi = wv[u][a][RL - 1];
-                if constexpr (R == 16) { /* columns 8c..8c+3, then 8c+4..8c+7 */
-                    const uint32_t f0[4] = {lo.x, hi.x, lo.y, hi.y};
-                    const uint32_t f1[4] = {lo.z, hi.z, lo.w, hi.w};
-                    mma_bf16(acc[a], f0, xv[u].x, xv[u].y);
-                    mma_bf16(acc[a], f1, xv[u].z, xv[u].w);
-                } else {
-                    const uint32_t f0[4] = {xv[u].x, 0u, xv[u].y, 0u};
-                    const uint32_t f1[4] = {xv[u].z, 0u, xv[u].w, 0u};
-                    mma_bf16(acc[a], f0, lo.x, lo.y);
-                    mma_bf16(acc[a], f1, lo.z, lo.w);
-                }
+                /* k order: 2c, 2c+1, 2c+8, 2c+9 are columns 8c..8c+3, then 8c+4..8c+7 */
+                const uint32_t f0[4] = {xv[u].x, 0u, xv[u].y, 0u};
+                const uint32_t f1[4] = {xv[u].z, 0u, xv[u].w, 0u};
+                mma_bf16(acc[a], f0, wv[u][a].x, wv[u][a].y);
+                mma_bf16(acc[a], f1, wv[u][a].z, wv[u][a].w);
             }
         }
     };
-    constexpr int STEP = GT_WARPS * U; /* chunks from one group of a warp to its next */
-    uint4 wa[U][NA][RL], wb[U][NA][RL];
-    load_w(wa, warp); /* the weights do not depend on the kernel before */
-    if (PIPE) {
-        load_w(wb, warp + STEP);
-    }
+    uint4 wa[U][NA], wb[U][NA];
+    load_w(wa, 0); /* the weights do not depend on the kernel before */
+    load_w(wb, 1);
     uck_grid_wait();
-    if (PIPE) {
-        for (int j0 = warp; j0 < n_chunks; j0 += 2 * STEP) {
-            mma_group(wa, j0);
-            if (j0 + 2 * STEP < n_chunks) {
-                load_w(wa, j0 + 2 * STEP);
-            }
-            if (j0 + STEP < n_chunks) {
-                mma_group(wb, j0 + STEP);
-                if (j0 + 3 * STEP < n_chunks) {
-                    load_w(wb, j0 + 3 * STEP);
-                }
-            }
+    for (int grp = 0; grp < n_groups; grp += 2) {
+        mma_group(wa, grp);
+        if (grp + 2 < n_groups) {
+            load_w(wa, grp + 2);
         }
-    } else {
-        for (int j0 = warp; j0 < n_chunks; j0 += STEP) {
-            if (j0 != warp) {
-                load_w(wa, j0);
+        if (grp + 1 < n_groups) {
+            mma_group(wb, grp + 1);
+            if (grp + 3 < n_groups) {
+                load_w(wb, grp + 3);
             }
-            mma_group(wa, j0);
         }
     }
 
-    /* acc[a][i], R = 16: row g + 8 (i / 2), token 2c + i % 2; R = 8: token g, row 2c + i
-     * (i < 2). The warps' sums added in warp order. */
-    constexpr int NI = R == 16 ? 4 : 2;
-    __shared__ float red[GT_WARPS][NA][32][NI];
+    /* acc[a][i]: token g, row 2c + i (i < 2); the warps' sums added in warp order */
+    __shared__ float red[GT_WARPS][NA][32][2];
 #pragma unroll
     for (int a = 0; a < NA; a++) {
-#pragma unroll
-        for (int i = 0; i < NI; i++) {
-            red[warp][a][lane][i] = acc[a][i];
-        }
+        red[warp][a][lane][0] = acc[a][0];
+        red[warp][a][lane][1] = acc[a][1];
     }
     __syncthreads();
-    if (threadIdx.x >= 32 * NI) {
+    if (threadIdx.x >= 64) {
         return;
     }
-    const int l = threadIdx.x / NI, i = threadIdx.x % NI;
-    const int row = R == 16 ? row0 + (l >> 2) + 8 * (i >> 1) : row0 + 2 * (l & 3) + i;
-    const int tok = R == 16 ? 2 * (l & 3) + (i & 1) : l >> 2;
+    const int l = threadIdx.x >> 1, i = threadIdx.x & 1;
+    const int row = row0 + 2 * (l & 3) + i, tok = l >> 2;
     if (tok >= t || row >= n_out) {
         return;
     }
@@ -174,12 +164,13 @@ static __global__ void __launch_bounds__(GT_THREADS)
     }
 }
 
-template <int R, bool PIPE>
+template <int HINT, bool SLICE>
 static void gemv_tc_go(void *y, const void *x, const void *w, int64_t n_tok, int64_t n_out,
                        int64_t n_in, bool swiglu, cudaStream_t stream)
 {
-    const unsigned blocks = (unsigned)((n_out + R - 1) / R);
-    auto kernel = swiglu ? gemv_tc_kernel<true, PIPE, R> : gemv_tc_kernel<false, PIPE, R>;
+    const unsigned blocks = (unsigned)((n_out + 7) / 8);
+    auto kernel =
+        swiglu ? gemv_tc_kernel<true, HINT, SLICE> : gemv_tc_kernel<false, HINT, SLICE>;
     uck_launch(kernel, dim3(blocks), dim3(GT_THREADS), 0, stream, (uc_bf16_t *)y,
                (const uc_bf16_t *)x, (const uc_bf16_t *)w, (int)n_tok, (int)n_out, (int)n_in);
 }
@@ -195,16 +186,17 @@ extern "C" cudaError_t uc_cuda_gemv_tc(void *y, const void *x, const void *w, in
                                        int64_t n_out, int64_t n_in, bool swiglu,
                                        cudaStream_t stream)
 {
-    static int variant = -1; /* experiment switch UC_CUDA_GEMV_TC_VARIANT: 0-3 */
+    static int variant = -1; /* experiment switch UC_CUDA_GEMV_TC_VARIANT: 0-4 */
     if (variant < 0) {
         const char *v = getenv("UC_CUDA_GEMV_TC_VARIANT");
-        variant = v ? atoi(v) & 3 : 0;
+        variant = v ? atoi(v) : 0;
     }
-    switch (variant) {
-    case 0: gemv_tc_go<16, false>(y, x, w, n_tok, n_out, n_in, swiglu, stream); break;
-    case 1: gemv_tc_go<16, true>(y, x, w, n_tok, n_out, n_in, swiglu, stream); break;
-    case 2: gemv_tc_go<8, false>(y, x, w, n_tok, n_out, n_in, swiglu, stream); break;
-    default: gemv_tc_go<8, true>(y, x, w, n_tok, n_out, n_in, swiglu, stream); break;
+    switch (variant) { /* 0-2: chunks interleaved; L2 fetches of 32 (sectors), 128, 256 bytes */
+    case 0: gemv_tc_go<0, false>(y, x, w, n_tok, n_out, n_in, swiglu, stream); break;
+    case 1: gemv_tc_go<1, false>(y, x, w, n_tok, n_out, n_in, swiglu, stream); break;
+    case 2: gemv_tc_go<2, false>(y, x, w, n_tok, n_out, n_in, swiglu, stream); break;
+    case 3: gemv_tc_go<0, true>(y, x, w, n_tok, n_out, n_in, swiglu, stream); break;
+    default: gemv_tc_go<2, true>(y, x, w, n_tok, n_out, n_in, swiglu, stream); break;
     }
     return cudaGetLastError();
 }
