@@ -426,8 +426,15 @@ static uc_status cuda_rmsnorm(struct uc_backend *be, void *y, const void *x, con
     return CU(uc_cuda_rmsnorm(y, x, w, n_tok, dim, eps, c->dt, c->stream));
 }
 
-/* Whether a product of n_tok rows (n_w weight rows) runs on gemv.cu: within the backend's row
- * limit (UC_CUDA_GEMV_ROWS) and the kernel's shapes. */
+/* Whether a product of n_tok rows (n_out outputs, n_w weight rows) runs on gemv_tc.cu, or else
+ * on gemv.cu: within the backend's row limit (UC_CUDA_GEMV_ROWS) and the kernel's shapes. Which
+ * one never depends on n_tok below the limit, so a row is summed the same way at any batch. */
+static bool gemv_tc_applies(const struct cuda_ctx *c, int64_t n_tok, int64_t n_out, int64_t n_in)
+{
+    return n_tok <= c->gemv_rows && c->gemv_tc &&
+           uc_cuda_gemv_tc_supported(n_tok, n_out, n_in, c->dt);
+}
+
 static bool gemv_applies(const struct cuda_ctx *c, int64_t n_tok, int64_t n_w, int64_t n_in)
 {
     return n_tok <= c->gemv_rows && uc_cuda_gemv_supported(n_tok, n_w, n_in, c->dt);
@@ -444,8 +451,7 @@ static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, cons
         return UC_ERRF(UC_ERR_INVALID_ARG, "matmul too large T=%lld N=%lld K=%lld",
                        (long long)n_tok, (long long)n_out, (long long)n_in);
     }
-    if (n_tok <= c->gemv_rows && c->gemv_tc &&
-        uc_cuda_gemv_tc_supported(n_tok, n_out, n_in, c->dt)) {
+    if (gemv_tc_applies(c, n_tok, n_out, n_in)) {
         return CU(uc_cuda_gemv_tc(y, x, w, n_tok, n_out, n_in, false, c->stream));
     }
     if (gemv_applies(c, n_tok, n_out, n_in)) {
@@ -471,8 +477,7 @@ static uc_status cuda_matmul_swiglu(struct uc_backend *be, void *y, void *gu, co
                                    const void *wgu, int64_t n_tok, int64_t n_ffn, int64_t n_in)
 {
     struct cuda_ctx *c = ctx_of(be);
-    if (n_tok <= c->gemv_rows && c->gemv_tc &&
-        uc_cuda_gemv_tc_supported(n_tok, n_ffn, n_in, c->dt)) {
+    if (gemv_tc_applies(c, n_tok, n_ffn, n_in)) {
         return CU(uc_cuda_gemv_tc(y, x, wgu, n_tok, n_ffn, n_in, true, c->stream));
     }
     if (gemv_applies(c, n_tok, 2 * n_ffn, n_in)) {
@@ -1652,13 +1657,15 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
     const char *pdl_env = getenv("UC_CUDA_PDL");
     int pdl = prop.major >= 9 && !(pdl_env && !strcmp(pdl_env, "0"));
     uc_cuda_set_pdl(pdl);
-    /* Products of up to 8 rows run on gemv.cu, each row summed the same way at any row count,
-     * so the n choices of a greedy request equal the request alone (tests/e2e: n_choices_*).
-     * cuBLAS is faster from two rows, its tensor cores doing what gemv's CUDA cores cannot keep
-     * up with (H200, Llama-3-8B shapes, call E5: decode steps at batch 2 / 4 / 8 of 5.02 /
-     * 6.55 / 10.5 ms on gemv, 4.86 / 5.11 / 5.25 on cuBLAS; batch 1 4.42 against 4.75), but its
-     * sums depend on the row count (E6: those two e2e checks fail with the limit at 1).
-     * UC_CUDA_GEMV_ROWS=1 takes that speed for batches of 2-8 instead. */
+    /* Products of up to 8 rows run on gemv_tc.cu (bf16, sm_80+; gemv.cu otherwise), each row
+     * summed the same way at any row count, so the n choices of a greedy request equal the
+     * request alone (tests/e2e: n_choices_*). cuBLAS's sums depend on the row count (call E6:
+     * those two e2e checks fail with it from two rows). gemv_tc puts the rows on the tensor
+     * cores: decode steps at batch 2 / 4 / 8 of 4.90 / 5.26 / 5.43 ms against 4.95 / 6.41 /
+     * 10.34 on gemv.cu, which does each row's multiply-adds on the CUDA cores; at batch 1 gemv.cu
+     * is the faster, 4.44 against 4.73 (H200, Llama-3-8B shapes, call F4). UC_CUDA_GEMV_TC=0
+     * keeps gemv.cu for every batch of 1-8; UC_CUDA_GEMV_ROWS=1 sends batches of 2-8 to cuBLAS,
+     * trading the equality for its speed. */
     const char *gemv_env = getenv("UC_CUDA_GEMV_ROWS");
     c->gemv_rows = gemv_env ? strtol(gemv_env, NULL, 10) : 8;
     const char *tc_env = getenv("UC_CUDA_GEMV_TC");

@@ -3,9 +3,10 @@
  * of w's row n (cache-streaming loads: the weights are read once per step) and the matching x
  * vectors (shared by every warp, so they stay in L1/L2), float32 accumulation, a warp
  * reduction at the end. cuBLAS handles larger T and float32. A row's sums are the same at
- * any T (batch-invariant), but each further row adds its multiply-adds on the CUDA cores: from
- * two rows cuBLAS's tensor-core kernels are faster (a decode step at batch 8 takes 10.5 ms here
- * against 5.25 on cuBLAS; UC_CUDA_GEMV_ROWS in backend_cuda.c).
+ * any T (batch-invariant), but each further row adds its multiply-adds on the CUDA cores (a
+ * decode step at batch 8 takes 10.3 ms here), so bf16 products with K % 32 == 0 run on
+ * gemv_tc.cu's tensor cores instead (5.4 ms), though this kernel is the faster at one row
+ * (UC_CUDA_GEMV_TC=0 in backend_cuda.c keeps it for 1-8 rows).
  *
  * As programmatic dependent launches (uck_launch) the products start while the kernel before
  * them (a norm, the attention merge, the previous product) runs or drains: the weights do not

@@ -342,9 +342,10 @@ static void test_matmul(int64_t t, int64_t n, int64_t k)
 
 static const void *at(struct uc_backend *be, const void *base, int64_t elems);
 
-/* Decode products of up to 8 rows (gemv_tc.cu) sum each row the same way whatever the batch:
- * a batch of t rows equals each row run alone, bit for bit (what lets a request's n greedy
- * choices equal the request alone). bf16 only: float32 products run on cuBLAS. */
+/* Decode products of up to 8 rows (gemv_tc.cu; gemv.cu where K % 32 != 0) sum each row the
+ * same way whatever the batch: a batch of t rows equals each row run alone, bit for bit (what
+ * lets a request's n greedy choices equal the request alone). bf16 only: float32 products run
+ * on cuBLAS. */
 static void test_matmul_rows_alone(int64_t t, int64_t n, int64_t k, bool swiglu)
 {
     int64_t nw = swiglu ? 2 * n : n;
@@ -1757,11 +1758,12 @@ static void run_pass(void)
      * for K % 8 == 0), then cuBLAS, among them decode batches of 9-64 rows on a layer's shapes
      * and ragged ones */
     static const int64_t mm[][3] = {{1, 4096, 4096}, {5, 1000, 4096},  {3, 1000, 264},
-                                    {8, 4096, 1024}, {37, 344, 172},   {513, 1024, 512},
-                                    {9, 1000, 4096}, {16, 6144, 4096}, {32, 4096, 14336},
-                                    {45, 4100, 512}, {64, 256, 64}};
-    static const int64_t sw[][3] = {{1, 1024, 4096}, {8, 344, 256},    {37, 344, 256},
-                                    {9, 1000, 4096}, {45, 1100, 1024}, {64, 14336, 256}};
+                                    {6, 1000, 520},  {8, 4096, 1024},  {37, 344, 172},
+                                    {513, 1024, 512}, {9, 1000, 4096}, {16, 6144, 4096},
+                                    {32, 4096, 14336}, {45, 4100, 512}, {64, 256, 64}};
+    static const int64_t sw[][3] = {{1, 1024, 4096}, {8, 344, 256},    {2, 344, 200},
+                                    {37, 344, 256},  {9, 1000, 4096}, {45, 1100, 1024},
+                                    {64, 14336, 256}};
     for (size_t i = 0; i < sizeof sw / sizeof sw[0]; i++) {
         test_matmul_swiglu(sw[i][0], sw[i][1], sw[i][2]);
     }
@@ -1773,6 +1775,8 @@ static void run_pass(void)
         test_matmul_rows_alone(3, 4096, 1024, false);
         test_matmul_rows_alone(8, 344, 256, true);
         test_matmul_rows_alone(5, 1000, 4096, true);
+        test_matmul_rows_alone(6, 1000, 520, false); /* K % 32 != 0: gemv.cu */
+        test_matmul_rows_alone(3, 344, 200, true);
     }
     test_add_swiglu();
     test_rope(128, 12, 33, 131072);
@@ -2220,7 +2224,8 @@ int main(int argc, char **argv)
         uc_backend_destroy(gpu);
         return 0;
     }
-    /* the checks take the gemv kernel up to 8 rows (the default), whatever the environment */
+    /* the checks take the decode kernels up to 8 rows (the default), whatever the environment
+     * (UC_CUDA_GEMV_TC=0 still picks gemv.cu over gemv_tc.cu: run both ways on the device) */
     setenv("UC_CUDA_GEMV_ROWS", "8", 1);
     struct uc_backend_params cp = uc_backend_default_params();
     if (uc_backend_create(&cpu, &cp) != UC_OK) {
