@@ -200,10 +200,27 @@ static void bench_prefill(struct uc_engine *e, const struct opts *o, double gemm
                 t[r - 1] = dt;
             }
         }
+        /* a long run (8 reps or more): its first 3 prefills (the burst bench_gpu's short runs
+         * see) against its second half (the clocks a sustained load gets under the power cap) */
+        double burst = 0.0, late = 0.0;
+        int n_late = o->reps - o->reps / 2;
+        if (o->reps >= 8) {
+            double *c2 = uc_malloc((size_t)o->reps * sizeof(double));
+            memcpy(c2, t, (size_t)o->reps * sizeof(double));
+            burst = tu_median(c2, 3);
+            late = tu_median(c2 + o->reps / 2, n_late);
+            uc_free(c2);
+        }
         double p = tu_median(t, o->reps);
         double tf = tu_prefill_flops(c, n) / p / 1e12;
         printf("%8lld %14.0f %12.1f %10.1f %12.3f\n", (long long)n, (double)n / p, p * 1e3, tf,
                gemm > 0 ? tf * 1e12 / gemm : 0.0);
+        if (burst > 0.0) {
+            printf("%8s first 3: %.0f tok/s (%.1f ms); last %d: %.0f tok/s (%.1f ms), %.3f of "
+                   "the first\n",
+                   "", (double)n / burst, burst * 1e3, n_late, (double)n / late, late * 1e3,
+                   burst / late);
+        }
         fflush(stdout);
         uc_free(t);
         uc_free(ids);
