@@ -65,6 +65,8 @@ uc_status uc_kv_seq_init(struct uc_kv_seq *s, int64_t n_layers, int64_t n_heads_
 /* Releases every block of the sequence (each returns to the pool when no other sequence holds
  * it) and frees its tables. */
 void uc_kv_seq_fini(struct uc_kv_cache *kv, struct uc_kv_seq *s);
+/* uc_kv_seq_fini releases a sequence of at least this many blocks on several threads. */
+#define UC_KV_PARALLEL_MIN_BLOCKS 65536
 static inline struct uc_kv_head *uc_kv_seq_head(struct uc_kv_seq *s, int64_t layer, int64_t head)
 {
     return &s->heads[layer * s->n_heads_kv + head];

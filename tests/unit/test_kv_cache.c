@@ -371,6 +371,63 @@ static void test_freed_blocks_reused(void **state)
     assert_int_equal(uc_kv_used_blocks(kv), 0);
 }
 
+/* A sequence of UC_KV_PARALLEL_MIN_BLOCKS blocks or more goes back on several threads while no
+ * block is shared: every one of its blocks returns exactly once (the free list holds each id
+ * once, none held), the other sequence's blocks stay held, and the whole pool can be taken
+ * again; with a fork sharing its blocks the same free runs on one thread and leaves the
+ * fork's blocks held. */
+static void test_long_sequence_freed(void **state)
+{
+    struct fixture *f = *state;
+    struct uc_kv_cache kv;
+    enum { L = 4, H = 8, PER = UC_KV_PARALLEL_MIN_BLOCKS / (L * H) + 7, TOTAL = 3 * L * H * PER };
+    assert_int_equal(uc_kv_cache_init(&kv, f->be, TOTAL, 1, 1), UC_OK);
+    struct uc_kv_seq a, b, c;
+    assert_int_equal(uc_kv_seq_init(&a, L, H), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&b, 1, 1), UC_OK);
+    for (int64_t i = 0; i < L * H; i++) {
+        assert_int_equal(uc_kv_head_reserve(&kv, &a.heads[i], PER), UC_OK);
+        a.heads[i].n_tokens = PER;
+    }
+    assert_int_equal(uc_kv_head_reserve(&kv, &b.heads[0], 5), UC_OK);
+    assert_true(uc_kv_seq_blocks(&a) >= UC_KV_PARALLEL_MIN_BLOCKS);
+    uc_kv_seq_fini(&kv, &a);
+    assert_int_equal(uc_kv_used_blocks(&kv), 5);
+    uint8_t *seen = calloc(TOTAL, 1);
+    assert_non_null(seen);
+    for (int64_t i = 0; i < kv.n_free; i++) {
+        int32_t id = kv.free_list[i];
+        assert_true(id >= 0 && id < TOTAL);
+        assert_int_equal(seen[id], 0);
+        seen[id] = 1;
+        assert_int_equal(kv.refs[id], 0);
+    }
+    for (int32_t i = 0; i < b.heads[0].n_blocks; i++) {
+        assert_int_equal(seen[b.heads[0].blocks[i]], 0);
+        assert_int_equal(kv.refs[b.heads[0].blocks[i]], 1);
+    }
+    free(seen);
+    /* shared blocks: a fork of a long sequence, the original freed, the fork's blocks held */
+    assert_int_equal(uc_kv_seq_init(&a, L, H), UC_OK);
+    assert_int_equal(uc_kv_seq_init(&c, L, H), UC_OK);
+    for (int64_t i = 0; i < L * H; i++) {
+        assert_int_equal(uc_kv_head_reserve(&kv, &a.heads[i], PER), UC_OK);
+        a.heads[i].n_tokens = PER;
+        int32_t cd, cs;
+        int64_t n_copy = 0;
+        assert_int_equal(uc_kv_head_fork(&kv, &c.heads[i], &a.heads[i], &cd, &cs, &n_copy), UC_OK);
+        assert_int_equal(n_copy, 0); /* one-token blocks: all full, all shared */
+    }
+    assert_true(uc_kv_shared_blocks(&kv) > 0);
+    uc_kv_seq_fini(&kv, &a);
+    assert_int_equal(uc_kv_shared_blocks(&kv), 0);
+    assert_int_equal(uc_kv_used_blocks(&kv), 5 + uc_kv_seq_blocks(&c));
+    uc_kv_seq_fini(&kv, &c);
+    uc_kv_seq_fini(&kv, &b);
+    assert_int_equal(uc_kv_used_blocks(&kv), 0);
+    uc_kv_cache_fini(&kv);
+}
+
 static void test_allocation_failures(void **state)
 {
     struct fixture *f = *state;
@@ -820,6 +877,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_slots_across_blocks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_head_remove, setup, teardown),
         cmocka_unit_test_setup_teardown(test_freed_blocks_reused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_long_sequence_freed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_allocation_failures, setup, teardown),
         cmocka_unit_test_setup_teardown(test_table_room_after_prompt, setup, teardown),
         cmocka_unit_test_setup_teardown(test_taken_blocks_match_reserve, setup, teardown),
