@@ -291,7 +291,7 @@ void uc_engine_destroy(struct uc_engine *e)
                     e->psum, e->wprob, e->colscore, e->rowscore, e->keep, e->sel_scratch,
                     e->spec, e->spec_local, e->cal_head, e->cal_hidden, e->model_dir,
                     e->profile_path, e->batch, e->sw_seq, e->sw_left, e->bt_seqs, e->dm_need,
-                    e->dm_ids, e->dm_first, e->ah_ids, e->dec_logits, e->dec_argmax, e->ks_sum,
+                    e->dm_ids, e->dm_first, e->ah_batch, e->dec_logits, e->dec_argmax, e->ks_sum,
                     e->ks_dist, e->mc_sum, e->mc_cnt, e->pend};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
         uc_free(host[i]);

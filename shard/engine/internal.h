@@ -53,6 +53,7 @@ struct seq {
     int64_t n_prompt;
     int32_t *prompt;  /* (n_prompt) ids, kept until the prefill buffers exist */
     int64_t n_ctx; /* tokens whose K/V are in context (prompt + decoded) */
+    int64_t ah_step; /* the step whose lookahead readied this sequence's next token (decode.c) */
     /* prefill state */
     int64_t layer;
     int64_t t_done;
@@ -251,10 +252,10 @@ struct uc_engine {
     /* the lookahead (decode.c): after a decode-only step's layers are launched, the next
      * step's blocks are taken and the tables synced for the same batch while the device runs
      * this one; the next step skips that work when it is exactly that batch, next */
-    int64_t ah_nb;   /* the batch it was done for; 0: none */
+    int64_t ah_nb;   /* the batch it was done for (its sequences' ah_step say which); 0: none */
     int64_t ah_step; /* e->step_no of the step that did it */
-    int64_t *ah_ids; /* (ah_ids_cap) its sequences, in order */
-    int64_t ah_ids_cap;
+    struct seq **ah_batch; /* (ah_batch_cap) a prefill-only step's lookahead batch */
+    int64_t ah_batch_cap;
     bool ah_packed, ah_latent;         /* what seq_blocks_needed found */
     int64_t ah_blocks, ah_table_ints; /* what it took and uploaded (the next step's info) */
 };
@@ -466,5 +467,10 @@ uc_status eng_decode_begin(struct uc_engine *e, const struct uc_step_decode *dec
 uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any_evict);
 uc_status eng_decode_end(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb);
 uc_status eng_decode_run(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb);
+/* The lookahead of a prefill-only step (its layers launched, its prompts' logits not yet
+ * read): every sequence that decodes after it, those decoding now and the n_end prompts it
+ * finishes, gets its next token's blocks and its block table written while the device runs
+ * the prompts. */
+uc_status eng_decode_ahead_of_prefill(struct uc_engine *e, struct seq **end, int64_t n_end);
 
 #endif

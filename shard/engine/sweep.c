@@ -199,6 +199,15 @@ uc_status eng_sweep_run(struct uc_engine *e, const struct uc_step *st)
     if (nb > 0) {
         e->last_nb = 0; /* a mixed step breaks the run of equal decode-only batches */
         UC_CHECK(eng_decode_end(e, st->decodes, nb), rc, out);
+    } else {
+        int64_t n_end = 0;
+        for (int64_t i = 0; i < npf; i++) {
+            struct seq *s = e->sw_seq[i];
+            if (s->phase == UC_SEQ_PREFILLING && s->layer == L) {
+                ends[n_end++] = s;
+            }
+        }
+        UC_CHECK(eng_decode_ahead_of_prefill(e, ends, n_end), rc, out);
     }
     for (int64_t i = 0; i < npf; i++) {
         struct seq *s = e->sw_seq[i];

@@ -6,7 +6,9 @@
  *   (a sequence ends and is freed with the next step, one is forked mid-decode, one is admitted
  *   mid-decode) with full, snapkv and uncomp heads (uneven lengths, so heads cross block
  *   boundaries at different steps);
- * - the lookahead is used on the steps that follow a decode-only step of the same batch, and
+ * - the lookahead is used on the steps that follow a decode-only step of the same batch, or
+ *   a prefill-only step (a prompt admitted mid-decode: the prefill's lookahead readies every
+ *   sequence that decodes after it, the new one too) when the decode step frees nothing, and
  *   only there;
  * - blocks in use never exceed what admission reserved for the live sequences (a sequence
  *   decodes at most max_new - 1 tokens, and the lookahead takes only its next token's blocks),
@@ -48,6 +50,8 @@ struct run {
     float *logits;         /* (STEPS, NSEQ, V): each decode's logits, 0 where none */
     bool lookahead[STEPS]; /* the step's info.lookahead */
     int64_t n_rows[STEPS];
+    bool prefilled[STEPS]; /* a prompt was prefilled (prefill-only steps) before the decode */
+    bool freed[STEPS];     /* the decode step freed a sequence */
 };
 
 static struct uc_engine *make_engine(struct uc_comm *comm, const char *shared, int64_t blocks,
@@ -142,6 +146,7 @@ static int64_t run_schedule(struct uc_engine *e, struct run *r)
             TU_CHECK(rc == UC_OK, "step %d: adding sequence %lld failed", step, (long long)p->id);
             live[i] = true;
             made[i] = 1;
+            r->prefilled[step] = r->prefilled[step] || p->spec != NULL;
         }
         struct uc_step_decode dec[NSEQ];
         int who[NSEQ];
@@ -159,6 +164,7 @@ static int64_t run_schedule(struct uc_engine *e, struct run *r)
         uc_engine_last_step_info(e, &info);
         r->lookahead[step] = info.lookahead;
         r->n_rows[step] = n_dec;
+        r->freed[step] = n_free > 0;
         int64_t held = 0;
         for (int k = 0; k < n_dec; k++) {
             int i = who[k];
@@ -273,13 +279,15 @@ int main(int argc, char **argv)
     TU_CHECK(first_diff < 0, "decode step %d: logits differ with the lookahead", first_diff);
     for (int step = 0; step < STEPS; step++) {
         /* used exactly where the step before was a decode of the same rows with nothing added
-         * since (an end frees its sequence in the step, which changes the rows) */
+         * since (an end frees its sequence in the step, which changes the rows), or a prefill
+         * whose lookahead took every live sequence when nothing is freed */
         bool added = false;
         for (int i = 0; i < NSEQ; i++) {
             added = added || PLANS[i].start == step;
         }
-        bool want = step > 0 && !added && off.n_rows[step] > 0 &&
-                    off.n_rows[step] == off.n_rows[step - 1];
+        bool want = (step > 0 && !added && off.n_rows[step] > 0 &&
+                     off.n_rows[step] == off.n_rows[step - 1]) ||
+                    (off.prefilled[step] && !off.freed[step]);
         TU_CHECK(!off.lookahead[step], "step %d: lookahead used while off", step);
         TU_CHECK(on.lookahead[step] == want, "step %d: lookahead %s", step,
                  want ? "not used after a decode of the same rows" : "used after the rows changed");
