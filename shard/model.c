@@ -650,6 +650,41 @@ uc_status uc_model_finish_layer_norm_next(struct uc_model *m, struct uc_model_ws
     return finish_layer(m, ws, layer, x, n_tok, layer + 1 < m->cfg.n_layers);
 }
 
+/* Layer 0's products and (up to max_logit_rows) the LM head at t rows, outputs into scratch. */
+static uc_status warm_at(struct uc_model *m, struct uc_model_ws *ws, int64_t t)
+{
+    struct uc_backend *be = m->be;
+    const struct layer_w *w = &m->layers[0];
+    const struct uc_model_shard *s = &m->sh;
+    int64_t c = m->cfg.hidden;
+    uc_status rc;
+    UC_CHECK(be->ops->matmul(be, ws->gu, ws->xn, w->wqkv, t, s->qkv_dim, c), rc, out);
+    UC_CHECK(be->ops->matmul(be, ws->tmp, ws->att, w->wo, t, c, s->n_heads * m->cfg.head_dim), rc,
+             out);
+    UC_CHECK(be->ops->matmul_swiglu(be, ws->act, ws->gu, ws->xn, w->wgu, t, s->n_ffn, c), rc, out);
+    UC_CHECK(be->ops->matmul(be, ws->tmp, ws->act, w->wdown, t, c, s->n_ffn), rc, out);
+    if (t <= ws->max_logit_rows) {
+        rc = be->ops->matmul(be, ws->logits, ws->xn, m->lm_head, t, s->n_vocab, c);
+    }
+out:
+    return rc;
+}
+
+uc_status uc_model_warm_products(struct uc_model *m, struct uc_model_ws *ws, int64_t max_rows)
+{
+    int64_t top = max_rows < ws->max_tok ? max_rows : ws->max_tok;
+    uc_status rc = UC_OK;
+    int64_t last = 0;
+    for (int64_t t = 1; t <= top && rc == UC_OK; t = t < ws->max_logit_rows ? t + 1 : 2 * t) {
+        rc = warm_at(m, ws, t);
+        last = t;
+    }
+    if (rc == UC_OK && last < top) { /* the top itself, where the doublings stepped over it */
+        rc = warm_at(m, ws, top);
+    }
+    return rc == UC_OK ? m->be->ops->sync(m->be) : rc;
+}
+
 uc_status uc_model_argmax(struct uc_model *m, struct uc_model_ws *ws, int32_t *out, const void *x,
                           int64_t n_tok)
 {

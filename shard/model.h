@@ -105,6 +105,12 @@ uc_status uc_model_finish_layer_norm_next(struct uc_model *m, struct uc_model_ws
 /* Logits of rows x (T <= max_logit_rows, C): the full vocabulary on every rank, host (T, V). */
 uc_status uc_model_logits(struct uc_model *m, struct uc_model_ws *ws, float *out, const void *x,
                           int64_t n_tok);
+/* Runs layer 0's four products (and the LM head up to max_logit_rows) once at every row count
+ * from 1 to ws->max_logit_rows (the decode batches), then at twice that and every doubling up to
+ * max_rows (clipped to ws->max_tok): a backend that loads its kernels and picks their shapes
+ * on first use (cuBLAS) does it here, not in a request's step. Rank-local (no collective); the
+ * outputs are scratch. */
+uc_status uc_model_warm_products(struct uc_model *m, struct uc_model_ws *ws, int64_t max_rows);
 /* Greedy tokens of rows x (T <= max_logit_rows) without bringing logits to the host: the argmax
  * runs on the backend. One rank only (with R > 1 use uc_model_logits). */
 uc_status uc_model_argmax(struct uc_model *m, struct uc_model_ws *ws, int32_t *out, const void *x,
