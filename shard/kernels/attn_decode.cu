@@ -194,7 +194,7 @@ static __device__ void dec_merge_ranges(const dec_item &it, int hkv, int group, 
 /* ---- tensor-core path ------------------------------------------------------------------- */
 
 /* Starts the copy of tile `tile` (DEC_TILE tokens of K and V from t0) into stage buffers sk,
- * sv; tokens at or past t_end are zero-filled. */
+ * sv; tokens at or past t_end are zero-filled. Any block size (bt). */
 template <int D>
 static __device__ __forceinline__ void dec_load_tile(uc_bf16_t *sk, uc_bf16_t *sv,
                                                      const uc_bf16_t *pk, const uc_bf16_t *pv,
@@ -218,7 +218,39 @@ static __device__ __forceinline__ void dec_load_tile(uc_bf16_t *sk, uc_bf16_t *s
     }
 }
 
+/* The same for blocks of DEC_BT16 tokens (the engine's default on a GPU), t0 a multiple of
+ * them: a thread's rows r0 + i R (R rows a pass, which divides DEC_BT16) fall in the tile's
+ * blocks (i R) / DEC_BT16 at row r0 + (i R) % DEC_BT16, so the tile reads its DEC_TILE /
+ * DEC_BT16 block ids once and every copy's offset is one of them plus a constant. A third of
+ * the kernel's instructions were the general loader's index arithmetic (ncu: an instruction
+ * issued every 2.4 cycles, 2 warps a scheduler, the rest waiting on dependencies). */
+#define DEC_BT16 16
 template <int D>
+static __device__ __forceinline__ void dec_load_tile16(uc_bf16_t *sk, uc_bf16_t *sv,
+                                                       const uc_bf16_t *pk, const uc_bf16_t *pv,
+                                                       const int32_t *blk, int t0, int t_end)
+{
+    constexpr int CH = D / 8, R = DEC_THREADS / CH, NB = DEC_TILE / DEC_BT16;
+    static_assert(DEC_BT16 % R == 0 && DEC_TILE % DEC_BT16 == 0, "rows a pass divide a block");
+    const int r0 = threadIdx.x / CH, c = threadIdx.x % CH;
+    int64_t base[NB];
+#pragma unroll
+    for (int k = 0; k < NB; k++) {
+        const bool any = t0 + k * DEC_BT16 < t_end;
+        base[k] = any ? (int64_t)__ldg(blk + t0 / DEC_BT16 + k) * (DEC_BT16 * D) : 0;
+    }
+    const int64_t own = (int64_t)r0 * D + c * 8;
+#pragma unroll
+    for (int i = 0; i < DEC_TILE * CH / DEC_THREADS; i++) {
+        const int r = r0 + i * R;
+        const bool ok = t0 + r < t_end;
+        const int64_t off = ok ? base[(i * R) / DEC_BT16] + own + ((i * R) % DEC_BT16) * D : 0;
+        cp_async16(smem_u32(sk + swz<D>(r, c)), pk + off, ok ? 16 : 0);
+        cp_async16(smem_u32(sv + swz<D>(r, c)), pv + off, ok ? 16 : 0);
+    }
+}
+
+template <int D, bool BT16>
 static __global__ void __launch_bounds__(DEC_THREADS, DEC_RESIDENT)
     decode_tc_kernel(const uc_bf16_t *q, int64_t ld_q, const uc_bf16_t *pk, const uc_bf16_t *pv,
                      int bt, const int32_t *n_tokens, const int32_t *offset,
@@ -254,11 +286,20 @@ static __global__ void __launch_bounds__(DEC_THREADS, DEC_RESIDENT)
             qa[ks][1] = *reinterpret_cast<const uint32_t *>(src + 8);
         }
     }
+    auto load = [&](int tile, int stage) {
+        const int t0 = it.t_begin + tile * DEC_TILE;
+        if (BT16) {
+            dec_load_tile16<D>(sk + stage * DEC_TILE * D, sv + stage * DEC_TILE * D, pk, pv, blk,
+                               t0, it.t_end);
+        } else {
+            dec_load_tile<D>(sk + stage * DEC_TILE * D, sv + stage * DEC_TILE * D, pk, pv, blk,
+                             bt, bt_shift, bt_pow2, t0, it.t_end);
+        }
+    };
 #pragma unroll
     for (int s = 0; s < DEC_STAGES - 1; s++) {
         if (s < n_tiles) {
-            dec_load_tile<D>(sk + s * DEC_TILE * D, sv + s * DEC_TILE * D, pk, pv, blk, bt,
-                             bt_shift, bt_pow2, it.t_begin + s * DEC_TILE, it.t_end);
+            load(s, s);
         }
         cp_async_commit();
     }
@@ -275,23 +316,29 @@ static __global__ void __launch_bounds__(DEC_THREADS, DEC_RESIDENT)
         {
             const int nx = ti + DEC_STAGES - 1, sx = nx % DEC_STAGES;
             if (nx < n_tiles) {
-                dec_load_tile<D>(sk + sx * DEC_TILE * D, sv + sx * DEC_TILE * D, pk, pv, blk, bt,
-                                 bt_shift, bt_pow2, it.t_begin + nx * DEC_TILE, it.t_end);
+                load(nx, sx);
             }
             cp_async_commit();
         }
         const int st = ti % DEC_STAGES;
         const uc_bf16_t *kt = sk + st * DEC_TILE * D, *vt = sv + st * DEC_TILE * D;
-        /* S = Q K^T over the warp's 16 tokens (two n-tiles of 8) */
+        /* S = Q K^T over the warp's 16 tokens (two n-tiles of 8), the head dimension's even
+         * and odd k-steps in separate sums: four chains of dependent mmas instead of two */
         float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float u0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, u1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int ks = 0; ks < D / 16; ks++) {
             uint32_t r[4];
             const int row = tb + (lane & 7) + ((lane >> 4) << 3);
             ldsm_x4(r, smem_u32(kt + swz<D>(row, 2 * ks + ((lane >> 3) & 1))));
             const uint32_t a[4] = {qa[ks][0], 0u, qa[ks][1], 0u};
-            mma_bf16(s0, a, r[0], r[1]);
-            mma_bf16(s1, a, r[2], r[3]);
+            mma_bf16(ks & 1 ? u0 : s0, a, r[0], r[1]);
+            mma_bf16(ks & 1 ? u1 : s1, a, r[2], r[3]);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            s0[k] += u0[k];
+            s1[k] += u1[k];
         }
         /* this lane's four scores of row qrow: tokens ta, ta + 1, ta + 8, ta + 9 */
         const int ta = it.t_begin + ti * DEC_TILE + tb + t4 * 2;
@@ -596,11 +643,19 @@ static void dec_tc_go(dim3 grid, cudaStream_t stream, const void *q, int64_t ld_
     const size_t smem = (size_t)2 * DEC_STAGES * DEC_TILE * D * sizeof(uc_bf16_t);
     static bool smem_set = false; /* the opt-in above 48 KiB, once per head size */
     if (!smem_set) {
-        (void)cudaFuncSetAttribute(decode_tc_kernel<D>,
+        (void)cudaFuncSetAttribute(decode_tc_kernel<D, false>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        (void)cudaFuncSetAttribute(decode_tc_kernel<D, true>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         smem_set = true;
     }
-    uck_launch(decode_tc_kernel<D>, grid, dim3(DEC_THREADS), smem, stream,
+    static int x16 = -1; /* WIP A/B: UC_DEC_X16=0 forces the general loader */
+    if (x16 < 0) {
+        const char *v = getenv("UC_DEC_X16");
+        x16 = !(v && strcmp(v, "0") == 0);
+    }
+    uck_launch(bt == DEC_BT16 && x16 ? decode_tc_kernel<D, true> : decode_tc_kernel<D, false>, grid,
+               dim3(DEC_THREADS), smem, stream,
                static_cast<const uc_bf16_t *>(q), ld_q, static_cast<const uc_bf16_t *>(pk),
                static_cast<const uc_bf16_t *>(pv), (int)bt, n_tokens, offset, blocks, (int)hkv,
                (int)group, plan->chunk, plan->n_splits, scale, part_o, part_ml, scores, mt,

@@ -962,10 +962,10 @@ static void test_kv_scatter_move(int64_t d)
     pools_free(&p);
 }
 
-static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, int64_t max_len,
-                             bool with_psum, uint64_t seed)
+/* bt: tokens a block (16, the engine's default on a GPU, has its own tile loader) */
+static void test_attn_decode_bt(int64_t n_rows, int64_t h, int64_t hkv, int64_t d,
+                                int64_t max_len, bool with_psum, uint64_t seed, int64_t bt)
 {
-    const int64_t bt = 16;
     int64_t entries = n_rows * hkv;
     struct uc_rng r;
     uc_rng_seed(&r, seed);
@@ -1003,10 +1003,10 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
     }
     uc_status r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &view, n_rows, h, hkv, pg);
     uc_status r2 = cpu->ops->attn_decode(cpu, oc, q.c, q.ld, &p.c, &view, n_rows, h, hkv, pc);
-    char what[96];
-    snprintf(what, sizeof what, "B=%lld H=%lld Hkv=%lld D=%lld max_len=%lld%s", (long long)n_rows,
-             (long long)h, (long long)hkv, (long long)d, (long long)max_len,
-             with_psum ? " psum" : "");
+    char what[112];
+    snprintf(what, sizeof what, "B=%lld H=%lld Hkv=%lld D=%lld max_len=%lld bt=%lld%s",
+             (long long)n_rows, (long long)h, (long long)hkv, (long long)d, (long long)max_len,
+             (long long)bt, with_psum ? " psum" : "");
     double e = r1 == UC_OK && r2 == UC_OK ? cmp_dev(og, oc, n_rows * h * d) : INFINITY;
     report("attn_decode", what, e, bound_act());
     if (!with_psum) { /* the recorded-step form: indices on the device, length not known */
@@ -1020,7 +1020,7 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
                                       true, NULL,          NULL,              NULL,
                                       NULL, NULL,          NULL,              NULL, NULL};
         r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &dv, n_rows, h, hkv, NULL);
-        char w2[112];
+        char w2[136];
         snprintf(w2, sizeof w2, "%s, device indices", what);
         report("attn_decode", w2, r1 == UC_OK ? cmp_dev(og, oc, n_rows * h * d) : INFINITY,
                bound_act());
@@ -1039,6 +1039,12 @@ static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, 
     uc_free(ntok);
     uc_free(off);
     uc_free(perm);
+}
+
+static void test_attn_decode(int64_t n_rows, int64_t h, int64_t hkv, int64_t d, int64_t max_len,
+                             bool with_psum, uint64_t seed)
+{
+    test_attn_decode_bt(n_rows, h, hkv, d, max_len, with_psum, seed, 16);
 }
 
 /* RoPE on q and k heads and the append of k and v to pool slots, indices on the device. */
@@ -1848,6 +1854,10 @@ static void run_pass(void)
     test_attn_decode(4, 16, 2, 32, 3000, true, 640);
     test_attn_decode(5, 8, 4, 8, 300, true, 650);
     test_attn_decode(1, 8, 1, 128, 20000, false, 660);
+    /* blocks of other sizes: the general tile loader (8, and 24 which is no power of two) */
+    test_attn_decode_bt(8, 32, 8, 128, 3000, false, 661, 8);
+    test_attn_decode_bt(3, 8, 2, 128, 700, true, 662, 24);
+    test_attn_decode_bt(2, 8, 8, 64, 500, false, 663, 8);
     if (!fp32) { /* D = 256 in float32 is past the decode kernel's rows (an error, as checked) */
         test_attn_decode(2, 4, 2, 256, 500, true, 670);
     }
