@@ -7,10 +7,11 @@
  *
  * Tensor-core path (bf16, D = 64, 128 or 256): the range streams through shared memory in tiles
  * of 64 tokens, three stages deep (cp.async with zero fill; the block ids read by the loading
- * threads), the rows XOR-swizzled so ldmatrix is conflict-free. Each warp takes 16 tokens of a
- * tile: S = Q K^T with the query heads as the rows of an m16n8k16 mma (rows past the tile's
- * heads are zero), an online softmax per head over the quad of lanes that holds its row, then
- * O += P V with P rounded to bf16 (the sums stay float32), as in the prefill kernel.
+ * threads, once a tile where blocks hold 16 tokens), the rows XOR-swizzled so ldmatrix is
+ * conflict-free. Each warp takes 16 tokens of a tile: S = Q K^T with the query heads as the
+ * rows of an m16n8k16 mma (rows past the tile's heads are zero), an online softmax per head
+ * over the quad of lanes that holds its row, then O += P V with P rounded to bf16 (the sums
+ * stay float32), as in the prefill kernel.
  *
  * Generic path (float32, other head sizes): every warp streams its own tokens with no barrier:
  * LPT lanes hold one token's row (16 bytes each) and each lane issues the K and V loads of
@@ -649,12 +650,7 @@ static void dec_tc_go(dim3 grid, cudaStream_t stream, const void *q, int64_t ld_
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         smem_set = true;
     }
-    static int x16 = -1; /* WIP A/B: UC_DEC_X16=0 forces the general loader */
-    if (x16 < 0) {
-        const char *v = getenv("UC_DEC_X16");
-        x16 = !(v && strcmp(v, "0") == 0);
-    }
-    uck_launch(bt == DEC_BT16 && x16 ? decode_tc_kernel<D, true> : decode_tc_kernel<D, false>, grid,
+    uck_launch(bt == DEC_BT16 ? decode_tc_kernel<D, true> : decode_tc_kernel<D, false>, grid,
                dim3(DEC_THREADS), smem, stream,
                static_cast<const uc_bf16_t *>(q), ld_q, static_cast<const uc_bf16_t *>(pk),
                static_cast<const uc_bf16_t *>(pv), (int)bt, n_tokens, offset, blocks, (int)hkv,
