@@ -24,7 +24,8 @@
 # tests/golden/test_lorc.c), lorc-ref (its ranks and logits in float32 against
 # tests/golden/lorc_ref.py; exit 77 without numpy),
 # tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
-# prefbench (prefill attention, both D = 128 kernels, beside the GEMM ceiling),
+# prefbench (prefill attention, both D = 128 kernels, beside the GEMM ceiling; then in the
+# engine's conditions: medians by the spread of Q/K/V, and each call right after a product),
 # gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c; TRACE_ARGS
 # replaces its bench_gpu arguments; TRACE_WINDOW_MS=N summarises the last N ms instead, with
 # tests/cuda/trace_window.py),
