@@ -123,7 +123,7 @@ static bool prefill_fits(const struct uc_sched *s, const struct req *q, int64_t 
     if (q->pf_given > 0) {
         return true;
     }
-    *bytes = uc_engine_prefill_bytes(s->e, q->n_prompt);
+    *bytes = uc_engine_prefill_bytes(s->e, &q->cp, q->n_prompt);
     return s->pf_bytes_used == 0 || s->pf_bytes_used + *bytes <= prefill_memory(s);
 }
 

@@ -171,9 +171,13 @@ uc_status uc_engine_shutdown(struct uc_engine *e);
  * ids, parameters. Writes a message naming the field. */
 uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_new *n, char *msg,
                               size_t msg_size);
-/* Bytes of the prefill buffers of a prompt of n_prompt tokens on this rank (its residual stream
- * and Q/K/V, allocated at its first slice and freed when its prefill ends). */
-int64_t uc_engine_prefill_bytes(const struct uc_engine *e, int64_t n_prompt);
+/* Bytes of the prefill buffers of a prompt of n_prompt tokens compressed by cp on this rank, at
+ * most (its residual stream and Q/K/V, allocated at its first slice, and what its compression
+ * adds: a stage cut's new residual stream, a pipelined layer end's K|V rows, KVSharer's source
+ * layers; all freed when its prefill ends). The report's prefill_bytes_peak_local is what it
+ * held. */
+int64_t uc_engine_prefill_bytes(const struct uc_engine *e, const struct uc_compress_params *cp,
+                                int64_t n_prompt);
 /* KV blocks this rank must keep free for the sequence at most (its post-compression footprint
  * plus max_new_tokens of decode; with UC_SEQ_FORK, what the fork holds beside the blocks it
  * shares with its source). */
@@ -290,6 +294,7 @@ struct uc_compress_report {
     uint64_t plan_checksum;
     int64_t kv_tokens_held_local; /* tokens actually in this rank's cache now */
     int64_t kv_blocks_held_local;
+    int64_t prefill_bytes_peak_local; /* the most bytes its prefill buffers held on this rank */
     float think_ratio;            /* ThinK's pruned share (0: no think stage) */
     int64_t key_channels;         /* key channels each KV head keeps (ThinK), D without */
     int64_t kv_row_bytes_local;   /* bytes of this rank's cached K/V rows (packed rows smaller) */

@@ -556,6 +556,7 @@ uc_status uc_engine_seq_report(const struct uc_engine *e, int64_t seq_id,
     out->plan_checksum = uc_plan_checksum(p);
     out->kv_tokens_held_local = uc_kv_seq_tokens(&s->kv);
     out->kv_blocks_held_local = uc_kv_seq_blocks(&s->kv);
+    out->prefill_bytes_peak_local = s->pf_peak;
     out->kv_row_bytes_local = uc_kv_seq_row_bytes(&e->kv, &s->kv);
     return UC_OK;
 }

@@ -44,6 +44,12 @@ struct qs_batch {
     int64_t host_cap;
 };
 
+/* A device buffer of a prompt's prefill and its size (seq.c). */
+struct eng_pf_buf {
+    void *p;
+    int64_t bytes;
+};
+
 struct seq {
     int64_t id;
     int32_t flags;
@@ -60,6 +66,12 @@ struct seq {
     int64_t n_rows;   /* rows present at the current layer */
     void *x;          /* (n_prompt, C) residual stream, device */
     void *qkv;        /* (n_prompt, qkv_dim) this layer's Q, K, V, device */
+    /* the prefill's device buffers (x, qkv, end_kv, src_kv, a stage cut's new x), each with its
+     * bytes (eng_pf_alloc): the most held at once is what admission's uc_engine_prefill_bytes
+     * must cover, and the report gives it */
+    struct eng_pf_buf *pf_bufs;
+    int64_t n_pf_bufs, pf_bufs_cap;
+    int64_t pf_held, pf_peak;
     int32_t *pos;     /* (n_rows) original positions of the rows present */
     int32_t stage;
     double *row_acc;  /* (n_rows) accumulated stage row scores (accum row scores) */
@@ -300,6 +312,10 @@ struct seq *eng_find_seq(const struct uc_engine *e, int64_t id);
  * slice with the prompt embedded, and freed when the prefill ends. */
 uc_status eng_prefill_buffers(struct uc_engine *e, struct seq *s);
 void eng_free_prefill_buffers(struct uc_engine *e, struct seq *s);
+/* A prefill buffer of s on the device, counted in s's pf_held and pf_peak; eng_pf_free frees
+ * one (NULL: nothing) and sets *p to NULL. */
+uc_status eng_pf_alloc(struct uc_engine *e, struct seq *s, void **p, int64_t bytes);
+void eng_pf_free(struct uc_engine *e, struct seq *s, void **p);
 void eng_seq_destroy(struct uc_engine *e, struct seq *s);
 void eng_seq_remove(struct uc_engine *e, int64_t id);
 uc_status eng_seq_create(struct uc_engine *e, const struct uc_step_new *n);
@@ -360,6 +376,9 @@ bool eng_layer_is_source(const struct seq *s, int64_t l, int64_t n_layers);
 uc_status eng_kvshare_layer_end(struct uc_engine *e, struct seq *s);
 /* The KVSHARE_* steps. */
 uc_status eng_kvshare_step(struct uc_engine *e, const struct uc_step *st);
+/* Layers whose K|V rows a prompt under cp keeps for later layers (distinct sources of its
+ * pairs). */
+int64_t eng_kvshare_sources(const struct uc_engine *e, const struct uc_compress_params *cp);
 /* The pairs a new sequence shares with: its own, else the profile's. */
 void eng_share_pairs_for(const struct uc_engine *e, const struct uc_compress_params *cp,
                          const struct uc_share_pair **pairs, int32_t *n);

@@ -24,6 +24,21 @@ void eng_share_pairs_for(const struct uc_engine *e, const struct uc_compress_par
     }
 }
 
+int64_t eng_kvshare_sources(const struct uc_engine *e, const struct uc_compress_params *cp)
+{
+    const struct uc_share_pair *pairs;
+    int32_t n, sources = 0;
+    eng_share_pairs_for(e, cp, &pairs, &n);
+    for (int32_t i = 0; i < n; i++) {
+        bool seen = false;
+        for (int32_t j = 0; j < i; j++) {
+            seen = seen || pairs[j].src == pairs[i].src;
+        }
+        sources += !seen;
+    }
+    return sources;
+}
+
 bool eng_layer_is_source(const struct seq *s, int64_t l, int64_t n_layers)
 {
     for (int64_t t = l + 1; t < n_layers; t++) {
@@ -47,7 +62,7 @@ uc_status eng_kvshare_layer_end(struct uc_engine *e, struct seq *s)
     float *host = NULL;
     const void *k = (const char *)s->qkv + (size_t)(hl * d) * act_size(e);
     uc_status rc;
-    UC_CHECK(e->be->ops->alloc(e->be, &kv, (size_t)(n * w) * act_size(e)), rc, out);
+    UC_CHECK(eng_pf_alloc(e, s, &kv, n * w * (int64_t)act_size(e)), rc, out);
     UC_CHECK(e->be->ops->copy_rows(e->be, kv, w, k, ld, w, n), rc, out);
     if (stats) {
         host = uc_malloc((size_t)(n * w) * sizeof(float));
@@ -66,9 +81,7 @@ uc_status eng_kvshare_layer_end(struct uc_engine *e, struct seq *s)
         kv = NULL;
     }
 out:
-    if (kv) {
-        e->be->ops->free(e->be, kv);
-    }
+    eng_pf_free(e, s, &kv);
     uc_free(host);
     return rc;
 }

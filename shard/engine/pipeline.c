@@ -44,8 +44,8 @@ uc_status eng_end_begin(struct uc_engine *e, struct seq *s)
         return UC_ERRF(UC_ERR_NOMEM, "pending layer ends=%lld", (long long)e->n_pend + 1);
     }
     if (!s->end_kv) {
-        UC_CHECK(e->be->ops->alloc(e->be, &s->end_kv, (size_t)(s->n_prompt * kvw) * act_size(e)),
-                 rc, out);
+        UC_CHECK(eng_pf_alloc(e, s, &s->end_kv, s->n_prompt * kvw * (int64_t)act_size(e)), rc,
+                 out);
     }
     int32_t slot = (int32_t)e->n_pend;
     UC_CHECK(e->be->ops->window_scores_begin(e->be, slot,

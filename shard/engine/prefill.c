@@ -771,14 +771,13 @@ uc_status eng_layer_end_from(struct uc_engine *e, struct seq *s, int64_t l,
         int64_t nr = uc_select_rows(e->keep, accum ? s->row_acc : e->rowscore, n, keep_n,
                                     s->cp.window, e->sel_scratch);
         void *nx = NULL;
-        UC_CHECK(e->be->ops->alloc(e->be, &nx, (size_t)(nr * e->cfg->hidden) * act_size(e)), rc,
-                 out);
+        UC_CHECK(eng_pf_alloc(e, s, &nx, nr * e->cfg->hidden * (int64_t)act_size(e)), rc, out);
         rc = e->be->ops->gather_rows(e->be, nx, s->x, e->keep, nr, e->cfg->hidden);
         if (rc != UC_OK) {
-            e->be->ops->free(e->be, nx);
+            eng_pf_free(e, s, &nx);
             goto out;
         }
-        e->be->ops->free(e->be, s->x);
+        eng_pf_free(e, s, &s->x);
         s->x = nx;
         for (int64_t i = 0; i < nr; i++) {
             s->pos[i] = s->pos[e->keep[i]];

@@ -24,13 +24,42 @@ struct seq *eng_find_seq(const struct uc_engine *e, int64_t id)
     return NULL;
 }
 
+uc_status eng_pf_alloc(struct uc_engine *e, struct seq *s, void **p, int64_t bytes)
+{
+    if (!eng_grow((void **)&s->pf_bufs, &s->pf_bufs_cap, s->n_pf_bufs + 1, sizeof *s->pf_bufs)) {
+        return UC_ERRF(UC_ERR_NOMEM, "seq=%lld: prefill buffer list", (long long)s->id);
+    }
+    uc_status rc = e->be->ops->alloc(e->be, p, (size_t)bytes);
+    if (rc == UC_OK) {
+        s->pf_bufs[s->n_pf_bufs++] = (struct eng_pf_buf){.p = *p, .bytes = bytes};
+        s->pf_held += bytes;
+        s->pf_peak = s->pf_held > s->pf_peak ? s->pf_held : s->pf_peak;
+    }
+    return rc;
+}
+
+void eng_pf_free(struct uc_engine *e, struct seq *s, void **p)
+{
+    if (!*p) {
+        return;
+    }
+    for (int64_t i = 0; i < s->n_pf_bufs; i++) {
+        if (s->pf_bufs[i].p == *p) {
+            s->pf_held -= s->pf_bufs[i].bytes;
+            s->pf_bufs[i] = s->pf_bufs[--s->n_pf_bufs];
+            break;
+        }
+    }
+    e->be->ops->free(e->be, *p);
+    *p = NULL;
+}
+
 uc_status eng_prefill_buffers(struct uc_engine *e, struct seq *s)
 {
-    size_t a = act_size(e);
-    int64_t np = s->n_prompt;
+    int64_t a = (int64_t)act_size(e), np = s->n_prompt;
     uc_status rc;
-    UC_CHECK(e->be->ops->alloc(e->be, &s->x, (size_t)(np * e->cfg->hidden) * a), rc, out);
-    UC_CHECK(e->be->ops->alloc(e->be, &s->qkv, (size_t)(np * e->sh->qkv_dim) * a), rc, out);
+    UC_CHECK(eng_pf_alloc(e, s, &s->x, np * e->cfg->hidden * a), rc, out);
+    UC_CHECK(eng_pf_alloc(e, s, &s->qkv, np * e->sh->qkv_dim * a), rc, out);
     UC_CHECK(uc_model_embed(e->m, s->x, s->prompt, np), rc, out);
     uc_free(s->prompt);
     s->prompt = NULL;
@@ -43,28 +72,16 @@ out:
 
 void eng_free_prefill_buffers(struct uc_engine *e, struct seq *s)
 {
-    if (s->x) {
-        e->be->ops->free(e->be, s->x);
-        s->x = NULL;
-    }
-    if (s->qkv) {
-        e->be->ops->free(e->be, s->qkv);
-        s->qkv = NULL;
-    }
-    if (s->end_kv) {
-        e->be->ops->free(e->be, s->end_kv);
-        s->end_kv = NULL;
-    }
+    eng_pf_free(e, s, &s->x);
+    eng_pf_free(e, s, &s->qkv);
+    eng_pf_free(e, s, &s->end_kv);
     UC_FREE(s->hid_rows);
     s->hid_cap = 0;
     uc_entropy_acc_fini(&s->hacc);
     UC_FREE(s->qspec_local);
     eng_mc_free_prefill(e, s);
     for (int64_t l = 0; s->src_kv && l < e->cfg->n_layers; l++) {
-        if (s->src_kv[l]) {
-            e->be->ops->free(e->be, s->src_kv[l]);
-            s->src_kv[l] = NULL;
-        }
+        eng_pf_free(e, s, &s->src_kv[l]);
     }
 }
 
@@ -74,6 +91,7 @@ void eng_seq_destroy(struct uc_engine *e, struct seq *s)
         return;
     }
     eng_free_prefill_buffers(e, s);
+    uc_free(s->pf_bufs);
     eng_mc_seq_fini(e, s);
     uc_kv_seq_fini(&e->kv, &s->kv);
     uc_kv_table_region_fini(&s->bt);
@@ -221,12 +239,21 @@ uc_status uc_engine_check_new(const struct uc_engine *e, const struct uc_step_ne
     return UC_OK;
 }
 
-int64_t uc_engine_prefill_bytes(const struct uc_engine *e, int64_t n_prompt)
+int64_t uc_engine_prefill_bytes(const struct uc_engine *e, const struct uc_compress_params *cp,
+                                int64_t n_prompt)
 {
-    /* the residual stream, Q/K/V, a stage cut's new residual stream beside the old one, and a
-     * pipelined layer end's K|V rows (pipeline.c) */
-    int64_t per_row = 2 * e->cfg->hidden + e->sh->qkv_dim +
-                      2 * e->sh->n_heads_kv * e->cfg->head_dim;
+    int64_t kvw = 2 * e->sh->n_heads_kv * e->cfg->head_dim;
+    int64_t per_row = e->cfg->hidden + e->sh->qkv_dim; /* the residual stream and Q/K/V */
+    if (uc_policy_cuts_rows(cp->policy)) {
+        per_row += e->cfg->hidden; /* a stage cut's new residual stream beside the old one */
+    }
+    if (e->pipe_ends && uc_policy_uses_window(cp->policy)) {
+        per_row += kvw; /* a pipelined layer end's K|V rows (pipeline.c) */
+    }
+    if (uc_policy_kvsharer(cp)) {
+        per_row += kvw * eng_kvshare_sources(e, cp); /* KVSharer: each source layer's K|V rows,
+                                                        kept until the prefill ends */
+    }
     return n_prompt * per_row * (int64_t)act_size(e);
 }
 

@@ -2,8 +2,9 @@
  * sequence compressed to 10% of its prompt lets about 10x as many such sequences fit in the
  * same KV pool as uncompressed ones (sequences are prefilled until the pool is full, so the
  * count is of real allocations, not of a formula); forks share their source's blocks
- * copy-on-write (n = 3 choices of a long prompt hold about one prompt's blocks). Usage:
- * test_kv_memory SHARED_DIR */
+ * copy-on-write (n = 3 choices of a long prompt hold about one prompt's blocks); the prefill
+ * buffers a prompt held never exceed what admission counts for them, which for `full` is
+ * exactly its residual stream and Q/K/V. Usage: test_kv_memory SHARED_DIR */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -242,6 +243,49 @@ static void check_evict(struct uc_engine *e, const int32_t *ids)
     uc_free(b);
 }
 
+/* Each compression's prefill buffers, as held (the report's peak) against admission's count
+ * (uc_engine_prefill_bytes): never more; `full` holds exactly its residual stream and Q/K/V;
+ * KVSharer's three source layers (1, 3 and 5, for layers 2, 4 and 6) keep their K|V rows;
+ * uncomp-stage cuts rows at layers 2 and 5. */
+static void check_prefill_bytes(struct uc_engine *e, const int32_t *ids)
+{
+    static const char *specs[] = {"full", "snapkv", "pyramidkv", "uncomp", "uncomp-stage",
+                                  "full+kvsharer", "snapkv+kvsharer"};
+    for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+        struct uc_compress_params cp = tu_spec(specs[i], BUDGET);
+        if (uc_policy_kvsharer(&cp)) {
+            cp.n_share = 3;
+            for (int k = 0; k < 3; k++) {
+                cp.share[k] = (struct uc_share_pair){.src = (int16_t)(2 * k + 1),
+                                                     .dst = (int16_t)(2 * k + 2)};
+            }
+        }
+        if (cp.policy == UC_POLICY_UNCOMP_STAGE) {
+            cp.n_stage_starts = 2;
+            cp.stage_starts[0] = 2;
+            cp.stage_starts[1] = 5;
+        }
+        if (tu_prefill(e, 50, ids, PROMPT, 0, &cp, 0) != UC_OK) {
+            TU_CHECK(0, "%s: prefill failed", specs[i]);
+            continue;
+        }
+        struct uc_compress_report r;
+        uc_engine_seq_report(e, 50, &r);
+        int64_t counted = uc_engine_prefill_bytes(e, &cp, PROMPT);
+        printf("prefill buffers of %-16s held at most %lld bytes, admission counts %lld\n",
+               specs[i], (long long)r.prefill_bytes_peak_local, (long long)counted);
+        TU_CHECK(r.prefill_bytes_peak_local > 0 && r.prefill_bytes_peak_local <= counted,
+                 "%s: prefill buffers held %lld bytes, admission counted %lld", specs[i],
+                 (long long)r.prefill_bytes_peak_local, (long long)counted);
+        if (strcmp(specs[i], "full") == 0) {
+            TU_CHECK(r.prefill_bytes_peak_local == counted,
+                     "full: prefill buffers held %lld bytes, admission counted %lld",
+                     (long long)r.prefill_bytes_peak_local, (long long)counted);
+        }
+        tu_free(e, 50);
+    }
+}
+
 int main(int argc, char **argv)
 {
     struct uc_comm *comm = NULL;
@@ -269,6 +313,7 @@ int main(int argc, char **argv)
     for (int i = 1; i < PROMPT; i++) {
         ids[i] = (int32_t)(2 + uc_rng_next(&rng) % 4000);
     }
+    check_prefill_bytes(e, ids);
     check_fork(e, ids);
     check_evict(e, ids);
     int64_t full_bytes = 0, snap_bytes = 0, unc_bytes = 0;
