@@ -251,8 +251,8 @@ int64_t uc_engine_prefill_bytes(const struct uc_engine *e, const struct uc_compr
         per_row += kvw; /* a pipelined layer end's K|V rows (pipeline.c) */
     }
     if (uc_policy_kvsharer(cp)) {
-        per_row += kvw * eng_kvshare_sources(e, cp); /* KVSharer: each source layer's K|V rows,
-                                                        kept until the prefill ends */
+        /* KVSharer: each source layer's K|V rows, kept until the prefill ends */
+        per_row += kvw * eng_kvshare_sources(e, cp);
     }
     return n_prompt * per_row * (int64_t)act_size(e);
 }

@@ -19,6 +19,7 @@
 #include "base/log.h"
 #include "base/mem.h"
 #include "base/util.h"
+#include "test_util.h"
 
 static struct uc_backend *cpu, *gpu;
 static bool fp32;     /* the GPU backend's mode in this pass */
@@ -2172,12 +2173,6 @@ static void bench_attn(int64_t n, int64_t d, const char *label, double gemm_tflo
     gpu->ops->weight_free(gpu, b.qkv);
 }
 
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 /* The median of 16 attention calls at n tokens, each timed alone (synchronised before and
  * after); with mm set, each call right after that product, as a layer's attention follows its
  * QKV product in the engine. */
@@ -2195,8 +2190,7 @@ static double attn_median(struct bench_attn *b, struct bench_mm *mm)
         gpu->ops->sync(gpu);
         t[r] = uc_time_s() - t0;
     }
-    qsort(t, 16, sizeof t[0], cmp_double);
-    return 0.5 * (t[7] + t[8]);
+    return tu_median(t, 16);
 }
 
 /* Prefill attention in the engine's conditions against the best of a few calls: the median of
