@@ -39,6 +39,43 @@ static __global__ void rope_kernel(T *x, int64_t ld, int n_heads, int half, cons
     }
 }
 
+/* P elements of a row, one 16-byte access. */
+template <typename T, int P> struct alignas(16) rope_vec {
+    T v[P];
+};
+
+/* The vector form of rope_kernel, where a head's halves are whole 16-byte vectors and the rows
+ * 16-byte aligned (bf16 or float32 heads of 16 or more): a thread rotates P adjacent pairs of
+ * one head of one token with four 16-byte loads (the two halves, their cos and sin), where
+ * rope_kernel made two-pair accesses of 4 or 8 bytes from grids of one token per row; the
+ * arithmetic of each pair is the same. Items (token, head, vector) on a grid-stride loop. */
+template <typename T, int P>
+static __global__ void rope_vec_kernel(T *x, int64_t ld, int n_heads, int half, const int32_t *pos,
+                                       int n_items, const float *cos_t, const float *sin_t)
+{
+    const int per_head = half / P, per_tok = n_heads * per_head;
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < n_items;
+         idx += gridDim.x * blockDim.x) {
+        const int t = idx / per_tok, r = idx - t * per_tok, h = r / per_head;
+        const int i = (r - h * per_head) * P;
+        T *v = x + (int64_t)t * ld + (int64_t)h * 2 * half;
+        const int64_t tab = (int64_t)pos[t] * half + i;
+        rope_vec<T, P> a = *reinterpret_cast<const rope_vec<T, P> *>(v + i);
+        rope_vec<T, P> b = *reinterpret_cast<const rope_vec<T, P> *>(v + i + half);
+        const rope_vec<float, P> c = *reinterpret_cast<const rope_vec<float, P> *>(cos_t + tab);
+        const rope_vec<float, P> s = *reinterpret_cast<const rope_vec<float, P> *>(sin_t + tab);
+        rope_vec<T, P> ra, rb;
+#pragma unroll
+        for (int k = 0; k < P; k++) {
+            float fa = uck_to_f(a.v[k]), fb = uck_to_f(b.v[k]);
+            ra.v[k] = uck_from_f<T>(fa * c.v[k] - fb * s.v[k]);
+            rb.v[k] = uck_from_f<T>(fb * c.v[k] + fa * s.v[k]);
+        }
+        *reinterpret_cast<rope_vec<T, P> *>(v + i) = ra;
+        *reinterpret_cast<rope_vec<T, P> *>(v + i + half) = rb;
+    }
+}
+
 /* rope_append: items (t, h, i < D/2) over the q heads, the k heads (rotated, and written to
  * the pool slot as well) and the v heads (copied to the pool slot); a negative slot (a KVSharer
  * layer reading another layer's cache) is not written. */
@@ -96,6 +133,14 @@ static void launch(void *x, int64_t ld, int64_t n_heads, int64_t head_dim, const
                    int64_t n_tok, const float *cos_t, const float *sin_t, cudaStream_t stream)
 {
     const int half = (int)(head_dim / 2), pairs = half % 2 == 0 ? 2 : 1;
+    constexpr int P = 16 / (int)sizeof(T);
+    const int64_t n_vec = n_tok * n_heads * (half / P);
+    const bool aligned = (((uintptr_t)x | (uintptr_t)cos_t | (uintptr_t)sin_t) & 15u) == 0;
+    if (half % P == 0 && ld % P == 0 && aligned && n_vec <= INT32_MAX) {
+        rope_vec_kernel<T, P><<<uck_blocks(n_vec, 256), 256, 0, stream>>>(
+            (T *)x, ld, (int)n_heads, half, pos, (int)n_vec, cos_t, sin_t);
+        return;
+    }
     const int64_t items = n_heads * (half / pairs);
     dim3 grid((unsigned)((items + 255) / 256), (unsigned)(n_tok < 65535 ? n_tok : 65535));
     if (pairs == 2) {

@@ -386,20 +386,29 @@ static void test_matmul_rows_alone(int64_t t, int64_t n, int64_t k, bool swiglu)
     uc_free(w);
 }
 
-static void test_add_swiglu(void)
+/* add at n = 65536 (16-byte accesses in bf16), 65538 (pairs) and 65537 (one element). */
+static void test_add_n(int64_t n)
 {
-    int64_t n = 65537;
     float *x = hdata(n, 9, 1.0f), *y = hdata(n, 10, 1.0f);
     void *xg = put(gpu, x, n), *xc = put(cpu, x, n), *yg = put(gpu, y, n), *yc = put(cpu, y, n);
     gpu->ops->add(gpu, yg, xg, n);
     cpu->ops->add(cpu, yc, xc, n);
-    report("add", "n=65537", cmp_dev(yg, yc, n), bound_act());
+    char what[32];
+    snprintf(what, sizeof what, "n=%lld", (long long)n);
+    report("add", what, cmp_dev(yg, yc, n), bound_act());
     drop(gpu, xg);
     drop(cpu, xc);
     drop(gpu, yg);
     drop(cpu, yc);
     uc_free(x);
     uc_free(y);
+}
+
+static void test_add_swiglu(void)
+{
+    for (int64_t n = 65536; n <= 65538; n++) {
+        test_add_n(n);
+    }
     int64_t t = 9, f = 172;
     float *gu = hdata(t * 2 * f, 11, 4.0f);
     void *gg = put(gpu, gu, t * 2 * f), *gc = put(cpu, gu, t * 2 * f);
@@ -1842,8 +1851,9 @@ static void run_pass(void)
     test_qspec_batch(8, 128);
     test_qspec_batch(2, 256);
     /* paged KV */
-    test_kv_scatter_move(128);
+    test_kv_scatter_move(128); /* 16-byte vectors */
     test_kv_scatter_move(8);
+    test_kv_scatter_move(6); /* heads of 12 or 24 bytes: one element per thread */
     test_kv_copy_nonfinite(128);
     test_kv_copy_nonfinite(8);
     test_rope_append(128, 1, 32, 8);
