@@ -13,6 +13,7 @@
 #include "base/mem.h"
 #include "base/util.h"
 #include "comm_nccl.h"
+#include "comm_staged.h"
 #include "compress/select.h"
 #include "internal.h"
 #include "compress/minicache.h"
@@ -108,6 +109,29 @@ static uc_status load_profile(struct uc_engine *e)
     return UC_OK;
 }
 
+/* The GPU data plane under TP: NCCL, or with UC_CUDA_DATA_PLANE=mpi the activations through
+ * pinned host memory over MPI (slower; lets ranks share one GPU). The ranks agree on the choice
+ * first, so a rank started with another value (or one that is not nccl or mpi) fails them all
+ * with the same message instead of leaving the others waiting in a collective. */
+static uc_status attach_gpu_data_plane(struct uc_comm *comm, int device)
+{
+    const char *v = getenv("UC_CUDA_DATA_PLANE");
+    uint64_t choice = !v || strcmp(v, "nccl") == 0 ? 0 : strcmp(v, "mpi") == 0 ? 1 : 2;
+    int same = 1;
+    uc_status rc = uc_comm_agree_u64(comm, choice, "UC_CUDA_DATA_PLANE", &same);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    if (!same) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "ranks were started with different "
+                       "UC_CUDA_DATA_PLANE values (this one: %s)", v ? v : "unset");
+    }
+    if (choice == 2) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "UC_CUDA_DATA_PLANE=%s: expected nccl or mpi", v);
+    }
+    return choice == 1 ? uc_comm_staged_attach(comm, device) : uc_comm_nccl_attach(comm, device);
+}
+
 uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params *p,
                            struct uc_comm *comm)
 {
@@ -148,8 +172,7 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
     UC_CHECK(uc_backend_create(&e->be, &e->p.backend), rc, out);
     e->owns_backend = true;
     if (e->be->kind == UC_BACKEND_CUDA && uc_comm_size(comm) > 1) {
-        /* the GPU data plane: NCCL, its unique id carried over MPI */
-        UC_CHECK(uc_comm_nccl_attach(comm, e->be->device_index), rc, out);
+        UC_CHECK(attach_gpu_data_plane(comm, e->be->device_index), rc, out);
     }
     struct uc_model_params mp = {.model_dir = e->model_dir, .be = e->be, .comm = comm};
     rc = uc_model_create(&e->m, &mp);

@@ -23,7 +23,9 @@
 # lorc (LoRC's latent heads on the device: pool blocks, admission, forks, mixed batches,
 # tests/golden/test_lorc.c), lorc-ref (its ranks and logits in float32 against
 # tests/golden/lorc_ref.py; exit 77 without numpy),
-# tp2, tp2-fp32, bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
+# tp2, tp2-fp32, tp2-compress (compression plans, kept sets and mixed-equals-alone at tp 2, fp32),
+# tp2-plane-mismatch (ranks started with different UC_CUDA_DATA_PLANE values all fail, saying so),
+# bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
 # prefbench (prefill attention, both D = 128 kernels, beside the GEMM ceiling; then in the
 # engine's conditions: medians by the spread of Q/K/V, and each call right after a product),
 # gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c; TRACE_ARGS
@@ -33,7 +35,8 @@
 # methods (bench_gpu --methods: each KV method's bytes per sequence, the batch a 16 GiB pool
 # holds, aggregate decode tokens/s there; METHODS_ARGS replaces the --methods list),
 # serve (tests/bench/serve_gpu.sh; serve:a,b picks workloads, SERVE_ARGS adds options).
-# A step written VAR=VALUE:STEP runs with that variable set (e.g. UC_CUDA_PDL=0:gpu-quick).
+# A step written VAR=VALUE:STEP runs with that variable set (e.g. UC_CUDA_PDL=0:gpu-quick;
+# UC_CUDA_DATA_PLANE=mpi:tp2 runs tp 2 with both ranks on one GPU, over the host-staged plane).
 # GPU_MONITOR=1 (in the environment) samples the SM clock, power, temperature and the driver's
 # limits (power cap, heat) with nvidia-smi during each step and prints their summary after it
 # (tests/bench/gpu_monitor.py): whether a long step ran at the clocks a short one did.
@@ -99,7 +102,8 @@ mpi="mpirun --allow-run-as-root --oversubscribe -np 2 -x NCCL_NVLS_ENABLE -x LD_
 # and cannot import Debian's 3.11 extension), else the host's python3 if it imports both; its
 # stubs come from the carried protoc + grpc_python_plugin (PATH). The uncompctl suite needs only
 # the standard library. Two ranks cannot share one GPU under NCCL: with fewer than two GPUs the
-# tp 2 cases are skipped (--no-mpi).
+# tp 2 cases are skipped (--no-mpi), unless UC_CUDA_DATA_PLANE=mpi (the host-staged data plane,
+# shard/comm_staged.c) runs both ranks on the one GPU.
 e2e_common() {
   export UC_E2E_DAEMON_ARGS="--backend ${E2E_BACKEND:-cuda} ${E2E_EXTRA:-}" PYTHONUNBUFFERED=1
   # the daemon's bundled model (and its calibration text) whatever the build folder is
@@ -108,8 +112,12 @@ e2e_common() {
   local ngpu
   ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
   if [ "${E2E_BACKEND:-cuda}" = cuda ] && [ "$ngpu" -lt 2 ]; then
-    echo "($ngpu GPU: tp 2 cases skipped, --no-mpi)"
-    e2e_flags=(--no-mpi)
+    if [ "${UC_CUDA_DATA_PLANE:-}" = mpi ]; then
+      echo "($ngpu GPU: tp 2 cases with both ranks on it, host-staged MPI data plane)"
+    else
+      echo "($ngpu GPU: tp 2 cases skipped, --no-mpi)"
+      e2e_flags=(--no-mpi)
+    fi
   fi
 }
 e2e_grpc() {
@@ -152,6 +160,8 @@ for step in "$@"; do
   fi
   (
   [ ${#envset[@]} -gt 0 ] && export "${envset[@]}"
+  # ranks sharing one GPU need the host-staged data plane on every rank
+  [ -n "${UC_CUDA_DATA_PLANE:-}" ] && mpi="$mpi -x UC_CUDA_DATA_PLANE"
   case $step in
     ops) timeout 300 "$bd/tests/cuda/test_cuda_ops" --bench ;;
     decbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-decode ${DECBENCH_SHAPES:-} ;;
@@ -192,6 +202,15 @@ for step in "$@"; do
     tp2) UC_TEST_BACKEND=cuda timeout 200 $mpi -x UC_TEST_BACKEND "$bd/tests/golden/golden_model" "$fx" ;;
     tp2-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND -x UC_TEST_FP32 \
                 "$bd/tests/golden/golden_model" "$fx" ;;
+    tp2-compress) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 $mpi -x UC_TEST_BACKEND \
+                    -x UC_TEST_FP32 "$bd/tests/golden/golden_compress" "$fx" ;;
+    tp2-plane-mismatch) # ranks that chose different data planes all fail, with the reason
+      out=$(UC_TEST_BACKEND=cuda timeout 120 ${mpi/-np 2/-np 1} -x UC_TEST_BACKEND \
+              env UC_CUDA_DATA_PLANE=mpi "$bd/tests/golden/golden_model" "$fx" : \
+              -np 1 env UC_CUDA_DATA_PLANE=nccl "$bd/tests/golden/golden_model" "$fx" 2>&1)
+      r=$?
+      echo "$out" | grep -m2 "UC_CUDA_DATA_PLANE"
+      [ $r -ne 0 ] && [ $r -ne 124 ] && echo "$out" | grep -q "different UC_CUDA_DATA_PLANE" ;;
     tp4) UC_TEST_BACKEND=cuda timeout 200 ${mpi/-np 2/-np 4} -x UC_TEST_BACKEND \
            "$bd/tests/golden/golden_model" "$fx" ;;
     tp4-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 ${mpi/-np 2/-np 4} -x UC_TEST_BACKEND \
