@@ -16,6 +16,7 @@
 #include "base/log.h"
 #include "base/mem.h"
 #include "compress/entropy.h"
+#include "cuda_status.h"
 #include "kernels/kernels.h"
 
 #define STAGE_SLOTS 32
@@ -26,18 +27,6 @@
 #define QCOV_CHUNK_ROWS 2048 /* rows per split-K chunk of the covariance products */
 
 /* ---- errors ----------------------------------------------------------------------------- */
-
-static uc_status cu_check(cudaError_t e, const char *expr, const char *file, int line,
-                          const char *func)
-{
-    if (e == cudaSuccess) {
-        return UC_OK;
-    }
-    uc_status st = e == cudaErrorMemoryAllocation ? UC_ERR_DEVICE_NOMEM : UC_ERR_CUDA;
-    return uc_error_at(st, file, line, func, "%s: %s (%s)", expr, cudaGetErrorName(e),
-                       cudaGetErrorString(e));
-}
-#define CU(e) cu_check((e), #e, __FILE__, __LINE__, __func__)
 
 static uc_status blas_check(cublasStatus_t s, const char *expr, const char *file, int line,
                             const char *func)

@@ -18,6 +18,7 @@
 #include "base/log.h"
 #include "base/mem.h"
 #include "base/util.h"
+#include "cuda_status.h"
 
 #define RING 256         /* collectives in flight the watchdog tracks */
 #define POLL_NS 5000000L /* watchdog period: 5 ms */
@@ -55,15 +56,6 @@ static uc_status nccl_status(ncclResult_t r, const char *expr, const char *file,
 }
 #define NCCL(e) nccl_status((e), #e, __FILE__, __LINE__, __func__)
 
-static uc_status cuda_status(cudaError_t e, const char *expr, const char *file, int line,
-                             const char *func)
-{
-    if (e == cudaSuccess) {
-        return UC_OK;
-    }
-    return uc_error_at(UC_ERR_CUDA, file, line, func, "%s: %s", expr, cudaGetErrorString(e));
-}
-#define CU(e) cuda_status((e), #e, __FILE__, __LINE__, __func__)
 
 /* Retires completed events from the tail. Caller holds mu. */
 static void retire(struct nccl_dp *d, int64_t now)

@@ -14,6 +14,7 @@
 #include "base/log.h"
 #include "base/mem.h"
 #include "base/util.h"
+#include "cuda_status.h"
 
 struct staged_dp {
     struct uc_comm *comm;
@@ -23,15 +24,6 @@ struct staged_dp {
     size_t cap_bytes; /* of pinned; wide holds cap_bytes / 2 floats */
 };
 
-static uc_status cuda_status(cudaError_t e, const char *expr, const char *file, int line,
-                             const char *func)
-{
-    if (e == cudaSuccess) {
-        return UC_OK;
-    }
-    return uc_error_at(UC_ERR_CUDA, file, line, func, "%s: %s", expr, cudaGetErrorString(e));
-}
-#define CU(e) cuda_status((e), #e, __FILE__, __LINE__, __func__)
 
 static size_t dtype_bytes(enum uc_comm_dtype dt)
 {
