@@ -1,6 +1,7 @@
 /* uc_comm: the collectives tensor parallelism needs, with a watchdog on every one. MPI is always
  * the control plane (bootstrap, step descriptors, config agreement, heartbeats); the data plane
- * (all-reduce/all-gather of activations) is MPI on CPU and NCCL on GPU. No call waits forever:
+ * (all-reduce/all-gather of activations) is MPI on CPU and NCCL on GPU (or, with
+ * UC_CUDA_DATA_PLANE=mpi, MPI through pinned host memory: comm_staged.c). No call waits forever:
  * a peer that does not answer within the timeout aborts the whole job with a log line naming
  * the rank, the collective and the step. */
 #ifndef UC_SHARD_COMM_H

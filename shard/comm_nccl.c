@@ -56,7 +56,6 @@ static uc_status nccl_status(ncclResult_t r, const char *expr, const char *file,
 }
 #define NCCL(e) nccl_status((e), #e, __FILE__, __LINE__, __func__)
 
-
 /* Retires completed events from the tail. Caller holds mu. */
 static void retire(struct nccl_dp *d, int64_t now)
 {

@@ -24,7 +24,6 @@ struct staged_dp {
     size_t cap_bytes; /* of pinned; wide holds cap_bytes / 2 floats */
 };
 
-
 static size_t dtype_bytes(enum uc_comm_dtype dt)
 {
     switch (dt) {
