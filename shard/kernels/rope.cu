@@ -45,7 +45,7 @@ template <typename T, int P> struct alignas(16) rope_vec {
 };
 
 /* The vector form of rope_kernel, where a head's halves are whole 16-byte vectors and the rows
- * 16-byte aligned (bf16 or float32 heads of 16 or more): a thread rotates P adjacent pairs of
+ * 16-byte aligned (bf16 heads of 16 or more, float32 of 8 or more): a thread rotates P adjacent pairs of
  * one head of one token with four 16-byte loads (the two halves, their cos and sin), where
  * rope_kernel made two-pair accesses of 4 or 8 bytes from grids of one token per row; the
  * arithmetic of each pair is the same. Items (token, head, vector) on a grid-stride loop. */
@@ -136,7 +136,7 @@ static void launch(void *x, int64_t ld, int64_t n_heads, int64_t head_dim, const
     constexpr int P = 16 / (int)sizeof(T);
     const int64_t n_vec = n_tok * n_heads * (half / P);
     const bool aligned = (((uintptr_t)x | (uintptr_t)cos_t | (uintptr_t)sin_t) & 15u) == 0;
-    if (half % P == 0 && ld % P == 0 && aligned && n_vec <= INT32_MAX) {
+    if (half % P == 0 && ld % P == 0 && aligned && n_vec <= INT32_MAX / 2) { /* int indices */
         rope_vec_kernel<T, P><<<uck_blocks(n_vec, 256), 256, 0, stream>>>(
             (T *)x, ld, (int)n_heads, half, pos, (int)n_vec, cos_t, sin_t);
         return;
