@@ -45,10 +45,11 @@ template <typename T, int P> struct alignas(16) rope_vec {
 };
 
 /* The vector form of rope_kernel, where a head's halves are whole 16-byte vectors and the rows
- * 16-byte aligned (bf16 heads of 16 or more, float32 of 8 or more): a thread rotates P adjacent pairs of
- * one head of one token with four 16-byte loads (the two halves, their cos and sin), where
- * rope_kernel made two-pair accesses of 4 or 8 bytes from grids of one token per row; the
- * arithmetic of each pair is the same. Items (token, head, vector) on a grid-stride loop. */
+ * 16-byte aligned (bf16 heads of 16 or more, float32 of 8 or more): a thread rotates P
+ * adjacent pairs of one head of one token with 16-byte loads (the two halves, their cos and
+ * sin), where rope_kernel made two-pair accesses of 4 or 8 bytes from grids of one token per
+ * row; the arithmetic of each pair is the same. Items (token, head, vector) on a grid-stride
+ * loop. */
 template <typename T, int P>
 static __global__ void rope_vec_kernel(T *x, int64_t ld, int n_heads, int half, const int32_t *pos,
                                        int n_items, const float *cos_t, const float *sin_t)
