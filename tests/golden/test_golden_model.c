@@ -23,9 +23,6 @@
 #include "comm.h"
 #include "engine.h"
 #include "test_util.h"
-#ifdef UC_HAVE_CUDA
-#include "comm_nccl.h"
-#endif
 
 #define TOL 1e-3
 /* bf16 mode: relative logit error bound (2^-5: a few bf16 ulps compounded over the layers) */
