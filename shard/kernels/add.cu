@@ -49,7 +49,7 @@ extern "C" cudaError_t uc_cuda_add(void *y, const void *x, int64_t n, enum uc_cu
     if (n <= 0) {
         return cudaGetLastError();
     }
-    if (dt == UC_CUDA_BF16 && n % 8 == 0 && ((uintptr_t)y | (uintptr_t)x) % 16 == 0) {
+    if (dt == UC_CUDA_BF16 && n % 8 == 0 && uck_aligned16(y) && uck_aligned16(x)) {
         add_bf16x8_kernel<<<uck_blocks(n / 8, 256), 256, 0, stream>>>((uint4 *)y,
                                                                        (const uint4 *)x, n / 8);
     } else if (dt == UC_CUDA_BF16 && n % 2 == 0 && ((uintptr_t)y | (uintptr_t)x) % 4 == 0) {

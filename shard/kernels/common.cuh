@@ -124,6 +124,9 @@ static __device__ __forceinline__ void uck_prefetch_l2(const void *p)
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+/* Whether p may be read or written as 16-byte vectors (uint4). */
+static inline bool uck_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
 /* Grid size for a grid-stride loop over n items with `threads` per block. */
 static inline unsigned uck_blocks(int64_t n, int threads)
 {

@@ -38,17 +38,15 @@ static __global__ void kv_scatter_vec_kernel(uint4 *pk, uint4 *pv, const uint4 *
     }
 }
 
-static bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
-
 template <typename T>
 static void launch(void *pk, void *pv, const void *ks, const void *vs, int64_t ld,
                    const int32_t *src_row, const int32_t *src_head, const int32_t *slot, int64_t n,
                    int64_t d, cudaStream_t stream)
 {
     const int64_t per_v = 16 / (int64_t)sizeof(T);
-    if (d % per_v == 0 && d / per_v <= 128 && ld % per_v == 0 && aligned16(pk) &&
-        aligned16(pv) && aligned16(ks) && aligned16(vs)) {
-        const int d_v = (int)(d / per_v), rows = 256 / d_v > 0 ? 256 / d_v : 1;
+    if (d % per_v == 0 && d / per_v <= 128 && ld % per_v == 0 && uck_aligned16(pk) &&
+        uck_aligned16(pv) && uck_aligned16(ks) && uck_aligned16(vs)) {
+        const int d_v = (int)(d / per_v), rows = 256 / d_v; /* d_v <= 128: 2 rows or more */
         kv_scatter_vec_kernel<<<uck_blocks(n, rows), dim3((unsigned)d_v, (unsigned)rows), 0,
                                 stream>>>((uint4 *)pk, (uint4 *)pv, (const uint4 *)ks,
                                           (const uint4 *)vs, ld / per_v, src_row, src_head, slot,

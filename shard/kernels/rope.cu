@@ -136,7 +136,7 @@ static void launch(void *x, int64_t ld, int64_t n_heads, int64_t head_dim, const
     const int half = (int)(head_dim / 2), pairs = half % 2 == 0 ? 2 : 1;
     constexpr int P = 16 / (int)sizeof(T);
     const int64_t n_vec = n_tok * n_heads * (half / P);
-    const bool aligned = (((uintptr_t)x | (uintptr_t)cos_t | (uintptr_t)sin_t) & 15u) == 0;
+    const bool aligned = uck_aligned16(x) && uck_aligned16(cos_t) && uck_aligned16(sin_t);
     if (half % P == 0 && ld % P == 0 && aligned && n_vec <= INT32_MAX / 2) { /* int indices */
         rope_vec_kernel<T, P><<<uck_blocks(n_vec, 256), 256, 0, stream>>>(
             (T *)x, ld, (int)n_heads, half, pos, (int)n_vec, cos_t, sin_t);
