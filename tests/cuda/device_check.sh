@@ -7,7 +7,8 @@
 # travel. Steps: ops (with --bench), decbench and specbench (decode attention or query spectra
 # timings alone; DECBENCH_SHAPES=B:CTX,... picks decbench's shapes), prodbench (a layer's four
 # products at decode batches of 1-64 rows, weights from memory), ncu-decode (Nsight Compute
-# on one decode attention launch; NCU_ARGS replaces its sections), ctest (label cuda), golden, golden-fp32, kvmem (KV memory accounting and
+# on one decode attention launch; NCU_ARGS replaces its sections), ncu-prefill (the same for
+# the Hopper prefill attention and PyTorch's default SDPA kernel, PREFILL_N tokens), ctest (label cuda), golden, golden-fp32, kvmem (KV memory accounting and
 # copy-on-write forks on the device, tests/golden/test_kv_memory.c),
 # lookahead (the decode lookahead's logits with and without it, tests/golden/test_decode_lookahead.c),
 # kvsharer, kvsharer-tp2 (KVSharer on the device in fp32 against the numpy reference: shared
@@ -28,7 +29,8 @@
 # bench, bench4k, bench8k-l15 (15 layers: 8192 tokens fit the bench's KV pool),
 # prefbench (prefill attention, both D = 128 kernels, beside the GEMM ceiling; then in the
 # engine's conditions: medians by the spread of Q/K/V, and each call right after a product),
-# gpu, gpu-quick, torch, trace (decode kernels and gaps, tests/cuda/cupti_trace.c; TRACE_ARGS
+# gpu, gpu-quick, torch, torch-attn (PyTorch's SDPA backends in prefbench's context cases),
+# trace (decode kernels and gaps, tests/cuda/cupti_trace.c; TRACE_ARGS
 # replaces its bench_gpu arguments; TRACE_WINDOW_MS=N summarises the last N ms instead, with
 # tests/cuda/trace_window.py),
 # e2e (both end-to-end suites against --backend cuda; e2e-grpc, e2e-ctl one each),
@@ -171,6 +173,17 @@ for step in "$@"; do
         --section WarpStateStats --section Occupancy --section SchedulerStats \
         --section LaunchStats -k regex:decode_tc --launch-skip 1 --launch-count 1} \
         "$bd/tests/cuda/test_cuda_ops" --bench-decode "${DECBENCH_SHAPES:-32:8192}" ;;
+    ncu-prefill) # Nsight Compute on one prefill attention launch (std 1, alone) at PREFILL_N
+      # (default 8192), then on PyTorch's default SDPA kernel in the same case
+      ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      sec=${NCU_ARGS:---section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section ComputeWorkloadAnalysis --section WarpStateStats --section InstructionStats \
+        --section SchedulerStats --section Occupancy --section LaunchStats}
+      timeout 200 "$ncu" $sec -k regex:f3_kernel --launch-skip 1 --launch-count 1 \
+        "$bd/tests/cuda/test_cuda_ops" --bench-prefill "${PREFILL_N:-8192}" &&
+      timeout 200 "$ncu" $sec --nvtx --nvtx-include "torch_attn/" --launch-skip 1 \
+        --launch-count 2 python3 "$root/tests/bench/torch_attn.py" \
+        --tokens "${PREFILL_N:-8192}" --std 1.0 ;;
     specbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-qspec ;;
     prodbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-products ;;
     prefbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-prefill ;;
@@ -262,6 +275,7 @@ for step in "$@"; do
     gpu-quick) timeout 200 "$bd/tests/bench/bench_gpu" --reps 3 --skip-compress --prefill 8192 ;;
     gpu-args) timeout 300 "$bd/tests/bench/bench_gpu" ${GPU_ARGS:---reps 3} ;; # bench_gpu, any options
     torch) timeout 300 python3 "$root/tests/bench/torch_compare.py" --reps 3 ;;
+    torch-attn) timeout 200 python3 "$root/tests/bench/torch_attn.py" ;;
     e2e-grpc) e2e_grpc ;;
     e2e-ctl) e2e_ctl ;;
     e2e) e2e_grpc; r1=$?; e2e_ctl; r2=$?; [ $r1 -eq 0 ] && [ $r2 -eq 0 ] ;;

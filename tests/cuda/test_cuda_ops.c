@@ -2297,7 +2297,11 @@ int main(int argc, char **argv)
             }
         } else if (prefill_only) {
             printf("# bench on %s\n", gpu->device_name);
-            bench_attns();
+            if (argc > 2) { /* one size's context cases alone (for a profiler) */
+                bench_attn_context(strtoll(argv[2], NULL, 10));
+            } else {
+                bench_attns();
+            }
         } else {
             bench_qspec(1024);
             bench_qspec(8192);
