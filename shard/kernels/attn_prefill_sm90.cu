@@ -5,7 +5,7 @@
  * The kernel is persistent: one block per SM takes items (64 query rows of two query heads of
  * one KV group, group size even) heaviest first, one consumer warp group per head, so every
  * K/V tile it loads serves both (GQA sharing). The producer warp group's first thread streams
- * each item's Q and then its K and V tiles of 128 keys through a two-stage ring with TMA
+ * each item's Q and then its K and V tiles of 128 keys through a three-stage ring with TMA
  * (128-byte swizzle, rows past the end zero-filled); the ring runs on from one item to the
  * next, and the next Q loads once the consumers have issued their last Q K^T. Tiles wholly
  * above the diagonal are never loaded.
@@ -28,7 +28,7 @@
 #define F3_D 128      /* head size */
 #define F3_M 64       /* query rows per consumer warp group (and per block) */
 #define F3_N 128      /* keys per tile */
-#define F3_STAGES 2
+#define F3_STAGES 3 /* 2% faster than 2 at 8K and 32K (tests/cuda/NOTES.md, call L6) */
 #define F3_CONSUMERS 2
 #define F3_THREADS (128 * (1 + F3_CONSUMERS))
 #define F3_HALF_Q (F3_M * 64)  /* elements of a 64-column half of a Q tile */
