@@ -238,7 +238,6 @@ for step in "$@"; do
                --lengths 512,4000 --reps 3 --decode 32 ;;
     compress-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 \
                      "$bd/tests/golden/golden_compress" "$fx" ;;
-    compress) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_compress" "$fx" ;;
     entropy) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_entropy" "$fx" ;;
     gpu) timeout 420 "$bd/tests/bench/bench_gpu" --reps 3 ;;
     stage-study) timeout 500 bash "$root/tests/bench/stage_study.sh" \
