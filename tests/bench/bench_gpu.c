@@ -180,7 +180,10 @@ static void bench_decode(struct uc_engine *e, const struct opts *o, double bw)
 static void bench_prefill(struct uc_engine *e, const struct opts *o, double gemm)
 {
     const struct uc_model_config *c = uc_engine_config(e);
-    struct uc_compress_params full = uc_compress_default_params();
+    /* uncomp-stage takes its boundaries and r_min from --stage-starts / --r-min */
+    struct uc_compress_params full = o->prefill_policy == UC_POLICY_UNCOMP_STAGE
+                                         ? o->stage
+                                         : uc_compress_default_params();
     full.policy = o->prefill_policy;
     full.grouping = UC_GROUPING_PROMPT;
     printf("%8s %14s %12s %10s %12s%s%s\n", "prompt", "prefill_tok/s", "prefill_ms", "TFLOP/s",
@@ -193,8 +196,13 @@ static void bench_prefill(struct uc_engine *e, const struct opts *o, double gemm
         double *t = uc_malloc((size_t)(o->reps + 1) * sizeof(double));
         for (int r = 0; r <= o->reps; r++) {
             double t0 = uc_time_s();
-            tu_prefill(e, 1, ids, n, 0, &full, 1);
+            uc_status rc = tu_prefill(e, 1, ids, n, 0, &full, 1);
             double dt = uc_time_s() - t0;
+            if (rc != UC_OK) { /* a refused request would time as a prefill of nothing */
+                fprintf(stderr, "bench_gpu: prefill of %lld tokens failed: %s\n", (long long)n,
+                        uc_status_str(rc));
+                exit(1);
+            }
             free_range(e, 1, 1);
             if (r > 0) {
                 t[r - 1] = dt;
