@@ -87,6 +87,21 @@ static __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap 
                  : "memory");
 }
 
+/* One K or V tile of F3_N keys (two 64-column halves from column col0) into a ring slot, once
+ * the consumers have freed it (from the ring's second round on) */
+static __device__ __forceinline__ void f3_load_tile(uc_bf16_t (*dst)[F3_HALF_KV], uint32_t full,
+                                                    uint32_t empty, bool wait_empty, uint32_t ph,
+                                                    const CUtensorMap *map, int col0, int row0)
+{
+    if (wait_empty) {
+        mbar_wait(empty, ph ^ 1u);
+    }
+    mbar_expect_tx(full, (uint32_t)(2 * F3_HALF_KV * sizeof(uc_bf16_t)));
+    for (int half = 0; half < 2; half++) {
+        tma_load(smem_u32(dst[half]), map, full, col0 + 64 * half, row0);
+    }
+}
+
 /* 2^x with denormal results flushed to zero: the bare MUFU.EX2. exp2f keeps denormal results,
  * which takes extra instructions around it for every one of a tile's 8,192 elements (and P
  * below 2^-126 adds nothing beside a row sum of at least 1). Under the power cap a long prefill
@@ -422,23 +437,10 @@ static __global__ void __launch_bounds__(F3_THREADS, 1)
                 for (int j = 0; j < n_tiles; j++, it++) {
                     const int s = it % F3_STAGES;
                     const uint32_t ph = (uint32_t)(it / F3_STAGES) & 1u;
-                    const uint32_t fk = smem_u32(&sm.full_k[s]), fv = smem_u32(&sm.full_v[s]);
-                    if (it >= F3_STAGES) {
-                        mbar_wait(smem_u32(&sm.empty_k[s]), ph ^ 1u);
-                    }
-                    mbar_expect_tx(fk, (uint32_t)sizeof(sm.k[0]));
-                    for (int half = 0; half < 2; half++) {
-                        tma_load(smem_u32(sm.k[s][half]), &map_k, fk, kvh * F3_D + 64 * half,
-                                 j * F3_N);
-                    }
-                    if (it >= F3_STAGES) {
-                        mbar_wait(smem_u32(&sm.empty_v[s]), ph ^ 1u);
-                    }
-                    mbar_expect_tx(fv, (uint32_t)sizeof(sm.v[0]));
-                    for (int half = 0; half < 2; half++) {
-                        tma_load(smem_u32(sm.v[s][half]), &map_v, fv, kvh * F3_D + 64 * half,
-                                 j * F3_N);
-                    }
+                    f3_load_tile(sm.k[s], smem_u32(&sm.full_k[s]), smem_u32(&sm.empty_k[s]),
+                                 it >= F3_STAGES, ph, &map_k, kvh * F3_D, j * F3_N);
+                    f3_load_tile(sm.v[s], smem_u32(&sm.full_v[s]), smem_u32(&sm.empty_v[s]),
+                                 it >= F3_STAGES, ph, &map_v, kvh * F3_D, j * F3_N);
                 }
             }
         }
