@@ -297,6 +297,27 @@ static __device__ __forceinline__ void f3_pack(const float s[64], uint32_t p[F3_
     wg_keep<F3_N / 16>(p);
 }
 
+/* A warp's part in freeing a ring slot once its wgmma completed: lane 0 arrives for the warp */
+static __device__ __forceinline__ void f3_release(uint64_t *bar, int lane)
+{
+    __syncwarp();
+    if (lane == 0) {
+        mbar_arrive(smem_u32(bar));
+    }
+}
+
+/* The K slot of a finished Q K^T, and with the item's last one its Q */
+static __device__ __forceinline__ void f3_release_k(f3_smem &sm, int st, bool last, int lane)
+{
+    __syncwarp();
+    if (lane == 0) {
+        mbar_arrive(smem_u32(&sm.empty_k[st]));
+        if (last) { /* the item's last Q K^T: its Q may go */
+            mbar_arrive(smem_u32(&sm.empty_q));
+        }
+    }
+}
+
 /* O moves to the new maxima only where one moved (the warp decides as one) */
 static __device__ __forceinline__ void f3_rescale(float (&o)[64], const float (&corr)[2])
 {
@@ -332,21 +353,12 @@ f3_step(f3_smem &sm, int it, int j, int n_tiles, int lane, uint64_t dq, float (&
     wg_commit();
     wg_wait<1>();
     wg_fence_acc(s);
-    __syncwarp();
-    if (lane == 0) {
-        mbar_arrive(smem_u32(&sm.empty_k[sk]));
-        if (j == n_tiles - 1) { /* the item's last Q K^T: its Q may go */
-            mbar_arrive(smem_u32(&sm.empty_q));
-        }
-    }
+    f3_release_k(sm, sk, j == n_tiles - 1, lane);
     f3_softmax(s, m_r, l_r, corr, (int64_t)j * F3_N, pos0, block_min_pos, t4, scale_log2);
     wg_wait<0>();
     wg_keep<F3_N / 16>(p);
     wg_fence_acc(o);
-    __syncwarp();
-    if (lane == 0) {
-        mbar_arrive(smem_u32(&sm.empty_v[sv]));
-    }
+    f3_release(&sm.empty_v[sv], lane);
     f3_pack(s, p);
 }
 
@@ -365,10 +377,7 @@ static __device__ __forceinline__ void f3_last(f3_smem &sm, int t, int lane, flo
     wg_wait<0>();
     wg_keep<F3_N / 16>(p);
     wg_fence_acc(o);
-    __syncwarp();
-    if (lane == 0) {
-        mbar_arrive(smem_u32(&sm.empty_v[sv]));
-    }
+    f3_release(&sm.empty_v[sv], lane);
 }
 #endif
 
@@ -479,13 +488,7 @@ static __global__ void __launch_bounds__(F3_THREADS, 1)
             wg_commit();
             wg_wait<0>();
             wg_fence_acc(s);
-            __syncwarp();
-            if (lane == 0) {
-                mbar_arrive(smem_u32(&sm.empty_k[st]));
-                if (n_tiles == 1) {
-                    mbar_arrive(smem_u32(&sm.empty_q));
-                }
-            }
+            f3_release_k(sm, st, n_tiles == 1, lane);
             f3_softmax(s, m_r, l_r, corr, 0, pos0, block_min_pos, t4, scale_log2);
             f3_pack(s, p);
         }
