@@ -25,11 +25,11 @@
 #include "kernels.h"
 #include "mma.cuh"
 
-#define F3_D 128      /* head size */
-#define F3_M 64       /* query rows per consumer warp group (and per block) */
-#define F3_N 128      /* keys per tile */
-#define F3_STAGES 3 /* 2% faster than 2 at 8K and 32K (tests/cuda/NOTES.md, call L6) */
-#define F3_CONSUMERS 2
+#define F3_D 128     /* head size */
+#define F3_M 64      /* query rows per consumer warp group (and per item) */
+#define F3_N 128     /* keys per tile */
+#define F3_STAGES 3  /* K/V ring depth: 2% faster than 2 at 8K and 32K (NOTES.md, call L6) */
+#define F3_CONSUMERS 2 /* query heads of an item, one consumer warp group each */
 #define F3_THREADS (128 * (1 + F3_CONSUMERS))
 #define F3_HALF_Q (F3_M * 64)  /* elements of a 64-column half of a Q tile */
 #define F3_HALF_KV (F3_N * 64) /* elements of a 64-column half of a K or V tile */
