@@ -8,6 +8,7 @@
  * window_probs, colsum, qcov, decode psum, argmax) synchronise the stream; nothing else does. */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -587,6 +588,56 @@ static uc_status cuda_attn_prefill(struct uc_backend *be, void *out, const void 
                                    head_dim, c->dt, c->stream));
 }
 
+/* Bytes past the window probabilities (H, W, n) that window_probs_into uses: the window's
+ * queries laid out for the bf16 product, at a 256-byte boundary. */
+static size_t window_probs_bytes(const struct cuda_ctx *c, int64_t n_win, int64_t n,
+                                 int64_t n_heads, int64_t head_dim, size_t after)
+{
+    size_t at = ((size_t)(n_heads * n_win * n) * sizeof(float) + after + 255) / 256 * 256;
+    return c->dt == UC_CUDA_BF16 ? at + (size_t)(n_heads * n_win * head_dim) * 2 : at;
+}
+
+/* The window probabilities into p (H, W, n) on the main stream; `after` bytes past them are the
+ * caller's, and window_probs_bytes says how much of c->work the whole takes. With bf16
+ * activations each KV head's scores are one tensor-core product (its group's W query rows each
+ * against its n keys, float32 sums: 262 us a layer on CUDA cores at 32K); the float32 runs keep
+ * the CUDA-core tiles, dimensions summed in order, that the kept sets of the checks rest on. */
+static uc_status window_probs_into(struct cuda_ctx *c, float *p, size_t after, const void *q_win,
+                                   int64_t ld_q, const void *k, int64_t ld_kv, int64_t n_win,
+                                   int64_t n, int64_t n_heads, int64_t n_heads_kv, int64_t head_dim)
+{
+    if (c->dt != UC_CUDA_BF16) {
+        return CU(uc_cuda_window_probs(p, q_win, ld_q, k, ld_kv, n_win, n, n_heads, n_heads_kv,
+                                       head_dim, c->dt, c->stream));
+    }
+    if (n_win <= 0 || n <= 0) {
+        return UC_OK;
+    }
+    if (n_win > n || n_heads_kv <= 0 || n_heads % n_heads_kv != 0 || n > INT32_MAX) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "window probs w=%lld n=%lld heads %lld/%lld",
+                       (long long)n_win, (long long)n, (long long)n_heads, (long long)n_heads_kv);
+    }
+    size_t at = window_probs_bytes(c, n_win, n, n_heads, head_dim, after) -
+                (size_t)(n_heads * n_win * head_dim) * 2;
+    void *qp = (char *)p + at;
+    int64_t d = head_dim, gw = n_heads / n_heads_kv * n_win;
+    const float scale = 1.0f / sqrtf((float)d), zero = 0.0f;
+    uc_status rc;
+    UC_CHECK(CU(uc_cuda_window_pack(qp, q_win, ld_q, n_win, n_heads, d, c->dt, c->stream)), rc,
+             out);
+    /* column-major: KV head g's keys are A^T (n, D), its group's rows B (D, group x W), and
+     * C (n, group x W) is probs from row g x group x W on */
+    UC_CHECK(BLAS(cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n, (int)gw,
+                                             (int)d, &scale, k, CUDA_R_16BF, (int)ld_kv, d, qp,
+                                             CUDA_R_16BF, (int)d, gw * d, &zero, p, CUDA_R_32F,
+                                             (int)n, gw * n, (int)n_heads_kv, CUBLAS_COMPUTE_32F,
+                                             CUBLAS_GEMM_DEFAULT)),
+             rc, out);
+    rc = CU(uc_cuda_window_softmax(p, n_win, n, n_heads, c->stream));
+out:
+    return rc;
+}
+
 static uc_status cuda_window_probs(struct uc_backend *be, float *out, const void *q_win,
                                    int64_t ld_q, const void *k, int64_t ld_kv, int64_t n_win,
                                    int64_t n, int64_t n_heads, int64_t n_heads_kv,
@@ -595,9 +646,10 @@ static uc_status cuda_window_probs(struct uc_backend *be, float *out, const void
     struct cuda_ctx *c = ctx_of(be);
     size_t bytes = (size_t)(n_heads * n_win * n) * sizeof(float);
     uc_status rc;
-    UC_CHECK(buf_reserve(c, &c->work, bytes), rc, out);
-    UC_CHECK(CU(uc_cuda_window_probs(c->work.p, q_win, ld_q, k, ld_kv, n_win, n, n_heads,
-                                     n_heads_kv, head_dim, c->dt, c->stream)),
+    UC_CHECK(buf_reserve(c, &c->work, window_probs_bytes(c, n_win, n, n_heads, head_dim, 0)), rc,
+             out);
+    UC_CHECK(window_probs_into(c, c->work.p, 0, q_win, ld_q, k, ld_kv, n_win, n, n_heads,
+                               n_heads_kv, head_dim),
              rc, out);
     rc = download_sync(c, out, c->work.p, bytes);
 out:
@@ -613,10 +665,12 @@ static uc_status window_scores_queue(struct cuda_ctx *c, float **scores, bool ro
 {
     size_t probs = (size_t)(n_heads * n_win * n), red = (size_t)((n_heads_kv + 1) * n);
     uc_status rc;
-    UC_CHECK(buf_reserve(c, &c->work, (probs + red) * sizeof(float)), rc, out);
+    UC_CHECK(buf_reserve(c, &c->work,
+                         window_probs_bytes(c, n_win, n, n_heads, head_dim, red * sizeof(float))),
+             rc, out);
     float *p = c->work.p, *cs = p + probs, *rs = cs + n_heads_kv * n;
-    UC_CHECK(CU(uc_cuda_window_probs(p, q_win, ld_q, k, ld_kv, n_win, n, n_heads, n_heads_kv,
-                                     head_dim, c->dt, c->stream)),
+    UC_CHECK(window_probs_into(c, p, red * sizeof(float), q_win, ld_q, k, ld_kv, n_win, n,
+                               n_heads, n_heads_kv, head_dim),
              rc, out);
     UC_CHECK(CU(uc_cuda_window_reduce(cs, row ? rs : NULL, p, n_win, n, n_heads, n_heads_kv,
                                       row_max, c->stream)),

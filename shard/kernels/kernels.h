@@ -216,6 +216,15 @@ cudaError_t uc_cuda_window_probs(float *out, const void *q_win, int64_t ld_q, co
                                  int64_t ld_kv, int64_t n_win, int64_t n, int64_t n_heads,
                                  int64_t n_heads_kv, int64_t head_dim, enum uc_cuda_dtype dt,
                                  cudaStream_t stream);
+/* The same in two parts around a product the caller runs: window_pack lays the window's queries
+ * out as dst (H, W, D) (activation type), so that KV head g's scores are one product of its
+ * group's (group x W, D) rows with its keys into probs (H, W, n) (scaled by 1/sqrt(D)); then
+ * window_softmax turns those scores into the causal probabilities in place. */
+cudaError_t uc_cuda_window_pack(void *dst, const void *q_win, int64_t ld_q, int64_t n_win,
+                                int64_t n_heads, int64_t head_dim, enum uc_cuda_dtype dt,
+                                cudaStream_t stream);
+cudaError_t uc_cuda_window_softmax(float *probs, int64_t n_win, int64_t n, int64_t n_heads,
+                                   cudaStream_t stream);
 /* H2O column sums: out (H, n) doubles on the device = sum over causal query rows i of
  * P[h, i, j]. row_ml: workspace of 2 * H * n floats (each row's max and 1 / exp-sum, from the
  * first pass). */

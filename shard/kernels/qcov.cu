@@ -8,6 +8,8 @@
  * put the entropies within ~1e-6 of the double path's, far inside what bf16 queries move them). */
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 
 
@@ -93,6 +95,49 @@ static __global__ void qcov_norm_kernel(X *xn, const double *mean, const T *q, i
     }
 }
 
+/* Half mode at D = 128 (the bf16 engine's case): lane l holds a row's elements 4l .. 4l + 3 (one
+ * 8-byte load), a warp takes QN_ROWS rows with all their loads issued first, and a row's centring
+ * and scaling run in float with one reciprocal square root. The halves keep 11 bits, so float's
+ * 24 do not show in them; the generic kernel above stays for other head sizes and for the
+ * float32 checks, whose doubles divide as the CPU does. */
+#define QN_ROWS 4
+#define QN_WARPS 8
+static __global__ void __launch_bounds__(QN_WARPS * 32)
+    qcov_norm_half128_kernel(__half *xn, const double *mean, const uc_bf16_t *q, int64_t ld,
+                             int64_t n, int64_t n_pad, int64_t h0)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, hh = blockIdx.y;
+    const int64_t i0 = ((int64_t)blockIdx.x * QN_WARPS + warp) * QN_ROWS;
+    const double *mu = mean + (int64_t)hh * 128 + 4 * lane;
+    const float m0 = (float)mu[0], m1 = (float)mu[1], m2 = (float)mu[2], m3 = (float)mu[3];
+    uint2 raw[QN_ROWS];
+#pragma unroll
+    for (int k = 0; k < QN_ROWS; k++) {
+        const int64_t i = i0 + k;
+        raw[k] = i < n ? *reinterpret_cast<const uint2 *>(q + i * ld + (h0 + hh) * 128 + 4 * lane)
+                       : make_uint2(0u, 0u);
+    }
+#pragma unroll
+    for (int k = 0; k < QN_ROWS; k++) {
+        const int64_t i = i0 + k;
+        if (i >= n_pad) {
+            break;
+        }
+        uint2 *out = reinterpret_cast<uint2 *>(xn + ((int64_t)hh * n_pad + i) * 128) + lane;
+        if (i >= n) {
+            *out = make_uint2(0u, 0u);
+            continue;
+        }
+        const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&raw[k].x));
+        const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&raw[k].y));
+        const float x0 = a.x - m0, x1 = a.y - m1, x2 = b.x - m2, x3 = b.y - m3;
+        const float ss = uck_warp_sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3);
+        const float inv = ss > 0.0f ? rsqrtf(ss) : 1.0f;
+        __half2 lo = __floats2half2_rn(x0 * inv, x1 * inv), hi = __floats2half2_rn(x2 * inv, x3 * inv);
+        *out = make_uint2(*reinterpret_cast<unsigned *>(&lo), *reinterpret_cast<unsigned *>(&hi));
+    }
+}
+
 template <typename T>
 static void launch(void *xn, double *mean, const void *q, int64_t ld, int64_t n, int64_t n_pad,
                    int64_t h0, int64_t hb, int64_t d, bool half, cudaStream_t stream)
@@ -107,7 +152,14 @@ static void launch(void *xn, double *mean, const void *q, int64_t ld, int64_t n,
     qcov_mean_finish_kernel<<<(unsigned)hb, 128, 0, stream>>>(mean, part, parts, (int)hb, (int)d,
                                                               n);
     dim3 g2((unsigned)((n_pad + 7) / 8), (unsigned)hb);
-    if (half) {
+    const bool lean = std::is_same<T, uc_bf16_t>::value && half && d == 128 && ld % 4 == 0 &&
+                      ((uintptr_t)q & 7u) == 0;
+    if (lean) {
+        const int64_t per_block = QN_WARPS * QN_ROWS;
+        dim3 g3((unsigned)((n_pad + per_block - 1) / per_block), (unsigned)hb);
+        qcov_norm_half128_kernel<<<g3, QN_WARPS * 32, 0, stream>>>(
+            static_cast<__half *>(xn), mean, (const uc_bf16_t *)q, ld, n, n_pad, h0);
+    } else if (half) {
         qcov_norm_kernel<T, __half><<<g2, 256, 0, stream>>>(static_cast<__half *>(xn), mean,
                                                              (const T *)q, ld, n, n_pad, h0,
                                                              (int)d);

@@ -1,6 +1,8 @@
 /* window_probs: softmax rows of the last W queries over all n keys (causal), as floats
- * (H, W, n) on the device. Pass 1 writes the scaled scores (-inf past the diagonal) tile by
- * tile; pass 2, one block per row, takes the row max and exp-sum and normalises in place. */
+ * (H, W, n) on the device. Pass 1 writes the scaled scores tile by tile (here on CUDA cores; the
+ * bf16 backend forms them with one tensor-core product per KV head over the window rows that
+ * window_pack lays out); pass 2, one block per row, takes the row max and exp-sum over the keys
+ * at or before the row's diagonal, normalises in place and writes zeros past it. */
 #include "attn_tile.cuh"
 
 template <typename T>
@@ -23,7 +25,7 @@ static __global__ void __launch_bounds__(AT_THREADS)
     for (int i = 0; i < 8; i++) {
         int64_t r = r0 + rb + 4 * i;
         if (r < w) {
-            out[((int64_t)h * w + r) * n + key] = key <= n - w + r ? acc[i] * scale : -INFINITY;
+            out[((int64_t)h * w + r) * n + key] = acc[i] * scale;
         }
     }
 }
@@ -58,29 +60,73 @@ static __global__ void __launch_bounds__(AT_THREADS)
         int t = rb + 4 * i;
         if (t < rows) {
             int h = kvh * group + t / w, r = t % w;
-            out[((int64_t)h * w + r) * n + key] = key <= n - w + r ? acc[i] * scale : -INFINITY;
+            out[((int64_t)h * w + r) * n + key] = acc[i] * scale;
         }
     }
 }
 
-static __global__ void window_softmax_kernel(float *out, int64_t n)
+/* Row (h, r) of out: the softmax over keys 0 .. n - w + r; the keys past it become zeros. */
+static __global__ void window_softmax_kernel(float *out, int64_t w, int64_t n)
 {
     __shared__ float red[32];
     float *row = out + (int64_t)blockIdx.x * n;
+    const int64_t last = n - w + (int64_t)blockIdx.x % w;
     float mx = -INFINITY;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    for (int64_t j = threadIdx.x; j <= last; j += blockDim.x) {
         mx = fmaxf(mx, row[j]);
     }
     mx = uck_block_max(mx, red);
     float sum = 0.0f;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    for (int64_t j = threadIdx.x; j <= last; j += blockDim.x) {
         sum += expf(row[j] - mx);
     }
     sum = uck_block_sum(sum, red);
     float inv = 1.0f / sum;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-        row[j] = expf(row[j] - mx) * inv;
+        row[j] = j <= last ? expf(row[j] - mx) * inv : 0.0f;
     }
+}
+
+extern "C" cudaError_t uc_cuda_window_softmax(float *probs, int64_t n_win, int64_t n,
+                                              int64_t n_heads, cudaStream_t stream)
+{
+    if (n_win <= 0 || n_win > n || n_heads <= 0) {
+        return cudaErrorInvalidValue;
+    }
+    window_softmax_kernel<<<(unsigned)(n_heads * n_win), 256, 0, stream>>>(probs, n_win, n);
+    return cudaGetLastError();
+}
+
+/* dst (H, W, D) = the window's query rows head by head (q_win (W, ld_q)). */
+template <typename T>
+static __global__ void window_pack_kernel(T *dst, const T *q, int64_t ld_q, int64_t w,
+                                          int64_t n_heads, int64_t d)
+{
+    const int64_t total = n_heads * w * d;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t c = e % d, r = e / d % w, h = e / (d * w);
+        dst[e] = q[r * ld_q + h * d + c];
+    }
+}
+
+template <typename T>
+static void pack(void *dst, const void *q, int64_t ld_q, int64_t w, int64_t n_heads, int64_t d,
+                 cudaStream_t stream)
+{
+    window_pack_kernel<T><<<uck_blocks(n_heads * w * d, 256), 256, 0, stream>>>(
+        static_cast<T *>(dst), static_cast<const T *>(q), ld_q, w, n_heads, d);
+}
+
+extern "C" cudaError_t uc_cuda_window_pack(void *dst, const void *q_win, int64_t ld_q,
+                                           int64_t n_win, int64_t n_heads, int64_t head_dim,
+                                           enum uc_cuda_dtype dt, cudaStream_t stream)
+{
+    if (n_win <= 0 || n_heads <= 0 || head_dim <= 0) {
+        return cudaErrorInvalidValue;
+    }
+    UCK_DISPATCH(dt, pack, dst, q_win, ld_q, n_win, n_heads, head_dim, stream);
+    return cudaGetLastError();
 }
 
 template <typename T>
@@ -101,7 +147,7 @@ static void launch(float *out, const void *q, int64_t ld_q, const void *k, int64
             out, (const T *)q, ld_q, (const T *)k, ld_kv, w, n, (int)group, (int)d,
             1.0f / sqrtf((float)d));
     }
-    window_softmax_kernel<<<(unsigned)(n_heads * w), 256, 0, stream>>>(out, n);
+    window_softmax_kernel<<<(unsigned)(n_heads * w), 256, 0, stream>>>(out, w, n);
 }
 
 /* col (Hkv, n) and row (n) from probs (H, W, n): one thread per key. */

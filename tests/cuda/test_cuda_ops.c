@@ -1831,6 +1831,7 @@ static void run_pass(void)
     test_window_probs(300, 32, 8, 2, 128);
     test_window_probs(2048, 16, 8, 4, 32);
     test_window_probs(300, 1, 4, 4, 8);
+    test_window_probs(9001, 8, 32, 8, 128); /* an 8B layer's window: odd n, 4 x 8 rows a group */
     test_window_scores_staged(8, 2, 128);
     test_window_scores_staged(32, 8, 128);
     test_colsum(17, 4, 2, 64);
