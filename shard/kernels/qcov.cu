@@ -133,7 +133,8 @@ static __global__ void __launch_bounds__(QN_WARPS * 32)
         const float x0 = a.x - m0, x1 = a.y - m1, x2 = b.x - m2, x3 = b.y - m3;
         const float ss = uck_warp_sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3);
         const float inv = ss > 0.0f ? rsqrtf(ss) : 1.0f;
-        __half2 lo = __floats2half2_rn(x0 * inv, x1 * inv), hi = __floats2half2_rn(x2 * inv, x3 * inv);
+        __half2 lo = __floats2half2_rn(x0 * inv, x1 * inv);
+        __half2 hi = __floats2half2_rn(x2 * inv, x3 * inv);
         *out = make_uint2(*reinterpret_cast<unsigned *>(&lo), *reinterpret_cast<unsigned *>(&hi));
     }
 }
