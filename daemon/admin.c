@@ -229,6 +229,7 @@ static void lat_lines(struct uc_buf *b, const char *name, const struct metric_pc
 {
     uc_buf_printf(b, "%s_ms_p50:%.3f\n%s_ms_p90:%.3f\n%s_ms_p99:%.3f\n%s_ms_mean:%.3f\n", name,
                   p->p50 * 1e3, name, p->p90 * 1e3, name, p->p99 * 1e3, name, p->mean * 1e3);
+    uc_buf_printf(b, "%s_ms_max:%.3f\n", name, p->max * 1e3);
     uc_buf_printf(b, "%s_count:%llu\n", name, (unsigned long long)p->count);
 }
 
@@ -260,6 +261,7 @@ static void sec_requests(struct uc_buf *b, const struct uc_admin_src *s,
     lat_lines(b, "e2e", &ms->lat[METRIC_E2E]);
     lat_lines(b, "queue", &ms->lat[METRIC_QUEUE]);
     lat_lines(b, "prefill", &ms->lat[METRIC_PREFILL]);
+    lat_lines(b, "send_lag", &ms->lat[METRIC_SEND_LAG]);
 }
 
 static void sec_errors(struct uc_buf *b, const struct uc_admin_src *s,

@@ -136,6 +136,7 @@ struct uc_grpc_logprob {
 
 struct uc_grpc_event {
     struct uc_grpc_event *next;
+    double t_emit;                     /* uc_time_s() when the scheduler's sink queued it */
     enum uc_event_kind kind;
     int32_t index;                     /* the choice */
     /* TOKENS */

@@ -516,6 +516,9 @@ static void gen_sink(void *user, const struct uc_gen_event *ev)
         return; /* Generate never asks for prompt logprobs */
     }
     struct uc_grpc_event *it = uc_grpc_event_copy(ev);
+    if (it) {
+        it->t_emit = uc_time_s();
+    }
     pthread_mutex_lock(&c->mu);
     if (!c->request_id[0] && ev->request_id) {
         snprintf(c->request_id, sizeof c->request_id, "%s", ev->request_id);
@@ -561,6 +564,7 @@ static void gen_pump(struct call *c)
         end = end->next;
     }
     if (any) {
+        const double t_emit = first->t_emit; /* the chunk's oldest token */
         struct uc_grpc_msg m;
         grpc_byte_buffer *bb =
             uc_grpc_encode_chunk(&m, c->request_id, first, end, first->index) == UC_OK
@@ -579,7 +583,9 @@ static void gen_pump(struct call *c)
             start_send(c, NULL, true, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
             return;
         }
-        start_send(c, bb, false, GRPC_STATUS_OK, NULL);
+        if (start_send(c, bb, false, GRPC_STATUS_OK, NULL) && c->srv->p.metrics) {
+            metrics_observe(c->srv->p.metrics, METRIC_SEND_LAG, uc_time_s() - t_emit);
+        }
         return;
     }
     /* drop empty token events */

@@ -75,6 +75,9 @@ static const struct lat_desc lat_descs[METRIC_LAT_COUNT] = {
                       "Time a request waited in the queue before it was admitted."},
     [METRIC_PREFILL] = {"uncomp:request_prefill_time_seconds",
                         "Time a request spent in prefill (prompt processing and compression)."},
+    [METRIC_SEND_LAG] = {"uncomp:grpc_send_lag_seconds",
+                         "Time from the scheduler's emission of a streamed token to gRPC taking "
+                         "the message that carries it (the daemon's share of delivery)."},
 };
 
 /* The kind label of uncomp:engine_steps_total. */
@@ -322,6 +325,7 @@ void metrics_snapshot(struct metrics *m, struct metrics_snapshot *out)
         out->lat[k].p90 = pct(tmp, n, 0.90);
         out->lat[k].p99 = pct(tmp, n, 0.99);
         out->lat[k].mean = sum / (double)n;
+        out->lat[k].max = tmp[n - 1];
     }
     uc_free(tmp);
 }

@@ -21,7 +21,8 @@ enum metric_lat {
     METRIC_E2E = 2,
     METRIC_QUEUE = 3,
     METRIC_PREFILL = 4,
-    METRIC_LAT_COUNT = 5,
+    METRIC_SEND_LAG = 5, /* a token's emission to gRPC taking its message (grpc_server.c) */
+    METRIC_LAT_COUNT = 6,
 };
 
 /* What an engine step carried (steps with neither, e.g. only frees, are not counted). */
@@ -57,7 +58,7 @@ void metrics_step(struct metrics *m, enum metric_step kind);
 void metrics_set_gauges(struct metrics *m, int32_t running, int32_t waiting, double kv_usage);
 
 struct metric_pct {
-    double p50, p90, p99, mean;
+    double p50, p90, p99, mean, max; /* over the last RING_SAMPLES samples */
     uint64_t count;
 };
 struct metrics_snapshot {

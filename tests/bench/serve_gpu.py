@@ -654,11 +654,16 @@ def main():
                 # (its last 10,000, every setting so far), beside what the client received
                 r = d.ctl("info", "requests", timeout=30)
                 lat = dict(x.split(":", 1) for x in r.stdout.split() if x.startswith(
-                    ("inter_token_ms_p", "inter_token_count")) and ":" in x)
+                    ("inter_token_ms_", "inter_token_count", "send_lag_ms_")) and ":" in x)
                 if lat:
                     log("daemon-side inter-token gaps (last 10,000 of %s): p50 %s, p90 %s, "
                         "p99 %s ms" % (lat.get("inter_token_count"), lat.get("inter_token_ms_p50"),
                                        lat.get("inter_token_ms_p90"), lat.get("inter_token_ms_p99")))
+                    # a token's emission to gRPC taking its chunk: a late send here is the
+                    # daemon's; one only the client saw happened after it
+                    log("daemon-side send lag (same samples): p50 %s, p99 %s, max %s ms" % (
+                        lat.get("send_lag_ms_p50"), lat.get("send_lag_ms_p99"),
+                        lat.get("send_lag_ms_max")))
             except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
                 log("workload %s FAILED: %s" % (name, e))
                 if d is not None:

@@ -1167,6 +1167,7 @@ def t_metrics(d):
                      ("uncomp:inter_token_latency_seconds", "histogram"),
                      ("uncomp:e2e_request_latency_seconds", "histogram"),
                      ("uncomp:request_queue_time_seconds", "histogram"),
+                     ("uncomp:grpc_send_lag_seconds", "histogram"),
                      ("uncomp:kv_tokens_kept_total", "counter"),
                      ("uncomp:kv_tokens_full_total", "counter"),
                      ("uncomp:compression_seconds", "counter"),
@@ -1180,7 +1181,11 @@ def t_metrics(d):
     check('uncomp:compression_seconds{policy="snapkv"}' in v)
     check('uncomp:prefill_rows_dropped_total{policy="uncomp-stage"}' in v)
     # histograms: cumulative buckets, +Inf == count
-    for h in ("uncomp:time_to_first_token_seconds", "uncomp:e2e_request_latency_seconds"):
+    # each streamed chunk's oldest token, from its emission to gRPC taking the message: stamped
+    # (an unset stamp would read as decades) and quick on an idle daemon
+    lag = "uncomp:grpc_send_lag_seconds"
+    check(0 <= v[lag + "_sum"] / max(v[lag + "_count"], 1) < 1.0, "send lag %r" % v[lag + "_sum"])
+    for h in ("uncomp:time_to_first_token_seconds", "uncomp:e2e_request_latency_seconds", lag):
         buckets = [(k, x) for k, x in v.items() if k.startswith(h + "_bucket")]
         counts = [x for _, x in buckets]
         check(counts == sorted(counts), "%s buckets not cumulative" % h)
