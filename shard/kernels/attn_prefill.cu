@@ -201,23 +201,8 @@ static __global__ void __launch_bounds__(FA_WARPS * 32, (QS || D <= 64) ? 2 : 1)
         }
     }
     /* finish: full row sums across the quad, normalise, store */
-#pragma unroll
-    for (int rr = 0; rr < 2; rr++) {
-        float l = l_r[rr];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        float inv = 1.0f / l;
-        int64_t row = row0 + warp * 16 + g + rr * 8;
-        if (row < n_tok) {
-            uc_bf16_t *orow = out + row * ld_o + (int64_t)h * D;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt++) {
-                __nv_bfloat162 val =
-                    __floats2bfloat162_rn(o[dt][2 * rr] * inv, o[dt][2 * rr + 1] * inv);
-                *reinterpret_cast<__nv_bfloat162 *>(orow + dt * 8 + t4 * 2) = val;
-            }
-        }
-    }
+    mma_store_normalised<D / 8>(out, ld_o, (int64_t)h * D, row0 + warp * 16 + g, n_tok, l_r, t4,
+                                [&](int t, int rr, int k) { return o[t][2 * rr + k]; });
 }
 
 template <int D, bool QS>

@@ -500,22 +500,10 @@ static __global__ void __launch_bounds__(F3_THREADS, 1)
         it += n_tiles;
 
         const int h = pair * F3_CONSUMERS + c;
-#pragma unroll
-        for (int rr = 0; rr < 2; rr++) {
-            float l = l_r[rr];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            float inv = 1.0f / l;
-            int64_t row = row0 + warp * 16 + g + rr * 8;
-            if (row < n_tok) {
-                uc_bf16_t *orow = out + row * ld_o + (int64_t)h * F3_D;
-#pragma unroll
-                for (int n = 0; n < 16; n++) {
-                    *reinterpret_cast<__nv_bfloat162 *>(orow + n * 8 + t4 * 2) =
-                        __floats2bfloat162_rn(o[4 * n + 2 * rr] * inv, o[4 * n + 2 * rr + 1] * inv);
-                }
-            }
-        }
+        mma_store_normalised<F3_D / 8>(out, ld_o, (int64_t)h * F3_D, row0 + warp * 16 + g, n_tok,
+                                       l_r, t4, [&](int t, int rr, int k) {
+                                           return o[4 * t + 2 * rr + k];
+                                       });
     }
 #endif
 }

@@ -62,6 +62,35 @@ static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
     return *reinterpret_cast<uint32_t *>(&v);
 }
 
+/* The end of a warp's m16n8 output rows: lane (g = lane / 4, t4 = lane % 4) holds, for rows
+ * row_g and row_g + 8 (rr = 0, 1), its share l_r[rr] of the row's softmax sum and two columns
+ * of each of TILES 8-column tiles, acc(t, rr, k) (k = 0, 1). The quad's shares are added, and
+ * each row below n_rows is divided by its sum and stored as bf16 pairs from column col0 of
+ * out + row * ld. */
+template <int TILES, typename Acc>
+static __device__ __forceinline__ void mma_store_normalised(uc_bf16_t *out, int64_t ld,
+                                                            int64_t col0, int64_t row_g,
+                                                            int64_t n_rows, const float l_r[2],
+                                                            int t4, Acc acc)
+{
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        float l = l_r[rr];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        float inv = 1.0f / l;
+        int64_t row = row_g + rr * 8;
+        if (row < n_rows) {
+            uc_bf16_t *orow = out + row * ld + col0;
+#pragma unroll
+            for (int t = 0; t < TILES; t++) {
+                *reinterpret_cast<__nv_bfloat162 *>(orow + t * 8 + t4 * 2) =
+                    __floats2bfloat162_rn(acc(t, rr, 0) * inv, acc(t, rr, 1) * inv);
+            }
+        }
+    }
+}
+
 /* Element offset of 16-byte chunk c of row r in a swizzled (rows, D) bf16 tile. */
 template <int D> static __device__ __forceinline__ int swz(int r, int c)
 {
