@@ -588,12 +588,18 @@ static uc_status cuda_attn_prefill(struct uc_backend *be, void *out, const void 
                                    head_dim, c->dt, c->stream));
 }
 
-/* Bytes past the window probabilities (H, W, n) that window_probs_into uses: the window's
- * queries laid out for the bf16 product, at a 256-byte boundary. */
+/* Where window_probs_into lays out the window's queries for the bf16 product: past the
+ * probabilities (H, W, n) and the caller's `after` bytes, at a 256-byte boundary. */
+static size_t window_pack_at(int64_t n_win, int64_t n, int64_t n_heads, size_t after)
+{
+    return ((size_t)(n_heads * n_win * n) * sizeof(float) + after + 255) / 256 * 256;
+}
+
+/* The bytes of c->work that window_probs_into and the caller's `after` bytes take. */
 static size_t window_probs_bytes(const struct cuda_ctx *c, int64_t n_win, int64_t n,
                                  int64_t n_heads, int64_t head_dim, size_t after)
 {
-    size_t at = ((size_t)(n_heads * n_win * n) * sizeof(float) + after + 255) / 256 * 256;
+    size_t at = window_pack_at(n_win, n, n_heads, after);
     return c->dt == UC_CUDA_BF16 ? at + (size_t)(n_heads * n_win * head_dim) * 2 : at;
 }
 
@@ -617,9 +623,7 @@ static uc_status window_probs_into(struct cuda_ctx *c, float *p, size_t after, c
         return UC_ERRF(UC_ERR_INVALID_ARG, "window probs w=%lld n=%lld heads %lld/%lld",
                        (long long)n_win, (long long)n, (long long)n_heads, (long long)n_heads_kv);
     }
-    size_t at = window_probs_bytes(c, n_win, n, n_heads, head_dim, after) -
-                (size_t)(n_heads * n_win * head_dim) * 2;
-    void *qp = (char *)p + at;
+    void *qp = (char *)p + window_pack_at(n_win, n, n_heads, after);
     int64_t d = head_dim, gw = n_heads / n_heads_kv * n_win;
     const float scale = 1.0f / sqrtf((float)d), zero = 0.0f;
     uc_status rc;
