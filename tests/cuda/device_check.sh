@@ -8,9 +8,10 @@
 # timings alone; DECBENCH_SHAPES=B:CTX,... picks decbench's shapes), prodbench (a layer's four
 # products at decode batches of 1-64 rows, weights from memory), ncu-decode (Nsight Compute
 # on one decode attention launch; NCU_ARGS replaces its sections), ncu-prefill (the same for
-# the Hopper prefill attention and PyTorch's default SDPA kernel, PREFILL_N tokens), ctest (label cuda), golden, golden-fp32, kvmem (KV memory accounting and
-# copy-on-write forks on the device, tests/golden/test_kv_memory.c),
-# lookahead (the decode lookahead's logits with and without it, tests/golden/test_decode_lookahead.c),
+# the Hopper prefill attention and PyTorch's default SDPA kernel, PREFILL_N tokens), ctest
+# (label cuda), golden, golden-fp32, kvmem (KV memory accounting and copy-on-write forks on the
+# device, tests/golden/test_kv_memory.c), lookahead (the decode lookahead's logits with and
+# without it, tests/golden/test_decode_lookahead.c),
 # kvsharer, kvsharer-tp2 (KVSharer on the device in fp32 against the numpy reference: shared
 # layers' decode through rope_append's skipped slots; needs python3 with numpy, else exit 77),
 # think (ThinK's packed heads on the device: pool blocks, forks, eviction,
