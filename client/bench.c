@@ -365,8 +365,10 @@ static const char usage_bench[] =
     "Output:\n"
     "      --no-progress       no progress bar\n"
     "      --token-times FILE  write every streamed chunk's arrival as a line 'SETTING REQUEST\n"
-    "                          TOKENS SECONDS' (seconds from the run's start), to study what\n"
-    "                          the latency percentiles summarise\n"
+    "                          TOKENS SECONDS ID MONOTONIC' (seconds from the run's start, the\n"
+    "                          server's request id, the monotonic clock), then '#stall' lines:\n"
+    "                          when a 1 ms sleep of this process woke over 1 ms late (the host\n"
+    "                          was busy); tests/bench/token_times.py reads it\n"
     "  -j, --json              one JSON object: the configuration and one entry per run\n"
     "\n"
     "Exit: 0 the runs completed (failed requests are reported, not fatal); 1 every request of\n"
@@ -567,7 +569,22 @@ struct run;
 struct arrival {
     int64_t request;
     uint32_t tokens;
-    double t;
+    double t;                    /* monotonic clock (uc_time_s), as the daemon's traces */
+    char id[64];                 /* the server's request id (joins --send-trace) */
+};
+
+/* --token-times: a thread that sleeps 1 ms at a time and notes every wake-up that came more
+ * than STALL_PROBE_LATE_MS late, so a late token can be told apart from a host whose CPUs were
+ * all busy (this process's threads waited for a core as well). */
+#define STALL_PROBE_LATE_MS 1.0
+#define STALL_PROBE_MAX 65536
+struct stall_probe {
+    pthread_t thread;
+    bool started;
+    atomic_bool quit;
+    size_t n;
+    double t[STALL_PROBE_MAX];   /* when it woke (monotonic seconds) */
+    float late_ms[STALL_PROBE_MAX];
 };
 
 struct worker {
@@ -680,7 +697,10 @@ static int track_chunk(const struct uc_chunk *ch, void *user)
             w->arr = q;
             w->cap_arr = cap;
         }
-        w->arr[w->n_arr++] = (struct arrival){t->idx, (uint32_t)ch->n_token_ids, ch->arrival_s};
+        struct arrival *a = &w->arr[w->n_arr++];
+        *a = (struct arrival){t->idx, (uint32_t)ch->n_token_ids, ch->arrival_s, ""};
+        snprintf(a->id, sizeof a->id, "%s",
+                 ch->request_id && ch->request_id[0] ? ch->request_id : "-");
     }
     if (t->tokens == 0) {
         t->ttft_ms = (ch->arrival_s - t->t0) * 1e3;
@@ -981,6 +1001,51 @@ static void sleep_until(double t)
     }
 }
 
+static void *stall_probe_main(void *arg)
+{
+    struct stall_probe *p = arg;
+    const struct timespec ms1 = {.tv_sec = 0, .tv_nsec = 1000 * 1000};
+    while (!atomic_load(&p->quit)) {
+        double t0 = uc_time_s();
+        nanosleep(&ms1, NULL);
+        double t1 = uc_time_s();
+        double late = (t1 - t0) * 1e3 - 1.0;
+        if (late > STALL_PROBE_LATE_MS && p->n < STALL_PROBE_MAX) {
+            p->t[p->n] = t1;
+            p->late_ms[p->n] = (float)late;
+            p->n++;
+        }
+    }
+    return NULL;
+}
+
+static struct stall_probe *stall_probe_start(void)
+{
+    struct stall_probe *p = uc_calloc(1, sizeof *p);
+    if (p && pthread_create(&p->thread, NULL, stall_probe_main, p) == 0) {
+        p->started = true;
+    }
+    return p;
+}
+
+/* Stops the probe and writes its late wake-ups as '#stall MONOTONIC LATE_MS' lines. */
+static void stall_probe_finish(struct stall_probe *p, FILE *out)
+{
+    if (!p) {
+        return;
+    }
+    if (p->started) {
+        atomic_store(&p->quit, true);
+        pthread_join(p->thread, NULL);
+        fprintf(out, "#probe %.6f 1ms-sleeps late by over %.1f ms: %zu\n", uc_time_s(),
+                STALL_PROBE_LATE_MS, p->n);
+        for (size_t i = 0; i < p->n; i++) {
+            fprintf(out, "#stall %.6f %.3f\n", p->t[i], (double)p->late_ms[i]);
+        }
+    }
+    uc_free(p);
+}
+
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
@@ -1120,6 +1185,7 @@ static int run_load(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
     for (int i = 0; i < cfg->warmup && !bench_interrupted; i++) {
         one_request(&r->workers[0], cfg, set, (int64_t)1 << 40 | i, NULL);
     }
+    struct stall_probe *probe = cfg->token_times ? stall_probe_start() : NULL;
     r->t0 = uc_time_s();
     int started = 0;
     for (; started < r->n_workers; started++) {
@@ -1156,13 +1222,19 @@ static int run_load(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
     if (bar) {
         draw_progress(r, true);
     }
-    /* --token-times: one line per chunk, "setting request tokens seconds-since-start" */
+    /* --token-times: one line per chunk, "setting request tokens seconds-since-start
+     * request-id monotonic-seconds", then the stall probe's late wake-ups */
     for (int i = 0; cfg->token_times && i < r->n_workers; i++) {
         const struct worker *w = &r->workers[i];
         for (size_t k = 0; k < w->n_arr; k++) {
-            fprintf(cfg->token_times, "%s %" PRId64 " %u %.6f\n", set && set->label ? set->label : "-",
-                    w->arr[k].request, w->arr[k].tokens, w->arr[k].t - r->t0);
+            const struct arrival *a = &w->arr[k];
+            fprintf(cfg->token_times, "%s %" PRId64 " %u %.6f %s %.6f\n",
+                    set && set->label ? set->label : "-", a->request, a->tokens, a->t - r->t0,
+                    a->id, a->t);
         }
+    }
+    if (cfg->token_times) {
+        stall_probe_finish(probe, cfg->token_times);
     }
     for (int i = 0; i < r->n_workers; i++) {
         if (r->workers[i].oom) {

@@ -68,6 +68,10 @@ static const struct uc_cfg_option options[] = {
     {"tls-cert", UC_CFG_STR, OFF(tls_cert), "", 0, 0, UC_CFG_IMMUTABLE,
      "server certificate chain (PEM); with tls-key enables TLS"},
     {"tls-key", UC_CFG_STR, OFF(tls_key), "", 0, 0, UC_CFG_IMMUTABLE, "server private key (PEM)"},
+    {"send-trace", UC_CFG_STR, OFF(send_trace), "", 0, 0, UC_CFG_IMMUTABLE,
+     "write a JSON line per streamed gRPC chunk to FILE: when the scheduler emitted its tokens, "
+     "when gRPC took it and when its send completed (tests/bench/token_times.py --send-trace "
+     "joins it with the client's arrivals)"},
     {"max-running", UC_CFG_INT, OFF(max_running), "64", 1, 65536, 0,
      "sequences in prefill or decode at once"},
     {"max-queued-requests", UC_CFG_INT, OFF(max_queued_requests), "256", 0, 1 << 24, 0,
@@ -209,6 +213,7 @@ static const struct {
     {"schedule", "mixed|prefill-first"},
     {"max-decode-wait-ms", "MS"},
     {"step-trace", "FILE"},
+    {"send-trace", "FILE"},
     {"comm-timeout", "MS"},
     {"heartbeat", "MS"},
     {"profile", "FILE"},

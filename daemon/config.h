@@ -54,6 +54,7 @@ struct uc_config {
     int64_t metrics_port;
     char *tls_cert;
     char *tls_key;
+    char *send_trace;
     int64_t max_running;
     int64_t max_queued_requests;
     int64_t max_queued_tokens;

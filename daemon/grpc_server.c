@@ -5,6 +5,7 @@
  * message is decoded, validated and encoded by grpc_codec.c (generation requests through the
  * request model both fronts share, request.h); requests go to the scheduler. The gRPC headers
  * declare `f()` prototypes, so -Wstrict-prototypes is silenced around them. */
+#include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -152,6 +153,14 @@ static bool is_gen(enum uc_grpc_method m) { return uc_grpc_method_streams_genera
 
 enum tag_kind { TAG_NEW, TAG_CLOSE, TAG_SEND, TAG_SHUTDOWN };
 
+/* --send-trace: one streamed chunk's way out (monotonic seconds, uc_time_s). */
+struct send_stamp {
+    double emit_first, emit_last; /* the scheduler's emission of its oldest and newest token */
+    double start;                 /* handed to grpc_call_start_batch */
+    int32_t tokens;
+    int32_t choice;
+};
+
 struct call;
 struct tag {
     struct call *c;
@@ -193,6 +202,7 @@ struct call {
     char first_err_msg[320];
     bool abort_sent;            /* uc_server_destroy aborted it */
     struct uc_grpc_event *q_head, *q_tail;
+    struct send_stamp chunk;    /* --send-trace: the token chunk in flight (tokens 0: none) */
     /* Health.Watch */
     bool watch_ready;           /* dispatched: the service name is known */
     int watch_last;             /* last status sent, -1 = none */
@@ -227,6 +237,9 @@ struct uc_server {
     bool shutdown_done;         /* the server shutdown tag fired */
     bool pump_quit;
     bool drain_started, drained_notified;
+
+    FILE *send_trace;           /* --send-trace (NULL: none) */
+    pthread_mutex_t trace_mu;   /* one line at a time */
 };
 
 static const char *const state_names[] = {"LOADING", "SERVING", "DRAINING", "STOPPED"};
@@ -559,12 +572,16 @@ static void gen_pump(struct call *c)
     /* skip empty token events; find the first DONE */
     struct uc_grpc_event *first = c->q_head, *end = first;
     bool any = false;
+    struct send_stamp st = {.emit_first = first ? first->t_emit : 0.0};
     while (end && end->kind == UC_EVENT_TOKENS && end->index == first->index) {
         any = any || end->n_ids > 0 || end->text_len > 0;
+        st.tokens += (int32_t)end->n_ids;
+        st.emit_last = end->t_emit;
         end = end->next;
     }
     if (any) {
         const double t_emit = first->t_emit; /* the chunk's oldest token */
+        st.choice = first->index;
         struct uc_grpc_msg m;
         grpc_byte_buffer *bb =
             uc_grpc_encode_chunk(&m, c->request_id, first, end, first->index) == UC_OK
@@ -582,6 +599,10 @@ static void gen_pump(struct call *c)
             UC_LOG_ERROR("grpc: out of memory packing a chunk req=%s", c->request_id);
             start_send(c, NULL, true, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
             return;
+        }
+        if (c->srv->send_trace) {
+            st.start = uc_time_s();
+            c->chunk = st; /* before start_send: the completion may come before it returns */
         }
         if (start_send(c, bb, false, GRPC_STATUS_OK, NULL) && c->srv->p.metrics) {
             metrics_observe(c->srv->p.metrics, METRIC_SEND_LAG, uc_time_s() - t_emit);
@@ -1318,9 +1339,37 @@ static void on_close(struct call *c)
     call_unref(c);
 }
 
+/* --send-trace: the line of a token chunk whose send completed (c->mu held). Request ids are
+ * printable ASCII without spaces (request.c), so only '"' and '\\' need escaping. */
+static void trace_send(struct call *c, double t_done, bool ok)
+{
+    struct uc_server *s = c->srv;
+    const struct send_stamp *st = &c->chunk;
+    pthread_mutex_lock(&s->trace_mu);
+    fputs("{\"req\":\"", s->send_trace);
+    for (const char *p = c->request_id; *p; p++) {
+        if (*p == '"' || *p == '\\') {
+            fputc('\\', s->send_trace);
+        }
+        fputc(*p, s->send_trace);
+    }
+    fprintf(s->send_trace,
+            "\",\"choice\":%d,\"tokens\":%d,\"emit_first\":%.6f,\"emit_last\":%.6f,"
+            "\"start\":%.6f,\"done\":%.6f,\"ok\":%s}\n",
+            st->choice, st->tokens, st->emit_first, st->emit_last, st->start, t_done,
+            ok ? "true" : "false");
+    fflush(s->send_trace);
+    pthread_mutex_unlock(&s->trace_mu);
+}
+
 static void on_send(struct call *c, bool ok)
 {
+    double t_done = c->srv->send_trace ? uc_time_s() : 0.0;
     pthread_mutex_lock(&c->mu);
+    if (c->chunk.tokens > 0) {
+        trace_send(c, t_done, ok);
+        c->chunk.tokens = 0;
+    }
     c->sending = false;
     if (c->send_buf) {
         grpc_byte_buffer_destroy(c->send_buf);
@@ -1521,9 +1570,13 @@ static bool teardown(struct uc_server *s, bool started)
     }
     metrics_http_destroy(s->http);
     grpc_shutdown();
+    if (s->send_trace) {
+        fclose(s->send_trace);
+    }
     pthread_cond_destroy(&s->kick_cv);
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);
+    pthread_mutex_destroy(&s->trace_mu);
     uc_free(s->listen);
     uc_free(s->tls_cert);
     uc_free(s->tls_key);
@@ -1582,12 +1635,20 @@ uc_status uc_server_create(struct uc_server **out, const struct uc_server_params
     s->state = UC_SERVER_LOADING;
     s->t_shutdown = (struct tag){NULL, TAG_SHUTDOWN};
     pthread_mutex_init(&s->mu, NULL);
+    pthread_mutex_init(&s->trace_mu, NULL);
     pthread_cond_init(&s->kick_cv, NULL);
     pthread_cond_init(&s->cv, NULL);
     grpc_init();
     if (!s->listen) {
         rc = UC_ERRF(UC_ERR_NOMEM, "server");
         goto out_teardown;
+    }
+    if (p->send_trace_path && p->send_trace_path[0]) {
+        s->send_trace = fopen(p->send_trace_path, "w");
+        if (!s->send_trace) {
+            rc = UC_ERRF(UC_ERR_IO, "--send-trace %s: %s", p->send_trace_path, strerror(errno));
+            goto out_teardown;
+        }
     }
 
     /* metrics first: a busy port fails before gRPC binds anything */

@@ -333,6 +333,7 @@ static int run_rank0(struct daemon *d)
         .cluster = &ci,
         .auth = uc_front_auth(d->front),
         .chat = uc_front_chat(d->front),
+        .send_trace_path = c->send_trace[0] ? c->send_trace : NULL,
         .write_config_info = write_config_info,
         .config_user = d,
         .on_drained = on_drained,

@@ -58,6 +58,7 @@ struct uc_server_params {
     const struct uc_cluster_info *cluster;
     const struct uc_auth *auth; /* API keys (auth.h); NULL = open */
     const struct uc_chat_template *chat; /* Inference.Chat; NULL = FAILED_PRECONDITION */
+    const char *send_trace_path; /* a JSON line per streamed chunk of Generate/Chat (NULL: none) */
     /* writes the "# Config" section of the INFO text */
     void (*write_config_info)(void *user, struct uc_buf *b);
     void *config_user;

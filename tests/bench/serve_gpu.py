@@ -60,7 +60,10 @@ workload's table is followed by tests/bench/step_trace.py's summary of its steps
 time went, decode step times by batch, the prefill rate of prefill-only steps), and by
 tests/bench/token_times.py's of the client's inter-token gaps (`uncompctl bench --token-times`:
 which gaps are streams' first ones, and whether the late tokens came in moments of most streams
-at once or one stream at a time); the traces and token times are copied to $OUT.
+at once or one stream at a time; with the daemon's send trace, uncompd --send-trace, whether a
+moment's tokens left the scheduler late, waited in the daemon before gRPC, or were late after
+it, and whether the client's stall probe saw the host busy); the traces and token times are
+copied to $OUT.
 Everything printed also goes to $OUT/serve.log when OUT is set (and --log FILE); the numbers to
 $OUT/serve-<workloads>.json. With --budget-s the run ends in time: requests are sent for a share
 of the time left (the table's `done` column then shows fewer than asked; floors count those),
@@ -413,10 +416,11 @@ class Daemon:
                     "--backend", args.backend, "--kv-memory", pool, "--max-batch", str(batch),
                     "--max-running", str(batch), "--listen", self.addr,
                     "--profile", os.path.join(args.tmp, "profile.json")]
-        self.trace = None
+        self.trace = self.sends = None
         if args.step_trace:
             self.trace = os.path.join(args.tmp, "steps-%s-%d.jsonl" % (pool, batch))
-            self.cmd += ["--step-trace", self.trace]
+            self.sends = os.path.join(args.tmp, "sends-%s-%d.jsonl" % (pool, batch))
+            self.cmd += ["--step-trace", self.trace, "--send-trace", self.sends]
         self.cmd += shlex.split(args.daemon_args) + args.daemon_arg
         log("$ " + " ".join(shlex.quote(c) for c in self.cmd))
         self.logf = open(self.log_path, "wb")
@@ -706,7 +710,8 @@ def main():
                 single = single_stream_itl(results, eng)[0]
                 if times and os.path.exists(times):
                     log("client-side gaps of workload %s (uncompctl bench --token-times):" % name)
-                    log("\n".join(token_times.summary(times, 4 * single if single else None)))
+                    log("\n".join(token_times.summary(times, 4 * single if single else None,
+                                                       send_trace=d.sends)))
             log("workload %s: wall %.1f s" % (name, time.time() - t0))
     except OutOfTime:
         log("\nSIGTERM (out of time) during workload %s: the targets below cover the workloads "
@@ -733,7 +738,7 @@ def main():
                        "results": results}, f, indent=1)
     if out:
         for f in os.listdir(args.tmp):
-            if f.startswith(("steps-", "tokens-")):
+            if f.startswith(("steps-", "sends-", "tokens-")):
                 shutil.copy(os.path.join(args.tmp, f), out)
     shutil.rmtree(args.tmp, ignore_errors=True)
     return rc

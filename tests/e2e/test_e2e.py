@@ -873,12 +873,18 @@ def t_prefill_first(args):
     and no step ever mixes decode rows with prefill; a stream that is decoding gets no token
     while a long prompt prefills (every step of that prefill is prefill-only); a bad --schedule
     is refused at start-up; --step-trace writes a line per step (and a path it cannot write
-    fails the start-up with the reason)."""
+    fails the start-up with the reason, as one of --send-trace does)."""
     bad = subprocess.run([args.daemon, "--model", args.model, "--listen",
                           "127.0.0.1:%d" % free_port(), "--http-listen", "0", "--step-trace",
                           "/nonexistent-dir/steps.jsonl"], capture_output=True, text=True,
                          timeout=60)
     check(bad.returncode == 1 and "--step-trace /nonexistent-dir/steps.jsonl: No such file" in
+          bad.stderr, "exit %s: %s" % (bad.returncode, bad.stderr[-1500:]))
+    bad = subprocess.run([args.daemon, "--model", args.model, "--listen",
+                          "127.0.0.1:%d" % free_port(), "--http-listen", "0", "--send-trace",
+                          "/nonexistent-dir/sends.jsonl"], capture_output=True, text=True,
+                         timeout=60)
+    check(bad.returncode == 1 and "--send-trace /nonexistent-dir/sends.jsonl: No such file" in
           bad.stderr, "exit %s: %s" % (bad.returncode, bad.stderr[-1500:]))
     bad = subprocess.run([args.daemon, "--model", args.model, "--listen",
                           "127.0.0.1:%d" % free_port(), "--http-listen", "0", "--schedule",

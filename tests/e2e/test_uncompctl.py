@@ -482,6 +482,29 @@ def t_abort(ctl):
     check(j == {"request_id": "no-such-request", "found": False}, str(j))
 
 
+def check_send_trace(times, sends):
+    """uncompd --send-trace beside uncompctl bench --token-times: every chunk the client got
+    joins the daemon's line of its send (same request id, token counts in order), each send's
+    times are in order (emission, hand-off to gRPC, completion), no chunk arrived before its
+    hand-off (both on the monotonic clock), and tests/bench/token_times.py says so."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    import token_times
+    runs, _ = token_times.load_all(times)
+    for _ in range(50):  # the last send's line is written when its completion comes
+        n = [token_times.join(reqs, token_times.load_sends(sends)) for reqs in runs.values()]
+        if all(u == 0 for _, u in n):
+            break
+        time.sleep(0.1)
+    check(len(n) == 2 and all(j > 0 and u == 0 for j, u in n), "joined, unmatched: %s" % n)
+    for reqs in runs.values():
+        for c in (c for a in reqs.values() for c in a):
+            d = c["send"]
+            check(d["ok"] and d["emit_first"] <= d["emit_last"] <= d["start"] <= d["done"] and
+                  d["start"] <= c["mono"], "chunk %s, send %s" % (c, d))
+    text = "\n".join(token_times.summary(times, over=0.0, send_trace=sends))
+    check(text.count("chunks joined, 0 not") == 2 and "the extra time is in" in text, text)
+
+
 def t_bench(ctl):
     r = ctl.run("bench", "-c", "2", "-n", "4", "-m", "4", "--prompt-tokens", "24", timeout=120)
     for key in ("throughput (req/s)", "output tokens/s", "total tokens/s", "TTFT p50 (ms)",
@@ -515,7 +538,11 @@ def t_bench(ctl):
                     "--warmup", "1", "--token-times", path, "--compare", "policy=full",
                     "policy=snapkv,kv_budget=16", timeout=120).json()
         with open(path) as f:
-            rows = [line.split() for line in f]
+            lines = f.read().splitlines()
+        rows = [line.split() for line in lines if not line.startswith("#")]
+        check(all(len(x) == 6 for x in rows), str(rows))
+        # each setting's chunks are followed by its stall probe's summary and '#stall' lines
+        check(sum(1 for line in lines if line.startswith("#probe ")) == 2, "\n".join(lines))
         for setting in ("policy=full", "policy=snapkv,kv_budget=16"):
             mine = [x for x in rows if x[0] == setting]
             check(sorted({int(x[1]) for x in mine}) == [0, 1, 2], str(mine))
@@ -525,6 +552,7 @@ def t_bench(ctl):
                 check(t == sorted(t) and t[0] > 0, str(mine))
         check(len(rows) == sum(len([x for x in rows if x[0] == r["setting"]]) for r in j["runs"]),
               str(rows))
+        check_send_trace(path, ctl.send_trace)
     r = ctl.run("bench", "-n", "2", "-m", "2", "--prompt-tokens", "16", "--compare",
                 "policy=full", "policy=streamingllm,kv_budget=8", timeout=120)
     header = r.out.splitlines()[2]
@@ -785,9 +813,12 @@ def main():
              ("set_policy", t_set_policy), ("abort", t_abort), ("bench", t_bench)]
     if any(r.want(n) for n, _ in tests) or r.want("drain"):
         http_port = free_port()
-        d = Daemon(args, name="single", extra=["--http-listen", "127.0.0.1:%d" % http_port])
+        sends = os.path.join(tempfile.mkdtemp(prefix="uncomp_sends_"), "sends.jsonl")
+        d = Daemon(args, name="single", extra=["--http-listen", "127.0.0.1:%d" % http_port,
+                                               "--send-trace", sends])
         ctl = Ctl(exe, d.addr)
         ctl.http = "http://127.0.0.1:%d" % http_port
+        ctl.send_trace = sends
         try:
             if r.run("start_single", d.wait_serving, ctl, always=True):
                 for name, fn in tests:
@@ -805,6 +836,7 @@ def main():
                 r.run("drain", t_drain, ctl, d, always=True)
         finally:
             d.cleanup()
+            shutil.rmtree(os.path.dirname(sends), ignore_errors=True)
 
     if not args.no_mpi and r.want("tp2"):
         d = Daemon(args, np=2, name="tp2")
