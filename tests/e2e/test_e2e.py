@@ -874,23 +874,18 @@ def t_prefill_first(args):
     while a long prompt prefills (every step of that prefill is prefill-only); a bad --schedule
     is refused at start-up; --step-trace writes a line per step (and a path it cannot write
     fails the start-up with the reason, as one of --send-trace does)."""
-    bad = subprocess.run([args.daemon, "--model", args.model, "--listen",
-                          "127.0.0.1:%d" % free_port(), "--http-listen", "0", "--step-trace",
-                          "/nonexistent-dir/steps.jsonl"], capture_output=True, text=True,
-                         timeout=60)
-    check(bad.returncode == 1 and "--step-trace /nonexistent-dir/steps.jsonl: No such file" in
-          bad.stderr, "exit %s: %s" % (bad.returncode, bad.stderr[-1500:]))
-    bad = subprocess.run([args.daemon, "--model", args.model, "--listen",
-                          "127.0.0.1:%d" % free_port(), "--http-listen", "0", "--send-trace",
-                          "/nonexistent-dir/sends.jsonl"], capture_output=True, text=True,
-                         timeout=60)
-    check(bad.returncode == 1 and "--send-trace /nonexistent-dir/sends.jsonl: No such file" in
-          bad.stderr, "exit %s: %s" % (bad.returncode, bad.stderr[-1500:]))
-    bad = subprocess.run([args.daemon, "--model", args.model, "--listen",
-                          "127.0.0.1:%d" % free_port(), "--http-listen", "0", "--schedule",
-                          "prefill_first"], capture_output=True, text=True, timeout=60)
-    check(bad.returncode == 2 and "--schedule=prefill_first must be mixed or prefill-first" in
-          bad.stderr, "exit %s: %s" % (bad.returncode, bad.stderr[-1500:]))
+    for flags, code, why in (
+            (["--step-trace", "/nonexistent-dir/steps.jsonl"], 1,
+             "--step-trace /nonexistent-dir/steps.jsonl: No such file"),
+            (["--send-trace", "/nonexistent-dir/sends.jsonl"], 1,
+             "--send-trace /nonexistent-dir/sends.jsonl: No such file"),
+            (["--schedule", "prefill_first"], 2,
+             "--schedule=prefill_first must be mixed or prefill-first")):
+        bad = subprocess.run([args.daemon, "--model", args.model, "--listen",
+                              "127.0.0.1:%d" % free_port(), "--http-listen", "0"] + flags,
+                             capture_output=True, text=True, timeout=60)
+        check(bad.returncode == code and why in bad.stderr,
+              "%s: exit %s: %s" % (flags, bad.returncode, bad.stderr[-1500:]))
     trace = os.path.join(tempfile.mkdtemp(prefix="uncomp_trace_"), "steps.jsonl")
     d = Daemon(args, extra=PF_FLAGS + ["--step-trace", trace], name="prefill-first")
     try:
