@@ -62,14 +62,16 @@ tests/bench/token_times.py's of the client's inter-token gaps (`uncompctl bench 
 which gaps are streams' first ones, and whether the late tokens came in moments of most streams
 at once or one stream at a time; with the daemon's send trace, uncompd --send-trace, whether a
 moment's tokens left the scheduler late, waited in the daemon before gRPC, or were late after
-it, and whether the client's stall probe saw the host busy); the traces and token times are
-copied to $OUT.
+it, and whether the client's stall probe saw the host busy); the traces and token times go to
+$OUT/traces-<workloads>.tar.gz, smallest first while it stays within 12 MiB (what comes back
+from a device is a few files of at most 16 MiB).
 Everything printed also goes to $OUT/serve.log when OUT is set (and --log FILE); the numbers to
 $OUT/serve-<workloads>.json. With --budget-s the run ends in time: requests are sent for a share
 of the time left (the table's `done` column then shows fewer than asked; floors count those),
 and a SIGTERM (device_check.sh's `timeout`) still prints the targets of the workloads done.
 """
 import argparse
+import gzip
 import json
 import math
 import os
@@ -80,6 +82,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zlib
@@ -92,6 +95,7 @@ from gpu_monitor import GpuMonitor  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 GIB = 1 << 30
+TRACE_COPY_MAX = 12 << 20  # the traces' archive in $OUT stays within this (gzipped)
 
 SHAPES = {
     # Llama-3.1-8B's shape and RoPE, with the bundled tokenizer's 4096-token vocabulary
@@ -472,6 +476,29 @@ class Daemon:
         return self.proc.returncode
 
 
+def pack_traces(tmp, path, log):
+    """The step and send traces and the token times of the run, smallest first, into one gzipped
+    tar while it stays within TRACE_COPY_MAX (the rest is named in the log: its summary is
+    there)."""
+    files = sorted((os.path.getsize(os.path.join(tmp, f)), f) for f in os.listdir(tmp)
+                   if f.startswith(("steps-", "sends-", "tokens-")))
+    if not files:
+        return
+    total, left = 0, []
+    with tarfile.open(path, "w:gz") as tar:
+        for _, f in files:
+            with open(os.path.join(tmp, f), "rb") as fh:
+                z = len(gzip.compress(fh.read(), 6))
+            if total + z > TRACE_COPY_MAX:
+                left.append("%s (%.1f MiB gzipped)" % (f, z / 2**20))
+                continue
+            tar.add(os.path.join(tmp, f), arcname=f)
+            total += z
+    if left:
+        log("traces not packed into %s, to stay within %d MiB: %s" % (
+            os.path.basename(path), TRACE_COPY_MAX >> 20, ", ".join(left)))
+
+
 # ---- the run ----------------------------------------------------------------------------------
 
 def bench(d, w, seed, timeout, duration_s=None, times=None):
@@ -736,10 +763,8 @@ def main():
                        "engine": {"prefill": eng["prefill"], "b1_ms": eng["b1_ms"],
                                   "step_ms": steps},
                        "results": results}, f, indent=1)
-    if out:
-        for f in os.listdir(args.tmp):
-            if f.startswith(("steps-", "sends-", "tokens-")):
-                shutil.copy(os.path.join(args.tmp, f), out)
+    if out:  # the traces in one archive: a few files of at most 16 MiB come back from a device
+        pack_traces(args.tmp, os.path.join(out, "traces-%s.tar.gz" % "".join(names)), log)
     shutil.rmtree(args.tmp, ignore_errors=True)
     return rc
 
