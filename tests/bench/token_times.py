@@ -19,8 +19,9 @@ same monotonic clock as the client's arrivals), each client chunk is joined to t
 order per request id, and every chunk's delivery (emission of its oldest token to its arrival)
 splits into the daemon's part before gRPC (emission to hand-off: the pump, or the stream's
 previous send still in flight) and gRPC's part and after (hand-off to arrival: gRPC core, the
-socket, the client's threads). Each late moment then says which part made it late, and whether
-the client's stall probe saw the host busy then.
+socket, the client's threads; whether the daemon's send op was late too tells its write from
+what came after it). Each late moment then says which part made it late, and whether the
+client's stall probe saw the host busy then.
 """
 import argparse
 import collections
@@ -131,6 +132,11 @@ def send_lines(reqs, sends, stalls, moments, p50_gap):
             where = "the emission (the tokens left the scheduler late: a slow step)"
         else:
             where = max(extra, key=extra.get)
+            if where == "gRPC and after":  # was the daemon's write late, or what came after it?
+                write = pct(q[2], 0.5) - base[2]
+                where += (" (gRPC's send op on the daemon was late too: its write)"
+                          if write >= 0.5 * extra[where] else
+                          " (the daemon's sends completed on time: the socket or the client)")
         t0 = min(c["mono"] for c in cs) - max(x[0] for x in m) / 1e3
         t1 = max(c["mono"] for c in cs)
         busy = [s for s in stalls if t0 <= s[0] <= t1 + 0.001]
