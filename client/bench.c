@@ -1028,7 +1028,8 @@ static struct stall_probe *stall_probe_start(void)
     return p;
 }
 
-/* Stops the probe and writes its late wake-ups as '#stall MONOTONIC LATE_MS' lines. */
+/* Stops the probe (NULL: none was started) and writes its late wake-ups as '#stall MONOTONIC
+ * LATE_MS' lines. */
 static void stall_probe_finish(struct stall_probe *p, FILE *out)
 {
     if (!p) {
@@ -1233,9 +1234,7 @@ static int run_load(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
                     a->id, a->t);
         }
     }
-    if (cfg->token_times) {
-        stall_probe_finish(probe, cfg->token_times);
-    }
+    stall_probe_finish(probe, cfg->token_times);
     for (int i = 0; i < r->n_workers; i++) {
         if (r->workers[i].oom) {
             fprintf(stderr, "uncompctl: bench: out of memory\n");

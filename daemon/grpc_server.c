@@ -572,7 +572,7 @@ static void gen_pump(struct call *c)
     /* skip empty token events; find the first DONE */
     struct uc_grpc_event *first = c->q_head, *end = first;
     bool any = false;
-    struct send_stamp st = {.emit_first = first ? first->t_emit : 0.0};
+    struct send_stamp st = {0}; /* the chunk's way out (the metric's and --send-trace's) */
     while (end && end->kind == UC_EVENT_TOKENS && end->index == first->index) {
         any = any || end->n_ids > 0 || end->text_len > 0;
         st.tokens += (int32_t)end->n_ids;
@@ -580,7 +580,7 @@ static void gen_pump(struct call *c)
         end = end->next;
     }
     if (any) {
-        const double t_emit = first->t_emit; /* the chunk's oldest token */
+        st.emit_first = first->t_emit; /* the chunk's oldest token */
         st.choice = first->index;
         struct uc_grpc_msg m;
         grpc_byte_buffer *bb =
@@ -605,7 +605,7 @@ static void gen_pump(struct call *c)
             c->chunk = st; /* before start_send: the completion may come before it returns */
         }
         if (start_send(c, bb, false, GRPC_STATUS_OK, NULL) && c->srv->p.metrics) {
-            metrics_observe(c->srv->p.metrics, METRIC_SEND_LAG, uc_time_s() - t_emit);
+            metrics_observe(c->srv->p.metrics, METRIC_SEND_LAG, uc_time_s() - st.emit_first);
         }
         return;
     }
