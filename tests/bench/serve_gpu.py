@@ -63,8 +63,8 @@ which gaps are streams' first ones, and whether the late tokens came in moments 
 at once or one stream at a time; with the daemon's send trace, uncompd --send-trace, whether a
 moment's tokens left the scheduler late, waited in the daemon before gRPC, or were late after
 it, and whether the client's stall probe saw the host busy); the traces and token times go to
-$OUT/traces-<workloads>.tar.gz, smallest first while it stays within 12 MiB (what comes back
-from a device is a few files of at most 16 MiB).
+$OUT/traces-<workloads>.tar, each gzipped, smallest first while it stays within 12 MiB (what
+comes back from a device is a few files of at most 16 MiB).
 Everything printed also goes to $OUT/serve.log when OUT is set (and --log FILE); the numbers to
 $OUT/serve-<workloads>.json. With --budget-s the run ends in time: requests are sent for a share
 of the time left (the table's `done` column then shows fewer than asked; floors count those),
@@ -72,6 +72,7 @@ and a SIGTERM (device_check.sh's `timeout`) still prints the targets of the work
 """
 import argparse
 import gzip
+import io
 import json
 import math
 import os
@@ -477,23 +478,25 @@ class Daemon:
 
 
 def pack_traces(tmp, path, log):
-    """The step and send traces and the token times of the run, smallest first, into one gzipped
-    tar while it stays within TRACE_COPY_MAX (the rest is named in the log: its summary is
-    there)."""
+    """The step and send traces and the token times of the run, each gzipped once, smallest
+    first, into one tar while it stays within TRACE_COPY_MAX (the rest is named in the log: its
+    summary is there)."""
     files = sorted((os.path.getsize(os.path.join(tmp, f)), f) for f in os.listdir(tmp)
                    if f.startswith(("steps-", "sends-", "tokens-")))
     if not files:
         return
     total, left = 0, []
-    with tarfile.open(path, "w:gz") as tar:
+    with tarfile.open(path, "w") as tar:
         for _, f in files:
             with open(os.path.join(tmp, f), "rb") as fh:
-                z = len(gzip.compress(fh.read(), 6))
-            if total + z > TRACE_COPY_MAX:
-                left.append("%s (%.1f MiB gzipped)" % (f, z / 2**20))
+                z = gzip.compress(fh.read(), 6)
+            if total + len(z) > TRACE_COPY_MAX:
+                left.append("%s (%.1f MiB gzipped)" % (f, len(z) / 2**20))
                 continue
-            tar.add(os.path.join(tmp, f), arcname=f)
-            total += z
+            info = tarfile.TarInfo(f + ".gz")
+            info.size, info.mtime = len(z), int(time.time())
+            tar.addfile(info, io.BytesIO(z))
+            total += len(z)
     if left:
         log("traces not packed into %s, to stay within %d MiB: %s" % (
             os.path.basename(path), TRACE_COPY_MAX >> 20, ", ".join(left)))
@@ -764,7 +767,7 @@ def main():
                                   "step_ms": steps},
                        "results": results}, f, indent=1)
     if out:  # the traces in one archive: a few files of at most 16 MiB come back from a device
-        pack_traces(args.tmp, os.path.join(out, "traces-%s.tar.gz" % "".join(names)), log)
+        pack_traces(args.tmp, os.path.join(out, "traces-%s.tar" % "".join(names)), log)
     shutil.rmtree(args.tmp, ignore_errors=True)
     return rc
 
