@@ -298,6 +298,7 @@ struct bench_cfg {
     int warmup;
     int rounds;                  /* the settings run in turn this many times */
     bool progress;
+    int connections;             /* the gRPC clients' connections (clients dealt in turn) */
     FILE *token_times;           /* --token-times: every chunk's arrival, for latency studies */
     /* --http: the OpenAI-compatible front */
     const char *http_url;
@@ -323,9 +324,10 @@ static const char usage_bench[] =
     "\n"
     "Sends Generate requests (or /v1/completions with --http) and reports throughput\n"
     "(requests/s, output tokens/s, total tokens/s) and latency (TTFT, inter-token, TPOT,\n"
-    "end-to-end: mean, p50, p90, p99) with failures counted by gRPC code. One thread and\n"
-    "connection per concurrent client; times on the monotonic clock; a progress bar on stderr\n"
-    "when it is a terminal.\n"
+    "end-to-end: mean, p50, p90, p99) with failures counted by gRPC code. One thread per\n"
+    "concurrent client; the gRPC clients share --connections connections, the HTTP clients\n"
+    "have one each; times on the monotonic clock; a progress bar on stderr when it is a\n"
+    "terminal.\n"
     "\n"
     "Load:\n"
     "  -c, --concurrency N     concurrent clients / most requests in flight (default 1; with\n"
@@ -336,6 +338,10 @@ static const char usage_bench[] =
     "      --warmup N          N requests before the measurement, not counted (default 0)\n"
     "      --rounds N          run the settings in turn N times (A B A B ...) and add a table of\n"
     "                          each figure's median over the rounds (default 1)\n"
+    "      --connections N     the gRPC clients' TCP connections, clients dealt to them in\n"
+    "                          turn (default 1: every stream on one HTTP/2 connection, as one\n"
+    "                          process's channels to a server are; -c's value: one each, as\n"
+    "                          separate users have)\n"
     "Front (default: gRPC at --server):\n"
     "      --http URL          send the requests to the OpenAI-compatible HTTP front at URL\n"
     "                          (http://HOST:PORT) as streamed /v1/completions: the same prompts\n"
@@ -1176,8 +1182,11 @@ static int run_load(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
             }
             continue;
         }
+        /* client i on connection i mod N (gRPC shares one among equal channels) */
+        struct uc_ctl mine = *ctl;
+        mine.opts.connection = cfg->connections > 1 ? i % cfg->connections + 1 : 0;
         int code;
-        w->client = uc_ctl_connect(ctl, "bench", &code);
+        w->client = uc_ctl_connect(&mine, "bench", &code);
         if (!w->client) {
             return code;
         }
@@ -1454,8 +1463,8 @@ static void print_json(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
                ",\"temperature\":",
             cfg->n_texts ? 0 : cfg->prompt_tokens, cfg->max_tokens, cfg->seed);
     uc_ctl_json_num(f, cfg->temperature);
-    fprintf(f, ",\"ignore_eos\":%s,\"warmup\":%d,\"rounds\":%d},\"runs\":[",
-            cfg->ignore_eos ? "true" : "false", cfg->warmup, rounds);
+    fprintf(f, ",\"ignore_eos\":%s,\"warmup\":%d,\"rounds\":%d,\"connections\":%d},\"runs\":[",
+            cfg->ignore_eos ? "true" : "false", cfg->warmup, rounds, cfg->connections);
     for (int r = 0; r < rounds; r++) {
         for (int i = 0; i < n; i++) {
             fprintf(f, "%s", r || i ? "," : "");
@@ -1613,6 +1622,9 @@ static void print_table(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
     } else {
         printf("concurrency %d", cfg->concurrency);
     }
+    if (cfg->connections > 1) {
+        printf(" over %d gRPC connections", cfg->connections);
+    }
     if (cfg->requests) {
         printf(", %" PRId64 " requests", cfg->requests);
     }
@@ -1702,6 +1714,7 @@ enum {
     B_HTTP,
     B_ROUNDS,
     B_TOKEN_TIMES,
+    B_CONNECTIONS,
 };
 
 static uint64_t bench_u64(const char *opt, const char *v, uint64_t max)
@@ -1751,6 +1764,7 @@ int uc_bench_main(const struct uc_ctl *ctl_in, int argc, char **argv)
         {"http", required_argument, NULL, B_HTTP},
         {"rounds", required_argument, NULL, B_ROUNDS},
         {"token-times", required_argument, NULL, B_TOKEN_TIMES},
+        {"connections", required_argument, NULL, B_CONNECTIONS},
         {NULL, 0, NULL, 0},
     };
     struct uc_ctl ctl = *ctl_in;
@@ -1760,6 +1774,7 @@ int uc_bench_main(const struct uc_ctl *ctl_in, int argc, char **argv)
     cfg.ignore_eos = true;
     cfg.progress = true;
     cfg.rounds = 1;
+    cfg.connections = 1;
     cfg.api_key = ctl_in->opts.api_key;
     cfg.bos = -1;
     bool prompt_tokens_set = false;
@@ -1864,6 +1879,12 @@ int uc_bench_main(const struct uc_ctl *ctl_in, int argc, char **argv)
         }
         case B_NO_PROGRESS:
             cfg.progress = false;
+            break;
+        case B_CONNECTIONS:
+            cfg.connections = (int)bench_u64("--connections", optarg, 1 << 16);
+            if (cfg.connections < 1) {
+                bench_usage_error("--connections must be at least 1");
+            }
             break;
         case B_TOKEN_TIMES:
             if (cfg.token_times) {

@@ -355,7 +355,7 @@ uc_status uc_client_connect(struct uc_client **out, const char *target,
     int max_msg = o.max_message_bytes > 0 && o.max_message_bytes < INT32_MAX
                       ? (int)o.max_message_bytes
                       : 64 << 20;
-    grpc_arg args[6];
+    grpc_arg args[7];
     size_t n_args = 0;
     args[n_args++] = (grpc_arg){.type = GRPC_ARG_INTEGER,
                                 .key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
@@ -373,6 +373,11 @@ uc_status uc_client_connect(struct uc_client **out, const char *target,
     args[n_args++] = (grpc_arg){.type = GRPC_ARG_INTEGER,
                                 .key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
                                 .value.integer = 1000};
+    if (o.connection) { /* gRPC keys its shared connections by the channel's arguments */
+        args[n_args++] = (grpc_arg){.type = GRPC_ARG_INTEGER,
+                                    .key = (char *)"uncomp.connection",
+                                    .value.integer = o.connection};
+    }
     if (pem && o.tls_server_name && o.tls_server_name[0]) {
         args[n_args++] = (grpc_arg){.type = GRPC_ARG_STRING,
                                     .key = (char *)GRPC_SSL_TARGET_NAME_OVERRIDE_ARG,

@@ -98,6 +98,9 @@ struct uc_client_opts {
     int64_t max_message_bytes;   /* largest response accepted (default 64 MiB) */
     const char *api_key;         /* sent as "authorization: Bearer KEY" on every call; NULL or
                                     "" = none */
+    int connection;              /* the process's clients of one server share a connection
+                                    when their options are equal: a different value here gives
+                                    a different connection (default 0) */
 };
 
 /* Returns the defaults: plaintext, connect timeout 5000 ms, fail fast, no call deadline. */

@@ -21,6 +21,7 @@
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
 #include <grpc/status.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 #pragma GCC diagnostic pop
 
@@ -203,6 +204,7 @@ struct call {
     bool abort_sent;            /* uc_server_destroy aborted it */
     struct uc_grpc_event *q_head, *q_tail;
     struct send_stamp chunk;    /* --send-trace: the token chunk in flight (tokens 0: none) */
+    char peer[80];              /* --send-trace: the client's address (one per connection) */
     /* Health.Watch */
     bool watch_ready;           /* dispatched: the service name is known */
     int watch_last;             /* last status sent, -1 = none */
@@ -774,6 +776,11 @@ static void handle_generation(struct call *c, struct uc_grpc_request *req)
     c->n_choices = n_choices;
     snprintf(c->request_id, sizeof c->request_id, "%s", q.request_id);
     pthread_mutex_unlock(&c->mu);
+    if (s->send_trace) {
+        char *peer = grpc_call_get_peer(c->call);
+        snprintf(c->peer, sizeof c->peer, "%s", peer ? peer : "");
+        gpr_free(peer);
+    }
     for (int32_t i = 0; i < n_choices; i++) {
         call_ref(c); /* the scheduler's, until each choice's DONE */
     }
@@ -1339,8 +1346,19 @@ static void on_close(struct call *c)
     call_unref(c);
 }
 
-/* --send-trace: the line of a token chunk whose send completed (c->mu held). Request ids are
- * printable ASCII without spaces (request.c), so only '"' and '\\' need escaping. The file is
+/* A JSON string's characters: request ids are printable ASCII without spaces (request.c) and
+ * peers are addresses, so only '"' and '\\' need escaping. */
+static void trace_json_chars(FILE *f, const char *s)
+{
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\') {
+            fputc('\\', f);
+        }
+        fputc(*s, f);
+    }
+}
+
+/* --send-trace: the line of a token chunk whose send completed (c->mu held). The file is
  * flushed when a stream's last send completes (trace_flush), not once per chunk: at 256 streams
  * that would be thousands of writes a second on the threads being measured. */
 static void trace_send(struct call *c, double t_done, bool ok)
@@ -1349,12 +1367,9 @@ static void trace_send(struct call *c, double t_done, bool ok)
     const struct send_stamp *st = &c->chunk;
     pthread_mutex_lock(&s->trace_mu);
     fputs("{\"req\":\"", s->send_trace);
-    for (const char *p = c->request_id; *p; p++) {
-        if (*p == '"' || *p == '\\') {
-            fputc('\\', s->send_trace);
-        }
-        fputc(*p, s->send_trace);
-    }
+    trace_json_chars(s->send_trace, c->request_id);
+    fputs("\",\"peer\":\"", s->send_trace);
+    trace_json_chars(s->send_trace, c->peer);
     fprintf(s->send_trace,
             "\",\"choice\":%d,\"tokens\":%d,\"emit_first\":%.6f,\"emit_last\":%.6f,"
             "\"start\":%.6f,\"done\":%.6f,\"ok\":%s}\n",
@@ -1660,6 +1675,9 @@ uc_status uc_server_create(struct uc_server **out, const struct uc_server_params
             rc = UC_ERRF(UC_ERR_IO, "--send-trace %s: %s", p->send_trace_path, strerror(errno));
             goto out_teardown;
         }
+        /* the CQ threads write it while they hold a call's lock: a write(2) per 1 MiB of lines
+         * and at streams' ends (trace_flush) instead of one per 4 KiB */
+        setvbuf(s->send_trace, NULL, _IOFBF, 1 << 20);
     }
 
     /* metrics first: a busy port fails before gRPC binds anything */

@@ -504,9 +504,9 @@ def pack_traces(tmp, path, log):
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def bench(d, w, seed, timeout, duration_s=None, times=None):
+def bench(d, w, seed, timeout, duration_s=None, times=None, extra=()):
     a = ["bench", "--json", "--no-progress", "-c", w["c"], "-n", w["n"], "-m", w["out"],
-         "--prompt-tokens", w["prompt"], "--seed", seed, "--warmup", w["warmup"]]
+         "--prompt-tokens", w["prompt"], "--seed", seed, "--warmup", w["warmup"]] + list(extra)
     if times:  # every chunk's arrival (token_times.py)
         a += ["--token-times", times]
     if duration_s:  # no new request after this many seconds (those in flight finish)
@@ -558,6 +558,10 @@ def main():
                     help="one more uncompd argument (repeatable; for flags written with '=', "
                     "e.g. --daemon-arg=--prefill-chunk=16384, where --daemon-args would need "
                     "quoting)")
+    ap.add_argument("--bench-arg", action="append", default=[],
+                    help="one more uncompctl bench argument (repeatable), e.g. "
+                    "--bench-arg=--connections=32 (the clients on connections of their own "
+                    "instead of gRPC's one shared connection)")
     ap.add_argument("--only", default="",
                     help="run only these settings, joined by ';' (e.g. policy=full)")
     ap.add_argument("--settings", default="",
@@ -681,7 +685,7 @@ def main():
                 trace_from = d.trace_lines()
                 t_bench = time.time()
                 times = os.path.join(args.tmp, "tokens-%s.txt" % name) if d.trace else None
-                j = bench(d, w, args.seed, timeout, cap, times)
+                j = bench(d, w, args.seed, timeout, cap, times, args.bench_arg)
                 if mon:
                     log("workload %s's %s" % (name, mon.summary(t_bench, time.time())))
                 # the daemon's own view: inter-token gaps as the scheduler emitted the tokens

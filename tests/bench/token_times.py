@@ -20,8 +20,9 @@ order per request id, and every chunk's delivery (emission of its oldest token t
 splits into the daemon's part before gRPC (emission to hand-off: the pump, or the stream's
 previous send still in flight) and gRPC's part and after (hand-off to arrival: gRPC core, the
 socket, the client's threads; whether the daemon's send op was late too tells its write from
-what came after it). Each late moment then says which part made it late, and whether the
-client's stall probe saw the host busy then.
+what came after it). Each late moment then says which part made it late, on how many client
+connections (the daemon's peers: `uncompctl bench` puts every client on one unless
+--connections N), and whether the client's stall probe saw the host busy then.
 """
 import argparse
 import collections
@@ -115,10 +116,12 @@ def send_lines(reqs, sends, stalls, moments, p50_gap):
     if not chunks:
         return ["  send trace: no chunk of this setting joined (%d unmatched)" % unmatched]
     p = list(zip(*(parts_ms(c) for c in chunks)))
-    lines.append("  send trace: %d chunks joined, %d not; ms p50 / p99 / max: delivery (oldest "
-                 "token's emission to arrival) %s; in the daemon before gRPC %s; gRPC's send op "
-                 "%s; hand-off to arrival %s" % (joined, unmatched, stat(p[0]), stat(p[1]),
-                                                 stat(p[2]), stat(p[3])))
+    peers = {c["send"].get("peer", "") for c in chunks}
+    lines.append("  send trace: %d chunks joined, %d not, over %d client connection(s); ms p50 / "
+                 "p99 / max: delivery (oldest token's emission to arrival) %s; in the daemon "
+                 "before gRPC %s; gRPC's send op %s; hand-off to arrival %s" % (
+                     joined, unmatched, len(peers), stat(p[0]), stat(p[1]), stat(p[2]),
+                     stat(p[3])))
     base = [pct(v, 0.5) for v in p]
     for m in moments:
         cs = [x[5] for x in m if "send" in x[5]]
@@ -140,10 +143,11 @@ def send_lines(reqs, sends, stalls, moments, p50_gap):
         t0 = min(c["mono"] for c in cs) - max(x[0] for x in m) / 1e3
         t1 = max(c["mono"] for c in cs)
         busy = [s for s in stalls if t0 <= s[0] <= t1 + 0.001]
-        lines.append("  moment at %.3f s (%d chunks, %.1f ms late): delivery %.1f ms (p50 of the "
-                     "run %.1f); before gRPC %.1f, hand-off to arrival %.1f ms: the extra time is "
-                     "in %s; client probe: %s" % (
-                         m[0][1], len(cs), excess, pct(q[0], 0.5), base[0], pct(q[1], 0.5),
+        lines.append("  moment at %.3f s (%d chunks on %d connection(s), %.1f ms late): delivery "
+                     "%.1f ms (p50 of the run %.1f); before gRPC %.1f, hand-off to arrival %.1f "
+                     "ms: the extra time is in %s; client probe: %s" % (
+                         m[0][1], len(cs), len({c["send"].get("peer", "") for c in cs}), excess,
+                         pct(q[0], 0.5), base[0], pct(q[1], 0.5),
                          pct(q[3], 0.5), where,
                          "woke %.1f ms late" % max(s[1] for s in busy) if busy
                          else "on time"))

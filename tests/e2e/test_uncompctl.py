@@ -482,11 +482,12 @@ def t_abort(ctl):
     check(j == {"request_id": "no-such-request", "found": False}, str(j))
 
 
-def check_send_trace(times, sends):
+def check_send_trace(times, sends, connections, settings=2):
     """uncompd --send-trace beside uncompctl bench --token-times: every chunk the client got
     joins the daemon's line of its send (same request id, token counts in order), each send's
     times are in order (emission, hand-off to gRPC, completion), no chunk arrived before its
-    hand-off (both on the monotonic clock), and tests/bench/token_times.py says so."""
+    hand-off (both on the monotonic clock), each setting's chunks came over `connections`
+    client connections (the daemon's peers), and tests/bench/token_times.py says so."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
     import token_times
     runs, _ = token_times.load_all(times)
@@ -495,14 +496,19 @@ def check_send_trace(times, sends):
         if all(u == 0 for _, u in n):
             break
         time.sleep(0.1)
-    check(len(n) == 2 and all(j > 0 and u == 0 for j, u in n), "joined, unmatched: %s" % n)
+    check(len(n) == settings and all(j > 0 and u == 0 for j, u in n),
+          "joined, unmatched: %s" % n)
     for reqs in runs.values():
         for c in (c for a in reqs.values() for c in a):
             d = c["send"]
             check(d["ok"] and d["emit_first"] <= d["emit_last"] <= d["start"] <= d["done"] and
                   d["start"] <= c["mono"], "chunk %s, send %s" % (c, d))
+        peers = {c["send"]["peer"] for a in reqs.values() for c in a}
+        check(len(peers) == connections and all(p.startswith("ipv") for p in peers),
+              "%d connection(s) expected, the daemon saw %s" % (connections, sorted(peers)))
     text = "\n".join(token_times.summary(times, over=0.0, send_trace=sends))
-    check(text.count("chunks joined, 0 not") == 2 and "the extra time is in" in text, text)
+    check(text.count("chunks joined, 0 not, over %d client connection(s)" % connections) ==
+          settings and "the extra time is in" in text, text)
 
 
 def t_bench(ctl):
@@ -552,7 +558,14 @@ def t_bench(ctl):
                 check(t == sorted(t) and t[0] > 0, str(mine))
         check(len(rows) == sum(len([x for x in rows if x[0] == r["setting"]]) for r in j["runs"]),
               str(rows))
-        check_send_trace(path, ctl.send_trace)
+        check_send_trace(path, ctl.send_trace, connections=1)  # gRPC's one shared connection
+        # clients dealt to their own connections: the daemon sees that many peers
+        for clients, conns in ((3, 3), (4, 2)):
+            j = ctl.run("bench", "--json", "-c", str(clients), "-n", str(clients), "-m", "3",
+                        "--prompt-tokens", "24", "--connections", str(conns), "--token-times",
+                        path, timeout=120).json()
+            check(j["config"]["connections"] == conns, str(j["config"]))
+            check_send_trace(path, ctl.send_trace, connections=conns, settings=1)
     r = ctl.run("bench", "-n", "2", "-m", "2", "--prompt-tokens", "16", "--compare",
                 "policy=full", "policy=streamingllm,kv_budget=8", timeout=120)
     header = r.out.splitlines()[2]
