@@ -156,6 +156,13 @@ struct uc_backend_ops {
     /* Residual add then norm, fused: x (T, C) += d; y = x / rms(x) * w. */
     uc_status (*add_rmsnorm)(struct uc_backend *be, void *y, void *x, const void *d, const void *w,
                              int64_t n_tok, int64_t dim, float eps);
+    /* A residual branch's last product, fused where it pays: x (T, N) += a (T, K) w^T, then,
+     * when norm_w is non-NULL, y = x / rms(x) * norm_w (the norm that follows); tmp (T, N) is
+     * scratch. One rank's whole product only: under TP the ranks' partial products are summed
+     * between the product and the add. Optional (NULL: the engine runs matmul, add_rmsnorm). */
+    uc_status (*matmul_residual)(struct uc_backend *be, void *x, void *y, void *tmp, const void *a,
+                                 const void *w, const void *norm_w, int64_t n_tok, int64_t n_out,
+                                 int64_t n_in, float eps);
     /* The MLP's first half, fused where it pays: y (T, F) = silu(x Wg^T) * (x Wu^T) with
      * wgu (2F, K) holding the gate rows then the up rows; gu (T, 2F) is scratch. */
     uc_status (*matmul_swiglu)(struct uc_backend *be, void *y, void *gu, const void *x,

@@ -91,6 +91,9 @@ struct cuda_ctx {
     struct dev_buf rows;  /* float partials of the packed and merged entries' split decode */
     int64_t gemv_rows;    /* products of at most this many rows run on gemv_tc.cu or gemv.cu */
     bool gemv_tc;         /* those on the tensor cores (gemv_tc.cu; UC_CUDA_GEMV_TC=0: gemv.cu) */
+    bool residual_epilogue; /* matmul_residual adds in cuBLAS's epilogue
+                               (UC_CUDA_RESIDUAL_EPILOGUE=0: a separate add, a measurement
+                               switch) */
     uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
     bool capturing;      /* between graph_begin and graph_end */
     /* the last RoPE positions: every layer of a prefill slice rotates at the same positions,
@@ -430,17 +433,37 @@ static bool gemv_applies(const struct cuda_ctx *c, int64_t n_tok, int64_t n_w, i
     return n_tok <= c->gemv_rows && uc_cuda_gemv_supported(n_tok, n_w, n_in, c->dt);
 }
 
-static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, const void *w,
-                             int64_t n_tok, int64_t n_out, int64_t n_in)
+static uc_status product_shape_ok(int64_t n_tok, int64_t n_out, int64_t n_in)
 {
-    struct cuda_ctx *c = ctx_of(be);
-    if (n_tok <= 0) {
-        return UC_OK;
-    }
     if (n_tok > INT32_MAX || n_out > INT32_MAX || n_in > INT32_MAX) {
         return UC_ERRF(UC_ERR_INVALID_ARG, "matmul too large T=%lld N=%lld K=%lld",
                        (long long)n_tok, (long long)n_out, (long long)n_in);
     }
+    return UC_OK;
+}
+
+/* y (T, N) = x (T, K) w^T + beta y on cuBLAS (beta 0 or 1: y's old values added in the
+ * product's epilogue, rounded once). */
+static uc_status cublas_product(struct cuda_ctx *c, void *y, const void *x, const void *w,
+                                int64_t n_tok, int64_t n_out, int64_t n_in, float beta)
+{
+    const float alpha = 1.0f;
+    cudaDataType_t t = c->fp32 ? CUDA_R_32F : CUDA_R_16BF;
+    /* row-major y (T, N) = x (T, K) w^T is column-major y^T (N, T) = w (K, N)^T x^T (K, T) */
+    return BLAS(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)n_tok, (int)n_in,
+                             &alpha, w, t, (int)n_in, x, t, (int)n_in, &beta, y, t, (int)n_out,
+                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, const void *w,
+                             int64_t n_tok, int64_t n_out, int64_t n_in)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    uc_status rc;
+    if (n_tok <= 0) {
+        return UC_OK;
+    }
+    UC_CHECK(product_shape_ok(n_tok, n_out, n_in), rc, out);
     if (gemv_tc_applies(c, n_tok, n_out, n_in)) {
         return CU(uc_cuda_gemv_tc(y, x, w, n_tok, n_out, n_in, false, c->stream));
     }
@@ -448,12 +471,9 @@ static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, cons
         /* decode: stream the weights once with our kernel */
         return CU(uc_cuda_gemv(y, x, w, n_tok, n_out, n_in, c->stream));
     }
-    const float alpha = 1.0f, beta = 0.0f;
-    cudaDataType_t t = c->fp32 ? CUDA_R_32F : CUDA_R_16BF;
-    /* row-major y (T, N) = x (T, K) w^T is column-major y^T (N, T) = w (K, N)^T x^T (K, T) */
-    return BLAS(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)n_tok, (int)n_in,
-                             &alpha, w, t, (int)n_in, x, t, (int)n_in, &beta, y, t, (int)n_out,
-                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    rc = cublas_product(c, y, x, w, n_tok, n_out, n_in, 0.0f);
+out:
+    return rc;
 }
 
 static uc_status cuda_add_rmsnorm(struct uc_backend *be, void *y, void *x, const void *d,
@@ -488,6 +508,34 @@ static uc_status cuda_add(struct uc_backend *be, void *y, const void *x, int64_t
 {
     struct cuda_ctx *c = ctx_of(be);
     return CU(uc_cuda_add(y, x, n, c->dt, c->stream));
+}
+
+/* Rows on cuBLAS take the residual into the product's epilogue (x is its C and D), and the
+ * norm after it is a plain one: at 32K rows that saves three passes over the hidden states a
+ * layer. Decode's rows (gemv_tc / gemv) keep the product into tmp and the fused add + norm. */
+static uc_status cuda_matmul_residual(struct uc_backend *be, void *x, void *y, void *tmp,
+                                      const void *a, const void *w, const void *norm_w,
+                                      int64_t n_tok, int64_t n_out, int64_t n_in, float eps)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    uc_status rc;
+    if (n_tok <= 0) {
+        return UC_OK;
+    }
+    UC_CHECK(product_shape_ok(n_tok, n_out, n_in), rc, out);
+    if (!c->residual_epilogue || gemv_tc_applies(c, n_tok, n_out, n_in) ||
+        gemv_applies(c, n_tok, n_out, n_in)) {
+        UC_CHECK(cuda_matmul(be, tmp, a, w, n_tok, n_out, n_in), rc, out);
+        rc = norm_w ? cuda_add_rmsnorm(be, y, x, tmp, norm_w, n_tok, n_out, eps)
+                    : cuda_add(be, x, tmp, n_tok * n_out);
+        goto out;
+    }
+    UC_CHECK(cublas_product(c, x, a, w, n_tok, n_out, n_in, 1.0f), rc, out);
+    if (norm_w) {
+        rc = cuda_rmsnorm(be, y, x, norm_w, n_tok, n_out, eps);
+    }
+out:
+    return rc;
 }
 
 static uc_status cuda_rope(struct uc_backend *be, void *x, int64_t ld, int64_t n_heads,
@@ -1603,6 +1651,7 @@ static const struct uc_backend_ops cuda_ops = {
     .rmsnorm = cuda_rmsnorm,
     .matmul = cuda_matmul,
     .add_rmsnorm = cuda_add_rmsnorm,
+    .matmul_residual = cuda_matmul_residual,
     .matmul_swiglu = cuda_matmul_swiglu,
     .add_bias = cuda_add_bias,
     .add = cuda_add,
@@ -1717,6 +1766,8 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
     c->gemv_rows = gemv_env ? strtol(gemv_env, NULL, 10) : 8;
     const char *tc_env = getenv("UC_CUDA_GEMV_TC");
     c->gemv_tc = prop.major >= 8 && !(tc_env && !strcmp(tc_env, "0"));
+    const char *re_env = getenv("UC_CUDA_RESIDUAL_EPILOGUE");
+    c->residual_epilogue = !(re_env && !strcmp(re_env, "0"));
     snprintf(be->device_name, sizeof be->device_name, "%.100s (sm_%d%d)%s", prop.name, prop.major,
              prop.minor, c->fp32 ? " fp32" : "");
     /* keep freed pool memory instead of returning it to the driver at every sync */

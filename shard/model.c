@@ -604,6 +604,33 @@ out:
     return rc;
 }
 
+/* A residual branch's end: x += a w^T (then y = norm(x) * norm_w when norm_w is non-NULL).
+ * One rank without a bias hands the product and the add to the backend, which fuses them where
+ * it pays; under TP the ranks' partial products are summed first. */
+static uc_status residual_product(struct uc_model *m, struct uc_model_ws *ws, void *x,
+                                  const void *a, const void *w, const void *bias,
+                                  const void *norm_w, int64_t n_tok, int64_t n_in)
+{
+    struct uc_backend *be = m->be;
+    int64_t cdim = m->cfg.hidden;
+    float eps = (float)m->cfg.norm_eps;
+    enum uc_comm_dtype dt = be->ops->act_size(be) == 4 ? UC_COMM_F32 : UC_COMM_BF16;
+    uc_status rc;
+    if (be->ops->matmul_residual && m->sh.n_ranks == 1 && !bias) {
+        return be->ops->matmul_residual(be, x, ws->xn, ws->tmp, a, w, norm_w, n_tok, cdim, n_in,
+                                        eps);
+    }
+    UC_CHECK(be->ops->matmul(be, ws->tmp, a, w, n_tok, cdim, n_in), rc, out);
+    if (bias) {
+        UC_CHECK(be->ops->add_bias(be, ws->tmp, bias, n_tok, cdim), rc, out);
+    }
+    UC_CHECK(uc_comm_dp_allreduce_sum(m->comm, ws->tmp, n_tok * cdim, dt, be->stream), rc, out);
+    rc = norm_w ? be->ops->add_rmsnorm(be, ws->xn, x, ws->tmp, norm_w, n_tok, cdim, eps)
+                : be->ops->add(be, x, ws->tmp, n_tok * cdim);
+out:
+    return rc;
+}
+
 /* The layer after attention; with `next_norm` the last residual add is fused with the next
  * layer's attention norm (into ws->xn). */
 static uc_status finish_layer(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *x,
@@ -612,28 +639,15 @@ static uc_status finish_layer(struct uc_model *m, struct uc_model_ws *ws, int64_
     struct uc_backend *be = m->be;
     const struct layer_w *w = &m->layers[layer];
     const struct uc_model_shard *s = &m->sh;
-    int64_t cdim = m->cfg.hidden, n = n_tok * cdim;
-    enum uc_comm_dtype dt = be->ops->act_size(be) == 4 ? UC_COMM_F32 : UC_COMM_BF16;
+    int64_t cdim = m->cfg.hidden;
     uc_status rc;
-    UC_CHECK(be->ops->matmul(be, ws->tmp, ws->att, w->wo, n_tok, cdim, s->n_heads * m->cfg.head_dim),
-             rc, out);
-    if (w->bo) {
-        UC_CHECK(be->ops->add_bias(be, ws->tmp, w->bo, n_tok, cdim), rc, out);
-    }
-    UC_CHECK(uc_comm_dp_allreduce_sum(m->comm, ws->tmp, n, dt, be->stream), rc, out);
-    UC_CHECK(be->ops->add_rmsnorm(be, ws->xn, x, ws->tmp, w->ffn_norm, n_tok, cdim,
-                                  (float)m->cfg.norm_eps),
+    UC_CHECK(residual_product(m, ws, x, ws->att, w->wo, w->bo, w->ffn_norm, n_tok,
+                              s->n_heads * m->cfg.head_dim),
              rc, out);
     UC_CHECK(be->ops->matmul_swiglu(be, ws->act, ws->gu, ws->xn, w->wgu, n_tok, s->n_ffn, cdim), rc,
              out);
-    UC_CHECK(be->ops->matmul(be, ws->tmp, ws->act, w->wdown, n_tok, cdim, s->n_ffn), rc, out);
-    UC_CHECK(uc_comm_dp_allreduce_sum(m->comm, ws->tmp, n, dt, be->stream), rc, out);
-    if (next_norm) {
-        rc = be->ops->add_rmsnorm(be, ws->xn, x, ws->tmp, m->layers[layer + 1].attn_norm, n_tok,
-                                  cdim, (float)m->cfg.norm_eps);
-    } else {
-        rc = be->ops->add(be, x, ws->tmp, n);
-    }
+    rc = residual_product(m, ws, x, ws->act, w->wdown, NULL,
+                          next_norm ? m->layers[layer + 1].attn_norm : NULL, n_tok, s->n_ffn);
 out:
     return rc;
 }
@@ -658,11 +672,20 @@ static uc_status warm_at(struct uc_model *m, struct uc_model_ws *ws, int64_t t)
     const struct uc_model_shard *s = &m->sh;
     int64_t c = m->cfg.hidden;
     uc_status rc;
+    /* the residual products as the layers run them (one rank: the add in the product) */
+    const bool fused = be->ops->matmul_residual && s->n_ranks == 1;
+    float eps = (float)m->cfg.norm_eps;
     UC_CHECK(be->ops->matmul(be, ws->gu, ws->xn, w->wqkv, t, s->qkv_dim, c), rc, out);
-    UC_CHECK(be->ops->matmul(be, ws->tmp, ws->att, w->wo, t, c, s->n_heads * m->cfg.head_dim), rc,
-             out);
+    UC_CHECK(fused ? be->ops->matmul_residual(be, ws->tmp, ws->xn, ws->gu, ws->att, w->wo, NULL, t,
+                                              c, s->n_heads * m->cfg.head_dim, eps)
+                   : be->ops->matmul(be, ws->tmp, ws->att, w->wo, t, c,
+                                     s->n_heads * m->cfg.head_dim),
+             rc, out);
     UC_CHECK(be->ops->matmul_swiglu(be, ws->act, ws->gu, ws->xn, w->wgu, t, s->n_ffn, c), rc, out);
-    UC_CHECK(be->ops->matmul(be, ws->tmp, ws->act, w->wdown, t, c, s->n_ffn), rc, out);
+    UC_CHECK(fused ? be->ops->matmul_residual(be, ws->tmp, ws->xn, ws->gu, ws->act, w->wdown, NULL,
+                                              t, c, s->n_ffn, eps)
+                   : be->ops->matmul(be, ws->tmp, ws->act, w->wdown, t, c, s->n_ffn),
+             rc, out);
     if (t <= ws->max_logit_rows) {
         rc = be->ops->matmul(be, ws->logits, ws->xn, m->lm_head, t, s->n_vocab, c);
     }

@@ -341,6 +341,56 @@ static void test_matmul(int64_t t, int64_t n, int64_t k)
     uc_free(w);
 }
 
+/* x += a w^T, then y = rmsnorm(x) (with a norm): the residual in cuBLAS's epilogue (T > 8) and
+ * the decode kernels' product into tmp with the separate add (T <= 8), against the CPU's
+ * product, add and norm. */
+static void test_matmul_residual(int64_t t, int64_t n, int64_t k, bool norm)
+{
+    float *x = hdata(t * n, 46, 2.0f), *a = hdata(t * k, 47, 1.0f), *w = hdata(n * k, 48, 0.05f);
+    float *g = hdata(n, 49, 1.0f);
+    void *xg = put(gpu, x, t * n), *xc = put(cpu, x, t * n);
+    void *ag = put(gpu, a, t * k), *ac = put(cpu, a, t * k);
+    void *yg = put(gpu, x, t * n), *yc = put(cpu, x, t * n);
+    void *tg = put(gpu, x, t * n), *tc = put(cpu, x, t * n);
+    void *wg = NULL, *wc = NULL, *gg = NULL, *gc = NULL;
+    gpu->ops->weight_create(gpu, &wg, w, n, k);
+    cpu->ops->weight_create(cpu, &wc, w, n, k);
+    gpu->ops->weight_create(gpu, &gg, g, 1, n);
+    cpu->ops->weight_create(cpu, &gc, g, 1, n);
+    if (gpu->ops->matmul_residual(gpu, xg, yg, tg, ag, wg, norm ? gg : NULL, t, n, k, 1e-5f) !=
+        UC_OK) {
+        die("matmul_residual");
+    }
+    cpu->ops->matmul(cpu, tc, ac, wc, t, n, k);
+    if (norm) {
+        cpu->ops->add_rmsnorm(cpu, yc, xc, tc, gc, t, n, 1e-5f);
+    } else {
+        cpu->ops->add(cpu, xc, tc, t * n);
+    }
+    char what[80];
+    snprintf(what, sizeof what, "T=%lld N=%lld K=%lld (sum)", (long long)t, (long long)n,
+             (long long)k);
+    report("matmul_residual", what, cmp_dev(xg, xc, t * n), bound_act());
+    if (norm) {
+        snprintf(what, sizeof what, "T=%lld N=%lld K=%lld (norm)", (long long)t, (long long)n,
+                 (long long)k);
+        report("matmul_residual", what, cmp_dev(yg, yc, t * n), bound_act());
+    }
+    void *bufs[][2] = {{xg, xc}, {ag, ac}, {yg, yc}, {tg, tc}};
+    for (int i = 0; i < 4; i++) {
+        drop(gpu, bufs[i][0]);
+        drop(cpu, bufs[i][1]);
+    }
+    gpu->ops->weight_free(gpu, wg);
+    cpu->ops->weight_free(cpu, wc);
+    gpu->ops->weight_free(gpu, gg);
+    cpu->ops->weight_free(cpu, gc);
+    uc_free(x);
+    uc_free(a);
+    uc_free(w);
+    uc_free(g);
+}
+
 static const void *at(struct uc_backend *be, const void *base, int64_t elems);
 
 /* Decode products of up to 8 rows (gemv_tc.cu; gemv.cu where K % 32 != 0) sum each row the
@@ -1785,6 +1835,13 @@ static void run_pass(void)
     }
     for (size_t i = 0; i < sizeof mm / sizeof mm[0]; i++) {
         test_matmul(mm[i][0], mm[i][1], mm[i][2]);
+    }
+    /* the residual products: decode rows (gemv_tc, gemv), cuBLAS with the add in its epilogue */
+    static const int64_t mr[][3] = {{5, 4096, 4096}, {3, 1024, 520}, {37, 4096, 4096},
+                                    {513, 1024, 14336}, {64, 4100, 512}};
+    for (size_t i = 0; i < sizeof mr / sizeof mr[0]; i++) {
+        test_matmul_residual(mr[i][0], mr[i][1], mr[i][2], i % 2 == 0);
+        test_matmul_residual(mr[i][0], mr[i][1], mr[i][2], i % 2 == 1);
     }
     if (!fp32) {
         test_matmul_rows_alone(8, 1000, 4096, false);
