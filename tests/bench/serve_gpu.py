@@ -66,7 +66,8 @@ it, and whether the client's stall probe saw the host busy); the traces and toke
 $OUT/traces-<workloads>.tar, each gzipped, smallest first while it stays within 12 MiB (what
 comes back from a device is a few files of at most 16 MiB).
 Everything printed also goes to $OUT/serve.log when OUT is set (and --log FILE); the numbers to
-$OUT/serve-<workloads>.json. With --budget-s the run ends in time: requests are sent for a share
+$OUT/serve-<workloads>.json (--tag T: serve-<workloads>T.json, serveT.log and traces-
+<workloads>T.tar, for two runs in one call). With --budget-s the run ends in time: requests are sent for a share
 of the time left (the table's `done` column then shows fewer than asked; floors count those),
 and a SIGTERM (device_check.sh's `timeout`) still prints the targets of the workloads done.
 """
@@ -582,11 +583,13 @@ def main():
     ap.add_argument("--shard-gib", type=float, default=4.6, help="safetensors shard size")
     ap.add_argument("--write-only", action="store_true", help="write the model folder and stop")
     ap.add_argument("--log", action="append", default=[])
+    ap.add_argument("--tag", default="",
+                    help="appended to the names of the files in $OUT (two runs in one call)")
     args = ap.parse_args()
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)
-    logs = list(args.log) + ([os.path.join(out, "serve.log")] if out else [])
+    logs = list(args.log) + ([os.path.join(out, "serve%s.log" % args.tag)] if out else [])
     log = Log(logs)
     args.build = os.path.abspath(args.build)
     args.model_dir = args.model_dir or default_model_dir(args.shape)
@@ -762,7 +765,7 @@ def main():
     rc = max(rc, targets(results, eng, log, args.shape))
     log("\n# serve_gpu done in %.1f s" % (time.time() - t_all))
     if out:
-        with open(os.path.join(out, "serve-%s.json" % "".join(names)), "w") as f:
+        with open(os.path.join(out, "serve-%s%s.json" % ("".join(names), args.tag)), "w") as f:
             steps = {"%d:%d" % k: v for k, v in eng["step_ms"].items()}
             json.dump({"shape": args.shape, "backend": args.backend,
                        "daemon_args": shlex.split(args.daemon_args) + args.daemon_arg,
@@ -771,7 +774,7 @@ def main():
                                   "step_ms": steps},
                        "results": results}, f, indent=1)
     if out:  # the traces in one archive: a few files of at most 16 MiB come back from a device
-        pack_traces(args.tmp, os.path.join(out, "traces-%s.tar" % "".join(names)), log)
+        pack_traces(args.tmp, os.path.join(out, "traces-%s%s.tar" % ("".join(names), args.tag)), log)
     shutil.rmtree(args.tmp, ignore_errors=True)
     return rc
 
