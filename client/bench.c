@@ -1945,6 +1945,9 @@ int uc_bench_main(const struct uc_ctl *ctl_in, int argc, char **argv)
     if (cfg.concurrency == 0) {
         cfg.concurrency = cfg.rate > 0 ? 16 : 1;
     }
+    if (cfg.connections > cfg.concurrency) { /* a connection has one client at least */
+        cfg.connections = cfg.concurrency;
+    }
     if (cfg.requests == 0 && cfg.duration_s <= 0) {
         cfg.requests = 32;
     }

@@ -559,10 +559,11 @@ def t_bench(ctl):
         check(len(rows) == sum(len([x for x in rows if x[0] == r["setting"]]) for r in j["runs"]),
               str(rows))
         check_send_trace(path, ctl.send_trace, connections=1)  # gRPC's one shared connection
-        # clients dealt to their own connections: the daemon sees that many peers
-        for clients, conns in ((3, 3), (4, 2)):
+        # clients dealt to their own connections: the daemon sees that many peers (no more
+        # connections than clients)
+        for clients, asked, conns in ((3, 3, 3), (4, 2, 2), (2, 8, 2)):
             j = ctl.run("bench", "--json", "-c", str(clients), "-n", str(clients), "-m", "3",
-                        "--prompt-tokens", "24", "--connections", str(conns), "--token-times",
+                        "--prompt-tokens", "24", "--connections", str(asked), "--token-times",
                         path, timeout=120).json()
             check(j["config"]["connections"] == conns, str(j["config"]))
             check_send_trace(path, ctl.send_trace, connections=conns, settings=1)
