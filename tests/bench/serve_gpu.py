@@ -748,7 +748,8 @@ def main():
                 if times and os.path.exists(times):
                     log("client-side gaps of workload %s (uncompctl bench --token-times):" % name)
                     log("\n".join(token_times.summary(times, 4 * single if single else None,
-                                                       send_trace=d.sends)))
+                                                       send_trace=d.sends,
+                                                       step_trace=d.trace)))
             log("workload %s: wall %.1f s" % (name, time.time() - t0))
     except OutOfTime:
         log("\nSIGTERM (out of time) during workload %s: the targets below cover the workloads "

@@ -3,7 +3,7 @@
 the client's stall probe as '#stall MONOTONIC LATE_MS' lines) summed up, and, with the daemon's
 `--send-trace`, where each chunk's time went on its way out.
 
-    python3 tests/bench/token_times.py FILE [--over MS] [--send-trace FILE]
+    python3 tests/bench/token_times.py FILE [--over MS] [--send-trace FILE] [--step-trace FILE]
 
 For each setting: the gaps as the bench counts them (a chunk of n tokens gives n gaps of 1/n of
 its interval), how many of them are each stream's first gap (from the first token to the second:
@@ -23,6 +23,11 @@ socket, the client's threads; whether the daemon's send op was late too tells it
 what came after it). Each late moment then says which part made it late, on how many client
 connections (the daemon's peers: `uncompctl bench` puts every client on one unless
 --connections N), and whether the client's stall probe saw the host busy then.
+
+With --step-trace as well (uncompd --step-trace: its lines carry `mono`, the step's start on the
+same clock), each late moment names the step that emitted its tokens (the step running when the
+newest of them left the scheduler): its kind, batch, engine time and graph, and how many decode
+steps came between it and the last step with prefill work.
 """
 import argparse
 import collections
@@ -31,7 +36,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_trace import pct  # noqa: E402
+from step_trace import load as load_steps, pct  # noqa: E402
 
 
 def load_all(path):
@@ -108,7 +113,33 @@ def stat(v):
     return "%.2f / %.2f / %.2f" % (pct(v, 0.5), pct(v, 0.99), max(v)) if v else "-"
 
 
-def send_lines(reqs, sends, stalls, moments, p50_gap):
+def step_of(steps, t):
+    """(index, step) of the step running at monotonic time t (its start to its end), else the
+    last one started before t; (None, None) when none is."""
+    best = (None, None)
+    for i, d in enumerate(steps):
+        if "mono" not in d or d["mono"] > t:
+            continue
+        best = (i, d)
+        if t <= d["mono"] + (d["plan_ms"] + d["engine_ms"] + d["after_ms"]) / 1e3:
+            break
+    return best
+
+
+def step_words(steps, i):
+    """A step described for a late moment: kind, batch, engine ms, graph, and where it stands
+    after the last step with prefill work."""
+    d = steps[i]
+    since = 0
+    for j in range(i, -1, -1):
+        if steps[j]["prefill"] > 0:
+            break
+        since += steps[j]["decode"] > 0
+    return "step %d (%s, batch %d, engine %.2f ms, graph %s; decode step %d since a prefill)" % (
+        i, d["kind"], d["decode"], d["engine_ms"], d["graph"], since)
+
+
+def send_lines(reqs, sends, stalls, moments, p50_gap, steps=None):
     """The --send-trace part of a setting's summary."""
     joined, unmatched = join(reqs, sends)
     lines = []
@@ -143,6 +174,10 @@ def send_lines(reqs, sends, stalls, moments, p50_gap):
         t0 = min(c["mono"] for c in cs) - max(x[0] for x in m) / 1e3
         t1 = max(c["mono"] for c in cs)
         busy = [s for s in stalls if t0 <= s[0] <= t1 + 0.001]
+        if steps:
+            i, _ = step_of(steps, pct([c["send"]["emit_last"] for c in cs], 0.5))
+            where += "; emitted by %s" % (step_words(steps, i) if i is not None else
+                                          "no step of the trace")
         lines.append("  moment at %.3f s (%d chunks on %d connection(s), %.1f ms late): delivery "
                      "%.1f ms (p50 of the run %.1f); before gRPC %.1f, hand-off to arrival %.1f "
                      "ms: the extra time is in %s; client probe: %s" % (
@@ -154,10 +189,11 @@ def send_lines(reqs, sends, stalls, moments, p50_gap):
     return lines
 
 
-def summary(path, over=None, window_ms=3.0, send_trace=None):
+def summary(path, over=None, window_ms=3.0, send_trace=None, step_trace=None):
     lines = []
     runs, stalls = load_all(path)
     sends = load_sends(send_trace) if send_trace else None
+    steps = load_steps(step_trace) if step_trace else None
     for setting, reqs in runs.items():
         g = gaps(reqs)
         if not g:
@@ -195,7 +231,7 @@ def summary(path, over=None, window_ms=3.0, send_trace=None):
                 max(x[0] for x in m),
                 ",".join("%.1f" % x[4] for x in m[:6] if x[4] is not None)))
         if sends is not None:
-            lines += send_lines(reqs, sends, stalls, top, p50)
+            lines += send_lines(reqs, sends, stalls, top, p50, steps)
     if stalls:
         lines.append("client stall probe: %d wake-ups of a 1 ms sleep over 1 ms late, the worst "
                      "by %.1f ms" % (len(stalls), max(s[1] for s in stalls)))
@@ -207,5 +243,6 @@ if __name__ == "__main__":
     ap.add_argument("file")
     ap.add_argument("--over", type=float, default=None)
     ap.add_argument("--send-trace", default=None)
+    ap.add_argument("--step-trace", default=None)
     a = ap.parse_args()
-    print("\n".join(summary(a.file, a.over, send_trace=a.send_trace)))
+    print("\n".join(summary(a.file, a.over, send_trace=a.send_trace, step_trace=a.step_trace)))

@@ -482,12 +482,13 @@ def t_abort(ctl):
     check(j == {"request_id": "no-such-request", "found": False}, str(j))
 
 
-def check_send_trace(times, sends, connections, settings=2):
+def check_send_trace(times, sends, connections, settings=2, steps=None):
     """uncompd --send-trace beside uncompctl bench --token-times: every chunk the client got
     joins the daemon's line of its send (same request id, token counts in order), each send's
     times are in order (emission, hand-off to gRPC, completion), no chunk arrived before its
     hand-off (both on the monotonic clock), each setting's chunks came over `connections`
-    client connections (the daemon's peers), and tests/bench/token_times.py says so."""
+    client connections (the daemon's peers), and tests/bench/token_times.py says so (with the
+    step trace: each late moment names the step that emitted it)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
     import token_times
     runs, _ = token_times.load_all(times)
@@ -506,9 +507,13 @@ def check_send_trace(times, sends, connections, settings=2):
         peers = {c["send"]["peer"] for a in reqs.values() for c in a}
         check(len(peers) == connections and all(p.startswith("ipv") for p in peers),
               "%d connection(s) expected, the daemon saw %s" % (connections, sorted(peers)))
-    text = "\n".join(token_times.summary(times, over=0.0, send_trace=sends))
+    text = "\n".join(token_times.summary(times, over=0.0, send_trace=sends, step_trace=steps))
     check(text.count("chunks joined, 0 not, over %d client connection(s)" % connections) ==
           settings and "the extra time is in" in text, text)
+    if steps:
+        n = text.count("the extra time is in")
+        check(re.search(r"emitted by step \d+ \((decode|mixed|prefill), batch \d+", text) and
+              text.count("emitted by step ") == n, text)
 
 
 def t_bench(ctl):
@@ -558,7 +563,8 @@ def t_bench(ctl):
                 check(t == sorted(t) and t[0] > 0, str(mine))
         check(len(rows) == sum(len([x for x in rows if x[0] == r["setting"]]) for r in j["runs"]),
               str(rows))
-        check_send_trace(path, ctl.send_trace, connections=1)  # gRPC's one shared connection
+        # gRPC's one shared connection; late moments named by the steps that emitted them
+        check_send_trace(path, ctl.send_trace, connections=1, steps=ctl.step_trace)
         # clients dealt to their own connections: the daemon sees that many peers (no more
         # connections than clients)
         for clients, asked, conns in ((3, 3, 3), (4, 2, 2), (2, 8, 2)):
@@ -827,12 +833,15 @@ def main():
              ("set_policy", t_set_policy), ("abort", t_abort), ("bench", t_bench)]
     if any(r.want(n) for n, _ in tests) or r.want("drain"):
         http_port = free_port()
-        sends = os.path.join(tempfile.mkdtemp(prefix="uncomp_sends_"), "sends.jsonl")
+        traces = tempfile.mkdtemp(prefix="uncomp_sends_")
+        sends = os.path.join(traces, "sends.jsonl")
+        steps = os.path.join(traces, "steps.jsonl")
         d = Daemon(args, name="single", extra=["--http-listen", "127.0.0.1:%d" % http_port,
-                                               "--send-trace", sends])
+                                               "--send-trace", sends, "--step-trace", steps])
         ctl = Ctl(exe, d.addr)
         ctl.http = "http://127.0.0.1:%d" % http_port
         ctl.send_trace = sends
+        ctl.step_trace = steps
         try:
             if r.run("start_single", d.wait_serving, ctl, always=True):
                 for name, fn in tests:
