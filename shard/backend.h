@@ -159,7 +159,8 @@ struct uc_backend_ops {
     /* A residual branch's last product, fused where it pays: x (T, N) += a (T, K) w^T, then,
      * when norm_w is non-NULL, y = x / rms(x) * norm_w (the norm that follows); tmp (T, N) is
      * scratch. One rank's whole product only: under TP the ranks' partial products are summed
-     * between the product and the add. Optional (NULL: the engine runs matmul, add_rmsnorm). */
+     * between the product and the add. Optional (NULL: the engine runs matmul, add_rmsnorm;
+     * uc_backend_matmul_residual_parts is the op made of those). */
     uc_status (*matmul_residual)(struct uc_backend *be, void *x, void *y, void *tmp, const void *a,
                                  const void *w, const void *norm_w, int64_t n_tok, int64_t n_out,
                                  int64_t n_in, float eps);
@@ -381,6 +382,11 @@ uc_status uc_backend_create(struct uc_backend **out, const struct uc_backend_par
 void uc_backend_destroy(struct uc_backend *be);
 bool uc_backend_parse(const char *name, enum uc_backend_kind *out);
 const char *uc_backend_kind_name(enum uc_backend_kind k);
+
+/* matmul_residual made of matmul (into tmp) and add_rmsnorm (or add without a norm). */
+uc_status uc_backend_matmul_residual_parts(struct uc_backend *be, void *x, void *y, void *tmp,
+                                           const void *a, const void *w, const void *norm_w,
+                                           int64_t n_tok, int64_t n_out, int64_t n_in, float eps);
 
 /* Constructors of each backend (backend_cpu.c, backend_cuda.c or backend_cuda_stub.c). */
 uc_status uc_backend_cpu_create(struct uc_backend **out, const struct uc_backend_params *p);

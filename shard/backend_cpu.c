@@ -1330,6 +1330,7 @@ static const struct uc_backend_ops cpu_ops = {
     .rmsnorm = cpu_rmsnorm,
     .matmul = cpu_matmul,
     .add_rmsnorm = cpu_add_rmsnorm,
+    .matmul_residual = uc_backend_matmul_residual_parts, /* the same sums as the parts */
     .matmul_swiglu = cpu_matmul_swiglu,
     .add_bias = cpu_add_bias,
     .add = cpu_add,
@@ -1412,6 +1413,18 @@ struct uc_backend_params uc_backend_default_params(void)
 {
     struct uc_backend_params p = {.kind = UC_BACKEND_CPU, .device_index = -1};
     return p;
+}
+
+uc_status uc_backend_matmul_residual_parts(struct uc_backend *be, void *x, void *y, void *tmp,
+                                           const void *a, const void *w, const void *norm_w,
+                                           int64_t n_tok, int64_t n_out, int64_t n_in, float eps)
+{
+    uc_status rc = be->ops->matmul(be, tmp, a, w, n_tok, n_out, n_in);
+    if (rc != UC_OK) {
+        return rc;
+    }
+    return norm_w ? be->ops->add_rmsnorm(be, y, x, tmp, norm_w, n_tok, n_out, eps)
+                  : be->ops->add(be, x, tmp, n_tok * n_out);
 }
 
 uc_status uc_backend_create(struct uc_backend **out, const struct uc_backend_params *p)

@@ -525,10 +525,8 @@ static uc_status cuda_matmul_residual(struct uc_backend *be, void *x, void *y, v
     UC_CHECK(product_shape_ok(n_tok, n_out, n_in), rc, out);
     if (!c->residual_epilogue || gemv_tc_applies(c, n_tok, n_out, n_in) ||
         gemv_applies(c, n_tok, n_out, n_in)) {
-        UC_CHECK(cuda_matmul(be, tmp, a, w, n_tok, n_out, n_in), rc, out);
-        rc = norm_w ? cuda_add_rmsnorm(be, y, x, tmp, norm_w, n_tok, n_out, eps)
-                    : cuda_add(be, x, tmp, n_tok * n_out);
-        goto out;
+        return uc_backend_matmul_residual_parts(be, x, y, tmp, a, w, norm_w, n_tok, n_out, n_in,
+                                                eps);
     }
     UC_CHECK(cublas_product(c, x, a, w, n_tok, n_out, n_in, 1.0f), rc, out);
     if (norm_w) {

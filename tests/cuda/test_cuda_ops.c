@@ -342,8 +342,8 @@ static void test_matmul(int64_t t, int64_t n, int64_t k)
 }
 
 /* x += a w^T, then y = rmsnorm(x) (with a norm): the residual in cuBLAS's epilogue (T > 8) and
- * the decode kernels' product into tmp with the separate add (T <= 8), against the CPU's
- * product, add and norm. */
+ * the decode kernels' product into tmp with the separate add (T <= 8), against the CPU's op
+ * (its product, add and norm). */
 static void test_matmul_residual(int64_t t, int64_t n, int64_t k, bool norm)
 {
     float *x = hdata(t * n, 46, 2.0f), *a = hdata(t * k, 47, 1.0f), *w = hdata(n * k, 48, 0.05f);
@@ -361,12 +361,7 @@ static void test_matmul_residual(int64_t t, int64_t n, int64_t k, bool norm)
         UC_OK) {
         die("matmul_residual");
     }
-    cpu->ops->matmul(cpu, tc, ac, wc, t, n, k);
-    if (norm) {
-        cpu->ops->add_rmsnorm(cpu, yc, xc, tc, gc, t, n, 1e-5f);
-    } else {
-        cpu->ops->add(cpu, xc, tc, t * n);
-    }
+    cpu->ops->matmul_residual(cpu, xc, yc, tc, ac, wc, norm ? gc : NULL, t, n, k, 1e-5f);
     char what[80];
     snprintf(what, sizeof what, "T=%lld N=%lld K=%lld (sum)", (long long)t, (long long)n,
              (long long)k);
