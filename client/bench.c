@@ -335,7 +335,8 @@ static const char usage_bench[] =
     "  -r, --rate R            open loop: Poisson arrivals at R requests/s (seeded)\n"
     "  -n, --requests N        requests per run (default 32 unless --duration)\n"
     "  -d, --duration S        run for S seconds (with --requests: whichever comes first)\n"
-    "      --warmup N          N requests before the measurement, not counted (default 0)\n"
+    "      --warmup N          N requests before the measurement, not counted, sent at the\n"
+    "                          run's concurrency (default 0)\n"
     "      --rounds N          run the settings in turn N times (A B A B ...) and add a table of\n"
     "                          each figure's median over the rounds (default 1)\n"
     "      --connections N     the gRPC clients' TCP connections, clients dealt to them in\n"
@@ -623,6 +624,7 @@ struct run {
     atomic_int_fast64_t done;
     atomic_int_fast64_t failed;
     atomic_int workers_done;
+    atomic_int warm_next;        /* --warmup: the next warm-up request to send */
 };
 
 static volatile sig_atomic_t bench_interrupted;
@@ -992,6 +994,42 @@ static void one_request(struct worker *w, const struct bench_cfg *cfg, const str
     }
 }
 
+/* A client sending warm-up requests until none is left. */
+static void *warm_main(void *arg)
+{
+    struct worker *w = arg;
+    struct run *r = w->run;
+    for (;;) {
+        int i = atomic_fetch_add(&r->warm_next, 1);
+        if (i >= r->cfg->warmup || bench_interrupted) {
+            break;
+        }
+        one_request(w, r->cfg, r->set, (int64_t)1 << 40 | i, NULL);
+    }
+    return NULL;
+}
+
+/* --warmup N: N requests at the run's concurrency (min(N, clients) at once), not recorded, so
+ * what the server does the first time at that concurrency (a batch size's first decode, its
+ * buffers) comes before the measurement. False: a client thread could not start. */
+static bool warm_up(struct run *r)
+{
+    int n = r->cfg->warmup < r->n_workers ? r->cfg->warmup : r->n_workers;
+    int started = 0;
+    atomic_store(&r->warm_next, 0);
+    for (; started < n; started++) {
+        if (pthread_create(&r->workers[started].thread, NULL, warm_main, &r->workers[started]) !=
+            0) {
+            fprintf(stderr, "uncompctl: bench: cannot start warm-up client %d\n", started);
+            break;
+        }
+    }
+    for (int i = 0; i < started; i++) {
+        pthread_join(r->workers[i].thread, NULL);
+    }
+    return started == n;
+}
+
 static void sleep_until(double t)
 {
     for (;;) {
@@ -1192,8 +1230,8 @@ static int run_load(const struct uc_ctl *ctl, const struct bench_cfg *cfg,
         }
     }
     /* warm-up requests: same setting, not recorded, indices after the measured ones */
-    for (int i = 0; i < cfg->warmup && !bench_interrupted; i++) {
-        one_request(&r->workers[0], cfg, set, (int64_t)1 << 40 | i, NULL);
+    if (!warm_up(r)) {
+        return UC_CTL_EXIT_RPC;
     }
     struct stall_probe *probe = cfg->token_times ? stall_probe_start() : NULL;
     r->t0 = uc_time_s();

@@ -30,6 +30,8 @@ import traceback
 from e2e_util import DaemonProcess, TestFailure, check, free_port  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "bench"))
+import token_times  # noqa: E402  (tests/bench: the token times and send trace readers)
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 STEP_TIMEOUT_S = 60       # one uncompctl invocation
 START_TIMEOUT_S = 90      # daemon start-up to SERVING
@@ -489,8 +491,6 @@ def check_send_trace(times, sends, connections, settings=2, steps=None):
     hand-off (both on the monotonic clock), each setting's chunks came over `connections`
     client connections (the daemon's peers), and tests/bench/token_times.py says so (with the
     step trace: each late moment names the step that emitted it)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-    import token_times
     runs, _ = token_times.load_all(times)
     for _ in range(50):  # the last send's line is written when its completion comes
         n = [token_times.join(reqs, token_times.load_sends(sends)) for reqs in runs.values()]
@@ -565,6 +565,24 @@ def t_bench(ctl):
               str(rows))
         # gRPC's one shared connection; late moments named by the steps that emitted them
         check_send_trace(path, ctl.send_trace, connections=1, steps=ctl.step_trace)
+        # warm-up requests at the run's concurrency: the three streams before the measured one
+        # overlap in the daemon's send trace (the same monotonic clock as time.monotonic())
+        t_launch = time.monotonic()
+        ctl.run("bench", "-c", "3", "-n", "1", "-m", "6", "--prompt-tokens", "24", "--warmup",
+                "3", "--token-times", path, timeout=120)
+        runs, _ = token_times.load_all(path)
+        measured = {c["id"] for reqs in runs.values() for a in reqs.values() for c in a}
+        warm = {}
+        for _ in range(50):  # a stream's lines reach the file when its last send completes
+            warm = {k: v for k, v in token_times.load_sends(ctl.send_trace).items()
+                    if v and v[0]["start"] >= t_launch and k not in measured}
+            if len(warm) == 3:
+                break
+            time.sleep(0.1)
+        check(len(warm) == 3 and len(measured) == 1, "warm-ups %s, measured %s" % (warm, measured))
+        spans = {k: (v[0]["start"], v[-1]["done"]) for k, v in warm.items()}
+        check(max(a for a, _ in spans.values()) < min(b for _, b in spans.values()),
+              "the warm-up streams ran one after another: %s" % spans)
         # clients dealt to their own connections: the daemon sees that many peers (no more
         # connections than clients)
         for clients, asked, conns in ((3, 3, 3), (4, 2, 2), (2, 8, 2)):
