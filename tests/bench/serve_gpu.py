@@ -66,10 +66,11 @@ it, and whether the client's stall probe saw the host busy); the traces and toke
 $OUT/traces-<workloads>.tar, each gzipped, smallest first while it stays within 12 MiB (what
 comes back from a device is a few files of at most 16 MiB).
 Everything printed also goes to $OUT/serve.log when OUT is set (and --log FILE); the numbers to
-$OUT/serve-<workloads>.json (--tag T: serve-<workloads>T.json, serveT.log and traces-
-<workloads>T.tar, for two runs in one call). With --budget-s the run ends in time: requests are sent for a share
-of the time left (the table's `done` column then shows fewer than asked; floors count those),
-and a SIGTERM (device_check.sh's `timeout`) still prints the targets of the workloads done.
+$OUT/serve-<workloads>.json (--tag T: serve-<workloads>T.json, serveT.log and
+traces-<workloads>T.tar, for two runs in one call). With --budget-s the run ends in time:
+requests are sent for a share of the time left (the table's `done` column then shows fewer than
+asked; floors count those), and a SIGTERM (device_check.sh's `timeout`) still prints the targets
+of the workloads done.
 """
 import argparse
 import gzip
@@ -781,7 +782,8 @@ def main():
                                   "step_ms": steps},
                        "results": results}, f, indent=1)
     if out:  # the traces in one archive: a few files of at most 16 MiB come back from a device
-        pack_traces(args.tmp, os.path.join(out, "traces-%s%s.tar" % ("".join(names), args.tag)), log)
+        tar = "traces-%s%s.tar" % ("".join(names), args.tag)
+        pack_traces(args.tmp, os.path.join(out, tar), log)
     shutil.rmtree(args.tmp, ignore_errors=True)
     return rc
 
