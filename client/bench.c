@@ -687,6 +687,29 @@ static bool push_itl(struct worker *w, double v)
     return true;
 }
 
+/* A measured request's TTFT (first chunk) or inter-token gaps (a chunk of n tokens: n gaps of
+ * 1/n of its interval; the first chunk's extra tokens came with the first: gap 0). False: out
+ * of memory. */
+static bool sample_gaps(struct track *t, const struct uc_chunk *ch)
+{
+    if (t->tokens == 0) {
+        t->ttft_ms = (ch->arrival_s - t->t0) * 1e3;
+        for (size_t i = 1; i < ch->n_token_ids; i++) {
+            if (!push_itl(t->w, 0.0)) {
+                return false;
+            }
+        }
+        return true;
+    }
+    double gap = (ch->arrival_s - t->t_prev) * 1e3 / (double)ch->n_token_ids;
+    for (size_t i = 0; i < ch->n_token_ids; i++) {
+        if (!push_itl(t->w, gap)) {
+            return false;
+        }
+    }
+    return true;
+}
+
 static int track_chunk(const struct uc_chunk *ch, void *user)
 {
     struct track *t = user;
@@ -710,25 +733,9 @@ static int track_chunk(const struct uc_chunk *ch, void *user)
         snprintf(a->id, sizeof a->id, "%s",
                  ch->request_id && ch->request_id[0] ? ch->request_id : "-");
     }
-    if (t->tokens == 0) {
-        t->ttft_ms = (ch->arrival_s - t->t0) * 1e3;
-    } else {
-        double gap = (ch->arrival_s - t->t_prev) * 1e3 / (double)ch->n_token_ids;
-        for (size_t i = 0; i < ch->n_token_ids; i++) {
-            if (!push_itl(t->w, gap)) {
-                t->w->oom = true;
-                return 1;
-            }
-        }
-    }
-    /* the first chunk's extra tokens arrive together with the first token: gap 0 */
-    if (t->tokens == 0) {
-        for (size_t i = 1; i < ch->n_token_ids; i++) {
-            if (!push_itl(t->w, 0.0)) {
-                t->w->oom = true;
-                return 1;
-            }
-        }
+    if (t->idx >= 0 && !sample_gaps(t, ch)) { /* a warm-up (idx -1) leaves no samples */
+        t->w->oom = true;
+        return 1;
     }
     t->tokens += ch->n_token_ids;
     t->t_prev = ch->arrival_s;

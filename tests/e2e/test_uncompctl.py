@@ -534,6 +534,13 @@ def t_bench(ctl):
         check(x["count"] > 0 and 0 < x["p50"] <= x["p90"] <= x["p99"] <= x["max"] + 1e-9,
               "%s %s" % (d, x))
     check(run["e2e_ms"]["p50"] >= run["ttft_ms"]["p50"], str(run))
+    # warm-up requests leave no samples: 2 measured requests of 5 tokens give 8 gaps, 2 TTFTs
+    for front in ([], ["--http", ctl.http]):
+        j = ctl.run("bench", "--json", "-c", "2", "-n", "2", "-m", "5", "--prompt-tokens", "24",
+                    "--warmup", "2", *front, timeout=120).json()
+        run = j["runs"][0]
+        check(len(j["runs"]) == 1 and run["completed"] == 2 and run["itl_ms"]["count"] == 8 and
+              run["ttft_ms"]["count"] == 2, "%s: %s" % (front, run))
     # the same load with two compression settings side by side
     j = ctl.run("bench", "--json", "-c", "2", "-n", "3", "-m", "3", "--prompt-tokens", "96",
                 "--compare", "policy=full", "policy=snapkv,kv_budget=16", timeout=120).json()
