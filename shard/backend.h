@@ -159,8 +159,8 @@ struct uc_backend_ops {
     /* A residual branch's last product, fused where it pays: x (T, N) += a (T, K) w^T, then,
      * when norm_w is non-NULL, y = x / rms(x) * norm_w (the norm that follows); tmp (T, N) is
      * scratch. One rank's whole product only: under TP the ranks' partial products are summed
-     * between the product and the add. Optional (NULL: the engine runs matmul, add_rmsnorm;
-     * uc_backend_matmul_residual_parts is the op made of those). */
+     * between the product and the add (uc_backend_matmul_residual_parts is the op made of
+     * matmul and add_rmsnorm, which a backend without a fused form uses). */
     uc_status (*matmul_residual)(struct uc_backend *be, void *x, void *y, void *tmp, const void *a,
                                  const void *w, const void *norm_w, int64_t n_tok, int64_t n_out,
                                  int64_t n_in, float eps);

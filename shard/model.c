@@ -604,9 +604,15 @@ out:
     return rc;
 }
 
-/* A residual branch's end: x += a w^T (then y = norm(x) * norm_w when norm_w is non-NULL).
- * One rank without a bias hands the product and the add to the backend, which fuses them where
- * it pays; under TP the ranks' partial products are summed first. */
+/* Whether a residual product (with this bias) goes to the backend's matmul_residual, which
+ * fuses the product and the add where it pays: one rank without a bias. Under TP the ranks'
+ * partial products are summed between the product and the add. */
+static bool residual_in_backend(const struct uc_model *m, const void *bias)
+{
+    return m->sh.n_ranks == 1 && !bias;
+}
+
+/* A residual branch's end: x += a w^T (then y = norm(x) * norm_w when norm_w is non-NULL). */
 static uc_status residual_product(struct uc_model *m, struct uc_model_ws *ws, void *x,
                                   const void *a, const void *w, const void *bias,
                                   const void *norm_w, int64_t n_tok, int64_t n_in)
@@ -616,7 +622,7 @@ static uc_status residual_product(struct uc_model *m, struct uc_model_ws *ws, vo
     float eps = (float)m->cfg.norm_eps;
     enum uc_comm_dtype dt = be->ops->act_size(be) == 4 ? UC_COMM_F32 : UC_COMM_BF16;
     uc_status rc;
-    if (be->ops->matmul_residual && m->sh.n_ranks == 1 && !bias) {
+    if (residual_in_backend(m, bias)) {
         return be->ops->matmul_residual(be, x, ws->xn, ws->tmp, a, w, norm_w, n_tok, cdim, n_in,
                                         eps);
     }
@@ -672,17 +678,16 @@ static uc_status warm_at(struct uc_model *m, struct uc_model_ws *ws, int64_t t)
     const struct uc_model_shard *s = &m->sh;
     int64_t c = m->cfg.hidden;
     uc_status rc;
-    /* the residual products as the layers run them (one rank: the add in the product) */
-    const bool fused = be->ops->matmul_residual && s->n_ranks == 1;
+    /* the residual products as the layers run them */
     float eps = (float)m->cfg.norm_eps;
     UC_CHECK(be->ops->matmul(be, ws->gu, ws->xn, w->wqkv, t, s->qkv_dim, c), rc, out);
-    UC_CHECK(fused ? be->ops->matmul_residual(be, ws->tmp, ws->xn, ws->gu, ws->att, w->wo, NULL, t,
+    UC_CHECK(residual_in_backend(m, w->bo) ? be->ops->matmul_residual(be, ws->tmp, ws->xn, ws->gu, ws->att, w->wo, NULL, t,
                                               c, s->n_heads * m->cfg.head_dim, eps)
                    : be->ops->matmul(be, ws->tmp, ws->att, w->wo, t, c,
                                      s->n_heads * m->cfg.head_dim),
              rc, out);
     UC_CHECK(be->ops->matmul_swiglu(be, ws->act, ws->gu, ws->xn, w->wgu, t, s->n_ffn, c), rc, out);
-    UC_CHECK(fused ? be->ops->matmul_residual(be, ws->tmp, ws->xn, ws->gu, ws->act, w->wdown, NULL,
+    UC_CHECK(residual_in_backend(m, NULL) ? be->ops->matmul_residual(be, ws->tmp, ws->xn, ws->gu, ws->act, w->wdown, NULL,
                                               t, c, s->n_ffn, eps)
                    : be->ops->matmul(be, ws->tmp, ws->act, w->wdown, t, c, s->n_ffn),
              rc, out);
