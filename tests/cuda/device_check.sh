@@ -38,8 +38,9 @@
 # methods (bench_gpu --methods: each KV method's bytes per sequence, the batch a 16 GiB pool
 # holds, aggregate decode tokens/s there; METHODS_ARGS replaces the --methods list),
 # serve (tests/bench/serve_gpu.sh; serve:a,b picks workloads, SERVE_ARGS adds options).
-# A step written VAR=VALUE:STEP runs with that variable set (e.g. UC_CUDA_PDL=0:gpu-quick;
-# UC_CUDA_DATA_PLANE=mpi:tp2 runs tp 2 with both ranks on one GPU, over the host-staged plane).
+# A step written VAR=VALUE:STEP (or A=1:B=2:STEP) runs with those variables set (e.g.
+# UC_CUDA_PDL=0:gpu-quick; UC_CUDA_DATA_PLANE=mpi:tp2 runs tp 2 with both ranks on one GPU,
+# over the host-staged plane).
 # GPU_MONITOR=1 (in the environment) samples the SM clock, power, temperature and the driver's
 # limits (power cap, heat) with nvidia-smi during each step and prints their summary after it
 # (tests/bench/gpu_monitor.py): whether a long step ran at the clocks a short one did.
@@ -155,12 +156,12 @@ for step in "$@"; do
     python3 "$root/tests/bench/gpu_monitor.py" --record "$bd.gpumon" &
     mon=$!
   fi
-  # a step named VAR=VALUE:STEP runs STEP with that variable set (kernel variant knobs)
+  # a step named VAR=VALUE:STEP (or A=1:B=2:STEP) runs STEP with those variables set
   envset=()
-  if [[ $step == *=*:* ]]; then
-    envset=("${step%%:*}")
+  while [[ $step =~ ^[A-Za-z_][A-Za-z0-9_]*=[^:]*: ]]; do
+    envset+=("${step%%:*}")
     step=${step#*:}
-  fi
+  done
   (
   [ ${#envset[@]} -gt 0 ] && export "${envset[@]}"
   # ranks sharing one GPU need the host-staged data plane on every rank
