@@ -554,10 +554,11 @@ def main():
     ap.add_argument("--model-dir", default=None,
                     help="default /dev/shm/uncomp-<shape>-shape when it has room, else /tmp/...")
     ap.add_argument("--backend", default="cuda")
-    ap.add_argument("--daemon-args", default="",
+    ap.add_argument("--daemon-args", action="append", default=[],
                     help="more uncompd flags (the daemon's own defaults suit the GPU: 8192-row "
                     "products, 65536 row-layers of prefill per step); write "
-                    "--daemon-args=--schedule=prefill-first, with '=', for flags")
+                    "--daemon-args=--schedule=prefill-first, with '=', for flags; given "
+                    "twice, both count")
     ap.add_argument("--daemon-arg", action="append", default=[],
                     help="one more uncompd argument (repeatable; for flags written with '=', "
                     "e.g. --daemon-arg=--prefill-chunk=16384, where --daemon-args would need "
@@ -592,6 +593,7 @@ def main():
     ap.add_argument("--tag", default="",
                     help="appended to the names of the files in $OUT (two runs in one call)")
     args = ap.parse_args()
+    args.daemon_args = " ".join(args.daemon_args)  # every --daemon-args given, in order
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)
