@@ -1,6 +1,8 @@
 """Helpers shared by the end-to-end test scripts: assertions, free loopback ports and the daemon
 process under test."""
 import os
+import random
+import re
 import shlex
 import shutil
 import signal
@@ -42,7 +44,32 @@ def check(cond, msg="check failed"):
         raise TestFailure(msg)
 
 
+def ephemeral_ports():
+    """The kernel's range of ports for outgoing connections (ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(v) for v in f.read().split())
+            return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port():
+    """A loopback port free now, drawn at random below the kernel's ephemeral range. A port the
+    kernel handed out for bind(0) comes from the range it also gives every outgoing connection
+    (the tests' gRPC clients, Open MPI's TCP links), so between its release here and the daemon's
+    bind one of those could take it: the daemon then failed its start ("address in use")."""
+    lo_eph = ephemeral_ports()[0]
+    lo, hi = (10000, lo_eph) if lo_eph > 12000 else (lo_eph // 2, lo_eph)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -54,26 +81,48 @@ class DaemonProcess:
     `env_defaults` are set where the environment does not already say, `env` always."""
 
     def __init__(self, daemon, mpirun, extra=(), np=1, name="daemon", prefix="uncomp_e2e_",
-                 env_defaults=None, env=None):
+                 env_defaults=None, env=None, port=None):
         self.np = np
-        self.port = free_port()
-        self.addr = "127.0.0.1:%d" % self.port
         self.tmp = tempfile.mkdtemp(prefix=prefix)
         self.log_path = os.path.join(self.tmp, name + ".log")
-        cmd = [daemon, "--listen", self.addr, "--profile", os.path.join(self.tmp, "profile.json"),
-               "--drain-timeout", "20000"] + list(extra) + EXTRA_DAEMON_ARGS
-        if np > 1:
-            cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(np)] + \
-                cmd + ["--tp", str(np)]
-        self.cmd = cmd
-        full_env = dict(os.environ)
-        full_env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        self._argv = (daemon, mpirun, list(extra))
+        self._env = dict(os.environ)
+        self._env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         for k, v in (env_defaults or {}).items():
-            full_env.setdefault(k, v)
-        full_env.update(env or {})
+            self._env.setdefault(k, v)
+        self._env.update(env or {})
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
-                                     start_new_session=True)
+        self.respawns = 0
+        self._spawn(port if port is not None else free_port())
+
+    def _spawn(self, port):
+        self.port = port
+        self.addr = "127.0.0.1:%d" % port
+        daemon, mpirun, extra = self._argv
+        cmd = [daemon, "--listen", self.addr, "--profile", os.path.join(self.tmp, "profile.json"),
+               "--drain-timeout", "20000"] + extra + EXTRA_DAEMON_ARGS
+        if self.np > 1:
+            cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(self.np)] + \
+                cmd + ["--tp", str(self.np)]
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=self._env, start_new_session=True)
+
+    def respawn_on_port_clash(self, tries=3):
+        """When the daemon has exited because its gRPC port was taken after free_port chose it,
+        starts it again on another port (at most `tries` times) and returns True. Callers that
+        address the daemon must read .addr after start-up."""
+        if self.proc.poll() is None or self.respawns >= tries:
+            return False
+        self.log.flush()
+        if not re.search(r"grpc: cannot listen on %s \(address in use" % re.escape(self.addr),
+                         self.log_text()):
+            return False
+        self.respawns += 1
+        self.log.write(b"[e2e] port %d was taken: starting again on another\n" % self.port)
+        self.log.flush()
+        self._spawn(free_port())
+        return True
 
     def tail(self, n=40):
         try:

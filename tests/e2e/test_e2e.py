@@ -81,7 +81,7 @@ def expect_rpc_error(fn, code, *substrings):
 class Daemon(DaemonProcess):
     """The daemon with a metrics port, a gRPC client once SERVING, and signal-driven stops."""
 
-    def __init__(self, args, extra=(), np=1, name="daemon", root_cert=None):
+    def __init__(self, args, extra=(), np=1, name="daemon", root_cert=None, port=None):
         self.args = args
         self.root_cert = root_cert
         self.metrics_port = free_port()
@@ -103,7 +103,8 @@ class Daemon(DaemonProcess):
             ["--model", args.model, "--metrics-port", str(self.metrics_port),
              "--log-level", "info"] + list(extra),
             np=np, name=name, prefix="uncomp_e2e_",
-            env_defaults={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}, env=env)
+            env_defaults={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}, env=env,
+            port=port)
         self.client = None
 
     def wait_serving(self, timeout=START_TIMEOUT_S):
@@ -112,6 +113,8 @@ class Daemon(DaemonProcess):
         deadline = time.time() + timeout
         seen = []
         while time.time() < deadline:
+            if self.respawn_on_port_clash():
+                continue
             if self.proc.poll() is not None:
                 raise TestFailure("daemon exited with %s during start-up:\n%s" %
                                   (self.proc.returncode, self.tail()))
