@@ -82,7 +82,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -91,7 +90,9 @@ import time
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
 import step_trace  # noqa: E402
+from e2e_util import free_port  # noqa: E402 (below the ephemeral range, as the e2e suites)
 import token_times  # noqa: E402
 from gpu_monitor import GpuMonitor  # noqa: E402
 
@@ -406,12 +407,6 @@ def needs_profile(w):
     """Whether a setting of w uses uncomp's entropy groups from the calibration profile."""
     return any(x.split(",")[0] in ("policy=uncomp", "policy=uncomp-stage") and
                "grouping=prompt" not in x for x in w["settings"])
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Daemon:
