@@ -670,6 +670,20 @@ uc_status uc_model_finish_layer_norm_next(struct uc_model *m, struct uc_model_ws
     return finish_layer(m, ws, layer, x, n_tok, layer + 1 < m->cfg.n_layers);
 }
 
+/* A residual product as residual_product runs it (the add and norm in the backend's product or
+ * not), into scratch: ws->tmp, with ws->gu as the product's scratch. */
+static uc_status warm_residual(struct uc_model *m, struct uc_model_ws *ws, const void *a,
+                               const void *w, const void *bias, int64_t t, int64_t n_in)
+{
+    struct uc_backend *be = m->be;
+    int64_t c = m->cfg.hidden;
+    if (residual_in_backend(m, bias)) {
+        return be->ops->matmul_residual(be, ws->tmp, ws->xn, ws->gu, a, w, NULL, t, c, n_in,
+                                        (float)m->cfg.norm_eps);
+    }
+    return be->ops->matmul(be, ws->tmp, a, w, t, c, n_in);
+}
+
 /* Layer 0's products and (up to max_logit_rows) the LM head at t rows, outputs into scratch. */
 static uc_status warm_at(struct uc_model *m, struct uc_model_ws *ws, int64_t t)
 {
@@ -678,19 +692,11 @@ static uc_status warm_at(struct uc_model *m, struct uc_model_ws *ws, int64_t t)
     const struct uc_model_shard *s = &m->sh;
     int64_t c = m->cfg.hidden;
     uc_status rc;
-    /* the residual products as the layers run them */
-    float eps = (float)m->cfg.norm_eps;
     UC_CHECK(be->ops->matmul(be, ws->gu, ws->xn, w->wqkv, t, s->qkv_dim, c), rc, out);
-    UC_CHECK(residual_in_backend(m, w->bo) ? be->ops->matmul_residual(be, ws->tmp, ws->xn, ws->gu, ws->att, w->wo, NULL, t,
-                                              c, s->n_heads * m->cfg.head_dim, eps)
-                   : be->ops->matmul(be, ws->tmp, ws->att, w->wo, t, c,
-                                     s->n_heads * m->cfg.head_dim),
-             rc, out);
+    UC_CHECK(warm_residual(m, ws, ws->att, w->wo, w->bo, t, s->n_heads * m->cfg.head_dim), rc,
+             out);
     UC_CHECK(be->ops->matmul_swiglu(be, ws->act, ws->gu, ws->xn, w->wgu, t, s->n_ffn, c), rc, out);
-    UC_CHECK(residual_in_backend(m, NULL) ? be->ops->matmul_residual(be, ws->tmp, ws->xn, ws->gu, ws->act, w->wdown, NULL,
-                                              t, c, s->n_ffn, eps)
-                   : be->ops->matmul(be, ws->tmp, ws->act, w->wdown, t, c, s->n_ffn),
-             rc, out);
+    UC_CHECK(warm_residual(m, ws, ws->act, w->wdown, NULL, t, s->n_ffn), rc, out);
     if (t <= ws->max_logit_rows) {
         rc = be->ops->matmul(be, ws->logits, ws->xn, m->lm_head, t, s->n_vocab, c);
     }
