@@ -17,6 +17,7 @@
 #include "base/log.h"
 #include "base/mem.h"
 #include "compress/entropy.h"
+#include "cuda_lt.h"
 #include "cuda_status.h"
 #include "kernels/kernels.h"
 
@@ -26,19 +27,6 @@
 #define CONVERT_CHUNK ((int64_t)32 << 20) /* elements per float32 conversion pass */
 #define QCOV_WS_BYTES ((size_t)512 << 20)
 #define QCOV_CHUNK_ROWS 2048 /* rows per split-K chunk of the covariance products */
-
-/* ---- errors ----------------------------------------------------------------------------- */
-
-static uc_status blas_check(cublasStatus_t s, const char *expr, const char *file, int line,
-                            const char *func)
-{
-    if (s == CUBLAS_STATUS_SUCCESS) {
-        return UC_OK;
-    }
-    uc_status st = s == CUBLAS_STATUS_ALLOC_FAILED ? UC_ERR_DEVICE_NOMEM : UC_ERR_CUDA;
-    return uc_error_at(st, file, line, func, "%s: %s", expr, cublasGetStatusString(s));
-}
-#define BLAS(e) blas_check((e), #e, __FILE__, __LINE__, __func__)
 
 /* ---- context ---------------------------------------------------------------------------- */
 
@@ -74,6 +62,7 @@ struct cuda_ctx {
     cudaStream_t stream;
     cublasHandle_t blas;
     void *blas_ws;
+    struct uc_cuda_lt *lt; /* prefill products' algorithm chooser (cuda_lt.c); NULL: off */
     float *rope_cos; /* (max_pos, D/2) */
     float *rope_sin;
     int64_t rope_half;
@@ -443,10 +432,19 @@ static uc_status product_shape_ok(int64_t n_tok, int64_t n_out, int64_t n_in)
 }
 
 /* y (T, N) = x (T, K) w^T + beta y on cuBLAS (beta 0 or 1: y's old values added in the
- * product's epilogue, rounded once). */
+ * product's epilogue, rounded once); prefill shapes with a preferred algorithm on cuBLASLt
+ * (cuda_lt.c). */
 static uc_status cublas_product(struct cuda_ctx *c, void *y, const void *x, const void *w,
                                 int64_t n_tok, int64_t n_out, int64_t n_in, float beta)
 {
+    if (!c->fp32) {
+        bool done;
+        uc_status rc = uc_cuda_lt_product(c->lt, c->stream, y, x, w, n_tok, n_out, n_in, beta,
+                                          &done);
+        if (rc != UC_OK || done) {
+            return rc;
+        }
+    }
     const float alpha = 1.0f;
     cudaDataType_t t = c->fp32 ? CUDA_R_32F : CUDA_R_16BF;
     /* row-major y (T, N) = x (T, K) w^T is column-major y^T (N, T) = w (K, N)^T x^T (K, T) */
@@ -1617,6 +1615,7 @@ static void cuda_destroy(struct uc_backend *be)
         for (int i = 0; i < STAGE_SLOTS; i++) {
             pinned_free(c->slots[i].host, c->slots[i].done);
         }
+        uc_cuda_lt_fini(c->lt);
         if (c->blas) {
             (void)cublasDestroy(c->blas);
         }
@@ -1785,9 +1784,13 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
     UC_CHECK(CU(cudaMalloc(&c->blas_ws, BLAS_WS_BYTES)), rc, out_destroy);
     UC_CHECK(BLAS(cublasSetWorkspace(c->blas, c->blas_ws, BLAS_WS_BYTES)), rc, out_destroy);
     UC_CHECK(BLAS(cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH)), rc, out_destroy);
-    UC_LOG_INFO("cuda backend: device=%d name=\"%s\" sms=%d mem=%.1fGiB dtype=%s pdl=%d", dev,
-                be->device_name, c->n_sms, (double)prop.totalGlobalMem / 1073741824.0,
-                c->fp32 ? "f32" : "bf16", pdl);
+    if (!c->fp32) {
+        UC_CHECK(uc_cuda_lt_init(&c->lt, prop.major, c->blas_ws, BLAS_WS_BYTES), rc, out_destroy);
+    }
+    UC_LOG_INFO("cuda backend: device=%d name=\"%s\" sms=%d mem=%.1fGiB dtype=%s pdl=%d "
+                "lt_tiles=%d",
+                dev, be->device_name, c->n_sms, (double)prop.totalGlobalMem / 1073741824.0,
+                c->fp32 ? "f32" : "bf16", pdl, c->lt != NULL);
     *out = be;
     return UC_OK;
 out_destroy:

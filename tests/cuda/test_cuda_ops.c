@@ -21,6 +21,12 @@
 #include "base/util.h"
 #include "test_util.h"
 
+#ifdef UC_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "cuda_lt.h"
+#endif
+
 static struct uc_backend *cpu, *gpu;
 static bool fp32;     /* the GPU backend's mode in this pass */
 static int failures;
@@ -304,6 +310,41 @@ static void test_matmul_swiglu(int64_t t, int64_t f, int64_t k)
     uc_free(x);
     uc_free(w);
 }
+
+#ifdef UC_HAVE_CUDA
+/* The algorithm the prefill products take (cuda_lt.c) for a Llama-3-8B layer's four products
+ * at 8,192 rows, printed; o and down (an output no wider than the input) stay on
+ * cublasGemmEx, and on a Hopper gate|up takes a preferred tile where the heuristic offers one. */
+static void test_lt_choice(void)
+{
+    int dev = 0;
+    struct cudaDeviceProp prop;
+    void *ws = NULL;
+    const size_t ws_bytes = (size_t)32 << 20;
+    struct uc_cuda_lt *lt = NULL;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess ||
+        cudaMalloc(&ws, ws_bytes) != cudaSuccess ||
+        uc_cuda_lt_init(&lt, prop.major, ws, ws_bytes) != UC_OK) {
+        die("cuda_lt");
+    }
+    static const struct {
+        const char *name;
+        int64_t n, k;
+    } sh[] = {{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate|up", 28672, 4096},
+              {"down", 4096, 14336}};
+    for (size_t i = 0; i < sizeof sh / sizeof sh[0]; i++) {
+        int t0 = uc_cuda_lt_tile(lt, 8192, sh[i].n, sh[i].k, 0.0f);
+        int t1 = uc_cuda_lt_tile(lt, 8192, sh[i].n, sh[i].k, 1.0f);
+        printf("lt    %-8s T=8192 N=%lld K=%lld: tile %d (beta 0), %d (beta 1); chooser %s\n",
+               sh[i].name, (long long)sh[i].n, (long long)sh[i].k, t0, t1, lt ? "on" : "off");
+        if (sh[i].n <= sh[i].k) {
+            report("lt_choice", sh[i].name, t0 == 0 && t1 == 0 ? 0.0 : INFINITY, 0.0);
+        }
+    }
+    uc_cuda_lt_fini(lt);
+    (void)cudaFree(ws);
+}
+#endif
 
 static void test_matmul(int64_t t, int64_t n, int64_t k)
 {
@@ -1821,10 +1862,11 @@ static void run_pass(void)
     static const int64_t mm[][3] = {{1, 4096, 4096}, {5, 1000, 4096},  {3, 1000, 264},
                                     {6, 1000, 520},  {8, 4096, 1024},  {37, 344, 172},
                                     {513, 1024, 512}, {9, 1000, 4096}, {16, 6144, 4096},
-                                    {32, 4096, 14336}, {45, 4100, 512}, {64, 256, 64}};
+                                    {32, 4096, 14336}, {45, 4100, 512}, {64, 256, 64},
+                                    {4096, 6144, 4096}}; /* a prefill pass: cuda_lt.c */
     static const int64_t sw[][3] = {{1, 1024, 4096}, {8, 344, 256},    {2, 344, 200},
                                     {37, 344, 256},  {9, 1000, 4096}, {45, 1100, 1024},
-                                    {64, 14336, 256}};
+                                    {64, 14336, 256}, {4096, 2048, 1024}};
     for (size_t i = 0; i < sizeof sw / sizeof sw[0]; i++) {
         test_matmul_swiglu(sw[i][0], sw[i][1], sw[i][2]);
     }
@@ -1833,7 +1875,7 @@ static void run_pass(void)
     }
     /* the residual products: decode rows (gemv_tc, gemv), cuBLAS with the add in its epilogue */
     static const int64_t mr[][3] = {{5, 4096, 4096}, {3, 1024, 520}, {37, 4096, 4096},
-                                    {513, 1024, 14336}, {64, 4100, 512}};
+                                    {513, 1024, 14336}, {64, 4100, 512}, {4096, 2048, 512}};
     for (size_t i = 0; i < sizeof mr / sizeof mr[0]; i++) {
         test_matmul_residual(mr[i][0], mr[i][1], mr[i][2], i % 2 == 0);
         test_matmul_residual(mr[i][0], mr[i][1], mr[i][2], i % 2 == 1);
@@ -1846,6 +1888,11 @@ static void run_pass(void)
         test_matmul_rows_alone(6, 1000, 520, false); /* K % 32 != 0: gemv.cu */
         test_matmul_rows_alone(3, 344, 200, true);
     }
+#ifdef UC_HAVE_CUDA
+    if (!fp32) {
+        test_lt_choice();
+    }
+#endif
     test_add_swiglu();
     test_rope(128, 12, 33, 131072);
     test_rope(8, 12, 7, 512);
