@@ -27,7 +27,7 @@
 
 #define LT_MIN_ROWS 4096  /* prefill passes (8,192 rows by default; call K4's shapes) */
 #define LT_CANDIDATES 16  /* heuristic results looked through */
-#define LT_CACHE 16       /* shapes whose choice is kept */
+#define LT_CACHE 64       /* shapes whose choice is kept (a mixed step adds its decode rows) */
 
 /* The tiles preferred, best first (call K4, sustained TFLOP/s of gate|up and qkv). */
 static const int LT_TILES[] = {CUBLASLT_MATMUL_TILE_176x128, CUBLASLT_MATMUL_TILE_168x128};
