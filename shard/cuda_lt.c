@@ -11,9 +11,9 @@
  * 1-4% slower than the first pick.
  *
  * So a product of at least LT_MIN_ROWS rows whose output is wider than its input runs the
- * first of those tiles, in LT_TILES' order, that the heuristic offers for its shape (the same
- * choice for the same shape, every time); anything else, or a shape with neither tile on
- * offer, stays on cublasGemmEx. The choices are kept per shape (LT_CACHE of them, the oldest
+ * first of those tiles, in LT_TILES' order, that the heuristic offers for its shape and its
+ * operands' alignment (the same choice for the same shape, every time); anything else, or a
+ * shape with neither tile on offer, stays on cublasGemmEx. The choices are kept per shape (LT_CACHE of them, the oldest
  * replaced). UC_CUDA_LT_TILES=0 turns the chooser off (a measurement switch). */
 #include "cuda_lt.h"
 
@@ -35,6 +35,7 @@ static const int LT_TILES[] = {CUBLASLT_MATMUL_TILE_176x128, CUBLASLT_MATMUL_TIL
 struct lt_shape {
     int64_t t, n, k;
     bool beta1;
+    uint32_t align; /* the operands' least alignment, bytes (256 at most): algorithms need it */
     int tile; /* 0: no preferred tile offered, cublasGemmEx runs it */
     cublasLtMatmulAlgo_t algo;
     cublasLtMatrixLayout_t la, lb, lc;
@@ -140,6 +141,15 @@ static uc_status shape_pick(struct uc_cuda_lt *lt, struct lt_shape *s)
                                                        CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                        &lt->ws_bytes, sizeof lt->ws_bytes)),
              rc, out);
+    /* the heuristic assumes 256-byte aligned operands unless told: a pass's rows start anywhere */
+    static const cublasLtMatmulPreferenceAttributes_t aligns[] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (size_t i = 0; i < sizeof aligns / sizeof aligns[0]; i++) {
+        UC_CHECK(BLAS(cublasLtMatmulPreferenceSetAttribute(pref, aligns[i], &s->align,
+                                                           sizeof s->align)),
+                 rc, out);
+    }
     cublasLtMatmulHeuristicResult_t res[LT_CANDIDATES];
     int n = 0;
     if (cublasLtMatmulAlgoGetHeuristic(lt->h, lt->desc, s->la, s->lb, s->lc, s->lc, pref,
@@ -155,8 +165,8 @@ static uc_status shape_pick(struct uc_cuda_lt *lt, struct lt_shape *s)
             }
         }
     }
-    UC_LOG_DEBUG("cuda_lt: T=%lld N=%lld K=%lld beta=%d: %s (tile %d of %d candidates)",
-                 (long long)s->t, (long long)s->n, (long long)s->k, (int)s->beta1,
+    UC_LOG_DEBUG("cuda_lt: T=%lld N=%lld K=%lld beta=%d align=%u: %s (tile %d of %d candidates)",
+                 (long long)s->t, (long long)s->n, (long long)s->k, (int)s->beta1, s->align,
                  s->tile ? "cuBLASLt" : "cublasGemmEx", s->tile, n);
 out:
     if (pref) {
@@ -165,9 +175,17 @@ out:
     return rc;
 }
 
-/* The kept choice for a shape, picked now if it is new; NULL where the chooser does not apply */
+/* The least alignment of the operands' addresses, 256 at most (bf16: 2 at least). */
+static uint32_t operands_align(const void *y, const void *x, const void *w)
+{
+    uintptr_t a = (uintptr_t)y | (uintptr_t)x | (uintptr_t)w | 256u;
+    return (uint32_t)(a & (~a + 1u));
+}
+
+/* The kept choice for a shape (and alignment), picked now if it is new; NULL where the chooser
+ * does not apply */
 static struct lt_shape *shape_of(struct uc_cuda_lt *lt, int64_t n_tok, int64_t n_out,
-                                 int64_t n_in, float beta, uc_status *rc)
+                                 int64_t n_in, float beta, uint32_t align, uc_status *rc)
 {
     *rc = UC_OK;
     if (!lt || n_tok < LT_MIN_ROWS || n_out <= n_in || (beta != 0.0f && beta != 1.0f)) {
@@ -176,7 +194,8 @@ static struct lt_shape *shape_of(struct uc_cuda_lt *lt, int64_t n_tok, int64_t n
     const bool beta1 = beta != 0.0f;
     for (int i = 0; i < lt->n_shapes; i++) {
         struct lt_shape *s = &lt->shapes[i];
-        if (s->t == n_tok && s->n == n_out && s->k == n_in && s->beta1 == beta1) {
+        if (s->t == n_tok && s->n == n_out && s->k == n_in && s->beta1 == beta1 &&
+            s->align == align) {
             return s;
         }
     }
@@ -188,7 +207,7 @@ static struct lt_shape *shape_of(struct uc_cuda_lt *lt, int64_t n_tok, int64_t n
         lt->next = (lt->next + 1) % LT_CACHE;
         shape_fini(s);
     }
-    *s = (struct lt_shape){.t = n_tok, .n = n_out, .k = n_in, .beta1 = beta1};
+    *s = (struct lt_shape){.t = n_tok, .n = n_out, .k = n_in, .beta1 = beta1, .align = align};
     *rc = shape_pick(lt, s);
     if (*rc != UC_OK) { /* a half-built entry does not stay */
         shape_fini(s);
@@ -198,10 +217,10 @@ static struct lt_shape *shape_of(struct uc_cuda_lt *lt, int64_t n_tok, int64_t n
 }
 
 int uc_cuda_lt_tile(struct uc_cuda_lt *lt, int64_t n_tok, int64_t n_out, int64_t n_in,
-                    float beta)
+                    float beta, uint32_t align)
 {
     uc_status rc;
-    struct lt_shape *s = shape_of(lt, n_tok, n_out, n_in, beta, &rc);
+    struct lt_shape *s = shape_of(lt, n_tok, n_out, n_in, beta, align, &rc);
     return s ? s->tile : 0;
 }
 
@@ -211,7 +230,7 @@ uc_status uc_cuda_lt_product(struct uc_cuda_lt *lt, cudaStream_t st, void *y, co
 {
     *done = false;
     uc_status rc;
-    struct lt_shape *s = shape_of(lt, n_tok, n_out, n_in, beta, &rc);
+    struct lt_shape *s = shape_of(lt, n_tok, n_out, n_in, beta, operands_align(y, x, w), &rc);
     if (!s || !s->tile) {
         return rc;
     }

@@ -25,9 +25,9 @@ uc_status uc_cuda_lt_product(struct uc_cuda_lt *lt, cudaStream_t st, void *y, co
                              const void *w, int64_t n_tok, int64_t n_out, int64_t n_in,
                              float beta, bool *done);
 
-/* The tile id (cublasLt's CUBLASLT_MATMUL_TILE_*) chosen for a shape, 0 where none is: for the
- * op checks. */
+/* The tile id (cublasLt's CUBLASLT_MATMUL_TILE_*) chosen for a shape whose operands are
+ * `align`-byte aligned (256 at most), 0 where none is: for the op checks. */
 int uc_cuda_lt_tile(struct uc_cuda_lt *lt, int64_t n_tok, int64_t n_out, int64_t n_in,
-                    float beta);
+                    float beta, uint32_t align);
 
 #endif

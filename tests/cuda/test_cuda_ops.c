@@ -311,6 +311,35 @@ static void test_matmul_swiglu(int64_t t, int64_t f, int64_t k)
     uc_free(w);
 }
 
+/* A product whose x starts `off` rows into its buffer: with K = 1000 bf16 the rows are 2,000
+ * bytes, so the operand is 16-byte aligned but not 256 (cuda_lt.c keys its choice on that). */
+static void test_matmul_offset(int64_t t, int64_t n, int64_t k, int64_t off)
+{
+    float *x = hdata((t + off) * k, 16, 1.0f), *w = hdata(n * k, 17, 0.05f);
+    void *xg = put(gpu, x, (t + off) * k), *xc = put(cpu, x, (t + off) * k);
+    void *wg = NULL, *wc = NULL;
+    gpu->ops->weight_create(gpu, &wg, w, n, k);
+    cpu->ops->weight_create(cpu, &wc, w, n, k);
+    void *yg = NULL, *yc = NULL;
+    gpu->ops->alloc(gpu, &yg, (size_t)(t * n) * gpu->ops->act_size(gpu));
+    cpu->ops->alloc(cpu, &yc, (size_t)(t * n) * sizeof(float));
+    uc_status rc = gpu->ops->matmul(gpu, yg, (const char *)xg + off * k * gpu->ops->act_size(gpu),
+                                    wg, t, n, k);
+    cpu->ops->matmul(cpu, yc, (const char *)xc + off * k * sizeof(float), wc, t, n, k);
+    char what[64];
+    snprintf(what, sizeof what, "T=%lld N=%lld K=%lld x at row %lld", (long long)t, (long long)n,
+             (long long)k, (long long)off);
+    report("matmul", what, rc == UC_OK ? cmp_dev(yg, yc, t * n) : INFINITY, bound_act());
+    drop(gpu, xg);
+    drop(cpu, xc);
+    drop(gpu, yg);
+    drop(cpu, yc);
+    gpu->ops->weight_free(gpu, wg);
+    cpu->ops->weight_free(cpu, wc);
+    uc_free(x);
+    uc_free(w);
+}
+
 #ifdef UC_HAVE_CUDA
 /* The algorithm the prefill products take (cuda_lt.c) for a Llama-3-8B layer's four products
  * at 8,192 rows, printed; o and down (an output no wider than the input) stay on
@@ -333,10 +362,13 @@ static void test_lt_choice(void)
     } sh[] = {{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate|up", 28672, 4096},
               {"down", 4096, 14336}};
     for (size_t i = 0; i < sizeof sh / sizeof sh[0]; i++) {
-        int t0 = uc_cuda_lt_tile(lt, 8192, sh[i].n, sh[i].k, 0.0f);
-        int t1 = uc_cuda_lt_tile(lt, 8192, sh[i].n, sh[i].k, 1.0f);
-        printf("lt    %-8s T=8192 N=%lld K=%lld: tile %d (beta 0), %d (beta 1); chooser %s\n",
-               sh[i].name, (long long)sh[i].n, (long long)sh[i].k, t0, t1, lt ? "on" : "off");
+        int t0 = uc_cuda_lt_tile(lt, 8192, sh[i].n, sh[i].k, 0.0f, 256);
+        int t1 = uc_cuda_lt_tile(lt, 8192, sh[i].n, sh[i].k, 1.0f, 256);
+        int t16 = uc_cuda_lt_tile(lt, 8192, sh[i].n, sh[i].k, 0.0f, 16);
+        printf("lt    %-8s T=8192 N=%lld K=%lld: tile %d (beta 0), %d (beta 1), %d (16-byte "
+               "aligned); chooser %s\n",
+               sh[i].name, (long long)sh[i].n, (long long)sh[i].k, t0, t1, t16,
+               lt ? "on" : "off");
         if (sh[i].n <= sh[i].k) {
             report("lt_choice", sh[i].name, t0 == 0 && t1 == 0 ? 0.0 : INFINITY, 0.0);
         }
@@ -1873,6 +1905,7 @@ static void run_pass(void)
     for (size_t i = 0; i < sizeof mm / sizeof mm[0]; i++) {
         test_matmul(mm[i][0], mm[i][1], mm[i][2]);
     }
+    test_matmul_offset(4096, 2048, 1000, 1);
     /* the residual products: decode rows (gemv_tc, gemv), cuBLAS with the add in its epilogue */
     static const int64_t mr[][3] = {{5, 4096, 4096}, {3, 1024, 520}, {37, 4096, 4096},
                                     {513, 1024, 14336}, {64, 4100, 512}, {4096, 2048, 512}};
