@@ -10,7 +10,12 @@
 set -u
 UNCOMPD=$1
 MODEL=$2
-MPIRUN=(mpirun --allow-run-as-root --oversubscribe)
+# this run's ranks carry a tag of their own: under `ctest -j` other uncompd ranks run beside
+# them, and a rank found by number alone was once theirs (the kill missed this job, whose
+# generation then finished: "rank 1 killed: rc=0 elapsed=38"); the final clean-up by command
+# line killed a second run's job mid-check the same way
+export UC_TP_FAULTS_TAG="$$-$RANDOM"
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe -x UC_TP_FAULTS_TAG)
 export OMPI_MCA_rmaps_base_oversubscribe=1
 fails=0
 work=$(mktemp -d)
@@ -40,14 +45,23 @@ else
     fail "unopenable model on rank 1: rc=$rc"; echo "$out" | tail -8
 fi
 
-# Finds the pid of the given MPI rank among running uncompd processes.
-rank_pid() {
+# The pids of this run's uncompd processes (rank $1 only, if given).
+our_pids() {
+    local env
     for p in $(pgrep -f "$UNCOMPD"); do
-        if tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$1"; then
-            echo "$p"; return 0
+        env=$(tr '\0' '\n' < /proc/$p/environ 2>/dev/null)
+        if grep -qx "UC_TP_FAULTS_TAG=$UC_TP_FAULTS_TAG" <<<"$env" &&
+           { [ -z "${1:-}" ] || grep -qx "OMPI_COMM_WORLD_RANK=$1" <<<"$env"; }; then
+            echo "$p"
         fi
     done
-    return 1
+}
+
+# The pid of the given MPI rank among this run's uncompd processes.
+rank_pid() {
+    local p
+    p=$(our_pids "$1" | head -1)
+    [ -n "$p" ] && echo "$p"
 }
 
 # Starts a long generation at tp=2, waits until tokens flow, then applies $1 to rank 1.
@@ -94,7 +108,7 @@ if [ $rc -ne 0 ] && [ $rc -ne 99 ] && [ "$ELAPSED" -lt 20 ] &&
 else
     fail "rank 1 stopped: rc=$rc elapsed=${ELAPSED:-?}"; tail -5 "$work/err"
 fi
-pkill -9 -f "$UNCOMPD --model $MODEL --tp 2" 2>/dev/null
+for p in $(our_pids); do kill -9 "$p" 2>/dev/null; done # this run's leftovers, no one else's
 
 echo "$((4 - fails)) passed, $fails failed"
 [ $fails -eq 0 ]
