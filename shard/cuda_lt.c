@@ -235,8 +235,15 @@ uc_status uc_cuda_lt_product(struct uc_cuda_lt *lt, cudaStream_t st, void *y, co
         return rc;
     }
     const float alpha = 1.0f;
-    rc = BLAS(cublasLtMatmul(lt->h, lt->desc, &alpha, w, s->la, x, s->lb, &beta, y, s->lc, y,
-                             s->lc, &s->algo, lt->ws, lt->ws_bytes, st));
+    cublasStatus_t bs = cublasLtMatmul(lt->h, lt->desc, &alpha, w, s->la, x, s->lb, &beta, y,
+                                       s->lc, y, s->lc, &s->algo, lt->ws, lt->ws_bytes, st);
+    if (bs == CUBLAS_STATUS_NOT_SUPPORTED) { /* ran nothing: this shape stays on cublasGemmEx */
+        UC_LOG_WARN("cuda_lt: T=%lld N=%lld K=%lld: tile %d not supported here; cublasGemmEx "
+                    "runs it", (long long)n_tok, (long long)n_out, (long long)n_in, s->tile);
+        s->tile = 0;
+        return UC_OK;
+    }
+    rc = uc_cublas_status(bs, "cublasLtMatmul", __FILE__, __LINE__, __func__);
     *done = rc == UC_OK;
     return rc;
 }
