@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grpc  # noqa: E402
 
 import grpc_client as gc  # noqa: E402
-from e2e_util import TestFailure, check  # noqa: E402
+from e2e_util import TestFailure, check, free_port  # noqa: E402
 from test_e2e import Daemon, Runner, expect_rpc_error, scrape  # noqa: E402
 
 IA = grpc.StatusCode.INVALID_ARGUMENT
@@ -457,7 +457,6 @@ def t_port_taken(args):
     """A test daemon whose gRPC port was taken between free_port's choice and its bind (by an
     outgoing connection or another test) is started again on another port instead of failing the
     test (CI, 2026-12-05: calibrate_ttft_4096 failed so, its port taken as Open MPI connected)."""
-    from e2e_util import free_port
     held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     held.bind(("127.0.0.1", free_port()))
     held.listen(1)
@@ -478,8 +477,8 @@ def t_port_taken(args):
         held.close()
 
 
-TESTS = [t_port_taken, t_calibrate_limits, t_calibrate_ttft, t_calibrate_ttft_4096, t_calibrate_cancel,
-         t_calibrate_drain, t_calibrate_prefill_memory,
+TESTS = [t_port_taken, t_calibrate_limits, t_calibrate_ttft, t_calibrate_ttft_4096,
+         t_calibrate_cancel, t_calibrate_drain, t_calibrate_prefill_memory,
          t_client_ub, t_nan_weights, t_overflow_named, t_metrics_idle_conns, t_info_no_paths]
 
 
