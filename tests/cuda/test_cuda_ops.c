@@ -313,8 +313,8 @@ static void test_matmul_swiglu(int64_t t, int64_t f, int64_t k)
 
 #ifdef UC_HAVE_CUDA
 /* The algorithm the prefill products take (cuda_lt.c) for a Llama-3-8B layer's four products
- * at 8,192 rows, printed; o and down (an output no wider than the input) stay on
- * cublasGemmEx, and on a Hopper gate|up takes a preferred tile where the heuristic offers one. */
+ * at 8,192 rows, printed: on a Hopper the chooser is on (unless UC_CUDA_LT_TILES=0), and o and
+ * down (an output no wider than the input) stay on cublasGemmEx. */
 static void test_lt_choice(void)
 {
     int dev = 0;
@@ -326,6 +326,10 @@ static void test_lt_choice(void)
         cudaMalloc(&ws, ws_bytes) != cudaSuccess ||
         uc_cuda_lt_init(&lt, prop.major, ws, ws_bytes) != UC_OK) {
         die("cuda_lt");
+    }
+    const char *off = getenv("UC_CUDA_LT_TILES");
+    if (prop.major == 9 && !(off && !strcmp(off, "0"))) { /* else the checks below are empty */
+        report("lt_choice", "chooser on (Hopper)", lt ? 0.0 : INFINITY, 0.0);
     }
     static const struct {
         const char *name;
