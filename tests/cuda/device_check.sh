@@ -6,7 +6,9 @@
 # .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
 # travel. Steps: ops (with --bench), decbench and specbench (decode attention or query spectra
 # timings alone; DECBENCH_SHAPES=B:CTX,... picks decbench's shapes), prodbench (a layer's four
-# products at decode batches of 1-64 rows, weights from memory), ncu-decode (Nsight Compute
+# products at decode batches of 1-64 rows, weights from memory), prodsearch (those products at
+# 32 rows against every cuBLASLt configuration, and a decode layer's chain with L2 prefetches,
+# tests/cuda/bench_decode_products.cu; PRODSEARCH_ARGS replaces its arguments), ncu-decode (Nsight Compute
 # on one decode attention launch; NCU_ARGS replaces its sections), ncu-prefill (the same for
 # the Hopper prefill attention and PyTorch's default SDPA kernel, PREFILL_N tokens), ctest
 # (label cuda), golden, golden-fp32, kvmem (KV memory accounting and copy-on-write forks on the
@@ -188,6 +190,7 @@ for step in "$@"; do
         --tokens "${PREFILL_N:-8192}" --std 1.0 ;;
     specbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-qspec ;;
     prodbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-products ;;
+    prodsearch) timeout 500 "$bd/tests/cuda/bench_decode_products" ${PRODSEARCH_ARGS:-} ;;
     prefbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-prefill ;;
     ctest) timeout 300 ctest --test-dir "$bd" -L cuda --output-on-failure ;;
     golden) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
