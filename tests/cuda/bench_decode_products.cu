@@ -287,6 +287,8 @@ static double rel_diff(const void *da, const void *db, size_t n)
     return mb > 0.0 ? md / mb : md;
 }
 
+static bool faster(const config &p, const config &q) { return p.us < q.us; }
+
 /* The search for one shape: returns the fastest configuration (cublasGemmEx's where nothing
  * beats it), after printing what was found. */
 static config search_shape(const ctx &cx, const shape &s, double budget_s)
@@ -401,7 +403,7 @@ static config search_shape(const ctx &cx, const shape &s, double budget_s)
             }
         }
     }
-    std::sort(tried.begin(), tried.end(), [](const config &p, const config &q) { return p.us < q.us; });
+    std::sort(tried.begin(), tried.end(), faster);
     std::vector<config> seeds(tried.begin(), tried.begin() + std::min<size_t>(TOP_FOR_SPLIT,
                                                                               tried.size()));
     static const int SPLITS[] = {2, 3, 4, 6, 8, 12, 16, 24, 32};
@@ -442,12 +444,15 @@ static config search_shape(const ctx &cx, const shape &s, double budget_s)
             config c = sd; /* swizzling without split-K */
             c.swizzle = 1;
             n_checked++;
-            if (configure(cx, c, l) && (c.us = time_config(cx, c, l, y, x, w.data(), copies, s)) > 0) {
-                tried.push_back(c);
+            if (configure(cx, c, l)) {
+                c.us = time_config(cx, c, l, y, x, w.data(), copies, s);
+                if (c.us > 0) {
+                    tried.push_back(c);
+                }
             }
         }
     }
-    std::sort(tried.begin(), tried.end(), [](const config &p, const config &q) { return p.us < q.us; });
+    std::sort(tried.begin(), tried.end(), faster);
 
     printf("search %-7s T=%d N=%-5d K=%-5d beta=%g, %d weight copies (%.0f MB each)\n", s.name,
            cx.t, s.n, s.k, s.beta, copies, wbytes / 1e6);

@@ -5,10 +5,12 @@
 # target, then runs the named steps, each with its rc and wall time. Fixtures come from
 # .fixtures (models/stories260K, models/uncomp-tiny with golden.json), since ../shared does not
 # travel. Steps: ops (with --bench), decbench and specbench (decode attention or query spectra
-# timings alone; DECBENCH_SHAPES=B:CTX,... picks decbench's shapes), prodbench (a layer's four
-# products at decode batches of 1-64 rows, weights from memory), prodsearch (those products at
-# 32 rows against every cuBLASLt configuration, and a decode layer's chain with L2 prefetches,
-# tests/cuda/bench_decode_products.cu; PRODSEARCH_ARGS replaces its arguments), ncu-decode (Nsight Compute
+# timings alone; DECBENCH_SHAPES=B:CTX[:RATIO],... picks decbench's shapes, a RATIO timing
+# the engine's ranges with uncomp-like uneven heads, half of them RATIO times the others),
+# prodbench (a layer's four products at decode batches of 1-64 rows, weights from memory),
+# prodsearch (those products at 32 rows against every cuBLASLt configuration, and a decode
+# layer's chain with L2 prefetches, tests/cuda/bench_decode_products.cu; PRODSEARCH_ARGS
+# replaces its arguments), ncu-decode (Nsight Compute
 # on one decode attention launch; NCU_ARGS replaces its sections), ncu-prefill (the same for
 # the Hopper prefill attention and PyTorch's default SDPA kernel, PREFILL_N tokens), ctest
 # (label cuda), golden, golden-fp32, kvmem (KV memory accounting and copy-on-write forks on the

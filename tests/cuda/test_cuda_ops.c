@@ -6,8 +6,8 @@
  * synthetic-weight generator must match exactly, argmax index for index. A control checks that
  * the attention bound rejects a result computed with the wrong GQA mapping.
  * Exits 77 (skipped) without a GPU.
- * Usage: test_cuda_ops [--bench | --bench-decode [B:CTX,...] | --bench-qspec | --bench-prefill |
- *                      --bench-products]
+ * Usage: test_cuda_ops [--bench | --bench-decode [B:CTX[:RATIO],...] | --bench-qspec |
+ *                      --bench-prefill | --bench-products]
  * (--bench also times prefill attention, GEMM, decode and the query spectra; the others time one
  * of them, without the checks) */
 #include <math.h>
@@ -2146,16 +2146,23 @@ static uc_status run_dec(void *p)
 }
 
 /* Decode attention over `ctx` tokens per (row, KV head), blocks laid out in order. */
-static void bench_decode(int64_t rows, int64_t ctx)
+/* The decode attention at rows x ctx. With a ratio (> 0) it runs as the engine's decode steps
+ * do (tables on the device, ranges sized in the kernel from each entry's length), and with one
+ * above 1 the KV heads are uneven as uncomp's are (the first half of each row's heads keep
+ * `ratio` times what the others keep, the mean still ctx: 4/3 and 2/3 of it at ratio 2), so the
+ * same bytes can be timed both ways. Without (0): host tables, ranges sized from ctx. */
+static void bench_decode(int64_t rows, int64_t ctx, double ratio)
 {
     const int64_t h = 32, hkv = 8, d = 128, bt = 16;
     struct bench_dec b = {.b = rows, .h = h, .hkv = hkv, .ld = (h + 2 * hkv) * d};
-    int64_t entries = rows * hkv, per = (ctx + bt - 1) / bt, nb = entries * per;
+    const int64_t lo = ratio > 1.0 ? llround(2.0 * (double)ctx / (1.0 + ratio)) : ctx;
+    const int64_t hi = 2 * ctx - lo, longest = hi > lo ? hi : lo;
+    int64_t entries = rows * hkv, per = (longest + bt - 1) / bt, nb = entries * per;
     int32_t *ntok = uc_malloc((size_t)entries * sizeof(int32_t));
     int32_t *off = uc_malloc((size_t)entries * sizeof(int32_t));
     int32_t *blocks = uc_malloc((size_t)nb * sizeof(int32_t));
     for (int64_t e = 0; e < entries; e++) {
-        ntok[e] = (int32_t)ctx;
+        ntok[e] = (int32_t)(e % hkv < hkv / 2 ? hi : lo);
         off[e] = (int32_t)(e * per);
     }
     for (int64_t i = 0; i < nb; i++) {
@@ -2164,12 +2171,38 @@ static void bench_decode(int64_t rows, int64_t ctx)
     gpu->ops->kv_pool_create(gpu, &b.pool, nb, bt, d);
     gpu->ops->weight_random(gpu, &b.q, rows, b.ld, 5, 0.0f, 1.0f);
     gpu->ops->alloc(gpu, &b.out, (size_t)(rows * h * d) * gpu->ops->act_size(gpu));
-    b.view = (struct uc_kv_batch_view){ntok, off,  blocks, nb,   ctx,  false,
-                                       NULL, NULL, NULL,   NULL, NULL, NULL, NULL, NULL};
+    b.view = (struct uc_kv_batch_view){ntok, off,  blocks, nb,   longest, false,
+                                       NULL, NULL, NULL,   NULL, NULL,    NULL, NULL, NULL};
+    void *dev[3] = {NULL, NULL, NULL}; /* n_tokens, offsets, blocks on the device */
+    if (ratio > 0.0) {
+        const void *src[3] = {ntok, off, blocks};
+        const int64_t n[3] = {entries, entries, nb};
+        for (int i = 0; i < 3; i++) {
+            if (gpu->ops->alloc(gpu, &dev[i], (size_t)n[i] * sizeof(int32_t)) != UC_OK ||
+                gpu->ops->upload(gpu, dev[i], src[i], (size_t)n[i] * sizeof(int32_t)) != UC_OK) {
+                die("decode tables");
+            }
+        }
+        b.view.n_tokens = dev[0];
+        b.view.offset = dev[1];
+        b.view.blocks = dev[2];
+        b.view.max_tokens = 0;
+        b.view.on_device = true;
+    }
     double t = time_op(run_dec, &b, 20);
     double bytes = 2.0 * (double)entries * (double)ctx * (double)d * 2.0;
-    printf("bench attn_decode B=%lld ctx=%lld H=32 Hkv=8 D=128: %.1f us %.0f GB/s (K+V read)\n",
-           (long long)rows, (long long)ctx, t * 1e6, bytes / t / 1e9);
+    char uneven[80] = "";
+    if (ratio > 0.0) {
+        snprintf(uneven, sizeof uneven, " (engine's ranges; heads of %lld and %lld)",
+                 (long long)hi, (long long)lo);
+    }
+    for (int i = 0; i < 3; i++) {
+        if (dev[i]) {
+            drop(gpu, dev[i]);
+        }
+    }
+    printf("bench attn_decode B=%lld ctx=%lld%s H=32 Hkv=8 D=128: %.1f us %.0f GB/s (K+V read)\n",
+           (long long)rows, (long long)ctx, uneven, t * 1e6, bytes / t / 1e9);
     gpu->ops->kv_pool_destroy(gpu, &b.pool);
     gpu->ops->weight_free(gpu, b.q);
     drop(gpu, b.out);
@@ -2332,20 +2365,28 @@ static void bench_decodes(const char *list)
     static const int64_t shapes[][2] = {{1, 8192}, {32, 4096}, {32, 8192}, {64, 1024}, {256, 1280}};
     if (!list) {
         for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
-            bench_decode(shapes[i][0], shapes[i][1]);
+            bench_decode(shapes[i][0], shapes[i][1], 0.0);
         }
         return;
     }
     for (const char *p = list; *p;) {
         char *end;
         long long b = strtoll(p, &end, 10), ctx = 0;
+        double ratio = 0.0;
         if (*end == ':') {
             ctx = strtoll(end + 1, &end, 10);
         }
-        if (b <= 0 || ctx <= 0 || (*end && *end != ',')) {
-            die("--bench-decode expects B:CTX[,B:CTX...]");
+        if (*end == ':') {
+            ratio = strtod(end + 1, &end);
+            if (!(ratio >= 1.0 && ratio <= 16.0)) {
+                die("--bench-decode: RATIO must be 1-16");
+            }
         }
-        bench_decode(b, ctx);
+        if (b <= 0 || ctx <= 0 || (*end && *end != ',')) {
+            die("--bench-decode expects B:CTX[:RATIO][,...] (RATIO: the engine's ranges, its "
+                "heads uneven above 1)");
+        }
+        bench_decode(b, ctx, ratio);
         p = *end ? end + 1 : end;
     }
 }
