@@ -317,12 +317,14 @@ static void trace_step(struct uc_sched *s, const double t[4], const char *kind, 
             "{\"t\":%.3f,\"kind\":\"%s\",\"decode\":%d,\"prefill\":%d,\"prefill_row_layers\":%lld,"
             "\"new\":%d,\"free\":%lld,\"idle_ms\":%.3f,\"plan_ms\":%.3f,\"engine_ms\":%.3f,"
             "\"after_ms\":%.3f,\"decode_prep_ms\":%.3f,\"blocks_taken\":%lld,\"table_ints\":%lld,"
-            "\"graph\":\"%s\",\"lookahead\":%s,\"ok\":%s,\"mono\":%.6f}\n",
+            "\"graph\":\"%s\",\"lookahead\":%s,\"free_ms\":%.3f,\"new_ms\":%.3f,\"ok\":%s,"
+            "\"mono\":%.6f}\n",
             (t[0] - s->trace_t0) * 1e3, kind, n_dec, n_pf, (long long)rows, n_new,
             (long long)n_free, (t[0] - last) * 1e3, (t[1] - t[0]) * 1e3, (t[2] - t[1]) * 1e3,
             (t[3] - t[2]) * 1e3, in.decode_prep_ms, (long long)in.blocks_taken,
             (long long)in.table_ints, graph[(unsigned)in.graph < UC_STEP_GRAPH_MODES ? in.graph : 0],
-            in.lookahead ? "true" : "false", rc == UC_OK ? "true" : "false", t[0]);
+            in.lookahead ? "true" : "false", in.free_ms, in.new_ms, rc == UC_OK ? "true" : "false",
+            t[0]);
     fflush(s->trace);
     s->trace_last_end = t[3];
 }

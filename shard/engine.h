@@ -235,6 +235,8 @@ struct uc_engine_step_info {
     int64_t table_ints;      /* ints of block tables uploaded (a scatter counts 2 per id) */
     enum uc_step_graph graph;
     bool lookahead; /* the blocks were taken and the tables synced while the step before ran */
+    double free_ms;  /* host time ending the step's finished sequences (their KV blocks back) */
+    double new_ms;   /* host time starting its new sequences */
 };
 void uc_engine_last_step_info(const struct uc_engine *e, struct uc_engine_step_info *out);
 /* With UC_SEQ_HIDDEN, on rank 0 after the prefill: the last layer's output rows (n_rows, C),

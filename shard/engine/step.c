@@ -161,15 +161,20 @@ static uc_status run_step(struct uc_engine *e, const struct uc_step *s)
     if (rc != UC_OK) {
         return rc;
     }
+    memset(&e->info, 0, sizeof e->info);
+    double t0 = uc_time_s();
     for (int32_t i = 0; i < s->n_free; i++) {
         eng_seq_remove(e, s->frees[i]);
     }
+    double t1 = uc_time_s();
     /* new sequences: agree that every rank could allocate them, or drop them everywhere */
     int64_t failed = 0;
     for (int32_t i = 0; i < s->n_new && !failed; i++) {
         failed = (s->news[i].flags & UC_SEQ_FORK ? eng_seq_fork(e, &s->news[i])
                                                   : eng_seq_create(e, &s->news[i])) != UC_OK;
     }
+    e->info.free_ms = (t1 - t0) * 1e3;
+    e->info.new_ms = (uc_time_s() - t1) * 1e3;
     if (uc_comm_size(e->comm) > 1) {
         UC_CHECK(uc_comm_allreduce_max(e->comm, &failed, 1, UC_COMM_I64), rc, out);
     }
@@ -180,7 +185,6 @@ static uc_status run_step(struct uc_engine *e, const struct uc_step *s)
         return UC_ERRF(UC_ERR_NOMEM, "step: could not allocate new sequences on every rank");
     }
     /* decode rows alone keep their recorded graphs; prompts to prefill make it a sweep */
-    memset(&e->info, 0, sizeof e->info);
     rc = s->n_prefill > 0 ? eng_sweep_run(e, s) : eng_decode_run(e, s->decodes, s->n_decode);
 out:
     if (rc != UC_OK && rc != UC_ERR_INVALID_ARG) {

@@ -10,7 +10,8 @@ ended (waiting for requests, the loop), `plan_ms` (admission and the step's plan
 rules, the events handed to the fronts). The summary says, for the span the trace covers, how
 much of the wall time each part took, the engine time of decode steps by batch size (median,
 p90, max), the prefill rate of prefill-only steps (tokens through every layer per second of
-engine time, with --layers), and the slowest decode steps with what ran just before them.
+engine time, with --layers), the host time that ending and starting sequences took (traces
+with `free_ms`), and the slowest decode steps with what ran just before them.
 """
 import argparse
 import json
@@ -83,6 +84,14 @@ def summary(steps, layers=0):
         ms = sum(s["engine_ms"] for s in pf)
         out.append("  prefill-only steps: %.0f tokens through %d layers in %.1f ms of engine "
                    "time = %.0f tok/s" % (rows / layers, layers, ms, rows / layers / ms * 1e3))
+    freeing = [s for s in steps if s["free"] > 0 and "free_ms" in s]
+    if freeing:
+        fm = [s["free_ms"] for s in freeing]
+        new = [s["new_ms"] for s in steps if s["new"] > 0 and "new_ms" in s]
+        out.append("  frees: %d sequences in %d steps, %.1f ms of host time in all (most %.2f ms "
+                   "in a step); new sequences started in %.1f ms" % (
+                       sum(s["free"] for s in freeing), len(freeing), sum(fm), max(fm),
+                       sum(new)))
     slow = sorted((i for i in range(len(steps)) if steps[i]["kind"] == "decode"),
                   key=lambda i: -steps[i]["engine_ms"])[:8]
     for i in sorted(slow):

@@ -862,6 +862,10 @@ def check_step_trace(path, counts):
               "step trace line %s" % s)
     text = "\n".join(step_trace.summary(steps, 8))
     check("decode batch" in text and "prefill-only steps" in text, text)
+    # the host time of ending and starting sequences, summed up where sequences ended
+    check(all(s["free_ms"] >= 0 and s["new_ms"] >= 0 and (s["free"] > 0 or s["free_ms"] < 1)
+              for s in steps), "free_ms/new_ms in %s" % steps)
+    check(not any(s["free"] > 0 for s in steps) or "frees:" in text, text)
     # a decode step right after a decode step of the same rows, nothing added or freed, finds
     # its blocks taken by the lookahead
     repeat = [b for a, b in zip(steps, steps[1:])
