@@ -84,7 +84,7 @@ struct cuda_ctx {
                                (UC_CUDA_RESIDUAL_EPILOGUE=0: a separate add, a measurement
                                switch) */
     int64_t l2_prefetch;  /* bytes of a decode product's weights asked of L2 beforehand (0: off;
-                             UC_CUDA_L2_PREFETCH=MB[:spread], an experiment awaiting a device) */
+                             UC_CUDA_L2_PREFETCH=MB[,spread], an experiment awaiting a device) */
     bool l2_spread;       /* as the first bytes of every weight row instead of the head */
     uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
     bool capturing;      /* between graph_begin and graph_end */
@@ -1785,9 +1785,9 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
     if (l2_env && *l2_env) {
         char *end;
         double mb = strtod(l2_env, &end);
-        c->l2_spread = !strcmp(end, ":spread");
+        c->l2_spread = !strcmp(end, ",spread");
         if (!(mb >= 0.0 && mb <= 1024.0) || (*end && !c->l2_spread)) {
-            rc = UC_ERRF(UC_ERR_INVALID_ARG, "UC_CUDA_L2_PREFETCH=%s: expected MB or MB:spread",
+            rc = UC_ERRF(UC_ERR_INVALID_ARG, "UC_CUDA_L2_PREFETCH=%s: expected MB or MB,spread",
                          l2_env);
             goto out_destroy;
         }

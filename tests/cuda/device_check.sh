@@ -10,7 +10,8 @@
 # prodbench (a layer's four products at decode batches of 1-64 rows, weights from memory),
 # prodsearch (those products at 32 rows against every cuBLASLt configuration, and a decode
 # layer's chain with L2 prefetches, tests/cuda/bench_decode_products.cu; PRODSEARCH_ARGS
-# replaces its arguments), ncu-decode (Nsight Compute
+# replaces its arguments), kvfree (tests/bench/bench_kv_free: ending b's 32 sequences' KV caches
+# at 1-16 OpenMP threads; KVFREE_ARGS replaces its arguments), ncu-decode (Nsight Compute
 # on one decode attention launch; NCU_ARGS replaces its sections), ncu-prefill (the same for
 # the Hopper prefill attention and PyTorch's default SDPA kernel, PREFILL_N tokens), ctest
 # (label cuda), golden, golden-fp32, kvmem (KV memory accounting and copy-on-write forks on the
@@ -193,6 +194,7 @@ for step in "$@"; do
     specbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-qspec ;;
     prodbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-products ;;
     prodsearch) timeout 500 "$bd/tests/cuda/bench_decode_products" ${PRODSEARCH_ARGS:-} ;;
+    kvfree) timeout 120 "$bd/tests/bench/bench_kv_free" ${KVFREE_ARGS:---seqs 32 --threads 1,2,4,8,16} ;;
     prefbench) timeout 120 "$bd/tests/cuda/test_cuda_ops" --bench-prefill ;;
     ctest) timeout 300 ctest --test-dir "$bd" -L cuda --output-on-failure ;;
     golden) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;

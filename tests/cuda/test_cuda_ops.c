@@ -400,7 +400,7 @@ static void test_l2_prefetch(int64_t t)
     float *wgu = hdata(2 * f * c, 63, 0.05f), *wdn = hdata(c * f, 64, 0.05f);
     float *g = hdata(c, 65, 1.0f);
     float *ref = mlp_chain(gpu, x, a, wo, wgu, wdn, g, t, c, f);
-    static const char *modes[] = {"4", "2:spread"};
+    static const char *modes[] = {"4", "2,spread"};
     for (int m = 0; m < 2; m++) {
         struct uc_backend *pf = NULL;
         struct uc_backend_params gp = uc_backend_default_params();
@@ -425,10 +425,10 @@ static void test_l2_prefetch(int64_t t)
     struct uc_backend *bad = NULL;
     struct uc_backend_params gp = uc_backend_default_params();
     gp.kind = UC_BACKEND_CUDA;
-    setenv("UC_CUDA_L2_PREFETCH", "8:sideways", 1);
+    setenv("UC_CUDA_L2_PREFETCH", "8,sideways", 1);
     uc_status rc = uc_backend_create(&bad, &gp);
     unsetenv("UC_CUDA_L2_PREFETCH");
-    report("l2_prefetch", "UC_CUDA_L2_PREFETCH=8:sideways refused",
+    report("l2_prefetch", "UC_CUDA_L2_PREFETCH=8,sideways refused",
            rc == UC_ERR_INVALID_ARG && !bad ? 0.0 : INFINITY, 0.0);
     if (bad) {
         uc_backend_destroy(bad);
