@@ -31,6 +31,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "common.cuh" /* the kernels' programmatic-launch and L2 helpers (shard/kernels) */
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -147,6 +149,31 @@ static bool product(const ctx &cx, const config &c, const layouts &l, void *y, c
                           cx.ws, WS_BYTES, cx.st) == CUBLAS_STATUS_SUCCESS;
 }
 
+/* The median of SAMPLES timed launches of ge on st, in ms (after a warm-up launch by the
+ * caller); destroys ge and g. */
+static double graph_median_ms(cudaGraphExec_t ge, cudaGraph_t g, cudaStream_t st)
+{
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    double t[SAMPLES];
+    for (int i = 0; i < SAMPLES; i++) {
+        CK(cudaEventRecord(a, st));
+        CK(cudaGraphLaunch(ge, st));
+        CK(cudaEventRecord(b, st));
+        CK(cudaEventSynchronize(b));
+        float ms = 0.0f;
+        CK(cudaEventElapsedTime(&ms, a, b));
+        t[i] = ms;
+    }
+    std::sort(t, t + SAMPLES);
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    cudaGraphExecDestroy(ge);
+    cudaGraphDestroy(g);
+    return t[SAMPLES / 2];
+}
+
 /* Median time of one product (us): a graph of `reps` passes over the weight copies. A negative
  * result: the configuration failed to run or to capture. */
 static double time_config(const ctx &cx, const config &c, const layouts &l, void *y,
@@ -177,25 +204,7 @@ static double time_config(const ctx &cx, const config &c, const layouts &l, void
         cudaGraphDestroy(g);
         return -1.0;
     }
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    double t[SAMPLES];
-    for (int i = 0; i < SAMPLES; i++) {
-        CK(cudaEventRecord(a, cx.st));
-        CK(cudaGraphLaunch(ge, cx.st));
-        CK(cudaEventRecord(b, cx.st));
-        CK(cudaEventSynchronize(b));
-        float ms = 0.0f;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        t[i] = ms * 1e3 / (reps * copies);
-    }
-    std::sort(t, t + SAMPLES);
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-    cudaGraphExecDestroy(ge);
-    cudaGraphDestroy(g);
-    return t[SAMPLES / 2];
+    return graph_median_ms(ge, g, cx.st) * 1e3 / (reps * copies);
 }
 
 template <typename V>
@@ -289,21 +298,47 @@ static double rel_diff(const void *da, const void *db, size_t n)
 
 static bool faster(const config &p, const config &q) { return p.us < q.us; }
 
+/* A shape's operands: weight copies that together exceed L2 several times, x (T, K), y (T, N). */
+struct operands {
+    std::vector<void *> w;
+    void *x, *y;
+    layouts l;
+};
+static operands make_operands(const ctx &cx, const shape &s)
+{
+    const size_t wbytes = (size_t)s.n * s.k * 2;
+    operands o;
+    o.w.resize(std::max<size_t>(3, (COPY_BYTES + wbytes - 1) / wbytes));
+    for (size_t i = 0; i < o.w.size(); i++) {
+        o.w[i] = dalloc(wbytes);
+        fill(o.w[i], (size_t)s.n * s.k, 11 + i, 0.02f);
+    }
+    o.x = dalloc((size_t)cx.t * s.k * 2);
+    o.y = dalloc((size_t)cx.t * s.n * 2);
+    fill(o.x, (size_t)cx.t * s.k, 7, 1.0f);
+    o.l = make_layouts(cx.t, s.n, s.k);
+    return o;
+}
+static void free_operands(operands &o)
+{
+    free_layouts(o.l);
+    for (void *p : o.w) {
+        cudaFree(p);
+    }
+    cudaFree(o.x);
+    cudaFree(o.y);
+}
+
 /* The search for one shape: returns the fastest configuration (cublasGemmEx's where nothing
  * beats it), after printing what was found. */
 static config search_shape(const ctx &cx, const shape &s, double budget_s)
 {
     const size_t wbytes = (size_t)s.n * s.k * 2;
-    int copies = (int)std::max<size_t>(3, (COPY_BYTES + wbytes - 1) / wbytes);
-    std::vector<void *> w(copies);
-    for (int i = 0; i < copies; i++) {
-        w[i] = dalloc(wbytes);
-        fill(w[i], (size_t)s.n * s.k, 11 + i, 0.02f);
-    }
-    void *x = dalloc((size_t)cx.t * s.k * 2), *y = dalloc((size_t)cx.t * s.n * 2),
-         *y_ref = dalloc((size_t)cx.t * s.n * 2);
-    fill(x, (size_t)cx.t * s.k, 7, 1.0f);
-    layouts l = make_layouts(cx.t, s.n, s.k);
+    operands o = make_operands(cx, s);
+    const std::vector<void *> &w = o.w;
+    const int copies = (int)w.size();
+    void *x = o.x, *y = o.y, *y_ref = dalloc((size_t)cx.t * s.n * 2);
+    const layouts &l = o.l;
     auto tbps = [&](double us) { return wbytes / (us * 1e-6) / 1e12; };
 
     config base = {};
@@ -363,6 +398,15 @@ static config search_shape(const ctx &cx, const shape &s, double budget_s)
         n_ids = 0;
     }
     int n_checked = 0;
+    auto attempt = [&](config c) { /* configured as the library accepts it, timed if it runs */
+        n_checked++;
+        if (configure(cx, c, l)) {
+            c.us = time_config(cx, c, l, y, x, w.data(), copies, s);
+            if (c.us > 0) {
+                tried.push_back(c);
+            }
+        }
+    };
     for (int a = 0; a < n_ids && elapsed() < budget_s * 0.6; a++) {
         cublasLtMatmulAlgo_t probe;
         if (cublasLtMatmulAlgoInit(cx.lt, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF,
@@ -391,14 +435,7 @@ static config search_shape(const ctx &cx, const shape &s, double budget_s)
                     c.lt = true;
                     c.id = ids[a], c.tile = (int)tl, c.stages = (int)sg, c.splitk = 1;
                     c.red = 0, c.swizzle = 0, c.custom = cu;
-                    n_checked++;
-                    if (!configure(cx, c, l)) {
-                        continue;
-                    }
-                    c.us = time_config(cx, c, l, y, x, w.data(), copies, s);
-                    if (c.us > 0) {
-                        tried.push_back(c);
-                    }
+                    attempt(c);
                 }
             }
         }
@@ -428,14 +465,7 @@ static config search_shape(const ctx &cx, const shape &s, double budget_s)
                     }
                     config c = sd;
                     c.splitk = sk, c.red = rd, c.swizzle = sw;
-                    n_checked++;
-                    if (!configure(cx, c, l)) {
-                        continue;
-                    }
-                    c.us = time_config(cx, c, l, y, x, w.data(), copies, s);
-                    if (c.us > 0) {
-                        tried.push_back(c);
-                    }
+                    attempt(c);
                 }
             }
             if (sw == 1 || !swz_ok) {
@@ -443,13 +473,7 @@ static config search_shape(const ctx &cx, const shape &s, double budget_s)
             }
             config c = sd; /* swizzling without split-K */
             c.swizzle = 1;
-            n_checked++;
-            if (configure(cx, c, l)) {
-                c.us = time_config(cx, c, l, y, x, w.data(), copies, s);
-                if (c.us > 0) {
-                    tried.push_back(c);
-                }
-            }
+            attempt(c);
         }
     }
     std::sort(tried.begin(), tried.end(), faster);
@@ -487,12 +511,7 @@ static config search_shape(const ctx &cx, const shape &s, double budget_s)
             best = base;
         }
     }
-    free_layouts(l);
-    for (void *p : w) {
-        cudaFree(p);
-    }
-    cudaFree(x);
-    cudaFree(y);
+    free_operands(o);
     cudaFree(y_ref);
     return best;
 }
@@ -505,19 +524,6 @@ struct prefetch {
     long long rows, row_bytes, ld;
 };
 
-static __device__ __forceinline__ void pdl_trigger(void)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-static __device__ __forceinline__ void pdl_wait(void)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 /* The whole grid's threads share the lines; issued before the kernel waits for its input. */
 static __device__ void issue_prefetch(const prefetch &p)
 {
@@ -528,7 +534,7 @@ static __device__ void issue_prefetch(const prefetch &p)
     const long long nth = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += nth) {
         const char *a = p.base + (i / per_row) * p.ld + (i % per_row) * 128;
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+        uck_prefetch_l2(a);
     }
 }
 
@@ -536,9 +542,9 @@ static __device__ void issue_prefetch(const prefetch &p)
 static __global__ void norm_kernel(__nv_bfloat16 *y, const __nv_bfloat16 *x, int dim, prefetch p)
 {
     __shared__ float red[32];
-    pdl_trigger();
+    uck_launch_dependents();
     issue_prefetch(p);
-    pdl_wait();
+    uck_grid_wait();
     const __nv_bfloat16 *r = x + (size_t)blockIdx.x * dim;
     float ss = 0.0f;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
@@ -566,9 +572,9 @@ static __global__ void norm_kernel(__nv_bfloat16 *y, const __nv_bfloat16 *x, int
 static __global__ void swiglu_kernel(__nv_bfloat16 *act, const __nv_bfloat16 *gu, int rows,
                                      int n_ffn, prefetch p)
 {
-    pdl_trigger();
+    uck_launch_dependents();
     issue_prefetch(p);
-    pdl_wait();
+    uck_grid_wait();
     const long long n = (long long)rows * n_ffn;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
@@ -583,28 +589,12 @@ static __global__ void swiglu_kernel(__nv_bfloat16 *act, const __nv_bfloat16 *gu
 static __global__ void attn_out_kernel(__nv_bfloat16 *att, const __nv_bfloat16 *qkv, int rows,
                                        int q_dim, int ld)
 {
-    pdl_wait();
+    uck_grid_wait();
     const long long n = (long long)rows * q_dim;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         att[i] = qkv[(i / q_dim) * ld + i % q_dim];
     }
-}
-
-template <typename... P, typename... A>
-static void launch_pdl(bool pdl, void (*k)(P...), dim3 grid, dim3 block, cudaStream_t st,
-                       A... args)
-{
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.stream = st;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    CK(cudaLaunchKernelEx(&cfg, k, static_cast<P>(args)...));
 }
 
 struct chain_layer {
@@ -635,7 +625,7 @@ static prefetch prefetch_of(const void *w, int n, int k, double mb, bool spread)
 
 /* Median time of one chain layer (us): LAYERS layers in one graph, SAMPLES launches. */
 static double time_chain(const ctx &cx, const std::vector<chain_layer> &layers,
-                         const config *cfg, double mb, bool spread, bool pdl, void *x, void *xn,
+                         const config *cfg, double mb, bool spread, void *x, void *xn,
                          void *qkv, void *att, void *gu, void *act)
 {
     layouts l[N_SHAPES];
@@ -649,16 +639,16 @@ static double time_chain(const ctx &cx, const std::vector<chain_layer> &layers,
     CK(cudaStreamBeginCapture(cx.st, cudaStreamCaptureModeThreadLocal));
     for (size_t i = 0; i < layers.size(); i++) {
         const chain_layer &ly = layers[i];
-        launch_pdl(pdl, norm_kernel, dim3(t), dim3(256), cx.st, (__nv_bfloat16 *)xn,
+        uck_launch(norm_kernel, dim3(t), dim3(256), 0, cx.st, (__nv_bfloat16 *)xn,
                    (const __nv_bfloat16 *)x, c, prefetch_of(ly.w[0], 6144, c, mb, spread));
         ok = ok && product(cx, cfg[0], l[0], qkv, xn, ly.w[0], 6144, c, 0.0f);
-        launch_pdl(pdl, attn_out_kernel, dim3(32), dim3(256), cx.st, (__nv_bfloat16 *)att,
+        uck_launch(attn_out_kernel, dim3(32), dim3(256), 0, cx.st, (__nv_bfloat16 *)att,
                    (const __nv_bfloat16 *)qkv, t, c, 6144);
         ok = ok && product(cx, cfg[1], l[1], x, att, ly.w[1], c, c, 1.0f);
-        launch_pdl(pdl, norm_kernel, dim3(t), dim3(256), cx.st, (__nv_bfloat16 *)xn,
+        uck_launch(norm_kernel, dim3(t), dim3(256), 0, cx.st, (__nv_bfloat16 *)xn,
                    (const __nv_bfloat16 *)x, c, prefetch_of(ly.w[2], 2 * n_ffn, c, mb, spread));
         ok = ok && product(cx, cfg[2], l[2], gu, xn, ly.w[2], 2 * n_ffn, c, 0.0f);
-        launch_pdl(pdl, swiglu_kernel, dim3(132), dim3(256), cx.st, (__nv_bfloat16 *)act,
+        uck_launch(swiglu_kernel, dim3(132), dim3(256), 0, cx.st, (__nv_bfloat16 *)act,
                    (const __nv_bfloat16 *)gu, t, n_ffn, prefetch_of(ly.w[3], c, n_ffn, mb, spread));
         ok = ok && product(cx, cfg[3], l[3], x, act, ly.w[3], c, n_ffn, 1.0f);
     }
@@ -668,32 +658,14 @@ static double time_chain(const ctx &cx, const std::vector<chain_layer> &layers,
         exit(1);
     }
     CK(cudaGraphInstantiate(&ge, g, 0));
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    CK(cudaGraphLaunch(ge, cx.st));
-    double ts[SAMPLES];
-    for (int i = 0; i < SAMPLES; i++) {
-        CK(cudaEventRecord(a, cx.st));
-        CK(cudaGraphLaunch(ge, cx.st));
-        CK(cudaEventRecord(b, cx.st));
-        CK(cudaEventSynchronize(b));
-        float ms = 0.0f;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        ts[i] = ms * 1e3 / (double)layers.size();
-    }
-    std::sort(ts, ts + SAMPLES);
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-    cudaGraphExecDestroy(ge);
-    cudaGraphDestroy(g);
+    CK(cudaGraphLaunch(ge, cx.st)); /* warm-up */
     for (int i = 0; i < N_SHAPES; i++) {
         free_layouts(l[i]);
     }
-    return ts[SAMPLES / 2];
+    return graph_median_ms(ge, g, cx.st) * 1e3 / (double)layers.size();
 }
 
-static void run_chain(const ctx &cx, const config *best, const std::vector<double> &mbs, bool pdl)
+static void run_chain(const ctx &cx, const config *best, const std::vector<double> &mbs)
 {
     std::vector<chain_layer> layers(LAYERS);
     double wbytes = 0.0;
@@ -720,8 +692,9 @@ static void run_chain(const ctx &cx, const config *best, const std::vector<doubl
         have_best = have_best || best[s].lt;
     }
     printf("chain T=%d: %d layers of distinct weights in one graph (%.0f MB a layer), small "
-           "kernels %s programmatic launches\n", t, LAYERS, wbytes / 1e6, pdl ? "as" : "NOT as");
-    const double base = time_chain(cx, layers, dflt, 0.0, false, pdl, x, xn, qkv, att, gu, act);
+           "kernels %s programmatic launches\n", t, LAYERS, wbytes / 1e6,
+           uck_pdl_enabled() ? "as" : "NOT as");
+    const double base = time_chain(cx, layers, dflt, 0.0, false, x, xn, qkv, att, gu, act);
     printf("  %-22s %-6s %8s %8s %9s\n", "products", "L2", "MB", "us/layer", "vs base");
     printf("  %-22s %-6s %8.1f %8.2f %9s  (%.2f TB/s of weights; 32 layers %.3f ms)\n",
            "cublasGemmEx", "-", 0.0, base, "1.000", wbytes / (base * 1e-6) / 1e12, base * 32e-3);
@@ -732,7 +705,7 @@ static void run_chain(const ctx &cx, const config *best, const std::vector<doubl
                 if (mb <= 0.0 && (spread || v == 0)) {
                     continue; /* the baseline is above; one no-prefetch row for the best */
                 }
-                double us = time_chain(cx, layers, cf, mb, spread != 0, pdl, x, xn, qkv, att, gu,
+                double us = time_chain(cx, layers, cf, mb, spread != 0, x, xn, qkv, att, gu,
                                        act);
                 printf("  %-22s %-6s %8.1f %8.2f %9.3f  (%+.2f us a layer, %+.3f ms a 32-layer "
                        "step)\n", v == 0 ? "cublasGemmEx" : "searched best",
@@ -823,34 +796,22 @@ int main(int argc, char **argv)
         /* the four again, alone, both ways: the layer's sum in one breath */
         for (int s = 0; s < N_SHAPES; s++) {
             const shape &sh = SHAPES[s];
-            const size_t wbytes = (size_t)sh.n * sh.k * 2;
-            int copies = (int)std::max<size_t>(3, (COPY_BYTES + wbytes - 1) / wbytes);
-            std::vector<void *> w(copies);
-            for (int i = 0; i < copies; i++) {
-                w[i] = dalloc(wbytes);
-                fill(w[i], (size_t)sh.n * sh.k, 11 + i, 0.02f);
-            }
-            void *x = dalloc((size_t)rows * sh.k * 2), *y = dalloc((size_t)rows * sh.n * 2);
-            fill(x, (size_t)rows * sh.k, 7, 1.0f);
-            layouts l = make_layouts(rows, sh.n, sh.k);
+            operands o = make_operands(cx, sh);
+            const int copies = (int)o.w.size();
             config d = {};
             d.lt = false;
-            sum_base += time_config(cx, d, l, y, x, w.data(), copies, sh);
-            sum_best += best[s].lt ? time_config(cx, best[s], l, y, x, w.data(), copies, sh)
-                                   : time_config(cx, d, l, y, x, w.data(), copies, sh);
-            free_layouts(l);
-            for (void *p : w) {
-                cudaFree(p);
-            }
-            cudaFree(x);
-            cudaFree(y);
+            sum_base += time_config(cx, d, o.l, o.y, o.x, o.w.data(), copies, sh);
+            sum_best += time_config(cx, best[s].lt ? best[s] : d, o.l, o.y, o.x, o.w.data(),
+                                    copies, sh);
+            free_operands(o);
         }
         printf("search: a layer's four products at T=%d: cublasGemmEx %.1f us, searched best "
                "%.1f us (x%.3f): %+.3f ms a 32-layer step\n", rows, sum_base, sum_best,
                sum_base / sum_best, (sum_best - sum_base) * 32e-3);
     }
     if (do_chain) {
-        run_chain(cx, best, mbs, prop.major >= 9);
+        uc_cuda_set_pdl(prop.major >= 9); /* as the backend sets it */
+        run_chain(cx, best, mbs);
     }
     cublasLtMatmulDescDestroy(cx.desc);
     cublasLtDestroy(cx.lt);
