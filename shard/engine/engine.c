@@ -294,6 +294,7 @@ void uc_engine_destroy(struct uc_engine *e)
         eng_seq_destroy(e, e->seqs[i]);
     }
     uc_free(e->seqs);
+    eng_seq_map_fini(&e->seq_map);
     if (e->be) {
         for (int i = 0; i < DECODE_GRAPH_SLOTS; i++) {
             eng_graph_drop(e, &e->graphs[i]);

@@ -4,6 +4,7 @@
  *   engine.c   lifecycle, accessors and the compression report
  *   wire.c     the step descriptor as bytes, broadcast from rank 0
  *   seq.c      sequences: admission checks, KV bounds, create, fork, free
+ *   seq_map.c  the sequences by id
  *   prefill.c  a prompt's layer start and layer end (entropy, plan, kept tokens, stages), logits
  *   pipeline.c layer ends finished after the next pass, while the device runs it
  *   decode.c   the decode rows' index arrays, paged attention, eviction, decode-only graphs
@@ -44,6 +45,12 @@ struct qs_batch {
     int64_t host_cap;
 };
 
+/* The engine's sequences by id (seq_map.c): an open-addressing table of the seq pointers. */
+struct eng_seq_map {
+    struct seq **slots; /* (cap), NULL = empty */
+    int64_t cap, n;
+};
+
 /* A device buffer of a prompt's prefill and its size (seq.c). */
 struct eng_pf_buf {
     void *p;
@@ -52,6 +59,8 @@ struct eng_pf_buf {
 
 struct seq {
     int64_t id;
+    int64_t at;       /* its index in the engine's seqs[] */
+    int64_t decode_mark; /* the step whose validation last found it among the decode rows */
     int32_t flags;
     int32_t max_new;
     struct uc_compress_params cp;
@@ -170,6 +179,7 @@ struct uc_engine {
     struct seq **seqs;
     int64_t n_seqs;
     int64_t cap_seqs;
+    struct eng_seq_map seq_map; /* the same sequences by id */
     struct uc_profile prof;
     bool have_prof;
     double *cal_head;   /* (L, H) sums */
@@ -305,6 +315,13 @@ uc_status eng_wire_encode(struct uc_buf *b, const struct uc_step *s, int64_t ste
 uc_status eng_wire_decode(struct eng_wire_step *d, const char *buf, size_t len);
 void eng_wire_fini(struct eng_wire_step *d);
 uc_status eng_wire_broadcast(struct uc_engine *e);
+
+/* seq_map.c: put fails on a second entry for an id (and when out of memory); get gives NULL
+ * for an id not there; del of an id not there does nothing. */
+uc_status eng_seq_map_put(struct eng_seq_map *m, struct seq *s);
+struct seq *eng_seq_map_get(const struct eng_seq_map *m, int64_t id);
+void eng_seq_map_del(struct eng_seq_map *m, int64_t id);
+void eng_seq_map_fini(struct eng_seq_map *m);
 
 /* seq.c */
 struct seq *eng_find_seq(const struct uc_engine *e, int64_t id);

@@ -16,12 +16,7 @@
 
 struct seq *eng_find_seq(const struct uc_engine *e, int64_t id)
 {
-    for (int64_t i = 0; i < e->n_seqs; i++) {
-        if (e->seqs[i]->id == id) {
-            return e->seqs[i];
-        }
-    }
-    return NULL;
+    return eng_seq_map_get(&e->seq_map, id);
 }
 
 uc_status eng_pf_alloc(struct uc_engine *e, struct seq *s, void **p, int64_t bytes)
@@ -128,12 +123,16 @@ void eng_seq_destroy(struct uc_engine *e, struct seq *s)
 
 void eng_seq_remove(struct uc_engine *e, int64_t id)
 {
-    for (int64_t i = 0; i < e->n_seqs; i++) {
-        if (e->seqs[i]->id == id) {
-            eng_seq_destroy(e, e->seqs[i]);
-            e->seqs[i] = e->seqs[--e->n_seqs];
-            return;
-        }
+    struct seq *s = eng_seq_map_get(&e->seq_map, id);
+    if (!s) {
+        return;
+    }
+    int64_t i = s->at;
+    eng_seq_map_del(&e->seq_map, id);
+    eng_seq_destroy(e, s);
+    if (i != --e->n_seqs) { /* the last one fills the hole */
+        e->seqs[i] = e->seqs[e->n_seqs];
+        e->seqs[i]->at = i;
     }
 }
 
@@ -413,8 +412,12 @@ static uc_status eng_seq_register(struct uc_engine *e, struct seq *s)
     if (!eng_grow((void **)&e->seqs, &e->cap_seqs, e->n_seqs + 1, sizeof *e->seqs)) {
         return UC_ERRF(UC_ERR_NOMEM, "sequence table");
     }
-    e->seqs[e->n_seqs++] = s;
-    return UC_OK;
+    uc_status rc = eng_seq_map_put(&e->seq_map, s);
+    if (rc == UC_OK) {
+        s->at = e->n_seqs;
+        e->seqs[e->n_seqs++] = s;
+    }
+    return rc;
 }
 
 uc_status eng_seq_create(struct uc_engine *e, const struct uc_step_new *n)

@@ -70,12 +70,11 @@ static uc_status validate_step(struct uc_engine *e, const struct uc_step *s)
             return UC_ERRF(UC_ERR_INVALID_ARG, "step: token %d outside the vocabulary",
                            dd->token);
         }
-        for (int32_t k = 0; k < i; k++) {
-            if (s->decodes[k].seq_id == dd->seq_id) {
-                return UC_ERRF(UC_ERR_INVALID_ARG, "step: sequence %lld decoded twice",
-                               (long long)dd->seq_id);
-            }
+        if (q->decode_mark == e->step_no) {
+            return UC_ERRF(UC_ERR_INVALID_ARG, "step: sequence %lld decoded twice",
+                           (long long)dd->seq_id);
         }
+        q->decode_mark = e->step_no; /* a refused step leaves marks no later step matches */
         for (int32_t k = 0; k < s->n_free; k++) {
             if (s->frees[k] == dd->seq_id) {
                 return UC_ERRF(UC_ERR_INVALID_ARG, "step: sequence %lld freed and decoded",
