@@ -17,38 +17,28 @@
 
 #define NMANY 48
 
+/* uncomp-tiny with room for every sequence of the test in one step */
 static struct uc_engine *make_engine(struct uc_comm *comm, const char *shared)
 {
-    static char dir[4096];
-    snprintf(dir, sizeof dir, "%s", tu_model_dir(shared, "uncomp-tiny"));
     struct uc_engine_params ep = uc_engine_default_params();
-    ep.model_dir = dir;
+    ep.model_dir = tu_model_dir(shared, "uncomp-tiny");
     ep.backend = tu_backend_params();
     ep.kv_blocks = 4096;
     ep.max_batch = NMANY + 2;
-    ep.profile_path = "/nonexistent/uncomp_profile.json";
+    ep.profile_path = "/nonexistent/uncomp_profile.json"; /* full heads need none */
     struct uc_engine *e = NULL;
-    if (uc_engine_create(&e, &ep, comm) != UC_OK) {
-        fprintf(stderr, "cannot create the engine\n");
+    TU_CHECK(uc_engine_create(&e, &ep, comm) == UC_OK, "cannot create the engine");
+    if (!e) {
         exit(1);
     }
     return e;
 }
 
-static void prompt_ids(int32_t *ids, int64_t n, uint64_t seed)
-{
-    struct uc_rng rng;
-    uc_rng_seed(&rng, seed);
-    ids[0] = 0;
-    for (int64_t i = 1; i < n; i++) {
-        ids[i] = (int32_t)(2 + uc_rng_next(&rng) % 4000);
-    }
-}
-
+/* A sequence of an n-token prompt, prefilled. */
 static void add(struct uc_engine *e, int64_t id, int64_t n)
 {
     int32_t ids[64];
-    prompt_ids(ids, n, (uint64_t)id);
+    tu_hash_ids(ids, n);
     struct uc_compress_params cp = tu_spec("full", 0);
     TU_CHECK(tu_prefill(e, id, ids, n, 0, &cp, 64) == UC_OK, "prefill of %lld", (long long)id);
 }
