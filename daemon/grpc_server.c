@@ -242,6 +242,13 @@ struct uc_server {
 
     FILE *send_trace;           /* --send-trace (NULL: none) */
     pthread_mutex_t trace_mu;   /* one line at a time */
+
+    /* Calls kicked by the scheduler's sinks with a step's results, handed to the pump in one go
+     * when the round ends (the scheduler's round hook, flush_kicks): one wake-up a step instead
+     * of one an event. */
+    pthread_mutex_t defer_mu;   /* guards the three below */
+    struct call *defer_head, *defer_tail;
+    bool defer_on;              /* the hook is set: kicks from inside a round may wait for it */
 };
 
 static const char *const state_names[] = {"LOADING", "SERVING", "DRAINING", "STOPPED"};
@@ -281,6 +288,20 @@ static void call_unref(struct call *c)
 }
 
 /* Puts a call on the kick list (c->mu held, srv->mu not held by the caller). */
+/* Appends the list head..tail (linked by kick_next) to the pump's and wakes it. */
+static void kick_list(struct uc_server *s, struct call *head, struct call *tail)
+{
+    pthread_mutex_lock(&s->mu);
+    if (s->kick_tail) {
+        s->kick_tail->kick_next = head;
+    } else {
+        s->kick_head = head;
+    }
+    s->kick_tail = tail;
+    pthread_cond_signal(&s->kick_cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
 static void kick_locked_call(struct call *c)
 {
     if (c->kicked || c->sending) {
@@ -289,16 +310,37 @@ static void kick_locked_call(struct call *c)
     c->kicked = true;
     call_ref(c);
     struct uc_server *s = c->srv;
-    pthread_mutex_lock(&s->mu);
     c->kick_next = NULL;
-    if (s->kick_tail) {
-        s->kick_tail->kick_next = c;
-    } else {
-        s->kick_head = c;
+    if (uc_sched_batching()) { /* a step's results: the round's end wakes the pump */
+        pthread_mutex_lock(&s->defer_mu);
+        bool deferred = s->defer_on;
+        if (deferred) {
+            if (s->defer_tail) {
+                s->defer_tail->kick_next = c;
+            } else {
+                s->defer_head = c;
+            }
+            s->defer_tail = c;
+        }
+        pthread_mutex_unlock(&s->defer_mu);
+        if (deferred) {
+            return;
+        }
     }
-    s->kick_tail = c;
-    pthread_cond_signal(&s->kick_cv);
-    pthread_mutex_unlock(&s->mu);
+    kick_list(s, c, c);
+}
+
+/* The scheduler's round hook: the round's kicks to the pump, one wake-up. */
+static void flush_kicks(void *user)
+{
+    struct uc_server *s = user;
+    pthread_mutex_lock(&s->defer_mu);
+    struct call *head = s->defer_head, *tail = s->defer_tail;
+    s->defer_head = s->defer_tail = NULL;
+    pthread_mutex_unlock(&s->defer_mu);
+    if (head) {
+        kick_list(s, head, tail);
+    }
 }
 
 static void *pump_main(void *arg)
@@ -1603,6 +1645,7 @@ static bool teardown(struct uc_server *s, bool started)
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);
     pthread_mutex_destroy(&s->trace_mu);
+    pthread_mutex_destroy(&s->defer_mu);
     uc_free(s->listen);
     uc_free(s->tls_cert);
     uc_free(s->tls_key);
@@ -1662,6 +1705,7 @@ uc_status uc_server_create(struct uc_server **out, const struct uc_server_params
     s->t_shutdown = (struct tag){NULL, TAG_SHUTDOWN};
     pthread_mutex_init(&s->mu, NULL);
     pthread_mutex_init(&s->trace_mu, NULL);
+    pthread_mutex_init(&s->defer_mu, NULL);
     pthread_cond_init(&s->kick_cv, NULL);
     pthread_cond_init(&s->cv, NULL);
     grpc_init();
@@ -1753,6 +1797,10 @@ uc_status uc_server_create(struct uc_server **out, const struct uc_server_params
         arm(s, (enum uc_grpc_method)m);
     }
     arm(s, M_GENERIC);
+    if (p->sched) { /* the scheduler's sinks leave their wake-ups to the round's end */
+        s->defer_on = true;
+        uc_sched_set_round_hook(p->sched, flush_kicks, s);
+    }
     UC_LOG_NOTICE("grpc: listening on %s (port %d, %s)", s->listen, port,
                   s->tls_cert ? "TLS" : "insecure");
     if (p->metrics_port > 0) {
@@ -1822,6 +1870,14 @@ void uc_server_destroy(struct uc_server *s)
     if (!s) {
         return;
     }
+    /* the round hook off, then what it left: from here every kick wakes the pump itself */
+    if (s->p.sched) {
+        uc_sched_set_round_hook(s->p.sched, NULL, NULL);
+    }
+    pthread_mutex_lock(&s->defer_mu);
+    s->defer_on = false;
+    pthread_mutex_unlock(&s->defer_mu);
+    flush_kicks(s);
     pthread_mutex_lock(&s->mu);
     s->stopping = true;
     pthread_mutex_unlock(&s->mu);

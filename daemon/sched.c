@@ -786,6 +786,21 @@ void sched_reap(struct uc_sched *s)
     }
 }
 
+/* Whether this thread is the engine thread handing out a step's results (uc_sched_batching). */
+static _Thread_local bool in_results;
+
+bool uc_sched_batching(void) { return in_results; }
+
+void sched_set_batching(bool on) { in_results = on; }
+
+void uc_sched_set_round_hook(struct uc_sched *s, void (*fn)(void *user), void *user)
+{
+    pthread_mutex_lock(&s->hook_mu);
+    s->round_hook = fn;
+    s->round_hook_user = fn ? user : NULL;
+    pthread_mutex_unlock(&s->hook_mu);
+}
+
 uc_status uc_sched_run(struct uc_sched *s)
 {
     int64_t last_beat = uc_time_ms();
@@ -797,7 +812,13 @@ uc_status uc_sched_run(struct uc_sched *s)
         if (stop) {
             break;
         }
-        if (sched_round(s)) {
+        bool work = sched_round(s);
+        pthread_mutex_lock(&s->hook_mu);
+        if (s->round_hook) {
+            s->round_hook(s->round_hook_user);
+        }
+        pthread_mutex_unlock(&s->hook_mu);
+        if (work) {
             last_beat = uc_time_ms();
             continue;
         }
@@ -967,6 +988,7 @@ uc_status uc_sched_create(struct uc_sched **out, const struct uc_sched_params *p
     s->cfg = uc_engine_config(engine);
     s->dflt = p->default_compress;
     pthread_mutex_init(&s->mu, NULL);
+    pthread_mutex_init(&s->hook_mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->done_cv, NULL);
     s->profile_json = sched_profile_json_of(engine);
@@ -1009,6 +1031,7 @@ void uc_sched_destroy(struct uc_sched *s)
         fclose(s->trace);
     }
     pthread_mutex_destroy(&s->mu);
+    pthread_mutex_destroy(&s->hook_mu);
     pthread_cond_destroy(&s->cv);
     pthread_cond_destroy(&s->done_cv);
     uc_free(s);

@@ -175,6 +175,14 @@ uc_status uc_sched_submit(struct uc_sched *s, const struct uc_request *r, uc_eve
  * deadline). Returns false when no such request is live. */
 bool uc_sched_abort(struct uc_sched *s, const char *request_id, uc_status why);
 
+/* Fronts whose sinks wake a sender of theirs can wake it once a round instead of once an event
+ * (a step at batch 256 hands out 256 events): fn(user) runs on the engine thread after every
+ * round, and uc_sched_batching() says, on the calling thread, whether it is the engine thread
+ * handing out a step's results (where a sink may leave its wake-up to fn). One hook;
+ * thread-safe; NULL clears it, and once that returns fn is not running and will not run again. */
+void uc_sched_set_round_hook(struct uc_sched *s, void (*fn)(void *user), void *user);
+bool uc_sched_batching(void);
+
 /* Runs the loop on the calling thread (rank 0's engine thread) until uc_sched_stop, then shuts
  * the other ranks down. */
 uc_status uc_sched_run(struct uc_sched *s);

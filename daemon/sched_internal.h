@@ -115,6 +115,9 @@ struct uc_sched {
     pthread_mutex_t mu;
     pthread_cond_t cv;      /* wakes the engine thread */
     pthread_cond_t done_cv; /* wakes drain / calibrate waiters */
+    pthread_mutex_t hook_mu; /* guards the round hook, held while it runs */
+    void (*round_hook)(void *user);
+    void *round_hook_user;
     /* under mu */
     struct req *wait_head, *wait_tail;
     int32_t n_waiting;
@@ -172,6 +175,10 @@ void sched_publish(struct uc_sched *s);
 void sched_wait_unlink_locked(struct uc_sched *s, struct req *q);
 /* Releases what a request holds for its prefill (the prefill memory of its buffers). */
 void sched_prefill_release(struct uc_sched *s, struct req *q);
+/* On the engine thread, from a step's end to its round's end: the events handed out meanwhile
+ * (the step's results) may leave their fronts' wake-ups to the round hook (uc_sched_batching);
+ * errors and aborts before the step still go out at once. */
+void sched_set_batching(bool on);
 
 /* sched_step.c */
 /* One scheduling round; returns false when there was nothing to do. */

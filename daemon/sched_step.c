@@ -380,6 +380,7 @@ bool sched_round(struct uc_sched *s)
         tt[1] = s->trace ? uc_time_s() : 0.0;
         rc = uc_engine_step(s->e, &st);
         tt[2] = s->trace ? uc_time_s() : 0.0;
+        sched_set_batching(true); /* until the round ends: one wake-up per front (round hook) */
         s->n_frees = 0;
         if (rc != UC_OK) {
             /* a refused step ran nothing: fail what it carried */
@@ -421,5 +422,6 @@ bool sched_round(struct uc_sched *s)
         trace_step(s, tt, n_dec + n_pf > 0 ? metrics_step_name(step_kind(n_dec, n_pf)) : "other",
                    n_dec, n_pf, n_new, n_free, rc);
     }
+    sched_set_batching(false);
     return work;
 }
