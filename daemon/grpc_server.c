@@ -287,21 +287,28 @@ static void call_unref(struct call *c)
     }
 }
 
-/* Puts a call on the kick list (c->mu held, srv->mu not held by the caller). */
-/* Appends the list head..tail (linked by kick_next) to the pump's and wakes it. */
+/* Appends the calls head..tail (linked by kick_next) to the list *first..*last. */
+static void kick_append(struct call **first, struct call **last, struct call *head,
+                        struct call *tail)
+{
+    if (*last) {
+        (*last)->kick_next = head;
+    } else {
+        *first = head;
+    }
+    *last = tail;
+}
+
+/* Hands the calls head..tail to the pump and wakes it. */
 static void kick_list(struct uc_server *s, struct call *head, struct call *tail)
 {
     pthread_mutex_lock(&s->mu);
-    if (s->kick_tail) {
-        s->kick_tail->kick_next = head;
-    } else {
-        s->kick_head = head;
-    }
-    s->kick_tail = tail;
+    kick_append(&s->kick_head, &s->kick_tail, head, tail);
     pthread_cond_signal(&s->kick_cv);
     pthread_mutex_unlock(&s->mu);
 }
 
+/* Puts a call on the kick list (c->mu held, srv->mu not held by the caller). */
 static void kick_locked_call(struct call *c)
 {
     if (c->kicked || c->sending) {
@@ -315,12 +322,7 @@ static void kick_locked_call(struct call *c)
         pthread_mutex_lock(&s->defer_mu);
         bool deferred = s->defer_on;
         if (deferred) {
-            if (s->defer_tail) {
-                s->defer_tail->kick_next = c;
-            } else {
-                s->defer_head = c;
-            }
-            s->defer_tail = c;
+            kick_append(&s->defer_head, &s->defer_tail, c, c);
         }
         pthread_mutex_unlock(&s->defer_mu);
         if (deferred) {
