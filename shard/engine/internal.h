@@ -317,10 +317,10 @@ void eng_wire_fini(struct eng_wire_step *d);
 uc_status eng_wire_broadcast(struct uc_engine *e);
 
 /* seq_map.c: put fails on a second entry for an id (and when out of memory); get gives NULL
- * for an id not there; del of an id not there does nothing. */
+ * for an id not there; del takes the id's entry out and gives it (NULL: not there). */
 uc_status eng_seq_map_put(struct eng_seq_map *m, struct seq *s);
 struct seq *eng_seq_map_get(const struct eng_seq_map *m, int64_t id);
-void eng_seq_map_del(struct eng_seq_map *m, int64_t id);
+struct seq *eng_seq_map_del(struct eng_seq_map *m, int64_t id);
 void eng_seq_map_fini(struct eng_seq_map *m);
 
 /* seq.c */

@@ -123,12 +123,11 @@ void eng_seq_destroy(struct uc_engine *e, struct seq *s)
 
 void eng_seq_remove(struct uc_engine *e, int64_t id)
 {
-    struct seq *s = eng_seq_map_get(&e->seq_map, id);
+    struct seq *s = eng_seq_map_del(&e->seq_map, id);
     if (!s) {
         return;
     }
     int64_t i = s->at;
-    eng_seq_map_del(&e->seq_map, id);
     eng_seq_destroy(e, s);
     if (i != --e->n_seqs) { /* the last one fills the hole */
         e->seqs[i] = e->seqs[e->n_seqs];

@@ -74,18 +74,19 @@ struct seq *eng_seq_map_get(const struct eng_seq_map *m, int64_t id)
     return NULL;
 }
 
-void eng_seq_map_del(struct eng_seq_map *m, int64_t id)
+struct seq *eng_seq_map_del(struct eng_seq_map *m, int64_t id)
 {
     if (m->n == 0) {
-        return;
+        return NULL;
     }
     const uint64_t mask = (uint64_t)(m->cap - 1);
     uint64_t j = slot_of(id, (int64_t)mask);
     while (m->slots[j] && m->slots[j]->id != id) {
         j = (j + 1) & mask;
     }
-    if (!m->slots[j]) {
-        return;
+    struct seq *gone = m->slots[j];
+    if (!gone) {
+        return NULL;
     }
     m->slots[j] = NULL;
     m->n--;
@@ -99,6 +100,7 @@ void eng_seq_map_del(struct eng_seq_map *m, int64_t id)
             j = k;
         }
     }
+    return gone;
 }
 
 void eng_seq_map_fini(struct eng_seq_map *m)

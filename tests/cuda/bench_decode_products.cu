@@ -95,18 +95,11 @@ struct ctx {
     int t;
 };
 
-/* Deterministic bf16 values in [-scale, scale). */
+/* Deterministic bf16 values in [-scale, scale), made on the device (the backend's generator). */
 static void fill(void *dev, size_t n, uint64_t seed, float scale)
 {
-    std::vector<__nv_bfloat16> h(n);
-    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-    for (size_t i = 0; i < n; i++) {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        h[i] = __float2bfloat16(scale * (2.0f * (float)(s >> 40) / (float)(1ull << 24) - 1.0f));
-    }
-    CK(cudaMemcpy(dev, h.data(), n * sizeof(__nv_bfloat16), cudaMemcpyHostToDevice));
+    CK(uc_cuda_weight_random(dev, (int64_t)n, seed, 0.0f, scale / sqrtf(3.0f), UC_CUDA_BF16, 0));
+    CK(cudaDeviceSynchronize()); /* the benchmark's stream does not wait on the legacy one */
 }
 
 static void *dalloc(size_t bytes)

@@ -2145,8 +2145,7 @@ static uc_status run_dec(void *p)
                                  NULL);
 }
 
-/* Decode attention over `ctx` tokens per (row, KV head), blocks laid out in order. */
-/* The decode attention at rows x ctx. With a ratio (> 0) it runs as the engine's decode steps
+/* The decode attention at rows x ctx, blocks laid out in order. With a ratio (> 0) it runs as the engine's decode steps
  * do (tables on the device, ranges sized in the kernel from each entry's length), and with one
  * above 1 the KV heads are uneven as uncomp's are (the first half of each row's heads keep
  * `ratio` times what the others keep, the mean still ctx: 4/3 and 2/3 of it at ratio 2), so the

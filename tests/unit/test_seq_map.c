@@ -41,7 +41,8 @@ static void random_ops(void **state)
             n += !in[i];
             in[i] = true;
         } else {
-            eng_seq_map_del(&m, seqs[i].id);
+            /* the entry taken out, or NULL for an id not there */
+            assert_ptr_equal(eng_seq_map_del(&m, seqs[i].id), in[i] ? &seqs[i] : NULL);
             n -= in[i];
             in[i] = false;
         }
@@ -55,7 +56,7 @@ static void random_ops(void **state)
         }
     }
     for (int k = 0; k < POOL; k++) { /* empty it: every delete leaves the rest findable */
-        eng_seq_map_del(&m, seqs[k].id);
+        assert_ptr_equal(eng_seq_map_del(&m, seqs[k].id), in[k] ? &seqs[k] : NULL);
         in[k] = false;
         for (int j = k + 1; j < POOL && k % 50 == 0; j++) {
             assert_ptr_equal(eng_seq_map_get(&m, seqs[j].id), in[j] ? &seqs[j] : NULL);
