@@ -168,11 +168,6 @@ struct uc_backend_ops {
      * wgu (2F, K) holding the gate rows then the up rows; gu (T, 2F) is scratch. */
     uc_status (*matmul_swiglu)(struct uc_backend *be, void *y, void *gu, const void *x,
                                const void *wgu, int64_t n_tok, int64_t n_ffn, int64_t n_in);
-    /* (optional) Starts bringing the weight w (N, K) of the product of T rows that comes next
-     * into cache, beside the op before it (the norm or swiglu that feeds the product): a hint,
-     * with no effect on any result; backends that do nothing for it leave it NULL. */
-    uc_status (*l2_prefetch)(struct uc_backend *be, const void *w, int64_t n_out, int64_t n_in,
-                             int64_t n_tok);
     /* y (T, N) = x (T, K) w^T, w: weight (N, K). */
     uc_status (*matmul)(struct uc_backend *be, void *y, const void *x, const void *w, int64_t n_tok,
                         int64_t n_out, int64_t n_in);

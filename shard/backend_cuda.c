@@ -83,9 +83,6 @@ struct cuda_ctx {
     bool residual_epilogue; /* matmul_residual adds in cuBLAS's epilogue
                                (UC_CUDA_RESIDUAL_EPILOGUE=0: a separate add, a measurement
                                switch) */
-    int64_t l2_prefetch;  /* bytes of a decode product's weights asked of L2 beforehand (0: off;
-                             UC_CUDA_L2_PREFETCH=MB[,spread], an experiment awaiting a device) */
-    bool l2_spread;       /* as the first bytes of every weight row instead of the head */
     uint64_t epoch;      /* bumped when a workspace above moves (recorded graphs go stale) */
     bool capturing;      /* between graph_begin and graph_end */
     /* the last RoPE positions: every layer of a prefill slice rotates at the same positions,
@@ -472,21 +469,6 @@ static uc_status cuda_matmul(struct uc_backend *be, void *y, const void *x, cons
     rc = cublas_product(c, y, x, w, n_tok, n_out, n_in, 0.0f);
 out:
     return rc;
-}
-
-/* Products of more rows than gemv's and at most this many are decode's on cuBLAS: the ones
- * l2_prefetch serves (tests/cuda/bench_decode_products.cu measures why). */
-#define L2_PREFETCH_MAX_ROWS 256
-
-static uc_status cuda_l2_prefetch(struct uc_backend *be, const void *w, int64_t n_out,
-                                  int64_t n_in, int64_t n_tok)
-{
-    struct cuda_ctx *c = ctx_of(be);
-    if (c->l2_prefetch <= 0 || n_tok <= c->gemv_rows || n_tok > L2_PREFETCH_MAX_ROWS) {
-        return UC_OK;
-    }
-    return CU(uc_cuda_l2_prefetch(w, n_out, n_in * (int64_t)c->act, c->l2_prefetch, c->l2_spread,
-                                  c->stream));
 }
 
 static uc_status cuda_add_rmsnorm(struct uc_backend *be, void *y, void *x, const void *d,
@@ -1665,7 +1647,6 @@ static const struct uc_backend_ops cuda_ops = {
     .add_rmsnorm = cuda_add_rmsnorm,
     .matmul_residual = cuda_matmul_residual,
     .matmul_swiglu = cuda_matmul_swiglu,
-    .l2_prefetch = cuda_l2_prefetch,
     .add_bias = cuda_add_bias,
     .add = cuda_add,
     .rope = cuda_rope,
@@ -1781,18 +1762,6 @@ uc_status uc_backend_cuda_create(struct uc_backend **out, const struct uc_backen
     c->gemv_tc = prop.major >= 8 && !(tc_env && !strcmp(tc_env, "0"));
     const char *re_env = getenv("UC_CUDA_RESIDUAL_EPILOGUE");
     c->residual_epilogue = !(re_env && !strcmp(re_env, "0"));
-    const char *l2_env = getenv("UC_CUDA_L2_PREFETCH");
-    if (l2_env && *l2_env) {
-        char *end;
-        double mb = strtod(l2_env, &end);
-        c->l2_spread = !strcmp(end, ",spread");
-        if (!(mb >= 0.0 && mb <= 1024.0) || (*end && !c->l2_spread)) {
-            rc = UC_ERRF(UC_ERR_INVALID_ARG, "UC_CUDA_L2_PREFETCH=%s: expected MB or MB,spread",
-                         l2_env);
-            goto out_destroy;
-        }
-        c->l2_prefetch = (int64_t)(mb * 1e6);
-    }
     snprintf(be->device_name, sizeof be->device_name, "%.100s (sm_%d%d)%s", prop.name, prop.major,
              prop.minor, c->fp32 ? " fp32" : "");
     /* keep freed pool memory instead of returning it to the driver at every sync */

@@ -573,24 +573,12 @@ uc_status uc_model_attn_norm(struct uc_model *m, struct uc_model_ws *ws, int64_t
                                m->cfg.hidden, (float)m->cfg.norm_eps);
 }
 
-/* The backend's hint that the product of w (n_out, n_in) comes next (after the op just issued). */
-static uc_status prefetch_next(struct uc_model *m, const void *w, int64_t n_out, int64_t n_in,
-                               int64_t n_tok)
-{
-    struct uc_backend *be = m->be;
-    return be->ops->l2_prefetch ? be->ops->l2_prefetch(be, w, n_out, n_in, n_tok) : UC_OK;
-}
-
 uc_status uc_model_qkv_proj(struct uc_model *m, struct uc_model_ws *ws, int64_t layer, void *qkv,
                             int64_t n_tok)
 {
     struct uc_backend *be = m->be;
     const struct layer_w *w = &m->layers[layer];
-    /* the norm before this product has just been issued, by the caller or the layer before */
-    uc_status rc = prefetch_next(m, w->wqkv, m->sh.qkv_dim, m->cfg.hidden, n_tok);
-    if (rc == UC_OK) {
-        rc = be->ops->matmul(be, qkv, ws->xn, w->wqkv, n_tok, m->sh.qkv_dim, m->cfg.hidden);
-    }
+    uc_status rc = be->ops->matmul(be, qkv, ws->xn, w->wqkv, n_tok, m->sh.qkv_dim, m->cfg.hidden);
     if (rc == UC_OK && w->bqkv) {
         rc = be->ops->add_bias(be, qkv, w->bqkv, n_tok, m->sh.qkv_dim);
     }
@@ -662,10 +650,8 @@ static uc_status finish_layer(struct uc_model *m, struct uc_model_ws *ws, int64_
     UC_CHECK(residual_product(m, ws, x, ws->att, w->wo, w->bo, w->ffn_norm, n_tok,
                               s->n_heads * m->cfg.head_dim),
              rc, out);
-    UC_CHECK(prefetch_next(m, w->wgu, 2 * s->n_ffn, cdim, n_tok), rc, out);
     UC_CHECK(be->ops->matmul_swiglu(be, ws->act, ws->gu, ws->xn, w->wgu, n_tok, s->n_ffn, cdim), rc,
              out);
-    UC_CHECK(prefetch_next(m, w->wdown, cdim, s->n_ffn, n_tok), rc, out);
     rc = residual_product(m, ws, x, ws->act, w->wdown, NULL,
                           next_norm ? m->layers[layer + 1].attn_norm : NULL, n_tok, s->n_ffn);
 out:

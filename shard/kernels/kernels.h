@@ -139,12 +139,6 @@ cudaError_t uc_cuda_window_reduce(float *col, float *row, const float *probs, in
  * dependent launches (sm_90): each may start while the previous kernel runs and waits for it
  * on the device. Off by default; the backend turns it on for sm_90 devices. */
 void uc_cuda_set_pdl(int on);
-/* Asks L2 for `bytes` of the weights w (rows x row_bytes, contiguous) of the product that
- * follows: its head, or with spread the first bytes of every row. A programmatic dependent
- * launch that overlaps the kernel before it when that kernel lets its dependents start, and ends
- * after it. Nothing for fewer than 128 bytes. */
-cudaError_t uc_cuda_l2_prefetch(const void *w, int64_t rows, int64_t row_bytes, int64_t bytes,
-                                bool spread, cudaStream_t stream);
 /* Decode-size matrix product y (T, N) = x (T, K) w^T in bf16 (float32 accumulation) for
  * T <= 8 and K a multiple of 8: streams w at close to the memory bandwidth. */
 bool uc_cuda_gemv_supported(int64_t n_tok, int64_t n_out, int64_t n_in, enum uc_cuda_dtype dt);

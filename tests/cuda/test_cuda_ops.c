@@ -353,92 +353,6 @@ static void test_lt_choice(void)
 }
 #endif
 
-/* A decode layer's MLP as the model issues it at T rows, on backend be: the o product with the
- * residual and the norm, the hint for gate|up, matmul_swiglu, the hint for down, the down
- * product with the residual. Returns x (T, C) after it, to host. */
-static float *mlp_chain(struct uc_backend *be, const float *x, const float *a, const float *wo,
-                        const float *wgu, const float *wdn, const float *g, int64_t t, int64_t c,
-                        int64_t f)
-{
-    void *xd = put(be, x, t * c), *ad = put(be, a, t * c), *yd = put(be, x, t * c);
-    /* scratch of the right sizes, from any values (all overwritten) */
-    void *td = put(be, x, t * c), *gud = put(be, wgu, t * 2 * f), *actd = put(be, wgu, t * f);
-    void *wo_d = NULL, *wgu_d = NULL, *wdn_d = NULL, *g_d = NULL;
-    if (be->ops->weight_create(be, &wo_d, wo, c, c) != UC_OK ||
-        be->ops->weight_create(be, &wgu_d, wgu, 2 * f, c) != UC_OK ||
-        be->ops->weight_create(be, &wdn_d, wdn, c, f) != UC_OK ||
-        be->ops->weight_create(be, &g_d, g, 1, c) != UC_OK) {
-        die("weights");
-    }
-    bool ok = be->ops->matmul_residual(be, xd, yd, td, ad, wo_d, g_d, t, c, c, 1e-5f) == UC_OK &&
-              be->ops->l2_prefetch(be, wgu_d, 2 * f, c, t) == UC_OK &&
-              be->ops->matmul_swiglu(be, actd, gud, yd, wgu_d, t, f, c) == UC_OK &&
-              be->ops->l2_prefetch(be, wdn_d, c, f, t) == UC_OK &&
-              be->ops->matmul_residual(be, xd, yd, td, actd, wdn_d, NULL, t, c, f, 1e-5f) == UC_OK;
-    if (!ok) {
-        die("mlp chain");
-    }
-    float *out = get(be, xd, t * c);
-    void *bufs[] = {xd, ad, yd, td, gud, actd};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
-        drop(be, bufs[i]);
-    }
-    void *ws[] = {wo_d, wgu_d, wdn_d, g_d};
-    for (size_t i = 0; i < sizeof ws / sizeof ws[0]; i++) {
-        be->ops->weight_free(be, ws[i]);
-    }
-    return out;
-}
-
-/* UC_CUDA_L2_PREFETCH (an experiment: L2 asked for a decode product's weights while the norm or
- * swiglu before it runs) must change nothing but time: a decode MLP at T rows (past gemv's 8,
- * so the hints act) gives the same bits with the head or the spread prefetch as without. */
-static void test_l2_prefetch(int64_t t)
-{
-    const int64_t c = 1024, f = 2816;
-    float *x = hdata(t * c, 60, 2.0f), *a = hdata(t * c, 61, 1.0f), *wo = hdata(c * c, 62, 0.05f);
-    float *wgu = hdata(2 * f * c, 63, 0.05f), *wdn = hdata(c * f, 64, 0.05f);
-    float *g = hdata(c, 65, 1.0f);
-    float *ref = mlp_chain(gpu, x, a, wo, wgu, wdn, g, t, c, f);
-    static const char *modes[] = {"4", "2,spread"};
-    for (int m = 0; m < 2; m++) {
-        struct uc_backend *pf = NULL;
-        struct uc_backend_params gp = uc_backend_default_params();
-        gp.kind = UC_BACKEND_CUDA;
-        gp.fp32 = fp32;
-        setenv("UC_CUDA_L2_PREFETCH", modes[m], 1);
-        uc_status rc = uc_backend_create(&pf, &gp);
-        unsetenv("UC_CUDA_L2_PREFETCH");
-        if (rc != UC_OK) {
-            die("cuda backend with UC_CUDA_L2_PREFETCH");
-        }
-        float *got = mlp_chain(pf, x, a, wo, wgu, wdn, g, t, c, f);
-        char what[64];
-        snprintf(what, sizeof what, "T=%lld %s MB against none (bits)", (long long)t, modes[m]);
-        report("l2_prefetch", what, memcmp(got, ref, (size_t)(t * c) * sizeof(float)) ? INFINITY
-                                                                                        : 0.0,
-               0.0);
-        uc_free(got);
-        uc_backend_destroy(pf);
-    }
-    /* a bad setting is refused at start, with the variable named */
-    struct uc_backend *bad = NULL;
-    struct uc_backend_params gp = uc_backend_default_params();
-    gp.kind = UC_BACKEND_CUDA;
-    setenv("UC_CUDA_L2_PREFETCH", "8,sideways", 1);
-    uc_status rc = uc_backend_create(&bad, &gp);
-    unsetenv("UC_CUDA_L2_PREFETCH");
-    report("l2_prefetch", "UC_CUDA_L2_PREFETCH=8,sideways refused",
-           rc == UC_ERR_INVALID_ARG && !bad ? 0.0 : INFINITY, 0.0);
-    if (bad) {
-        uc_backend_destroy(bad);
-    }
-    float *h[] = {x, a, wo, wgu, wdn, g, ref};
-    for (size_t i = 0; i < sizeof h / sizeof h[0]; i++) {
-        uc_free(h[i]);
-    }
-}
-
 /* y = x w^T (then + bias) with x starting `off` rows into its buffer: with K = 1000 bf16 and
  * off 1 the operand is 16-byte aligned but not 256 (cuda_lt.c keys its choice on that). */
 static void test_matmul(int64_t t, int64_t n, int64_t k, int64_t off)
@@ -2001,8 +1915,6 @@ static void run_pass(void)
         test_lt_choice();
     }
 #endif
-    test_l2_prefetch(32);
-    test_l2_prefetch(5); /* gemv's rows: the hints do nothing there */
     test_add_swiglu();
     test_rope(128, 12, 33, 131072);
     test_rope(8, 12, 7, 512);
