@@ -78,25 +78,7 @@ static __device__ __forceinline__ dec_item dec_item_of(const int32_t *n_tokens, 
     it.b = it.e / hkv;
     it.j = it.e % hkv;
     it.nt = n_tokens[it.e];
-    if (chunk > 0) {
-        it.step = chunk;
-    } else {
-        /* dynamic: ranges of the row's mean length over -chunk ranges (chunk < 0), or of this
-         * entry's over n_splits (0); at least what n_splits ranges of this entry need */
-        int len = it.nt, parts = n_splits;
-        if (chunk < 0) {
-            const int32_t *row = n_tokens + (int64_t)it.b * hkv;
-            int64_t sum = 0;
-            for (int k = 0; k < hkv; k++) {
-                sum += row[k];
-            }
-            len = (int)((sum + hkv - 1) / hkv);
-            parts = -chunk;
-        }
-        const int own = (it.nt + n_splits * 64 - 1) / (n_splits * 64) * 64;
-        const int by_len = (len + parts * 64 - 1) / (parts * 64) * 64;
-        it.step = by_len > own ? by_len : own;
-    }
+    it.step = chunk > 0 ? chunk : (it.nt + n_splits * 64 - 1) / (n_splits * 64) * 64;
     it.t_begin = it.split * it.step;
     it.t_end = it.t_begin + it.step < it.nt ? it.t_begin + it.step : it.nt;
     return it;
@@ -616,17 +598,6 @@ extern "C" int uc_cuda_attn_decode_supported(int64_t head_dim, enum uc_cuda_dtyp
     return head_dim > 0 && head_dim <= 256 && head_dim % vec == 0 && head_dim / vec <= 32;
 }
 
-/* UC_CUDA_DECODE_RANGES=row (an experiment awaiting a device): with the lengths on the device,
- * every range of a row is sized from the mean of the row's KV heads rather than each head
- * splitting its own length in as many ranges, so uncomp's uneven heads (2/3 and 4/3 of the
- * budget) give ranges of one size and the longer heads more of them. Read each time: benchmarks
- * switch it. */
-static bool dec_row_ranges(void)
-{
-    const char *v = getenv("UC_CUDA_DECODE_RANGES");
-    return v && strcmp(v, "row") == 0;
-}
-
 extern "C" void uc_cuda_attn_decode_plan(struct uc_cuda_decode_plan *plan, int64_t n_rows,
                                          int64_t n_heads, int64_t n_heads_kv, int64_t head_dim,
                                          int64_t max_tokens, int with_psum, int n_sms)
@@ -639,11 +610,7 @@ extern "C" void uc_cuda_attn_decode_plan(struct uc_cuda_decode_plan *plan, int64
                             entries * g_tiles);
     int64_t splits, chunk;
     want = want < DEC_MAX_SPLITS ? want : DEC_MAX_SPLITS;
-    if (max_tokens <= 0 && dec_row_ranges()) {
-        /* dynamic, ranges of the row's mean length: heads up to twice the mean take more */
-        splits = 2 * want < DEC_MAX_SPLITS ? 2 * want : DEC_MAX_SPLITS;
-        chunk = -want;
-    } else if (max_tokens <= 0) { /* dynamic: ranges sized in the kernel from each entry's length */
+    if (max_tokens <= 0) { /* dynamic: ranges sized in the kernel from each entry's length */
         splits = want;
         chunk = 0;
     } else {

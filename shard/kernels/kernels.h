@@ -275,8 +275,7 @@ cudaError_t uc_cuda_kv_move(void *pool_k, void *pool_v, int64_t head_dim, int32_
  * summed over each KV head's query heads, zeros past each entry's n_tokens. */
 struct uc_cuda_decode_plan {
     int n_splits;   /* token ranges per (row, KV head) */
-    int chunk;      /* tokens per range; 0: each entry splits its own n_tokens in n_splits;
-                     * -k: ranges of the row's mean n_tokens over k (n_splits = 2k) */
+    int chunk;      /* tokens per range; 0: each entry splits its own n_tokens in n_splits */
     int g_tiles;    /* query-head tiles of up to 4 heads per KV head */
     size_t n_counters; /* int32 counters the launch needs, zero before it (and left zero) */
     size_t ws_floats; /* workspace the launch needs */

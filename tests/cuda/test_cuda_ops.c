@@ -1130,15 +1130,8 @@ static void test_attn_decode_bt(int64_t n_rows, int64_t h, int64_t hkv, int64_t 
                                       true, NULL,          NULL,              NULL,
                                       NULL, NULL,          NULL,              NULL, NULL};
         r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &dv, n_rows, h, hkv, NULL);
-        char w2[160];
+        char w2[136];
         snprintf(w2, sizeof w2, "%s, device indices", what);
-        report("attn_decode", w2, r1 == UC_OK ? cmp_dev(og, oc, n_rows * h * d) : INFINITY,
-               bound_act());
-        /* the experiment UC_CUDA_DECODE_RANGES=row: ranges of each row's mean length */
-        setenv("UC_CUDA_DECODE_RANGES", "row", 1);
-        r1 = gpu->ops->attn_decode(gpu, og, q.g, q.ld, &p.g, &dv, n_rows, h, hkv, NULL);
-        unsetenv("UC_CUDA_DECODE_RANGES");
-        snprintf(w2, sizeof w2, "%s, device indices, row ranges", what);
         report("attn_decode", w2, r1 == UC_OK ? cmp_dev(og, oc, n_rows * h * d) : INFINITY,
                bound_act());
         drop(gpu, dev);
