@@ -25,7 +25,9 @@ Workloads (llama8b shape; `--shape tiny` scales all of them down for a CPU dry r
      full vs uncomp@128 (both groupings) vs snapkv@128             pool 100 GiB, batch 256
   e  32 x 512-token prompts, 256 out, 8 clients (a few chats: decode batches of 1-8)
 The 100 GiB of (d): an H200 has 140 GiB; the model takes 13 GiB of weights, bf16 workspaces
-for 8192-row prefill slices and cuBLAS a few more; 100 GiB leaves ~20 GiB spare. uncomp runs
+for 8192-row prefill slices and cuBLAS a few more; 100 GiB leaves ~20 GiB spare. On an 80 GB
+card, `--pool b=48GiB --pool d=56GiB` (a, e likewise) still holds every running sequence: the
+daemon refuses a pool it cannot place (UC_ERR_DEVICE_NOMEM at start-up). uncomp runs
 with its default grouping (the calibration profile: the folder carries the bundled model's
 calibration.txt, and `uncompctl calibrate` runs before the first timed setting that needs it)
 and with grouping=prompt (entropies of each request's own prompt at every layer end).
@@ -541,6 +543,18 @@ def fmt(x, f="%.1f"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f % x
 
 
+def pool_overrides(specs, table):
+    """--pool W=SIZE options as {workload: size}; ValueError names a bad one."""
+    pools = {}
+    for spec in specs:
+        n, _, size = spec.partition("=")
+        if n not in table or not re.match(r"^\d+(?:\.\d+)?\s*(KiB|MiB|GiB|TiB)?$", size):
+            raise ValueError("--pool %r: expected W=SIZE with W one of %s and SIZE like 48GiB" %
+                             (spec, sorted(table)))
+        pools[n] = size
+    return pools
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--build", default=os.path.join(REPO, "build"))
@@ -587,6 +601,10 @@ def main():
                     "(default: bench_gpu's batch-1 step; e.g. a second run of b in one call)")
     ap.add_argument("--tag", default="",
                     help="appended to the names of the files in $OUT (two runs in one call)")
+    ap.add_argument("--pool", action="append", default=[], metavar="W=SIZE",
+                    help="workload W's KV pool instead of its own (e.g. b=48GiB): an 80 GB card "
+                    "holds neither b's 80 GiB nor d's 100 GiB beside the weights, while b's 32 "
+                    "running 8K sequences need ~35 GB and d's 256 of 1.5K ~52 GB")
     args = ap.parse_args()
     args.daemon_args = " ".join(args.daemon_args)  # every --daemon-args given, in order
     out = os.environ.get("OUT")
@@ -603,6 +621,11 @@ def main():
     if bad:
         log("unknown workload(s) %s; have %s" % (bad, sorted(table)))
         return 2
+    try:
+        pools = pool_overrides(args.pool, table)
+    except ValueError as e:
+        log(str(e))
+        return 2
     if args.write_only:
         write_model(args.model_dir, args.shape, log, args.shard_gib)
         return 0
@@ -612,6 +635,9 @@ def main():
             return 2
     sh = dict(SHAPES[args.shape], kv_elem_bytes=4 if args.backend == "cpu" else 2)
     wls = {n: table[n] for n in names}
+    for n, size in pools.items():
+        if n in wls:
+            wls[n] = dict(wls[n], pool=size)
     if args.settings:
         wls = {n: dict(w, settings=args.settings.split(";")) for n, w in wls.items()}
     if args.only:

@@ -27,6 +27,17 @@ def main():
         if not ok:
             fails.append(what)
 
+    # --pool W=SIZE: a known workload and a size the daemon reads; anything else refused
+    table = serve_gpu.WORKLOADS["llama8b"]
+    check(serve_gpu.pool_overrides(["b=48GiB", "d=60GiB"], table) == {"b": "48GiB", "d": "60GiB"},
+          "pool overrides")
+    for bad in ("x=3GiB", "b=3Gb", "b", "b="):
+        try:
+            serve_gpu.pool_overrides([bad], table)
+            fails.append("--pool %s accepted" % bad)
+        except ValueError:
+            pass
+
     eng = {"prefill": {8192: 40079.0}, "b1_ms": 4.43}
     # O1's b: 31,869 tok/s over 16.708 s against a 40,079 burst: 0.101 s short
     b = run("policy=full", total_tokens_per_s=31869.0, duration_s=16.708, itl_ms={"p50": 12.7,
