@@ -291,6 +291,8 @@ static bool parse_bytes(const char *v, double *out)
             mul = 1048576.0;
         } else if (!strcasecmp(end, "g") || !strcasecmp(end, "gib") || !strcasecmp(end, "gb")) {
             mul = 1073741824.0;
+        } else if (!strcasecmp(end, "t") || !strcasecmp(end, "tib") || !strcasecmp(end, "tb")) {
+            mul = 1099511627776.0;
         } else {
             return false;
         }
@@ -343,6 +345,11 @@ static uc_status set_option(struct uc_config *c, const struct uc_cfg_option *o, 
             if (ok && o->type == UC_CFG_INT && x != floor(x)) {
                 ok = false;
             }
+        }
+        if (!ok && o->type == UC_CFG_BYTES) {
+            snprintf(msg, msg_size, "--%s: '%s' is not a size (bytes, or a number with K, M, G or "
+                     "T for KiB, MiB, GiB, TiB: 512MiB, 40GiB)", o->name, v);
+            return UC_ERR_INVALID_ARG;
         }
         if (!ok) {
             snprintf(msg, msg_size, "--%s: '%s' is not a%s number", o->name, v,

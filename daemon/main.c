@@ -492,7 +492,9 @@ int main(int argc, char **argv)
     rc = uc_engine_create(&d.engine, &ep, d.comm);
     if (rc != UC_OK) {
         if (rank == 0) {
-            fprintf(stderr, "uncompd: cannot load the model from %s (%s); see the log above\n",
+            fprintf(stderr,
+                    "uncompd: cannot start the engine on the model from %s (%s); see the log "
+                    "above\n",
                     d.cfg.model, uc_status_str(rc));
         }
         code = 1;

@@ -121,6 +121,9 @@ struct uc_kv_batch_view {
 struct uc_backend_ops {
     /* memory */
     uc_status (*alloc)(struct uc_backend *be, void **out, size_t size_bytes);
+    /* (optional) Bytes that allocations could still take now: the device's free memory, or the
+     * host's available memory for the CPU backend. */
+    uc_status (*mem_available)(struct uc_backend *be, int64_t *bytes);
     void (*free)(struct uc_backend *be, void *p);
     uc_status (*upload)(struct uc_backend *be, void *dst, const void *src, size_t size_bytes);
     uc_status (*download)(struct uc_backend *be, void *dst, const void *src, size_t size_bytes);

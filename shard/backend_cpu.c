@@ -66,6 +66,34 @@ static uc_status cpu_alloc(struct uc_backend *be, void **out, size_t size_bytes)
 
 static void cpu_free(struct uc_backend *be, void *p) { uc_free(p); }
 
+/* MemAvailable of /proc/meminfo (what the kernel could hand out without swapping), else the
+ * free physical pages. */
+static uc_status cpu_mem_available(struct uc_backend *be, int64_t *bytes)
+{
+    (void)be;
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    long long kb = -1;
+    while (f && fgets(line, sizeof line, f)) {
+        if (sscanf(line, "MemAvailable: %lld kB", &kb) == 1) {
+            break;
+        }
+    }
+    if (f) {
+        fclose(f);
+    }
+    if (kb >= 0) {
+        *bytes = (int64_t)kb * 1024;
+        return UC_OK;
+    }
+    long pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages <= 0 || page <= 0) {
+        return UC_ERRF(UC_ERR_UNSUPPORTED, "available host memory unknown");
+    }
+    *bytes = (int64_t)pages * page;
+    return UC_OK;
+}
+
 static uc_status cpu_memcpy(struct uc_backend *be, void *dst, const void *src, size_t size_bytes)
 {
     if (size_bytes) {
@@ -1314,6 +1342,7 @@ static void cpu_weight_free(struct uc_backend *be, void *w) { uc_free(w); }
 
 static const struct uc_backend_ops cpu_ops = {
     .alloc = cpu_alloc,
+    .mem_available = cpu_mem_available,
     .free = cpu_free,
     .upload = cpu_memcpy,
     .download = cpu_memcpy,

@@ -256,6 +256,27 @@ static uc_status cuda_alloc(struct uc_backend *be, void **out, size_t size_bytes
     return UC_OK;
 }
 
+/* The device's free memory plus what the stream-ordered pool holds unused (freed blocks it keeps
+ * for reuse, which cudaMemGetInfo counts as taken). */
+static uc_status cuda_mem_available(struct uc_backend *be, int64_t *bytes)
+{
+    (void)be;
+    size_t free_b = 0, total_b = 0;
+    int dev = 0;
+    cudaMemPool_t mp;
+    uint64_t reserved = 0, used = 0;
+    uc_status rc;
+    UC_CHECK(CU(cudaMemGetInfo(&free_b, &total_b)), rc, out);
+    UC_CHECK(CU(cudaGetDevice(&dev)), rc, out);
+    UC_CHECK(CU(cudaDeviceGetDefaultMemPool(&mp, dev)), rc, out);
+    UC_CHECK(CU(cudaMemPoolGetAttribute(mp, cudaMemPoolAttrReservedMemCurrent, &reserved)), rc,
+             out);
+    UC_CHECK(CU(cudaMemPoolGetAttribute(mp, cudaMemPoolAttrUsedMemCurrent, &used)), rc, out);
+    *bytes = (int64_t)free_b + (reserved > used ? (int64_t)(reserved - used) : 0);
+out:
+    return rc;
+}
+
 static void cuda_free(struct uc_backend *be, void *p)
 {
     if (p) {
@@ -1629,6 +1650,7 @@ static void cuda_destroy(struct uc_backend *be)
 
 static const struct uc_backend_ops cuda_ops = {
     .alloc = cuda_alloc,
+    .mem_available = cuda_mem_available,
     .free = cuda_free,
     .upload = cuda_upload,
     .download = cuda_download,

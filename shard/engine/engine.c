@@ -132,6 +132,27 @@ static uc_status attach_gpu_data_plane(struct uc_comm *comm, int device)
     return choice == 1 ? uc_comm_staged_attach(comm, device) : uc_comm_nccl_attach(comm, device);
 }
 
+/* A KV pool larger than the memory left after the weights and workspaces is refused up front,
+ * named: on a GPU its allocation would fail with a bare out-of-memory, on a host the pages would
+ * be promised and the process killed once a load touched them. */
+static uc_status kv_pool_fits(struct uc_engine *e, int64_t blocks, size_t per_block)
+{
+    int64_t avail = 0;
+    if (!e->be->ops->mem_available || e->be->ops->mem_available(e->be, &avail) != UC_OK) {
+        return UC_OK; /* unknown: the allocation itself decides */
+    }
+    double want = (double)blocks * (double)per_block, gib = 1024.0 * 1024.0 * 1024.0;
+    if (want <= (double)avail) {
+        return UC_OK;
+    }
+    return UC_ERRF(e->be->kind == UC_BACKEND_CUDA ? UC_ERR_DEVICE_NOMEM : UC_ERR_NOMEM,
+                   "the KV pool of %.2f GiB (uncompd --kv-memory) does not fit: %s has %.2f GiB "
+                   "left after the model's weights and workspaces; ask for less, leaving room "
+                   "for the prompts' prefill buffers",
+                   want / gib, e->be->device_name[0] ? e->be->device_name : "the backend",
+                   (double)avail / gib);
+}
+
 uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params *p,
                            struct uc_comm *comm)
 {
@@ -229,6 +250,7 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
                      per_block);
         goto out;
     }
+    UC_CHECK(kv_pool_fits(e, blocks, per_block), rc, out);
     UC_CHECK(uc_kv_cache_init(&e->kv, e->be, blocks, e->p.block_tokens, d), rc, out);
     uc_kv_table_init(&e->bt, e->be);
     /* the table's look over a batch is lighter per head than the engine's loops: it pays the

@@ -359,7 +359,7 @@ static void test_uncompd_bad_models(void **state)
     edit_header(dir, drop_tensor);
     RUN(&r, "--model", dir, "--prompt", "Once upon a time", "--max-tokens", "4");
     assert_true(r.code > 0);
-    assert_has(r.err, "cannot load the model from");
+    assert_has(r.err, "cannot start the engine on the model from");
     assert_has(r.err, "tensor=model.layers.3.mlp.up_proj.weight");
     assert_has(r.err, "UC_ERR_FORMAT");
     assert_true(r.out[0] == '\0' || strcmp(r.out, "\n") == 0);
@@ -381,6 +381,21 @@ static void test_uncompd_bad_models(void **state)
     assert_has(r.err, "the prompt cannot be tokenized");
     assert_has(r.err, "match limit");
     assert_true(strstr(r.err, "not valid UTF-8") == NULL);
+}
+
+/* A KV pool larger than the memory left is refused at start-up, named, with what is left (it
+ * used to be promised by the host and fail only when a load touched it, or on a GPU to stop with
+ * a bare out-of-memory). */
+static void test_uncompd_kv_pool_too_big(void **state)
+{
+    (void)state;
+    static struct run_result r;
+    const char *dir = make_model("cli_pool");
+    RUN(&r, "--model", dir, "--kv-memory", "64TiB", "--prompt", "hi", "--max-tokens", "1");
+    assert_true(r.code > 0);
+    assert_has(r.err, "the KV pool of 65536.00 GiB (uncompd --kv-memory) does not fit");
+    assert_has(r.err, "GiB left after the model's weights and workspaces");
+    assert_has(r.err, "cannot start the engine on the model from");
 }
 
 static void test_uncompd_prompt_too_long(void **state)
@@ -699,6 +714,7 @@ int main(int argc, char **argv)
     const struct CMUnitTest cli[] = {
         cmocka_unit_test(test_uncompd_bad_models),
         cmocka_unit_test(test_uncompd_prompt_too_long),
+        cmocka_unit_test(test_uncompd_kv_pool_too_big),
     };
     int failed = cmocka_run_group_tests_name("uncompd", cli, group_setup, group_teardown);
     if (uc_comm_create(&comm, &argc, &argv, 60000) != UC_OK) {

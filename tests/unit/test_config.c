@@ -179,6 +179,10 @@ static void test_command_line_forms(void **state)
     assert_string_equal(c.stage_starts, "6,7");
     assert_string_equal(c.model, "synthetic:tiny");
     uc_config_fini(&c);
+    /* sizes in TiB (a big host's pool) */
+    assert_int_equal(LOAD(&c, "--kv-memory", "1.5TiB"), UC_OK);
+    assert_int_equal(c.kv_memory, 1536LL << 30);
+    uc_config_fini(&c);
     /* booleans: bare (followed by another flag or at the end), with a value, with = */
     assert_int_equal(LOAD(&c, "--fp32", "--report", "--ignore-eos"), UC_OK);
     assert_true(c.fp32);
@@ -239,7 +243,8 @@ static void test_refusals(void **state)
     expect_refused(&c, LOAD(&c, "--kv-budget", "12abc"), "--kv-budget: '12abc'", NULL);
     expect_refused(&c, LOAD(&c, "--spread", ""), "--spread: '' is not a number", NULL);
     expect_refused(&c, LOAD(&c, "--r-min", "nan"), "--r-min: 'nan' is not a number", NULL);
-    expect_refused(&c, LOAD(&c, "--kv-memory", "12XB"), "--kv-memory: '12XB'", NULL);
+    expect_refused(&c, LOAD(&c, "--kv-memory", "12XB"), "--kv-memory: '12XB' is not a size",
+                   NULL);
     expect_refused(&c, LOAD(&c, "--fp32=maybe"), "--fp32: 'maybe' is not yes or no", NULL);
     /* a later good flag does not hide an earlier bad one */
     expect_refused(&c, LOAD(&c, "--window", "0", "--window", "8"), "--window=0", NULL);
