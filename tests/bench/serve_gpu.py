@@ -26,8 +26,9 @@ Workloads (llama8b shape; `--shape tiny` scales all of them down for a CPU dry r
   e  32 x 512-token prompts, 256 out, 8 clients (a few chats: decode batches of 1-8)
 The 100 GiB of (d): an H200 has 140 GiB; the model takes 13 GiB of weights, bf16 workspaces
 for 8192-row prefill slices and cuBLAS a few more; 100 GiB leaves ~20 GiB spare. On an 80 GB
-card, `--pool b=48GiB --pool d=56GiB` (a, e likewise) still holds every running sequence: the
-daemon refuses a pool it cannot place (UC_ERR_DEVICE_NOMEM at start-up). uncomp runs
+card those pools are cut to what their running sequences need in full (b 33 GiB, d 49 GiB; the
+log says so), which keeps the decode batches and the floors; `--pool W=SIZE` sets one by hand,
+and the daemon names a pool that does not fit. uncomp runs
 with its default grouping (the calibration profile: the folder carries the bundled model's
 calibration.txt, and `uncompctl calibrate` runs before the first timed setting that needs it)
 and with grouping=prompt (entropies of each request's own prompt at every layer end).
@@ -344,6 +345,54 @@ def decode_batch(sh, w, setting):
     return max(1, min(w["c"], w["batch"], fit)), fit, kept
 
 
+def gpu_memory_bytes():
+    """The first GPU's memory as nvidia-smi reports it, or None."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return int(out.split()[0]) << 20
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def folder_bytes(d):
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
+               if f.endswith(".safetensors"))
+
+
+# what a card keeps beside the weights and the pool: workspaces of 8192-row slices, cuBLAS,
+# the CUDA context, prefill buffers
+CARD_ROOM = 12 * GIB
+
+
+def fit_pools(wls, sh, card, weights, log):
+    """Workloads whose pool cannot sit beside the weights on this card (an 80 GB H100 holds
+    neither b's 80 GiB nor d's 100 GiB) get the pool their running sequences need in full
+    (min(clients, max batch) x whole prompt and output), rounded up to GiB, if that fits: the
+    same decode batches, so the same floors. Others keep theirs (the daemon names a pool that
+    does not fit)."""
+    room = card - weights - CARD_ROOM
+    out = {}
+    for n, w in wls.items():
+        if parse_bytes(w["pool"]) <= room:
+            out[n] = w
+            continue
+        per_seq = (blocks(w["prompt"]) + blocks(w["out"])) * BLOCK_TOKENS * kv_bytes_per_token(sh)
+        need = -(-min(w["c"], w["batch"]) * per_seq // GIB)
+        if need > room // GIB:
+            out[n] = w
+            continue
+        log("pool %s: %s -> %dGiB (this card's %.0f GiB less %.1f GiB of weights and %d GiB of "
+            "room cannot hold %s; %d running sequences need %d GiB)" %
+            (n, w["pool"], need, card / GIB, weights / GIB, CARD_ROOM // GIB, w["pool"],
+             min(w["c"], w["batch"]), need))
+        out[n] = dict(w, pool="%dGiB" % need)
+    return out
+
+
 def decode_ctx(w, kept):
     return kept + w["out"] // 2
 
@@ -602,9 +651,8 @@ def main():
     ap.add_argument("--tag", default="",
                     help="appended to the names of the files in $OUT (two runs in one call)")
     ap.add_argument("--pool", action="append", default=[], metavar="W=SIZE",
-                    help="workload W's KV pool instead of its own (e.g. b=48GiB): an 80 GB card "
-                    "holds neither b's 80 GiB nor d's 100 GiB beside the weights, while b's 32 "
-                    "running 8K sequences need ~35 GB and d's 256 of 1.5K ~52 GB")
+                    help="workload W's KV pool instead of its own or the one fitted to the card "
+                    "(e.g. b=48GiB)")
     args = ap.parse_args()
     args.daemon_args = " ".join(args.daemon_args)  # every --daemon-args given, in order
     out = os.environ.get("OUT")
@@ -651,6 +699,11 @@ def main():
         (args.shape, args.backend, ",".join(names),
          " ".join([args.daemon_args] + args.daemon_arg).strip()))
     write_model(args.model_dir, args.shape, log, args.shard_gib)
+    card = gpu_memory_bytes() if args.backend == "cuda" else None
+    if card:
+        fitted = fit_pools({n: w for n, w in wls.items() if n not in pools}, sh, card,
+                           folder_bytes(args.model_dir), log)
+        wls = {n: fitted.get(n, w) for n, w in wls.items()}
     eng = {"prefill": {}, "step_ms": {}, "b1_ms": None}
     mon = GpuMonitor(os.path.join(out or args.tmp, "gpu-monitor.txt")) \
         if args.backend == "cuda" else None

@@ -38,6 +38,18 @@ def main():
         except ValueError:
             pass
 
+    # pools fitted to the card: an 80 GiB H100 gets b and d cut to their running sequences' need,
+    # c's 8 GiB (the point of c) kept; an H200 keeps every pool
+    sh = dict(serve_gpu.SHAPES["llama8b"], kv_elem_bytes=2)
+    weights = int(13.06 * serve_gpu.GIB)
+    h100 = serve_gpu.fit_pools(table, sh, 80 * serve_gpu.GIB, weights, lambda x: None)
+    check({n: h100[n]["pool"] for n in "bcd"} == {"b": "33GiB", "c": "8GiB", "d": "48GiB"},
+          {n: w["pool"] for n, w in h100.items()})
+    b_full = serve_gpu.decode_batch(sh, h100["b"], "policy=full")[0]
+    check(b_full == 32, "b's decode batch in the fitted pool: %d" % b_full)
+    h200 = serve_gpu.fit_pools(table, sh, 141 * serve_gpu.GIB, weights, lambda x: None)
+    check(all(h200[n]["pool"] == table[n]["pool"] for n in table), "an H200's pools changed")
+
     eng = {"prefill": {8192: 40079.0}, "b1_ms": 4.43}
     # O1's b: 31,869 tok/s over 16.708 s against a 40,079 burst: 0.101 s short
     b = run("policy=full", total_tokens_per_s=31869.0, duration_s=16.708, itl_ms={"p50": 12.7,
