@@ -26,7 +26,7 @@ Workloads (llama8b shape; `--shape tiny` scales all of them down for a CPU dry r
   e  32 x 512-token prompts, 256 out, 8 clients (a few chats: decode batches of 1-8)
 The 100 GiB of (d): an H200 has 140 GiB; the model takes 13 GiB of weights, bf16 workspaces
 for 8192-row prefill slices and cuBLAS a few more; 100 GiB leaves ~20 GiB spare. On an 80 GB
-card those pools are cut to what their running sequences need in full (b 33 GiB, d 49 GiB; the
+card those pools are cut to what their running sequences need in full (b 33 GiB, d 48 GiB; the
 log says so), which keeps the decode batches and the floors; `--pool W=SIZE` sets one by hand,
 and the daemon names a pool that does not fit. uncomp runs
 with its default grouping (the calibration profile: the folder carries the bundled model's
@@ -336,12 +336,16 @@ def blocks(tokens):
     return -(-tokens // BLOCK_TOKENS)
 
 
+def seq_bytes(sh, kept, out):
+    """A sequence's KV bytes: its kept prompt and its output, in whole blocks."""
+    return (blocks(kept) + blocks(out)) * BLOCK_TOKENS * kv_bytes_per_token(sh)
+
+
 def decode_batch(sh, w, setting):
     """Sequences decoded together: clients, max batch and what the pool holds (kept prompt +
     max_tokens per sequence, whole blocks)."""
     kept = setting_budget(setting, w["prompt"])
-    per_seq = (blocks(kept) + blocks(w["out"])) * BLOCK_TOKENS * kv_bytes_per_token(sh)
-    fit = parse_bytes(w["pool"]) // per_seq
+    fit = parse_bytes(w["pool"]) // seq_bytes(sh, kept, w["out"])
     return max(1, min(w["c"], w["batch"], fit)), fit, kept
 
 
@@ -380,8 +384,7 @@ def fit_pools(wls, sh, card, weights, log):
         if parse_bytes(w["pool"]) <= room:
             out[n] = w
             continue
-        per_seq = (blocks(w["prompt"]) + blocks(w["out"])) * BLOCK_TOKENS * kv_bytes_per_token(sh)
-        need = -(-min(w["c"], w["batch"]) * per_seq // GIB)
+        need = -(-min(w["c"], w["batch"]) * seq_bytes(sh, w["prompt"], w["out"]) // GIB)
         if need > room // GIB:
             out[n] = w
             continue
@@ -597,7 +600,11 @@ def pool_overrides(specs, table):
     pools = {}
     for spec in specs:
         n, _, size = spec.partition("=")
-        if n not in table or not re.match(r"^\d+(?:\.\d+)?\s*(KiB|MiB|GiB|TiB)?$", size):
+        try:
+            ok = n in table and parse_bytes(size) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
             raise ValueError("--pool %r: expected W=SIZE with W one of %s and SIZE like 48GiB" %
                              (spec, sorted(table)))
         pools[n] = size
