@@ -7,7 +7,6 @@
 template <typename T, bool VEC>
 static __global__ void swiglu_kernel(T *y, const T *gu, int64_t n_tok, int n_ffn)
 {
-    uck_launch_dependents(); /* an L2 prefetch of the next product's weights may start now */
     const int j0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (j0 >= n_ffn) {
         return;
