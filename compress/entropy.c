@@ -313,6 +313,16 @@ double uc_entropy_truncated(const double *eig, int64_t d, int64_t k)
 
 int64_t uc_entropy_default_k(int64_t d) { return d / 4 > 1 ? d / 4 : 1; }
 
+void uc_entropy_keep_top(double *eig, int64_t n, int64_t d, int64_t n_top)
+{
+    if (n_top <= 0 || n_top >= d) {
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        memset(eig + i * d + n_top, 0, (size_t)(d - n_top) * sizeof *eig);
+    }
+}
+
 uc_status uc_entropy_of_cov(double *out, double *cov, int64_t d, int64_t k)
 {
     double *eig = uc_malloc((size_t)d * sizeof *eig);

@@ -64,6 +64,10 @@ uc_status uc_entropy_acc_eigvals(struct uc_entropy_acc *a, double *eig);
 double uc_entropy_truncated(const double *eig, int64_t d, int64_t k);
 /* The default truncation: max(1, d / 4). */
 int64_t uc_entropy_default_k(int64_t d);
+/* Keeps the n_top largest values of each of n spectra of d (descending) and sets the rest to 0:
+ * the form in which a backend's qspec hands back spectra solved only that far (n_top <= 0 or
+ * >= d: nothing changes). */
+void uc_entropy_keep_top(double *eig, int64_t n, int64_t d, int64_t n_top);
 /* All of the above for one matrix: *out = normalised truncated entropy with k (0 = default). */
 uc_status uc_entropy_of_rows(double *out, const float *x, int64_t n_rows, int64_t d, int64_t stride,
                              int64_t k);

@@ -231,18 +231,21 @@ struct uc_backend_ops {
      * UNCOMP.md section 1, into host out (H, D, D) doubles. */
     uc_status (*qcov)(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
                       int64_t n_heads, int64_t head_dim);
-    /* Query spectra: for each head h of q, the eigenvalues of its matrix above, descending and
-     * clamped at 0 (as uc_entropy_eigvals gives them), into host out (H, D) doubles. Only the
-     * eigenvalues cross to the host. */
+    /* Query spectra: for each head h of q, the n_top largest eigenvalues of its matrix above,
+     * descending and clamped at 0 (as uc_entropy_eigvals gives them), into host out (H, D)
+     * doubles, each head's other D - n_top entries 0 (n_top <= 0 or >= D: the whole spectrum).
+     * A truncated entropy of k <= n_top needs only those. Only the eigenvalues cross to the
+     * host. */
     uc_status (*qspec)(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
-                       int64_t n_heads, int64_t head_dim);
+                       int64_t n_heads, int64_t head_dim, int64_t n_top);
     /* The same for `count` query buffers at once (q[i]: n[i] rows of ld), begun where the
      * backend can run it beside the ops that follow (the CUDA backend: on a second stream); the
      * buffers must stay unchanged until qspec_end, which writes (count, H, D) eigenvalues to host
      * out, waiting for them if need be, or until qspec_fence. Up to UC_QSPEC_BATCHES batches
      * at a time; qspec_end takes the oldest. */
     uc_status (*qspec_begin)(struct uc_backend *be, const void *const *q, const int64_t *n,
-                             int64_t count, int64_t ld, int64_t n_heads, int64_t head_dim);
+                             int64_t count, int64_t ld, int64_t n_heads, int64_t head_dim,
+                             int64_t n_top);
     uc_status (*qspec_end)(struct uc_backend *be, double *out);
     /* The ops queued after this one wait until every begun batch has read its queries, so they
      * may overwrite them before qspec_end; nothing when no batch is pending. */

@@ -629,7 +629,7 @@ static uc_status cpu_qcov(struct uc_backend *be, double *out, const void *q, int
 }
 
 static uc_status cpu_qspec(struct uc_backend *be, double *out, const void *q, int64_t ld, int64_t n,
-                           int64_t n_heads, int64_t head_dim)
+                           int64_t n_heads, int64_t head_dim, int64_t n_top)
 {
     int64_t d = head_dim;
     double *cov = uc_malloc((size_t)(n_heads * d * d) * sizeof(double));
@@ -647,12 +647,14 @@ static uc_status cpu_qspec(struct uc_backend *be, double *out, const void *q, in
         }
     }
     uc_free(cov);
+    uc_entropy_keep_top(out, n_heads, d, n_top); /* the whole spectrum was solved all the same */
     return rc != UC_OK ? rc : failed ? UC_ERRF(UC_ERR_INTERNAL, "eigensolver failed") : UC_OK;
 }
 
 /* A batch is computed at its begin: the host has no second stream to overlap it with. */
 static uc_status cpu_qspec_begin(struct uc_backend *be, const void *const *q, const int64_t *n,
-                                 int64_t count, int64_t ld, int64_t n_heads, int64_t head_dim)
+                                 int64_t count, int64_t ld, int64_t n_heads, int64_t head_dim,
+                                 int64_t n_top)
 {
     struct cpu_ctx *c = ctx_of(be);
     if (c->qs_count == UC_QSPEC_BATCHES) {
@@ -666,7 +668,7 @@ static uc_status cpu_qspec_begin(struct uc_backend *be, const void *const *q, co
     }
     c->qs[k] = buf;
     for (int64_t i = 0; i < count; i++) {
-        uc_status rc = cpu_qspec(be, buf + i * per, q[i], ld, n[i], n_heads, head_dim);
+        uc_status rc = cpu_qspec(be, buf + i * per, q[i], ld, n[i], n_heads, head_dim, n_top);
         if (rc != UC_OK) {
             return rc;
         }

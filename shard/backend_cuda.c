@@ -954,7 +954,7 @@ static uc_status cuda_qcov(struct uc_backend *be, double *out, const void *q, in
 }
 
 static uc_status cuda_qspec(struct uc_backend *be, double *out, const void *q, int64_t ld,
-                            int64_t n, int64_t n_heads, int64_t head_dim)
+                            int64_t n, int64_t n_heads, int64_t head_dim, int64_t n_top)
 {
     struct cuda_ctx *c = ctx_of(be);
     int64_t d = head_dim;
@@ -968,12 +968,13 @@ static uc_status cuda_qspec(struct uc_backend *be, double *out, const void *q, i
             rc = uc_entropy_eigvals(out + h * d, cov + h * d * d, d);
         }
         uc_free(cov);
+        uc_entropy_keep_top(out, n_heads, d, n_top);
         return rc;
     }
     uc_status rc;
     UC_CHECK(qcov_device(c, q, ld, n, n_heads, d, (size_t)(n_heads * d)), rc, out);
     double *cov = c->outp.p, *eig = cov + n_heads * d * d;
-    UC_CHECK(CU(uc_cuda_symeig(eig, cov, n_heads, d, c->stream)), rc, out);
+    UC_CHECK(CU(uc_cuda_symeig(eig, cov, n_heads, d, n_top, c->stream)), rc, out);
     rc = download_sync(c, out, eig, (size_t)(n_heads * d) * sizeof(double));
 out:
     return rc;
@@ -1012,7 +1013,8 @@ out:
 /* The batch's covariances and eigenvalues on the second stream, after what the main stream has
  * queued so far (the queries); the eigenvalues come back to pinned memory. */
 static uc_status cuda_qspec_begin(struct uc_backend *be, const void *const *q, const int64_t *n,
-                                  int64_t count, int64_t ld, int64_t n_heads, int64_t head_dim)
+                                  int64_t count, int64_t ld, int64_t n_heads, int64_t head_dim,
+                                  int64_t n_top)
 {
     struct cuda_ctx *c = ctx_of(be);
     int64_t d = head_dim, per = n_heads * d, total = count * per;
@@ -1028,7 +1030,7 @@ static uc_status cuda_qspec_begin(struct uc_backend *be, const void *const *q, c
         }
         sl->host = h;
         for (int64_t i = 0; rc == UC_OK && i < count; i++) {
-            rc = cuda_qspec(be, h + i * per, q[i], ld, n[i], n_heads, head_dim);
+            rc = cuda_qspec(be, h + i * per, q[i], ld, n[i], n_heads, head_dim, n_top);
         }
         if (rc == UC_OK) {
             sl->on_host = true;
@@ -1050,7 +1052,7 @@ static uc_status cuda_qspec_begin(struct uc_backend *be, const void *const *q, c
                  rc, out);
     }
     UC_CHECK(CU(cudaEventRecord(sl->read, c->qs.stream)), rc, out); /* q is read by now */
-    UC_CHECK(CU(uc_cuda_symeig(eig, cov, count * n_heads, d, c->qs.stream)), rc, out);
+    UC_CHECK(CU(uc_cuda_symeig(eig, cov, count * n_heads, d, n_top, c->qs.stream)), rc, out);
     if ((size_t)total * sizeof(double) > sl->pin_cap) {
         if (sl->pin) {
             (void)cudaFreeHost(sl->pin); /* nothing pending writes it: the slot is free */

@@ -53,6 +53,23 @@ static bool wants_spectra(const struct seq *s)
            (s->flags & (UC_SEQ_SPECTRA | UC_SEQ_CALIBRATE));
 }
 
+/* How many of each query head's largest eigenvalues s's layer ends read: the whole spectrum
+ * when the sequence keeps it (UC_SEQ_SPECTRA), else the truncations plan_layer takes (the
+ * policy's k, and calibration's default k). */
+static int64_t spectra_top(const struct uc_engine *e, const struct seq *s)
+{
+    int64_t d = e->cfg->head_dim;
+    if (s->qspec) {
+        return d;
+    }
+    int64_t top = s->cp.entropy_k > 0 ? s->cp.entropy_k : uc_entropy_default_k(d);
+    if (s->flags & UC_SEQ_CALIBRATE) {
+        int64_t k = uc_entropy_default_k(d);
+        top = k > top ? k : top;
+    }
+    return top < d ? top : d;
+}
+
 bool eng_spectra_early(const struct seq *s)
 {
     return wants_spectra(s) && !eng_layer_end_in_parts(s); /* those have theirs in parts */
@@ -135,13 +152,16 @@ uc_status eng_spectra_begin(struct uc_engine *e, struct seq *const *seqs, int64_
         !eng_grow((void **)&b->host, &b->host_cap, n * hl * d, sizeof *b->host)) {
         rc = UC_ERRF(UC_ERR_NOMEM, "query spectra of %lld prompts", (long long)n);
     } else {
+        int64_t top = 0; /* the batch's eigenvalues go as far as any of its sequences reads */
         for (int64_t i = 0; i < n; i++) {
             q[i] = seqs[i]->qkv;
             rows[i] = seqs[i]->n_rows;
             b->seq[i] = seqs[i]->id;
             b->layer[i] = seqs[i]->layer;
+            int64_t t = spectra_top(e, seqs[i]);
+            top = t > top ? t : top;
         }
-        rc = e->be->ops->qspec_begin(e->be, q, rows, n, e->sh->qkv_dim, hl, d);
+        rc = e->be->ops->qspec_begin(e->be, q, rows, n, e->sh->qkv_dim, hl, d, top);
         if (rc == UC_OK) {
             b->count = n;
             b->fetched = false;
@@ -183,7 +203,7 @@ static uc_status query_spectra(struct uc_engine *e, struct seq *s, int64_t l)
         memcpy(e->spec_local, qs_at(e, k)->host + i * hl * d, (size_t)(hl * d) * sizeof(double));
     } else {
         UC_CHECK(e->be->ops->qspec(e->be, e->spec_local, s->qkv, e->sh->qkv_dim, s->n_rows, hl,
-                                   d),
+                                   d, spectra_top(e, s)),
                  rc, out);
     }
     UC_CHECK(uc_comm_allgather(e->comm, local, e->spec, (size_t)(hl * d) * sizeof(double)), rc,
@@ -295,7 +315,7 @@ uc_status eng_layer_end_part(struct uc_engine *e, struct seq *s, bool *finished)
         int64_t h0 = s->end_part * per, nh = hl - h0 < per ? hl - h0 : per;
         const void *q = (const char *)s->qkv + (size_t)(h0 * d) * act_size(e);
         rc = e->be->ops->qspec(e->be, s->qspec_local + h0 * d, q, e->sh->qkv_dim, s->n_rows, nh,
-                               d);
+                               d, spectra_top(e, s));
     } else if (s->end_part == groups && wants_hidden_spectrum(s)) {
         rc = hidden_spectrum(e, s);
         s->hid_done = true;

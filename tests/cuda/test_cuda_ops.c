@@ -900,27 +900,39 @@ static void test_qcov(int64_t n, int64_t h, int64_t d)
     qkv_free(&b);
 }
 
-/* Query spectra: the GPU's eigenvalues (Householder + bisection in a block) against LAPACK's
- * dsyevd on the CPU backend, for the same covariances; the absolute error is what the truncated
- * entropies feel (the values sum to 1). */
-static void test_qspec(int64_t n, int64_t h, int64_t d)
+/* Query spectra: the GPU's eigenvalues (Householder + multisection) against LAPACK's dsyevd on
+ * the CPU backend, for the same covariances; the absolute error is what the truncated entropies
+ * feel (the values sum to 1). With top < d only the largest top are sought: they must match the
+ * whole solve's, and every entry past them be 0 on both backends. */
+static void test_qspec(int64_t n, int64_t h, int64_t d, int64_t top)
 {
     struct qkv b;
     qkv_make(&b, n, h, 1, d, 700 + (uint64_t)(n + d));
     double *eg = uc_malloc((size_t)(h * d) * sizeof(double));
     double *ec = uc_malloc((size_t)(h * d) * sizeof(double));
-    uc_status r1 = gpu->ops->qspec(gpu, eg, b.g, b.ld, n, h, d);
-    uc_status r2 = cpu->ops->qspec(cpu, ec, b.c, b.ld, n, h, d);
-    double worst = r1 == UC_OK && r2 == UC_OK ? 0.0 : INFINITY;
+    double *ea = uc_malloc((size_t)(h * d) * sizeof(double));
+    for (int64_t i = 0; i < h * d; i++) {
+        eg[i] = NAN; /* every entry must be written */
+    }
+    uc_status r1 = gpu->ops->qspec(gpu, eg, b.g, b.ld, n, h, d, top);
+    uc_status r2 = cpu->ops->qspec(cpu, ec, b.c, b.ld, n, h, d, top);
+    uc_status r3 = cpu->ops->qspec(cpu, ea, b.c, b.ld, n, h, d, 0);
+    bool ran = r1 == UC_OK && r2 == UC_OK && r3 == UC_OK;
+    double worst = ran ? 0.0 : INFINITY;
     bool ordered = true;
-    for (int64_t i = 0; i < h * d && r1 == UC_OK && r2 == UC_OK; i++) {
-        double err = fabs(eg[i] - ec[i]);
+    int64_t kept = top > 0 && top < d ? top : d;
+    for (int64_t i = 0; i < h * d && ran; i++) {
+        double want = i % d < kept ? ea[i] : 0.0;
+        double err = fabs(eg[i] - want);
         worst = err > worst ? err : worst;
-        ordered = ordered && eg[i] >= 0.0 && (i % d == 0 || eg[i] <= eg[i - 1]);
+        ordered = ordered && eg[i] >= 0.0 && (i % d == 0 || eg[i] <= eg[i - 1]) &&
+                  ec[i] == want && (i % d < kept || eg[i] == 0.0);
     }
     char what[96];
-    snprintf(what, sizeof what, "n=%lld H=%lld D=%lld", (long long)n, (long long)h, (long long)d);
+    snprintf(what, sizeof what, "n=%lld H=%lld D=%lld top=%lld", (long long)n, (long long)h,
+             (long long)d, (long long)kept);
     report("qspec", what, ordered ? worst : INFINITY, fp32 ? 1e-13 : QSPEC_HALF_ERR);
+    uc_free(ea);
     uc_free(eg);
     uc_free(ec);
     qkv_free(&b);
@@ -942,7 +954,7 @@ static void test_qspec_batch(int64_t h, int64_t d)
         qkv_make(&b[i], ns[i], h, 1, d, 900 + (uint64_t)i);
         qg[i] = b[i].g;
         if (rc == UC_OK) {
-            rc = cpu->ops->qspec(cpu, ec + i * per, b[i].c, b[i].ld, ns[i], h, d);
+            rc = cpu->ops->qspec(cpu, ec + i * per, b[i].c, b[i].ld, ns[i], h, d, 0);
         }
     }
     const int64_t t = 2048, nn = 4096, k = 4096;
@@ -952,10 +964,11 @@ static void test_qspec_batch(int64_t h, int64_t d)
     gpu->ops->alloc(gpu, &y, (size_t)(t * nn) * gpu->ops->act_size(gpu));
     double *eg2 = uc_malloc((size_t)per * sizeof(double));
     if (rc == UC_OK) {
-        rc = gpu->ops->qspec_begin(gpu, qg, ns, 3, b[0].ld, h, d);
+        rc = gpu->ops->qspec_begin(gpu, qg, ns, 3, b[0].ld, h, d, 0);
     }
-    if (rc == UC_OK) { /* a second batch in flight beside it: the last prompt again */
-        rc = gpu->ops->qspec_begin(gpu, qg + 2, ns + 2, 1, b[0].ld, h, d);
+    if (rc == UC_OK) { /* a second batch in flight beside it: the last prompt again, only its
+                        * largest d / 4 */
+        rc = gpu->ops->qspec_begin(gpu, qg + 2, ns + 2, 1, b[0].ld, h, d, d / 4);
     }
     if (rc == UC_OK) { /* after the fence the queries may be overwritten before qspec_end */
         rc = gpu->ops->qspec_fence(gpu);
@@ -978,13 +991,13 @@ static void test_qspec_batch(int64_t h, int64_t d)
         worst = err > worst ? err : worst;
     }
     for (int64_t i = 0; i < per && rc == UC_OK; i++) {
-        double err = fabs(eg2[i] - ec[2 * per + i]);
+        double err = fabs(eg2[i] - (i % d < d / 4 ? ec[2 * per + i] : 0.0));
         worst = err > worst ? err : worst;
     }
     uc_free(eg2);
     char what[96];
-    snprintf(what, sizeof what, "2 batches: n=300,40,1000; 1000 H=%lld D=%lld", (long long)h,
-             (long long)d);
+    snprintf(what, sizeof what, "2 batches: n=300,40,1000; 1000 top %lld; H=%lld D=%lld",
+             (long long)(d / 4), (long long)h, (long long)d);
     report("qspec_batch", what, worst, fp32 ? 1e-13 : QSPEC_HALF_ERR);
     drop(gpu, y);
     drop(gpu, x);
@@ -1956,13 +1969,18 @@ static void run_pass(void)
     test_qcov(2048, 8, 8);
     test_qcov(5000, 4, 64);  /* split K: 2 chunks of 2500 rows */
     test_qcov(9001, 2, 128); /* 4 chunks of 2251, the last padded with 3 zero rows */
-    test_qspec(5, 4, 32);    /* rank 4 of 32: most eigenvalues 0 */
-    test_qspec(300, 4, 128);
-    test_qspec(40, 4, 128); /* rank 39 of 128 at the kernel's largest size */
-    test_qspec(2048, 8, 64);
-    test_qspec(1024, 32, 128); /* an 8B layer's heads at tp 1 */
-    test_qspec(8200, 4, 128);  /* split K over 4 chunks, 2 padding rows */
-    test_qspec(100, 2, 256); /* past the kernel's size: the host eigensolver */
+    test_qspec(5, 4, 32, 0);    /* rank 4 of 32: most eigenvalues 0 */
+    test_qspec(300, 4, 128, 0);
+    test_qspec(40, 4, 128, 0); /* rank 39 of 128 at the kernel's largest size */
+    test_qspec(2048, 8, 64, 0);
+    test_qspec(1024, 32, 128, 0); /* an 8B layer's heads at tp 1 */
+    test_qspec(8200, 4, 128, 0);  /* split K over 4 chunks, 2 padding rows */
+    test_qspec(100, 2, 256, 0); /* past the kernel's size: the host eigensolver */
+    test_qspec(1024, 32, 128, 32); /* the default truncation's eigenvalues alone: one chunk */
+    test_qspec(300, 4, 128, 33);   /* two chunks, the second past its last */
+    test_qspec(40, 4, 128, 45);    /* past the matrix's rank */
+    test_qspec(5, 4, 32, 31);
+    test_qspec(100, 2, 256, 64);   /* the host eigensolver, truncated after */
     test_qspec_batch(8, 128);
     test_qspec_batch(2, 256);
     /* paged KV */
@@ -2125,24 +2143,26 @@ static void bench_decode(int64_t rows, int64_t ctx, double ratio)
 struct bench_spec {
     void *q;
     double *eig;
-    int64_t n, h, d;
+    int64_t n, h, d, top;
 };
 
 static uc_status run_spec(void *p)
 {
     struct bench_spec *b = p;
-    return gpu->ops->qspec(gpu, b->eig, b->q, b->h * b->d, b->n, b->h, b->d);
+    return gpu->ops->qspec(gpu, b->eig, b->q, b->h * b->d, b->n, b->h, b->d, b->top);
 }
 
-/* A layer end's query spectra with prompt grouping: 32 heads of 128 over n rows. */
-static void bench_qspec(int64_t n)
+/* A layer end's query spectra with prompt grouping: 32 heads of 128 over n rows, the largest
+ * top eigenvalues (0: all). */
+static void bench_qspec(int64_t n, int64_t top)
 {
-    struct bench_spec b = {.n = n, .h = 32, .d = 128};
+    struct bench_spec b = {.n = n, .h = 32, .d = 128, .top = top};
     b.eig = uc_malloc((size_t)(b.h * b.d) * sizeof(double));
     gpu->ops->weight_random(gpu, &b.q, n, b.h * b.d, 9, 0.0f, 1.0f);
     double t = time_op(run_spec, &b, 10);
-    printf("bench qspec n=%lld H=32 D=128 (covariances, eigenvalues, download): %.1f us\n",
-           (long long)n, t * 1e6);
+    printf("bench qspec n=%lld H=32 D=128 top=%lld (covariances, eigenvalues, download): "
+           "%.1f us\n",
+           (long long)n, (long long)(top > 0 ? top : b.d), t * 1e6);
     gpu->ops->weight_free(gpu, b.q);
     uc_free(b.eig);
 }
@@ -2167,7 +2187,8 @@ static uc_status run_ovl(void *p)
     struct bench_ovl *b = p;
     const void *q = b->sp.q;
     int64_t n = b->sp.n;
-    uc_status rc = gpu->ops->qspec_begin(gpu, &q, &n, 1, b->sp.h * b->sp.d, b->sp.h, b->sp.d);
+    uc_status rc =
+        gpu->ops->qspec_begin(gpu, &q, &n, 1, b->sp.h * b->sp.d, b->sp.h, b->sp.d, b->sp.top);
     if (rc == UC_OK) {
         rc = run_mm(&b->mm);
     }
@@ -2175,9 +2196,9 @@ static uc_status run_ovl(void *p)
     return r2;
 }
 
-static void bench_qspec_overlap(int64_t n)
+static void bench_qspec_overlap(int64_t n, int64_t top)
 {
-    struct bench_ovl b = {.sp = {.n = n, .h = 32, .d = 128},
+    struct bench_ovl b = {.sp = {.n = n, .h = 32, .d = 128, .top = top},
                           .mm = {.t = 2048, .n = 14336, .k = 4096}};
     b.sp.eig = uc_malloc((size_t)(b.sp.h * b.sp.d) * sizeof(double));
     gpu->ops->weight_random(gpu, &b.sp.q, n, b.sp.h * b.sp.d, 9, 0.0f, 1.0f);
@@ -2186,10 +2207,10 @@ static void bench_qspec_overlap(int64_t n)
     gpu->ops->alloc(gpu, &b.mm.y, (size_t)(b.mm.t * b.mm.n) * gpu->ops->act_size(gpu));
     double t_sp = time_op(run_spec, &b.sp, 10), t_mm = time_op(run_mm, &b.mm, 10);
     double t_seq = time_op(run_seq, &b, 10), t_ovl = time_op(run_ovl, &b, 10);
-    printf("bench qspec n=%lld beside a product T=2048 N=14336 K=4096: qspec %.1f us, product "
-           "%.1f us, one after the other %.1f us, qspec begun early %.1f us (%.0f%% of the "
-           "qspec hidden)\n",
-           (long long)n, t_sp * 1e6, t_mm * 1e6, t_seq * 1e6, t_ovl * 1e6,
+    printf("bench qspec n=%lld top=%lld beside a product T=2048 N=14336 K=4096: qspec %.1f us, "
+           "product %.1f us, one after the other %.1f us, qspec begun early %.1f us (%.0f%% of "
+           "the qspec hidden)\n",
+           (long long)n, (long long)(top > 0 ? top : b.sp.d), t_sp * 1e6, t_mm * 1e6, t_seq * 1e6, t_ovl * 1e6,
            100.0 * (t_seq - t_ovl) / t_sp);
     drop(gpu, b.mm.y);
     drop(gpu, b.mm.x);
@@ -2421,8 +2442,9 @@ static void bench(void)
     bench_gemv();
     bench_attns();
     bench_decodes(NULL);
-    bench_qspec(1024);
-    bench_qspec(8192);
+    bench_qspec(1024, 0);
+    bench_qspec(1024, 32);
+    bench_qspec(8192, 0);
 }
 
 int main(int argc, char **argv)
@@ -2458,10 +2480,13 @@ int main(int argc, char **argv)
                 bench_attns();
             }
         } else {
-            bench_qspec(1024);
-            bench_qspec(8192);
-            bench_qspec_overlap(1024);
-            bench_qspec_overlap(4096);
+            bench_qspec(1024, 0);
+            bench_qspec(1024, 32);
+            bench_qspec(8192, 0);
+            bench_qspec(8192, 32);
+            bench_qspec_overlap(1024, 0);
+            bench_qspec_overlap(4096, 0);
+            bench_qspec_overlap(4096, 32);
         }
         uc_backend_destroy(gpu);
         return 0;

@@ -277,6 +277,18 @@ static void test_entropy_eigvals_and_helpers(void **state)
     assert_int_equal(uc_entropy_default_k(7), 1);
     assert_int_equal(uc_entropy_default_k(4), 1);
     assert_int_equal(uc_entropy_default_k(1), 1);
+    /* a backend's truncated spectra: two of d = 4, the largest 2 kept, the rest 0 */
+    double sp[8] = {0.5, 0.3, 0.15, 0.05, 0.4, 0.3, 0.2, 0.1};
+    uc_entropy_keep_top(sp, 2, 4, 2);
+    const double want[8] = {0.5, 0.3, 0, 0, 0.4, 0.3, 0, 0};
+    for (int i = 0; i < 8; i++) {
+        assert_true(sp[i] == want[i]);
+    }
+    assert_near(uc_entropy_truncated(sp, 4, 2), -(0.5 * log(0.5) + 0.3 * log(0.3)) / log(4.0),
+                1e-15);
+    uc_entropy_keep_top(sp + 4, 1, 4, 0); /* 0 and d or more: the whole spectrum stays */
+    uc_entropy_keep_top(sp + 4, 1, 4, 4);
+    assert_true(sp[4] == 0.4 && sp[5] == 0.3);
     /* refusals and allocation failures */
     int64_t blocks = uc_mem_blocks_in_use();
     float x[8] = {1, 0, 0, 1, -1, 0, 0, -1};
