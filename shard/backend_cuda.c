@@ -974,7 +974,7 @@ static uc_status cuda_qspec(struct uc_backend *be, double *out, const void *q, i
     uc_status rc;
     UC_CHECK(qcov_device(c, q, ld, n, n_heads, d, (size_t)(n_heads * d)), rc, out);
     double *cov = c->outp.p, *eig = cov + n_heads * d * d;
-    UC_CHECK(CU(uc_cuda_symeig(eig, cov, n_heads, d, n_top, c->stream)), rc, out);
+    UC_CHECK(CU(uc_cuda_symeig(eig, cov, n_heads, d, n_top, !c->fp32, c->stream)), rc, out);
     rc = download_sync(c, out, eig, (size_t)(n_heads * d) * sizeof(double));
 out:
     return rc;
@@ -1052,7 +1052,8 @@ static uc_status cuda_qspec_begin(struct uc_backend *be, const void *const *q, c
                  rc, out);
     }
     UC_CHECK(CU(cudaEventRecord(sl->read, c->qs.stream)), rc, out); /* q is read by now */
-    UC_CHECK(CU(uc_cuda_symeig(eig, cov, count * n_heads, d, n_top, c->qs.stream)), rc, out);
+    UC_CHECK(CU(uc_cuda_symeig(eig, cov, count * n_heads, d, n_top, !c->fp32, c->qs.stream)),
+             rc, out);
     if ((size_t)total * sizeof(double) > sl->pin_cap) {
         if (sl->pin) {
             (void)cudaFreeHost(sl->pin); /* nothing pending writes it: the slot is free */

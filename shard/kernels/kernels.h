@@ -250,13 +250,14 @@ cudaError_t uc_cuda_qcov_normalize(void *xn, double *mean, const void *q, int64_
 cudaError_t uc_cuda_qcov_sum(double *cov, const void *part, int64_t hb, int64_t split,
                              int64_t head_dim, int part_f32, double scale, cudaStream_t stream);
 /* Eigenvalues of n_mats symmetric (d, d) double matrices (mats, consecutive), descending and
- * clamped at 0, into eig (n_mats, d): Householder tridiagonalisation in shared memory, one block
- * per matrix, then multisection on Sturm counts, eight lanes per eigenvalue, for the n_top
- * largest only (n_top <= 0 or >= d: all), the rest written 0. The matrices are overwritten (each
- * keeps its tridiagonal form in its first 2d - 1 words). d <= UC_CUDA_SYMEIG_MAX_D. */
+ * clamped at 0, into eig (n_mats, d): Householder tridiagonalisation in registers, one block per
+ * matrix (in float arithmetic when `single`: for covariances of bf16 queries), then multisection
+ * on Sturm counts in double, eight lanes per eigenvalue, for the n_top largest only (n_top <= 0
+ * or >= d: all), the rest written 0. The matrices are overwritten (each keeps its tridiagonal
+ * form in its first 2d - 1 words). d <= UC_CUDA_SYMEIG_MAX_D. */
 #define UC_CUDA_SYMEIG_MAX_D 128
 cudaError_t uc_cuda_symeig(double *eig, double *mats, int64_t n_mats, int64_t d, int64_t n_top,
-                           cudaStream_t stream);
+                           int single, cudaStream_t stream);
 /* Paged KV scatter: for e < n, pool slot slot[e] of K and V gets row src_row[e], head
  * src_head[e] of k_src/v_src ((rows, ld)). Index arrays on the device. */
 cudaError_t uc_cuda_kv_scatter(void *pool_k, void *pool_v, const void *k_src, const void *v_src,

@@ -1,20 +1,23 @@
-/* Eigenvalues of a batch of small symmetric matrices in double precision, in two kernels:
+/* Eigenvalues of a batch of small symmetric matrices, in two kernels:
  *
  * 1. Tridiagonalisation, one block per matrix: the matrix is reduced by Householder reflections
  *    (as LAPACK's dsytd2 does, one column at a time) while it stays in the block's registers,
- *    64 words a thread (rows interleaved over the warps, columns over the lanes). A step costs
- *    three barriers: the warp holding the column forms the reflector, every warp forms its rows
- *    of p = beta A v (row sums over the lanes by a transposing reduction), then every warp forms
- *    p'v for itself and applies the rank-2 update to what it holds, skipping the rows and the
- *    column groups left of the trailing block. The diagonal and off-diagonal are written over
- *    the matrix's own first 2d - 1 words.
- * 2. Multisection on Sturm counts, eight lanes per eigenvalue: they count the eigenvalues below
- *    8 points of the eigenvalue's current interval at once, so an iteration narrows it 9-fold
- *    (about 17 iterations to LAPACK dstebz's tolerance, eps times the matrix's norm, instead of
- *    some 50 bisection steps), the counts need no division, and the batch spreads over every
- *    multiprocessor rather than one block per matrix. Each eigenvalue is found on its own, so
- *    a caller that needs only the largest n_top (a truncated entropy: k = d / 4 by default)
- *    pays for those alone: the multisection is about half of the solve at d = 128.
+ *    64 words a thread (rows interleaved over the warps, columns over the lanes), in double, or
+ *    in float for the covariances of bf16 queries (224 or 127 registers a thread: all of its
+ *    multiprocessor's register file, or half, taken from the prefill it runs beside). A step
+ *    costs three barriers: the warp holding the column forms the reflector, every warp forms its
+ *    rows of p = beta A v (row sums over the lanes by a transposing reduction), then every warp
+ *    forms p'v for itself and applies the rank-2 update to what it holds, skipping the rows and
+ *    the column groups left of the trailing block. The diagonal and off-diagonal are written
+ *    over the matrix's own first 2d - 1 words.
+ * 2. Multisection on Sturm counts in double, eight lanes per eigenvalue: they count the
+ *    eigenvalues below 8 points of the eigenvalue's current interval at once, so an iteration
+ *    narrows it 9-fold (about 17 iterations to LAPACK dstebz's tolerance, eps times the matrix's
+ *    norm, instead of some 50 bisection steps), the counts need no division, and the batch
+ *    spreads over every multiprocessor rather than one block per matrix. Each eigenvalue is
+ *    found on its own, so a caller that needs only the largest n_top (a truncated entropy: k =
+ *    d / 4 by default) pays for those alone: the multisection is about half of the solve at
+ *    d = 128.
  *
  * The matrices are the query covariances of UNCOMP.md section 1, so the values come out
  * descending and clamped at 0, as uc_entropy_eigvals gives them on the host. */
@@ -32,51 +35,58 @@
 #define TRI_C (UC_CUDA_SYMEIG_MAX_D / 32)
 static_assert(TRI_R == 16, "the row sums reduce 16 rows per warp (warp_sum16)");
 
+static __device__ __forceinline__ double warp_sum_t(double v) { return uck_warp_sum_d(v); }
+static __device__ __forceinline__ float warp_sum_t(float v) { return uck_warp_sum(v); }
+
 /* Sums each of the 16 values over the warp's lanes; lane l gets the sum of value (l >> 1) & 15
  * (a transposing reduction: 16 exchanges instead of 16 x 5). */
-static __device__ __forceinline__ double warp_sum16(double (&x)[16], int lane)
+template <typename T> static __device__ __forceinline__ T warp_sum16(T (&x)[16], int lane)
 {
 #pragma unroll
     for (int i = 0; i < 8; i++) {
         const bool up = (lane >> 4) & 1;
-        const double send = up ? x[i] : x[i + 8], keep = up ? x[i + 8] : x[i];
+        const T send = up ? x[i] : x[i + 8], keep = up ? x[i + 8] : x[i];
         x[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
     }
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         const bool up = (lane >> 3) & 1;
-        const double send = up ? x[i] : x[i + 4], keep = up ? x[i + 4] : x[i];
+        const T send = up ? x[i] : x[i + 4], keep = up ? x[i + 4] : x[i];
         x[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
     }
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         const bool up = (lane >> 2) & 1;
-        const double send = up ? x[i] : x[i + 2], keep = up ? x[i + 2] : x[i];
+        const T send = up ? x[i] : x[i + 2], keep = up ? x[i + 2] : x[i];
         x[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
     }
     {
         const bool up = (lane >> 1) & 1;
-        const double send = up ? x[0] : x[1], keep = up ? x[1] : x[0];
+        const T send = up ? x[0] : x[1], keep = up ? x[1] : x[0];
         x[0] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
     }
     return x[0] + __shfl_xor_sync(0xffffffffu, x[0], 1);
 }
 
+/* T: the arithmetic of the reduction. double, or float where the matrices came from bf16
+ * queries (their covariances carry that rounding already, and a float reduction's error, about
+ * d x 6e-8 of the trace, is far inside it): half the registers and shuffles of a step. */
+template <typename T>
 static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *mats, int d)
 {
-    __shared__ double vs[UC_CUDA_SYMEIG_MAX_D], ws[UC_CUDA_SYMEIG_MAX_D];
-    __shared__ double dg[UC_CUDA_SYMEIG_MAX_D], e[UC_CUDA_SYMEIG_MAX_D];
-    __shared__ double sh_beta;
+    __shared__ T vs[UC_CUDA_SYMEIG_MAX_D], ws[UC_CUDA_SYMEIG_MAX_D];
+    __shared__ T dg[UC_CUDA_SYMEIG_MAX_D], e[UC_CUDA_SYMEIG_MAX_D];
+    __shared__ T sh_beta;
     __shared__ int sh_skip;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     double *mat = mats + (size_t)blockIdx.x * d * d;
-    double a[TRI_R][TRI_C];
+    T a[TRI_R][TRI_C];
 #pragma unroll
     for (int r = 0; r < TRI_R; r++) {
 #pragma unroll
         for (int c = 0; c < TRI_C; c++) {
             const int i = warp + TRI_WARPS * r, j = lane + 32 * c;
-            a[r][c] = i < d && j < d ? mat[(size_t)i * d + j] : 0.0;
+            a[r][c] = i < d && j < d ? (T)mat[(size_t)i * d + j] : T(0);
         }
     }
     for (int k = 0; k + 2 < d; k++) {
@@ -84,15 +94,15 @@ static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *
         /* the warp holding row k forms the reflector of its part right of the diagonal (the
          * column below it: the matrix is kept symmetric) */
         if (warp == k % TRI_WARPS) {
-            double x[TRI_C];
-            double s = 0.0, x0 = 0.0;
+            T x[TRI_C];
+            T s = T(0), x0 = T(0);
 #pragma unroll
             for (int r = 0; r < TRI_R; r++) {
                 if (warp + TRI_WARPS * r == k) {
 #pragma unroll
                     for (int c = 0; c < TRI_C; c++) {
                         const int j = lane + 32 * c;
-                        x[c] = j >= o && j < d ? a[r][c] : 0.0;
+                        x[c] = j >= o && j < d ? a[r][c] : T(0);
                         s += x[c] * x[c];
                         if (j == o) {
                             x0 = x[c];
@@ -103,36 +113,36 @@ static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *
                     }
                 }
             }
-            const double nx2 = uck_warp_sum_d(s);
+            const T nx2 = warp_sum_t(s);
             x0 = __shfl_sync(0xffffffffu, x0, o & 31);
-            const double tail2 = nx2 - x0 * x0;
-            const double alpha = x0 >= 0.0 ? -sqrt(nx2) : sqrt(nx2);
-            const bool skip = !(tail2 > 0.0); /* this column is already tridiagonal */
+            const T tail2 = nx2 - x0 * x0;
+            const T alpha = x0 >= T(0) ? -sqrt(nx2) : sqrt(nx2);
+            const bool skip = !(tail2 > T(0)); /* this column is already tridiagonal */
 #pragma unroll
             for (int c = 0; c < TRI_C; c++) {
                 const int j = lane + 32 * c;
-                vs[j] = skip ? 0.0 : x[c] - (j == o ? alpha : 0.0);
+                vs[j] = skip ? T(0) : x[c] - (j == o ? alpha : T(0));
             }
             if (lane == 0) {
                 e[k] = skip ? x0 : alpha;
                 sh_skip = skip;
-                sh_beta = skip ? 0.0 : 2.0 / (tail2 + (x0 - alpha) * (x0 - alpha)); /* 2/v'v */
+                sh_beta = skip ? T(0) : T(2) / (tail2 + (x0 - alpha) * (x0 - alpha)); /* 2/v'v */
             }
         }
         __syncthreads();
         const bool skip = sh_skip;
-        const double beta = sh_beta;
+        const T beta = sh_beta;
         if (!skip) {
             /* p = A v for the rows below k (v is zero left of o): row sums over the lanes */
-            double part[TRI_R];
-            double vj[TRI_C];
+            T part[TRI_R];
+            T vj[TRI_C];
 #pragma unroll
             for (int c = 0; c < TRI_C; c++) {
                 vj[c] = vs[lane + 32 * c];
             }
 #pragma unroll
             for (int r = 0; r < TRI_R; r++) {
-                part[r] = 0.0;
+                part[r] = T(0);
                 if (warp + TRI_WARPS * r >= o) {
 #pragma unroll
                     for (int c = 0; c < TRI_C; c++) {
@@ -142,22 +152,22 @@ static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *
                     }
                 }
             }
-            const double pi = warp_sum16(part, lane);
+            const T pi = warp_sum16(part, lane);
             const int i = warp + TRI_WARPS * ((lane >> 1) & 15);
             if ((lane & 1) == 0 && i < UC_CUDA_SYMEIG_MAX_D) {
-                ws[i] = i >= o && i < d ? beta * pi : 0.0; /* p = beta A v, for now */
+                ws[i] = i >= o && i < d ? beta * pi : T(0); /* p = beta A v, for now */
             }
         }
         __syncthreads();
         if (!skip) {
             /* every warp: K = beta p'v / 2 and w = p - K v; then A <- A - v w' - w v' */
-            double pv = 0.0;
+            T pv = T(0);
 #pragma unroll
             for (int c = 0; c < TRI_C; c++) {
                 pv += ws[lane + 32 * c] * vs[lane + 32 * c];
             }
-            const double kk = 0.5 * beta * uck_warp_sum_d(pv);
-            double vj[TRI_C], wj[TRI_C];
+            const T kk = T(0.5) * beta * warp_sum_t(pv);
+            T vj[TRI_C], wj[TRI_C];
 #pragma unroll
             for (int c = 0; c < TRI_C; c++) {
                 vj[c] = vs[lane + 32 * c];
@@ -167,7 +177,7 @@ static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *
             for (int r = 0; r < TRI_R; r++) {
                 const int i = warp + TRI_WARPS * r;
                 if (i >= o) {
-                    const double vi = vs[i], wi = ws[i] - kk * vi;
+                    const T vi = vs[i], wi = ws[i] - kk * vi;
 #pragma unroll
                     for (int c = 0; c < TRI_C; c++) {
                         if (32 * c + 31 >= o) {
@@ -328,7 +338,7 @@ static __global__ void __launch_bounds__(SECT_WARPS * 32)
 }
 
 extern "C" cudaError_t uc_cuda_symeig(double *eig, double *mats, int64_t n_mats, int64_t d,
-                                      int64_t n_top, cudaStream_t stream)
+                                      int64_t n_top, int single, cudaStream_t stream)
 {
     if (n_mats <= 0 || d <= 0 || d > UC_CUDA_SYMEIG_MAX_D) {
         return cudaErrorInvalidValue;
@@ -336,7 +346,11 @@ extern "C" cudaError_t uc_cuda_symeig(double *eig, double *mats, int64_t n_mats,
     if (n_top <= 0 || n_top > d) {
         n_top = d;
     }
-    tridiag_kernel<<<(unsigned)n_mats, TRI_THREADS, 0, stream>>>(mats, (int)d);
+    if (single) {
+        tridiag_kernel<float><<<(unsigned)n_mats, TRI_THREADS, 0, stream>>>(mats, (int)d);
+    } else {
+        tridiag_kernel<double><<<(unsigned)n_mats, TRI_THREADS, 0, stream>>>(mats, (int)d);
+    }
     dim3 grid((unsigned)((n_top + 4 * SECT_WARPS - 1) / (4 * SECT_WARPS)), (unsigned)n_mats);
     multisect_kernel<<<grid, SECT_WARPS * 32, (size_t)(2 * d) * sizeof(double), stream>>>(
         eig, mats, (int)d, (int)n_top);

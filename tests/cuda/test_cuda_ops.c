@@ -2210,8 +2210,8 @@ static void bench_qspec_overlap(int64_t n, int64_t top)
     printf("bench qspec n=%lld top=%lld beside a product T=2048 N=14336 K=4096: qspec %.1f us, "
            "product %.1f us, one after the other %.1f us, qspec begun early %.1f us (%.0f%% of "
            "the qspec hidden)\n",
-           (long long)n, (long long)(top > 0 ? top : b.sp.d), t_sp * 1e6, t_mm * 1e6, t_seq * 1e6, t_ovl * 1e6,
-           100.0 * (t_seq - t_ovl) / t_sp);
+           (long long)n, (long long)(top > 0 ? top : b.sp.d), t_sp * 1e6, t_mm * 1e6,
+           t_seq * 1e6, t_ovl * 1e6, 100.0 * (t_seq - t_ovl) / t_sp);
     drop(gpu, b.mm.y);
     drop(gpu, b.mm.x);
     gpu->ops->weight_free(gpu, b.mm.w);
