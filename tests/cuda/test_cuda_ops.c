@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_lt.h"
+#include "kernels/kernels.h"
 #endif
 
 static struct uc_backend *cpu, *gpu;
@@ -2167,6 +2168,87 @@ static void bench_qspec(int64_t n, int64_t top)
     uc_free(b.eig);
 }
 
+#ifdef UC_HAVE_CUDA
+/* The eigensolver alone on two prompts' worth of a layer's covariances (64 heads of 128, from
+ * 4096 bf16 query rows each, as the GPU's qcov gives them): the tridiagonalisation in double and
+ * in float, the multisection for all 128 eigenvalues and for the largest 32, each the median of
+ * 11 timed launches (the matrices restored before each); and how far the float reduction's
+ * eigenvalues are from the double one's. */
+static void bench_symeig(void)
+{
+    const int64_t n = 4096, h = 32, d = 128, mats = 2 * h, per = d * d;
+    double *host = uc_malloc((size_t)(mats * per) * sizeof(double));
+    struct qkv b;
+    qkv_make(&b, n, 2 * h, 1, d, 1234);
+    uc_status rc = gpu->ops->qcov(gpu, host, b.g, b.ld, n, 2 * h, d);
+    double *src = NULL, *work = NULL, *eig = NULL;
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    bool ok = rc == UC_OK &&
+              cudaMalloc((void **)&src, (size_t)(mats * per) * sizeof(double)) == cudaSuccess &&
+              cudaMalloc((void **)&work, (size_t)(mats * per) * sizeof(double)) == cudaSuccess &&
+              cudaMalloc((void **)&eig, (size_t)(mats * d) * sizeof(double)) == cudaSuccess &&
+              cudaMemcpy(src, host, (size_t)(mats * per) * sizeof(double),
+                         cudaMemcpyHostToDevice) == cudaSuccess;
+    double *got[2] = {uc_malloc((size_t)(mats * d) * sizeof(double)),
+                      uc_malloc((size_t)(mats * d) * sizeof(double))};
+    for (int single = 0; single < 2 && ok; single++) {
+        for (int top = 0; top <= 32 && ok; top += 32) {
+            float ms[11];
+            for (int r = 0; r < 12 && ok; r++) { /* the first is a warm-up */
+                cudaMemcpyAsync(work, src, (size_t)(mats * per) * sizeof(double),
+                                cudaMemcpyDeviceToDevice, 0);
+                cudaEventRecord(e0, 0);
+                ok = uc_cuda_symeig(eig, work, mats, d, top, single, 0) == cudaSuccess;
+                cudaEventRecord(e1, 0);
+                ok = ok && cudaEventSynchronize(e1) == cudaSuccess;
+                if (r > 0) {
+                    cudaEventElapsedTime(&ms[r - 1], e0, e1);
+                }
+            }
+            for (int i = 1; i < 11; i++) { /* insertion sort for the median */
+                for (int j = i; j > 0 && ms[j] < ms[j - 1]; j--) {
+                    float t = ms[j];
+                    ms[j] = ms[j - 1];
+                    ms[j - 1] = t;
+                }
+            }
+            if (ok && top == 0) {
+                ok = cudaMemcpy(got[single], eig, (size_t)(mats * d) * sizeof(double),
+                                cudaMemcpyDeviceToHost) == cudaSuccess;
+            }
+            printf("bench symeig %lld x %lld^2 (tridiagonalisation in %s), %s eigenvalues: %.1f "
+                   "us\n",
+                   (long long)mats, (long long)d, single ? "float" : "double",
+                   top ? "the largest 32" : "all", ms[5] * 1e3);
+        }
+    }
+    double worst = 0.0, worst_top = 0.0;
+    for (int64_t i = 0; ok && i < mats * d; i++) {
+        double err = fabs(got[1][i] - got[0][i]);
+        worst = err > worst ? err : worst;
+        worst_top = i % d < 32 && err > worst_top ? err : worst_top;
+    }
+    if (ok) {
+        printf("bench symeig: float against double, largest abs difference %.2e (the largest 32: "
+               "%.2e; eigenvalues sum to 1)\n",
+               worst, worst_top);
+    } else {
+        printf("bench symeig: FAILED to run\n");
+    }
+    uc_free(got[0]);
+    uc_free(got[1]);
+    cudaFree(src);
+    cudaFree(work);
+    cudaFree(eig);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    qkv_free(&b);
+    uc_free(host);
+}
+#endif
+
 /* The early query spectra: a layer end's qspec (32 heads of 128 over n rows) and a product the
  * size of a 2048-row MLP half, run one after the other and with the spectra begun on the second
  * stream before the product (what the sweep does). */
@@ -2480,6 +2562,9 @@ int main(int argc, char **argv)
                 bench_attns();
             }
         } else {
+#ifdef UC_HAVE_CUDA
+            bench_symeig();
+#endif
             bench_qspec(1024, 0);
             bench_qspec(1024, 32);
             bench_qspec(8192, 0);
