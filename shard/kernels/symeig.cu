@@ -94,6 +94,10 @@ static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *
         /* the warp holding row k forms the reflector of its part right of the diagonal (the
          * column below it: the matrix is kept symmetric) */
         if (warp == k % TRI_WARPS) {
+            /* in float the squares below the column's first entry are summed apart: nx2 - x0^2
+             * would lose a tail under sqrt(eps) |x0| to cancellation and take the column for
+             * tridiagonal (double keeps its bits: the fp32 mode's kept sets rest on them) */
+            constexpr bool apart = sizeof(T) < sizeof(double);
             T x[TRI_C];
             T s = T(0), x0 = T(0);
 #pragma unroll
@@ -103,7 +107,7 @@ static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *
                     for (int c = 0; c < TRI_C; c++) {
                         const int j = lane + 32 * c;
                         x[c] = j >= o && j < d ? a[r][c] : T(0);
-                        s += x[c] * x[c];
+                        s += apart && j == o ? T(0) : x[c] * x[c];
                         if (j == o) {
                             x0 = x[c];
                         }
@@ -113,9 +117,9 @@ static __global__ void __launch_bounds__(TRI_THREADS, 1) tridiag_kernel(double *
                     }
                 }
             }
-            const T nx2 = warp_sum_t(s);
+            const T sum = warp_sum_t(s);
             x0 = __shfl_sync(0xffffffffu, x0, o & 31);
-            const T tail2 = nx2 - x0 * x0;
+            const T nx2 = apart ? sum + x0 * x0 : sum, tail2 = apart ? sum : sum - x0 * x0;
             const T alpha = x0 >= T(0) ? -sqrt(nx2) : sqrt(nx2);
             const bool skip = !(tail2 > T(0)); /* this column is already tridiagonal */
 #pragma unroll
