@@ -2218,10 +2218,12 @@ static void bench_symeig(void)
                 ok = cudaMemcpy(got[single], eig, (size_t)(mats * d) * sizeof(double),
                                 cudaMemcpyDeviceToHost) == cudaSuccess;
             }
-            printf("bench symeig %lld x %lld^2 (tridiagonalisation in %s), %s eigenvalues: %.1f "
-                   "us\n",
-                   (long long)mats, (long long)d, single ? "float" : "double",
-                   top ? "the largest 32" : "all", ms[5] * 1e3);
+            if (ok) {
+                printf("bench symeig %lld x %lld^2 (tridiagonalisation in %s), %s eigenvalues: "
+                       "%.1f us\n",
+                       (long long)mats, (long long)d, single ? "float" : "double",
+                       top ? "the largest 32" : "all", ms[5] * 1e3);
+            }
         }
     }
     double worst = 0.0, worst_top = 0.0;
