@@ -2178,9 +2178,9 @@ static void bench_symeig(void)
 {
     const int64_t n = 4096, h = 32, d = 128, mats = 2 * h, per = d * d;
     double *host = uc_malloc((size_t)(mats * per) * sizeof(double));
-    struct qkv b;
-    qkv_make(&b, n, 2 * h, 1, d, 1234);
-    uc_status rc = gpu->ops->qcov(gpu, host, b.g, b.ld, n, 2 * h, d);
+    float *rows = hdata(n * mats * d, 1234, 1.5f); /* the GPU alone: no CPU backend here */
+    void *q = put(gpu, rows, n * mats * d);
+    uc_status rc = gpu->ops->qcov(gpu, host, q, mats * d, n, mats, d);
     double *src = NULL, *work = NULL, *eig = NULL;
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0);
@@ -2246,7 +2246,8 @@ static void bench_symeig(void)
     cudaFree(eig);
     cudaEventDestroy(e0);
     cudaEventDestroy(e1);
-    qkv_free(&b);
+    drop(gpu, q);
+    uc_free(rows);
     uc_free(host);
 }
 #endif
