@@ -46,6 +46,10 @@ static const struct uc_cfg_option options[] = {
      "slices; prefill-first: while a request's prompt prefills, steps carry prompts only (at 4x "
      "the prefill budget) and decoding waits: better TTFT, one long inter-token gap per stream "
      "per wave"},
+    {"decode-overlap", UC_CFG_BOOL, OFF(decode_overlap), "yes", 0, 0, UC_CFG_IMMUTABLE,
+     "launch a greedy decode step before the host has read the one before it, when the "
+     "scheduler expects the same batch again (no = the device waits for the host between "
+     "steps; for A/B timings)"},
     {"max-decode-wait-ms", UC_CFG_INT, OFF(max_decode_wait_ms), "0", 0, 3600000, 0,
      "prefill-first: once a decoding sequence has waited this long for its next token, steps "
      "mix decode rows in again (0 = no bound)"},

@@ -317,16 +317,47 @@ static void trace_step(struct uc_sched *s, const double t[4], const char *kind, 
             "{\"t\":%.3f,\"kind\":\"%s\",\"decode\":%d,\"prefill\":%d,\"prefill_row_layers\":%lld,"
             "\"new\":%d,\"free\":%lld,\"idle_ms\":%.3f,\"plan_ms\":%.3f,\"engine_ms\":%.3f,"
             "\"after_ms\":%.3f,\"decode_prep_ms\":%.3f,\"blocks_taken\":%lld,\"table_ints\":%lld,"
-            "\"graph\":\"%s\",\"lookahead\":%s,\"free_ms\":%.3f,\"new_ms\":%.3f,\"ok\":%s,"
-            "\"mono\":%.6f}\n",
+            "\"graph\":\"%s\",\"lookahead\":%s,\"overlap\":%s,\"free_ms\":%.3f,\"new_ms\":%.3f,"
+            "\"ok\":%s,\"mono\":%.6f}\n",
             (t[0] - s->trace_t0) * 1e3, kind, n_dec, n_pf, (long long)rows, n_new,
             (long long)n_free, (t[0] - last) * 1e3, (t[1] - t[0]) * 1e3, (t[2] - t[1]) * 1e3,
             (t[3] - t[2]) * 1e3, in.decode_prep_ms, (long long)in.blocks_taken,
             (long long)in.table_ints, graph[(unsigned)in.graph < UC_STEP_GRAPH_MODES ? in.graph : 0],
-            in.lookahead ? "true" : "false", in.free_ms, in.new_ms, rc == UC_OK ? "true" : "false",
+            in.lookahead ? "true" : "false", in.overlapped ? "true" : "false", in.free_ms,
+            in.new_ms, rc == UC_OK ? "true" : "false",
             t[0]);
     fflush(s->trace);
     s->trace_last_end = t[3];
+}
+
+/* Whether the next round will decode the running sequences again and nothing else (unless some
+ * end): no request waits or prefills, no choice waits to fork, no calibration runs or waits,
+ * and no drain has begun. */
+static bool rounds_quiet(struct uc_sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    bool quiet = !s->wait_head && !s->ctl && !s->draining;
+    pthread_mutex_unlock(&s->mu);
+    for (int64_t i = 0; quiet && i < s->n_active; i++) {
+        quiet = s->active[i]->st == REQ_DECODE && s->active[i]->fork_state != 1;
+    }
+    return quiet && !s->calib.active && !s->calib.want_default;
+}
+
+/* Whether the engine has a decode step in flight for the running sequences (the last step
+ * expected this round to decode them again): this round then decodes them alone, and what
+ * else came waits one round (rounds_quiet is false then, so no step is launched ahead again). */
+static bool decode_held(struct uc_sched *s)
+{
+    if (!uc_engine_decode_in_flight(s->e)) {
+        return false;
+    }
+    for (int64_t i = 0; i < s->n_active; i++) {
+        if (s->active[i]->st == REQ_DECODE && s->active[i]->pending >= 0) {
+            return true;
+        }
+    }
+    return false; /* none of them goes on: the step ends it */
 }
 
 bool sched_round(struct uc_sched *s)
@@ -336,9 +367,12 @@ bool sched_round(struct uc_sched *s)
     enum { MAX_NEW = 64 };
     struct uc_step_new news[MAX_NEW];
     int32_t n_new = 0;
-    sched_calib_tick(s, news, &n_new, MAX_NEW);
-    sched_fork_tick(s, news, &n_new, MAX_NEW);
-    admit(s, news, &n_new, MAX_NEW);
+    bool held = decode_held(s);
+    if (!held) {
+        sched_calib_tick(s, news, &n_new, MAX_NEW);
+        sched_fork_tick(s, news, &n_new, MAX_NEW);
+        admit(s, news, &n_new, MAX_NEW);
+    }
     for (int32_t i = 0; i < n_new; i++) { /* the engine holds them once the step ran */
         for (int64_t k = 0; k < s->n_active; k++) {
             if (s->active[k]->seq_id == news[i].seq_id) {
@@ -353,7 +387,7 @@ bool sched_round(struct uc_sched *s)
      * prefilling, since a prompt whose buffers do not fit beside a started calibration window
      * waits for that window to end (skipping the window too stopped both for good);
      * prefill-first then carries no decode rows (unless one waited too long) */
-    bool req_prefill = request_prefill_due(s);
+    bool req_prefill = !held && request_prefill_due(s);
     bool prefill_only = s->p.schedule == UC_SCHEDULE_PREFILL_FIRST && req_prefill &&
                         !decode_overdue(s);
     struct uc_step_decode *dec = s->step_dec;
@@ -368,15 +402,19 @@ bool sched_round(struct uc_sched *s)
             decoded[n_dec++] = q;
         }
     }
-    int32_t n_pf = plan_prefills(s, n_dec, req_prefill);
+    int32_t n_pf = held ? 0 : plan_prefills(s, n_dec, req_prefill);
     bool work = n_new > 0 || n_dec > 0 || n_pf > 0 || s->n_frees > 0;
+    bool again = n_dec > 0 && n_new == 0 && n_pf == 0 && rounds_quiet(s);
+    for (int32_t i = 0; i < n_dec && again; i++) {
+        again = (dec[i].flags & UC_DECODE_GREEDY) != 0;
+    }
     uc_status rc = UC_OK;
     int64_t n_free = s->n_frees;
     if (work) {
         struct uc_step st = {.op = UC_STEP_RUN, .n_new = n_new, .news = news,
                              .n_free = (int32_t)s->n_frees, .frees = s->frees,
                              .n_prefill = n_pf, .prefills = s->step_pf, .n_decode = n_dec,
-                             .decodes = dec};
+                             .decodes = dec, .decode_again = again};
         tt[1] = s->trace ? uc_time_s() : 0.0;
         rc = uc_engine_step(s->e, &st);
         tt[2] = s->trace ? uc_time_s() : 0.0;

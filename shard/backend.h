@@ -362,6 +362,20 @@ struct uc_backend_ops {
      * -1 for a row holding a NaN or Inf. */
     uc_status (*argmax)(struct uc_backend *be, int32_t *out, const void *x, int64_t n_tok,
                         int64_t n);
+    /* (optional, all four or none) A decode step launched before the host has read the one
+     * before it (shard/engine/decode.c, "the next step in flight"):
+     * - argmax_keep: as argmax, but the ids stay in backend memory (dev_out, n_tok int32s);
+     * - embed_ids: dst[i, :] = table[ids[i], :] for ids in backend memory (argmax_keep's), a
+     *   row of zeros for an id outside [0, n_table) (argmax's -1 of a non-finite row);
+     * - ids_fetch_begin: copies n ids from backend memory to the host behind the work queued
+     *   so far, into slot `slot` (0 or 1), without waiting; ids_fetch_end waits for that copy
+     *   alone (not for work queued after it) and hands the ids over. */
+    uc_status (*argmax_keep)(struct uc_backend *be, int32_t *dev_out, const void *x,
+                             int64_t n_tok, int64_t n);
+    uc_status (*embed_ids)(struct uc_backend *be, void *dst, const void *table,
+                           const int32_t *ids, int64_t n_ids, int64_t n_table, int64_t width);
+    uc_status (*ids_fetch_begin)(struct uc_backend *be, int slot, const int32_t *dev, int64_t n);
+    uc_status (*ids_fetch_end)(struct uc_backend *be, int slot, int32_t *out, int64_t n);
     void (*destroy)(struct uc_backend *be);
 };
 

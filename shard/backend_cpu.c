@@ -40,6 +40,8 @@ struct cpu_ctx {
     int qs_first, qs_count;
     struct cpu_ws_slot *ws; /* window scores begun (computed at their begin), by slot */
     int32_t n_ws;
+    int32_t *fetch[2]; /* ids_fetch_begin's copies, by slot */
+    int64_t fetch_cap[2], fetch_n[2];
 };
 
 /* A begun window score result: col (Hkv, n) then row (n) when asked. */
@@ -1321,6 +1323,60 @@ static uc_status cpu_argmax(struct uc_backend *be, int32_t *out, const void *x, 
     return UC_OK;
 }
 
+/* The ids of argmax_keep and ids_fetch_*: backend memory is host memory here, and every op has
+ * run by the time it returns, so a fetch is a copy. */
+static uc_status cpu_embed_ids(struct uc_backend *be, void *dst, const void *table,
+                               const int32_t *ids, int64_t n_ids, int64_t n_table, int64_t width)
+{
+    (void)be;
+    float *d = dst;
+    const float *t = table;
+    for (int64_t i = 0; i < n_ids; i++) {
+        if (ids[i] >= 0 && ids[i] < n_table) {
+            memcpy(d + i * width, t + (int64_t)ids[i] * width, (size_t)width * sizeof(float));
+        } else {
+            memset(d + i * width, 0, (size_t)width * sizeof(float));
+        }
+    }
+    return UC_OK;
+}
+
+static uc_status cpu_ids_fetch_begin(struct uc_backend *be, int slot, const int32_t *dev,
+                                     int64_t n)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    if (slot < 0 || slot > 1 || n < 0) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "ids fetch slot %d of %lld ids", slot, (long long)n);
+    }
+    if (n > c->fetch_cap[slot]) {
+        int32_t *p = uc_realloc(c->fetch[slot], (size_t)n * sizeof(int32_t));
+        if (!p) {
+            return UC_ERRF(UC_ERR_NOMEM, "ids fetch of %lld", (long long)n);
+        }
+        c->fetch[slot] = p;
+        c->fetch_cap[slot] = n;
+    }
+    if (n > 0) {
+        memcpy(c->fetch[slot], dev, (size_t)n * sizeof(int32_t));
+    }
+    c->fetch_n[slot] = n;
+    return UC_OK;
+}
+
+static uc_status cpu_ids_fetch_end(struct uc_backend *be, int slot, int32_t *out, int64_t n)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    if (slot < 0 || slot > 1 || n != c->fetch_n[slot]) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "ids fetch slot %d: %lld ids asked, %lld begun", slot,
+                       (long long)n, (long long)(slot >= 0 && slot <= 1 ? c->fetch_n[slot] : 0));
+    }
+    if (n > 0) {
+        memcpy(out, c->fetch[slot], (size_t)n * sizeof(int32_t));
+    }
+    c->fetch_n[slot] = -1;
+    return UC_OK;
+}
+
 static void cpu_destroy(struct uc_backend *be)
 {
     struct cpu_ctx *c = ctx_of(be);
@@ -1328,6 +1384,8 @@ static void cpu_destroy(struct uc_backend *be)
         uc_free(c->rope_cos);
         uc_free(c->rope_sin);
         uc_free(c->scores);
+        uc_free(c->fetch[0]);
+        uc_free(c->fetch[1]);
         for (int i = 0; i < UC_QSPEC_BATCHES; i++) {
             uc_free(c->qs[i]);
         }
@@ -1397,6 +1455,10 @@ static const struct uc_backend_ops cpu_ops = {
     .kv_move_packed = cpu_kv_move_packed,
     .chan_sumsq = cpu_chan_sumsq,
     .argmax = cpu_argmax,
+    .argmax_keep = cpu_argmax,
+    .embed_ids = cpu_embed_ids,
+    .ids_fetch_begin = cpu_ids_fetch_begin,
+    .ids_fetch_end = cpu_ids_fetch_end,
     .destroy = cpu_destroy,
 };
 

@@ -106,6 +106,12 @@ struct cuda_ctx {
     /* window scores begun (window_scores_begin), by slot */
     struct ws_slot *ws;
     int32_t n_ws;
+    /* ids_fetch_begin's copies, by slot: pinned, and the event that follows each copy */
+    struct {
+        int32_t *pin;
+        int64_t cap, n;
+        cudaEvent_t done;
+    } fetch[2];
 };
 
 /* A begun window score result: Hkv n column floats, then n row floats when asked, copied to
@@ -1513,6 +1519,70 @@ out:
     return rc;
 }
 
+static uc_status cuda_argmax_keep(struct uc_backend *be, int32_t *dev_out, const void *x,
+                                  int64_t n_tok, int64_t n)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    return n_tok > 0 ? CU(uc_cuda_argmax(dev_out, x, n_tok, n, c->dt, c->stream)) : UC_OK;
+}
+
+static uc_status cuda_embed_ids(struct uc_backend *be, void *dst, const void *table,
+                                const int32_t *ids, int64_t n_ids, int64_t n_table, int64_t width)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    return CU(uc_cuda_gather_ids(dst, table, ids, n_ids, n_table, width, c->dt, c->stream));
+}
+
+static uc_status cuda_ids_fetch_begin(struct uc_backend *be, int slot, const int32_t *dev,
+                                      int64_t n)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (slot < 0 || slot > 1 || n < 0) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "ids fetch slot %d of %lld ids", slot, (long long)n);
+    }
+    uc_status rc = UC_OK;
+    if (!c->fetch[slot].done) {
+        UC_CHECK(CU(cudaEventCreateWithFlags(&c->fetch[slot].done, cudaEventDisableTiming)), rc,
+                 out);
+    }
+    if (n > c->fetch[slot].cap) {
+        /* nothing pending writes the old copy: its end was waited for before this begin */
+        if (c->fetch[slot].pin) {
+            (void)cudaFreeHost(c->fetch[slot].pin);
+            c->fetch[slot].pin = NULL;
+            c->fetch[slot].cap = 0;
+        }
+        UC_CHECK(CU(cudaHostAlloc((void **)&c->fetch[slot].pin, (size_t)n * sizeof(int32_t),
+                                  cudaHostAllocDefault)),
+                 rc, out);
+        c->fetch[slot].cap = n;
+    }
+    if (n > 0) {
+        UC_CHECK(CU(cudaMemcpyAsync(c->fetch[slot].pin, dev, (size_t)n * sizeof(int32_t),
+                                    cudaMemcpyDeviceToHost, c->stream)),
+                 rc, out);
+    }
+    UC_CHECK(CU(cudaEventRecord(c->fetch[slot].done, c->stream)), rc, out);
+    c->fetch[slot].n = n;
+out:
+    return rc;
+}
+
+static uc_status cuda_ids_fetch_end(struct uc_backend *be, int slot, int32_t *out, int64_t n)
+{
+    struct cuda_ctx *c = ctx_of(be);
+    if (slot < 0 || slot > 1 || n != c->fetch[slot].n) {
+        return UC_ERRF(UC_ERR_INVALID_ARG, "ids fetch slot %d: %lld ids asked, %lld begun", slot,
+                       (long long)n, (long long)(slot >= 0 && slot <= 1 ? c->fetch[slot].n : 0));
+    }
+    uc_status rc = CU(cudaEventSynchronize(c->fetch[slot].done));
+    if (rc == UC_OK && n > 0) {
+        memcpy(out, c->fetch[slot].pin, (size_t)n * sizeof(int32_t));
+    }
+    c->fetch[slot].n = -1;
+    return rc;
+}
+
 /* ---- lifecycle -------------------------------------------------------------------------- */
 
 /* ---- graphs ---------------------------------------------------------------------------- */
@@ -1610,6 +1680,14 @@ static void cuda_destroy(struct uc_backend *be)
         if (c->qs.ready) {
             (void)cudaEventDestroy(c->qs.ready);
         }
+        for (int i = 0; i < 2; i++) {
+            if (c->fetch[i].pin) {
+                (void)cudaFreeHost(c->fetch[i].pin);
+            }
+            if (c->fetch[i].done) {
+                (void)cudaEventDestroy(c->fetch[i].done);
+            }
+        }
         for (int i = 0; i < UC_QSPEC_BATCHES; i++) {
             struct qs_slot *sl = &c->qs.slot[i];
             pinned_free(sl->pin, sl->done);
@@ -1686,6 +1764,10 @@ static const struct uc_backend_ops cuda_ops = {
     .attn_colsum = cuda_attn_colsum,
     .qcov = cuda_qcov,
     .qspec = cuda_qspec,
+    .argmax_keep = cuda_argmax_keep,
+    .embed_ids = cuda_embed_ids,
+    .ids_fetch_begin = cuda_ids_fetch_begin,
+    .ids_fetch_end = cuda_ids_fetch_end,
     .qspec_begin = cuda_qspec_begin,
     .qspec_fence = cuda_qspec_fence,
     .qspec_end = cuda_qspec_end,

@@ -43,6 +43,9 @@ struct uc_engine_params {
     const char *profile_path; /* NULL = MODEL_DIR/uncomp_profile.json */
     bool no_lookahead;        /* decode steps take their blocks in the step, not ahead while
                                  the step before runs (for A/B timings and tests) */
+    bool no_overlap;          /* a decode step is never launched before the host has read the
+                                 one before it (decode.c, "the next step in flight"; for A/B
+                                 timings and tests) */
 };
 
 struct uc_engine_params uc_engine_default_params(void);
@@ -154,6 +157,11 @@ struct uc_step {
     double ks_cosine;
     struct uc_share_pair ks_pairs[UC_MAX_SHARE_PAIRS];
     int32_t mc_n_pairs; /* MC_SET: pairs to select (0: drop the sums, record nothing) */
+    /* RUN, rank 0 alone (not sent to the other ranks): the scheduler expects its next step to
+     * decode these sequences again, fed their greedy tokens, and nothing else (sequences that
+     * end left out). The engine may then launch that step before this one returns
+     * (uc_engine_decode_in_flight). */
+    bool decode_again;
 };
 
 /* Rank 0: broadcasts the step to every rank and runs it. A bad request in the step (an unknown
@@ -237,8 +245,14 @@ struct uc_engine_step_info {
     bool lookahead; /* the blocks were taken and the tables synced while the step before ran */
     double free_ms;  /* host time ending the step's finished sequences (their KV blocks back) */
     double new_ms;   /* host time starting its new sequences */
+    bool overlapped; /* its decode rows ran as the step in flight, launched by the step before */
 };
 void uc_engine_last_step_info(const struct uc_engine *e, struct uc_engine_step_info *out);
+/* Whether a decode step is in flight: launched by the last step (decode_again) for the same
+ * sequences, fed by its greedy tokens. The scheduler's next step should then decode those
+ * sequences alone (any of them may be left out); anything else waits for the device to finish
+ * that step and discards it (its sequences go back a token), costing the step's device time. */
+bool uc_engine_decode_in_flight(const struct uc_engine *e);
 /* With UC_SEQ_HIDDEN, on rank 0 after the prefill: the last layer's output rows (n_rows, C),
  * before the final norm; engine-owned, valid until the sequence ends. NULL elsewhere. */
 const float *uc_engine_seq_hidden(const struct uc_engine *e, int64_t seq_id, int64_t *n_rows);

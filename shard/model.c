@@ -719,22 +719,46 @@ uc_status uc_model_warm_products(struct uc_model *m, struct uc_model_ws *ws, int
     return rc == UC_OK ? m->be->ops->sync(m->be) : rc;
 }
 
-uc_status uc_model_argmax(struct uc_model *m, struct uc_model_ws *ws, int32_t *out, const void *x,
-                          int64_t n_tok)
+/* The argmax of rows x's logits by `pick` (argmax to the host, or argmax_keep). */
+static uc_status argmax_by(struct uc_model *m, struct uc_model_ws *ws, int32_t *out,
+                           const void *x, int64_t n_tok,
+                           uc_status (*pick)(struct uc_backend *, int32_t *, const void *,
+                                             int64_t, int64_t))
 {
     struct uc_backend *be = m->be;
     const struct uc_model_shard *s = &m->sh;
     int64_t cdim = m->cfg.hidden;
     uc_status rc;
-    if (s->n_ranks != 1 || !be->ops->argmax || n_tok > ws->max_logit_rows) {
+    if (s->n_ranks != 1 || !pick || n_tok > ws->max_logit_rows) {
         return UC_ERRF(UC_ERR_UNSUPPORTED, "device argmax needs one rank");
     }
     UC_CHECK(be->ops->rmsnorm(be, ws->xn, x, m->final_norm, n_tok, cdim, (float)m->cfg.norm_eps),
              rc, out);
     UC_CHECK(be->ops->matmul(be, ws->logits, ws->xn, m->lm_head, n_tok, s->n_vocab, cdim), rc, out);
-    rc = be->ops->argmax(be, out, ws->logits, n_tok, s->n_vocab);
+    rc = pick(be, out, ws->logits, n_tok, s->n_vocab);
 out:
     return rc;
+}
+
+uc_status uc_model_argmax(struct uc_model *m, struct uc_model_ws *ws, int32_t *out, const void *x,
+                          int64_t n_tok)
+{
+    return argmax_by(m, ws, out, x, n_tok, m->be->ops->argmax);
+}
+
+uc_status uc_model_argmax_keep(struct uc_model *m, struct uc_model_ws *ws, int32_t *dev_out,
+                               const void *x, int64_t n_tok)
+{
+    return argmax_by(m, ws, dev_out, x, n_tok, m->be->ops->argmax_keep);
+}
+
+uc_status uc_model_embed_kept(struct uc_model *m, void *x, const int32_t *dev_ids, int64_t n_tok)
+{
+    if (!m->be->ops->embed_ids) {
+        return UC_ERRF(UC_ERR_UNSUPPORTED, "embedding kept ids: not on this backend");
+    }
+    return m->be->ops->embed_ids(m->be, x, m->embed, dev_ids, n_tok, m->cfg.vocab,
+                                 m->cfg.hidden);
 }
 
 uc_status uc_model_logits(struct uc_model *m, struct uc_model_ws *ws, float *out, const void *x,

@@ -115,6 +115,12 @@ uc_status uc_model_warm_products(struct uc_model *m, struct uc_model_ws *ws, int
  * runs on the backend. One rank only (with R > 1 use uc_model_logits). */
 uc_status uc_model_argmax(struct uc_model *m, struct uc_model_ws *ws, int32_t *out, const void *x,
                           int64_t n_tok);
+/* The same with the tokens left in backend memory (dev_out, T int32s, -1 for a non-finite row),
+ * and the embedding of such tokens (a row of zeros for -1): a decode step fed by the one before
+ * it without the host in between. Both need the backend's argmax_keep and embed_ids. */
+uc_status uc_model_argmax_keep(struct uc_model *m, struct uc_model_ws *ws, int32_t *dev_out,
+                               const void *x, int64_t n_tok);
+uc_status uc_model_embed_kept(struct uc_model *m, void *x, const int32_t *dev_ids, int64_t n_tok);
 
 #ifdef __cplusplus
 }

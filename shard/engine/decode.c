@@ -287,12 +287,13 @@ static uc_status decode_blocks(struct uc_engine *e, struct seq **batch, int64_t 
     return uc_kv_table_sync(&e->bt, e->bt_seqs, nb);
 }
 
-/* Whether decode_blocks was done for this batch by the lookahead of the step just before
- * (no step ran between, so no head changed since): the same number of sequences, each one
- * readied by it (the batch's order may differ). */
-static bool ahead_done(const struct uc_engine *e, struct seq **batch, int64_t nb)
+/* Whether decode_blocks was done for this batch by the lookahead of the step just before step
+ * `step` (no step ran between, so no head changed since): the same number of sequences, each
+ * one readied by it (the batch's order may differ). */
+bool eng_decode_ahead_done(const struct uc_engine *e, struct seq *const *batch, int64_t nb,
+                           int64_t step)
 {
-    if (e->ah_nb != nb || e->ah_step + 1 != e->step_no) {
+    if (e->ah_nb != nb || e->ah_step + 1 != step) {
         return false;
     }
     for (int64_t b = 0; b < nb; b++) {
@@ -303,13 +304,13 @@ static bool ahead_done(const struct uc_engine *e, struct seq **batch, int64_t nb
     return true;
 }
 
-/* The lookahead: decode_blocks for the next step's batch while the device runs this step (the
+/* The lookahead: decode_blocks for the next step's batch while the device runs step `step` (the
  * table uploads queue behind this step's work, which reads no id they write). If the next step
  * has other sequences, its own decode_blocks finds these heads' blocks taken and their tables
  * current; a sequence that ends instead returns the block with the rest. A head reserves at
  * most its next token's block, which admission counted (a sequence decodes at most max_new - 1
  * tokens after its first). */
-static uc_status decode_ahead(struct uc_engine *e, struct seq **batch, int64_t nb)
+uc_status eng_decode_ahead(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t step)
 {
     e->ah_nb = 0;
     if (e->p.no_lookahead || nb == 0) {
@@ -321,10 +322,10 @@ static uc_status decode_ahead(struct uc_engine *e, struct seq **batch, int64_t n
         return UC_OK; /* the next step tries again, as without the lookahead */
     }
     for (int64_t b = 0; rc == UC_OK && b < nb; b++) {
-        batch[b]->ah_step = e->step_no;
+        batch[b]->ah_step = step;
     }
     e->ah_nb = rc == UC_OK ? nb : 0;
-    e->ah_step = e->step_no;
+    e->ah_step = step;
     e->ah_blocks = free0 - e->kv.n_free;
     e->ah_table_ints = e->bt.ints_uploaded - ints0;
     return rc;
@@ -352,22 +353,25 @@ uc_status eng_decode_ahead_of_prefill(struct uc_engine *e, struct seq **end, int
             e->ah_batch[nb++] = s;
         }
     }
-    return nb <= e->p.max_batch ? decode_ahead(e, e->ah_batch, nb) : UC_OK;
+    return nb <= e->p.max_batch ? eng_decode_ahead(e, e->ah_batch, nb, e->step_no) : UC_OK;
 }
 
-/* The decode step's index arrays, before any layer's part: every head ready for its next token
- * (decode_blocks, unless the lookahead did it), and the layout fixed:
+/* The index arrays of a decode step (step `step`), before any layer's part: every head ready
+ * for its next token (decode_blocks, unless the lookahead did it), and the layout fixed:
  * in int32s, pos (B) | for each layer, the parts of eng_meta_layout (decode_meta_layers fills
  * them). Offsets are into the arena of block tables (a head's block ids; a packed head's kept
  * channels at coff; a merged head's ids at mc_off). A packed or latent entry's slot is -(its
  * slot) - 1. The layout depends only on B and which kinds of heads the batch has, so a
  * recorded step stays valid while this buffer and the arena do. */
-static uc_status decode_meta_prep(struct uc_engine *e, struct seq **batch, int64_t nb)
+uc_status eng_decode_meta_prep(struct uc_engine *e, struct seq **batch, int64_t nb,
+                               int64_t step)
 {
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
     bool packed = false, latent = false, any_shared = false, merged = false;
     uc_status rc = UC_OK;
-    if (ahead_done(e, batch, nb)) {
+    e->dm_t0 = uc_time_s();
+    e->dm_next = 0;
+    if (eng_decode_ahead_done(e, batch, nb, step)) {
         packed = e->ah_packed;
         latent = e->ah_latent;
         e->info.lookahead = true;
@@ -564,7 +568,7 @@ static uc_status decode_direct(struct uc_engine *e, int64_t nb, int64_t l0, int6
  * that step the slowest inter-token gap of a wave); later ones replay. Each part's index arrays
  * are built and uploaded just before the part is launched (or recorded: an upload must not be
  * recorded), so the host's layout of later layers overlaps the device's earlier ones. */
-static uc_status decode_graphed(struct uc_engine *e, int64_t nb)
+uc_status eng_decode_graphed(struct uc_engine *e, int64_t nb)
 {
     struct uc_backend *be = e->be;
     int64_t L = e->cfg->n_layers;
@@ -650,8 +654,7 @@ static uc_status decode_begin(struct uc_engine *e, const struct uc_step_decode *
 {
     struct seq **batch = e->batch;
     uc_status rc;
-    e->dm_t0 = uc_time_s();
-    e->dm_next = 0;
+    double t0 = uc_time_s();
     *any_evict = false;
     for (int64_t b = 0; b < nb; b++) {
         batch[b] = eng_find_seq(e, dec[b].seq_id);
@@ -659,7 +662,8 @@ static uc_status decode_begin(struct uc_engine *e, const struct uc_step_decode *
         *any_evict = *any_evict || batch[b]->rings != NULL;
     }
     UC_CHECK(uc_model_embed(e->m, e->dx, e->d_tok, nb), rc, out);
-    UC_CHECK(decode_meta_prep(e, batch, nb), rc, out);
+    UC_CHECK(eng_decode_meta_prep(e, batch, nb, e->step_no), rc, out);
+    e->dm_t0 = t0; /* the step's host time counts from its first row */
     if (all_layers) {
         rc = decode_meta_upto(e, nb, e->cfg->n_layers);
     }
@@ -679,31 +683,54 @@ void uc_engine_last_step_info(const struct uc_engine *e, struct uc_engine_step_i
     *out = e->info;
 }
 
+/* Each row's result of a decode step: its argmax token (greedy) or its logits row. */
+void eng_decode_results(struct uc_engine *e, int64_t nb, bool greedy)
+{
+    for (int64_t b = 0; b < nb; b++) {
+        struct seq *s = e->batch[b];
+        s->logits_ext = greedy ? NULL : e->dec_logits + b * e->cfg->vocab;
+        s->logits_rows = greedy ? 0 : 1;
+        s->greedy = greedy ? e->dec_argmax[b] : -1;
+    }
+}
+
 /* The end of any step with decode rows: the next token's logits of rows [0, nb) of e->dx (or
  * only their argmax, on the device, when every row is plain greedy on one rank). */
 uc_status eng_decode_end(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb)
 {
-    struct seq **batch = e->batch;
     bool greedy = uc_comm_size(e->comm) == 1 && e->be->ops->argmax;
     for (int64_t b = 0; b < nb; b++) {
         greedy = greedy && (dec[b].flags & UC_DECODE_GREEDY);
     }
     uc_status rc = greedy ? uc_model_argmax(e->m, &e->ws, e->dec_argmax, e->dx, nb)
                           : uc_model_logits(e->m, &e->ws, e->dec_logits, e->dx, nb);
-    for (int64_t b = 0; rc == UC_OK && b < nb; b++) {
-        batch[b]->logits_ext = greedy ? NULL : e->dec_logits + b * e->cfg->vocab;
-        batch[b]->logits_rows = greedy ? 0 : 1;
-        batch[b]->greedy = greedy ? e->dec_argmax[b] : -1;
-        batch[b]->n_ctx++;
+    if (rc == UC_OK) {
+        eng_decode_results(e, nb, greedy);
+        for (int64_t b = 0; b < nb; b++) {
+            e->batch[b]->n_ctx++;
+        }
     }
     return rc;
 }
 
-/* A step of decode rows only: the layers through recorded graphs where they can be. */
-uc_status eng_decode_run(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb)
+/* A step of decode rows only: the layers through recorded graphs where they can be; taken from
+ * the step in flight when that one covers it, and with the next one launched behind it when
+ * the scheduler expects it (next.c). */
+uc_status eng_decode_run(struct uc_engine *e, const struct uc_step *st)
 {
+    const struct uc_step_decode *dec = st->decodes;
+    int64_t nb = st->n_decode;
     if (nb == 0) {
         return UC_OK;
+    }
+    if (e->nx.live) {
+        if (eng_next_covers(e, dec, nb)) {
+            return eng_next_take(e, st);
+        }
+        uc_status rs = eng_next_settle(e);
+        if (rs != UC_OK) {
+            return rs;
+        }
     }
     bool any_evict;
     uc_status rc;
@@ -713,13 +740,14 @@ uc_status eng_decode_run(struct uc_engine *e, const struct uc_step_decode *dec, 
         UC_CHECK(decode_meta_upto(e, nb, e->cfg->n_layers), rc, out);
         rc = decode_layers(e, nb, 0, e->cfg->n_layers, true);
     } else {
-        rc = decode_graphed(e, nb);
+        rc = eng_decode_graphed(e, nb);
         if (rc == UC_OK) {
-            rc = decode_ahead(e, e->batch, nb);
+            rc = eng_decode_ahead(e, e->batch, nb, e->step_no);
         }
     }
     if (rc == UC_OK) {
-        rc = eng_decode_end(e, dec, nb);
+        rc = !any_evict && eng_next_wanted(e, st) ? eng_next_end(e, nb)
+                                                  : eng_decode_end(e, dec, nb);
     }
 out:
     return rc;

@@ -262,12 +262,23 @@ uc_status uc_engine_create(struct uc_engine **out, const struct uc_engine_params
     e->batch = uc_malloc((size_t)e->p.max_batch * sizeof(struct seq *));
     e->dec_logits = uc_malloc((size_t)(e->p.max_batch * e->cfg->vocab) * sizeof(float));
     e->dec_argmax = uc_malloc((size_t)e->p.max_batch * sizeof(int32_t));
+    e->nx.ids = uc_malloc((size_t)e->p.max_batch * sizeof(int64_t));
+    e->nx.expect = uc_malloc((size_t)e->p.max_batch * sizeof(int32_t));
+    e->nx.map = uc_malloc((size_t)e->p.max_batch * sizeof(int64_t));
+    if (e->be->ops->argmax_keep) {
+        for (int i = 0; i < 2; i++) {
+            UC_CHECK(e->be->ops->alloc(e->be, (void **)&e->ids_dev[i],
+                                       (size_t)e->p.max_batch * sizeof(int32_t)),
+                     rc, out);
+        }
+    }
     e->dm_maxn = uc_malloc((size_t)e->cfg->n_layers * sizeof(int64_t));
     e->spec = uc_malloc((size_t)(e->cfg->n_heads * d) * sizeof(double));
     e->spec_local = uc_malloc((size_t)(e->sh->n_heads * d) * sizeof(double));
     e->cal_head = uc_calloc((size_t)(e->cfg->n_layers * e->cfg->n_heads), sizeof(double));
     e->cal_hidden = uc_calloc((size_t)e->cfg->n_layers, sizeof(double));
     if (!e->d_tok || !e->batch || !e->dec_logits || !e->dec_argmax || !e->dm_maxn ||
+        !e->nx.ids || !e->nx.expect || !e->nx.map ||
         !e->spec || !e->spec_local || !e->cal_head ||
         !e->cal_hidden) {
         rc = UC_ERRF(UC_ERR_NOMEM, "engine scratch");
@@ -330,6 +341,11 @@ void uc_engine_destroy(struct uc_engine *e)
         if (e->dqkv) {
             e->be->ops->free(e->be, e->dqkv);
         }
+        for (int i = 0; i < 2; i++) {
+            if (e->ids_dev[i]) {
+                e->be->ops->free(e->be, e->ids_dev[i]);
+            }
+        }
         uc_kv_table_fini(&e->bt);
         uc_kv_cache_fini(&e->kv);
         eng_lorc_fini(e);
@@ -349,7 +365,8 @@ void uc_engine_destroy(struct uc_engine *e)
                     e->spec, e->spec_local, e->cal_head, e->cal_hidden, e->model_dir,
                     e->profile_path, e->batch, e->sw_seq, e->sw_left, e->bt_seqs, e->dm_need,
                     e->dm_ids, e->dm_first, e->ah_batch, e->dec_logits, e->dec_argmax, e->ks_sum,
-                    e->ks_dist, e->mc_sum, e->mc_cnt, e->pend};
+                    e->ks_dist, e->mc_sum, e->mc_cnt, e->pend, e->nx.ids, e->nx.expect,
+                    e->nx.map};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
         uc_free(host[i]);
     }

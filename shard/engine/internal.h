@@ -280,6 +280,20 @@ struct uc_engine {
     int64_t ah_batch_cap;
     bool ah_packed, ah_latent;         /* what seq_blocks_needed found */
     int64_t ah_blocks, ah_table_ints; /* what it took and uploaded (the next step's info) */
+    /* the decode step in flight (decode.c): launched for the same batch, fed by the argmax
+     * kept in backend memory, before the host read the tokens of the step that launched it */
+    struct {
+        bool live;
+        int64_t step;    /* the step it runs as (e->step_no + 1 when launched) */
+        int64_t nb;
+        int64_t *ids;    /* (max_batch) its sequences, in its rows' order */
+        int32_t *expect; /* (max_batch) the tokens it embedded, as the host got them */
+        int64_t *map;    /* (max_batch) scratch: a step's rows in it */
+        int slot;        /* where its argmax goes: ids_dev[slot] and that fetch slot */
+        struct uc_engine_step_info info; /* its host side's (reported when taken) */
+    } nx;
+    int32_t *ids_dev[2]; /* (max_batch) backend memory: a decode step's argmax, by slot */
+    int ids_turn;        /* the slot the next overlapped step's argmax takes */
 };
 
 static inline size_t act_size(const struct uc_engine *e) { return e->be->ops->act_size(e->be); }
@@ -502,11 +516,40 @@ uc_status eng_decode_begin(struct uc_engine *e, const struct uc_step_decode *dec
                            bool *any_evict);
 uc_status eng_decode_attend(struct uc_engine *e, int64_t nb, int64_t l, bool any_evict);
 uc_status eng_decode_end(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb);
-uc_status eng_decode_run(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb);
+/* Rows [0, nb) of e->batch take their results: e->dec_argmax's tokens (greedy) or e->dec_logits'
+ * rows. */
+void eng_decode_results(struct uc_engine *e, int64_t nb, bool greedy);
+uc_status eng_decode_run(struct uc_engine *e, const struct uc_step *st);
+/* The pieces of a decode step that next.c runs for the step in flight: the index arrays'
+ * layout for step `step` (eng_decode_ahead_done: whether the lookahead readied the batch for
+ * it), the layers' launch, and the lookahead for the step after `step`. */
+uc_status eng_decode_meta_prep(struct uc_engine *e, struct seq **batch, int64_t nb,
+                               int64_t step);
+bool eng_decode_ahead_done(const struct uc_engine *e, struct seq *const *batch, int64_t nb,
+                           int64_t step);
+uc_status eng_decode_graphed(struct uc_engine *e, int64_t nb);
+uc_status eng_decode_ahead(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t step);
 /* The lookahead of a prefill-only step (its layers launched, its prompts' logits not yet
  * read): every sequence that decodes after it, those decoding now and the n_end prompts it
  * finishes, gets its next token's blocks and its block table written while the device runs
  * the prompts. */
 uc_status eng_decode_ahead_of_prefill(struct uc_engine *e, struct seq **end, int64_t n_end);
+
+/* next.c: the decode step in flight. A greedy decode-only step whose scheduler expects the same
+ * batch again (uc_step.decode_again) launches that next step before the host reads its own
+ * tokens: the next step embeds this one's argmax from backend memory, so the device goes from
+ * one step to the next without waiting for the host. */
+bool eng_next_wanted(const struct uc_engine *e, const struct uc_step *st);
+/* The end of such a step: its argmax kept and fetched, the next step launched behind it, then
+ * its tokens read. */
+uc_status eng_next_end(struct uc_engine *e, int64_t nb);
+/* Whether the step in flight covers this step's decode rows: each one of its sequences with the
+ * token it embedded, in its order (sequences that ended left out). */
+bool eng_next_covers(const struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb);
+/* Takes the step in flight as this step's (launching the next one again when the batch is the
+ * same and the scheduler expects it again). */
+uc_status eng_next_take(struct uc_engine *e, const struct uc_step *st);
+/* Waits for the step in flight and discards it: its sequences go back a token. */
+uc_status eng_next_settle(struct uc_engine *e);
 
 #endif

@@ -137,6 +137,13 @@ static uc_status profile_finish(struct uc_engine *e, const struct uc_step *s)
 static uc_status run_step(struct uc_engine *e, const struct uc_step *s)
 {
     uc_comm_set_step(e->comm, e->step_no);
+    if (s->op != UC_STEP_RUN) {
+        uc_status rs = eng_next_settle(e); /* the decode step in flight is not this one */
+        if (rs != UC_OK) {
+            UC_FATAL("step %lld: the decode step in flight failed: %s", (long long)e->step_no,
+                     uc_status_str(rs));
+        }
+    }
     switch (s->op) {
     case UC_STEP_HEARTBEAT:
     case UC_STEP_SHUTDOWN: return UC_OK;
@@ -159,6 +166,10 @@ static uc_status run_step(struct uc_engine *e, const struct uc_step *s)
     uc_status rc = validate_step(e, s);
     if (rc != UC_OK) {
         return rc;
+    }
+    if (s->n_new > 0 || s->n_prefill > 0 || s->n_decode == 0) {
+        /* the decode step in flight can cover only a step of decode rows alone */
+        UC_CHECK(eng_next_settle(e), rc, out);
     }
     memset(&e->info, 0, sizeof e->info);
     double t0 = uc_time_s();
@@ -184,7 +195,7 @@ static uc_status run_step(struct uc_engine *e, const struct uc_step *s)
         return UC_ERRF(UC_ERR_NOMEM, "step: could not allocate new sequences on every rank");
     }
     /* decode rows alone keep their recorded graphs; prompts to prefill make it a sweep */
-    rc = s->n_prefill > 0 ? eng_sweep_run(e, s) : eng_decode_run(e, s->decodes, s->n_decode);
+    rc = s->n_prefill > 0 ? eng_sweep_run(e, s) : eng_decode_run(e, s);
 out:
     if (rc != UC_OK && rc != UC_ERR_INVALID_ARG) {
         /* the ranks may now disagree about the sequences: TP cannot continue */

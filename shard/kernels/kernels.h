@@ -187,6 +187,10 @@ cudaError_t uc_cuda_swiglu(void *y, const void *gu, int64_t n_tok, int64_t n_ffn
 /* dst[i, :] = src[idx[i], :] for n_idx rows of `width` elements; idx (n_idx) on the device. */
 cudaError_t uc_cuda_gather_rows(void *dst, const void *src, const int32_t *idx, int64_t n_idx,
                                 int64_t width, enum uc_cuda_dtype dt, cudaStream_t stream);
+/* The same with ids checked against the source's n_src rows: a row of zeros for one outside. */
+cudaError_t uc_cuda_gather_ids(void *dst, const void *src, const int32_t *idx, int64_t n_idx,
+                               int64_t n_src, int64_t width, enum uc_cuda_dtype dt,
+                               cudaStream_t stream);
 /* dst (n, dst_dt) = src (n, src_dt), round to nearest even into bf16. */
 cudaError_t uc_cuda_convert(void *dst, enum uc_cuda_dtype dst_dt, const void *src,
                             enum uc_cuda_dtype src_dt, int64_t n, cudaStream_t stream);
