@@ -16,7 +16,8 @@
 # the Hopper prefill attention and PyTorch's default SDPA kernel, PREFILL_N tokens), ctest
 # (label cuda), golden, golden-fp32, kvmem (KV memory accounting and copy-on-write forks on the
 # device, tests/golden/test_kv_memory.c), lookahead (the decode lookahead's logits with and
-# without it, tests/golden/test_decode_lookahead.c),
+# without it, tests/golden/test_decode_lookahead.c), overlap (the decode step in flight's greedy
+# tokens with and without it, tests/golden/test_decode_overlap.c),
 # kvsharer, kvsharer-tp2 (KVSharer on the device in fp32 against the numpy reference: shared
 # layers' decode through rope_append's skipped slots; needs python3 with numpy, else exit 77),
 # think (ThinK's packed heads on the device: pool blocks, forks, eviction,
@@ -201,6 +202,7 @@ for step in "$@"; do
     golden-fp32) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 "$bd/tests/golden/golden_model" "$fx" ;;
     kvmem) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_kv_memory" "$fx" ;;
     lookahead) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_decode_lookahead" "$fx" ;;
+    overlap) UC_TEST_BACKEND=cuda timeout 200 "$bd/tests/golden/golden_decode_overlap" "$fx" ;;
     # the device's /usr/bin/python3 has no numpy; the python3 on its PATH has
     kvsharer) UC_PYTHON=$(command -v python3) UC_TEST_BACKEND=cuda UC_TEST_FP32=1 timeout 200 \
                 "$bd/tests/golden/golden_kvsharer" "$fx" ;;
