@@ -46,10 +46,11 @@ static const struct uc_cfg_option options[] = {
      "slices; prefill-first: while a request's prompt prefills, steps carry prompts only (at 4x "
      "the prefill budget) and decoding waits: better TTFT, one long inter-token gap per stream "
      "per wave"},
-    {"decode-overlap", UC_CFG_BOOL, OFF(decode_overlap), "yes", 0, 0, UC_CFG_IMMUTABLE,
-     "launch a greedy decode step before the host has read the one before it, when the "
-     "scheduler expects the same batch again (no = the device waits for the host between "
-     "steps; for A/B timings)"},
+    {"decode-overlap", UC_CFG_STR, OFF(decode_overlap), "auto", 0, 0, UC_CFG_IMMUTABLE,
+     "auto|yes|no: launch a greedy decode step before the host has read the one before it, "
+     "when the scheduler expects the same batch again; auto = on a GPU (on the CPU it gains "
+     "nothing and returns each token a step later; yes there is for tests); no = the device "
+     "waits for the host between steps (A/B timings)"},
     {"max-decode-wait-ms", UC_CFG_INT, OFF(max_decode_wait_ms), "0", 0, 3600000, 0,
      "prefill-first: once a decoding sequence has waited this long for its next token, steps "
      "mix decode rows in again (0 = no bound)"},
@@ -215,6 +216,7 @@ static const struct {
     {"config", "FILE"},
     {"backend", "cpu|cuda"},
     {"schedule", "mixed|prefill-first"},
+    {"decode-overlap", "auto|yes|no"},
     {"max-decode-wait-ms", "MS"},
     {"step-trace", "FILE"},
     {"send-trace", "FILE"},
@@ -534,6 +536,12 @@ uc_status uc_config_validate(const struct uc_config *c, int world_size, char *ms
     enum uc_schedule sm;
     if (!uc_schedule_parse(c->schedule, &sm)) {
         snprintf(msg, msg_size, "--schedule=%.200s must be mixed or prefill-first", c->schedule);
+        return UC_ERR_INVALID_ARG;
+    }
+    if (strcmp(c->decode_overlap, "auto") != 0 && strcmp(c->decode_overlap, "yes") != 0 &&
+        strcmp(c->decode_overlap, "no") != 0) {
+        snprintf(msg, msg_size, "--decode-overlap=%.200s must be auto, yes or no",
+                 c->decode_overlap);
         return UC_ERR_INVALID_ARG;
     }
     if ((c->tls_cert[0] != '\0') != (c->tls_key[0] != '\0')) {

@@ -28,7 +28,7 @@ struct uc_config {
     int64_t kv_memory;
     int64_t kv_block_tokens;
     int64_t prefill_chunk;
-    bool decode_overlap;
+    char *decode_overlap; /* auto, yes or no */
     int64_t prefill_step_tokens;
     int64_t prefill_memory;
     char *schedule;

@@ -486,7 +486,8 @@ int main(int argc, char **argv)
     /* a GPU wants long products (an 8K-row layer in one pass); 512 rows suit a CPU's caches */
     bool gpu = ep.backend.kind == UC_BACKEND_CUDA;
     ep.prefill_chunk = d.cfg.prefill_chunk > 0 ? d.cfg.prefill_chunk : gpu ? 8192 : 512;
-    ep.no_overlap = !d.cfg.decode_overlap;
+    ep.no_overlap = strcmp(d.cfg.decode_overlap, "no") == 0;
+    ep.overlap_sync = strcmp(d.cfg.decode_overlap, "yes") == 0;
     ep.max_batch = d.cfg.max_batch;
     ep.max_ctx = d.cfg.max_context;
     ep.profile_path = d.cfg.profile[0] ? d.cfg.profile : NULL;

@@ -44,8 +44,10 @@ struct uc_engine_params {
     bool no_lookahead;        /* decode steps take their blocks in the step, not ahead while
                                  the step before runs (for A/B timings and tests) */
     bool no_overlap;          /* a decode step is never launched before the host has read the
-                                 one before it (decode.c, "the next step in flight"; for A/B
+                                 one before it (next.c, "the decode step in flight"; for A/B
                                  timings and tests) */
+    bool overlap_sync;        /* ... also on a backend that runs each op as it is called (the
+                                 CPU's): no gain there, only each token a step later; for tests */
 };
 
 struct uc_engine_params uc_engine_default_params(void);

@@ -41,6 +41,7 @@ static bool next_fits(const struct uc_engine *e, const struct seq *s)
 bool eng_next_wanted(const struct uc_engine *e, const struct uc_step *st)
 {
     if (!st->decode_again || e->p.no_overlap || uc_comm_size(e->comm) != 1 || !next_ops(e) ||
+        (e->be->kind == UC_BACKEND_CPU && !e->p.overlap_sync) ||
         st->n_decode > e->ws.max_logit_rows || !e->ids_dev[0] || !e->ids_dev[1]) {
         return false;
     }

@@ -929,6 +929,49 @@ def t_prefill_first_decode_wait(args):
         d.kill()
 
 
+def t_decode_overlap(args):
+    """--decode-overlap yes (on the CPU too): greedy streams that decode together, with the next
+    step launched before the host has read each step's tokens and taken by the step after it,
+    equal the same requests run alone; requests that end, stop or arrive while a step is in
+    flight change nothing; the step trace shows the steps taken in flight; a bad value is
+    refused at start-up."""
+    bad = subprocess.run([args.daemon, "--model", args.model, "--listen",
+                          "127.0.0.1:%d" % free_port(), "--http-listen", "0",
+                          "--decode-overlap", "sometimes"], capture_output=True, text=True,
+                         timeout=60)
+    check(bad.returncode == 2 and "--decode-overlap=sometimes must be auto, yes or no" in
+          bad.stderr, "exit %s: %s" % (bad.returncode, bad.stderr[-1500:]))
+    trace = os.path.join(tempfile.mkdtemp(prefix="uncomp_trace_"), "steps.jsonl")
+    d = Daemon(args, extra=["--decode-overlap", "yes", "--step-trace", trace], name="overlap")
+    try:
+        check(d.wait_serving()[-1] == gc.SERVING)
+        reqs = []
+        for i in range(6):  # plain greedy: ends by length at different steps, one by a stop
+            kw = dict(text=PROMPTS[i % len(PROMPTS)], request_id="ov-%d" % i,
+                      max_tokens=12 + 5 * i, temperature=0.0, ignore_eos=i % 2 == 0)
+            if i == 3:
+                kw["stop"] = ["e"]
+            reqs.append(d.client.request(**kw))
+        check_together_equals_alone(d.addr, reqs)
+        # a request that arrives while the others decode (a step in flight is taken or
+        # discarded around its admission)
+        check_together_equals_alone(d.addr, mixed_requests(d.client, 8, "ovm"))
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                        "bench"))
+        import step_trace
+        steps = step_trace.load(trace)
+        taken = sum(1 for s in steps if s.get("overlap"))
+        check(taken > 10, "%d steps taken from a step in flight of %d" % (taken, len(steps)))
+        check(all(s["kind"] == "decode" for s in steps if s.get("overlap")),
+              "a step other than a decode taken from a step in flight")
+        code = d.stop()
+        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
+        if args.asan:
+            d.check_asan()
+    finally:
+        d.kill()
+
+
 def t_request_id_reuse(d):
     """A client that has received Complete may reuse the request_id at once (the scheduler must
     retire an id before it emits the DONE event)."""
@@ -1568,7 +1611,8 @@ MAIN_TESTS = [t_health_and_watch, t_generate_stream, t_tokenize_roundtrip, t_sto
               t_mixed_steps_while_prefilling, t_drain]
 OTHER_TESTS = [t_version, t_grpc_chat, t_queue_full, t_n_choices_shared_kv,
                t_single_sigterm_idle, t_oneshot_prompt_file_nul, t_tls, t_tp2_sigterm_mid_stream,
-               t_tp2_mixed_equals_alone, t_prefill_first, t_prefill_first_decode_wait]
+               t_tp2_mixed_equals_alone, t_prefill_first, t_prefill_first_decode_wait,
+               t_decode_overlap]
 
 
 class Runner:

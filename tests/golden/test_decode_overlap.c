@@ -65,6 +65,7 @@ static struct uc_engine *make_engine(struct uc_comm *comm, const char *shared, b
     ep.kv_blocks = 4096;
     ep.max_batch = 8;
     ep.no_overlap = no_overlap;
+    ep.overlap_sync = true; /* the CPU backend too (on it, no gain) */
     ep.profile_path = "/nonexistent/uncomp_profile.json";
     struct uc_engine *e = NULL;
     if (uc_engine_create(&e, &ep, comm) != UC_OK) {
