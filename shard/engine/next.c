@@ -66,7 +66,8 @@ static void next_rollback(struct uc_engine *e, struct seq *s)
 
 /* Launches the step after e->step_no for e->batch's nb sequences (their n_ctx counting the
  * step before it), fed by the argmax in ids_dev[in]; nothing when a sequence has no room for
- * it or the lookahead did not ready the batch. The step's info is kept for when it is taken. */
+ * it or the lookahead (the caller's) did not ready the batch. The step's info is kept for when
+ * it is taken. */
 static uc_status next_launch(struct uc_engine *e, int64_t nb, int in)
 {
     struct seq **batch = e->batch;
@@ -96,8 +97,6 @@ static uc_status next_launch(struct uc_engine *e, int64_t nb, int in)
     for (int64_t b = 0; b < nb; b++) {
         e->nx.ids[b] = batch[b]->id;
     }
-    /* the blocks of the step after it, while the device runs both */
-    rc = eng_decode_ahead(e, batch, nb, step);
     e->nx.info = e->info;
 out:
     e->info = mine;
@@ -183,7 +182,13 @@ uc_status eng_next_take(struct uc_engine *e, const struct uc_step *st)
     e->info = in;
     e->nx.live = false;
     uc_status rc;
-    if (nb == n && eng_next_wanted(e, st)) { /* the same batch again: the next one behind it */
+    if (nb == n && eng_next_wanted(e, st)) {
+        /* the same batch again: the step after it launched behind it, its blocks taken first.
+         * Taken here, not when the step in flight was launched: a table write that waits for
+         * the stream (a compaction's whole arena goes through the driver's staging) then waits
+         * for the step whose tokens this step reads anyway, not for the one behind it too (on
+         * the H100 that held two steps' tokens of b for 34 ms, every 16 tokens' block turn) */
+        UC_CHECK(eng_decode_ahead(e, e->batch, nb, e->step_no), rc, out);
         UC_CHECK(next_launch(e, nb, slot), rc, out);
     }
     e->ids_turn = slot ^ 1;
