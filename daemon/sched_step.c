@@ -47,6 +47,47 @@ static int64_t prefill_memory(const struct uc_sched *s)
 }
 
 /* Moves waiting requests into the engine while max_running and the KV pool allow. */
+/* The step that would start q's sequence, and the KV blocks admission reserves for it (0 when
+ * the engine refuses it: *rc says why, in msg). */
+static int64_t admit_need(struct uc_sched *s, struct req *q, struct uc_step_new *n,
+                          uc_status *rc, char *msg, size_t msg_size)
+{
+    *n = (struct uc_step_new){.seq_id = s->next_seq + 1, .flags = 0,
+                              .max_new_tokens = q->max_tokens, .cp = q->cp,
+                              .n_prompt = q->n_prompt, .prompt = q->prompt};
+    if (q->prompt_logprobs) {
+        n->flags |= UC_SEQ_ALL_LOGITS;
+    }
+    *rc = uc_engine_check_new(s->e, n, msg, msg_size);
+    if (*rc != UC_OK) {
+        return 0;
+    }
+    int64_t fork_need = q->n_kids > 0 ? uc_engine_kv_fork_blocks_needed(s->e, n) : 0;
+    return sched_fork_reserve(q, uc_engine_kv_blocks_needed(s->e, n), fork_need);
+}
+
+/* Whether the queue's head (if any) waits for room that only a running request's end frees:
+ * sequences (--max-running) or KV blocks. */
+static bool queue_blocked(struct uc_sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    struct req *q = s->wait_head;
+    pthread_mutex_unlock(&s->mu);
+    if (!q) {
+        return true;
+    }
+    if (s->n_active >= s->p.max_running ||
+        sched_fork_slots(s) + 1 + q->n_kids > s->p.max_running) {
+        return true;
+    }
+    struct uc_step_new n;
+    uc_status rc;
+    char msg[256];
+    int64_t need = admit_need(s, q, &n, &rc, msg, sizeof msg);
+    int64_t total = uc_engine_kv_blocks_total(s->e);
+    return rc == UC_OK && need <= total && s->reserved_blocks + need > total;
+}
+
 static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, int32_t max_new)
 {
     int64_t total = uc_engine_kv_blocks_total(s->e);
@@ -60,11 +101,10 @@ static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, 
         if (sched_fork_slots(s) + 1 + q->n_kids > s->p.max_running) {
             return; /* room for every choice (n > 1), and for the forks already promised */
         }
-        struct uc_step_new n = {.seq_id = s->next_seq + 1, .flags = 0,
-                                .max_new_tokens = q->max_tokens, .cp = q->cp,
-                                .n_prompt = q->n_prompt, .prompt = q->prompt};
+        struct uc_step_new n;
         char msg[256];
-        uc_status rc = uc_engine_check_new(s->e, &n, msg, sizeof msg);
+        uc_status rc;
+        int64_t need = admit_need(s, q, &n, &rc, msg, sizeof msg);
         if (rc == UC_ERR_UNAVAILABLE && !uc_engine_profile(s->e)) {
             /* it needs a calibration profile: wait for one (built in the background), unless
              * the last calibration failed */
@@ -75,14 +115,6 @@ static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, 
                 return;
             }
             snprintf(msg, sizeof msg, "no calibration profile: %.200s", s->calib.last_msg);
-        }
-        if (q->prompt_logprobs) {
-            n.flags |= UC_SEQ_ALL_LOGITS;
-        }
-        int64_t need = 0;
-        if (rc == UC_OK) {
-            int64_t fork_need = q->n_kids > 0 ? uc_engine_kv_fork_blocks_needed(s->e, &n) : 0;
-            need = sched_fork_reserve(q, uc_engine_kv_blocks_needed(s->e, &n), fork_need);
         }
         if (rc == UC_OK && need > total) {
             snprintf(msg, sizeof msg, "KV memory cannot admit the request: it needs %lld blocks, "
@@ -331,13 +363,15 @@ static void trace_step(struct uc_sched *s, const double t[4], const char *kind, 
 }
 
 /* Whether the next round will decode the running sequences again and nothing else (unless some
- * end): no request waits or prefills, no choice waits to fork, no calibration runs or waits,
- * and no drain has begun. */
+ * end): no request could be admitted (none waits, or the first waits for room a running one
+ * frees), none prefills, no choice waits to fork, no calibration runs or waits, and no drain
+ * has begun. */
 static bool rounds_quiet(struct uc_sched *s)
 {
     pthread_mutex_lock(&s->mu);
-    bool quiet = !s->wait_head && !s->ctl && !s->draining;
+    bool quiet = !s->ctl && !s->draining;
     pthread_mutex_unlock(&s->mu);
+    quiet = quiet && queue_blocked(s);
     for (int64_t i = 0; quiet && i < s->n_active; i++) {
         quiet = s->active[i]->st == REQ_DECODE && s->active[i]->fork_state != 1;
     }

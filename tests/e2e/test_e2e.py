@@ -970,6 +970,21 @@ def t_decode_overlap(args):
             d.check_asan()
     finally:
         d.kill()
+    # requests that wait for a running one's end (--max-running 2) do not stop the overlap
+    trace = os.path.join(tempfile.mkdtemp(prefix="uncomp_trace_"), "steps.jsonl")
+    d = Daemon(args, extra=["--decode-overlap", "yes", "--max-running", "2", "--step-trace",
+                            trace], name="overlap-queue")
+    try:
+        check(d.wait_serving()[-1] == gc.SERVING)
+        check_together_equals_alone(d.addr, reqs[:4])
+        steps = step_trace.load(trace)
+        taken = sum(1 for s in steps if s.get("overlap") and s["decode"] == 2)
+        check(taken > 10, "%d steps of two taken from a step in flight while two requests "
+              "waited, of %d" % (taken, len(steps)))
+        code = d.stop()
+        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
+    finally:
+        d.kill()
 
 
 def t_request_id_reuse(d):
