@@ -172,6 +172,13 @@ class Daemon(DaemonProcess):
         self.log.close()
         return self.proc.returncode
 
+    def stop_clean(self, asan=False):
+        """Stops it with SIGTERM: it must exit cleanly (and, with asan, with a clean report)."""
+        code = self.stop()
+        check(self.exit_ok(code), "exit code %s:\n%s" % (code, self.tail()))
+        if asan:
+            self.check_asan()
+
     def check_asan(self):
         check_sanitizer_log(self.log_text())
 
@@ -502,8 +509,7 @@ def t_n_choices_shared_kv(args):
         st = stats_kv(cl)
         check(st["r0_blocks_used"] == 0 and st["r0_blocks_reserved"] == 0 and
               st["r0_blocks_shared"] == 0, "after the request: %s" % st)
-        code = d.stop()
-        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
+        d.stop_clean()
     finally:
         d.kill()
 
@@ -907,10 +913,7 @@ def t_prefill_first(args):
         n = steps_while_prefilling(d, "pfsteps")
         # ~360 tokens x 8 layers at 4 x 96 row-layers a step: about 8 prefill-only steps
         check(n["mixed"] == 0 and n["prefill"] >= 2, "steps while a prompt prefilled: %s" % n)
-        code = d.stop()
-        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
-        if args.asan:
-            d.check_asan()
+        d.stop_clean(args.asan)
     finally:
         d.kill()
 
@@ -964,10 +967,7 @@ def t_decode_overlap(args):
         check(taken > 10, "%d steps taken from a step in flight of %d" % (taken, len(steps)))
         check(all(s["kind"] == "decode" for s in steps if s.get("overlap")),
               "a step other than a decode taken from a step in flight")
-        code = d.stop()
-        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
-        if args.asan:
-            d.check_asan()
+        d.stop_clean(args.asan)
     finally:
         d.kill()
     # requests that wait for a running one's end (--max-running 2) do not stop the overlap
@@ -981,8 +981,7 @@ def t_decode_overlap(args):
         taken = sum(1 for s in steps if s.get("overlap") and s["decode"] == 2)
         check(taken > 10, "%d steps of two taken from a step in flight while two requests "
               "waited, of %d" % (taken, len(steps)))
-        code = d.stop()
-        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
+        d.stop_clean()
     finally:
         d.kill()
 
@@ -1488,10 +1487,7 @@ def t_queue_full(args):
             check(rest[-1].complete.finish_reason == pb.ABORTED)
         check(cl.stats().requests_rejected >= 1)
         still_serving(cl)
-        code = d.stop()
-        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
-        if args.asan:
-            d.check_asan()
+        d.stop_clean(args.asan)
     finally:
         d.kill()
 
@@ -1600,10 +1596,7 @@ def t_tls(args):
         plain = gc.Client(d.addr, timeout=3.0)
         expect_rpc_error(lambda: plain.check(), grpc.StatusCode.UNAVAILABLE)
         plain.close()
-        code = d.stop()
-        check(d.exit_ok(code), "exit code %s:\n%s" % (code, d.tail()))
-        if args.asan:
-            d.check_asan()
+        d.stop_clean(args.asan)
     finally:
         d.kill()
     # a key file that does not exist: a clear start-up error, exit non-zero
