@@ -152,6 +152,34 @@ uc_status tu_free(struct uc_engine *e, int64_t seq_id)
     return uc_engine_step(e, &s);
 }
 
+void tu_check_reserved(struct uc_engine *e, int step, const bool *live, const int64_t *reserved,
+                       int n)
+{
+    int64_t held = 0;
+    for (int i = 0; i < n; i++) {
+        held += live[i] ? reserved[i] : 0;
+    }
+    TU_CHECK(uc_engine_kv_blocks_used(e) <= held,
+             "step %d: %lld blocks in use, admission reserved %lld for the live sequences", step,
+             (long long)uc_engine_kv_blocks_used(e), (long long)held);
+}
+
+void tu_free_live(struct uc_engine *e, const int64_t *ids, const bool *live, int n)
+{
+    int64_t *rest = uc_malloc((size_t)(n > 0 ? n : 1) * sizeof *rest);
+    int32_t n_rest = 0;
+    for (int i = 0; i < n && rest; i++) {
+        if (live[i]) {
+            rest[n_rest++] = ids[i];
+        }
+    }
+    struct uc_step s = {.op = UC_STEP_RUN, .n_free = n_rest, .frees = rest};
+    TU_CHECK(rest && uc_engine_step(e, &s) == UC_OK, "the last frees failed");
+    TU_CHECK(uc_engine_kv_blocks_used(e) == 0, "%lld blocks still in use after every free",
+             (long long)uc_engine_kv_blocks_used(e));
+    uc_free(rest);
+}
+
 int32_t tu_argmax(const float *x, int64_t n)
 {
     int64_t b = 0;

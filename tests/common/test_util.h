@@ -41,6 +41,12 @@ uc_status tu_prefill(struct uc_engine *e, int64_t seq_id, const int32_t *ids, in
 uc_status tu_decode(struct uc_engine *e, int64_t seq_id, int32_t token);
 /* Rank 0: ends a sequence. */
 uc_status tu_free(struct uc_engine *e, int64_t seq_id);
+/* Checks that the pool holds no more blocks than admission reserved for the live ones of n
+ * sequences (reserved[i] each) after step `step`. */
+void tu_check_reserved(struct uc_engine *e, int step, const bool *live, const int64_t *reserved,
+                       int n);
+/* Ends the live ones of n sequences (ids[i]) in one step; the pool must then be empty. */
+void tu_free_live(struct uc_engine *e, const int64_t *ids, const bool *live, int n);
 /* Greedy continuation of a prefilled sequence: n tokens (stops after an EOS id, which is
  * included). Returns how many were written to out. */
 int64_t tu_greedy(struct uc_engine *e, int64_t seq_id, int64_t n, int32_t *out);

@@ -165,7 +165,6 @@ static int64_t run_schedule(struct uc_engine *e, struct run *r)
         r->lookahead[step] = info.lookahead;
         r->n_rows[step] = n_dec;
         r->freed[step] = n_free > 0;
-        int64_t held = 0;
         for (int k = 0; k < n_dec; k++) {
             int i = who[k];
             int64_t rows = 0;
@@ -179,24 +178,13 @@ static int64_t run_schedule(struct uc_engine *e, struct run *r)
             pending[i] = argmax_of(e, PLANS[i].id, V);
             made[i]++;
         }
-        for (int i = 0; i < NSEQ; i++) {
-            held += live[i] ? reserved[i] : 0;
-        }
-        TU_CHECK(uc_engine_kv_blocks_used(e) <= held,
-                 "step %d: %lld blocks in use, admission reserved %lld for the live sequences",
-                 step, (long long)uc_engine_kv_blocks_used(e), (long long)held);
+        tu_check_reserved(e, step, live, reserved, NSEQ);
     }
-    int64_t rest[NSEQ];
-    int32_t n_rest = 0;
+    int64_t ids_all[NSEQ];
     for (int i = 0; i < NSEQ; i++) {
-        if (live[i]) {
-            rest[n_rest++] = PLANS[i].id;
-        }
+        ids_all[i] = PLANS[i].id;
     }
-    struct uc_step s = {.op = UC_STEP_RUN, .n_free = n_rest, .frees = rest};
-    TU_CHECK(uc_engine_step(e, &s) == UC_OK, "the last frees failed");
-    TU_CHECK(uc_engine_kv_blocks_used(e) == 0, "%lld blocks still in use after every free",
-             (long long)uc_engine_kv_blocks_used(e));
+    tu_free_live(e, ids_all, live, NSEQ);
     return all_reserved;
 }
 

@@ -140,7 +140,6 @@ static void run_schedule(struct uc_engine *e, struct run *r)
         struct uc_engine_step_info info;
         uc_engine_last_step_info(e, &info);
         r->overlapped[step] = info.overlapped;
-        int64_t held = 0;
         for (int k = 0; k < n_dec; k++) {
             int i = who[k];
             int32_t t = -1;
@@ -150,25 +149,14 @@ static void run_schedule(struct uc_engine *e, struct run *r)
             pending[i] = t;
             made[i]++;
         }
-        for (int i = 0; i < NSEQ; i++) {
-            held += live[i] ? reserved[i] : 0;
-        }
-        TU_CHECK(uc_engine_kv_blocks_used(e) <= held,
-                 "step %d: %lld blocks in use, admission reserved %lld for the live sequences",
-                 step, (long long)uc_engine_kv_blocks_used(e), (long long)held);
+        tu_check_reserved(e, step, live, reserved, NSEQ);
     }
-    int64_t rest[NSEQ];
-    int32_t n_rest = 0;
+    int64_t ids_all[NSEQ];
     for (int i = 0; i < NSEQ; i++) {
-        if (live[i]) {
-            rest[n_rest++] = PLANS[i].id;
-        }
+        ids_all[i] = PLANS[i].id;
     }
-    struct uc_step s = {.op = UC_STEP_RUN, .n_free = n_rest, .frees = rest};
-    TU_CHECK(uc_engine_step(e, &s) == UC_OK, "the last frees failed");
+    tu_free_live(e, ids_all, live, NSEQ);
     TU_CHECK(!uc_engine_decode_in_flight(e), "a decode step still in flight after the frees");
-    TU_CHECK(uc_engine_kv_blocks_used(e) == 0, "%lld blocks still in use after every free",
-             (long long)uc_engine_kv_blocks_used(e));
 }
 
 int main(int argc, char **argv)
