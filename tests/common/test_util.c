@@ -152,6 +152,16 @@ uc_status tu_free(struct uc_engine *e, int64_t seq_id)
     return uc_engine_step(e, &s);
 }
 
+void tu_prompt_ids(int32_t *ids, int64_t n, uint64_t seed)
+{
+    struct uc_rng rng;
+    uc_rng_seed(&rng, seed);
+    ids[0] = 0;
+    for (int64_t i = 1; i < n; i++) {
+        ids[i] = (int32_t)(2 + uc_rng_next(&rng) % 4000);
+    }
+}
+
 void tu_check_reserved(struct uc_engine *e, int step, const bool *live, const int64_t *reserved,
                        int n)
 {

@@ -39,6 +39,8 @@ uc_status tu_prefill(struct uc_engine *e, int64_t seq_id, const int32_t *ids, in
                      int32_t flags, const struct uc_compress_params *cp, int32_t max_new);
 /* Rank 0: one decode step of one sequence. */
 uc_status tu_decode(struct uc_engine *e, int64_t seq_id, int32_t token);
+/* A made-up prompt of n ids: 0 (BOS), then ids in [2, 4002) from the seed. */
+void tu_prompt_ids(int32_t *ids, int64_t n, uint64_t seed);
 /* Rank 0: ends a sequence. */
 uc_status tu_free(struct uc_engine *e, int64_t seq_id);
 /* Checks that the pool holds no more blocks than admission reserved for the live ones of n

@@ -75,16 +75,6 @@ static struct uc_engine *make_engine(struct uc_comm *comm, const char *shared, i
     return e;
 }
 
-static void prompt_ids(int32_t *ids, int64_t n, uint64_t seed)
-{
-    struct uc_rng rng;
-    uc_rng_seed(&rng, seed);
-    ids[0] = 0;
-    for (int64_t i = 1; i < n; i++) {
-        ids[i] = (int32_t)(2 + uc_rng_next(&rng) % 4000);
-    }
-}
-
 static int32_t argmax_of(struct uc_engine *e, int64_t id, int64_t vocab)
 {
     int64_t rows = 0;
@@ -119,7 +109,7 @@ static int64_t run_schedule(struct uc_engine *e, struct run *r)
             }
             struct uc_step_new nw = {.seq_id = p->id, .max_new_tokens = p->max_new};
             if (p->spec) {
-                prompt_ids(ids, p->prompt, 40 + (uint64_t)i);
+                tu_prompt_ids(ids, p->prompt, 40 + (uint64_t)i);
                 nw.cp = tu_spec(p->spec, p->budget);
                 nw.n_prompt = p->prompt;
                 nw.prompt = ids;
@@ -201,10 +191,10 @@ static void short_pool(struct uc_comm *comm, const char *shared, bool no_lookahe
     const int64_t V = uc_engine_config(e)->vocab;
     int32_t ids[80];
     struct uc_compress_params full = tu_spec("full", 0);
-    prompt_ids(ids, 63, 77);
+    tu_prompt_ids(ids, 63, 77);
     TU_CHECK(tu_prefill(e, 1, ids, 63, 0, &full, 8) == UC_OK, "short pool: prefill A");
     int32_t tok = argmax_of(e, 1, V);
-    prompt_ids(ids, f_prompt, 78);
+    tu_prompt_ids(ids, f_prompt, 78);
     TU_CHECK(tu_prefill(e, 2, ids, f_prompt, 0, &full, 0) == UC_OK, "short pool: prefill F");
     int64_t used = uc_engine_kv_blocks_used(e);
     TU_CHECK(pool - used == 10, "short pool: %lld blocks free, expected 10",

@@ -75,16 +75,6 @@ static struct uc_engine *make_engine(struct uc_comm *comm, const char *shared, b
     return e;
 }
 
-static void prompt_ids(int32_t *ids, int64_t n, uint64_t seed)
-{
-    struct uc_rng rng;
-    uc_rng_seed(&rng, seed);
-    ids[0] = 0;
-    for (int64_t i = 1; i < n; i++) {
-        ids[i] = (int32_t)(2 + uc_rng_next(&rng) % 4000);
-    }
-}
-
 static void run_schedule(struct uc_engine *e, struct run *r)
 {
     const int64_t V = uc_engine_config(e)->vocab;
@@ -113,7 +103,7 @@ static void run_schedule(struct uc_engine *e, struct run *r)
             if (strcmp(p->spec, "streamingllm") == 0) {
                 nw.cp.decode_mode = UC_DECODE_EVICT; /* its window slides as it decodes */
             }
-            prompt_ids(ids, p->prompt, 70 + (uint64_t)i);
+            tu_prompt_ids(ids, p->prompt, 70 + (uint64_t)i);
             reserved[i] = uc_engine_kv_blocks_needed(e, &nw);
             TU_CHECK(tu_prefill(e, p->id, ids, p->prompt, 0, &nw.cp, p->max_new) == UC_OK,
                      "step %d: adding sequence %lld failed", step, (long long)p->id);
