@@ -561,6 +561,34 @@ static uc_status decode_direct(struct uc_engine *e, int64_t nb, int64_t l0, int6
     return rc;
 }
 
+/* Whether a decode step of nb rows runs from recorded graphs (one rank, a backend with graphs,
+ * rows within the graphs' bound). */
+static bool graphs_used(const struct uc_engine *e, int64_t nb)
+{
+    return e->be->ops->graph_begin && uc_comm_size(e->comm) == 1 && nb <= DECODE_GRAPH_MAX_ROWS;
+}
+
+/* The recorded graphs of a step of nb rows laid out as the index arrays are now, or NULL. */
+static struct decode_graph *graph_find(struct uc_engine *e, int64_t nb)
+{
+    struct uc_backend *be = e->be;
+    uint64_t epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
+    for (int i = 0; i < DECODE_GRAPH_SLOTS; i++) {
+        struct decode_graph *c = &e->graphs[i];
+        if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->tables == e->bt.dev &&
+            c->epoch == epoch && c->packed == e->dm_packed && c->merged == e->dm_merged &&
+            c->latent == e->dm_latent) {
+            return c;
+        }
+    }
+    return NULL;
+}
+
+bool eng_decode_records(struct uc_engine *e, int64_t nb)
+{
+    return graphs_used(e, nb) && e->last_nb == nb && !graph_find(e, nb);
+}
+
 /* Runs decode_layers through recorded graphs where the backend has them: the first step of a
  * batch size runs the ops directly; a second one in a row records them, a part (a few layers)
  * at a time, launching each part once it is recorded, so the device runs part p while the host
@@ -579,19 +607,10 @@ uc_status eng_decode_graphed(struct uc_engine *e, int64_t nb)
     if ((L + per - 1) / per > DECODE_GRAPH_MAX_PARTS) {
         per = (L + DECODE_GRAPH_MAX_PARTS - 1) / DECODE_GRAPH_MAX_PARTS;
     }
-    if (!be->ops->graph_begin || uc_comm_size(e->comm) != 1 || nb > DECODE_GRAPH_MAX_ROWS) {
+    if (!graphs_used(e, nb)) {
         return decode_direct(e, nb, 0, per);
     }
-    uint64_t epoch = be->ops->graph_epoch ? be->ops->graph_epoch(be) : 0;
-    struct decode_graph *g = NULL;
-    for (int i = 0; i < DECODE_GRAPH_SLOTS && !g; i++) {
-        struct decode_graph *c = &e->graphs[i];
-        if (c->exec[0] && c->nb == nb && c->meta == e->dm_dev && c->tables == e->bt.dev &&
-            c->epoch == epoch && c->packed == e->dm_packed && c->merged == e->dm_merged &&
-            c->latent == e->dm_latent) {
-            g = c;
-        }
-    }
+    struct decode_graph *g = graph_find(e, nb);
     uc_status rc = UC_OK;
     if (g) {
         e->info.graph = UC_STEP_GRAPH_REPLAYED;

@@ -528,6 +528,9 @@ uc_status eng_decode_meta_prep(struct uc_engine *e, struct seq **batch, int64_t 
 bool eng_decode_ahead_done(const struct uc_engine *e, struct seq *const *batch, int64_t nb,
                            int64_t step);
 uc_status eng_decode_graphed(struct uc_engine *e, int64_t nb);
+/* Whether eng_decode_graphed would record graphs for a step of nb rows laid out as the index
+ * arrays are now (the step before had nb rows too, and none fits). */
+bool eng_decode_records(struct uc_engine *e, int64_t nb);
 uc_status eng_decode_ahead(struct uc_engine *e, struct seq **batch, int64_t nb, int64_t step);
 /* The lookahead of a prefill-only step (its layers launched, its prompts' logits not yet
  * read): every sequence that decodes after it, those decoding now and the n_end prompts it
