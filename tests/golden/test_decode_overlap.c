@@ -86,7 +86,8 @@ static void run_schedule(struct uc_engine *e, struct run *r)
         int64_t frees[NSEQ];
         int32_t n_free = 0;
         for (int i = 0; i < NSEQ; i++) {
-            if (live[i] && (made[i] == PLANS[i].max_new || (PLANS[i].stop > 0 && PLANS[i].stop == step))) {
+            bool stops = PLANS[i].stop > 0 && PLANS[i].stop == step; /* an EOS, say */
+            if (live[i] && (made[i] == PLANS[i].max_new || stops)) {
                 frees[n_free++] = PLANS[i].id;
                 live[i] = false;
                 done[i] = true;
