@@ -74,10 +74,12 @@ def summary(steps, layers=0):
         rnd = [s["plan_ms"] + s["engine_ms"] + s["after_ms"] + s["idle_ms"] for s in v]
         prep = [s.get("decode_prep_ms", 0) for s in v]
         ahead = sum(1 for s in v if s.get("lookahead"))
+        flight = sum(1 for s in v if s.get("overlap"))
         out.append("  decode batch %4d: %5d steps, engine median %.2f / p90 %.2f / max %.2f ms"
-                   " (host before the layers median %.2f ms; %d with the lookahead); step to "
-                   "step median %.2f ms" % (b, len(v), pct(e, 0.5), pct(e, 0.9), max(e),
-                                            pct(prep, 0.5), ahead, pct(rnd, 0.5)))
+                   " (host before the layers median %.2f ms; %d with the lookahead, %d taken in "
+                   "flight); step to step median %.2f ms" % (b, len(v), pct(e, 0.5), pct(e, 0.9),
+                                                            max(e), pct(prep, 0.5), ahead, flight,
+                                                            pct(rnd, 0.5)))
     pf = kinds.get("prefill", [])
     if pf and layers > 0:
         rows = sum(s["prefill_row_layers"] for s in pf)
