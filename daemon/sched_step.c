@@ -46,7 +46,6 @@ static int64_t prefill_memory(const struct uc_sched *s)
            (int64_t)uc_engine_kv_bytes_per_token(s->e) / 4;
 }
 
-/* Moves waiting requests into the engine while max_running and the KV pool allow. */
 /* The step that would start q's sequence, and the KV blocks admission reserves for it (0 when
  * the engine refuses it: *rc says why, in msg). */
 static int64_t admit_need(struct uc_sched *s, struct req *q, struct uc_step_new *n,
@@ -88,6 +87,7 @@ static bool queue_blocked(struct uc_sched *s)
     return rc == UC_OK && need <= total && s->reserved_blocks + need > total;
 }
 
+/* Moves waiting requests into the engine while max_running and the KV pool allow. */
 static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, int32_t max_new)
 {
     int64_t total = uc_engine_kv_blocks_total(s->e);
@@ -379,8 +379,9 @@ static bool rounds_quiet(struct uc_sched *s)
 }
 
 /* Whether the engine has a decode step in flight for the running sequences (the last step
- * expected this round to decode them again): this round then decodes them alone, and what
- * else came waits one round (rounds_quiet is false then, so no step is launched ahead again). */
+ * expected this round to decode them again): this round then decodes them alone. What came
+ * meanwhile (a request that can be admitted, a calibration) waits that one round: rounds_quiet
+ * then says no, so this round launches nothing ahead and the next one takes it in. */
 static bool decode_held(struct uc_sched *s)
 {
     if (!uc_engine_decode_in_flight(s->e)) {
