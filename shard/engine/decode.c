@@ -369,7 +369,6 @@ uc_status eng_decode_meta_prep(struct uc_engine *e, struct seq **batch, int64_t 
     int64_t L = e->cfg->n_layers, hkv = e->sh->n_heads_kv, ent = nb * hkv;
     bool packed = false, latent = false, any_shared = false, merged = false;
     uc_status rc = UC_OK;
-    e->dm_t0 = uc_time_s();
     e->dm_next = 0;
     if (eng_decode_ahead_done(e, batch, nb, step)) {
         packed = e->ah_packed;
@@ -673,7 +672,7 @@ static uc_status decode_begin(struct uc_engine *e, const struct uc_step_decode *
 {
     struct seq **batch = e->batch;
     uc_status rc;
-    double t0 = uc_time_s();
+    e->dm_t0 = uc_time_s();
     *any_evict = false;
     for (int64_t b = 0; b < nb; b++) {
         batch[b] = eng_find_seq(e, dec[b].seq_id);
@@ -682,7 +681,6 @@ static uc_status decode_begin(struct uc_engine *e, const struct uc_step_decode *
     }
     UC_CHECK(uc_model_embed(e->m, e->dx, e->d_tok, nb), rc, out);
     UC_CHECK(eng_decode_meta_prep(e, batch, nb, e->step_no), rc, out);
-    e->dm_t0 = t0; /* the step's host time counts from its first row */
     if (all_layers) {
         rc = decode_meta_upto(e, nb, e->cfg->n_layers);
     }

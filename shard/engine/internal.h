@@ -288,12 +288,11 @@ struct uc_engine {
         int64_t nb;
         int64_t *ids;    /* (max_batch) its sequences, in its rows' order */
         int32_t *expect; /* (max_batch) the tokens it embedded, as the host got them */
-        int64_t *map;    /* (max_batch) scratch: a step's rows in it */
+        int64_t *map;    /* (max_batch) a step's rows in it (eng_next_covers) */
         int slot;        /* where its argmax goes: ids_dev[slot] and that fetch slot */
         struct uc_engine_step_info info; /* its host side's (reported when taken) */
     } nx;
     int32_t *ids_dev[2]; /* (max_batch) backend memory: a decode step's argmax, by slot */
-    int ids_turn;        /* the slot the next overlapped step's argmax takes */
 };
 
 static inline size_t act_size(const struct uc_engine *e) { return e->be->ops->act_size(e->be); }
@@ -547,8 +546,9 @@ bool eng_next_wanted(const struct uc_engine *e, const struct uc_step *st);
  * its tokens read. */
 uc_status eng_next_end(struct uc_engine *e, int64_t nb);
 /* Whether the step in flight covers this step's decode rows: each one of its sequences with the
- * token it embedded, in its order (sequences that ended left out). */
-bool eng_next_covers(const struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb);
+ * token it embedded, in its order (sequences that ended left out); if so its rows' map is laid
+ * out for eng_next_take. */
+bool eng_next_covers(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb);
 /* Takes the step in flight as this step's (launching the next one again when the batch is the
  * same and the scheduler expects it again). */
 uc_status eng_next_take(struct uc_engine *e, const struct uc_step *st);

@@ -42,7 +42,7 @@ bool eng_next_wanted(const struct uc_engine *e, const struct uc_step *st)
 {
     if (!st->decode_again || e->p.no_overlap || uc_comm_size(e->comm) != 1 || !next_ops(e) ||
         (e->be->kind == UC_BACKEND_CPU && !e->p.overlap_sync) ||
-        st->n_decode > e->ws.max_logit_rows || !e->ids_dev[0] || !e->ids_dev[1]) {
+        st->n_decode > e->ws.max_logit_rows) {
         return false;
     }
     for (int32_t b = 0; b < st->n_decode; b++) {
@@ -90,6 +90,7 @@ static uc_status next_launch(struct uc_engine *e, int64_t nb, int in)
     memset(&e->info, 0, sizeof e->info);
     int out = in ^ 1;
     uc_status rc;
+    e->dm_t0 = uc_time_s();
     UC_CHECK(uc_model_embed_kept(e->m, e->dx, e->ids_dev[in], nb), rc, out);
     UC_CHECK(eng_decode_meta_prep(e, batch, nb, step), rc, out);
     UC_CHECK(eng_decode_graphed(e, nb), rc, out);
@@ -122,7 +123,7 @@ static uc_status next_fetch(struct uc_engine *e, int slot, int64_t n, const int6
 
 uc_status eng_next_end(struct uc_engine *e, int64_t nb)
 {
-    int slot = e->ids_turn;
+    const int slot = 0; /* nothing is in flight here: both slots are free */
     uc_status rc;
     UC_CHECK(uc_model_argmax_keep(e->m, &e->ws, e->ids_dev[slot], e->dx, nb), rc, out);
     UC_CHECK(e->be->ops->ids_fetch_begin(e->be, slot, e->ids_dev[slot], nb), rc, out);
@@ -130,7 +131,6 @@ uc_status eng_next_end(struct uc_engine *e, int64_t nb)
         e->batch[b]->n_ctx++;
     }
     UC_CHECK(next_launch(e, nb, slot), rc, out);
-    e->ids_turn = slot ^ 1;
     UC_CHECK(next_fetch(e, slot, nb, NULL, nb), rc, out);
     eng_decode_results(e, nb, true);
     memcpy(e->nx.expect, e->dec_argmax, (size_t)nb * sizeof(int32_t));
@@ -138,13 +138,13 @@ out:
     return rc;
 }
 
-bool eng_next_covers(const struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb)
+bool eng_next_covers(struct uc_engine *e, const struct uc_step_decode *dec, int64_t nb)
 {
     if (!e->nx.live || e->nx.step != e->step_no || nb > e->nx.nb) {
         return false;
     }
     int64_t k = 0;
-    for (int64_t b = 0; b < nb; b++) {
+    for (int64_t b = 0; b < nb; b++) { /* row b of this step is row map[b] of the one in flight */
         while (k < e->nx.nb && e->nx.ids[k] != dec[b].seq_id) {
             k++;
         }
@@ -152,40 +152,45 @@ bool eng_next_covers(const struct uc_engine *e, const struct uc_step_decode *dec
             !(dec[b].flags & UC_DECODE_GREEDY)) {
             return false;
         }
-        k++;
+        e->nx.map[b] = k++;
     }
     return true;
 }
 
-uc_status eng_next_take(struct uc_engine *e, const struct uc_step *st)
+/* The step in flight ends (taken for rows map[0, nb), or discarded with nb 0): its other
+ * sequences that still exist go back a token (left out but not ended: each decodes that token
+ * in a later step). */
+static void next_retire(struct uc_engine *e, const int64_t *map, int64_t nb)
 {
-    const struct uc_step_decode *dec = st->decodes;
-    int64_t nb = st->n_decode, n = e->nx.nb, k = 0;
-    int slot = e->nx.slot;
-    int64_t *map = e->nx.map;
-    for (int64_t b = 0; b < nb; b++) { /* row b of this step is row map[b] of the one in flight */
-        while (e->nx.ids[k] != dec[b].seq_id) {
-            struct seq *gone = eng_find_seq(e, e->nx.ids[k++]);
-            if (gone) {
-                next_rollback(e, gone); /* left out but not ended: it decodes that token later */
-            }
+    for (int64_t k = 0, b = 0; k < e->nx.nb; k++) {
+        if (b < nb && map[b] == k) {
+            b++;
+            continue;
         }
-        map[b] = k++;
-        e->batch[b] = eng_find_seq(e, dec[b].seq_id);
-        e->batch[b]->n_ctx++;
-    }
-    for (; k < n; k++) {
         struct seq *gone = eng_find_seq(e, e->nx.ids[k]);
         if (gone) {
             next_rollback(e, gone);
         }
     }
+    e->nx.live = false;
+}
+
+uc_status eng_next_take(struct uc_engine *e, const struct uc_step *st)
+{
+    const struct uc_step_decode *dec = st->decodes;
+    int64_t nb = st->n_decode, n = e->nx.nb;
+    int slot = e->nx.slot;
+    const int64_t *map = e->nx.map; /* eng_next_covers' */
+    for (int64_t b = 0; b < nb; b++) {
+        e->batch[b] = eng_find_seq(e, dec[b].seq_id);
+        e->batch[b]->n_ctx++;
+    }
+    next_retire(e, map, nb);
     struct uc_engine_step_info in = e->nx.info;
     in.free_ms = e->info.free_ms;
     in.new_ms = e->info.new_ms;
     in.overlapped = true;
     e->info = in;
-    e->nx.live = false;
     uc_status rc;
     if (nb == n && eng_next_wanted(e, st)) {
         /* the same batch again: the step after it launched behind it, its blocks taken first.
@@ -196,7 +201,6 @@ uc_status eng_next_take(struct uc_engine *e, const struct uc_step *st)
         UC_CHECK(eng_decode_ahead(e, e->batch, nb, e->step_no), rc, out);
         UC_CHECK(next_launch(e, nb, slot), rc, out);
     }
-    e->ids_turn = slot ^ 1;
     UC_CHECK(next_fetch(e, slot, n, map, nb), rc, out);
     eng_decode_results(e, nb, true);
     if (e->nx.live) {
@@ -211,16 +215,9 @@ uc_status eng_next_settle(struct uc_engine *e)
     if (!e->nx.live) {
         return UC_OK;
     }
-    e->nx.live = false;
     e->ah_nb = 0; /* its lookahead was for the step after it */
     uc_status rc = e->be->ops->ids_fetch_end(e->be, e->nx.slot, e->d_tok, e->nx.nb);
-    for (int64_t k = 0; k < e->nx.nb; k++) {
-        struct seq *s = eng_find_seq(e, e->nx.ids[k]);
-        if (s) {
-            next_rollback(e, s);
-        }
-    }
-    e->ids_turn = e->nx.slot ^ 1;
+    next_retire(e, NULL, 0);
     return rc;
 }
 
