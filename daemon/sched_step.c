@@ -87,8 +87,9 @@ static bool queue_blocked(struct uc_sched *s)
     return rc == UC_OK && need <= total && s->reserved_blocks + need > total;
 }
 
-/* Moves waiting requests into the engine while max_running and the KV pool allow. */
-static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, int32_t max_new)
+/* Moves waiting requests into the engine while max_running and the KV pool allow. Returns
+ * whether what is left waits for room only a running request's end frees (queue_blocked). */
+static bool admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, int32_t max_new)
 {
     int64_t total = uc_engine_kv_blocks_total(s->e);
     while (*n_new < max_new && s->n_active < s->p.max_running) {
@@ -96,10 +97,10 @@ static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, 
         struct req *q = s->wait_head;
         pthread_mutex_unlock(&s->mu);
         if (!q) {
-            return;
+            return true;
         }
         if (sched_fork_slots(s) + 1 + q->n_kids > s->p.max_running) {
-            return; /* room for every choice (n > 1), and for the forks already promised */
+            return true; /* room for every choice (n > 1), and for the forks already promised */
         }
         struct uc_step_new n;
         char msg[256];
@@ -112,7 +113,7 @@ static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, 
                 if (!s->calib.active) {
                     s->calib.want_default = true;
                 }
-                return;
+                return false;
             }
             snprintf(msg, sizeof msg, "no calibration profile: %.200s", s->calib.last_msg);
         }
@@ -122,7 +123,7 @@ static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, 
             rc = UC_ERR_KV_FULL;
         }
         if (rc == UC_OK && s->reserved_blocks + need > total) {
-            return; /* wait for running requests to free memory */
+            return true; /* wait for running requests to free memory */
         }
         pthread_mutex_lock(&s->mu);
         sched_wait_unlink_locked(s, q); /* the head: only this thread takes from the queue */
@@ -144,6 +145,7 @@ static void admit(struct uc_sched *s, struct uc_step_new *news, int32_t *n_new, 
         q->t_admit = uc_time_s();
         news[(*n_new)++] = n;
     }
+    return s->n_active >= s->p.max_running; /* else the step took max_new of them */
 }
 
 /* Whether q's prefill may go on in this step: it has started, or its buffers fit beside those of
@@ -363,15 +365,14 @@ static void trace_step(struct uc_sched *s, const double t[4], const char *kind, 
 }
 
 /* Whether the next round will decode the running sequences again and nothing else (unless some
- * end): no request could be admitted (none waits, or the first waits for room a running one
- * frees), none prefills, no choice waits to fork, no calibration runs or waits, and no drain
- * has begun. */
-static bool rounds_quiet(struct uc_sched *s)
+ * end): no request could be admitted (`blocked`: none waits, or the first waits for room a
+ * running one frees), none prefills, no choice waits to fork, no calibration runs or waits, and
+ * no drain has begun. */
+static bool rounds_quiet(struct uc_sched *s, bool blocked)
 {
     pthread_mutex_lock(&s->mu);
-    bool quiet = !s->ctl && !s->draining;
+    bool quiet = blocked && !s->ctl && !s->draining;
     pthread_mutex_unlock(&s->mu);
-    quiet = quiet && queue_blocked(s);
     for (int64_t i = 0; quiet && i < s->n_active; i++) {
         quiet = s->active[i]->st == REQ_DECODE && s->active[i]->fork_state != 1;
     }
@@ -402,11 +403,13 @@ bool sched_round(struct uc_sched *s)
     enum { MAX_NEW = 64 };
     struct uc_step_new news[MAX_NEW];
     int32_t n_new = 0;
-    bool held = decode_held(s);
+    bool held = decode_held(s), blocked;
     if (!held) {
         sched_calib_tick(s, news, &n_new, MAX_NEW);
         sched_fork_tick(s, news, &n_new, MAX_NEW);
-        admit(s, news, &n_new, MAX_NEW);
+        blocked = admit(s, news, &n_new, MAX_NEW);
+    } else {
+        blocked = queue_blocked(s); /* admission waits this round: only ask */
     }
     for (int32_t i = 0; i < n_new; i++) { /* the engine holds them once the step ran */
         for (int64_t k = 0; k < s->n_active; k++) {
@@ -439,7 +442,7 @@ bool sched_round(struct uc_sched *s)
     }
     int32_t n_pf = held ? 0 : plan_prefills(s, n_dec, req_prefill);
     bool work = n_new > 0 || n_dec > 0 || n_pf > 0 || s->n_frees > 0;
-    bool again = n_dec > 0 && n_new == 0 && n_pf == 0 && rounds_quiet(s);
+    bool again = n_dec > 0 && n_new == 0 && n_pf == 0 && rounds_quiet(s, blocked);
     for (int32_t i = 0; i < n_dec && again; i++) {
         again = (dec[i].flags & UC_DECODE_GREEDY) != 0;
     }
