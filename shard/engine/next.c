@@ -81,9 +81,11 @@ static uc_status next_launch(struct uc_engine *e, int64_t nb, int in)
     if (!eng_decode_ahead_done(e, batch, nb, step)) {
         return UC_OK; /* the lookahead found no room: the step runs when it comes */
     }
-    if (eng_decode_records(e, nb)) {
-        /* its graphs would be recorded now: that held the step before it for two steps' time
-         * on the H100 (calls Q4, Q5), so it runs when it comes, and records then */
+    if (eng_decode_records(e, nb) || e->info.graph == UC_STEP_GRAPH_RECORDED) {
+        /* its graphs would be recorded now, or this step's were just recorded: launched behind
+         * a step whose graphs are recorded, or are being run for the first time, the host held
+         * that step's tokens for two steps' time on the H100 (calls Q4, Q5, R1), so it runs
+         * when it comes */
         return UC_OK;
     }
     struct uc_engine_step_info mine = e->info;
