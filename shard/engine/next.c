@@ -82,10 +82,9 @@ static uc_status next_launch(struct uc_engine *e, int64_t nb, int in)
         return UC_OK; /* the lookahead found no room: the step runs when it comes */
     }
     if (eng_decode_records(e, nb) || e->info.graph == UC_STEP_GRAPH_RECORDED) {
-        /* its graphs would be recorded now, or this step's were just recorded: launched behind
-         * a step whose graphs are recorded, or are being run for the first time, the host held
-         * that step's tokens for two steps' time on the H100 (calls Q4, Q5, R1), so it runs
-         * when it comes */
+        /* its graphs would be recorded now, or this step just recorded them (its replay would
+         * queue behind their first launch): either held this step's tokens for two steps'
+         * time on the H100 (calls Q4, Q5, R1), so the next step runs when it comes */
         return UC_OK;
     }
     struct uc_engine_step_info mine = e->info;
