@@ -51,11 +51,20 @@
 # limits (power cap, heat) with nvidia-smi during each step and prints their summary after it
 # (tests/bench/gpu_monitor.py): whether a long step ran at the clocks a short one did.
 # UC_DEPS_ROOT moves the unpacked tree (a dry run on a build machine: keep it out of .deps).
+# NEED_GPU=NAME (e.g. H200) runs nothing, exit 3, on a GPU whose name lacks NAME: a target
+# measured on one card is not spent on another (a call that lands elsewhere costs its start).
 # Usage: tests/cuda/device_check.sh BUILD_DIR STEP...
 set -u -o pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bd=${1:?usage: device_check.sh BUILD_DIR STEP...}
 shift
+if [ -n "${NEED_GPU:-}" ]; then
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+  case "$gpu" in
+    *"$NEED_GPU"*) ;;
+    *) echo "device_check: NEED_GPU=$NEED_GPU, this is '${gpu:-no GPU}': nothing run"; exit 3 ;;
+  esac
+fi
 deps=${UC_DEPS_ROOT:-$root/.deps/root}
 lib=$deps/usr/lib/x86_64-linux-gnu
 if [ ! -d "$deps/usr" ]; then
